@@ -1,0 +1,284 @@
+//! Directives: what the control loop tells the data path to do with a class's calls.
+//!
+//! A directive fits in one `u64`, so the data path reads its class's directive with one atomic
+//! load and the control loop publishes a new one with one atomic store.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::class::Route;
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// The breaker is open.
+    BreakerOpen,
+    /// The breaker was forced open by hand.
+    ForcedOpen,
+    /// The breaker is half-open and every probe is taken.
+    ProbesExhausted,
+    /// The breaker is recovering and admits only a fraction of calls.
+    Recovering,
+    /// The class is degraded: a share of its calls goes to the fallback route.
+    Degraded,
+    /// The call exceeded the class timeout.
+    Timeout,
+    /// A policy shed the call.
+    Shed,
+}
+
+impl Reason {
+    const ALL: [Reason; 7] = [
+        Reason::BreakerOpen,
+        Reason::ForcedOpen,
+        Reason::ProbesExhausted,
+        Reason::Recovering,
+        Reason::Degraded,
+        Reason::Timeout,
+        Reason::Shed,
+    ];
+
+    /// The reason as used in metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::BreakerOpen => "breaker_open",
+            Reason::ForcedOpen => "forced_open",
+            Reason::ProbesExhausted => "probes_exhausted",
+            Reason::Recovering => "recovering",
+            Reason::Degraded => "degraded",
+            Reason::Timeout => "timeout",
+            Reason::Shed => "shed",
+        }
+    }
+
+    fn from_bits(bits: u64) -> Reason {
+        Reason::ALL
+            .get(bits as usize)
+            .copied()
+            .unwrap_or(Reason::Shed)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the data path does with a class's calls until the next tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Directive {
+    /// Admit every call.
+    Admit,
+    /// Admit no call: send each to `route`.
+    Divert {
+        /// Why.
+        reason: Reason,
+        /// Where the calls go.
+        route: Route,
+        /// When the caller may retry, if known.
+        retry_after: Option<Duration>,
+    },
+    /// Admit `fraction` of calls (spread evenly), send the rest to `route`.
+    AdmitFraction {
+        /// Share admitted, 0.0..=1.0 (resolution 1/65536).
+        fraction: f64,
+        /// Why the rest is not admitted.
+        reason: Reason,
+        /// Where the rest goes.
+        route: Route,
+        /// When the caller may retry, if known.
+        retry_after: Option<Duration>,
+    },
+    /// Admit only calls that take one of the class's reserved probe permits.
+    Probe {
+        /// Where calls without a permit go.
+        route: Route,
+        /// When the caller may retry, if known.
+        retry_after: Option<Duration>,
+    },
+}
+
+const KIND_ADMIT: u64 = 0;
+const KIND_DIVERT: u64 = 1;
+pub(crate) const KIND_FRACTION: u64 = 2;
+pub(crate) const KIND_PROBE: u64 = 3;
+
+/// The packed form: kind (2 bits) | reason (4) | route (4) | unused (6) | fraction (16) |
+/// retry-after ms (32, `u32::MAX` = none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Packed(pub(crate) u64);
+
+impl Packed {
+    pub(crate) const ADMIT: Packed = Packed(KIND_ADMIT | (NO_RETRY << 32));
+
+    #[inline]
+    pub(crate) fn is_admit(self) -> bool {
+        self.0 & 0b11 == KIND_ADMIT
+    }
+
+    #[inline]
+    pub(crate) fn kind(self) -> u64 {
+        self.0 & 0b11
+    }
+
+    #[inline]
+    pub(crate) fn reason(self) -> Reason {
+        Reason::from_bits((self.0 >> 2) & 0xF)
+    }
+
+    #[inline]
+    pub(crate) fn route(self) -> Route {
+        Route::from_bits(((self.0 >> 6) & 0xF) as u8)
+    }
+
+    /// Admission threshold: a call with a 16-bit ticket below it is admitted.
+    #[inline]
+    pub(crate) fn threshold(self) -> u32 {
+        ((self.0 >> 16) & 0xFFFF) as u32 + u32::from(self.0 & FULL_BIT != 0) * 0x1_0000
+    }
+
+    #[inline]
+    pub(crate) fn retry_after(self) -> Option<Duration> {
+        let ms = self.0 >> 32;
+        (ms != NO_RETRY).then(|| Duration::from_millis(ms))
+    }
+}
+
+const NO_RETRY: u64 = u32::MAX as u64;
+/// Bit 10 (in the unused range) marks a fraction of exactly 1.0.
+const FULL_BIT: u64 = 1 << 10;
+
+fn pack_common(kind: u64, reason: Reason, route: Route, retry: Option<Duration>) -> u64 {
+    let ms = retry.map_or(NO_RETRY, |d| {
+        (d.as_millis().min(u128::from(NO_RETRY - 1))) as u64
+    });
+    kind | ((reason as u64) << 2) | (u64::from(route.to_bits()) << 6) | (ms << 32)
+}
+
+impl Directive {
+    pub(crate) fn pack(self) -> Packed {
+        Packed(match self {
+            Directive::Admit => Packed::ADMIT.0,
+            Directive::Divert {
+                reason,
+                route,
+                retry_after,
+            } => pack_common(KIND_DIVERT, reason, route, retry_after),
+            Directive::AdmitFraction {
+                fraction,
+                reason,
+                route,
+                retry_after,
+            } => {
+                let f = if fraction.is_nan() {
+                    0.0
+                } else {
+                    fraction.clamp(0.0, 1.0)
+                };
+                let bits = if f >= 1.0 {
+                    FULL_BIT
+                } else {
+                    ((f * 65536.0) as u64).min(0xFFFF) << 16
+                };
+                pack_common(KIND_FRACTION, reason, route, retry_after) | bits
+            }
+            Directive::Probe { route, retry_after } => {
+                pack_common(KIND_PROBE, Reason::ProbesExhausted, route, retry_after)
+            }
+        })
+    }
+
+    pub(crate) fn unpack(p: Packed) -> Directive {
+        match p.kind() {
+            KIND_ADMIT => Directive::Admit,
+            KIND_DIVERT => Directive::Divert {
+                reason: p.reason(),
+                route: p.route(),
+                retry_after: p.retry_after(),
+            },
+            KIND_FRACTION => Directive::AdmitFraction {
+                fraction: f64::from(p.threshold()) / 65536.0,
+                reason: p.reason(),
+                route: p.route(),
+                retry_after: p.retry_after(),
+            },
+            _ => Directive::Probe {
+                route: p.route(),
+                retry_after: p.retry_after(),
+            },
+        }
+    }
+}
+
+/// A class's published directive.
+#[derive(Debug)]
+pub(crate) struct DirectiveCell(AtomicU64);
+
+impl DirectiveCell {
+    pub(crate) fn new() -> Self {
+        Self(AtomicU64::new(Packed::ADMIT.0))
+    }
+
+    #[inline]
+    pub(crate) fn load(&self) -> Packed {
+        Packed(self.0.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn store(&self, d: Directive) {
+        self.0.store(d.pack().0, Ordering::Release);
+    }
+}
+
+/// The 16-bit admission ticket of the `seq`-th call: a golden-ratio (Weyl) sequence, so any run
+/// of consecutive calls is admitted in proportion to the fraction, evenly spread.
+#[inline]
+pub(crate) fn ticket(seq: u32) -> u32 {
+    seq.wrapping_mul(0x9E37_79B9) >> 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let cases = [
+            Directive::Admit,
+            Directive::Divert {
+                reason: Reason::BreakerOpen,
+                route: Route::Spool,
+                retry_after: Some(Duration::from_millis(1500)),
+            },
+            Directive::AdmitFraction {
+                fraction: 0.25,
+                reason: Reason::Recovering,
+                route: Route::Service,
+                retry_after: None,
+            },
+            Directive::AdmitFraction {
+                fraction: 1.0,
+                reason: Reason::Degraded,
+                route: Route::DelayedRetry,
+                retry_after: None,
+            },
+            Directive::Probe {
+                route: Route::Reject,
+                retry_after: Some(Duration::ZERO),
+            },
+        ];
+        for d in cases {
+            assert_eq!(Directive::unpack(d.pack()), d);
+        }
+    }
+
+    #[test]
+    fn tickets_spread_evenly() {
+        let threshold = (0.3 * 65536.0) as u32;
+        let admitted = (0..1000u32).filter(|&s| ticket(s) < threshold).count();
+        assert!((290..=310).contains(&admitted), "{admitted}");
+    }
+}

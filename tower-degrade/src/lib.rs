@@ -1,0 +1,98 @@
+//! Task-aware graceful degradation for [tower] services.
+//!
+//! `async fn(Request) -> Result<Response, Error>`, classified and protected per task class.
+//!
+//! # Overview
+//!
+//! Instead of one coarse on/off breaker, every request is classified into a **task class**
+//! (business importance, latency tolerance, resource dependencies) and each class is watched
+//! through lock-free sliding windows and governed by its own breaker: admitted, shed, degraded
+//! to a fallback route, or probed back to health. Gold work (payment callbacks) keeps flowing
+//! while bronze work (browse logs) gives way.
+//!
+//! Two loops do the work (see `docs/architecture.md`):
+//!
+//! * the **data path**, per request: classify, read the class directive with one atomic load,
+//!   admit or divert, time the call, record the outcome. No lock, no allocation;
+//! * the **control loop**, per tick (500 ms): turn windows into snapshots, step the breakers,
+//!   publish one directive per class, export metrics.
+//!
+//! # Usage
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{Layer, ServiceExt, service_fn};
+//! use tower_degrade::{ClassConfig, Degrader};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let degrader = Degrader::builder("shop")
+//!     .class(ClassConfig::gold("payment"))
+//!     .class(ClassConfig::bronze("browse_log"))
+//!     .build()?;
+//! let classify = degrader
+//!     .http_classifier()
+//!     .route(None, "/pay/{id}", "payment")?
+//!     .route(None, "/log", "browse_log")?
+//!     .build();
+//! let svc = degrader.layer(classify).http().layer(service_fn(|_req: Request<String>| async {
+//!     Ok::<_, Infallible>(Response::new(String::from("ok")))
+//! }));
+//!
+//! degrader.force_open("browse_log")?;
+//! let res = svc.clone().oneshot(Request::get("/log").body(String::new())?).await?;
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! let res = svc.oneshot(Request::post("/pay/7").body(String::new())?).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | what |
+//! |---|---|
+//! | `axum` | classify by axum's `MatchedPath` |
+//!
+//! # Dependencies, and why
+//!
+//! `tower` (the service model, `Oneshot` for fallbacks), `tower-http` (response classifiers for
+//! HTTP 5xx and gRPC status in headers or trailers, rather than re-implementing them), `http` /
+//! `http-body` (the HTTP protocol), `pin-project-lite` (hand-written futures without boxing),
+//! `tokio` (time and the control loop), `metrics` (the metrics facade: users pick the exporter),
+//! `tracing` (events for every transition), `arc-swap` (the per-tick status read by admin
+//! endpoints without locks), `bytes`.
+//!
+//! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed
+//! atomic add on shared memory, which the `hdrhistogram` crate's `&mut self` recorder does not
+//! offer.
+//!
+//! [tower]: https://docs.rs/tower
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod breaker;
+pub mod class;
+pub mod classify;
+mod degrader;
+pub mod directive;
+pub mod error;
+pub mod future;
+mod layer;
+pub mod metrics;
+pub mod protocol;
+pub mod task;
+pub mod window;
+
+pub use crate::breaker::{BreakerConfig, Command, DegradeRule, State};
+pub use crate::class::{
+    ClassConfig, ClassId, ConfigError, LatencyTolerance, Registry, Route, Tier,
+};
+pub use crate::degrader::{Builder, ClassStatus, DEFAULT_TICK, Degrader, Status};
+pub use crate::directive::{Directive, Reason};
+pub use crate::error::{Degraded, is_degraded};
+pub use crate::layer::{Degrade, DegradeLayer, Fallback, FallbackService, NoFallback};
+
+/// A type-erased error, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

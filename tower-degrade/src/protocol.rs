@@ -1,0 +1,482 @@
+//! Protocols: how a call's outcome is classified and how a degraded call is answered.
+//!
+//! * [`Generic`] for any service: the outcome comes from a [`ClassifyOutcome`] (by default
+//!   `Ok` is a success and `Err` an error), and a degraded call fails with a
+//!   [`Degraded`](crate::error::Degraded) error inside a [`BoxError`].
+//! * [`Http`] for `http::Response` services: the outcome comes from a
+//!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default; gRPC status from headers
+//!   **or trailers** with [`Http::grpc`]), and a degraded call is *answered*: 503 with
+//!   `Retry-After`, or a gRPC `UNAVAILABLE` trailers-only response, with the
+//!   [`Degraded`](crate::error::Degraded) value in the response extensions. The error type
+//!   stays the inner service's.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_http::classify::{
+    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
+    GrpcFailureClass, ServerErrorsAsFailures, ServerErrorsFailureClass,
+};
+
+use crate::BoxError;
+use crate::degrader::Inner;
+use crate::directive::Reason;
+use crate::error::Degraded;
+use crate::window::{Outcome, Shard};
+
+// ===== Recording =====
+
+/// The accounting of one admitted call: it holds the call's in-flight slot and records the
+/// outcome and latency when finished. Dropped unfinished (the call was cancelled), it records
+/// `cancelled`, frees the slot and gives back a half-open probe permit.
+pub struct Recording {
+    shard: Arc<Shard>,
+    class: u16,
+    start: Instant,
+    probe: Option<Arc<Inner>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("class", &self.class)
+            .field("start", &self.start)
+            .field("probe", &self.probe.is_some())
+            .finish()
+    }
+}
+
+impl Recording {
+    #[inline]
+    pub(crate) fn start(shard: Arc<Shard>, class: u16, probe: Option<Arc<Inner>>) -> Self {
+        shard.begin(usize::from(class));
+        Self {
+            shard,
+            class,
+            start: Instant::now(),
+            probe,
+            done: false,
+        }
+    }
+
+    /// Record the call's outcome and latency, and free its in-flight slot.
+    #[inline]
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.shard
+            .end(usize::from(self.class), outcome, self.start.elapsed());
+    }
+
+    /// The class name (for errors on cold paths).
+    pub(crate) fn class_name(&self) -> Arc<str> {
+        self.shard.name(usize::from(self.class))
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shard
+                .end(usize::from(self.class), Outcome::Cancelled, Duration::ZERO);
+            if let Some(inner) = &self.probe {
+                inner.cells[usize::from(self.class)]
+                    .probes
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+// ===== Protocol =====
+
+/// How a [`Degrade`](crate::Degrade) service turns results into responses.
+pub trait Protocol<Res, E> {
+    /// The response type of the wrapped service.
+    type Response;
+    /// The error type of the wrapped service.
+    type Error;
+
+    /// Classify the inner service's result and finish (or hand on) the recording.
+    fn on_response(
+        &self,
+        result: Result<Res, E>,
+        recording: Recording,
+    ) -> Result<Self::Response, Self::Error>;
+
+    /// Pass through the result of a fallback service.
+    fn on_fallback(&self, result: Result<Res, E>) -> Result<Self::Response, Self::Error>;
+
+    /// Answer a call that was not served.
+    fn on_degraded(&self, degraded: Degraded) -> Result<Self::Response, Self::Error>;
+
+    /// Convert an error from the inner service's `poll_ready`.
+    fn on_ready_error(&self, error: E) -> Self::Error;
+}
+
+/// Decides the [`Outcome`] of a result for the [`Generic`] protocol.
+///
+/// Closures `Fn(&Result<Res, E>) -> Outcome` implement it:
+///
+/// ```
+/// use tower_degrade::{protocol::ClassifyOutcome, window::Outcome};
+///
+/// let slow_is_error = |r: &Result<u32, &str>| match r {
+///     Ok(ms) if *ms > 800 => Outcome::Timeout,
+///     Ok(_) => Outcome::Success,
+///     Err(_) => Outcome::Error,
+/// };
+/// assert_eq!(slow_is_error.classify(&Ok(900)), Outcome::Timeout);
+/// ```
+pub trait ClassifyOutcome<Res, E> {
+    /// The outcome of `result`.
+    fn classify(&self, result: &Result<Res, E>) -> Outcome;
+}
+
+impl<Res, E, F> ClassifyOutcome<Res, E> for F
+where
+    F: Fn(&Result<Res, E>) -> Outcome,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        self(result)
+    }
+}
+
+/// The default outcome classifier: `Ok` is a success, `Err` an error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OkIsSuccess;
+
+impl<Res, E> ClassifyOutcome<Res, E> for OkIsSuccess {
+    #[inline]
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        if result.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Error
+        }
+    }
+}
+
+/// The protocol for any service: errors become [`BoxError`], degraded calls fail with
+/// [`Degraded`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Generic<C = OkIsSuccess> {
+    classify: C,
+}
+
+impl Generic {
+    /// `Ok` is a success, `Err` an error.
+    pub const fn new() -> Self {
+        Self {
+            classify: OkIsSuccess,
+        }
+    }
+}
+
+impl<C> Generic<C> {
+    /// Classify outcomes with `classify`.
+    pub const fn with_classifier(classify: C) -> Self {
+        Self { classify }
+    }
+}
+
+impl<Res, E, C> Protocol<Res, E> for Generic<C>
+where
+    E: Into<BoxError>,
+    C: ClassifyOutcome<Res, E>,
+{
+    type Response = Res;
+    type Error = BoxError;
+
+    #[inline]
+    fn on_response(&self, result: Result<Res, E>, rec: Recording) -> Result<Res, BoxError> {
+        rec.finish(self.classify.classify(&result));
+        result.map_err(Into::into)
+    }
+
+    fn on_fallback(&self, result: Result<Res, E>) -> Result<Res, BoxError> {
+        result.map_err(Into::into)
+    }
+
+    fn on_degraded(&self, degraded: Degraded) -> Result<Res, BoxError> {
+        Err(Box::new(degraded))
+    }
+
+    fn on_ready_error(&self, error: E) -> BoxError {
+        error.into()
+    }
+}
+
+/// Maps a tower-http failure class onto an [`Outcome`].
+pub trait FailureOutcome {
+    /// The outcome of this failure (`Error` or `Timeout`).
+    fn outcome(&self) -> Outcome;
+}
+
+impl FailureOutcome for ServerErrorsFailureClass {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ServerErrorsFailureClass::StatusCode(StatusCode::GATEWAY_TIMEOUT) => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+impl FailureOutcome for GrpcFailureClass {
+    fn outcome(&self) -> Outcome {
+        match self {
+            GrpcFailureClass::Status(s) if s.code() == Some(GrpcCode::DeadlineExceeded) => {
+                Outcome::Timeout
+            }
+            _ => Outcome::Error,
+        }
+    }
+}
+
+/// The protocol for HTTP and gRPC services (`http::Response<B>`), built on tower-http's
+/// response classifiers.
+#[derive(Debug, Clone)]
+pub struct Http<C = ServerErrorsAsFailures> {
+    classifier: C,
+    grpc: bool,
+}
+
+impl Http {
+    /// HTTP: 5xx responses are failures (504 a timeout); degraded calls get 503 + `Retry-After`.
+    pub fn new() -> Self {
+        Self {
+            classifier: ServerErrorsAsFailures::new(),
+            grpc: false,
+        }
+    }
+
+    /// gRPC: `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
+    /// and `UNKNOWN` in the headers or trailers are failures, every other status a success
+    /// (they are the caller's fault); degraded calls get `grpc-status: 14` (`UNAVAILABLE`).
+    pub fn grpc() -> Http<GrpcErrorsAsFailures> {
+        let mut c = GrpcErrorsAsFailures::new();
+        for code in [
+            GrpcCode::Cancelled,
+            GrpcCode::InvalidArgument,
+            GrpcCode::NotFound,
+            GrpcCode::AlreadyExists,
+            GrpcCode::PermissionDenied,
+            GrpcCode::FailedPrecondition,
+            GrpcCode::Aborted,
+            GrpcCode::OutOfRange,
+            GrpcCode::Unimplemented,
+            GrpcCode::DataLoss,
+            GrpcCode::Unauthenticated,
+        ] {
+            c = c.with_success(code);
+        }
+        Http {
+            classifier: c,
+            grpc: true,
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> Http<C> {
+    /// Use a custom tower-http classifier; `grpc` selects the gRPC form of degraded answers.
+    pub fn with_classifier(classifier: C, grpc: bool) -> Self {
+        Self { classifier, grpc }
+    }
+}
+
+impl<C: ClassifyResponse> Http<C> {
+    fn degraded_response<B>(&self, d: Degraded) -> http::Response<DegradeBody<B, C>> {
+        let timeout = d.reason() == Reason::Timeout;
+        let mut res = http::Response::new(DegradeBody::empty());
+        if !self.grpc {
+            *res.status_mut() = if timeout {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+        }
+        let headers = res.headers_mut();
+        if self.grpc {
+            let code = if timeout { "4" } else { "14" };
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from_static(code));
+            if let Ok(v) = HeaderValue::from_str(&d.to_string()) {
+                headers.insert("grpc-message", v);
+            }
+            if let Some(ra) = d.retry_after() {
+                headers.insert(
+                    "grpc-retry-pushback-ms",
+                    HeaderValue::from(ra.as_millis() as u64),
+                );
+            }
+        } else {
+            if let Some(ra) = d.retry_after() {
+                let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+        }
+        res.extensions_mut().insert(d);
+        res
+    }
+}
+
+impl<C, B, E> Protocol<http::Response<B>, E> for Http<C>
+where
+    C: ClassifyResponse + Clone,
+    C::FailureClass: FailureOutcome,
+{
+    type Response = http::Response<DegradeBody<B, C>>;
+    type Error = E;
+
+    fn on_response(
+        &self,
+        result: Result<http::Response<B>, E>,
+        rec: Recording,
+    ) -> Result<Self::Response, E> {
+        let res = match result {
+            Ok(res) => res,
+            Err(e) => {
+                rec.finish(Outcome::Error);
+                return Err(e);
+            }
+        };
+        let eos = match self.classifier.clone().classify_response(&res) {
+            ClassifiedResponse::Ready(Ok(())) => {
+                rec.finish(Outcome::Success);
+                None
+            }
+            ClassifiedResponse::Ready(Err(f)) => {
+                rec.finish(f.outcome());
+                None
+            }
+            ClassifiedResponse::RequiresEos(eos) => Some((rec, eos)),
+        };
+        Ok(res.map(|body| DegradeBody {
+            inner: Some(body),
+            eos,
+        }))
+    }
+
+    fn on_fallback(&self, result: Result<http::Response<B>, E>) -> Result<Self::Response, E> {
+        result.map(|res| {
+            res.map(|body| DegradeBody {
+                inner: Some(body),
+                eos: None,
+            })
+        })
+    }
+
+    fn on_degraded(&self, degraded: Degraded) -> Result<Self::Response, E> {
+        Ok(self.degraded_response(degraded))
+    }
+
+    fn on_ready_error(&self, error: E) -> E {
+        error
+    }
+}
+
+pin_project! {
+    /// The response body of an [`Http`] service: the inner body, or empty for a degraded
+    /// answer. When the outcome depends on trailers (gRPC), it is recorded at end of stream.
+    pub struct DegradeBody<B, C: ClassifyResponse> {
+        #[pin]
+        inner: Option<B>,
+        eos: Option<(Recording, C::ClassifyEos)>,
+    }
+}
+
+impl<B, C: ClassifyResponse> std::fmt::Debug for DegradeBody<B, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DegradeBody")
+            .field("empty", &self.inner.is_none())
+            .field("awaiting_eos", &self.eos.is_some())
+            .finish()
+    }
+}
+
+impl<B, C: ClassifyResponse> DegradeBody<B, C> {
+    fn empty() -> Self {
+        Self {
+            inner: None,
+            eos: None,
+        }
+    }
+
+    /// Whether this body belongs to a degraded answer.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.is_none()
+    }
+}
+
+impl<B, C> Body for DegradeBody<B, C>
+where
+    B: Body,
+    C: ClassifyResponse,
+    C::FailureClass: FailureOutcome,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    finish_eos(this.eos, Some(trailers));
+                }
+            }
+            Some(Err(_)) => {
+                if let Some((rec, _)) = this.eos.take() {
+                    rec.finish(Outcome::Error);
+                }
+            }
+            None => finish_eos(this.eos, None),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// Classify the end of stream and finish the recording, if it still waits for it.
+fn finish_eos<E: ClassifyEos>(eos: &mut Option<(Recording, E)>, trailers: Option<&HeaderMap>)
+where
+    E::FailureClass: FailureOutcome,
+{
+    if let Some((rec, classify)) = eos.take() {
+        rec.finish(match classify.classify_eos(trailers) {
+            Ok(()) => Outcome::Success,
+            Err(f) => f.outcome(),
+        });
+    }
+}

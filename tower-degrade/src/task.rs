@@ -1,0 +1,240 @@
+//! The task API for work that is not a request: cron jobs, queue consumers (the seed's
+//! `Manager.Run`).
+//!
+//! [`Tasks::run`] wraps the handler in a [`Degrade`](crate::Degrade) service with the class as a
+//! fixed classifier and the class's fallback as the fallback service, and drives it once: the
+//! same data path as HTTP traffic, not a second implementation.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::util::{BoxCloneSyncService, Oneshot};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::BoxError;
+use crate::class::{ClassId, ConfigError};
+use crate::degrader::Degrader;
+use crate::layer::Fallback;
+
+type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
+
+/// Runs tasks of type `T` producing `R` through a [`Degrader`], with per-class fallbacks.
+///
+/// ```
+/// use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let degrader = Degrader::builder("order-fulfillment")
+///     .class(ClassConfig::gold("payment_callback").fallback(Route::Service))
+///     .build()?;
+/// let tasks = degrader
+///     .tasks::<String, &'static str>()
+///     .fallback("payment_callback", |_task: String| async { Ok("queued for manual review") })?
+///     .build();
+///
+/// let out = tasks
+///     .run("payment_callback", "order-42".to_owned(), |task| async move {
+///         assert_eq!(task, "order-42");
+///         Ok::<_, BoxError>("paid")
+///     })
+///     .await?;
+/// assert_eq!(out, "paid");
+///
+/// degrader.force_open("payment_callback")?;
+/// let out = tasks
+///     .run("payment_callback", "order-43".to_owned(), |_| async { Ok::<_, BoxError>("paid") })
+///     .await?;
+/// assert_eq!(out, "queued for manual review");
+/// # Ok(())
+/// # }
+/// ```
+pub struct Tasks<T, R> {
+    degrader: Degrader,
+    fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
+}
+
+impl<T, R> Clone for Tasks<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            degrader: self.degrader.clone(),
+            fallbacks: self.fallbacks.clone(),
+        }
+    }
+}
+
+impl<T, R> std::fmt::Debug for Tasks<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks")
+            .field("service", &self.degrader.service())
+            .field("fallbacks", &self.fallbacks.len())
+            .finish()
+    }
+}
+
+/// Builds [`Tasks`].
+pub struct TasksBuilder<T, R> {
+    degrader: Degrader,
+    fallbacks: HashMap<ClassId, FallbackSvc<T, R>>,
+}
+
+impl<T, R> std::fmt::Debug for TasksBuilder<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TasksBuilder")
+            .field("fallbacks", &self.fallbacks.len())
+            .finish()
+    }
+}
+
+impl Degrader {
+    /// Start building a task runner for tasks `T` with results `R`.
+    pub fn tasks<T, R>(&self) -> TasksBuilder<T, R> {
+        TasksBuilder {
+            degrader: self.clone(),
+            fallbacks: HashMap::new(),
+        }
+    }
+}
+
+impl<T, R> TasksBuilder<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    /// Calls of `class` that are diverted to the fallback route run `fallback` instead (set the
+    /// class's route to [`Route::Service`](crate::Route::Service)).
+    pub fn fallback<Fun, Fut, E>(self, class: &str, fallback: Fun) -> Result<Self, ConfigError>
+    where
+        Fun: Fn(T) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let svc = tower::service_fn(move |t: T| {
+            let fut = fallback(t);
+            async move { fut.await.map_err(Into::into) }
+        });
+        self.fallback_service(class, svc)
+    }
+
+    /// Like [`fallback`](Self::fallback), with a tower service.
+    pub fn fallback_service<S>(mut self, class: &str, service: S) -> Result<Self, ConfigError>
+    where
+        S: Service<T, Response = R> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let id = self.degrader.class_id(class)?;
+        let svc = BoxCloneSyncService::new(service.map_err(Into::into));
+        self.fallbacks.insert(id, svc);
+        Ok(self)
+    }
+
+    /// Finish.
+    pub fn build(self) -> Tasks<T, R> {
+        Tasks {
+            degrader: self.degrader,
+            fallbacks: Arc::new(self.fallbacks),
+        }
+    }
+}
+
+impl<T, R> Tasks<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    /// Run `task` of `class` through the degrader: `handler(task)` when admitted, the class's
+    /// fallback when diverted to it, else a [`Degraded`](crate::error::Degraded) error.
+    /// An unknown class name runs in the default class.
+    pub async fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Result<R, BoxError>
+    where
+        H: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+        E: Into<BoxError>,
+    {
+        let id = self
+            .degrader
+            .registry()
+            .get(class)
+            .unwrap_or(ClassId::DEFAULT);
+        let fallback = TaskFallback {
+            fallbacks: self.fallbacks.clone(),
+            class: id,
+        };
+        let svc = self
+            .degrader
+            .layer(id)
+            .fallback_with(fallback)
+            .layer(Handler(Some(handler)));
+        svc.oneshot(task).await
+    }
+}
+
+/// A one-shot service around the task handler.
+struct Handler<H>(Option<H>);
+
+impl<H, T, Fut, R, E> Service<T> for Handler<H>
+where
+    H: FnOnce(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Response = R;
+    type Error = BoxError;
+    type Future = HandlerFuture<Fut>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, task: T) -> Self::Future {
+        let handler = self.0.take().expect("a task handler runs once");
+        HandlerFuture { fut: handler(task) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct HandlerFuture<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F, R, E> Future for HandlerFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().fut.poll(cx).map_err(Into::into)
+    }
+}
+
+struct TaskFallback<T, R> {
+    fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
+    class: ClassId,
+}
+
+impl<T, R> Clone for TaskFallback<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            fallbacks: self.fallbacks.clone(),
+            class: self.class,
+        }
+    }
+}
+
+impl<T, R> Fallback<T, R, BoxError> for TaskFallback<T, R> {
+    type Future = Oneshot<FallbackSvc<T, R>, T>;
+
+    fn call(&mut self, task: T) -> Result<Self::Future, T> {
+        match self.fallbacks.get(&self.class) {
+            Some(svc) => Ok(svc.clone().oneshot(task)),
+            None => Err(task),
+        }
+    }
+}

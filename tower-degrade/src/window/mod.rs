@@ -1,0 +1,494 @@
+//! Lock-free sliding-window metrics: per-class counters and latency histograms.
+//!
+//! # Recording (the data path)
+//!
+//! Every request records into the shard of the thread it started on: a few relaxed `fetch_add`s
+//! on cache-padded counters and one histogram bucket. Counters are *cumulative*, never reset by
+//! the reader, so a record racing with a tick is never lost: it lands in this tick or the next.
+//! Shards remove cross-core contention: two threads hammering one class touch different cache
+//! lines (see the `contention` benchmark).
+//!
+//! # Snapshots (the control loop)
+//!
+//! Once per tick the control loop sums the shards and subtracts the previous sums, which yields
+//! the tick's [`WindowSnapshot`]: counts by outcome, p50/p90/p99/max latency (relative error at
+//! most 3.125 %), in-flight, queue depth and queueing delay. A [`History`] keeps the last
+//! [`HISTORY_LEN`] snapshots per class.
+
+pub(crate) mod histogram;
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use self::histogram::BUCKETS;
+
+/// Number of ticks of history kept per class.
+pub const HISTORY_LEN: usize = 64;
+
+/// How a call that reached the degradation layer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The inner service answered and the answer was classified as a success.
+    Success,
+    /// The inner service failed (an error, an HTTP 5xx, a failing gRPC status).
+    Error,
+    /// The call exceeded its class timeout, or the inner service reported a deadline failure.
+    Timeout,
+    /// The call was not admitted and was answered with a degraded error or response.
+    Rejected,
+    /// The call was not admitted and was served by a fallback route.
+    Degraded,
+    /// The caller dropped the call before it finished.
+    Cancelled,
+}
+
+impl Outcome {
+    pub(crate) const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::Error,
+        Outcome::Timeout,
+        Outcome::Rejected,
+        Outcome::Degraded,
+        Outcome::Cancelled,
+    ];
+
+    /// The label used for this outcome in metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+            Outcome::Degraded => "degraded",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    #[inline]
+    const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the call reached the inner service and finished (success, error or timeout).
+    pub const fn is_completed(self) -> bool {
+        matches!(self, Outcome::Success | Outcome::Error | Outcome::Timeout)
+    }
+}
+
+// ===== recording =====
+
+/// Counters of one class within one shard.
+#[repr(align(128))]
+pub(crate) struct ClassCounters {
+    outcomes: [AtomicU64; 6],
+    /// Wrapping: incremented on one shard, possibly decremented on another.
+    inflight: AtomicU64,
+    max_micros: AtomicU64,
+    hist: [AtomicU32; BUCKETS],
+}
+
+impl ClassCounters {
+    fn new() -> Self {
+        Self {
+            outcomes: Default::default(),
+            inflight: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
+            hist: [const { AtomicU32::new(0) }; BUCKETS],
+        }
+    }
+}
+
+/// One shard: the counters of every class, written mostly by the threads mapped to it.
+///
+/// Each shard is its own `Arc` allocation, so a request's future holds a clone of its shard
+/// only: threads on different shards never touch a shared reference count.
+pub(crate) struct Shard {
+    classes: Box<[ClassCounters]>,
+    names: std::sync::Arc<[std::sync::Arc<str>]>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("classes", &self.classes.len())
+            .finish()
+    }
+}
+
+impl Shard {
+    pub(crate) fn new(names: std::sync::Arc<[std::sync::Arc<str>]>) -> Self {
+        Self {
+            classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
+            names,
+        }
+    }
+
+    /// The name of `class` (cold paths only: it clones an `Arc`).
+    pub(crate) fn name(&self, class: usize) -> std::sync::Arc<str> {
+        self.names[class].clone()
+    }
+
+    /// A call of `class` started.
+    #[inline]
+    pub(crate) fn begin(&self, class: usize) {
+        self.classes[class].inflight.fetch_add(1, Relaxed);
+    }
+
+    /// A call of `class` that was counted by [`Shard::begin`] ended.
+    #[inline]
+    pub(crate) fn end(&self, class: usize, outcome: Outcome, latency: Duration) {
+        let c = &self.classes[class];
+        c.inflight.fetch_sub(1, Relaxed);
+        self.record(class, outcome, latency);
+    }
+
+    /// Count an outcome; completed calls also record their latency.
+    #[inline]
+    pub(crate) fn record(&self, class: usize, outcome: Outcome, latency: Duration) {
+        let c = &self.classes[class];
+        c.outcomes[outcome.index()].fetch_add(1, Relaxed);
+        if outcome.is_completed() {
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            c.hist[histogram::bucket_of(micros)].fetch_add(1, Relaxed);
+            if micros > c.max_micros.load(Relaxed) {
+                c.max_micros.fetch_max(micros, Relaxed);
+            }
+        }
+    }
+}
+
+/// The shard index of the current thread, assigned round-robin on first use.
+#[inline]
+pub(crate) fn shard_index(mask: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    INDEX.with(|i| {
+        let mut v = i.get();
+        if v == usize::MAX {
+            v = NEXT.fetch_add(1, Relaxed);
+            i.set(v);
+        }
+        v & mask
+    })
+}
+
+/// The number of shards for this machine: twice the parallelism, a power of two, at most 64.
+pub(crate) fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (cores * 2).next_power_of_two().clamp(2, 64)
+}
+
+/// Cumulative sums of one class over all shards, as read by the control loop.
+#[derive(Clone)]
+pub(crate) struct Cumulative {
+    outcomes: [u64; 6],
+    inflight: u64,
+    hist: Box<[u32; BUCKETS]>,
+}
+
+impl std::fmt::Debug for Cumulative {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cumulative")
+            .field("outcomes", &self.outcomes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Cumulative {
+    fn default() -> Self {
+        Self {
+            outcomes: [0; 6],
+            inflight: 0,
+            hist: Box::new([0; BUCKETS]),
+        }
+    }
+}
+
+/// What the control loop keeps per class between ticks to turn cumulative sums into deltas.
+#[derive(Debug)]
+pub(crate) struct WindowReader {
+    prev: Cumulative,
+    cur: Cumulative,
+    delta_hist: Box<[u32; BUCKETS]>,
+}
+
+impl Default for WindowReader {
+    fn default() -> Self {
+        Self {
+            prev: Cumulative::default(),
+            cur: Cumulative::default(),
+            delta_hist: Box::new([0; BUCKETS]),
+        }
+    }
+}
+
+/// Gauges a class reports outside the request path (queue consumers, admission queues).
+#[derive(Debug, Default)]
+pub(crate) struct Gauges {
+    pub(crate) queue_depth: AtomicU64,
+    pub(crate) queue_delay_micros: AtomicU64,
+}
+
+/// Inputs to one tick's snapshot that are not counters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TickContext {
+    pub(crate) tick: u64,
+    pub(crate) period: Duration,
+    pub(crate) sla_micros: u64,
+}
+
+impl WindowReader {
+    /// Sum every shard for `class`, take the delta since the last read and build the snapshot.
+    pub(crate) fn read(
+        &mut self,
+        shards: &[std::sync::Arc<Shard>],
+        class: usize,
+        gauges: &Gauges,
+        ctx: TickContext,
+    ) -> WindowSnapshot {
+        let cur = &mut self.cur;
+        cur.outcomes = [0; 6];
+        cur.inflight = 0;
+        cur.hist.fill(0);
+        let mut max_micros = 0u64;
+        for shard in shards {
+            let c = &shard.classes[class];
+            for (sum, counter) in cur.outcomes.iter_mut().zip(&c.outcomes) {
+                *sum = sum.wrapping_add(counter.load(Relaxed));
+            }
+            cur.inflight = cur.inflight.wrapping_add(c.inflight.load(Relaxed));
+            // The max is the only value reset by the reader; `swap` loses nothing.
+            if c.max_micros.load(Relaxed) != 0 {
+                max_micros = max_micros.max(c.max_micros.swap(0, Relaxed));
+            }
+            for (sum, bucket) in cur.hist.iter_mut().zip(&c.hist) {
+                let v = bucket.load(Relaxed);
+                if v != 0 {
+                    *sum = sum.wrapping_add(v);
+                }
+            }
+        }
+        let mut counts = [0u64; 6];
+        for (i, c) in counts.iter_mut().enumerate() {
+            *c = cur.outcomes[i].wrapping_sub(self.prev.outcomes[i]);
+        }
+        let mut latency_samples = 0u64;
+        for ((d, c), p) in self
+            .delta_hist
+            .iter_mut()
+            .zip(cur.hist.iter())
+            .zip(self.prev.hist.iter())
+        {
+            *d = c.wrapping_sub(*p);
+            latency_samples += u64::from(*d);
+        }
+        std::mem::swap(&mut self.prev, &mut self.cur);
+        let hist = &*self.delta_hist;
+        let slow = if ctx.sla_micros == 0 {
+            0
+        } else {
+            histogram::count_above(hist, ctx.sla_micros)
+        };
+        WindowSnapshot {
+            tick: ctx.tick,
+            period: ctx.period,
+            successes: counts[Outcome::Success.index()],
+            errors: counts[Outcome::Error.index()],
+            timeouts: counts[Outcome::Timeout.index()],
+            rejected: counts[Outcome::Rejected.index()],
+            degraded: counts[Outcome::Degraded.index()],
+            cancelled: counts[Outcome::Cancelled.index()],
+            slow,
+            p50: micros(histogram::quantile(hist, latency_samples, 0.50)),
+            p90: micros(histogram::quantile(hist, latency_samples, 0.90)),
+            p99: micros(histogram::quantile(hist, latency_samples, 0.99)),
+            max: micros(max_micros),
+            inflight: self.prev.inflight as i64,
+            queue_depth: gauges.queue_depth.load(Relaxed),
+            queue_delay: micros(gauges.queue_delay_micros.load(Relaxed)),
+        }
+    }
+
+    /// The bucket counts of the last snapshot, for exporting a latency histogram.
+    pub(crate) fn last_histogram(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.delta_hist
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 0)
+            .map(|(b, c)| (histogram::bucket_value(b), *c))
+    }
+}
+
+fn micros(v: u64) -> Duration {
+    Duration::from_micros(v)
+}
+
+// ===== snapshots =====
+
+/// The statistics of one class over one tick.
+///
+/// Rates are over *completed* calls (success, error or timeout): calls that were rejected or
+/// served by a fallback never reached the inner service and say nothing about its health.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
+pub struct WindowSnapshot {
+    /// The control-loop tick this window closed at (0 for the first tick).
+    pub tick: u64,
+    /// The window's length.
+    pub period: Duration,
+    /// Calls that completed successfully.
+    pub successes: u64,
+    /// Calls that failed with an error.
+    pub errors: u64,
+    /// Calls that timed out.
+    pub timeouts: u64,
+    /// Calls rejected with a degraded error or response.
+    pub rejected: u64,
+    /// Calls served by a fallback route.
+    pub degraded: u64,
+    /// Calls dropped by the caller before they finished.
+    pub cancelled: u64,
+    /// Completed calls slower than the class SLA.
+    pub slow: u64,
+    /// Median latency of completed calls.
+    pub p50: Duration,
+    /// 90th percentile latency of completed calls.
+    pub p90: Duration,
+    /// 99th percentile latency of completed calls.
+    pub p99: Duration,
+    /// Largest latency of a completed call (exact).
+    pub max: Duration,
+    /// Calls in flight at the end of the window.
+    pub inflight: i64,
+    /// Queue depth last reported for the class.
+    pub queue_depth: u64,
+    /// Queueing delay last reported for the class.
+    pub queue_delay: Duration,
+}
+
+impl WindowSnapshot {
+    /// Calls that reached the inner service and finished.
+    pub fn completed(&self) -> u64 {
+        self.successes + self.errors + self.timeouts
+    }
+
+    /// Every call resolved in this window, whatever its outcome.
+    pub fn requests(&self) -> u64 {
+        self.completed() + self.rejected + self.degraded + self.cancelled
+    }
+
+    /// Requests per second over the window.
+    pub fn rps(&self) -> f64 {
+        let secs = self.period.as_secs_f64();
+        if secs == 0.0 {
+            0.0
+        } else {
+            self.requests() as f64 / secs
+        }
+    }
+
+    fn ratio(part: u64, whole: u64, empty: f64) -> f64 {
+        if whole == 0 {
+            empty
+        } else {
+            part as f64 / whole as f64
+        }
+    }
+
+    /// Successes over completed calls; 1.0 when nothing completed.
+    pub fn success_rate(&self) -> f64 {
+        Self::ratio(self.successes, self.completed(), 1.0)
+    }
+
+    /// Errors and timeouts over completed calls; 0.0 when nothing completed.
+    pub fn failure_rate(&self) -> f64 {
+        Self::ratio(self.errors + self.timeouts, self.completed(), 0.0)
+    }
+
+    /// Errors over completed calls.
+    pub fn error_rate(&self) -> f64 {
+        Self::ratio(self.errors, self.completed(), 0.0)
+    }
+
+    /// Timeouts over completed calls.
+    pub fn timeout_rate(&self) -> f64 {
+        Self::ratio(self.timeouts, self.completed(), 0.0)
+    }
+
+    /// Completed calls slower than the class SLA, over completed calls.
+    pub fn slow_rate(&self) -> f64 {
+        Self::ratio(self.slow, self.completed(), 0.0)
+    }
+
+    /// Calls served (successes and fallback-served calls) over all requests; 1.0 when idle.
+    pub fn served_rate(&self) -> f64 {
+        Self::ratio(
+            self.successes + self.degraded,
+            self.requests() - self.cancelled,
+            1.0,
+        )
+    }
+}
+
+/// The last [`HISTORY_LEN`] snapshots of one class, newest last.
+#[derive(Debug, Clone)]
+pub struct History {
+    ring: Box<[WindowSnapshot; HISTORY_LEN]>,
+    len: usize,
+    next: usize,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            ring: Box::new([WindowSnapshot::default(); HISTORY_LEN]),
+            len: 0,
+            next: 0,
+        }
+    }
+}
+
+impl History {
+    pub(crate) fn push(&mut self, snap: WindowSnapshot) {
+        self.ring[self.next] = snap;
+        self.next = (self.next + 1) % HISTORY_LEN;
+        self.len = (self.len + 1).min(HISTORY_LEN);
+    }
+
+    /// Number of snapshots held (at most [`HISTORY_LEN`]).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no tick has completed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The snapshot `ago` ticks back: 0 is the newest.
+    pub fn get(&self, ago: usize) -> Option<&WindowSnapshot> {
+        if ago >= self.len {
+            return None;
+        }
+        Some(&self.ring[(self.next + HISTORY_LEN - 1 - ago) % HISTORY_LEN])
+    }
+
+    /// The newest snapshot.
+    pub fn latest(&self) -> Option<&WindowSnapshot> {
+        self.get(0)
+    }
+
+    /// Snapshots newest first.
+    pub fn iter(&self) -> impl Iterator<Item = &WindowSnapshot> + '_ {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
+
+    /// Whether the newest `n` snapshots exist and all satisfy `pred`.
+    pub fn consecutive(&self, n: usize, mut pred: impl FnMut(&WindowSnapshot) -> bool) -> bool {
+        n <= self.len && (0..n).all(|i| self.get(i).is_some_and(&mut pred))
+    }
+}
