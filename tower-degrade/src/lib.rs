@@ -85,7 +85,7 @@ pub mod protocol;
 pub mod task;
 pub mod window;
 
-pub use crate::breaker::{BreakerConfig, Command, DegradeRule, State};
+pub use crate::breaker::{Breaker, BreakerConfig, Command, DegradeRule, State, Transition};
 pub use crate::class::{
     ClassConfig, ClassId, ConfigError, LatencyTolerance, Registry, Route, Tier,
 };

@@ -492,3 +492,131 @@ impl History {
         n <= self.len && (0..n).all(|i| self.get(i).is_some_and(&mut pred))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn shards(n: usize) -> Vec<Arc<Shard>> {
+        let names: Arc<[Arc<str>]> = vec![Arc::from("a"), Arc::from("b")].into();
+        (0..n)
+            .map(|_| Arc::new(Shard::new(names.clone())))
+            .collect()
+    }
+
+    fn ctx(tick: u64) -> TickContext {
+        TickContext {
+            tick,
+            period: Duration::from_millis(500),
+            sla_micros: 50_000,
+        }
+    }
+
+    /// Nearest-rank percentile of exact values.
+    fn naive_quantile(sorted: &[u64], q: f64) -> u64 {
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    }
+
+    fn outcome(i: u8) -> Outcome {
+        Outcome::ALL[usize::from(i) % Outcome::ALL.len()]
+    }
+
+    proptest! {
+        #[test]
+        fn snapshot_matches_naive_reference(
+            ticks in prop::collection::vec(
+                prop::collection::vec((0u8..6, 0u64..5_000_000, 0usize..4, 0usize..2), 0..300),
+                1..4,
+            )
+        ) {
+            let shards = shards(4);
+            let gauges = Gauges::default();
+            let mut reader = WindowReader::default();
+            for (t, records) in ticks.iter().enumerate() {
+                let mut counts = [0u64; 6];
+                let mut lat = Vec::new();
+                for &(o, micros, shard, class) in records {
+                    let o = outcome(o);
+                    shards[shard].record(class, o, Duration::from_micros(micros));
+                    if class == 0 {
+                        counts[o.index()] += 1;
+                        if o.is_completed() {
+                            lat.push(micros);
+                        }
+                    }
+                }
+                let snap = reader.read(&shards, 0, &gauges, ctx(t as u64));
+                prop_assert_eq!(snap.successes, counts[0]);
+                prop_assert_eq!(snap.errors, counts[1]);
+                prop_assert_eq!(snap.timeouts, counts[2]);
+                prop_assert_eq!(snap.rejected, counts[3]);
+                prop_assert_eq!(snap.degraded, counts[4]);
+                prop_assert_eq!(snap.cancelled, counts[5]);
+                lat.sort_unstable();
+                let slow = lat.iter().filter(|&&v| v > 50_000).count() as u64;
+                // Bucket resolution: a sample in the SLA's bucket may count either way.
+                let sla_bucket = lat.iter().filter(|&&v| histogram::bucket_of(v) == histogram::bucket_of(50_000)).count() as u64;
+                prop_assert!(snap.slow <= slow && slow <= snap.slow + sla_bucket);
+                if lat.is_empty() {
+                    prop_assert_eq!(snap.p99, Duration::ZERO);
+                    prop_assert_eq!(snap.max, Duration::ZERO);
+                } else {
+                    prop_assert_eq!(snap.max, Duration::from_micros(*lat.last().unwrap()));
+                    for (q, got) in [(0.5, snap.p50), (0.9, snap.p90), (0.99, snap.p99)] {
+                        let exact = naive_quantile(&lat, q) as f64;
+                        let got = got.as_micros() as f64;
+                        let err = if exact == 0.0 { got } else { (got - exact).abs() / exact };
+                        prop_assert!(err <= 1.0 / 32.0, "q={} exact={} got={}", q, exact, got);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn inflight_balances_across_shards(starts in 0usize..50, ends in 0usize..50) {
+            let shards = shards(2);
+            let ends = ends.min(starts);
+            for i in 0..starts {
+                shards[i % 2].begin(1);
+            }
+            for i in 0..ends {
+                // Ended on another shard than it started on: sums must still balance.
+                shards[(i + 1) % 2].end(1, Outcome::Success, Duration::from_millis(1));
+            }
+            let mut reader = WindowReader::default();
+            let snap = reader.read(&shards, 1, &Gauges::default(), ctx(0));
+            prop_assert_eq!(snap.inflight, (starts - ends) as i64);
+            prop_assert_eq!(snap.successes, ends as u64);
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_last_64_newest_first() {
+        let mut h = History::default();
+        for tick in 0..100u64 {
+            h.push(WindowSnapshot {
+                tick,
+                ..Default::default()
+            });
+        }
+        assert_eq!(h.len(), HISTORY_LEN);
+        assert_eq!(h.latest().unwrap().tick, 99);
+        assert_eq!(h.get(63).unwrap().tick, 36);
+        assert!(h.get(64).is_none());
+        assert!(h.consecutive(3, |w| w.tick >= 97));
+        assert!(!h.consecutive(4, |w| w.tick >= 97));
+    }
+
+    #[test]
+    fn rates_of_an_idle_window_are_healthy() {
+        let w = WindowSnapshot::default();
+        assert_eq!(w.success_rate(), 1.0);
+        assert_eq!(w.failure_rate(), 0.0);
+        assert_eq!(w.served_rate(), 1.0);
+    }
+}

@@ -1,0 +1,309 @@
+//! The breaker state machine, driven as a pure function of (state, snapshot, now).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::time::Instant;
+use tower_degrade::window::WindowSnapshot;
+use tower_degrade::{Breaker, BreakerConfig, Command, Directive, Reason, Route, State};
+
+fn window(successes: u64, errors: u64, p99_ms: u64) -> WindowSnapshot {
+    let mut w = WindowSnapshot::default();
+    w.successes = successes;
+    w.errors = errors;
+    w.p99 = Duration::from_millis(p99_ms);
+    w.period = Duration::from_millis(500);
+    w
+}
+
+fn breaker() -> Breaker {
+    Breaker::new(BreakerConfig::default(), Route::Reject)
+}
+
+const TICK: Duration = Duration::from_millis(500);
+
+#[test]
+fn opens_on_failure_rate_only_with_enough_calls() {
+    let now = Instant::now();
+    let mut b = breaker();
+    // 19 calls, all failing: below min_requests (20).
+    assert_eq!(b.step(&window(0, 19, 10), now), None);
+    assert_eq!(b.state(), State::Closed);
+    // Exactly 50 % is not above the threshold.
+    assert_eq!(b.step(&window(10, 10, 10), now), None);
+    let t = b.step(&window(9, 11, 10), now).expect("opens");
+    assert_eq!((t.from, t.to), (State::Closed, State::Open));
+    assert!(t.reason.contains("failure rate 55.0 %"), "{}", t.reason);
+    assert!(t.enforced);
+    match b.directive(now) {
+        Directive::Divert {
+            reason: Reason::BreakerOpen,
+            retry_after,
+            ..
+        } => {
+            assert_eq!(retry_after, Some(Duration::from_secs(5)));
+        }
+        d => panic!("unexpected {d:?}"),
+    }
+}
+
+#[test]
+fn slow_call_rate_opens_when_configured() {
+    let mut cfg = BreakerConfig::default();
+    cfg.slow_call_rate = Some(0.5);
+    let mut b = Breaker::new(cfg, Route::Reject);
+    let mut w = window(20, 0, 10);
+    w.slow = 11;
+    let t = b.step(&w, Instant::now()).expect("opens");
+    assert!(t.reason.contains("slow-call rate"), "{}", t.reason);
+}
+
+#[test]
+fn seed_rule_degrades_after_three_consecutive_windows() {
+    let now = Instant::now();
+    let mut b = breaker();
+    // success 90 % < 92 % and p99 900 ms > 800 ms, failure rate 10 % (not enough to open).
+    let bad = window(90, 10, 900);
+    assert_eq!(b.step(&bad, now), None);
+    assert_eq!(b.step(&bad, now), None);
+    // A healthy window in between restarts the count.
+    assert_eq!(b.step(&window(100, 0, 900), now), None);
+    assert_eq!(b.step(&bad, now), None);
+    assert_eq!(b.step(&bad, now), None);
+    let t = b.step(&bad, now).expect("degrades");
+    assert_eq!((t.from, t.to), (State::Closed, State::Degraded));
+    assert!(t.reason.contains("delayed retry + alert"), "{}", t.reason);
+    match b.directive(now) {
+        Directive::AdmitFraction {
+            fraction,
+            reason: Reason::Degraded,
+            ..
+        } => {
+            assert_eq!(fraction, 0.2);
+        }
+        d => panic!("unexpected {d:?}"),
+    }
+    // Only p99 high but success fine: not a breach.
+    let mut b = breaker();
+    for _ in 0..5 {
+        assert_eq!(b.step(&window(100, 0, 2_000), now), None);
+    }
+}
+
+#[test]
+fn degraded_recovers_after_three_healthy_windows_or_opens() {
+    let now = Instant::now();
+    let mut b = breaker();
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    assert_eq!(b.state(), State::Degraded);
+    assert_eq!(b.step(&window(50, 0, 100), now), None);
+    assert_eq!(b.step(&window(50, 0, 100), now), None);
+    let t = b.step(&window(50, 0, 100), now).expect("closes");
+    assert_eq!((t.from, t.to), (State::Degraded, State::Closed));
+
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    let t = b.step(&window(5, 20, 900), now).expect("opens");
+    assert_eq!((t.from, t.to), (State::Degraded, State::Open));
+}
+
+#[test]
+fn open_half_open_probes_recovering_closed() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0).expect("opens");
+    // Not yet: 4.5 s later.
+    assert_eq!(
+        b.step(&window(0, 0, 0), t0 + Duration::from_millis(4_500)),
+        None
+    );
+    let t = b
+        .step(&window(0, 0, 0), t0 + Duration::from_secs(5))
+        .expect("half-opens");
+    assert_eq!(t.to, State::HalfOpen);
+    assert!(matches!(b.directive(t0), Directive::Probe { .. }));
+    // 3 of 5 probes done: wait.
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!(b.step(&window(3, 0, 10), t1 + TICK), None);
+    // 5 of 5, 4 ok = 80 %: recover.
+    let t = b.step(&window(1, 1, 10), t1 + TICK * 2).expect("recovers");
+    assert_eq!(t.to, State::Recovering);
+    let fraction = |b: &Breaker| match b.directive(t1) {
+        Directive::AdmitFraction {
+            fraction,
+            reason: Reason::Recovering,
+            ..
+        } => fraction,
+        d => panic!("unexpected {d:?}"),
+    };
+    assert_eq!(fraction(&b), 0.25);
+    // An idle tick is neither good nor bad.
+    assert_eq!(b.step(&window(0, 0, 0), t1 + TICK * 3), None);
+    assert_eq!(b.step(&window(10, 0, 10), t1 + TICK * 4), None);
+    assert_eq!(fraction(&b), 0.5);
+    assert_eq!(b.step(&window(10, 0, 10), t1 + TICK * 5), None);
+    assert_eq!(fraction(&b), 0.75);
+    let t = b.step(&window(10, 0, 10), t1 + TICK * 6).expect("closes");
+    assert_eq!((t.from, t.to), (State::Recovering, State::Closed));
+    assert_eq!(b.directive(t1), Directive::Admit);
+}
+
+#[test]
+fn failed_probes_reopen_with_exponential_capped_duration() {
+    let mut now = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), now).expect("opens");
+    let mut expected = [5u64, 10, 20, 40, 60, 60].into_iter();
+    let mut open_for = expected.next().unwrap();
+    for _ in 0..5 {
+        now += Duration::from_secs(open_for);
+        assert_eq!(b.step(&window(0, 0, 0), now).unwrap().to, State::HalfOpen);
+        let t = b.step(&window(3, 2, 10), now + TICK).expect("re-opens");
+        assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+        now += TICK;
+        open_for = expected.next().unwrap();
+        match b.directive(now) {
+            Directive::Divert { retry_after, .. } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(open_for)))
+            }
+            d => panic!("unexpected {d:?}"),
+        }
+    }
+}
+
+#[test]
+fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    b.step(&window(0, 0, 0), t0 + Duration::from_secs(5));
+    assert_eq!(b.state(), State::HalfOpen);
+    assert_eq!(b.step(&window(1, 0, 10), t0 + Duration::from_secs(6)), None);
+    let t = b
+        .step(&window(0, 0, 0), t0 + Duration::from_secs(10))
+        .expect("gives up");
+    assert!(t.reason.contains("unfinished"), "{}", t.reason);
+    assert_eq!(t.to, State::Open);
+
+    let t1 = t0 + Duration::from_secs(20);
+    b.step(&window(0, 0, 0), t1);
+    b.step(&window(5, 0, 10), t1);
+    assert_eq!(b.state(), State::Recovering);
+    let t = b.step(&window(7, 3, 10), t1).expect("bad tick");
+    assert_eq!((t.from, t.to), (State::Recovering, State::Open));
+}
+
+#[test]
+fn manual_commands() {
+    let now = Instant::now();
+    let mut b = breaker();
+    let t = b.command(Command::ForceOpen).unwrap();
+    assert_eq!((t.from, t.to), (State::Closed, State::ForcedOpen));
+    assert!(b.is_manual());
+    assert!(matches!(
+        b.directive(now),
+        Directive::Divert {
+            reason: Reason::ForcedOpen,
+            retry_after: None,
+            ..
+        }
+    ));
+    // Forced states do not step.
+    assert_eq!(b.step(&window(100, 0, 1), now), None);
+    assert_eq!(b.command(Command::ForceClosed).unwrap().to, State::Disabled);
+    assert_eq!(b.step(&window(0, 100, 1), now), None);
+    assert_eq!(b.directive(now), Directive::Admit);
+    assert_eq!(b.command(Command::Degrade).unwrap().to, State::Degraded);
+    assert!(matches!(b.directive(now), Directive::AdmitFraction { .. }));
+    // Stays degraded whatever the signals say, until reset.
+    for _ in 0..5 {
+        assert_eq!(b.step(&window(100, 0, 1), now), None);
+    }
+    let t = b.command(Command::Reset).unwrap();
+    assert_eq!((t.from, t.to), (State::Degraded, State::Closed));
+    assert!(!b.is_manual());
+}
+
+#[test]
+fn metrics_only_decides_but_enforces_nothing() {
+    let now = Instant::now();
+    let mut b = breaker();
+    b.command(Command::MetricsOnly);
+    let t = b.step(&window(0, 30, 10), now).expect("shadow opens");
+    assert_eq!(
+        (t.from, t.to, t.enforced),
+        (State::Closed, State::Open, false)
+    );
+    assert_eq!(b.state(), State::MetricsOnly);
+    assert_eq!(b.shadow_state(), State::Open);
+    assert_eq!(b.directive(now), Directive::Admit);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let mut cfg = BreakerConfig::default();
+    cfg.failure_rate = 1.5;
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("breaker.failure_rate")
+    );
+    let mut cfg = BreakerConfig::default();
+    cfg.half_open_probes = 0;
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("breaker.half_open_probes")
+    );
+}
+
+fn arb_window() -> impl Strategy<Value = WindowSnapshot> {
+    (0u64..60, 0u64..60, 0u64..10, 0u64..2_000).prop_map(|(s, e, t, p99)| {
+        let mut w = window(s, e, p99);
+        w.timeouts = t;
+        w
+    })
+}
+
+proptest! {
+    /// Whatever the traffic: the directive always matches the state, open means a retry-after
+    /// no longer than the cap, and Closed is only left for Open or Degraded.
+    #[test]
+    fn directive_always_matches_state(
+        windows in prop::collection::vec((arb_window(), 0u64..20_000), 1..200)
+    ) {
+        let mut now = Instant::now();
+        let mut b = breaker();
+        for (w, advance_ms) in windows {
+            now += Duration::from_millis(advance_ms);
+            let before = b.state();
+            if let Some(t) = b.step(&w, now) {
+                prop_assert_eq!(t.from, before);
+                prop_assert_ne!(t.from, t.to);
+                if t.from == State::Closed {
+                    prop_assert!(matches!(t.to, State::Open | State::Degraded));
+                }
+                if t.to == State::Closed {
+                    prop_assert!(matches!(t.from, State::Recovering | State::Degraded));
+                }
+            }
+            match (b.state(), b.directive(now)) {
+                (State::Closed, d) => prop_assert_eq!(d, Directive::Admit),
+                (State::Open, Directive::Divert { retry_after: Some(ra), .. }) => {
+                    prop_assert!(ra <= Duration::from_secs(60));
+                }
+                (State::HalfOpen, Directive::Probe { .. }) => {}
+                (State::Recovering, Directive::AdmitFraction { fraction, .. }) => {
+                    prop_assert!(fraction > 0.0 && fraction <= 1.0);
+                }
+                (State::Degraded, Directive::AdmitFraction { .. }) => {}
+                (s, d) => prop_assert!(false, "state {:?} with directive {:?}", s, d),
+            }
+        }
+    }
+}
