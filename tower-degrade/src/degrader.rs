@@ -290,6 +290,12 @@ impl Inner {
             });
             metrics.record_tick(&snap, ctl.reader.last_histogram(), ctl.breaker.state());
         }
+        // Registered on the first tick, like the class handles, so a recorder installed after
+        // the degrader was built is used.
+        self.service_metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| ServiceMetrics::new(&self.service));
         self.publish_status();
     }
 
@@ -320,12 +326,13 @@ impl Inner {
             })
             .collect();
         let health_score = health_score(&classes);
-        let mut sm = self
+        if let Some(sm) = &*self
             .service_metrics
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        sm.get_or_insert_with(|| ServiceMetrics::new(&self.service))
-            .health(health_score);
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            sm.health(health_score);
+        }
         self.status.store(Arc::new(Status {
             service: self.service.clone(),
             tick: self.tick.load(Ordering::Relaxed),

@@ -32,7 +32,7 @@ type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 ///     .build()?;
 /// let tasks = degrader
 ///     .tasks::<String, &'static str>()
-///     .fallback("payment_callback", |_task: String| async { Ok("queued for manual review") })?
+///     .fallback("payment_callback", |_task: String| async { Ok::<_, BoxError>("queued for manual review") })?
 ///     .build();
 ///
 /// let out = tasks
