@@ -1,0 +1,113 @@
+//! The closed path (admitted, recorded) allocates nothing per call.
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use http::{Method, Request, Response, Uri};
+use tower::{Layer, Service, service_fn};
+use tower_degrade::{ClassConfig, Degrader};
+
+fn call_once<S, Req>(svc: &mut S, req: Req)
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let fut = pin!(svc.call(req));
+    match fut.poll(&mut cx) {
+        Poll::Ready(res) => drop(res.expect("admitted")),
+        Poll::Pending => panic!("the inner service is always ready"),
+    }
+}
+
+fn degrader() -> Degrader {
+    Degrader::builder("alloc")
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
+#[test]
+fn generic_closed_path_allocates_nothing() {
+    let d = degrader();
+    let pay = d.class_id("pay").unwrap();
+    let mut svc = d
+        .layer(pay)
+        .layer(service_fn(|x: u64| ready(Ok::<_, Infallible>(x + 1))));
+    call_once(&mut svc, 0); // first use assigns this thread's shard
+    let info = allocation_counter::measure(|| {
+        for i in 0..10_000 {
+            call_once(&mut svc, i);
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+    d.tick_now();
+    assert_eq!(
+        d.history("pay").unwrap().latest().unwrap().successes,
+        10_001
+    );
+}
+
+#[test]
+fn http_closed_path_with_route_classifier_allocates_nothing() {
+    let d = degrader();
+    let classify = d
+        .http_classifier()
+        .route(Some(Method::POST), "/pay/{id}", "pay")
+        .unwrap()
+        .route(None, "/log", "log")
+        .unwrap()
+        .override_header("x-degrade-class")
+        .build();
+    let inner = service_fn(
+        |_req: Request<()>| -> Ready<Result<Response<()>, Infallible>> {
+            ready(Ok(Response::new(())))
+        },
+    );
+    let mut svc = d.layer(classify).http().layer(inner);
+    let request = || {
+        let mut req = Request::new(());
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = Uri::from_static("/pay/42");
+        req
+    };
+    call_once(&mut svc, request());
+    let requests: Vec<_> = (0..10_000).map(|_| request()).collect();
+    let info = allocation_counter::measure(|| {
+        for req in requests {
+            call_once(&mut svc, req);
+        }
+    });
+    // The Vec's buffer is freed inside: frees are not allocations.
+    assert_eq!(info.count_total, 0, "{info:?}");
+    d.tick_now();
+    assert_eq!(
+        d.history("pay").unwrap().latest().unwrap().successes,
+        10_001
+    );
+}
+
+#[test]
+fn the_counter_sees_the_rejection_path_allocate() {
+    let d = degrader();
+    let pay = d.class_id("pay").unwrap();
+    let mut svc = d
+        .layer(pay)
+        .layer(service_fn(|x: u64| ready(Ok::<_, Infallible>(x + 1))));
+    call_once(&mut svc, 0);
+    d.force_open("pay").unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let info = allocation_counter::measure(|| {
+        let fut = pin!(svc.call(1));
+        assert!(matches!(fut.poll(&mut cx), Poll::Ready(Err(_))));
+    });
+    assert!(
+        info.count_total >= 1,
+        "the degraded error is boxed: {info:?}"
+    );
+}
