@@ -1,1 +1,266 @@
-fn main() {}
+//! Closed-path cost per call of tower-degrade against a bare service and peer middleware,
+//! measured side by side in one run; two-thread contention on one class; the control tick.
+//!
+//! Run with `cargo bench -p tower-degrade-benches`.
+//!
+//! Every call is `poll_ready` + `call` + polling the response future to completion with a no-op
+//! waker, inside an entered tokio runtime (tower's timeout needs its timer). The inner service
+//! answers with a ready future, so what is measured is the middleware.
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http::{Method, Request, Response, Uri};
+use tower::{Layer, Service, ServiceBuilder, service_fn};
+use tower_degrade::{ClassConfig, Degrader};
+
+/// Drive one call to completion.
+#[inline]
+fn call<S, Req>(svc: &mut S, req: Req) -> S::Response
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        other => panic!("not ready: {:?}", other.map(|r| r.err())),
+    }
+    let mut fut = pin!(svc.call(req));
+    for _ in 0..4 {
+        if let Poll::Ready(res) = fut.as_mut().poll(&mut cx) {
+            return res.expect("closed path succeeds");
+        }
+    }
+    panic!("the inner service is always ready");
+}
+
+type Bare = tower::util::ServiceFn<fn(u64) -> Ready<Result<u64, Infallible>>>;
+
+fn bare() -> Bare {
+    service_fn((|x: u64| ready(Ok(x.wrapping_add(1)))) as fn(u64) -> _)
+}
+
+/// A degrader whose control loop is not running: the closed path does not depend on it.
+fn degrader(classes: usize) -> Degrader {
+    let mut b = Degrader::builder("bench");
+    for i in 0..classes {
+        b = b.class(ClassConfig::silver(format!("class-{i}")));
+    }
+    b.build_with_worker().expect("valid").0
+}
+
+fn bench_closed_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("closed_path");
+    g.throughput(Throughput::Elements(1));
+
+    let mut svc = bare();
+    g.bench_function("bare service_fn", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    let mut svc = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(1_000)
+        .service(bare());
+    g.bench_function("tower load_shed+concurrency_limit", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    let mut svc = ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .service(bare());
+    g.bench_function("tower timeout", |b| b.iter(|| call(&mut svc, black_box(1))));
+
+    let layer = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .sliding_window_size(100)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(bare());
+    g.bench_function("tower-resilience circuit breaker", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    {
+        use failsafe::futures::CircuitBreaker as _;
+        let cb = failsafe::Config::new().build();
+        let mut cx = Context::from_waker(Waker::noop());
+        g.bench_function("failsafe circuit breaker", |b| {
+            b.iter(|| {
+                let fut = pin!(cb.call(ready(Ok::<u64, ()>(black_box(1)))));
+                match fut.poll(&mut cx) {
+                    Poll::Ready(Ok(v)) => v,
+                    _ => panic!("closed path succeeds"),
+                }
+            })
+        });
+    }
+
+    let d = degrader(3);
+    let class = d.class_id("class-1").unwrap();
+    let mut svc = d.layer(class).layer(bare());
+    g.bench_function("tower-degrade (fixed class)", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    let mut svc = d
+        .layer(move |x: &u64| {
+            if *x == u64::MAX {
+                tower_degrade::ClassId::DEFAULT
+            } else {
+                class
+            }
+        })
+        .layer(bare());
+    g.bench_function("tower-degrade (closure classifier)", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    // HTTP: a route classifier over 3 rules and the tower-http response classifier.
+    let classify = d
+        .http_classifier()
+        .route(Some(Method::GET), "/products/{id}", "class-0")
+        .unwrap()
+        .route(Some(Method::POST), "/orders/{id}/pay", "class-1")
+        .unwrap()
+        .route(None, "/log", "class-2")
+        .unwrap()
+        .build();
+    let http_inner =
+        || service_fn(|_req: Request<()>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let request = || {
+        let mut r = Request::new(());
+        *r.method_mut() = Method::POST;
+        *r.uri_mut() = Uri::from_static("/orders/42/pay");
+        r
+    };
+    let mut svc = http_inner();
+    g.bench_function("bare http service_fn", |b| {
+        b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let mut svc = d.layer(class).http().layer(http_inner());
+    g.bench_function("tower-degrade http (fixed class)", |b| {
+        b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let mut svc = d.layer(classify.clone()).layer(http_inner());
+    g.bench_function("tower-degrade generic (route classifier)", |b| {
+        b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let mut svc = d.layer(classify).http().layer(http_inner());
+    g.bench_function("tower-degrade http (route classifier)", |b| {
+        b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+
+    // A class timeout adds tokio's timer, like tower's timeout.
+    let dt = Degrader::builder("bench")
+        .class(ClassConfig::silver("timed").timeout(Duration::from_secs(1)))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let mut svc = dt.layer(dt.class_id("timed").unwrap()).layer(bare());
+    g.bench_function("tower-degrade (class timeout)", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+    g.finish();
+}
+
+/// `iters` calls split over `threads` threads hammering one class; wall time of the slowest.
+fn hammer<F, S>(threads: usize, iters: u64, make: &F) -> Duration
+where
+    F: Fn() -> S + Sync,
+    S: Service<u64, Response = u64> + Send,
+    S::Error: std::fmt::Debug,
+{
+    let per = iters / threads as u64;
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let mut svc = make();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for i in 0..per {
+                        black_box(call(&mut svc, black_box(i)));
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
+    })
+}
+
+fn bench_contention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("contention_one_class");
+    let d = degrader(3);
+    let class = d.class_id("class-1").unwrap();
+    for threads in [1usize, 2] {
+        // Throughput in calls: criterion reports calls/s for each thread count.
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("tower-degrade {threads} thread(s)"), |b| {
+            b.iter_custom(|iters| {
+                let iters = iters.max(threads as u64);
+                let make = || d.layer(class).layer(bare());
+                // Report the time per call of the whole machine: total wall / calls.
+                hammer(threads, iters, &make)
+            })
+        });
+    }
+    for threads in [1usize, 2] {
+        g.bench_function(format!("bare service_fn {threads} thread(s)"), |b| {
+            b.iter_custom(|iters| hammer(threads, iters.max(threads as u64), &bare))
+        });
+    }
+    g.finish();
+}
+
+fn bench_control_tick(c: &mut Criterion) {
+    let mut g = c.benchmark_group("control_tick");
+    let d = degrader(99); // + the default class = 100 classes
+    let classes: Vec<_> = d.registry().iter().map(|(id, _)| id).collect();
+    assert_eq!(classes.len(), 100);
+    let mut services: Vec<_> = classes
+        .iter()
+        .map(|&id| d.layer(id).layer(bare()))
+        .collect();
+    g.bench_function("tick 100 classes (10 calls each per tick)", |b| {
+        b.iter_batched(
+            || {
+                for svc in &mut services {
+                    for i in 0..10 {
+                        call(svc, i);
+                    }
+                }
+            },
+            |()| d.tick_now(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("tick 100 idle classes", |b| b.iter(|| d.tick_now()));
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_closed_path,
+    bench_contention,
+    bench_control_tick
+);
+criterion_main!(benches);

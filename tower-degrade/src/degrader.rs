@@ -11,6 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::breaker::{Breaker, BreakerConfig, Command, State, Transition};
 use crate::class::{ClassConfig, ClassId, ConfigError, Registry, Tier};
+use crate::clock::{LatencyClock, Timer};
 use crate::directive::{Directive, DirectiveCell};
 use crate::metrics::{ClassMetrics, ServiceMetrics};
 use crate::window::{
@@ -120,6 +121,7 @@ pub struct Builder {
     breaker: BreakerConfig,
     per_class_breaker: Vec<(String, BreakerConfig)>,
     tick: Duration,
+    clock: LatencyClock,
 }
 
 impl Builder {
@@ -138,6 +140,12 @@ impl Builder {
     /// The breaker configuration of one class.
     pub fn class_breaker(mut self, class: impl Into<String>, cfg: BreakerConfig) -> Self {
         self.per_class_breaker.push((class.into(), cfg));
+        self
+    }
+
+    /// The clock that times calls (default: the TSC; see [`LatencyClock`]).
+    pub fn latency_clock(mut self, clock: LatencyClock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -186,8 +194,9 @@ impl Builder {
             })
             .collect();
         let service: Arc<str> = Arc::from(self.service);
+        let timer = Timer::new(self.clock);
         let shards = (0..shard_n)
-            .map(|_| Arc::new(Shard::new(names.clone())))
+            .map(|_| Arc::new(Shard::new(names.clone(), timer.clone())))
             .collect();
         let inner = Inner {
             status: ArcSwap::from_pointee(Status {
@@ -379,6 +388,7 @@ impl Degrader {
             breaker: BreakerConfig::default(),
             per_class_breaker: Vec::new(),
             tick: DEFAULT_TICK,
+            clock: LatencyClock::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use crate::degrader::{Degrader, Inner};
 use crate::directive::{self, KIND_FRACTION, KIND_PROBE, Packed};
 use crate::error::Degraded;
 use crate::future::ResponseFuture;
-use crate::protocol::{Generic, Http, Protocol, Recording};
+use crate::protocol::{Generic, Grpc, Http, Protocol, Recording};
 use crate::window::{Outcome, shard_index};
 
 /// Where a call goes when its class's directive sends it to [`Route::Service`].
@@ -123,8 +123,8 @@ impl<C, P, F> DegradeLayer<C, P, F> {
 
     /// gRPC: failing statuses in headers or trailers are failures, degraded calls are answered
     /// with `grpc-status: 14`.
-    pub fn grpc(self) -> DegradeLayer<C, Http<tower_http::classify::GrpcErrorsAsFailures>, F> {
-        self.protocol(Http::grpc())
+    pub fn grpc(self) -> DegradeLayer<C, Grpc, F> {
+        self.protocol(Grpc::new())
     }
 
     /// Send calls routed to [`Route::Service`] to `service`.

@@ -62,7 +62,7 @@
 //! `http-body` (the HTTP protocol), `pin-project-lite` (hand-written futures without boxing),
 //! `tokio` (time and the control loop), `metrics` (the metrics facade: users pick the exporter),
 //! `tracing` (events for every transition), `arc-swap` (the per-tick status read by admin
-//! endpoints without locks), `bytes`.
+//! endpoints without locks), `quanta` (a TSC clock for timing calls, see [`clock`]), `bytes`.
 //!
 //! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed
 //! atomic add on shared memory, which the `hdrhistogram` crate's `&mut self` recorder does not
@@ -75,6 +75,7 @@
 pub mod breaker;
 pub mod class;
 pub mod classify;
+pub mod clock;
 mod degrader;
 pub mod directive;
 pub mod error;
@@ -89,6 +90,7 @@ pub use crate::breaker::{Breaker, BreakerConfig, Command, DegradeRule, State, Tr
 pub use crate::class::{
     ClassConfig, ClassId, ConfigError, LatencyTolerance, Registry, Route, Tier,
 };
+pub use crate::clock::LatencyClock;
 pub use crate::degrader::{Builder, ClassStatus, DEFAULT_TICK, Degrader, Status};
 pub use crate::directive::{Directive, Reason};
 pub use crate::error::{Degraded, is_degraded};

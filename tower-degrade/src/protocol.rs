@@ -4,11 +4,11 @@
 //!   `Ok` is a success and `Err` an error), and a degraded call fails with a
 //!   [`Degraded`](crate::error::Degraded) error inside a [`BoxError`].
 //! * [`Http`] for `http::Response` services: the outcome comes from a
-//!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default; gRPC status from headers
-//!   **or trailers** with [`Http::grpc`]), and a degraded call is *answered*: 503 with
-//!   `Retry-After`, or a gRPC `UNAVAILABLE` trailers-only response, with the
-//!   [`Degraded`](crate::error::Degraded) value in the response extensions. The error type
-//!   stays the inner service's.
+//!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default), and a degraded call is
+//!   *answered* with 503 and `Retry-After`, with the [`Degraded`](crate::error::Degraded) value
+//!   in the response extensions. Response and error types stay the inner service's.
+//! * [`Grpc`] for gRPC: the status comes from the headers **or the trailers** (recorded when
+//!   the body ends), and a degraded call gets a trailers-only `UNAVAILABLE` response.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,10 +18,9 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower_http::classify::{
     ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
-    GrpcFailureClass, ServerErrorsAsFailures, ServerErrorsFailureClass,
+    GrpcFailureClass, NeverClassifyEos, ServerErrorsAsFailures, ServerErrorsFailureClass,
 };
 
 use crate::BoxError;
@@ -38,7 +37,7 @@ use crate::window::{Outcome, Shard};
 pub struct Recording {
     shard: Arc<Shard>,
     class: u16,
-    start: Instant,
+    start: u64,
     probe: Option<Arc<Inner>>,
     done: bool,
 }
@@ -47,7 +46,6 @@ impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recording")
             .field("class", &self.class)
-            .field("start", &self.start)
             .field("probe", &self.probe.is_some())
             .finish()
     }
@@ -58,9 +56,9 @@ impl Recording {
     pub(crate) fn start(shard: Arc<Shard>, class: u16, probe: Option<Arc<Inner>>) -> Self {
         shard.begin(usize::from(class));
         Self {
+            start: shard.timer.start(),
             shard,
             class,
-            start: Instant::now(),
             probe,
             done: false,
         }
@@ -70,8 +68,8 @@ impl Recording {
     #[inline]
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
-        self.shard
-            .end(usize::from(self.class), outcome, self.start.elapsed());
+        let latency = self.shard.timer.elapsed(self.start);
+        self.shard.end(usize::from(self.class), outcome, latency);
     }
 
     /// The class name (for errors on cold paths).
@@ -239,27 +237,125 @@ impl FailureOutcome for GrpcFailureClass {
     }
 }
 
-/// The protocol for HTTP and gRPC services (`http::Response<B>`), built on tower-http's
-/// response classifiers.
-#[derive(Debug, Clone)]
+/// The protocol for HTTP services (`http::Response<B>`), built on a tower-http response
+/// classifier that decides from the response head (5xx by default). The response type is
+/// unchanged; degraded calls are answered with an empty `B::default()` body: 503 +
+/// `Retry-After` (504 for a timeout).
+#[derive(Debug, Clone, Default)]
 pub struct Http<C = ServerErrorsAsFailures> {
     classifier: C,
-    grpc: bool,
 }
 
 impl Http {
-    /// HTTP: 5xx responses are failures (504 a timeout); degraded calls get 503 + `Retry-After`.
+    /// 5xx responses are failures (504 a timeout).
     pub fn new() -> Self {
         Self {
             classifier: ServerErrorsAsFailures::new(),
-            grpc: false,
         }
     }
+}
 
-    /// gRPC: `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
-    /// and `UNKNOWN` in the headers or trailers are failures, every other status a success
-    /// (they are the caller's fault); degraded calls get `grpc-status: 14` (`UNAVAILABLE`).
-    pub fn grpc() -> Http<GrpcErrorsAsFailures> {
+impl<C> Http<C> {
+    /// Use a custom tower-http classifier that decides from the response head.
+    pub fn with_classifier(classifier: C) -> Self {
+        Self { classifier }
+    }
+}
+
+/// Build the degraded answer: 503 / 504 with `Retry-After`, or a gRPC trailers-only response
+/// with `grpc-status` 14 / 4, the [`Degraded`] value in the extensions.
+fn degraded_response<T>(d: Degraded, grpc: bool, body: T) -> http::Response<T> {
+    let timeout = d.reason() == Reason::Timeout;
+    let mut res = http::Response::new(body);
+    if !grpc {
+        *res.status_mut() = if timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+    }
+    let headers = res.headers_mut();
+    if grpc {
+        let code = if timeout { "4" } else { "14" };
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(&d.to_string()) {
+            headers.insert("grpc-message", v);
+        }
+        if let Some(ra) = d.retry_after() {
+            headers.insert(
+                "grpc-retry-pushback-ms",
+                HeaderValue::from(ra.as_millis() as u64),
+            );
+        }
+    } else if let Some(ra) = d.retry_after() {
+        let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    res.extensions_mut().insert(d);
+    res
+}
+
+impl<C, B, E> Protocol<http::Response<B>, E> for Http<C>
+where
+    C: ClassifyResponse<ClassifyEos = NeverClassifyEos<<C as ClassifyResponse>::FailureClass>>
+        + Clone,
+    C::FailureClass: FailureOutcome,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = E;
+
+    #[inline]
+    fn on_response(
+        &self,
+        result: Result<http::Response<B>, E>,
+        rec: Recording,
+    ) -> Result<http::Response<B>, E> {
+        match &result {
+            Ok(res) => match self.classifier.clone().classify_response(res) {
+                ClassifiedResponse::Ready(Ok(())) => rec.finish(Outcome::Success),
+                ClassifiedResponse::Ready(Err(f)) => rec.finish(f.outcome()),
+                // Unreachable: the bound makes the end-of-stream classifier `NeverClassifyEos`,
+                // which cannot be constructed. Use `Grpc` for classifiers that need trailers.
+                ClassifiedResponse::RequiresEos(_) => rec.finish(Outcome::Success),
+            },
+            Err(_) => rec.finish(Outcome::Error),
+        }
+        result
+    }
+
+    fn on_fallback(&self, result: Result<http::Response<B>, E>) -> Result<http::Response<B>, E> {
+        result
+    }
+
+    fn on_degraded(&self, degraded: Degraded) -> Result<http::Response<B>, E> {
+        Ok(degraded_response(degraded, false, B::default()))
+    }
+
+    fn on_ready_error(&self, error: E) -> E {
+        error
+    }
+}
+
+/// The protocol for gRPC services (and any classifier that needs the end of the stream): the
+/// status is read from the headers or, when absent there, from the **trailers**, so the outcome
+/// is recorded when the response body ends ([`DegradeBody`]).
+///
+/// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
+/// and `UNKNOWN` are failures and every other status a success (they are the caller's fault);
+/// degraded calls get a trailers-only `grpc-status: 14` (`UNAVAILABLE`, or 4 for a timeout).
+#[derive(Debug, Clone)]
+pub struct Grpc<C = GrpcErrorsAsFailures> {
+    classifier: C,
+}
+
+impl Grpc {
+    /// The default gRPC failure codes (see the type docs).
+    pub fn new() -> Self {
         let mut c = GrpcErrorsAsFailures::new();
         for code in [
             GrpcCode::Cancelled,
@@ -276,66 +372,24 @@ impl Http {
         ] {
             c = c.with_success(code);
         }
-        Http {
-            classifier: c,
-            grpc: true,
-        }
+        Grpc { classifier: c }
     }
 }
 
-impl Default for Http {
+impl Default for Grpc {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<C> Http<C> {
-    /// Use a custom tower-http classifier; `grpc` selects the gRPC form of degraded answers.
-    pub fn with_classifier(classifier: C, grpc: bool) -> Self {
-        Self { classifier, grpc }
+impl<C> Grpc<C> {
+    /// Use a custom tower-http classifier.
+    pub fn with_classifier(classifier: C) -> Self {
+        Self { classifier }
     }
 }
 
-impl<C: ClassifyResponse> Http<C> {
-    fn degraded_response<B>(&self, d: Degraded) -> http::Response<DegradeBody<B, C>> {
-        let timeout = d.reason() == Reason::Timeout;
-        let mut res = http::Response::new(DegradeBody::empty());
-        if !self.grpc {
-            *res.status_mut() = if timeout {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-        }
-        let headers = res.headers_mut();
-        if self.grpc {
-            let code = if timeout { "4" } else { "14" };
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from_static(code));
-            if let Ok(v) = HeaderValue::from_str(&d.to_string()) {
-                headers.insert("grpc-message", v);
-            }
-            if let Some(ra) = d.retry_after() {
-                headers.insert(
-                    "grpc-retry-pushback-ms",
-                    HeaderValue::from(ra.as_millis() as u64),
-                );
-            }
-        } else {
-            if let Some(ra) = d.retry_after() {
-                let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            }
-        }
-        res.extensions_mut().insert(d);
-        res
-    }
-}
-
-impl<C, B, E> Protocol<http::Response<B>, E> for Http<C>
+impl<C, B, E> Protocol<http::Response<B>, E> for Grpc<C>
 where
     C: ClassifyResponse + Clone,
     C::FailureClass: FailureOutcome,
@@ -382,7 +436,7 @@ where
     }
 
     fn on_degraded(&self, degraded: Degraded) -> Result<Self::Response, E> {
-        Ok(self.degraded_response(degraded))
+        Ok(degraded_response(degraded, true, DegradeBody::empty()))
     }
 
     fn on_ready_error(&self, error: E) -> E {

@@ -1,1 +1,217 @@
-fn main() {}
+//! Run with `cargo run -p example-quickstart` (add `-- --serve` to keep serving afterwards).
+//!
+//! An axum server with three task classes behind one `DegradeLayer`:
+//!
+//! | route | class | tier |
+//! |---|---|---|
+//! | `POST /pay/{id}` | `payment_callback` | gold |
+//! | `POST /inventory/{sku}` | `inventory` | silver, depends on the (simulated) database |
+//! | `POST /log` | `browse_log` | bronze, depends on a (simulated) third-party API |
+//!
+//! plus `GET /metrics` (Prometheus) and `GET /status` on 127.0.0.1:3000.
+//!
+//! It then plays a short scenario against itself: normal traffic, then the database turns slow
+//! (900 ms, 20 % errors) and the third-party API dies, then both recover. Each second it prints
+//! every class's breaker state and what happened to its calls: payments keep flowing, the
+//! inventory class is degraded by the seed's rule, the log class's breaker opens, probes and
+//! recovers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State as AxumState;
+use axum::http::{Request, StatusCode};
+use axum::routing::{get, post};
+use axum::{Router, body::Body};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::time::{Instant, sleep};
+use tower::ServiceExt;
+use tower_degrade::{BreakerConfig, ClassConfig, Degrader, Route};
+
+/// The simulated world: 0 = healthy, 1 = slow database and dead third-party API.
+#[derive(Default)]
+struct World {
+    phase: AtomicU8,
+    calls: AtomicU64,
+}
+
+async fn pay() -> StatusCode {
+    sleep(Duration::from_millis(5)).await;
+    StatusCode::OK
+}
+
+async fn inventory(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
+    let n = world.calls.fetch_add(1, Ordering::Relaxed);
+    if world.phase.load(Ordering::Relaxed) == 1 {
+        // Slow database: 900 ms, one call in five fails.
+        sleep(Duration::from_millis(900)).await;
+        if n % 5 == 0 {
+            return StatusCode::INTERNAL_SERVER_ERROR;
+        }
+    } else {
+        sleep(Duration::from_millis(20)).await;
+    }
+    StatusCode::OK
+}
+
+async fn browse_log(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
+    if world.phase.load(Ordering::Relaxed) == 1 {
+        // The third-party API is down.
+        return StatusCode::BAD_GATEWAY;
+    }
+    StatusCode::ACCEPTED
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    degraded: AtomicU64,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tower_degrade=warn".into()),
+        )
+        .init();
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("degrade_latency_seconds".into()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0, 2.5, 5.0],
+        )?
+        .install_recorder()?;
+
+    // Short open durations so the scenario shows a full open → half-open → recovery cycle.
+    let mut breaker = BreakerConfig::default();
+    breaker.open_duration = Duration::from_secs(2);
+    breaker.min_requests = 10;
+    let degrader = Degrader::builder("quickstart")
+        .breaker(breaker)
+        .class(ClassConfig::gold("payment_callback").depends_on("db"))
+        .class(
+            ClassConfig::silver("inventory")
+                .depends_on("db")
+                .fallback(Route::DelayedRetry),
+        )
+        .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
+        .build()?;
+    let classify = degrader
+        .http_classifier()
+        .route(
+            Some(axum::http::Method::POST),
+            "/pay/{id}",
+            "payment_callback",
+        )?
+        .route(
+            Some(axum::http::Method::POST),
+            "/inventory/{sku}",
+            "inventory",
+        )?
+        .route(Some(axum::http::Method::POST), "/log", "browse_log")?
+        .build();
+
+    let world = Arc::new(World::default());
+    let protected = Router::new()
+        .route("/pay/{id}", post(pay))
+        .route("/inventory/{sku}", post(inventory))
+        .route("/log", post(browse_log))
+        .with_state(world.clone())
+        .layer(degrader.layer(classify).http());
+    let status_degrader = degrader.clone();
+    let app = protected
+        .clone()
+        .route("/metrics", get(move || async move { prometheus.render() }))
+        .route(
+            "/status",
+            get(move || async move { format!("{:#?}\n", status_degrader.status()) }),
+        );
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], 3000));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("serving on http://{addr} (GET /metrics, GET /status)");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let tallies: Arc<[Tally; 3]> = Arc::new(Default::default());
+    let routes = ["/pay/1", "/inventory/sku-1", "/log"];
+    let started = Instant::now();
+    let scenario_end = Duration::from_secs(11);
+    let driver = {
+        let tallies = tallies.clone();
+        let app = protected.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while started.elapsed() < scenario_end {
+                tick.tick().await;
+                for (i, route) in routes.iter().enumerate() {
+                    let app = app.clone();
+                    let tallies = tallies.clone();
+                    let req = Request::post(*route).body(Body::empty()).unwrap();
+                    tokio::spawn(async move {
+                        let res = app.oneshot(req).await.unwrap();
+                        let t = &tallies[i];
+                        if res.extensions().get::<tower_degrade::Degraded>().is_some() {
+                            t.degraded.fetch_add(1, Ordering::Relaxed);
+                        } else if res.status().is_server_error() {
+                            t.failed.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            t.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            }
+        })
+    };
+
+    println!(
+        "\n{:>4}  {:<9} {:<34} {:<34} {:<34}",
+        "t(s)", "world", "payment_callback (gold)", "inventory (silver)", "browse_log (bronze)"
+    );
+    for second in 1..=scenario_end.as_secs() {
+        match second {
+            3 => world.phase.store(1, Ordering::Relaxed),
+            7 => world.phase.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+        sleep(Duration::from_secs(1)).await;
+        let status = degrader.status();
+        let mut row = format!(
+            "{second:>4}  {:<9}",
+            if world.phase.load(Ordering::Relaxed) == 1 {
+                "faulty"
+            } else {
+                "healthy"
+            }
+        );
+        for (i, name) in ["payment_callback", "inventory", "browse_log"]
+            .iter()
+            .enumerate()
+        {
+            let class = status.classes.iter().find(|c| &*c.name == *name).unwrap();
+            let t = &tallies[i];
+            let cell = format!(
+                "{} ok={} fail={} degr={}",
+                class.state,
+                t.ok.swap(0, Ordering::Relaxed),
+                t.failed.swap(0, Ordering::Relaxed),
+                t.degraded.swap(0, Ordering::Relaxed),
+            );
+            row.push_str(&format!(" {cell:<34}"));
+        }
+        println!("{row}");
+    }
+    driver.await?;
+    println!("\nhealth score: {:.1}", degrader.health_score());
+
+    if std::env::args().any(|a| a == "--serve") {
+        println!("still serving on http://{addr}; Ctrl-C to stop");
+        tokio::signal::ctrl_c().await?;
+    } else {
+        println!("(run with `-- --serve` to keep the server up and curl /metrics)");
+    }
+    Ok(())
+}

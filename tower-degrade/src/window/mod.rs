@@ -107,6 +107,7 @@ impl ClassCounters {
 pub(crate) struct Shard {
     classes: Box<[ClassCounters]>,
     names: std::sync::Arc<[std::sync::Arc<str>]>,
+    pub(crate) timer: crate::clock::Timer,
 }
 
 impl std::fmt::Debug for Shard {
@@ -118,10 +119,14 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
-    pub(crate) fn new(names: std::sync::Arc<[std::sync::Arc<str>]>) -> Self {
+    pub(crate) fn new(
+        names: std::sync::Arc<[std::sync::Arc<str>]>,
+        timer: crate::clock::Timer,
+    ) -> Self {
         Self {
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
             names,
+            timer,
         }
     }
 
@@ -504,7 +509,12 @@ mod tests {
     fn shards(n: usize) -> Vec<Arc<Shard>> {
         let names: Arc<[Arc<str>]> = vec![Arc::from("a"), Arc::from("b")].into();
         (0..n)
-            .map(|_| Arc::new(Shard::new(names.clone())))
+            .map(|_| {
+                Arc::new(Shard::new(
+                    names.clone(),
+                    crate::clock::Timer::new(crate::clock::LatencyClock::Tokio),
+                ))
+            })
             .collect()
     }
 

@@ -18,12 +18,14 @@ use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::error::degraded;
 use tower_degrade::{
-    BoxError, ClassConfig, ClassId, Degraded, Degrader, Reason, Route, State, is_degraded,
+    BoxError, ClassConfig, ClassId, Degraded, Degrader, LatencyClock, Reason, Route, State,
+    is_degraded,
 };
 
 /// A degrader whose control loop is not spawned: tests tick it with `tick_now`.
 fn degrader(classes: Vec<ClassConfig>) -> Degrader {
-    let mut b = Degrader::builder("test");
+    // Latencies follow the paused tokio clock.
+    let mut b = Degrader::builder("test").latency_clock(LatencyClock::Tokio);
     for c in classes {
         b = b.class(c);
     }
@@ -694,4 +696,25 @@ async fn task_api_runs_handler_fallback_or_degraded_error() {
     d.tick_now();
     let w = *d.history("payment_callback").unwrap().latest().unwrap();
     assert_eq!((w.successes, w.errors, w.degraded), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn the_default_clock_measures_real_time() {
+    let d = Degrader::builder("tsc")
+        .class(ClassConfig::silver("stock"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(service_fn(|()| async {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok::<_, Infallible>(())
+        }));
+    svc.oneshot(()).await.unwrap();
+    d.tick_now();
+    let w = *d.history("stock").unwrap().latest().unwrap();
+    // A lower bound only: a sleep is never shorter than asked.
+    assert!(w.max >= Duration::from_millis(20), "{:?}", w.max);
+    assert!(w.p99 >= Duration::from_micros(19_400), "{:?}", w.p99);
 }
