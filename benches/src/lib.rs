@@ -1,1 +1,1 @@
-//! Benchmarks live in `benches/`; this crate has no library code.
+//! Criterion benchmarks for tower-degrade live in `benches/`; this crate has no library code.

@@ -10,7 +10,7 @@ use crate::directive::Reason;
 /// A call was not served by the inner service: it was rejected, timed out, or its route has no
 /// handler.
 ///
-/// Services using the generic protocol return it boxed in a [`BoxError`]: find it with
+/// Services using the generic protocol return it boxed in a [`BoxError`](crate::BoxError): find it with
 /// [`is_degraded`] or `err.downcast_ref::<Degraded>()` (the error type is
 /// [`BoxError`](crate::BoxError)). HTTP services answer with a degraded
 /// response instead and put a clone of this value in the response extensions.

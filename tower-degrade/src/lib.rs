@@ -96,5 +96,10 @@ pub use crate::directive::{Directive, Reason};
 pub use crate::error::{Degraded, is_degraded};
 pub use crate::layer::{Degrade, DegradeLayer, Fallback, FallbackService, NoFallback};
 
+// The README's examples are compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 /// A type-erased error, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

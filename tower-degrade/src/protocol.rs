@@ -2,10 +2,10 @@
 //!
 //! * [`Generic`] for any service: the outcome comes from a [`ClassifyOutcome`] (by default
 //!   `Ok` is a success and `Err` an error), and a degraded call fails with a
-//!   [`Degraded`](crate::error::Degraded) error inside a [`BoxError`].
+//!   [`Degraded`] error inside a [`BoxError`].
 //! * [`Http`] for `http::Response` services: the outcome comes from a
 //!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default), and a degraded call is
-//!   *answered* with 503 and `Retry-After`, with the [`Degraded`](crate::error::Degraded) value
+//!   *answered* with 503 and `Retry-After`, with the [`Degraded`] value
 //!   in the response extensions. Response and error types stay the inner service's.
 //! * [`Grpc`] for gRPC: the status comes from the headers **or the trailers** (recorded when
 //!   the body ends), and a degraded call gets a trailers-only `UNAVAILABLE` response.

@@ -131,8 +131,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             get(move || async move { format!("{:#?}\n", status_degrader.status()) }),
         );
 
-    let addr = SocketAddr::from(([127, 0, 0, 1], 3000));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr: SocketAddr = match std::env::var("QUICKSTART_ADDR") {
+        Ok(a) => a
+            .parse()
+            .map_err(|e| format!("QUICKSTART_ADDR `{a}`: {e}"))?,
+        Err(_) => SocketAddr::from(([127, 0, 0, 1], 3000)),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({e}); set QUICKSTART_ADDR"))?;
+    let addr = listener.local_addr()?;
     println!("serving on http://{addr} (GET /metrics, GET /status)");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -171,6 +179,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "\n{:>4}  {:<9} {:<34} {:<34} {:<34}",
         "t(s)", "world", "payment_callback (gold)", "inventory (silver)", "browse_log (bronze)"
     );
+    let mut seen = [Vec::new(), Vec::new(), Vec::new()];
+    let mut gold_lost = 0;
     for second in 1..=scenario_end.as_secs() {
         match second {
             3 => world.phase.store(1, Ordering::Relaxed),
@@ -193,19 +203,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         {
             let class = status.classes.iter().find(|c| &*c.name == *name).unwrap();
             let t = &tallies[i];
-            let cell = format!(
-                "{} ok={} fail={} degr={}",
-                class.state,
+            let (ok, failed, degraded) = (
                 t.ok.swap(0, Ordering::Relaxed),
                 t.failed.swap(0, Ordering::Relaxed),
                 t.degraded.swap(0, Ordering::Relaxed),
             );
+            if i == 0 {
+                gold_lost += failed + degraded;
+            }
+            if !seen[i].contains(&class.state) {
+                seen[i].push(class.state);
+            }
+            let cell = format!("{} ok={ok} fail={failed} degr={degraded}", class.state);
             row.push_str(&format!(" {cell:<34}"));
         }
         println!("{row}");
     }
     driver.await?;
     println!("\nhealth score: {:.1}", degrader.health_score());
+    let states = |i: usize| {
+        seen[i]
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    };
+    println!("payment_callback: {}, {gold_lost} calls lost", states(0));
+    println!("inventory:        {}", states(1));
+    println!("browse_log:       {}", states(2));
+    if gold_lost > 0 {
+        return Err(format!("{gold_lost} gold calls were lost").into());
+    }
 
     if std::env::args().any(|a| a == "--serve") {
         println!("still serving on http://{addr}; Ctrl-C to stop");

@@ -23,6 +23,22 @@ where
     }
 }
 
+type Bare = tower::util::ServiceFn<fn(u64) -> Ready<Result<u64, Infallible>>>;
+
+/// A degrader with the generic layer over a ready service, its first call already made (the
+/// first use assigns this thread's shard).
+fn fixed_class() -> (
+    Degrader,
+    tower_degrade::Degrade<Bare, tower_degrade::ClassId>,
+) {
+    let d = degrader();
+    let pay = d.class_id("pay").unwrap();
+    let inner: Bare = service_fn((|x: u64| ready(Ok(x + 1))) as fn(u64) -> _);
+    let mut svc = d.layer(pay).layer(inner);
+    call_once(&mut svc, 0);
+    (d, svc)
+}
+
 fn degrader() -> Degrader {
     Degrader::builder("alloc")
         .class(ClassConfig::gold("pay"))
@@ -34,12 +50,7 @@ fn degrader() -> Degrader {
 
 #[test]
 fn generic_closed_path_allocates_nothing() {
-    let d = degrader();
-    let pay = d.class_id("pay").unwrap();
-    let mut svc = d
-        .layer(pay)
-        .layer(service_fn(|x: u64| ready(Ok::<_, Infallible>(x + 1))));
-    call_once(&mut svc, 0); // first use assigns this thread's shard
+    let (d, mut svc) = fixed_class();
     let info = allocation_counter::measure(|| {
         for i in 0..10_000 {
             call_once(&mut svc, i);
@@ -94,12 +105,7 @@ fn http_closed_path_with_route_classifier_allocates_nothing() {
 
 #[test]
 fn the_counter_sees_the_rejection_path_allocate() {
-    let d = degrader();
-    let pay = d.class_id("pay").unwrap();
-    let mut svc = d
-        .layer(pay)
-        .layer(service_fn(|x: u64| ready(Ok::<_, Infallible>(x + 1))));
-    call_once(&mut svc, 0);
+    let (d, mut svc) = fixed_class();
     d.force_open("pay").unwrap();
     let mut cx = Context::from_waker(Waker::noop());
     let info = allocation_counter::measure(|| {
