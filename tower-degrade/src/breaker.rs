@@ -249,6 +249,59 @@ pub enum Command {
     Reset,
 }
 
+impl Command {
+    const ALL: [(Command, &'static str); 5] = [
+        (Command::ForceOpen, "force_open"),
+        (Command::ForceClosed, "force_closed"),
+        (Command::Degrade, "degrade"),
+        (Command::MetricsOnly, "metrics_only"),
+        (Command::Reset, "reset"),
+    ];
+
+    /// The command's name, as parsed by [`str::parse`].
+    pub fn as_str(self) -> &'static str {
+        Command::ALL
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("reset", |(_, n)| n)
+    }
+}
+
+/// Parses `force_open`, `force_closed`, `degrade`, `metrics_only` or `reset` (for admin
+/// endpoints).
+///
+/// ```
+/// use tower_degrade::Command;
+///
+/// assert_eq!("force_open".parse::<Command>(), Ok(Command::ForceOpen));
+/// assert!("explode".parse::<Command>().unwrap_err().to_string().contains("force_open"));
+/// ```
+impl std::str::FromStr for Command {
+    type Err = UnknownCommand;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Command::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| UnknownCommand(s.chars().take(64).collect()))
+    }
+}
+
+/// A string that names no [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCommand(String);
+
+impl fmt::Display for UnknownCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown command `{}`: expected one of ", self.0)?;
+        let names: Vec<_> = Command::ALL.iter().map(|(_, n)| *n).collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+impl std::error::Error for UnknownCommand {}
+
 /// A state change and why it happened.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {

@@ -86,7 +86,9 @@ pub mod protocol;
 pub mod task;
 pub mod window;
 
-pub use crate::breaker::{Breaker, BreakerConfig, Command, DegradeRule, State, Transition};
+pub use crate::breaker::{
+    Breaker, BreakerConfig, Command, DegradeRule, State, Transition, UnknownCommand,
+};
 pub use crate::class::{
     ClassConfig, ClassId, ConfigError, LatencyTolerance, Registry, Route, Tier,
 };

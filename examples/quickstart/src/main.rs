@@ -8,7 +8,9 @@
 //! | `POST /inventory/{sku}` | `inventory` | silver, depends on the (simulated) database |
 //! | `POST /log` | `browse_log` | bronze, depends on a (simulated) third-party API |
 //!
-//! plus `GET /metrics` (Prometheus) and `GET /status` on 127.0.0.1:3000.
+//! plus `GET /metrics` (Prometheus) and `GET /status` on 127.0.0.1:3000, and, only when
+//! `QUICKSTART_ADMIN_TOKEN` is set, `POST /admin/{class}/{command}` (`force_open`,
+//! `force_closed`, `degrade`, `metrics_only`, `reset`) with `Authorization: Bearer <token>`.
 //!
 //! It then plays a short scenario against itself: normal traffic, then the database turns slow
 //! (900 ms, 20 % errors) and the third-party API dies, then both recover. Each second it prints
@@ -21,14 +23,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::State as AxumState;
-use axum::http::{Request, StatusCode};
+use axum::extract::{Path, State as AxumState};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::routing::{get, post};
 use axum::{Router, body::Body};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::time::{Instant, sleep};
 use tower::ServiceExt;
-use tower_degrade::{BreakerConfig, ClassConfig, Degrader, Route};
+use tower_degrade::{BreakerConfig, ClassConfig, Command, Degrader, Route};
 
 /// The simulated world: 0 = healthy, 1 = slow database and dead third-party API.
 #[derive(Default)]
@@ -62,6 +64,33 @@ async fn browse_log(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
         return StatusCode::BAD_GATEWAY;
     }
     StatusCode::ACCEPTED
+}
+
+/// `POST /admin/{class}/{command}`: a manual breaker command, behind a bearer token.
+async fn admin(
+    AxumState((degrader, token)): AxumState<(Degrader, Arc<str>)>,
+    Path((class, command)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> (StatusCode, String) {
+    let authorized = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.as_bytes() == token.as_bytes());
+    if !authorized {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token\n".into(),
+        );
+    }
+    let command: Command = match command.parse() {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match degrader.command(&class, command) {
+        Ok(state) => (StatusCode::OK, format!("{class}: {state}\n")),
+        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")),
+    }
 }
 
 #[derive(Default)]
@@ -123,13 +152,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .with_state(world.clone())
         .layer(degrader.layer(classify).http());
     let status_degrader = degrader.clone();
-    let app = protected
+    let mut app = protected
         .clone()
         .route("/metrics", get(move || async move { prometheus.render() }))
         .route(
             "/status",
             get(move || async move { format!("{:#?}\n", status_degrader.status()) }),
         );
+    // The admin endpoint exists only when a token is configured.
+    if let Ok(token) = std::env::var("QUICKSTART_ADMIN_TOKEN") {
+        if token.len() < 16 {
+            return Err("QUICKSTART_ADMIN_TOKEN must be at least 16 characters".into());
+        }
+        let admin_routes = Router::new()
+            .route("/admin/{class}/{command}", post(admin))
+            .with_state((degrader.clone(), Arc::<str>::from(token)));
+        app = app.merge(admin_routes);
+        println!("admin endpoint enabled: POST /admin/{{class}}/{{command}}");
+    }
 
     let addr: SocketAddr = match std::env::var("QUICKSTART_ADDR") {
         Ok(a) => a

@@ -718,3 +718,22 @@ async fn the_default_clock_measures_real_time() {
     assert!(w.max >= Duration::from_millis(20), "{:?}", w.max);
     assert!(w.p99 >= Duration::from_micros(19_400), "{:?}", w.p99);
 }
+
+#[tokio::test(start_paused = true)]
+async fn rejections_do_not_tear_down_a_buffer() {
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let layered = d.layer(d.class_id("pay").unwrap()).layer(echo());
+    let (svc, worker) = tower::buffer::Buffer::pair(layered, 8);
+    tokio::spawn(worker);
+    d.force_open("pay").unwrap();
+    for _ in 0..3 {
+        let err = svc.clone().oneshot(Ok(1)).await.unwrap_err();
+        assert!(is_degraded(&*err), "{err}");
+    }
+    d.reset("pay").unwrap();
+    assert_eq!(
+        svc.oneshot(Ok(7)).await.unwrap(),
+        7,
+        "the buffer still serves"
+    );
+}
