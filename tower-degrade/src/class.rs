@@ -170,6 +170,7 @@ pub struct ClassConfig {
     dependencies: Vec<String>,
     timeout: Option<Duration>,
     route: Route,
+    tags: Vec<(String, String)>,
 }
 
 impl ClassConfig {
@@ -184,6 +185,7 @@ impl ClassConfig {
             dependencies: Vec::new(),
             timeout: None,
             route: Route::Reject,
+            tags: Vec::new(),
         }
     }
 
@@ -230,6 +232,17 @@ impl ClassConfig {
     pub fn fallback(mut self, route: Route) -> Self {
         self.route = route;
         self
+    }
+
+    /// Attach a tag (team, owner, ...), visible to policies as `ctx.tag(key)`.
+    pub fn tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.tags.push((key.into(), value.into()));
+        self
+    }
+
+    /// The tags.
+    pub fn tags(&self) -> &[(String, String)] {
+        &self.tags
     }
 
     /// The class name.

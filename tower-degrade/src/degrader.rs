@@ -37,8 +37,10 @@ pub(crate) struct ClassCell {
 pub(crate) struct ClassControl {
     pub(crate) breaker: Breaker,
     reader: WindowReader,
-    pub(crate) history: History,
+    pub(crate) history: Arc<History>,
     metrics: Option<ClassMetrics>,
+    #[cfg(feature = "rhai")]
+    policy_state: crate::policy::ClassPolicyState,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +62,7 @@ impl Shutdown {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) service: Arc<str>,
+    pub(crate) env: Arc<str>,
     pub(crate) registry: Registry,
     pub(crate) names: Arc<[Arc<str>]>,
     pub(crate) cells: Box<[ClassCell]>,
@@ -71,6 +74,8 @@ pub(crate) struct Inner {
     tick: AtomicU64,
     shutdown: Arc<Shutdown>,
     service_metrics: Mutex<Option<ServiceMetrics>>,
+    #[cfg(feature = "rhai")]
+    pub(crate) policies: crate::policy::Runtime,
 }
 
 impl Drop for Inner {
@@ -122,6 +127,9 @@ pub struct Builder {
     per_class_breaker: Vec<(String, BreakerConfig)>,
     tick: Duration,
     clock: LatencyClock,
+    env: String,
+    #[cfg(feature = "rhai")]
+    policy_limits: crate::policy::Limits,
 }
 
 impl Builder {
@@ -140,6 +148,20 @@ impl Builder {
     /// The breaker configuration of one class.
     pub fn class_breaker(mut self, class: impl Into<String>, cfg: BreakerConfig) -> Self {
         self.per_class_breaker.push((class.into(), cfg));
+        self
+    }
+
+    /// The limits applied to every policy call.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn policy_limits(mut self, limits: crate::policy::Limits) -> Self {
+        self.policy_limits = limits;
+        self
+    }
+
+    /// The deployment environment (`prod`, `staging`), visible to policies as `ctx.env`.
+    pub fn env(mut self, env: impl Into<String>) -> Self {
+        self.env = env.into();
         self
     }
 
@@ -188,11 +210,15 @@ impl Builder {
                 Mutex::new(ClassControl {
                     breaker: Breaker::new(b, c.route()),
                     reader: WindowReader::default(),
-                    history: History::default(),
+                    history: Arc::default(),
                     metrics: None,
+                    #[cfg(feature = "rhai")]
+                    policy_state: Default::default(),
                 })
             })
             .collect();
+        #[cfg(feature = "rhai")]
+        let service_name = self.service.clone();
         let service: Arc<str> = Arc::from(self.service);
         let timer = Timer::new(self.clock);
         let shards = (0..shard_n)
@@ -206,6 +232,7 @@ impl Builder {
                 classes: Vec::new(),
             }),
             service,
+            env: Arc::from(self.env.as_str()),
             names,
             cells,
             shards,
@@ -215,6 +242,13 @@ impl Builder {
             tick: AtomicU64::new(0),
             shutdown: Arc::default(),
             service_metrics: Mutex::new(None),
+            #[cfg(feature = "rhai")]
+            policies: crate::policy::Runtime::new(
+                &registry,
+                &service_name,
+                &self.env,
+                self.policy_limits,
+            ),
             registry,
         };
         let inner = Arc::new(inner);
@@ -274,6 +308,8 @@ impl Inner {
     /// One control-loop tick: snapshot every class, step its breaker, publish its directive.
     pub(crate) fn tick(&self, now: Instant) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "rhai")]
+        let policies = self.policies.current();
         for (id, class) in self.registry.iter() {
             let cell = &self.cells[id.index()];
             let mut ctl = self.control(id);
@@ -288,12 +324,28 @@ impl Inner {
                     sla_micros: class.sla_target().as_micros() as u64,
                 },
             );
-            ctl.history.push(snap);
+            Arc::make_mut(&mut ctl.history).push(snap);
             let transition = ctl.breaker.step(&snap, now);
             if let Some(t) = &transition {
                 self.on_transition(id, class.tier(), ctl, t);
             }
-            cell.directive.store(ctl.breaker.directive(now));
+            #[allow(unused_mut)]
+            let mut directive = ctl.breaker.directive(now);
+            #[cfg(feature = "rhai")]
+            if let Some(set) = &policies {
+                // A manual command always wins over policies.
+                if !ctl.breaker.is_manual() {
+                    directive = self.policies.apply(
+                        set,
+                        id,
+                        &ctl.history,
+                        ctl.breaker.state(),
+                        directive,
+                        &mut ctl.policy_state,
+                    );
+                }
+            }
+            cell.directive.store(directive);
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(&self.service, &self.names[id.index()], class.tier())
             });
@@ -389,12 +441,20 @@ impl Degrader {
             per_class_breaker: Vec::new(),
             tick: DEFAULT_TICK,
             clock: LatencyClock::default(),
+            env: String::new(),
+            #[cfg(feature = "rhai")]
+            policy_limits: crate::policy::Limits::default(),
         }
     }
 
     /// The service name.
     pub fn service(&self) -> &str {
         &self.inner.service
+    }
+
+    /// The deployment environment given to the builder (empty by default).
+    pub fn env(&self) -> &str {
+        &self.inner.env
     }
 
     /// The configured classes.
@@ -426,7 +486,7 @@ impl Degrader {
     /// The last [`HISTORY_LEN`](crate::window::HISTORY_LEN) windows of a class.
     pub fn history(&self, class: &str) -> Result<History, ConfigError> {
         let id = self.class_id(class)?;
-        Ok(self.inner.control(id).history.clone())
+        Ok((*self.inner.control(id).history).clone())
     }
 
     /// Apply a manual command to a class's breaker; it takes effect at once.
@@ -490,6 +550,70 @@ impl Degrader {
         g.queue_delay_micros
             .store(delay.as_micros() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Load every `*.rhai` policy in `dir` (once; see [`policy`](crate::policy)) and put the set
+    /// in force atomically from the next tick. A bad file rejects the whole load with an error
+    /// naming the file, line and reason; the set in force keeps serving. Returns the version.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn load_policies(
+        &self,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<u64, crate::policy::PolicyError> {
+        let sources = crate::policy::read_dir(dir.as_ref());
+        self.install_policies(sources)
+    }
+
+    /// Like [`load_policies`](Self::load_policies), from `(name, source text)` pairs.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn load_policy_sources<'a>(
+        &self,
+        sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<u64, crate::policy::PolicyError> {
+        let sources = sources
+            .into_iter()
+            .map(|(name, text)| (name.to_owned(), format!("{name}.rhai"), text.to_owned()))
+            .collect();
+        self.install_policies(Ok(sources))
+    }
+
+    #[cfg(feature = "rhai")]
+    fn install_policies(
+        &self,
+        sources: Result<Vec<(String, String, String)>, crate::policy::PolicyError>,
+    ) -> Result<u64, crate::policy::PolicyError> {
+        let rt = &self.inner.policies;
+        let compiled = sources.and_then(|s| rt.compile(&self.inner.registry, &s));
+        rt.count_reload(compiled.is_ok());
+        match compiled {
+            Ok(set) => {
+                let names = set.names().join(", ");
+                let version = rt.install(set);
+                tracing::info!(service = %self.inner.service, version, policies = %names, "policies loaded");
+                Ok(version)
+            }
+            Err(e) => {
+                tracing::warn!(service = %self.inner.service, error = %e, "policy load rejected; the previous set keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Put the previous policy set back in force (from the next tick). Returns its version,
+    /// or `None` when there is nothing to roll back to.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn rollback_policies(&self) -> Option<u64> {
+        self.inner.policies.rollback()
+    }
+
+    /// The policy set in force, if any.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn policies(&self) -> Option<Arc<crate::policy::PolicySet>> {
+        self.inner.policies.current()
     }
 
     /// Stop the control loop now. Directives stay as last published.

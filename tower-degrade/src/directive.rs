@@ -27,10 +27,12 @@ pub enum Reason {
     Timeout,
     /// A policy shed the call.
     Shed,
+    /// A policy diverted the call (open, fallback, degrade, admit a fraction).
+    Policy,
 }
 
 impl Reason {
-    const ALL: [Reason; 7] = [
+    const ALL: [Reason; 8] = [
         Reason::BreakerOpen,
         Reason::ForcedOpen,
         Reason::ProbesExhausted,
@@ -38,6 +40,7 @@ impl Reason {
         Reason::Degraded,
         Reason::Timeout,
         Reason::Shed,
+        Reason::Policy,
     ];
 
     /// The reason as used in metrics and logs.
@@ -50,6 +53,7 @@ impl Reason {
             Reason::Degraded => "degraded",
             Reason::Timeout => "timeout",
             Reason::Shed => "shed",
+            Reason::Policy => "policy",
         }
     }
 

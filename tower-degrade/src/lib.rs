@@ -54,6 +54,7 @@
 //! | feature | what |
 //! |---|---|
 //! | `axum` | classify by axum's `MatchedPath` |
+//! | `rhai` | policies as sandboxed Rhai scripts run on the control tick ([`policy`]) |
 //!
 //! # Dependencies, and why
 //!
@@ -82,6 +83,9 @@ pub mod error;
 pub mod future;
 mod layer;
 pub mod metrics;
+#[cfg(feature = "rhai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+pub mod policy;
 pub mod protocol;
 pub mod task;
 pub mod window;

@@ -1,0 +1,265 @@
+//! What a policy decides for a class at a tick, and how decisions combine.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::class::Route;
+use crate::directive::{Directive, Reason};
+
+/// The action of a [`Decision`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Action {
+    /// No restriction from this policy: the breaker decides.
+    Admit,
+    /// Admit everything, even if the breaker would divert (an explicit override).
+    Close,
+    /// Divert everything to the class's route (or the decision's route).
+    Open,
+    /// Reject everything with a degraded answer.
+    Shed,
+    /// Divert everything to this route.
+    Fallback(Route),
+    /// Divert this share (0.0–1.0) of calls to the route, admit the rest.
+    Degrade(f64),
+    /// Admit this share (0.0–1.0) of calls, divert the rest to the route.
+    AdmitFraction(f64),
+}
+
+/// A policy's decision for one class at one tick: an action, an optional route and
+/// retry-after hint, and alerts to raise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub(crate) action: Action,
+    pub(crate) route: Option<Route>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) alerts: Vec<String>,
+}
+
+impl Decision {
+    /// A decision with this action.
+    pub fn new(action: Action) -> Self {
+        let action = match action {
+            Action::Degrade(l) => Action::Degrade(unit(l)),
+            Action::AdmitFraction(f) => Action::AdmitFraction(unit(f)),
+            a => a,
+        };
+        Self {
+            action,
+            route: None,
+            retry_after: None,
+            alerts: Vec::new(),
+        }
+    }
+
+    /// The action.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// The alerts raised with this decision.
+    pub fn alerts(&self) -> &[String] {
+        &self.alerts
+    }
+
+    /// Send what is not admitted to `route` instead of the class's route.
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = Some(route);
+        self
+    }
+
+    /// Tell callers when to retry.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Raise an alert (a `warn` event and `degrade_policy_alerts_total`).
+    pub fn with_alert(mut self, message: impl Into<String>) -> Self {
+        self.alerts.push(message.into());
+        self
+    }
+
+    /// The share of calls this decision admits (1.0 for admit and close).
+    pub fn admitted_share(&self) -> f64 {
+        match self.action {
+            Action::Admit | Action::Close => 1.0,
+            Action::Open | Action::Shed | Action::Fallback(_) => 0.0,
+            Action::Degrade(level) => 1.0 - level,
+            Action::AdmitFraction(f) => f,
+        }
+    }
+
+    /// The directive this decision stands for, `None` for [`Action::Admit`] (no opinion).
+    pub(crate) fn directive(&self, class_route: Route) -> Option<Directive> {
+        let route = self.route.unwrap_or(class_route);
+        let retry_after = self.retry_after;
+        Some(match self.action {
+            Action::Admit => return None,
+            Action::Close => Directive::Admit,
+            Action::Shed => Directive::Divert {
+                reason: Reason::Shed,
+                route: self.route.unwrap_or(Route::Reject),
+                retry_after,
+            },
+            Action::Open => Directive::Divert {
+                reason: Reason::Policy,
+                route,
+                retry_after,
+            },
+            Action::Fallback(r) => Directive::Divert {
+                reason: Reason::Policy,
+                route: r,
+                retry_after,
+            },
+            Action::Degrade(_) | Action::AdmitFraction(_) => Directive::AdmitFraction {
+                fraction: self.admitted_share(),
+                reason: Reason::Policy,
+                route,
+                retry_after,
+            },
+        })
+    }
+}
+
+fn unit(v: f64) -> f64 {
+    if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.action {
+            Action::Admit => f.write_str("admit")?,
+            Action::Close => f.write_str("close")?,
+            Action::Open => f.write_str("open")?,
+            Action::Shed => f.write_str("shed")?,
+            Action::Fallback(r) => write!(f, "fallback({r})")?,
+            Action::Degrade(l) => write!(f, "degrade({l})")?,
+            Action::AdmitFraction(x) => write!(f, "admit_fraction({x})")?,
+        }
+        if let Some(r) = self.route {
+            write!(f, " via {r}")?;
+        }
+        if let Some(d) = self.retry_after {
+            write!(f, ", retry after {} ms", d.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
+/// The share of calls a directive admits (probes count as none).
+fn directive_share(d: &Directive) -> f64 {
+    match d {
+        Directive::Admit => 1.0,
+        Directive::AdmitFraction { fraction, .. } => *fraction,
+        _ => 0.0,
+    }
+}
+
+/// Combine the breaker's directive with the enforced policy decisions of a class.
+///
+/// The rule, in order:
+/// 1. Only decisions of the highest priority that decided something (not [`Action::Admit`])
+///    count; among them the most restrictive (smallest admitted share) wins, ties going to the
+///    first in policy-name order (`decisions` comes sorted by priority, then name).
+/// 2. [`Action::Close`] overrides the breaker: everything is admitted.
+/// 3. Any other decision can only tighten: the result is the more restrictive of the breaker's
+///    directive and the decision's (the breaker's on a tie, so probes and their accounting stay).
+pub(crate) fn combine<'a>(
+    breaker: Directive,
+    class_route: Route,
+    decisions: impl IntoIterator<Item = (i64, &'a Decision)>,
+) -> Directive {
+    let mut best: Option<(i64, &Decision)> = None;
+    for (priority, d) in decisions {
+        if d.action == Action::Admit {
+            continue;
+        }
+        match best {
+            Some((p, _)) if priority < p => break,
+            Some((_, b)) if d.admitted_share() >= b.admitted_share() => {}
+            _ => best = Some((priority, d)),
+        }
+    }
+    let Some((_, decision)) = best else {
+        return breaker;
+    };
+    let Some(policy) = decision.directive(class_route) else {
+        return breaker;
+    };
+    if decision.action == Action::Close {
+        return policy;
+    }
+    if directive_share(&policy) < directive_share(&breaker) {
+        policy
+    } else {
+        breaker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(a: Action) -> Decision {
+        Decision::new(a)
+    }
+
+    #[test]
+    fn highest_priority_then_most_restrictive() {
+        let shed = d(Action::Shed);
+        let degrade = d(Action::Degrade(0.5));
+        let frac = d(Action::AdmitFraction(0.2));
+        let admit = d(Action::Admit);
+        // Same priority: the most restrictive wins.
+        let out = combine(Directive::Admit, Route::Spool, [(0, &degrade), (0, &frac)]);
+        assert!(
+            matches!(out, Directive::AdmitFraction { fraction, .. } if (fraction - 0.2).abs() < 1e-9)
+        );
+        // A higher priority wins even if looser; a no-opinion decision is skipped.
+        let out = combine(
+            Directive::Admit,
+            Route::Spool,
+            [(5, &admit), (5, &degrade), (0, &shed)],
+        );
+        assert!(
+            matches!(out, Directive::AdmitFraction { fraction, route: Route::Spool, .. } if fraction == 0.5)
+        );
+        // Nothing decided: the breaker stands.
+        assert_eq!(
+            combine(Directive::Admit, Route::Spool, [(0, &admit)]),
+            Directive::Admit
+        );
+    }
+
+    #[test]
+    fn policies_only_tighten_unless_they_close() {
+        let open = Directive::Divert {
+            reason: Reason::BreakerOpen,
+            route: Route::Reject,
+            retry_after: None,
+        };
+        let degrade = d(Action::Degrade(0.5));
+        assert_eq!(combine(open, Route::Reject, [(0, &degrade)]), open);
+        let close = d(Action::Close);
+        assert_eq!(
+            combine(open, Route::Reject, [(0, &close)]),
+            Directive::Admit
+        );
+        let shed = d(Action::Shed).with_retry_after(Duration::from_millis(700));
+        assert_eq!(
+            combine(Directive::Admit, Route::Spool, [(0, &shed)]),
+            Directive::Divert {
+                reason: Reason::Shed,
+                route: Route::Reject,
+                retry_after: Some(Duration::from_millis(700))
+            }
+        );
+    }
+
+    #[test]
+    fn shares_are_clamped() {
+        assert_eq!(d(Action::Degrade(3.0)).admitted_share(), 0.0);
+        assert_eq!(d(Action::AdmitFraction(f64::NAN)).admitted_share(), 0.0);
+    }
+}

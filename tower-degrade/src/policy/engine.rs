@@ -1,0 +1,272 @@
+//! The Rhai engine: configured once, sandboxed, with the `ctx` API and the decision functions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rhai::{
+    Dynamic, Engine, EvalAltResult, FnPtr, ImmutableString, NativeCallContext, Position,
+    module_resolvers::DummyModuleResolver,
+};
+
+use super::decision::{Action, Decision};
+use crate::breaker::State;
+use crate::class::{LatencyTolerance, Route, Tier};
+use crate::window::{History, WindowSnapshot};
+
+/// Limits applied to every policy call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Operations per call (a loop iteration, a function call, an expression...).
+    pub max_operations: u64,
+    /// Nested function calls.
+    pub max_call_levels: usize,
+    /// Expression nesting depth (statements, and inside functions).
+    pub max_expr_depth: usize,
+    /// Bytes in a string.
+    pub max_string_size: usize,
+    /// Elements in an array.
+    pub max_array_size: usize,
+    /// Entries in a map.
+    pub max_map_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_operations: 50_000,
+            max_call_levels: 16,
+            max_expr_depth: 64,
+            max_string_size: 4 * 1024,
+            max_array_size: 1024,
+            max_map_size: 256,
+        }
+    }
+}
+
+/// One window as policies see it (`ctx.window(-1)`, the argument of `ctx.consecutive`).
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyWindow(pub(crate) WindowSnapshot);
+
+/// The read-only context of `on_tick(ctx)`.
+#[derive(Debug, Clone)]
+pub struct TickCtx {
+    pub(crate) history: Arc<History>,
+    pub(crate) state: State,
+    pub(crate) class: ImmutableString,
+    pub(crate) tier: Tier,
+    pub(crate) sla_ms: f64,
+    pub(crate) tolerance: LatencyTolerance,
+    pub(crate) dependencies: Arc<[String]>,
+    pub(crate) tags: Arc<HashMap<String, String>>,
+    pub(crate) prediction: Option<f64>,
+    pub(crate) service: ImmutableString,
+    pub(crate) env: ImmutableString,
+}
+
+impl TickCtx {
+    fn latest(&self) -> WindowSnapshot {
+        self.history.latest().copied().unwrap_or_default()
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+macro_rules! window_getters {
+    ($engine:ident, $ty:ty, $get:expr) => {{
+        let get = $get;
+        $engine
+            .register_get("rps", move |c: &mut $ty| get(c).rps())
+            .register_get("success_rate", move |c: &mut $ty| get(c).success_rate())
+            .register_get("error_rate", move |c: &mut $ty| get(c).error_rate())
+            .register_get("timeout_rate", move |c: &mut $ty| get(c).timeout_rate())
+            .register_get("failure_rate", move |c: &mut $ty| get(c).failure_rate())
+            .register_get("slow_rate", move |c: &mut $ty| get(c).slow_rate())
+            .register_get("p50_ms", move |c: &mut $ty| ms(get(c).p50))
+            .register_get("p90_ms", move |c: &mut $ty| ms(get(c).p90))
+            .register_get("p99_ms", move |c: &mut $ty| ms(get(c).p99))
+            .register_get("max_ms", move |c: &mut $ty| ms(get(c).max))
+            .register_get("requests", move |c: &mut $ty| get(c).requests() as i64)
+            .register_get("completed", move |c: &mut $ty| get(c).completed() as i64)
+            .register_get("inflight", move |c: &mut $ty| get(c).inflight)
+            .register_get("queue_depth", move |c: &mut $ty| get(c).queue_depth as i64)
+            .register_get("queue_delay_ms", move |c: &mut $ty| ms(get(c).queue_delay));
+    }};
+}
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn runtime_error(msg: String) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(msg.into(), Position::NONE))
+}
+
+fn route_named(name: &str) -> RhaiResult<Route> {
+    Route::ALL
+        .iter()
+        .copied()
+        .find(|r| r.as_str() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = Route::ALL.iter().map(|r| r.as_str()).collect();
+            runtime_error(format!(
+                "unknown route `{name}`: expected one of {}",
+                names.join(", ")
+            ))
+        })
+}
+
+fn share(v: f64, what: &str) -> RhaiResult<f64> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(runtime_error(format!(
+            "{what} must be within 0.0..=1.0, got {v}"
+        )))
+    }
+}
+
+fn millis(v: i64) -> RhaiResult<std::time::Duration> {
+    u64::try_from(v)
+        .map(std::time::Duration::from_millis)
+        .map_err(|_| runtime_error(format!("milliseconds must not be negative, got {v}")))
+}
+
+/// Build the sandboxed engine with the policy API. Called once per [`PolicyEngine`].
+pub(crate) fn build_engine(limits: &Limits) -> Engine {
+    let mut engine = Engine::new();
+    // Sandbox: no `eval`, no modules; Rhai has no file, network or process access of its own.
+    engine
+        .disable_symbol("eval")
+        .set_module_resolver(DummyModuleResolver::new())
+        .set_max_modules(0)
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_max_functions(64)
+        .set_max_variables(256)
+        .set_fail_on_invalid_map_property(true)
+        .set_strict_variables(true);
+    engine.on_print(|s| tracing::info!(target: "tower_degrade::policy", "{s}"));
+    engine.on_debug(|s, src, pos| {
+        tracing::debug!(target: "tower_degrade::policy", source = src.unwrap_or(""), %pos, "{s}")
+    });
+
+    engine.register_type_with_name::<TickCtx>("Ctx");
+    engine.register_type_with_name::<PolicyWindow>("Window");
+    engine.register_type_with_name::<Decision>("Decision");
+
+    window_getters!(engine, TickCtx, |c: &mut TickCtx| c.latest());
+    window_getters!(engine, PolicyWindow, |w: &mut PolicyWindow| w.0);
+
+    engine
+        .register_get("breaker", |c: &mut TickCtx| c.state.as_str())
+        .register_get("class", |c: &mut TickCtx| c.class.clone())
+        .register_get("tier", |c: &mut TickCtx| c.tier.as_str())
+        .register_get("sla_ms", |c: &mut TickCtx| c.sla_ms)
+        .register_get("tolerance", |c: &mut TickCtx| match c.tolerance {
+            LatencyTolerance::Milliseconds => "ms",
+            LatencyTolerance::Seconds => "s",
+            LatencyTolerance::Minutes => "min",
+        })
+        .register_get("dependencies", |c: &mut TickCtx| -> rhai::Array {
+            c.dependencies
+                .iter()
+                .map(|d| Dynamic::from(d.clone()))
+                .collect()
+        })
+        .register_get("prediction", |c: &mut TickCtx| c.prediction.unwrap_or(0.0))
+        .register_get("has_prediction", |c: &mut TickCtx| c.prediction.is_some())
+        .register_get("service", |c: &mut TickCtx| c.service.clone())
+        .register_get("env", |c: &mut TickCtx| c.env.clone())
+        .register_get("history_len", |c: &mut TickCtx| c.history.len() as i64)
+        .register_fn("depends_on", |c: &mut TickCtx, dep: &str| {
+            c.dependencies.iter().any(|d| d == dep)
+        })
+        .register_fn("tag", |c: &mut TickCtx, key: &str| -> Dynamic {
+            c.tags
+                .get(key)
+                .map_or(Dynamic::UNIT, |v| Dynamic::from(v.clone()))
+        })
+        // ctx.window(0) is the current window, ctx.window(-1) the one before; () when absent.
+        .register_fn("window", |c: &mut TickCtx, k: i64| -> Dynamic {
+            if k > 0 {
+                return Dynamic::UNIT;
+            }
+            c.history
+                .get(k.unsigned_abs() as usize)
+                .map_or(Dynamic::UNIT, |w| Dynamic::from(PolicyWindow(*w)))
+        })
+        // ctx.consecutive(n, |w| ...): the newest n windows exist and all satisfy the predicate.
+        .register_fn(
+            "consecutive",
+            |context: NativeCallContext<'_>,
+             c: &mut TickCtx,
+             n: i64,
+             pred: FnPtr|
+             -> RhaiResult<bool> {
+                let n = usize::try_from(n).map_err(|_| {
+                    runtime_error(format!("consecutive: n must not be negative, got {n}"))
+                })?;
+                if n > c.history.len() {
+                    return Ok(false);
+                }
+                for ago in 0..n {
+                    let w = PolicyWindow(*c.history.get(ago).expect("checked length"));
+                    if !pred.call_within_context::<bool>(&context, (w,))? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        );
+
+    // Decisions.
+    engine
+        .register_fn("admit", || Decision::new(Action::Admit))
+        .register_fn("close", || Decision::new(Action::Close))
+        .register_fn("open", || Decision::new(Action::Open))
+        .register_fn("shed", || Decision::new(Action::Shed))
+        .register_fn("fallback", |route: &str| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::Fallback(route_named(route)?)))
+        })
+        .register_fn("degrade", |level: f64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::Degrade(share(
+                level,
+                "degrade level",
+            )?)))
+        })
+        .register_fn("admit_fraction", |f: f64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::AdmitFraction(share(
+                f,
+                "admit_fraction",
+            )?)))
+        })
+        .register_fn("retry_after", |ms: i64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::Shed).with_retry_after(millis(ms)?))
+        })
+        .register_fn("alert", |msg: ImmutableString| {
+            Decision::new(Action::Admit).with_alert(msg.as_str())
+        })
+        // Modifiers, chained: `degrade(0.8).via("spool").retry_after(500).alert("db slow")`.
+        .register_fn(
+            "retry_after",
+            |d: &mut Decision, ms: i64| -> RhaiResult<Decision> {
+                Ok(d.clone().with_retry_after(millis(ms)?))
+            },
+        )
+        .register_fn(
+            "via",
+            |d: &mut Decision, route: &str| -> RhaiResult<Decision> {
+                Ok(d.clone().with_route(route_named(route)?))
+            },
+        )
+        .register_fn("alert", |d: &mut Decision, msg: ImmutableString| {
+            d.clone().with_alert(msg.as_str())
+        })
+        .register_fn("to_string", |d: &mut Decision| d.to_string());
+    engine
+}

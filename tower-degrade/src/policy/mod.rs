@@ -1,0 +1,613 @@
+//! Policies as sandboxed Rhai scripts, run on the control tick.
+//!
+//! A policy is a file `<name>.rhai` that defines two functions:
+//!
+//! ```rhai
+//! // What the policy governs, and how it combines with others.
+//! fn policy() {
+//!     #{ governs: ["silver"], priority: 10 }
+//! }
+//!
+//! // Called once per tick for each governed class; returns a decision, or () for no opinion.
+//! fn on_tick(ctx) {
+//!     if ctx.consecutive(3, |w| w.success_rate < 0.92 && w.p99_ms > 800.0) {
+//!         return degrade(0.8).via("delayed_retry").alert("seed rule: slow and failing");
+//!     }
+//! }
+//! ```
+//!
+//! `governs` lists class names, tiers (`gold`, `silver`, `bronze`) or `"*"`; `priority`
+//! (default 0) and `mode` (`"enforce"`, the default, or `"shadow"`: decided, logged and counted
+//! in `degrade_policy_shadow_decisions_total`, never enforced) are optional; any other key is an
+//! error.
+//!
+//! # Combination
+//!
+//! Each tick, for each class: the breaker steps first, then every enforced policy governing the
+//! class decides. Among the decisions of the highest priority that decided something, the most
+//! restrictive wins (smallest admitted share; ties to the first policy by name). The result can
+//! only tighten the breaker's directive, except `close()`, which overrides it.
+//!
+//! # Safety
+//!
+//! Scripts are compiled once; the engine has no `eval`, no modules, no file, network or process
+//! access, and bounds operations, call depth, expression depth, string, array and map sizes
+//! ([`Limits`]). A policy that fails at run time (an error, a wrong return type, a blown limit)
+//! is reported (`warn` event, `degrade_policy_errors_total`) and quarantined for that class
+//! until the next load: the class falls back to its breaker.
+
+mod decision;
+mod engine;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
+
+pub use self::decision::{Action, Decision};
+pub use self::engine::{Limits, PolicyWindow, TickCtx};
+use crate::breaker::State;
+use crate::class::{ClassId, Registry, Tier};
+use crate::window::{History, WindowSnapshot};
+
+/// Policy reload attempts, by `result` (`ok` or `error`).
+pub const RELOADS: &str = "degrade_policy_reloads_total";
+/// The version of the policy set in force.
+pub const VERSION: &str = "degrade_policy_version";
+/// Run-time policy failures, by `policy` and `class`.
+pub const ERRORS: &str = "degrade_policy_errors_total";
+/// Alerts raised by policies, by `policy` and `class`.
+pub const ALERTS: &str = "degrade_policy_alerts_total";
+/// Decisions of shadow-mode policies, by `policy`, `class` and `action`.
+pub const SHADOW_DECISIONS: &str = "degrade_policy_shadow_decisions_total";
+
+/// A policy file that was rejected, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    file: String,
+    line: Option<usize>,
+    reason: String,
+}
+
+impl PolicyError {
+    fn new(file: &str, line: Option<usize>, reason: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line,
+            reason: reason.into(),
+        }
+    }
+
+    /// The file (or source name) of the policy.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The line, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// Why it was rejected.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file, self.reason),
+            None => write!(f, "{}: {}", self.file, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Whether a policy's decisions are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Decisions are enforced.
+    Enforce,
+    /// Decisions are logged and counted, never enforced.
+    Shadow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    All,
+    Tier(Tier),
+    Class(ClassId),
+}
+
+/// One compiled policy.
+#[derive(Debug)]
+struct Policy {
+    name: String,
+    file: String,
+    ast: AST,
+    targets: Vec<Target>,
+    priority: i64,
+    mode: Mode,
+}
+
+/// A compiled, validated set of policies, bound to a degrader's classes.
+#[derive(Debug)]
+pub struct PolicySet {
+    version: u64,
+    policies: Vec<Policy>,
+    /// Per class: indices into `policies`, by priority (highest first), then name.
+    by_class: Vec<Vec<usize>>,
+}
+
+impl PolicySet {
+    /// The version (1 for the first set loaded into a degrader, +1 per load).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The policy names, in name order.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// The names of the policies governing a class, by priority then name.
+    pub fn governing(&self, class: ClassId) -> Vec<&str> {
+        self.by_class
+            .get(class.index())
+            .map(|ps| ps.iter().map(|&i| self.policies[i].name.as_str()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The innermost error of a call chain, with its position cleared, and that position's line.
+fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
+        err = *inner;
+    }
+    let pos = err.take_position();
+    let reason = match &err {
+        EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),
+        other => other.to_string(),
+    };
+    (pos.line(), reason)
+}
+
+/// Per-class data for building contexts, fixed when the degrader is built.
+#[derive(Debug)]
+pub(crate) struct ClassInfo {
+    name: ImmutableString,
+    tier: Tier,
+    sla_ms: f64,
+    tolerance: crate::class::LatencyTolerance,
+    dependencies: Arc<[String]>,
+    tags: Arc<HashMap<String, String>>,
+    route: crate::class::Route,
+}
+
+/// The policy state of a degrader: the engine, the set in force and the one before.
+pub(crate) struct Runtime {
+    engine: Engine,
+    limits: Limits,
+    current: ArcSwapOption<PolicySet>,
+    previous: Mutex<Option<Arc<PolicySet>>>,
+    versions: AtomicU64,
+    classes: Vec<ClassInfo>,
+    service: ImmutableString,
+    env: ImmutableString,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("limits", &self.limits)
+            .field("version", &self.current.load().as_ref().map(|s| s.version))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per class, what the control loop remembers between ticks: the policies quarantined for the
+/// set of this version.
+#[derive(Debug, Default)]
+pub(crate) struct ClassPolicyState {
+    version: u64,
+    quarantined: Vec<usize>,
+}
+
+impl Runtime {
+    pub(crate) fn new(registry: &Registry, service: &str, env: &str, limits: Limits) -> Self {
+        let classes = registry
+            .iter()
+            .map(|(_, c)| ClassInfo {
+                name: c.name().into(),
+                tier: c.tier(),
+                sla_ms: c.sla_target().as_secs_f64() * 1e3,
+                tolerance: c.latency_tolerance(),
+                dependencies: c.dependencies().into(),
+                tags: Arc::new(c.tags().iter().cloned().collect()),
+                route: c.route(),
+            })
+            .collect();
+        Self {
+            engine: engine::build_engine(&limits),
+            limits,
+            current: ArcSwapOption::empty(),
+            previous: Mutex::new(None),
+            versions: AtomicU64::new(0),
+            classes,
+            service: service.into(),
+            env: env.into(),
+        }
+    }
+
+    pub(crate) fn current(&self) -> Option<Arc<PolicySet>> {
+        self.current.load_full()
+    }
+
+    fn ctx(&self, class: usize, history: Arc<History>, state: State) -> TickCtx {
+        let c = &self.classes[class];
+        TickCtx {
+            history,
+            state,
+            class: c.name.clone(),
+            tier: c.tier,
+            sla_ms: c.sla_ms,
+            tolerance: c.tolerance,
+            dependencies: c.dependencies.clone(),
+            tags: c.tags.clone(),
+            prediction: None,
+            service: self.service.clone(),
+            env: self.env.clone(),
+        }
+    }
+
+    /// Compile and validate `sources` (name, file label, text) into a set for `registry`.
+    pub(crate) fn compile(
+        &self,
+        registry: &Registry,
+        sources: &[(String, String, String)],
+    ) -> Result<PolicySet, PolicyError> {
+        let mut policies = Vec::with_capacity(sources.len());
+        for (name, file, text) in sources {
+            policies.push(self.compile_one(registry, name, file, text)?);
+        }
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut by_class = vec![Vec::new(); registry.len()];
+        for (id, class) in registry.iter() {
+            let list = &mut by_class[id.index()];
+            for (i, p) in policies.iter().enumerate() {
+                let governs = p.targets.iter().any(|t| match t {
+                    Target::All => true,
+                    Target::Tier(tier) => *tier == class.tier(),
+                    Target::Class(c) => *c == id,
+                });
+                if governs {
+                    list.push(i);
+                }
+            }
+            list.sort_by(|&a, &b| {
+                policies[b]
+                    .priority
+                    .cmp(&policies[a].priority)
+                    .then(a.cmp(&b))
+            });
+        }
+        Ok(PolicySet {
+            version: 0,
+            policies,
+            by_class,
+        })
+    }
+
+    fn compile_one(
+        &self,
+        registry: &Registry,
+        name: &str,
+        file: &str,
+        text: &str,
+    ) -> Result<Policy, PolicyError> {
+        let mut ast = self.engine.compile(text).map_err(|e| {
+            PolicyError::new(
+                file,
+                e.position().line(),
+                format!("syntax error: {}", e.err_type()),
+            )
+        })?;
+        ast.set_source(file);
+        let arity = |fname: &str| {
+            ast.iter_functions()
+                .find(|f| f.name == fname)
+                .map(|f| f.params.len())
+        };
+        match arity("on_tick") {
+            Some(1) => {}
+            Some(n) => {
+                return Err(PolicyError::new(
+                    file,
+                    None,
+                    format!("`on_tick` must take 1 parameter (ctx), not {n}"),
+                ));
+            }
+            None => return Err(PolicyError::new(file, None, "missing `fn on_tick(ctx)`")),
+        }
+        if arity("policy") != Some(0) {
+            return Err(PolicyError::new(
+                file,
+                None,
+                "missing `fn policy()` returning a map",
+            ));
+        }
+        let meta: Dynamic = self.call(&ast, "policy", ()).map_err(|e| {
+            let (line, reason) = unwrap_error(*e);
+            PolicyError::new(file, line, format!("policy(): {reason}"))
+        })?;
+        let Some(meta) = meta.try_cast::<rhai::Map>() else {
+            return Err(PolicyError::new(
+                file,
+                None,
+                "policy() must return a map like #{ governs: [\"gold\"] }",
+            ));
+        };
+        let (mut targets, mut priority, mut mode) = (None, 0, Mode::Enforce);
+        for (key, value) in meta {
+            let bad =
+                |what: &str| PolicyError::new(file, None, format!("policy(): `{key}` {what}"));
+            match key.as_str() {
+                "governs" => {
+                    let list = value
+                        .try_cast::<rhai::Array>()
+                        .ok_or_else(|| bad("must be an array of class names, tiers or \"*\""))?;
+                    let mut ts = Vec::new();
+                    for item in list {
+                        let s = item.into_string().map_err(|_| bad("must hold strings"))?;
+                        ts.push(match s.as_str() {
+                            "*" => Target::All,
+                            "gold" => Target::Tier(Tier::Gold),
+                            "silver" => Target::Tier(Tier::Silver),
+                            "bronze" => Target::Tier(Tier::Bronze),
+                            class => {
+                                Target::Class(registry.get(class).ok_or_else(|| {
+                                    bad(&format!("names unknown class `{class}`"))
+                                })?)
+                            }
+                        });
+                    }
+                    if ts.is_empty() {
+                        return Err(bad("is empty"));
+                    }
+                    targets = Some(ts);
+                }
+                "priority" => priority = value.as_int().map_err(|_| bad("must be an integer"))?,
+                "mode" => {
+                    mode = match value.into_string().as_deref() {
+                        Ok("enforce") => Mode::Enforce,
+                        Ok("shadow") => Mode::Shadow,
+                        _ => return Err(bad("must be \"enforce\" or \"shadow\"")),
+                    }
+                }
+                other => {
+                    return Err(PolicyError::new(
+                        file,
+                        None,
+                        format!(
+                            "policy(): unknown field `{other}` (expected governs, priority, mode)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let targets =
+            targets.ok_or_else(|| PolicyError::new(file, None, "policy(): missing `governs`"))?;
+        let policy = Policy {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            ast,
+            targets,
+            priority,
+            mode,
+        };
+        self.validate(&policy)?;
+        Ok(policy)
+    }
+
+    /// Run `on_tick` against sample contexts: it must return a decision or () within budget.
+    fn validate(&self, policy: &Policy) -> Result<(), PolicyError> {
+        let sample = |success: u64, errors: u64, p99_ms: u64, n: usize| {
+            let mut h = History::default();
+            for tick in 0..n as u64 {
+                let w = WindowSnapshot {
+                    tick,
+                    period: Duration::from_millis(500),
+                    successes: success,
+                    errors,
+                    p50: Duration::from_millis(p99_ms / 4),
+                    p90: Duration::from_millis(p99_ms / 2),
+                    p99: Duration::from_millis(p99_ms),
+                    max: Duration::from_millis(p99_ms * 2),
+                    ..Default::default()
+                };
+                h.push(w);
+            }
+            Arc::new(h)
+        };
+        // A class the policy governs, so `ctx` looks like the real thing.
+        let class = (0..self.classes.len())
+            .find(|&i| {
+                policy.targets.iter().any(|t| match t {
+                    Target::All => true,
+                    Target::Tier(tier) => *tier == self.classes[i].tier,
+                    Target::Class(id) => id.index() == i,
+                })
+            })
+            .unwrap_or(0);
+        let samples = [
+            ("an empty history", sample(0, 0, 0, 0), State::Closed),
+            ("healthy windows", sample(95, 0, 20, 64), State::Closed),
+            ("failing windows", sample(40, 60, 900, 64), State::Closed),
+            ("an open breaker", sample(0, 30, 2000, 5), State::Open),
+        ];
+        for (what, history, state) in samples {
+            self.decide(policy, self.ctx(class, history, state))
+                .map_err(|(line, reason)| {
+                    PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    fn call(
+        &self,
+        ast: &AST,
+        name: &str,
+        args: impl rhai::FuncArgs,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
+        let mut scope = Scope::new();
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        self.engine
+            .call_fn_with_options(options, &mut scope, ast, name, args)
+    }
+
+    /// One `on_tick` call: `Ok(None)` for no opinion.
+    fn decide(
+        &self,
+        policy: &Policy,
+        ctx: TickCtx,
+    ) -> Result<Option<Decision>, (Option<usize>, String)> {
+        let out = self
+            .call(&policy.ast, "on_tick", (ctx,))
+            .map_err(|e| unwrap_error(*e))?;
+        if out.is_unit() {
+            return Ok(None);
+        }
+        let type_name = self.engine.map_type_name(out.type_name()).to_owned();
+        out.try_cast::<Decision>().map(Some).ok_or_else(|| {
+            (
+                None,
+                format!("on_tick must return a decision or (), not {type_name}"),
+            )
+        })
+    }
+
+    /// Run the policies governing `class` and combine them with the breaker's directive.
+    pub(crate) fn apply(
+        &self,
+        set: &PolicySet,
+        class: ClassId,
+        history: &Arc<History>,
+        state: State,
+        breaker: crate::directive::Directive,
+        memo: &mut ClassPolicyState,
+    ) -> crate::directive::Directive {
+        if memo.version != set.version {
+            *memo = ClassPolicyState {
+                version: set.version,
+                quarantined: Vec::new(),
+            };
+        }
+        let info = &self.classes[class.index()];
+        let mut decisions: Vec<(i64, Decision)> = Vec::new();
+        for &i in &set.by_class[class.index()] {
+            if memo.quarantined.contains(&i) {
+                continue;
+            }
+            let policy = &set.policies[i];
+            let decision = match self
+                .decide(policy, self.ctx(class.index(), history.clone(), state))
+            {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err((line, reason)) => {
+                    memo.quarantined.push(i);
+                    let at = line
+                        .map(|l| format!("{}:{l}", policy.file))
+                        .unwrap_or_else(|| policy.file.clone());
+                    tracing::warn!(
+                        service = %self.service, class = %info.name, policy = %policy.name, at, reason,
+                        "policy failed; quarantined for this class until the next load"
+                    );
+                    metrics::counter!(ERRORS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
+                    continue;
+                }
+            };
+            for alert in decision.alerts() {
+                tracing::warn!(service = %self.service, class = %info.name, policy = %policy.name, alert = %alert, "policy alert");
+                metrics::counter!(ALERTS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
+            }
+            match policy.mode {
+                Mode::Enforce => decisions.push((policy.priority, decision)),
+                Mode::Shadow => {
+                    if decision.action() != Action::Admit {
+                        tracing::info!(service = %self.service, class = %info.name, policy = %policy.name, decision = %decision, "shadow policy decision (not enforced)");
+                        let action = decision.to_string();
+                        let action = action.split(['(', ' ']).next().unwrap_or("").to_owned();
+                        metrics::counter!(SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone(), "action" => action).increment(1);
+                    }
+                }
+            }
+        }
+        decision::combine(breaker, info.route, decisions.iter().map(|(p, d)| (*p, d)))
+    }
+
+    /// Install `set` as the new version; the old one becomes the rollback target.
+    pub(crate) fn install(&self, mut set: PolicySet) -> u64 {
+        let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
+        set.version = version;
+        let old = self.current.swap(Some(Arc::new(set)));
+        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = old;
+        metrics::gauge!(VERSION, "service" => self.service.to_string()).set(version as f64);
+        version
+    }
+
+    /// Put the previous set back in force; the current one becomes the rollback target.
+    pub(crate) fn rollback(&self) -> Option<u64> {
+        let mut prev = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        let back = prev.take()?;
+        let version = back.version;
+        *prev = self.current.swap(Some(back));
+        metrics::gauge!(VERSION, "service" => self.service.to_string()).set(version as f64);
+        Some(version)
+    }
+
+    pub(crate) fn count_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        metrics::counter!(RELOADS, "service" => self.service.to_string(), "result" => result)
+            .increment(1);
+    }
+}
+
+/// Read every `*.rhai` file of `dir` (name order) as (policy name, file label, text).
+pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, PolicyError> {
+    let label = dir.display().to_string();
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PolicyError::new(
+            &label,
+            None,
+            format!("cannot read the policy directory: {e}"),
+        )
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let file = p.display().to_string();
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| PolicyError::new(&file, None, format!("cannot read: {e}")))?;
+            Ok((name, file, text))
+        })
+        .collect()
+}

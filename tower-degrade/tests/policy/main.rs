@@ -1,0 +1,469 @@
+//! Rhai policies on the control tick: directives, loading errors, rollback, shadow, sandbox.
+#![cfg(feature = "rhai")]
+
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::error::degraded;
+use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, Reason, Route, State};
+
+fn degrader() -> Degrader {
+    Degrader::builder("shop")
+        .env("test")
+        .latency_clock(LatencyClock::Tokio)
+        .class(
+            ClassConfig::gold("pay")
+                .depends_on("db")
+                .tag("team", "payments"),
+        )
+        .class(ClassConfig::silver("stock").fallback(Route::Service))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
+fn echo() -> impl Service<bool, Response = (), Error = BoxError> + Clone {
+    service_fn(|fail: bool| async move {
+        if fail {
+            Err::<(), BoxError>("boom".into())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// How many of `n` calls of `class` were admitted by the inner service.
+async fn admitted(d: &Degrader, class: &str, n: usize) -> usize {
+    let mut svc = d.layer(d.class_id(class).unwrap()).layer(echo());
+    let mut ok = 0;
+    for _ in 0..n {
+        if svc.ready().await.unwrap().call(false).await.is_ok() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn policy(governs: &str, body: &str) -> String {
+    format!("fn policy() {{ #{{ governs: [{governs}] }} }}\nfn on_tick(ctx) {{\n{body}\n}}\n")
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_directive_drives_the_layer() {
+    let cases: &[(&str, usize)] = &[
+        ("admit()", 100),
+        ("()", 100),
+        ("shed()", 0),
+        ("open()", 0),
+        ("degrade(0.75)", 25),
+        ("admit_fraction(0.3)", 30),
+        ("retry_after(1500)", 0),
+        ("alert(\"just saying\")", 100),
+    ];
+    for (decision, expected) in cases {
+        let d = degrader();
+        d.load_policy_sources([("p", policy("\"log\"", decision).as_str())])
+            .unwrap();
+        d.tick_now();
+        let got = admitted(&d, "log", 100).await;
+        // The admission sequence is low-discrepancy: within a few calls of the exact share.
+        assert!(
+            got.abs_diff(*expected) <= 3,
+            "{decision}: admitted {got}, expected {expected}"
+        );
+        // Other classes are not governed.
+        assert_eq!(admitted(&d, "pay", 10).await, 10, "{decision}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shed_and_retry_after_answer_with_the_reason_and_hint() {
+    let d = degrader();
+    d.load_policy_sources([("p", policy("\"bronze\"", "retry_after(1500)").as_str())])
+        .unwrap();
+    d.tick_now();
+    let err = d
+        .layer(d.class_id("log").unwrap())
+        .layer(echo())
+        .oneshot(false)
+        .await
+        .unwrap_err();
+    let deg = degraded(&*err).unwrap();
+    assert_eq!(
+        (deg.reason(), deg.retry_after()),
+        (Reason::Shed, Some(Duration::from_millis(1500)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_route_goes_to_the_fallback_service() {
+    let d = degrader();
+    d.load_policy_sources([("p", policy("\"stock\"", "fallback(\"service\")").as_str())])
+        .unwrap();
+    d.tick_now();
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .fallback(service_fn(|_: bool| async {
+            Err::<(), BoxError>("from fallback".into())
+        }))
+        .layer(echo());
+    let err = svc.oneshot(false).await.unwrap_err();
+    assert_eq!(err.to_string(), "from fallback");
+    d.tick_now();
+    assert_eq!(d.history("stock").unwrap().latest().unwrap().degraded, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_overrides_an_open_breaker_but_not_a_manual_command() {
+    let d = degrader();
+    let mut svc = d.layer(d.class_id("log").unwrap()).layer(echo());
+    for _ in 0..30 {
+        let _ = svc.ready().await.unwrap().call(true).await;
+    }
+    d.tick_now();
+    assert_eq!(d.state("log").unwrap(), State::Open);
+    assert_eq!(admitted(&d, "log", 10).await, 0);
+    d.load_policy_sources([("p", policy("\"log\"", "close()").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(
+        admitted(&d, "log", 10).await,
+        10,
+        "close() overrides the breaker"
+    );
+    d.force_open("log").unwrap();
+    d.tick_now();
+    assert_eq!(
+        admitted(&d, "log", 10).await,
+        0,
+        "a manual command wins over policies"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_degrade_never_loosens_an_open_breaker() {
+    let d = degrader();
+    let mut svc = d.layer(d.class_id("log").unwrap()).layer(echo());
+    for _ in 0..30 {
+        let _ = svc.ready().await.unwrap().call(true).await;
+    }
+    d.load_policy_sources([("p", policy("\"log\"", "degrade(0.5)").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(d.state("log").unwrap(), State::Open);
+    assert_eq!(admitted(&d, "log", 10).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn priority_then_most_restrictive() {
+    let d = degrader();
+    let hi =
+        "fn policy() { #{ governs: [\"log\"], priority: 10 } }\nfn on_tick(ctx) { degrade(0.5) }";
+    let lo = "fn policy() { #{ governs: [\"*\"] } }\nfn on_tick(ctx) { shed() }";
+    let same = "fn policy() { #{ governs: [\"bronze\"], priority: 10 } }\nfn on_tick(ctx) { degrade(0.9) }";
+    d.load_policy_sources([("hi", hi), ("lo", lo)]).unwrap();
+    d.tick_now();
+    let got = admitted(&d, "log", 100).await;
+    assert!(
+        got.abs_diff(50) <= 3,
+        "priority 10 beats the shed at 0: {got}"
+    );
+    assert_eq!(admitted(&d, "pay", 10).await, 0, "only `lo` governs pay");
+    d.load_policy_sources([("hi", hi), ("lo", lo), ("same", same)])
+        .unwrap();
+    d.tick_now();
+    let got = admitted(&d, "log", 100).await;
+    assert!(
+        got.abs_diff(10) <= 3,
+        "same priority: the most restrictive: {got}"
+    );
+    assert_eq!(
+        d.policies().unwrap().governing(d.class_id("log").unwrap()),
+        ["hi", "same", "lo"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ctx_api() {
+    let d = degrader();
+    let body = r#"
+        if ctx.class != "pay" || ctx.tier != "gold" || ctx.sla_ms != 50.0 || ctx.tolerance != "ms" { throw "identity"; }
+        if ctx.service != "shop" || ctx.env != "test" || ctx.tag("team") != "payments" || ctx.tag("none") != () { throw "labels"; }
+        if !ctx.depends_on("db") || ctx.dependencies.len() != 1 { throw "dependencies"; }
+        if ctx.has_prediction || ctx.prediction != 0.0 || !["closed", "open", "degraded"].contains(ctx.breaker) { throw "state"; }
+        // The validation samples have 0, 5 or 64 windows; the test's traffic makes exactly 3.
+        if ctx.history_len != 3 { return; }
+        if ctx.requests != 20 || ctx.completed != 20 || ctx.window(-1).requests != 10 || ctx.window(1) != () { throw "windows"; }
+        if ctx.window(-63) != () && ctx.history_len < 64 { throw "history"; }
+        // The seed's rule, literally and relative to the SLA.
+        let seed = ctx.consecutive(3, |w| w.success_rate < 0.92 && w.p99_ms > 800.0);
+        let sla = ctx.consecutive(3, |w| w.failure_rate > 0.08 && w.p99_ms > 16.0 * 50.0);
+        if seed != sla { throw "rules disagree"; }
+        if seed { degrade(1.0).alert("seed rule") } else { admit() }
+    "#;
+    d.load_policy_sources([("ctx", policy("\"pay\"", body).as_str())])
+        .unwrap();
+    let mut svc = d
+        .layer(d.class_id("pay").unwrap())
+        .layer(service_fn(|fail: bool| async move {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            if fail {
+                Err::<(), BoxError>("db".into())
+            } else {
+                Ok(())
+            }
+        }));
+    for n in [10usize, 10, 20] {
+        for i in 0..n {
+            let _ = svc.ready().await.unwrap().call(i % 5 == 0).await;
+        }
+        d.tick_now();
+    }
+    // Three windows at 80 % success and p99 900 ms: the breaker's own seed rule degrades the
+    // class (admitting 20 %), and the policy, more restrictive, degrades everything.
+    assert_eq!(d.state("pay").unwrap(), State::Degraded);
+    let err = svc.ready().await.unwrap().call(false).await.unwrap_err();
+    assert_eq!(degraded(&*err).unwrap().reason(), Reason::Policy);
+}
+
+fn load_err(d: &Degrader, name: &str, src: &str) -> String {
+    d.load_policy_sources([(name, src)])
+        .unwrap_err()
+        .to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves() {
+    let d = degrader();
+    let good = policy("\"log\"", "shed()");
+    assert_eq!(d.load_policy_sources([("good", good.as_str())]).unwrap(), 1);
+    let cases = [
+        (
+            "syntax",
+            "fn policy() { #{ governs: [\"log\"] } }\nfn on_tick(ctx) {\n  let x = ;\n}",
+            "syntax.rhai:3: syntax error",
+        ),
+        (
+            "type",
+            &policy("\"log\"", "42") as &str,
+            "type.rhai: on_tick with an empty history: on_tick must return a decision or (), not i64",
+        ),
+        (
+            "runtime",
+            &policy("\"log\"", "\n\nlet x = 1 / 0;"),
+            "runtime.rhai:5: on_tick with an empty history: Division by zero",
+        ),
+        (
+            "budget",
+            &policy("\"log\"", "loop { }"),
+            "budget.rhai: on_tick with an empty history: operation budget exceeded",
+        ),
+        (
+            "unknown_class",
+            &policy("\"nope\"", "()"),
+            "unknown_class.rhai: policy(): `governs` names unknown class `nope`",
+        ),
+        (
+            "unknown_field",
+            "fn policy() { #{ governs: [\"log\"], rollout: 5 } }\nfn on_tick(ctx) { }",
+            "unknown field `rollout`",
+        ),
+        (
+            "no_on_tick",
+            "fn policy() { #{ governs: [\"log\"] } }",
+            "missing `fn on_tick(ctx)`",
+        ),
+        (
+            "bad_route",
+            &policy("\"log\"", "fallback(\"nowhere\")"),
+            "unknown route `nowhere`",
+        ),
+        (
+            "bad_share",
+            &policy("\"log\"", "degrade(2.0)"),
+            "degrade level must be within 0.0..=1.0",
+        ),
+    ];
+    for (name, src, expected) in cases {
+        let err = load_err(&d, name, src);
+        assert!(
+            err.contains(expected),
+            "{name}: `{err}` does not contain `{expected}`"
+        );
+        assert_eq!(
+            d.policies().unwrap().version(),
+            1,
+            "{name}: the old set keeps serving"
+        );
+    }
+    d.tick_now();
+    assert_eq!(
+        admitted(&d, "log", 10).await,
+        0,
+        "still shedding per `good`"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hostile_corpus_never_stalls_or_crashes_the_host() {
+    let d = degrader();
+    let corpus = [
+        ("infinite_loop", "loop { }", "operation budget exceeded"),
+        (
+            "while_true",
+            "let i = 0; while true { i += 1; }",
+            "operation budget exceeded",
+        ),
+        (
+            "deep_recursion",
+            "fn f(n) { f(n + 1) } f(0)",
+            "Stack overflow",
+        ),
+        (
+            "huge_string",
+            "let s = \"x\"; loop { s += s; }",
+            "Length of string",
+        ),
+        (
+            "huge_array",
+            "let a = []; loop { a.push(1); }",
+            "Size of array",
+        ),
+        (
+            "huge_map",
+            "let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; }",
+            "on_tick",
+        ),
+        ("eval", "eval(\"shed()\")", "'eval' is disabled"),
+        ("import", "import \"std\" as s; ()", "Too many modules"),
+        (
+            "file_io",
+            "open_file(\"/etc/passwd\")",
+            "Function not found",
+        ),
+        ("process", "system(\"rm -rf /\")", "Function not found"),
+    ];
+    for (name, body, expected) in corpus {
+        let src = if name == "deep_recursion" {
+            format!("fn policy() {{ #{{ governs: [\"*\"] }} }}\n{body}\nfn on_tick(ctx) {{ f(0) }}")
+                .replace(" f(0)\nfn on_tick", "\nfn on_tick")
+        } else {
+            policy("\"*\"", body)
+        };
+        let err = load_err(&d, name, &src);
+        assert!(err.starts_with(&format!("{name}.rhai")), "{name}: {err}");
+        assert!(
+            err.contains(expected),
+            "{name}: `{err}` does not contain `{expected}`"
+        );
+    }
+    assert!(d.policies().is_none(), "nothing hostile was installed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_failing_at_run_time_is_quarantined_and_the_breaker_takes_over() {
+    let d = degrader();
+    // Passes validation (which never has more than 64 windows of these shapes), then loops
+    // forever once real traffic shows up.
+    let body = "if ctx.requests == 7 { loop { } } shed()";
+    d.load_policy_sources([("trap", policy("\"log\"", body).as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 7).await, 0, "shedding");
+    // The 7 rejections make the next window's requests == 7: the policy blows its budget.
+    d.tick_now();
+    assert_eq!(
+        admitted(&d, "log", 5).await,
+        5,
+        "quarantined: the breaker (closed) decides"
+    );
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 5).await, 5, "still quarantined");
+    // A new load lifts the quarantine.
+    d.load_policy_sources([("trap", policy("\"log\"", body).as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 3).await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_restores_the_previous_set_and_stats_survive_reloads() {
+    let d = degrader();
+    assert_eq!(d.rollback_policies(), None);
+    d.load_policy_sources([("a", policy("\"log\"", "shed()").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 4).await, 0);
+    d.load_policy_sources([("b", policy("\"log\"", "admit()").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 4).await, 4);
+    assert_eq!(d.rollback_policies(), Some(1));
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 4).await, 0);
+    assert_eq!(d.policies().unwrap().names(), ["a"]);
+    // Rolling back again returns to `b`.
+    assert_eq!(d.rollback_policies(), Some(2));
+    d.tick_now();
+    // Windows kept counting across the three sets.
+    let history = d.history("log").unwrap();
+    assert_eq!(history.len(), 4);
+    let rejected: u64 = history.iter().map(|w| w.rejected).sum();
+    let completed: u64 = history.iter().map(|w| w.completed()).sum();
+    assert_eq!((rejected, completed), (8, 4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_decides_and_counts_but_enforces_nothing() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let d = degrader();
+    let src = "fn policy() { #{ governs: [\"log\"], mode: \"shadow\" } }\nfn on_tick(ctx) { shed().alert(\"would shed\") }";
+    d.load_policy_sources([("dry", src)]).unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        d.tick_now();
+        d.tick_now();
+    });
+    assert_eq!(admitted(&d, "log", 10).await, 10, "nothing enforced");
+    let snap = snapshotter.snapshot().into_vec();
+    let count = |name: &str| {
+        snap.iter()
+            .find(|(k, _, _, _)| k.key().name() == name)
+            .map(|(_, _, _, v)| v)
+    };
+    assert_eq!(
+        count("degrade_policy_shadow_decisions_total"),
+        Some(&DebugValue::Counter(2))
+    );
+    assert_eq!(
+        count("degrade_policy_alerts_total"),
+        Some(&DebugValue::Counter(2))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn loads_a_directory_once() {
+    let dir = std::env::temp_dir().join(format!("tower-degrade-policies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("b_shed_log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    std::fs::write(dir.join("a_admit.rhai"), policy("\"*\"", "admit()")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a policy").unwrap();
+    let d = degrader();
+    assert_eq!(d.load_policies(&dir).unwrap(), 1);
+    assert_eq!(d.policies().unwrap().names(), ["a_admit", "b_shed_log"]);
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 3).await, 0);
+    std::fs::write(dir.join("c_broken.rhai"), "fn policy( {").unwrap();
+    let err = d.load_policies(&dir).unwrap_err();
+    assert!(err.file().ends_with("c_broken.rhai"), "{err}");
+    assert_eq!(err.line(), Some(1));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = d.load_policies(&dir).unwrap_err();
+    assert!(
+        err.reason().contains("cannot read the policy directory"),
+        "{err}"
+    );
+}
