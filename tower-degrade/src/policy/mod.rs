@@ -38,6 +38,7 @@
 
 mod decision;
 mod engine;
+mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,6 +52,7 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, 
 
 pub use self::decision::{Action, Decision};
 pub use self::engine::{Limits, PolicyWindow, TickCtx};
+pub use self::watch::{PolicyWatcher, ReloadOutcome};
 use crate::breaker::State;
 use crate::class::{ClassId, Registry, Tier};
 use crate::window::{History, WindowSnapshot};

@@ -23,7 +23,7 @@ fn degrader() -> Degrader {
         .0
 }
 
-fn echo() -> impl Service<bool, Response = (), Error = BoxError> + Clone {
+fn echo() -> impl Service<bool, Response = (), Error = BoxError, Future: Send> + Clone + Send {
     service_fn(|fail: bool| async move {
         if fail {
             Err::<(), BoxError>("boom".into())
@@ -466,4 +466,122 @@ async fn loads_a_directory_once() {
         err.reason().contains("cannot read the policy directory"),
         "{err}"
     );
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-degrade-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_takes_effect_within_a_second_and_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower_degrade::policy::{PolicyWatcher, ReloadOutcome};
+
+    let dir = temp_dir("reload");
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap(); // the control loop runs, on paused time
+    let watcher = PolicyWatcher::manual(&d, &dir, Duration::from_millis(200)).unwrap();
+    let mut outcomes = watcher.subscribe();
+    assert_eq!(*outcomes.borrow_and_update(), ReloadOutcome::Loaded(1));
+
+    // Gold traffic all along, across every reload.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let traffic = {
+        let (d, failures, served) = (d.clone(), failures.clone(), served.clone());
+        tokio::spawn(async move {
+            let mut svc = d.layer(d.class_id("pay").unwrap()).layer(echo());
+            for _ in 0..400 {
+                match svc.ready().await.unwrap().call(false).await {
+                    Ok(()) => served.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failures.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(admitted(&d, "log", 3).await, 0, "shedding");
+
+    for (version, body, expect) in [(2, "admit()", 3), (3, "shed()", 0), (4, "degrade(0.0)", 3)] {
+        std::fs::write(dir.join("log.rhai"), policy("\"log\"", body)).unwrap();
+        let written = tokio::time::Instant::now();
+        watcher.reload_now();
+        outcomes.changed().await.unwrap();
+        assert_eq!(
+            *outcomes.borrow_and_update(),
+            ReloadOutcome::Loaded(version)
+        );
+        // In force from the next tick: poll every 50 ms until it is.
+        while admitted(&d, "log", 3).await != expect {
+            assert!(
+                written.elapsed() < Duration::from_secs(1),
+                "v{version} not in force after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            written.elapsed() <= Duration::from_millis(700),
+            "{:?}",
+            written.elapsed()
+        );
+    }
+
+    // A broken file is rejected, with file and line, and the set in force keeps serving.
+    std::fs::write(
+        dir.join("log.rhai"),
+        "fn policy() {\n  #{ governs: [\"log\"] \n}",
+    )
+    .unwrap();
+    watcher.reload_now();
+    outcomes.changed().await.unwrap();
+    match &*outcomes.borrow_and_update() {
+        ReloadOutcome::Rejected(e) => {
+            assert!(e.file().ends_with("log.rhai") && e.line().is_some(), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.policies().unwrap().version(), 4);
+
+    traffic.await.unwrap();
+    assert_eq!(
+        (
+            failures.load(Ordering::Relaxed),
+            served.load(Ordering::Relaxed)
+        ),
+        (0, 400)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_watcher_reloads_on_file_changes() {
+    use tower_degrade::policy::ReloadOutcome;
+
+    let dir = temp_dir("watch");
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let watcher = d.watch_policies(&dir, Duration::from_millis(50)).unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "admit()")).unwrap();
+    // Wait for the event-driven reload; the timeout only bounds a broken watcher.
+    tokio::time::timeout(Duration::from_secs(10), outcomes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*outcomes.borrow(), ReloadOutcome::Loaded(2));
+    drop(watcher);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,177 @@
+//! Hot reload: watch the policy directory, debounce, reload atomically.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::PolicyError;
+use crate::degrader::Degrader;
+
+/// The outcome of the last (re)load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReloadOutcome {
+    /// The set of this version is in force.
+    Loaded(u64),
+    /// The load was rejected; the set in force did not change.
+    Rejected(PolicyError),
+}
+
+/// Reloads a degrader's policies from a directory when it changes (or when asked).
+///
+/// Changes are debounced: a reload runs once no change has been seen for the debounce
+/// duration, so an editor's burst of writes makes one reload. A rejected reload leaves the set
+/// in force serving. The watcher stops when dropped.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_degrade::{ClassConfig, Degrader};
+///
+/// let degrader = Degrader::builder("shop").class(ClassConfig::gold("pay")).build()?;
+/// let watcher = degrader.watch_policies("policies", Duration::from_millis(200))?;
+/// let mut outcomes = watcher.subscribe();
+/// // ... later: edit a file in policies/, then
+/// outcomes.changed().await?;
+/// println!("{:?}", *outcomes.borrow());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PolicyWatcher {
+    _watcher: Option<notify::RecommendedWatcher>,
+    trigger: mpsc::Sender<()>,
+    outcomes: watch::Receiver<ReloadOutcome>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for PolicyWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PolicyWatcher {
+    /// Load `dir` into `degrader` now and reload it whenever [`reload_now`](Self::reload_now) is
+    /// called (after `debounce`), without watching the file system: for deployments that reload
+    /// on a signal or an admin call. Fails if the first load fails.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn manual(
+        degrader: &Degrader,
+        dir: impl Into<PathBuf>,
+        debounce: Duration,
+    ) -> Result<Self, PolicyError> {
+        Self::start(degrader, dir.into(), debounce, false)
+    }
+
+    fn start(
+        degrader: &Degrader,
+        dir: PathBuf,
+        debounce: Duration,
+        watch_fs: bool,
+    ) -> Result<Self, PolicyError> {
+        let version = degrader.load_policies(&dir)?;
+        let (trigger, signals) = mpsc::channel(1);
+        let watcher = if watch_fs {
+            Some(fs_watcher(&dir, trigger.clone())?)
+        } else {
+            None
+        };
+        let (tx, outcomes) = watch::channel(ReloadOutcome::Loaded(version));
+        let task = tokio::spawn(reload_loop(degrader.clone(), dir, signals, debounce, tx));
+        Ok(Self {
+            _watcher: watcher,
+            trigger,
+            outcomes,
+            task,
+        })
+    }
+
+    /// Ask for a reload (debounced like a file change).
+    pub fn reload_now(&self) {
+        // A full channel already holds a pending reload: nothing is lost.
+        let _ = self.trigger.try_send(());
+    }
+
+    /// The outcome of every (re)load, starting with the first.
+    pub fn subscribe(&self) -> watch::Receiver<ReloadOutcome> {
+        self.outcomes.clone()
+    }
+}
+
+impl Degrader {
+    /// Load the policies of `dir` now, then reload them whenever a `.rhai` file there is
+    /// created, changed or removed (debounced by `debounce`). Fails if the first load fails or
+    /// the directory cannot be watched.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn watch_policies(
+        &self,
+        dir: impl Into<PathBuf>,
+        debounce: Duration,
+    ) -> Result<PolicyWatcher, PolicyError> {
+        PolicyWatcher::start(self, dir.into(), debounce, true)
+    }
+}
+
+fn fs_watcher(
+    dir: &Path,
+    trigger: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, PolicyError> {
+    let err = |e: notify::Error| {
+        PolicyError::new(
+            &dir.display().to_string(),
+            None,
+            format!("cannot watch the policy directory: {e}"),
+        )
+    };
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        let relevant = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) && event
+            .paths
+            .iter()
+            .any(|p| p.extension().is_some_and(|x| x == "rhai"));
+        if relevant {
+            let _ = trigger.try_send(());
+        }
+    })
+    .map_err(err)?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(err)?;
+    Ok(watcher)
+}
+
+async fn reload_loop(
+    degrader: Degrader,
+    dir: PathBuf,
+    mut signals: mpsc::Receiver<()>,
+    debounce: Duration,
+    outcomes: watch::Sender<ReloadOutcome>,
+) {
+    while signals.recv().await.is_some() {
+        // Debounce: wait until the directory has been quiet for `debounce`.
+        loop {
+            match tokio::time::timeout(debounce, signals.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return,
+                Err(_elapsed) => break,
+            }
+        }
+        let outcome = match degrader.load_policies(&dir) {
+            Ok(version) => ReloadOutcome::Loaded(version),
+            Err(e) => ReloadOutcome::Rejected(e),
+        };
+        outcomes.send_replace(outcome);
+    }
+}
