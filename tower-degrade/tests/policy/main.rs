@@ -585,3 +585,197 @@ async fn the_directory_watcher_reloads_on_file_changes() {
     drop(watcher);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ===== the shipped policies (policies/*.rhai) =====
+
+fn shipped(name: &str) -> String {
+    let path = format!("{}/../policies/{name}.rhai", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn shipped_degrader(name: &str) -> Degrader {
+    // The breaker's own thresholds out of the way: the policy under test decides.
+    let mut breaker = tower_degrade::BreakerConfig::default();
+    breaker.min_requests = 1_000;
+    breaker.degrade_rule = None;
+    let d = Degrader::builder("shop")
+        .breaker(breaker)
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::gold("pay").fallback(Route::Service))
+        .class(ClassConfig::silver("stock"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    d.load_policy_sources([(name, shipped(name).as_str())])
+        .unwrap();
+    d
+}
+
+/// One window of `n` calls of `class`, `fail_every`-th failing, each taking `ms`.
+async fn window(d: &Degrader, class: &str, n: usize, fail_every: usize, ms: u64) {
+    let mut svc =
+        d.layer(d.class_id(class).unwrap())
+            .layer(service_fn(move |fail: bool| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if fail {
+                    Err::<(), BoxError>("dependency".into())
+                } else {
+                    Ok(())
+                }
+            }));
+    for i in 0..n {
+        let _ = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(fail_every != 0 && i % fail_every == 0)
+            .await;
+    }
+    d.tick_now();
+}
+
+/// Of `n` calls of `class`: how many were admitted, and the route and reason of the others.
+async fn routes(d: &Degrader, class: &str, n: usize) -> (usize, Vec<(Route, Reason)>) {
+    let (mut admitted, mut diverted_to) = (0, Vec::new());
+    for _ in 0..n {
+        match diverted(d, class).await {
+            None => admitted += 1,
+            Some(r) => diverted_to.push(r),
+        }
+    }
+    (admitted, diverted_to)
+}
+
+/// The route and reason of a diverted call of `class`, or `None` if it was admitted.
+async fn diverted(d: &Degrader, class: &str) -> Option<(Route, Reason)> {
+    let err = d
+        .layer(d.class_id(class).unwrap())
+        .layer(echo())
+        .oneshot(false)
+        .await
+        .err()?;
+    let deg = degraded(&*err).expect("degraded");
+    Some((deg.route(), deg.reason()))
+}
+
+#[test]
+fn every_shipped_policy_loads_together() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let d = shipped_degrader("seed_rule");
+    let dir = format!("{}/../policies", env!("CARGO_MANIFEST_DIR"));
+    d.load_policies(&dir).unwrap();
+    assert_eq!(
+        d.policies().unwrap().names(),
+        [
+            "bronze_spool",
+            "gold_guaranteed_retry",
+            "seed_rule",
+            "seed_rule_sla",
+            "silver_batch_merge"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shipped_seed_rule_delays_after_three_bad_windows() {
+    let d = shipped_degrader("seed_rule");
+    for _ in 0..2 {
+        window(&d, "stock", 20, 5, 900).await;
+        assert_eq!(diverted(&d, "stock").await, None);
+    }
+    window(&d, "stock", 20, 5, 900).await;
+    assert_eq!(
+        diverted(&d, "stock").await,
+        Some((Route::DelayedRetry, Reason::Policy))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shipped_sla_relative_seed_rule_scales_with_the_sla() {
+    let d = shipped_degrader("seed_rule_sla");
+    // Gold's SLA is 50 ms: 300 ms p99 is over 4x; the literal 800 ms rule would not fire.
+    for _ in 0..3 {
+        window(&d, "pay", 20, 5, 300).await;
+    }
+    assert_eq!(d.state("pay").unwrap(), State::Closed);
+    assert_eq!(
+        diverted(&d, "pay").await,
+        Some((Route::DelayedRetry, Reason::Policy))
+    );
+    // Bronze's SLA is 1 s: 300 ms is fine.
+    for _ in 0..3 {
+        window(&d, "log", 20, 5, 300).await;
+    }
+    assert_eq!(diverted(&d, "log").await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shipped_gold_policy_retries_then_escalates_to_manual_review() {
+    let d = shipped_degrader("gold_guaranteed_retry");
+    // The dependency fails every call.
+    window(&d, "pay", 30, 1, 10).await;
+    assert_eq!(
+        routes(&d, "pay", 20).await,
+        (20, vec![]),
+        "one failing window is not enough"
+    );
+    window(&d, "pay", 30, 1, 10).await;
+    let (admitted, diverted) = routes(&d, "pay", 20).await;
+    assert!(
+        admitted <= 3
+            && diverted
+                .iter()
+                .all(|r| *r == (Route::DelayedRetry, Reason::Policy)),
+        "{admitted} {diverted:?}"
+    );
+    // The 10 % still called keep failing: after 10 failing windows, manual review.
+    for _ in 0..8 {
+        window(&d, "pay", 30, 1, 10).await;
+    }
+    let (admitted, diverted) = routes(&d, "pay", 20).await;
+    assert!(
+        admitted <= 3
+            && diverted
+                .iter()
+                .all(|r| *r == (Route::ManualReview, Reason::Policy)),
+        "{admitted} {diverted:?}"
+    );
+    // Recovery: healthy windows end the escalation.
+    for _ in 0..2 {
+        window(&d, "pay", 30, 0, 10).await;
+    }
+    assert_eq!(routes(&d, "pay", 20).await, (20, vec![]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shipped_silver_policy_merges_a_share_when_the_database_is_slow() {
+    let d = shipped_degrader("silver_batch_merge");
+    window(&d, "stock", 20, 0, 500).await;
+    assert_eq!(diverted(&d, "stock").await, None);
+    window(&d, "stock", 20, 0, 500).await;
+    let mut merged = 0usize;
+    for _ in 0..100 {
+        if let Some(r) = diverted(&d, "stock").await {
+            assert_eq!(r, (Route::BatchMerge, Reason::Policy));
+            merged += 1;
+        }
+    }
+    assert!(merged.abs_diff(70) <= 3, "{merged}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shipped_bronze_policy_spools_at_the_first_sign_of_trouble() {
+    let d = shipped_degrader("bronze_spool");
+    window(&d, "log", 10, 0, 100).await;
+    assert_eq!(diverted(&d, "log").await, None);
+    window(&d, "log", 10, 0, 1_500).await;
+    assert_eq!(
+        diverted(&d, "log").await,
+        Some((Route::Spool, Reason::Policy))
+    );
+}
