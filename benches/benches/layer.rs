@@ -114,6 +114,15 @@ fn bench_closed_path(c: &mut Criterion) {
         b.iter(|| call(&mut svc, black_box(1)))
     });
 
+    // The same with a policy set in force: policies run on the tick, not per request.
+    let dp = degrader(3);
+    dp.load_policy_sources([("seed", SEED_POLICY)]).unwrap();
+    dp.tick_now();
+    let mut svc = dp.layer(dp.class_id("class-1").unwrap()).layer(bare());
+    g.bench_function("tower-degrade (fixed class, policies loaded)", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
     let mut svc = d
         .layer(move |x: &u64| {
             if *x == u64::MAX {
@@ -231,6 +240,22 @@ fn bench_contention(c: &mut Criterion) {
     g.finish();
 }
 
+/// The seed's rule, over every class.
+const SEED_POLICY: &str = r#"
+fn policy() { #{ governs: ["*"] } }
+fn on_tick(ctx) {
+    if ctx.consecutive(3, |w| w.success_rate < 0.92 && w.p99_ms > 800.0) {
+        return degrade(1.0).via("delayed_retry").alert("seed rule");
+    }
+}
+"#;
+
+/// A policy that decides nothing.
+const TRIVIAL_POLICY: &str = r#"
+fn policy() { #{ governs: ["*"] } }
+fn on_tick(ctx) { }
+"#;
+
 fn bench_control_tick(c: &mut Criterion) {
     let mut g = c.benchmark_group("control_tick");
     let d = degrader(99); // + the default class = 100 classes
@@ -254,6 +279,16 @@ fn bench_control_tick(c: &mut Criterion) {
         )
     });
     g.bench_function("tick 100 idle classes", |b| b.iter(|| d.tick_now()));
+    for (name, src) in [("trivial", TRIVIAL_POLICY), ("seed rule", SEED_POLICY)] {
+        let dp = degrader(99);
+        dp.load_policy_sources([(name, src)]).unwrap();
+        for _ in 0..64 {
+            dp.tick_now(); // a full history, so `consecutive(3, ..)` reads 3 windows
+        }
+        g.bench_function(format!("tick 100 classes with a {name} policy each"), |b| {
+            b.iter(|| dp.tick_now())
+        });
+    }
     g.finish();
 }
 

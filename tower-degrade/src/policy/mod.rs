@@ -1,40 +1,6 @@
 //! Policies as sandboxed Rhai scripts, run on the control tick.
 //!
-//! A policy is a file `<name>.rhai` that defines two functions:
-//!
-//! ```rhai
-//! // What the policy governs, and how it combines with others.
-//! fn policy() {
-//!     #{ governs: ["silver"], priority: 10 }
-//! }
-//!
-//! // Called once per tick for each governed class; returns a decision, or () for no opinion.
-//! fn on_tick(ctx) {
-//!     if ctx.consecutive(3, |w| w.success_rate < 0.92 && w.p99_ms > 800.0) {
-//!         return degrade(0.8).via("delayed_retry").alert("seed rule: slow and failing");
-//!     }
-//! }
-//! ```
-//!
-//! `governs` lists class names, tiers (`gold`, `silver`, `bronze`) or `"*"`; `priority`
-//! (default 0) and `mode` (`"enforce"`, the default, or `"shadow"`: decided, logged and counted
-//! in `degrade_policy_shadow_decisions_total`, never enforced) are optional; any other key is an
-//! error.
-//!
-//! # Combination
-//!
-//! Each tick, for each class: the breaker steps first, then every enforced policy governing the
-//! class decides. Among the decisions of the highest priority that decided something, the most
-//! restrictive wins (smallest admitted share; ties to the first policy by name). The result can
-//! only tighten the breaker's directive, except `close()`, which overrides it.
-//!
-//! # Safety
-//!
-//! Scripts are compiled once; the engine has no `eval`, no modules, no file, network or process
-//! access, and bounds operations, call depth, expression depth, string, array and map sizes
-//! ([`Limits`]). A policy that fails at run time (an error, a wrong return type, a blown limit)
-//! is reported (`warn` event, `degrade_policy_errors_total`) and quarantined for that class
-//! until the next load: the class falls back to its breaker.
+#![doc = include_str!("../../../docs/policies.md")]
 
 mod decision;
 mod engine;

@@ -779,3 +779,40 @@ async fn shipped_bronze_policy_spools_at_the_first_sign_of_trouble() {
         Some((Route::Spool, Reason::Policy))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_example_in_the_policy_docs_loads() {
+    let doc = std::fs::read_to_string(format!(
+        "{}/../docs/policies.md",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let mut examples = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```rhai") => current = Some(String::new()),
+            (Some(_), "```") => examples.push(current.take().unwrap()),
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(examples.len() >= 4, "found {} examples", examples.len());
+    let d = Degrader::builder("docs")
+        .env("prod")
+        .class(ClassConfig::gold("payment_callback"))
+        .class(ClassConfig::silver("inventory"))
+        .class(ClassConfig::bronze("browse_log").tag("team", "growth"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    for (i, example) in examples.iter().enumerate() {
+        let name = format!("example_{i}");
+        d.load_policy_sources([(name.as_str(), example.as_str())])
+            .unwrap_or_else(|e| panic!("example {i} of docs/policies.md: {e}\n{example}"));
+        d.tick_now();
+    }
+}
