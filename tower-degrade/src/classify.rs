@@ -26,6 +26,13 @@ use crate::degrader::Degrader;
 pub trait ClassifyRequest<Req> {
     /// The class of `req`.
     fn classify(&self, req: &Req) -> ClassId;
+
+    /// What per-request policy rules may see of `req`: its rollout key and group, and for
+    /// `on_request` hooks its method, path, headers and start time. Only called for classes
+    /// that have such rules; the default sees nothing.
+    fn describe<'a>(&self, _req: &'a Req) -> RequestView<'a> {
+        RequestView::default()
+    }
 }
 
 impl<Req, F> ClassifyRequest<Req> for F
@@ -36,6 +43,56 @@ where
     fn classify(&self, req: &Req) -> ClassId {
         self(req)
     }
+}
+
+/// A borrowed view of a request for per-request policy rules (see
+/// [`ClassifyRequest::describe`]).
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct RequestView<'a> {
+    /// The HTTP method, or a task kind.
+    pub method: &'a str,
+    /// The path (`/pkg.Service/Method` for gRPC).
+    pub path: &'a str,
+    /// The rollout key (a user id, say): requests with the same key always fall on the same
+    /// side of a percentage rollout.
+    pub key: Option<&'a str>,
+    /// The rollout group (`beta`, `internal` ...).
+    pub group: Option<&'a str>,
+    /// When the request started, in milliseconds since the Unix epoch (from a header such as
+    /// `x-request-start`), for `req.elapsed_ms`.
+    pub started_unix_ms: Option<u64>,
+    /// The request headers.
+    pub headers: Option<&'a http::HeaderMap>,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view with a rollout key and group only.
+    pub fn keyed(key: Option<&'a str>, group: Option<&'a str>) -> Self {
+        Self {
+            key,
+            group,
+            ..Self::default()
+        }
+    }
+}
+
+/// Parse a request-start header: Unix time in milliseconds, seconds with a fraction, or
+/// microseconds, optionally prefixed with `t=` (nginx and Heroku style).
+fn parse_start(v: &str) -> Option<u64> {
+    let v = v.trim().trim_start_matches("t=");
+    if let Some((secs, frac)) = v.split_once('.') {
+        let secs: u64 = secs.parse().ok()?;
+        let ms: u64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+        return Some(secs * 1000 + ms);
+    }
+    let n: u64 = v.parse().ok()?;
+    // Tell the units apart by magnitude: seconds < 1e11 <= milliseconds < 1e14 <= microseconds.
+    Some(match n {
+        0..100_000_000_000 => n * 1000,
+        100_000_000_000..100_000_000_000_000 => n,
+        _ => n / 1000,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +170,9 @@ struct Rules {
     grpc_services: HashMap<Box<str>, ClassId>,
     override_header: Option<HeaderName>,
     override_allowed: Option<Vec<ClassId>>,
+    key_header: Option<HeaderName>,
+    group_header: Option<HeaderName>,
+    start_header: Option<HeaderName>,
     registry: Registry,
     default: ClassId,
 }
@@ -164,6 +224,9 @@ impl Degrader {
                 grpc_services: HashMap::new(),
                 override_header: None,
                 override_allowed: None,
+                key_header: None,
+                group_header: None,
+                start_header: None,
                 registry: self.inner.registry.clone(),
                 default: ClassId::DEFAULT,
             },
@@ -235,6 +298,25 @@ impl HttpClassifierBuilder {
             .collect::<Result<_, _>>()?;
         self.rules.override_allowed = Some(ids);
         Ok(self)
+    }
+
+    /// The header holding the rollout key (e.g. `x-user-id`) for percentage rollouts.
+    pub fn request_key(mut self, header: &'static str) -> Self {
+        self.rules.key_header = Some(HeaderName::from_static(header));
+        self
+    }
+
+    /// The header holding the rollout group (e.g. `x-group`) for group rollouts.
+    pub fn group_header(mut self, header: &'static str) -> Self {
+        self.rules.group_header = Some(HeaderName::from_static(header));
+        self
+    }
+
+    /// The header holding when the request started (e.g. `x-request-start`), for
+    /// `req.elapsed_ms` in `on_request` hooks.
+    pub fn start_header(mut self, header: &'static str) -> Self {
+        self.rules.start_header = Some(HeaderName::from_static(header));
+        self
     }
 
     /// The class of requests no rule matches (default: the `default` class).
@@ -319,6 +401,23 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
             req.extensions(),
         )
     }
+
+    fn describe<'a>(&self, req: &'a Request<B>) -> RequestView<'a> {
+        let r = &*self.rules;
+        let header = |name: &Option<HeaderName>| {
+            name.as_ref()
+                .and_then(|n| req.headers().get(n))
+                .and_then(|v| v.to_str().ok())
+        };
+        RequestView {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            key: header(&r.key_header),
+            group: header(&r.group_header),
+            started_unix_ms: header(&r.start_header).and_then(parse_start),
+            headers: Some(req.headers()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +426,15 @@ mod tests {
 
     fn segs(p: &str) -> Box<[Segment]> {
         parse_pattern(p).unwrap()
+    }
+
+    #[test]
+    fn request_start_headers_in_every_unit() {
+        assert_eq!(parse_start("1700000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_start("1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_start("t=1700000000123456"), Some(1_700_000_000_123));
+        assert_eq!(parse_start("1700000000.5"), Some(1_700_000_000_500));
+        assert_eq!(parse_start("soon"), None);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub(crate) struct ClassCell {
     pub(crate) directive: DirectiveCell,
+    /// Per-request policy rules, consulted when the directive carries the overlay bit.
+    #[cfg(feature = "rhai")]
+    pub(crate) overlay: arc_swap::ArcSwapOption<crate::policy::Overlay>,
     pub(crate) probes: AtomicU32,
     pub(crate) seq: AtomicU32,
     pub(crate) timeout: Option<Duration>,
@@ -197,6 +200,8 @@ impl Builder {
             .iter()
             .map(|(_, c)| ClassCell {
                 directive: DirectiveCell::new(),
+                #[cfg(feature = "rhai")]
+                overlay: arc_swap::ArcSwapOption::empty(),
                 probes: AtomicU32::new(0),
                 seq: AtomicU32::new(0),
                 timeout: c.call_timeout(),
@@ -330,22 +335,27 @@ impl Inner {
                 self.on_transition(id, class.tier(), ctl, t);
             }
             #[allow(unused_mut)]
-            let mut directive = ctl.breaker.directive(now);
+            let mut directive = ctl.breaker.directive(now).pack();
             #[cfg(feature = "rhai")]
-            if let Some(set) = &policies {
+            {
+                let mut overlay = None;
                 // A manual command always wins over policies.
-                if !ctl.breaker.is_manual() {
-                    directive = self.policies.apply(
+                if let Some(set) = policies.as_ref().filter(|_| !ctl.breaker.is_manual()) {
+                    let (d, o) = self.policies.apply(
                         set,
                         id,
                         &ctl.history,
                         ctl.breaker.state(),
-                        directive,
+                        Directive::unpack(directive),
                         &mut ctl.policy_state,
                     );
+                    directive = d.pack().with_overlay(o.is_some());
+                    overlay = o.map(Arc::new);
                 }
+                // The overlay first: a directive with the bit set always finds it.
+                cell.overlay.store(overlay);
             }
-            cell.directive.store(directive);
+            cell.directive.store_packed(directive);
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(&self.service, &self.names[id.index()], class.tier())
             });

@@ -145,6 +145,23 @@ impl Packed {
         ((self.0 >> 16) & 0xFFFF) as u32 + u32::from(self.0 & FULL_BIT != 0) * 0x1_0000
     }
 
+    /// Whether per-request policy rules apply to the class.
+    #[cfg(feature = "rhai")]
+    #[inline]
+    pub(crate) fn has_overlay(self) -> bool {
+        self.0 & OVERLAY_BIT != 0
+    }
+
+    /// The same directive, flagged (or not) as having per-request rules.
+    #[cfg(feature = "rhai")]
+    pub(crate) fn with_overlay(self, on: bool) -> Packed {
+        Packed(if on {
+            self.0 | OVERLAY_BIT
+        } else {
+            self.0 & !OVERLAY_BIT
+        })
+    }
+
     #[inline]
     pub(crate) fn retry_after(self) -> Option<Duration> {
         let ms = self.0 >> 32;
@@ -155,6 +172,9 @@ impl Packed {
 const NO_RETRY: u64 = u32::MAX as u64;
 /// Bit 10 (in the unused range) marks a fraction of exactly 1.0.
 const FULL_BIT: u64 = 1 << 10;
+/// Bit 11 marks a class with per-request policy rules (rollouts, `on_request` hooks).
+#[cfg(feature = "rhai")]
+const OVERLAY_BIT: u64 = 1 << 11;
 
 fn pack_common(kind: u64, reason: Reason, route: Route, retry: Option<Duration>) -> u64 {
     let ms = retry.map_or(NO_RETRY, |d| {
@@ -234,6 +254,10 @@ impl DirectiveCell {
 
     pub(crate) fn store(&self, d: Directive) {
         self.0.store(d.pack().0, Ordering::Release);
+    }
+
+    pub(crate) fn store_packed(&self, p: Packed) {
+        self.0.store(p.0, Ordering::Release);
     }
 }
 

@@ -216,7 +216,12 @@ where
         let class = self.classifier.classify(&req);
         let idx = class.index().min(self.shared.cells.len() - 1);
         let cell = &self.shared.cells[idx];
-        let d = cell.directive.load();
+        #[allow(unused_mut)]
+        let mut d = cell.directive.load();
+        #[cfg(feature = "rhai")]
+        if d.has_overlay() {
+            d = self.per_request(idx, d, &req);
+        }
         let mut probe = None;
         if !d.is_admit() {
             let admitted = match d.kind() {
@@ -247,6 +252,22 @@ where
 }
 
 impl<S, C, P, F> Degrade<S, C, P, F> {
+    /// Apply the class's per-request policy rules (rollouts, `on_request` hooks).
+    #[cfg(feature = "rhai")]
+    #[cold]
+    fn per_request<Req>(&self, idx: usize, d: Packed, req: &Req) -> Packed
+    where
+        C: ClassifyRequest<Req>,
+    {
+        match self.shared.cells[idx].overlay.load().as_deref() {
+            Some(overlay) => {
+                let view = self.classifier.describe(req);
+                self.shared.policies.per_request(overlay, d, &view)
+            }
+            None => d.with_overlay(false),
+        }
+    }
+
     #[cold]
     fn divert<Req>(
         &mut self,

@@ -4,6 +4,7 @@
 
 mod decision;
 mod engine;
+mod request;
 mod watch;
 
 use std::collections::HashMap;
@@ -18,6 +19,9 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, 
 
 pub use self::decision::{Action, Decision};
 pub use self::engine::{Limits, PolicyWindow, TickCtx};
+pub(crate) use self::request::Overlay;
+use self::request::Selector;
+pub use self::request::{RequestInfo, rollout_bucket};
 pub use self::watch::{PolicyWatcher, ReloadOutcome};
 use crate::breaker::State;
 use crate::class::{ClassId, Registry, Tier};
@@ -97,13 +101,15 @@ enum Target {
 
 /// One compiled policy.
 #[derive(Debug)]
-struct Policy {
+pub(crate) struct Policy {
     name: String,
     file: String,
     ast: AST,
     targets: Vec<Target>,
     priority: i64,
     mode: Mode,
+    selector: Selector,
+    has_on_request: bool,
 }
 
 /// A compiled, validated set of policies, bound to a degrader's classes.
@@ -111,6 +117,8 @@ struct Policy {
 pub struct PolicySet {
     version: u64,
     policies: Vec<Policy>,
+    /// Per policy: its `on_request` hook failed and is off until the next load.
+    hook_failed: Vec<std::sync::atomic::AtomicBool>,
     /// Per class: indices into `policies`, by priority (highest first), then name.
     by_class: Vec<Vec<usize>>,
 }
@@ -267,9 +275,11 @@ impl Runtime {
                     .then(a.cmp(&b))
             });
         }
+        let hook_failed = policies.iter().map(|_| Default::default()).collect();
         Ok(PolicySet {
             version: 0,
             policies,
+            hook_failed,
             by_class,
         })
     }
@@ -305,6 +315,17 @@ impl Runtime {
             }
             None => return Err(PolicyError::new(file, None, "missing `fn on_tick(ctx)`")),
         }
+        let has_on_request = match arity("on_request") {
+            None => false,
+            Some(2) => true,
+            Some(n) => {
+                return Err(PolicyError::new(
+                    file,
+                    None,
+                    format!("`on_request` must take 2 parameters (ctx, req), not {n}"),
+                ));
+            }
+        };
         if arity("policy") != Some(0) {
             return Err(PolicyError::new(
                 file,
@@ -324,6 +345,7 @@ impl Runtime {
             ));
         };
         let (mut targets, mut priority, mut mode) = (None, 0, Mode::Enforce);
+        let mut selector = Selector::default();
         for (key, value) in meta {
             let bad =
                 |what: &str| PolicyError::new(file, None, format!("policy(): `{key}` {what}"));
@@ -360,12 +382,32 @@ impl Runtime {
                         _ => return Err(bad("must be \"enforce\" or \"shadow\"")),
                     }
                 }
+                "rollout" => {
+                    let pct = value
+                        .as_float()
+                        .or_else(|_| value.as_int().map(|i| i as f64))
+                        .map_err(|_| bad("must be a percentage"))?;
+                    if !(0.0..=100.0).contains(&pct) {
+                        return Err(bad("must be within 0..=100"));
+                    }
+                    selector.rollout_bp = Some((pct * 100.0).round() as u32);
+                }
+                "groups" => {
+                    let list = value
+                        .try_cast::<rhai::Array>()
+                        .ok_or_else(|| bad("must be an array of group names"))?;
+                    for item in list {
+                        let group = item.into_string().map_err(|_| bad("must hold strings"))?;
+                        selector.groups.push(group);
+                    }
+                }
                 other => {
                     return Err(PolicyError::new(
                         file,
                         None,
                         format!(
-                            "policy(): unknown field `{other}` (expected governs, priority, mode)"
+                            "policy(): unknown field `{other}` \
+                             (expected governs, priority, mode, rollout, groups)"
                         ),
                     ));
                 }
@@ -380,6 +422,8 @@ impl Runtime {
             targets,
             priority,
             mode,
+            selector,
+            has_on_request,
         };
         self.validate(&policy)?;
         Ok(policy)
@@ -422,10 +466,20 @@ impl Runtime {
             ("an open breaker", sample(0, 30, 2000, 5), State::Open),
         ];
         for (what, history, state) in samples {
-            self.decide(policy, self.ctx(class, history, state))
-                .map_err(|(line, reason)| {
-                    PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
-                })?;
+            let ctx = self.ctx(class, history, state);
+            self.decide(policy, ctx.clone()).map_err(|(line, reason)| {
+                PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
+            })?;
+            if policy.has_on_request {
+                self.validate_request_hook(policy, ctx)
+                    .map_err(|(line, reason)| {
+                        PolicyError::new(
+                            &policy.file,
+                            line,
+                            format!("on_request with {what}: {reason}"),
+                        )
+                    })?;
+            }
         }
         Ok(())
     }
@@ -451,6 +505,14 @@ impl Runtime {
         let out = self
             .call(&policy.ast, "on_tick", (ctx,))
             .map_err(|e| unwrap_error(*e))?;
+        self.as_decision(out, "on_tick")
+    }
+
+    fn as_decision(
+        &self,
+        out: Dynamic,
+        hook: &str,
+    ) -> Result<Option<Decision>, (Option<usize>, String)> {
         if out.is_unit() {
             return Ok(None);
         }
@@ -458,21 +520,54 @@ impl Runtime {
         out.try_cast::<Decision>().map(Some).ok_or_else(|| {
             (
                 None,
-                format!("on_tick must return a decision or (), not {type_name}"),
+                format!("{hook} must return a decision or (), not {type_name}"),
             )
         })
     }
 
-    /// Run the policies governing `class` and combine them with the breaker's directive.
+    fn report_failure(
+        &self,
+        class: &str,
+        policy: &Policy,
+        line: Option<usize>,
+        reason: &str,
+        hook: &str,
+    ) {
+        let at = line
+            .map(|l| format!("{}:{l}", policy.file))
+            .unwrap_or_else(|| policy.file.clone());
+        tracing::warn!(
+            service = %self.service, class, policy = %policy.name, hook, at, reason,
+            "policy failed; quarantined for this class until the next load"
+        );
+        metrics::counter!(ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
+    }
+
+    fn record_shadow(&self, class: &str, policy: &Policy, decision: &Decision) {
+        if decision.action() == Action::Admit {
+            return;
+        }
+        tracing::info!(
+            service = %self.service, class, policy = %policy.name, decision = %decision,
+            "shadow policy decision (not enforced)"
+        );
+        let action = decision.to_string();
+        let action = action.split(['(', ' ']).next().unwrap_or("").to_owned();
+        metrics::counter!(SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
+    }
+
+    /// Run the policies governing `class`: the directive for everyone (the breaker's combined with
+    /// the policies that apply to all requests) and, when some policies apply per request
+    /// (rollouts, groups, `on_request`), the overlay the data path consults.
     pub(crate) fn apply(
         &self,
-        set: &PolicySet,
+        set: &Arc<PolicySet>,
         class: ClassId,
         history: &Arc<History>,
         state: State,
         breaker: crate::directive::Directive,
         memo: &mut ClassPolicyState,
-    ) -> crate::directive::Directive {
+    ) -> (crate::directive::Directive, Option<Overlay>) {
         if memo.version != set.version {
             *memo = ClassPolicyState {
                 version: set.version,
@@ -480,27 +575,25 @@ impl Runtime {
             };
         }
         let info = &self.classes[class.index()];
-        let mut decisions: Vec<(i64, Decision)> = Vec::new();
+        let ctx = self.ctx(class.index(), history.clone(), state);
+        let mut everyone: Vec<(i64, Decision)> = Vec::new();
+        let mut rules = Vec::new();
+        let mut hooks = Vec::new();
         for &i in &set.by_class[class.index()] {
             if memo.quarantined.contains(&i) {
                 continue;
             }
             let policy = &set.policies[i];
-            let decision = match self
-                .decide(policy, self.ctx(class.index(), history.clone(), state))
-            {
+            if policy.has_on_request && !set.hook_failed[i].load(Ordering::Relaxed) {
+                hooks.push(i);
+            }
+            let decision = match self.decide(policy, ctx.clone()) {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
                 Err((line, reason)) => {
                     memo.quarantined.push(i);
-                    let at = line
-                        .map(|l| format!("{}:{l}", policy.file))
-                        .unwrap_or_else(|| policy.file.clone());
-                    tracing::warn!(
-                        service = %self.service, class = %info.name, policy = %policy.name, at, reason,
-                        "policy failed; quarantined for this class until the next load"
-                    );
-                    metrics::counter!(ERRORS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
+                    hooks.retain(|&h| h != i);
+                    self.report_failure(&info.name, policy, line, &reason, "on_tick");
                     continue;
                 }
             };
@@ -509,18 +602,23 @@ impl Runtime {
                 metrics::counter!(ALERTS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
             }
             match policy.mode {
-                Mode::Enforce => decisions.push((policy.priority, decision)),
-                Mode::Shadow => {
-                    if decision.action() != Action::Admit {
-                        tracing::info!(service = %self.service, class = %info.name, policy = %policy.name, decision = %decision, "shadow policy decision (not enforced)");
-                        let action = decision.to_string();
-                        let action = action.split(['(', ' ']).next().unwrap_or("").to_owned();
-                        metrics::counter!(SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone(), "action" => action).increment(1);
-                    }
+                Mode::Shadow => self.record_shadow(&info.name, policy, &decision),
+                Mode::Enforce if policy.selector.is_everyone() => {
+                    everyone.push((policy.priority, decision))
                 }
+                Mode::Enforce => rules.push((policy.selector.clone(), policy.priority, decision)),
             }
         }
-        decision::combine(breaker, info.route, decisions.iter().map(|(p, d)| (*p, d)))
+        let directive =
+            decision::combine(breaker, info.route, everyone.iter().map(|(p, d)| (*p, d)));
+        let overlay = (!rules.is_empty() || !hooks.is_empty()).then(|| Overlay {
+            route: info.route,
+            rules,
+            hooks,
+            set: set.clone(),
+            ctx,
+        });
+        (directive, overlay)
     }
 
     /// Install `set` as the new version; the old one becomes the rollback target.

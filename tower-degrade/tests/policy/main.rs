@@ -266,8 +266,8 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
         ),
         (
             "unknown_field",
-            "fn policy() { #{ governs: [\"log\"], rollout: 5 } }\nfn on_tick(ctx) { }",
-            "unknown field `rollout`",
+            "fn policy() { #{ governs: [\"log\"], rolout: 5 } }\nfn on_tick(ctx) { }",
+            "unknown field `rolout`",
         ),
         (
             "no_on_tick",
@@ -674,6 +674,7 @@ fn every_shipped_policy_loads_together() {
         [
             "bronze_spool",
             "gold_guaranteed_retry",
+            "seed_elapsed",
             "seed_rule",
             "seed_rule_sla",
             "silver_batch_merge"
@@ -815,4 +816,197 @@ async fn every_example_in_the_policy_docs_loads() {
             .unwrap_or_else(|e| panic!("example {i} of docs/policies.md: {e}\n{example}"));
         d.tick_now();
     }
+}
+
+// ===== per-request rules: rollouts, groups, on_request =====
+
+fn http_degrader(service: &str) -> (Degrader, tower_degrade::classify::HttpClassifier) {
+    let d = Degrader::builder(service)
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let classify = d
+        .http_classifier()
+        .route(None, "/pay", "pay")
+        .unwrap()
+        .route(None, "/log", "log")
+        .unwrap()
+        .request_key("x-user-id")
+        .group_header("x-group")
+        .start_header("x-request-start")
+        .build();
+    (d, classify)
+}
+
+fn http_ok()
+-> impl Service<http::Request<()>, Response = http::Response<String>, Error = std::convert::Infallible>
++ Clone {
+    service_fn(|_req: http::Request<()>| async { Ok(http::Response::new(String::from("ok"))) })
+}
+
+/// Send one request and return the route it was diverted to, if any.
+async fn send<S>(svc: &mut S, req: http::Request<()>) -> Option<Route>
+where
+    S: Service<
+            http::Request<()>,
+            Response = http::Response<String>,
+            Error = std::convert::Infallible,
+        >,
+{
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    res.extensions()
+        .get::<tower_degrade::Degraded>()
+        .map(|d| d.route())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ten_percent_rollout_applies_to_ten_percent_of_keys_always_the_same() {
+    let (d, classify) = http_degrader("shop");
+    let src = "fn policy() { #{ governs: [\"log\"], rollout: 10 } }\nfn on_tick(ctx) { shed() }";
+    d.load_policy_sources([("canary", src)]).unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let mut shed = Vec::new();
+    for round in 0..2 {
+        let mut hit = Vec::new();
+        for user in 0..10_000 {
+            let req = http::Request::post("/log")
+                .header("x-user-id", format!("user-{user}"))
+                .body(())
+                .unwrap();
+            if send(&mut svc, req).await.is_some() {
+                hit.push(user);
+            }
+        }
+        assert!(
+            hit.len().abs_diff(1_000) <= 200,
+            "round {round}: {} of 10,000 keys",
+            hit.len()
+        );
+        shed.push(hit);
+    }
+    assert_eq!(shed[0], shed[1], "the same keys every time");
+    // Without a key, a request is never in a partial rollout; other classes are untouched.
+    assert_eq!(
+        send(&mut svc, http::Request::post("/log").body(()).unwrap()).await,
+        None
+    );
+    let req = http::Request::post("/pay")
+        .header("x-user-id", "user-1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&mut svc, req).await, None);
+    // The bucket of a key is stable across processes and versions (FNV-1a).
+    assert_eq!(
+        tower_degrade::policy::rollout_bucket("user-42"),
+        tower_degrade::policy::rollout_bucket("user-42")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_rollout_applies_to_its_groups_only() {
+    let (d, classify) = http_degrader("shop");
+    let src = "fn policy() { #{ governs: [\"*\"], groups: [\"beta\"] } }\nfn on_tick(ctx) { fallback(\"spool\") }";
+    d.load_policy_sources([("beta", src)]).unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let req = |group: Option<&str>| {
+        let mut b = http::Request::post("/log");
+        if let Some(g) = group {
+            b = b.header("x-group", g);
+        }
+        b.body(()).unwrap()
+    };
+    assert_eq!(send(&mut svc, req(Some("beta"))).await, Some(Route::Spool));
+    assert_eq!(send(&mut svc, req(Some("stable"))).await, None);
+    assert_eq!(send(&mut svc, req(None)).await, None);
+}
+
+fn started_ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (now.as_millis() as u64 - ms).to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_seed_elapsed_time_hook_runs_per_request() {
+    let (d, classify) = http_degrader("payment");
+    d.load_policy_sources([("seed_elapsed", shipped("seed_elapsed").as_str())])
+        .unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify.clone()).http().layer(http_ok());
+    let req = |ago: u64| {
+        http::Request::post("/pay")
+            .header("x-request-start", started_ago(ago))
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(send(&mut svc, req(5_000)).await, Some(Route::ManualReview));
+    assert_eq!(send(&mut svc, req(100)).await, None);
+    assert_eq!(
+        send(&mut svc, http::Request::post("/pay").body(()).unwrap()).await,
+        None,
+        "no start header"
+    );
+    // bronze is not governed.
+    let late_log = http::Request::post("/log")
+        .header("x-request-start", started_ago(5_000))
+        .body(())
+        .unwrap();
+    assert_eq!(send(&mut svc, late_log).await, None);
+    // Another service name: the condition is false.
+    let (other, classify) = http_degrader("checkout");
+    other
+        .load_policy_sources([("seed_elapsed", shipped("seed_elapsed").as_str())])
+        .unwrap();
+    other.tick_now();
+    let mut svc = other.layer(classify).http().layer(http_ok());
+    assert_eq!(send(&mut svc, req(5_000)).await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_request_hook_is_switched_off_until_the_next_load() {
+    let (d, classify) = http_degrader("shop");
+    // Fine on the validation samples (no x-boom header), fails on real requests that have it.
+    let src = r#"
+        fn policy() { #{ governs: ["log"] } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) {
+            if req.header("x-boom") != () { let x = 1 / 0; }
+            shed()
+        }
+    "#;
+    d.load_policy_sources([("boom", src)]).unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let plain = || http::Request::post("/log").body(()).unwrap();
+    let boom = || {
+        http::Request::post("/log")
+            .header("x-boom", "1")
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(send(&mut svc, plain()).await, Some(Route::Reject));
+    assert_eq!(
+        send(&mut svc, boom()).await,
+        None,
+        "the failing call admits"
+    );
+    assert_eq!(send(&mut svc, plain()).await, None, "and the hook is off");
+    d.tick_now();
+    assert_eq!(
+        send(&mut svc, plain()).await,
+        None,
+        "still off after a tick"
+    );
+    d.load_policy_sources([("boom", src)]).unwrap();
+    d.tick_now();
+    assert_eq!(
+        send(&mut svc, plain()).await,
+        Some(Route::Reject),
+        "on again after a load"
+    );
 }

@@ -1,0 +1,192 @@
+//! Per-request policy rules: percentage and group rollouts, and `on_request` hooks.
+//!
+//! The control loop publishes, per class and per tick, the directive in force for everyone and,
+//! only when the class has per-request rules, an [`Overlay`]: the decisions of policies rolled
+//! out to a slice of traffic, and the policies with an `on_request` hook. A bit in the published
+//! directive tells the data path to consult it; classes without such rules never pay for it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rhai::ImmutableString;
+
+use super::decision::{Decision, combine};
+use super::engine::TickCtx;
+use super::{Mode, PolicySet, Runtime, unwrap_error};
+use crate::class::Route;
+use crate::classify::RequestView;
+use crate::directive::{Directive, Packed};
+
+/// Which requests a policy applies to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Selector {
+    /// Basis points (0..=10_000) of rollout keys; `None` for everyone.
+    pub(crate) rollout_bp: Option<u32>,
+    /// Groups; empty for every group.
+    pub(crate) groups: Vec<String>,
+}
+
+impl Selector {
+    pub(crate) fn is_everyone(&self) -> bool {
+        self.rollout_bp.is_none() && self.groups.is_empty()
+    }
+
+    /// Whether a request with this key bucket and group is in the slice.
+    fn selects(&self, bucket: Option<u32>, group: Option<&str>) -> bool {
+        let in_groups =
+            self.groups.is_empty() || group.is_some_and(|g| self.groups.iter().any(|x| x == g));
+        let in_rollout = match self.rollout_bp {
+            None => true,
+            Some(bp) => bucket.is_some_and(|b| b < bp),
+        };
+        in_groups && in_rollout
+    }
+}
+
+/// The stable bucket (0..10_000) of a rollout key: FNV-1a, the same in every process and
+/// version, so a key always falls on the same side of a rollout.
+pub fn rollout_bucket(key: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % 10_000) as u32
+}
+
+/// The per-request rules of one class for one tick.
+#[derive(Debug)]
+pub(crate) struct Overlay {
+    pub(crate) route: Route,
+    /// Decisions of policies rolled out to a slice, with their priority.
+    pub(crate) rules: Vec<(Selector, i64, Decision)>,
+    /// Policies (indices into `set`) with an `on_request` hook, and the context they see.
+    pub(crate) hooks: Vec<usize>,
+    pub(crate) set: Arc<PolicySet>,
+    pub(crate) ctx: TickCtx,
+}
+
+/// What `on_request(ctx, req)` sees of the request.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    pub(crate) method: ImmutableString,
+    pub(crate) path: ImmutableString,
+    pub(crate) key: Option<ImmutableString>,
+    pub(crate) group: Option<ImmutableString>,
+    pub(crate) elapsed: Option<Duration>,
+    pub(crate) headers: Option<http::HeaderMap>,
+}
+
+impl RequestInfo {
+    fn new(view: &RequestView<'_>, with_headers: bool) -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            method: view.method.into(),
+            path: view.path.into(),
+            key: view.key.map(Into::into),
+            group: view.group.map(Into::into),
+            elapsed: view
+                .started_unix_ms
+                .map(|s| Duration::from_millis(now_ms.saturating_sub(s))),
+            headers: if with_headers {
+                view.headers.cloned()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// A sample request for validation.
+    pub(crate) fn sample(elapsed_ms: u64) -> Self {
+        Self {
+            method: "POST".into(),
+            path: "/sample".into(),
+            key: Some("user-1".into()),
+            group: None,
+            elapsed: Some(Duration::from_millis(elapsed_ms)),
+            headers: Some(http::HeaderMap::new()),
+        }
+    }
+}
+
+impl Runtime {
+    /// Decide one request of a class whose directive carries the overlay bit.
+    pub(crate) fn per_request(
+        &self,
+        overlay: &Overlay,
+        packed: Packed,
+        view: &RequestView<'_>,
+    ) -> Packed {
+        let base = Directive::unpack(packed.with_overlay(false));
+        let bucket = view.key.map(rollout_bucket);
+        let mut decisions: Vec<(i64, Decision)> = overlay
+            .rules
+            .iter()
+            .filter(|(sel, _, _)| sel.selects(bucket, view.group))
+            .map(|(_, p, d)| (*p, d.clone()))
+            .collect();
+        if !overlay.hooks.is_empty() {
+            let info = RequestInfo::new(view, true);
+            for &i in &overlay.hooks {
+                let policy = &overlay.set.policies[i];
+                if !policy.selector.selects(bucket, view.group)
+                    || overlay.set.hook_failed[i].load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    continue;
+                }
+                match self.decide_request(policy, overlay.ctx.clone(), info.clone()) {
+                    Ok(Some(d)) => match policy.mode {
+                        Mode::Enforce => decisions.push((policy.priority, d)),
+                        Mode::Shadow => self.record_shadow(&overlay.ctx.class, policy, &d),
+                    },
+                    Ok(None) => {}
+                    Err((line, reason)) => {
+                        // Report once; the hook stays off until the next load.
+                        if !overlay.set.hook_failed[i]
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            self.report_failure(
+                                &overlay.ctx.class,
+                                policy,
+                                line,
+                                &reason,
+                                "on_request",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if decisions.is_empty() {
+            return packed.with_overlay(false);
+        }
+        decisions.sort_by_key(|d| std::cmp::Reverse(d.0));
+        combine(base, overlay.route, decisions.iter().map(|(p, d)| (*p, d))).pack()
+    }
+
+    fn decide_request(
+        &self,
+        policy: &super::Policy,
+        ctx: TickCtx,
+        req: RequestInfo,
+    ) -> Result<Option<Decision>, (Option<usize>, String)> {
+        let out = self
+            .call(&policy.ast, "on_request", (ctx, req))
+            .map_err(|e| unwrap_error(*e))?;
+        self.as_decision(out, "on_request")
+    }
+
+    /// Run `on_request` against sample requests at load.
+    pub(crate) fn validate_request_hook(
+        &self,
+        policy: &super::Policy,
+        ctx: TickCtx,
+    ) -> Result<(), (Option<usize>, String)> {
+        for elapsed in [0, 5_000] {
+            self.decide_request(policy, ctx.clone(), RequestInfo::sample(elapsed))?;
+        }
+        Ok(())
+    }
+}
