@@ -171,6 +171,21 @@ fn bench_closed_path(c: &mut Criterion) {
         b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
     });
 
+    // A trivial `on_request` hook: the cost of a script call per request.
+    let dh = degrader(3);
+    dh.load_policy_sources([("hook", HOOK_POLICY)]).unwrap();
+    dh.tick_now();
+    let classify = dh
+        .http_classifier()
+        .route(Some(Method::POST), "/orders/{id}/pay", "class-1")
+        .unwrap()
+        .build();
+    let mut svc = dh.layer(classify).http().layer(http_inner());
+    g.bench_function(
+        "tower-degrade http (route classifier, trivial on_request hook)",
+        |b| b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput),
+    );
+
     // A class timeout adds tokio's timer, like tower's timeout.
     let dt = Degrader::builder("bench")
         .class(ClassConfig::silver("timed").timeout(Duration::from_secs(1)))
@@ -248,6 +263,13 @@ fn on_tick(ctx) {
         return degrade(1.0).via("delayed_retry").alert("seed rule");
     }
 }
+"#;
+
+/// A per-request hook that decides nothing.
+const HOOK_POLICY: &str = r#"
+fn policy() { #{ governs: ["class-1"] } }
+fn on_tick(ctx) { }
+fn on_request(ctx, req) { }
 "#;
 
 /// A policy that decides nothing.
