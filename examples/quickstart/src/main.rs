@@ -12,7 +12,8 @@
 //! `QUICKSTART_ADMIN_TOKEN` is set, `POST /admin/{class}/{command}` (`force_open`,
 //! `force_closed`, `degrade`, `metrics_only`, `reset`) with `Authorization: Bearer <token>`.
 //!
-//! It then plays a short scenario against itself: normal traffic, then the database turns slow
+//! The shipped policies in `policies/` are loaded and watched (edit one while `--serve` runs and
+//! it is reloaded). It then plays a short scenario against itself: normal traffic, then the database turns slow
 //! (900 ms, 20 % errors) and the third-party API dies, then both recover. Each second it prints
 //! every class's breaker state and what happened to its calls: payments keep flowing, the
 //! inventory class is degraded by the seed's rule, the log class's breaker opens, probes and
@@ -129,6 +130,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
         .build()?;
+    // The shipped policies (policies/*.rhai), hot-reloaded: edit one while `--serve` runs.
+    let policy_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies");
+    let _policies = degrader.watch_policies(policy_dir, Duration::from_millis(200))?;
+    println!(
+        "policies: {}",
+        degrader
+            .policies()
+            .map(|p| p.names().join(", "))
+            .unwrap_or_default()
+    );
     let classify = degrader
         .http_classifier()
         .route(
