@@ -97,6 +97,14 @@ pub enum Directive {
         /// When the caller may retry, if known.
         retry_after: Option<Duration>,
     },
+    /// Admit every call, after holding it for `by` (policies' `delay(ms)`).
+    ///
+    /// The call's future is created at once and first polled when the delay has elapsed; a
+    /// service that starts work inside `call` rather than when polled starts it at once.
+    Delay {
+        /// How long each call is held.
+        by: Duration,
+    },
     /// Admit only calls that take one of the class's reserved probe permits.
     Probe {
         /// Where calls without a permit go.
@@ -106,7 +114,7 @@ pub enum Directive {
     },
 }
 
-const KIND_ADMIT: u64 = 0;
+pub(crate) const KIND_ADMIT: u64 = 0;
 const KIND_DIVERT: u64 = 1;
 pub(crate) const KIND_FRACTION: u64 = 2;
 pub(crate) const KIND_PROBE: u64 = 3;
@@ -119,9 +127,16 @@ pub(crate) struct Packed(pub(crate) u64);
 impl Packed {
     pub(crate) const ADMIT: Packed = Packed(KIND_ADMIT | (NO_RETRY << 32));
 
+    /// Admit at once: the closed path's only check.
     #[inline]
     pub(crate) fn is_admit(self) -> bool {
-        self.0 & 0b11 == KIND_ADMIT
+        self.0 & (0b11 | DELAY_BIT) == KIND_ADMIT
+    }
+
+    /// The delay of a delayed admit.
+    #[inline]
+    pub(crate) fn delay(self) -> Option<Duration> {
+        (self.0 & DELAY_BIT != 0).then(|| Duration::from_millis(self.0 >> 32))
     }
 
     #[inline]
@@ -172,6 +187,8 @@ impl Packed {
 const NO_RETRY: u64 = u32::MAX as u64;
 /// Bit 10 (in the unused range) marks a fraction of exactly 1.0.
 const FULL_BIT: u64 = 1 << 10;
+/// Bit 12 turns an admit into a delayed admit; the delay is in the retry-after field.
+const DELAY_BIT: u64 = 1 << 12;
 /// Bit 11 marks a class with per-request policy rules (rollouts, `on_request` hooks).
 #[cfg(feature = "rhai")]
 const OVERLAY_BIT: u64 = 1 << 11;
@@ -213,12 +230,18 @@ impl Directive {
             Directive::Probe { route, retry_after } => {
                 pack_common(KIND_PROBE, Reason::ProbesExhausted, route, retry_after)
             }
+            Directive::Delay { by } => {
+                pack_common(KIND_ADMIT, Reason::Policy, Route::Reject, Some(by)) | DELAY_BIT
+            }
         })
     }
 
     pub(crate) fn unpack(p: Packed) -> Directive {
         match p.kind() {
-            KIND_ADMIT => Directive::Admit,
+            KIND_ADMIT => match p.delay() {
+                Some(by) => Directive::Delay { by },
+                None => Directive::Admit,
+            },
             KIND_DIVERT => Directive::Divert {
                 reason: p.reason(),
                 route: p.route(),
@@ -301,6 +324,18 @@ mod tests {
         for d in cases {
             assert_eq!(Directive::unpack(d.pack()), d);
         }
+    }
+
+    #[test]
+    fn only_a_plain_admit_takes_the_closed_path() {
+        assert!(Directive::Admit.pack().is_admit());
+        let delayed = Directive::Delay {
+            by: Duration::from_millis(5),
+        }
+        .pack();
+        assert!(!delayed.is_admit());
+        assert_eq!(delayed.delay(), Some(Duration::from_millis(5)));
+        assert_eq!(Directive::Admit.pack().delay(), None);
     }
 
     #[test]

@@ -20,8 +20,11 @@ pin_project! {
         Called {
             #[pin]
             fut: F,
+            // The policy's delay first (`delaying`), then the class timeout: one timer, reset.
             #[pin]
             sleep: Option<Sleep>,
+            delaying: bool,
+            timeout: Option<Duration>,
         },
         Fallback {
             #[pin]
@@ -52,11 +55,19 @@ impl<F, FB, P> std::fmt::Debug for ResponseFuture<F, FB, P> {
 
 impl<F, FB, P> ResponseFuture<F, FB, P> {
     #[inline]
-    pub(crate) fn called(fut: F, rec: Recording, timeout: Option<Duration>, protocol: P) -> Self {
+    pub(crate) fn called(
+        fut: F,
+        rec: Recording,
+        timeout: Option<Duration>,
+        delay: Option<Duration>,
+        protocol: P,
+    ) -> Self {
         Self {
             kind: Kind::Called {
                 fut,
-                sleep: timeout.map(tokio::time::sleep),
+                sleep: delay.or(timeout).map(tokio::time::sleep),
+                delaying: delay.is_some(),
+                timeout,
             },
             recording: Some(rec),
             protocol,
@@ -94,13 +105,37 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Called { fut, sleep } => {
+            KindProj::Called {
+                fut,
+                mut sleep,
+                delaying,
+                timeout,
+            } => {
+                if *delaying {
+                    // Held by a policy's delay: the inner future is not polled yet.
+                    let timer = sleep
+                        .as_mut()
+                        .as_pin_mut()
+                        .expect("a delayed call has a timer");
+                    ready!(timer.poll(cx));
+                    *delaying = false;
+                    if let Some(rec) = this.recording.as_mut() {
+                        rec.restart();
+                    }
+                    match timeout {
+                        Some(t) => {
+                            let timer = sleep.as_mut().as_pin_mut().expect("checked above");
+                            timer.reset(tokio::time::Instant::now() + *t);
+                        }
+                        None => sleep.set(None),
+                    }
+                }
                 if let Poll::Ready(result) = fut.poll(cx) {
                     let rec = this.recording.take().expect("polled after completion");
                     return Poll::Ready(this.protocol.on_response(result, rec));
                 }
-                if let Some(sleep) = sleep.as_pin_mut() {
-                    ready!(sleep.poll(cx));
+                if let Some(timer) = sleep.as_pin_mut() {
+                    ready!(timer.poll(cx));
                     let rec = this.recording.take().expect("polled after completion");
                     let name = rec.class_name();
                     rec.finish(Outcome::Timeout);

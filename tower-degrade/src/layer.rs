@@ -10,7 +10,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::class::{ClassId, Route};
 use crate::classify::ClassifyRequest;
 use crate::degrader::{Degrader, Inner};
-use crate::directive::{self, KIND_FRACTION, KIND_PROBE, Packed};
+use crate::directive::{self, KIND_ADMIT, KIND_FRACTION, KIND_PROBE, Packed};
 use crate::error::Degraded;
 use crate::future::ResponseFuture;
 use crate::protocol::{Generic, Grpc, Http, Protocol, Recording};
@@ -222,9 +222,13 @@ where
         if d.has_overlay() {
             d = self.per_request(idx, d, &req);
         }
-        let mut probe = None;
+        let (mut probe, mut delay) = (None, None);
         if !d.is_admit() {
             let admitted = match d.kind() {
+                KIND_ADMIT => {
+                    delay = d.delay();
+                    true
+                }
                 KIND_FRACTION => {
                     directive::ticket(cell.seq.fetch_add(1, Ordering::Relaxed)) < d.threshold()
                 }
@@ -247,7 +251,7 @@ where
         let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
         let recording = Recording::start(shard, idx as u16, probe);
         let fut = self.inner.call(req);
-        ResponseFuture::called(fut, recording, cell.timeout, self.protocol.clone())
+        ResponseFuture::called(fut, recording, cell.timeout, delay, self.protocol.clone())
     }
 }
 

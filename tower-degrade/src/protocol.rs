@@ -64,6 +64,11 @@ impl Recording {
         }
     }
 
+    /// Time the call from now (after a policy's delay, so the delay is not its latency).
+    pub(crate) fn restart(&mut self) {
+        self.start = self.shard.timer.start();
+    }
+
     /// Record the call's outcome and latency, and free its in-flight slot.
     #[inline]
     pub fn finish(mut self, outcome: Outcome) {

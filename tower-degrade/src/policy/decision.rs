@@ -24,6 +24,8 @@ pub enum Action {
     Degrade(f64),
     /// Admit this share (0.0–1.0) of calls, divert the rest to the route.
     AdmitFraction(f64),
+    /// Admit every call after holding it this long.
+    Delay(Duration),
 }
 
 /// A policy's decision for one class at one tick: an action, an optional route and
@@ -83,7 +85,7 @@ impl Decision {
     /// The share of calls this decision admits (1.0 for admit and close).
     pub fn admitted_share(&self) -> f64 {
         match self.action {
-            Action::Admit | Action::Close => 1.0,
+            Action::Admit | Action::Close | Action::Delay(_) => 1.0,
             Action::Open | Action::Shed | Action::Fallback(_) => 0.0,
             Action::Degrade(level) => 1.0 - level,
             Action::AdmitFraction(f) => f,
@@ -97,6 +99,7 @@ impl Decision {
         Some(match self.action {
             Action::Admit => return None,
             Action::Close => Directive::Admit,
+            Action::Delay(by) => Directive::Delay { by },
             Action::Shed => Directive::Divert {
                 reason: Reason::Shed,
                 route: self.route.unwrap_or(Route::Reject),
@@ -136,6 +139,7 @@ impl fmt::Display for Decision {
             Action::Fallback(r) => write!(f, "fallback({r})")?,
             Action::Degrade(l) => write!(f, "degrade({l})")?,
             Action::AdmitFraction(x) => write!(f, "admit_fraction({x})")?,
+            Action::Delay(d) => write!(f, "delay({})", d.as_millis())?,
         }
         if let Some(r) = self.route {
             write!(f, " via {r}")?;
@@ -147,12 +151,25 @@ impl fmt::Display for Decision {
     }
 }
 
-/// The share of calls a directive admits (probes count as none).
-fn directive_share(d: &Directive) -> f64 {
-    match d {
-        Directive::Admit => 1.0,
-        Directive::AdmitFraction { fraction, .. } => *fraction,
-        _ => 0.0,
+/// How restrictive a directive is: first the share it admits (probes count as none), then,
+/// among full admits, how long it holds calls. Smaller is stricter.
+fn strictness(d: &Directive) -> (f64, std::cmp::Reverse<Duration>) {
+    let (share, delay) = match d {
+        Directive::Admit => (1.0, Duration::ZERO),
+        Directive::Delay { by } => (1.0, *by),
+        Directive::AdmitFraction { fraction, .. } => (*fraction, Duration::ZERO),
+        _ => (0.0, Duration::ZERO),
+    };
+    (share, std::cmp::Reverse(delay))
+}
+
+impl Decision {
+    fn strictness(&self) -> (f64, std::cmp::Reverse<Duration>) {
+        let delay = match self.action {
+            Action::Delay(d) => d,
+            _ => Duration::ZERO,
+        };
+        (self.admitted_share(), std::cmp::Reverse(delay))
     }
 }
 
@@ -177,7 +194,7 @@ pub(crate) fn combine<'a>(
         }
         match best {
             Some((p, _)) if priority < p => break,
-            Some((_, b)) if d.admitted_share() >= b.admitted_share() => {}
+            Some((_, b)) if d.strictness() >= b.strictness() => {}
             _ => best = Some((priority, d)),
         }
     }
@@ -190,7 +207,7 @@ pub(crate) fn combine<'a>(
     if decision.action == Action::Close {
         return policy;
     }
-    if directive_share(&policy) < directive_share(&breaker) {
+    if strictness(&policy) < strictness(&breaker) {
         policy
     } else {
         breaker
@@ -255,6 +272,33 @@ mod tests {
                 retry_after: Some(Duration::from_millis(700))
             }
         );
+    }
+
+    #[test]
+    fn a_delay_is_stricter_than_admit_and_looser_than_any_share() {
+        let delay = d(Action::Delay(Duration::from_millis(200)));
+        let longer = d(Action::Delay(Duration::from_millis(900)));
+        let out = combine(Directive::Admit, Route::Reject, [(0, &delay)]);
+        assert_eq!(
+            out,
+            Directive::Delay {
+                by: Duration::from_millis(200)
+            }
+        );
+        let out = combine(Directive::Admit, Route::Reject, [(0, &delay), (0, &longer)]);
+        assert_eq!(
+            out,
+            Directive::Delay {
+                by: Duration::from_millis(900)
+            }
+        );
+        let frac = Directive::AdmitFraction {
+            fraction: 0.9,
+            reason: Reason::Recovering,
+            route: Route::Reject,
+            retry_after: None,
+        };
+        assert_eq!(combine(frac, Route::Reject, [(0, &delay)]), frac);
     }
 
     #[test]

@@ -272,6 +272,9 @@ pub(crate) fn build_engine(limits: &Limits) -> Engine {
         .register_fn("retry_after", |ms: i64| -> RhaiResult<Decision> {
             Ok(Decision::new(Action::Shed).with_retry_after(millis(ms)?))
         })
+        .register_fn("delay", |ms: i64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::Delay(millis(ms)?)))
+        })
         .register_fn("alert", |msg: ImmutableString| {
             Decision::new(Action::Admit).with_alert(msg.as_str())
         })

@@ -59,6 +59,7 @@ async fn each_directive_drives_the_layer() {
         ("degrade(0.75)", 25),
         ("admit_fraction(0.3)", 30),
         ("retry_after(1500)", 0),
+        ("delay(100)", 100),
         ("alert(\"just saying\")", 100),
     ];
     for (decision, expected) in cases {
@@ -1016,4 +1017,59 @@ async fn a_failing_request_hook_is_switched_off_until_the_next_load() {
         Some(Route::Reject),
         "on again after a load"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn delay_holds_calls_and_the_timeout_starts_after_it() {
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::bronze("log").timeout(Duration::from_millis(100)))
+        .class(ClassConfig::gold("pay"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    d.load_policy_sources([("pace", policy("\"log\"", "delay(200)").as_str())])
+        .unwrap();
+    d.tick_now();
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let svc = |class: &str| {
+        let started = started.clone();
+        d.layer(d.class_id(class).unwrap())
+            .layer(service_fn(move |work_ms: u64| {
+                let started = started.clone();
+                // The work starts when the future is first polled.
+                async move {
+                    started.lock().unwrap().push(Instant::now());
+                    tokio::time::sleep(Duration::from_millis(work_ms)).await;
+                    Ok::<_, BoxError>(())
+                }
+            }))
+    };
+    let t0 = Instant::now();
+    svc("log").oneshot(50).await.unwrap();
+    assert_eq!(
+        started.lock().unwrap()[0] - t0,
+        Duration::from_millis(200),
+        "held 200 ms"
+    );
+    assert_eq!(t0.elapsed(), Duration::from_millis(250));
+    // 150 ms of work against the 100 ms timeout, which starts after the delay.
+    let t1 = Instant::now();
+    let err = svc("log").oneshot(150).await.unwrap_err();
+    assert_eq!(degraded(&*err).unwrap().reason(), Reason::Timeout);
+    assert_eq!(t1.elapsed(), Duration::from_millis(300));
+    d.tick_now();
+    let w = *d.history("log").unwrap().latest().unwrap();
+    // Latency is the service's, not the policy's delay.
+    assert_eq!(
+        (w.successes, w.timeouts, w.max),
+        (1, 1, Duration::from_millis(100))
+    );
+    // Other classes are not held.
+    let t2 = Instant::now();
+    svc("pay").oneshot(0).await.unwrap();
+    assert_eq!(t2.elapsed(), Duration::ZERO);
 }
