@@ -143,6 +143,22 @@ impl PolicySet {
     }
 }
 
+/// For an error Rhai gave no position (a blown operation budget, a wrong return type, bad
+/// metadata), the line defining the function it is about.
+fn hook_line(text: &str, reason: &str) -> Option<usize> {
+    let hook = ["on_request", "on_tick", "policy"]
+        .into_iter()
+        .find(|h| reason.starts_with(h) || reason.starts_with(&format!("`{h}`")))?;
+    text.lines()
+        .position(|line| {
+            line.trim_start()
+                .strip_prefix("fn ")
+                .and_then(|rest| rest.trim_start().strip_prefix(hook))
+                .is_some_and(|rest| rest.trim_start().starts_with('('))
+        })
+        .map(|i| i + 1)
+}
+
 /// The innermost error of a call chain, with its position cleared, and that position's line.
 fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
     while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
@@ -252,7 +268,15 @@ impl Runtime {
     ) -> Result<PolicySet, PolicyError> {
         let mut policies = Vec::with_capacity(sources.len());
         for (name, file, text) in sources {
-            policies.push(self.compile_one(registry, name, file, text)?);
+            let policy = self
+                .compile_one(registry, name, file, text)
+                .map_err(|mut e| {
+                    if e.line.is_none() {
+                        e.line = hook_line(text, &e.reason);
+                    }
+                    e
+                })?;
+            policies.push(policy);
         }
         policies.sort_by(|a, b| a.name.cmp(&b.name));
         let mut by_class = vec![Vec::new(); registry.len()];

@@ -248,7 +248,7 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
         (
             "type",
             &policy("\"log\"", "42") as &str,
-            "type.rhai: on_tick with an empty history: on_tick must return a decision or (), not i64",
+            "type.rhai:2: on_tick with an empty history: on_tick must return a decision or (), not i64",
         ),
         (
             "runtime",
@@ -258,12 +258,12 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
         (
             "budget",
             &policy("\"log\"", "loop { }"),
-            "budget.rhai: on_tick with an empty history: operation budget exceeded",
+            "budget.rhai:2: on_tick with an empty history: operation budget exceeded",
         ),
         (
             "unknown_class",
             &policy("\"nope\"", "()"),
-            "unknown_class.rhai: policy(): `governs` names unknown class `nope`",
+            "unknown_class.rhai:1: policy(): `governs` names unknown class `nope`",
         ),
         (
             "unknown_field",
@@ -292,6 +292,11 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
             err.contains(expected),
             "{name}: `{err}` does not contain `{expected}`"
         );
+        let e = d.load_policy_sources([(name, src)]).unwrap_err();
+        assert_eq!(e.file(), format!("{name}.rhai"));
+        if name != "no_on_tick" {
+            assert!(e.line().is_some(), "{name}: no line in `{e}`");
+        }
         assert_eq!(
             d.policies().unwrap().version(),
             1,
