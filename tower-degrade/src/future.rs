@@ -20,11 +20,11 @@ pin_project! {
         Called {
             #[pin]
             fut: F,
-            // The policy's delay first (`delaying`), then the class timeout: one timer, reset.
+            // The policy's delay first, then the class timeout: one timer, reset.
             #[pin]
             sleep: Option<Sleep>,
-            delaying: bool,
-            timeout: Option<Duration>,
+            // `Some(class timeout)` while a policy's delay holds the call.
+            delaying: Option<Option<Duration>>,
         },
         Fallback {
             #[pin]
@@ -63,11 +63,17 @@ impl<F, FB, P> ResponseFuture<F, FB, P> {
         protocol: P,
     ) -> Self {
         Self {
-            kind: Kind::Called {
-                fut,
-                sleep: delay.or(timeout).map(tokio::time::sleep),
-                delaying: delay.is_some(),
-                timeout,
+            kind: match delay {
+                None => Kind::Called {
+                    fut,
+                    sleep: timeout.map(tokio::time::sleep),
+                    delaying: None,
+                },
+                Some(by) => Kind::Called {
+                    fut,
+                    sleep: Some(tokio::time::sleep(by)),
+                    delaying: Some(timeout),
+                },
             },
             recording: Some(rec),
             protocol,
@@ -109,23 +115,22 @@ where
                 fut,
                 mut sleep,
                 delaying,
-                timeout,
             } => {
-                if *delaying {
+                if let Some(timeout) = *delaying {
                     // Held by a policy's delay: the inner future is not polled yet.
                     let timer = sleep
                         .as_mut()
                         .as_pin_mut()
                         .expect("a delayed call has a timer");
                     ready!(timer.poll(cx));
-                    *delaying = false;
+                    *delaying = None;
                     if let Some(rec) = this.recording.as_mut() {
                         rec.restart();
                     }
                     match timeout {
                         Some(t) => {
                             let timer = sleep.as_mut().as_pin_mut().expect("checked above");
-                            timer.reset(tokio::time::Instant::now() + *t);
+                            timer.reset(tokio::time::Instant::now() + t);
                         }
                         None => sleep.set(None),
                     }
