@@ -641,6 +641,16 @@ async fn window(d: &Degrader, class: &str, n: usize, fail_every: usize, ms: u64)
     d.tick_now();
 }
 
+/// Of 20 calls of `class`, at most 3 (the policy's probing share) are admitted, and the others
+/// go to `route` by the policy.
+async fn assert_mostly_diverted(d: &Degrader, class: &str, route: Route) {
+    let (admitted, diverted) = routes(d, class, 20).await;
+    assert!(
+        admitted <= 3 && diverted.iter().all(|r| *r == (route, Reason::Policy)),
+        "{admitted} {diverted:?}"
+    );
+}
+
 /// Of `n` calls of `class`: how many were admitted, and the route and reason of the others.
 async fn routes(d: &Degrader, class: &str, n: usize) -> (usize, Vec<(Route, Reason)>) {
     let (mut admitted, mut diverted_to) = (0, Vec::new());
@@ -732,26 +742,12 @@ async fn shipped_gold_policy_retries_then_escalates_to_manual_review() {
         "one failing window is not enough"
     );
     window(&d, "pay", 30, 1, 10).await;
-    let (admitted, diverted) = routes(&d, "pay", 20).await;
-    assert!(
-        admitted <= 3
-            && diverted
-                .iter()
-                .all(|r| *r == (Route::DelayedRetry, Reason::Policy)),
-        "{admitted} {diverted:?}"
-    );
+    assert_mostly_diverted(&d, "pay", Route::DelayedRetry).await;
     // The 10 % still called keep failing: after 10 failing windows, manual review.
     for _ in 0..8 {
         window(&d, "pay", 30, 1, 10).await;
     }
-    let (admitted, diverted) = routes(&d, "pay", 20).await;
-    assert!(
-        admitted <= 3
-            && diverted
-                .iter()
-                .all(|r| *r == (Route::ManualReview, Reason::Policy)),
-        "{admitted} {diverted:?}"
-    );
+    assert_mostly_diverted(&d, "pay", Route::ManualReview).await;
     // Recovery: healthy windows end the escalation.
     for _ in 0..2 {
         window(&d, "pay", 30, 0, 10).await;
@@ -781,14 +777,7 @@ async fn shipped_bronze_policy_spools_at_the_first_sign_of_trouble() {
     window(&d, "log", 10, 0, 100).await;
     assert_eq!(routes(&d, "log", 20).await, (20, vec![]));
     window(&d, "log", 10, 0, 1_500).await;
-    let (admitted, diverted) = routes(&d, "log", 20).await;
-    assert!(
-        admitted <= 3
-            && diverted
-                .iter()
-                .all(|r| *r == (Route::Spool, Reason::Policy)),
-        "{admitted} {diverted:?}"
-    );
+    assert_mostly_diverted(&d, "log", Route::Spool).await;
     // Healthy again: nothing spooled.
     window(&d, "log", 10, 0, 100).await;
     assert_eq!(routes(&d, "log", 20).await, (20, vec![]));
