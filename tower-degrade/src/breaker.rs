@@ -160,6 +160,11 @@ pub struct BreakerConfig {
     pub degraded_admit_fraction: f64,
     /// Consecutive healthy windows that lift an automatic degradation (3).
     pub degraded_recovery_ticks: u32,
+    /// Predicted failure probability at or above which a tick counts as predicting (0.87, the
+    /// seed's threshold). Only used when a predictor is attached.
+    pub predict_threshold: f64,
+    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
+    pub predict_ticks: u32,
 }
 
 impl Default for BreakerConfig {
@@ -177,6 +182,8 @@ impl Default for BreakerConfig {
             recovery_ticks: 3,
             degraded_admit_fraction: 0.2,
             degraded_recovery_ticks: 3,
+            predict_threshold: 0.87,
+            predict_ticks: 2,
         }
     }
 }
@@ -208,6 +215,12 @@ impl BreakerConfig {
                 "breaker.degraded_admit_fraction",
                 "must be within 0.0..=1.0",
             );
+        }
+        if !unit(self.predict_threshold) {
+            return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+        }
+        if self.predict_ticks == 0 {
+            return bad("breaker.predict_ticks", "must be at least 1");
         }
         if self.half_open_probes == 0 {
             return bad("breaker.half_open_probes", "must be at least 1");
@@ -365,6 +378,7 @@ pub struct Breaker {
     mode: Mode,
     opens: u32,
     breached: u32,
+    predicted: u32,
 }
 
 impl Breaker {
@@ -377,6 +391,7 @@ impl Breaker {
             mode: Mode::Auto,
             opens: 0,
             breached: 0,
+            predicted: 0,
         }
     }
 
@@ -531,6 +546,19 @@ impl Breaker {
     /// not step; `MetricsOnly` steps the shadow machine and reports its transitions with
     /// `enforced = false`.
     pub fn step(&mut self, w: &WindowSnapshot, now: Instant) -> Option<Transition> {
+        self.step_predicted(w, None, now)
+    }
+
+    /// [`step`](Self::step) with the failure predictor's probability for this tick: while
+    /// closed, `predict_ticks` consecutive ticks at or above `predict_threshold` degrade the
+    /// class early, with the reason "predicted"; while degraded, a predicting tick is not a
+    /// healthy one.
+    pub fn step_predicted(
+        &mut self,
+        w: &WindowSnapshot,
+        prediction: Option<f64>,
+        now: Instant,
+    ) -> Option<Transition> {
         if matches!(
             self.mode,
             Mode::ForcedOpen | Mode::Disabled | Mode::ManualDegraded
@@ -538,7 +566,23 @@ impl Breaker {
             return None;
         }
         let from = self.phase.state();
-        let (next, reason) = self.next_phase(w, now)?;
+        self.predicted = match prediction {
+            Some(p) if p >= self.cfg.predict_threshold => self.predicted.saturating_add(1),
+            _ => 0,
+        };
+        let (next, reason) = match self.next_phase(w, now) {
+            Some(t) => t,
+            None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => (
+                Phase::Degraded { healthy: 0 },
+                format!(
+                    "predicted: p = {:.2} >= {:.2} for {} ticks",
+                    prediction.unwrap_or(0.0),
+                    self.cfg.predict_threshold,
+                    self.predicted
+                ),
+            ),
+            None => return None,
+        };
         self.phase = next;
         if next.state() == State::Closed {
             self.opens = 0;
@@ -646,7 +690,8 @@ impl Breaker {
                     return Some((self.open(now), why));
                 }
                 let breached = cfg.degrade_rule.is_some_and(|r| r.breached(w));
-                let healthy = if breached || w.completed() == 0 {
+                // A tick still predicted to fail is not a healthy one.
+                let healthy = if breached || self.predicted > 0 || w.completed() == 0 {
                     0
                 } else {
                     healthy + 1

@@ -41,6 +41,9 @@ pub(crate) struct ClassControl {
     pub(crate) breaker: Breaker,
     reader: WindowReader,
     pub(crate) history: Arc<History>,
+    features: crate::predict::FeatureHistory,
+    snapshot: WindowSnapshot,
+    prediction: Option<f64>,
     metrics: Option<ClassMetrics>,
     #[cfg(feature = "rhai")]
     policy_state: crate::policy::ClassPolicyState,
@@ -77,6 +80,7 @@ pub(crate) struct Inner {
     tick: AtomicU64,
     shutdown: Arc<Shutdown>,
     service_metrics: Mutex<Option<ServiceMetrics>>,
+    predictor: Mutex<Option<crate::predict::Runner>>,
     #[cfg(feature = "rhai")]
     pub(crate) policies: crate::policy::Runtime,
 }
@@ -119,6 +123,8 @@ pub struct ClassStatus {
     pub directive: Directive,
     /// The last window.
     pub window: WindowSnapshot,
+    /// The failure predictor's last probability for the class, when one is attached.
+    pub prediction: Option<f64>,
 }
 
 /// Builds a [`Degrader`].
@@ -131,6 +137,10 @@ pub struct Builder {
     tick: Duration,
     clock: LatencyClock,
     env: String,
+    predictor: Option<(
+        Box<dyn crate::predict::Predictor>,
+        crate::predict::PredictorConfig,
+    )>,
     #[cfg(feature = "rhai")]
     policy_limits: crate::policy::Limits,
 }
@@ -159,6 +169,17 @@ impl Builder {
     #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
     pub fn policy_limits(mut self, limits: crate::policy::Limits) -> Self {
         self.policy_limits = limits;
+        self
+    }
+
+    /// Attach a failure predictor: run once per tick over every class, off the request path
+    /// (see [`predict`](crate::predict)). It is warmed up when the degrader is built.
+    pub fn predictor(
+        mut self,
+        predictor: impl crate::predict::Predictor,
+        config: crate::predict::PredictorConfig,
+    ) -> Self {
+        self.predictor = Some((Box::new(predictor), config));
         self
     }
 
@@ -216,6 +237,9 @@ impl Builder {
                     breaker: Breaker::new(b, c.route()),
                     reader: WindowReader::default(),
                     history: Arc::default(),
+                    features: Default::default(),
+                    snapshot: WindowSnapshot::default(),
+                    prediction: None,
                     metrics: None,
                     #[cfg(feature = "rhai")]
                     policy_state: Default::default(),
@@ -224,6 +248,17 @@ impl Builder {
             .collect();
         #[cfg(feature = "rhai")]
         let service_name = self.service.clone();
+        let predictor = match self.predictor {
+            None => None,
+            Some((p, cfg)) => Some(
+                crate::predict::Runner::start(p, registry.len(), cfg).map_err(|e| {
+                    ConfigError::InvalidValue {
+                        field: "predictor",
+                        reason: format!("warm-up failed: {e}"),
+                    }
+                })?,
+            ),
+        };
         let service: Arc<str> = Arc::from(self.service);
         let timer = Timer::new(self.clock);
         let shards = (0..shard_n)
@@ -247,6 +282,7 @@ impl Builder {
             tick: AtomicU64::new(0),
             shutdown: Arc::default(),
             service_metrics: Mutex::new(None),
+            predictor: Mutex::new(predictor),
             #[cfg(feature = "rhai")]
             policies: crate::policy::Runtime::new(
                 &registry,
@@ -315,6 +351,7 @@ impl Inner {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "rhai")]
         let policies = self.policies.current();
+        // Pass 1: every class's window, history and features.
         for (id, class) in self.registry.iter() {
             let cell = &self.cells[id.index()];
             let mut ctl = self.control(id);
@@ -330,7 +367,20 @@ impl Inner {
                 },
             );
             Arc::make_mut(&mut ctl.history).push(snap);
-            let transition = ctl.breaker.step(&snap, now);
+            ctl.features.push(&snap, class.sla_target());
+            ctl.snapshot = snap;
+        }
+        // One batched prediction over every class, within its budget.
+        let predictions = self.predict();
+        // Pass 2: breakers, policies, directives, metrics.
+        for (id, class) in self.registry.iter() {
+            let cell = &self.cells[id.index()];
+            let mut ctl = self.control(id);
+            let ctl = &mut *ctl;
+            let snap = ctl.snapshot;
+            let prediction = predictions.as_ref().map(|p| f64::from(p[id.index()]));
+            ctl.prediction = prediction;
+            let transition = ctl.breaker.step_predicted(&snap, prediction, now);
             if let Some(t) = &transition {
                 self.on_transition(id, class.tier(), ctl, t);
             }
@@ -344,8 +394,11 @@ impl Inner {
                     let (d, o) = self.policies.apply(
                         set,
                         id,
-                        &ctl.history,
-                        ctl.breaker.state(),
+                        crate::policy::ClassTick {
+                            history: &ctl.history,
+                            state: ctl.breaker.state(),
+                            prediction,
+                        },
                         Directive::unpack(directive),
                         &mut ctl.policy_state,
                     );
@@ -359,7 +412,12 @@ impl Inner {
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(&self.service, &self.names[id.index()], class.tier())
             });
-            metrics.record_tick(&snap, ctl.reader.last_histogram(), ctl.breaker.state());
+            metrics.record_tick(
+                &snap,
+                ctl.reader.last_histogram(),
+                ctl.breaker.state(),
+                prediction,
+            );
         }
         // Registered on the first tick, like the class handles, so a recorder installed after
         // the degrader was built is used.
@@ -368,6 +426,32 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert_with(|| ServiceMetrics::new(&self.service));
         self.publish_status();
+    }
+
+    /// Run the predictor, if any, on every class's feature history; `None` without one.
+    fn predict(&self) -> Option<Vec<f32>> {
+        let mut guard = self.predictor.lock().unwrap_or_else(|e| e.into_inner());
+        let runner = guard.as_mut()?;
+        let per_class = crate::predict::WINDOW * crate::predict::N_FEATURES;
+        let (outcome, error) = runner.run(|buf| {
+            for (id, _) in self.registry.iter() {
+                let i = id.index();
+                self.control(id)
+                    .features
+                    .write(&mut buf[i * per_class..(i + 1) * per_class]);
+            }
+        });
+        match outcome {
+            crate::predict::Outcome::Fresh => {}
+            crate::predict::Outcome::Overrun => {
+                crate::metrics::predictor_overrun(&self.service);
+            }
+            crate::predict::Outcome::Failed => {
+                tracing::warn!(service = %self.service, error = error.as_deref().unwrap_or(""), "predictor failed; keeping the last predictions");
+            }
+        }
+        debug_assert_eq!(runner.classes(), self.registry.len());
+        Some(runner.last.clone())
     }
 
     fn on_transition(&self, id: ClassId, tier: Tier, ctl: &mut ClassControl, t: &Transition) {
@@ -393,6 +477,7 @@ impl Inner {
                     manual: ctl.breaker.is_manual(),
                     directive: Directive::unpack(self.cells[id.index()].directive.load()),
                     window: ctl.history.latest().copied().unwrap_or_default(),
+                    prediction: ctl.prediction,
                 }
             })
             .collect();
@@ -452,6 +537,7 @@ impl Degrader {
             tick: DEFAULT_TICK,
             clock: LatencyClock::default(),
             env: String::new(),
+            predictor: None,
             #[cfg(feature = "rhai")]
             policy_limits: crate::policy::Limits::default(),
         }

@@ -86,6 +86,7 @@ pub mod metrics;
 #[cfg(feature = "rhai")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
 pub mod policy;
+pub mod predict;
 pub mod protocol;
 pub mod task;
 pub mod window;

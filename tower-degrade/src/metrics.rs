@@ -9,6 +9,8 @@
 //! | `degrade_breaker_state` | gauge ([`State::as_gauge`]) | service, class, tier |
 //! | `degrade_breaker_transitions_total` | counter | service, class, tier, from, to, enforced |
 //! | `degrade_health_score` | gauge, 0–100 | service |
+//! | `degrade_prediction` | gauge, 0–1 (with a predictor) | service, class, tier |
+//! | `degrade_predictor_overruns_total` | counter | service |
 //!
 //! Label values come from configuration only (class names, tiers, fixed enums), so cardinality
 //! is bounded whatever clients send. Handles are registered on the first tick; install the
@@ -34,6 +36,10 @@ pub const BREAKER_STATE: &str = "degrade_breaker_state";
 pub const TRANSITIONS: &str = "degrade_breaker_transitions_total";
 /// The service health score.
 pub const HEALTH_SCORE: &str = "degrade_health_score";
+/// The failure predictor's probability per class.
+pub const PREDICTION: &str = "degrade_prediction";
+/// Ticks where the predictor did not answer within its budget.
+pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
 
 fn labels(service: &str, class: &str, tier: Tier) -> Vec<Label> {
     vec![
@@ -50,6 +56,7 @@ pub(crate) struct ClassMetrics {
     inflight: Gauge,
     queue_depth: Gauge,
     state: Gauge,
+    prediction: Gauge,
 }
 
 impl std::fmt::Debug for ClassMetrics {
@@ -74,7 +81,8 @@ impl ClassMetrics {
             latency: histogram!(LATENCY, base.clone()),
             inflight: gauge!(INFLIGHT, base.clone()),
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
-            state: gauge!(BREAKER_STATE, base),
+            state: gauge!(BREAKER_STATE, base.clone()),
+            prediction: gauge!(PREDICTION, base),
         }
     }
 
@@ -83,6 +91,7 @@ impl ClassMetrics {
         w: &WindowSnapshot,
         buckets: impl Iterator<Item = (u64, u32)>,
         state: State,
+        prediction: Option<f64>,
     ) {
         let counts = [
             w.successes,
@@ -103,6 +112,9 @@ impl ClassMetrics {
         self.inflight.set(w.inflight as f64);
         self.queue_depth.set(w.queue_depth as f64);
         self.state.set(state.as_gauge());
+        if let Some(p) = prediction {
+            self.prediction.set(p);
+        }
     }
 }
 
@@ -127,6 +139,11 @@ impl ServiceMetrics {
     pub(crate) fn health(&self, score: f64) {
         self.health.set(score);
     }
+}
+
+/// Count a tick where the predictor overran its budget.
+pub(crate) fn predictor_overrun(service: &str) {
+    counter!(PREDICTOR_OVERRUNS, "service" => service.to_owned()).increment(1);
 }
 
 /// Count a transition and log it: at `warn` when calls are diverted, `info` otherwise.

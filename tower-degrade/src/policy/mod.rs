@@ -205,6 +205,14 @@ impl fmt::Debug for Runtime {
     }
 }
 
+/// What a class's policies see of one tick.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClassTick<'a> {
+    pub(crate) history: &'a Arc<History>,
+    pub(crate) state: State,
+    pub(crate) prediction: Option<f64>,
+}
+
 /// Per class, what the control loop remembers between ticks: the policies quarantined for the
 /// set of this version.
 #[derive(Debug, Default)]
@@ -243,7 +251,13 @@ impl Runtime {
         self.current.load_full()
     }
 
-    fn ctx(&self, class: usize, history: Arc<History>, state: State) -> TickCtx {
+    fn ctx(
+        &self,
+        class: usize,
+        history: Arc<History>,
+        state: State,
+        prediction: Option<f64>,
+    ) -> TickCtx {
         let c = &self.classes[class];
         TickCtx {
             history,
@@ -254,7 +268,7 @@ impl Runtime {
             tolerance: c.tolerance,
             dependencies: c.dependencies.clone(),
             tags: c.tags.clone(),
-            prediction: None,
+            prediction,
             service: self.service.clone(),
             env: self.env.clone(),
         }
@@ -490,7 +504,7 @@ impl Runtime {
             ("an open breaker", sample(0, 30, 2000, 5), State::Open),
         ];
         for (what, history, state) in samples {
-            let ctx = self.ctx(class, history, state);
+            let ctx = self.ctx(class, history, state, None);
             self.decide(policy, ctx.clone()).map_err(|(line, reason)| {
                 PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
             })?;
@@ -587,8 +601,7 @@ impl Runtime {
         &self,
         set: &Arc<PolicySet>,
         class: ClassId,
-        history: &Arc<History>,
-        state: State,
+        tick: ClassTick<'_>,
         breaker: crate::directive::Directive,
         memo: &mut ClassPolicyState,
     ) -> (crate::directive::Directive, Option<Overlay>) {
@@ -599,7 +612,12 @@ impl Runtime {
             };
         }
         let info = &self.classes[class.index()];
-        let ctx = self.ctx(class.index(), history.clone(), state);
+        let ctx = self.ctx(
+            class.index(),
+            tick.history.clone(),
+            tick.state,
+            tick.prediction,
+        );
         let mut everyone: Vec<(i64, Decision)> = Vec::new();
         let mut rules = Vec::new();
         let mut hooks = Vec::new();

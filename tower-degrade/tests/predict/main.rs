@@ -1,0 +1,268 @@
+//! The predictor's plug-in point: batched per tick, within a budget, driving the breaker.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
+use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, State};
+
+/// Records every batch it sees and answers with fixed probabilities.
+#[derive(Clone, Default)]
+struct Recorder {
+    batches: Arc<Mutex<Vec<Vec<f32>>>>,
+    answer: Arc<Mutex<Vec<f32>>>,
+}
+
+impl Predictor for Recorder {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        self.batches.lock().unwrap().push(input.to_vec());
+        let answer = self.answer.lock().unwrap();
+        for (o, a) in out.iter_mut().zip(answer.iter()) {
+            *o = *a;
+        }
+        Ok(())
+    }
+}
+
+fn with_predictor(p: impl Predictor) -> Degrader {
+    Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::silver("stock"))
+        .predictor(p, PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_batch_per_tick_over_every_class_newest_window_last() {
+    let rec = Recorder::default();
+    *rec.answer.lock().unwrap() = vec![0.1, 0.2, 0.9];
+    let d = with_predictor(rec.clone());
+    let warmups = rec.batches.lock().unwrap().len();
+    assert_eq!(warmups, 1, "warmed up once at build");
+    let mut svc =
+        d.layer(d.class_id("stock").unwrap())
+            .layer(service_fn(|fail: bool| async move {
+                if fail {
+                    Err::<(), BoxError>("db".into())
+                } else {
+                    Ok(())
+                }
+            }));
+    for i in 0..10 {
+        svc.ready().await.unwrap().call(i < 3).await.ok();
+    }
+    d.tick_now();
+    let batches = rec.batches.lock().unwrap();
+    assert_eq!(batches.len(), 2);
+    let input = &batches[1];
+    assert_eq!(
+        input.len(),
+        3 * WINDOW * N_FEATURES,
+        "[default, pay, stock] x 64 x 8"
+    );
+    let stock_newest = (2 * WINDOW + WINDOW - 1) * N_FEATURES;
+    assert!(
+        (input[stock_newest + 1] - 0.7).abs() < 1e-6,
+        "success rate 7/10"
+    );
+    assert!(
+        (input[stock_newest + 2] - 0.3).abs() < 1e-6,
+        "error rate 3/10"
+    );
+    assert!(
+        input[2 * WINDOW * N_FEATURES..stock_newest]
+            .iter()
+            .all(|v| *v == 0.0),
+        "zero-padded"
+    );
+    let status = d.status();
+    let preds: Vec<_> = status.classes.iter().map(|c| c.prediction).collect();
+    assert_eq!(
+        preds,
+        [
+            Some(0.1f32 as f64),
+            Some(0.2f32 as f64),
+            Some(0.9f32 as f64)
+        ]
+    );
+}
+
+/// Predicts failure from the trend: p99 over the SLA rose for 3 ticks in a row and is above 2x.
+struct Trend;
+
+impl Predictor for Trend {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        for (class, p) in out.iter_mut().enumerate() {
+            let p99 = |ago: usize| input[(class * WINDOW + WINDOW - 1 - ago) * N_FEATURES + 5];
+            let rising = p99(0) > p99(1) && p99(1) > p99(2) && p99(2) > p99(3);
+            *p = if rising && p99(0) > 2.0 { 0.95 } else { 0.05 };
+        }
+        Ok(())
+    }
+}
+
+/// A slow leak on `stock` (SLA 200 ms): latency grows 100 ms per tick, errors grow with it.
+/// Returns the tick at which the class left Closed.
+async fn leak(d: &Degrader) -> usize {
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(service_fn(
+        |(ms, fail): (u64, bool)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if fail {
+                Err::<(), BoxError>("db".into())
+            } else {
+                Ok(())
+            }
+        },
+    ));
+    for tick in 1..=30 {
+        let ms = 100 * tick as u64;
+        let fail_every = if tick > 4 { 8 } else { 1_000 };
+        for i in 0..20 {
+            let _ = svc
+                .ready()
+                .await
+                .unwrap()
+                .call((ms, i % fail_every == 0))
+                .await;
+        }
+        d.tick_now();
+        if d.state("stock").unwrap() != State::Closed {
+            return tick;
+        }
+    }
+    panic!("never left Closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_predictor_degrades_before_the_threshold_rule_would() {
+    let plain = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let rule_tick = leak(&plain).await;
+
+    let predicted = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock"))
+        .predictor(Trend, PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let predicted_tick = leak(&predicted).await;
+    assert_eq!(predicted.state("stock").unwrap(), State::Degraded);
+    let lead = rule_tick - predicted_tick;
+    eprintln!(
+        "threshold rule degraded at tick {rule_tick}, the predictor at tick {predicted_tick}: lead {lead} ticks"
+    );
+    assert!(
+        lead >= 2,
+        "lead {lead} ticks (rule {rule_tick}, predictor {predicted_tick})"
+    );
+}
+
+/// Blocks until the test lets it go: far past any budget.
+struct Slow(std::sync::mpsc::Receiver<()>);
+
+impl Predictor for Slow {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        let _ = self.0.recv();
+        out.fill(0.99);
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _n: usize) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn an_overrun_keeps_the_last_prediction_and_is_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let (release, gate) = std::sync::mpsc::channel();
+    let d = with_predictor(Slow(gate));
+    metrics::with_local_recorder(&recorder, || {
+        d.tick_now(); // waits 8 ms, then gives up on this batch
+        d.tick_now(); // the worker is still busy: no new batch
+    });
+    let overruns = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(k, _, _, _)| k.key().name() == "degrade_predictor_overruns_total")
+        .map(|(_, _, _, v)| v);
+    assert_eq!(overruns, Some(DebugValue::Counter(2)));
+    assert!(
+        d.status().classes.iter().all(|c| c.prediction == Some(0.0)),
+        "the last (initial) predictions stand"
+    );
+    assert_eq!(d.state("pay").unwrap(), State::Closed);
+    // Once the batch finishes, the next tick picks up its predictions.
+    release.send(()).unwrap();
+    drop(release);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.status().classes[0].prediction != Some(0.99f32 as f64) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late batch never landed"
+        );
+        d.tick_now();
+    }
+}
+
+struct Broken;
+
+impl Predictor for Broken {
+    fn predict(&mut self, _: &[f32], _: &mut [f32]) -> Result<(), BoxError> {
+        Err("model file not found: models/p.onnx".into())
+    }
+}
+
+#[test]
+fn a_failing_warm_up_is_a_build_error() {
+    let Err(err) = Degrader::builder("shop")
+        .predictor(Broken, PredictorConfig::default())
+        .build_with_worker()
+    else {
+        panic!("built with a broken predictor");
+    };
+    assert_eq!(
+        err.to_string(),
+        "invalid `predictor`: warm-up failed: model file not found: models/p.onnx"
+    );
+}
+
+#[cfg(feature = "rhai")]
+#[tokio::test(start_paused = true)]
+async fn policies_see_the_prediction() {
+    let rec = Recorder::default();
+    *rec.answer.lock().unwrap() = vec![0.0, 0.0, 0.6];
+    let d = with_predictor(rec);
+    let src = r#"
+        fn policy() { #{ governs: ["stock"] } }
+        fn on_tick(ctx) { if ctx.has_prediction && ctx.prediction > 0.5 { shed() } }
+    "#;
+    d.load_policy_sources([("early", src)]).unwrap();
+    d.tick_now();
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(service_fn(|()| async { Ok::<_, BoxError>(()) }));
+    assert!(
+        svc.oneshot(()).await.is_err(),
+        "shed at p = 0.6, below the breaker's 0.87"
+    );
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+}
