@@ -17,11 +17,20 @@ use crate::degrader::Degrader;
 /// Closures `Fn(&Req) -> ClassId` implement it, and so does a [`ClassId`] (a fixed class).
 ///
 /// ```
-/// use tower_degrade::{ClassId, classify::ClassifyRequest};
+/// use tower_degrade::{ClassConfig, ClassId, Degrader, classify::ClassifyRequest};
+///
+/// # fn main() -> Result<(), tower_degrade::ConfigError> {
+/// let (degrader, _worker) = Degrader::builder("jobs")
+///     .class(ClassConfig::gold("payment_callback"))
+///     .build_with_worker()?;
+/// let payment = degrader.class_id("payment_callback")?;
 ///
 /// struct Job { kind: &'static str }
-/// let classify = |job: &Job| if job.kind == "pay" { ClassId::DEFAULT } else { ClassId::DEFAULT };
-/// assert_eq!(classify.classify(&Job { kind: "pay" }), ClassId::DEFAULT);
+/// let classify = move |job: &Job| if job.kind == "pay" { payment } else { ClassId::DEFAULT };
+/// assert_eq!(classify.classify(&Job { kind: "pay" }), payment);
+/// assert_eq!(classify.classify(&Job { kind: "log" }), ClassId::DEFAULT);
+/// # Ok(())
+/// # }
 /// ```
 pub trait ClassifyRequest<Req> {
     /// The class of `req`.

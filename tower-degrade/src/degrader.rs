@@ -42,7 +42,6 @@ pub(crate) struct ClassControl {
     reader: WindowReader,
     pub(crate) history: Arc<History>,
     features: crate::predict::FeatureHistory,
-    snapshot: WindowSnapshot,
     prediction: Option<f64>,
     metrics: Option<ClassMetrics>,
     #[cfg(feature = "rhai")]
@@ -238,7 +237,6 @@ impl Builder {
                     reader: WindowReader::default(),
                     history: Arc::default(),
                     features: Default::default(),
-                    snapshot: WindowSnapshot::default(),
                     prediction: None,
                     metrics: None,
                     #[cfg(feature = "rhai")]
@@ -368,7 +366,6 @@ impl Inner {
             );
             Arc::make_mut(&mut ctl.history).push(snap);
             ctl.features.push(&snap, class.sla_target());
-            ctl.snapshot = snap;
         }
         // One batched prediction over every class, within its budget.
         let predictions = self.predict();
@@ -377,7 +374,7 @@ impl Inner {
             let cell = &self.cells[id.index()];
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
-            let snap = ctl.snapshot;
+            let snap = ctl.history.latest().copied().unwrap_or_default();
             let prediction = predictions.as_ref().map(|p| f64::from(p[id.index()]));
             ctl.prediction = prediction;
             let transition = ctl.breaker.step_predicted(&snap, prediction, now);
@@ -450,7 +447,6 @@ impl Inner {
                 tracing::warn!(service = %self.service, error = error.as_deref().unwrap_or(""), "predictor failed; keeping the last predictions");
             }
         }
-        debug_assert_eq!(runner.classes(), self.registry.len());
         Some(runner.last.clone())
     }
 

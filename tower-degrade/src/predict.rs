@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::BoxError;
-use crate::window::WindowSnapshot;
+use crate::window::{Ring, WindowSnapshot};
 
 /// Features per tick.
 pub const N_FEATURES: usize = 8;
@@ -118,54 +118,37 @@ pub fn features(w: &WindowSnapshot, sla: Duration, mean_rps: f64) -> [f32; N_FEA
     .map(|v| v as f32)
 }
 
-/// Per class, the features of the last [`WINDOW`] ticks.
-#[derive(Debug, Clone)]
+/// Per class, the features of the last [`WINDOW`] ticks, each with its window's rate (for the
+/// rate baseline).
+#[derive(Debug, Clone, Default)]
 pub(crate) struct FeatureHistory {
-    ring: Box<[[f32; N_FEATURES]; WINDOW]>,
-    len: usize,
-    next: usize,
+    ring: Ring<([f32; N_FEATURES], f64), WINDOW>,
     rps_sum: f64,
-    rps: Box<[f64; WINDOW]>,
-}
-
-impl Default for FeatureHistory {
-    fn default() -> Self {
-        Self {
-            ring: Box::new([[0.0; N_FEATURES]; WINDOW]),
-            len: 0,
-            next: 0,
-            rps_sum: 0.0,
-            rps: Box::new([0.0; WINDOW]),
-        }
-    }
 }
 
 impl FeatureHistory {
     pub(crate) fn push(&mut self, w: &WindowSnapshot, sla: Duration) {
-        // The rate's baseline is the mean of the history before this window.
-        let mean = if self.len == 0 {
+        // The rate's baseline is the mean of the held windows before this one.
+        let len = self.ring.len();
+        let mean = if len == 0 {
             w.rps()
         } else {
-            self.rps_sum / self.len as f64
+            self.rps_sum / len as f64
         };
-        self.ring[self.next] = features(w, sla, mean);
-        if self.len == WINDOW {
-            self.rps_sum -= self.rps[self.next];
+        if let Some((_, evicted)) = self.ring.push((features(w, sla, mean), w.rps())) {
+            self.rps_sum -= evicted;
         }
-        self.rps[self.next] = w.rps();
         self.rps_sum += w.rps();
-        self.next = (self.next + 1) % WINDOW;
-        self.len = (self.len + 1).min(WINDOW);
     }
 
     /// Write the `[WINDOW, N_FEATURES]` block, oldest first, zero-padded at the start.
     pub(crate) fn write(&self, out: &mut [f32]) {
         out.fill(0.0);
-        let pad = WINDOW - self.len;
-        for i in 0..self.len {
-            let slot = (self.next + WINDOW - self.len + i) % WINDOW;
-            out[(pad + i) * N_FEATURES..(pad + i + 1) * N_FEATURES]
-                .copy_from_slice(&self.ring[slot]);
+        let len = self.ring.len();
+        let pad = WINDOW - len;
+        for (i, ago) in (0..len).rev().enumerate() {
+            let (features, _) = self.ring.get(ago).expect("ago < len");
+            out[(pad + i) * N_FEATURES..(pad + i + 1) * N_FEATURES].copy_from_slice(features);
         }
     }
 }
@@ -182,14 +165,12 @@ pub(crate) struct Runner {
     buffer: Option<Vec<f32>>,
     pub(crate) last: Vec<f32>,
     pub(crate) config: PredictorConfig,
-    n: usize,
 }
 
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
             .field("config", &self.config)
-            .field("classes", &self.n)
             .finish()
     }
 }
@@ -235,7 +216,6 @@ impl Runner {
             buffer: Some(vec![0.0; n * WINDOW * N_FEATURES]),
             last: vec![0.0; n],
             config,
-            n,
         })
     }
 
@@ -275,10 +255,6 @@ impl Runner {
             }
             Err(_) => (Outcome::Overrun, None),
         }
-    }
-
-    pub(crate) fn classes(&self) -> usize {
-        self.n
     }
 }
 

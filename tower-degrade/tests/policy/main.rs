@@ -900,10 +900,12 @@ async fn a_ten_percent_rollout_applies_to_ten_percent_of_keys_always_the_same() 
         .body(())
         .unwrap();
     assert_eq!(send(&mut svc, req).await, None);
-    // The bucket of a key is stable across processes and versions (FNV-1a).
+    // The bucket of a key is pinned (FNV-1a 64 mod 10,000, computed independently): it must not
+    // change across processes or versions, or rollouts would move users between slices.
+    assert_eq!(tower_degrade::policy::rollout_bucket("user-42"), 7419);
     assert_eq!(
-        tower_degrade::policy::rollout_bucket("user-42"),
-        tower_degrade::policy::rollout_bucket("user-42")
+        tower_degrade::policy::rollout_bucket(""),
+        (0xcbf2_9ce4_8422_2325u64 % 10_000) as u32
     );
 }
 
