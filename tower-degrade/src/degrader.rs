@@ -249,11 +249,14 @@ impl Builder {
         let predictor = match self.predictor {
             None => None,
             Some((p, cfg)) => Some(
-                crate::predict::Runner::start(p, registry.len(), cfg).map_err(|e| {
-                    ConfigError::InvalidValue {
-                        field: "predictor",
-                        reason: format!("warm-up failed: {e}"),
-                    }
+                crate::predict::Runner::start(
+                    p,
+                    &registry.iter().map(|(_, c)| c.name()).collect::<Vec<_>>(),
+                    cfg,
+                )
+                .map_err(|e| ConfigError::InvalidValue {
+                    field: "predictor",
+                    reason: format!("warm-up failed: {e}"),
                 })?,
             ),
         };

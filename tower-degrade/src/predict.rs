@@ -66,10 +66,11 @@ pub trait Predictor: Send + 'static {
     /// an imminent SLO breach (0.0..=1.0) into `out`.
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError>;
 
-    /// Called once before the first tick (load, allocate, run a dummy batch).
-    fn warm_up(&mut self, n_classes: usize) -> Result<(), BoxError> {
-        let input = vec![0.0; n_classes * WINDOW * N_FEATURES];
-        let mut out = vec![0.0; n_classes];
+    /// Called once before the first tick with the classes' names in batch order (load,
+    /// allocate, run a dummy batch).
+    fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
+        let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
+        let mut out = vec![0.0; classes.len()];
         self.predict(&input, &mut out)
     }
 }
@@ -189,10 +190,11 @@ pub(crate) enum Outcome {
 impl Runner {
     pub(crate) fn start(
         mut predictor: Box<dyn Predictor>,
-        n: usize,
+        classes: &[&str],
         config: PredictorConfig,
     ) -> Result<Self, BoxError> {
-        predictor.warm_up(n)?;
+        let n = classes.len();
+        predictor.warm_up(classes)?;
         let (requests, inbox) = mpsc::sync_channel::<Vec<f32>>(1);
         let (outbox, results) = mpsc::sync_channel(1);
         std::thread::Builder::new()

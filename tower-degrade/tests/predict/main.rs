@@ -176,7 +176,7 @@ impl Predictor for Slow {
         Ok(())
     }
 
-    fn warm_up(&mut self, _n: usize) -> Result<(), BoxError> {
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
         Ok(())
     }
 }
