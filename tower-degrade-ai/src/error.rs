@@ -1,0 +1,82 @@
+use std::path::PathBuf;
+
+/// Why the ONNX predictor could not be built or run.
+///
+/// A missing library or model is reported here, at build of the predictor, never as a panic;
+/// the rest of the stack runs without a predictor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// No ONNX Runtime shared library was found. `tried` lists each place looked at and why it
+    /// did not serve.
+    LibraryNotFound {
+        /// Places looked at, in order, with what was wrong with each.
+        tried: Vec<String>,
+    },
+    /// The library was found but ONNX Runtime refused it (wrong version, not a library).
+    Library {
+        /// The library file.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        reason: String,
+    },
+    /// The model file does not exist or cannot be read.
+    ModelNotFound {
+        /// The model file.
+        path: PathBuf,
+    },
+    /// ONNX Runtime could not load the model.
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        reason: String,
+    },
+    /// The model loads but does not take `window [batch, 64, 8]` float32 and answer
+    /// `p_anomaly [batch, 1]`.
+    Contract {
+        /// The model file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// An inference failed, or answered something other than probabilities.
+    Inference(String),
+    /// A recorder could not create or write its CSV files.
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LibraryNotFound { tried } => {
+                write!(
+                    f,
+                    "ONNX Runtime library not found (install it with `pip install onnxruntime==1.31.1` \
+                     or point ORT_DYLIB_PATH at libonnxruntime.so); tried: "
+                )?;
+                f.write_str(&tried.join("; "))
+            }
+            Self::Library { path, reason } => {
+                write!(f, "ONNX Runtime library {}: {reason}", path.display())
+            }
+            Self::ModelNotFound { path } => write!(f, "model file {} not found", path.display()),
+            Self::Model { path, reason } => write!(f, "model {}: {reason}", path.display()),
+            Self::Contract { path, reason } => write!(
+                f,
+                "model {} does not fit the predictor contract (window [batch, 64, 8] f32 -> \
+                 p_anomaly [batch, 1]): {reason}",
+                path.display()
+            ),
+            Self::Inference(reason) => write!(f, "inference failed: {reason}"),
+            Self::Io { path, reason } => write!(f, "{}: {reason}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

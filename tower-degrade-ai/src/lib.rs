@@ -1,0 +1,47 @@
+//! The ONNX failure predictor for [`tower_degrade`]: early warning of SLO breaches.
+//!
+//! [`OnnxPredictor`] plugs into the control loop through
+//! [`Builder::predictor`](tower_degrade::Builder::predictor). Once per tick it runs one batched
+//! inference over every class (`window [n_classes, 64, 8]` float32 ->
+//! `p_anomaly [n_classes, 1]`) off the request path, within the loop's time budget; a class
+//! whose probability stays at or above the breaker's threshold (0.87) for the configured ticks
+//! is degraded early, with reason `predicted`. The features are
+//! [`tower_degrade::predict::FEATURES`].
+//!
+//! [`Recorder`] writes the same features per tick to CSV, so traces of a running service under
+//! fault injection can be evaluated (`training/evaluate.py`) and trained on.
+//!
+//! # ONNX Runtime
+//!
+//! Inference goes through ONNX Runtime with [`ort`], loaded at run time (`load-dynamic`):
+//! nothing is downloaded at build. The library is found at [`ORT_DYLIB_PATH`], else at the
+//! path found when this crate was built, else in the `onnxruntime` Python package
+//! (`pip install onnxruntime==1.31.1`, which ships `capi/libonnxruntime.so.1.31.1`). A missing
+//! library or model is an [`Error`] from the predictor's build, never a panic, and the rest of
+//! the stack runs without a predictor. One ort environment serves the whole process.
+//!
+//! With the `cuda` feature and the `onnxruntime-gpu` wheel's library,
+//! [`Device::Cuda`] runs on the GPU, falling back to the CPU with the reason logged.
+//!
+//! # Dependencies
+//!
+//! - `ort`: the maintained Rust binding to ONNX Runtime, the inference engine the design
+//!   chose; used without default features so the build never downloads binaries.
+//! - `tracing`: where the library was loaded from, and why a GPU was not used.
+
+mod error;
+mod onnx;
+mod recorder;
+mod runtime;
+
+pub use error::Error;
+pub use onnx::{
+    BUNDLED_MODEL, Device, INPUT_NAME, OUTPUT_NAME, OnnxPredictor, OnnxPredictorBuilder,
+};
+pub use recorder::{Fault, Recorder};
+pub use runtime::{ORT_DYLIB_PATH, loaded_library, locate_library};
+
+/// `docs/predictor.md`'s code, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/predictor.md")]
+struct PredictorGuide;

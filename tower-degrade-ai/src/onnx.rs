@@ -1,0 +1,312 @@
+//! [`OnnxPredictor`]: a [`Predictor`] running an ONNX model through ONNX Runtime.
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::TensorRef;
+use tower_degrade::BoxError;
+use tower_degrade::predict::{N_FEATURES, Predictor, WINDOW};
+
+use crate::{Error, runtime};
+
+/// The input the model must take: `[batch, 64, 8]` float32.
+pub const INPUT_NAME: &str = "window";
+/// The output the model must give: `[batch, 1]` float32 probabilities.
+pub const OUTPUT_NAME: &str = "p_anomaly";
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider (cargo feature `cuda`, and the library from the
+    /// `onnxruntime-gpu` wheel). Falls back to the CPU, with the reason logged and kept in
+    /// [`OnnxPredictor::fallback_reason`], when no GPU can be used.
+    Cuda {
+        /// The CUDA device's ordinal.
+        device_id: i32,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    File,
+    Bytes(&'static [u8]),
+}
+
+/// The model shipped with this crate (`models/p_anomaly.onnx`; its card is
+/// `models/MODEL_CARD.md`).
+pub const BUNDLED_MODEL: &[u8] = include_bytes!("../models/p_anomaly.onnx");
+
+/// Builds an [`OnnxPredictor`].
+#[derive(Debug, Clone)]
+pub struct OnnxPredictorBuilder {
+    model: PathBuf,
+    source: Source,
+    device: Device,
+    threads: usize,
+}
+
+impl OnnxPredictorBuilder {
+    /// Where inference runs (default: CPU).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// ONNX Runtime's intra-op threads (default 1: the model is small and the control loop
+    /// should not compete with the service for cores).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Loads the library (once per process) and the model, and checks the model's contract.
+    pub fn build(self) -> Result<OnnxPredictor, Error> {
+        let path = self.model;
+        if matches!(self.source, Source::File) && !path.is_file() {
+            return Err(Error::ModelNotFound { path });
+        }
+        let env = runtime::environment()?;
+        let model_err = |e: ort::Error| Error::Model {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let builder = Session::builder(env)
+            .map_err(model_err)?
+            .with_intra_threads(self.threads)
+            .map_err(|e| model_err(e.into()))?;
+        let (mut builder, device, fallback_reason) = with_device(builder, self.device);
+        let session = match &self.source {
+            Source::File => builder.commit_from_file(&path),
+            Source::Bytes(bytes) => builder.commit_from_memory(bytes),
+        }
+        .map_err(model_err)?;
+        check_contract(&session, &path)?;
+        Ok(OnnxPredictor {
+            session,
+            path,
+            device,
+            fallback_reason,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn with_device(
+    builder: ort::session::builder::SessionBuilder,
+    device: Device,
+) -> (
+    ort::session::builder::SessionBuilder,
+    Device,
+    Option<String>,
+) {
+    match device {
+        Device::Cpu => (builder, Device::Cpu, None),
+        Device::Cuda { device_id } => {
+            let ep = ort::ep::CUDA::default().with_device_id(device_id);
+            match builder.with_execution_providers([ep.build().error_on_failure()]) {
+                Ok(builder) => (builder, device, None),
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::warn!(%reason, "CUDA unavailable, the predictor runs on the CPU");
+                    (e.recover(), Device::Cpu, Some(reason))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_device(
+    builder: ort::session::builder::SessionBuilder,
+    device: Device,
+) -> (
+    ort::session::builder::SessionBuilder,
+    Device,
+    Option<String>,
+) {
+    match device {
+        Device::Cpu => (builder, Device::Cpu, None),
+        Device::Cuda { .. } => {
+            let reason = "built without the `cuda` feature".to_owned();
+            tracing::warn!(%reason, "CUDA requested, the predictor runs on the CPU");
+            (builder, Device::Cpu, Some(reason))
+        }
+    }
+}
+
+fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
+    let fail = |reason: String| Error::Contract {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let [input] = session.inputs() else {
+        return Err(fail(format!(
+            "{} inputs, expected one",
+            session.inputs().len()
+        )));
+    };
+    let [output] = session.outputs() else {
+        return Err(fail(format!(
+            "{} outputs, expected one",
+            session.outputs().len()
+        )));
+    };
+    let dims = |outlet: &ort::value::Outlet| -> Option<Vec<i64>> {
+        outlet
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.iter().copied().collect())
+    };
+    // -1 is a dynamic dimension (the batch).
+    let fits = |got: &[i64], want: &[i64]| {
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| *w == -1 || *g == -1 || g == w)
+    };
+    let want_in = [-1, WINDOW as i64, N_FEATURES as i64];
+    match dims(input) {
+        Some(d) if fits(&d, &want_in) => {}
+        other => {
+            return Err(fail(format!(
+                "input `{}` has shape {other:?}, expected [batch, {WINDOW}, {N_FEATURES}]",
+                input.name()
+            )));
+        }
+    }
+    match dims(output) {
+        Some(d) if fits(&d, &[-1, 1]) => {}
+        other => {
+            return Err(fail(format!(
+                "output `{}` has shape {other:?}, expected [batch, 1]",
+                output.name()
+            )));
+        }
+    }
+    if input.name() != INPUT_NAME || output.name() != OUTPUT_NAME {
+        tracing::info!(
+            input = input.name(),
+            output = output.name(),
+            "model's names differ from window/p_anomaly; using them by position"
+        );
+    }
+    Ok(())
+}
+
+/// A [`Predictor`] running an ONNX model: once per control tick, one batched inference over
+/// every class (`window [n_classes, 64, 8]` -> `p_anomaly [n_classes, 1]`).
+///
+/// ```no_run
+/// use tower_degrade::{ClassConfig, Degrader, predict::PredictorConfig};
+/// use tower_degrade_ai::OnnxPredictor;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let predictor = OnnxPredictor::bundled()?;
+/// let degrader = Degrader::builder("shop")
+///     .class(ClassConfig::gold("payment"))
+///     .predictor(predictor, PredictorConfig::default())
+///     .build()?;
+/// # Ok(()) }
+/// ```
+pub struct OnnxPredictor {
+    session: Session,
+    path: PathBuf,
+    device: Device,
+    fallback_reason: Option<String>,
+}
+
+impl std::fmt::Debug for OnnxPredictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxPredictor")
+            .field("model", &self.path)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnnxPredictor {
+    /// A builder for the model at `model`.
+    pub fn builder(model: impl Into<PathBuf>) -> OnnxPredictorBuilder {
+        OnnxPredictorBuilder {
+            model: model.into(),
+            source: Source::File,
+            device: Device::Cpu,
+            threads: 1,
+        }
+    }
+
+    /// A builder for the model shipped with this crate ([`BUNDLED_MODEL`]).
+    pub fn bundled_builder() -> OnnxPredictorBuilder {
+        OnnxPredictorBuilder {
+            model: PathBuf::from("<bundled p_anomaly.onnx>"),
+            source: Source::Bytes(BUNDLED_MODEL),
+            device: Device::Cpu,
+            threads: 1,
+        }
+    }
+
+    /// The model shipped with this crate, on the CPU.
+    pub fn bundled() -> Result<Self, Error> {
+        Self::bundled_builder().build()
+    }
+
+    /// Loads the model at `model` to run on the CPU.
+    pub fn load(model: impl Into<PathBuf>) -> Result<Self, Error> {
+        Self::builder(model).build()
+    }
+
+    /// The model file.
+    pub fn model_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where inference actually runs.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Why a requested GPU is not used, if it is not.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// One batched inference: `input` is `[out.len(), 64, 8]` row-major.
+    pub fn run(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
+        let batch = out.len();
+        if input.len() != batch * WINDOW * N_FEATURES {
+            return Err(Error::Inference(format!(
+                "input holds {} values, expected {batch} x {WINDOW} x {N_FEATURES}",
+                input.len()
+            )));
+        }
+        let inference = |e: ort::Error| Error::Inference(e.to_string());
+        let tensor =
+            TensorRef::from_array_view(([batch, WINDOW, N_FEATURES], input)).map_err(inference)?;
+        let outputs = self.session.run(ort::inputs![tensor]).map_err(inference)?;
+        let (_, p) = outputs[0].try_extract_tensor::<f32>().map_err(inference)?;
+        if p.len() != batch {
+            return Err(Error::Inference(format!(
+                "model answered {} values for a batch of {batch}",
+                p.len()
+            )));
+        }
+        for (o, &p) in out.iter_mut().zip(p) {
+            if !p.is_finite() {
+                return Err(Error::Inference(format!("model answered {p}")));
+            }
+            *o = p.clamp(0.0, 1.0);
+        }
+        Ok(())
+    }
+}
+
+impl Predictor for OnnxPredictor {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        Ok(self.run(input, out)?)
+    }
+}

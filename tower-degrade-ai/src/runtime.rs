@@ -1,0 +1,140 @@
+//! Finding ONNX Runtime's shared library and holding the one ort environment of the process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+
+use crate::Error;
+
+/// The environment variable naming the library file; it wins over every other lookup.
+pub const ORT_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
+
+/// ONNX Runtime allows one environment per process: the first predictor creates it, every
+/// later one shares it (or the reason it could not be created).
+static ENVIRONMENT: OnceLock<Result<(Environment, PathBuf), Error>> = OnceLock::new();
+
+/// The process's ort environment, loading the library on first use.
+pub(crate) fn environment() -> Result<&'static Environment, Error> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = locate_library()?;
+            let builder = ort::init_from(&path).map_err(|e| Error::Library {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let env = builder
+                .with_name("tower-degrade")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| Error::Library {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+            Ok((env, path))
+        })
+        .as_ref()
+        .map(|(env, _)| env)
+        .map_err(Clone::clone)
+}
+
+/// The library the process loaded, once a predictor has been built.
+pub fn loaded_library() -> Option<&'static Path> {
+    match ENVIRONMENT.get() {
+        Some(Ok((_, path))) => Some(path),
+        _ => None,
+    }
+}
+
+/// Where the ONNX Runtime library is: `ORT_DYLIB_PATH`, else the path found when this crate was
+/// built, else the `onnxruntime` Python package of the `python3` on `PATH`.
+///
+/// Each place is checked for an existing file before ort sees it, so a missing library is
+/// reported as [`Error::LibraryNotFound`] listing what was tried.
+pub fn locate_library() -> Result<PathBuf, Error> {
+    let mut tried = Vec::new();
+    if let Some(path) = std::env::var_os(ORT_DYLIB_PATH) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        // An explicit path that is wrong is an error, not a cue to look elsewhere.
+        tried.push(format!(
+            "{ORT_DYLIB_PATH}={} (no such file)",
+            path.display()
+        ));
+        return Err(Error::LibraryNotFound { tried });
+    }
+    tried.push(format!("{ORT_DYLIB_PATH} (not set)"));
+    match option_env!("TOWER_DEGRADE_AI_ORT_BUILD_PATH") {
+        Some(path) if Path::new(path).is_file() => return Ok(PathBuf::from(path)),
+        Some(path) => tried.push(format!("{path} (found at build time, now gone)")),
+        None => tried.push("no library found at build time".into()),
+    }
+    match python_package_dir() {
+        Ok(dir) => {
+            let capi = dir.join("capi");
+            match library_in(&capi) {
+                Some(path) => return Ok(path),
+                None => tried.push(format!("{} (no libonnxruntime.so*)", capi.display())),
+            }
+        }
+        Err(why) => tried.push(format!("python3 -c 'import onnxruntime' ({why})")),
+    }
+    Err(Error::LibraryNotFound { tried })
+}
+
+fn python_package_dir() -> Result<PathBuf, String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().last().unwrap_or("failed").trim().to_owned());
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The wheel ships only a versioned file (`libonnxruntime.so.1.31.1`), no unversioned link.
+fn library_in(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libonnxruntime.so")
+                    || (n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
+            })
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_versioned_library_only_among_the_wheels_files() {
+        let dir = std::env::temp_dir().join(format!("tdai-capi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "libonnxruntime_providers_shared.so",
+            "onnxruntime_pybind11_state.so",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        assert_eq!(library_in(&dir), None);
+        std::fs::write(dir.join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        assert_eq!(library_in(&dir), Some(dir.join("libonnxruntime.so.1.31.1")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,216 @@
+//! The ONNX predictor against a real ONNX Runtime: the bundled model, the contract checks, the
+//! errors, Rust against Python, and the predictor degrading a class before the threshold rule.
+//!
+//! These tests need ONNX Runtime's library (`pip install onnxruntime==1.31.1`). Without it they
+//! say so and pass, unless `TOWER_DEGRADE_AI_REQUIRE_ORT` is set (CI sets it), in which case
+//! its absence fails them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
+use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, State};
+use tower_degrade_ai::{Error, OnnxPredictor};
+
+fn runtime_present() -> bool {
+    match tower_degrade_ai::locate_library() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("TOWER_DEGRADE_AI_REQUIRE_ORT").is_some() => {
+            panic!("TOWER_DEGRADE_AI_REQUIRE_ORT is set but: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// The formula `training/reference.py` uses: a healthy class's levels ramping from tick 40 on,
+/// faster with each batch row, plus a ripple.
+fn fixed_input(batch: usize) -> Vec<f32> {
+    const LEVEL: [f32; N_FEATURES] = [1.0, 1.0, 0.0, 0.0, 0.15, 0.5, 0.2, 0.03];
+    let mut v = Vec::with_capacity(batch * WINDOW * N_FEATURES);
+    for b in 0..batch {
+        for t in 0..WINDOW {
+            for (f, level) in LEVEL.iter().enumerate() {
+                let ramp = 1.0 + b as f32 * t.saturating_sub(40) as f32 / 8.0;
+                let ripple = ((131 * b + 17 * t + 7 * f) % 23) as f32 / 200.0;
+                v.push(level * ramp + ripple);
+            }
+        }
+    }
+    v
+}
+
+/// `p_anomaly` from `models/p_anomaly.reference.json`, written by Python onnxruntime.
+fn python_reference() -> Vec<f32> {
+    let text = std::fs::read_to_string(fixture("models/p_anomaly.reference.json")).unwrap();
+    let list = text.split("\"p_anomaly\"").nth(1).unwrap();
+    let list = &list[list.find('[').unwrap() + 1..list.find(']').unwrap()];
+    list.split(',').map(|v| v.trim().parse().unwrap()).collect()
+}
+
+#[test]
+fn rust_and_python_onnxruntime_agree() {
+    if !runtime_present() {
+        return;
+    }
+    let mut p = OnnxPredictor::bundled().unwrap();
+    let want = python_reference();
+    let mut got = vec![0.0; want.len()];
+    p.run(&fixed_input(want.len()), &mut got).unwrap();
+    let max_abs = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("Rust {got:?} vs Python {want:?}: max abs diff {max_abs:e}");
+    assert!(max_abs < 1e-5, "max abs diff {max_abs}");
+}
+
+#[test]
+fn answers_one_probability_per_class_whatever_the_batch() {
+    if !runtime_present() {
+        return;
+    }
+    let mut p = OnnxPredictor::bundled().unwrap();
+    for batch in [1, 3, 100] {
+        let input = fixed_input(batch);
+        let mut out = vec![f32::NAN; batch];
+        p.run(&input, &mut out).unwrap();
+        assert!(out.iter().all(|v| (0.0..=1.0).contains(v)), "{out:?}");
+        // one class's answer does not depend on the others in its batch
+        let mut alone = [0.0];
+        p.run(&input[..WINDOW * N_FEATURES], &mut alone).unwrap();
+        assert!((alone[0] - out[0]).abs() < 1e-6);
+    }
+    let err = p.run(&[0.0; 10], &mut [0.0]).unwrap_err();
+    assert!(matches!(err, Error::Inference(_)), "{err}");
+}
+
+#[test]
+fn a_missing_model_is_an_error_naming_the_file() {
+    let err = OnnxPredictor::load("no/such/model.onnx").unwrap_err();
+    assert_eq!(
+        err,
+        Error::ModelNotFound {
+            path: "no/such/model.onnx".into()
+        }
+    );
+    assert!(err.to_string().contains("no/such/model.onnx"));
+}
+
+#[test]
+fn a_file_that_is_not_a_model_is_an_error_naming_the_file() {
+    if !runtime_present() {
+        return;
+    }
+    let err = OnnxPredictor::load(fixture("Cargo.toml")).unwrap_err();
+    assert!(matches!(err, Error::Model { .. }), "{err}");
+    assert!(err.to_string().contains("Cargo.toml"), "{err}");
+}
+
+#[test]
+fn a_model_with_another_window_is_refused_with_the_shapes() {
+    if !runtime_present() {
+        return;
+    }
+    let err = OnnxPredictor::load(fixture("tests/fixtures/window_32.onnx")).unwrap_err();
+    let Error::Contract { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("32") && reason.contains("[batch, 64, 8]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
+    if !runtime_present() {
+        return;
+    }
+    let p = OnnxPredictor::bundled_builder()
+        .device(tower_degrade_ai::Device::Cuda { device_id: 0 })
+        .build()
+        .unwrap();
+    if p.device() == tower_degrade_ai::Device::Cpu {
+        assert!(p.fallback_reason().is_some_and(|r| !r.is_empty()));
+    } else {
+        assert_eq!(p.fallback_reason(), None);
+    }
+}
+
+/// Twenty calls a tick to `stock` (SLA 200 ms): `healthy` ticks at 40-55 ms, then a database
+/// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
+/// the class left Closed, and its state then.
+async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(service_fn(
+        |(ms, fail): (u64, bool)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if fail {
+                Err::<(), BoxError>("db".into())
+            } else {
+                Ok(())
+            }
+        },
+    ));
+    for tick in 1..=healthy + 60 {
+        let slow = 1.15f64.powi(tick.saturating_sub(healthy) as i32);
+        for i in 0..20u64 {
+            let ms = ((40 + (i * 7 + tick as u64 * 3) % 16) as f64 * slow) as u64;
+            let fail_share = ((ms as f64 - 400.0) / 400.0).clamp(0.0, 1.0);
+            let fail = (i as f64) < fail_share * 20.0;
+            let _ = svc.ready().await.unwrap().call((ms, fail)).await;
+        }
+        d.tick_now();
+        let state = d.state("stock").unwrap();
+        if state != State::Closed {
+            return (tick, state);
+        }
+    }
+    panic!("never left Closed");
+}
+
+fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
+    let mut b = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)));
+    if let Some(p) = predictor {
+        let mut config = PredictorConfig::default();
+        // Paused time: the tick must not give up on the model because the host is slow.
+        config.budget = Duration::from_secs(10);
+        b = b.predictor(p, config);
+    }
+    b.build_with_worker().unwrap().0
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bundled_model_degrades_before_the_threshold_rule() {
+    if !runtime_present() {
+        return;
+    }
+    const HEALTHY: usize = 80;
+    let (rule_tick, _) = slow_database(&shop(None), HEALTHY).await;
+    let (model_tick, state) =
+        slow_database(&shop(Some(OnnxPredictor::bundled().unwrap())), HEALTHY).await;
+    eprintln!(
+        "slow database from tick {HEALTHY}: threshold rule degraded at tick {rule_tick}, \
+         the ONNX predictor at tick {model_tick}: lead {} ticks",
+        rule_tick as i64 - model_tick as i64
+    );
+    assert!(
+        model_tick > HEALTHY,
+        "tripped on healthy traffic at {model_tick}"
+    );
+    assert_eq!(state, State::Degraded);
+    assert!(
+        model_tick + 2 <= rule_tick,
+        "model {model_tick}, rule {rule_tick}"
+    );
+}
