@@ -1,0 +1,84 @@
+"""Tests of the evaluation protocol and the trace format (NumPy only; run with
+`python -m unittest discover -s tower-degrade-ai/training`)."""
+import os
+import tempfile
+import unittest
+
+import numpy as np
+
+from protocol import alarms, early_targets, episodes, evaluate
+from traces import FEATURES, Trace, breach_events, rate_ratio, read_csv, write_csv
+
+
+class Protocol(unittest.TestCase):
+    def test_targets_mark_the_horizon_before_onset_and_ignore_the_incident(self):
+        y = early_targets(20, [(10, 12)], H=3, grace=2)
+        self.assertEqual(y.tolist(), [0] * 7 + [1, 1, 1] + [-1] * 5 + [0] * 5)
+
+    def test_early_late_missed_and_lead(self):
+        a = np.zeros(100, bool)
+        a[8] = True          # early for (10, 12), lead 2
+        a[31] = True         # late for (30, 35)
+        r = evaluate(a, [(10, 12), (30, 35), (60, 62)], H=3, step_seconds=60)
+        self.assertEqual((r.early, r.late, r.missed), (1, 1, 1))
+        self.assertEqual(r.leads, [2])
+        self.assertEqual(r.fp_episodes, 0)
+
+    def test_alarms_on_normal_steps_are_false_trips_merged_within_h(self):
+        a = np.zeros(100, bool)
+        a[[50, 52, 80]] = True
+        r = evaluate(a, [(10, 12)], H=3, step_seconds=60, merge=3)
+        self.assertEqual(r.fp_episodes, 2)
+
+    def test_an_alarm_carried_over_from_the_previous_incident_is_not_early(self):
+        a = np.zeros(40, bool)
+        a[10:25] = True      # raised in incident (10, 12), still on when (22, 24)'s window opens
+        r = evaluate(a, [(10, 12), (22, 24)], H=3, step_seconds=60, grace=2)
+        self.assertEqual((r.early, r.late), (0, 2))
+
+    def test_k_consecutive_steps(self):
+        self.assertEqual(alarms(np.array([1, 1, 0, 1, 1, 1]), 0.5, 3).tolist(),
+                         [False, False, False, False, False, True])
+
+    def test_episodes_merge(self):
+        self.assertEqual(episodes(np.array([1, 0, 0, 1, 0, 0, 0, 0, 1]), merge=2), [(0, 3), (8, 8)])
+
+
+class Traces(unittest.TestCase):
+    def test_rate_ratio_is_rate_over_the_mean_of_the_previous_64(self):
+        r = rate_ratio(np.array([100.0] * 64 + [200.0]))
+        self.assertAlmostEqual(r[0], 1.0)
+        self.assertAlmostEqual(r[-1], 2.0)
+
+    def test_a_flapping_breach_is_one_incident_and_blips_are_none(self):
+        X = np.tile(np.array([1, 1, 0, 0, 0.1, 0.5, 0.2, 0.0], np.float32), (200, 1))
+        X[50:53, 5] = 2.0    # 3 ticks over the SLA
+        X[60:70, 1] = 0.5    # half the calls fail, 5 ticks later: same incident
+        X[150:152, 5] = 2.0  # 2 ticks: a blip
+        self.assertEqual(breach_events(X), [(50, 69)])
+
+    def test_csv_round_trip_keeps_events_and_splits(self):
+        X = np.random.default_rng(0).random((100, 8)).astype(np.float32)
+        tr = Trace("t", "recorded", X, [(40, 45)], 0.5, None, 60, 80)
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(tr, os.path.join(d, "t.csv"))
+            back = read_csv(os.path.join(d, "t.csv"))
+        self.assertEqual(back.events, [(40, 45)])
+        self.assertEqual((back.val_from, back.test_from, back.step_seconds), (60, 80, 0.5))
+        np.testing.assert_allclose(back.X, X, rtol=1e-4)
+
+    def test_bad_input_names_the_file_line_and_column(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "bad.csv")
+            with open(p, "w") as f:
+                f.write(",".join(FEATURES) + "\n" + ",".join(["1"] * 7 + ["x"]) + "\n")
+            with self.assertRaisesRegex(ValueError, r"bad.csv:2: column queue_delay_over_sla"):
+                read_csv(p)
+            with open(p, "w") as f:
+                f.write("time_s,rate_ratio\n0,1\n")
+            with self.assertRaisesRegex(ValueError, r"bad.csv: missing column\(s\) success_rate"):
+                read_csv(p)
+
+
+if __name__ == "__main__":
+    unittest.main()

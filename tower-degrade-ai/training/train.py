@@ -1,0 +1,202 @@
+"""Train the predictor and export it to ONNX.
+
+    python train.py --data PUBLIC_TRACES_DIR [--out ../models/p_anomaly.onnx] [--seed 7]
+
+Training data: the simulator's train traces, plus the train part of each public dataset
+(time-ordered: NAB's first 48 % per file, Nezha's first day, SMD's train file, each without
+its last 20 %, which is validation). Target: an SLO breach / labelled incident starts within
+the next H steps (protocol.early_targets; H = 20 ticks on 500 ms traces, 6 steps on the public
+data, see traces.headline_horizon), ignored inside incidents and their grace.
+Validation picks the epoch; the test parts are never read here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+import datasets
+import reference
+import simulate
+from model import Net, export
+from protocol import early_targets
+from traces import GRACE, headline_horizon, windows
+
+NEG_PER_POS = 40
+
+
+def targets(tr):
+    H = headline_horizon(tr.step_seconds)
+    return early_targets(tr.T, tr.events, H, grace=GRACE.get(tr.dataset, H), pre_ignore=tr.pre_ignore)
+
+
+def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, max_neg_per_trace=None):
+    """Windows and targets from the train or validation part of each trace."""
+    xs, ys = [], []
+    for tr in traces:
+        lo, hi = (0, tr.val_from) if part == "train" else (tr.val_from, tr.test_from)
+        if hi <= lo:
+            continue
+        y = targets(tr)
+        idx = np.arange(lo, hi)
+        pos = idx[y[lo:hi] == 1]
+        neg = idx[y[lo:hi] == 0]
+        n_neg = max(len(pos) * neg_per_pos, 200)
+        if max_neg_per_trace:
+            n_neg = min(n_neg, max_neg_per_trace)
+        if len(neg) > n_neg:
+            neg = rng.choice(neg, n_neg, replace=False)
+        sel = np.sort(np.concatenate([pos, neg]))
+        xs.append(windows(tr.X, sel))
+        ys.append((y[sel] == 1).astype(np.float32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def train_epoch(net, opt, Xt, yt, pos_weight) -> float:
+    net.train()
+    perm = torch.randperm(len(yt))
+    total = 0.0
+    for i in range(0, len(perm), 512):
+        b = perm[i:i + 512]
+        p = net(Xt[b]).squeeze(1).clamp(1e-6, 1 - 1e-6)
+        w = torch.where(yt[b] > 0, pos_weight, torch.tensor(1.0))
+        loss = nn.functional.binary_cross_entropy(p, yt[b], weight=w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(b)
+    return total / len(yt)
+
+
+def predict(net, X: np.ndarray) -> np.ndarray:
+    net.eval()
+    with torch.no_grad():
+        return np.concatenate([net(torch.from_numpy(X[i:i + 8192])).squeeze(1).numpy()
+                               for i in range(0, len(X), 8192)])
+
+
+def validate(net, Xv, yva) -> float:
+    from sklearn.metrics import average_precision_score
+    return float(average_precision_score(yva, predict(net, Xv.numpy())))
+
+
+def calibrate(net, traces) -> dict:
+    """Platt scaling on every validation step that has a target (no subsampling: the natural
+    base rate), so p_anomaly is a calibrated probability."""
+    from sklearn.linear_model import LogisticRegression
+    logits, ys = [], []
+    net.eval()
+    for tr in traces:
+        lo, hi = tr.val_from, tr.test_from
+        if hi <= lo:
+            continue
+        y = targets(tr)
+        idx = lo + np.flatnonzero(y[lo:hi] >= 0)
+        with torch.no_grad():
+            for i in range(0, len(idx), 8192):
+                x = torch.from_numpy(windows(tr.X, idx[i:i + 8192]))
+                logits.append(net.logit(x).squeeze(1).numpy())
+        ys.append(y[idx])
+    z = np.concatenate(logits)[:, None]
+    y = np.concatenate(ys)
+    lr = LogisticRegression(C=1e4).fit(z, y)
+    scale, shift = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    net.scale.fill_(scale)
+    net.shift.fill_(shift)
+    return dict(scale=round(scale, 4), shift=round(shift, 4), steps=int(len(y)), base_rate=round(float(y.mean()), 5))
+
+
+def hard_negatives(net, traces, n: int) -> np.ndarray:
+    """The n normal train windows scored highest."""
+    cand_x, cand_s = [], []
+    for tr in traces:
+        if tr.val_from <= 0:
+            continue
+        y = targets(tr)
+        idx = np.flatnonzero(y[:tr.val_from] == 0)
+        if len(idx) == 0:
+            continue
+        X = windows(tr.X, idx)
+        sc = predict(net, X)
+        keep = np.argsort(sc)[-max(1, n // 50):]
+        cand_x.append(X[keep])
+        cand_s.append(sc[keep])
+    s = np.concatenate(cand_s)
+    top = np.argsort(s)[-n:]
+    return np.concatenate(cand_x)[top]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="directory holding nab/, nezha/ and smd_subset/ (optional)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models", "p_anomaly.onnx"))
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--hard-negatives", type=int, default=20000,
+                    help="normal windows the first model scores highest, added for a second round")
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    traces = simulate.dataset(a.seed)
+    if a.data:
+        for v in datasets.load(a.data).values():
+            traces += v
+    Xtr, ytr = sample(traces, "train", rng)
+    Xva, yva = sample(traces, "val", rng)
+    print(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
+          f" in {time.time() - t0:.0f} s")
+
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
+    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    Xv = torch.from_numpy(Xva)
+    best = (-1.0, None, -1)
+    for epoch in range(a.epochs):
+        total = train_epoch(net, opt, Xt, yt, pos_weight)
+        ap_val = validate(net, Xv, yva)
+        print(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
+        if ap_val > best[0]:
+            best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
+    net.load_state_dict(best[1])
+    if a.hard_negatives:
+        # Second round: the normal windows the first model likes most. A breaker may trip at
+        # most about once a day, so the rare normal window that looks like a precursor (a
+        # burst, a GC pause) matters more than the many that do not.
+        Xh = hard_negatives(net, traces, a.hard_negatives)
+        Xt = torch.cat([Xt, torch.from_numpy(Xh)])
+        yt = torch.cat([yt, torch.zeros(len(Xh))])
+        print(f"added {len(Xh)} hard negatives ({time.time() - t0:.0f} s)")
+        for g in opt.param_groups:
+            g["lr"] = 1e-3
+        for epoch in range(a.epochs, a.epochs + a.epochs // 2):
+            total = train_epoch(net, opt, Xt, yt, pos_weight)
+            ap_val = validate(net, Xv, yva)
+            print(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
+            if ap_val > best[0] - 0.02:
+                best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
+        net.load_state_dict(best[1])
+    calibration = calibrate(net, traces)
+    print(f"calibrated: {calibration} ({time.time() - t0:.0f} s)")
+    torch.save(net.state_dict(), os.path.splitext(a.out)[0] + ".pt")
+    export(net, a.out)
+    reference.write(a.out)
+    info = dict(seed=a.seed, epochs=a.epochs, best_epoch=best[2], val_auprc=round(best[0], 4),
+                train_windows=int(len(ytr)), train_positive=int(ytr.sum()), horizon={"500 ms ticks": headline_horizon(0.5), "minute steps": headline_horizon(60)},
+                parameters=sum(p.numel() for p in net.parameters()),
+                public_data=bool(a.data), calibration=calibration, seconds=round(time.time() - t0))
+    with open(os.path.splitext(a.out)[0] + ".train.json", "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
