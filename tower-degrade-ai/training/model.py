@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 WINDOW, N_FEATURES = 64, 8
+TAIL = 16  # conv outputs the head reads
 
 
 class Net(nn.Module):
@@ -33,8 +34,11 @@ class Net(nn.Module):
         x = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
         rel = x - x[:, :, :48].mean(dim=2, keepdim=True)
         d = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
-        h = self.conv(torch.cat([x, rel, d], dim=1))  # [B, hidden, 50]
-        tail = h[:, :, -16:]
+        # The head reads the last 16 outputs of the convolutions, which see only the last
+        # 16 + 2 + 4 + 8 = 30 ticks: convolving just those is the same result at a third of the
+        # cost (the first 48 ticks still set each channel's baseline above).
+        h = self.conv(torch.cat([x, rel, d], dim=1)[:, :, -(TAIL + 14):])  # [B, hidden, 16]
+        tail = h[:, :, -TAIL:]
         z = torch.cat([tail[:, :, -4:].mean(dim=2), tail.amax(dim=2)], dim=1)
         return self.head(z)
 

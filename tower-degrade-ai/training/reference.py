@@ -16,11 +16,14 @@ LEVEL = np.array([1.0, 1.0, 0.0, 0.0, 0.15, 0.5, 0.2, 0.03], dtype=np.float32)
 
 
 def fixed_input() -> np.ndarray:
-    """A healthy class's levels, ramping from tick 40 on at a rate growing with b, plus a
-    ripple: x[b, t, f] = L[f] (1 + b max(t - 40, 0) / 8) + ((131 b + 17 t + 7 f) mod 23) / 200,
-    the same formula as the Rust test."""
+    """A healthy class whose latency, in-flight and queueing channels (f >= 4) ramp from tick 48
+    on, faster with each batch row b, plus a ripple:
+    x[b, t, f] = L[f] (1 + [f >= 4] b max(t - 48, 0) / 8) + ((131 b + 17 t + 7 f) mod 23) / 200,
+    the same formula as the Rust test. The rows span the model's range, from sure-healthy to
+    sure-breach."""
     b, t, f = np.meshgrid(np.arange(BATCH), np.arange(64), np.arange(8), indexing="ij")
-    x = LEVEL[f] * (1 + b * np.maximum(t - 40, 0) / 8.0) + ((131 * b + 17 * t + 7 * f) % 23) / 200
+    ramp = 1 + (f >= 4) * b * np.maximum(t - 48, 0) / 8.0
+    x = LEVEL[f] * ramp + ((131 * b + 17 * t + 7 * f) % 23) / 200
     return x.astype(np.float32)
 
 

@@ -30,15 +30,19 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
-/// The formula `training/reference.py` uses: a healthy class's levels ramping from tick 40 on,
-/// faster with each batch row, plus a ripple.
+/// The formula `training/reference.py` uses: a healthy class whose latency, in-flight and
+/// queueing channels ramp from tick 48 on, faster with each batch row, plus a ripple.
 fn fixed_input(batch: usize) -> Vec<f32> {
     const LEVEL: [f32; N_FEATURES] = [1.0, 1.0, 0.0, 0.0, 0.15, 0.5, 0.2, 0.03];
     let mut v = Vec::with_capacity(batch * WINDOW * N_FEATURES);
     for b in 0..batch {
         for t in 0..WINDOW {
             for (f, level) in LEVEL.iter().enumerate() {
-                let ramp = 1.0 + b as f32 * t.saturating_sub(40) as f32 / 8.0;
+                let ramp = if f >= 4 {
+                    1.0 + b as f32 * t.saturating_sub(48) as f32 / 8.0
+                } else {
+                    1.0
+                };
                 let ripple = ((131 * b + 17 * t + 7 * f) % 23) as f32 / 200.0;
                 v.push(level * ramp + ripple);
             }
@@ -197,8 +201,11 @@ async fn the_bundled_model_degrades_before_the_threshold_rule() {
     }
     const HEALTHY: usize = 80;
     let (rule_tick, _) = slow_database(&shop(None), HEALTHY).await;
-    let (model_tick, state) =
-        slow_database(&shop(Some(OnnxPredictor::bundled().unwrap())), HEALTHY).await;
+    let predicted = shop(Some(OnnxPredictor::bundled().unwrap()));
+    let (model_tick, state) = slow_database(&predicted, HEALTHY).await;
+    let status = predicted.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert!(stock.prediction.unwrap() >= 0.87, "{:?}", stock.prediction);
     eprintln!(
         "slow database from tick {HEALTHY}: threshold rule degraded at tick {rule_tick}, \
          the ONNX predictor at tick {model_tick}: lead {} ticks",
