@@ -138,28 +138,36 @@ def run_part(traces, scores, part, thr, H, k=1) -> Result:
 def choose_threshold(traces, scores, H, budget, k=1) -> float:
     """The lowest threshold whose validation false trips per day stay within the budget, with
     at most 1 % of normal time alarmed (so a detector cannot buy recall with an alarm that
-    never ends, which the protocol counts as a single false trip)."""
-    vals = []
+    never ends, which the protocol counts as a single false trip).
+
+    Candidates are the upper quantiles of the scores on normal validation steps and an even
+    grid; every candidate is tried (false trips do not always fall as the threshold rises: a
+    higher one can split an episode in two)."""
+    normal, every = [], []
     for tr, sc in zip(traces, scores):
         end, start = _part(tr, "val")
-        if end > start:
-            v = sc[start:end]
-            vals.append(v[np.isfinite(v)])
-    if not vals or not sum(len(v) for v in vals):
+        if end <= start:
+            continue
+        y = early_targets(tr.T, tr.events, H, GRACE.get(tr.dataset, H), tr.pre_ignore)[start:end]
+        v = sc[start:end]
+        ok = np.isfinite(v)
+        normal.append(v[ok & (y == 0)])
+        every.append(v[ok])
+    if not every or not sum(len(v) for v in every):
         raise ValueError("no validation data to choose a threshold on")
-    v = np.concatenate(vals)
-    cands = np.unique(np.quantile(v, np.concatenate([np.linspace(0.5, 0.99, 25), 1 - np.logspace(-2, -6, 40)])))
-    cands = np.concatenate([cands, [v.max() + 1e-6]])
-    lo, hi = 0, len(cands) - 1
-    # false trips fall (almost always) as the threshold rises: bisect, then step down greedily
-    while lo < hi:
-        mid = (lo + hi) // 2
-        r = run_part(traces, scores, "val", cands[mid], H, k)
+    n = np.concatenate(normal)
+    v = np.concatenate(every)
+    cands = np.concatenate([
+        np.quantile(n, 1 - np.logspace(-1, -6, 100)) if len(n) else [],
+        np.linspace(v.min(), v.max(), 50),
+        [v.max() + 1e-6],
+    ])
+    best = float(v.max() + 1e-6)
+    for thr in sorted(np.unique(cands), reverse=True):
+        r = run_part(traces, scores, "val", thr, H, k)
         if r.false_trips_per_day() <= budget and r.summary()["normal_time_alarmed"] <= MAX_ALARMED:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(cands[lo])
+            best = float(thr)
+    return best
 
 
 def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, budgets=BUDGETS,
