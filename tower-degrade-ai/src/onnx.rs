@@ -94,48 +94,41 @@ impl OnnxPredictorBuilder {
     }
 }
 
-#[cfg(feature = "cuda")]
+use ort::session::builder::SessionBuilder;
+
+/// The builder set up for `device`, the device it will really use, and why that differs.
 fn with_device(
-    builder: ort::session::builder::SessionBuilder,
+    builder: SessionBuilder,
     device: Device,
-) -> (
-    ort::session::builder::SessionBuilder,
-    Device,
-    Option<String>,
-) {
-    match device {
-        Device::Cpu => (builder, Device::Cpu, None),
-        Device::Cuda { device_id } => {
-            let ep = ort::ep::CUDA::default().with_device_id(device_id);
-            match builder.with_execution_providers([ep.build().error_on_failure()]) {
-                Ok(builder) => (builder, device, None),
-                Err(e) => {
-                    let reason = e.to_string();
-                    tracing::warn!(%reason, "CUDA unavailable, the predictor runs on the CPU");
-                    (e.recover(), Device::Cpu, Some(reason))
-                }
-            }
+) -> (SessionBuilder, Device, Option<String>) {
+    let Device::Cuda { device_id } = device else {
+        return (builder, Device::Cpu, None);
+    };
+    match cuda(builder, device_id) {
+        (builder, None) => (builder, device, None),
+        (builder, Some(reason)) => {
+            tracing::warn!(%reason, "CUDA unavailable, the predictor runs on the CPU");
+            (builder, Device::Cpu, Some(reason))
+        }
+    }
+}
+
+/// The builder with the CUDA provider registered, or unchanged with the reason it could not be.
+#[cfg(feature = "cuda")]
+fn cuda(builder: SessionBuilder, device_id: i32) -> (SessionBuilder, Option<String>) {
+    let ep = ort::ep::CUDA::default().with_device_id(device_id);
+    match builder.with_execution_providers([ep.build().error_on_failure()]) {
+        Ok(builder) => (builder, None),
+        Err(e) => {
+            let reason = e.to_string();
+            (e.recover(), Some(reason))
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_device(
-    builder: ort::session::builder::SessionBuilder,
-    device: Device,
-) -> (
-    ort::session::builder::SessionBuilder,
-    Device,
-    Option<String>,
-) {
-    match device {
-        Device::Cpu => (builder, Device::Cpu, None),
-        Device::Cuda { .. } => {
-            let reason = "built without the `cuda` feature".to_owned();
-            tracing::warn!(%reason, "CUDA requested, the predictor runs on the CPU");
-            (builder, Device::Cpu, Some(reason))
-        }
-    }
+fn cuda(builder: SessionBuilder, _device_id: i32) -> (SessionBuilder, Option<String>) {
+    (builder, Some("built without the `cuda` feature".to_owned()))
 }
 
 fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
