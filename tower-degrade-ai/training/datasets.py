@@ -18,6 +18,7 @@ from datetime import datetime
 
 import numpy as np
 
+from protocol import events_from_binary
 from traces import Trace, clip, rate_ratio
 
 # rate, success, errors, timeouts, p50, p99, in-flight, queueing: a healthy class
@@ -123,7 +124,7 @@ def nab_detector_scores(root: str, tr: Trace, detector: str) -> np.ndarray | Non
 NEZHA_DAYS = {"onlineboutique": ("2022-08-22", "2022-08-23"), "trainticket": ("2023-01-29", "2023-01-30")}
 
 
-def _nezha_rows(path: str) -> list:
+def _gz_rows(path: str) -> list:
     with gzip.open(path, "rt") as f:
         return list(csv.DictReader(f))
 
@@ -175,16 +176,12 @@ def load_nezha(root: str) -> list:
     each system the first day is train (its last 20 % validation), the second day test."""
     out = []
     for system, days in NEZHA_DAYS.items():
-        per_key: dict = {}
-        for d in days:
-            metric = os.path.join(root, "nezha", d, "metric")
-            faults = [x for v in json.load(open(os.path.join(root, "nezha", d, f"{d}-fault_list.json"))).values() for x in v]
-            per_key[d] = (metric, faults)
-        # pods are renamed between days: key them by deployment name
         for day_i, d in enumerate(days):
-            metric, faults = per_key[d]
+            metric = os.path.join(root, "nezha", d, "metric")
+            fault_list = json.load(open(os.path.join(root, "nezha", d, f"{d}-fault_list.json")))
+            faults = [x for v in fault_list.values() for x in v]
             is_test = day_i == 1
-            front = _nezha_rows(os.path.join(metric, "front_service.csv.gz"))
+            front = _gz_rows(os.path.join(metric, "front_service.csv.gz"))
             ts = [_ts(r["Time"]) for r in front]
             T = len(front)
             val_from, test_from = (0, 0) if is_test else (int(T * 0.8), T)
@@ -198,7 +195,7 @@ def load_nezha(root: str) -> list:
                 path = os.path.join(metric, f"{pod}_metric.csv.gz")
                 if not os.path.exists(path):
                     continue
-                rows = _nezha_rows(path)
+                rows = _gz_rows(path)
                 pts = [_ts(r["Time"]) for r in rows]
                 Tp = len(rows)
                 vf, tf = (0, 0) if is_test else (int(Tp * 0.8), Tp)
@@ -232,11 +229,10 @@ def load_smd(root: str) -> list:
     validation) and the labelled test file, as one series."""
     out = []
     for m in SMD_MACHINES:
-        tr_rows = _nezha_rows(os.path.join(root, "smd_subset", f"machine-{m}_train.csv.gz"))
-        te_rows = _nezha_rows(os.path.join(root, "smd_subset", f"machine-{m}_test.csv.gz"))
+        tr_rows = _gz_rows(os.path.join(root, "smd_subset", f"machine-{m}_train.csv.gz"))
+        te_rows = _gz_rows(os.path.join(root, "smd_subset", f"machine-{m}_test.csv.gz"))
         X = np.concatenate([_smd(tr_rows, tr_rows[:int(len(tr_rows) * 0.8)]), _smd(te_rows, tr_rows)])
         lab = np.concatenate([np.zeros(len(tr_rows)), [float(r["label"]) for r in te_rows]])
-        from protocol import events_from_binary
         n = len(tr_rows)
         out.append(Trace(f"machine-{m}", "smd", clip(X), events_from_binary(lab), 60.0, None, int(n * 0.8), n))
     return out

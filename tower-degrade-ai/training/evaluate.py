@@ -206,7 +206,7 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                                 budget_per_day=None, threshold=BREAKER[0], auprc=ref["auprc"],
                                 base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
                                 test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
-    return out, scores
+    return out
 
 
 def fmt(v, p=2):
@@ -250,11 +250,10 @@ def main():
     sim = simulate.dataset(a.seed)
     sim_val = [t for t in sim if t.val_from < t.test_from]
     sim_test = [t for t in sim if t.test_from == 0]
-    rows, sim_val_scores = [], None
-    r, _ = evaluate_dataset("simulated", sim_test, det, sim_val, {d: [f(t) for t in sim_val] for d, f in det.items()})
-    rows += r
-    if a.traces:
-        sim_val_scores = {d: [f(t) for t in sim_val] for d, f in det.items()}
+    # Scored once: the simulator's validation traces also set the thresholds of recorded
+    # traces that have no validation part of their own.
+    sim_val_scores = {d: [f(t) for t in sim_val] for d, f in det.items()}
+    rows = evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
     if a.data:
         pub = datasets.load(a.data)
         for name in ("nab", "nezha", "smd"):
@@ -262,15 +261,13 @@ def main():
             if name == "nab":
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
-            r, _ = evaluate_dataset(name, pub[name], d)
-            rows += r
+            rows += evaluate_dataset(name, pub[name], d)
     for path in a.traces:
         trs = read_dir(path)
         own_val = any(t.val_from < t.test_from for t in trs)
         name = os.path.basename(os.path.normpath(path))
-        r, _ = evaluate_dataset(name, trs, det, None if own_val else sim_val,
-                                None if own_val else sim_val_scores)
-        rows += r
+        rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
+                                 None if own_val else sim_val_scores)
 
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     head = {n: headline_horizon(next(r["step_seconds"] for r in rows if r["dataset"] == n)) for n in names}

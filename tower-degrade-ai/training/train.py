@@ -35,7 +35,7 @@ def targets(tr):
     return early_targets(tr.T, tr.events, H, grace=GRACE.get(tr.dataset, H), pre_ignore=tr.pre_ignore)
 
 
-def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, max_neg_per_trace=None):
+def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS):
     """Windows and targets from the train or validation part of each trace."""
     xs, ys = [], []
     for tr in traces:
@@ -47,8 +47,6 @@ def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, max_neg_per_trace=No
         pos = idx[y[lo:hi] == 1]
         neg = idx[y[lo:hi] == 0]
         n_neg = max(len(pos) * neg_per_pos, 200)
-        if max_neg_per_trace:
-            n_neg = min(n_neg, max_neg_per_trace)
         if len(neg) > n_neg:
             neg = rng.choice(neg, n_neg, replace=False)
         sel = np.sort(np.concatenate([pos, neg]))
