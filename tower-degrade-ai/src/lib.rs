@@ -1,7 +1,7 @@
 //! The ONNX failure predictor for [`tower_degrade`]: early warning of SLO breaches.
 //!
 //! [`OnnxPredictor`] plugs into the control loop through
-//! [`Builder::predictor`](tower_degrade::Builder::predictor). Once per tick it runs one batched
+//! [`DegraderBuilder::predictor`](tower_degrade::DegraderBuilder::predictor). Once per tick it runs one batched
 //! inference over every class (`window [n_classes, 64, 8]` float32 ->
 //! `p_anomaly [n_classes, 1]`) off the request path, within the loop's time budget; a class
 //! whose probability stays at or above the breaker's threshold (0.87) for the configured ticks

@@ -1,11 +1,12 @@
-//! Errors produced by the degradation layer.
+//! Every error type of the crate: the degraded answer of a call, and configuration, command
+//! and policy errors.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::class::Route;
-use crate::directive::Reason;
+use crate::gate::Reason;
 
 /// A call was not served by the inner service: it was rejected, timed out, or its route has no
 /// handler.
@@ -58,16 +59,36 @@ impl Degraded {
     }
 }
 
-impl fmt::Display for Degraded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "class `{}` degraded: {}", self.class, self.reason)?;
-        if !matches!(self.route, Route::Reject) {
-            write!(f, " (route `{}` has no handler)", self.route)?;
+impl Degraded {
+    /// The message for a client: why, and when to come back; the class only when `with_class`.
+    pub(crate) fn client_message(&self, with_class: bool) -> String {
+        let mut msg = String::with_capacity(64);
+        let _ = self.write(&mut msg, with_class);
+        msg
+    }
+
+    fn write(&self, f: &mut impl fmt::Write, with_class: bool) -> fmt::Result {
+        if with_class {
+            write!(f, "class `{}`: ", self.class)?;
+        }
+        match self.reason {
+            Reason::Timeout => f.write_str("timed out")?,
+            reason => write!(f, "not served: {}", reason.describe())?,
+        }
+        if self.route != Route::Reject {
+            write!(f, " (fallback route `{}` has no handler)", self.route)?;
         }
         if let Some(d) = self.retry_after {
-            write!(f, ", retry after {} ms", d.as_millis())?;
+            write!(f, "; retry after {:.1} s", d.as_secs_f64())?;
         }
         Ok(())
+    }
+}
+
+/// `class `browse_log`: not served: circuit breaker open; retry after 4.5 s`.
+impl fmt::Display for Degraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, true)
     }
 }
 
@@ -96,3 +117,121 @@ pub fn degraded<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a De
     }
     None
 }
+
+/// An error in the class configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Two classes share a name.
+    DuplicateClass(String),
+    /// A class name is empty or has characters other than `[A-Za-z0-9_.:-]`.
+    InvalidName(String),
+    /// A rule or strategy names a class that is not configured.
+    UnknownClass(String),
+    /// More classes than a `u16` can index.
+    TooManyClasses,
+    /// A field of one class has a value that would make the class meaningless.
+    InvalidClass {
+        /// The class.
+        class: String,
+        /// The field, e.g. `sla`.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A field has a value out of range.
+    InvalidValue {
+        /// The field, e.g. `breaker.failure_rate`.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::DuplicateClass(n) => write!(f, "class `{n}` is configured twice"),
+            ConfigError::InvalidName(n) => write!(
+                f,
+                "class name `{n}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]"
+            ),
+            ConfigError::UnknownClass(n) => write!(f, "unknown class `{n}`"),
+            ConfigError::TooManyClasses => f.write_str("too many classes (at most 65535)"),
+            ConfigError::InvalidClass {
+                class,
+                field,
+                reason,
+            } => write!(f, "class `{class}`: invalid `{field}`: {reason}"),
+            ConfigError::InvalidValue { field, reason } => write!(f, "invalid `{field}`: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A string that names no [`Command`](crate::breaker::Command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCommand(pub(crate) String);
+
+impl fmt::Display for UnknownCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown command `{}`: expected one of ", self.0)?;
+        let names: Vec<_> = crate::breaker::Command::ALL
+            .iter()
+            .map(|(_, n)| *n)
+            .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+impl std::error::Error for UnknownCommand {}
+
+/// A policy file that was rejected, with where and why.
+#[cfg(feature = "rhai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub(crate) file: String,
+    pub(crate) line: Option<usize>,
+    pub(crate) reason: String,
+}
+
+#[cfg(feature = "rhai")]
+impl PolicyError {
+    pub(crate) fn new(file: &str, line: Option<usize>, reason: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line,
+            reason: reason.into(),
+        }
+    }
+
+    /// The file (or source name) of the policy.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The line, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// Why it was rejected.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+#[cfg(feature = "rhai")]
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file, self.reason),
+            None => write!(f, "{}: {}", self.file, self.reason),
+        }
+    }
+}
+
+#[cfg(feature = "rhai")]
+impl std::error::Error for PolicyError {}

@@ -73,35 +73,36 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod breaker;
+// Leaves: they name nothing above them.
 pub mod class;
 pub mod classify;
 pub mod clock;
-mod degrader;
-pub mod directive;
 pub mod error;
-pub mod future;
-mod layer;
+pub mod gate;
 pub mod metrics;
+pub mod window;
+
+// The breaker, the control loop and its stages.
+pub mod breaker;
+mod control;
 #[cfg(feature = "rhai")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
 pub mod policy;
 pub mod predict;
+
+// The degrader, the data-path layer and what it answers with.
+mod builder;
+pub mod degrader;
+pub mod fallback;
+pub mod layer;
 pub mod protocol;
 pub mod task;
-pub mod window;
 
-pub use crate::breaker::{
-    Breaker, BreakerConfig, Command, DegradeRule, State, Transition, UnknownCommand,
-};
-pub use crate::class::{
-    ClassConfig, ClassId, ConfigError, LatencyTolerance, Registry, Route, Tier,
-};
-pub use crate::clock::LatencyClock;
-pub use crate::degrader::{Builder, ClassStatus, DEFAULT_TICK, Degrader, Status};
-pub use crate::directive::{Directive, Reason};
-pub use crate::error::{Degraded, is_degraded};
-pub use crate::layer::{Degrade, DegradeLayer, Fallback, FallbackService, NoFallback};
+pub use crate::builder::ServiceBuilderExt;
+pub use crate::class::{ClassConfig, ClassId, Route, Tier};
+pub use crate::degrader::{Degrader, DegraderBuilder};
+pub use crate::error::Degraded;
+pub use crate::layer::{Degrade, DegradeLayer};
 
 // The README's examples are compiled as doc tests.
 #[cfg(doctest)]

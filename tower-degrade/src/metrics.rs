@@ -9,17 +9,50 @@
 //! | `degrade_breaker_state` | gauge ([`State::as_gauge`]) | service, class, tier |
 //! | `degrade_breaker_transitions_total` | counter | service, class, tier, from, to, enforced |
 //! | `degrade_health_score` | gauge, 0–100 | service |
-//! | `degrade_prediction` | gauge, 0–1 (with a predictor) | service, class, tier |
-//! | `degrade_predictor_overruns_total` | counter | service |
+//! | `degrade_prediction` | gauge, 0–1 (only with a predictor) | service, class, tier |
+//! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
+//! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
+//! | `degrade_policy_version` | gauge (`rhai`) | service |
+//! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
+//! | `degrade_policy_alerts_total` | counter (`rhai`) | service, class, policy |
+//! | `degrade_policy_shadow_decisions_total` | counter (`rhai`) | service, class, policy, action |
 //!
-//! Label values come from configuration only (class names, tiers, fixed enums), so cardinality
-//! is bounded whatever clients send. Handles are registered on the first tick; install the
-//! recorder (e.g. `metrics-exporter-prometheus`) before that.
+//! Every name is defined once, here, with its description (the Prometheus `HELP` text,
+//! registered on the first tick). Label values come from configuration only (class names,
+//! tiers, fixed enums), so cardinality is bounded whatever clients send. Handles are registered
+//! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
+//!
+//! # Latency buckets
+//!
+//! Whether `degrade_latency_seconds` is a histogram or a summary is the exporter's choice:
+//! `metrics-exporter-prometheus` makes a summary unless given buckets. [`latency_buckets`]
+//! derives them from the classes' SLAs:
+//!
+//! ```
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//! use tower_degrade::{ClassConfig, Degrader, metrics};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let degrader = Degrader::builder("shop").class(ClassConfig::gold("payment")).build()?;
+//! let recorder = PrometheusBuilder::new()
+//!     .set_buckets_for_metric(
+//!         Matcher::Full(metrics::LATENCY.into()),
+//!         &metrics::latency_buckets(degrader.registry()),
+//!     )?
+//!     .build_recorder();
+//! # drop(recorder);
+//! # Ok(())
+//! # }
+//! ```
 
-use metrics::{Counter, Gauge, Histogram, Label, counter, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Label, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram, gauge, histogram,
+};
 
 use crate::breaker::{State, Transition};
-use crate::class::Tier;
+use crate::class::{Registry, Tier};
 use crate::window::{Outcome, WindowSnapshot};
 
 /// Requests by outcome.
@@ -40,6 +73,97 @@ pub const HEALTH_SCORE: &str = "degrade_health_score";
 pub const PREDICTION: &str = "degrade_prediction";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
+/// Policy reload attempts, by `result` (`ok` or `error`).
+pub const POLICY_RELOADS: &str = "degrade_policy_reloads_total";
+/// The version of the policy set in force.
+pub const POLICY_VERSION: &str = "degrade_policy_version";
+/// Run-time policy failures, by `policy` and `class`.
+pub const POLICY_ERRORS: &str = "degrade_policy_errors_total";
+/// Alerts raised by policies, by `policy` and `class`.
+pub const POLICY_ALERTS: &str = "degrade_policy_alerts_total";
+/// Decisions of shadow-mode policies, by `policy`, `class` and `action`.
+pub const POLICY_SHADOW_DECISIONS: &str = "degrade_policy_shadow_decisions_total";
+
+/// Register every metric's description and unit with the installed recorder.
+pub(crate) fn describe() {
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "Calls that reached the degradation layer, by how they ended."
+    );
+    describe_histogram!(
+        LATENCY,
+        Unit::Seconds,
+        "Latency of calls that reached the inner service and finished."
+    );
+    describe_gauge!(
+        INFLIGHT,
+        Unit::Count,
+        "Calls in flight at the end of the tick."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Queue depth last reported for the class."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "Breaker state: 0 closed, 1 open, 2 half_open, 3 recovering, 4 degraded, \
+         5 forced_open, 6 disabled, 7 metrics_only."
+    );
+    describe_counter!(
+        TRANSITIONS,
+        Unit::Count,
+        "Breaker state transitions; enforced=false in dry-run (metrics_only) mode."
+    );
+    describe_gauge!(
+        HEALTH_SCORE,
+        "Service health, 0-100: 60 % served share, 25 % breaker states, 15 % no manual override."
+    );
+    describe_gauge!(
+        PREDICTION,
+        "The failure predictor's probability of an SLO breach within the next few ticks."
+    );
+    describe_counter!(
+        PREDICTOR_OVERRUNS,
+        Unit::Count,
+        "Ticks where the predictor did not answer within its budget."
+    );
+    describe_counter!(
+        POLICY_RELOADS,
+        Unit::Count,
+        "Policy reload attempts, by result."
+    );
+    describe_gauge!(POLICY_VERSION, "The version of the policy set in force.");
+    describe_counter!(
+        POLICY_ERRORS,
+        Unit::Count,
+        "Policy run-time failures; the policy is quarantined for the class until the next load."
+    );
+    describe_counter!(POLICY_ALERTS, Unit::Count, "Alerts raised by policies.");
+    describe_counter!(
+        POLICY_SHADOW_DECISIONS,
+        Unit::Count,
+        "Decisions of shadow-mode policies (recorded, not enforced)."
+    );
+}
+
+/// Histogram buckets (seconds) for [`LATENCY`], from the classes' SLAs: for each SLA, a
+/// quarter, half, 1x, 2x and 4x of it, plus the seed rule's 800 ms, sorted and without
+/// duplicates.
+pub fn latency_buckets(registry: &Registry) -> Vec<f64> {
+    let mut b: Vec<f64> = registry
+        .iter()
+        .flat_map(|(_, c)| {
+            let sla = c.sla_target().as_secs_f64();
+            [0.25, 0.5, 1.0, 2.0, 4.0].map(|f| sla * f)
+        })
+        .chain([0.8])
+        .collect();
+    b.sort_by(f64::total_cmp);
+    b.dedup_by(|a, b| (*a - *b).abs() <= f64::EPSILON * b.abs().max(1.0));
+    b
+}
 
 fn labels(service: &str, class: &str, tier: Tier) -> Vec<Label> {
     vec![
@@ -56,7 +180,7 @@ pub(crate) struct ClassMetrics {
     inflight: Gauge,
     queue_depth: Gauge,
     state: Gauge,
-    prediction: Gauge,
+    prediction: Option<Gauge>,
 }
 
 impl std::fmt::Debug for ClassMetrics {
@@ -66,7 +190,7 @@ impl std::fmt::Debug for ClassMetrics {
 }
 
 impl ClassMetrics {
-    pub(crate) fn new(service: &str, class: &str, tier: Tier) -> Self {
+    pub(crate) fn new(service: &str, class: &str, tier: Tier, predicted: bool) -> Self {
         let base = labels(service, class, tier);
         let outcomes = Outcome::ALL
             .iter()
@@ -82,7 +206,7 @@ impl ClassMetrics {
             inflight: gauge!(INFLIGHT, base.clone()),
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
             state: gauge!(BREAKER_STATE, base.clone()),
-            prediction: gauge!(PREDICTION, base),
+            prediction: predicted.then(|| gauge!(PREDICTION, base)),
         }
     }
 
@@ -112,8 +236,8 @@ impl ClassMetrics {
         self.inflight.set(w.inflight as f64);
         self.queue_depth.set(w.queue_depth as f64);
         self.state.set(state.as_gauge());
-        if let Some(p) = prediction {
-            self.prediction.set(p);
+        if let (Some(g), Some(p)) = (&self.prediction, prediction) {
+            g.set(p);
         }
     }
 }
@@ -130,7 +254,9 @@ impl std::fmt::Debug for ServiceMetrics {
 }
 
 impl ServiceMetrics {
+    /// The service's handles; registers every metric's description first.
     pub(crate) fn new(service: &str) -> Self {
+        describe();
         Self {
             health: gauge!(HEALTH_SCORE, "service" => service.to_owned()),
         }

@@ -14,9 +14,10 @@ use tower::util::{BoxCloneSyncService, Oneshot};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::BoxError;
-use crate::class::{ClassId, ConfigError};
+use crate::class::{ClassId, Route};
 use crate::degrader::Degrader;
-use crate::layer::Fallback;
+use crate::error::ConfigError;
+use crate::fallback::{Diverted, Fallback};
 
 type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 
@@ -28,7 +29,7 @@ type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), BoxError> {
 /// let degrader = Degrader::builder("order-fulfillment")
-///     .class(ClassConfig::gold("payment_callback").fallback(Route::Service))
+///     .class(ClassConfig::gold("payment_callback").fallback_route(Route::Service))
 ///     .build()?;
 /// let tasks = degrader
 ///     .tasks::<String, &'static str>()
@@ -88,11 +89,10 @@ impl<T, R> std::fmt::Debug for TasksBuilder<T, R> {
     }
 }
 
-impl Degrader {
-    /// Start building a task runner for tasks `T` with results `R`.
-    pub fn tasks<T, R>(&self) -> TasksBuilder<T, R> {
-        TasksBuilder {
-            degrader: self.clone(),
+impl<T, R> TasksBuilder<T, R> {
+    pub(crate) fn new(degrader: Degrader) -> Self {
+        Self {
+            degrader,
             fallbacks: HashMap::new(),
         }
     }
@@ -104,7 +104,7 @@ where
     R: Send + 'static,
 {
     /// Calls of `class` that are diverted to the fallback route run `fallback` instead (set the
-    /// class's route to [`Route::Service`](crate::Route::Service)).
+    /// class's route to [`Route::Service`]).
     pub fn fallback<Fun, Fut, E>(self, class: &str, fallback: Fun) -> Result<Self, ConfigError>
     where
         Fun: Fn(T) -> Fut + Clone + Send + Sync + 'static,
@@ -147,28 +147,149 @@ where
 {
     /// Run `task` of `class` through the degrader: `handler(task)` when admitted, the class's
     /// fallback when diverted to it, else a [`Degraded`](crate::error::Degraded) error.
-    /// An unknown class name runs in the default class.
-    pub async fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Result<R, BoxError>
+    ///
+    /// A class name that is not configured fails with
+    /// [`ConfigError::UnknownClass`] (boxed) and runs
+    /// nothing; look the class up once with [`class`](Self::class) to find out at start-up.
+    ///
+    /// The returned future is `Send` whenever the handler's future, the task and the result
+    /// are, so it can be handed to `tokio::spawn`.
+    pub fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Run<T, R, H>
     where
         H: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, E>>,
         E: Into<BoxError>,
     {
-        let id = self
-            .degrader
-            .registry()
-            .get(class)
-            .unwrap_or(ClassId::DEFAULT);
+        match self.class(class) {
+            Ok(class) => class.run(task, handler),
+            Err(e) => Run {
+                state: RunState::Failed {
+                    error: Some(Box::new(e)),
+                },
+            },
+        }
+    }
+
+    /// A handle on one class's tasks, checked once: `tasks.class("payment_callback")?`.
+    pub fn class(&self, class: &str) -> Result<TaskClass<T, R>, ConfigError> {
+        let id = self.degrader.class_id(class)?;
+        Ok(TaskClass {
+            tasks: self.clone(),
+            id,
+        })
+    }
+}
+
+/// The tasks of one class, from [`Tasks::class`]: running through it cannot name a class that
+/// does not exist.
+pub struct TaskClass<T, R> {
+    tasks: Tasks<T, R>,
+    id: ClassId,
+}
+
+impl<T, R> Clone for TaskClass<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            tasks: self.tasks.clone(),
+            id: self.id,
+        }
+    }
+}
+
+impl<T, R> std::fmt::Debug for TaskClass<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskClass").field("id", &self.id).finish()
+    }
+}
+
+impl<T, R> TaskClass<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    /// The class.
+    pub fn id(&self) -> ClassId {
+        self.id
+    }
+
+    /// Run `task` through the degrader, as [`Tasks::run`] does.
+    pub fn run<H, Fut, E>(&self, task: T, handler: H) -> Run<T, R, H>
+    where
+        H: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+        E: Into<BoxError>,
+    {
         let fallback = TaskFallback {
-            fallbacks: self.fallbacks.clone(),
-            class: id,
+            fallbacks: self.tasks.fallbacks.clone(),
         };
         let svc = self
+            .tasks
             .degrader
-            .layer(id)
+            .layer(self.id)
             .fallback_with(fallback)
             .layer(Handler(Some(handler)));
-        svc.oneshot(task).await
+        Run {
+            state: RunState::Running {
+                fut: svc.oneshot(task),
+            },
+        }
+    }
+}
+
+type TaskService<T, R, H> =
+    crate::Degrade<Handler<H>, ClassId, crate::protocol::Generic, TaskFallback<T, R>>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Tasks::run`]: the task's result, or why it was not run.
+    pub struct Run<T, R, H>
+    where
+        TaskService<T, R, H>: Service<T>,
+    {
+        #[pin]
+        state: RunState<T, R, H>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = RunProj]
+    enum RunState<T, R, H>
+    where
+        TaskService<T, R, H>: Service<T>,
+    {
+        Running {
+            #[pin]
+            fut: Oneshot<TaskService<T, R, H>, T>,
+        },
+        Failed {
+            error: Option<BoxError>,
+        },
+    }
+}
+
+impl<T, R, H> std::fmt::Debug for Run<T, R, H>
+where
+    TaskService<T, R, H>: Service<T>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").finish_non_exhaustive()
+    }
+}
+
+impl<T, R, H, Fut, E> Future for Run<T, R, H>
+where
+    H: FnOnce(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            RunProj::Running { fut } => fut.poll(cx),
+            RunProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion")))
+            }
+        }
     }
 }
 
@@ -216,14 +337,12 @@ where
 
 struct TaskFallback<T, R> {
     fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
-    class: ClassId,
 }
 
 impl<T, R> Clone for TaskFallback<T, R> {
     fn clone(&self) -> Self {
         Self {
             fallbacks: self.fallbacks.clone(),
-            class: self.class,
         }
     }
 }
@@ -231,10 +350,12 @@ impl<T, R> Clone for TaskFallback<T, R> {
 impl<T, R> Fallback<T, R, BoxError> for TaskFallback<T, R> {
     type Future = Oneshot<FallbackSvc<T, R>, T>;
 
-    fn call(&mut self, task: T) -> Result<Self::Future, T> {
-        match self.fallbacks.get(&self.class) {
-            Some(svc) => Ok(svc.clone().oneshot(task)),
-            None => Err(task),
+    fn call(&mut self, call: Diverted<T>) -> Result<Self::Future, Diverted<T>> {
+        match self.fallbacks.get(&call.class()) {
+            Some(svc) if call.route() == Route::Service => {
+                Ok(svc.clone().oneshot(call.into_request()))
+            }
+            _ => Err(call),
         }
     }
 }

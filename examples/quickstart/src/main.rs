@@ -31,7 +31,10 @@ use axum::{Router, body::Body};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::time::{Instant, sleep};
 use tower::ServiceExt;
-use tower_degrade::{BreakerConfig, ClassConfig, Command, Degrader, Route};
+use tower_degrade::{
+    ClassConfig, Degrader, Route,
+    breaker::{BreakerConfig, Command},
+};
 
 /// The simulated world: 0 = healthy, 1 = slow database and dead third-party API.
 #[derive(Default)]
@@ -126,7 +129,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .class(
             ClassConfig::silver("inventory")
                 .depends_on("db")
-                .fallback(Route::DelayedRetry),
+                .fallback_route(Route::DelayedRetry),
         )
         .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
         .build()?;

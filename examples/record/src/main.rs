@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::predict::PredictorConfig;
-use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock};
+use tower_degrade::{BoxError, ClassConfig, Degrader, clock::LatencyClock};
 use tower_degrade_ai::{Fault, OnnxPredictor, Recorder};
 
 const TICK: Duration = Duration::from_millis(500);

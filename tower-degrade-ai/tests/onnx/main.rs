@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
-use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, State};
+use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 use tower_degrade_ai::{Error, OnnxPredictor};
 
 fn runtime_present() -> bool {

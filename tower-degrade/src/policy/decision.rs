@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::class::Route;
-use crate::directive::{Directive, Reason};
+use crate::gate::{Directive, Reason};
 
 /// The action of a [`Decision`].
 #[derive(Debug, Clone, Copy, PartialEq)]

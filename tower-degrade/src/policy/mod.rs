@@ -25,62 +25,14 @@ pub use self::request::{RequestInfo, rollout_bucket};
 pub use self::watch::{PolicyWatcher, ReloadOutcome};
 use crate::breaker::State;
 use crate::class::{ClassId, Registry, Tier};
+use crate::classify::RequestView;
+use crate::control::{ClassTick, Stage};
+use crate::error::PolicyError;
+use crate::gate::{Directive, Packed};
+use crate::metrics::{
+    POLICY_ALERTS, POLICY_ERRORS, POLICY_RELOADS, POLICY_SHADOW_DECISIONS, POLICY_VERSION,
+};
 use crate::window::{History, WindowSnapshot};
-
-/// Policy reload attempts, by `result` (`ok` or `error`).
-pub const RELOADS: &str = "degrade_policy_reloads_total";
-/// The version of the policy set in force.
-pub const VERSION: &str = "degrade_policy_version";
-/// Run-time policy failures, by `policy` and `class`.
-pub const ERRORS: &str = "degrade_policy_errors_total";
-/// Alerts raised by policies, by `policy` and `class`.
-pub const ALERTS: &str = "degrade_policy_alerts_total";
-/// Decisions of shadow-mode policies, by `policy`, `class` and `action`.
-pub const SHADOW_DECISIONS: &str = "degrade_policy_shadow_decisions_total";
-
-/// A policy file that was rejected, with where and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    file: String,
-    line: Option<usize>,
-    reason: String,
-}
-
-impl PolicyError {
-    fn new(file: &str, line: Option<usize>, reason: impl Into<String>) -> Self {
-        Self {
-            file: file.to_owned(),
-            line,
-            reason: reason.into(),
-        }
-    }
-
-    /// The file (or source name) of the policy.
-    pub fn file(&self) -> &str {
-        &self.file
-    }
-
-    /// The line, when known.
-    pub fn line(&self) -> Option<usize> {
-        self.line
-    }
-
-    /// Why it was rejected.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{line}: {}", self.file, self.reason),
-            None => write!(f, "{}: {}", self.file, self.reason),
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
 
 /// Whether a policy's decisions are enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +146,12 @@ pub(crate) struct Runtime {
     classes: Vec<ClassInfo>,
     service: ImmutableString,
     env: ImmutableString,
+    /// The set this tick runs (taken once per tick, so every class sees the same version).
+    tick_set: ArcSwapOption<PolicySet>,
+    /// Per class: the quarantined policies.
+    memos: Box<[Mutex<ClassPolicyState>]>,
+    /// Per class: the per-request rules the data path consults when the directive says so.
+    overlays: Box<[ArcSwapOption<Overlay>]>,
 }
 
 impl fmt::Debug for Runtime {
@@ -203,14 +161,6 @@ impl fmt::Debug for Runtime {
             .field("version", &self.current.load().as_ref().map(|s| s.version))
             .finish_non_exhaustive()
     }
-}
-
-/// What a class's policies see of one tick.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClassTick<'a> {
-    pub(crate) history: &'a Arc<History>,
-    pub(crate) state: State,
-    pub(crate) prediction: Option<f64>,
 }
 
 /// Per class, what the control loop remembers between ticks: the policies quarantined for the
@@ -223,7 +173,7 @@ pub(crate) struct ClassPolicyState {
 
 impl Runtime {
     pub(crate) fn new(registry: &Registry, service: &str, env: &str, limits: Limits) -> Self {
-        let classes = registry
+        let classes: Vec<ClassInfo> = registry
             .iter()
             .map(|(_, c)| ClassInfo {
                 name: c.name().into(),
@@ -241,6 +191,9 @@ impl Runtime {
             current: ArcSwapOption::empty(),
             previous: Mutex::new(None),
             versions: AtomicU64::new(0),
+            tick_set: ArcSwapOption::empty(),
+            memos: classes.iter().map(|_| Mutex::default()).collect(),
+            overlays: classes.iter().map(|_| ArcSwapOption::empty()).collect(),
             classes,
             service: service.into(),
             env: env.into(),
@@ -578,7 +531,7 @@ impl Runtime {
             service = %self.service, class, policy = %policy.name, hook, at, reason,
             "policy failed; quarantined for this class until the next load"
         );
-        metrics::counter!(ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
+        metrics::counter!(POLICY_ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
 
     fn record_shadow(&self, class: &str, policy: &Policy, decision: &Decision) {
@@ -591,20 +544,20 @@ impl Runtime {
         );
         let action = decision.to_string();
         let action = action.split(['(', ' ']).next().unwrap_or("").to_owned();
-        metrics::counter!(SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
+        metrics::counter!(POLICY_SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
     }
 
     /// Run the policies governing `class`: the directive for everyone (the breaker's combined with
     /// the policies that apply to all requests) and, when some policies apply per request
     /// (rollouts, groups, `on_request`), the overlay the data path consults.
-    pub(crate) fn apply(
+    fn apply(
         &self,
         set: &Arc<PolicySet>,
         class: ClassId,
-        tick: ClassTick<'_>,
-        breaker: crate::directive::Directive,
+        tick: &ClassTick<'_>,
+        breaker: Directive,
         memo: &mut ClassPolicyState,
-    ) -> (crate::directive::Directive, Option<Overlay>) {
+    ) -> (Directive, Option<Overlay>) {
         if memo.version != set.version {
             *memo = ClassPolicyState {
                 version: set.version,
@@ -641,7 +594,7 @@ impl Runtime {
             };
             for alert in decision.alerts() {
                 tracing::warn!(service = %self.service, class = %info.name, policy = %policy.name, alert = %alert, "policy alert");
-                metrics::counter!(ALERTS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
+                metrics::counter!(POLICY_ALERTS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
             }
             match policy.mode {
                 Mode::Shadow => self.record_shadow(&info.name, policy, &decision),
@@ -669,7 +622,7 @@ impl Runtime {
         set.version = version;
         let old = self.current.swap(Some(Arc::new(set)));
         *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = old;
-        metrics::gauge!(VERSION, "service" => self.service.to_string()).set(version as f64);
+        metrics::gauge!(POLICY_VERSION, "service" => self.service.to_string()).set(version as f64);
         version
     }
 
@@ -679,13 +632,13 @@ impl Runtime {
         let back = prev.take()?;
         let version = back.version;
         *prev = self.current.swap(Some(back));
-        metrics::gauge!(VERSION, "service" => self.service.to_string()).set(version as f64);
+        metrics::gauge!(POLICY_VERSION, "service" => self.service.to_string()).set(version as f64);
         Some(version)
     }
 
     pub(crate) fn count_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        metrics::counter!(RELOADS, "service" => self.service.to_string(), "result" => result)
+        metrics::counter!(POLICY_RELOADS, "service" => self.service.to_string(), "result" => result)
             .increment(1);
     }
 }
@@ -718,4 +671,33 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
             Ok((name, file, text))
         })
         .collect()
+}
+
+/// The policies as a control-loop stage: `on_tick` per class after its breaker, the overlay of
+/// per-request rules for the data path.
+impl Stage for Runtime {
+    fn observe(&self, _batch: &mut crate::control::Batch<'_>) {
+        self.tick_set.store(self.current());
+    }
+
+    fn decide(&self, tick: &ClassTick<'_>, directive: Packed) -> Packed {
+        let i = tick.id.index();
+        let Some(set) = self.tick_set.load_full() else {
+            self.overlays[i].store(None);
+            return directive;
+        };
+        let mut memo = self.memos[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (d, overlay) = self.apply(&set, tick.id, tick, Directive::unpack(directive), &mut memo);
+        let has_overlay = overlay.is_some();
+        // The overlay first: a directive with the bit set always finds it.
+        self.overlays[i].store(overlay.map(Arc::new));
+        d.pack().with_overlay(has_overlay)
+    }
+
+    fn per_request(&self, class: usize, directive: Packed, req: &RequestView<'_>) -> Packed {
+        match self.overlays[class].load().as_deref() {
+            Some(overlay) => self.apply_overlay(overlay, directive, req),
+            None => directive.with_overlay(false),
+        }
+    }
 }

@@ -15,7 +15,7 @@ use super::engine::TickCtx;
 use super::{Mode, PolicySet, Runtime, unwrap_error};
 use crate::class::Route;
 use crate::classify::RequestView;
-use crate::directive::{Directive, Packed};
+use crate::gate::{Directive, Packed};
 
 /// Which requests a policy applies to.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -113,7 +113,7 @@ impl RequestInfo {
 
 impl Runtime {
     /// Decide one request of a class whose directive carries the overlay bit.
-    pub(crate) fn per_request(
+    pub(crate) fn apply_overlay(
         &self,
         overlay: &Overlay,
         packed: Packed,

@@ -7,8 +7,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::PolicyError;
 use crate::degrader::Degrader;
+use crate::error::PolicyError;
 
 /// The outcome of the last (re)load.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl PolicyWatcher {
         Self::start(degrader, dir.into(), debounce, false)
     }
 
-    fn start(
+    pub(crate) fn start(
         degrader: &Degrader,
         dir: PathBuf,
         debounce: Duration,
@@ -101,23 +101,6 @@ impl PolicyWatcher {
     /// The outcome of every (re)load, starting with the first.
     pub fn subscribe(&self) -> watch::Receiver<ReloadOutcome> {
         self.outcomes.clone()
-    }
-}
-
-impl Degrader {
-    /// Load the policies of `dir` now, then reload them whenever a `.rhai` file there is
-    /// created, changed or removed (debounced by `debounce`). Fails if the first load fails or
-    /// the directory cannot be watched.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
-    pub fn watch_policies(
-        &self,
-        dir: impl Into<PathBuf>,
-        debounce: Duration,
-    ) -> Result<PolicyWatcher, PolicyError> {
-        PolicyWatcher::start(self, dir.into(), debounce, true)
     }
 }
 

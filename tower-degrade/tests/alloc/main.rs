@@ -77,6 +77,7 @@ fn http_closed_path_with_route_classifier_allocates_nothing() {
         .route(None, "/log", "log")
         .unwrap()
         .override_header("x-degrade-class")
+        .unwrap()
         .build();
     let inner = service_fn(
         |_req: Request<()>| -> Ready<Result<Response<()>, Infallible>> {

@@ -5,7 +5,11 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::time::Instant;
 use tower_degrade::window::WindowSnapshot;
-use tower_degrade::{Breaker, BreakerConfig, Command, Directive, Reason, Route, State};
+use tower_degrade::{
+    Route,
+    breaker::{Breaker, BreakerConfig, Command, State},
+    gate::{Directive, Reason},
+};
 
 fn window(successes: u64, errors: u64, p99_ms: u64) -> WindowSnapshot {
     let mut w = WindowSnapshot::default();

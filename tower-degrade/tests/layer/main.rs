@@ -18,8 +18,8 @@ use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::error::degraded;
 use tower_degrade::{
-    BoxError, ClassConfig, ClassId, Degraded, Degrader, LatencyClock, Reason, Route, State,
-    is_degraded,
+    BoxError, ClassConfig, ClassId, Degraded, Degrader, Route, breaker::State, clock::LatencyClock,
+    error::is_degraded, fallback::Diverted, gate::Reason,
 };
 
 /// A degrader whose control loop is not spawned: tests tick it with `tick_now`.
@@ -81,7 +81,7 @@ async fn failures_open_the_breaker_and_calls_get_a_degraded_error() {
     assert_eq!(deg.retry_after(), Some(Duration::from_secs(5)));
     assert_eq!(
         err.to_string(),
-        "class `pay` degraded: breaker_open, retry after 5000 ms"
+        "class `pay`: not served: circuit breaker open; retry after 5.0 s"
     );
     d.tick_now();
     assert_eq!(d.history("pay").unwrap().latest().unwrap().rejected, 1);
@@ -249,7 +249,7 @@ async fn latency_is_measured_on_tokio_time() {
 #[tokio::test(start_paused = true)]
 async fn seed_rule_degrades_through_the_layer() {
     let d = degrader(vec![
-        ClassConfig::silver("stock").fallback(Route::DelayedRetry),
+        ClassConfig::silver("stock").fallback_route(Route::DelayedRetry),
     ]);
     let mut svc =
         d.layer(d.class_id("stock").unwrap())
@@ -287,16 +287,32 @@ async fn seed_rule_degrades_through_the_layer() {
 
 #[tokio::test(start_paused = true)]
 async fn fallback_service_serves_diverted_calls() {
-    let d = degrader(vec![ClassConfig::gold("pay").fallback(Route::Service)]);
+    let d = degrader(vec![
+        ClassConfig::gold("pay").fallback_route(Route::Service),
+    ]);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
     let svc = d
         .layer(d.class_id("pay").unwrap())
-        .fallback(service_fn(|req: Result<u32, &'static str>| async move {
-            Ok::<_, BoxError>(req.unwrap_or(0) + 1000)
-        }))
+        .fallback_service(service_fn(
+            move |call: Diverted<Result<u32, &'static str>>| {
+                // The fallback sees why it was called.
+                log.lock().unwrap().push((
+                    call.class_name().to_owned(),
+                    call.route(),
+                    call.reason(),
+                ));
+                async move { Ok::<_, BoxError>(call.into_request().unwrap_or(0) + 1000) }
+            },
+        ))
         .layer(echo());
     assert_eq!(svc.clone().oneshot(Ok(1)).await.unwrap(), 1);
     d.force_open("pay").unwrap();
     assert_eq!(svc.clone().oneshot(Ok(1)).await.unwrap(), 1001);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("pay".to_owned(), Route::Service, Reason::ForcedOpen)]
+    );
     d.tick_now();
     let w = *d.history("pay").unwrap().latest().unwrap();
     assert_eq!((w.successes, w.degraded, w.rejected), (1, 1, 0));
@@ -304,7 +320,9 @@ async fn fallback_service_serves_diverted_calls() {
 
 #[tokio::test(start_paused = true)]
 async fn routes_without_a_handler_reject_naming_the_route() {
-    let d = degrader(vec![ClassConfig::bronze("log").fallback(Route::Spool)]);
+    let d = degrader(vec![
+        ClassConfig::bronze("log").fallback_route(Route::Spool),
+    ]);
     d.force_open("log").unwrap();
     let err = d
         .layer(d.class_id("log").unwrap())
@@ -314,7 +332,8 @@ async fn routes_without_a_handler_reject_naming_the_route() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "class `log` degraded: forced_open (route `spool` has no handler)"
+        "class `log`: not served: circuit breaker forced open by an operator \
+         (fallback route `spool` has no handler); retry after 0.5 s"
     );
 }
 
@@ -505,7 +524,8 @@ async fn override_header_only_picks_configured_allowed_classes() {
     let d = degrader(vec![ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
     let classify = d
         .http_classifier()
-        .override_header("x-degrade-class")
+        .override_header("X-Degrade-Class")
+        .unwrap()
         .override_allowed(["log"])
         .unwrap()
         .build();
@@ -650,7 +670,7 @@ async fn metrics_are_exported_by_the_tick() {
 #[tokio::test(start_paused = true)]
 async fn task_api_runs_handler_fallback_or_degraded_error() {
     let d = degrader(vec![
-        ClassConfig::gold("payment_callback").fallback(Route::Service),
+        ClassConfig::gold("payment_callback").fallback_route(Route::Service),
         ClassConfig::bronze("browse_log"),
     ]);
     let (tx, rx) = oneshot::channel::<String>();

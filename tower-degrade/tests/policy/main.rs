@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::error::degraded;
-use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, Reason, Route, State};
+use tower_degrade::fallback::Diverted;
+use tower_degrade::{
+    BoxError, ClassConfig, Degrader, Route, breaker::State, clock::LatencyClock, gate::Reason,
+};
 
 fn degrader() -> Degrader {
     Degrader::builder("shop")
@@ -16,7 +19,7 @@ fn degrader() -> Degrader {
                 .depends_on("db")
                 .tag("team", "payments"),
         )
-        .class(ClassConfig::silver("stock").fallback(Route::Service))
+        .class(ClassConfig::silver("stock").fallback_route(Route::Service))
         .class(ClassConfig::bronze("log"))
         .build_with_worker()
         .unwrap()
@@ -105,7 +108,7 @@ async fn fallback_route_goes_to_the_fallback_service() {
     d.tick_now();
     let svc = d
         .layer(d.class_id("stock").unwrap())
-        .fallback(service_fn(|_: bool| async {
+        .fallback_service(service_fn(|_: Diverted<bool>| async {
             Err::<(), BoxError>("from fallback".into())
         }))
         .layer(echo());
@@ -601,13 +604,13 @@ fn shipped(name: &str) -> String {
 
 fn shipped_degrader(name: &str) -> Degrader {
     // The breaker's own thresholds out of the way: the policy under test decides.
-    let mut breaker = tower_degrade::BreakerConfig::default();
+    let mut breaker = tower_degrade::breaker::BreakerConfig::default();
     breaker.min_requests = 1_000;
     breaker.degrade_rule = None;
     let d = Degrader::builder("shop")
         .breaker(breaker)
         .latency_clock(LatencyClock::Tokio)
-        .class(ClassConfig::gold("pay").fallback(Route::Service))
+        .class(ClassConfig::gold("pay").fallback_route(Route::Service))
         .class(ClassConfig::silver("stock"))
         .class(ClassConfig::bronze("log"))
         .build_with_worker()
@@ -836,8 +839,11 @@ fn http_degrader(service: &str) -> (Degrader, tower_degrade::classify::HttpClass
         .route(None, "/log", "log")
         .unwrap()
         .request_key("x-user-id")
+        .unwrap()
         .group_header("x-group")
+        .unwrap()
         .start_header("x-request-start")
+        .unwrap()
         .build();
     (d, classify)
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
-use tower_degrade::{BoxError, ClassConfig, Degrader, LatencyClock, State};
+use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 
 /// Records every batch it sees and answers with fixed probabilities.
 #[derive(Clone, Default)]

@@ -1,115 +1,15 @@
-//! Request classification: which class a request belongs to.
-//!
-//! Classifiers resolve class names when they are built, so classifying a request is a lookup
-//! that neither allocates nor locks, and only configured classes can come out of it: whatever
-//! a client sends (paths, headers), label cardinality stays bounded.
+//! Classifying `http::Request`s (HTTP and gRPC) by override header, gRPC path and route pattern.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderName, Method, Request};
 
-use crate::class::{ClassId, ConfigError, Registry};
-use crate::degrader::Degrader;
-
-/// Decides the class of a request.
-///
-/// Closures `Fn(&Req) -> ClassId` implement it, and so does a [`ClassId`] (a fixed class).
-///
-/// ```
-/// use tower_degrade::{ClassConfig, ClassId, Degrader, classify::ClassifyRequest};
-///
-/// # fn main() -> Result<(), tower_degrade::ConfigError> {
-/// let (degrader, _worker) = Degrader::builder("jobs")
-///     .class(ClassConfig::gold("payment_callback"))
-///     .build_with_worker()?;
-/// let payment = degrader.class_id("payment_callback")?;
-///
-/// struct Job { kind: &'static str }
-/// let classify = move |job: &Job| if job.kind == "pay" { payment } else { ClassId::DEFAULT };
-/// assert_eq!(classify.classify(&Job { kind: "pay" }), payment);
-/// assert_eq!(classify.classify(&Job { kind: "log" }), ClassId::DEFAULT);
-/// # Ok(())
-/// # }
-/// ```
-pub trait ClassifyRequest<Req> {
-    /// The class of `req`.
-    fn classify(&self, req: &Req) -> ClassId;
-
-    /// What per-request policy rules may see of `req`: its rollout key and group, and for
-    /// `on_request` hooks its method, path, headers and start time. Only called for classes
-    /// that have such rules; the default sees nothing.
-    fn describe<'a>(&self, _req: &'a Req) -> RequestView<'a> {
-        RequestView::default()
-    }
-}
-
-impl<Req, F> ClassifyRequest<Req> for F
-where
-    F: Fn(&Req) -> ClassId,
-{
-    #[inline]
-    fn classify(&self, req: &Req) -> ClassId {
-        self(req)
-    }
-}
-
-/// A borrowed view of a request for per-request policy rules (see
-/// [`ClassifyRequest::describe`]).
-#[derive(Debug, Clone, Copy, Default)]
-#[non_exhaustive]
-pub struct RequestView<'a> {
-    /// The HTTP method, or a task kind.
-    pub method: &'a str,
-    /// The path (`/pkg.Service/Method` for gRPC).
-    pub path: &'a str,
-    /// The rollout key (a user id, say): requests with the same key always fall on the same
-    /// side of a percentage rollout.
-    pub key: Option<&'a str>,
-    /// The rollout group (`beta`, `internal` ...).
-    pub group: Option<&'a str>,
-    /// When the request started, in milliseconds since the Unix epoch (from a header such as
-    /// `x-request-start`), for `req.elapsed_ms`.
-    pub started_unix_ms: Option<u64>,
-    /// The request headers.
-    pub headers: Option<&'a http::HeaderMap>,
-}
-
-impl<'a> RequestView<'a> {
-    /// A view with a rollout key and group only.
-    pub fn keyed(key: Option<&'a str>, group: Option<&'a str>) -> Self {
-        Self {
-            key,
-            group,
-            ..Self::default()
-        }
-    }
-}
-
-/// Parse a request-start header: Unix time in milliseconds, seconds with a fraction, or
-/// microseconds, optionally prefixed with `t=` (nginx and Heroku style).
-fn parse_start(v: &str) -> Option<u64> {
-    let v = v.trim().trim_start_matches("t=");
-    if let Some((secs, frac)) = v.split_once('.') {
-        let secs: u64 = secs.parse().ok()?;
-        let ms: u64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
-        return Some(secs * 1000 + ms);
-    }
-    let n: u64 = v.parse().ok()?;
-    // Tell the units apart by magnitude: seconds < 1e11 <= milliseconds < 1e14 <= microseconds.
-    Some(match n {
-        0..100_000_000_000 => n * 1000,
-        100_000_000_000..100_000_000_000_000 => n,
-        _ => n / 1000,
-    })
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(Box<str>),
-    Param,
-    CatchAll,
-}
+use super::pattern::{Segment, matches, parse_pattern};
+use super::view::parse_start;
+use super::{ClassifyRequest, RequestView};
+use crate::class::{ClassId, Registry};
+use crate::error::ConfigError;
 
 #[derive(Debug, Clone)]
 struct PathRule {
@@ -117,59 +17,6 @@ struct PathRule {
     pattern: Box<str>,
     segments: Box<[Segment]>,
     class: ClassId,
-}
-
-fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError> {
-    if !pattern.starts_with('/') {
-        return Err(ConfigError::InvalidValue {
-            field: "http.route",
-            reason: format!("pattern `{pattern}` must start with `/`"),
-        });
-    }
-    let parts: Vec<&str> = pattern[1..].split('/').collect();
-    let mut segs = Vec::with_capacity(parts.len());
-    for (i, p) in parts.iter().enumerate() {
-        let seg = if p.starts_with("{*") && p.ends_with('}') || *p == "*" {
-            if i + 1 != parts.len() {
-                return Err(ConfigError::InvalidValue {
-                    field: "http.route",
-                    reason: format!("pattern `{pattern}`: a catch-all must be the last segment"),
-                });
-            }
-            Segment::CatchAll
-        } else if p.starts_with('{') && p.ends_with('}') || p.starts_with(':') {
-            Segment::Param
-        } else {
-            Segment::Literal((*p).into())
-        };
-        segs.push(seg);
-    }
-    Ok(segs.into())
-}
-
-fn matches(segments: &[Segment], path: &str) -> bool {
-    // Byte-wise: `str::split` costs more than the whole rest of the data path.
-    let mut rest = Some(path.strip_prefix('/').unwrap_or(path));
-    for seg in segments {
-        if *seg == Segment::CatchAll {
-            return true;
-        }
-        let Some(r) = rest else { return false };
-        let (part, tail) = match r.as_bytes().iter().position(|&b| b == b'/') {
-            Some(i) => (&r[..i], Some(&r[i + 1..])),
-            None => (r, None),
-        };
-        let ok = match seg {
-            Segment::Param => !part.is_empty(),
-            Segment::Literal(l) => part == &**l,
-            Segment::CatchAll => true,
-        };
-        if !ok {
-            return false;
-        }
-        rest = tail;
-    }
-    rest.is_none()
 }
 
 #[derive(Debug)]
@@ -188,13 +35,14 @@ struct Rules {
 
 /// Classifies `http::Request`s: an explicit override header, then (for gRPC) the
 /// `/package.Service/Method` path, then method + route pattern (axum's `MatchedPath` when
-/// present), else the default class. Built with [`Degrader::http_classifier`].
+/// present), else the default class. Built with [`HttpClassifier::builder`] over a degrader's
+/// [`Registry`] (or [`Degrader::http_classifier`](crate::Degrader::http_classifier)).
 ///
 /// ```
 /// use http::{Method, Request};
 /// use tower_degrade::{ClassConfig, Degrader, classify::ClassifyRequest};
 ///
-/// # fn main() -> Result<(), tower_degrade::ConfigError> {
+/// # fn main() -> Result<(), tower_degrade::error::ConfigError> {
 /// let (degrader, _worker) = Degrader::builder("shop")
 ///     .class(ClassConfig::gold("payment"))
 ///     .class(ClassConfig::bronze("browse"))
@@ -203,7 +51,7 @@ struct Rules {
 ///     .http_classifier()
 ///     .route(Some(Method::POST), "/payments/{id}/callback", "payment")?
 ///     .route(None, "/products/{*rest}", "browse")?
-///     .override_header("x-degrade-class")
+///     .override_header("X-Degrade-Class")?
 ///     .build();
 /// let req = Request::post("/payments/42/callback").body(()).unwrap();
 /// assert_eq!(classify.classify(&req), degrader.class_id("payment")?);
@@ -223,9 +71,20 @@ pub struct HttpClassifierBuilder {
     rules: Rules,
 }
 
-impl Degrader {
-    /// Start building an HTTP / gRPC classifier over this degrader's classes.
-    pub fn http_classifier(&self) -> HttpClassifierBuilder {
+/// A header name in any case, or an error naming `field`.
+fn header_name(field: &'static str, name: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
+        ConfigError::InvalidValue {
+            field,
+            reason: format!("`{name}` is not a valid HTTP header name"),
+        }
+    })
+}
+
+impl HttpClassifier {
+    /// Start building a classifier over the classes of `registry` (a degrader's
+    /// [`Degrader::registry`](crate::Degrader::registry)).
+    pub fn builder(registry: &Registry) -> HttpClassifierBuilder {
         HttpClassifierBuilder {
             rules: Rules {
                 paths: Vec::new(),
@@ -236,7 +95,7 @@ impl Degrader {
                 key_header: None,
                 group_header: None,
                 start_header: None,
-                registry: self.inner.registry.clone(),
+                registry: registry.clone(),
                 default: ClassId::DEFAULT,
             },
         }
@@ -290,9 +149,12 @@ impl HttpClassifierBuilder {
     /// Let callers pick their class with this header (e.g. `x-degrade-class`). Only configured
     /// class names are accepted (and only those of [`override_allowed`](Self::override_allowed)
     /// when set); any other value is ignored.
-    pub fn override_header(mut self, name: &'static str) -> Self {
-        self.rules.override_header = Some(HeaderName::from_static(name));
-        self
+    ///
+    /// The name is matched case-insensitively, as HTTP header names are; a name that is not a
+    /// valid header name is an error naming the field.
+    pub fn override_header(mut self, name: &str) -> Result<Self, ConfigError> {
+        self.rules.override_header = Some(header_name("http.override_header", name)?);
+        Ok(self)
     }
 
     /// Restrict the override header to these classes (so clients cannot promote themselves to
@@ -310,22 +172,22 @@ impl HttpClassifierBuilder {
     }
 
     /// The header holding the rollout key (e.g. `x-user-id`) for percentage rollouts.
-    pub fn request_key(mut self, header: &'static str) -> Self {
-        self.rules.key_header = Some(HeaderName::from_static(header));
-        self
+    pub fn request_key(mut self, header: &str) -> Result<Self, ConfigError> {
+        self.rules.key_header = Some(header_name("http.request_key", header)?);
+        Ok(self)
     }
 
     /// The header holding the rollout group (e.g. `x-group`) for group rollouts.
-    pub fn group_header(mut self, header: &'static str) -> Self {
-        self.rules.group_header = Some(HeaderName::from_static(header));
-        self
+    pub fn group_header(mut self, header: &str) -> Result<Self, ConfigError> {
+        self.rules.group_header = Some(header_name("http.group_header", header)?);
+        Ok(self)
     }
 
     /// The header holding when the request started (e.g. `x-request-start`), for
     /// `req.elapsed_ms` in `on_request` hooks.
-    pub fn start_header(mut self, header: &'static str) -> Self {
-        self.rules.start_header = Some(HeaderName::from_static(header));
-        self
+    pub fn start_header(mut self, header: &str) -> Result<Self, ConfigError> {
+        self.rules.start_header = Some(header_name("http.start_header", header)?);
+        Ok(self)
     }
 
     /// The class of requests no rule matches (default: the `default` class).
@@ -426,36 +288,5 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
             started_unix_ms: header(&r.start_header).and_then(parse_start),
             headers: Some(req.headers()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn segs(p: &str) -> Box<[Segment]> {
-        parse_pattern(p).unwrap()
-    }
-
-    #[test]
-    fn request_start_headers_in_every_unit() {
-        assert_eq!(parse_start("1700000000"), Some(1_700_000_000_000));
-        assert_eq!(parse_start("1700000000123"), Some(1_700_000_000_123));
-        assert_eq!(parse_start("t=1700000000123456"), Some(1_700_000_000_123));
-        assert_eq!(parse_start("1700000000.5"), Some(1_700_000_000_500));
-        assert_eq!(parse_start("soon"), None);
-    }
-
-    #[test]
-    fn patterns_match_like_axum() {
-        assert!(matches(&segs("/orders/{id}"), "/orders/7"));
-        assert!(!matches(&segs("/orders/{id}"), "/orders/7/items"));
-        assert!(!matches(&segs("/orders/{id}"), "/orders/"));
-        assert!(matches(&segs("/static/{*rest}"), "/static/a/b/c"));
-        assert!(matches(&segs("/"), "/"));
-        assert!(!matches(&segs("/a"), "/b"));
-        assert!(matches(&segs("/users/:id/cart"), "/users/u1/cart"));
-        assert!(parse_pattern("no-slash").is_err());
-        assert!(parse_pattern("/{*rest}/x").is_err());
     }
 }

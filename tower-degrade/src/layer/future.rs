@@ -9,10 +9,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use crate::class::Route;
-use crate::directive::Reason;
 use crate::error::Degraded;
-use crate::protocol::{Protocol, Recording};
-use crate::window::Outcome;
+use crate::gate::Reason;
+use crate::protocol::Protocol;
+use crate::window::{Outcome, Recording};
 
 pin_project! {
     #[project = KindProj]
@@ -135,7 +135,12 @@ where
                         None => sleep.set(None),
                     }
                 }
-                if let Poll::Ready(result) = fut.poll(cx) {
+                // A panic in the inner future unwinds through here: it counts as a failure
+                // whatever catches it (a `CatchPanicLayer` outside this layer, or the runtime).
+                let guard = FailOnPanic(Some(&mut *this.recording));
+                let polled = fut.poll(cx);
+                guard.defuse();
+                if let Poll::Ready(result) = polled {
                     let rec = this.recording.take().expect("polled after completion");
                     return Poll::Ready(this.protocol.on_response(result, rec));
                 }
@@ -157,6 +162,26 @@ where
                 let d = degraded.take().expect("polled after completion");
                 Poll::Ready(this.protocol.on_degraded(d))
             }
+        }
+    }
+}
+
+/// Finishes the recording as a failure if dropped while armed: only when the inner future
+/// panicked, since the normal path disarms it.
+struct FailOnPanic<'a>(Option<&'a mut Option<Recording>>);
+
+impl FailOnPanic<'_> {
+    #[inline]
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FailOnPanic<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(rec) = self.0.take().and_then(Option::take) {
+            rec.finish(Outcome::Error);
         }
     }
 }

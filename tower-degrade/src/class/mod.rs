@@ -1,8 +1,12 @@
 //! Task classes: what a request is, how much it matters and where it goes when it cannot be served.
 
-use std::collections::HashMap;
+mod registry;
+
 use std::fmt;
 use std::time::Duration;
+
+pub use self::registry::{ClassId, DEFAULT_CLASS, Registry};
+use crate::error::ConfigError;
 
 /// Business importance of a class: payment callbacks before inventory before browse logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -157,7 +161,7 @@ impl fmt::Display for Route {
 /// let payment = ClassConfig::gold("payment_callback")
 ///     .depends_on("db")
 ///     .timeout(Duration::from_secs(5))
-///     .fallback(Route::Service);
+///     .fallback_route(Route::Service);
 /// assert_eq!(payment.tier(), Tier::Gold);
 /// assert_eq!(payment.sla_target(), Duration::from_millis(50));
 /// ```
@@ -228,8 +232,11 @@ impl ClassConfig {
         self
     }
 
-    /// Where calls go when the class does not admit them.
-    pub fn fallback(mut self, route: Route) -> Self {
+    /// Where calls go when the class does not admit them (default [`Route::Reject`]).
+    ///
+    /// This names a *route*; the service that serves [`Route::Service`] is given to the layer
+    /// with [`DegradeLayer::fallback_service`](crate::DegradeLayer::fallback_service).
+    pub fn fallback_route(mut self, route: Route) -> Self {
         self.route = route;
         self
     }
@@ -279,189 +286,28 @@ impl ClassConfig {
     pub fn route(&self) -> Route {
         self.route
     }
-}
 
-/// The index of a class in its [`Registry`]. Index 0 is always the default class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClassId(pub(crate) u16);
-
-impl ClassId {
-    /// The default class, which receives all traffic no rule matched.
-    pub const DEFAULT: ClassId = ClassId(0);
-
-    /// The index of this class in the registry.
-    pub const fn index(self) -> usize {
-        self.0 as usize
-    }
-}
-
-/// An error in the class configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// Two classes share a name.
-    DuplicateClass(String),
-    /// A class name is empty or has characters other than `[A-Za-z0-9_.:-]`.
-    InvalidName(String),
-    /// A rule or strategy names a class that is not configured.
-    UnknownClass(String),
-    /// More classes than a `u16` can index.
-    TooManyClasses,
-    /// A field has a value out of range.
-    InvalidValue {
-        /// The field, e.g. `breaker.failure_rate`.
-        field: &'static str,
-        /// Why it is rejected.
-        reason: String,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::DuplicateClass(n) => write!(f, "class `{n}` is configured twice"),
-            ConfigError::InvalidName(n) => write!(
-                f,
-                "class name `{n}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]"
-            ),
-            ConfigError::UnknownClass(n) => write!(f, "unknown class `{n}`"),
-            ConfigError::TooManyClasses => f.write_str("too many classes (at most 65535)"),
-            ConfigError::InvalidValue { field, reason } => write!(f, "invalid `{field}`: {reason}"),
+    /// Check the values that would make the class meaningless, naming the first bad field.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(ConfigError::InvalidClass {
+                class: self.name.clone(),
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.sla.is_zero() {
+            return bad("sla", "must be greater than zero: every call would be slow");
         }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// The set of configured classes, fixed when the degrader is built.
-///
-/// Class names are the only values that reach metric labels, so label cardinality is bounded
-/// by configuration, whatever clients send.
-#[derive(Debug, Clone)]
-pub struct Registry {
-    classes: Vec<ClassConfig>,
-    by_name: HashMap<String, ClassId>,
-}
-
-/// The name of the default class.
-pub const DEFAULT_CLASS: &str = "default";
-
-impl Registry {
-    /// Build a registry. A class named [`DEFAULT_CLASS`] may be given to configure the default
-    /// class; otherwise it is a bronze class with the `reject` route.
-    pub(crate) fn new(classes: Vec<ClassConfig>) -> Result<Self, ConfigError> {
-        let mut default = ClassConfig::bronze(DEFAULT_CLASS);
-        let mut rest = Vec::with_capacity(classes.len());
-        for class in classes {
-            if class.name == DEFAULT_CLASS {
-                default = class;
-            } else {
-                rest.push(class);
-            }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "timeout",
+                "must be greater than zero: every call would time out",
+            );
         }
-        let mut all = Vec::with_capacity(rest.len() + 1);
-        all.push(default);
-        all.extend(rest);
-        if all.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::TooManyClasses);
+        if self.dependencies.iter().any(|d| d.trim().is_empty()) {
+            return bad("depends_on", "a dependency name must not be empty");
         }
-        let mut by_name = HashMap::with_capacity(all.len());
-        for (i, class) in all.iter().enumerate() {
-            let valid = !class.name.is_empty()
-                && class.name.len() <= 64
-                && class
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-            if !valid {
-                return Err(ConfigError::InvalidName(class.name.clone()));
-            }
-            if by_name
-                .insert(class.name.clone(), ClassId(i as u16))
-                .is_some()
-            {
-                return Err(ConfigError::DuplicateClass(class.name.clone()));
-            }
-        }
-        Ok(Self {
-            classes: all,
-            by_name,
-        })
-    }
-
-    /// Look a class up by name (no allocation).
-    pub fn get(&self, name: &str) -> Option<ClassId> {
-        self.by_name.get(name).copied()
-    }
-
-    /// Look a class up by name, or fail with [`ConfigError::UnknownClass`].
-    pub fn require(&self, name: &str) -> Result<ClassId, ConfigError> {
-        self.get(name)
-            .ok_or_else(|| ConfigError::UnknownClass(name.to_owned()))
-    }
-
-    /// The class with this id.
-    ///
-    /// # Panics
-    ///
-    /// If `id` does not come from this registry.
-    pub fn class(&self, id: ClassId) -> &ClassConfig {
-        &self.classes[id.index()]
-    }
-
-    /// Number of classes, the default class included.
-    pub fn len(&self) -> usize {
-        self.classes.len()
-    }
-
-    /// Always false: the default class exists.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Every class with its id, the default class first.
-    pub fn iter(&self) -> impl Iterator<Item = (ClassId, &ClassConfig)> + '_ {
-        self.classes
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (ClassId(i as u16), c))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_class_is_first_and_overridable() {
-        let r = Registry::new(vec![ClassConfig::gold("pay")]).unwrap();
-        assert_eq!(r.get(DEFAULT_CLASS), Some(ClassId::DEFAULT));
-        assert_eq!(r.class(ClassId::DEFAULT).tier(), Tier::Bronze);
-        let r = Registry::new(vec![
-            ClassConfig::gold("pay"),
-            ClassConfig::silver(DEFAULT_CLASS),
-        ])
-        .unwrap();
-        assert_eq!(r.class(ClassId::DEFAULT).tier(), Tier::Silver);
-        assert_eq!(r.len(), 2);
-    }
-
-    #[test]
-    fn bad_names_and_duplicates_are_rejected() {
-        assert_eq!(
-            Registry::new(vec![ClassConfig::gold("a"), ClassConfig::gold("a")]).unwrap_err(),
-            ConfigError::DuplicateClass("a".into())
-        );
-        assert!(matches!(
-            Registry::new(vec![ClassConfig::gold("a b")]).unwrap_err(),
-            ConfigError::InvalidName(_)
-        ));
-    }
-
-    #[test]
-    fn tier_defaults_follow_the_seed() {
-        assert_eq!(Tier::Gold.base_weight(), 0.45);
-        assert_eq!(Tier::Silver.default_sla(), Duration::from_millis(200));
-        assert_eq!(Tier::Bronze.burst_tolerance(), 1.2);
+        Ok(())
     }
 }

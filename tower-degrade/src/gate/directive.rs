@@ -57,6 +57,20 @@ impl Reason {
         }
     }
 
+    /// The reason in words, for people: "circuit breaker open".
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Reason::BreakerOpen => "circuit breaker open",
+            Reason::ForcedOpen => "circuit breaker forced open by an operator",
+            Reason::ProbesExhausted => "circuit breaker half-open and every probe taken",
+            Reason::Recovering => "recovering, only part of the traffic is admitted",
+            Reason::Degraded => "degraded, only part of the traffic is admitted",
+            Reason::Timeout => "timed out",
+            Reason::Shed => "shed by a policy",
+            Reason::Policy => "diverted by a policy",
+        }
+    }
+
     fn from_bits(bits: u64) -> Reason {
         Reason::ALL
             .get(bits as usize)
@@ -119,8 +133,9 @@ const KIND_DIVERT: u64 = 1;
 pub(crate) const KIND_FRACTION: u64 = 2;
 pub(crate) const KIND_PROBE: u64 = 3;
 
-/// The packed form: kind (2 bits) | reason (4) | route (4) | unused (6) | fraction (16) |
-/// retry-after ms (32, `u32::MAX` = none).
+/// The packed form, from the lowest bit: kind (bits 0-1) | reason (2-5) | route (6-9) |
+/// fraction is exactly 1.0 (10) | per-request rules apply (11) | delayed admit (12) |
+/// unused (13-15) | fraction (16-31) | retry-after or delay in ms (32-63, `u32::MAX` = none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Packed(pub(crate) u64);
 
@@ -160,21 +175,29 @@ impl Packed {
         ((self.0 >> 16) & 0xFFFF) as u32 + u32::from(self.0 & FULL_BIT != 0) * 0x1_0000
     }
 
-    /// Whether per-request policy rules apply to the class.
-    #[cfg(feature = "rhai")]
+    /// Whether per-request rules apply to the class (a control-loop stage's `on_request`).
     #[inline]
     pub(crate) fn has_overlay(self) -> bool {
         self.0 & OVERLAY_BIT != 0
     }
 
     /// The same directive, flagged (or not) as having per-request rules.
-    #[cfg(feature = "rhai")]
     pub(crate) fn with_overlay(self, on: bool) -> Packed {
         Packed(if on {
             self.0 | OVERLAY_BIT
         } else {
             self.0 & !OVERLAY_BIT
         })
+    }
+
+    /// The same directive with `retry` as its retry-after when it turns calls away and says
+    /// nothing of when to come back (a delayed admit keeps its delay).
+    pub(crate) fn with_default_retry(self, retry: Duration) -> Packed {
+        if self.kind() == KIND_ADMIT || self.0 >> 32 != NO_RETRY {
+            return self;
+        }
+        let ms = (retry.as_millis().min(u128::from(NO_RETRY - 1))) as u64;
+        Packed((self.0 & 0xFFFF_FFFF) | (ms << 32))
     }
 
     #[inline]
@@ -189,8 +212,7 @@ const NO_RETRY: u64 = u32::MAX as u64;
 const FULL_BIT: u64 = 1 << 10;
 /// Bit 12 turns an admit into a delayed admit; the delay is in the retry-after field.
 const DELAY_BIT: u64 = 1 << 12;
-/// Bit 11 marks a class with per-request policy rules (rollouts, `on_request` hooks).
-#[cfg(feature = "rhai")]
+/// Bit 11 marks a class with per-request rules (rollouts, `on_request` hooks).
 const OVERLAY_BIT: u64 = 1 << 11;
 
 fn pack_common(kind: u64, reason: Reason, route: Route, retry: Option<Duration>) -> u64 {
@@ -273,10 +295,6 @@ impl DirectiveCell {
     #[inline]
     pub(crate) fn load(&self) -> Packed {
         Packed(self.0.load(Ordering::Acquire))
-    }
-
-    pub(crate) fn store(&self, d: Directive) {
-        self.0.store(d.pack().0, Ordering::Release);
     }
 
     pub(crate) fn store_packed(&self, p: Packed) {

@@ -1,0 +1,153 @@
+//! Breaker thresholds and timings.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::window::WindowSnapshot;
+
+/// The seed's degrade rule: `windows` consecutive windows with success rate below
+/// `success_below` **and** p99 above `p99_above` degrade the class.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DegradeRule {
+    /// Consecutive windows required (seed: 3).
+    pub windows: u32,
+    /// Success-rate floor (seed: 0.92).
+    pub success_below: f64,
+    /// p99 ceiling (seed: 800 ms).
+    pub p99_above: Duration,
+    /// Completed calls a window needs to count (default 1).
+    pub min_requests: u64,
+}
+
+impl Default for DegradeRule {
+    fn default() -> Self {
+        Self {
+            windows: 3,
+            success_below: 0.92,
+            p99_above: Duration::from_millis(800),
+            min_requests: 1,
+        }
+    }
+}
+
+impl DegradeRule {
+    pub(crate) fn breached(&self, w: &WindowSnapshot) -> bool {
+        w.completed() >= self.min_requests
+            && w.success_rate() < self.success_below
+            && w.p99 > self.p99_above
+    }
+}
+
+/// Breaker thresholds and timings. The defaults are SPEC 3.3's.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BreakerConfig {
+    /// Completed calls a window needs before its failure rate can open the breaker (20).
+    pub min_requests: u64,
+    /// Failure rate (errors + timeouts over completed) above which the breaker opens (0.5).
+    pub failure_rate: f64,
+    /// Share of calls slower than the class SLA above which the breaker opens (off).
+    pub slow_call_rate: Option<f64>,
+    /// The seed's degrade rule (on, with the seed's numbers).
+    pub degrade_rule: Option<DegradeRule>,
+    /// First open duration (5 s); doubled on each re-open, up to `max_open_duration`.
+    pub open_duration: Duration,
+    /// Cap of the open duration (60 s).
+    pub max_open_duration: Duration,
+    /// Probe calls admitted while half-open (5).
+    pub half_open_probes: u32,
+    /// Probe success rate needed to start recovering (0.8).
+    pub probe_success_rate: f64,
+    /// Fraction added to the admitted share per good recovering tick (0.25).
+    pub recovery_step: f64,
+    /// Consecutive good recovering ticks that close the breaker (3).
+    pub recovery_ticks: u32,
+    /// Share of a degraded class's calls still sent to the inner service (0.2).
+    pub degraded_admit_fraction: f64,
+    /// Consecutive healthy windows that lift an automatic degradation (3).
+    pub degraded_recovery_ticks: u32,
+    /// Predicted failure probability at or above which a tick counts as predicting (0.87, the
+    /// seed's threshold). Only used when a predictor is attached.
+    pub predict_threshold: f64,
+    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
+    pub predict_ticks: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            min_requests: 20,
+            failure_rate: 0.5,
+            slow_call_rate: None,
+            degrade_rule: Some(DegradeRule::default()),
+            open_duration: Duration::from_secs(5),
+            max_open_duration: Duration::from_secs(60),
+            half_open_probes: 5,
+            probe_success_rate: 0.8,
+            recovery_step: 0.25,
+            recovery_ticks: 3,
+            degraded_admit_fraction: 0.2,
+            degraded_recovery_ticks: 3,
+            predict_threshold: 0.87,
+            predict_ticks: 2,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Check every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(ConfigError::InvalidValue {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        if !unit(self.failure_rate) {
+            return bad("breaker.failure_rate", "must be within 0.0..=1.0");
+        }
+        if self.slow_call_rate.is_some_and(|v| !unit(v)) {
+            return bad("breaker.slow_call_rate", "must be within 0.0..=1.0");
+        }
+        if !unit(self.probe_success_rate) {
+            return bad("breaker.probe_success_rate", "must be within 0.0..=1.0");
+        }
+        if !(self.recovery_step > 0.0 && self.recovery_step <= 1.0) {
+            return bad("breaker.recovery_step", "must be within (0.0, 1.0]");
+        }
+        if !unit(self.degraded_admit_fraction) {
+            return bad(
+                "breaker.degraded_admit_fraction",
+                "must be within 0.0..=1.0",
+            );
+        }
+        if !unit(self.predict_threshold) {
+            return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+        }
+        if self.predict_ticks == 0 {
+            return bad("breaker.predict_ticks", "must be at least 1");
+        }
+        if self.half_open_probes == 0 {
+            return bad("breaker.half_open_probes", "must be at least 1");
+        }
+        if self.open_duration.is_zero() || self.max_open_duration < self.open_duration {
+            return bad(
+                "breaker.open_duration",
+                "must be non-zero and at most max_open_duration",
+            );
+        }
+        if let Some(rule) = &self.degrade_rule {
+            if rule.windows == 0 {
+                return bad("breaker.degrade_rule.windows", "must be at least 1");
+            }
+            if !unit(rule.success_below) {
+                return bad(
+                    "breaker.degrade_rule.success_below",
+                    "must be within 0.0..=1.0",
+                );
+            }
+        }
+        Ok(())
+    }
+}

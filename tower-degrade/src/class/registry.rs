@@ -1,0 +1,166 @@
+//! The registry: the set of configured classes, fixed when the degrader is built.
+
+use std::collections::HashMap;
+
+use super::{ClassConfig, Tier};
+use crate::error::ConfigError;
+
+/// The index of a class in its [`Registry`]. Index 0 is always the default class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassId(pub(crate) u16);
+
+impl ClassId {
+    /// The default class, which receives all traffic no rule matched.
+    pub const DEFAULT: ClassId = ClassId(0);
+
+    /// The index of this class in the registry.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// The set of configured classes, fixed when the degrader is built.
+///
+/// Class names are the only values that reach metric labels, so label cardinality is bounded
+/// by configuration, whatever clients send.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    classes: Vec<ClassConfig>,
+    by_name: HashMap<String, ClassId>,
+}
+
+/// The name of the default class.
+pub const DEFAULT_CLASS: &str = "default";
+
+impl Registry {
+    /// Build a registry: `default` (or a bronze class with the `reject` route) as the default
+    /// class, then `classes` in order. A class in `classes` may not be named [`DEFAULT_CLASS`].
+    pub(crate) fn new(
+        default: Option<ClassConfig>,
+        classes: Vec<ClassConfig>,
+    ) -> Result<Self, ConfigError> {
+        let mut default = default.unwrap_or_else(|| ClassConfig::new(DEFAULT_CLASS, Tier::Bronze));
+        default.name = DEFAULT_CLASS.to_owned();
+        let mut all = Vec::with_capacity(classes.len() + 1);
+        all.push(default);
+        for class in classes {
+            if class.name == DEFAULT_CLASS {
+                return Err(ConfigError::InvalidClass {
+                    class: class.name,
+                    field: "name",
+                    reason: "`default` is reserved for unclassified calls: configure it with \
+                             `DegraderBuilder::default_class`"
+                        .into(),
+                });
+            }
+            all.push(class);
+        }
+        if all.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::TooManyClasses);
+        }
+        let mut by_name = HashMap::with_capacity(all.len());
+        for (i, class) in all.iter().enumerate() {
+            let valid = !class.name.is_empty()
+                && class.name.len() <= 64
+                && class
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+            if !valid {
+                return Err(ConfigError::InvalidName(class.name.clone()));
+            }
+            class.validate()?;
+            if by_name
+                .insert(class.name.clone(), ClassId(i as u16))
+                .is_some()
+            {
+                return Err(ConfigError::DuplicateClass(class.name.clone()));
+            }
+        }
+        Ok(Self {
+            classes: all,
+            by_name,
+        })
+    }
+
+    /// Look a class up by name (no allocation).
+    pub fn get(&self, name: &str) -> Option<ClassId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Look a class up by name, or fail with [`ConfigError::UnknownClass`].
+    pub fn require(&self, name: &str) -> Result<ClassId, ConfigError> {
+        self.get(name)
+            .ok_or_else(|| ConfigError::UnknownClass(name.to_owned()))
+    }
+
+    /// The class with this id.
+    ///
+    /// # Panics
+    ///
+    /// If `id` does not come from this registry.
+    pub fn class(&self, id: ClassId) -> &ClassConfig {
+        &self.classes[id.index()]
+    }
+
+    /// Number of classes, the default class included.
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Always false: the default class exists.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Every class with its id, the default class first.
+    pub fn iter(&self) -> impl Iterator<Item = (ClassId, &ClassConfig)> + '_ {
+        self.classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (ClassId(i as u16), c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn default_class_is_first_and_overridable() {
+        let r = Registry::new(None, vec![ClassConfig::gold("pay")]).unwrap();
+        assert_eq!(r.get(DEFAULT_CLASS), Some(ClassId::DEFAULT));
+        assert_eq!(r.class(ClassId::DEFAULT).tier(), Tier::Bronze);
+        let r = Registry::new(
+            Some(ClassConfig::silver("anything")),
+            vec![ClassConfig::gold("pay")],
+        )
+        .unwrap();
+        assert_eq!(r.class(ClassId::DEFAULT).name(), DEFAULT_CLASS);
+        assert_eq!(r.class(ClassId::DEFAULT).tier(), Tier::Silver);
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn bad_names_and_duplicates_are_rejected() {
+        assert_eq!(
+            Registry::new(None, vec![ClassConfig::gold("a"), ClassConfig::gold("a")]).unwrap_err(),
+            ConfigError::DuplicateClass("a".into())
+        );
+        assert!(matches!(
+            Registry::new(None, vec![ClassConfig::gold("a b")]).unwrap_err(),
+            ConfigError::InvalidName(_)
+        ));
+        let err = Registry::new(None, vec![ClassConfig::gold(DEFAULT_CLASS)]).unwrap_err();
+        assert!(err.to_string().contains("default_class"), "{err}");
+    }
+
+    #[test]
+    fn tier_defaults_follow_the_seed() {
+        assert_eq!(Tier::Gold.base_weight(), 0.45);
+        assert_eq!(Tier::Silver.default_sla(), Duration::from_millis(200));
+        assert_eq!(Tier::Bronze.burst_tolerance(), 1.2);
+    }
+}

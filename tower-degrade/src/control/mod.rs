@@ -1,0 +1,185 @@
+//! The control loop: once per tick, windows -> snapshots -> stages -> breakers -> directives.
+//!
+//! ```text
+//! read every class's window (shards -> snapshot -> history, features)
+//!   -> Stage::observe for every stage (the predictor's batched run)
+//!   -> per class: breaker step -> Stage::decide for every stage (policies) -> publish
+//!   -> metrics, status
+//! ```
+//!
+//! Nothing here runs on the request path. The stages plug in through [`Stage`]: the loop names
+//! no feature.
+
+mod stage;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+pub(crate) use self::stage::{Batch, ClassTick, Stage};
+use crate::breaker::{State, Transition};
+use crate::class::{ClassId, Tier};
+use crate::degrader::{ClassControl, ClassStatus, Shared, Shutdown, Status, health_score};
+use crate::gate::{Directive, Packed};
+use crate::metrics::{ClassMetrics, ServiceMetrics};
+use crate::window::TickContext;
+
+/// The control loop: ticks every `period` until the degrader is dropped or shut down.
+pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: Duration) {
+    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        if shutdown.flag.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.notify.notified() => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.tick(Instant::now());
+    }
+}
+
+impl Shared {
+    /// One control-loop tick: snapshot every class, run the stages, step its breaker, publish
+    /// its directive.
+    pub(crate) fn tick(&self, now: Instant) {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        // Every class's window, history and features.
+        for (id, class) in self.registry.iter() {
+            let mut ctl = self.control(id);
+            let ctl = &mut *ctl;
+            let snap = ctl.reader.read(
+                &self.shards,
+                id.index(),
+                &self.gauges[id.index()],
+                TickContext {
+                    tick,
+                    period: self.period,
+                    sla_micros: class.sla_target().as_micros() as u64,
+                },
+            );
+            Arc::make_mut(&mut ctl.history).push(snap);
+            ctl.features.push(&snap, class.sla_target());
+        }
+        // Stages that work over every class at once (one batched prediction).
+        let mut predictions = vec![None; self.registry.len()];
+        let features = |i: usize, out: &mut [f32]| {
+            self.control(ClassId(i as u16)).features.write(out);
+        };
+        let mut batch = Batch {
+            classes: self.registry.len(),
+            features: &features,
+            predictions: &mut predictions,
+        };
+        for stage in self.stages() {
+            stage.observe(&mut batch);
+        }
+        // Per class: breaker, stages, directive, metrics.
+        for (id, class) in self.registry.iter() {
+            let mut ctl = self.control(id);
+            let ctl = &mut *ctl;
+            let snap = ctl.history.latest().copied().unwrap_or_default();
+            let prediction = predictions[id.index()];
+            ctl.prediction = prediction;
+            if let Some(t) = ctl.breaker.step_predicted(&snap, prediction, now) {
+                self.on_transition(id, class.tier(), ctl, &t);
+            }
+            let mut directive = ctl.breaker.directive(now).pack();
+            // A manual command always wins over the stages.
+            if !ctl.breaker.is_manual() {
+                let view = ClassTick {
+                    id,
+                    history: &ctl.history,
+                    state: ctl.breaker.state(),
+                    prediction,
+                };
+                for stage in self.stages() {
+                    directive = stage.decide(&view, directive);
+                }
+            }
+            self.publish(id, directive);
+            let metrics = ctl.metrics.get_or_insert_with(|| {
+                ClassMetrics::new(
+                    &self.service,
+                    &self.names[id.index()],
+                    class.tier(),
+                    self.predictor.is_attached(),
+                )
+            });
+            metrics.record_tick(
+                &snap,
+                ctl.reader.last_histogram(),
+                ctl.breaker.state(),
+                prediction,
+            );
+        }
+        // Registered on the first tick, like the class handles, so a recorder installed after
+        // the degrader was built is used.
+        self.service_metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| ServiceMetrics::new(&self.service));
+        self.publish_status();
+    }
+
+    /// Publish a class's directive for the data path. A directive that turns calls away without
+    /// saying when to come back gets the next tick, when it may change.
+    pub(crate) fn publish(&self, id: ClassId, directive: Packed) {
+        self.gates[id.index()]
+            .directive
+            .store_packed(directive.with_default_retry(self.period));
+    }
+
+    pub(crate) fn on_transition(
+        &self,
+        id: ClassId,
+        tier: Tier,
+        ctl: &mut ClassControl,
+        t: &Transition,
+    ) {
+        if t.enforced && t.to == State::HalfOpen {
+            self.gates[id.index()].set_probes(ctl.breaker.config().half_open_probes);
+        }
+        crate::metrics::transition(&self.service, &self.names[id.index()], tier, t);
+    }
+
+    pub(crate) fn publish_status(&self) {
+        let classes: Vec<ClassStatus> = self
+            .registry
+            .iter()
+            .map(|(id, c)| {
+                let ctl = self.control(id);
+                ClassStatus {
+                    name: self.names[id.index()].clone(),
+                    tier: c.tier(),
+                    state: ctl.breaker.state(),
+                    shadow_state: ctl.breaker.shadow_state(),
+                    manual: ctl.breaker.is_manual(),
+                    directive: Directive::unpack(self.gates[id.index()].directive.load()),
+                    window: ctl.history.latest().copied().unwrap_or_default(),
+                    prediction: ctl.prediction,
+                }
+            })
+            .collect();
+        let health_score = health_score(&classes);
+        if let Some(sm) = &*self
+            .service_metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            sm.health(health_score);
+        }
+        self.status.store(Arc::new(Status {
+            service: self.service.clone(),
+            tick: self.tick.load(Ordering::Relaxed),
+            health_score,
+            classes,
+        }));
+    }
+}

@@ -1,0 +1,58 @@
+//! The interface through which the policy engine, the predictor (and, next, the adaptive
+//! concurrency limit) plug into the tick.
+
+use std::sync::Arc;
+
+use crate::breaker::State;
+use crate::class::ClassId;
+use crate::classify::RequestView;
+use crate::gate::Packed;
+use crate::window::History;
+
+/// One stage of the control loop. Every method has a do-nothing default, and `()` is the stage
+/// that does nothing (as tower-http's `impl OnFailure for ()`), so a feature that is compiled
+/// out is a `()` stage rather than a `#[cfg]` in the loop.
+///
+/// The loop calls, each tick: [`observe`](Self::observe) once, after every class's window was
+/// read and before the breakers step; then, per class whose breaker is under automatic control,
+/// [`decide`](Self::decide) with the directive so far. The data path calls
+/// [`per_request`](Self::per_request) only for a class whose published directive carries the
+/// per-request bit.
+pub(crate) trait Stage: Send + Sync {
+    /// Work over every class at once (one batched model run).
+    fn observe(&self, _batch: &mut Batch<'_>) {}
+
+    /// The directive to publish for one class, given the one so far.
+    fn decide(&self, _class: &ClassTick<'_>, directive: Packed) -> Packed {
+        directive
+    }
+
+    /// The directive for one request of a class with per-request rules.
+    fn per_request(&self, _class: usize, directive: Packed, _req: &RequestView<'_>) -> Packed {
+        directive.with_overlay(false)
+    }
+}
+
+impl Stage for () {}
+
+/// What [`Stage::observe`] sees of a tick: every class's features, and a per-class signal the
+/// breakers read.
+pub(crate) struct Batch<'a> {
+    /// Number of classes, in registry order.
+    pub(crate) classes: usize,
+    /// Write class `i`'s `[WINDOW, N_FEATURES]` feature block into the slice.
+    pub(crate) features: &'a dyn Fn(usize, &mut [f32]),
+    /// Per class, the failure predictor's probability for this tick.
+    pub(crate) predictions: &'a mut [Option<f64>],
+}
+
+/// What [`Stage::decide`] sees of one class.
+// Read by the stages that exist; with every optional one compiled out, nobody reads it.
+#[cfg_attr(not(feature = "rhai"), allow(dead_code))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClassTick<'a> {
+    pub(crate) id: ClassId,
+    pub(crate) history: &'a Arc<History>,
+    pub(crate) state: State,
+    pub(crate) prediction: Option<f64>,
+}

@@ -1,0 +1,223 @@
+//! [`DegraderBuilder`]: classes, breaker settings, stages and the tick, validated once.
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use super::shared::{ClassControl, PolicyStage, Shared};
+use super::{Degrader, Status};
+use crate::breaker::{Breaker, BreakerConfig};
+use crate::class::{ClassConfig, Registry};
+use crate::clock::{LatencyClock, Timer};
+use crate::error::ConfigError;
+use crate::gate::Gate;
+use crate::predict::{PredictStage, Predictor, PredictorConfig, Runner};
+use crate::window::{Gauges, Shard, shard_count};
+
+/// The default tick: one window every 500 ms (seed 2.2).
+pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
+
+/// Builds a [`Degrader`]; start with [`Degrader::builder`].
+#[derive(Debug)]
+pub struct DegraderBuilder {
+    service: String,
+    classes: Vec<ClassConfig>,
+    default_class: Option<ClassConfig>,
+    breaker: BreakerConfig,
+    per_class_breaker: Vec<(String, BreakerConfig)>,
+    tick: Duration,
+    clock: LatencyClock,
+    env: String,
+    predictor: Option<(Box<dyn Predictor>, PredictorConfig)>,
+    #[cfg(feature = "rhai")]
+    policy_limits: crate::policy::Limits,
+}
+
+impl DegraderBuilder {
+    pub(super) fn new(service: String) -> Self {
+        Self {
+            service,
+            classes: Vec::new(),
+            default_class: None,
+            breaker: BreakerConfig::default(),
+            per_class_breaker: Vec::new(),
+            tick: DEFAULT_TICK,
+            clock: LatencyClock::default(),
+            env: String::new(),
+            predictor: None,
+            #[cfg(feature = "rhai")]
+            policy_limits: crate::policy::Limits::default(),
+        }
+    }
+
+    /// Add a class. The name `default` is reserved for the class of unclassified calls: set
+    /// that one with [`default_class`](Self::default_class).
+    pub fn class(mut self, class: ClassConfig) -> Self {
+        self.classes.push(class);
+        self
+    }
+
+    /// Configure the class that receives every call no classifier rule matched (default: a
+    /// bronze class with the `reject` route). Its name is always `default`, whatever `class`
+    /// is called.
+    pub fn default_class(mut self, class: ClassConfig) -> Self {
+        self.default_class = Some(class);
+        self
+    }
+
+    /// The breaker configuration of every class without its own.
+    pub fn breaker(mut self, cfg: BreakerConfig) -> Self {
+        self.breaker = cfg;
+        self
+    }
+
+    /// The breaker configuration of one class.
+    pub fn class_breaker(mut self, class: impl Into<String>, cfg: BreakerConfig) -> Self {
+        self.per_class_breaker.push((class.into(), cfg));
+        self
+    }
+
+    /// The limits applied to every policy call.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn policy_limits(mut self, limits: crate::policy::Limits) -> Self {
+        self.policy_limits = limits;
+        self
+    }
+
+    /// Attach a failure predictor: run once per tick over every class, off the request path
+    /// (see [`predict`](crate::predict)). It is warmed up when the degrader is built.
+    pub fn predictor(mut self, predictor: impl Predictor, config: PredictorConfig) -> Self {
+        self.predictor = Some((Box::new(predictor), config));
+        self
+    }
+
+    /// The deployment environment (`prod`, `staging`), visible to policies as `ctx.env`.
+    pub fn env(mut self, env: impl Into<String>) -> Self {
+        self.env = env.into();
+        self
+    }
+
+    /// The clock that times calls (default: the TSC; see [`LatencyClock`]).
+    pub fn latency_clock(mut self, clock: LatencyClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The window length and control-loop period (default 500 ms).
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.tick = tick;
+        self
+    }
+
+    fn build_shared(self) -> Result<Arc<Shared>, ConfigError> {
+        if self.service.trim().is_empty() {
+            return Err(ConfigError::InvalidValue {
+                field: "service",
+                reason: "must not be empty: it labels every metric".into(),
+            });
+        }
+        if self.tick < Duration::from_millis(1) {
+            return Err(ConfigError::InvalidValue {
+                field: "tick",
+                reason: "must be at least 1 ms".into(),
+            });
+        }
+        self.breaker.validate()?;
+        let registry = Registry::new(self.default_class, self.classes)?;
+        let mut breakers = vec![self.breaker; registry.len()];
+        for (name, cfg) in self.per_class_breaker {
+            cfg.validate()?;
+            breakers[registry.require(&name)?.index()] = cfg;
+        }
+        let names: Arc<[Arc<str>]> = registry.iter().map(|(_, c)| Arc::from(c.name())).collect();
+        let gates = registry
+            .iter()
+            .map(|(_, c)| Gate::new(c.call_timeout()))
+            .collect();
+        let control = registry
+            .iter()
+            .zip(breakers)
+            .map(|((_, c), b)| Mutex::new(ClassControl::new(Breaker::new(b, c.route()))))
+            .collect();
+        let runner = match self.predictor {
+            None => None,
+            Some((p, cfg)) => {
+                let classes: Vec<&str> = registry.iter().map(|(_, c)| c.name()).collect();
+                Some(
+                    Runner::start(p, &classes, cfg).map_err(|e| ConfigError::InvalidValue {
+                        field: "predictor",
+                        reason: format!("warm-up failed: {e}"),
+                    })?,
+                )
+            }
+        };
+        #[cfg(feature = "rhai")]
+        let policies: PolicyStage =
+            crate::policy::Runtime::new(&registry, &self.service, &self.env, self.policy_limits);
+        #[cfg(not(feature = "rhai"))]
+        let policies: PolicyStage = ();
+        let service: Arc<str> = Arc::from(self.service);
+        let timer = Timer::new(self.clock);
+        let shard_n = shard_count();
+        let shards = (0..shard_n)
+            .map(|_| Arc::new(Shard::new(names.clone(), timer.clone())))
+            .collect();
+        let shared = Shared {
+            status: ArcSwap::from_pointee(Status {
+                service: service.clone(),
+                tick: 0,
+                health_score: 100.0,
+                classes: Vec::new(),
+            }),
+            predictor: PredictStage::new(runner, service.clone()),
+            service,
+            env: Arc::from(self.env.as_str()),
+            gauges: registry.iter().map(|_| Gauges::default()).collect(),
+            names,
+            gates,
+            shards,
+            shard_mask: shard_n - 1,
+            period: self.tick,
+            control,
+            tick: AtomicU64::new(0),
+            shutdown: Arc::default(),
+            service_metrics: Mutex::new(None),
+            policies,
+            registry,
+        };
+        let shared = Arc::new(shared);
+        shared.publish_status();
+        Ok(shared)
+    }
+
+    /// Build the degrader and spawn its control loop on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime (use [`build_with_worker`](Self::build_with_worker)
+    /// to run the loop on an executor of your choice).
+    pub fn build(self) -> Result<Degrader, ConfigError> {
+        let (degrader, worker) = self.build_with_worker()?;
+        tokio::spawn(worker);
+        Ok(degrader)
+    }
+
+    /// Build the degrader and return its control loop as a future for the caller to spawn
+    /// (the `Buffer::pair` shape). The loop ends when every handle, layer and service of the
+    /// degrader is dropped, or on [`Degrader::shutdown`].
+    pub fn build_with_worker(
+        self,
+    ) -> Result<(Degrader, impl Future<Output = ()> + Send + 'static), ConfigError> {
+        let shared = self.build_shared()?;
+        let worker = crate::control::run(
+            Arc::downgrade(&shared),
+            shared.shutdown.clone(),
+            shared.period,
+        );
+        Ok((Degrader { shared }, worker))
+    }
+}

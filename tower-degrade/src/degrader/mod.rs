@@ -1,0 +1,253 @@
+//! The [`Degrader`]: the handle to one service's degradation state. Every `impl Degrader`
+//! block is in this module; the state it shares is in `shared`, its builder in `builder`, the
+//! status it publishes in `status`.
+
+mod builder;
+mod shared;
+mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use self::builder::{DEFAULT_TICK, DegraderBuilder};
+pub(crate) use self::shared::{ClassControl, Shared, Shutdown};
+pub(crate) use self::status::health_score;
+pub use self::status::{ClassStatus, Status};
+use crate::breaker::{Command, State};
+use crate::class::{ClassId, Registry};
+use crate::classify::{HttpClassifier, HttpClassifierBuilder};
+use crate::error::ConfigError;
+#[cfg(feature = "rhai")]
+use crate::error::PolicyError;
+use crate::layer::DegradeLayer;
+use crate::task::TasksBuilder;
+use crate::window::History;
+
+/// The handle to one service's degradation state: build layers from it, run tasks through it,
+/// and control and read its breakers.
+///
+/// Cloning is cheap and every clone, layer and service shares one state (one breaker per class,
+/// whatever number of times `Layer::layer` is called).
+#[derive(Debug, Clone)]
+pub struct Degrader {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Degrader {
+    /// Start building a degrader for the service `service` (the `service` label of every
+    /// metric).
+    pub fn builder(service: impl Into<String>) -> DegraderBuilder {
+        DegraderBuilder::new(service.into())
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.shared.service
+    }
+
+    /// The deployment environment given to the builder (empty by default).
+    pub fn env(&self) -> &str {
+        &self.shared.env
+    }
+
+    /// The configured classes.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// The id of a class by name.
+    pub fn class_id(&self, name: &str) -> Result<ClassId, ConfigError> {
+        self.shared.registry.require(name)
+    }
+
+    /// The status published at the last tick (or after the last manual command).
+    pub fn status(&self) -> Arc<Status> {
+        self.shared.status.load_full()
+    }
+
+    /// `degrade_health_score` at the last tick, 0–100.
+    pub fn health_score(&self) -> f64 {
+        self.shared.status.load().health_score
+    }
+
+    /// The breaker state of a class now.
+    pub fn state(&self, class: &str) -> Result<State, ConfigError> {
+        let id = self.class_id(class)?;
+        Ok(self.shared.control(id).breaker.state())
+    }
+
+    /// The last [`HISTORY_LEN`](crate::window::HISTORY_LEN) windows of a class.
+    pub fn history(&self, class: &str) -> Result<History, ConfigError> {
+        let id = self.class_id(class)?;
+        Ok((*self.shared.control(id).history).clone())
+    }
+
+    /// Apply a manual command to a class's breaker; it takes effect at once.
+    pub fn command(&self, class: &str, cmd: Command) -> Result<State, ConfigError> {
+        let id = self.class_id(class)?;
+        let now = Instant::now();
+        let tier = self.shared.registry.class(id).tier();
+        {
+            let mut ctl = self.shared.control(id);
+            if let Some(t) = ctl.breaker.command(cmd) {
+                tracing::warn!(
+                    service = %self.shared.service, class, from = %t.from, to = %t.to,
+                    reason = %t.reason, "manual breaker command"
+                );
+                self.shared.on_transition(id, tier, &mut ctl, &t);
+            }
+            self.shared.publish(id, ctl.breaker.directive(now).pack());
+        }
+        self.shared.publish_status();
+        self.state(class)
+    }
+
+    /// Force a class open: nothing is admitted until [`Degrader::reset`].
+    pub fn force_open(&self, class: &str) -> Result<State, ConfigError> {
+        self.command(class, Command::ForceOpen)
+    }
+
+    /// Force a class closed (breaker disabled): everything is admitted until reset.
+    pub fn force_closed(&self, class: &str) -> Result<State, ConfigError> {
+        self.command(class, Command::ForceClosed)
+    }
+
+    /// Degrade a class by hand until reset.
+    pub fn degrade(&self, class: &str) -> Result<State, ConfigError> {
+        self.command(class, Command::Degrade)
+    }
+
+    /// Put a class in dry-run mode: its breaker decides and reports but enforces nothing.
+    pub fn metrics_only(&self, class: &str) -> Result<State, ConfigError> {
+        self.command(class, Command::MetricsOnly)
+    }
+
+    /// Return a class to automatic control, closed.
+    pub fn reset(&self, class: &str) -> Result<State, ConfigError> {
+        self.command(class, Command::Reset)
+    }
+
+    /// Report a class's queue depth and queueing delay (for queue consumers and admission
+    /// queues); it appears in the next window.
+    pub fn report_queue(
+        &self,
+        class: &str,
+        depth: u64,
+        delay: Duration,
+    ) -> Result<(), ConfigError> {
+        let id = self.class_id(class)?;
+        let g = &self.shared.gauges[id.index()];
+        g.queue_depth.store(depth, Ordering::Relaxed);
+        g.queue_delay_micros
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Load every `*.rhai` policy in `dir` (once; see [`policy`](crate::policy)) and put the set
+    /// in force atomically from the next tick. A bad file rejects the whole load with an error
+    /// naming the file, line and reason; the set in force keeps serving. Returns the version.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn load_policies(&self, dir: impl AsRef<std::path::Path>) -> Result<u64, PolicyError> {
+        let sources = crate::policy::read_dir(dir.as_ref());
+        self.install_policies(sources)
+    }
+
+    /// Like [`load_policies`](Self::load_policies), from `(name, source text)` pairs.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn load_policy_sources<'a>(
+        &self,
+        sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<u64, PolicyError> {
+        let sources = sources
+            .into_iter()
+            .map(|(name, text)| (name.to_owned(), format!("{name}.rhai"), text.to_owned()))
+            .collect();
+        self.install_policies(Ok(sources))
+    }
+
+    #[cfg(feature = "rhai")]
+    fn install_policies(
+        &self,
+        sources: Result<Vec<(String, String, String)>, PolicyError>,
+    ) -> Result<u64, PolicyError> {
+        let rt = &self.shared.policies;
+        let compiled = sources.and_then(|s| rt.compile(&self.shared.registry, &s));
+        rt.count_reload(compiled.is_ok());
+        match compiled {
+            Ok(set) => {
+                let names = set.names().join(", ");
+                let version = rt.install(set);
+                tracing::info!(service = %self.shared.service, version, policies = %names, "policies loaded");
+                Ok(version)
+            }
+            Err(e) => {
+                tracing::warn!(service = %self.shared.service, error = %e, "policy load rejected; the previous set keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Put the previous policy set back in force (from the next tick). Returns its version,
+    /// or `None` when there is nothing to roll back to.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn rollback_policies(&self) -> Option<u64> {
+        self.shared.policies.rollback()
+    }
+
+    /// The policy set in force, if any.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn policies(&self) -> Option<Arc<crate::policy::PolicySet>> {
+        self.shared.policies.current()
+    }
+
+    /// Stop the control loop now. Directives stay as last published.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.trigger();
+    }
+
+    /// Run one control-loop tick now, as the loop would. For tests and benchmarks that drive
+    /// the loop by hand (with [`DegraderBuilder::build_with_worker`] and the worker not spawned).
+    pub fn tick_now(&self) {
+        self.shared.tick(Instant::now());
+    }
+    /// Start building an HTTP / gRPC classifier over this degrader's classes (the same as
+    /// [`HttpClassifier::builder`] with [`registry`](Self::registry)).
+    pub fn http_classifier(&self) -> HttpClassifierBuilder {
+        HttpClassifier::builder(&self.shared.registry)
+    }
+
+    /// A layer classifying requests with `classifier`, using the [`Generic`](crate::protocol::Generic) protocol (errors
+    /// become [`BoxError`](crate::BoxError)) and no fallback service.
+    pub fn layer<C>(&self, classifier: C) -> DegradeLayer<C> {
+        DegradeLayer::new(self.shared.clone(), classifier)
+    }
+
+    /// Start building a task runner for tasks `T` with results `R` (see [`task`](crate::task)).
+    pub fn tasks<T, R>(&self) -> TasksBuilder<T, R> {
+        TasksBuilder::new(self.clone())
+    }
+
+    /// Load the policies of `dir` now, then reload them whenever a `.rhai` file there is
+    /// created, changed or removed (debounced by `debounce`). Fails if the first load fails or
+    /// the directory cannot be watched.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn watch_policies(
+        &self,
+        dir: impl Into<std::path::PathBuf>,
+        debounce: Duration,
+    ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
+        crate::policy::PolicyWatcher::start(self, dir.into(), debounce, true)
+    }
+}

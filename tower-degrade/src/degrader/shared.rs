@@ -1,0 +1,109 @@
+//! The state shared by a degrader's handle, every layer and service it produces, and the
+//! control loop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use super::Status;
+use crate::breaker::Breaker;
+use crate::class::{ClassId, Registry};
+use crate::control::Stage;
+use crate::gate::Gate;
+use crate::metrics::{ClassMetrics, ServiceMetrics};
+use crate::predict::{FeatureHistory, PredictStage};
+use crate::window::{Gauges, History, Shard, WindowReader};
+
+/// The policy engine's stage: the Rhai runtime, or nothing without the `rhai` feature.
+#[cfg(feature = "rhai")]
+pub(crate) type PolicyStage = crate::policy::Runtime;
+/// The policy engine's stage: the Rhai runtime, or nothing without the `rhai` feature.
+#[cfg(not(feature = "rhai"))]
+pub(crate) type PolicyStage = ();
+
+/// What the control loop (and a manual command) owns of one class.
+#[derive(Debug)]
+pub(crate) struct ClassControl {
+    pub(crate) breaker: Breaker,
+    pub(crate) reader: WindowReader,
+    pub(crate) history: Arc<History>,
+    pub(crate) features: FeatureHistory,
+    pub(crate) prediction: Option<f64>,
+    pub(crate) metrics: Option<ClassMetrics>,
+}
+
+impl ClassControl {
+    pub(crate) fn new(breaker: Breaker) -> Self {
+        Self {
+            breaker,
+            reader: WindowReader::default(),
+            history: Arc::default(),
+            features: FeatureHistory::default(),
+            prediction: None,
+            metrics: None,
+        }
+    }
+}
+
+/// Stops the control loop.
+#[derive(Debug, Default)]
+pub(crate) struct Shutdown {
+    pub(crate) flag: AtomicBool,
+    pub(crate) notify: Notify,
+}
+
+impl Shutdown {
+    pub(crate) fn trigger(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+}
+
+/// State shared by the degrader handle, every layer and service it produces, and the control
+/// loop (which holds it weakly).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) service: Arc<str>,
+    pub(crate) env: Arc<str>,
+    pub(crate) registry: Registry,
+    pub(crate) names: Arc<[Arc<str>]>,
+    /// Per class, what the data path reads.
+    pub(crate) gates: Arc<[Gate]>,
+    /// Per class, what queue consumers report.
+    pub(crate) gauges: Box<[Gauges]>,
+    pub(crate) shards: Box<[Arc<Shard>]>,
+    pub(crate) shard_mask: usize,
+    pub(crate) period: Duration,
+    pub(crate) control: Box<[Mutex<ClassControl>]>,
+    pub(crate) status: ArcSwap<Status>,
+    pub(crate) tick: AtomicU64,
+    pub(crate) shutdown: Arc<Shutdown>,
+    pub(crate) service_metrics: Mutex<Option<ServiceMetrics>>,
+    pub(crate) predictor: PredictStage,
+    pub(crate) policies: PolicyStage,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+impl Shared {
+    pub(crate) fn control(&self, class: ClassId) -> MutexGuard<'_, ClassControl> {
+        // A panic while holding this lock can only come from a bug in this crate; the state it
+        // protects stays consistent field by field, so keep serving.
+        self.control[class.index()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The control-loop stages, in the order they run.
+    pub(crate) fn stages(&self) -> [&dyn Stage; 2] {
+        [&self.predictor, &self.policies]
+    }
+}

@@ -1,0 +1,62 @@
+//! The read-only view of a degrader published once per tick, and its health score.
+
+use std::sync::Arc;
+
+use crate::breaker::State;
+use crate::class::Tier;
+use crate::gate::Directive;
+use crate::window::WindowSnapshot;
+
+/// A read-only view of the degrader, published once per tick.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Status {
+    /// The service name.
+    pub service: Arc<str>,
+    /// The tick this status was published at (0 before the first tick).
+    pub tick: u64,
+    /// `degrade_health_score`, 0–100 (see [`Degrader::health_score`](super::Degrader::health_score)).
+    pub health_score: f64,
+    /// Every class, the default class first.
+    pub classes: Vec<ClassStatus>,
+}
+
+/// One class in a [`Status`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClassStatus {
+    /// The class name.
+    pub name: Arc<str>,
+    /// The class tier.
+    pub tier: Tier,
+    /// The breaker state in force.
+    pub state: State,
+    /// In `MetricsOnly`, what the breaker would do; otherwise `state`.
+    pub shadow_state: State,
+    /// Whether a manual command is in force.
+    pub manual: bool,
+    /// The directive published for the data path.
+    pub directive: Directive,
+    /// The last window.
+    pub window: WindowSnapshot,
+    /// The failure predictor's last probability for the class, when one is attached.
+    pub prediction: Option<f64>,
+}
+
+/// `degrade_health_score` (seed 4.4): per class, 60 % SLI (share of requests served, by the
+/// inner service or a fallback), 25 % breaker state ([`State::health`]) and 15 % manual override
+/// (0 while a manual command is in force); classes weighted by their tier's base weight.
+pub(crate) fn health_score(classes: &[ClassStatus]) -> f64 {
+    let (mut sum, mut weights) = (0.0, 0.0);
+    for c in classes {
+        let w = c.tier.base_weight();
+        let manual = if c.manual { 0.0 } else { 1.0 };
+        sum += w * (0.60 * c.window.served_rate() + 0.25 * c.state.health() + 0.15 * manual);
+        weights += w;
+    }
+    if weights == 0.0 {
+        100.0
+    } else {
+        (100.0 * sum / weights).clamp(0.0, 100.0)
+    }
+}

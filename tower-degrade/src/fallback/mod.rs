@@ -1,0 +1,129 @@
+//! Where calls go that their class does not admit: the [`Fallback`] trait, which sees why each
+//! call was diverted ([`Diverted`]: class, route, reason), so one fallback can serve several
+//! routes.
+//!
+//! [`DegradeLayer::fallback_service`](crate::DegradeLayer::fallback_service) serves
+//! [`Route::Service`] with a tower service; a custom [`Fallback`] given to
+//! [`DegradeLayer::fallback_with`](crate::DegradeLayer::fallback_with) may serve any route.
+//! A call that no fallback takes is answered as [`Route::Reject`]: a
+//! [`Degraded`](crate::error::Degraded) error, or a 503 / `UNAVAILABLE` answer.
+
+use std::sync::Arc;
+
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
+
+use crate::class::{ClassId, Route};
+use crate::gate::Reason;
+
+/// A call that its class did not admit, with why: what a [`Fallback`] receives.
+#[derive(Debug)]
+pub struct Diverted<Req> {
+    request: Req,
+    class: ClassId,
+    name: Arc<str>,
+    route: Route,
+    reason: Reason,
+}
+
+impl<Req> Diverted<Req> {
+    pub(crate) fn new(
+        request: Req,
+        class: ClassId,
+        name: Arc<str>,
+        route: Route,
+        reason: Reason,
+    ) -> Self {
+        Self {
+            request,
+            class,
+            name,
+            route,
+            reason,
+        }
+    }
+
+    /// The request.
+    pub fn request(&self) -> &Req {
+        &self.request
+    }
+
+    /// The request, mutably.
+    pub fn request_mut(&mut self) -> &mut Req {
+        &mut self.request
+    }
+
+    /// The request, without the rest (for a fallback service that only wants the request:
+    /// `ServiceBuilder::new().map_request(Diverted::into_request).service(svc)`).
+    pub fn into_request(self) -> Req {
+        self.request
+    }
+
+    /// The id of the call's class.
+    pub fn class(&self) -> ClassId {
+        self.class
+    }
+
+    /// The name of the call's class.
+    pub fn class_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The route that diverted the call (the class's, or a policy's).
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    /// Why the call was not admitted.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+}
+
+/// Where calls go that their class does not admit.
+///
+/// Offered every diverted call whose route is not [`Route::Reject`]; a fallback that does not
+/// serve the route gives the call back, and it is rejected.
+pub trait Fallback<Req, Res, E> {
+    /// The fallback's response future.
+    type Future: std::future::Future<Output = Result<Res, E>>;
+
+    /// Serve `call`, or give it back.
+    fn call(&mut self, call: Diverted<Req>) -> Result<Self::Future, Diverted<Req>>;
+}
+
+/// No fallback: every diverted call is rejected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFallback;
+
+impl<Req, Res, E> Fallback<Req, Res, E> for NoFallback {
+    type Future = std::future::Pending<Result<Res, E>>;
+
+    fn call(&mut self, call: Diverted<Req>) -> Result<Self::Future, Diverted<Req>> {
+        Err(call)
+    }
+}
+
+/// A tower service serving [`Route::Service`]: it receives the [`Diverted`] call.
+///
+/// # Readiness
+///
+/// The fallback's readiness is awaited inside the diverted call's future (a clone of the
+/// service is driven with `oneshot`), so a busy fallback slows the diverted calls only; the
+/// primary path's `poll_ready` never waits for it.
+#[derive(Debug, Clone)]
+pub struct FallbackService<T>(pub T);
+
+impl<T, Req> Fallback<Req, T::Response, T::Error> for FallbackService<T>
+where
+    T: Service<Diverted<Req>> + Clone,
+{
+    type Future = Oneshot<T, Diverted<Req>>;
+
+    fn call(&mut self, call: Diverted<Req>) -> Result<Self::Future, Diverted<Req>> {
+        if call.route != Route::Service {
+            return Err(call);
+        }
+        Ok(self.0.clone().oneshot(call))
+    }
+}

@@ -1,0 +1,52 @@
+//! The gate: what the data path reads of one class (its packed [`Directive`], its probe permits
+//! and its admission sequence), written by the control loop and read with one atomic load.
+//!
+//! This is a leaf: the control loop publishes into it and the layer reads it; neither the
+//! degrader nor the layer is named here.
+
+mod directive;
+mod probe;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub use self::directive::{Directive, Reason};
+pub(crate) use self::directive::{
+    DirectiveCell, KIND_ADMIT, KIND_FRACTION, KIND_PROBE, Packed, ticket,
+};
+pub(crate) use self::probe::ProbePermit;
+
+/// What the data path reads of one class.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(crate) struct Gate {
+    pub(crate) directive: DirectiveCell,
+    /// Half-open probe permits left.
+    pub(crate) probes: AtomicU32,
+    /// Calls seen, for spreading an admitted fraction evenly.
+    pub(crate) seq: AtomicU32,
+    /// The class's call timeout.
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Gate {
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            directive: DirectiveCell::new(),
+            probes: AtomicU32::new(0),
+            seq: AtomicU32::new(0),
+            timeout,
+        }
+    }
+
+    /// Whether the next call falls within the admitted `threshold` (see [`Packed::threshold`]).
+    #[inline]
+    pub(crate) fn admits_fraction(&self, threshold: u32) -> bool {
+        ticket(self.seq.fetch_add(1, Ordering::Relaxed)) < threshold
+    }
+
+    /// Make `n` probe permits available (on entering half-open).
+    pub(crate) fn set_probes(&self, n: u32) {
+        self.probes.store(n, Ordering::Release);
+    }
+}

@@ -1,0 +1,109 @@
+//! The eight features of a window, and each class's feature history.
+
+use std::time::Duration;
+
+use super::{N_FEATURES, WINDOW};
+use crate::window::{Ring, WindowSnapshot};
+
+/// The 8 features of one window.
+pub fn features(w: &WindowSnapshot, sla: Duration, mean_rps: f64) -> [f32; N_FEATURES] {
+    let sla_s = sla.as_secs_f64().max(1e-6);
+    let over_sla = |d: Duration| (d.as_secs_f64() / sla_s).clamp(0.0, 20.0);
+    let rps = w.rps();
+    let little = rps * sla_s + 1.0;
+    [
+        (rps / mean_rps.max(1.0)).clamp(0.0, 10.0),
+        w.success_rate(),
+        w.error_rate(),
+        w.timeout_rate(),
+        over_sla(w.p50),
+        over_sla(w.p99),
+        (w.inflight.max(0) as f64 / little).clamp(0.0, 20.0),
+        over_sla(w.queue_delay),
+    ]
+    .map(|v| v as f32)
+}
+
+/// Per class, the features of the last [`WINDOW`] ticks, each with its window's rate (for the
+/// rate baseline).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FeatureHistory {
+    ring: Ring<([f32; N_FEATURES], f64), WINDOW>,
+    rps_sum: f64,
+}
+
+impl FeatureHistory {
+    pub(crate) fn push(&mut self, w: &WindowSnapshot, sla: Duration) {
+        // The rate's baseline is the mean of the held windows before this one.
+        let len = self.ring.len();
+        let mean = if len == 0 {
+            w.rps()
+        } else {
+            self.rps_sum / len as f64
+        };
+        if let Some((_, evicted)) = self.ring.push((features(w, sla, mean), w.rps())) {
+            self.rps_sum -= evicted;
+        }
+        self.rps_sum += w.rps();
+    }
+
+    /// Write the `[WINDOW, N_FEATURES]` block, oldest first, zero-padded at the start.
+    pub(crate) fn write(&self, out: &mut [f32]) {
+        out.fill(0.0);
+        let len = self.ring.len();
+        let pad = WINDOW - len;
+        for (i, ago) in (0..len).rev().enumerate() {
+            let (features, _) = self.ring.get(ago).expect("ago < len");
+            out[(pad + i) * N_FEATURES..(pad + i + 1) * N_FEATURES].copy_from_slice(features);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_is_oldest_first_and_zero_padded() {
+        let mut h = FeatureHistory::default();
+        for s in [10u64, 20, 30] {
+            let w = WindowSnapshot {
+                successes: s,
+                period: Duration::from_millis(500),
+                ..Default::default()
+            };
+            h.push(&w, Duration::from_millis(100));
+        }
+        let mut out = vec![1.0; WINDOW * N_FEATURES];
+        h.write(&mut out);
+        assert!(out[..(WINDOW - 3) * N_FEATURES].iter().all(|v| *v == 0.0));
+        // rate ratios: 20 rps over itself, 40 over 20, 60 over 30.
+        let rate = |i: usize| out[(WINDOW - 3 + i) * N_FEATURES];
+        assert_eq!((rate(0), rate(1), rate(2)), (1.0, 2.0, 2.0));
+        assert_eq!(out[(WINDOW - 1) * N_FEATURES + 1], 1.0, "success rate");
+    }
+
+    #[test]
+    fn features_are_normalised_by_the_sla() {
+        let w = WindowSnapshot {
+            successes: 8,
+            errors: 1,
+            timeouts: 1,
+            p50: Duration::from_millis(50),
+            p99: Duration::from_secs(10),
+            period: Duration::from_millis(500),
+            inflight: 5,
+            ..Default::default()
+        };
+        let f = features(&w, Duration::from_millis(100), 20.0);
+        assert_eq!(f[0], 1.0);
+        assert!(
+            (f[1] - 0.8).abs() < 1e-6 && (f[2] - 0.1).abs() < 1e-6 && (f[3] - 0.1).abs() < 1e-6
+        );
+        assert_eq!((f[4], f[5]), (0.5, 20.0), "p99 clipped at 20x the SLA");
+        assert!(
+            (f[6] - 5.0 / 3.0).abs() < 1e-6,
+            "5 in flight over 20 rps x 0.1 s + 1"
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! The failure predictor's plug-in point: features per class per tick, and a [`Predictor`] run
+//! once per tick over every class in one batch, off the request path, within a time budget.
+//!
+//! # Features
+//!
+//! Eight per class per tick, normalised so that a model trained on one service transfers to
+//! another ([`FEATURES`] names them, in order):
+//!
+//! | # | feature | normalisation |
+//! |---|---|---|
+//! | 0 | request rate | requests per second over the mean of the class's history, clipped to 0..10 |
+//! | 1 | success rate | 0..1 over completed calls (1 when none completed) |
+//! | 2 | error rate | 0..1 |
+//! | 3 | timeout rate | 0..1 |
+//! | 4 | p50 | over the class SLA, clipped to 0..20 |
+//! | 5 | p99 | over the class SLA, clipped to 0..20 |
+//! | 6 | in-flight | over what the SLA implies by Little's law (rps × SLA + 1), clipped to 0..20 |
+//! | 7 | queueing delay | over the class SLA, clipped to 0..20 |
+//!
+//! A model sees the last [`WINDOW`] ticks of them: input `[n_classes, 64, 8]` float32, oldest
+//! tick first, zero-padded at the start while history is short. It answers `p_anomaly
+//! [n_classes, 1]`: the probability of an SLO breach within the next few ticks.
+
+mod features;
+mod runner;
+mod stage;
+
+pub(crate) use self::features::FeatureHistory;
+pub use self::features::features;
+pub(crate) use self::runner::Runner;
+pub(crate) use self::stage::PredictStage;
+use std::time::Duration;
+
+use crate::BoxError;
+
+/// Features per tick.
+pub const N_FEATURES: usize = 8;
+/// Ticks a model sees.
+pub const WINDOW: usize = 64;
+/// The features' names, in input order.
+pub const FEATURES: [&str; N_FEATURES] = [
+    "rate_ratio",
+    "success_rate",
+    "error_rate",
+    "timeout_rate",
+    "p50_over_sla",
+    "p99_over_sla",
+    "inflight_over_little",
+    "queue_delay_over_sla",
+];
+
+/// A failure predictor: one batched inference per tick.
+///
+/// ```
+/// use tower_degrade::predict::{Predictor, N_FEATURES, WINDOW};
+///
+/// /// Alarm when the newest tick's success rate is below 0.5.
+/// struct LastSuccess;
+///
+/// impl Predictor for LastSuccess {
+///     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), tower_degrade::BoxError> {
+///         for (class, p) in out.iter_mut().enumerate() {
+///             let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
+///             *p = if input[newest + 1] < 0.5 { 1.0 } else { 0.0 };
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Predictor: Send + 'static {
+    /// `input` is `[out.len(), WINDOW, N_FEATURES]` row-major; write each class's probability of
+    /// an imminent SLO breach (0.0..=1.0) into `out`.
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError>;
+
+    /// Called once before the first tick with the classes' names in batch order (load,
+    /// allocate, run a dummy batch).
+    fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
+        let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
+        let mut out = vec![0.0; classes.len()];
+        self.predict(&input, &mut out)
+    }
+}
+
+impl std::fmt::Debug for dyn Predictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Predictor")
+    }
+}
+
+/// How the predictor is run. What a prediction does to a class is the breaker's
+/// [`BreakerConfig::predict_threshold`](crate::breaker::BreakerConfig::predict_threshold) and
+/// [`predict_ticks`](crate::breaker::BreakerConfig::predict_ticks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct PredictorConfig {
+    /// Time a tick waits for the batch (default 8 ms); past it, the tick keeps the last
+    /// predictions and counts `degrade_predictor_overruns_total`.
+    pub budget: Duration,
+}
+
+impl Default for PredictorConfig {
+    fn default() -> Self {
+        Self {
+            budget: Duration::from_millis(8),
+        }
+    }
+}

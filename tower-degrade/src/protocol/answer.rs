@@ -1,0 +1,68 @@
+//! The answers the layer makes itself, for HTTP and gRPC clients.
+
+use http::{HeaderName, HeaderValue, StatusCode, header};
+
+use crate::error::Degraded;
+use crate::gate::Reason;
+
+/// The header on every answer the layer makes itself, naming why the service was not called:
+/// `x-degrade-reason: breaker_open` (see [`Reason::as_str`]). It tells a degraded answer from
+/// the application's own 503.
+pub const REASON_HEADER: HeaderName = HeaderName::from_static("x-degrade-reason");
+
+/// The header naming the call's class, on the layer's own answers, when the protocol is told
+/// to expose class names (`Http::expose_class`, `Grpc::expose_class`; off by default).
+pub const CLASS_HEADER: HeaderName = HeaderName::from_static("x-degrade-class");
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// Build the layer's own answer: HTTP 503 (504 for a timeout) with `Retry-After`, or a gRPC
+/// trailers-only response with `grpc-status` 14 (4 for a timeout) and
+/// `grpc-retry-pushback-ms`; both with [`REASON_HEADER`], and the [`Degraded`] value in the
+/// extensions.
+pub(super) fn degraded_response<T>(
+    d: Degraded,
+    grpc: bool,
+    expose_class: bool,
+    body: T,
+) -> http::Response<T> {
+    let timeout = d.reason() == Reason::Timeout;
+    let mut res = http::Response::new(body);
+    let headers = res.headers_mut();
+    headers.insert(REASON_HEADER, HeaderValue::from_static(d.reason().as_str()));
+    if expose_class {
+        if let Ok(v) = HeaderValue::from_str(d.class()) {
+            headers.insert(CLASS_HEADER, v);
+        }
+    }
+    if grpc {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let code = if timeout { "4" } else { "14" };
+        headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(&d.client_message(expose_class)) {
+            headers.insert(GRPC_MESSAGE, v);
+        }
+        if let Some(ra) = d.retry_after() {
+            headers.insert(GRPC_PUSHBACK, HeaderValue::from(ra.as_millis() as u64));
+        }
+    } else {
+        *res.status_mut() = if timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        if let Some(ra) = d.retry_after() {
+            // Whole seconds, rounded up: a client told "0" would come back at once.
+            let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+    }
+    res.extensions_mut().insert(d);
+    res
+}

@@ -1,0 +1,139 @@
+//! The protocol for gRPC services: the status from the headers or the trailers.
+
+use tower_http::classify::{ClassifiedResponse, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures};
+
+use super::answer::degraded_response;
+use super::body::DegradeBody;
+use super::{FailureOutcome, Protocol};
+use crate::error::Degraded;
+use crate::window::{Outcome, Recording};
+
+/// The protocol for gRPC services (and any classifier that needs the end of the stream): the
+/// status is read from the headers or, when absent there, from the **trailers**, so the outcome
+/// is recorded when the response body ends ([`DegradeBody`]).
+///
+/// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
+/// and `UNKNOWN` are failures and every other status a success (they are the caller's fault);
+/// Calls the layer does not pass to the service get a trailers-only `grpc-status: 14`
+/// (`UNAVAILABLE`; 4, `DEADLINE_EXCEEDED`, for a timeout) with
+///
+/// * `grpc-retry-pushback-ms` from the class's state: the open time left, the next tick, or a
+///   policy's `retry_after` (gRPC clients with retry policies honour it);
+/// * a `grpc-message` a person can read ("not served: circuit breaker open"), and
+///   [`x-degrade-reason`](super::REASON_HEADER) with the machine-readable reason;
+/// * the [`Degraded`] value in the response extensions.
+///
+/// Class names are internal: they are not sent to clients unless
+/// [`expose_class`](Self::expose_class) is set.
+#[derive(Debug, Clone)]
+pub struct Grpc<C = GrpcErrorsAsFailures> {
+    classifier: C,
+    expose_class: bool,
+}
+
+impl Grpc {
+    /// The default gRPC failure codes (see the type docs).
+    pub fn new() -> Self {
+        let mut c = GrpcErrorsAsFailures::new();
+        for code in [
+            GrpcCode::Cancelled,
+            GrpcCode::InvalidArgument,
+            GrpcCode::NotFound,
+            GrpcCode::AlreadyExists,
+            GrpcCode::PermissionDenied,
+            GrpcCode::FailedPrecondition,
+            GrpcCode::Aborted,
+            GrpcCode::OutOfRange,
+            GrpcCode::Unimplemented,
+            GrpcCode::DataLoss,
+            GrpcCode::Unauthenticated,
+        ] {
+            c = c.with_success(code);
+        }
+        Self::with_classifier(c)
+    }
+}
+
+impl Default for Grpc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> Grpc<C> {
+    /// Use a custom tower-http classifier.
+    pub fn with_classifier(classifier: C) -> Self {
+        Self {
+            classifier,
+            expose_class: false,
+        }
+    }
+
+    /// Name the class in the layer's own answers (in `grpc-message` and
+    /// [`x-degrade-class`](super::CLASS_HEADER)). Off by default: class names say how a service
+    /// ranks its work.
+    pub fn expose_class(mut self, expose: bool) -> Self {
+        self.expose_class = expose;
+        self
+    }
+}
+
+impl<C, B, E> Protocol<http::Response<B>, E> for Grpc<C>
+where
+    C: ClassifyResponse + Clone,
+    C::FailureClass: FailureOutcome,
+{
+    type Response = http::Response<DegradeBody<B, C>>;
+    type Error = E;
+
+    fn on_response(
+        &self,
+        result: Result<http::Response<B>, E>,
+        rec: Recording,
+    ) -> Result<Self::Response, E> {
+        let res = match result {
+            Ok(res) => res,
+            Err(e) => {
+                rec.finish(Outcome::Error);
+                return Err(e);
+            }
+        };
+        let eos = match self.classifier.clone().classify_response(&res) {
+            ClassifiedResponse::Ready(Ok(())) => {
+                rec.finish(Outcome::Success);
+                None
+            }
+            ClassifiedResponse::Ready(Err(f)) => {
+                rec.finish(f.outcome());
+                None
+            }
+            ClassifiedResponse::RequiresEos(eos) => Some((rec, eos)),
+        };
+        Ok(res.map(|body| DegradeBody {
+            inner: Some(body),
+            eos,
+        }))
+    }
+
+    fn on_fallback(&self, result: Result<http::Response<B>, E>) -> Result<Self::Response, E> {
+        result.map(|res| {
+            res.map(|body| DegradeBody {
+                inner: Some(body),
+                eos: None,
+            })
+        })
+    }
+
+    fn on_degraded(&self, degraded: Degraded) -> Result<Self::Response, E> {
+        Ok(degraded_response(
+            degraded,
+            true,
+            self.expose_class,
+            DegradeBody::empty(),
+        ))
+    }
+
+    fn on_ready_error(&self, error: E) -> E {
+        error
+    }
+}

@@ -1,0 +1,100 @@
+//! The protocol for HTTP services.
+
+use tower_http::classify::{
+    ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
+};
+
+use super::answer::degraded_response;
+use super::{FailureOutcome, Protocol};
+use crate::error::Degraded;
+use crate::window::{Outcome, Recording};
+
+/// The protocol for HTTP services (`http::Response<B>`), built on a tower-http response
+/// classifier that decides from the response head (5xx by default). The response type is
+/// unchanged; calls the layer does not pass to the service are answered with an empty
+/// `B::default()` body: 503 (504 for a timeout) with
+///
+/// * `Retry-After`, in whole seconds rounded up, from the class's state: the open time left,
+///   the next tick, or a policy's `retry_after`;
+/// * [`x-degrade-reason`](super::REASON_HEADER) naming why (`breaker_open`, `degraded`,
+///   `shed`...), so a client can tell it from the application's own 503;
+/// * the [`Degraded`] value in the response extensions, for layers outside this one.
+///
+/// Class names are internal: they are not sent to clients unless
+/// [`expose_class`](Self::expose_class) is set.
+#[derive(Debug, Clone, Default)]
+pub struct Http<C = ServerErrorsAsFailures> {
+    classifier: C,
+    expose_class: bool,
+}
+
+impl Http {
+    /// 5xx responses are failures (504 a timeout).
+    pub fn new() -> Self {
+        Self::with_classifier(ServerErrorsAsFailures::new())
+    }
+}
+
+impl<C> Http<C> {
+    /// Use a custom tower-http classifier that decides from the response head.
+    pub fn with_classifier(classifier: C) -> Self {
+        Self {
+            classifier,
+            expose_class: false,
+        }
+    }
+
+    /// Name the class in the layer's own answers ([`x-degrade-class`](super::CLASS_HEADER)).
+    /// Off by default: class names say how a service ranks its work.
+    pub fn expose_class(mut self, expose: bool) -> Self {
+        self.expose_class = expose;
+        self
+    }
+}
+
+impl<C, B, E> Protocol<http::Response<B>, E> for Http<C>
+where
+    C: ClassifyResponse<ClassifyEos = NeverClassifyEos<<C as ClassifyResponse>::FailureClass>>
+        + Clone,
+    C::FailureClass: FailureOutcome,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = E;
+
+    #[inline]
+    fn on_response(
+        &self,
+        result: Result<http::Response<B>, E>,
+        rec: Recording,
+    ) -> Result<http::Response<B>, E> {
+        match &result {
+            Ok(res) => match self.classifier.clone().classify_response(res) {
+                ClassifiedResponse::Ready(Ok(())) => rec.finish(Outcome::Success),
+                ClassifiedResponse::Ready(Err(f)) => rec.finish(f.outcome()),
+                // Unreachable: the bound makes the end-of-stream classifier `NeverClassifyEos`,
+                // which cannot be constructed. Use `Grpc` for classifiers that need trailers.
+                ClassifiedResponse::RequiresEos(_) => rec.finish(Outcome::Success),
+            },
+            Err(_) => rec.finish(Outcome::Error),
+        }
+        result
+    }
+
+    fn on_fallback(&self, result: Result<http::Response<B>, E>) -> Result<http::Response<B>, E> {
+        result
+    }
+
+    fn on_degraded(&self, degraded: Degraded) -> Result<http::Response<B>, E> {
+        Ok(degraded_response(
+            degraded,
+            false,
+            self.expose_class,
+            B::default(),
+        ))
+    }
+
+    fn on_ready_error(&self, error: E) -> E {
+        error
+    }
+}

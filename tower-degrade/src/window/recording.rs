@@ -1,0 +1,78 @@
+//! The accounting of one admitted call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Outcome, Shard};
+use crate::gate::ProbePermit;
+
+/// The accounting of one admitted call: it holds the call's in-flight slot and records the
+/// outcome and latency when finished. Dropped unfinished (the call was cancelled), it records
+/// `cancelled`, frees the slot and gives back its half-open probe permit, if any.
+pub struct Recording {
+    shard: Arc<Shard>,
+    class: u16,
+    start: u64,
+    probe: Option<ProbePermit>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("class", &self.class)
+            .field("probe", &self.probe.is_some())
+            .finish()
+    }
+}
+
+impl Recording {
+    #[inline]
+    pub(crate) fn start(shard: Arc<Shard>, class: u16, probe: Option<ProbePermit>) -> Self {
+        shard.begin(usize::from(class));
+        Self {
+            start: shard.timer.start(),
+            shard,
+            class,
+            probe,
+            done: false,
+        }
+    }
+
+    /// Time the call from now (after a policy's delay, so the delay is not its latency).
+    pub(crate) fn restart(&mut self) {
+        self.start = self.shard.timer.start();
+    }
+
+    /// Record the call's outcome and latency, and free its in-flight slot.
+    #[inline]
+    pub fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        if let Some(probe) = self.probe.take() {
+            probe.consume();
+        }
+        let latency = self.shard.timer.elapsed(self.start);
+        self.shard.end(usize::from(self.class), outcome, latency);
+    }
+
+    /// The class name (for errors on cold paths).
+    pub(crate) fn class_name(&self) -> Arc<str> {
+        self.shard.name(usize::from(self.class))
+    }
+}
+
+/// Dropped unfinished: the caller gave up on the call (`cancelled`), or the service panicked
+/// while the call was being made (`error`: a panic is a failure, wherever it is caught).
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if !self.done {
+            let outcome = if std::thread::panicking() {
+                Outcome::Error
+            } else {
+                Outcome::Cancelled
+            };
+            self.shard
+                .end(usize::from(self.class), outcome, Duration::ZERO);
+        }
+    }
+}

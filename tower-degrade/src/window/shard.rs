@@ -1,0 +1,116 @@
+//! Per-thread shards of cache-padded counters: the data path's only writes.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::Outcome;
+use super::histogram::{self, BUCKETS};
+
+/// Counters of one class within one shard.
+#[repr(align(128))]
+pub(crate) struct ClassCounters {
+    pub(super) outcomes: [AtomicU64; 6],
+    /// Wrapping: incremented on one shard, possibly decremented on another.
+    pub(super) inflight: AtomicU64,
+    pub(super) max_micros: AtomicU64,
+    pub(super) hist: [AtomicU32; BUCKETS],
+}
+
+impl ClassCounters {
+    fn new() -> Self {
+        Self {
+            outcomes: Default::default(),
+            inflight: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
+            hist: [const { AtomicU32::new(0) }; BUCKETS],
+        }
+    }
+}
+
+/// One shard: the counters of every class, written mostly by the threads mapped to it.
+///
+/// Each shard is its own `Arc` allocation, so a request's future holds a clone of its shard
+/// only: threads on different shards never touch a shared reference count.
+pub(crate) struct Shard {
+    pub(super) classes: Box<[ClassCounters]>,
+    names: std::sync::Arc<[std::sync::Arc<str>]>,
+    pub(crate) timer: crate::clock::Timer,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("classes", &self.classes.len())
+            .finish()
+    }
+}
+
+impl Shard {
+    pub(crate) fn new(
+        names: std::sync::Arc<[std::sync::Arc<str>]>,
+        timer: crate::clock::Timer,
+    ) -> Self {
+        Self {
+            classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
+            names,
+            timer,
+        }
+    }
+
+    /// The name of `class` (cold paths only: it clones an `Arc`).
+    pub(crate) fn name(&self, class: usize) -> std::sync::Arc<str> {
+        self.names[class].clone()
+    }
+
+    /// A call of `class` started.
+    #[inline]
+    pub(crate) fn begin(&self, class: usize) {
+        self.classes[class].inflight.fetch_add(1, Relaxed);
+    }
+
+    /// A call of `class` that was counted by [`Shard::begin`] ended.
+    #[inline]
+    pub(crate) fn end(&self, class: usize, outcome: Outcome, latency: Duration) {
+        let c = &self.classes[class];
+        c.inflight.fetch_sub(1, Relaxed);
+        self.record(class, outcome, latency);
+    }
+
+    /// Count an outcome; completed calls also record their latency.
+    #[inline]
+    pub(crate) fn record(&self, class: usize, outcome: Outcome, latency: Duration) {
+        let c = &self.classes[class];
+        c.outcomes[outcome.index()].fetch_add(1, Relaxed);
+        if outcome.is_completed() {
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            c.hist[histogram::bucket_of(micros)].fetch_add(1, Relaxed);
+            if micros > c.max_micros.load(Relaxed) {
+                c.max_micros.fetch_max(micros, Relaxed);
+            }
+        }
+    }
+}
+
+/// The shard index of the current thread, assigned round-robin on first use.
+#[inline]
+pub(crate) fn shard_index(mask: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    INDEX.with(|i| {
+        let mut v = i.get();
+        if v == usize::MAX {
+            v = NEXT.fetch_add(1, Relaxed);
+            i.set(v);
+        }
+        v & mask
+    })
+}
+
+/// The number of shards for this machine: twice the parallelism, a power of two, at most 64.
+pub(crate) fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (cores * 2).next_power_of_two().clamp(2, 64)
+}

@@ -1,0 +1,257 @@
+//! Turning the shards' cumulative counters into one tick's [`WindowSnapshot`] per class.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::histogram::{self, BUCKETS};
+use super::{Outcome, Shard};
+
+/// Cumulative sums of one class over all shards, as read by the control loop.
+#[derive(Clone)]
+pub(crate) struct Cumulative {
+    outcomes: [u64; 6],
+    inflight: u64,
+    hist: Box<[u32; BUCKETS]>,
+}
+
+impl std::fmt::Debug for Cumulative {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cumulative")
+            .field("outcomes", &self.outcomes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Cumulative {
+    fn default() -> Self {
+        Self {
+            outcomes: [0; 6],
+            inflight: 0,
+            hist: Box::new([0; BUCKETS]),
+        }
+    }
+}
+
+/// What the control loop keeps per class between ticks to turn cumulative sums into deltas.
+#[derive(Debug)]
+pub(crate) struct WindowReader {
+    prev: Cumulative,
+    cur: Cumulative,
+    delta_hist: Box<[u32; BUCKETS]>,
+}
+
+impl Default for WindowReader {
+    fn default() -> Self {
+        Self {
+            prev: Cumulative::default(),
+            cur: Cumulative::default(),
+            delta_hist: Box::new([0; BUCKETS]),
+        }
+    }
+}
+
+/// Gauges a class reports outside the request path (queue consumers, admission queues).
+#[derive(Debug, Default)]
+pub(crate) struct Gauges {
+    pub(crate) queue_depth: AtomicU64,
+    pub(crate) queue_delay_micros: AtomicU64,
+}
+
+/// Inputs to one tick's snapshot that are not counters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TickContext {
+    pub(crate) tick: u64,
+    pub(crate) period: Duration,
+    pub(crate) sla_micros: u64,
+}
+
+impl WindowReader {
+    /// Sum every shard for `class`, take the delta since the last read and build the snapshot.
+    pub(crate) fn read(
+        &mut self,
+        shards: &[std::sync::Arc<Shard>],
+        class: usize,
+        gauges: &Gauges,
+        ctx: TickContext,
+    ) -> WindowSnapshot {
+        let cur = &mut self.cur;
+        cur.outcomes = [0; 6];
+        cur.inflight = 0;
+        cur.hist.fill(0);
+        let mut max_micros = 0u64;
+        for shard in shards {
+            let c = &shard.classes[class];
+            for (sum, counter) in cur.outcomes.iter_mut().zip(&c.outcomes) {
+                *sum = sum.wrapping_add(counter.load(Relaxed));
+            }
+            cur.inflight = cur.inflight.wrapping_add(c.inflight.load(Relaxed));
+            // The max is the only value reset by the reader; `swap` loses nothing.
+            if c.max_micros.load(Relaxed) != 0 {
+                max_micros = max_micros.max(c.max_micros.swap(0, Relaxed));
+            }
+            for (sum, bucket) in cur.hist.iter_mut().zip(&c.hist) {
+                let v = bucket.load(Relaxed);
+                if v != 0 {
+                    *sum = sum.wrapping_add(v);
+                }
+            }
+        }
+        let mut counts = [0u64; 6];
+        for (i, c) in counts.iter_mut().enumerate() {
+            *c = cur.outcomes[i].wrapping_sub(self.prev.outcomes[i]);
+        }
+        let mut latency_samples = 0u64;
+        for ((d, c), p) in self
+            .delta_hist
+            .iter_mut()
+            .zip(cur.hist.iter())
+            .zip(self.prev.hist.iter())
+        {
+            *d = c.wrapping_sub(*p);
+            latency_samples += u64::from(*d);
+        }
+        std::mem::swap(&mut self.prev, &mut self.cur);
+        let hist = &*self.delta_hist;
+        let slow = if ctx.sla_micros == 0 {
+            0
+        } else {
+            histogram::count_above(hist, ctx.sla_micros)
+        };
+        WindowSnapshot {
+            tick: ctx.tick,
+            period: ctx.period,
+            successes: counts[Outcome::Success.index()],
+            errors: counts[Outcome::Error.index()],
+            timeouts: counts[Outcome::Timeout.index()],
+            rejected: counts[Outcome::Rejected.index()],
+            degraded: counts[Outcome::Degraded.index()],
+            cancelled: counts[Outcome::Cancelled.index()],
+            slow,
+            p50: micros(histogram::quantile(hist, latency_samples, 0.50)),
+            p90: micros(histogram::quantile(hist, latency_samples, 0.90)),
+            p99: micros(histogram::quantile(hist, latency_samples, 0.99)),
+            max: micros(max_micros),
+            inflight: self.prev.inflight as i64,
+            queue_depth: gauges.queue_depth.load(Relaxed),
+            queue_delay: micros(gauges.queue_delay_micros.load(Relaxed)),
+        }
+    }
+
+    /// The bucket counts of the last snapshot, for exporting a latency histogram.
+    pub(crate) fn last_histogram(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.delta_hist
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 0)
+            .map(|(b, c)| (histogram::bucket_value(b), *c))
+    }
+}
+
+fn micros(v: u64) -> Duration {
+    Duration::from_micros(v)
+}
+
+/// The statistics of one class over one tick.
+///
+/// Rates are over *completed* calls (success, error or timeout): calls that were rejected or
+/// served by a fallback never reached the inner service and say nothing about its health.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
+pub struct WindowSnapshot {
+    /// The control-loop tick this window closed at (0 for the first tick).
+    pub tick: u64,
+    /// The window's length.
+    pub period: Duration,
+    /// Calls that completed successfully.
+    pub successes: u64,
+    /// Calls that failed with an error.
+    pub errors: u64,
+    /// Calls that timed out.
+    pub timeouts: u64,
+    /// Calls rejected with a degraded error or response.
+    pub rejected: u64,
+    /// Calls served by a fallback route.
+    pub degraded: u64,
+    /// Calls dropped by the caller before they finished.
+    pub cancelled: u64,
+    /// Completed calls slower than the class SLA.
+    pub slow: u64,
+    /// Median latency of completed calls.
+    pub p50: Duration,
+    /// 90th percentile latency of completed calls.
+    pub p90: Duration,
+    /// 99th percentile latency of completed calls.
+    pub p99: Duration,
+    /// Largest latency of a completed call (exact).
+    pub max: Duration,
+    /// Calls in flight at the end of the window.
+    pub inflight: i64,
+    /// Queue depth last reported for the class.
+    pub queue_depth: u64,
+    /// Queueing delay last reported for the class.
+    pub queue_delay: Duration,
+}
+
+impl WindowSnapshot {
+    /// Calls that reached the inner service and finished.
+    pub fn completed(&self) -> u64 {
+        self.successes + self.errors + self.timeouts
+    }
+
+    /// Every call resolved in this window, whatever its outcome.
+    pub fn requests(&self) -> u64 {
+        self.completed() + self.rejected + self.degraded + self.cancelled
+    }
+
+    /// Requests per second over the window.
+    pub fn rps(&self) -> f64 {
+        let secs = self.period.as_secs_f64();
+        if secs == 0.0 {
+            0.0
+        } else {
+            self.requests() as f64 / secs
+        }
+    }
+
+    fn ratio(part: u64, whole: u64, empty: f64) -> f64 {
+        if whole == 0 {
+            empty
+        } else {
+            part as f64 / whole as f64
+        }
+    }
+
+    /// Successes over completed calls; 1.0 when nothing completed.
+    pub fn success_rate(&self) -> f64 {
+        Self::ratio(self.successes, self.completed(), 1.0)
+    }
+
+    /// Errors and timeouts over completed calls; 0.0 when nothing completed.
+    pub fn failure_rate(&self) -> f64 {
+        Self::ratio(self.errors + self.timeouts, self.completed(), 0.0)
+    }
+
+    /// Errors over completed calls.
+    pub fn error_rate(&self) -> f64 {
+        Self::ratio(self.errors, self.completed(), 0.0)
+    }
+
+    /// Timeouts over completed calls.
+    pub fn timeout_rate(&self) -> f64 {
+        Self::ratio(self.timeouts, self.completed(), 0.0)
+    }
+
+    /// Completed calls slower than the class SLA, over completed calls.
+    pub fn slow_rate(&self) -> f64 {
+        Self::ratio(self.slow, self.completed(), 0.0)
+    }
+
+    /// Calls served (successes and fallback-served calls) over all requests; 1.0 when idle.
+    pub fn served_rate(&self) -> f64 {
+        Self::ratio(
+            self.successes + self.degraded,
+            self.requests() - self.cancelled,
+            1.0,
+        )
+    }
+}
