@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower::util::{BoxCloneSyncService, Oneshot};
+
+use crate::layer::ResponseFuture;
+use crate::protocol::Generic;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::BoxError;
@@ -154,7 +157,7 @@ where
     ///
     /// The returned future is `Send` whenever the handler's future, the task and the result
     /// are, so it can be handed to `tokio::spawn`.
-    pub fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Run<T, R, H>
+    pub fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Run<T, R, Fut>
     where
         H: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -213,7 +216,7 @@ where
     }
 
     /// Run `task` through the degrader, as [`Tasks::run`] does.
-    pub fn run<H, Fut, E>(&self, task: T, handler: H) -> Run<T, R, H>
+    pub fn run<H, Fut, E>(&self, task: T, handler: H) -> Run<T, R, Fut>
     where
         H: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -222,43 +225,44 @@ where
         let fallback = TaskFallback {
             fallbacks: self.tasks.fallbacks.clone(),
         };
-        let svc = self
+        let mut svc = self
             .tasks
             .degrader
             .layer(self.id)
             .fallback_with(fallback)
             .layer(Handler(Some(handler)));
+        // The handler is always ready and the layer passes readiness through, so the call is
+        // made here: the future holds no service, only concrete futures, and so is `Send`
+        // whenever they are (a future naming `Service` projections is not, in some async
+        // contexts: "implementation of `From` is not general enough").
+        let ready = svc.poll_ready(&mut Context::from_waker(std::task::Waker::noop()));
+        debug_assert!(matches!(ready, Poll::Ready(Ok(()))));
         Run {
             state: RunState::Running {
-                fut: svc.oneshot(task),
+                fut: svc.call(task),
             },
         }
     }
 }
 
-type TaskService<T, R, H> =
-    crate::Degrade<Handler<H>, ClassId, crate::protocol::Generic, TaskFallback<T, R>>;
+type TaskFuture<T, R, Fut> =
+    ResponseFuture<HandlerFuture<Fut>, Oneshot<FallbackSvc<T, R>, T>, Generic>;
 
 pin_project_lite::pin_project! {
-    /// The future of [`Tasks::run`]: the task's result, or why it was not run.
-    pub struct Run<T, R, H>
-    where
-        TaskService<T, R, H>: Service<T>,
-    {
+    /// The future of [`Tasks::run`]: the task's result, or why it was not run. `Send` when the
+    /// handler's future, the task and the result are.
+    pub struct Run<T, R, Fut> {
         #[pin]
-        state: RunState<T, R, H>,
+        state: RunState<T, R, Fut>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = RunProj]
-    enum RunState<T, R, H>
-    where
-        TaskService<T, R, H>: Service<T>,
-    {
+    enum RunState<T, R, Fut> {
         Running {
             #[pin]
-            fut: Oneshot<TaskService<T, R, H>, T>,
+            fut: TaskFuture<T, R, Fut>,
         },
         Failed {
             error: Option<BoxError>,
@@ -266,18 +270,14 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<T, R, H> std::fmt::Debug for Run<T, R, H>
-where
-    TaskService<T, R, H>: Service<T>,
-{
+impl<T, R, Fut> std::fmt::Debug for Run<T, R, Fut> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Run").finish_non_exhaustive()
     }
 }
 
-impl<T, R, H, Fut, E> Future for Run<T, R, H>
+impl<T, R, Fut, E> Future for Run<T, R, Fut>
 where
-    H: FnOnce(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
 {

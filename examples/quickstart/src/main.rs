@@ -112,17 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .unwrap_or_else(|_| "tower_degrade=warn".into()),
         )
         .init();
-    let prometheus = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("degrade_latency_seconds".into()),
-            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0, 2.5, 5.0],
-        )?
-        .install_recorder()?;
-
     // Short open durations so the scenario shows a full open → half-open → recovery cycle.
-    let mut breaker = BreakerConfig::default();
-    breaker.open_duration = Duration::from_secs(2);
-    breaker.min_requests = 10;
+    let breaker = BreakerConfig::default()
+        .open_duration(Duration::from_secs(2))
+        .min_requests(10);
     let degrader = Degrader::builder("quickstart")
         .breaker(breaker)
         .class(ClassConfig::gold("payment_callback").depends_on("db"))
@@ -133,6 +126,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
         .build()?;
+    // Latency as a Prometheus histogram, with buckets around the classes' SLAs.
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(tower_degrade::metrics::LATENCY.into()),
+            &tower_degrade::metrics::latency_buckets(degrader.registry()),
+        )?
+        .install_recorder()?;
     // The shipped policies (policies/*.rhai), hot-reloaded: edit one while `--serve` runs.
     let policy_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies");
     let _policies = degrader.watch_policies(policy_dir, Duration::from_millis(200))?;
@@ -164,6 +164,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .route("/inventory/{sku}", post(inventory))
         .route("/log", post(browse_log))
         .with_state(world.clone())
+        // `Router::layer` (not `route_layer`): unmatched requests reach the layer too, and
+        // count in the `default` class.
         .layer(degrader.layer(classify).http());
     let status_degrader = degrader.clone();
     let mut app = protected

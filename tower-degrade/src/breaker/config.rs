@@ -39,6 +39,22 @@ impl DegradeRule {
 }
 
 /// Breaker thresholds and timings. The defaults are SPEC 3.3's.
+///
+/// Set fields with the setters of the same name (the struct is `#[non_exhaustive]`, so
+/// neither a literal nor struct-update syntax works outside this crate); every value is
+/// checked when the degrader is built.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_degrade::breaker::BreakerConfig;
+///
+/// let cfg = BreakerConfig::default()
+///     .min_requests(10)
+///     .failure_rate(0.3)
+///     .open_duration(Duration::from_secs(2));
+/// assert_eq!(cfg.min_requests, 10);
+/// assert!(cfg.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BreakerConfig {
@@ -95,6 +111,91 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
+    /// Completed calls a window needs before its failure rate can open the breaker (20).
+    pub fn min_requests(mut self, value: u64) -> Self {
+        self.min_requests = value;
+        self
+    }
+
+    /// Failure rate (errors + timeouts over completed) above which the breaker opens (0.5).
+    pub fn failure_rate(mut self, value: f64) -> Self {
+        self.failure_rate = value;
+        self
+    }
+
+    /// Share of calls slower than the class SLA above which the breaker opens (off).
+    pub fn slow_call_rate(mut self, value: Option<f64>) -> Self {
+        self.slow_call_rate = value;
+        self
+    }
+
+    /// The seed's degrade rule (on, with the seed's numbers).
+    pub fn degrade_rule(mut self, value: Option<DegradeRule>) -> Self {
+        self.degrade_rule = value;
+        self
+    }
+
+    /// First open duration (5 s); doubled on each re-open, up to `max_open_duration`.
+    pub fn open_duration(mut self, value: Duration) -> Self {
+        self.open_duration = value;
+        self
+    }
+
+    /// Cap of the open duration (60 s).
+    pub fn max_open_duration(mut self, value: Duration) -> Self {
+        self.max_open_duration = value;
+        self
+    }
+
+    /// Probe calls admitted while half-open (5).
+    pub fn half_open_probes(mut self, value: u32) -> Self {
+        self.half_open_probes = value;
+        self
+    }
+
+    /// Probe success rate needed to start recovering (0.8).
+    pub fn probe_success_rate(mut self, value: f64) -> Self {
+        self.probe_success_rate = value;
+        self
+    }
+
+    /// Fraction added to the admitted share per good recovering tick (0.25).
+    pub fn recovery_step(mut self, value: f64) -> Self {
+        self.recovery_step = value;
+        self
+    }
+
+    /// Consecutive good recovering ticks that close the breaker (3).
+    pub fn recovery_ticks(mut self, value: u32) -> Self {
+        self.recovery_ticks = value;
+        self
+    }
+
+    /// Share of a degraded class's calls still sent to the inner service (0.2).
+    pub fn degraded_admit_fraction(mut self, value: f64) -> Self {
+        self.degraded_admit_fraction = value;
+        self
+    }
+
+    /// Consecutive healthy windows that lift an automatic degradation (3).
+    pub fn degraded_recovery_ticks(mut self, value: u32) -> Self {
+        self.degraded_recovery_ticks = value;
+        self
+    }
+
+    /// Predicted failure probability at or above which a tick counts as predicting (0.87, the
+    /// seed's threshold). Only used when a predictor is attached.
+    pub fn predict_threshold(mut self, value: f64) -> Self {
+        self.predict_threshold = value;
+        self
+    }
+
+    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
+    pub fn predict_ticks(mut self, value: u32) -> Self {
+        self.predict_ticks = value;
+        self
+    }
+
     /// Check every field, naming the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &'static str, reason: &str| {
@@ -124,6 +225,18 @@ impl BreakerConfig {
         }
         if !unit(self.predict_threshold) {
             return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+        }
+        if self.min_requests == 0 {
+            return bad(
+                "breaker.min_requests",
+                "must be at least 1: one failed call would open the breaker",
+            );
+        }
+        if self.recovery_ticks == 0 {
+            return bad("breaker.recovery_ticks", "must be at least 1");
+        }
+        if self.degraded_recovery_ticks == 0 {
+            return bad("breaker.degraded_recovery_ticks", "must be at least 1");
         }
         if self.predict_ticks == 0 {
             return bad("breaker.predict_ticks", "must be at least 1");

@@ -18,19 +18,14 @@ use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::error::degraded;
 use tower_degrade::{
-    BoxError, ClassConfig, ClassId, Degraded, Degrader, Route, breaker::State, clock::LatencyClock,
-    error::is_degraded, fallback::Diverted, gate::Reason,
+    BoxError, ClassConfig, ClassId, Degraded, Degrader, Route, breaker::State, error::is_degraded,
+    fallback::Diverted, gate::Reason,
 };
 
-/// A degrader whose control loop is not spawned: tests tick it with `tick_now`.
-fn degrader(classes: Vec<ClassConfig>) -> Degrader {
-    // Latencies follow the paused tokio clock.
-    let mut b = Degrader::builder("test").latency_clock(LatencyClock::Tokio);
-    for c in classes {
-        b = b.class(c);
-    }
-    b.build_with_worker().expect("valid config").0
-}
+#[path = "../support.rs"]
+mod support;
+
+use support::{degrader, failing_after};
 
 /// A generic service answering `Ok(n)` or `Err` depending on the request.
 fn echo()
@@ -251,16 +246,9 @@ async fn seed_rule_degrades_through_the_layer() {
     let d = degrader(vec![
         ClassConfig::silver("stock").fallback_route(Route::DelayedRetry),
     ]);
-    let mut svc =
-        d.layer(d.class_id("stock").unwrap())
-            .layer(service_fn(|fail: bool| async move {
-                tokio::time::sleep(Duration::from_millis(900)).await;
-                if fail {
-                    Err::<(), BoxError>("db".into())
-                } else {
-                    Ok(())
-                }
-            }));
+    let mut svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(failing_after(900));
     for tick in 0..3 {
         assert_eq!(d.state("stock").unwrap(), State::Closed, "tick {tick}");
         for i in 0..20 {

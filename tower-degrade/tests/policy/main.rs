@@ -10,6 +10,11 @@ use tower_degrade::{
     BoxError, ClassConfig, Degrader, Route, breaker::State, clock::LatencyClock, gate::Reason,
 };
 
+#[path = "../support.rs"]
+mod support;
+
+use support::{failing_after, window};
+
 fn degrader() -> Degrader {
     Degrader::builder("shop")
         .env("test")
@@ -27,13 +32,7 @@ fn degrader() -> Degrader {
 }
 
 fn echo() -> impl Service<bool, Response = (), Error = BoxError, Future: Send> + Clone + Send {
-    service_fn(|fail: bool| async move {
-        if fail {
-            Err::<(), BoxError>("boom".into())
-        } else {
-            Ok(())
-        }
-    })
+    failing_after(0)
 }
 
 /// How many of `n` calls of `class` were admitted by the inner service.
@@ -210,14 +209,7 @@ async fn the_ctx_api() {
         .unwrap();
     let mut svc = d
         .layer(d.class_id("pay").unwrap())
-        .layer(service_fn(|fail: bool| async move {
-            tokio::time::sleep(Duration::from_millis(900)).await;
-            if fail {
-                Err::<(), BoxError>("db".into())
-            } else {
-                Ok(())
-            }
-        }));
+        .layer(failing_after(900));
     for n in [10usize, 10, 20] {
         for i in 0..n {
             let _ = svc.ready().await.unwrap().call(i % 5 == 0).await;
@@ -619,29 +611,6 @@ fn shipped_degrader(name: &str) -> Degrader {
     d.load_policy_sources([(name, shipped(name).as_str())])
         .unwrap();
     d
-}
-
-/// One window of `n` calls of `class`, `fail_every`-th failing, each taking `ms`.
-async fn window(d: &Degrader, class: &str, n: usize, fail_every: usize, ms: u64) {
-    let mut svc =
-        d.layer(d.class_id(class).unwrap())
-            .layer(service_fn(move |fail: bool| async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                if fail {
-                    Err::<(), BoxError>("dependency".into())
-                } else {
-                    Ok(())
-                }
-            }));
-    for i in 0..n {
-        let _ = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(fail_every != 0 && i % fail_every == 0)
-            .await;
-    }
-    d.tick_now();
 }
 
 /// Of 20 calls of `class`, at most 3 (the policy's probing share) are admitted, and the others

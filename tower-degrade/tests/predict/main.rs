@@ -7,6 +7,11 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 
+#[path = "../support.rs"]
+mod support;
+
+use support::{failing_after, slow_failing};
+
 /// Records every batch it sees and answers with fixed probabilities.
 #[derive(Clone, Default)]
 struct Recorder {
@@ -43,15 +48,9 @@ async fn one_batch_per_tick_over_every_class_newest_window_last() {
     let d = with_predictor(rec.clone());
     let warmups = rec.batches.lock().unwrap().len();
     assert_eq!(warmups, 1, "warmed up once at build");
-    let mut svc =
-        d.layer(d.class_id("stock").unwrap())
-            .layer(service_fn(|fail: bool| async move {
-                if fail {
-                    Err::<(), BoxError>("db".into())
-                } else {
-                    Ok(())
-                }
-            }));
+    let mut svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(failing_after(0));
     for i in 0..10 {
         svc.ready().await.unwrap().call(i < 3).await.ok();
     }
@@ -108,16 +107,7 @@ impl Predictor for Trend {
 /// A slow leak on `stock` (SLA 200 ms): latency grows 100 ms per tick, errors grow with it.
 /// Returns the tick at which the class left Closed.
 async fn leak(d: &Degrader) -> usize {
-    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(service_fn(
-        |(ms, fail): (u64, bool)| async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            if fail {
-                Err::<(), BoxError>("db".into())
-            } else {
-                Ok(())
-            }
-        },
-    ));
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
     for tick in 1..=30 {
         let ms = 100 * tick as u64;
         let fail_every = if tick > 4 { 8 } else { 1_000 };

@@ -1,0 +1,570 @@
+//! What a first user tripped on, each pinned by a test: spawning tasks, panics, header names,
+//! meaningless configuration, scrapeable metrics, recognisable answers, readable errors,
+//! unmatched axum routes, breaker settings.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_degrade::breaker::{BreakerConfig, State};
+use tower_degrade::error::{ConfigError, degraded};
+use tower_degrade::gate::Reason;
+use tower_degrade::protocol::{CLASS_HEADER, REASON_HEADER};
+use tower_degrade::{BoxError, ClassConfig, Degrader, ServiceBuilderExt};
+
+#[path = "../support.rs"]
+mod support;
+
+use support::{builder, degrader};
+
+// ===== (a) the task API inside tokio::spawn =====
+
+#[tokio::test(start_paused = true)]
+async fn tasks_run_inside_tokio_spawn_with_the_crates_own_error_type() {
+    let d = degrader([ClassConfig::gold("a")]);
+    let t = d.tasks::<u64, String>().build();
+    let job = tokio::spawn(async move {
+        t.run("a", 1, |id| async move {
+            Ok::<String, BoxError>(format!("{id}"))
+        })
+        .await
+    });
+    assert_eq!(job.await.unwrap().unwrap(), "1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_must_name_a_class_that_exists() {
+    let d = degrader([ClassConfig::gold("payment")]);
+    let tasks = d.tasks::<u64, u64>().build();
+    let err = tasks
+        .run("paymnet", 1, |n| async move { Ok::<_, BoxError>(n) })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<ConfigError>(),
+        Some(&ConfigError::UnknownClass("paymnet".into()))
+    );
+    // Or find out once, at start-up, and hold a handle that cannot be wrong.
+    assert!(tasks.class("paymnet").is_err());
+    let payment = tasks.class("payment").unwrap();
+    let out = tokio::spawn(async move {
+        payment
+            .run(41, |n| async move { Ok::<_, BoxError>(n + 1) })
+            .await
+    });
+    assert_eq!(out.await.unwrap().unwrap(), 42);
+}
+
+// ===== (b) panics are failures, whatever the stacking =====
+
+fn panicking()
+-> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send>
++ Clone
++ Send {
+    service_fn(|_req: Request<String>| async move {
+        if true {
+            panic!("handler bug");
+        }
+        Ok::<_, Infallible>(Response::new(String::new()))
+    })
+}
+
+fn classify(d: &Degrader) -> tower_degrade::classify::HttpClassifier {
+    d.http_classifier()
+        .route(None, "/pay", "pay")
+        .unwrap()
+        .build()
+}
+
+fn pay() -> Request<String> {
+    Request::post("/pay").body(String::new()).unwrap()
+}
+
+async fn thirty_panics_open_the_class<S, B>(d: &Degrader, svc: S)
+where
+    S: Service<Request<String>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+    B: Send + 'static,
+{
+    for _ in 0..30 {
+        // Spawned, as a server would: the runtime catches what nothing else does.
+        let res = tokio::spawn(svc.clone().oneshot(pay())).await;
+        if let Ok(Ok(res)) = res {
+            assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
+    d.tick_now();
+    let w = *d.history("pay").unwrap().latest().unwrap();
+    assert_eq!((w.errors, w.cancelled), (30, 0), "{w:?}");
+    assert_eq!(d.state("pay").unwrap(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_counts_as_a_failure_with_catch_panic_outside_the_layer() {
+    use tower_http::catch_panic::CatchPanicLayer;
+    let d = degrader([ClassConfig::gold("pay")]);
+    let svc = ServiceBuilder::new()
+        .layer(CatchPanicLayer::new())
+        .degrade_http(&d, classify(&d))
+        .service(panicking());
+    thirty_panics_open_the_class(&d, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_counts_as_a_failure_with_catch_panic_inside_the_layer() {
+    use tower_http::catch_panic::CatchPanicLayer;
+    let d = degrader([ClassConfig::gold("pay")]);
+    let svc = ServiceBuilder::new()
+        .degrade_http(&d, classify(&d))
+        .layer(CatchPanicLayer::new())
+        .service(panicking());
+    thirty_panics_open_the_class(&d, svc).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_counts_as_a_failure_without_catch_panic() {
+    let d = degrader([ClassConfig::gold("pay")]);
+    let svc = ServiceBuilder::new()
+        .degrade_http(&d, classify(&d))
+        .service(panicking());
+    thirty_panics_open_the_class(&d, svc).await;
+}
+
+/// A service whose `call` itself panics, before any future exists.
+#[derive(Clone)]
+struct PanicsInCall;
+
+impl Service<Request<String>> for PanicsInCall {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<String>) -> Self::Future {
+        panic!("bug in call");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_call_counts_as_a_failure() {
+    use tower_http::catch_panic::CatchPanicLayer;
+    let d = degrader([ClassConfig::gold("pay")]);
+    let svc = ServiceBuilder::new()
+        .layer(CatchPanicLayer::new())
+        .degrade_http(&d, classify(&d))
+        .service(PanicsInCall);
+    thirty_panics_open_the_class(&d, svc).await;
+}
+
+// ===== (c) header names in any case =====
+
+#[test]
+fn header_names_are_accepted_in_any_case_or_rejected_with_the_field() {
+    let (d, _w) = builder("t")
+        .class(ClassConfig::gold("pay"))
+        .build_with_worker()
+        .unwrap();
+    use tower_degrade::classify::ClassifyRequest;
+    let classify = d
+        .http_classifier()
+        .override_header("X-Degrade-Class")
+        .unwrap()
+        .request_key("X-User-Id")
+        .unwrap()
+        .build();
+    let req = Request::get("/")
+        .header("x-degrade-class", "pay")
+        .body(())
+        .unwrap();
+    assert_eq!(classify.classify(&req), d.class_id("pay").unwrap());
+    let err = d
+        .http_classifier()
+        .override_header("bad header")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid `http.override_header`: `bad header` is not a valid HTTP header name"
+    );
+    assert!(d.http_classifier().start_header("").is_err());
+}
+
+// ===== (d) configuration that builds but means nothing =====
+
+fn build_err(b: tower_degrade::DegraderBuilder) -> String {
+    b.build_with_worker().map(|_| ()).unwrap_err().to_string()
+}
+
+#[test]
+fn meaningless_configuration_is_rejected_naming_the_field() {
+    let class = |c: ClassConfig| build_err(Degrader::builder("shop").class(c));
+    assert_eq!(
+        class(ClassConfig::gold("pay").sla(Duration::ZERO)),
+        "class `pay`: invalid `sla`: must be greater than zero: every call would be slow"
+    );
+    assert_eq!(
+        class(ClassConfig::gold("pay").timeout(Duration::ZERO)),
+        "class `pay`: invalid `timeout`: must be greater than zero: every call would time out"
+    );
+    assert!(class(ClassConfig::bronze("default")).contains("`default` is reserved"));
+    assert_eq!(
+        build_err(Degrader::builder(" ")),
+        "invalid `service`: must not be empty: it labels every metric"
+    );
+    let breaker = |c: BreakerConfig| build_err(Degrader::builder("shop").breaker(c));
+    assert!(
+        breaker(BreakerConfig::default().min_requests(0))
+            .starts_with("invalid `breaker.min_requests`")
+    );
+    assert!(
+        breaker(BreakerConfig::default().recovery_ticks(0))
+            .starts_with("invalid `breaker.recovery_ticks`")
+    );
+    assert!(
+        build_err(
+            Degrader::builder("shop")
+                .class(ClassConfig::gold("pay"))
+                .class_breaker("pay", BreakerConfig::default().degraded_recovery_ticks(0))
+        )
+        .starts_with("invalid `breaker.degraded_recovery_ticks`")
+    );
+    // The default class is configured on purpose, through its own setter.
+    let (d, _w) = Degrader::builder("shop")
+        .default_class(ClassConfig::silver("unclassified"))
+        .build_with_worker()
+        .unwrap();
+    let default = d.registry().class(tower_degrade::ClassId::DEFAULT);
+    assert_eq!(
+        (default.name(), default.tier()),
+        ("default", tower_degrade::Tier::Silver)
+    );
+}
+
+// ===== (i) breaker settings without struct literals =====
+
+#[test]
+fn breaker_config_has_setters() {
+    let cfg = BreakerConfig::default()
+        .min_requests(5)
+        .failure_rate(0.25)
+        .slow_call_rate(Some(0.5))
+        .open_duration(Duration::from_secs(1));
+    assert_eq!(
+        (
+            cfg.min_requests,
+            cfg.failure_rate,
+            cfg.slow_call_rate,
+            cfg.open_duration
+        ),
+        (5, 0.25, Some(0.5), Duration::from_secs(1))
+    );
+}
+
+// ===== (h) unmatched axum requests =====
+
+#[tokio::test(start_paused = true)]
+async fn axum_unmatched_requests_reach_the_default_class_through_router_layer() {
+    use axum::Router;
+    use axum::routing::get;
+
+    let d = degrader([ClassConfig::gold("orders")]);
+    let classify = d
+        .http_classifier()
+        .route(None, "/orders", "orders")
+        .unwrap()
+        .build();
+    let get_ = |uri: &str| Request::get(uri).body(axum::body::Body::empty()).unwrap();
+    // `Router::layer` wraps the routes and the fallback: a 404 is counted in `default`.
+    let app = Router::new()
+        .route("/orders", get(|| async { "ok" }))
+        .layer(d.layer(classify.clone()).http());
+    assert_eq!(
+        app.clone().oneshot(get_("/orders")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(app.oneshot(get_("/nope")).await.unwrap().status(), 404);
+    d.tick_now();
+    let default = *d.history("default").unwrap().latest().unwrap();
+    let orders = *d.history("orders").unwrap().latest().unwrap();
+    assert_eq!((orders.successes, default.successes), (1, 1));
+    // `Router::route_layer` wraps matched routes only: the 404 never reaches the layer.
+    let app = Router::new()
+        .route("/orders", get(|| async { "ok" }))
+        .route_layer(d.layer(classify).http());
+    assert_eq!(app.oneshot(get_("/nope")).await.unwrap().status(), 404);
+    d.tick_now();
+    assert_eq!(
+        d.history("default").unwrap().latest().unwrap().requests(),
+        0
+    );
+}
+
+// ===== (e) metrics a Prometheus scrape accepts =====
+
+/// Every family in `text` with its `# TYPE`, checking each has `# HELP` text.
+fn families(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 8),
+                "{name} has no HELP text"
+            );
+            out.push((name.to_owned(), kind.to_owned()));
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_family_has_help_latency_is_a_histogram_and_prediction_needs_a_predictor() {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use tower_degrade::metrics;
+
+    let d = degrader([ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(metrics::LATENCY.into()),
+            &metrics::latency_buckets(d.registry()),
+        )
+        .unwrap()
+        .build_recorder();
+    let handle = recorder.handle();
+    let svc = d
+        .layer(d.class_id("pay").unwrap())
+        .layer(support::failing_after(30));
+    ::metrics::with_local_recorder(&recorder, || {
+        d.force_open("log").unwrap();
+    });
+    svc.clone().oneshot(false).await.unwrap();
+    svc.oneshot(true).await.unwrap_err();
+    ::metrics::with_local_recorder(&recorder, || d.tick_now());
+    let text = handle.render();
+    let families = families(&text);
+    let kind = |name: &str| {
+        families
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.as_str())
+    };
+    assert_eq!(kind(metrics::LATENCY), Some("histogram"), "{text}");
+    assert_eq!(kind(metrics::REQUESTS), Some("counter"));
+    assert_eq!(kind(metrics::HEALTH_SCORE), Some("gauge"));
+    assert_eq!(kind(metrics::TRANSITIONS), Some("counter"));
+    assert_eq!(
+        kind(metrics::PREDICTION),
+        None,
+        "no predictor, no prediction gauge"
+    );
+    // SLA-derived buckets: gold's 50 ms SLA is a bucket bound.
+    assert!(
+        text.contains(
+            r#"degrade_latency_seconds_bucket{service="test",class="pay",tier="gold",le="0.05"}"#
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn latency_buckets_come_from_the_slas() {
+    let (d, _w) = builder("t")
+        .class(ClassConfig::gold("pay"))
+        .build_with_worker()
+        .unwrap();
+    // default (bronze, 1 s) and pay (gold, 50 ms): 1/4, 1/2, 1, 2, 4 x SLA, and 0.8 s.
+    assert_eq!(
+        tower_degrade::metrics::latency_buckets(d.registry()),
+        [0.0125, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 0.8, 1.0, 2.0, 4.0]
+    );
+}
+
+// ===== (f) answers a client can recognise, with when to come back =====
+
+/// Answers 500 for `/fail`, hangs for `/hang`, else 200.
+fn app()
+-> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send>
++ Clone
++ Send {
+    service_fn(|req: Request<String>| async move {
+        let mut res = Response::new(String::new());
+        match req.uri().path() {
+            "/fail" => *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+            "/hang" => std::future::pending::<()>().await,
+            _ => {}
+        }
+        Ok::<_, Infallible>(res)
+    })
+}
+
+fn post(path: &str) -> Request<String> {
+    Request::post(path).body(String::new()).unwrap()
+}
+
+/// The layer's own answer: 503, `Retry-After` in seconds, and the reason header.
+fn assert_answer(res: &Response<String>, reason: Reason, retry_after: &str) {
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[REASON_HEADER], reason.as_str());
+    assert_eq!(res.headers()["retry-after"], retry_after, "{reason}");
+    assert!(
+        res.headers().get(CLASS_HEADER).is_none(),
+        "class names stay internal"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_http_answer_carries_retry_after_and_the_reason() {
+    let d = degrader([ClassConfig::gold("pay")]);
+    let classify = d
+        .http_classifier()
+        .route(None, "/{*any}", "pay")
+        .unwrap()
+        .build();
+    let svc = ServiceBuilder::new()
+        .degrade_http(&d, classify)
+        .service(app());
+    let call = |path: &'static str| svc.clone().oneshot(post(path));
+    for _ in 0..30 {
+        call("/fail").await.unwrap();
+    }
+    d.tick_now();
+    // Open: the open time left.
+    assert_answer(&call("/pay").await.unwrap(), Reason::BreakerOpen, "5");
+    tokio::time::advance(Duration::from_millis(2_500)).await;
+    d.tick_now();
+    assert_answer(&call("/pay").await.unwrap(), Reason::BreakerOpen, "3");
+    tokio::time::advance(Duration::from_millis(2_500)).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    // Half-open, every probe taken: the next tick.
+    let hung: Vec<_> = (0..5).map(|_| tokio::spawn(call("/hang"))).collect();
+    tokio::task::yield_now().await;
+    assert_answer(&call("/pay").await.unwrap(), Reason::ProbesExhausted, "1");
+    hung.into_iter().for_each(|h| h.abort());
+    tokio::task::yield_now().await;
+    for _ in 0..5 {
+        assert_eq!(call("/pay").await.unwrap().status(), 200);
+    }
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::Recovering);
+    // Recovering, a fraction admitted: the next tick.
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        answers.push(call("/pay").await.unwrap());
+    }
+    let turned_away: Vec<_> = answers.iter().filter(|r| r.status() == 503).collect();
+    assert!((5..=7).contains(&turned_away.len()), "about a quarter admitted");
+    for res in turned_away {
+        assert_answer(res, Reason::Recovering, "1");
+    }
+    // Degraded by hand: the next tick.
+    d.degrade("pay").unwrap();
+    let res = loop {
+        let res = call("/pay").await.unwrap();
+        if res.status() != 200 {
+            break res;
+        }
+    };
+    assert_answer(&res, Reason::Degraded, "1");
+    // An application's own 503 is not marked.
+    d.reset("pay").unwrap();
+    let own = service_fn(|_req: Request<String>| async {
+        let mut res = Response::new(String::new());
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, Infallible>(res)
+    });
+    let res = d
+        .layer(d.class_id("pay").unwrap())
+        .http()
+        .layer(own)
+        .oneshot(post("/pay"))
+        .await
+        .unwrap();
+    assert!(res.headers().get(REASON_HEADER).is_none());
+}
+
+#[cfg(feature = "rhai")]
+#[tokio::test(start_paused = true)]
+async fn a_policy_shed_carries_the_next_tick_or_the_policys_retry_after() {
+    let d = degrader([ClassConfig::bronze("log"), ClassConfig::silver("stock")]);
+    let policy = |governs: &str, decision: &str| {
+        format!(
+            "fn policy() {{ #{{ governs: [\"{governs}\"] }} }}\nfn on_tick(ctx) {{ {decision} }}"
+        )
+    };
+    d.load_policy_sources([
+        ("a", policy("log", "shed()").as_str()),
+        ("b", policy("stock", "shed().retry_after(30000)").as_str()),
+    ])
+    .unwrap();
+    d.tick_now();
+    let answer = |class: &str| {
+        d.layer(d.class_id(class).unwrap())
+            .http()
+            .layer(app())
+            .oneshot(post("/"))
+    };
+    assert_answer(&answer("log").await.unwrap(), Reason::Shed, "1");
+    assert_answer(&answer("stock").await.unwrap(), Reason::Shed, "30");
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_answers_carry_pushback_and_a_readable_message() {
+    use tower_degrade::protocol::Grpc;
+    let d = degrader([ClassConfig::gold("pay")]);
+    d.force_open("pay").unwrap();
+    let grpc = |expose: bool| {
+        d.layer(d.class_id("pay").unwrap())
+            .protocol(Grpc::new().expose_class(expose))
+            .layer(app())
+            .oneshot(post("/pkg.Pay/Charge"))
+    };
+    let res = grpc(false).await.unwrap();
+    let h = res.headers();
+    assert_eq!(h["grpc-status"], "14");
+    assert_eq!(h["grpc-retry-pushback-ms"], "500");
+    assert_eq!(h[REASON_HEADER], "forced_open");
+    assert_eq!(
+        h["grpc-message"],
+        "not served: circuit breaker forced open by an operator; retry after 0.5 s"
+    );
+    assert!(h.get(CLASS_HEADER).is_none());
+    let res = grpc(true).await.unwrap();
+    assert_eq!(res.headers()[CLASS_HEADER], "pay");
+    assert!(
+        res.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .starts_with("class `pay`: ")
+    );
+}
+
+// ===== (g) error texts a person can read =====
+
+#[tokio::test(start_paused = true)]
+async fn error_texts_read_as_sentences() {
+    let d = degrader([ClassConfig::bronze("log")]);
+    d.degrade("log").unwrap();
+    let svc = d
+        .layer(d.class_id("log").unwrap())
+        .layer(support::failing_after(0));
+    let err = loop {
+        if let Err(e) = svc.clone().oneshot(false).await {
+            break e;
+        }
+    };
+    assert_eq!(degraded(&*err).unwrap().reason(), Reason::Degraded);
+    assert_eq!(
+        err.to_string(),
+        "class `log`: not served: degraded, only part of the traffic is admitted; \
+         retry after 0.5 s"
+    );
+}

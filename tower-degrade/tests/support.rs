@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests, as tower's `tests/support.rs`: each test crate
+//! includes it with `#[path = "../support.rs"] mod support;`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::clock::LatencyClock;
+use tower_degrade::{BoxError, ClassConfig, Degrader, DegraderBuilder};
+
+/// A builder timed on tokio's clock, so latencies follow `tokio::time::pause()`.
+pub fn builder(service: &str) -> DegraderBuilder {
+    Degrader::builder(service).latency_clock(LatencyClock::Tokio)
+}
+
+/// A degrader with `classes` whose control loop is not spawned: tests tick it with
+/// `tick_now`.
+pub fn degrader(classes: impl IntoIterator<Item = ClassConfig>) -> Degrader {
+    let mut b = builder("test");
+    for c in classes {
+        b = b.class(c);
+    }
+    b.build_with_worker().expect("valid config").0
+}
+
+/// The dependency the tests drive: a call `(ms, fail)` takes `ms` of tokio time, then fails
+/// with "dependency down" when `fail`, else succeeds.
+pub fn slow_failing()
+-> impl Service<(u64, bool), Response = (), Error = BoxError, Future: Send> + Clone + Send + Sync {
+    service_fn(|(ms, fail): (u64, bool)| async move {
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if fail {
+            Err::<(), BoxError>("dependency down".into())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// [`slow_failing`] with every call taking `ms`: a call is just `fail`.
+pub fn failing_after(
+    ms: u64,
+) -> impl Service<bool, Response = (), Error = BoxError, Future: Send> + Clone + Send + Sync {
+    slow_failing().map_request(move |fail: bool| (ms, fail))
+}
+
+/// One window of `n` calls of `class`, every `fail_every`-th failing (none when 0), each
+/// taking `ms`; then one tick.
+pub async fn window(d: &Degrader, class: &str, n: usize, fail_every: usize, ms: u64) {
+    let mut svc = d.layer(d.class_id(class).unwrap()).layer(failing_after(ms));
+    for i in 0..n {
+        let _ = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(fail_every != 0 && i % fail_every == 0)
+            .await;
+    }
+    d.tick_now();
+}
