@@ -38,7 +38,7 @@ mod sealed {
 /// # }
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
-    /// Degrade any service: errors become [`BoxError`](crate::BoxError), calls not served fail
+    /// Degrade any service: errors become [`BoxError`](crate::error::BoxError), calls not served fail
     /// with [`Degraded`](crate::Degraded) ([`Degrader::layer`]).
     fn degrade<C>(
         self,

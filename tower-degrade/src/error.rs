@@ -8,12 +8,15 @@ use std::time::Duration;
 use crate::class::Route;
 use crate::gate::Reason;
 
+/// A type-erased error, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A call was not served by the inner service: it was rejected, timed out, or its route has no
 /// handler.
 ///
-/// Services using the generic protocol return it boxed in a [`BoxError`](crate::BoxError): find it with
+/// Services using the generic protocol return it boxed in a [`BoxError`](crate::error::BoxError): find it with
 /// [`is_degraded`] or `err.downcast_ref::<Degraded>()` (the error type is
-/// [`BoxError`](crate::BoxError)). HTTP services answer with a degraded
+/// [`BoxError`](crate::error::BoxError)). HTTP services answer with a degraded
 /// response instead and put a clone of this value in the response extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Degraded {
@@ -172,16 +175,19 @@ impl std::error::Error for ConfigError {}
 
 /// A string that names no [`Command`](crate::breaker::Command).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnknownCommand(pub(crate) String);
+pub struct UnknownCommand {
+    pub(crate) given: String,
+    pub(crate) expected: &'static [&'static str],
+}
 
 impl fmt::Display for UnknownCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown command `{}`: expected one of ", self.0)?;
-        let names: Vec<_> = crate::breaker::Command::ALL
-            .iter()
-            .map(|(_, n)| *n)
-            .collect();
-        f.write_str(&names.join(", "))
+        write!(
+            f,
+            "unknown command `{}`: expected one of {}",
+            self.given,
+            self.expected.join(", ")
+        )
     }
 }
 

@@ -101,13 +101,10 @@ pub mod task;
 pub use crate::builder::ServiceBuilderExt;
 pub use crate::class::{ClassConfig, ClassId, Route, Tier};
 pub use crate::degrader::{Degrader, DegraderBuilder};
-pub use crate::error::Degraded;
+pub use crate::error::{BoxError, Degraded};
 pub use crate::layer::{Degrade, DegradeLayer};
 
 // The README's examples are compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
-
-/// A type-erased error, as in tower.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

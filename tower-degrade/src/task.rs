@@ -16,11 +16,12 @@ use crate::layer::ResponseFuture;
 use crate::protocol::Generic;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::BoxError;
 use crate::class::{ClassId, Route};
-use crate::degrader::Degrader;
+use crate::degrader::Shared;
+use crate::error::BoxError;
 use crate::error::ConfigError;
 use crate::fallback::{Diverted, Fallback};
+use crate::layer::DegradeLayer;
 
 type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 
@@ -56,14 +57,14 @@ type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 /// # }
 /// ```
 pub struct Tasks<T, R> {
-    degrader: Degrader,
+    shared: Arc<Shared>,
     fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
 }
 
 impl<T, R> Clone for Tasks<T, R> {
     fn clone(&self) -> Self {
         Self {
-            degrader: self.degrader.clone(),
+            shared: self.shared.clone(),
             fallbacks: self.fallbacks.clone(),
         }
     }
@@ -72,7 +73,7 @@ impl<T, R> Clone for Tasks<T, R> {
 impl<T, R> std::fmt::Debug for Tasks<T, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tasks")
-            .field("service", &self.degrader.service())
+            .field("service", &self.shared.service)
             .field("fallbacks", &self.fallbacks.len())
             .finish()
     }
@@ -80,7 +81,7 @@ impl<T, R> std::fmt::Debug for Tasks<T, R> {
 
 /// Builds [`Tasks`].
 pub struct TasksBuilder<T, R> {
-    degrader: Degrader,
+    shared: Arc<Shared>,
     fallbacks: HashMap<ClassId, FallbackSvc<T, R>>,
 }
 
@@ -93,9 +94,9 @@ impl<T, R> std::fmt::Debug for TasksBuilder<T, R> {
 }
 
 impl<T, R> TasksBuilder<T, R> {
-    pub(crate) fn new(degrader: Degrader) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
-            degrader,
+            shared,
             fallbacks: HashMap::new(),
         }
     }
@@ -128,7 +129,7 @@ where
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let id = self.degrader.class_id(class)?;
+        let id = self.shared.registry.require(class)?;
         let svc = BoxCloneSyncService::new(service.map_err(Into::into));
         self.fallbacks.insert(id, svc);
         Ok(self)
@@ -137,7 +138,7 @@ where
     /// Finish.
     pub fn build(self) -> Tasks<T, R> {
         Tasks {
-            degrader: self.degrader,
+            shared: self.shared,
             fallbacks: Arc::new(self.fallbacks),
         }
     }
@@ -175,7 +176,7 @@ where
 
     /// A handle on one class's tasks, checked once: `tasks.class("payment_callback")?`.
     pub fn class(&self, class: &str) -> Result<TaskClass<T, R>, ConfigError> {
-        let id = self.degrader.class_id(class)?;
+        let id = self.shared.registry.require(class)?;
         Ok(TaskClass {
             tasks: self.clone(),
             id,
@@ -225,10 +226,7 @@ where
         let fallback = TaskFallback {
             fallbacks: self.tasks.fallbacks.clone(),
         };
-        let mut svc = self
-            .tasks
-            .degrader
-            .layer(self.id)
+        let mut svc = DegradeLayer::new(self.tasks.shared.clone(), self.id)
             .fallback_with(fallback)
             .layer(Handler(Some(handler)));
         // The handler is always ready and the layer passes readiness through, so the call is

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Path, State as AxumState};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::routing::{get, post};
 use axum::{Router, body::Body};
@@ -48,7 +48,7 @@ async fn pay() -> StatusCode {
     StatusCode::OK
 }
 
-async fn inventory(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
+async fn inventory(State(world): State<Arc<World>>) -> StatusCode {
     let n = world.calls.fetch_add(1, Ordering::Relaxed);
     if world.phase.load(Ordering::Relaxed) == 1 {
         // Slow database: 900 ms, one call in five fails.
@@ -62,7 +62,7 @@ async fn inventory(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
     StatusCode::OK
 }
 
-async fn browse_log(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
+async fn browse_log(State(world): State<Arc<World>>) -> StatusCode {
     if world.phase.load(Ordering::Relaxed) == 1 {
         // The third-party API is down.
         return StatusCode::BAD_GATEWAY;
@@ -72,7 +72,7 @@ async fn browse_log(AxumState(world): AxumState<Arc<World>>) -> StatusCode {
 
 /// `POST /admin/{class}/{command}`: a manual breaker command, behind a bearer token.
 async fn admin(
-    AxumState((degrader, token)): AxumState<(Degrader, Arc<str>)>,
+    State((degrader, token)): State<(Degrader, Arc<str>)>,
     Path((class, command)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> (StatusCode, String) {

@@ -18,21 +18,28 @@ pub enum Command {
     Reset,
 }
 
+/// Every command's name, in declaration order.
+const NAMES: [&str; 5] = [
+    "force_open",
+    "force_closed",
+    "degrade",
+    "metrics_only",
+    "reset",
+];
+
 impl Command {
-    pub(crate) const ALL: [(Command, &'static str); 5] = [
-        (Command::ForceOpen, "force_open"),
-        (Command::ForceClosed, "force_closed"),
-        (Command::Degrade, "degrade"),
-        (Command::MetricsOnly, "metrics_only"),
-        (Command::Reset, "reset"),
+    /// Every command, in declaration order (the order of [`NAMES`]).
+    const ALL: [Command; 5] = [
+        Command::ForceOpen,
+        Command::ForceClosed,
+        Command::Degrade,
+        Command::MetricsOnly,
+        Command::Reset,
     ];
 
     /// The command's name, as parsed by [`str::parse`].
     pub fn as_str(self) -> &'static str {
-        Command::ALL
-            .iter()
-            .find(|(c, _)| *c == self)
-            .map_or("reset", |(_, n)| n)
+        NAMES[self as usize]
     }
 }
 
@@ -49,10 +56,13 @@ impl std::str::FromStr for Command {
     type Err = UnknownCommand;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Command::ALL
+        NAMES
             .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(c, _)| *c)
-            .ok_or_else(|| UnknownCommand(s.chars().take(64).collect()))
+            .position(|n| *n == s)
+            .map(|i| Command::ALL[i])
+            .ok_or_else(|| UnknownCommand {
+                given: s.chars().take(64).collect(),
+                expected: &NAMES,
+            })
     }
 }

@@ -6,7 +6,6 @@ use std::fmt;
 use std::time::Duration;
 
 pub use self::registry::{ClassId, DEFAULT_CLASS, Registry};
-use crate::error::ConfigError;
 
 /// Business importance of a class: payment callbacks before inventory before browse logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,29 +284,5 @@ impl ClassConfig {
     /// The fallback route.
     pub fn route(&self) -> Route {
         self.route
-    }
-
-    /// Check the values that would make the class meaningless, naming the first bad field.
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field: &'static str, reason: &str| {
-            Err(ConfigError::InvalidClass {
-                class: self.name.clone(),
-                field,
-                reason: reason.to_owned(),
-            })
-        };
-        if self.sla.is_zero() {
-            return bad("sla", "must be greater than zero: every call would be slow");
-        }
-        if self.timeout.is_some_and(|t| t.is_zero()) {
-            return bad(
-                "timeout",
-                "must be greater than zero: every call would time out",
-            );
-        }
-        if self.dependencies.iter().any(|d| d.trim().is_empty()) {
-            return bad("depends_on", "a dependency name must not be empty");
-        }
-        Ok(())
     }
 }

@@ -69,7 +69,7 @@ impl Registry {
             if !valid {
                 return Err(ConfigError::InvalidName(class.name.clone()));
             }
-            class.validate()?;
+            validate(class)?;
             if by_name
                 .insert(class.name.clone(), ClassId(i as u16))
                 .is_some()
@@ -120,6 +120,30 @@ impl Registry {
             .enumerate()
             .map(|(i, c)| (ClassId(i as u16), c))
     }
+}
+
+/// Check the values that would make the class meaningless, naming the first bad field.
+fn validate(class: &ClassConfig) -> Result<(), ConfigError> {
+    let bad = |field: &'static str, reason: &str| {
+        Err(ConfigError::InvalidClass {
+            class: class.name.clone(),
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    if class.sla.is_zero() {
+        return bad("sla", "must be greater than zero: every call would be slow");
+    }
+    if class.timeout.is_some_and(|t| t.is_zero()) {
+        return bad(
+            "timeout",
+            "must be greater than zero: every call would time out",
+        );
+    }
+    if class.dependencies.iter().any(|d| d.trim().is_empty()) {
+        return bad("depends_on", "a dependency name must not be empty");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -224,14 +224,14 @@ impl Degrader {
     }
 
     /// A layer classifying requests with `classifier`, using the [`Generic`](crate::protocol::Generic) protocol (errors
-    /// become [`BoxError`](crate::BoxError)) and no fallback service.
+    /// become [`BoxError`](crate::error::BoxError)) and no fallback service.
     pub fn layer<C>(&self, classifier: C) -> DegradeLayer<C> {
         DegradeLayer::new(self.shared.clone(), classifier)
     }
 
     /// Start building a task runner for tasks `T` with results `R` (see [`task`](crate::task)).
     pub fn tasks<T, R>(&self) -> TasksBuilder<T, R> {
-        TasksBuilder::new(self.clone())
+        TasksBuilder::new(self.shared.clone())
     }
 
     /// Load the policies of `dir` now, then reload them whenever a `.rhai` file there is
@@ -248,6 +248,28 @@ impl Degrader {
         dir: impl Into<std::path::PathBuf>,
         debounce: Duration,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
-        crate::policy::PolicyWatcher::start(self, dir.into(), debounce, true)
+        let this = self.clone();
+        let load: crate::policy::Loader = Box::new(move |dir| this.load_policies(dir));
+        crate::policy::PolicyWatcher::start(load, dir.into(), debounce, true)
+    }
+
+    /// Load the policies of `dir` now, then reload them whenever
+    /// [`PolicyWatcher::reload_now`](crate::policy::PolicyWatcher::reload_now) is called (after
+    /// `debounce`), without watching the file system: for deployments that reload on a signal
+    /// or an admin call. Fails if the first load fails.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn reload_policies_on_demand(
+        &self,
+        dir: impl Into<std::path::PathBuf>,
+        debounce: Duration,
+    ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
+        let this = self.clone();
+        let load: crate::policy::Loader = Box::new(move |dir| this.load_policies(dir));
+        crate::policy::PolicyWatcher::start(load, dir.into(), debounce, false)
     }
 }

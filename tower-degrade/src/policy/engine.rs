@@ -224,30 +224,6 @@ pub(crate) fn build_engine(limits: &Limits) -> Engine {
             },
         );
 
-    // The request of `on_request(ctx, req)`.
-    use super::request::RequestInfo;
-    engine.register_type_with_name::<RequestInfo>("Request");
-    engine
-        .register_get("method", |r: &mut RequestInfo| r.method.clone())
-        .register_get("path", |r: &mut RequestInfo| r.path.clone())
-        .register_get("key", |r: &mut RequestInfo| {
-            r.key.clone().map_or(Dynamic::UNIT, Dynamic::from)
-        })
-        .register_get("group", |r: &mut RequestInfo| {
-            r.group.clone().map_or(Dynamic::UNIT, Dynamic::from)
-        })
-        .register_get("elapsed_ms", |r: &mut RequestInfo| {
-            r.elapsed.map_or(0.0, ms)
-        })
-        .register_get("has_elapsed", |r: &mut RequestInfo| r.elapsed.is_some())
-        .register_fn("header", |r: &mut RequestInfo, name: &str| -> Dynamic {
-            r.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .and_then(|v| v.to_str().ok())
-                .map_or(Dynamic::UNIT, |v| Dynamic::from(v.to_owned()))
-        });
-
     // Decisions.
     engine
         .register_fn("admit", || Decision::new(Action::Admit))

@@ -22,6 +22,7 @@ pub use self::engine::{Limits, PolicyWindow, TickCtx};
 pub(crate) use self::request::Overlay;
 use self::request::Selector;
 pub use self::request::{RequestInfo, rollout_bucket};
+pub(crate) use self::watch::Loader;
 pub use self::watch::{PolicyWatcher, ReloadOutcome};
 use crate::breaker::State;
 use crate::class::{ClassId, Registry, Tier};
@@ -186,7 +187,11 @@ impl Runtime {
             })
             .collect();
         Self {
-            engine: engine::build_engine(&limits),
+            engine: {
+                let mut engine = engine::build_engine(&limits);
+                request::register(&mut engine);
+                engine
+            },
             limits,
             current: ArcSwapOption::empty(),
             previous: Mutex::new(None),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rhai::ImmutableString;
+use rhai::{Dynamic, ImmutableString};
 
 use super::decision::{Decision, combine};
 use super::engine::TickCtx;
@@ -109,6 +109,32 @@ impl RequestInfo {
             headers: Some(http::HeaderMap::new()),
         }
     }
+}
+
+/// Register the request of `on_request(ctx, req)` with the engine.
+pub(super) fn register(engine: &mut rhai::Engine) {
+    // The request of `on_request(ctx, req)`.
+    engine.register_type_with_name::<RequestInfo>("Request");
+    engine
+        .register_get("method", |r: &mut RequestInfo| r.method.clone())
+        .register_get("path", |r: &mut RequestInfo| r.path.clone())
+        .register_get("key", |r: &mut RequestInfo| {
+            r.key.clone().map_or(Dynamic::UNIT, Dynamic::from)
+        })
+        .register_get("group", |r: &mut RequestInfo| {
+            r.group.clone().map_or(Dynamic::UNIT, Dynamic::from)
+        })
+        .register_get("elapsed_ms", |r: &mut RequestInfo| {
+            r.elapsed.map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        })
+        .register_get("has_elapsed", |r: &mut RequestInfo| r.elapsed.is_some())
+        .register_fn("header", |r: &mut RequestInfo, name: &str| -> Dynamic {
+            r.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.to_str().ok())
+                .map_or(Dynamic::UNIT, |v| Dynamic::from(v.to_owned()))
+        });
 }
 
 impl Runtime {

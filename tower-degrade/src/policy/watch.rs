@@ -7,7 +7,6 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::degrader::Degrader;
 use crate::error::PolicyError;
 
 /// The outcome of the last (re)load.
@@ -53,29 +52,21 @@ impl Drop for PolicyWatcher {
     }
 }
 
-impl PolicyWatcher {
-    /// Load `dir` into `degrader` now and reload it whenever [`reload_now`](Self::reload_now) is
-    /// called (after `debounce`), without watching the file system: for deployments that reload
-    /// on a signal or an admin call. Fails if the first load fails.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
-    pub fn manual(
-        degrader: &Degrader,
-        dir: impl Into<PathBuf>,
-        debounce: Duration,
-    ) -> Result<Self, PolicyError> {
-        Self::start(degrader, dir.into(), debounce, false)
-    }
+/// Loads a policy directory into a degrader, returning the version in force.
+pub(crate) type Loader = Box<dyn Fn(&Path) -> Result<u64, PolicyError> + Send + Sync>;
 
+impl PolicyWatcher {
+    /// Load `dir` with `load` now, then again on every change (when `watch_fs`) and every
+    /// [`reload_now`](Self::reload_now), debounced. Built by
+    /// [`Degrader::watch_policies`](crate::Degrader::watch_policies) and
+    /// [`Degrader::reload_policies_on_demand`](crate::Degrader::reload_policies_on_demand).
     pub(crate) fn start(
-        degrader: &Degrader,
+        load: Loader,
         dir: PathBuf,
         debounce: Duration,
         watch_fs: bool,
     ) -> Result<Self, PolicyError> {
-        let version = degrader.load_policies(&dir)?;
+        let version = load(&dir)?;
         let (trigger, signals) = mpsc::channel(1);
         let watcher = if watch_fs {
             Some(fs_watcher(&dir, trigger.clone())?)
@@ -83,7 +74,7 @@ impl PolicyWatcher {
             None
         };
         let (tx, outcomes) = watch::channel(ReloadOutcome::Loaded(version));
-        let task = tokio::spawn(reload_loop(degrader.clone(), dir, signals, debounce, tx));
+        let task = tokio::spawn(reload_loop(load, dir, signals, debounce, tx));
         Ok(Self {
             _watcher: watcher,
             trigger,
@@ -136,7 +127,7 @@ fn fs_watcher(
 }
 
 async fn reload_loop(
-    degrader: Degrader,
+    load: Loader,
     dir: PathBuf,
     mut signals: mpsc::Receiver<()>,
     debounce: Duration,
@@ -151,7 +142,7 @@ async fn reload_loop(
                 Err(_elapsed) => break,
             }
         }
-        let outcome = match degrader.load_policies(&dir) {
+        let outcome = match load(&dir) {
             Ok(version) => ReloadOutcome::Loaded(version),
             Err(e) => ReloadOutcome::Rejected(e),
         };

@@ -31,7 +31,7 @@ pub(crate) use self::runner::Runner;
 pub(crate) use self::stage::PredictStage;
 use std::time::Duration;
 
-use crate::BoxError;
+use crate::error::BoxError;
 
 /// Features per tick.
 pub const N_FEATURES: usize = 8;

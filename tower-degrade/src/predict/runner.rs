@@ -4,7 +4,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
-use crate::BoxError;
+use crate::error::BoxError;
 
 /// The worker's answer: the input buffer back, and the predictions or the error.
 type Answer = (Vec<f32>, Result<Vec<f32>, String>);

@@ -2,7 +2,7 @@
 //! [`Degraded`].
 
 use super::{ClassifyOutcome, OkIsSuccess, Protocol};
-use crate::BoxError;
+use crate::error::BoxError;
 use crate::error::Degraded;
 use crate::window::Recording;
 

@@ -2,7 +2,7 @@
 //!
 //! * [`Generic`] for any service: the outcome comes from a [`ClassifyOutcome`] (by default
 //!   `Ok` is a success and `Err` an error), and a degraded call fails with a
-//!   [`Degraded`] error inside a [`BoxError`](crate::BoxError).
+//!   [`Degraded`] error inside a [`BoxError`](crate::error::BoxError).
 //! * [`Http`] for `http::Response` services: the outcome comes from a
 //!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default), and a degraded call is
 //!   *answered* with 503 and `Retry-After`, with the [`Degraded`] value

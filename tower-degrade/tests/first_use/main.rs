@@ -461,7 +461,10 @@ async fn every_http_answer_carries_retry_after_and_the_reason() {
         answers.push(call("/pay").await.unwrap());
     }
     let turned_away: Vec<_> = answers.iter().filter(|r| r.status() == 503).collect();
-    assert!((5..=7).contains(&turned_away.len()), "about a quarter admitted");
+    assert!(
+        (5..=7).contains(&turned_away.len()),
+        "about a quarter admitted"
+    );
     for res in turned_away {
         assert_answer(res, Reason::Recovering, "1");
     }

@@ -480,7 +480,7 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 async fn a_reload_takes_effect_within_a_second_and_fails_no_request() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tower_degrade::policy::{PolicyWatcher, ReloadOutcome};
+    use tower_degrade::policy::ReloadOutcome;
 
     let dir = temp_dir("reload");
     std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
@@ -489,7 +489,9 @@ async fn a_reload_takes_effect_within_a_second_and_fails_no_request() {
         .class(ClassConfig::bronze("log"))
         .build()
         .unwrap(); // the control loop runs, on paused time
-    let watcher = PolicyWatcher::manual(&d, &dir, Duration::from_millis(200)).unwrap();
+    let watcher = d
+        .reload_policies_on_demand(&dir, Duration::from_millis(200))
+        .unwrap();
     let mut outcomes = watcher.subscribe();
     assert_eq!(*outcomes.borrow_and_update(), ReloadOutcome::Loaded(1));
 

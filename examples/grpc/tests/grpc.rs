@@ -1,0 +1,87 @@
+//! Over a real socket: a failing method opens its class, a tonic client sees `UNAVAILABLE`
+//! with `grpc-retry-pushback-ms`, and the other method keeps answering.
+
+use example_grpc::proto::orders_client::OrdersClient;
+use example_grpc::proto::{PayRequest, StatusRequest};
+use tonic::Code;
+use tower_degrade::breaker::State;
+
+#[tokio::test]
+async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
+    // The control loop is not spawned: the test ticks it, so nothing depends on timing.
+    let (degrader, _loop) = example_grpc::degrader_builder()
+        .build_with_worker()
+        .unwrap();
+    let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let degrader = degrader.clone();
+        tokio::spawn(async move {
+            example_grpc::serve(&degrader, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let mut client = OrdersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let pay = |fail: bool| PayRequest {
+        order_id: "7".into(),
+        amount_cents: 1999,
+        fail,
+    };
+
+    let ok = client.pay(pay(false)).await.unwrap().into_inner();
+    assert_eq!(ok.payment_id, "pay-7");
+    for _ in 0..25 {
+        let err = client.pay(pay(true)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+    }
+    degrader.tick_now();
+    assert_eq!(degrader.state("payment").unwrap(), State::Open);
+
+    // The open class answers for the service: UNAVAILABLE, with when to come back.
+    let err = client.pay(pay(false)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("pushback")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((4_000..=5_000).contains(&pushback), "{pushback}");
+    assert_eq!(
+        err.metadata().get("x-degrade-reason").unwrap(),
+        "breaker_open"
+    );
+    assert_eq!(
+        err.message(),
+        format!(
+            "not served: circuit breaker open; retry after {:.1} s",
+            pushback as f64 / 1e3
+        )
+    );
+
+    // The other method's class is untouched.
+    let status = client
+        .status(StatusRequest {
+            order_id: "7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, "shipped");
+    degrader.tick_now();
+    assert_eq!(degrader.state("status").unwrap(), State::Closed);
+    let w = *degrader.history("payment").unwrap().latest().unwrap();
+    assert_eq!(w.rejected, 1);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

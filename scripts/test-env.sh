@@ -1,0 +1,42 @@
+# Sourced by `scripts/test` and `.ci/run`: puts in place what the tests need beyond Rust.
+#
+# - `protoc`, for the gRPC example's code generation (Debian's `protobuf-compiler`);
+# - ONNX Runtime, for the predictor's tests: the CPU library inside the PyPI `onnxruntime`
+#   wheel, installed into a virtual environment under target/ (nothing is downloaded from
+#   outside PyPI). ort loads it at run time from `ORT_DYLIB_PATH`.
+#
+# With both in place, the predictor's tests fail rather than skip if the library is missing.
+
+if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing protoc (Debian's protobuf-compiler) for the gRPC example"
+    apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null
+  else
+    echo "error: the gRPC example needs protoc: 'sudo apt-get install protobuf-compiler'," \
+      "or set PROTOC to a protoc binary" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+fi
+
+if [ -z "${ORT_DYLIB_PATH:-}" ]; then
+  td_venv="$PWD/target/test-venv"
+  if [ ! -x "$td_venv/bin/pip" ]; then
+    echo "== ONNX Runtime for the predictor's tests: a virtual environment in target/test-venv"
+    if ! python3 -m venv "$td_venv" 2>/dev/null; then
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "$td_venv"
+      else
+        echo "error: python3 -m venv failed: 'sudo apt-get install python3-venv'," \
+          "or set ORT_DYLIB_PATH to a libonnxruntime.so" >&2
+        return 1 2>/dev/null || exit 1
+      fi
+    fi
+  fi
+  "$td_venv/bin/pip" install -q onnxruntime==1.31.1
+  ORT_DYLIB_PATH="$(ls "$td_venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)"
+  export ORT_DYLIB_PATH
+  # The harness's Python tests use the wheel's NumPy.
+  export PATH="$td_venv/bin:$PATH"
+fi
+export TOWER_DEGRADE_AI_REQUIRE_ORT=1
