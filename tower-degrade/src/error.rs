@@ -14,10 +14,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A call was not served by the inner service: it was rejected, timed out, or its route has no
 /// handler.
 ///
-/// Services using the generic protocol return it boxed in a [`BoxError`](crate::error::BoxError): find it with
-/// [`is_degraded`] or `err.downcast_ref::<Degraded>()` (the error type is
-/// [`BoxError`](crate::error::BoxError)). HTTP services answer with a degraded
-/// response instead and put a clone of this value in the response extensions.
+/// Services using the generic protocol fail with it boxed in a [`BoxError`]: find it with
+/// [`is_degraded`] or [`degraded`]. HTTP and gRPC services answer with a degraded response
+/// instead and put a clone of this value in the response extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Degraded {
     class: Arc<str>,

@@ -49,6 +49,39 @@
 //! # }
 //! ```
 //!
+//! The same with [`ServiceBuilderExt`]:
+//! `ServiceBuilder::new().degrade_http(&degrader, classify).service(handler)`. For axum, add the
+//! layer with `Router::layer` (not `route_layer`) so that requests no route matches reach the
+//! `default` class too.
+//!
+//! ## gRPC with tonic
+//!
+//! One layer on the server; classes by `/package.Service/Method` (or a whole service with
+//! `/package.Service/*`). A class that is not served answers `UNAVAILABLE` with
+//! `grpc-retry-pushback-ms` (`examples/grpc` runs this against a real tonic client):
+//!
+//! ```ignore
+//! let classify = degrader
+//!     .http_classifier()
+//!     .grpc("/orders.v1.Orders/Pay", "payment")?
+//!     .grpc("/orders.v1.Orders/*", "status")?
+//!     .build();
+//! tonic::transport::Server::builder()
+//!     .layer(degrader.layer(classify).grpc())
+//!     .add_service(OrdersServer::new(OrderService))
+//!     .serve(addr)
+//!     .await?;
+//! ```
+//!
+//! # Modules
+//!
+//! [`class`] and [`classify`] say what a call is; [`gate`] is what the data path reads per
+//! class; [`window`] what it records; [`breaker`] and the control loop (with its stages:
+//! [`predict`] and, with `rhai`, [`policy`]) decide; [`layer`] and [`protocol`] apply the
+//! decision; [`fallback`] receives what is diverted; [`task`] runs non-request work through the
+//! same layer; [`degrader`] ties them together. Every error is in [`error`], every metric in
+//! [`metrics`]. `docs/architecture.md` maps the folders onto the two loops.
+//!
 //! # Feature flags
 //!
 //! | feature | what |

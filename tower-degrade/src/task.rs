@@ -25,7 +25,7 @@ use crate::layer::DegradeLayer;
 
 type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 
-/// Runs tasks of type `T` producing `R` through a [`Degrader`], with per-class fallbacks.
+/// Runs tasks of type `T` producing `R` through a [`Degrader`](crate::Degrader), with per-class fallbacks.
 ///
 /// ```
 /// use tower_degrade::{BoxError, ClassConfig, Degrader, Route};

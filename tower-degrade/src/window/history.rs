@@ -44,7 +44,7 @@ impl<T: Copy, const N: usize> Ring<T, N> {
     }
 }
 
-/// The last [`HISTORY_LEN`] snapshots of one class, newest last.
+/// The last [`HISTORY_LEN`] snapshots of one class; `get(0)` is the newest.
 #[derive(Debug, Clone, Default)]
 pub struct History {
     ring: Ring<WindowSnapshot, HISTORY_LEN>,

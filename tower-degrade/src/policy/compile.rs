@@ -1,0 +1,310 @@
+//! Compiling and validating policy files: metadata, hooks, sample runs within the budget.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rhai::Dynamic;
+
+use super::request::Selector;
+use super::{Mode, Policy, PolicySet, Runtime, Target, unwrap_error};
+use crate::breaker::State;
+use crate::class::{Registry, Tier};
+use crate::error::PolicyError;
+use crate::window::{History, WindowSnapshot};
+
+/// For an error Rhai gave no position (a blown operation budget, a wrong return type, bad
+/// metadata), the line defining the function it is about.
+fn hook_line(text: &str, reason: &str) -> Option<usize> {
+    let hook = ["on_request", "on_tick", "policy"]
+        .into_iter()
+        .find(|h| reason.starts_with(h) || reason.starts_with(&format!("`{h}`")))?;
+    text.lines()
+        .position(|line| {
+            line.trim_start()
+                .strip_prefix("fn ")
+                .and_then(|rest| rest.trim_start().strip_prefix(hook))
+                .is_some_and(|rest| rest.trim_start().starts_with('('))
+        })
+        .map(|i| i + 1)
+}
+
+impl Runtime {
+    /// Compile and validate `sources` (name, file label, text) into a set for `registry`.
+    pub(crate) fn compile(
+        &self,
+        registry: &Registry,
+        sources: &[(String, String, String)],
+    ) -> Result<PolicySet, PolicyError> {
+        let mut policies = Vec::with_capacity(sources.len());
+        for (name, file, text) in sources {
+            let policy = self
+                .compile_one(registry, name, file, text)
+                .map_err(|mut e| {
+                    if e.line.is_none() {
+                        e.line = hook_line(text, &e.reason);
+                    }
+                    e
+                })?;
+            policies.push(policy);
+        }
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut by_class = vec![Vec::new(); registry.len()];
+        for (id, class) in registry.iter() {
+            let list = &mut by_class[id.index()];
+            for (i, p) in policies.iter().enumerate() {
+                let governs = p.targets.iter().any(|t| match t {
+                    Target::All => true,
+                    Target::Tier(tier) => *tier == class.tier(),
+                    Target::Class(c) => *c == id,
+                });
+                if governs {
+                    list.push(i);
+                }
+            }
+            list.sort_by(|&a, &b| {
+                policies[b]
+                    .priority
+                    .cmp(&policies[a].priority)
+                    .then(a.cmp(&b))
+            });
+        }
+        let hook_failed = policies.iter().map(|_| Default::default()).collect();
+        Ok(PolicySet {
+            version: 0,
+            policies,
+            hook_failed,
+            by_class,
+        })
+    }
+
+    fn compile_one(
+        &self,
+        registry: &Registry,
+        name: &str,
+        file: &str,
+        text: &str,
+    ) -> Result<Policy, PolicyError> {
+        let mut ast = self.engine.compile(text).map_err(|e| {
+            PolicyError::new(
+                file,
+                e.position().line(),
+                format!("syntax error: {}", e.err_type()),
+            )
+        })?;
+        ast.set_source(file);
+        let arity = |fname: &str| {
+            ast.iter_functions()
+                .find(|f| f.name == fname)
+                .map(|f| f.params.len())
+        };
+        match arity("on_tick") {
+            Some(1) => {}
+            Some(n) => {
+                return Err(PolicyError::new(
+                    file,
+                    None,
+                    format!("`on_tick` must take 1 parameter (ctx), not {n}"),
+                ));
+            }
+            None => return Err(PolicyError::new(file, None, "missing `fn on_tick(ctx)`")),
+        }
+        let has_on_request = match arity("on_request") {
+            None => false,
+            Some(2) => true,
+            Some(n) => {
+                return Err(PolicyError::new(
+                    file,
+                    None,
+                    format!("`on_request` must take 2 parameters (ctx, req), not {n}"),
+                ));
+            }
+        };
+        if arity("policy") != Some(0) {
+            return Err(PolicyError::new(
+                file,
+                None,
+                "missing `fn policy()` returning a map",
+            ));
+        }
+        let meta: Dynamic = self.call(&ast, "policy", ()).map_err(|e| {
+            let (line, reason) = unwrap_error(*e);
+            PolicyError::new(file, line, format!("policy(): {reason}"))
+        })?;
+        let Some(meta) = meta.try_cast::<rhai::Map>() else {
+            return Err(PolicyError::new(
+                file,
+                None,
+                "policy() must return a map like #{ governs: [\"gold\"] }",
+            ));
+        };
+        let (mut targets, mut priority, mut mode) = (None, 0, Mode::Enforce);
+        let mut selector = Selector::default();
+        for (key, value) in meta {
+            let bad =
+                |what: &str| PolicyError::new(file, None, format!("policy(): `{key}` {what}"));
+            match key.as_str() {
+                "governs" => {
+                    let list = value
+                        .try_cast::<rhai::Array>()
+                        .ok_or_else(|| bad("must be an array of class names, tiers or \"*\""))?;
+                    let mut ts = Vec::new();
+                    for item in list {
+                        let s = item.into_string().map_err(|_| bad("must hold strings"))?;
+                        ts.push(match s.as_str() {
+                            "*" => Target::All,
+                            "gold" => Target::Tier(Tier::Gold),
+                            "silver" => Target::Tier(Tier::Silver),
+                            "bronze" => Target::Tier(Tier::Bronze),
+                            class => {
+                                Target::Class(registry.get(class).ok_or_else(|| {
+                                    bad(&format!("names unknown class `{class}`"))
+                                })?)
+                            }
+                        });
+                    }
+                    if ts.is_empty() {
+                        return Err(bad("is empty"));
+                    }
+                    targets = Some(ts);
+                }
+                "priority" => priority = value.as_int().map_err(|_| bad("must be an integer"))?,
+                "mode" => {
+                    mode = match value.into_string().as_deref() {
+                        Ok("enforce") => Mode::Enforce,
+                        Ok("shadow") => Mode::Shadow,
+                        _ => return Err(bad("must be \"enforce\" or \"shadow\"")),
+                    }
+                }
+                "rollout" => {
+                    let pct = value
+                        .as_float()
+                        .or_else(|_| value.as_int().map(|i| i as f64))
+                        .map_err(|_| bad("must be a percentage"))?;
+                    if !(0.0..=100.0).contains(&pct) {
+                        return Err(bad("must be within 0..=100"));
+                    }
+                    selector.rollout_bp = Some((pct * 100.0).round() as u32);
+                }
+                "groups" => {
+                    let list = value
+                        .try_cast::<rhai::Array>()
+                        .ok_or_else(|| bad("must be an array of group names"))?;
+                    for item in list {
+                        let group = item.into_string().map_err(|_| bad("must hold strings"))?;
+                        selector.groups.push(group);
+                    }
+                }
+                other => {
+                    return Err(PolicyError::new(
+                        file,
+                        None,
+                        format!(
+                            "policy(): unknown field `{other}` \
+                             (expected governs, priority, mode, rollout, groups)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let targets =
+            targets.ok_or_else(|| PolicyError::new(file, None, "policy(): missing `governs`"))?;
+        let policy = Policy {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            ast,
+            targets,
+            priority,
+            mode,
+            selector,
+            has_on_request,
+        };
+        self.validate(&policy)?;
+        Ok(policy)
+    }
+
+    /// Run `on_tick` against sample contexts: it must return a decision or () within budget.
+    fn validate(&self, policy: &Policy) -> Result<(), PolicyError> {
+        let sample = |success: u64, errors: u64, p99_ms: u64, n: usize| {
+            let mut h = History::default();
+            for tick in 0..n as u64 {
+                let w = WindowSnapshot {
+                    tick,
+                    period: Duration::from_millis(500),
+                    successes: success,
+                    errors,
+                    p50: Duration::from_millis(p99_ms / 4),
+                    p90: Duration::from_millis(p99_ms / 2),
+                    p99: Duration::from_millis(p99_ms),
+                    max: Duration::from_millis(p99_ms * 2),
+                    ..Default::default()
+                };
+                h.push(w);
+            }
+            Arc::new(h)
+        };
+        // A class the policy governs, so `ctx` looks like the real thing.
+        let class = (0..self.classes.len())
+            .find(|&i| {
+                policy.targets.iter().any(|t| match t {
+                    Target::All => true,
+                    Target::Tier(tier) => *tier == self.classes[i].tier,
+                    Target::Class(id) => id.index() == i,
+                })
+            })
+            .unwrap_or(0);
+        let samples = [
+            ("an empty history", sample(0, 0, 0, 0), State::Closed),
+            ("healthy windows", sample(95, 0, 20, 64), State::Closed),
+            ("failing windows", sample(40, 60, 900, 64), State::Closed),
+            ("an open breaker", sample(0, 30, 2000, 5), State::Open),
+        ];
+        for (what, history, state) in samples {
+            let ctx = self.ctx(class, history, state, None);
+            self.decide(policy, ctx.clone()).map_err(|(line, reason)| {
+                PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
+            })?;
+            if policy.has_on_request {
+                self.validate_request_hook(policy, ctx)
+                    .map_err(|(line, reason)| {
+                        PolicyError::new(
+                            &policy.file,
+                            line,
+                            format!("on_request with {what}: {reason}"),
+                        )
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read every `*.rhai` file of `dir` (name order) as (policy name, file label, text).
+pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, PolicyError> {
+    let label = dir.display().to_string();
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        PolicyError::new(
+            &label,
+            None,
+            format!("cannot read the policy directory: {e}"),
+        )
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let file = p.display().to_string();
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| PolicyError::new(&file, None, format!("cannot read: {e}")))?;
+            Ok((name, file, text))
+        })
+        .collect()
+}
