@@ -248,9 +248,7 @@ impl Degrader {
         dir: impl Into<std::path::PathBuf>,
         debounce: Duration,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
-        let this = self.clone();
-        let load: crate::policy::Loader = Box::new(move |dir| this.load_policies(dir));
-        crate::policy::PolicyWatcher::start(load, dir.into(), debounce, true)
+        self.policy_watcher(dir.into(), debounce, true)
     }
 
     /// Load the policies of `dir` now, then reload them whenever
@@ -268,8 +266,18 @@ impl Degrader {
         dir: impl Into<std::path::PathBuf>,
         debounce: Duration,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
+        self.policy_watcher(dir.into(), debounce, false)
+    }
+
+    #[cfg(feature = "rhai")]
+    fn policy_watcher(
+        &self,
+        dir: std::path::PathBuf,
+        debounce: Duration,
+        watch_fs: bool,
+    ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
         let this = self.clone();
         let load: crate::policy::Loader = Box::new(move |dir| this.load_policies(dir));
-        crate::policy::PolicyWatcher::start(load, dir.into(), debounce, false)
+        crate::policy::PolicyWatcher::start(load, dir, debounce, watch_fs)
     }
 }
