@@ -5,13 +5,12 @@ use std::sync::atomic::Ordering;
 
 use super::Gate;
 
-/// One half-open probe permit of one class. Dropped, it goes back to the class (the probe was
-/// cancelled); [`consume`](Self::consume)d, it is spent (the probe finished).
+/// One half-open probe permit. Dropped, it is spent (the probe finished);
+/// [`release`](Self::release)d, it goes back to its class (the probe was cancelled). The class
+/// is not stored: the holder (a call's recording) knows it, which keeps the permit two words.
 #[derive(Debug)]
 pub(crate) struct ProbePermit {
     gates: Arc<[Gate]>,
-    class: usize,
-    spent: bool,
 }
 
 impl ProbePermit {
@@ -23,22 +22,11 @@ impl ProbePermit {
             .ok()
             .map(|_| Self {
                 gates: gates.clone(),
-                class,
-                spent: false,
             })
     }
 
-    /// The probe finished: the permit is spent.
-    pub(crate) fn consume(mut self) {
-        self.spent = true;
-    }
-}
-
-impl Drop for ProbePermit {
-    fn drop(&mut self) {
-        if self.spent {
-            return;
-        }
-        self.gates[self.class].probes.fetch_add(1, Ordering::AcqRel);
+    /// Give the permit back to `class`, the class it was taken from.
+    pub(crate) fn release(self, class: usize) {
+        self.gates[class].probes.fetch_add(1, Ordering::AcqRel);
     }
 }

@@ -48,9 +48,6 @@ impl Recording {
     #[inline]
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
-        if let Some(probe) = self.probe.take() {
-            probe.consume();
-        }
         let latency = self.shard.timer.elapsed(self.start);
         self.shard.end(usize::from(self.class), outcome, latency);
     }
@@ -73,6 +70,9 @@ impl Drop for Recording {
             };
             self.shard
                 .end(usize::from(self.class), outcome, Duration::ZERO);
+            if let Some(probe) = self.probe.take() {
+                probe.release(usize::from(self.class));
+            }
         }
     }
 }
