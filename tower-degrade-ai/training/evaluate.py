@@ -24,6 +24,7 @@ import numpy as np
 
 import datasets
 import simulate
+from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
 from traces import GRACE, Trace, headline_horizon, horizons, read_dir, windows
 
@@ -53,7 +54,7 @@ def _reference(tr: Trace) -> slice:
 
 def seed_rule(tr: Trace) -> np.ndarray:
     """The seed's reactive rule: success < 92 % and p99 over the SLA, 3 windows running."""
-    bad = ((tr.X[:, 1] < 0.92) & (tr.X[:, 5] > 1.0)).astype(float)
+    bad = ((tr.X[:, SUCCESS] < 0.92) & (tr.X[:, P99] > 1.0)).astype(float)
     return alarms(bad, 0.5, 3).astype(float)
 
 
@@ -61,10 +62,10 @@ def calibrated_rule(tr: Trace) -> np.ndarray:
     """The seed's rule with per-series thresholds from the reference part (p99 and failure
     rate at their 99.5th percentile); either channel over for 3 steps. Score: how far over."""
     ref = tr.X[_reference(tr)]
-    fail = 1 - tr.X[:, 1]
-    b_p99 = max(np.percentile(ref[:, 5], 99.5), 1e-3)
-    b_fail = max(np.percentile(1 - ref[:, 1], 99.5), 0.01)
-    s = np.maximum(tr.X[:, 5] / b_p99, fail / b_fail)
+    fail = 1 - tr.X[:, SUCCESS]
+    b_p99 = max(np.percentile(ref[:, P99], 99.5), 1e-3)
+    b_fail = max(np.percentile(1 - ref[:, SUCCESS], 99.5), 0.01)
+    s = np.maximum(tr.X[:, P99] / b_p99, fail / b_fail)
     # the least of the last 3 steps: over the threshold means over for 3 steps
     m = np.minimum(s, np.minimum(np.concatenate([[0], s[:-1]]), np.concatenate([[0, 0], s[:-2]])))
     return m
@@ -73,7 +74,7 @@ def calibrated_rule(tr: Trace) -> np.ndarray:
 # Channels where "higher is worse"; success enters as a failure rate.
 def _risk(X: np.ndarray) -> np.ndarray:
     Y = X.astype(float).copy()
-    Y[:, 1] = 1 - Y[:, 1]
+    Y[:, SUCCESS] = 1 - Y[:, SUCCESS]
     return Y
 
 

@@ -7,7 +7,8 @@ trained on one service's levels transfers to another's) and as a first differenc
 import torch
 from torch import nn
 
-WINDOW, N_FEATURES = 64, 8
+from features import N_FEATURES, WINDOW
+
 TAIL = 16  # conv outputs the head reads
 
 

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from features import N_FEATURES, WINDOW
+
 BATCH = 4
 
 
@@ -21,7 +23,7 @@ def fixed_input() -> np.ndarray:
     x[b, t, f] = L[f] (1 + [f >= 4] b max(t - 48, 0) / 8) + ((131 b + 17 t + 7 f) mod 23) / 200,
     the same formula as the Rust test. The rows span the model's range, from sure-healthy to
     sure-breach."""
-    b, t, f = np.meshgrid(np.arange(BATCH), np.arange(64), np.arange(8), indexing="ij")
+    b, t, f = np.meshgrid(np.arange(BATCH), np.arange(WINDOW), np.arange(N_FEATURES), indexing="ij")
     ramp = 1 + (f >= 4) * b * np.maximum(t - 48, 0) / 8.0
     x = LEVEL[f] * ramp + ((131 * b + 17 * t + 7 * f) % 23) / 200
     return x.astype(np.float32)

@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from features import N_FEATURES
 from traces import Trace, breach_events, clip, rate_ratio, write_csv
 
 DT = 0.5
@@ -110,7 +111,7 @@ def simulate(rng: np.random.Generator, T: int, n_incidents: int, bursty: bool) -
             cap *= 1 - (1 - k * r0 / mu0 * rng.uniform(0.7, 0.9)) * up * (1 - down)
 
     rate = rate * (1 + retry_p) * np.exp(rng.normal(0, 0.03, T))
-    X = np.zeros((T, 8))
+    X = np.zeros((T, N_FEATURES))  # columns in features.FEATURES order
     backlog = 0.0
     for i in range(T):
         s = s0 * slow[i]

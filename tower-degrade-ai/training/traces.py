@@ -5,7 +5,8 @@ A trace CSV (one file per series; what `Recorder` writes and `evaluate.py --trac
     time_s,rate_ratio,success_rate,error_rate,timeout_rate,p50_over_sla,p99_over_sla,
     inflight_over_little,queue_delay_over_sla[,label][,ignore][,split]
 
-- the eight feature columns are required, normalised as in `tower_degrade::predict::features`;
+- the eight feature columns (`features.FEATURES`) are required, normalised as in
+  `tower_degrade::predict::features`;
 - `time_s` (seconds) gives the step; without it the step is 0.5 s (the default tick);
 - `label` is 1 while an incident is in progress. Without it (what `Recorder` writes), incidents
   are the SLO breaches found in the features by the rule below (`breach_events`);
@@ -22,19 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from features import CLIP_HI, FEATURES, N_FEATURES, P99, SUCCESS, WINDOW
 from protocol import events_from_binary
 
-FEATURES = [
-    "rate_ratio",
-    "success_rate",
-    "error_rate",
-    "timeout_rate",
-    "p50_over_sla",
-    "p99_over_sla",
-    "inflight_over_little",
-    "queue_delay_over_sla",
-]
-WINDOW = 64
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
 # incident nor as normal (a breaker recovering is not a false trip).
 GRACE = {"simulated": 40, "recorded": 40, "nab": 0, "nezha": 3, "smd": 3}
@@ -53,10 +44,6 @@ def horizons(step_seconds: float) -> tuple:
 def headline_horizon(step_seconds: float) -> int:
     """The horizon the model is trained for and the headline tables use."""
     return 20 if step_seconds < 60 else 6
-N_FEATURES = len(FEATURES)
-# Clip ranges, as in the Rust feature code.
-CLIP_HI = np.array([10, 1, 1, 1, 20, 20, 20, 20], dtype=np.float32)
-
 # The SLO breach of a 500 ms trace: p99 over the SLA, or more than 5 % of calls failing,
 # for at least 3 consecutive ticks.
 BREACH_P99 = 1.0
@@ -102,7 +89,7 @@ BREACH_MERGE = 20  # breaches less than 10 s apart are one incident
 def breach_events(X: np.ndarray) -> list:
     """Incidents of a 500 ms trace from its features: the SLO-breach rule above; a breach that
     flaps is one incident."""
-    bad = (X[:, 5] > BREACH_P99) | ((1 - X[:, 1]) > BREACH_FAILED)
+    bad = (X[:, P99] > BREACH_P99) | ((1 - X[:, SUCCESS]) > BREACH_FAILED)
     runs = [(s, e) for s, e in events_from_binary(bad) if e - s + 1 >= BREACH_TICKS]
     out: list = []
     for s, e in runs:

@@ -1,0 +1,101 @@
+"""The model's input: the eight features, in order, and the metadata that records them.
+
+This is the one place the training pipeline reads the feature list from. It mirrors
+`tower_degrade::predict::FEATURES` (Rust), and `test_features.py` fails when the two differ.
+
+Every model the pipeline exports carries the list in its ONNX metadata (`metadata_props`):
+
+    key   tower_degrade.features
+    value rate_ratio,success_rate,error_rate,timeout_rate,p50_over_sla,p99_over_sla,inflight_over_little,queue_delay_over_sla
+
+(the names, in input order, joined by commas, no spaces). `OnnxPredictor` refuses a model whose
+list differs from the Rust one, or that has none. To run a model trained elsewhere on these
+features, in this order, stamp it:
+
+    python features.py MODEL.onnx [MODEL.onnx ...]   # needs the `onnx` package
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+FEATURES = [
+    "rate_ratio",
+    "success_rate",
+    "error_rate",
+    "timeout_rate",
+    "p50_over_sla",
+    "p99_over_sla",
+    "inflight_over_little",
+    "queue_delay_over_sla",
+]
+N_FEATURES = len(FEATURES)
+WINDOW = 64  # ticks a model sees
+
+# Column indices, by name.
+RATE = FEATURES.index("rate_ratio")
+SUCCESS = FEATURES.index("success_rate")
+ERROR = FEATURES.index("error_rate")
+TIMEOUT = FEATURES.index("timeout_rate")
+P50 = FEATURES.index("p50_over_sla")
+P99 = FEATURES.index("p99_over_sla")
+INFLIGHT = FEATURES.index("inflight_over_little")
+QUEUE = FEATURES.index("queue_delay_over_sla")
+
+# Clip ranges, as in the Rust feature code.
+CLIP_HI = np.array([10, 1, 1, 1, 20, 20, 20, 20], dtype=np.float32)
+
+# The ONNX metadata key naming the model's input features.
+METADATA_KEY = "tower_degrade.features"
+
+
+def metadata_value(features=FEATURES) -> str:
+    """The metadata value for a feature list: the names joined by commas."""
+    return ",".join(features)
+
+
+def parse_metadata_value(value: str) -> list:
+    """The feature list a metadata value names (blanks around names are ignored)."""
+    return [name.strip() for name in value.split(",")]
+
+
+def check(metadata: dict, model: str = "model") -> None:
+    """Raise ValueError unless `metadata` (an ONNX model's custom metadata map) names FEATURES
+    under METADATA_KEY, in order."""
+    if METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{model}: no `{METADATA_KEY}` metadata naming its input features (expected "
+            f"{metadata_value()}); if it was trained on them, in this order, stamp it with "
+            f"`python features.py {model}`")
+    found = parse_metadata_value(metadata[METADATA_KEY])
+    if found != FEATURES:
+        raise ValueError(f"{model}: trained on features [{', '.join(found)}], "
+                         f"but the predictor feeds [{', '.join(FEATURES)}]")
+
+
+def stamp_model(model) -> None:
+    """Set METADATA_KEY on an `onnx.ModelProto` in place, replacing any earlier value and
+    keeping the other metadata."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    for key, value in kept + [(METADATA_KEY, metadata_value())]:
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def stamp(path: str) -> None:
+    """Rewrite the ONNX file at `path` with METADATA_KEY set (what the exporter and the
+    command line do): same graph and weights, one more metadata entry."""
+    import onnx
+    model = onnx.load(path)
+    stamp_model(model)
+    onnx.save(model, path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
+    for p in sys.argv[1:]:
+        stamp(p)
+        print(f"{p}: {METADATA_KEY} = {metadata_value()}")
