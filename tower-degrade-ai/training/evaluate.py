@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 import datasets
+import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
@@ -37,6 +38,8 @@ class Model:
     def __init__(self, path: str):
         import onnxruntime as ort
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        # the same check as OnnxPredictor's: the model names the features it was trained on
+        features.check(self.session.get_modelmeta().custom_metadata_map, path)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, tr: Trace) -> np.ndarray:

@@ -7,6 +7,7 @@ trained on one service's levels transfers to another's) and as a first differenc
 import torch
 from torch import nn
 
+import features
 from features import N_FEATURES, WINDOW
 
 TAIL = 16  # conv outputs the head reads
@@ -45,6 +46,8 @@ class Net(nn.Module):
 
 
 def export(net: Net, path: str) -> None:
+    """Write `net` to `path` as ONNX, its input features named in the file's metadata
+    (`features.METADATA_KEY`; `OnnxPredictor` checks them against the Rust list)."""
     net.eval()
     torch.onnx.export(
         net, torch.zeros(1, WINDOW, N_FEATURES), path,
@@ -52,3 +55,4 @@ def export(net: Net, path: str) -> None:
         dynamic_axes={"window": {0: "batch"}, "p_anomaly": {0: "batch"}},
         opset_version=17, dynamo=False,
     )
+    features.stamp(path)

@@ -1,14 +1,23 @@
-"""The feature contract: `features.FEATURES` is the Rust list (run with
-`python -m unittest discover -s tower-degrade-ai/training -p 'test_*.py'`)."""
+"""The feature contract: `features.FEATURES` is the Rust list, and the models name it in their
+metadata (run with `python -m unittest discover -s tower-degrade-ai/training -p 'test_*.py'`;
+the model checks need onnxruntime, the stamping checks the `onnx` package)."""
 import glob
+import importlib.util
 import os
 import re
+import tempfile
 import unittest
 
 import features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CRATE = os.path.normpath(os.path.join(HERE, ".."))
 CORE_SRC = os.path.normpath(os.path.join(HERE, "..", "..", "tower-degrade", "src"))
+SHIPPED = os.path.join(CRATE, "models", "p_anomaly.onnx")
+FIXTURES = os.path.join(CRATE, "tests", "fixtures")
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+HAS_ONNX = importlib.util.find_spec("onnx") is not None
 
 
 def rust_constants() -> tuple:
@@ -24,6 +33,12 @@ def rust_constants() -> tuple:
         consts = {k: int(v) for k, v in re.findall(r"pub const (N_FEATURES|WINDOW): usize = (\d+);", src)}
         return names, consts.get("N_FEATURES"), consts.get("WINDOW")
     raise AssertionError(f"no `pub const FEATURES` under {CORE_SRC}")
+
+
+def session_metadata(path: str) -> dict:
+    import onnxruntime as ort
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return s.get_modelmeta().custom_metadata_map
 
 
 class Contract(unittest.TestCase):
@@ -53,6 +68,45 @@ class Contract(unittest.TestCase):
             features.check({features.METADATA_KEY: ",".join(swapped)}, "m.onnx")
         self.assertIn(", ".join(swapped), str(e.exception))
         self.assertIn(", ".join(features.FEATURES), str(e.exception))
+
+
+@unittest.skipUnless(HAS_ORT, "needs onnxruntime")
+class Models(unittest.TestCase):
+    def test_the_shipped_model_names_the_features(self):
+        features.check(session_metadata(SHIPPED), SHIPPED)
+
+    def test_the_fixtures_are_wrong_as_named(self):
+        features.check(session_metadata(os.path.join(FIXTURES, "window_32.onnx")))
+        with self.assertRaisesRegex(ValueError, "trained on features"):
+            features.check(session_metadata(os.path.join(FIXTURES, "features_reordered.onnx")))
+        with self.assertRaisesRegex(ValueError, "no `tower_degrade.features` metadata"):
+            features.check(session_metadata(os.path.join(FIXTURES, "features_missing.onnx")))
+
+
+@unittest.skipUnless(HAS_ONNX, "needs the onnx package")
+class Stamping(unittest.TestCase):
+    def test_stamp_sets_the_key_once_and_keeps_other_metadata(self):
+        import onnx
+        import make_fixtures
+        model = make_fixtures.tiny(feature_list=make_fixtures.reordered())
+        onnx.helper.set_model_props(model, {"author": "someone",
+                                            features.METADATA_KEY: "stale"})
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.onnx")
+            onnx.save(model, path)
+            features.stamp(path)
+            first = open(path, "rb").read()
+            features.stamp(path)
+            self.assertEqual(open(path, "rb").read(), first, "stamping twice changes nothing")
+            props = [(p.key, p.value) for p in onnx.load(path).metadata_props]
+        self.assertEqual(props, [("author", "someone"),
+                                 (features.METADATA_KEY, features.metadata_value())])
+
+    def test_the_committed_fixtures_are_what_make_fixtures_writes(self):
+        import onnx
+        import make_fixtures
+        for name, model in make_fixtures.fixtures().items():
+            self.assertEqual(onnx.load(os.path.join(FIXTURES, name)), model, name)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""The tiny ONNX models the Rust tests load (`tests/onnx/main.rs`), each wrong in one way:
+
+    python make_fixtures.py [OUT_DIR]   # default ../tests/fixtures; needs the `onnx` package
+
+- `window_32.onnx`: takes `window [batch, 32, 8]` instead of 64 ticks (features stamped right);
+- `features_reordered.onnx`: the right shapes, but its metadata names p99 before p50;
+- `features_missing.onnx`: the right shapes, and no `tower_degrade.features` metadata.
+
+Each is p_anomaly = sigmoid(mean(window)): a few hundred bytes, written the same byte for byte
+on every run (`test_features.py` checks the committed files against this script).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import features
+from features import N_FEATURES, WINDOW
+
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+
+
+def tiny(window: int = WINDOW, feature_list=None):
+    """p_anomaly [batch, 1] = sigmoid(mean over ticks and features of window [batch, window, 8]),
+    with `feature_list` (if any) in its metadata."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("Sigmoid", ["mean"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", window, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    if feature_list is not None:
+        helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value(feature_list)})
+    return model
+
+
+def reordered() -> list:
+    f = list(features.FEATURES)
+    f[features.P50], f[features.P99] = f[features.P99], f[features.P50]
+    return f
+
+
+def fixtures() -> dict:
+    """File name -> model."""
+    return {
+        "window_32.onnx": tiny(32, features.FEATURES),
+        "features_reordered.onnx": tiny(feature_list=reordered()),
+        "features_missing.onnx": tiny(),
+    }
+
+
+def main(out: str = FIXTURES) -> None:
+    os.makedirs(out, exist_ok=True)
+    for name, model in fixtures().items():
+        path = os.path.join(out, name)
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        print(path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])
