@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use crate::FEATURES_KEY;
+
 /// Why the ONNX predictor could not be built or run.
 ///
 /// A missing library or model is reported here, at build of the predictor, never as a panic;
@@ -40,6 +42,16 @@ pub enum Error {
         /// What differs.
         reason: String,
     },
+    /// The model's metadata does not name, in order, the features the predictor feeds
+    /// ([`tower_degrade::predict::FEATURES`]), under the key [`FEATURES_KEY`](crate::FEATURES_KEY).
+    Features {
+        /// The model file.
+        path: PathBuf,
+        /// The features the predictor feeds, in input order.
+        expected: Vec<String>,
+        /// The features the model names, in order; `None` when it has no such metadata.
+        found: Option<Vec<String>>,
+    },
     /// An inference failed, or answered something other than probabilities.
     Inference(String),
     /// A recorder could not create or write its CSV files.
@@ -72,6 +84,30 @@ impl std::fmt::Display for Error {
                 "model {} does not fit the predictor contract (window [batch, 64, 8] f32 -> \
                  p_anomaly [batch, 1]): {reason}",
                 path.display()
+            ),
+            Self::Features {
+                path,
+                expected,
+                found: Some(found),
+            } => write!(
+                f,
+                "model {} was trained on features [{}] (its `{FEATURES_KEY}` metadata), but the \
+                 predictor feeds [{}]",
+                path.display(),
+                found.join(", "),
+                expected.join(", ")
+            ),
+            Self::Features {
+                path,
+                expected,
+                found: None,
+            } => write!(
+                f,
+                "model {} has no `{FEATURES_KEY}` metadata naming its input features; the \
+                 predictor feeds [{}]. A model trained on exactly these, in this order, can be \
+                 stamped with `python tower-degrade-ai/training/features.py MODEL.onnx`",
+                path.display(),
+                expected.join(", ")
             ),
             Self::Inference(reason) => write!(f, "inference failed: {reason}"),
             Self::Io { path, reason } => write!(f, "{}: {reason}", path.display()),

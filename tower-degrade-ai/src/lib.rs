@@ -6,7 +6,9 @@
 //! `p_anomaly [n_classes, 1]`) off the request path, within the loop's time budget; a class
 //! whose probability stays at or above the breaker's threshold (0.87) for the configured ticks
 //! is degraded early, with reason `predicted`. The features are
-//! [`tower_degrade::predict::FEATURES`].
+//! [`tower_degrade::predict::FEATURES`]; a model names the ones it was trained on, in order, in
+//! its ONNX metadata ([`FEATURES_KEY`]), and a model that names others, or none, is refused
+//! when it loads ([`Error::Features`]).
 //!
 //! [`Recorder`] writes the same features per tick to CSV, so traces of a running service under
 //! fault injection can be evaluated (`training/evaluate.py`) and trained on.
@@ -36,7 +38,8 @@ mod runtime;
 
 pub use error::Error;
 pub use onnx::{
-    BUNDLED_MODEL, Device, INPUT_NAME, OUTPUT_NAME, OnnxPredictor, OnnxPredictorBuilder,
+    BUNDLED_MODEL, Device, FEATURES_KEY, INPUT_NAME, OUTPUT_NAME, OnnxPredictor,
+    OnnxPredictorBuilder,
 };
 pub use recorder::{Fault, Recorder};
 pub use runtime::{ORT_DYLIB_PATH, loaded_library, locate_library};

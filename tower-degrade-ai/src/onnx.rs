@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use ort::session::Session;
 use ort::value::TensorRef;
 use tower_degrade::BoxError;
-use tower_degrade::predict::{N_FEATURES, Predictor, WINDOW};
+use tower_degrade::predict::{FEATURES, N_FEATURES, Predictor, WINDOW};
 
 use crate::{Error, runtime};
 
@@ -13,6 +13,13 @@ use crate::{Error, runtime};
 pub const INPUT_NAME: &str = "window";
 /// The output the model must give: `[batch, 1]` float32 probabilities.
 pub const OUTPUT_NAME: &str = "p_anomaly";
+/// The ONNX metadata key (`metadata_props`) under which a model names its input features: the
+/// names of [`FEATURES`] in input order, joined by commas (`rate_ratio,success_rate,...`;
+/// blanks around a name are ignored). The training pipeline writes it on export; a model
+/// without it, or naming other features or another order, is refused with
+/// [`Error::Features`]. `python training/features.py MODEL.onnx` stamps a model trained
+/// elsewhere on these features.
+pub const FEATURES_KEY: &str = "tower_degrade.features";
 
 /// Where inference runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,7 +70,9 @@ impl OnnxPredictorBuilder {
         self
     }
 
-    /// Loads the library (once per process) and the model, and checks the model's contract.
+    /// Loads the library (once per process) and the model, and checks the model's contract:
+    /// its input and output shapes ([`Error::Contract`]), then the features its metadata names
+    /// ([`FEATURES_KEY`], [`Error::Features`]).
     pub fn build(self) -> Result<OnnxPredictor, Error> {
         let path = self.model;
         if matches!(self.source, Source::File) && !path.is_file() {
@@ -85,6 +94,7 @@ impl OnnxPredictorBuilder {
         }
         .map_err(model_err)?;
         check_contract(&session, &path)?;
+        check_features(&session, &path)?;
         Ok(OnnxPredictor {
             session,
             path,
@@ -189,6 +199,28 @@ fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// The model's [`FEATURES_KEY`] metadata must name [`FEATURES`], in order.
+fn check_features(session: &Session, path: &Path) -> Result<(), Error> {
+    let metadata = session.metadata().map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        reason: format!("reading its metadata: {e}"),
+    })?;
+    let found = metadata.custom(FEATURES_KEY).map(|v| parse_features(&v));
+    if found.as_ref().is_some_and(|f| f.iter().eq(FEATURES.iter())) {
+        return Ok(());
+    }
+    Err(Error::Features {
+        path: path.to_path_buf(),
+        expected: FEATURES.iter().map(|&f| f.to_owned()).collect(),
+        found,
+    })
+}
+
+/// The names in a [`FEATURES_KEY`] value.
+fn parse_features(value: &str) -> Vec<String> {
+    value.split(',').map(|f| f.trim().to_owned()).collect()
 }
 
 /// A [`Predictor`] running an ONNX model: once per control tick, one batched inference over
@@ -301,5 +333,17 @@ impl OnnxPredictor {
 impl Predictor for OnnxPredictor {
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
         Ok(self.run(input, out)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_features_value_is_the_names_joined_by_commas() {
+        assert_eq!(parse_features(&FEATURES.join(",")), FEATURES);
+        assert_eq!(parse_features(&FEATURES.join(", ")), FEATURES);
+        assert_eq!(parse_features("a,,b"), ["a", "", "b"]);
     }
 }

@@ -1,5 +1,5 @@
-//! The ONNX predictor against a real ONNX Runtime: the bundled model, the contract checks, the
-//! errors, Rust against Python, and the predictor degrading a class before the threshold rule.
+//! The ONNX predictor against a real ONNX Runtime: the bundled model, the contract checks (shapes
+//! and the features named in the model's metadata), the errors, Rust against Python, and the predictor degrading a class before the threshold rule.
 //!
 //! These tests need ONNX Runtime's library (`pip install onnxruntime==1.31.1`). Without it they
 //! say so and pass, unless `TOWER_DEGRADE_AI_REQUIRE_ORT` is set (CI sets it), in which case
@@ -132,6 +132,58 @@ fn a_model_with_another_window_is_refused_with_the_shapes() {
         reason.contains("32") && reason.contains("[batch, 64, 8]"),
         "{err}"
     );
+}
+
+#[test]
+fn the_shipped_model_file_names_the_features_it_was_trained_on() {
+    if !runtime_present() {
+        return;
+    }
+    let p = OnnxPredictor::load(fixture("models/p_anomaly.onnx")).unwrap();
+    assert!(p.model_path().ends_with("models/p_anomaly.onnx"));
+}
+
+#[test]
+fn a_model_trained_on_the_features_in_another_order_is_refused_with_both_lists() {
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade::predict::FEATURES;
+    let path = fixture("tests/fixtures/features_reordered.onnx");
+    let err = OnnxPredictor::load(&path).unwrap_err();
+    // p50 and p99 swapped
+    let mut reordered = FEATURES.map(str::to_owned).to_vec();
+    reordered.swap(4, 5);
+    assert_eq!(
+        err,
+        Error::Features {
+            path,
+            expected: FEATURES.map(str::to_owned).to_vec(),
+            found: Some(reordered.clone()),
+        }
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&FEATURES.join(", ")), "{msg}");
+    assert!(msg.contains(&reordered.join(", ")), "{msg}");
+    assert!(msg.contains("features_reordered.onnx"), "{msg}");
+}
+
+#[test]
+fn a_model_without_the_features_metadata_is_refused_naming_the_key() {
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade::predict::FEATURES;
+    use tower_degrade_ai::FEATURES_KEY;
+    let err = OnnxPredictor::load(fixture("tests/fixtures/features_missing.onnx")).unwrap_err();
+    let Error::Features { found: None, .. } = &err else {
+        panic!("{err}")
+    };
+    let msg = err.to_string();
+    assert!(msg.contains(FEATURES_KEY), "{msg}");
+    assert!(msg.contains(&FEATURES.join(", ")), "{msg}");
+    assert!(msg.contains("features.py"), "{msg}");
+    assert!(msg.contains("features_missing.onnx"), "{msg}");
 }
 
 #[test]
