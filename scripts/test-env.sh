@@ -3,7 +3,8 @@
 # - `protoc`, for the gRPC example's code generation (Debian's `protobuf-compiler`);
 # - ONNX Runtime, for the predictor's tests: the CPU library inside the PyPI `onnxruntime`
 #   wheel, installed into a virtual environment under target/ (nothing is downloaded from
-#   outside PyPI). ort loads it at run time from `ORT_DYLIB_PATH`.
+#   outside PyPI). ort loads it at run time from `ORT_DYLIB_PATH`. The `onnx` package lets the
+#   training harness's tests check how models are stamped with their feature list.
 #
 # With both in place, the predictor's tests fail rather than skip if the library is missing.
 
@@ -33,7 +34,7 @@ if [ -z "${ORT_DYLIB_PATH:-}" ]; then
       fi
     fi
   fi
-  "$td_venv/bin/pip" install -q onnxruntime==1.31.1
+  "$td_venv/bin/pip" install -q onnxruntime==1.31.1 onnx==1.23.2
   ORT_DYLIB_PATH="$(ls "$td_venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)"
   export ORT_DYLIB_PATH
   # The harness's Python tests use the wheel's NumPy.

@@ -1,17 +1,22 @@
-//! The ONNX predictor against a real ONNX Runtime: the bundled model, the contract checks (shapes
-//! and the features named in the model's metadata), the errors, Rust against Python, and the predictor degrading a class before the threshold rule.
+//! The ONNX predictor against a real ONNX Runtime: the bundled model, the contract checks
+//! (shapes, and the features named in the model's metadata), the errors, Rust against Python,
+//! and the predictor degrading a class before the threshold rule.
 //!
-//! These tests need ONNX Runtime's library (`pip install onnxruntime==1.31.1`). Without it they
-//! say so and pass, unless `TOWER_DEGRADE_AI_REQUIRE_ORT` is set (CI sets it), in which case
-//! its absence fails them.
+//! These tests need ONNX Runtime's library, which `scripts/test` installs (the
+//! `onnxruntime==1.31.1` wheel). Without it they say so and pass, unless
+//! `TOWER_DEGRADE_AI_REQUIRE_ORT` is set (`scripts/test` and CI set it), in which case its
+//! absence fails them.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
-use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
+use tower_degrade::{ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 use tower_degrade_ai::{Error, OnnxPredictor};
+
+#[path = "../../../tower-degrade/tests/support.rs"]
+mod support;
 
 fn runtime_present() -> bool {
     match tower_degrade_ai::locate_library() {
@@ -206,16 +211,9 @@ fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
 /// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
 /// the class left Closed, and its state then.
 async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
-    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(service_fn(
-        |(ms, fail): (u64, bool)| async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            if fail {
-                Err::<(), BoxError>("db".into())
-            } else {
-                Ok(())
-            }
-        },
-    ));
+    let mut svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(support::slow_failing());
     for tick in 1..=healthy + 60 {
         let slow = 1.15f64.powi(tick.saturating_sub(healthy) as i32);
         for i in 0..20u64 {
