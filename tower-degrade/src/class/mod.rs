@@ -151,6 +151,14 @@ impl fmt::Display for Route {
     }
 }
 
+/// When a call its caller abandoned counts as a timeout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Abandon {
+    AfterSla,
+    After(Duration),
+    Never,
+}
+
 /// A task class: its name, tier, SLA, dependencies, timeout and fallback route.
 ///
 /// ```
@@ -172,6 +180,7 @@ pub struct ClassConfig {
     tolerance: LatencyTolerance,
     dependencies: Vec<String>,
     timeout: Option<Duration>,
+    abandon: Abandon,
     route: Route,
     tags: Vec<(String, String)>,
 }
@@ -187,6 +196,7 @@ impl ClassConfig {
             tolerance: LatencyTolerance::for_tier(tier),
             dependencies: Vec::new(),
             timeout: None,
+            abandon: Abandon::AfterSla,
             route: Route::Reject,
             tags: Vec::new(),
         }
@@ -228,6 +238,16 @@ impl ClassConfig {
     /// Fail calls that run longer than `timeout` (outcome `timeout`).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a call may run before its caller giving up on it (dropping the response
+    /// future) counts as a **timeout**; a call abandoned earlier is `cancelled`, which counts
+    /// neither way. The default is the class's SLA: callers that give up on calls slower than
+    /// the SLA are what overload looks like, and the breaker, the seed rule and the predictor
+    /// must see it. `None`: abandoned calls are always `cancelled`.
+    pub fn abandon_timeout(mut self, after: Option<Duration>) -> Self {
+        self.abandon = after.map_or(Abandon::Never, Abandon::After);
         self
     }
 
@@ -279,6 +299,16 @@ impl ClassConfig {
     /// The per-call timeout, if any.
     pub fn call_timeout(&self) -> Option<Duration> {
         self.timeout
+    }
+
+    /// How long a call may run before its caller abandoning it counts as a timeout (see
+    /// [`abandon_timeout`](Self::abandon_timeout)); `None` when it never does.
+    pub fn abandon_after(&self) -> Option<Duration> {
+        match self.abandon {
+            Abandon::AfterSla => Some(self.sla),
+            Abandon::After(d) => Some(d),
+            Abandon::Never => None,
+        }
     }
 
     /// The fallback route.

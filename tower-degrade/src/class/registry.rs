@@ -134,6 +134,12 @@ fn validate(class: &ClassConfig) -> Result<(), ConfigError> {
     if class.sla.is_zero() {
         return bad("sla", "must be greater than zero: every call would be slow");
     }
+    if class.abandon_after().is_some_and(|t| t.is_zero()) {
+        return bad(
+            "abandon_timeout",
+            "must be greater than zero: every abandoned call would be a timeout",
+        );
+    }
     if class.timeout.is_some_and(|t| t.is_zero()) {
         return bad(
             "timeout",

@@ -253,11 +253,13 @@ impl HttpClassifier {
 }
 
 #[cfg(feature = "axum")]
+#[inline]
 fn matched_path(ext: &http::Extensions) -> Option<&str> {
     ext.get::<axum::extract::MatchedPath>().map(|m| m.as_str())
 }
 
 #[cfg(not(feature = "axum"))]
+#[inline]
 fn matched_path(_ext: &http::Extensions) -> Option<&str> {
     None
 }

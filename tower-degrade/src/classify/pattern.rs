@@ -37,6 +37,7 @@ pub(super) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError
     Ok(segs.into())
 }
 
+#[inline]
 pub(super) fn matches(segments: &[Segment], path: &str) -> bool {
     // Byte-wise: `str::split` costs more than the whole rest of the data path.
     let mut rest = Some(path.strip_prefix('/').unwrap_or(path));

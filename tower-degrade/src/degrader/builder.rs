@@ -163,8 +163,16 @@ impl DegraderBuilder {
         let service: Arc<str> = Arc::from(self.service);
         let timer = Timer::new(self.clock);
         let shard_n = shard_count();
+        let abandon: Arc<[u64]> = registry
+            .iter()
+            .map(|(_, c)| {
+                c.abandon_after().map_or(u64::MAX, |d| {
+                    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+                })
+            })
+            .collect();
         let shards = (0..shard_n)
-            .map(|_| Arc::new(Shard::new(names.clone(), timer.clone())))
+            .map(|_| Arc::new(Shard::new(names.clone(), abandon.clone(), timer.clone())))
             .collect();
         let shared = Shared {
             status: ArcSwap::from_pointee(Status {

@@ -36,13 +36,16 @@ pub enum Outcome {
     Success,
     /// The inner service failed (an error, an HTTP 5xx, a failing gRPC status).
     Error,
-    /// The call exceeded its class timeout, or the inner service reported a deadline failure.
+    /// The call exceeded its class timeout, the inner service reported a deadline failure, or
+    /// the caller gave up on it after the class's abandon threshold (its SLA by default).
     Timeout,
     /// The call was not admitted and was answered with a degraded error or response.
     Rejected,
     /// The call was not admitted and was served by a fallback route.
     Degraded,
-    /// The caller dropped the call before it finished.
+    /// The caller dropped the call before it finished, and before the class's abandon threshold
+    /// (see [`ClassConfig::abandon_timeout`](crate::ClassConfig::abandon_timeout)); past it,
+    /// an abandoned call is a `Timeout`.
     Cancelled,
 }
 
@@ -77,6 +80,12 @@ impl Outcome {
     pub const fn is_completed(self) -> bool {
         matches!(self, Outcome::Success | Outcome::Error | Outcome::Timeout)
     }
+
+    /// Whether the call reached the inner service, so its latency is recorded: completed, or
+    /// abandoned by its caller (`cancelled`, at the time it was abandoned).
+    pub const fn has_latency(self) -> bool {
+        self.is_completed() || matches!(self, Outcome::Cancelled)
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +104,7 @@ mod tests {
             .map(|_| {
                 Arc::new(Shard::new(
                     names.clone(),
+                    vec![u64::MAX; names.len()].into(),
                     crate::clock::Timer::new(crate::clock::LatencyClock::Tokio),
                 ))
             })
@@ -138,7 +148,7 @@ mod tests {
                     shards[shard].record(class, o, Duration::from_micros(micros));
                     if class == 0 {
                         counts[o.index()] += 1;
-                        if o.is_completed() {
+                        if o.has_latency() {
                             lat.push(micros);
                         }
                     }

@@ -1,14 +1,14 @@
 //! The accounting of one admitted call.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{Outcome, Shard};
 use crate::gate::ProbePermit;
 
 /// The accounting of one admitted call: it holds the call's in-flight slot and records the
-/// outcome and latency when finished. Dropped unfinished (the call was cancelled), it records
-/// `cancelled`, frees the slot and gives back its half-open probe permit, if any.
+/// outcome and latency when finished. Dropped unfinished (the caller gave up), it records a
+/// `cancelled` call, or a `timeout` past the class's abandon threshold, frees the slot and
+/// gives back its half-open probe permit, if any.
 pub struct Recording {
     shard: Arc<Shard>,
     class: u16,
@@ -58,18 +58,22 @@ impl Recording {
     }
 }
 
-/// Dropped unfinished: the caller gave up on the call (`cancelled`), or the service panicked
-/// while the call was being made (`error`: a panic is a failure, wherever it is caught).
+/// Dropped unfinished: the caller gave up on the call, or the service panicked while the call
+/// was being made (`error`: a panic is a failure, wherever it is caught). A call its caller gave
+/// up on after the class's abandon threshold (its SLA by default) is a `timeout`: overload
+/// that makes callers give up is a failure the breaker must see. Before it, it is `cancelled`.
+/// Either way its latency so far is recorded, a lower bound of what the call would have taken.
 impl Drop for Recording {
     fn drop(&mut self) {
         if !self.done {
+            let class = usize::from(self.class);
+            let latency = self.shard.timer.elapsed(self.start);
             let outcome = if std::thread::panicking() {
                 Outcome::Error
             } else {
-                Outcome::Cancelled
+                self.shard.abandoned(class, latency)
             };
-            self.shard
-                .end(usize::from(self.class), outcome, Duration::ZERO);
+            self.shard.end(class, outcome, latency);
             if let Some(probe) = self.probe.take() {
                 probe.release(usize::from(self.class));
             }

@@ -35,6 +35,9 @@ impl ClassCounters {
 pub(crate) struct Shard {
     pub(super) classes: Box<[ClassCounters]>,
     names: std::sync::Arc<[std::sync::Arc<str>]>,
+    /// Per class, how long (µs) a call may run before its caller abandoning it counts as a
+    /// timeout (`u64::MAX`: never).
+    abandon_micros: std::sync::Arc<[u64]>,
     pub(crate) timer: crate::clock::Timer,
 }
 
@@ -49,12 +52,25 @@ impl std::fmt::Debug for Shard {
 impl Shard {
     pub(crate) fn new(
         names: std::sync::Arc<[std::sync::Arc<str>]>,
+        abandon_micros: std::sync::Arc<[u64]>,
         timer: crate::clock::Timer,
     ) -> Self {
         Self {
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
             names,
+            abandon_micros,
             timer,
+        }
+    }
+
+    /// How a call of `class` that its caller dropped after `latency` ended: a timeout once it
+    /// has run past the class's abandon threshold, a cancellation before.
+    pub(crate) fn abandoned(&self, class: usize, latency: Duration) -> Outcome {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        if micros > self.abandon_micros[class] {
+            Outcome::Timeout
+        } else {
+            Outcome::Cancelled
         }
     }
 
@@ -77,12 +93,13 @@ impl Shard {
         self.record(class, outcome, latency);
     }
 
-    /// Count an outcome; completed calls also record their latency.
+    /// Count an outcome; calls that reached the service (completed or abandoned) also record
+    /// their latency.
     #[inline]
     pub(crate) fn record(&self, class: usize, outcome: Outcome, latency: Duration) {
         let c = &self.classes[class];
         c.outcomes[outcome.index()].fetch_add(1, Relaxed);
-        if outcome.is_completed() {
+        if outcome.has_latency() {
             let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
             c.hist[histogram::bucket_of(micros)].fetch_add(1, Relaxed);
             if micros > c.max_micros.load(Relaxed) {

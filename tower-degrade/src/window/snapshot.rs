@@ -172,17 +172,20 @@ pub struct WindowSnapshot {
     pub rejected: u64,
     /// Calls served by a fallback route.
     pub degraded: u64,
-    /// Calls dropped by the caller before they finished.
+    /// Calls their caller dropped before they finished and before the class's abandon
+    /// threshold (later ones are `timeouts`).
     pub cancelled: u64,
-    /// Completed calls slower than the class SLA.
+    /// Calls that reached the service (completed or abandoned) slower than the class SLA.
     pub slow: u64,
-    /// Median latency of completed calls.
+    /// Median latency of the calls that reached the service; an abandoned call counts at the
+    /// time it was abandoned (a lower bound), so percentiles cannot look healthy while callers
+    /// give up.
     pub p50: Duration,
-    /// 90th percentile latency of completed calls.
+    /// 90th percentile latency, as `p50`.
     pub p90: Duration,
-    /// 99th percentile latency of completed calls.
+    /// 99th percentile latency, as `p50`.
     pub p99: Duration,
-    /// Largest latency of a completed call (exact).
+    /// Largest latency, as `p50` (exact).
     pub max: Duration,
     /// Calls in flight at the end of the window.
     pub inflight: i64,
@@ -241,9 +244,10 @@ impl WindowSnapshot {
         Self::ratio(self.timeouts, self.completed(), 0.0)
     }
 
-    /// Completed calls slower than the class SLA, over completed calls.
+    /// Calls slower than the class SLA over completed calls (abandoned slow calls are counted
+    /// as timeouts, so they are in both).
     pub fn slow_rate(&self) -> f64 {
-        Self::ratio(self.slow, self.completed(), 0.0)
+        Self::ratio(self.slow.min(self.completed()), self.completed(), 0.0)
     }
 
     /// Calls served (successes and fallback-served calls) over all requests; 1.0 when idle.

@@ -1,0 +1,124 @@
+//! Overload must be visible: a service with a fixed capacity under 3x load, its callers giving
+//! up, opens or degrades its class; callers that cancel early do not. Paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::breaker::State;
+use tower_degrade::{BoxError, ClassConfig, Degrader};
+
+#[path = "../support.rs"]
+mod support;
+
+/// `workers` workers, each call holding one for `work`: capacity `workers / work`. Calls wait
+/// for a worker inside the service, as they wait for a database connection.
+fn fixed_capacity(
+    workers: usize,
+    work: Duration,
+) -> impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let pool = Arc::new(Semaphore::new(workers));
+    service_fn(move |()| {
+        let pool = pool.clone();
+        async move {
+            let _worker = pool.acquire_owned().await?;
+            tokio::time::sleep(work).await;
+            Ok::<_, BoxError>(())
+        }
+    })
+}
+
+/// Open-loop load: `per_step` calls every 10 ms for `ticks` ticks of 500 ms, each abandoned by
+/// its caller after `patience`. Returns the class's state after each tick.
+async fn drive(
+    d: &Degrader,
+    svc: impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
+    per_step: usize,
+    patience: Duration,
+    ticks: usize,
+) -> Vec<State> {
+    let svc = d.layer(d.class_id("pay").unwrap()).layer(svc);
+    let mut states = Vec::new();
+    for step in 1..=ticks * 50 {
+        for _ in 0..per_step {
+            let call = svc.clone().oneshot(());
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(patience, call).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if step % 50 == 0 {
+            d.tick_now();
+            states.push(d.state("pay").unwrap());
+        }
+    }
+    states
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_times_the_capacity_with_callers_giving_up_leaves_closed_within_a_few_ticks() {
+    let d = support::degrader([ClassConfig::gold("pay")]);
+    // 16 workers x 10 ms: 1,600 calls/s. Offered: 48 calls every 10 ms, 4,800/s.
+    let states = drive(
+        &d,
+        fixed_capacity(16, Duration::from_millis(10)),
+        48,
+        Duration::from_secs(1),
+        8,
+    )
+    .await;
+    let left = states.iter().position(|s| *s != State::Closed);
+    assert!(
+        matches!(left, Some(t) if t < 5),
+        "the class must leave Closed within a few ticks of the overload: {states:?}"
+    );
+    let w = *d
+        .history("pay")
+        .unwrap()
+        .iter()
+        .find(|w| w.timeouts > 0)
+        .expect("timeouts recorded");
+    // At the time they were abandoned, within the histogram's 3.125 %.
+    assert!(
+        w.p99 >= Duration::from_millis(960),
+        "abandoned calls count in p99: {w:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_cancelling_before_the_sla_leave_a_healthy_class_closed() {
+    let d = support::degrader([ClassConfig::gold("pay")]);
+    // Ample capacity, 10 ms of work, but every caller gives up after 5 ms: well inside the
+    // 50 ms SLA, so these are cancellations, not failures.
+    let states = drive(
+        &d,
+        fixed_capacity(64, Duration::from_millis(10)),
+        8,
+        Duration::from_millis(5),
+        6,
+    )
+    .await;
+    assert!(states.iter().all(|s| *s == State::Closed), "{states:?}");
+    let w = *d.history("pay").unwrap().latest().unwrap();
+    assert_eq!((w.timeouts, w.successes), (0, 0));
+    assert!(w.cancelled > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_abandon_threshold_is_configurable_per_class() {
+    let d = support::degrader([ClassConfig::gold("pay").abandon_timeout(None)]);
+    let states = drive(
+        &d,
+        fixed_capacity(16, Duration::from_millis(10)),
+        48,
+        Duration::from_secs(1),
+        6,
+    )
+    .await;
+    assert!(
+        states.iter().all(|s| *s == State::Closed),
+        "abandoned calls are never failures: {states:?}"
+    );
+    assert!(d.history("pay").unwrap().iter().all(|w| w.timeouts == 0));
+}
