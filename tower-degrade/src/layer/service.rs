@@ -29,6 +29,9 @@ pub struct Degrade<S, C, P = Generic, F = NoFallback> {
     classifier: C,
     protocol: P,
     fallback: F,
+    /// When `poll_ready` first found the inner service not ready, for the call that follows:
+    /// its queueing delay, and the start of its latency.
+    waiting_since: Option<u64>,
 }
 
 impl<S, C, P, F> Degrade<S, C, P, F> {
@@ -45,6 +48,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             classifier,
             protocol,
             fallback,
+            waiting_since: None,
         }
     }
 
@@ -77,9 +81,15 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner
-            .poll_ready(cx)
-            .map_err(|e| self.protocol.on_ready_error(e))
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| self.protocol.on_ready_error(e))),
+            Poll::Pending => {
+                if self.waiting_since.is_none() {
+                    self.waiting_since = Some(self.shared.shards[0].timer.start());
+                }
+                Poll::Pending
+            }
+        }
     }
 
     #[inline]
@@ -110,7 +120,13 @@ where
             }
         }
         let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
-        let recording = Recording::start(shard, idx as u16, probe);
+        let recording = match self.waiting_since.take() {
+            None => Recording::start(shard, idx as u16, probe),
+            Some(since) => Recording::after_wait(shard, idx as u16, probe, since),
+        };
+        if let Some(by) = delay {
+            recording.queued(by);
+        }
         let fut = self.inner.call(req);
         ResponseFuture::called(fut, recording, gate.timeout, delay, self.protocol.clone())
     }

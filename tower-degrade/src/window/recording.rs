@@ -39,6 +39,26 @@ impl Recording {
         }
     }
 
+    /// A call that waited for the inner service to become ready since `since` (a stamp of the
+    /// shard's timer): the wait is its queueing delay and part of its latency.
+    #[cold]
+    pub(crate) fn after_wait(
+        shard: Arc<Shard>,
+        class: u16,
+        probe: Option<ProbePermit>,
+        since: u64,
+    ) -> Self {
+        let mut rec = Self::start(shard, class, probe);
+        rec.queued(rec.shard.timer.elapsed(since));
+        rec.start = since;
+        rec
+    }
+
+    /// Count `wait` as this call's queueing delay.
+    pub(crate) fn queued(&self, wait: std::time::Duration) {
+        self.shard.queued(usize::from(self.class), wait);
+    }
+
     /// Time the call from now (after a policy's delay, so the delay is not its latency).
     pub(crate) fn restart(&mut self) {
         self.start = self.shard.timer.start();

@@ -14,6 +14,10 @@ pub(crate) struct ClassCounters {
     /// Wrapping: incremented on one shard, possibly decremented on another.
     pub(super) inflight: AtomicU64,
     pub(super) max_micros: AtomicU64,
+    /// Calls that queued before they ran (for readiness or a policy's delay), and the sum of
+    /// their waits in µs.
+    pub(super) queued: AtomicU64,
+    pub(super) queued_micros: AtomicU64,
     pub(super) hist: [AtomicU32; BUCKETS],
 }
 
@@ -23,6 +27,8 @@ impl ClassCounters {
             outcomes: Default::default(),
             inflight: AtomicU64::new(0),
             max_micros: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queued_micros: AtomicU64::new(0),
             hist: [const { AtomicU32::new(0) }; BUCKETS],
         }
     }
@@ -77,6 +83,15 @@ impl Shard {
     /// The name of `class` (cold paths only: it clones an `Arc`).
     pub(crate) fn name(&self, class: usize) -> std::sync::Arc<str> {
         self.names[class].clone()
+    }
+
+    /// A call of `class` queued for `wait` before it ran (cold: only calls that waited).
+    #[cold]
+    pub(crate) fn queued(&self, class: usize, wait: Duration) {
+        let c = &self.classes[class];
+        c.queued.fetch_add(1, Relaxed);
+        c.queued_micros
+            .fetch_add(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// A call of `class` started.

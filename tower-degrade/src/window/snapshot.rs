@@ -11,6 +11,8 @@ use super::{Outcome, Shard};
 pub(crate) struct Cumulative {
     outcomes: [u64; 6],
     inflight: u64,
+    queued: u64,
+    queued_micros: u64,
     hist: Box<[u32; BUCKETS]>,
 }
 
@@ -27,6 +29,8 @@ impl Default for Cumulative {
         Self {
             outcomes: [0; 6],
             inflight: 0,
+            queued: 0,
+            queued_micros: 0,
             hist: Box::new([0; BUCKETS]),
         }
     }
@@ -77,6 +81,8 @@ impl WindowReader {
         let cur = &mut self.cur;
         cur.outcomes = [0; 6];
         cur.inflight = 0;
+        cur.queued = 0;
+        cur.queued_micros = 0;
         cur.hist.fill(0);
         let mut max_micros = 0u64;
         for shard in shards {
@@ -85,6 +91,10 @@ impl WindowReader {
                 *sum = sum.wrapping_add(counter.load(Relaxed));
             }
             cur.inflight = cur.inflight.wrapping_add(c.inflight.load(Relaxed));
+            cur.queued = cur.queued.wrapping_add(c.queued.load(Relaxed));
+            cur.queued_micros = cur
+                .queued_micros
+                .wrapping_add(c.queued_micros.load(Relaxed));
             // The max is the only value reset by the reader; `swap` loses nothing.
             if c.max_micros.load(Relaxed) != 0 {
                 max_micros = max_micros.max(c.max_micros.swap(0, Relaxed));
@@ -110,6 +120,9 @@ impl WindowReader {
             *d = c.wrapping_sub(*p);
             latency_samples += u64::from(*d);
         }
+        let queued = cur.queued.wrapping_sub(self.prev.queued);
+        let queued_micros = cur.queued_micros.wrapping_sub(self.prev.queued_micros);
+        let measured_delay = queued_micros.checked_div(queued).unwrap_or(0);
         std::mem::swap(&mut self.prev, &mut self.cur);
         let hist = &*self.delta_hist;
         let slow = if ctx.sla_micros == 0 {
@@ -133,7 +146,7 @@ impl WindowReader {
             max: micros(max_micros),
             inflight: self.prev.inflight as i64,
             queue_depth: gauges.queue_depth.load(Relaxed),
-            queue_delay: micros(gauges.queue_delay_micros.load(Relaxed)),
+            queue_delay: micros(measured_delay.max(gauges.queue_delay_micros.load(Relaxed))),
         }
     }
 
@@ -189,9 +202,14 @@ pub struct WindowSnapshot {
     pub max: Duration,
     /// Calls in flight at the end of the window.
     pub inflight: i64,
-    /// Queue depth last reported for the class.
+    /// Queue depth last reported for the class
+    /// ([`Degrader::report_queue`](crate::Degrader::report_queue)).
     pub queue_depth: u64,
-    /// Queueing delay last reported for the class.
+    /// Queueing delay: the mean wait of this window's calls that queued before they ran (for
+    /// the inner service to become ready, or for a policy's `delay`), or the delay last
+    /// reported with [`Degrader::report_queue`](crate::Degrader::report_queue), whichever is
+    /// larger. A wait for readiness is also part of the call's latency (the caller waited);
+    /// a policy's delay is not (the class chose it).
     pub queue_delay: Duration,
 }
 

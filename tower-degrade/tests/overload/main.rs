@@ -122,3 +122,31 @@ async fn the_abandon_threshold_is_configurable_per_class() {
     );
     assert!(d.history("pay").unwrap().iter().all(|w| w.timeouts == 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_readiness_is_queueing_delay_and_part_of_the_latency() {
+    use tower::limit::ConcurrencyLimitLayer;
+
+    let d = support::degrader([ClassConfig::silver("stock")]);
+    // One call at a time, 100 ms each: the second caller waits for readiness.
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(ConcurrencyLimitLayer::new(1).layer(support::failing_after(100)));
+    let first = tokio::spawn(svc.clone().oneshot(false));
+    tokio::task::yield_now().await;
+    let second = tokio::spawn(svc.oneshot(false));
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    d.tick_now();
+    let w = *d.history("stock").unwrap().latest().unwrap();
+    assert_eq!(w.successes, 2);
+    // Only the second call queued: 100 ms, and its latency includes the wait.
+    assert_eq!(w.queue_delay, Duration::from_millis(100));
+    assert_eq!(w.max, Duration::from_millis(200));
+    // The next window saw no queueing.
+    d.tick_now();
+    assert_eq!(
+        d.history("stock").unwrap().latest().unwrap().queue_delay,
+        Duration::ZERO
+    );
+}

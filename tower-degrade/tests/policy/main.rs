@@ -1036,11 +1036,12 @@ async fn delay_holds_calls_and_the_timeout_starts_after_it() {
     assert_eq!(t1.elapsed(), Duration::from_millis(300));
     d.tick_now();
     let w = *d.history("log").unwrap().latest().unwrap();
-    // Latency is the service's, not the policy's delay.
+    // Latency is the service's, not the policy's delay; the delay is the class's queueing delay.
     assert_eq!(
         (w.successes, w.timeouts, w.max),
         (1, 1, Duration::from_millis(100))
     );
+    assert_eq!(w.queue_delay, Duration::from_millis(200));
     // Other classes are not held.
     let t2 = Instant::now();
     svc("pay").oneshot(0).await.unwrap();
