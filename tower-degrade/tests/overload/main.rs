@@ -56,18 +56,17 @@ async fn drive(
     states
 }
 
+/// 3x overload for `ticks` ticks: 16 workers x 10 ms serve 1,600 calls/s; offered 48 calls
+/// every 10 ms (4,800/s), each caller giving up after 1 s.
+async fn three_times_the_capacity(d: &Degrader, ticks: usize) -> Vec<State> {
+    let capacity = fixed_capacity(16, Duration::from_millis(10));
+    drive(d, capacity, 48, Duration::from_secs(1), ticks).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn three_times_the_capacity_with_callers_giving_up_leaves_closed_within_a_few_ticks() {
     let d = support::degrader([ClassConfig::gold("pay")]);
-    // 16 workers x 10 ms: 1,600 calls/s. Offered: 48 calls every 10 ms, 4,800/s.
-    let states = drive(
-        &d,
-        fixed_capacity(16, Duration::from_millis(10)),
-        48,
-        Duration::from_secs(1),
-        8,
-    )
-    .await;
+    let states = three_times_the_capacity(&d, 8).await;
     let left = states.iter().position(|s| *s != State::Closed);
     assert!(
         matches!(left, Some(t) if t < 5),
@@ -108,14 +107,7 @@ async fn callers_cancelling_before_the_sla_leave_a_healthy_class_closed() {
 #[tokio::test(start_paused = true)]
 async fn the_abandon_threshold_is_configurable_per_class() {
     let d = support::degrader([ClassConfig::gold("pay").abandon_timeout(None)]);
-    let states = drive(
-        &d,
-        fixed_capacity(16, Duration::from_millis(10)),
-        48,
-        Duration::from_secs(1),
-        6,
-    )
-    .await;
+    let states = three_times_the_capacity(&d, 6).await;
     assert!(
         states.iter().all(|s| *s == State::Closed),
         "abandoned calls are never failures: {states:?}"
