@@ -135,11 +135,16 @@ where
                         None => sleep.set(None),
                     }
                 }
-                // A panic in the inner future unwinds through here: it counts as a failure
-                // whatever catches it (a `CatchPanicLayer` outside this layer, or the runtime).
-                let guard = FailOnPanic(Some(&mut *this.recording));
+                // A panic in the inner future unwinds through here and leaves the recording
+                // marked as polling: dropped later, wherever the panic was caught, it counts the
+                // call as a failure.
+                if let Some(rec) = this.recording.as_mut() {
+                    rec.polling = true;
+                }
                 let polled = fut.poll(cx);
-                guard.defuse();
+                if let Some(rec) = this.recording.as_mut() {
+                    rec.polling = false;
+                }
                 if let Poll::Ready(result) = polled {
                     let rec = this.recording.take().expect("polled after completion");
                     return Poll::Ready(this.protocol.on_response(result, rec));
@@ -162,26 +167,6 @@ where
                 let d = degraded.take().expect("polled after completion");
                 Poll::Ready(this.protocol.on_degraded(d))
             }
-        }
-    }
-}
-
-/// Finishes the recording as a failure if dropped while armed: only when the inner future
-/// panicked, since the normal path disarms it.
-struct FailOnPanic<'a>(Option<&'a mut Option<Recording>>);
-
-impl FailOnPanic<'_> {
-    #[inline]
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for FailOnPanic<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(rec) = self.0.take().and_then(Option::take) {
-            rec.finish(Outcome::Error);
         }
     }
 }

@@ -106,6 +106,10 @@ where
             let admitted = match d.kind() {
                 KIND_ADMIT => {
                     delay = d.delay();
+                    if let Some(by) = delay {
+                        // A policy's delay: queueing the class chose, not latency.
+                        self.shared.shards[shard_index(self.shared.shard_mask)].queued(idx, by);
+                    }
                     true
                 }
                 KIND_FRACTION => gate.admits_fraction(d.threshold()),
@@ -124,9 +128,6 @@ where
             None => Recording::start(shard, idx as u16, probe),
             Some(since) => Recording::after_wait(shard, idx as u16, probe, since),
         };
-        if let Some(by) = delay {
-            recording.queued(by);
-        }
         let fut = self.inner.call(req);
         ResponseFuture::called(fut, recording, gate.timeout, delay, self.protocol.clone())
     }

@@ -15,6 +15,9 @@ pub struct Recording {
     start: u64,
     probe: Option<ProbePermit>,
     done: bool,
+    /// Set while the inner future is being polled: still set when the recording is dropped,
+    /// the poll panicked.
+    pub(crate) polling: bool,
 }
 
 impl std::fmt::Debug for Recording {
@@ -36,6 +39,7 @@ impl Recording {
             class,
             probe,
             done: false,
+            polling: false,
         }
     }
 
@@ -88,7 +92,7 @@ impl Drop for Recording {
         if !self.done {
             let class = usize::from(self.class);
             let latency = self.shard.timer.elapsed(self.start);
-            let outcome = if std::thread::panicking() {
+            let outcome = if self.polling || std::thread::panicking() {
                 Outcome::Error
             } else {
                 self.shard.abandoned(class, latency)
