@@ -22,7 +22,7 @@ use crate::window::{Outcome, Recording, shard_index};
 /// `poll_ready` only passes the inner service's readiness through: calls that are not admitted
 /// are answered from `call` (a ready degraded error or response, or the fallback), never by an
 /// `Err` from `poll_ready`, so `Buffer`-based stacks are not torn down.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Degrade<S, C, P = Generic, F = NoFallback> {
     inner: S,
     shared: Arc<Shared>,
@@ -32,6 +32,19 @@ pub struct Degrade<S, C, P = Generic, F = NoFallback> {
     /// When `poll_ready` first found the inner service not ready, for the call that follows:
     /// its queueing delay, and the start of its latency.
     waiting_since: Option<u64>,
+}
+
+/// A clone has not waited for anything: the wait being timed belongs to the original.
+impl<S: Clone, C: Clone, P: Clone, F: Clone> Clone for Degrade<S, C, P, F> {
+    fn clone(&self) -> Self {
+        Self::new(
+            self.inner.clone(),
+            self.shared.clone(),
+            self.classifier.clone(),
+            self.protocol.clone(),
+            self.fallback.clone(),
+        )
+    }
 }
 
 impl<S, C, P, F> Degrade<S, C, P, F> {

@@ -142,3 +142,29 @@ async fn waiting_for_readiness_is_queueing_delay_and_part_of_the_latency() {
         Duration::ZERO
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_clone_does_not_inherit_the_originals_wait() {
+    use std::task::{Context, Poll, Waker};
+    use tower::limit::ConcurrencyLimitLayer;
+
+    let d = support::degrader([ClassConfig::silver("stock")]);
+    let mut svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(ConcurrencyLimitLayer::new(1).layer(support::failing_after(100)));
+    let busy = tokio::spawn(svc.clone().oneshot(false));
+    tokio::task::yield_now().await;
+    // The original starts waiting for readiness; a clone taken now has not waited.
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    let clone = svc.clone();
+    // The original gives up its place in the queue (it would take the next permit).
+    drop(svc);
+    busy.await.unwrap().unwrap();
+    clone.oneshot(false).await.unwrap();
+    d.tick_now();
+    assert_eq!(
+        d.history("stock").unwrap().latest().unwrap().queue_delay,
+        Duration::ZERO
+    );
+}
