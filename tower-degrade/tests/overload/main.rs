@@ -145,7 +145,7 @@ async fn waiting_for_readiness_is_queueing_delay_and_part_of_the_latency() {
 
 #[tokio::test(start_paused = true)]
 async fn a_clone_does_not_inherit_the_originals_wait() {
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
     use tower::limit::ConcurrencyLimitLayer;
 
     let d = support::degrader([ClassConfig::silver("stock")]);
