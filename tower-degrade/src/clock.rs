@@ -46,6 +46,15 @@ impl Timer {
         }
     }
 
+    /// Time from stamp `a` to the later stamp `b`.
+    #[inline]
+    pub(crate) fn delta(&self, a: u64, b: u64) -> Duration {
+        Duration::from_nanos(match self {
+            Timer::Tsc(c) => c.delta_as_nanos(a, b),
+            Timer::Tokio(_) => b.saturating_sub(a),
+        })
+    }
+
     /// Time since `start`.
     #[inline]
     pub(crate) fn elapsed(&self, start: u64) -> Duration {

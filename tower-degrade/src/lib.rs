@@ -107,6 +107,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 // Leaves: they name nothing above them.
+pub mod admit;
 pub mod class;
 pub mod classify;
 pub mod clock;

@@ -16,10 +16,17 @@
 //! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_alerts_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_shadow_decisions_total` | counter (`rhai`) | service, class, policy, action |
+//! | `degrade_queue_delay_seconds` | gauge | service, class, tier |
+//! | `degrade_admission_limit` | gauge (with [admission](crate::admit)) | service, limiter |
+//! | `degrade_admission_inflight` | gauge (with admission) | service, limiter |
+//! | `degrade_admission_waiting` | gauge (with admission) | service, limiter |
+//! | `degrade_priority_header_invalid_total` | counter | header |
 //!
 //! Every name is defined once, here, with its description (the Prometheus `HELP` text,
 //! registered on the first tick). Label values come from configuration only (class names,
-//! tiers, fixed enums), so cardinality is bounded whatever clients send. Handles are registered
+//! tiers, fixed enums), so cardinality is bounded whatever clients send. The one exception to
+//! "never per request" is `degrade_priority_header_invalid_total`, counted by the classifier
+//! when a waiting call carries a propagated priority that is not a tier. Handles are registered
 //! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
 //!
 //! # Latency buckets
@@ -84,6 +91,17 @@ pub const POLICY_ALERTS: &str = "degrade_policy_alerts_total";
 /// Decisions of shadow-mode policies, by `policy`, `class` and `action`.
 pub const POLICY_SHADOW_DECISIONS: &str = "degrade_policy_shadow_decisions_total";
 
+/// The queueing delay the layer measured for the class (readiness, policy delays, admission).
+pub const QUEUE_DELAY: &str = "degrade_queue_delay_seconds";
+/// The admission limiter's concurrency limit.
+pub const ADMISSION_LIMIT: &str = "degrade_admission_limit";
+/// Calls holding an admission permit.
+pub const ADMISSION_INFLIGHT: &str = "degrade_admission_inflight";
+/// Calls waiting for an admission permit.
+pub const ADMISSION_WAITING: &str = "degrade_admission_waiting";
+/// Propagated priority headers that were not a tier.
+pub const PRIORITY_INVALID: &str = "degrade_priority_header_invalid_total";
+
 /// Register every metric's description and unit with the installed recorder.
 pub(crate) fn describe() {
     describe_counter!(
@@ -146,6 +164,72 @@ pub(crate) fn describe() {
         Unit::Count,
         "Decisions of shadow-mode policies (recorded, not enforced)."
     );
+    describe_gauge!(
+        QUEUE_DELAY,
+        Unit::Seconds,
+        "Mean time the class's calls waited before they ran (readiness, policy delay, admission)."
+    );
+    describe_gauge!(
+        ADMISSION_LIMIT,
+        Unit::Count,
+        "The adaptive concurrency limit of the admission limiter."
+    );
+    describe_gauge!(
+        ADMISSION_INFLIGHT,
+        Unit::Count,
+        "Calls holding a permit of the admission limiter."
+    );
+    describe_gauge!(
+        ADMISSION_WAITING,
+        Unit::Count,
+        "Calls waiting for a permit of the admission limiter."
+    );
+    describe_counter!(
+        PRIORITY_INVALID,
+        Unit::Count,
+        "Propagated priority headers whose value was not gold, silver or bronze (ignored)."
+    );
+}
+
+/// Count a propagated priority header that was not a tier (cold: only waiting calls).
+#[cold]
+pub(crate) fn priority_header_invalid(header: &str) {
+    counter!(PRIORITY_INVALID, "header" => header.to_owned()).increment(1);
+}
+
+/// The gauges of one admission limiter.
+pub(crate) struct LimiterMetrics {
+    limit: Gauge,
+    inflight: Gauge,
+    waiting: Gauge,
+}
+
+impl std::fmt::Debug for LimiterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimiterMetrics").finish_non_exhaustive()
+    }
+}
+
+impl LimiterMetrics {
+    pub(crate) fn new(service: &str, limiter: &str) -> Self {
+        let l = || {
+            vec![
+                Label::new("service", service.to_owned()),
+                Label::new("limiter", limiter.to_owned()),
+            ]
+        };
+        Self {
+            limit: gauge!(ADMISSION_LIMIT, l()),
+            inflight: gauge!(ADMISSION_INFLIGHT, l()),
+            waiting: gauge!(ADMISSION_WAITING, l()),
+        }
+    }
+
+    pub(crate) fn record(&self, s: &crate::admit::LimiterState) {
+        self.limit.set(f64::from(s.limit));
+        self.inflight.set(f64::from(s.inflight));
+        self.waiting.set(f64::from(s.waiting));
+    }
 }
 
 /// Histogram buckets (seconds) for [`LATENCY`], from the classes' SLAs: for each SLA, a
@@ -179,6 +263,7 @@ pub(crate) struct ClassMetrics {
     latency: Histogram,
     inflight: Gauge,
     queue_depth: Gauge,
+    queue_delay: Gauge,
     state: Gauge,
     prediction: Option<Gauge>,
 }
@@ -205,6 +290,7 @@ impl ClassMetrics {
             latency: histogram!(LATENCY, base.clone()),
             inflight: gauge!(INFLIGHT, base.clone()),
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
+            queue_delay: gauge!(QUEUE_DELAY, base.clone()),
             state: gauge!(BREAKER_STATE, base.clone()),
             prediction: predicted.then(|| gauge!(PREDICTION, base)),
         }
@@ -235,6 +321,7 @@ impl ClassMetrics {
         }
         self.inflight.set(w.inflight as f64);
         self.queue_depth.set(w.queue_depth as f64);
+        self.queue_delay.set(w.queue_delay.as_secs_f64());
         self.state.set(state.as_gauge());
         if let (Some(g), Some(p)) = (&self.prediction, prediction) {
             g.set(p);

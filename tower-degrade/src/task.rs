@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use tower::util::{BoxCloneSyncService, Oneshot};
 
-use crate::layer::ResponseFuture;
+use crate::layer::{Queued, ResponseFuture};
 use crate::protocol::Generic;
 use tower::{Layer, Service, ServiceExt};
 
@@ -158,7 +158,7 @@ where
     ///
     /// The returned future is `Send` whenever the handler's future, the task and the result
     /// are, so it can be handed to `tokio::spawn`.
-    pub fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Run<T, R, Fut>
+    pub fn run<H, Fut, E>(&self, class: &str, task: T, handler: H) -> Run<T, R, Fut, H>
     where
         H: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -217,7 +217,7 @@ where
     }
 
     /// Run `task` through the degrader, as [`Tasks::run`] does.
-    pub fn run<H, Fut, E>(&self, task: T, handler: H) -> Run<T, R, Fut>
+    pub fn run<H, Fut, E>(&self, task: T, handler: H) -> Run<T, R, Fut, H>
     where
         H: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -243,24 +243,28 @@ where
     }
 }
 
-type TaskFuture<T, R, Fut> =
-    ResponseFuture<HandlerFuture<Fut>, Oneshot<FallbackSvc<T, R>, T>, Generic>;
+type TaskFuture<T, R, Fut, H> = ResponseFuture<
+    HandlerFuture<Fut>,
+    Oneshot<FallbackSvc<T, R>, T>,
+    Generic,
+    Queued<Handler<H>, T, TaskFallback<T, R>>,
+>;
 
 pin_project_lite::pin_project! {
     /// The future of [`Tasks::run`]: the task's result, or why it was not run. `Send` when the
     /// handler's future, the task and the result are.
-    pub struct Run<T, R, Fut> {
+    pub struct Run<T, R, Fut, H> {
         #[pin]
-        state: RunState<T, R, Fut>,
+        state: RunState<T, R, Fut, H>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = RunProj]
-    enum RunState<T, R, Fut> {
+    enum RunState<T, R, Fut, H> {
         Running {
             #[pin]
-            fut: TaskFuture<T, R, Fut>,
+            fut: TaskFuture<T, R, Fut, H>,
         },
         Failed {
             error: Option<BoxError>,
@@ -268,14 +272,15 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<T, R, Fut> std::fmt::Debug for Run<T, R, Fut> {
+impl<T, R, Fut, H> std::fmt::Debug for Run<T, R, Fut, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Run").finish_non_exhaustive()
     }
 }
 
-impl<T, R, Fut, E> Future for Run<T, R, Fut>
+impl<T, R, Fut, H, E> Future for Run<T, R, Fut, H>
 where
+    H: FnOnce(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
 {
@@ -293,6 +298,15 @@ where
 
 /// A one-shot service around the task handler.
 struct Handler<H>(Option<H>);
+
+/// A clone is spent: [`Degrade`](crate::Degrade) clones its inner service only to leave the
+/// clone behind when a call waiting for admission takes the original (see its docs), and the
+/// task's service is dropped after its one call.
+impl<H> Clone for Handler<H> {
+    fn clone(&self) -> Self {
+        Self(None)
+    }
+}
 
 impl<H, T, Fut, R, E> Service<T> for Handler<H>
 where

@@ -47,7 +47,18 @@ impl Tier {
         }
     }
 
-    /// The tier's burst tolerance (seed 3.1): 2.0 / 1.5 / 1.2.
+    /// The tier's maximum queueing delay under admission (seed 3.1): 50 / 200 / 1000 ms.
+    pub const fn max_queue_delay(self) -> Duration {
+        match self {
+            Tier::Gold => Duration::from_millis(50),
+            Tier::Silver => Duration::from_millis(200),
+            Tier::Bronze => Duration::from_millis(1000),
+        }
+    }
+
+    /// The tier's burst tolerance (seed 3.1): 2.0 / 1.5 / 1.2. Under
+    /// [admission](crate::admit), a tier may queue `(tolerance - 1) x limit` calls beyond the
+    /// concurrency limit.
     pub const fn burst_tolerance(self) -> f64 {
         match self {
             Tier::Gold => 2.0,
@@ -182,6 +193,7 @@ pub struct ClassConfig {
     timeout: Option<Duration>,
     abandon: Abandon,
     route: Route,
+    queue_delay: Duration,
     tags: Vec<(String, String)>,
 }
 
@@ -198,6 +210,7 @@ impl ClassConfig {
             timeout: None,
             abandon: Abandon::AfterSla,
             route: Route::Reject,
+            queue_delay: tier.max_queue_delay(),
             tags: Vec::new(),
         }
     }
@@ -221,6 +234,19 @@ impl ClassConfig {
     pub fn sla(mut self, sla: Duration) -> Self {
         self.sla = sla;
         self
+    }
+
+    /// How long a call of this class may wait for an [admission](crate::admit) permit before
+    /// it is answered as not admitted (reason `overload`) instead of served late. Default: the
+    /// tier's [`max_queue_delay`](Tier::max_queue_delay).
+    pub fn max_queue_delay(mut self, bound: Duration) -> Self {
+        self.queue_delay = bound;
+        self
+    }
+
+    /// The longest a call of this class waits for an admission permit.
+    pub fn queue_delay_bound(&self) -> Duration {
+        self.queue_delay
     }
 
     /// Set the latency tolerance.

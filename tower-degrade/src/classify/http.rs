@@ -8,7 +8,8 @@ use http::{HeaderName, Method, Request};
 use super::pattern::{Segment, matches, parse_pattern};
 use super::view::parse_start;
 use super::{ClassifyRequest, RequestView};
-use crate::class::{ClassId, Registry};
+use crate::admit::AdmissionKey;
+use crate::class::{ClassId, Registry, Tier};
 use crate::error::ConfigError;
 
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ struct Rules {
     key_header: Option<HeaderName>,
     group_header: Option<HeaderName>,
     start_header: Option<HeaderName>,
+    user_header: Option<HeaderName>,
+    upstream: Option<(HeaderName, Tier)>,
     registry: Registry,
     default: ClassId,
 }
@@ -95,6 +98,8 @@ impl HttpClassifier {
                 key_header: None,
                 group_header: None,
                 start_header: None,
+                user_header: None,
+                upstream: None,
                 registry: registry.clone(),
                 default: ClassId::DEFAULT,
             },
@@ -180,6 +185,26 @@ impl HttpClassifierBuilder {
     /// The header holding the rollout group (e.g. `x-group`) for group rollouts.
     pub fn group_header(mut self, header: &str) -> Result<Self, ConfigError> {
         self.rules.group_header = Some(header_name("http.group_header", header)?);
+        Ok(self)
+    }
+
+    /// The header holding the user key for [admission](crate::admit) (e.g. `x-user-id`): when
+    /// a tier's queue is full, calls leave it by a stable hash of this key, so one user's
+    /// session is admitted or shed consistently (DAGOR). Without it the
+    /// [`request_key`](Self::request_key) header is used; a request with neither is in the
+    /// [default bucket](crate::admit::DEFAULT_USER_BUCKET).
+    pub fn user_key(mut self, header: &str) -> Result<Self, ConfigError> {
+        self.rules.user_header = Some(header_name("http.user_key", header)?);
+        Ok(self)
+    }
+
+    /// Honour an upstream's priority in this header (as written by
+    /// [`PropagatePriorityLayer`](crate::admit::PropagatePriorityLayer), e.g.
+    /// `x-degrade-priority: gold`) for admission, raising a call's tier up to `cap` and never
+    /// above, so a client cannot promote itself past what you allow. Values other than `gold`,
+    /// `silver` or `bronze` are ignored and counted in `degrade_priority_header_invalid_total`.
+    pub fn upstream_priority(mut self, header: &str, cap: Tier) -> Result<Self, ConfigError> {
+        self.rules.upstream = Some((header_name("http.upstream_priority", header)?, cap));
         Ok(self)
     }
 
@@ -273,6 +298,25 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
             req.headers(),
             req.extensions(),
         )
+    }
+
+    fn admission_key(&self, req: &Request<B>) -> AdmissionKey {
+        let r = &*self.rules;
+        let mut key = AdmissionKey::none();
+        if let Some((name, cap)) = &r.upstream {
+            if let Some(v) = req.headers().get(name) {
+                match crate::admit::parse_tier(v.as_bytes()) {
+                    // Capped: a tier above `cap` counts as `cap`.
+                    Some(t) => key = key.with_tier(Some(t.max(*cap))),
+                    None => crate::metrics::priority_header_invalid(name.as_str()),
+                }
+            }
+        }
+        let user = r.user_header.as_ref().or(r.key_header.as_ref());
+        if let Some(v) = user.and_then(|n| req.headers().get(n)) {
+            key = key.with_user(v.as_bytes());
+        }
+        key
     }
 
     fn describe<'a>(&self, req: &'a Request<B>) -> RequestView<'a> {

@@ -10,6 +10,7 @@ mod view;
 
 pub use self::http::{HttpClassifier, HttpClassifierBuilder};
 pub use self::view::RequestView;
+use crate::admit::AdmissionKey;
 use crate::class::ClassId;
 
 /// Decides the class of a request.
@@ -41,6 +42,13 @@ pub trait ClassifyRequest<Req> {
     /// that have such rules; the default sees nothing.
     fn describe<'a>(&self, _req: &'a Req) -> RequestView<'a> {
         RequestView::default()
+    }
+
+    /// What [admission](crate::admit) may know of `req` besides its class: an upstream's
+    /// priority and the user key. Only called for calls that have to wait for a permit; the
+    /// default knows nothing (the class's tier, the default user bucket).
+    fn admission_key(&self, _req: &Req) -> AdmissionKey {
+        AdmissionKey::none()
     }
 }
 

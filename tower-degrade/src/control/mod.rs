@@ -23,7 +23,9 @@ use crate::breaker::{State, Transition};
 use crate::class::{ClassId, Tier};
 use crate::degrader::{ClassControl, ClassStatus, Shared, Shutdown, Status, health_score};
 use crate::gate::{Directive, Packed};
-use crate::metrics::{ClassMetrics, ServiceMetrics};
+use crate::class::ClassConfig;
+use crate::metrics::{ClassMetrics, LimiterMetrics, ServiceMetrics};
+use crate::window::History;
 use crate::window::TickContext;
 
 /// The control loop: ticks every `period` until the degrader is dropped or shut down.
@@ -87,6 +89,11 @@ impl Shared {
             let snap = ctl.history.latest().copied().unwrap_or_default();
             let prediction = predictions[id.index()];
             ctl.prediction = prediction;
+            if !self.limiters.is_empty() {
+                self.gates[id.index()]
+                    .score
+                    .store(admission_score(class, &ctl.history), Ordering::Relaxed);
+            }
             if let Some(t) = ctl.breaker.step_predicted(&snap, prediction, now) {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
@@ -119,6 +126,7 @@ impl Shared {
                 prediction,
             );
         }
+        self.tick_admission();
         // Registered on the first tick, like the class handles, so a recorder installed after
         // the degrader was built is used.
         self.service_metrics
@@ -126,6 +134,31 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert_with(|| ServiceMetrics::new(&self.service));
         self.publish_status();
+    }
+
+    /// Update every admission limiter from what its tick measured (and the system signal).
+    fn tick_admission(&self) {
+        if self.limiters.is_empty() {
+            return;
+        }
+        let mut adm = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+        let adm = &mut *adm;
+        let pressure = adm
+            .cpu
+            .as_mut()
+            .and_then(|(signal, threshold)| signal.usage().map(|u| u > *threshold))
+            .unwrap_or(false);
+        adm.states = self.limiters.iter().map(|l| l.tick(pressure)).collect();
+        if adm.metrics.is_empty() {
+            adm.metrics = self
+                .limiters
+                .iter()
+                .map(|l| LimiterMetrics::new(&self.service, &l.name))
+                .collect();
+        }
+        for (m, s) in adm.metrics.iter().zip(&adm.states) {
+            m.record(s);
+        }
     }
 
     /// Publish a class's directive for the data path. A directive that turns calls away without
@@ -175,11 +208,39 @@ impl Shared {
         {
             sm.health(health_score);
         }
+        let admission = self
+            .admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .states
+            .clone();
         self.status.store(Arc::new(Status {
             service: self.service.clone(),
             tick: self.tick.load(Ordering::Relaxed),
             health_score,
             classes,
+            admission,
         }));
     }
+}
+
+/// The class's dynamic score within its tier for the admission queue, from its latest window:
+/// the burst ratio is the window's rate over the mean rate of the last 10 windows.
+fn admission_score(class: &ClassConfig, history: &History) -> u16 {
+    let Some(latest) = history.latest() else {
+        return 0;
+    };
+    let (sum, n) = history
+        .iter()
+        .take(10)
+        .fold((0.0, 0u32), |(s, n), w| (s + w.rps(), n + 1));
+    let mean = sum / f64::from(n.max(1));
+    let burst = if mean > 0.0 { latest.rps() / mean } else { 1.0 };
+    crate::admit::score(
+        class.tier(),
+        class.sla_target().as_secs_f64(),
+        latest.rps(),
+        latest.p99.as_secs_f64(),
+        burst,
+    )
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::shared::{ClassControl, PolicyStage, Shared};
+use super::shared::{AdmissionControl, ClassControl, PolicyStage, Shared};
+use crate::admit::{Admission, CpuSignal, Limiter};
 use super::{Degrader, Status};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::class::{ClassConfig, Registry};
@@ -32,6 +33,7 @@ pub struct DegraderBuilder {
     clock: LatencyClock,
     env: String,
     predictor: Option<(Box<dyn Predictor>, PredictorConfig)>,
+    admission: Option<Admission>,
     #[cfg(feature = "rhai")]
     policy_limits: crate::policy::Limits,
 }
@@ -48,6 +50,7 @@ impl DegraderBuilder {
             clock: LatencyClock::default(),
             env: String::new(),
             predictor: None,
+            admission: None,
             #[cfg(feature = "rhai")]
             policy_limits: crate::policy::Limits::default(),
         }
@@ -107,6 +110,13 @@ impl DegraderBuilder {
         self
     }
 
+    /// Turn on priority admission under overload (off by default): an adaptive concurrency
+    /// limit, and a priority queue for calls that find it reached. See [`admit`](crate::admit).
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
     /// The window length and control-loop period (default 500 ms).
     pub fn tick(mut self, tick: Duration) -> Self {
         self.tick = tick;
@@ -134,9 +144,43 @@ impl DegraderBuilder {
             breakers[registry.require(&name)?.index()] = cfg;
         }
         let names: Arc<[Arc<str>]> = registry.iter().map(|(_, c)| Arc::from(c.name())).collect();
+        let (limiters, class_limiter, cpu) = match &self.admission {
+            None => (Vec::new(), vec![u8::MAX; registry.len()], None),
+            Some(a) => {
+                a.validate()?;
+                let mut limiters = vec![Limiter::new(Arc::from("service"), a.limit)];
+                let mut class_limiter = Vec::with_capacity(registry.len());
+                for (_, c) in registry.iter() {
+                    let dependency = c.dependencies().first().filter(|_| a.per_dependency);
+                    let i = match dependency {
+                        None => 0,
+                        Some(d) => match limiters.iter().position(|l| &*l.name == d.as_str()) {
+                            Some(i) => i,
+                            None => {
+                                limiters.push(Limiter::new(Arc::from(d.as_str()), a.limit));
+                                limiters.len() - 1
+                            }
+                        },
+                    };
+                    class_limiter.push(u8::try_from(i).map_err(|_| {
+                        ConfigError::InvalidValue {
+                            field: "admission.per_dependency",
+                            reason: "more than 255 dependencies".into(),
+                        }
+                    })?);
+                }
+                let cpu = a.cpu_threshold.map(|t| (CpuSignal::default(), t));
+                (limiters, class_limiter, cpu)
+            }
+        };
+        let limiters: Arc<[Limiter]> = limiters.into();
+        let class_limiter: Arc<[u8]> = class_limiter.into();
         let gates = registry
             .iter()
-            .map(|(_, c)| Gate::new(c.call_timeout()))
+            .map(|(id, c)| {
+                let l = class_limiter[id.index()];
+                Gate::new(c, (l != u8::MAX).then_some(l))
+            })
             .collect();
         let control = registry
             .iter()
@@ -172,7 +216,15 @@ impl DegraderBuilder {
             })
             .collect();
         let shards = (0..shard_n)
-            .map(|_| Arc::new(Shard::new(names.clone(), abandon.clone(), timer.clone())))
+            .map(|_| {
+                Arc::new(Shard::new(
+                    names.clone(),
+                    abandon.clone(),
+                    timer.clone(),
+                    limiters.clone(),
+                    class_limiter.clone(),
+                ))
+            })
             .collect();
         let shared = Shared {
             status: ArcSwap::from_pointee(Status {
@@ -180,6 +232,7 @@ impl DegraderBuilder {
                 tick: 0,
                 health_score: 100.0,
                 classes: Vec::new(),
+                admission: Vec::new(),
             }),
             predictor: PredictStage::new(runner, service.clone()),
             service,
@@ -188,6 +241,11 @@ impl DegraderBuilder {
             names,
             gates,
             shards,
+            admission: Mutex::new(AdmissionControl {
+                cpu,
+                ..AdmissionControl::default()
+            }),
+            limiters,
             shard_mask: shard_n - 1,
             period: self.tick,
             control,

@@ -68,6 +68,35 @@ impl Degrader {
         self.shared.status.load_full()
     }
 
+    /// Every admission limiter as of the last tick, the service's first: its limit, permits in
+    /// use, waiting calls and the latency baseline (empty without
+    /// [`admission`](crate::DegraderBuilder::admission)).
+    pub fn admission(&self) -> Vec<crate::admit::LimiterState> {
+        let states = self
+            .shared
+            .admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .states
+            .clone();
+        if states.is_empty() {
+            // Before the first tick: the starting limits.
+            return self
+                .shared
+                .limiters
+                .iter()
+                .map(|l| crate::admit::LimiterState {
+                    name: l.name.clone(),
+                    limit: l.limit(),
+                    inflight: l.inflight(),
+                    waiting: 0,
+                    baseline_micros: None,
+                })
+                .collect();
+        }
+        states
+    }
+
     /// `degrade_health_score` at the last tick, 0–100.
     pub fn health_score(&self) -> f64 {
         self.shared.status.load().health_score

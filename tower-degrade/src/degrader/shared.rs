@@ -13,7 +13,8 @@ use crate::breaker::Breaker;
 use crate::class::{ClassId, Registry};
 use crate::control::Stage;
 use crate::gate::Gate;
-use crate::metrics::{ClassMetrics, ServiceMetrics};
+use crate::admit::{CpuSignal, Limiter, LimiterState};
+use crate::metrics::{ClassMetrics, LimiterMetrics, ServiceMetrics};
 use crate::predict::{FeatureHistory, PredictStage};
 use crate::window::{Gauges, History, Shard, WindowReader};
 
@@ -48,6 +49,15 @@ impl ClassControl {
     }
 }
 
+/// What the control loop owns of admission: the system signal, the limiters' gauges, and
+/// their state after the last tick.
+#[derive(Debug, Default)]
+pub(crate) struct AdmissionControl {
+    pub(crate) cpu: Option<(CpuSignal, f64)>,
+    pub(crate) metrics: Vec<LimiterMetrics>,
+    pub(crate) states: Vec<LimiterState>,
+}
+
 /// Stops the control loop.
 #[derive(Debug, Default)]
 pub(crate) struct Shutdown {
@@ -76,6 +86,9 @@ pub(crate) struct Shared {
     /// Per class, what queue consumers report.
     pub(crate) gauges: Box<[Gauges]>,
     pub(crate) shards: Box<[Arc<Shard>]>,
+    /// Admission limiters (empty without admission); the service's first.
+    pub(crate) limiters: Arc<[Limiter]>,
+    pub(crate) admission: Mutex<AdmissionControl>,
     pub(crate) shard_mask: usize,
     pub(crate) period: Duration,
     pub(crate) control: Box<[Mutex<ClassControl>]>,

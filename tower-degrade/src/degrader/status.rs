@@ -19,6 +19,9 @@ pub struct Status {
     pub health_score: f64,
     /// Every class, the default class first.
     pub classes: Vec<ClassStatus>,
+    /// Every admission limiter after the last tick, the service's first (empty without
+    /// [admission](crate::admit)).
+    pub admission: Vec<crate::admit::LimiterState>,
 }
 
 /// One class in a [`Status`].

@@ -29,10 +29,13 @@ pub enum Reason {
     Shed,
     /// A policy diverted the call (open, fallback, degrade, admit a fraction).
     Policy,
+    /// The service is saturated: the call waited past its class's queue delay bound, or was
+    /// pushed out of its tier's full queue (see [`admit`](crate::admit)).
+    Overload,
 }
 
 impl Reason {
-    const ALL: [Reason; 8] = [
+    const ALL: [Reason; 9] = [
         Reason::BreakerOpen,
         Reason::ForcedOpen,
         Reason::ProbesExhausted,
@@ -41,6 +44,7 @@ impl Reason {
         Reason::Timeout,
         Reason::Shed,
         Reason::Policy,
+        Reason::Overload,
     ];
 
     /// The reason as used in metrics and logs.
@@ -54,6 +58,7 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Shed => "shed",
             Reason::Policy => "policy",
+            Reason::Overload => "overload",
         }
     }
 
@@ -68,6 +73,7 @@ impl Reason {
             Reason::Timeout => "timed out",
             Reason::Shed => "shed by a policy",
             Reason::Policy => "diverted by a policy",
+            Reason::Overload => "overloaded, lower priority work is shed",
         }
     }
 

@@ -7,7 +7,7 @@
 mod directive;
 mod probe;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
 
 pub use self::directive::{Directive, Reason};
@@ -27,15 +27,30 @@ pub(crate) struct Gate {
     pub(crate) seq: AtomicU32,
     /// The class's call timeout.
     pub(crate) timeout: Option<Duration>,
+    /// The class's admission limiter (an index into the degrader's limiters), if admission is on.
+    pub(crate) limiter: Option<u8>,
+    /// The class's dynamic score within its tier, for the admission queue (set every tick).
+    pub(crate) score: AtomicU16,
+    /// How long a call may wait for an admission permit.
+    pub(crate) queue_bound: Duration,
+    /// The class's tier.
+    pub(crate) tier: crate::class::Tier,
+    /// Where the class's calls go when not admitted.
+    pub(crate) route: crate::class::Route,
 }
 
 impl Gate {
-    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(class: &crate::class::ClassConfig, limiter: Option<u8>) -> Self {
         Self {
             directive: DirectiveCell::new(),
             probes: AtomicU32::new(0),
             seq: AtomicU32::new(0),
-            timeout,
+            timeout: class.call_timeout(),
+            limiter,
+            score: AtomicU16::new(0),
+            queue_bound: class.queue_delay_bound(),
+            tier: class.tier(),
+            route: class.route(),
         }
     }
 

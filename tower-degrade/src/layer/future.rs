@@ -8,6 +8,8 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use super::queued::{Exit, QueuedCall};
+use crate::admit::TierScope;
 use crate::class::Route;
 use crate::error::Degraded;
 use crate::gate::Reason;
@@ -16,7 +18,12 @@ use crate::window::{Outcome, Recording};
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, FB> {
+    enum Kind<F, FB, Q> {
+        // Waiting for an admission permit.
+        Queued {
+            #[pin]
+            wait: Q,
+        },
         Called {
             #[pin]
             fut: F,
@@ -38,22 +45,23 @@ pin_project! {
 
 pin_project! {
     /// The response future of [`Degrade`](crate::Degrade): the inner call (with its
-    /// recording, released on drop), the fallback call, or a ready degraded answer. No boxing.
-    pub struct ResponseFuture<F, FB, P> {
+    /// recording, released on drop), the fallback call, a ready degraded answer, or a call
+    /// waiting for an admission permit (`Q`). No boxing.
+    pub struct ResponseFuture<F, FB, P, Q> {
         #[pin]
-        kind: Kind<F, FB>,
+        kind: Kind<F, FB, Q>,
         recording: Option<Recording>,
         protocol: P,
     }
 }
 
-impl<F, FB, P> std::fmt::Debug for ResponseFuture<F, FB, P> {
+impl<F, FB, P, Q> std::fmt::Debug for ResponseFuture<F, FB, P, Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, FB, P> ResponseFuture<F, FB, P> {
+impl<F, FB, P, Q> ResponseFuture<F, FB, P, Q> {
     #[inline]
     pub(crate) fn called(
         fut: F,
@@ -80,6 +88,14 @@ impl<F, FB, P> ResponseFuture<F, FB, P> {
         }
     }
 
+    pub(crate) fn queued(wait: Q, protocol: P) -> Self {
+        Self {
+            kind: Kind::Queued { wait },
+            recording: None,
+            protocol,
+        }
+    }
+
     pub(crate) fn fallback(fut: FB, protocol: P) -> Self {
         Self {
             kind: Kind::Fallback { fut },
@@ -99,18 +115,39 @@ impl<F, FB, P> ResponseFuture<F, FB, P> {
     }
 }
 
-impl<F, FB, P, Res, E> Future for ResponseFuture<F, FB, P>
+impl<F, FB, P, Q, Res, E> Future for ResponseFuture<F, FB, P, Q>
 where
     F: Future<Output = Result<Res, E>>,
     FB: Future<Output = Result<Res, E>>,
     P: Protocol<Res, E>,
+    Q: QueuedCall<Inner = F, Fallback = FB, Error = E>,
 {
     type Output = Result<P::Response, P::Error>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.as_mut().project();
+        if let KindProj::Queued { wait } = this.kind.project() {
+            let exit = ready!(wait.poll_wait(cx));
+            let this = self.as_mut().project();
+            let mut kind = this.kind;
+            match exit {
+                Exit::Called { fut, rec, timeout } => {
+                    *this.recording = Some(rec);
+                    kind.set(Kind::Called {
+                        fut,
+                        sleep: timeout.map(tokio::time::sleep),
+                        delaying: None,
+                    });
+                }
+                Exit::Fallback(fut) => kind.set(Kind::Fallback { fut }),
+                Exit::Degraded(d) => return Poll::Ready(this.protocol.on_degraded(d)),
+                Exit::ReadyError(e) => return Poll::Ready(Err(this.protocol.on_ready_error(e))),
+            }
+        }
         let this = self.project();
         match this.kind.project() {
+            KindProj::Queued { .. } => unreachable!("left the queue above"),
             KindProj::Called {
                 fut,
                 mut sleep,
@@ -138,13 +175,16 @@ where
                 // A panic in the inner future unwinds through here and leaves the recording
                 // marked as polling: dropped later, wherever the panic was caught, it counts the
                 // call as a failure.
-                if let Some(rec) = this.recording.as_mut() {
-                    rec.polling = true;
-                }
-                let polled = fut.poll(cx);
-                if let Some(rec) = this.recording.as_mut() {
-                    rec.polling = false;
-                }
+                let polled = match this.recording.as_mut() {
+                    Some(rec) => {
+                        rec.polling = true;
+                        let _tier = TierScope::enter(rec.tier);
+                        let polled = fut.poll(cx);
+                        rec.polling = false;
+                        polled
+                    }
+                    None => fut.poll(cx),
+                };
                 if let Poll::Ready(result) = polled {
                     let rec = this.recording.take().expect("polled after completion");
                     return Poll::Ready(this.protocol.on_response(result, rec));

@@ -2,6 +2,7 @@
 //! `service`), with its response future (in `future`).
 
 mod future;
+mod queued;
 mod service;
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 pub use self::future::ResponseFuture;
+pub use self::queued::{Exit, Queued, QueuedCall};
 pub use self::service::Degrade;
 use crate::degrader::Shared;
 use crate::fallback::{FallbackService, NoFallback};

@@ -7,13 +7,15 @@ use std::time::Duration;
 use tower::Service;
 
 use super::future::ResponseFuture;
+use super::queued::Queued;
+use crate::admit::{Enqueued, Priority};
 use crate::class::{ClassId, Route};
 use crate::classify::ClassifyRequest;
 use crate::control::Stage;
 use crate::degrader::Shared;
 use crate::error::Degraded;
 use crate::fallback::{Diverted, Fallback, NoFallback};
-use crate::gate::{KIND_ADMIT, KIND_FRACTION, KIND_PROBE, Packed, ProbePermit};
+use crate::gate::{KIND_ADMIT, KIND_FRACTION, KIND_PROBE, Packed, ProbePermit, Reason};
 use crate::protocol::{Generic, Protocol};
 use crate::window::{Outcome, Recording, shard_index};
 
@@ -22,6 +24,10 @@ use crate::window::{Outcome, Recording, shard_index};
 /// `poll_ready` only passes the inner service's readiness through: calls that are not admitted
 /// are answered from `call` (a ready degraded error or response, or the fallback), never by an
 /// `Err` from `poll_ready`, so `Buffer`-based stacks are not torn down.
+///
+/// The inner service must be `Clone`: a call that waits for an [admission](crate::admit) permit
+/// takes the ready service into its future (`mem::replace` with a clone, as tower recommends)
+/// and calls it when admitted, so waiting never holds `poll_ready` for other classes.
 #[derive(Debug)]
 pub struct Degrade<S, C, P = Generic, F = NoFallback> {
     inner: S,
@@ -83,14 +89,14 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
 
 impl<S, C, P, F, Req> Service<Req> for Degrade<S, C, P, F>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     C: ClassifyRequest<Req>,
     P: Protocol<S::Response, S::Error> + Clone,
-    F: Fallback<Req, S::Response, S::Error>,
+    F: Fallback<Req, S::Response, S::Error> + Clone,
 {
     type Response = P::Response;
     type Error = P::Error;
-    type Future = ResponseFuture<S::Future, F::Future, P>;
+    type Future = ResponseFuture<S::Future, F::Future, P, Queued<S, Req, F>>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -136,11 +142,20 @@ where
                 return self.divert(req, idx, d);
             }
         }
+        let mut permit = false;
+        if let Some(limiter) = gate.limiter {
+            let limiter = usize::from(limiter);
+            if !self.shared.limiters[limiter].try_acquire() {
+                return self.queue(req, idx, limiter, probe);
+            }
+            permit = true;
+        }
         let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
-        let recording = match self.waiting_since.take() {
-            None => Recording::start(shard, idx as u16, probe),
-            Some(since) => Recording::after_wait(shard, idx as u16, probe, since),
+        let mut recording = match self.waiting_since.take() {
+            None => Recording::start(shard, idx as u16, gate.tier, probe),
+            Some(since) => Recording::after_wait(shard, idx as u16, gate.tier, probe, since),
         };
+        recording.permit = permit;
         let fut = self.inner.call(req);
         ResponseFuture::called(fut, recording, gate.timeout, delay, self.protocol.clone())
     }
@@ -163,33 +178,114 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
         req: Req,
         idx: usize,
         d: Packed,
-    ) -> ResponseFuture<S::Future, F::Future, P>
+    ) -> ResponseFuture<S::Future, F::Future, P, Queued<S, Req, F>>
     where
         S: Service<Req>,
         P: Protocol<S::Response, S::Error> + Clone,
         F: Fallback<Req, S::Response, S::Error>,
     {
-        let shard = &self.shared.shards[shard_index(self.shared.shard_mask)];
-        let route = d.route();
-        let name = self.shared.names[idx].clone();
-        if route != Route::Reject {
-            let call = Diverted::new(req, ClassId(idx as u16), name.clone(), route, d.reason());
-            match self.fallback.call(call) {
-                Ok(fut) => {
-                    shard.record(idx, Outcome::Degraded, Duration::ZERO);
-                    return ResponseFuture::fallback(fut, self.protocol.clone());
-                }
-                Err(call) => drop(call),
-            }
-        } else {
-            drop(req);
+        let (reason, route, retry) = (d.reason(), d.route(), d.retry_after());
+        match divert(&self.shared, &mut self.fallback, req, idx, reason, route, retry) {
+            Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
+            Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
         }
-        shard.record(idx, Outcome::Rejected, Duration::ZERO);
-        tracing::debug!(
-            service = %self.shared.service, class = %name, reason = %d.reason(), route = %route,
-            "call not admitted"
-        );
-        let degraded = Degraded::new(name, d.reason(), route, d.retry_after());
-        ResponseFuture::degraded(degraded, self.protocol.clone())
     }
+
+    /// The limit is reached: wait in the admission queue (in the response future), or be
+    /// answered as not admitted at once.
+    #[cold]
+    fn queue<Req>(
+        &mut self,
+        req: Req,
+        idx: usize,
+        limiter: usize,
+        probe: Option<ProbePermit>,
+    ) -> ResponseFuture<S::Future, F::Future, P, Queued<S, Req, F>>
+    where
+        S: Service<Req> + Clone,
+        C: ClassifyRequest<Req>,
+        P: Protocol<S::Response, S::Error> + Clone,
+        F: Fallback<Req, S::Response, S::Error> + Clone,
+    {
+        let gate = &self.shared.gates[idx];
+        let key = self.classifier.admission_key(&req);
+        let tier = key.tier(gate.tier);
+        let priority = Priority {
+            tier,
+            score: gate.score.load(std::sync::atomic::Ordering::Relaxed),
+            user: key.user(),
+        };
+        let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
+        let since = self.waiting_since.take().unwrap_or_else(|| shard.timer.start());
+        match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance()) {
+            Enqueued::Admitted => {
+                let mut rec = Recording::after_wait(shard, idx as u16, gate.tier, probe, since);
+                rec.permit = true;
+                let fut = self.inner.call(req);
+                ResponseFuture::called(fut, rec, gate.timeout, None, self.protocol.clone())
+            }
+            Enqueued::Shed => {
+                if let Some(p) = probe {
+                    p.release(idx);
+                }
+                let (route, retry) = (gate.route, Some(self.shared.period));
+                match divert(&self.shared, &mut self.fallback, req, idx, Reason::Overload, route, retry) {
+                    Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
+                    Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
+                }
+            }
+            Enqueued::Queued(waiter) => {
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                let queued = Queued::new(
+                    self.shared.clone(),
+                    limiter,
+                    waiter,
+                    idx as u16,
+                    since,
+                    probe,
+                    svc,
+                    req,
+                    self.fallback.clone(),
+                );
+                ResponseFuture::queued(queued, self.protocol.clone())
+            }
+        }
+    }
+}
+
+/// Send a call its class does not admit to the fallback (counted as degraded), or answer it
+/// degraded (counted as rejected) when the fallback has no handler for the route.
+pub(super) fn divert<F, Req, Res, E>(
+    shared: &Shared,
+    fallback: &mut F,
+    req: Req,
+    idx: usize,
+    reason: Reason,
+    route: Route,
+    retry_after: Option<Duration>,
+) -> Result<F::Future, Degraded>
+where
+    F: Fallback<Req, Res, E>,
+{
+    let shard = &shared.shards[shard_index(shared.shard_mask)];
+    let name = shared.names[idx].clone();
+    if route != Route::Reject {
+        let call = Diverted::new(req, ClassId(idx as u16), name.clone(), route, reason);
+        match fallback.call(call) {
+            Ok(fut) => {
+                shard.record(idx, Outcome::Degraded, Duration::ZERO);
+                return Ok(fut);
+            }
+            Err(call) => drop(call),
+        }
+    } else {
+        drop(req);
+    }
+    shard.record(idx, Outcome::Rejected, Duration::ZERO);
+    tracing::debug!(
+        service = %shared.service, class = %name, reason = %reason, route = %route,
+        "call not admitted"
+    );
+    Err(Degraded::new(name, reason, route, retry_after))
 }

@@ -106,6 +106,8 @@ mod tests {
                     names.clone(),
                     vec![u64::MAX; names.len()].into(),
                     crate::clock::Timer::new(crate::clock::LatencyClock::Tokio),
+                    Arc::new([]),
+                    vec![u8::MAX; names.len()].into(),
                 ))
             })
             .collect()

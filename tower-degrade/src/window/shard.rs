@@ -45,6 +45,9 @@ pub(crate) struct Shard {
     /// timeout (`u64::MAX`: never).
     abandon_micros: std::sync::Arc<[u64]>,
     pub(crate) timer: crate::clock::Timer,
+    /// The admission limiters, and per class the index of its own (`u8::MAX`: none).
+    limiters: std::sync::Arc<[crate::admit::Limiter]>,
+    class_limiter: std::sync::Arc<[u8]>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -60,13 +63,23 @@ impl Shard {
         names: std::sync::Arc<[std::sync::Arc<str>]>,
         abandon_micros: std::sync::Arc<[u64]>,
         timer: crate::clock::Timer,
+        limiters: std::sync::Arc<[crate::admit::Limiter]>,
+        class_limiter: std::sync::Arc<[u8]>,
     ) -> Self {
         Self {
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
             names,
             abandon_micros,
             timer,
+            limiters,
+            class_limiter,
         }
+    }
+
+    /// The admission limiter of `class` (only asked for calls that hold one of its permits).
+    #[inline]
+    pub(crate) fn limiter(&self, class: usize) -> &crate::admit::Limiter {
+        &self.limiters[usize::from(self.class_limiter[class])]
     }
 
     /// How a call of `class` that its caller dropped after `latency` ended: a timeout once it

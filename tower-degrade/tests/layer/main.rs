@@ -444,8 +444,8 @@ impl http_body::Body for TrailersBody {
     }
 }
 
-fn grpc_service() -> impl Service<Request<()>, Response = Response<TrailersBody>, Error = Infallible>
-{
+fn grpc_service()
+-> impl Service<Request<()>, Response = Response<TrailersBody>, Error = Infallible> + Clone {
     service_fn(|req: Request<()>| async move {
         let code = req.uri().path().rsplit('/').next().unwrap().to_owned();
         let mut trailers = HeaderMap::new();

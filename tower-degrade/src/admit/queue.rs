@@ -1,0 +1,451 @@
+//! One concurrency limiter: permits, and the queue of calls waiting for one.
+//!
+//! The uncontended path is one load (nobody waits) and one `fetch_add` (a permit is free); it
+//! takes no lock. Only a call that finds the limit reached takes the queue's lock, to wait in
+//! priority order; a permit given back while calls wait is handed to the best of them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use super::limit::{Gradient, LimitConfig, Sample};
+use crate::class::Tier;
+
+/// A slot's state starts at 0: waiting.
+const GRANTED: u8 = 1;
+const SHED: u8 = 2;
+
+/// `samples`: the call count in the top 24 bits, the summed µs in the low 40.
+const MICROS_BITS: u32 = 40;
+const MICROS_MASK: u64 = (1 << MICROS_BITS) - 1;
+
+/// Where a waiting call stands in the queue: the higher the key, the sooner it is served.
+///
+/// Tier first, then the class's dynamic score, then the user's bucket (a stable hash of the
+/// user key, so one user's calls are treated alike), then age (older first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Key {
+    rank: u8,
+    score: u16,
+    user: u8,
+    age: std::cmp::Reverse<u64>,
+}
+
+/// A waiting call's priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Priority {
+    pub(crate) tier: Tier,
+    pub(crate) score: u16,
+    pub(crate) user: u8,
+}
+
+fn rank(tier: Tier) -> u8 {
+    match tier {
+        Tier::Gold => 2,
+        Tier::Silver => 1,
+        Tier::Bronze => 0,
+    }
+}
+
+/// The slot a waiting call watches.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    state: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Slot {
+    fn settle(&self, state: u8) {
+        self.state.store(state, Release);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A call in the queue.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    slot: Arc<Slot>,
+    key: Key,
+}
+
+/// How a waiting call's wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitEnd {
+    /// It holds a permit.
+    Granted,
+    /// It was pushed out of the queue by a more important call.
+    Shed,
+}
+
+impl Waiter {
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
+        let check = |s: &Slot| match s.state.load(Acquire) {
+            GRANTED => Some(WaitEnd::Granted),
+            SHED => Some(WaitEnd::Shed),
+            _ => None,
+        };
+        if let Some(end) = check(&self.slot) {
+            return Poll::Ready(end);
+        }
+        *self.slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        match check(&self.slot) {
+            Some(end) => Poll::Ready(end),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// What [`Limiter::enqueue`] did with a call that found no free permit.
+#[derive(Debug)]
+pub(crate) enum Enqueued {
+    /// A permit was free after all: it holds it.
+    Admitted,
+    /// It waits in the queue.
+    Queued(Waiter),
+    /// Its tier's queue is full of calls that matter at least as much: not admitted.
+    Shed,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    entries: BTreeMap<Key, Arc<Slot>>,
+    per_rank: [u32; 3],
+    next: u64,
+}
+
+/// What the control loop reports of a limiter after its tick.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LimiterState {
+    /// `service`, or the dependency the limiter is for.
+    pub name: Arc<str>,
+    /// The concurrency limit now.
+    pub limit: u32,
+    /// Calls holding a permit.
+    pub inflight: u32,
+    /// Calls waiting for one.
+    pub waiting: u32,
+    /// The latency in the service without queueing, as estimated (µs).
+    pub baseline_micros: Option<f64>,
+}
+
+/// A concurrency limiter (for the service, or for one dependency).
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    pub(crate) name: Arc<str>,
+    limit: AtomicU32,
+    inflight: AtomicU32,
+    waiting: AtomicU32,
+    saturated: AtomicBool,
+    samples: AtomicU64,
+    queue: Mutex<Queue>,
+    gradient: Mutex<Gradient>,
+}
+
+impl Limiter {
+    pub(crate) fn new(name: Arc<str>, cfg: LimitConfig) -> Self {
+        let gradient = Gradient::new(cfg);
+        Self {
+            name,
+            limit: AtomicU32::new(gradient.limit()),
+            inflight: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            saturated: AtomicBool::new(false),
+            samples: AtomicU64::new(0),
+            queue: Mutex::default(),
+            gradient: Mutex::new(gradient),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Every update of the queue leaves it consistent: keep serving after a poisoning panic.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take a permit if one is free and nobody waits for one. No lock.
+    #[inline]
+    pub(crate) fn try_acquire(&self) -> bool {
+        if self.waiting.load(SeqCst) != 0 {
+            return false;
+        }
+        if self.inflight.fetch_add(1, SeqCst) < self.limit.load(Relaxed) {
+            return true;
+        }
+        self.give_back();
+        false
+    }
+
+    /// Give back a permit whose call finished after `micros` in the service.
+    #[inline]
+    pub(crate) fn release(&self, micros: u64) {
+        self.samples
+            .fetch_add((1 << MICROS_BITS) | micros.min(MICROS_MASK), Relaxed);
+        self.give_back();
+    }
+
+    /// Give back a permit without a latency sample (the call never ran, or was abandoned).
+    #[inline]
+    pub(crate) fn give_back(&self) {
+        self.inflight.fetch_sub(1, SeqCst);
+        if self.waiting.load(SeqCst) != 0 {
+            self.dispatch();
+        }
+    }
+
+    #[cold]
+    fn dispatch(&self) {
+        let mut q = self.queue();
+        self.dispatch_locked(&mut q);
+    }
+
+    fn dispatch_locked(&self, q: &mut Queue) {
+        while self.inflight.load(SeqCst) < self.limit.load(Relaxed) {
+            let Some((key, slot)) = q.entries.pop_last() else {
+                break;
+            };
+            q.per_rank[usize::from(key.rank)] -= 1;
+            self.inflight.fetch_add(1, SeqCst);
+            self.waiting.fetch_sub(1, SeqCst);
+            slot.settle(GRANTED);
+        }
+    }
+
+    /// Queue a call that found no free permit. `burst` is its tier's burst tolerance: the tier
+    /// may hold `(burst - 1) * limit` calls waiting (at least one).
+    #[cold]
+    pub(crate) fn enqueue(&self, p: Priority, burst: f64) -> Enqueued {
+        self.saturated.store(true, Relaxed);
+        let mut q = self.queue();
+        let limit = self.limit.load(Relaxed);
+        let cap = ((burst - 1.0).max(0.0) * f64::from(limit)).ceil().max(1.0) as u32;
+        q.next += 1;
+        let key = Key {
+            rank: rank(p.tier),
+            score: p.score,
+            user: p.user,
+            age: std::cmp::Reverse(q.next),
+        };
+        let r = usize::from(key.rank);
+        if q.per_rank[r] >= cap {
+            // The tier's queue is full: the least important call of the tier leaves it, this
+            // one or the one at its tail.
+            let lowest = Key {
+                rank: key.rank,
+                score: 0,
+                user: 0,
+                age: std::cmp::Reverse(u64::MAX),
+            };
+            let tail = q.entries.range(lowest..).next().map(|(k, _)| *k);
+            match tail {
+                Some(t) if t.rank == key.rank && t < key => {
+                    let slot = q.entries.remove(&t).expect("just found");
+                    q.per_rank[r] -= 1;
+                    self.waiting.fetch_sub(1, SeqCst);
+                    slot.settle(SHED);
+                }
+                _ => return Enqueued::Shed,
+            }
+        }
+        let slot = Arc::new(Slot::default());
+        q.entries.insert(key, slot.clone());
+        q.per_rank[r] += 1;
+        self.waiting.fetch_add(1, SeqCst);
+        // A permit may have come free since the fast path looked: hand it out (best first).
+        self.dispatch_locked(&mut q);
+        if slot.state.load(Acquire) == GRANTED {
+            Enqueued::Admitted
+        } else {
+            Enqueued::Queued(Waiter { slot, key })
+        }
+    }
+
+    /// A waiting call gives up (its wait bound passed, or its caller dropped it). Returns
+    /// whether it holds a permit after all (granted meanwhile): the caller must use it or
+    /// give it back.
+    pub(crate) fn leave(&self, w: &Waiter) -> bool {
+        let mut q = self.queue();
+        if q.entries.remove(&w.key).is_some() {
+            q.per_rank[usize::from(w.key.rank)] -= 1;
+            self.waiting.fetch_sub(1, SeqCst);
+            w.slot.state.store(SHED, Release);
+            return false;
+        }
+        w.slot.state.load(Acquire) == GRANTED
+    }
+
+    /// The control tick: update the limit from what the tick measured, and admit waiting calls
+    /// if it grew.
+    pub(crate) fn tick(&self, pressure: bool) -> LimiterState {
+        let s = self.samples.swap(0, Relaxed);
+        let sample = Sample {
+            calls: s >> MICROS_BITS,
+            micros: s & MICROS_MASK,
+            saturated: self.saturated.swap(false, Relaxed),
+            pressure,
+        };
+        let (limit, baseline) = {
+            let mut g = self.gradient.lock().unwrap_or_else(|e| e.into_inner());
+            (g.update(sample), g.baseline())
+        };
+        let before = self.limit.swap(limit, Relaxed);
+        if limit > before && self.waiting.load(SeqCst) != 0 {
+            self.dispatch();
+        }
+        LimiterState {
+            name: self.name.clone(),
+            limit,
+            inflight: self.inflight.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            baseline_micros: baseline,
+        }
+    }
+
+    /// Permits in use.
+    pub(crate) fn inflight(&self) -> u32 {
+        self.inflight.load(Relaxed)
+    }
+
+    /// The limit now.
+    pub(crate) fn limit(&self) -> u32 {
+        self.limit.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    fn limiter(limit: u32) -> Limiter {
+        Limiter::new(
+            Arc::from("svc"),
+            LimitConfig {
+                initial: limit,
+                min: 1,
+                ..LimitConfig::default()
+            },
+        )
+    }
+
+    fn prio(tier: Tier, user: u8) -> Priority {
+        Priority {
+            tier,
+            score: 0,
+            user,
+        }
+    }
+
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, SeqCst);
+        }
+    }
+
+    fn queued(e: Enqueued) -> Waiter {
+        match e {
+            Enqueued::Queued(w) => w,
+            other => panic!("expected to wait, got {other:?}"),
+        }
+    }
+
+    fn poll(w: &Waiter) -> Poll<WaitEnd> {
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        w.poll(&mut Context::from_waker(&Waker::from(flag)))
+    }
+
+    #[test]
+    fn permits_up_to_the_limit_then_the_queue_in_tier_order() {
+        let l = limiter(2);
+        assert!(l.try_acquire() && l.try_acquire());
+        assert!(!l.try_acquire());
+        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 3.0));
+        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 3.0));
+        // Someone queues: the fast path stays shut even when a permit comes free.
+        assert!(!l.try_acquire());
+        assert!(poll(&gold).is_pending());
+        l.release(1_000);
+        assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted), "gold first");
+        assert!(poll(&bronze).is_pending());
+        l.release(1_000);
+        assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
+        assert_eq!(l.inflight(), 2);
+        l.give_back();
+        l.give_back();
+        assert_eq!(l.inflight(), 0);
+        assert!(l.try_acquire(), "the fast path again once nobody waits");
+    }
+
+    #[test]
+    fn a_full_tier_sheds_its_least_important_user_first() {
+        let l = limiter(1);
+        assert!(l.try_acquire());
+        // Bronze (burst 1.2) may queue ceil(0.2 * 1) = 1 call.
+        let low = queued(l.enqueue(prio(Tier::Bronze, 10), 1.2));
+        let high = queued(l.enqueue(prio(Tier::Bronze, 200), 1.2));
+        assert_eq!(poll(&low), Poll::Ready(WaitEnd::Shed), "pushed out");
+        assert!(matches!(
+            l.enqueue(prio(Tier::Bronze, 5), 1.2),
+            Enqueued::Shed
+        ));
+        // Another tier has its own room.
+        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 2.0));
+        l.release(1);
+        assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted));
+        assert!(poll(&high).is_pending());
+    }
+
+    #[test]
+    fn leaving_the_queue_frees_the_place_and_a_late_grant_is_reported() {
+        let l = limiter(1);
+        assert!(l.try_acquire());
+        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5));
+        assert!(!l.leave(&w), "still waiting: no permit");
+        assert_eq!(l.waiting.load(SeqCst), 0);
+        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5));
+        l.release(1);
+        assert!(l.leave(&w), "granted before it left: it holds the permit");
+        l.give_back();
+        assert_eq!(l.inflight(), 0);
+    }
+
+    #[test]
+    fn a_permit_freed_between_the_fast_path_and_the_queue_is_not_lost() {
+        let l = limiter(1);
+        assert!(l.try_acquire());
+        // The holder finishes while nobody waits yet...
+        l.release(1);
+        // ...and a call that saw the limit reached queues: it gets the permit at once.
+        assert!(matches!(
+            l.enqueue(prio(Tier::Bronze, 0), 1.2),
+            Enqueued::Admitted
+        ));
+        assert_eq!(l.inflight(), 1);
+    }
+
+    #[test]
+    fn a_tick_takes_the_samples_and_a_higher_limit_admits_waiters() {
+        let l = limiter(1);
+        assert!(l.try_acquire());
+        let w = queued(l.enqueue(prio(Tier::Gold, 0), 2.0));
+        let busy_tick = || {
+            for _ in 0..10 {
+                l.samples.fetch_add((1 << MICROS_BITS) | 10_000, Relaxed);
+            }
+            l.saturated.store(true, Relaxed);
+            l.tick(false)
+        };
+        // The first saturated tick probes its new baseline (at the minimum already).
+        assert_eq!(busy_tick().limit, 1);
+        assert!(poll(&w).is_pending());
+        // Latency did not fall with the limit, and holds: slow start grows the limit.
+        let state = busy_tick();
+        assert!(state.limit >= 2, "{state:?}");
+        assert_eq!(poll(&w), Poll::Ready(WaitEnd::Granted));
+        assert_eq!(l.samples.load(Relaxed), 0);
+    }
+}
