@@ -282,7 +282,11 @@ mod tests {
         }
         assert_eq!(g.baseline(), None, "forgotten after half a window");
         g.update(slow);
-        assert_eq!(g.baseline(), Some(15_000.0), "the new latency is the baseline");
+        assert_eq!(
+            g.baseline(),
+            Some(15_000.0),
+            "the new latency is the baseline"
+        );
         // The first saturated tick on a new baseline probes it.
         let busy = Sample {
             saturated: true,

@@ -40,12 +40,12 @@ mod system;
 
 use std::hash::{Hash, Hasher};
 
+pub(crate) use self::limit::LimitConfig;
 pub use self::propagate::{
     PRIORITY_HEADER, PropagatePriority, PropagatePriorityLayer, current_tier,
 };
-pub use self::queue::LimiterState;
-pub(crate) use self::limit::LimitConfig;
 pub(crate) use self::propagate::{TierScope, parse_tier};
+pub use self::queue::LimiterState;
 pub(crate) use self::queue::{Enqueued, Limiter, Priority, WaitEnd, Waiter};
 pub(crate) use self::system::CpuSignal;
 use crate::class::Tier;
@@ -123,9 +123,8 @@ impl Admission {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limit;
-        let invalid = |field: &'static str, reason: String| {
-            Err(ConfigError::InvalidValue { field, reason })
-        };
+        let invalid =
+            |field: &'static str, reason: String| Err(ConfigError::InvalidValue { field, reason });
         if l.min == 0 {
             return invalid("admission.min_limit", "must be at least 1".into());
         }
@@ -270,9 +269,15 @@ mod tests {
     fn bad_settings_name_the_field() {
         let e = Admission::adaptive().min_limit(0).validate().unwrap_err();
         assert!(e.to_string().contains("admission.min_limit"), "{e}");
-        let e = Admission::adaptive().initial_limit(5000).validate().unwrap_err();
+        let e = Admission::adaptive()
+            .initial_limit(5000)
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("admission.initial_limit"), "{e}");
-        let e = Admission::adaptive().cpu_threshold(1.5).validate().unwrap_err();
+        let e = Admission::adaptive()
+            .cpu_threshold(1.5)
+            .validate()
+            .unwrap_err();
         assert!(e.to_string().contains("admission.cpu_threshold"), "{e}");
     }
 }

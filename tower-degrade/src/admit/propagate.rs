@@ -137,7 +137,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let tier = req.extensions().get::<Tier>().copied().or_else(current_tier);
+        let tier = req
+            .extensions()
+            .get::<Tier>()
+            .copied()
+            .or_else(current_tier);
         if let Some(t) = tier {
             req.headers_mut()
                 .insert(self.header.clone(), HeaderValue::from_static(t.as_str()));

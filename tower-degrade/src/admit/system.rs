@@ -45,7 +45,10 @@ fn parse(text: &str) -> Result<(u64, u64), String> {
         .map(|f| f.parse::<u64>().map_err(|e| format!("field `{f}`: {e}")))
         .collect::<Result<_, _>>()?;
     if fields.len() < 4 {
-        return Err(format!("{} fields on the `cpu` line, expected at least 4", fields.len()));
+        return Err(format!(
+            "{} fields on the `cpu` line, expected at least 4",
+            fields.len()
+        ));
     }
     let total: u64 = fields.iter().sum();
     // idle + iowait are not busy.

@@ -32,7 +32,7 @@ impl Default for DegradeRule {
 
 impl DegradeRule {
     pub(crate) fn breached(&self, w: &WindowSnapshot) -> bool {
-        w.completed() >= self.min_requests
+        w.assessed() >= self.min_requests
             && w.success_rate() < self.success_below
             && w.p99 > self.p99_above
     }

@@ -223,7 +223,7 @@ impl Breaker {
 
     /// Whether `w` trips the breaker open, and why.
     fn trips(&self, w: &WindowSnapshot) -> Option<String> {
-        if w.completed() < self.cfg.min_requests {
+        if w.assessed() < self.cfg.min_requests {
             return None;
         }
         let fr = w.failure_rate();
@@ -232,7 +232,7 @@ impl Breaker {
                 "failure rate {:.1} % > {:.1} % over {} calls",
                 fr * 100.0,
                 self.cfg.failure_rate * 100.0,
-                w.completed()
+                w.assessed()
             ));
         }
         if let Some(limit) = self.cfg.slow_call_rate {
@@ -242,7 +242,7 @@ impl Breaker {
                     "slow-call rate {:.1} % > {:.1} % over {} calls",
                     sr * 100.0,
                     limit * 100.0,
-                    w.completed()
+                    w.assessed()
                 ));
             }
         }

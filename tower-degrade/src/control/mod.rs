@@ -20,10 +20,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 pub(crate) use self::stage::{Batch, ClassTick, Stage};
 use crate::breaker::{State, Transition};
+use crate::class::ClassConfig;
 use crate::class::{ClassId, Tier};
 use crate::degrader::{ClassControl, ClassStatus, Shared, Shutdown, Status, health_score};
 use crate::gate::{Directive, Packed};
-use crate::class::ClassConfig;
 use crate::metrics::{ClassMetrics, LimiterMetrics, ServiceMetrics};
 use crate::window::History;
 use crate::window::TickContext;
@@ -64,6 +64,9 @@ impl Shared {
                     tick,
                     period: self.period,
                     sla_micros: class.sla_target().as_micros() as u64,
+                    abandon_micros: class.abandon_after().map_or(u64::MAX, |d| {
+                        u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+                    }),
                 },
             );
             Arc::make_mut(&mut ctl.history).push(snap);
@@ -82,6 +85,8 @@ impl Shared {
         for stage in self.stages() {
             stage.observe(&mut batch);
         }
+        // Admission limits first, so policies see this tick's.
+        let admission = self.tick_admission();
         // Per class: breaker, stages, directive, metrics.
         for (id, class) in self.registry.iter() {
             let mut ctl = self.control(id);
@@ -105,6 +110,9 @@ impl Shared {
                     history: &ctl.history,
                     state: ctl.breaker.state(),
                     prediction,
+                    admission: self.gates[id.index()]
+                        .limiter
+                        .and_then(|l| admission.get(usize::from(l))),
                 };
                 for stage in self.stages() {
                     directive = stage.decide(&view, directive);
@@ -126,7 +134,6 @@ impl Shared {
                 prediction,
             );
         }
-        self.tick_admission();
         // Registered on the first tick, like the class handles, so a recorder installed after
         // the degrader was built is used.
         self.service_metrics
@@ -137,9 +144,9 @@ impl Shared {
     }
 
     /// Update every admission limiter from what its tick measured (and the system signal).
-    fn tick_admission(&self) {
+    fn tick_admission(&self) -> Vec<crate::admit::LimiterState> {
         if self.limiters.is_empty() {
-            return;
+            return Vec::new();
         }
         let mut adm = self.admission.lock().unwrap_or_else(|e| e.into_inner());
         let adm = &mut *adm;
@@ -159,6 +166,7 @@ impl Shared {
         for (m, s) in adm.metrics.iter().zip(&adm.states) {
             m.record(s);
         }
+        adm.states.clone()
     }
 
     /// Publish a class's directive for the data path. A directive that turns calls away without

@@ -55,4 +55,6 @@ pub(crate) struct ClassTick<'a> {
     pub(crate) history: &'a Arc<History>,
     pub(crate) state: State,
     pub(crate) prediction: Option<f64>,
+    /// The class's admission limiter after this tick's update, if admission is on.
+    pub(crate) admission: Option<&'a crate::admit::LimiterState>,
 }

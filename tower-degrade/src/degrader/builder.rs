@@ -8,8 +8,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use super::shared::{AdmissionControl, ClassControl, PolicyStage, Shared};
-use crate::admit::{Admission, CpuSignal, Limiter};
 use super::{Degrader, Status};
+use crate::admit::{Admission, CpuSignal, Limiter};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::class::{ClassConfig, Registry};
 use crate::clock::{LatencyClock, Timer};
@@ -162,11 +162,9 @@ impl DegraderBuilder {
                             }
                         },
                     };
-                    class_limiter.push(u8::try_from(i).map_err(|_| {
-                        ConfigError::InvalidValue {
-                            field: "admission.per_dependency",
-                            reason: "more than 255 dependencies".into(),
-                        }
+                    class_limiter.push(u8::try_from(i).map_err(|_| ConfigError::InvalidValue {
+                        field: "admission.per_dependency",
+                        reason: "more than 255 dependencies".into(),
                     })?);
                 }
                 let cpu = a.cpu_threshold.map(|t| (CpuSignal::default(), t));

@@ -9,11 +9,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
 use super::Status;
+use crate::admit::{CpuSignal, Limiter, LimiterState};
 use crate::breaker::Breaker;
 use crate::class::{ClassId, Registry};
 use crate::control::Stage;
 use crate::gate::Gate;
-use crate::admit::{CpuSignal, Limiter, LimiterState};
 use crate::metrics::{ClassMetrics, LimiterMetrics, ServiceMetrics};
 use crate::predict::{FeatureHistory, PredictStage};
 use crate::window::{Gauges, History, Shard, WindowReader};

@@ -155,7 +155,11 @@ where
         let this = self.project();
         let idx = usize::from(*this.class);
         if this.rec.is_none() {
-            let waiter = this.ticket.waiter.as_ref().expect("polled after completion");
+            let waiter = this
+                .ticket
+                .waiter
+                .as_ref()
+                .expect("polled after completion");
             let end = match waiter.poll(cx) {
                 Poll::Ready(end) => end,
                 Poll::Pending => {
@@ -175,7 +179,8 @@ where
                 WaitEnd::Granted => {
                     let tier = shared.gates[idx].tier;
                     let probe = this.probe.take();
-                    let mut rec = Recording::after_wait(shard, *this.class, tier, probe, *this.since);
+                    let mut rec =
+                        Recording::after_wait(shard, *this.class, tier, probe, *this.since);
                     rec.permit = true;
                     *this.rec = Some(rec);
                 }
@@ -188,7 +193,15 @@ where
                     let gate = &shared.gates[idx];
                     let retry = Some(shared.period);
                     return Poll::Ready(
-                        match divert(shared, this.fallback, req, idx, Reason::Overload, gate.route, retry) {
+                        match divert(
+                            shared,
+                            this.fallback,
+                            req,
+                            idx,
+                            Reason::Overload,
+                            gate.route,
+                            retry,
+                        ) {
                             Ok(fut) => Exit::Fallback(fut),
                             Err(d) => Exit::Degraded(d),
                         },

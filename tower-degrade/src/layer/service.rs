@@ -185,7 +185,15 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
         F: Fallback<Req, S::Response, S::Error>,
     {
         let (reason, route, retry) = (d.reason(), d.route(), d.retry_after());
-        match divert(&self.shared, &mut self.fallback, req, idx, reason, route, retry) {
+        match divert(
+            &self.shared,
+            &mut self.fallback,
+            req,
+            idx,
+            reason,
+            route,
+            retry,
+        ) {
             Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
             Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
         }
@@ -216,7 +224,10 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             user: key.user(),
         };
         let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
-        let since = self.waiting_since.take().unwrap_or_else(|| shard.timer.start());
+        let since = self
+            .waiting_since
+            .take()
+            .unwrap_or_else(|| shard.timer.start());
         match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance()) {
             Enqueued::Admitted => {
                 let mut rec = Recording::after_wait(shard, idx as u16, gate.tier, probe, since);
@@ -229,7 +240,15 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
                     p.release(idx);
                 }
                 let (route, retry) = (gate.route, Some(self.shared.period));
-                match divert(&self.shared, &mut self.fallback, req, idx, Reason::Overload, route, retry) {
+                match divert(
+                    &self.shared,
+                    &mut self.fallback,
+                    req,
+                    idx,
+                    Reason::Overload,
+                    route,
+                    retry,
+                ) {
                     Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
                     Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
                 }

@@ -101,6 +101,7 @@ impl Runtime {
             tick.history.clone(),
             tick.state,
             tick.prediction,
+            tick.admission.cloned(),
         );
         let mut everyone: Vec<(i64, Decision)> = Vec::new();
         let mut rules = Vec::new();

@@ -260,7 +260,7 @@ impl Runtime {
             ("an open breaker", sample(0, 30, 2000, 5), State::Open),
         ];
         for (what, history, state) in samples {
-            let ctx = self.ctx(class, history, state, None);
+            let ctx = self.ctx(class, history, state, None, None);
             self.decide(policy, ctx.clone()).map_err(|(line, reason)| {
                 PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
             })?;

@@ -60,6 +60,7 @@ pub struct TickCtx {
     pub(crate) dependencies: Arc<[String]>,
     pub(crate) tags: Arc<HashMap<String, String>>,
     pub(crate) prediction: Option<f64>,
+    pub(crate) admission: Option<crate::admit::LimiterState>,
     pub(crate) service: ImmutableString,
     pub(crate) env: ImmutableString,
 }
@@ -91,6 +92,7 @@ macro_rules! window_getters {
             .register_get("requests", move |c: &mut $ty| get(c).requests() as i64)
             .register_get("completed", move |c: &mut $ty| get(c).completed() as i64)
             .register_get("inflight", move |c: &mut $ty| get(c).inflight)
+            .register_get("overdue", move |c: &mut $ty| get(c).overdue as i64)
             .register_get("queue_depth", move |c: &mut $ty| get(c).queue_depth as i64)
             .register_get("queue_delay_ms", move |c: &mut $ty| ms(get(c).queue_delay));
     }};
@@ -180,6 +182,18 @@ pub(crate) fn build_engine(limits: &Limits) -> Engine {
         })
         .register_get("prediction", |c: &mut TickCtx| c.prediction.unwrap_or(0.0))
         .register_get("has_prediction", |c: &mut TickCtx| c.prediction.is_some())
+        // The class's admission limiter (0 when admission is off): its limit, the calls holding
+        // a permit and the calls waiting for one.
+        .register_get("has_admission", |c: &mut TickCtx| c.admission.is_some())
+        .register_get("admission_limit", |c: &mut TickCtx| {
+            c.admission.as_ref().map_or(0, |a| i64::from(a.limit))
+        })
+        .register_get("admission_inflight", |c: &mut TickCtx| {
+            c.admission.as_ref().map_or(0, |a| i64::from(a.inflight))
+        })
+        .register_get("admission_waiting", |c: &mut TickCtx| {
+            c.admission.as_ref().map_or(0, |a| i64::from(a.waiting))
+        })
         .register_get("service", |c: &mut TickCtx| c.service.clone())
         .register_get("env", |c: &mut TickCtx| c.env.clone())
         .register_get("history_len", |c: &mut TickCtx| c.history.len() as i64)

@@ -193,6 +193,7 @@ impl Runtime {
         history: Arc<History>,
         state: State,
         prediction: Option<f64>,
+        admission: Option<crate::admit::LimiterState>,
     ) -> TickCtx {
         let c = &self.classes[class];
         TickCtx {
@@ -205,6 +206,7 @@ impl Runtime {
             dependencies: c.dependencies.clone(),
             tags: c.tags.clone(),
             prediction,
+            admission,
             service: self.service.clone(),
             env: self.env.clone(),
         }

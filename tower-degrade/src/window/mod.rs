@@ -118,6 +118,7 @@ mod tests {
             tick,
             period: Duration::from_millis(500),
             sla_micros: 50_000,
+            abandon_micros: u64::MAX,
         }
     }
 

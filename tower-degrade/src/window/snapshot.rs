@@ -67,6 +67,8 @@ pub(crate) struct TickContext {
     pub(crate) tick: u64,
     pub(crate) period: Duration,
     pub(crate) sla_micros: u64,
+    /// The class's abandon threshold (`u64::MAX`: never), for [`WindowSnapshot::overdue`].
+    pub(crate) abandon_micros: u64,
 }
 
 impl WindowReader {
@@ -130,8 +132,14 @@ impl WindowReader {
         } else {
             histogram::count_above(hist, ctx.sla_micros)
         };
+        let inflight = self.prev.inflight as i64;
+        let completed = counts[Outcome::Success.index()]
+            + counts[Outcome::Error.index()]
+            + counts[Outcome::Timeout.index()];
+        let overdue = overdue(inflight, completed, ctx.period, ctx.abandon_micros);
         WindowSnapshot {
             tick: ctx.tick,
+            overdue,
             period: ctx.period,
             successes: counts[Outcome::Success.index()],
             errors: counts[Outcome::Error.index()],
@@ -144,7 +152,7 @@ impl WindowReader {
             p90: micros(histogram::quantile(hist, latency_samples, 0.90)),
             p99: micros(histogram::quantile(hist, latency_samples, 0.99)),
             max: micros(max_micros),
-            inflight: self.prev.inflight as i64,
+            inflight,
             queue_depth: gauges.queue_depth.load(Relaxed),
             queue_delay: micros(measured_delay.max(gauges.queue_delay_micros.load(Relaxed))),
         }
@@ -158,6 +166,17 @@ impl WindowReader {
             .filter(|(_, c)| **c != 0)
             .map(|(b, c)| (histogram::bucket_value(b), *c))
     }
+}
+
+/// In-flight calls that will wait past the abandon threshold at the rate calls complete
+/// (Little's law: `inflight - completion rate x threshold`, at least 0).
+fn overdue(inflight: i64, completed: u64, period: Duration, abandon_micros: u64) -> u64 {
+    if abandon_micros == u64::MAX || inflight <= 0 || period.is_zero() {
+        return 0;
+    }
+    let rate = completed as f64 / period.as_secs_f64();
+    let within = rate * abandon_micros as f64 / 1e6;
+    (inflight as f64 - within).max(0.0) as u64
 }
 
 fn micros(v: u64) -> Duration {
@@ -202,6 +221,12 @@ pub struct WindowSnapshot {
     pub max: Duration,
     /// Calls in flight at the end of the window.
     pub inflight: i64,
+    /// In-flight calls that, at the rate this window's calls completed, will have run past
+    /// the class's abandon threshold (its SLA by default) before they finish: `inflight -
+    /// completion rate x threshold` (Little's law), at least 0. A backlog the service cannot
+    /// clear in time is failing its callers before they give up, so the rates count these
+    /// calls as failed and slow. 0 for a class with `abandon_timeout(None)`.
+    pub overdue: u64,
     /// Queue depth last reported for the class
     /// ([`Degrader::report_queue`](crate::Degrader::report_queue)).
     pub queue_depth: u64,
@@ -242,30 +267,43 @@ impl WindowSnapshot {
         }
     }
 
-    /// Successes over completed calls; 1.0 when nothing completed.
+    /// Completed calls and [overdue](Self::overdue) ones: what the rates are over.
+    pub fn assessed(&self) -> u64 {
+        self.completed() + self.overdue
+    }
+
+    /// Successes over [assessed](Self::assessed) calls; 1.0 when there are none.
     pub fn success_rate(&self) -> f64 {
-        Self::ratio(self.successes, self.completed(), 1.0)
+        Self::ratio(self.successes, self.assessed(), 1.0)
     }
 
-    /// Errors and timeouts over completed calls; 0.0 when nothing completed.
+    /// Errors, timeouts and overdue calls over assessed calls; 0.0 when there are none.
     pub fn failure_rate(&self) -> f64 {
-        Self::ratio(self.errors + self.timeouts, self.completed(), 0.0)
+        Self::ratio(
+            self.errors + self.timeouts + self.overdue,
+            self.assessed(),
+            0.0,
+        )
     }
 
-    /// Errors over completed calls.
+    /// Errors over assessed calls.
     pub fn error_rate(&self) -> f64 {
-        Self::ratio(self.errors, self.completed(), 0.0)
+        Self::ratio(self.errors, self.assessed(), 0.0)
     }
 
-    /// Timeouts over completed calls.
+    /// Timeouts (and overdue calls) over assessed calls.
     pub fn timeout_rate(&self) -> f64 {
-        Self::ratio(self.timeouts, self.completed(), 0.0)
+        Self::ratio(self.timeouts + self.overdue, self.assessed(), 0.0)
     }
 
-    /// Calls slower than the class SLA over completed calls (abandoned slow calls are counted
-    /// as timeouts, so they are in both).
+    /// Calls slower than the class SLA (and overdue calls) over assessed calls (abandoned slow
+    /// calls are counted as timeouts, so they are in both).
     pub fn slow_rate(&self) -> f64 {
-        Self::ratio(self.slow.min(self.completed()), self.completed(), 0.0)
+        Self::ratio(
+            self.slow.min(self.completed()) + self.overdue,
+            self.assessed(),
+            0.0,
+        )
     }
 
     /// Calls served (successes and fallback-served calls) over all requests; 1.0 when idle.
