@@ -468,7 +468,8 @@ fn recovery(samples: &[Sample], step: f64, secs: f64) -> Option<f64> {
             class_stats(samples, 0, from, from + BIN_MS as f64 / 1000.0).p99
         })
         .collect();
-    let last_bad = p99s.iter().rposition(|p| !(*p <= SLA_MS[0]));
+    // A bin with no gold call (NaN) is not a bad one.
+    let last_bad = p99s.iter().rposition(|p| *p > SLA_MS[0]);
     match last_bad {
         None => Some(0.0),
         Some(b) if b + 1 < bins => Some(((b + 1) as u64 * BIN_MS) as f64 / 1000.0),
@@ -487,14 +488,14 @@ fn write_bins(
     let bins = (secs * 1000.0 / BIN_MS as f64) as usize;
     for b in 0..bins {
         let from = (b as u64 * BIN_MS) as f64 / 1000.0;
-        for class in 0..3 {
+        for (class, name) in CLASSES.iter().enumerate() {
             let s = class_stats(samples, class, from, from + BIN_MS as f64 / 1000.0);
             if s.sent > 0 {
                 let _ = writeln!(
                     out,
                     "{},{},{from:.1},{},{},{:.2}",
                     config.short(),
-                    CLASSES[class],
+                    name,
                     s.sent,
                     s.ok,
                     s.p99
@@ -592,7 +593,7 @@ fn main() -> Result<(), BoxError> {
             let hold = server.state.stats.hold_us.load(Relaxed) as f64 / done.max(1) as f64;
             let capacity = PERMITS as f64 / (hold / 1e6);
             let mut total = 0.0;
-            for class in 0..3 {
+            for (class, name) in CLASSES.iter().enumerate() {
                 let s = class_stats(&samples, class, from, secs);
                 if s.sent == 0 {
                     continue;
@@ -602,7 +603,7 @@ fn main() -> Result<(), BoxError> {
                 println!(
                     "| {} | {} | {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % | {:.1} | {:.1} | {:.0} |",
                     config.label(),
-                    CLASSES[class],
+                    name,
                     s.sent,
                     pct(s.ok),
                     pct(s.rejected),

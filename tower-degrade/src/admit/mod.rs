@@ -159,11 +159,11 @@ impl Admission {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AdmissionKey {
     tier: Option<Tier>,
-    user: Option<u8>,
+    user: Option<u16>,
 }
 
 /// Calls without a user key are in the middle bucket: behind half the users, ahead of the rest.
-pub const DEFAULT_USER_BUCKET: u8 = 128;
+pub const DEFAULT_USER_BUCKET: u16 = 32_768;
 
 impl AdmissionKey {
     /// Nothing known: the class's tier, the default user bucket.
@@ -182,7 +182,7 @@ impl AdmissionKey {
     }
 
     /// The user key: hashed (stably: the same key lands in the same bucket in every process
-    /// and release) into one of 256 buckets.
+    /// and release) into one of 65,536 buckets.
     pub fn with_user(mut self, key: &[u8]) -> Self {
         self.user = Some(user_bucket(key));
         self
@@ -196,13 +196,14 @@ impl AdmissionKey {
         }
     }
 
-    pub(crate) fn user(&self) -> u8 {
+    pub(crate) fn user(&self) -> u16 {
         self.user.unwrap_or(DEFAULT_USER_BUCKET)
     }
 }
 
-/// FNV-1a: stable across processes and releases (unlike `std`'s `RandomState`).
-fn user_bucket(key: &[u8]) -> u8 {
+/// FNV-1a and splitmix64's finaliser: stable across processes and releases (unlike `std`'s
+/// `RandomState`).
+fn user_bucket(key: &[u8]) -> u16 {
     struct Fnv(u64);
     impl Hasher for Fnv {
         fn finish(&self) -> u64 {
@@ -216,8 +217,11 @@ fn user_bucket(key: &[u8]) -> u8 {
     }
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     key.hash(&mut h);
-    let x = h.finish();
-    (x ^ (x >> 32) ^ (x >> 16) ^ (x >> 8)) as u8
+    // FNV's high bits mix poorly for short keys: finish with splitmix64's mixer.
+    let mut x = h.finish();
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((x ^ (x >> 31)) >> 48) as u16
 }
 
 /// The class's dynamic score within its tier (seed 3.1), 0..=65535:
@@ -242,10 +246,10 @@ mod tests {
     #[test]
     fn user_buckets_are_stable_and_spread() {
         assert_eq!(user_bucket(b"alice"), user_bucket(b"alice"));
-        let buckets: std::collections::HashSet<u8> = (0..1000)
+        let buckets: std::collections::HashSet<u16> = (0..1000)
             .map(|i| user_bucket(format!("user-{i}").as_bytes()))
             .collect();
-        assert!(buckets.len() > 200, "{} buckets", buckets.len());
+        assert!(buckets.len() > 980, "{} buckets", buckets.len());
     }
 
     #[test]

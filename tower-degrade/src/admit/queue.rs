@@ -28,7 +28,7 @@ const MICROS_MASK: u64 = (1 << MICROS_BITS) - 1;
 pub(crate) struct Key {
     rank: u8,
     score: u16,
-    user: u8,
+    user: u16,
     age: std::cmp::Reverse<u64>,
 }
 
@@ -37,7 +37,7 @@ pub(crate) struct Key {
 pub(crate) struct Priority {
     pub(crate) tier: Tier,
     pub(crate) score: u16,
-    pub(crate) user: u8,
+    pub(crate) user: u16,
 }
 
 fn rank(tier: Tier) -> u8 {
@@ -304,14 +304,15 @@ impl Limiter {
         }
     }
 
-    /// Permits in use.
-    pub(crate) fn inflight(&self) -> u32 {
-        self.inflight.load(Relaxed)
-    }
-
-    /// The limit now.
-    pub(crate) fn limit(&self) -> u32 {
-        self.limit.load(Relaxed)
+    /// The limiter now (without the baseline, which the control loop owns).
+    pub(crate) fn state(&self) -> LimiterState {
+        LimiterState {
+            name: self.name.clone(),
+            limit: self.limit.load(Relaxed),
+            inflight: self.inflight.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            baseline_micros: None,
+        }
     }
 }
 
@@ -331,7 +332,7 @@ mod tests {
         )
     }
 
-    fn prio(tier: Tier, user: u8) -> Priority {
+    fn prio(tier: Tier, user: u16) -> Priority {
         Priority {
             tier,
             score: 0,
@@ -373,10 +374,10 @@ mod tests {
         assert!(poll(&bronze).is_pending());
         l.release(1_000);
         assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
-        assert_eq!(l.inflight(), 2);
+        assert_eq!(l.state().inflight, 2);
         l.give_back();
         l.give_back();
-        assert_eq!(l.inflight(), 0);
+        assert_eq!(l.state().inflight, 0);
         assert!(l.try_acquire(), "the fast path again once nobody waits");
     }
 
@@ -410,7 +411,7 @@ mod tests {
         l.release(1);
         assert!(l.leave(&w), "granted before it left: it holds the permit");
         l.give_back();
-        assert_eq!(l.inflight(), 0);
+        assert_eq!(l.state().inflight, 0);
     }
 
     #[test]
@@ -424,7 +425,7 @@ mod tests {
             l.enqueue(prio(Tier::Bronze, 0), 1.2),
             Enqueued::Admitted
         ));
-        assert_eq!(l.inflight(), 1);
+        assert_eq!(l.state().inflight, 1);
     }
 
     #[test]

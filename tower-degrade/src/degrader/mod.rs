@@ -68,33 +68,25 @@ impl Degrader {
         self.shared.status.load_full()
     }
 
-    /// Every admission limiter as of the last tick, the service's first: its limit, permits in
-    /// use, waiting calls and the latency baseline (empty without
-    /// [`admission`](crate::DegraderBuilder::admission)).
+    /// Every admission limiter now, the service's first: its limit, the calls holding a permit
+    /// and those waiting for one, and the latency baseline measured at the last tick (empty
+    /// without [`admission`](crate::DegraderBuilder::admission)).
     pub fn admission(&self) -> Vec<crate::admit::LimiterState> {
-        let states = self
+        let adm = self
             .shared
             .admission
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .states
-            .clone();
-        if states.is_empty() {
-            // Before the first tick: the starting limits.
-            return self
-                .shared
-                .limiters
-                .iter()
-                .map(|l| crate::admit::LimiterState {
-                    name: l.name.clone(),
-                    limit: l.limit(),
-                    inflight: l.inflight(),
-                    waiting: 0,
-                    baseline_micros: None,
-                })
-                .collect();
-        }
-        states
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared
+            .limiters
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut s = l.state();
+                s.baseline_micros = adm.states.get(i).and_then(|t| t.baseline_micros);
+                s
+            })
+            .collect()
     }
 
     /// `degrade_health_score` at the last tick, 0–100.

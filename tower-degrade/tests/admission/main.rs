@@ -1,0 +1,512 @@
+//! Priority admission: who gets the next permit, how long a call may wait, that permits never
+//! leak, that the limit finds the capacity, and priority propagation. Paused clock.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::admit::{Admission, PropagatePriorityLayer};
+use tower_degrade::classify::HttpClassifier;
+use tower_degrade::gate::Reason;
+use tower_degrade::{BoxError, ClassConfig, Degrader, Tier};
+
+#[path = "../support.rs"]
+mod support;
+
+/// A degrader with admission starting (and staying, until ticked) at `limit`.
+fn degrader(limit: u32, classes: impl IntoIterator<Item = ClassConfig>) -> Degrader {
+    let mut b =
+        support::builder("test").admission(Admission::adaptive().initial_limit(limit).min_limit(1));
+    for c in classes {
+        b = b.class(c);
+    }
+    b.build_with_worker().expect("valid config").0
+}
+
+/// Calls that record their id when they start running, then hold until `gate` gives them a
+/// permit.
+#[derive(Clone)]
+struct Held {
+    started: Arc<Mutex<Vec<u32>>>,
+    gate: Arc<Semaphore>,
+}
+
+impl Held {
+    fn new() -> Self {
+        Self {
+            started: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn service(
+        &self,
+    ) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send + 'static
+    {
+        let (started, gate) = (self.started.clone(), self.gate.clone());
+        service_fn(move |id: u32| {
+            started.lock().unwrap().push(id);
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await?.forget();
+                Ok::<_, BoxError>(id)
+            }
+        })
+    }
+
+    fn started(&self) -> Vec<u32> {
+        self.started.lock().unwrap().clone()
+    }
+}
+
+/// Let spawned calls run until they block.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn reason(r: Result<u32, BoxError>) -> Option<Reason> {
+    r.err()
+        .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_permit_goes_to_gold_then_silver_then_bronze() {
+    let d = degrader(
+        2,
+        [
+            ClassConfig::gold("pay"),
+            ClassConfig::silver("stock"),
+            ClassConfig::bronze("log"),
+        ],
+    );
+    let held = Held::new();
+    let svc = |class: &str| d.layer(d.class_id(class).unwrap()).layer(held.service());
+    let mut calls = Vec::new();
+    // Two bronze calls take both permits; then bronze, silver and gold wait, in that order.
+    for (id, class) in [(1, "log"), (2, "log"), (3, "log"), (4, "stock"), (5, "pay")] {
+        calls.push(tokio::spawn(svc(class).oneshot(id)));
+        settle().await;
+    }
+    assert_eq!(held.started(), [1, 2]);
+    assert_eq!(d.admission()[0].waiting, 3);
+    for _ in 0..3 {
+        held.gate.add_permits(1);
+        settle().await;
+    }
+    assert_eq!(
+        held.started(),
+        [1, 2, 5, 4, 3],
+        "gold, then silver, then bronze"
+    );
+    held.gate.add_permits(2);
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let s = &d.admission()[0];
+    assert_eq!((s.inflight, s.waiting), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waits_no_longer_than_its_class_tolerates() {
+    let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+    let held = Held::new();
+    let busy = tokio::spawn(
+        d.layer(d.class_id("log").unwrap())
+            .layer(held.service())
+            .oneshot(1),
+    );
+    settle().await;
+    let pay = d.layer(d.class_id("pay").unwrap()).layer(held.service());
+    let start = tokio::time::Instant::now();
+    let r = pay.oneshot(2).await;
+    // Gold's bound is 50 ms (seed 3.1): answered then, not served late.
+    assert_eq!(reason(r), Some(Reason::Overload));
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    d.tick_now();
+    let w = *d.history("pay").unwrap().latest().unwrap();
+    assert_eq!((w.rejected, w.completed()), (1, 0));
+    assert_eq!(
+        w.queue_delay,
+        Duration::from_millis(50),
+        "the wait is queueing delay"
+    );
+    held.gate.add_permits(1);
+    busy.await.unwrap().unwrap();
+}
+
+/// With one permit taken, `first` then `second` queue for bronze's one place: which user stays.
+async fn who_stays(first: &str, second: &str) -> String {
+    let d = degrader(1, [ClassConfig::bronze("log")]);
+    let classify = HttpClassifier::builder(d.registry())
+        .route(None, "/log", "log")
+        .unwrap()
+        .user_key("x-user-id")
+        .unwrap()
+        .build();
+    let held = Arc::new(Semaphore::new(0));
+    let inner = {
+        let held = held.clone();
+        service_fn(move |req: Request<()>| {
+            let held = held.clone();
+            async move {
+                held.acquire().await?.forget();
+                Ok::<_, BoxError>(req.headers()["x-user-id"].to_str()?.to_owned())
+            }
+        })
+    };
+    let svc = d.layer(classify).layer(inner);
+    let call = |user: &str| {
+        let req = Request::get("/log")
+            .header("x-user-id", user)
+            .body(())
+            .unwrap();
+        tokio::spawn(svc.clone().oneshot(req))
+    };
+    let busy = call("someone");
+    settle().await;
+    let (a, b) = (call(first), call(second));
+    settle().await;
+    assert!(
+        a.is_finished() != b.is_finished(),
+        "bronze queues ceil(0.2 x limit) = 1 call: one of the two is answered at once"
+    );
+    let (shed, stays) = if a.is_finished() { (a, b) } else { (b, a) };
+    let r = shed.await.unwrap().map(|_| 0);
+    assert_eq!(reason(r), Some(Reason::Overload));
+    held.add_permits(2);
+    busy.await.unwrap().unwrap();
+    stays.await.unwrap().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_tier_sheds_by_user_and_the_same_users_stay_whatever_the_order() {
+    let mut stayed = std::collections::HashSet::new();
+    for i in 0..10 {
+        let (u, v) = (format!("user-{i}"), format!("user-{}", i + 100));
+        let one = who_stays(&u, &v).await;
+        let two = who_stays(&v, &u).await;
+        assert_eq!(one, two, "the same user stays whatever the order");
+        stayed.insert(one == u);
+    }
+    assert_eq!(
+        stayed.len(),
+        2,
+        "not simply the first or the second to arrive"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_never_leak() {
+    let d = degrader(
+        1,
+        [
+            ClassConfig::gold("pay").timeout(Duration::from_millis(20)),
+            ClassConfig::bronze("log"),
+        ],
+    );
+    let idle = |d: &Degrader| {
+        let s = &d.admission()[0];
+        (s.inflight, s.waiting)
+    };
+    let held = Held::new();
+    let log = d.layer(d.class_id("log").unwrap()).layer(held.service());
+
+    // Cancelled while running, and while waiting.
+    let running = tokio::spawn(log.clone().oneshot(1));
+    settle().await;
+    let waiting = tokio::spawn(log.clone().oneshot(2));
+    settle().await;
+    assert_eq!(idle(&d), (1, 1));
+    waiting.abort();
+    settle().await;
+    assert_eq!(idle(&d), (1, 0));
+    running.abort();
+    settle().await;
+    assert_eq!(idle(&d), (0, 0));
+
+    // Timed out by the class timeout.
+    let r = d
+        .layer(d.class_id("pay").unwrap())
+        .layer(held.service())
+        .oneshot(3)
+        .await;
+    assert_eq!(reason(r), Some(Reason::Timeout));
+    assert_eq!(idle(&d), (0, 0));
+
+    // A panic in the inner future, and in `call`.
+    let panics_in_future = service_fn(|_: u32| async {
+        panic!("handler bug");
+        #[allow(unreachable_code)]
+        Ok::<u32, BoxError>(0)
+    });
+    let r = tokio::spawn(
+        d.layer(d.class_id("log").unwrap())
+            .layer(panics_in_future)
+            .oneshot(4),
+    )
+    .await;
+    assert!(r.unwrap_err().is_panic());
+    assert_eq!(idle(&d), (0, 0));
+    let panics_in_call =
+        service_fn(|_: u32| -> std::future::Ready<Result<u32, BoxError>> { panic!("call bug") });
+    let r = tokio::spawn(
+        d.layer(d.class_id("log").unwrap())
+            .layer(panics_in_call)
+            .oneshot(5),
+    )
+    .await;
+    assert!(r.unwrap_err().is_panic());
+    assert_eq!(idle(&d), (0, 0));
+
+    // A waiting call whose permit is granted but whose caller is gone gives it back.
+    let running = tokio::spawn(log.clone().oneshot(6));
+    settle().await;
+    let mut waiting = Box::pin(log.clone().oneshot(7));
+    assert!(futures_poll(&mut waiting).is_pending());
+    held.gate.add_permits(1);
+    running.await.unwrap().unwrap();
+    assert_eq!(idle(&d), (1, 0), "granted to the waiting call");
+    drop(waiting);
+    assert_eq!(idle(&d), (0, 0));
+}
+
+fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(f).poll(&mut cx)
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_the_limit() {
+    let d = degrader(1, [ClassConfig::bronze("log")]);
+    let held = Held::new();
+    let a = d.layer(d.class_id("log").unwrap()).layer(held.service());
+    let b = a.clone();
+    let first = tokio::spawn(a.oneshot(1));
+    settle().await;
+    let second = tokio::spawn(b.oneshot(2));
+    settle().await;
+    assert_eq!(
+        held.started(),
+        [1],
+        "the clone waits for the original's permit"
+    );
+    held.gate.add_permits(2);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(held.started(), [1, 2]);
+}
+
+/// `workers` workers held `work` per call: capacity `workers` in flight.
+fn fixed_capacity(
+    workers: usize,
+    work: Duration,
+) -> impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let pool = Arc::new(Semaphore::new(workers));
+    service_fn(move |()| {
+        let pool = pool.clone();
+        async move {
+            let _worker = pool.acquire_owned().await?;
+            tokio::time::sleep(work).await;
+            Ok::<_, BoxError>(())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla() {
+    let mut b = support::builder("test").admission(Admission::adaptive());
+    for c in [ClassConfig::gold("pay"), ClassConfig::bronze("log")] {
+        b = b.class(c);
+    }
+    let d = b.build_with_worker().unwrap().0;
+    // 8 workers x 10 ms: 800 calls/s. Offered: gold 4 + bronze 20 calls every 10 ms (3x),
+    // each caller giving up after 1 s.
+    let capacity = fixed_capacity(8, Duration::from_millis(10));
+    let pay = d.layer(d.class_id("pay").unwrap()).layer(capacity.clone());
+    let log = d.layer(d.class_id("log").unwrap()).layer(capacity);
+    let gold = Arc::new(Mutex::new((0u32, 0u32, Duration::ZERO)));
+    let mut limits = Vec::new();
+    for step in 1..=1000 {
+        let counting = step > 500;
+        for i in 0..24 {
+            let gold = gold.clone();
+            let (call, is_gold) = if i < 4 {
+                (pay.clone().oneshot(()), true)
+            } else {
+                (log.clone().oneshot(()), false)
+            };
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let r = tokio::time::timeout(Duration::from_secs(1), call).await;
+                if is_gold && counting {
+                    let mut g = gold.lock().unwrap();
+                    g.0 += 1;
+                    g.1 += u32::from(matches!(r, Ok(Ok(()))));
+                    g.2 = g.2.max(start.elapsed());
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if step % 50 == 0 {
+            d.tick_now();
+            limits.push(d.admission()[0].limit);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (sent, ok, worst) = *gold.lock().unwrap();
+    assert_eq!(ok, sent, "every gold call of the second half served");
+    assert!(
+        worst <= Duration::from_millis(50),
+        "gold within its SLA: {worst:?}"
+    );
+    // Within 20 % of the 8 workers, after the first few ticks.
+    assert!(
+        limits[5..].iter().all(|l| (8..=10).contains(l)),
+        "limit per tick: {limits:?}"
+    );
+    let status = d.status();
+    assert_eq!(status.admission[0].name.as_ref(), "service");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tier_is_propagated_to_downstream_calls() {
+    let d = degrader(10, [ClassConfig::gold("pay")]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let downstream = {
+        let seen = seen.clone();
+        PropagatePriorityLayer::new().layer(service_fn(move |req: Request<()>| {
+            seen.lock()
+                .unwrap()
+                .push(req.headers().get("x-degrade-priority").cloned());
+            async { Ok::<_, BoxError>(()) }
+        }))
+    };
+    let handler = {
+        let downstream = downstream.clone();
+        service_fn(move |()| {
+            let downstream = downstream.clone();
+            async move {
+                // The payment handler calls a downstream service while it is being served.
+                downstream.oneshot(Request::new(())).await?;
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    d.layer(d.class_id("pay").unwrap())
+        .layer(handler)
+        .oneshot(())
+        .await
+        .unwrap();
+    // Outside any call: nothing to propagate; an explicit tier wins.
+    downstream.clone().oneshot(Request::new(())).await.unwrap();
+    let mut req = Request::new(());
+    req.extensions_mut().insert(Tier::Silver);
+    downstream.oneshot(req).await.unwrap();
+    let seen: Vec<Option<String>> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_ref().map(|v| v.to_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(seen, [Some("gold".into()), None, Some("silver".into())]);
+}
+
+#[test]
+fn an_upstream_priority_is_capped_and_garbage_is_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let order = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            // A limit of 10: bronze may queue 2, silver 5, gold 10.
+            let d = degrader(
+                10,
+                [
+                    ClassConfig::gold("pay"),
+                    ClassConfig::silver("stock"),
+                    ClassConfig::bronze("log"),
+                ],
+            );
+            let classify = HttpClassifier::builder(d.registry())
+                .route(None, "/pay", "pay")
+                .unwrap()
+                .route(None, "/stock", "stock")
+                .unwrap()
+                .route(None, "/log", "log")
+                .unwrap()
+                // Upstreams may raise a call up to silver, not to gold.
+                .upstream_priority("x-degrade-priority", Tier::Silver)
+                .unwrap()
+                .build();
+            let started = Arc::new(Mutex::new(Vec::new()));
+            let gate = Arc::new(Semaphore::new(0));
+            let inner = {
+                let (started, gate) = (started.clone(), gate.clone());
+                service_fn(move |req: Request<()>| {
+                    started.lock().unwrap().push(req.uri().to_string());
+                    let gate = gate.clone();
+                    async move {
+                        gate.acquire().await?.forget();
+                        Ok::<_, BoxError>(http::Response::new(()))
+                    }
+                })
+            };
+            let svc = d.layer(classify).layer(inner);
+            let call = |uri: &str, prio: Option<&str>| {
+                let mut req = Request::get(uri);
+                if let Some(p) = prio {
+                    req = req.header("x-degrade-priority", p);
+                }
+                tokio::spawn(svc.clone().oneshot(req.body(()).unwrap()))
+            };
+            let mut calls: Vec<_> = (0..10).map(|_| call("/stock?busy", None)).collect();
+            settle().await;
+            for (uri, prio) in [
+                ("/log?plain", None),
+                ("/log?garbage", Some("platinum")),
+                ("/log?claims-gold", Some("gold")),
+                ("/pay", None),
+            ] {
+                calls.push(call(uri, prio));
+                settle().await;
+            }
+            gate.add_permits(20);
+            for c in calls {
+                c.await.unwrap().unwrap();
+            }
+            started.lock().unwrap().clone()
+        })
+    });
+    assert_eq!(
+        order[10..],
+        ["/pay", "/log?claims-gold", "/log?plain", "/log?garbage"],
+        "gold first; the claim capped at silver; then bronze in arrival order"
+    );
+    let invalid = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(k, ..)| k.key().name() == "degrade_priority_header_invalid_total")
+        .map(|(.., v)| v);
+    assert_eq!(invalid, Some(DebugValue::Counter(1)));
+}
+
+#[tokio::test]
+async fn bad_admission_settings_are_errors_that_name_the_field() {
+    let e = support::builder("test")
+        .admission(Admission::adaptive().min_limit(50).max_limit(10))
+        .build_with_worker()
+        .err()
+        .expect("rejected");
+    assert!(e.to_string().contains("admission.min_limit"), "{e}");
+}
