@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::{Method, Request, Response, Uri};
 use tower::{Layer, Service, ServiceBuilder, service_fn};
+use tower_degrade::admit::Admission;
 use tower_degrade::{ClassConfig, Degrader};
 
 /// Drive one call to completion.
@@ -49,6 +50,15 @@ fn bare() -> Bare {
 /// A degrader whose control loop is not running: the closed path does not depend on it.
 fn degrader(classes: usize) -> Degrader {
     let mut b = Degrader::builder("bench");
+    for i in 0..classes {
+        b = b.class(ClassConfig::silver(format!("class-{i}")));
+    }
+    b.build_with_worker().expect("valid").0
+}
+
+/// [`degrader`] with priority admission, its limit far above what one thread keeps in flight.
+fn admission_degrader(classes: usize) -> Degrader {
+    let mut b = Degrader::builder("bench").admission(Admission::adaptive().initial_limit(1000));
     for i in 0..classes {
         b = b.class(ClassConfig::silver(format!("class-{i}")));
     }
@@ -111,6 +121,14 @@ fn bench_closed_path(c: &mut Criterion) {
     let class = d.class_id("class-1").unwrap();
     let mut svc = d.layer(class).layer(bare());
     g.bench_function("tower-degrade (fixed class)", |b| {
+        b.iter(|| call(&mut svc, black_box(1)))
+    });
+
+    // The same with priority admission on, not saturated: one load and one `fetch_add` to take
+    // a permit, one `fetch_add` (the latency sample) and one `fetch_sub` to give it back.
+    let da = admission_degrader(3);
+    let mut svc = da.layer(da.class_id("class-1").unwrap()).layer(bare());
+    g.bench_function("tower-degrade (fixed class, admission)", |b| {
         b.iter(|| call(&mut svc, black_box(1)))
     });
 
@@ -246,6 +264,20 @@ fn bench_contention(c: &mut Criterion) {
                 hammer(threads, iters, &make)
             })
         });
+    }
+    let da = admission_degrader(3);
+    let class = da.class_id("class-1").unwrap();
+    for threads in [1usize, 2] {
+        g.bench_function(
+            format!("tower-degrade admission {threads} thread(s)"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let iters = iters.max(threads as u64);
+                    let make = || da.layer(class).layer(bare());
+                    hammer(threads, iters, &make)
+                })
+            },
+        );
     }
     for threads in [1usize, 2] {
         g.bench_function(format!("bare service_fn {threads} thread(s)"), |b| {

@@ -142,3 +142,7 @@ pub use crate::layer::{Degrade, DegradeLayer};
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/admission.md")]
+struct AdmissionDoctests;

@@ -510,3 +510,69 @@ async fn bad_admission_settings_are_errors_that_name_the_field() {
         .expect("rejected");
     assert!(e.to_string().contains("admission.min_limit"), "{e}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dependency_can_have_its_own_limit() {
+    let mut b = support::builder("test").admission(
+        Admission::adaptive()
+            .initial_limit(1)
+            .min_limit(1)
+            .per_dependency(true),
+    );
+    for c in [
+        ClassConfig::gold("pay").depends_on("db"),
+        ClassConfig::silver("stock").depends_on("db"),
+        ClassConfig::bronze("log"),
+    ] {
+        b = b.class(c);
+    }
+    let d = b.build_with_worker().unwrap().0;
+    let names: Vec<String> = d.admission().iter().map(|l| l.name.to_string()).collect();
+    assert_eq!(names, ["service", "db"]);
+    let held = Held::new();
+    let svc = |class: &str| d.layer(d.class_id(class).unwrap()).layer(held.service());
+    // The database's one permit is taken: stock waits for it, log does not.
+    let pay = tokio::spawn(svc("pay").oneshot(1));
+    settle().await;
+    let stock = tokio::spawn(svc("stock").oneshot(2));
+    let log = tokio::spawn(svc("log").oneshot(3));
+    settle().await;
+    assert_eq!(held.started(), [1, 3]);
+    assert_eq!(d.admission()[1].waiting, 1);
+    held.gate.add_permits(3);
+    for c in [pay, stock, log] {
+        c.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn policies_see_the_limit_and_the_queue() {
+    let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+    d.load_policy_sources([(
+        "queue",
+        r#"
+fn policy() { #{ governs: ["log"] } }
+fn on_tick(ctx) {
+    if ctx.has_admission && ctx.admission_limit == 1 && ctx.admission_waiting > 0 {
+        return shed();
+    }
+}
+"#,
+    )])
+    .unwrap();
+    let held = Held::new();
+    let log = d.layer(d.class_id("log").unwrap()).layer(held.service());
+    let busy = tokio::spawn(log.clone().oneshot(1));
+    settle().await;
+    let waiting = tokio::spawn(log.clone().oneshot(2));
+    settle().await;
+    d.tick_now();
+    assert_eq!(
+        reason(log.clone().oneshot(3).await),
+        Some(Reason::Shed),
+        "the policy saw a call waiting"
+    );
+    held.gate.add_permits(2);
+    busy.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+}
