@@ -42,7 +42,7 @@ use std::hash::{Hash, Hasher};
 
 pub(crate) use self::limit::LimitConfig;
 pub use self::propagate::{
-    PRIORITY_HEADER, PropagatePriority, PropagatePriorityLayer, current_tier,
+    PRIORITY_HEADER, PropagatePriority, PropagatePriorityLayer, current_tier, track_current_tier,
 };
 pub(crate) use self::propagate::{TierScope, parse_tier};
 pub use self::queue::LimiterState;

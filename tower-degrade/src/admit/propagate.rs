@@ -10,6 +10,7 @@
 //! tier on them explicitly (a [`Tier`] in the request's extensions wins over the thread-local).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use http::HeaderValue;
@@ -25,6 +26,16 @@ const NONE: u8 = u8::MAX;
 
 thread_local! {
     static CURRENT: Cell<u8> = const { Cell::new(NONE) };
+}
+
+/// Whether calls set [`current_tier`] while polled: off until something reads it, so that the
+/// closed path of a process that does not propagate priority pays one relaxed load for it.
+static TRACKED: AtomicBool = AtomicBool::new(false);
+
+/// Make every call set [`current_tier`] while it is polled. Creating a
+/// [`PropagatePriorityLayer`] does it; call this to read `current_tier` without one.
+pub fn track_current_tier() {
+    TRACKED.store(true, Ordering::Relaxed);
 }
 
 fn to_bits(t: Tier) -> u8 {
@@ -44,26 +55,33 @@ fn from_bits(b: u8) -> Option<Tier> {
     }
 }
 
-/// The tier of the call whose future is being polled on this thread, if any.
+/// The tier of the call whose future is being polled on this thread, if any (once
+/// [`track_current_tier`] was called or a [`PropagatePriorityLayer`] created).
 pub fn current_tier() -> Option<Tier> {
     from_bits(CURRENT.with(Cell::get))
 }
 
-/// Sets the current tier for the duration of one poll, restoring the previous on drop.
+/// Sets the current tier for the duration of one poll (when tracked), restoring the previous
+/// on drop.
 #[derive(Debug)]
-pub(crate) struct TierScope(u8);
+pub(crate) struct TierScope(Option<u8>);
 
 impl TierScope {
     #[inline]
-    pub(crate) fn enter(tier: Tier) -> Self {
-        Self(CURRENT.with(|c| c.replace(to_bits(tier))))
+    pub(crate) fn enter(tier: impl FnOnce() -> Tier) -> Self {
+        if !TRACKED.load(Ordering::Relaxed) {
+            return Self(None);
+        }
+        Self(Some(CURRENT.with(|c| c.replace(to_bits(tier())))))
     }
 }
 
 impl Drop for TierScope {
     #[inline]
     fn drop(&mut self) {
-        CURRENT.with(|c| c.set(self.0));
+        if let Some(prev) = self.0 {
+            CURRENT.with(|c| c.set(prev));
+        }
     }
 }
 
@@ -88,6 +106,7 @@ pub struct PropagatePriorityLayer {
 impl PropagatePriorityLayer {
     /// Write [`PRIORITY_HEADER`].
     pub fn new() -> Self {
+        track_current_tier();
         Self {
             header: HeaderName::from_static(PRIORITY_HEADER),
         }
@@ -166,12 +185,13 @@ mod tests {
 
     #[test]
     fn the_scope_sets_and_restores_the_tier() {
+        track_current_tier();
         assert_eq!(current_tier(), None);
         {
-            let _outer = TierScope::enter(Tier::Gold);
+            let _outer = TierScope::enter(|| Tier::Gold);
             assert_eq!(current_tier(), Some(Tier::Gold));
             {
-                let _inner = TierScope::enter(Tier::Bronze);
+                let _inner = TierScope::enter(|| Tier::Bronze);
                 assert_eq!(current_tier(), Some(Tier::Bronze));
             }
             assert_eq!(current_tier(), Some(Tier::Gold));

@@ -173,7 +173,7 @@ impl DegraderBuilder {
         };
         let limiters: Arc<[Limiter]> = limiters.into();
         let class_limiter: Arc<[u8]> = class_limiter.into();
-        let gates = registry
+        let gates: Arc<[Gate]> = registry
             .iter()
             .map(|(id, c)| {
                 let l = class_limiter[id.index()];
@@ -213,6 +213,7 @@ impl DegraderBuilder {
                 })
             })
             .collect();
+        let tiers: Arc<[crate::class::Tier]> = registry.iter().map(|(_, c)| c.tier()).collect();
         let shards = (0..shard_n)
             .map(|_| {
                 Arc::new(Shard::new(
@@ -221,6 +222,8 @@ impl DegraderBuilder {
                     timer.clone(),
                     limiters.clone(),
                     class_limiter.clone(),
+                    tiers.clone(),
+                    gates.clone(),
                 ))
             })
             .collect();

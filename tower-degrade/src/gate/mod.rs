@@ -60,6 +60,11 @@ impl Gate {
         ticket(self.seq.fetch_add(1, Ordering::Relaxed)) < threshold
     }
 
+    /// Give one probe permit back (its call was cancelled).
+    pub(crate) fn release_probe(&self) {
+        self.probes.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Make `n` probe permits available (on entering half-open).
     pub(crate) fn set_probes(&self, n: u32) {
         self.probes.store(n, Ordering::Release);

@@ -27,6 +27,6 @@ impl ProbePermit {
 
     /// Give the permit back to `class`, the class it was taken from.
     pub(crate) fn release(self, class: usize) {
-        self.gates[class].probes.fetch_add(1, Ordering::AcqRel);
+        self.gates[class].release_probe();
     }
 }

@@ -9,7 +9,6 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use super::queued::{Exit, QueuedCall};
-use crate::admit::TierScope;
 use crate::class::Route;
 use crate::error::Degraded;
 use crate::gate::Reason;
@@ -19,10 +18,10 @@ use crate::window::{Outcome, Recording};
 pin_project! {
     #[project = KindProj]
     enum Kind<F, FB, Q> {
-        // Waiting for an admission permit.
+        // Waiting for an admission permit: boxed, so that the futures of calls that do not
+        // wait (all of them while permits are free) stay as small as without admission.
         Queued {
-            #[pin]
-            wait: Q,
+            wait: Pin<Box<Q>>,
         },
         Called {
             #[pin]
@@ -90,7 +89,9 @@ impl<F, FB, P, Q> ResponseFuture<F, FB, P, Q> {
 
     pub(crate) fn queued(wait: Q, protocol: P) -> Self {
         Self {
-            kind: Kind::Queued { wait },
+            kind: Kind::Queued {
+                wait: Box::pin(wait),
+            },
             recording: None,
             protocol,
         }
@@ -115,6 +116,45 @@ impl<F, FB, P, Q> ResponseFuture<F, FB, P, Q> {
     }
 }
 
+impl<F, FB, P, Q> ResponseFuture<F, FB, P, Q> {
+    /// Wait in the admission queue; then either become the called (or fallback) state, or
+    /// answer at once (`Some`).
+    #[cold]
+    #[inline(never)]
+    fn leave_queue<Res, E>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<P::Response, P::Error>>>
+    where
+        P: Protocol<Res, E>,
+        Q: QueuedCall<Inner = F, Fallback = FB, Error = E>,
+    {
+        let this = self.project();
+        let mut kind = this.kind;
+        let KindProj::Queued { wait } = kind.as_mut().project() else {
+            return Poll::Ready(None);
+        };
+        let exit = ready!(wait.as_mut().poll_wait(cx));
+        Poll::Ready(match exit {
+            Exit::Called { fut, rec, timeout } => {
+                *this.recording = Some(rec);
+                kind.set(Kind::Called {
+                    fut,
+                    sleep: timeout.map(tokio::time::sleep),
+                    delaying: None,
+                });
+                None
+            }
+            Exit::Fallback(fut) => {
+                kind.set(Kind::Fallback { fut });
+                None
+            }
+            Exit::Degraded(d) => Some(this.protocol.on_degraded(d)),
+            Exit::ReadyError(e) => Some(Err(this.protocol.on_ready_error(e))),
+        })
+    }
+}
+
 impl<F, FB, P, Q, Res, E> Future for ResponseFuture<F, FB, P, Q>
 where
     F: Future<Output = Result<Res, E>>,
@@ -126,23 +166,9 @@ where
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.as_mut().project();
-        if let KindProj::Queued { wait } = this.kind.project() {
-            let exit = ready!(wait.poll_wait(cx));
-            let this = self.as_mut().project();
-            let mut kind = this.kind;
-            match exit {
-                Exit::Called { fut, rec, timeout } => {
-                    *this.recording = Some(rec);
-                    kind.set(Kind::Called {
-                        fut,
-                        sleep: timeout.map(tokio::time::sleep),
-                        delaying: None,
-                    });
-                }
-                Exit::Fallback(fut) => kind.set(Kind::Fallback { fut }),
-                Exit::Degraded(d) => return Poll::Ready(this.protocol.on_degraded(d)),
-                Exit::ReadyError(e) => return Poll::Ready(Err(this.protocol.on_ready_error(e))),
+        if let Kind::Queued { .. } = &self.kind {
+            if let Some(answer) = ready!(self.as_mut().leave_queue(cx)) {
+                return Poll::Ready(answer);
             }
         }
         let this = self.project();
@@ -177,10 +203,10 @@ where
                 // call as a failure.
                 let polled = match this.recording.as_mut() {
                     Some(rec) => {
-                        rec.polling = true;
-                        let _tier = TierScope::enter(rec.tier);
+                        rec.set_polling(true);
+                        let _tier = rec.tier_scope();
                         let polled = fut.poll(cx);
-                        rec.polling = false;
+                        rec.set_polling(false);
                         polled
                     }
                     None => fut.poll(cx),

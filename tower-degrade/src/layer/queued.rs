@@ -177,11 +177,9 @@ where
             let shard = shared.shards[shard_index(shared.shard_mask)].clone();
             match end {
                 WaitEnd::Granted => {
-                    let tier = shared.gates[idx].tier;
                     let probe = this.probe.take();
-                    let mut rec =
-                        Recording::after_wait(shard, *this.class, tier, probe, *this.since);
-                    rec.permit = true;
+                    let mut rec = Recording::after_wait(shard, *this.class, probe, *this.since);
+                    rec.hold_permit();
                     *this.rec = Some(rec);
                 }
                 WaitEnd::Shed => {

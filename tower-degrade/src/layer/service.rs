@@ -152,10 +152,12 @@ where
         }
         let shard = self.shared.shards[shard_index(self.shared.shard_mask)].clone();
         let mut recording = match self.waiting_since.take() {
-            None => Recording::start(shard, idx as u16, gate.tier, probe),
-            Some(since) => Recording::after_wait(shard, idx as u16, gate.tier, probe, since),
+            None => Recording::start(shard, idx as u16, probe),
+            Some(since) => Recording::after_wait(shard, idx as u16, probe, since),
         };
-        recording.permit = permit;
+        if permit {
+            recording.hold_permit();
+        }
         let fut = self.inner.call(req);
         ResponseFuture::called(fut, recording, gate.timeout, delay, self.protocol.clone())
     }
@@ -230,8 +232,8 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             .unwrap_or_else(|| shard.timer.start());
         match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance()) {
             Enqueued::Admitted => {
-                let mut rec = Recording::after_wait(shard, idx as u16, gate.tier, probe, since);
-                rec.permit = true;
+                let mut rec = Recording::after_wait(shard, idx as u16, probe, since);
+                rec.hold_permit();
                 let fut = self.inner.call(req);
                 ResponseFuture::called(fut, rec, gate.timeout, None, self.protocol.clone())
             }

@@ -3,60 +3,91 @@
 use std::sync::Arc;
 
 use super::{Outcome, Shard};
-use crate::class::Tier;
 use crate::gate::ProbePermit;
 
 /// The accounting of one admitted call: it holds the call's in-flight slot and records the
 /// outcome and latency when finished. Dropped unfinished (the caller gave up), it records a
 /// `cancelled` call, or a `timeout` past the class's abandon threshold, frees the slot and
 /// gives back its half-open probe permit, if any.
+///
+/// It is moved by value into the protocol when the call completes: it is kept to 32 bytes (two
+/// aligned 16-byte moves), as a larger one costs a failed store-to-load forwarding on the
+/// closed path.
 pub struct Recording {
     shard: Arc<Shard>,
-    class: u16,
-    /// The class's tier, set as [`current_tier`](crate::admit::current_tier) while polled.
-    pub(crate) tier: Tier,
+    /// When the call started running (after any wait).
     start: u64,
-    /// When the call started running (after any wait): its latency in the service.
-    run_start: u64,
-    probe: Option<ProbePermit>,
-    done: bool,
-    /// Holds a permit of the class's admission limiter, given back when the call ends.
-    pub(crate) permit: bool,
-    /// Set while the inner future is being polled: still set when the recording is dropped,
-    /// the poll panicked.
-    pub(crate) polling: bool,
+    /// How long the call waited before it ran (readiness, admission), µs: part of its latency,
+    /// not of its time in the service.
+    waited_micros: u32,
+    class: u16,
+    flags: u8,
 }
+
+/// Recorded (finished or dropped).
+const DONE: u8 = 1;
+/// Holds a permit of the class's admission limiter, given back when the call ends.
+const PERMIT: u8 = 2;
+/// The inner future is being polled: still set when the recording is dropped, the poll
+/// panicked.
+const POLLING: u8 = 4;
+/// Holds one of its class's half-open probe permits.
+const PROBE: u8 = 8;
 
 impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recording")
             .field("class", &self.class)
-            .field("probe", &self.probe.is_some())
+            .field("probe", &(self.flags & PROBE != 0))
             .finish()
     }
 }
 
 impl Recording {
     #[inline]
-    pub(crate) fn start(
-        shard: Arc<Shard>,
-        class: u16,
-        tier: Tier,
-        probe: Option<ProbePermit>,
-    ) -> Self {
+    pub(crate) fn start(shard: Arc<Shard>, class: u16, probe: Option<ProbePermit>) -> Self {
         shard.begin(usize::from(class));
-        let start = shard.timer.start();
         Self {
-            start,
-            run_start: start,
+            start: shard.timer.start(),
             shard,
+            waited_micros: 0,
             class,
-            tier,
-            probe,
-            done: false,
-            permit: false,
-            polling: false,
+            // The permit goes back through the shard's gates, if the call is cancelled.
+            flags: if probe.is_some() { PROBE } else { 0 },
         }
+    }
+
+    /// This call holds a permit of its class's admission limiter.
+    #[inline]
+    pub(crate) fn hold_permit(&mut self) {
+        self.flags |= PERMIT;
+    }
+
+    /// Mark the inner future as being polled (or not any more).
+    #[inline]
+    pub(crate) fn set_polling(&mut self, on: bool) {
+        if on {
+            self.flags |= POLLING;
+        } else {
+            self.flags &= !POLLING;
+        }
+    }
+
+    /// Set [`current_tier`](crate::admit::current_tier) to the call's tier while it is polled.
+    #[inline]
+    pub(crate) fn tier_scope(&self) -> crate::admit::TierScope {
+        crate::admit::TierScope::enter(|| self.shard.tier(usize::from(self.class)))
+    }
+
+    /// The call's latency: its wait and its time running since `start`, with the latter.
+    #[inline]
+    fn latency(&self) -> (std::time::Duration, std::time::Duration) {
+        let ran = self.shard.timer.elapsed(self.start);
+        if self.waited_micros == 0 {
+            return (ran, ran);
+        }
+        let waited = std::time::Duration::from_micros(u64::from(self.waited_micros));
+        (ran.saturating_add(waited), ran)
     }
 
     /// A call that waited for the inner service to become ready since `since` (a stamp of the
@@ -65,13 +96,13 @@ impl Recording {
     pub(crate) fn after_wait(
         shard: Arc<Shard>,
         class: u16,
-        tier: Tier,
         probe: Option<ProbePermit>,
         since: u64,
     ) -> Self {
-        let mut rec = Self::start(shard, class, tier, probe);
-        rec.queued(rec.shard.timer.elapsed(since));
-        rec.start = since;
+        let mut rec = Self::start(shard, class, probe);
+        let waited = rec.shard.timer.delta(since, rec.start);
+        rec.queued(waited);
+        rec.waited_micros = u32::try_from(waited.as_micros()).unwrap_or(u32::MAX);
         rec
     }
 
@@ -84,28 +115,26 @@ impl Recording {
     /// Time the call from now (after a policy's delay, so the delay is not its latency).
     pub(crate) fn restart(&mut self) {
         self.start = self.shard.timer.start();
-        self.run_start = self.start;
+        self.waited_micros = 0;
     }
 
     /// Record the call's outcome and latency, and free its in-flight slot.
     #[inline]
     pub fn finish(mut self, outcome: Outcome) {
-        self.done = true;
-        let latency = self.shard.timer.elapsed(self.start);
+        self.flags |= DONE;
+        let (latency, ran) = self.latency();
         self.shard.end(usize::from(self.class), outcome, latency);
-        if self.permit {
-            self.release(latency, true);
+        if self.flags & PERMIT != 0 {
+            self.release(ran, true);
         }
     }
 
     /// Give the admission permit back, with the time the call ran as a latency sample when
     /// it tells something of the service's capacity (it completed or ran into a timeout).
     #[inline]
-    fn release(&self, latency: std::time::Duration, sample: bool) {
+    fn release(&self, ran: std::time::Duration, sample: bool) {
         let limiter = self.shard.limiter(usize::from(self.class));
         if sample {
-            let waited = self.shard.timer.delta(self.start, self.run_start);
-            let ran = latency.saturating_sub(waited);
             limiter.release(u64::try_from(ran.as_micros()).unwrap_or(u64::MAX));
         } else {
             limiter.give_back();
@@ -125,21 +154,24 @@ impl Recording {
 /// Either way its latency so far is recorded, a lower bound of what the call would have taken.
 impl Drop for Recording {
     fn drop(&mut self) {
-        if !self.done {
+        if self.flags & DONE == 0 {
             let class = usize::from(self.class);
-            let latency = self.shard.timer.elapsed(self.start);
-            let outcome = if self.polling || std::thread::panicking() {
+            let (latency, ran) = self.latency();
+            let outcome = if self.flags & POLLING != 0 || std::thread::panicking() {
                 Outcome::Error
             } else {
                 self.shard.abandoned(class, latency)
             };
             self.shard.end(class, outcome, latency);
-            if self.permit {
-                self.release(latency, outcome != Outcome::Cancelled);
+            if self.flags & PERMIT != 0 {
+                self.release(ran, outcome != Outcome::Cancelled);
             }
-            if let Some(probe) = self.probe.take() {
-                probe.release(usize::from(self.class));
+            if self.flags & PROBE != 0 {
+                self.shard.release_probe(usize::from(self.class));
             }
         }
     }
 }
+
+// See the type's docs.
+const _: () = assert!(std::mem::size_of::<Recording>() <= 32);

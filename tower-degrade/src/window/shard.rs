@@ -48,6 +48,10 @@ pub(crate) struct Shard {
     /// The admission limiters, and per class the index of its own (`u8::MAX`: none).
     limiters: std::sync::Arc<[crate::admit::Limiter]>,
     class_limiter: std::sync::Arc<[u8]>,
+    /// Per class, its tier (for priority propagation).
+    tiers: std::sync::Arc<[crate::class::Tier]>,
+    /// The classes' gates, where a cancelled probe gives its permit back.
+    gates: std::sync::Arc<[crate::gate::Gate]>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -65,6 +69,8 @@ impl Shard {
         timer: crate::clock::Timer,
         limiters: std::sync::Arc<[crate::admit::Limiter]>,
         class_limiter: std::sync::Arc<[u8]>,
+        tiers: std::sync::Arc<[crate::class::Tier]>,
+        gates: std::sync::Arc<[crate::gate::Gate]>,
     ) -> Self {
         Self {
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
@@ -73,7 +79,20 @@ impl Shard {
             timer,
             limiters,
             class_limiter,
+            tiers,
+            gates,
         }
+    }
+
+    /// Give a half-open probe permit of `class` back (its call was cancelled).
+    #[cold]
+    pub(crate) fn release_probe(&self, class: usize) {
+        self.gates[class].release_probe();
+    }
+
+    /// The tier of `class`.
+    pub(crate) fn tier(&self, class: usize) -> crate::class::Tier {
+        self.tiers[class]
     }
 
     /// The admission limiter of `class` (only asked for calls that hold one of its permits).
