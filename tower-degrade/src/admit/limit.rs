@@ -16,8 +16,10 @@
 //! sign of queueing it grows by half per tick (slow start). While calls do not fill the limit,
 //! it is left alone (the service is not telling us anything about its capacity).
 //!
-//! A baseline that is never refreshed would drift: when no tick has come within 10 % of `rtt0`
-//! for half the window, one tick runs at three quarters of the limit to measure it again (as
+//! A baseline measured with a queue in the service already (a limit that started above the
+//! capacity) would keep the limit there, and one never refreshed would drift. So when slow start
+//! ends, when no tick has come within 50 % of `rtt0` for half the window, and every window while
+//! saturated, one tick runs at three quarters of the limit to measure it again (as
 //! BBR's `PROBE_RTT` does).
 
 use std::collections::VecDeque;
@@ -69,7 +71,7 @@ pub(crate) struct Gradient {
     rtts: VecDeque<f64>,
     /// The mean of the last tick before a probe.
     last_rtt: f64,
-    /// Ticks since one came within 10 % of the baseline.
+    /// Ticks since one came within 50 % of the baseline.
     stale: usize,
     /// Ticks since the last probe.
     since_probe: usize,
@@ -111,10 +113,13 @@ impl Gradient {
 
     /// Run the next tick at three quarters of the limit, to see whether latency falls with it.
     fn probe(&mut self) -> u32 {
-        self.probing = Some(self.limit);
         self.since_probe = 0;
         self.unproven = false;
-        self.limit = self.clamp(self.limit * 0.75);
+        let lower = self.clamp(self.limit * 0.75);
+        if lower.round() < self.limit.round() {
+            self.probing = Some(self.limit);
+            self.limit = lower;
+        }
         self.limit()
     }
 
@@ -133,10 +138,12 @@ impl Gradient {
         }
         let rtt = s.micros as f64 / s.calls as f64;
         if let Some(before) = self.probing.take() {
-            if rtt < self.last_rtt * 0.9 {
-                // Latency fell with the limit: calls were queueing in the service, and the
-                // baseline was measured with them. Stay here, take this as the baseline, and
-                // look again lower.
+            // Above the capacity, latency falls in proportion to the limit; below, it holds.
+            // Falling nearly as much as the limit did, calls were queueing in the service and
+            // the baseline was measured with them: stay here, take this as the baseline, and
+            // look again lower.
+            let fell_by = 1.0 - self.limit.round() / before.round();
+            if rtt < self.last_rtt * (1.0 - 0.75 * fell_by) {
                 self.slow_start = false;
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
@@ -152,7 +159,8 @@ impl Gradient {
             self.rtts.pop_front();
         }
         let rtt0 = self.baseline().unwrap_or(rtt);
-        if rtt <= rtt0 * 1.1 {
+        // The limit's headroom alone keeps latency up to about a quarter above the baseline.
+        if rtt <= rtt0 * 1.5 {
             self.stale = 0;
         } else {
             self.stale += 1;
@@ -169,21 +177,21 @@ impl Gradient {
             // The limit was not reached: the tick says nothing about the capacity.
             return self.limit();
         }
+        let gradient = (rtt0 / rtt).clamp(0.5, 1.0);
+        if self.slow_start && gradient > 0.9 {
+            self.limit = self.clamp(self.limit * 1.5);
+            return self.limit();
+        }
+        self.slow_start = false;
         // Probe a baseline that may have been measured with a queue in the service (a new
-        // one), or an old one, from the limit the tick ran with.
+        // one, once slow start is over), or an old one, from the limit the tick ran with.
         if self.unproven || self.since_probe >= self.cfg.window {
             return self.probe();
         }
-        let gradient = (rtt0 / rtt).clamp(0.5, 1.0);
-        if self.slow_start && gradient > 0.9 {
-            self.limit *= 1.5;
-        } else {
-            self.slow_start = false;
-            let headroom = (self.limit.sqrt() / 2.0).max(1.0);
-            let target = self.limit * gradient + headroom;
-            // Half way there each tick: one noisy tick moves it a little.
-            self.limit = 0.5 * self.limit + 0.5 * target;
-        }
+        let headroom = (self.limit.sqrt() / 2.0).max(1.0);
+        let target = self.limit * gradient + headroom;
+        // Half way there each tick: one noisy tick moves it a little.
+        self.limit = 0.5 * self.limit + 0.5 * target;
         self.limit = self.clamp(self.limit);
         self.limit()
     }
@@ -215,13 +223,15 @@ mod tests {
                 ..LimitConfig::default()
             });
             let mut limit = g.limit();
+            let mut path = vec![limit];
             for _ in 0..40 {
                 limit = g.update(saturated(capacity, 10_000.0, limit));
+                path.push(limit);
             }
             let l = f64::from(limit);
             assert!(
                 l >= capacity && l <= capacity * 1.2 + 1.0,
-                "capacity {capacity}, from {initial}: limit {limit}"
+                "capacity {capacity}, from {initial}: limit {limit}: {path:?}"
             );
         }
     }
@@ -272,9 +282,9 @@ mod tests {
             pressure: false,
         };
         assert_eq!(g.update(fast), 20, "not saturated: no probe, no change");
-        // The service got slower for good: every later tick is 50 % above the old baseline.
+        // The service got slower for good: every later tick is twice the old baseline.
         let slow = Sample {
-            micros: 100 * 15_000,
+            micros: 100 * 20_000,
             ..fast
         };
         for _ in 0..5 {
@@ -284,15 +294,21 @@ mod tests {
         g.update(slow);
         assert_eq!(
             g.baseline(),
-            Some(15_000.0),
+            Some(20_000.0),
             "the new latency is the baseline"
         );
-        // The first saturated tick on a new baseline probes it.
         let busy = Sample {
             saturated: true,
             ..slow
         };
-        assert_eq!(g.update(busy), 15);
+        // Latency holds: slow start grows the limit; once calls queue, slow start ends and the
+        // new baseline is probed at three quarters.
+        assert_eq!(g.update(busy), 30);
+        let queueing = Sample {
+            micros: 100 * 40_000,
+            ..busy
+        };
+        assert_eq!(g.update(queueing), 23);
     }
 
     #[test]
