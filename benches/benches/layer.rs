@@ -279,6 +279,22 @@ fn bench_contention(c: &mut Criterion) {
             },
         );
     }
+    // The peer with a shared limit: tower's semaphore, one per service and its clones.
+    let limited = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(1_000)
+        .service(bare());
+    for threads in [1usize, 2] {
+        g.bench_function(
+            format!("tower load_shed+concurrency_limit {threads} thread(s)"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let make = || limited.clone();
+                    hammer(threads, iters.max(threads as u64), &make)
+                })
+            },
+        );
+    }
     for threads in [1usize, 2] {
         g.bench_function(format!("bare service_fn {threads} thread(s)"), |b| {
             b.iter_custom(|iters| hammer(threads, iters.max(threads as u64), &bare))

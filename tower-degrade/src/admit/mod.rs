@@ -46,7 +46,7 @@ pub use self::propagate::{
 };
 pub(crate) use self::propagate::{TierScope, parse_tier};
 pub use self::queue::LimiterState;
-pub(crate) use self::queue::{Enqueued, Limiter, Priority, WaitEnd, Waiter};
+pub(crate) use self::queue::{Enqueued, Limiter, Priority, WaitEnd, Waiter, sample};
 pub(crate) use self::system::CpuSignal;
 use crate::class::Tier;
 use crate::error::ConfigError;

@@ -20,6 +20,13 @@ const SHED: u8 = 2;
 const MICROS_BITS: u32 = 40;
 const MICROS_MASK: u64 = (1 << MICROS_BITS) - 1;
 
+/// One latency sample (a call that ran `micros` in the service), packed so that samples add up
+/// with one `fetch_add`: the count in the top 24 bits, the µs in the low 40.
+#[inline]
+pub(crate) fn sample(micros: u64) -> u64 {
+    (1 << MICROS_BITS) | micros.min(MICROS_MASK)
+}
+
 /// Where a waiting call stands in the queue: the higher the key, the sooner it is served.
 ///
 /// Tier first, then the class's dynamic score, then the user's bucket (a stable hash of the
@@ -179,11 +186,11 @@ impl Limiter {
         false
     }
 
-    /// Give back a permit whose call finished after `micros` in the service.
-    #[inline]
+    /// Give back a permit whose call finished after `micros` in the service (the data path
+    /// keeps its samples in the thread's shard instead, see [`sample`]).
+    #[cfg(test)]
     pub(crate) fn release(&self, micros: u64) {
-        self.samples
-            .fetch_add((1 << MICROS_BITS) | micros.min(MICROS_MASK), Relaxed);
+        self.samples.fetch_add(sample(micros), Relaxed);
         self.give_back();
     }
 
@@ -279,8 +286,9 @@ impl Limiter {
 
     /// The control tick: update the limit from what the tick measured, and admit waiting calls
     /// if it grew.
-    pub(crate) fn tick(&self, pressure: bool) -> LimiterState {
-        let s = self.samples.swap(0, Relaxed);
+    /// `shard_samples`: the sum of the shards' [`sample`]s since the last tick.
+    pub(crate) fn tick(&self, pressure: bool, shard_samples: u64) -> LimiterState {
+        let s = self.samples.swap(0, Relaxed).wrapping_add(shard_samples);
         let sample = Sample {
             calls: s >> MICROS_BITS,
             micros: s & MICROS_MASK,
@@ -438,7 +446,7 @@ mod tests {
                 l.samples.fetch_add((1 << MICROS_BITS) | 10_000, Relaxed);
             }
             l.saturated.store(true, Relaxed);
-            l.tick(false)
+            l.tick(false, 0)
         };
         // Saturated, and latency holds: slow start grows the limit.
         let state = busy_tick();

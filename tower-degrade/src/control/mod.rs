@@ -155,7 +155,18 @@ impl Shared {
             .as_mut()
             .and_then(|(signal, threshold)| signal.usage().map(|u| u > *threshold))
             .unwrap_or(false);
-        adm.states = self.limiters.iter().map(|l| l.tick(pressure)).collect();
+        adm.states = self
+            .limiters
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let samples = self
+                    .shards
+                    .iter()
+                    .fold(0u64, |sum, s| sum.wrapping_add(s.take_samples(i)));
+                l.tick(pressure, samples)
+            })
+            .collect();
         if adm.metrics.is_empty() {
             adm.metrics = self
                 .limiters

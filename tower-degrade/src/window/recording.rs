@@ -133,12 +133,8 @@ impl Recording {
     /// it tells something of the service's capacity (it completed or ran into a timeout).
     #[inline]
     fn release(&self, ran: std::time::Duration, sample: bool) {
-        let limiter = self.shard.limiter(usize::from(self.class));
-        if sample {
-            limiter.release(u64::try_from(ran.as_micros()).unwrap_or(u64::MAX));
-        } else {
-            limiter.give_back();
-        }
+        let micros = sample.then(|| u64::try_from(ran.as_micros()).unwrap_or(u64::MAX));
+        self.shard.release_permit(usize::from(self.class), micros);
     }
 
     /// The class name (for errors on cold paths).

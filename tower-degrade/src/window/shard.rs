@@ -52,7 +52,15 @@ pub(crate) struct Shard {
     tiers: std::sync::Arc<[crate::class::Tier]>,
     /// The classes' gates, where a cancelled probe gives its permit back.
     gates: std::sync::Arc<[crate::gate::Gate]>,
+    /// Per limiter, the latency samples of this shard's calls ([`crate::admit::sample`]s),
+    /// summed by the control tick: a shared counter would move between cores on every call.
+    samples: Box<[Padded]>,
 }
+
+/// A counter on its own cache line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,11 +85,30 @@ impl Shard {
             names,
             abandon_micros,
             timer,
-            limiters,
+            limiters: limiters.clone(),
             class_limiter,
+            samples: limiters.iter().map(|_| Padded::default()).collect(),
             tiers,
             gates,
         }
+    }
+
+    /// A call of `class` that held an admission permit ran `micros` in the service: keep the
+    /// sample, then give the permit back.
+    #[inline]
+    pub(crate) fn release_permit(&self, class: usize, micros: Option<u64>) {
+        let l = usize::from(self.class_limiter[class]);
+        if let Some(m) = micros {
+            self.samples[l]
+                .0
+                .fetch_add(crate::admit::sample(m), Relaxed);
+        }
+        self.limiters[l].give_back();
+    }
+
+    /// Take this shard's samples of `limiter` since the last call.
+    pub(crate) fn take_samples(&self, limiter: usize) -> u64 {
+        self.samples[limiter].0.swap(0, Relaxed)
     }
 
     /// Give a half-open probe permit of `class` back (its call was cancelled).
@@ -93,12 +120,6 @@ impl Shard {
     /// The tier of `class`.
     pub(crate) fn tier(&self, class: usize) -> crate::class::Tier {
         self.tiers[class]
-    }
-
-    /// The admission limiter of `class` (only asked for calls that hold one of its permits).
-    #[inline]
-    pub(crate) fn limiter(&self, class: usize) -> &crate::admit::Limiter {
-        &self.limiters[usize::from(self.class_limiter[class])]
     }
 
     /// How a call of `class` that its caller dropped after `latency` ended: a timeout once it
