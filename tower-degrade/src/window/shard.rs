@@ -99,9 +99,11 @@ impl Shard {
     pub(crate) fn release_permit(&self, class: usize, micros: Option<u64>) {
         let l = usize::from(self.class_limiter[class]);
         if let Some(m) = micros {
-            self.samples[l]
-                .0
-                .fetch_add(crate::admit::sample(m), Relaxed);
+            // A load and a store, not a locked add: two threads on one shard racing here lose
+            // a sample, and the tick taking the sum in between sees one twice; either moves
+            // the sum and the count together, and the limit only reads their ratio.
+            let c = &self.samples[l].0;
+            c.store(c.load(Relaxed).wrapping_add(crate::admit::sample(m)), Relaxed);
         }
         self.limiters[l].give_back();
     }
