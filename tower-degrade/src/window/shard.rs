@@ -103,7 +103,10 @@ impl Shard {
             // a sample, and the tick taking the sum in between sees one twice; either moves
             // the sum and the count together, and the limit only reads their ratio.
             let c = &self.samples[l].0;
-            c.store(c.load(Relaxed).wrapping_add(crate::admit::sample(m)), Relaxed);
+            c.store(
+                c.load(Relaxed).wrapping_add(crate::admit::sample(m)),
+                Relaxed,
+            );
         }
         self.limiters[l].give_back();
     }
