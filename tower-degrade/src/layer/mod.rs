@@ -1,6 +1,7 @@
 //! [`DegradeLayer`], the one data-path layer, and the [`Degrade`] service it produces (in
 //! `service`), with its response future (in `future`).
 
+mod divert;
 mod future;
 mod queued;
 mod service;

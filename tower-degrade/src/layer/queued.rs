@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::service::divert;
+use super::divert::divert;
 use crate::admit::{WaitEnd, Waiter};
 use crate::degrader::Shared;
 use crate::error::Degraded;

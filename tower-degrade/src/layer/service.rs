@@ -2,22 +2,20 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tower::Service;
 
+use super::divert::divert;
 use super::future::ResponseFuture;
 use super::queued::Queued;
 use crate::admit::{Enqueued, Priority};
-use crate::class::{ClassId, Route};
 use crate::classify::ClassifyRequest;
 use crate::control::Stage;
 use crate::degrader::Shared;
-use crate::error::Degraded;
-use crate::fallback::{Diverted, Fallback, NoFallback};
+use crate::fallback::{Fallback, NoFallback};
 use crate::gate::{KIND_ADMIT, KIND_FRACTION, KIND_PROBE, Packed, ProbePermit, Reason};
 use crate::protocol::{Generic, Protocol};
-use crate::window::{Outcome, Recording, shard_index};
+use crate::window::{Recording, shard_index};
 
 /// The service produced by [`DegradeLayer`](super::DegradeLayer).
 ///
@@ -273,40 +271,4 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             }
         }
     }
-}
-
-/// Send a call its class does not admit to the fallback (counted as degraded), or answer it
-/// degraded (counted as rejected) when the fallback has no handler for the route.
-pub(super) fn divert<F, Req, Res, E>(
-    shared: &Shared,
-    fallback: &mut F,
-    req: Req,
-    idx: usize,
-    reason: Reason,
-    route: Route,
-    retry_after: Option<Duration>,
-) -> Result<F::Future, Degraded>
-where
-    F: Fallback<Req, Res, E>,
-{
-    let shard = &shared.shards[shard_index(shared.shard_mask)];
-    let name = shared.names[idx].clone();
-    if route != Route::Reject {
-        let call = Diverted::new(req, ClassId(idx as u16), name.clone(), route, reason);
-        match fallback.call(call) {
-            Ok(fut) => {
-                shard.record(idx, Outcome::Degraded, Duration::ZERO);
-                return Ok(fut);
-            }
-            Err(call) => drop(call),
-        }
-    } else {
-        drop(req);
-    }
-    shard.record(idx, Outcome::Rejected, Duration::ZERO);
-    tracing::debug!(
-        service = %shared.service, class = %name, reason = %reason, route = %route,
-        "call not admitted"
-    );
-    Err(Degraded::new(name, reason, route, retry_after))
 }

@@ -1,0 +1,46 @@
+//! Answering a call its class does not admit: the fallback, or a degraded answer.
+
+use std::time::Duration;
+
+use crate::class::{ClassId, Route};
+use crate::degrader::Shared;
+use crate::error::Degraded;
+use crate::fallback::{Diverted, Fallback};
+use crate::gate::Reason;
+use crate::window::{Outcome, shard_index};
+
+/// Send a call its class does not admit to the fallback (counted as degraded), or answer it
+/// degraded (counted as rejected) when the fallback has no handler for the route.
+pub(super) fn divert<F, Req, Res, E>(
+    shared: &Shared,
+    fallback: &mut F,
+    req: Req,
+    idx: usize,
+    reason: Reason,
+    route: Route,
+    retry_after: Option<Duration>,
+) -> Result<F::Future, Degraded>
+where
+    F: Fallback<Req, Res, E>,
+{
+    let shard = &shared.shards[shard_index(shared.shard_mask)];
+    let name = shared.names[idx].clone();
+    if route != Route::Reject {
+        let call = Diverted::new(req, ClassId(idx as u16), name.clone(), route, reason);
+        match fallback.call(call) {
+            Ok(fut) => {
+                shard.record(idx, Outcome::Degraded, Duration::ZERO);
+                return Ok(fut);
+            }
+            Err(call) => drop(call),
+        }
+    } else {
+        drop(req);
+    }
+    shard.record(idx, Outcome::Rejected, Duration::ZERO);
+    tracing::debug!(
+        service = %shared.service, class = %name, reason = %reason, route = %route,
+        "call not admitted"
+    );
+    Err(Degraded::new(name, reason, route, retry_after))
+}
