@@ -85,7 +85,9 @@ impl Drop for TierScope {
     }
 }
 
-/// Adds the calling request's tier to outbound requests; see the [module docs](self).
+/// Adds the calling request's tier to outbound requests (`x-degrade-priority` by default), for
+/// [`HttpClassifierBuilder::upstream_priority`](crate::classify::HttpClassifierBuilder::upstream_priority)
+/// on the other side; see [`current_tier`] for where the tier comes from.
 ///
 /// ```
 /// use tower::ServiceBuilder;
