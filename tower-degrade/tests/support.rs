@@ -61,3 +61,20 @@ pub async fn window(d: &Degrader, class: &str, n: usize, fail_every: usize, ms: 
     }
     d.tick_now();
 }
+
+/// `workers` workers, each call holding one for `work`: capacity `workers / work`. Calls wait
+/// for a worker inside the service, as they wait for a database connection.
+pub fn fixed_capacity(
+    workers: usize,
+    work: Duration,
+) -> impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let pool = std::sync::Arc::new(tokio::sync::Semaphore::new(workers));
+    service_fn(move |()| {
+        let pool = pool.clone();
+        async move {
+            let _worker = pool.acquire_owned().await?;
+            tokio::time::sleep(work).await;
+            Ok::<_, BoxError>(())
+        }
+    })
+}

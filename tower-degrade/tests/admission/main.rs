@@ -300,22 +300,6 @@ async fn clones_share_the_limit() {
     assert_eq!(held.started(), [1, 2]);
 }
 
-/// `workers` workers held `work` per call: capacity `workers` in flight.
-fn fixed_capacity(
-    workers: usize,
-    work: Duration,
-) -> impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static {
-    let pool = Arc::new(Semaphore::new(workers));
-    service_fn(move |()| {
-        let pool = pool.clone();
-        async move {
-            let _worker = pool.acquire_owned().await?;
-            tokio::time::sleep(work).await;
-            Ok::<_, BoxError>(())
-        }
-    })
-}
-
 #[tokio::test(start_paused = true)]
 async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla() {
     let mut b = support::builder("test").admission(Admission::adaptive());
@@ -325,7 +309,7 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
     let d = b.build_with_worker().unwrap().0;
     // 8 workers x 10 ms: 800 calls/s. Offered: gold 4 + bronze 20 calls every 10 ms (3x),
     // each caller giving up after 1 s.
-    let capacity = fixed_capacity(8, Duration::from_millis(10));
+    let capacity = support::fixed_capacity(8, Duration::from_millis(10));
     let pay = d.layer(d.class_id("pay").unwrap()).layer(capacity.clone());
     let log = d.layer(d.class_id("log").unwrap()).layer(capacity);
     let gold = Arc::new(Mutex::new((0u32, 0u32, Duration::ZERO)));

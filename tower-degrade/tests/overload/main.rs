@@ -1,33 +1,14 @@
 //! Overload must be visible: a service with a fixed capacity under 3x load, its callers giving
 //! up, opens or degrades its class; callers that cancel early do not. Paused clock.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 use tower_degrade::breaker::State;
 use tower_degrade::{BoxError, ClassConfig, Degrader};
 
 #[path = "../support.rs"]
 mod support;
-
-/// `workers` workers, each call holding one for `work`: capacity `workers / work`. Calls wait
-/// for a worker inside the service, as they wait for a database connection.
-fn fixed_capacity(
-    workers: usize,
-    work: Duration,
-) -> impl Service<(), Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static {
-    let pool = Arc::new(Semaphore::new(workers));
-    service_fn(move |()| {
-        let pool = pool.clone();
-        async move {
-            let _worker = pool.acquire_owned().await?;
-            tokio::time::sleep(work).await;
-            Ok::<_, BoxError>(())
-        }
-    })
-}
 
 /// Open-loop load: `per_step` calls every 10 ms for `ticks` ticks of 500 ms, each abandoned by
 /// its caller after `patience`. Returns the class's state after each tick.
@@ -59,7 +40,7 @@ async fn drive(
 /// 3x overload for `ticks` ticks: 16 workers x 10 ms serve 1,600 calls/s; offered 48 calls
 /// every 10 ms (4,800/s), each caller giving up after 1 s.
 async fn three_times_the_capacity(d: &Degrader, ticks: usize) -> Vec<State> {
-    let capacity = fixed_capacity(16, Duration::from_millis(10));
+    let capacity = support::fixed_capacity(16, Duration::from_millis(10));
     drive(d, capacity, 48, Duration::from_secs(1), ticks).await
 }
 
@@ -91,7 +72,7 @@ async fn a_backlog_the_service_cannot_clear_in_time_is_seen_before_callers_give_
     // Callers never give up here: only the backlog can tell.
     let states = drive(
         &d,
-        fixed_capacity(16, Duration::from_millis(10)),
+        support::fixed_capacity(16, Duration::from_millis(10)),
         48,
         Duration::from_secs(3600),
         2,
@@ -112,7 +93,7 @@ async fn many_calls_in_flight_that_finish_in_time_are_not_overdue() {
     // 400 calls in flight at any time, each done in 40 ms: within the 50 ms SLA.
     let states = drive(
         &d,
-        fixed_capacity(1000, Duration::from_millis(40)),
+        support::fixed_capacity(1000, Duration::from_millis(40)),
         100,
         Duration::from_secs(1),
         4,
@@ -131,7 +112,7 @@ async fn callers_cancelling_before_the_sla_leave_a_healthy_class_closed() {
     // 50 ms SLA, so these are cancellations, not failures.
     let states = drive(
         &d,
-        fixed_capacity(64, Duration::from_millis(10)),
+        support::fixed_capacity(64, Duration::from_millis(10)),
         8,
         Duration::from_millis(5),
         6,
