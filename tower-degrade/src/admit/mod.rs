@@ -236,7 +236,7 @@ pub(crate) fn score(tier: Tier, sla_secs: f64, qps: f64, p99_secs: f64, burst: f
     let p99 = (p99_secs / sla_secs.max(1e-6)).min(1.0);
     let burst = (burst.max(0.0) / tier.burst_tolerance()).min(1.0);
     let s = 0.4 * sla + 0.2 * rate - 0.2 * p99 + 0.2 * burst;
-    (((s + 0.2) / 1.0).clamp(0.0, 1.0) * f64::from(u16::MAX)) as u16
+    ((s + 0.2).clamp(0.0, 1.0) * f64::from(u16::MAX)) as u16
 }
 
 #[cfg(test)]

@@ -213,7 +213,6 @@ impl DegraderBuilder {
                 })
             })
             .collect();
-        let tiers: Arc<[crate::class::Tier]> = registry.iter().map(|(_, c)| c.tier()).collect();
         let shards = (0..shard_n)
             .map(|_| {
                 Arc::new(Shard::new(
@@ -222,7 +221,6 @@ impl DegraderBuilder {
                     timer.clone(),
                     limiters.clone(),
                     class_limiter.clone(),
-                    tiers.clone(),
                     gates.clone(),
                 ))
             })

@@ -108,7 +108,6 @@ mod tests {
                     crate::clock::Timer::new(crate::clock::LatencyClock::Tokio),
                     Arc::new([]),
                     vec![u8::MAX; names.len()].into(),
-                    vec![crate::class::Tier::Bronze; names.len()].into(),
                     Arc::new([]),
                 ))
             })

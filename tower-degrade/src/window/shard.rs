@@ -48,8 +48,6 @@ pub(crate) struct Shard {
     /// The admission limiters, and per class the index of its own (`u8::MAX`: none).
     limiters: std::sync::Arc<[crate::admit::Limiter]>,
     class_limiter: std::sync::Arc<[u8]>,
-    /// Per class, its tier (for priority propagation).
-    tiers: std::sync::Arc<[crate::class::Tier]>,
     /// The classes' gates, where a cancelled probe gives its permit back.
     gates: std::sync::Arc<[crate::gate::Gate]>,
     /// Per limiter, the latency samples of this shard's calls ([`crate::admit::sample`]s),
@@ -77,7 +75,6 @@ impl Shard {
         timer: crate::clock::Timer,
         limiters: std::sync::Arc<[crate::admit::Limiter]>,
         class_limiter: std::sync::Arc<[u8]>,
-        tiers: std::sync::Arc<[crate::class::Tier]>,
         gates: std::sync::Arc<[crate::gate::Gate]>,
     ) -> Self {
         Self {
@@ -88,7 +85,6 @@ impl Shard {
             limiters: limiters.clone(),
             class_limiter,
             samples: limiters.iter().map(|_| Padded::default()).collect(),
-            tiers,
             gates,
         }
     }
@@ -122,9 +118,9 @@ impl Shard {
         self.gates[class].release_probe();
     }
 
-    /// The tier of `class`.
+    /// The tier of `class` (for priority propagation).
     pub(crate) fn tier(&self, class: usize) -> crate::class::Tier {
-        self.tiers[class]
+        self.gates[class].tier
     }
 
     /// How a call of `class` that its caller dropped after `latency` ended: a timeout once it
