@@ -21,6 +21,12 @@
 //! | `degrade_admission_inflight` | gauge (with admission) | service, limiter |
 //! | `degrade_admission_waiting` | gauge (with admission) | service, limiter |
 //! | `degrade_priority_header_invalid_total` | counter | header |
+//! | `degrade_fallback_kept_total` | counter (`fallback`) | service, class, route, result |
+//! | `degrade_fallback_depth` | gauge (`fallback`) | service, queue |
+//! | `degrade_fallback_oldest_age_seconds` | gauge (`fallback`) | service, queue |
+//! | `degrade_fallback_replays_total` | counter (`fallback`) | service, queue, result |
+//! | `degrade_fallback_backfill_rate` | gauge, replays/s (`fallback`) | service |
+//! | `degrade_fallback_batch_writes_total` | counter (`fallback`) | service, class, result |
 //!
 //! Every name is defined once, here, with its description (the Prometheus `HELP` text,
 //! registered on the first tick). Label values come from configuration only (class names,
@@ -188,6 +194,50 @@ pub(crate) fn describe() {
         PRIORITY_INVALID,
         Unit::Count,
         "Propagated priority headers whose value was not gold, silver or bronze (ignored)."
+    );
+}
+
+/// Diverted calls the fallback router kept (`result="kept"`), or could not keep
+/// (`too_large`, `not_kept`).
+pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
+/// Tasks in a fallback queue (`delayed_retry`, `spool`, `manual_review`, `batch_merge`).
+pub const FALLBACK_DEPTH: &str = "degrade_fallback_depth";
+/// Age of the oldest task in a fallback queue.
+pub const FALLBACK_OLDEST: &str = "degrade_fallback_oldest_age_seconds";
+/// Replays of kept tasks by result (`ok`, `retry`, `review`).
+pub const FALLBACK_REPLAYS: &str = "degrade_fallback_replays_total";
+/// Backfill replays per second over the last worker period.
+pub const FALLBACK_BACKFILL_RATE: &str = "degrade_fallback_backfill_rate";
+/// Merged writes of the batch-merge route by result (`ok`, `failed`, `spooled`).
+pub const FALLBACK_BATCH_WRITES: &str = "degrade_fallback_batch_writes_total";
+
+/// Describe the fallback router's metrics (when a router is built).
+#[cfg(feature = "fallback")]
+pub(crate) fn describe_fallback() {
+    describe_counter!(
+        FALLBACK_KEPT,
+        Unit::Count,
+        "Diverted calls the fallback router kept durably (result=kept) or could not keep."
+    );
+    describe_gauge!(FALLBACK_DEPTH, Unit::Count, "Tasks in a fallback queue.");
+    describe_gauge!(
+        FALLBACK_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest task in a fallback queue."
+    );
+    describe_counter!(
+        FALLBACK_REPLAYS,
+        Unit::Count,
+        "Replays of kept tasks by result (ok, retry, review)."
+    );
+    describe_gauge!(
+        FALLBACK_BACKFILL_RATE,
+        "Spooled tasks replayed per second by the backfill worker."
+    );
+    describe_counter!(
+        FALLBACK_BATCH_WRITES,
+        Unit::Count,
+        "Merged writes of the batch-merge route by result (ok, failed, spooled)."
     );
 }
 

@@ -8,8 +8,41 @@
 //! A call that no fallback takes is answered as [`Route::Reject`]: a
 //! [`Degraded`](crate::error::Degraded) error, or a 503 / `UNAVAILABLE` answer.
 
+#[cfg(feature = "fallback")]
+mod batch;
+#[cfg(feature = "fallback")]
+mod cached;
+#[cfg(feature = "fallback")]
+mod capture;
+#[cfg(feature = "fallback")]
+mod record;
+#[cfg(feature = "fallback")]
+mod replay;
+#[cfg(feature = "fallback")]
+mod review;
+#[cfg(feature = "fallback")]
+mod router;
+#[cfg(feature = "fallback")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+pub mod store;
+#[cfg(feature = "fallback")]
+mod worker;
+
 use std::sync::Arc;
 
+#[cfg(feature = "fallback")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+pub use self::{
+    batch::{Batch, BatchMerge},
+    cached::{LastGood, LastGoodFuture, LastGoodLayer},
+    capture::{Capture, REPLAY_HEADER},
+    record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
+    replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn},
+    review::{ManualReview, Page},
+    router::{FallbackRouter, FallbackRouterBuilder, RouterFuture},
+    store::{MemoryStore, Store, StoreError},
+    worker::{Backfill, FallbackWorker, RetryPolicy},
+};
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 

@@ -32,10 +32,15 @@ pub enum Reason {
     /// The service is saturated: the call waited past its class's queue delay bound, or was
     /// pushed out of its tier's full queue (see [`admit`](crate::admit)).
     Overload,
+    /// The call was to be kept (spooled, retried later, queued for review) but its body is over
+    /// the capture limit.
+    TooLarge,
+    /// The call was to be kept but the store refused it (full, or failing): it was not kept.
+    NotKept,
 }
 
 impl Reason {
-    const ALL: [Reason; 9] = [
+    const ALL: [Reason; 11] = [
         Reason::BreakerOpen,
         Reason::ForcedOpen,
         Reason::ProbesExhausted,
@@ -45,6 +50,8 @@ impl Reason {
         Reason::Shed,
         Reason::Policy,
         Reason::Overload,
+        Reason::TooLarge,
+        Reason::NotKept,
     ];
 
     /// The reason as used in metrics and logs.
@@ -59,6 +66,8 @@ impl Reason {
             Reason::Shed => "shed",
             Reason::Policy => "policy",
             Reason::Overload => "overload",
+            Reason::TooLarge => "too_large",
+            Reason::NotKept => "not_kept",
         }
     }
 
@@ -74,6 +83,8 @@ impl Reason {
             Reason::Shed => "shed by a policy",
             Reason::Policy => "diverted by a policy",
             Reason::Overload => "overloaded, lower priority work is shed",
+            Reason::TooLarge => "diverted, and the request body is over the limit for keeping it",
+            Reason::NotKept => "diverted, and the request could not be stored for later",
         }
     }
 

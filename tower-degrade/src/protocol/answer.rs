@@ -22,7 +22,7 @@ const GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-m
 /// trailers-only response with `grpc-status` 14 (4 for a timeout) and
 /// `grpc-retry-pushback-ms`; both with [`REASON_HEADER`], and the [`Degraded`] value in the
 /// extensions.
-pub(super) fn degraded_response<T>(
+pub(crate) fn degraded_response<T>(
     d: Degraded,
     grpc: bool,
     expose_class: bool,
@@ -64,5 +64,47 @@ pub(super) fn degraded_response<T>(
         }
     }
     res.extensions_mut().insert(d);
+    res
+}
+
+/// The header naming the id of a kept task, on the `202 Accepted` answer of a call that was
+/// stored to be replayed later (see [`fallback`](crate::fallback)).
+pub const TASK_ID_HEADER: HeaderName = HeaderName::from_static("x-degrade-task-id");
+
+/// The header naming the route that kept a call (`spool`, `delayed_retry`, ...).
+pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-degrade-route");
+
+/// The answer to a call that was kept durably: HTTP `202 Accepted`, or for gRPC a
+/// trailers-only response with `grpc-status` 6 (`ALREADY_EXISTS`: the work now exists on the
+/// server; no standard retry policy retries it) and a message naming the task; both with
+/// [`TASK_ID_HEADER`], [`ROUTE_HEADER`] and [`REASON_HEADER`].
+pub(crate) fn kept_response<T>(
+    id: &str,
+    route: crate::class::Route,
+    reason: Reason,
+    grpc: bool,
+    body: T,
+) -> http::Response<T> {
+    let mut res = http::Response::new(body);
+    let headers = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(id) {
+        headers.insert(TASK_ID_HEADER, v);
+    }
+    headers.insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+    if grpc {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("6"));
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "accepted: kept as task {id} ({route}); it will be replayed"
+        )) {
+            headers.insert(GRPC_MESSAGE, v);
+        }
+    } else {
+        *res.status_mut() = StatusCode::ACCEPTED;
+    }
     res
 }

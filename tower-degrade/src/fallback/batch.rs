@@ -1,0 +1,409 @@
+//! `batch_merge`: deltas acknowledged once journaled, merged in memory by key, flushed as one
+//! write every N ms or M items (the seed's "local memory cache + batched merged writes").
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use metrics::counter;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
+use super::replay::{ReplayFuture, Replayed};
+use super::router::RouterShared;
+use super::store::{Op, Store, StoreError};
+use crate::error::BoxError;
+
+/// One merged write: every key's merged value, and an id that is the same if the write is
+/// retried, even after a restart (a sink can use it to ignore a write it already applied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch<V> {
+    /// The batch id.
+    pub id: TaskId,
+    /// Each key with its merged value.
+    pub items: Vec<(String, V)>,
+}
+
+type Extract<V> = Arc<dyn Fn(&HttpRequest) -> Result<(String, V), String> + Send + Sync>;
+type Merge<V> = Arc<dyn Fn(&mut V, V) + Send + Sync>;
+
+/// The `batch_merge` route of one class: a key and a delta read from each diverted call, a
+/// merge function, and a sink [`Service`] that takes a [`Batch`].
+///
+/// Each delta is journaled in the store and answered `202 Accepted`; deltas are merged in
+/// memory by key and flushed as one write every `flush_every` (default 100 ms) or when
+/// `max_items` (default 1,000) deltas wait. Before the write the batch is sealed in the store
+/// (its deltas replaced by the merged batch, in one commit), so a crash at any point replays
+/// either the deltas or the same batch with the same id. A failed write is retried with the
+/// router's backoff; after `max_attempts` (default 5) it moves to the spool and is backfilled
+/// when the class is healthy. Nothing is dropped.
+///
+/// ```
+/// use tower_degrade::fallback::{Batch, BatchMerge};
+/// use tower_degrade::BoxError;
+///
+/// // Inventory deltas: POST /inventory/{sku} with the delta as the body.
+/// let merge = BatchMerge::new(
+///     |req| {
+///         let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
+///         let delta: i64 = std::str::from_utf8(&req.body)
+///             .map_err(|e| e.to_string())?
+///             .trim()
+///             .parse()
+///             .map_err(|e: std::num::ParseIntError| e.to_string())?;
+///         Ok((sku, delta))
+///     },
+///     |sum: &mut i64, delta| *sum += delta,
+///     tower::service_fn(|batch: Batch<i64>| async move {
+///         // UPDATE stock SET qty = qty + $2 WHERE sku = $1, for each item, in one transaction.
+///         Ok::<_, BoxError>(())
+///     }),
+/// );
+/// # drop(merge);
+/// ```
+pub struct BatchMerge<V> {
+    extract: Extract<V>,
+    merge: Merge<V>,
+    sink: BoxCloneSyncService<Batch<V>, (), BoxError>,
+    every: Duration,
+    max_items: usize,
+    max_attempts: u32,
+}
+
+impl<V> fmt::Debug for BatchMerge<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchMerge")
+            .field("every", &self.every)
+            .field("max_items", &self.max_items)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: Send + 'static> BatchMerge<V> {
+    /// `extract` reads the key and the delta of a call (an `Err` rejects the call with
+    /// `not_kept`), `merge` folds a delta into the key's value, `sink` writes a batch.
+    pub fn new<X, M, S>(extract: X, merge: M, sink: S) -> Self
+    where
+        X: Fn(&HttpRequest) -> Result<(String, V), String> + Send + Sync + 'static,
+        M: Fn(&mut V, V) + Send + Sync + 'static,
+        S: Service<Batch<V>, Response = ()> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        Self {
+            extract: Arc::new(extract),
+            merge: Arc::new(merge),
+            sink: BoxCloneSyncService::new(sink.map_err(Into::into)),
+            every: Duration::from_millis(100),
+            max_items: 1000,
+            max_attempts: 5,
+        }
+    }
+
+    /// Flush at least this often (default 100 ms).
+    pub fn flush_every(mut self, every: Duration) -> Self {
+        self.every = every;
+        self
+    }
+
+    /// Flush when this many deltas wait (default 1,000).
+    pub fn max_items(mut self, n: usize) -> Self {
+        self.max_items = n.max(1);
+        self
+    }
+
+    /// Failed writes of one batch before it is spooled (default 5).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    pub(crate) fn into_batcher(self, class: &str) -> MergeBatcher<V> {
+        MergeBatcher {
+            class: class.to_owned(),
+            config: self,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                ids: Vec::new(),
+                since_ms: None,
+                sealed: Vec::new(),
+            }),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// A journal record: one delta, or a sealed batch.
+#[derive(Serialize, Deserialize)]
+enum Entry<V> {
+    Delta(String, V),
+    Batch(Vec<(String, V)>),
+}
+
+fn encode<V: Serialize>(entry: &Entry<V>) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(entry).map_err(|e| format!("the delta cannot be journaled: {e}"))
+}
+
+fn decode<V: DeserializeOwned>(task: &Task) -> Result<Entry<V>, String> {
+    match task.payload() {
+        Payload::Bytes(b) => postcard::from_bytes(b).map_err(|e| e.to_string()),
+        Payload::Http(_) => Err("not a batch_merge record".to_owned()),
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The type-erased `batch_merge` of one class, as the router and worker use it.
+pub(crate) trait Batcher: Send + Sync {
+    /// The journal record of a call's delta.
+    fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String>;
+    /// Merge a journaled delta.
+    fn merge(&self, task: Task);
+    /// Read the journal back at start-up.
+    fn recover<'a>(&'a self, store: &'a dyn Store) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Seal and write what is due.
+    fn flush<'a>(&'a self, shared: &'a RouterShared, now_ms: u64) -> BoxFuture<'a, ()>;
+    /// Write a spooled batch.
+    fn replay(&self, task: &Task) -> ReplayFuture;
+}
+
+struct Sealed {
+    task: Task,
+    attempts: u32,
+    next_ms: u64,
+}
+
+struct State<V> {
+    pending: HashMap<String, V>,
+    ids: Vec<TaskId>,
+    since_ms: Option<u64>,
+    sealed: Vec<Sealed>,
+}
+
+pub(crate) struct MergeBatcher<V> {
+    class: String,
+    config: BatchMerge<V>,
+    state: Mutex<State<V>>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl<V> MergeBatcher<V> {
+    fn state(&self) -> MutexGuard<'_, State<V>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<V> MergeBatcher<V>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn add(&self, key: String, delta: V, id: TaskId, now_ms: u64) {
+        let mut s = self.state();
+        match s.pending.get_mut(&key) {
+            Some(v) => (self.config.merge)(v, delta),
+            None => {
+                s.pending.insert(key, delta);
+            }
+        }
+        s.ids.push(id);
+        s.since_ms.get_or_insert(now_ms);
+    }
+
+    async fn write(&self, batch: Batch<V>) -> Result<(), BoxError> {
+        self.config.sink.clone().oneshot(batch).await
+    }
+
+    async fn flush_inner(&self, shared: &RouterShared, now: u64) {
+        let _one = self.flushing.lock().await;
+        let service = shared.service.to_string();
+        // 1. Seal the pending deltas when due.
+        let seal = {
+            let mut s = self.state();
+            let due = s.ids.len() >= self.config.max_items
+                || s.since_ms.is_some_and(|t| {
+                    now.saturating_sub(t) >= self.config.every.as_millis() as u64
+                });
+            if due && !s.ids.is_empty() {
+                s.since_ms = None;
+                Some((
+                    std::mem::take(&mut s.pending),
+                    std::mem::take(&mut s.ids),
+                ))
+            } else {
+                None
+            }
+        };
+        if let Some((pending, ids)) = seal {
+            let items: Vec<(String, V)> = pending.into_iter().collect();
+            match encode(&Entry::Batch(items.clone())) {
+                Ok(bytes) => {
+                    let task = Task::new(self.class.clone(), None, Payload::Bytes(bytes))
+                        .with_reason("batch_merge");
+                    let mut ops = vec![Op::Put(Queue::Journal, task.clone())];
+                    ops.extend(ids.iter().map(|id| Op::Remove(Queue::Journal, *id)));
+                    match shared.store.commit(ops).await {
+                        Ok(()) => self.state().sealed.push(Sealed {
+                            task,
+                            attempts: 0,
+                            next_ms: now,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(class = %self.class, error = %e,
+                                "batch_merge: the batch cannot be sealed; its deltas stay journaled");
+                            self.restore(items, ids, now);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(class = %self.class, error = %e, "batch_merge: cannot encode");
+                    self.restore(items, ids, now);
+                }
+            }
+        }
+        // 2. Write the sealed batches that are due.
+        let due: Vec<(Task, u32)> = {
+            let s = self.state();
+            s.sealed
+                .iter()
+                .filter(|b| b.next_ms <= now)
+                .map(|b| (b.task.clone(), b.attempts))
+                .collect()
+        };
+        for (task, attempts) in due {
+            let Ok(Entry::Batch(items)) = decode::<V>(&task) else {
+                continue;
+            };
+            let id = task.id();
+            let result = self.write(Batch { id, items }).await;
+            let (ops, outcome) = match result {
+                Ok(()) => (vec![Op::Remove(Queue::Journal, id)], "ok"),
+                Err(e) if attempts + 1 >= self.config.max_attempts => {
+                    let mut spooled = task.clone().with_reason("batch_merge write failed");
+                    spooled.set_answer(e.to_string());
+                    (
+                        vec![Op::Remove(Queue::Journal, id), Op::Put(Queue::Spool, spooled)],
+                        "spooled",
+                    )
+                }
+                Err(e) => {
+                    tracing::debug!(class = %self.class, error = %e, "batch_merge: write failed");
+                    let mut s = self.state();
+                    if let Some(b) = s.sealed.iter_mut().find(|b| b.task.id() == id) {
+                        b.attempts += 1;
+                        b.next_ms = now + shared.retry.backoff(b.attempts, 0.5).as_millis() as u64;
+                    }
+                    counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
+                        "class" => self.class.clone(), "result" => "failed")
+                    .increment(1);
+                    continue;
+                }
+            };
+            if shared.store.commit(ops).await.is_ok() {
+                self.state().sealed.retain(|b| b.task.id() != id);
+            }
+            counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
+                "class" => self.class.clone(), "result" => outcome)
+            .increment(1);
+        }
+    }
+
+    /// Put deltas that could not be sealed back in front of the new ones.
+    fn restore(&self, items: Vec<(String, V)>, ids: Vec<TaskId>, now: u64) {
+        let mut s = self.state();
+        for (k, v) in items {
+            match s.pending.remove(&k) {
+                Some(newer) => {
+                    let mut merged = v;
+                    (self.config.merge)(&mut merged, newer);
+                    s.pending.insert(k, merged);
+                }
+                None => {
+                    s.pending.insert(k, v);
+                }
+            }
+        }
+        s.ids.extend(ids);
+        s.since_ms = Some(now);
+    }
+}
+
+impl<V> Batcher for MergeBatcher<V>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String> {
+        let (k, delta) = (self.config.extract)(rec)?;
+        let bytes = encode(&Entry::Delta(k, delta))?;
+        Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason("batch_merge"))
+    }
+
+    fn merge(&self, task: Task) {
+        if let Ok(Entry::Delta(k, v)) = decode::<V>(&task) {
+            self.add(k, v, task.id(), task.created_ms());
+        }
+    }
+
+    fn recover<'a>(&'a self, store: &'a dyn Store) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut after = None;
+            loop {
+                let page = store.list(Queue::Journal, after, 1000).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id());
+                for task in page {
+                    if task.class() != self.class {
+                        continue;
+                    }
+                    match decode::<V>(&task) {
+                        Ok(Entry::Delta(k, v)) => self.add(k, v, task.id(), task.created_ms()),
+                        Ok(Entry::Batch(_)) => self.state().sealed.push(Sealed {
+                            task,
+                            attempts: 0,
+                            next_ms: 0,
+                        }),
+                        Err(e) => tracing::error!(class = %self.class, task = %task.id(),
+                            error = %e, "batch_merge: an unreadable journal record is left in place"),
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn flush<'a>(&'a self, shared: &'a RouterShared, now_ms: u64) -> BoxFuture<'a, ()> {
+        Box::pin(self.flush_inner(shared, now_ms))
+    }
+
+    fn replay(&self, task: &Task) -> ReplayFuture {
+        let batch = match decode::<V>(task) {
+            Ok(Entry::Batch(items)) => Batch {
+                id: task.id(),
+                items,
+            },
+            Ok(Entry::Delta(k, v)) => Batch {
+                id: task.id(),
+                items: vec![(k, v)],
+            },
+            Err(e) => {
+                return Box::pin(std::future::ready(Replayed::Reject(format!(
+                    "unreadable batch: {e}"
+                ))));
+            }
+        };
+        let sink = self.config.sink.clone();
+        Box::pin(async move {
+            match sink.oneshot(batch).await {
+                Ok(()) => Replayed::Done,
+                Err(e) => Replayed::Retry(e.to_string()),
+            }
+        })
+    }
+}

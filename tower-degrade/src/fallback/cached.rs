@@ -1,0 +1,339 @@
+//! `cached`: the last good response of a read, served when its class is diverted to
+//! [`Route::Cached`](crate::Route::Cached).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::class::Route;
+use crate::error::{BoxError, Degraded};
+use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
+
+/// Remembers the last good response of reads and serves it when the degrade layer diverts a
+/// call to [`Route::Cached`]. Put it **outside** the degrade layer (added after it, with
+/// axum's `Router::layer`), so it sees both the served responses and the layer's answers.
+///
+/// * Kept: `GET` and `HEAD` requests answered 2xx with a body of known size up to
+///   `max_body` (default 256 KiB) and no `Cache-Control: no-store` or `private`; keyed by
+///   method, URI and the configured `vary` headers.
+/// * Bounded: at most `max_entries` (default 10,000; evicted by the `quick_cache` crate's
+///   CLOCK-Pro policy) and `ttl` old (default 5 minutes, checked when read).
+/// * Served: when the layer's answer says the call went to `cached`, the copy replaces it,
+///   with `Age`, `x-degrade-route: cached` and `x-degrade-reason`. A miss passes the layer's
+///   503 through.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_degrade::fallback::LastGoodLayer;
+///
+/// let last_good = LastGoodLayer::new()
+///     .ttl(Duration::from_secs(60))
+///     .max_entries(50_000)
+///     .vary("accept-language")?;
+/// # Ok::<_, tower_degrade::error::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct LastGoodLayer {
+    cache: Arc<quick_cache::sync::Cache<String, Arc<Entry>>>,
+    config: Arc<Config>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    ttl: Duration,
+    max_body: u64,
+    vary: Vec<HeaderName>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    at: tokio::time::Instant,
+}
+
+impl fmt::Debug for LastGoodLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastGoodLayer")
+            .field("entries", &self.cache.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Default for LastGoodLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LastGoodLayer {
+    /// The defaults (see the type docs).
+    pub fn new() -> Self {
+        Self::build(
+            10_000,
+            Config {
+                ttl: Duration::from_secs(300),
+                max_body: 256 * 1024,
+                vary: Vec::new(),
+            },
+        )
+    }
+
+    fn build(entries: usize, config: Config) -> Self {
+        Self {
+            cache: Arc::new(quick_cache::sync::Cache::new(entries.max(1))),
+            config: Arc::new(config),
+        }
+    }
+
+    fn config(&self) -> Config {
+        (*self.config).clone()
+    }
+
+    /// How long a copy may be served (default 5 minutes).
+    pub fn ttl(self, ttl: Duration) -> Self {
+        let entries = self.cache.capacity() as usize;
+        Self::build(entries, Config { ttl, ..self.config() })
+    }
+
+    /// The most responses kept (default 10,000). Starts an empty cache.
+    pub fn max_entries(self, n: usize) -> Self {
+        Self::build(n, self.config())
+    }
+
+    /// The largest body kept (default 256 KiB).
+    pub fn max_body(self, bytes: u64) -> Self {
+        let entries = self.cache.capacity() as usize;
+        Self::build(
+            entries,
+            Config {
+                max_body: bytes,
+                ..self.config()
+            },
+        )
+    }
+
+    /// A request header whose value is part of the key (any case).
+    pub fn vary(self, name: &str) -> Result<Self, crate::error::ConfigError> {
+        let name = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(
+            |_| crate::error::ConfigError::InvalidValue {
+                field: "last_good.vary",
+                reason: format!("`{name}` is not a valid HTTP header name"),
+            },
+        )?;
+        let entries = self.cache.capacity() as usize;
+        let mut config = self.config();
+        config.vary.push(name);
+        Ok(Self::build(entries, config))
+    }
+
+    /// How many responses are kept now.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether no response is kept.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+impl<S> Layer<S> for LastGoodLayer {
+    type Service = LastGood<S>;
+
+    fn layer(&self, inner: S) -> LastGood<S> {
+        LastGood {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`LastGoodLayer`].
+#[derive(Clone, Debug)]
+pub struct LastGood<S> {
+    inner: S,
+    layer: LastGoodLayer,
+}
+
+fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> String {
+    let mut k = String::with_capacity(64);
+    k.push_str(req.method().as_str());
+    k.push(' ');
+    k.push_str(&req.uri().to_string());
+    for name in vary {
+        k.push('\n');
+        if let Some(v) = req.headers().get(name) {
+            k.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        }
+    }
+    k
+}
+
+fn cacheable(headers: &HeaderMap) -> bool {
+    !headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .map(|s| s.contains("no-store") || s.contains("private"))
+                .unwrap_or(true)
+        })
+}
+
+impl<S, B, RB> Service<http::Request<B>> for LastGood<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Body + From<Bytes> + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = LastGoodFuture<S::Future, RB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return LastGoodFuture {
+                tap: Tap::Pass {
+                    fut: self.inner.call(req),
+                },
+            };
+        }
+        let key = key(&req, &self.layer.config.vary);
+        let fut = self.inner.call(req);
+        let layer = self.layer.clone();
+        LastGoodFuture {
+            tap: Tap::Read {
+                fut: Box::pin(async move {
+                    let res = fut.await?;
+                    Ok(layer.after(key, res).await)
+                }),
+            },
+        }
+    }
+}
+
+impl LastGoodLayer {
+    async fn after<RB>(&self, key: String, res: http::Response<RB>) -> http::Response<RB>
+    where
+        RB: Body + From<Bytes>,
+        RB::Error: Into<BoxError>,
+    {
+        if let Some(d) = res.extensions().get::<Degraded>() {
+            if d.route() != Route::Cached {
+                return res;
+            }
+            let reason = d.reason();
+            let Some(entry) = self.cache.get(&key) else {
+                return res;
+            };
+            let age = entry.at.elapsed();
+            if age > self.config.ttl {
+                self.cache.remove(&key);
+                return res;
+            }
+            let mut out = http::Response::new(RB::from(entry.body.clone()));
+            *out.status_mut() = entry.status;
+            *out.headers_mut() = entry.headers.clone();
+            let h = out.headers_mut();
+            h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+            h.insert(ROUTE_HEADER, HeaderValue::from_static(Route::Cached.as_str()));
+            h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+            return out;
+        }
+        let size = res.body().size_hint().exact();
+        if !res.status().is_success()
+            || !size.is_some_and(|n| n <= self.config.max_body)
+            || !cacheable(res.headers())
+        {
+            return res;
+        }
+        let (parts, body) = res.into_parts();
+        match body.collect().await {
+            Ok(c) => {
+                let bytes = c.to_bytes();
+                let mut headers = parts.headers.clone();
+                headers.remove(header::CONTENT_LENGTH);
+                self.cache.insert(
+                    key,
+                    Arc::new(Entry {
+                        status: parts.status,
+                        headers,
+                        body: bytes.clone(),
+                        at: tokio::time::Instant::now(),
+                    }),
+                );
+                http::Response::from_parts(parts, RB::from(bytes))
+            }
+            // The body failed after its head: answer what the service answered, an error
+            // body being out of reach here, as an empty 502.
+            Err(_) => {
+                let mut out = http::Response::new(RB::from(Bytes::new()));
+                *out.status_mut() = StatusCode::BAD_GATEWAY;
+                out
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = TapProj]
+    enum Tap<F, RB, E> {
+        Pass {
+            #[pin]
+            fut: F,
+        },
+        Read {
+            fut: Pin<Box<dyn Future<Output = Result<http::Response<RB>, E>> + Send>>,
+        },
+    }
+}
+
+pin_project! {
+    /// The response future of [`LastGood`]: the inner future as is for a request that is not a
+    /// read; for a read, remember a good answer or serve the copy for a diverted one.
+    pub struct LastGoodFuture<F, RB, E> {
+        #[pin]
+        tap: Tap<F, RB, E>,
+    }
+}
+
+impl<F, RB, E> fmt::Debug for LastGoodFuture<F, RB, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastGoodFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, RB, E> Future for LastGoodFuture<F, RB, E>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = Result<http::Response<RB>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().tap.project() {
+            TapProj::Pass { fut } => fut.poll(cx),
+            TapProj::Read { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}

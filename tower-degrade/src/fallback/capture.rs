@@ -1,0 +1,256 @@
+//! Request capture: what of an HTTP or gRPC request is kept to replay it, and how it is sent
+//! again.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+
+use super::record::HttpRequest;
+use crate::error::BoxError;
+
+/// The header every replay carries, with the attempt number (1 for the first replay).
+pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay");
+
+/// What of a request is kept, and the idempotency header.
+///
+/// By default: the method, the URI, the `content-type`, `content-encoding`, `grpc-encoding`
+/// and `te` headers, the idempotency header, and the body up to 64 KiB. A request with a larger
+/// body is not kept: it gets the reject answer with `x-degrade-reason: too_large`.
+///
+/// ```
+/// use tower_degrade::fallback::Capture;
+///
+/// let capture = Capture::new()
+///     .header("x-tenant")?
+///     .idempotency_header("idempotency-key")?
+///     .body_limit(256 * 1024);
+/// # Ok::<_, tower_degrade::error::ConfigError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Capture {
+    headers: Vec<HeaderName>,
+    all_headers: bool,
+    body_limit: usize,
+    idempotency: HeaderName,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Headers that describe one connection, never replayed.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::CONTENT_LENGTH,
+    header::HOST,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+impl Capture {
+    /// The default capture (see the type docs).
+    pub fn new() -> Self {
+        Self {
+            headers: vec![
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                HeaderName::from_static("grpc-encoding"),
+                header::TE,
+            ],
+            all_headers: false,
+            body_limit: 64 * 1024,
+            idempotency: HeaderName::from_static("idempotency-key"),
+        }
+    }
+
+    /// Keep this header too (any case).
+    pub fn header(mut self, name: &str) -> Result<Self, crate::error::ConfigError> {
+        self.headers.push(parse_header("capture.header", name)?);
+        Ok(self)
+    }
+
+    /// Keep every header but the connection's own (`connection`, `content-length`, `host`,
+    /// `transfer-encoding`, `upgrade`, `proxy-authorization`). Credentials such as
+    /// `authorization` and `cookie` are then stored with the task: mind who can read the store.
+    pub fn all_headers(mut self) -> Self {
+        self.all_headers = true;
+        self
+    }
+
+    /// The largest body kept, in bytes (default 64 KiB).
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// The header a client's idempotency key is read from (default `idempotency-key`). A kept
+    /// call without one gets its task id as its key. Replays carry the key in this header.
+    pub fn idempotency_header(mut self, name: &str) -> Result<Self, crate::error::ConfigError> {
+        self.idempotency = parse_header("capture.idempotency_header", name)?;
+        Ok(self)
+    }
+
+    /// The idempotency header.
+    pub fn idempotency(&self) -> &HeaderName {
+        &self.idempotency
+    }
+
+    /// The client's idempotency key, if it sent a readable one.
+    pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
+        parts
+            .headers
+            .get(&self.idempotency)
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty() && k.len() <= 256)
+            .map(str::to_owned)
+    }
+
+    /// Capture the request, reading the body up to the limit.
+    pub(crate) async fn capture<B>(
+        &self,
+        parts: &http::request::Parts,
+        body: B,
+    ) -> Result<HttpRequest, CaptureError>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        if let Some(len) = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            if len > self.body_limit as u64 {
+                return Err(CaptureError::TooLarge);
+            }
+        }
+        let body = match Limited::new(body, self.body_limit).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(CaptureError::TooLarge);
+            }
+            Err(e) => return Err(CaptureError::Body(e.to_string())),
+        };
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                if self.all_headers {
+                    !HOP_BY_HOP.contains(name)
+                } else {
+                    self.headers.contains(name) || **name == self.idempotency
+                }
+            })
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        Ok(HttpRequest {
+            method: parts.method.as_str().to_owned(),
+            uri: parts.uri.to_string(),
+            headers,
+            body: body.to_vec(),
+        })
+    }
+}
+
+fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::error::ConfigError> {
+    HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
+        crate::error::ConfigError::InvalidValue {
+            field,
+            reason: format!("`{name}` is not a valid HTTP header name"),
+        }
+    })
+}
+
+/// Why a request could not be captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CaptureError {
+    TooLarge,
+    Body(String),
+}
+
+impl HttpRequest {
+    /// The request again, for a replay: the captured head and body, the idempotency key in
+    /// `key_header`, and the attempt number in [`REPLAY_HEADER`].
+    pub fn to_request<B: From<Bytes>>(
+        &self,
+        key_header: &HeaderName,
+        key: &str,
+        attempt: u32,
+    ) -> Result<http::Request<B>, http::Error> {
+        let mut b = http::Request::builder()
+            .method(self.method.as_str())
+            .uri(self.uri.as_str());
+        for (n, v) in &self.headers {
+            b = b.header(n.as_str(), v.as_slice());
+        }
+        let mut req = b.body(B::from(Bytes::from(self.body.clone())))?;
+        let headers = req.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(key) {
+            headers.insert(key_header.clone(), v);
+        }
+        headers.insert(REPLAY_HEADER, HeaderValue::from(attempt));
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn parts(req: http::Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[tokio::test]
+    async fn captures_the_head_and_body_and_replays_them_with_the_key() {
+        let cap = Capture::new().header("X-Tenant").unwrap();
+        let p = parts(
+            http::Request::post("/log?page=2")
+                .header("content-type", "application/json")
+                .header("x-tenant", "t1")
+                .header("cookie", "secret")
+                .header("Idempotency-Key", "abc")
+                .body(())
+                .unwrap(),
+        );
+        let rec = cap
+            .capture(&p, Full::new(Bytes::from_static(b"{\"a\":1}")))
+            .await
+            .unwrap();
+        assert_eq!(rec.method, "POST");
+        assert_eq!(rec.uri, "/log?page=2");
+        let names: Vec<_> = rec.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-tenant", "idempotency-key"]);
+        assert_eq!(cap.key(&p).as_deref(), Some("abc"));
+
+        let replay: http::Request<Full<Bytes>> =
+            rec.to_request(cap.idempotency(), "abc", 2).unwrap();
+        assert_eq!(replay.uri(), "/log?page=2");
+        assert_eq!(replay.headers()["idempotency-key"], "abc");
+        assert_eq!(replay.headers()[&REPLAY_HEADER], "2");
+        let body = replay.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_with_or_without_a_length() {
+        let cap = Capture::new().body_limit(4);
+        let p = parts(http::Request::post("/").body(()).unwrap());
+        let long = Full::new(Bytes::from_static(b"0123456789"));
+        assert_eq!(cap.capture(&p, long).await, Err(CaptureError::TooLarge));
+        let p = parts(
+            http::Request::post("/")
+                .header("content-length", "10")
+                .body(())
+                .unwrap(),
+        );
+        let short = Full::new(Bytes::from_static(b"0"));
+        assert_eq!(cap.capture(&p, short).await, Err(CaptureError::TooLarge));
+        assert!(Capture::new().header("bad header").is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Replaying a kept task: the [`Replay`] trait, the HTTP / gRPC replay through a tower service
+//! ([`HttpReplay`]), and a replay from a closure ([`replay_fn`]) for the task API.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::HeaderName;
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower::{Service, ServiceExt};
+
+use super::record::{Payload, Task};
+use crate::error::BoxError;
+
+/// How a replay went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Served: the task is done and removed.
+    Done,
+    /// Failed in a way that may pass later (5xx, 408, 429, gRPC `UNAVAILABLE`, an error, a
+    /// panic): retried with backoff. The answer is recorded.
+    Retry(String),
+    /// Refused in a way a retry will not change (other 4xx, gRPC `INVALID_ARGUMENT`...): the
+    /// task moves to manual review at once with the answer recorded.
+    Reject(String),
+}
+
+/// The future of a [`Replay`].
+pub type ReplayFuture = Pin<Box<dyn Future<Output = Replayed> + Send>>;
+
+/// Sends a kept task again. `attempt` counts from 1.
+pub trait Replay: Send + Sync + 'static {
+    /// Replay `task`.
+    fn replay(&self, task: &Task, attempt: u32) -> ReplayFuture;
+}
+
+/// Replays captured HTTP and gRPC requests through a tower service: give it the application
+/// **without** the degrade layer (a replay must not be diverted again; the backfill worker
+/// already waits for the class to be healthy). Each replay carries the idempotency key and
+/// the attempt number ([`REPLAY_HEADER`](super::REPLAY_HEADER)).
+///
+/// HTTP 2xx and 3xx are done; 408, 429 and 5xx are retried; other 4xx go to manual review.
+/// For gRPC (`content-type: application/grpc`) the `grpc-status` is read from the headers or
+/// the trailers: `OK` is done; `CANCELLED`, `UNKNOWN`, `DEADLINE_EXCEEDED`,
+/// `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL` and `UNAVAILABLE` are retried; the rest go to
+/// manual review.
+pub struct HttpReplay<S, B> {
+    service: S,
+    key_header: HeaderName,
+    _body: std::marker::PhantomData<fn() -> B>,
+}
+
+impl<S: Clone, B> Clone for HttpReplay<S, B> {
+    fn clone(&self) -> Self {
+        Self::new(self.service.clone(), self.key_header.clone())
+    }
+}
+
+impl<S, B> fmt::Debug for HttpReplay<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpReplay")
+            .field("key_header", &self.key_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> HttpReplay<S, B> {
+    /// Replay through `service`, with the idempotency key in `key_header` (use the capture's,
+    /// [`Capture::idempotency`](super::Capture::idempotency)).
+    pub fn new(service: S, key_header: HeaderName) -> Self {
+        Self {
+            service,
+            key_header,
+            _body: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, B, RB> Replay for HttpReplay<S, B>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError> + Send,
+    B: From<Bytes> + Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
+    fn replay(&self, task: &Task, attempt: u32) -> ReplayFuture {
+        let Payload::Http(rec) = task.payload() else {
+            return Box::pin(std::future::ready(Replayed::Reject(
+                "not an HTTP task: replay it with the task API's handler".to_owned(),
+            )));
+        };
+        let req = match rec.to_request::<B>(&self.key_header, task.key(), attempt) {
+            Ok(r) => r,
+            Err(e) => {
+                let answer = format!("the kept request cannot be rebuilt: {e}");
+                return Box::pin(std::future::ready(Replayed::Reject(answer)));
+            }
+        };
+        let svc = self.service.clone();
+        Box::pin(async move {
+            match svc.oneshot(req).await {
+                Ok(res) => judge(res).await,
+                Err(e) => Replayed::Retry(format!("error: {}", e.into())),
+            }
+        })
+    }
+}
+
+async fn judge<RB>(res: http::Response<RB>) -> Replayed
+where
+    RB: Body,
+    RB::Error: Into<BoxError>,
+{
+    let grpc = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let status = res.status();
+    if !grpc {
+        return if status.is_success() || status.is_redirection() {
+            Replayed::Done
+        } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+            Replayed::Retry(format!("HTTP {status}"))
+        } else {
+            Replayed::Reject(format!("HTTP {status}"))
+        };
+    }
+    let mut code = res
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    let mut message = res
+        .headers()
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if code.is_none() {
+        match res.into_body().collect().await {
+            Ok(c) => {
+                if let Some(t) = c.trailers() {
+                    code = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                    message = t
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                }
+            }
+            Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
+        }
+    }
+    let answer = |c: u16| match &message {
+        Some(m) => format!("grpc-status {c}: {m}"),
+        None => format!("grpc-status {c}"),
+    };
+    match code {
+        Some(0) => Replayed::Done,
+        Some(c @ (1 | 2 | 4 | 8 | 10 | 13 | 14)) => Replayed::Retry(answer(c)),
+        Some(c) => Replayed::Reject(answer(c)),
+        None => Replayed::Retry(format!("HTTP {status} without a grpc-status")),
+    }
+}
+
+/// A [`Replay`] from a closure: for task-API payloads ([`Payload::Bytes`]) or any custom
+/// transport.
+///
+/// ```
+/// use tower_degrade::fallback::{Payload, Replayed, replay_fn};
+///
+/// let replay = replay_fn(|task, _attempt| {
+///     let ok = matches!(task.payload(), Payload::Bytes(b) if !b.is_empty());
+///     async move { if ok { Replayed::Done } else { Replayed::Reject("empty".into()) } }
+/// });
+/// # drop(replay);
+/// ```
+pub fn replay_fn<F, Fut>(f: F) -> ReplayFn<F>
+where
+    F: Fn(&Task, u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Replayed> + Send + 'static,
+{
+    ReplayFn(f)
+}
+
+/// See [`replay_fn`].
+#[derive(Clone)]
+pub struct ReplayFn<F>(F);
+
+impl<F> fmt::Debug for ReplayFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayFn").finish_non_exhaustive()
+    }
+}
+
+impl<F, Fut> Replay for ReplayFn<F>
+where
+    F: Fn(&Task, u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Replayed> + Send + 'static,
+{
+    fn replay(&self, task: &Task, attempt: u32) -> ReplayFuture {
+        Box::pin((self.0)(task, attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn res(status: u16, grpc: Option<&str>) -> http::Response<Full<Bytes>> {
+        let mut b = http::Response::builder().status(status);
+        if let Some(code) = grpc {
+            b = b
+                .header("content-type", "application/grpc")
+                .header("grpc-status", code);
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_are_judged_done_retry_or_review() {
+        assert_eq!(judge(res(200, None)).await, Replayed::Done);
+        assert_eq!(judge(res(302, None)).await, Replayed::Done);
+        assert!(matches!(judge(res(503, None)).await, Replayed::Retry(a) if a.contains("503")));
+        assert!(matches!(judge(res(429, None)).await, Replayed::Retry(_)));
+        assert!(matches!(judge(res(422, None)).await, Replayed::Reject(a) if a.contains("422")));
+        assert_eq!(judge(res(200, Some("0"))).await, Replayed::Done);
+        assert!(matches!(judge(res(200, Some("14"))).await, Replayed::Retry(_)));
+        assert!(matches!(judge(res(200, Some("3"))).await, Replayed::Reject(_)));
+    }
+}

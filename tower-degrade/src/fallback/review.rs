@@ -1,0 +1,104 @@
+//! [`ManualReview`]: the durable queue a person drains.
+
+use std::sync::Arc;
+
+use super::record::{Queue, Task, TaskId};
+use super::router::RouterShared;
+use super::store::{Depth, Op, StoreError};
+
+/// One page of a queue, in the order tasks were kept.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The tasks.
+    pub tasks: Vec<Task>,
+    /// Where the next page starts (`after`), if there may be one.
+    pub next: Option<TaskId>,
+}
+
+/// The manual-review queue: tasks whose retries ran out, that got a non-retryable answer, or
+/// that a policy sent to `manual_review`. A person lists them, looks at one, replays it now
+/// ([`requeue`](Self::requeue)) or drops it with a reason, which is kept in an audit record.
+/// Get it from [`FallbackRouter::review`](super::FallbackRouter::review); see
+/// [`admin_router`](Self::admin_router) (feature `axum`) for an HTTP front.
+#[derive(Debug, Clone)]
+pub struct ManualReview {
+    shared: Arc<RouterShared>,
+}
+
+impl ManualReview {
+    pub(crate) fn new(shared: Arc<RouterShared>) -> Self {
+        Self { shared }
+    }
+
+    /// Up to `limit` tasks (at most 1,000) after `after`, oldest first.
+    pub async fn list(&self, after: Option<TaskId>, limit: usize) -> Result<Page, StoreError> {
+        self.page(Queue::Review, after, limit).await
+    }
+
+    /// Dropped tasks with who dropped them and why, oldest first.
+    pub async fn audit(&self, after: Option<TaskId>, limit: usize) -> Result<Page, StoreError> {
+        self.page(Queue::Audit, after, limit).await
+    }
+
+    async fn page(
+        &self,
+        queue: Queue,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let limit = limit.clamp(1, 1000);
+        let tasks = self.shared.store.list(queue, after, limit).await?;
+        let next = (tasks.len() == limit)
+            .then(|| tasks.last().map(Task::id))
+            .flatten();
+        Ok(Page { tasks, next })
+    }
+
+    /// One task.
+    pub async fn show(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        self.shared.store.get(Queue::Review, id).await
+    }
+
+    /// Replay the task now: it moves to `delayed_retry`, due at once, with its attempts reset
+    /// (and a new deadline). `false` if it is not in the queue.
+    pub async fn requeue(&self, id: TaskId) -> Result<bool, StoreError> {
+        let Some(task) = self.show(id).await? else {
+            return Ok(false);
+        };
+        let deadline = self
+            .shared
+            .retry
+            .deadline
+            .map(|d| self.shared.clock.now_ms() + d.as_millis() as u64);
+        let mut task = task.with_deadline(deadline).with_reason("requeued");
+        task.requeued(self.shared.clock.now_ms());
+        self.shared
+            .store
+            .commit(vec![Op::Remove(Queue::Review, id), Op::Put(Queue::Retry, task)])
+            .await?;
+        tracing::info!(service = %self.shared.service, task = %id, "manual review: requeued");
+        self.shared.wake.notify_one();
+        Ok(true)
+    }
+
+    /// Drop the task, keeping `by` and `reason` in an audit record. `false` if it is not in
+    /// the queue.
+    pub async fn drop_task(&self, id: TaskId, by: &str, reason: &str) -> Result<bool, StoreError> {
+        let Some(mut task) = self.show(id).await? else {
+            return Ok(false);
+        };
+        task.set_answer(format!("dropped by {by}: {reason}"));
+        self.shared
+            .store
+            .commit(vec![Op::Remove(Queue::Review, id), Op::Put(Queue::Audit, task)])
+            .await?;
+        tracing::info!(service = %self.shared.service, task = %id, by, reason,
+            "manual review: dropped");
+        Ok(true)
+    }
+
+    /// How many tasks wait for review, and the oldest's age.
+    pub fn depth(&self) -> Depth {
+        self.shared.store.depth(Queue::Review)
+    }
+}

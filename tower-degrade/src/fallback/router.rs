@@ -1,0 +1,489 @@
+//! The [`FallbackRouter`]: dispatches each diverted call on its route, keeps what is to be
+//! replayed, and answers `202 Accepted` only once the task is durably stored.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+
+use super::batch::{BatchMerge, Batcher};
+use super::capture::{Capture, CaptureError};
+use super::record::{Payload, Queue, Task};
+use super::replay::Replay;
+use super::review::ManualReview;
+use super::store::{Op, Store};
+use super::worker::{Backfill, FallbackWorker, RetryPolicy};
+use super::{Diverted, Fallback, FallbackService, NoFallback};
+use crate::class::Route;
+use crate::degrader::Degrader;
+use crate::error::{BoxError, ConfigError, Degraded};
+use crate::gate::Reason;
+use crate::protocol::{degraded_response, kept_response};
+
+/// Wall-clock milliseconds that advance with tokio's clock (so that paused-clock tests see
+/// backoff and off-peak windows pass).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall0: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self {
+            wall0: super::record::now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.wall0 + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// What the router, its worker and the review handle share.
+pub(crate) struct RouterShared {
+    pub(crate) service: Arc<str>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) capture: Capture,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) batches: HashMap<String, Arc<dyn Batcher>>,
+    pub(crate) wake: Notify,
+    pub(crate) clock: Clock,
+    /// How long a client is told to wait when its call could not be kept.
+    pub(crate) retry_after: Duration,
+}
+
+impl fmt::Debug for RouterShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterShared")
+            .field("service", &self.service)
+            .field("store", &self.store.kind())
+            .field("batches", &self.batches.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the routes that keep calls (`delayed_retry`, `spool`, `manual_review`,
+/// `batch_merge`), and hands [`Route::Service`] to a custom service. Give it to
+/// [`DegradeLayer::fallback_with`](crate::DegradeLayer::fallback_with); spawn its
+/// [`FallbackWorker`], which replays what it kept.
+///
+/// A kept call is captured ([`Capture`]), stored with an id and an idempotency key, and only
+/// then answered `202 Accepted` with `x-degrade-task-id` (gRPC: see
+/// [`TASK_ID_HEADER`](crate::protocol::TASK_ID_HEADER)). A call that cannot be kept (its body
+/// over the limit, the store full or failing) gets the reject answer with
+/// `x-degrade-reason: too_large` or `not_kept`: never a 202. A client that sends the same
+/// idempotency key again while the task is kept gets the same task id, and nothing is kept
+/// twice. [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
+///
+/// ```
+/// use tower_degrade::{ClassConfig, Degrader, Route};
+/// use tower_degrade::fallback::{FallbackRouter, MemoryStore, Replayed, replay_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_degrade::BoxError> {
+/// let degrader = Degrader::builder("shop")
+///     .class(ClassConfig::bronze("browse_log").fallback_route(Route::Spool))
+///     .build()?;
+/// let (router, worker) = FallbackRouter::builder(&degrader)
+///     .store(MemoryStore::default())
+///     .replay(replay_fn(|_task, _attempt| async { Replayed::Done }))
+///     .build()?;
+/// tokio::spawn(worker.run());
+/// # drop(router);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FallbackRouter<T = NoFallback> {
+    shared: Arc<RouterShared>,
+    service: T,
+}
+
+/// Builds a [`FallbackRouter`] and its [`FallbackWorker`].
+pub struct FallbackRouterBuilder<T = NoFallback> {
+    degrader: Degrader,
+    store: Option<Arc<dyn Store>>,
+    capture: Capture,
+    retry: RetryPolicy,
+    backfill: Backfill,
+    batches: HashMap<String, Arc<dyn Batcher>>,
+    replay: Option<Arc<dyn Replay>>,
+    service: T,
+    period: Duration,
+    concurrency: usize,
+}
+
+impl<T> fmt::Debug for FallbackRouterBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackRouterBuilder")
+            .field("capture", &self.capture)
+            .field("retry", &self.retry)
+            .field("backfill", &self.backfill)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FallbackRouter {
+    /// Start building a router for the classes of `degrader`.
+    pub fn builder(degrader: &Degrader) -> FallbackRouterBuilder {
+        FallbackRouterBuilder {
+            degrader: degrader.clone(),
+            store: None,
+            capture: Capture::new(),
+            retry: RetryPolicy::default(),
+            backfill: Backfill::default(),
+            batches: HashMap::new(),
+            replay: None,
+            service: NoFallback,
+            period: Duration::from_millis(100),
+            concurrency: 32,
+        }
+    }
+}
+
+impl<T> FallbackRouter<T> {
+    /// The manual-review queue: list, show, requeue, drop.
+    pub fn review(&self) -> ManualReview {
+        ManualReview::new(self.shared.clone())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+}
+
+impl<T> FallbackRouterBuilder<T> {
+    /// Where kept tasks are stored (required). Use
+    /// [`EmbeddedStore`](super::store::EmbeddedStore) for durability.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store shared with something else (a second router, a test).
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// What of a request is kept (default: [`Capture::new`]).
+    pub fn capture(mut self, capture: Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// The `delayed_retry` schedule (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// When and how fast spooled tasks are backfilled (default: [`Backfill::default`]).
+    pub fn backfill(mut self, backfill: Backfill) -> Self {
+        self.backfill = backfill;
+        self
+    }
+
+    /// Serve `class`'s `batch_merge` route with `batch`.
+    pub fn batch_merge<V>(mut self, class: &str, batch: BatchMerge<V>) -> Self
+    where
+        V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        self.batches
+            .insert(class.to_owned(), Arc::new(batch.into_batcher(class)));
+        self
+    }
+
+    /// What replays kept tasks (required): [`HttpReplay`](super::HttpReplay) around the
+    /// application without the degrade layer, or [`replay_fn`](super::replay_fn).
+    pub fn replay(mut self, replay: impl Replay) -> Self {
+        self.replay = Some(Arc::new(replay));
+        self
+    }
+
+    /// How often the worker looks for due tasks when nothing wakes it (default 100 ms).
+    pub fn period(mut self, period: Duration) -> Self {
+        self.period = period;
+        self
+    }
+
+    /// How many replays the worker runs at once (default 32).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Serve [`Route::Service`] with a tower service that receives the [`Diverted`] call
+    /// (as [`DegradeLayer::fallback_service`](crate::DegradeLayer::fallback_service)).
+    pub fn service<S>(self, service: S) -> FallbackRouterBuilder<FallbackService<S>> {
+        FallbackRouterBuilder {
+            degrader: self.degrader,
+            store: self.store,
+            capture: self.capture,
+            retry: self.retry,
+            backfill: self.backfill,
+            batches: self.batches,
+            replay: self.replay,
+            service: FallbackService(service),
+            period: self.period,
+            concurrency: self.concurrency,
+        }
+    }
+
+    /// The router and its worker. Fails when the store or the replay target is missing, or a
+    /// batch-merge class is not configured.
+    pub fn build(self) -> Result<(FallbackRouter<T>, FallbackWorker), ConfigError> {
+        let missing = |field: &'static str, what: &str| ConfigError::InvalidValue {
+            field,
+            reason: format!("is required: {what}"),
+        };
+        let store = self.store.ok_or_else(|| {
+            missing(
+                "fallback.store",
+                "where kept tasks are stored (EmbeddedStore for durability)",
+            )
+        })?;
+        let replay = self.replay.ok_or_else(|| {
+            missing(
+                "fallback.replay",
+                "what replays kept tasks (HttpReplay around the app without the degrade layer)",
+            )
+        })?;
+        for class in self.batches.keys() {
+            self.degrader.registry().require(class)?;
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.concurrency",
+                reason: "must be at least 1".into(),
+            });
+        }
+        self.retry.validate()?;
+        self.backfill.validate()?;
+        crate::metrics::describe_fallback();
+        let shared = Arc::new(RouterShared {
+            service: Arc::from(self.degrader.service()),
+            store,
+            capture: self.capture,
+            retry: self.retry,
+            batches: self.batches,
+            wake: Notify::new(),
+            clock: Clock::new(),
+            retry_after: Duration::from_secs(1),
+        });
+        let worker = FallbackWorker::new(
+            shared.clone(),
+            self.degrader,
+            replay,
+            self.backfill,
+            self.period,
+            self.concurrency,
+        );
+        Ok((
+            FallbackRouter {
+                shared,
+                service: self.service,
+            },
+            worker,
+        ))
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, Res, E> {
+        // Keeping the call (boxed: the diverted path captures the body and waits for the
+        // store; the primary path never builds this future).
+        Keep {
+            fut: Pin<Box<dyn Future<Output = Result<Res, E>> + Send>>,
+        },
+        Service {
+            #[pin]
+            fut: F,
+        },
+    }
+}
+
+pin_project! {
+    /// The response future of a [`FallbackRouter`]: a kept call (capture, store, answer) or
+    /// the custom service's future.
+    pub struct RouterFuture<F, Res, E> {
+        #[pin]
+        kind: Kind<F, Res, E>,
+    }
+}
+
+impl<F, Res, E> RouterFuture<F, Res, E> {
+    fn keep(fut: impl Future<Output = Result<Res, E>> + Send + 'static) -> Self {
+        Self {
+            kind: Kind::Keep { fut: Box::pin(fut) },
+        }
+    }
+
+    fn service(fut: F) -> Self {
+        Self {
+            kind: Kind::Service { fut },
+        }
+    }
+}
+
+impl<F, Res, E> fmt::Debug for RouterFuture<F, Res, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, Res, E> Future for RouterFuture<F, Res, E>
+where
+    F: Future<Output = Result<Res, E>>,
+{
+    type Output = Result<Res, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Keep { fut } => fut.as_mut().poll(cx),
+            KindProj::Service { fut } => fut.poll(cx),
+        }
+    }
+}
+
+impl<T, B, RB, E> Fallback<http::Request<B>, http::Response<RB>, E> for FallbackRouter<T>
+where
+    T: Fallback<http::Request<B>, http::Response<RB>, E>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    RB: Default + Send + 'static,
+    E: Send + 'static,
+{
+    type Future = RouterFuture<T::Future, http::Response<RB>, E>;
+
+    fn call(
+        &mut self,
+        call: Diverted<http::Request<B>>,
+    ) -> Result<Self::Future, Diverted<http::Request<B>>> {
+        match call.route() {
+            Route::DelayedRetry | Route::Spool | Route::ManualReview => {
+                Ok(RouterFuture::keep(keep(self.shared.clone(), call)))
+            }
+            Route::BatchMerge if self.shared.batches.contains_key(call.class_name()) => {
+                Ok(RouterFuture::keep(keep(self.shared.clone(), call)))
+            }
+            _ => self.service.call(call).map(RouterFuture::service),
+        }
+    }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Capture, store, then answer: `202` (or the gRPC equivalent) once stored, the reject answer
+/// otherwise.
+async fn keep<B, RB, E>(
+    shared: Arc<RouterShared>,
+    call: Diverted<http::Request<B>>,
+) -> Result<http::Response<RB>, E>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+    RB: Default,
+{
+    let (route, reason, class) = (call.route(), call.reason(), call.class_name().to_owned());
+    let name: Arc<str> = Arc::from(class.as_str());
+    let (parts, body) = call.into_request().into_parts();
+    let grpc = is_grpc(&parts.headers);
+    let refuse = |why: Reason| {
+        metrics::counter!(crate::metrics::FALLBACK_KEPT,
+            "service" => shared.service.to_string(), "class" => class.clone(),
+            "route" => route.as_str(), "result" => why.as_str())
+        .increment(1);
+        let d = Degraded::new(name.clone(), why, route, Some(shared.retry_after));
+        Ok(degraded_response(d, grpc, false, RB::default()))
+    };
+    let key = shared.capture.key(&parts);
+    if let Some(k) = &key {
+        if let Some((_, id)) = shared.store.find_key(&class, k) {
+            return Ok(kept_response(
+                &id.to_string(),
+                route,
+                reason,
+                grpc,
+                RB::default(),
+            ));
+        }
+    }
+    let rec = match shared.capture.capture(&parts, body).await {
+        Ok(rec) => rec,
+        Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),
+        Err(CaptureError::Body(e)) => {
+            tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
+            return refuse(Reason::NotKept);
+        }
+    };
+    let (queue, task) = if route == Route::BatchMerge {
+        let batcher = &shared.batches[&class];
+        match batcher.journal(&class, key, &rec) {
+            Ok(task) => (Queue::Journal, task),
+            Err(why) => {
+                tracing::debug!(class = %class, error = %why, "batch_merge cannot read the call");
+                return refuse(Reason::NotKept);
+            }
+        }
+    } else {
+        let deadline = match route {
+            Route::DelayedRetry => shared
+                .retry
+                .deadline
+                .map(|d| shared.clock.now_ms() + d.as_millis() as u64),
+            _ => None,
+        };
+        let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
+        let task = Task::new(class.clone(), key, Payload::Http(rec))
+            .with_reason(reason.as_str())
+            .with_deadline(deadline);
+        (queue, task)
+    };
+    let id = task.id();
+    let merged = (queue == Queue::Journal).then(|| task.clone());
+    match shared.store.commit(vec![Op::Put(queue, task)]).await {
+        Ok(()) => {
+            if let Some(task) = merged {
+                shared.batches[&class].merge(task);
+            }
+            metrics::counter!(crate::metrics::FALLBACK_KEPT,
+                "service" => shared.service.to_string(), "class" => class.clone(),
+                "route" => route.as_str(), "result" => "kept")
+            .increment(1);
+            if route == Route::ManualReview {
+                tracing::warn!(service = %shared.service, class = %class, task = %id,
+                    reason = %reason, "task moved to manual review");
+            }
+            shared.wake.notify_one();
+            Ok(kept_response(
+                &id.to_string(),
+                route,
+                reason,
+                grpc,
+                RB::default(),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(service = %shared.service, class = %class, error = %e,
+                "a diverted call could not be kept");
+            refuse(Reason::NotKept)
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! [`EmbeddedStore`]: kept tasks in one redb file, with group commit.
+//!
+//! Why redb: a pure-Rust ACID B-tree in a single file (no C toolchain, no background
+//! compaction threads), whose commits are crash-safe by design (copy-on-write pages and a
+//! checksummed commit slot, fsync on commit) and which detects a file it did not write. The
+//! store's access pattern (append, remove by id, page in id order) is what a B-tree does well.
+//!
+//! **Group commit.** One writer thread owns the write side: it takes every commit request
+//! waiting in its channel (up to 4,096), applies them in **one** write transaction and answers
+//! them all after the single fsync. Under load, many appends share one fsync; alone, an append
+//! costs one.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+};
+use tokio::sync::oneshot;
+
+use super::index::Index;
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use crate::fallback::record::{Queue, Task, TaskId};
+
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("tower-degrade");
+const FORMAT: u64 = 1;
+const MAX_BATCH: usize = 4096;
+
+fn table(queue: Queue) -> TableDefinition<'static, u128, &'static [u8]> {
+    TableDefinition::new(queue.as_str())
+}
+
+/// Builds an [`EmbeddedStore`].
+#[derive(Debug, Clone)]
+pub struct EmbeddedStoreBuilder {
+    path: PathBuf,
+    capacity: u64,
+}
+
+impl EmbeddedStoreBuilder {
+    /// At most `tasks` tasks over all queues (default 10,000,000): a commit past it fails with
+    /// [`StoreErrorKind::Full`], and the call is answered as rejected.
+    pub fn capacity(mut self, tasks: u64) -> Self {
+        self.capacity = tasks;
+        self
+    }
+
+    /// Open (or create) the store. Fails with an error naming the file when it is not a
+    /// tower-degrade store, is damaged, or is open in another process.
+    pub fn open(self) -> Result<EmbeddedStore, StoreError> {
+        let path = self.path;
+        let shown = path.display().to_string();
+        let db = Database::create(&path).map_err(|e| {
+            let e = redb::Error::from(e);
+            let (kind, hint) = match e {
+                redb::Error::DatabaseAlreadyOpen => (
+                    StoreErrorKind::Io,
+                    "it is open in another process: give each instance its own file, or use \
+                     the Redis backend to share one queue",
+                ),
+                redb::Error::Io(ref io) if io.kind() != std::io::ErrorKind::InvalidData => {
+                    (StoreErrorKind::Io, "check the path and its permissions")
+                }
+                _ => (
+                    StoreErrorKind::Corrupt,
+                    "it is not a tower-degrade store or it is damaged: move it aside (keep it \
+                     for inspection) and start with a new file",
+                ),
+            };
+            StoreError::new(kind, format!("store `{shown}`: {e}; {hint}"))
+        })?;
+        check_format(&db, &shown)?;
+        let mut index = Index::default();
+        load(&db, &shown, &mut index)?;
+        let shared = Arc::new(Shared {
+            db,
+            index: Mutex::new(index),
+            path,
+            capacity: self.capacity,
+        });
+        let (tx, rx) = mpsc::channel();
+        let owner = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tower-degrade-store".into())
+            .spawn(move || owner.write_loop(rx))
+            .map_err(|e| {
+                StoreError::new(
+                    StoreErrorKind::Io,
+                    format!("store `{shown}`: cannot start its writer thread: {e}"),
+                )
+            })?;
+        let writer = Arc::new(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+        });
+        Ok(EmbeddedStore { writer, shared })
+    }
+}
+
+fn check_format(db: &Database, shown: &str) -> Result<(), StoreError> {
+    let io = |e: redb::Error| StoreError::new(StoreErrorKind::Io, format!("store `{shown}`: {e}"));
+    let read = db.begin_read().map_err(|e| io(e.into()))?;
+    let tables: Vec<String> = read
+        .list_tables()
+        .map_err(|e| io(e.into()))?
+        .map(|t| t.name().to_owned())
+        .collect();
+    if tables.iter().any(|t| t == META.name()) {
+        let meta = read.open_table(META).map_err(|e| io(e.into()))?;
+        let format = meta
+            .get("format")
+            .map_err(|e| io(e.into()))?
+            .map(|v| v.value());
+        return match format {
+            Some(FORMAT) => Ok(()),
+            other => Err(StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "store `{shown}`: written in store format {}, this version reads format \
+                     {FORMAT}; replay it with the version that wrote it, or move it aside",
+                    other.map_or("(none)".to_owned(), |f| f.to_string())
+                ),
+            )),
+        };
+    }
+    if !tables.is_empty() {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!(
+                "store `{shown}`: a redb file with other tables ({}), not a tower-degrade \
+                 store; point the store at another path",
+                tables.join(", ")
+            ),
+        ));
+    }
+    drop(read);
+    let write = db.begin_write().map_err(|e| io(e.into()))?;
+    {
+        let mut meta = write.open_table(META).map_err(|e| io(e.into()))?;
+        meta.insert("format", FORMAT).map_err(|e| io(e.into()))?;
+    }
+    write.commit().map_err(|e| io(e.into()))
+}
+
+fn load(db: &Database, shown: &str, index: &mut Index) -> Result<(), StoreError> {
+    let io = |e: redb::Error| StoreError::new(StoreErrorKind::Io, format!("store `{shown}`: {e}"));
+    let read = db.begin_read().map_err(|e| io(e.into()))?;
+    for queue in Queue::ALL {
+        let t = match read.open_table(table(queue)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(io(e.into())),
+        };
+        for entry in t.iter().map_err(|e| io(e.into()))? {
+            let (k, v) = entry.map_err(|e| io(e.into()))?;
+            let task = Task::decode(v.value()).map_err(|e| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                        "store `{shown}`: queue `{queue}`, task {}: {e}; move the file aside",
+                        TaskId(k.value())
+                    ),
+                )
+            })?;
+            index.put(queue, &task);
+        }
+    }
+    Ok(())
+}
+
+/// Kept tasks in one [redb](https://docs.rs/redb) file, committed durably (fsync) in groups by
+/// one writer thread; an in-memory index answers `due`, `depth` and idempotency keys. One
+/// process per file (a second one is refused with an error naming the file). See the
+/// [module docs](self) for why redb.
+///
+/// ```no_run
+/// use tower_degrade::fallback::store::EmbeddedStore;
+///
+/// let store = EmbeddedStore::builder("kept.redb").capacity(1_000_000).open()?;
+/// # Ok::<_, tower_degrade::fallback::store::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    // Dropped first: the last handle stops and joins the writer, which holds the file.
+    writer: Arc<Writer>,
+    shared: Arc<Shared>,
+}
+
+/// The writer thread and its channel; dropping it drains the channel and joins the thread, so
+/// the file is closed when the last store handle is gone.
+#[derive(Debug)]
+struct Writer {
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    db: Database,
+    index: Mutex<Index>,
+    path: PathBuf,
+    capacity: u64,
+}
+
+#[derive(Debug)]
+struct Request {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl EmbeddedStore {
+    /// A builder for the store in the file at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> EmbeddedStoreBuilder {
+        EmbeddedStoreBuilder {
+            path: path.as_ref().to_owned(),
+            capacity: 10_000_000,
+        }
+    }
+
+    /// Open (or create) the store at `path` with the default capacity.
+    pub fn open(path: impl AsRef<Path>) -> Result<EmbeddedStore, StoreError> {
+        Self::builder(path).open()
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn error(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Io,
+            format!("store `{}`: {}", self.path.display(), e.into()),
+        )
+    }
+
+    fn write_loop(&self, rx: mpsc::Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            // Admit requests in order while the store has room.
+            let mut accepted = Vec::with_capacity(batch.len());
+            {
+                let index = self.index();
+                let mut len = index.len() as i64;
+                for req in batch {
+                    let grows = index.len_after(&req.ops) as i64 - index.len() as i64;
+                    if grows > 0 && (len + grows) as u64 > self.capacity {
+                        let _ = req.done.send(Err(StoreError::new(
+                            StoreErrorKind::Full,
+                            format!(
+                                "store `{}` is full ({} tasks)",
+                                self.path.display(),
+                                self.capacity
+                            ),
+                        )));
+                        continue;
+                    }
+                    len += grows;
+                    accepted.push(req);
+                }
+            }
+            if accepted.is_empty() {
+                continue;
+            }
+            match self.write(&accepted) {
+                Ok(()) => {
+                    let mut index = self.index();
+                    for req in &accepted {
+                        for op in &req.ops {
+                            index.apply(op);
+                        }
+                    }
+                    drop(index);
+                    for req in accepted {
+                        let _ = req.done.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(store = %self.path.display(), error = %e, "store commit failed");
+                    for req in accepted {
+                        let _ = req.done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&self, batch: &[Request]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut tables: [Option<redb::Table<'_, u128, &[u8]>>; Queue::ALL.len()] =
+                Default::default();
+            for op in batch.iter().flat_map(|r| &r.ops) {
+                let queue = match op {
+                    Op::Put(q, _) | Op::Remove(q, _) => *q,
+                };
+                let slot = &mut tables[queue as usize];
+                if slot.is_none() {
+                    *slot = Some(txn.open_table(table(queue)).map_err(|e| self.error(e))?);
+                }
+                let t = slot.as_mut().expect("opened above");
+                match op {
+                    Op::Put(_, task) => {
+                        t.insert(task.id().0, task.encode().as_slice())
+                            .map_err(|e| self.error(e))?;
+                    }
+                    Op::Remove(_, id) => {
+                        t.remove(id.0).map_err(|e| self.error(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    fn read(&self, queue: Queue, ids: &[TaskId]) -> Result<Vec<Task>, StoreError> {
+        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        let t = match read.open_table(table(queue)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(e)),
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = t.get(id.0).map_err(|e| self.error(e))? {
+                let task = Task::decode(v.value()).map_err(|e| {
+                    StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!("store `{}`: task {id}: {e}", self.path.display()),
+                    )
+                })?;
+                out.push(task);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The number of records in the file, for tests: the index must agree.
+    #[cfg(test)]
+    fn stored(&self, queue: Queue) -> u64 {
+        use redb::ReadableTableMetadata;
+        let read = self.db.begin_read().unwrap();
+        read.open_table(table(queue))
+            .map(|t| t.len().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
+        let (done, rx) = oneshot::channel();
+        let sent = match &self.writer.tx {
+            Some(tx) => tx.send(Request { ops, done }).map_err(drop),
+            None => Err(()),
+        };
+        Box::pin(async move {
+            let closed = || {
+                StoreError::new(
+                    StoreErrorKind::Closed,
+                    format!("store `{}`: its writer thread is gone", self.path().display()),
+                )
+            };
+            sent.map_err(|_| closed())?;
+            rx.await.map_err(|_| closed())?
+        })
+    }
+
+    fn due(&self, queue: Queue, now_ms: u64, limit: usize) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(async move {
+            let ids = self.shared.index().claim_due(queue, now_ms, limit);
+            let tasks = self.shared.read(queue, &ids);
+            if tasks.is_err() {
+                let mut index = self.shared.index();
+                for id in ids {
+                    index.release(queue, id);
+                }
+            }
+            tasks
+        })
+    }
+
+    fn release(&self, queue: Queue, id: TaskId) {
+        self.shared.index().release(queue, id);
+    }
+
+    fn list(
+        &self,
+        queue: Queue,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(async move {
+            let ids = self.shared.index().page(queue, after, limit);
+            self.shared.read(queue, &ids)
+        })
+    }
+
+    fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+        Box::pin(async move { Ok(self.shared.read(queue, &[id])?.pop()) })
+    }
+
+    fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)> {
+        self.shared.index().find_key(class, key)
+    }
+
+    fn depth(&self, queue: Queue) -> Depth {
+        self.shared.index().depth(queue)
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fallback::record::Payload;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("td-store-{}", TaskId::generate()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn task(n: u8) -> Task {
+        Task::new("browse", None, Payload::Bytes(vec![n]))
+    }
+
+    #[tokio::test]
+    async fn what_is_committed_is_there_after_reopening() {
+        let path = dir().join("kept.redb");
+        let (a, b) = (task(1), task(2));
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store
+                .commit(vec![Op::Put(Queue::Spool, a.clone()), Op::Put(Queue::Spool, b.clone())])
+                .await
+                .unwrap();
+            store
+                .commit(vec![Op::Remove(Queue::Spool, a.id()), Op::Put(Queue::Review, a.clone())])
+                .await
+                .unwrap();
+            assert_eq!(store.shared.stored(Queue::Spool), 1);
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.depth(Queue::Spool).len, 1);
+        assert_eq!(store.get(Queue::Spool, b.id()).await.unwrap(), Some(b.clone()));
+        assert_eq!(store.list(Queue::Review, None, 10).await.unwrap(), vec![a.clone()]);
+        assert_eq!(store.find_key("browse", a.key()), Some((Queue::Review, a.id())));
+        let due = store.due(Queue::Spool, u64::MAX, 10).await.unwrap();
+        assert_eq!(due, vec![b]);
+        assert!(store.due(Queue::Spool, u64::MAX, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_the_batch_and_keeps_the_rest() {
+        let path = dir().join("kept.redb");
+        let store = EmbeddedStore::builder(&path).capacity(2).open().unwrap();
+        let ok = store
+            .commit(vec![Op::Put(Queue::Spool, task(1)), Op::Put(Queue::Spool, task(2))])
+            .await;
+        assert!(ok.is_ok());
+        let full = store.commit(vec![Op::Put(Queue::Spool, task(3))]).await;
+        assert_eq!(full.unwrap_err().kind(), StoreErrorKind::Full);
+        assert_eq!(store.depth(Queue::Spool).len, 2);
+    }
+
+    #[test]
+    fn a_foreign_file_is_an_error_naming_it() {
+        let d = dir();
+        let junk = d.join("notes.txt");
+        std::fs::write(&junk, b"hello, this is not a database at all".repeat(200)).unwrap();
+        let err = EmbeddedStore::open(&junk).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("notes.txt"), "{err}");
+        assert!(err.to_string().contains("move it aside"), "{err}");
+
+        let other = d.join("other.redb");
+        {
+            let db = Database::create(&other).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let def: TableDefinition<'_, u64, u64> = TableDefinition::new("accounts");
+                w.open_table(def).unwrap().insert(1, 2).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let err = EmbeddedStore::open(&other).unwrap_err();
+        assert!(err.to_string().contains("accounts"), "{err}");
+        assert!(err.to_string().contains("other.redb"), "{err}");
+    }
+}

@@ -1,0 +1,195 @@
+//! The in-memory index every single-process store keeps beside its data: tasks per queue in id
+//! order and in due order, the claims workers hold, and idempotency keys.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::{Depth, Op};
+use crate::fallback::record::{Queue, Task, TaskId};
+
+#[derive(Debug, Default)]
+struct QueueIndex {
+    due: BTreeMap<TaskId, u64>,
+    by_due: BTreeSet<(u64, TaskId)>,
+    claimed: HashSet<TaskId>,
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+/// See the [module docs](self).
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    queues: [QueueIndex; Queue::ALL.len()],
+    keys: HashMap<Key, (Queue, TaskId)>,
+    key_of: HashMap<TaskId, Key>,
+    len: u64,
+}
+
+/// Queues whose tasks a client's retry with the same idempotency key finds again.
+fn keyed(queue: Queue) -> bool {
+    matches!(queue, Queue::Retry | Queue::Spool | Queue::Review)
+}
+
+impl Index {
+    fn q(&self, queue: Queue) -> &QueueIndex {
+        &self.queues[queue as usize]
+    }
+
+    fn q_mut(&mut self, queue: Queue) -> &mut QueueIndex {
+        &mut self.queues[queue as usize]
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub(super) fn contains(&self, queue: Queue, id: TaskId) -> bool {
+        self.q(queue).due.contains_key(&id)
+    }
+
+    /// How many tasks the store holds after `ops`.
+    pub(super) fn len_after(&self, ops: &[Op]) -> u64 {
+        let mut len = self.len as i64;
+        let mut seen = HashSet::new();
+        for op in ops {
+            match op {
+                Op::Put(q, t) if !self.contains(*q, t.id()) && seen.insert((*q, t.id())) => {
+                    len += 1
+                }
+                Op::Remove(q, id) if self.contains(*q, *id) && seen.insert((*q, *id)) => len -= 1,
+                _ => {}
+            }
+        }
+        len.max(0) as u64
+    }
+
+    pub(super) fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Put(queue, task) => self.put(*queue, task),
+            Op::Remove(queue, id) => self.remove(*queue, *id),
+        }
+    }
+
+    pub(super) fn put(&mut self, queue: Queue, task: &Task) {
+        let id = task.id();
+        let q = self.q_mut(queue);
+        q.claimed.remove(&id);
+        match q.due.insert(id, task.due_ms()) {
+            Some(old) => {
+                q.by_due.remove(&(old, id));
+            }
+            None => self.len += 1,
+        }
+        self.q_mut(queue).by_due.insert((task.due_ms(), id));
+        if keyed(queue) {
+            let key: Key = (task.class().into(), task.key().into());
+            self.keys.insert(key.clone(), (queue, id));
+            self.key_of.insert(id, key);
+        }
+    }
+
+    pub(super) fn remove(&mut self, queue: Queue, id: TaskId) {
+        let q = self.q_mut(queue);
+        q.claimed.remove(&id);
+        if let Some(due) = q.due.remove(&id) {
+            q.by_due.remove(&(due, id));
+            self.len -= 1;
+            if keyed(queue) {
+                if let Some(key) = self.key_of.get(&id) {
+                    if self.keys.get(key) == Some(&(queue, id)) {
+                        self.keys.remove(key);
+                        self.key_of.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claim up to `limit` unclaimed tasks due at `now_ms`.
+    pub(super) fn claim_due(&mut self, queue: Queue, now_ms: u64, limit: usize) -> Vec<TaskId> {
+        let q = &mut self.queues[queue as usize];
+        let mut out = Vec::new();
+        for &(due, id) in &q.by_due {
+            if due > now_ms || out.len() >= limit {
+                break;
+            }
+            if !q.claimed.contains(&id) {
+                out.push(id);
+            }
+        }
+        q.claimed.extend(out.iter().copied());
+        out
+    }
+
+    pub(super) fn release(&mut self, queue: Queue, id: TaskId) {
+        self.q_mut(queue).claimed.remove(&id);
+    }
+
+    pub(super) fn page(&self, queue: Queue, after: Option<TaskId>, limit: usize) -> Vec<TaskId> {
+        let q = self.q(queue);
+        let ids: Box<dyn Iterator<Item = &TaskId>> = match after {
+            Some(a) => Box::new(
+                q.due
+                    .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .map(|(id, _)| id),
+            ),
+            None => Box::new(q.due.keys()),
+        };
+        ids.take(limit).copied().collect()
+    }
+
+    pub(super) fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)> {
+        self.keys.get(&(Arc::from(class), Arc::from(key))).copied()
+    }
+
+    pub(super) fn depth(&self, queue: Queue) -> Depth {
+        let q = self.q(queue);
+        Depth {
+            len: q.due.len() as u64,
+            oldest_ms: q.due.keys().next().map(|id| id.created_ms()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fallback::record::Payload;
+
+    fn task(key: &str) -> Task {
+        Task::new("c", Some(key.into()), Payload::Bytes(vec![]))
+    }
+
+    #[test]
+    fn claims_hide_tasks_until_put_back_or_released() {
+        let mut ix = Index::default();
+        let (a, b) = (task("a"), task("b"));
+        ix.put(Queue::Spool, &a);
+        ix.put(Queue::Spool, &b);
+        let now = a.due_ms().max(b.due_ms());
+        assert_eq!(ix.claim_due(Queue::Spool, now, 1), vec![a.id()]);
+        assert_eq!(ix.claim_due(Queue::Spool, now, 10), vec![b.id()]);
+        assert!(ix.claim_due(Queue::Spool, now, 10).is_empty());
+        ix.release(Queue::Spool, b.id());
+        assert_eq!(ix.claim_due(Queue::Spool, now, 10), vec![b.id()]);
+        ix.put(Queue::Spool, &a);
+        assert_eq!(ix.claim_due(Queue::Spool, now, 10), vec![a.id()]);
+        assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn keys_follow_a_task_that_moves_and_go_when_it_is_done() {
+        let mut ix = Index::default();
+        let a = task("k");
+        ix.put(Queue::Retry, &a);
+        assert_eq!(ix.find_key("c", "k"), Some((Queue::Retry, a.id())));
+        ix.put(Queue::Review, &a);
+        ix.remove(Queue::Retry, a.id());
+        assert_eq!(ix.find_key("c", "k"), Some((Queue::Review, a.id())));
+        ix.remove(Queue::Review, a.id());
+        assert_eq!(ix.find_key("c", "k"), None);
+        assert_eq!(ix.len(), 0);
+        let ops = [Op::Put(Queue::Spool, a.clone()), Op::Put(Queue::Spool, a.clone())];
+        assert_eq!(ix.len_after(&ops), 1);
+    }
+}

@@ -1,0 +1,124 @@
+//! Where kept tasks live: the [`Store`] trait (governor's `StateStore` shape: the router and its
+//! workers only see the trait), the in-memory [`MemoryStore`] (tests, and work that may be
+//! lost with the process), and the durable [`EmbeddedStore`] (feature `embedded`).
+//!
+//! A store applies a batch of [`Op`]s atomically and durably: when [`Store::commit`] resolves
+//! `Ok`, the batch survives a crash. Workers take due tasks with [`Store::due`], which *claims*
+//! them: a claimed task is not handed out again until it is removed, put back (rescheduled or
+//! moved), or [released](Store::release).
+
+mod index;
+mod memory;
+
+#[cfg(feature = "embedded")]
+mod embedded;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+#[cfg(feature = "embedded")]
+#[cfg_attr(docsrs, doc(cfg(feature = "embedded")))]
+pub use self::embedded::{EmbeddedStore, EmbeddedStoreBuilder};
+pub use self::memory::MemoryStore;
+use super::record::{Queue, Task, TaskId};
+
+/// The future of a store operation.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// One change in a [`Store::commit`] batch.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert or replace the task in the queue (and release its claim).
+    Put(Queue, Task),
+    /// Remove the task from the queue (and release its claim). Removing a missing task is not
+    /// an error.
+    Remove(Queue, TaskId),
+}
+
+/// How many tasks a queue holds and how old the oldest is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Tasks in the queue.
+    pub len: u64,
+    /// The oldest task's creation time, milliseconds since the Unix epoch.
+    pub oldest_ms: Option<u64>,
+}
+
+/// Storage for kept tasks. See the [module docs](self).
+pub trait Store: Send + Sync + 'static {
+    /// Apply `ops` atomically and durably. A batch that would take the store over its
+    /// capacity fails with [`StoreErrorKind::Full`] and changes nothing.
+    fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()>;
+
+    /// Claim up to `limit` tasks of `queue` due at `now_ms` (earliest due first) that no
+    /// worker holds.
+    fn due(&self, queue: Queue, now_ms: u64, limit: usize) -> StoreFuture<'_, Vec<Task>>;
+
+    /// Give back a claim without changing the task.
+    fn release(&self, queue: Queue, id: TaskId);
+
+    /// Up to `limit` tasks of `queue` in id (creation) order, after `after`: a page.
+    fn list(
+        &self,
+        queue: Queue,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Task>>;
+
+    /// One task.
+    fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>>;
+
+    /// The task kept for `class` under the idempotency `key`, if one is still kept.
+    fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)>;
+
+    /// How many tasks `queue` holds and how old the oldest is.
+    fn depth(&self, queue: Queue) -> Depth;
+
+    /// A name for logs and metrics (`memory`, `embedded`, `redis`).
+    fn kind(&self) -> &'static str;
+}
+
+/// What went wrong in a [`Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store is at its capacity.
+    Full,
+    /// Reading or writing failed (disk, network).
+    Io,
+    /// The store's file or data is not what this library wrote.
+    Corrupt,
+    /// The store's worker is gone.
+    Closed,
+}
+
+/// An error from a [`Store`]: its kind and a message that says where and what to do.
+#[derive(Debug, Clone)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+}
+
+impl StoreError {
+    /// A new error.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}

@@ -1,0 +1,529 @@
+//! The [`FallbackWorker`]: replays `delayed_retry` tasks on their backoff schedule, backfills
+//! the spool when a class is healthy and off-peak, and flushes merged batches.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+
+use super::record::{Payload, Queue, Task, TaskId};
+use super::replay::{Replay, Replayed};
+use super::router::RouterShared;
+use super::store::Op;
+use crate::breaker::State;
+use crate::degrader::Degrader;
+use crate::error::ConfigError;
+use crate::gate::Directive;
+
+/// The `delayed_retry` schedule: exponential backoff with jitter, capped (the seed's "retry
+/// interval stretched up to 30 s"), until the task succeeds or its attempts or deadline run
+/// out; then it moves to manual review.
+///
+/// The n-th wait is drawn uniformly from `[d/2, d]` with `d = min(initial x 2^(n-1), max)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub(crate) initial: Duration,
+    pub(crate) max_interval: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) deadline: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    /// 1 s, doubling, at most 30 s apart, 12 attempts, within 1 hour.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max_interval: Duration::from_secs(30),
+            max_attempts: 12,
+            deadline: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The first wait (default 1 s).
+    pub fn initial(mut self, d: Duration) -> Self {
+        self.initial = d;
+        self
+    }
+
+    /// The longest wait between attempts (default 30 s).
+    pub fn max_interval(mut self, d: Duration) -> Self {
+        self.max_interval = d;
+        self
+    }
+
+    /// Replays before the task moves to manual review (default 12). Spooled tasks that keep
+    /// failing when replayed move there after as many attempts.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// How long after it was kept a task is retried at most (default 1 hour; `None`: no
+    /// deadline, only `max_attempts`).
+    pub fn deadline(mut self, d: Option<Duration>) -> Self {
+        self.deadline = d;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: &str| {
+            Err(ConfigError::InvalidValue {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.initial.is_zero() {
+            return bad("fallback.retry.initial", "must be greater than zero");
+        }
+        if self.max_interval < self.initial {
+            return bad(
+                "fallback.retry.max_interval",
+                "must be at least the initial wait",
+            );
+        }
+        if self.max_attempts == 0 {
+            return bad("fallback.retry.max_attempts", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The wait before attempt `attempts + 1`, with `unit` in `[0, 1)` drawing the jitter.
+    pub(crate) fn backoff(&self, attempts: u32, unit: f64) -> Duration {
+        let exp = attempts.saturating_sub(1).min(31);
+        let d = self
+            .initial
+            .saturating_mul(1u32 << exp)
+            .min(self.max_interval);
+        d.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+}
+
+/// When and how fast the spool is backfilled.
+///
+/// A class's spooled tasks are replayed only while the class is **healthy** (breaker closed,
+/// no policy diverting it, its p99 under `headroom` x its SLA) **and** the service is
+/// **off-peak**: inside the configured daily window, or below the configured request rate
+/// (either is enough; with neither configured, health alone decides). Replays are
+/// rate-limited; the rate halves whenever the class's p99 passes the headroom and grows back
+/// by a tenth per period while it stays under, and backfill of a class stops the moment it
+/// degrades again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backfill {
+    rate: f64,
+    window: Option<(u32, u32)>,
+    below_rps: Option<f64>,
+    headroom: f64,
+}
+
+impl Default for Backfill {
+    /// 100 replays/s, health alone decides, headroom 0.8.
+    fn default() -> Self {
+        Self {
+            rate: 100.0,
+            window: None,
+            below_rps: None,
+            headroom: 0.8,
+        }
+    }
+}
+
+impl Backfill {
+    /// The most replays per second (default 100).
+    pub fn rate(mut self, per_second: f64) -> Self {
+        self.rate = per_second;
+        self
+    }
+
+    /// Off-peak every day between `start` and `end`, as `"HH:MM"` in UTC (`"22:00"` to
+    /// `"06:00"` wraps past midnight).
+    pub fn window(mut self, start: &str, end: &str) -> Result<Self, ConfigError> {
+        let parse = |field: &'static str, s: &str| -> Result<u32, ConfigError> {
+            let bad = || ConfigError::InvalidValue {
+                field,
+                reason: format!("`{s}` is not a time of day as HH:MM (UTC)"),
+            };
+            let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        self.window = Some((
+            parse("fallback.backfill.window.start", start)?,
+            parse("fallback.backfill.window.end", end)?,
+        ));
+        Ok(self)
+    }
+
+    /// Off-peak whenever the class receives fewer than `rps` requests per second (measured
+    /// over its last window).
+    pub fn below_rps(mut self, rps: f64) -> Self {
+        self.below_rps = Some(rps);
+        self
+    }
+
+    /// The share of the class's SLA its p99 may reach while backfilling (default 0.8).
+    pub fn headroom(mut self, share: f64) -> Self {
+        self.headroom = share;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: &str| {
+            Err(ConfigError::InvalidValue {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            return bad("fallback.backfill.rate", "must be a positive number");
+        }
+        if !(self.headroom.is_finite() && self.headroom > 0.0) {
+            return bad("fallback.backfill.headroom", "must be a positive number");
+        }
+        if self.below_rps.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
+            return bad("fallback.backfill.below_rps", "must be a number >= 0");
+        }
+        Ok(())
+    }
+
+    fn in_window(&self, now_ms: u64) -> Option<bool> {
+        let (start, end) = self.window?;
+        let minute = ((now_ms / 60_000) % (24 * 60)) as u32;
+        Some(if start <= end {
+            (start..end).contains(&minute)
+        } else {
+            minute >= start || minute < end
+        })
+    }
+}
+
+/// Replays what a [`FallbackRouter`](super::FallbackRouter) kept: spawn [`run`](Self::run).
+///
+/// Every `period` (or at once when a call is kept) it
+/// 1. replays due `delayed_retry` tasks (up to `concurrency` at once): done ones are
+///    removed; failed ones are rescheduled with backoff, or moved to manual review when their
+///    attempts or deadline run out, or at once on a non-retryable answer;
+/// 2. backfills spooled tasks of healthy classes while off-peak (see [`Backfill`]);
+/// 3. flushes merged batches that are due.
+///
+/// Each replay runs in its own task: a replay that panics counts as a failed attempt.
+/// Stopping the worker (dropping or aborting its future) loses nothing: tasks stay stored
+/// and are replayed by the next worker (at least once; the idempotency key makes repeats
+/// harmless).
+pub struct FallbackWorker {
+    shared: Arc<RouterShared>,
+    degrader: Degrader,
+    replay: Arc<dyn Replay>,
+    backfill: Backfill,
+    period: Duration,
+    concurrency: usize,
+    /// Spooled tasks claimed while their class may not be backfilled, by class.
+    parked: HashMap<String, Vec<TaskId>>,
+    /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
+    /// by a tenth per check while it stays under.
+    rate: f64,
+    tokens: f64,
+    last_ms: u64,
+    seed: u64,
+}
+
+impl fmt::Debug for FallbackWorker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackWorker")
+            .field("backfill", &self.backfill)
+            .field("period", &self.period)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FallbackWorker {
+    pub(crate) fn new(
+        shared: Arc<RouterShared>,
+        degrader: Degrader,
+        replay: Arc<dyn Replay>,
+        backfill: Backfill,
+        period: Duration,
+        concurrency: usize,
+    ) -> Self {
+        let last_ms = shared.clock.now_ms();
+        let rate = backfill.rate;
+        Self {
+            shared,
+            degrader,
+            replay,
+            backfill,
+            period,
+            concurrency,
+            parked: HashMap::new(),
+            rate,
+            tokens: 0.0,
+            last_ms,
+            seed: 0x9E37_79B9_7F4A_7C15 ^ last_ms,
+        }
+    }
+
+    /// Run until the future is dropped.
+    pub async fn run(mut self) {
+        for batcher in self.shared.batches.values() {
+            if let Err(e) = batcher.recover(&*self.shared.store).await {
+                tracing::error!(error = %e, "batch_merge: the journal could not be read back");
+            }
+        }
+        let mut tick = tokio::time::interval(self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shared.wake.notified() => {}
+            }
+            self.step().await;
+        }
+    }
+
+    fn unit(&mut self) -> f64 {
+        // splitmix64: jitter needs spread, not cryptographic strength.
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / u64::MAX as f64
+    }
+
+    async fn step(&mut self) {
+        let now = self.shared.clock.now_ms();
+        self.report(now);
+        for batcher in self.shared.batches.values().cloned().collect::<Vec<_>>() {
+            batcher.flush(&self.shared, now).await;
+        }
+        // Delayed retries: a few rounds, so a burst of due tasks drains within one step.
+        for _ in 0..4 {
+            let due = match self
+                .shared
+                .store
+                .due(Queue::Retry, now, self.concurrency)
+                .await
+            {
+                Ok(d) if !d.is_empty() => d,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delayed_retry: the store cannot be read");
+                    break;
+                }
+            };
+            self.replay_all(Queue::Retry, due, now).await;
+        }
+        self.backfill_step(now).await;
+    }
+
+    fn report(&self, now: u64) {
+        let service = self.shared.service.to_string();
+        for queue in [Queue::Retry, Queue::Spool, Queue::Review, Queue::Journal] {
+            let d = self.shared.store.depth(queue);
+            gauge!(crate::metrics::FALLBACK_DEPTH, "service" => service.clone(), "queue" => queue.as_str())
+                .set(d.len as f64);
+            let age = d.oldest_ms.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e3);
+            gauge!(crate::metrics::FALLBACK_OLDEST, "service" => service.clone(), "queue" => queue.as_str())
+                .set(age);
+        }
+    }
+
+    /// Whether `class` may be backfilled now (and the rate's AIMD step).
+    fn gate(&mut self, class: &str, now: u64) -> bool {
+        let status = self.degrader.status();
+        let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
+            // A class no longer configured: nothing to protect.
+            return true;
+        };
+        if c.state != State::Closed || !matches!(c.directive, Directive::Admit) {
+            return false;
+        }
+        let registry = self.degrader.registry();
+        let sla = registry
+            .get(class)
+            .map_or(Duration::MAX, |id| registry.class(id).sla_target());
+        if c.window.p99.as_secs_f64() > sla.as_secs_f64() * self.backfill.headroom {
+            self.rate = (self.rate / 2.0).max(1.0);
+            return false;
+        }
+        self.rate = (self.rate * 1.1 + 1.0).min(self.backfill.rate);
+        match (self.backfill.in_window(now), self.backfill.below_rps) {
+            (None, None) => true,
+            (w, load) => w == Some(true) || load.is_some_and(|max| c.window.rps() < max),
+        }
+    }
+
+    async fn backfill_step(&mut self, now: u64) {
+        let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
+        self.last_ms = now;
+        let service = self.shared.service.to_string();
+        // Parked classes that may go now: give their tasks back to the queue.
+        let classes: Vec<String> = self.parked.keys().cloned().collect();
+        for class in classes {
+            if self.gate(&class, now) {
+                for id in self.parked.remove(&class).unwrap_or_default() {
+                    self.shared.store.release(Queue::Spool, id);
+                }
+            }
+        }
+        if self.shared.store.depth(Queue::Spool).len == 0 {
+            self.tokens = 0.0;
+            gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(0.0);
+            return;
+        }
+        // A bucket of at most one second's worth: no burst after a quiet spell.
+        self.tokens = (self.tokens + self.rate * elapsed).min(self.rate.max(1.0));
+        let (mut replayed, mut rounds) = (0usize, 0);
+        while self.tokens >= 1.0 && rounds < 16 {
+            rounds += 1;
+            let want = (self.tokens as usize).min(self.concurrency);
+            let due = match self.shared.store.due(Queue::Spool, now, want).await {
+                Ok(d) if !d.is_empty() => d,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "backfill: the store cannot be read");
+                    break;
+                }
+            };
+            let mut go = Vec::with_capacity(due.len());
+            let mut gates: HashMap<String, bool> = HashMap::new();
+            for task in due {
+                let open = match gates.get(task.class()) {
+                    Some(g) => *g,
+                    None => {
+                        let g = self.gate(task.class(), now);
+                        gates.insert(task.class().to_owned(), g);
+                        g
+                    }
+                };
+                if open {
+                    go.push(task);
+                } else {
+                    // Kept claimed until its class may go, so it does not block the others.
+                    self.parked
+                        .entry(task.class().to_owned())
+                        .or_default()
+                        .push(task.id());
+                }
+            }
+            if go.is_empty() {
+                continue;
+            }
+            self.tokens -= go.len() as f64;
+            replayed += go.len();
+            self.replay_all(Queue::Spool, go, now).await;
+        }
+        let rate = if elapsed > 0.0 {
+            replayed as f64 / elapsed
+        } else {
+            0.0
+        };
+        gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(rate);
+    }
+
+    /// Replay `tasks` of `queue` concurrently, then record every outcome in one commit.
+    async fn replay_all(&mut self, queue: Queue, tasks: Vec<Task>, now: u64) {
+        let mut running = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let attempt = task.attempts() + 1;
+            let fut = match (task.payload(), self.shared.batches.get(task.class())) {
+                (Payload::Bytes(_), Some(batcher)) => batcher.replay(&task),
+                _ => self.replay.replay(&task, attempt),
+            };
+            running.push((task, tokio::spawn(fut)));
+        }
+        let mut ops = Vec::with_capacity(running.len() * 2);
+        let service = self.shared.service.to_string();
+        for (mut task, handle) in running {
+            let outcome = match handle.await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Replayed::Retry("the replay panicked".to_owned()),
+                Err(_) => Replayed::Retry("the replay was cancelled".to_owned()),
+            };
+            let result = match outcome {
+                Replayed::Done => {
+                    ops.push(Op::Remove(queue, task.id()));
+                    "ok"
+                }
+                Replayed::Retry(answer) => {
+                    let unit = self.unit();
+                    let wait = self.shared.retry.backoff(task.attempts() + 1, unit);
+                    task.failed(answer, now + wait.as_millis() as u64);
+                    let out_of_time = task.deadline_ms().is_some_and(|d| now >= d);
+                    if task.attempts() >= self.shared.retry.max_attempts || out_of_time {
+                        self.to_review(queue, task, &mut ops);
+                        "review"
+                    } else {
+                        ops.push(Op::Put(queue, task));
+                        "retry"
+                    }
+                }
+                Replayed::Reject(answer) => {
+                    task.failed(answer, now);
+                    self.to_review(queue, task, &mut ops);
+                    "review"
+                }
+            };
+            counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
+                "queue" => queue.as_str(), "result" => result)
+            .increment(1);
+        }
+        if let Err(e) = self.shared.store.commit(ops.clone()).await {
+            // The tasks stay as they were (claimed until released): they are replayed again.
+            tracing::warn!(error = %e, "replay outcomes could not be stored; the tasks will be replayed again");
+            let ids: HashSet<TaskId> = ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put(_, t) => t.id(),
+                    Op::Remove(_, id) => *id,
+                })
+                .collect();
+            for id in ids {
+                self.shared.store.release(queue, id);
+            }
+        }
+    }
+
+    fn to_review(&self, from: Queue, task: Task, ops: &mut Vec<Op>) {
+        tracing::warn!(service = %self.shared.service, class = %task.class(), task = %task.id(),
+            from = %from, attempts = task.attempts(), answer = task.last_answer().unwrap_or(""),
+            "task moved to manual review");
+        ops.push(Op::Remove(from, task.id()));
+        ops.push(Op::Put(Queue::Review, task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(2, 1.0), Duration::from_secs(2));
+        assert_eq!(p.backoff(6, 1.0), Duration::from_secs(30));
+        assert_eq!(p.backoff(60, 1.0), Duration::from_secs(30));
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(2));
+        assert!(RetryPolicy::default().max_attempts(0).validate().is_err());
+    }
+
+    #[test]
+    fn windows_wrap_past_midnight() {
+        let b = Backfill::default().window("22:00", "06:00").unwrap();
+        let at = |h: u64, m: u64| (h * 60 + m) * 60_000 + 86_400_000 * 3;
+        assert_eq!(b.in_window(at(23, 0)), Some(true));
+        assert_eq!(b.in_window(at(5, 59)), Some(true));
+        assert_eq!(b.in_window(at(6, 0)), Some(false));
+        assert_eq!(b.in_window(at(12, 0)), Some(false));
+        let err = Backfill::default().window("25:00", "01:00").unwrap_err();
+        assert!(err.to_string().contains("fallback.backfill.window.start"), "{err}");
+        assert_eq!(Backfill::default().in_window(0), None);
+    }
+}
