@@ -1,7 +1,7 @@
 //! `batch_merge`: deltas acknowledged once journaled, merged in memory by key, flushed as one
 //! write every N ms or M items (the seed's "local memory cache + batched merged writes").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -134,6 +134,8 @@ impl<V: Send + 'static> BatchMerge<V> {
                 ids: Vec::new(),
                 since_ms: None,
                 sealed: Vec::new(),
+                recovered: HashSet::new(),
+                live: Some(HashSet::new()),
             }),
             flushing: tokio::sync::Mutex::new(()),
         }
@@ -164,8 +166,8 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) trait Batcher: Send + Sync {
     /// The journal record of a call's delta.
     fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String>;
-    /// Merge a journaled delta.
-    fn merge(&self, task: Task);
+    /// Merge a journaled delta, kept at `now_ms`.
+    fn merge(&self, task: Task, now_ms: u64);
     /// Read the journal back at start-up.
     fn recover<'a>(&'a self, store: &'a dyn Store) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Seal and write what is due.
@@ -185,6 +187,11 @@ struct State<V> {
     ids: Vec<TaskId>,
     since_ms: Option<u64>,
     sealed: Vec<Sealed>,
+    /// Deltas read back from the journal at start-up: a call kept while the journal was being
+    /// read is merged once, whichever of the two sees it first.
+    recovered: HashSet<TaskId>,
+    /// Deltas merged by live calls while the journal is read back (`None` once it is).
+    live: Option<HashSet<TaskId>>,
 }
 
 pub(crate) struct MergeBatcher<V> {
@@ -205,8 +212,20 @@ impl<V> MergeBatcher<V>
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    fn add(&self, key: String, delta: V, id: TaskId, now_ms: u64) {
+    fn add(&self, key: String, delta: V, id: TaskId, now_ms: u64, recovering: bool) {
         let mut s = self.state();
+        let first = if recovering {
+            !s.live.as_ref().is_some_and(|l| l.contains(&id)) && s.recovered.insert(id)
+        } else {
+            let fresh = !s.recovered.contains(&id);
+            if let (true, Some(live)) = (fresh, s.live.as_mut()) {
+                live.insert(id);
+            }
+            fresh
+        };
+        if !first {
+            return;
+        }
         match s.pending.get_mut(&key) {
             Some(v) => (self.config.merge)(v, delta),
             None => {
@@ -345,9 +364,9 @@ where
         Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason("batch_merge"))
     }
 
-    fn merge(&self, task: Task) {
+    fn merge(&self, task: Task, now_ms: u64) {
         if let Ok(Entry::Delta(k, v)) = decode::<V>(&task) {
-            self.add(k, v, task.id(), task.created_ms());
+            self.add(k, v, task.id(), now_ms, false);
         }
     }
 
@@ -363,17 +382,26 @@ where
                         continue;
                     }
                     match decode::<V>(&task) {
-                        Ok(Entry::Delta(k, v)) => self.add(k, v, task.id(), task.created_ms()),
-                        Ok(Entry::Batch(_)) => self.state().sealed.push(Sealed {
-                            task,
-                            attempts: 0,
-                            next_ms: 0,
-                        }),
+                        Ok(Entry::Delta(k, v)) => {
+                            self.add(k, v, task.id(), 0, true)
+                        }
+                        Ok(Entry::Batch(_)) => {
+                            let mut s = self.state();
+                            // Batches this process sealed are already in the list.
+                            if !s.sealed.iter().any(|b| b.task.id() == task.id()) {
+                                s.sealed.push(Sealed {
+                                    task,
+                                    attempts: 0,
+                                    next_ms: 0,
+                                });
+                            }
+                        }
                         Err(e) => tracing::error!(class = %self.class, task = %task.id(),
                             error = %e, "batch_merge: an unreadable journal record is left in place"),
                     }
                 }
             }
+            self.state().live = None;
             Ok(())
         })
     }

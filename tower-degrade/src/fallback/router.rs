@@ -461,7 +461,7 @@ where
     match shared.store.commit(vec![Op::Put(queue, task)]).await {
         Ok(()) => {
             if let Some(task) = merged {
-                shared.batches[&class].merge(task);
+                shared.batches[&class].merge(task, shared.clock.now_ms());
             }
             metrics::counter!(crate::metrics::FALLBACK_KEPT,
                 "service" => shared.service.to_string(), "class" => class.clone(),

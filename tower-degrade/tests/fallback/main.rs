@@ -1,0 +1,704 @@
+//! The fallback router: every diverted call that a route keeps is stored before it is
+//! answered, replayed later, and never lost.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_degrade::fallback::store::{EmbeddedStore, Op};
+use tower_degrade::fallback::{
+    Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, LastGoodLayer, MemoryStore,
+    Payload, Queue, REPLAY_HEADER, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
+};
+use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
+use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
+
+#[path = "../support.rs"]
+mod support;
+
+use support::degrader;
+
+type Req = Request<Full<Bytes>>;
+type Res = Response<Full<Bytes>>;
+type Svc = BoxCloneSyncService<Req, Res, Infallible>;
+
+/// The application behind the layer, and the replay target: records every request it gets
+/// (method, URI, idempotency key, replay attempt, body) and answers with `status` while
+/// `fail` is above zero (counting down), 200 after.
+#[derive(Clone, Default)]
+struct App {
+    seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>, Bytes)>>>,
+    fail: Arc<AtomicUsize>,
+    status: Arc<Mutex<u16>>,
+}
+
+impl App {
+    fn service(&self) -> Svc {
+        let app = self.clone();
+        BoxCloneSyncService::new(service_fn(move |req: Req| {
+            let app = app.clone();
+            async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                };
+                let (key, attempt) = (h("idempotency-key"), h(REPLAY_HEADER.as_str()));
+                let uri = req.uri().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                app.seen.lock().unwrap().push((uri, key, attempt, body));
+                let failing = app
+                    .fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let status = if failing {
+                    *app.status.lock().unwrap()
+                } else {
+                    200
+                };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from("ok")))
+                        .unwrap(),
+                )
+            }
+        }))
+    }
+
+    fn failing(self, n: usize, status: u16) -> Self {
+        self.fail.store(n, Ordering::SeqCst);
+        *self.status.lock().unwrap() = status;
+        self
+    }
+
+    fn seen(&self) -> Vec<(String, Option<String>, Option<String>, Bytes)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn post(uri: &str, body: &'static str) -> Req {
+    Request::post(uri)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+fn replay(app: &App) -> HttpReplay<Svc, Full<Bytes>> {
+    HttpReplay::new(app.service(), Capture::new().idempotency().clone())
+}
+
+/// The class's calls through the degrade layer with `router` as the fallback.
+fn layered(d: &Degrader, class: &str, router: FallbackRouter, app: &App) -> Svc {
+    let id = d.class_id(class).unwrap();
+    BoxCloneSyncService::new(
+        d.layer(move |_: &Req| id)
+            .http()
+            .fallback_with(router)
+            .layer(app.service()),
+    )
+}
+
+async fn call(svc: &Svc, req: Req) -> Res {
+    svc.clone().oneshot(req).await.unwrap()
+}
+
+fn task_id(res: &Res) -> TaskId {
+    res.headers()[TASK_ID_HEADER].to_str().unwrap().parse().unwrap()
+}
+
+/// Let the worker run for `ms` of (paused) time.
+async fn run_for(ms: u64) {
+    for _ in 0..ms / 10 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ===== spool and backfill =====
+
+#[tokio::test(start_paused = true)]
+async fn spooled_calls_are_stored_then_accepted_and_backfilled_once_when_healthy() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    d.tick_now();
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let res = call(&svc, post(&format!("/log/{i}"), "viewed")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        assert_eq!(res.headers()[ROUTE_HEADER], "spool");
+        assert_eq!(res.headers()[REASON_HEADER], "forced_open");
+        let id = task_id(&res);
+        // Answered only after it was stored.
+        assert!(store.get(Queue::Spool, id).await.unwrap().is_some());
+        ids.push(id);
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 20);
+
+    // Still open: nothing is replayed.
+    run_for(2_000).await;
+    assert!(app.seen().is_empty());
+
+    d.reset("browse").unwrap();
+    d.tick_now();
+    run_for(2_000).await;
+    let seen = app.seen();
+    assert_eq!(seen.len(), 20, "each kept call replayed once");
+    for (i, (uri, key, attempt, body)) in seen.iter().enumerate() {
+        assert_eq!(uri, &format!("/log/{i}"));
+        assert_eq!(key.as_deref(), Some(ids[i].to_string().as_str()));
+        assert_eq!(attempt.as_deref(), Some("1"));
+        assert_eq!(&body[..], b"viewed");
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    // A window that opens one to two minutes from now.
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % (24 * 60);
+    let hhmm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let (start, end) = (hhmm(now_min + 2), hhmm(now_min + 30));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .backfill(Backfill::default().window(&start, &end).unwrap().rate(10.0))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    for _ in 0..500 {
+        assert_eq!(call(&svc, post("/log", "x")).await.status(), StatusCode::ACCEPTED);
+    }
+    d.reset("browse").unwrap();
+    d.tick_now();
+    // Healthy, but not yet off-peak: nothing for the first minute.
+    run_for(55_000).await;
+    assert!(app.seen().is_empty());
+    let mut waited = 0;
+    while app.seen().is_empty() {
+        run_for(1_000).await;
+        waited += 1;
+        assert!(waited < 130, "the window opened");
+    }
+    // In the window: 10 replays/s.
+    let first = app.seen().len();
+    run_for(3_000).await;
+    let grown = app.seen().len() - first;
+    assert!((25..=35).contains(&grown), "about 10 replays/s: {grown} in 3 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn backfill_stops_the_moment_the_class_degrades_again() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .backfill(Backfill::default().rate(10.0))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    for _ in 0..100 {
+        call(&svc, post("/log", "x")).await;
+    }
+    d.reset("browse").unwrap();
+    d.tick_now();
+    run_for(1_000).await;
+    let before = app.seen().len();
+    assert!(before > 0);
+    d.degrade("browse").unwrap();
+    d.tick_now();
+    run_for(5_000).await;
+    assert_eq!(app.seen().len(), before, "no replay while degraded");
+    d.reset("browse").unwrap();
+    d.tick_now();
+    run_for(20_000).await;
+    assert_eq!(app.seen().len(), 100, "every task replayed once in the end");
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+}
+
+// ===== delayed retry and manual review =====
+
+#[tokio::test(start_paused = true)]
+async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default().failing(3, 503);
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "pay", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    let res = call(
+        &svc,
+        Request::post("/pay/7")
+            .header("idempotency-key", "order-7")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    // The same key again: the same task, nothing kept twice.
+    let again = call(
+        &svc,
+        Request::post("/pay/7")
+            .header("idempotency-key", "order-7")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(task_id(&again), task_id(&res));
+    assert_eq!(store.depth(Queue::Retry).len, 1);
+
+    // Attempts at ~0, then waits of [0.5, 1] s, [1, 2] s, [2, 4] s.
+    run_for(200).await;
+    assert_eq!(app.seen().len(), 1);
+    run_for(7_500).await;
+    let seen = app.seen();
+    assert_eq!(seen.len(), 4, "three failures, then success");
+    let attempts: Vec<_> = seen.iter().map(|s| s.2.clone().unwrap()).collect();
+    assert_eq!(attempts, ["1", "2", "3", "4"]);
+    assert!(seen.iter().all(|s| s.1.as_deref() == Some("order-7")));
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert_eq!(store.depth(Queue::Review).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default().failing(usize::MAX, 503);
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .retry(RetryPolicy::default().max_attempts(3))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let svc = layered(&d, "pay", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    let id = task_id(&call(&svc, post("/pay/1", "a")).await);
+    run_for(10_000).await;
+    assert_eq!(app.seen().len(), 3);
+    let t = review.show(id).await.unwrap().expect("in review");
+    assert_eq!(t.attempts(), 3);
+    assert_eq!(t.last_answer(), Some("HTTP 503 Service Unavailable"));
+
+    // A 4xx answer goes to review at once.
+    *app.status.lock().unwrap() = 422;
+    let id2 = task_id(&call(&svc, post("/pay/2", "b")).await);
+    run_for(500).await;
+    let t2 = review.show(id2).await.unwrap().expect("in review at once");
+    assert_eq!(t2.attempts(), 1);
+    assert!(t2.last_answer().unwrap().contains("422"));
+
+    // List (paged), requeue (replays now and succeeds), drop (audited).
+    let page = review.list(None, 1).await.unwrap();
+    assert_eq!(page.tasks.len(), 1);
+    let page2 = review.list(page.next, 10).await.unwrap();
+    assert_eq!(page2.tasks.len(), 1);
+    app.fail.store(0, Ordering::SeqCst);
+    assert!(review.requeue(id).await.unwrap());
+    run_for(500).await;
+    assert_eq!(app.seen().len(), 5);
+    assert!(review.show(id).await.unwrap().is_none());
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert!(review.drop_task(id2, "ops@shop", "duplicate order").await.unwrap());
+    assert!(!review.drop_task(id2, "ops@shop", "again").await.unwrap());
+    let audit = review.audit(None, 10).await.unwrap();
+    assert_eq!(
+        audit.tasks[0].last_answer(),
+        Some("dropped by ops@shop: duplicate order")
+    );
+    assert_eq!(review.depth().len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_panics_is_a_failed_attempt() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(move |_task, _attempt| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("the handler panicked");
+                }
+                Replayed::Done
+            }
+        }))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "pay", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&svc, post("/pay", "x")).await;
+    run_for(3_000).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried after the panic");
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_route_to_manual_review_is_stored_for_a_person() {
+    let d = degrader([ClassConfig::gold("refund").fallback_route(Route::ManualReview)]);
+    let app = App::default();
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let svc = layered(&d, "refund", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("refund").unwrap();
+    let id = task_id(&call(&svc, post("/refund/9", "{}")).await);
+    run_for(5_000).await;
+    assert!(app.seen().is_empty(), "manual review is not replayed by itself");
+    let t = review.show(id).await.unwrap().unwrap();
+    assert_eq!(t.class(), "refund");
+    assert!(matches!(t.payload(), Payload::Http(r) if r.uri == "/refund/9"));
+}
+
+// ===== what is not kept gets the reject answer =====
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_202() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::new(2));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .capture(Capture::new().body_limit(8))
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    drop(worker);
+    let svc = layered(&d, "browse", router, &app);
+    d.force_open("browse").unwrap();
+    let big = call(&svc, post("/log", "0123456789abcdef")).await;
+    assert_eq!(big.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(big.headers()[REASON_HEADER], "too_large");
+    assert!(big.headers().contains_key("retry-after"));
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+
+    assert_eq!(call(&svc, post("/log", "a")).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(call(&svc, post("/log", "b")).await.status(), StatusCode::ACCEPTED);
+    let full = call(&svc, post("/log", "c")).await;
+    assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.headers()[REASON_HEADER], "not_kept");
+    assert!(!full.headers().contains_key(TASK_ID_HEADER));
+    assert_eq!(store.depth(Queue::Spool).len, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id() {
+    let d = degrader([ClassConfig::bronze("events").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "events", router, &app);
+    d.force_open("events").unwrap();
+    let req = Request::post("/shop.Events/Record")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 1, 8])))
+        .unwrap();
+    let res = call(&svc, req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "6");
+    assert!(res.headers()["grpc-message"].to_str().unwrap().contains("kept as task"));
+    task_id(&res);
+}
+
+#[tokio::test]
+async fn the_store_must_be_given_and_errors_name_the_field() {
+    let d = degrader([ClassConfig::bronze("browse")]);
+    let err = FallbackRouter::builder(&d)
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("fallback.store"), "{err}");
+    let err = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("fallback.replay"), "{err}");
+}
+
+// ===== batch merge =====
+
+fn inventory(
+    writes: Arc<Mutex<Vec<Batch<i64>>>>,
+    failures: Arc<AtomicUsize>,
+) -> BatchMerge<i64> {
+    BatchMerge::new(
+        |req| {
+            let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
+            let delta = std::str::from_utf8(&req.body)
+                .map_err(|e| e.to_string())?
+                .parse::<i64>()
+                .map_err(|e| e.to_string())?;
+            Ok((sku, delta))
+        },
+        |sum: &mut i64, d| *sum += d,
+        service_fn(move |batch: Batch<i64>| {
+            let (writes, failures) = (writes.clone(), failures.clone());
+            async move {
+                if failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err::<(), BoxError>("database down".into());
+                }
+                writes.lock().unwrap().push(batch);
+                Ok(())
+            }
+        }),
+    )
+    .flush_every(Duration::from_millis(100))
+    .max_items(1000)
+}
+
+fn totals(writes: &[Batch<i64>]) -> HashMap<String, i64> {
+    let mut t = HashMap::new();
+    for b in writes {
+        for (k, v) in &b.items {
+            *t.entry(k.clone()).or_default() += v;
+        }
+    }
+    t
+}
+
+#[tokio::test(start_paused = true)]
+async fn ten_thousand_deltas_on_fifty_skus_become_a_few_merged_writes() {
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::new(1_000_000));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    for i in 0..10_000u32 {
+        let uri = format!("/inventory/sku-{}", i % 50);
+        let delta = if i % 3 == 0 { "-2" } else { "1" };
+        let res = call(&svc, post(&uri, delta)).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    run_for(500).await;
+    let writes = writes.lock().unwrap();
+    let t = totals(&writes);
+    assert_eq!(t.len(), 50);
+    let expected: i64 = (0..10_000).map(|i| if i % 3 == 0 { -2 } else { 1 }).sum();
+    assert_eq!(t.values().sum::<i64>(), expected);
+    assert!(
+        writes.len() <= 12,
+        "10,000 deltas -> {} writes",
+        writes.len()
+    );
+    assert_eq!(store.depth(Queue::Journal).len, 0, "journal emptied");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dropped() {
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(AtomicUsize::new(usize::MAX));
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge(
+            "inventory",
+            inventory(writes.clone(), failures.clone()).max_attempts(3),
+        )
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    d.tick_now();
+    for i in 0..30 {
+        call(&svc, post(&format!("/inventory/sku-{}", i % 3), "5")).await;
+    }
+    run_for(10_000).await;
+    assert!(writes.lock().unwrap().is_empty());
+    assert_eq!(store.depth(Queue::Spool).len, 1, "the batch is spooled");
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+    // The database is back and the class healthy: the backfill writes it.
+    failures.store(0, Ordering::SeqCst);
+    d.reset("inventory").unwrap();
+    d.tick_now();
+    run_for(2_000).await;
+    let w = writes.lock().unwrap();
+    assert_eq!(totals(&w).values().sum::<i64>(), 150);
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+}
+
+// ===== the embedded store across a restart =====
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("td-fallback-{}", TaskId::generate()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[tokio::test]
+async fn journaled_deltas_and_spooled_calls_survive_a_restart() {
+    let path = temp("kept.redb");
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let d = degrader([
+        ClassConfig::silver("inventory").fallback_route(Route::BatchMerge),
+        ClassConfig::bronze("browse").fallback_route(Route::Spool),
+    ]);
+    d.force_open("inventory").unwrap();
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    {
+        // No worker runs: the process "dies" with everything journaled or spooled.
+        let (router, _worker) = FallbackRouter::builder(&d)
+            .store(EmbeddedStore::open(&path).unwrap())
+            .replay(replay_fn(|_, _| async { Replayed::Done }))
+            .batch_merge("inventory", inventory(writes.clone(), Arc::default()))
+            .build()
+            .unwrap();
+        let inv = layered(&d, "inventory", router.clone(), &App::default());
+        let browse = layered(&d, "browse", router, &App::default());
+        for i in 0..40 {
+            call(&inv, post(&format!("/inventory/sku-{}", i % 4), "1")).await;
+            call(&browse, post("/log", "x")).await;
+        }
+    }
+    let app = App::default();
+    let (_router, worker) = FallbackRouter::builder(&d)
+        .store(EmbeddedStore::open(&path).unwrap())
+        .replay(replay(&app))
+        .batch_merge("inventory", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    d.reset("inventory").unwrap();
+    d.reset("browse").unwrap();
+    d.tick_now();
+    let w = tokio::spawn(worker.run());
+    for _ in 0..200 {
+        if app.seen().len() == 40 && totals(&writes.lock().unwrap()).values().sum::<i64>() == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.abort();
+    assert_eq!(app.seen().len(), 40, "every spooled call replayed once");
+    assert_eq!(totals(&writes.lock().unwrap()).values().sum::<i64>(), 40);
+}
+
+#[tokio::test]
+async fn the_store_applies_batches_atomically() {
+    let path = temp("kept.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let t = Task::new("c", None, Payload::Bytes(vec![1]));
+    store
+        .commit(vec![Op::Put(Queue::Retry, t.clone())])
+        .await
+        .unwrap();
+    store
+        .commit(vec![Op::Remove(Queue::Retry, t.id()), Op::Put(Queue::Review, t.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert_eq!(store.depth(Queue::Review).len, 1);
+}
+
+// ===== cached =====
+
+#[tokio::test(start_paused = true)]
+async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
+    let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
+    let id = d.class_id("product").unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = service_fn(move |req: Req| {
+        let n = h.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(format!("{} v{n}", req.uri()))))
+                    .unwrap(),
+            )
+        }
+    });
+    let degrade = d.layer(move |_: &Req| id).http();
+    let svc = LastGoodLayer::new()
+        .ttl(Duration::from_secs(60))
+        .layer(degrade.layer(app));
+    let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    let body = |r: Res| async move { r.into_body().collect().await.unwrap().to_bytes() };
+
+    let fresh = svc.clone().oneshot(get("/p/1")).await.unwrap();
+    assert_eq!(body(fresh).await, "/p/1 v0");
+    d.force_open("product").unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let copy = svc.clone().oneshot(get("/p/1")).await.unwrap();
+    assert_eq!(copy.status(), StatusCode::OK);
+    assert_eq!(copy.headers()["age"], "7");
+    assert_eq!(copy.headers()[ROUTE_HEADER], "cached");
+    assert_eq!(copy.headers()[REASON_HEADER], "forced_open");
+    assert_eq!(copy.headers()["content-type"], "application/json");
+    assert_eq!(body(copy).await, "/p/1 v0");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // Never seen: the layer's 503.
+    let miss = svc.clone().oneshot(get("/p/2")).await.unwrap();
+    assert_eq!(miss.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Past the TTL: the 503 too.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let stale = svc.clone().oneshot(get("/p/1")).await.unwrap();
+    assert_eq!(stale.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
