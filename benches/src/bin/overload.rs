@@ -54,6 +54,7 @@ use tower_degrade::admit::Admission;
 use tower_degrade::breaker::{BreakerConfig, State as BreakerState};
 use tower_degrade::classify::HttpClassifier;
 use tower_degrade::{BoxError, ClassConfig, Degrader};
+use tower_degrade_benches::percentile;
 
 /// Server permits.
 const PERMITS: usize = 16;
@@ -416,14 +417,6 @@ async fn drive(server: &Server, scenario: Scenario, secs: f64) -> (Vec<Sample>, 
         None => Vec::new(),
     };
     (samples, observed)
-}
-
-fn percentile(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64 / 1000.0
 }
 
 struct ClassStats {

@@ -247,15 +247,11 @@ where
         let seal = {
             let mut s = self.state();
             let due = s.ids.len() >= self.config.max_items
-                || s.since_ms.is_some_and(|t| {
-                    now.saturating_sub(t) >= self.config.every.as_millis() as u64
-                });
+                || s.since_ms
+                    .is_some_and(|t| now.saturating_sub(t) >= self.config.every.as_millis() as u64);
             if due && !s.ids.is_empty() {
                 s.since_ms = None;
-                Some((
-                    std::mem::take(&mut s.pending),
-                    std::mem::take(&mut s.ids),
-                ))
+                Some((std::mem::take(&mut s.pending), std::mem::take(&mut s.ids)))
             } else {
                 None
             }
@@ -308,7 +304,10 @@ where
                     let mut spooled = task.clone().with_reason("batch_merge write failed");
                     spooled.set_answer(e.to_string());
                     (
-                        vec![Op::Remove(Queue::Journal, id), Op::Put(Queue::Spool, spooled)],
+                        vec![
+                            Op::Remove(Queue::Journal, id),
+                            Op::Put(Queue::Spool, spooled),
+                        ],
                         "spooled",
                     )
                 }
@@ -382,9 +381,7 @@ where
                         continue;
                     }
                     match decode::<V>(&task) {
-                        Ok(Entry::Delta(k, v)) => {
-                            self.add(k, v, task.id(), 0, true)
-                        }
+                        Ok(Entry::Delta(k, v)) => self.add(k, v, task.id(), 0, true),
                         Ok(Entry::Batch(_)) => {
                             let mut s = self.state();
                             // Batches this process sealed are already in the list.

@@ -106,7 +106,13 @@ impl LastGoodLayer {
     /// How long a copy may be served (default 5 minutes).
     pub fn ttl(self, ttl: Duration) -> Self {
         let entries = self.cache.capacity() as usize;
-        Self::build(entries, Config { ttl, ..self.config() })
+        Self::build(
+            entries,
+            Config {
+                ttl,
+                ..self.config()
+            },
+        )
     }
 
     /// The most responses kept (default 10,000). Starts an empty cache.
@@ -128,12 +134,13 @@ impl LastGoodLayer {
 
     /// A request header whose value is part of the key (any case).
     pub fn vary(self, name: &str) -> Result<Self, crate::error::ConfigError> {
-        let name = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(
-            |_| crate::error::ConfigError::InvalidValue {
-                field: "last_good.vary",
-                reason: format!("`{name}` is not a valid HTTP header name"),
-            },
-        )?;
+        let name =
+            HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
+                crate::error::ConfigError::InvalidValue {
+                    field: "last_good.vary",
+                    reason: format!("`{name}` is not a valid HTTP header name"),
+                }
+            })?;
         let entries = self.cache.capacity() as usize;
         let mut config = self.config();
         config.vary.push(name);
@@ -184,14 +191,11 @@ fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> String {
 }
 
 fn cacheable(headers: &HeaderMap) -> bool {
-    !headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .any(|v| {
-            v.to_str()
-                .map(|s| s.contains("no-store") || s.contains("private"))
-                .unwrap_or(true)
-        })
+    !headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.contains("no-store") || s.contains("private"))
+            .unwrap_or(true)
+    })
 }
 
 impl<S, B, RB> Service<http::Request<B>> for LastGood<S>
@@ -257,7 +261,10 @@ impl LastGoodLayer {
             *out.headers_mut() = entry.headers.clone();
             let h = out.headers_mut();
             h.insert(header::AGE, HeaderValue::from(age.as_secs()));
-            h.insert(ROUTE_HEADER, HeaderValue::from_static(Route::Cached.as_str()));
+            h.insert(
+                ROUTE_HEADER,
+                HeaderValue::from_static(Route::Cached.as_str()),
+            );
             h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
             return out;
         }

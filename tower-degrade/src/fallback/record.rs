@@ -159,7 +159,7 @@ pub enum Payload {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     id: TaskId,
-    key: String,
+    key: Option<String>,
     class: String,
     reason: String,
     attempts: u32,
@@ -175,7 +175,7 @@ impl Task {
         let id = TaskId::generate();
         Task {
             id,
-            key: key.unwrap_or_else(|| id.to_string()),
+            key,
             class: class.into(),
             reason: String::new(),
             attempts: 0,
@@ -191,9 +191,17 @@ impl Task {
         self.id
     }
 
-    /// The idempotency key every replay carries (the client's, or the task id).
-    pub fn key(&self) -> &str {
-        &self.key
+    /// The idempotency key every replay carries: the client's, or the task id.
+    pub fn key(&self) -> std::borrow::Cow<'_, str> {
+        match &self.key {
+            Some(k) => std::borrow::Cow::Borrowed(k),
+            None => std::borrow::Cow::Owned(self.id.to_string()),
+        }
+    }
+
+    /// The idempotency key the client sent, if it sent one.
+    pub fn client_key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// The class the call belonged to.
@@ -265,10 +273,25 @@ impl Task {
 
     /// The record as stored: a version byte, then the fields (postcard).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![FORMAT];
+        let mut out = Vec::with_capacity(64 + self.payload_len());
+        out.push(FORMAT);
         // Serializing plain owned data into a Vec cannot fail.
         postcard::to_io(self, &mut out).expect("a task serializes");
         out
+    }
+
+    fn payload_len(&self) -> usize {
+        match &self.payload {
+            Payload::Http(r) => {
+                r.uri.len()
+                    + r.body.len()
+                    + r.headers
+                        .iter()
+                        .map(|(n, v)| n.len() + v.len() + 2)
+                        .sum::<usize>()
+            }
+            Payload::Bytes(b) => b.len(),
+        }
     }
 
     /// Read a stored record.
@@ -325,7 +348,12 @@ mod tests {
         );
         let bytes = t.encode();
         assert_eq!(Task::decode(&bytes), Ok(t));
-        assert!(Task::decode(&[9, 1, 2]).unwrap_err().to_string().contains("format 9"));
+        assert!(
+            Task::decode(&[9, 1, 2])
+                .unwrap_err()
+                .to_string()
+                .contains("format 9")
+        );
         assert!(Task::decode(&[]).is_err());
         assert!(Task::decode(&[FORMAT, 0xff]).is_err());
     }

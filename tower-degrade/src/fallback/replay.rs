@@ -94,7 +94,7 @@ where
                 "not an HTTP task: replay it with the task API's handler".to_owned(),
             )));
         };
-        let req = match rec.to_request::<B>(&self.key_header, task.key(), attempt) {
+        let req = match rec.to_request::<B>(&self.key_header, &task.key(), attempt) {
             Ok(r) => r,
             Err(e) => {
                 let answer = format!("the kept request cannot be rebuilt: {e}");
@@ -230,7 +230,13 @@ mod tests {
         assert!(matches!(judge(res(429, None)).await, Replayed::Retry(_)));
         assert!(matches!(judge(res(422, None)).await, Replayed::Reject(a) if a.contains("422")));
         assert_eq!(judge(res(200, Some("0"))).await, Replayed::Done);
-        assert!(matches!(judge(res(200, Some("14"))).await, Replayed::Retry(_)));
-        assert!(matches!(judge(res(200, Some("3"))).await, Replayed::Reject(_)));
+        assert!(matches!(
+            judge(res(200, Some("14"))).await,
+            Replayed::Retry(_)
+        ));
+        assert!(matches!(
+            judge(res(200, Some("3"))).await,
+            Replayed::Reject(_)
+        ));
     }
 }

@@ -74,7 +74,10 @@ impl ManualReview {
         task.requeued(self.shared.clock.now_ms());
         self.shared
             .store
-            .commit(vec![Op::Remove(Queue::Review, id), Op::Put(Queue::Retry, task)])
+            .commit(vec![
+                Op::Remove(Queue::Review, id),
+                Op::Put(Queue::Retry, task),
+            ])
             .await?;
         tracing::info!(service = %self.shared.service, task = %id, "manual review: requeued");
         self.shared.wake.notify_one();
@@ -90,7 +93,10 @@ impl ManualReview {
         task.set_answer(format!("dropped by {by}: {reason}"));
         self.shared
             .store
-            .commit(vec![Op::Remove(Queue::Review, id), Op::Put(Queue::Audit, task)])
+            .commit(vec![
+                Op::Remove(Queue::Review, id),
+                Op::Put(Queue::Audit, task),
+            ])
             .await?;
         tracing::info!(service = %self.shared.service, task = %id, by, reason,
             "manual review: dropped");

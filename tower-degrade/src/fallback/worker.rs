@@ -328,7 +328,9 @@ impl FallbackWorker {
             let d = self.shared.store.depth(queue);
             gauge!(crate::metrics::FALLBACK_DEPTH, "service" => service.clone(), "queue" => queue.as_str())
                 .set(d.len as f64);
-            let age = d.oldest_ms.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e3);
+            let age = d
+                .oldest_ms
+                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e3);
             gauge!(crate::metrics::FALLBACK_OLDEST, "service" => service.clone(), "queue" => queue.as_str())
                 .set(age);
         }
@@ -523,7 +525,10 @@ mod tests {
         assert_eq!(b.in_window(at(6, 0)), Some(false));
         assert_eq!(b.in_window(at(12, 0)), Some(false));
         let err = Backfill::default().window("25:00", "01:00").unwrap_err();
-        assert!(err.to_string().contains("fallback.backfill.window.start"), "{err}");
+        assert!(
+            err.to_string().contains("fallback.backfill.window.start"),
+            "{err}"
+        );
         assert_eq!(Backfill::default().in_window(0), None);
     }
 }

@@ -23,8 +23,8 @@ mod http;
 use ::http::StatusCode;
 use tower_http::classify::{GrpcCode, GrpcFailureClass, ServerErrorsFailureClass};
 
-pub(crate) use self::answer::{degraded_response, kept_response};
 pub use self::answer::{CLASS_HEADER, REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
+pub(crate) use self::answer::{degraded_response, kept_response};
 pub use self::body::DegradeBody;
 pub use self::generic::Generic;
 pub use self::grpc::Grpc;

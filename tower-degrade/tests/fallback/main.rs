@@ -45,11 +45,7 @@ impl App {
         BoxCloneSyncService::new(service_fn(move |req: Req| {
             let app = app.clone();
             async move {
-                let h = |n: &str| {
-                    req.headers()
-                        .get(n)
-                        .map(|v| v.to_str().unwrap().to_owned())
-                };
+                let h = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
                 let (key, attempt) = (h("idempotency-key"), h(REPLAY_HEADER.as_str()));
                 let uri = req.uri().to_string();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -111,7 +107,11 @@ async fn call(svc: &Svc, req: Req) -> Res {
 }
 
 fn task_id(res: &Res) -> TaskId {
-    res.headers()[TASK_ID_HEADER].to_str().unwrap().parse().unwrap()
+    res.headers()[TASK_ID_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Let the worker run for `ms` of (paused) time.
@@ -194,7 +194,10 @@ async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
     d.force_open("browse").unwrap();
     d.tick_now();
     for _ in 0..500 {
-        assert_eq!(call(&svc, post("/log", "x")).await.status(), StatusCode::ACCEPTED);
+        assert_eq!(
+            call(&svc, post("/log", "x")).await.status(),
+            StatusCode::ACCEPTED
+        );
     }
     d.reset("browse").unwrap();
     d.tick_now();
@@ -211,7 +214,10 @@ async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
     let first = app.seen().len();
     run_for(3_000).await;
     let grown = app.seen().len() - first;
-    assert!((25..=35).contains(&grown), "about 10 replays/s: {grown} in 3 s");
+    assert!(
+        (25..=35).contains(&grown),
+        "about 10 replays/s: {grown} in 3 s"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -338,7 +344,12 @@ async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
     assert_eq!(app.seen().len(), 5);
     assert!(review.show(id).await.unwrap().is_none());
     assert_eq!(store.depth(Queue::Retry).len, 0);
-    assert!(review.drop_task(id2, "ops@shop", "duplicate order").await.unwrap());
+    assert!(
+        review
+            .drop_task(id2, "ops@shop", "duplicate order")
+            .await
+            .unwrap()
+    );
     assert!(!review.drop_task(id2, "ops@shop", "again").await.unwrap());
     let audit = review.audit(None, 10).await.unwrap();
     assert_eq!(
@@ -391,7 +402,10 @@ async fn a_policy_route_to_manual_review_is_stored_for_a_person() {
     d.force_open("refund").unwrap();
     let id = task_id(&call(&svc, post("/refund/9", "{}")).await);
     run_for(5_000).await;
-    assert!(app.seen().is_empty(), "manual review is not replayed by itself");
+    assert!(
+        app.seen().is_empty(),
+        "manual review is not replayed by itself"
+    );
     let t = review.show(id).await.unwrap().unwrap();
     assert_eq!(t.class(), "refund");
     assert!(matches!(t.payload(), Payload::Http(r) if r.uri == "/refund/9"));
@@ -419,8 +433,14 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert!(big.headers().contains_key("retry-after"));
     assert_eq!(store.depth(Queue::Spool).len, 0);
 
-    assert_eq!(call(&svc, post("/log", "a")).await.status(), StatusCode::ACCEPTED);
-    assert_eq!(call(&svc, post("/log", "b")).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        call(&svc, post("/log", "a")).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        call(&svc, post("/log", "b")).await.status(),
+        StatusCode::ACCEPTED
+    );
     let full = call(&svc, post("/log", "c")).await;
     assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.headers()[REASON_HEADER], "not_kept");
@@ -447,7 +467,12 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
     let res = call(&svc, req).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["grpc-status"], "6");
-    assert!(res.headers()["grpc-message"].to_str().unwrap().contains("kept as task"));
+    assert!(
+        res.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("kept as task")
+    );
     task_id(&res);
 }
 
@@ -468,10 +493,7 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
 
 // ===== batch merge =====
 
-fn inventory(
-    writes: Arc<Mutex<Vec<Batch<i64>>>>,
-    failures: Arc<AtomicUsize>,
-) -> BatchMerge<i64> {
+fn inventory(writes: Arc<Mutex<Vec<Batch<i64>>>>, failures: Arc<AtomicUsize>) -> BatchMerge<i64> {
     BatchMerge::new(
         |req| {
             let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
@@ -593,7 +615,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn journaled_deltas_and_spooled_calls_survive_a_restart() {
-    let path = temp("kept.redb");
+    let path = temp("kept");
     let writes = Arc::new(Mutex::new(Vec::new()));
     let d = degrader([
         ClassConfig::silver("inventory").fallback_route(Route::BatchMerge),
@@ -641,7 +663,7 @@ async fn journaled_deltas_and_spooled_calls_survive_a_restart() {
 
 #[tokio::test]
 async fn the_store_applies_batches_atomically() {
-    let path = temp("kept.redb");
+    let path = temp("kept");
     let store = EmbeddedStore::open(&path).unwrap();
     let t = Task::new("c", None, Payload::Bytes(vec![1]));
     store
@@ -649,7 +671,10 @@ async fn the_store_applies_batches_atomically() {
         .await
         .unwrap();
     store
-        .commit(vec![Op::Remove(Queue::Retry, t.id()), Op::Put(Queue::Review, t.clone())])
+        .commit(vec![
+            Op::Remove(Queue::Retry, t.id()),
+            Op::Put(Queue::Review, t.clone()),
+        ])
         .await
         .unwrap();
     assert_eq!(store.depth(Queue::Retry).len, 0);

@@ -81,8 +81,8 @@ impl Index {
             None => self.len += 1,
         }
         self.q_mut(queue).by_due.insert((task.due_ms(), id));
-        if keyed(queue) {
-            let key: Key = (task.class().into(), task.key().into());
+        if let (true, Some(key)) = (keyed(queue), task.client_key()) {
+            let key: Key = (task.class().into(), key.into());
             self.keys.insert(key.clone(), (queue, id));
             self.key_of.insert(id, key);
         }
@@ -183,13 +183,24 @@ mod tests {
         let a = task("k");
         ix.put(Queue::Retry, &a);
         assert_eq!(ix.find_key("c", "k"), Some((Queue::Retry, a.id())));
+        let generated = Task::new("c", None, Payload::Bytes(vec![]));
+        ix.put(Queue::Retry, &generated);
+        assert_eq!(
+            ix.find_key("c", &generated.key()),
+            None,
+            "only client keys are looked up"
+        );
+        ix.remove(Queue::Retry, generated.id());
         ix.put(Queue::Review, &a);
         ix.remove(Queue::Retry, a.id());
         assert_eq!(ix.find_key("c", "k"), Some((Queue::Review, a.id())));
         ix.remove(Queue::Review, a.id());
         assert_eq!(ix.find_key("c", "k"), None);
         assert_eq!(ix.len(), 0);
-        let ops = [Op::Put(Queue::Spool, a.clone()), Op::Put(Queue::Spool, a.clone())];
+        let ops = [
+            Op::Put(Queue::Spool, a.clone()),
+            Op::Put(Queue::Spool, a.clone()),
+        ];
         assert_eq!(ix.len_after(&ops), 1);
     }
 }

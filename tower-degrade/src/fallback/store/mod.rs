@@ -59,12 +59,8 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, queue: Queue, id: TaskId);
 
     /// Up to `limit` tasks of `queue` in id (creation) order, after `after`: a page.
-    fn list(
-        &self,
-        queue: Queue,
-        after: Option<TaskId>,
-        limit: usize,
-    ) -> StoreFuture<'_, Vec<Task>>;
+    fn list(&self, queue: Queue, after: Option<TaskId>, limit: usize)
+    -> StoreFuture<'_, Vec<Task>>;
 
     /// One task.
     fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>>;
