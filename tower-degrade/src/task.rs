@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tower::util::{BoxCloneSyncService, Oneshot};
+use tower::util::BoxCloneSyncService;
 
 use crate::layer::{Queued, ResponseFuture};
 use crate::protocol::Generic;
@@ -24,6 +24,15 @@ use crate::fallback::{Diverted, Fallback};
 use crate::layer::DegradeLayer;
 
 type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
+
+/// The future of a task's fallback (boxed: only diverted tasks build one).
+type FallbackFuture<R> =
+    std::pin::Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send + 'static>>;
+
+/// Keeps diverted tasks (the fallback router's `delayed_retry`, `spool`, `manual_review`), or
+/// gives them back.
+type Keeper<T, R> =
+    Arc<dyn Fn(Diverted<T>) -> Result<FallbackFuture<R>, Diverted<T>> + Send + Sync>;
 
 /// Runs tasks of type `T` producing `R` through a [`Degrader`](crate::Degrader), with per-class fallbacks.
 ///
@@ -58,14 +67,14 @@ type FallbackSvc<T, R> = BoxCloneSyncService<T, R, BoxError>;
 /// ```
 pub struct Tasks<T, R> {
     shared: Arc<Shared>,
-    fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
+    fallback: TaskFallback<T, R>,
 }
 
 impl<T, R> Clone for Tasks<T, R> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
-            fallbacks: self.fallbacks.clone(),
+            fallback: self.fallback.clone(),
         }
     }
 }
@@ -74,7 +83,8 @@ impl<T, R> std::fmt::Debug for Tasks<T, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tasks")
             .field("service", &self.shared.service)
-            .field("fallbacks", &self.fallbacks.len())
+            .field("fallbacks", &self.fallback.services.len())
+            .field("keeps", &self.fallback.keeper.is_some())
             .finish()
     }
 }
@@ -83,6 +93,7 @@ impl<T, R> std::fmt::Debug for Tasks<T, R> {
 pub struct TasksBuilder<T, R> {
     shared: Arc<Shared>,
     fallbacks: HashMap<ClassId, FallbackSvc<T, R>>,
+    keeper: Option<Keeper<T, R>>,
 }
 
 impl<T, R> std::fmt::Debug for TasksBuilder<T, R> {
@@ -98,6 +109,7 @@ impl<T, R> TasksBuilder<T, R> {
         Self {
             shared,
             fallbacks: HashMap::new(),
+            keeper: None,
         }
     }
 }
@@ -135,11 +147,36 @@ where
         Ok(self)
     }
 
+    /// Keep the tasks diverted to `delayed_retry`, `spool` or `manual_review` with `router`:
+    /// the task is serialized (JSON, through `serde`) and durably stored before the call
+    /// returns `Ok(accepted(..))`; if it cannot be stored the call fails with a
+    /// [`Degraded`](crate::error::Degraded) error (`not_kept`). Replay kept tasks with
+    /// [`replay_task`](crate::fallback::replay_task) given to the router's builder.
+    #[cfg(feature = "fallback")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+    pub fn keep<F, A>(mut self, router: &crate::fallback::FallbackRouter<F>, accepted: A) -> Self
+    where
+        T: serde::Serialize,
+        A: Fn(crate::fallback::Accepted) -> R + Send + Sync + 'static,
+    {
+        let router = router.clone_without_service();
+        let accepted = Arc::new(accepted);
+        self.keeper = Some(Arc::new(move |call: Diverted<T>| {
+            let kept = router.keep_task(call)?;
+            let accepted = accepted.clone();
+            Ok(Box::pin(async move { kept.await.map(|a| accepted(a)) }) as FallbackFuture<R>)
+        }));
+        self
+    }
+
     /// Finish.
     pub fn build(self) -> Tasks<T, R> {
         Tasks {
             shared: self.shared,
-            fallbacks: Arc::new(self.fallbacks),
+            fallback: TaskFallback {
+                services: Arc::new(self.fallbacks),
+                keeper: self.keeper,
+            },
         }
     }
 }
@@ -223,9 +260,7 @@ where
         Fut: Future<Output = Result<R, E>>,
         E: Into<BoxError>,
     {
-        let fallback = TaskFallback {
-            fallbacks: self.tasks.fallbacks.clone(),
-        };
+        let fallback = self.tasks.fallback.clone();
         let mut svc = DegradeLayer::new(self.tasks.shared.clone(), self.id)
             .fallback_with(fallback)
             .layer(Handler(Some(handler)));
@@ -245,7 +280,7 @@ where
 
 type TaskFuture<T, R, Fut, H> = ResponseFuture<
     HandlerFuture<Fut>,
-    Oneshot<FallbackSvc<T, R>, T>,
+    FallbackFuture<R>,
     Generic,
     Queued<Handler<H>, T, TaskFallback<T, R>>,
 >;
@@ -280,6 +315,8 @@ impl<T, R, Fut, H> std::fmt::Debug for Run<T, R, Fut, H> {
 
 impl<T, R, Fut, H, E> Future for Run<T, R, Fut, H>
 where
+    T: Send + 'static,
+    R: Send + 'static,
     H: FnOnce(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
@@ -348,26 +385,36 @@ where
 }
 
 struct TaskFallback<T, R> {
-    fallbacks: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
+    services: Arc<HashMap<ClassId, FallbackSvc<T, R>>>,
+    keeper: Option<Keeper<T, R>>,
 }
 
 impl<T, R> Clone for TaskFallback<T, R> {
     fn clone(&self) -> Self {
         Self {
-            fallbacks: self.fallbacks.clone(),
+            services: self.services.clone(),
+            keeper: self.keeper.clone(),
         }
     }
 }
 
-impl<T, R> Fallback<T, R, BoxError> for TaskFallback<T, R> {
-    type Future = Oneshot<FallbackSvc<T, R>, T>;
+impl<T, R> Fallback<T, R, BoxError> for TaskFallback<T, R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    type Future = FallbackFuture<R>;
 
     fn call(&mut self, call: Diverted<T>) -> Result<Self::Future, Diverted<T>> {
-        match self.fallbacks.get(&call.class()) {
-            Some(svc) if call.route() == Route::Service => {
-                Ok(svc.clone().oneshot(call.into_request()))
-            }
-            _ => Err(call),
+        if call.route() == Route::Service {
+            return match self.services.get(&call.class()) {
+                Some(svc) => Ok(Box::pin(svc.clone().oneshot(call.into_request()))),
+                None => Err(call),
+            };
+        }
+        match &self.keeper {
+            Some(keep) => keep(call),
+            None => Err(call),
         }
     }
 }

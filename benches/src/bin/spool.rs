@@ -131,7 +131,11 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&path);
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&path).expect("store opens"));
         let (achieved, lat) = open_loop(store.clone(), rate, secs).await;
-        assert_eq!(store.depth(Queue::Spool).len as usize, lat.len(), "every ack is stored");
+        assert_eq!(
+            store.depth(Queue::Spool).len as usize,
+            lat.len(),
+            "every ack is stored"
+        );
         println!(
             "| embedded (fjall) | open loop {rate}/s | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms |",
             lat.len(),

@@ -37,9 +37,9 @@ pub use self::{
     cached::{LastGood, LastGoodFuture, LastGoodLayer},
     capture::{Capture, REPLAY_HEADER},
     record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
-    replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn},
+    replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task},
     review::{ManualReview, Page},
-    router::{FallbackRouter, FallbackRouterBuilder, RouterFuture},
+    router::{Accepted, FallbackRouter, FallbackRouterBuilder, RouterFuture},
     store::{MemoryStore, Store, StoreError},
     worker::{Backfill, FallbackWorker, RetryPolicy},
 };

@@ -207,6 +207,54 @@ where
     }
 }
 
+/// A [`Replay`] for task-API payloads kept by
+/// [`TasksBuilder::keep`](crate::task::TasksBuilder::keep): each kept value is read back
+/// (JSON) and given to `handler`; `Ok` is done, `Err` is retried. A payload that does not
+/// read back as a `T` goes to manual review.
+///
+/// ```
+/// use tower_degrade::BoxError;
+/// use tower_degrade::fallback::replay_task;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Refund { order: u64, cents: i64 }
+///
+/// let replay = replay_task(|refund: Refund| async move {
+///     // Call the payment provider with the idempotency key `refund-{order}`.
+///     Ok::<_, BoxError>(())
+/// });
+/// # drop(replay);
+/// ```
+pub fn replay_task<T, F, Fut, E>(
+    handler: F,
+) -> ReplayFn<impl Fn(&Task, u32) -> ReplayFuture + Send + Sync + 'static>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: fmt::Display,
+{
+    ReplayFn(move |task: &Task, _attempt: u32| -> ReplayFuture {
+        let value = match task.payload() {
+            Payload::Bytes(b) => serde_json::from_slice::<T>(b)
+                .map_err(|e| format!("the kept task does not read back: {e}")),
+            Payload::Http(_) => Err("an HTTP task: replay it with HttpReplay".to_owned()),
+        };
+        match value {
+            Ok(v) => {
+                let fut = handler(v);
+                Box::pin(async move {
+                    match fut.await {
+                        Ok(()) => Replayed::Done,
+                        Err(e) => Replayed::Retry(e.to_string()),
+                    }
+                })
+            }
+            Err(e) => Box::pin(std::future::ready(Replayed::Reject(e))),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::batch::{BatchMerge, Batcher};
 use super::capture::{Capture, CaptureError};
-use super::record::{Payload, Queue, Task};
+use super::record::{Payload, Queue, Task, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
 use super::store::{Op, Store};
@@ -443,35 +443,14 @@ where
             }
         }
     } else {
-        let deadline = match route {
-            Route::DelayedRetry => shared
-                .retry
-                .deadline
-                .map(|d| shared.clock.now_ms() + d.as_millis() as u64),
-            _ => None,
-        };
-        let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
-        let task = Task::new(class.clone(), key, Payload::Http(rec))
-            .with_reason(reason.as_str())
-            .with_deadline(deadline);
-        (queue, task)
+        shared.new_task(route, &class, key, reason, Payload::Http(rec))
     };
-    let id = task.id();
     let merged = (queue == Queue::Journal).then(|| task.clone());
-    match shared.store.commit(vec![Op::Put(queue, task)]).await {
-        Ok(()) => {
+    match shared.put_kept(queue, task, route, reason).await {
+        Ok(id) => {
             if let Some(task) = merged {
                 shared.batches[&class].merge(task, shared.clock.now_ms());
             }
-            metrics::counter!(crate::metrics::FALLBACK_KEPT,
-                "service" => shared.service.to_string(), "class" => class.clone(),
-                "route" => route.as_str(), "result" => "kept")
-            .increment(1);
-            if route == Route::ManualReview {
-                tracing::warn!(service = %shared.service, class = %class, task = %id,
-                    reason = %reason, "task moved to manual review");
-            }
-            shared.wake.notify_one();
             Ok(kept_response(
                 &id.to_string(),
                 route,
@@ -480,10 +459,122 @@ where
                 RB::default(),
             ))
         }
-        Err(e) => {
-            tracing::warn!(service = %shared.service, class = %class, error = %e,
-                "a diverted call could not be kept");
-            refuse(Reason::NotKept)
+        Err(()) => refuse(Reason::NotKept),
+    }
+}
+
+/// What a kept task-API call answers with (see [`TasksBuilder::keep`](crate::task::TasksBuilder::keep)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The kept task's id.
+    pub id: TaskId,
+    /// The route that kept it.
+    pub route: Route,
+}
+
+impl RouterShared {
+    /// Store a kept task; count it, wake the worker. `Err` (logged) if the store refused it.
+    async fn put_kept(
+        &self,
+        queue: Queue,
+        task: Task,
+        route: Route,
+        reason: Reason,
+    ) -> Result<TaskId, ()> {
+        let (id, class) = (task.id(), task.class().to_owned());
+        match self.store.commit(vec![Op::Put(queue, task)]).await {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::FALLBACK_KEPT,
+                    "service" => self.service.to_string(), "class" => class.clone(),
+                    "route" => route.as_str(), "result" => "kept")
+                .increment(1);
+                if route == Route::ManualReview {
+                    tracing::warn!(service = %self.service, class = %class, task = %id,
+                        reason = %reason, "task moved to manual review");
+                }
+                self.wake.notify_one();
+                Ok(id)
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::FALLBACK_KEPT,
+                    "service" => self.service.to_string(), "class" => class.clone(),
+                    "route" => route.as_str(), "result" => Reason::NotKept.as_str())
+                .increment(1);
+                tracing::warn!(service = %self.service, class = %class, error = %e,
+                    "a diverted call could not be kept");
+                Err(())
+            }
         }
+    }
+
+    /// The task of a call kept on `route`: its queue and deadline.
+    fn new_task(
+        &self,
+        route: Route,
+        class: &str,
+        key: Option<String>,
+        reason: Reason,
+        payload: Payload,
+    ) -> (Queue, Task) {
+        let deadline = match route {
+            Route::DelayedRetry => self
+                .retry
+                .deadline
+                .map(|d| self.clock.now_ms() + d.as_millis() as u64),
+            _ => None,
+        };
+        let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
+        let task = Task::new(class, key, payload)
+            .with_reason(reason.as_str())
+            .with_deadline(deadline);
+        (queue, task)
+    }
+}
+
+impl<T> FallbackRouter<T> {
+    /// The router without its custom service (the task API keeps calls with it).
+    pub(crate) fn clone_without_service(&self) -> FallbackRouter {
+        FallbackRouter {
+            shared: self.shared.clone(),
+            service: NoFallback,
+        }
+    }
+
+    /// Keep a task-API call diverted to `delayed_retry`, `spool` or `manual_review`: its value
+    /// serialized as JSON.
+    pub(crate) fn keep_task<Req: serde::Serialize>(
+        &self,
+        call: Diverted<Req>,
+    ) -> Result<impl Future<Output = Result<Accepted, BoxError>> + Send + 'static, Diverted<Req>>
+    {
+        let route = call.route();
+        if !matches!(
+            route,
+            Route::DelayedRetry | Route::Spool | Route::ManualReview
+        ) {
+            return Err(call);
+        }
+        let (class, reason) = (call.class_name().to_owned(), call.reason());
+        let payload = serde_json::to_vec(call.request());
+        let shared = self.shared.clone();
+        Ok(async move {
+            let not_kept = |why: Reason| -> BoxError {
+                Box::new(Degraded::new(
+                    Arc::from(class.as_str()),
+                    why,
+                    route,
+                    Some(shared.retry_after),
+                ))
+            };
+            let bytes = payload.map_err(|e| {
+                tracing::warn!(class = %class, error = %e, "a diverted task cannot be serialized");
+                not_kept(Reason::NotKept)
+            })?;
+            let (queue, task) = shared.new_task(route, &class, None, reason, Payload::Bytes(bytes));
+            match shared.put_kept(queue, task, route, reason).await {
+                Ok(id) => Ok(Accepted { id, route }),
+                Err(()) => Err(not_kept(Reason::NotKept)),
+            }
+        })
     }
 }

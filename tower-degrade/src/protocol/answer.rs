@@ -78,6 +78,7 @@ pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-degrade-route");
 /// trailers-only response with `grpc-status` 6 (`ALREADY_EXISTS`: the work now exists on the
 /// server; no standard retry policy retries it) and a message naming the task; both with
 /// [`TASK_ID_HEADER`], [`ROUTE_HEADER`] and [`REASON_HEADER`].
+#[cfg(feature = "fallback")]
 pub(crate) fn kept_response<T>(
     id: &str,
     route: crate::class::Route,

@@ -50,7 +50,12 @@ impl Rng {
 
 fn spawn(role: &str, dir: &Path, from: u64) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["child_process", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE, role)
         .env("TD_CRASH_DIR", dir)
         .env("TD_CRASH_FROM", from.to_string())
@@ -127,8 +132,16 @@ fn every_acknowledged_task_survives_kill_9_and_takes_effect_once() {
     // Drain: replay everything left, then list the effects.
     let mut check = spawn("check", &dir, 0);
     let mut out = String::new();
-    check.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(check.wait().unwrap().success(), "the check process failed:\n{out}");
+    check
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        check.wait().unwrap().success(),
+        "the check process failed:\n{out}"
+    );
     let effects = lines(&out, "EFFECT ");
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for e in &effects {
@@ -177,7 +190,10 @@ fn child_process() {
 
 /// The effect of a task: recorded once per idempotency key in a second store (what an
 /// application does with the key: "insert if absent" in its own database).
-fn effect_replay(effects: Arc<EmbeddedStore>, fail_one_in: u64) -> impl tower_degrade::fallback::Replay {
+fn effect_replay(
+    effects: Arc<EmbeddedStore>,
+    fail_one_in: u64,
+) -> impl tower_degrade::fallback::Replay {
     let n = Arc::new(AtomicU64::new(0));
     replay_fn(move |task: &Task, _attempt| {
         let (effects, key, n) = (effects.clone(), task.key().into_owned(), n.clone());
@@ -274,7 +290,10 @@ async fn check(dir: &Path) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     w.abort();
-    println!("LEFT {}", kept.depth(Queue::Retry).len + kept.depth(Queue::Review).len);
+    println!(
+        "LEFT {}",
+        kept.depth(Queue::Retry).len + kept.depth(Queue::Review).len
+    );
     let mut after = None;
     loop {
         let page = effects.list(Queue::Review, after, 1000).await.unwrap();

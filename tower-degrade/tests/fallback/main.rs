@@ -16,6 +16,7 @@ use tower_degrade::fallback::store::{EmbeddedStore, Op};
 use tower_degrade::fallback::{
     Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, LastGoodLayer, MemoryStore,
     Payload, Queue, REPLAY_HEADER, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
+    replay_task,
 };
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
@@ -409,6 +410,62 @@ async fn a_policy_route_to_manual_review_is_stored_for_a_person() {
     let t = review.show(id).await.unwrap().unwrap();
     assert_eq!(t.class(), "refund");
     assert!(matches!(t.payload(), Payload::Http(r) if r.uri == "/refund/9"));
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Refund {
+    order: u64,
+    cents: i64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_diverted_task_is_kept_as_json_and_replayed_by_its_handler() {
+    let d = degrader([ClassConfig::gold("refund").fallback_route(Route::DelayedRetry)]);
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let seen = done.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_task(move |r: Refund| {
+            seen.lock().unwrap().push(r);
+            async { Ok::<_, BoxError>(()) }
+        }))
+        .build()
+        .unwrap();
+    let tasks = d
+        .tasks::<Refund, String>()
+        .keep(&router, |a| format!("kept as {} ({})", a.id, a.route))
+        .build();
+    tokio::spawn(worker.run());
+    let refund = Refund {
+        order: 42,
+        cents: 1999,
+    };
+    let paid = tasks
+        .run("refund", refund.clone(), |_| async {
+            Ok::<_, BoxError>("paid".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(paid, "paid");
+    d.force_open("refund").unwrap();
+    let kept = tasks
+        .run("refund", refund.clone(), |_| async {
+            Ok::<_, BoxError>("paid".to_owned())
+        })
+        .await
+        .unwrap();
+    assert!(
+        kept.starts_with("kept as ") && kept.ends_with("(delayed_retry)"),
+        "{kept}"
+    );
+    let stored = store.list(Queue::Retry, None, 10).await.unwrap();
+    assert!(
+        matches!(stored[0].payload(), Payload::Bytes(b) if b == br#"{"order":42,"cents":1999}"#)
+    );
+    run_for(500).await;
+    assert_eq!(*done.lock().unwrap(), [refund]);
+    assert_eq!(store.depth(Queue::Retry).len, 0);
 }
 
 // ===== what is not kept gets the reject answer =====

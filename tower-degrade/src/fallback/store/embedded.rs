@@ -79,7 +79,8 @@ impl EmbeddedStoreBuilder {
                 };
                 StoreError::new(kind, format!("store `{shown}`: {e}; {hint}"))
             })?;
-        let io = |e: fjall::Error| StoreError::new(StoreErrorKind::Io, format!("store `{shown}`: {e}"));
+        let io =
+            |e: fjall::Error| StoreError::new(StoreErrorKind::Io, format!("store `{shown}`: {e}"));
         check_format(&db, &shown)?;
         let mut queues = Vec::with_capacity(Queue::ALL.len());
         for queue in Queue::ALL {
@@ -172,7 +173,9 @@ fn check_format(db: &Database, shown: &str) -> Result<(), StoreError> {
         ));
     }
     let fresh = names.is_empty();
-    let meta = db.keyspace(META, KeyspaceCreateOptions::default).map_err(io)?;
+    let meta = db
+        .keyspace(META, KeyspaceCreateOptions::default)
+        .map_err(io)?;
     if fresh {
         let mut b = db.batch().durability(Some(PersistMode::SyncAll));
         b.insert(&meta, "format", FORMAT.to_be_bytes());
@@ -582,7 +585,9 @@ mod tests {
         let other = d.join("other");
         {
             let db = Database::builder(&other).open().unwrap();
-            let ks = db.keyspace("accounts", KeyspaceCreateOptions::default).unwrap();
+            let ks = db
+                .keyspace("accounts", KeyspaceCreateOptions::default)
+                .unwrap();
             ks.insert("1", "2").unwrap();
         }
         let err = EmbeddedStore::open(&other).unwrap_err();
@@ -597,8 +602,12 @@ mod tests {
             let db = Database::builder(&path).open().unwrap();
             let meta = db.keyspace(META, KeyspaceCreateOptions::default).unwrap();
             meta.insert("format", FORMAT.to_be_bytes()).unwrap();
-            let spool = db.keyspace("spool", KeyspaceCreateOptions::default).unwrap();
-            spool.insert(7u128.to_be_bytes(), [1u8, 0xff, 0xff]).unwrap();
+            let spool = db
+                .keyspace("spool", KeyspaceCreateOptions::default)
+                .unwrap();
+            spool
+                .insert(7u128.to_be_bytes(), [1u8, 0xff, 0xff])
+                .unwrap();
             db.persist(PersistMode::SyncAll).unwrap();
         }
         let err = EmbeddedStore::open(&path).unwrap_err();
