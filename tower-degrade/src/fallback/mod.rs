@@ -8,6 +8,8 @@
 //! A call that no fallback takes is answered as [`Route::Reject`]: a
 //! [`Degraded`](crate::error::Degraded) error, or a 503 / `UNAVAILABLE` answer.
 
+#[cfg(all(feature = "fallback", feature = "axum"))]
+mod admin;
 #[cfg(feature = "fallback")]
 mod batch;
 #[cfg(feature = "fallback")]

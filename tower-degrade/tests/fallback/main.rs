@@ -784,3 +784,81 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
     let stale = svc.clone().oneshot(get("/p/1")).await.unwrap();
     assert_eq!(stale.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+// ===== the admin router =====
+
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
+    let d = degrader([ClassConfig::gold("refund").fallback_route(Route::ManualReview)]);
+    let app = App::default();
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let svc = layered(&d, "refund", router, &app);
+    d.force_open("refund").unwrap();
+    let a = task_id(&call(&svc, post("/refund/1", "{\"cents\":5}")).await);
+    let b = task_id(&call(&svc, post("/refund/2", "{}")).await);
+
+    assert!(review.admin_router("short").is_err());
+    let token = "0123456789abcdef-token";
+    let admin = review.admin_router(token).unwrap();
+    let send = |method: &str, uri: String, auth: Option<&str>| {
+        let mut r = Request::builder().method(method).uri(uri);
+        if let Some(t) = auth {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        let admin = admin.clone();
+        let req = r.body(axum::body::Body::empty()).unwrap();
+        async move {
+            let res = admin.oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status, json)
+        }
+    };
+    let (s, _) = send("GET", "/review".into(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = send("GET", "/review".into(), Some("0123456789abcdef-wrong")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let (s, page) = send("GET", "/review?limit=1".into(), Some(token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["tasks"][0]["id"], a.to_string());
+    assert_eq!(page["tasks"][0]["payload"]["uri"], "/refund/1");
+    assert_eq!(page["tasks"][0]["payload"]["body"], "{\"cents\":5}");
+    let next = page["next"].as_str().unwrap().to_owned();
+    let (_, page2) = send("GET", format!("/review?after={next}"), Some(token)).await;
+    assert_eq!(page2["tasks"][0]["id"], b.to_string());
+    let (s, _) = send("GET", "/review?limit=x".into(), Some(token)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (s, one) = send("GET", format!("/review/{b}"), Some(token)).await;
+    assert_eq!((s, one["class"].as_str()), (StatusCode::OK, Some("refund")));
+    let (s, _) = send("GET", "/review/nope".into(), Some(token)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (s, _) = send("POST", format!("/review/{a}/drop"), Some(token)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a reason is required");
+    let (s, _) = send(
+        "POST",
+        format!("/review/{a}/drop?by=ops&reason=customer%20cancelled"),
+        Some(token),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = send("POST", format!("/review/{a}/drop?reason=x"), Some(token)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, audit) = send("GET", "/review/audit".into(), Some(token)).await;
+    assert_eq!(
+        audit["tasks"][0]["last_answer"],
+        "dropped by ops: customer cancelled"
+    );
+    let (s, _) = send("POST", format!("/review/{b}/requeue"), Some(token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(review.depth().len, 0);
+}

@@ -1,0 +1,274 @@
+//! The manual-review queue over HTTP: an axum router, protected by a bearer token.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::record::{Payload, Task, TaskId};
+use super::review::{ManualReview, Page};
+use crate::error::ConfigError;
+
+#[derive(Clone)]
+struct Admin {
+    review: ManualReview,
+    token: std::sync::Arc<str>,
+}
+
+impl ManualReview {
+    /// An axum router over this queue, every request needing `Authorization: Bearer <token>`
+    /// (compared in constant time; a wrong or missing token gets 401):
+    ///
+    /// | request | answer |
+    /// |---|---|
+    /// | `GET /review?after=<id>&limit=<n>` | a page: `{"tasks": [...], "next": "<id>" or null}` |
+    /// | `GET /review/audit?after=<id>&limit=<n>` | dropped tasks, with who and why |
+    /// | `GET /review/{id}` | one task, or 404 |
+    /// | `POST /review/{id}/requeue` | replay it now; 404 if it is not in the queue |
+    /// | `POST /review/{id}/drop?by=<who>&reason=<why>` | drop it (the reason is required) |
+    ///
+    /// Nest it where only operators reach it (bind it to loopback, or behind your own
+    /// authentication): it shows what clients sent, bodies included. A token shorter than 16
+    /// bytes is refused.
+    ///
+    /// ```no_run
+    /// # fn f(review: tower_degrade::fallback::ManualReview) -> Result<(), tower_degrade::error::ConfigError> {
+    /// let token = std::env::var("REVIEW_TOKEN").unwrap_or_default();
+    /// let admin = axum::Router::new().nest("/admin", review.admin_router(&token)?);
+    /// # drop(admin);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn admin_router(&self, token: &str) -> Result<Router, ConfigError> {
+        if token.len() < 16 {
+            return Err(ConfigError::InvalidValue {
+                field: "review.admin_router.token",
+                reason: "must be at least 16 bytes: it guards what clients sent".into(),
+            });
+        }
+        let state = Admin {
+            review: self.clone(),
+            token: token.into(),
+        };
+        Ok(Router::new()
+            .route("/review", get(list))
+            .route("/review/audit", get(audit))
+            .route("/review/{id}", get(show))
+            .route("/review/{id}/requeue", post(requeue))
+            .route("/review/{id}/drop", post(drop_task))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+            .with_state(state))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
+        let mut res = answer(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "a valid bearer token is required"}),
+        );
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return res;
+    }
+    next.run(req).await
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    let mut res = Response::new(Body::from(body.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn bad(what: impl std::fmt::Display) -> Response {
+    answer(StatusCode::BAD_REQUEST, json!({"error": what.to_string()}))
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": e.to_string()}),
+    )
+}
+
+/// The query parameters, percent-decoded.
+fn query(req: &Request) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// `after` and `limit` of a page request.
+fn paging(req: &Request) -> Result<(Option<TaskId>, usize), Response> {
+    let q = query(req);
+    let after = match param(&q, "after") {
+        Some(a) => Some(a.parse::<TaskId>().map_err(bad)?),
+        None => None,
+    };
+    let limit = match param(&q, "limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| bad(format!("`limit`: `{l}` is not a number")))?,
+        None => 50,
+    };
+    Ok((after, limit))
+}
+
+fn page_json(page: Page) -> Value {
+    json!({
+        "tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(),
+        "next": page.next.map(|n| n.to_string()),
+    })
+}
+
+/// A task as JSON: bodies as text (lossy for bytes that are not UTF-8).
+pub(crate) fn task_json(t: &Task) -> Value {
+    let payload = match t.payload() {
+        Payload::Http(r) => json!({
+            "kind": "http",
+            "method": r.method,
+            "uri": r.uri,
+            "headers": r.headers.iter()
+                .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
+                .collect::<Vec<_>>(),
+            "body": String::from_utf8_lossy(&r.body),
+        }),
+        Payload::Bytes(b) => json!({"kind": "task", "body": String::from_utf8_lossy(b)}),
+    };
+    json!({
+        "id": t.id().to_string(),
+        "key": t.key(),
+        "class": t.class(),
+        "reason": t.reason(),
+        "attempts": t.attempts(),
+        "created_ms": t.created_ms(),
+        "last_answer": t.last_answer(),
+        "payload": payload,
+    })
+}
+
+fn id(raw: &str) -> Result<TaskId, Response> {
+    raw.parse::<TaskId>().map_err(bad)
+}
+
+async fn list(State(admin): State<Admin>, req: Request) -> Response {
+    let (after, limit) = match paging(&req) {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    match admin.review.list(after, limit).await {
+        Ok(page) => answer(StatusCode::OK, page_json(page)),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn audit(State(admin): State<Admin>, req: Request) -> Response {
+    let (after, limit) = match paging(&req) {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    match admin.review.audit(after, limit).await {
+        Ok(page) => answer(StatusCode::OK, page_json(page)),
+        Err(e) => store_error(e),
+    }
+}
+
+fn not_found(id: TaskId) -> Response {
+    answer(
+        StatusCode::NOT_FOUND,
+        json!({"error": format!("task {id} is not waiting for review")}),
+    )
+}
+
+async fn show(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
+    let id = match id(&raw) {
+        Ok(id) => id,
+        Err(res) => return res,
+    };
+    match admin.review.show(id).await {
+        Ok(Some(t)) => answer(StatusCode::OK, task_json(&t)),
+        Ok(None) => not_found(id),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn requeue(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
+    let id = match id(&raw) {
+        Ok(id) => id,
+        Err(res) => return res,
+    };
+    match admin.review.requeue(id).await {
+        Ok(true) => answer(StatusCode::OK, json!({"requeued": id.to_string()})),
+        Ok(false) => not_found(id),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn drop_task(State(admin): State<Admin>, Path(raw): Path<String>, req: Request) -> Response {
+    let id = match id(&raw) {
+        Ok(id) => id,
+        Err(res) => return res,
+    };
+    let q = query(&req);
+    let Some(reason) = param(&q, "reason").filter(|r| !r.trim().is_empty()) else {
+        return bad("`reason` is required: it is kept in the audit record");
+    };
+    let by = param(&q, "by").unwrap_or("admin");
+    match admin.review.drop_task(id, by, reason).await {
+        Ok(true) => answer(StatusCode::OK, json!({"dropped": id.to_string()})),
+        Ok(false) => not_found(id),
+        Err(e) => store_error(e),
+    }
+}
