@@ -13,11 +13,17 @@
 //! `force_closed`, `degrade`, `metrics_only`, `reset`) with `Authorization: Bearer <token>`.
 //!
 //! The shipped policies in `policies/` are loaded and watched (edit one while `--serve` runs and
-//! it is reloaded). It then plays a short scenario against itself: normal traffic, then the database turns slow
+//! it is reloaded). Diverted calls go to the fallback router, over an embedded durable store
+//! (a fresh directory under the system's temp dir, or `QUICKSTART_STORE`): browse logs are
+//! spooled and backfilled once their class is healthy again, inventory deltas are merged per
+//! SKU into batched writes, and what would be retried is retried with backoff.
+//!
+//! It then plays a short scenario against itself: normal traffic, then the database turns slow
 //! (900 ms, 20 % errors) and the third-party API dies, then both recover. Each second it prints
-//! every class's breaker state and what happened to its calls: payments keep flowing, the
-//! inventory class is degraded by the seed's rule, the log class's breaker opens, probes and
-//! recovers.
+//! every class's breaker state and what happened to its calls (`kept` = answered 202 and
+//! stored): payments keep flowing, the inventory class is degraded by the seed's rule and its
+//! deltas merged, the log class's breaker opens, its calls are spooled, and after the recovery
+//! every spooled browse event is backfilled. It fails if a gold call or a kept call is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +37,11 @@ use axum::{Router, body::Body};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::time::{Instant, sleep};
 use tower::ServiceExt;
+use tower_degrade::fallback::store::EmbeddedStore;
+use tower_degrade::fallback::{
+    Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, Queue, REPLAY_HEADER,
+};
+use tower_degrade::protocol::TASK_ID_HEADER;
 use tower_degrade::{
     ClassConfig, Degrader, Route,
     breaker::{BreakerConfig, Command},
@@ -41,6 +52,12 @@ use tower_degrade::{
 struct World {
     phase: AtomicU8,
     calls: AtomicU64,
+    /// Browse events the third-party API received, and of them, replays of kept calls.
+    logged: AtomicU64,
+    backfilled: AtomicU64,
+    /// Merged inventory writes, and the deltas in them.
+    writes: AtomicU64,
+    merged_deltas: AtomicU64,
 }
 
 async fn pay() -> StatusCode {
@@ -62,12 +79,45 @@ async fn inventory(State(world): State<Arc<World>>) -> StatusCode {
     StatusCode::OK
 }
 
-async fn browse_log(State(world): State<Arc<World>>) -> StatusCode {
+async fn browse_log(State(world): State<Arc<World>>, headers: HeaderMap) -> StatusCode {
     if world.phase.load(Ordering::Relaxed) == 1 {
         // The third-party API is down.
         return StatusCode::BAD_GATEWAY;
     }
+    world.logged.fetch_add(1, Ordering::Relaxed);
+    if headers.contains_key(REPLAY_HEADER) {
+        world.backfilled.fetch_add(1, Ordering::Relaxed);
+    }
     StatusCode::ACCEPTED
+}
+
+/// The inventory class's `batch_merge`: the SKU from the path, the delta from the body (1 when
+/// empty), summed per SKU and written as one batch.
+fn inventory_batches(world: Arc<World>) -> BatchMerge<i64> {
+    BatchMerge::new(
+        |req| {
+            let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
+            let body = std::str::from_utf8(&req.body).map_err(|e| e.to_string())?;
+            let delta = match body.trim() {
+                "" => 1,
+                n => n.parse().map_err(|e| format!("delta `{n}`: {e}"))?,
+            };
+            Ok((sku, delta))
+        },
+        |sum: &mut i64, delta| *sum += delta,
+        tower::service_fn(move |batch: Batch<i64>| {
+            let world = world.clone();
+            async move {
+                // One `UPDATE ... WHERE sku IN (...)` for the whole batch.
+                sleep(Duration::from_millis(20)).await;
+                world.writes.fetch_add(1, Ordering::Relaxed);
+                let n: i64 = batch.items.iter().map(|(_, d)| d).sum();
+                world.merged_deltas.fetch_add(n as u64, Ordering::Relaxed);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        }),
+    )
+    .flush_every(Duration::from_millis(200))
 }
 
 /// `POST /admin/{class}/{command}`: a manual breaker command, behind a bearer token.
@@ -102,6 +152,7 @@ struct Tally {
     ok: AtomicU64,
     failed: AtomicU64,
     degraded: AtomicU64,
+    kept: AtomicU64,
 }
 
 #[tokio::main]
@@ -122,9 +173,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .class(
             ClassConfig::silver("inventory")
                 .depends_on("db")
-                .fallback_route(Route::DelayedRetry),
+                .fallback_route(Route::BatchMerge),
         )
-        .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
+        .class(
+            ClassConfig::bronze("browse_log")
+                .depends_on("third_party:analytics")
+                .fallback_route(Route::Spool),
+        )
         .build()?;
     // Latency as a Prometheus histogram, with buckets around the classes' SLAs.
     let prometheus = PrometheusBuilder::new()
@@ -159,14 +214,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .build();
 
     let world = Arc::new(World::default());
-    let protected = Router::new()
+    let app_routes = Router::new()
         .route("/pay/{id}", post(pay))
         .route("/inventory/{sku}", post(inventory))
         .route("/log", post(browse_log))
-        .with_state(world.clone())
+        .with_state(world.clone());
+    // The fallback router keeps diverted calls in an embedded store; its worker replays them
+    // through the application *without* the degrade layer.
+    let store_dir = match std::env::var("QUICKSTART_STORE") {
+        Ok(dir) => std::path::PathBuf::from(dir),
+        Err(_) => {
+            std::env::temp_dir().join(format!("tower-degrade-quickstart-{}", std::process::id()))
+        }
+    };
+    let capture = Capture::new();
+    let (router, worker) = FallbackRouter::builder(&degrader)
+        .store(EmbeddedStore::open(&store_dir)?)
+        .capture(capture.clone())
+        .replay(HttpReplay::<_, Body>::new(
+            app_routes.clone(),
+            capture.idempotency().clone(),
+        ))
+        .batch_merge("inventory", inventory_batches(world.clone()))
+        .backfill(Backfill::default().rate(200.0))
+        .build()?;
+    let store = router.store().clone();
+    tokio::spawn(worker.run());
+    println!("kept calls are stored in {}", store_dir.display());
+    let protected = app_routes
+        .clone()
         // `Router::layer` (not `route_layer`): unmatched requests reach the layer too, and
         // count in the `default` class.
-        .layer(degrader.layer(classify).http());
+        .layer(degrader.layer(classify).http().fallback_with(router));
     let status_degrader = degrader.clone();
     let mut app = protected
         .clone()
@@ -218,7 +297,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     tokio::spawn(async move {
                         let res = app.oneshot(req).await.unwrap();
                         let t = &tallies[i];
-                        if res.extensions().get::<tower_degrade::Degraded>().is_some() {
+                        if res.headers().contains_key(TASK_ID_HEADER) {
+                            t.kept.fetch_add(1, Ordering::Relaxed);
+                        } else if res.extensions().get::<tower_degrade::Degraded>().is_some() {
                             t.degraded.fetch_add(1, Ordering::Relaxed);
                         } else if res.status().is_server_error() {
                             t.failed.fetch_add(1, Ordering::Relaxed);
@@ -232,11 +313,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
 
     println!(
-        "\n{:>4}  {:<9} {:<34} {:<34} {:<34}",
+        "\n{:>4}  {:<9} {:<40} {:<40} {:<40}",
         "t(s)", "world", "payment_callback (gold)", "inventory (silver)", "browse_log (bronze)"
     );
     let mut seen = [Vec::new(), Vec::new(), Vec::new()];
     let mut gold_lost = 0;
+    let mut kept = [0u64; 3];
     for second in 1..=scenario_end.as_secs() {
         match second {
             3 => world.phase.store(1, Ordering::Relaxed),
@@ -259,23 +341,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         {
             let class = status.classes.iter().find(|c| &*c.name == *name).unwrap();
             let t = &tallies[i];
-            let (ok, failed, degraded) = (
+            let (ok, failed, degraded, k) = (
                 t.ok.swap(0, Ordering::Relaxed),
                 t.failed.swap(0, Ordering::Relaxed),
                 t.degraded.swap(0, Ordering::Relaxed),
+                t.kept.swap(0, Ordering::Relaxed),
             );
+            kept[i] += k;
             if i == 0 {
                 gold_lost += failed + degraded;
             }
             if !seen[i].contains(&class.state) {
                 seen[i].push(class.state);
             }
-            let cell = format!("{} ok={ok} fail={failed} degr={degraded}", class.state);
-            row.push_str(&format!(" {cell:<34}"));
+            let cell = format!(
+                "{} ok={ok} fail={failed} degr={degraded} kept={k}",
+                class.state
+            );
+            row.push_str(&format!(" {cell:<40}"));
         }
         println!("{row}");
     }
     driver.await?;
+    // Every kept call is replayed: browse logs backfilled once the class is healthy, inventory
+    // deltas written in merged batches.
+    let drained = Instant::now();
+    let left = || {
+        [Queue::Spool, Queue::Retry, Queue::Journal]
+            .iter()
+            .map(|q| store.depth(*q).len)
+            .sum::<u64>()
+    };
+    while left() > 0 && drained.elapsed() < Duration::from_secs(30) {
+        sleep(Duration::from_millis(100)).await;
+    }
     println!("\nhealth score: {:.1}", degrader.health_score());
     let states = |i: usize| {
         seen[i]
@@ -287,8 +386,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("payment_callback: {}, {gold_lost} calls lost", states(0));
     println!("inventory:        {}", states(1));
     println!("browse_log:       {}", states(2));
+    println!(
+        "browse_log:       {} kept while the class was diverted, {} backfilled once it was healthy, \
+         {} left in the spool",
+        kept[2],
+        world.backfilled.load(Ordering::Relaxed),
+        store.depth(Queue::Spool).len
+    );
+    println!(
+        "inventory:        {} deltas kept, merged into {} writes ({} units)",
+        kept[1],
+        world.writes.load(Ordering::Relaxed),
+        world.merged_deltas.load(Ordering::Relaxed)
+    );
+    let review = store.depth(Queue::Review).len;
+    if review > 0 {
+        println!("manual review:    {review} tasks wait for a person");
+    }
     if gold_lost > 0 {
         return Err(format!("{gold_lost} gold calls were lost").into());
+    }
+    if left() > 0 {
+        return Err(format!("{} kept calls were not replayed", left()).into());
+    }
+    if std::env::var_os("QUICKSTART_STORE").is_none() {
+        drop(store);
+        let _ = std::fs::remove_dir_all(&store_dir);
     }
 
     if std::env::args().any(|a| a == "--serve") {
