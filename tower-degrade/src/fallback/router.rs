@@ -415,7 +415,7 @@ where
     };
     let key = shared.capture.key(&parts);
     if let Some(k) = &key {
-        if let Some((_, id)) = shared.store.find_key(&class, k) {
+        if let Ok(Some((_, id))) = shared.store.find_key(&class, k).await {
             return Ok(kept_response(
                 &id.to_string(),
                 route,

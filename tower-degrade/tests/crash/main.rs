@@ -202,7 +202,7 @@ fn effect_replay(
             if fail_one_in > 0 && n.fetch_add(1, Ordering::Relaxed) % fail_one_in == 0 {
                 return Replayed::Retry("the dependency failed".into());
             }
-            if effects.find_key("effect", &key).is_some() {
+            if matches!(effects.find_key("effect", &key).await, Ok(Some(_))) {
                 return Replayed::Done;
             }
             let effect = Task::new("effect", Some(key), Payload::Bytes(Vec::new()));

@@ -474,8 +474,13 @@ impl Store for EmbeddedStore {
         Box::pin(async move { Ok(self.shared.read(queue, &[id])?.pop()) })
     }
 
-    fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)> {
-        self.shared.index().find_key(class, key)
+    fn find_key<'a>(
+        &'a self,
+        class: &'a str,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Queue, TaskId)>> {
+        let found = self.shared.index().find_key(class, key);
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn depth(&self, queue: Queue) -> Depth {

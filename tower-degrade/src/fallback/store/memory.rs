@@ -103,8 +103,13 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(task)))
     }
 
-    fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)> {
-        self.lock().index.find_key(class, key)
+    fn find_key<'a>(
+        &'a self,
+        class: &'a str,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Queue, TaskId)>> {
+        let found = self.lock().index.find_key(class, key);
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn depth(&self, queue: Queue) -> Depth {

@@ -1,17 +1,22 @@
 //! Where kept tasks live: the [`Store`] trait (governor's `StateStore` shape: the router and its
 //! workers only see the trait), the in-memory [`MemoryStore`] (tests, and work that may be
-//! lost with the process), and the durable [`EmbeddedStore`] (feature `embedded`).
+//! lost with the process), the durable `EmbeddedStore` (feature `embedded`), Redis Streams
+//! shared by several instances (`RedisStore`, feature `redis`), and [`Failover`] from a shared
+//! store to a local one.
 //!
 //! A store applies a batch of [`Op`]s atomically and durably: when [`Store::commit`] resolves
 //! `Ok`, the batch survives a crash. Workers take due tasks with [`Store::due`], which *claims*
 //! them: a claimed task is not handed out again until it is removed, put back (rescheduled or
 //! moved), or [released](Store::release).
 
+mod failover;
 mod index;
 mod memory;
 
 #[cfg(feature = "embedded")]
 mod embedded;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::future::Future;
@@ -20,7 +25,11 @@ use std::pin::Pin;
 #[cfg(feature = "embedded")]
 #[cfg_attr(docsrs, doc(cfg(feature = "embedded")))]
 pub use self::embedded::{EmbeddedStore, EmbeddedStoreBuilder};
+pub use self::failover::Failover;
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 use super::record::{Queue, Task, TaskId};
 
 /// The future of a store operation.
@@ -65,8 +74,13 @@ pub trait Store: Send + Sync + 'static {
     /// One task.
     fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>>;
 
-    /// The task kept for `class` under the idempotency `key`, if one is still kept.
-    fn find_key(&self, class: &str, key: &str) -> Option<(Queue, TaskId)>;
+    /// The task kept for `class` under the client's idempotency `key`, if one is still kept
+    /// in `delayed_retry`, `spool` or `manual_review`.
+    fn find_key<'a>(
+        &'a self,
+        class: &'a str,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Queue, TaskId)>>;
 
     /// How many tasks `queue` holds and how old the oldest is.
     fn depth(&self, queue: Queue) -> Depth;

@@ -1,0 +1,703 @@
+//! [`RedisStore`]: kept tasks in Redis Streams, shared by several instances.
+//!
+//! Each queue is a stream (`<prefix>:<queue>`) read through one consumer group (`replay`):
+//!
+//! * **Append** (`Put`): one Lua script per commit adds the record with `XADD` and indexes it
+//!   (`<prefix>:<queue>:ids`: task id -> entry id; `<prefix>:keys`: idempotency keys), atomically.
+//!   With `appendonly yes` and `appendfsync always` the reply comes after Redis has synced its
+//!   log, so an acknowledged task survives a crash of Redis too; Redis syncs once per event
+//!   loop for every client's writes (its own group commit).
+//! * **Claim** (`due`): `XREADGROUP` hands each new entry to exactly one instance; an entry
+//!   left pending by an instance that stopped (no heartbeat for `claim_timeout`) is taken over
+//!   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
+//!   entries `XPENDING` says are its own), so a live instance's tasks are not taken.
+//! * **Acknowledge** (`Remove`, or `Put` of a rescheduled task): `XACK` and `XDEL` of the
+//!   entry in the same script, after the replay succeeded (or was rescheduled).
+//!
+//! An instance that stalls for longer than `claim_timeout` while replaying may see its task
+//! replayed by another: delivery is at least once, and the idempotency key every replay carries
+//! makes it exactly once in effect. Single Redis or a primary with replicas; not Redis Cluster
+//! (the script names keys it computes).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use crate::fallback::record::{Queue, Task, TaskId};
+
+const GROUP: &str = "replay";
+
+/// Applies a commit's operations atomically (see the module docs). ARGV: prefix, group,
+/// capacity, then per op `P queue id keyfield record` or `R queue id`.
+const COMMIT: &str = r#"
+local p, g, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local keyed = {delayed_retry = true, spool = true, manual_review = true}
+local grows = 0
+local i = 4
+while i <= #ARGV do
+  if ARGV[i] == 'P' then
+    if redis.call('HEXISTS', p .. ':' .. ARGV[i+1] .. ':ids', ARGV[i+2]) == 0 then grows = grows + 1 end
+    i = i + 5
+  else
+    i = i + 3
+  end
+end
+if grows > 0 then
+  local total = 0
+  for _, q in ipairs({'delayed_retry', 'spool', 'manual_review', 'batch_merge', 'audit'}) do
+    total = total + redis.call('HLEN', p .. ':' .. q .. ':ids')
+  end
+  if total + grows > cap then
+    return redis.error_reply('FULL the store holds ' .. total .. ' tasks, its capacity is ' .. cap)
+  end
+end
+local function unkey(s, q, id, entry)
+  local e = redis.call('XRANGE', s, entry, entry)
+  if e[1] then
+    local f = e[1][2]
+    for j = 1, #f, 2 do
+      if f[j] == 'k' and f[j+1] ~= '' and redis.call('HGET', p .. ':keys', f[j+1]) == q .. ' ' .. id then
+        redis.call('HDEL', p .. ':keys', f[j+1])
+      end
+    end
+  end
+end
+i = 4
+while i <= #ARGV do
+  local q, id = ARGV[i+1], ARGV[i+2]
+  local s = p .. ':' .. q
+  local old = redis.call('HGET', s .. ':ids', id)
+  if old then
+    if ARGV[i] == 'R' then unkey(s, q, id, old) end
+    redis.call('XACK', s, g, old)
+    redis.call('XDEL', s, old)
+  end
+  if ARGV[i] == 'P' then
+    local k = ARGV[i+3]
+    local new = redis.call('XADD', s, '*', 'k', k, 't', ARGV[i+4])
+    redis.call('HSET', s .. ':ids', id, new)
+    if k ~= '' and keyed[q] then redis.call('HSET', p .. ':keys', k, q .. ' ' .. id) end
+    i = i + 5
+  else
+    redis.call('HDEL', s .. ':ids', id)
+    i = i + 3
+  end
+end
+return 1
+"#;
+
+/// Builds a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    consumer: Option<String>,
+    claim_timeout: Duration,
+    capacity: u64,
+    timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `tower-degrade`): instances sharing a queue use the
+    /// same prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// This instance's consumer name in the group (default: host name and process id). It
+    /// must differ between instances.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// How long an entry may stay pending without a heartbeat before another instance takes
+    /// it over (default 60 s).
+    pub fn claim_timeout(mut self, d: Duration) -> Self {
+        self.claim_timeout = d;
+        self
+    }
+
+    /// At most this many tasks over all queues (default 10,000,000).
+    pub fn capacity(mut self, tasks: u64) -> Self {
+        self.capacity = tasks;
+        self
+    }
+
+    /// How long one Redis command may take before the call counts as failed (default 2 s):
+    /// a diverted call waits at most this long for its `202` or its reject answer.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Connect (lazily: the first command connects, and a lost connection is re-established
+    /// in the background). Fails only on an invalid URL.
+    pub fn build(self) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::Io,
+                format!("redis store `{}`: {e}", self.url),
+            )
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::Io,
+                format!("redis store `{}`: {e}", self.url),
+            )
+        })?;
+        let consumer = self.consumer.unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
+            format!("{host}-{}-{}", std::process::id(), TaskId::generate())
+        });
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                url: self.url,
+                prefix: self.prefix,
+                consumer,
+                claim_timeout: self.claim_timeout,
+                capacity: self.capacity,
+                commit: Script::new(COMMIT),
+                local: Mutex::new(Local::default()),
+            }),
+        })
+    }
+}
+
+/// Kept tasks in Redis Streams with a consumer group, for several instances sharing one
+/// queue. See the [module docs](self) for how appends, claims, takeovers and acknowledgements
+/// work. Run Redis with `appendonly yes` and `appendfsync always` for acknowledged tasks to
+/// survive a Redis crash.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_degrade::fallback::store::RedisStore;
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379")
+///     .prefix("shop")
+///     .claim_timeout(Duration::from_secs(30))
+///     .build()?;
+/// # Ok::<_, tower_degrade::fallback::store::StoreError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    url: String,
+    prefix: String,
+    consumer: String,
+    claim_timeout: Duration,
+    capacity: u64,
+    commit: Script,
+    local: Mutex<Local>,
+}
+
+/// What this instance holds: entries delivered to it, not yet acknowledged.
+#[derive(Default)]
+struct Local {
+    held: HashMap<(Queue, TaskId), (String, Task)>,
+    /// Held tasks handed to the worker.
+    out: HashSet<(Queue, TaskId)>,
+    groups: HashSet<Queue>,
+    last_claim: HashMap<Queue, Instant>,
+    depth: HashMap<Queue, (Depth, Instant)>,
+    /// Queues committed to since their depth was read.
+    dirty: HashSet<Queue>,
+    refreshing: HashSet<Queue>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.inner.url)
+            .field("prefix", &self.inner.prefix)
+            .field("consumer", &self.inner.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for the store at `url` (`redis://host:port/db`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "tower-degrade".to_owned(),
+            consumer: None,
+            claim_timeout: Duration::from_secs(60),
+            capacity: 10_000_000,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// This instance's consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+}
+
+impl Inner {
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stream(&self, queue: Queue) -> String {
+        format!("{}:{}", self.prefix, queue.as_str())
+    }
+
+    fn error(&self, e: redis::RedisError) -> StoreError {
+        let full = e.to_string().contains("FULL");
+        StoreError::new(
+            if full {
+                StoreErrorKind::Full
+            } else {
+                StoreErrorKind::Io
+            },
+            format!("redis store `{}`: {e}", self.url),
+        )
+    }
+
+    fn corrupt(&self, queue: Queue, what: impl fmt::Display) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("redis store `{}`, queue `{queue}`: {what}", self.url),
+        )
+    }
+
+    async fn query(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn).await.map_err(|e| self.error(e))
+    }
+
+    async fn ensure_group(&self, queue: Queue) -> Result<(), StoreError> {
+        if self.local().groups.contains(&queue) {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(self.stream(queue))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
+        match self.query(&cmd).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("BUSYGROUP") => {}
+            Err(e) => return Err(e),
+        }
+        self.local().groups.insert(queue);
+        Ok(())
+    }
+
+    /// Read up to `want` new entries (no more: other instances share the rest), take over
+    /// abandoned ones, heartbeat held ones.
+    async fn fill(&self, queue: Queue, want: usize) -> Result<(), StoreError> {
+        self.ensure_group(queue).await?;
+        let stream = self.stream(queue);
+        let got = if want > 0 {
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(want)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(">");
+            self.query(&read).await?
+        } else {
+            Value::Nil
+        };
+        let mut entries = Vec::new();
+        if let Value::Array(streams) = got {
+            for s in streams {
+                if let Value::Array(mut kv) = s {
+                    if kv.len() == 2 {
+                        entries.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
+                    }
+                }
+            }
+        }
+        let due_claim = {
+            let l = self.local();
+            l.last_claim
+                .get(&queue)
+                .is_none_or(|t| t.elapsed() >= self.claim_timeout / 3)
+        };
+        if due_claim {
+            self.local().last_claim.insert(queue, Instant::now());
+            self.heartbeat(queue).await?;
+            let mut claim = redis::cmd("XAUTOCLAIM");
+            claim
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(self.claim_timeout.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(512);
+            if let Value::Array(mut parts) = self.query(&claim).await? {
+                if parts.len() >= 2 {
+                    let taken = parse_entries(parts.swap_remove(1));
+                    if !taken.is_empty() {
+                        tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
+                            tasks = taken.len(), "took over tasks left pending by a stopped instance");
+                    }
+                    entries.extend(taken);
+                }
+            }
+        }
+        let mut l = self.local();
+        for (entry, fields) in entries {
+            let Some(record) = fields.get("t") else {
+                continue;
+            };
+            match Task::decode(record) {
+                Ok(task) => {
+                    l.held.insert((queue, task.id()), (entry, task));
+                }
+                Err(e) => {
+                    tracing::error!(store = %self.url, queue = %queue, entry = %entry, error = %e,
+                        "an unreadable task record is left pending");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reset the idle time of the entries this instance holds (those `XPENDING` says are
+    /// still its own); forget the ones another instance took over.
+    async fn heartbeat(&self, queue: Queue) -> Result<(), StoreError> {
+        let held: HashMap<String, TaskId> = self
+            .local()
+            .held
+            .iter()
+            .filter(|((q, _), _)| *q == queue)
+            .map(|((_, id), (entry, _))| (entry.clone(), *id))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream(queue);
+        let mut pending = redis::cmd("XPENDING");
+        pending
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(held.len() + 1024)
+            .arg(&self.consumer);
+        let mut mine = HashSet::new();
+        if let Value::Array(rows) = self.query(&pending).await? {
+            for row in rows {
+                if let Value::Array(cols) = row {
+                    if let Some(id) = cols.first().and_then(text) {
+                        mine.insert(id);
+                    }
+                }
+            }
+        }
+        let (keep, lost): (Vec<_>, Vec<_>) = held.into_iter().partition(|(e, _)| mine.contains(e));
+        if !lost.is_empty() {
+            let mut l = self.local();
+            for (_, id) in lost {
+                l.held.remove(&(queue, id));
+                l.out.remove(&(queue, id));
+            }
+        }
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let mut claim = redis::cmd("XCLAIM");
+        claim.arg(&stream).arg(GROUP).arg(&self.consumer).arg(0);
+        for (entry, _) in &keep {
+            claim.arg(entry);
+        }
+        claim.arg("JUSTID");
+        self.query(&claim).await.map(drop)
+    }
+
+    async fn refresh_depth(&self, queue: Queue) -> Result<Depth, StoreError> {
+        let ids = format!("{}:ids", self.stream(queue));
+        let len = match self.query(redis::cmd("HLEN").arg(&ids)).await? {
+            Value::Int(n) => n.max(0) as u64,
+            _ => 0,
+        };
+        let mut first = redis::cmd("XRANGE");
+        first
+            .arg(self.stream(queue))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let oldest = match self.query(&first).await? {
+            v @ Value::Array(_) => parse_entries(v)
+                .into_iter()
+                .next()
+                .and_then(|(_, f)| f.get("t").and_then(|t| Task::decode(t).ok()))
+                .map(|t| t.created_ms()),
+            _ => None,
+        };
+        let d = Depth {
+            len,
+            oldest_ms: oldest,
+        };
+        let mut l = self.local();
+        l.depth.insert(queue, (d, Instant::now()));
+        l.dirty.remove(&queue);
+        Ok(d)
+    }
+
+    async fn entry_of(&self, queue: Queue, id: TaskId) -> Result<Option<String>, StoreError> {
+        let ids = format!("{}:ids", self.stream(queue));
+        Ok(text(
+            &self
+                .query(redis::cmd("HGET").arg(ids).arg(id.to_string()))
+                .await?,
+        ))
+    }
+
+    async fn range(
+        &self,
+        queue: Queue,
+        start: String,
+        limit: usize,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.stream(queue))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let mut out = Vec::new();
+        for (entry, fields) in parse_entries(self.query(&cmd).await?) {
+            let Some(record) = fields.get("t") else {
+                continue;
+            };
+            out.push(
+                Task::decode(record)
+                    .map_err(|e| self.corrupt(queue, format_args!("entry {entry}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `[[entry id, [field, value, ...]], ...]` as (entry id, fields).
+fn parse_entries(v: Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Value::Array(mut parts) = e else { continue };
+        if parts.len() != 2 {
+            continue;
+        }
+        let fields = parts.pop().unwrap_or(Value::Nil);
+        let Some(id) = text(&parts[0]) else { continue };
+        let mut map = HashMap::new();
+        if let Value::Array(kv) = fields {
+            for pair in kv.chunks(2) {
+                if let [k, Value::BulkString(v)] = pair {
+                    if let Some(k) = text(k) {
+                        map.insert(k, v.clone());
+                    }
+                }
+            }
+        }
+        out.push((id, map));
+    }
+    out
+}
+
+fn key_field(task: &Task) -> String {
+    task.client_key()
+        .map(|k| format!("{}\n{k}", task.class()))
+        .unwrap_or_default()
+}
+
+impl Store for RedisStore {
+    fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut inv = inner.commit.prepare_invoke();
+            inv.arg(&inner.prefix).arg(GROUP).arg(inner.capacity);
+            for op in &ops {
+                match op {
+                    Op::Put(q, task) => {
+                        inv.arg("P")
+                            .arg(q.as_str())
+                            .arg(task.id().to_string())
+                            .arg(key_field(task))
+                            .arg(task.encode());
+                    }
+                    Op::Remove(q, id) => {
+                        inv.arg("R").arg(q.as_str()).arg(id.to_string());
+                    }
+                }
+            }
+            let mut conn = inner.conn.clone();
+            inv.invoke_async::<Value>(&mut conn)
+                .await
+                .map_err(|e| inner.error(e))?;
+            let mut l = inner.local();
+            for op in &ops {
+                let k = match op {
+                    Op::Put(q, t) => (*q, t.id()),
+                    Op::Remove(q, id) => (*q, *id),
+                };
+                l.held.remove(&k);
+                l.out.remove(&k);
+                l.dirty.insert(k.0);
+            }
+            Ok(())
+        })
+    }
+
+    fn due(&self, queue: Queue, now_ms: u64, limit: usize) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(async move {
+            let idle = {
+                let l = self.inner.local();
+                // Held tasks due now take slots; those waiting for a later time do not.
+                l.held
+                    .iter()
+                    .filter(|(k, (_, t))| {
+                        k.0 == queue && t.due_ms() <= now_ms && !l.out.contains(k)
+                    })
+                    .count()
+            };
+            self.inner.fill(queue, limit.saturating_sub(idle)).await?;
+            let mut l = self.inner.local();
+            let mut due: Vec<(u64, TaskId)> = l
+                .held
+                .iter()
+                .filter(|((q, id), (_, t))| {
+                    *q == queue && t.due_ms() <= now_ms && !l.out.contains(&(*q, *id))
+                })
+                .map(|((_, id), (_, t))| (t.due_ms(), *id))
+                .collect();
+            due.sort_unstable();
+            due.truncate(limit);
+            let mut out = Vec::with_capacity(due.len());
+            for (_, id) in due {
+                l.out.insert((queue, id));
+                if let Some((_, t)) = l.held.get(&(queue, id)) {
+                    out.push(t.clone());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn release(&self, queue: Queue, id: TaskId) {
+        self.inner.local().out.remove(&(queue, id));
+    }
+
+    fn list(
+        &self,
+        queue: Queue,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(async move {
+            let start = match after {
+                None => "-".to_owned(),
+                Some(a) => match self.inner.entry_of(queue, a).await? {
+                    Some(entry) => format!("({entry}"),
+                    // Gone meanwhile: from the time it was made.
+                    None => format!("{}-0", a.created_ms()),
+                },
+            };
+            self.inner.range(queue, start, limit).await
+        })
+    }
+
+    fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+        Box::pin(async move {
+            let Some(entry) = self.inner.entry_of(queue, id).await? else {
+                return Ok(None);
+            };
+            Ok(self
+                .inner
+                .range(queue, entry, 1)
+                .await?
+                .into_iter()
+                .find(|t| t.id() == id))
+        })
+    }
+
+    fn find_key<'a>(
+        &'a self,
+        class: &'a str,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Queue, TaskId)>> {
+        Box::pin(async move {
+            let keys = format!("{}:keys", self.inner.prefix);
+            let field = format!("{class}\n{key}");
+            let found = text(
+                &self
+                    .inner
+                    .query(redis::cmd("HGET").arg(keys).arg(field))
+                    .await?,
+            );
+            Ok(found.and_then(|v| {
+                let (q, id) = v.split_once(' ')?;
+                let queue = Queue::ALL.into_iter().find(|x| x.as_str() == q)?;
+                Some((queue, id.parse().ok()?))
+            }))
+        })
+    }
+
+    /// From a cache refreshed in the background at most every 100 ms (a Redis round trip
+    /// cannot be made here).
+    fn depth(&self, queue: Queue) -> Depth {
+        let (cached, stale) = {
+            let mut l = self.inner.local();
+            let cached = l.depth.get(&queue).copied();
+            let stale = l.dirty.contains(&queue)
+                || cached.is_none_or(|(_, at)| at.elapsed() >= Duration::from_millis(100));
+            let start = stale && l.refreshing.insert(queue);
+            (cached.map(|(d, _)| d), start)
+        };
+        if stale {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let inner = self.inner.clone();
+                rt.spawn(async move {
+                    if let Err(e) = inner.refresh_depth(queue).await {
+                        tracing::debug!(error = %e, "redis store: depth not refreshed");
+                    }
+                    inner.local().refreshing.remove(&queue);
+                });
+            } else {
+                self.inner.local().refreshing.remove(&queue);
+            }
+        }
+        cached.unwrap_or_default()
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

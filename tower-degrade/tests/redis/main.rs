@@ -1,0 +1,281 @@
+//! The Redis Streams store against real `redis-server` processes on free ports (Debian's
+//! `redis-server`; `scripts/test` installs it): instances sharing a queue, takeover from a
+//! stopped instance, a server killed and restarted with `appendfsync always`, and an
+//! unreachable server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower_degrade::fallback::store::{EmbeddedStore, Failover, Op, RedisStore, StoreErrorKind};
+use tower_degrade::fallback::{
+    FallbackRouter, Payload, Queue, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
+};
+use tower_degrade::{ClassConfig, Degrader, Route};
+
+/// A `redis-server` with its append-only file synced on every write, in its own directory.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::on(port, dir)
+    }
+
+    fn on(port: u16, dir: PathBuf) -> Server {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server must be installed (Debian's redis-server; scripts/test installs it)",
+            );
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Server { child, port, dir };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown, no final save.
+    fn kill(mut self) -> (u16, PathBuf) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.port, std::mem::take(&mut self.dir))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn store(server: &Server, consumer: &str) -> RedisStore {
+    RedisStore::builder(server.url())
+        .prefix("test")
+        .consumer(consumer)
+        .claim_timeout(Duration::from_millis(600))
+        .build()
+        .unwrap()
+}
+
+fn task(n: u32) -> Task {
+    Task::new(
+        "browse",
+        Some(format!("key-{n}")),
+        Payload::Bytes(n.to_be_bytes().to_vec()),
+    )
+}
+
+async fn put_all(store: &dyn Store, tasks: &[Task]) {
+    for chunk in tasks.chunks(50) {
+        let ops = chunk
+            .iter()
+            .map(|t| Op::Put(Queue::Retry, t.clone()))
+            .collect();
+        store.commit(ops).await.unwrap();
+    }
+}
+
+/// Replays recorded by instance.
+type Log = Arc<Mutex<Vec<(String, String)>>>;
+
+fn worker_for(
+    d: &Degrader,
+    store: RedisStore,
+    name: &str,
+    log: Log,
+) -> tower_degrade::fallback::FallbackWorker {
+    let name = name.to_owned();
+    FallbackRouter::builder(d)
+        .store(store)
+        .retry(RetryPolicy::default().initial(Duration::from_millis(20)))
+        .period(Duration::from_millis(20))
+        .replay(replay_fn(move |t: &Task, _| {
+            log.lock()
+                .unwrap()
+                .push((name.clone(), t.key().into_owned()));
+            async { Replayed::Done }
+        }))
+        .build()
+        .unwrap()
+        .1
+}
+
+fn degrader() -> Degrader {
+    Degrader::builder("redis-test")
+        .class(ClassConfig::bronze("browse").fallback_route(Route::Spool))
+        .build()
+        .unwrap()
+}
+
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_queue_and_each_task_is_replayed_once() {
+    let server = Server::start();
+    let d = degrader();
+    let tasks: Vec<Task> = (0..300).map(task).collect();
+    put_all(&store(&server, "writer"), &tasks).await;
+    let log: Log = Arc::default();
+    let a = tokio::spawn(worker_for(&d, store(&server, "a"), "a", log.clone()).run());
+    let b = tokio::spawn(worker_for(&d, store(&server, "b"), "b", log.clone()).run());
+    let check = store(&server, "check");
+    until(|| log.lock().unwrap().len() >= 300).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.abort();
+    b.abort();
+    let log = log.lock().unwrap();
+    let mut keys: Vec<&str> = log.iter().map(|(_, k)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), 300, "every task replayed");
+    assert_eq!(log.len(), 300, "none replayed twice");
+    assert!(log.iter().any(|(w, _)| w == "a") && log.iter().any(|(w, _)| w == "b"));
+    // Acknowledged: gone from the stream and the index.
+    assert!(check.list(Queue::Retry, None, 10).await.unwrap().is_empty());
+    assert_eq!(check.find_key("browse", "key-7").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_left_pending_by_a_stopped_instance_are_taken_over() {
+    let server = Server::start();
+    let d = degrader();
+    let tasks: Vec<Task> = (0..40).map(task).collect();
+    let first = store(&server, "first");
+    put_all(&first, &tasks).await;
+    // The first instance takes every task, then stops without acknowledging any.
+    let taken = first.due(Queue::Retry, u64::MAX, 100).await.unwrap();
+    assert_eq!(taken.len(), 40);
+    drop(first);
+    let log: Log = Arc::default();
+    let second =
+        tokio::spawn(worker_for(&d, store(&server, "second"), "second", log.clone()).run());
+    until(|| log.lock().unwrap().len() >= 40).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    second.abort();
+    assert_eq!(log.lock().unwrap().len(), 40, "each taken over once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_a_killed_server() {
+    let server = Server::start();
+    let s = store(&server, "w");
+    let tasks: Vec<Task> = (0..200).map(task).collect();
+    put_all(&s, &tasks).await;
+    let (port, dir) = server.kill();
+    // Down: a commit fails (the call would get the reject answer, never a 202).
+    let err = s
+        .commit(vec![Op::Put(Queue::Retry, task(999))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Io, "{err}");
+    let server = Server::on(port, dir);
+    let mut listed = Vec::new();
+    let mut after = None;
+    let fresh = store(&server, "reader");
+    loop {
+        let page = fresh.list(Queue::Retry, after, 64).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id());
+        listed.extend(page);
+    }
+    assert_eq!(
+        listed.len(),
+        200,
+        "every acknowledged task is there after the restart"
+    );
+    assert_eq!(
+        fresh.find_key("browse", "key-150").await.unwrap(),
+        Some((Queue::Retry, tasks[150].id()))
+    );
+    // The first handle reconnects by itself.
+    let mut ok = false;
+    for _ in 0..100 {
+        if s.commit(vec![Op::Put(Queue::Retry, task(1000))])
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the store reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = || {
+        RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap()
+    };
+    let alone = unreachable();
+    let err = alone
+        .commit(vec![Op::Put(Queue::Spool, task(1))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Io);
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("td-failover-{}", TaskId::generate()));
+    let failover = Failover::new(unreachable(), EmbeddedStore::open(&dir).unwrap());
+    failover
+        .commit(vec![Op::Put(Queue::Spool, task(1))])
+        .await
+        .unwrap();
+    assert_eq!(failover.depth(Queue::Spool).len, 1);
+    let due = failover.due(Queue::Spool, u64::MAX, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    failover
+        .commit(vec![Op::Remove(Queue::Spool, due[0].id())])
+        .await
+        .unwrap();
+    assert_eq!(failover.depth(Queue::Spool).len, 0);
+}
