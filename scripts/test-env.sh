@@ -1,6 +1,8 @@
 # Sourced by `scripts/test` and `.ci/run`: puts in place what the tests need beyond Rust.
 #
 # - `protoc`, for the gRPC example's code generation (Debian's `protobuf-compiler`);
+# - `redis-server`, for the Redis Streams store's tests, which start their own servers on free
+#   ports (Debian's `redis-server`; the package's own service is not used);
 # - ONNX Runtime, for the predictor's tests: the CPU library inside the PyPI `onnxruntime`
 #   wheel, installed into a virtual environment under target/ (nothing is downloaded from
 #   outside PyPI). ort loads it at run time from `ORT_DYLIB_PATH`. The `onnx` package lets the
@@ -15,6 +17,16 @@ if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
   else
     echo "error: the gRPC example needs protoc: 'sudo apt-get install protobuf-compiler'," \
       "or set PROTOC to a protoc binary" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing redis-server (Debian's) for the Redis store's tests"
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  else
+    echo "error: the Redis store's tests need redis-server: 'sudo apt-get install redis-server'" >&2
     return 1 2>/dev/null || exit 1
   fi
 fi
