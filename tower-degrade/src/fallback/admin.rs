@@ -151,16 +151,16 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// `after` and `limit` of a page request.
-fn paging(req: &Request) -> Result<(Option<TaskId>, usize), Response> {
+fn paging(req: &Request) -> Result<(Option<TaskId>, usize), String> {
     let q = query(req);
     let after = match param(&q, "after") {
-        Some(a) => Some(a.parse::<TaskId>().map_err(bad)?),
+        Some(a) => Some(a.parse::<TaskId>().map_err(|e| e.to_string())?),
         None => None,
     };
     let limit = match param(&q, "limit") {
         Some(l) => l
             .parse::<usize>()
-            .map_err(|_| bad(format!("`limit`: `{l}` is not a number")))?,
+            .map_err(|_| format!("`limit`: `{l}` is not a number"))?,
         None => 50,
     };
     Ok((after, limit))
@@ -199,14 +199,14 @@ pub(crate) fn task_json(t: &Task) -> Value {
     })
 }
 
-fn id(raw: &str) -> Result<TaskId, Response> {
-    raw.parse::<TaskId>().map_err(bad)
+fn id(raw: &str) -> Result<TaskId, String> {
+    raw.parse::<TaskId>().map_err(|e| e.to_string())
 }
 
 async fn list(State(admin): State<Admin>, req: Request) -> Response {
     let (after, limit) = match paging(&req) {
         Ok(p) => p,
-        Err(res) => return res,
+        Err(e) => return bad(e),
     };
     match admin.review.list(after, limit).await {
         Ok(page) => answer(StatusCode::OK, page_json(page)),
@@ -217,7 +217,7 @@ async fn list(State(admin): State<Admin>, req: Request) -> Response {
 async fn audit(State(admin): State<Admin>, req: Request) -> Response {
     let (after, limit) = match paging(&req) {
         Ok(p) => p,
-        Err(res) => return res,
+        Err(e) => return bad(e),
     };
     match admin.review.audit(after, limit).await {
         Ok(page) => answer(StatusCode::OK, page_json(page)),
@@ -235,7 +235,7 @@ fn not_found(id: TaskId) -> Response {
 async fn show(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
     let id = match id(&raw) {
         Ok(id) => id,
-        Err(res) => return res,
+        Err(e) => return bad(e),
     };
     match admin.review.show(id).await {
         Ok(Some(t)) => answer(StatusCode::OK, task_json(&t)),
@@ -247,7 +247,7 @@ async fn show(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
 async fn requeue(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
     let id = match id(&raw) {
         Ok(id) => id,
-        Err(res) => return res,
+        Err(e) => return bad(e),
     };
     match admin.review.requeue(id).await {
         Ok(true) => answer(StatusCode::OK, json!({"requeued": id.to_string()})),
@@ -259,7 +259,7 @@ async fn requeue(State(admin): State<Admin>, Path(raw): Path<String>) -> Respons
 async fn drop_task(State(admin): State<Admin>, Path(raw): Path<String>, req: Request) -> Response {
     let id = match id(&raw) {
         Ok(id) => id,
-        Err(res) => return res,
+        Err(e) => return bad(e),
     };
     let q = query(&req);
     let Some(reason) = param(&q, "reason").filter(|r| !r.trim().is_empty()) else {

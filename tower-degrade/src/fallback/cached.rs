@@ -270,7 +270,7 @@ impl LastGoodLayer {
         }
         let size = res.body().size_hint().exact();
         if !res.status().is_success()
-            || !size.is_some_and(|n| n <= self.config.max_body)
+            || size.is_none_or(|n| n > self.config.max_body)
             || !cacheable(res.headers())
         {
             return res;

@@ -33,9 +33,12 @@ type Svc = BoxCloneSyncService<Req, Res, Infallible>;
 /// The application behind the layer, and the replay target: records every request it gets
 /// (method, URI, idempotency key, replay attempt, body) and answers with `status` while
 /// `fail` is above zero (counting down), 200 after.
+/// A request the app saw: URI, idempotency key, replay attempt, body.
+type Seen = (String, Option<String>, Option<String>, Bytes);
+
 #[derive(Clone, Default)]
 struct App {
-    seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>, Bytes)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     fail: Arc<AtomicUsize>,
     status: Arc<Mutex<u16>>,
 }
@@ -76,7 +79,7 @@ impl App {
         self
     }
 
-    fn seen(&self) -> Vec<(String, Option<String>, Option<String>, Bytes)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }

@@ -53,9 +53,11 @@ impl Server {
             .expect(
                 "redis-server must be installed (Debian's redis-server; scripts/test installs it)",
             );
+        // Waited for when the server is dropped (or killed).
+        let server = Server { child, port, dir };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Server { child, port, dir };
+                return server;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -164,7 +166,7 @@ async fn two_instances_share_one_queue_and_each_task_is_replayed_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.abort();
     b.abort();
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     let mut keys: Vec<&str> = log.iter().map(|(_, k)| k.as_str()).collect();
     keys.sort_unstable();
     keys.dedup();

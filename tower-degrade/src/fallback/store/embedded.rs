@@ -541,7 +541,7 @@ mod tests {
             vec![a.clone()]
         );
         assert_eq!(
-            store.find_key("browse", "k-a"),
+            store.find_key("browse", "k-a").await.unwrap(),
             Some((Queue::Review, a.id()))
         );
         let due = store.due(Queue::Spool, u64::MAX, 10).await.unwrap();

@@ -36,6 +36,8 @@ use super::record::{Queue, Task, TaskId};
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// One change in a [`Store::commit`] batch.
+// Ops live for one commit; boxing the task would cost an allocation per append.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Insert or replace the task in the queue (and release its claim).
