@@ -14,10 +14,13 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::{Method, Request, Response, Uri};
+use http_body_util::Empty;
 use tower::{Layer, Service, ServiceBuilder, service_fn};
 use tower_degrade::admit::Admission;
+use tower_degrade::fallback::{FallbackRouter, MemoryStore, Replayed, replay_fn};
 use tower_degrade::{ClassConfig, Degrader};
 
 /// Drive one call to completion.
@@ -188,6 +191,34 @@ fn bench_closed_path(c: &mut Criterion) {
     g.bench_function("tower-degrade http (route classifier)", |b| {
         b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
     });
+
+    // The fallback router attached to a class that is not diverted: the primary path must
+    // cost what it costs without it (same request and response types on both rows).
+    let empty_inner =
+        || service_fn(|_req: Request<Empty<Bytes>>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let empty_request = || {
+        Request::post("/orders/42/pay")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let mut svc = d.layer(class).http().layer(empty_inner());
+    g.bench_function("tower-degrade http (fixed class, no fallback)", |b| {
+        b.iter_batched(empty_request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let mut svc = d
+        .layer(class)
+        .http()
+        .fallback_with(router)
+        .layer(empty_inner());
+    g.bench_function(
+        "tower-degrade http (fixed class, fallback router, not diverted)",
+        |b| b.iter_batched(empty_request, |r| call(&mut svc, r), BatchSize::SmallInput),
+    );
 
     // A trivial `on_request` hook: the cost of a script call per request.
     let dh = degrader(3);

@@ -86,8 +86,11 @@
 //!
 //! | feature | what |
 //! |---|---|
-//! | `axum` | classify by axum's `MatchedPath` |
+//! | `axum` | classify by axum's `MatchedPath`; the manual-review admin router |
 //! | `rhai` | policies as sandboxed Rhai scripts run on the control tick ([`policy`]) |
+//! | `fallback` | the fallback router: keep diverted calls, replay them ([`fallback`]) |
+//! | `embedded` | `fallback` with the durable embedded store (redb) |
+//! | `redis` | `fallback` with Redis Streams as the store, shared by several instances |
 //!
 //! # Dependencies, and why
 //!
@@ -97,6 +100,13 @@
 //! `tokio` (time and the control loop), `metrics` (the metrics facade: users pick the exporter),
 //! `tracing` (events for every transition), `arc-swap` (the per-tick status read by admin
 //! endpoints without locks), `quanta` (a TSC clock for timing calls, see [`clock`]), `bytes`.
+//!
+//! With `fallback`: `serde` + `postcard` (kept tasks as compact binary records; task-API
+//! payloads as JSON with `serde_json`, readable in manual review), `http-body-util` (reading a
+//! diverted body up to the capture limit), `quick_cache` (the bounded last-good cache). With
+//! `embedded`: `redb` (an ACID B-tree in one file: one sync per group commit, nothing written in
+//! the background; why not fjall is in `docs/fallback.md`). With `redis`: `redis` (streams,
+//! scripts, a reconnecting connection manager).
 //!
 //! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed
 //! atomic add on shared memory, which the `hdrhistogram` crate's `&mut self` recorder does not
@@ -146,3 +156,7 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/admission.md")]
 struct AdmissionDoctests;
+
+#[cfg(all(doctest, feature = "embedded", feature = "axum"))]
+#[doc = include_str!("../../docs/fallback.md")]
+struct FallbackDoctests;

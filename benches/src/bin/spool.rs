@@ -145,15 +145,15 @@ async fn main() {
         .collect();
     let secs: u64 = arg("--secs", "5").parse().expect("--secs N");
     let redis = arg("--redis", "");
-    let mut kinds = vec!["embedded (fjall)"];
+    let mut kinds = vec!["embedded (redb)"];
     if !redis.is_empty() {
         kinds.push("redis streams");
     }
     let mut fresh = 0u32;
     let mut open = |kind: &str| -> (Arc<dyn Store>, std::path::PathBuf) {
         fresh += 1;
-        let path = dir.join(format!("spool-{fresh}"));
-        let _ = std::fs::remove_dir_all(&path);
+        let path = dir.join(format!("spool-{fresh}.redb"));
+        let _ = std::fs::remove_file(&path);
         let store: Arc<dyn Store> = if kind.starts_with("redis") {
             Arc::new(
                 RedisStore::builder(redis.as_str())
@@ -180,7 +180,7 @@ async fn main() {
                 percentile(&lat, 1.0),
             );
             drop(store);
-            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(&path);
         }
         for &w in &writers {
             let (store, path) = open(kind);
@@ -197,7 +197,7 @@ async fn main() {
                 percentile(&lat, 1.0),
             );
             drop(store);
-            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(&path);
         }
     }
 }

@@ -14,7 +14,7 @@
 //!
 //! The shipped policies in `policies/` are loaded and watched (edit one while `--serve` runs and
 //! it is reloaded). Diverted calls go to the fallback router, over an embedded durable store
-//! (a fresh directory under the system's temp dir, or `QUICKSTART_STORE`): browse logs are
+//! (a fresh file under the system's temp dir, or `QUICKSTART_STORE`): browse logs are
 //! spooled and backfilled once their class is healthy again, inventory deltas are merged per
 //! SKU into batched writes, and what would be retried is retried with backoff.
 //!
@@ -221,7 +221,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .with_state(world.clone());
     // The fallback router keeps diverted calls in an embedded store; its worker replays them
     // through the application *without* the degrade layer.
-    let store_dir = match std::env::var("QUICKSTART_STORE") {
+    let store_path = match std::env::var("QUICKSTART_STORE") {
         Ok(dir) => std::path::PathBuf::from(dir),
         Err(_) => {
             std::env::temp_dir().join(format!("tower-degrade-quickstart-{}", std::process::id()))
@@ -229,7 +229,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     let capture = Capture::new();
     let (router, worker) = FallbackRouter::builder(&degrader)
-        .store(EmbeddedStore::open(&store_dir)?)
+        .store(EmbeddedStore::open(&store_path)?)
         .capture(capture.clone())
         .replay(HttpReplay::<_, Body>::new(
             app_routes.clone(),
@@ -240,7 +240,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .build()?;
     let store = router.store().clone();
     tokio::spawn(worker.run());
-    println!("kept calls are stored in {}", store_dir.display());
+    println!("kept calls are stored in {}", store_path.display());
     let protected = app_routes
         .clone()
         // `Router::layer` (not `route_layer`): unmatched requests reach the layer too, and
@@ -411,7 +411,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if std::env::var_os("QUICKSTART_STORE").is_none() {
         drop(store);
-        let _ = std::fs::remove_dir_all(&store_dir);
+        let _ = std::fs::remove_file(&store_path);
     }
 
     if std::env::args().any(|a| a == "--serve") {
