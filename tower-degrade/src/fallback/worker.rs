@@ -104,8 +104,9 @@ impl RetryPolicy {
 
 /// When and how fast the spool is backfilled.
 ///
-/// A class's spooled tasks are replayed only while the class is **healthy** (breaker closed,
-/// no policy diverting it, its p99 under `headroom` x its SLA) **and** the service is
+/// A class's spooled tasks are replayed only while the class is **healthy** (breaker closed and
+/// no policy diverting it, or recovering with no live calls at all; its p99 under `headroom` x
+/// its SLA) **and** the service is
 /// **off-peak**: inside the configured daily window, or below the configured request rate
 /// (either is enough; with neither configured, health alone decides). Replays are
 /// rate-limited; the rate halves whenever the class's p99 passes the headroom and grows back
@@ -343,7 +344,15 @@ impl FallbackWorker {
             // A class no longer configured: nothing to protect.
             return true;
         };
-        if c.state != State::Closed || !matches!(c.directive, Directive::Admit) {
+        let healthy = match (c.state, c.directive) {
+            (State::Closed, Directive::Admit) => true,
+            // Probes passed and the breaker admits a growing share, but it only finishes
+            // recovering on live calls: with none, there is nothing to protect, and the spool
+            // would otherwise wait for the next visitor.
+            (State::Recovering, _) => c.window.requests() == 0,
+            _ => false,
+        };
+        if !healthy {
             return false;
         }
         let registry = self.degrader.registry();

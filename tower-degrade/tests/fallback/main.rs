@@ -865,3 +865,70 @@ async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(review.depth().len, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recovering_class_without_live_calls_is_backfilled_one_with_them_waits() {
+    use tower_degrade::breaker::{BreakerConfig, State};
+    let d = support::builder("test")
+        .breaker(
+            BreakerConfig::default()
+                .min_requests(5)
+                .open_duration(Duration::from_secs(1)),
+        )
+        .class(ClassConfig::bronze("browse").fallback_route(Route::Spool))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let app = App::default();
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    // Failing calls open the breaker; diverted ones are spooled.
+    app.fail.store(20, Ordering::SeqCst);
+    *app.status.lock().unwrap() = 500;
+    for _ in 0..20 {
+        call(&svc, post("/log", "x")).await;
+    }
+    d.tick_now();
+    assert_eq!(d.state("browse").unwrap(), State::Open);
+    for _ in 0..10 {
+        assert_eq!(
+            call(&svc, post("/log", "x")).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    // Past the open time, probes pass: recovering.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    d.tick_now();
+    for _ in 0..5 {
+        call(&svc, post("/log", "probe")).await;
+    }
+    d.tick_now();
+    assert_eq!(d.state("browse").unwrap(), State::Recovering);
+    let before = app.seen().len();
+    // Live calls in the window: the spool waits.
+    let live = call(&svc, post("/log", "live")).await;
+    let kept = 10 + usize::from(live.status() == StatusCode::ACCEPTED);
+    d.tick_now();
+    run_for(300).await;
+    let replays = |app: &App| {
+        app.seen()[before..]
+            .iter()
+            .filter(|s| s.2.is_some())
+            .count()
+    };
+    assert_eq!(
+        replays(&app),
+        0,
+        "no backfill beside live calls while recovering"
+    );
+    // No live calls: backfilled.
+    d.tick_now();
+    assert_eq!(d.state("browse").unwrap(), State::Recovering);
+    run_for(2_000).await;
+    assert_eq!(replays(&app), kept);
+}
