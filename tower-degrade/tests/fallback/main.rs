@@ -621,6 +621,7 @@ async fn ten_thousand_deltas_on_fifty_skus_become_a_few_merged_writes() {
     assert_eq!(t.len(), 50);
     let expected: i64 = (0..10_000).map(|i| if i % 3 == 0 { -2 } else { 1 }).sum();
     assert_eq!(t.values().sum::<i64>(), expected);
+    println!("10,000 deltas on 50 SKUs -> {} merged writes", writes.len());
     assert!(
         writes.len() <= 12,
         "10,000 deltas -> {} writes",

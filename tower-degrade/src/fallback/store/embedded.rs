@@ -219,7 +219,26 @@ struct Request {
     ops: Vec<Op>,
     /// The record of each `Put`, in order: encoded by the caller, off the writer thread.
     records: Vec<Vec<u8>>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    done: oneshot::Sender<Reply>,
+}
+
+/// The answer to a commit, with the request's operations and records handed back: the caller
+/// frees them on its own thread (freeing on the writer thread what another thread allocated
+/// cost the writer a quarter of its time, measured).
+#[derive(Debug)]
+struct Reply {
+    result: Result<(), StoreError>,
+    _spent: (Vec<Op>, Vec<Vec<u8>>),
+}
+
+impl Request {
+    fn answer(self, result: Result<(), StoreError>) {
+        let Request { ops, records, done } = self;
+        let _ = done.send(Reply {
+            result,
+            _spent: (ops, records),
+        });
+    }
 }
 
 impl EmbeddedStore {
@@ -269,16 +288,27 @@ impl Shared {
                 let index = self.index();
                 let mut len = index.len() as i64;
                 for req in batch {
-                    let grows = index.len_after(&req.ops) as i64 - index.len() as i64;
+                    let puts = req
+                        .ops
+                        .iter()
+                        .filter(|op| matches!(op, Op::Put(..)))
+                        .count();
+                    // At most `puts` new tasks: the exact count only near the capacity.
+                    let grows = if (len as u64).saturating_add(puts as u64) <= self.capacity {
+                        puts as i64
+                    } else {
+                        index.len_after(&req.ops) as i64 - index.len() as i64
+                    };
                     if grows > 0 && (len + grows) as u64 > self.capacity {
-                        let _ = req.done.send(Err(StoreError::new(
+                        let full = StoreError::new(
                             StoreErrorKind::Full,
                             format!(
                                 "store `{}` is full ({} tasks)",
                                 self.path.display(),
                                 self.capacity
                             ),
-                        )));
+                        );
+                        req.answer(Err(full));
                         continue;
                     }
                     len += grows;
@@ -298,13 +328,13 @@ impl Shared {
                     }
                     drop(index);
                     for req in accepted {
-                        let _ = req.done.send(Ok(()));
+                        req.answer(Ok(()));
                     }
                 }
                 Err(e) => {
                     tracing::error!(store = %self.path.display(), error = %e, "store commit failed");
                     for req in accepted {
-                        let _ = req.done.send(Err(e.clone()));
+                        req.answer(Err(e.clone()));
                     }
                 }
             }
@@ -409,7 +439,7 @@ impl Store for EmbeddedStore {
                 )
             };
             sent.map_err(|_| closed())?;
-            rx.await.map_err(|_| closed())?
+            rx.await.map_err(|_| closed())?.result
         })
     }
 
