@@ -16,7 +16,7 @@ use tower::{Service, ServiceExt};
 
 use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
 use super::replay::{ReplayFuture, Replayed};
-use super::router::RouterShared;
+use super::schedule::RetryPolicy;
 use super::store::{Op, Store, StoreError};
 use crate::error::BoxError;
 
@@ -171,7 +171,13 @@ pub(crate) trait Batcher: Send + Sync {
     /// Read the journal back at start-up.
     fn recover<'a>(&'a self, store: &'a dyn Store) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Seal and write what is due.
-    fn flush<'a>(&'a self, shared: &'a RouterShared, now_ms: u64) -> BoxFuture<'a, ()>;
+    fn flush<'a>(
+        &'a self,
+        store: &'a dyn Store,
+        service: &'a str,
+        retry: &'a RetryPolicy,
+        now_ms: u64,
+    ) -> BoxFuture<'a, ()>;
     /// Write a spooled batch.
     fn replay(&self, task: &Task) -> ReplayFuture;
 }
@@ -240,9 +246,9 @@ where
         self.config.sink.clone().oneshot(batch).await
     }
 
-    async fn flush_inner(&self, shared: &RouterShared, now: u64) {
+    async fn flush_inner(&self, store: &dyn Store, service: &str, retry: &RetryPolicy, now: u64) {
         let _one = self.flushing.lock().await;
-        let service = shared.service.to_string();
+        let service = service.to_owned();
         // 1. Seal the pending deltas when due.
         let seal = {
             let mut s = self.state();
@@ -264,7 +270,7 @@ where
                         .with_reason("batch_merge");
                     let mut ops = vec![Op::Put(Queue::Journal, task.clone())];
                     ops.extend(ids.iter().map(|id| Op::Remove(Queue::Journal, *id)));
-                    match shared.store.commit(ops).await {
+                    match store.commit(ops).await {
                         Ok(()) => self.state().sealed.push(Sealed {
                             task,
                             attempts: 0,
@@ -316,7 +322,7 @@ where
                     let mut s = self.state();
                     if let Some(b) = s.sealed.iter_mut().find(|b| b.task.id() == id) {
                         b.attempts += 1;
-                        b.next_ms = now + shared.retry.backoff(b.attempts, 0.5).as_millis() as u64;
+                        b.next_ms = now + retry.backoff(b.attempts, 0.5).as_millis() as u64;
                     }
                     counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
                         "class" => self.class.clone(), "result" => "failed")
@@ -324,7 +330,7 @@ where
                     continue;
                 }
             };
-            if shared.store.commit(ops).await.is_ok() {
+            if store.commit(ops).await.is_ok() {
                 self.state().sealed.retain(|b| b.task.id() != id);
             }
             counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
@@ -403,8 +409,14 @@ where
         })
     }
 
-    fn flush<'a>(&'a self, shared: &'a RouterShared, now_ms: u64) -> BoxFuture<'a, ()> {
-        Box::pin(self.flush_inner(shared, now_ms))
+    fn flush<'a>(
+        &'a self,
+        store: &'a dyn Store,
+        service: &'a str,
+        retry: &'a RetryPolicy,
+        now_ms: u64,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.flush_inner(store, service, retry, now_ms))
     }
 
     fn replay(&self, task: &Task) -> ReplayFuture {

@@ -25,6 +25,10 @@ mod review;
 #[cfg(feature = "fallback")]
 mod router;
 #[cfg(feature = "fallback")]
+mod schedule;
+#[cfg(feature = "fallback")]
+mod shared;
+#[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub mod store;
 #[cfg(feature = "fallback")]
@@ -42,8 +46,9 @@ pub use self::{
     replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task},
     review::{ManualReview, Page},
     router::{Accepted, FallbackRouter, FallbackRouterBuilder, RouterFuture},
+    schedule::{Backfill, RetryPolicy},
     store::{MemoryStore, Store, StoreError},
-    worker::{Backfill, FallbackWorker, RetryPolicy},
+    worker::FallbackWorker,
 };
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};

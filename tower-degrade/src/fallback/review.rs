@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::record::{Queue, Task, TaskId};
-use super::router::RouterShared;
+use super::shared::RouterShared;
 use super::store::{Depth, Op, StoreError};
 
 /// One page of a queue, in the order tasks were kept.

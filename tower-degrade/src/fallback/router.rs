@@ -15,61 +15,19 @@ use tokio::sync::Notify;
 
 use super::batch::{BatchMerge, Batcher};
 use super::capture::{Capture, CaptureError};
-use super::record::{Payload, Queue, Task, TaskId};
+use super::record::{Payload, Queue, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
-use super::store::{Op, Store};
-use super::worker::{Backfill, FallbackWorker, RetryPolicy};
+use super::schedule::{Backfill, RetryPolicy};
+use super::shared::{Clock, RouterShared};
+use super::store::Store;
+use super::worker::FallbackWorker;
 use super::{Diverted, Fallback, FallbackService, NoFallback};
 use crate::class::Route;
 use crate::degrader::Degrader;
 use crate::error::{BoxError, ConfigError, Degraded};
 use crate::gate::Reason;
 use crate::protocol::{degraded_response, kept_response};
-
-/// Wall-clock milliseconds that advance with tokio's clock (so that paused-clock tests see
-/// backoff and off-peak windows pass).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Clock {
-    wall0: u64,
-    start: tokio::time::Instant,
-}
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        Self {
-            wall0: super::record::now_ms(),
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.wall0 + self.start.elapsed().as_millis() as u64
-    }
-}
-
-/// What the router, its worker and the review handle share.
-pub(crate) struct RouterShared {
-    pub(crate) service: Arc<str>,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) capture: Capture,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) batches: HashMap<String, Arc<dyn Batcher>>,
-    pub(crate) wake: Notify,
-    pub(crate) clock: Clock,
-    /// How long a client is told to wait when its call could not be kept.
-    pub(crate) retry_after: Duration,
-}
-
-impl fmt::Debug for RouterShared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RouterShared")
-            .field("service", &self.service)
-            .field("store", &self.store.kind())
-            .field("batches", &self.batches.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
 
 /// Serves the routes that keep calls (`delayed_retry`, `spool`, `manual_review`,
 /// `batch_merge`), and hands [`Route::Service`] to a custom service. Give it to
@@ -470,65 +428,6 @@ pub struct Accepted {
     pub id: TaskId,
     /// The route that kept it.
     pub route: Route,
-}
-
-impl RouterShared {
-    /// Store a kept task; count it, wake the worker. `Err` (logged) if the store refused it.
-    async fn put_kept(
-        &self,
-        queue: Queue,
-        task: Task,
-        route: Route,
-        reason: Reason,
-    ) -> Result<TaskId, ()> {
-        let (id, class) = (task.id(), task.class().to_owned());
-        match self.store.commit(vec![Op::Put(queue, task)]).await {
-            Ok(()) => {
-                metrics::counter!(crate::metrics::FALLBACK_KEPT,
-                    "service" => self.service.to_string(), "class" => class.clone(),
-                    "route" => route.as_str(), "result" => "kept")
-                .increment(1);
-                if route == Route::ManualReview {
-                    tracing::warn!(service = %self.service, class = %class, task = %id,
-                        reason = %reason, "task moved to manual review");
-                }
-                self.wake.notify_one();
-                Ok(id)
-            }
-            Err(e) => {
-                metrics::counter!(crate::metrics::FALLBACK_KEPT,
-                    "service" => self.service.to_string(), "class" => class.clone(),
-                    "route" => route.as_str(), "result" => Reason::NotKept.as_str())
-                .increment(1);
-                tracing::warn!(service = %self.service, class = %class, error = %e,
-                    "a diverted call could not be kept");
-                Err(())
-            }
-        }
-    }
-
-    /// The task of a call kept on `route`: its queue and deadline.
-    fn new_task(
-        &self,
-        route: Route,
-        class: &str,
-        key: Option<String>,
-        reason: Reason,
-        payload: Payload,
-    ) -> (Queue, Task) {
-        let deadline = match route {
-            Route::DelayedRetry => self
-                .retry
-                .deadline
-                .map(|d| self.clock.now_ms() + d.as_millis() as u64),
-            _ => None,
-        };
-        let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
-        let task = Task::new(class, key, payload)
-            .with_reason(reason.as_str())
-            .with_deadline(deadline);
-        (queue, task)
-    }
 }
 
 impl<T> FallbackRouter<T> {

@@ -1,18 +1,4 @@
-//! [`EmbeddedStore`]: kept tasks in one redb file, with group commit.
-//!
-//! Why redb: a pure-Rust ACID B-tree in a single file, whose commits are crash-safe by design
-//! (copy-on-write pages and a checksummed commit slot, one sync per commit), and which detects
-//! a file it did not write. Nothing writes in the background: a commit's sync waits only for
-//! that commit's own pages. fjall (an LSM-tree with a journal) was measured too: its
-//! median acknowledgement is lower (one journal append per commit), but its memtable flushes
-//! write megabytes in the background and delay the journal syncs queued behind them by
-//! 20-100 ms, which put its p99 at 21 ms at 10,000 appends/s against redb's 7 ms
-//! (`docs/benchmarks.md`).
-//!
-//! **Group commit.** One writer thread owns the write side: it takes every commit request
-//! waiting in its channel (up to 4,096), applies them in **one** write transaction and answers
-//! them all after the single sync. Under load, many appends share one sync; alone, an append
-//! costs one.
+//! [`EmbeddedStore`]: kept tasks in one redb file, with group commit (see the type docs).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -174,8 +160,21 @@ fn load(db: &Database, shown: &str, index: &mut Index) -> Result<(), StoreError>
 
 /// Kept tasks in one [redb](https://docs.rs/redb) file, committed durably (one sync) in groups
 /// by one writer thread; an in-memory index answers `due`, `depth` and idempotency keys. One
-/// process per file (a second one is refused with an error naming the file). See the
-/// [module docs](self) for why redb.
+/// process per file (a second one is refused with an error naming the file).
+///
+/// Why redb: a pure-Rust ACID B-tree in a single file, whose commits are crash-safe by design
+/// (copy-on-write pages and a checksummed commit slot, one sync per commit), and which detects
+/// a file it did not write. Nothing writes in the background: a commit's sync waits only for
+/// that commit's own pages. fjall (an LSM-tree with a journal) was measured too: its
+/// median acknowledgement is lower (one journal append per commit), but its memtable flushes
+/// write megabytes in the background and delay the journal syncs queued behind them by
+/// 20-100 ms, which put its p99 at 21 ms at 10,000 appends/s against redb's 7 ms
+/// (`docs/benchmarks.md`).
+///
+/// **Group commit.** One writer thread owns the write side: it takes every commit request
+/// waiting in its channel (up to 4,096), applies them in **one** write transaction and answers
+/// them all after the single sync. Under load, many appends share one sync; alone, an append
+/// costs one.
 ///
 /// ```no_run
 /// use tower_degrade::fallback::store::EmbeddedStore;

@@ -1,23 +1,4 @@
-//! [`RedisStore`]: kept tasks in Redis Streams, shared by several instances.
-//!
-//! Each queue is a stream (`<prefix>:<queue>`) read through one consumer group (`replay`):
-//!
-//! * **Append** (`Put`): one Lua script per commit adds the record with `XADD` and indexes it
-//!   (`<prefix>:<queue>:ids`: task id -> entry id; `<prefix>:keys`: idempotency keys), atomically.
-//!   With `appendonly yes` and `appendfsync always` the reply comes after Redis has synced its
-//!   log, so an acknowledged task survives a crash of Redis too; Redis syncs once per event
-//!   loop for every client's writes (its own group commit).
-//! * **Claim** (`due`): `XREADGROUP` hands each new entry to exactly one instance; an entry
-//!   left pending by an instance that stopped (no heartbeat for `claim_timeout`) is taken over
-//!   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
-//!   entries `XPENDING` says are its own), so a live instance's tasks are not taken.
-//! * **Acknowledge** (`Remove`, or `Put` of a rescheduled task): `XACK` and `XDEL` of the
-//!   entry in the same script, after the replay succeeded (or was rescheduled).
-//!
-//! An instance that stalls for longer than `claim_timeout` while replaying may see its task
-//! replayed by another: delivery is at least once, and the idempotency key every replay carries
-//! makes it exactly once in effect. Single Redis or a primary with replicas; not Redis Cluster
-//! (the script names keys it computes).
+//! [`RedisStore`]: kept tasks in Redis Streams, shared by several instances (see the type docs).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -177,9 +158,27 @@ impl RedisStoreBuilder {
 }
 
 /// Kept tasks in Redis Streams with a consumer group, for several instances sharing one
-/// queue. See the [module docs](self) for how appends, claims, takeovers and acknowledgements
-/// work. Run Redis with `appendonly yes` and `appendfsync always` for acknowledged tasks to
+/// queue. Run Redis with `appendonly yes` and `appendfsync always` for acknowledged tasks to
 /// survive a Redis crash.
+///
+/// Each queue is a stream (`<prefix>:<queue>`) read through one consumer group (`replay`):
+///
+/// * **Append** (`Put`): one Lua script per commit adds the record with `XADD` and indexes it
+///   (`<prefix>:<queue>:ids`: task id -> entry id; `<prefix>:keys`: idempotency keys), atomically.
+///   With `appendonly yes` and `appendfsync always` the reply comes after Redis has synced its
+///   log, so an acknowledged task survives a crash of Redis too; Redis syncs once per event
+///   loop for every client's writes (its own group commit).
+/// * **Claim** (`due`): `XREADGROUP` hands each new entry to exactly one instance; an entry
+///   left pending by an instance that stopped (no heartbeat for `claim_timeout`) is taken over
+///   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
+///   entries `XPENDING` says are its own), so a live instance's tasks are not taken.
+/// * **Acknowledge** (`Remove`, or `Put` of a rescheduled task): `XACK` and `XDEL` of the
+///   entry in the same script, after the replay succeeded (or was rescheduled).
+///
+/// An instance that stalls for longer than `claim_timeout` while replaying may see its task
+/// replayed by another: delivery is at least once, and the idempotency key every replay carries
+/// makes it exactly once in effect. Single Redis or a primary with replicas; not Redis Cluster
+/// (the script names keys it computes).
 ///
 /// ```no_run
 /// use std::time::Duration;

@@ -1,0 +1,120 @@
+//! What the router, its worker and the review handle share: the store, the capture settings,
+//! the retry schedule, the batchers, the wake-up signal and the clock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::batch::Batcher;
+use super::capture::Capture;
+use super::record::{Payload, Queue, Task, TaskId};
+use super::schedule::RetryPolicy;
+use super::store::{Op, Store};
+use crate::class::Route;
+use crate::gate::Reason;
+
+/// Wall-clock milliseconds that advance with tokio's clock (so that paused-clock tests see
+/// backoff and off-peak windows pass).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall0: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self {
+            wall0: super::record::now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.wall0 + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// What the router, its worker and the review handle share.
+pub(crate) struct RouterShared {
+    pub(crate) service: Arc<str>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) capture: Capture,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) batches: HashMap<String, Arc<dyn Batcher>>,
+    pub(crate) wake: Notify,
+    pub(crate) clock: Clock,
+    /// How long a client is told to wait when its call could not be kept.
+    pub(crate) retry_after: Duration,
+}
+
+impl fmt::Debug for RouterShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterShared")
+            .field("service", &self.service)
+            .field("store", &self.store.kind())
+            .field("batches", &self.batches.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouterShared {
+    /// Store a kept task; count it, wake the worker. `Err` (logged) if the store refused it.
+    pub(crate) async fn put_kept(
+        &self,
+        queue: Queue,
+        task: Task,
+        route: Route,
+        reason: Reason,
+    ) -> Result<TaskId, ()> {
+        let (id, class) = (task.id(), task.class().to_owned());
+        match self.store.commit(vec![Op::Put(queue, task)]).await {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::FALLBACK_KEPT,
+                    "service" => self.service.to_string(), "class" => class.clone(),
+                    "route" => route.as_str(), "result" => "kept")
+                .increment(1);
+                if route == Route::ManualReview {
+                    tracing::warn!(service = %self.service, class = %class, task = %id,
+                        reason = %reason, "task moved to manual review");
+                }
+                self.wake.notify_one();
+                Ok(id)
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::FALLBACK_KEPT,
+                    "service" => self.service.to_string(), "class" => class.clone(),
+                    "route" => route.as_str(), "result" => Reason::NotKept.as_str())
+                .increment(1);
+                tracing::warn!(service = %self.service, class = %class, error = %e,
+                    "a diverted call could not be kept");
+                Err(())
+            }
+        }
+    }
+
+    /// The task of a call kept on `route`: its queue and deadline.
+    pub(crate) fn new_task(
+        &self,
+        route: Route,
+        class: &str,
+        key: Option<String>,
+        reason: Reason,
+        payload: Payload,
+    ) -> (Queue, Task) {
+        let deadline = match route {
+            Route::DelayedRetry => self
+                .retry
+                .deadline
+                .map(|d| self.clock.now_ms() + d.as_millis() as u64),
+            _ => None,
+        };
+        let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
+        let task = Task::new(class, key, payload)
+            .with_reason(reason.as_str())
+            .with_deadline(deadline);
+        (queue, task)
+    }
+}
