@@ -74,6 +74,7 @@ pub struct BatchMerge<V> {
     every: Duration,
     max_items: usize,
     max_attempts: u32,
+    write_timeout: Duration,
 }
 
 impl<V> fmt::Debug for BatchMerge<V> {
@@ -104,6 +105,7 @@ impl<V: Send + 'static> BatchMerge<V> {
             every: Duration::from_millis(100),
             max_items: 1000,
             max_attempts: 5,
+            write_timeout: Duration::from_secs(30),
         }
     }
 
@@ -116,6 +118,12 @@ impl<V: Send + 'static> BatchMerge<V> {
     /// Flush when this many deltas wait (default 1,000).
     pub fn max_items(mut self, n: usize) -> Self {
         self.max_items = n.max(1);
+        self
+    }
+
+    /// How long one write may take before it counts as failed (default 30 s).
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
         self
     }
 
@@ -243,7 +251,11 @@ where
     }
 
     async fn write(&self, batch: Batch<V>) -> Result<(), BoxError> {
-        self.config.sink.clone().oneshot(batch).await
+        let limit = self.config.write_timeout;
+        match tokio::time::timeout(limit, self.config.sink.clone().oneshot(batch)).await {
+            Ok(done) => done,
+            Err(_) => Err(format!("the merged write timed out after {limit:?}").into()),
+        }
     }
 
     async fn flush_inner(&self, store: &dyn Store, service: &str, retry: &RetryPolicy, now: u64) {

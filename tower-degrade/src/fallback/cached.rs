@@ -25,8 +25,9 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 /// axum's `Router::layer`), so it sees both the served responses and the layer's answers.
 ///
 /// * Kept: `GET` and `HEAD` requests answered 2xx with a body of known size up to
-///   `max_body` (default 256 KiB) and no `Cache-Control: no-store` or `private`; keyed by
-///   method, URI and the configured `vary` headers.
+///   `max_body` (default 256 KiB), no `Set-Cookie` and no `Cache-Control: no-store` or
+///   `private`; keyed by method, URI and the configured `vary` headers. A request with
+///   `Authorization` or `Cookie` is neither kept nor served unless `vary` names that header.
 /// * Bounded: at most `max_entries` (default 10,000; evicted by the `quick_cache` crate's
 ///   CLOCK-Pro policy) and `ttl` old (default 5 minutes, checked when read).
 /// * Served: when the layer's answer says the call went to `cached`, the copy replaces it,
@@ -191,11 +192,12 @@ fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> String {
 }
 
 fn cacheable(headers: &HeaderMap) -> bool {
-    !headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.contains("no-store") || s.contains("private"))
-            .unwrap_or(true)
-    })
+    !headers.contains_key(header::SET_COOKIE)
+        && !headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.contains("no-store") || s.contains("private"))
+                .unwrap_or(true)
+        })
 }
 
 impl<S, B, RB> Service<http::Request<B>> for LastGood<S>
@@ -216,7 +218,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        // Reads only; and not a personalised read (credentials or a cookie) unless the key
+        // varies on that header, so one user's answer is never served to another.
+        let personal = [header::AUTHORIZATION, header::COOKIE]
+            .iter()
+            .any(|h| req.headers().contains_key(h) && !self.layer.config.vary.contains(h));
+        if (req.method() != Method::GET && req.method() != Method::HEAD) || personal {
             return LastGoodFuture {
                 tap: Tap::Pass {
                     fut: self.inner.call(req),

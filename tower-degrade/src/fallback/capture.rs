@@ -99,13 +99,13 @@ impl Capture {
         &self.idempotency
     }
 
-    /// The client's idempotency key, if it sent a readable one.
+    /// The client's idempotency key, if it sent one that is text.
     pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
         parts
             .headers
             .get(&self.idempotency)
             .and_then(|v| v.to_str().ok())
-            .filter(|k| !k.is_empty() && k.len() <= 256)
+            .filter(|k| !k.is_empty())
             .map(str::to_owned)
     }
 
@@ -189,8 +189,11 @@ impl HttpRequest {
         }
         let mut req = b.body(B::from(Bytes::from(self.body.clone())))?;
         let headers = req.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(key) {
-            headers.insert(key_header.clone(), v);
+        // The client's own header, as captured, stays as it was.
+        if !headers.contains_key(key_header) {
+            if let Ok(v) = HeaderValue::from_str(key) {
+                headers.insert(key_header.clone(), v);
+            }
         }
         headers.insert(REPLAY_HEADER, HeaderValue::from(attempt));
         Ok(req)

@@ -249,6 +249,12 @@ impl Task {
         self
     }
 
+    /// Due at `due_ms` (by the router's clock, which the worker compares against).
+    pub(crate) fn with_due(mut self, due_ms: u64) -> Self {
+        self.due_ms = due_ms;
+        self
+    }
+
     pub(crate) fn with_deadline(mut self, deadline_ms: Option<u64>) -> Self {
         self.deadline_ms = deadline_ms;
         self

@@ -78,6 +78,7 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
     service: T,
     period: Duration,
     concurrency: usize,
+    replay_timeout: Duration,
 }
 
 impl<T> fmt::Debug for FallbackRouterBuilder<T> {
@@ -104,6 +105,7 @@ impl FallbackRouter {
             service: NoFallback,
             period: Duration::from_millis(100),
             concurrency: 32,
+            replay_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -175,6 +177,13 @@ impl<T> FallbackRouterBuilder<T> {
         self
     }
 
+    /// How long one replay may take before it counts as failed (default 30 s). Keep it under a
+    /// Redis store's `claim_timeout`.
+    pub fn replay_timeout(mut self, d: Duration) -> Self {
+        self.replay_timeout = d;
+        self
+    }
+
     /// How many replays the worker runs at once (default 32).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
@@ -195,6 +204,7 @@ impl<T> FallbackRouterBuilder<T> {
             service: FallbackService(service),
             period: self.period,
             concurrency: self.concurrency,
+            replay_timeout: self.replay_timeout,
         }
     }
 
@@ -238,6 +248,7 @@ impl<T> FallbackRouterBuilder<T> {
             wake: Notify::new(),
             clock: Clock::new(),
             retry_after: Duration::from_secs(1),
+            storing: Default::default(),
         });
         let worker = FallbackWorker::new(
             shared.clone(),
@@ -246,6 +257,7 @@ impl<T> FallbackRouterBuilder<T> {
             self.backfill,
             self.period,
             self.concurrency,
+            self.replay_timeout,
         );
         Ok((
             FallbackRouter {
@@ -368,21 +380,28 @@ where
             "service" => shared.service.to_string(), "class" => class.clone(),
             "route" => route.as_str(), "result" => why.as_str())
         .increment(1);
-        let d = Degraded::new(name.clone(), why, route, Some(shared.retry_after));
+        // A body too large to keep will not be kept later either: no `Retry-After`.
+        let retry = (why != Reason::TooLarge).then_some(shared.retry_after);
+        let d = Degraded::new(name.clone(), why, route, retry);
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
     let key = shared.capture.key(&parts);
-    if let Some(k) = &key {
-        if let Ok(Some((_, id))) = shared.store.find_key(&class, k).await {
-            return Ok(kept_response(
-                &id.to_string(),
-                route,
-                reason,
-                grpc,
-                RB::default(),
-            ));
-        }
-    }
+    // The same key again: the task kept for it (a second call waits while the first stores).
+    let _storing = match &key {
+        Some(k) => match shared.claim_key(&class, k).await {
+            Ok(storing) => Some(storing),
+            Err(id) => {
+                return Ok(kept_response(
+                    &id.to_string(),
+                    route,
+                    reason,
+                    grpc,
+                    RB::default(),
+                ));
+            }
+        },
+        None => None,
+    };
     let rec = match shared.capture.capture(&parts, body).await {
         Ok(rec) => rec,
         Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),

@@ -142,10 +142,17 @@ impl Backfill {
             }
             Ok(h * 60 + m)
         };
-        self.window = Some((
+        let (start, end) = (
             parse("fallback.backfill.window.start", start)?,
             parse("fallback.backfill.window.end", end)?,
-        ));
+        );
+        if start == end {
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.backfill.window",
+                reason: "start and end are the same time: an empty window would never open".into(),
+            });
+        }
+        self.window = Some((start, end));
         Ok(self)
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -48,6 +48,23 @@ pub(crate) struct RouterShared {
     pub(crate) clock: Clock,
     /// How long a client is told to wait when its call could not be kept.
     pub(crate) retry_after: Duration,
+    /// Idempotency keys being stored now: a second call with the same key waits for the
+    /// first, then finds its task.
+    pub(crate) storing: Mutex<HashMap<(String, String), Arc<Notify>>>,
+}
+
+/// A key being stored; dropping it wakes the calls waiting on the same key.
+pub(crate) struct Storing<'a> {
+    shared: &'a RouterShared,
+    key: (String, String),
+    done: Arc<Notify>,
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        self.shared.storing().remove(&self.key);
+        self.done.notify_waiters();
+    }
 }
 
 impl fmt::Debug for RouterShared {
@@ -61,6 +78,47 @@ impl fmt::Debug for RouterShared {
 }
 
 impl RouterShared {
+    fn storing(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<Notify>>> {
+        self.storing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The task already kept for `class` under `key`, or the right to store one (other calls
+    /// with the same key wait until it is stored or refused).
+    pub(crate) async fn claim_key(&self, class: &str, key: &str) -> Result<Storing<'_>, TaskId> {
+        loop {
+            if let Ok(Some((_, id))) = self.store.find_key(class, key).await {
+                return Err(id);
+            }
+            let k = (class.to_owned(), key.to_owned());
+            let done = {
+                let mut storing = self.storing();
+                match storing.get(&k) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let done = Arc::new(Notify::new());
+                        storing.insert(k.clone(), done.clone());
+                        return Ok(Storing {
+                            shared: self,
+                            key: k,
+                            done,
+                        });
+                    }
+                }
+            };
+            let wait = done.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            // Stored (or refused) meanwhile: look again rather than wait.
+            if self
+                .storing()
+                .get(&k)
+                .is_some_and(|n| Arc::ptr_eq(n, &done))
+            {
+                wait.await;
+            }
+        }
+    }
+
     /// Store a kept task; count it, wake the worker. `Err` (logged) if the store refused it.
     pub(crate) async fn put_kept(
         &self,
@@ -114,7 +172,8 @@ impl RouterShared {
         let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
         let task = Task::new(class, key, payload)
             .with_reason(reason.as_str())
-            .with_deadline(deadline);
+            .with_deadline(deadline)
+            .with_due(self.clock.now_ms());
         (queue, task)
     }
 }

@@ -26,10 +26,12 @@ use crate::gate::Directive;
 /// 2. backfills spooled tasks of healthy classes while off-peak (see [`Backfill`]);
 /// 3. flushes merged batches that are due.
 ///
-/// Each replay runs in its own task: a replay that panics counts as a failed attempt.
+/// Each replay runs in its own task, bounded by the replay timeout (default 30 s): a replay that
+/// panics or times out counts as a failed attempt, and one that hangs cannot stall the worker.
 /// Stopping the worker (dropping or aborting its future) loses nothing: tasks stay stored
 /// and are replayed by the next worker (at least once; the idempotency key makes repeats
 /// harmless).
+#[must_use = "the worker replays nothing until `run()` is spawned"]
 pub struct FallbackWorker {
     shared: Arc<RouterShared>,
     degrader: Degrader,
@@ -37,6 +39,7 @@ pub struct FallbackWorker {
     backfill: Backfill,
     period: Duration,
     concurrency: usize,
+    replay_timeout: Duration,
     /// Spooled tasks claimed while their class may not be backfilled, by class.
     parked: HashMap<String, Vec<TaskId>>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
@@ -65,6 +68,7 @@ impl FallbackWorker {
         backfill: Backfill,
         period: Duration,
         concurrency: usize,
+        replay_timeout: Duration,
     ) -> Self {
         let last_ms = shared.clock.now_ms();
         let rate = backfill.rate;
@@ -75,6 +79,7 @@ impl FallbackWorker {
             backfill,
             period,
             concurrency,
+            replay_timeout,
             parked: HashMap::new(),
             rate,
             tokens: 0.0,
@@ -183,7 +188,6 @@ impl FallbackWorker {
             self.rate = (self.rate / 2.0).max(1.0);
             return false;
         }
-        self.rate = (self.rate * 1.1 + 1.0).min(self.backfill.rate);
         match (self.backfill.in_window(now), self.backfill.below_rps) {
             (None, None) => true,
             (w, load) => w == Some(true) || load.is_some_and(|max| c.window.rps() < max),
@@ -193,6 +197,8 @@ impl FallbackWorker {
     async fn backfill_step(&mut self, now: u64) {
         let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
         self.last_ms = now;
+        // Additive increase once per step; `gate` halves the rate when a class is too slow.
+        self.rate = (self.rate * 1.1 + 1.0).min(self.backfill.rate);
         let service = self.shared.service.to_string();
         // Parked classes that may go now: give their tasks back to the queue.
         let classes: Vec<String> = self.parked.keys().cloned().collect();
@@ -267,7 +273,15 @@ impl FallbackWorker {
                 (Payload::Bytes(_), Some(batcher)) => batcher.replay(&task),
                 _ => self.replay.replay(&task, attempt),
             };
-            running.push((task, tokio::spawn(fut)));
+            let limit = self.replay_timeout;
+            running.push((
+                task,
+                tokio::spawn(async move {
+                    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                        Replayed::Retry(format!("the replay timed out after {limit:?}"))
+                    })
+                }),
+            ));
         }
         let mut ops = Vec::with_capacity(running.len() * 2);
         let service = self.shared.service.to_string();

@@ -490,7 +490,10 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     let big = call(&svc, post("/log", "0123456789abcdef")).await;
     assert_eq!(big.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(big.headers()[REASON_HEADER], "too_large");
-    assert!(big.headers().contains_key("retry-after"));
+    assert!(
+        !big.headers().contains_key("retry-after"),
+        "it will not be kept later either"
+    );
     assert_eq!(store.depth(Queue::Spool).len, 0);
 
     assert_eq!(
@@ -504,6 +507,7 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     let full = call(&svc, post("/log", "c")).await;
     assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.headers()[REASON_HEADER], "not_kept");
+    assert!(full.headers().contains_key("retry-after"));
     assert!(!full.headers().contains_key(TASK_ID_HEADER));
     assert_eq!(store.depth(Queue::Spool).len, 2);
 }
@@ -932,4 +936,107 @@ async fn a_recovering_class_without_live_calls_is_backfilled_one_with_them_waits
     assert_eq!(d.state("browse").unwrap(), State::Recovering);
     run_for(2_000).await;
     assert_eq!(replays(&app), kept);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_with_the_same_key_at_once_keep_one_task() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "pay", router, &app);
+    d.force_open("pay").unwrap();
+    let calls = (0..8).map(|_| {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let req = Request::post("/pay/9")
+                .header("idempotency-key", "order-9")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            task_id(&svc.oneshot(req).await.unwrap())
+        })
+    });
+    let mut ids = Vec::new();
+    for c in calls.collect::<Vec<_>>() {
+        ids.push(c.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one task for one key");
+    assert_eq!(store.depth(Queue::Retry).len, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_hangs_times_out_and_is_retried() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay_timeout(Duration::from_secs(2))
+        .replay(replay_fn(move |_task, _attempt| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Replayed::Done
+            }
+        }))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "pay", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&svc, post("/pay", "x")).await;
+    run_for(6_000).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "timed out once, then done");
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_personal_read_is_never_served_to_someone_else() {
+    let d = degrader([ClassConfig::silver("account").fallback_route(Route::Cached)]);
+    let id = d.class_id("account").unwrap();
+    let app = service_fn(|req: Req| async move {
+        let who = req
+            .headers()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let mut res = Response::new(Full::new(Bytes::from(format!("account of {who}"))));
+        if req.uri() == "/session" {
+            res.headers_mut()
+                .insert("set-cookie", "s=1".parse().unwrap());
+        }
+        Ok::<_, Infallible>(res)
+    });
+    let svc = LastGoodLayer::new().layer(d.layer(move |_: &Req| id).http().layer(app));
+    let get = |uri: &str, auth: Option<&str>| {
+        let mut r = Request::get(uri);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(Full::new(Bytes::new())).unwrap()
+    };
+    svc.clone()
+        .oneshot(get("/me", Some("alice")))
+        .await
+        .unwrap();
+    svc.clone().oneshot(get("/session", None)).await.unwrap();
+    d.force_open("account").unwrap();
+    let other = svc.clone().oneshot(get("/me", Some("bob"))).await.unwrap();
+    assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let anonymous = svc.clone().oneshot(get("/me", None)).await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let session = svc.clone().oneshot(get("/session", None)).await.unwrap();
+    assert_eq!(
+        session.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Set-Cookie is not kept"
+    );
 }

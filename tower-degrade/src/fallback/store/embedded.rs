@@ -15,6 +15,7 @@ use crate::fallback::record::{Queue, Task, TaskId};
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("tower-degrade");
 const FORMAT: u64 = 1;
 const MAX_BATCH: usize = 4096;
+const QUEUED: usize = 65_536;
 
 fn table(queue: Queue) -> TableDefinition<'static, u128, &'static [u8]> {
     TableDefinition::new(queue.as_str())
@@ -68,7 +69,8 @@ impl EmbeddedStoreBuilder {
             path,
             capacity: self.capacity,
         });
-        let (tx, rx) = mpsc::channel();
+        // Bounded: past this many waiting commits, a call is refused (`Full`) rather than queued.
+        let (tx, rx) = mpsc::sync_channel(QUEUED);
         let owner = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tower-degrade-store".into())
@@ -193,7 +195,7 @@ pub struct EmbeddedStore {
 /// the file is closed when the last store handle is gone.
 #[derive(Debug)]
 struct Writer {
-    tx: Option<mpsc::Sender<Request>>,
+    tx: Option<mpsc::SyncSender<Request>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -424,8 +426,10 @@ impl Store for EmbeddedStore {
             })
             .collect();
         let sent = match &self.writer.tx {
-            Some(tx) => tx.send(Request { ops, records, done }).map_err(drop),
-            None => Err(()),
+            Some(tx) => tx
+                .try_send(Request { ops, records, done })
+                .map_err(|e| matches!(e, mpsc::TrySendError::Full(_))),
+            None => Err(false),
         };
         Box::pin(async move {
             let closed = || {
@@ -437,7 +441,19 @@ impl Store for EmbeddedStore {
                     ),
                 )
             };
-            sent.map_err(|_| closed())?;
+            sent.map_err(|full| {
+                if full {
+                    StoreError::new(
+                        StoreErrorKind::Full,
+                        format!(
+                            "store `{}`: {QUEUED} commits are waiting for the disk",
+                            self.path().display()
+                        ),
+                    )
+                } else {
+                    closed()
+                }
+            })?;
             rx.await.map_err(|_| closed())?.result
         })
     }

@@ -13,7 +13,9 @@ use crate::fallback::record::{Queue, Task, TaskId};
 /// what the local store kept first. Without it, a store that cannot be reached means the
 /// diverted call gets the reject answer (`not_kept`): choose by wrapping the store or not.
 ///
-/// A task stays in the store that kept it: its replays, moves and removal go there.
+/// A task stays in the store that kept it: its replays, moves and removal go there. Only new
+/// tasks fail over: a removal or a move of a task the shared store holds fails while it cannot
+/// be reached (the worker tries again), so nothing is dropped or applied twice.
 pub struct Failover {
     primary: Arc<dyn Store>,
     local: Arc<dyn Store>,
@@ -69,6 +71,42 @@ impl Store for Failover {
         Box::pin(async move {
             let (local, shared): (Vec<Op>, Vec<Op>) =
                 ops.into_iter().partition(|op| self.is_local(op));
+            // The shared store's part first: if it fails, nothing of the commit is applied.
+            if !shared.is_empty() {
+                match self.primary.commit(shared.clone()).await {
+                    Ok(()) => {}
+                    // Only new tasks (appends of calls just kept) move to the local store:
+                    // a removal, a move or a reschedule of a task the shared store holds must
+                    // happen there, so it fails and is tried again.
+                    Err(e)
+                        if matches!(e.kind(), StoreErrorKind::Io | StoreErrorKind::Closed)
+                            && shared
+                                .iter()
+                                .all(|op| matches!(op, Op::Put(_, t) if t.attempts() == 0)) =>
+                    {
+                        {
+                            let mut s = self.state();
+                            if s.last_warning
+                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                            {
+                                s.last_warning = Some(Instant::now());
+                                tracing::warn!(primary = self.primary.kind(), local = self.local.kind(),
+                                    error = %e, "the shared store cannot be reached: keeping tasks in the local store");
+                            }
+                        }
+                        let ids: Vec<TaskId> = shared
+                            .iter()
+                            .filter_map(|op| match op {
+                                Op::Put(_, t) => Some(t.id()),
+                                Op::Remove(..) => None,
+                            })
+                            .collect();
+                        self.local.commit(shared).await?;
+                        self.state().local_ids.extend(ids);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             if !local.is_empty() {
                 let removed: Vec<TaskId> = local
                     .iter()
@@ -90,39 +128,7 @@ impl Store for Failover {
                     s.local_ids.remove(&id);
                 }
             }
-            if shared.is_empty() {
-                return Ok(());
-            }
-            match self.primary.commit(shared.clone()).await {
-                Ok(()) => Ok(()),
-                Err(e) if matches!(e.kind(), StoreErrorKind::Io | StoreErrorKind::Closed) => {
-                    {
-                        let mut s = self.state();
-                        if s.last_warning
-                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                        {
-                            s.last_warning = Some(Instant::now());
-                            tracing::warn!(primary = self.primary.kind(), local = self.local.kind(),
-                                error = %e, "the shared store cannot be reached: keeping tasks in the local store");
-                        }
-                    }
-                    let ids: Vec<TaskId> = shared
-                        .iter()
-                        .filter_map(|op| match op {
-                            Op::Put(_, t) => Some(t.id()),
-                            Op::Remove(..) => None,
-                        })
-                        .collect();
-                    let puts: Vec<Op> = shared
-                        .into_iter()
-                        .filter(|op| matches!(op, Op::Put(..)))
-                        .collect();
-                    self.local.commit(puts).await?;
-                    self.state().local_ids.extend(ids);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
+            Ok(())
         })
     }
 
@@ -132,7 +138,18 @@ impl Store for Failover {
             self.mark_local(&tasks);
             if tasks.len() < limit {
                 match self.primary.due(queue, now_ms, limit - tasks.len()).await {
-                    Ok(more) => tasks.extend(more),
+                    Ok(more) => {
+                        let local: HashSet<TaskId> = tasks.iter().map(Task::id).collect();
+                        for t in more {
+                            // A task in both stores (a crash between the two parts of a
+                            // commit) is replayed from the local one only.
+                            if local.contains(&t.id()) {
+                                self.primary.release(queue, t.id());
+                            } else {
+                                tasks.push(t);
+                            }
+                        }
+                    }
                     Err(e) if tasks.is_empty() => return Err(e),
                     Err(_) => {}
                 }
@@ -207,5 +224,107 @@ impl Store for Failover {
 
     fn kind(&self) -> &'static str {
         "failover"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::fallback::record::Payload;
+    use crate::fallback::store::{MemoryStore, StoreError};
+
+    /// A memory store that can be made unreachable.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: AtomicBool,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(StoreError::new(StoreErrorKind::Io, "unreachable"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Store for Arc<Flaky> {
+        fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
+            match self.check() {
+                Ok(()) => self.inner.commit(ops),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            }
+        }
+        fn due(&self, queue: Queue, now_ms: u64, limit: usize) -> StoreFuture<'_, Vec<Task>> {
+            match self.check() {
+                Ok(()) => self.inner.due(queue, now_ms, limit),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            }
+        }
+        fn release(&self, queue: Queue, id: TaskId) {
+            self.inner.release(queue, id)
+        }
+        fn list(&self, q: Queue, a: Option<TaskId>, l: usize) -> StoreFuture<'_, Vec<Task>> {
+            self.inner.list(q, a, l)
+        }
+        fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+            self.inner.get(queue, id)
+        }
+        fn find_key<'a>(
+            &'a self,
+            class: &'a str,
+            key: &'a str,
+        ) -> StoreFuture<'a, Option<(Queue, TaskId)>> {
+            self.inner.find_key(class, key)
+        }
+        fn depth(&self, queue: Queue) -> Depth {
+            self.inner.depth(queue)
+        }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn task() -> Task {
+        Task::new("c", None, Payload::Bytes(vec![1]))
+    }
+
+    #[tokio::test]
+    async fn only_new_tasks_fail_over_and_nothing_is_dropped() {
+        let primary = Arc::new(Flaky::default());
+        let f = Failover::new(primary.clone(), MemoryStore::default());
+        let held = task();
+        f.commit(vec![Op::Put(Queue::Retry, held.clone())])
+            .await
+            .unwrap();
+        let due = f.due(Queue::Retry, u64::MAX, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        primary.down.store(true, Ordering::SeqCst);
+        // A new task is kept locally.
+        let new = task();
+        f.commit(vec![Op::Put(Queue::Spool, new.clone())])
+            .await
+            .unwrap();
+        assert_eq!(f.local.depth(Queue::Spool).len, 1);
+        // Acknowledging or moving the task the shared store holds fails: it is not dropped.
+        let err = f.commit(vec![Op::Remove(Queue::Retry, held.id())]).await;
+        assert!(err.is_err());
+        let mut again = held.clone();
+        again.failed("HTTP 503".into(), 0);
+        assert!(f.commit(vec![Op::Put(Queue::Retry, again)]).await.is_err());
+        primary.down.store(false, Ordering::SeqCst);
+        f.commit(vec![Op::Remove(Queue::Retry, held.id())])
+            .await
+            .unwrap();
+        assert_eq!(primary.depth(Queue::Retry).len, 0);
+        // The local task is removed from the local store.
+        f.commit(vec![Op::Remove(Queue::Spool, new.id())])
+            .await
+            .unwrap();
+        assert_eq!(f.depth(Queue::Spool).len, 0);
     }
 }

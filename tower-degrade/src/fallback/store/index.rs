@@ -27,7 +27,10 @@ pub(super) struct Index {
 
 /// Queues whose tasks a client's retry with the same idempotency key finds again.
 fn keyed(queue: Queue) -> bool {
-    matches!(queue, Queue::Retry | Queue::Spool | Queue::Review)
+    matches!(
+        queue,
+        Queue::Retry | Queue::Spool | Queue::Review | Queue::Journal
+    )
 }
 
 impl Index {
@@ -39,6 +42,7 @@ impl Index {
         &mut self.queues[queue as usize]
     }
 
+    /// Tasks held, the audit records of dropped tasks not counted (they are not work).
     pub(super) fn len(&self) -> u64 {
         self.len
     }
@@ -53,6 +57,7 @@ impl Index {
         let mut seen = HashSet::new();
         for op in ops {
             match op {
+                Op::Put(Queue::Audit, _) | Op::Remove(Queue::Audit, _) => {}
                 Op::Put(q, t) if !self.contains(*q, t.id()) && seen.insert((*q, t.id())) => {
                     len += 1
                 }
@@ -78,7 +83,8 @@ impl Index {
             Some(old) => {
                 q.by_due.remove(&(old, id));
             }
-            None => self.len += 1,
+            None if queue != Queue::Audit => self.len += 1,
+            None => {}
         }
         self.q_mut(queue).by_due.insert((task.due_ms(), id));
         if let (true, Some(key)) = (keyed(queue), task.client_key()) {
@@ -93,7 +99,9 @@ impl Index {
         q.claimed.remove(&id);
         if let Some(due) = q.due.remove(&id) {
             q.by_due.remove(&(due, id));
-            self.len -= 1;
+            if queue != Queue::Audit {
+                self.len -= 1;
+            }
             if keyed(queue) {
                 if let Some(key) = self.key_of.get(&id) {
                     if self.keys.get(key) == Some(&(queue, id)) {

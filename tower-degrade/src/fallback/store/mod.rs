@@ -77,7 +77,7 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, queue: Queue, id: TaskId) -> StoreFuture<'_, Option<Task>>;
 
     /// The task kept for `class` under the client's idempotency `key`, if one is still kept
-    /// in `delayed_retry`, `spool` or `manual_review`.
+    /// in `delayed_retry`, `spool` or `manual_review`, or journaled by `batch_merge`.
     fn find_key<'a>(
         &'a self,
         class: &'a str,

@@ -13,24 +13,27 @@ use crate::fallback::record::{Queue, Task, TaskId};
 
 const GROUP: &str = "replay";
 
-/// Applies a commit's operations atomically (see the module docs). ARGV: prefix, group,
-/// capacity, then per op `P queue id keyfield record` or `R queue id`.
+/// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
+/// capacity, then per op `P queue id keyfield record` or `R queue id`. Capacity counts the
+/// net growth (a move is not growth) and not the audit queue.
 const COMMIT: &str = r#"
 local p, g, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local keyed = {delayed_retry = true, spool = true, manual_review = true}
+local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
 local grows = 0
 local i = 4
 while i <= #ARGV do
+  local exists = ARGV[i+1] ~= 'audit' and redis.call('HEXISTS', p .. ':' .. ARGV[i+1] .. ':ids', ARGV[i+2]) == 1
   if ARGV[i] == 'P' then
-    if redis.call('HEXISTS', p .. ':' .. ARGV[i+1] .. ':ids', ARGV[i+2]) == 0 then grows = grows + 1 end
+    if ARGV[i+1] ~= 'audit' and not exists then grows = grows + 1 end
     i = i + 5
   else
+    if exists then grows = grows - 1 end
     i = i + 3
   end
 end
 if grows > 0 then
   local total = 0
-  for _, q in ipairs({'delayed_retry', 'spool', 'manual_review', 'batch_merge', 'audit'}) do
+  for _, q in ipairs({'delayed_retry', 'spool', 'manual_review', 'batch_merge'}) do
     total = total + redis.call('HLEN', p .. ':' .. q .. ':ids')
   end
   if total + grows > cap then
@@ -214,6 +217,8 @@ struct Local {
     out: HashSet<(Queue, TaskId)>,
     groups: HashSet<Queue>,
     last_claim: HashMap<Queue, Instant>,
+    /// Where each queue's next takeover scan starts.
+    cursors: HashMap<Queue, String>,
     depth: HashMap<Queue, (Depth, Instant)>,
     /// Queues committed to since their depth was read.
     dirty: HashSet<Queue>,
@@ -339,16 +344,26 @@ impl Inner {
         if due_claim {
             self.local().last_claim.insert(queue, Instant::now());
             self.heartbeat(queue).await?;
+            let cursor = self
+                .local()
+                .cursors
+                .get(&queue)
+                .cloned()
+                .unwrap_or_else(|| "0-0".to_owned());
             let mut claim = redis::cmd("XAUTOCLAIM");
             claim
                 .arg(&stream)
                 .arg(GROUP)
                 .arg(&self.consumer)
                 .arg(self.claim_timeout.as_millis() as u64)
-                .arg("0-0")
+                .arg(cursor)
                 .arg("COUNT")
                 .arg(512);
             if let Value::Array(mut parts) = self.query(&claim).await? {
+                // Where the next scan goes on ("0-0" once the whole list was scanned).
+                if let Some(next) = parts.first().and_then(text) {
+                    self.local().cursors.insert(queue, next);
+                }
                 if parts.len() >= 2 {
                     let taken = parse_entries(parts.swap_remove(1));
                     if !taken.is_empty() {
