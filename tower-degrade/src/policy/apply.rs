@@ -58,10 +58,17 @@ impl Runtime {
         let at = line
             .map(|l| format!("{}:{l}", policy.file))
             .unwrap_or_else(|| policy.file.clone());
-        tracing::warn!(
-            service = %self.service, class, policy = %policy.name, hook, at, reason,
-            "policy failed; quarantined for this class until the next load"
-        );
+        if hook == "on_request" {
+            tracing::warn!(
+                service = %self.service, class, policy = %policy.name, hook, at, reason,
+                "policy hook failed on a request, which was decided without it (logged once per tick)"
+            );
+        } else {
+            tracing::warn!(
+                service = %self.service, class, policy = %policy.name, hook, at, reason,
+                "policy failed; quarantined for this class until the next load"
+            );
+        }
         metrics::counter!(POLICY_ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
 
@@ -111,8 +118,14 @@ impl Runtime {
                 continue;
             }
             let policy = &set.policies[i];
-            if policy.has_on_request && !set.hook_failed[i].load(Ordering::Relaxed) {
-                hooks.push(i);
+            if policy.has_on_request {
+                if let Some((errors, calls)) = set.hooks[i].tick() {
+                    tracing::warn!(service = %self.service, class = %info.name, policy = %policy.name,
+                        errors, calls, "on_request failed on most requests of a tick; switched off until the next load");
+                }
+                if !set.hooks[i].is_off() {
+                    hooks.push(i);
+                }
             }
             let decision = match self.decide(policy, ctx.clone()) {
                 Ok(Some(d)) => d,

@@ -69,11 +69,11 @@ impl Runtime {
                     .then(a.cmp(&b))
             });
         }
-        let hook_failed = policies.iter().map(|_| Default::default()).collect();
+        let hooks = policies.iter().map(|_| Default::default()).collect();
         Ok(PolicySet {
             version: 0,
             policies,
-            hook_failed,
+            hooks,
             by_class,
         })
     }

@@ -59,13 +59,60 @@ pub(crate) struct Policy {
     has_on_request: bool,
 }
 
+/// How a policy's `on_request` hook fares since the last tick. A hook that fails fails open for
+/// that request only; one that fails on most requests of a tick (at least
+/// [`HookHealth::MIN_CALLS`]) is switched off until the next load, with a logged reason.
+#[derive(Debug, Default)]
+pub(crate) struct HookHealth {
+    calls: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    off: std::sync::atomic::AtomicBool,
+    /// A failure was logged since the last tick (one warning per tick, not per request).
+    reported: std::sync::atomic::AtomicBool,
+}
+
+impl HookHealth {
+    /// Calls in a tick below which a hook is never switched off (a few unlucky requests).
+    pub(crate) const MIN_CALLS: u64 = 20;
+
+    pub(crate) fn is_off(&self) -> bool {
+        self.off.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn called(&self) {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A failed call: `true` if it is the first of this tick (to be logged).
+    pub(crate) fn failed(&self) -> bool {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        !self
+            .reported
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// At the tick: the counts since the last one, and whether the hook was just switched off.
+    pub(crate) fn tick(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let calls = self.calls.swap(0, Relaxed);
+        let errors = self.errors.swap(0, Relaxed);
+        self.reported.store(false, Relaxed);
+        if calls >= Self::MIN_CALLS && errors * 2 > calls && !self.off.swap(true, Relaxed) {
+            return Some((errors, calls));
+        }
+        None
+    }
+}
+
 /// A compiled, validated set of policies, bound to a degrader's classes.
 #[derive(Debug)]
 pub struct PolicySet {
     version: u64,
     policies: Vec<Policy>,
-    /// Per policy: its `on_request` hook failed and is off until the next load.
-    hook_failed: Vec<std::sync::atomic::AtomicBool>,
+    /// Per policy: how its `on_request` hook fares (see [`HookHealth`]).
+    hooks: Vec<HookHealth>,
     /// Per class: indices into `policies`, by priority (highest first), then name.
     by_class: Vec<Vec<usize>>,
 }

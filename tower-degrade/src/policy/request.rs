@@ -157,11 +157,11 @@ impl Runtime {
             let info = RequestInfo::new(view, true);
             for &i in &overlay.hooks {
                 let policy = &overlay.set.policies[i];
-                if !policy.selector.selects(bucket, view.group)
-                    || overlay.set.hook_failed[i].load(std::sync::atomic::Ordering::Relaxed)
-                {
+                let health = &overlay.set.hooks[i];
+                if !policy.selector.selects(bucket, view.group) || health.is_off() {
                     continue;
                 }
+                health.called();
                 match self.decide_request(policy, overlay.ctx.clone(), info.clone()) {
                     Ok(Some(d)) => match policy.mode {
                         Mode::Enforce => decisions.push((policy.priority, d)),
@@ -169,10 +169,9 @@ impl Runtime {
                     },
                     Ok(None) => {}
                     Err((line, reason)) => {
-                        // Report once; the hook stays off until the next load.
-                        if !overlay.set.hook_failed[i]
-                            .swap(true, std::sync::atomic::Ordering::Relaxed)
-                        {
+                        // Fails open for this request only; logged once per tick. The tick
+                        // switches the hook off if it fails on most requests.
+                        if health.failed() {
                             self.report_failure(
                                 &overlay.ctx.class,
                                 policy,

@@ -949,7 +949,7 @@ async fn the_seed_elapsed_time_hook_runs_per_request() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_request_hook_is_switched_off_until_the_next_load() {
+async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most_fail() {
     let (d, classify) = http_degrader("shop");
     // Fine on the validation samples (no x-boom header), fails on real requests that have it.
     let src = r#"
@@ -976,7 +976,19 @@ async fn a_failing_request_hook_is_switched_off_until_the_next_load() {
         None,
         "the failing call admits"
     );
-    assert_eq!(send(&mut svc, plain()).await, None, "and the hook is off");
+    assert_eq!(
+        send(&mut svc, plain()).await,
+        Some(Route::Reject),
+        "one client's failing request does not switch the hook off for everyone"
+    );
+    d.tick_now();
+    // A tick where it fails on most requests: off, with a logged reason.
+    for _ in 0..30 {
+        assert_eq!(send(&mut svc, boom()).await, None);
+    }
+    send(&mut svc, plain()).await;
+    d.tick_now();
+    assert_eq!(send(&mut svc, plain()).await, None, "off after that tick");
     d.tick_now();
     assert_eq!(
         send(&mut svc, plain()).await,
