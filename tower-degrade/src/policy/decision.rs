@@ -28,6 +28,31 @@ pub enum Action {
     Delay(Duration),
 }
 
+/// The most alerts one decision carries.
+pub const MAX_ALERTS: usize = 8;
+/// The longest alert text kept, in bytes (cut on a character boundary).
+pub const MAX_ALERT_BYTES: usize = 1024;
+
+/// Alert text as it may reach a log line: at most [`MAX_ALERT_BYTES`], control characters
+/// (newlines, escape sequences) and bidirectional overrides written as `\u{..}`.
+pub(crate) fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ALERT_BYTES));
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}');
+        let piece = if c.is_control() || bidi {
+            format!("\\u{{{:x}}}", c as u32)
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > MAX_ALERT_BYTES {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 /// A policy's decision for one class at one tick: an action, an optional route and
 /// retry-after hint, and alerts to raise.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,9 +101,13 @@ impl Decision {
         self
     }
 
-    /// Raise an alert (a `warn` event and `degrade_policy_alerts_total`).
-    pub fn with_alert(mut self, message: impl Into<String>) -> Self {
-        self.alerts.push(message.into());
+    /// Raise an alert (a `warn` event and `degrade_policy_alerts_total`). At most
+    /// [`MAX_ALERTS`] per decision (later ones are dropped), each cut to [`MAX_ALERT_BYTES`],
+    /// with control characters and bidirectional overrides escaped before they reach logs.
+    pub fn with_alert(mut self, message: impl AsRef<str>) -> Self {
+        if self.alerts.len() < MAX_ALERTS {
+            self.alerts.push(sanitize(message.as_ref()));
+        }
         self
     }
 
@@ -211,6 +240,23 @@ pub(crate) fn combine<'a>(
         policy
     } else {
         breaker
+    }
+}
+
+#[cfg(test)]
+mod alert_tests {
+    use super::*;
+
+    #[test]
+    fn alerts_are_bounded_and_escaped() {
+        let mut d = Decision::new(Action::Admit);
+        for _ in 0..100 {
+            d = d.with_alert("x".repeat(4096));
+        }
+        assert_eq!(d.alerts().len(), MAX_ALERTS);
+        assert!(d.alerts()[0].len() <= MAX_ALERT_BYTES + '…'.len_utf8());
+        let d = Decision::new(Action::Admit).with_alert("db\n\u{1b}[31mslow\u{202E}");
+        assert_eq!(d.alerts()[0], "db\\u{a}\\u{1b}[31mslow\\u{202e}");
     }
 }
 

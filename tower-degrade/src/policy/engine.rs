@@ -128,11 +128,27 @@ fn share(v: f64, what: &str) -> RhaiResult<f64> {
     }
 }
 
-fn millis(v: i64) -> RhaiResult<std::time::Duration> {
-    u64::try_from(v)
+fn millis(v: i64, what: &str, max: std::time::Duration) -> RhaiResult<std::time::Duration> {
+    let d = u64::try_from(v)
         .map(std::time::Duration::from_millis)
-        .map_err(|_| runtime_error(format!("milliseconds must not be negative, got {v}")))
+        .map_err(|_| {
+            runtime_error(format!(
+                "{what}: milliseconds must not be negative, got {v}"
+            ))
+        })?;
+    if d > max {
+        return Err(runtime_error(format!(
+            "{what}: {v} ms is over the maximum of {} ms",
+            max.as_millis()
+        )));
+    }
+    Ok(d)
 }
+
+/// The longest `delay` a policy may ask for: calls are held, so minutes would be an outage.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest `retry_after` a policy may tell clients.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Build the sandboxed engine with the policy API. Called once per [`PolicyEngine`].
 pub(crate) fn build_engine(limits: &Limits) -> Engine {
@@ -260,10 +276,16 @@ pub(crate) fn build_engine(limits: &Limits) -> Engine {
             )?)))
         })
         .register_fn("retry_after", |ms: i64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::Shed).with_retry_after(millis(ms)?))
+            Ok(Decision::new(Action::Shed).with_retry_after(millis(
+                ms,
+                "retry_after",
+                MAX_RETRY_AFTER,
+            )?))
         })
         .register_fn("delay", |ms: i64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::Delay(millis(ms)?)))
+            Ok(Decision::new(Action::Delay(millis(
+                ms, "delay", MAX_DELAY,
+            )?)))
         })
         .register_fn("alert", |msg: ImmutableString| {
             Decision::new(Action::Admit).with_alert(msg.as_str())
@@ -272,7 +294,8 @@ pub(crate) fn build_engine(limits: &Limits) -> Engine {
         .register_fn(
             "retry_after",
             |d: &mut Decision, ms: i64| -> RhaiResult<Decision> {
-                Ok(d.clone().with_retry_after(millis(ms)?))
+                Ok(d.clone()
+                    .with_retry_after(millis(ms, "retry_after", MAX_RETRY_AFTER)?))
             },
         )
         .register_fn(

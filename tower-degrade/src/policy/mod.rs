@@ -18,8 +18,8 @@ use arc_swap::ArcSwapOption;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
 
 pub(crate) use self::compile::read_dir;
-pub use self::decision::{Action, Decision};
-pub use self::engine::{Limits, PolicyWindow, TickCtx};
+pub use self::decision::{Action, Decision, MAX_ALERT_BYTES, MAX_ALERTS};
+pub use self::engine::{Limits, MAX_DELAY, MAX_RETRY_AFTER, PolicyWindow, TickCtx};
 pub(crate) use self::request::Overlay;
 use self::request::Selector;
 pub use self::request::{RequestInfo, rollout_bucket};

@@ -1059,3 +1059,40 @@ async fn delay_holds_calls_and_the_timeout_starts_after_it() {
     svc("pay").oneshot(0).await.unwrap();
     assert_eq!(t2.elapsed(), Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn absurd_values_are_refused_at_load_naming_the_line() {
+    let (d, _) = http_degrader("shop");
+    for (body, what) in [
+        ("delay(1000000000000)", "delay"),
+        ("shed().retry_after(4294967294)", "retry_after"),
+        ("retry_after(-5)", "retry_after"),
+    ] {
+        let src = policy("\"log\"", body);
+        let err = d
+            .load_policy_sources([("absurd", src.as_str())])
+            .unwrap_err();
+        assert_eq!(err.line(), Some(3), "{body}: {err}");
+        assert!(err.to_string().contains(what), "{body}: {err}");
+    }
+    // At the maxima: accepted.
+    let ok = policy("\"log\"", "delay(60000).retry_after(3600000)");
+    d.load_policy_sources([("edge", ok.as_str())]).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn alerts_neither_pile_up_nor_forge_log_lines() {
+    let (d, _) = http_degrader("shop");
+    let src = policy(
+        "\"log\"",
+        r#"let m = "x"; for i in 0..12 { m += m; }
+        let d = admit();
+        for i in 0..4000 { d = d.alert(m); }
+        d.alert("forged\n\u001b[31mline")"#,
+    );
+    d.load_policy_sources([("noisy", src.as_str())]).unwrap();
+    let set = d.policies().unwrap();
+    drop(set);
+    d.tick_now();
+    assert!(d.state("log").is_ok(), "the tick completes");
+}
