@@ -85,6 +85,11 @@ impl Runtime {
         file: &str,
         text: &str,
     ) -> Result<Policy, PolicyError> {
+        if text.len() > MAX_SOURCE_BYTES {
+            return Err(too_large(file, text.len() as u64));
+        }
+        // A byte-order mark (Windows editors) is not code.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut ast = self.engine.compile(text).map_err(|e| {
             PolicyError::new(
                 file,
@@ -93,6 +98,15 @@ impl Runtime {
             )
         })?;
         ast.set_source(file);
+        // Rhai would run top-level code on `eval` only, which policies never do: it would be
+        // silently ignored. An error says so instead.
+        if let Some(stmt) = ast.statements().first() {
+            return Err(PolicyError::new(
+                file,
+                Some(stmt.position().line().unwrap_or(1)),
+                "code outside a function is never run: put it in `on_tick` or `on_request`",
+            ));
+        }
         let arity = |fname: &str| {
             ast.iter_functions()
                 .find(|f| f.name == fname)
@@ -279,6 +293,20 @@ impl Runtime {
     }
 }
 
+/// The largest policy source accepted (checked before it is read or parsed).
+pub const MAX_SOURCE_BYTES: usize = 256 * 1024;
+
+fn too_large(file: &str, len: u64) -> PolicyError {
+    PolicyError::new(
+        file,
+        None,
+        format!(
+            "{len} bytes, over the limit of {} bytes for a policy file",
+            MAX_SOURCE_BYTES
+        ),
+    )
+}
+
 /// Read every `*.rhai` file of `dir` (name order) as (policy name, file label, text).
 pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, PolicyError> {
     let label = dir.display().to_string();
@@ -302,6 +330,10 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            if len > MAX_SOURCE_BYTES as u64 {
+                return Err(too_large(&file, len));
+            }
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| PolicyError::new(&file, None, format!("cannot read: {e}")))?;
             Ok((name, file, text))

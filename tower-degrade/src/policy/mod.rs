@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
 
+pub use self::compile::MAX_SOURCE_BYTES;
 pub(crate) use self::compile::read_dir;
 pub use self::decision::{Action, Decision, MAX_ALERT_BYTES, MAX_ALERTS};
 pub use self::engine::{Limits, MAX_DELAY, MAX_RETRY_AFTER, PolicyWindow, TickCtx};

@@ -1096,3 +1096,33 @@ async fn alerts_neither_pile_up_nor_forge_log_lines() {
     d.tick_now();
     assert!(d.state("log").is_ok(), "the tick completes");
 }
+
+#[tokio::test(start_paused = true)]
+async fn top_level_code_a_bom_and_oversized_files_are_handled_at_load() {
+    let (d, _) = http_degrader("shop");
+    // Top-level code would never run: an error naming its line.
+    let src = format!("let x = 1;\n{}", policy("\"log\"", "shed()"));
+    let err = d.load_policy_sources([("top", src.as_str())]).unwrap_err();
+    assert_eq!(err.line(), Some(1), "{err}");
+    assert!(err.reason().contains("outside a function"), "{err}");
+    // A byte-order mark is not an error.
+    let bom = format!("\u{feff}{}", policy("\"log\"", "shed()"));
+    d.load_policy_sources([("bom", bom.as_str())]).unwrap();
+    // Too large: refused before it is parsed, and before it is read from a directory.
+    let huge = format!(
+        "{}//{}",
+        policy("\"log\"", "shed()"),
+        "x".repeat(300 * 1024)
+    );
+    let err = d
+        .load_policy_sources([("huge", huge.as_str())])
+        .unwrap_err();
+    assert!(err.reason().contains("over the limit"), "{err}");
+    let dir = std::env::temp_dir().join(format!("td-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("huge.rhai"), &huge).unwrap();
+    let err = d.load_policies(&dir).unwrap_err();
+    assert!(err.file().ends_with("huge.rhai"), "{err}");
+    assert!(err.reason().contains("over the limit"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
