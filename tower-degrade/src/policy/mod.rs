@@ -25,7 +25,7 @@ pub(crate) use self::request::Overlay;
 use self::request::Selector;
 pub use self::request::{RequestInfo, rollout_bucket};
 pub(crate) use self::watch::Loader;
-pub use self::watch::{PolicyWatcher, ReloadOutcome};
+pub use self::watch::{PolicyWatcher, RESCAN, ReloadOutcome};
 use crate::breaker::State;
 use crate::class::{ClassId, Registry, Tier};
 use crate::window::History;

@@ -25,6 +25,13 @@ pub enum ReloadOutcome {
 /// duration, so an editor's burst of writes makes one reload. A rejected reload leaves the set
 /// in force serving. The watcher stops when dropped.
 ///
+/// File events are not all a deployment produces: a directory removed and created again
+/// loses its watch, a Kubernetes ConfigMap update swaps the `..data` symlink (no `*.rhai`
+/// event), an edit to a symlinked file's target happens elsewhere. So the watcher also
+/// rescans every [`RESCAN`]: the names and contents of the `*.rhai` files (symlinks followed)
+/// are hashed, and a different hash reloads. A directory that is gone keeps the set in force
+/// until it is back.
+///
 /// ```no_run
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
@@ -41,7 +48,7 @@ pub enum ReloadOutcome {
 #[derive(Debug)]
 pub struct PolicyWatcher {
     _watcher: Option<notify::RecommendedWatcher>,
-    trigger: mpsc::Sender<()>,
+    trigger: mpsc::Sender<bool>,
     outcomes: watch::Receiver<ReloadOutcome>,
     task: JoinHandle<()>,
 }
@@ -50,6 +57,32 @@ impl Drop for PolicyWatcher {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// How often a watched policy directory is rescanned for changes its events missed.
+pub const RESCAN: Duration = Duration::from_secs(1);
+
+/// The names and contents of the `*.rhai` files of `dir`, symlinks followed; `None` if the
+/// directory cannot be read (gone for now).
+fn fingerprint(dir: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
+        .collect();
+    paths.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    for p in paths {
+        p.file_name().hash(&mut h);
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        len.hash(&mut h);
+        // An oversized file is refused by the load: its length stands for its content.
+        if len <= super::MAX_SOURCE_BYTES as u64 {
+            std::fs::read(&p).unwrap_or_default().hash(&mut h);
+        }
+    }
+    Some(h.finish())
 }
 
 /// Loads a policy directory into a degrader, returning the version in force.
@@ -66,6 +99,8 @@ impl PolicyWatcher {
         debounce: Duration,
         watch_fs: bool,
     ) -> Result<Self, PolicyError> {
+        // Taken before the load: a change made right after it is a change.
+        let last = fingerprint(&dir);
         let version = load(&dir)?;
         let (trigger, signals) = mpsc::channel(1);
         let watcher = if watch_fs {
@@ -74,7 +109,8 @@ impl PolicyWatcher {
             None
         };
         let (tx, outcomes) = watch::channel(ReloadOutcome::Loaded(version));
-        let task = tokio::spawn(reload_loop(load, dir, signals, debounce, tx));
+        let rescan = watch_fs.then_some(RESCAN);
+        let task = tokio::spawn(reload_loop(load, dir, last, signals, debounce, rescan, tx));
         Ok(Self {
             _watcher: watcher,
             trigger,
@@ -86,7 +122,7 @@ impl PolicyWatcher {
     /// Ask for a reload (debounced like a file change).
     pub fn reload_now(&self) {
         // A full channel already holds a pending reload: nothing is lost.
-        let _ = self.trigger.try_send(());
+        let _ = self.trigger.try_send(true);
     }
 
     /// The outcome of every (re)load, starting with the first.
@@ -97,7 +133,7 @@ impl PolicyWatcher {
 
 fn fs_watcher(
     dir: &Path,
-    trigger: mpsc::Sender<()>,
+    trigger: mpsc::Sender<bool>,
 ) -> Result<notify::RecommendedWatcher, PolicyError> {
     let err = |e: notify::Error| {
         PolicyError::new(
@@ -108,15 +144,14 @@ fn fs_watcher(
     };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
+        // Any change in the directory: `..data` swaps name no `*.rhai` file. The reload loop
+        // reloads only if the policy files' contents changed.
         let relevant = matches!(
             event.kind,
             EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-        ) && event
-            .paths
-            .iter()
-            .any(|p| p.extension().is_some_and(|x| x == "rhai"));
+        );
         if relevant {
-            let _ = trigger.try_send(());
+            let _ = trigger.try_send(false);
         }
     })
     .map_err(err)?;
@@ -129,19 +164,44 @@ fn fs_watcher(
 async fn reload_loop(
     load: Loader,
     dir: PathBuf,
-    mut signals: mpsc::Receiver<()>,
+    mut last: Option<u64>,
+    mut signals: mpsc::Receiver<bool>,
     debounce: Duration,
+    rescan: Option<Duration>,
     outcomes: watch::Sender<ReloadOutcome>,
 ) {
-    while signals.recv().await.is_some() {
+    let mut ticks = rescan.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        // `reload_now` always reloads; a file event or a rescan only when the files changed.
+        let mut forced = match &mut ticks {
+            Some(t) => tokio::select! {
+                s = signals.recv() => match s { Some(f) => f, None => return },
+                _ = t.tick() => false,
+            },
+            None => match signals.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
         // Debounce: wait until the directory has been quiet for `debounce`.
         loop {
             match tokio::time::timeout(debounce, signals.recv()).await {
-                Ok(Some(())) => continue,
+                Ok(Some(f)) => forced |= f,
                 Ok(None) => return,
                 Err(_elapsed) => break,
             }
         }
+        let now = fingerprint(&dir);
+        if !forced && (now.is_none() || now == last) {
+            // No policy file changed (an editor's swap file, `..data` churn), or the
+            // directory is gone: the set in force keeps serving.
+            continue;
+        }
+        last = now;
         let outcome = match load(&dir) {
             Ok(version) => ReloadOutcome::Loaded(version),
             Err(e) => ReloadOutcome::Rejected(e),

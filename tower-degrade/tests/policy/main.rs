@@ -1126,3 +1126,51 @@ async fn top_level_code_a_bom_and_oversized_files_are_handled_at_load() {
     assert!(err.reason().contains("over the limit"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn reload_follows_a_configmap_update_and_a_recreated_directory() {
+    use std::os::unix::fs::symlink;
+    use tower_degrade::policy::ReloadOutcome;
+
+    // A mounted ConfigMap: the files are symlinks through `..data`, itself a symlink to the
+    // current version's directory; an update swaps `..data` atomically.
+    let dir = temp_dir("configmap");
+    std::fs::create_dir(dir.join("..v1")).unwrap();
+    std::fs::write(dir.join("..v1/log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    symlink("..v1", dir.join("..data")).unwrap();
+    symlink("..data/log.rhai", dir.join("log.rhai")).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let watcher = d.watch_policies(&dir, Duration::from_millis(50)).unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    let next = |outcomes: &mut tokio::sync::watch::Receiver<ReloadOutcome>| {
+        let mut o = outcomes.clone();
+        async move {
+            // The timeout only bounds a broken watcher.
+            tokio::time::timeout(Duration::from_secs(10), o.changed())
+                .await
+                .expect("a reload")
+                .unwrap();
+            o.borrow_and_update().clone()
+        }
+    };
+
+    std::fs::create_dir(dir.join("..v2")).unwrap();
+    std::fs::write(dir.join("..v2/log.rhai"), policy("\"log\"", "admit()")).unwrap();
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    assert_eq!(next(&mut outcomes).await, ReloadOutcome::Loaded(2));
+    outcomes.borrow_and_update();
+
+    // The directory removed and created again (its watch is gone): the rescan finds it.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    assert_eq!(next(&mut outcomes).await, ReloadOutcome::Loaded(3));
+    drop(watcher);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
