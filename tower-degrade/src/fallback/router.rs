@@ -21,7 +21,7 @@ use super::review::ManualReview;
 use super::schedule::{Backfill, RetryPolicy};
 use super::shared::{Clock, RouterShared};
 use super::store::Store;
-use super::worker::FallbackWorker;
+use super::worker::{FallbackWorker, Settings};
 use super::{Diverted, Fallback, FallbackService, NoFallback};
 use crate::class::Route;
 use crate::degrader::Degrader;
@@ -72,13 +72,10 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
     store: Option<Arc<dyn Store>>,
     capture: Capture,
     retry: RetryPolicy,
-    backfill: Backfill,
     batches: HashMap<String, Arc<dyn Batcher>>,
     replay: Option<Arc<dyn Replay>>,
     service: T,
-    period: Duration,
-    concurrency: usize,
-    replay_timeout: Duration,
+    worker: Settings,
 }
 
 impl<T> fmt::Debug for FallbackRouterBuilder<T> {
@@ -86,7 +83,7 @@ impl<T> fmt::Debug for FallbackRouterBuilder<T> {
         f.debug_struct("FallbackRouterBuilder")
             .field("capture", &self.capture)
             .field("retry", &self.retry)
-            .field("backfill", &self.backfill)
+            .field("worker", &self.worker)
             .finish_non_exhaustive()
     }
 }
@@ -99,13 +96,15 @@ impl FallbackRouter {
             store: None,
             capture: Capture::new(),
             retry: RetryPolicy::default(),
-            backfill: Backfill::default(),
             batches: HashMap::new(),
             replay: None,
             service: NoFallback,
-            period: Duration::from_millis(100),
-            concurrency: 32,
-            replay_timeout: Duration::from_secs(30),
+            worker: Settings {
+                backfill: Backfill::default(),
+                period: Duration::from_millis(100),
+                concurrency: 32,
+                replay_timeout: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -150,7 +149,7 @@ impl<T> FallbackRouterBuilder<T> {
 
     /// When and how fast spooled tasks are backfilled (default: [`Backfill::default`]).
     pub fn backfill(mut self, backfill: Backfill) -> Self {
-        self.backfill = backfill;
+        self.worker.backfill = backfill;
         self
     }
 
@@ -173,20 +172,20 @@ impl<T> FallbackRouterBuilder<T> {
 
     /// How often the worker looks for due tasks when nothing wakes it (default 100 ms).
     pub fn period(mut self, period: Duration) -> Self {
-        self.period = period;
+        self.worker.period = period;
         self
     }
 
     /// How long one replay may take before it counts as failed (default 30 s). Keep it under a
     /// Redis store's `claim_timeout`.
     pub fn replay_timeout(mut self, d: Duration) -> Self {
-        self.replay_timeout = d;
+        self.worker.replay_timeout = d;
         self
     }
 
     /// How many replays the worker runs at once (default 32).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
+        self.worker.concurrency = n;
         self
     }
 
@@ -198,13 +197,10 @@ impl<T> FallbackRouterBuilder<T> {
             store: self.store,
             capture: self.capture,
             retry: self.retry,
-            backfill: self.backfill,
             batches: self.batches,
             replay: self.replay,
             service: FallbackService(service),
-            period: self.period,
-            concurrency: self.concurrency,
-            replay_timeout: self.replay_timeout,
+            worker: self.worker,
         }
     }
 
@@ -230,14 +226,14 @@ impl<T> FallbackRouterBuilder<T> {
         for class in self.batches.keys() {
             self.degrader.registry().require(class)?;
         }
-        if self.concurrency == 0 {
+        if self.worker.concurrency == 0 {
             return Err(ConfigError::InvalidValue {
                 field: "fallback.concurrency",
                 reason: "must be at least 1".into(),
             });
         }
         self.retry.validate()?;
-        self.backfill.validate()?;
+        self.worker.backfill.validate()?;
         crate::metrics::describe_fallback();
         let shared = Arc::new(RouterShared {
             service: Arc::from(self.degrader.service()),
@@ -250,15 +246,7 @@ impl<T> FallbackRouterBuilder<T> {
             retry_after: Duration::from_secs(1),
             storing: Default::default(),
         });
-        let worker = FallbackWorker::new(
-            shared.clone(),
-            self.degrader,
-            replay,
-            self.backfill,
-            self.period,
-            self.concurrency,
-            self.replay_timeout,
-        );
+        let worker = FallbackWorker::new(shared.clone(), self.degrader, replay, self.worker);
         Ok((
             FallbackRouter {
                 shared,

@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 
+/// `Err` for a setting out of range.
+fn bad(field: &'static str, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::InvalidValue {
+        field,
+        reason: reason.into(),
+    })
+}
+
 /// The `delayed_retry` schedule: exponential backoff with jitter, capped (the seed's "retry
 /// interval stretched up to 30 s"), until the task succeeds or its attempts or deadline run
 /// out; then it moves to manual review.
@@ -58,12 +66,6 @@ impl RetryPolicy {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| {
-            Err(ConfigError::InvalidValue {
-                field,
-                reason: reason.into(),
-            })
-        };
         if self.initial.is_zero() {
             return bad("fallback.retry.initial", "must be greater than zero");
         }
@@ -170,12 +172,6 @@ impl Backfill {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| {
-            Err(ConfigError::InvalidValue {
-                field,
-                reason: reason.into(),
-            })
-        };
         if !(self.rate.is_finite() && self.rate > 0.0) {
             return bad("fallback.backfill.rate", "must be a positive number");
         }

@@ -17,6 +17,15 @@ use crate::breaker::State;
 use crate::degrader::Degrader;
 use crate::gate::Directive;
 
+/// How the worker runs, as the router's builder set it.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) backfill: Backfill,
+    pub(crate) period: Duration,
+    pub(crate) concurrency: usize,
+    pub(crate) replay_timeout: Duration,
+}
+
 /// Replays what a [`FallbackRouter`](super::FallbackRouter) kept: spawn [`run`](Self::run).
 ///
 /// Every `period` (or at once when a call is kept) it
@@ -36,10 +45,7 @@ pub struct FallbackWorker {
     shared: Arc<RouterShared>,
     degrader: Degrader,
     replay: Arc<dyn Replay>,
-    backfill: Backfill,
-    period: Duration,
-    concurrency: usize,
-    replay_timeout: Duration,
+    settings: Settings,
     /// Spooled tasks claimed while their class may not be backfilled, by class.
     parked: HashMap<String, Vec<TaskId>>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
@@ -53,9 +59,7 @@ pub struct FallbackWorker {
 impl fmt::Debug for FallbackWorker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackWorker")
-            .field("backfill", &self.backfill)
-            .field("period", &self.period)
-            .field("concurrency", &self.concurrency)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
@@ -65,21 +69,15 @@ impl FallbackWorker {
         shared: Arc<RouterShared>,
         degrader: Degrader,
         replay: Arc<dyn Replay>,
-        backfill: Backfill,
-        period: Duration,
-        concurrency: usize,
-        replay_timeout: Duration,
+        settings: Settings,
     ) -> Self {
         let last_ms = shared.clock.now_ms();
-        let rate = backfill.rate;
+        let rate = settings.backfill.rate;
         Self {
             shared,
             degrader,
             replay,
-            backfill,
-            period,
-            concurrency,
-            replay_timeout,
+            settings,
             parked: HashMap::new(),
             rate,
             tokens: 0.0,
@@ -95,7 +93,7 @@ impl FallbackWorker {
                 tracing::error!(error = %e, "batch_merge: the journal could not be read back");
             }
         }
-        let mut tick = tokio::time::interval(self.period);
+        let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -133,7 +131,7 @@ impl FallbackWorker {
             let due = match self
                 .shared
                 .store
-                .due(Queue::Retry, now, self.concurrency)
+                .due(Queue::Retry, now, self.settings.concurrency)
                 .await
             {
                 Ok(d) if !d.is_empty() => d,
@@ -184,11 +182,14 @@ impl FallbackWorker {
         let sla = registry
             .get(class)
             .map_or(Duration::MAX, |id| registry.class(id).sla_target());
-        if c.window.p99.as_secs_f64() > sla.as_secs_f64() * self.backfill.headroom {
+        if c.window.p99.as_secs_f64() > sla.as_secs_f64() * self.settings.backfill.headroom {
             self.rate = (self.rate / 2.0).max(1.0);
             return false;
         }
-        match (self.backfill.in_window(now), self.backfill.below_rps) {
+        match (
+            self.settings.backfill.in_window(now),
+            self.settings.backfill.below_rps,
+        ) {
             (None, None) => true,
             (w, load) => w == Some(true) || load.is_some_and(|max| c.window.rps() < max),
         }
@@ -198,7 +199,7 @@ impl FallbackWorker {
         let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
         self.last_ms = now;
         // Additive increase once per step; `gate` halves the rate when a class is too slow.
-        self.rate = (self.rate * 1.1 + 1.0).min(self.backfill.rate);
+        self.rate = (self.rate * 1.1 + 1.0).min(self.settings.backfill.rate);
         let service = self.shared.service.to_string();
         // Parked classes that may go now: give their tasks back to the queue.
         let classes: Vec<String> = self.parked.keys().cloned().collect();
@@ -219,7 +220,7 @@ impl FallbackWorker {
         let (mut replayed, mut rounds) = (0usize, 0);
         while self.tokens >= 1.0 && rounds < 16 {
             rounds += 1;
-            let want = (self.tokens as usize).min(self.concurrency);
+            let want = (self.tokens as usize).min(self.settings.concurrency);
             let due = match self.shared.store.due(Queue::Spool, now, want).await {
                 Ok(d) if !d.is_empty() => d,
                 Ok(_) => break,
@@ -273,7 +274,7 @@ impl FallbackWorker {
                 (Payload::Bytes(_), Some(batcher)) => batcher.replay(&task),
                 _ => self.replay.replay(&task, attempt),
             };
-            let limit = self.replay_timeout;
+            let limit = self.settings.replay_timeout;
             running.push((
                 task,
                 tokio::spawn(async move {
