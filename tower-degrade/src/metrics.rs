@@ -96,6 +96,10 @@ pub const POLICY_ERRORS: &str = "degrade_policy_errors_total";
 pub const POLICY_ALERTS: &str = "degrade_policy_alerts_total";
 /// Decisions of shadow-mode policies, by `policy`, `class` and `action`.
 pub const POLICY_SHADOW_DECISIONS: &str = "degrade_policy_shadow_decisions_total";
+/// Policy calls skipped: the tick's budget was spent, or the last tick's policies still ran.
+pub const POLICY_SKIPPED: &str = "degrade_policy_skipped_total";
+/// `print` / `debug` lines from policies dropped by the rate limit.
+pub const POLICY_LOG_DROPPED: &str = "degrade_policy_log_dropped_total";
 
 /// The queueing delay the layer measured for the class (readiness, policy delays, admission).
 pub const QUEUE_DELAY: &str = "degrade_queue_delay_seconds";
@@ -169,6 +173,16 @@ pub(crate) fn describe() {
         POLICY_SHADOW_DECISIONS,
         Unit::Count,
         "Decisions of shadow-mode policies (recorded, not enforced)."
+    );
+    describe_counter!(
+        POLICY_SKIPPED,
+        Unit::Count,
+        "Policy calls skipped: the tick's budget was spent before their turn, or the previous tick's policies were still running. Their classes got the breaker's directive."
+    );
+    describe_counter!(
+        POLICY_LOG_DROPPED,
+        Unit::Count,
+        "Lines policies printed (`print`, `debug`) beyond the rate limit, not written."
     );
     describe_gauge!(
         QUEUE_DELAY,

@@ -87,7 +87,10 @@ impl Shared {
         }
         // Admission limits first, so policies see this tick's.
         let admission = self.tick_admission();
-        // Per class: breaker, stages, directive, metrics.
+        // Per class: breaker, then the stages over every class under automatic control at
+        // once (the policies run on their own thread, within the tick's budget), then publish.
+        let mut directives = Vec::with_capacity(self.registry.len());
+        let mut views = Vec::new();
         for (id, class) in self.registry.iter() {
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
@@ -102,23 +105,28 @@ impl Shared {
             if let Some(t) = ctl.breaker.step_predicted(&snap, prediction, now) {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
-            let mut directive = ctl.breaker.directive(now).pack();
+            directives.push(ctl.breaker.directive(now).pack());
             // A manual command always wins over the stages.
             if !ctl.breaker.is_manual() {
-                let view = ClassTick {
+                views.push(ClassTick {
                     id,
-                    history: &ctl.history,
+                    history: ctl.history.clone(),
                     state: ctl.breaker.state(),
                     prediction,
                     admission: self.gates[id.index()]
                         .limiter
-                        .and_then(|l| admission.get(usize::from(l))),
-                };
-                for stage in self.stages() {
-                    directive = stage.decide(&view, directive);
-                }
+                        .and_then(|l| admission.get(usize::from(l)).cloned()),
+                });
             }
-            self.publish(id, directive);
+        }
+        for stage in self.stages() {
+            stage.decide(&views, &mut directives);
+        }
+        for (id, class) in self.registry.iter() {
+            self.publish(id, directives[id.index()]);
+            let mut ctl = self.control(id);
+            let ctl = &mut *ctl;
+            let snap = ctl.history.latest().copied().unwrap_or_default();
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(
                     &self.service,
@@ -131,7 +139,7 @@ impl Shared {
                 &snap,
                 ctl.reader.last_histogram(),
                 ctl.breaker.state(),
-                prediction,
+                ctl.prediction,
             );
         }
         // Registered on the first tick, like the class handles, so a recorder installed after

@@ -22,10 +22,9 @@ pub(crate) trait Stage: Send + Sync {
     /// Work over every class at once (one batched model run).
     fn observe(&self, _batch: &mut Batch<'_>) {}
 
-    /// The directive to publish for one class, given the one so far.
-    fn decide(&self, _class: &ClassTick<'_>, directive: Packed) -> Packed {
-        directive
-    }
+    /// The directives to publish, given the ones so far (indexed by class), for the classes
+    /// in `classes`.
+    fn decide(&self, _classes: &[ClassTick], _directives: &mut [Packed]) {}
 
     /// The directive for one request of a class with per-request rules.
     fn per_request(&self, _class: usize, directive: Packed, _req: &RequestView<'_>) -> Packed {
@@ -49,12 +48,12 @@ pub(crate) struct Batch<'a> {
 /// What [`Stage::decide`] sees of one class.
 // Read by the stages that exist; with every optional one compiled out, nobody reads it.
 #[cfg_attr(not(feature = "rhai"), allow(dead_code))]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClassTick<'a> {
+#[derive(Debug, Clone)]
+pub(crate) struct ClassTick {
     pub(crate) id: ClassId,
-    pub(crate) history: &'a Arc<History>,
+    pub(crate) history: Arc<History>,
     pub(crate) state: State,
     pub(crate) prediction: Option<f64>,
     /// The class's admission limiter after this tick's update, if admission is on.
-    pub(crate) admission: Option<&'a crate::admit::LimiterState>,
+    pub(crate) admission: Option<crate::admit::LimiterState>,
 }

@@ -36,6 +36,8 @@ pub struct DegraderBuilder {
     admission: Option<Admission>,
     #[cfg(feature = "rhai")]
     policy_limits: crate::policy::Limits,
+    #[cfg(feature = "rhai")]
+    policy_overlap: crate::policy::Overlap,
 }
 
 impl DegraderBuilder {
@@ -53,6 +55,8 @@ impl DegraderBuilder {
             admission: None,
             #[cfg(feature = "rhai")]
             policy_limits: crate::policy::Limits::default(),
+            #[cfg(feature = "rhai")]
+            policy_overlap: crate::policy::Overlap::default(),
         }
     }
 
@@ -88,6 +92,15 @@ impl DegraderBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
     pub fn policy_limits(mut self, limits: crate::policy::Limits) -> Self {
         self.policy_limits = limits;
+        self
+    }
+
+    /// What a load does when two policy files govern the same class at the same priority
+    /// (a stale `good.old.rhai` beside `good.rhai`): a warning (the default) or an error.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn policy_overlap(mut self, overlap: crate::policy::Overlap) -> Self {
+        self.policy_overlap = overlap;
         self
     }
 
@@ -198,8 +211,13 @@ impl DegraderBuilder {
             }
         };
         #[cfg(feature = "rhai")]
-        let policies: PolicyStage =
-            crate::policy::Runtime::new(&registry, &self.service, &self.env, self.policy_limits);
+        let policies: PolicyStage = crate::policy::Runtime::new(
+            &registry,
+            &self.service,
+            &self.env,
+            self.policy_limits,
+            self.policy_overlap,
+        );
         #[cfg(not(feature = "rhai"))]
         let policies: PolicyStage = ();
         let service: Arc<str> = Arc::from(self.service);

@@ -170,6 +170,11 @@ impl Degrader {
     /// Load every `*.rhai` policy in `dir` (once; see [`policy`](crate::policy)) and put the set
     /// in force atomically from the next tick. A bad file rejects the whole load with an error
     /// naming the file, line and reason; the set in force keeps serving. Returns the version.
+    ///
+    /// Validation runs the policies on a thread of its own, within their limits (up to
+    /// [`Limits::max_call_time`](crate::policy::Limits::max_call_time) a call); this call
+    /// blocks until it is done. From async code, [`watch_policies`](Self::watch_policies) and
+    /// [`reload_policies_on_demand`](Self::reload_policies_on_demand) load off the runtime.
     #[cfg(feature = "rhai")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
     pub fn load_policies(&self, dir: impl AsRef<std::path::Path>) -> Result<u64, PolicyError> {
@@ -202,6 +207,9 @@ impl Degrader {
         match compiled {
             Ok(set) => {
                 let names = set.names().join(", ");
+                for warning in set.warnings() {
+                    tracing::warn!(service = %self.shared.service, "{warning}");
+                }
                 let version = rt.install(set);
                 tracing::info!(service = %self.shared.service, version, policies = %names, "policies loaded");
                 Ok(version)
@@ -298,7 +306,7 @@ impl Degrader {
         watch_fs: bool,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
         let this = self.clone();
-        let load: crate::policy::Loader = Box::new(move |dir| this.load_policies(dir));
+        let load: crate::policy::Loader = Arc::new(move |dir| this.load_policies(dir));
         crate::policy::PolicyWatcher::start(load, dir, debounce, watch_fs)
     }
 }

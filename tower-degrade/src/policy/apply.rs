@@ -1,31 +1,76 @@
 //! Running the policies on the tick: decide per class, combine, quarantine failures, and the
-//! policies as a control-loop stage.
+//! policies as a control-loop stage (on their own thread, within the tick's budget).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use rhai::Dynamic;
 
 use super::decision::{self, Action, Decision};
 use super::request::Overlay;
-use super::{ClassPolicyState, Mode, Policy, PolicySet, Runtime, TickCtx, unwrap_error};
+use super::{
+    ClassPolicyState, Core, DEADLINE_REASON, Mode, Policy, PolicySet, Runtime, TickCtx,
+    unwrap_error,
+};
 use crate::class::ClassId;
 use crate::classify::RequestView;
 use crate::control::{Batch, ClassTick, Stage};
 use crate::gate::{Directive, Packed};
 use crate::metrics::{
-    POLICY_ALERTS, POLICY_ERRORS, POLICY_RELOADS, POLICY_SHADOW_DECISIONS, POLICY_VERSION,
+    POLICY_ALERTS, POLICY_ERRORS, POLICY_LOG_DROPPED, POLICY_RELOADS, POLICY_SHADOW_DECISIONS,
+    POLICY_SKIPPED, POLICY_VERSION,
 };
 
-impl Runtime {
+/// Calls in a row stopped at their deadline that quarantine a policy for its class (one
+/// could be the machine, not the policy).
+const LATE_QUARANTINE: u32 = 3;
+
+/// How long the control loop waits for the policy thread past the tick's budget: the script
+/// running at the budget stops at its next deadline check.
+const GRACE: Duration = Duration::from_millis(20);
+
+/// How a policy call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// `on_request` failed on one request, decided without it.
+    Request,
+    /// `on_tick` failed: quarantined for the class until the next load.
+    Quarantined,
+    /// `on_tick` ran past its deadline: skipped this tick.
+    Late,
+}
+
+/// What a tick's policies want said. The policy thread collects these and the control loop
+/// says them, so logs and metrics go where the control loop's go.
+#[derive(Debug)]
+pub(super) enum Note {
+    Alert(usize, Arc<str>),
+    Shadow(usize, Decision),
+    Failed(usize, Option<usize>, String, Failure),
+    Skipped(usize),
+    HookOff(usize, u64, u64),
+}
+
+/// One class's outcome of a tick's policies.
+#[derive(Debug)]
+pub(super) struct Outcome {
+    id: ClassId,
+    directive: Directive,
+    overlay: Option<Overlay>,
+    notes: Vec<Note>,
+}
+
+impl Core {
     /// One `on_tick` call: `Ok(None)` for no opinion.
     pub(super) fn decide(
         &self,
         policy: &Policy,
         ctx: TickCtx,
+        deadline: Instant,
     ) -> Result<Option<Decision>, (Option<usize>, String)> {
         let out = self
-            .call(&policy.ast, "on_tick", (ctx,))
+            .call(&policy.ast, "on_tick", (ctx,), deadline)
             .map_err(|e| unwrap_error(*e))?;
         self.as_decision(out, "on_tick")
     }
@@ -53,21 +98,24 @@ impl Runtime {
         policy: &Policy,
         line: Option<usize>,
         reason: &str,
-        hook: &str,
+        failure: Failure,
     ) {
         let at = line
             .map(|l| format!("{}:{l}", policy.file))
             .unwrap_or_else(|| policy.file.clone());
-        if hook == "on_request" {
-            tracing::warn!(
-                service = %self.service, class, policy = %policy.name, hook, at, reason,
+        match failure {
+            Failure::Request => tracing::warn!(
+                service = %self.service, class, policy = %policy.name, hook = "on_request", at, reason,
                 "policy hook failed on a request, which was decided without it (logged once per tick)"
-            );
-        } else {
-            tracing::warn!(
-                service = %self.service, class, policy = %policy.name, hook, at, reason,
+            ),
+            Failure::Quarantined => tracing::warn!(
+                service = %self.service, class, policy = %policy.name, hook = "on_tick", at, reason,
                 "policy failed; quarantined for this class until the next load"
-            );
+            ),
+            Failure::Late => tracing::warn!(
+                service = %self.service, class, policy = %policy.name, hook = "on_tick", at, reason,
+                "policy stopped at its deadline and skipped this tick (quarantined after {LATE_QUARANTINE} in a row)"
+            ),
         }
         metrics::counter!(POLICY_ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
@@ -85,30 +133,60 @@ impl Runtime {
         metrics::counter!(POLICY_SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
     }
 
-    /// Run the policies governing `class`: the directive for everyone (the breaker's combined with
-    /// the policies that apply to all requests) and, when some policies apply per request
-    /// (rollouts, groups, `on_request`), the overlay the data path consults.
+    /// Run the policies of `classes` (on the policy thread), each class's with the breaker's
+    /// directive so far, until `deadline`.
+    pub(super) fn run_tick(
+        &self,
+        set: &Arc<PolicySet>,
+        classes: Vec<(ClassTick, Directive)>,
+        deadline: Instant,
+    ) -> Vec<Outcome> {
+        classes
+            .into_iter()
+            .map(|(tick, breaker)| {
+                let mut memo = self.memos[tick.id.index()]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let mut notes = Vec::new();
+                let (directive, overlay) =
+                    self.apply(set, &tick, breaker, &mut memo, deadline, &mut notes);
+                Outcome {
+                    id: tick.id,
+                    directive,
+                    overlay,
+                    notes,
+                }
+            })
+            .collect()
+    }
+
+    /// Run the policies governing a class: the directive for everyone (the breaker's combined
+    /// with the policies that apply to all requests) and, when some policies apply per request
+    /// (rollouts, groups, `on_request`), the overlay the data path consults. Policies whose
+    /// turn comes after `deadline` are skipped.
     fn apply(
         &self,
         set: &Arc<PolicySet>,
-        class: ClassId,
-        tick: &ClassTick<'_>,
+        tick: &ClassTick,
         breaker: Directive,
         memo: &mut ClassPolicyState,
+        deadline: Instant,
+        notes: &mut Vec<Note>,
     ) -> (Directive, Option<Overlay>) {
         if memo.version != set.version {
             *memo = ClassPolicyState {
                 version: set.version,
-                quarantined: Vec::new(),
+                ..Default::default()
             };
         }
+        let class = tick.id;
         let info = &self.classes[class.index()];
         let ctx = self.ctx(
             class.index(),
             tick.history.clone(),
             tick.state,
             tick.prediction,
-            tick.admission.cloned(),
+            tick.admission.clone(),
         );
         let mut everyone: Vec<(i64, Decision)> = Vec::new();
         let mut rules = Vec::new();
@@ -120,29 +198,59 @@ impl Runtime {
             let policy = &set.policies[i];
             if policy.has_on_request {
                 if let Some((errors, calls)) = set.hooks[i].tick() {
-                    tracing::warn!(service = %self.service, class = %info.name, policy = %policy.name,
-                        errors, calls, "on_request failed on most requests of a tick; switched off until the next load");
+                    notes.push(Note::HookOff(i, errors, calls));
                 }
                 if !set.hooks[i].is_off() {
                     hooks.push(i);
                 }
             }
-            let decision = match self.decide(policy, ctx.clone()) {
+            if Instant::now() >= deadline {
+                notes.push(Note::Skipped(i));
+                continue;
+            }
+            let call_deadline = self.call_deadline().min(deadline);
+            let result = self.decide(policy, ctx.clone(), call_deadline);
+            if result.is_ok() {
+                memo.late.retain(|&(p, _)| p != i);
+            }
+            let decision = match result {
                 Ok(Some(d)) => d,
                 Ok(None) => continue,
+                // The tick's budget ran out during this call: not this policy's fault alone.
+                Err(_) if Instant::now() >= deadline => {
+                    notes.push(Note::Skipped(i));
+                    continue;
+                }
                 Err((line, reason)) => {
-                    memo.quarantined.push(i);
-                    hooks.retain(|&h| h != i);
-                    self.report_failure(&info.name, policy, line, &reason, "on_tick");
+                    let late = reason == DEADLINE_REASON && {
+                        let n = match memo.late.iter_mut().find(|(p, _)| *p == i) {
+                            Some((_, n)) => {
+                                *n += 1;
+                                *n
+                            }
+                            None => {
+                                memo.late.push((i, 1));
+                                1
+                            }
+                        };
+                        n < LATE_QUARANTINE
+                    };
+                    let failure = if late {
+                        Failure::Late
+                    } else {
+                        memo.quarantined.push(i);
+                        hooks.retain(|&h| h != i);
+                        Failure::Quarantined
+                    };
+                    notes.push(Note::Failed(i, line.or(policy.lines[0]), reason, failure));
                     continue;
                 }
             };
             for alert in decision.alerts() {
-                tracing::warn!(service = %self.service, class = %info.name, policy = %policy.name, alert = %alert, "policy alert");
-                metrics::counter!(POLICY_ALERTS, "service" => self.service.to_string(), "class" => info.name.to_string(), "policy" => policy.name.clone()).increment(1);
+                notes.push(Note::Alert(i, alert.clone()));
             }
             match policy.mode {
-                Mode::Shadow => self.record_shadow(&info.name, policy, &decision),
+                Mode::Shadow => notes.push(Note::Shadow(i, decision)),
                 Mode::Enforce if policy.selector.is_everyone() => {
                     everyone.push((policy.priority, decision))
                 }
@@ -159,6 +267,34 @@ impl Runtime {
             ctx,
         });
         (directive, overlay)
+    }
+
+    /// Say what a class's policies noted this tick: logs and metrics.
+    fn emit(&self, set: &PolicySet, class: ClassId, notes: Vec<Note>) {
+        let name = &self.classes[class.index()].name;
+        for note in notes {
+            match note {
+                Note::Alert(i, alert) => {
+                    let policy = &set.policies[i];
+                    tracing::warn!(service = %self.service, class = %name, policy = %policy.name, alert = %alert, "policy alert");
+                    metrics::counter!(POLICY_ALERTS, "service" => self.service.to_string(), "class" => name.to_string(), "policy" => policy.name.clone()).increment(1);
+                }
+                Note::Shadow(i, decision) => self.record_shadow(name, &set.policies[i], &decision),
+                Note::Failed(i, line, reason, failure) => {
+                    self.report_failure(name, &set.policies[i], line, &reason, failure)
+                }
+                Note::Skipped(i) => self.count_skipped(set, class, i),
+                Note::HookOff(i, errors, calls) => {
+                    tracing::warn!(service = %self.service, class = %name, policy = %set.policies[i].name,
+                        errors, calls, "on_request failed on most requests of a tick; switched off until the next load");
+                }
+            }
+        }
+    }
+
+    fn count_skipped(&self, set: &PolicySet, class: ClassId, policy: usize) {
+        set.skipped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(POLICY_SKIPPED, "service" => self.service.to_string(), "class" => self.classes[class.index()].name.to_string(), "policy" => set.policies[policy].name.clone()).increment(1);
     }
 
     /// Install `set` as the new version; the old one becomes the rollback target.
@@ -188,25 +324,78 @@ impl Runtime {
     }
 }
 
-/// The policies as a control-loop stage: `on_tick` per class after its breaker, the overlay of
-/// per-request rules for the data path.
+/// The policies as a control-loop stage: `on_tick` for every class on the policy thread, the
+/// overlay of per-request rules for the data path.
 impl Stage for Runtime {
     fn observe(&self, _batch: &mut Batch<'_>) {
         self.tick_set.store(self.current());
     }
 
-    fn decide(&self, tick: &ClassTick<'_>, directive: Packed) -> Packed {
-        let i = tick.id.index();
+    fn decide(&self, classes: &[ClassTick], directives: &mut [Packed]) {
         let Some(set) = self.tick_set.load_full() else {
-            self.overlays[i].store(None);
-            return directive;
+            for c in classes {
+                self.overlays[c.id.index()].store(None);
+            }
+            return;
         };
-        let mut memo = self.memos[i].lock().unwrap_or_else(|e| e.into_inner());
-        let (d, overlay) = self.apply(&set, tick.id, tick, Directive::unpack(directive), &mut memo);
-        let has_overlay = overlay.is_some();
-        // The overlay first: a directive with the bit set always finds it.
-        self.overlays[i].store(overlay.map(Arc::new));
-        d.pack().with_overlay(has_overlay)
+        let mut ids = Vec::new();
+        let mut work = Vec::new();
+        for c in classes {
+            // Without policies, a class has no overlay and keeps the breaker's directive.
+            self.overlays[c.id.index()].store(None);
+            if !set.by_class[c.id.index()].is_empty() {
+                ids.push(c.id);
+                work.push((c.clone(), Directive::unpack(directives[c.id.index()])));
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let deadline = start + self.limits.max_tick_time;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let core = self.core.clone();
+        let job_set = set.clone();
+        // The policy thread logs where the control loop logs.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let started = self.thread().is_some_and(|t| {
+            t.try_run(
+                move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        core.run_tick(&job_set, work, deadline)
+                    })
+                },
+                tx,
+            )
+        });
+        let wait = deadline.saturating_duration_since(Instant::now()) + GRACE;
+        match started.then(|| rx.recv_timeout(wait).ok()).flatten() {
+            Some(outcomes) => {
+                for o in outcomes {
+                    let i = o.id.index();
+                    let has_overlay = o.overlay.is_some();
+                    // The overlay first: a directive with the bit set always finds it.
+                    self.overlays[i].store(o.overlay.map(Arc::new));
+                    directives[i] = o.directive.pack().with_overlay(has_overlay);
+                    self.emit(&set, o.id, o.notes);
+                }
+            }
+            None => {
+                // Still running (a native call past every deadline check) or not started:
+                // the breakers decide this tick; what the policy thread finishes is dropped.
+                let mut skipped = 0;
+                for id in ids {
+                    for &p in &set.by_class[id.index()] {
+                        self.count_skipped(&set, id, p);
+                        skipped += 1;
+                    }
+                }
+                tracing::warn!(service = %self.service, skipped, budget_ms = self.limits.max_tick_time.as_millis() as u64,
+                    "policies did not finish within the tick's budget; the breakers decided this tick");
+            }
+        }
+        metrics::counter!(POLICY_LOG_DROPPED, "service" => self.service.to_string())
+            .absolute(self.log.dropped());
     }
 
     fn per_request(&self, class: usize, directive: Packed, req: &RequestView<'_>) -> Packed {

@@ -7,31 +7,81 @@ use std::time::Duration;
 use rhai::Dynamic;
 
 use super::request::Selector;
-use super::{Mode, Policy, PolicySet, Runtime, Target, unwrap_error};
+use super::{Core, DEADLINE_REASON, Mode, Policy, PolicySet, Runtime, Target, unwrap_error};
 use crate::breaker::State;
 use crate::class::{Registry, Tier};
 use crate::error::PolicyError;
 use crate::window::{History, WindowSnapshot};
 
-/// For an error Rhai gave no position (a blown operation budget, a wrong return type, bad
-/// metadata), the line defining the function it is about.
-fn hook_line(text: &str, reason: &str) -> Option<usize> {
-    let hook = ["on_request", "on_tick", "policy"]
-        .into_iter()
-        .find(|h| reason.starts_with(h) || reason.starts_with(&format!("`{h}`")))?;
+/// Whether `line` starts the definition of the function `name`.
+fn defines_fn(line: &str, name: &str) -> bool {
+    line.trim_start()
+        .strip_prefix("fn ")
+        .and_then(|rest| rest.trim_start().strip_prefix(name))
+        .is_some_and(|rest| rest.trim_start().starts_with('('))
+}
+
+/// The line defining the function `hook`.
+fn hook_line(text: &str, hook: &str) -> Option<usize> {
     text.lines()
-        .position(|line| {
-            line.trim_start()
-                .strip_prefix("fn ")
-                .and_then(|rest| rest.trim_start().strip_prefix(hook))
-                .is_some_and(|rest| rest.trim_start().starts_with('('))
-        })
+        .position(|l| defines_fn(l, hook))
         .map(|i| i + 1)
 }
 
+/// For an error Rhai gave no position (a blown operation budget, a wrong return type, bad
+/// metadata), the line defining the function it is about.
+fn reason_line(text: &str, reason: &str) -> Option<usize> {
+    let hook = ["on_request", "on_tick", "policy"]
+        .into_iter()
+        .find(|h| reason.starts_with(h) || reason.starts_with(&format!("`{h}`")))?;
+    hook_line(text, hook)
+}
+
+/// A validation call stopped at its wall-clock deadline gets a second try: a thread descheduled
+/// on a busy machine is not a slow policy. A second stop is the policy's.
+fn retry_late<T>(
+    call: impl Fn() -> Result<T, (Option<usize>, String)>,
+) -> Result<T, (Option<usize>, String)> {
+    match call() {
+        Err((_, reason)) if reason == DEADLINE_REASON => call(),
+        other => other,
+    }
+}
+
+/// What a load does when two files govern the same class at the same priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overlap {
+    /// Load, with a warning naming both files ([`PolicySet::warnings`] and the log).
+    #[default]
+    Warn,
+    /// Refuse the load, naming both files.
+    Error,
+}
+
 impl Runtime {
-    /// Compile and validate `sources` (name, file label, text) into a set for `registry`.
+    /// Compile and validate `sources` (name, file label, text) into a set for `registry`, on
+    /// a thread with the stack the limits call for (never the caller's, never a runtime
+    /// worker).
     pub(crate) fn compile(
+        &self,
+        registry: &Registry,
+        sources: &[(String, String, String)],
+    ) -> Result<PolicySet, PolicyError> {
+        let stack = super::contain::thread_stack(&self.limits);
+        super::contain::on_policy_stack(stack, || self.core.compile(registry, sources))
+            .unwrap_or_else(|e| {
+                Err(PolicyError::new(
+                    "policies",
+                    None,
+                    format!("cannot start a thread to validate them: {e}"),
+                ))
+            })
+    }
+}
+
+impl Core {
+    fn compile(
         &self,
         registry: &Registry,
         sources: &[(String, String, String)],
@@ -42,7 +92,7 @@ impl Runtime {
                 .compile_one(registry, name, file, text)
                 .map_err(|mut e| {
                     if e.line.is_none() {
-                        e.line = hook_line(text, &e.reason);
+                        e.line = reason_line(text, &e.reason);
                     }
                     e
                 })?;
@@ -69,13 +119,71 @@ impl Runtime {
                     .then(a.cmp(&b))
             });
         }
+        let warnings = self.overlaps(registry, &policies, &by_class)?;
         let hooks = policies.iter().map(|_| Default::default()).collect();
         Ok(PolicySet {
             version: 0,
             policies,
             hooks,
             by_class,
+            warnings,
+            skipped: Default::default(),
         })
+    }
+
+    /// Pairs of enforced policies governing a class at the same priority: their order is the
+    /// files' names, which is rarely meant (a stale copy left beside the real file). Policies
+    /// at different priorities are layered on purpose; a shadow policy beside the one it would
+    /// replace is how a change is tried.
+    fn overlaps(
+        &self,
+        registry: &Registry,
+        policies: &[Policy],
+        by_class: &[Vec<usize>],
+    ) -> Result<Vec<String>, PolicyError> {
+        let mut pairs: Vec<((usize, usize), Vec<&str>)> = Vec::new();
+        for (id, class) in registry.iter() {
+            let list = &by_class[id.index()];
+            for (k, &a) in list.iter().enumerate() {
+                for &b in &list[k + 1..] {
+                    let (pa, pb) = (&policies[a], &policies[b]);
+                    if pa.priority != pb.priority
+                        || pa.mode != Mode::Enforce
+                        || pb.mode != Mode::Enforce
+                    {
+                        continue;
+                    }
+                    let key = (a.min(b), a.max(b));
+                    match pairs.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, classes)) => classes.push(class.name()),
+                        None => pairs.push((key, vec![class.name()])),
+                    }
+                }
+            }
+        }
+        let warnings: Vec<String> = pairs
+            .iter()
+            .map(|((a, b), classes)| {
+                format!(
+                    "{} and {} both govern {} at priority {}: both decide, the most restrictive \
+                     wins (give one a higher priority, make one a shadow, or remove the stale one)",
+                    policies[*a].file,
+                    policies[*b].file,
+                    classes.join(", "),
+                    policies[*a].priority
+                )
+            })
+            .collect();
+        if self.overlap == Overlap::Error
+            && let Some(((a, _), _)) = pairs.first()
+        {
+            return Err(PolicyError::new(
+                &policies[*a].file,
+                None,
+                warnings[0].clone(),
+            ));
+        }
+        Ok(warnings)
     }
 
     fn compile_one(
@@ -90,12 +198,17 @@ impl Runtime {
         }
         // A byte-order mark (Windows editors) is not code.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let defines = |hook: &str| text.lines().any(|l| defines_fn(l, hook));
         let mut ast = self.engine.compile(text).map_err(|e| {
-            PolicyError::new(
-                file,
-                e.position().line(),
-                format!("syntax error: {}", e.err_type()),
-            )
+            // A file that defines no hook is not a policy (a symlink to /etc/passwd, a
+            // config file with the wrong extension): its content is not quoted.
+            let reason = if defines("policy") || defines("on_tick") {
+                format!("syntax error: {}", e.err_type())
+            } else {
+                "not a policy: no `fn policy()` or `fn on_tick(ctx)` (its content is not quoted)"
+                    .to_owned()
+            };
+            PolicyError::new(file, e.position().line(), reason)
         })?;
         ast.set_source(file);
         // Rhai would run top-level code on `eval` only, which policies never do: it would be
@@ -141,10 +254,11 @@ impl Runtime {
                 "missing `fn policy()` returning a map",
             ));
         }
-        let meta: Dynamic = self.call(&ast, "policy", ()).map_err(|e| {
-            let (line, reason) = unwrap_error(*e);
-            PolicyError::new(file, line, format!("policy(): {reason}"))
-        })?;
+        let meta: Dynamic = retry_late(|| {
+            self.call(&ast, "policy", (), self.call_deadline())
+                .map_err(|e| unwrap_error(*e))
+        })
+        .map_err(|(line, reason)| PolicyError::new(file, line, format!("policy(): {reason}")))?;
         let Some(meta) = meta.try_cast::<rhai::Map>() else {
             return Err(PolicyError::new(
                 file,
@@ -232,6 +346,7 @@ impl Runtime {
             mode,
             selector,
             has_on_request,
+            lines: [hook_line(text, "on_tick"), hook_line(text, "on_request")],
         };
         self.validate(&policy)?;
         Ok(policy)
@@ -275,9 +390,11 @@ impl Runtime {
         ];
         for (what, history, state) in samples {
             let ctx = self.ctx(class, history, state, None, None);
-            self.decide(policy, ctx.clone()).map_err(|(line, reason)| {
-                PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
-            })?;
+            retry_late(|| self.decide(policy, ctx.clone(), self.call_deadline())).map_err(
+                |(line, reason)| {
+                    PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))
+                },
+            )?;
             if policy.has_on_request {
                 self.validate_request_hook(policy, ctx)
                     .map_err(|(line, reason)| {

@@ -13,13 +13,20 @@ use crate::breaker::State;
 use crate::class::{LatencyTolerance, Route, Tier};
 use crate::window::{History, WindowSnapshot};
 
-/// Limits applied to every policy call.
+/// Limits applied to every policy call. `docs/policies.md` lists what happens at each.
+///
+/// The depth limits also size the stack policies run on (the deeper a script may nest, the
+/// more stack the engine's recursion needs): ticks and validation run on threads given twice
+/// what the limits allow a script to reach, so raising a depth limit costs address space, not
+/// safety.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Limits {
-    /// Operations per call (a loop iteration, a function call, an expression...).
+    /// Operations per `on_tick` call (a loop iteration, a function call, an expression...).
     pub max_operations: u64,
-    /// Nested function calls.
+    /// Operations per `on_request` call (it runs on the request's path).
+    pub max_request_operations: u64,
+    /// Nested function calls (`on_request` gets at most 4).
     pub max_call_levels: usize,
     /// Expression nesting depth (statements, and inside functions).
     pub max_expr_depth: usize,
@@ -29,17 +36,31 @@ pub struct Limits {
     pub max_array_size: usize,
     /// Entries in a map.
     pub max_map_size: usize,
+    /// Wall-clock time one `on_tick` call (or one validation run) may take: a call past it is
+    /// stopped; three in a row quarantine the policy for its class.
+    pub max_call_time: std::time::Duration,
+    /// Wall-clock time all policies of one tick may take together: policies not run by then
+    /// are skipped for that tick (counted) and their classes get their breaker's directive.
+    pub max_tick_time: std::time::Duration,
+    /// Lines `print` and `debug` may write per second, for all policies together.
+    pub max_log_lines: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_operations: 50_000,
+            max_request_operations: 5_000,
             max_call_levels: 16,
-            max_expr_depth: 64,
+            max_expr_depth: 32,
             max_string_size: 4 * 1024,
             max_array_size: 1024,
             max_map_size: 256,
+            // A call within the operation budget takes about 3 ms in a release build, 35 ms
+            // in a debug build: the deadline stops only what the budget does not count.
+            max_call_time: std::time::Duration::from_millis(100),
+            max_tick_time: std::time::Duration::from_millis(250),
+            max_log_lines: 10,
         }
     }
 }
@@ -150,27 +171,70 @@ pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The longest `retry_after` a policy may tell clients.
 pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Build the sandboxed engine with the policy API. Called once per [`PolicyEngine`].
-pub(crate) fn build_engine(limits: &Limits) -> Engine {
+/// Which calls an engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hooks {
+    /// `policy()` and `on_tick`: on the policy threads, with a wall-clock deadline.
+    Tick,
+    /// `on_request`: on the request's thread, with tighter limits.
+    Request,
+}
+
+/// Build the sandboxed engine with the policy API. Called once per degrader and [`Hooks`].
+pub(crate) fn build_engine(
+    limits: &Limits,
+    hooks: Hooks,
+    log: Arc<super::contain::LogLimiter>,
+) -> Engine {
+    use super::contain;
     let mut engine = Engine::new();
+    let (operations, call_levels, arrays, maps) = match hooks {
+        Hooks::Tick => (
+            limits.max_operations,
+            limits.max_call_levels,
+            limits.max_array_size,
+            limits.max_map_size,
+        ),
+        Hooks::Request => (
+            limits.max_request_operations,
+            contain::REQUEST_CALL_LEVELS.min(limits.max_call_levels),
+            contain::REQUEST_ARRAY_SIZE.min(limits.max_array_size),
+            contain::REQUEST_MAP_SIZE.min(limits.max_map_size),
+        ),
+    };
     // Sandbox: no `eval`, no modules; Rhai has no file, network or process access of its own.
     engine
         .disable_symbol("eval")
         .set_module_resolver(DummyModuleResolver::new())
         .set_max_modules(0)
-        .set_max_operations(limits.max_operations)
-        .set_max_call_levels(limits.max_call_levels)
+        .set_max_operations(operations)
+        .set_max_call_levels(call_levels)
         .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
         .set_max_string_size(limits.max_string_size)
-        .set_max_array_size(limits.max_array_size)
-        .set_max_map_size(limits.max_map_size)
+        .set_max_array_size(arrays)
+        .set_max_map_size(maps)
         .set_max_functions(64)
         .set_max_variables(256)
         .set_fail_on_invalid_map_property(true)
         .set_strict_variables(true);
-    engine.on_print(|s| tracing::info!(target: "tower_degrade::policy", "{s}"));
-    engine.on_debug(|s, src, pos| {
-        tracing::debug!(target: "tower_degrade::policy", source = src.unwrap_or(""), %pos, "{s}")
+    if hooks == Hooks::Tick {
+        // The wall-clock deadline, checked every 8 operations (a clock read is ~25 ns).
+        engine.on_progress(|ops| {
+            (ops % 8 == 0 && contain::past_deadline())
+                .then(|| Dynamic::from(ImmutableString::from(contain::DEADLINE_TOKEN)))
+        });
+    }
+    // `print` and `debug`: rate-limited, escaped and cut like alerts.
+    let print_log = log.clone();
+    engine.on_print(move |s| {
+        if print_log.allow() {
+            tracing::info!(target: "tower_degrade::policy", "{}", super::decision::sanitize(s));
+        }
+    });
+    engine.on_debug(move |s, src, pos| {
+        if log.allow() {
+            tracing::debug!(target: "tower_degrade::policy", source = src.unwrap_or(""), %pos, "{}", super::decision::sanitize(s));
+        }
     });
 
     engine.register_type_with_name::<TickCtx>("Ctx");

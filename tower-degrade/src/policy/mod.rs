@@ -4,6 +4,7 @@
 
 mod apply;
 mod compile;
+mod contain;
 mod decision;
 mod engine;
 mod request;
@@ -12,13 +13,13 @@ mod watch;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwapOption;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
 
-pub use self::compile::MAX_SOURCE_BYTES;
 pub(crate) use self::compile::read_dir;
+pub use self::compile::{MAX_SOURCE_BYTES, Overlap};
 pub use self::decision::{Action, Decision, MAX_ALERT_BYTES, MAX_ALERTS};
 pub use self::engine::{Limits, MAX_DELAY, MAX_RETRY_AFTER, PolicyWindow, TickCtx};
 pub(crate) use self::request::Overlay;
@@ -58,6 +59,8 @@ pub(crate) struct Policy {
     mode: Mode,
     selector: Selector,
     has_on_request: bool,
+    /// The lines defining `on_tick` and `on_request`, for errors Rhai gives no position.
+    lines: [Option<usize>; 2],
 }
 
 /// How a policy's `on_request` hook fares since the last tick. A hook that fails fails open for
@@ -116,6 +119,11 @@ pub struct PolicySet {
     hooks: Vec<HookHealth>,
     /// Per class: indices into `policies`, by priority (highest first), then name.
     by_class: Vec<Vec<usize>>,
+    /// What the load noticed but accepted (two files governing one class).
+    warnings: Vec<String>,
+    /// Policy calls skipped because the tick's budget was spent or the last tick's policies
+    /// were still running.
+    skipped: AtomicU64,
 }
 
 impl PolicySet {
@@ -136,7 +144,23 @@ impl PolicySet {
             .map(|ps| ps.iter().map(|&i| self.policies[i].name.as_str()).collect())
             .unwrap_or_default()
     }
+
+    /// What the load noticed and accepted, one line each (also logged as warnings): today, two
+    /// files governing the same class, unless [`Overlap::Error`] refused them.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Policy calls skipped since this set was loaded: the tick's budget
+    /// ([`Limits::max_tick_time`]) was spent before their turn, or the previous tick's
+    /// policies were still running. Their classes got their breaker's directive for that tick.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
+
+/// The reason of a call stopped at its wall-clock deadline.
+const DEADLINE_REASON: &str = "ran past its wall-clock deadline (max_call_time)";
 
 /// The innermost error of a call chain, with its position cleared, and that position's line.
 fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
@@ -146,6 +170,11 @@ fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
     let pos = err.take_position();
     let reason = match &err {
         EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.is_string() && token.to_string() == contain::DEADLINE_TOKEN =>
+        {
+            DEADLINE_REASON.to_owned()
+        }
         other => other.to_string(),
     };
     (pos.line(), reason)
@@ -163,22 +192,46 @@ pub(crate) struct ClassInfo {
     route: crate::class::Route,
 }
 
-/// The policy state of a degrader: the engine, the set in force and the one before.
-pub(crate) struct Runtime {
+/// What policy code runs with: the engines, the sets, per-class data. Shared with the thread
+/// that runs the ticks.
+pub(crate) struct Core {
+    /// `policy()` and `on_tick` (validation and ticks, on the policy threads).
     engine: Engine,
+    /// `on_request`, on the request's thread.
+    request_engine: Engine,
     limits: Limits,
+    overlap: Overlap,
+    /// The stack an `on_request` call may need (see [`contain`]).
+    request_stack: usize,
     current: ArcSwapOption<PolicySet>,
     previous: Mutex<Option<Arc<PolicySet>>>,
     versions: AtomicU64,
     classes: Vec<ClassInfo>,
     service: ImmutableString,
     env: ImmutableString,
-    /// The set this tick runs (taken once per tick, so every class sees the same version).
-    tick_set: ArcSwapOption<PolicySet>,
     /// Per class: the quarantined policies.
     memos: Box<[Mutex<ClassPolicyState>]>,
+    log: Arc<contain::LogLimiter>,
+}
+
+/// The policy state of a degrader: the engines and sets ([`Core`]), the thread that runs the
+/// ticks, and what the data path reads.
+pub(crate) struct Runtime {
+    core: Arc<Core>,
+    /// Started with the first tick that has policies to run; `None` if it could not be.
+    thread: OnceLock<Option<contain::PolicyThread>>,
+    /// The set this tick runs (taken once per tick, so every class sees the same version).
+    tick_set: ArcSwapOption<PolicySet>,
     /// Per class: the per-request rules the data path consults when the directive says so.
     overlays: Box<[ArcSwapOption<Overlay>]>,
+}
+
+impl std::ops::Deref for Runtime {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 impl fmt::Debug for Runtime {
@@ -196,10 +249,18 @@ impl fmt::Debug for Runtime {
 pub(crate) struct ClassPolicyState {
     version: u64,
     quarantined: Vec<usize>,
+    /// Per policy: calls in a row stopped at their deadline.
+    late: Vec<(usize, u32)>,
 }
 
 impl Runtime {
-    pub(crate) fn new(registry: &Registry, service: &str, env: &str, limits: Limits) -> Self {
+    pub(crate) fn new(
+        registry: &Registry,
+        service: &str,
+        env: &str,
+        limits: Limits,
+        overlap: Overlap,
+    ) -> Self {
         let classes: Vec<ClassInfo> = registry
             .iter()
             .map(|(_, c)| ClassInfo {
@@ -212,25 +273,52 @@ impl Runtime {
                 route: c.route(),
             })
             .collect();
-        Self {
-            engine: {
-                let mut engine = engine::build_engine(&limits);
-                request::register(&mut engine);
-                engine
-            },
+        let log = Arc::new(contain::LogLimiter::new(limits.max_log_lines));
+        let build = |hooks| {
+            let mut engine = engine::build_engine(&limits, hooks, log.clone());
+            request::register(&mut engine);
+            engine
+        };
+        let overlays = classes.iter().map(|_| ArcSwapOption::empty()).collect();
+        let core = Core {
+            engine: build(engine::Hooks::Tick),
+            request_engine: build(engine::Hooks::Request),
             limits,
+            overlap,
+            request_stack: contain::request_stack_need(&limits),
             current: ArcSwapOption::empty(),
             previous: Mutex::new(None),
             versions: AtomicU64::new(0),
-            tick_set: ArcSwapOption::empty(),
             memos: classes.iter().map(|_| Mutex::default()).collect(),
-            overlays: classes.iter().map(|_| ArcSwapOption::empty()).collect(),
             classes,
             service: service.into(),
             env: env.into(),
+            log,
+        };
+        Self {
+            core: Arc::new(core),
+            thread: OnceLock::new(),
+            tick_set: ArcSwapOption::empty(),
+            overlays,
         }
     }
 
+    /// The thread ticks run on, started on first use.
+    fn thread(&self) -> Option<&contain::PolicyThread> {
+        self.thread
+            .get_or_init(|| {
+                contain::PolicyThread::spawn(contain::thread_stack(&self.limits))
+                    .map_err(|e| {
+                        tracing::error!(service = %self.service, error = %e,
+                            "cannot start the policy thread; policies will not run, breakers decide");
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
+impl Core {
     pub(crate) fn current(&self) -> Option<Arc<PolicySet>> {
         self.current.load_full()
     }
@@ -260,16 +348,38 @@ impl Runtime {
         }
     }
 
-    /// Call the function `name` of `ast` with a fresh scope.
+    /// Call `policy()` or `on_tick` of `ast` with a fresh scope, stopped at `deadline`.
     fn call(
         &self,
         ast: &AST,
         name: &str,
         args: impl rhai::FuncArgs,
+        deadline: std::time::Instant,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
         let mut scope = Scope::new();
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        self.engine
-            .call_fn_with_options(options, &mut scope, ast, name, args)
+        contain::with_deadline(deadline, || {
+            self.engine
+                .call_fn_with_options(options, &mut scope, ast, name, args)
+        })
+    }
+
+    /// Call `on_request` of `ast`, with enough stack whatever thread this is.
+    fn call_request(
+        &self,
+        ast: &AST,
+        args: impl rhai::FuncArgs,
+    ) -> Result<Dynamic, Box<EvalAltResult>> {
+        contain::on_request_stack(self.request_stack, || {
+            let mut scope = Scope::new();
+            let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+            self.request_engine
+                .call_fn_with_options(options, &mut scope, ast, "on_request", args)
+        })
+    }
+
+    /// The deadline of a call starting now.
+    fn call_deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + self.limits.max_call_time
     }
 }

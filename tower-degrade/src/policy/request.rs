@@ -12,7 +12,7 @@ use rhai::{Dynamic, ImmutableString};
 
 use super::decision::{Decision, combine};
 use super::engine::TickCtx;
-use super::{Mode, PolicySet, Runtime, unwrap_error};
+use super::{Core, Mode, PolicySet, unwrap_error};
 use crate::class::Route;
 use crate::classify::RequestView;
 use crate::gate::{Directive, Packed};
@@ -137,7 +137,7 @@ pub(super) fn register(engine: &mut rhai::Engine) {
         });
 }
 
-impl Runtime {
+impl Core {
     /// Decide one request of a class whose directive carries the overlay bit.
     pub(crate) fn apply_overlay(
         &self,
@@ -175,9 +175,9 @@ impl Runtime {
                             self.report_failure(
                                 &overlay.ctx.class,
                                 policy,
-                                line,
+                                line.or(policy.lines[1]),
                                 &reason,
-                                "on_request",
+                                super::apply::Failure::Request,
                             );
                         }
                     }
@@ -198,7 +198,7 @@ impl Runtime {
         req: RequestInfo,
     ) -> Result<Option<Decision>, (Option<usize>, String)> {
         let out = self
-            .call(&policy.ast, "on_request", (ctx, req))
+            .call_request(&policy.ast, (ctx, req))
             .map_err(|e| unwrap_error(*e))?;
         self.as_decision(out, "on_request")
     }

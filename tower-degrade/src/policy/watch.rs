@@ -86,7 +86,7 @@ fn fingerprint(dir: &Path) -> Option<u64> {
 }
 
 /// Loads a policy directory into a degrader, returning the version in force.
-pub(crate) type Loader = Box<dyn Fn(&Path) -> Result<u64, PolicyError> + Send + Sync>;
+pub(crate) type Loader = std::sync::Arc<dyn Fn(&Path) -> Result<u64, PolicyError> + Send + Sync>;
 
 impl PolicyWatcher {
     /// Load `dir` with `load` now, then again on every change (when `watch_fs`) and every
@@ -202,9 +202,17 @@ async fn reload_loop(
             continue;
         }
         last = now;
-        let outcome = match load(&dir) {
-            Ok(version) => ReloadOutcome::Loaded(version),
-            Err(e) => ReloadOutcome::Rejected(e),
+        // Reading and validating block (validation runs on a thread of its own): off the
+        // runtime's workers, so the control loop keeps ticking meanwhile.
+        let (load_, dir_) = (load.clone(), dir.clone());
+        let outcome = match tokio::task::spawn_blocking(move || load_(&dir_)).await {
+            Ok(Ok(version)) => ReloadOutcome::Loaded(version),
+            Ok(Err(e)) => ReloadOutcome::Rejected(e),
+            Err(e) => ReloadOutcome::Rejected(PolicyError::new(
+                &dir.display().to_string(),
+                None,
+                format!("the reload did not complete: {e}"),
+            )),
         };
         outcomes.send_replace(outcome);
     }

@@ -15,6 +15,9 @@ mod support;
 
 use support::{failing_after, window};
 
+mod containment;
+mod fuzz;
+
 fn degrader() -> Degrader {
     Degrader::builder("shop")
         .env("test")

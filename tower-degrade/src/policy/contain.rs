@@ -1,0 +1,285 @@
+//! Containment: where policy code runs and for how long.
+//!
+//! - **Stack.** Rhai evaluates recursively: every nested expression, function call and level of
+//!   nested data (`to_string`, `==` on an array of arrays) is a few native frames. The deepest a
+//!   script can go is fixed by its [`Limits`], so the stack it can need is too
+//!   ([`stack_need`]). Ticks run on one dedicated thread ([`PolicyThread`]) and validation on a
+//!   thread of its own, both with twice that stack; an `on_request` hook runs on the caller's
+//!   thread, on a stack grown on the heap when what is left is not enough ([`on_request_stack`]).
+//! - **Time.** The operation budget bounds the work a script does, not the time a native
+//!   function takes; a wall-clock deadline per call ([`with_deadline`], checked every few
+//!   operations) and a budget per tick bound both. The control loop waits for the policy thread
+//!   until the tick's budget is spent and publishes the breakers' directives for what did not
+//!   finish.
+//! - **Logs.** `print` and `debug` are rate-limited ([`LogLimiter`]) and escaped.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use super::engine::Limits;
+
+/// Stack bytes per level of script recursion, measured with the deepest shapes (nested
+/// parentheses through recursive calls, an array nested 1,020 deep printed or compared):
+/// at most 16 KiB a level in a debug build, 2.3 KiB in a release build; with a margin.
+const LEVEL_BYTES: usize = if cfg!(debug_assertions) { 24 } else { 4 } * 1024;
+
+/// Native frames outside the script's levels (the engine's entry, the hook's arguments).
+const BASE_BYTES: usize = 256 * 1024;
+
+/// The call levels an `on_request` hook gets (it runs on the request's thread).
+pub(crate) const REQUEST_CALL_LEVELS: usize = 4;
+/// The elements of one array an `on_request` hook may build.
+pub(crate) const REQUEST_ARRAY_SIZE: usize = 128;
+/// The entries of one map an `on_request` hook may build.
+pub(crate) const REQUEST_MAP_SIZE: usize = 64;
+
+/// The deepest recursion a script run under `limits` can reach, in levels: every call level
+/// nests expressions as deep as allowed, and data nests as deep as it has elements.
+fn levels(call_levels: usize, limits: &Limits, arrays: usize, maps: usize) -> usize {
+    call_levels
+        .saturating_add(1)
+        .saturating_mul(limits.max_expr_depth)
+        .saturating_add(arrays)
+        .saturating_add(maps)
+}
+
+/// The stack an `on_tick` call (or a validation run) under `limits` can need.
+pub(crate) fn stack_need(limits: &Limits) -> usize {
+    levels(
+        limits.max_call_levels,
+        limits,
+        limits.max_array_size,
+        limits.max_map_size,
+    )
+    .saturating_mul(LEVEL_BYTES)
+    .saturating_add(BASE_BYTES)
+}
+
+/// The stack an `on_request` call under `limits` can need.
+pub(crate) fn request_stack_need(limits: &Limits) -> usize {
+    levels(
+        REQUEST_CALL_LEVELS.min(limits.max_call_levels),
+        limits,
+        REQUEST_ARRAY_SIZE.min(limits.max_array_size),
+        REQUEST_MAP_SIZE.min(limits.max_map_size),
+    )
+    .saturating_mul(LEVEL_BYTES)
+    .saturating_add(BASE_BYTES)
+}
+
+/// The stack given to the threads that run ticks and validation: twice the need (a thread's
+/// stack is reserved, not committed: only the pages a script touches cost memory).
+pub(crate) fn thread_stack(limits: &Limits) -> usize {
+    const MAX: usize = 1 << 30;
+    stack_need(limits).saturating_mul(2).min(MAX)
+}
+
+/// Run an `on_request` call with at least `need` bytes of stack: on the caller's stack when it
+/// has that much left (the common case in release builds), else on a stack grown on the heap.
+pub(crate) fn on_request_stack<R>(need: usize, f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(need, need.saturating_mul(2), f)
+}
+
+thread_local! {
+    /// The deadline of the policy call running on this thread.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Run `f` (one policy call) with a wall-clock deadline: the engine stops the script at the
+/// first check past it (see [`past_deadline`]).
+pub(crate) fn with_deadline<R>(deadline: Instant, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Instant>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let _reset = Reset(DEADLINE.with(|d| d.replace(Some(deadline))));
+    f()
+}
+
+/// Whether the call running on this thread is past its deadline (never, outside
+/// [`with_deadline`]).
+pub(crate) fn past_deadline() -> bool {
+    DEADLINE
+        .with(|d| d.get())
+        .is_some_and(|d| Instant::now() >= d)
+}
+
+/// The value the engine's progress callback stops a script with at its deadline.
+pub(crate) const DEADLINE_TOKEN: &str = "deadline";
+
+/// Run `f` on a new thread with `stack` bytes of stack and wait for it: validation runs
+/// there, neither on the caller's stack nor on an async runtime's worker.
+pub(crate) fn on_policy_stack<R: Send>(
+    stack: usize,
+    f: impl FnOnce() -> R + Send,
+) -> std::io::Result<R> {
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("tower-degrade-policy-load".into())
+            .stack_size(stack)
+            .spawn_scoped(s, f)?;
+        Ok(handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs every tick's policies, one tick at a time.
+#[derive(Debug)]
+pub(crate) struct PolicyThread {
+    jobs: mpsc::Sender<Job>,
+    busy: Arc<AtomicBool>,
+}
+
+impl PolicyThread {
+    pub(crate) fn spawn(stack: usize) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tower-degrade-policy".into())
+            .stack_size(stack)
+            .spawn(move || {
+                // Ends when the runtime (the only sender) is dropped.
+                while let Ok(job) = rx.recv() {
+                    // A panic in a job is a bug in the engine or here, never a script's: keep
+                    // the thread for the next tick.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a policy tick panicked; the breakers decided that tick");
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs,
+            busy: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Run `job` and send its result to `reply`, unless the previous job is still running
+    /// (`false`). The thread is free again before the result is sent, so the next tick finds
+    /// it free.
+    pub(crate) fn try_run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> R + Send + 'static,
+        reply: mpsc::SyncSender<R>,
+    ) -> bool {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let busy = self.busy.clone();
+        let sent = self.jobs.send(Box::new(move || {
+            struct Free(Arc<AtomicBool>);
+            impl Drop for Free {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let free = Free(busy);
+            let out = job();
+            drop(free);
+            // The control loop stopped waiting: the result is dropped.
+            let _ = reply.send(out);
+        }));
+        if sent.is_err() {
+            self.busy.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+/// Rate limit for `print` and `debug`: at most `per_sec` lines a second for all policies of a
+/// degrader; the rest are counted, not written.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    per_sec: u64,
+    start: Instant,
+    /// The second (since `start`) in the high 32 bits, the lines written in it in the low 32.
+    slot: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec: u64::from(per_sec),
+            start: Instant::now(),
+            slot: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be written now.
+    pub(crate) fn allow(&self) -> bool {
+        let sec = self.start.elapsed().as_secs() & 0xffff_ffff;
+        let mut cur = self.slot.load(Ordering::Relaxed);
+        loop {
+            let (s, n) = (cur >> 32, cur & 0xffff_ffff);
+            let next = if s == sec { n + 1 } else { 1 };
+            if s == sec && n >= self.per_sec {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            match self.slot.compare_exchange_weak(
+                cur,
+                (sec << 32) | next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Lines dropped since the start.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_limiter_lets_the_first_lines_of_a_second_through() {
+        let l = LogLimiter::new(3);
+        let allowed = (0..10).filter(|_| l.allow()).count();
+        // All ten calls happen within one second on any machine that runs tests.
+        assert_eq!(allowed, 3);
+        assert_eq!(l.dropped(), 7);
+    }
+
+    #[test]
+    fn a_deadline_is_scoped_to_its_call() {
+        assert!(!past_deadline());
+        let past = Instant::now();
+        with_deadline(past, || {
+            assert!(past_deadline());
+            let later = Instant::now() + std::time::Duration::from_secs(3600);
+            with_deadline(later, || assert!(!past_deadline()));
+            assert!(past_deadline(), "the outer deadline is back");
+        });
+        assert!(!past_deadline());
+    }
+
+    #[test]
+    fn the_stack_follows_the_limits() {
+        let small = Limits {
+            max_call_levels: 2,
+            ..Limits::default()
+        };
+        assert!(stack_need(&small) < stack_need(&Limits::default()));
+        assert!(request_stack_need(&Limits::default()) < stack_need(&Limits::default()));
+        assert_eq!(
+            thread_stack(&Limits::default()),
+            2 * stack_need(&Limits::default())
+        );
+    }
+}

@@ -1,0 +1,509 @@
+//! Containment: hostile policies are rejected or quarantined, the process stays up and the
+//! tick keeps its period. One test per shape that once aborted the host or stalled the tick.
+//!
+//! Hostile work is gated on `ctx.requests == 7`, a window validation's samples never show:
+//! such a policy passes validation and does its damage on the first tick with 7 calls, on the
+//! policy thread.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tower_degrade::policy::{Limits, Overlap};
+
+use super::*;
+
+/// `depth` nested parentheses around `inner`.
+fn nest(depth: usize, inner: &str) -> String {
+    (0..depth).fold(inner.to_owned(), |s, _| format!("(1 + {s})"))
+}
+
+/// The deepest nesting of `shape(depth)` a load accepts (the engine's expression limit).
+fn deepest(shape: impl Fn(usize) -> String) -> usize {
+    let d = degrader();
+    (1..200)
+        .take_while(|&n| {
+            d.load_policy_sources([("probe", shape(n).as_str())])
+                .is_ok()
+        })
+        .last()
+        .expect("some depth loads")
+}
+
+/// A policy whose helper `g` recurses through `depth` nested parentheses.
+fn parens(depth: usize) -> String {
+    format!(
+        "{}\nfn g(n) {{ if n <= 0 {{ return 0; }} let r = {}; r }}",
+        policy("\"log\"", "if ctx.requests == 7 { g(14); } shed()"),
+        nest(depth, "g(n - 1)")
+    )
+}
+
+/// A degrader with a `log` class whose policy runs `body` once the window shows 7 calls.
+fn trapped(name: &str, helpers: &str, body: &str) -> Degrader {
+    let d = degrader();
+    let src = format!(
+        "fn policy() {{ #{{ governs: [\"log\"] }} }}\n{helpers}\nfn on_tick(ctx) {{\n if ctx.requests == 7 {{ {body} }}\n shed()\n}}\n"
+    );
+    d.load_policy_sources([(name, src.as_str())])
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    d
+}
+
+/// Spring the trap: 7 calls (shed by the policy), then the tick that runs the hostile code.
+/// Returns how long that tick took.
+async fn spring(d: &Degrader) -> Duration {
+    d.tick_now();
+    assert_eq!(admitted(d, "log", 7).await, 0, "the policy sheds");
+    let start = Instant::now();
+    d.tick_now();
+    start.elapsed()
+}
+
+/// After the trap: the policy is out of the way (quarantined or skipped), the breaker decides.
+async fn breaker_decides(d: &Degrader) {
+    assert_eq!(
+        admitted(d, "log", 5).await,
+        5,
+        "the breaker (closed) decides"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn recursion_through_nested_expressions_runs_on_a_stack_that_holds_it() {
+    // The deepest expression the limits allow inside a function recursing to the deepest call
+    // level: the shape that took 3.5 MiB of stack in a debug build, on a 2 MiB runtime worker.
+    let depth = deepest(parens);
+    let d = degrader();
+    d.load_policy_sources([("parens", parens(depth).as_str())])
+        .unwrap();
+    spring(&d).await;
+    // It ran to the end: within every limit, so the policy still sheds.
+    assert_eq!(admitted(&d, "log", 3).await, 0);
+    // One level deeper is refused at load, with the line.
+    let err = load_err(&d, "deeper", &parens(depth + 1));
+    assert!(err.starts_with("deeper.rhai:6:"), "{err}");
+    assert!(err.contains("maximum complexity"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn data_nested_a_thousand_deep_is_printed_and_compared_without_overflow() {
+    for (name, op) in [("printed", "a.to_string();"), ("compared", "a == a;")] {
+        // Building it copies the whole array at every level: the deadline stops that, or the
+        // copy finishes and the printing or comparing recurses 1,020 deep on the policy thread.
+        let d = trapped(
+            name,
+            "",
+            &format!("let a = []; for i in 0..1020 {{ a = [a]; }} {op}"),
+        );
+        spring(&d).await;
+        for _ in 0..3 {
+            d.tick_now();
+        }
+        assert!(d.state("log").is_ok(), "{name}: the process is alive");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deeply_nested_call_arguments_are_contained() {
+    let args = |depth: usize| {
+        let call = (0..depth).fold("1".to_owned(), |s, _| format!("f({s})"));
+        format!(
+            "{}\nfn f(x) {{ x }}",
+            policy(
+                "\"log\"",
+                &format!("if ctx.requests == 7 {{ {call}; }} shed()")
+            )
+        )
+    };
+    let depth = deepest(args);
+    let d = degrader();
+    d.load_policy_sources([("args", args(depth).as_str())])
+        .unwrap();
+    spring(&d).await;
+    assert_eq!(admitted(&d, "log", 3).await, 0, "within the limits: it ran");
+    let err = load_err(&d, "deeper", &args(depth + 1));
+    assert!(err.contains("maximum complexity"), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_validates_deep_policies_off_the_runtime() {
+    let dir = temp_dir("deep-reload");
+    let src = parens(deepest(parens)).replace("if ctx.requests == 7 { g(14); }", "g(14);");
+    std::fs::write(dir.join("a.rhai"), policy("\"log\"", "()")).unwrap();
+    let d = degrader();
+    let watcher = d
+        .reload_policies_on_demand(&dir, Duration::from_millis(1))
+        .unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    std::fs::write(dir.join("a.rhai"), &src).unwrap();
+    watcher.reload_now();
+    outcomes.changed().await.unwrap();
+    let outcome = outcomes.borrow_and_update().clone();
+    assert_eq!(outcome, tower_degrade::policy::ReloadOutcome::Loaded(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_on_request_hook_gets_the_stack_it_needs_on_any_thread() {
+    // A hook that nests data as deep as a request hook may (arrays of 128 elements) and prints
+    // it, on a thread with a quarter of a runtime worker's stack.
+    let src = r#"
+fn policy() { #{ governs: ["log"] } }
+fn on_tick(ctx) { }
+fn on_request(ctx, req) {
+    let a = [];
+    for i in 0..120 { a = [a]; }
+    let s = a.to_string();
+    if a == a { shed() }
+}
+"#;
+    let handle = std::thread::Builder::new()
+        .stack_size(512 * 1024)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let d = degrader();
+                d.load_policy_sources([("deep_hook", src)]).unwrap();
+                d.tick_now();
+                admitted(&d, "log", 3).await
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        handle.join().unwrap(),
+        0,
+        "the hook ran and shed every call"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn print_is_rate_limited() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let d = trapped(
+        "chatty",
+        "",
+        r#"let m = "x"; for i in 0..12 { m += m; } for i in 0..12000 { print(m); }"#,
+    );
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 7).await, 0);
+    metrics::with_local_recorder(&recorder, || d.tick_now());
+    let dropped = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(k, _, _, _)| k.key().name() == "degrade_policy_log_dropped_total")
+        .map(|(_, _, _, v)| v);
+    // 12,000 lines asked for, at most 10 a second written (the tick may have been stopped at
+    // its deadline before printing them all).
+    match dropped {
+        Some(DebugValue::Counter(n)) => assert!(n > 100, "{n} dropped"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_that_copies_without_end_is_stopped_at_its_deadline_and_then_quarantined() {
+    // Each `[a]` copies all of `a`: quadratic work in few operations, which only the
+    // wall-clock deadline bounds. Three late calls in a row quarantine it.
+    let d = trapped(
+        "copier",
+        "",
+        "let a = []; for i in 0..1020 { a = [a]; } let b = []; for i in 0..1020 { b = [b]; }",
+    );
+    let took = spring(&d).await;
+    let limits = Limits::default();
+    assert!(
+        took < limits.max_tick_time + Duration::from_millis(300),
+        "the tick took {took:?}"
+    );
+    breaker_decides(&d).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policies_over_the_tick_budget_are_skipped_and_their_classes_get_the_breaker() {
+    // Ten policies, each inside its own operation budget; together over a (tiny) tick budget.
+    let mut limits = Limits::default();
+    limits.max_tick_time = Duration::from_millis(1);
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let sources: Vec<(String, String)> = (0..10)
+        .map(|i| {
+            let src = format!(
+                "fn policy() {{ #{{ governs: [\"log\"], priority: {i} }} }}\nfn on_tick(ctx) {{ let x = 0; for i in 0..15000 {{ x += 1; }} shed() }}"
+            );
+            (format!("busy{i}"), src)
+        })
+        .collect();
+    d.load_policy_sources(sources.iter().map(|(n, s)| (n.as_str(), s.as_str())))
+        .unwrap();
+    d.tick_now();
+    let set = d.policies().unwrap();
+    assert!(set.skipped() >= 9, "{} skipped", set.skipped());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_control_loop_ticks_while_a_reload_validates() {
+    // Twenty policies whose validation takes a while (each run near its operation budget).
+    let dir = temp_dir("slow-validation");
+    let body = "let x = 0; for i in 0..12000 { x += 1; } ()";
+    std::fs::write(dir.join("p00.rhai"), policy("\"log\"", "()")).unwrap();
+    let d = Degrader::builder("shop")
+        .tick(Duration::from_millis(20))
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let watcher = d
+        .reload_policies_on_demand(&dir, Duration::from_millis(1))
+        .unwrap();
+    for i in 0..20 {
+        let src = format!(
+            "fn policy() {{ #{{ governs: [\"log\"], priority: {i} }} }}\nfn on_tick(ctx) {{ {body} }}"
+        );
+        std::fs::write(dir.join(format!("p{i:02}.rhai")), src).unwrap();
+    }
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    let before = d.status().tick;
+    let started = Instant::now();
+    watcher.reload_now();
+    outcomes.changed().await.unwrap();
+    let took = started.elapsed();
+    let ticks = d.status().tick - before;
+    assert!(
+        matches!(
+            *outcomes.borrow(),
+            tower_degrade::policy::ReloadOutcome::Loaded(_)
+        ),
+        "{:?}",
+        *outcomes.borrow()
+    );
+    // On this single-threaded runtime, a validation on the worker would have stopped the loop.
+    let expected = (took.as_millis() / 20 / 3) as u64;
+    assert!(
+        ticks >= expected.max(1),
+        "{ticks} ticks while the reload took {took:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What the degrader logs while `f` runs on this thread.
+fn logs(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_time_budget_error_names_its_line() {
+    let d = trapped("spin", "", "loop { }");
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 7).await, 0);
+    let out = logs(|| d.tick_now());
+    // The loop is on line 4 (or Rhai gives no position and the hook's line, 3, stands in).
+    assert!(
+        out.contains("spin.rhai:4") || out.contains("spin.rhai:3"),
+        "{out}"
+    );
+    assert!(out.contains("operation budget exceeded"), "{out}");
+    breaker_decides(&d).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_files_governing_a_class_at_one_priority_are_named() {
+    let good = policy("\"log\"", "shed()");
+    let d = degrader();
+    d.load_policy_sources([("good", good.as_str()), ("good.old", good.as_str())])
+        .unwrap();
+    let set = d.policies().unwrap();
+    let warnings = set.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("good.rhai") && warnings[0].contains("good.old.rhai"),
+        "{warnings:?}"
+    );
+    // Layered on purpose (another priority, or a shadow copy): no warning.
+    let layered = "fn policy() { #{ governs: [\"log\"], priority: 5 } }\nfn on_tick(ctx) { }";
+    let shadow = "fn policy() { #{ governs: [\"log\"], mode: \"shadow\" } }\nfn on_tick(ctx) { }";
+    d.load_policy_sources([
+        ("good", good.as_str()),
+        ("layered", layered),
+        ("shadow", shadow),
+    ])
+    .unwrap();
+    assert!(d.policies().unwrap().warnings().is_empty());
+    // By setting, an error naming both.
+    let strict = Degrader::builder("shop")
+        .policy_overlap(Overlap::Error)
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let err = strict
+        .load_policy_sources([("good", good.as_str()), ("good.old", good.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("good.rhai") && err.contains("good.old.rhai"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(start_paused = true)]
+async fn a_file_that_is_not_a_policy_is_refused_without_quoting_it() {
+    let dir = temp_dir("not-a-policy");
+    let secret = dir.join("secret.txt");
+    std::fs::write(
+        &secret,
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("passwd.rhai")).unwrap();
+    let d = degrader();
+    let err = d.load_policies(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a policy"), "{err}");
+    for word in ["root", "daemon", "bash", "nologin"] {
+        assert!(!err.contains(word), "quotes `{word}`: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fifty_megabyte_file_is_refused_before_it_is_read() {
+    let dir = temp_dir("fifty-mb");
+    // Sparse: 50 MB on paper, nothing on disk.
+    let f = std::fs::File::create(dir.join("big.rhai")).unwrap();
+    f.set_len(50 * 1024 * 1024).unwrap();
+    let d = degrader();
+    let err = d.load_policies(&dir).unwrap_err();
+    assert!(err.reason().contains("over the limit"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn reload_follows_an_edit_to_a_symlinked_files_target() {
+    let dir = temp_dir("symlinked-target");
+    let elsewhere = temp_dir("symlinked-target-source");
+    std::fs::write(elsewhere.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("log.rhai"), dir.join("log.rhai")).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let watcher = d.watch_policies(&dir, Duration::from_millis(20)).unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    // The edit happens outside the watched directory: no event there; the rescan sees it.
+    std::fs::write(elsewhere.join("log.rhai"), policy("\"log\"", "admit()")).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), outcomes.changed())
+        .await
+        .expect("a reload")
+        .unwrap();
+    assert_eq!(
+        *outcomes.borrow(),
+        tower_degrade::policy::ReloadOutcome::Loaded(2)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&elsewhere).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tick_keeps_its_period_with_the_worst_policy_of_each_kind_loaded() {
+    let d = degrader();
+    let parens = format!(
+        "fn g(n) {{ if n <= 0 {{ return 0; }} let r = {}; r }}",
+        nest(deepest(parens), "g(n - 1)")
+    );
+    let worst = [
+        ("spin", "", "loop { }".to_owned()),
+        (
+            "copier",
+            "",
+            "let a = []; for i in 0..1020 { a = [a]; }".to_owned(),
+        ),
+        (
+            "printer",
+            "",
+            r#"let m = "x"; for i in 0..12 { m += m; } for i in 0..12000 { print(m); }"#.to_owned(),
+        ),
+        (
+            "alerter",
+            "",
+            r#"let m = "x"; for i in 0..12 { m += m; } let d = admit(); for i in 0..4000 { d = d.alert(m); } return d;"#.to_owned(),
+        ),
+        (
+            "recursion",
+            "fn f(n) { f(n + 1) }",
+            "f(0);".to_owned(),
+        ),
+        ("parens", parens.as_str(), "g(14);".to_owned()),
+        (
+            "strings",
+            "",
+            r#"let s = "x"; loop { s += s; }"#.to_owned(),
+        ),
+    ];
+    let sources: Vec<(String, String)> = worst
+        .iter()
+        .enumerate()
+        .map(|(i, (name, helpers, body))| {
+            (
+                (*name).to_owned(),
+                format!(
+                    "fn policy() {{ #{{ governs: [\"*\"], priority: {i} }} }}\n{helpers}\nfn on_tick(ctx) {{\n if ctx.requests == 7 {{ {body} }}\n}}\n"
+                ),
+            )
+        })
+        .collect();
+    d.load_policy_sources(sources.iter().map(|(n, s)| (n.as_str(), s.as_str())))
+        .unwrap();
+    let limits = Limits::default();
+    for class in ["pay", "stock", "log"] {
+        assert_eq!(admitted(&d, class, 7).await, 7);
+    }
+    // Every class runs every hostile policy on this tick (and the next ones, until they are
+    // quarantined): each tick returns within the budget and a grace, well inside the 500 ms
+    // period.
+    for _ in 0..4 {
+        let start = Instant::now();
+        d.tick_now();
+        let took = start.elapsed();
+        assert!(
+            took < limits.max_tick_time + Duration::from_millis(300),
+            "a tick took {took:?}"
+        );
+        for class in ["pay", "stock", "log"] {
+            admitted(&d, class, 7).await;
+        }
+    }
+}
