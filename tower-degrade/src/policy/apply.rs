@@ -1,9 +1,9 @@
 //! Running the policies on the tick: decide per class, combine, quarantine failures, and the
-//! policies as a control-loop stage (on their own thread, within the tick's budget).
+//! policies as a control-loop stage (within the tick's budget, on a stack that fits the limits).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rhai::Dynamic;
 
@@ -26,10 +26,6 @@ use crate::metrics::{
 /// could be the machine, not the policy).
 const LATE_QUARANTINE: u32 = 3;
 
-/// How long the control loop waits for the policy thread past the tick's budget: the script
-/// running at the budget stops at its next deadline check.
-const GRACE: Duration = Duration::from_millis(20);
-
 /// How a policy call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Failure {
@@ -41,8 +37,7 @@ pub(super) enum Failure {
     Late,
 }
 
-/// What a tick's policies want said. The policy thread collects these and the control loop
-/// says them, so logs and metrics go where the control loop's go.
+/// What a tick's policies want said: collected while they run, said after (logs and metrics).
 #[derive(Debug)]
 pub(super) enum Note {
     Alert(usize, Arc<str>),
@@ -133,8 +128,8 @@ impl Core {
         metrics::counter!(POLICY_SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
     }
 
-    /// Run the policies of `classes` (on the policy thread), each class's with the breaker's
-    /// directive so far, until `deadline`.
+    /// Run the policies of `classes`, each class's with the breaker's directive so far, until
+    /// `deadline`.
     pub(super) fn run_tick(
         &self,
         set: &Arc<PolicySet>,
@@ -324,8 +319,8 @@ impl Core {
     }
 }
 
-/// The policies as a control-loop stage: `on_tick` for every class on the policy thread, the
-/// overlay of per-request rules for the data path.
+/// The policies as a control-loop stage: `on_tick` for every class within the tick's budget,
+/// the overlay of per-request rules for the data path.
 impl Stage for Runtime {
     fn observe(&self, _batch: &mut Batch<'_>) {
         self.tick_set.store(self.current());
@@ -338,61 +333,41 @@ impl Stage for Runtime {
             }
             return;
         };
-        let mut ids = Vec::new();
         let mut work = Vec::new();
         for c in classes {
             // Without policies, a class has no overlay and keeps the breaker's directive.
             self.overlays[c.id.index()].store(None);
             if !set.by_class[c.id.index()].is_empty() {
-                ids.push(c.id);
                 work.push((c.clone(), Directive::unpack(directives[c.id.index()])));
             }
         }
         if work.is_empty() {
             return;
         }
-        let start = Instant::now();
-        let deadline = start + self.limits.max_tick_time;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let core = self.core.clone();
-        let job_set = set.clone();
-        // The policy thread logs where the control loop logs.
-        let dispatch = tracing::dispatcher::get_default(Clone::clone);
-        let started = self.thread().is_some_and(|t| {
-            t.try_run(
-                move || {
-                    tracing::dispatcher::with_default(&dispatch, || {
-                        core.run_tick(&job_set, work, deadline)
-                    })
-                },
-                tx,
-            )
+        let deadline = Instant::now() + self.limits.max_tick_time;
+        // On the control loop's thread, on a stack grown to what the limits let a script
+        // reach (a runtime worker has 2 MiB); every call stops at its deadline, and policies
+        // whose turn comes after the tick's budget are skipped.
+        let outcomes = super::contain::with_stack(super::contain::stack_need(&self.limits), || {
+            self.core.run_tick(&set, work, deadline)
         });
-        let wait = deadline.saturating_duration_since(Instant::now()) + GRACE;
-        match started.then(|| rx.recv_timeout(wait).ok()).flatten() {
-            Some(outcomes) => {
-                for o in outcomes {
-                    let i = o.id.index();
-                    let has_overlay = o.overlay.is_some();
-                    // The overlay first: a directive with the bit set always finds it.
-                    self.overlays[i].store(o.overlay.map(Arc::new));
-                    directives[i] = o.directive.pack().with_overlay(has_overlay);
-                    self.emit(&set, o.id, o.notes);
-                }
-            }
-            None => {
-                // Still running (a native call past every deadline check) or not started:
-                // the breakers decide this tick; what the policy thread finishes is dropped.
-                let mut skipped = 0;
-                for id in ids {
-                    for &p in &set.by_class[id.index()] {
-                        self.count_skipped(&set, id, p);
-                        skipped += 1;
-                    }
-                }
-                tracing::warn!(service = %self.service, skipped, budget_ms = self.limits.max_tick_time.as_millis() as u64,
-                    "policies did not finish within the tick's budget; the breakers decided this tick");
-            }
+        let mut skipped = 0usize;
+        for o in outcomes {
+            let i = o.id.index();
+            let has_overlay = o.overlay.is_some();
+            // The overlay first: a directive with the bit set always finds it.
+            self.overlays[i].store(o.overlay.map(Arc::new));
+            directives[i] = o.directive.pack().with_overlay(has_overlay);
+            skipped += o
+                .notes
+                .iter()
+                .filter(|n| matches!(n, Note::Skipped(_)))
+                .count();
+            self.emit(&set, o.id, o.notes);
+        }
+        if skipped > 0 {
+            tracing::warn!(service = %self.service, skipped, budget_ms = self.limits.max_tick_time.as_millis() as u64,
+                "policies skipped: the tick's budget was spent; their classes got the breaker's directive");
         }
         metrics::counter!(POLICY_LOG_DROPPED, "service" => self.service.to_string())
             .absolute(self.log.dropped());

@@ -88,8 +88,13 @@ impl Core {
     ) -> Result<PolicySet, PolicyError> {
         let mut policies = Vec::with_capacity(sources.len());
         for (name, file, text) in sources {
+            // File names reach logs and metric labels: escaped like alerts.
+            let (name, file) = (
+                super::decision::sanitize(name),
+                super::decision::sanitize(file),
+            );
             let policy = self
-                .compile_one(registry, name, file, text)
+                .compile_one(registry, &name, &file, text)
                 .map_err(|mut e| {
                     if e.line.is_none() {
                         e.line = reason_line(text, &e.reason);

@@ -3,20 +3,18 @@
 //! - **Stack.** Rhai evaluates recursively: every nested expression, function call and level of
 //!   nested data (`to_string`, `==` on an array of arrays) is a few native frames. The deepest a
 //!   script can go is fixed by its [`Limits`], so the stack it can need is too
-//!   ([`stack_need`]). Ticks run on one dedicated thread ([`PolicyThread`]) and validation on a
-//!   thread of its own, both with twice that stack; an `on_request` hook runs on the caller's
-//!   thread, on a stack grown on the heap when what is left is not enough ([`on_request_stack`]).
+//!   ([`stack_need`]). Validation runs on a thread of its own with twice that stack
+//!   ([`on_policy_stack`]); ticks and `on_request` hooks run on their caller's thread, on a
+//!   stack grown for the call when what is left is not enough ([`with_stack`]).
 //! - **Time.** The operation budget bounds the work a script does, not the time a native
-//!   function takes; a wall-clock deadline per call ([`with_deadline`], checked every few
-//!   operations) and a budget per tick bound both. The control loop waits for the policy thread
-//!   until the tick's budget is spent and publishes the breakers' directives for what did not
-//!   finish.
+//!   function takes; a wall-clock deadline per call ([`with_deadline`], checked every 8
+//!   operations) and a budget per tick bound both. Every native function a script can call is
+//!   bounded by the size limits (the slowest, copying or printing a 1,024-deep array, takes
+//!   milliseconds), so a script stops within milliseconds of its deadline.
 //! - **Logs.** `print` and `debug` are rate-limited ([`LogLimiter`]) and escaped.
 
 use std::cell::Cell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::engine::Limits;
@@ -70,16 +68,17 @@ pub(crate) fn request_stack_need(limits: &Limits) -> usize {
     .saturating_add(BASE_BYTES)
 }
 
-/// The stack given to the threads that run ticks and validation: twice the need (a thread's
-/// stack is reserved, not committed: only the pages a script touches cost memory).
+/// The stack given to the thread that validates a load: twice the need (a thread's stack is
+/// reserved, not committed: only the pages a script touches cost memory).
 pub(crate) fn thread_stack(limits: &Limits) -> usize {
     const MAX: usize = 1 << 30;
     stack_need(limits).saturating_mul(2).min(MAX)
 }
 
-/// Run an `on_request` call with at least `need` bytes of stack: on the caller's stack when it
-/// has that much left (the common case in release builds), else on a stack grown on the heap.
-pub(crate) fn on_request_stack<R>(need: usize, f: impl FnOnce() -> R) -> R {
+/// Run `f` with at least `need` bytes of stack: on the caller's stack when it has that much
+/// left, else on a stack of twice that, mapped for the call (reserved, not committed: only the
+/// pages the script touches cost memory).
+pub(crate) fn with_stack<R>(need: usize, f: impl FnOnce() -> R) -> R {
     stacker::maybe_grow(need, need.saturating_mul(2), f)
 }
 
@@ -127,70 +126,6 @@ pub(crate) fn on_policy_stack<R: Send>(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
     })
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The thread that runs every tick's policies, one tick at a time.
-#[derive(Debug)]
-pub(crate) struct PolicyThread {
-    jobs: mpsc::Sender<Job>,
-    busy: Arc<AtomicBool>,
-}
-
-impl PolicyThread {
-    pub(crate) fn spawn(stack: usize) -> std::io::Result<Self> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("tower-degrade-policy".into())
-            .stack_size(stack)
-            .spawn(move || {
-                // Ends when the runtime (the only sender) is dropped.
-                while let Ok(job) = rx.recv() {
-                    // A panic in a job is a bug in the engine or here, never a script's: keep
-                    // the thread for the next tick.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                        tracing::error!("a policy tick panicked; the breakers decided that tick");
-                    }
-                }
-            })?;
-        Ok(Self {
-            jobs,
-            busy: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// Run `job` and send its result to `reply`, unless the previous job is still running
-    /// (`false`). The thread is free again before the result is sent, so the next tick finds
-    /// it free.
-    pub(crate) fn try_run<R: Send + 'static>(
-        &self,
-        job: impl FnOnce() -> R + Send + 'static,
-        reply: mpsc::SyncSender<R>,
-    ) -> bool {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        let busy = self.busy.clone();
-        let sent = self.jobs.send(Box::new(move || {
-            struct Free(Arc<AtomicBool>);
-            impl Drop for Free {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::Release);
-                }
-            }
-            let free = Free(busy);
-            let out = job();
-            drop(free);
-            // The control loop stopped waiting: the result is dropped.
-            let _ = reply.send(out);
-        }));
-        if sent.is_err() {
-            self.busy.store(false, Ordering::Release);
-            return false;
-        }
-        true
-    }
 }
 
 /// Rate limit for `print` and `debug`: at most `per_sec` lines a second for all policies of a

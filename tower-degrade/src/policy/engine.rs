@@ -174,7 +174,7 @@ pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// Which calls an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hooks {
-    /// `policy()` and `on_tick`: on the policy threads, with a wall-clock deadline.
+    /// `policy()` and `on_tick`: validation and ticks, with a wall-clock deadline.
     Tick,
     /// `on_request`: on the request's thread, with tighter limits.
     Request,

@@ -13,7 +13,7 @@ mod watch;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
@@ -192,10 +192,9 @@ pub(crate) struct ClassInfo {
     route: crate::class::Route,
 }
 
-/// What policy code runs with: the engines, the sets, per-class data. Shared with the thread
-/// that runs the ticks.
+/// What policy code runs with: the engines, the sets, per-class data.
 pub(crate) struct Core {
-    /// `policy()` and `on_tick` (validation and ticks, on the policy threads).
+    /// `policy()` and `on_tick` (validation and ticks).
     engine: Engine,
     /// `on_request`, on the request's thread.
     request_engine: Engine,
@@ -214,12 +213,10 @@ pub(crate) struct Core {
     log: Arc<contain::LogLimiter>,
 }
 
-/// The policy state of a degrader: the engines and sets ([`Core`]), the thread that runs the
-/// ticks, and what the data path reads.
+/// The policy state of a degrader: the engines and sets ([`Core`]) and what the data path
+/// reads.
 pub(crate) struct Runtime {
-    core: Arc<Core>,
-    /// Started with the first tick that has policies to run; `None` if it could not be.
-    thread: OnceLock<Option<contain::PolicyThread>>,
+    core: Core,
     /// The set this tick runs (taken once per tick, so every class sees the same version).
     tick_set: ArcSwapOption<PolicySet>,
     /// Per class: the per-request rules the data path consults when the directive says so.
@@ -296,25 +293,10 @@ impl Runtime {
             log,
         };
         Self {
-            core: Arc::new(core),
-            thread: OnceLock::new(),
+            core,
             tick_set: ArcSwapOption::empty(),
             overlays,
         }
-    }
-
-    /// The thread ticks run on, started on first use.
-    fn thread(&self) -> Option<&contain::PolicyThread> {
-        self.thread
-            .get_or_init(|| {
-                contain::PolicyThread::spawn(contain::thread_stack(&self.limits))
-                    .map_err(|e| {
-                        tracing::error!(service = %self.service, error = %e,
-                            "cannot start the policy thread; policies will not run, breakers decide");
-                    })
-                    .ok()
-            })
-            .as_ref()
     }
 }
 
@@ -370,7 +352,7 @@ impl Core {
         ast: &AST,
         args: impl rhai::FuncArgs,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
-        contain::on_request_stack(self.request_stack, || {
+        contain::with_stack(self.request_stack, || {
             let mut scope = Scope::new();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
             self.request_engine

@@ -3,7 +3,7 @@
 //!
 //! Hostile work is gated on `ctx.requests == 7`, a window validation's samples never show:
 //! such a policy passes validation and does its damage on the first tick with 7 calls, on the
-//! policy thread.
+//! control loop's thread, on the stack grown for the tick.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,9 +38,45 @@ fn parens(depth: usize) -> String {
     )
 }
 
+/// Run `test` on a thread with a runtime worker's 2 MiB of stack (whatever thread the test
+/// harness gives), on a paused single-threaded runtime.
+fn on_worker_stack<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+                .block_on(test())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
 /// A degrader with a `log` class whose policy runs `body` once the window shows 7 calls.
 fn trapped(name: &str, helpers: &str, body: &str) -> Degrader {
-    let d = degrader();
+    trapped_with(Limits::default(), name, helpers, body)
+}
+
+/// Limits whose deadlines never stop a script here: what keeps the host alive is the stack.
+fn patient() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_call_time = Duration::from_secs(60);
+    limits.max_tick_time = Duration::from_secs(60);
+    limits
+}
+
+fn trapped_with(limits: Limits, name: &str, helpers: &str, body: &str) -> Degrader {
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
     let src = format!(
         "fn policy() {{ #{{ governs: [\"log\"] }} }}\n{helpers}\nfn on_tick(ctx) {{\n if ctx.requests == 7 {{ {body} }}\n shed()\n}}\n"
     );
@@ -68,12 +104,16 @@ async fn breaker_decides(d: &Degrader) {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn recursion_through_nested_expressions_runs_on_a_stack_that_holds_it() {
+#[test]
+fn recursion_through_nested_expressions_runs_on_a_stack_that_holds_it() {
+    on_worker_stack(recursion_through_nested_expressions);
+}
+
+async fn recursion_through_nested_expressions() {
     // The deepest expression the limits allow inside a function recursing to the deepest call
     // level: the shape that took 3.5 MiB of stack in a debug build, on a 2 MiB runtime worker.
     let depth = deepest(parens);
-    let d = degrader();
+    let d = trapped_with(patient(), "parens", "", "");
     d.load_policy_sources([("parens", parens(depth).as_str())])
         .unwrap();
     spring(&d).await;
@@ -85,26 +125,39 @@ async fn recursion_through_nested_expressions_runs_on_a_stack_that_holds_it() {
     assert!(err.contains("maximum complexity"), "{err}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn data_nested_a_thousand_deep_is_printed_and_compared_without_overflow() {
-    for (name, op) in [("printed", "a.to_string();"), ("compared", "a == a;")] {
-        // Building it copies the whole array at every level: the deadline stops that, or the
-        // copy finishes and the printing or comparing recurses 1,020 deep on the policy thread.
-        let d = trapped(
+#[test]
+fn data_nested_a_thousand_deep_is_printed_and_compared_without_overflow() {
+    on_worker_stack(data_nested_a_thousand_deep);
+}
+
+async fn data_nested_a_thousand_deep() {
+    for (name, op) in [
+        ("printed", "let s = a.to_string(); s.len()"),
+        ("compared", "let same = a == a; same"),
+    ] {
+        // With deadlines out of the way, the array is built and printing or comparing it
+        // recurses 1,020 deep: 8 to 16 MiB of stack in a debug build, on this 2 MiB thread.
+        let d = trapped_with(
+            patient(),
             name,
-            "",
-            &format!("let a = []; for i in 0..1020 {{ a = [a]; }} {op}"),
+            &format!("fn deep() {{ let a = []; for i in 0..1020 {{ a = [a]; }} {op} }}"),
+            "deep(); return fallback(\"spool\");",
         );
         spring(&d).await;
-        for _ in 0..3 {
-            d.tick_now();
-        }
-        assert!(d.state("log").is_ok(), "{name}: the process is alive");
+        assert_eq!(
+            diverted(&d, "log").await,
+            Some((Route::Spool, Reason::Policy)),
+            "{name}: it ran to the end"
+        );
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn deeply_nested_call_arguments_are_contained() {
+#[test]
+fn deeply_nested_call_arguments_are_contained() {
+    on_worker_stack(deeply_nested_call_arguments);
+}
+
+async fn deeply_nested_call_arguments() {
     let args = |depth: usize| {
         let call = (0..depth).fold("1".to_owned(), |s, _| format!("f({s})"));
         format!(
@@ -506,4 +559,13 @@ async fn the_tick_keeps_its_period_with_the_worst_policy_of_each_kind_loaded() {
             admitted(&d, class, 7).await;
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_names_are_escaped_before_they_reach_logs_and_labels() {
+    let d = degrader();
+    d.load_policy_sources([("evil\n\u{1b}[31m", policy("\"log\"", "()").as_str())])
+        .unwrap();
+    let set = d.policies().unwrap();
+    assert_eq!(set.names(), ["evil\\u{a}\\u{1b}[31m"]);
 }
