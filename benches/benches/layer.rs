@@ -357,6 +357,40 @@ fn policy() { #{ governs: ["*"] } }
 fn on_tick(ctx) { }
 "#;
 
+/// The worst policy of each kind, as `(name, source)`: each does its damage only on a window of
+/// 7 calls, which validation never shows, so all load and all strike on the same tick.
+fn hostile_policies() -> Vec<(String, String)> {
+    let kinds = [
+        ("spin", "loop { }"),
+        ("copier", "let a = []; for i in 0..1020 { a = [a]; }"),
+        (
+            "printer",
+            r#"let m = "x"; for i in 0..12 { m += m; } for i in 0..12000 { print(m); }"#,
+        ),
+        (
+            "alerter",
+            r#"let m = "x"; for i in 0..12 { m += m; } let d = admit(); for i in 0..4000 { d = d.alert(m); } return d;"#,
+        ),
+        ("strings", r#"let s = "x"; loop { s += s; }"#),
+        ("recursion", "fn f(n) { f(n + 1) } f(0);"),
+    ];
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, (name, body))| {
+            let (helpers, body) = match body.split_once(" } f(0);") {
+                Some((f, _)) => (format!("{f} }}"), "f(0);"),
+                None => (String::new(), *body),
+            };
+            let src = format!(
+                "fn policy() {{ #{{ governs: [\"*\"], priority: {i} }} }}\n{helpers}\n\
+                 fn on_tick(ctx) {{ if ctx.requests == 7 {{ {body} }} }}"
+            );
+            ((*name).to_owned(), src)
+        })
+        .collect()
+}
+
 fn bench_control_tick(c: &mut Criterion) {
     let mut g = c.benchmark_group("control_tick");
     let d = degrader(99); // + the default class = 100 classes
@@ -390,6 +424,36 @@ fn bench_control_tick(c: &mut Criterion) {
             b.iter(|| dp.tick_now())
         });
     }
+    // Containment on the real clock: every hostile policy strikes on every class on this tick
+    // (reloaded before each, so none is quarantined yet); the tick stops them at its budget
+    // (250 ms) and must stay well inside the 500 ms period.
+    let dw = degrader(2); // + the default class = 3 classes
+    let hostile = hostile_policies();
+    let mut hs: Vec<_> = dw
+        .registry()
+        .iter()
+        .map(|(id, _)| dw.layer(id).layer(bare()))
+        .collect();
+    g.sample_size(10);
+    g.bench_function(
+        "tick 3 classes with the worst policy of each kind striking",
+        |b| {
+            b.iter_batched(
+                || {
+                    dw.load_policy_sources(hostile.iter().map(|(n, s)| (n.as_str(), s.as_str())))
+                        .unwrap();
+                    dw.tick_now(); // a fresh window
+                    for svc in &mut hs {
+                        for i in 0..7 {
+                            call(svc, i);
+                        }
+                    }
+                },
+                |()| dw.tick_now(),
+                BatchSize::PerIteration,
+            )
+        },
+    );
     g.finish();
 }
 

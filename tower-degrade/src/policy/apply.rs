@@ -10,7 +10,7 @@ use rhai::Dynamic;
 use super::decision::{self, Action, Decision};
 use super::request::Overlay;
 use super::{
-    ClassPolicyState, Core, DEADLINE_REASON, Mode, Policy, PolicySet, Runtime, TickCtx,
+    ClassPolicyState, Core, DEADLINE_REASON, Failure, Mode, Policy, PolicySet, Runtime, TickCtx,
     unwrap_error,
 };
 use crate::class::ClassId;
@@ -25,17 +25,6 @@ use crate::metrics::{
 /// Calls in a row stopped at their deadline that quarantine a policy for its class (one
 /// could be the machine, not the policy).
 const LATE_QUARANTINE: u32 = 3;
-
-/// How a policy call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Failure {
-    /// `on_request` failed on one request, decided without it.
-    Request,
-    /// `on_tick` failed: quarantined for the class until the next load.
-    Quarantined,
-    /// `on_tick` ran past its deadline: skipped this tick.
-    Late,
-}
 
 /// What a tick's policies want said: collected while they run, said after (logs and metrics).
 #[derive(Debug)]
@@ -348,7 +337,7 @@ impl Stage for Runtime {
         // On the control loop's thread, on a stack grown to what the limits let a script
         // reach (a runtime worker has 2 MiB); every call stops at its deadline, and policies
         // whose turn comes after the tick's budget are skipped.
-        let outcomes = super::contain::with_stack(super::contain::stack_need(&self.limits), || {
+        let outcomes = super::contain::with_stack(self.limits.stack_need(), || {
             self.core.run_tick(&set, work, deadline)
         });
         let mut skipped = 0usize;

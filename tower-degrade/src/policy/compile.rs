@@ -68,7 +68,7 @@ impl Runtime {
         registry: &Registry,
         sources: &[(String, String, String)],
     ) -> Result<PolicySet, PolicyError> {
-        let stack = super::contain::thread_stack(&self.limits);
+        let stack = self.limits.thread_stack();
         super::contain::on_policy_stack(stack, || self.core.compile(registry, sources))
             .unwrap_or_else(|e| {
                 Err(PolicyError::new(

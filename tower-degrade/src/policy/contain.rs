@@ -2,8 +2,8 @@
 //!
 //! - **Stack.** Rhai evaluates recursively: every nested expression, function call and level of
 //!   nested data (`to_string`, `==` on an array of arrays) is a few native frames. The deepest a
-//!   script can go is fixed by its [`Limits`], so the stack it can need is too
-//!   ([`stack_need`]). Validation runs on a thread of its own with twice that stack
+//!   script can go is fixed by its limits, so the stack it can need is too
+//!   (`Limits::stack_need`). Validation runs on a thread of its own with twice that stack
 //!   ([`on_policy_stack`]); ticks and `on_request` hooks run on their caller's thread, on a
 //!   stack grown for the call when what is left is not enough ([`with_stack`]).
 //! - **Time.** The operation budget bounds the work a script does, not the time a native
@@ -17,15 +17,13 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::engine::Limits;
-
 /// Stack bytes per level of script recursion, measured with the deepest shapes (nested
 /// parentheses through recursive calls, an array nested 1,020 deep printed or compared):
 /// at most 16 KiB a level in a debug build, 2.3 KiB in a release build; with a margin.
-const LEVEL_BYTES: usize = if cfg!(debug_assertions) { 24 } else { 4 } * 1024;
+pub(crate) const LEVEL_BYTES: usize = if cfg!(debug_assertions) { 24 } else { 4 } * 1024;
 
 /// Native frames outside the script's levels (the engine's entry, the hook's arguments).
-const BASE_BYTES: usize = 256 * 1024;
+pub(crate) const BASE_BYTES: usize = 256 * 1024;
 
 /// The call levels an `on_request` hook gets (it runs on the request's thread).
 pub(crate) const REQUEST_CALL_LEVELS: usize = 4;
@@ -33,47 +31,6 @@ pub(crate) const REQUEST_CALL_LEVELS: usize = 4;
 pub(crate) const REQUEST_ARRAY_SIZE: usize = 128;
 /// The entries of one map an `on_request` hook may build.
 pub(crate) const REQUEST_MAP_SIZE: usize = 64;
-
-/// The deepest recursion a script run under `limits` can reach, in levels: every call level
-/// nests expressions as deep as allowed, and data nests as deep as it has elements.
-fn levels(call_levels: usize, limits: &Limits, arrays: usize, maps: usize) -> usize {
-    call_levels
-        .saturating_add(1)
-        .saturating_mul(limits.max_expr_depth)
-        .saturating_add(arrays)
-        .saturating_add(maps)
-}
-
-/// The stack an `on_tick` call (or a validation run) under `limits` can need.
-pub(crate) fn stack_need(limits: &Limits) -> usize {
-    levels(
-        limits.max_call_levels,
-        limits,
-        limits.max_array_size,
-        limits.max_map_size,
-    )
-    .saturating_mul(LEVEL_BYTES)
-    .saturating_add(BASE_BYTES)
-}
-
-/// The stack an `on_request` call under `limits` can need.
-pub(crate) fn request_stack_need(limits: &Limits) -> usize {
-    levels(
-        REQUEST_CALL_LEVELS.min(limits.max_call_levels),
-        limits,
-        REQUEST_ARRAY_SIZE.min(limits.max_array_size),
-        REQUEST_MAP_SIZE.min(limits.max_map_size),
-    )
-    .saturating_mul(LEVEL_BYTES)
-    .saturating_add(BASE_BYTES)
-}
-
-/// The stack given to the thread that validates a load: twice the need (a thread's stack is
-/// reserved, not committed: only the pages a script touches cost memory).
-pub(crate) fn thread_stack(limits: &Limits) -> usize {
-    const MAX: usize = 1 << 30;
-    stack_need(limits).saturating_mul(2).min(MAX)
-}
 
 /// Run `f` with at least `need` bytes of stack: on the caller's stack when it has that much
 /// left, else on a stack of twice that, mapped for the call (reserved, not committed: only the
@@ -206,15 +163,14 @@ mod tests {
 
     #[test]
     fn the_stack_follows_the_limits() {
+        use crate::policy::Limits;
         let small = Limits {
             max_call_levels: 2,
             ..Limits::default()
         };
-        assert!(stack_need(&small) < stack_need(&Limits::default()));
-        assert!(request_stack_need(&Limits::default()) < stack_need(&Limits::default()));
-        assert_eq!(
-            thread_stack(&Limits::default()),
-            2 * stack_need(&Limits::default())
-        );
+        let default = Limits::default();
+        assert!(small.stack_need() < default.stack_need());
+        assert!(default.request_stack_need() < default.stack_need());
+        assert_eq!(default.thread_stack(), 2 * default.stack_need());
     }
 }

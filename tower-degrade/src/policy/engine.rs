@@ -8,6 +8,7 @@ use rhai::{
     module_resolvers::DummyModuleResolver,
 };
 
+use super::contain;
 use super::decision::{Action, Decision};
 use crate::breaker::State;
 use crate::class::{LatencyTolerance, Route, Tier};
@@ -62,6 +63,45 @@ impl Default for Limits {
             max_tick_time: std::time::Duration::from_millis(250),
             max_log_lines: 10,
         }
+    }
+}
+
+impl Limits {
+    /// The deepest recursion a script can reach, in levels: every call level nests
+    /// expressions as deep as allowed, and data nests as deep as it has elements.
+    fn levels(&self, call_levels: usize, arrays: usize, maps: usize) -> usize {
+        call_levels
+            .saturating_add(1)
+            .saturating_mul(self.max_expr_depth)
+            .saturating_add(arrays)
+            .saturating_add(maps)
+    }
+
+    fn bytes(levels: usize) -> usize {
+        levels
+            .saturating_mul(contain::LEVEL_BYTES)
+            .saturating_add(contain::BASE_BYTES)
+    }
+
+    /// The stack an `on_tick` call (or a validation run) can need.
+    pub(crate) fn stack_need(&self) -> usize {
+        Self::bytes(self.levels(self.max_call_levels, self.max_array_size, self.max_map_size))
+    }
+
+    /// The stack an `on_request` call can need.
+    pub(crate) fn request_stack_need(&self) -> usize {
+        Self::bytes(self.levels(
+            contain::REQUEST_CALL_LEVELS.min(self.max_call_levels),
+            contain::REQUEST_ARRAY_SIZE.min(self.max_array_size),
+            contain::REQUEST_MAP_SIZE.min(self.max_map_size),
+        ))
+    }
+
+    /// The stack given to the thread that validates a load: twice the need (a thread's stack
+    /// is reserved, not committed: only the pages a script touches cost memory).
+    pub(crate) fn thread_stack(&self) -> usize {
+        const MAX: usize = 1 << 30;
+        self.stack_need().saturating_mul(2).min(MAX)
     }
 }
 
@@ -181,12 +221,7 @@ pub(crate) enum Hooks {
 }
 
 /// Build the sandboxed engine with the policy API. Called once per degrader and [`Hooks`].
-pub(crate) fn build_engine(
-    limits: &Limits,
-    hooks: Hooks,
-    log: Arc<super::contain::LogLimiter>,
-) -> Engine {
-    use super::contain;
+pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogLimiter>) -> Engine {
     let mut engine = Engine::new();
     let (operations, call_levels, arrays, maps) = match hooks {
         Hooks::Tick => (

@@ -159,6 +159,17 @@ impl PolicySet {
     }
 }
 
+/// How a policy call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// `on_request` failed on one request, decided without it.
+    Request,
+    /// `on_tick` failed: quarantined for the class until the next load.
+    Quarantined,
+    /// `on_tick` ran past its deadline: skipped this tick.
+    Late,
+}
+
 /// The reason of a call stopped at its wall-clock deadline.
 const DEADLINE_REASON: &str = "ran past its wall-clock deadline (max_call_time)";
 
@@ -282,7 +293,7 @@ impl Runtime {
             request_engine: build(engine::Hooks::Request),
             limits,
             overlap,
-            request_stack: contain::request_stack_need(&limits),
+            request_stack: limits.request_stack_need(),
             current: ArcSwapOption::empty(),
             previous: Mutex::new(None),
             versions: AtomicU64::new(0),

@@ -177,7 +177,7 @@ impl Core {
                                 policy,
                                 line.or(policy.lines[1]),
                                 &reason,
-                                super::apply::Failure::Request,
+                                super::Failure::Request,
                             );
                         }
                     }

@@ -283,7 +283,7 @@ async fn a_policy_that_copies_without_end_is_stopped_at_its_deadline_and_then_qu
 #[tokio::test(start_paused = true)]
 async fn policies_over_the_tick_budget_are_skipped_and_their_classes_get_the_breaker() {
     // Ten policies, each inside its own operation budget; together over a (tiny) tick budget.
-    let mut limits = Limits::default();
+    let mut limits = patient();
     limits.max_tick_time = Duration::from_millis(1);
     let d = Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
@@ -315,6 +315,7 @@ async fn the_control_loop_ticks_while_a_reload_validates() {
     std::fs::write(dir.join("p00.rhai"), policy("\"log\"", "()")).unwrap();
     let d = Degrader::builder("shop")
         .tick(Duration::from_millis(20))
+        .policy_limits(patient())
         .class(ClassConfig::bronze("log"))
         .build()
         .unwrap();
