@@ -4,8 +4,8 @@
 //! [`DegraderBuilder::predictor`](tower_degrade::DegraderBuilder::predictor). Once per tick it runs one batched
 //! inference over every class (`window [n_classes, 64, 8]` float32 ->
 //! `p_anomaly [n_classes, 1]`) off the request path, within the loop's time budget; a class
-//! whose probability stays at or above the breaker's threshold (0.87) for the configured ticks
-//! is degraded early, with reason `predicted`. The features are
+//! whose probability stays at or above the breaker's threshold (calibrated per class by
+//! default, or fixed) for the configured ticks is degraded early, with reason `predicted`. The features are
 //! [`tower_degrade::predict::FEATURES`]; a model names the ones it was trained on, in order, in
 //! its ONNX metadata ([`FEATURES_KEY`]), and a model that names others, or none, is refused
 //! when it loads ([`Error::Features`]).

@@ -10,6 +10,8 @@
 //! | `degrade_breaker_transitions_total` | counter | service, class, tier, from, to, enforced |
 //! | `degrade_health_score` | gauge, 0–100 | service |
 //! | `degrade_prediction` | gauge, 0–1 (only with a predictor) | service, class, tier |
+//! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; absent while calibrating) | service, class, tier |
+//! | `degrade_predict_calibrating` | gauge, 1 while the class calibrates its threshold (the predictor only reports) | service, class, tier |
 //! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
 //! | `degrade_policy_version` | gauge (`rhai`) | service |
@@ -84,6 +86,10 @@ pub const TRANSITIONS: &str = "degrade_breaker_transitions_total";
 pub const HEALTH_SCORE: &str = "degrade_health_score";
 /// The failure predictor's probability per class.
 pub const PREDICTION: &str = "degrade_prediction";
+/// The probability at or above which a class's prediction counts (fixed or calibrated).
+pub const PREDICT_THRESHOLD: &str = "degrade_predict_threshold";
+/// 1 while a class calibrates its prediction threshold (the predictor only reports), else 0.
+pub const PREDICT_CALIBRATING: &str = "degrade_predict_calibrating";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
 /// Policy reload attempts, by `result` (`ok` or `error`).
@@ -151,6 +157,14 @@ pub(crate) fn describe() {
     describe_gauge!(
         PREDICTION,
         "The failure predictor's probability of an SLO breach within the next few ticks."
+    );
+    describe_gauge!(
+        PREDICT_THRESHOLD,
+        "The probability at or above which the class's prediction counts (fixed, or calibrated at the false-trip budget)."
+    );
+    describe_gauge!(
+        PREDICT_CALIBRATING,
+        "1 while the class is still learning its healthy scores: the predictor only reports."
     );
     describe_counter!(
         PREDICTOR_OVERRUNS,
@@ -329,7 +343,8 @@ pub(crate) struct ClassMetrics {
     queue_depth: Gauge,
     queue_delay: Gauge,
     state: Gauge,
-    prediction: Option<Gauge>,
+    /// With a predictor: the prediction, the threshold, and whether it is still calibrating.
+    prediction: Option<[Gauge; 3]>,
 }
 
 impl std::fmt::Debug for ClassMetrics {
@@ -356,7 +371,13 @@ impl ClassMetrics {
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
             queue_delay: gauge!(QUEUE_DELAY, base.clone()),
             state: gauge!(BREAKER_STATE, base.clone()),
-            prediction: predicted.then(|| gauge!(PREDICTION, base)),
+            prediction: predicted.then(|| {
+                [
+                    gauge!(PREDICTION, base.clone()),
+                    gauge!(PREDICT_THRESHOLD, base.clone()),
+                    gauge!(PREDICT_CALIBRATING, base),
+                ]
+            }),
         }
     }
 
@@ -366,6 +387,7 @@ impl ClassMetrics {
         buckets: impl Iterator<Item = (u64, u32)>,
         state: State,
         prediction: Option<f64>,
+        threshold: Option<f64>,
     ) {
         let counts = [
             w.successes,
@@ -387,8 +409,15 @@ impl ClassMetrics {
         self.queue_depth.set(w.queue_depth as f64);
         self.queue_delay.set(w.queue_delay.as_secs_f64());
         self.state.set(state.as_gauge());
-        if let (Some(g), Some(p)) = (&self.prediction, prediction) {
-            g.set(p);
+        if let (Some([p_gauge, t_gauge, calibrating]), Some(p)) = (&self.prediction, prediction) {
+            p_gauge.set(p);
+            match threshold {
+                Some(t) => {
+                    t_gauge.set(t);
+                    calibrating.set(0.0);
+                }
+                None => calibrating.set(1.0),
+            }
         }
     }
 }

@@ -232,8 +232,10 @@ async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
 }
 
 fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
+    // The seed's fixed threshold: this test is about the model's lead, not the calibration.
     let mut b = Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
+        .breaker(tower_degrade::breaker::BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)));
     if let Some(p) = predictor {
         let mut config = PredictorConfig::default();

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::calibrate::{Calibration, PredictThreshold};
 use crate::error::ConfigError;
 use crate::window::WindowSnapshot;
 
@@ -82,9 +83,11 @@ pub struct BreakerConfig {
     pub degraded_admit_fraction: f64,
     /// Consecutive healthy windows that lift an automatic degradation (3).
     pub degraded_recovery_ticks: u32,
-    /// Predicted failure probability at or above which a tick counts as predicting (0.87, the
-    /// seed's threshold). Only used when a predictor is attached.
-    pub predict_threshold: f64,
+    /// The failure probability at or above which a tick counts as predicting: by default
+    /// calibrated per class from its own healthy ticks at about one false trip a day, after a
+    /// warm-up in which the predictor only reports; or fixed by hand (the seed's 0.87). Only
+    /// used when a predictor is attached.
+    pub predict_threshold: PredictThreshold,
     /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
     pub predict_ticks: u32,
 }
@@ -104,7 +107,7 @@ impl Default for BreakerConfig {
             recovery_ticks: 3,
             degraded_admit_fraction: 0.2,
             degraded_recovery_ticks: 3,
-            predict_threshold: 0.87,
+            predict_threshold: PredictThreshold::default(),
             predict_ticks: 2,
         }
     }
@@ -183,10 +186,18 @@ impl BreakerConfig {
         self
     }
 
-    /// Predicted failure probability at or above which a tick counts as predicting (0.87, the
-    /// seed's threshold). Only used when a predictor is attached.
+    /// A fixed failure probability at or above which a tick counts as predicting, the same
+    /// for every class (the seed's 0.87), instead of the calibrated default. Only used when a
+    /// predictor is attached.
     pub fn predict_threshold(mut self, value: f64) -> Self {
-        self.predict_threshold = value;
+        self.predict_threshold = PredictThreshold::Fixed(value);
+        self
+    }
+
+    /// Calibrate the threshold per class with these settings (the default, with
+    /// `Calibration::default()`: one false trip a day, 3,600 healthy ticks of warm-up).
+    pub fn predict_calibrated(mut self, calibration: Calibration) -> Self {
+        self.predict_threshold = PredictThreshold::Calibrated(calibration);
         self
     }
 
@@ -223,8 +234,25 @@ impl BreakerConfig {
                 "must be within 0.0..=1.0",
             );
         }
-        if !unit(self.predict_threshold) {
-            return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+        match self.predict_threshold {
+            PredictThreshold::Fixed(t) if !unit(t) => {
+                return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+            }
+            PredictThreshold::Calibrated(c)
+                if !(c.false_trips_per_day.is_finite() && c.false_trips_per_day > 0.0) =>
+            {
+                return bad(
+                    "breaker.predict_threshold.false_trips_per_day",
+                    "must be a positive number",
+                );
+            }
+            PredictThreshold::Calibrated(c) if c.warm_up_ticks == 0 => {
+                return bad(
+                    "breaker.predict_threshold.warm_up_ticks",
+                    "must be at least 1",
+                );
+            }
+            _ => {}
         }
         if self.min_requests == 0 {
             return bad(

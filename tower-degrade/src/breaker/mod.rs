@@ -22,6 +22,7 @@
 //! The file is a little over 400 lines because the machine is one piece: every phase's
 //! transitions read the same counters, and splitting them would scatter one table.
 
+mod calibrate;
 mod command;
 mod config;
 mod state;
@@ -30,6 +31,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use self::calibrate::Calibrator;
+pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
 pub use self::config::{BreakerConfig, DegradeRule};
 pub use self::state::{State, Transition};
@@ -88,11 +91,14 @@ pub struct Breaker {
     opens: u32,
     breached: u32,
     predicted: u32,
+    /// With a calibrated prediction threshold: what the class learned of its healthy scores.
+    calibrator: Option<Calibrator>,
 }
 
 impl Breaker {
     /// A closed breaker sending calls it does not admit to `route`.
     pub fn new(cfg: BreakerConfig, route: Route) -> Self {
+        let cfg_threshold = cfg.predict_threshold;
         Self {
             cfg,
             route,
@@ -101,6 +107,31 @@ impl Breaker {
             opens: 0,
             breached: 0,
             predicted: 0,
+            calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
+        }
+    }
+
+    fn calibrator(threshold: &PredictThreshold, tick: Duration) -> Option<Calibrator> {
+        match threshold {
+            PredictThreshold::Calibrated(c) => Some(Calibrator::new(c, tick)),
+            PredictThreshold::Fixed(_) => None,
+        }
+    }
+
+    /// The same breaker for a control loop ticking every `period` (a calibrated threshold
+    /// counts its false-trip budget in ticks; 500 ms unless set).
+    pub fn with_tick(mut self, period: Duration) -> Self {
+        self.calibrator = Self::calibrator(&self.cfg.predict_threshold, period);
+        self
+    }
+
+    /// The probability at or above which a prediction counts: the fixed one, or the class's
+    /// calibrated one; `None` while the class is still calibrating (the predictor only
+    /// reports).
+    pub fn predict_threshold(&self) -> Option<f64> {
+        match &self.cfg.predict_threshold {
+            PredictThreshold::Fixed(t) => Some(*t),
+            PredictThreshold::Calibrated(_) => self.calibrator.as_ref()?.threshold(),
         }
     }
 
@@ -275,8 +306,9 @@ impl Breaker {
             return None;
         }
         let from = self.phase.state();
-        self.predicted = match prediction {
-            Some(p) if p >= self.cfg.predict_threshold => self.predicted.saturating_add(1),
+        let threshold = self.predict_threshold();
+        self.predicted = match (prediction, threshold) {
+            (Some(p), Some(t)) if p >= t => self.predicted.saturating_add(1),
             _ => 0,
         };
         let (next, reason) = match self.next_phase(w, now) {
@@ -286,11 +318,22 @@ impl Breaker {
                 format!(
                     "predicted: p = {:.2} >= {:.2} for {} ticks",
                     prediction.unwrap_or(0.0),
-                    self.cfg.predict_threshold,
+                    threshold.unwrap_or(0.0),
                     self.predicted
                 ),
             ),
-            None => return None,
+            None => {
+                // A closed class serving calls without a breach: a healthy tick, whose score
+                // the calibrated threshold learns from.
+                if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
+                    && self.phase == Phase::Closed
+                    && self.breached == 0
+                    && w.completed() > 0
+                {
+                    c.observe(p);
+                }
+                return None;
+            }
         };
         self.phase = next;
         if next.state() == State::Closed {

@@ -140,6 +140,7 @@ impl Shared {
                 ctl.reader.last_histogram(),
                 ctl.breaker.state(),
                 ctl.prediction,
+                ctl.breaker.predict_threshold(),
             );
         }
         // Registered on the first tick, like the class handles, so a recorder installed after
@@ -224,6 +225,9 @@ impl Shared {
                     directive: Directive::unpack(self.gates[id.index()].directive.load()),
                     window: ctl.history.latest().copied().unwrap_or_default(),
                     prediction: ctl.prediction,
+                    prediction_threshold: ctl.prediction.and(ctl.breaker.predict_threshold()),
+                    calibrating: ctl.prediction.is_some()
+                        && ctl.breaker.predict_threshold().is_none(),
                 }
             })
             .collect();

@@ -196,7 +196,11 @@ impl DegraderBuilder {
         let control = registry
             .iter()
             .zip(breakers)
-            .map(|((_, c), b)| Mutex::new(ClassControl::new(Breaker::new(b, c.route()))))
+            .map(|((_, c), b)| {
+                Mutex::new(ClassControl::new(
+                    Breaker::new(b, c.route()).with_tick(self.tick),
+                ))
+            })
             .collect();
         let runner = match self.predictor {
             None => None,

@@ -44,6 +44,12 @@ pub struct ClassStatus {
     pub window: WindowSnapshot,
     /// The failure predictor's last probability for the class, when one is attached.
     pub prediction: Option<f64>,
+    /// The probability at or above which a prediction counts (fixed, or calibrated for the
+    /// class); `None` without a predictor or while [`calibrating`](Self::calibrating).
+    pub prediction_threshold: Option<f64>,
+    /// A predictor is attached and the class is still learning its healthy scores: the
+    /// predictor only reports, it does not degrade the class.
+    pub calibrating: bool,
 }
 
 /// `degrade_health_score` (seed 4.4): per class, 60 % SLI (share of requests served, by the

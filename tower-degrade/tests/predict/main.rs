@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_degrade::breaker::{BreakerConfig, Calibration};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 
@@ -30,9 +31,11 @@ impl Predictor for Recorder {
     }
 }
 
+/// A degrader with `p` attached and the seed's fixed threshold (0.87).
 fn with_predictor(p: impl Predictor) -> Degrader {
     Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::gold("pay"))
         .class(ClassConfig::silver("stock"))
         .predictor(p, PredictorConfig::default())
@@ -137,8 +140,10 @@ async fn the_predictor_degrades_before_the_threshold_rule_would() {
         .0;
     let rule_tick = leak(&plain).await;
 
+    // The seed's fixed threshold: no warm-up (the calibrated default is shown below).
     let predicted = Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::silver("stock"))
         .predictor(Trend, PredictorConfig::default())
         .build_with_worker()
@@ -153,6 +158,93 @@ async fn the_predictor_degrades_before_the_threshold_rule_would() {
     assert!(
         lead >= 2,
         "lead {lead} ticks (rule {rule_tick}, predictor {predicted_tick})"
+    );
+}
+
+/// [`Trend`] for a model that scores this service high even when it is healthy (0.88 to 0.92):
+/// what a model trained elsewhere does to a service it has not seen.
+struct Biased(u64);
+
+impl Predictor for Biased {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        Trend.predict(input, out)?;
+        for p in out.iter_mut() {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let noise = (self.0 >> 40) as f32 / (1u64 << 24) as f32;
+            *p = if *p > 0.5 { 0.999 } else { 0.88 + 0.04 * noise };
+        }
+        Ok(())
+    }
+}
+
+/// `ticks` healthy ticks of `stock`: 20 calls of 50 ms each, no error.
+async fn healthy(d: &Degrader, ticks: usize) {
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
+    for _ in 0..ticks {
+        for _ in 0..20 {
+            let _ = svc.ready().await.unwrap().call((50, false)).await;
+        }
+        d.tick_now();
+    }
+}
+
+fn biased(breaker: BreakerConfig) -> Degrader {
+    Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(breaker)
+        .class(ClassConfig::silver("stock"))
+        .predictor(Biased(1), PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_threshold_calibrates_per_class_then_warns_early() {
+    // A fixed 0.87 trips this service while it is healthy.
+    let fixed = biased(BreakerConfig::default().predict_threshold(0.87));
+    healthy(&fixed, 5).await;
+    assert_eq!(
+        fixed.state("stock").unwrap(),
+        State::Degraded,
+        "a false trip"
+    );
+
+    // Calibrated (the default, with a short warm-up for the test): while it learns, the
+    // predictor only reports, and says so.
+    let calibrated = biased(
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(300)),
+    );
+    healthy(&calibrated, 299).await;
+    let status = calibrated.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert!(stock.calibrating, "{stock:?}");
+    assert_eq!(stock.prediction_threshold, None);
+    assert_eq!(stock.state, State::Closed, "no trip while calibrating");
+    // Warmed up: a threshold above this class's healthy scores, and a day's worth of
+    // healthy ticks' budget kept over the next 600.
+    healthy(&calibrated, 601).await;
+    let status = calibrated.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert!(!stock.calibrating, "{stock:?}");
+    let threshold = stock.prediction_threshold.unwrap();
+    assert!(threshold > 0.92 && threshold < 0.999, "{threshold}");
+    assert_eq!(stock.state, State::Closed, "no false trip");
+    // And the leak is still caught ahead of the threshold rule.
+    let plain = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let rule_tick = leak(&plain).await;
+    let predicted_tick = leak(&calibrated).await;
+    assert!(
+        predicted_tick + 2 <= rule_tick,
+        "rule {rule_tick}, calibrated predictor {predicted_tick}"
     );
 }
 

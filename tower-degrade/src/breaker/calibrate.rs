@@ -1,0 +1,288 @@
+//! The prediction threshold a class calibrates from its own history.
+//!
+//! A fixed probability (the seed's 0.87) means something different for every service: a model
+//! that scores a healthy service at 0.3 and another at 0.9 trips the second all day. So by
+//! default each class learns where its own healthy scores lie and keeps its threshold at a
+//! false-trip budget (about one a day), with SPOT (Siffer et al., "Anomaly detection in streams
+//! with extreme value theory", KDD 2017): the tail of the healthy scores above a high quantile
+//! follows a generalized Pareto distribution, whose fit gives the score exceeded with the
+//! budget's probability, even beyond the highest score seen so far.
+//!
+//! Until it has seen `warm_up_ticks` healthy ticks the class only reports its predictions
+//! (`Status`: calibrating, no threshold; no early degradation). The fit works on the logit of
+//! the probability, whose tail is not cut at 1.0.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How the breaker turns a failure probability into a predicting tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum PredictThreshold {
+    /// A probability fixed by hand (the seed's 0.87), the same for every class.
+    Fixed(f64),
+    /// A threshold each class keeps from its own healthy ticks (the default).
+    Calibrated(Calibration),
+}
+
+impl Default for PredictThreshold {
+    fn default() -> Self {
+        Self::Calibrated(Calibration::default())
+    }
+}
+
+/// The settings of [`PredictThreshold::Calibrated`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Calibration {
+    /// False trips per day the threshold is kept at (1.0): the chance that a healthy tick
+    /// scores above it is this many over the ticks in a day.
+    pub false_trips_per_day: f64,
+    /// Healthy ticks seen before the predictor may degrade a class (3,600: 30 minutes at the
+    /// default 500 ms tick). Until then it only reports.
+    pub warm_up_ticks: u32,
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            false_trips_per_day: 1.0,
+            warm_up_ticks: 3_600,
+        }
+    }
+}
+
+impl Calibration {
+    /// Keep the threshold at this many false trips per day.
+    pub fn false_trips_per_day(mut self, value: f64) -> Self {
+        self.false_trips_per_day = value;
+        self
+    }
+
+    /// Healthy ticks to see before the predictor may degrade a class.
+    pub fn warm_up_ticks(mut self, value: u32) -> Self {
+        self.warm_up_ticks = value;
+        self
+    }
+}
+
+/// The quantile of the warm-up scores above which the tail is fitted (SPOT's initial
+/// threshold).
+const TAIL_QUANTILE: f64 = 0.98;
+/// The excesses kept for the fit (a sliding window: the newest).
+const MAX_PEAKS: usize = 2_048;
+/// Probabilities are clamped this far from 0 and 1 before their logit is taken.
+const EPS: f64 = 1e-6;
+
+fn logit(p: f64) -> f64 {
+    let p = p.clamp(EPS, 1.0 - EPS);
+    (p / (1.0 - p)).ln()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// One class's calibration: warm-up scores, then the fitted tail.
+#[derive(Debug, Clone)]
+pub(crate) struct Calibrator {
+    /// The risk per tick: false trips per day over ticks per day.
+    risk: f64,
+    warm_up: usize,
+    /// Warm-up scores (logits), until the first fit.
+    init: Vec<f64>,
+    /// After the first fit: the tail's start (logit), the excesses over it, their sum and sum
+    /// of squares, and the healthy ticks seen.
+    tail: Option<Tail>,
+}
+
+#[derive(Debug, Clone)]
+struct Tail {
+    start: f64,
+    peaks: VecDeque<f64>,
+    sum: f64,
+    sum_sq: f64,
+    seen: u64,
+    /// Total excesses seen (the peaks kept are the newest of them).
+    exceeded: u64,
+    /// The threshold (logit), refitted after every new peak.
+    threshold: f64,
+}
+
+impl Calibrator {
+    pub(crate) fn new(c: &Calibration, tick: Duration) -> Self {
+        let ticks_per_day = 86_400.0 / tick.as_secs_f64().max(1e-3);
+        Self {
+            risk: (c.false_trips_per_day / ticks_per_day).clamp(1e-12, 0.5),
+            warm_up: c.warm_up_ticks.max(1) as usize,
+            init: Vec::new(),
+            tail: None,
+        }
+    }
+
+    /// The probability at or above which a tick predicts failure; `None` while warming up.
+    pub(crate) fn threshold(&self) -> Option<f64> {
+        self.tail.as_ref().map(|t| sigmoid(t.threshold))
+    }
+
+    /// Learn from a healthy tick's score (one that counts against the false-trip budget).
+    pub(crate) fn observe(&mut self, p: f64) {
+        if !p.is_finite() {
+            return;
+        }
+        let x = logit(p);
+        match &mut self.tail {
+            None => {
+                self.init.push(x);
+                if self.init.len() >= self.warm_up {
+                    self.tail = Some(Tail::fit(std::mem::take(&mut self.init), self.risk));
+                }
+            }
+            Some(t) => t.observe(x, self.risk),
+        }
+    }
+}
+
+impl Tail {
+    fn fit(mut init: Vec<f64>, risk: f64) -> Self {
+        init.sort_by(f64::total_cmp);
+        let at = ((init.len() as f64 * TAIL_QUANTILE) as usize).min(init.len() - 1);
+        let start = init[at];
+        let mut tail = Self {
+            start,
+            peaks: VecDeque::new(),
+            sum: 0.0,
+            sum_sq: 0.0,
+            seen: init.len() as u64,
+            exceeded: 0,
+            threshold: start,
+        };
+        for &x in &init[at..] {
+            if x > start {
+                tail.push(x - start);
+            }
+        }
+        tail.refit(risk);
+        tail
+    }
+
+    fn push(&mut self, excess: f64) {
+        self.peaks.push_back(excess);
+        self.sum += excess;
+        self.sum_sq += excess * excess;
+        self.exceeded += 1;
+        if self.peaks.len() > MAX_PEAKS
+            && let Some(old) = self.peaks.pop_front()
+        {
+            self.sum -= old;
+            self.sum_sq -= old * old;
+        }
+    }
+
+    fn observe(&mut self, x: f64, risk: f64) {
+        self.seen += 1;
+        // A score past the threshold is what the budget is for, not the tail's shape.
+        if x > self.start && x < self.threshold {
+            self.push(x - self.start);
+            self.refit(risk);
+        }
+    }
+
+    /// The generalized Pareto fit of the excesses by the method of moments, and the score
+    /// exceeded with probability `risk`: `start + σ/γ ((risk n / N)^-γ - 1)`.
+    fn refit(&mut self, risk: f64) {
+        let n = self.peaks.len() as f64;
+        if n < 2.0 {
+            // Too few excesses to fit a tail: the highest healthy score seen, and a margin.
+            let highest = self.peaks.iter().copied().fold(0.0, f64::max);
+            self.threshold = self.start + 2.0 * highest.max(1.0);
+            return;
+        }
+        let mean = self.sum / n;
+        let var = (self.sum_sq / n - mean * mean).max(1e-12);
+        // Method of moments; the shape is bounded to where it is defined and not absurd.
+        let gamma = (0.5 * (1.0 - mean * mean / var)).clamp(-0.5, 0.45);
+        let sigma = (0.5 * mean * (mean * mean / var + 1.0)).max(1e-9);
+        // The share of healthy ticks with an excess, over the risk wanted.
+        let ratio = (risk * self.seen as f64 / self.exceeded.max(1) as f64).min(1.0);
+        let over = if gamma.abs() < 1e-6 {
+            -sigma * ratio.ln()
+        } else {
+            sigma / gamma * (ratio.powf(-gamma) - 1.0)
+        };
+        self.threshold = self.start + over.max(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic uniform numbers in [0, 1).
+    fn uniform(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Scores whose logit is logistic noise around `centre` (what a model's healthy output
+    /// looks like: mostly low, with a long tail).
+    fn healthy(seed: &mut u64, centre: f64) -> f64 {
+        let u = uniform(seed).clamp(1e-9, 1.0 - 1e-9);
+        sigmoid(centre + 0.5 * (u / (1.0 - u)).ln())
+    }
+
+    fn calibrated(centre: f64, ticks: usize) -> (Calibrator, u64) {
+        let cal = Calibration::default();
+        let mut c = Calibrator::new(&cal, Duration::from_millis(500));
+        let mut seed = 7;
+        for _ in 0..ticks {
+            c.observe(healthy(&mut seed, centre));
+        }
+        (c, seed)
+    }
+
+    #[test]
+    fn warms_up_then_reports_a_threshold() {
+        let (c, _) = calibrated(-3.0, 3_599);
+        assert_eq!(c.threshold(), None, "still warming up");
+        let (c, _) = calibrated(-3.0, 3_600);
+        assert!(c.threshold().is_some());
+    }
+
+    #[test]
+    fn the_threshold_follows_the_class_and_keeps_the_budget() {
+        // Two services the same model scores differently when healthy: each gets its own
+        // threshold, and over a further day of healthy ticks each trips about once.
+        for centre in [-4.0, 0.0, 2.0] {
+            let (mut c, mut seed) = calibrated(centre, 3_600);
+            let day = 172_800;
+            let mut trips = 0;
+            let mut above = false;
+            for _ in 0..day {
+                let p = healthy(&mut seed, centre);
+                let t = c.threshold().unwrap();
+                // A trip is an episode of ticks at or above the threshold.
+                if p >= t && !above {
+                    trips += 1;
+                }
+                above = p >= t;
+                c.observe(p);
+            }
+            assert!(trips <= 5, "centre {centre}: {trips} false trips in a day");
+            assert!(
+                c.threshold().unwrap() > sigmoid(centre),
+                "above the healthy median"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_score_crosses_a_threshold_fitted_on_low_healthy_scores() {
+        let (c, _) = calibrated(-4.0, 3_600);
+        let t = c.threshold().unwrap();
+        assert!(t < 0.87, "a model that scores healthy ticks near 0.02: {t}");
+        assert!(0.9 >= t);
+    }
+}
