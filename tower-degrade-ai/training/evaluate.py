@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+import calibrate
 import datasets
 import features
 import simulate
@@ -115,6 +116,18 @@ BASELINES = {
 FIXED = {"seed rule": 0.5}  # a rule with no threshold to tune
 BREAKER = (0.87, 2)  # BreakerConfig's predict_threshold and predict_ticks
 AS_DEPLOYED = "model, as the breaker uses it (p ≥ 0.87 for 2 steps)"
+AS_DEFAULT = "model, as the breaker uses it by default (threshold calibrated per series, 1/day, 2 steps)"
+WARM_UP = 3600  # Calibration::default().warm_up_ticks
+
+
+def calibrated_alarms(tr: Trace, sc: np.ndarray) -> np.ndarray:
+    """The breaker's default use of the model on one series: the threshold calibrated online
+    from the series' own healthy steps (those the seed rule does not flag), warmed up on its
+    reference part (at most 3,600 steps), k = 2."""
+    healthy = ~((tr.X[:, SUCCESS] < 0.92) & (tr.X[:, P99] > 1.0))
+    ref = _reference(tr)
+    warm_up = min(WARM_UP, ref.stop - ref.start)
+    return calibrate.alarms(sc, healthy, tr.step_seconds, warm_up).astype(float)
 
 
 # ------------------------------------------------------------------ protocol over parts
@@ -210,6 +223,16 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                                 budget_per_day=None, threshold=BREAKER[0], auprc=ref["auprc"],
                                 base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
                                 test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
+            # The default: a threshold each series calibrates from its own healthy steps.
+            cal = [calibrated_alarms(tr, sc) for tr, sc in zip(traces, scores[d])]
+            for H in horizons(traces[0].step_seconds):
+                r = run_part(traces, cal, "test", 0.5, H, 1)
+                lo, hi = bootstrap_ci(r.hits)
+                ref = next(x for x in out if x["detector"] == "model" and x["H"] == H)
+                out.append(dict(dataset=name, detector=AS_DEFAULT, H=H, k=2,
+                                budget_per_day=None, threshold=None, auprc=ref["auprc"],
+                                base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
+                                test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
     return out
 
 
@@ -219,7 +242,8 @@ def fmt(v, p=2):
 
 def table(rows, dataset, H, k, budget) -> str:
     sel = [r for r in rows if r["dataset"] == dataset and r["H"] == H
-           and ((r["k"] == k and r["budget_per_day"] == budget) or r["detector"] == AS_DEPLOYED)]
+           and ((r["k"] == k and r["budget_per_day"] == budget)
+                or r["detector"] in (AS_DEPLOYED, AS_DEFAULT))]
     if not sel:
         return ""
     per_hour = sel[0]["step_seconds"] < 60

@@ -82,3 +82,47 @@ class Traces(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Calibration(unittest.TestCase):
+    """The port of the breaker's calibrated threshold (calibrate.py)."""
+
+    @staticmethod
+    def scores(n, centre=-3.0, seed=7):
+        """The Rust unit test's sequence: logistic noise on the logit scale around `centre`."""
+        import math
+        out = []
+        for _ in range(n):
+            seed = (seed * 6364136223846793005 + 1442695040888963407) % 2**64
+            u = min(max((seed >> 11) / 2**53, 1e-9), 1 - 1e-9)
+            out.append(1 / (1 + math.exp(-(centre + 0.5 * math.log(u / (1 - u))))))
+        return out
+
+    def test_warms_up_then_keeps_the_budget(self):
+        from calibrate import Calibrator
+        c = Calibrator(1.0, 0.5, 3600)
+        s = self.scores(3600 + 172_800)
+        for p in s[:3599]:
+            c.observe(p)
+        self.assertIsNone(c.threshold())
+        c.observe(s[3599])
+        trips, above = 0, False
+        for p in s[3600:]:
+            t = c.threshold()
+            if p >= t and not above:
+                trips += 1
+            above = p >= t
+            c.observe(p)
+        self.assertLessEqual(trips, 5)
+
+    def test_agrees_with_the_rust_calibrator(self):
+        # `breaker::calibrate::tests::the_python_port_agrees` computes the same threshold.
+        from calibrate import Calibrator
+        c = Calibrator(1.0, 0.5, 3600)
+        for p in self.scores(5000):
+            c.observe(p)
+        self.assertAlmostEqual(c.threshold(), RUST_THRESHOLD, places=9)
+
+
+# The value both compute (a golden number: change it only with both implementations).
+RUST_THRESHOLD = 0.8644510331947028

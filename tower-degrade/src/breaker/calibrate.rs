@@ -285,4 +285,13 @@ mod tests {
         assert!(t < 0.87, "a model that scores healthy ticks near 0.02: {t}");
         assert!(0.9 >= t);
     }
+
+    #[test]
+    fn the_python_port_agrees() {
+        // `tower-degrade-ai/training/test_harness.py` (Calibration) computes the same
+        // threshold with `calibrate.py`, the port the evaluation harness scores the model with.
+        let (c, _) = calibrated(-3.0, 5_000);
+        let t = c.threshold().unwrap();
+        assert!((t - 0.864_451_033_194_702_8).abs() < 1e-9, "{t:.16}");
+    }
 }
