@@ -12,6 +12,8 @@ import numpy as np
 
 TAIL_QUANTILE = 0.98
 MAX_PEAKS = 2048
+# The fewest excesses a first fit takes: fewer give a tail that trips far over budget.
+MIN_PEAKS = 50
 EPS = 1e-6
 
 
@@ -44,7 +46,7 @@ class Calibrator:
         x = logit(p)
         if self.init is not None:
             self.init.append(x)
-            if len(self.init) >= self.warm_up:
+            if len(self.init) >= max(self.warm_up, math.ceil(MIN_PEAKS / (1 - TAIL_QUANTILE))):
                 self._fit()
         else:
             self.seen += 1

@@ -39,7 +39,8 @@ pub struct Calibration {
     /// scores above it is this many over the ticks in a day.
     pub false_trips_per_day: f64,
     /// Healthy ticks seen before the predictor may degrade a class (3,600: 30 minutes at the
-    /// default 500 ms tick). Until then it only reports.
+    /// default 500 ms tick; at least 2,500, so the first fit has 50 excesses). Until then it
+    /// only reports.
     pub warm_up_ticks: u32,
 }
 
@@ -71,6 +72,10 @@ impl Calibration {
 const TAIL_QUANTILE: f64 = 0.98;
 /// The excesses kept for the fit (a sliding window: the newest).
 const MAX_PEAKS: usize = 2_048;
+/// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
+/// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
+/// gave 6). So the warm-up lasts at least 50 / 2 % = 2,500 healthy ticks.
+const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
 
@@ -112,9 +117,10 @@ struct Tail {
 impl Calibrator {
     pub(crate) fn new(c: &Calibration, tick: Duration) -> Self {
         let ticks_per_day = 86_400.0 / tick.as_secs_f64().max(1e-3);
+        let min_ticks = (MIN_PEAKS as f64 / (1.0 - TAIL_QUANTILE)).ceil() as usize;
         Self {
             risk: (c.false_trips_per_day / ticks_per_day).clamp(1e-12, 0.5),
-            warm_up: c.warm_up_ticks.max(1) as usize,
+            warm_up: (c.warm_up_ticks as usize).max(min_ticks),
             init: Vec::new(),
             tail: None,
         }

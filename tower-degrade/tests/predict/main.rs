@@ -180,11 +180,11 @@ impl Predictor for Biased {
     }
 }
 
-/// `ticks` healthy ticks of `stock`: 20 calls of 50 ms each, no error.
+/// `ticks` healthy ticks of `stock`: 5 calls of 50 ms each, no error.
 async fn healthy(d: &Degrader, ticks: usize) {
     let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
     for _ in 0..ticks {
-        for _ in 0..20 {
+        for _ in 0..5 {
             let _ = svc.ready().await.unwrap().call((50, false)).await;
         }
         d.tick_now();
@@ -213,12 +213,12 @@ async fn the_default_threshold_calibrates_per_class_then_warns_early() {
         "a false trip"
     );
 
-    // Calibrated (the default, with a short warm-up for the test): while it learns, the
-    // predictor only reports, and says so.
+    // Calibrated (the default, with the shortest warm-up, 2,500 healthy ticks): while it
+    // learns, the predictor only reports, and says so.
     let calibrated = biased(
-        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(300)),
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
     );
-    healthy(&calibrated, 299).await;
+    healthy(&calibrated, 2_499).await;
     let status = calibrated.status();
     let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
     assert!(stock.calibrating, "{stock:?}");
