@@ -69,14 +69,19 @@ fn patient() -> Limits {
     limits
 }
 
-fn trapped_with(limits: Limits, name: &str, helpers: &str, body: &str) -> Degrader {
-    let d = Degrader::builder("shop")
+/// A degrader with one class, `log`, and these policy limits.
+fn log_degrader(limits: Limits) -> Degrader {
+    Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
         .policy_limits(limits)
         .class(ClassConfig::bronze("log"))
         .build_with_worker()
         .unwrap()
-        .0;
+        .0
+}
+
+fn trapped_with(limits: Limits, name: &str, helpers: &str, body: &str) -> Degrader {
+    let d = log_degrader(limits);
     let src = format!(
         "fn policy() {{ #{{ governs: [\"log\"] }} }}\n{helpers}\nfn on_tick(ctx) {{\n if ctx.requests == 7 {{ {body} }}\n shed()\n}}\n"
     );
@@ -285,13 +290,7 @@ async fn policies_over_the_tick_budget_are_skipped_and_their_classes_get_the_bre
     // Ten policies, each inside its own operation budget; together over a (tiny) tick budget.
     let mut limits = patient();
     limits.max_tick_time = Duration::from_millis(1);
-    let d = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .policy_limits(limits)
-        .class(ClassConfig::bronze("log"))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = log_degrader(limits);
     let sources: Vec<(String, String)> = (0..10)
         .map(|i| {
             let src = format!(

@@ -107,6 +107,16 @@ impl Predictor for Trend {
     }
 }
 
+/// The same class with no predictor: the threshold rule alone.
+fn without_predictor() -> Degrader {
+    Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock"))
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
 /// A slow leak on `stock` (SLA 200 ms): latency grows 100 ms per tick, errors grow with it.
 /// Returns the tick at which the class left Closed.
 async fn leak(d: &Degrader) -> usize {
@@ -132,13 +142,7 @@ async fn leak(d: &Degrader) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn the_predictor_degrades_before_the_threshold_rule_would() {
-    let plain = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .class(ClassConfig::silver("stock"))
-        .build_with_worker()
-        .unwrap()
-        .0;
-    let rule_tick = leak(&plain).await;
+    let rule_tick = leak(&without_predictor()).await;
 
     // The seed's fixed threshold: no warm-up (the calibrated default is shown below).
     let predicted = Degrader::builder("shop")
@@ -234,13 +238,7 @@ async fn the_default_threshold_calibrates_per_class_then_warns_early() {
     assert!(threshold > 0.92 && threshold < 0.999, "{threshold}");
     assert_eq!(stock.state, State::Closed, "no false trip");
     // And the leak is still caught ahead of the threshold rule.
-    let plain = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .class(ClassConfig::silver("stock"))
-        .build_with_worker()
-        .unwrap()
-        .0;
-    let rule_tick = leak(&plain).await;
+    let rule_tick = leak(&without_predictor()).await;
     let predicted_tick = leak(&calibrated).await;
     assert!(
         predicted_tick + 2 <= rule_tick,
