@@ -324,9 +324,12 @@ impl Stage for Runtime {
         };
         let mut work = Vec::new();
         for c in classes {
-            // Without policies, a class has no overlay and keeps the breaker's directive.
-            self.overlays[c.id.index()].store(None);
-            if !set.by_class[c.id.index()].is_empty() {
+            if set.by_class[c.id.index()].is_empty() {
+                // Without policies, a class has no overlay and keeps the breaker's directive.
+                self.overlays[c.id.index()].store(None);
+            } else {
+                // Its overlay stays in place while the policies run (the directive in force
+                // may point to it), and is replaced with what they decide.
                 work.push((c.clone(), Directive::unpack(directives[c.id.index()])));
             }
         }
