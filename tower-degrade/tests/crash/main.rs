@@ -29,23 +29,15 @@ use tower_degrade::fallback::{
 };
 use tower_degrade::{ClassConfig, Degrader, Route};
 
+#[path = "../support.rs"]
+mod support;
+
+use support::Rng;
+
 const ROLE: &str = "TD_CRASH_ROLE";
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
-}
-
-/// splitmix64, seeded from the clock: each run kills at other points.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 fn spawn(role: &str, dir: &Path, from: u64) -> std::process::Child {
@@ -117,7 +109,7 @@ fn every_acknowledged_task_survives_kill_9_and_takes_effect_once() {
             out
         });
         let _ = acking.recv_timeout(Duration::from_secs(30));
-        std::thread::sleep(Duration::from_micros(rng.next() % 50_000));
+        std::thread::sleep(Duration::from_micros(rng.next_u64() % 50_000));
         child.kill().unwrap();
         child.wait().unwrap();
         let out = reader.join().unwrap();

@@ -479,6 +479,37 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
+/// A degrader with one class, `log`, watching `dir` with this debounce, and the outcomes of
+/// its reloads after the first load.
+fn watching(
+    dir: &std::path::Path,
+    debounce: Duration,
+) -> (
+    Degrader,
+    tower_degrade::policy::PolicyWatcher,
+    tokio::sync::watch::Receiver<tower_degrade::policy::ReloadOutcome>,
+) {
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let watcher = d.watch_policies(dir, debounce).unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    (d, watcher, outcomes)
+}
+
+/// The outcome of the next reload; the timeout only bounds a broken watcher.
+async fn next_reload(
+    outcomes: &mut tokio::sync::watch::Receiver<tower_degrade::policy::ReloadOutcome>,
+) -> tower_degrade::policy::ReloadOutcome {
+    tokio::time::timeout(Duration::from_secs(10), outcomes.changed())
+        .await
+        .expect("a reload")
+        .unwrap();
+    outcomes.borrow_and_update().clone()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_reload_takes_effect_within_a_second_and_fails_no_request() {
     use std::sync::Arc;
@@ -574,20 +605,10 @@ async fn the_directory_watcher_reloads_on_file_changes() {
 
     let dir = temp_dir("watch");
     std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
-    let d = Degrader::builder("shop")
-        .class(ClassConfig::bronze("log"))
-        .build()
-        .unwrap();
-    let watcher = d.watch_policies(&dir, Duration::from_millis(50)).unwrap();
-    let mut outcomes = watcher.subscribe();
-    outcomes.borrow_and_update();
+    let (_d, watcher, mut outcomes) = watching(&dir, Duration::from_millis(50));
     std::fs::write(dir.join("log.rhai"), policy("\"log\"", "admit()")).unwrap();
-    // Wait for the event-driven reload; the timeout only bounds a broken watcher.
-    tokio::time::timeout(Duration::from_secs(10), outcomes.changed())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(*outcomes.borrow(), ReloadOutcome::Loaded(2));
+    // The event-driven reload.
+    assert_eq!(next_reload(&mut outcomes).await, ReloadOutcome::Loaded(2));
     drop(watcher);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1158,37 +1179,19 @@ async fn reload_follows_a_configmap_update_and_a_recreated_directory() {
     std::fs::write(dir.join("..v1/log.rhai"), policy("\"log\"", "shed()")).unwrap();
     symlink("..v1", dir.join("..data")).unwrap();
     symlink("..data/log.rhai", dir.join("log.rhai")).unwrap();
-    let d = Degrader::builder("shop")
-        .class(ClassConfig::bronze("log"))
-        .build()
-        .unwrap();
-    let watcher = d.watch_policies(&dir, Duration::from_millis(50)).unwrap();
-    let mut outcomes = watcher.subscribe();
-    outcomes.borrow_and_update();
-    let next = |outcomes: &mut tokio::sync::watch::Receiver<ReloadOutcome>| {
-        let mut o = outcomes.clone();
-        async move {
-            // The timeout only bounds a broken watcher.
-            tokio::time::timeout(Duration::from_secs(10), o.changed())
-                .await
-                .expect("a reload")
-                .unwrap();
-            o.borrow_and_update().clone()
-        }
-    };
+    let (_d, watcher, mut outcomes) = watching(&dir, Duration::from_millis(50));
 
     std::fs::create_dir(dir.join("..v2")).unwrap();
     std::fs::write(dir.join("..v2/log.rhai"), policy("\"log\"", "admit()")).unwrap();
     symlink("..v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
-    assert_eq!(next(&mut outcomes).await, ReloadOutcome::Loaded(2));
-    outcomes.borrow_and_update();
+    assert_eq!(next_reload(&mut outcomes).await, ReloadOutcome::Loaded(2));
 
     // The directory removed and created again (its watch is gone): the rescan finds it.
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
-    assert_eq!(next(&mut outcomes).await, ReloadOutcome::Loaded(3));
+    assert_eq!(next_reload(&mut outcomes).await, ReloadOutcome::Loaded(3));
     drop(watcher);
     std::fs::remove_dir_all(&dir).unwrap();
 }
