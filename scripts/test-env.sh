@@ -3,6 +3,8 @@
 # - `protoc`, for the gRPC example's code generation (Debian's `protobuf-compiler`);
 # - `redis-server`, for the Redis Streams store's tests, which start their own servers on free
 #   ports (Debian's `redis-server`; the package's own service is not used);
+# - `promtool` and `amtool`, for the ops files' tests (tower-degrade/tests/ops.rs): Debian's
+#   `prometheus` and `prometheus-alertmanager` (only their command-line tools are used);
 # - ONNX Runtime, for the predictor's tests: the CPU library inside the PyPI `onnxruntime`
 #   wheel, installed into a virtual environment under target/ (nothing is downloaded from
 #   outside PyPI). ort loads it at run time from `ORT_DYLIB_PATH`. The `onnx` package lets the
@@ -27,6 +29,28 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null
   else
     echo "error: the Redis store's tests need redis-server: 'sudo apt-get install redis-server'" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+fi
+
+td_missing=""
+command -v promtool >/dev/null 2>&1 || td_missing="prometheus"
+command -v amtool >/dev/null 2>&1 || td_missing="$td_missing prometheus-alertmanager"
+if [ -n "$td_missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing$td_missing (Debian's) for promtool and amtool, used by the ops files' tests"
+    # The packages' own services are not wanted: keep the installation from starting them.
+    td_rcd=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      td_rcd=yes
+    fi
+    # shellcheck disable=SC2086
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends $td_missing >/dev/null
+    [ -z "$td_rcd" ] || rm -f /usr/sbin/policy-rc.d
+  else
+    echo "error: the ops files' tests need promtool and amtool:" \
+      "'sudo apt-get install$td_missing'" >&2
     return 1 2>/dev/null || exit 1
   fi
 fi
