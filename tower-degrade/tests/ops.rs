@@ -3,7 +3,8 @@
 //! library emits: a renamed metric or label value breaks this test, not a production alert.
 //!
 //! Needs `promtool` (Debian's `prometheus`) and `amtool` (Debian's `prometheus-alertmanager`);
-//! `scripts/test` installs them. Without them the test fails, naming the package.
+//! `scripts/test` installs them. Without them the test fails, naming the package. It needs the
+//! `fallback` feature, whose metrics the files query.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -58,7 +59,7 @@ const DASHBOARD: &str = "grafana/tower-degrade.json";
 /// Every metric this library emits (the constants of [`tower_degrade::metrics`]).
 fn emitted() -> BTreeSet<&'static str> {
     use metrics::*;
-    let names = BTreeSet::from([
+    BTreeSet::from([
         REQUESTS,
         LATENCY,
         INFLIGHT,
@@ -82,21 +83,13 @@ fn emitted() -> BTreeSet<&'static str> {
         ADMISSION_INFLIGHT,
         ADMISSION_WAITING,
         PRIORITY_INVALID,
-    ]);
-    #[cfg(feature = "fallback")]
-    let names = {
-        let mut names = names;
-        names.extend([
-            FALLBACK_KEPT,
-            FALLBACK_DEPTH,
-            FALLBACK_OLDEST,
-            FALLBACK_REPLAYS,
-            FALLBACK_BACKFILL_RATE,
-            FALLBACK_BATCH_WRITES,
-        ]);
-        names
-    };
-    names
+        FALLBACK_KEPT,
+        FALLBACK_DEPTH,
+        FALLBACK_OLDEST,
+        FALLBACK_REPLAYS,
+        FALLBACK_BACKFILL_RATE,
+        FALLBACK_BATCH_WRITES,
+    ])
 }
 
 /// The `degrade_*` metric names a text mentions, with a histogram's `_bucket`/`_sum`/`_count`
@@ -182,7 +175,6 @@ fn the_ops_files_only_query_metrics_the_library_emits() {
     }
     // The label values the rules and the dashboard match on.
     let all = [RULES, DASHBOARD].map(|f| read(&ops().join(f))).join("\n");
-    #[cfg(feature = "fallback")]
     for queue in [
         tower_degrade::fallback::Queue::Review,
         tower_degrade::fallback::Queue::Spool,
