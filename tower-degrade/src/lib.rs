@@ -124,6 +124,7 @@ pub mod clock;
 pub mod error;
 pub mod gate;
 pub mod metrics;
+mod mix;
 pub mod window;
 
 // The breaker, the control loop and its stages.
@@ -136,6 +137,9 @@ pub mod predict;
 
 // The degrader, the data-path layer and what it answers with.
 mod builder;
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+pub mod chaos;
 pub mod degrader;
 pub mod fallback;
 pub mod layer;

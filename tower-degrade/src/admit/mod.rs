@@ -218,10 +218,7 @@ fn user_bucket(key: &[u8]) -> u16 {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     key.hash(&mut h);
     // FNV's high bits mix poorly for short keys: finish with splitmix64's mixer.
-    let mut x = h.finish();
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((x ^ (x >> 31)) >> 48) as u16
+    (crate::mix::mix64(h.finish()) >> 48) as u16
 }
 
 /// The class's dynamic score within its tier (seed 3.1), 0..=65535:

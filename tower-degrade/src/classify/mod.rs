@@ -5,7 +5,7 @@
 //! a client sends (paths, headers), label cardinality stays bounded.
 
 mod http;
-mod pattern;
+pub(crate) mod pattern;
 mod view;
 
 pub use self::http::{HttpClassifier, HttpClassifierBuilder};

@@ -3,13 +3,13 @@
 use crate::error::ConfigError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Segment {
+pub(crate) enum Segment {
     Literal(Box<str>),
     Param,
     CatchAll,
 }
 
-pub(super) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError> {
+pub(crate) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError> {
     if !pattern.starts_with('/') {
         return Err(ConfigError::InvalidValue {
             field: "http.route",
@@ -38,7 +38,7 @@ pub(super) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError
 }
 
 #[inline]
-pub(super) fn matches(segments: &[Segment], path: &str) -> bool {
+pub(crate) fn matches(segments: &[Segment], path: &str) -> bool {
     // Byte-wise: `str::split` costs more than the whole rest of the data path.
     let mut rest = Some(path.strip_prefix('/').unwrap_or(path));
     for seg in segments {

@@ -82,7 +82,7 @@ impl FallbackWorker {
             rate,
             tokens: 0.0,
             last_ms,
-            seed: 0x9E37_79B9_7F4A_7C15 ^ last_ms,
+            seed: crate::mix::GAMMA ^ last_ms,
         }
     }
 
@@ -105,12 +105,9 @@ impl FallbackWorker {
     }
 
     fn unit(&mut self) -> f64 {
-        // splitmix64: jitter needs spread, not cryptographic strength.
-        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as f64 / u64::MAX as f64
+        // Jitter needs spread, not cryptographic strength.
+        self.seed = self.seed.wrapping_add(crate::mix::GAMMA);
+        crate::mix::unit(crate::mix::mix64(self.seed))
     }
 
     async fn step(&mut self) {

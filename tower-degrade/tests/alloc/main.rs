@@ -115,3 +115,36 @@ fn the_counter_sees_the_rejection_path_allocate() {
         "the degraded error is boxed: {info:?}"
     );
 }
+
+/// A chaos layer with nothing in force, or with faults on other classes only, adds no
+/// allocation to a call.
+#[cfg(feature = "chaos")]
+#[test]
+fn a_chaos_layer_that_strikes_nothing_allocates_nothing() {
+    use tower_degrade::BoxError;
+    use tower_degrade::chaos::{Chaos, Fault, Target};
+    type Fallible = tower::util::ServiceFn<fn(u64) -> Ready<Result<u64, BoxError>>>;
+    let d = degrader();
+    let pay = d.class_id("pay").unwrap();
+    let chaos = Chaos::builder(&d).seed(1).build();
+    let inner: Fallible = service_fn((|x: u64| ready(Ok(x + 1))) as fn(u64) -> _);
+    let mut svc = d.layer(pay).layer(chaos.layer(pay).layer(inner));
+    call_once(&mut svc, 0);
+    let calls = |svc: &mut _| {
+        allocation_counter::measure(|| {
+            for i in 0..5_000 {
+                call_once(svc, i);
+            }
+        })
+    };
+    let info = calls(&mut svc);
+    assert_eq!(info.count_total, 0, "nothing in force: {info:?}");
+    chaos
+        .set(Target::class("log"), Fault::new().errors(1.0))
+        .unwrap();
+    let info = calls(&mut svc);
+    assert_eq!(info.count_total, 0, "a fault on another class: {info:?}");
+    d.tick_now();
+    let served = d.history("pay").unwrap().latest().unwrap().successes;
+    assert_eq!(served, 10_001);
+}
