@@ -21,6 +21,15 @@
 //! ends, when no tick has come within 50 % of `rtt0` for half the window, and every window while
 //! saturated, one tick runs at three quarters of the limit to measure it again (as
 //! BBR's `PROBE_RTT` does).
+//!
+//! A dependency that turns slow (a database at four times its latency) raises `rtt` with no
+//! queue at all; the gradient would halve the limit tick after tick for latency that does not
+//! fall with it. So the first tick that latency rises above the baseline is followed by a probe
+//! tick at three quarters of the limit: if latency does not fall with it, the service got
+//! slower, its latency now is the baseline and the limit stays. As a backstop, when latency
+//! has stayed above the baseline for three ticks while the limit fell to half of what it was
+//! when latency rose, and latency fell by less than a fifth, the baseline is measured again and
+//! the limit goes back to where it was: latency that does not follow the limit is not queueing.
 
 use std::collections::VecDeque;
 
@@ -73,6 +82,8 @@ pub(crate) struct Gradient {
     last_rtt: f64,
     /// Ticks since one came within 50 % of the baseline.
     stale: usize,
+    /// The limit and the latency when latency first rose above the baseline.
+    stale_from: Option<(f64, f64)>,
     /// Ticks since the last probe.
     since_probe: usize,
     slow_start: bool,
@@ -80,6 +91,11 @@ pub(crate) struct Gradient {
     unproven: bool,
     /// During a probe tick: the limit before it.
     probing: Option<f64>,
+    /// The probe runs because latency rose above the baseline: it tells a queue from a
+    /// service that got slower.
+    stale_probe: bool,
+    /// This rise above the baseline has had its probe.
+    stale_probed: bool,
 }
 
 impl Gradient {
@@ -90,10 +106,13 @@ impl Gradient {
             rtts: VecDeque::new(),
             last_rtt: 0.0,
             stale: 0,
+            stale_from: None,
             since_probe: 0,
             slow_start: true,
             unproven: true,
             probing: None,
+            stale_probe: false,
+            stale_probed: false,
         }
     }
 
@@ -138,12 +157,27 @@ impl Gradient {
         }
         let rtt = s.micros as f64 / s.calls as f64;
         if let Some(before) = self.probing.take() {
+            let fell_by = 1.0 - self.limit.round() / before.round();
+            let queue = rtt < self.last_rtt * (1.0 - 0.75 * fell_by);
+            if std::mem::take(&mut self.stale_probe) && !queue {
+                // Latency rose and did not fall nearly as much as the limit: not a queue, the
+                // service got slower. Its latency at the lower limit is the baseline; the limit
+                // goes back to where it was.
+                self.limit = before;
+                self.rtts.clear();
+                self.rtts.push_back(rtt);
+                self.last_rtt = rtt;
+                self.stale = 0;
+                self.stale_from = None;
+                self.stale_probed = false;
+                self.since_probe = 0;
+                return self.limit();
+            }
             // Above the capacity, latency falls in proportion to the limit; below, it holds.
             // Falling nearly as much as the limit did, calls were queueing in the service and
             // the baseline was measured with them: stay here, take this as the baseline, and
             // look again lower.
-            let fell_by = 1.0 - self.limit.round() / before.round();
-            if rtt < self.last_rtt * (1.0 - 0.75 * fell_by) {
+            if queue {
                 self.slow_start = false;
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
@@ -162,15 +196,27 @@ impl Gradient {
         // The limit's headroom alone keeps latency up to about a quarter above the baseline.
         if rtt <= rtt0 * 1.5 {
             self.stale = 0;
+            self.stale_from = None;
+            self.stale_probed = false;
         } else {
             self.stale += 1;
+            self.stale_from.get_or_insert((self.limit, rtt));
         }
         self.last_rtt = rtt;
-        if self.stale >= self.cfg.window / 2 {
-            // No tick near the baseline for half a window: the service got slower. Measure
-            // the baseline again rather than let the window forget it for an inflated one.
+        // Latency that did not fall while the limit halved is the service's own, not a queue.
+        let unmoved = self.stale_from.filter(|&(limit, was)| {
+            self.stale >= 3 && self.limit <= 0.5 * limit && rtt >= 0.8 * was
+        });
+        if self.stale >= self.cfg.window / 2 || unmoved.is_some() {
+            // No tick near the baseline for half a window, or latency that does not follow the
+            // limit: the service got slower. Measure the baseline again rather than let the
+            // window forget it for an inflated one, and undo what the stale one took away.
+            if let Some((limit, _)) = unmoved {
+                self.limit = limit;
+            }
             self.rtts.clear();
             self.stale = 0;
+            self.stale_from = None;
             self.unproven = true;
         }
         if !s.saturated {
@@ -183,6 +229,13 @@ impl Gradient {
             return self.limit();
         }
         self.slow_start = false;
+        if self.stale > 0 && !self.stale_probed && !self.unproven {
+            // Latency rose above the baseline: a queue, or a slower service? One tick at
+            // three quarters of the limit tells them apart.
+            self.stale_probe = true;
+            self.stale_probed = true;
+            return self.probe();
+        }
         // Probe a baseline that may have been measured with a queue in the service (a new
         // one, once slow start is over), or an old one, from the limit the tick ran with.
         if self.unproven || self.since_probe >= self.cfg.window {
@@ -309,6 +362,36 @@ mod tests {
             ..busy
         };
         assert_eq!(g.update(queueing), 23);
+    }
+
+    /// The database turns four times slower with no queue in the service: the limit must not
+    /// sit at its minimum for half a window, starving every class that needs it.
+    #[test]
+    fn a_dependency_turning_slow_is_not_mistaken_for_a_queue() {
+        let mut g = Gradient::new(LimitConfig::default());
+        let mut limit = g.limit();
+        for _ in 0..40 {
+            limit = g.update(saturated(16.0, 10_000.0, limit));
+        }
+        assert!((16..=20).contains(&limit), "{limit}");
+        let mut path = vec![limit];
+        for _ in 0..12 {
+            limit = g.update(saturated(16.0, 40_000.0, limit));
+            path.push(limit);
+        }
+        let lowest = *path.iter().min().unwrap();
+        assert!(lowest >= 12, "fell to {lowest}: {path:?}");
+        assert!(
+            (16..=20).contains(&limit),
+            "back near the capacity: {path:?}"
+        );
+        assert_eq!(g.baseline(), Some(40_000.0), "{path:?}");
+        // And it still follows the capacity down when the slots go.
+        for _ in 0..30 {
+            limit = g.update(saturated(8.0, 40_000.0, limit));
+            path.push(limit);
+        }
+        assert!((8..=11).contains(&limit), "{path:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use super::limit::{Gradient, LimitConfig, Sample};
 use crate::class::Tier;
@@ -149,6 +150,8 @@ pub(crate) struct Limiter {
     waiting: AtomicU32,
     saturated: AtomicBool,
     samples: AtomicU64,
+    /// The mean latency in the service at the last tick with calls, µs.
+    rtt_micros: AtomicU32,
     queue: Mutex<Queue>,
     gradient: Mutex<Gradient>,
 }
@@ -163,6 +166,7 @@ impl Limiter {
             waiting: AtomicU32::new(0),
             saturated: AtomicBool::new(false),
             samples: AtomicU64::new(0),
+            rtt_micros: AtomicU32::new(0),
             queue: Mutex::default(),
             gradient: Mutex::new(gradient),
         }
@@ -221,14 +225,26 @@ impl Limiter {
         }
     }
 
-    /// Queue a call that found no free permit. `burst` is its tier's burst tolerance: the tier
-    /// may hold `(burst - 1) * limit` calls waiting (at least one).
+    /// Queue a call that found no free permit. `burst` is its tier's burst tolerance and
+    /// `bound` its class's wait bound: the tier may hold `(burst - 1) * limit` calls waiting
+    /// (at least one), or as many as the permits serve within `bound` at the last tick's
+    /// latency, whichever is more.
     #[cold]
-    pub(crate) fn enqueue(&self, p: Priority, burst: f64) -> Enqueued {
+    pub(crate) fn enqueue(&self, p: Priority, burst: f64, bound: Duration) -> Enqueued {
         self.saturated.store(true, Relaxed);
         let mut q = self.queue();
         let limit = self.limit.load(Relaxed);
-        let cap = ((burst - 1.0).max(0.0) * f64::from(limit)).ceil().max(1.0) as u32;
+        let burst_cap = ((burst - 1.0).max(0.0) * f64::from(limit)).ceil().max(1.0) as u32;
+        // Little's law: `limit` permits each held `rtt` serve `limit * bound / rtt` calls within
+        // the wait bound; a queue that long is still served in time, whatever the burst.
+        let rtt = u64::from(self.rtt_micros.load(Relaxed));
+        let in_time = if rtt == 0 {
+            0
+        } else {
+            (u128::from(limit) * bound.as_micros() / u128::from(rtt)).min(u128::from(u32::MAX))
+                as u32
+        };
+        let cap = burst_cap.max(in_time);
         q.next += 1;
         let key = Key {
             rank: rank(p.tier),
@@ -295,6 +311,10 @@ impl Limiter {
             saturated: self.saturated.swap(false, Relaxed),
             pressure,
         };
+        if let Some(rtt) = sample.micros.checked_div(sample.calls) {
+            self.rtt_micros
+                .store(rtt.min(u64::from(u32::MAX)) as u32, Relaxed);
+        }
         let (limit, baseline) = {
             let mut g = self.gradient.lock().unwrap_or_else(|e| e.into_inner());
             (g.update(sample), g.baseline())
@@ -372,8 +392,8 @@ mod tests {
         let l = limiter(2);
         assert!(l.try_acquire() && l.try_acquire());
         assert!(!l.try_acquire());
-        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 3.0));
-        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 3.0));
+        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 3.0, Duration::ZERO));
+        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 3.0, Duration::ZERO));
         // Someone queues: the fast path stays shut even when a permit comes free.
         assert!(!l.try_acquire());
         assert!(poll(&gold).is_pending());
@@ -390,19 +410,51 @@ mod tests {
     }
 
     #[test]
+    fn a_tier_queues_what_the_permits_serve_within_its_wait_bound() {
+        let l = Limiter::new(
+            "db".into(),
+            LimitConfig {
+                initial: 4,
+                ..LimitConfig::default()
+            },
+        );
+        for _ in 0..4 {
+            assert!(l.try_acquire());
+        }
+        // Gold's burst tolerance alone lets 4 calls wait (one limit's worth).
+        for _ in 0..4 {
+            queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::from_millis(200)));
+        }
+        assert!(matches!(
+            l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::from_millis(200)),
+            Enqueued::Shed
+        ));
+        // Once calls take 40 ms, 4 permits serve 20 calls within 200 ms: 20 may wait.
+        l.samples.fetch_add(sample(40_000) * 4, Relaxed);
+        l.tick(false, 0);
+        for _ in 4..20 {
+            queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::from_millis(200)));
+        }
+        assert!(matches!(
+            l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::from_millis(200)),
+            Enqueued::Shed
+        ));
+    }
+
+    #[test]
     fn a_full_tier_sheds_its_least_important_user_first() {
         let l = limiter(1);
         assert!(l.try_acquire());
         // Bronze (burst 1.2) may queue ceil(0.2 * 1) = 1 call.
-        let low = queued(l.enqueue(prio(Tier::Bronze, 10), 1.2));
-        let high = queued(l.enqueue(prio(Tier::Bronze, 200), 1.2));
+        let low = queued(l.enqueue(prio(Tier::Bronze, 10), 1.2, Duration::ZERO));
+        let high = queued(l.enqueue(prio(Tier::Bronze, 200), 1.2, Duration::ZERO));
         assert_eq!(poll(&low), Poll::Ready(WaitEnd::Shed), "pushed out");
         assert!(matches!(
-            l.enqueue(prio(Tier::Bronze, 5), 1.2),
+            l.enqueue(prio(Tier::Bronze, 5), 1.2, Duration::ZERO),
             Enqueued::Shed
         ));
         // Another tier has its own room.
-        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 2.0));
+        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
         l.release(1);
         assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted));
         assert!(poll(&high).is_pending());
@@ -412,10 +464,10 @@ mod tests {
     fn leaving_the_queue_frees_the_place_and_a_late_grant_is_reported() {
         let l = limiter(1);
         assert!(l.try_acquire());
-        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5));
+        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO));
         assert!(!l.leave(&w), "still waiting: no permit");
         assert_eq!(l.waiting.load(SeqCst), 0);
-        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5));
+        let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO));
         l.release(1);
         assert!(l.leave(&w), "granted before it left: it holds the permit");
         l.give_back();
@@ -430,7 +482,7 @@ mod tests {
         l.release(1);
         // ...and a call that saw the limit reached queues: it gets the permit at once.
         assert!(matches!(
-            l.enqueue(prio(Tier::Bronze, 0), 1.2),
+            l.enqueue(prio(Tier::Bronze, 0), 1.2, Duration::ZERO),
             Enqueued::Admitted
         ));
         assert_eq!(l.state().inflight, 1);
@@ -440,7 +492,7 @@ mod tests {
     fn a_tick_takes_the_samples_and_a_higher_limit_admits_waiters() {
         let l = limiter(1);
         assert!(l.try_acquire());
-        let w = queued(l.enqueue(prio(Tier::Gold, 0), 2.0));
+        let w = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
         let busy_tick = || {
             for _ in 0..10 {
                 l.samples.fetch_add((1 << MICROS_BITS) | 10_000, Relaxed);

@@ -228,7 +228,11 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             .waiting_since
             .take()
             .unwrap_or_else(|| shard.timer.start());
-        match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance()) {
+        match self.shared.limiters[limiter].enqueue(
+            priority,
+            tier.burst_tolerance(),
+            gate.queue_bound,
+        ) {
             Enqueued::Admitted => {
                 let mut rec = Recording::after_wait(shard, idx as u16, probe, since);
                 rec.hold_permit();
