@@ -197,7 +197,9 @@ impl Fault {
         (self.errors, self.aborts, self.hangs)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Check the values, as [`Chaos::set`] does: rates between 0 and 1 that add up to at most
+    /// 1, durations up to a day.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for (field, rate) in [
             ("chaos.errors", self.errors),
             ("chaos.aborts", self.aborts),

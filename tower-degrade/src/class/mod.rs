@@ -20,6 +20,16 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// A class config of this tier named `name`, with the tier's defaults
+    /// ([`ClassConfig::gold`], [`silver`](ClassConfig::silver), [`bronze`](ClassConfig::bronze)).
+    pub fn class(self, name: impl Into<String>) -> ClassConfig {
+        match self {
+            Tier::Gold => ClassConfig::gold(name),
+            Tier::Silver => ClassConfig::silver(name),
+            Tier::Bronze => ClassConfig::bronze(name),
+        }
+    }
+
     /// The label used for this tier in metrics and policies.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -159,6 +169,40 @@ impl Route {
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Parses a route's name as [`Route::as_str`] writes it (`delayed_retry`, `spool` ...), for
+/// configuration files.
+impl std::str::FromStr for Route {
+    type Err = crate::error::ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Route::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| crate::error::ConfigError::InvalidValue {
+                field: "route",
+                reason: format!(
+                    "`{s}` is not a route: use one of {}",
+                    Route::ALL.map(Route::as_str).join(", ")
+                ),
+            })
+    }
+}
+
+/// Parses a tier's name (`gold`, `silver`, `bronze`), for configuration files.
+impl std::str::FromStr for Tier {
+    type Err = crate::error::ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Tier::Gold, Tier::Silver, Tier::Bronze]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| crate::error::ConfigError::InvalidValue {
+                field: "tier",
+                reason: format!("`{s}` is not a tier: use gold, silver or bronze"),
+            })
     }
 }
 
