@@ -1,0 +1,525 @@
+//! The service's configuration file (TOML, through serde): classes, routes, breaker
+//! settings, admission, policies, storage, and the storm to play. Unknown fields are errors,
+//! and every error names the file, the line and the field (`classes[2].sla_ms`).
+//!
+//! Everything here can be built in code as well: [`Config::degrader`] is a plain
+//! `DegraderBuilder`, and the example's `main` shows both.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tower_degrade::breaker::BreakerConfig;
+use tower_degrade::chaos::{Fault, Target};
+use tower_degrade::fallback::Backfill;
+use tower_degrade::{ClassConfig, Degrader, DegraderBuilder, Route, Tier};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The service name (the `service` label of every metric).
+    pub(crate) service: String,
+    /// The control tick.
+    #[serde(default = "default_tick_ms")]
+    pub(crate) tick_ms: u64,
+    /// The policies directory, relative to the configuration file; none: no policies.
+    #[serde(default)]
+    pub(crate) policies: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) breaker: BreakerSection,
+    #[serde(default)]
+    pub(crate) admission: AdmissionSection,
+    #[serde(default)]
+    pub(crate) storage: StorageSection,
+    #[serde(default)]
+    pub(crate) backfill: BackfillSection,
+    /// The classes, in priority order within a tier.
+    pub(crate) classes: Vec<ClassSection>,
+    /// The simulated dependencies.
+    pub(crate) dependencies: DependenciesSection,
+    /// The storm the example plays.
+    pub(crate) storm: StormSection,
+}
+
+fn default_tick_ms() -> u64 {
+    500
+}
+
+/// `[breaker]`: the breaker settings every class starts from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BreakerSection {
+    pub(crate) open_duration_ms: Option<u64>,
+    pub(crate) min_requests: Option<u64>,
+    pub(crate) failure_rate: Option<f64>,
+}
+
+/// `[admission]`: priority admission under overload.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdmissionSection {
+    /// An adaptive concurrency limit in front of the service, gold first.
+    #[serde(default)]
+    pub(crate) adaptive: bool,
+    /// One limit per dependency (`depends_on`) instead of one for the service: a slow
+    /// database fills its own limit, not the one of calls that do not touch it.
+    #[serde(default)]
+    pub(crate) per_dependency: bool,
+}
+
+/// `[storage]`: where kept calls are stored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StorageSection {
+    /// The embedded store's file; none: a new file in the system's temp dir per run.
+    pub(crate) path: Option<PathBuf>,
+}
+
+/// `[backfill]`: when spooled calls are replayed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackfillSection {
+    /// Replays per second at most.
+    #[serde(default = "default_backfill_rate")]
+    pub(crate) rate: f64,
+    /// Off-peak: the class receives fewer requests a second than this.
+    pub(crate) below_rps: Option<f64>,
+    /// Off-peak: a daily window, `["22:00", "06:00"]` (UTC).
+    pub(crate) window: Option<[String; 2]>,
+}
+
+fn default_backfill_rate() -> f64 {
+    200.0
+}
+
+impl Default for BackfillSection {
+    fn default() -> Self {
+        Self {
+            rate: default_backfill_rate(),
+            below_rps: None,
+            window: None,
+        }
+    }
+}
+
+/// `[[classes]]`: one task class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClassSection {
+    pub(crate) name: String,
+    #[serde(deserialize_with = "parsed")]
+    pub(crate) tier: Tier,
+    pub(crate) sla_ms: Option<u64>,
+    pub(crate) timeout_ms: Option<u64>,
+    /// How long a call may wait for admission before it takes its fallback route.
+    pub(crate) max_queue_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub(crate) depends_on: Vec<String>,
+    #[serde(default, deserialize_with = "parsed_opt")]
+    pub(crate) fallback: Option<Route>,
+}
+
+/// `[dependencies]`: the simulated database, cache and third-party APIs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DependenciesSection {
+    /// Database connections: the capacity every DB user shares.
+    pub(crate) db_connections: usize,
+    /// A query's time on a healthy database.
+    pub(crate) db_query_ms: u64,
+    pub(crate) redis_ms: u64,
+    pub(crate) payments_api_ms: u64,
+    pub(crate) analytics_api_ms: u64,
+}
+
+/// `[storm]`: the Double-11 scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StormSection {
+    /// The seed of the chaos layer's draws and the traffic's arrival times.
+    pub(crate) seed: u64,
+    pub(crate) normal_secs: f64,
+    pub(crate) fault_secs: f64,
+    pub(crate) recovery_secs: f64,
+    /// How long the run may wait after the recovery for kept calls to be replayed.
+    pub(crate) drain_secs: f64,
+    /// The traffic multiplier during the fault.
+    pub(crate) spike: f64,
+    /// A client gives up on a call after this long.
+    pub(crate) client_timeout_ms: u64,
+    /// Calls per second of each class in the normal phase.
+    pub(crate) rates: std::collections::BTreeMap<String, f64>,
+    /// The faults switched on for the fault phase.
+    pub(crate) faults: Vec<FaultSection>,
+}
+
+/// `[[storm.faults]]`: one fault of the fault phase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultSection {
+    /// `dependency:db`, `class:payment_callback` or `route:/products/{id}`.
+    #[serde(deserialize_with = "parsed")]
+    pub(crate) target: TargetSpec,
+    #[serde(default)]
+    pub(crate) latency_ms: u64,
+    #[serde(default)]
+    pub(crate) jitter_ms: u64,
+    #[serde(default)]
+    pub(crate) errors: f64,
+    #[serde(default)]
+    pub(crate) aborts: f64,
+    #[serde(default)]
+    pub(crate) hangs: f64,
+}
+
+impl FaultSection {
+    pub(crate) fn fault(&self) -> Fault {
+        Fault::new()
+            .latency(Duration::from_millis(self.latency_ms))
+            .jitter(Duration::from_millis(self.jitter_ms))
+            .errors(self.errors)
+            .aborts(self.aborts)
+            .hangs(self.hangs)
+    }
+}
+
+/// A fault's target as written: `kind:name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TargetSpec(pub Target);
+
+impl std::str::FromStr for TargetSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("dependency", d)) => Ok(TargetSpec(Target::dependency(d))),
+            Some(("class", c)) => Ok(TargetSpec(Target::class(c))),
+            Some(("route", r)) => Ok(TargetSpec(Target::route(r))),
+            _ => Err(format!(
+                "`{s}` is not a target: write `dependency:<name>`, `class:<name>` or \
+                 `route:<pattern>`"
+            )),
+        }
+    }
+}
+
+fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err: fmt::Display>,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+fn parsed_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err: fmt::Display>,
+{
+    parsed(d).map(Some)
+}
+
+/// A configuration error: the file, the line, the field and what is wrong.
+#[derive(Debug)]
+pub(crate) struct ConfigFileError(String);
+
+impl fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigFileError {}
+
+impl Config {
+    /// Read and check the file at `path`.
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigFileError> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigFileError(format!("{shown}: cannot read it: {e}")))?;
+        let mut config = Config::parse(&text, &shown.to_string())?;
+        if let Some(p) = config.policies.as_ref().filter(|p| p.is_relative()) {
+            config.policies = Some(path.parent().unwrap_or(Path::new(".")).join(p));
+        }
+        Ok(config)
+    }
+
+    /// Parse and check `text`, naming `file` in errors.
+    pub(crate) fn parse(text: &str, file: &str) -> Result<Config, ConfigFileError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let de = toml::de::Deserializer::parse(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| line_of(s.start));
+            ConfigFileError(format!("{file}:{line}: {}", e.message().trim()))
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map_or(1, |s| line_of(s.start));
+            ConfigFileError(format!(
+                "{file}:{line}: field `{field}`: {}",
+                inner.message().trim()
+            ))
+        })?;
+        config.check(text, file)?;
+        Ok(config)
+    }
+
+    /// What serde cannot check: names that must exist, values that must be in range.
+    fn check(&self, text: &str, file: &str) -> Result<(), ConfigFileError> {
+        // The line where a key first appears after `[[classes]]` number `i`, for errors found
+        // after parsing.
+        let line_of = |needle: &str, nth_table: Option<(&str, usize)>| -> usize {
+            let mut seen = 0usize;
+            let mut inside = nth_table.is_none();
+            for (n, line) in text.lines().enumerate() {
+                let t = line.trim();
+                if let Some((table, i)) = nth_table {
+                    if t == format!("[[{table}]]") {
+                        inside = seen == i;
+                        seen += 1;
+                        continue;
+                    }
+                    if t.starts_with('[') {
+                        inside = false;
+                    }
+                }
+                if inside && t.starts_with(needle) {
+                    return n + 1;
+                }
+            }
+            1
+        };
+        let err = |line: usize, field: String, what: String| {
+            Err(ConfigFileError(format!(
+                "{file}:{line}: field `{field}`: {what}"
+            )))
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            if !names.insert(c.name.as_str()) {
+                return err(
+                    line_of("name", Some(("classes", i))),
+                    format!("classes[{i}].name"),
+                    format!("class `{}` is configured twice", c.name),
+                );
+            }
+        }
+        for name in self.storm.rates.keys() {
+            if !names.contains(name.as_str()) {
+                return err(
+                    line_of(name, None),
+                    format!("storm.rates.{name}"),
+                    format!("no class is called `{name}`"),
+                );
+            }
+        }
+        for (i, f) in self.storm.faults.iter().enumerate() {
+            if let Err(e) = f.fault().validate() {
+                return err(
+                    line_of("target", Some(("storm.faults", i))),
+                    format!("storm.faults[{i}]"),
+                    e.to_string(),
+                );
+            }
+        }
+        let s = &self.storm;
+        for (field, v) in [
+            ("storm.normal_secs", s.normal_secs),
+            ("storm.fault_secs", s.fault_secs),
+            ("storm.recovery_secs", s.recovery_secs),
+            ("storm.drain_secs", s.drain_secs),
+            ("storm.spike", s.spike),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                let key = field.rsplit('.').next().unwrap_or(field);
+                return err(
+                    line_of(key, None),
+                    field.to_owned(),
+                    format!("{v} must be a positive number"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The classes and settings as a degrader builder.
+    pub(crate) fn degrader(&self) -> Result<DegraderBuilder, ConfigFileError> {
+        let mut b = Degrader::builder(&self.service).tick(Duration::from_millis(self.tick_ms));
+        let mut breaker = BreakerConfig::default();
+        if let Some(ms) = self.breaker.open_duration_ms {
+            breaker = breaker.open_duration(Duration::from_millis(ms));
+        }
+        if let Some(n) = self.breaker.min_requests {
+            breaker = breaker.min_requests(n);
+        }
+        if let Some(r) = self.breaker.failure_rate {
+            breaker = breaker.failure_rate(r);
+        }
+        b = b.breaker(breaker);
+        if self.admission.adaptive {
+            b = b.admission(
+                tower_degrade::admit::Admission::adaptive()
+                    .per_dependency(self.admission.per_dependency),
+            );
+        }
+        for c in &self.classes {
+            b = b.class(self.class(c));
+        }
+        Ok(b)
+    }
+
+    fn class(&self, c: &ClassSection) -> ClassConfig {
+        let mut class = c.tier.class(&c.name);
+        if let Some(ms) = c.sla_ms {
+            class = class.sla(Duration::from_millis(ms));
+        }
+        if let Some(ms) = c.timeout_ms {
+            class = class.timeout(Duration::from_millis(ms));
+        }
+        if let Some(ms) = c.max_queue_delay_ms {
+            class = class.max_queue_delay(Duration::from_millis(ms));
+        }
+        for d in &c.depends_on {
+            class = class.depends_on(d);
+        }
+        if let Some(r) = c.fallback {
+            class = class.fallback_route(r);
+        }
+        class
+    }
+
+    /// The backfill settings.
+    pub(crate) fn backfill(&self) -> Result<Backfill, ConfigFileError> {
+        let mut b = Backfill::default().rate(self.backfill.rate);
+        if let Some(rps) = self.backfill.below_rps {
+            b = b.below_rps(rps);
+        }
+        if let Some([start, end]) = &self.backfill.window {
+            b = b
+                .window(start, end)
+                .map_err(|e| ConfigFileError(format!("backfill.window: {e}")))?;
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../order-fulfillment.toml");
+
+    /// The shipped file with `from` replaced by `to` (which must be there).
+    fn edited(from: &str, to: &str) -> String {
+        assert!(SHIPPED.contains(from), "{from}");
+        SHIPPED.replacen(from, to, 1)
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse(text, "shop.toml").unwrap_err().to_string()
+    }
+
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[tokio::test]
+    async fn the_shipped_file_builds_the_classes_the_app_routes_to() {
+        let config = Config::parse(SHIPPED, "order-fulfillment.toml").unwrap();
+        let (degrader, _worker) = config.degrader().unwrap().build_with_worker().unwrap();
+        crate::shop::classifier(&degrader).unwrap();
+        for class in crate::storm::CLASSES {
+            degrader.class_id(class).unwrap();
+        }
+        config.backfill().unwrap();
+    }
+
+    #[test]
+    fn an_unknown_field_is_an_error_naming_file_line_and_field() {
+        let text = edited("sla_ms = 300\n", "sla_ms = 300\ncolour = \"red\"\n");
+        let e = error(&text);
+        let line = line_of(&text, "colour");
+        assert!(
+            e.starts_with(&format!("shop.toml:{line}: field `classes[0]")),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let text = edited("db_query_ms = 8", "db_query_ms = \"fast\"");
+        let e = error(&text);
+        let line = line_of(&text, "db_query_ms");
+        assert!(
+            e.starts_with(&format!(
+                "shop.toml:{line}: field `dependencies.db_query_ms`"
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_tier_route_or_target_that_does_not_exist_is_named() {
+        let text = edited("tier = \"gold\"", "tier = \"platinum\"");
+        let e = error(&text);
+        assert!(
+            e.starts_with(&format!("shop.toml:{}:", line_of(&text, "platinum"))),
+            "{e}"
+        );
+        assert!(
+            e.contains("classes[0].tier") && e.contains("`platinum` is not a tier"),
+            "{e}"
+        );
+
+        let text = edited("fallback = \"spool\"", "fallback = \"tape\"");
+        let e = error(&text);
+        assert!(
+            e.contains("`tape` is not a route: use one of reject,"),
+            "{e}"
+        );
+
+        let text = edited("target = \"dependency:db\"", "target = \"db\"");
+        let e = error(&text);
+        assert!(
+            e.contains("storm.faults[0].target") && e.contains("`db` is not a target"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_and_values_serde_cannot_check_are_checked_with_their_line() {
+        let text = edited("browse_log = 120", "browse_logs = 120");
+        let e = error(&text);
+        let line = line_of(&text, "browse_logs");
+        assert_eq!(
+            e,
+            format!(
+                "shop.toml:{line}: field `storm.rates.browse_logs`: no class is called `browse_logs`"
+            )
+        );
+
+        let text = edited("errors = 1.0\n", "errors = 1.5\n");
+        let e = error(&text);
+        assert!(
+            e.contains("field `storm.faults[1]`: invalid `chaos.errors`: 1.5"),
+            "{e}"
+        );
+
+        let text = edited("spike = 3.0", "spike = -1");
+        let e = error(&text);
+        assert!(
+            e.contains("field `storm.spike`: -1 must be a positive number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_names_its_line() {
+        let e = error("service = \"x\"\n\n[classes\n");
+        assert!(e.starts_with("shop.toml:3:"), "{e}");
+    }
+}
