@@ -172,36 +172,46 @@ impl fmt::Display for Route {
     }
 }
 
+/// A name that is not a [`Route`] or a [`Tier`]: says what was given and what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseNameError(String);
+
+impl fmt::Display for ParseNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseNameError {}
+
 /// Parses a route's name as [`Route::as_str`] writes it (`delayed_retry`, `spool` ...), for
 /// configuration files.
 impl std::str::FromStr for Route {
-    type Err = crate::error::ConfigError;
+    type Err = ParseNameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Route::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| crate::error::ConfigError::InvalidValue {
-                field: "route",
-                reason: format!(
+            .ok_or_else(|| {
+                ParseNameError(format!(
                     "`{s}` is not a route: use one of {}",
                     Route::ALL.map(Route::as_str).join(", ")
-                ),
+                ))
             })
     }
 }
 
 /// Parses a tier's name (`gold`, `silver`, `bronze`), for configuration files.
 impl std::str::FromStr for Tier {
-    type Err = crate::error::ConfigError;
+    type Err = ParseNameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         [Tier::Gold, Tier::Silver, Tier::Bronze]
             .into_iter()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| crate::error::ConfigError::InvalidValue {
-                field: "tier",
-                reason: format!("`{s}` is not a tier: use gold, silver or bronze"),
+            .ok_or_else(|| {
+                ParseNameError(format!("`{s}` is not a tier: use gold, silver or bronze"))
             })
     }
 }
