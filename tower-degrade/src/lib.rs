@@ -136,6 +136,11 @@ pub mod policy;
 pub mod predict;
 
 // The degrader, the data-path layer and what it answers with.
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
+#[cfg(any(feature = "admin", all(feature = "fallback", feature = "axum")))]
+mod auth;
 mod builder;
 #[cfg(feature = "chaos")]
 #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]

@@ -7,6 +7,7 @@
 //! object behind `&mut self` does not offer.
 
 /// The golden-ratio increment between splitmix64's states.
+#[cfg_attr(not(any(feature = "chaos", feature = "fallback")), allow(dead_code))]
 pub(crate) const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// splitmix64's finaliser: a bijection on `u64` whose outputs look independent.
@@ -19,6 +20,7 @@ pub(crate) fn mix64(mut x: u64) -> u64 {
 
 /// A uniform draw in `[0, 1)` from 64 mixed bits.
 #[inline]
+#[cfg_attr(not(any(feature = "chaos", feature = "fallback")), allow(dead_code))]
 pub(crate) fn unit(bits: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }

@@ -15,7 +15,7 @@ use crate::error::ConfigError;
 #[derive(Clone)]
 struct Admin {
     review: ManualReview,
-    token: std::sync::Arc<str>,
+    token: crate::auth::Token,
 }
 
 impl ManualReview {
@@ -43,15 +43,9 @@ impl ManualReview {
     /// # }
     /// ```
     pub fn admin_router(&self, token: &str) -> Result<Router, ConfigError> {
-        if token.len() < 16 {
-            return Err(ConfigError::InvalidValue {
-                field: "review.admin_router.token",
-                reason: "must be at least 16 bytes: it guards what clients sent".into(),
-            });
-        }
         let state = Admin {
             review: self.clone(),
-            token: token.into(),
+            token: crate::auth::Token::new(token, "review.admin_router.token")?,
         };
         Ok(Router::new()
             .route("/review", get(list))
@@ -64,18 +58,8 @@ impl ManualReview {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
+    if !admin.token.authorizes(req.headers()) {
         let mut res = answer(
             StatusCode::UNAUTHORIZED,
             json!({"error": "a valid bearer token is required"}),

@@ -1,0 +1,403 @@
+//! The admin API (feature `admin`): status, breaker commands and fault injection over HTTP,
+//! safe by default.
+//!
+//! * **Bound to loopback** unless told otherwise: [`bind`] refuses an address other machines
+//!   can reach without [`Exposure::Remote`].
+//! * **A token for every write**: commands and chaos changes need `Authorization: Bearer
+//!   <token>` (at least 16 bytes, compared in constant time); a missing or wrong one gets
+//!   401. Reads (`GET /status`, `GET /chaos`) need none: they show class names and states,
+//!   which the metrics show as well.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues and the faults in force, as JSON |
+//! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
+//! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
+//! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`) |
+//! | `DELETE /chaos` | stop every fault; `?target=dependency:db` stops one |
+//!
+//! ```no_run
+//! use tower_degrade::admin::{Admin, Exposure, bind};
+//! use tower_degrade::{ClassConfig, Degrader};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_degrade::BoxError> {
+//! let degrader = Degrader::builder("shop").class(ClassConfig::gold("payment")).build()?;
+//! let token = std::env::var("ADMIN_TOKEN")?;
+//! let admin = Admin::new(&degrader, &token)?.router();
+//! let listener = bind("127.0.0.1:9901".parse()?, Exposure::Loopback).await?;
+//! axum::serve(listener, admin).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::auth::Token;
+use crate::breaker::Command;
+use crate::degrader::Degrader;
+use crate::error::ConfigError;
+use crate::gate::Directive;
+
+/// Who may reach an admin listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// This machine only: the address must be a loopback address.
+    Loopback,
+    /// Other machines too: an explicit opt-in, for an admin API behind your own network
+    /// controls.
+    Remote,
+}
+
+/// [`bind`] refused an address, or could not listen on it.
+#[derive(Debug)]
+pub struct BindError(String);
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// Listen on `addr` for an admin router: refused unless `addr` is a loopback address or
+/// `exposure` is [`Exposure::Remote`].
+pub async fn bind(
+    addr: SocketAddr,
+    exposure: Exposure,
+) -> Result<tokio::net::TcpListener, BindError> {
+    if !addr.ip().is_loopback() && exposure != Exposure::Remote {
+        return Err(BindError(format!(
+            "admin address {addr} is reachable from other machines: bind a loopback address \
+             (127.0.0.1, ::1), or opt in with Exposure::Remote behind your own network controls"
+        )));
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| BindError(format!("admin address {addr}: {e}")))
+}
+
+/// Builds the admin router. See the [module docs](self).
+#[derive(Clone)]
+pub struct Admin {
+    degrader: Degrader,
+    token: Token,
+    #[cfg(feature = "chaos")]
+    chaos: Option<crate::chaos::Chaos>,
+    #[cfg(feature = "fallback")]
+    store: Option<std::sync::Arc<dyn crate::fallback::store::Store>>,
+}
+
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("classes", &self.degrader.registry().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// An admin API over `degrader`, its writes guarded by `token` (at least 16 bytes).
+    pub fn new(degrader: &Degrader, token: &str) -> Result<Admin, ConfigError> {
+        Ok(Admin {
+            degrader: degrader.clone(),
+            token: Token::new(token, "admin.token")?,
+            #[cfg(feature = "chaos")]
+            chaos: None,
+            #[cfg(feature = "fallback")]
+            store: None,
+        })
+    }
+
+    /// Show and switch the faults of `chaos` (`/chaos`).
+    #[cfg(feature = "chaos")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+    pub fn chaos(mut self, chaos: crate::chaos::Chaos) -> Self {
+        self.chaos = Some(chaos);
+        self
+    }
+
+    /// Show the depth and oldest task of the fallback queues in `store` (in `/status`).
+    #[cfg(feature = "fallback")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+    pub fn queues(mut self, store: std::sync::Arc<dyn crate::fallback::store::Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The router.
+    pub fn router(self) -> Router {
+        let writes = Router::new()
+            .route("/classes/{class}/{command}", post(command))
+            .route("/chaos", axum::routing::put(set_fault).delete(clear_faults))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), auth));
+        Router::new()
+            .route("/status", get(status))
+            .route("/chaos", get(faults))
+            .merge(writes)
+            .with_state(self)
+    }
+
+    fn status(&self) -> Value {
+        let s = self.degrader.status();
+        let classes: Vec<Value> = s
+            .classes
+            .iter()
+            .map(|c| {
+                let (calls, ok, p99, secs) = self
+                    .degrader
+                    .history(&c.name)
+                    .map(|h| {
+                        h.iter()
+                            .fold((0u64, 0u64, 0.0f64, 0.0f64), |(n, ok, p99, secs), w| {
+                                let completed = w.completed();
+                                (
+                                    n + completed,
+                                    ok + w.successes,
+                                    if completed > 0 {
+                                        p99.max(w.p99.as_secs_f64() * 1000.0)
+                                    } else {
+                                        p99
+                                    },
+                                    secs + w.period.as_secs_f64(),
+                                )
+                            })
+                    })
+                    .unwrap_or_default();
+                let (reason, route) = match c.directive {
+                    Directive::Divert { reason, route, .. }
+                    | Directive::AdmitFraction { reason, route, .. } => {
+                        (Some(reason.as_str()), Some(route.as_str()))
+                    }
+                    _ => (None, None),
+                };
+                json!({
+                    "name": &*c.name,
+                    "tier": c.tier.as_str(),
+                    "state": c.state.as_str(),
+                    "manual": c.manual,
+                    "reason": reason,
+                    "route": route,
+                    "calls": calls,
+                    "success": if calls > 0 { Some(ok as f64 / calls as f64) } else { None },
+                    "p99_ms": if calls > 0 { Some(p99) } else { None },
+                    "window_secs": secs,
+                    "inflight": c.window.inflight,
+                    "queue_depth": c.window.queue_depth,
+                    "prediction": c.prediction,
+                    "prediction_threshold": c.prediction_threshold,
+                    "calibrating": c.calibrating,
+                })
+            })
+            .collect();
+        let admission: Vec<Value> = s
+            .admission
+            .iter()
+            .map(|l| json!({"name": &*l.name, "limit": l.limit, "inflight": l.inflight, "waiting": l.waiting}))
+            .collect();
+        #[allow(unused_mut)]
+        let mut out = json!({
+            "service": &*s.service,
+            "tick": s.tick,
+            "health_score": s.health_score,
+            "classes": classes,
+            "admission": admission,
+        });
+        #[cfg(feature = "fallback")]
+        if let Some(store) = &self.store {
+            let queues: serde_json::Map<String, Value> = crate::fallback::Queue::ALL
+                .iter()
+                .map(|q| {
+                    let d = store.depth(*q);
+                    (
+                        q.as_str().to_owned(),
+                        json!({"len": d.len, "oldest_ms": d.oldest_ms}),
+                    )
+                })
+                .collect();
+            out["queues"] = Value::Object(queues);
+        }
+        #[cfg(feature = "chaos")]
+        if let Some(chaos) = &self.chaos {
+            out["chaos"] = chaos_json(chaos);
+        }
+        out
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::Next) -> Response {
+    if !admin.token.authorizes(req.headers()) {
+        let mut res = answer(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "a valid bearer token is required"}),
+        );
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return res;
+    }
+    next.run(req).await
+}
+
+async fn status(State(admin): State<Admin>) -> Response {
+    answer(StatusCode::OK, admin.status())
+}
+
+async fn command(
+    State(admin): State<Admin>,
+    Path((class, command)): Path<(String, String)>,
+) -> Response {
+    let command: Command = match command.parse() {
+        Ok(c) => c,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    };
+    match admin.degrader.command(&class, command) {
+        Ok(state) => answer(
+            StatusCode::OK,
+            json!({"class": class, "state": state.as_str()}),
+        ),
+        Err(e) => answer(StatusCode::NOT_FOUND, json!({"error": e.to_string()})),
+    }
+}
+
+#[cfg(feature = "chaos")]
+fn chaos_json(chaos: &crate::chaos::Chaos) -> Value {
+    use crate::chaos::Target;
+    chaos
+        .faults()
+        .iter()
+        .map(|(t, f)| {
+            let target = match t {
+                Target::Class(c) => format!("class:{c}"),
+                Target::Dependency(d) => format!("dependency:{d}"),
+                Target::Route(r) => format!("route:{r}"),
+            };
+            let (errors, aborts, hangs) = f.rates();
+            json!({
+                "target": target,
+                "latency_ms": f.delay().as_millis() as u64,
+                "errors": errors,
+                "aborts": aborts,
+                "hangs": hangs,
+            })
+        })
+        .collect()
+}
+
+async fn faults(State(admin): State<Admin>) -> Response {
+    #[cfg(feature = "chaos")]
+    if let Some(chaos) = &admin.chaos {
+        return answer(StatusCode::OK, chaos_json(chaos));
+    }
+    let _ = admin;
+    answer(
+        StatusCode::NOT_FOUND,
+        json!({"error": "no chaos handle: build the admin API with Admin::chaos"}),
+    )
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "chaos"), allow(dead_code))]
+struct FaultBody {
+    target: String,
+    #[serde(default)]
+    latency_ms: u64,
+    #[serde(default)]
+    jitter_ms: u64,
+    #[serde(default)]
+    errors: f64,
+    #[serde(default)]
+    aborts: f64,
+    #[serde(default)]
+    hangs: f64,
+    hang_for_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[cfg_attr(not(feature = "chaos"), allow(dead_code))]
+struct TargetQuery {
+    target: Option<String>,
+}
+
+#[cfg(feature = "chaos")]
+fn parse_target(s: &str) -> Result<crate::chaos::Target, String> {
+    use crate::chaos::Target;
+    match s.split_once(':') {
+        Some(("class", c)) => Ok(Target::class(c)),
+        Some(("dependency", d)) => Ok(Target::dependency(d)),
+        Some(("route", r)) => Ok(Target::route(r)),
+        _ => Err(format!(
+            "target `{s}`: write `class:<name>`, `dependency:<name>` or `route:<pattern>`"
+        )),
+    }
+}
+
+async fn set_fault(State(admin): State<Admin>, body: axum::body::Bytes) -> Response {
+    let body: FaultBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    };
+    #[cfg(feature = "chaos")]
+    if let Some(chaos) = &admin.chaos {
+        use std::time::Duration;
+        let target = match parse_target(&body.target) {
+            Ok(t) => t,
+            Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e})),
+        };
+        let mut fault = crate::chaos::Fault::new()
+            .latency(Duration::from_millis(body.latency_ms))
+            .jitter(Duration::from_millis(body.jitter_ms))
+            .errors(body.errors)
+            .aborts(body.aborts)
+            .hangs(body.hangs);
+        if let Some(ms) = body.hang_for_ms {
+            fault = fault.hang_for(Duration::from_millis(ms));
+        }
+        return match chaos.set(target, fault) {
+            Ok(()) => answer(StatusCode::OK, chaos_json(chaos)),
+            Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+        };
+    }
+    let _ = (admin, body);
+    answer(
+        StatusCode::NOT_FOUND,
+        json!({"error": "no chaos handle: build the admin API with Admin::chaos"}),
+    )
+}
+
+async fn clear_faults(State(admin): State<Admin>, Query(q): Query<TargetQuery>) -> Response {
+    #[cfg(feature = "chaos")]
+    if let Some(chaos) = &admin.chaos {
+        match q.target.as_deref().map(parse_target) {
+            None => chaos.clear_all(),
+            Some(Ok(t)) => {
+                if !chaos.clear(&t) {
+                    return answer(
+                        StatusCode::NOT_FOUND,
+                        json!({"error": format!("no fault is set for {t}")}),
+                    );
+                }
+            }
+            Some(Err(e)) => return answer(StatusCode::BAD_REQUEST, json!({"error": e})),
+        }
+        return answer(StatusCode::OK, chaos_json(chaos));
+    }
+    let _ = (admin, q);
+    answer(
+        StatusCode::NOT_FOUND,
+        json!({"error": "no chaos handle: build the admin API with Admin::chaos"}),
+    )
+}

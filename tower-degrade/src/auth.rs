@@ -1,0 +1,69 @@
+//! Bearer tokens for the admin routers: checked in constant time (`subtle`), at least 16 bytes.
+//! A leaf, naming nothing above it but the error type.
+
+use http::HeaderMap;
+use subtle::ConstantTimeEq;
+
+use crate::error::ConfigError;
+
+/// The shortest token accepted, in bytes.
+pub(crate) const MIN_TOKEN: usize = 16;
+
+/// A bearer token, checked for length when made.
+#[derive(Clone)]
+pub(crate) struct Token(std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// `token`, or an error naming `field` when it is shorter than [`MIN_TOKEN`] bytes.
+    pub(crate) fn new(token: &str, field: &'static str) -> Result<Token, ConfigError> {
+        if token.len() < MIN_TOKEN {
+            return Err(ConfigError::InvalidValue {
+                field,
+                reason: format!("must be at least {MIN_TOKEN} bytes: it guards admin actions"),
+            });
+        }
+        Ok(Token(token.as_bytes().into()))
+    }
+
+    /// Whether `headers` carry `Authorization: Bearer <this token>`. The comparison takes the
+    /// same time wherever the first difference is.
+    pub(crate) fn authorizes(&self, headers: &HeaderMap) -> bool {
+        let given = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("")
+            .as_bytes();
+        // `ct_eq` on slices of different lengths is false at once; only the length leaks.
+        bool::from(given.ct_eq(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn only_the_exact_token_authorizes() {
+        let t = Token::new("0123456789abcdef", "admin.token").unwrap();
+        assert!(t.authorizes(&bearer("Bearer 0123456789abcdef")));
+        assert!(!t.authorizes(&bearer("Bearer 0123456789abcdeF")));
+        assert!(!t.authorizes(&bearer("Bearer 0123456789abcdef0")));
+        assert!(!t.authorizes(&bearer("Basic 0123456789abcdef")));
+        assert!(!t.authorizes(&HeaderMap::new()));
+        let e = Token::new("short", "admin.token").unwrap_err().to_string();
+        assert!(e.contains("admin.token") && e.contains("16 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,191 @@
+//! The admin API is safe by default: loopback unless told otherwise, a token for every write
+//! (a missing or wrong one is refused), reads without one.
+
+#[path = "../support.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+use tower_degrade::admin::{Admin, Exposure, bind};
+use tower_degrade::breaker::State;
+use tower_degrade::chaos::{Chaos, Target};
+use tower_degrade::{ClassConfig, Degrader};
+
+const TOKEN: &str = "an-admin-token-of-32-characters!";
+
+fn shop() -> Degrader {
+    support::builder("shop")
+        .class(ClassConfig::gold("payment").depends_on("db"))
+        .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
+        .build_with_worker()
+        .expect("valid config")
+        .0
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[tokio::test]
+async fn a_listener_reachable_from_other_machines_needs_an_explicit_opt_in() {
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let e = bind(any, Exposure::Loopback).await.unwrap_err().to_string();
+    assert!(
+        e.contains("0.0.0.0:0") && e.contains("Exposure::Remote"),
+        "{e}"
+    );
+    let l = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
+        .await
+        .unwrap();
+    assert!(l.local_addr().unwrap().ip().is_loopback());
+    let l = bind(any, Exposure::Remote).await.unwrap();
+    assert!(l.local_addr().unwrap().ip().is_unspecified());
+}
+
+#[tokio::test]
+async fn a_short_token_is_refused() {
+    let e = Admin::new(&shop(), "short").unwrap_err().to_string();
+    assert!(e.contains("admin.token") && e.contains("16 bytes"), "{e}");
+}
+
+#[tokio::test]
+async fn commands_need_the_token_and_status_shows_what_they_did() {
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let uri = "/classes/payment/force_open";
+    for token in [
+        None,
+        Some("wrong-token-of-32-characters!!!!"),
+        Some(&TOKEN[..31]),
+    ] {
+        let (status, body) = call(&app, "POST", uri, token, "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_eq!(body["error"], "a valid bearer token is required");
+    }
+    assert_eq!(d.state("payment").unwrap(), State::Closed);
+
+    let (status, body) = call(&app, "POST", uri, Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "forced_open");
+    assert_eq!(d.state("payment").unwrap(), State::ForcedOpen);
+
+    d.tick_now();
+    let (status, body) = call(&app, "GET", "/status", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["service"], "shop");
+    let payment = body["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "payment")
+        .unwrap()
+        .clone();
+    assert_eq!(payment["tier"], "gold");
+    assert_eq!(payment["state"], "forced_open");
+    assert_eq!(payment["manual"], true);
+    assert_eq!(payment["reason"], "forced_open");
+
+    let (status, _) = call(&app, "POST", "/classes/nope/reset", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = call(&app, "POST", "/classes/payment/explode", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn faults_are_switched_at_run_time_with_the_token() {
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    let app = Admin::new(&d, TOKEN).unwrap().chaos(chaos.clone()).router();
+    let fault = r#"{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}"#;
+    let (status, _) = call(&app, "PUT", "/chaos", None, fault).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(chaos.faults().is_empty());
+
+    let (status, body) = call(&app, "PUT", "/chaos", Some(TOKEN), fault).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let faults = chaos.faults();
+    assert_eq!(faults.len(), 1);
+    assert_eq!(faults[0].0, Target::dependency("db"));
+    assert_eq!(faults[0].1.delay(), Duration::from_millis(900));
+    assert_eq!(faults[0].1.rates(), (0.2, 0.0, 0.0));
+    let (_, listed) = call(&app, "GET", "/chaos", None, "").await;
+    assert_eq!(listed[0]["target"], "dependency:db");
+
+    // Bad input is refused, naming what is wrong, and changes nothing.
+    let (status, body) = call(&app, "PUT", "/chaos", Some(TOKEN), r#"{"target": "db"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("target `db`"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &app,
+        "PUT",
+        "/chaos",
+        Some(TOKEN),
+        r#"{"target": "class:payment", "errors": 2}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("chaos.errors"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &app,
+        "PUT",
+        "/chaos",
+        Some(TOKEN),
+        r#"{"target": "class:payment", "colour": 1}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
+    assert_eq!(chaos.faults().len(), 1);
+
+    let (status, _) = call(&app, "DELETE", "/chaos", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(
+        &app,
+        "DELETE",
+        "/chaos?target=dependency:db",
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(chaos.faults().is_empty());
+    let (status, _) = call(
+        &app,
+        "DELETE",
+        "/chaos?target=dependency:db",
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
