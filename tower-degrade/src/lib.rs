@@ -91,6 +91,8 @@
 //! | `fallback` | the fallback router: keep diverted calls, replay them ([`fallback`]) |
 //! | `embedded` | `fallback` with the durable embedded store (redb) |
 //! | `redis` | `fallback` with Redis Streams as the store, shared by several instances |
+//! | `chaos` | fault injection: latency, errors, aborts, hangs at seeded rates ([`chaos`]) |
+//! | `admin` | the admin API over HTTP: status, breaker commands, faults ([`admin`]) |
 //!
 //! # Dependencies, and why
 //!
@@ -106,7 +108,8 @@
 //! diverted body up to the capture limit), `quick_cache` (the bounded last-good cache). With
 //! `embedded`: `redb` (an ACID B-tree in one file: one sync per group commit, nothing written in
 //! the background; why not fjall is in `docs/fallback.md`). With `redis`: `redis` (streams,
-//! scripts, a reconnecting connection manager).
+//! scripts, a reconnecting connection manager). With `axum`: `subtle` (the admin routers' bearer
+//! tokens compared in constant time).
 //!
 //! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed
 //! atomic add on shared memory, which the `hdrhistogram` crate's `&mut self` recorder does not
