@@ -10,6 +10,7 @@
 //!
 //! | request | answer |
 //! |---|---|
+//! | `GET /` | a status page: every class with its state, why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
 //! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues and the faults in force, as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
@@ -141,6 +142,7 @@ impl Admin {
             .route("/chaos", axum::routing::put(set_fault).delete(clear_faults))
             .layer(axum::middleware::from_fn_with_state(self.clone(), auth));
         Router::new()
+            .route("/", get(page))
             .route("/status", get(status))
             .route("/chaos", get(faults))
             .merge(writes)
@@ -249,6 +251,30 @@ async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::
         return res;
     }
     next.run(req).await
+}
+
+/// The status page: static, it reads everything from `/status`.
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    let mut res = (StatusCode::OK, PAGE).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Its own inline script and style, requests to this origin only, never in a frame (its
+    // buttons act with the token).
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    res
 }
 
 async fn status(State(admin): State<Admin>) -> Response {

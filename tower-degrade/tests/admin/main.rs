@@ -189,3 +189,35 @@ async fn faults_are_switched_at_run_time_with_the_token() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn the_status_page_reads_status_and_cannot_be_framed() {
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let res = app
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let h = res.headers();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    let page =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    // It reads the JSON this router serves, relative to where it is mounted, and sends the
+    // token it is given with the commands this router takes.
+    assert!(page.contains(r#"new URL("status", base)"#));
+    assert!(page.contains(r#""classes/" + encodeURIComponent(cls) + "/" + cmd"#));
+    assert!(page.contains(r#""Authorization": "Bearer " + token.value"#));
+    for cmd in ["force_open", "force_closed", "reset"] {
+        assert!(page.contains(&format!("\"{cmd}\"")), "{cmd}");
+    }
+    // Data goes in with textContent only: no markup from the server's answers.
+    assert!(!page.contains("innerHTML"));
+}
