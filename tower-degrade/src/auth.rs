@@ -45,6 +45,30 @@ impl Token {
     }
 }
 
+/// Middleware (`axum::middleware::from_fn_with_state(token, require)`): a request without
+/// the token gets 401 with `WWW-Authenticate: Bearer` and a JSON error, and goes no further.
+pub(crate) async fn require(
+    axum::extract::State(token): axum::extract::State<Token>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use http::{HeaderValue, StatusCode, header};
+    if token.authorizes(req.headers()) {
+        return next.run(req).await;
+    }
+    let mut res = axum::response::Response::new(axum::body::Body::from(
+        r#"{"error":"a valid bearer token is required"}"#,
+    ));
+    *res.status_mut() = StatusCode::UNAUTHORIZED;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    res
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,7 +161,7 @@ pub(crate) struct StormSection {
 pub(crate) struct FaultSection {
     /// `dependency:db`, `class:payment_callback` or `route:/products/{id}`.
     #[serde(deserialize_with = "parsed")]
-    pub(crate) target: TargetSpec,
+    pub(crate) target: Target,
     #[serde(default)]
     pub(crate) latency_ms: u64,
     #[serde(default)]
@@ -182,26 +182,6 @@ impl FaultSection {
             .errors(self.errors)
             .aborts(self.aborts)
             .hangs(self.hangs)
-    }
-}
-
-/// A fault's target as written: `kind:name`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TargetSpec(pub Target);
-
-impl std::str::FromStr for TargetSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once(':') {
-            Some(("dependency", d)) => Ok(TargetSpec(Target::dependency(d))),
-            Some(("class", c)) => Ok(TargetSpec(Target::class(c))),
-            Some(("route", r)) => Ok(TargetSpec(Target::route(r))),
-            _ => Err(format!(
-                "`{s}` is not a target: write `dependency:<name>`, `class:<name>` or \
-                 `route:<pattern>`"
-            )),
-        }
     }
 }
 

@@ -397,7 +397,7 @@ pub(crate) async fn play(
 /// Switch the storm's faults on or off.
 fn set_faults(shop: &Shop, config: &Config, on: bool) -> Result<(), BoxError> {
     for f in &config.storm.faults {
-        let target = f.target.0.clone();
+        let target = f.target.clone();
         let chaos = match shop.world.dependency(&target) {
             Some(dep) => &dep.chaos,
             None => &shop.app_chaos,

@@ -36,7 +36,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -140,7 +140,10 @@ impl Admin {
         let writes = Router::new()
             .route("/classes/{class}/{command}", post(command))
             .route("/chaos", axum::routing::put(set_fault).delete(clear_faults))
-            .layer(axum::middleware::from_fn_with_state(self.clone(), auth));
+            .layer(axum::middleware::from_fn_with_state(
+                self.token.clone(),
+                crate::auth::require,
+            ));
         Router::new()
             .route("/", get(page))
             .route("/status", get(status))
@@ -240,19 +243,6 @@ fn answer(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::Next) -> Response {
-    if !admin.token.authorizes(req.headers()) {
-        let mut res = answer(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "a valid bearer token is required"}),
-        );
-        res.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return res;
-    }
-    next.run(req).await
-}
-
 /// The status page: static, it reads everything from `/status`.
 const PAGE: &str = include_str!("page.html");
 
@@ -300,16 +290,11 @@ async fn command(
 
 #[cfg(feature = "chaos")]
 fn chaos_json(chaos: &crate::chaos::Chaos) -> Value {
-    use crate::chaos::Target;
     chaos
         .faults()
         .iter()
         .map(|(t, f)| {
-            let target = match t {
-                Target::Class(c) => format!("class:{c}"),
-                Target::Dependency(d) => format!("dependency:{d}"),
-                Target::Route(r) => format!("route:{r}"),
-            };
+            let target = t.spec();
             let (errors, aborts, hangs) = f.rates();
             json!({
                 "target": target,
@@ -360,15 +345,7 @@ struct TargetQuery {
 
 #[cfg(feature = "chaos")]
 fn parse_target(s: &str) -> Result<crate::chaos::Target, String> {
-    use crate::chaos::Target;
-    match s.split_once(':') {
-        Some(("class", c)) => Ok(Target::class(c)),
-        Some(("dependency", d)) => Ok(Target::dependency(d)),
-        Some(("route", r)) => Ok(Target::route(r)),
-        _ => Err(format!(
-            "target `{s}`: write `class:<name>`, `dependency:<name>` or `route:<pattern>`"
-        )),
-    }
+    s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
 async fn set_fault(State(admin): State<Admin>, body: axum::body::Bytes) -> Response {

@@ -299,6 +299,39 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The target as configuration files and the admin API write it: `class:<name>`,
+    /// `dependency:<name>` or `route:<pattern>` (what [`FromStr`](std::str::FromStr) reads).
+    pub fn spec(&self) -> String {
+        match self {
+            Target::Class(c) => format!("class:{c}"),
+            Target::Dependency(d) => format!("dependency:{d}"),
+            Target::Route(r) => format!("route:{r}"),
+        }
+    }
+}
+
+/// Reads `class:<name>`, `dependency:<name>` (the name may hold colons:
+/// `dependency:third_party:payments`) or `route:<pattern>`.
+impl std::str::FromStr for Target {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.split_once(':') {
+            Some(("class", c)) => Ok(Target::class(c)),
+            Some(("dependency", d)) => Ok(Target::dependency(d)),
+            Some(("route", r)) => Ok(Target::route(r)),
+            _ => Err(ConfigError::InvalidValue {
+                field: "chaos.target",
+                reason: format!(
+                    "`{s}` is not a target: write `class:<name>`, `dependency:<name>` or \
+                     `route:<pattern>`"
+                ),
+            }),
+        }
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -53,22 +53,12 @@ impl ManualReview {
             .route("/review/{id}", get(show))
             .route("/review/{id}/requeue", post(requeue))
             .route("/review/{id}/drop", post(drop_task))
-            .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+            .layer(axum::middleware::from_fn_with_state(
+                state.token.clone(),
+                crate::auth::require,
+            ))
             .with_state(state))
     }
-}
-
-async fn auth(State(admin): State<Admin>, req: Request, next: axum::middleware::Next) -> Response {
-    if !admin.token.authorizes(req.headers()) {
-        let mut res = answer(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "a valid bearer token is required"}),
-        );
-        res.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return res;
-    }
-    next.run(req).await
 }
 
 fn answer(status: StatusCode, body: Value) -> Response {
