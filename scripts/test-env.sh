@@ -36,9 +36,13 @@ fi
 td_missing=""
 command -v promtool >/dev/null 2>&1 || td_missing="prometheus"
 command -v amtool >/dev/null 2>&1 || td_missing="$td_missing prometheus-alertmanager"
+if [ -z "${CHROMEDRIVER:-}" ] && ! command -v chromedriver >/dev/null 2>&1; then
+  td_missing="$td_missing chromium chromium-driver"
+fi
 if [ -n "$td_missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing$td_missing (Debian's) for promtool and amtool, used by the ops files' tests"
+    echo "== installing$td_missing (Debian's) for the ops files' tests (promtool, amtool) and" \
+      "the status page's browser test (chromium, chromedriver)"
     # The packages' own services are not wanted: keep the installation from starting them.
     td_rcd=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -49,7 +53,7 @@ if [ -n "$td_missing" ]; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends $td_missing >/dev/null
     [ -z "$td_rcd" ] || rm -f /usr/sbin/policy-rc.d
   else
-    echo "error: the ops files' tests need promtool and amtool:" \
+    echo "error: the ops files' tests need promtool and amtool, the browser test chromedriver:" \
       "'sudo apt-get install$td_missing'" >&2
     return 1 2>/dev/null || exit 1
   fi

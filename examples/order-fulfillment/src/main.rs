@@ -9,7 +9,9 @@
 //! `127.0.0.1:3000`), which the protected run also listens on: `GET /metrics` (Prometheus),
 //! `GET /status`. With `ORDER_FULFILLMENT_ADMIN_TOKEN` set (16 bytes or more), it also serves
 //! the admin API (`tower_degrade::admin`) on `ORDER_FULFILLMENT_ADMIN_ADDR` (default
-//! `127.0.0.1:3001`, loopback only): status, breaker commands and the HTTP layer's faults. `--trace` prints each class's outcomes per second. The picture of the storm
+//! `127.0.0.1:3001`, loopback only), during the protected run and after it: the status page,
+//! status, breaker commands and the HTTP layer's faults. `--trace` prints each class's outcomes
+//! per second. The picture of the storm
 //! goes to the system's temp dir (`order-fulfillment-storm.png`) unless `--png FILE` says
 //! where.
 //!
@@ -45,7 +47,6 @@ use std::path::PathBuf;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tower_degrade::BoxError;
-use tower_degrade::admin::{Admin, Exposure, bind};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -104,11 +105,21 @@ async fn main() -> Result<(), BoxError> {
         s.recovery_secs,
         s.seed
     );
+    let admin = shop::AdminConfig::from_env()?;
     println!("run 1/2: unprotected ...");
-    let unprotected =
-        storm::play(&config, false, SocketAddr::from(([127, 0, 0, 1], 0)), None).await?;
+    let unprotected = storm::play(
+        &config,
+        false,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        None,
+        None,
+    )
+    .await?;
     println!("run 2/2: protected, on http://{addr} (GET /metrics, GET /status) ...");
-    let protected = storm::play(&config, true, addr, Some(metrics.clone())).await?;
+    if let Some(a) = &admin {
+        println!("  the status page: http://{}/", a.addr);
+    }
+    let protected = storm::play(&config, true, addr, Some(metrics.clone()), admin.as_ref()).await?;
     println!();
     print!("{}", report::table(&unprotected, &protected));
     println!("\nunprotected:");
@@ -140,30 +151,19 @@ async fn main() -> Result<(), BoxError> {
     }
 
     if serve {
-        let shop = shop::Shop::start(&config, true, addr, Some(metrics)).await?;
+        let mut shop = shop::Shop::start(&config, true, addr, Some(metrics)).await?;
         println!(
             "\nserving on http://{} (GET /metrics, GET /status); Ctrl-C to stop",
             shop.addr
         );
         // The admin API, only when a token is configured, and on loopback only.
-        if let Ok(token) = std::env::var("ORDER_FULFILLMENT_ADMIN_TOKEN") {
-            let admin_addr: SocketAddr = match std::env::var("ORDER_FULFILLMENT_ADMIN_ADDR") {
-                Ok(a) => a
-                    .parse()
-                    .map_err(|e| format!("ORDER_FULFILLMENT_ADMIN_ADDR `{a}`: {e}"))?,
-                Err(_) => SocketAddr::from(([127, 0, 0, 1], 3001)),
-            };
-            let mut admin = Admin::new(&shop.degrader, &token)?.chaos(shop.app_chaos.clone());
-            if let Some(store) = &shop.store {
-                admin = admin.queues(store.clone());
-            }
-            let listener = bind(admin_addr, Exposure::Loopback).await?;
+        if let Some(a) = &admin {
+            shop.serve_admin(a).await?;
             println!(
-                "admin API on http://{admin_addr}: GET /status, GET /chaos; with the token, \
-                 POST /classes/{{class}}/{{command}}, PUT and DELETE /chaos"
+                "admin API on http://{}: the status page at /, GET /status, GET /chaos; with the \
+                 token, POST /classes/{{class}}/{{command}}, PUT and DELETE /chaos",
+                a.addr
             );
-            let router = admin.router();
-            tokio::spawn(async move { axum::serve(listener, router).await });
         }
         tokio::signal::ctrl_c().await?;
         shop.stop(config.storage.path.is_some());

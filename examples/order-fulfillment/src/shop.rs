@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
+use tower_degrade::admin::{Admin, Exposure, bind};
 use tower_degrade::chaos::Chaos;
 use tower_degrade::classify::HttpClassifier;
 use tower_degrade::fallback::store::EmbeddedStore;
@@ -249,6 +250,30 @@ pub(crate) struct Shop {
     _policies: Option<tower_degrade::policy::PolicyWatcher>,
 }
 
+/// The admin API's token and address, from `ORDER_FULFILLMENT_ADMIN_TOKEN` and
+/// `ORDER_FULFILLMENT_ADMIN_ADDR` (default `127.0.0.1:3001`).
+#[derive(Clone, Debug)]
+pub(crate) struct AdminConfig {
+    pub(crate) token: String,
+    pub(crate) addr: SocketAddr,
+}
+
+impl AdminConfig {
+    /// `None` unless a token is set: the admin API is off by default.
+    pub(crate) fn from_env() -> Result<Option<AdminConfig>, BoxError> {
+        let Ok(token) = std::env::var("ORDER_FULFILLMENT_ADMIN_TOKEN") else {
+            return Ok(None);
+        };
+        let addr = match std::env::var("ORDER_FULFILLMENT_ADMIN_ADDR") {
+            Ok(a) => a
+                .parse()
+                .map_err(|e| format!("ORDER_FULFILLMENT_ADMIN_ADDR `{a}`: {e}"))?,
+            Err(_) => SocketAddr::from(([127, 0, 0, 1], 3001)),
+        };
+        Ok(Some(AdminConfig { token, addr }))
+    }
+}
+
 impl Shop {
     /// Build and serve on `addr` (port 0: any free port).
     pub(crate) async fn start(
@@ -450,6 +475,21 @@ impl Shop {
     }
 
     /// Stop serving and remove the run's store file (unless it was configured).
+    /// Serves the admin API (`tower_degrade::admin`) on `admin.addr` while the shop runs:
+    /// status and the status page, breaker commands and the HTTP layer's faults.
+    pub(crate) async fn serve_admin(&mut self, admin: &AdminConfig) -> Result<(), BoxError> {
+        let mut api = Admin::new(&self.degrader, &admin.token)?.chaos(self.app_chaos.clone());
+        if let Some(store) = &self.store {
+            api = api.queues(store.clone());
+        }
+        let listener = bind(admin.addr, Exposure::Loopback).await?;
+        let router = api.router();
+        self.handles.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }));
+        Ok(())
+    }
+
     pub(crate) fn stop(self, keep_store: bool) {
         for h in &self.handles {
             h.abort();

@@ -158,6 +158,7 @@ pub(crate) async fn play(
     protected: bool,
     addr: std::net::SocketAddr,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    admin: Option<&crate::shop::AdminConfig>,
 ) -> Result<Run, BoxError> {
     let storm = &config.storm;
     let ms = |s: f64| (s * 1000.0) as u32;
@@ -166,7 +167,11 @@ pub(crate) async fn play(
         fault_end: ms(storm.normal_secs + storm.fault_secs),
         end: ms(storm.normal_secs + storm.fault_secs + storm.recovery_secs),
     };
-    let shop = Arc::new(Shop::start(config, protected, addr, metrics).await?);
+    let mut shop = Shop::start(config, protected, addr, metrics).await?;
+    if let Some(admin) = admin {
+        shop.serve_admin(admin).await?;
+    }
+    let shop = Arc::new(shop);
     let base = format!("http://{}", shop.addr);
     let http: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)

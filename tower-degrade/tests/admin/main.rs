@@ -4,6 +4,8 @@
 #[path = "../support.rs"]
 mod support;
 
+mod browser;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,237 @@
+//! The status page in a real browser: headless Chromium driven over WebDriver by
+//! `chromedriver` (Debian's `chromium` and `chromium-driver`; `scripts/test` installs them).
+//! The page renders the classes, shows a class opening on its next refresh after the tick
+//! that opened it, and its buttons work with the token and are refused without it.
+//!
+//! `CHROMEDRIVER` and `CHROME` name other binaries than `chromedriver` and `chromium` on the
+//! `PATH`.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+use tower_degrade::admin::{Admin, Exposure, bind};
+use tower_degrade::breaker::State;
+
+use super::{TOKEN, shop, support};
+
+/// How long the page may take to show what the degrader already holds: its refresh interval
+/// (1 s) several times over, for a loaded machine. Waiting stops as soon as it shows.
+const PAGE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A `chromedriver` on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let port = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let child = Command::new(&bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{bin} must be installed (Debian's chromium-driver; scripts/test installs \
+                     it), or CHROMEDRIVER set: {e}"
+                )
+            });
+        Driver { child, port }
+    }
+
+    async fn session(&self) -> Client {
+        let mut args = vec![
+            "--headless=new",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,900",
+        ];
+        // Chromium's sandbox refuses to run as root (as CI does).
+        if is_root() {
+            args.push("--no-sandbox");
+        }
+        let mut options = json!({ "args": args });
+        if let Ok(chrome) = std::env::var("CHROME") {
+            options["binary"] = chrome.into();
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert("goog:chromeOptions".into(), options);
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let started = Instant::now();
+        loop {
+            match ClientBuilder::new(HttpConnector::new())
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(c) => return c,
+                // chromedriver takes a moment to listen.
+                Err(_) if started.elapsed() < PAGE_DEADLINE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("no browser session from chromedriver at {url}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until `read` of the page gives `Some`, polling the DOM, up to [`PAGE_DEADLINE`].
+async fn until<T, F, Fut>(what: &str, mut read: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = read().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < PAGE_DEADLINE,
+            "the page did not show {what} within {PAGE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The text of the first element matching `css`, if there is one.
+async fn text(c: &Client, css: &str) -> Option<String> {
+    let e: Element = c.find(Locator::Css(css)).await.ok()?;
+    e.text().await.ok()
+}
+
+async fn badge(c: &Client, class: &str) -> Option<String> {
+    text(c, &format!("tr[data-class=\"{class}\"] .state")).await
+}
+
+async fn click(c: &Client, class: &str, command: &str) {
+    c.find(Locator::Css(&format!(
+        "tr[data-class=\"{class}\"] button[data-command=\"{command}\"]"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+}
+
+async fn type_token(c: &Client, token: &str) {
+    let input = c.find(Locator::Id("token")).await.unwrap();
+    input.clear().await.unwrap();
+    if !token.is_empty() {
+        input.send_keys(token).await.unwrap();
+    }
+}
+
+/// Waits for the page's message line to change from `before` and returns it.
+async fn message_after(c: &Client, before: &str) -> String {
+    until("an answer to the command", || async {
+        text(c, "#message").await.filter(|m| m != before)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let listener = bind(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        Exposure::Loopback,
+    )
+    .await
+    .unwrap();
+    let page = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    d.tick_now();
+
+    let driver = Driver::start();
+    let c = driver.session().await;
+    c.goto(&page).await.unwrap();
+
+    // It renders every class with its tier and state.
+    for (class, tier) in [("payment", "gold"), ("browse_log", "bronze")] {
+        let row = until(class, || async {
+            text(&c, &format!("tr[data-class=\"{class}\"]")).await
+        })
+        .await;
+        assert!(row.contains(tier), "{row}");
+        assert_eq!(badge(&c, class).await.as_deref(), Some("closed"));
+    }
+
+    // A failing window opens payment on the tick that ends it; the page shows it on its next
+    // refresh, beside that tick's number (no tick runs after it here).
+    let before = d.status().tick;
+    support::window(&d, "payment", 200, 1, 0).await;
+    assert_eq!(d.state("payment").unwrap(), State::Open);
+    let opened_at = d.status().tick;
+    assert_eq!(opened_at, before + 1, "one tick opened it");
+    until("payment open", || async {
+        badge(&c, "payment").await.filter(|s| s == "open")
+    })
+    .await;
+    assert_eq!(text(&c, "#tick").await, Some(opened_at.to_string()));
+    let why = text(&c, "tr[data-class=\"payment\"] td:nth-child(4)")
+        .await
+        .unwrap();
+    assert!(!why.is_empty(), "the page says why payment is open");
+
+    // Without the token, or with a wrong one, a button is refused and changes nothing.
+    let mut shown = text(&c, "#message").await.unwrap_or_default();
+    for token in ["", "wrong-token-of-32-characters!!!!"] {
+        type_token(&c, token).await;
+        click(&c, "browse_log", "force_open").await;
+        shown = message_after(&c, &shown).await;
+        assert!(shown.starts_with("refused (401)"), "{shown}");
+        assert_eq!(d.state("browse_log").unwrap(), State::Closed);
+        // Clear it so the next answer is a change even if it reads the same.
+        c.execute(
+            "document.getElementById('message').textContent = ''",
+            vec![],
+        )
+        .await
+        .unwrap();
+        shown.clear();
+    }
+
+    // With it, the button takes effect and the page shows the new state.
+    type_token(&c, TOKEN).await;
+    click(&c, "browse_log", "force_open").await;
+    let answer = message_after(&c, &shown).await;
+    assert_eq!(answer, "browse_log: forced_open");
+    assert_eq!(d.state("browse_log").unwrap(), State::ForcedOpen);
+    until("browse_log forced open", || async {
+        badge(&c, "browse_log").await.filter(|s| s == "forced_open")
+    })
+    .await;
+
+    c.close().await.unwrap();
+}
