@@ -35,6 +35,8 @@ pub(crate) struct Config {
     pub(crate) storage: StorageSection,
     #[serde(default)]
     pub(crate) backfill: BackfillSection,
+    #[serde(default)]
+    pub(crate) queue: QueueSection,
     /// The classes, in priority order within a tier.
     pub(crate) classes: Vec<ClassSection>,
     /// The simulated dependencies.
@@ -75,6 +77,24 @@ pub(crate) struct AdmissionSection {
 pub(crate) struct StorageSection {
     /// The embedded store's file; none: a new file in the system's temp dir per run.
     pub(crate) path: Option<PathBuf>,
+}
+
+/// `[queue]`: where the order events the queue consumer handles come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueueSection {
+    /// A Redis server whose stream holds the events (the example built with
+    /// `--features redis`); none: an in-process channel.
+    pub(crate) redis_url: Option<String>,
+    /// How long an event may stay unacknowledged before another consumer takes it over.
+    pub(crate) claim_idle_ms: Option<u64>,
+}
+
+impl QueueSection {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms.unwrap_or(5_000))
+    }
 }
 
 /// `[backfill]`: when spooled calls are replayed.
@@ -305,6 +325,21 @@ impl Config {
                 );
             }
         }
+        if self.queue.redis_url.is_some() && !cfg!(feature = "redis") {
+            return err(
+                line_of("redis_url", None),
+                "queue.redis_url".to_owned(),
+                "this build has no Redis support: run the example with `--features redis`"
+                    .to_owned(),
+            );
+        }
+        if self.queue.claim_idle_ms == Some(0) {
+            return err(
+                line_of("claim_idle_ms", None),
+                "queue.claim_idle_ms".to_owned(),
+                "must be more than 0".to_owned(),
+            );
+        }
         let s = &self.storm;
         for (field, v) in [
             ("storm.normal_secs", s.normal_secs),
@@ -495,6 +530,24 @@ mod tests {
             e.contains("field `storm.spike`: -1 must be a positive number"),
             "{e}"
         );
+
+        let text = edited("# claim_idle_ms = 5000", "claim_idle_ms = 0");
+        let e = error(&text);
+        let line = line_of(&text, "claim_idle_ms = 0");
+        assert_eq!(
+            e,
+            format!("shop.toml:{line}: field `queue.claim_idle_ms`: must be more than 0")
+        );
+        let text = edited("# redis_url", "redis_url");
+        if cfg!(feature = "redis") {
+            assert!(Config::parse(&text, "shop.toml").is_ok());
+        } else {
+            let e = error(&text);
+            assert!(
+                e.contains("field `queue.redis_url`: this build has no Redis support"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@
 
 mod config;
 mod plot;
+mod queue;
 mod report;
 mod shop;
 mod storm;
@@ -77,7 +78,10 @@ async fn main() -> Result<(), BoxError> {
             }
         }
     }
-    let config = config::Config::load(&path)?;
+    let mut config = config::Config::load(&path)?;
+    if let Ok(url) = std::env::var("ORDER_FULFILLMENT_REDIS_URL") {
+        config.queue.redis_url = Some(url);
+    }
     let addr: SocketAddr = match std::env::var("ORDER_FULFILLMENT_ADDR") {
         Ok(a) => a
             .parse()

@@ -218,6 +218,11 @@ pub(crate) fn kept_work(run: &Run) -> String {
         e.events_applied,
         e.events_doubled
     );
+    let _ = writeln!(
+        out,
+        "- order events came through {}; {} left unacknowledged there",
+        e.event_queue, e.events_unacknowledged
+    );
     let _ = writeln!(out, "- manual review: {} tasks", e.review);
     if run.protected {
         let _ = writeln!(

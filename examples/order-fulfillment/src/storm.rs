@@ -19,6 +19,7 @@ use tower_degrade::fallback::Queue;
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 
 use crate::config::Config;
+use crate::queue::EventQueue;
 use crate::shop::{self, OrderEvent, Shop, TaskOutcome, proto};
 
 /// The classes in the order the report shows them.
@@ -106,6 +107,9 @@ pub(crate) struct EffectsSummary {
     pub(crate) inventory_merged: u64,
     pub(crate) left: Vec<(Queue, u64)>,
     pub(crate) review: u64,
+    /// Where the order events came from, and how many were never acknowledged there.
+    pub(crate) event_queue: String,
+    pub(crate) events_unacknowledged: u64,
 }
 
 #[derive(Default)]
@@ -248,24 +252,57 @@ pub(crate) async fn play(
     };
 
     // The queue: a producer at the events' rate, eight consumers on the task API.
-    let (queue_tx, queue_rx) = tokio::sync::mpsc::channel::<(OrderEvent, Duration)>(100_000);
-    let queue_rx = Arc::new(tokio::sync::Mutex::new(queue_rx));
-    let consumers: Vec<_> = (0..8)
-        .map(|_| {
-            let shop = shop.clone();
-            let recorder = recorder.clone();
-            let rx = queue_rx.clone();
-            tokio::spawn(async move {
-                let class = class_index(shop::EVENTS);
-                loop {
-                    let next = rx.lock().await.recv().await;
-                    let Some((event, due)) = next else { return };
-                    let outcome = task_outcome(shop.consume(event).await);
-                    recorder.record(class, due, start.elapsed() - due, outcome);
+    let run = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        if protected {
+            "protected"
+        } else {
+            "unprotected"
+        },
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let mut queue = EventQueue::open(&config.queue, &run).await?;
+    let mut consumers = Vec::new();
+    for i in 0..8 {
+        let shop = shop.clone();
+        let recorder = recorder.clone();
+        let mut consumer = queue.consumer(i).await?;
+        consumers.push(tokio::spawn(async move {
+            let class = class_index(shop::EVENTS);
+            loop {
+                let delivery = match consumer.next().await {
+                    Ok(Some(d)) => d,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the queue consumer cannot read");
+                        return;
+                    }
+                };
+                let outcome = shop.consume(delivery.event.clone()).await;
+                // Applied or kept: the queue may forget it. A failed event stays there for
+                // another attempt.
+                if matches!(outcome, TaskOutcome::Done | TaskOutcome::Kept)
+                    && let Err(e) = consumer.ack(&delivery).await
+                {
+                    tracing::error!(error = %e, "the queue consumer cannot acknowledge");
                 }
-            })
-        })
-        .collect();
+                // Each event is counted once, by its first delivery.
+                if delivery.first {
+                    let due = delivery.due;
+                    recorder.record(
+                        class,
+                        due,
+                        start.elapsed().saturating_sub(due),
+                        task_outcome(outcome),
+                    );
+                }
+            }
+        }));
+    }
 
     // Every arrival, merged in time order.
     let mut rng = SmallRng::seed_from_u64(storm.seed);
@@ -298,7 +335,10 @@ pub(crate) async fn play(
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let name = CLASSES[class];
         if name == shop::EVENTS {
-            let _ = queue_tx.try_send((OrderEvent { seq: n }, due));
+            if let Err(e) = queue.push(OrderEvent { seq: n }, due).await {
+                tracing::error!(error = %e, "the queue refused an event");
+                recorder.record(class, due, Duration::ZERO, Outcome::Failed);
+            }
             continue;
         }
         let recorder = recorder.clone();
@@ -337,11 +377,13 @@ pub(crate) async fn play(
     if fault_on {
         set_faults(&shop, config, false)?;
     }
-    drop(queue_tx);
+    queue.close();
     while in_flight.join_next().await.is_some() {}
     for c in consumers {
         let _ = c.await;
     }
+    let event_queue = queue.describe();
+    let events_unacknowledged = queue.remove().await?;
     cron.abort();
 
     // Drain: kept calls are replayed once their classes are healthy.
@@ -381,6 +423,8 @@ pub(crate) async fn play(
         inventory_merged: Effects::count(&e.inventory_merged),
         left: left(&shop),
         review: shop.review.as_ref().map_or(0, |r| r.depth().len),
+        event_queue,
+        events_unacknowledged,
     };
     let samples = std::mem::take(&mut *recorder.samples.lock().unwrap_or_else(|e| e.into_inner()));
     let states = std::mem::take(&mut *states.lock().unwrap_or_else(|e| e.into_inner()));
