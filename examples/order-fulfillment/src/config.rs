@@ -37,6 +37,10 @@ pub(crate) struct Config {
     pub(crate) backfill: BackfillSection,
     #[serde(default)]
     pub(crate) queue: QueueSection,
+    /// The failure predictor beside the protected run (the example built with
+    /// `--features predictor`); none: no predictor.
+    #[serde(default)]
+    pub(crate) predictor: Option<PredictorSection>,
     /// The classes, in priority order within a tier.
     pub(crate) classes: Vec<ClassSection>,
     /// The simulated dependencies.
@@ -95,6 +99,23 @@ impl QueueSection {
     pub(crate) fn claim_idle(&self) -> Duration {
         Duration::from_millis(self.claim_idle_ms.unwrap_or(5_000))
     }
+}
+
+/// `[predictor]`: the failure predictor (`tower-degrade-ai`) in the protected run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PredictorSection {
+    /// `bundled` (the model shipped with tower-degrade-ai), or an ONNX file relative to the
+    /// configuration file.
+    pub(crate) model: String,
+    /// The probability the storm's report counts as an alarm (2 ticks in a row); the seed's
+    /// fixed 0.87.
+    #[serde(default = "default_alarm_at")]
+    pub(crate) alarm_at: f64,
+}
+
+fn default_alarm_at() -> f64 {
+    0.87
 }
 
 /// `[backfill]`: when spooled calls are replayed.
@@ -241,8 +262,12 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigFileError(format!("{shown}: cannot read it: {e}")))?;
         let mut config = Config::parse(&text, &shown.to_string())?;
+        let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(p) = config.policies.as_ref().filter(|p| p.is_relative()) {
-            config.policies = Some(path.parent().unwrap_or(Path::new(".")).join(p));
+            config.policies = Some(dir.join(p));
+        }
+        if let Some(p) = config.predictor.as_mut().filter(|p| p.model != "bundled") {
+            p.model = dir.join(&p.model).to_string_lossy().into_owned();
         }
         Ok(config)
     }
@@ -338,6 +363,15 @@ impl Config {
                 line_of("claim_idle_ms", None),
                 "queue.claim_idle_ms".to_owned(),
                 "must be more than 0".to_owned(),
+            );
+        }
+        if let Some(p) = &self.predictor
+            && !(p.alarm_at > 0.0 && p.alarm_at <= 1.0)
+        {
+            return err(
+                line_of("alarm_at", None),
+                "predictor.alarm_at".to_owned(),
+                format!("{} must be within 0.0 (excluded) and 1.0", p.alarm_at),
             );
         }
         let s = &self.storm;
@@ -537,6 +571,15 @@ mod tests {
         assert_eq!(
             e,
             format!("shop.toml:{line}: field `queue.claim_idle_ms`: must be more than 0")
+        );
+        let text = edited("alarm_at = 0.87", "alarm_at = 1.5");
+        let e = error(&text);
+        let line = line_of(&text, "alarm_at = 1.5");
+        assert_eq!(
+            e,
+            format!(
+                "shop.toml:{line}: field `predictor.alarm_at`: 1.5 must be within 0.0 (excluded) and 1.0"
+            )
         );
         let text = edited("# redis_url", "redis_url");
         if cfg!(feature = "redis") {

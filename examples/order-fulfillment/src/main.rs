@@ -37,6 +37,7 @@
 
 mod config;
 mod plot;
+mod predictor;
 mod queue;
 mod report;
 mod shop;
@@ -125,7 +126,13 @@ async fn main() -> Result<(), BoxError> {
     }
     let protected = storm::play(&config, true, addr, Some(metrics.clone()), admin.as_ref()).await?;
     println!();
-    print!("{}", report::table(&unprotected, &protected));
+    let alarm_at = config.predictor.as_ref().map(|p| p.alarm_at);
+    print!("{}", report::table(&unprotected, &protected, alarm_at));
+    println!();
+    print!(
+        "{}",
+        report::predictor(&protected, alarm_at.unwrap_or(0.87))
+    );
     println!("\nunprotected:");
     print!("{}", report::kept_work(&unprotected));
     println!("protected:");

@@ -127,20 +127,130 @@ pub(crate) fn stats(run: &Run, class: usize) -> ClassStats {
     s
 }
 
+/// What the failure predictor reported for one class in a run: scored at `alarm_at`, 2 ticks
+/// in a row, as the breaker would with that fixed threshold.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Alarms {
+    /// From the fault's onset to the first alarm during the fault.
+    pub(crate) first_ms: Option<u32>,
+    /// Alarms raised in the fault-free first phase.
+    pub(crate) before_fault: usize,
+    /// The highest probability in the fault-free phase, and during the fault.
+    pub(crate) peak_normal: Option<f64>,
+    pub(crate) peak_fault: Option<f64>,
+}
+
+pub(crate) fn alarms(run: &Run, class: usize, alarm_at: f64) -> Alarms {
+    let p = run.phases;
+    // One probability per tick: the last sample of each.
+    let mut ticks: Vec<(u64, u32, f64)> = Vec::new();
+    for x in run.states.iter().filter(|x| usize::from(x.class) == class) {
+        let Some(prob) = x.prediction else { continue };
+        match ticks.last_mut() {
+            Some(last) if last.0 == x.tick => last.2 = prob,
+            _ => ticks.push((x.tick, x.at_ms, prob)),
+        }
+    }
+    let mut a = Alarms::default();
+    let peak = |v: Option<f64>, x: f64| Some(v.map_or(x, |v: f64| v.max(x)));
+    let mut run_len = 0;
+    for &(_, at_ms, prob) in &ticks {
+        if at_ms < p.fault_start {
+            a.peak_normal = peak(a.peak_normal, prob);
+        } else if at_ms < p.fault_end {
+            a.peak_fault = peak(a.peak_fault, prob);
+        }
+        run_len = if prob >= alarm_at { run_len + 1 } else { 0 };
+        if run_len == 2 {
+            if at_ms < p.fault_start {
+                a.before_fault += 1;
+            } else if at_ms < p.fault_end && a.first_ms.is_none() {
+                a.first_ms = Some(at_ms - p.fault_start);
+            }
+        }
+    }
+    a
+}
+
+/// The predictor's lead over the first decision the reactive rules took (positive: it
+/// warned earlier).
+fn lead(alarm: Option<u32>, decision: Option<u32>) -> String {
+    match (alarm, decision) {
+        (Some(a), Some(d)) => format!("{:+.1} s", (f64::from(d) - f64::from(a)) / 1000.0),
+        (Some(a), None) => format!("alarm at {}", ms(Some(a))),
+        (None, _) => "no alarm".into(),
+    }
+}
+
+/// The predictor's reports beside the reactive rules', per class (protected run).
+pub(crate) fn predictor(run: &Run, alarm_at: f64) -> String {
+    let mut out = String::new();
+    let what = match &run.predictor {
+        Ok(what) => what,
+        Err(why) => {
+            let _ = writeln!(out, "the failure predictor: none ({why})");
+            return out;
+        }
+    };
+    let acting = run
+        .states
+        .iter()
+        .any(|x| x.prediction.is_some() && !x.calibrating);
+    let _ = writeln!(
+        out,
+        "the failure predictor: {what}; {}\n",
+        if acting {
+            "calibrated for some classes, so it may have degraded them itself"
+        } else {
+            "reporting only (every class in its calibration's warm-up), scored here"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| class | first alarm after fault onset | first decision | lead | alarms before the fault | highest p before / during the fault |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let p2 = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+    for (i, name) in CLASSES.iter().enumerate() {
+        let a = alarms(run, i, alarm_at);
+        let s = stats(run, i);
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} / {} |",
+            ms(a.first_ms),
+            ms(s.decision_ms),
+            lead(a.first_ms, s.decision_ms),
+            a.before_fault,
+            p2(a.peak_normal),
+            p2(a.peak_fault),
+        );
+    }
+    out
+}
+
 fn ms(v: Option<u32>) -> String {
     v.map_or("-".into(), |v| format!("{:.1} s", f64::from(v) / 1000.0))
 }
 
 /// The side-by-side table, in Markdown.
-pub(crate) fn table(unprotected: &Run, protected: &Run) -> String {
+///
+/// With `alarm_at` and a predictor in the protected run, a column gives the predictor's lead
+/// over the reactive rules' first decision.
+pub(crate) fn table(unprotected: &Run, protected: &Run, alarm_at: Option<f64>) -> String {
+    let alarm_at = alarm_at.filter(|_| protected.predictor.is_ok());
     let mut out = String::new();
+    let (extra, extra_align) = if alarm_at.is_some() {
+        (" predictor lead |", "---:|")
+    } else {
+        ("", "")
+    };
     let _ = writeln!(
         out,
-        "| class | run | calls | success | p99 | served by a fallback | kept | shed | failed | lost | first decision | recovery | false decisions |"
+        "| class | run | calls | success | p99 | served by a fallback | kept | shed | failed | lost | first decision | recovery | false decisions |{extra}"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_align}"
     );
     for (i, name) in CLASSES.iter().enumerate() {
         for run in [unprotected, protected] {
@@ -158,9 +268,16 @@ pub(crate) fn table(unprotected: &Run, protected: &Run) -> String {
             } else {
                 ("-".into(), "-".into())
             };
+            let lead_cell = match alarm_at {
+                Some(at) if run.protected => {
+                    format!(" {} |", lead(alarms(run, i, at).first_ms, s.decision_ms))
+                }
+                Some(_) => " - |".into(),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {:.2} % | {:.0} ms | {} | {} | {} | {} | {lost} | {decision} | {} | {false_decisions} |",
+                "| {name} | {} | {} | {:.2} % | {:.0} ms | {} | {} | {} | {} | {lost} | {decision} | {} | {false_decisions} |{lead_cell}",
                 if run.protected {
                     "protected"
                 } else {
@@ -387,4 +504,66 @@ pub(crate) fn check(unprotected: &Run, protected: &Run) -> Vec<String> {
         );
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storm::{Phases, StateSample};
+
+    /// A run whose only data is class 0's predictions, one per 500 ms tick.
+    fn run(predictions: &[f64]) -> Run {
+        let states = predictions
+            .iter()
+            .enumerate()
+            .flat_map(|(tick, p)| {
+                // Two samples a tick, as the sampler takes them every 50 ms or so.
+                [0, 250].map(|off| StateSample {
+                    at_ms: tick as u32 * 500 + off,
+                    class: 0,
+                    state: State::Closed,
+                    tick: tick as u64,
+                    prediction: Some(*p),
+                    calibrating: true,
+                })
+            })
+            .collect();
+        Run {
+            protected: true,
+            phases: Phases {
+                fault_start: 2_000,
+                fault_end: 4_000,
+                end: 5_000,
+            },
+            samples: Vec::new(),
+            states,
+            effects: Default::default(),
+            drained_ms: 0,
+            limiters: Vec::new(),
+            predictor: Ok("test".into()),
+        }
+    }
+
+    #[test]
+    fn an_alarm_is_two_ticks_at_the_threshold_and_counted_by_phase() {
+        // Ticks 0-3 before the fault (one alarm: ticks 1-2), 4-7 during it (alarm on tick 6,
+        // the second in a row), then after it.
+        let r = run(&[0.1, 0.9, 0.95, 0.2, 0.5, 0.9, 0.88, 0.99, 0.99, 0.99]);
+        let a = alarms(&r, 0, 0.87);
+        assert_eq!(a.before_fault, 1);
+        assert_eq!(a.first_ms, Some(1_000), "tick 6 is 1 s into the fault");
+        assert_eq!(a.peak_normal, Some(0.95));
+        assert_eq!(a.peak_fault, Some(0.99));
+        // One tick at the threshold is not an alarm.
+        let a = alarms(&run(&[0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.9, 0.1]), 0, 0.87);
+        assert_eq!((a.before_fault, a.first_ms), (0, None));
+    }
+
+    #[test]
+    fn the_lead_is_how_much_earlier_the_alarm_came_than_the_first_decision() {
+        assert_eq!(lead(Some(500), Some(2_000)), "+1.5 s");
+        assert_eq!(lead(Some(2_000), Some(500)), "-1.5 s");
+        assert_eq!(lead(Some(700), None), "alarm at 0.7 s");
+        assert_eq!(lead(None, Some(700)), "no alarm");
+    }
 }

@@ -242,6 +242,8 @@ pub(crate) struct Shop {
     pub(crate) addr: SocketAddr,
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) review: Option<ManualReview>,
+    /// The failure predictor attached, or why none was.
+    pub(crate) predictor: Result<String, String>,
     cron: Tasks<(), TaskOutcome>,
     events: Tasks<OrderEvent, TaskOutcome>,
     ids: Ids,
@@ -282,7 +284,12 @@ impl Shop {
         addr: SocketAddr,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Shop, BoxError> {
-        let degrader = config.degrader()?.build()?;
+        let mut builder = config.degrader()?;
+        let mut predictor = Err("the unprotected run has none".to_owned());
+        if protected {
+            (builder, predictor) = crate::predictor::attach(config, builder);
+        }
+        let degrader = builder.build()?;
         let mut policies = None;
         if let (true, Some(dir)) = (protected, &config.policies) {
             policies = Some(degrader.watch_policies(dir, Duration::from_millis(200))?);
@@ -414,6 +421,7 @@ impl Shop {
             addr,
             store,
             review,
+            predictor,
             cron,
             events,
             ids,

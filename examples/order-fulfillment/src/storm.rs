@@ -69,6 +69,12 @@ pub(crate) struct StateSample {
     pub(crate) at_ms: u32,
     pub(crate) class: u8,
     pub(crate) state: State,
+    /// The control tick the state is from.
+    pub(crate) tick: u64,
+    /// The failure predictor's probability for the class, when one is attached.
+    pub(crate) prediction: Option<f64>,
+    /// The predictor only reports for the class: its threshold is still calibrating.
+    pub(crate) calibrating: bool,
 }
 
 /// The phases' boundaries, in milliseconds from the start.
@@ -91,6 +97,8 @@ pub(crate) struct Run {
     pub(crate) drained_ms: u32,
     /// The admission limiters every 500 ms: `name limit/in flight/waiting baseline`.
     pub(crate) limiters: Vec<(u32, String)>,
+    /// The failure predictor that ran, or why none did.
+    pub(crate) predictor: Result<String, String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -227,6 +235,9 @@ pub(crate) async fn play(
                             at_ms,
                             class: class as u8,
                             state: c.state,
+                            tick: status.tick,
+                            prediction: c.prediction,
+                            calibrating: c.calibrating,
                         });
                     }
                 }
@@ -429,6 +440,7 @@ pub(crate) async fn play(
     let samples = std::mem::take(&mut *recorder.samples.lock().unwrap_or_else(|e| e.into_inner()));
     let states = std::mem::take(&mut *states.lock().unwrap_or_else(|e| e.into_inner()));
     let limiters = std::mem::take(&mut *limiters.lock().unwrap_or_else(|e| e.into_inner()));
+    let predictor = shop.predictor.clone();
     if let Ok(shop) = Arc::try_unwrap(shop) {
         shop.stop(config.storage.path.is_some());
     }
@@ -440,6 +452,7 @@ pub(crate) async fn play(
         effects,
         drained_ms,
         limiters,
+        predictor,
     })
 }
 
