@@ -158,12 +158,16 @@ impl Admin {
             .classes
             .iter()
             .map(|c| {
-                let (calls, ok, p99, secs) = self
+                // Over the history (the last minute at most): calls the inner service
+                // completed, how many succeeded, the worst window's p99, and calls the layer
+                // diverted to a fallback or shed.
+                let (calls, ok, p99, secs, diverted, shed) = self
                     .degrader
                     .history(&c.name)
                     .map(|h| {
-                        h.iter()
-                            .fold((0u64, 0u64, 0.0f64, 0.0f64), |(n, ok, p99, secs), w| {
+                        h.iter().fold(
+                            (0u64, 0u64, 0.0f64, 0.0f64, 0u64, 0u64),
+                            |(n, ok, p99, secs, diverted, shed), w| {
                                 let completed = w.completed();
                                 (
                                     n + completed,
@@ -174,10 +178,14 @@ impl Admin {
                                         p99
                                     },
                                     secs + w.period.as_secs_f64(),
+                                    diverted + w.degraded,
+                                    shed + w.rejected,
                                 )
-                            })
+                            },
+                        )
                     })
                     .unwrap_or_default();
+                let arrived = calls + diverted + shed;
                 let (reason, route) = match c.directive {
                     Directive::Divert { reason, route, .. }
                     | Directive::AdmitFraction { reason, route, .. } => {
@@ -196,6 +204,9 @@ impl Admin {
                     "success": if calls > 0 { Some(ok as f64 / calls as f64) } else { None },
                     "p99_ms": if calls > 0 { Some(p99) } else { None },
                     "window_secs": secs,
+                    "diverted": diverted,
+                    "shed": shed,
+                    "diverted_share": if arrived > 0 { Some((diverted + shed) as f64 / arrived as f64) } else { None },
                     "inflight": c.window.inflight,
                     "queue_depth": c.window.queue_depth,
                     "prediction": c.prediction,

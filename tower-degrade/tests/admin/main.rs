@@ -95,7 +95,8 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
     assert_eq!(body["state"], "forced_open");
     assert_eq!(d.state("payment").unwrap(), State::ForcedOpen);
 
-    d.tick_now();
+    // Calls to the forced-open class are shed, and the status counts them.
+    support::window(&d, "payment", 20, 0, 0).await;
     let (status, body) = call(&app, "GET", "/status", None, "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["service"], "shop");
@@ -110,6 +111,13 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
     assert_eq!(payment["state"], "forced_open");
     assert_eq!(payment["manual"], true);
     assert_eq!(payment["reason"], "forced_open");
+    assert_eq!(payment["shed"], 20);
+    assert_eq!(payment["diverted_share"], 1.0);
+    assert_eq!(
+        payment["success"],
+        Value::Null,
+        "no call reached the service"
+    );
 
     let (status, _) = call(&app, "POST", "/classes/nope/reset", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
