@@ -404,7 +404,19 @@ impl Shop {
             get(move || async move { format!("{:#?}\n", status_degrader.status()) }),
         );
         if let Some(handle) = metrics {
-            app = app.route("/metrics", get(move || async move { handle.render() }));
+            // A render drains every sample recorded since the last scrape: it runs on a
+            // blocking thread, not on a worker the service's calls need.
+            app = app.route(
+                "/metrics",
+                get(move || {
+                    let handle = handle.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || handle.render())
+                            .await
+                            .unwrap_or_default()
+                    }
+                }),
+            );
         }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
