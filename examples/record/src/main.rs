@@ -120,10 +120,8 @@ fn call(base_ms: f64, injection: Option<(Kind, f64, u64)>, rng: &mut Rng) -> Cal
             let over = (x - 0.75).max(0.0);
             latency_ms *= 1.0 + 0.2 * x + 60.0 * over * over;
         }
-        Some((Kind::NoisyNeighbour, x, since)) => {
-            if since % 20 < 4 {
-                latency_ms *= 1.0 + (1.5 + 0.5 * (since / 20) as f64) * x;
-            }
+        Some((Kind::NoisyNeighbour, x, since)) if since % 20 < 4 => {
+            latency_ms *= 1.0 + (1.5 + 0.5 * (since / 20) as f64) * x;
         }
         Some((Kind::GcThrash, x, _)) => {
             if rng.next() < 0.02 + 0.3 * x * x {
@@ -135,7 +133,7 @@ fn call(base_ms: f64, injection: Option<(Kind, f64, u64)>, rng: &mut Rng) -> Cal
             latency_ms *= 1.3;
             fail |= rng.next() < 0.25 * x;
         }
-        None => {}
+        Some((Kind::NoisyNeighbour, ..)) | None => {}
     }
     Call { latency_ms, fail }
 }
@@ -219,10 +217,11 @@ async fn main() -> Result<(), BoxError> {
         let day = (tick as f64 / 2400.0 * std::f64::consts::TAU).sin();
         let burst = if tick % 997 < 40 { 1.8 } else { 1.0 };
         for (c, (_, _, base_ms, per_tick)) in classes.iter().enumerate() {
+            // The class's injection in force at this tick, if any.
             let injection = injections
                 .iter()
-                .find(|inj| inj.class == c)
-                .and_then(|inj| inj.active(tick).map(|x| (inj.kind, x, tick - inj.start)));
+                .filter(|inj| inj.class == c)
+                .find_map(|inj| inj.active(tick).map(|x| (inj.kind, x, tick - inj.start)));
             faults[c].set(injection.is_some());
             let n = (*per_tick as f64 * (1.0 + 0.3 * day) * burst) as usize;
             for _ in 0..n {
