@@ -269,6 +269,8 @@ def main():
     ap.add_argument("--data", help="directory holding nab/, nezha/ and smd_subset/")
     ap.add_argument("--traces", nargs="*", default=[], help="directories of trace CSVs")
     ap.add_argument("--seed", type=int, default=7, help="the simulator's seed")
+    ap.add_argument("--traces-only", action="store_true",
+                    help="score only the --traces directories (the simulator still sets their thresholds)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()
@@ -281,8 +283,8 @@ def main():
     # Scored once: the simulator's validation traces also set the thresholds of recorded
     # traces that have no validation part of their own.
     sim_val_scores = {d: [f(t) for t in sim_val] for d, f in det.items()}
-    rows = evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
-    if a.data:
+    rows = [] if a.traces_only else evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
+    if a.data and not a.traces_only:
         pub = datasets.load(a.data)
         for name in ("nab", "nezha", "smd"):
             d = dict(det)

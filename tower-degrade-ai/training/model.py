@@ -8,21 +8,44 @@ import torch
 from torch import nn
 
 import features
-from features import N_FEATURES, WINDOW
+from features import N_FEATURES, SUCCESS, WINDOW
 
 TAIL = 16  # conv outputs the head reads
+REF = 48  # the ticks each channel's baseline is taken over
+
+
+def robust_z(x: torch.Tensor) -> torch.Tensor:
+    """Each channel of `x` [B, C, T] against its own median and MAD over the first REF ticks:
+    a robust z-score that means the same on any service's scale. The scale has a floor (5 %
+    of the channel's deviation, plus a constant) so a flat baseline does not divide by 0."""
+    base = x[:, :, :REF]
+    mid = REF // 2
+    med = base.sort(dim=2).values[:, :, mid:mid + 1]
+    mad = (base - med).abs().sort(dim=2).values[:, :, mid:mid + 1] * 1.4826
+    scale = mad + 0.05 * base.std(dim=2, keepdim=True) + 1e-3
+    return ((x - med) / scale).clamp(-20.0, 20.0)
 
 
 class Net(nn.Module):
-    def __init__(self, hidden: int = 32):
+    """`robust`: each channel also as a robust z-score against its own baseline (robust_z), and
+    the head also reads the z-scores of the last ticks directly, oriented so that higher is
+    worse: the network can lean on what a rolling robust z-score detector sees."""
+
+    def __init__(self, hidden: int = 32, robust: bool = False):
         super().__init__()
-        c = 3 * N_FEATURES
+        self.robust = robust
+        c = (4 if robust else 3) * N_FEATURES
         self.conv = nn.Sequential(
             nn.Conv1d(c, hidden, 3, dilation=1), nn.ReLU(),
             nn.Conv1d(hidden, hidden, 3, dilation=2), nn.ReLU(),
             nn.Conv1d(hidden, hidden, 3, dilation=4), nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        head_in = 2 * hidden + (2 * N_FEATURES if robust else 0)
+        self.head = nn.Sequential(nn.Linear(head_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        # Success is the one channel where lower is worse.
+        sign = torch.ones(1, N_FEATURES, 1)
+        sign[0, SUCCESS, 0] = -1.0
+        self.register_buffer("risk_sign", sign)
         # Platt scaling, fitted on validation data at its natural base rate (train.calibrate):
         # p = sigmoid(scale * logit + shift) is then a probability the breaker's threshold can
         # mean something against.
@@ -39,10 +62,17 @@ class Net(nn.Module):
         # The head reads the last 16 outputs of the convolutions, which see only the last
         # 16 + 2 + 4 + 8 = 30 ticks: convolving just those is the same result at a third of the
         # cost (the first 48 ticks still set each channel's baseline above).
-        h = self.conv(torch.cat([x, rel, d], dim=1)[:, :, -(TAIL + 14):])  # [B, hidden, 16]
+        channels = [x, rel, d]
+        if self.robust:
+            zs = robust_z(x)
+            channels.append(zs / 10.0)
+        h = self.conv(torch.cat(channels, dim=1)[:, :, -(TAIL + 14):])  # [B, hidden, 16]
         tail = h[:, :, -TAIL:]
-        z = torch.cat([tail[:, :, -4:].mean(dim=2), tail.amax(dim=2)], dim=1)
-        return self.head(z)
+        z = [tail[:, :, -4:].mean(dim=2), tail.amax(dim=2)]
+        if self.robust:
+            risk = zs * self.risk_sign / 10.0
+            z += [risk[:, :, -1], risk[:, :, -4:].amax(dim=2)]
+        return self.head(torch.cat(z, dim=1))
 
 
 def export(net: Net, path: str) -> None:

@@ -129,6 +129,63 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
     return np.concatenate(cand_x)[top]
 
 
+def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
+        public_data: bool = True, robust: bool = False, log=print) -> dict:
+    """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
+    export the model to `out` with its reference answers, and write `<out>.train.json`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    Xtr, ytr = sample(traces, "train", rng)
+    Xva, yva = sample(traces, "val", rng)
+    log(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
+        f" in {time.time() - t0:.0f} s")
+
+    net = Net(robust=robust)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
+    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    Xv = torch.from_numpy(Xva)
+    best = (-1.0, None, -1)
+    for epoch in range(epochs):
+        total = train_epoch(net, opt, Xt, yt, pos_weight)
+        ap_val = validate(net, Xv, yva)
+        log(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
+        if ap_val > best[0]:
+            best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
+    net.load_state_dict(best[1])
+    if n_hard:
+        # Second round: the normal windows the first model likes most. A breaker may trip at
+        # most about once a day, so the rare normal window that looks like a precursor (a
+        # burst, a GC pause) matters more than the many that do not.
+        Xh = hard_negatives(net, traces, n_hard)
+        Xt = torch.cat([Xt, torch.from_numpy(Xh)])
+        yt = torch.cat([yt, torch.zeros(len(Xh))])
+        log(f"added {len(Xh)} hard negatives ({time.time() - t0:.0f} s)")
+        for g in opt.param_groups:
+            g["lr"] = 1e-3
+        for epoch in range(epochs, epochs + epochs // 2):
+            total = train_epoch(net, opt, Xt, yt, pos_weight)
+            ap_val = validate(net, Xv, yva)
+            log(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
+            if ap_val > best[0] - 0.02:
+                best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
+        net.load_state_dict(best[1])
+    calibration = calibrate(net, traces)
+    log(f"calibrated: {calibration} ({time.time() - t0:.0f} s)")
+    torch.save(net.state_dict(), os.path.splitext(out)[0] + ".pt")
+    export(net, out)
+    reference.write(out)
+    info = dict(seed=seed, epochs=epochs, best_epoch=best[2], val_auprc=round(best[0], 4),
+                train_windows=int(len(ytr)), train_positive=int(ytr.sum()), horizon={"500 ms ticks": headline_horizon(0.5), "minute steps": headline_horizon(60)},
+                parameters=sum(p.numel() for p in net.parameters()),
+                public_data=public_data, robust=robust, calibration=calibration, seconds=round(time.time() - t0))
+    with open(os.path.splitext(out)[0] + ".train.json", "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="directory holding nab/, nezha/ and smd_subset/ (optional)")
@@ -137,62 +194,16 @@ def main():
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000,
                     help="normal windows the first model scores highest, added for a second round")
+    ap.add_argument("--robust", action="store_true",
+                    help="robust z-score channels and a head that reads them (model.robust_z)")
     a = ap.parse_args()
 
-    torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t0 = time.time()
     traces = simulate.dataset(a.seed)
     if a.data:
         for v in datasets.load(a.data).values():
             traces += v
-    Xtr, ytr = sample(traces, "train", rng)
-    Xva, yva = sample(traces, "val", rng)
-    print(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
-          f" in {time.time() - t0:.0f} s")
-
-    net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
-    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    Xv = torch.from_numpy(Xva)
-    best = (-1.0, None, -1)
-    for epoch in range(a.epochs):
-        total = train_epoch(net, opt, Xt, yt, pos_weight)
-        ap_val = validate(net, Xv, yva)
-        print(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
-        if ap_val > best[0]:
-            best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
-    net.load_state_dict(best[1])
-    if a.hard_negatives:
-        # Second round: the normal windows the first model likes most. A breaker may trip at
-        # most about once a day, so the rare normal window that looks like a precursor (a
-        # burst, a GC pause) matters more than the many that do not.
-        Xh = hard_negatives(net, traces, a.hard_negatives)
-        Xt = torch.cat([Xt, torch.from_numpy(Xh)])
-        yt = torch.cat([yt, torch.zeros(len(Xh))])
-        print(f"added {len(Xh)} hard negatives ({time.time() - t0:.0f} s)")
-        for g in opt.param_groups:
-            g["lr"] = 1e-3
-        for epoch in range(a.epochs, a.epochs + a.epochs // 2):
-            total = train_epoch(net, opt, Xt, yt, pos_weight)
-            ap_val = validate(net, Xv, yva)
-            print(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
-            if ap_val > best[0] - 0.02:
-                best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
-        net.load_state_dict(best[1])
-    calibration = calibrate(net, traces)
-    print(f"calibrated: {calibration} ({time.time() - t0:.0f} s)")
-    torch.save(net.state_dict(), os.path.splitext(a.out)[0] + ".pt")
-    export(net, a.out)
-    reference.write(a.out)
-    info = dict(seed=a.seed, epochs=a.epochs, best_epoch=best[2], val_auprc=round(best[0], 4),
-                train_windows=int(len(ytr)), train_positive=int(ytr.sum()), horizon={"500 ms ticks": headline_horizon(0.5), "minute steps": headline_horizon(60)},
-                parameters=sum(p.numel() for p in net.parameters()),
-                public_data=bool(a.data), calibration=calibration, seconds=round(time.time() - t0))
-    with open(os.path.splitext(a.out)[0] + ".train.json", "w") as f:
-        json.dump(info, f, indent=1)
+    info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
+               robust=a.robust)
     print(json.dumps(info))
 
 

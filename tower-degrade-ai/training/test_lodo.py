@@ -1,0 +1,51 @@
+"""Tests of the leave-one-dataset-out harness's bookkeeping (NumPy only: no training)."""
+import unittest
+
+import evaluate
+from lodo import _verdict, headline, training_traces
+
+
+class Folds(unittest.TestCase):
+    def test_a_fold_trains_on_every_dataset_but_the_one_held_out(self):
+        sim = ["s1", "s2"]
+        pub = {"nab": ["n1"], "nezha": ["z1", "z2"], "smd": ["m1"]}
+        self.assertEqual(training_traces("simulated", sim, pub), ["n1", "z1", "z2", "m1"])
+        self.assertEqual(training_traces("nezha", sim, pub), ["s1", "s2", "n1", "m1"])
+        for held_out in ("nab", "nezha", "smd"):
+            self.assertFalse(set(pub[held_out]) & set(training_traces(held_out, sim, pub)))
+
+
+def row(detector, recall, ci, k=1, budget=1.0, H=6, trips=0.5):
+    return dict(dataset="nab", detector=detector, H=H, k=k, budget_per_day=budget, step_seconds=300.0,
+                recall_early=recall, recall_early_ci=ci, false_trips_per_day=trips)
+
+
+class Headline(unittest.TestCase):
+    def test_the_best_baseline_is_the_one_with_the_highest_early_recall_at_the_same_rule(self):
+        rows = [
+            row("model", 0.30, [0.2, 0.4]),
+            row("model", 0.9, [0.8, 1.0], k=3),            # another rule: not compared
+            row(evaluate.AS_DEFAULT, 0.1, [0.0, 0.2], budget=None),
+            row(evaluate.AS_DEPLOYED, 0.9, [0.8, 1.0], budget=None),  # not a baseline
+            row("static robust z", 0.20, [0.1, 0.3]),
+            row("rolling robust z", 0.25, [0.1, 0.4]),
+            row("seed rule", 0.8, [0.7, 0.9], budget=0.1),  # another budget
+            row("calibrated rule", 0.9, [0.8, 1.0], H=12),  # another horizon
+        ]
+        h = headline(rows, "nab", 1.0)
+        self.assertEqual(h["H"], 6)
+        self.assertEqual(h["model"]["recall_early"], 0.30)
+        self.assertEqual(h["default"]["detector"], evaluate.AS_DEFAULT)
+        self.assertEqual(h["best"]["detector"], "rolling robust z")
+
+    def test_the_verdict_says_by_how_much_and_whether_the_intervals_part(self):
+        m = dict(recall_early=0.6, recall_early_ci=[0.5, 0.7])
+        self.assertEqual(_verdict(m, dict(recall_early=0.3, recall_early_ci=[0.2, 0.4])), "2.00x (CIs apart)")
+        self.assertEqual(_verdict(m, dict(recall_early=0.5, recall_early_ci=[0.3, 0.6])), "1.20x")
+        self.assertEqual(_verdict(dict(recall_early=0.1, recall_early_ci=[0.0, 0.2]),
+                                  dict(recall_early=0.5, recall_early_ci=[0.3, 0.6])), "0.20x (CIs apart, below)")
+        self.assertEqual(_verdict(m, dict(recall_early=0.0, recall_early_ci=[0.0, 0.0])), "ahead")
+
+
+if __name__ == "__main__":
+    unittest.main()
