@@ -2,6 +2,7 @@
 
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR [--report lodo.md] [--json lodo.json]
                    [--folds simulated nab nezha smd] [--epochs 8] [--seed 7]
+                   [--arch conv|robust|z] [--balance] [--reuse]
 
 For each dataset D (the simulator and every public dataset): a model is trained with the
 bundled model's recipe (train.fit) on the train parts of every *other* dataset, so nothing of
@@ -128,7 +129,11 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000)
-    ap.add_argument("--robust", action="store_true", help="train.py's --robust")
+    ap.add_argument("--arch", default="conv", help="train.py's --arch")
+    ap.add_argument("--balance", action="store_true", help="train.py's --balance")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a fold's model already in --out-dir (with its .train.json) "
+                         "instead of training it again")
     ap.add_argument("--report", help="write the markdown report here")
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()
@@ -142,9 +147,15 @@ def main():
     for d in a.folds:
         t0 = time.time()
         path = os.path.join(a.out_dir, f"lodo-{d}.onnx")
-        print(f"== fold {d}: training without it", flush=True)
-        infos[d] = train.fit(training_traces(d, sim, pub), path, a.seed, a.epochs, a.hard_negatives,
-                             robust=a.robust, log=lambda m: print("   ", m, flush=True))
+        done = os.path.splitext(path)[0] + ".train.json"
+        if a.reuse and os.path.exists(path) and os.path.exists(done):
+            print(f"== fold {d}: the model in {path}", flush=True)
+            infos[d] = json.load(open(done))
+        else:
+            print(f"== fold {d}: training without it", flush=True)
+            infos[d] = train.fit(training_traces(d, sim, pub), path, a.seed, a.epochs, a.hard_negatives,
+                                 arch=a.arch, balance=a.balance,
+                                 log=lambda m: print("   ", m, flush=True))
         rows += score_fold(d, path, a.data, sim, pub)
         h = headline(rows, d, 1.0)
         print(f"   {d}: model {_recall(h['model'])}, best baseline {h['best']['detector']} "

@@ -75,7 +75,56 @@ class Net(nn.Module):
         return self.head(torch.cat(z, dim=1))
 
 
-def export(net: Net, path: str) -> None:
+class ZNet(nn.Module):
+    """A small head over scale-free inputs only: each channel as a robust z-score against its
+    own baseline (robust_z), oriented so that higher is worse, summarised over the last ticks
+    (the last tick, the mean of the last 4, the peak of the last 8, and the trend: the last 4
+    ticks against the 4 before them), and the worst channel's last z-score, which is what a
+    robust z-score detector alarms on. A few hundred weights: too few to learn one service's
+    levels, so what it learns is which channels and shapes precede an incident."""
+
+    N_IN = 4 * N_FEATURES + 2
+
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        sign = torch.ones(1, N_FEATURES, 1)
+        sign[0, SUCCESS, 0] = -1.0
+        self.register_buffer("risk_sign", sign)
+        self.skip = nn.Linear(self.N_IN, 1)
+        self.mlp = nn.Sequential(nn.Linear(self.N_IN, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("shift", torch.tensor(0.0))
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(window) * self.scale + self.shift)
+
+    def inputs(self, window: torch.Tensor) -> torch.Tensor:
+        x = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
+        r = robust_z(x) * self.risk_sign / 10.0
+        last4 = r[:, :, -4:].mean(dim=2)
+        f = [r[:, :, -1], last4, r[:, :, -8:].amax(dim=2), last4 - r[:, :, -8:-4].mean(dim=2),
+             r[:, :, -1].amax(dim=1, keepdim=True), r[:, :, -1].abs().amax(dim=1, keepdim=True)]
+        return torch.cat(f, dim=1)
+
+    def logit(self, window: torch.Tensor) -> torch.Tensor:
+        f = self.inputs(window)
+        return self.skip(f) + self.mlp(f)
+
+
+ARCHS = ("conv", "robust", "z")
+
+
+def build(arch: str) -> nn.Module:
+    """The network named `arch`: "conv" (the bundled model's), "robust" (Net(robust=True)) or
+    "z" (ZNet)."""
+    if arch == "z":
+        return ZNet()
+    if arch in ("conv", "robust"):
+        return Net(robust=arch == "robust")
+    raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+
+
+def export(net: nn.Module, path: str) -> None:
     """Write `net` to `path` as ONNX, its input features named in the file's metadata
     (`features.METADATA_KEY`; `OnnxPredictor` checks them against the Rust list)."""
     net.eval()

@@ -23,7 +23,7 @@ from torch import nn
 import datasets
 import reference
 import simulate
-from model import Net, export
+from model import ARCHS, build, export
 from protocol import early_targets
 from traces import GRACE, headline_horizon, windows
 
@@ -36,8 +36,9 @@ def targets(tr):
 
 
 def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS):
-    """Windows and targets from the train or validation part of each trace."""
-    xs, ys = [], []
+    """Windows, targets and each window's dataset from the train or validation part of each
+    trace."""
+    xs, ys, ds = [], [], []
     for tr in traces:
         lo, hi = (0, tr.val_from) if part == "train" else (tr.val_from, tr.test_from)
         if hi <= lo:
@@ -52,10 +53,18 @@ def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS):
         sel = np.sort(np.concatenate([pos, neg]))
         xs.append(windows(tr.X, sel))
         ys.append((y[sel] == 1).astype(np.float32))
-    return np.concatenate(xs), np.concatenate(ys)
+        ds += [tr.dataset] * len(sel)
+    return np.concatenate(xs), np.concatenate(ys), np.array(ds)
 
 
-def train_epoch(net, opt, Xt, yt, pos_weight) -> float:
+def dataset_weights(ds: np.ndarray) -> np.ndarray:
+    """A weight per window that gives each dataset the same total weight, so the largest (the
+    simulator's) does not decide alone what the network learns."""
+    names, inverse, counts = np.unique(ds, return_inverse=True, return_counts=True)
+    return (len(ds) / (len(names) * counts))[inverse].astype(np.float32)
+
+
+def train_epoch(net, opt, Xt, yt, pos_weight, wt=None) -> float:
     net.train()
     perm = torch.randperm(len(yt))
     total = 0.0
@@ -63,6 +72,8 @@ def train_epoch(net, opt, Xt, yt, pos_weight) -> float:
         b = perm[i:i + 512]
         p = net(Xt[b]).squeeze(1).clamp(1e-6, 1 - 1e-6)
         w = torch.where(yt[b] > 0, pos_weight, torch.tensor(1.0))
+        if wt is not None:
+            w = w * wt[b]
         loss = nn.functional.binary_cross_entropy(p, yt[b], weight=w)
         opt.zero_grad()
         loss.backward()
@@ -104,9 +115,26 @@ def calibrate(net, traces) -> dict:
     y = np.concatenate(ys)
     lr = LogisticRegression(C=1e4).fit(z, y)
     scale, shift = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    if scale <= 0:
+        # The logit ranks validation steps the wrong way round (a model that learned nothing
+        # that holds on this data): a negative scale would turn its ranking upside down.
+        # Keep the model's order and fit the offset alone.
+        scale, shift = 1.0, fit_shift(z[:, 0], y)
     net.scale.fill_(scale)
     net.shift.fill_(shift)
     return dict(scale=round(scale, 4), shift=round(shift, 4), steps=int(len(y)), base_rate=round(float(y.mean()), 5))
+
+
+def fit_shift(z: np.ndarray, y: np.ndarray) -> float:
+    """The b for which sigmoid(z + b) has the mean of y (Newton's method on the log-loss)."""
+    b = 0.0
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-(z + b)))
+        grad, hess = float((p - y).sum()), float((p * (1 - p)).sum()) + 1e-9
+        b -= grad / hess
+        if abs(grad) < 1e-6 * len(y):
+            break
+    return b
 
 
 def hard_negatives(net, traces, n: int) -> np.ndarray:
@@ -130,26 +158,27 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
 
 
 def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
-        public_data: bool = True, robust: bool = False, log=print) -> dict:
+        public_data: bool = True, arch: str = "conv", balance: bool = False, log=print) -> dict:
     """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
     export the model to `out` with its reference answers, and write `<out>.train.json`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    Xtr, ytr = sample(traces, "train", rng)
-    Xva, yva = sample(traces, "val", rng)
+    Xtr, ytr, dtr = sample(traces, "train", rng)
+    Xva, yva, _ = sample(traces, "val", rng)
     log(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
         f" in {time.time() - t0:.0f} s")
 
-    net = Net(robust=robust)
+    net = build(arch)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
     Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    wt = torch.from_numpy(dataset_weights(dtr)) if balance else None
     Xv = torch.from_numpy(Xva)
     best = (-1.0, None, -1)
     for epoch in range(epochs):
-        total = train_epoch(net, opt, Xt, yt, pos_weight)
+        total = train_epoch(net, opt, Xt, yt, pos_weight, wt)
         ap_val = validate(net, Xv, yva)
         log(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
         if ap_val > best[0]:
@@ -162,11 +191,13 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
         Xh = hard_negatives(net, traces, n_hard)
         Xt = torch.cat([Xt, torch.from_numpy(Xh)])
         yt = torch.cat([yt, torch.zeros(len(Xh))])
+        if wt is not None:
+            wt = torch.cat([wt, torch.ones(len(Xh))])
         log(f"added {len(Xh)} hard negatives ({time.time() - t0:.0f} s)")
         for g in opt.param_groups:
             g["lr"] = 1e-3
         for epoch in range(epochs, epochs + epochs // 2):
-            total = train_epoch(net, opt, Xt, yt, pos_weight)
+            total = train_epoch(net, opt, Xt, yt, pos_weight, wt)
             ap_val = validate(net, Xv, yva)
             log(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
             if ap_val > best[0] - 0.02:
@@ -180,7 +211,7 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
     info = dict(seed=seed, epochs=epochs, best_epoch=best[2], val_auprc=round(best[0], 4),
                 train_windows=int(len(ytr)), train_positive=int(ytr.sum()), horizon={"500 ms ticks": headline_horizon(0.5), "minute steps": headline_horizon(60)},
                 parameters=sum(p.numel() for p in net.parameters()),
-                public_data=public_data, robust=robust, calibration=calibration, seconds=round(time.time() - t0))
+                public_data=public_data, arch=arch, balance=balance, calibration=calibration, seconds=round(time.time() - t0))
     with open(os.path.splitext(out)[0] + ".train.json", "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -194,8 +225,10 @@ def main():
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000,
                     help="normal windows the first model scores highest, added for a second round")
-    ap.add_argument("--robust", action="store_true",
-                    help="robust z-score channels and a head that reads them (model.robust_z)")
+    ap.add_argument("--arch", default="conv", choices=ARCHS,
+                    help="the network (model.build): conv (the bundled model's), robust, z")
+    ap.add_argument("--balance", action="store_true",
+                    help="give each dataset the same weight in training (dataset_weights)")
     a = ap.parse_args()
 
     traces = simulate.dataset(a.seed)
@@ -203,7 +236,7 @@ def main():
         for v in datasets.load(a.data).values():
             traces += v
     info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
-               robust=a.robust)
+               arch=a.arch, balance=a.balance)
     print(json.dumps(info))
 
 
