@@ -529,6 +529,7 @@ async fn a_dependency_can_have_its_own_limit() {
     }
 }
 
+#[cfg(feature = "rhai")]
 #[tokio::test(start_paused = true)]
 async fn policies_see_the_limit_and_the_queue() {
     let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
