@@ -26,7 +26,27 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
     return ((x - med) / scale).clamp(-20.0, 20.0)
 
 
-class Net(nn.Module):
+class Scorer(nn.Module):
+    """What the networks here share: the channels' risk orientation and the Platt scaling that
+    turns a network's logit into p_anomaly."""
+
+    def __init__(self):
+        super().__init__()
+        # Success is the one channel where lower is worse.
+        sign = torch.ones(1, N_FEATURES, 1)
+        sign[0, SUCCESS, 0] = -1.0
+        self.register_buffer("risk_sign", sign)
+        # Platt scaling, fitted on validation data at its natural base rate (train.calibrate):
+        # p = sigmoid(scale * logit + shift) is then a probability the breaker's threshold can
+        # mean something against.
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("shift", torch.tensor(0.0))
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(window) * self.scale + self.shift)
+
+
+class Net(Scorer):
     """`robust`: each channel also as a robust z-score against its own baseline (robust_z), and
     the head also reads the z-scores of the last ticks directly, oriented so that higher is
     worse: the network can lean on what a rolling robust z-score detector sees."""
@@ -42,18 +62,6 @@ class Net(nn.Module):
         )
         head_in = 2 * hidden + (2 * N_FEATURES if robust else 0)
         self.head = nn.Sequential(nn.Linear(head_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        # Success is the one channel where lower is worse.
-        sign = torch.ones(1, N_FEATURES, 1)
-        sign[0, SUCCESS, 0] = -1.0
-        self.register_buffer("risk_sign", sign)
-        # Platt scaling, fitted on validation data at its natural base rate (train.calibrate):
-        # p = sigmoid(scale * logit + shift) is then a probability the breaker's threshold can
-        # mean something against.
-        self.register_buffer("scale", torch.tensor(1.0))
-        self.register_buffer("shift", torch.tensor(0.0))
-
-    def forward(self, window: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(window) * self.scale + self.shift)
 
     def logit(self, window: torch.Tensor) -> torch.Tensor:
         x = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
@@ -75,7 +83,7 @@ class Net(nn.Module):
         return self.head(torch.cat(z, dim=1))
 
 
-class ZNet(nn.Module):
+class ZNet(Scorer):
     """A small head over scale-free inputs only: each channel as a robust z-score against its
     own baseline (robust_z), oriented so that higher is worse, summarised over the last ticks
     (the last tick, the mean of the last 4, the peak of the last 8, and the trend: the last 4
@@ -87,16 +95,8 @@ class ZNet(nn.Module):
 
     def __init__(self, hidden: int = 8):
         super().__init__()
-        sign = torch.ones(1, N_FEATURES, 1)
-        sign[0, SUCCESS, 0] = -1.0
-        self.register_buffer("risk_sign", sign)
         self.skip = nn.Linear(self.N_IN, 1)
         self.mlp = nn.Sequential(nn.Linear(self.N_IN, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        self.register_buffer("scale", torch.tensor(1.0))
-        self.register_buffer("shift", torch.tensor(0.0))
-
-    def forward(self, window: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(window) * self.scale + self.shift)
 
     def inputs(self, window: torch.Tensor) -> torch.Tensor:
         x = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
