@@ -139,6 +139,8 @@ def main():
     a = ap.parse_args()
 
     import train  # torch: only to train, not to read the report's rules
+    if a.arch not in train.ARCHS:
+        ap.error(f"--arch {a.arch}: expected one of {', '.join(train.ARCHS)}")
 
     os.makedirs(a.out_dir, exist_ok=True)
     sim = simulate.dataset(a.seed)
@@ -151,6 +153,12 @@ def main():
         if a.reuse and os.path.exists(path) and os.path.exists(done):
             print(f"== fold {d}: the model in {path}", flush=True)
             infos[d] = json.load(open(done))
+            # A model trained otherwise would be reported under this run's recipe.
+            made = (infos[d].get("arch", "conv"), infos[d].get("balance", False))
+            if made != (a.arch, a.balance):
+                ap.error(f"--reuse: {done} was trained with --arch {made[0]}"
+                         f"{' --balance' if made[1] else ''}, not --arch {a.arch}"
+                         f"{' --balance' if a.balance else ''}")
         else:
             print(f"== fold {d}: training without it", flush=True)
             infos[d] = train.fit(training_traces(d, sim, pub), path, a.seed, a.epochs, a.hard_negatives,
