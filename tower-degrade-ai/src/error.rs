@@ -34,8 +34,9 @@ pub enum Error {
         /// What ONNX Runtime said.
         reason: String,
     },
-    /// The model loads but does not take `window [batch, 64, 8]` float32 and answer
-    /// `p_anomaly [batch, 1]`.
+    /// The model loads but does not take `window [batch, 64, 8]` float32 (and, if it has a
+    /// second input, the long baseline `[batch, 5, 8]` it declares in its metadata:
+    /// [`crate::baseline`]) and answer `p_anomaly [batch, 1]`.
     Contract {
         /// The model file.
         path: PathBuf,

@@ -10,6 +10,9 @@
 //! its ONNX metadata ([`FEATURES_KEY`]), and a model that names others, or none, is refused
 //! when it loads ([`Error::Features`]).
 //!
+//! A model may also take each class's long baseline, quantiles of its last 4,096 healthy ticks
+//! that the predictor keeps on the control tick, as a second input ([`baseline`]).
+//!
 //! [`Recorder`] writes the same features per tick to CSV, so traces of a running service under
 //! fault injection can be evaluated (`training/evaluate.py`) and trained on.
 //!
@@ -31,6 +34,7 @@
 //!   chose; used without default features so the build never downloads binaries.
 //! - `tracing`: where the library was loaded from, and why a GPU was not used.
 
+pub mod baseline;
 mod error;
 mod onnx;
 mod recorder;

@@ -7,9 +7,11 @@ use ort::value::TensorRef;
 use tower_degrade::BoxError;
 use tower_degrade::predict::{FEATURES, N_FEATURES, Predictor, WINDOW};
 
+use crate::baseline::{BASELINE_INPUT, BASELINE_KEY, BASELINE_VALUE, Baseline, N_QUANTILES};
 use crate::{Error, runtime};
 
-/// The input the model must take: `[batch, 64, 8]` float32.
+/// The input the model must take: `[batch, 64, 8]` float32. A model may take a second,
+/// [`BASELINE_INPUT`](crate::baseline::BASELINE_INPUT) (see [`crate::baseline`]).
 pub const INPUT_NAME: &str = "window";
 /// The output the model must give: `[batch, 1]` float32 probabilities.
 pub const OUTPUT_NAME: &str = "p_anomaly";
@@ -93,13 +95,15 @@ impl OnnxPredictorBuilder {
             Source::Bytes(bytes) => builder.commit_from_memory(bytes),
         }
         .map_err(model_err)?;
-        check_contract(&session, &path)?;
-        check_features(&session, &path)?;
+        let takes_baseline = check_contract(&session, &path)?;
+        check_features(&session, &path, takes_baseline)?;
         Ok(OnnxPredictor {
             session,
             path,
             device,
             fallback_reason,
+            baselines: takes_baseline.then(Vec::new),
+            baseline_input: Vec::new(),
         })
     }
 }
@@ -141,16 +145,21 @@ fn cuda(builder: SessionBuilder, _device_id: i32) -> (SessionBuilder, Option<Str
     (builder, Some("built without the `cuda` feature".to_owned()))
 }
 
-fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
+/// Checks the shapes; whether the model takes the long baseline as a second input.
+fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
     let fail = |reason: String| Error::Contract {
         path: path.to_path_buf(),
         reason,
     };
-    let [input] = session.inputs() else {
-        return Err(fail(format!(
-            "{} inputs, expected one",
-            session.inputs().len()
-        )));
+    let (input, second) = match session.inputs() {
+        [input] => (input, None),
+        [input, second] => (input, Some(second)),
+        more => {
+            return Err(fail(format!(
+                "{} inputs, expected one (window) or two (window, baseline)",
+                more.len()
+            )));
+        }
     };
     let [output] = session.outputs() else {
         return Err(fail(format!(
@@ -191,6 +200,25 @@ fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
             )));
         }
     }
+    if let Some(second) = second {
+        let want = [-1, N_QUANTILES as i64, N_FEATURES as i64];
+        match dims(second) {
+            Some(d) if fits(&d, &want) => {}
+            other => {
+                return Err(fail(format!(
+                    "second input `{}` has shape {other:?}, expected the long baseline \
+                     [batch, {N_QUANTILES}, {N_FEATURES}]",
+                    second.name()
+                )));
+            }
+        }
+        if second.name() != BASELINE_INPUT {
+            tracing::info!(
+                input = second.name(),
+                "model's second input is not named baseline; feeding it the baseline by position"
+            );
+        }
+    }
     if input.name() != INPUT_NAME || output.name() != OUTPUT_NAME {
         tracing::info!(
             input = input.name(),
@@ -198,15 +226,29 @@ fn check_contract(session: &Session, path: &Path) -> Result<(), Error> {
             "model's names differ from window/p_anomaly; using them by position"
         );
     }
-    Ok(())
+    Ok(second.is_some())
 }
 
-/// The model's [`FEATURES_KEY`] metadata must name [`FEATURES`], in order.
-fn check_features(session: &Session, path: &Path) -> Result<(), Error> {
+/// The model's [`FEATURES_KEY`] metadata must name [`FEATURES`], in order; a model with a
+/// second input must declare the baseline it takes ([`BASELINE_KEY`]).
+fn check_features(session: &Session, path: &Path, takes_baseline: bool) -> Result<(), Error> {
     let metadata = session.metadata().map_err(|e| Error::Model {
         path: path.to_path_buf(),
         reason: format!("reading its metadata: {e}"),
     })?;
+    if takes_baseline {
+        let declared = metadata.custom(BASELINE_KEY);
+        if declared.as_deref() != Some(BASELINE_VALUE) {
+            return Err(Error::Contract {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it takes a second input, so its `{BASELINE_KEY}` metadata must be \
+                     `{BASELINE_VALUE}` (the long baseline this runtime feeds); found {}",
+                    declared.map_or("none".to_owned(), |v| format!("`{v}`"))
+                ),
+            });
+        }
+    }
     let found = metadata.custom(FEATURES_KEY).map(|v| parse_features(&v));
     if found.as_ref().is_some_and(|f| f.iter().eq(FEATURES.iter())) {
         return Ok(());
@@ -243,6 +285,10 @@ pub struct OnnxPredictor {
     path: PathBuf,
     device: Device,
     fallback_reason: Option<String>,
+    /// Per batch row, the class's long baseline, when the model takes it.
+    baselines: Option<Vec<Baseline>>,
+    /// The `baseline` input, `[batch, N_QUANTILES, N_FEATURES]`.
+    baseline_input: Vec<f32>,
 }
 
 impl std::fmt::Debug for OnnxPredictor {
@@ -250,6 +296,7 @@ impl std::fmt::Debug for OnnxPredictor {
         f.debug_struct("OnnxPredictor")
             .field("model", &self.path)
             .field("device", &self.device)
+            .field("takes_baseline", &self.takes_baseline())
             .finish_non_exhaustive()
     }
 }
@@ -300,8 +347,25 @@ impl OnnxPredictor {
         self.fallback_reason.as_deref()
     }
 
-    /// One batched inference: `input` is `[out.len(), 64, 8]` row-major.
+    /// Whether the model takes the long baseline as a second input ([`crate::baseline`]).
+    pub fn takes_baseline(&self) -> bool {
+        self.baselines.is_some()
+    }
+
+    /// The long baseline of batch row `class`, when the model takes it and the row has been
+    /// run.
+    pub fn baseline(&self, class: usize) -> Option<&Baseline> {
+        self.baselines.as_ref()?.get(class)
+    }
+
+    /// One batched inference: `input` is `[out.len(), 64, 8]` row-major, one tick of each
+    /// class (batch row) in the same order every call. A model that takes the long baseline
+    /// learns each row's newest tick into that row's baseline first.
     pub fn run(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
+        self.infer(input, out, true)
+    }
+
+    fn infer(&mut self, input: &[f32], out: &mut [f32], learn: bool) -> Result<(), Error> {
         let batch = out.len();
         if input.len() != batch * WINDOW * N_FEATURES {
             return Err(Error::Inference(format!(
@@ -312,7 +376,33 @@ impl OnnxPredictor {
         let inference = |e: ort::Error| Error::Inference(e.to_string());
         let tensor =
             TensorRef::from_array_view(([batch, WINDOW, N_FEATURES], input)).map_err(inference)?;
-        let outputs = self.session.run(ort::inputs![tensor]).map_err(inference)?;
+        let outputs = match &mut self.baselines {
+            None => self.session.run(ort::inputs![tensor]),
+            Some(baselines) => {
+                if baselines.len() < batch {
+                    baselines.resize_with(batch, Baseline::new);
+                }
+                let per_class = N_QUANTILES * N_FEATURES;
+                self.baseline_input.resize(batch * per_class, 0.0);
+                for (class, b) in baselines.iter_mut().take(batch).enumerate() {
+                    if learn {
+                        let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
+                        let row = input[newest..newest + N_FEATURES]
+                            .try_into()
+                            .expect("N_FEATURES values");
+                        b.observe(row);
+                    }
+                    b.write(&mut self.baseline_input[class * per_class..][..per_class]);
+                }
+                let base = TensorRef::from_array_view((
+                    [batch, N_QUANTILES, N_FEATURES],
+                    &self.baseline_input[..],
+                ))
+                .map_err(inference)?;
+                self.session.run(ort::inputs![tensor, base])
+            }
+        }
+        .map_err(inference)?;
         let (_, p) = outputs[0].try_extract_tensor::<f32>().map_err(inference)?;
         if p.len() != batch {
             return Err(Error::Inference(format!(
@@ -333,6 +423,13 @@ impl OnnxPredictor {
 impl Predictor for OnnxPredictor {
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
         Ok(self.run(input, out)?)
+    }
+
+    /// A dummy batch, which the classes' long baselines do not learn from.
+    fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
+        let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
+        let mut out = vec![0.0; classes.len()];
+        Ok(self.infer(&input, &mut out, false)?)
     }
 }
 

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+import baseline
 import calibrate
 import datasets
 import features
@@ -39,15 +40,25 @@ class Model:
     def __init__(self, path: str):
         import onnxruntime as ort
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        # the same check as OnnxPredictor's: the model names the features it was trained on
-        features.check(self.session.get_modelmeta().custom_metadata_map, path)
-        self.input = self.session.get_inputs()[0].name
+        # the same checks as OnnxPredictor's: the model names the features it was trained on,
+        # and a second input is the long baseline
+        meta = self.session.get_modelmeta().custom_metadata_map
+        features.check(meta, path)
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.input = inputs[0]
+        self.baseline = inputs[1] if len(inputs) > 1 else None
+        if self.baseline is not None:
+            baseline.check(meta, path)
 
     def __call__(self, tr: Trace) -> np.ndarray:
         out = np.empty(tr.T, dtype=np.float32)
+        B = None if self.baseline is None else baseline.of(tr.X)
         for lo in range(0, tr.T, 8192):
             idx = np.arange(lo, min(tr.T, lo + 8192))
-            out[idx] = self.session.run(None, {self.input: windows(tr.X, idx)})[0][:, 0]
+            feed = {self.input: windows(tr.X, idx)}
+            if B is not None:
+                feed[self.baseline] = B[idx]
+            out[idx] = self.session.run(None, feed)[0][:, 0]
         return out
 
 

@@ -74,22 +74,23 @@ def check(metadata: dict, model: str = "model") -> None:
                          f"but the predictor feeds [{', '.join(FEATURES)}]")
 
 
-def stamp_model(model) -> None:
-    """Set METADATA_KEY on an `onnx.ModelProto` in place, replacing any earlier value and
-    keeping the other metadata."""
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+def stamp_model(model, extra=None) -> None:
+    """Set METADATA_KEY (and the `extra` entries) on an `onnx.ModelProto` in place, replacing
+    any earlier values and keeping the other metadata."""
+    new = {METADATA_KEY: metadata_value(), **(extra or {})}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in new]
     del model.metadata_props[:]
-    for key, value in kept + [(METADATA_KEY, metadata_value())]:
+    for key, value in kept + list(new.items()):
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
 
 
-def stamp(path: str) -> None:
-    """Rewrite the ONNX file at `path` with METADATA_KEY set (what the exporter and the
-    command line do): same graph and weights, one more metadata entry."""
+def stamp(path: str, extra=None) -> None:
+    """Rewrite the ONNX file at `path` with METADATA_KEY (and the `extra` entries) set (what
+    the exporter and the command line do): same graph and weights, more metadata."""
     import onnx
     model = onnx.load(path)
-    stamp_model(model)
+    stamp_model(model, extra)
     onnx.save(model, path)
 
 

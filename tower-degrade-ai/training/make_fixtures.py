@@ -4,16 +4,21 @@
 
 - `window_32.onnx`: takes `window [batch, 32, 8]` instead of 64 ticks (features stamped right);
 - `features_reordered.onnx`: the right shapes, but its metadata names p99 before p50;
-- `features_missing.onnx`: the right shapes, and no `tower_degrade.features` metadata.
+- `features_missing.onnx`: the right shapes, and no `tower_degrade.features` metadata;
+- `baseline.onnx`: takes the long baseline as a second input, `baseline [batch, 5, 8]`, and
+  declares it (`tower_degrade.baseline`): p_anomaly = sigmoid(mean(window) - mean(baseline)),
+  right in every way;
+- `baseline_undeclared.onnx`: the same, without the `tower_degrade.baseline` entry.
 
-Each is p_anomaly = sigmoid(mean(window)): a few hundred bytes, written the same byte for byte
-on every run (`test_features.py` checks the committed files against this script).
+The others are p_anomaly = sigmoid(mean(window)). Each is a few hundred bytes, written the same
+byte for byte on every run (`test_features.py` checks the committed files against this script).
 """
 from __future__ import annotations
 
 import os
 import sys
 
+import baseline
 import features
 from features import N_FEATURES, WINDOW
 
@@ -42,6 +47,34 @@ def tiny(window: int = WINDOW, feature_list=None):
     return model
 
 
+def with_baseline(declared: bool = True):
+    """p_anomaly = sigmoid(mean(window) - mean(baseline)), the features stamped, and the
+    baseline declared if `declared`."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["window"], ["w"], axes=[1, 2], keepdims=0),
+            helper.make_node("ReduceMean", ["baseline"], ["b"], axes=[1, 2], keepdims=0),
+            helper.make_node("Sub", ["w", "b"], ["d"]),
+            helper.make_node("Sigmoid", ["d"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
+        ],
+        "tiny_with_baseline",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES]),
+         helper.make_tensor_value_info("baseline", TensorProto.FLOAT,
+                                       ["batch", baseline.N_QUANTILES, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    props = {features.METADATA_KEY: features.metadata_value()}
+    if declared:
+        props[baseline.METADATA_KEY] = baseline.METADATA_VALUE
+    helper.set_model_props(model, props)
+    return model
+
+
 def reordered() -> list:
     f = list(features.FEATURES)
     f[features.P50], f[features.P99] = f[features.P99], f[features.P50]
@@ -54,6 +87,8 @@ def fixtures() -> dict:
         "window_32.onnx": tiny(32, features.FEATURES),
         "features_reordered.onnx": tiny(feature_list=reordered()),
         "features_missing.onnx": tiny(),
+        "baseline.onnx": with_baseline(),
+        "baseline_undeclared.onnx": with_baseline(declared=False),
     }
 
 

@@ -7,6 +7,7 @@ trained on one service's levels transfers to another's) and as a first differenc
 import torch
 from torch import nn
 
+import baseline
 import features
 from features import N_FEATURES, SUCCESS, WINDOW
 
@@ -29,6 +30,11 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
 class Scorer(nn.Module):
     """What the networks here share: the channels' risk orientation and the Platt scaling that
     turns a network's logit into p_anomaly."""
+
+    # Whether the network also takes the long baseline (baseline.py): its input is then the
+    # window with the baseline's rows after it, [B, 64 + 5, 8], and its ONNX export has the
+    # two inputs the runtime feeds.
+    takes_baseline = False
 
     def __init__(self):
         super().__init__()
@@ -111,14 +117,54 @@ class ZNet(Scorer):
         return self.skip(f) + self.mlp(f)
 
 
-ARCHS = ("conv", "robust", "z")
+class ZBNet(ZNet):
+    """ZNet's inputs, and the same summaries of each channel against the class's long baseline
+    (baseline.py: quantiles of its last 4,096 healthy ticks) instead of the window's first 48
+    ticks: a robust z-score against the baseline's median and spread (the last tick, the mean of
+    the last 4, the peak of the last 8), how far the last 3 ticks all stand past the baseline's
+    bad tail (its 99 % quantile; 1 % for the success rate), and the worst channel of each. The
+    window's z-score sees a local change (NAB's incidents); the long one sees a level the
+    service is not usually at (a slow leak that began before the window, SMD's incidents)."""
+
+    takes_baseline = True
+    N_IN = ZNet.N_IN + 4 * N_FEATURES + 2
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        window, base = x[:, :WINDOW], x[:, WINDOW:]
+        xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
+        # log1p is monotone, so these are the quantiles of log1p(feature)
+        q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
+        med = q[:, :, 2:3]
+        scale = (q[:, :, 3:4] - q[:, :, 1:2]) / 1.349 + 0.05 * (q[:, :, 4:5] - q[:, :, 0:1]) + 1e-3
+        r = ((xl - med) / scale).clamp(-20.0, 20.0) * self.risk_sign / 10.0
+        tail = torch.where(self.risk_sign > 0, q[:, :, 4:5], q[:, :, 0:1])
+        over = ((xl[:, :, -3:] - tail) * self.risk_sign / scale).amin(dim=2).clamp(-20.0, 20.0) / 10.0
+        f = [super().inputs(window), r[:, :, -1], r[:, :, -4:].mean(dim=2), r[:, :, -8:].amax(dim=2),
+             over, r[:, :, -1].amax(dim=1, keepdim=True), over.amax(dim=1, keepdim=True)]
+        return torch.cat(f, dim=1)
+
+
+class _WithBaseline(nn.Module):
+    """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, window: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([window, base], dim=1))
+
+
+ARCHS = ("conv", "robust", "z", "zb")
 
 
 def build(arch: str) -> nn.Module:
-    """The network named `arch`: "conv" (the bundled model's), "robust" (Net(robust=True)) or
-    "z" (ZNet)."""
+    """The network named `arch`: "conv" (the bundled model's), "robust" (Net(robust=True)),
+    "z" (ZNet) or "zb" (ZBNet)."""
     if arch == "z":
         return ZNet()
+    if arch == "zb":
+        return ZBNet()
     if arch in ("conv", "robust"):
         return Net(robust=arch == "robust")
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
@@ -126,12 +172,18 @@ def build(arch: str) -> nn.Module:
 
 def export(net: nn.Module, path: str) -> None:
     """Write `net` to `path` as ONNX, its input features named in the file's metadata
-    (`features.METADATA_KEY`; `OnnxPredictor` checks them against the Rust list)."""
+    (`features.METADATA_KEY`; `OnnxPredictor` checks them against the Rust list), and for a
+    network that takes the long baseline, the baseline's input and metadata entry."""
     net.eval()
+    args, names, extra = (torch.zeros(1, WINDOW, N_FEATURES),), ["window"], {}
+    if net.takes_baseline:
+        args += (torch.zeros(1, baseline.N_QUANTILES, N_FEATURES),)
+        names.append(baseline.INPUT_NAME)
+        extra[baseline.METADATA_KEY] = baseline.METADATA_VALUE
+        net = _WithBaseline(net)
     torch.onnx.export(
-        net, torch.zeros(1, WINDOW, N_FEATURES), path,
-        input_names=["window"], output_names=["p_anomaly"],
-        dynamic_axes={"window": {0: "batch"}, "p_anomaly": {0: "batch"}},
+        net, args, path, input_names=names, output_names=["p_anomaly"],
+        dynamic_axes={**{n: {0: "batch"} for n in names}, "p_anomaly": {0: "batch"}},
         opset_version=17, dynamo=False,
     )
-    features.stamp(path)
+    features.stamp(path, extra)

@@ -29,10 +29,22 @@ def fixed_input() -> np.ndarray:
     return x.astype(np.float32)
 
 
+def fixed_baseline(x: np.ndarray) -> np.ndarray:
+    """For a model that takes the long baseline: each batch row's baseline is the quantiles
+    (baseline.quantiles) of its own fixed window."""
+    import baseline
+    return np.stack([baseline.quantiles(w) for w in x])
+
+
 def write(model: str) -> str:
     import onnxruntime as ort
     s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    out = s.run(None, {s.get_inputs()[0].name: fixed_input()})[0][:, 0]
+    x = fixed_input()
+    names = [i.name for i in s.get_inputs()]
+    feed = {names[0]: x}
+    if len(names) > 1:
+        feed[names[1]] = fixed_baseline(x)
+    out = s.run(None, feed)[0][:, 0]
     path = os.path.splitext(model)[0] + ".reference.json"
     with open(path, "w") as f:
         json.dump({"onnxruntime": ort.__version__, "p_anomaly": [float(v) for v in out]}, f, indent=1)

@@ -81,6 +81,10 @@ class Models(unittest.TestCase):
             features.check(session_metadata(os.path.join(FIXTURES, "features_reordered.onnx")))
         with self.assertRaisesRegex(ValueError, "no `tower_degrade.features` metadata"):
             features.check(session_metadata(os.path.join(FIXTURES, "features_missing.onnx")))
+        import baseline
+        baseline.check(session_metadata(os.path.join(FIXTURES, "baseline.onnx")))
+        with self.assertRaisesRegex(ValueError, "found None"):
+            baseline.check(session_metadata(os.path.join(FIXTURES, "baseline_undeclared.onnx")))
 
 
 @unittest.skipUnless(HAS_ONNX, "needs the onnx package")

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+import baseline
 import datasets
 import reference
 import simulate
 from model import ARCHS, build, export
 from protocol import early_targets
-from traces import GRACE, headline_horizon, windows
+from traces import GRACE, headline_horizon
 
 NEG_PER_POS = 40
 
@@ -35,9 +36,9 @@ def targets(tr):
     return early_targets(tr.T, tr.events, H, grace=GRACE.get(tr.dataset, H), pre_ignore=tr.pre_ignore)
 
 
-def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS):
-    """Windows, targets and each window's dataset from the train or validation part of each
-    trace."""
+def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, with_baseline=False):
+    """Windows (with the long baseline's rows, with_baseline), targets and each window's dataset
+    from the train or validation part of each trace."""
     xs, ys, ds = [], [], []
     for tr in traces:
         lo, hi = (0, tr.val_from) if part == "train" else (tr.val_from, tr.test_from)
@@ -51,7 +52,7 @@ def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS):
         if len(neg) > n_neg:
             neg = rng.choice(neg, n_neg, replace=False)
         sel = np.sort(np.concatenate([pos, neg]))
-        xs.append(windows(tr.X, sel))
+        xs.append(baseline.inputs(tr.X, sel, with_baseline))
         ys.append((y[sel] == 1).astype(np.float32))
         ds += [tr.dataset] * len(sel)
     return np.concatenate(xs), np.concatenate(ys), np.array(ds)
@@ -108,7 +109,7 @@ def calibrate(net, traces) -> dict:
         idx = lo + np.flatnonzero(y[lo:hi] >= 0)
         with torch.no_grad():
             for i in range(0, len(idx), 8192):
-                x = torch.from_numpy(windows(tr.X, idx[i:i + 8192]))
+                x = torch.from_numpy(baseline.inputs(tr.X, idx[i:i + 8192], net.takes_baseline))
                 logits.append(net.logit(x).squeeze(1).numpy())
         ys.append(y[idx])
     z = np.concatenate(logits)[:, None]
@@ -147,7 +148,7 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
         idx = np.flatnonzero(y[:tr.val_from] == 0)
         if len(idx) == 0:
             continue
-        X = windows(tr.X, idx)
+        X = baseline.inputs(tr.X, idx, net.takes_baseline)
         sc = predict(net, X)
         keep = np.argsort(sc)[-max(1, n // 50):]
         cand_x.append(X[keep])
@@ -165,12 +166,12 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
     rng = np.random.default_rng(seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    Xtr, ytr, dtr = sample(traces, "train", rng)
-    Xva, yva, _ = sample(traces, "val", rng)
+    net = build(arch)
+    Xtr, ytr, dtr = sample(traces, "train", rng, with_baseline=net.takes_baseline)
+    Xva, yva, _ = sample(traces, "val", rng, with_baseline=net.takes_baseline)
     log(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
         f" in {time.time() - t0:.0f} s")
 
-    net = build(arch)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
     Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
@@ -226,7 +227,8 @@ def main():
     ap.add_argument("--hard-negatives", type=int, default=20000,
                     help="normal windows the first model scores highest, added for a second round")
     ap.add_argument("--arch", default="conv", choices=ARCHS,
-                    help="the network (model.build): conv (the bundled model's), robust, z")
+                    help="the network (model.build): conv (the bundled model's), robust, z, zb (z with the "
+                         "long baseline as a second input)")
     ap.add_argument("--balance", action="store_true",
                     help="give each dataset the same weight in training (dataset_weights)")
     a = ap.parse_args()

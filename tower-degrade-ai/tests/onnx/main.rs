@@ -192,6 +192,69 @@ fn a_model_without_the_features_metadata_is_refused_naming_the_key() {
 }
 
 #[test]
+fn a_model_that_takes_the_long_baseline_is_fed_each_class_its_own() {
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade::predict::Predictor;
+    use tower_degrade_ai::baseline::Baseline;
+    // tests/fixtures/baseline.onnx: p = sigmoid(mean(window) - mean(baseline)).
+    let mut p = OnnxPredictor::load(fixture("tests/fixtures/baseline.onnx")).unwrap();
+    assert!(p.takes_baseline());
+    // The dummy warm-up batch is not a tick: nothing is learnt from it.
+    p.warm_up(&["steady", "ramping"]).unwrap();
+    assert!(p.baseline(0).is_none_or(Baseline::is_empty));
+    let mut expected = [Baseline::new(), Baseline::new()];
+    let per_class = WINDOW * N_FEATURES;
+    let mut window = vec![0.0f32; 2 * per_class];
+    let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+    for tick in 0..300u32 {
+        for (class, b) in expected.iter_mut().enumerate() {
+            let v = if class == 0 { 0.2 } else { tick as f32 / 100.0 };
+            let row = [v, 1.0, 0.0, 0.0, v, v, v, v];
+            let w = &mut window[class * per_class..][..per_class];
+            w.copy_within(N_FEATURES.., 0);
+            w[per_class - N_FEATURES..].copy_from_slice(&row);
+            b.observe(&row);
+        }
+        let mut out = [0.0; 2];
+        p.run(&window, &mut out).unwrap();
+        for (class, b) in expected.iter().enumerate() {
+            let q: Vec<f32> = b.quantiles().iter().flatten().copied().collect();
+            let d = mean(&window[class * per_class..][..per_class]) - mean(&q);
+            let want = 1.0 / (1.0 + (-d).exp());
+            assert!(
+                (f64::from(out[class]) - want).abs() < 1e-5,
+                "tick {tick}, class {class}: {} vs {want}",
+                out[class]
+            );
+        }
+    }
+    assert_eq!(p.baseline(1).unwrap().quantiles(), expected[1].quantiles());
+    assert_eq!(p.baseline(1).unwrap().len(), 300);
+}
+
+#[test]
+fn a_second_input_without_the_baseline_declared_is_refused_naming_the_key() {
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade_ai::baseline::{BASELINE_KEY, BASELINE_VALUE};
+    let err = OnnxPredictor::load(fixture("tests/fixtures/baseline_undeclared.onnx")).unwrap_err();
+    let Error::Contract { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains(BASELINE_KEY) && reason.contains(BASELINE_VALUE),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("baseline_undeclared.onnx"),
+        "{err}"
+    );
+}
+
+#[test]
 fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
     if !runtime_present() {
         return;

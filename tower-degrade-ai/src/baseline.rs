@@ -1,0 +1,228 @@
+//! The long baseline a model may take as a second input.
+//!
+//! A window holds [`WINDOW`](tower_degrade::predict::WINDOW) ticks: a model that takes each
+//! feature's baseline from them compares a class with its last half minute, not with what the
+//! service usually looks like, and misses a slow leak that began before the window. So
+//! [`OnnxPredictor`](crate::OnnxPredictor) keeps, per class, a [`Baseline`]: each feature's
+//! quantiles ([`QUANTILES`]) over the class's last [`HISTORY`] healthy ticks (those the seed
+//! rule does not flag: success rate at least 92 %, or p99 within the SLA), recomputed every
+//! [`REFRESH`] ticks (every tick for the first [`REFRESH`]) from the ticks seen so far, the
+//! current one included; zeros until a healthy tick has been seen. Quantile `q` of `n` values
+//! is the sorted values' element `floor(q (n - 1))`: an order statistic, so a model may take the
+//! quantiles of any monotone transform of a feature (its `log1p`, say) as the transform of
+//! these.
+//!
+//! A model declares that it takes it with a second input, `baseline [batch, 5, 8]` float32
+//! (the quantiles in [`QUANTILES`]' order, then the features in
+//! [`FEATURES`](tower_degrade::predict::FEATURES)' order), and the metadata entry
+//! [`BASELINE_KEY`] = [`BASELINE_VALUE`]. `training/baseline.py` is this module ported line for
+//! line; the training pipeline and the evaluation harness feed models with it, and a test checks
+//! the two agree.
+//!
+//! It runs on the predictor's thread, once per tick: a sort of at most 4,096 values per feature
+//! every 64 ticks, and 128 KiB of history per class.
+
+use tower_degrade::predict::N_FEATURES;
+
+/// The quantiles of each feature the baseline holds, in input order.
+pub const QUANTILES: [f64; N_QUANTILES] = [0.01, 0.25, 0.5, 0.75, 0.99];
+/// Rows of the `baseline` input: one per quantile.
+pub const N_QUANTILES: usize = 5;
+/// Healthy ticks the baseline is taken over (the newest).
+pub const HISTORY: usize = 4_096;
+/// Ticks between two recomputations of the quantiles (after the first [`REFRESH`] ticks).
+pub const REFRESH: u64 = 64;
+/// The second input's name, when a model has one.
+pub const BASELINE_INPUT: &str = "baseline";
+/// The ONNX metadata key under which a model with a second input declares the baseline it was
+/// trained on; its value must be [`BASELINE_VALUE`].
+pub const BASELINE_KEY: &str = "tower_degrade.baseline";
+/// What [`BASELINE_KEY`] must say: this module's rule.
+pub const BASELINE_VALUE: &str =
+    "quantiles=0.01,0.25,0.5,0.75,0.99;history=4096;refresh=64;healthy=seed_rule";
+
+/// The features the seed rule reads, by their place in
+/// [`FEATURES`](tower_degrade::predict::FEATURES).
+const SUCCESS: usize = 1;
+const P99: usize = 5;
+
+/// Whether a tick's features count towards the baseline: not flagged by the seed rule (success
+/// rate below 92 % and p99 over the SLA).
+pub fn healthy(row: &[f32; N_FEATURES]) -> bool {
+    !(row[SUCCESS] < 0.92 && row[P99] > 1.0)
+}
+
+/// One class's long baseline.
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    /// The newest healthy ticks, at most [`HISTORY`]; once full, `next` is the oldest.
+    rows: Vec<[f32; N_FEATURES]>,
+    next: usize,
+    ticks: u64,
+    quantiles: [[f32; N_FEATURES]; N_QUANTILES],
+    column: Vec<f32>,
+}
+
+impl Baseline {
+    /// An empty baseline: zeros until a healthy tick is observed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take in one tick's features (the newest row of the class's window).
+    pub fn observe(&mut self, row: &[f32; N_FEATURES]) {
+        if healthy(row) {
+            if self.rows.len() < HISTORY {
+                self.rows.push(*row);
+            } else {
+                self.rows[self.next] = *row;
+                self.next = (self.next + 1) % HISTORY;
+            }
+        }
+        let tick = self.ticks;
+        self.ticks += 1;
+        if (tick < REFRESH || tick % REFRESH == 0) && !self.rows.is_empty() {
+            self.refresh();
+        }
+    }
+
+    fn refresh(&mut self) {
+        let n = self.rows.len();
+        for f in 0..N_FEATURES {
+            self.column.clear();
+            self.column.extend(self.rows.iter().map(|r| r[f]));
+            self.column.sort_unstable_by(f32::total_cmp);
+            for (q, row) in QUANTILES.iter().zip(&mut self.quantiles) {
+                row[f] = self.column[(q * (n - 1) as f64) as usize];
+            }
+        }
+    }
+
+    /// The quantiles now: `[quantile][feature]`.
+    pub fn quantiles(&self) -> &[[f32; N_FEATURES]; N_QUANTILES] {
+        &self.quantiles
+    }
+
+    /// Healthy ticks held (at most [`HISTORY`]).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no healthy tick has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Write the quantiles into `out` (`[N_QUANTILES * N_FEATURES]`, row-major), as the model's
+    /// `baseline` input takes them.
+    pub(crate) fn write(&self, out: &mut [f32]) {
+        for (chunk, row) in out.chunks_exact_mut(N_FEATURES).zip(&self.quantiles) {
+            chunk.copy_from_slice(row);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: f32) -> [f32; N_FEATURES] {
+        let mut r = [v; N_FEATURES];
+        r[SUCCESS] = 1.0;
+        r[P99] = v.min(1.0);
+        r
+    }
+
+    #[test]
+    fn zeros_until_a_healthy_tick() {
+        let mut b = Baseline::new();
+        let mut sick = row(0.5);
+        sick[SUCCESS] = 0.5;
+        sick[P99] = 3.0;
+        b.observe(&sick);
+        assert!(b.is_empty());
+        assert_eq!(b.quantiles(), &[[0.0; N_FEATURES]; N_QUANTILES]);
+        b.observe(&row(0.25));
+        assert_eq!(b.len(), 1);
+        assert!(b.quantiles().iter().all(|q| q[0] == 0.25));
+    }
+
+    #[test]
+    fn quantiles_are_order_statistics_of_the_healthy_ticks() {
+        let mut b = Baseline::new();
+        // 0..=100 shuffled, over the first 64 ticks' per-tick refresh and past it.
+        for i in 0..=100u32 {
+            b.observe(&row(((i * 37) % 101) as f32));
+        }
+        // The last refresh was at tick 64: ticks 0..=64 held then.
+        let held: Vec<f32> = {
+            let mut v: Vec<f32> = (0..=64u32).map(|i| ((i * 37) % 101) as f32).collect();
+            v.sort_by(f32::total_cmp);
+            v
+        };
+        let q = b.quantiles();
+        for (qi, want) in QUANTILES
+            .iter()
+            .map(|q| held[(q * 64.0) as usize])
+            .enumerate()
+        {
+            assert_eq!(q[qi][0], want, "quantile {}", QUANTILES[qi]);
+        }
+        assert_eq!(b.len(), 101);
+    }
+
+    #[test]
+    fn holds_the_newest_history_ticks() {
+        let mut b = Baseline::new();
+        // 1,024 ticks at 100, then 4,097 at 1: the last refresh, at tick 5,120, holds ticks
+        // 1,025..=5,120.
+        for i in 0..(HISTORY as u64 + 1_025) {
+            b.observe(&row(if i < 1_024 { 100.0 } else { 1.0 }));
+        }
+        assert_eq!(b.len(), HISTORY);
+        // The 100s were pushed out.
+        assert!(
+            b.quantiles().iter().all(|q| q[0] == 1.0),
+            "{:?}",
+            b.quantiles()
+        );
+    }
+
+    /// The series `training/baseline.py` writes its reference from (integers over powers of
+    /// two, and the success rate over 128: the same float32 in both languages).
+    pub(crate) fn reference_row(t: u64) -> [f32; N_FEATURES] {
+        let mut r = [0.0; N_FEATURES];
+        for (f, v) in r.iter_mut().enumerate() {
+            *v = ((t * 7_919 + f as u64 * 104_729) % 1_000) as f32 / 256.0;
+        }
+        r[SUCCESS] = (128 - (t * 13) % 20) as f32 / 128.0;
+        r[P99] = ((t * 31 + 7) % 512) as f32 / 256.0;
+        r
+    }
+
+    #[test]
+    fn the_python_port_agrees() {
+        // tests/fixtures/baseline.reference.txt: `python training/baseline.py --reference`;
+        // per line, a tick and the quantiles Python fed a model at it.
+        let text = include_str!("../tests/fixtures/baseline.reference.txt");
+        let mut want = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let mut v = line.split_whitespace();
+            let tick: u64 = v.next().unwrap().parse().unwrap();
+            let q: Vec<f32> = v.map(|x| x.parse().unwrap()).collect();
+            assert_eq!(q.len(), N_QUANTILES * N_FEATURES);
+            want.insert(tick, q);
+        }
+        assert!(want.len() >= 10);
+        let mut b = Baseline::new();
+        let mut out = [0.0; N_QUANTILES * N_FEATURES];
+        let last = *want.keys().last().unwrap();
+        for t in 0..=last {
+            b.observe(&reference_row(t));
+            if let Some(q) = want.get(&t) {
+                b.write(&mut out);
+                assert_eq!(&out[..], &q[..], "tick {t}");
+            }
+        }
+    }
+}
