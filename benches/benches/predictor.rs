@@ -2,6 +2,11 @@
 //! 1 class and for 100 classes. Criterion reports the mean; p50 and p99 of single calls are
 //! printed after it (and written to `target/criterion/predictor-percentiles.md`).
 //!
+//! Also, for 100 classes, a model that takes the long baseline (`tower_degrade_ai::baseline`):
+//! the test fixture `baseline.onnx`, whose graph is two means, so what is measured is the
+//! baseline's upkeep (each class's newest tick learnt, the quantiles reselected every 64 ticks
+//! over a full history of 4,096) and the second input, beside the same tiny graph's cost.
+//!
 //! Needs ONNX Runtime's library (`pip install onnxruntime==1.31.1`); without it the bench says
 //! so and measures nothing.
 
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower_degrade::predict::{N_FEATURES, WINDOW};
 use tower_degrade_ai::OnnxPredictor;
+use tower_degrade_ai::baseline::{Baseline, HISTORY};
 
 fn input(batch: usize) -> Vec<f32> {
     (0..batch * WINDOW * N_FEATURES)
@@ -22,6 +28,32 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
+/// One row of the percentile table: `calls` single calls of `p` on `x`, timed one by one.
+fn tail(name: &str, p: &mut OnnxPredictor, x: &[f32], calls: usize) -> String {
+    let mut out = vec![0.0f32; x.len() / (WINDOW * N_FEATURES)];
+    let mut samples: Vec<Duration> = (0..calls)
+        .map(|_| {
+            let t = Instant::now();
+            p.run(black_box(x), &mut out).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    format!(
+        "| {name} | {} | {:.1} µs | {:.1} µs | {:.1} µs |",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+        samples.last().unwrap().as_secs_f64() * 1e6,
+    )
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tower-degrade-ai/tests/fixtures")
+        .join(name)
+}
+
 fn bench(c: &mut Criterion) {
     let mut p = match OnnxPredictor::bundled() {
         Ok(p) => p,
@@ -31,6 +63,7 @@ fn bench(c: &mut Criterion) {
         }
     };
     let mut rows = Vec::new();
+    let x100 = input(100);
     let mut group = c.benchmark_group("onnx_predictor");
     for batch in [1usize, 100] {
         let x = input(batch);
@@ -38,22 +71,46 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("batch {batch}"), |b| {
             b.iter(|| p.run(black_box(&x), &mut out).unwrap())
         });
-        // Single calls, timed one by one, for the tail.
-        let mut samples: Vec<Duration> = (0..20_000 / batch.max(10) * 10)
-            .map(|_| {
-                let t = Instant::now();
-                p.run(black_box(&x), &mut out).unwrap();
-                t.elapsed()
-            })
-            .collect();
-        samples.sort();
-        rows.push(format!(
-            "| batch {batch} | {} | {:.1} µs | {:.1} µs | {:.1} µs |",
-            samples.len(),
-            percentile(&samples, 0.5).as_secs_f64() * 1e6,
-            percentile(&samples, 0.99).as_secs_f64() * 1e6,
-            samples.last().unwrap().as_secs_f64() * 1e6,
+        rows.push(tail(
+            &format!("batch {batch}"),
+            &mut p,
+            &x,
+            20_000 / batch.max(10) * 10,
         ));
+    }
+    // The long baseline: its upkeep alone (100 classes' baselines learning one tick, staggered
+    // as OnnxPredictor staggers them), and a two-input model end to end (the fixture's graph
+    // is two means).
+    let rows_of = |b: usize| -> [f32; N_FEATURES] {
+        let r = &x100[(b * WINDOW + WINDOW - 1) * N_FEATURES..][..N_FEATURES];
+        let mut r: [f32; N_FEATURES] = r.try_into().unwrap();
+        r[1] = 1.0; // healthy
+        r
+    };
+    let newest: Vec<[f32; N_FEATURES]> = (0..100).map(rows_of).collect();
+    let mut baselines: Vec<Baseline> = (0..100).map(Baseline::with_phase).collect();
+    for _ in 0..HISTORY {
+        for (b, r) in baselines.iter_mut().zip(&newest) {
+            b.observe(r);
+        }
+    }
+    group.bench_function("long baseline upkeep, 100 classes", |bench| {
+        bench.iter(|| {
+            for (b, r) in baselines.iter_mut().zip(&newest) {
+                b.observe(black_box(r));
+            }
+        })
+    });
+    if let Ok(mut m) = OnnxPredictor::load(fixture("baseline.onnx")) {
+        let mut out = vec![0.0f32; 100];
+        for _ in 0..HISTORY {
+            m.run(&x100, &mut out).unwrap();
+        }
+        let name = "two-means graph + long baseline, batch 100";
+        group.bench_function(name, |b| {
+            b.iter(|| m.run(black_box(&x100), &mut out).unwrap())
+        });
+        rows.push(tail(name, &mut m, &x100, 6_400));
     }
     group.finish();
     let table = format!(

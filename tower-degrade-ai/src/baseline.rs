@@ -6,8 +6,9 @@
 //! [`OnnxPredictor`](crate::OnnxPredictor) keeps, per class, a [`Baseline`]: each feature's
 //! quantiles ([`QUANTILES`]) over the class's last [`HISTORY`] healthy ticks (those the seed
 //! rule does not flag: success rate at least 92 %, or p99 within the SLA), recomputed every
-//! [`REFRESH`] ticks (every tick for the first [`REFRESH`]) from the ticks seen so far, the
-//! current one included; zeros until a healthy tick has been seen. Quantile `q` of `n` values
+//! [`REFRESH`] ticks (every tick for the first [`REFRESH`]; classes at staggered ticks, see
+//! [`Baseline::with_phase`]) from the ticks seen so far, the current one included; zeros until
+//! a healthy tick has been seen. Quantile `q` of `n` values
 //! is the sorted values' element `floor(q (n - 1))`: an order statistic, so a model may take the
 //! quantiles of any monotone transform of a feature (its `log1p`, say) as the transform of
 //! these.
@@ -19,8 +20,8 @@
 //! line; the training pipeline and the evaluation harness feed models with it, and a test checks
 //! the two agree.
 //!
-//! It runs on the predictor's thread, once per tick: a sort of at most 4,096 values per feature
-//! every 64 ticks, and 128 KiB of history per class.
+//! It runs on the predictor's thread, once per tick: per class, every 64 ticks, five selections
+//! over at most 4,096 values per feature, and 128 KiB of history.
 
 use tower_degrade::predict::N_FEATURES;
 
@@ -59,6 +60,8 @@ pub struct Baseline {
     rows: Vec<[f32; N_FEATURES]>,
     next: usize,
     ticks: u64,
+    /// Offsets this class's refreshes, so that classes do not all refresh on the same tick.
+    phase: u64,
     quantiles: [[f32; N_FEATURES]; N_QUANTILES],
     column: Vec<f32>,
 }
@@ -67,6 +70,17 @@ impl Baseline {
     /// An empty baseline: zeros until a healthy tick is observed.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty baseline that refreshes at its ticks `t` where `(t + phase) % REFRESH == 0`
+    /// (after the first [`REFRESH`]), rather than at multiples of [`REFRESH`]:
+    /// [`OnnxPredictor`](crate::OnnxPredictor) gives batch row `i` the phase `i`, so that 100
+    /// classes refresh two or so a tick rather than all on one.
+    pub fn with_phase(phase: u64) -> Self {
+        Self {
+            phase: phase % REFRESH,
+            ..Self::default()
+        }
     }
 
     /// Take in one tick's features (the newest row of the class's window).
@@ -81,7 +95,7 @@ impl Baseline {
         }
         let tick = self.ticks;
         self.ticks += 1;
-        if (tick < REFRESH || tick % REFRESH == 0) && !self.rows.is_empty() {
+        if (tick < REFRESH || (tick + self.phase) % REFRESH == 0) && !self.rows.is_empty() {
             self.refresh();
         }
     }
@@ -91,9 +105,15 @@ impl Baseline {
         for f in 0..N_FEATURES {
             self.column.clear();
             self.column.extend(self.rows.iter().map(|r| r[f]));
-            self.column.sort_unstable_by(f32::total_cmp);
+            // Each order statistic by selection (linear), the next one searched for only to the
+            // right of the last: the quantiles ascend.
+            let mut from = 0;
             for (q, row) in QUANTILES.iter().zip(&mut self.quantiles) {
-                row[f] = self.column[(q * (n - 1) as f64) as usize];
+                let k = (q * (n - 1) as f64) as usize;
+                let (_, v, _) =
+                    self.column[from..].select_nth_unstable_by(k - from, f32::total_cmp);
+                row[f] = *v;
+                from = k;
             }
         }
     }
@@ -169,6 +189,30 @@ mod tests {
             assert_eq!(q[qi][0], want, "quantile {}", QUANTILES[qi]);
         }
         assert_eq!(b.len(), 101);
+    }
+
+    #[test]
+    fn a_phase_moves_the_refreshes_after_the_first_ticks() {
+        let mut plain = Baseline::new();
+        let mut shifted = Baseline::with_phase(10);
+        let q = |b: &Baseline| b.quantiles()[2][0];
+        let (mut plain_changed, mut shifted_changed) = (vec![], vec![]);
+        for t in 0..200u64 {
+            let before = (q(&plain), q(&shifted));
+            plain.observe(&row(t as f32));
+            shifted.observe(&row(t as f32));
+            if t >= 64 && q(&plain) != before.0 {
+                plain_changed.push(t);
+            }
+            if t >= 64 && q(&shifted) != before.1 {
+                shifted_changed.push(t);
+            }
+            if t < 64 {
+                assert_eq!(q(&plain), q(&shifted), "both refresh every tick at first");
+            }
+        }
+        assert_eq!(plain_changed, [64, 128, 192]);
+        assert_eq!(shifted_changed, [118, 182], "t + 10 a multiple of 64");
     }
 
     #[test]

@@ -379,8 +379,8 @@ impl OnnxPredictor {
         let outputs = match &mut self.baselines {
             None => self.session.run(ort::inputs![tensor]),
             Some(baselines) => {
-                if baselines.len() < batch {
-                    baselines.resize_with(batch, Baseline::new);
+                while baselines.len() < batch {
+                    baselines.push(Baseline::with_phase(baselines.len() as u64));
                 }
                 let per_class = N_QUANTILES * N_FEATURES;
                 self.baseline_input.resize(batch * per_class, 0.0);

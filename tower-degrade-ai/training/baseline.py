@@ -5,7 +5,7 @@ A window holds 64 ticks: a model that takes each channel's baseline from them co
 series with its last half minute, not with what the service usually looks like. A class's
 long baseline is per feature the quantiles QUANTILES of its last HISTORY healthy ticks (those
 the seed rule does not flag: success >= 92 % or p99 within the SLA), recomputed every REFRESH
-ticks (every tick for the first REFRESH) from the ticks seen so far, the current one included;
+ticks (every tick for the first REFRESH; see `series` for the phase) from the ticks seen so far, the current one included;
 zeros until a healthy tick has been seen. Quantile q of n values is the sorted values' element
 floor(q (n - 1)): an order statistic, so the quantiles of any monotone transform of a feature
 (log1p, say) are the transform of these.
@@ -61,8 +61,11 @@ def quantiles(rows: np.ndarray) -> np.ndarray:
     return s[[int(q * (n - 1)) for q in QUANTILES]]
 
 
-def series(X: np.ndarray) -> np.ndarray:
-    """[T, 5, 8] float32: the baseline a class with features X [T, 8] is fed at each tick."""
+def series(X: np.ndarray, phase: int = 0) -> np.ndarray:
+    """[T, 5, 8] float32: the baseline a class with features X [T, 8] is fed at each tick.
+    After the first REFRESH ticks it refreshes where (t + phase) % REFRESH == 0: the runtime
+    gives batch row i the phase i, so that classes do not all refresh on the same tick; a
+    series scored alone is row 0."""
     X = X.astype(np.float32, copy=False)
     T = len(X)
     out = np.zeros((T, N_QUANTILES, N_FEATURES), dtype=np.float32)
@@ -70,7 +73,7 @@ def series(X: np.ndarray) -> np.ndarray:
     pos = np.flatnonzero(h)  # healthy ticks, in order
     count = np.cumsum(h)  # healthy ticks up to and including t
     last = np.zeros((N_QUANTILES, N_FEATURES), dtype=np.float32)
-    refreshes = [t for t in range(T) if t < REFRESH or t % REFRESH == 0]
+    refreshes = [t for t in range(T) if t < REFRESH or (t + phase) % REFRESH == 0]
     for i, t in enumerate(refreshes):
         n = int(count[t])
         if n:

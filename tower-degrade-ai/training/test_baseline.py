@@ -7,9 +7,10 @@ import baseline
 from features import N_FEATURES, P99, SUCCESS
 
 
-def brute_force(X: np.ndarray, t: int) -> np.ndarray:
+def brute_force(X: np.ndarray, t: int, phase: int = 0) -> np.ndarray:
     """The baseline fed at tick t, from the rule as the docstring states it."""
-    refreshed = max(u for u in range(t + 1) if u < baseline.REFRESH or u % baseline.REFRESH == 0)
+    refreshed = max(u for u in range(t + 1)
+                    if u < baseline.REFRESH or (u + phase) % baseline.REFRESH == 0)
     seen = X[:refreshed + 1]
     rows = seen[baseline.healthy(seen)][-baseline.HISTORY:]
     if len(rows) == 0:
@@ -24,6 +25,9 @@ class Baseline(unittest.TestCase):
         B = baseline.series(X)
         for t in (0, 1, 5, 63, 64, 65, 100, 128, 4095, 4096, 4097, 4160, 4299):
             np.testing.assert_array_equal(B[t], brute_force(X, t), err_msg=f"tick {t}")
+        B = baseline.series(X, phase=10)
+        for t in (63, 64, 117, 118, 119, 182, 4299):
+            np.testing.assert_array_equal(B[t], brute_force(X, t, 10), err_msg=f"tick {t}")
 
     def test_unhealthy_ticks_are_left_out_and_zeros_come_first(self):
         X = np.full((3, N_FEATURES), 0.5, dtype=np.float32)

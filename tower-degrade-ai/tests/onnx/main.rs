@@ -204,7 +204,8 @@ fn a_model_that_takes_the_long_baseline_is_fed_each_class_its_own() {
     // The dummy warm-up batch is not a tick: nothing is learnt from it.
     p.warm_up(&["steady", "ramping"]).unwrap();
     assert!(p.baseline(0).is_none_or(Baseline::is_empty));
-    let mut expected = [Baseline::new(), Baseline::new()];
+    // Batch row i refreshes at its own phase, i.
+    let mut expected = [Baseline::with_phase(0), Baseline::with_phase(1)];
     let per_class = WINDOW * N_FEATURES;
     let mut window = vec![0.0f32; 2 * per_class];
     let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
