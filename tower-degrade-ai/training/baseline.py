@@ -49,7 +49,8 @@ def check(metadata: dict, model: str = "model") -> None:
 
 
 def healthy(X: np.ndarray) -> np.ndarray:
-    """[T] bool: the ticks a baseline learns from."""
+    """[T] bool: the ticks the seed rule does not flag (what a baseline learns from, and what
+    the harness's seed rule and calibrated threshold count as healthy)."""
     X = X.astype(np.float32, copy=False)
     return ~((X[:, SUCCESS] < UNHEALTHY_SUCCESS) & (X[:, P99] > UNHEALTHY_P99))
 

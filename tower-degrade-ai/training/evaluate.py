@@ -69,7 +69,7 @@ def _reference(tr: Trace) -> slice:
 
 def seed_rule(tr: Trace) -> np.ndarray:
     """The seed's reactive rule: success < 92 % and p99 over the SLA, 3 windows running."""
-    bad = ((tr.X[:, SUCCESS] < 0.92) & (tr.X[:, P99] > 1.0)).astype(float)
+    bad = (~baseline.healthy(tr.X)).astype(float)
     return alarms(bad, 0.5, 3).astype(float)
 
 
@@ -135,7 +135,7 @@ def calibrated_alarms(tr: Trace, sc: np.ndarray) -> np.ndarray:
     """The breaker's default use of the model on one series: the threshold calibrated online
     from the series' own healthy steps (those the seed rule does not flag), warmed up on its
     reference part (at most 3,600 steps), k = 2."""
-    healthy = ~((tr.X[:, SUCCESS] < 0.92) & (tr.X[:, P99] > 1.0))
+    healthy = baseline.healthy(tr.X)
     ref = _reference(tr)
     warm_up = min(WARM_UP, ref.stop - ref.start)
     return calibrate.alarms(sc, healthy, tr.step_seconds, warm_up).astype(float)
