@@ -47,5 +47,33 @@ class Headline(unittest.TestCase):
         self.assertEqual(_verdict(m, dict(recall_early=0.0, recall_early_ci=[0.0, 0.0])), "ahead")
 
 
+class RankingCheck(unittest.TestCase):
+    def test_a_threshold_from_the_test_part_keeps_its_budget_there_where_validations_does_not(self):
+        import numpy as np
+
+        from traces import Trace
+        # Hour steps: validation and test 500 steps (20.8 days) each. The detector's scores
+        # drift: uniform on [0, 1] in validation; in test also a spike of 1.5 every 10 steps
+        # (2.4 a day), and scores of 3 before an incident at 1,800.
+        rng = np.random.default_rng(1)
+        sc = rng.random(2000)
+        sc[1500::10] = 1.5
+        sc[1794:1800] = 3.0
+        tr = Trace("t", "drift", np.zeros((2000, 8), np.float32), [(1800, 1805)], 3600.0,
+                   val_from=1000, test_from=1500)
+        det = {"model": lambda t: sc, "flat": lambda t: np.zeros(t.T)}
+        rows = evaluate.evaluate_dataset("drift", [tr], det, ks=(1,), ranking_check=True)
+        h, check = headline(rows, "drift", 1.0), headline(rows, "drift", 1.0, ranking_check=True)
+        self.assertIsNone(check["default"])
+        self.assertEqual(check["model"]["threshold_from"], evaluate.RANKING_CHECK)
+        self.assertEqual(check["best"]["detector"], "flat")
+        # validation's threshold trips far over the budget on the test part; the check's keeps it
+        self.assertGreater(h["model"]["false_trips_per_day"], 1.0)
+        self.assertLessEqual(check["model"]["false_trips_per_day"], 1.0)
+        self.assertEqual(check["model"]["early"], 1)
+        self.assertGreater(check["model"]["threshold"], h["model"]["threshold"])
+        # evaluate.py's tables show the protocol's rows only
+        self.assertEqual(evaluate.table(rows, "drift", 6, 1, 1.0).count("| model |"), 1)
+
 if __name__ == "__main__":
     unittest.main()
