@@ -90,6 +90,22 @@ def _verdict(m, b) -> str:
     return f"{ratio:.2f}x" + (" (CIs apart)" if apart else " (CIs apart, below)" if below else "")
 
 
+def _comparison(rows: list, folds, budget: float, ranking_check: bool = False) -> list:
+    """The model beside the best baseline in each fold (`headline`), as table lines."""
+    out = ["| held out | model: early recall [95 % CI] | false trips/day | time alarmed | "
+           "median lead | best baseline | its early recall | its false trips/day | "
+           "model / baseline |",
+           "|---|---|---:|---:|---:|---|---|---:|---|"]
+    for d in folds:
+        h = headline(rows, d, budget, ranking_check)
+        m, b = h["model"], h["best"]
+        out.append(
+            f"| {d} (H = {h['H']}) | {_recall(m)} | {m['false_trips_per_day']:.2f} | "
+            f"{100 * m['normal_time_alarmed']:.2f} % | {evaluate.fmt(m['median_lead_steps'], 1)} | "
+            f"{b['detector']} | {_recall(b)} | {b['false_trips_per_day']:.2f} | {_verdict(m, b)} |")
+    return out + [""]
+
+
 def report(rows: list, folds, infos: dict) -> str:
     out = ["# Leave-one-dataset-out evaluation\n",
            "Each row: a model trained without the dataset named, scored on that dataset's test "
@@ -99,18 +115,7 @@ def report(rows: list, folds, infos: dict) -> str:
            "recall on the test part, chosen after the fact.\n"]
     for budget in evaluate.BUDGETS:
         out.append(f"## At most {budget:g} false trip per day\n")
-        out.append("| held out | model: early recall [95 % CI] | false trips/day | time alarmed | "
-                   "median lead | best baseline | its early recall | its false trips/day | "
-                   "model / baseline |")
-        out.append("|---|---|---:|---:|---:|---|---|---:|---|")
-        for d in folds:
-            h = headline(rows, d, budget)
-            m, b = h["model"], h["best"]
-            out.append(
-                f"| {d} (H = {h['H']}) | {_recall(m)} | {m['false_trips_per_day']:.2f} | "
-                f"{100 * m['normal_time_alarmed']:.2f} % | {evaluate.fmt(m['median_lead_steps'], 1)} | "
-                f"{b['detector']} | {_recall(b)} | {b['false_trips_per_day']:.2f} | {_verdict(m, b)} |")
-        out.append("")
+        out += _comparison(rows, folds, budget)
     if any(r.get("threshold_from") == evaluate.RANKING_CHECK for r in rows):
         out.append("## Ranking check: thresholds chosen on the test part itself\n")
         out.append("A threshold chosen on validation can trip far more often than its budget on "
@@ -120,16 +125,7 @@ def report(rows: list, folds, infos: dict) -> str:
                    "1 false trip per day *there* (the same oracle for all, not a deployable "
                    "threshold): which detector ranks the held-out incidents best at the false-trip "
                    "rate actually reached.\n")
-        out.append("| held out | model: early recall [95 % CI] | false trips/day | best baseline | "
-                   "its early recall | its false trips/day | model / baseline |")
-        out.append("|---|---|---:|---|---|---:|---|")
-        for d in folds:
-            h = headline(rows, d, 1.0, ranking_check=True)
-            m, b = h["model"], h["best"]
-            out.append(f"| {d} (H = {h['H']}) | {_recall(m)} | {m['false_trips_per_day']:.2f} | "
-                       f"{b['detector']} | {_recall(b)} | {b['false_trips_per_day']:.2f} | "
-                       f"{_verdict(m, b)} |")
-        out.append("")
+        out += _comparison(rows, folds, 1.0, ranking_check=True)
     out.append("## The breaker's default use of the model (threshold calibrated per series, no "
                "labels)\n")
     out.append("| held out | early recall [95 % CI] | any recall | false trips/day | time alarmed |")
