@@ -2,7 +2,7 @@
 
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR [--report lodo.md] [--json lodo.json]
                    [--folds simulated nab nezha smd] [--epochs 8] [--seed 7]
-                   [--arch conv|robust|z] [--balance] [--reuse]
+                   [--arch conv|robust|z|zb|zc] [--balance | --no-balance] [--reuse]
 
 For each dataset D (the simulator and every public dataset): a model is trained with the
 bundled model's recipe (train.fit) on the train parts of every *other* dataset, so nothing of
@@ -152,8 +152,9 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000)
-    ap.add_argument("--arch", default="conv", help="train.py's --arch")
-    ap.add_argument("--balance", action="store_true", help="train.py's --balance")
+    ap.add_argument("--arch", default="zc", help="train.py's --arch (the bundled model's: zc)")
+    ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                    help="train.py's --balance (the default, as for the bundled model)")
     ap.add_argument("--reuse", action="store_true",
                     help="score a fold's model already in --out-dir (with its .train.json) "
                          "instead of training it again")

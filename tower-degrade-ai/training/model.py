@@ -1,8 +1,11 @@
-"""The predictor network: a small dilated 1-D convolution over the 64-tick window.
+"""The predictor networks (`build`): the bundled model's, `ZCNet` (`--arch zc`), a head of a few
+hundred weights over scale-free summaries of the window against its own start and against the
+class's long baseline; and the ones it was compared with in the leave-one-dataset-out
+evaluation (`Net`, the dilated 1-D convolution bundled until 1 December 2026; `ZNet`; `ZBNet`).
 
-In-graph preprocessing keeps the ONNX file self-contained: log1p compresses the ratios, each
-channel is also given relative to its own mean over the window's first 48 ticks (so a model
-trained on one service's levels transfers to another's) and as a first difference.
+In-graph preprocessing keeps each ONNX file self-contained: log1p compresses the ratios, and
+each channel is also given relative to a baseline of its own (so that a model trained on one
+service's levels transfers to another's).
 """
 import torch
 from torch import nn
@@ -15,14 +18,20 @@ TAIL = 16  # conv outputs the head reads
 REF = 48  # the ticks each channel's baseline is taken over
 
 
+def _middle(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1]: the (REF // 2 + 1)-th smallest of each row of `x` [B, C, REF], the upper
+    median. A partial selection (ONNX TopK with k = 25) rather than a full sort: the same
+    value, at a fraction of the cost in ONNX Runtime, where sorting was most of a batch."""
+    return torch.topk(x, REF // 2 + 1, dim=2, largest=False).values[:, :, -1:]
+
+
 def robust_z(x: torch.Tensor) -> torch.Tensor:
     """Each channel of `x` [B, C, T] against its own median and MAD over the first REF ticks:
     a robust z-score that means the same on any service's scale. The scale has a floor (5 %
     of the channel's deviation, plus a constant) so a flat baseline does not divide by 0."""
     base = x[:, :, :REF]
-    mid = REF // 2
-    med = base.sort(dim=2).values[:, :, mid:mid + 1]
-    mad = (base - med).abs().sort(dim=2).values[:, :, mid:mid + 1] * 1.4826
+    med = _middle(base)
+    mad = _middle((base - med).abs()) * 1.4826
     scale = mad + 0.05 * base.std(dim=2, keepdim=True) + 1e-3
     return ((x - med) / scale).clamp(-20.0, 20.0)
 
@@ -144,6 +153,58 @@ class ZBNet(ZNet):
         return torch.cat(f, dim=1)
 
 
+def squash(z: torch.Tensor) -> torch.Tensor:
+    """A z-score on a scale a small network can read without losing the tail's order: about
+    z / 3 near 0, logarithmic beyond, never clipped. A clip at some |z| makes every
+    step past it equal, and at about one false trip a day the steps that matter are past any
+    clip a healthy series' scores leave room for. (sign(z) log(1 + |z|): ONNX's exporter has no
+    asinh.)"""
+    return torch.sign(z) * torch.log1p(z.abs()) / 3.0
+
+
+class ZCNet(ZBNet):
+    """ZBNet's summaries with the z-scores squashed (`squash`) instead of clipped, so that the
+    order of extreme steps survives, and three more that the classical detectors alarm on, read
+    off the long baseline: each channel's z-score on the feature's own scale rather than its
+    log (what a static robust z-score detector computes; the last tick, and the least of the
+    last 3, oriented), the worst channel's two-sided z-score of the last tick, and each channel's
+    distance past the baseline's bad tail over the last 3 ticks in log1p units, unscaled (a
+    ratio to the 99th percentile, as the calibrated threshold rule reads p99 and failures)."""
+
+    N_IN = 2 * (4 * N_FEATURES + 2) + 3 * N_FEATURES + 1
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        window, base = x[:, :WINDOW], x[:, WINDOW:]
+        sign = self.risk_sign
+        xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
+        # the window's own baseline (robust_z without its clip)
+        b = xl[:, :, :REF]
+        med = _middle(b)
+        mad = _middle((b - med).abs()) * 1.4826
+        zw = (xl - med) / (mad + 0.05 * b.std(dim=2, keepdim=True) + 1e-3)
+        # the long baseline, on the log1p scale and on the feature's own
+        q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
+        zl = (xl - q[:, :, 2:3]) / ((q[:, :, 3:4] - q[:, :, 1:2]) / 1.349
+                                   + 0.05 * (q[:, :, 4:5] - q[:, :, 0:1]) + 1e-3)
+        tail = torch.where(sign > 0, q[:, :, 4:5], q[:, :, 0:1])
+        past = (xl[:, :, -3:] - tail) * sign  # [B, 8, 3], log1p units
+        raw = torch.clamp(window[:, -3:], min=0.0).transpose(1, 2)  # [B, 8, 3]
+        qr = torch.clamp(base, min=0.0).transpose(1, 2)
+        zr = (raw - qr[:, :, 2:3]) / ((qr[:, :, 3:4] - qr[:, :, 1:2]) / 1.349
+                                      + 0.05 * (qr[:, :, 4:5] - qr[:, :, 0:1]) + 1e-6)
+        f = []
+        for z in (zw, zl):
+            r = squash(z * sign)
+            last4 = r[:, :, -4:].mean(dim=2)
+            f += [r[:, :, -1], last4, r[:, :, -8:].amax(dim=2), last4 - r[:, :, -8:-4].mean(dim=2),
+                  r[:, :, -1].amax(dim=1, keepdim=True),
+                  squash(z[:, :, -1].abs()).amax(dim=1, keepdim=True)]
+        rr = squash(zr * sign)
+        f += [rr[:, :, -1], rr.amin(dim=2), squash(zr[:, :, -1].abs()).amax(dim=1, keepdim=True),
+              past.amin(dim=2)]
+        return torch.cat(f, dim=1)
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -155,16 +216,18 @@ class _WithBaseline(nn.Module):
         return self.net(torch.cat([window, base], dim=1))
 
 
-ARCHS = ("conv", "robust", "z", "zb")
+ARCHS = ("conv", "robust", "z", "zb", "zc")
 
 
 def build(arch: str) -> nn.Module:
     """The network named `arch`: "conv" (the bundled model's), "robust" (Net(robust=True)),
-    "z" (ZNet) or "zb" (ZBNet)."""
+    "z" (ZNet), "zb" (ZBNet) or "zc" (ZCNet)."""
     if arch == "z":
         return ZNet()
     if arch == "zb":
         return ZBNet()
+    if arch == "zc":
+        return ZCNet()
     if arch in ("conv", "robust"):
         return Net(robust=arch == "robust")
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
