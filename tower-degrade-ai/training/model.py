@@ -25,7 +25,7 @@ def _middle(x: torch.Tensor) -> torch.Tensor:
     return torch.topk(x, REF // 2 + 1, dim=2, largest=False).values[:, :, -1:]
 
 
-def robust_z(x: torch.Tensor) -> torch.Tensor:
+def window_z(x: torch.Tensor) -> torch.Tensor:
     """Each channel of `x` [B, C, T] against its own median and MAD over the first REF ticks:
     a robust z-score that means the same on any service's scale. The scale has a floor (5 %
     of the channel's deviation, plus a constant) so a flat baseline does not divide by 0."""
@@ -33,7 +33,20 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
     med = _middle(base)
     mad = _middle((base - med).abs()) * 1.4826
     scale = mad + 0.05 * base.std(dim=2, keepdim=True) + 1e-3
-    return ((x - med) / scale).clamp(-20.0, 20.0)
+    return (x - med) / scale
+
+
+def robust_z(x: torch.Tensor) -> torch.Tensor:
+    """window_z, clipped to [-20, 20]."""
+    return window_z(x).clamp(-20.0, 20.0)
+
+
+def baseline_spread(q: torch.Tensor, floor: float):
+    """(median, scale) [B, C, 1] of the long baseline's quantiles `q` [B, C, 5]: the scale is
+    the interquartile range as a standard deviation, plus 5 % of the 1-99 % range and `floor`,
+    so a flat baseline does not divide by 0."""
+    return q[:, :, 2:3], ((q[:, :, 3:4] - q[:, :, 1:2]) / 1.349
+                          + 0.05 * (q[:, :, 4:5] - q[:, :, 0:1]) + floor)
 
 
 class Scorer(nn.Module):
@@ -143,8 +156,7 @@ class ZBNet(ZNet):
         xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
         # log1p is monotone, so these are the quantiles of log1p(feature)
         q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
-        med = q[:, :, 2:3]
-        scale = (q[:, :, 3:4] - q[:, :, 1:2]) / 1.349 + 0.05 * (q[:, :, 4:5] - q[:, :, 0:1]) + 1e-3
+        med, scale = baseline_spread(q, 1e-3)
         r = ((xl - med) / scale).clamp(-20.0, 20.0) * self.risk_sign / 10.0
         tail = torch.where(self.risk_sign > 0, q[:, :, 4:5], q[:, :, 0:1])
         over = ((xl[:, :, -3:] - tail) * self.risk_sign / scale).amin(dim=2).clamp(-20.0, 20.0) / 10.0
@@ -177,21 +189,16 @@ class ZCNet(ZBNet):
         window, base = x[:, :WINDOW], x[:, WINDOW:]
         sign = self.risk_sign
         xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
-        # the window's own baseline (robust_z without its clip)
-        b = xl[:, :, :REF]
-        med = _middle(b)
-        mad = _middle((b - med).abs()) * 1.4826
-        zw = (xl - med) / (mad + 0.05 * b.std(dim=2, keepdim=True) + 1e-3)
+        zw = window_z(xl)
         # the long baseline, on the log1p scale and on the feature's own
         q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
-        zl = (xl - q[:, :, 2:3]) / ((q[:, :, 3:4] - q[:, :, 1:2]) / 1.349
-                                   + 0.05 * (q[:, :, 4:5] - q[:, :, 0:1]) + 1e-3)
+        med, scale = baseline_spread(q, 1e-3)
+        zl = (xl - med) / scale
         tail = torch.where(sign > 0, q[:, :, 4:5], q[:, :, 0:1])
         past = (xl[:, :, -3:] - tail) * sign  # [B, 8, 3], log1p units
         raw = torch.clamp(window[:, -3:], min=0.0).transpose(1, 2)  # [B, 8, 3]
-        qr = torch.clamp(base, min=0.0).transpose(1, 2)
-        zr = (raw - qr[:, :, 2:3]) / ((qr[:, :, 3:4] - qr[:, :, 1:2]) / 1.349
-                                      + 0.05 * (qr[:, :, 4:5] - qr[:, :, 0:1]) + 1e-6)
+        med, scale = baseline_spread(torch.clamp(base, min=0.0).transpose(1, 2), 1e-6)
+        zr = (raw - med) / scale
         f = []
         for z in (zw, zl):
             r = squash(z * sign)
@@ -220,8 +227,8 @@ ARCHS = ("conv", "robust", "z", "zb", "zc")
 
 
 def build(arch: str) -> nn.Module:
-    """The network named `arch`: "conv" (the bundled model's), "robust" (Net(robust=True)),
-    "z" (ZNet), "zb" (ZBNet) or "zc" (ZCNet)."""
+    """The network named `arch`: "conv" (Net, the bundled model's until 1 December 2026),
+    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet) or "zc" (ZCNet, the bundled model's)."""
     if arch == "z":
         return ZNet()
     if arch == "zb":
