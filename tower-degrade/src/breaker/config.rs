@@ -59,9 +59,13 @@ impl DegradeRule {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BreakerConfig {
-    /// Completed calls a window needs before its failure rate can open the breaker (20).
+    /// Calls a window must have assessed before its failure rate can open the breaker (20):
+    /// completed calls and in-flight calls already [overdue](crate::window::WindowSnapshot::overdue)
+    /// (a backlog the class cannot clear within its SLA), so a stalled dependency opens the
+    /// breaker before any call completes.
     pub min_requests: u64,
-    /// Failure rate (errors + timeouts over completed) above which the breaker opens (0.5).
+    /// Failure rate (errors, timeouts and overdue calls over assessed ones) above which the
+    /// breaker opens (0.5).
     pub failure_rate: f64,
     /// Share of calls slower than the class SLA above which the breaker opens (off).
     pub slow_call_rate: Option<f64>,
@@ -73,7 +77,8 @@ pub struct BreakerConfig {
     pub max_open_duration: Duration,
     /// Probe calls admitted while half-open (5).
     pub half_open_probes: u32,
-    /// Probe success rate needed to start recovering (0.8).
+    /// Probe success rate needed to start recovering (0.8). A probe that answers slower
+    /// than the class SLA counts as failed: the dependency answers, but too late.
     pub probe_success_rate: f64,
     /// Fraction added to the admitted share per good recovering tick (0.25).
     pub recovery_step: f64,
@@ -114,13 +119,15 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
-    /// Completed calls a window needs before its failure rate can open the breaker (20).
+    /// Calls (completed, or overdue in flight) a window needs before its failure rate can
+    /// open the breaker (20).
     pub fn min_requests(mut self, value: u64) -> Self {
         self.min_requests = value;
         self
     }
 
-    /// Failure rate (errors + timeouts over completed) above which the breaker opens (0.5).
+    /// Failure rate (errors, timeouts and overdue calls over assessed ones) above which the
+    /// breaker opens (0.5).
     pub fn failure_rate(mut self, value: f64) -> Self {
         self.failure_rate = value;
         self
@@ -156,7 +163,8 @@ impl BreakerConfig {
         self
     }
 
-    /// Probe success rate needed to start recovering (0.8).
+    /// Probe success rate needed to start recovering (0.8); a probe slower than the class
+    /// SLA counts as failed.
     pub fn probe_success_rate(mut self, value: f64) -> Self {
         self.probe_success_rate = value;
         self

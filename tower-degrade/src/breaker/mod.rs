@@ -387,11 +387,17 @@ impl Breaker {
                 )
             }),
             Phase::HalfOpen { since, ok, failed } => {
-                let ok = ok + w.successes;
-                let failed = failed + w.errors + w.timeouts;
+                // A probe answered slower than the class SLA has not shown a recovery: the
+                // dependency answers, but too late for the callers (the same slowness that
+                // makes in-flight calls count as overdue failures). `slow` also counts
+                // abandoned calls, which are timeouts already.
+                let slow_ok = w.slow.saturating_sub(w.timeouts).min(w.successes);
+                let ok = ok + w.successes - slow_ok;
+                let failed = failed + w.errors + w.timeouts + slow_ok;
                 let done = ok + failed;
                 if done >= u64::from(cfg.half_open_probes) {
                     let rate = ok as f64 / done as f64;
+                    let verdict = format!("probes {ok}/{done} succeeded within the SLA");
                     if rate >= cfg.probe_success_rate {
                         let step = cfg.recovery_step;
                         return Some((
@@ -399,10 +405,10 @@ impl Breaker {
                                 fraction: step,
                                 good: 0,
                             },
-                            format!("probes {ok}/{done} succeeded"),
+                            verdict,
                         ));
                     }
-                    return Some((self.open(now), format!("probes {ok}/{done} succeeded")));
+                    return Some((self.open(now), verdict));
                 }
                 if now.saturating_duration_since(since) >= self.open_for() {
                     return Some((

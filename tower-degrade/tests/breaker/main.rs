@@ -179,6 +179,34 @@ fn failed_probes_reopen_with_exponential_capped_duration() {
 }
 
 #[test]
+fn probes_slower_than_the_sla_do_not_recover() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0).expect("opens");
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    // Every probe answers, but 2 of 5 past the class SLA: 3/5 = 60 % < 80 %.
+    let mut slow = window(5, 0, 600);
+    slow.slow = 2;
+    let t = b.step(&slow, t1 + TICK).expect("re-opens");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+    assert!(
+        t.reason.contains("3/5 succeeded within the SLA"),
+        "{}",
+        t.reason
+    );
+    // An abandoned probe is slow and a timeout: counted once.
+    let t2 = t1 + TICK + Duration::from_secs(10);
+    b.step(&window(0, 0, 0), t2).expect("half-opens again");
+    let mut late = window(4, 0, 100);
+    late.timeouts = 1;
+    late.slow = 1;
+    let t = b.step(&late, t2 + TICK).expect("recovers");
+    assert_eq!(t.to, State::Recovering, "{}", t.reason);
+    assert!(t.reason.contains("4/5"), "{}", t.reason);
+}
+
+#[test]
 fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
     let t0 = Instant::now();
     let mut b = breaker();
