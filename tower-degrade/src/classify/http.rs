@@ -111,7 +111,9 @@ impl HttpClassifierBuilder {
     /// Requests matching `method` (any when `None`) and `pattern` belong to `class`.
     ///
     /// Patterns use axum's syntax: literal segments, `{param}` (or `:param`) for one segment,
-    /// and a trailing `{*rest}` (or `*`) for any remainder. Rules are tried in order.
+    /// and a trailing `{*rest}` (or `*`) for any remainder. Rules are tried in order; a rule
+    /// that an earlier one hides (the same pattern, for the same method or for any method) is
+    /// an error naming both, as it could never match.
     pub fn route(
         mut self,
         method: Option<Method>,
@@ -119,10 +121,31 @@ impl HttpClassifierBuilder {
         class: &str,
     ) -> Result<Self, ConfigError> {
         let class = self.rules.registry.require(class)?;
+        let segments = parse_pattern(pattern)?;
+        if let Some(earlier) = self
+            .rules
+            .paths
+            .iter()
+            .find(|r| r.segments == segments && (r.method.is_none() || r.method == method))
+        {
+            let shown = |m: &Option<Method>, p: &str| match m {
+                Some(m) => format!("{m} {p}"),
+                None => format!("any method {p}"),
+            };
+            return Err(ConfigError::InvalidValue {
+                field: "http.route",
+                reason: format!(
+                    "`{}` can never match: `{}` (class `{}`) is tried first",
+                    shown(&method, pattern),
+                    shown(&earlier.method, &earlier.pattern),
+                    self.rules.registry.class(earlier.class).name()
+                ),
+            });
+        }
         self.rules.paths.push(PathRule {
             method,
             pattern: pattern.into(),
-            segments: parse_pattern(pattern)?,
+            segments,
             class,
         });
         Ok(self)
@@ -141,13 +164,21 @@ impl HttpClassifierBuilder {
         if service.is_empty() || method.is_empty() || method.contains('/') {
             return Err(bad());
         }
-        if method == "*" {
-            self.rules
-                .grpc_services
-                .insert(format!("/{service}").into(), class);
+        let (map, key): (_, Box<str>) = if method == "*" {
+            (&mut self.rules.grpc_services, format!("/{service}").into())
         } else {
-            self.rules.grpc_methods.insert(path.into(), class);
+            (&mut self.rules.grpc_methods, path.into())
+        };
+        if let Some(&earlier) = map.get(&key) {
+            return Err(ConfigError::InvalidValue {
+                field: "grpc.path",
+                reason: format!(
+                    "`{path}` is already mapped to class `{}`",
+                    self.rules.registry.class(earlier).name()
+                ),
+            });
         }
+        map.insert(key, class);
         Ok(self)
     }
 

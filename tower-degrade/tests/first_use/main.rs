@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_degrade::breaker::{BreakerConfig, State};
 use tower_degrade::error::{ConfigError, degraded};
@@ -194,6 +194,44 @@ fn header_names_are_accepted_in_any_case_or_rejected_with_the_field() {
         "invalid `http.override_header`: `bad header` is not a valid HTTP header name"
     );
     assert!(d.http_classifier().start_header("").is_err());
+}
+
+#[test]
+fn a_route_an_earlier_one_hides_is_rejected_naming_both() {
+    let (d, _w) = builder("t")
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("browse"))
+        .build_with_worker()
+        .unwrap();
+    let err = d
+        .http_classifier()
+        .route(None, "/orders/{id}", "pay")
+        .unwrap()
+        .route(Some(Method::GET), "/orders/:order", "browse")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid `http.route`: `GET /orders/:order` can never match: \
+         `any method /orders/{id}` (class `pay`) is tried first"
+    );
+    // Another method, or any method after a specific one, still matches something.
+    assert!(
+        d.http_classifier()
+            .route(Some(Method::POST), "/orders/{id}", "pay")
+            .and_then(|b| b.route(Some(Method::GET), "/orders/{id}", "browse"))
+            .and_then(|b| b.route(None, "/orders/{id}", "browse"))
+            .is_ok()
+    );
+    let err = d
+        .http_classifier()
+        .grpc("/shop.Pay/Charge", "pay")
+        .unwrap()
+        .grpc("/shop.Pay/Charge", "browse")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid `grpc.path`: `/shop.Pay/Charge` is already mapped to class `pay`"
+    );
 }
 
 // ===== (d) configuration that builds but means nothing =====
