@@ -169,7 +169,9 @@ impl Degrader {
 
     /// Load every `*.rhai` policy in `dir` (once; see [`policy`](crate::policy)) and put the set
     /// in force atomically from the next tick. A bad file rejects the whole load with an error
-    /// naming the file, line and reason; the set in force keeps serving. Returns the version.
+    /// naming the file, line and reason; the set in force keeps serving. A directory without
+    /// any `*.rhai` file is an empty set: it removes every policy in force (with a warning in
+    /// the log). Returns the version.
     ///
     /// Validation runs the policies on a thread of its own, within their limits (up to
     /// [`Limits::max_call_time`](crate::policy::Limits::max_call_time) a call); this call
@@ -209,6 +211,17 @@ impl Degrader {
                 let names = set.names().join(", ");
                 for warning in set.warnings() {
                     tracing::warn!(service = %self.shared.service, "{warning}");
+                }
+                if set.names().is_empty()
+                    && let Some(old) = rt.current().filter(|old| !old.names().is_empty())
+                {
+                    // Deleting every file is a way to remove every policy; a wrong directory
+                    // looks the same, so say what it did.
+                    tracing::warn!(
+                        service = %self.shared.service,
+                        removed = %old.names().join(", "),
+                        "no policy in the new set: every policy in force is removed"
+                    );
                 }
                 let version = rt.install(set);
                 tracing::info!(service = %self.shared.service, version, policies = %names, "policies loaded");

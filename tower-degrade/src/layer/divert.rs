@@ -32,7 +32,10 @@ where
                 shard.record(idx, Outcome::Degraded, Duration::ZERO);
                 return Ok(fut);
             }
-            Err(call) => drop(call),
+            Err(call) => {
+                drop(call);
+                unserved(shared, idx, route);
+            }
         }
     } else {
         drop(req);
@@ -43,4 +46,21 @@ where
         "call not admitted"
     );
     Err(Degraded::new(name, reason, route, retry_after))
+}
+
+/// Say once per class that its route has nobody to serve it on this layer (a class configured
+/// with `fallback_route(Route::Service)` on a layer without `fallback_service`, say): its
+/// diverted calls are rejected instead.
+#[cold]
+fn unserved(shared: &Shared, idx: usize, route: Route) {
+    if !shared.gauges[idx]
+        .unserved_route_logged
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            service = %shared.service, class = %shared.names[idx], route = %route,
+            "the class diverts calls to a route this layer has no fallback for (see \
+             `DegradeLayer::fallback_service` and `fallback_with`): they are rejected"
+        );
+    }
 }

@@ -59,6 +59,8 @@ impl Default for WindowReader {
 pub(crate) struct Gauges {
     pub(crate) queue_depth: AtomicU64,
     pub(crate) queue_delay_micros: AtomicU64,
+    /// Whether the log already said that the class's route has no fallback to serve it.
+    pub(crate) unserved_route_logged: std::sync::atomic::AtomicBool,
 }
 
 /// Inputs to one tick's snapshot that are not counters.

@@ -458,6 +458,55 @@ fn assert_answer(res: &Response<String>, reason: Reason, retry_after: &str) {
     );
 }
 
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_route_the_layer_cannot_serve_is_rejected_and_logged_once() {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let d =
+        degrader([ClassConfig::silver("inventory").fallback_route(tower_degrade::Route::Service)]);
+    let classify = d
+        .http_classifier()
+        .route(None, "/{*any}", "inventory")
+        .unwrap()
+        .build();
+    // A class routed to `Service`, on a layer given no fallback service.
+    let svc = ServiceBuilder::new()
+        .degrade_http(&d, classify)
+        .service(app());
+    d.force_open("inventory").unwrap();
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(post("/sku/1")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        log.matches("has no fallback for").count(),
+        1,
+        "warned once for the class: {log}"
+    );
+    assert!(
+        log.contains("fallback_service") && log.contains("inventory"),
+        "{log}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_http_answer_carries_retry_after_and_the_reason() {
     let d = degrader([ClassConfig::gold("pay")]);

@@ -353,7 +353,7 @@ async fn the_control_loop_ticks_while_a_reload_validates() {
 }
 
 /// What the degrader logs while `f` runs on this thread.
-fn logs(f: impl FnOnce()) -> String {
+pub(crate) fn logs(f: impl FnOnce()) -> String {
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {

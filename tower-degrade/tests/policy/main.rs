@@ -464,6 +464,16 @@ async fn loads_a_directory_once() {
     let err = d.load_policies(&dir).unwrap_err();
     assert!(err.file().ends_with("c_broken.rhai"), "{err}");
     assert_eq!(err.line(), Some(1));
+    // No policy file left: an empty set, which removes the policies in force, and says so.
+    for f in ["a_admit.rhai", "b_shed_log.rhai", "c_broken.rhai"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    let log = containment::logs(|| assert_eq!(d.load_policies(&dir).unwrap(), 2));
+    assert!(d.policies().unwrap().names().is_empty());
+    assert!(
+        log.contains("every policy in force is removed") && log.contains("a_admit, b_shed_log"),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     let err = d.load_policies(&dir).unwrap_err();
     assert!(
