@@ -15,6 +15,11 @@
 //!    lowest users leave it first, so one user's session is treated consistently,
 //! 4. age.
 //!
+//! A tier whose calls left the queue without a permit reserves permits against the tiers
+//! below it for a while (the concurrency those calls would have needed), so that the permits
+//! that come free after gold gave up waiting do not all go to bronze, which waits longer
+//! (details in `docs/admission.md`).
+//!
 //! A call waits at most its class's [queue delay bound](crate::ClassConfig::max_queue_delay)
 //! (seed: 50 / 200 / 1000 ms by tier). Past it, or pushed out of a full queue, it is answered at
 //! once like any call its class does not admit (reason `overload`, the class's fallback

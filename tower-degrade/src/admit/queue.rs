@@ -3,6 +3,16 @@
 //! The uncontended path is one load (nobody waits) and one `fetch_add` (a permit is free); it
 //! takes no lock. Only a call that finds the limit reached takes the queue's lock, to wait in
 //! priority order; a permit given back while calls wait is handed to the best of them.
+//!
+//! The queue order alone is not priority when calls run longer than a tier may wait: gold's
+//! waiters give up after 50 ms, bronze's wait up to 1 s, so the permits that come free after
+//! gold gave up go to bronze, and a burst of gold and bronze ends with bronze served and gold
+//! turned away. So a tier that turned calls away for want of a permit *reserves* permits: at
+//! each tick, the concurrency its turned-away calls would have needed (Little's law: calls x
+//! latency / tick) is added to its reservation, up to the limit, and lower tiers take a permit
+//! only while the permits in use stay below the limit less what the tiers above them
+//! reserve. A reservation is held for [`RESERVE_HOLD_TICKS`] ticks after the tier last turned
+//! a call away, then halves every tick.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
@@ -16,6 +26,10 @@ use crate::class::Tier;
 /// A slot's state starts at 0: waiting.
 const GRANTED: u8 = 1;
 const SHED: u8 = 2;
+
+/// Ticks a tier's reservation is held after the tier last turned a call away (4 s at the
+/// default 500 ms tick); then it halves every tick.
+pub(crate) const RESERVE_HOLD_TICKS: u32 = 8;
 
 /// `samples`: the call count in the top 24 bits, the summed µs in the low 40.
 const MICROS_BITS: u32 = 40;
@@ -48,7 +62,7 @@ pub(crate) struct Priority {
     pub(crate) user: u16,
 }
 
-fn rank(tier: Tier) -> u8 {
+pub(crate) fn rank(tier: Tier) -> u8 {
     match tier {
         Tier::Gold => 2,
         Tier::Silver => 1,
@@ -141,11 +155,25 @@ pub struct LimiterState {
     pub baseline_micros: Option<f64>,
 }
 
+/// A tier's reservation (`Limiter::tick`'s state).
+#[derive(Debug, Default, Clone, Copy)]
+struct Reserve {
+    permits: u32,
+    /// Ticks left before the reservation starts to decay.
+    hold: u32,
+}
+
 /// A concurrency limiter (for the service, or for one dependency).
 #[derive(Debug)]
 pub(crate) struct Limiter {
     pub(crate) name: Arc<str>,
     limit: AtomicU32,
+    /// Per tier rank: the permits in use below which a call of the rank may take one (the
+    /// limit less what the tiers above reserve).
+    ceiling: [AtomicU32; 3],
+    /// Per tier rank: calls that left without a permit since the last tick.
+    turned_away: [AtomicU32; 3],
+    reserve: Mutex<[Reserve; 3]>,
     inflight: AtomicU32,
     waiting: AtomicU32,
     saturated: AtomicBool,
@@ -159,9 +187,13 @@ pub(crate) struct Limiter {
 impl Limiter {
     pub(crate) fn new(name: Arc<str>, cfg: LimitConfig) -> Self {
         let gradient = Gradient::new(cfg);
+        let limit = gradient.limit();
         Self {
             name,
-            limit: AtomicU32::new(gradient.limit()),
+            limit: AtomicU32::new(limit),
+            ceiling: std::array::from_fn(|_| AtomicU32::new(limit)),
+            turned_away: Default::default(),
+            reserve: Mutex::default(),
             inflight: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
             saturated: AtomicBool::new(false),
@@ -177,13 +209,15 @@ impl Limiter {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a permit if one is free and nobody waits for one. No lock.
+    /// Take a permit if one is free to a call of `tier` (none reserved for the tiers above it)
+    /// and nobody waits for one. No lock.
     #[inline]
-    pub(crate) fn try_acquire(&self) -> bool {
+    pub(crate) fn try_acquire(&self, tier: Tier) -> bool {
         if self.waiting.load(SeqCst) != 0 {
             return false;
         }
-        if self.inflight.fetch_add(1, SeqCst) < self.limit.load(Relaxed) {
+        let ceiling = self.ceiling[usize::from(rank(tier))].load(Relaxed);
+        if self.inflight.fetch_add(1, SeqCst) < ceiling {
             return true;
         }
         self.give_back();
@@ -214,10 +248,14 @@ impl Limiter {
     }
 
     fn dispatch_locked(&self, q: &mut Queue) {
-        while self.inflight.load(SeqCst) < self.limit.load(Relaxed) {
-            let Some((key, slot)) = q.entries.pop_last() else {
+        // The best waiter first; when the permits left are reserved for tiers above it, they
+        // are above every other waiter too.
+        while let Some(entry) = q.entries.last_entry() {
+            let ceiling = self.ceiling[usize::from(entry.key().rank)].load(Relaxed);
+            if self.inflight.load(SeqCst) >= ceiling {
                 break;
-            };
+            }
+            let (key, slot) = entry.remove_entry();
             q.per_rank[usize::from(key.rank)] -= 1;
             self.inflight.fetch_add(1, SeqCst);
             self.waiting.fetch_sub(1, SeqCst);
@@ -231,9 +269,13 @@ impl Limiter {
     /// latency, whichever is more.
     #[cold]
     pub(crate) fn enqueue(&self, p: Priority, burst: f64, bound: Duration) -> Enqueued {
-        self.saturated.store(true, Relaxed);
-        let mut q = self.queue();
         let limit = self.limit.load(Relaxed);
+        // Waiting for a permit reserved for another tier is not the limit reached: it tells
+        // the gradient nothing of the capacity.
+        if self.inflight.load(SeqCst) >= limit {
+            self.saturated.store(true, Relaxed);
+        }
+        let mut q = self.queue();
         let burst_cap = ((burst - 1.0).max(0.0) * f64::from(limit)).ceil().max(1.0) as u32;
         // Little's law: `limit` permits each held `rtt` serve `limit * bound / rtt` calls within
         // the wait bound; a queue that long is still served in time, whatever the burst.
@@ -270,8 +312,12 @@ impl Limiter {
                     self.waiting.fetch_sub(1, SeqCst);
                     slot.settle(SHED);
                 }
-                _ => return Enqueued::Shed,
+                _ => {
+                    self.turned_away[r].fetch_add(1, Relaxed);
+                    return Enqueued::Shed;
+                }
             }
+            self.turned_away[r].fetch_add(1, Relaxed);
         }
         let slot = Arc::new(Slot::default());
         q.entries.insert(key, slot.clone());
@@ -293,6 +339,7 @@ impl Limiter {
         let mut q = self.queue();
         if q.entries.remove(&w.key).is_some() {
             q.per_rank[usize::from(w.key.rank)] -= 1;
+            self.turned_away[usize::from(w.key.rank)].fetch_add(1, Relaxed);
             self.waiting.fetch_sub(1, SeqCst);
             w.slot.state.store(SHED, Release);
             return false;
@@ -300,10 +347,16 @@ impl Limiter {
         w.slot.state.load(Acquire) == GRANTED
     }
 
-    /// The control tick: update the limit from what the tick measured, and admit waiting calls
-    /// if it grew.
+    /// The control tick: update the limit from what the tick measured and the tiers'
+    /// reservations from the calls they turned away over `period`, and admit waiting calls if
+    /// that freed permits.
     /// `shard_samples`: the sum of the shards' [`sample`]s since the last tick.
-    pub(crate) fn tick(&self, pressure: bool, shard_samples: u64) -> LimiterState {
+    pub(crate) fn tick(
+        &self,
+        pressure: bool,
+        shard_samples: u64,
+        period: Duration,
+    ) -> LimiterState {
         let s = self.samples.swap(0, Relaxed).wrapping_add(shard_samples);
         let sample = Sample {
             calls: s >> MICROS_BITS,
@@ -319,8 +372,10 @@ impl Limiter {
             let mut g = self.gradient.lock().unwrap_or_else(|e| e.into_inner());
             (g.update(sample), g.baseline())
         };
-        let before = self.limit.swap(limit, Relaxed);
-        if limit > before && self.waiting.load(SeqCst) != 0 {
+        self.limit.store(limit, Relaxed);
+        let rtt = u64::from(self.rtt_micros.load(Relaxed));
+        let opened = self.reserve_for(limit, rtt, period);
+        if opened && self.waiting.load(SeqCst) != 0 {
             self.dispatch();
         }
         LimiterState {
@@ -330,6 +385,41 @@ impl Limiter {
             waiting: self.waiting.load(Relaxed),
             baseline_micros: baseline,
         }
+    }
+
+    /// Update each tier's reservation from the calls it turned away since the last tick
+    /// (the concurrency they would have needed, by Little's law: calls x `rtt_micros` over
+    /// `period`; each call one permit while no latency was measured yet), and the ceilings
+    /// from them. Returns whether a ceiling rose (waiters may be admitted now).
+    fn reserve_for(&self, limit: u32, rtt_micros: u64, period: Duration) -> bool {
+        let mut reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
+        let period = period.as_micros().max(1) as u64;
+        for (r, res) in reserve.iter_mut().enumerate() {
+            let away = u64::from(self.turned_away[r].swap(0, Relaxed));
+            if away > 0 {
+                let need = if rtt_micros == 0 {
+                    away
+                } else {
+                    (away * rtt_micros).div_ceil(period)
+                };
+                let need = u32::try_from(need).unwrap_or(u32::MAX);
+                res.permits = res.permits.saturating_add(need.max(1)).min(limit);
+                res.hold = RESERVE_HOLD_TICKS;
+            } else if res.hold > 0 {
+                res.hold -= 1;
+                res.permits = res.permits.min(limit);
+            } else {
+                res.permits /= 2;
+            }
+        }
+        let mut opened = false;
+        let mut above = 0u32;
+        for r in (0..3).rev() {
+            let ceiling = limit.saturating_sub(above);
+            opened |= self.ceiling[r].swap(ceiling, Relaxed) < ceiling;
+            above = above.saturating_add(reserve[r].permits);
+        }
+        opened
     }
 
     /// The limiter now (without the baseline, which the control loop owns).
@@ -348,6 +438,8 @@ impl Limiter {
 mod tests {
     use super::*;
     use std::task::Wake;
+
+    const TICK: Duration = Duration::from_millis(500);
 
     fn limiter(limit: u32) -> Limiter {
         Limiter::new(
@@ -390,12 +482,12 @@ mod tests {
     #[test]
     fn permits_up_to_the_limit_then_the_queue_in_tier_order() {
         let l = limiter(2);
-        assert!(l.try_acquire() && l.try_acquire());
-        assert!(!l.try_acquire());
+        assert!(l.try_acquire(Tier::Gold) && l.try_acquire(Tier::Gold));
+        assert!(!l.try_acquire(Tier::Gold));
         let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 3.0, Duration::ZERO));
         let gold = queued(l.enqueue(prio(Tier::Gold, 0), 3.0, Duration::ZERO));
         // Someone queues: the fast path stays shut even when a permit comes free.
-        assert!(!l.try_acquire());
+        assert!(!l.try_acquire(Tier::Gold));
         assert!(poll(&gold).is_pending());
         l.release(1_000);
         assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted), "gold first");
@@ -406,7 +498,80 @@ mod tests {
         l.give_back();
         l.give_back();
         assert_eq!(l.state().inflight, 0);
-        assert!(l.try_acquire(), "the fast path again once nobody waits");
+        assert!(
+            l.try_acquire(Tier::Gold),
+            "the fast path again once nobody waits"
+        );
+    }
+
+    #[test]
+    fn a_tier_that_turned_calls_away_reserves_permits_against_the_tiers_below() {
+        let l = limiter(4);
+        for _ in 0..4 {
+            assert!(l.try_acquire(Tier::Bronze));
+        }
+        // Three gold calls give up waiting (calls take 300 ms, gold waits 50 ms).
+        for _ in 0..3 {
+            let g = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
+            assert!(!l.leave(&g));
+        }
+        // 3 calls x 300 ms over a 500 ms tick: 2 permits (rounded up) kept for gold.
+        assert!(!l.reserve_for(4, 300_000, TICK));
+        for _ in 0..4 {
+            l.give_back();
+        }
+        assert!(l.try_acquire(Tier::Bronze) && l.try_acquire(Tier::Silver));
+        assert!(!l.try_acquire(Tier::Bronze), "the last 2 are gold's");
+        assert!(!l.try_acquire(Tier::Silver));
+        // A bronze call waits; a permit given back goes to gold, not to it.
+        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 2.0, Duration::ZERO));
+        assert!(matches!(
+            l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
+            Enqueued::Admitted
+        ));
+        assert!(poll(&bronze).is_pending());
+        // Held for RESERVE_HOLD_TICKS ticks without gold turned away, then halved a tick.
+        for _ in 0..RESERVE_HOLD_TICKS {
+            assert!(!l.reserve_for(4, 300_000, TICK));
+        }
+        assert!(
+            l.reserve_for(4, 300_000, TICK),
+            "1 permit reserved: bronze's ceiling rose"
+        );
+        l.give_back();
+        assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
+        assert!(l.reserve_for(4, 300_000, TICK), "none reserved");
+        assert_eq!(l.ceiling[0].load(Relaxed), 4);
+    }
+
+    #[test]
+    fn reservations_add_up_while_a_tier_keeps_turning_calls_away() {
+        let l = limiter(10);
+        let turn_away = |tier, n| {
+            for _ in 0..n {
+                l.turned_away[usize::from(rank(tier))].fetch_add(1, Relaxed);
+            }
+        };
+        turn_away(Tier::Gold, 2);
+        turn_away(Tier::Silver, 5);
+        // No latency measured yet: a permit per call.
+        l.reserve_for(10, 0, TICK);
+        let ceilings = || l.ceiling.each_ref().map(|c| c.load(Relaxed));
+        assert_eq!(
+            ceilings(),
+            [3, 8, 10],
+            "bronze below gold's 2 and silver's 5"
+        );
+        turn_away(Tier::Gold, 4);
+        l.reserve_for(10, 500_000, TICK);
+        assert_eq!(
+            ceilings(),
+            [0, 4, 10],
+            "gold's 2 + 4: capped at the limit for bronze"
+        );
+        turn_away(Tier::Gold, 100);
+        l.reserve_for(10, 500_000, TICK);
+        assert_eq!(ceilings(), [0, 0, 10], "never more than the limit");
     }
 
     #[test]
@@ -419,7 +584,7 @@ mod tests {
             },
         );
         for _ in 0..4 {
-            assert!(l.try_acquire());
+            assert!(l.try_acquire(Tier::Gold));
         }
         // Gold's burst tolerance alone lets 4 calls wait (one limit's worth).
         for _ in 0..4 {
@@ -431,7 +596,7 @@ mod tests {
         ));
         // Once calls take 40 ms, 4 permits serve 20 calls within 200 ms: 20 may wait.
         l.samples.fetch_add(sample(40_000) * 4, Relaxed);
-        l.tick(false, 0);
+        l.tick(false, 0, TICK);
         for _ in 4..20 {
             queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::from_millis(200)));
         }
@@ -444,7 +609,7 @@ mod tests {
     #[test]
     fn a_full_tier_sheds_its_least_important_user_first() {
         let l = limiter(1);
-        assert!(l.try_acquire());
+        assert!(l.try_acquire(Tier::Gold));
         // Bronze (burst 1.2) may queue ceil(0.2 * 1) = 1 call.
         let low = queued(l.enqueue(prio(Tier::Bronze, 10), 1.2, Duration::ZERO));
         let high = queued(l.enqueue(prio(Tier::Bronze, 200), 1.2, Duration::ZERO));
@@ -463,7 +628,7 @@ mod tests {
     #[test]
     fn leaving_the_queue_frees_the_place_and_a_late_grant_is_reported() {
         let l = limiter(1);
-        assert!(l.try_acquire());
+        assert!(l.try_acquire(Tier::Gold));
         let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO));
         assert!(!l.leave(&w), "still waiting: no permit");
         assert_eq!(l.waiting.load(SeqCst), 0);
@@ -477,7 +642,7 @@ mod tests {
     #[test]
     fn a_permit_freed_between_the_fast_path_and_the_queue_is_not_lost() {
         let l = limiter(1);
-        assert!(l.try_acquire());
+        assert!(l.try_acquire(Tier::Gold));
         // The holder finishes while nobody waits yet...
         l.release(1);
         // ...and a call that saw the limit reached queues: it gets the permit at once.
@@ -491,14 +656,14 @@ mod tests {
     #[test]
     fn a_tick_takes_the_samples_and_a_higher_limit_admits_waiters() {
         let l = limiter(1);
-        assert!(l.try_acquire());
+        assert!(l.try_acquire(Tier::Gold));
         let w = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
         let busy_tick = || {
             for _ in 0..10 {
                 l.samples.fetch_add((1 << MICROS_BITS) | 10_000, Relaxed);
             }
             l.saturated.store(true, Relaxed);
-            l.tick(false, 0)
+            l.tick(false, 0, TICK)
         };
         // Saturated, and latency holds: slow start grows the limit.
         let state = busy_tick();

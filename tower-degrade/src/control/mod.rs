@@ -173,7 +173,7 @@ impl Shared {
                     .shards
                     .iter()
                     .fold(0u64, |sum, s| sum.wrapping_add(s.take_samples(i)));
-                l.tick(pressure, samples)
+                l.tick(pressure, samples, self.period)
             })
             .collect();
         if adm.metrics.is_empty() {

@@ -143,7 +143,7 @@ where
         let mut permit = false;
         if let Some(limiter) = gate.limiter {
             let limiter = usize::from(limiter);
-            if !self.shared.limiters[limiter].try_acquire() {
+            if !self.shared.limiters[limiter].try_acquire(gate.tier) {
                 return self.queue(req, idx, limiter, probe);
             }
             permit = true;

@@ -357,6 +357,66 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
 }
 
 #[tokio::test(start_paused = true)]
+async fn gold_keeps_the_permits_when_calls_run_longer_than_it_may_wait() {
+    // Calls take 300 ms; gold waits at most 50 ms, bronze 1 s. Without reservations the
+    // permits that come free after gold gave up go to bronze, and bronze ends up served.
+    let d = support::builder("test")
+        .admission(
+            Admission::adaptive()
+                .initial_limit(8)
+                .min_limit(8)
+                .max_limit(8),
+        )
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let capacity = support::fixed_capacity(8, Duration::from_millis(300));
+    let pay = d.layer(d.class_id("pay").unwrap()).layer(capacity.clone());
+    let log = d.layer(d.class_id("log").unwrap()).layer(capacity);
+    // [gold sent, gold served, bronze sent, bronze served], from the 5th burst on.
+    let counts = Arc::new(Mutex::new([0u32; 4]));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for burst in 0..40 {
+        // A burst of 6 gold and 10 bronze calls, interleaved, every 500 ms: the 8 permits
+        // serve 8 at once.
+        for i in 0..16 {
+            let is_gold = i % 2 == 0 && i < 12;
+            let call = if is_gold {
+                pay.clone().oneshot(())
+            } else {
+                log.clone().oneshot(())
+            };
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), call).await,
+                    Ok(Ok(()))
+                );
+                if burst >= 4 {
+                    let at = if is_gold { 0 } else { 2 };
+                    let mut c = counts.lock().unwrap();
+                    c[at] += 1;
+                    c[at + 1] += u32::from(ok);
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        d.tick_now();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let [gold_sent, gold_ok, bronze_sent, bronze_ok] = *counts.lock().unwrap();
+    assert_eq!((gold_sent, bronze_sent), (216, 360));
+    assert!(
+        gold_ok * 10 >= gold_sent * 9,
+        "gold served {gold_ok}/{gold_sent} (bronze {bronze_ok}/{bronze_sent})"
+    );
+    assert!(bronze_ok > 0, "bronze keeps what gold leaves: {bronze_ok}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_tier_is_propagated_to_downstream_calls() {
     let d = degrader(10, [ClassConfig::gold("pay")]);
     let seen = Arc::new(Mutex::new(Vec::new()));
