@@ -292,7 +292,8 @@ impl ClassConfig {
 
     /// How long a call of this class may wait for an [admission](crate::admit) permit before
     /// it is answered as not admitted (reason `overload`) instead of served late. Default: the
-    /// tier's [`max_queue_delay`](Tier::max_queue_delay).
+    /// tier's [`max_queue_delay`](Tier::max_queue_delay). `Duration::ZERO` is allowed: the
+    /// class never waits, a call that finds no free permit is answered at once.
     pub fn max_queue_delay(mut self, bound: Duration) -> Self {
         self.queue_delay = bound;
         self
