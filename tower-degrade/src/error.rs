@@ -77,8 +77,11 @@ impl Degraded {
             Reason::Timeout => f.write_str("timed out")?,
             reason => write!(f, "not served: {}", reason.describe())?,
         }
-        if self.route != Route::Reject {
-            write!(f, " (fallback route `{}` has no handler)", self.route)?;
+        match self.reason {
+            _ if self.route == Route::Reject => {}
+            // The route's handler was there and could not keep the call.
+            Reason::NotKept | Reason::TooLarge => write!(f, " (fallback route `{}`)", self.route)?,
+            _ => write!(f, " (fallback route `{}` has no handler)", self.route)?,
         }
         if let Some(d) = self.retry_after {
             write!(f, "; retry after {:.1} s", d.as_secs_f64())?;
@@ -240,3 +243,25 @@ impl fmt::Display for PolicyError {
 
 #[cfg(feature = "rhai")]
 impl std::error::Error for PolicyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_that_could_not_keep_the_call_is_not_said_to_have_no_handler() {
+        let retry = Some(std::time::Duration::from_secs(1));
+        let not_kept = Degraded::new(Arc::from("log"), Reason::NotKept, Route::Spool, retry);
+        assert_eq!(
+            not_kept.to_string(),
+            "class `log`: not served: diverted, and the request could not be stored for later \
+             (fallback route `spool`); retry after 1.0 s"
+        );
+        let unserved = Degraded::new(Arc::from("log"), Reason::BreakerOpen, Route::Spool, None);
+        assert!(
+            unserved
+                .to_string()
+                .ends_with("(fallback route `spool` has no handler)")
+        );
+    }
+}

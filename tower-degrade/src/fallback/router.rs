@@ -363,15 +363,18 @@ where
     let name: Arc<str> = Arc::from(class.as_str());
     let (parts, body) = call.into_request().into_parts();
     let grpc = is_grpc(&parts.headers);
+    let answer = |why: Reason| {
+        // A body too large to keep will not be kept later either: no `Retry-After`.
+        let retry = (why != Reason::TooLarge).then_some(shared.retry_after);
+        let d = Degraded::new(name.clone(), why, route, retry);
+        Ok(degraded_response(d, grpc, false, RB::default()))
+    };
     let refuse = |why: Reason| {
         metrics::counter!(crate::metrics::FALLBACK_KEPT,
             "service" => shared.service.to_string(), "class" => class.clone(),
             "route" => route.as_str(), "result" => why.as_str())
         .increment(1);
-        // A body too large to keep will not be kept later either: no `Retry-After`.
-        let retry = (why != Reason::TooLarge).then_some(shared.retry_after);
-        let d = Degraded::new(name.clone(), why, route, retry);
-        Ok(degraded_response(d, grpc, false, RB::default()))
+        answer(why)
     };
     let key = shared.capture.key(&parts);
     // The same key again: the task kept for it (a second call waits while the first stores).
@@ -424,7 +427,8 @@ where
                 RB::default(),
             ))
         }
-        Err(()) => refuse(Reason::NotKept),
+        // `put_kept` counted it.
+        Err(()) => answer(Reason::NotKept),
     }
 }
 

@@ -518,7 +518,30 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
         call(&svc, post("/log", "b")).await.status(),
         StatusCode::ACCEPTED
     );
-    let full = call(&svc, post("/log", "c")).await;
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let full = {
+        let _local = metrics::set_default_local_recorder(&recorder);
+        call(&svc, post("/log", "c")).await
+    };
+    // Counted once (the store's refusal), whoever answers it.
+    let not_kept: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| {
+            k.key().name() == tower_degrade::metrics::FALLBACK_KEPT
+                && k.key()
+                    .labels()
+                    .any(|l| l.key() == "result" && l.value() == "not_kept")
+        })
+        .map(|(_, _, _, v)| v)
+        .collect();
+    assert_eq!(
+        not_kept,
+        [metrics_util::debugging::DebugValue::Counter(1)],
+        "{not_kept:?}"
+    );
     assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.headers()[REASON_HEADER], "not_kept");
     assert!(full.headers().contains_key("retry-after"));

@@ -38,10 +38,38 @@ impl EmbeddedStoreBuilder {
 
     /// Open (or create) the store. Fails with an error naming the file when it is not a
     /// tower-degrade store, is damaged, or is open in another process.
+    ///
+    /// An existing file is checked whole before anything is read from it (redb's integrity
+    /// check: every page against its checksum), so a damaged page is an error here rather than
+    /// tasks that silently cannot be listed later; the check reads the file once, which for a
+    /// store of a million tasks takes seconds. A damage redb repairs in place may have dropped
+    /// tasks, so it is reported as an error too: opening the file again uses what was kept.
     pub fn open(self) -> Result<EmbeddedStore, StoreError> {
+        let shown = self.path.display().to_string();
+        // The database engine panics on some damaged pages; a damaged file is input, not a
+        // bug of this process, and is answered with an error naming it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.open_checked()))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the database engine failed".to_owned());
+                Err(StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                        "store `{shown}`: it is damaged ({what}): move it aside (keep it for \
+                         inspection) and start with a new file"
+                    ),
+                ))
+            })
+    }
+
+    fn open_checked(self) -> Result<EmbeddedStore, StoreError> {
         let path = self.path;
         let shown = path.display().to_string();
-        let db = Database::create(&path).map_err(|e| {
+        let existed = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        let mut db = Database::create(&path).map_err(|e| {
             let e = redb::Error::from(e);
             let (kind, hint) = match e {
                 redb::Error::DatabaseAlreadyOpen => (
@@ -60,6 +88,31 @@ impl EmbeddedStoreBuilder {
             };
             StoreError::new(kind, format!("store `{shown}`: {e}; {hint}"))
         })?;
+        if existed {
+            let damaged = |what: String| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                        "store `{shown}`: it is damaged ({what}): move it aside (keep it for \
+                         inspection) and start with a new file"
+                    ),
+                )
+            };
+            match db.check_integrity() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!(
+                            "store `{shown}`: it failed its integrity check and was repaired in \
+                             place, which may have dropped tasks: keep a copy for inspection; \
+                             opening it again uses what was kept"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(damaged(format!("its integrity check failed: {e}"))),
+            }
+        }
         check_format(&db, &shown)?;
         let mut index = Index::default();
         load(&db, &shown, &mut index)?;
@@ -636,6 +689,55 @@ mod tests {
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains("queue `spool`"), "{err}");
         assert!(err.to_string().contains("kept.redb"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_page_is_an_error_never_a_panic_or_tasks_that_cannot_be_listed() {
+        let d = dir();
+        let path = d.join("kept.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            for chunk in 0..6u8 {
+                let ops = (0..100u8)
+                    .map(|i| {
+                        let payload = Payload::Bytes(vec![chunk ^ i; 120]);
+                        Op::Put(Queue::Spool, Task::new("browse", None, payload))
+                    })
+                    .collect();
+                store.commit(ops).await.unwrap();
+            }
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut refused = 0;
+        // Pages of the B-trees and of their data, 64 bytes overwritten in each copy.
+        for at in (4096..len - 64)
+            .step_by(4096)
+            .chain([66_000, 70_000, 78_000])
+        {
+            if at + 64 > len {
+                continue;
+            }
+            let copy = d.join(format!("damaged-{at}.redb"));
+            let mut bytes = std::fs::read(&path).unwrap();
+            for (i, b) in bytes[at as usize..at as usize + 64].iter_mut().enumerate() {
+                *b = 0x9b ^ (i as u8);
+            }
+            std::fs::write(&copy, bytes).unwrap();
+            match EmbeddedStore::open(&copy) {
+                Err(e) => {
+                    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e}");
+                    assert!(e.to_string().contains(&format!("damaged-{at}.redb")), "{e}");
+                    refused += 1;
+                }
+                // Bytes no committed page uses: every task is still there.
+                Ok(store) => {
+                    assert_eq!(store.depth(Queue::Spool).len, 600, "damage at {at}");
+                    let listed = store.list(Queue::Spool, None, 1000).await.unwrap();
+                    assert_eq!(listed.len(), 600, "damage at {at}");
+                }
+            }
+        }
+        assert!(refused > 0, "some damage hit a committed page");
     }
 
     #[test]
