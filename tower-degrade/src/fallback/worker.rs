@@ -16,6 +16,18 @@ use super::store::Op;
 use crate::breaker::State;
 use crate::degrader::Degrader;
 use crate::gate::Directive;
+use crate::window::{Outcome, shard_index};
+
+/// What the backfill may do with a class's spooled tasks now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Replay them.
+    Open,
+    /// Replay one, as its breaker's probe.
+    Probe,
+    /// Keep them.
+    Closed,
+}
 
 /// How the worker runs, as the router's builder set it.
 #[derive(Debug, Clone)]
@@ -32,7 +44,11 @@ pub(crate) struct Settings {
 /// 1. replays due `delayed_retry` tasks (up to `concurrency` at once): done ones are
 ///    removed; failed ones are rescheduled with backoff, or moved to manual review when their
 ///    attempts or deadline run out, or at once on a non-retryable answer;
-/// 2. backfills spooled tasks of healthy classes while off-peak (see [`Backfill`]);
+/// 2. backfills spooled tasks of healthy classes while off-peak (see [`Backfill`]); a class
+///    whose breaker waits for calls to prove it healthy (half-open, or degraded by the seed
+///    rule) gets one spooled task replayed per tick as its probe, its outcome and latency
+///    counted in the class's window, so a class without live traffic (a cron job, a queue
+///    consumer that stopped) still closes and has its spool replayed;
 /// 3. flushes merged batches that are due.
 ///
 /// Each replay runs in its own task, bounded by the replay timeout (default 30 s): a replay that
@@ -48,6 +64,10 @@ pub struct FallbackWorker {
     settings: Settings,
     /// Spooled tasks claimed while their class may not be backfilled, by class.
     parked: HashMap<String, Vec<TaskId>>,
+    /// By class, the window tick of its last probe replay (one per tick).
+    probed: HashMap<String, u64>,
+    /// Replays in flight as their class's probes, whose outcomes go to its window.
+    probing: HashSet<TaskId>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
     rate: f64,
@@ -79,6 +99,8 @@ impl FallbackWorker {
             replay,
             settings,
             parked: HashMap::new(),
+            probed: HashMap::new(),
+            probing: HashSet::new(),
             rate,
             tokens: 0.0,
             last_ms,
@@ -157,12 +179,13 @@ impl FallbackWorker {
         }
     }
 
-    /// Whether `class` may be backfilled now (and the rate's AIMD step).
-    fn gate(&mut self, class: &str, now: u64) -> bool {
+    /// Whether `class` may be backfilled now (and the rate's AIMD step), or may have one task
+    /// replayed as its breaker's probe.
+    fn gate(&mut self, class: &str, now: u64) -> Gate {
         let status = self.degrader.status();
         let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
             // A class no longer configured: nothing to protect.
-            return true;
+            return Gate::Open;
         };
         let healthy = match (c.state, c.directive) {
             (State::Closed, Directive::Admit) => true,
@@ -170,10 +193,19 @@ impl FallbackWorker {
             // recovering on live calls: with none, there is nothing to protect, and the spool
             // would otherwise wait for the next visitor.
             (State::Recovering, _) => c.window.requests() == 0,
+            // The breaker waits for calls to show the class healthy: a replay is one, once per
+            // tick (a class with live calls gets a few more probes than its own).
+            (State::HalfOpen | State::Degraded, _) if !c.manual => {
+                if self.probed.get(class) == Some(&c.window.tick) {
+                    return Gate::Closed;
+                }
+                self.probed.insert(class.to_owned(), c.window.tick);
+                return Gate::Probe;
+            }
             _ => false,
         };
         if !healthy {
-            return false;
+            return Gate::Closed;
         }
         let registry = self.degrader.registry();
         let sla = registry
@@ -181,15 +213,31 @@ impl FallbackWorker {
             .map_or(Duration::MAX, |id| registry.class(id).sla_target());
         if c.window.p99.as_secs_f64() > sla.as_secs_f64() * self.settings.backfill.headroom {
             self.rate = (self.rate / 2.0).max(1.0);
-            return false;
+            return Gate::Closed;
         }
-        match (
+        let open = match (
             self.settings.backfill.in_window(now),
             self.settings.backfill.below_rps,
         ) {
             (None, None) => true,
             (w, load) => w == Some(true) || load.is_some_and(|max| c.window.rps() < max),
-        }
+        };
+        if open { Gate::Open } else { Gate::Closed }
+    }
+
+    /// Count a probe replay's outcome in its class's window, as a call of the class: served
+    /// (or refused as the request's fault: the dependency answered) is a success, anything
+    /// retried is an error; its latency is the replay's.
+    fn record_probe(&self, class: &str, outcome: &Replayed, latency: Duration) {
+        let shared = &self.degrader.shared;
+        let Some(id) = shared.registry.get(class) else {
+            return;
+        };
+        let result = match outcome {
+            Replayed::Done | Replayed::Reject(_) => Outcome::Success,
+            Replayed::Retry(_) => Outcome::Error,
+        };
+        shared.shards[shard_index(shared.shard_mask)].record(id.index(), result, latency);
     }
 
     async fn backfill_step(&mut self, now: u64) {
@@ -201,10 +249,23 @@ impl FallbackWorker {
         // Parked classes that may go now: give their tasks back to the queue.
         let classes: Vec<String> = self.parked.keys().cloned().collect();
         for class in classes {
-            if self.gate(&class, now) {
-                for id in self.parked.remove(&class).unwrap_or_default() {
-                    self.shared.store.release(Queue::Spool, id);
+            match self.gate(&class, now) {
+                Gate::Open => {
+                    for id in self.parked.remove(&class).unwrap_or_default() {
+                        self.shared.store.release(Queue::Spool, id);
+                    }
                 }
+                Gate::Probe => {
+                    // Give one back for the probe the next round picks (the class's turn is
+                    // taken then, not here).
+                    self.probed.remove(&class);
+                    if let Some(ids) = self.parked.get_mut(&class)
+                        && !ids.is_empty()
+                    {
+                        self.shared.store.release(Queue::Spool, ids.remove(0));
+                    }
+                }
+                Gate::Closed => {}
             }
         }
         if self.shared.store.depth(Queue::Spool).len == 0 {
@@ -227,9 +288,9 @@ impl FallbackWorker {
                 }
             };
             let mut go = Vec::with_capacity(due.len());
-            let mut gates: HashMap<String, bool> = HashMap::new();
+            let mut gates: HashMap<String, Gate> = HashMap::new();
             for task in due {
-                let open = match gates.get(task.class()) {
+                let gate = match gates.get(task.class()) {
                     Some(g) => *g,
                     None => {
                         let g = self.gate(task.class(), now);
@@ -237,7 +298,12 @@ impl FallbackWorker {
                         g
                     }
                 };
-                if open {
+                if gate == Gate::Probe {
+                    // This one is the probe; the class's others wait for its verdict.
+                    gates.insert(task.class().to_owned(), Gate::Closed);
+                    self.probing.insert(task.id());
+                    go.push(task);
+                } else if gate == Gate::Open {
                     go.push(task);
                 } else {
                     // Kept claimed until its class may go, so it does not block the others.
@@ -275,21 +341,39 @@ impl FallbackWorker {
             running.push((
                 task,
                 tokio::spawn(async move {
-                    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                    let start = tokio::time::Instant::now();
+                    let out = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
                         Replayed::Retry(format!("the replay timed out after {limit:?}"))
-                    })
+                    });
+                    (out, start.elapsed())
                 }),
             ));
         }
         let mut ops = Vec::with_capacity(running.len() * 2);
         let service = self.shared.service.to_string();
         for (mut task, handle) in running {
-            let outcome = match handle.await {
+            let (outcome, took) = match handle.await {
                 Ok(r) => r,
-                Err(e) if e.is_panic() => Replayed::Retry("the replay panicked".to_owned()),
-                Err(_) => Replayed::Retry("the replay was cancelled".to_owned()),
+                Err(e) if e.is_panic() => (
+                    Replayed::Retry("the replay panicked".to_owned()),
+                    Duration::ZERO,
+                ),
+                Err(_) => (
+                    Replayed::Retry("the replay was cancelled".to_owned()),
+                    Duration::ZERO,
+                ),
             };
+            let probe = self.probing.remove(&task.id());
+            if probe {
+                self.record_probe(task.class(), &outcome, took);
+            }
             let result = match outcome {
+                // A failed probe tells of the class, not of the task: the task keeps its
+                // attempts and waits in the spool for the class to recover.
+                Replayed::Retry(_) if probe => {
+                    self.shared.store.release(queue, task.id());
+                    "retry"
+                }
                 Replayed::Done => {
                     ops.push(Op::Remove(queue, task.id()));
                     "ok"

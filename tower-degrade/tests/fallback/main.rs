@@ -174,6 +174,69 @@ async fn spooled_calls_are_stored_then_accepted_and_backfilled_once_when_healthy
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_recovered() {
+    use tower_degrade::breaker::State;
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    // The dependency fails the 25 live calls and the first replay, then recovers.
+    let app = App::default().failing(26, 503);
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    for _ in 0..25 {
+        call(&svc, post("/log", "live")).await;
+    }
+    d.tick_now();
+    let state = |d: &Degrader| {
+        d.status()
+            .classes
+            .iter()
+            .find(|c| &*c.name == "browse")
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&d), State::Open);
+    let mut kept = Vec::new();
+    for i in 0..10 {
+        let res = call(&svc, post(&format!("/log/{i}"), "kept")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        kept.push(task_id(&res).to_string());
+    }
+    // Then no live call at all (a queue consumer that stopped): only the control loop ticks.
+    let mut states = Vec::new();
+    for _ in 0..80 {
+        run_for(500).await;
+        d.tick_now();
+        states.push(state(&d));
+    }
+    assert!(states.contains(&State::HalfOpen), "{states:?}");
+    assert_eq!(store.depth(Queue::Spool).len, 0, "states: {states:?}");
+    let replays: Vec<_> = app
+        .seen()
+        .into_iter()
+        .filter(|s| &s.3[..] == b"kept")
+        .collect();
+    // Every kept call served once, plus the probe that failed; no attempt was spent on it.
+    assert_eq!(replays.len(), 11);
+    assert!(
+        replays
+            .iter()
+            .all(|(_, _, attempt, _)| attempt.as_deref() == Some("1"))
+    );
+    let mut served: Vec<_> = replays[1..]
+        .iter()
+        .map(|(_, k, _, _)| k.clone().unwrap())
+        .collect();
+    served.sort();
+    kept.sort();
+    assert_eq!(served, kept);
+}
+
+#[tokio::test(start_paused = true)]
 async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();
