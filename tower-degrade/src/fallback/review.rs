@@ -100,6 +100,8 @@ impl ManualReview {
             .await?;
         tracing::info!(service = %self.shared.service, task = %id, by, reason,
             "manual review: dropped");
+        // The worker's next step reports the queues' depth gauges.
+        self.shared.wake.notify_one();
         Ok(true)
     }
 
