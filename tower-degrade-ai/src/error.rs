@@ -53,7 +53,8 @@ pub enum Error {
         /// The features the model names, in order; `None` when it has no such metadata.
         found: Option<Vec<String>>,
     },
-    /// An inference failed, or answered something other than probabilities.
+    /// An inference failed, or answered NaN or an infinity (a finite value outside 0..=1 is
+    /// clamped to it).
     Inference(String),
     /// A recorder could not create or write its CSV files.
     Io {

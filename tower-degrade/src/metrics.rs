@@ -9,10 +9,11 @@
 //! | `degrade_breaker_state` | gauge ([`State::as_gauge`]) | service, class, tier |
 //! | `degrade_breaker_transitions_total` | counter | service, class, tier, from, to, enforced |
 //! | `degrade_health_score` | gauge, 0–100 | service |
-//! | `degrade_prediction` | gauge, 0–1 (only with a predictor) | service, class, tier |
-//! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; absent while calibrating) | service, class, tier |
+//! | `degrade_prediction` | gauge, 0–1 (only with a predictor; NaN while the predictor fails or has not answered yet) | service, class, tier |
+//! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; NaN while calibrating) | service, class, tier |
 //! | `degrade_predict_calibrating` | gauge, 1 while the class calibrates its threshold (the predictor only reports) | service, class, tier |
 //! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
+//! | `degrade_predictor_failures_total` | counter (only with a predictor): ticks without predictions because the model failed or its thread stopped | service |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
 //! | `degrade_policy_version` | gauge (`rhai`) | service |
 //! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
@@ -92,6 +93,9 @@ pub const PREDICT_THRESHOLD: &str = "degrade_predict_threshold";
 pub const PREDICT_CALIBRATING: &str = "degrade_predict_calibrating";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
+/// Ticks where the predictor failed (an inference error, or its thread stopped): no class has
+/// a prediction then.
+pub const PREDICTOR_FAILURES: &str = "degrade_predictor_failures_total";
 /// Policy reload attempts, by `result` (`ok` or `error`).
 pub const POLICY_RELOADS: &str = "degrade_policy_reloads_total";
 /// The version of the policy set in force.
@@ -170,6 +174,11 @@ pub(crate) fn describe() {
         PREDICTOR_OVERRUNS,
         Unit::Count,
         "Ticks where the predictor did not answer within its budget."
+    );
+    describe_counter!(
+        PREDICTOR_FAILURES,
+        Unit::Count,
+        "Ticks where the predictor failed (an inference error, or its thread stopped)."
     );
     describe_counter!(
         POLICY_RELOADS,
@@ -409,14 +418,19 @@ impl ClassMetrics {
         self.queue_depth.set(w.queue_depth as f64);
         self.queue_delay.set(w.queue_delay.as_secs_f64());
         self.state.set(state.as_gauge());
-        if let (Some([p_gauge, t_gauge, calibrating]), Some(p)) = (&self.prediction, prediction) {
-            p_gauge.set(p);
+        if let Some([p_gauge, t_gauge, calibrating]) = &self.prediction {
+            // NaN, not a stale or made-up number, when there is none: no comparison with it
+            // holds, so an alert on `prediction >= threshold` cannot fire on it.
+            p_gauge.set(prediction.unwrap_or(f64::NAN));
             match threshold {
                 Some(t) => {
                     t_gauge.set(t);
                     calibrating.set(0.0);
                 }
-                None => calibrating.set(1.0),
+                None => {
+                    t_gauge.set(f64::NAN);
+                    calibrating.set(1.0);
+                }
             }
         }
     }
@@ -450,6 +464,10 @@ impl ServiceMetrics {
 /// Count a tick where the predictor overran its budget.
 pub(crate) fn predictor_overrun(service: &str) {
     counter!(PREDICTOR_OVERRUNS, "service" => service.to_owned()).increment(1);
+}
+
+pub(crate) fn predictor_failure(service: &str) {
+    counter!(PREDICTOR_FAILURES, "service" => service.to_owned()).increment(1);
 }
 
 /// Count a transition and log it: at `warn` when calls are diverted, `info` otherwise.

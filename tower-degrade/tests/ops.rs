@@ -71,6 +71,7 @@ fn emitted() -> BTreeSet<&'static str> {
         PREDICT_THRESHOLD,
         PREDICT_CALIBRATING,
         PREDICTOR_OVERRUNS,
+        PREDICTOR_FAILURES,
         POLICY_RELOADS,
         POLICY_VERSION,
         POLICY_ERRORS,
@@ -141,6 +142,7 @@ fn every_alert_is_defined_and_tested() {
         "DegradeManualReviewBacklog",
         "DegradeSpoolOldestTooOld",
         "DegradePredictorOverruns",
+        "DegradePredictorFailing",
     ] {
         assert!(defined.contains(&wanted), "{wanted} is not in {RULES}");
     }

@@ -387,14 +387,54 @@ impl Core {
                 })
             })
             .unwrap_or(0);
+        // The last one has a prediction and an admission limiter, so the branches that read
+        // them are run too (a service may have neither).
+        let admission = crate::admit::LimiterState {
+            name: Arc::from("service"),
+            limit: 16,
+            inflight: 16,
+            waiting: 40,
+            baseline_micros: Some(10_000.0),
+        };
         let samples = [
-            ("an empty history", sample(0, 0, 0, 0), State::Closed),
-            ("healthy windows", sample(95, 0, 20, 64), State::Closed),
-            ("failing windows", sample(40, 60, 900, 64), State::Closed),
-            ("an open breaker", sample(0, 30, 2000, 5), State::Open),
+            (
+                "an empty history",
+                sample(0, 0, 0, 0),
+                State::Closed,
+                None,
+                None,
+            ),
+            (
+                "healthy windows",
+                sample(95, 0, 20, 64),
+                State::Closed,
+                None,
+                None,
+            ),
+            (
+                "failing windows",
+                sample(40, 60, 900, 64),
+                State::Closed,
+                None,
+                None,
+            ),
+            (
+                "an open breaker",
+                sample(0, 30, 2000, 5),
+                State::Open,
+                None,
+                None,
+            ),
+            (
+                "a predicted failure under admission",
+                sample(90, 10, 300, 64),
+                State::Closed,
+                Some(0.95),
+                Some(admission),
+            ),
         ];
-        for (what, history, state) in samples {
-            let ctx = self.ctx(class, history, state, None, None);
+        for (what, history, state, prediction, admission) in samples {
+            let ctx = self.ctx(class, history, state, prediction, admission);
             retry_late(|| self.decide(policy, ctx.clone(), self.call_deadline())).map_err(
                 |(line, reason)| {
                     PolicyError::new(&policy.file, line, format!("on_tick with {what}: {reason}"))

@@ -16,9 +16,14 @@ pub(crate) struct Runner {
     results: mpsc::Receiver<Answer>,
     /// The input buffer, when not lent to the worker.
     buffer: Option<Vec<f32>>,
-    pub(crate) last: Vec<f32>,
+    /// The last batch's predictions, and the ticks since it came (`None` until the first).
+    last: Option<(Vec<f32>, u32)>,
     pub(crate) config: PredictorConfig,
 }
+
+/// Ticks the last predictions stand for while the predictor overruns its budget; past them a
+/// class has no prediction (a stalled model is not a healthy one).
+pub(crate) const STALE_TICKS: u32 = 4;
 
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +40,7 @@ pub(crate) enum Batch {
     Fresh,
     /// Over budget (or still busy with an earlier batch): the last predictions stand.
     Overrun,
-    /// The model failed: the last predictions stand.
+    /// The model failed, or its thread stopped (it panicked): no prediction this tick.
     Failed,
 }
 
@@ -68,30 +73,53 @@ impl Runner {
             requests,
             results,
             buffer: Some(vec![0.0; n * WINDOW * N_FEATURES]),
-            last: vec![0.0; n],
+            last: None,
             config,
         })
     }
 
+    /// The predictions this tick may use: the last batch's while it is at most
+    /// [`STALE_TICKS`] ticks old, none otherwise.
+    pub(crate) fn current(&self) -> Option<&[f32]> {
+        self.last
+            .as_ref()
+            .filter(|(_, age)| *age <= STALE_TICKS)
+            .map(|(p, _)| p.as_slice())
+    }
+
+    fn age(&mut self) {
+        if let Some((_, age)) = &mut self.last {
+            *age = age.saturating_add(1);
+        }
+    }
+
     /// Run one batch: `fill` writes the input; waits at most the budget.
     pub(crate) fn run(&mut self, fill: impl FnOnce(&mut [f32])) -> (Batch, Option<String>) {
+        const STOPPED: &str = "the predictor's thread stopped (it panicked)";
+        self.age();
         // A batch that overran its budget may have finished since.
         if self.buffer.is_none() {
             match self.results.try_recv() {
                 Ok((buf, res)) => {
                     self.buffer = Some(buf);
                     if let Ok(p) = res {
-                        self.last = p;
+                        self.last = Some((p, 1));
                     }
                 }
-                Err(_) => return (Batch::Overrun, None),
+                Err(mpsc::TryRecvError::Empty) => return (Batch::Overrun, None),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.last = None;
+                    return (Batch::Failed, Some(STOPPED.into()));
+                }
             }
         }
         let mut buf = self.buffer.take().expect("returned above");
         fill(&mut buf);
         let deadline = Instant::now() + self.config.budget;
-        if self.requests.send(buf).is_err() {
-            return (Batch::Failed, Some("the predictor thread stopped".into()));
+        if let Err(mpsc::SendError(buf)) = self.requests.send(buf) {
+            self.buffer = Some(buf);
+            self.last = None;
+            return (Batch::Failed, Some(STOPPED.into()));
         }
         match self
             .results
@@ -101,13 +129,20 @@ impl Runner {
                 self.buffer = Some(buf);
                 match res {
                     Ok(p) => {
-                        self.last = p;
+                        self.last = Some((p, 0));
                         (Batch::Fresh, None)
                     }
-                    Err(e) => (Batch::Failed, Some(e)),
+                    Err(e) => {
+                        self.last = None;
+                        (Batch::Failed, Some(e))
+                    }
                 }
             }
-            Err(_) => (Batch::Overrun, None),
+            Err(mpsc::RecvTimeoutError::Timeout) => (Batch::Overrun, None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.last = None;
+                (Batch::Failed, Some(STOPPED.into()))
+            }
         }
     }
 }

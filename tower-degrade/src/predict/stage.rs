@@ -11,6 +11,10 @@ use crate::control::{Batch, Stage};
 pub(crate) struct PredictStage {
     runner: Option<Mutex<Runner>>,
     service: Arc<str>,
+    /// Whether the predictor is failing (logged when it starts and when it ends).
+    failing: std::sync::atomic::AtomicBool,
+    /// Whether a value outside 0..=1 was logged.
+    out_of_range: std::sync::atomic::AtomicBool,
 }
 
 impl PredictStage {
@@ -18,6 +22,8 @@ impl PredictStage {
         Self {
             runner: runner.map(Mutex::new),
             service,
+            failing: Default::default(),
+            out_of_range: Default::default(),
         }
     }
 
@@ -38,16 +44,44 @@ impl Stage for PredictStage {
                 (batch.features)(i, &mut buf[i * per_class..(i + 1) * per_class]);
             }
         });
+        use std::sync::atomic::Ordering::Relaxed;
         match outcome {
-            BatchOutcome::Fresh => {}
+            BatchOutcome::Fresh => {
+                if self.failing.swap(false, Relaxed) {
+                    tracing::info!(service = %self.service, "the predictor answers again");
+                }
+            }
             BatchOutcome::Overrun => crate::metrics::predictor_overrun(&self.service),
-            BatchOutcome::Failed => tracing::warn!(
-                service = %self.service, error = error.as_deref().unwrap_or(""),
-                "predictor failed; keeping the last predictions"
-            ),
+            BatchOutcome::Failed => {
+                crate::metrics::predictor_failure(&self.service);
+                if !self.failing.swap(true, Relaxed) {
+                    tracing::error!(
+                        service = %self.service, error = error.as_deref().unwrap_or(""),
+                        "predictor failed: no prediction until it answers again \
+                         (counted in degrade_predictor_failures_total)"
+                    );
+                }
+            }
         }
-        for (p, last) in batch.predictions.iter_mut().zip(&runner.last) {
-            *p = Some(f64::from(*last));
+        let Some(current) = runner.current() else {
+            // Failed, or stalled past its last answer: no class has a prediction.
+            return;
+        };
+        for (p, &last) in batch.predictions.iter_mut().zip(current) {
+            *p = match f64::from(last) {
+                // The contract is a probability; a model that answers otherwise is read as
+                // no prediction (NaN) or clamped (and said once).
+                v if v.is_nan() => None,
+                v => {
+                    if !(0.0..=1.0).contains(&v) && !self.out_of_range.swap(true, Relaxed) {
+                        tracing::warn!(
+                            service = %self.service, value = v,
+                            "the predictor answered a value outside 0..=1: clamped"
+                        );
+                    }
+                    Some(v.clamp(0.0, 1.0))
+                }
+            };
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::window::{Outcome, Recording};
 /// is recorded when the response body ends ([`DegradeBody`]).
 ///
 /// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
-/// and `UNKNOWN` are failures and every other status a success (they are the caller's fault);
+/// and `UNKNOWN` are failures and every other status a success (they are the caller's fault).
 /// Calls the layer does not pass to the service get a trailers-only `grpc-status: 14`
 /// (`UNAVAILABLE`; 4, `DEADLINE_EXCEEDED`, for a timeout) with
 ///

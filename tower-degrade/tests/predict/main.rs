@@ -286,8 +286,8 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
         .map(|(_, _, _, v)| v);
     assert_eq!(overruns, Some(DebugValue::Counter(2)));
     assert!(
-        d.status().classes.iter().all(|c| c.prediction == Some(0.0)),
-        "the last (initial) predictions stand"
+        d.status().classes.iter().all(|c| c.prediction.is_none()),
+        "no answer yet: no prediction (not a made-up one)"
     );
     assert_eq!(d.state("pay").unwrap(), State::Closed);
     // Once the batch finishes, the next tick picks up its predictions.
@@ -301,6 +301,108 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
         );
         d.tick_now();
     }
+}
+
+/// Answers each batch with what `script` says for the call number (from 0); warm-up passes.
+struct Scripted<F>(F, usize);
+
+impl<F: FnMut(usize) -> Result<Vec<f32>, BoxError> + Send + 'static> Predictor for Scripted<F> {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        let answer = (self.0)(self.1)?;
+        self.1 += 1;
+        for (o, a) in out.iter_mut().zip(answer) {
+            *o = a;
+        }
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// The tick count of `degrade_predictor_failures_total` while `f` runs.
+fn failures_during(f: impl FnOnce()) -> Option<metrics_util::debugging::DebugValue> {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, f);
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::PREDICTOR_FAILURES)
+        .map(|(_, _, _, v)| v)
+}
+
+fn predictions(d: &Degrader) -> Vec<Option<f64>> {
+    d.status().classes.iter().map(|c| c.prediction).collect()
+}
+
+#[test]
+fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
+    use metrics_util::debugging::DebugValue;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    // Answers 0.95 twice, then fails: the fixed threshold (0.87, 2 ticks) would degrade on
+    // stale predictions.
+    let d = with_predictor(Scripted(
+        |n| match n {
+            0 | 1 => Ok(vec![0.3; 3]),
+            _ => Err("inference failed: model answered NaN".into()),
+        },
+        0,
+    ));
+    d.tick_now();
+    assert_eq!(predictions(&d), [Some(0.3f32 as f64); 3]);
+    d.tick_now();
+    let failed = failures_during(|| {
+        for _ in 0..3 {
+            d.tick_now();
+        }
+    });
+    assert_eq!(failed, Some(DebugValue::Counter(3)));
+    assert_eq!(predictions(&d), [None; 3], "not the last ones");
+    assert_eq!(d.state("pay").unwrap(), State::Closed);
+
+    // A predictor that panics stops its thread: the same, not an overrun.
+    let d = with_predictor(Scripted(
+        |n| {
+            assert!(n < 1, "the model crashed");
+            Ok(vec![0.2; 3])
+        },
+        0,
+    ));
+    d.tick_now();
+    assert_eq!(predictions(&d), [Some(0.2f32 as f64); 3]);
+    // The dying thread may outlast a few ticks' budget (overruns: the last predictions stand
+    // for up to 4 ticks, then none); once it is gone, the tick sees it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while failures_during(|| d.tick_now()).is_none() {
+        assert!(std::time::Instant::now() < deadline, "never seen as failed");
+    }
+    assert_eq!(predictions(&d), [None; 3]);
+    assert_eq!(
+        failures_during(|| d.tick_now()),
+        Some(DebugValue::Counter(1)),
+        "and every tick after"
+    );
+    assert_eq!(predictions(&d), [None; 3]);
+}
+
+#[test]
+fn a_value_outside_0_to_1_is_clamped_and_nan_is_no_prediction() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let d = with_predictor(Scripted(|_| Ok(vec![f32::NAN, 5.0, -1.0]), 0));
+    d.tick_now();
+    // Classes in registration order: default, pay, stock.
+    assert_eq!(predictions(&d), [None, Some(1.0), Some(0.0)]);
 }
 
 struct Broken;
