@@ -60,7 +60,8 @@ if [ -n "$td_missing" ]; then
 fi
 
 if [ -z "${ORT_DYLIB_PATH:-}" ]; then
-  td_venv="$PWD/target/test-venv"
+  # The repository's target/, wherever this is sourced from (bash: BASH_SOURCE).
+  td_venv="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)/target/test-venv"
   if [ ! -x "$td_venv/bin/pip" ]; then
     echo "== ONNX Runtime for the predictor's tests: a virtual environment in target/test-venv"
     if ! python3 -m venv "$td_venv" 2>/dev/null; then

@@ -54,17 +54,25 @@ pub fn loaded_library() -> Option<&'static Path> {
 /// Each place is checked for an existing file before ort sees it, so a missing library is
 /// reported as [`Error::LibraryNotFound`] listing what was tried.
 pub fn locate_library() -> Result<PathBuf, Error> {
+    locate_with(std::env::var_os(ORT_DYLIB_PATH))
+}
+
+/// [`locate_library`] with `explicit` as the value of `ORT_DYLIB_PATH`.
+fn locate_with(explicit: Option<std::ffi::OsString>) -> Result<PathBuf, Error> {
     let mut tried = Vec::new();
-    if let Some(path) = std::env::var_os(ORT_DYLIB_PATH) {
+    // Set but empty is not set (as a shell's `ORT_DYLIB_PATH= cmd` leaves it).
+    if let Some(path) = explicit.filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
         }
         // An explicit path that is wrong is an error, not a cue to look elsewhere.
-        tried.push(format!(
-            "{ORT_DYLIB_PATH}={} (no such file)",
-            path.display()
-        ));
+        let why = if path.is_dir() {
+            "a directory: name the library file in it"
+        } else {
+            "no such file"
+        };
+        tried.push(format!("{ORT_DYLIB_PATH}={} ({why})", path.display()));
         return Err(Error::LibraryNotFound { tried });
     }
     tried.push(format!("{ORT_DYLIB_PATH} (not set)"));
@@ -136,5 +144,27 @@ mod tests {
         std::fs::write(dir.join("libonnxruntime.so.1.31.1"), b"").unwrap();
         assert_eq!(library_in(&dir), Some(dir.join("libonnxruntime.so.1.31.1")));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_explicit_path_is_checked_and_an_empty_one_is_not_set() {
+        let dir = std::env::temp_dir();
+        let err = locate_with(Some(dir.clone().into_os_string())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(a directory: name the library file in it)"),
+            "{err}"
+        );
+        let missing = dir.join("no-such-libonnxruntime.so");
+        let err = locate_with(Some(missing.into_os_string())).unwrap_err();
+        assert!(err.to_string().contains("(no such file)"), "{err}");
+        // Empty: looked for elsewhere, as if not set.
+        match locate_with(Some(std::ffi::OsString::new())) {
+            Ok(path) => assert!(path.is_file()),
+            Err(err) => assert!(
+                err.to_string().contains("ORT_DYLIB_PATH (not set)"),
+                "{err}"
+            ),
+        }
     }
 }
