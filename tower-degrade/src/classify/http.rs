@@ -188,6 +188,10 @@ impl HttpClassifierBuilder {
     ///
     /// The name is matched case-insensitively, as HTTP header names are; a name that is not a
     /// valid header name is an error naming the field.
+    ///
+    /// The header picks the class of any request that carries it, whether a route matches it
+    /// or not: a class allowed here whose calls are kept (`spool`, `delayed_retry`) takes any
+    /// request a client sends it into the store, to be replayed (and answered 404 there) later.
     pub fn override_header(mut self, name: &str) -> Result<Self, ConfigError> {
         self.rules.override_header = Some(header_name("http.override_header", name)?);
         Ok(self)

@@ -14,9 +14,16 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay"
 
 /// What of a request is kept, and the idempotency header.
 ///
-/// By default: the method, the URI, the `content-type`, `content-encoding`, `grpc-encoding`
-/// and `te` headers, the idempotency header, and the body up to 64 KiB. A request with a larger
-/// body is not kept: it gets the reject answer with `x-degrade-reason: too_large`.
+/// By default: the method, the URI's path and query (an absolute-form target's scheme and
+/// authority are not kept: a replay goes where the replay service sends it), the
+/// `content-type`, `content-encoding`, `grpc-encoding` and `te` headers, the idempotency
+/// header, and the body up to 64 KiB. A request with a larger body, or with more than
+/// [`MAX_KEPT_HEADER_BYTES`] of kept headers, is not kept: it gets the reject answer with
+/// `x-degrade-reason: too_large`.
+///
+/// An idempotency key is 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII (and spaces). A call
+/// whose key is not (empty, too long, not text) is kept as a call without one: the header is
+/// not kept, and its task id is its key, so two such calls are never taken for one.
 ///
 /// ```
 /// use tower_degrade::fallback::Capture;
@@ -39,6 +46,18 @@ impl Default for Capture {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The longest idempotency key taken as one, in bytes.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// The most header bytes (names and values) kept with a call.
+pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
+
+/// Whether `key` can be an idempotency key (see [`Capture`]).
+fn valid_key(key: &[u8]) -> bool {
+    (1..=MAX_KEY_BYTES).contains(&key.len())
+        && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())
 }
 
 /// Headers that describe one connection, never replayed.
@@ -99,13 +118,14 @@ impl Capture {
         &self.idempotency
     }
 
-    /// The client's idempotency key, if it sent one that is text.
+    /// The client's idempotency key, if it sent one that can be (the first, when repeated).
     pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
         parts
             .headers
             .get(&self.idempotency)
-            .and_then(|v| v.to_str().ok())
-            .filter(|k| !k.is_empty())
+            .map(HeaderValue::as_bytes)
+            .filter(|k| valid_key(k))
+            .and_then(|k| std::str::from_utf8(k).ok())
             .map(str::to_owned)
     }
 
@@ -128,6 +148,33 @@ impl Capture {
                 return Err(CaptureError::TooLarge);
             }
         }
+        // The key the task is kept under, if the client's can be one: its header is kept
+        // (the first, when repeated), else none and the replay carries the task id.
+        let key = self.key(parts);
+        let mut kept_key = false;
+        let headers: Vec<(String, Vec<u8>)> = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                if **name == self.idempotency {
+                    return key.is_some() && !std::mem::replace(&mut kept_key, true);
+                }
+                if self.all_headers {
+                    !HOP_BY_HOP.contains(name)
+                } else {
+                    self.headers.contains(name)
+                }
+            })
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        if headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+            > MAX_KEPT_HEADER_BYTES
+        {
+            return Err(CaptureError::TooLarge);
+        }
         let body = match Limited::new(body, self.body_limit).collect().await {
             Ok(c) => c.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -135,21 +182,13 @@ impl Capture {
             }
             Err(e) => return Err(CaptureError::Body(e.to_string())),
         };
-        let headers = parts
-            .headers
-            .iter()
-            .filter(|(name, _)| {
-                if self.all_headers {
-                    !HOP_BY_HOP.contains(name)
-                } else {
-                    self.headers.contains(name) || **name == self.idempotency
-                }
-            })
-            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-            .collect();
         Ok(HttpRequest {
             method: parts.method.as_str().to_owned(),
-            uri: parts.uri.to_string(),
+            uri: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
             headers,
             body: body.to_vec(),
         })
@@ -255,5 +294,65 @@ mod tests {
         let short = Full::new(Bytes::from_static(b"0"));
         assert_eq!(cap.capture(&p, short).await, Err(CaptureError::TooLarge));
         assert!(Capture::new().header("bad header").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_key_that_cannot_be_one_is_not_kept_and_the_task_id_stands_in() {
+        let cap = Capture::new();
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        let empty = HeaderValue::from_static("");
+        let binary = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
+        for value in [empty, binary, HeaderValue::from_str(&long).unwrap()] {
+            let p = parts(
+                http::Request::post("/log")
+                    .header("idempotency-key", value)
+                    .body(())
+                    .unwrap(),
+            );
+            assert_eq!(cap.key(&p), None);
+            let rec = cap.capture(&p, Full::new(Bytes::new())).await.unwrap();
+            assert!(rec.headers.is_empty(), "{:?}", rec.headers);
+            let replay: http::Request<Full<Bytes>> = rec
+                .to_request(cap.idempotency(), "0192-task-id", 1)
+                .unwrap();
+            assert_eq!(replay.headers()["idempotency-key"], "0192-task-id");
+        }
+        // The longest key, and only the first of two.
+        let longest = "k".repeat(MAX_KEY_BYTES);
+        let p = parts(
+            http::Request::post("/log")
+                .header("idempotency-key", longest.as_str())
+                .header("idempotency-key", "second")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(cap.key(&p), Some(longest.clone()));
+        let rec = cap.capture(&p, Full::new(Bytes::new())).await.unwrap();
+        assert_eq!(
+            rec.headers,
+            [("idempotency-key".to_owned(), longest.into_bytes())]
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_kept_headers_are_refused_and_only_the_path_is_kept() {
+        let cap = Capture::new().header("x-tenant").unwrap();
+        let big = "t".repeat(MAX_KEPT_HEADER_BYTES);
+        let p = parts(
+            http::Request::post("/log")
+                .header("x-tenant", big.as_str())
+                .body(())
+                .unwrap(),
+        );
+        let body = Full::new(Bytes::new());
+        assert_eq!(cap.capture(&p, body).await, Err(CaptureError::TooLarge));
+        // An absolute-form target: the replay goes where its service sends it.
+        let p = parts(
+            http::Request::post("http://elsewhere.example/pay/1?x=1")
+                .body(())
+                .unwrap(),
+        );
+        let rec = cap.capture(&p, Full::new(Bytes::new())).await.unwrap();
+        assert_eq!(rec.uri, "/pay/1?x=1");
     }
 }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 pub use self::{
     batch::{Batch, BatchMerge},
     cached::{LastGood, LastGoodFuture, LastGoodLayer},
-    capture::{Capture, REPLAY_HEADER},
+    capture::{Capture, MAX_KEPT_HEADER_BYTES, MAX_KEY_BYTES, REPLAY_HEADER},
     record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
     replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task},
     review::{ManualReview, Page},

@@ -376,6 +376,16 @@ where
         .increment(1);
         answer(why)
     };
+    // The body first: a client that stalls its body holds no key, so it cannot hold back
+    // the other calls with its key (a retry of its own, say).
+    let rec = match shared.capture.capture(&parts, body).await {
+        Ok(rec) => rec,
+        Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),
+        Err(CaptureError::Body(e)) => {
+            tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
+            return refuse(Reason::NotKept);
+        }
+    };
     let key = shared.capture.key(&parts);
     // The same key again: the task kept for it (a second call waits while the first stores).
     let _storing = match &key {
@@ -392,14 +402,6 @@ where
             }
         },
         None => None,
-    };
-    let rec = match shared.capture.capture(&parts, body).await {
-        Ok(rec) => rec,
-        Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),
-        Err(CaptureError::Body(e)) => {
-            tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
-            return refuse(Reason::NotKept);
-        }
     };
     let (queue, task) = if route == Route::BatchMerge {
         let batcher = &shared.batches[&class];

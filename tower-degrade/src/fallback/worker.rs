@@ -188,7 +188,9 @@ impl FallbackWorker {
             return Gate::Open;
         };
         let healthy = match (c.state, c.directive) {
-            (State::Closed, Directive::Admit) => true,
+            // Closed, or forced closed by an operator (the breaker disabled): what the class
+            // admits, its spool may take.
+            (State::Closed | State::Disabled, Directive::Admit) => true,
             // Probes passed and the breaker admits a growing share, but it only finishes
             // recovering on live calls: with none, there is nothing to protect, and the spool
             // would otherwise wait for the next visitor.

@@ -237,6 +237,31 @@ async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_rec
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_class_forced_closed_by_an_operator_is_backfilled() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    for i in 0..5 {
+        let res = call(&svc, post(&format!("/log/{i}"), "kept")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    d.force_closed("browse").unwrap();
+    d.tick_now();
+    run_for(2_000).await;
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+    assert_eq!(app.seen().len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
 async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();

@@ -124,11 +124,10 @@ impl RedisStoreBuilder {
     /// Connect (lazily: the first command connects, and a lost connection is re-established
     /// in the background). Fails only on an invalid URL.
     pub fn build(self) -> Result<RedisStore, StoreError> {
+        // What logs, errors and `Debug` show of the URL: not its password.
+        let shown = redact(&self.url);
         let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            StoreError::new(
-                StoreErrorKind::Io,
-                format!("redis store `{}`: {e}", self.url),
-            )
+            StoreError::new(StoreErrorKind::Io, format!("redis store `{shown}`: {e}"))
         })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
@@ -136,10 +135,7 @@ impl RedisStoreBuilder {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
-            StoreError::new(
-                StoreErrorKind::Io,
-                format!("redis store `{}`: {e}", self.url),
-            )
+            StoreError::new(StoreErrorKind::Io, format!("redis store `{shown}`: {e}"))
         })?;
         let consumer = self.consumer.unwrap_or_else(|| {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
@@ -148,7 +144,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                url: self.url,
+                url: shown,
                 prefix: self.prefix,
                 consumer,
                 claim_timeout: self.claim_timeout,
@@ -198,8 +194,25 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
+/// `url` with the password of its user info, if any, replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split_once(':').map_or(&rest[..at], |(u, _)| u);
+            let password = if rest[..at].contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{password}{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
 struct Inner {
     conn: ConnectionManager,
+    /// The URL without its password ([`redact`]), for logs and errors.
     url: String,
     prefix: String,
     consumer: String,
@@ -713,5 +726,25 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact("redis://:s3cret@cache.internal:6379/2"),
+            "redis://:***@cache.internal:6379/2"
+        );
+        assert_eq!(
+            redact("rediss://app:p@ss@cache/0"),
+            "rediss://app:***@cache/0"
+        );
+        assert_eq!(redact("redis://app@cache"), "redis://app@cache");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("not a url"), "not a url");
     }
 }
