@@ -18,7 +18,7 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay"
 /// authority are not kept: a replay goes where the replay service sends it), the
 /// `content-type`, `content-encoding`, `grpc-encoding` and `te` headers, the idempotency
 /// header, and the body up to 64 KiB. A request with a larger body, or with more than
-/// [`MAX_KEPT_HEADER_BYTES`] of kept headers, is not kept: it gets the reject answer with
+/// [`MAX_KEPT_HEADER_BYTES`] of kept headers, is not kept: it gets `413` with
 /// `x-degrade-reason: too_large`.
 ///
 /// An idempotency key is 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII (and spaces). A call

@@ -27,7 +27,7 @@ use crate::class::Route;
 use crate::degrader::Degrader;
 use crate::error::{BoxError, ConfigError, Degraded};
 use crate::gate::Reason;
-use crate::protocol::{degraded_response, kept_response};
+use crate::protocol::{degraded_response, kept_response, key_reused_response};
 
 /// Serves the routes that keep calls (`delayed_retry`, `spool`, `manual_review`,
 /// `batch_merge`), and hands [`Route::Service`] to a custom service. Give it to
@@ -36,11 +36,11 @@ use crate::protocol::{degraded_response, kept_response};
 ///
 /// A kept call is captured ([`Capture`]), stored with an id and an idempotency key, and only
 /// then answered `202 Accepted` with `x-degrade-task-id` (gRPC: see
-/// [`TASK_ID_HEADER`](crate::protocol::TASK_ID_HEADER)). A call that cannot be kept (its body
-/// over the limit, the store full or failing) gets the reject answer with
-/// `x-degrade-reason: too_large` or `not_kept`: never a 202. A client that sends the same
-/// idempotency key again while the task is kept gets the same task id, and nothing is kept
-/// twice. [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
+/// [`TASK_ID_HEADER`](crate::protocol::TASK_ID_HEADER)). A call that cannot be kept gets
+/// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit) or the
+/// reject answer with `not_kept` (the store full or failing): never a 202. A client that sends
+/// the same idempotency key again while the task is kept gets the same task id, and nothing
+/// is kept twice; the same key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
 ///
 /// ```
 /// use tower_degrade::{ClassConfig, Degrader, Route};
@@ -391,7 +391,18 @@ where
     let _storing = match &key {
         Some(k) => match shared.claim_key(&class, k).await {
             Ok(storing) => Some(storing),
-            Err(id) => {
+            Err((queue, id)) => {
+                // The same request again is the same task; another one under its key is
+                // refused rather than acknowledged and never run.
+                let other = matches!(
+                    shared.store.get(queue, id).await,
+                    Ok(Some(kept)) if matches!(kept.payload(), Payload::Http(first)
+                        if (&first.method, &first.uri, &first.body)
+                            != (&rec.method, &rec.uri, &rec.body))
+                );
+                if other {
+                    return Ok(key_reused_response(&id.to_string(), grpc, RB::default()));
+                }
                 return Ok(kept_response(
                     &id.to_string(),
                     route,

@@ -84,10 +84,14 @@ impl RouterShared {
 
     /// The task already kept for `class` under `key`, or the right to store one (other calls
     /// with the same key wait until it is stored or refused).
-    pub(crate) async fn claim_key(&self, class: &str, key: &str) -> Result<Storing<'_>, TaskId> {
+    pub(crate) async fn claim_key(
+        &self,
+        class: &str,
+        key: &str,
+    ) -> Result<Storing<'_>, (Queue, TaskId)> {
         loop {
-            if let Ok(Some((_, id))) = self.store.find_key(class, key).await {
-                return Err(id);
+            if let Ok(Some(kept)) = self.store.find_key(class, key).await {
+                return Err(kept);
             }
             let k = (class.to_owned(), key.to_owned());
             let done = {

@@ -18,8 +18,9 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
-/// Build the layer's own answer: HTTP 503 (504 for a timeout) with `Retry-After`, or a gRPC
-/// trailers-only response with `grpc-status` 14 (4 for a timeout) and
+/// Build the layer's own answer: HTTP 503 (504 for a timeout, 413 for a call too large to
+/// keep) with `Retry-After`, or a gRPC trailers-only response with `grpc-status` 14 (4 for a
+/// timeout, 8 `RESOURCE_EXHAUSTED` for a call too large to keep) and
 /// `grpc-retry-pushback-ms`; both with [`REASON_HEADER`], and the [`Degraded`] value in the
 /// extensions.
 pub(crate) fn degraded_response<T>(
@@ -28,7 +29,6 @@ pub(crate) fn degraded_response<T>(
     expose_class: bool,
     body: T,
 ) -> http::Response<T> {
-    let timeout = d.reason() == Reason::Timeout;
     let mut res = http::Response::new(body);
     let headers = res.headers_mut();
     headers.insert(REASON_HEADER, HeaderValue::from_static(d.reason().as_str()));
@@ -42,7 +42,11 @@ pub(crate) fn degraded_response<T>(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        let code = if timeout { "4" } else { "14" };
+        let code = match d.reason() {
+            Reason::Timeout => "4",
+            Reason::TooLarge => "8",
+            _ => "14",
+        };
         headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
         if let Ok(v) = HeaderValue::from_str(&d.client_message(expose_class)) {
             headers.insert(GRPC_MESSAGE, v);
@@ -51,10 +55,11 @@ pub(crate) fn degraded_response<T>(
             headers.insert(GRPC_PUSHBACK, HeaderValue::from(ra.as_millis() as u64));
         }
     } else {
-        *res.status_mut() = if timeout {
-            StatusCode::GATEWAY_TIMEOUT
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
+        *res.status_mut() = match d.reason() {
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // The client's own request: a 4xx, which no client retries as is.
+            Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         if let Some(ra) = d.retry_after() {
             // Whole seconds, rounded up: a client told "0" would come back at once.
@@ -106,6 +111,36 @@ pub(crate) fn kept_response<T>(
         }
     } else {
         *res.status_mut() = StatusCode::ACCEPTED;
+    }
+    res
+}
+
+/// The answer to a call whose idempotency key is already the key of a kept task made from a
+/// different request (method, target or body): HTTP `422 Unprocessable Content`, or for gRPC
+/// `grpc-status` 9 (`FAILED_PRECONDITION`), with the kept task's id in [`TASK_ID_HEADER`] and
+/// `x-degrade-reason: key_reused` (draft-ietf-httpapi-idempotency-key-header: a key reused
+/// with another payload is refused, not taken for the first call).
+#[cfg(feature = "fallback")]
+pub(crate) fn key_reused_response<T>(id: &str, grpc: bool, body: T) -> http::Response<T> {
+    let mut res = http::Response::new(body);
+    let headers = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(id) {
+        headers.insert(TASK_ID_HEADER, v);
+    }
+    headers.insert(REASON_HEADER, HeaderValue::from_static("key_reused"));
+    if grpc {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("9"));
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "idempotency key already used by task {id} for a different request"
+        )) {
+            headers.insert(GRPC_MESSAGE, v);
+        }
+    } else {
+        *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
     }
     res
 }

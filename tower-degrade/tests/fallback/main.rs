@@ -381,6 +381,25 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
     .await;
     assert_eq!(task_id(&again), task_id(&res));
     assert_eq!(store.depth(Queue::Retry).len, 1);
+    // The same key on another request is refused, not taken for the first (nor kept).
+    for (uri, body) in [("/pay/8", "{}"), ("/pay/7", "{\"amount\":999999}")] {
+        let other = call(
+            &svc,
+            Request::post(uri)
+                .header("idempotency-key", "order-7")
+                .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            other.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{uri} {body}"
+        );
+        assert_eq!(other.headers()[REASON_HEADER], "key_reused");
+        assert_eq!(task_id(&other), task_id(&res));
+    }
+    assert_eq!(store.depth(Queue::Retry).len, 1);
 
     // Attempts at ~0, then waits of [0.5, 1] s, [1, 2] s, [2, 4] s.
     run_for(200).await;
@@ -590,7 +609,7 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     let svc = layered(&d, "browse", router, &app);
     d.force_open("browse").unwrap();
     let big = call(&svc, post("/log", "0123456789abcdef")).await;
-    assert_eq!(big.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(big.headers()[REASON_HEADER], "too_large");
     assert!(
         !big.headers().contains_key("retry-after"),
