@@ -13,6 +13,8 @@ use tower_degrade::gate::Reason;
 use tower_degrade::protocol::{CLASS_HEADER, REASON_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, ServiceBuilderExt};
 
+#[path = "../logs.rs"]
+mod logs;
 #[path = "../support.rs"]
 mod support;
 
@@ -460,25 +462,7 @@ fn assert_answer(res: &Response<String>, reason: Reason, retry_after: &str) {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_route_the_layer_cannot_serve_is_rejected_and_logged_once() {
-    #[derive(Clone, Default)]
-    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let _log = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish(),
-    );
+    let (logs, _guard) = logs::Logs::capture();
     let d =
         degrader([ClassConfig::silver("inventory").fallback_route(tower_degrade::Route::Service)]);
     let classify = d
@@ -495,7 +479,7 @@ async fn a_route_the_layer_cannot_serve_is_rejected_and_logged_once() {
         let res = svc.clone().oneshot(post("/sku/1")).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let log = logs.text();
     assert_eq!(
         log.matches("has no fallback for").count(),
         1,

@@ -5,7 +5,6 @@
 //! such a policy passes validation and does its damage on the first tick with 7 calls, on the
 //! control loop's thread, on the stack grown for the tick.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tower_degrade::policy::{Limits, Overlap};
@@ -354,25 +353,10 @@ async fn the_control_loop_ticks_while_a_reload_validates() {
 
 /// What the degrader logs while `f` runs on this thread.
 pub(crate) fn logs(f: impl FnOnce()) -> String {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::with_default(subscriber, f);
-    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    let (logs, guard) = crate::logs::Logs::capture();
+    f();
+    drop(guard);
+    logs.text()
 }
 
 #[tokio::test(start_paused = true)]

@@ -10,6 +10,8 @@ use tower_degrade::{
     BoxError, ClassConfig, Degrader, Route, breaker::State, clock::LatencyClock, gate::Reason,
 };
 
+#[path = "../logs.rs"]
+mod logs;
 #[path = "../support.rs"]
 mod support;
 
