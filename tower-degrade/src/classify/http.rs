@@ -108,7 +108,8 @@ impl HttpClassifier {
 }
 
 impl HttpClassifierBuilder {
-    /// Requests matching `method` (any when `None`) and `pattern` belong to `class`.
+    /// Requests matching `method` (any when `None`; `GET` takes `HEAD` too, as axum's routes
+    /// answer `HEAD` with the `GET` handler) and `pattern` belong to `class`.
     ///
     /// Patterns use axum's syntax: literal segments, `{param}` (or `:param`) for one segment,
     /// and a trailing `{*rest}` (or `*`) for any remainder. Rules are tried in order; a rule
@@ -297,7 +298,12 @@ impl HttpClassifier {
         }
         let matched = matched_path(extensions);
         for rule in &r.paths {
-            if rule.method.as_ref().is_some_and(|m| m != method) {
+            // A GET rule takes HEAD too, as axum's routes answer HEAD with the GET handler.
+            if rule
+                .method
+                .as_ref()
+                .is_some_and(|m| m != method && !(m == Method::GET && method == Method::HEAD))
+            {
                 continue;
             }
             let hit = match matched {

@@ -12,6 +12,16 @@ use crate::window::{Outcome, Recording};
 /// status is read from the headers or, when absent there, from the **trailers**, so the outcome
 /// is recorded when the response body ends ([`DegradeBody`]).
 ///
+/// # Streaming RPCs
+///
+/// A call is in flight until its stream ends, so a server stream (a watch, a feed) that lives
+/// longer than its class's SLA is a slow call, and past the class's abandon threshold an
+/// overdue one, which the failure rate counts: twenty healthy watches held open in one class
+/// open its breaker. A client that cancels a stream past the abandon threshold counts a
+/// timeout. Give long-lived streams a class of their own, with an SLA suited to them and
+/// [`abandon_timeout(None)`](crate::ClassConfig::abandon_timeout), and keep them out of the
+/// classes of unary calls. The class `timeout` covers the time to the response headers only.
+///
 /// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
 /// and `UNKNOWN` are failures and every other status a success (they are the caller's fault).
 /// Calls the layer does not pass to the service get a trailers-only `grpc-status: 14`

@@ -10,9 +10,13 @@ use crate::error::Degraded;
 use crate::window::{Outcome, Recording};
 
 /// The protocol for HTTP services (`http::Response<B>`), built on a tower-http response
-/// classifier that decides from the response head (5xx by default). The response type is
-/// unchanged; calls the layer does not pass to the service are answered with an empty
-/// `B::default()` body: 503 (504 for a timeout) with
+/// classifier that decides from the response head (5xx by default). The call's latency and
+/// outcome stop at the response head: a streamed body (SSE, a large download), an error in
+/// the body after the status, a client gone mid-body and an upgraded connection's life (a
+/// `101` is a success) are not seen. A timeout answered `408` by an inner layer is a 4xx, the
+/// caller's, so it is not a failure: answer timeouts with `504` (counted as timeouts). The
+/// response type is unchanged; calls the layer does not pass to the service are answered with
+/// an empty `B::default()` body: 503 (504 for a timeout) with
 ///
 /// * `Retry-After`, in whole seconds rounded up, from the class's state: the open time left,
 ///   the next tick, or a policy's `retry_after`;

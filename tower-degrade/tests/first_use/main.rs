@@ -216,6 +216,28 @@ fn a_route_an_earlier_one_hides_is_rejected_naming_both() {
         "invalid `http.route`: `GET /orders/:order` can never match: \
          `any method /orders/{id}` (class `pay`) is tried first"
     );
+    // A GET rule takes HEAD too (axum answers HEAD with the GET handler); not POST.
+    use tower_degrade::classify::ClassifyRequest;
+    let classify = d
+        .http_classifier()
+        .route(Some(Method::GET), "/orders/{id}", "browse")
+        .unwrap()
+        .build();
+    let req = |m: Method| {
+        Request::builder()
+            .method(m)
+            .uri("/orders/7")
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(
+        classify.classify(&req(Method::HEAD)),
+        d.class_id("browse").unwrap()
+    );
+    assert_eq!(
+        classify.classify(&req(Method::POST)),
+        tower_degrade::ClassId::DEFAULT
+    );
     // Another method, or any method after a specific one, still matches something.
     assert!(
         d.http_classifier()
