@@ -91,27 +91,20 @@ pub(crate) fn kept_response<T>(
     grpc: bool,
     body: T,
 ) -> http::Response<T> {
-    let mut res = http::Response::new(body);
-    let headers = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(id) {
-        headers.insert(TASK_ID_HEADER, v);
-    }
-    headers.insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
-    headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-    if grpc {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert(GRPC_STATUS, HeaderValue::from_static("6"));
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "accepted: kept as task {id} ({route}); it will be replayed"
-        )) {
-            headers.insert(GRPC_MESSAGE, v);
-        }
-    } else {
-        *res.status_mut() = StatusCode::ACCEPTED;
-    }
+    let mut res = task_answer(
+        id,
+        reason.as_str(),
+        StatusCode::ACCEPTED,
+        grpc.then(|| {
+            (
+                "6",
+                format!("accepted: kept as task {id} ({route}); it will be replayed"),
+            )
+        }),
+        body,
+    );
+    res.headers_mut()
+        .insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
     res
 }
 
@@ -122,25 +115,46 @@ pub(crate) fn kept_response<T>(
 /// with another payload is refused, not taken for the first call).
 #[cfg(feature = "fallback")]
 pub(crate) fn key_reused_response<T>(id: &str, grpc: bool, body: T) -> http::Response<T> {
+    task_answer(
+        id,
+        "key_reused",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        grpc.then(|| {
+            let why = format!("idempotency key already used by task {id} for a different request");
+            ("9", why)
+        }),
+        body,
+    )
+}
+
+/// An answer about a kept task: [`TASK_ID_HEADER`] and [`REASON_HEADER`], and either the HTTP
+/// `status` or, given `grpc` = (status code, message), a trailers-only gRPC answer.
+#[cfg(feature = "fallback")]
+fn task_answer<T>(
+    id: &str,
+    reason: &'static str,
+    status: StatusCode,
+    grpc: Option<(&'static str, String)>,
+    body: T,
+) -> http::Response<T> {
     let mut res = http::Response::new(body);
     let headers = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(id) {
         headers.insert(TASK_ID_HEADER, v);
     }
-    headers.insert(REASON_HEADER, HeaderValue::from_static("key_reused"));
-    if grpc {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert(GRPC_STATUS, HeaderValue::from_static("9"));
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "idempotency key already used by task {id} for a different request"
-        )) {
-            headers.insert(GRPC_MESSAGE, v);
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason));
+    match grpc {
+        Some((code, message)) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
+            if let Ok(v) = HeaderValue::from_str(&message) {
+                headers.insert(GRPC_MESSAGE, v);
+            }
         }
-    } else {
-        *res.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+        None => *res.status_mut() = status,
     }
     res
 }

@@ -106,6 +106,19 @@ fn layered(d: &Degrader, class: &str, router: FallbackRouter, app: &App) -> Svc 
     )
 }
 
+/// `class`'s calls through the layer with the default fallback router over a memory store,
+/// replayed into `app` by a running worker.
+fn kept(d: &Degrader, class: &str, app: &App) -> (Arc<MemoryStore>, Svc) {
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(d)
+        .shared_store(store.clone())
+        .replay(replay(app))
+        .build()
+        .unwrap();
+    tokio::spawn(worker.run());
+    (store, layered(d, class, router, app))
+}
+
 async fn call(svc: &Svc, req: Req) -> Res {
     svc.clone().oneshot(req).await.unwrap()
 }
@@ -131,14 +144,7 @@ async fn run_for(ms: u64) {
 async fn spooled_calls_are_stored_then_accepted_and_backfilled_once_when_healthy() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "browse", router, &app);
-    tokio::spawn(worker.run());
+    let (store, svc) = kept(&d, "browse", &app);
     d.force_open("browse").unwrap();
     d.tick_now();
 
@@ -179,14 +185,7 @@ async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_rec
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     // The dependency fails the 25 live calls and the first replay, then recovers.
     let app = App::default().failing(26, 503);
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "browse", router, &app);
-    tokio::spawn(worker.run());
+    let (store, svc) = kept(&d, "browse", &app);
     for _ in 0..25 {
         call(&svc, post("/log", "live")).await;
     }
@@ -240,14 +239,7 @@ async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_rec
 async fn a_class_forced_closed_by_an_operator_is_backfilled() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "browse", router, &app);
-    tokio::spawn(worker.run());
+    let (store, svc) = kept(&d, "browse", &app);
     d.force_open("browse").unwrap();
     d.tick_now();
     for i in 0..5 {
@@ -352,14 +344,7 @@ async fn backfill_stops_the_moment_the_class_degrades_again() {
 async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default().failing(3, 503);
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "pay", router, &app);
-    tokio::spawn(worker.run());
+    let (store, svc) = kept(&d, "pay", &app);
     d.force_open("pay").unwrap();
     let res = call(
         &svc,
