@@ -5,12 +5,18 @@
 //! ```text
 //! /orders.v1.Orders/Pay     -> payment (gold)
 //! /orders.v1.Orders/Status  -> status  (silver)
+//! /orders.v1.Orders/Watch   -> status  (silver; a server stream)
 //! ```
+//!
+//! A stream is timed to its response headers and its status counted when it ends, so long
+//! watches share the `status` class with the unary reads without looking slow to it.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tower_degrade::error::ConfigError;
 use tower_degrade::{ClassConfig, Degrader};
@@ -31,6 +37,8 @@ pub struct OrderService;
 
 #[tonic::async_trait]
 impl Orders for OrderService {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<StatusReply, Status>> + Send>>;
+
     async fn pay(&self, req: Request<PayRequest>) -> Result<Response<PayReply>, Status> {
         let req = req.into_inner();
         if req.fail {
@@ -46,6 +54,20 @@ impl Orders for OrderService {
             order_id: req.into_inner().order_id,
             status: "shipped".into(),
         }))
+    }
+
+    async fn watch(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let now = StatusReply {
+            order_id: req.into_inner().order_id,
+            status: "shipped".into(),
+        };
+        // The current status, then nothing changes (a shipped order stays shipped) until the
+        // client goes away.
+        let updates = tokio_stream::once(Ok(now)).chain(tokio_stream::pending());
+        Ok(Response::new(Box::pin(updates)))
     }
 }
 
@@ -80,6 +102,7 @@ pub fn classifier(
         .http_classifier()
         .grpc("/orders.v1.Orders/Pay", "payment")?
         .grpc("/orders.v1.Orders/Status", "status")?
+        .grpc("/orders.v1.Orders/Watch", "status")?
         .build())
 }
 

@@ -3,6 +3,8 @@
 
 use example_grpc::proto::orders_client::OrdersClient;
 use example_grpc::proto::{PayRequest, StatusRequest};
+use std::time::Duration;
+
 use tonic::Code;
 use tower_degrade::breaker::State;
 
@@ -81,6 +83,79 @@ async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
     assert_eq!(degrader.state("status").unwrap(), State::Closed);
     let w = *degrader.history("payment").unwrap().latest().unwrap();
     assert_eq!(w.rejected, 1);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_watches_share_a_class_with_unary_reads_without_opening_it() {
+    // A status class that expects answers within 50 ms; latencies on tokio's (paused) clock.
+    let (degrader, _loop) = tower_degrade::Degrader::builder("orders-grpc")
+        .latency_clock(tower_degrade::clock::LatencyClock::Tokio)
+        .class(tower_degrade::ClassConfig::gold("payment"))
+        .class(tower_degrade::ClassConfig::silver("status").sla(Duration::from_millis(50)))
+        .build_with_worker()
+        .unwrap();
+    let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let degrader = degrader.clone();
+        tokio::spawn(async move {
+            example_grpc::serve(&degrader, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let mut client = OrdersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let order = || StatusRequest {
+        order_id: "7".into(),
+    };
+
+    // 25 watches, each answered at once and then held open for 2 s: 40 times the class's SLA.
+    let mut watches = Vec::new();
+    for _ in 0..25 {
+        let mut watch = client.watch(order()).await.unwrap().into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status, "shipped");
+        watches.push(watch);
+    }
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        degrader.tick_now();
+        let w = *degrader.history("status").unwrap().latest().unwrap();
+        assert_eq!((w.inflight, w.overdue, w.slow), (0, 0, 0), "{w:?}");
+        assert_eq!(degrader.state("status").unwrap(), State::Closed);
+    }
+    // Unary reads in the same class are answered throughout.
+    let status = client.status(order()).await.unwrap().into_inner();
+    assert_eq!(status.status, "shipped");
+
+    // The watches end when their clients drop them: cancelled, not failed.
+    drop(watches);
+    let cancelled = async {
+        let mut total = 0;
+        loop {
+            degrader.tick_now();
+            let w = *degrader.history("status").unwrap().latest().unwrap();
+            total += w.cancelled;
+            assert_eq!((w.errors, w.timeouts), (0, 0), "{w:?}");
+            if total == 25 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), cancelled)
+        .await
+        .expect("the server sees every watch end");
+    assert_eq!(degrader.state("status").unwrap(), State::Closed);
 
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

@@ -14,13 +14,16 @@ use crate::window::{Outcome, Recording};
 ///
 /// # Streaming RPCs
 ///
-/// A call is in flight until its stream ends, so a server stream (a watch, a feed) that lives
-/// longer than its class's SLA is a slow call, and past the class's abandon threshold an
-/// overdue one, which the failure rate counts: twenty healthy watches held open in one class
-/// open its breaker. A client that cancels a stream past the abandon threshold counts a
-/// timeout. Give long-lived streams a class of their own, with an SLA suited to them and
-/// [`abandon_timeout(None)`](crate::ClassConfig::abandon_timeout), and keep them out of the
-/// classes of unary calls. The class `timeout` covers the time to the response headers only.
+/// A call's latency is the time to its response headers (as for any HTTP response), and its
+/// outcome is counted when the stream ends, with the status in the trailers. So a server
+/// stream (a watch, a feed) that stays open for minutes is neither a slow call nor an overdue
+/// one, and does not hold an in-flight slot or an admission permit while it streams; a stream
+/// that ends with a failure status counts as failed when it ends. A stream that its client
+/// drops after the headers is `cancelled`: the service had answered. For unary calls the
+/// headers come back when the handler has answered, with the trailers right after them. A
+/// half-open probe that is a long stream leaves the probe unfinished until the stream ends:
+/// unary calls make better probes. The class `timeout` covers the time to the response
+/// headers.
 ///
 /// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
 /// and `UNKNOWN` are failures and every other status a success (they are the caller's fault).
@@ -117,7 +120,12 @@ where
                 rec.finish(f.outcome());
                 None
             }
-            ClassifiedResponse::RequiresEos(eos) => Some((rec, eos)),
+            ClassifiedResponse::RequiresEos(eos) => {
+                // The response head is the answer's latency; the status waits for the trailers.
+                let mut rec = rec;
+                rec.answered();
+                Some((rec, eos))
+            }
         };
         Ok(res.map(|body| DegradeBody {
             inner: Some(body),

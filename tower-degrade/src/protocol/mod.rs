@@ -7,8 +7,9 @@
 //!   [`tower_http::classify::ClassifyResponse`] (HTTP 5xx by default), and a degraded call is
 //!   *answered* with 503 and `Retry-After`, with the [`Degraded`] value
 //!   in the response extensions. Response and error types stay the inner service's.
-//! * [`Grpc`] for gRPC: the status comes from the headers **or the trailers** (recorded when
-//!   the body ends), and a degraded call gets a trailers-only `UNAVAILABLE` response.
+//! * [`Grpc`] for gRPC: the status comes from the headers **or the trailers** (counted when
+//!   the body ends; the latency is the time to the headers), and a degraded call gets a
+//!   trailers-only `UNAVAILABLE` response.
 //!
 //! Every answer the layer makes itself carries why (the `x-degrade-reason` header, or the
 //! gRPC status message) and when to come back (`Retry-After`, or `grpc-retry-pushback-ms`):

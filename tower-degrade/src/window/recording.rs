@@ -10,6 +10,11 @@ use crate::gate::ProbePermit;
 /// `cancelled` call, or a `timeout` past the class's abandon threshold, frees the slot and
 /// gives back its half-open probe permit, if any.
 ///
+/// A call whose outcome is known only at the end of its response stream (gRPC's status in the
+/// trailers) is [`answered`](Self::answered) when its response head comes back: its latency is
+/// taken then and its slot freed, and the outcome is counted when the stream ends, so a long
+/// stream is neither a slow call nor an overdue one.
+///
 /// It is moved by value into the protocol when the call completes: it is kept to 32 bytes (two
 /// aligned 16-byte moves), as a larger one costs a failed store-to-load forwarding on the
 /// closed path.
@@ -33,6 +38,9 @@ const PERMIT: u8 = 2;
 const POLLING: u8 = 4;
 /// Holds one of its class's half-open probe permits.
 const PROBE: u8 = 8;
+/// Answered: the latency is recorded and the in-flight slot and permit are freed; only the
+/// outcome is left to count.
+const ANSWERED: u8 = 16;
 
 impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,10 +126,34 @@ impl Recording {
         self.waited_micros = 0;
     }
 
-    /// Record the call's outcome and latency, and free its in-flight slot.
+    /// The call's response head came back and its outcome waits for the end of the response
+    /// stream: record its latency now (the time to the head, as for any HTTP response), free
+    /// its in-flight slot and give its admission permit back. The outcome is counted by
+    /// [`finish`](Self::finish) at the end of the stream, or as `cancelled` if the stream is
+    /// dropped before it (the service had answered; its caller went away).
+    #[inline]
+    pub fn answered(&mut self) {
+        if self.flags & (ANSWERED | DONE) != 0 {
+            return;
+        }
+        self.flags |= ANSWERED;
+        let (latency, ran) = self.latency();
+        self.shard.answered(usize::from(self.class), latency);
+        if self.flags & PERMIT != 0 {
+            self.flags &= !PERMIT;
+            self.release(ran, true);
+        }
+    }
+
+    /// Record the call's outcome and latency, and free its in-flight slot (or, for a call
+    /// already [`answered`](Self::answered), count its outcome).
     #[inline]
     pub fn finish(mut self, outcome: Outcome) {
         self.flags |= DONE;
+        if self.flags & ANSWERED != 0 {
+            self.shard.count(usize::from(self.class), outcome);
+            return;
+        }
         let (latency, ran) = self.latency();
         self.shard.end(usize::from(self.class), outcome, latency);
         if self.flags & PERMIT != 0 {
@@ -150,7 +182,17 @@ impl Recording {
 /// Either way its latency so far is recorded, a lower bound of what the call would have taken.
 impl Drop for Recording {
     fn drop(&mut self) {
-        if self.flags & DONE == 0 {
+        if self.flags & DONE == 0 && self.flags & ANSWERED != 0 {
+            let outcome = if std::thread::panicking() {
+                Outcome::Error
+            } else {
+                Outcome::Cancelled
+            };
+            self.shard.count(usize::from(self.class), outcome);
+            if self.flags & PROBE != 0 {
+                self.shard.release_probe(usize::from(self.class));
+            }
+        } else if self.flags & DONE == 0 {
             let class = usize::from(self.class);
             let (latency, ran) = self.latency();
             let outcome = if self.flags & POLLING != 0 || std::thread::panicking() {

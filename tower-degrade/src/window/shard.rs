@@ -166,14 +166,35 @@ impl Shard {
     /// their latency.
     #[inline]
     pub(crate) fn record(&self, class: usize, outcome: Outcome, latency: Duration) {
-        let c = &self.classes[class];
-        c.outcomes[outcome.index()].fetch_add(1, Relaxed);
+        self.count(class, outcome);
         if outcome.has_latency() {
-            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-            c.hist[histogram::bucket_of(micros)].fetch_add(1, Relaxed);
-            if micros > c.max_micros.load(Relaxed) {
-                c.max_micros.fetch_max(micros, Relaxed);
-            }
+            self.sample(class, latency);
+        }
+    }
+
+    /// A call of `class` counted by [`Shard::begin`] was answered after `latency`: its
+    /// response head came back, its outcome waits for the end of the stream
+    /// ([`Shard::count`]).
+    #[inline]
+    pub(crate) fn answered(&self, class: usize, latency: Duration) {
+        self.classes[class].inflight.fetch_sub(1, Relaxed);
+        self.sample(class, latency);
+    }
+
+    /// Count an outcome of `class`, without a latency.
+    #[inline]
+    pub(crate) fn count(&self, class: usize, outcome: Outcome) {
+        self.classes[class].outcomes[outcome.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A latency sample of `class`.
+    #[inline]
+    fn sample(&self, class: usize, latency: Duration) {
+        let c = &self.classes[class];
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        c.hist[histogram::bucket_of(micros)].fetch_add(1, Relaxed);
+        if micros > c.max_micros.load(Relaxed) {
+            c.max_micros.fetch_max(micros, Relaxed);
         }
     }
 }

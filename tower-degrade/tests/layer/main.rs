@@ -507,6 +507,115 @@ async fn grpc_status_in_trailers_counts_as_failure() {
     assert_eq!(res.headers()["content-type"], "application/grpc");
 }
 
+/// A server stream: one message, then the trailers with the status its sender gives.
+struct ServerStream {
+    first: Option<Bytes>,
+    end: Option<oneshot::Receiver<&'static str>>,
+}
+
+impl http_body::Body for ServerStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(d) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        let Some(end) = self.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let code = std::task::ready!(Pin::new(end).poll(cx));
+        self.end = None;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static(code.unwrap_or("2")));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
+    let d = degrader(vec![
+        ClassConfig::gold("watch").sla(Duration::from_millis(50)),
+    ]);
+    let classify = d
+        .http_classifier()
+        .grpc("/shop.Inventory/*", "watch")
+        .unwrap()
+        .build();
+    let streams = service_fn(|req: Request<oneshot::Receiver<&'static str>>| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let body = ServerStream {
+            first: Some(Bytes::from_static(b"msg")),
+            end: Some(req.into_body()),
+        };
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap(),
+        )
+    });
+    let mut svc = d.layer(classify).grpc().layer(streams);
+    let mut open = Vec::new();
+    for _ in 0..25 {
+        let (end, rx) = oneshot::channel();
+        let req = Request::post("/shop.Inventory/Watch").body(rx).unwrap();
+        let mut res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert!(res.body_mut().frame().await.unwrap().unwrap().is_data());
+        open.push((end, res));
+    }
+    // 25 healthy streams open for 1.2 s in a class with a 50 ms SLA: not in flight, not
+    // overdue, not slow (5 ms to the headers), no outcome yet; the breaker stays closed.
+    for _ in 0..12 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        d.tick_now();
+        let w = d.history("watch").unwrap().latest().copied().unwrap();
+        assert_eq!((w.inflight, w.overdue, w.completed()), (0, 0, 0), "{w:?}");
+        assert_eq!(d.state("watch").unwrap(), State::Closed);
+    }
+    // 20 end OK, 3 end UNAVAILABLE, 2 are dropped by their clients before the end.
+    for (i, (end, res)) in open.into_iter().enumerate() {
+        match i {
+            0..20 => end.send("0").unwrap(),
+            20..23 => end.send("14").unwrap(),
+            _ => {
+                drop(res);
+                continue;
+            }
+        }
+        assert!(
+            res.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .trailers()
+                .is_some()
+        );
+    }
+    d.tick_now();
+    let mut total = tower_degrade::window::WindowSnapshot::default();
+    for w in d.history("watch").unwrap().iter() {
+        total.successes += w.successes;
+        total.errors += w.errors;
+        total.timeouts += w.timeouts;
+        total.cancelled += w.cancelled;
+        total.slow += w.slow;
+    }
+    assert_eq!(
+        (
+            total.successes,
+            total.errors,
+            total.timeouts,
+            total.cancelled,
+            total.slow
+        ),
+        (20, 3, 0, 2, 0)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn override_header_only_picks_configured_allowed_classes() {
     let d = degrader(vec![ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
