@@ -193,12 +193,16 @@ impl DegraderBuilder {
                 Gate::new(c, (l != u8::MAX).then_some(l))
             })
             .collect();
+        let timer = Timer::new(self.clock);
+        // Nothing is in flight before the degrader exists.
+        let built = timer.start();
         let control = registry
             .iter()
             .zip(breakers)
             .map(|((_, c), b)| {
                 Mutex::new(ClassControl::new(
                     Breaker::new(b, c.route()).with_tick(self.tick),
+                    built,
                 ))
             })
             .collect();
@@ -225,7 +229,6 @@ impl DegraderBuilder {
         #[cfg(not(feature = "rhai"))]
         let policies: PolicyStage = ();
         let service: Arc<str> = Arc::from(self.service);
-        let timer = Timer::new(self.clock);
         let shard_n = shard_count();
         let abandon: Arc<[u64]> = registry
             .iter()

@@ -37,10 +37,11 @@ pub(crate) struct ClassControl {
 }
 
 impl ClassControl {
-    pub(crate) fn new(breaker: Breaker) -> Self {
+    /// The control of a class whose calls began after `built` (a stamp of the shards' timer).
+    pub(crate) fn new(breaker: Breaker, built: u64) -> Self {
         Self {
             breaker,
-            reader: WindowReader::default(),
+            reader: WindowReader::starting(built),
             history: Arc::default(),
             features: FeatureHistory::default(),
             prediction: None,

@@ -36,12 +36,51 @@ impl Default for Cumulative {
     }
 }
 
+/// How many past reads' in-flight counts a reader keeps ([`InflightSamples`]).
+const SAMPLES: usize = 16;
+
+/// The in-flight count of a class at its last reads, with when each was taken (a stamp of
+/// the shards' timer): a call in flight for longer than `a` now was in flight at every read
+/// since `a` ago, so the fewest calls in flight at any of them bounds how many can be overdue.
+#[derive(Debug, Default)]
+struct InflightSamples {
+    at: [(u64, u64); SAMPLES],
+    len: usize,
+    next: usize,
+}
+
+impl InflightSamples {
+    /// The fewest calls in flight at `now` (`inflight`) and at the reads within `within` of
+    /// it; then remember this read.
+    fn bound(
+        &mut self,
+        timer: &crate::clock::Timer,
+        now: u64,
+        inflight: u64,
+        within: Duration,
+    ) -> u64 {
+        let mut least = inflight;
+        for k in 1..=self.len {
+            let (stamp, count) = self.at[(self.next + SAMPLES - k) % SAMPLES];
+            if timer.delta(stamp, now) > within {
+                break;
+            }
+            least = least.min(count);
+        }
+        self.at[self.next] = (now, inflight);
+        self.next = (self.next + 1) % SAMPLES;
+        self.len = (self.len + 1).min(SAMPLES);
+        least
+    }
+}
+
 /// What the control loop keeps per class between ticks to turn cumulative sums into deltas.
 #[derive(Debug)]
 pub(crate) struct WindowReader {
     prev: Cumulative,
     cur: Cumulative,
     delta_hist: Box<[u32; BUCKETS]>,
+    inflight_at: InflightSamples,
 }
 
 impl Default for WindowReader {
@@ -50,7 +89,19 @@ impl Default for WindowReader {
             prev: Cumulative::default(),
             cur: Cumulative::default(),
             delta_hist: Box::new([0; BUCKETS]),
+            inflight_at: InflightSamples::default(),
         }
+    }
+}
+
+impl WindowReader {
+    /// A reader of a class with no call in flight at `stamp` (a stamp of the shards' timer).
+    pub(crate) fn starting(stamp: u64) -> Self {
+        let mut r = Self::default();
+        r.inflight_at.at[0] = (stamp, 0);
+        r.inflight_at.len = 1;
+        r.inflight_at.next = 1;
+        r
     }
 }
 
@@ -138,7 +189,15 @@ impl WindowReader {
         let completed = counts[Outcome::Success.index()]
             + counts[Outcome::Error.index()]
             + counts[Outcome::Timeout.index()];
-        let overdue = overdue(inflight, completed, ctx.period, ctx.abandon_micros);
+        let mut overdue = overdue(inflight, completed, ctx.period, ctx.abandon_micros);
+        if let Some(shard) = shards.first() {
+            let now = shard.timer.start();
+            let within = Duration::from_micros(ctx.abandon_micros);
+            let bound = self
+                .inflight_at
+                .bound(&shard.timer, now, inflight.max(0) as u64, within);
+            overdue = overdue.min(bound);
+        }
         WindowSnapshot {
             tick: ctx.tick,
             overdue,
@@ -171,7 +230,9 @@ impl WindowReader {
 }
 
 /// In-flight calls that will wait past the abandon threshold at the rate calls complete
-/// (Little's law: `inflight - completion rate x threshold`, at least 0).
+/// (Little's law: `inflight - completion rate x threshold`, at least 0). The reader caps it
+/// with the calls that can be that old ([`InflightSamples`]): a burst that began just before
+/// a tick with no call completed yet is not overdue.
 fn overdue(inflight: i64, completed: u64, period: Duration, abandon_micros: u64) -> u64 {
     if abandon_micros == u64::MAX || inflight <= 0 || period.is_zero() {
         return 0;
@@ -225,9 +286,12 @@ pub struct WindowSnapshot {
     pub inflight: i64,
     /// In-flight calls that, at the rate this window's calls completed, will have run past
     /// the class's abandon threshold (its SLA by default) before they finish: `inflight -
-    /// completion rate x threshold` (Little's law), at least 0. A backlog the service cannot
-    /// clear in time is failing its callers before they give up, so the rates count these
-    /// calls as failed and slow. 0 for a class with `abandon_timeout(None)`.
+    /// completion rate x threshold` (Little's law), at least 0, and at most the calls that can
+    /// have been in flight that long (no more than were in flight at any tick within the
+    /// threshold), so a burst that began just before the tick, with nothing completed yet, is
+    /// not overdue. A backlog the service cannot clear in time is failing its callers before
+    /// they give up, so the rates count these calls as failed and slow. 0 for a class with
+    /// `abandon_timeout(None)`.
     pub overdue: u64,
     /// Queue depth last reported for the class
     /// ([`Degrader::report_queue`](crate::Degrader::report_queue)).

@@ -188,3 +188,61 @@ async fn a_clone_does_not_inherit_the_originals_wait() {
         Duration::ZERO
     );
 }
+
+/// `n` calls of `pay` taking `ms` each (`u64::MAX`: never done), started now.
+fn burst(d: &Degrader, n: usize, ms: u64) -> Vec<tokio::task::JoinHandle<()>> {
+    let svc = d
+        .layer(d.class_id("pay").unwrap())
+        .layer(support::failing_after(ms));
+    (0..n)
+        .map(|_| {
+            let call = svc.clone().oneshot(false);
+            tokio::spawn(async move {
+                let _ = call.await;
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_that_began_just_before_a_tick_is_not_overdue() {
+    // 200 ms calls against a 1 s SLA, arriving together 50 ms before a tick, after a quiet
+    // spell: nothing completed in the window, yet none of them can be overdue.
+    let d = support::degrader([ClassConfig::gold("pay").sla(Duration::from_secs(1))]);
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        d.tick_now();
+    }
+    for round in 0..3 {
+        tokio::time::advance(Duration::from_millis(450)).await;
+        let calls = burst(&d, 25, 200);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        d.tick_now();
+        let w = *d.history("pay").unwrap().latest().unwrap();
+        assert_eq!((w.inflight, w.overdue), (25, 0), "round {round}: {w:?}");
+        assert_eq!(d.state("pay").unwrap(), State::Closed, "round {round}");
+        for c in calls {
+            c.await.unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(300)).await;
+        d.tick_now();
+        assert_eq!(d.history("pay").unwrap().latest().unwrap().successes, 25);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_never_finish_are_overdue_once_past_the_threshold() {
+    let d = support::degrader([ClassConfig::gold("pay").sla(Duration::from_secs(1))]);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let _hung = burst(&d, 25, u64::MAX / 2);
+    let mut overdue = Vec::new();
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        d.tick_now();
+        overdue.push(d.history("pay").unwrap().latest().unwrap().overdue);
+    }
+    // 0.5 s old at the first tick: none can be past the 1 s threshold, though none
+    // completed. From the second tick (1 s old, nothing completing) all 25 are counted.
+    assert_eq!(overdue, [0, 25, 25, 25]);
+    assert_ne!(d.state("pay").unwrap(), State::Closed);
+}
