@@ -25,6 +25,18 @@ use crate::window::{Outcome, Recording};
 /// unary calls make better probes. The class `timeout` covers the time to the response
 /// headers.
 ///
+/// A client stream (an upload) is different: tonic sends the headers when the handler
+/// returns, after the client's last message, so the whole upload is the call's latency, and
+/// an upload longer than the abandon threshold is overdue. Give long uploads a class of their
+/// own with [`abandon_timeout(None)`](crate::ClassConfig::abandon_timeout) and an SLA that
+/// fits them.
+///
+/// tonic answers a request it cannot decode (wrong content type, an empty or garbled
+/// message) with `INTERNAL` before any handler runs, and `INTERNAL` is a failure: keep
+/// authentication outside the layer, and untrusted clients on classes of their own
+/// (`docs/architecture.md`, *Where the layer goes among the others*, has timeouts and health
+/// checks too).
+///
 /// By default `UNAVAILABLE`, `DEADLINE_EXCEEDED` (a timeout), `RESOURCE_EXHAUSTED`, `INTERNAL`
 /// and `UNKNOWN` are failures and every other status a success (they are the caller's fault).
 /// Calls the layer does not pass to the service get a trailers-only `grpc-status: 14`
