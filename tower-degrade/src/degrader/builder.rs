@@ -16,7 +16,7 @@ use crate::clock::{LatencyClock, Timer};
 use crate::error::ConfigError;
 use crate::gate::Gate;
 use crate::predict::{PredictStage, Predictor, PredictorConfig, Runner};
-use crate::window::{Gauges, Shard, shard_count};
+use crate::window::{Gauges, Shard, Slots, shard_count};
 
 /// The default tick: one window every 500 ms (seed 2.2).
 pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
@@ -238,12 +238,17 @@ impl DegraderBuilder {
                 })
             })
             .collect();
+        let slots: Arc<[Slots]> = registry
+            .iter()
+            .map(|(_, c)| Slots::new(&timer, self.tick, c.abandon_after()))
+            .collect();
         let shards = (0..shard_n)
             .map(|_| {
                 Arc::new(Shard::new(
                     names.clone(),
                     abandon.clone(),
                     timer.clone(),
+                    slots.clone(),
                     limiters.clone(),
                     class_limiter.clone(),
                     gates.clone(),

@@ -24,7 +24,7 @@ mod snapshot;
 pub(crate) use self::history::Ring;
 pub use self::history::{HISTORY_LEN, History};
 pub use self::recording::Recording;
-pub(crate) use self::shard::{Shard, shard_count, shard_index};
+pub(crate) use self::shard::{SLOTS, Shard, Slots, shard_count, shard_index};
 pub use self::snapshot::WindowSnapshot;
 pub(crate) use self::snapshot::{Gauges, TickContext, WindowReader};
 
@@ -100,12 +100,15 @@ mod tests {
 
     fn shards(n: usize) -> Vec<Arc<Shard>> {
         let names: Arc<[Arc<str>]> = vec![Arc::from("a"), Arc::from("b")].into();
+        let timer = crate::clock::Timer::new(crate::clock::LatencyClock::Tokio);
+        let slots = Slots::new(&timer, Duration::from_millis(500), None);
         (0..n)
             .map(|_| {
                 Arc::new(Shard::new(
                     names.clone(),
                     vec![u64::MAX; names.len()].into(),
-                    crate::clock::Timer::new(crate::clock::LatencyClock::Tokio),
+                    timer.clone(),
+                    vec![slots; names.len()].into(),
                     Arc::new([]),
                     vec![u8::MAX; names.len()].into(),
                     Arc::new([]),
@@ -189,11 +192,12 @@ mod tests {
             let shards = shards(2);
             let ends = ends.min(starts);
             for i in 0..starts {
-                shards[i % 2].begin(1);
+                shards[i % 2].begin(1, 0);
             }
             for i in 0..ends {
                 // Ended on another shard than it started on: sums must still balance.
-                shards[(i + 1) % 2].end(1, Outcome::Success, Duration::from_millis(1));
+                let ms = Duration::from_millis(1);
+                shards[(i + 1) % 2].end(1, 0, ms, Outcome::Success, ms);
             }
             let mut reader = WindowReader::default();
             let snap = reader.read(&shards, 1, &Gauges::default(), ctx(0));

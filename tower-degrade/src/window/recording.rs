@@ -54,9 +54,10 @@ impl std::fmt::Debug for Recording {
 impl Recording {
     #[inline]
     pub(crate) fn start(shard: Arc<Shard>, class: u16, probe: Option<ProbePermit>) -> Self {
-        shard.begin(usize::from(class));
+        let start = shard.timer.start();
+        shard.begin(usize::from(class), start);
         Self {
-            start: shard.timer.start(),
+            start,
             shard,
             waited_micros: 0,
             class,
@@ -122,7 +123,9 @@ impl Recording {
 
     /// Time the call from now (after a policy's delay, so the delay is not its latency).
     pub(crate) fn restart(&mut self) {
+        let from = self.start;
         self.start = self.shard.timer.start();
+        self.shard.moved(usize::from(self.class), from, self.start);
         self.waited_micros = 0;
     }
 
@@ -138,7 +141,8 @@ impl Recording {
         }
         self.flags |= ANSWERED;
         let (latency, ran) = self.latency();
-        self.shard.answered(usize::from(self.class), latency);
+        self.shard
+            .answered(usize::from(self.class), self.start, ran, latency);
         if self.flags & PERMIT != 0 {
             self.flags &= !PERMIT;
             self.release(ran, true);
@@ -155,7 +159,8 @@ impl Recording {
             return;
         }
         let (latency, ran) = self.latency();
-        self.shard.end(usize::from(self.class), outcome, latency);
+        self.shard
+            .end(usize::from(self.class), self.start, ran, outcome, latency);
         if self.flags & PERMIT != 0 {
             self.release(ran, true);
         }
@@ -200,7 +205,7 @@ impl Drop for Recording {
             } else {
                 self.shard.abandoned(class, latency)
             };
-            self.shard.end(class, outcome, latency);
+            self.shard.end(class, self.start, ran, outcome, latency);
             if self.flags & PERMIT != 0 {
                 self.release(ran, outcome != Outcome::Cancelled);
             }

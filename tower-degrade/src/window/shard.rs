@@ -7,12 +7,19 @@ use std::time::Duration;
 use super::Outcome;
 use super::histogram::{self, BUCKETS};
 
+/// How many start slots a class's calls in flight are counted in ([`Slots`]).
+pub(crate) const SLOTS: usize = 64;
+
 /// Counters of one class within one shard.
 #[repr(align(128))]
 pub(crate) struct ClassCounters {
     pub(super) outcomes: [AtomicU64; 6],
-    /// Wrapping: incremented on one shard, possibly decremented on another.
-    pub(super) inflight: AtomicU64,
+    /// Calls in flight by the slot of the latency clock they started in (slot mod
+    /// [`SLOTS`]), so the control tick can tell how long they have been running. Wrapping.
+    pub(super) slots: [AtomicU64; SLOTS],
+    /// Calls that ended after their slot was retired by the reader (see [`Slots`]), as a
+    /// wrapping decrement.
+    pub(super) retired_ends: AtomicU64,
     pub(super) max_micros: AtomicU64,
     /// Calls that queued before they ran (for readiness or a policy's delay), and the sum of
     /// their waits in µs.
@@ -25,7 +32,8 @@ impl ClassCounters {
     fn new() -> Self {
         Self {
             outcomes: Default::default(),
-            inflight: AtomicU64::new(0),
+            slots: [const { AtomicU64::new(0) }; SLOTS],
+            retired_ends: AtomicU64::new(0),
             max_micros: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             queued_micros: AtomicU64::new(0),
@@ -45,6 +53,8 @@ pub(crate) struct Shard {
     /// timeout (`u64::MAX`: never).
     abandon_micros: std::sync::Arc<[u64]>,
     pub(crate) timer: crate::clock::Timer,
+    /// Per class, how its calls in flight are counted by start slot.
+    pub(crate) slot_of: std::sync::Arc<[Slots]>,
     /// The admission limiters, and per class the index of its own (`u8::MAX`: none).
     limiters: std::sync::Arc<[crate::admit::Limiter]>,
     class_limiter: std::sync::Arc<[u8]>,
@@ -73,11 +83,13 @@ impl Shard {
         names: std::sync::Arc<[std::sync::Arc<str>]>,
         abandon_micros: std::sync::Arc<[u64]>,
         timer: crate::clock::Timer,
+        slot_of: std::sync::Arc<[Slots]>,
         limiters: std::sync::Arc<[crate::admit::Limiter]>,
         class_limiter: std::sync::Arc<[u8]>,
         gates: std::sync::Arc<[crate::gate::Gate]>,
     ) -> Self {
         Self {
+            slot_of,
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
             names,
             abandon_micros,
@@ -148,17 +160,47 @@ impl Shard {
             .fetch_add(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
-    /// A call of `class` started.
+    /// A call of `class` started at `start` (a stamp of the shard's timer).
     #[inline]
-    pub(crate) fn begin(&self, class: usize) {
-        self.classes[class].inflight.fetch_add(1, Relaxed);
+    pub(crate) fn begin(&self, class: usize, start: u64) {
+        let i = self.slot_of[class].index(start);
+        self.classes[class].slots[i].fetch_add(1, Relaxed);
     }
 
-    /// A call of `class` that was counted by [`Shard::begin`] ended.
+    /// A call of `class` counted by [`Shard::begin`] at `start` is no longer in flight, after
+    /// running `ran`.
     #[inline]
-    pub(crate) fn end(&self, class: usize, outcome: Outcome, latency: Duration) {
+    fn leave(&self, class: usize, start: u64, ran: Duration) {
+        let slots = &self.slot_of[class];
         let c = &self.classes[class];
-        c.inflight.fetch_sub(1, Relaxed);
+        if ran >= slots.retired_after {
+            c.retired_ends.fetch_sub(1, Relaxed);
+        } else {
+            c.slots[slots.index(start)].fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// A call started again at `to` instead of `from` (after a policy's delay).
+    #[cold]
+    pub(crate) fn moved(&self, class: usize, from: u64, to: u64) {
+        let slots = &self.slot_of[class];
+        let c = &self.classes[class];
+        c.slots[slots.index(from)].fetch_sub(1, Relaxed);
+        c.slots[slots.index(to)].fetch_add(1, Relaxed);
+    }
+
+    /// A call of `class` that was counted by [`Shard::begin`] at `start` ended after running
+    /// `ran`, with `latency` (its wait included).
+    #[inline]
+    pub(crate) fn end(
+        &self,
+        class: usize,
+        start: u64,
+        ran: Duration,
+        outcome: Outcome,
+        latency: Duration,
+    ) {
+        self.leave(class, start, ran);
         self.record(class, outcome, latency);
     }
 
@@ -176,8 +218,8 @@ impl Shard {
     /// response head came back, its outcome waits for the end of the stream
     /// ([`Shard::count`]).
     #[inline]
-    pub(crate) fn answered(&self, class: usize, latency: Duration) {
-        self.classes[class].inflight.fetch_sub(1, Relaxed);
+    pub(crate) fn answered(&self, class: usize, start: u64, ran: Duration, latency: Duration) {
+        self.leave(class, start, ran);
         self.sample(class, latency);
     }
 
@@ -220,4 +262,63 @@ pub(crate) fn shard_index(mask: usize) -> usize {
 pub(crate) fn shard_count() -> usize {
     let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
     (cores * 2).next_power_of_two().clamp(2, 64)
+}
+
+/// How a class's calls in flight are counted by the slot of the latency clock they started
+/// in, so that the control tick knows how long they have run without visiting them: a slot
+/// is `2^shift` timer units (a power of two at least a fifteenth of the tick, and at least a
+/// twenty-ninth of the class's abandon threshold), and the last [`SLOTS`] slots each have a
+/// counter. A call that has run for `retired_after` or longer has had its slot retired by the
+/// reader (its count moved to a total of old calls, so that the counter can serve a new slot)
+/// or is about to: it is taken off that total instead. Either way round, a call counted in one
+/// place and taken off the other is squared when its slot is next retired.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slots {
+    pub(crate) shift: u32,
+    /// One slot's length.
+    pub(crate) width: Duration,
+    pub(crate) retired_after: Duration,
+}
+
+impl Slots {
+    /// The slots of a class with abandon threshold `abandon` (`None`: never) on a control
+    /// loop ticking every `period`, timed by `timer`.
+    pub(crate) fn new(
+        timer: &crate::clock::Timer,
+        period: Duration,
+        abandon: Option<Duration>,
+    ) -> Self {
+        let want = (period / 15).max(abandon.map_or(Duration::ZERO, |a| a / 29));
+        let want = want.max(Duration::from_micros(100));
+        let mut shift = 0;
+        while shift < 62 && timer.delta(0, 1 << shift) < want {
+            shift += 1;
+        }
+        let width = timer.delta(0, 1 << shift).max(Duration::from_nanos(1));
+        let retired_after =
+            width * u32::try_from(Self::retire_age(width, period)).unwrap_or(u32::MAX);
+        Self {
+            shift,
+            width,
+            retired_after,
+        }
+    }
+
+    /// The slot counter of a call started at `stamp`.
+    #[inline]
+    pub(crate) fn index(&self, stamp: u64) -> usize {
+        (stamp >> self.shift) as usize % SLOTS
+    }
+
+    /// The slot of `stamp`.
+    pub(crate) fn slot(&self, stamp: u64) -> u64 {
+        stamp >> self.shift
+    }
+
+    /// How many slots old a slot is when the reader retires it: as old as can be while the
+    /// slots started between two reads (a tick, and two more) still have counters of their own.
+    pub(crate) fn retire_age(width: Duration, period: Duration) -> u64 {
+        let per_read = period.as_nanos().div_ceil(width.as_nanos().max(1)) as u64;
+        (SLOTS as u64 - 1).saturating_sub(per_read + 2).max(2)
+    }
 }

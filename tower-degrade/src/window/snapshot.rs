@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::histogram::{self, BUCKETS};
-use super::{Outcome, Shard};
+use super::{Outcome, SLOTS, Shard, Slots};
 
 /// Cumulative sums of one class over all shards, as read by the control loop.
 #[derive(Clone)]
@@ -36,41 +36,64 @@ impl Default for Cumulative {
     }
 }
 
-/// How many past reads' in-flight counts a reader keeps ([`InflightSamples`]).
-const SAMPLES: usize = 16;
-
-/// The in-flight count of a class at its last reads, with when each was taken (a stamp of
-/// the shards' timer): a call in flight for longer than `a` now was in flight at every read
-/// since `a` ago, so the fewest calls in flight at any of them bounds how many can be overdue.
+/// The reader's side of [`Slots`]: which slots of a class's calls in flight have been
+/// counted as overdue and which retired, and the calls in flight from retired slots.
 #[derive(Debug, Default)]
-struct InflightSamples {
-    at: [(u64, u64); SAMPLES],
-    len: usize,
-    next: usize,
+struct Ages {
+    /// A stamp of the shards' timer before which no call of the class started.
+    origin: u64,
+    /// The first slot not yet counted as overdue, and the first not yet retired (`None`
+    /// before the first read).
+    next: Option<(u64, u64)>,
+    /// Calls in flight from retired slots, as moved there (wrapping; the calls of those
+    /// slots that ended since are in the shards' `retired_ends`).
+    retired: u64,
 }
 
-impl InflightSamples {
-    /// The fewest calls in flight at `now` (`inflight`) and at the reads within `within` of
-    /// it; then remember this read.
-    fn bound(
+impl Ages {
+    /// The calls in flight that have run past `abandon` since the last read (each counted
+    /// once, at the first read at which its whole start slot is past it), from the slot
+    /// counts `by_slot` summed over `shards`; then retire the slots whose counters the next
+    /// slots need.
+    fn step(
         &mut self,
-        timer: &crate::clock::Timer,
-        now: u64,
-        inflight: u64,
-        within: Duration,
+        shards: &[std::sync::Arc<Shard>],
+        class: usize,
+        by_slot: &[u64; SLOTS],
+        abandon: Option<Duration>,
+        period: Duration,
     ) -> u64 {
-        let mut least = inflight;
-        for k in 1..=self.len {
-            let (stamp, count) = self.at[(self.next + SAMPLES - k) % SAMPLES];
-            if timer.delta(stamp, now) > within {
-                break;
+        let Some(first) = shards.first() else {
+            return 0;
+        };
+        let slots = first.slot_of[class];
+        let now = slots.slot(first.timer.start());
+        let origin = slots.slot(self.origin);
+        let (next, retire_next) = self.next.get_or_insert((origin, origin));
+        // Older slots share their counter with a newer one.
+        let own = now.saturating_sub(SLOTS as u64 - 1);
+        let mut overdue = 0i64;
+        if let Some(a) = abandon {
+            // A call of slot s has run at least (now - s - 1) slots.
+            let past = a.as_nanos().div_ceil(slots.width.as_nanos().max(1));
+            let past = u64::try_from(past).unwrap_or(u64::MAX).saturating_add(1);
+            if let Some(hi) = now.checked_sub(past) {
+                for s in (*next).max(*retire_next).max(own)..=hi {
+                    overdue += by_slot[s as usize % SLOTS] as i64;
+                }
+                *next = (*next).max(hi + 1);
             }
-            least = least.min(count);
         }
-        self.at[self.next] = (now, inflight);
-        self.next = (self.next + 1) % SAMPLES;
-        self.len = (self.len + 1).min(SAMPLES);
-        least
+        if let Some(hi) = now.checked_sub(Slots::retire_age(slots.width, period)) {
+            for s in (*retire_next).max(own)..=hi {
+                for shard in shards {
+                    let moved = shard.classes[class].slots[s as usize % SLOTS].swap(0, Relaxed);
+                    self.retired = self.retired.wrapping_add(moved);
+                }
+            }
+            *retire_next = (*retire_next).max(hi + 1);
+        }
+        overdue.max(0) as u64
     }
 }
 
@@ -80,7 +103,7 @@ pub(crate) struct WindowReader {
     prev: Cumulative,
     cur: Cumulative,
     delta_hist: Box<[u32; BUCKETS]>,
-    inflight_at: InflightSamples,
+    ages: Ages,
 }
 
 impl Default for WindowReader {
@@ -89,18 +112,17 @@ impl Default for WindowReader {
             prev: Cumulative::default(),
             cur: Cumulative::default(),
             delta_hist: Box::new([0; BUCKETS]),
-            inflight_at: InflightSamples::default(),
+            ages: Ages::default(),
         }
     }
 }
 
 impl WindowReader {
-    /// A reader of a class with no call in flight at `stamp` (a stamp of the shards' timer).
+    /// A reader of a class none of whose calls started before `stamp` (a stamp of the
+    /// shards' timer).
     pub(crate) fn starting(stamp: u64) -> Self {
         let mut r = Self::default();
-        r.inflight_at.at[0] = (stamp, 0);
-        r.inflight_at.len = 1;
-        r.inflight_at.next = 1;
+        r.ages.origin = stamp;
         r
     }
 }
@@ -140,12 +162,17 @@ impl WindowReader {
         cur.queued_micros = 0;
         cur.hist.fill(0);
         let mut max_micros = 0u64;
+        let mut by_slot = [0u64; SLOTS];
+        let mut retired_ends = 0u64;
         for shard in shards {
             let c = &shard.classes[class];
             for (sum, counter) in cur.outcomes.iter_mut().zip(&c.outcomes) {
                 *sum = sum.wrapping_add(counter.load(Relaxed));
             }
-            cur.inflight = cur.inflight.wrapping_add(c.inflight.load(Relaxed));
+            for (sum, counter) in by_slot.iter_mut().zip(&c.slots) {
+                *sum = sum.wrapping_add(counter.load(Relaxed));
+            }
+            retired_ends = retired_ends.wrapping_add(c.retired_ends.load(Relaxed));
             cur.queued = cur.queued.wrapping_add(c.queued.load(Relaxed));
             cur.queued_micros = cur
                 .queued_micros
@@ -161,6 +188,10 @@ impl WindowReader {
                 }
             }
         }
+        cur.inflight = by_slot
+            .iter()
+            .fold(self.ages.retired, |a, &b| a.wrapping_add(b))
+            .wrapping_add(retired_ends);
         let mut counts = [0u64; 6];
         for (i, c) in counts.iter_mut().enumerate() {
             *c = cur.outcomes[i].wrapping_sub(self.prev.outcomes[i]);
@@ -186,18 +217,9 @@ impl WindowReader {
             histogram::count_above(hist, ctx.sla_micros)
         };
         let inflight = self.prev.inflight as i64;
-        let completed = counts[Outcome::Success.index()]
-            + counts[Outcome::Error.index()]
-            + counts[Outcome::Timeout.index()];
-        let mut overdue = overdue(inflight, completed, ctx.period, ctx.abandon_micros);
-        if let Some(shard) = shards.first() {
-            let now = shard.timer.start();
-            let within = Duration::from_micros(ctx.abandon_micros);
-            let bound = self
-                .inflight_at
-                .bound(&shard.timer, now, inflight.max(0) as u64, within);
-            overdue = overdue.min(bound);
-        }
+        let abandon =
+            (ctx.abandon_micros != u64::MAX).then(|| Duration::from_micros(ctx.abandon_micros));
+        let overdue = self.ages.step(shards, class, &by_slot, abandon, ctx.period);
         WindowSnapshot {
             tick: ctx.tick,
             overdue,
@@ -227,19 +249,6 @@ impl WindowReader {
             .filter(|(_, c)| **c != 0)
             .map(|(b, c)| (histogram::bucket_value(b), *c))
     }
-}
-
-/// In-flight calls that will wait past the abandon threshold at the rate calls complete
-/// (Little's law: `inflight - completion rate x threshold`, at least 0). The reader caps it
-/// with the calls that can be that old ([`InflightSamples`]): a burst that began just before
-/// a tick with no call completed yet is not overdue.
-fn overdue(inflight: i64, completed: u64, period: Duration, abandon_micros: u64) -> u64 {
-    if abandon_micros == u64::MAX || inflight <= 0 || period.is_zero() {
-        return 0;
-    }
-    let rate = completed as f64 / period.as_secs_f64();
-    let within = rate * abandon_micros as f64 / 1e6;
-    (inflight as f64 - within).max(0.0) as u64
 }
 
 fn micros(v: u64) -> Duration {
@@ -284,13 +293,14 @@ pub struct WindowSnapshot {
     pub max: Duration,
     /// Calls in flight at the end of the window.
     pub inflight: i64,
-    /// In-flight calls that, at the rate this window's calls completed, will have run past
-    /// the class's abandon threshold (its SLA by default) before they finish: `inflight -
-    /// completion rate x threshold` (Little's law), at least 0, and at most the calls that can
-    /// have been in flight that long (no more than were in flight at any tick within the
-    /// threshold), so a burst that began just before the tick, with nothing completed yet, is
-    /// not overdue. A backlog the service cannot clear in time is failing its callers before
-    /// they give up, so the rates count these calls as failed and slow. 0 for a class with
+    /// Calls still in flight that ran past the class's abandon threshold (its SLA by default)
+    /// during this window: each counted once, at the first tick at which it has certainly run
+    /// that long (calls are counted by the slot of the clock they started in, a slot being at
+    /// most a fifteenth of the tick and a twenty-ninth of the threshold, so at most a slot and
+    /// a tick late). A backlog the service cannot clear in time is failing its callers before
+    /// they give up, so the rates count these calls as failed and slow; a burst of calls that
+    /// are younger than the threshold is not, however few calls have completed yet, and a
+    /// call that hangs is one failure, not one per window. 0 for a class with
     /// `abandon_timeout(None)`.
     pub overdue: u64,
     /// Queue depth last reported for the class

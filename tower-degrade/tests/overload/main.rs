@@ -189,19 +189,24 @@ async fn a_clone_does_not_inherit_the_originals_wait() {
     );
 }
 
-/// `n` calls of `pay` taking `ms` each (`u64::MAX`: never done), started now.
-fn burst(d: &Degrader, n: usize, ms: u64) -> Vec<tokio::task::JoinHandle<()>> {
+/// `n` calls of `pay` taking `ms` each, started now.
+async fn burst(d: &Degrader, n: usize, ms: u64) -> Vec<tokio::task::JoinHandle<()>> {
     let svc = d
         .layer(d.class_id("pay").unwrap())
         .layer(support::failing_after(ms));
-    (0..n)
+    let calls = (0..n)
         .map(|_| {
             let call = svc.clone().oneshot(false);
             tokio::spawn(async move {
                 let _ = call.await;
             })
         })
-        .collect()
+        .collect();
+    // Let them start before the clock moves on.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    calls
 }
 
 #[tokio::test(start_paused = true)]
@@ -215,7 +220,7 @@ async fn a_burst_that_began_just_before_a_tick_is_not_overdue() {
     }
     for round in 0..3 {
         tokio::time::advance(Duration::from_millis(450)).await;
-        let calls = burst(&d, 25, 200);
+        let calls = burst(&d, 25, 200).await;
         tokio::time::advance(Duration::from_millis(50)).await;
         d.tick_now();
         let w = *d.history("pay").unwrap().latest().unwrap();
@@ -234,15 +239,62 @@ async fn a_burst_that_began_just_before_a_tick_is_not_overdue() {
 async fn calls_that_never_finish_are_overdue_once_past_the_threshold() {
     let d = support::degrader([ClassConfig::gold("pay").sla(Duration::from_secs(1))]);
     tokio::time::advance(Duration::from_millis(100)).await;
-    let _hung = burst(&d, 25, u64::MAX / 2);
+    let _hung = burst(&d, 25, u64::MAX / 2).await;
     let mut overdue = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         tokio::time::advance(Duration::from_millis(500)).await;
         d.tick_now();
         overdue.push(d.history("pay").unwrap().latest().unwrap().overdue);
     }
-    // 0.5 s old at the first tick: none can be past the 1 s threshold, though none
-    // completed. From the second tick (1 s old, nothing completing) all 25 are counted.
-    assert_eq!(overdue, [0, 25, 25, 25]);
+    // 0.5 s old at the first tick, 1 s at the second: none past the 1 s threshold yet,
+    // though none completed. All 25 are counted at the third, once: a call that hangs is
+    // one failure, not one per window while it hangs.
+    assert_eq!(overdue, [0, 0, 25, 0, 0, 0, 0, 0]);
     assert_ne!(d.state("pay").unwrap(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_in_flight_at_a_tick_shorter_than_the_sla_is_not_overdue() {
+    // Gold's SLA (50 ms) is shorter than a tick: 25 calls of 20 ms, 10 ms into them when the
+    // tick lands, after a quiet spell. Nothing has completed; none is near the SLA.
+    let d = support::degrader([ClassConfig::gold("pay")]);
+    tokio::time::advance(Duration::from_millis(490)).await;
+    let calls = burst(&d, 25, 20).await;
+    tokio::time::advance(Duration::from_millis(10)).await;
+    d.tick_now();
+    let w = *d.history("pay").unwrap().latest().unwrap();
+    assert_eq!((w.inflight, w.overdue, w.completed()), (25, 0, 0), "{w:?}");
+    assert_eq!(d.state("pay").unwrap(), State::Closed);
+    for c in calls {
+        c.await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_replacing_their_calls_do_not_make_the_rest_overdue() {
+    // Search as you type: 30 queries of 150 ms (SLA 200 ms) every 100 ms, each dropped by its
+    // caller after 100 ms. At the tick: 30 in flight, 120 cancelled, none completed.
+    let d = support::degrader([ClassConfig::silver("search")]);
+    let svc = d
+        .layer(d.class_id("search").unwrap())
+        .layer(support::slow_failing());
+    for round in 0..5 {
+        for _ in 0..30 {
+            let call = svc.clone().oneshot((150, false));
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_millis(100), call).await;
+            });
+        }
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_millis(if round < 4 { 100 } else { 50 })).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    d.tick_now();
+    let w = *d.history("search").unwrap().latest().unwrap();
+    assert_eq!((w.inflight, w.cancelled, w.overdue), (30, 120, 0), "{w:?}");
+    assert_eq!(d.state("search").unwrap(), State::Closed);
 }
