@@ -448,9 +448,13 @@ impl Breaker {
                     return Some((self.open(now), why));
                 }
                 let breached = cfg.degrade_rule.is_some_and(|r| r.breached(w));
-                // A tick still predicted to fail is not a healthy one.
-                let healthy = if breached || self.predicted > 0 || w.completed() == 0 {
+                // A tick still predicted to fail is not a healthy one; a tick in which no
+                // call completed (a quiet class, most of its calls diverted) shows nothing
+                // either way: it neither counts nor starts the count again.
+                let healthy = if breached || self.predicted > 0 {
                     0
+                } else if w.completed() == 0 {
+                    healthy
                 } else {
                     healthy + 1
                 };

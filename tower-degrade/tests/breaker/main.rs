@@ -115,6 +115,28 @@ fn degraded_recovers_after_three_healthy_windows_or_opens() {
 }
 
 #[test]
+fn quiet_windows_neither_count_nor_reset_a_degraded_class_s_recovery() {
+    // A class with a few calls a second, most of them diverted while degraded: many windows
+    // see no completed call at all.
+    let now = Instant::now();
+    let mut b = breaker();
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    assert_eq!(b.state(), State::Degraded);
+    for healthy in [
+        window(1, 0, 20),
+        window(0, 0, 0),
+        window(1, 0, 20),
+        window(0, 0, 0),
+    ] {
+        assert_eq!(b.step(&healthy, now), None);
+    }
+    let t = b.step(&window(1, 0, 20), now).expect("closes");
+    assert_eq!((t.from, t.to), (State::Degraded, State::Closed));
+}
+
+#[test]
 fn open_half_open_probes_recovering_closed() {
     let t0 = Instant::now();
     let mut b = breaker();
