@@ -6,7 +6,43 @@ use example_grpc::proto::{PayRequest, StatusRequest};
 use std::time::Duration;
 
 use tonic::Code;
+use tonic::transport::Channel;
+use tower_degrade::Degrader;
 use tower_degrade::breaker::State;
+
+/// The example's server on a free port of loopback, every call through `degrader`.
+struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+}
+
+impl Server {
+    /// Start it, and connect a client.
+    async fn start(degrader: &Degrader) -> (OrdersClient<Channel>, Self) {
+        let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let degrader = degrader.clone();
+        let task = tokio::spawn(async move {
+            example_grpc::serve(&degrader, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let client = OrdersClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        (client, Self { stop, task })
+    }
+
+    /// Stop it and wait for it to finish.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
 
 #[tokio::test]
 async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
@@ -14,23 +50,7 @@ async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
     let (degrader, _loop) = example_grpc::degrader_builder()
         .build_with_worker()
         .unwrap();
-    let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let degrader = degrader.clone();
-        tokio::spawn(async move {
-            example_grpc::serve(&degrader, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        })
-    };
-    let mut client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (mut client, server) = Server::start(&degrader).await;
     let pay = |fail: bool| PayRequest {
         order_id: "7".into(),
         amount_cents: 1999,
@@ -84,8 +104,7 @@ async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
     let w = *degrader.history("payment").unwrap().latest().unwrap();
     assert_eq!(w.rejected, 1);
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -97,23 +116,7 @@ async fn long_watches_share_a_class_with_unary_reads_without_opening_it() {
         .class(tower_degrade::ClassConfig::silver("status").sla(Duration::from_millis(50)))
         .build_with_worker()
         .unwrap();
-    let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let degrader = degrader.clone();
-        tokio::spawn(async move {
-            example_grpc::serve(&degrader, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        })
-    };
-    let mut client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (mut client, server) = Server::start(&degrader).await;
     let order = || StatusRequest {
         order_id: "7".into(),
     };
@@ -157,6 +160,5 @@ async fn long_watches_share_a_class_with_unary_reads_without_opening_it() {
         .expect("the server sees every watch end");
     assert_eq!(degrader.state("status").unwrap(), State::Closed);
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }
