@@ -157,7 +157,9 @@ impl BreakerConfig {
         self
     }
 
-    /// Probe calls admitted while half-open (5).
+    /// Probe calls admitted while half-open (5). The verdict waits for all of them; if the
+    /// open duration passes with none finished, or one failed (an error, a timeout, slower
+    /// than the SLA, or still running past the abandon threshold), the breaker opens again.
     pub fn half_open_probes(mut self, value: u32) -> Self {
         self.half_open_probes = value;
         self

@@ -393,7 +393,9 @@ impl Breaker {
                 // abandoned calls, which are timeouts already.
                 let slow_ok = w.slow.saturating_sub(w.timeouts).min(w.successes);
                 let ok = ok + w.successes - slow_ok;
-                let failed = failed + w.errors + w.timeouts + slow_ok;
+                // A probe still running past the class's abandon threshold (overdue) has
+                // failed to show a recovery as surely as one that timed out.
+                let failed = failed + w.errors + w.timeouts + slow_ok + w.overdue;
                 let done = ok + failed;
                 if done >= u64::from(cfg.half_open_probes) {
                     let rate = ok as f64 / done as f64;
@@ -410,7 +412,11 @@ impl Breaker {
                     }
                     return Some((self.open(now), verdict));
                 }
-                if now.saturating_duration_since(since) >= self.open_for() {
+                // Probes that have all succeeded so far, too few yet for a verdict, are a
+                // quiet class (a call every few seconds), not a failing one: wait for the
+                // rest. With none finished, or one failed, give up at the open duration.
+                let waiting = ok > 0 && failed == 0;
+                if !waiting && now.saturating_duration_since(since) >= self.open_for() {
                     return Some((
                         self.open(now),
                         format!(

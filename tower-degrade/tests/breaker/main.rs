@@ -235,7 +235,8 @@ fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
     b.step(&window(0, 20, 10), t0);
     b.step(&window(0, 0, 0), t0 + Duration::from_secs(5));
     assert_eq!(b.state(), State::HalfOpen);
-    assert_eq!(b.step(&window(1, 0, 10), t0 + Duration::from_secs(6)), None);
+    // No probe finishes within the open duration (they hang, or no call comes).
+    assert_eq!(b.step(&window(0, 0, 0), t0 + Duration::from_secs(6)), None);
     let t = b
         .step(&window(0, 0, 0), t0 + Duration::from_secs(10))
         .expect("gives up");
@@ -248,6 +249,51 @@ fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
     assert_eq!(b.state(), State::Recovering);
     let t = b.step(&window(7, 3, 10), t1).expect("bad tick");
     assert_eq!((t.from, t.to), (State::Recovering, State::Open));
+}
+
+#[test]
+fn a_quiet_class_s_probes_may_take_longer_than_the_open_duration() {
+    // One call every 1.5 s after the outage: five probes take 7.5 s, more than the 5 s open
+    // duration. All succeeding, the breaker waits for them rather than reopening for 10 s.
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1);
+    assert_eq!(b.state(), State::HalfOpen);
+    let mut at = t1;
+    for probe in 1..=4 {
+        at += Duration::from_millis(1_500);
+        assert_eq!(b.step(&window(1, 0, 10), at), None, "probe {probe}");
+        assert_eq!(b.state(), State::HalfOpen);
+    }
+    at += Duration::from_millis(1_500);
+    let t = b.step(&window(1, 0, 10), at).expect("recovers");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Recovering));
+
+    // A failed probe among them still gives up at the open duration.
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    b.step(&window(0, 0, 0), t1);
+    b.step(&window(1, 0, 10), t1 + Duration::from_secs(1));
+    b.step(&window(0, 1, 10), t1 + Duration::from_secs(2));
+    let t = b
+        .step(&window(0, 0, 0), t1 + Duration::from_secs(5))
+        .expect("gives up");
+    assert_eq!(t.to, State::Open);
+
+    // So does a probe still running past the abandon threshold.
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    b.step(&window(0, 0, 0), t1);
+    b.step(&window(1, 0, 10), t1 + Duration::from_secs(1));
+    let mut hung = window(0, 0, 0);
+    hung.overdue = 1;
+    b.step(&hung, t1 + Duration::from_secs(2));
+    let t = b
+        .step(&window(0, 0, 0), t1 + Duration::from_secs(5))
+        .expect("gives up");
+    assert_eq!(t.to, State::Open);
 }
 
 #[test]
