@@ -207,6 +207,42 @@ mod tests {
     }
 
     #[test]
+    fn slots_are_a_power_of_two_of_clock_units_no_shorter_than_asked() {
+        // The TSC clock is what production uses; the integration tests run on tokio's.
+        for clock in [
+            crate::clock::LatencyClock::Tsc,
+            crate::clock::LatencyClock::Tokio,
+        ] {
+            let timer = crate::clock::Timer::new(clock);
+            let tick = Duration::from_millis(500);
+            for abandon in [
+                None,
+                Some(Duration::from_millis(50)),
+                Some(Duration::from_secs(10)),
+            ] {
+                let s = Slots::new(&timer, tick, abandon);
+                let want = (tick / 15).max(abandon.map_or(Duration::ZERO, |a| a / 29));
+                // Rounded up to a power of two of clock units: between want and twice it.
+                assert!(
+                    s.width >= want && s.width <= want * 2 + Duration::from_micros(1),
+                    "{clock:?} {abandon:?}: {s:?}"
+                );
+                assert_eq!(timer.delta(0, 1 << s.shift), s.width);
+                // Retired well after the threshold is passed, and while the slots of a
+                // tick still have counters of their own.
+                let age = Slots::retire_age(s.width, tick);
+                let past =
+                    abandon.map_or(0, |a| a.as_nanos().div_ceil(s.width.as_nanos()) as u64 + 1);
+                assert!(
+                    past < age && age < SLOTS as u64,
+                    "{clock:?} {abandon:?}: {past} {age}"
+                );
+                assert_eq!(s.retired_after, s.width * age as u32);
+            }
+        }
+    }
+
+    #[test]
     fn history_keeps_the_last_64_newest_first() {
         let mut h = History::default();
         for tick in 0..100u64 {

@@ -295,9 +295,9 @@ pub struct WindowSnapshot {
     pub inflight: i64,
     /// Calls still in flight that ran past the class's abandon threshold (its SLA by default)
     /// during this window: each counted once, at the first tick at which it has certainly run
-    /// that long (calls are counted by the slot of the clock they started in, a slot being at
-    /// most a fifteenth of the tick and a twenty-ninth of the threshold, so at most a slot and
-    /// a tick late). A backlog the service cannot clear in time is failing its callers before
+    /// that long (calls are counted by the slot of the clock they started in, a slot being
+    /// the larger of a fifteenth of the tick and a twenty-ninth of the threshold, rounded up
+    /// to a power of two of clock units: at most two slots and a tick late). A backlog the service cannot clear in time is failing its callers before
     /// they give up, so the rates count these calls as failed and slow; a burst of calls that
     /// are younger than the threshold is not, however few calls have completed yet, and a
     /// call that hangs is one failure, not one per window. 0 for a class with
