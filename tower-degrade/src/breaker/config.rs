@@ -82,7 +82,9 @@ pub struct BreakerConfig {
     pub probe_success_rate: f64,
     /// Fraction added to the admitted share per good recovering tick (0.25).
     pub recovery_step: f64,
-    /// Consecutive good recovering ticks that close the breaker (3).
+    /// Consecutive good recovering ticks that close the breaker (3). A tick is judged over at
+    /// least `half_open_probes` calls: a quieter tick's calls are judged with the next
+    /// tick's (good meanwhile if they all succeeded).
     pub recovery_ticks: u32,
     /// Share of a degraded class's calls still sent to the inner service (0.2).
     pub degraded_admit_fraction: f64,
@@ -178,7 +180,10 @@ impl BreakerConfig {
         self
     }
 
-    /// Consecutive good recovering ticks that close the breaker (3).
+    /// Consecutive good recovering ticks that close the breaker (3). A tick is judged over at
+    /// least `half_open_probes` calls: a quieter tick's calls are judged with the next
+    /// tick's (good meanwhile if they all succeeded), so one failure among three calls does
+    /// not reopen the breaker.
     pub fn recovery_ticks(mut self, value: u32) -> Self {
         self.recovery_ticks = value;
         self

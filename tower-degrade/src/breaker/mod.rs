@@ -54,6 +54,9 @@ enum Phase {
     Recovering {
         fraction: f64,
         good: u32,
+        /// Calls not yet judged: too few (under `half_open_probes`) for a verdict so far.
+        ok: u64,
+        failed: u64,
     },
     Degraded {
         healthy: u32,
@@ -406,6 +409,8 @@ impl Breaker {
                             Phase::Recovering {
                                 fraction: step,
                                 good: 0,
+                                ok: 0,
+                                failed: 0,
                             },
                             verdict,
                         ));
@@ -428,24 +433,49 @@ impl Breaker {
                 self.phase = Phase::HalfOpen { since, ok, failed };
                 None
             }
-            Phase::Recovering { fraction, good } => {
-                if w.completed() == 0 {
+            Phase::Recovering {
+                fraction,
+                good,
+                ok,
+                failed,
+            } => {
+                if w.assessed() == 0 {
                     return None;
                 }
-                let fr = w.failure_rate();
-                if fr > 1.0 - cfg.probe_success_rate {
+                // A tick is judged over at least `half_open_probes` calls: a quiet class's
+                // tick with one failure among three calls is too little to reopen on, so its
+                // calls are judged with the next tick's.
+                let ok = ok + w.successes;
+                let failed = failed + w.errors + w.timeouts + w.overdue;
+                let done = ok + failed;
+                let judged = done >= u64::from(cfg.half_open_probes);
+                let fr = failed as f64 / done as f64;
+                if judged && fr > 1.0 - cfg.probe_success_rate {
                     return Some((
                         self.open(now),
-                        format!("recovering tick failed: failure rate {:.1} %", fr * 100.0),
+                        format!(
+                            "recovering tick failed: failure rate {:.1} % over {done} calls",
+                            fr * 100.0
+                        ),
                     ));
                 }
-                let good = good + 1;
+                let (good, fraction, ok, failed) = if judged {
+                    (good + 1, fraction + cfg.recovery_step, 0, 0)
+                } else if failed == 0 {
+                    // Every call so far succeeded: a good tick, its calls kept for a verdict
+                    // should a failure follow.
+                    (good + 1, fraction + cfg.recovery_step, ok, failed)
+                } else {
+                    (good, fraction, ok, failed)
+                };
                 if good >= cfg.recovery_ticks {
                     return Some((Phase::Closed, format!("{good} good recovering ticks")));
                 }
                 self.phase = Phase::Recovering {
-                    fraction: (fraction + cfg.recovery_step).min(1.0),
+                    fraction: fraction.min(1.0),
                     good,
+                    ok,
+                    failed,
                 };
                 None
             }

@@ -252,6 +252,44 @@ fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
 }
 
 #[test]
+fn a_quiet_recovering_class_is_judged_over_enough_calls() {
+    // After the probes, a class with 3 calls a tick: one failure among them (33 %) is too
+    // few calls to reopen on; it is judged with the next tick's (1 of 6 failed: good).
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    b.step(&window(5, 0, 10), t1 + TICK).expect("recovers");
+    assert_eq!(b.state(), State::Recovering);
+    let fraction = |b: &Breaker| match b.directive(t1) {
+        Directive::AdmitFraction { fraction, .. } => fraction,
+        d => panic!("unexpected {d:?}"),
+    };
+    assert_eq!(b.step(&window(2, 1, 10), t1 + TICK * 2), None);
+    assert_eq!(b.state(), State::Recovering);
+    assert_eq!(fraction(&b), 0.25, "not judged yet: no step up");
+    assert_eq!(b.step(&window(3, 0, 10), t1 + TICK * 3), None);
+    assert_eq!(fraction(&b), 0.5, "1 of 6 failed: a good tick");
+    assert_eq!(b.step(&window(3, 0, 10), t1 + TICK * 4), None);
+    let t = b.step(&window(3, 0, 10), t1 + TICK * 5).expect("closes");
+    assert_eq!((t.from, t.to), (State::Recovering, State::Closed));
+
+    // A quiet class that keeps failing still reopens, once enough calls have been seen.
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    b.step(&window(5, 0, 10), t1 + TICK).expect("recovers");
+    assert_eq!(b.step(&window(1, 1, 10), t1 + TICK * 2), None);
+    assert_eq!(b.step(&window(1, 1, 10), t1 + TICK * 3), None);
+    let mut hung = window(0, 0, 0);
+    hung.overdue = 1;
+    let t = b.step(&hung, t1 + TICK * 4).expect("reopens");
+    assert_eq!((t.from, t.to), (State::Recovering, State::Open));
+    assert!(t.reason.contains("60.0 % over 5 calls"), "{}", t.reason);
+}
+
+#[test]
 fn a_quiet_class_s_probes_may_take_longer_than_the_open_duration() {
     // One call every 1.5 s after the outage: five probes take 7.5 s, more than the 5 s open
     // duration. All succeeding, the breaker waits for them rather than reopening for 10 s.
