@@ -17,6 +17,7 @@ use tower::{Service, ServiceExt};
 use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
 use super::replay::{ReplayFuture, Replayed};
 use super::schedule::RetryPolicy;
+use super::shared::Clock;
 use super::store::{Op, Store, StoreError};
 use crate::error::BoxError;
 
@@ -178,13 +179,13 @@ pub(crate) trait Batcher: Send + Sync {
     fn merge(&self, task: Task, now_ms: u64);
     /// Read the journal back at start-up.
     fn recover<'a>(&'a self, store: &'a dyn Store) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// Seal and write what is due.
+    /// Seal and write what is due; a failed write's backoff runs from when it failed.
     fn flush<'a>(
         &'a self,
         store: &'a dyn Store,
         service: &'a str,
         retry: &'a RetryPolicy,
-        now_ms: u64,
+        clock: &'a Clock,
     ) -> BoxFuture<'a, ()>;
     /// Write a spooled batch.
     fn replay(&self, task: &Task) -> ReplayFuture;
@@ -258,8 +259,15 @@ where
         }
     }
 
-    async fn flush_inner(&self, store: &dyn Store, service: &str, retry: &RetryPolicy, now: u64) {
+    async fn flush_inner(
+        &self,
+        store: &dyn Store,
+        service: &str,
+        retry: &RetryPolicy,
+        clock: &Clock,
+    ) {
         let _one = self.flushing.lock().await;
+        let now = clock.now_ms();
         let service = service.to_owned();
         // 1. Seal the pending deltas when due.
         let seal = {
@@ -334,7 +342,8 @@ where
                     let mut s = self.state();
                     if let Some(b) = s.sealed.iter_mut().find(|b| b.task.id() == id) {
                         b.attempts += 1;
-                        b.next_ms = now + retry.backoff(b.attempts, 0.5).as_millis() as u64;
+                        b.next_ms =
+                            clock.now_ms() + retry.backoff(b.attempts, 0.5).as_millis() as u64;
                     }
                     counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
                         "class" => self.class.clone(), "result" => "failed")
@@ -426,9 +435,9 @@ where
         store: &'a dyn Store,
         service: &'a str,
         retry: &'a RetryPolicy,
-        now_ms: u64,
+        clock: &'a Clock,
     ) -> BoxFuture<'a, ()> {
-        Box::pin(self.flush_inner(store, service, retry, now_ms))
+        Box::pin(self.flush_inner(store, service, retry, clock))
     }
 
     fn replay(&self, task: &Task) -> ReplayFuture {

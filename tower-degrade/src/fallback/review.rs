@@ -20,6 +20,11 @@ pub struct Page {
 /// ([`requeue`](Self::requeue)) or drops it with a reason, which is kept in an audit record.
 /// Get it from [`FallbackRouter::review`](super::FallbackRouter::review); see
 /// [`admin_router`](Self::admin_router) (feature `axum`) for an HTTP front.
+///
+/// Actions on one router are taken one at a time, so of a requeue and a drop of the same
+/// task (two operators, a double click) only the first succeeds; the second finds the task
+/// gone and returns `false`. With a store shared by several instances (Redis), act on a
+/// task through one instance's review front.
 #[derive(Debug, Clone)]
 pub struct ManualReview {
     shared: Arc<RouterShared>,
@@ -62,6 +67,7 @@ impl ManualReview {
     /// Replay the task now: it moves to `delayed_retry`, due at once, with its attempts reset
     /// (and a new deadline). `false` if it is not in the queue.
     pub async fn requeue(&self, id: TaskId) -> Result<bool, StoreError> {
+        let _one = self.shared.reviewing.lock().await;
         let Some(task) = self.show(id).await? else {
             return Ok(false);
         };
@@ -87,6 +93,7 @@ impl ManualReview {
     /// Drop the task, keeping `by` and `reason` in an audit record. `false` if it is not in
     /// the queue.
     pub async fn drop_task(&self, id: TaskId, by: &str, reason: &str) -> Result<bool, StoreError> {
+        let _one = self.shared.reviewing.lock().await;
         let Some(mut task) = self.show(id).await? else {
             return Ok(false);
         };

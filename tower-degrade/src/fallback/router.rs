@@ -245,6 +245,7 @@ impl<T> FallbackRouterBuilder<T> {
             clock: Clock::new(),
             retry_after: Duration::from_secs(1),
             storing: Default::default(),
+            reviewing: Default::default(),
         });
         let worker = FallbackWorker::new(shared.clone(), self.degrader, replay, self.worker);
         Ok((
@@ -394,12 +395,23 @@ where
             Err((queue, id)) => {
                 // The same request again is the same task; another one under its key is
                 // refused rather than acknowledged and never run.
-                let other = matches!(
-                    shared.store.get(queue, id).await,
-                    Ok(Some(kept)) if matches!(kept.payload(), Payload::Http(first)
-                        if (&first.method, &first.uri, &first.body)
-                            != (&rec.method, &rec.uri, &rec.body))
-                );
+                let other = match shared.store.get(queue, id).await {
+                    Ok(Some(kept)) => match kept.payload() {
+                        Payload::Http(first) => {
+                            (&first.method, &first.uri, &first.body)
+                                != (&rec.method, &rec.uri, &rec.body)
+                        }
+                        // A journaled `batch_merge` delta: the same request is the same delta
+                        // (the key and value its extractor reads); one it cannot read is not.
+                        Payload::Bytes(first) => shared.batches.get(&class).is_some_and(|b| {
+                            b.journal(&class, None, &rec).map_or(
+                                true,
+                                |now| !matches!(now.payload(), Payload::Bytes(d) if d == first),
+                            )
+                        }),
+                    },
+                    _ => false,
+                };
                 if other {
                     return Ok(key_reused_response(&id.to_string(), grpc, RB::default()));
                 }

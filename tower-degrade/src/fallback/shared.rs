@@ -51,6 +51,9 @@ pub(crate) struct RouterShared {
     /// Idempotency keys being stored now: a second call with the same key waits for the
     /// first, then finds its task.
     pub(crate) storing: Mutex<HashMap<(String, String), Arc<Notify>>>,
+    /// One manual-review action at a time: a requeue and a drop of the same task (two
+    /// operators, a double click) must not both succeed.
+    pub(crate) reviewing: tokio::sync::Mutex<()>,
 }
 
 /// A key being stored; dropping it wakes the calls waiting on the same key.

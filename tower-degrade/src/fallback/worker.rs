@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, gauge};
+use tokio::task::{JoinError, JoinSet};
 
 use super::record::{Payload, Queue, Task, TaskId};
 use super::replay::{Replay, Replayed};
@@ -52,10 +53,12 @@ pub(crate) struct Settings {
 /// 3. flushes merged batches that are due.
 ///
 /// Each replay runs in its own task, bounded by the replay timeout (default 30 s): a replay that
-/// panics or times out counts as a failed attempt, and one that hangs cannot stall the worker.
-/// Stopping the worker (dropping or aborting its future) loses nothing: tasks stay stored
-/// and are replayed by the next worker (at least once; the idempotency key makes repeats
-/// harmless).
+/// panics or times out counts as a failed attempt. Its outcome is recorded when it ends, and
+/// its backoff counted from then; meanwhile the worker goes on with the other due tasks, the
+/// backfill and the batch writes (which run beside the replays), so one hung dependency
+/// holds back only its own tasks. Stopping the worker (dropping or aborting its future)
+/// stops the replays it started and loses nothing: tasks stay stored and are replayed by the
+/// next worker (at least once; the idempotency key makes repeats harmless).
 #[must_use = "the worker replays nothing until `run()` is spawned"]
 pub struct FallbackWorker {
     shared: Arc<RouterShared>,
@@ -74,6 +77,22 @@ pub struct FallbackWorker {
     tokens: f64,
     last_ms: u64,
     seed: u64,
+    /// Replays in flight (at most `concurrency`), and the task each one replays.
+    running: JoinSet<(Replayed, Duration)>,
+    replaying: HashMap<tokio::task::Id, (Queue, Task)>,
+    /// The batch writes in flight: one round at a time.
+    flushing: JoinSet<()>,
+}
+
+/// A replay that ended (or panicked, or was cancelled): its tokio task, its outcome and how
+/// long it took.
+type Ended = Result<(tokio::task::Id, (Replayed, Duration)), JoinError>;
+
+/// What woke the worker.
+enum Wake {
+    Step,
+    Flushed,
+    Replayed(Ended),
 }
 
 impl fmt::Debug for FallbackWorker {
@@ -105,6 +124,9 @@ impl FallbackWorker {
             tokens: 0.0,
             last_ms,
             seed: crate::mix::GAMMA ^ last_ms,
+            running: JoinSet::new(),
+            replaying: HashMap::new(),
+            flushing: JoinSet::new(),
         }
     }
 
@@ -118,9 +140,26 @@ impl FallbackWorker {
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.shared.wake.notified() => {}
+            let wake = tokio::select! {
+                _ = tick.tick() => Wake::Step,
+                _ = self.shared.wake.notified() => Wake::Step,
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    Wake::Replayed(done)
+                }
+                // A round of batch writes ended: the next starts with the next step.
+                Some(_) = self.flushing.join_next(), if !self.flushing.is_empty() => Wake::Flushed,
+            };
+            match wake {
+                Wake::Flushed => continue,
+                Wake::Replayed(first) => {
+                    // Every replay that has ended, recorded in one commit.
+                    let mut done = vec![first];
+                    while let Some(more) = self.running.try_join_next_with_id() {
+                        done.push(more);
+                    }
+                    self.settle(done).await;
+                }
+                Wake::Step => {}
             }
             self.step().await;
         }
@@ -132,35 +171,37 @@ impl FallbackWorker {
         crate::mix::unit(crate::mix::mix64(self.seed))
     }
 
+    /// Replays that may start now.
+    fn free(&self) -> usize {
+        self.settings.concurrency.saturating_sub(self.running.len())
+    }
+
     async fn step(&mut self) {
         let now = self.shared.clock.now_ms();
         self.report(now);
-        for batcher in self.shared.batches.values().cloned().collect::<Vec<_>>() {
-            batcher
-                .flush(
-                    &*self.shared.store,
-                    &self.shared.service,
-                    &self.shared.retry,
-                    now,
-                )
-                .await;
-        }
-        // Delayed retries: a few rounds, so a burst of due tasks drains within one step.
-        for _ in 0..4 {
-            let due = match self
-                .shared
-                .store
-                .due(Queue::Retry, now, self.settings.concurrency)
-                .await
-            {
-                Ok(d) if !d.is_empty() => d,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "delayed_retry: the store cannot be read");
-                    break;
+        if self.flushing.is_empty() && !self.shared.batches.is_empty() {
+            // The merged writes run beside the replays: a slow database holds back its own
+            // batches, not the retries and the backfill.
+            let shared = self.shared.clone();
+            self.flushing.spawn(async move {
+                for batcher in shared.batches.values() {
+                    batcher
+                        .flush(
+                            &*shared.store,
+                            &shared.service,
+                            &shared.retry,
+                            &shared.clock,
+                        )
+                        .await;
                 }
-            };
-            self.replay_all(Queue::Retry, due, now).await;
+            });
+        }
+        // Delayed retries, as many as there is room for; a replay that ends makes room and
+        // wakes the worker for the next. With no room, the store is still asked (for none):
+        // a shared store heartbeats the tasks this instance holds then.
+        match self.shared.store.due(Queue::Retry, now, self.free()).await {
+            Ok(due) => self.start(Queue::Retry, due),
+            Err(e) => tracing::warn!(error = %e, "delayed_retry: the store cannot be read"),
         }
         self.backfill_step(now).await;
     }
@@ -278,9 +319,9 @@ impl FallbackWorker {
         // A bucket of at most one second's worth: no burst after a quiet spell.
         self.tokens = (self.tokens + self.rate * elapsed).min(self.rate.max(1.0));
         let (mut replayed, mut rounds) = (0usize, 0);
-        while self.tokens >= 1.0 && rounds < 16 {
+        while self.tokens >= 1.0 && rounds < 16 && self.free() > 0 {
             rounds += 1;
-            let want = (self.tokens as usize).min(self.settings.concurrency);
+            let want = (self.tokens as usize).min(self.free());
             let due = match self.shared.store.due(Queue::Spool, now, want).await {
                 Ok(d) if !d.is_empty() => d,
                 Ok(_) => break,
@@ -320,7 +361,7 @@ impl FallbackWorker {
             }
             self.tokens -= go.len() as f64;
             replayed += go.len();
-            self.replay_all(Queue::Spool, go, now).await;
+            self.start(Queue::Spool, go);
         }
         let rate = if elapsed > 0.0 {
             replayed as f64 / elapsed
@@ -330,9 +371,9 @@ impl FallbackWorker {
         gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(rate);
     }
 
-    /// Replay `tasks` of `queue` concurrently, then record every outcome in one commit.
-    async fn replay_all(&mut self, queue: Queue, tasks: Vec<Task>, now: u64) {
-        let mut running = Vec::with_capacity(tasks.len());
+    /// Start replaying `tasks` of `queue`, each in a task of its own bounded by the replay
+    /// timeout; [`settle`](Self::settle) records each outcome when it ends.
+    fn start(&mut self, queue: Queue, tasks: Vec<Task>) {
         for task in tasks {
             let attempt = task.attempts() + 1;
             let fut = match (task.payload(), self.shared.batches.get(task.class())) {
@@ -340,31 +381,47 @@ impl FallbackWorker {
                 _ => self.replay.replay(&task, attempt),
             };
             let limit = self.settings.replay_timeout;
-            running.push((
-                task,
-                tokio::spawn(async move {
-                    let start = tokio::time::Instant::now();
-                    let out = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-                        Replayed::Retry(format!("the replay timed out after {limit:?}"))
-                    });
-                    (out, start.elapsed())
-                }),
-            ));
+            let handle = self.running.spawn(async move {
+                let start = tokio::time::Instant::now();
+                let out = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                    Replayed::Retry(format!("the replay timed out after {limit:?}"))
+                });
+                (out, start.elapsed())
+            });
+            self.replaying.insert(handle.id(), (queue, task));
         }
-        let mut ops = Vec::with_capacity(running.len() * 2);
+    }
+
+    /// Record the outcomes of replays that ended, in one commit: done tasks are removed,
+    /// failed ones rescheduled with backoff from now (when the attempt ended) or moved to
+    /// manual review.
+    async fn settle(&mut self, done: Vec<Ended>) {
+        let now = self.shared.clock.now_ms();
+        let mut ops = Vec::with_capacity(done.len() * 2);
+        let mut settled = Vec::with_capacity(done.len());
         let service = self.shared.service.to_string();
-        for (mut task, handle) in running {
-            let (outcome, took) = match handle.await {
+        for ended in done {
+            let (id, (outcome, took)) = match ended {
                 Ok(r) => r,
                 Err(e) if e.is_panic() => (
-                    Replayed::Retry("the replay panicked".to_owned()),
-                    Duration::ZERO,
+                    e.id(),
+                    (
+                        Replayed::Retry("the replay panicked".to_owned()),
+                        Duration::ZERO,
+                    ),
                 ),
-                Err(_) => (
-                    Replayed::Retry("the replay was cancelled".to_owned()),
-                    Duration::ZERO,
+                Err(e) => (
+                    e.id(),
+                    (
+                        Replayed::Retry("the replay was cancelled".to_owned()),
+                        Duration::ZERO,
+                    ),
                 ),
             };
+            let Some((queue, mut task)) = self.replaying.remove(&id) else {
+                continue;
+            };
+            let tid = task.id();
             let probe = self.probing.remove(&task.id());
             if probe {
                 self.record_probe(task.class(), &outcome, took);
@@ -373,8 +430,11 @@ impl FallbackWorker {
                 // A failed probe tells of the class, not of the task: the task keeps its
                 // attempts and waits in the spool for the class to recover.
                 Replayed::Retry(_) if probe => {
-                    self.shared.store.release(queue, task.id());
-                    "retry"
+                    self.shared.store.release(queue, tid);
+                    counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
+                        "queue" => queue.as_str(), "result" => "retry")
+                    .increment(1);
+                    continue;
                 }
                 Replayed::Done => {
                     ops.push(Op::Remove(queue, task.id()));
@@ -399,21 +459,18 @@ impl FallbackWorker {
                     "review"
                 }
             };
+            settled.push((queue, tid));
             counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
                 "queue" => queue.as_str(), "result" => result)
             .increment(1);
         }
-        if let Err(e) = self.shared.store.commit(ops.clone()).await {
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.shared.store.commit(ops).await {
             // The tasks stay as they were (claimed until released): they are replayed again.
             tracing::warn!(error = %e, "replay outcomes could not be stored; the tasks will be replayed again");
-            let ids: HashSet<TaskId> = ops
-                .iter()
-                .map(|op| match op {
-                    Op::Put(_, t) => t.id(),
-                    Op::Remove(_, id) => *id,
-                })
-                .collect();
-            for id in ids {
+            for (queue, id) in settled {
                 self.shared.store.release(queue, id);
             }
         }

@@ -488,6 +488,145 @@ async fn first_replay_misbehaves(hang: bool) {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_hung_replay_holds_back_only_its_own_task() {
+    // One payment's replay hangs (a dependency that never answers, 10 s replay timeout);
+    // another payment and a spooled log kept after it are replayed at once all the same.
+    let d = degrader([
+        ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
+        ClassConfig::bronze("browse").fallback_route(Route::Spool),
+    ]);
+    let t0 = tokio::time::Instant::now();
+    let replayed = Arc::new(Mutex::new(Vec::new()));
+    let r = replayed.clone();
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay_timeout(Duration::from_secs(10))
+        .replay(replay_fn(move |task, _| {
+            let uri = match task.payload() {
+                Payload::Http(req) => req.uri.clone(),
+                _ => String::new(),
+            };
+            let r = r.clone();
+            async move {
+                if uri == "/pay/hang" {
+                    std::future::pending::<()>().await;
+                }
+                r.lock().unwrap().push((uri, t0.elapsed()));
+                Replayed::Done
+            }
+        }))
+        .build()
+        .unwrap();
+    let pay = layered(&d, "pay", router.clone(), &App::default());
+    let browse = layered(&d, "browse", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    call(&pay, post("/pay/hang", "x")).await;
+    run_for(500).await;
+    call(&pay, post("/pay/ok", "x")).await;
+    call(&browse, post("/log", "x")).await;
+    d.reset("browse").unwrap();
+    d.tick_now();
+    run_for(1_000).await;
+    let seen = replayed.lock().unwrap().clone();
+    let uris: Vec<&str> = seen.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(uris.len(), 2, "{seen:?}");
+    assert!(
+        uris.contains(&"/pay/ok") && uris.contains(&"/log"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|(_, at)| *at < Duration::from_millis(1_600)),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s, f) = (started.clone(), finished.clone());
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(move |_, _| {
+            let (s, f) = (s.clone(), f.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                f.fetch_add(1, Ordering::SeqCst);
+                Replayed::Done
+            }
+        }))
+        .build()
+        .unwrap();
+    let pay = layered(&d, "pay", router, &App::default());
+    let running = tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&pay, post("/pay/1", "x")).await;
+    run_for(200).await;
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    running.abort();
+    run_for(3_000).await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the replay stopped with its worker"
+    );
+    assert_eq!(store.depth(Queue::Retry).len, 1, "its task is still kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
+    // A dependency that takes 1 s to answer 503: each wait (400 ms doubling, drawn from
+    // [d/2, d]) is counted from the failed answer, not lost in the attempt's own second.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let t0 = tokio::time::Instant::now();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .retry(
+            RetryPolicy::default()
+                .initial(Duration::from_millis(400))
+                .max_interval(Duration::from_secs(4))
+                .max_attempts(4),
+        )
+        .replay(replay_fn(move |_, _| {
+            let a = a.clone();
+            async move {
+                let start = t0.elapsed();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                a.lock().unwrap().push((start, t0.elapsed()));
+                Replayed::Retry("HTTP 503 Service Unavailable".into())
+            }
+        }))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let pay = layered(&d, "pay", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&pay, post("/pay/1", "x")).await;
+    run_for(20_000).await;
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 4, "{attempts:?}");
+    for n in 1..4 {
+        let wait = attempts[n].0 - attempts[n - 1].1;
+        let d = Duration::from_millis(400 * (1 << (n - 1)));
+        // Drawn from [d/2, d], started by the worker's next look (every 100 ms).
+        assert!(
+            wait >= d / 2 && wait <= d + Duration::from_millis(150),
+            "wait {n}: {wait:?} for d = {d:?} ({attempts:?})"
+        );
+    }
+    assert_eq!(review.depth().len, 1, "out of attempts: in review");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_replay_that_panics_is_a_failed_attempt() {
     first_replay_misbehaves(false).await;
 }
@@ -764,6 +903,57 @@ async fn ten_thousand_deltas_on_fifty_skus_become_a_few_merged_writes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn another_delta_under_a_journaled_delta_s_key_is_refused_not_dropped() {
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge(
+            "inventory",
+            inventory(writes.clone(), Arc::default()).flush_every(Duration::from_secs(10)),
+        )
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    let keyed = |uri: &str, body: &'static str| {
+        Request::post(uri)
+            .header("idempotency-key", "inv-1")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let first = call(&svc, keyed("/inventory/sku1", "5")).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    // The same delta again is the same task.
+    let again = call(&svc, keyed("/inventory/sku1", "5")).await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(task_id(&again), task_id(&first));
+    // Another delta, another SKU, or a body the extractor cannot read, under the same key:
+    // refused, where it was acknowledged and never applied.
+    for (uri, body) in [
+        ("/inventory/sku1", "40"),
+        ("/inventory/sku2", "5"),
+        ("/inventory/sku1", "five"),
+    ] {
+        let other = call(&svc, keyed(uri, body)).await;
+        assert_eq!(
+            other.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{uri} {body}"
+        );
+        assert_eq!(other.headers()[REASON_HEADER], "key_reused");
+        assert_eq!(task_id(&other), task_id(&first));
+    }
+    assert_eq!(store.depth(Queue::Journal).len, 1);
+    run_for(11_000).await;
+    let w = writes.lock().unwrap();
+    assert_eq!(totals(&w), HashMap::from([("sku1".to_owned(), 5)]));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dropped() {
     let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
     let writes = Arc::new(Mutex::new(Vec::new()));
@@ -853,6 +1043,41 @@ async fn journaled_deltas_and_spooled_calls_survive_a_restart() {
     w.abort();
     assert_eq!(app.seen().len(), 40, "every spooled call replayed once");
     assert_eq!(totals(&writes.lock().unwrap()).values().sum::<i64>(), 40);
+}
+
+#[tokio::test]
+async fn a_requeue_and_a_drop_of_the_same_task_at_once_do_not_both_succeed() {
+    // Two operators (or a double click) act on each of 20 tasks in review at the same
+    // moment: one of the two wins, and a dropped task is never replayed as well.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::ManualReview)]);
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(EmbeddedStore::open(temp("review")).unwrap())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let svc = layered(&d, "pay", router.clone(), &App::default());
+    d.force_open("pay").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(task_id(&call(&svc, post(&format!("/pay/{i}"), "x")).await));
+    }
+    let store = router.store();
+    for id in ids {
+        let (requeued, dropped) = tokio::join!(
+            review.requeue(id),
+            review.drop_task(id, "op2", "refund issued by hand")
+        );
+        let (requeued, dropped) = (requeued.unwrap(), dropped.unwrap());
+        assert!(
+            requeued != dropped,
+            "{id}: requeued {requeued}, dropped {dropped}"
+        );
+        let replayed = store.get(Queue::Retry, id).await.unwrap().is_some();
+        let audited = store.get(Queue::Audit, id).await.unwrap().is_some();
+        assert_eq!((replayed, audited), (requeued, dropped), "{id}");
+    }
+    assert_eq!(review.depth().len, 0);
 }
 
 #[tokio::test]
