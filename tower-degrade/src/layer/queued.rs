@@ -56,12 +56,17 @@ pub trait QueuedCall {
 }
 
 /// The place in the queue: leaving it (dropped while waiting) gives back a permit granted in
-/// the meantime.
+/// the meantime and the call's probe permit, and counts the call as one its caller abandoned
+/// (cancelled, or a timeout past the class's abandon threshold), so that callers giving up
+/// in the queue show in the class's window.
 #[derive(Debug)]
 struct Ticket {
     shared: Arc<Shared>,
     limiter: usize,
     waiter: Option<Waiter>,
+    class: u16,
+    since: u64,
+    probe: Option<ProbePermit>,
 }
 
 impl Ticket {
@@ -76,8 +81,18 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if self.leave() {
-            self.shared.limiters[self.limiter].give_back();
+        let class = usize::from(self.class);
+        if self.waiter.is_some() {
+            if self.leave() {
+                self.shared.limiters[self.limiter].give_back();
+            }
+            let shard = &self.shared.shards[shard_index(self.shared.shard_mask)];
+            let waited = shard.timer.elapsed(self.since);
+            shard.queued(class, waited);
+            shard.count(class, shard.abandoned(class, waited));
+        }
+        if let Some(p) = self.probe.take() {
+            p.release(class);
         }
     }
 }
@@ -88,9 +103,6 @@ pin_project! {
         #[pin]
         deadline: Sleep,
         ticket: Ticket,
-        class: u16,
-        since: u64,
-        probe: Option<ProbePermit>,
         svc: S,
         req: Option<Req>,
         fallback: Fb,
@@ -101,7 +113,7 @@ pin_project! {
 impl<S, Req, Fb> std::fmt::Debug for Queued<S, Req, Fb> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queued")
-            .field("class", &self.class)
+            .field("class", &self.ticket.class)
             .field("granted", &self.rec.is_some())
             .finish_non_exhaustive()
     }
@@ -127,10 +139,10 @@ impl<S, Req, Fb> Queued<S, Req, Fb> {
                 shared,
                 limiter,
                 waiter: Some(waiter),
+                class,
+                since,
+                probe,
             },
-            class,
-            since,
-            probe,
             svc,
             req: Some(req),
             fallback,
@@ -153,7 +165,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Exit<S::Future, Fb::Future, S::Error>> {
         let this = self.project();
-        let idx = usize::from(*this.class);
+        let (class, since) = (this.ticket.class, this.ticket.since);
+        let idx = usize::from(class);
         if this.rec.is_none() {
             let waiter = this
                 .ticket
@@ -177,14 +190,14 @@ where
             let shard = shared.shards[shard_index(shared.shard_mask)].clone();
             match end {
                 WaitEnd::Granted => {
-                    let probe = this.probe.take();
-                    let mut rec = Recording::after_wait(shard, *this.class, probe, *this.since);
+                    let probe = this.ticket.probe.take();
+                    let mut rec = Recording::after_wait(shard, class, probe, since);
                     rec.hold_permit();
                     *this.rec = Some(rec);
                 }
                 WaitEnd::Shed => {
-                    shard.queued(idx, shard.timer.elapsed(*this.since));
-                    if let Some(p) = this.probe.take() {
+                    shard.queued(idx, shard.timer.elapsed(since));
+                    if let Some(p) = this.ticket.probe.take() {
                         p.release(idx);
                     }
                     let req = this.req.take().expect("polled after completion");

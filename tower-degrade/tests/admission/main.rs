@@ -138,6 +138,36 @@ async fn a_call_waits_no_longer_than_its_class_tolerates() {
     busy.await.unwrap().unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn callers_giving_up_in_the_queue_are_counted() {
+    // Bronze waits up to 1 s for a permit; its abandon threshold is set to 500 ms. One
+    // caller gives up after 100 ms of waiting, another after 700 ms: cancelled, then a
+    // timeout, with their waits as queueing delay. They were counted nowhere.
+    let d = degrader(
+        1,
+        [ClassConfig::bronze("log").abandon_timeout(Some(Duration::from_millis(500)))],
+    );
+    let held = Held::new();
+    let log = d.layer(d.class_id("log").unwrap()).layer(held.service());
+    let busy = tokio::spawn(log.clone().oneshot(1));
+    settle().await;
+    for (id, after) in [(2, 100), (3, 700)] {
+        let r = tokio::time::timeout(Duration::from_millis(after), log.clone().oneshot(id)).await;
+        assert!(r.is_err(), "still waiting when its caller gave up");
+    }
+    assert_eq!(d.admission()[0].waiting, 0);
+    d.tick_now();
+    let w = *d.history("log").unwrap().latest().unwrap();
+    assert_eq!(
+        (w.cancelled, w.timeouts, w.successes),
+        (1, 1, 0),
+        "one cancelled, one past the threshold"
+    );
+    assert_eq!(w.queue_delay, Duration::from_millis(400), "the mean wait");
+    held.gate.add_permits(1);
+    busy.await.unwrap().unwrap();
+}
+
 /// With one permit taken, `first` then `second` queue for bronze's one place: which user stays.
 async fn who_stays(first: &str, second: &str) -> String {
     let d = degrader(1, [ClassConfig::bronze("log")]);
