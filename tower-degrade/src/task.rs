@@ -4,6 +4,15 @@
 //! [`Tasks::run`] wraps the handler in a [`Degrade`](crate::Degrade) service with the class as a
 //! fixed classifier and the class's fallback as the fallback service, and drives it once: the
 //! same data path as HTTP traffic, not a second implementation.
+//!
+//! **Set each class's SLA to what its jobs take.** The tier defaults (50 / 200 / 1,000 ms) are
+//! request latencies, and a class's SLA is also what counts as slow and when a running call is
+//! overdue (a failure): 30 healthy 1.2 s email jobs in a gold class with the default 50 ms SLA
+//! are all overdue and open it. `ClassConfig::gold("order_email").sla(Duration::from_secs(5))`.
+//!
+//! Kept jobs ([`TasksBuilder::keep`]): give jobs that a queue may deliver twice an
+//! [`idempotency_key`](TasksBuilder::idempotency_key), and a router that keeps jobs of
+//! several types a [`ReplayByClass`](crate::fallback::ReplayByClass).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,11 +98,19 @@ impl<T, R> std::fmt::Debug for Tasks<T, R> {
     }
 }
 
+/// A task's idempotency key.
+type KeyFn<T> = Arc<dyn Fn(&T) -> String + Send + Sync>;
+
+/// Makes the keeper once the idempotency key (if any) is known.
+type MakeKeeper<T, R> = Box<dyn FnOnce(Option<KeyFn<T>>) -> Keeper<T, R> + Send>;
+
 /// Builds [`Tasks`].
 pub struct TasksBuilder<T, R> {
     shared: Arc<Shared>,
     fallbacks: HashMap<ClassId, FallbackSvc<T, R>>,
-    keeper: Option<Keeper<T, R>>,
+    /// Builds the keeper once the key is known.
+    keep: Option<MakeKeeper<T, R>>,
+    key: Option<KeyFn<T>>,
 }
 
 impl<T, R> std::fmt::Debug for TasksBuilder<T, R> {
@@ -109,7 +126,8 @@ impl<T, R> TasksBuilder<T, R> {
         Self {
             shared,
             fallbacks: HashMap::new(),
-            keeper: None,
+            keep: None,
+            key: None,
         }
     }
 }
@@ -150,8 +168,14 @@ where
     /// Keep the tasks diverted to `delayed_retry`, `spool` or `manual_review` with `router`:
     /// the task is serialized (JSON, through `serde`) and durably stored before the call
     /// returns `Ok(accepted(..))`; if it cannot be stored the call fails with a
-    /// [`Degraded`](crate::error::Degraded) error (`not_kept`). Replay kept tasks with
-    /// [`replay_task`](crate::fallback::replay_task) given to the router's builder.
+    /// [`Degraded`](crate::error::Degraded) error (`not_kept`), and a value that does not
+    /// serialize fails with an error saying so. Replay kept tasks with
+    /// [`replay_task`](crate::fallback::replay_task) given to the router's builder, or, for
+    /// tasks of several types on one router, with
+    /// [`ReplayByClass`](crate::fallback::ReplayByClass).
+    ///
+    /// A task delivered twice (a queue that delivers at least once) is kept twice unless it
+    /// has an [`idempotency_key`](Self::idempotency_key).
     #[cfg(feature = "fallback")]
     #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
     pub fn keep<F, A>(mut self, router: &crate::fallback::FallbackRouter<F>, accepted: A) -> Self
@@ -161,21 +185,37 @@ where
     {
         let router = router.clone_without_service();
         let accepted = Arc::new(accepted);
-        self.keeper = Some(Arc::new(move |call: Diverted<T>| {
-            let kept = router.keep_task(call)?;
-            let accepted = accepted.clone();
-            Ok(Box::pin(async move { kept.await.map(|a| accepted(a)) }) as FallbackFuture<R>)
+        self.keep = Some(Box::new(move |key: Option<KeyFn<T>>| -> Keeper<T, R> {
+            Arc::new(move |call: Diverted<T>| {
+                let key = key.as_ref().map(|k| k(call.request()));
+                let kept = router.keep_task(call, key)?;
+                let accepted = accepted.clone();
+                Ok(Box::pin(async move { kept.await.map(|a| accepted(a)) }) as FallbackFuture<R>)
+            })
         }));
+        self
+    }
+
+    /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII), such as the id
+    /// of the message it came from: a task kept again under the same key while the first is
+    /// still kept is that task (the same [`Accepted`](crate::fallback::Accepted) id), not a
+    /// second one, and the same key on another value is refused with an error. The key is
+    /// scoped by class and stored with the task ([`Task::client_key`](crate::fallback::Task::client_key)).
+    #[cfg(feature = "fallback")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
+    pub fn idempotency_key(mut self, key: impl Fn(&T) -> String + Send + Sync + 'static) -> Self {
+        self.key = Some(Arc::new(key));
         self
     }
 
     /// Finish.
     pub fn build(self) -> Tasks<T, R> {
+        let key = self.key;
         Tasks {
             shared: self.shared,
             fallback: TaskFallback {
                 services: Arc::new(self.fallbacks),
-                keeper: self.keeper,
+                keeper: self.keep.map(|keep| keep(key)),
             },
         }
     }

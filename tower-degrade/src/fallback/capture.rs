@@ -55,7 +55,7 @@ pub const MAX_KEY_BYTES: usize = 255;
 pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 
 /// Whether `key` can be an idempotency key (see [`Capture`]).
-fn valid_key(key: &[u8]) -> bool {
+pub(crate) fn valid_key(key: &[u8]) -> bool {
     (1..=MAX_KEY_BYTES).contains(&key.len())
         && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())
 }

@@ -43,7 +43,9 @@ pub use self::{
     cached::{LastGood, LastGoodFuture, LastGoodLayer},
     capture::{Capture, MAX_KEPT_HEADER_BYTES, MAX_KEY_BYTES, REPLAY_HEADER},
     record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
-    replay::{HttpReplay, Replay, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task},
+    replay::{
+        HttpReplay, Replay, ReplayByClass, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task,
+    },
     review::{ManualReview, Page},
     router::{Accepted, FallbackRouter, FallbackRouterBuilder, RouterFuture},
     schedule::{Backfill, RetryPolicy},

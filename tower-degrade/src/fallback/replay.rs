@@ -34,6 +34,12 @@ pub type ReplayFuture = Pin<Box<dyn Future<Output = Replayed> + Send>>;
 pub trait Replay: Send + Sync + 'static {
     /// Replay `task`.
     fn replay(&self, task: &Task, attempt: u32) -> ReplayFuture;
+
+    /// The classes this replay names, if it names any ([`ReplayByClass`]): the router's
+    /// builder checks that the degrader knows each. None by default.
+    fn classes(&self) -> Vec<&str> {
+        Vec::new()
+    }
 }
 
 /// Replays captured HTTP and gRPC requests through a tower service: give it the application
@@ -212,6 +218,11 @@ where
 /// (JSON) and given to `handler`; `Ok` is done, `Err` is retried. A payload that does not
 /// read back as a `T` goes to manual review.
 ///
+/// It reads *every* task it is given as a `T`. When a router keeps tasks of more than one
+/// type (or HTTP calls beside tasks), give each class its own replay with [`ReplayByClass`]:
+/// JSON of one type can read back as another (serde skips fields it does not know), and a
+/// stock sync would be replayed as an email.
+///
 /// ```
 /// use tower_degrade::BoxError;
 /// use tower_degrade::fallback::replay_task;
@@ -253,6 +264,79 @@ where
             Err(e) => Box::pin(std::future::ready(Replayed::Reject(e))),
         }
     })
+}
+
+/// A [`Replay`] that hands each kept task to the replay of its class: one router for tasks of
+/// several types, or for HTTP calls and tasks. A task of a class with no replay (and no
+/// [`otherwise`](Self::otherwise)) goes to manual review, never to another class's handler.
+/// The router's builder refuses a class the degrader does not know.
+///
+/// ```
+/// use tower_degrade::BoxError;
+/// use tower_degrade::fallback::{ReplayByClass, replay_task};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Email { order: u64 }
+/// #[derive(serde::Deserialize)]
+/// struct StockSync { sku: String, quantity: i64 }
+///
+/// let replay = ReplayByClass::new()
+///     .class("order_email", replay_task(|e: Email| async move { Ok::<_, BoxError>(()) }))
+///     .class("stock_sync", replay_task(|s: StockSync| async move { Ok::<_, BoxError>(()) }));
+/// # drop(replay);
+/// ```
+#[derive(Clone, Default)]
+pub struct ReplayByClass {
+    classes: std::collections::HashMap<String, std::sync::Arc<dyn Replay>>,
+    otherwise: Option<std::sync::Arc<dyn Replay>>,
+}
+
+impl fmt::Debug for ReplayByClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayByClass")
+            .field("classes", &self.classes.keys().collect::<Vec<_>>())
+            .field("otherwise", &self.otherwise.is_some())
+            .finish()
+    }
+}
+
+impl ReplayByClass {
+    /// No class yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replay `class`'s tasks with `replay`.
+    pub fn class(mut self, class: &str, replay: impl Replay) -> Self {
+        self.classes
+            .insert(class.to_owned(), std::sync::Arc::new(replay));
+        self
+    }
+
+    /// Replay the tasks of every other class with `replay` (an [`HttpReplay`] for the HTTP
+    /// routes, say).
+    pub fn otherwise(mut self, replay: impl Replay) -> Self {
+        self.otherwise = Some(std::sync::Arc::new(replay));
+        self
+    }
+}
+
+impl Replay for ReplayByClass {
+    fn replay(&self, task: &Task, attempt: u32) -> ReplayFuture {
+        match self.classes.get(task.class()).or(self.otherwise.as_ref()) {
+            Some(replay) => replay.replay(task, attempt),
+            None => Box::pin(std::future::ready(Replayed::Reject(format!(
+                "no replay for class `{}` (ReplayByClass)",
+                task.class()
+            )))),
+        }
+    }
+
+    fn classes(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.classes.keys().map(String::as_str).collect();
+        out.sort_unstable();
+        out
+    }
 }
 
 #[cfg(test)]

@@ -226,10 +226,30 @@ impl<T> FallbackRouterBuilder<T> {
         for class in self.batches.keys() {
             self.degrader.registry().require(class)?;
         }
+        for class in replay.classes() {
+            if self.degrader.registry().get(class).is_none() {
+                return Err(ConfigError::InvalidValue {
+                    field: "fallback.replay",
+                    reason: format!("names class `{class}`, which the degrader does not have"),
+                });
+            }
+        }
         if self.worker.concurrency == 0 {
             return Err(ConfigError::InvalidValue {
                 field: "fallback.concurrency",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.worker.period.is_zero() {
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.period",
+                reason: "must be more than zero".into(),
+            });
+        }
+        if self.worker.replay_timeout.is_zero() {
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.replay_timeout",
+                reason: "must be more than zero: every replay would time out".into(),
             });
         }
         self.retry.validate()?;
@@ -477,9 +497,14 @@ impl<T> FallbackRouter<T> {
 
     /// Keep a task-API call diverted to `delayed_retry`, `spool` or `manual_review`: its value
     /// serialized as JSON.
+    ///
+    /// With `key` (the task's idempotency key, `TasksBuilder::idempotency_key`), the same key
+    /// while its task is kept is that task again, and the same key on another value is an
+    /// error, as for HTTP calls.
     pub(crate) fn keep_task<Req: serde::Serialize>(
         &self,
         call: Diverted<Req>,
+        key: Option<String>,
     ) -> Result<impl Future<Output = Result<Accepted, BoxError>> + Send + 'static, Diverted<Req>>
     {
         let route = call.route();
@@ -501,11 +526,47 @@ impl<T> FallbackRouter<T> {
                     Some(shared.retry_after),
                 ))
             };
-            let bytes = payload.map_err(|e| {
+            // A value that does not serialize never will: no retry hint, and the cause said.
+            let bytes = payload.map_err(|e| -> BoxError {
                 tracing::warn!(class = %class, error = %e, "a diverted task cannot be serialized");
-                not_kept(Reason::NotKept)
+                format!(
+                    "the `{class}` task was diverted to `{}` but cannot be kept: it does not \
+                     serialize as JSON ({e})",
+                    route.as_str()
+                )
+                .into()
             })?;
-            let (queue, task) = shared.new_task(route, &class, None, reason, Payload::Bytes(bytes));
+            if let Some(k) = &key
+                && !super::capture::valid_key(k.as_bytes())
+            {
+                return Err(format!(
+                    "the `{class}` task's idempotency key is not 1 to {} bytes of visible \
+                     ASCII: {k:?}",
+                    super::MAX_KEY_BYTES
+                )
+                .into());
+            }
+            let _storing = match &key {
+                Some(k) => match shared.claim_key(&class, k).await {
+                    Ok(storing) => Some(storing),
+                    Err((queue, id)) => {
+                        let other = matches!(
+                            shared.store.get(queue, id).await,
+                            Ok(Some(kept)) if !matches!(kept.payload(), Payload::Bytes(b) if *b == bytes)
+                        );
+                        if other {
+                            return Err(format!(
+                                "the idempotency key {k:?} is kept for another `{class}` task \
+                                 ({id}): not kept"
+                            )
+                            .into());
+                        }
+                        return Ok(Accepted { id, route });
+                    }
+                },
+                None => None,
+            };
+            let (queue, task) = shared.new_task(route, &class, key, reason, Payload::Bytes(bytes));
             match shared.put_kept(queue, task, route, reason).await {
                 Ok(id) => Ok(Accepted { id, route }),
                 Err(()) => Err(not_kept(Reason::NotKept)),

@@ -49,7 +49,8 @@ pub(crate) struct Settings {
 ///    whose breaker waits for calls to prove it healthy (half-open, or degraded by the seed
 ///    rule) gets one spooled task replayed per tick as its probe, its outcome and latency
 ///    counted in the class's window, so a class without live traffic (a cron job, a queue
-///    consumer that stopped) still closes and has its spool replayed;
+///    consumer that stopped) gets through its probes and has its spool replayed (it stays
+///    `Recovering`, admitting a growing share, until live calls finish the recovery);
 /// 3. flushes merged batches that are due.
 ///
 /// Each replay runs in its own task, bounded by the replay timeout (default 30 s): a replay that

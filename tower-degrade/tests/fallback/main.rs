@@ -15,8 +15,8 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_degrade::fallback::store::{EmbeddedStore, Op};
 use tower_degrade::fallback::{
     Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, LastGoodLayer, MemoryStore,
-    Payload, Queue, REPLAY_HEADER, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
-    replay_task,
+    Payload, Queue, REPLAY_HEADER, ReplayByClass, Replayed, RetryPolicy, Store, Task, TaskId,
+    replay_fn, replay_task,
 };
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
@@ -716,6 +716,204 @@ async fn a_diverted_task_is_kept_as_json_and_replayed_by_its_handler() {
     assert_eq!(store.depth(Queue::Retry).len, 0);
 }
 
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Email {
+    order: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct StockSync {
+    order: u64,
+    sku: String,
+    quantity: i64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_of_two_types_on_one_router_are_each_replayed_by_their_class_s_handler() {
+    // A stock sync's JSON reads back as an Email (serde skips the fields it does not know):
+    // with one `replay_task` for the router it was sent as an email and never synced.
+    let d = degrader([
+        ClassConfig::gold("order_email").fallback_route(Route::DelayedRetry),
+        ClassConfig::silver("stock_sync").fallback_route(Route::DelayedRetry),
+        ClassConfig::bronze("recommend").fallback_route(Route::DelayedRetry),
+    ]);
+    let emails = Arc::new(Mutex::new(Vec::new()));
+    let syncs = Arc::new(Mutex::new(Vec::new()));
+    let (e, s) = (emails.clone(), syncs.clone());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(
+            ReplayByClass::new()
+                .class(
+                    "order_email",
+                    replay_task(move |m: Email| {
+                        e.lock().unwrap().push(m);
+                        async { Ok::<_, BoxError>(()) }
+                    }),
+                )
+                .class(
+                    "stock_sync",
+                    replay_task(move |m: StockSync| {
+                        s.lock().unwrap().push(m);
+                        async { Ok::<_, BoxError>(()) }
+                    }),
+                ),
+        )
+        .build()
+        .unwrap();
+    let review = router.review();
+    let email = d.tasks::<Email, ()>().keep(&router, |_| ()).build();
+    let sync = d.tasks::<StockSync, ()>().keep(&router, |_| ()).build();
+    tokio::spawn(worker.run());
+    for class in ["order_email", "stock_sync", "recommend"] {
+        d.force_open(class).unwrap();
+    }
+    let never = |_| async { Ok::<_, BoxError>(()) };
+    email
+        .run("order_email", Email { order: 1 }, never)
+        .await
+        .unwrap();
+    let stock = StockSync {
+        order: 2,
+        sku: "sku-9".into(),
+        quantity: -1,
+    };
+    sync.run("stock_sync", stock.clone(), |_| async {
+        Ok::<_, BoxError>(())
+    })
+    .await
+    .unwrap();
+    // A class the replay does not name: kept, then sent to review, not to another handler.
+    email
+        .run("recommend", Email { order: 3 }, never)
+        .await
+        .unwrap();
+    run_for(1_000).await;
+    assert_eq!(*emails.lock().unwrap(), [Email { order: 1 }]);
+    assert_eq!(*syncs.lock().unwrap(), [stock]);
+    let page = review.list(None, 10).await.unwrap();
+    assert_eq!(page.tasks.len(), 1);
+    assert_eq!(page.tasks[0].class(), "recommend");
+    assert!(
+        page.tasks[0]
+            .last_answer()
+            .unwrap()
+            .contains("no replay for class `recommend`"),
+        "{:?}",
+        page.tasks[0].last_answer()
+    );
+
+    // A class the degrader does not have is a configuration error.
+    let err = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(
+            ReplayByClass::new().class("order_emial", replay_fn(|_, _| async { Replayed::Done })),
+        )
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("fallback.replay") && err.to_string().contains("order_emial"),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
+    // A queue that delivers at least once hands the same message over twice while the class
+    // is open: with the message id as the key, one task is kept and replayed once.
+    let d = degrader([ClassConfig::gold("order_email").fallback_route(Route::DelayedRetry)]);
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let s = sent.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_task(move |m: Email| {
+            s.lock().unwrap().push(m);
+            async { Ok::<_, BoxError>(()) }
+        }))
+        .build()
+        .unwrap();
+    let tasks = d
+        .tasks::<Email, TaskId>()
+        .keep(&router, |a| a.id)
+        .idempotency_key(|m: &Email| format!("email-{}", m.order))
+        .build();
+    d.force_open("order_email").unwrap();
+    let never = |_| async { Ok::<_, BoxError>(TaskId::generate()) };
+    let first = tasks
+        .run("order_email", Email { order: 5 }, never)
+        .await
+        .unwrap();
+    let again = tasks
+        .run("order_email", Email { order: 5 }, never)
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(store.depth(Queue::Retry).len, 1);
+    let kept = store.get(Queue::Retry, first).await.unwrap().unwrap();
+    assert_eq!(kept.client_key(), Some("email-5"));
+    tokio::spawn(worker.run());
+    run_for(1_000).await;
+    assert_eq!(*sent.lock().unwrap(), [Email { order: 5 }]);
+
+    // The same key on another value is refused, not taken for the first.
+    let tasks = d
+        .tasks::<Email, TaskId>()
+        .keep(&router, |a| a.id)
+        .idempotency_key(|_: &Email| "same".to_owned())
+        .build();
+    tasks
+        .run("order_email", Email { order: 6 }, never)
+        .await
+        .unwrap();
+    let err = tasks
+        .run("order_email", Email { order: 7 }, never)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("kept for another"), "{err}");
+    // A key that is not one (too long, control bytes) is an error, not silently dropped.
+    let tasks = d
+        .tasks::<Email, TaskId>()
+        .keep(&router, |a| a.id)
+        .idempotency_key(|_: &Email| "\n".to_owned())
+        .build();
+    let err = tasks
+        .run("order_email", Email { order: 8 }, never)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("idempotency key"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_does_not_serialize_says_so_and_is_not_told_to_retry() {
+    let d = degrader([ClassConfig::bronze("recommend").fallback_route(Route::Spool)]);
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    // JSON object keys must be strings: a map keyed by tuples does not serialize.
+    let tasks = d
+        .tasks::<HashMap<(u32, u32), u32>, ()>()
+        .keep(&router, |_| ())
+        .build();
+    d.force_open("recommend").unwrap();
+    let err = tasks
+        .run("recommend", HashMap::from([((1, 2), 3)]), |_| async {
+            Ok::<_, BoxError>(())
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("does not serialize as JSON"),
+        "{err}"
+    );
+    assert!(
+        err.downcast_ref::<tower_degrade::error::Degraded>()
+            .is_none()
+    );
+}
+
 // ===== what is not kept gets the reject answer =====
 
 #[tokio::test(start_paused = true)]
@@ -821,6 +1019,25 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("fallback.replay"), "{err}");
+    // A zero period would panic in the worker (kept tasks never replayed); a zero replay
+    // timeout would fail every replay.
+    for (field, builder) in [
+        (
+            "fallback.period",
+            FallbackRouter::builder(&d).period(Duration::ZERO),
+        ),
+        (
+            "fallback.replay_timeout",
+            FallbackRouter::builder(&d).replay_timeout(Duration::ZERO),
+        ),
+    ] {
+        let err = builder
+            .store(MemoryStore::default())
+            .replay(replay_fn(|_, _| async { Replayed::Done }))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
 }
 
 // ===== batch merge =====
