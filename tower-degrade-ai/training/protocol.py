@@ -152,6 +152,21 @@ def evaluate(a, events, H: int, step_seconds: float, eval_from: int = 0, grace: 
     return r
 
 
+def chance_early(summary: dict, H: int, step_seconds: float) -> float:
+    """The early recall an alarm that knows nothing of the incidents would score: one that is
+    on for the same share of normal time and starts its false trips at the same rate as the
+    detector did (`Result.summary`), placed independently of the onsets. An onset is then
+    warned early when the alarm is on at s - H (the protocol counts a trip still on as a
+    warning) or starts in the H - 1 steps after: f + (1 - f) (1 - exp(-lambda (H - 1))), with
+    lambda the trips per step not alarmed. A detector alarmed for 15 % of normal time warns
+    early of about 15 % of incidents by chance alone."""
+    f = min(max(float(summary["normal_time_alarmed"]), 0.0), 1.0)
+    if f >= 1.0:
+        return 1.0
+    per_step = float(summary["false_trips_per_day"]) * step_seconds / 86400.0 / (1.0 - f)
+    return f + (1.0 - f) * (1.0 - float(np.exp(-per_step * max(H - 1, 0))))
+
+
 def auprc(scores, ys) -> tuple[float | None, float | None]:
     """Step-level average precision over non-ignored steps, with its base rate."""
     from sklearn.metrics import average_precision_score

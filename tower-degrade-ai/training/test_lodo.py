@@ -2,7 +2,7 @@
 import unittest
 
 import evaluate
-from lodo import _verdict, headline, training_traces
+from lodo import _verdict, beyond_chance, headline, training_traces
 
 
 class Folds(unittest.TestCase):
@@ -45,6 +45,19 @@ class Headline(unittest.TestCase):
         self.assertEqual(_verdict(dict(recall_early=0.1, recall_early_ci=[0.0, 0.2]),
                                   dict(recall_early=0.5, recall_early_ci=[0.3, 0.6])), "0.20x (CIs apart, below)")
         self.assertEqual(_verdict(m, dict(recall_early=0.0, recall_early_ci=[0.0, 0.0])), "ahead")
+
+
+class BeyondChance(unittest.TestCase):
+    def test_an_alarm_on_a_fifth_of_the_time_earns_nothing_for_the_warnings_it_gets_by_chance(self):
+        # Hour steps, H = 6: alarmed 20 % of normal time and 1 false trip a day, early recall
+        # 0.25: chance alone is about 0.29, so nothing beyond it. A detector that trips once
+        # in ten days, never otherwise alarmed, with the same recall: nearly all of it counts.
+        noisy = dict(recall_early=0.25, normal_time_alarmed=0.2, false_trips_per_day=1.0,
+                     H=6, step_seconds=3600.0)
+        quiet = dict(noisy, normal_time_alarmed=0.0, false_trips_per_day=0.1)
+        self.assertLess(beyond_chance(noisy), 0.0)
+        self.assertAlmostEqual(beyond_chance(quiet), 0.25, delta=0.02)
+        self.assertEqual(beyond_chance(dict(noisy, recall_early=1.0)), 1.0)
 
 
 class RankingCheck(unittest.TestCase):
