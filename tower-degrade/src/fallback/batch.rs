@@ -16,8 +16,7 @@ use tower::{Service, ServiceExt};
 
 use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
 use super::replay::{ReplayFuture, Replayed};
-use super::schedule::RetryPolicy;
-use super::shared::Clock;
+use super::schedule::{Clock, RetryPolicy};
 use super::store::{Op, Store, StoreError};
 use crate::error::BoxError;
 

@@ -195,6 +195,27 @@ impl Backfill {
     }
 }
 
+/// Wall-clock milliseconds that advance with tokio's clock (so that paused-clock tests see
+/// backoff and off-peak windows pass).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall0: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self {
+            wall0: super::record::now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.wall0 + self.start.elapsed().as_millis() as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

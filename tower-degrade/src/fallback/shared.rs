@@ -11,31 +11,10 @@ use tokio::sync::Notify;
 use super::batch::Batcher;
 use super::capture::Capture;
 use super::record::{Payload, Queue, Task, TaskId};
-use super::schedule::RetryPolicy;
+use super::schedule::{Clock, RetryPolicy};
 use super::store::{Op, Store};
 use crate::class::Route;
 use crate::gate::Reason;
-
-/// Wall-clock milliseconds that advance with tokio's clock (so that paused-clock tests see
-/// backoff and off-peak windows pass).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Clock {
-    wall0: u64,
-    start: tokio::time::Instant,
-}
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        Self {
-            wall0: super::record::now_ms(),
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.wall0 + self.start.elapsed().as_millis() as u64
-    }
-}
 
 /// What the router, its worker and the review handle share.
 pub(crate) struct RouterShared {
