@@ -24,10 +24,17 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 /// call to [`Route::Cached`]. Put it **outside** the degrade layer (added after it, with
 /// axum's `Router::layer`), so it sees both the served responses and the layer's answers.
 ///
-/// * Kept: `GET` and `HEAD` requests answered 2xx with a body of known size up to
-///   `max_body` (default 256 KiB), no `Set-Cookie` and no `Cache-Control: no-store` or
-///   `private`; keyed by method, URI and the configured `vary` headers. A request with
-///   `Authorization` or `Cookie` is neither kept nor served unless `vary` names that header.
+/// * Kept: `GET` and `HEAD` requests answered 2xx (not a `206` partial answer) with a body of
+///   known size up to `max_body` (default 256 KiB), no `Set-Cookie`, no `Cache-Control:
+///   no-store`, `no-cache` or `private` (in any case) and no `Vary: *`; keyed by method, host
+///   (the URI's authority, else the `Host` header), URI and every value of each configured
+///   `vary` header, byte for byte. A request with `Authorization` or `Cookie` is neither
+///   kept nor served unless `vary` names that header, nor one with `Range` or `If-Range`.
+///   The response's own `Vary` is honoured: a copy is served only to a request whose values
+///   of those headers are the ones it was kept for.
+/// * **Personalised by anything else** (a user id header, a tenant header): name it with
+///   [`vary`](Self::vary), or answer `Cache-Control: private` or `Vary`: the layer cannot
+///   know that an answer depends on a header it was not told of.
 /// * Bounded: at most `max_entries` (default 10,000; evicted by the `quick_cache` crate's
 ///   CLOCK-Pro policy) and `ttl` old (default 5 minutes, checked when read).
 /// * Served: when the layer's answer says the call went to `cached`, the copy replaces it,
@@ -46,7 +53,7 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 /// ```
 #[derive(Clone)]
 pub struct LastGoodLayer {
-    cache: Arc<quick_cache::sync::Cache<String, Arc<Entry>>>,
+    cache: Arc<quick_cache::sync::Cache<Vec<u8>, Arc<Entry>>>,
     config: Arc<Config>,
 }
 
@@ -63,6 +70,8 @@ struct Entry {
     headers: HeaderMap,
     body: Bytes,
     at: tokio::time::Instant,
+    /// The response's `Vary` headers with the values of the request it was kept for.
+    varies: Vec<(HeaderName, Vec<HeaderValue>)>,
 }
 
 impl fmt::Debug for LastGoodLayer {
@@ -177,27 +186,76 @@ pub struct LastGood<S> {
     layer: LastGoodLayer,
 }
 
-fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> String {
-    let mut k = String::with_capacity(64);
-    k.push_str(req.method().as_str());
-    k.push(' ');
-    k.push_str(&req.uri().to_string());
+/// The key of a read: method, host, URI and every value of each `vary` header, each part
+/// length-prefixed, byte for byte (two different values never make one key).
+fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> Vec<u8> {
+    fn part(k: &mut Vec<u8>, bytes: &[u8]) {
+        k.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+        k.extend_from_slice(bytes);
+    }
+    let mut k = Vec::with_capacity(96);
+    part(&mut k, req.method().as_str().as_bytes());
+    match req.uri().authority() {
+        Some(a) => part(&mut k, a.as_str().as_bytes()),
+        None => {
+            for v in req.headers().get_all(header::HOST) {
+                part(&mut k, v.as_bytes());
+            }
+        }
+    }
+    k.push(0xff);
+    part(
+        &mut k,
+        req.uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
     for name in vary {
-        k.push('\n');
-        if let Some(v) = req.headers().get(name) {
-            k.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        k.push(0xff);
+        for v in req.headers().get_all(name) {
+            part(&mut k, v.as_bytes());
         }
     }
     k
 }
 
+/// Whether a response may be kept: no cookie set, no `Cache-Control` directive that forbids
+/// keeping or sharing it (directives are case-insensitive), no `Vary: *`.
 fn cacheable(headers: &HeaderMap) -> bool {
-    !headers.contains_key(header::SET_COOKIE)
-        && !headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.to_str()
-                .map(|s| s.contains("no-store") || s.contains("private"))
-                .unwrap_or(true)
+    let directive = |v: &HeaderValue, forbidden: &[&str]| {
+        v.to_str().map_or(true, |s| {
+            s.split(',').any(|d| {
+                let name = d.split('=').next().unwrap_or("").trim();
+                forbidden.iter().any(|f| name.eq_ignore_ascii_case(f))
+            })
         })
+    };
+    !headers.contains_key(header::SET_COOKIE)
+        && !headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .any(|v| directive(v, &["no-store", "no-cache", "private"]))
+        && !headers
+            .get_all(header::VARY)
+            .iter()
+            .any(|v| directive(v, &["*"]))
+}
+
+/// The response's `Vary` header names (malformed ones are skipped: `cacheable` refused a
+/// value that is not text).
+fn varies(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
+        .collect()
+}
+
+fn values(headers: &HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
+    headers.get_all(name).iter().cloned().collect()
 }
 
 impl<S, B, RB> Service<http::Request<B>> for LastGood<S>
@@ -223,7 +281,11 @@ where
         let personal = [header::AUTHORIZATION, header::COOKIE]
             .iter()
             .any(|h| req.headers().contains_key(h) && !self.layer.config.vary.contains(h));
-        if (req.method() != Method::GET && req.method() != Method::HEAD) || personal {
+        // A part of the resource is not the resource.
+        let partial = [header::RANGE, header::IF_RANGE]
+            .iter()
+            .any(|h| req.headers().contains_key(h));
+        if (req.method() != Method::GET && req.method() != Method::HEAD) || personal || partial {
             return LastGoodFuture {
                 tap: Tap::Pass {
                     fut: self.inner.call(req),
@@ -231,13 +293,15 @@ where
             };
         }
         let key = key(&req, &self.layer.config.vary);
+        // The request's headers, for the response's own `Vary`.
+        let headers = req.headers().clone();
         let fut = self.inner.call(req);
         let layer = self.layer.clone();
         LastGoodFuture {
             tap: Tap::Read {
                 fut: Box::pin(async move {
                     let res = fut.await?;
-                    Ok(layer.after(key, res).await)
+                    Ok(layer.after(key, &headers, res).await)
                 }),
             },
         }
@@ -245,7 +309,12 @@ where
 }
 
 impl LastGoodLayer {
-    async fn after<RB>(&self, key: String, res: http::Response<RB>) -> http::Response<RB>
+    async fn after<RB>(
+        &self,
+        key: Vec<u8>,
+        req: &HeaderMap,
+        res: http::Response<RB>,
+    ) -> http::Response<RB>
     where
         RB: Body + From<Bytes>,
         RB::Error: Into<BoxError>,
@@ -258,6 +327,14 @@ impl LastGoodLayer {
             let Some(entry) = self.cache.get(&key) else {
                 return res;
             };
+            // Kept for a request with other values of a header the answer varies on.
+            if entry
+                .varies
+                .iter()
+                .any(|(name, kept)| values(req, name) != *kept)
+            {
+                return res;
+            }
             let age = entry.at.elapsed();
             if age > self.config.ttl {
                 self.cache.remove(&key);
@@ -277,11 +354,19 @@ impl LastGoodLayer {
         }
         let size = res.body().size_hint().exact();
         if !res.status().is_success()
+            || res.status() == StatusCode::PARTIAL_CONTENT
             || size.is_none_or(|n| n > self.config.max_body)
             || !cacheable(res.headers())
         {
             return res;
         }
+        let varies = varies(res.headers())
+            .into_iter()
+            .map(|name| {
+                let v = values(req, &name);
+                (name, v)
+            })
+            .collect();
         let (parts, body) = res.into_parts();
         match body.collect().await {
             Ok(c) => {
@@ -295,6 +380,7 @@ impl LastGoodLayer {
                         headers,
                         body: bytes.clone(),
                         at: tokio::time::Instant::now(),
+                        varies,
                     }),
                 );
                 http::Response::from_parts(parts, RB::from(bytes))

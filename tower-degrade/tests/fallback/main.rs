@@ -1541,6 +1541,105 @@ async fn calls_with_the_same_key_at_once_keep_one_task() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_copy_is_served_only_to_a_request_it_answers() {
+    // Each case keeps a copy for one request, then asks for it, degraded, as another that
+    // the copy does not answer: another user by split cookies or a non-UTF-8 id, another
+    // host, another language the answer varied on, a private answer in capitals, a range.
+    let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
+    let id = d.class_id("product").unwrap();
+    let app = service_fn(|req: Req| async move {
+        let h = |n: &str| {
+            req.headers()
+                .get_all(n)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<_>>()
+                .join(";")
+        };
+        let body = format!(
+            "{} {} {} {}",
+            req.uri(),
+            h("cookie"),
+            h("host"),
+            h("accept-language")
+        );
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        if req.headers().contains_key("range") {
+            *res.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
+        for (from, to) in [("x-cc", "cache-control"), ("x-vary", "vary")] {
+            if let Some(v) = req.headers().get(from) {
+                res.headers_mut().insert(to, v.clone());
+            }
+        }
+        Ok::<_, Infallible>(res)
+    });
+    let svc = LastGoodLayer::new()
+        .vary("cookie")
+        .unwrap()
+        .vary("x-user-id")
+        .unwrap()
+        .layer(d.layer(move |_: &Req| id).http().layer(app));
+    let get = |uri: &str, headers: &[(&str, &[u8])]| {
+        let mut r = Request::get(uri);
+        for (n, v) in headers {
+            r = r.header(*n, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        r.body(Full::new(Bytes::new())).unwrap()
+    };
+    let alice: &[(&str, &[u8])] = &[("cookie", b"theme=dark"), ("cookie", b"session=alice")];
+    let bob: &[(&str, &[u8])] = &[("cookie", b"theme=dark"), ("cookie", b"session=bob")];
+    let e_acute: &[(&str, &[u8])] = &[("x-user-id", b"\xe9mile")];
+    let e_grave: &[(&str, &[u8])] = &[("x-user-id", b"\xe8mile")];
+    let shop_a: &[(&str, &[u8])] = &[("host", b"shop-a.example")];
+    let shop_b: &[(&str, &[u8])] = &[("host", b"shop-b.example")];
+    let de: &[(&str, &[u8])] = &[("accept-language", b"de"), ("x-vary", b"Accept-Language")];
+    let ja: &[(&str, &[u8])] = &[("accept-language", b"ja")];
+    let private: &[(&str, &[u8])] = &[("x-cc", b"max-age=60, Private")];
+    let range: &[(&str, &[u8])] = &[("range", b"bytes=0-1")];
+    // (kept for, asked by: not served, asked by: served)
+    let cases: [(
+        &str,
+        &[(&str, &[u8])],
+        &[(&str, &[u8])],
+        Option<&[(&str, &[u8])]>,
+    ); 6] = [
+        ("/split", alice, bob, Some(alice)),
+        ("/id", e_acute, e_grave, Some(e_acute)),
+        ("/host", shop_a, shop_b, Some(shop_a)),
+        ("/lang", de, ja, Some(&[("accept-language", b"de")])),
+        ("/private", private, &[], None),
+        ("/range", range, &[], None),
+    ];
+    for (uri, kept_for, _, _) in &cases {
+        let res = svc.clone().oneshot(get(uri, kept_for)).await.unwrap();
+        assert!(res.status().is_success(), "{uri}");
+    }
+    d.force_open("product").unwrap();
+    for (uri, _, other, same) in &cases {
+        let res = svc.clone().oneshot(get(uri, other)).await.unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{uri}: not served"
+        );
+        if let Some(same) = same {
+            let res = svc.clone().oneshot(get(uri, same)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{uri}: served to its own");
+            assert_eq!(res.headers()[ROUTE_HEADER], "cached");
+        }
+    }
+    // A range is not served from a copy either.
+    d.reset("product").unwrap();
+    svc.clone().oneshot(get("/whole", &[])).await.unwrap();
+    d.force_open("product").unwrap();
+    let res = svc.clone().oneshot(get("/whole", range)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let res = svc.clone().oneshot(get("/whole", &[])).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_personal_read_is_never_served_to_someone_else() {
     let d = degrader([ClassConfig::silver("account").fallback_route(Route::Cached)]);
     let id = d.class_id("account").unwrap();
