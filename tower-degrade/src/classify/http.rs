@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, Method, Request};
 
-use super::pattern::{Segment, matches, parse_pattern};
+use super::pattern::{Segment, matches, parse_pattern, same_pattern};
 use super::view::parse_start;
 use super::{ClassifyRequest, RequestView};
 use crate::admit::AdmissionKey;
@@ -112,7 +112,9 @@ impl HttpClassifierBuilder {
     /// answer `HEAD` with the `GET` handler) and `pattern` belong to `class`.
     ///
     /// Patterns use axum's syntax: literal segments, `{param}` (or `:param`) for one segment,
-    /// and a trailing `{*rest}` (or `*`) for any remainder. Rules are tried in order; a rule
+    /// and a trailing `{*rest}` (or `*`) for any remainder; a parameter's name need not be
+    /// the route's. A pattern is the **full path** a client sends: a classifier on a router
+    /// nested under `/api` names `/api/products/{id}`, as axum's `MatchedPath` does. Rules are tried in order; a rule
     /// that an earlier one hides (the same pattern, for the same method or for any method) is
     /// an error naming both, as it could never match.
     pub fn route(
@@ -307,7 +309,7 @@ impl HttpClassifier {
                 continue;
             }
             let hit = match matched {
-                Some(pattern) => pattern == &*rule.pattern,
+                Some(pattern) => same_pattern(&rule.segments, pattern),
                 None => matches(&rule.segments, path),
             };
             if hit {
@@ -324,6 +326,21 @@ fn matched_path(ext: &http::Extensions) -> Option<&str> {
     ext.get::<axum::extract::MatchedPath>().map(|m| m.as_str())
 }
 
+/// The path as the client sent it: inside a router nested under a prefix, axum strips the
+/// prefix from the URI and keeps the original in `OriginalUri`, and rules name full paths
+/// (as `MatchedPath` reports them).
+#[cfg(feature = "axum")]
+#[inline]
+fn original_path(ext: &http::Extensions) -> Option<&str> {
+    ext.get::<axum::extract::OriginalUri>().map(|u| u.path())
+}
+
+#[cfg(not(feature = "axum"))]
+#[inline]
+fn original_path(_ext: &http::Extensions) -> Option<&str> {
+    None
+}
+
 #[cfg(not(feature = "axum"))]
 #[inline]
 fn matched_path(_ext: &http::Extensions) -> Option<&str> {
@@ -335,7 +352,7 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
     fn classify(&self, req: &Request<B>) -> ClassId {
         self.classify_parts(
             req.method(),
-            req.uri().path(),
+            original_path(req.extensions()).unwrap_or(req.uri().path()),
             req.headers(),
             req.extensions(),
         )

@@ -63,6 +63,36 @@ pub(crate) fn matches(segments: &[Segment], path: &str) -> bool {
     rest.is_none()
 }
 
+/// Whether `pattern`, a route pattern as axum reports it (`MatchedPath`), is the pattern of
+/// `segments`: the same literals, a parameter where it has one (whatever the name or the
+/// syntax, `{id}` or `:id`), a catch-all where it has one.
+#[inline]
+pub(crate) fn same_pattern(segments: &[Segment], pattern: &str) -> bool {
+    let Some(mut rest) = pattern.strip_prefix('/') else {
+        return false;
+    };
+    for (i, seg) in segments.iter().enumerate() {
+        let (part, tail) = match rest.as_bytes().iter().position(|&b| b == b'/') {
+            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+            None => (rest, None),
+        };
+        let catch_all = part.starts_with("{*") && part.ends_with('}') || part == "*";
+        let param =
+            !catch_all && (part.starts_with('{') && part.ends_with('}') || part.starts_with(':'));
+        let ok = match seg {
+            Segment::CatchAll => catch_all,
+            Segment::Param => param,
+            Segment::Literal(l) => !catch_all && !param && part == &**l,
+        };
+        match (ok, tail) {
+            (false, _) => return false,
+            (true, None) => return i + 1 == segments.len(),
+            (true, Some(t)) => rest = t,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +112,26 @@ mod tests {
         assert!(matches(&segs("/users/:id/cart"), "/users/u1/cart"));
         assert!(parse_pattern("no-slash").is_err());
         assert!(parse_pattern("/{*rest}/x").is_err());
+    }
+
+    #[test]
+    fn a_rule_is_the_route_axum_matched_whatever_its_parameters_are_called() {
+        let rule = segs("/pay/:id");
+        assert!(same_pattern(&rule, "/pay/{id}"));
+        assert!(same_pattern(
+            &segs("/products/{product_id}"),
+            "/products/{id}"
+        ));
+        assert!(same_pattern(&segs("/static/{*rest}"), "/static/{*path}"));
+        assert!(same_pattern(&segs("/"), "/"));
+        assert!(!same_pattern(&rule, "/pay/{id}/refund"));
+        assert!(!same_pattern(&segs("/pay/{id}/refund"), "/pay/{id}"));
+        assert!(
+            !same_pattern(&rule, "/pay/latest"),
+            "a literal is not a parameter"
+        );
+        assert!(!same_pattern(&segs("/pay/latest"), "/pay/{id}"));
+        assert!(!same_pattern(&segs("/static/{id}"), "/static/{*path}"));
+        assert!(!same_pattern(&rule, "pay/{id}"));
     }
 }

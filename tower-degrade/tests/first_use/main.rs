@@ -368,6 +368,81 @@ async fn axum_unmatched_requests_reach_the_default_class_through_router_layer() 
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn axum_routes_are_classified_whatever_their_parameters_are_called_and_when_nested() {
+    use axum::Router;
+    use axum::routing::{get, post};
+
+    let d = degrader([ClassConfig::gold("payment"), ClassConfig::silver("product")]);
+    // `:id` where the route says `{id}`, `{product_id}` where it says `{id}`: the same routes.
+    // Under `nest`, rules name the full path, for matched routes and for a 404 alike.
+    let classify = d
+        .http_classifier()
+        .route(Some(http::Method::POST), "/pay/:id", "payment")
+        .unwrap()
+        .route(
+            Some(http::Method::GET),
+            "/api/products/{product_id}",
+            "product",
+        )
+        .unwrap()
+        .route(None, "/api/products/{product_id}/{*rest}", "product")
+        .unwrap()
+        .build();
+    let layer = d.layer(classify).http();
+    let shop = Router::new()
+        .route("/products/{id}", get(|| async { "product" }))
+        .layer(layer.clone());
+    let app = Router::new()
+        .route("/pay/{id}", post(|| async { "paid" }))
+        .layer(layer)
+        .nest("/api", shop);
+    let call = |method: http::Method, uri: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let status = |r: http::Response<axum::body::Body>| r.status().as_u16();
+    assert_eq!(
+        status(
+            app.clone()
+                .oneshot(call(http::Method::POST, "/pay/1"))
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    assert_eq!(
+        status(
+            app.clone()
+                .oneshot(call(http::Method::GET, "/api/products/1"))
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    assert_eq!(
+        status(
+            app.oneshot(call(http::Method::GET, "/api/products/1/reviews"))
+                .await
+                .unwrap()
+        ),
+        404
+    );
+    d.tick_now();
+    let served = |class: &str| {
+        let w = d.history(class).unwrap().latest().copied().unwrap();
+        w.successes
+    };
+    assert_eq!(
+        (served("payment"), served("product"), served("default")),
+        (1, 2, 0),
+        "nothing in default"
+    );
+}
+
 // ===== (e) metrics a Prometheus scrape accepts =====
 
 /// Every family in `text` with its `# TYPE`, checking each has `# HELP` text.
