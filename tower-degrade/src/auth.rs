@@ -31,13 +31,17 @@ impl Token {
         Ok(Token(token.as_bytes().into()))
     }
 
-    /// Whether `headers` carry `Authorization: Bearer <this token>`. The comparison takes the
-    /// same time wherever the first difference is.
+    /// Whether `headers` carry `Authorization: Bearer <this token>` (the scheme in any case,
+    /// as RFC 9110 has it). The comparison takes the same time wherever the first difference
+    /// is.
     pub(crate) fn authorizes(&self, headers: &HeaderMap) -> bool {
         let given = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+            })
             .unwrap_or("")
             .as_bytes();
         // `ct_eq` on slices of different lengths is false at once; only the length leaks.
@@ -83,7 +87,10 @@ mod tests {
     fn only_the_exact_token_authorizes() {
         let t = Token::new("0123456789abcdef", "admin.token").unwrap();
         assert!(t.authorizes(&bearer("Bearer 0123456789abcdef")));
+        assert!(t.authorizes(&bearer("bearer 0123456789abcdef")), "the scheme in any case");
+        assert!(t.authorizes(&bearer("BEARER  0123456789abcdef")));
         assert!(!t.authorizes(&bearer("Bearer 0123456789abcdeF")));
+        assert!(!t.authorizes(&bearer("Bearer0123456789abcdef")));
         assert!(!t.authorizes(&bearer("Bearer 0123456789abcdef0")));
         assert!(!t.authorizes(&bearer("Basic 0123456789abcdef")));
         assert!(!t.authorizes(&HeaderMap::new()));
