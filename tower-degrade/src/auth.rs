@@ -40,7 +40,9 @@ impl Token {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim_start())
             })
             .unwrap_or("")
             .as_bytes();
@@ -87,7 +89,10 @@ mod tests {
     fn only_the_exact_token_authorizes() {
         let t = Token::new("0123456789abcdef", "admin.token").unwrap();
         assert!(t.authorizes(&bearer("Bearer 0123456789abcdef")));
-        assert!(t.authorizes(&bearer("bearer 0123456789abcdef")), "the scheme in any case");
+        assert!(
+            t.authorizes(&bearer("bearer 0123456789abcdef")),
+            "the scheme in any case"
+        );
         assert!(t.authorizes(&bearer("BEARER  0123456789abcdef")));
         assert!(!t.authorizes(&bearer("Bearer 0123456789abcdeF")));
         assert!(!t.authorizes(&bearer("Bearer0123456789abcdef")));

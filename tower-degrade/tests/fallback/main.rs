@@ -1540,6 +1540,11 @@ async fn calls_with_the_same_key_at_once_keep_one_task() {
     assert_eq!(store.depth(Queue::Retry).len, 1);
 }
 
+/// Request headers, by name and raw value.
+type Headers<'a> = &'a [(&'a str, &'a [u8])];
+/// A path, the request its copy is kept for, one it must not be served to, one it is.
+type Case<'a> = (&'a str, Headers<'a>, Headers<'a>, Option<Headers<'a>>);
+
 #[tokio::test(start_paused = true)]
 async fn a_copy_is_served_only_to_a_request_it_answers() {
     // Each case keeps a copy for one request, then asks for it, degraded, as another that
@@ -1587,23 +1592,18 @@ async fn a_copy_is_served_only_to_a_request_it_answers() {
         }
         r.body(Full::new(Bytes::new())).unwrap()
     };
-    let alice: &[(&str, &[u8])] = &[("cookie", b"theme=dark"), ("cookie", b"session=alice")];
-    let bob: &[(&str, &[u8])] = &[("cookie", b"theme=dark"), ("cookie", b"session=bob")];
-    let e_acute: &[(&str, &[u8])] = &[("x-user-id", b"\xe9mile")];
-    let e_grave: &[(&str, &[u8])] = &[("x-user-id", b"\xe8mile")];
-    let shop_a: &[(&str, &[u8])] = &[("host", b"shop-a.example")];
-    let shop_b: &[(&str, &[u8])] = &[("host", b"shop-b.example")];
-    let de: &[(&str, &[u8])] = &[("accept-language", b"de"), ("x-vary", b"Accept-Language")];
-    let ja: &[(&str, &[u8])] = &[("accept-language", b"ja")];
-    let private: &[(&str, &[u8])] = &[("x-cc", b"max-age=60, Private")];
-    let range: &[(&str, &[u8])] = &[("range", b"bytes=0-1")];
+    let alice: Headers<'_> = &[("cookie", b"theme=dark"), ("cookie", b"session=alice")];
+    let bob: Headers<'_> = &[("cookie", b"theme=dark"), ("cookie", b"session=bob")];
+    let e_acute: Headers<'_> = &[("x-user-id", b"\xe9mile")];
+    let e_grave: Headers<'_> = &[("x-user-id", b"\xe8mile")];
+    let shop_a: Headers<'_> = &[("host", b"shop-a.example")];
+    let shop_b: Headers<'_> = &[("host", b"shop-b.example")];
+    let de: Headers<'_> = &[("accept-language", b"de"), ("x-vary", b"Accept-Language")];
+    let ja: Headers<'_> = &[("accept-language", b"ja")];
+    let private: Headers<'_> = &[("x-cc", b"max-age=60, Private")];
+    let range: Headers<'_> = &[("range", b"bytes=0-1")];
     // (kept for, asked by: not served, asked by: served)
-    let cases: [(
-        &str,
-        &[(&str, &[u8])],
-        &[(&str, &[u8])],
-        Option<&[(&str, &[u8])]>,
-    ); 6] = [
+    let cases: [Case<'_>; 6] = [
         ("/split", alice, bob, Some(alice)),
         ("/id", e_acute, e_grave, Some(e_acute)),
         ("/host", shop_a, shop_b, Some(shop_a)),
