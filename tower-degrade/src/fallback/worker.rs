@@ -287,8 +287,10 @@ impl FallbackWorker {
     async fn backfill_step(&mut self, now: u64) {
         let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
         self.last_ms = now;
-        // Additive increase once per step; `gate` halves the rate when a class is too slow.
-        self.rate = (self.rate * 1.1 + 1.0).min(self.settings.backfill.rate);
+        // Grown by a tenth (and one) per period; `gate` halves it when a class is too slow.
+        // Counted in periods, not steps: the worker also steps whenever a replay ends.
+        let periods = elapsed / self.settings.period.as_secs_f64().max(1e-3);
+        self.rate = (self.rate * 1.1f64.powf(periods) + periods).min(self.settings.backfill.rate);
         let service = self.shared.service.to_string();
         // Parked classes that may go now: give their tasks back to the queue.
         let classes: Vec<String> = self.parked.keys().cloned().collect();
