@@ -53,8 +53,9 @@ pub enum Error {
         /// The features the model names, in order; `None` when it has no such metadata.
         found: Option<Vec<String>>,
     },
-    /// An inference failed, or answered NaN or an infinity (a finite value outside 0..=1 is
-    /// clamped to it).
+    /// An inference failed, or answered something that is not a probability: NaN, an
+    /// infinity, or a value outside 0..=1 (beyond a rounding error of 1e-6): a model that
+    /// answers 5.0 is broken, not certain of a failure.
     Inference(String),
     /// A recorder could not create or write its CSV files.
     Io {

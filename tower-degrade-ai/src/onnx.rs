@@ -411,8 +411,10 @@ impl OnnxPredictor {
             )));
         }
         for (o, &p) in out.iter_mut().zip(p) {
-            if !p.is_finite() {
-                return Err(Error::Inference(format!("model answered {p}")));
+            if !p.is_finite() || !(-1e-6..=1.0 + 1e-6).contains(&p) {
+                return Err(Error::Inference(format!(
+                    "model answered {p}, not a probability in 0..=1"
+                )));
             }
             *o = p.clamp(0.0, 1.0);
         }
@@ -425,11 +427,13 @@ impl Predictor for OnnxPredictor {
         Ok(self.run(input, out)?)
     }
 
-    /// A dummy batch, which the classes' long baselines do not learn from.
+    /// A dummy batch, which the classes' long baselines do not learn from. Its error names
+    /// the model file.
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
         let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
         let mut out = vec![0.0; classes.len()];
-        Ok(self.infer(&input, &mut out, false)?)
+        self.infer(&input, &mut out, false)
+            .map_err(|e| format!("{}: {e}", self.path.display()).into())
     }
 }
 

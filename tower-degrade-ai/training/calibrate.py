@@ -40,6 +40,10 @@ class Calibrator:
     def threshold(self):
         return None if self.init is not None else sigmoid(self.thr)
 
+    def exceeds(self, p: float) -> bool:
+        """p at or above the threshold, compared on the clamped logit as it was fitted."""
+        return self.init is None and math.isfinite(p) and logit(p) >= self.thr
+
     def observe(self, p: float):
         if not math.isfinite(p):
             return
@@ -99,8 +103,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     out = np.zeros(len(scores), dtype=bool)
     run = 0
     for t, p in enumerate(scores):
-        thr = cal.threshold()
-        over = thr is not None and math.isfinite(p) and p >= thr
+        over = cal.exceeds(float(p))
         run = run + 1 if over else 0
         out[t] = run >= k
         if healthy[t] and not out[t]:

@@ -75,6 +75,29 @@ def with_baseline(declared: bool = True):
     return model
 
 
+def out_of_range():
+    """p_anomaly = 5 + 0 x mean(window): not a probability, whatever the input."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("Mul", ["mean", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "five"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
+        ],
+        "out_of_range",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                     helper.make_tensor("five", TensorProto.FLOAT, [], [5.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
+    return model
+
+
 def reordered() -> list:
     f = list(features.FEATURES)
     f[features.P50], f[features.P99] = f[features.P99], f[features.P50]
@@ -89,6 +112,7 @@ def fixtures() -> dict:
         "features_missing.onnx": tiny(),
         "baseline.onnx": with_baseline(),
         "baseline_undeclared.onnx": with_baseline(declared=False),
+        "out_of_range.onnx": out_of_range(),
     }
 
 

@@ -164,6 +164,28 @@ fn a_model_with_another_window_is_refused_with_the_shapes() {
 }
 
 #[test]
+fn a_model_that_does_not_answer_probabilities_is_refused_at_build_naming_its_file() {
+    if !runtime_present() {
+        return;
+    }
+    // It loads (its inputs and outputs are the contract's), but answers 5.0: a broken model,
+    // not one certain of a failure. It was clamped to 1.0 and tripped every class.
+    let p = OnnxPredictor::load(fixture("tests/fixtures/out_of_range.onnx")).unwrap();
+    let Err(err) = Degrader::builder("shop")
+        .class(ClassConfig::silver("stock"))
+        .predictor(p, PredictorConfig::default())
+        .build_with_worker()
+    else {
+        panic!("built with a model answering 5.0");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("out_of_range.onnx") && err.contains("not a probability"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_shipped_model_file_names_the_features_it_was_trained_on() {
     if !runtime_present() {
         return;

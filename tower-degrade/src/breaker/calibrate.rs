@@ -131,6 +131,14 @@ impl Calibrator {
         self.tail.as_ref().map(|t| sigmoid(t.threshold))
     }
 
+    /// Whether `p` is at or above the threshold, compared as the threshold was fitted: on the
+    /// logit of `p` clamped to `[1e-6, 1 - 1e-6]`, so that a model that answers 1.0 (or a
+    /// value that rounds to it in `f32`) on healthy ticks does not beat a threshold fitted
+    /// beyond every such score. `false` while warming up.
+    pub(crate) fn exceeds(&self, p: f64) -> bool {
+        p.is_finite() && self.tail.as_ref().is_some_and(|t| logit(p) >= t.threshold)
+    }
+
     /// Learn from a healthy tick's score (one that counts against the false-trip budget).
     pub(crate) fn observe(&mut self, p: f64) {
         if !p.is_finite() {

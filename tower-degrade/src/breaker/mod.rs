@@ -310,8 +310,14 @@ impl Breaker {
         }
         let from = self.phase.state();
         let threshold = self.predict_threshold();
-        self.predicted = match (prediction, threshold) {
-            (Some(p), Some(t)) if p >= t => self.predicted.saturating_add(1),
+        let predicts = |p: f64| match &self.cfg.predict_threshold {
+            PredictThreshold::Fixed(t) => p >= *t,
+            PredictThreshold::Calibrated(_) => {
+                self.calibrator.as_ref().is_some_and(|c| c.exceeds(p))
+            }
+        };
+        self.predicted = match prediction {
+            Some(p) if predicts(p) => self.predicted.saturating_add(1),
             _ => 0,
         };
         let (next, reason) = match self.next_phase(w, now) {

@@ -73,7 +73,8 @@ pub trait Predictor: Send + 'static {
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError>;
 
     /// Called once before the first tick with the classes' names in batch order (load,
-    /// allocate, run a dummy batch).
+    /// allocate, run a dummy batch), on the predictor's thread; building the degrader waits
+    /// for it at most [`PredictorConfig::warm_up_timeout`].
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
         let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
         let mut out = vec![0.0; classes.len()];
@@ -96,12 +97,17 @@ pub struct PredictorConfig {
     /// Time a tick waits for the batch (default 8 ms); past it, the tick keeps the last
     /// predictions and counts `degrade_predictor_overruns_total`.
     pub budget: Duration,
+    /// Time building the degrader waits for the predictor's warm-up (loading, a dummy batch;
+    /// default 30 s); past it, the build fails with an error saying so, rather than hang on a
+    /// model or runtime that never answers.
+    pub warm_up_timeout: Duration,
 }
 
 impl Default for PredictorConfig {
     fn default() -> Self {
         Self {
             budget: Duration::from_millis(8),
+            warm_up_timeout: Duration::from_secs(30),
         }
     }
 }

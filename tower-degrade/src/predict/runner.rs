@@ -51,12 +51,21 @@ impl Runner {
         config: PredictorConfig,
     ) -> Result<Self, BoxError> {
         let n = classes.len();
-        predictor.warm_up(classes)?;
+        let names: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
         let (requests, inbox) = mpsc::sync_channel::<Vec<f32>>(1);
         let (outbox, results) = mpsc::sync_channel(1);
+        let (warmed, warm_up) = mpsc::sync_channel::<Result<(), String>>(1);
         std::thread::Builder::new()
             .name("degrade-predictor".into())
             .spawn(move || {
+                // The warm-up runs here, so that building the degrader can stop waiting for a
+                // model that never answers (the thread then ends when it does).
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let ok = predictor.warm_up(&names).map_err(|e| e.to_string());
+                let failed = ok.is_err();
+                if warmed.send(ok).is_err() || failed {
+                    return;
+                }
                 let mut out = vec![0.0f32; n];
                 // Ends when the runner (and so the sender) is dropped.
                 while let Ok(input) = inbox.recv() {
@@ -69,6 +78,20 @@ impl Runner {
                     }
                 }
             })?;
+        match warm_up.recv_timeout(config.warm_up_timeout) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the warm-up did not finish within {:?} (PredictorConfig::warm_up_timeout)",
+                    config.warm_up_timeout
+                )
+                .into());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("the warm-up panicked".into());
+            }
+        }
         Ok(Self {
             requests,
             results,

@@ -69,18 +69,20 @@ impl Stage for PredictStage {
         };
         for (p, &last) in batch.predictions.iter_mut().zip(current) {
             *p = match f64::from(last) {
-                // The contract is a probability; a model that answers otherwise is read as
-                // no prediction (NaN) or clamped (and said once).
+                // The contract is a probability; a value that is not one (NaN, or outside
+                // 0..=1 beyond a rounding error) is no prediction, not a certain failure (said
+                // once).
                 v if v.is_nan() => None,
-                v => {
-                    if !(0.0..=1.0).contains(&v) && !self.out_of_range.swap(true, Relaxed) {
+                v if !(-1e-6..=1.0 + 1e-6).contains(&v) => {
+                    if !self.out_of_range.swap(true, Relaxed) {
                         tracing::warn!(
                             service = %self.service, value = v,
-                            "the predictor answered a value outside 0..=1: clamped"
+                            "the predictor answered a value outside 0..=1: read as no prediction"
                         );
                     }
-                    Some(v.clamp(0.0, 1.0))
+                    None
                 }
+                v => Some(v.clamp(0.0, 1.0)),
             };
         }
     }

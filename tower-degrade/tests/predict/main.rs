@@ -393,16 +393,81 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
 }
 
 #[test]
-fn a_value_outside_0_to_1_is_clamped_and_nan_is_no_prediction() {
+fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let _g = rt.enter();
-    let d = with_predictor(Scripted(|_| Ok(vec![f32::NAN, 5.0, -1.0]), 0));
-    d.tick_now();
+    // NaN, garbage above 1, and 1 plus a rounding error.
+    let d = with_predictor(Scripted(|_| Ok(vec![f32::NAN, 5.0, 1.000_000_1]), 0));
+    for _ in 0..5 {
+        d.tick_now();
+    }
     // Classes in registration order: default, pay, stock.
-    assert_eq!(predictions(&d), [None, Some(1.0), Some(0.0)]);
+    assert_eq!(predictions(&d), [None, None, Some(1.0)]);
+    assert_eq!(
+        d.state("pay").unwrap(),
+        State::Closed,
+        "5.0 is not a certain failure"
+    );
+}
+
+/// Answers `p` for every class, always; warms up in `warm_up` of real time.
+struct Constant(f32, Duration);
+
+impl Predictor for Constant {
+    fn predict(&mut self, _: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        out.fill(self.0);
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+        std::thread::sleep(self.1);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_saturated_at_one_on_healthy_ticks_does_not_beat_its_calibrated_threshold() {
+    // 1.0 in f32 (a retrained model whose sigmoid saturates, or 0.99999999 rounded) on every
+    // healthy tick: the threshold is fitted beyond it, and the class is never degraded for it.
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock"))
+        .predictor(Constant(1.0, Duration::ZERO), PredictorConfig::default())
+        .breaker(
+            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+        )
+        .build_with_worker()
+        .unwrap()
+        .0;
+    healthy(&d, 2_600).await;
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert!(
+        !stock.calibrating && stock.prediction == Some(1.0),
+        "{stock:?}"
+    );
+    assert_eq!(
+        stock.state,
+        State::Closed,
+        "threshold {:?}",
+        stock.prediction_threshold
+    );
+}
+
+#[test]
+fn a_warm_up_that_does_not_finish_in_time_is_a_build_error_not_a_hang() {
+    let mut config = PredictorConfig::default();
+    config.warm_up_timeout = Duration::from_millis(50);
+    let Err(err) = Degrader::builder("shop")
+        .predictor(Constant(0.1, Duration::from_secs(2)), config)
+        .build_with_worker()
+    else {
+        panic!("built with a predictor that never warmed up");
+    };
+    assert!(err.to_string().contains("warm_up_timeout"), "{err}");
 }
 
 struct Broken;
