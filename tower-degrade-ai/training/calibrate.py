@@ -15,6 +15,12 @@ MAX_PEAKS = 2048
 # The fewest excesses a first fit takes: fewer give a tail that trips far over budget.
 MIN_PEAKS = 50
 EPS = 1e-6
+# How far above a false alarm's highest score (logit) the threshold is put.
+FALSE_ALARM_MARGIN = 0.25
+# Healthy ticks after which an alarm is taken for a false one (tower_degrade::breaker::FALSE_ALARM_TICKS).
+FALSE_ALARM_TICKS = 40
+# Healthy ticks a false alarm's floor holds.
+FALSE_ALARM_HOLD = 7200
 
 
 def logit(p: float) -> float:
@@ -32,13 +38,26 @@ class Calibrator:
         self.risk = min(max(false_trips_per_day / ticks_per_day, 1e-12), 0.5)
         self.warm_up = max(1, warm_up)
         self.init: list[float] | None = []
-        self.start = self.thr = 0.0
+        self.start = self.thr = self.fit = 0.0
         self.peaks: deque[float] = deque()
         self.sum = self.sum_sq = 0.0
         self.seen = self.exceeded = 0
+        self.floor: tuple[float, int] | None = None
 
     def threshold(self):
         return None if self.init is not None else sigmoid(self.thr)
+
+    def false_alarm(self, highest: float):
+        """An alarm the class did not confirm: the threshold above its scores for the next
+        FALSE_ALARM_HOLD healthy ticks."""
+        if self.init is None and math.isfinite(highest):
+            self.floor = (logit(highest) + FALSE_ALARM_MARGIN, self.seen + FALSE_ALARM_HOLD)
+            self._hold_floor()
+
+    def _hold_floor(self):
+        if self.floor is not None and self.seen >= self.floor[1]:
+            self.floor = None
+        self.thr = self.fit if self.floor is None else max(self.fit, self.floor[0])
 
     def exceeds(self, p: float) -> bool:
         """p at or above the threshold, compared on the clamped logit as it was fitted."""
@@ -54,9 +73,11 @@ class Calibrator:
                 self._fit()
         else:
             self.seen += 1
-            if self.start < x < self.thr:
+            if self.start < x < self.fit:
                 self._push(x - self.start)
                 self._refit()
+            else:
+                self._hold_floor()
 
     def _fit(self):
         init = sorted(self.init)
@@ -83,7 +104,8 @@ class Calibrator:
         n = len(self.peaks)
         if n < 2:
             highest = max(self.peaks, default=0.0)
-            self.thr = self.start + 2.0 * max(highest, 1.0)
+            self.fit = self.start + 2.0 * max(highest, 1.0)
+            self._hold_floor()
             return
         mean = self.sum / n
         var = max(self.sum_sq / n - mean * mean, 1e-12)
@@ -91,21 +113,36 @@ class Calibrator:
         sigma = max(0.5 * mean * (mean * mean / var + 1.0), 1e-9)
         ratio = min(self.risk * self.seen / max(self.exceeded, 1), 1.0)
         over = -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
-        self.thr = self.start + max(over, 0.0)
+        self.fit = self.start + max(over, 0.0)
+        self._hold_floor()
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
            false_trips_per_day: float = 1.0, k: int = 2) -> np.ndarray:
     """The breaker's predicted trips over one series, online: a step alarms when the score is
     at or above the class's threshold for k steps running; healthy steps below it (and every
-    step while warming up) teach the threshold."""
+    step while warming up) teach the threshold. An alarm that stays healthy for
+    FALSE_ALARM_TICKS steps is a false one: the threshold goes above its scores and it ends;
+    an unhealthy step confirms it."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     out = np.zeros(len(scores), dtype=bool)
     run = 0
+    alarm = None  # [healthy steps, highest score], while an unconfirmed alarm lasts
     for t, p in enumerate(scores):
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
         out[t] = run >= k
+        if not out[t]:
+            alarm = None
+        elif not healthy[t]:
+            alarm = [-1, 0.0]  # confirmed: not a false alarm
+        elif alarm is None:
+            alarm = [0, float(p)]
+        if alarm is not None and alarm[0] >= 0 and healthy[t] and out[t]:
+            alarm = [alarm[0] + 1, max(alarm[1], float(p))]
+            if alarm[0] >= FALSE_ALARM_TICKS:
+                cal.false_alarm(alarm[1])
+                alarm, run = None, 0
         if healthy[t] and not out[t]:
             cal.observe(float(p))
     return out

@@ -145,5 +145,33 @@ class Calibration(unittest.TestCase):
         self.assertAlmostEqual(c.threshold(), RUST_THRESHOLD, places=9)
 
 
+    def test_a_false_alarm_puts_the_threshold_above_its_scores_as_the_rust_one_does(self):
+        # `breaker::calibrate::tests::a_false_alarm_puts_the_threshold_above_its_scores_for_an_hour_...`
+        from calibrate import Calibrator
+        c = Calibrator(1.0, 0.5, 3600)
+        for p in self.scores(5000):
+            c.observe(p)
+        self.assertTrue(c.exceeds(0.97))
+        c.false_alarm(0.97)
+        self.assertFalse(c.exceeds(0.97))
+        self.assertAlmostEqual(c.threshold(), 0.9764798976612756, places=9)
+
+    def test_an_alarm_the_class_does_not_confirm_ends_and_raises_the_threshold(self):
+        import numpy as np
+        from calibrate import FALSE_ALARM_TICKS, alarms
+        # Healthy all along: a warm-up at 0.05, then a level shift to 0.6 that never breaks
+        # anything. The alarm lasts FALSE_ALARM_TICKS steps, then the threshold is above 0.6.
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3000))))
+        scores = np.concatenate([warm, np.full(300, 0.6)])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertEqual(int(out[3000:].sum()), FALSE_ALARM_TICKS)
+        # The same shift with the class breaching (unhealthy) is confirmed: it stays.
+        healthy = np.ones(len(scores), bool)
+        healthy[3010:] = False
+        out = alarms(scores, healthy, 0.5, 3000)
+        self.assertEqual(int(out[3000:].sum()), 299)
+
+
 # The value both compute (a golden number: change it only with both implementations).
 RUST_THRESHOLD = 0.8644510331947028

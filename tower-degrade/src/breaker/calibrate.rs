@@ -78,6 +78,11 @@ const MAX_PEAKS: usize = 2_048;
 const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
+/// How far above a false alarm's highest score (in logit) the threshold is put.
+const FALSE_ALARM_MARGIN: f64 = 0.25;
+/// How many healthy ticks a false alarm's floor holds (an hour at the 500 ms tick): a change
+/// the model reads as trouble for longer trips the class again, once an hour at most.
+const FALSE_ALARM_HOLD: u64 = 7_200;
 
 fn logit(p: f64) -> f64 {
     let p = p.clamp(EPS, 1.0 - EPS);
@@ -110,8 +115,14 @@ struct Tail {
     seen: u64,
     /// Total excesses seen (the peaks kept are the newest of them).
     exceeded: u64,
-    /// The threshold (logit), refitted after every new peak.
+    /// The fitted threshold (logit), refitted after every new peak.
+    fit: f64,
+    /// The threshold in force (logit): the fit, or a false alarm's floor above it.
     threshold: f64,
+    /// The least threshold (logit) a false alarm set, and the healthy tick (`seen`) it holds
+    /// until. Scores under it and over the fit are not learnt from: the fit stays the healthy
+    /// tail's, not the level the model misread.
+    floor: Option<(f64, u64)>,
 }
 
 impl Calibrator {
@@ -137,6 +148,18 @@ impl Calibrator {
     /// beyond every such score. `false` while warming up.
     pub(crate) fn exceeds(&self, p: f64) -> bool {
         p.is_finite() && self.tail.as_ref().is_some_and(|t| logit(p) >= t.threshold)
+    }
+
+    /// A predicted failure that did not come: the class stayed healthy for the alarm's
+    /// length with scores up to `highest`. The threshold is put above them for the next
+    /// [`FALSE_ALARM_HOLD`] healthy ticks, so that the same level does not trip the class
+    /// again meanwhile: a calibration learns from its false alarms.
+    pub(crate) fn false_alarm(&mut self, highest: f64) {
+        if let (Some(t), true) = (&mut self.tail, highest.is_finite()) {
+            let floor = logit(highest) + FALSE_ALARM_MARGIN;
+            t.floor = Some((floor, t.seen + FALSE_ALARM_HOLD));
+            t.hold_floor();
+        }
     }
 
     /// Learn from a healthy tick's score (one that counts against the false-trip budget).
@@ -169,7 +192,9 @@ impl Tail {
             sum_sq: 0.0,
             seen: init.len() as u64,
             exceeded: 0,
+            fit: start,
             threshold: start,
+            floor: None,
         };
         for &x in &init[at..] {
             if x > start {
@@ -195,10 +220,13 @@ impl Tail {
 
     fn observe(&mut self, x: f64, risk: f64) {
         self.seen += 1;
-        // A score past the threshold is what the budget is for, not the tail's shape.
-        if x > self.start && x < self.threshold {
+        // A score past the fitted threshold is what the budget is for (or a level a false
+        // alarm's floor holds back), not the tail's shape.
+        if x > self.start && x < self.fit {
             self.push(x - self.start);
             self.refit(risk);
+        } else {
+            self.hold_floor();
         }
     }
 
@@ -209,7 +237,8 @@ impl Tail {
         if n < 2.0 {
             // Too few excesses to fit a tail: the highest healthy score seen, and a margin.
             let highest = self.peaks.iter().copied().fold(0.0, f64::max);
-            self.threshold = self.start + 2.0 * highest.max(1.0);
+            self.fit = self.start + 2.0 * highest.max(1.0);
+            self.hold_floor();
             return;
         }
         let mean = self.sum / n;
@@ -224,7 +253,19 @@ impl Tail {
         } else {
             sigma / gamma * (ratio.powf(-gamma) - 1.0)
         };
-        self.threshold = self.start + over.max(0.0);
+        self.fit = self.start + over.max(0.0);
+        self.hold_floor();
+    }
+
+    /// The threshold in force: the fit, no lower than a false alarm's floor while it holds.
+    fn hold_floor(&mut self) {
+        if self.floor.is_some_and(|(_, until)| self.seen >= until) {
+            self.floor = None;
+        }
+        self.threshold = match self.floor {
+            Some((floor, _)) => self.fit.max(floor),
+            None => self.fit,
+        };
     }
 }
 
@@ -298,6 +339,30 @@ mod tests {
         let t = c.threshold().unwrap();
         assert!(t < 0.87, "a model that scores healthy ticks near 0.02: {t}");
         assert!(0.9 >= t);
+    }
+
+    #[test]
+    fn a_false_alarm_puts_the_threshold_above_its_scores_for_an_hour_of_healthy_ticks() {
+        let (mut c, mut seed) = calibrated(-3.0, 5_000);
+        let before = c.threshold().unwrap();
+        assert!(c.exceeds(0.97), "{before}");
+        c.false_alarm(0.97);
+        let after = c.threshold().unwrap();
+        assert!(!c.exceeds(0.97) && after > 0.97, "{after}");
+        // The Python port agrees (test_harness.py, Calibration).
+        assert!(
+            (after - 0.976_479_897_661_275_6).abs() < 1e-9,
+            "{after:.16}"
+        );
+        // Healthy ticks go on refitting the tail; the floor holds for an hour of them.
+        for _ in 0..7_000 {
+            c.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(!c.exceeds(0.97), "held: {:?}", c.threshold());
+        for _ in 0..200 {
+            c.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(c.exceeds(0.97), "released: {:?}", c.threshold());
     }
 
     #[test]

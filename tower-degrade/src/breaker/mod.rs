@@ -96,7 +96,21 @@ pub struct Breaker {
     predicted: u32,
     /// With a calibrated prediction threshold: what the class learned of its healthy scores.
     calibrator: Option<Calibrator>,
+    /// A calibrated prediction that degraded the class and that the class has not confirmed
+    /// yet: healthy ticks since, and the highest score among them.
+    alarm: Option<Alarm>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Alarm {
+    unconfirmed: u32,
+    highest: f64,
+}
+
+/// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
+/// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so
+/// a warning of a failure that does come is never undone.
+pub const FALSE_ALARM_TICKS: u32 = 40;
 
 impl Breaker {
     /// A closed breaker sending calls it does not admit to `route`.
@@ -111,6 +125,7 @@ impl Breaker {
             breached: 0,
             predicted: 0,
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
+            alarm: None,
         }
     }
 
@@ -227,6 +242,7 @@ impl Breaker {
                 self.phase = Phase::Closed;
                 self.opens = 0;
                 self.breached = 0;
+                self.alarm = None;
                 Mode::Auto
             }
         };
@@ -320,17 +336,28 @@ impl Breaker {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),
             _ => 0,
         };
+        if let Some(t) = self.false_alarm(w, prediction) {
+            return Some(t);
+        }
         let (next, reason) = match self.next_phase(w, now) {
             Some(t) => t,
-            None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => (
-                Phase::Degraded { healthy: 0 },
-                format!(
-                    "predicted: p = {:.2} >= {:.2} for {} ticks",
-                    prediction.unwrap_or(0.0),
-                    threshold.unwrap_or(0.0),
-                    self.predicted
-                ),
-            ),
+            None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => {
+                if self.calibrator.is_some() {
+                    self.alarm = Some(Alarm {
+                        unconfirmed: 0,
+                        highest: prediction.unwrap_or(0.0),
+                    });
+                }
+                (
+                    Phase::Degraded { healthy: 0 },
+                    format!(
+                        "predicted: p = {:.2} >= {:.2} for {} ticks",
+                        prediction.unwrap_or(0.0),
+                        threshold.unwrap_or(0.0),
+                        self.predicted
+                    ),
+                )
+            }
             None => {
                 // A closed class serving calls without a breach: a healthy tick, whose score
                 // the calibrated threshold learns from.
@@ -348,10 +375,60 @@ impl Breaker {
         if next.state() == State::Closed {
             self.opens = 0;
         }
+        if next.state() != State::Degraded {
+            self.alarm = None;
+        }
         Some(Transition {
             from,
             to: next.state(),
             reason,
+            enforced: self.mode == Mode::Auto,
+        })
+    }
+
+    /// A class degraded by a calibrated prediction that has stayed healthy for
+    /// [`FALSE_ALARM_TICKS`] ticks: a false alarm. The calibration puts its threshold above the
+    /// alarm's scores and the class closes; a breach or a trip on the way confirms the alarm.
+    fn false_alarm(&mut self, w: &WindowSnapshot, prediction: Option<f64>) -> Option<Transition> {
+        let alarm = self.alarm?;
+        if !matches!(self.phase, Phase::Degraded { .. }) {
+            self.alarm = None;
+            return None;
+        }
+        let confirmed =
+            self.trips(w).is_some() || self.cfg.degrade_rule.is_some_and(|r| r.breached(w));
+        if confirmed {
+            self.alarm = None;
+            return None;
+        }
+        if w.completed() == 0 {
+            // Nothing served, nothing shown either way.
+            return None;
+        }
+        let alarm = Alarm {
+            unconfirmed: alarm.unconfirmed + 1,
+            highest: alarm.highest.max(prediction.unwrap_or(0.0)),
+        };
+        self.alarm = Some(alarm);
+        if alarm.unconfirmed < FALSE_ALARM_TICKS {
+            return None;
+        }
+        let c = self.calibrator.as_mut()?;
+        c.false_alarm(alarm.highest);
+        self.alarm = None;
+        self.predicted = 0;
+        let from = self.phase.state();
+        self.phase = Phase::Closed;
+        Some(Transition {
+            from,
+            to: State::Closed,
+            reason: format!(
+                "predicted failure not seen in {} healthy ticks: a false alarm; the threshold \
+                 is now {:.3}, above its p = {:.3}",
+                alarm.unconfirmed,
+                c.threshold().unwrap_or(1.0),
+                alarm.highest
+            ),
             enforced: self.mode == Mode::Auto,
         })
     }

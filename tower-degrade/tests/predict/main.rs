@@ -246,6 +246,92 @@ async fn the_default_threshold_calibrates_per_class_then_warns_early() {
     );
 }
 
+/// Answers what the test sets, for every class, give or take a little noise (a model's
+/// scores are never flat).
+#[derive(Clone, Default)]
+struct Dial(Arc<Mutex<f32>>, usize);
+
+impl Predictor for Dial {
+    fn predict(&mut self, _: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        self.1 += 1;
+        let noise = ((self.1 * 37) % 11) as f32 / 10.0 - 0.5; // -0.5..=0.5
+        let p = *self.0.lock().unwrap();
+        out.fill((p * (1.0 + 0.1 * noise)).clamp(0.0, 1.0));
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its_threshold() {
+    // Calibrated on scores of 0.05, the model then scores the healthy class 0.6 for good (a
+    // benign change it reads as trouble). Degraded for it, the class stays healthy: after
+    // FALSE_ALARM_TICKS healthy ticks the alarm is taken for false, the threshold goes above
+    // 0.6, and the class closes and stays closed on the same scores.
+    let dial = Dial::default();
+    *dial.0.lock().unwrap() = 0.05;
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(
+            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+        )
+        .class(ClassConfig::silver("stock"))
+        .predictor(dial.clone(), PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    healthy(&d, 2_600).await;
+    let threshold = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.prediction_threshold.unwrap()
+    };
+    assert!(threshold(&d) < 0.6, "{}", threshold(&d));
+    *dial.0.lock().unwrap() = 0.6;
+    healthy(&d, 3).await;
+    assert_eq!(d.state("stock").unwrap(), State::Degraded, "predicted");
+    let mut degraded = 0;
+    for _ in 0..200 {
+        healthy(&d, 1).await;
+        if d.state("stock").unwrap() == State::Closed {
+            break;
+        }
+        degraded += 1;
+    }
+    assert_eq!(
+        d.state("stock").unwrap(),
+        State::Closed,
+        "a false alarm ends"
+    );
+    assert!(
+        (tower_degrade::breaker::FALSE_ALARM_TICKS as usize..200).contains(&degraded),
+        "{degraded} ticks degraded"
+    );
+    assert!(threshold(&d) > 0.63, "{}", threshold(&d));
+    healthy(&d, 100).await;
+    assert_eq!(
+        d.state("stock").unwrap(),
+        State::Closed,
+        "the same scores trip no more"
+    );
+
+    // A prediction the class confirms (it starts failing) is not undone.
+    *dial.0.lock().unwrap() = 0.99;
+    healthy(&d, 3).await;
+    assert_eq!(d.state("stock").unwrap(), State::Degraded);
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
+    for _ in 0..60 {
+        for _ in 0..20 {
+            let _ = svc.ready().await.unwrap().call((900, true)).await;
+        }
+        d.tick_now();
+    }
+    assert_ne!(
+        d.state("stock").unwrap(),
+        State::Closed,
+        "confirmed: not closed"
+    );
+}
+
 /// Blocks until the test lets it go: far past any budget.
 struct Slow(std::sync::mpsc::Receiver<()>);
 
