@@ -409,42 +409,32 @@ where
     };
     let key = shared.capture.key(&parts);
     // The same key again: the task kept for it (a second call waits while the first stores).
-    let _storing = match &key {
-        Some(k) => match shared.claim_key(&class, k).await {
-            Ok(storing) => Some(storing),
-            Err((queue, id)) => {
-                // The same request again is the same task; another one under its key is
-                // refused rather than acknowledged and never run.
-                let other = match shared.store.get(queue, id).await {
-                    Ok(Some(kept)) => match kept.payload() {
-                        Payload::Http(first) => {
-                            (&first.method, &first.uri, &first.body)
-                                != (&rec.method, &rec.uri, &rec.body)
-                        }
-                        // A journaled `batch_merge` delta: the same request is the same delta
-                        // (the key and value its extractor reads); one it cannot read is not.
-                        Payload::Bytes(first) => shared.batches.get(&class).is_some_and(|b| {
-                            b.journal(&class, None, &rec).map_or(
-                                true,
-                                |now| !matches!(now.payload(), Payload::Bytes(d) if d == first),
-                            )
-                        }),
-                    },
-                    _ => false,
-                };
-                if other {
-                    return Ok(key_reused_response(&id.to_string(), grpc, RB::default()));
-                }
-                return Ok(kept_response(
-                    &id.to_string(),
-                    route,
-                    reason,
-                    grpc,
-                    RB::default(),
-                ));
-            }
-        },
-        None => None,
+    // The same request again is the same task; another one under its key is refused rather
+    // than acknowledged and never run.
+    let same = |kept: &Payload| match kept {
+        Payload::Http(first) => {
+            (&first.method, &first.uri, &first.body) == (&rec.method, &rec.uri, &rec.body)
+        }
+        // A journaled `batch_merge` delta: the same request is the same delta (the key and
+        // value its extractor reads); one it cannot read is not.
+        Payload::Bytes(first) => shared.batches.get(&class).is_none_or(|b| {
+            b.journal(&class, None, &rec)
+                .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
+        }),
+    };
+    let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
+        Ok(storing) => storing,
+        Err(kept) if kept.same => {
+            let id = kept.id.to_string();
+            return Ok(kept_response(&id, route, reason, grpc, RB::default()));
+        }
+        Err(kept) => {
+            return Ok(key_reused_response(
+                &kept.id.to_string(),
+                grpc,
+                RB::default(),
+            ));
+        }
     };
     let (queue, task) = if route == Route::BatchMerge {
         let batcher = &shared.batches[&class];
@@ -546,25 +536,19 @@ impl<T> FallbackRouter<T> {
                 )
                 .into());
             }
-            let _storing = match &key {
-                Some(k) => match shared.claim_key(&class, k).await {
-                    Ok(storing) => Some(storing),
-                    Err((queue, id)) => {
-                        let other = matches!(
-                            shared.store.get(queue, id).await,
-                            Ok(Some(kept)) if !matches!(kept.payload(), Payload::Bytes(b) if *b == bytes)
-                        );
-                        if other {
-                            return Err(format!(
-                                "the idempotency key {k:?} is kept for another `{class}` task \
-                                 ({id}): not kept"
-                            )
-                            .into());
-                        }
-                        return Ok(Accepted { id, route });
-                    }
-                },
-                None => None,
+            let same = |kept: &Payload| matches!(kept, Payload::Bytes(b) if *b == bytes);
+            let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
+                Ok(storing) => storing,
+                Err(kept) if kept.same => return Ok(Accepted { id: kept.id, route }),
+                Err(kept) => {
+                    return Err(format!(
+                        "the idempotency key {:?} is kept for another `{class}` task ({}): not \
+                         kept",
+                        key.as_deref().unwrap_or(""),
+                        kept.id
+                    )
+                    .into());
+                }
             };
             let (queue, task) = shared.new_task(route, &class, key, reason, Payload::Bytes(bytes));
             match shared.put_kept(queue, task, route, reason).await {

@@ -35,6 +35,13 @@ pub(crate) struct RouterShared {
     pub(crate) reviewing: tokio::sync::Mutex<()>,
 }
 
+/// The task already kept under a call's idempotency key.
+pub(crate) struct Kept {
+    pub(crate) id: TaskId,
+    /// Whether it is this call's task (the same request): if not, the key is reused.
+    pub(crate) same: bool,
+}
+
 /// A key being stored; dropping it wakes the calls waiting on the same key.
 pub(crate) struct Storing<'a> {
     shared: &'a RouterShared,
@@ -101,6 +108,29 @@ impl RouterShared {
                 .is_some_and(|n| Arc::ptr_eq(n, &done))
             {
                 wait.await;
+            }
+        }
+    }
+
+    /// With an idempotency `key`: the right to store the call's task (other calls with the
+    /// key wait meanwhile), or the task already kept under it, and whether that task is this
+    /// call's (`same`, given the kept payload; a kept task that cannot be read counts as the
+    /// same). Without a key: nothing to claim.
+    pub(crate) async fn claim_or_find(
+        &self,
+        class: &str,
+        key: Option<&str>,
+        same: impl FnOnce(&Payload) -> bool,
+    ) -> Result<Option<Storing<'_>>, Kept> {
+        let Some(key) = key else { return Ok(None) };
+        match self.claim_key(class, key).await {
+            Ok(storing) => Ok(Some(storing)),
+            Err((queue, id)) => {
+                let same = match self.store.get(queue, id).await {
+                    Ok(Some(kept)) => same(kept.payload()),
+                    _ => true,
+                };
+                Err(Kept { id, same })
             }
         }
     }
