@@ -19,8 +19,11 @@
 //! [`Breaker::command`]; `MetricsOnly` keeps stepping a shadow machine whose transitions are
 //! reported but never enforced.
 //!
-//! The file is a little over 400 lines because the machine is one piece: every phase's
-//! transitions read the same counters, and splitting them would scatter one table.
+//! A class degraded for a calibrated prediction that stays healthy for [`FALSE_ALARM_TICKS`]
+//! also closes, its threshold raised above the false alarm's scores.
+//!
+//! The file is near 600 lines because the machine is one piece: every phase's transitions
+//! read the same counters, and splitting them would scatter one table.
 
 mod calibrate;
 mod command;
