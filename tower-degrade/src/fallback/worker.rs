@@ -83,6 +83,9 @@ pub struct FallbackWorker {
     replaying: HashMap<tokio::task::Id, (Queue, Task)>,
     /// The batch writes in flight: one round at a time.
     flushing: JoinSet<()>,
+    /// Outcomes of replays that ended but could not be stored (the store unreachable); their
+    /// tasks stay claimed: stored again before anything else, never replayed again.
+    unsettled: Vec<Op>,
 }
 
 /// A replay that ended (or panicked, or was cancelled): its tokio task, its outcome and how
@@ -128,6 +131,7 @@ impl FallbackWorker {
             running: JoinSet::new(),
             replaying: HashMap::new(),
             flushing: JoinSet::new(),
+            unsettled: Vec::new(),
         }
     }
 
@@ -180,6 +184,12 @@ impl FallbackWorker {
     async fn step(&mut self) {
         let now = self.shared.clock.now_ms();
         self.report(now);
+        if !self.unsettled.is_empty() {
+            // Outcomes the store refused before: store them first (their tasks stay claimed
+            // meanwhile, so they are not replayed again).
+            let ops = std::mem::take(&mut self.unsettled);
+            self.commit_outcomes(ops, true).await;
+        }
         if self.flushing.is_empty() && !self.shared.batches.is_empty() {
             // The merged writes run beside the replays: a slow database holds back its own
             // batches, not the retries and the backfill.
@@ -401,7 +411,6 @@ impl FallbackWorker {
     async fn settle(&mut self, done: Vec<Ended>) {
         let now = self.shared.clock.now_ms();
         let mut ops = Vec::with_capacity(done.len() * 2);
-        let mut settled = Vec::with_capacity(done.len());
         let service = self.shared.service.to_string();
         for ended in done {
             let (id, (outcome, took)) = match ended {
@@ -462,7 +471,6 @@ impl FallbackWorker {
                     "review"
                 }
             };
-            settled.push((queue, tid));
             counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
                 "queue" => queue.as_str(), "result" => result)
             .increment(1);
@@ -470,12 +478,21 @@ impl FallbackWorker {
         if ops.is_empty() {
             return;
         }
-        if let Err(e) = self.shared.store.commit(ops).await {
-            // The tasks stay as they were (claimed until released): they are replayed again.
-            tracing::warn!(error = %e, "replay outcomes could not be stored; the tasks will be replayed again");
-            for (queue, id) in settled {
-                self.shared.store.release(queue, id);
+        let retrying = !self.unsettled.is_empty();
+        self.commit_outcomes(ops, retrying).await;
+    }
+
+    /// Store replays' outcomes. If the store refuses them (unreachable), they are kept and
+    /// tried again on each step, their tasks staying claimed: a replay that was done is not
+    /// done again because its acknowledgement failed. A worker that stops meanwhile leaves
+    /// them claimed; the store hands them out again then (at least once).
+    async fn commit_outcomes(&mut self, mut ops: Vec<Op>, retrying: bool) {
+        if let Err(e) = self.shared.store.commit(ops.clone()).await {
+            if !retrying {
+                tracing::warn!(error = %e, "replay outcomes could not be stored; \
+                    trying again each step (the tasks are not replayed again meanwhile)");
             }
+            self.unsettled.append(&mut ops);
         }
     }
 

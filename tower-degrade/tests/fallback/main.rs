@@ -544,6 +544,100 @@ async fn a_hung_replay_holds_back_only_its_own_task() {
     );
 }
 
+/// A memory store whose commits fail while `down` is set (a Redis that went away).
+#[derive(Clone, Default)]
+struct Flaky {
+    inner: Arc<MemoryStore>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store for Flaky {
+    fn commit(&self, ops: Vec<Op>) -> tower_degrade::fallback::store::StoreFuture<'_, ()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(tower_degrade::fallback::StoreError::new(
+                    tower_degrade::fallback::store::StoreErrorKind::Io,
+                    "connection refused",
+                ))
+            });
+        }
+        self.inner.commit(ops)
+    }
+    fn due(
+        &self,
+        queue: Queue,
+        now_ms: u64,
+        limit: usize,
+    ) -> tower_degrade::fallback::store::StoreFuture<'_, Vec<Task>> {
+        self.inner.due(queue, now_ms, limit)
+    }
+    fn release(&self, queue: Queue, id: TaskId) {
+        self.inner.release(queue, id)
+    }
+    fn list(
+        &self,
+        queue: Queue,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> tower_degrade::fallback::store::StoreFuture<'_, Vec<Task>> {
+        self.inner.list(queue, after, limit)
+    }
+    fn get(
+        &self,
+        queue: Queue,
+        id: TaskId,
+    ) -> tower_degrade::fallback::store::StoreFuture<'_, Option<Task>> {
+        self.inner.get(queue, id)
+    }
+    fn find_key<'a>(
+        &'a self,
+        class: &'a str,
+        key: &'a str,
+    ) -> tower_degrade::fallback::store::StoreFuture<'a, Option<(Queue, TaskId)>> {
+        self.inner.find_key(class, key)
+    }
+    fn depth(&self, queue: Queue) -> tower_degrade::fallback::store::Depth {
+        self.inner.depth(queue)
+    }
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_done_while_the_store_is_down_is_acknowledged_later_not_replayed_again() {
+    // The store goes away while a replay runs: its outcome cannot be stored. It is stored
+    // once the store is back; the replay is not done a second time meanwhile.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let store = Flaky::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let n = done.clone();
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(store.clone())
+        .replay(replay_fn(move |_, _| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Replayed::Done }
+        }))
+        .build()
+        .unwrap();
+    let pay = layered(&d, "pay", router, &App::default());
+    d.force_open("pay").unwrap();
+    call(&pay, post("/pay/1", "x")).await;
+    store.down.store(true, Ordering::SeqCst);
+    tokio::spawn(worker.run());
+    run_for(5_000).await;
+    assert_eq!(done.load(Ordering::SeqCst), 1, "replayed once, not again");
+    assert_eq!(store.depth(Queue::Retry).len, 1, "not acknowledged yet");
+    store.down.store(false, Ordering::SeqCst);
+    run_for(500).await;
+    assert_eq!(
+        store.depth(Queue::Retry).len,
+        0,
+        "acknowledged once the store is back"
+    );
+    assert_eq!(done.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);

@@ -179,6 +179,28 @@ async fn two_instances_share_one_queue_and_each_task_is_replayed_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_streams_gets_its_consumer_group_back() {
+    // Redis replaced by an empty one (or the stream deleted) under a running worker: its
+    // reads failed with NOGROUP for ever and new tasks were kept but never replayed.
+    let server = Server::start();
+    let d = degrader();
+    let log: Log = Arc::default();
+    let w = tokio::spawn(worker_for(&d, store(&server, "a"), "a", log.clone()).run());
+    let writer = store(&server, "writer");
+    put_all(&writer, &[task(1)]).await;
+    until(|| log.lock().unwrap().len() == 1).await;
+    let deleted = Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "DEL", "test:delayed_retry"])
+        .output()
+        .expect("redis-cli (Debian's redis-tools, with redis-server)");
+    assert!(deleted.status.success());
+    put_all(&writer, &[task(2)]).await;
+    until(|| log.lock().unwrap().len() == 2).await;
+    w.abort();
+    assert_eq!(log.lock().unwrap()[1].1, "key-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_left_pending_by_a_stopped_instance_are_taken_over() {
     let server = Server::start();
     let d = degrader();

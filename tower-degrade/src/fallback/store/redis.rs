@@ -297,7 +297,14 @@ impl Inner {
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(|e| self.error(e))
+        cmd.query_async(&mut conn).await.map_err(|e| {
+            // The consumer groups are gone (a Redis that came back empty, a stream deleted):
+            // create them again on the next read rather than fail every read for ever.
+            if e.to_string().contains("NOGROUP") {
+                self.local().groups.clear();
+            }
+            self.error(e)
+        })
     }
 
     async fn ensure_group(&self, queue: Queue) -> Result<(), StoreError> {
