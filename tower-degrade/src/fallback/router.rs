@@ -40,7 +40,8 @@ use crate::protocol::{degraded_response, kept_response, key_reused_response};
 /// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit) or the
 /// reject answer with `not_kept` (the store full or failing): never a 202. A client that sends
 /// the same idempotency key again while the task is kept gets the same task id, and nothing
-/// is kept twice; the same key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
+/// is kept twice (within one instance: see `docs/fallback.md` for shared stores); the same
+/// key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
 ///
 /// ```
 /// use tower_degrade::{ClassConfig, Degrader, Route};

@@ -15,7 +15,10 @@ use crate::fallback::record::{Queue, Task, TaskId};
 ///
 /// A task stays in the store that kept it: its replays, moves and removal go there. Only new
 /// tasks fail over: a removal or a move of a task the shared store holds fails while it cannot
-/// be reached (the worker tries again), so nothing is dropped or applied twice.
+/// be reached (the worker stores it again later, the task not replayed meanwhile), so nothing
+/// is dropped or replayed twice for it. An idempotency key sent again while the shared store
+/// cannot be reached is not found there: the call is kept locally as a second task, replayed
+/// with the same key (the effect is once for an application that applies each key once).
 pub struct Failover {
     primary: Arc<dyn Store>,
     local: Arc<dyn Store>,
