@@ -760,20 +760,37 @@ struct Refund {
     cents: i64,
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_diverted_task_is_kept_as_json_and_replayed_by_its_handler() {
-    let d = degrader([ClassConfig::gold("refund").fallback_route(Route::DelayedRetry)]);
+/// A router over a memory store whose worker replays task-API values of type `T` into the
+/// list it returns.
+fn task_router<T>(
+    d: &Degrader,
+) -> (
+    Arc<MemoryStore>,
+    FallbackRouter,
+    tower_degrade::fallback::FallbackWorker,
+    Arc<Mutex<Vec<T>>>,
+)
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
     let done = Arc::new(Mutex::new(Vec::new()));
     let seen = done.clone();
     let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
+    let (router, worker) = FallbackRouter::builder(d)
         .shared_store(store.clone())
-        .replay(replay_task(move |r: Refund| {
-            seen.lock().unwrap().push(r);
+        .replay(replay_task(move |t: T| {
+            seen.lock().unwrap().push(t);
             async { Ok::<_, BoxError>(()) }
         }))
         .build()
         .unwrap();
+    (store, router, worker, done)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_diverted_task_is_kept_as_json_and_replayed_by_its_handler() {
+    let d = degrader([ClassConfig::gold("refund").fallback_route(Route::DelayedRetry)]);
+    let (store, router, worker, done) = task_router::<Refund>(&d);
     let tasks = d
         .tasks::<Refund, String>()
         .keep(&router, |a| format!("kept as {} ({})", a.id, a.route))
@@ -916,17 +933,7 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
     // A queue that delivers at least once hands the same message over twice while the class
     // is open: with the message id as the key, one task is kept and replayed once.
     let d = degrader([ClassConfig::gold("order_email").fallback_route(Route::DelayedRetry)]);
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let s = sent.clone();
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay_task(move |m: Email| {
-            s.lock().unwrap().push(m);
-            async { Ok::<_, BoxError>(()) }
-        }))
-        .build()
-        .unwrap();
+    let (store, router, worker, sent) = task_router::<Email>(&d);
     let tasks = d
         .tasks::<Email, TaskId>()
         .keep(&router, |a| a.id)
