@@ -404,33 +404,14 @@ async fn axum_routes_are_classified_whatever_their_parameters_are_called_and_whe
             .body(axum::body::Body::empty())
             .unwrap()
     };
-    let status = |r: http::Response<axum::body::Body>| r.status().as_u16();
-    assert_eq!(
-        status(
-            app.clone()
-                .oneshot(call(http::Method::POST, "/pay/1"))
-                .await
-                .unwrap()
-        ),
-        200
-    );
-    assert_eq!(
-        status(
-            app.clone()
-                .oneshot(call(http::Method::GET, "/api/products/1"))
-                .await
-                .unwrap()
-        ),
-        200
-    );
-    assert_eq!(
-        status(
-            app.oneshot(call(http::Method::GET, "/api/products/1/reviews"))
-                .await
-                .unwrap()
-        ),
-        404
-    );
+    for (method, uri, status) in [
+        (http::Method::POST, "/pay/1", 200),
+        (http::Method::GET, "/api/products/1", 200),
+        (http::Method::GET, "/api/products/1/reviews", 404),
+    ] {
+        let res = app.clone().oneshot(call(method, uri)).await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{uri}");
+    }
     d.tick_now();
     let served = |class: &str| {
         let w = d.history(class).unwrap().latest().copied().unwrap();
