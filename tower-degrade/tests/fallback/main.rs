@@ -131,6 +131,13 @@ fn task_id(res: &Res) -> TaskId {
         .unwrap()
 }
 
+/// `other` was refused as another request under `first`'s idempotency key, naming its task.
+fn assert_key_reused(other: &Res, first: &Res, what: &str) {
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY, "{what}");
+    assert_eq!(other.headers()[REASON_HEADER], "key_reused", "{what}");
+    assert_eq!(task_id(other), task_id(first), "{what}");
+}
+
 /// Let the worker run for `ms` of (paused) time.
 async fn run_for(ms: u64) {
     for _ in 0..ms / 10 {
@@ -376,13 +383,7 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
                 .unwrap(),
         )
         .await;
-        assert_eq!(
-            other.status(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "{uri} {body}"
-        );
-        assert_eq!(other.headers()[REASON_HEADER], "key_reused");
-        assert_eq!(task_id(&other), task_id(&res));
+        assert_key_reused(&other, &res, &format!("{uri} {body}"));
     }
     assert_eq!(store.depth(Queue::Retry).len, 1);
 
@@ -1257,13 +1258,7 @@ async fn another_delta_under_a_journaled_delta_s_key_is_refused_not_dropped() {
         ("/inventory/sku1", "five"),
     ] {
         let other = call(&svc, keyed(uri, body)).await;
-        assert_eq!(
-            other.status(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "{uri} {body}"
-        );
-        assert_eq!(other.headers()[REASON_HEADER], "key_reused");
-        assert_eq!(task_id(&other), task_id(&first));
+        assert_key_reused(&other, &first, &format!("{uri} {body}"));
     }
     assert_eq!(store.depth(Queue::Journal).len, 1);
     run_for(11_000).await;
