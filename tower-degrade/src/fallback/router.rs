@@ -19,7 +19,7 @@ use super::record::{Payload, Queue, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
 use super::schedule::{Backfill, Clock, RetryPolicy};
-use super::shared::RouterShared;
+use super::shared::{Kept, NotStored, RouterShared};
 use super::store::Store;
 use super::worker::{FallbackWorker, Settings};
 use super::{Diverted, Fallback, FallbackService, NoFallback};
@@ -40,7 +40,7 @@ use crate::protocol::{degraded_response, kept_response, key_reused_response};
 /// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit) or the
 /// reject answer with `not_kept` (the store full or failing): never a 202. A client that sends
 /// the same idempotency key again while the task is kept gets the same task id, and nothing
-/// is kept twice (within one instance: see `docs/fallback.md` for shared stores); the same
+/// is kept twice (with a Redis store, also across the instances sharing it); the same
 /// key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
 ///
 /// ```
@@ -423,19 +423,16 @@ where
                 .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
         }),
     };
+    let found = |kept: Kept| {
+        if kept.same {
+            kept_response(&kept.id.to_string(), route, reason, grpc, RB::default())
+        } else {
+            key_reused_response(&kept.id.to_string(), grpc, RB::default())
+        }
+    };
     let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
         Ok(storing) => storing,
-        Err(kept) if kept.same => {
-            let id = kept.id.to_string();
-            return Ok(kept_response(&id, route, reason, grpc, RB::default()));
-        }
-        Err(kept) => {
-            return Ok(key_reused_response(
-                &kept.id.to_string(),
-                grpc,
-                RB::default(),
-            ));
-        }
+        Err(kept) => return Ok(found(kept)),
     };
     let (queue, task) = if route == Route::BatchMerge {
         let batcher = &shared.batches[&class];
@@ -463,8 +460,9 @@ where
                 RB::default(),
             ))
         }
+        Err(NotStored::Kept(kept)) => Ok(found(kept)),
         // `put_kept` counted it.
-        Err(()) => answer(Reason::NotKept),
+        Err(NotStored::Failed) => answer(Reason::NotKept),
     }
 }
 
@@ -538,23 +536,27 @@ impl<T> FallbackRouter<T> {
                 .into());
             }
             let same = |kept: &Payload| matches!(kept, Payload::Bytes(b) if *b == bytes);
+            let found = |kept: Kept| -> Result<Accepted, BoxError> {
+                if kept.same {
+                    return Ok(Accepted { id: kept.id, route });
+                }
+                Err(format!(
+                    "the idempotency key {:?} is kept for another `{class}` task ({}): not kept",
+                    key.as_deref().unwrap_or(""),
+                    kept.id
+                )
+                .into())
+            };
             let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
                 Ok(storing) => storing,
-                Err(kept) if kept.same => return Ok(Accepted { id: kept.id, route }),
-                Err(kept) => {
-                    return Err(format!(
-                        "the idempotency key {:?} is kept for another `{class}` task ({}): not \
-                         kept",
-                        key.as_deref().unwrap_or(""),
-                        kept.id
-                    )
-                    .into());
-                }
+                Err(kept) => return found(kept),
             };
-            let (queue, task) = shared.new_task(route, &class, key, reason, Payload::Bytes(bytes));
+            let (queue, task) =
+                shared.new_task(route, &class, key.clone(), reason, Payload::Bytes(bytes));
             match shared.put_kept(queue, task, route, reason).await {
                 Ok(id) => Ok(Accepted { id, route }),
-                Err(()) => Err(not_kept(Reason::NotKept)),
+                Err(NotStored::Kept(kept)) => found(kept),
+                Err(NotStored::Failed) => Err(not_kept(Reason::NotKept)),
             }
         })
     }

@@ -12,7 +12,7 @@ use super::batch::Batcher;
 use super::capture::Capture;
 use super::record::{Payload, Queue, Task, TaskId};
 use super::schedule::{Clock, RetryPolicy};
-use super::store::{Op, Store};
+use super::store::{Op, Store, StoreErrorKind};
 use crate::class::Route;
 use crate::gate::Reason;
 
@@ -40,6 +40,14 @@ pub(crate) struct Kept {
     pub(crate) id: TaskId,
     /// Whether it is this call's task (the same request): if not, the key is reused.
     pub(crate) same: bool,
+}
+
+/// Why a task was not stored.
+pub(crate) enum NotStored {
+    /// The store refused it (counted and logged).
+    Failed,
+    /// Another task holds its idempotency key.
+    Kept(Kept),
 }
 
 /// A key being stored; dropping it wakes the calls waiting on the same key.
@@ -114,8 +122,7 @@ impl RouterShared {
 
     /// With an idempotency `key`: the right to store the call's task (other calls with the
     /// key wait meanwhile), or the task already kept under it, and whether that task is this
-    /// call's (`same`, given the kept payload; a kept task that cannot be read counts as the
-    /// same). Without a key: nothing to claim.
+    /// call's (`same`, given the kept payload). Without a key: nothing to claim.
     pub(crate) async fn claim_or_find(
         &self,
         class: &str,
@@ -125,26 +132,45 @@ impl RouterShared {
         let Some(key) = key else { return Ok(None) };
         match self.claim_key(class, key).await {
             Ok(storing) => Ok(Some(storing)),
-            Err((queue, id)) => {
-                let same = match self.store.get(queue, id).await {
-                    Ok(Some(kept)) => same(kept.payload()),
-                    _ => true,
-                };
-                Err(Kept { id, same })
-            }
+            Err((queue, id)) => Err(self.kept(queue, id, same).await),
         }
     }
 
-    /// Store a kept task; count it, wake the worker. `Err` (logged) if the store refused it.
+    /// The kept task `id` as a call's idempotency key found it: whether it is this call's
+    /// (a kept task that cannot be read counts as the same).
+    async fn kept(&self, queue: Queue, id: TaskId, same: impl FnOnce(&Payload) -> bool) -> Kept {
+        let same = match self.store.get(queue, id).await {
+            Ok(Some(kept)) => same(kept.payload()),
+            _ => true,
+        };
+        Kept { id, same }
+    }
+
+    /// Store a kept task; count it, wake the worker. `Err(NotStored::Failed)` (logged) if the
+    /// store refused it; `Err(NotStored::Kept)` if another instance sharing the store kept a
+    /// task under its idempotency key since [`claim_or_find`](Self::claim_or_find) looked
+    /// (the same call if it kept the same request).
     pub(crate) async fn put_kept(
         &self,
         queue: Queue,
         task: Task,
         route: Route,
         reason: Reason,
-    ) -> Result<TaskId, ()> {
+    ) -> Result<TaskId, NotStored> {
         let (id, class) = (task.id(), task.class().to_owned());
-        match self.store.commit(vec![Op::Put(queue, task)]).await {
+        let key = task.client_key().map(str::to_owned);
+        let mut result = self.store.commit(vec![Op::Put(queue, task.clone())]).await;
+        if let (Err(e), Some(key)) = (&result, &key)
+            && e.kind() == StoreErrorKind::KeyTaken
+        {
+            if let Ok(Some((q, other))) = self.store.find_key(&class, key).await {
+                let same = |kept: &Payload| same_call(kept, task.payload());
+                return Err(NotStored::Kept(self.kept(q, other, same).await));
+            }
+            // Replayed and gone by the time this instance looked: the key is free again.
+            result = self.store.commit(vec![Op::Put(queue, task)]).await;
+        }
+        match result {
             Ok(()) => {
                 metrics::counter!(crate::metrics::FALLBACK_KEPT,
                     "service" => self.service.to_string(), "class" => class.clone(),
@@ -164,7 +190,7 @@ impl RouterShared {
                 .increment(1);
                 tracing::warn!(service = %self.service, class = %class, error = %e,
                     "a diverted call could not be kept");
-                Err(())
+                Err(NotStored::Failed)
             }
         }
     }
@@ -191,5 +217,17 @@ impl RouterShared {
             .with_deadline(deadline)
             .with_due(self.clock.now_ms());
         (queue, task)
+    }
+}
+
+/// Whether two kept payloads are the same call: the same method, URI and body, or the same
+/// bytes (a task-API value, a journaled delta).
+fn same_call(a: &Payload, b: &Payload) -> bool {
+    match (a, b) {
+        (Payload::Http(a), Payload::Http(b)) => {
+            (&a.method, &a.uri, &a.body) == (&b.method, &b.uri, &b.body)
+        }
+        (Payload::Bytes(a), Payload::Bytes(b)) => a == b,
+        _ => false,
     }
 }

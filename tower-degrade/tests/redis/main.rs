@@ -303,3 +303,88 @@ async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
         .unwrap();
     assert_eq!(failover.depth(Queue::Spool).len, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_one_instance_kept_is_refused_to_another() {
+    // Two instances that both found a key free stored a task each: a client's retry sent to
+    // the other instance while the first was storing ran twice.
+    let server = Server::start();
+    let (a, b) = (store(&server, "a"), store(&server, "b"));
+    let first = task(1);
+    let second = Task::new("browse", Some("key-1".into()), Payload::Bytes(vec![9]));
+    a.commit(vec![Op::Put(Queue::Retry, first.clone())])
+        .await
+        .unwrap();
+    let err = b
+        .commit(vec![Op::Put(Queue::Spool, second.clone())])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::KeyTaken, "{err}");
+    assert!(b.list(Queue::Spool, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        b.find_key("browse", "key-1").await.unwrap(),
+        Some((Queue::Retry, first.id()))
+    );
+    // The task itself moves under its key; another class's key of the same name is another key.
+    b.commit(vec![
+        Op::Remove(Queue::Retry, first.id()),
+        Op::Put(Queue::Review, first.clone()),
+    ])
+    .await
+    .unwrap();
+    let other_class = Task::new("search", Some("key-1".into()), Payload::Bytes(vec![]));
+    b.commit(vec![Op::Put(Queue::Spool, other_class)])
+        .await
+        .unwrap();
+    // Once the first task is done, the key is free.
+    a.commit(vec![Op::Remove(Queue::Review, first.id())])
+        .await
+        .unwrap();
+    b.commit(vec![Op::Put(Queue::Spool, second.clone())])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.find_key("browse", "key-1").await.unwrap(),
+        Some((Queue::Spool, second.id()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_call_at_two_instances_is_kept_once() {
+    let server = Server::start();
+    let d = degrader();
+    let router = |name: &str| {
+        FallbackRouter::builder(&d)
+            .store(store(&server, name))
+            .replay(replay_fn(|_, _| async { Replayed::Done }))
+            .build()
+            .unwrap()
+            .0
+    };
+    let (ra, rb) = (router("a"), router("b"));
+    let tasks = |r: &FallbackRouter| {
+        d.tasks::<u32, TaskId>()
+            .keep(r, |a| a.id)
+            .idempotency_key(|_: &u32| "refund-42".to_owned())
+            .build()
+    };
+    let (ta, tb) = (tasks(&ra), tasks(&rb));
+    d.force_open("browse").unwrap();
+    let never = |_| async { Ok::<_, tower_degrade::BoxError>(TaskId::generate()) };
+    for round in 0..20u32 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..4 {
+            let t = if i % 2 == 0 { ta.clone() } else { tb.clone() };
+            calls.spawn(async move { t.run("browse", round, never).await.unwrap() });
+        }
+        let ids = calls.join_all().await;
+        assert!(ids.iter().all(|id| *id == ids[0]), "round {round}: {ids:?}");
+        let kept = store(&server, "check").list(Queue::Spool, None, 10).await;
+        assert_eq!(kept.unwrap().len(), 1, "round {round}");
+        // Done: the next round's calls are new work under the same key.
+        ra.store()
+            .commit(vec![Op::Remove(Queue::Spool, ids[0])])
+            .await
+            .unwrap();
+    }
+}

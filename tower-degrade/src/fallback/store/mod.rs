@@ -59,7 +59,10 @@ pub struct Depth {
 /// Storage for kept tasks. See the [module docs](self).
 pub trait Store: Send + Sync + 'static {
     /// Apply `ops` atomically and durably. A batch that would take the store over its
-    /// capacity fails with [`StoreErrorKind::Full`] and changes nothing.
+    /// capacity fails with [`StoreErrorKind::Full`] and changes nothing. A store shared by
+    /// several instances should also refuse, with [`StoreErrorKind::KeyTaken`], a put under a
+    /// client's idempotency key that another kept task holds (one process's router already
+    /// lets one call at a time store a key).
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()>;
 
     /// Claim up to `limit` tasks of `queue` due at `now_ms` (earliest due first) that no
@@ -103,6 +106,9 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The store's worker is gone.
     Closed,
+    /// Another task is kept under the put task's idempotency key (a store shared by several
+    /// instances, when two took the same key at once); nothing was changed.
+    KeyTaken,
 }
 
 /// An error from a [`Store`]: its kind and a message that says where and what to do.

@@ -15,7 +15,9 @@ const GROUP: &str = "replay";
 
 /// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
 /// capacity, then per op `P queue id keyfield record` or `R queue id`. Capacity counts the
-/// net growth (a move is not growth) and not the audit queue.
+/// net growth (a move is not growth) and not the audit queue. A put under an idempotency key
+/// another kept task holds changes nothing (`KEYTAKEN`): two instances that both found the key
+/// free keep one task, not two.
 const COMMIT: &str = r#"
 local p, g, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
@@ -25,6 +27,17 @@ while i <= #ARGV do
   local exists = ARGV[i+1] ~= 'audit' and redis.call('HEXISTS', p .. ':' .. ARGV[i+1] .. ':ids', ARGV[i+2]) == 1
   if ARGV[i] == 'P' then
     if ARGV[i+1] ~= 'audit' and not exists then grows = grows + 1 end
+    -- An idempotency key another instance kept a task under since this one looked.
+    local k = ARGV[i+3]
+    if k ~= '' and keyed[ARGV[i+1]] then
+      local cur = redis.call('HGET', p .. ':keys', k)
+      if cur then
+        local cq, cid = string.match(cur, '^(%S+) (%S+)$')
+        if cid and cid ~= ARGV[i+2] and redis.call('HEXISTS', p .. ':' .. cq .. ':ids', cid) == 1 then
+          return redis.error_reply('KEYTAKEN ' .. cur)
+        end
+      end
+    end
     i = i + 5
   else
     if exists then grows = grows - 1 end
@@ -277,15 +290,12 @@ impl Inner {
     }
 
     fn error(&self, e: redis::RedisError) -> StoreError {
-        let full = e.to_string().contains("FULL");
-        StoreError::new(
-            if full {
-                StoreErrorKind::Full
-            } else {
-                StoreErrorKind::Io
-            },
-            format!("redis store `{}`: {e}", self.url),
-        )
+        let kind = match e.code() {
+            Some("FULL") => StoreErrorKind::Full,
+            Some("KEYTAKEN") => StoreErrorKind::KeyTaken,
+            _ => StoreErrorKind::Io,
+        };
+        StoreError::new(kind, format!("redis store `{}`: {e}", self.url))
     }
 
     fn corrupt(&self, queue: Queue, what: impl fmt::Display) -> StoreError {
