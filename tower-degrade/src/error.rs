@@ -80,7 +80,9 @@ impl Degraded {
         match self.reason {
             _ if self.route == Route::Reject => {}
             // The route's handler was there and could not keep the call.
-            Reason::NotKept | Reason::TooLarge => write!(f, " (fallback route `{}`)", self.route)?,
+            Reason::NotKept | Reason::TooLarge | Reason::Malformed => {
+                write!(f, " (fallback route `{}`)", self.route)?
+            }
             _ => write!(f, " (fallback route `{}` has no handler)", self.route)?,
         }
         if let Some(d) = self.retry_after {

@@ -235,7 +235,7 @@ pub(crate) fn describe() {
 }
 
 /// Diverted calls the fallback router kept (`result="kept"`), or could not keep
-/// (`too_large`, `not_kept`).
+/// (`too_large`, `malformed`, `not_kept`).
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Tasks in a fallback queue (`delayed_retry`, `spool`, `manual_review`, `batch_merge`).
 pub const FALLBACK_DEPTH: &str = "degrade_fallback_depth";

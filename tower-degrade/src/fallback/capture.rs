@@ -182,6 +182,19 @@ impl Capture {
             }
             Err(e) => return Err(CaptureError::Body(e.to_string())),
         };
+        // A gRPC call whose framing is broken fails every replay (the server cannot decode
+        // it): refused now, while the client can still be told, rather than kept.
+        // (`application/grpc`, `+proto` and the like; not gRPC-Web's text form, base64.)
+        let ct = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes());
+        if ct.is_some_and(|v| {
+            v.strip_prefix(b"application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+        }) {
+            grpc_framing(&body).map_err(CaptureError::Malformed)?;
+        }
         Ok(HttpRequest {
             method: parts.method.as_str().to_owned(),
             uri: parts
@@ -209,6 +222,36 @@ fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::er
 pub(crate) enum CaptureError {
     TooLarge,
     Body(String),
+    /// Not a well-formed call of its protocol.
+    Malformed(String),
+}
+
+/// Whether `body` is a gRPC request body: length-prefixed messages (a flag byte, 0 or 1 for
+/// compressed, then a 4-byte big-endian length), nothing after the last. A client streaming
+/// nothing sends no message at all.
+fn grpc_framing(mut body: &[u8]) -> Result<(), String> {
+    let mut n = 0;
+    while !body.is_empty() {
+        let Some((head, rest)) = body.split_first_chunk::<5>() else {
+            return Err(format!("message {n}: a {}-byte prefix, not 5", body.len()));
+        };
+        if head[0] > 1 {
+            return Err(format!(
+                "message {n}: compression flag {}, not 0 or 1",
+                head[0]
+            ));
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if rest.len() < len {
+            return Err(format!(
+                "message {n}: {len} bytes announced, {} sent",
+                rest.len()
+            ));
+        }
+        body = &rest[len..];
+        n += 1;
+    }
+    Ok(())
 }
 
 impl HttpRequest {
@@ -354,5 +397,56 @@ mod tests {
         );
         let rec = cap.capture(&p, Full::new(Bytes::new())).await.unwrap();
         assert_eq!(rec.uri, "/pay/1?x=1");
+    }
+
+    #[tokio::test]
+    async fn a_grpc_body_whose_framing_is_broken_is_malformed() {
+        let cap = Capture::new();
+        let grpc = |ct: &str| {
+            parts(
+                http::Request::post("/shop.v1.Shop/Charge")
+                    .header("content-type", ct)
+                    .body(())
+                    .unwrap(),
+            )
+        };
+        let frame = |flag: u8, msg: &[u8]| {
+            let mut f = vec![flag];
+            f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            f.extend_from_slice(msg);
+            f
+        };
+        let two = [frame(0, b"\x08\x01"), frame(1, b"zz")].concat();
+        for ok in [
+            Vec::new(),
+            frame(0, b""),
+            frame(0, b"\x08\x01"),
+            two.clone(),
+        ] {
+            let body = Full::new(Bytes::from(ok.clone()));
+            assert!(
+                cap.capture(&grpc("application/grpc"), body).await.is_ok(),
+                "{ok:?}"
+            );
+        }
+        let truncated = two[..two.len() - 1].to_vec();
+        for (bad, why) in [
+            (b"garbage".to_vec(), "compression flag"),
+            (vec![0, 0, 0], "prefix"),
+            (truncated, "announced"),
+        ] {
+            for ct in ["application/grpc", "application/grpc+proto"] {
+                let body = Full::new(Bytes::from(bad.clone()));
+                match cap.capture(&grpc(ct), body).await {
+                    Err(CaptureError::Malformed(m)) => assert!(m.contains(why), "{m}"),
+                    other => panic!("{bad:?} as {ct}: {other:?}"),
+                }
+            }
+        }
+        // gRPC-Web's text form is base64, and plain HTTP is the application's to judge.
+        for ct in ["application/grpc-web-text", "application/json"] {
+            let body = Full::new(Bytes::from_static(b"garbage"));
+            assert!(cap.capture(&grpc(ct), body).await.is_ok(), "{ct}");
+        }
     }
 }

@@ -117,6 +117,14 @@ where
     }
 }
 
+/// A `grpc-message` as a person reads it: percent-decoded (the gRPC wire format encodes
+/// bytes outside printable ASCII, and `%`), invalid UTF-8 replaced.
+fn grpc_message(v: &http::HeaderValue) -> String {
+    percent_encoding::percent_decode(v.as_bytes())
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 async fn judge<RB>(res: http::Response<RB>) -> Replayed
 where
     RB: Body,
@@ -140,11 +148,7 @@ where
         .headers()
         .get("grpc-status")
         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-    let mut message = res
-        .headers()
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let mut message = res.headers().get("grpc-message").map(grpc_message);
     if code.is_none() {
         match res.into_body().collect().await {
             Ok(c) => {
@@ -152,10 +156,7 @@ where
                     code = t
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-                    message = t
-                        .get("grpc-message")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
+                    message = t.get("grpc-message").map(grpc_message);
                 }
             }
             Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
@@ -370,5 +371,18 @@ mod tests {
             judge(res(200, Some("3"))).await,
             Replayed::Reject(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_grpc_message_is_recorded_decoded() {
+        let mut r = res(200, Some("13"));
+        r.headers_mut().insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Unexpected%20EOF%20decoding%20stream%2E %E2%9C%93 %ZZ"),
+        );
+        assert_eq!(
+            judge(r).await,
+            Replayed::Retry("grpc-status 13: Unexpected EOF decoding stream. \u{2713} %ZZ".into())
+        );
     }
 }

@@ -37,8 +37,9 @@ use crate::protocol::{degraded_response, kept_response, key_reused_response};
 /// A kept call is captured ([`Capture`]), stored with an id and an idempotency key, and only
 /// then answered `202 Accepted` with `x-degrade-task-id` (gRPC: see
 /// [`TASK_ID_HEADER`](crate::protocol::TASK_ID_HEADER)). A call that cannot be kept gets
-/// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit) or the
-/// reject answer with `not_kept` (the store full or failing): never a 202. A client that sends
+/// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit), `400`
+/// with `malformed` (a gRPC body that is not length-prefixed messages) or the reject answer
+/// with `not_kept` (the store full or failing): never a 202. A client that sends
 /// the same idempotency key again while the task is kept gets the same task id, and nothing
 /// is kept twice (with a Redis store, also across the instances sharing it); the same
 /// key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
@@ -387,7 +388,8 @@ where
     let grpc = is_grpc(&parts.headers);
     let answer = |why: Reason| {
         // A body too large to keep will not be kept later either: no `Retry-After`.
-        let retry = (why != Reason::TooLarge).then_some(shared.retry_after);
+        let retry = !matches!(why, Reason::TooLarge | Reason::Malformed);
+        let retry = retry.then_some(shared.retry_after);
         let d = Degraded::new(name.clone(), why, route, retry);
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
@@ -403,6 +405,10 @@ where
     let rec = match shared.capture.capture(&parts, body).await {
         Ok(rec) => rec,
         Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),
+        Err(CaptureError::Malformed(why)) => {
+            tracing::debug!(class = %class, error = %why, "a diverted gRPC call is malformed");
+            return refuse(Reason::Malformed);
+        }
         Err(CaptureError::Body(e)) => {
             tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
             return refuse(Reason::NotKept);

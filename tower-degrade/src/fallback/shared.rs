@@ -204,18 +204,21 @@ impl RouterShared {
         reason: Reason,
         payload: Payload,
     ) -> (Queue, Task) {
-        let deadline = match route {
-            Route::DelayedRetry => self
-                .retry
-                .deadline
-                .map(|d| self.clock.now_ms() + d.as_millis() as u64),
-            _ => None,
-        };
+        let now = self.clock.now_ms();
         let queue = Queue::for_route(route).unwrap_or(Queue::Spool);
-        let task = Task::new(class, key, payload)
-            .with_reason(reason.as_str())
-            .with_deadline(deadline)
-            .with_due(self.clock.now_ms());
+        let task = Task::new(class, key, payload).with_reason(reason.as_str());
+        let task = match route {
+            // The first replay after the first wait, not at once: the call was diverted
+            // because the class could not take it now. The jitter is drawn from the task id's
+            // random bits, so calls diverted together are not replayed together.
+            Route::DelayedRetry => {
+                let unit = crate::mix::unit(crate::mix::mix64(task.id().0 as u64));
+                let wait = self.retry.backoff(0, unit).as_millis() as u64;
+                let deadline = self.retry.deadline.map(|d| now + d.as_millis() as u64);
+                task.with_deadline(deadline).with_due(now + wait)
+            }
+            _ => task.with_due(now),
+        };
         (queue, task)
     }
 }

@@ -19,7 +19,7 @@ use crate::degrader::Degrader;
 use crate::gate::Directive;
 use crate::window::{Outcome, shard_index};
 
-/// What the backfill may do with a class's spooled tasks now.
+/// What the worker may do with a class's due tasks now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     /// Replay them.
@@ -29,6 +29,23 @@ enum Gate {
     /// Keep them.
     Closed,
 }
+
+/// A permit of a class's admission limiter, held by a replay while it runs: a replay is a
+/// call of its class and counts against the limit live calls are admitted under. Given back
+/// when the replay ends (or is aborted).
+struct Permit {
+    degrader: Arc<crate::degrader::Shared>,
+    limiter: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.degrader.limiters[self.limiter].give_back();
+    }
+}
+
+/// A parked task: its id and, for a delayed retry, its deadline.
+type Parked = (TaskId, Option<u64>);
 
 /// How the worker runs, as the router's builder set it.
 #[derive(Debug, Clone)]
@@ -42,9 +59,12 @@ pub(crate) struct Settings {
 /// Replays what a [`FallbackRouter`](super::FallbackRouter) kept: spawn [`run`](Self::run).
 ///
 /// Every `period` (or at once when a call is kept) it
-/// 1. replays due `delayed_retry` tasks (up to `concurrency` at once): done ones are
-///    removed; failed ones are rescheduled with backoff, or moved to manual review when their
-///    attempts or deadline run out, or at once on a non-retryable answer;
+/// 1. replays due `delayed_retry` tasks (up to `concurrency` at once) of classes that are
+///    healthy (breaker closed, no policy diverting them; one task per tick as the breaker's
+///    probe while it waits for calls to prove the class healthy): done ones are removed;
+///    failed ones are rescheduled with backoff, or moved to manual review when their
+///    attempts or deadline run out (also while they wait for their class), or at once on a
+///    non-retryable answer;
 /// 2. backfills spooled tasks of healthy classes while off-peak (see [`Backfill`]); a class
 ///    whose breaker waits for calls to prove it healthy (half-open, or degraded by the seed
 ///    rule) gets one spooled task replayed per tick as its probe, its outcome and latency
@@ -52,6 +72,11 @@ pub(crate) struct Settings {
 ///    consumer that stopped) gets through its probes and has its spool replayed (it stays
 ///    `Recovering`, admitting a growing share, until live calls finish the recovery);
 /// 3. flushes merged batches that are due.
+///
+/// With [admission](crate::DegraderBuilder::admission), each replay holds a permit of its
+/// class's limiter while it runs, taken as a live call of its tier would take one (never
+/// ahead of a waiting call): a replay that finds none waits for a later step, so replays
+/// never take a class over its limit.
 ///
 /// Each replay runs in its own task, bounded by the replay timeout (default 30 s): a replay that
 /// panics or times out counts as a failed attempt. Its outcome is recorded when it ends, and
@@ -66,8 +91,9 @@ pub struct FallbackWorker {
     degrader: Degrader,
     replay: Arc<dyn Replay>,
     settings: Settings,
-    /// Spooled tasks claimed while their class may not be backfilled, by class.
-    parked: HashMap<String, Vec<TaskId>>,
+    /// Tasks claimed while their class may not be replayed (a delayed retry) or backfilled
+    /// (a spooled task), by queue and class.
+    parked: HashMap<(Queue, String), Vec<Parked>>,
     /// By class, the window tick of its last probe replay (one per tick).
     probed: HashMap<String, u64>,
     /// Replays in flight as their class's probes, whose outcomes go to its window.
@@ -211,7 +237,20 @@ impl FallbackWorker {
         // wakes the worker for the next. With no room, the store is still asked (for none):
         // a shared store heartbeats the tasks this instance holds then.
         match self.shared.store.due(Queue::Retry, now, self.free()).await {
-            Ok(due) => self.start(Queue::Retry, due),
+            Ok(due) => {
+                let mut go = Vec::with_capacity(due.len());
+                for task in due {
+                    match self.health(task.class()) {
+                        Gate::Open => go.push(task),
+                        Gate::Probe => {
+                            self.probing.insert(task.id());
+                            go.push(task);
+                        }
+                        Gate::Closed => self.park(Queue::Retry, &task),
+                    }
+                }
+                self.start(Queue::Retry, go);
+            }
             Err(e) => tracing::warn!(error = %e, "delayed_retry: the store cannot be read"),
         }
         self.backfill_step(now).await;
@@ -231,14 +270,32 @@ impl FallbackWorker {
         }
     }
 
-    /// Whether `class` may be backfilled now (and the rate's AIMD step), or may have one task
-    /// replayed as its breaker's probe.
-    fn gate(&mut self, class: &str, now: u64) -> Gate {
+    /// Keep a claimed task until its class may go.
+    fn park(&mut self, queue: Queue, task: &Task) {
+        let deadline = if queue == Queue::Retry {
+            task.deadline_ms()
+        } else {
+            None
+        };
+        self.parked
+            .entry((queue, task.class().to_owned()))
+            .or_default()
+            .push((task.id(), deadline));
+    }
+
+    /// Whether `class` is healthy (its tasks may be replayed), or may have one task replayed
+    /// as its breaker's probe (once per window tick, whichever queue it comes from).
+    fn health(&mut self, class: &str) -> Gate {
         let status = self.degrader.status();
         let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
             // A class no longer configured: nothing to protect.
             return Gate::Open;
         };
+        self.class_health(c)
+    }
+
+    fn class_health(&mut self, c: &crate::degrader::ClassStatus) -> Gate {
+        let class = &*c.name;
         let healthy = match (c.state, c.directive) {
             // Closed, or forced closed by an operator (the breaker disabled): what the class
             // admits, its spool may take.
@@ -258,8 +315,19 @@ impl FallbackWorker {
             }
             _ => false,
         };
-        if !healthy {
-            return Gate::Closed;
+        if healthy { Gate::Open } else { Gate::Closed }
+    }
+
+    /// Whether `class` may be backfilled now (healthy, under its headroom and off-peak; and
+    /// the rate's AIMD step), or may have one task replayed as its breaker's probe.
+    fn gate(&mut self, class: &str, now: u64) -> Gate {
+        let status = self.degrader.status();
+        let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
+            return Gate::Open;
+        };
+        match self.class_health(c) {
+            Gate::Open => {}
+            other => return other,
         }
         let registry = self.degrader.registry();
         let sla = registry
@@ -303,27 +371,47 @@ impl FallbackWorker {
         self.rate = (self.rate * 1.1f64.powf(periods) + periods).min(self.settings.backfill.rate);
         let service = self.shared.service.to_string();
         // Parked classes that may go now: give their tasks back to the queue.
-        let classes: Vec<String> = self.parked.keys().cloned().collect();
-        for class in classes {
-            match self.gate(&class, now) {
+        let parked: Vec<(Queue, String)> = self.parked.keys().cloned().collect();
+        let mut expired = Vec::new();
+        for (queue, class) in parked {
+            let key = (queue, class);
+            let gate = match queue {
+                Queue::Retry => self.health(&key.1),
+                _ => self.gate(&key.1, now),
+            };
+            match gate {
                 Gate::Open => {
-                    for id in self.parked.remove(&class).unwrap_or_default() {
-                        self.shared.store.release(Queue::Spool, id);
+                    for (id, _) in self.parked.remove(&key).unwrap_or_default() {
+                        self.shared.store.release(queue, id);
                     }
                 }
                 Gate::Probe => {
                     // Give one back for the probe the next round picks (the class's turn is
                     // taken then, not here).
-                    self.probed.remove(&class);
-                    if let Some(ids) = self.parked.get_mut(&class)
+                    self.probed.remove(&key.1);
+                    if let Some(ids) = self.parked.get_mut(&key)
                         && !ids.is_empty()
                     {
-                        self.shared.store.release(Queue::Spool, ids.remove(0));
+                        self.shared.store.release(queue, ids.remove(0).0);
                     }
                 }
-                Gate::Closed => {}
+                Gate::Closed => {
+                    // A delayed retry whose deadline passed while its class was unhealthy
+                    // goes to manual review, as one that ran out of attempts would.
+                    if let Some(ids) = self.parked.get_mut(&key) {
+                        ids.retain(|&(id, deadline)| {
+                            let over = deadline.is_some_and(|d| now >= d);
+                            if over {
+                                expired.push((queue, key.1.clone(), id));
+                            }
+                            !over
+                        });
+                    }
+                }
             }
         }
+        self.parked.retain(|_, ids| !ids.is_empty());
+        self.expire(expired).await;
         if self.shared.store.depth(Queue::Spool).len == 0 {
             self.tokens = 0.0;
             gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(0.0);
@@ -363,10 +451,7 @@ impl FallbackWorker {
                     go.push(task);
                 } else {
                     // Kept claimed until its class may go, so it does not block the others.
-                    self.parked
-                        .entry(task.class().to_owned())
-                        .or_default()
-                        .push(task.id());
+                    self.park(Queue::Spool, &task);
                 }
             }
             if go.is_empty() {
@@ -384,10 +469,69 @@ impl FallbackWorker {
         gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(rate);
     }
 
+    /// Move the parked delayed retries whose deadline passed to manual review.
+    async fn expire(&mut self, expired: Vec<(Queue, String, TaskId)>) {
+        let mut ops = Vec::new();
+        for (queue, class, id) in expired {
+            match self.shared.store.get(queue, id).await {
+                Ok(Some(mut task)) => {
+                    let answer = "its deadline passed while its class was not healthy";
+                    task.set_answer(answer.to_owned());
+                    self.to_review(queue, task, &mut ops);
+                    counter!(crate::metrics::FALLBACK_REPLAYS,
+                        "service" => self.shared.service.to_string(),
+                        "queue" => queue.as_str(), "result" => "review")
+                    .increment(1);
+                }
+                // Gone meanwhile (an operator's action): nothing to move.
+                Ok(None) => {}
+                // Kept claimed, and tried again on the next step.
+                Err(_) => self
+                    .parked
+                    .entry((queue, class))
+                    .or_default()
+                    .push((id, Some(0))),
+            }
+        }
+        if !ops.is_empty() {
+            self.commit_outcomes(ops, false).await;
+        }
+    }
+
+    /// A permit of `class`'s admission limiter for a replay: `Ok(None)` without admission,
+    /// `Err(())` when none is free to a call of its tier now.
+    fn permit(&self, class: &str) -> Result<Option<Permit>, ()> {
+        let shared = &self.degrader.shared;
+        let Some(id) = shared.registry.get(class) else {
+            return Ok(None);
+        };
+        let gate = &shared.gates[id.index()];
+        let Some(limiter) = gate.limiter.map(usize::from) else {
+            return Ok(None);
+        };
+        if !shared.limiters[limiter].try_acquire(gate.tier) {
+            return Err(());
+        }
+        Ok(Some(Permit {
+            degrader: shared.clone(),
+            limiter,
+        }))
+    }
+
     /// Start replaying `tasks` of `queue`, each in a task of its own bounded by the replay
-    /// timeout; [`settle`](Self::settle) records each outcome when it ends.
+    /// timeout and holding an admission permit of its class; [`settle`](Self::settle) records
+    /// each outcome when it ends. A task whose class has no permit free is given back to the
+    /// queue for a later step.
     fn start(&mut self, queue: Queue, tasks: Vec<Task>) {
         for task in tasks {
+            let Ok(permit) = self.permit(task.class()) else {
+                if self.probing.remove(&task.id()) {
+                    // The probe did not run: the class's turn is not taken.
+                    self.probed.remove(task.class());
+                }
+                self.shared.store.release(queue, task.id());
+                continue;
+            };
             let attempt = task.attempts() + 1;
             let fut = match (task.payload(), self.shared.batches.get(task.class())) {
                 (Payload::Bytes(_), Some(batcher)) => batcher.replay(&task),
@@ -395,6 +539,7 @@ impl FallbackWorker {
             };
             let limit = self.settings.replay_timeout;
             let handle = self.running.spawn(async move {
+                let _permit = permit;
                 let start = tokio::time::Instant::now();
                 let out = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
                     Replayed::Retry(format!("the replay timed out after {limit:?}"))

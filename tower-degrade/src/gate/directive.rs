@@ -37,10 +37,14 @@ pub enum Reason {
     TooLarge,
     /// The call was to be kept but the store refused it (full, or failing): it was not kept.
     NotKept,
+    /// The call was to be kept but is not a well-formed call of its protocol (a gRPC body
+    /// that is not a sequence of length-prefixed messages): it would fail every replay, so it
+    /// is refused rather than kept.
+    Malformed,
 }
 
 impl Reason {
-    const ALL: [Reason; 11] = [
+    const ALL: [Reason; 12] = [
         Reason::BreakerOpen,
         Reason::ForcedOpen,
         Reason::ProbesExhausted,
@@ -52,6 +56,7 @@ impl Reason {
         Reason::Overload,
         Reason::TooLarge,
         Reason::NotKept,
+        Reason::Malformed,
     ];
 
     /// The reason as used in metrics and logs.
@@ -68,6 +73,7 @@ impl Reason {
             Reason::Overload => "overload",
             Reason::TooLarge => "too_large",
             Reason::NotKept => "not_kept",
+            Reason::Malformed => "malformed",
         }
     }
 
@@ -85,6 +91,7 @@ impl Reason {
             Reason::Overload => "overloaded, lower priority work is shed",
             Reason::TooLarge => "diverted, and the request body is over the limit for keeping it",
             Reason::NotKept => "diverted, and the request could not be stored for later",
+            Reason::Malformed => "diverted, and the request is malformed, so it cannot be kept",
         }
     }
 

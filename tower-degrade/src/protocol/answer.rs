@@ -45,6 +45,7 @@ pub(crate) fn degraded_response<T>(
         let code = match d.reason() {
             Reason::Timeout => "4",
             Reason::TooLarge => "8",
+            Reason::Malformed => "3",
             _ => "14",
         };
         headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
@@ -59,6 +60,7 @@ pub(crate) fn degraded_response<T>(
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             // The client's own request: a 4xx, which no client retries as is.
             Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::Malformed => StatusCode::BAD_REQUEST,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         if let Some(ra) = d.retry_after() {

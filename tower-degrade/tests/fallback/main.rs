@@ -12,6 +12,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
+use tower_degrade::admit::Admission;
 use tower_degrade::fallback::store::{EmbeddedStore, Op};
 use tower_degrade::fallback::{
     Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, LastGoodLayer, MemoryStore,
@@ -387,7 +388,11 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
     }
     assert_eq!(store.depth(Queue::Retry).len, 1);
 
-    // Attempts at ~0, then waits of [0.5, 1] s, [1, 2] s, [2, 4] s.
+    // Nothing is replayed into a class that cannot take it (here forced open).
+    run_for(5_000).await;
+    assert!(app.seen().is_empty(), "{:?}", app.seen());
+    // Healthy again: the first attempt (long due), then waits of [0.5, 1] s, [1, 2] s, [2, 4] s.
+    d.reset("pay").unwrap();
     run_for(200).await;
     assert_eq!(app.seen().len(), 1);
     run_for(7_500).await;
@@ -416,16 +421,19 @@ async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     let id = task_id(&call(&svc, post("/pay/1", "a")).await);
+    d.reset("pay").unwrap();
     run_for(10_000).await;
     assert_eq!(app.seen().len(), 3);
     let t = review.show(id).await.unwrap().expect("in review");
     assert_eq!(t.attempts(), 3);
     assert_eq!(t.last_answer(), Some("HTTP 503 Service Unavailable"));
 
-    // A 4xx answer goes to review at once.
+    // A 4xx answer goes to review after its first attempt.
     *app.status.lock().unwrap() = 422;
+    d.force_open("pay").unwrap();
     let id2 = task_id(&call(&svc, post("/pay/2", "b")).await);
-    run_for(500).await;
+    d.reset("pay").unwrap();
+    run_for(1_200).await;
     let t2 = review.show(id2).await.unwrap().expect("in review at once");
     assert_eq!(t2.attempts(), 1);
     assert!(t2.last_answer().unwrap().contains("422"));
@@ -483,6 +491,7 @@ async fn first_replay_misbehaves(hang: bool) {
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     call(&svc, post("/pay", "x")).await;
+    d.reset("pay").unwrap();
     run_for(6_000).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once, then done");
     assert_eq!(store.depth(Queue::Retry).len, 0);
@@ -525,12 +534,16 @@ async fn a_hung_replay_holds_back_only_its_own_task() {
     d.force_open("browse").unwrap();
     d.tick_now();
     call(&pay, post("/pay/hang", "x")).await;
-    run_for(500).await;
+    d.reset("pay").unwrap();
+    // Its first attempt starts within the first wait (at most 1 s), and hangs.
+    run_for(1_100).await;
+    d.force_open("pay").unwrap();
     call(&pay, post("/pay/ok", "x")).await;
     call(&browse, post("/log", "x")).await;
+    d.reset("pay").unwrap();
     d.reset("browse").unwrap();
     d.tick_now();
-    run_for(1_000).await;
+    run_for(1_200).await;
     let seen = replayed.lock().unwrap().clone();
     let uris: Vec<&str> = seen.iter().map(|(u, _)| u.as_str()).collect();
     assert_eq!(uris.len(), 2, "{seen:?}");
@@ -538,9 +551,10 @@ async fn a_hung_replay_holds_back_only_its_own_task() {
         uris.contains(&"/pay/ok") && uris.contains(&"/log"),
         "{seen:?}"
     );
+    // Long before the hung replay's 10 s timeout.
     assert!(
         seen.iter()
-            .all(|(_, at)| *at < Duration::from_millis(1_600)),
+            .all(|(_, at)| *at < Duration::from_millis(2_400)),
         "{seen:?}"
     );
 }
@@ -624,6 +638,7 @@ async fn a_replay_done_while_the_store_is_down_is_acknowledged_later_not_replaye
     let pay = layered(&d, "pay", router, &App::default());
     d.force_open("pay").unwrap();
     call(&pay, post("/pay/1", "x")).await;
+    d.reset("pay").unwrap();
     store.down.store(true, Ordering::SeqCst);
     tokio::spawn(worker.run());
     run_for(5_000).await;
@@ -662,7 +677,9 @@ async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
     let running = tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     call(&pay, post("/pay/1", "x")).await;
-    run_for(200).await;
+    d.reset("pay").unwrap();
+    // Started within the first wait (at most 1 s); it takes 1 s.
+    run_for(1_100).await;
     assert_eq!(started.load(Ordering::SeqCst), 1);
     running.abort();
     run_for(3_000).await;
@@ -706,9 +723,16 @@ async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     call(&pay, post("/pay/1", "x")).await;
+    d.reset("pay").unwrap();
     run_for(20_000).await;
     let attempts = attempts.lock().unwrap().clone();
     assert_eq!(attempts.len(), 4, "{attempts:?}");
+    // The first attempt after the first wait, not at once: the call was diverted because
+    // the class could not take it then.
+    assert!(
+        attempts[0].0 >= Duration::from_millis(200) && attempts[0].0 <= Duration::from_millis(550),
+        "{attempts:?}"
+    );
     for n in 1..4 {
         let wait = attempts[n].0 - attempts[n - 1].1;
         let d = Duration::from_millis(400 * (1 << (n - 1)));
@@ -719,6 +743,114 @@ async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
         );
     }
     assert_eq!(review.depth().len, 1, "out of attempts: in review");
+}
+
+#[tokio::test(start_paused = true)]
+async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_its_limit() {
+    // A limit of 2, both held by live calls to a stuck database: the delayed retries of the
+    // same class wait for permits instead of piling 5 more calls onto it.
+    let d = support::builder("test")
+        .class(ClassConfig::gold("pay").fallback_route(Route::DelayedRetry))
+        .admission(
+            Admission::adaptive()
+                .initial_limit(2)
+                .min_limit(2)
+                .max_limit(2),
+        )
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let db = Arc::new(tokio::sync::Semaphore::new(0));
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (n, m, dn) = (now.clone(), most.clone(), done.clone());
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(move |_, _| {
+            let (n, m, dn) = (n.clone(), m.clone(), dn.clone());
+            async move {
+                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                dn.fetch_add(1, Ordering::SeqCst);
+                Replayed::Done
+            }
+        }))
+        .build()
+        .unwrap();
+    let id = d.class_id("pay").unwrap();
+    let gate = db.clone();
+    let svc = d
+        .layer(move |_: &Req| id)
+        .http()
+        .fallback_with(router)
+        .layer(service_fn(move |_: Req| {
+            let gate = gate.clone();
+            async move {
+                let _held = gate.acquire().await.unwrap();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+            }
+        }));
+    let live: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(svc.clone().oneshot(post(&format!("/pay/{i}"), "x"))))
+        .collect();
+    run_for(100).await;
+    assert_eq!(d.admission()[0].inflight, 2);
+    let ops = (0..5)
+        .map(|i| {
+            let t = Task::new("pay", Some(format!("retry-{i}")), Payload::Bytes(vec![i]));
+            Op::Put(Queue::Retry, t)
+        })
+        .collect();
+    store.commit(ops).await.unwrap();
+    tokio::spawn(worker.run());
+    run_for(2_000).await;
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "no permit free: none replayed"
+    );
+    db.add_permits(2);
+    for call in live {
+        call.await.unwrap().unwrap();
+    }
+    run_for(3_000).await;
+    assert_eq!(done.load(Ordering::SeqCst), 5);
+    assert_eq!(most.load(Ordering::SeqCst), 2, "at most the limit at once");
+    assert_eq!(d.admission()[0].inflight, 0, "every permit given back");
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delayed_retry_whose_class_stays_unhealthy_goes_to_review_at_its_deadline() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .retry(RetryPolicy::default().deadline(Some(Duration::from_secs(3))))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let svc = layered(&d, "pay", router, &app);
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    let id = task_id(&call(&svc, post("/pay/1", "a")).await);
+    run_for(2_500).await;
+    assert_eq!(store.depth(Queue::Retry).len, 1, "waiting for its class");
+    run_for(1_000).await;
+    let t = review
+        .show(id)
+        .await
+        .unwrap()
+        .expect("in review at its deadline");
+    assert_eq!(t.attempts(), 0);
+    assert!(t.last_answer().unwrap().contains("deadline"), "{t:?}");
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert!(app.seen().is_empty(), "never replayed into the open class");
 }
 
 #[tokio::test(start_paused = true)]
@@ -823,7 +955,8 @@ async fn a_diverted_task_is_kept_as_json_and_replayed_by_its_handler() {
     assert!(
         matches!(stored[0].payload(), Payload::Bytes(b) if b == br#"{"order":42,"cents":1999}"#)
     );
-    run_for(500).await;
+    d.reset("refund").unwrap();
+    run_for(1_200).await;
     assert_eq!(*done.lock().unwrap(), [refund]);
     assert_eq!(store.depth(Queue::Retry).len, 0);
 }
@@ -900,7 +1033,10 @@ async fn tasks_of_two_types_on_one_router_are_each_replayed_by_their_class_s_han
         .run("recommend", Email { order: 3 }, never)
         .await
         .unwrap();
-    run_for(1_000).await;
+    for class in ["order_email", "stock_sync", "recommend"] {
+        d.reset(class).unwrap();
+    }
+    run_for(1_200).await;
     assert_eq!(*emails.lock().unwrap(), [Email { order: 1 }]);
     assert_eq!(*syncs.lock().unwrap(), [stock]);
     let page = review.list(None, 10).await.unwrap();
@@ -955,8 +1091,10 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
     let kept = store.get(Queue::Retry, first).await.unwrap().unwrap();
     assert_eq!(kept.client_key(), Some("email-5"));
     tokio::spawn(worker.run());
-    run_for(1_000).await;
+    d.reset("order_email").unwrap();
+    run_for(1_200).await;
     assert_eq!(*sent.lock().unwrap(), [Email { order: 5 }]);
+    d.force_open("order_email").unwrap();
 
     // The same key on another value is refused, not taken for the first.
     let tasks = d
@@ -1084,8 +1222,9 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
 async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id() {
     let d = degrader([ClassConfig::bronze("events").fallback_route(Route::Spool)]);
     let app = App::default();
+    let store = Arc::new(MemoryStore::default());
     let (router, _worker) = FallbackRouter::builder(&d)
-        .store(MemoryStore::default())
+        .shared_store(store.clone())
         .replay(replay(&app))
         .build()
         .unwrap();
@@ -1106,6 +1245,22 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
             .contains("kept as task")
     );
     task_id(&res);
+
+    // A body that is not length-prefixed messages would fail every replay: refused, not
+    // kept, and not to be retried as is.
+    for body in [&b"garbage"[..], &[0, 0, 0, 0, 9, 8][..]] {
+        let req = Request::post("/shop.Events/Record")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .unwrap();
+        let res = call(&svc, req).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "3", "{body:?}");
+        assert_eq!(res.headers()[REASON_HEADER], "malformed");
+        assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
+        assert!(!res.headers().contains_key(TASK_ID_HEADER));
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 1, "only the well-formed call");
 }
 
 #[tokio::test]
