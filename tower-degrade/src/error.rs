@@ -209,11 +209,13 @@ pub struct PolicyError {
 
 #[cfg(feature = "rhai")]
 impl PolicyError {
+    /// Control characters (in a file's name, or in what a script threw while it was
+    /// validated) are escaped: the error is written to logs as is.
     pub(crate) fn new(file: &str, line: Option<usize>, reason: impl Into<String>) -> Self {
         Self {
-            file: file.to_owned(),
+            file: crate::policy::sanitize(file),
             line,
-            reason: reason.into(),
+            reason: crate::policy::sanitize(&reason.into()),
         }
     }
 

@@ -7,8 +7,9 @@
 //!   -> metrics, status
 //! ```
 //!
-//! Nothing here runs on the request path. The stages plug in through [`Stage`]: the loop names
-//! no feature.
+//! Nothing here runs on the request path, nor on the async runtime's workers: each tick runs on
+//! the runtime's blocking pool. The stages plug in through [`Stage`]: the loop names no
+//! feature.
 
 mod stage;
 
@@ -43,7 +44,16 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.tick(Instant::now());
+        // Off the runtime's workers: a tick runs policy scripts (each bounded by its deadline,
+        // the tick by its budget) and reads every class, and a worker that ran it would hold
+        // back the requests scheduled on it for as long.
+        let now = Instant::now();
+        match tokio::task::spawn_blocking(move || shared.tick(now)).await {
+            Ok(()) => {}
+            // The runtime is shutting down.
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => tracing::error!(error = %e, "a control-loop tick panicked; ticking on"),
+        }
     }
 }
 
@@ -88,7 +98,7 @@ impl Shared {
         // Admission limits first, so policies see this tick's.
         let admission = self.tick_admission();
         // Per class: breaker, then the stages over every class under automatic control at
-        // once (the policies run on their own thread, within the tick's budget), then publish.
+        // once (the policies within the tick's budget), then publish.
         let mut directives = Vec::with_capacity(self.registry.len());
         let mut views = Vec::new();
         for (id, class) in self.registry.iter() {

@@ -104,14 +104,24 @@ impl Core {
         metrics::counter!(POLICY_ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
 
-    pub(super) fn record_shadow(&self, class: &str, policy: &Policy, decision: &Decision) {
+    /// A shadow policy's decision: logged and counted. `limited`: the log line is rate-limited
+    /// (an `on_request` hook decides once per request).
+    pub(super) fn record_shadow(
+        &self,
+        class: &str,
+        policy: &Policy,
+        decision: &Decision,
+        limited: bool,
+    ) {
         if decision.action() == Action::Admit {
             return;
         }
-        tracing::info!(
-            service = %self.service, class, policy = %policy.name, decision = %decision,
-            "shadow policy decision (not enforced)"
-        );
+        if !limited || self.log.allow() {
+            tracing::info!(
+                service = %self.service, class, policy = %policy.name, decision = %decision,
+                "shadow policy decision (not enforced)"
+            );
+        }
         let action = decision.to_string();
         let action = action.split(['(', ' ']).next().unwrap_or("").to_owned();
         metrics::counter!(POLICY_SHADOW_DECISIONS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone(), "action" => action).increment(1);
@@ -258,12 +268,10 @@ impl Core {
         let name = &self.classes[class.index()].name;
         for note in notes {
             match note {
-                Note::Alert(i, alert) => {
-                    let policy = &set.policies[i];
-                    tracing::warn!(service = %self.service, class = %name, policy = %policy.name, alert = %alert, "policy alert");
-                    metrics::counter!(POLICY_ALERTS, "service" => self.service.to_string(), "class" => name.to_string(), "policy" => policy.name.clone()).increment(1);
+                Note::Alert(i, alert) => self.raise(name, &set.policies[i], &alert, false),
+                Note::Shadow(i, decision) => {
+                    self.record_shadow(name, &set.policies[i], &decision, false)
                 }
-                Note::Shadow(i, decision) => self.record_shadow(name, &set.policies[i], &decision),
                 Note::Failed(i, line, reason, failure) => {
                     self.report_failure(name, &set.policies[i], line, &reason, failure)
                 }
@@ -274,6 +282,15 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// A policy's alert: counted in `degrade_policy_alerts_total`, and a warning unless
+    /// `limited` and over the policies' log rate (an `on_request` hook alerts per request).
+    pub(super) fn raise(&self, class: &str, policy: &Policy, alert: &str, limited: bool) {
+        if !limited || self.log.allow() {
+            tracing::warn!(service = %self.service, class, policy = %policy.name, alert, "policy alert");
+        }
+        metrics::counter!(POLICY_ALERTS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
 
     fn count_skipped(&self, set: &PolicySet, class: ClassId, policy: usize) {

@@ -469,35 +469,87 @@ fn too_large(file: &str, len: u64) -> PolicyError {
     )
 }
 
+/// The `*.rhai` entries of `dir` in name order (symlinks followed), each with whether it is a
+/// regular file: a directory, a FIFO or a dangling symlink named like a policy is an error,
+/// not a policy silently left out.
+pub(crate) fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
+    let mut paths: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+        .map(|p| {
+            let regular = p.is_file();
+            (p, regular)
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// A policy file's bytes, at most [`MAX_SOURCE_BYTES`] read: `Err(Some(n))` if it holds
+/// more (a length a file system reports is not trusted: `/proc` files report 0).
+pub(crate) fn read_source(path: &Path) -> Result<Vec<u8>, Result<std::io::Error, u64>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(Ok)?;
+    let reported = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if reported > MAX_SOURCE_BYTES as u64 {
+        return Err(Err(reported));
+    }
+    // Whole blocks (some `/proc` files refuse reads of odd sizes), until past the limit.
+    let mut file = file;
+    let (mut bytes, mut block) = (Vec::new(), [0u8; 8192]);
+    loop {
+        match file.read(&mut block) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => bytes.extend_from_slice(&block[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Ok(e)),
+        }
+        if bytes.len() > MAX_SOURCE_BYTES {
+            return Err(Err(bytes.len() as u64));
+        }
+    }
+}
+
 /// Read every `*.rhai` file of `dir` (name order) as (policy name, file label, text).
 pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, PolicyError> {
     let label = dir.display().to_string();
-    let entries = std::fs::read_dir(dir).map_err(|e| {
+    let paths = entries(dir).map_err(|e| {
         PolicyError::new(
             &label,
             None,
             format!("cannot read the policy directory: {e}"),
         )
     })?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
-        .collect();
-    paths.sort();
     paths
         .into_iter()
-        .map(|p| {
+        .map(|(p, regular)| {
             let file = p.display().to_string();
+            if !regular {
+                return Err(PolicyError::new(
+                    &file,
+                    None,
+                    "not a regular file (a directory, a FIFO or a dangling symlink): name it \
+                     other than `*.rhai`, or point it at a policy",
+                ));
+            }
             let name = p
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            if len > MAX_SOURCE_BYTES as u64 {
-                return Err(too_large(&file, len));
-            }
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| PolicyError::new(&file, None, format!("cannot read: {e}")))?;
+            let bytes = read_source(&p).map_err(|e| match e {
+                Ok(e) => PolicyError::new(&file, None, format!("cannot read: {e}")),
+                Err(len) => too_large(&file, len),
+            })?;
+            let text = String::from_utf8(bytes).map_err(|e| {
+                PolicyError::new(
+                    &file,
+                    None,
+                    format!(
+                        "cannot read: not UTF-8 (byte {})",
+                        e.utf8_error().valid_up_to()
+                    ),
+                )
+            })?;
             Ok((name, file, text))
         })
         .collect()

@@ -238,8 +238,15 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
         ),
     };
     // Sandbox: no `eval`, no modules; Rhai has no file, network or process access of its own.
+    // No function pointers made by name, called or curried: a pointer's curried arguments are
+    // not counted by the size limits, so pointers curried with arrays of pointers grew to
+    // gigabytes in a few operations. Closures (`ctx.consecutive(3, |w| ...)`) stay: what
+    // they capture is shared, not copied.
     engine
         .disable_symbol("eval")
+        .disable_symbol("Fn")
+        .disable_symbol("call")
+        .disable_symbol("curry")
         .set_module_resolver(DummyModuleResolver::new())
         .set_max_modules(0)
         .set_max_operations(operations)
@@ -271,6 +278,19 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
             tracing::debug!(target: "tower_degrade::policy", source = src.unwrap_or(""), %pos, "{}", super::decision::sanitize(s));
         }
     });
+
+    // Rhai's `sleep` blocks the thread, and the deadline is only checked between operations:
+    // a policy decides, it never waits (`delay(ms)` holds calls instead).
+    let no_sleep = || -> RhaiResult<()> {
+        Err(runtime_error(
+            "`sleep` is not available to policies: they must never block (use `delay(ms)` to \
+             hold calls)"
+                .to_owned(),
+        ))
+    };
+    engine
+        .register_fn("sleep", move |_: i64| no_sleep())
+        .register_fn("sleep", move |_: f64| no_sleep());
 
     engine.register_type_with_name::<TickCtx>("Ctx");
     engine.register_type_with_name::<PolicyWindow>("Window");

@@ -164,8 +164,13 @@ impl Core {
                 health.called();
                 match self.decide_request(policy, overlay.ctx.clone(), info.clone()) {
                     Ok(Some(d)) => match policy.mode {
-                        Mode::Enforce => decisions.push((policy.priority, d)),
-                        Mode::Shadow => self.record_shadow(&overlay.ctx.class, policy, &d),
+                        Mode::Enforce => {
+                            for alert in d.alerts() {
+                                self.raise(&overlay.ctx.class, policy, alert, true);
+                            }
+                            decisions.push((policy.priority, d));
+                        }
+                        Mode::Shadow => self.record_shadow(&overlay.ctx.class, policy, &d, true),
                     },
                     Ok(None) => {}
                     Err((line, reason)) => {

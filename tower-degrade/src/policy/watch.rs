@@ -66,20 +66,17 @@ pub const RESCAN: Duration = Duration::from_secs(1);
 /// directory cannot be read (gone for now).
 fn fingerprint(dir: &Path) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai") && p.is_file())
-        .collect();
-    paths.sort();
     let mut h = std::hash::DefaultHasher::new();
-    for p in paths {
+    for (p, regular) in super::compile::entries(dir).ok()? {
         p.file_name().hash(&mut h);
-        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        len.hash(&mut h);
-        // An oversized file is refused by the load: its length stands for its content.
-        if len <= super::MAX_SOURCE_BYTES as u64 {
-            std::fs::read(&p).unwrap_or_default().hash(&mut h);
+        regular.hash(&mut h);
+        if regular {
+            // An oversized file is refused by the load: its length stands for its content.
+            match super::compile::read_source(&p) {
+                Ok(bytes) => bytes.hash(&mut h),
+                Err(Err(len)) => len.hash(&mut h),
+                Err(Ok(_)) => {}
+            }
         }
     }
     Some(h.finish())
@@ -195,7 +192,11 @@ async fn reload_loop(
                 Err(_elapsed) => break,
             }
         }
-        let now = fingerprint(&dir);
+        // Reading the files blocks (a slow disk, a network mount): off the runtime's workers.
+        let dir_ = dir.clone();
+        let now = tokio::task::spawn_blocking(move || fingerprint(&dir_))
+            .await
+            .unwrap_or(None);
         if !forced && (now.is_none() || now == last) {
             // No policy file changed (an editor's swap file, `..data` churn), or the
             // directory is gone: the set in force keeps serving.

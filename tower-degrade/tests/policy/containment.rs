@@ -543,3 +543,145 @@ async fn file_names_are_escaped_before_they_reach_logs_and_labels() {
     let set = d.policies().unwrap();
     assert_eq!(set.names(), ["evil\\u{a}\\u{1b}[31m"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_cannot_sleep() {
+    // Rhai's `sleep` blocked the control loop for as long as it was asked (the deadline is
+    // only checked between operations): a tick of 5 s, never quarantined.
+    let d = degrader();
+    let err = d
+        .load_policy_sources([("nap", policy("\"log\"", "sleep(1); shed()").as_str())])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("`sleep` is not available"),
+        "{err}"
+    );
+    let d = trapped("sleeper", "", "sleep(5); sleep(0.5);");
+    let took = spring(&d).await;
+    assert!(took < Duration::from_millis(500), "the tick took {took:?}");
+    breaker_decides(&d).await;
+}
+
+#[test]
+fn function_pointers_made_by_name_called_or_curried_are_refused_at_load() {
+    // A pointer's curried arguments escape the size limits: pointers curried with arrays of
+    // pointers grew to gigabytes in a few operations and aborted the host.
+    let d = degrader();
+    for (body, names) in [
+        ("let f = Fn(\"x\"); shed()", "'Fn'"),
+        ("let a = []; let f = |v| v; f.curry(a); shed()", "property"),
+        ("let f = |v| v + 1; call(f, 1); shed()", "'call'"),
+    ] {
+        let src = format!("fn x() {{ 1 }}\n{}", policy("\"log\"", body));
+        let err = d
+            .load_policy_sources([("ptr", src.as_str())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(names) && err.contains("ptr.rhai:"),
+            "{body}: {err}"
+        );
+    }
+}
+
+#[test]
+fn closures_nested_in_closures_stay_small() {
+    // Closures capture by sharing: nesting them does not copy what they capture, and
+    // printing, comparing or copying them is bounded.
+    on_worker_stack(|| async {
+        for (name, body) in [
+            (
+                "nest",
+                "let a = []; for i in 0..12 { let b = a; let f = |x| b; a = []; a.pad(400, f); } print(a); let c = a; let same = c == a; shed();",
+            ),
+            (
+                "cycle",
+                "let a = 1; let f = || a; a = f; print(a); let t = `${a}`; shed();",
+            ),
+        ] {
+            let d = trapped(name, "", body);
+            let took = spring(&d).await;
+            assert!(
+                took < Duration::from_millis(1_500),
+                "{name}: the tick took {took:?}"
+            );
+        }
+    });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_tick_does_not_hold_back_the_runtime() {
+    // A policy slow on purpose (within generous limits) on a single-threaded runtime: the
+    // tick ran on the runtime's only worker, and nothing else ran until it ended.
+    // The slow tick is stopped at 4 s.
+    let mut limits = Limits::default();
+    limits.max_operations = u64::MAX / 2;
+    limits.max_call_time = Duration::from_secs(4);
+    limits.max_tick_time = Duration::from_secs(4);
+    let d = Degrader::builder("shop")
+        .tick(Duration::from_millis(20))
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let slow = policy(
+        "\"log\"",
+        "if ctx.requests == 7 { let x = 0; for i in 0..2000000000 { x += 1; } } ()",
+    );
+    d.load_policy_sources([("slow", slow.as_str())]).unwrap();
+    assert_eq!(admitted(&d, "log", 7).await, 7);
+    // The slow tick starts within 20 ms, then see how late short sleeps wake meanwhile.
+    let before = d.status().tick;
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        worst = worst.max(t.elapsed());
+    }
+    let ticks = d.status().tick - before;
+    assert!(ticks <= 2, "the policy is slow: {ticks} ticks in 3 s");
+    assert!(
+        worst < Duration::from_millis(1_000),
+        "a 10 ms sleep woke after {worst:?}"
+    );
+}
+
+#[test]
+fn policy_files_are_read_to_their_limit_and_odd_entries_are_named() {
+    let d = degrader();
+    let dir = temp_dir("odd-entries");
+    std::fs::write(dir.join("ok.rhai"), policy("\"log\"", "()")).unwrap();
+    d.load_policies(&dir).unwrap();
+    // A file that reports 0 bytes and holds gigabytes (a link into /proc) is read to the
+    // limit only: each rescan read it whole before.
+    #[cfg(target_os = "linux")]
+    {
+        std::os::unix::fs::symlink("/proc/self/pagemap", dir.join("big.rhai")).unwrap();
+        let err = d.load_policies(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("big.rhai") && err.contains("over the limit"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.join("big.rhai")).unwrap();
+    }
+    // A dangling link or a directory named like a policy was left out without a word.
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.join("gone"), dir.join("linked.rhai")).unwrap();
+    #[cfg(not(unix))]
+    std::fs::create_dir(dir.join("linked.rhai")).unwrap();
+    let err = d.load_policies(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("linked.rhai") && err.contains("not a regular file"),
+        "{err}"
+    );
+    // What a script throws at load is written to logs: its control characters are escaped.
+    let src = policy("\"log\"", "throw \"\\x1b[31mLOAD\\nFAKE LOG LINE\"; ()");
+    let err = d
+        .load_policy_sources([("esc", src.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains('\u{1b}') && !err.contains('\n'), "{err:?}");
+    assert!(err.contains("FAKE LOG LINE"), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

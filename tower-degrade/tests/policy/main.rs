@@ -996,6 +996,49 @@ async fn the_seed_elapsed_time_hook_runs_per_request() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_hook_s_alerts_are_raised_and_its_lines_kept_to_the_log_rate() {
+    // An alert from `on_request` was dropped (the call diverted, nothing said), and a shadow
+    // hook logged a line for every request.
+    let (d, classify) = http_degrader("shop");
+    let enforce = r#"
+        fn policy() { #{ governs: ["log"], priority: 10 } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) {
+            if req.header("x-alert") != () { return shed().alert("checkout stalled"); }
+        }
+    "#;
+    let shadow = r#"
+        fn policy() { #{ governs: ["log"], mode: "shadow" } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) { shed() }
+    "#;
+    d.load_policy_sources([("stall", enforce), ("watch", shadow)])
+        .unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let (logs, guard) = logs::Logs::capture();
+    let alerting = http::Request::post("/log")
+        .header("x-alert", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&mut svc, alerting).await, Some(Route::Reject));
+    for _ in 0..200 {
+        send(&mut svc, http::Request::post("/log").body(()).unwrap()).await;
+    }
+    drop(guard);
+    let text = logs.text();
+    assert!(
+        text.contains("policy alert") && text.contains("checkout stalled"),
+        "{text}"
+    );
+    let shadow_lines = text.matches("shadow policy decision").count();
+    assert!(
+        (1..=10).contains(&shadow_lines),
+        "{shadow_lines} shadow lines for 201 requests"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most_fail() {
     let (d, classify) = http_degrader("shop");
     // Fine on the validation samples (no x-boom header), fails on real requests that have it.
