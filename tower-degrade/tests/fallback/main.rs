@@ -1260,7 +1260,11 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
         assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
         assert!(!res.headers().contains_key(TASK_ID_HEADER));
     }
-    assert_eq!(store.depth(Queue::Spool).len, 1, "only the well-formed call");
+    assert_eq!(
+        store.depth(Queue::Spool).len,
+        1,
+        "only the well-formed call"
+    );
 }
 
 #[tokio::test]
