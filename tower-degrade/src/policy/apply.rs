@@ -101,6 +101,11 @@ impl Core {
                 "policy stopped at its deadline and skipped this tick (quarantined after {LATE_QUARANTINE} in a row)"
             ),
         }
+        self.count_error(class, policy);
+    }
+
+    /// One failed call in `degrade_policy_errors_total`.
+    pub(super) fn count_error(&self, class: &str, policy: &Policy) {
         metrics::counter!(POLICY_ERRORS, "service" => self.service.to_string(), "class" => class.to_owned(), "policy" => policy.name.clone()).increment(1);
     }
 

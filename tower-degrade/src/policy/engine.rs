@@ -262,8 +262,7 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
     if hooks == Hooks::Tick {
         // The wall-clock deadline, checked every 8 operations (a clock read is ~25 ns).
         engine.on_progress(|ops| {
-            (ops % 8 == 0 && contain::past_deadline())
-                .then(|| Dynamic::from(ImmutableString::from(contain::DEADLINE_TOKEN)))
+            (ops % 8 == 0 && contain::past_deadline()).then(|| Dynamic::from(contain::Deadline))
         });
     }
     // `print` and `debug`: rate-limited, escaped and cut like alerts.

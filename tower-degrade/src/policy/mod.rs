@@ -182,9 +182,7 @@ fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
     let pos = err.take_position();
     let reason = match &err {
         EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),
-        EvalAltResult::ErrorTerminated(token, _)
-            if token.is_string() && token.to_string() == contain::DEADLINE_TOKEN =>
-        {
+        EvalAltResult::ErrorTerminated(token, _) if token.is::<contain::Deadline>() => {
             DEADLINE_REASON.to_owned()
         }
         other => other.to_string(),

@@ -174,8 +174,9 @@ impl Core {
                     },
                     Ok(None) => {}
                     Err((line, reason)) => {
-                        // Fails open for this request only; logged once per tick. The tick
-                        // switches the hook off if it fails on most requests.
+                        // Fails open for this request only; counted each time, logged once
+                        // per tick. The tick switches the hook off if it fails on most
+                        // requests.
                         if health.failed() {
                             self.report_failure(
                                 &overlay.ctx.class,
@@ -184,6 +185,8 @@ impl Core {
                                 &reason,
                                 super::Failure::Request,
                             );
+                        } else {
+                            self.count_error(&overlay.ctx.class, policy);
                         }
                     }
                 }

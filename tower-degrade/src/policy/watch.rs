@@ -184,9 +184,17 @@ async fn reload_loop(
                 None => return,
             },
         };
-        // Debounce: wait until the directory has been quiet for `debounce`.
+        // Debounce: wait until the directory has been quiet for `debounce`, but not for ever:
+        // a writer touching it every millisecond would otherwise postpone the reload for as
+        // long as it writes.
+        let most = debounce.saturating_mul(10).max(RESCAN);
+        let started = tokio::time::Instant::now();
         loop {
-            match tokio::time::timeout(debounce, signals.recv()).await {
+            let left = most.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(debounce.min(left), signals.recv()).await {
                 Ok(Some(f)) => forced |= f,
                 Ok(None) => return,
                 Err(_elapsed) => break,

@@ -685,3 +685,35 @@ fn policy_files_are_read_to_their_limit_and_odd_entries_are_named() {
     assert!(err.contains("FAKE LOG LINE"), "{err:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_directory_that_never_goes_quiet_is_still_reloaded() {
+    // A writer touching the directory every 10 ms postponed the reload for as long as it
+    // wrote: the debounce waits for quiet, now for at most 10 x itself (at least 1 s).
+    let dir = temp_dir("busy-dir");
+    std::fs::write(dir.join("p.rhai"), policy("\"log\"", "()")).unwrap();
+    let d = log_degrader(Limits::default());
+    let watcher = d
+        .reload_policies_on_demand(&dir, Duration::from_millis(50))
+        .unwrap();
+    let mut outcomes = watcher.subscribe();
+    outcomes.borrow_and_update();
+    let started = tokio::time::Instant::now();
+    loop {
+        watcher.reload_now();
+        tokio::select! {
+            changed = outcomes.changed() => { changed.unwrap(); break; }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no reload while the directory stayed busy"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_millis(1_100),
+        "reloaded after {took:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

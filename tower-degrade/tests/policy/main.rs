@@ -717,6 +717,8 @@ fn every_shipped_policy_loads_together() {
             "silver_batch_merge"
         ]
     );
+    // Layered by priority, never two at one: `Overlap::Error` takes them too.
+    assert_eq!(d.policies().unwrap().warnings(), [] as [String; 0]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1016,6 +1018,9 @@ async fn a_request_hook_s_alerts_are_raised_and_its_lines_kept_to_the_log_rate()
         .unwrap();
     d.tick_now();
     let mut svc = d.layer(classify).http().layer(http_ok());
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let local = metrics::set_default_local_recorder(&recorder);
     let (logs, guard) = logs::Logs::capture();
     let alerting = http::Request::post("/log")
         .header("x-alert", "1")
@@ -1026,10 +1031,27 @@ async fn a_request_hook_s_alerts_are_raised_and_its_lines_kept_to_the_log_rate()
         send(&mut svc, http::Request::post("/log").body(()).unwrap()).await;
     }
     drop(guard);
+    drop(local);
     let text = logs.text();
     assert!(
         text.contains("policy alert") && text.contains("checkout stalled"),
         "{text}"
+    );
+    let snap = snapshotter.snapshot().into_vec();
+    let count = |name: &str| {
+        snap.iter()
+            .find(|(k, _, _, _)| k.key().name() == name)
+            .map(|(_, _, _, v)| v)
+    };
+    use metrics_util::debugging::DebugValue;
+    assert_eq!(
+        count("degrade_policy_alerts_total"),
+        Some(&DebugValue::Counter(1))
+    );
+    assert_eq!(
+        count("degrade_policy_shadow_decisions_total"),
+        Some(&DebugValue::Counter(201)),
+        "every shadow decision counted, whatever is logged"
     );
     let shadow_lines = text.matches("shadow policy decision").count();
     assert!(
@@ -1072,10 +1094,23 @@ async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most
         "one client's failing request does not switch the hook off for everyone"
     );
     d.tick_now();
-    // A tick where it fails on most requests: off, with a logged reason.
+    // A tick where it fails on most requests: off, with a logged reason. Each failure is
+    // counted (one is logged).
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let local = metrics::set_default_local_recorder(&recorder);
     for _ in 0..30 {
         assert_eq!(send(&mut svc, boom()).await, None);
     }
+    drop(local);
+    let errors: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == "degrade_policy_errors_total")
+        .map(|(_, _, _, v)| v)
+        .collect();
+    assert_eq!(errors, [metrics_util::debugging::DebugValue::Counter(30)]);
     send(&mut svc, plain()).await;
     d.tick_now();
     assert_eq!(send(&mut svc, plain()).await, None, "off after that tick");
