@@ -1,5 +1,6 @@
-//! Bearer tokens for the admin routers: checked in constant time (`subtle`), at least 16 bytes.
-//! A leaf, naming nothing above it but the error type.
+//! What the admin routers share: bearer tokens, checked in constant time (`subtle`), at least
+//! 16 bytes of visible ASCII; and their JSON answer to a request an extractor refused. A leaf,
+//! naming nothing above it but the error type.
 
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
@@ -20,12 +21,24 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    /// `token`, or an error naming `field` when it is shorter than [`MIN_TOKEN`] bytes.
+    /// `token`, or an error naming `field` when it is shorter than [`MIN_TOKEN`] bytes or
+    /// holds anything but visible ASCII: a token a client cannot send as a bearer token
+    /// (a space, which HTTP trims or splits on; a byte a header value cannot carry as text)
+    /// would be accepted here and authorize nothing.
     pub(crate) fn new(token: &str, field: &'static str) -> Result<Token, ConfigError> {
         if token.len() < MIN_TOKEN {
             return Err(ConfigError::InvalidValue {
                 field,
                 reason: format!("must be at least {MIN_TOKEN} bytes: it guards admin actions"),
+            });
+        }
+        if let Some(at) = token.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(ConfigError::InvalidValue {
+                field,
+                reason: format!(
+                    "must be visible ASCII (no spaces or control characters), as a bearer \
+                     token is sent: byte {at} is not"
+                ),
             });
         }
         Ok(Token(token.as_bytes().into()))
@@ -75,6 +88,25 @@ pub(crate) async fn require(
     res
 }
 
+/// An extractor's refusal (a body over the limit, a path that is not UTF-8, a query that
+/// does not parse) as JSON, `{"error": ...}`, like every other answer, with its status.
+#[cfg(any(feature = "admin", feature = "fallback"))]
+pub(crate) fn rejected<R>(rejection: R) -> axum::response::Response
+where
+    R: axum::response::IntoResponse + std::fmt::Display,
+{
+    use http::{HeaderValue, header};
+    let body = serde_json::json!({ "error": rejection.to_string() }).to_string();
+    let status = rejection.into_response().status();
+    let mut res = axum::response::Response::new(axum::body::Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +133,19 @@ mod tests {
         assert!(!t.authorizes(&HeaderMap::new()));
         let e = Token::new("short", "admin.token").unwrap_err().to_string();
         assert!(e.contains("admin.token") && e.contains("16 bytes"), "{e}");
+        // Tokens no client can send whole were accepted and authorized nothing.
+        for bad in [
+            "éééééééééé",
+            " leading-space-token-xx",
+            "trailing-space-token-x ",
+            "                ",
+            "tab\tinside-the-token",
+        ] {
+            let e = Token::new(bad, "admin.token").unwrap_err().to_string();
+            assert!(
+                e.contains("admin.token") && e.contains("visible ASCII"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 }

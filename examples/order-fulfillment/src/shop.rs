@@ -505,7 +505,7 @@ impl Shop {
         let listener = bind(admin.addr, Exposure::Loopback).await?;
         let router = api.router();
         self.handles.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = tower_degrade::admin::serve(listener, router).await;
         }));
         Ok(())
     }

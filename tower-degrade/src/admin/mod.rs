@@ -3,6 +3,10 @@
 //!
 //! * **Bound to loopback** unless told otherwise: [`bind`] refuses an address other machines
 //!   can reach without [`Exposure::Remote`].
+//! * **Served with bounds** by [`serve`]: at most [`MAX_CONNECTIONS`] connections at once, and
+//!   a request's head read within [`HEADER_READ_TIMEOUT`] (an idle or trickling connection is
+//!   closed then). `axum::serve` has neither: a local process holding thousands of idle
+//!   connections used up the file descriptors of the process that also serves your traffic.
 //! * **A token for every write**: commands and chaos changes need `Authorization: Bearer
 //!   <token>` (at least 16 bytes, compared in constant time); a missing or wrong one gets
 //!   401. Reads (`GET /status`, `GET /chaos`) need none: they show class names and states,
@@ -27,7 +31,7 @@
 //! let token = std::env::var("ADMIN_TOKEN")?;
 //! let admin = Admin::new(&degrader, &token)?.router();
 //! let listener = bind("127.0.0.1:9901".parse()?, Exposure::Loopback).await?;
-//! axum::serve(listener, admin).await?;
+//! tower_degrade::admin::serve(listener, admin).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -47,6 +51,46 @@ use crate::breaker::Command;
 use crate::degrader::Degrader;
 use crate::error::ConfigError;
 use crate::gate::Directive;
+
+/// The most connections [`serve`] keeps open at once; more wait in the listener's backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long [`serve`] waits for a request's head (the first, or the next on a kept-alive
+/// connection) before it closes the connection.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serve the admin `router` on `listener` (from [`bind`]) over HTTP/1.1, with bounds an admin
+/// port needs: at most [`MAX_CONNECTIONS`] connections at once, each closed when a request's
+/// head does not arrive whole within [`HEADER_READ_TIMEOUT`]. Runs until the future is
+/// dropped; a failed accept (out of file descriptors, a connection reset before it was
+/// taken) is logged and retried after a pause.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // Never closed.
+        let Ok(slot) = open.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin: accept failed; retrying in 1 s");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            // A client that goes away or sends garbage ends only its own connection.
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
 
 /// Who may reach an admin listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,8 +328,12 @@ async fn status(State(admin): State<Admin>) -> Response {
 
 async fn command(
     State(admin): State<Admin>,
-    Path((class, command)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
 ) -> Response {
+    let (class, command) = match path {
+        Ok(Path(p)) => p,
+        Err(e) => return crate::auth::rejected(e),
+    };
     let command: Command = match command.parse() {
         Ok(c) => c,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
@@ -310,9 +358,11 @@ fn chaos_json(chaos: &crate::chaos::Chaos) -> Value {
             json!({
                 "target": target,
                 "latency_ms": f.delay().as_millis() as u64,
+                "jitter_ms": f.max_jitter().as_millis() as u64,
                 "errors": errors,
                 "aborts": aborts,
                 "hangs": hangs,
+                "hang_for_ms": f.hang_limit().as_millis() as u64,
             })
         })
         .collect()
@@ -349,6 +399,7 @@ struct FaultBody {
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[cfg_attr(not(feature = "chaos"), allow(dead_code))]
 struct TargetQuery {
     target: Option<String>,
@@ -359,7 +410,14 @@ fn parse_target(s: &str) -> Result<crate::chaos::Target, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
-async fn set_fault(State(admin): State<Admin>, body: axum::body::Bytes) -> Response {
+async fn set_fault(
+    State(admin): State<Admin>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return crate::auth::rejected(e),
+    };
     let body: FaultBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
@@ -392,7 +450,14 @@ async fn set_fault(State(admin): State<Admin>, body: axum::body::Bytes) -> Respo
     )
 }
 
-async fn clear_faults(State(admin): State<Admin>, Query(q): Query<TargetQuery>) -> Response {
+async fn clear_faults(
+    State(admin): State<Admin>,
+    q: Result<Query<TargetQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return crate::auth::rejected(e),
+    };
     #[cfg(feature = "chaos")]
     if let Some(chaos) = &admin.chaos {
         match q.target.as_deref().map(parse_target) {

@@ -192,6 +192,16 @@ impl Fault {
         self.latency
     }
 
+    /// The most jitter added to the delay.
+    pub const fn max_jitter(&self) -> Duration {
+        self.jitter
+    }
+
+    /// How long a hung call waits before it is answered.
+    pub const fn hang_limit(&self) -> Duration {
+        self.hang_for
+    }
+
     /// The rates of errors, aborts and hangs.
     pub const fn rates(&self) -> (f64, f64, f64) {
         (self.errors, self.aborts, self.hangs)
@@ -222,7 +232,6 @@ impl Fault {
                 ),
             });
         }
-        const DAY: Duration = Duration::from_secs(86_400);
         for (field, d) in [
             ("chaos.latency", self.latency),
             ("chaos.jitter", self.jitter),
@@ -238,12 +247,14 @@ impl Fault {
         Ok(())
     }
 
-    /// Two faults striking the same call: latencies add up, failures strike independently.
+    /// Two faults striking the same call: latencies add up (to a day at most, as one fault's
+    /// may), failures strike independently.
     fn and(self, other: Fault) -> Fault {
         let either = |a: f64, b: f64| 1.0 - (1.0 - a) * (1.0 - b);
+        let day = |d: Duration| d.min(DAY);
         let mut f = Fault {
-            latency: self.latency + other.latency,
-            jitter: self.jitter + other.jitter,
+            latency: day(self.latency + other.latency),
+            jitter: day(self.jitter + other.jitter),
             errors: either(self.errors, other.errors),
             aborts: either(self.aborts, other.aborts),
             hangs: either(self.hangs, other.hangs),
@@ -266,6 +277,12 @@ impl Fault {
             && self.hangs == 0.0
     }
 }
+
+/// The longest delay, jitter or hang of a fault (and of faults striking one call together).
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The most faults one [`Chaos`] handle holds at once.
+pub const MAX_FAULTS: usize = 256;
 
 /// Which calls a [`Fault`] strikes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -557,6 +574,13 @@ impl Chaos {
         let mut faults = self.shared.faults();
         let mut next = faults.clone();
         next.retain(|(t, _)| *t != target);
+        if next.len() >= MAX_FAULTS {
+            // Every call of a layer matches its path against the route faults.
+            return Err(ConfigError::InvalidValue {
+                field: "chaos.target",
+                reason: format!("{MAX_FAULTS} faults are set: clear one first"),
+            });
+        }
         if !fault.is_noop() {
             next.push((target, fault));
         }
@@ -565,7 +589,9 @@ impl Chaos {
         Ok(())
     }
 
-    /// Stop striking the calls `target` names; `false` if nothing was set for it.
+    /// Stop striking the calls `target` names; `false` if nothing was set for it. Calls it
+    /// already delayed or hung wait out their delay (at most the latency and jitter set, or
+    /// [`Fault::hang_for`]).
     pub fn clear(&self, target: &Target) -> bool {
         let mut faults = self.shared.faults();
         let before = faults.len();
@@ -578,7 +604,7 @@ impl Chaos {
         true
     }
 
-    /// Stop every fault.
+    /// Stop every fault (for the calls made from now on, as [`clear`](Self::clear)).
     pub fn clear_all(&self) {
         let mut faults = self.shared.faults();
         faults.clear();

@@ -2,6 +2,7 @@
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -190,7 +191,11 @@ fn not_found(id: TaskId) -> Response {
     )
 }
 
-async fn show(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
+async fn show(State(admin): State<Admin>, raw: Result<Path<String>, PathRejection>) -> Response {
+    let raw = match raw {
+        Ok(Path(raw)) => raw,
+        Err(e) => return crate::auth::rejected(e),
+    };
     let id = match id(&raw) {
         Ok(id) => id,
         Err(e) => return bad(e),
@@ -202,7 +207,11 @@ async fn show(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
     }
 }
 
-async fn requeue(State(admin): State<Admin>, Path(raw): Path<String>) -> Response {
+async fn requeue(State(admin): State<Admin>, raw: Result<Path<String>, PathRejection>) -> Response {
+    let raw = match raw {
+        Ok(Path(raw)) => raw,
+        Err(e) => return crate::auth::rejected(e),
+    };
     let id = match id(&raw) {
         Ok(id) => id,
         Err(e) => return bad(e),
@@ -214,7 +223,18 @@ async fn requeue(State(admin): State<Admin>, Path(raw): Path<String>) -> Respons
     }
 }
 
-async fn drop_task(State(admin): State<Admin>, Path(raw): Path<String>, req: Request) -> Response {
+/// The longest `by` or `reason` of a drop, in bytes.
+const MAX_AUDIT_TEXT: usize = 1024;
+
+async fn drop_task(
+    State(admin): State<Admin>,
+    raw: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Response {
+    let raw = match raw {
+        Ok(Path(raw)) => raw,
+        Err(e) => return crate::auth::rejected(e),
+    };
     let id = match id(&raw) {
         Ok(id) => id,
         Err(e) => return bad(e),
@@ -224,6 +244,12 @@ async fn drop_task(State(admin): State<Admin>, Path(raw): Path<String>, req: Req
         return bad("`reason` is required: it is kept in the audit record");
     };
     let by = param(&q, "by").unwrap_or("admin");
+    // Both are kept in the audit record and logged: a person's name and a sentence.
+    if by.len() > MAX_AUDIT_TEXT || reason.len() > MAX_AUDIT_TEXT {
+        return bad(format!(
+            "`by` and `reason` are kept in the audit record: at most {MAX_AUDIT_TEXT} bytes each"
+        ));
+    }
     match admin.review.drop_task(id, by, reason).await {
         Ok(true) => answer(StatusCode::OK, json!({"dropped": id.to_string()})),
         Ok(false) => not_found(id),

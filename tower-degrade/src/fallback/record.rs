@@ -60,7 +60,8 @@ impl FromStr for TaskId {
     type Err = InvalidTaskId;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 32 {
+        // Exactly 32 hex digits: `u128::from_str_radix` would also take a leading `+`.
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(InvalidTaskId(s.chars().take(40).collect()));
         }
         u128::from_str_radix(s, 16)

@@ -234,3 +234,119 @@ async fn the_status_page_reads_status_and_cannot_be_framed() {
     // Data goes in with textContent only: no markup from the server's answers.
     assert!(!page.contains("innerHTML"));
 }
+
+#[tokio::test]
+async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    let app = Admin::new(&d, TOKEN).unwrap().chaos(chaos.clone()).router();
+    // Jitter and the hang limit were set but not shown: the fault looked like a no-op.
+    let fault =
+        r#"{"target": "class:browse_log", "jitter_ms": 5000, "hangs": 0.5, "hang_for_ms": 2000}"#;
+    let (status, body) = call(&app, "PUT", "/chaos", Some(TOKEN), fault).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, listed) = call(&app, "GET", "/chaos", None, "").await;
+    assert_eq!(listed[0]["jitter_ms"], 5000, "{listed}");
+    assert_eq!(listed[0]["hang_for_ms"], 2000, "{listed}");
+    assert_eq!(listed[0]["hangs"], 0.5, "{listed}");
+
+    // What an extractor refuses is answered in JSON too, with its status; an unknown or
+    // repeated query parameter clears nothing.
+    for (method, uri, body, want) in [
+        (
+            "DELETE",
+            "/chaos?colour=red",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "DELETE",
+            "/chaos?target=class:browse_log&target=class:payment",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/classes/%FF/reset",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "PUT",
+            "/chaos",
+            "x".repeat(3 * 1024 * 1024),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ] {
+        let (status, json) = call(&app, method, uri, Some(TOKEN), &body).await;
+        assert_eq!(status, want, "{method} {uri}");
+        assert!(json["error"].is_string(), "{method} {uri}: {json}");
+    }
+    assert_eq!(chaos.faults().len(), 1, "nothing cleared");
+
+    // A bounded number of faults: every call matches its path against the route faults.
+    for i in 0..tower_degrade::chaos::MAX_FAULTS * 2 {
+        let fault = format!(r#"{{"target": "route:/r{i}/{{x}}", "latency_ms": 1}}"#);
+        let (status, json) = call(&app, "PUT", "/chaos", Some(TOKEN), &fault).await;
+        if status != StatusCode::OK {
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(
+                json["error"].as_str().unwrap().contains("faults are set"),
+                "{json}"
+            );
+            break;
+        }
+    }
+    assert_eq!(chaos.faults().len(), tower_degrade::chaos::MAX_FAULTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api() {
+    // With `axum::serve`, connections sending a byte and then nothing stayed open for ever:
+    // enough of them used up the process's file descriptors. `admin::serve` caps how many
+    // are open and closes one whose request head does not arrive in time.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tower_degrade::admin::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, serve};
+
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let listener = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, app));
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS + 16 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"G").await.unwrap();
+        idle.push(s);
+    }
+    // A real request waits for a slot at most until the idle ones time out.
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(HEADER_READ_TIMEOUT * 3, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /status HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await
+    .expect("answered once the idle connections timed out")
+    .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(started.elapsed() < HEADER_READ_TIMEOUT * 3);
+    // The idle connections were closed by the server.
+    for mut s in idle.drain(..MAX_CONNECTIONS) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(HEADER_READ_TIMEOUT, s.read_to_end(&mut rest))
+            .await
+            .expect("closed by the server")
+            .ok();
+    }
+}

@@ -1675,9 +1675,28 @@ async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
     assert_eq!((s, one["class"].as_str()), (StatusCode::OK, Some("refund")));
     let (s, _) = send("GET", "/review/nope".into(), Some(token)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Exactly 32 hex digits: a signed form of the id was taken for it.
+    let signed = format!("+{}", &b.to_string()[1..]);
+    let (s, _) = send("GET", format!("/review/{signed}"), Some(token)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{signed}");
+    let (s, err) = send("GET", "/review/%FF".into(), Some(token)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(err["error"].is_string(), "a JSON error: {err}");
 
     let (s, _) = send("POST", format!("/review/{a}/drop"), Some(token)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "a reason is required");
+    let long = "x".repeat(2_000);
+    let (s, _) = send(
+        "POST",
+        format!("/review/{a}/drop?by={long}&reason=dup"),
+        Some(token),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "the audit record's text is bounded"
+    );
     let (s, _) = send(
         "POST",
         format!("/review/{a}/drop?by=ops&reason=customer%20cancelled"),
