@@ -441,14 +441,15 @@ impl Core {
                 },
             )?;
             if policy.has_on_request {
-                self.validate_request_hook(policy, ctx)
-                    .map_err(|(line, reason)| {
+                retry_late(|| self.validate_request_hook(policy, ctx.clone())).map_err(
+                    |(line, reason)| {
                         PolicyError::new(
                             &policy.file,
                             line,
                             format!("on_request with {what}: {reason}"),
                         )
-                    })?;
+                    },
+                )?;
             }
         }
         Ok(())

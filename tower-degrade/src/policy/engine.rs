@@ -40,6 +40,9 @@ pub struct Limits {
     /// Wall-clock time one `on_tick` call (or one validation run) may take: a call past it is
     /// stopped; three in a row quarantine the policy for its class.
     pub max_call_time: std::time::Duration,
+    /// Wall-clock time one `on_request` call may take (it runs on the request's path): a call
+    /// past it is stopped and that request decided without the hook.
+    pub max_request_time: std::time::Duration,
     /// Wall-clock time all policies of one tick may take together: policies not run by then
     /// are skipped for that tick (counted) and their classes get their breaker's directive.
     pub max_tick_time: std::time::Duration,
@@ -61,6 +64,9 @@ impl Default for Limits {
             // in a debug build: the deadline stops only what the budget does not count.
             max_call_time: std::time::Duration::from_millis(100),
             max_tick_time: std::time::Duration::from_millis(250),
+            // Within its operation budget a hook takes well under 1 ms in a release build (a
+            // few in a debug build): the deadline stops only native work the budget misses.
+            max_request_time: std::time::Duration::from_millis(10),
             max_log_lines: 10,
         }
     }
@@ -259,12 +265,10 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
         .set_max_variables(256)
         .set_fail_on_invalid_map_property(true)
         .set_strict_variables(true);
-    if hooks == Hooks::Tick {
-        // The wall-clock deadline, checked every 8 operations (a clock read is ~25 ns).
-        engine.on_progress(|ops| {
-            (ops % 8 == 0 && contain::past_deadline()).then(|| Dynamic::from(contain::Deadline))
-        });
-    }
+    // The wall-clock deadline, checked every 8 operations (a clock read is ~25 ns).
+    engine.on_progress(|ops| {
+        (ops % 8 == 0 && contain::past_deadline()).then(|| Dynamic::from(contain::Deadline))
+    });
     // `print` and `debug`: rate-limited, escaped and cut like alerts.
     let print_log = log.clone();
     engine.on_print(move |s| {

@@ -172,7 +172,8 @@ pub(crate) enum Failure {
 }
 
 /// The reason of a call stopped at its wall-clock deadline.
-const DEADLINE_REASON: &str = "ran past its wall-clock deadline (max_call_time)";
+const DEADLINE_REASON: &str =
+    "ran past its wall-clock deadline (max_call_time; max_request_time for on_request)";
 
 /// The innermost error of a call chain, with its position cleared, and that position's line.
 fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
@@ -362,11 +363,19 @@ impl Core {
         ast: &AST,
         args: impl rhai::FuncArgs,
     ) -> Result<Dynamic, Box<EvalAltResult>> {
+        let deadline = std::time::Instant::now() + self.limits.max_request_time;
         contain::with_stack(self.request_stack, || {
             let mut scope = Scope::new();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-            self.request_engine
-                .call_fn_with_options(options, &mut scope, ast, "on_request", args)
+            contain::with_deadline(deadline, || {
+                self.request_engine.call_fn_with_options(
+                    options,
+                    &mut scope,
+                    ast,
+                    "on_request",
+                    args,
+                )
+            })
         })
     }
 

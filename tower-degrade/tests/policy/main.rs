@@ -1061,6 +1061,49 @@ async fn a_request_hook_s_alerts_are_raised_and_its_lines_kept_to_the_log_rate()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_hook_is_stopped_at_its_wall_clock_deadline() {
+    // The operation budget bounds what a hook does, not how long native work takes: the
+    // request path also has a deadline. Here a budget that does not stop a million loop
+    // iterations (hundreds of ms on any machine), and a deadline of 5 ms that does.
+    let mut limits = tower_degrade::policy::Limits::default();
+    limits.max_request_operations = u64::MAX / 2;
+    limits.max_request_time = std::time::Duration::from_millis(5);
+    let d = Degrader::builder("shop")
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let classify = d
+        .http_classifier()
+        .route(None, "/log", "log")
+        .unwrap()
+        .build();
+    let src = r#"
+        fn policy() { #{ governs: ["log"] } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) {
+            if req.header("x-slow") == () { return; }
+            let x = 0;
+            for i in 0..1000000 { x += 1; }
+            shed()
+        }
+    "#;
+    d.load_policy_sources([("slow", src)]).unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let (logs, guard) = logs::Logs::capture();
+    let slow = http::Request::post("/log")
+        .header("x-slow", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&mut svc, slow).await, None, "decided without the hook");
+    drop(guard);
+    let text = logs.text();
+    assert!(text.contains("wall-clock deadline"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most_fail() {
     let (d, classify) = http_degrader("shop");
     // Fine on the validation samples (no x-boom header), fails on real requests that have it.
