@@ -19,7 +19,7 @@
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`) |
-//! | `DELETE /chaos` | stop every fault; `?target=dependency:db` stops one |
+//! | `DELETE /chaos` | stop every fault; `?target=dependency:db` stops one (either way, calls that faults are delaying or hanging go on at once) |
 //!
 //! ```no_run
 //! use tower_degrade::admin::{Admin, Exposure, bind};

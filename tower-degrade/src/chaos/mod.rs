@@ -429,6 +429,10 @@ pub(crate) struct ChaosShared {
     errors: AtomicU64,
     aborts: AtomicU64,
     hangs: AtomicU64,
+    /// Bumped, and its waiters woken, when faults are cleared: the calls they delayed or hung
+    /// go on at once.
+    cleared: Arc<tokio::sync::Notify>,
+    clears: AtomicU64,
 }
 
 impl ChaosShared {
@@ -446,6 +450,22 @@ impl ChaosShared {
     #[inline]
     pub(crate) fn plan(&self) -> arc_swap::Guard<Arc<Plan>> {
         self.plan.load()
+    }
+
+    /// How many clears so far, and a future that is ready at the next.
+    pub(crate) fn clears(&self) -> (u64, tokio::sync::futures::OwnedNotified) {
+        let next = self.cleared.clone().notified_owned();
+        (self.cleared_count(), next)
+    }
+
+    /// How many clears so far.
+    pub(crate) fn cleared_count(&self) -> u64 {
+        self.clears.load(Ordering::Acquire)
+    }
+
+    fn release_waiting(&self) {
+        self.clears.fetch_add(1, Ordering::AcqRel);
+        self.cleared.notify_waiters();
     }
 
     pub(crate) fn class_name(&self, class: ClassId) -> &str {
@@ -544,6 +564,8 @@ impl ChaosBuilder {
                 errors: AtomicU64::new(0),
                 aborts: AtomicU64::new(0),
                 hangs: AtomicU64::new(0),
+                cleared: Arc::default(),
+                clears: AtomicU64::new(0),
             }),
         }
     }
@@ -589,9 +611,9 @@ impl Chaos {
         Ok(())
     }
 
-    /// Stop striking the calls `target` names; `false` if nothing was set for it. Calls it
-    /// already delayed or hung wait out their delay (at most the latency and jitter set, or
-    /// [`Fault::hang_for`]).
+    /// Stop striking the calls `target` names; `false` if nothing was set for it. Calls that
+    /// faults delayed or hung and that still wait go on at once (those of every fault: a clear
+    /// is the end of an experiment); a hung call is answered as its hang would have been.
     pub fn clear(&self, target: &Target) -> bool {
         let mut faults = self.shared.faults();
         let before = faults.len();
@@ -601,6 +623,7 @@ impl Chaos {
         }
         // What was published before still resolves without the removed fault.
         let _ = self.shared.publish(&faults);
+        self.shared.release_waiting();
         true
     }
 
@@ -609,6 +632,7 @@ impl Chaos {
         let mut faults = self.shared.faults();
         faults.clear();
         let _ = self.shared.publish(&faults);
+        self.shared.release_waiting();
     }
 
     /// The faults in force, in the order they were set.

@@ -124,8 +124,11 @@ where
             Some(FaultKind::Error) if delay.is_zero() => State::Answer {
                 fault: Some(FaultKind::Error),
             },
-            Some(FaultKind::Error) => State::wait(delay, Then::Answer(FaultKind::Error)),
+            Some(FaultKind::Error) => {
+                State::wait(&self.shared, delay, Then::Answer(FaultKind::Error))
+            }
             Some(FaultKind::Hang) => State::wait(
+                &self.shared,
                 delay.saturating_add(fault.hang_for),
                 Then::Answer(FaultKind::Hang),
             ),
@@ -139,6 +142,7 @@ where
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
                 State::wait(
+                    &self.shared,
                     delay,
                     Then::Call {
                         inner: ready,
@@ -169,16 +173,25 @@ pin_project! {
         S: Service<Req>,
     {
         Pass { #[pin] fut: S::Future },
-        Wait { #[pin] sleep: tokio::time::Sleep, then: Option<Then<S, Req>> },
+        Wait {
+            #[pin] sleep: tokio::time::Sleep,
+            // Ready when the faults are cleared; `clears` as the wait began.
+            #[pin] cleared: tokio::sync::futures::OwnedNotified,
+            clears: u64,
+            then: Option<Then<S, Req>>,
+        },
         Run { #[pin] fut: S::Future, abort: bool },
         Answer { fault: Option<FaultKind> },
     }
 }
 
 impl<S: Service<Req>, Req> State<S, Req> {
-    fn wait(delay: Duration, then: Then<S, Req>) -> Self {
+    fn wait(shared: &ChaosShared, delay: Duration, then: Then<S, Req>) -> Self {
+        let (clears, cleared) = shared.clears();
         State::Wait {
             sleep: tokio::time::sleep(delay),
+            cleared,
+            clears,
             then: Some(then),
         }
     }
@@ -238,8 +251,20 @@ where
                     let fault = fault.take().expect("ChaosFuture polled after completion");
                     return Poll::Ready(answer(this.answer, this.struck, fault));
                 }
-                StateProj::Wait { sleep, then } => {
-                    ready!(sleep.poll(cx));
+                StateProj::Wait {
+                    sleep,
+                    cleared,
+                    clears,
+                    then,
+                } => {
+                    // Cleared since the wait began (before this future was first polled, the
+                    // count tells; after, the notification).
+                    let shared = this.struck.as_ref().map(|(s, _)| s);
+                    let released = cleared.poll(cx).is_ready()
+                        || shared.is_some_and(|s| s.cleared_count() != *clears);
+                    if !released {
+                        ready!(sleep.poll(cx));
+                    }
                     let next = match then.take().expect("ChaosFuture polled after completion") {
                         Then::Call {
                             mut inner,

@@ -371,3 +371,48 @@ async fn the_degrade_layer_measures_injected_faults_like_real_ones() {
     let window = *d.history("inventory").unwrap().latest().unwrap();
     assert_eq!(window.errors as usize, failed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn clearing_the_faults_ends_the_waits_they_started() {
+    // A day's hang and a day's latency were cleared, and the calls already struck still
+    // waited out their day.
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    let day = Duration::from_secs(86_400);
+    chaos
+        .set(
+            Target::class("browse_log"),
+            Fault::new().hangs(1.0).hang_for(day),
+        )
+        .unwrap();
+    chaos
+        .set(Target::class("payment"), Fault::new().latency(day))
+        .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let svc = app(&d, &chaos, done.clone());
+    let call = |path: &'static str| {
+        let mut svc = svc.clone();
+        async move {
+            let req = Request::post(path).body(Body::empty()).unwrap();
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        }
+    };
+    let (hung, slow) = (call("/log"), call("/pay/1"));
+    tokio::pin!(hung, slow);
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(&mut hung, &mut slow)
+    })
+    .await;
+    assert!(waited.is_err(), "both still wait after a minute");
+    chaos.clear_all();
+    let start = Instant::now();
+    let (hung, slow) = tokio::join!(hung, slow);
+    assert_eq!(start.elapsed(), Duration::ZERO, "at once");
+    assert_eq!(
+        fault_of(&hung),
+        Some("hang"),
+        "answered as its hang would have been"
+    );
+    assert_eq!(slow.status(), StatusCode::OK, "the delayed call goes on");
+    assert_eq!(done.load(Ordering::Relaxed), 1);
+}
