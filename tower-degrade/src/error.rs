@@ -163,6 +163,11 @@ impl fmt::Display for ConfigError {
                 f,
                 "class name `{n}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]"
             ),
+            // A name from a request (an admin path) is echoed cut: a class name is short.
+            ConfigError::UnknownClass(n) if n.len() > 128 => {
+                let cut = n.char_indices().nth(64).map_or(n.len(), |(i, _)| i);
+                write!(f, "unknown class `{}…` ({} bytes)", &n[..cut], n.len())
+            }
             ConfigError::UnknownClass(n) => write!(f, "unknown class `{n}`"),
             ConfigError::TooManyClasses => f.write_str("too many classes (at most 65535)"),
             ConfigError::InvalidClass {

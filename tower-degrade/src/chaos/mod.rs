@@ -593,6 +593,7 @@ impl Chaos {
     /// route pattern that does not parse, or a rate outside 0 to 1.
     pub fn set(&self, target: Target, fault: Fault) -> Result<(), ConfigError> {
         fault.validate()?;
+        let spec = target.to_string();
         let mut faults = self.shared.faults();
         let mut next = faults.clone();
         next.retain(|(t, _)| *t != target);
@@ -607,6 +608,8 @@ impl Chaos {
             next.push((target, fault));
         }
         self.shared.publish(&next)?;
+        // Faults change what calls get: logged, as breaker commands are.
+        tracing::info!(target = %spec, ?fault, "chaos: fault set");
         *faults = next;
         Ok(())
     }
@@ -624,6 +627,7 @@ impl Chaos {
         // What was published before still resolves without the removed fault.
         let _ = self.shared.publish(&faults);
         self.shared.release_waiting();
+        tracing::info!(%target, "chaos: fault cleared");
         true
     }
 
@@ -633,6 +637,7 @@ impl Chaos {
         faults.clear();
         let _ = self.shared.publish(&faults);
         self.shared.release_waiting();
+        tracing::info!("chaos: every fault cleared");
     }
 
     /// The faults in force, in the order they were set.

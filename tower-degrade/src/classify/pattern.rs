@@ -18,7 +18,28 @@ pub(crate) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError
     }
     let parts: Vec<&str> = pattern[1..].split('/').collect();
     let mut segs = Vec::with_capacity(parts.len());
+    let mut names: Vec<&str> = Vec::new();
+    let bad = |why: String| ConfigError::InvalidValue {
+        field: "http.route",
+        reason: format!("pattern `{pattern}`: {why}"),
+    };
     for (i, p) in parts.iter().enumerate() {
+        // As axum (matchit) has it: a parameter is a whole segment `{name}` or `{*name}`, its
+        // name given once; a brace anywhere else is an error, not a literal.
+        if let Some(name) = p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            let name = name.strip_prefix('*').unwrap_or(name);
+            if name.is_empty() || name.contains(['{', '}']) {
+                return Err(bad(format!("`{p}` is not a parameter (`{{name}}`)")));
+            }
+            if names.contains(&name) {
+                return Err(bad(format!("the parameter `{name}` is named twice")));
+            }
+            names.push(name);
+        } else if p.contains(['{', '}']) {
+            return Err(bad(format!(
+                "`{p}`: a parameter is a whole segment, `{{name}}`"
+            )));
+        }
         let seg = if p.starts_with("{*") && p.ends_with('}') || *p == "*" {
             if i + 1 != parts.len() {
                 return Err(ConfigError::InvalidValue {
@@ -112,6 +133,17 @@ mod tests {
         assert!(matches(&segs("/users/:id/cart"), "/users/u1/cart"));
         assert!(parse_pattern("no-slash").is_err());
         assert!(parse_pattern("/{*rest}/x").is_err());
+        // Patterns axum refuses were taken, a stray brace as a literal.
+        for (bad, why) in [
+            ("/a/{", "whole segment"),
+            ("/a/x{y}", "whole segment"),
+            ("/a/{}", "not a parameter"),
+            ("/a/{x}/{x}", "named twice"),
+            ("/a/{x}/{*x}", "named twice"),
+        ] {
+            let e = parse_pattern(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -283,6 +283,22 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
         assert!(json["error"].is_string(), "{method} {uri}: {json}");
     }
     assert_eq!(chaos.faults().len(), 1, "nothing cleared");
+    // A name from the path is echoed cut, not at whatever length it was sent.
+    let long = "c".repeat(10_000);
+    let (status, json) = call(
+        &app,
+        "POST",
+        &format!("/classes/{long}/reset"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error = json["error"].as_str().unwrap();
+    assert!(
+        error.len() < 200 && error.contains("10000 bytes"),
+        "{error}"
+    );
 
     // A bounded number of faults: every call matches its path against the route faults.
     for i in 0..tower_degrade::chaos::MAX_FAULTS * 2 {
