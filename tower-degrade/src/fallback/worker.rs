@@ -297,9 +297,10 @@ impl FallbackWorker {
     fn class_health(&mut self, c: &crate::degrader::ClassStatus) -> Gate {
         let class = &*c.name;
         let healthy = match (c.state, c.directive) {
-            // Closed, or forced closed by an operator (the breaker disabled): what the class
-            // admits, its spool may take.
-            (State::Closed | State::Disabled, Directive::Admit) => true,
+            // Closed, forced closed by an operator (the breaker disabled), or a dry run (the
+            // breaker decides but admits every call): what the class admits, its kept tasks
+            // may take.
+            (State::Closed | State::Disabled | State::MetricsOnly, Directive::Admit) => true,
             // Probes passed and the breaker admits a growing share, but it only finishes
             // recovering on live calls: with none, there is nothing to protect, and the spool
             // would otherwise wait for the next visitor.

@@ -854,6 +854,23 @@ async fn a_delayed_retry_whose_class_stays_unhealthy_goes_to_review_at_its_deadl
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_class_in_a_dry_run_has_its_kept_calls_replayed() {
+    // `metrics_only`: the breaker decides and reports but admits every call, so what was kept
+    // before may go too (it waited for ever: a dry run is not a healthy state by name).
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default();
+    let (store, svc) = kept(&d, "pay", &app);
+    d.force_open("pay").unwrap();
+    call(&svc, post("/pay/1", "x")).await;
+    run_for(2_000).await;
+    assert!(app.seen().is_empty(), "not while forced open");
+    d.metrics_only("pay").unwrap();
+    run_for(1_200).await;
+    assert_eq!(app.seen().len(), 1);
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_replay_that_panics_is_a_failed_attempt() {
     first_replay_misbehaves(false).await;
 }
