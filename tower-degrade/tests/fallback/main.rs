@@ -15,9 +15,9 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_degrade::admit::Admission;
 use tower_degrade::fallback::store::{EmbeddedStore, Op};
 use tower_degrade::fallback::{
-    Backfill, Batch, BatchMerge, Capture, FallbackRouter, HttpReplay, LastGoodLayer, MemoryStore,
-    Payload, Queue, REPLAY_HEADER, ReplayByClass, Replayed, RetryPolicy, Store, Task, TaskId,
-    replay_fn, replay_task,
+    Backfill, Batch, BatchMerge, Capture, FallbackRouter, FallbackRouterBuilder, FallbackWorker,
+    HttpReplay, LastGoodLayer, MemoryStore, Payload, Queue, REPLAY_HEADER, ReplayByClass, Replayed,
+    RetryPolicy, Store, Task, TaskId, replay_fn, replay_task,
 };
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
@@ -107,17 +107,29 @@ fn layered(d: &Degrader, class: &str, router: FallbackRouter, app: &App) -> Svc 
     )
 }
 
+/// `class`'s calls through the layer with a fallback router over a memory store, replaying
+/// into `app`, set up further by `with`; its worker is not started.
+fn router_for(
+    d: &Degrader,
+    class: &str,
+    app: &App,
+    with: impl FnOnce(FallbackRouterBuilder) -> FallbackRouterBuilder,
+) -> (Arc<MemoryStore>, FallbackRouter, FallbackWorker, Svc) {
+    let store = Arc::new(MemoryStore::default());
+    let builder = FallbackRouter::builder(d)
+        .shared_store(store.clone())
+        .replay(replay(app));
+    let (router, worker) = with(builder).build().unwrap();
+    let svc = layered(d, class, router.clone(), app);
+    (store, router, worker, svc)
+}
+
 /// `class`'s calls through the layer with the default fallback router over a memory store,
 /// replayed into `app` by a running worker.
 fn kept(d: &Degrader, class: &str, app: &App) -> (Arc<MemoryStore>, Svc) {
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(d)
-        .shared_store(store.clone())
-        .replay(replay(app))
-        .build()
-        .unwrap();
+    let (store, _, worker, svc) = router_for(d, class, app, |b| b);
     tokio::spawn(worker.run());
-    (store, layered(d, class, router, app))
+    (store, svc)
 }
 
 async fn call(svc: &Svc, req: Req) -> Res {
@@ -316,14 +328,9 @@ async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
 async fn backfill_stops_the_moment_the_class_degrades_again() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .backfill(Backfill::default().rate(10.0))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "browse", router, &app);
+    let (store, _, worker, svc) = router_for(&d, "browse", &app, |b| {
+        b.backfill(Backfill::default().rate(10.0))
+    });
     tokio::spawn(worker.run());
     d.force_open("browse").unwrap();
     d.tick_now();
@@ -409,15 +416,10 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
 async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default().failing(usize::MAX, 503);
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .retry(RetryPolicy::default().max_attempts(3))
-        .build()
-        .unwrap();
+    let (store, router, worker, svc) = router_for(&d, "pay", &app, |b| {
+        b.retry(RetryPolicy::default().max_attempts(3))
+    });
     let review = router.review();
-    let svc = layered(&d, "pay", router, &app);
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     let id = task_id(&call(&svc, post("/pay/1", "a")).await);
@@ -827,15 +829,10 @@ async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_it
 async fn a_delayed_retry_whose_class_stays_unhealthy_goes_to_review_at_its_deadline() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .retry(RetryPolicy::default().deadline(Some(Duration::from_secs(3))))
-        .build()
-        .unwrap();
+    let (store, router, worker, svc) = router_for(&d, "pay", &app, |b| {
+        b.retry(RetryPolicy::default().deadline(Some(Duration::from_secs(3))))
+    });
     let review = router.review();
-    let svc = layered(&d, "pay", router, &app);
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     let id = task_id(&call(&svc, post("/pay/1", "a")).await);
@@ -1239,13 +1236,7 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
 async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id() {
     let d = degrader([ClassConfig::bronze("events").fallback_route(Route::Spool)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, _worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "events", router, &app);
+    let (store, _, _worker, svc) = router_for(&d, "events", &app, |b| b);
     d.force_open("events").unwrap();
     let req = Request::post("/shop.Events/Record")
         .header("content-type", "application/grpc")
@@ -1804,13 +1795,7 @@ async fn a_recovering_class_without_live_calls_is_backfilled_one_with_them_waits
 async fn calls_with_the_same_key_at_once_keep_one_task() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default();
-    let store = Arc::new(MemoryStore::default());
-    let (router, _worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    let svc = layered(&d, "pay", router, &app);
+    let (store, _, _worker, svc) = router_for(&d, "pay", &app, |b| b);
     d.force_open("pay").unwrap();
     let calls = (0..8).map(|_| {
         let svc = svc.clone();

@@ -52,6 +52,22 @@ async fn admitted(d: &Degrader, class: &str, n: usize) -> usize {
     ok
 }
 
+/// A metrics snapshot's entries (`Snapshot::into_vec`).
+type Entries = Vec<(
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    metrics_util::debugging::DebugValue,
+)>;
+
+/// The value of the counter `name` in a metrics snapshot (the first series of that name).
+fn counter(snapshot: &Entries, name: &str) -> Option<u64> {
+    snapshot.iter().find_map(|(k, _, _, v)| match v {
+        metrics_util::debugging::DebugValue::Counter(n) if k.key().name() == name => Some(*n),
+        _ => None,
+    })
+}
+
 fn policy(governs: &str, body: &str) -> String {
     format!("fn policy() {{ #{{ governs: [{governs}] }} }}\nfn on_tick(ctx) {{\n{body}\n}}\n")
 }
@@ -433,7 +449,7 @@ async fn rollback_restores_the_previous_set_and_stats_survive_reloads() {
 
 #[tokio::test(start_paused = true)]
 async fn shadow_mode_decides_and_counts_but_enforces_nothing() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
 
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -446,19 +462,11 @@ async fn shadow_mode_decides_and_counts_but_enforces_nothing() {
     });
     assert_eq!(admitted(&d, "log", 10).await, 10, "nothing enforced");
     let snap = snapshotter.snapshot().into_vec();
-    let count = |name: &str| {
-        snap.iter()
-            .find(|(k, _, _, _)| k.key().name() == name)
-            .map(|(_, _, _, v)| v)
-    };
     assert_eq!(
-        count("degrade_policy_shadow_decisions_total"),
-        Some(&DebugValue::Counter(2))
+        counter(&snap, "degrade_policy_shadow_decisions_total"),
+        Some(2)
     );
-    assert_eq!(
-        count("degrade_policy_alerts_total"),
-        Some(&DebugValue::Counter(2))
-    );
+    assert_eq!(counter(&snap, "degrade_policy_alerts_total"), Some(2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -846,7 +854,15 @@ async fn every_example_in_the_policy_docs_loads() {
 // ===== per-request rules: rollouts, groups, on_request =====
 
 fn http_degrader(service: &str) -> (Degrader, tower_degrade::classify::HttpClassifier) {
+    http_degrader_with(service, tower_degrade::policy::Limits::default())
+}
+
+fn http_degrader_with(
+    service: &str,
+    limits: tower_degrade::policy::Limits,
+) -> (Degrader, tower_degrade::classify::HttpClassifier) {
     let d = Degrader::builder(service)
+        .policy_limits(limits)
         .class(ClassConfig::gold("pay"))
         .class(ClassConfig::bronze("log"))
         .build_with_worker()
@@ -1038,19 +1054,10 @@ async fn a_request_hook_s_alerts_are_raised_and_its_lines_kept_to_the_log_rate()
         "{text}"
     );
     let snap = snapshotter.snapshot().into_vec();
-    let count = |name: &str| {
-        snap.iter()
-            .find(|(k, _, _, _)| k.key().name() == name)
-            .map(|(_, _, _, v)| v)
-    };
-    use metrics_util::debugging::DebugValue;
+    assert_eq!(counter(&snap, "degrade_policy_alerts_total"), Some(1));
     assert_eq!(
-        count("degrade_policy_alerts_total"),
-        Some(&DebugValue::Counter(1))
-    );
-    assert_eq!(
-        count("degrade_policy_shadow_decisions_total"),
-        Some(&DebugValue::Counter(201)),
+        counter(&snap, "degrade_policy_shadow_decisions_total"),
+        Some(201),
         "every shadow decision counted, whatever is logged"
     );
     let shadow_lines = text.matches("shadow policy decision").count();
@@ -1068,17 +1075,7 @@ async fn a_request_hook_is_stopped_at_its_wall_clock_deadline() {
     let mut limits = tower_degrade::policy::Limits::default();
     limits.max_request_operations = u64::MAX / 2;
     limits.max_request_time = std::time::Duration::from_millis(5);
-    let d = Degrader::builder("shop")
-        .policy_limits(limits)
-        .class(ClassConfig::bronze("log"))
-        .build_with_worker()
-        .unwrap()
-        .0;
-    let classify = d
-        .http_classifier()
-        .route(None, "/log", "log")
-        .unwrap()
-        .build();
+    let (d, classify) = http_degrader_with("shop", limits);
     let src = r#"
         fn policy() { #{ governs: ["log"] } }
         fn on_tick(ctx) { }
@@ -1146,14 +1143,8 @@ async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most
         assert_eq!(send(&mut svc, boom()).await, None);
     }
     drop(local);
-    let errors: Vec<_> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, _, _, _)| k.key().name() == "degrade_policy_errors_total")
-        .map(|(_, _, _, v)| v)
-        .collect();
-    assert_eq!(errors, [metrics_util::debugging::DebugValue::Counter(30)]);
+    let snap = snapshotter.snapshot().into_vec();
+    assert_eq!(counter(&snap, "degrade_policy_errors_total"), Some(30));
     send(&mut svc, plain()).await;
     d.tick_now();
     assert_eq!(send(&mut svc, plain()).await, None, "off after that tick");
