@@ -155,27 +155,66 @@ pub enum ConfigError {
     },
 }
 
+/// The longest duration a setting takes (a timeout, an SLA, a breaker's open time): a day.
+/// Longer is a mistake (`Duration::MAX` for "never"), and adding it to a clock overflows.
+pub(crate) const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// `text` as it may be shown in one log line or error: control and bidirectional-override
+/// characters escaped (`\u{1b}`), cut with `…` past `max` bytes. Names and values in errors
+/// can come from requests (an admin path) or files: they cannot forge a line or run on.
+pub(crate) fn escape_cut(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}');
+        let piece = if c.is_control() || bidi {
+            format!("\\u{{{:x}}}", c as u32)
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > max {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// A name as errors show it (escaped, cut at 64 bytes with its length said).
+fn name(n: &str) -> String {
+    if n.len() > 64 {
+        format!("{} ({} bytes)", escape_cut(n, 64), n.len())
+    } else {
+        escape_cut(n, 64)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::DuplicateClass(n) => write!(f, "class `{n}` is configured twice"),
+            ConfigError::DuplicateClass(n) => {
+                write!(f, "class `{}` is configured twice", name(n))
+            }
             ConfigError::InvalidName(n) => write!(
                 f,
-                "class name `{n}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]"
+                "class name `{}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]",
+                name(n)
             ),
-            // A name from a request (an admin path) is echoed cut: a class name is short.
-            ConfigError::UnknownClass(n) if n.len() > 128 => {
-                let cut = n.char_indices().nth(64).map_or(n.len(), |(i, _)| i);
-                write!(f, "unknown class `{}…` ({} bytes)", &n[..cut], n.len())
-            }
-            ConfigError::UnknownClass(n) => write!(f, "unknown class `{n}`"),
+            ConfigError::UnknownClass(n) => write!(f, "unknown class `{}`", name(n)),
             ConfigError::TooManyClasses => f.write_str("too many classes (at most 65535)"),
             ConfigError::InvalidClass {
                 class,
                 field,
                 reason,
-            } => write!(f, "class `{class}`: invalid `{field}`: {reason}"),
-            ConfigError::InvalidValue { field, reason } => write!(f, "invalid `{field}`: {reason}"),
+            } => write!(
+                f,
+                "class `{}`: invalid `{field}`: {}",
+                name(class),
+                escape_cut(reason, 512)
+            ),
+            ConfigError::InvalidValue { field, reason } => {
+                write!(f, "invalid `{field}`: {}", escape_cut(reason, 512))
+            }
         }
     }
 }

@@ -133,6 +133,9 @@ impl Admission {
         if l.min == 0 {
             return invalid("admission.min_limit", "must be at least 1".into());
         }
+        if l.max == 0 {
+            return invalid("admission.max_limit", "must be at least 1".into());
+        }
         if l.min > l.max {
             return invalid(
                 "admission.min_limit",

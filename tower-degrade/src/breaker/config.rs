@@ -6,6 +6,9 @@ use super::calibrate::{Calibration, PredictThreshold};
 use crate::error::ConfigError;
 use crate::window::WindowSnapshot;
 
+/// The most half-open probes a breaker takes (`BreakerConfig::half_open_probes`).
+const MAX_PROBES: u32 = 10_000;
+
 /// The seed's degrade rule: `windows` consecutive windows with success rate below
 /// `success_below` **and** p99 above `p99_above` degrade the class.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -284,14 +287,20 @@ impl BreakerConfig {
         if self.predict_ticks == 0 {
             return bad("breaker.predict_ticks", "must be at least 1");
         }
-        if self.half_open_probes == 0 {
-            return bad("breaker.half_open_probes", "must be at least 1");
+        if self.half_open_probes == 0 || self.half_open_probes > MAX_PROBES {
+            return bad(
+                "breaker.half_open_probes",
+                "must be 1 to 10,000: probes decide within a tick or two",
+            );
         }
         if self.open_duration.is_zero() || self.max_open_duration < self.open_duration {
             return bad(
                 "breaker.open_duration",
                 "must be non-zero and at most max_open_duration",
             );
+        }
+        if self.max_open_duration > crate::error::MAX_DURATION {
+            return bad("breaker.max_open_duration", "must be at most a day");
         }
         if let Some(rule) = &self.degrade_rule {
             if rule.windows == 0 {

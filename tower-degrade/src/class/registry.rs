@@ -149,6 +149,17 @@ fn validate(class: &ClassConfig) -> Result<(), ConfigError> {
     if class.dependencies.iter().any(|d| d.trim().is_empty()) {
         return bad("depends_on", "a dependency name must not be empty");
     }
+    let day = crate::error::MAX_DURATION;
+    for (field, d) in [
+        ("sla", Some(class.sla)),
+        ("abandon_timeout", class.abandon_after()),
+        ("timeout", class.timeout),
+        ("max_queue_delay", Some(class.queue_delay_bound())),
+    ] {
+        if d.is_some_and(|d| d > day) {
+            return bad(field, "must be at most a day (leave it unset for none)");
+        }
+    }
     Ok(())
 }
 

@@ -143,17 +143,30 @@ impl DegraderBuilder {
                 reason: "must not be empty: it labels every metric".into(),
             });
         }
-        if self.tick < Duration::from_millis(1) {
+        if self.tick < Duration::from_millis(1) || self.tick > Duration::from_secs(3600) {
             return Err(ConfigError::InvalidValue {
                 field: "tick",
-                reason: "must be at least 1 ms".into(),
+                reason: "must be 1 ms to an hour".into(),
             });
+        }
+        #[cfg(feature = "rhai")]
+        self.policy_limits.validate()?;
+        if let Some((_, config)) = &self.predictor {
+            config.validate()?;
         }
         self.breaker.validate()?;
         let registry = Registry::new(self.default_class, self.classes)?;
         let mut breakers = vec![self.breaker; registry.len()];
         for (name, cfg) in self.per_class_breaker {
-            cfg.validate()?;
+            // Which class's breaker is wrong, not only which field.
+            cfg.validate().map_err(|e| match e {
+                ConfigError::InvalidValue { field, reason } => ConfigError::InvalidClass {
+                    class: name.clone(),
+                    field,
+                    reason,
+                },
+                other => other,
+            })?;
             breakers[registry.require(&name)?.index()] = cfg;
         }
         let names: Arc<[Arc<str>]> = registry.iter().map(|(_, c)| Arc::from(c.name())).collect();

@@ -342,7 +342,7 @@ where
                     if let Some(b) = s.sealed.iter_mut().find(|b| b.task.id() == id) {
                         b.attempts += 1;
                         b.next_ms =
-                            clock.now_ms() + retry.backoff(b.attempts, 0.5).as_millis() as u64;
+                            super::schedule::after(clock.now_ms(), retry.backoff(b.attempts, 0.5));
                     }
                     counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
                         "class" => self.class.clone(), "result" => "failed")

@@ -109,7 +109,27 @@ impl Capture {
     /// The header a client's idempotency key is read from (default `idempotency-key`). A kept
     /// call without one gets its task id as its key. Replays carry the key in this header.
     pub fn idempotency_header(mut self, name: &str) -> Result<Self, crate::error::ConfigError> {
-        self.idempotency = parse_header("capture.idempotency_header", name)?;
+        let chosen = parse_header("capture.idempotency_header", name)?;
+        // A header of the request's framing is no key a client chose: with `content-length`,
+        // every request of the same length was the same task.
+        let framing = [
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::TE,
+            header::TRAILER,
+            HeaderName::from_static("grpc-encoding"),
+            HeaderName::from_static("keep-alive"),
+        ];
+        if HOP_BY_HOP.contains(&chosen) || framing.contains(&chosen) {
+            return Err(crate::error::ConfigError::InvalidValue {
+                field: "capture.idempotency_header",
+                reason: format!(
+                    "`{chosen}` describes the request's framing or connection, not a key the \
+                     client chose (use a header such as `idempotency-key`)"
+                ),
+            });
+        }
+        self.idempotency = chosen;
         Ok(self)
     }
 

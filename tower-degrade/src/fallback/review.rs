@@ -75,7 +75,7 @@ impl ManualReview {
             .shared
             .retry
             .deadline
-            .map(|d| self.shared.clock.now_ms() + d.as_millis() as u64);
+            .map(|d| super::schedule::after(self.shared.clock.now_ms(), d));
         let mut task = task.with_deadline(deadline).with_reason("requeued");
         task.requeued(self.shared.clock.now_ms());
         self.shared

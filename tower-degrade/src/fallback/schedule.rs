@@ -13,6 +13,11 @@ fn bad(field: &'static str, reason: &str) -> Result<(), ConfigError> {
     })
 }
 
+/// `now_ms` plus `d`, in milliseconds, saturating (a deadline of `Duration::MAX` is never).
+pub(crate) fn after(now_ms: u64, d: Duration) -> u64 {
+    now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The `delayed_retry` schedule: exponential backoff with jitter, capped (the seed's "retry
 /// interval stretched up to 30 s"), until the task succeeds or its attempts or deadline run
 /// out; then it moves to manual review.

@@ -213,9 +213,10 @@ impl RouterShared {
             // random bits, so calls diverted together are not replayed together.
             Route::DelayedRetry => {
                 let unit = crate::mix::unit(crate::mix::mix64(task.id().0 as u64));
-                let wait = self.retry.backoff(0, unit).as_millis() as u64;
-                let deadline = self.retry.deadline.map(|d| now + d.as_millis() as u64);
-                task.with_deadline(deadline).with_due(now + wait)
+                let wait = self.retry.backoff(0, unit);
+                let deadline = self.retry.deadline.map(|d| super::schedule::after(now, d));
+                task.with_deadline(deadline)
+                    .with_due(super::schedule::after(now, wait))
             }
             _ => task.with_due(now),
         };

@@ -601,7 +601,7 @@ impl FallbackWorker {
                 Replayed::Retry(answer) => {
                     let unit = self.unit();
                     let wait = self.shared.retry.backoff(task.attempts() + 1, unit);
-                    task.failed(answer, now + wait.as_millis() as u64);
+                    task.failed(answer, super::schedule::after(now, wait));
                     let out_of_time = task.deadline_ms().is_some_and(|d| now >= d);
                     if task.attempts() >= self.shared.retry.max_attempts || out_of_time {
                         self.to_review(queue, task, &mut ops);

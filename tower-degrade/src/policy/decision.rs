@@ -36,21 +36,7 @@ pub const MAX_ALERT_BYTES: usize = 1024;
 /// Alert text as it may reach a log line: at most [`MAX_ALERT_BYTES`], control characters
 /// (newlines, escape sequences) and bidirectional overrides written as `\u{..}`.
 pub(crate) fn sanitize(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_ALERT_BYTES));
-    for c in text.chars() {
-        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}');
-        let piece = if c.is_control() || bidi {
-            format!("\\u{{{:x}}}", c as u32)
-        } else {
-            c.to_string()
-        };
-        if out.len() + piece.len() > MAX_ALERT_BYTES {
-            out.push('…');
-            break;
-        }
-        out.push_str(&piece);
-    }
-    out
+    crate::error::escape_cut(text, MAX_ALERT_BYTES)
 }
 
 /// A policy's decision for one class at one tick: an action, an optional route and

@@ -72,7 +72,55 @@ impl Default for Limits {
     }
 }
 
+/// The most levels of script recursion the limits may allow together (see [`Limits::validate`]):
+/// the stack they need stays within what a thread can be given.
+const MAX_LEVELS: usize = 16_384;
+
 impl Limits {
+    /// Check the values, as building the degrader does: every bound at least 1 (a 0 is not
+    /// "no limit"), every time at most an hour, and depth limits that together keep the stack
+    /// a script can need within what a thread can be given.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        let bad = |field: &'static str, reason: String| {
+            Err(crate::error::ConfigError::InvalidValue { field, reason })
+        };
+        for (field, n) in [
+            ("policy.max_operations", self.max_operations),
+            ("policy.max_request_operations", self.max_request_operations),
+            ("policy.max_call_levels", self.max_call_levels as u64),
+            ("policy.max_expr_depth", self.max_expr_depth as u64),
+            ("policy.max_string_size", self.max_string_size as u64),
+            ("policy.max_array_size", self.max_array_size as u64),
+            ("policy.max_map_size", self.max_map_size as u64),
+        ] {
+            if n == 0 {
+                return bad(field, "must be at least 1 (0 would not be a limit)".into());
+            }
+        }
+        let hour = std::time::Duration::from_secs(3600);
+        for (field, d) in [
+            ("policy.max_call_time", self.max_call_time),
+            ("policy.max_tick_time", self.max_tick_time),
+            ("policy.max_request_time", self.max_request_time),
+        ] {
+            if d.is_zero() || d > hour {
+                return bad(field, "must be non-zero and at most an hour".into());
+            }
+        }
+        let levels = self.levels(self.max_call_levels, self.max_array_size, self.max_map_size);
+        if levels > MAX_LEVELS {
+            return bad(
+                "policy.max_expr_depth",
+                format!(
+                    "(max_call_levels + 1) x max_expr_depth + max_array_size + max_map_size is \
+                     {levels}, over {MAX_LEVELS}: the levels of recursion a script could reach \
+                     need more stack than a thread is given"
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// The deepest recursion a script can reach, in levels: every call level nests
     /// expressions as deep as allowed, and data nests as deep as it has elements.
     fn levels(&self, call_levels: usize, arrays: usize, maps: usize) -> usize {

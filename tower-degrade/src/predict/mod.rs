@@ -103,6 +103,32 @@ pub struct PredictorConfig {
     pub warm_up_timeout: Duration,
 }
 
+impl PredictorConfig {
+    /// Check the values, as building the degrader does: a budget of 1 µs to 10 s (a tick
+    /// waits for it), a warm-up timeout of at most a day.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(crate::error::ConfigError::InvalidValue {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.budget.is_zero() || self.budget > Duration::from_secs(10) {
+            return bad(
+                "predictor.budget",
+                "must be 1 µs to 10 s: every tick waits for it",
+            );
+        }
+        if self.warm_up_timeout.is_zero() || self.warm_up_timeout > crate::error::MAX_DURATION {
+            return bad(
+                "predictor.warm_up_timeout",
+                "must be non-zero and at most a day",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for PredictorConfig {
     fn default() -> Self {
         Self {

@@ -1957,3 +1957,36 @@ async fn a_personal_read_is_never_served_to_someone_else() {
         "Set-Cookie is not kept"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_of_never_and_a_framing_header_as_key_are_handled() {
+    // `deadline(Some(Duration::MAX))` panicked (overflow) on the first call kept.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let app = App::default();
+    let (store, _, _worker, svc) = router_for(&d, "pay", &app, |b| {
+        b.retry(RetryPolicy::default().deadline(Some(Duration::MAX)))
+    });
+    d.force_open("pay").unwrap();
+    let res = call(&svc, post("/pay/1", "x")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let kept = store
+        .get(Queue::Retry, task_id(&res))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.deadline_ms(), Some(u64::MAX), "never");
+    // `content-length` as the idempotency header made every request of one length one task.
+    for framing in [
+        "content-length",
+        "Transfer-Encoding",
+        "host",
+        "content-type",
+    ] {
+        let e = Capture::new()
+            .idempotency_header(framing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("capture.idempotency_header"), "{framing}: {e}");
+    }
+    assert!(Capture::new().idempotency_header("x-request-id").is_ok());
+}

@@ -295,7 +295,8 @@ fn meaningless_configuration_is_rejected_naming_the_field() {
                 .class(ClassConfig::gold("pay"))
                 .class_breaker("pay", BreakerConfig::default().degraded_recovery_ticks(0))
         )
-        .starts_with("invalid `breaker.degraded_recovery_ticks`")
+        .starts_with("class `pay`: invalid `breaker.degraded_recovery_ticks`"),
+        "a class's own breaker names the class"
     );
     // The default class is configured on purpose, through its own setter.
     let (d, _w) = Degrader::builder("shop")
@@ -307,6 +308,104 @@ fn meaningless_configuration_is_rejected_naming_the_field() {
         (default.name(), default.tier()),
         ("default", tower_degrade::Tier::Silver)
     );
+}
+
+#[test]
+fn absurd_values_are_rejected_naming_the_field_not_panicking_later() {
+    // Each of these was accepted, then panicked on a tick, on a call or on a load
+    // (`Duration::MAX` added to a clock), or turned a limit off (a 0).
+    let class = |c: ClassConfig| build_err(Degrader::builder("shop").class(c));
+    for (c, field) in [
+        (ClassConfig::gold("pay").timeout(Duration::MAX), "`timeout`"),
+        (
+            ClassConfig::gold("pay").sla(Duration::from_secs(1 << 45)),
+            "`sla`",
+        ),
+        (
+            ClassConfig::gold("pay").max_queue_delay(Duration::MAX),
+            "`max_queue_delay`",
+        ),
+    ] {
+        let e = class(c);
+        assert!(e.starts_with("class `pay`") && e.contains(field), "{e}");
+    }
+    let b = || Degrader::builder("shop").class(ClassConfig::gold("pay"));
+    let cases: Vec<(tower_degrade::DegraderBuilder, &str)> = vec![
+        (b().tick(Duration::MAX), "`tick`"),
+        (
+            b().breaker(
+                BreakerConfig::default()
+                    .open_duration(Duration::MAX)
+                    .max_open_duration(Duration::MAX),
+            ),
+            "`breaker.max_open_duration`",
+        ),
+        (
+            b().breaker(BreakerConfig::default().half_open_probes(u32::MAX)),
+            "`breaker.half_open_probes`",
+        ),
+        (
+            b().admission(tower_degrade::admit::Admission::adaptive().max_limit(0)),
+            "`admission.max_limit`",
+        ),
+    ];
+    for (builder, field) in cases {
+        let e = build_err(builder);
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    #[cfg(feature = "rhai")]
+    policy_limits_are_bounds(b);
+    let mut predictor = tower_degrade::predict::PredictorConfig::default();
+    predictor.budget = Duration::MAX;
+    assert!(
+        predictor
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("predictor.budget")
+    );
+    // Errors quote what they were given escaped and cut: a name with a newline cannot forge a
+    // log line, nor a megabyte-long one fill it.
+    let e = class(ClassConfig::gold("pay\nFAKE LINE"));
+    assert!(!e.contains('\n') && e.contains("\\u{a}"), "{e}");
+    let e = class(ClassConfig::gold("x".repeat(1 << 20)));
+    assert!(
+        e.len() < 300 && e.contains("1048576 bytes"),
+        "{} bytes",
+        e.len()
+    );
+}
+
+/// Every policy limit is a bound: a 0 turned it off, `Duration::MAX` panicked the tick.
+#[cfg(feature = "rhai")]
+fn policy_limits_are_bounds(b: impl Fn() -> tower_degrade::DegraderBuilder) {
+    let limits = |f: fn(&mut tower_degrade::policy::Limits)| {
+        let mut l = tower_degrade::policy::Limits::default();
+        f(&mut l);
+        build_err(b().policy_limits(l))
+    };
+    for (e, field) in [
+        (limits(|l| l.max_operations = 0), "policy.max_operations"),
+        (limits(|l| l.max_string_size = 0), "policy.max_string_size"),
+        (
+            limits(|l| l.max_tick_time = Duration::MAX),
+            "policy.max_tick_time",
+        ),
+        (
+            limits(|l| l.max_call_time = Duration::MAX),
+            "policy.max_call_time",
+        ),
+        (
+            limits(|l| l.max_request_time = Duration::ZERO),
+            "policy.max_request_time",
+        ),
+        (
+            limits(|l| l.max_expr_depth = usize::MAX),
+            "policy.max_expr_depth",
+        ),
+    ] {
+        assert!(e.contains(field), "{field}: {e}");
+    }
 }
 
 // ===== (i) breaker settings without struct literals =====
@@ -368,6 +467,8 @@ async fn axum_unmatched_requests_reach_the_default_class_through_router_layer() 
     );
 }
 
+// axum's `MatchedPath` and `OriginalUri` are read with the `axum` feature only.
+#[cfg(feature = "axum")]
 #[tokio::test(start_paused = true)]
 async fn axum_routes_are_classified_whatever_their_parameters_are_called_and_when_nested() {
     use axum::Router;
