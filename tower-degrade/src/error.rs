@@ -257,9 +257,9 @@ impl PolicyError {
     /// validated) are escaped: the error is written to logs as is.
     pub(crate) fn new(file: &str, line: Option<usize>, reason: impl Into<String>) -> Self {
         Self {
-            file: crate::policy::sanitize(file),
+            file: escape_cut(file, 1024),
             line,
-            reason: crate::policy::sanitize(&reason.into()),
+            reason: escape_cut(&reason.into(), 1024),
         }
     }
 

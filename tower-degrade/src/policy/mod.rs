@@ -20,7 +20,6 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, 
 
 pub(crate) use self::compile::read_dir;
 pub use self::compile::{MAX_SOURCE_BYTES, Overlap};
-pub(crate) use self::decision::sanitize;
 pub use self::decision::{Action, Decision, MAX_ALERT_BYTES, MAX_ALERTS};
 pub use self::engine::{Limits, MAX_DELAY, MAX_RETRY_AFTER, PolicyWindow, TickCtx};
 pub(crate) use self::request::Overlay;
