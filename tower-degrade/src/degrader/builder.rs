@@ -81,7 +81,8 @@ impl DegraderBuilder {
         self
     }
 
-    /// The breaker configuration of one class.
+    /// The breaker configuration of one class (once per class: a second is an error at build,
+    /// rather than one silently replacing the other).
     pub fn class_breaker(mut self, class: impl Into<String>, cfg: BreakerConfig) -> Self {
         self.per_class_breaker.push((class.into(), cfg));
         self
@@ -157,6 +158,7 @@ impl DegraderBuilder {
         self.breaker.validate()?;
         let registry = Registry::new(self.default_class, self.classes)?;
         let mut breakers = vec![self.breaker; registry.len()];
+        let mut given = vec![false; registry.len()];
         for (name, cfg) in self.per_class_breaker {
             // Which class's breaker is wrong, not only which field.
             cfg.validate().map_err(|e| match e {
@@ -167,7 +169,15 @@ impl DegraderBuilder {
                 },
                 other => other,
             })?;
-            breakers[registry.require(&name)?.index()] = cfg;
+            let i = registry.require(&name)?.index();
+            if std::mem::replace(&mut given[i], true) {
+                return Err(ConfigError::InvalidClass {
+                    class: name,
+                    field: "class_breaker",
+                    reason: "is given twice: which one was meant?".into(),
+                });
+            }
+            breakers[i] = cfg;
         }
         let names: Arc<[Arc<str>]> = registry.iter().map(|(_, c)| Arc::from(c.name())).collect();
         let (limiters, class_limiter, cpu) = match &self.admission {

@@ -191,11 +191,23 @@ impl Degrader {
         &self,
         sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<u64, PolicyError> {
+        let mut seen = std::collections::HashSet::new();
         let sources = sources
             .into_iter()
-            .map(|(name, text)| (name.to_owned(), format!("{name}.rhai"), text.to_owned()))
+            .map(|(name, text)| {
+                // A name is a policy's identity (metrics, quarantine, logs), as a file's is.
+                if name.trim().is_empty() || !seen.insert(name) {
+                    let why = if name.trim().is_empty() {
+                        "a policy needs a name"
+                    } else {
+                        "two policies have this name"
+                    };
+                    return Err(PolicyError::new(&format!("{name}.rhai"), None, why));
+                }
+                Ok((name.to_owned(), format!("{name}.rhai"), text.to_owned()))
+            })
             .collect();
-        self.install_policies(Ok(sources))
+        self.install_policies(sources)
     }
 
     #[cfg(feature = "rhai")]

@@ -298,6 +298,16 @@ fn meaningless_configuration_is_rejected_naming_the_field() {
         .starts_with("class `pay`: invalid `breaker.degraded_recovery_ticks`"),
         "a class's own breaker names the class"
     );
+    let twice = build_err(
+        Degrader::builder("shop")
+            .class(ClassConfig::gold("pay"))
+            .class_breaker("pay", BreakerConfig::default().min_requests(5))
+            .class_breaker("pay", BreakerConfig::default().min_requests(50)),
+    );
+    assert!(
+        twice.starts_with("class `pay`: invalid `class_breaker`"),
+        "the second replaced the first without a word: {twice}"
+    );
     // The default class is configured on purpose, through its own setter.
     let (d, _w) = Degrader::builder("shop")
         .default_class(ClassConfig::silver("unclassified"))

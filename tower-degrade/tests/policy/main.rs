@@ -72,6 +72,19 @@ fn policy(governs: &str, body: &str) -> String {
     format!("fn policy() {{ #{{ governs: [{governs}] }} }}\nfn on_tick(ctx) {{\n{body}\n}}\n")
 }
 
+#[test]
+fn policies_loaded_from_memory_need_distinct_names() {
+    let d = degrader();
+    let p = policy("\"log\"", "()");
+    let e = d
+        .load_policy_sources([("a", p.as_str()), ("a", p.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a.rhai") && e.contains("two policies"), "{e}");
+    let e = d.load_policy_sources([(" ", p.as_str())]).unwrap_err();
+    assert!(e.to_string().contains("needs a name"), "{e}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn each_directive_drives_the_layer() {
     let cases: &[(&str, usize)] = &[
