@@ -275,6 +275,12 @@ fn grpc_framing(mut body: &[u8]) -> Result<(), String> {
 }
 
 impl HttpRequest {
+    /// Whether `other` is the same call (method, target and body), as an idempotency key
+    /// means it: headers may differ between a client's tries (a trace id, a date).
+    pub(crate) fn same_call(&self, other: &HttpRequest) -> bool {
+        (&self.method, &self.uri, &self.body) == (&other.method, &other.uri, &other.body)
+    }
+
     /// The request again, for a replay: the captured head and body, the idempotency key in
     /// `key_header`, and the attempt number in [`REPLAY_HEADER`].
     pub fn to_request<B: From<Bytes>>(

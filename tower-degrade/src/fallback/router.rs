@@ -419,9 +419,7 @@ where
     // The same request again is the same task; another one under its key is refused rather
     // than acknowledged and never run.
     let same = |kept: &Payload| match kept {
-        Payload::Http(first) => {
-            (&first.method, &first.uri, &first.body) == (&rec.method, &rec.uri, &rec.body)
-        }
+        Payload::Http(first) => first.same_call(&rec),
         // A journaled `batch_merge` delta: the same request is the same delta (the key and
         // value its extractor reads); one it cannot read is not.
         Payload::Bytes(first) => shared.batches.get(&class).is_none_or(|b| {

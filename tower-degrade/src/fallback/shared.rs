@@ -228,9 +228,7 @@ impl RouterShared {
 /// bytes (a task-API value, a journaled delta).
 fn same_call(a: &Payload, b: &Payload) -> bool {
     match (a, b) {
-        (Payload::Http(a), Payload::Http(b)) => {
-            (&a.method, &a.uri, &a.body) == (&b.method, &b.uri, &b.body)
-        }
+        (Payload::Http(a), Payload::Http(b)) => a.same_call(b),
         (Payload::Bytes(a), Payload::Bytes(b)) => a == b,
         _ => false,
     }
