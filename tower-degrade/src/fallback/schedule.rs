@@ -143,6 +143,14 @@ impl Backfill {
                 reason: format!("`{s}` is not a time of day as HH:MM (UTC)"),
             };
             let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+            // Digits only (`u32::from_str` would take `+1`), one or two for the hour, two for
+            // the minute.
+            let digits = |part: &str, lengths: std::ops::RangeInclusive<usize>| {
+                lengths.contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit())
+            };
+            if !(digits(h, 1..=2) && digits(m, 2..=2)) {
+                return Err(bad());
+            }
             let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
             if h > 23 || m > 59 {
                 return Err(bad());
@@ -250,5 +258,12 @@ mod tests {
             "{err}"
         );
         assert_eq!(Backfill::default().in_window(0), None);
+        for odd in [
+            "+1:+5", "1:5", "-1:00", "01:005", " 1 :05", "١:٠٥", "0x1:00", "1:",
+        ] {
+            let err = Backfill::default().window(odd, "06:00").unwrap_err();
+            assert!(err.to_string().contains("HH:MM"), "{odd}: {err}");
+        }
+        assert!(Backfill::default().window("7:30", " 08:00 ").is_ok());
     }
 }

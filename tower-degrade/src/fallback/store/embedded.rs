@@ -37,7 +37,7 @@ impl EmbeddedStoreBuilder {
     }
 
     /// Open (or create) the store. Fails with an error naming the file when it is not a
-    /// tower-degrade store, is damaged, or is open in another process.
+    /// tower-degrade store, is damaged, or is already open (in this process or another).
     ///
     /// An existing file is checked whole before anything is read from it (redb's integrity
     /// check: every page against its checksum), so a damaged page is an error here rather than
@@ -74,8 +74,9 @@ impl EmbeddedStoreBuilder {
             let (kind, hint) = match e {
                 redb::Error::DatabaseAlreadyOpen => (
                     StoreErrorKind::Io,
-                    "it is open in another process: give each instance its own file, or use \
-                     the Redis backend to share one queue",
+                    "it is already open (in this process or another): open it once and share \
+                     the handle (`EmbeddedStore` is cheap to clone), give each instance its own \
+                     file, or use the Redis backend to share one queue",
                 ),
                 redb::Error::Io(ref io) if io.kind() != std::io::ErrorKind::InvalidData => {
                     (StoreErrorKind::Io, "check the path and its permissions")
@@ -745,6 +746,6 @@ mod tests {
         let path = dir().join("kept.redb");
         let _first = EmbeddedStore::open(&path).unwrap();
         let err = EmbeddedStore::open(&path).unwrap_err();
-        assert!(err.to_string().contains("another process"), "{err}");
+        assert!(err.to_string().contains("already open"), "{err}");
     }
 }
