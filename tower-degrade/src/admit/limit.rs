@@ -22,11 +22,23 @@
 //! saturated, one tick runs at three quarters of the limit to measure it again (as
 //! BBR's `PROBE_RTT` does).
 //!
+//! A probe is judged by what the service did with fewer permits. Above its capacity it
+//! completes as many calls with fewer in flight (those taken away were queueing in it); below,
+//! fewer in proportion. Latency falls with the queue too, but late: the calls that finish in
+//! the probe tick were admitted under the limit before it, and when the queue's wait is a
+//! sizeable share of the tick their mean barely moves (judged by latency alone, a limit started
+//! at 12 times the capacity stayed at 14 times it over real sockets). So calls shorter than
+//! half a tick are judged by how many finished, provided the probe's permits were all in use
+//! (bursts that reach a mostly idle limit complete as many calls whatever it is); longer calls
+//! by their latency, once those that finish were admitted under the probe (a tick later per
+//! tick of latency, at most 4). A probe that finds the whole probe's worth was queue (as many
+//! calls completed) looks next at half the limit rather than three quarters.
+//!
 //! A dependency that turns slow (a database at four times its latency) raises `rtt` with no
 //! queue at all; the gradient would halve the limit tick after tick for latency that does not
 //! fall with it. So the first tick that latency rises above the baseline is followed by a probe
-//! tick at three quarters of the limit: if latency does not fall with it, the service got
-//! slower, its latency now is the baseline and the limit stays. As a backstop, when latency
+//! tick at three quarters of the limit: if it is no queue, the service got slower, its latency
+//! now is the baseline and the limit stays. As a backstop, when latency
 //! has stayed above the baseline for three ticks while the limit fell to half of what it was
 //! when latency rose, and latency fell by less than a fifth, the baseline is measured again and
 //! the limit goes back to where it was: latency that does not follow the limit is not queueing.
@@ -68,6 +80,16 @@ pub(crate) struct Sample {
     pub(crate) saturated: bool,
     /// An outside signal (the system rule) asks for less concurrency.
     pub(crate) pressure: bool,
+    /// The tick's length, µs (0: unknown, and a probe is judged by latency alone).
+    pub(crate) period_micros: u64,
+}
+
+impl Sample {
+    /// Whether the calls kept about `limit` permits in use through the tick (Little's law:
+    /// their summed latency over the tick's length is the mean number in flight).
+    fn busy(&self, limit: f64) -> bool {
+        self.micros as f64 >= 0.8 * limit * self.period_micros as f64
+    }
 }
 
 /// The limit's state, owned by the control loop.
@@ -80,6 +102,8 @@ pub(crate) struct Gradient {
     rtts: VecDeque<f64>,
     /// The mean of the last tick before a probe.
     last_rtt: f64,
+    /// The calls the service completed in that tick.
+    last_calls: u64,
     /// Ticks since one came within 50 % of the baseline.
     stale: usize,
     /// The limit and the latency when latency first rose above the baseline.
@@ -91,6 +115,11 @@ pub(crate) struct Gradient {
     unproven: bool,
     /// During a probe tick: the limit before it.
     probing: Option<f64>,
+    /// Ticks of the probe left before it is judged: calls longer than half a tick that finish
+    /// in its first ticks were admitted under the limit before it.
+    probe_wait: u32,
+    /// The last tick's length, µs.
+    period_micros: u64,
     /// The probe runs because latency rose above the baseline: it tells a queue from a
     /// service that got slower.
     stale_probe: bool,
@@ -105,12 +134,15 @@ impl Gradient {
             cfg,
             rtts: VecDeque::new(),
             last_rtt: 0.0,
+            last_calls: 0,
             stale: 0,
             stale_from: None,
             since_probe: 0,
             slow_start: true,
             unproven: true,
             probing: None,
+            probe_wait: 0,
+            period_micros: 0,
             stale_probe: false,
             stale_probed: false,
         }
@@ -130,14 +162,26 @@ impl Gradient {
         limit.clamp(f64::from(self.cfg.min), f64::from(self.cfg.max))
     }
 
-    /// Run the next tick at three quarters of the limit, to see whether latency falls with it.
-    fn probe(&mut self) -> u32 {
+    /// Run the next tick at `share` of the limit (three quarters, unless a probe just showed
+    /// a deep queue), to see whether the service completes as many calls and whether latency
+    /// falls with it.
+    fn probe(&mut self, share: f64) -> u32 {
         self.since_probe = 0;
         self.unproven = false;
-        let lower = self.clamp(self.limit * 0.75);
+        let lower = self.clamp(self.limit * share);
         if lower.round() < self.limit.round() {
             self.probing = Some(self.limit);
             self.limit = lower;
+            // Judged once the calls that finish were admitted under it (about a latency
+            // later), at most 4 ticks on.
+            self.probe_wait = if self.period_micros == 0 {
+                0
+            } else {
+                (self.last_rtt / self.period_micros as f64).ceil().min(4.0) as u32
+            };
+            if 2.0 * self.last_rtt < self.period_micros as f64 {
+                self.probe_wait = 0;
+            }
         }
         self.limit()
     }
@@ -156,34 +200,63 @@ impl Gradient {
             return self.limit();
         }
         let rtt = s.micros as f64 / s.calls as f64;
+        self.period_micros = s.period_micros;
+        if self.probing.is_some() && self.probe_wait > 0 {
+            self.probe_wait -= 1;
+            return self.limit();
+        }
         if let Some(before) = self.probing.take() {
             let fell_by = 1.0 - self.limit.round() / before.round();
-            let queue = rtt < self.last_rtt * (1.0 - 0.75 * fell_by);
+            // With every permit of the probe in use, the service completes as many calls with
+            // fewer in flight above its capacity (those taken away were queueing in it), and
+            // fewer, in proportion, below it. Latency falls with the queue too, but not within
+            // the probe tick: the calls that finish in it were admitted under the limit before
+            // it. So calls shorter than half a tick (most of those that finish in it started
+            // under the probe) are judged by how many finished; permits that were not all in
+            // use say nothing of a queue (the calls are as many whatever the limit). Longer
+            // calls, or a tick of unknown length, by their latency once those that finish
+            // were admitted under the probe (`probe_wait`).
+            let short = s.period_micros > 0 && rtt * 2.0 < s.period_micros as f64;
+            let queue = if short {
+                s.busy(self.limit)
+                    && s.saturated
+                    && s.calls as f64 >= self.last_calls as f64 * (1.0 - 0.5 * fell_by)
+            } else {
+                rtt < self.last_rtt * (1.0 - 0.75 * fell_by)
+            };
             if std::mem::take(&mut self.stale_probe) && !queue {
-                // Latency rose and did not fall nearly as much as the limit: not a queue, the
-                // service got slower. Its latency at the lower limit is the baseline; the limit
+                // Latency rose and the probe found no queue: the service got slower. Its latency at the lower limit is the baseline; the limit
                 // goes back to where it was.
                 self.limit = before;
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
                 self.last_rtt = rtt;
+                self.last_calls = s.calls;
                 self.stale = 0;
                 self.stale_from = None;
                 self.stale_probed = false;
                 self.since_probe = 0;
                 return self.limit();
             }
-            // Above the capacity, latency falls in proportion to the limit; below, it holds.
-            // Falling nearly as much as the limit did, calls were queueing in the service and
-            // the baseline was measured with them: stay here, take this as the baseline, and
-            // look again lower.
+            // A queue: calls were queueing in the service and the baseline was measured with
+            // them. Stay here, take this as the baseline, and look again lower.
             if queue {
                 self.slow_start = false;
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
                 self.last_rtt = rtt;
+                // As many calls completed (or latency fell as much as the limit) with a quarter
+                // fewer in flight: the queue is deeper than the probe, look at half the limit
+                // next.
+                let deep = if short {
+                    s.calls as f64 >= 0.97 * self.last_calls as f64
+                } else {
+                    rtt <= self.last_rtt * (1.0 - 0.97 * fell_by)
+                };
+                let share = if deep { 0.5 } else { 0.75 };
+                self.last_calls = s.calls;
                 self.stale = 0;
-                return self.probe();
+                return self.probe(share);
             }
             self.limit = before;
         }
@@ -203,6 +276,7 @@ impl Gradient {
             self.stale_from.get_or_insert((self.limit, rtt));
         }
         self.last_rtt = rtt;
+        self.last_calls = s.calls;
         // Latency that did not fall while the limit halved is the service's own, not a queue.
         let unmoved = self.stale_from.filter(|&(limit, was)| {
             self.stale >= 3 && self.limit <= 0.5 * limit && rtt >= 0.8 * was
@@ -224,7 +298,11 @@ impl Gradient {
             return self.limit();
         }
         let gradient = (rtt0 / rtt).clamp(0.5, 1.0);
-        if self.slow_start && gradient > 0.9 {
+        // Slow start ends at the first sign of queueing, or at the maximum (a limit started
+        // there would otherwise never be probed). Calls that hold permits without finishing
+        // (a hung dependency) make it grow too: the permits they hold are not the service's
+        // capacity in use, and the calls that do finish need the others.
+        if self.slow_start && gradient > 0.9 && self.limit < f64::from(self.cfg.max) {
             self.limit = self.clamp(self.limit * 1.5);
             return self.limit();
         }
@@ -234,12 +312,12 @@ impl Gradient {
             // three quarters of the limit tells them apart.
             self.stale_probe = true;
             self.stale_probed = true;
-            return self.probe();
+            return self.probe(0.75);
         }
         // Probe a baseline that may have been measured with a queue in the service (a new
         // one, once slow start is over), or an old one, from the limit the tick ran with.
         if self.unproven || self.since_probe >= self.cfg.window {
-            return self.probe();
+            return self.probe(0.75);
         }
         let headroom = (self.limit.sqrt() / 2.0).max(1.0);
         let target = self.limit * gradient + headroom;
@@ -254,17 +332,22 @@ impl Gradient {
 mod tests {
     use super::*;
 
+    const TICK_MICROS: u64 = 500_000;
+
     /// A service with `capacity` slots and `rtt0` µs per call, always given more work than the
     /// limit: the latency of a tick grows with the queue in the service.
     fn saturated(capacity: f64, rtt0: f64, limit: u32) -> Sample {
         let l = f64::from(limit);
         let rtt = rtt0 * (l / capacity).max(1.0);
-        let calls = (l.min(capacity) / rtt * 500_000.0) as u64;
+        // Little's law: `l` calls in flight for `rtt` each, so `min(l, capacity) / rtt0` a
+        // second, however long the queue.
+        let calls = (l / rtt * 500_000.0) as u64;
         Sample {
             calls,
             micros: (rtt * calls as f64) as u64,
             saturated: true,
             pressure: false,
+            period_micros: TICK_MICROS,
         }
     }
 
@@ -299,6 +382,7 @@ mod tests {
             micros: 100 * 10_000,
             saturated: false,
             pressure: false,
+            period_micros: TICK_MICROS,
         };
         assert_eq!(g.update(light), before);
     }
@@ -333,6 +417,7 @@ mod tests {
             micros: 100 * 10_000,
             saturated: false,
             pressure: false,
+            period_micros: TICK_MICROS,
         };
         assert_eq!(g.update(fast), 20, "not saturated: no probe, no change");
         // The service got slower for good: every later tick is twice the old baseline.
@@ -392,6 +477,119 @@ mod tests {
             path.push(limit);
         }
         assert!((8..=11).contains(&limit), "{path:?}");
+    }
+
+    /// What a real service reports: the calls that finish in a tick were admitted under the
+    /// limit of the tick before, so their latency is the queue that limit made (it lags the
+    /// limit by a tick), while the service completes `min(limit, capacity) / rtt0` calls a
+    /// second under the limit in force (it drains the queue within the tick).
+    struct Lagged {
+        capacity: f64,
+        rtt0: f64,
+        before: f64,
+    }
+
+    impl Lagged {
+        fn tick(&mut self, limit: u32) -> Sample {
+            let l = f64::from(limit);
+            let rtt = self.rtt0 * (self.before / self.capacity).max(1.0);
+            self.before = l;
+            let calls = (l.min(self.capacity) / self.rtt0 * 500_000.0) as u64;
+            Sample {
+                calls,
+                micros: (rtt * calls as f64) as u64,
+                saturated: true,
+                pressure: false,
+                period_micros: TICK_MICROS,
+            }
+        }
+    }
+
+    #[test]
+    fn starting_far_above_the_capacity_probes_down_when_latency_lags_the_limit() {
+        // A probe tick's latency is still the queue of the limit before it: the calls the
+        // service completes tell the queue apart (as many with fewer in flight).
+        for (capacity, initial) in [(16.0, 200), (8.0, 50), (8.0, 100), (100.0, 1000)] {
+            let mut g = Gradient::new(LimitConfig {
+                initial,
+                ..LimitConfig::default()
+            });
+            let mut s = Lagged {
+                capacity,
+                rtt0: 10_000.0,
+                before: f64::from(initial),
+            };
+            let mut limit = g.limit();
+            let mut path = vec![limit];
+            for _ in 0..25 {
+                limit = g.update(s.tick(limit));
+                path.push(limit);
+            }
+            let l = f64::from(limit);
+            assert!(
+                { true } && l >= capacity * 0.8 && l <= capacity * 1.25 + 1.0,
+                "capacity {capacity}, from {initial}: {path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bursts_that_reach_the_limit_with_permits_mostly_idle_do_not_lower_it() {
+        // Calls arrive in bursts that find the limit reached, but on average 2 of its 20
+        // permits are in use: as many calls finish with fewer permits, which is no queue.
+        let mut g = Gradient::new(LimitConfig {
+            initial: 20,
+            ..LimitConfig::default()
+        });
+        let bursty = Sample {
+            calls: 100,
+            micros: 100 * 10_000,
+            saturated: true,
+            pressure: false,
+            period_micros: TICK_MICROS,
+        };
+        let path: Vec<u32> = (0..40).map(|_| g.update(bursty)).collect();
+        assert!(path.iter().rev().take(10).all(|&l| l >= 20), "{path:?}");
+    }
+
+    #[test]
+    fn a_limit_raised_by_hung_calls_comes_down_at_the_next_peak() {
+        // Hung calls hold permits: the limit is reached while the few calls that finish are
+        // fast, so slow start raises it far above the capacity.
+        let mut g = Gradient::new(LimitConfig::default());
+        let mut limit = g.limit();
+        for _ in 0..8 {
+            limit = g.update(Sample {
+                calls: 10,
+                micros: 10 * 20_000,
+                saturated: true,
+                pressure: false,
+                period_micros: TICK_MICROS,
+            });
+        }
+        assert!(limit > 40, "{limit}");
+        // Light traffic: the limit is left alone.
+        for _ in 0..10 {
+            g.update(Sample {
+                calls: 50,
+                micros: 50 * 20_000,
+                saturated: false,
+                pressure: false,
+                period_micros: TICK_MICROS,
+            });
+        }
+        // A peak on a service of 8 slots at 20 ms.
+        let mut s = Lagged {
+            capacity: 8.0,
+            rtt0: 20_000.0,
+            before: f64::from(limit),
+        };
+        let mut path = vec![limit];
+        for _ in 0..16 {
+            limit = g.update(s.tick(limit));
+            path.push(limit);
+        }
+        assert!((7..=11).contains(&limit), "{path:?}");
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! latency / tick) is added to its reservation, up to the limit, and lower tiers take a permit
 //! only while the permits in use stay below the limit less what the tiers above them
 //! reserve. A reservation is held for [`RESERVE_HOLD_TICKS`] ticks after the tier last turned
-//! a call away, then halves every tick.
+//! a call away, then halves every tick; and a tick in which the tier turned nothing away and
+//! used less than half of it (its traffic fell, its breaker opened) leaves it at twice what the
+//! tier used: permits are kept idle for a tier's next calls, not for calls that stopped coming.
+//! Only while a tier holds a reservation do its calls count what they take: the uncontended
+//! path reads one relaxed flag more, and adds one relaxed `fetch_add` while it is set.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
@@ -173,6 +177,10 @@ pub(crate) struct Limiter {
     ceiling: [AtomicU32; 3],
     /// Per tier rank: calls that left without a permit since the last tick.
     turned_away: [AtomicU32; 3],
+    /// Per tier rank: whether it holds a reservation, and then the permits its calls took
+    /// since the last tick.
+    reserving: [AtomicBool; 3],
+    admitted: [AtomicU32; 3],
     reserve: Mutex<[Reserve; 3]>,
     inflight: AtomicU32,
     waiting: AtomicU32,
@@ -193,6 +201,8 @@ impl Limiter {
             limit: AtomicU32::new(limit),
             ceiling: std::array::from_fn(|_| AtomicU32::new(limit)),
             turned_away: Default::default(),
+            reserving: Default::default(),
+            admitted: Default::default(),
             reserve: Mutex::default(),
             inflight: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
@@ -216,8 +226,12 @@ impl Limiter {
         if self.waiting.load(SeqCst) != 0 {
             return false;
         }
-        let ceiling = self.ceiling[usize::from(rank(tier))].load(Relaxed);
+        let r = usize::from(rank(tier));
+        let ceiling = self.ceiling[r].load(Relaxed);
         if self.inflight.fetch_add(1, SeqCst) < ceiling {
+            if self.reserving[r].load(Relaxed) {
+                self.admitted[r].fetch_add(1, Relaxed);
+            }
             return true;
         }
         self.give_back();
@@ -257,6 +271,7 @@ impl Limiter {
             }
             let (key, slot) = entry.remove_entry();
             q.per_rank[usize::from(key.rank)] -= 1;
+            self.admitted[usize::from(key.rank)].fetch_add(1, Relaxed);
             self.inflight.fetch_add(1, SeqCst);
             self.waiting.fetch_sub(1, SeqCst);
             slot.settle(GRANTED);
@@ -363,6 +378,7 @@ impl Limiter {
             micros: s & MICROS_MASK,
             saturated: self.saturated.swap(false, Relaxed),
             pressure,
+            period_micros: u64::try_from(period.as_micros()).unwrap_or(u64::MAX),
         };
         if let Some(rtt) = sample.micros.checked_div(sample.calls) {
             self.rtt_micros
@@ -394,23 +410,35 @@ impl Limiter {
     fn reserve_for(&self, limit: u32, rtt_micros: u64, period: Duration) -> bool {
         let mut reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let period = period.as_micros().max(1) as u64;
+        // The concurrency `calls` of a tick's latency needed over the tick (Little's law; a
+        // permit each while no latency was measured).
+        let concurrency = |calls: u64| {
+            let c = if rtt_micros == 0 {
+                calls
+            } else {
+                (calls * rtt_micros).div_ceil(period)
+            };
+            u32::try_from(c).unwrap_or(u32::MAX)
+        };
         for (r, res) in reserve.iter_mut().enumerate() {
             let away = u64::from(self.turned_away[r].swap(0, Relaxed));
+            let used = concurrency(u64::from(self.admitted[r].swap(0, Relaxed)));
             if away > 0 {
-                let need = if rtt_micros == 0 {
-                    away
-                } else {
-                    (away * rtt_micros).div_ceil(period)
-                };
-                let need = u32::try_from(need).unwrap_or(u32::MAX);
-                res.permits = res.permits.saturating_add(need.max(1)).min(limit);
+                res.permits = res
+                    .permits
+                    .saturating_add(concurrency(away).max(1))
+                    .min(limit);
                 res.hold = RESERVE_HOLD_TICKS;
-            } else if res.hold > 0 {
-                res.hold -= 1;
-                res.permits = res.permits.min(limit);
             } else {
-                res.permits /= 2;
+                // Nothing turned away: the tier needed at most what it used.
+                res.permits = res.permits.min(limit).min(used.saturating_mul(2));
+                if res.hold > 0 {
+                    res.hold -= 1;
+                } else {
+                    res.permits /= 2;
+                }
             }
+            self.reserving[r].store(res.permits > 0, Relaxed);
         }
         let mut opened = false;
         let mut above = 0u32;
@@ -530,10 +558,23 @@ mod tests {
             Enqueued::Admitted
         ));
         assert!(poll(&bronze).is_pending());
-        // Held for RESERVE_HOLD_TICKS ticks without gold turned away, then halved a tick.
-        for _ in 0..RESERVE_HOLD_TICKS {
+        // Held for RESERVE_HOLD_TICKS ticks without gold turned away while gold uses it (a
+        // call of 300 ms a tick: 1 permit), then halved a tick.
+        for i in 0..RESERVE_HOLD_TICKS {
+            if i > 0 {
+                assert!(matches!(
+                    l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
+                    Enqueued::Admitted
+                ));
+                l.give_back();
+            }
             assert!(!l.reserve_for(4, 300_000, TICK));
         }
+        assert!(matches!(
+            l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
+            Enqueued::Admitted
+        ));
+        l.give_back();
         assert!(
             l.reserve_for(4, 300_000, TICK),
             "1 permit reserved: bronze's ceiling rose"
@@ -563,6 +604,7 @@ mod tests {
             "bronze below gold's 2 and silver's 5"
         );
         turn_away(Tier::Gold, 4);
+        turn_away(Tier::Silver, 1);
         l.reserve_for(10, 500_000, TICK);
         assert_eq!(
             ceilings(),
@@ -572,6 +614,30 @@ mod tests {
         turn_away(Tier::Gold, 100);
         l.reserve_for(10, 500_000, TICK);
         assert_eq!(ceilings(), [0, 0, 10], "never more than the limit");
+    }
+
+    #[test]
+    fn a_reservation_its_tier_stops_using_is_given_back_at_the_next_tick() {
+        let l = limiter(10);
+        // Silver turned 20 calls of 250 ms away: the whole limit is reserved for it.
+        for _ in 0..20 {
+            l.turned_away[usize::from(rank(Tier::Silver))].fetch_add(1, Relaxed);
+        }
+        l.reserve_for(10, 250_000, TICK);
+        let ceilings = || l.ceiling.each_ref().map(|c| c.load(Relaxed));
+        assert_eq!(ceilings(), [0, 10, 10]);
+        // The peak is over: silver takes 4 permits of 250 ms in a tick (2 in use on average).
+        for _ in 0..4 {
+            assert!(l.try_acquire(Tier::Silver));
+        }
+        for _ in 0..4 {
+            l.give_back();
+        }
+        assert!(l.reserve_for(10, 250_000, TICK), "bronze's ceiling rose");
+        assert_eq!(ceilings(), [6, 10, 10], "twice what silver used is kept");
+        // Silver's breaker opens: it takes none, and keeps none.
+        assert!(l.reserve_for(10, 250_000, TICK));
+        assert_eq!(ceilings(), [10, 10, 10]);
     }
 
     #[test]
