@@ -15,11 +15,11 @@ use tokio::sync::Notify;
 
 use super::batch::{BatchMerge, Batcher};
 use super::capture::{Capture, CaptureError};
-use super::record::{Payload, Queue, TaskId};
+use super::record::{HttpRequest, Payload, Queue, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
 use super::schedule::{Backfill, Clock, RetryPolicy};
-use super::shared::{Kept, NotStored, RouterShared};
+use super::shared::{Kept, RouterShared, Stored};
 use super::store::Store;
 use super::worker::{FallbackWorker, Settings};
 use super::{Diverted, Fallback, FallbackService, NoFallback};
@@ -415,18 +415,6 @@ where
         }
     };
     let key = shared.capture.key(&parts);
-    // The same key again: the task kept for it (a second call waits while the first stores).
-    // The same request again is the same task; another one under its key is refused rather
-    // than acknowledged and never run.
-    let same = |kept: &Payload| match kept {
-        Payload::Http(first) => first.same_call(&rec),
-        // A journaled `batch_merge` delta: the same request is the same delta (the key and
-        // value its extractor reads); one it cannot read is not.
-        Payload::Bytes(first) => shared.batches.get(&class).is_none_or(|b| {
-            b.journal(&class, None, &rec)
-                .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
-        }),
-    };
     let found = |kept: Kept| {
         if kept.same {
             kept_response(&kept.id.to_string(), route, reason, grpc, RB::default())
@@ -434,39 +422,53 @@ where
             key_reused_response(&kept.id.to_string(), grpc, RB::default())
         }
     };
-    let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
-        Ok(storing) => storing,
-        Err(kept) => return Ok(found(kept)),
+    // The same key again: the task kept for it (a second call waits while the first stores).
+    // The same request again is the same task; another one under its key is refused rather
+    // than acknowledged and never run.
+    let same = |kept: &Payload, rec: &HttpRequest, shared: &RouterShared, class: &str| match kept {
+        Payload::Http(first) => first.same_call(rec),
+        // A journaled `batch_merge` delta: the same request is the same delta (the key and
+        // value its extractor reads); one it cannot read is not.
+        Payload::Bytes(first) => shared.batches.get(class).is_none_or(|b| {
+            b.journal(class, None, rec)
+                .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
+        }),
     };
-    let (queue, task) = if route == Route::BatchMerge {
-        let batcher = &shared.batches[&class];
-        match batcher.journal(&class, key, &rec) {
-            Ok(task) => (Queue::Journal, task),
-            Err(why) => {
-                tracing::debug!(class = %class, error = %why, "batch_merge cannot read the call");
-                return refuse(Reason::NotKept);
-            }
-        }
-    } else {
-        shared.new_task(route, &class, key, reason, Payload::Http(rec))
-    };
-    let merged = (queue == Queue::Journal).then(|| task.clone());
-    match shared.put_kept(queue, task, route, reason).await {
-        Ok(id) => {
-            if let Some(task) = merged {
-                shared.batches[&class].merge(task, shared.clock.now_ms());
-            }
-            Ok(kept_response(
-                &id.to_string(),
-                route,
-                reason,
-                grpc,
-                RB::default(),
-            ))
-        }
-        Err(NotStored::Kept(kept)) => Ok(found(kept)),
+    let (class_s, shared_s) = (class.clone(), shared.clone());
+    let (class_m, key_m) = (class.clone(), key.clone());
+    let stored = shared
+        .keep_detached(
+            (class.clone(), key, route, reason),
+            rec,
+            move |kept, rec| same(kept, rec, &shared_s, &class_s),
+            move |shared, rec| {
+                if route == Route::BatchMerge {
+                    match shared.batches[&class_m].journal(&class_m, key_m, &rec) {
+                        Ok(task) => Some((Queue::Journal, task)),
+                        Err(why) => {
+                            tracing::debug!(class = %class_m, error = %why,
+                                "batch_merge cannot read the call");
+                            None
+                        }
+                    }
+                } else {
+                    Some(shared.new_task(route, &class_m, key_m, reason, Payload::Http(rec)))
+                }
+            },
+        )
+        .await;
+    match stored {
+        Stored::Kept(id) => Ok(kept_response(
+            &id.to_string(),
+            route,
+            reason,
+            grpc,
+            RB::default(),
+        )),
+        Stored::Found(kept) => Ok(found(kept)),
+        Stored::Unreadable => refuse(Reason::NotKept),
         // `put_kept` counted it.
-        Err(NotStored::Failed) => answer(Reason::NotKept),
+        Stored::NotKept => answer(Reason::NotKept),
     }
 }
 
@@ -539,7 +541,9 @@ impl<T> FallbackRouter<T> {
                 )
                 .into());
             }
-            let same = |kept: &Payload| matches!(kept, Payload::Bytes(b) if *b == bytes);
+            let same =
+                |kept: &Payload, bytes: &Vec<u8>| matches!(kept, Payload::Bytes(b) if b == bytes);
+            let key_m = key.clone();
             let found = |kept: Kept| -> Result<Accepted, BoxError> {
                 if kept.same {
                     return Ok(Accepted { id: kept.id, route });
@@ -551,16 +555,21 @@ impl<T> FallbackRouter<T> {
                 )
                 .into())
             };
-            let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
-                Ok(storing) => storing,
-                Err(kept) => return found(kept),
-            };
-            let (queue, task) =
-                shared.new_task(route, &class, key.clone(), reason, Payload::Bytes(bytes));
-            match shared.put_kept(queue, task, route, reason).await {
-                Ok(id) => Ok(Accepted { id, route }),
-                Err(NotStored::Kept(kept)) => found(kept),
-                Err(NotStored::Failed) => Err(not_kept(Reason::NotKept)),
+            let class_m = class.clone();
+            let stored = shared
+                .keep_detached(
+                    (class.clone(), key.clone(), route, reason),
+                    bytes,
+                    same,
+                    move |shared, bytes| {
+                        Some(shared.new_task(route, &class_m, key_m, reason, Payload::Bytes(bytes)))
+                    },
+                )
+                .await;
+            match stored {
+                Stored::Kept(id) => Ok(Accepted { id, route }),
+                Stored::Found(kept) => found(kept),
+                Stored::NotKept | Stored::Unreadable => Err(not_kept(Reason::NotKept)),
             }
         })
     }

@@ -42,6 +42,18 @@ pub(crate) struct Kept {
     pub(crate) same: bool,
 }
 
+/// What [`RouterShared::keep_detached`] came to.
+pub(crate) enum Stored {
+    /// Stored under this id.
+    Kept(TaskId),
+    /// Another task holds the call's idempotency key.
+    Found(Kept),
+    /// The store refused it (counted and logged).
+    NotKept,
+    /// The call could not be made a task (`make` said `None`).
+    Unreadable,
+}
+
 /// Why a task was not stored.
 pub(crate) enum NotStored {
     /// The store refused it (counted and logged).
@@ -134,6 +146,55 @@ impl RouterShared {
             Ok(storing) => Ok(Some(storing)),
             Err((queue, id)) => Err(self.kept(queue, id, same).await),
         }
+    }
+
+    /// Claim the call's idempotency key, make its task (`make`: `None` if the call cannot be
+    /// read), store it and, for a journaled `batch_merge` delta, merge it, in a task of its
+    /// own. Once the call is captured this runs to its end whether or not the caller waits
+    /// for it: a caller that goes away (a client disconnect, an outer timeout) would otherwise
+    /// free its key while the commit is in flight, so that a retry claims the key and keeps
+    /// a second task, or leave a journaled delta unmerged until a restart. A task stored for
+    /// a caller that went away is kept, and a retry with its key gets it.
+    pub(crate) async fn keep_detached<P, S, M>(
+        self: &Arc<Self>,
+        (class, key, route, reason): (String, Option<String>, Route, Reason),
+        call: P,
+        same: S,
+        make: M,
+    ) -> Stored
+    where
+        P: Send + Sync + 'static,
+        S: FnOnce(&Payload, &P) -> bool + Send + 'static,
+        M: FnOnce(&RouterShared, P) -> Option<(Queue, Task)> + Send + 'static,
+    {
+        let shared = self.clone();
+        let work = async move {
+            let _storing = match shared
+                .claim_or_find(&class, key.as_deref(), |kept| same(kept, &call))
+                .await
+            {
+                Ok(storing) => storing,
+                Err(kept) => return Stored::Found(kept),
+            };
+            let Some((queue, task)) = make(&shared, call) else {
+                return Stored::Unreadable;
+            };
+            let merged = (queue == Queue::Journal).then(|| task.clone());
+            match shared.put_kept(queue, task, route, reason).await {
+                Ok(id) => {
+                    if let (Some(task), Some(batcher)) = (merged, shared.batches.get(&class)) {
+                        batcher.merge(task, shared.clock.now_ms());
+                    }
+                    Stored::Kept(id)
+                }
+                Err(NotStored::Kept(kept)) => Stored::Found(kept),
+                Err(NotStored::Failed) => Stored::NotKept,
+            }
+        };
+        tokio::spawn(work).await.unwrap_or_else(|e| {
+            tracing::error!(service = %self.service, error = %e, "storing a kept call failed");
+            Stored::NotKept
+        })
     }
 
     /// The kept task `id` as a call's idempotency key found it: whether it is this call's

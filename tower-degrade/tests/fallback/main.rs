@@ -561,15 +561,26 @@ async fn a_hung_replay_holds_back_only_its_own_task() {
     );
 }
 
-/// A memory store whose commits fail while `down` is set (a Redis that went away).
+/// A memory store whose commits fail while `down` is set (a Redis that went away), and land
+/// 100 ms after they are handed over while `slow` is set, whether or not anyone still waits
+/// for them (as the embedded store's writer thread commits).
 #[derive(Clone, Default)]
 struct Flaky {
     inner: Arc<MemoryStore>,
     down: Arc<std::sync::atomic::AtomicBool>,
+    slow: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store for Flaky {
     fn commit(&self, ops: Vec<Op>) -> tower_degrade::fallback::store::StoreFuture<'_, ()> {
+        if self.slow.load(Ordering::SeqCst) {
+            let inner = self.inner.clone();
+            let landed = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                inner.commit(ops).await
+            });
+            return Box::pin(async move { landed.await.unwrap() });
+        }
         if self.down.load(Ordering::SeqCst) {
             return Box::pin(async {
                 Err(tower_degrade::fallback::StoreError::new(
@@ -619,6 +630,62 @@ impl Store for Flaky {
     fn kind(&self) -> &'static str {
         "flaky"
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_its_client_gave_up_on_mid_commit_still_holds_its_key() {
+    // The client goes away while its call's commit is in flight (a disconnect, an outer
+    // timeout), then sends the call again with its key: the same task, not a second one; a
+    // batch_merge delta is merged, not left in the journal until a restart.
+    let d = degrader([
+        ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
+        ClassConfig::silver("inv").fallback_route(Route::BatchMerge),
+    ]);
+    let store = Flaky::default();
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(store.clone())
+        .replay(replay(&App::default()))
+        .batch_merge("inv", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    tokio::spawn(worker.run());
+    let app = App::default();
+    let pay = layered(&d, "pay", router.clone(), &app);
+    let inv = layered(&d, "inv", router.clone(), &app);
+    d.force_open("pay").unwrap();
+    d.force_open("inv").unwrap();
+    store.slow.store(true, Ordering::SeqCst);
+    let req = |uri: &str, body: &'static str| {
+        Request::post(uri)
+            .header("idempotency-key", "k-1")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    for (svc, uri, body) in [(&pay, "/pay/1", "{}"), (&inv, "/inv/sku-a", "1")] {
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(10), call(svc, req(uri, body))).await;
+        assert!(gave_up.is_err(), "{uri}: answered before its commit landed");
+        let again = call(svc, req(uri, body)).await;
+        assert_eq!(again.status(), StatusCode::ACCEPTED, "{uri}");
+    }
+    run_for(1_000).await;
+    assert_eq!(
+        store.inner.depth(Queue::Retry).len,
+        1,
+        "the payment kept once"
+    );
+    let writes = writes.lock().unwrap();
+    assert_eq!(
+        totals(&writes).get("sku-a"),
+        Some(&1),
+        "the delta merged once"
+    );
+    assert_eq!(
+        store.inner.depth(Queue::Journal).len,
+        0,
+        "and its journal emptied"
+    );
 }
 
 #[tokio::test(start_paused = true)]
