@@ -338,10 +338,15 @@ mod tests {
     /// limit: the latency of a tick grows with the queue in the service.
     fn saturated(capacity: f64, rtt0: f64, limit: u32) -> Sample {
         let l = f64::from(limit);
-        let rtt = rtt0 * (l / capacity).max(1.0);
-        // Little's law: `l` calls in flight for `rtt` each, so `min(l, capacity) / rtt0` a
-        // second, however long the queue.
-        let calls = (l / rtt * 500_000.0) as u64;
+        served(capacity, rtt0, l, l)
+    }
+
+    /// A tick of a service with `capacity` slots and `rtt0` µs per call under `limit`, whose
+    /// finishing calls queued behind `queued_under` calls in flight: it completes
+    /// `min(limit, capacity) / rtt0` calls a second however long the queue (Little's law).
+    fn served(capacity: f64, rtt0: f64, queued_under: f64, limit: f64) -> Sample {
+        let rtt = rtt0 * (queued_under / capacity).max(1.0);
+        let calls = (limit.min(capacity) / rtt0 * 500_000.0) as u64;
         Sample {
             calls,
             micros: (rtt * calls as f64) as u64,
@@ -492,16 +497,8 @@ mod tests {
     impl Lagged {
         fn tick(&mut self, limit: u32) -> Sample {
             let l = f64::from(limit);
-            let rtt = self.rtt0 * (self.before / self.capacity).max(1.0);
-            self.before = l;
-            let calls = (l.min(self.capacity) / self.rtt0 * 500_000.0) as u64;
-            Sample {
-                calls,
-                micros: (rtt * calls as f64) as u64,
-                saturated: true,
-                pressure: false,
-                period_micros: TICK_MICROS,
-            }
+            let before = std::mem::replace(&mut self.before, l);
+            served(self.capacity, self.rtt0, before, l)
         }
     }
 
