@@ -15,11 +15,11 @@ use tokio::sync::Notify;
 
 use super::batch::{BatchMerge, Batcher};
 use super::capture::{Capture, CaptureError};
-use super::record::{HttpRequest, Payload, Queue, TaskId};
+use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
 use super::schedule::{Backfill, Clock, RetryPolicy};
-use super::shared::{Kept, RouterShared, Stored};
+use super::shared::{Kept, KeptCall, RouterShared, Stored};
 use super::store::Store;
 use super::worker::{FallbackWorker, Settings};
 use super::{Diverted, Fallback, FallbackService, NoFallback};
@@ -415,60 +415,81 @@ where
         }
     };
     let key = shared.capture.key(&parts);
-    let found = |kept: Kept| {
-        if kept.same {
-            kept_response(&kept.id.to_string(), route, reason, grpc, RB::default())
-        } else {
-            key_reused_response(&kept.id.to_string(), grpc, RB::default())
-        }
-    };
-    // The same key again: the task kept for it (a second call waits while the first stores).
-    // The same request again is the same task; another one under its key is refused rather
-    // than acknowledged and never run.
-    let same = |kept: &Payload, rec: &HttpRequest, shared: &RouterShared, class: &str| match kept {
-        Payload::Http(first) => first.same_call(rec),
-        // A journaled `batch_merge` delta: the same request is the same delta (the key and
-        // value its extractor reads); one it cannot read is not.
-        Payload::Bytes(first) => shared.batches.get(class).is_none_or(|b| {
-            b.journal(class, None, rec)
-                .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
-        }),
-    };
-    let (class_s, shared_s) = (class.clone(), shared.clone());
-    let (class_m, key_m) = (class.clone(), key.clone());
-    let stored = shared
-        .keep_detached(
-            (class.clone(), key, route, reason),
-            rec,
-            move |kept, rec| same(kept, rec, &shared_s, &class_s),
-            move |shared, rec| {
-                if route == Route::BatchMerge {
-                    match shared.batches[&class_m].journal(&class_m, key_m, &rec) {
-                        Ok(task) => Some((Queue::Journal, task)),
-                        Err(why) => {
-                            tracing::debug!(class = %class_m, error = %why,
-                                "batch_merge cannot read the call");
-                            None
-                        }
-                    }
-                } else {
-                    Some(shared.new_task(route, &class_m, key_m, reason, Payload::Http(rec)))
-                }
-            },
-        )
-        .await;
-    match stored {
-        Stored::Kept(id) => Ok(kept_response(
+    match shared.keep((class.clone(), key, route, reason), rec).await {
+        Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => Ok(kept_response(
             &id.to_string(),
             route,
             reason,
             grpc,
             RB::default(),
         )),
-        Stored::Found(kept) => Ok(found(kept)),
+        Stored::Found(kept) => Ok(key_reused_response(
+            &kept.id.to_string(),
+            grpc,
+            RB::default(),
+        )),
         Stored::Unreadable => refuse(Reason::NotKept),
         // `put_kept` counted it.
         Stored::NotKept => answer(Reason::NotKept),
+    }
+}
+
+impl KeptCall for HttpRequest {
+    /// The same key again: the task kept for it (a second call waits while the first stores).
+    /// The same request again is the same task; another one under its key is refused rather
+    /// than acknowledged and never run.
+    fn same(&self, shared: &RouterShared, class: &str, kept: &Payload) -> bool {
+        match kept {
+            Payload::Http(first) => first.same_call(self),
+            // A journaled `batch_merge` delta: the same request is the same delta (the key and
+            // value its extractor reads); one it cannot read is not.
+            Payload::Bytes(first) => shared.batches.get(class).is_none_or(|b| {
+                b.journal(class, None, self)
+                    .is_ok_and(|now| matches!(now.payload(), Payload::Bytes(d) if d == first))
+            }),
+        }
+    }
+
+    fn task(
+        self,
+        shared: &RouterShared,
+        class: &str,
+        key: Option<String>,
+        route: Route,
+        reason: Reason,
+    ) -> Option<(Queue, Task)> {
+        let Some(batcher) = shared
+            .batches
+            .get(class)
+            .filter(|_| route == Route::BatchMerge)
+        else {
+            return Some(shared.new_task(route, class, key, reason, Payload::Http(self)));
+        };
+        batcher
+            .journal(class, key, &self)
+            .inspect_err(|why| {
+                tracing::debug!(class = %class, error = %why, "batch_merge cannot read the call");
+            })
+            .ok()
+            .map(|task| (Queue::Journal, task))
+    }
+}
+
+/// A task-API payload (JSON): the same task is the same bytes.
+impl KeptCall for Vec<u8> {
+    fn same(&self, _: &RouterShared, _: &str, kept: &Payload) -> bool {
+        matches!(kept, Payload::Bytes(b) if b == self)
+    }
+
+    fn task(
+        self,
+        shared: &RouterShared,
+        class: &str,
+        key: Option<String>,
+        route: Route,
+        reason: Reason,
+    ) -> Option<(Queue, Task)> {
+        Some(shared.new_task(route, class, key, reason, Payload::Bytes(self)))
     }
 }
 
@@ -541,9 +562,6 @@ impl<T> FallbackRouter<T> {
                 )
                 .into());
             }
-            let same =
-                |kept: &Payload, bytes: &Vec<u8>| matches!(kept, Payload::Bytes(b) if b == bytes);
-            let key_m = key.clone();
             let found = |kept: Kept| -> Result<Accepted, BoxError> {
                 if kept.same {
                     return Ok(Accepted { id: kept.id, route });
@@ -555,16 +573,8 @@ impl<T> FallbackRouter<T> {
                 )
                 .into())
             };
-            let class_m = class.clone();
             let stored = shared
-                .keep_detached(
-                    (class.clone(), key.clone(), route, reason),
-                    bytes,
-                    same,
-                    move |shared, bytes| {
-                        Some(shared.new_task(route, &class_m, key_m, reason, Payload::Bytes(bytes)))
-                    },
-                )
+                .keep((class.clone(), key.clone(), route, reason), bytes)
                 .await;
             match stored {
                 Stored::Kept(id) => Ok(Accepted { id, route }),

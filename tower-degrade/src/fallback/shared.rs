@@ -42,7 +42,7 @@ pub(crate) struct Kept {
     pub(crate) same: bool,
 }
 
-/// What [`RouterShared::keep_detached`] came to.
+/// What [`RouterShared::keep`] came to.
 pub(crate) enum Stored {
     /// Stored under this id.
     Kept(TaskId),
@@ -50,16 +50,23 @@ pub(crate) enum Stored {
     Found(Kept),
     /// The store refused it (counted and logged).
     NotKept,
-    /// The call could not be made a task (`make` said `None`).
+    /// The call could not be read as a task ([`KeptCall::task`] said `None`).
     Unreadable,
 }
 
-/// Why a task was not stored.
-pub(crate) enum NotStored {
-    /// The store refused it (counted and logged).
-    Failed,
-    /// Another task holds its idempotency key.
-    Kept(Kept),
+/// A call the router keeps (a captured HTTP request, a task-API payload).
+pub(crate) trait KeptCall: Send + Sync + 'static {
+    /// Whether `kept`, what the call's idempotency key already holds, is this call.
+    fn same(&self, shared: &RouterShared, class: &str, kept: &Payload) -> bool;
+    /// Its queue and task (`None`: the call cannot be read as one).
+    fn task(
+        self,
+        shared: &RouterShared,
+        class: &str,
+        key: Option<String>,
+        route: Route,
+        reason: Reason,
+    ) -> Option<(Queue, Task)>;
 }
 
 /// A key being stored; dropping it wakes the calls waiting on the same key.
@@ -135,7 +142,7 @@ impl RouterShared {
     /// With an idempotency `key`: the right to store the call's task (other calls with the
     /// key wait meanwhile), or the task already kept under it, and whether that task is this
     /// call's (`same`, given the kept payload). Without a key: nothing to claim.
-    pub(crate) async fn claim_or_find(
+    async fn claim_or_find(
         &self,
         class: &str,
         key: Option<&str>,
@@ -148,48 +155,36 @@ impl RouterShared {
         }
     }
 
-    /// Claim the call's idempotency key, make its task (`make`: `None` if the call cannot be
-    /// read), store it and, for a journaled `batch_merge` delta, merge it, in a task of its
-    /// own. Once the call is captured this runs to its end whether or not the caller waits
-    /// for it: a caller that goes away (a client disconnect, an outer timeout) would otherwise
-    /// free its key while the commit is in flight, so that a retry claims the key and keeps
-    /// a second task, or leave a journaled delta unmerged until a restart. A task stored for
-    /// a caller that went away is kept, and a retry with its key gets it.
-    pub(crate) async fn keep_detached<P, S, M>(
+    /// Claim the call's idempotency key, make its task, store it and, for a journaled
+    /// `batch_merge` delta, merge it, in a task of its own. Once the call is captured this
+    /// runs to its end whether or not the caller waits for it: a caller that goes away (a
+    /// client disconnect, an outer timeout) would otherwise free its key while the commit is
+    /// in flight, so that a retry claims the key and keeps a second task, or leave a journaled
+    /// delta unmerged until a restart. A task stored for a caller that went away is kept, and
+    /// a retry with its key gets it.
+    pub(crate) async fn keep(
         self: &Arc<Self>,
         (class, key, route, reason): (String, Option<String>, Route, Reason),
-        call: P,
-        same: S,
-        make: M,
-    ) -> Stored
-    where
-        P: Send + Sync + 'static,
-        S: FnOnce(&Payload, &P) -> bool + Send + 'static,
-        M: FnOnce(&RouterShared, P) -> Option<(Queue, Task)> + Send + 'static,
-    {
+        call: impl KeptCall,
+    ) -> Stored {
         let shared = self.clone();
         let work = async move {
-            let _storing = match shared
-                .claim_or_find(&class, key.as_deref(), |kept| same(kept, &call))
-                .await
-            {
+            let same = |kept: &Payload| call.same(&shared, &class, kept);
+            let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
                 Ok(storing) => storing,
                 Err(kept) => return Stored::Found(kept),
             };
-            let Some((queue, task)) = make(&shared, call) else {
+            let Some((queue, task)) = call.task(&shared, &class, key, route, reason) else {
                 return Stored::Unreadable;
             };
             let merged = (queue == Queue::Journal).then(|| task.clone());
-            match shared.put_kept(queue, task, route, reason).await {
-                Ok(id) => {
-                    if let (Some(task), Some(batcher)) = (merged, shared.batches.get(&class)) {
-                        batcher.merge(task, shared.clock.now_ms());
-                    }
-                    Stored::Kept(id)
-                }
-                Err(NotStored::Kept(kept)) => Stored::Found(kept),
-                Err(NotStored::Failed) => Stored::NotKept,
+            let stored = shared.put_kept(queue, task, route, reason).await;
+            if let (Stored::Kept(_), Some(task), Some(batcher)) =
+                (&stored, merged, shared.batches.get(&class))
+            {
+                batcher.merge(task, shared.clock.now_ms());
             }
+            stored
         };
         tokio::spawn(work).await.unwrap_or_else(|e| {
             tracing::error!(service = %self.service, error = %e, "storing a kept call failed");
@@ -207,17 +202,11 @@ impl RouterShared {
         Kept { id, same }
     }
 
-    /// Store a kept task; count it, wake the worker. `Err(NotStored::Failed)` (logged) if the
-    /// store refused it; `Err(NotStored::Kept)` if another instance sharing the store kept a
-    /// task under its idempotency key since [`claim_or_find`](Self::claim_or_find) looked
-    /// (the same call if it kept the same request).
-    pub(crate) async fn put_kept(
-        &self,
-        queue: Queue,
-        task: Task,
-        route: Route,
-        reason: Reason,
-    ) -> Result<TaskId, NotStored> {
+    /// Store a kept task; count it, wake the worker. `Stored::NotKept` (logged) if the store
+    /// refused it; `Stored::Found` if another instance sharing the store kept a task under its
+    /// idempotency key since [`claim_or_find`](Self::claim_or_find) looked (the same call if
+    /// it kept the same request).
+    async fn put_kept(&self, queue: Queue, task: Task, route: Route, reason: Reason) -> Stored {
         let (id, class) = (task.id(), task.class().to_owned());
         let key = task.client_key().map(str::to_owned);
         let mut result = self.store.commit(vec![Op::Put(queue, task.clone())]).await;
@@ -226,7 +215,7 @@ impl RouterShared {
         {
             if let Ok(Some((q, other))) = self.store.find_key(&class, key).await {
                 let same = |kept: &Payload| same_call(kept, task.payload());
-                return Err(NotStored::Kept(self.kept(q, other, same).await));
+                return Stored::Found(self.kept(q, other, same).await);
             }
             // Replayed and gone by the time this instance looked: the key is free again.
             result = self.store.commit(vec![Op::Put(queue, task)]).await;
@@ -242,7 +231,7 @@ impl RouterShared {
                         reason = %reason, "task moved to manual review");
                 }
                 self.wake.notify_one();
-                Ok(id)
+                Stored::Kept(id)
             }
             Err(e) => {
                 metrics::counter!(crate::metrics::FALLBACK_KEPT,
@@ -251,7 +240,7 @@ impl RouterShared {
                 .increment(1);
                 tracing::warn!(service = %self.service, class = %class, error = %e,
                     "a diverted call could not be kept");
-                Err(NotStored::Failed)
+                Stored::NotKept
             }
         }
     }
