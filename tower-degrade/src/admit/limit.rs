@@ -172,16 +172,14 @@ impl Gradient {
         if lower.round() < self.limit.round() {
             self.probing = Some(self.limit);
             self.limit = lower;
-            // Judged once the calls that finish were admitted under it (about a latency
-            // later), at most 4 ticks on.
-            self.probe_wait = if self.period_micros == 0 {
-                0
+            // Calls longer than half a tick: judged once those that finish were admitted
+            // under it (about a latency later), at most 4 ticks on.
+            let period = self.period_micros as f64;
+            self.probe_wait = if period > 0.0 && 2.0 * self.last_rtt >= period {
+                (self.last_rtt / period).ceil().min(4.0) as u32
             } else {
-                (self.last_rtt / self.period_micros as f64).ceil().min(4.0) as u32
+                0
             };
-            if 2.0 * self.last_rtt < self.period_micros as f64 {
-                self.probe_wait = 0;
-            }
         }
         self.limit()
     }
@@ -225,8 +223,9 @@ impl Gradient {
                 rtt < self.last_rtt * (1.0 - 0.75 * fell_by)
             };
             if std::mem::take(&mut self.stale_probe) && !queue {
-                // Latency rose and the probe found no queue: the service got slower. Its latency at the lower limit is the baseline; the limit
-                // goes back to where it was.
+                // Latency rose and the probe found no queue: the service got slower. Its
+                // latency at the lower limit is the baseline; the limit goes back to where it
+                // was.
                 self.limit = before;
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
@@ -356,6 +355,17 @@ mod tests {
         }
     }
 
+    /// The limits `g` sets over `ticks` ticks of `serve` (given the limit in force), after
+    /// the one it starts with.
+    fn run(g: &mut Gradient, ticks: usize, mut serve: impl FnMut(u32) -> Sample) -> Vec<u32> {
+        let mut path = vec![g.limit()];
+        for _ in 0..ticks {
+            let limit = g.update(serve(path[path.len() - 1]));
+            path.push(limit);
+        }
+        path
+    }
+
     #[test]
     fn converges_near_the_capacity_from_below_and_above() {
         for (capacity, initial) in [(16.0, 10), (16.0, 200), (100.0, 10), (4.0, 50)] {
@@ -363,12 +373,8 @@ mod tests {
                 initial,
                 ..LimitConfig::default()
             });
-            let mut limit = g.limit();
-            let mut path = vec![limit];
-            for _ in 0..40 {
-                limit = g.update(saturated(capacity, 10_000.0, limit));
-                path.push(limit);
-            }
+            let path = run(&mut g, 40, |limit| saturated(capacity, 10_000.0, limit));
+            let limit = path[path.len() - 1];
             let l = f64::from(limit);
             assert!(
                 l >= capacity && l <= capacity * 1.2 + 1.0,
@@ -459,29 +465,19 @@ mod tests {
     #[test]
     fn a_dependency_turning_slow_is_not_mistaken_for_a_queue() {
         let mut g = Gradient::new(LimitConfig::default());
-        let mut limit = g.limit();
-        for _ in 0..40 {
-            limit = g.update(saturated(16.0, 10_000.0, limit));
-        }
-        assert!((16..=20).contains(&limit), "{limit}");
-        let mut path = vec![limit];
-        for _ in 0..12 {
-            limit = g.update(saturated(16.0, 40_000.0, limit));
-            path.push(limit);
-        }
+        let before = run(&mut g, 40, |limit| saturated(16.0, 10_000.0, limit));
+        assert!((16..=20).contains(&before[40]), "{before:?}");
+        let path = run(&mut g, 12, |limit| saturated(16.0, 40_000.0, limit));
         let lowest = *path.iter().min().unwrap();
         assert!(lowest >= 12, "fell to {lowest}: {path:?}");
         assert!(
-            (16..=20).contains(&limit),
+            (16..=20).contains(&path[12]),
             "back near the capacity: {path:?}"
         );
         assert_eq!(g.baseline(), Some(40_000.0), "{path:?}");
         // And it still follows the capacity down when the slots go.
-        for _ in 0..30 {
-            limit = g.update(saturated(8.0, 40_000.0, limit));
-            path.push(limit);
-        }
-        assert!((8..=11).contains(&limit), "{path:?}");
+        let path = run(&mut g, 30, |limit| saturated(8.0, 40_000.0, limit));
+        assert!((8..=11).contains(&path[30]), "{path:?}");
     }
 
     /// What a real service reports: the calls that finish in a tick were admitted under the
@@ -516,15 +512,10 @@ mod tests {
                 rtt0: 10_000.0,
                 before: f64::from(initial),
             };
-            let mut limit = g.limit();
-            let mut path = vec![limit];
-            for _ in 0..25 {
-                limit = g.update(s.tick(limit));
-                path.push(limit);
-            }
-            let l = f64::from(limit);
+            let path = run(&mut g, 25, |limit| s.tick(limit));
+            let l = f64::from(path[25]);
             assert!(
-                { true } && l >= capacity * 0.8 && l <= capacity * 1.25 + 1.0,
+                l >= capacity * 0.8 && l <= capacity * 1.25 + 1.0,
                 "capacity {capacity}, from {initial}: {path:?}"
             );
         }
@@ -554,39 +545,31 @@ mod tests {
         // Hung calls hold permits: the limit is reached while the few calls that finish are
         // fast, so slow start raises it far above the capacity.
         let mut g = Gradient::new(LimitConfig::default());
-        let mut limit = g.limit();
-        for _ in 0..8 {
-            limit = g.update(Sample {
-                calls: 10,
-                micros: 10 * 20_000,
-                saturated: true,
-                pressure: false,
-                period_micros: TICK_MICROS,
-            });
-        }
-        assert!(limit > 40, "{limit}");
+        let hung = Sample {
+            calls: 10,
+            micros: 10 * 20_000,
+            saturated: true,
+            pressure: false,
+            period_micros: TICK_MICROS,
+        };
+        let path = run(&mut g, 8, |_| hung);
+        assert!(path[8] > 40, "{path:?}");
         // Light traffic: the limit is left alone.
-        for _ in 0..10 {
-            g.update(Sample {
-                calls: 50,
-                micros: 50 * 20_000,
-                saturated: false,
-                pressure: false,
-                period_micros: TICK_MICROS,
-            });
-        }
+        let light = Sample {
+            calls: 50,
+            micros: 50 * 20_000,
+            saturated: false,
+            ..hung
+        };
+        run(&mut g, 10, |_| light);
         // A peak on a service of 8 slots at 20 ms.
         let mut s = Lagged {
             capacity: 8.0,
             rtt0: 20_000.0,
-            before: f64::from(limit),
+            before: f64::from(g.limit()),
         };
-        let mut path = vec![limit];
-        for _ in 0..16 {
-            limit = g.update(s.tick(limit));
-            path.push(limit);
-        }
-        assert!((7..=11).contains(&limit), "{path:?}");
+        let path = run(&mut g, 16, |limit| s.tick(limit));
+        assert!((7..=11).contains(&path[16]), "{path:?}");
     }
 
     #[test]
@@ -595,12 +578,7 @@ mod tests {
             initial: 200,
             ..LimitConfig::default()
         });
-        let mut limit = g.limit();
-        let mut path = vec![limit];
-        for _ in 0..20 {
-            limit = g.update(saturated(16.0, 10_000.0, limit));
-            path.push(limit);
-        }
-        assert!((16..=20).contains(&limit), "{path:?}");
+        let path = run(&mut g, 20, |limit| saturated(16.0, 10_000.0, limit));
+        assert!((16..=20).contains(&path[20]), "{path:?}");
     }
 }
