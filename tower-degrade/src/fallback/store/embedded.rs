@@ -3,7 +3,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
@@ -16,6 +17,10 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("tower-degrade
 const FORMAT: u64 = 1;
 const MAX_BATCH: usize = 4096;
 const QUEUED: usize = 65_536;
+/// After a failed commit the writer reopens the file before the next write, then (while
+/// commits keep failing) again at least this long after the last try, or ten times what that
+/// try took if more, at most 30 s: a reopen may repair, and so read, the whole file.
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
 fn table(queue: Queue) -> TableDefinition<'static, u128, &'static [u8]> {
     TableDefinition::new(queue.as_str())
@@ -118,10 +123,12 @@ impl EmbeddedStoreBuilder {
         let mut index = Index::default();
         load(&db, &shown, &mut index)?;
         let shared = Arc::new(Shared {
-            db,
+            db: RwLock::new(Some(db)),
             index: Mutex::new(index),
             path,
             capacity: self.capacity,
+            #[cfg(test)]
+            fail_next: Mutex::default(),
         });
         // Bounded: past this many waiting commits, a call is refused (`Full`) rather than queued.
         let (tx, rx) = mpsc::sync_channel(QUEUED);
@@ -263,10 +270,15 @@ impl Drop for Writer {
 }
 
 struct Shared {
-    db: Database,
+    /// `None` while the writer reopens the file after a failed commit.
+    db: RwLock<Option<Database>>,
     index: Mutex<Index>,
     path: PathBuf,
     capacity: u64,
+    /// Test hook: the next commit fails (after writing, when `Some(true)`: a commit that
+    /// reached the disk though its caller was told it failed).
+    #[cfg(test)]
+    fail_next: Mutex<Option<bool>>,
 }
 
 #[derive(Debug)]
@@ -321,6 +333,73 @@ impl Shared {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The open database (`Err` while the writer reopens it).
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let reopening = || {
+            StoreError::new(
+                StoreErrorKind::Io,
+                format!(
+                    "store `{}`: reopening the file after a failed commit",
+                    self.path.display()
+                ),
+            )
+        };
+        // Not waiting for a reopen (it may repair the whole file): the caller is told to retry.
+        let db = match self.db.try_read() {
+            Ok(db) => db,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(reopening()),
+        };
+        if db.is_none() {
+            return Err(reopening());
+        }
+        Ok(DbGuard(db))
+    }
+
+    /// Close the file and open it again (redb refuses every transaction after an I/O error,
+    /// such as a full disk, until then), and bring the index in line with what it holds: a
+    /// commit whose sync failed may have reached the disk all the same.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        drop(slot.take());
+        let db = Database::create(&self.path).map_err(|e| self.error(e))?;
+        self.reconcile(&db)?;
+        *slot = Some(db);
+        tracing::warn!(store = %self.path.display(), "store reopened after a failed commit");
+        Ok(())
+    }
+
+    /// Put in the index the tasks the file holds that it lacks, and take out those it holds
+    /// that the file does not (claims on the others are kept).
+    fn reconcile(&self, db: &Database) -> Result<(), StoreError> {
+        let read = db.begin_read().map_err(|e| self.error(e))?;
+        let mut index = self.index();
+        for queue in Queue::ALL {
+            let t = match read.open_table(table(queue)) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(self.error(e)),
+            };
+            let mut in_file = std::collections::HashSet::new();
+            for entry in t.iter().flat_map(|t| t.iter()).flatten() {
+                let (k, v) = entry.map_err(|e| self.error(e))?;
+                let id = TaskId(k.value());
+                in_file.insert(id);
+                if !index.contains(queue, id) {
+                    if let Ok(task) = Task::decode(v.value()) {
+                        index.put(queue, &task);
+                    }
+                }
+            }
+            for id in index.page(queue, None, usize::MAX) {
+                if !in_file.contains(&id) {
+                    index.remove(queue, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn error(&self, e: impl Into<redb::Error>) -> StoreError {
         StoreError::new(
             StoreErrorKind::Io,
@@ -329,6 +408,9 @@ impl Shared {
     }
 
     fn write_loop(&self, rx: mpsc::Receiver<Request>) {
+        // After a failed commit: the file needs reopening ([`REOPEN_AFTER`]), not before.
+        let mut broken = false;
+        let mut next_reopen = Instant::now();
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -373,8 +455,28 @@ impl Shared {
             if accepted.is_empty() {
                 continue;
             }
+            if broken {
+                let reopened = if Instant::now() < next_reopen {
+                    Err(self.error(redb::StorageError::PreviousIo))
+                } else {
+                    let start = Instant::now();
+                    let reopened = self.reopen();
+                    let wait = (start.elapsed() * 10).clamp(REOPEN_AFTER, 30 * REOPEN_AFTER);
+                    next_reopen = Instant::now() + wait;
+                    reopened
+                };
+                if let Err(e) = reopened {
+                    for req in accepted {
+                        req.answer(Err(e.clone()));
+                    }
+                    continue;
+                }
+                broken = false;
+            }
             match self.write(&accepted) {
                 Ok(()) => {
+                    // The next failure reopens at once.
+                    next_reopen = Instant::now();
                     let mut index = self.index();
                     for req in &accepted {
                         for op in &req.ops {
@@ -388,6 +490,7 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::error!(store = %self.path.display(), error = %e, "store commit failed");
+                    broken = true;
                     for req in accepted {
                         req.answer(Err(e.clone()));
                     }
@@ -397,7 +500,7 @@ impl Shared {
     }
 
     fn write(&self, batch: &[Request]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.error(e))?;
         {
             let mut tables: [Option<redb::Table<'_, u128, &[u8]>>; Queue::ALL.len()] =
                 Default::default();
@@ -424,11 +527,20 @@ impl Shared {
                 }
             }
         }
+        #[cfg(test)]
+        if let Some(after) = self.fail_next.lock().unwrap().take() {
+            if after {
+                txn.commit().map_err(|e| self.error(e))?;
+            }
+            return Err(self.error(redb::StorageError::Io(std::io::Error::other(
+                "no space left on device (test)",
+            ))));
+        }
         txn.commit().map_err(|e| self.error(e))
     }
 
     fn read(&self, queue: Queue, ids: &[TaskId]) -> Result<Vec<Task>, StoreError> {
-        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        let read = self.db()?.begin_read().map_err(|e| self.error(e))?;
         let t = match read.open_table(table(queue)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -453,10 +565,21 @@ impl Shared {
     #[cfg(test)]
     fn stored(&self, queue: Queue) -> u64 {
         use redb::ReadableTableMetadata;
-        let read = self.db.begin_read().unwrap();
+        let read = self.db().unwrap().begin_read().unwrap();
         read.open_table(table(queue))
             .map(|t| t.len().unwrap())
             .unwrap_or(0)
+    }
+}
+
+/// A read lock on the open database.
+struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("checked by Shared::db")
     }
 }
 
@@ -625,6 +748,53 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_reopens_the_file_and_the_index_follows_what_reached_it() {
+        // redb refuses every transaction after an I/O error (a full disk) until the file is
+        // opened again: the writer reopens it before the next batch, and takes from the file
+        // what a failed commit may have written after all.
+        let store = EmbeddedStore::open(dir().join("kept.redb")).unwrap();
+        let t: Vec<Task> = (0..9).map(task).collect();
+        let put = |i: usize| Op::Put(Queue::Spool, t[i].clone());
+        store.commit(vec![put(1), put(5)]).await.unwrap();
+        // Replays hold both.
+        let claimed = store.due(Queue::Spool, u64::MAX, 10).await.unwrap();
+        assert_eq!(claimed, vec![t[1].clone(), t[5].clone()]);
+        let fail = |after_writing| *store.shared.fail_next.lock().unwrap() = Some(after_writing);
+        fail(false);
+        assert!(store.commit(vec![put(2)]).await.is_err());
+        store.commit(vec![put(6)]).await.unwrap();
+        // Reported failed, but on the disk.
+        fail(true);
+        let e = store
+            .commit(vec![put(3), Op::Remove(Queue::Spool, t[1].id())])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Io);
+        store.commit(vec![put(4)]).await.unwrap();
+        let listed = store.list(Queue::Spool, None, 10).await.unwrap();
+        let ids: Vec<TaskId> = listed.iter().map(Task::id).collect();
+        let mut expected: Vec<TaskId> = [3, 4, 5, 6].iter().map(|&i| t[i].id()).collect();
+        expected.sort();
+        assert_eq!(
+            ids, expected,
+            "1 removed and 3 put by a failed commit; 2 never"
+        );
+        assert_eq!(store.shared.stored(Queue::Spool), 4);
+        // 5's claim survived the reopens: only the new ones are handed out.
+        let due = store.due(Queue::Spool, u64::MAX, 10).await.unwrap();
+        assert_eq!(due, vec![t[3].clone(), t[4].clone(), t[6].clone()]);
+        // A commit failing again right after a reopen: the next reopen waits a second (it
+        // may read the whole file), and commits meanwhile are refused at once.
+        fail(false);
+        assert!(store.commit(vec![put(7)]).await.is_err());
+        fail(false);
+        assert!(store.commit(vec![put(7)]).await.is_err());
+        let e = store.commit(vec![put(8)]).await.unwrap_err();
+        assert!(e.to_string().contains("Previous I/O error"), "{e}");
+        assert_eq!(store.depth(Queue::Spool).len, 4);
     }
 
     #[tokio::test]
