@@ -237,6 +237,10 @@ pub(crate) fn describe() {
 /// Diverted calls the fallback router kept (`result="kept"`), or could not keep
 /// (`too_large`, `malformed`, `not_kept`).
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
+/// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
+/// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`
+/// values, or past its TTL); labelled by `class` only (the layer sits outside the degrader).
+pub const FALLBACK_CACHED: &str = "degrade_fallback_cached_total";
 /// Tasks in a fallback queue (`delayed_retry`, `spool`, `manual_review`, `batch_merge`).
 pub const FALLBACK_DEPTH: &str = "degrade_fallback_depth";
 /// Age of the oldest task in a fallback queue.
@@ -255,6 +259,11 @@ pub(crate) fn describe_fallback() {
         FALLBACK_KEPT,
         Unit::Count,
         "Diverted calls the fallback router kept durably (result=kept) or could not keep."
+    );
+    describe_counter!(
+        FALLBACK_CACHED,
+        Unit::Count,
+        "Calls diverted to cached that LastGoodLayer served a copy for (result=served) or not (miss)."
     );
     describe_gauge!(FALLBACK_DEPTH, Unit::Count, "Tasks in a fallback queue.");
     describe_gauge!(

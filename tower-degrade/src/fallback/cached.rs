@@ -103,6 +103,7 @@ impl LastGoodLayer {
     }
 
     fn build(entries: usize, config: Config) -> Self {
+        crate::metrics::describe_fallback();
         Self {
             cache: Arc::new(quick_cache::sync::Cache::new(entries.max(1))),
             config: Arc::new(config),
@@ -323,8 +324,14 @@ impl LastGoodLayer {
             if d.route() != Route::Cached {
                 return res;
             }
+            let counted = |result: &'static str| {
+                metrics::counter!(crate::metrics::FALLBACK_CACHED,
+                    "class" => d.class().to_owned(), "result" => result)
+                .increment(1);
+            };
             let reason = d.reason();
             let Some(entry) = self.cache.get(&key) else {
+                counted("miss");
                 return res;
             };
             // Kept for a request with other values of a header the answer varies on.
@@ -333,13 +340,16 @@ impl LastGoodLayer {
                 .iter()
                 .any(|(name, kept)| values(req, name) != *kept)
             {
+                counted("miss");
                 return res;
             }
             let age = entry.at.elapsed();
             if age > self.config.ttl {
                 self.cache.remove(&key);
+                counted("miss");
                 return res;
             }
+            counted("served");
             let mut out = http::Response::new(RB::from(entry.body.clone()));
             *out.status_mut() = entry.status;
             *out.headers_mut() = entry.headers.clone();

@@ -10,7 +10,10 @@ use crate::gate::Reason;
 use crate::window::{Outcome, shard_index};
 
 /// Send a call its class does not admit to the fallback (counted as degraded), or answer it
-/// degraded (counted as rejected) when the fallback has no handler for the route.
+/// degraded (counted as rejected) when the fallback has no handler for the route. A call to
+/// [`Route::Cached`] the fallback does not take is answered degraded for a
+/// `LastGoodLayer` outside the layer to serve its copy: counted as degraded (diverted), as
+/// the copy or the miss is counted there.
 pub(super) fn divert<F, Req, Res, E>(
     shared: &Shared,
     fallback: &mut F,
@@ -34,6 +37,10 @@ where
             }
             Err(call) => {
                 drop(call);
+                if route == Route::Cached {
+                    shard.record(idx, Outcome::Degraded, Duration::ZERO);
+                    return Err(Degraded::new(name, reason, route, retry_after));
+                }
                 unserved(shared, idx, route);
             }
         }

@@ -1677,6 +1677,9 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
     assert_eq!(body(fresh).await, "/p/1 v0");
     d.force_open("product").unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await;
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
     let copy = svc.clone().oneshot(get("/p/1")).await.unwrap();
     assert_eq!(copy.status(), StatusCode::OK);
     assert_eq!(copy.headers()["age"], "7");
@@ -1692,6 +1695,29 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     let stale = svc.clone().oneshot(get("/p/1")).await.unwrap();
     assert_eq!(stale.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Diverted to `cached`, whoever answered: not rejected; what the copy did is counted.
+    d.tick_now();
+    let history = d.history("product").unwrap();
+    let (degraded, rejected) = history
+        .iter()
+        .fold((0, 0), |(d, r), w| (d + w.degraded, r + w.rejected));
+    assert_eq!((degraded, rejected), (3, 0));
+    let mut cached: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == tower_degrade::metrics::FALLBACK_CACHED)
+        .map(|(k, _, _, v)| {
+            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+            let n = match v {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                other => panic!("{other:?}"),
+            };
+            (result.value().to_owned(), n)
+        })
+        .collect();
+    cached.sort();
+    assert_eq!(cached, [("miss".into(), 2), ("served".into(), 1)]);
 }
 
 // ===== the admin router =====
