@@ -455,12 +455,14 @@ impl Breaker {
                         Phase::Degraded { healthy: 0 },
                         format!(
                             "{} consecutive windows with success < {:.0} % and p99 > {} ms \
-                             (last: {:.1} %, {} ms): delayed retry + alert",
+                             (last: {:.1} %, {} ms): {:.0} % of calls admitted, the rest to the \
+                             class's fallback route",
                             rule.windows,
                             rule.success_below * 100.0,
                             rule.p99_above.as_millis(),
                             w.success_rate() * 100.0,
-                            w.p99.as_millis()
+                            w.p99.as_millis(),
+                            cfg.degraded_admit_fraction * 100.0
                         ),
                     )
                 })
