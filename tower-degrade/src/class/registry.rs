@@ -27,6 +27,8 @@ impl ClassId {
 pub struct Registry {
     classes: Vec<ClassConfig>,
     by_name: HashMap<String, ClassId>,
+    /// The default class was configured (`DegraderBuilder::default_class`), not implied.
+    default_configured: bool,
 }
 
 /// The name of the default class.
@@ -39,6 +41,7 @@ impl Registry {
         default: Option<ClassConfig>,
         classes: Vec<ClassConfig>,
     ) -> Result<Self, ConfigError> {
+        let default_configured = default.is_some();
         let mut default = default.unwrap_or_else(|| ClassConfig::new(DEFAULT_CLASS, Tier::Bronze));
         default.name = DEFAULT_CLASS.to_owned();
         let mut all = Vec::with_capacity(classes.len() + 1);
@@ -80,6 +83,7 @@ impl Registry {
         Ok(Self {
             classes: all,
             by_name,
+            default_configured,
         })
     }
 
@@ -101,6 +105,12 @@ impl Registry {
     /// If `id` does not come from this registry.
     pub fn class(&self, id: ClassId) -> &ClassConfig {
         &self.classes[id.index()]
+    }
+
+    /// Whether the default class was configured rather than implied: tier and `*` policy
+    /// selectors reach it only then.
+    pub(crate) fn default_configured(&self) -> bool {
+        self.default_configured
     }
 
     /// Number of classes, the default class included.

@@ -105,15 +105,10 @@ impl Core {
         }
         policies.sort_by(|a, b| a.name.cmp(&b.name));
         let mut by_class = vec![Vec::new(); registry.len()];
-        for (id, class) in registry.iter() {
-            let list = &mut by_class[id.index()];
+        for (c, class) in self.classes.iter().enumerate() {
+            let list = &mut by_class[c];
             for (i, p) in policies.iter().enumerate() {
-                let governs = p.targets.iter().any(|t| match t {
-                    Target::All => true,
-                    Target::Tier(tier) => *tier == class.tier(),
-                    Target::Class(c) => *c == id,
-                });
-                if governs {
+                if p.governs(c, class) {
                     list.push(i);
                 }
             }
@@ -379,13 +374,7 @@ impl Core {
         };
         // A class the policy governs, so `ctx` looks like the real thing.
         let class = (0..self.classes.len())
-            .find(|&i| {
-                policy.targets.iter().any(|t| match t {
-                    Target::All => true,
-                    Target::Tier(tier) => *tier == self.classes[i].tier,
-                    Target::Class(id) => id.index() == i,
-                })
-            })
+            .find(|&i| policy.governs(i, &self.classes[i]))
             .unwrap_or(0);
         // The last one has a prediction and an admission limiter, so the branches that read
         // them are run too (a service may have neither).

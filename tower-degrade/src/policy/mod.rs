@@ -63,6 +63,17 @@ pub(crate) struct Policy {
     lines: [Option<usize>; 2],
 }
 
+impl Policy {
+    /// Whether the policy governs class `i`.
+    fn governs(&self, i: usize, class: &ClassInfo) -> bool {
+        self.targets.iter().any(|t| match t {
+            Target::All => class.selected,
+            Target::Tier(tier) => class.selected && *tier == class.tier,
+            Target::Class(id) => id.index() == i,
+        })
+    }
+}
+
 /// How a policy's `on_request` hook fares since the last tick. A hook that fails fails open for
 /// that request only; one that fails on most requests of a tick (at least
 /// [`HookHealth::MIN_CALLS`]) is switched off until the next load, with a logged reason.
@@ -200,6 +211,9 @@ pub(crate) struct ClassInfo {
     dependencies: Arc<[String]>,
     tags: Arc<HashMap<String, String>>,
     route: crate::class::Route,
+    /// Tier and `*` selectors reach it: every class but the implied default one (the calls no
+    /// rule matched, 404s and scanners among them), which a policy governs only by name.
+    selected: bool,
 }
 
 /// What policy code runs with: the engines, the sets, per-class data.
@@ -270,7 +284,8 @@ impl Runtime {
     ) -> Self {
         let classes: Vec<ClassInfo> = registry
             .iter()
-            .map(|(_, c)| ClassInfo {
+            .map(|(id, c)| ClassInfo {
+                selected: id != ClassId::DEFAULT || registry.default_configured(),
                 name: c.name().into(),
                 tier: c.tier(),
                 sla_ms: c.sla_target().as_secs_f64() * 1e3,

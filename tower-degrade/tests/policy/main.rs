@@ -134,6 +134,50 @@ async fn shed_and_retry_after_answer_with_the_reason_and_hint() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn tier_and_star_selectors_leave_the_implied_default_class_alone() {
+    // The implied `default` class (bronze) holds the calls no rule matched, 404s and scanners
+    // among them: a policy for "bronze" or "*" is about the classes you configured. Named, or
+    // configured with `default_class`, it is governed like any other.
+    let shed = |d: &Degrader, class: &str| {
+        let d = d.clone();
+        let class = class.to_owned();
+        async move {
+            d.layer(d.class_id(&class).unwrap())
+                .layer(echo())
+                .oneshot(false)
+                .await
+                .is_err()
+        }
+    };
+    for governs in ["\"bronze\"", "\"*\""] {
+        let d = degrader();
+        d.load_policy_sources([("p", policy(governs, "shed()").as_str())])
+            .unwrap();
+        d.tick_now();
+        assert!(shed(&d, "log").await, "{governs}");
+        assert!(
+            !shed(&d, "default").await,
+            "{governs}: the default class is not bronze work"
+        );
+    }
+    let d = degrader();
+    d.load_policy_sources([("p", policy("\"default\"", "shed()").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert!(shed(&d, "default").await, "named");
+    let d = Degrader::builder("shop")
+        .default_class(ClassConfig::bronze("other"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    d.load_policy_sources([("p", policy("\"bronze\"", "shed()").as_str())])
+        .unwrap();
+    d.tick_now();
+    assert!(shed(&d, "default").await, "configured");
+}
+
+#[tokio::test(start_paused = true)]
 async fn fallback_route_goes_to_the_fallback_service() {
     let d = degrader();
     d.load_policy_sources([("p", policy("\"stock\"", "fallback(\"service\")").as_str())])
