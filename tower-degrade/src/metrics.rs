@@ -30,6 +30,7 @@
 //! | `degrade_fallback_replays_total` | counter (`fallback`) | service, queue, result |
 //! | `degrade_fallback_backfill_rate` | gauge, replays/s (`fallback`) | service |
 //! | `degrade_fallback_batch_writes_total` | counter (`fallback`) | service, class, result |
+//! | `degrade_fallback_cached_total` | counter (`fallback`) | class, result |
 //!
 //! Every name is defined once, here, with its description (the Prometheus `HELP` text,
 //! registered on the first tick). Label values come from configuration only (class names,
