@@ -31,8 +31,9 @@
 //! half a tick are judged by how many finished, provided the probe's permits were all in use
 //! (bursts that reach a mostly idle limit complete as many calls whatever it is); longer calls
 //! by their latency, once those that finish were admitted under the probe (a tick later per
-//! tick of latency, at most 4). A probe that finds the whole probe's worth was queue (as many
-//! calls completed) looks next at half the limit rather than three quarters.
+//! tick of latency, at most 4). Each probe takes a quarter off, so the limit never goes below
+//! three quarters of a limit that was all queue: a deeper step was tried, and starved gold
+//! for a tick when a storm's database turned slow.
 //!
 //! A dependency that turns slow (a database at four times its latency) raises `rtt` with no
 //! queue at all; the gradient would halve the limit tick after tick for latency that does not
@@ -162,13 +163,12 @@ impl Gradient {
         limit.clamp(f64::from(self.cfg.min), f64::from(self.cfg.max))
     }
 
-    /// Run the next tick at `share` of the limit (three quarters, unless a probe just showed
-    /// a deep queue), to see whether the service completes as many calls and whether latency
-    /// falls with it.
-    fn probe(&mut self, share: f64) -> u32 {
+    /// Run the next tick at three quarters of the limit, to see whether the service completes
+    /// as many calls and whether latency falls with it.
+    fn probe(&mut self) -> u32 {
         self.since_probe = 0;
         self.unproven = false;
-        let lower = self.clamp(self.limit * share);
+        let lower = self.clamp(self.limit * 0.75);
         if lower.round() < self.limit.round() {
             self.probing = Some(self.limit);
             self.limit = lower;
@@ -244,18 +244,9 @@ impl Gradient {
                 self.rtts.clear();
                 self.rtts.push_back(rtt);
                 self.last_rtt = rtt;
-                // As many calls completed (or latency fell as much as the limit) with a quarter
-                // fewer in flight: the queue is deeper than the probe, look at half the limit
-                // next.
-                let deep = if short {
-                    s.calls as f64 >= 0.97 * self.last_calls as f64
-                } else {
-                    rtt <= self.last_rtt * (1.0 - 0.97 * fell_by)
-                };
-                let share = if deep { 0.5 } else { 0.75 };
                 self.last_calls = s.calls;
                 self.stale = 0;
-                return self.probe(share);
+                return self.probe();
             }
             self.limit = before;
         }
@@ -311,12 +302,12 @@ impl Gradient {
             // three quarters of the limit tells them apart.
             self.stale_probe = true;
             self.stale_probed = true;
-            return self.probe(0.75);
+            return self.probe();
         }
         // Probe a baseline that may have been measured with a queue in the service (a new
         // one, once slow start is over), or an old one, from the limit the tick ran with.
         if self.unproven || self.since_probe >= self.cfg.window {
-            return self.probe(0.75);
+            return self.probe();
         }
         let headroom = (self.limit.sqrt() / 2.0).max(1.0);
         let target = self.limit * gradient + headroom;
