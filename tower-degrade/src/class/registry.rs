@@ -108,7 +108,8 @@ impl Registry {
     }
 
     /// Whether the default class was configured rather than implied: tier and `*` policy
-    /// selectors reach it only then.
+    /// selectors reach it only then (policies are behind the `rhai` feature).
+    #[cfg_attr(not(feature = "rhai"), allow(dead_code))]
     pub(crate) fn default_configured(&self) -> bool {
         self.default_configured
     }
