@@ -12,9 +12,19 @@ Failure modes change r, mu, s or the error rate, most with a precursor ramp:
   retry_storm    a small error rate makes clients retry, the retries saturate the service
   slow_leak      capacity leaks away over 2-10 min
 
-Normal traffic has its own noise: diurnal swings, bursts of x1.5-2.5 for 5-60 s and isolated
-latency spikes (GC pauses) that last one or two ticks. Incidents are the SLO breaches of
-`traces.breach_events`, found in the simulated features, not the injected fault windows.
+Normal traffic has its own noise: diurnal swings, bursts of x1.5-2.5 for 5-60 s, isolated
+latency spikes (GC pauses) that last one or two ticks, and 0-3 changes that are not faults
+(`benign`; about one in five still breaches):
+
+  deploy          a rolling restart over 20-120 s (in 3 of 10, one instance of 6-12 out at a
+                  time; the others start a new one first), cold caches slowing the calls,
+                  half of them with a few connection resets; the new version then runs
+                  0.85-1.25x as fast as the old, for good
+  noisy_neighbour CPU steal for 30-600 s: service time up 5-35 %, changing every 5-20 s
+
+Both are sized to the room the service's p99 has below its SLA (each slowdown at most 80 % of
+it). Incidents are the SLO breaches of `traces.breach_events`, found in the simulated
+features, not the injected fault windows.
 
     python simulate.py --out DIR [--seed 7]   # writes the train/val/test traces as CSV
 """
@@ -30,12 +40,43 @@ from traces import Trace, breach_events, clip, rate_ratio, write_csv
 
 DT = 0.5
 MODES = ["slow_db", "error_burst", "saturation", "dep_outage", "retry_storm", "slow_leak"]
+BENIGN = ["deploy", "noisy_neighbour"]
 
 
 def _ramp(t, t0, d, shape):
     """0 before t0, 1 after t0 + d, shaped in between."""
     x = np.clip((t - t0) / max(d, 1e-9), 0, 1)
     return x ** shape
+
+
+def benign(rng: np.random.Generator, t: np.ndarray, mode: str, room: float, cap: np.ndarray,
+           err: np.ndarray) -> np.ndarray:
+    """A change that is not a fault, at a random time: the factor it multiplies the service
+    time by; a deploy also takes capacity (`cap`) and may add errors (`err`), in place. `room`:
+    how much slower the service can get before its p99 reaches the SLA; each slowdown takes at
+    most 80 % of it (a burst of traffic on top can still breach)."""
+    t0 = rng.uniform(0, t[-1])
+    room = max(room, 0.05)
+    if mode == "deploy":
+        d = rng.uniform(20, 120)
+        rolling = (t >= t0) & (t < t0 + d)
+        if rng.random() < 0.3:  # no surge instance: one of 6-12 is out at a time
+            cap *= np.where(rolling, 1 - 1 / rng.integers(6, 13), 1.0)
+        if rng.random() < 0.5:
+            err += rolling * rng.uniform(0.002, 0.01)
+        since = np.clip(t - t0, 0, None)
+        cold = min(rng.uniform(0.1, 0.5), 0.8 * room) * (t >= t0) * np.exp(-since / rng.uniform(10, 60)) * (since < d + 120)
+        return (1 + cold) * np.where(t >= t0 + d, rng.uniform(0.85, 1 + min(0.25, 0.5 * room)), 1.0)
+    if mode == "noisy_neighbour":
+        d = rng.uniform(30, 600)
+        steal = np.zeros_like(t)
+        a = t0
+        while a < t0 + d:  # the steal changes every 5-20 s
+            b = min(a + rng.uniform(5, 20), t0 + d)
+            steal[(t >= a) & (t < b)] = min(rng.uniform(0.05, 0.35), rng.uniform(0.2, 0.8) * room)
+            a = b
+        return 1 + steal
+    raise ValueError(f"unknown change {mode!r}")
 
 
 def simulate(rng: np.random.Generator, T: int, n_incidents: int, bursty: bool) -> tuple[np.ndarray, list]:
@@ -109,6 +150,9 @@ def simulate(rng: np.random.Generator, T: int, n_incidents: int, bursty: bool) -
             up = _ramp(t, f0, d, 1)
             down = _ramp(t, f0 + d + hold, rec, 1)
             cap *= 1 - (1 - k * r0 / mu0 * rng.uniform(0.7, 0.9)) * up * (1 - down)
+
+    for _ in range(int(rng.integers(0, 4))):
+        slow *= benign(rng, t, BENIGN[rng.integers(len(BENIGN))], sla / (s0 * tail) - 1, cap, err)
 
     rate = rate * (1 + retry_p) * np.exp(rng.normal(0, 0.03, T))
     X = np.zeros((T, N_FEATURES))  # columns in features.FEATURES order
