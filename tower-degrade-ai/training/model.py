@@ -1,7 +1,8 @@
-"""The predictor networks (`build`): the bundled model's, `ZCNet` (`--arch zc`), a head of a few
-hundred weights over scale-free summaries of the window against its own start and against the
-class's long baseline; and the ones it was compared with in the leave-one-dataset-out
-evaluation (`Net`, the dilated 1-D convolution bundled until 1 December 2026; `ZNet`; `ZBNet`).
+"""The predictor networks (`build`): the bundled model's, `ZANet` (`--arch za`), a robust
+z-score against the class's long baseline that a head of a few hundred weights over scale-free
+summaries (`ZCNet`'s) may correct within a bound; and the ones it was compared with in the
+leave-one-dataset-out evaluation (`Net`, the dilated 1-D convolution bundled until 1 December
+2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December).
 
 In-graph preprocessing keeps each ONNX file self-contained: log1p compresses the ratios, and
 each channel is also given relative to a baseline of its own (so that a model trained on one
@@ -212,6 +213,35 @@ class ZCNet(ZBNet):
         return torch.cat(f, dim=1)
 
 
+class ZANet(ZCNet):
+    """A robust z-score with a bounded learnt correction: the logit is a (prior + BOUND
+    tanh(g)) + b, where the prior is the squashed worst two-sided z-score of the last tick's
+    channels (log1p scale) against the class's long baseline, what a static robust z-score
+    detector alarms on, and g is ZCNet's head over ZCNet's summaries. The head can reorder only
+    steps whose priors lie within 2 BOUND of each other (a z-score about 2.5x apart near the
+    tail), so a network trained on other services ranks a new one no worse than that z-score
+    by much, and better where what it learnt holds."""
+
+    BOUND = 0.15
+
+    def __init__(self):
+        super().__init__()
+        self.log_a = nn.Parameter(torch.tensor(1.0))
+        self.b = nn.Parameter(torch.tensor(-3.0))
+
+    def prior(self, x: torch.Tensor) -> torch.Tensor:
+        window, base = x[:, :WINDOW], x[:, WINDOW:]
+        xl = torch.log1p(torch.clamp(window[:, -1:], min=0.0)).transpose(1, 2)  # [B, 8, 1]
+        q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
+        med, scale = baseline_spread(q, 1e-3)
+        return squash(((xl - med) / scale).abs()).amax(dim=1)  # [B, 1]
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.inputs(x)
+        g = self.skip(f) + self.mlp(f)
+        return torch.exp(self.log_a) * (self.prior(x) + self.BOUND * torch.tanh(g)) + self.b
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -223,18 +253,21 @@ class _WithBaseline(nn.Module):
         return self.net(torch.cat([window, base], dim=1))
 
 
-ARCHS = ("conv", "robust", "z", "zb", "zc")
+ARCHS = ("conv", "robust", "z", "zb", "zc", "za")
 
 
 def build(arch: str) -> nn.Module:
     """The network named `arch`: "conv" (Net, the bundled model's until 1 December 2026),
-    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet) or "zc" (ZCNet, the bundled model's)."""
+    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet), "zc" (ZCNet) or "za" (ZANet, the
+    bundled model's)."""
     if arch == "z":
         return ZNet()
     if arch == "zb":
         return ZBNet()
     if arch == "zc":
         return ZCNet()
+    if arch == "za":
+        return ZANet()
     if arch in ("conv", "robust"):
         return Net(robust=arch == "robust")
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")

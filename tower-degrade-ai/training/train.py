@@ -1,10 +1,10 @@
 """Train the predictor and export it to ONNX.
 
     python train.py --data PUBLIC_TRACES_DIR [--out ../models/p_anomaly.onnx] [--seed 7]
-                    [--arch zc] [--balance | --no-balance]
+                    [--arch za] [--balance | --no-balance]
 
-The defaults are the bundled model's recipe: the `zc` head (model.ZCNet), every dataset
-weighted equally.
+The defaults are the bundled model's recipe: the anchored head (model.ZANet, `za`), every
+dataset weighted equally.
 
 Training data: the simulator's train traces, plus the train part of each public dataset
 (time-ordered: NAB's first 48 % per file, Nezha's first day, SMD's train file, each without
@@ -163,7 +163,7 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
 
 
 def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
-        public_data: bool = True, arch: str = "zc", balance: bool = True, log=print) -> dict:
+        public_data: bool = True, arch: str = "za", balance: bool = True, log=print) -> dict:
     """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
     export the model to `out` with its reference answers, and write `<out>.train.json`."""
     torch.manual_seed(seed)
@@ -230,11 +230,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000,
                     help="normal windows the first model scores highest, added for a second round")
-    ap.add_argument("--arch", default="zc", choices=ARCHS,
+    ap.add_argument("--arch", default="za", choices=ARCHS,
                     help="the network (model.build): conv (the bundled model's until 1 December 2026), "
                          "robust, z, zb (z with the long baseline as a second input), zc (zb's inputs "
-                         "squashed rather than clipped, and the classical detectors' scores; the bundled "
-                         "model's)")
+                         "squashed rather than clipped, and the classical detectors' scores), za (a robust "
+                         "z-score against the long baseline, which zc's head may correct within a bound; "
+                         "the bundled model's)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
     a = ap.parse_args()
