@@ -14,12 +14,12 @@ Failure modes change r, mu, s or the error rate, most with a precursor ramp:
 
 Normal traffic has its own noise: diurnal swings, bursts of x1.5-2.5 for 5-60 s, isolated
 latency spikes (GC pauses) that last one or two ticks, and 0-3 changes that are not faults
-(`benign`; about one in five still breaches):
+(`benign`; about one in five still breaches, over 200 traces without bursts or faults):
 
   deploy          a rolling restart over 20-120 s (in 3 of 10, one instance of 6-12 out at a
                   time; the others start a new one first), cold caches slowing the calls,
-                  half of them with a few connection resets; the new version then runs
-                  0.85-1.25x as fast as the old, for good
+                  half of them with a few connection resets; the new version then has
+                  0.85-1.25x the old service time, for good
   noisy_neighbour CPU steal for 30-600 s: service time up 5-35 %, changing every 5-20 s
 
 Both are sized to the room the service's p99 has below its SLA (each slowdown at most 80 % of
