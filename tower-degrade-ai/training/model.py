@@ -185,12 +185,14 @@ class ZCNet(ZBNet):
     ratio to the 99th percentile, as the calibrated threshold rule reads p99 and failures)."""
 
     N_IN = 2 * (4 * N_FEATURES + 2) + 3 * N_FEATURES + 1
+    # Whether the head also reads each channel against the window's own start (window_z: two
+    # partial selections per channel, most of a batch's cost).
+    WINDOW_BRANCH = True
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         window, base = x[:, :WINDOW], x[:, WINDOW:]
         sign = self.risk_sign
         xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
-        zw = window_z(xl)
         # the long baseline, on the log1p scale and on the feature's own
         q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
         med, scale = baseline_spread(q, 1e-3)
@@ -201,7 +203,7 @@ class ZCNet(ZBNet):
         med, scale = baseline_spread(torch.clamp(base, min=0.0).transpose(1, 2), 1e-6)
         zr = (raw - med) / scale
         f = []
-        for z in (zw, zl):
+        for z in ((window_z(xl), zl) if self.WINDOW_BRANCH else (zl,)):
             r = squash(z * sign)
             last4 = r[:, :, -4:].mean(dim=2)
             f += [r[:, :, -1], last4, r[:, :, -8:].amax(dim=2), last4 - r[:, :, -8:-4].mean(dim=2),
@@ -242,6 +244,13 @@ class ZANet(ZCNet):
         return torch.exp(self.log_a) * (self.prior(x) + self.BOUND * torch.tanh(g)) + self.b
 
 
+class ZALNet(ZANet):
+    """ZANet without the window branch: the head reads the long baseline's summaries only."""
+
+    WINDOW_BRANCH = False
+    N_IN = ZCNet.N_IN - (4 * N_FEATURES + 2)
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -253,13 +262,13 @@ class _WithBaseline(nn.Module):
         return self.net(torch.cat([window, base], dim=1))
 
 
-ARCHS = ("conv", "robust", "z", "zb", "zc", "za")
+ARCHS = ("conv", "robust", "z", "zb", "zc", "za", "zal")
 
 
 def build(arch: str) -> nn.Module:
     """The network named `arch`: "conv" (Net, the bundled model's until 1 December 2026),
-    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet), "zc" (ZCNet) or "za" (ZANet, the
-    bundled model's)."""
+    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet), "zc" (ZCNet), "za" (ZANet, the
+    bundled model's) or "zal" (ZALNet)."""
     if arch == "z":
         return ZNet()
     if arch == "zb":
@@ -268,6 +277,8 @@ def build(arch: str) -> nn.Module:
         return ZCNet()
     if arch == "za":
         return ZANet()
+    if arch == "zal":
+        return ZALNet()
     if arch in ("conv", "robust"):
         return Net(robust=arch == "robust")
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")

@@ -9,13 +9,15 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 @unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
 class AnchoredHead(unittest.TestCase):
+    arch = "za"
+
     def setUp(self):
         import torch
 
         import model
         self.torch, self.model = torch, model
         torch.manual_seed(3)
-        self.net = model.build("za")
+        self.net = model.build(self.arch)
         # A head far from its initial weights: whatever it learnt, the bound holds.
         with torch.no_grad():
             for p in list(self.net.skip.parameters()) + list(self.net.mlp.parameters()):
@@ -44,6 +46,10 @@ class AnchoredHead(unittest.TestCase):
         far = np.abs(prior[i] - prior[j]) > 2 * self.model.ZANet.BOUND
         self.assertGreater(far.sum(), 1000)
         self.assertTrue(np.all(np.sign(prior[i] - prior[j])[far] == np.sign(p[i] - p[j])[far]))
+
+
+class AnchoredHeadWithoutTheWindowBranch(AnchoredHead):
+    arch = "zal"
 
 
 if __name__ == "__main__":

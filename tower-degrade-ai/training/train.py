@@ -235,7 +235,8 @@ def main():
                          "robust, z, zb (z with the long baseline as a second input), zc (zb's inputs "
                          "squashed rather than clipped, and the classical detectors' scores), za (a robust "
                          "z-score against the long baseline, which zc's head may correct within a bound; "
-                         "the bundled model's)")
+                         "the bundled model's), zal (za whose head reads the long baseline only: about "
+                         "a fifth of its inference cost)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
     a = ap.parse_args()
