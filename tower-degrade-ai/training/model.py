@@ -26,13 +26,18 @@ def _middle(x: torch.Tensor) -> torch.Tensor:
     return torch.topk(x, REF // 2 + 1, dim=2, largest=False).values[:, :, -1:]
 
 
-def window_z(x: torch.Tensor) -> torch.Tensor:
+def window_z(x: torch.Tensor, one_selection: bool = False) -> torch.Tensor:
     """Each channel of `x` [B, C, T] against its own median and MAD over the first REF ticks:
     a robust z-score that means the same on any service's scale. The scale has a floor (5 %
-    of the channel's deviation, plus a constant) so a flat baseline does not divide by 0."""
+    of the channel's deviation, plus a constant) so a flat baseline does not divide by 0.
+    one_selection: the mean absolute deviation from the median instead of the MAD (as a
+    standard deviation: x 1.2533), one partial selection per channel instead of two."""
     base = x[:, :, :REF]
     med = _middle(base)
-    mad = _middle((base - med).abs()) * 1.4826
+    if one_selection:
+        mad = (base - med).abs().mean(dim=2, keepdim=True) * 1.2533
+    else:
+        mad = _middle((base - med).abs()) * 1.4826
     scale = mad + 0.05 * base.std(dim=2, keepdim=True) + 1e-3
     return (x - med) / scale
 
@@ -188,6 +193,8 @@ class ZCNet(ZBNet):
     # Whether the head also reads each channel against the window's own start (window_z: two
     # partial selections per channel, most of a batch's cost).
     WINDOW_BRANCH = True
+    # Whether that branch's scale takes one partial selection per channel (window_z).
+    ONE_SELECTION = False
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         window, base = x[:, :WINDOW], x[:, WINDOW:]
@@ -203,7 +210,7 @@ class ZCNet(ZBNet):
         med, scale = baseline_spread(torch.clamp(base, min=0.0).transpose(1, 2), 1e-6)
         zr = (raw - med) / scale
         f = []
-        for z in ((window_z(xl), zl) if self.WINDOW_BRANCH else (zl,)):
+        for z in ((window_z(xl, self.ONE_SELECTION), zl) if self.WINDOW_BRANCH else (zl,)):
             r = squash(z * sign)
             last4 = r[:, :, -4:].mean(dim=2)
             f += [r[:, :, -1], last4, r[:, :, -8:].amax(dim=2), last4 - r[:, :, -8:-4].mean(dim=2),
@@ -251,6 +258,13 @@ class ZALNet(ZANet):
     N_IN = ZCNet.N_IN - (4 * N_FEATURES + 2)
 
 
+class ZAMNet(ZANet):
+    """ZANet whose window branch scales by the mean absolute deviation (one partial selection
+    per channel rather than two)."""
+
+    ONE_SELECTION = True
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -262,13 +276,13 @@ class _WithBaseline(nn.Module):
         return self.net(torch.cat([window, base], dim=1))
 
 
-ARCHS = ("conv", "robust", "z", "zb", "zc", "za", "zal")
+ARCHS = ("conv", "robust", "z", "zb", "zc", "za", "zal", "zam")
 
 
 def build(arch: str) -> nn.Module:
     """The network named `arch`: "conv" (Net, the bundled model's until 1 December 2026),
     "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet), "zc" (ZCNet), "za" (ZANet, the
-    bundled model's) or "zal" (ZALNet)."""
+    bundled model's), "zal" (ZALNet) or "zam" (ZAMNet)."""
     if arch == "z":
         return ZNet()
     if arch == "zb":
@@ -279,6 +293,8 @@ def build(arch: str) -> nn.Module:
         return ZANet()
     if arch == "zal":
         return ZALNet()
+    if arch == "zam":
+        return ZAMNet()
     if arch in ("conv", "robust"):
         return Net(robust=arch == "robust")
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")

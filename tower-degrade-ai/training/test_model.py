@@ -52,5 +52,9 @@ class AnchoredHeadWithoutTheWindowBranch(AnchoredHead):
     arch = "zal"
 
 
+class AnchoredHeadWithOneSelection(AnchoredHead):
+    arch = "zam"
+
+
 if __name__ == "__main__":
     unittest.main()
