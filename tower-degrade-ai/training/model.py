@@ -276,27 +276,24 @@ class _WithBaseline(nn.Module):
         return self.net(torch.cat([window, base], dim=1))
 
 
-ARCHS = ("conv", "robust", "z", "zb", "zc", "za", "zal", "zam")
+# Each architecture's name (train.py's --arch) and how to build it.
+_BUILD = {
+    "conv": Net,  # the bundled model's until 1 December 2026
+    "robust": lambda: Net(robust=True),
+    "z": ZNet,
+    "zb": ZBNet,
+    "zc": ZCNet,
+    "za": ZANet,  # the bundled model's
+    "zal": ZALNet,
+    "zam": ZAMNet,
+}
+ARCHS = tuple(_BUILD)
 
 
 def build(arch: str) -> nn.Module:
-    """The network named `arch`: "conv" (Net, the bundled model's until 1 December 2026),
-    "robust" (Net(robust=True)), "z" (ZNet), "zb" (ZBNet), "zc" (ZCNet), "za" (ZANet, the
-    bundled model's), "zal" (ZALNet) or "zam" (ZAMNet)."""
-    if arch == "z":
-        return ZNet()
-    if arch == "zb":
-        return ZBNet()
-    if arch == "zc":
-        return ZCNet()
-    if arch == "za":
-        return ZANet()
-    if arch == "zal":
-        return ZALNet()
-    if arch == "zam":
-        return ZAMNet()
-    if arch in ("conv", "robust"):
-        return Net(robust=arch == "robust")
+    """The network named `arch`, one of ARCHS."""
+    if arch in _BUILD:
+        return _BUILD[arch]()
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
 
 
