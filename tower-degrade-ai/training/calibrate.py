@@ -1,7 +1,9 @@
 """The breaker's calibrated prediction threshold (`tower_degrade::breaker::Calibration`), ported
 line for line so the harness scores the model as the breaker uses it by default: SPOT over the
 logits of a class's healthy scores (a generalized Pareto fit of the excesses over their 98th
-percentile, by the method of moments), kept at a false-trip budget per day.
+percentile, by the method of moments), kept at a false-trip budget per day, the per-step risk
+divided by the extremal index (runs of healthy steps over the tail's start per step over it,
+at least 1/32): a trip is a run of steps over the threshold.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ EPS = 1e-6
 FALSE_ALARM_MARGIN = 0.25
 # Healthy ticks after which an alarm is taken for a false one (tower_degrade::breaker::FALSE_ALARM_TICKS).
 FALSE_ALARM_TICKS = 40
+# The least extremal index the risk is divided by.
+MIN_THETA = 1.0 / 32.0
 # Healthy ticks a false alarm's floor holds.
 FALSE_ALARM_HOLD = 7200
 
@@ -42,6 +46,8 @@ class Calibrator:
         self.peaks: deque[float] = deque()
         self.sum = self.sum_sq = 0.0
         self.seen = self.exceeded = 0
+        self.over = self.runs = 0  # healthy steps over the tail's start, and their runs
+        self.was_over = False
         self.floor: tuple[float, int] | None = None
 
     def threshold(self):
@@ -73,18 +79,33 @@ class Calibrator:
                 self._fit()
         else:
             self.seen += 1
+            self._count_run(x)
             if self.start < x < self.fit:
                 self._push(x - self.start)
                 self._refit()
             else:
                 self._hold_floor()
 
+    def _count_run(self, x: float):
+        over = x > self.start
+        if over:
+            self.over += 1
+            self.runs += not self.was_over
+        self.was_over = over
+
+    def _theta(self) -> float:
+        """The extremal index: runs of steps over the tail's start per step over it."""
+        return 1.0 if self.over == 0 else min(max(self.runs / self.over, MIN_THETA), 1.0)
+
     def _fit(self):
-        init = sorted(self.init)
+        ordered = self.init
+        init = sorted(ordered)
         self.init = None
         at = min(int(len(init) * TAIL_QUANTILE), len(init) - 1)
         self.start = init[at]
         self.seen = len(init)
+        for x in ordered:  # the runs in the warm-up's order
+            self._count_run(x)
         for x in init[at:]:
             if x > self.start:
                 self._push(x - self.start)
@@ -111,7 +132,8 @@ class Calibrator:
         var = max(self.sum_sq / n - mean * mean, 1e-12)
         gamma = min(max(0.5 * (1.0 - mean * mean / var), -0.5), 0.45)
         sigma = max(0.5 * mean * (mean * mean / var + 1.0), 1e-9)
-        ratio = min(self.risk * self.seen / max(self.exceeded, 1), 1.0)
+        risk = min(self.risk / self._theta(), 0.5)
+        ratio = min(risk * self.seen / max(self.exceeded, 1), 1.0)
         over = -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
         self.fit = self.start + max(over, 0.0)
         self._hold_floor()
