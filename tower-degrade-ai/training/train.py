@@ -236,7 +236,7 @@ def main():
                          "squashed rather than clipped, and the classical detectors' scores), za (a robust "
                          "z-score against the long baseline, which zc's head may correct within a bound; "
                          "the bundled model's), zal (za whose head reads the long baseline only: about "
-                         "a fifth of its inference cost), zam (za whose window branch takes one partial "
+                         "60 %% of its inference cost), zam (za whose window branch takes one partial "
                          "selection per channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")

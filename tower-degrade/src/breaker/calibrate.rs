@@ -44,8 +44,9 @@ impl Default for PredictThreshold {
 #[non_exhaustive]
 pub struct Calibration {
     /// False trips per day the threshold is kept at (1.0): the chance that a healthy tick
-    /// scores above it is this many over the ticks in a day, divided by how many ticks a run
-    /// over the threshold lasts on average (the extremal index, module docs).
+    /// scores above it is this many over the ticks in a day, times how many ticks a run of
+    /// healthy ticks over the tail's start lasts on average (divided by the extremal index,
+    /// module docs).
     pub false_trips_per_day: f64,
     /// Healthy ticks seen before the predictor may degrade a class (3,600: 30 minutes at the
     /// default 500 ms tick; at least 2,500, so the first fit has 50 excesses). Until then it
