@@ -2,7 +2,7 @@
 //! tower-degrade, through the seed design's Double-11 storm.
 //!
 //! ```text
-//! cargo run -p example-order-fulfillment [-- --config FILE] [--serve] [--trace]
+//! cargo run --release -p example-order-fulfillment [-- --config FILE] [--serve] [--trace]
 //! ```
 //!
 //! `--serve` keeps the protected service up afterwards on `ORDER_FULFILLMENT_ADDR` (default
