@@ -12,6 +12,7 @@
 //! | `degrade_prediction` | gauge, 0–1 (only with a predictor; NaN while the predictor fails or has not answered yet) | service, class, tier |
 //! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; NaN while calibrating) | service, class, tier |
 //! | `degrade_predict_calibrating` | gauge, 1 while the class calibrates its threshold (the predictor only reports) | service, class, tier |
+//! | `degrade_predictions_total` | counter (only with a predictor): how the class's warnings turned out, `confirmed` or `false_alarm`, and breaches it `missed` ([`PredictionRecord`](crate::breaker::PredictionRecord)) | service, class, tier, result |
 //! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
 //! | `degrade_predictor_failures_total` | counter (only with a predictor): ticks without predictions because the model failed or its thread stopped | service |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
@@ -68,7 +69,7 @@ use metrics::{
     describe_histogram, gauge, histogram,
 };
 
-use crate::breaker::{State, Transition};
+use crate::breaker::{PredictionRecord, State, Transition};
 use crate::class::{Registry, Tier};
 use crate::window::{Outcome, WindowSnapshot};
 
@@ -92,6 +93,9 @@ pub const PREDICTION: &str = "degrade_prediction";
 pub const PREDICT_THRESHOLD: &str = "degrade_predict_threshold";
 /// 1 while a class calibrates its prediction threshold (the predictor only reports), else 0.
 pub const PREDICT_CALIBRATING: &str = "degrade_predict_calibrating";
+/// How a class's predictions turned out, by `result`: `confirmed`, `false_alarm`, `missed`
+/// ([`PredictionRecord`](crate::breaker::PredictionRecord)).
+pub const PREDICTIONS: &str = "degrade_predictions_total";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
 /// Ticks where the predictor failed (an inference error, or its thread stopped): no class has
@@ -170,6 +174,11 @@ pub(crate) fn describe() {
     describe_gauge!(
         PREDICT_CALIBRATING,
         "1 while the class is still learning its healthy scores: the predictor only reports."
+    );
+    describe_counter!(
+        PREDICTIONS,
+        Unit::Count,
+        "How the class's predicted failures turned out: warnings a breach followed (confirmed) or not (false_alarm), and breaches with no warning while the predictor could warn (missed)."
     );
     describe_counter!(
         PREDICTOR_OVERRUNS,
@@ -362,8 +371,15 @@ pub(crate) struct ClassMetrics {
     queue_depth: Gauge,
     queue_delay: Gauge,
     state: Gauge,
-    /// With a predictor: the prediction, the threshold, and whether it is still calibrating.
-    prediction: Option<[Gauge; 3]>,
+    /// With a predictor.
+    prediction: Option<PredictionMetrics>,
+}
+
+/// A class's predictor handles: the prediction, the threshold, whether it is still
+/// calibrating, and the record's three counters.
+struct PredictionMetrics {
+    gauges: [Gauge; 3],
+    record: [Counter; 3],
 }
 
 impl std::fmt::Debug for ClassMetrics {
@@ -390,12 +406,17 @@ impl ClassMetrics {
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
             queue_delay: gauge!(QUEUE_DELAY, base.clone()),
             state: gauge!(BREAKER_STATE, base.clone()),
-            prediction: predicted.then(|| {
-                [
+            prediction: predicted.then(|| PredictionMetrics {
+                gauges: [
                     gauge!(PREDICTION, base.clone()),
                     gauge!(PREDICT_THRESHOLD, base.clone()),
-                    gauge!(PREDICT_CALIBRATING, base),
-                ]
+                    gauge!(PREDICT_CALIBRATING, base.clone()),
+                ],
+                record: ["confirmed", "false_alarm", "missed"].map(|result| {
+                    let mut l = base.clone();
+                    l.push(Label::new("result", result));
+                    counter!(PREDICTIONS, l)
+                }),
             }),
         }
     }
@@ -407,6 +428,7 @@ impl ClassMetrics {
         state: State,
         prediction: Option<f64>,
         threshold: Option<f64>,
+        record: PredictionRecord,
     ) {
         let counts = [
             w.successes,
@@ -428,7 +450,16 @@ impl ClassMetrics {
         self.queue_depth.set(w.queue_depth as f64);
         self.queue_delay.set(w.queue_delay.as_secs_f64());
         self.state.set(state.as_gauge());
-        if let Some([p_gauge, t_gauge, calibrating]) = &self.prediction {
+        if let Some(PredictionMetrics {
+            gauges: [p_gauge, t_gauge, calibrating],
+            record: counters,
+        }) = &self.prediction
+        {
+            // The record is counted since the degrader started: the counters follow it.
+            let counts = [record.confirmed, record.false_alarms, record.missed];
+            for (c, n) in counters.iter().zip(counts) {
+                c.absolute(n);
+            }
             // NaN, not a stale or made-up number, when there is none: no comparison with it
             // holds, so an alert on `prediction >= threshold` cannot fire on it.
             p_gauge.set(prediction.unwrap_or(f64::NAN));

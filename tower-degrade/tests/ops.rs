@@ -70,6 +70,7 @@ fn emitted() -> BTreeSet<&'static str> {
         PREDICTION,
         PREDICT_THRESHOLD,
         PREDICT_CALIBRATING,
+        PREDICTIONS,
         PREDICTOR_OVERRUNS,
         PREDICTOR_FAILURES,
         POLICY_RELOADS,

@@ -256,6 +256,12 @@ impl Admin {
                     "prediction": c.prediction,
                     "prediction_threshold": c.prediction_threshold,
                     "calibrating": c.calibrating,
+                    "predictions": c.prediction_record.map(|r| json!({
+                        "confirmed": r.confirmed,
+                        "false_alarms": r.false_alarms,
+                        "missed": r.missed,
+                        "last_lead_ticks": r.last_lead_ticks,
+                    })),
                 })
             })
             .collect();

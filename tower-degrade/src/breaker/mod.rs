@@ -28,6 +28,7 @@
 mod calibrate;
 mod command;
 mod config;
+mod record;
 mod state;
 
 use std::time::Duration;
@@ -38,6 +39,8 @@ use self::calibrate::Calibrator;
 pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
 pub use self::config::{BreakerConfig, DegradeRule};
+pub use self::record::PredictionRecord;
+use self::record::Tally;
 pub use self::state::{State, Transition};
 use crate::class::Route;
 use crate::gate::{Directive, Reason};
@@ -102,6 +105,8 @@ pub struct Breaker {
     /// A calibrated prediction that degraded the class and that the class has not confirmed
     /// yet: healthy ticks since, and the highest score among them.
     alarm: Option<Alarm>,
+    /// How the predictions turned out.
+    tally: Tally,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,6 +134,7 @@ impl Breaker {
             predicted: 0,
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
             alarm: None,
+            tally: Tally::default(),
         }
     }
 
@@ -154,6 +160,11 @@ impl Breaker {
             PredictThreshold::Fixed(t) => Some(*t),
             PredictThreshold::Calibrated(_) => self.calibrator.as_ref()?.threshold(),
         }
+    }
+
+    /// How the class's predictions turned out so far ([`PredictionRecord`]).
+    pub fn prediction_record(&self) -> PredictionRecord {
+        self.tally.record()
     }
 
     /// The state in force.
@@ -329,6 +340,10 @@ impl Breaker {
         }
         let from = self.phase.state();
         let threshold = self.predict_threshold();
+        // A warning of earlier ticks is judged by this one.
+        let watching = self.tally.watching();
+        let breach = self.breach(w);
+        self.tally.tick(breach, w.completed() > 0);
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
             PredictThreshold::Calibrated(_) => {
@@ -339,12 +354,18 @@ impl Breaker {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),
             _ => 0,
         };
-        if let Some(t) = self.false_alarm(w, prediction) {
+        if let Some(t) = self.false_alarm(w, breach, prediction) {
             return Some(t);
         }
         let (next, reason) = match self.next_phase(w, now) {
-            Some(t) => t,
+            Some(t) => {
+                if from == State::Closed && prediction.is_some() && threshold.is_some() {
+                    self.tally.breached(watching);
+                }
+                t
+            }
             None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => {
+                self.tally.warned(breach);
                 if self.calibrator.is_some() {
                     self.alarm = Some(Alarm {
                         unconfirmed: 0,
@@ -392,15 +413,18 @@ impl Breaker {
     /// A class degraded by a calibrated prediction that has stayed healthy for
     /// [`FALSE_ALARM_TICKS`] ticks: a false alarm. The calibration puts its threshold above the
     /// alarm's scores and the class closes; a breach or a trip on the way confirms the alarm.
-    fn false_alarm(&mut self, w: &WindowSnapshot, prediction: Option<f64>) -> Option<Transition> {
+    fn false_alarm(
+        &mut self,
+        w: &WindowSnapshot,
+        breach: bool,
+        prediction: Option<f64>,
+    ) -> Option<Transition> {
         let alarm = self.alarm?;
         if !matches!(self.phase, Phase::Degraded { .. }) {
             self.alarm = None;
             return None;
         }
-        let confirmed =
-            self.trips(w).is_some() || self.cfg.degrade_rule.is_some_and(|r| r.breached(w));
-        if confirmed {
+        if breach {
             self.alarm = None;
             return None;
         }
@@ -434,6 +458,11 @@ impl Breaker {
             ),
             enforced: self.mode == Mode::Auto,
         })
+    }
+
+    /// Whether the window breached: it trips the breaker or breaks the degrade rule.
+    fn breach(&self, w: &WindowSnapshot) -> bool {
+        self.trips(w).is_some() || self.cfg.degrade_rule.is_some_and(|r| r.breached(w))
     }
 
     fn next_phase(&mut self, w: &WindowSnapshot, now: Instant) -> Option<(Phase, String)> {

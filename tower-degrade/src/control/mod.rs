@@ -151,6 +151,7 @@ impl Shared {
                 ctl.breaker.state(),
                 ctl.prediction,
                 ctl.breaker.predict_threshold(),
+                ctl.breaker.prediction_record(),
             );
         }
         // Registered on the first tick, like the class handles, so a recorder installed after
@@ -238,6 +239,10 @@ impl Shared {
                     prediction_threshold: ctl.prediction.and(ctl.breaker.predict_threshold()),
                     calibrating: ctl.prediction.is_some()
                         && ctl.breaker.predict_threshold().is_none(),
+                    prediction_record: self
+                        .predictor
+                        .is_attached()
+                        .then(|| ctl.breaker.prediction_record()),
                 }
             })
             .collect();

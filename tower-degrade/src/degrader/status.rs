@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::breaker::State;
+use crate::breaker::{PredictionRecord, State};
 use crate::class::Tier;
 use crate::gate::Directive;
 use crate::window::WindowSnapshot;
@@ -50,6 +50,9 @@ pub struct ClassStatus {
     /// A predictor is attached and the class is still learning its healthy scores: the
     /// predictor only reports, it does not degrade the class.
     pub calibrating: bool,
+    /// With a predictor attached: how the class's predictions turned out so far (warnings
+    /// confirmed, false alarms, breaches missed, the last lead).
+    pub prediction_record: Option<PredictionRecord>,
 }
 
 /// `degrade_health_score` (seed 4.4): per class, 60 % SLI (share of requests served, by the

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_degrade::breaker::{BreakerConfig, Calibration};
+use tower_degrade::breaker::{BreakerConfig, Calibration, PredictionRecord};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 
@@ -120,6 +120,11 @@ fn without_predictor() -> Degrader {
 /// A slow leak on `stock` (SLA 200 ms): latency grows 100 ms per tick, errors grow with it.
 /// Returns the tick at which the class left Closed.
 async fn leak(d: &Degrader) -> usize {
+    leak_until(d, |d| d.state("stock").unwrap() != State::Closed).await
+}
+
+/// The leak until `done` holds after a tick; returns that tick.
+async fn leak_until(d: &Degrader, mut done: impl FnMut(&Degrader) -> bool) -> usize {
     let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
     for tick in 1..=30 {
         let ms = 100 * tick as u64;
@@ -133,11 +138,18 @@ async fn leak(d: &Degrader) -> usize {
                 .await;
         }
         d.tick_now();
-        if d.state("stock").unwrap() != State::Closed {
+        if done(d) {
             return tick;
         }
     }
-    panic!("never left Closed");
+    panic!("the leak ended first");
+}
+
+/// `stock`'s prediction record.
+fn record(d: &Degrader) -> PredictionRecord {
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    stock.prediction_record.expect("a predictor is attached")
 }
 
 #[tokio::test(start_paused = true)]
@@ -163,6 +175,131 @@ async fn the_predictor_degrades_before_the_threshold_rule_would() {
         lead >= 2,
         "lead {lead} ticks (rule {rule_tick}, predictor {predicted_tick})"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
+    let none = without_predictor();
+    assert!(
+        none.status()
+            .classes
+            .iter()
+            .all(|c| c.prediction_record.is_none()),
+        "no predictor, no record"
+    );
+    // The rule alone: the leak's first breaching window is the first of the rule's three.
+    let first_breach = leak(&none).await - 2;
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
+        .class(ClassConfig::silver("stock"))
+        .predictor(Trend, PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let mut warned = None;
+    let confirmed_at = leak_until(&d, |d| {
+        if d.state("stock").unwrap() != State::Closed {
+            warned.get_or_insert(d.status().tick);
+        }
+        record(d).confirmed > 0
+    })
+    .await;
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+    let lead = r.last_lead_ticks.unwrap();
+    eprintln!(
+        "warned {lead} ticks before the breach (tick {confirmed_at}, the rule's first breaching window: {first_breach})"
+    );
+    assert_eq!(
+        u64::from(lead),
+        d.status().tick - warned.unwrap(),
+        "the ticks from the warning to the breach"
+    );
+    assert!(lead >= 2, "{r:?}");
+    // Degraded early, the class admits a share of its calls, which can move the breach a
+    // tick or so; it is still the leak's.
+    assert!(
+        (first_breach..first_breach + 3).contains(&confirmed_at),
+        "{confirmed_at}"
+    );
+
+    // In MetricsOnly the class is a trial that changes nothing: the shadow machine warns,
+    // the class serves every call, and the breach comes when the rule alone sees it.
+    let shadow = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
+        .class(ClassConfig::silver("stock"))
+        .predictor(Trend, PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    shadow.metrics_only("stock").unwrap();
+    let confirmed_at = leak_until(&shadow, |d| record(d).confirmed > 0).await;
+    assert_eq!(shadow.state("stock").unwrap(), State::MetricsOnly);
+    assert_eq!(confirmed_at, first_breach);
+    let r = record(&shadow);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+    assert!(r.last_lead_ticks.unwrap() >= 2, "{r:?}");
+}
+
+#[test]
+fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let d = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            // The model sees nothing coming; the class fails outright and opens.
+            let dial = Dial::default();
+            *dial.0.lock().unwrap() = 0.05;
+            let d = Degrader::builder("shop")
+                .latency_clock(LatencyClock::Tokio)
+                .breaker(BreakerConfig::default().predict_threshold(0.87))
+                .class(ClassConfig::silver("stock"))
+                .predictor(dial, PredictorConfig::default())
+                .build_with_worker()
+                .unwrap()
+                .0;
+            healthy(&d, 5).await;
+            let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
+            for _ in 0..3 {
+                for _ in 0..20 {
+                    let _ = svc.ready().await.unwrap().call((900, true)).await;
+                }
+                d.tick_now();
+            }
+            d
+        })
+    });
+    assert_ne!(d.state("stock").unwrap(), State::Closed);
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 1), "{r:?}");
+    assert_eq!(r.last_lead_ticks, None);
+    let counted = |result: &str| {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(k, _, _, _)| {
+                k.key().name() == tower_degrade::metrics::PREDICTIONS
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "class" && l.value() == "stock")
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "result" && l.value() == result)
+            })
+            .map(|(_, _, _, v)| v)
+    };
+    assert_eq!(counted("missed"), Some(DebugValue::Counter(1)));
+    assert_eq!(counted("confirmed"), Some(DebugValue::Counter(0)));
 }
 
 /// [`Trend`] for a model that scores this service high even when it is healthy (0.88 to 0.92):
@@ -307,6 +444,8 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
         "{degraded} ticks degraded"
     );
     assert!(threshold(&d) > 0.63, "{}", threshold(&d));
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 1, 0), "{r:?}");
     healthy(&d, 100).await;
     assert_eq!(
         d.state("stock").unwrap(),
@@ -330,6 +469,8 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
         State::Closed,
         "confirmed: not closed"
     );
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 1, 0), "{r:?}");
 }
 
 /// Blocks until the test lets it go: far past any budget.
