@@ -321,6 +321,17 @@ fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
 /// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
 /// the class left Closed, and its state then.
 async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
+    let tick =
+        slow_database_until(d, healthy, |d| d.state("stock").unwrap() != State::Closed).await;
+    (tick, d.state("stock").unwrap())
+}
+
+/// The same traffic until `done` holds after a tick; returns that tick.
+async fn slow_database_until(
+    d: &Degrader,
+    healthy: usize,
+    done: impl Fn(&Degrader) -> bool,
+) -> usize {
     let mut svc = d
         .layer(d.class_id("stock").unwrap())
         .layer(support::slow_failing());
@@ -333,12 +344,11 @@ async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
             let _ = svc.ready().await.unwrap().call((ms, fail)).await;
         }
         d.tick_now();
-        let state = d.state("stock").unwrap();
-        if state != State::Closed {
-            return (tick, state);
+        if done(d) {
+            return tick;
         }
     }
-    panic!("never left Closed");
+    panic!("the database recovered first");
 }
 
 fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
@@ -382,4 +392,22 @@ async fn the_bundled_model_degrades_before_the_threshold_rule() {
         model_tick + 2 <= rule_tick,
         "model {model_tick}, rule {rule_tick}"
     );
+
+    // Its record, in a trial that changes nothing (MetricsOnly): one warning, confirmed by the
+    // breach that followed it, with its lead.
+    let trial = shop(Some(OnnxPredictor::bundled().unwrap()));
+    trial.metrics_only("stock").unwrap();
+    let record = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.prediction_record.unwrap()
+    };
+    let breach_tick = slow_database_until(&trial, HEALTHY, |d| record(d).confirmed > 0).await;
+    let r = record(&trial);
+    eprintln!("MetricsOnly trial: confirmed at tick {breach_tick}: {r:?}");
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+    // Nothing enforced: the breach is the one the rule alone tripped on, and the lead the
+    // enforcing run had over it.
+    assert_eq!(breach_tick, rule_tick);
+    assert_eq!(r.last_lead_ticks, Some((rule_tick - model_tick) as u32));
 }
