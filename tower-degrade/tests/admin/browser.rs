@@ -1,7 +1,8 @@
 //! The status page in a real browser: headless Chromium driven over WebDriver by
 //! `chromedriver` (Debian's `chromium` and `chromium-driver`; `scripts/test` installs them).
 //! The page renders the classes, shows a class opening on its next refresh after the tick
-//! that opened it, and its buttons work with the token and are refused without it.
+//! that opened it (and, under the prediction, the predictor's record of it), and its buttons
+//! work with the token and are refused without it.
 //!
 //! `CHROMEDRIVER` and `CHROME` name other binaries than `chromedriver` and `chromium` on the
 //! `PATH`.
@@ -15,9 +16,11 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 use tower_degrade::admin::{Admin, Exposure, bind};
-use tower_degrade::breaker::State;
+use tower_degrade::breaker::{BreakerConfig, State};
+use tower_degrade::predict::{Predictor, PredictorConfig};
+use tower_degrade::{BoxError, ClassConfig};
 
-use super::{TOKEN, shop, support};
+use super::{TOKEN, support};
 
 /// How long the page may take to show what the degrader already holds: its refresh interval
 /// (1 s) several times over, for a loaded machine. Waiting stops as soon as it shows.
@@ -159,9 +162,27 @@ async fn message_after(c: &Client, before: &str) -> String {
     .await
 }
 
+/// Answers 0.05 for every class: a predictor that sees nothing coming.
+struct Quiet;
+
+impl Predictor for Quiet {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        out.fill(0.05);
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
-    let d = shop();
+    // The shop, with a predictor at a fixed threshold (armed from the first tick).
+    let d = support::builder("shop")
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
+        .class(ClassConfig::gold("payment").depends_on("db"))
+        .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
+        .predictor(Quiet, PredictorConfig::default())
+        .build_with_worker()
+        .expect("valid config")
+        .0;
     let app = Admin::new(&d, TOKEN).unwrap().router();
     let listener = bind(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -203,6 +224,17 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
         .await
         .unwrap();
     assert!(!why.is_empty(), "the page says why payment is open");
+    // The predictor did not warn of it: its record, under the prediction, says so.
+    let prediction = c
+        .find(Locator::Css("tr[data-class=\"payment\"] td:nth-child(8)"))
+        .await
+        .unwrap();
+    assert_eq!(prediction.text().await.unwrap(), "0.05");
+    let record = prediction.attr("title").await.unwrap().unwrap_or_default();
+    assert_eq!(
+        record,
+        "warnings confirmed: 0, false alarms: 0, breaches missed: 1"
+    );
 
     // Without the token, or with a wrong one, a button is refused and changes nothing.
     let mut shown = text(&c, "#message").await.unwrap_or_default();
