@@ -7,6 +7,7 @@ at least 1/32): a trip is a run of steps over the threshold.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 
@@ -101,7 +102,14 @@ class Calibrator:
         ordered = self.init
         init = sorted(ordered)
         self.init = None
-        at = min(int(len(init) * TAIL_QUANTILE), len(init) - 1)
+        n = len(init)
+        at = min(int(n * TAIL_QUANTILE), n - 1)
+        # at least MIN_PEAKS scores strictly above the start (scores that repeat)
+        while n - bisect.bisect_right(init, init[at]) < MIN_PEAKS:
+            first = bisect.bisect_left(init, init[at])
+            if first == 0:
+                break
+            at = first - 1
         self.start = init[at]
         self.seen = len(init)
         for x in ordered:  # the runs in the warm-up's order
@@ -131,7 +139,7 @@ class Calibrator:
         mean = self.sum / n
         var = max(self.sum_sq / n - mean * mean, 1e-12)
         gamma = min(max(0.5 * (1.0 - mean * mean / var), -0.5), 0.45)
-        sigma = max(0.5 * mean * (mean * mean / var + 1.0), 1e-9)
+        sigma = max(mean * (1.0 - gamma), 1e-9)  # the mean is sigma / (1 - gamma)
         risk = min(self.risk / self._theta(), 0.5)
         ratio = min(risk * self.seen / max(self.exceeded, 1), 1.0)
         over = -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
@@ -143,13 +151,15 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
            false_trips_per_day: float = 1.0, k: int = 2) -> np.ndarray:
     """The breaker's predicted trips over one series, online: a step alarms when the score is
     at or above the class's threshold for k steps running; healthy steps below it (and every
-    step while warming up) teach the threshold. An alarm that stays healthy for
-    FALSE_ALARM_TICKS steps is a false one: the threshold goes above its scores and it ends;
-    an unhealthy step confirms it."""
+    step while warming up) teach the threshold, once FALSE_ALARM_TICKS more healthy steps have
+    passed with no unhealthy one (those before an unhealthy step are its precursors, as in the
+    breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
+    threshold goes above its scores and it ends; an unhealthy step confirms it."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     out = np.zeros(len(scores), dtype=bool)
     run = 0
     alarm = None  # [healthy steps, highest score], while an unconfirmed alarm lasts
+    unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     for t, p in enumerate(scores):
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
@@ -165,6 +175,10 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             if alarm[0] >= FALSE_ALARM_TICKS:
                 cal.false_alarm(alarm[1])
                 alarm, run = None, 0
-        if healthy[t] and not out[t]:
-            cal.observe(float(p))
+        if not healthy[t]:
+            unlearnt.clear()
+        elif not out[t]:
+            unlearnt.append(float(p))
+            if len(unlearnt) > FALSE_ALARM_TICKS:
+                cal.observe(unlearnt.popleft())
     return out

@@ -156,6 +156,21 @@ class Calibration(unittest.TestCase):
         self.assertLess(c._theta(), 0.2)
         self.assertAlmostEqual(c.threshold(), 0.8045533034611368, places=9)
 
+    def test_tied_scores_fit_as_the_rust_ones_do(self):
+        # `breaker::calibrate::tests::tied_scores_still_give_the_first_fit_its_fifty_...`: a
+        # model whose healthy scores take three values and a few more.
+        import math
+        from calibrate import MIN_PEAKS, Calibrator, logit
+        c = Calibrator(1.0, 0.5, 3600)
+        for i in range(3600):
+            r = (i * 37) % 100
+            c.observe(0.0046 if r < 75 else 0.0265 if r < 87 else 0.0043 if r < 99
+                      else 0.03 + 0.004 * ((i // 100) % 10))
+        self.assertGreaterEqual(len(c.peaks), MIN_PEAKS)
+        self.assertEqual(c.start, logit(0.0046))
+        self.assertAlmostEqual(c.threshold(), TIED_THRESHOLD, places=9)
+        self.assertTrue(math.isfinite(c.threshold()))
+
     def test_a_false_alarm_puts_the_threshold_above_its_scores_as_the_rust_one_does(self):
         # `breaker::calibrate::tests::a_false_alarm_puts_the_threshold_above_its_scores_for_an_hour_...`
         from calibrate import Calibrator
@@ -170,19 +185,49 @@ class Calibration(unittest.TestCase):
     def test_an_alarm_the_class_does_not_confirm_ends_and_raises_the_threshold(self):
         import numpy as np
         from calibrate import FALSE_ALARM_TICKS, alarms
-        # Healthy all along: a warm-up at 0.05, then a level shift to 0.6 that never breaks
-        # anything. The alarm lasts FALSE_ALARM_TICKS steps, then the threshold is above 0.6.
+        # Healthy all along: a warm-up at 0.05 (3,000 steps, each learnt FALSE_ALARM_TICKS
+        # steps later), then a level shift to 0.6 that never breaks anything. The alarm lasts
+        # FALSE_ALARM_TICKS steps, then the threshold is above 0.6.
         rng = np.random.default_rng(1)
-        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3000))))
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100))))
         scores = np.concatenate([warm, np.full(300, 0.6)])
+        self.assertFalse(alarms(scores[:3039], np.ones(3039, bool), 0.5, 3000).any())
         out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
-        self.assertEqual(int(out[3000:].sum()), FALSE_ALARM_TICKS)
+        self.assertEqual(int(out[:3100].sum()), 0)
+        self.assertEqual(int(out[3100:].sum()), FALSE_ALARM_TICKS)
         # The same shift with the class breaching (unhealthy) is confirmed: it stays.
         healthy = np.ones(len(scores), bool)
-        healthy[3010:] = False
+        healthy[3110:] = False
         out = alarms(scores, healthy, 0.5, 3000)
-        self.assertEqual(int(out[3000:].sum()), 299)
+        self.assertEqual(int(out[3100:].sum()), 299)
 
+    def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
+        import numpy as np
+        from unittest import mock
+        import calibrate
+        # The breaker's `the_scores_before_a_breach_are_not_learnt_as_healthy`: the scores of
+        # a climb followed by an unhealthy step are never learnt; with no unhealthy step
+        # after them they are, FALSE_ALARM_TICKS steps later.
+        rng = np.random.default_rng(3)
+        warm = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(3000))))
+        climb = 1 / (1 + np.exp(-np.linspace(-2.2, -1.0, 30)))
+        rest = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(60))))
+        scores = np.concatenate([warm, climb, rest])
+        climbed = set(climb.tolist())
+
+        def learnt(healthy):
+            seen = []
+            real = calibrate.Calibrator.observe
+            with mock.patch.object(calibrate.Calibrator, "observe", autospec=True,
+                                   side_effect=lambda c, p: (seen.append(p), real(c, p))):
+                calibrate.alarms(scores, healthy, 0.5, 2500)
+            return sum(p in climbed for p in seen)
+
+        breach = np.ones(len(scores), bool)
+        breach[3030] = False  # the step after the climb
+        self.assertEqual(learnt(breach), 0)
+        self.assertEqual(learnt(np.ones(len(scores), bool)), 30)
 
 # The value both compute (a golden number: change it only with both implementations).
 RUST_THRESHOLD = 0.8640452805291023
+TIED_THRESHOLD = 0.5087740343887448

@@ -12,7 +12,7 @@
 //! | `degrade_prediction` | gauge, 0–1 (only with a predictor; NaN while the predictor fails or has not answered yet) | service, class, tier |
 //! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; NaN while calibrating) | service, class, tier |
 //! | `degrade_predict_calibrating` | gauge, 1 while the class calibrates its threshold (the predictor only reports) | service, class, tier |
-//! | `degrade_predictions_total` | counter (only with a predictor): how the class's warnings turned out, `confirmed` or `false_alarm`, and breaches it `missed` ([`PredictionRecord`](crate::breaker::PredictionRecord)) | service, class, tier, result |
+//! | `degrade_predictions_total` | counter (only with a predictor): how the class's warnings turned out, `confirmed` or `false_alarm`, and breaches it `missed` ([`PredictionRecord`]) | service, class, tier, result |
 //! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
 //! | `degrade_predictor_failures_total` | counter (only with a predictor): ticks without predictions because the model failed or its thread stopped | service |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
@@ -94,7 +94,7 @@ pub const PREDICT_THRESHOLD: &str = "degrade_predict_threshold";
 /// 1 while a class calibrates its prediction threshold (the predictor only reports), else 0.
 pub const PREDICT_CALIBRATING: &str = "degrade_predict_calibrating";
 /// How a class's predictions turned out, by `result`: `confirmed`, `false_alarm`, `missed`
-/// ([`PredictionRecord`](crate::breaker::PredictionRecord)).
+/// ([`PredictionRecord`]).
 pub const PREDICTIONS: &str = "degrade_predictions_total";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt};
 use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
-use tower_degrade::{ClassConfig, Degrader, breaker::State, clock::LatencyClock};
+use tower_degrade::{
+    ClassConfig, Degrader, breaker::Calibration, breaker::State, clock::LatencyClock,
+};
 use tower_degrade_ai::{Error, OnnxPredictor};
 
 #[path = "../../../tower-degrade/tests/support.rs"]
@@ -353,9 +355,19 @@ async fn slow_database_until(
 
 fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
     // The seed's fixed threshold: this test is about the model's lead, not the calibration.
+    shop_with(
+        predictor,
+        tower_degrade::breaker::BreakerConfig::default().predict_threshold(0.87),
+    )
+}
+
+fn shop_with(
+    predictor: Option<OnnxPredictor>,
+    breaker: tower_degrade::breaker::BreakerConfig,
+) -> Degrader {
     let mut b = Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
-        .breaker(tower_degrade::breaker::BreakerConfig::default().predict_threshold(0.87))
+        .breaker(breaker)
         .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)));
     if let Some(p) = predictor {
         let mut config = PredictorConfig::default();
@@ -410,4 +422,65 @@ async fn the_bundled_model_degrades_before_the_threshold_rule() {
     // enforcing run had over it.
     assert_eq!(breach_tick, rule_tick);
     assert_eq!(r.last_lead_ticks, Some((rule_tick - model_tick) as u32));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_calibrated_default_warns_of_a_slow_database_after_its_warm_up() {
+    // The same slow database once the class has calibrated its threshold (the shortest
+    // warm-up). Its healthy traffic repeats every 16 ticks, so the model's healthy scores take
+    // a few values; and the score climbs over several ticks before the breach. A threshold
+    // that learnt each climbing score as healthy lifted itself ahead of them, to 0.99999, and
+    // never warned; one fitted to 8 tied excesses ran away with the first new one.
+    if !runtime_present() {
+        return;
+    }
+    const HEALTHY: usize = 2_600;
+    let (rule_tick, _) = slow_database_at_once(&shop(None), HEALTHY).await;
+    let d = shop_with(
+        Some(OnnxPredictor::bundled().unwrap()),
+        tower_degrade::breaker::BreakerConfig::default()
+            .predict_calibrated(Calibration::default().warm_up_ticks(2_500)),
+    );
+    let (tick, state) = slow_database_at_once(&d, HEALTHY).await;
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    eprintln!(
+        "calibrated: threshold {:?}, degraded at tick {tick} ({state:?}), the rule at {rule_tick}",
+        stock.prediction_threshold
+    );
+    assert!(!stock.calibrating);
+    assert!(tick > HEALTHY, "tripped on healthy traffic at {tick}");
+    assert_eq!(state, State::Degraded, "predicted, not the rule");
+    assert!(tick + 2 <= rule_tick, "calibrated {tick}, rule {rule_tick}");
+    let r = stock.prediction_record.unwrap();
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
+}
+
+/// [`slow_database`]'s traffic with each tick's twenty calls sent at once, a tick every
+/// 500 ms. Returns the tick at which the class left Closed, and its state then.
+async fn slow_database_at_once(d: &Degrader, healthy: usize) -> (usize, State) {
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(support::slow_failing());
+    for tick in 1..=healthy + 60 {
+        let slow = 1.15f64.powi(tick.saturating_sub(healthy) as i32);
+        let start = tokio::time::Instant::now();
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..20u64 {
+            let ms = ((40 + (i * 7 + tick as u64 * 3) % 16) as f64 * slow) as u64;
+            let fail = (i as f64) < ((ms as f64 - 400.0) / 400.0).clamp(0.0, 1.0) * 20.0;
+            let mut svc = svc.clone();
+            calls.spawn(async move {
+                let _ = svc.ready().await.unwrap().call((ms, fail)).await;
+            });
+        }
+        while calls.join_next().await.is_some() {}
+        tokio::time::sleep_until(start + Duration::from_millis(500)).await;
+        d.tick_now();
+        let state = d.state("stock").unwrap();
+        if state != State::Closed {
+            return (tick, state);
+        }
+    }
+    panic!("never left Closed");
 }

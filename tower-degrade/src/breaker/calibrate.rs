@@ -16,9 +16,14 @@
 //! tick-to-tick noise keeps θ near 1 and its threshold where it was; one whose excesses come
 //! in runs of 8 gets a threshold its ticks cross 8 times as often, and trips as often.
 //!
-//! Until it has seen `warm_up_ticks` healthy ticks the class only reports its predictions
-//! (`Status`: calibrating, no threshold; no early degradation). The fit works on the logit of
-//! the probability, whose tail is not cut at 1.0.
+//! A healthy tick's score is learnt once [`FALSE_ALARM_TICKS`](super::FALSE_ALARM_TICKS)
+//! more healthy ticks have passed with no breach (the breaker holds it until then): the ticks
+//! before a breach are its precursors, and a score that climbs towards a breach, learnt tick by
+//! tick, lifts the threshold ahead of itself.
+//!
+//! Until it has learnt `warm_up_ticks` healthy scores the class only reports its predictions
+//! (`ClassStatus`: calibrating, no threshold; no early degradation). The fit works on the logit
+//! of the probability, whose tail is not cut at 1.0.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -64,13 +69,16 @@ impl Default for Calibration {
 }
 
 impl Calibration {
-    /// Keep the threshold at this many false trips per day.
+    /// Keep the threshold at this many false trips per day (the chance that a healthy tick
+    /// is over it is capped at a half: past about 86,400 a day at the 500 ms tick, the
+    /// threshold is the median healthy score).
     pub fn false_trips_per_day(mut self, value: f64) -> Self {
         self.false_trips_per_day = value;
         self
     }
 
-    /// Healthy ticks to see before the predictor may degrade a class.
+    /// Healthy ticks to see before the predictor may degrade a class (at least 2,500 are, so
+    /// that the first fit has 50 excesses: a smaller value is raised to it).
     pub fn warm_up_ticks(mut self, value: u32) -> Self {
         self.warm_up_ticks = value;
         self
@@ -84,7 +92,8 @@ const TAIL_QUANTILE: f64 = 0.98;
 const MAX_PEAKS: usize = 2_048;
 /// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
 /// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
-/// gave 6). So the warm-up lasts at least 50 / 2 % = 2,500 healthy ticks.
+/// gave 6). So the warm-up lasts at least 50 / 2 % = 2,500 healthy ticks, and where scores
+/// repeat the tail starts below the 98th percentile, at the highest score with 50 above it.
 const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
@@ -203,7 +212,17 @@ impl Tail {
     fn fit(init: Vec<f64>, risk: f64) -> Self {
         let mut sorted = init.clone();
         sorted.sort_by(f64::total_cmp);
-        let at = ((sorted.len() as f64 * TAIL_QUANTILE) as usize).min(sorted.len() - 1);
+        let n = sorted.len();
+        let mut at = ((n as f64 * TAIL_QUANTILE) as usize).min(n - 1);
+        // At least MIN_PEAKS scores strictly above the start: a model whose scores take a few
+        // values can put most of the top 2 % on the quantile itself (8 excesses were seen),
+        // and a fit of so few runs away with the first new one.
+        while n - sorted.partition_point(|x| *x <= sorted[at]) < MIN_PEAKS {
+            match sorted.partition_point(|x| *x < sorted[at]) {
+                0 => break,
+                first => at = first - 1,
+            }
+        }
         let start = sorted[at];
         let mut tail = Self {
             start,
@@ -291,9 +310,13 @@ impl Tail {
         }
         let mean = self.sum / n;
         let var = (self.sum_sq / n - mean * mean).max(1e-12);
-        // Method of moments; the shape is bounded to where it is defined and not absurd.
+        // Method of moments; the shape is bounded to where it is defined and not absurd, and
+        // the scale follows from it and the mean (the mean is σ / (1 - γ): the moments'
+        // scale where the shape is not bounded; bounded, the scale of excesses that are all
+        // alike, from a model whose scores take a few values, stays that of their mean and
+        // does not grow without end as their variance goes to 0).
         let gamma = (0.5 * (1.0 - mean * mean / var)).clamp(-0.5, 0.45);
-        let sigma = (0.5 * mean * (mean * mean / var + 1.0)).max(1e-9);
+        let sigma = (mean * (1.0 - gamma)).max(1e-9);
         // The share of healthy ticks with an excess, over the risk wanted.
         let ratio = (risk * self.seen as f64 / self.exceeded.max(1) as f64).min(1.0);
         let over = if gamma.abs() < 1e-6 {
@@ -460,4 +483,46 @@ mod tests {
         let t = c.threshold().unwrap();
         assert!((t - 0.864_045_280_529_102_3).abs() < 1e-9, "{t:.16}");
     }
+
+    /// A model whose healthy scores take three values (75 %, 12 %, 12 %) and a few more.
+    fn tied(c: &mut Calibrator, ticks: usize) {
+        for i in 0..ticks {
+            c.observe(match (i * 37) % 100 {
+                0..75 => 0.0046,
+                75..87 => 0.0265,
+                87..99 => 0.0043,
+                _ => 0.03 + 0.004 * ((i / 100) % 10) as f64,
+            });
+        }
+    }
+
+    #[test]
+    fn tied_scores_still_give_the_first_fit_its_fifty_excesses_and_a_bounded_threshold() {
+        let mut c = Calibrator::new(&Calibration::default(), Duration::from_millis(500));
+        tied(&mut c, 3_600);
+        let tail = c.tail.as_ref().unwrap();
+        // The 98th percentile is the second value, with 36 scores above it: the start moves
+        // down to the value below, with the 12 % of the second value above it too.
+        assert!(
+            tail.peaks.len() >= MIN_PEAKS,
+            "{} excesses",
+            tail.peaks.len()
+        );
+        assert_eq!(tail.start, logit(0.0046));
+        let t = c.threshold().unwrap();
+        // Beyond every healthy score (the highest is 0.066), and not at 1: excesses mostly
+        // alike bound the tail, they do not stretch it without end.
+        assert!(t > 0.066 && t < 0.9, "{t}");
+        // One new score a little above the rest does not carry it off.
+        c.observe(0.07);
+        let after = c.threshold().unwrap();
+        assert!((logit(after) - logit(t)).abs() < 0.5, "{t} -> {after}");
+        assert!(
+            (t - TIED_THRESHOLD).abs() < 1e-9,
+            "{t:.16}: the Python port's value"
+        );
+    }
+
+    /// The threshold `tied` gives (training/calibrate.py's test asserts the same).
+    const TIED_THRESHOLD: f64 = 0.508_774_034_388_744_8;
 }

@@ -31,6 +31,7 @@ mod config;
 mod record;
 mod state;
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -107,6 +108,10 @@ pub struct Breaker {
     alarm: Option<Alarm>,
     /// How the predictions turned out.
     tally: Tally,
+    /// With a calibrated threshold: the scores of the last healthy ticks, learnt once
+    /// [`FALSE_ALARM_TICKS`] more have passed without a breach (those before a breach are its
+    /// precursors, what the threshold is for, not healthy scores).
+    unlearnt: VecDeque<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,6 +140,7 @@ impl Breaker {
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
             alarm: None,
             tally: Tally::default(),
+            unlearnt: VecDeque::new(),
         }
     }
 
@@ -344,6 +350,9 @@ impl Breaker {
         let watching = self.tally.watching();
         let breach = self.breach(w);
         self.tally.tick(breach, w.completed() > 0);
+        if breach {
+            self.unlearnt.clear();
+        }
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
             PredictThreshold::Calibrated(_) => {
@@ -384,13 +393,21 @@ impl Breaker {
             }
             None => {
                 // A closed class serving calls without a breach: a healthy tick, whose score
-                // the calibrated threshold learns from.
+                // the calibrated threshold learns from, once no breach has followed it for
+                // FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score that climbs
+                // towards a breach over a few ticks (a slow leak) lifts the threshold ahead of
+                // itself tick by tick, and the class is never warned of it.
                 if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
                     && self.phase == Phase::Closed
                     && self.breached == 0
                     && w.completed() > 0
                 {
-                    c.observe(p);
+                    self.unlearnt.push_back(p);
+                    if self.unlearnt.len() > FALSE_ALARM_TICKS as usize
+                        && let Some(p) = self.unlearnt.pop_front()
+                    {
+                        c.observe(p);
+                    }
                 }
                 return None;
             }

@@ -473,6 +473,122 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
     assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 1, 0), "{r:?}");
 }
 
+/// Healthy scores spread like a model's (logit-normal about 0.05), or the score the test
+/// sets.
+#[derive(Clone, Default)]
+struct Spread(Arc<Mutex<Option<f32>>>, u64);
+
+impl Predictor for Spread {
+    fn predict(&mut self, _: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        let set = *self.0.lock().unwrap();
+        for p in out.iter_mut() {
+            let mut uniform = || {
+                self.1 = self
+                    .1
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((self.1 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+            };
+            // Box-Muller: a standard normal.
+            let z = (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos();
+            let logit = -3.0 + 0.4 * z;
+            *p = set.unwrap_or((1.0 / (1.0 + (-logit).exp())) as f32);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_scores_before_a_breach_are_not_learnt_as_healthy() {
+    // Scores that climb towards a breach while the class still serves (a slow leak) are its
+    // precursors: learnt as healthy, they would lift the threshold ahead of themselves. A
+    // healthy tick's score is learnt once FALSE_ALARM_TICKS more healthy ticks have passed
+    // with no breach.
+    let calibrated = || {
+        let model = Spread::default();
+        let d = Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(
+                BreakerConfig::default()
+                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
+            )
+            .class(ClassConfig::silver("stock"))
+            .predictor(model.clone(), PredictorConfig::default())
+            .build_with_worker()
+            .unwrap()
+            .0;
+        (d, model)
+    };
+    let threshold = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.prediction_threshold.unwrap()
+    };
+    // A climb over 30 ticks from the top of the healthy scores to just under the threshold.
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let climb = |d: &Degrader, model: &Spread, t: f64| {
+        let (d, model) = (d.clone(), model.clone());
+        async move {
+            for i in 0..30 {
+                let x = logit(t) - 1.5 + 1.4 * f64::from(i) / 29.0;
+                *model.0.lock().unwrap() = Some((1.0 / (1.0 + (-x).exp())) as f32);
+                healthy(&d, 1).await;
+            }
+            *model.0.lock().unwrap() = None;
+        }
+    };
+    let ahead = tower_degrade::breaker::FALSE_ALARM_TICKS as usize;
+
+    // The climb, then a breach: none of its scores is learnt.
+    let (d, model) = calibrated();
+    healthy(&d, 2_600).await;
+    let before = threshold(&d);
+    climb(&d, &model, before).await;
+    assert_eq!(
+        d.state("stock").unwrap(),
+        State::Closed,
+        "under the threshold"
+    );
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
+    for _ in 0..20 {
+        let _ = svc.ready().await.unwrap().call((900, true)).await;
+    }
+    d.tick_now();
+    assert_ne!(d.state("stock").unwrap(), State::Closed, "the breach");
+    healthy(&d, 3 * ahead).await;
+    let after = threshold(&d);
+    eprintln!("with a breach: threshold {before} -> {after}");
+    // (The healthy scores learnt since move it a little.)
+    assert!(
+        (logit(after) - logit(before)).abs() < 0.05,
+        "the precursors were not learnt: {before} -> {after}"
+    );
+
+    // The same climb with no breach after it: healthy scores, learnt in time.
+    let (d, model) = calibrated();
+    healthy(&d, 2_600).await;
+    let before = threshold(&d);
+    climb(&d, &model, before).await;
+    assert_eq!(
+        d.state("stock").unwrap(),
+        State::Closed,
+        "under the threshold"
+    );
+    healthy(&d, ahead - 30).await;
+    let unlearnt = threshold(&d);
+    healthy(&d, 30).await;
+    let after = threshold(&d);
+    eprintln!("without: threshold {before} -> {unlearnt} -> {after}");
+    assert!(
+        (logit(unlearnt) - logit(before)).abs() < 0.05,
+        "not learnt yet: {before} -> {unlearnt}"
+    );
+    assert!(
+        (logit(after) - logit(before)).abs() > 0.1,
+        "learnt: {before} -> {after}"
+    );
+}
+
 /// Blocks until the test lets it go: far past any budget.
 struct Slow(std::sync::mpsc::Receiver<()>);
 
