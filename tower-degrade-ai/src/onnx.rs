@@ -77,6 +77,12 @@ impl OnnxPredictorBuilder {
     /// ([`FEATURES_KEY`], [`Error::Features`]).
     pub fn build(self) -> Result<OnnxPredictor, Error> {
         let path = self.model;
+        if matches!(self.source, Source::File) && path.is_dir() {
+            return Err(Error::Model {
+                path,
+                reason: "a directory: name the model file in it".into(),
+            });
+        }
         if matches!(self.source, Source::File) && !path.is_file() {
             return Err(Error::ModelNotFound { path });
         }
@@ -173,6 +179,21 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
             .tensor_shape()
             .map(|s| s.iter().copied().collect())
     };
+    // As the error says it: `[dynamic, 64, 4]`, or what else the outlet is.
+    let shown = |d: &Option<Vec<i64>>| match d {
+        Some(d) => format!(
+            "[{}]",
+            d.iter()
+                .map(|n| if *n < 0 {
+                    "dynamic".to_owned()
+                } else {
+                    n.to_string()
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "none (not a tensor)".to_owned(),
+    };
     // -1 is a dynamic dimension (the batch).
     let fits = |got: &[i64], want: &[i64]| {
         got.len() == want.len()
@@ -186,8 +207,9 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
         Some(d) if fits(&d, &want_in) => {}
         other => {
             return Err(fail(format!(
-                "input `{}` has shape {other:?}, expected [batch, {WINDOW}, {N_FEATURES}]",
-                input.name()
+                "input `{}` has shape {}, expected [batch, {WINDOW}, {N_FEATURES}]",
+                input.name(),
+                shown(&other)
             )));
         }
     }
@@ -195,8 +217,9 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
         Some(d) if fits(&d, &[-1, 1]) => {}
         other => {
             return Err(fail(format!(
-                "output `{}` has shape {other:?}, expected [batch, 1]",
-                output.name()
+                "output `{}` has shape {}, expected [batch, 1]",
+                output.name(),
+                shown(&other)
             )));
         }
     }
@@ -206,9 +229,10 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
             Some(d) if fits(&d, &want) => {}
             other => {
                 return Err(fail(format!(
-                    "second input `{}` has shape {other:?}, expected the long baseline \
+                    "second input `{}` has shape {}, expected the long baseline \
                      [batch, {N_QUANTILES}, {N_FEATURES}]",
-                    second.name()
+                    second.name(),
+                    shown(&other)
                 )));
             }
         }
