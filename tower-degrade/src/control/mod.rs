@@ -222,6 +222,7 @@ impl Shared {
     }
 
     pub(crate) fn publish_status(&self) {
+        let attached = self.predictor.is_attached();
         let classes: Vec<ClassStatus> = self
             .registry
             .iter()
@@ -236,13 +237,13 @@ impl Shared {
                     directive: Directive::unpack(self.gates[id.index()].directive.load()),
                     window: ctl.history.latest().copied().unwrap_or_default(),
                     prediction: ctl.prediction,
-                    prediction_threshold: ctl.prediction.and(ctl.breaker.predict_threshold()),
-                    calibrating: ctl.prediction.is_some()
-                        && ctl.breaker.predict_threshold().is_none(),
-                    prediction_record: self
-                        .predictor
-                        .is_attached()
-                        .then(|| ctl.breaker.prediction_record()),
+                    // As the metrics report them: with a predictor attached, whether or not
+                    // it answered this tick.
+                    prediction_threshold: attached
+                        .then(|| ctl.breaker.predict_threshold())
+                        .flatten(),
+                    calibrating: attached && ctl.breaker.predict_threshold().is_none(),
+                    prediction_record: attached.then(|| ctl.breaker.prediction_record()),
                 }
             })
             .collect();
