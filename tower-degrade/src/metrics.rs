@@ -376,10 +376,11 @@ pub(crate) struct ClassMetrics {
 }
 
 /// A class's predictor handles: the prediction, the threshold, whether it is still
-/// calibrating, and the record's three counters.
+/// calibrating, and the record's three counters with the counts they were last given.
 struct PredictionMetrics {
     gauges: [Gauge; 3],
     record: [Counter; 3],
+    counted: [u64; 3],
 }
 
 impl std::fmt::Debug for ClassMetrics {
@@ -417,12 +418,13 @@ impl ClassMetrics {
                     l.push(Label::new("result", result));
                     counter!(PREDICTIONS, l)
                 }),
+                counted: [0; 3],
             }),
         }
     }
 
     pub(crate) fn record_tick(
-        &self,
+        &mut self,
         w: &WindowSnapshot,
         buckets: impl Iterator<Item = (u64, u32)>,
         state: State,
@@ -453,12 +455,16 @@ impl ClassMetrics {
         if let Some(PredictionMetrics {
             gauges: [p_gauge, t_gauge, calibrating],
             record: counters,
-        }) = &self.prediction
+            counted,
+        }) = &mut self.prediction
         {
-            // The record is counted since the degrader started: the counters follow it.
+            // The record counts since the degrader started: the counters take what it added.
             let counts = [record.confirmed, record.false_alarms, record.missed];
-            for (c, n) in counters.iter().zip(counts) {
-                c.absolute(n);
+            for ((c, was), n) in counters.iter().zip(counted.iter_mut()).zip(counts) {
+                if n > *was {
+                    c.increment(n - *was);
+                    *was = n;
+                }
             }
             // NaN, not a stale or made-up number, when there is none: no comparison with it
             // holds, so an alert on `prediction >= threshold` cannot fire on it.

@@ -256,7 +256,7 @@ impl Admin {
                     "prediction": c.prediction,
                     "prediction_threshold": c.prediction_threshold,
                     "calibrating": c.calibrating,
-                    "predictions": c.prediction_record.map(|r| json!({
+                    "prediction_record": c.prediction_record.map(|r| json!({
                         "confirmed": r.confirmed,
                         "false_alarms": r.false_alarms,
                         "missed": r.missed,

@@ -22,7 +22,7 @@
 //! A class degraded for a calibrated prediction that stays healthy for [`FALSE_ALARM_TICKS`]
 //! also closes, its threshold raised above the false alarm's scores.
 //!
-//! The file is near 600 lines because the machine is one piece: every phase's transitions
+//! The file is about 650 lines because the machine is one piece: every phase's transitions
 //! read the same counters, and splitting them would scatter one table.
 
 mod calibrate;
@@ -40,8 +40,8 @@ use self::calibrate::Calibrator;
 pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
 pub use self::config::{BreakerConfig, DegradeRule};
-pub use self::record::PredictionRecord;
 use self::record::Tally;
+pub use self::record::{PredictionRecord, UNJUDGED_TICKS};
 pub use self::state::{State, Transition};
 use crate::class::Route;
 use crate::gate::{Directive, Reason};
@@ -140,7 +140,10 @@ impl Breaker {
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
             alarm: None,
             tally: Tally::default(),
-            unlearnt: VecDeque::new(),
+            unlearnt: VecDeque::with_capacity(match cfg_threshold {
+                PredictThreshold::Calibrated(_) => FALSE_ALARM_TICKS as usize + 1,
+                PredictThreshold::Fixed(_) => 0,
+            }),
         }
     }
 
@@ -253,6 +256,12 @@ impl Breaker {
     /// Apply a manual command.
     pub fn command(&mut self, cmd: Command) -> Option<Transition> {
         let from = self.state();
+        if cmd != Command::MetricsOnly {
+            // Out of automatic control (or back from it): ticks the breaker does not step
+            // cannot tell the scores held back from precursors, nor judge a warning.
+            self.unlearnt.clear();
+            self.tally.forget();
+        }
         self.mode = match cmd {
             Command::ForceOpen => Mode::ForcedOpen,
             Command::ForceClosed => Mode::Disabled,
@@ -375,7 +384,8 @@ impl Breaker {
             }
             None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => {
                 self.tally.warned(breach);
-                if self.calibrator.is_some() {
+                // A warning in a breaching window is confirmed already: not one to take back.
+                if self.calibrator.is_some() && !breach {
                     self.alarm = Some(Alarm {
                         unconfirmed: 0,
                         highest: prediction.unwrap_or(0.0),

@@ -5,17 +5,22 @@ use super::FALSE_ALARM_TICKS;
 
 /// How a class's predictions turned out, counted by its breaker since the degrader started
 /// (the shadow machine's in `MetricsOnly`, which makes a class a trial of the predictor that
-/// changes nothing). `Status` and the admin API show it; `degrade_predictions_total` counts it
-/// by `result`.
+/// changes nothing). `ClassStatus` and the admin API show it; `degrade_predictions_total`
+/// counts it by `result`.
 ///
-/// A *warning* is the breaker degrading the class for a prediction. It is **confirmed** when
-/// the class breaches (a window that trips the breaker or breaks the degrade rule) within
-/// [`FALSE_ALARM_TICKS`] ticks with calls served, and a **false alarm** otherwise; the
-/// **lead** is the ticks from the warning to that first breach. A breach that opens or
-/// degrades a closed class with no warning before it, while the predictor could warn
-/// (answering, its threshold calibrated), was **missed**. A warning that degraded the class
-/// in time may have averted the breach it foresaw, and then counts as a false alarm: the
-/// record of a class in `MetricsOnly` is the unbiased one.
+/// A *warning* is the breaker degrading the class for a prediction; warnings that follow one
+/// another before a verdict are one, from the first. It is **confirmed** when the class
+/// breaches (a window that trips the breaker or breaks the degrade rule) before
+/// [`FALSE_ALARM_TICKS`] ticks with calls served have passed, and a **false alarm** otherwise;
+/// the **lead** is the ticks from the warning to that first breach. (A warning on a class too
+/// quiet to judge, with fewer ticks served than that in [`UNJUDGED_TICKS`], gets no verdict.)
+/// A breach that opens or degrades a closed class with no warning before it, while the
+/// predictor could warn (answering, its threshold calibrated), was **missed**; so was one the
+/// warning came in the same window as, late. A breach within [`FALSE_ALARM_TICKS`] ticks of
+/// one already counted is the same incident. A warning that degraded the class in time may
+/// have averted the breach it foresaw, and then counts as a false alarm: the record of a
+/// class in `MetricsOnly` is the unbiased one. A manual command other than `MetricsOnly`
+/// drops a warning waiting for its verdict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PredictionRecord {
@@ -23,11 +28,15 @@ pub struct PredictionRecord {
     pub confirmed: u64,
     /// Warnings no breach followed.
     pub false_alarms: u64,
-    /// Breaches of a closed class the predictor could have warned of and did not.
+    /// Breaches of a closed class the predictor could have warned of and did not in time.
     pub missed: u64,
     /// Ticks from the last confirmed warning to its breach.
     pub last_lead_ticks: Option<u32>,
 }
+
+/// Ticks after which a warning still without a verdict (its class served calls in too few of
+/// them) is dropped.
+pub const UNJUDGED_TICKS: u32 = 8 * FALSE_ALARM_TICKS;
 
 /// A warning waiting for its verdict: the ticks since it, and those with calls served.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +50,8 @@ struct Watch {
 pub(crate) struct Tally {
     record: PredictionRecord,
     watch: Option<Watch>,
-    /// Ticks left in which a breach belongs to the last confirmed warning's incident (not a
-    /// miss when it trips the class later).
+    /// Ticks left in which a breach belongs to the incident last counted (confirmed or
+    /// missed), not a new one.
     covered: u32,
 }
 
@@ -59,26 +68,36 @@ impl Tally {
         };
         watch.ticks = watch.ticks.saturating_add(1);
         if breach {
-            self.confirm(watch.ticks);
+            self.record.confirmed += 1;
+            self.record.last_lead_ticks = Some(watch.ticks);
+            self.watch = None;
+            self.covered = FALSE_ALARM_TICKS;
             return;
         }
         watch.served += u32::from(served);
-        if watch.served >= FALSE_ALARM_TICKS {
+        self.watch = if watch.served >= FALSE_ALARM_TICKS {
             self.record.false_alarms += 1;
-            self.watch = None;
+            None
+        } else if watch.ticks >= UNJUDGED_TICKS {
+            None
         } else {
-            self.watch = Some(watch);
-        }
+            Some(watch)
+        };
     }
 
-    /// The class was degraded for a prediction (a warning already waiting keeps its start).
-    /// `breach`: the tick it came in breached already, which confirms it with no lead.
+    /// The class was degraded for a prediction. `breach`: this tick breached (after
+    /// [`tick`](Self::tick) judged it), so the warning is late.
     pub(crate) fn warned(&mut self, breach: bool) {
-        if self.watch.is_some() {
+        if self.covered > 0 {
+            // The incident counted already.
             return;
         }
         if breach {
-            self.confirm(0);
+            self.breached(false);
+        } else if let Some(watch) = &mut self.watch {
+            // The same warning again, before its verdict: judged from now on, led from the
+            // first.
+            watch.served = 0;
         } else {
             self.watch = Some(Watch {
                 ticks: 0,
@@ -87,24 +106,24 @@ impl Tally {
         }
     }
 
-    fn confirm(&mut self, lead: u32) {
-        self.record.confirmed += 1;
-        self.record.last_lead_ticks = Some(lead);
-        self.watch = None;
-        self.covered = FALSE_ALARM_TICKS;
-    }
-
     /// A breach opened or degraded the closed class while the predictor could warn: a miss,
     /// unless a warning foresaw this incident.
     pub(crate) fn breached(&mut self, warned_before: bool) {
         if !warned_before && self.covered == 0 {
             self.record.missed += 1;
+            self.covered = FALSE_ALARM_TICKS;
         }
     }
 
     /// Whether a warning waits for its verdict.
     pub(crate) fn watching(&self) -> bool {
         self.watch.is_some()
+    }
+
+    /// A manual command took the class out of automatic control: the warning waiting gets no
+    /// verdict.
+    pub(crate) fn forget(&mut self) {
+        self.watch = None;
     }
 }
 
@@ -152,8 +171,12 @@ mod tests {
         for _ in 0..FALSE_ALARM_TICKS - 1 {
             t.tick(false, true);
         }
+        // Warned again before the verdict: the same warning, judged from now on.
+        t.warned(false);
+        for _ in 0..FALSE_ALARM_TICKS - 1 {
+            t.tick(false, true);
+        }
         assert!(t.watching());
-        t.warned(true);
         t.tick(false, true);
         assert!(!t.watching());
         assert_eq!(t.record().false_alarms, 1, "one warning, one verdict");
@@ -165,11 +188,46 @@ mod tests {
     }
 
     #[test]
-    fn a_warning_in_a_breaching_tick_is_confirmed_with_no_lead() {
+    fn a_warning_in_a_breaching_window_is_late_and_one_breach_confirms_one_warning() {
+        // The breaker ticks the tally, then warns in the same tick.
         let mut t = Tally::default();
+        t.tick(true, true);
         t.warned(true);
         assert!(!t.watching());
-        assert_eq!(t.record().confirmed, 1);
-        assert_eq!(t.record().last_lead_ticks, Some(0));
+        assert_eq!((t.record().confirmed, t.record().missed), (0, 1), "late");
+        // The rule trips on the same incident two ticks later: counted once.
+        t.tick(true, true);
+        t.tick(true, true);
+        t.breached(false);
+        assert_eq!(t.record().missed, 1);
+
+        // A waiting warning confirmed by a breach, and the predictor warning again in that
+        // tick: one incident, one confirmed warning.
+        let mut t = Tally::default();
+        t.warned(false);
+        t.tick(false, true);
+        t.tick(true, true);
+        t.warned(true);
+        assert_eq!((t.record().confirmed, t.record().missed), (1, 0));
+        assert_eq!(t.record().last_lead_ticks, Some(2));
+    }
+
+    #[test]
+    fn a_warning_on_a_class_too_quiet_to_judge_or_taken_out_of_control_gets_no_verdict() {
+        let mut t = Tally::default();
+        t.warned(false);
+        for _ in 0..UNJUDGED_TICKS {
+            assert!(t.watching());
+            t.tick(false, false);
+        }
+        assert!(!t.watching());
+        let mut t2 = Tally::default();
+        t2.warned(false);
+        t2.forget();
+        t2.tick(true, true);
+        for t in [t, t2] {
+            let r = t.record();
+            assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
+        }
     }
 }

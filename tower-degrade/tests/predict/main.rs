@@ -709,6 +709,11 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
     assert_eq!(failed, Some(DebugValue::Counter(3)));
     assert_eq!(predictions(&d), [None; 3], "not the last ones");
     assert_eq!(d.state("pay").unwrap(), State::Closed);
+    // The threshold it would act on, as the metrics report it: still there, not calibrating.
+    for c in d.status().classes.iter() {
+        assert_eq!(c.prediction_threshold, Some(0.87), "{}", c.name);
+        assert!(!c.calibrating, "{}", c.name);
+    }
 
     // A predictor that panics stops its thread: the same, not an overrun.
     let d = with_predictor(Scripted(
