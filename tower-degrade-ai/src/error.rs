@@ -27,7 +27,7 @@ pub enum Error {
         /// The model file.
         path: PathBuf,
     },
-    /// ONNX Runtime could not load the model.
+    /// ONNX Runtime could not load the model (or the path is a directory).
     Model {
         /// The model file.
         path: PathBuf,

@@ -1,9 +1,11 @@
 """The breaker's calibrated prediction threshold (`tower_degrade::breaker::Calibration`), ported
 line for line so the harness scores the model as the breaker uses it by default: SPOT over the
 logits of a class's healthy scores (a generalized Pareto fit of the excesses over their 98th
-percentile, by the method of moments), kept at a false-trip budget per day, the per-step risk
-divided by the extremal index (runs of healthy steps over the tail's start per step over it,
-at least 1/32): a trip is a run of steps over the threshold.
+percentile, or lower where scores repeat so that 50 lie above it, down to the 80th; by the
+method of moments), kept at a false-trip budget per day, the per-step risk divided by the
+extremal index (runs of healthy steps over the tail's start per step over it, at least 1/32):
+a trip is a run of steps over the threshold. A healthy step's score is learnt once
+FALSE_ALARM_TICKS more healthy steps have passed (`alarms`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ TAIL_QUANTILE = 0.98
 MAX_PEAKS = 2048
 # The fewest excesses a first fit takes: fewer give a tail that trips far over budget.
 MIN_PEAKS = 50
+# The lowest quantile the tail may start at when scores repeat.
+LOWEST_START = 0.8
 EPS = 1e-6
 # How far above a false alarm's highest score (logit) the threshold is put.
 FALSE_ALARM_MARGIN = 0.25
@@ -104,17 +108,18 @@ class Calibrator:
         self.init = None
         n = len(init)
         at = min(int(n * TAIL_QUANTILE), n - 1)
-        # at least MIN_PEAKS scores strictly above the start (scores that repeat)
+        # at least MIN_PEAKS scores strictly above the start (scores that repeat), not below
+        # LOWEST_START
+        lowest = int(n * LOWEST_START)
         while n - bisect.bisect_right(init, init[at]) < MIN_PEAKS:
             first = bisect.bisect_left(init, init[at])
-            if first == 0:
+            if first <= lowest:
                 break
             at = first - 1
         self.start = init[at]
         self.seen = len(init)
-        for x in ordered:  # the runs in the warm-up's order
+        for x in ordered:  # the runs, and the excesses, in the warm-up's order
             self._count_run(x)
-        for x in init[at:]:
             if x > self.start:
                 self._push(x - self.start)
         self._refit()
@@ -177,7 +182,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 alarm, run = None, 0
         if not healthy[t]:
             unlearnt.clear()
-        elif not out[t]:
+        elif not out[t] and math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
             unlearnt.append(float(p))
             if len(unlearnt) > FALSE_ALARM_TICKS:
                 cal.observe(unlearnt.popleft())

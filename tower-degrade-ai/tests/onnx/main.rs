@@ -458,8 +458,6 @@ async fn the_calibrated_default_warns_of_a_slow_database_after_its_warm_up() {
     assert!(tick > HEALTHY, "tripped on healthy traffic at {tick}");
     assert_eq!(state, State::Degraded, "predicted, not the rule");
     assert!(tick + 2 <= rule_tick, "calibrated {tick}, rule {rule_tick}");
-    let r = stock.prediction_record.unwrap();
-    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
 }
 
 /// [`slow_database`]'s traffic with each tick's twenty calls sent at once, a tick every

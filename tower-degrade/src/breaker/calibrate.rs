@@ -53,9 +53,9 @@ pub struct Calibration {
     /// healthy ticks over the tail's start lasts on average (divided by the extremal index,
     /// module docs).
     pub false_trips_per_day: f64,
-    /// Healthy ticks seen before the predictor may degrade a class (3,600: 30 minutes at the
-    /// default 500 ms tick; at least 2,500, so the first fit has 50 excesses). Until then it
-    /// only reports.
+    /// Healthy scores learnt before the predictor may degrade a class (3,600: 30 minutes at
+    /// the default 500 ms tick, and a score is learnt 40 healthy ticks after its own; at least
+    /// 2,500, so the first fit has 50 excesses). Until then it only reports.
     pub warm_up_ticks: u32,
 }
 
@@ -69,16 +69,16 @@ impl Default for Calibration {
 }
 
 impl Calibration {
-    /// Keep the threshold at this many false trips per day (the chance that a healthy tick
-    /// is over it is capped at a half: past about 86,400 a day at the 500 ms tick, the
-    /// threshold is the median healthy score).
+    /// Keep the threshold at this many false trips per day. The threshold never goes below
+    /// the tail's start (about the 98th percentile of the healthy scores): a budget past a few
+    /// thousand a day at the 500 ms tick sets it there.
     pub fn false_trips_per_day(mut self, value: f64) -> Self {
         self.false_trips_per_day = value;
         self
     }
 
-    /// Healthy ticks to see before the predictor may degrade a class (at least 2,500 are, so
-    /// that the first fit has 50 excesses: a smaller value is raised to it).
+    /// Healthy scores to learn before the predictor may degrade a class (at least 2,500 are,
+    /// so that the first fit has 50 excesses: a smaller value is raised to it).
     pub fn warm_up_ticks(mut self, value: u32) -> Self {
         self.warm_up_ticks = value;
         self
@@ -88,12 +88,15 @@ impl Calibration {
 /// The quantile of the warm-up scores above which the tail is fitted (SPOT's initial
 /// threshold).
 const TAIL_QUANTILE: f64 = 0.98;
+/// The lowest quantile the tail may start at when scores repeat (`MIN_PEAKS`).
+const LOWEST_START: f64 = 0.8;
 /// The excesses kept for the fit (a sliding window: the newest).
 const MAX_PEAKS: usize = 2_048;
 /// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
 /// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
 /// gave 6). So the warm-up lasts at least 50 / 2 % = 2,500 healthy ticks, and where scores
-/// repeat the tail starts below the 98th percentile, at the highest score with 50 above it.
+/// repeat the tail starts below the 98th percentile, at the highest score with 50 above it
+/// (down to the 80th).
 const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
@@ -216,11 +219,13 @@ impl Tail {
         let mut at = ((n as f64 * TAIL_QUANTILE) as usize).min(n - 1);
         // At least MIN_PEAKS scores strictly above the start: a model whose scores take a few
         // values can put most of the top 2 % on the quantile itself (8 excesses were seen),
-        // and a fit of so few runs away with the first new one.
+        // and a fit of so few runs away with the first new one. Not below LOWEST_START,
+        // where most ticks would be over the start and θ would mean nothing.
+        let lowest = (n as f64 * LOWEST_START) as usize;
         while n - sorted.partition_point(|x| *x <= sorted[at]) < MIN_PEAKS {
             match sorted.partition_point(|x| *x < sorted[at]) {
-                0 => break,
-                first => at = first - 1,
+                first if first > lowest => at = first - 1,
+                _ => break,
             }
         }
         let start = sorted[at];
@@ -238,11 +243,9 @@ impl Tail {
             threshold: start,
             floor: None,
         };
-        // the runs in the warm-up's order
+        // the runs, and the excesses, in the warm-up's order (the peaks kept are the newest)
         for &x in &init {
             tail.count_run(x);
-        }
-        for &x in &sorted[at..] {
             if x > start {
                 tail.push(x - start);
             }

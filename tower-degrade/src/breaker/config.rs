@@ -213,7 +213,7 @@ impl BreakerConfig {
     }
 
     /// Calibrate the threshold per class with these settings (the default, with
-    /// `Calibration::default()`: one false trip a day, 3,600 healthy ticks of warm-up).
+    /// `Calibration::default()`: one false trip a day, 3,600 healthy scores learnt as warm-up).
     pub fn predict_calibrated(mut self, calibration: Calibration) -> Self {
         self.predict_threshold = PredictThreshold::Calibrated(calibration);
         self
