@@ -29,7 +29,7 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
-from traces import GRACE, Trace, headline_horizon, horizons, read_dir, windows
+from traces import Trace, grace, headline_horizon, horizons, read_dir, windows
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -159,7 +159,7 @@ def run_part(traces, scores, part, thr, H, k=1) -> Result:
         ev = [(s, min(e, end - 1)) for s, e in tr.events if s < end]
         pre = None if tr.pre_ignore is None else [p for (s, _), p in zip(tr.events, tr.pre_ignore) if s < end]
         total.add(evaluate(a, ev, H, tr.step_seconds, eval_from=start,
-                           grace=GRACE.get(tr.dataset, H), merge=H, pre_ignore=pre))
+                           grace=grace(tr), merge=H, pre_ignore=pre))
     return total
 
 
@@ -177,7 +177,7 @@ def choose_threshold(traces, scores, H, budget, k=1, part="val") -> float:
         end, start = _part(tr, part)
         if end <= start:
             continue
-        y = early_targets(tr.T, tr.events, H, GRACE.get(tr.dataset, H), tr.pre_ignore)[start:end]
+        y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore)[start:end]
         v = sc[start:end]
         ok = np.isfinite(v)
         normal.append(v[ok & (y == 0)])
@@ -236,7 +236,7 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             ys, ss = [], []
             for tr, sc in zip(traces, scores[d]):
                 end, start = _part(tr, "test")
-                y = early_targets(tr.T, tr.events, H, GRACE.get(tr.dataset, H), tr.pre_ignore)
+                y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore)
                 ys.append(y[start:end])
                 ss.append(np.nan_to_num(sc[start:end], nan=-1e9))
             ap, base = auprc(ss, ys)

@@ -88,6 +88,34 @@ class Traces(unittest.TestCase):
         self.assertEqual((back.val_from, back.test_from, back.step_seconds), (60, 80, 0.5))
         np.testing.assert_allclose(back.X, X, rtol=1e-4)
 
+    def test_split_adds_a_time_ordered_split_and_idle_classes_are_skipped(self):
+        import contextlib
+        import io
+        from traces import read_dir, split
+        X = np.random.default_rng(0).random((100, 8)).astype(np.float32) + 0.1
+        idle = X.copy()
+        idle[:, 0] = 0.0  # rate_ratio: no traffic in any step
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("busy", "x", X, [(40, 45)], 0.5), os.path.join(d, "busy.csv"))
+            write_csv(Trace("idle", "x", idle, [], 0.5), os.path.join(d, "idle.csv"))
+            written = split(d)
+            self.assertEqual(len(written), 2)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                (tr,) = read_dir(d)
+            self.assertIn("idle.csv: no traffic in any step, skipped", err.getvalue())
+            self.assertEqual((tr.name, tr.val_from, tr.test_from), ("busy", 60, 80))
+            self.assertEqual(tr.events, [(40, 45)], "the other columns kept")
+            with self.assertRaisesRegex(ValueError, "each above 0, together below 1"):
+                split(d, 0.5, 0.5)
+
+    def test_the_grace_of_a_trace_goes_by_its_step_not_its_directory_name(self):
+        from traces import GRACE, grace
+        X = np.zeros((10, 8), np.float32)
+        self.assertEqual(grace(Trace("a", "mine", X, [], 0.5)), GRACE["recorded"])
+        self.assertEqual(grace(Trace("a", "mine", X, [], 60.0)), 3)
+        self.assertEqual(grace(Trace("a", "nab", X, [], 300.0)), GRACE["nab"])
+
     def test_bad_input_names_the_file_line_and_column(self):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "bad.csv")

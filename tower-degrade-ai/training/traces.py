@@ -13,22 +13,35 @@ A trace CSV (one file per series; what `Recorder` writes and `evaluate.py --trac
 - other columns (`p_anomaly`, `fault`: what the recorder adds) are ignored;
 - `ignore` (optional) is 1 on ambiguous steps that count neither as incident nor as normal;
 - `split` (optional) is train / val / test per row, time-ordered; without it the whole file
-  is test data.
+  is test data (`evaluate.py`), and `train.py --traces` refuses it.
+  `python traces.py split DIR [--val 0.2 --test 0.2]` adds one to every file in DIR.
+
+A file whose class had no traffic in any step (a recorder's idle `default` class) is skipped
+by `read_dir`, with a note on stderr.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from features import CLIP_HI, FEATURES, N_FEATURES, P99, SUCCESS, WINDOW
+from features import CLIP_HI, FEATURES, N_FEATURES, P99, RATE, SUCCESS, WINDOW
 from protocol import events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
 # incident nor as normal (a breaker recovering is not a false trip).
 GRACE = {"simulated": 40, "recorded": 40, "nab": 0, "nezha": 3, "smd": 3}
+
+
+def grace(tr: "Trace") -> int:
+    """The trace's recovery grace: its dataset's, else by its step (a 500 ms trace's is the
+    recorder's 40 ticks, a minute trace's 3 steps), not by the name of the directory it was
+    read from."""
+    return GRACE.get(tr.dataset, GRACE["recorded"] if tr.step_seconds < 60 else 3)
 # Horizons, in steps. The protocol's 3, 6 and 12 steps were set for 1-5 minute steps (3 minutes
 # to an hour ahead). At a 500 ms tick they are 1.5-6 s, shorter than most incidents' precursors
 # last, so a warning 10 s ahead would count as a false trip: 500 ms traces are also scored at
@@ -144,10 +157,46 @@ def _run_before(ign: np.ndarray, s: int) -> int:
 
 
 def read_dir(d: str, dataset: str | None = None) -> list:
+    """Every trace CSV in `d`, but those of a class that had no traffic at all (a recorder's
+    idle `default` class): there is nothing in them to warn of or to trip on (said on stderr)."""
     files = sorted(f for f in os.listdir(d) if f.endswith(".csv"))
     if not files:
         raise ValueError(f"{d}: no .csv files")
-    return [read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d))) for f in files]
+    out = []
+    for f in files:
+        tr = read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d)))
+        if not tr.X[:, RATE].any():
+            print(f"{os.path.join(d, f)}: no traffic in any step, skipped", file=sys.stderr)
+            continue
+        out.append(tr)
+    if not out:
+        raise ValueError(f"{d}: no trace with traffic")
+    return out
+
+
+def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
+    """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
+    1 - val - test of each file train, then val, then test. Returns the files written."""
+    if not (0 < val and 0 < test and val + test < 1):
+        raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
+    written = []
+    for f in sorted(f for f in os.listdir(d) if f.endswith(".csv")):
+        path = os.path.join(d, f)
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        cols = [c for c in rows[0] if c != "split"] + ["split"]
+        n = len(rows)
+        val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
+        for i, r in enumerate(rows):
+            r["split"] = "train" if i < val_from else "val" if i < test_from else "test"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        written.append(path)
+    return written
 
 
 def write_csv(tr: Trace, path: str) -> None:
@@ -170,3 +219,21 @@ def windows(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
     from numpy.lib.stride_tricks import sliding_window_view
     v = sliding_window_view(pad, WINDOW, axis=0)  # [T, 8, 64]
     return np.ascontiguousarray(v[idx].transpose(0, 2, 1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Add a time-ordered split column to recorded traces.")
+    ap.add_argument("command", choices=["split"])
+    ap.add_argument("dir", help="a directory of trace CSVs (what Recorder writes)")
+    ap.add_argument("--val", type=float, default=0.2, help="share of each file for validation (0.2)")
+    ap.add_argument("--test", type=float, default=0.2, help="share of each file for test, the last (0.2)")
+    a = ap.parse_args()
+    try:
+        for path in split(a.dir, a.val, a.test):
+            print(f"{path}: split train / val / test")
+    except (OSError, ValueError) as e:
+        sys.exit(f"traces.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

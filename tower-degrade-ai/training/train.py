@@ -1,7 +1,8 @@
 """Train the predictor and export it to ONNX.
 
-    python train.py --data PUBLIC_TRACES_DIR [--out ../models/p_anomaly.onnx] [--seed 7]
-                    [--arch za] [--balance | --no-balance]
+    python train.py [--data PUBLIC_TRACES_DIR] [--traces DIR ...] [--out ../models/p_anomaly.onnx]
+                    [--seed 7] [--epochs 8] [--hard-negatives 20000] [--arch za]
+                    [--balance | --no-balance]
 
 The defaults are the bundled model's recipe: the anchored head (model.ZANet, `za`), every
 dataset weighted equally.
@@ -11,7 +12,10 @@ Training data: the simulator's train traces, plus the train part of each public 
 its last 20 %, which is validation). Target: an SLO breach / labelled incident starts within
 the next H steps (protocol.early_targets; H = 20 ticks on 500 ms traces, 6 steps on the public
 data, see traces.headline_horizon), ignored inside incidents and their grace.
-Validation picks the epoch; the test parts are never read here.
+Validation picks the epoch; the test parts are never read here. `--traces DIR` (repeatable)
+adds a directory of your own trace CSVs (`Recorder`'s), each file with a time-ordered `split`
+column (`python traces.py split DIR` adds one); they are a dataset of their own, weighted like
+the others.
 """
 from __future__ import annotations
 
@@ -30,14 +34,14 @@ import reference
 import simulate
 from model import ARCHS, build, export
 from protocol import early_targets
-from traces import GRACE, headline_horizon
+from traces import grace, headline_horizon, read_dir
 
 NEG_PER_POS = 40
 
 
 def targets(tr):
     H = headline_horizon(tr.step_seconds)
-    return early_targets(tr.T, tr.events, H, grace=GRACE.get(tr.dataset, H), pre_ignore=tr.pre_ignore)
+    return early_targets(tr.T, tr.events, H, grace=grace(tr), pre_ignore=tr.pre_ignore)
 
 
 def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, with_baseline=False):
@@ -163,7 +167,8 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
 
 
 def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
-        public_data: bool = True, arch: str = "za", balance: bool = True, log=print) -> dict:
+        public_data: bool = True, arch: str = "za", balance: bool = True, log=print,
+        own_traces: tuple = ()) -> dict:
     """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
     export the model to `out` with its reference answers, and write `<out>.train.json`."""
     torch.manual_seed(seed)
@@ -217,6 +222,8 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
                 train_windows=int(len(ytr)), train_positive=int(ytr.sum()), horizon={"500 ms ticks": headline_horizon(0.5), "minute steps": headline_horizon(60)},
                 parameters=sum(p.numel() for p in net.parameters()),
                 public_data=public_data, arch=arch, balance=balance, calibration=calibration, seconds=round(time.time() - t0))
+    if own_traces:
+        info["traces"] = list(own_traces)
     with open(os.path.splitext(out)[0] + ".train.json", "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -240,14 +247,31 @@ def main():
                          "selection per channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
+    ap.add_argument("--traces", action="append", default=[], metavar="DIR",
+                    help="a directory of your own trace CSVs to train on too (repeatable); each "
+                         "file needs a split column: python traces.py split DIR")
     a = ap.parse_args()
+    # Fail now, not after the training: the directory the model goes to.
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):
+        ap.error(f"--out {a.out}: the directory {out_dir} does not exist")
 
     traces = simulate.dataset(a.seed)
     if a.data:
         for v in datasets.load(a.data).values():
             traces += v
+    for d in a.traces:
+        try:
+            own = read_dir(d)
+        except (OSError, ValueError) as e:
+            ap.error(f"--traces {d}: {e}")
+        unsplit = [tr.name for tr in own if tr.val_from == 0 and tr.test_from == 0]
+        if unsplit:
+            ap.error(f"--traces {d}: {', '.join(unsplit)} without a split column would train on "
+                     f"nothing (the whole file is test data): python traces.py split {d}")
+        traces += own
     info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
-               arch=a.arch, balance=a.balance)
+               arch=a.arch, balance=a.balance, own_traces=tuple(a.traces))
     print(json.dumps(info))
 
 
