@@ -384,7 +384,8 @@ impl Breaker {
             }
             None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => {
                 self.tally.warned(breach);
-                // A warning in a breaching window is confirmed already: not one to take back.
+                // A warning in a breaching window came with the breach (late, in the record):
+                // not a false alarm for the calibration to take back.
                 if self.calibrator.is_some() && !breach {
                     self.alarm = Some(Alarm {
                         unconfirmed: 0,

@@ -107,6 +107,18 @@ impl Predictor for Trend {
     }
 }
 
+/// `stock` with [`Trend`] at the seed's fixed threshold (no warm-up).
+fn trend() -> Degrader {
+    Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
+        .class(ClassConfig::silver("stock"))
+        .predictor(Trend, PredictorConfig::default())
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
 /// The same class with no predictor: the threshold rule alone.
 fn without_predictor() -> Degrader {
     Degrader::builder("shop")
@@ -157,14 +169,7 @@ async fn the_predictor_degrades_before_the_threshold_rule_would() {
     let rule_tick = leak(&without_predictor()).await;
 
     // The seed's fixed threshold: no warm-up (the calibrated default is shown below).
-    let predicted = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(BreakerConfig::default().predict_threshold(0.87))
-        .class(ClassConfig::silver("stock"))
-        .predictor(Trend, PredictorConfig::default())
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let predicted = trend();
     let predicted_tick = leak(&predicted).await;
     assert_eq!(predicted.state("stock").unwrap(), State::Degraded);
     let lead = rule_tick - predicted_tick;
@@ -189,14 +194,7 @@ async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
     );
     // The rule alone: the leak's first breaching window is the first of the rule's three.
     let first_breach = leak(&none).await - 2;
-    let d = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(BreakerConfig::default().predict_threshold(0.87))
-        .class(ClassConfig::silver("stock"))
-        .predictor(Trend, PredictorConfig::default())
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = trend();
     let mut warned = None;
     let confirmed_at = leak_until(&d, |d| {
         if d.state("stock").unwrap() != State::Closed {
@@ -226,14 +224,7 @@ async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
 
     // In MetricsOnly the class is a trial that changes nothing: the shadow machine warns,
     // the class serves every call, and the breach comes when the rule alone sees it.
-    let shadow = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(BreakerConfig::default().predict_threshold(0.87))
-        .class(ClassConfig::silver("stock"))
-        .predictor(Trend, PredictorConfig::default())
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let shadow = trend();
     shadow.metrics_only("stock").unwrap();
     let confirmed_at = leak_until(&shadow, |d| record(d).confirmed > 0).await;
     assert_eq!(shadow.state("stock").unwrap(), State::MetricsOnly);
