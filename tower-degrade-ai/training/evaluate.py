@@ -307,10 +307,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model: window [batch,64,8] -> p_anomaly [batch,1]")
     ap.add_argument("--data", help="directory holding nab/, nezha/ and smd_subset/")
-    ap.add_argument("--traces", nargs="*", default=[], help="directories of trace CSVs")
+    ap.add_argument("--traces", nargs="+", action="extend", default=[], metavar="DIR",
+                    help="directories of trace CSVs (--traces A B, or --traces A --traces B)")
     ap.add_argument("--seed", type=int, default=7, help="the simulator's seed")
     ap.add_argument("--traces-only", action="store_true",
-                    help="score only the --traces directories (the simulator still sets their thresholds)")
+                    help="score only the --traces directories (the simulator sets the thresholds of "
+                         "those without a split column)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()

@@ -38,9 +38,9 @@ GRACE = {"simulated": 40, "recorded": 40, "nab": 0, "nezha": 3, "smd": 3}
 
 
 def grace(tr: "Trace") -> int:
-    """The trace's recovery grace: its dataset's, else by its step (a 500 ms trace's is the
-    recorder's 40 ticks, a minute trace's 3 steps), not by the name of the directory it was
-    read from."""
+    """The trace's recovery grace: its dataset's where the harness knows it (GRACE: simulated,
+    recorded, nab, nezha, smd), else by its step (a 500 ms trace's is the recorder's 40
+    ticks, a minute trace's 3 steps), not the horizon a directory of another name got."""
     return GRACE.get(tr.dataset, GRACE["recorded"] if tr.step_seconds < 60 else 3)
 # Horizons, in steps. The protocol's 3, 6 and 12 steps were set for 1-5 minute steps (3 minutes
 # to an hour ahead). At a 500 ms tick they are 1.5-6 s, shorter than most incidents' precursors

@@ -1,6 +1,6 @@
 """Train the predictor and export it to ONNX.
 
-    python train.py [--data PUBLIC_TRACES_DIR] [--traces DIR ...] [--out ../models/p_anomaly.onnx]
+    python train.py [--data PUBLIC_TRACES_DIR] [--traces DIR]... [--out ../models/p_anomaly.onnx]
                     [--seed 7] [--epochs 8] [--hard-negatives 20000] [--arch za]
                     [--balance | --no-balance]
 

@@ -70,8 +70,8 @@ impl Default for Calibration {
 
 impl Calibration {
     /// Keep the threshold at this many false trips per day. The threshold never goes below
-    /// the tail's start (about the 98th percentile of the healthy scores): a budget past a few
-    /// thousand a day at the 500 ms tick sets it there.
+    /// the tail's start (the 98th percentile of the healthy scores, lower where they repeat):
+    /// a budget past a few thousand a day at the 500 ms tick sets it there.
     pub fn false_trips_per_day(mut self, value: f64) -> Self {
         self.false_trips_per_day = value;
         self
@@ -94,7 +94,7 @@ const LOWEST_START: f64 = 0.8;
 const MAX_PEAKS: usize = 2_048;
 /// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
 /// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
-/// gave 6). So the warm-up lasts at least 50 / 2 % = 2,500 healthy ticks, and where scores
+/// gave 6). So the warm-up learns at least 50 / 2 % = 2,500 healthy scores, and where scores
 /// repeat the tail starts below the 98th percentile, at the highest score with 50 above it
 /// (down to the 80th).
 const MIN_PEAKS: usize = 50;

@@ -122,7 +122,9 @@ struct Alarm {
 
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
 /// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so
-/// a warning of a failure that does come is never undone.
+/// a warning of a failure that does come is never undone. Also how long a healthy score is
+/// held back before the calibration learns it (a breach within drops it), and the window in
+/// which a breach confirms a warning in the [`PredictionRecord`].
 pub const FALSE_ALARM_TICKS: u32 = 40;
 
 impl Breaker {

@@ -15,7 +15,7 @@ use super::FALSE_ALARM_TICKS;
 /// the **lead** is the ticks from the warning to that first breach. (A warning on a class too
 /// quiet to judge, with fewer ticks served than that in [`UNJUDGED_TICKS`], gets no verdict.)
 /// A breach that opens or degrades a closed class with no warning before it, while the
-/// predictor could warn (answering, its threshold calibrated), was **missed**; so was one the
+/// predictor could warn (answering, its threshold set: fixed, or calibrated), was **missed**; so was one the
 /// warning came in the same window as, late. A breach within [`FALSE_ALARM_TICKS`] ticks of
 /// one already counted is the same incident. A warning that degraded the class in time may
 /// have averted the breach it foresaw, and then counts as a false alarm: the record of a
