@@ -236,16 +236,12 @@ async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
 
 #[test]
 fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .unwrap();
-    let d = metrics::with_local_recorder(&recorder, || {
+    let (d, recorded) = metrics_during(|| {
         rt.block_on(async {
             // The model sees nothing coming; the class fails outright and opens.
             let dial = Dial::default();
@@ -274,23 +270,14 @@ fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
     assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 1), "{r:?}");
     assert_eq!(r.last_lead_ticks, None);
     let counted = |result: &str| {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .find(|(k, _, _, _)| {
-                k.key().name() == tower_degrade::metrics::PREDICTIONS
-                    && k.key()
-                        .labels()
-                        .any(|l| l.key() == "class" && l.value() == "stock")
-                    && k.key()
-                        .labels()
-                        .any(|l| l.key() == "result" && l.value() == result)
-            })
-            .map(|(_, _, _, v)| v)
+        counter(
+            &recorded,
+            tower_degrade::metrics::PREDICTIONS,
+            &[("class", "stock"), ("result", result)],
+        )
     };
-    assert_eq!(counted("missed"), Some(DebugValue::Counter(1)));
-    assert_eq!(counted("confirmed"), Some(DebugValue::Counter(0)));
+    assert_eq!(counted("missed"), Some(1));
+    assert_eq!(counted("confirmed"), Some(0));
 }
 
 /// [`Trend`] for a model that scores this service high even when it is healthy (0.88 to 0.92):
@@ -597,10 +584,6 @@ impl Predictor for Slow {
 
 #[test]
 fn an_overrun_keeps_the_last_prediction_and_is_counted() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -608,17 +591,12 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
     let _g = rt.enter();
     let (release, gate) = std::sync::mpsc::channel();
     let d = with_predictor(Slow(gate));
-    metrics::with_local_recorder(&recorder, || {
+    let ((), recorded) = metrics_during(|| {
         d.tick_now(); // waits 8 ms, then gives up on this batch
         d.tick_now(); // the worker is still busy: no new batch
     });
-    let overruns = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find(|(k, _, _, _)| k.key().name() == "degrade_predictor_overruns_total")
-        .map(|(_, _, _, v)| v);
-    assert_eq!(overruns, Some(DebugValue::Counter(2)));
+    let overruns = counter(&recorded, tower_degrade::metrics::PREDICTOR_OVERRUNS, &[]);
+    assert_eq!(overruns, Some(2));
     assert!(
         d.status().classes.iter().all(|c| c.prediction.is_none()),
         "no answer yet: no prediction (not a made-up one)"
@@ -655,17 +633,49 @@ impl<F: FnMut(usize) -> Result<Vec<f32>, BoxError> + Send + 'static> Predictor f
     }
 }
 
-/// The tick count of `degrade_predictor_failures_total` while `f` runs.
-fn failures_during(f: impl FnOnce()) -> Option<metrics_util::debugging::DebugValue> {
+/// What `f` returns, and every metric it recorded.
+fn metrics_during<T>(
+    f: impl FnOnce() -> T,
+) -> (T, Vec<(metrics::Key, metrics_util::debugging::DebugValue)>) {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, f);
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::PREDICTOR_FAILURES)
-        .map(|(_, _, _, v)| v)
+    let out = metrics::with_local_recorder(&recorder, f);
+    let recorded = snapshotter.snapshot().into_vec();
+    (
+        out,
+        recorded
+            .into_iter()
+            .map(|(k, _, _, v)| (k.key().clone(), v))
+            .collect(),
+    )
+}
+
+/// The count of the counter `name` whose labels include `labels`, if it was registered.
+fn counter(
+    recorded: &[(metrics::Key, metrics_util::debugging::DebugValue)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<u64> {
+    recorded.iter().find_map(|(k, v)| match v {
+        metrics_util::debugging::DebugValue::Counter(n)
+            if k.name() == name
+                && labels.iter().all(|(key, value)| {
+                    k.labels().any(|l| l.key() == *key && l.value() == *value)
+                }) =>
+        {
+            Some(*n)
+        }
+        _ => None,
+    })
+}
+
+/// The tick count of `degrade_predictor_failures_total` while `f` runs.
+fn failures_during(f: impl FnOnce()) -> Option<u64> {
+    counter(
+        &metrics_during(f).1,
+        tower_degrade::metrics::PREDICTOR_FAILURES,
+        &[],
+    )
 }
 
 fn predictions(d: &Degrader) -> Vec<Option<f64>> {
@@ -674,7 +684,6 @@ fn predictions(d: &Degrader) -> Vec<Option<f64>> {
 
 #[test]
 fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
-    use metrics_util::debugging::DebugValue;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -697,7 +706,7 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
             d.tick_now();
         }
     });
-    assert_eq!(failed, Some(DebugValue::Counter(3)));
+    assert_eq!(failed, Some(3));
     assert_eq!(predictions(&d), [None; 3], "not the last ones");
     assert_eq!(d.state("pay").unwrap(), State::Closed);
     // The threshold it would act on, as the metrics report it: still there, not calibrating.
@@ -725,7 +734,7 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
     assert_eq!(predictions(&d), [None; 3]);
     assert_eq!(
         failures_during(|| d.tick_now()),
-        Some(DebugValue::Counter(1)),
+        Some(1),
         "and every tick after"
     );
     assert_eq!(predictions(&d), [None; 3]);
