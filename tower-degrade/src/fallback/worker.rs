@@ -47,6 +47,18 @@ impl Drop for Permit {
 /// A parked task: its id and, for a delayed retry, its deadline.
 type Parked = (TaskId, Option<u64>);
 
+/// A class whose spooled tasks' replays failed while its breaker let them go (closed, and no
+/// live call failing to open it: a restart during an outage, a quiet class): its backfill
+/// waits, and one task is replayed as a probe when `next_ms` comes, a failure not counted
+/// against the task.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Replays failed in a row (the probes back off as a task's attempts would).
+    failures: u32,
+    /// When the next probe may start (the router's clock, ms).
+    next_ms: u64,
+}
+
 /// How the worker runs, as the router's builder set it.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -70,7 +82,12 @@ pub(crate) struct Settings {
 ///    rule) gets one spooled task replayed per tick as its probe, its outcome and latency
 ///    counted in the class's window, so a class without live traffic (a cron job, a queue
 ///    consumer that stopped) gets through its probes and has its spool replayed (it stays
-///    `Recovering`, admitting a growing share, until live calls finish the recovery);
+///    `Recovering`, admitting a growing share, until live calls finish the recovery); a
+///    failed probe keeps its task's attempts and puts it behind the class's other tasks. A
+///    spooled task's replay that fails while its class looks healthy (closed after a restart
+///    during an outage, or with no live calls) holds the class's backfill: one task at a time
+///    is replayed as a probe, after waits that grow as the retry policy's, until one is
+///    served;
 /// 3. flushes merged batches that are due.
 ///
 /// With [admission](crate::DegraderBuilder::admission), each replay holds a permit of its
@@ -98,6 +115,9 @@ pub struct FallbackWorker {
     probed: HashMap<String, u64>,
     /// Replays in flight as their class's probes, whose outcomes go to its window.
     probing: HashSet<TaskId>,
+    /// Classes whose backfill is held, their spooled tasks' replays failing: until a probe is
+    /// served.
+    held: HashMap<String, Held>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
     rate: f64,
@@ -150,6 +170,7 @@ impl FallbackWorker {
             parked: HashMap::new(),
             probed: HashMap::new(),
             probing: HashSet::new(),
+            held: HashMap::new(),
             rate,
             tokens: 0.0,
             last_ms,
@@ -329,6 +350,19 @@ impl FallbackWorker {
         match self.class_health(c) {
             Gate::Open => {}
             other => return other,
+        }
+        // Its spooled tasks failed though its breaker let them go: one probe at a time, on
+        // the retry policy's backoff, until one is served.
+        if let Some(held) = self.held.get(class) {
+            let running = self
+                .replaying
+                .values()
+                .any(|(q, t)| *q == Queue::Spool && t.class() == class);
+            return if running || now < held.next_ms {
+                Gate::Closed
+            } else {
+                Gate::Probe
+            };
         }
         let registry = self.degrader.registry();
         let sla = registry
@@ -579,16 +613,29 @@ impl FallbackWorker {
             let Some((queue, mut task)) = self.replaying.remove(&id) else {
                 continue;
             };
-            let tid = task.id();
             let probe = self.probing.remove(&task.id());
             if probe {
                 self.record_probe(task.class(), &outcome, took);
             }
+            if queue == Queue::Spool {
+                self.judge_spool(task.class(), &outcome, probe, now);
+            }
             let result = match outcome {
                 // A failed probe tells of the class, not of the task: the task keeps its
-                // attempts and waits in the spool for the class to recover.
-                Replayed::Retry(_) if probe => {
-                    self.shared.store.release(queue, tid);
+                // attempts and waits for the class to recover, behind its class's other
+                // tasks (the next probe is another one: a task that fails on its own
+                // account does not hold back the rest).
+                Replayed::Retry(answer) if probe => {
+                    let wait = match self.held.get(task.class()) {
+                        Some(h) => h.next_ms.saturating_sub(now),
+                        None => {
+                            let unit = self.unit();
+                            self.shared.retry.backoff(1, unit).as_millis() as u64
+                        }
+                    };
+                    task.set_answer(answer);
+                    let due = now.saturating_add(wait).max(task.due_ms());
+                    ops.push(Op::Put(queue, task.with_due(due)));
                     counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
                         "queue" => queue.as_str(), "result" => "retry")
                     .increment(1);
@@ -626,6 +673,42 @@ impl FallbackWorker {
         }
         let retrying = !self.unsettled.is_empty();
         self.commit_outcomes(ops, retrying).await;
+    }
+
+    /// What a spooled task's replay says of its class: served (or refused on the request's
+    /// own account: the dependency answered) lifts a hold; a failure that is not a probe holds
+    /// the class's backfill, and a held class's failed probe backs the next one off further
+    /// (a breaker's probe that fails is the breaker's to judge).
+    fn judge_spool(&mut self, class: &str, outcome: &Replayed, probe: bool, now: u64) {
+        let Replayed::Retry(answer) = outcome else {
+            if let Some(h) = self.held.remove(class) {
+                tracing::info!(service = %self.shared.service, class, failures = h.failures,
+                    "a spooled task's replay was served: the backfill goes on");
+            }
+            return;
+        };
+        let unit = self.unit();
+        let failures = match self.held.get(class) {
+            Some(h) if probe => h.failures.saturating_add(1),
+            // A replay started before the hold: the hold has counted it.
+            Some(_) => return,
+            None if probe => return,
+            None => {
+                tracing::warn!(service = %self.shared.service, class, answer = %answer,
+                    "a spooled task's replay failed while its class looked healthy: the \
+                     backfill holds, one task replayed at a time as a probe (backing off) \
+                     until one is served");
+                1
+            }
+        };
+        let wait = self.shared.retry.backoff(failures, unit).as_millis() as u64;
+        self.held.insert(
+            class.to_owned(),
+            Held {
+                failures,
+                next_ms: now.saturating_add(wait),
+            },
+        );
     }
 
     /// Store replays' outcomes. If the store refuses them (unreachable), they are kept and

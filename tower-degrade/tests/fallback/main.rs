@@ -256,6 +256,62 @@ async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_rec
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_spool_whose_replays_fail_in_a_closed_class_waits_for_its_dependency() {
+    // A restart during an outage: the class starts closed and has no live call to open its
+    // breaker, so only the replays tell that its dependency is down. The spool must wait for
+    // it, not spend every task's attempts and move them all to manual review.
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default().failing(usize::MAX, 503);
+    let (store, _, worker, svc) = router_for(&d, "browse", &app, |b| {
+        b.retry(RetryPolicy::default().max_attempts(3))
+    });
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    let mut kept = Vec::new();
+    for i in 0..10 {
+        let res = call(&svc, post(&format!("/log/{i}"), "kept")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        kept.push(task_id(&res).to_string());
+    }
+    d.reset("browse").unwrap();
+    for _ in 0..1_200 {
+        run_for(500).await;
+        d.tick_now();
+    }
+    // Ten minutes down: nothing given up on, and the dependency was not hammered: the first
+    // replays, then one probe at a time on the retry policy's backoff (at most 30 s).
+    assert_eq!(store.depth(Queue::Review).len, 0);
+    assert_eq!(store.depth(Queue::Spool).len, 10);
+    let tried = app.seen().len();
+    assert!((11..=60).contains(&tried), "{tried} replays in 10 minutes");
+    for id in &kept {
+        let t = store
+            .get(Queue::Spool, id.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(t.attempts() <= 1, "{id}: {} attempts spent", t.attempts());
+        assert_eq!(t.last_answer(), Some("HTTP 503 Service Unavailable"));
+    }
+
+    // The dependency is back: the next probe is served and the backfill goes on.
+    app.fail.store(0, Ordering::SeqCst);
+    for _ in 0..80 {
+        run_for(500).await;
+        d.tick_now();
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+    assert_eq!(store.depth(Queue::Review).len, 0);
+    let mut served: Vec<_> = app.seen()[tried..]
+        .iter()
+        .map(|(_, k, _, _)| k.clone().unwrap())
+        .collect();
+    served.sort();
+    kept.sort();
+    assert_eq!(served, kept, "each served once");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_class_forced_closed_by_an_operator_is_backfilled() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();
