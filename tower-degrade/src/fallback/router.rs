@@ -29,6 +29,10 @@ use crate::error::{BoxError, ConfigError, Degraded};
 use crate::gate::Reason;
 use crate::protocol::{degraded_response, kept_response, key_reused_response};
 
+/// The longest [`FallbackRouterBuilder::period`]: a due task waits for the worker's next look
+/// at most this long.
+const MAX_PERIOD: Duration = Duration::from_secs(60);
+
 /// Serves the routes that keep calls (`delayed_retry`, `spool`, `manual_review`,
 /// `batch_merge`), and hands [`Route::Service`] to a custom service. Give it to
 /// [`DegradeLayer::fallback_with`](crate::DegradeLayer::fallback_with); spawn its
@@ -172,7 +176,8 @@ impl<T> FallbackRouterBuilder<T> {
         self
     }
 
-    /// How often the worker looks for due tasks when nothing wakes it (default 100 ms).
+    /// How often the worker looks for due tasks when nothing wakes it (default 100 ms; at
+    /// most a minute).
     pub fn period(mut self, period: Duration) -> Self {
         self.worker.period = period;
         self
@@ -242,10 +247,14 @@ impl<T> FallbackRouterBuilder<T> {
                 reason: "must be at least 1".into(),
             });
         }
-        if self.worker.period.is_zero() {
+        if self.worker.period.is_zero() || self.worker.period > MAX_PERIOD {
             return Err(ConfigError::InvalidValue {
                 field: "fallback.period",
-                reason: "must be more than zero".into(),
+                reason: format!(
+                    "must be more than zero and at most {MAX_PERIOD:?} (the worker looks for \
+                     due tasks this often), not {:?}",
+                    self.worker.period
+                ),
             });
         }
         if self.worker.replay_timeout.is_zero() {

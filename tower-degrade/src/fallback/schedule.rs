@@ -77,11 +77,21 @@ impl RetryPolicy {
         if self.max_interval < self.initial {
             return bad(
                 "fallback.retry.max_interval",
-                "must be at least the initial wait",
+                &format!(
+                    "must be at least the initial wait (max_interval {:?}, initial {:?})",
+                    self.max_interval, self.initial
+                ),
             );
         }
         if self.max_attempts == 0 {
             return bad("fallback.retry.max_attempts", "must be at least 1");
+        }
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            return bad(
+                "fallback.retry.deadline",
+                "must be greater than zero (every task would go to manual review unreplayed); \
+                 None for no deadline",
+            );
         }
         Ok(())
     }

@@ -1411,16 +1411,30 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("fallback.replay"), "{err}");
-    // A zero period would panic in the worker (kept tasks never replayed); a zero replay
-    // timeout would fail every replay.
+    // A zero period would panic in the worker and an endless one never look (kept tasks
+    // never replayed); a zero replay timeout would fail every replay, a zero deadline send
+    // every task to review unreplayed; a first wait past the longest names both.
     for (field, builder) in [
         (
             "fallback.period",
             FallbackRouter::builder(&d).period(Duration::ZERO),
         ),
         (
+            "fallback.period",
+            FallbackRouter::builder(&d).period(Duration::MAX),
+        ),
+        (
             "fallback.replay_timeout",
             FallbackRouter::builder(&d).replay_timeout(Duration::ZERO),
+        ),
+        (
+            "fallback.retry.deadline",
+            FallbackRouter::builder(&d)
+                .retry(RetryPolicy::default().deadline(Some(Duration::ZERO))),
+        ),
+        (
+            "initial 18446744073709551615.999999999s",
+            FallbackRouter::builder(&d).retry(RetryPolicy::default().initial(Duration::MAX)),
         ),
     ] {
         let err = builder
@@ -1430,6 +1444,21 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
             .unwrap_err();
         assert!(err.to_string().contains(field), "{err}");
     }
+    let path = temp("capacity-0");
+    let err = EmbeddedStore::builder(&path)
+        .capacity(0)
+        .open()
+        .unwrap_err();
+    assert!(err.to_string().contains("capacity 0"), "{err}");
+    // Too short for its header: damaged, not a path problem.
+    std::fs::write(&path, [0u8; 100]).unwrap();
+    let err = EmbeddedStore::open(&path).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        tower_degrade::fallback::store::StoreErrorKind::Corrupt,
+        "{err}"
+    );
+    std::fs::remove_file(&path).unwrap();
 }
 
 // ===== batch merge =====

@@ -73,6 +73,12 @@ impl EmbeddedStoreBuilder {
     fn open_checked(self) -> Result<EmbeddedStore, StoreError> {
         let path = self.path;
         let shown = path.display().to_string();
+        if self.capacity == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::Io,
+                format!("store `{shown}`: capacity 0 would refuse every task: give it at least 1"),
+            ));
+        }
         let existed = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
         let mut db = Database::create(&path).map_err(|e| {
             let e = redb::Error::from(e);
@@ -83,7 +89,13 @@ impl EmbeddedStoreBuilder {
                      the handle (`EmbeddedStore` is cheap to clone), give each instance its own \
                      file, or use the Redis backend to share one queue",
                 ),
-                redb::Error::Io(ref io) if io.kind() != std::io::ErrorKind::InvalidData => {
+                // A file too short for its header reads as an early end, not a path problem.
+                redb::Error::Io(ref io)
+                    if !matches!(
+                        io.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
                     (StoreErrorKind::Io, "check the path and its permissions")
                 }
                 _ => (
