@@ -240,7 +240,11 @@ impl Degrader {
                 Ok(version)
             }
             Err(e) => {
-                tracing::warn!(service = %self.shared.service, error = %e, "policy load rejected; the previous set keeps serving");
+                if rt.current().is_some() {
+                    tracing::warn!(service = %self.shared.service, error = %e, "policy load rejected; the previous set keeps serving");
+                } else {
+                    tracing::warn!(service = %self.shared.service, error = %e, "policy load rejected; no policy is in force");
+                }
                 Err(e)
             }
         }

@@ -31,6 +31,9 @@ impl ManualReview {
     /// | `POST /review/{id}/requeue` | replay it now; 404 if it is not in the queue |
     /// | `POST /review/{id}/drop?by=<who>&reason=<why>` | drop it (the reason is required) |
     ///
+    /// A page holds `limit` tasks (default 50, brought into 1 to 1,000). Query values are
+    /// percent-decoded where they are valid escapes and kept as written where not.
+    ///
     /// Nest it where only operators reach it (bind it to loopback, or behind your own
     /// authentication): it shows what clients sent, bodies included. A token shorter than 16
     /// bytes is refused.
