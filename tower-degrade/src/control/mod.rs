@@ -201,11 +201,11 @@ impl Shared {
     }
 
     /// Publish a class's directive for the data path. A directive that turns calls away without
-    /// saying when to come back gets the next tick, when it may change.
+    /// saying when to come back, or saying sooner, gets the next tick, when it may change.
     pub(crate) fn publish(&self, id: ClassId, directive: Packed) {
         self.gates[id.index()]
             .directive
-            .store_packed(directive.with_default_retry(self.period));
+            .store_packed(directive.with_retry_at_least(self.period));
     }
 
     pub(crate) fn on_transition(

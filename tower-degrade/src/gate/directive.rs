@@ -215,12 +215,15 @@ impl Packed {
     }
 
     /// The same directive with `retry` as its retry-after when it turns calls away and says
-    /// nothing of when to come back (a delayed admit keeps its delay).
-    pub(crate) fn with_default_retry(self, retry: Duration) -> Packed {
-        if self.kind() == KIND_ADMIT || self.0 >> 32 != NO_RETRY {
+    /// nothing of when to come back, or sooner than `retry` (the next tick: the directive
+    /// holds until then, so a client told to come back sooner, or at once as the last tick of
+    /// an open breaker would tell it, is turned away again). A delayed admit keeps its delay.
+    pub(crate) fn with_retry_at_least(self, retry: Duration) -> Packed {
+        let ms = (retry.as_millis().min(u128::from(NO_RETRY - 1))) as u64;
+        let set = self.0 >> 32;
+        if self.kind() == KIND_ADMIT || (set != NO_RETRY && set >= ms) {
             return self;
         }
-        let ms = (retry.as_millis().min(u128::from(NO_RETRY - 1))) as u64;
         Packed((self.0 & 0xFFFF_FFFF) | (ms << 32))
     }
 
@@ -366,6 +369,33 @@ mod tests {
         for d in cases {
             assert_eq!(Directive::unpack(d.pack()), d);
         }
+    }
+
+    #[test]
+    fn a_retry_after_sooner_than_the_next_tick_is_the_next_tick() {
+        let tick = Duration::from_millis(500);
+        let open = |left: Option<u64>| {
+            Directive::Divert {
+                reason: Reason::BreakerOpen,
+                route: Route::Reject,
+                retry_after: left.map(Duration::from_millis),
+            }
+            .pack()
+            .with_retry_at_least(tick)
+            .retry_after()
+        };
+        // The open breaker's last tick: "0.0 s" told clients to come back at once.
+        assert_eq!(open(Some(0)), Some(tick));
+        assert_eq!(open(Some(120)), Some(tick));
+        assert_eq!(open(None), Some(tick));
+        assert_eq!(open(Some(4_500)), Some(Duration::from_millis(4_500)));
+        // A delayed admit keeps its delay.
+        let delayed = Directive::Delay {
+            by: Duration::from_millis(5),
+        }
+        .pack()
+        .with_retry_at_least(tick);
+        assert_eq!(delayed.retry_after(), Some(Duration::from_millis(5)));
     }
 
     #[test]

@@ -43,7 +43,8 @@ use crate::window::{Outcome, Recording};
 /// (`UNAVAILABLE`; 4, `DEADLINE_EXCEEDED`, for a timeout) with
 ///
 /// * `grpc-retry-pushback-ms` from the class's state: the open time left, the next tick, or a
-///   policy's `retry_after` (gRPC clients with retry policies honour it);
+///   policy's `retry_after`, never sooner than the next tick (gRPC clients with retry
+///   policies honour it);
 /// * a `grpc-message` a person can read ("not served: circuit breaker open"), and
 ///   [`x-degrade-reason`](super::REASON_HEADER) with the machine-readable reason;
 /// * the [`Degraded`] value in the response extensions.

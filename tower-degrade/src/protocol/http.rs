@@ -19,7 +19,7 @@ use crate::window::{Outcome, Recording};
 /// an empty `B::default()` body: 503 (504 for a timeout) with
 ///
 /// * `Retry-After`, in whole seconds rounded up, from the class's state: the open time left,
-///   the next tick, or a policy's `retry_after`;
+///   the next tick, or a policy's `retry_after`, never sooner than the next tick;
 /// * [`x-degrade-reason`](super::REASON_HEADER) naming why (`breaker_open`, `degraded`,
 ///   `shed`...), so a client can tell it from the application's own 503;
 /// * the [`Degraded`] value in the response extensions, for layers outside this one.
