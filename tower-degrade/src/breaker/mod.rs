@@ -568,14 +568,15 @@ impl Breaker {
                 // quiet class (a call every few seconds), not a failing one: wait for the
                 // rest. With none finished, or one failed, give up at the open duration.
                 let waiting = ok > 0 && failed == 0;
-                if !waiting && now.saturating_duration_since(since) >= self.open_for() {
-                    return Some((
-                        self.open(now),
-                        format!(
-                            "probes unfinished after {} ms ({ok}/{done})",
-                            self.open_for().as_millis()
-                        ),
-                    ));
+                let waited = now.saturating_duration_since(since);
+                if !waiting && waited >= self.open_for() {
+                    // Said before `open` lengthens the open duration.
+                    let why = format!(
+                        "probes unfinished after {} ms half-open ({ok}/{done} succeeded within \
+                         the SLA)",
+                        waited.as_millis()
+                    );
+                    return Some((self.open(now), why));
                 }
                 self.phase = Phase::HalfOpen { since, ok, failed };
                 None

@@ -206,6 +206,28 @@ fn failed_probes_reopen_with_exponential_capped_duration() {
 }
 
 #[test]
+fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waited() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0).expect("opens");
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    let mut now = t1;
+    let t = loop {
+        now += TICK;
+        if let Some(t) = b.step(&window(0, 0, 0), now) {
+            break t;
+        }
+    };
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+    // The time it waited half-open (5 s), not the next open duration (10 s).
+    assert_eq!(
+        t.reason,
+        "probes unfinished after 5000 ms half-open (0/0 succeeded within the SLA)"
+    );
+}
+
+#[test]
 fn probes_slower_than_the_sla_do_not_recover() {
     let t0 = Instant::now();
     let mut b = breaker();
