@@ -205,15 +205,16 @@ impl Capture {
         // A gRPC call whose framing is broken fails every replay (the server cannot decode
         // it): refused now, while the client can still be told, rather than kept.
         // (`application/grpc`, `+proto` and the like; not gRPC-Web's text form, base64.)
-        let ct = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.as_bytes());
-        if ct.is_some_and(|v| {
-            v.strip_prefix(b"application/grpc")
-                .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
-        }) {
-            grpc_framing(&body).map_err(CaptureError::Malformed)?;
+        if grpc_rest(&parts.headers)
+            .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+        {
+            // A compressed message needs the call to name its encoding (the gRPC spec makes
+            // it an error); kept, it would fail every replay.
+            let encoded = parts
+                .headers
+                .get("grpc-encoding")
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            grpc_framing(&body, encoded).map_err(CaptureError::Malformed)?;
         }
         Ok(HttpRequest {
             method: parts.method.as_str().to_owned(),
@@ -237,6 +238,16 @@ fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::er
     })
 }
 
+/// What follows `application/grpc` in a gRPC message's content type (`+proto`, `-web`, or
+/// nothing), or `None` if it is not one. Media types are case-insensitive (RFC 9110 8.3.1):
+/// `Application/GRPC` is a gRPC call, which tonic serves.
+pub(crate) fn grpc_rest(headers: &http::HeaderMap) -> Option<&[u8]> {
+    const GRPC: &[u8] = b"application/grpc";
+    let v = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    let (head, rest) = v.split_at_checked(GRPC.len())?;
+    head.eq_ignore_ascii_case(GRPC).then_some(rest)
+}
+
 /// Why a request could not be captured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CaptureError {
@@ -247,9 +258,10 @@ pub(crate) enum CaptureError {
 }
 
 /// Whether `body` is a gRPC request body: length-prefixed messages (a flag byte, 0 or 1 for
-/// compressed, then a 4-byte big-endian length), nothing after the last. A client streaming
-/// nothing sends no message at all.
-fn grpc_framing(mut body: &[u8]) -> Result<(), String> {
+/// compressed, then a 4-byte big-endian length), nothing after the last; a compressed one
+/// only if the call is `encoded` (names a `grpc-encoding`). A client streaming nothing sends
+/// no message at all.
+fn grpc_framing(mut body: &[u8], encoded: bool) -> Result<(), String> {
     let mut n = 0;
     while !body.is_empty() {
         let Some((head, rest)) = body.split_first_chunk::<5>() else {
@@ -259,6 +271,11 @@ fn grpc_framing(mut body: &[u8]) -> Result<(), String> {
             return Err(format!(
                 "message {n}: compression flag {}, not 0 or 1",
                 head[0]
+            ));
+        }
+        if head[0] == 1 && !encoded {
+            return Err(format!(
+                "message {n}: compressed, but the call names no grpc-encoding"
             ));
         }
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -432,6 +449,7 @@ mod tests {
             parts(
                 http::Request::post("/shop.v1.Shop/Charge")
                     .header("content-type", ct)
+                    .header("grpc-encoding", "gzip")
                     .body(())
                     .unwrap(),
             )
@@ -461,13 +479,29 @@ mod tests {
             (vec![0, 0, 0], "prefix"),
             (truncated, "announced"),
         ] {
-            for ct in ["application/grpc", "application/grpc+proto"] {
+            // Media types are case-insensitive.
+            for ct in [
+                "application/grpc",
+                "application/grpc+proto",
+                "Application/GRPC",
+            ] {
                 let body = Full::new(Bytes::from(bad.clone()));
                 match cap.capture(&grpc(ct), body).await {
                     Err(CaptureError::Malformed(m)) => assert!(m.contains(why), "{m}"),
                     other => panic!("{bad:?} as {ct}: {other:?}"),
                 }
             }
+        }
+        // A compressed message in a call that names no encoding fails every replay.
+        let unencoded = parts(
+            http::Request::post("/shop.v1.Shop/Charge")
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap(),
+        );
+        match cap.capture(&unencoded, Full::new(Bytes::from(two))).await {
+            Err(CaptureError::Malformed(m)) => assert!(m.contains("message 1: compressed"), "{m}"),
+            other => panic!("{other:?}"),
         }
         // gRPC-Web's text form is base64, and plain HTTP is the application's to judge.
         for ct in ["application/grpc-web-text", "application/json"] {

@@ -130,10 +130,7 @@ where
     RB: Body,
     RB::Error: Into<BoxError>,
 {
-    let grpc = res
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = super::capture::grpc_rest(res.headers()).is_some();
     let status = res.status();
     if !grpc {
         return if status.is_success() || status.is_redirection() {

@@ -375,9 +375,7 @@ where
 }
 
 fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    super::capture::grpc_rest(headers).is_some()
 }
 
 /// Capture, store, then answer: `202` (or the gRPC equivalent) once stored, the reject answer
