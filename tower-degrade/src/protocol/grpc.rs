@@ -31,8 +31,8 @@ use crate::window::{Outcome, Recording};
 /// own with [`abandon_timeout(None)`](crate::ClassConfig::abandon_timeout) and an SLA that
 /// fits them.
 ///
-/// tonic answers a request it cannot decode (wrong content type, an empty or garbled
-/// message) with `INTERNAL` before any handler runs, and `INTERNAL` is a failure: keep
+/// tonic answers a request it cannot decode (an empty or garbled message; tonic 0.14 serves
+/// a wrong or missing content type) with `INTERNAL` before any handler runs, and `INTERNAL` is a failure: keep
 /// authentication outside the layer, and untrusted clients on classes of their own
 /// (`docs/architecture.md`, *Where the layer goes among the others*, has timeouts and health
 /// checks too).
