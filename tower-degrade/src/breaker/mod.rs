@@ -537,15 +537,24 @@ impl Breaker {
                 )
             }),
             Phase::HalfOpen { since, ok, failed } => {
-                // A probe answered slower than the class SLA has not shown a recovery: the
-                // dependency answers, but too late for the callers (the same slowness that
-                // makes in-flight calls count as overdue failures). `slow` also counts
-                // abandoned calls, which are timeouts already.
-                let slow_ok = w.slow.saturating_sub(w.timeouts).min(w.successes);
-                let ok = ok + w.successes - slow_ok;
+                // The probes decide: calls admitted before the breaker opened that finish now
+                // (a stalled dependency's, seconds late) say nothing of its recovery, and
+                // once counted, reopened a class whose every probe had succeeded. A probe
+                // answered slower than the class SLA has not shown a recovery (the
+                // dependency answers, but too late for the callers).
+                let (served, failures) = if self.mode == Mode::MetricsOnly {
+                    // A dry run admits every call and hands out no probe: its shadow judges
+                    // the window's calls. `slow` also counts abandoned calls, which are
+                    // timeouts already.
+                    let slow_ok = w.slow.saturating_sub(w.timeouts).min(w.successes);
+                    (w.successes - slow_ok, w.errors + w.timeouts + slow_ok)
+                } else {
+                    (w.probe_successes, w.probe_failures)
+                };
+                let ok = ok + served;
                 // A probe still running past the class's abandon threshold (overdue) has
                 // failed to show a recovery as surely as one that timed out.
-                let failed = failed + w.errors + w.timeouts + slow_ok + w.overdue;
+                let failed = failed + failures + w.overdue;
                 let done = ok + failed;
                 if done >= u64::from(cfg.half_open_probes) {
                     let rate = ok as f64 / done as f64;

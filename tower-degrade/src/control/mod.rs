@@ -66,7 +66,7 @@ impl Shared {
         for (id, class) in self.registry.iter() {
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
-            let snap = ctl.reader.read(
+            let mut snap = ctl.reader.read(
                 &self.shards,
                 id.index(),
                 &self.gauges[id.index()],
@@ -79,6 +79,7 @@ impl Shared {
                     }),
                 },
             );
+            (snap.probe_successes, snap.probe_failures) = self.gates[id.index()].take_probes();
             Arc::make_mut(&mut ctl.history).push(snap);
             ctl.features.push(&snap, class.sla_target());
         }

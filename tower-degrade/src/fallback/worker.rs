@@ -395,6 +395,7 @@ impl FallbackWorker {
             Replayed::Retry(_) => Outcome::Error,
         };
         shared.shards[shard_index(shared.shard_mask)].record(id.index(), result, latency);
+        shared.gates[id.index()].probe_done(result == Outcome::Success, latency);
     }
 
     async fn backfill_step(&mut self, now: u64) {

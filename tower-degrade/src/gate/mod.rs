@@ -23,6 +23,14 @@ pub(crate) struct Gate {
     pub(crate) directive: DirectiveCell,
     /// Half-open probe permits left.
     pub(crate) probes: AtomicU32,
+    /// Probes finished since the control loop last took them: served within the SLA, and
+    /// failed (an error, a timeout, slower than the SLA). Only calls admitted as probes
+    /// count, so calls admitted before the breaker opened that finish while it is half-open
+    /// do not decide whether it recovers.
+    pub(crate) probes_ok: AtomicU32,
+    pub(crate) probes_failed: AtomicU32,
+    /// The class's SLA, µs: a probe slower than it has not shown a recovery.
+    pub(crate) sla_micros: u64,
     /// Calls seen, for spreading an admitted fraction evenly.
     pub(crate) seq: AtomicU32,
     /// The class's call timeout.
@@ -44,6 +52,9 @@ impl Gate {
         Self {
             directive: DirectiveCell::new(),
             probes: AtomicU32::new(0),
+            probes_ok: AtomicU32::new(0),
+            probes_failed: AtomicU32::new(0),
+            sla_micros: u64::try_from(class.sla_target().as_micros()).unwrap_or(u64::MAX),
             seq: AtomicU32::new(0),
             timeout: class.call_timeout(),
             limiter,
@@ -65,8 +76,30 @@ impl Gate {
         self.probes.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Make `n` probe permits available (on entering half-open).
+    /// Make `n` probe permits available (on entering half-open), with no probe finished yet.
     pub(crate) fn set_probes(&self, n: u32) {
+        self.probes_ok.store(0, Ordering::Relaxed);
+        self.probes_failed.store(0, Ordering::Relaxed);
         self.probes.store(n, Ordering::Release);
+    }
+
+    /// A probe finished after `latency`: `ok` if it was served (then it counts as served
+    /// only within the SLA).
+    #[cold]
+    pub(crate) fn probe_done(&self, ok: bool, latency: Duration) {
+        let within = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.sla_micros;
+        if ok && within {
+            self.probes_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.probes_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The probes finished since the last call: (served within the SLA, failed).
+    pub(crate) fn take_probes(&self) -> (u64, u64) {
+        (
+            u64::from(self.probes_ok.swap(0, Ordering::Relaxed)),
+            u64::from(self.probes_failed.swap(0, Ordering::Relaxed)),
+        )
     }
 }

@@ -8,7 +8,8 @@ use crate::gate::ProbePermit;
 /// The accounting of one admitted call: it holds the call's in-flight slot and records the
 /// outcome and latency when finished. Dropped unfinished (the caller gave up), it records a
 /// `cancelled` call, or a `timeout` past the class's abandon threshold, frees the slot and
-/// gives back its half-open probe permit, if any.
+/// gives back its half-open probe permit, if any (a probe abandoned past the threshold has
+/// failed). A probe's outcome is also counted as the probe's, for the half-open verdict.
 ///
 /// A call whose outcome is known only at the end of its response stream (gRPC's status in the
 /// trailers) is [`answered`](Self::answered) when its response head comes back: its latency is
@@ -147,6 +148,31 @@ impl Recording {
             self.flags &= !PERMIT;
             self.release(ran, true);
         }
+        if self.flags & PROBE != 0 {
+            self.answered_probe(latency);
+        }
+    }
+
+    /// A probe answered slower than its SLA has failed, whatever its stream ends with; one
+    /// answered in time is judged by its outcome.
+    #[cold]
+    fn answered_probe(&mut self, latency: std::time::Duration) {
+        let class = usize::from(self.class);
+        if !self.shard.within_sla(class, latency) {
+            self.flags &= !PROBE;
+            self.shard.probe_done(class, false, latency);
+        }
+    }
+
+    /// A probe ended with `outcome` after `latency`: a verdict, or, cancelled by its caller,
+    /// its permit back for another call.
+    #[cold]
+    fn probe_ended(&self, outcome: Outcome, latency: std::time::Duration) {
+        let class = usize::from(self.class);
+        match outcome {
+            Outcome::Cancelled => self.shard.release_probe(class),
+            o => self.shard.probe_done(class, o == Outcome::Success, latency),
+        }
     }
 
     /// Record the call's outcome and latency, and free its in-flight slot (or, for a call
@@ -156,6 +182,10 @@ impl Recording {
         self.flags |= DONE;
         if self.flags & ANSWERED != 0 {
             self.shard.count(usize::from(self.class), outcome);
+            if self.flags & PROBE != 0 {
+                // Answered within the SLA (`answered_probe`).
+                self.probe_ended(outcome, std::time::Duration::ZERO);
+            }
             return;
         }
         let (latency, ran) = self.latency();
@@ -163,6 +193,9 @@ impl Recording {
             .end(usize::from(self.class), self.start, ran, outcome, latency);
         if self.flags & PERMIT != 0 {
             self.release(ran, true);
+        }
+        if self.flags & PROBE != 0 {
+            self.probe_ended(outcome, latency);
         }
     }
 
@@ -195,7 +228,7 @@ impl Drop for Recording {
             };
             self.shard.count(usize::from(self.class), outcome);
             if self.flags & PROBE != 0 {
-                self.shard.release_probe(usize::from(self.class));
+                self.probe_ended(outcome, std::time::Duration::ZERO);
             }
         } else if self.flags & DONE == 0 {
             let class = usize::from(self.class);
@@ -210,7 +243,7 @@ impl Drop for Recording {
                 self.release(ran, outcome != Outcome::Cancelled);
             }
             if self.flags & PROBE != 0 {
-                self.shard.release_probe(usize::from(self.class));
+                self.probe_ended(outcome, latency);
             }
         }
     }

@@ -130,6 +130,17 @@ impl Shard {
         self.gates[class].release_probe();
     }
 
+    /// Whether `latency` is within the SLA of `class`.
+    pub(crate) fn within_sla(&self, class: usize, latency: Duration) -> bool {
+        u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.gates[class].sla_micros
+    }
+
+    /// A half-open probe of `class` finished after `latency`, served (`ok`) or not.
+    #[cold]
+    pub(crate) fn probe_done(&self, class: usize, ok: bool, latency: Duration) {
+        self.gates[class].probe_done(ok, latency);
+    }
+
     /// The tier of `class` (for priority propagation).
     pub(crate) fn tier(&self, class: usize) -> crate::class::Tier {
         self.gates[class].tier

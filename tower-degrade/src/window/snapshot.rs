@@ -223,6 +223,9 @@ impl WindowReader {
         WindowSnapshot {
             tick: ctx.tick,
             overdue,
+            // The control loop takes them from the class's gate.
+            probe_successes: 0,
+            probe_failures: 0,
             period: ctx.period,
             successes: counts[Outcome::Success.index()],
             errors: counts[Outcome::Error.index()],
@@ -303,6 +306,13 @@ pub struct WindowSnapshot {
     /// call that hangs is one failure, not one per window. 0 for a class with
     /// `abandon_timeout(None)`.
     pub overdue: u64,
+    /// Half-open probes that finished this window served within the class SLA: calls admitted
+    /// as probes only (and a fallback worker's probe replays), so that calls admitted before
+    /// the breaker opened and finishing late do not decide whether it recovers.
+    pub probe_successes: u64,
+    /// Half-open probes that finished this window failed: an error, a timeout, slower than
+    /// the class SLA, or abandoned past its abandon threshold.
+    pub probe_failures: u64,
     /// Queue depth last reported for the class
     /// ([`Degrader::report_queue`](crate::Degrader::report_queue)).
     pub queue_depth: u64,

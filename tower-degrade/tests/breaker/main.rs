@@ -11,10 +11,14 @@ use tower_degrade::{
     gate::{Directive, Reason},
 };
 
+/// A window of `successes` and `errors`; in half-open, these calls are the probes (within
+/// the SLA unless said otherwise).
 fn window(successes: u64, errors: u64, p99_ms: u64) -> WindowSnapshot {
     let mut w = WindowSnapshot::default();
     w.successes = successes;
     w.errors = errors;
+    w.probe_successes = successes;
+    w.probe_failures = errors;
     w.p99 = Duration::from_millis(p99_ms);
     w.period = Duration::from_millis(500);
     w
@@ -237,6 +241,7 @@ fn probes_slower_than_the_sla_do_not_recover() {
     // Every probe answers, but 2 of 5 past the class SLA: 3/5 = 60 % < 80 %.
     let mut slow = window(5, 0, 600);
     slow.slow = 2;
+    (slow.probe_successes, slow.probe_failures) = (3, 2);
     let t = b.step(&slow, t1 + TICK).expect("re-opens");
     assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
     assert!(
@@ -250,9 +255,44 @@ fn probes_slower_than_the_sla_do_not_recover() {
     let mut late = window(4, 0, 100);
     late.timeouts = 1;
     late.slow = 1;
+    late.probe_failures = 1;
     let t = b.step(&late, t2 + TICK).expect("recovers");
     assert_eq!(t.to, State::Recovering, "{}", t.reason);
     assert!(t.reason.contains("4/5"), "{}", t.reason);
+}
+
+#[test]
+fn calls_admitted_before_the_breaker_opened_do_not_decide_the_probes() {
+    // A stalled dependency: the calls admitted before the breaker opened finish seconds late,
+    // while it is half-open, slow or failed; the five probes all succeed. Counted as probes,
+    // those calls reopened the class ("probes 6/16") and doubled its open time.
+    let t0 = Instant::now();
+    let mut b = breaker();
+    b.step(&window(0, 20, 10), t0).expect("opens");
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    let mut w = window(0, 10, 5_200);
+    w.slow = 10;
+    (w.probe_successes, w.probe_failures) = (5, 0);
+    let t = b.step(&w, t1 + TICK).expect("recovers");
+    assert_eq!(
+        (t.from, t.to),
+        (State::HalfOpen, State::Recovering),
+        "{}",
+        t.reason
+    );
+    assert!(t.reason.contains("5/5"), "{}", t.reason);
+
+    // A dry run hands out no probe: its shadow judges the window's calls.
+    let mut b = breaker();
+    b.command(Command::MetricsOnly);
+    b.step(&window(0, 20, 10), t0).expect("opens (shadow)");
+    b.step(&window(0, 0, 0), t1).expect("half-opens (shadow)");
+    let mut calls = window(5, 0, 10);
+    (calls.probe_successes, calls.probe_failures) = (0, 0);
+    let t = b.step(&calls, t1 + TICK).expect("recovers (shadow)");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Recovering));
+    assert!(!t.enforced);
 }
 
 #[test]

@@ -153,6 +153,45 @@ async fn half_open_admits_exactly_n_probes_and_cancelled_probes_come_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_stalled_before_the_breaker_opened_do_not_decide_its_probes() {
+    // A dependency stalls: ten calls hang for 5.2 s, others fail, the breaker opens. The
+    // stalled calls finish while it is half-open, slower than the SLA; the probes, made once
+    // the dependency is back, all succeed within it. The probes decide: it recovers (the
+    // stalled calls, counted as probes, reopened it: "probes 5/15", and doubled its open time).
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let pay = d.class_id("pay").unwrap();
+    let svc = d.layer(pay).layer(support::slow_failing());
+    let stalled: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot((5_200, false))))
+        .collect();
+    // Admitted while closed.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    for _ in 0..25 {
+        let _ = svc.clone().oneshot((0, true)).await;
+    }
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::Open);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    tokio::time::advance(Duration::from_millis(250)).await;
+    for s in stalled {
+        assert!(s.await.unwrap().is_ok(), "served, 5.2 s late");
+    }
+    for _ in 0..5 {
+        svc.clone().oneshot((10, false)).await.expect("a probe");
+    }
+    d.tick_now();
+    let status = d.status();
+    let pay_status = status.classes.iter().find(|c| &*c.name == "pay").unwrap();
+    assert_eq!(pay_status.state, State::Recovering, "{pay_status:?}");
+    assert_eq!(
+        pay_status.window.slow, 10,
+        "the stalled calls are in the window"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn recovering_admits_the_ramp_fraction_evenly() {
     let d = degrader(vec![ClassConfig::gold("pay")]);
     let pay = d.class_id("pay").unwrap();
