@@ -87,12 +87,16 @@ impl Gate {
     /// only within the SLA).
     #[cold]
     pub(crate) fn probe_done(&self, ok: bool, latency: Duration) {
-        let within = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.sla_micros;
-        if ok && within {
+        if ok && self.within_sla(latency) {
             self.probes_ok.fetch_add(1, Ordering::Relaxed);
         } else {
             self.probes_failed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether `latency` is within the class's SLA.
+    pub(crate) fn within_sla(&self, latency: Duration) -> bool {
+        u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.sla_micros
     }
 
     /// The probes finished since the last call: (served within the SLA, failed).

@@ -132,7 +132,7 @@ impl Shard {
 
     /// Whether `latency` is within the SLA of `class`.
     pub(crate) fn within_sla(&self, class: usize, latency: Duration) -> bool {
-        u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.gates[class].sla_micros
+        self.gates[class].within_sla(latency)
     }
 
     /// A half-open probe of `class` finished after `latency`, served (`ok`) or not.
