@@ -30,6 +30,15 @@ fn breaker() -> Breaker {
 
 const TICK: Duration = Duration::from_millis(500);
 
+/// Open `b` with 20 failures at `t0`, then half-open it at the end of its open duration (5 s
+/// later): returns that instant.
+fn half_open(b: &mut Breaker, t0: Instant) -> Instant {
+    b.step(&window(0, 20, 10), t0).expect("opens");
+    let t1 = t0 + Duration::from_secs(5);
+    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    t1
+}
+
 #[test]
 fn opens_on_failure_rate_only_with_enough_calls() {
     let now = Instant::now();
@@ -213,9 +222,7 @@ fn failed_probes_reopen_with_exponential_capped_duration() {
 fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waited() {
     let t0 = Instant::now();
     let mut b = breaker();
-    b.step(&window(0, 20, 10), t0).expect("opens");
-    let t1 = t0 + Duration::from_secs(5);
-    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    let t1 = half_open(&mut b, t0);
     let mut now = t1;
     let t = loop {
         now += TICK;
@@ -235,9 +242,7 @@ fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waite
 fn probes_slower_than_the_sla_do_not_recover() {
     let t0 = Instant::now();
     let mut b = breaker();
-    b.step(&window(0, 20, 10), t0).expect("opens");
-    let t1 = t0 + Duration::from_secs(5);
-    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    let t1 = half_open(&mut b, t0);
     // Every probe answers, but 2 of 5 past the class SLA: 3/5 = 60 % < 80 %.
     let mut slow = window(5, 0, 600);
     slow.slow = 2;
@@ -268,9 +273,7 @@ fn calls_admitted_before_the_breaker_opened_do_not_decide_the_probes() {
     // those calls reopened the class ("probes 6/16") and doubled its open time.
     let t0 = Instant::now();
     let mut b = breaker();
-    b.step(&window(0, 20, 10), t0).expect("opens");
-    let t1 = t0 + Duration::from_secs(5);
-    b.step(&window(0, 0, 0), t1).expect("half-opens");
+    let t1 = half_open(&mut b, t0);
     let mut w = window(0, 10, 5_200);
     w.slow = 10;
     (w.probe_successes, w.probe_failures) = (5, 0);
@@ -286,8 +289,7 @@ fn calls_admitted_before_the_breaker_opened_do_not_decide_the_probes() {
     // A dry run hands out no probe: its shadow judges the window's calls.
     let mut b = breaker();
     b.command(Command::MetricsOnly);
-    b.step(&window(0, 20, 10), t0).expect("opens (shadow)");
-    b.step(&window(0, 0, 0), t1).expect("half-opens (shadow)");
+    assert_eq!(half_open(&mut b, t0), t1, "the shadow half-opens");
     let mut calls = window(5, 0, 10);
     (calls.probe_successes, calls.probe_failures) = (0, 0);
     let t = b.step(&calls, t1 + TICK).expect("recovers (shadow)");
