@@ -556,7 +556,13 @@ impl Breaker {
                 // failed to show a recovery as surely as one that timed out.
                 let failed = failed + failures + w.overdue;
                 let done = ok + failed;
-                if done >= u64::from(cfg.half_open_probes) {
+                let probes = u64::from(cfg.half_open_probes);
+                // Too many failed for the rest to make up, were they all to succeed: reopen
+                // now, telling callers the open time, rather than turn them away as
+                // `probes_exhausted` until the open duration (up to a minute) runs out.
+                let hopeless = done < probes
+                    && ((ok + probes - done) as f64 / probes as f64) < cfg.probe_success_rate;
+                if done >= probes || hopeless {
                     let rate = ok as f64 / done as f64;
                     let verdict = format!("probes {ok}/{done} succeeded within the SLA");
                     if rate >= cfg.probe_success_rate {

@@ -239,6 +239,26 @@ fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waite
 }
 
 #[test]
+fn probes_that_can_no_longer_reach_the_success_rate_reopen_at_once() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    let t1 = half_open(&mut b, t0);
+    // One failure of five: the other four would still make 80 %. Wait for them.
+    assert_eq!(b.step(&window(0, 1, 10), t1 + TICK), None);
+    // Two: at most 3/5 now. Reopen, rather than turn calls away as probes_exhausted for the
+    // rest of the open duration.
+    let t = b.step(&window(0, 1, 10), t1 + TICK * 2).expect("reopens");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+    assert_eq!(t.reason, "probes 0/2 succeeded within the SLA");
+    match b.directive(t1 + TICK * 2) {
+        Directive::Divert { retry_after, .. } => {
+            assert_eq!(retry_after, Some(Duration::from_secs(10)))
+        }
+        d => panic!("unexpected {d:?}"),
+    }
+}
+
+#[test]
 fn probes_slower_than_the_sla_do_not_recover() {
     let t0 = Instant::now();
     let mut b = breaker();
