@@ -129,6 +129,16 @@ impl Capture {
                 ),
             });
         }
+        if chosen == REPLAY_HEADER {
+            // A replay carries both: the attempt number would overwrite the key.
+            return Err(crate::error::ConfigError::InvalidValue {
+                field: "capture.idempotency_header",
+                reason: format!(
+                    "`{chosen}` is the header replays carry their attempt number in (use a \
+                     header such as `idempotency-key`)"
+                ),
+            });
+        }
         self.idempotency = chosen;
         Ok(self)
     }
