@@ -13,6 +13,40 @@
 //! Kept jobs ([`TasksBuilder::keep`]): give jobs that a queue may deliver twice an
 //! [`idempotency_key`](TasksBuilder::idempotency_key), and a router that keeps jobs of
 //! several types a [`ReplayByClass`](crate::fallback::ReplayByClass).
+//!
+//! **A worker loop waits before it tries a turned-away job again.** A job shed or refused by
+//! an open breaker is answered at once, with a [`Degraded`](crate::Degraded) error: a loop that
+//! retries it at once spins its threads (a 64-worker trial made 11 million calls in a second,
+//! which also starves the control loop that would close the breaker). Wait what the answer
+//! says, then try again:
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use tower_degrade::{BoxError, Degraded};
+//! # async fn job(n: u64) -> Result<u64, BoxError> { Ok(n) }
+//! # async fn example(tasks: tower_degrade::task::Tasks<u64, u64>) {
+//! loop {
+//!     match tasks.run("inventory_sync", 42, job).await {
+//!         Ok(_) => break,
+//!         Err(e) => {
+//!             let wait = e
+//!                 .downcast_ref::<Degraded>()
+//!                 .and_then(Degraded::retry_after)
+//!                 .unwrap_or(Duration::from_secs(1));
+//!             tokio::time::sleep(wait).await;
+//!         }
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! **In a spawned task, call through `Tasks::run`.** The layer put directly around a service
+//! whose error type is `BoxError`, called as `tokio::spawn(async move { svc.oneshot(x).await })`,
+//! can fail to compile with "implementation of `From` is not general enough" (rustc forgets
+//! the error's lifetime when it checks that the block is `Send`: rust-lang/rust#64552; any
+//! layer that converts errors `Into<BoxError>` meets it). `Tasks::run` compiles there; so does
+//! the call boxed outside the block, `let call: Pin<Box<dyn Future<Output = Result<R,
+//! BoxError>> + Send>> = Box::pin(svc.oneshot(x));`, then `call.await` inside it.
 
 use std::collections::HashMap;
 use std::future::Future;
