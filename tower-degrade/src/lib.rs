@@ -125,6 +125,8 @@ pub mod class;
 pub mod classify;
 pub mod clock;
 pub mod error;
+#[cfg(feature = "fallback")]
+mod every;
 pub mod gate;
 pub mod metrics;
 mod mix;

@@ -26,6 +26,7 @@ use super::{Diverted, Fallback, FallbackService, NoFallback};
 use crate::class::Route;
 use crate::degrader::Degrader;
 use crate::error::{BoxError, ConfigError, Degraded};
+use crate::every::{Every, LOG_EVERY};
 use crate::gate::Reason;
 use crate::protocol::{degraded_response, kept_response, key_reused_response};
 
@@ -183,8 +184,9 @@ impl<T> FallbackRouterBuilder<T> {
         self
     }
 
-    /// How long one replay may take before it counts as failed (default 30 s). Keep it under a
-    /// Redis store's `claim_timeout`.
+    /// How long one replay may take before it counts as failed (default 30 s). With a Redis
+    /// store, a replay running longer than its `claim_timeout` keeps its task as long as the
+    /// worker goes on stepping (the worker heartbeats what it holds when it steps).
     pub fn replay_timeout(mut self, d: Duration) -> Self {
         self.worker.replay_timeout = d;
         self
@@ -263,6 +265,22 @@ impl<T> FallbackRouterBuilder<T> {
                 reason: "must be more than zero: every replay would time out".into(),
             });
         }
+        if let Some(claim) = store.claim_timeout()
+            && self.worker.period * 3 > claim
+        {
+            // The worker heartbeats the tasks it holds when it steps: stepping less often
+            // than a third of the claim timeout, another instance takes its tasks over and
+            // replays them too.
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.period",
+                reason: format!(
+                    "must be at most a third of the {} store's claim_timeout ({claim:?}), not \
+                     {:?}: the worker heartbeats its tasks when it steps",
+                    store.kind(),
+                    self.worker.period
+                ),
+            });
+        }
         self.retry.validate()?;
         self.worker.backfill.validate()?;
         crate::metrics::describe_fallback();
@@ -277,6 +295,7 @@ impl<T> FallbackRouterBuilder<T> {
             retry_after: Duration::from_secs(1),
             storing: Default::default(),
             reviewing: Default::default(),
+            not_kept: Every::new(LOG_EVERY),
         });
         let worker = FallbackWorker::new(shared.clone(), self.degrader, replay, self.worker);
         Ok((

@@ -14,6 +14,7 @@ use super::record::{Payload, Queue, Task, TaskId};
 use super::schedule::{Clock, RetryPolicy};
 use super::store::{Op, Store, StoreErrorKind};
 use crate::class::Route;
+use crate::every::Every;
 use crate::gate::Reason;
 
 /// What the router, its worker and the review handle share.
@@ -33,6 +34,9 @@ pub(crate) struct RouterShared {
     /// One manual-review action at a time: a requeue and a drop of the same task (two
     /// operators, a double click) must not both succeed.
     pub(crate) reviewing: tokio::sync::Mutex<()>,
+    /// Calls that could not be kept: logged once every 10 s while the store refuses them
+    /// (each is counted in the metrics), not once per call.
+    pub(crate) not_kept: Every,
 }
 
 /// The task already kept under a call's idempotency key.
@@ -231,6 +235,10 @@ impl RouterShared {
                         reason = %reason, "task moved to manual review");
                 }
                 self.wake.notify_one();
+                if self.not_kept.reset() {
+                    tracing::info!(service = %self.service, class = %class,
+                        "diverted calls are kept again");
+                }
                 Stored::Kept(id)
             }
             Err(e) => {
@@ -238,8 +246,12 @@ impl RouterShared {
                     "service" => self.service.to_string(), "class" => class.clone(),
                     "route" => route.as_str(), "result" => Reason::NotKept.as_str())
                 .increment(1);
-                tracing::warn!(service = %self.service, class = %class, error = %e,
-                    "a diverted call could not be kept");
+                if let Some(held) = self.not_kept.ready() {
+                    tracing::warn!(service = %self.service, class = %class, error = %e,
+                        also_not_kept = held,
+                        "a diverted call could not be kept (said at most every 10 s; \
+                         `also_not_kept`: calls not kept since the last line)");
+                }
                 Stored::NotKept
             }
         }

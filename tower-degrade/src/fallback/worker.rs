@@ -13,9 +13,10 @@ use super::record::{Payload, Queue, Task, TaskId};
 use super::replay::{Replay, Replayed};
 use super::schedule::Backfill;
 use super::shared::RouterShared;
-use super::store::Op;
+use super::store::{Op, StoreError};
 use crate::breaker::State;
 use crate::degrader::Degrader;
+use crate::every::{Every, LOG_EVERY};
 use crate::gate::Directive;
 use crate::window::{Outcome, shard_index};
 
@@ -132,6 +133,8 @@ pub struct FallbackWorker {
     /// Outcomes of replays that ended but could not be stored (the store unreachable); their
     /// tasks stay claimed: stored again before anything else, never replayed again.
     unsettled: Vec<Op>,
+    /// A store that cannot be read is said once every 10 s per queue, not every step.
+    unreadable: [Every; 2],
 }
 
 /// A replay that ended (or panicked, or was cancelled): its tokio task, its outcome and how
@@ -179,6 +182,7 @@ impl FallbackWorker {
             replaying: HashMap::new(),
             flushing: JoinSet::new(),
             unsettled: Vec::new(),
+            unreadable: [Every::new(LOG_EVERY), Every::new(LOG_EVERY)],
         }
     }
 
@@ -257,24 +261,46 @@ impl FallbackWorker {
         // Delayed retries, as many as there is room for; a replay that ends makes room and
         // wakes the worker for the next. With no room, the store is still asked (for none):
         // a shared store heartbeats the tasks this instance holds then.
-        match self.shared.store.due(Queue::Retry, now, self.free()).await {
-            Ok(due) => {
-                let mut go = Vec::with_capacity(due.len());
-                for task in due {
-                    match self.health(task.class()) {
-                        Gate::Open => go.push(task),
-                        Gate::Probe => {
-                            self.probing.insert(task.id());
-                            go.push(task);
-                        }
-                        Gate::Closed => self.park(Queue::Retry, &task),
+        let due = self.shared.store.due(Queue::Retry, now, self.free()).await;
+        if let Some(due) = self.readable(Queue::Retry, due) {
+            let mut go = Vec::with_capacity(due.len());
+            for task in due {
+                match self.health(task.class()) {
+                    Gate::Open => go.push(task),
+                    Gate::Probe => {
+                        self.probing.insert(task.id());
+                        go.push(task);
                     }
+                    Gate::Closed => self.park(Queue::Retry, &task),
                 }
-                self.start(Queue::Retry, go);
             }
-            Err(e) => tracing::warn!(error = %e, "delayed_retry: the store cannot be read"),
+            self.start(Queue::Retry, go);
         }
         self.backfill_step(now).await;
+    }
+
+    /// What the store answered for `queue`; a failure logged (at most every 10 s while it
+    /// lasts, and once when it ends).
+    fn readable(&self, queue: Queue, read: Result<Vec<Task>, StoreError>) -> Option<Vec<Task>> {
+        let every = &self.unreadable[usize::from(queue == Queue::Spool)];
+        match read {
+            Ok(tasks) => {
+                if every.reset() {
+                    tracing::info!(service = %self.shared.service, queue = %queue,
+                        "the store can be read again");
+                }
+                Some(tasks)
+            }
+            Err(e) => {
+                if let Some(held) = every.ready() {
+                    tracing::warn!(service = %self.shared.service, queue = %queue, error = %e,
+                        also_failed = held,
+                        "the store cannot be read (said at most every 10 s; `also_failed`: \
+                         reads failed since the last line)");
+                }
+                None
+            }
+        }
     }
 
     fn report(&self, now: u64) {
@@ -459,13 +485,10 @@ impl FallbackWorker {
         while self.tokens >= 1.0 && rounds < 16 && self.free() > 0 {
             rounds += 1;
             let want = (self.tokens as usize).min(self.free());
-            let due = match self.shared.store.due(Queue::Spool, now, want).await {
-                Ok(d) if !d.is_empty() => d,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "backfill: the store cannot be read");
-                    break;
-                }
+            let read = self.shared.store.due(Queue::Spool, now, want).await;
+            let due = match self.readable(Queue::Spool, read) {
+                Some(d) if !d.is_empty() => d,
+                _ => break,
             };
             let mut go = Vec::with_capacity(due.len());
             let mut gates: HashMap<String, Gate> = HashMap::new();
@@ -496,6 +519,12 @@ impl FallbackWorker {
             self.tokens -= go.len() as f64;
             replayed += go.len();
             self.start(Queue::Spool, go);
+        }
+        if rounds == 0 {
+            // Asked for none: a shared store heartbeats the spooled tasks this instance holds
+            // (replaying, or parked) then, as the delayed retries' are on every step.
+            let read = self.shared.store.due(Queue::Spool, now, 0).await;
+            self.readable(Queue::Spool, read);
         }
         let rate = if elapsed > 0.0 {
             replayed as f64 / elapsed

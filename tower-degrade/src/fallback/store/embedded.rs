@@ -75,7 +75,7 @@ impl EmbeddedStoreBuilder {
         let shown = path.display().to_string();
         if self.capacity == 0 {
             return Err(StoreError::new(
-                StoreErrorKind::Io,
+                StoreErrorKind::Invalid,
                 format!("store `{shown}`: capacity 0 would refuse every task: give it at least 1"),
             ));
         }

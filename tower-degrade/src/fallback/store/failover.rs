@@ -2,15 +2,23 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Depth, Op, Store, StoreErrorKind, StoreFuture};
+use tokio::time::Instant;
+
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use crate::every::{Every, LOG_EVERY};
 use crate::fallback::record::{Queue, Task, TaskId};
 
 /// Keeps tasks in `primary` (say a [`RedisStore`](super::RedisStore)) and, while it cannot be
 /// reached, in `local` (an [`EmbeddedStore`](super::EmbeddedStore)) instead of refusing the
 /// calls; each switch is logged (at most one warning per 10 s). The worker replays from both,
-/// what the local store kept first. Without it, a store that cannot be reached means the
+/// what the local store kept first.
+///
+/// A shared store that failed is left alone for [`Failover::RETRY`]: new tasks go straight to
+/// the local store and the worker reads the local one only, then one call tries the shared
+/// store again (the others carry on without it). Without that, a hung Redis made every kept
+/// call wait for its timeout twice (4 s with the defaults) before failing over. Without it, a store that cannot be reached means the
 /// diverted call gets the reject answer (`not_kept`): choose by wrapping the store or not.
 ///
 /// A task stays in the store that kept it: its replays, moves and removal go there. Only new
@@ -23,13 +31,16 @@ pub struct Failover {
     primary: Arc<dyn Store>,
     local: Arc<dyn Store>,
     state: Mutex<State>,
+    /// Kept in the local store: said at most once every 10 s.
+    switched: Every,
 }
 
 #[derive(Default)]
 struct State {
     /// Tasks kept in the local store.
     local_ids: HashSet<TaskId>,
-    last_warning: Option<Instant>,
+    /// Until when the shared store is left alone, having failed.
+    down_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Failover {
@@ -42,13 +53,60 @@ impl std::fmt::Debug for Failover {
 }
 
 impl Failover {
+    /// How long a shared store that failed is left alone before a call tries it again.
+    pub const RETRY: Duration = Duration::from_secs(5);
+
     /// Keep tasks in `primary`, and in `local` while `primary` fails.
     pub fn new(primary: impl Store, local: impl Store) -> Self {
         Self {
             primary: Arc::new(primary),
             local: Arc::new(local),
             state: Mutex::new(State::default()),
+            switched: Every::new(LOG_EVERY),
         }
+    }
+
+    /// Whether to ask the shared store now: yes unless it failed within [`Self::RETRY`]; once
+    /// that has passed, yes for this caller only (the next ones wait another `RETRY`).
+    fn try_primary(&self) -> bool {
+        let mut s = self.state();
+        let now = Instant::now();
+        match s.down_until {
+            Some(until) if now < until => false,
+            Some(_) => {
+                s.down_until = Some(now + Self::RETRY);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// What the shared store's answer says of it: a failure to reach it leaves it alone for
+    /// [`Self::RETRY`]; any other answer means it is back.
+    fn primary_answered<T>(&self, r: &Result<T, StoreError>) {
+        let unreachable =
+            matches!(r, Err(e) if matches!(e.kind(), StoreErrorKind::Io | StoreErrorKind::Closed));
+        let mut s = self.state();
+        if unreachable {
+            s.down_until = Some(Instant::now() + Self::RETRY);
+        } else if s.down_until.take().is_some() {
+            tracing::info!(
+                primary = self.primary.kind(),
+                "the shared store answers again"
+            );
+            self.switched.reset();
+        }
+    }
+
+    fn left_alone(&self) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Io,
+            format!(
+                "the shared {} store failed and is tried again at most every {:?}",
+                self.primary.kind(),
+                Self::RETRY
+            ),
+        )
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -76,7 +134,14 @@ impl Store for Failover {
                 ops.into_iter().partition(|op| self.is_local(op));
             // The shared store's part first: if it fails, nothing of the commit is applied.
             if !shared.is_empty() {
-                match self.primary.commit(shared.clone()).await {
+                let result = if self.try_primary() {
+                    let r = self.primary.commit(shared.clone()).await;
+                    self.primary_answered(&r);
+                    r
+                } else {
+                    Err(self.left_alone())
+                };
+                match result {
                     Ok(()) => {}
                     // Only new tasks (appends of calls just kept) move to the local store:
                     // a removal, a move or a reschedule of a task the shared store holds must
@@ -87,15 +152,10 @@ impl Store for Failover {
                                 .iter()
                                 .all(|op| matches!(op, Op::Put(_, t) if t.attempts() == 0)) =>
                     {
-                        {
-                            let mut s = self.state();
-                            if s.last_warning
-                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                            {
-                                s.last_warning = Some(Instant::now());
-                                tracing::warn!(primary = self.primary.kind(), local = self.local.kind(),
-                                    error = %e, "the shared store cannot be reached: keeping tasks in the local store");
-                            }
+                        if let Some(held) = self.switched.ready() {
+                            tracing::warn!(primary = self.primary.kind(), local = self.local.kind(),
+                                error = %e, also_kept_locally = held,
+                                "the shared store cannot be reached: keeping tasks in the local store");
                         }
                         let ids: Vec<TaskId> = shared
                             .iter()
@@ -139,23 +199,32 @@ impl Store for Failover {
         Box::pin(async move {
             let mut tasks = self.local.due(queue, now_ms, limit).await?;
             self.mark_local(&tasks);
-            if tasks.len() < limit {
-                match self.primary.due(queue, now_ms, limit - tasks.len()).await {
-                    Ok(more) => {
-                        let local: HashSet<TaskId> = tasks.iter().map(Task::id).collect();
-                        for t in more {
-                            // A task in both stores (a crash between the two parts of a
-                            // commit) is replayed from the local one only.
-                            if local.contains(&t.id()) {
-                                self.primary.release(queue, t.id());
-                            } else {
-                                tasks.push(t);
-                            }
+            // Asked even for none: a shared store heartbeats the tasks this instance holds.
+            let more = if self.try_primary() {
+                let r = self
+                    .primary
+                    .due(queue, now_ms, limit.saturating_sub(tasks.len()))
+                    .await;
+                self.primary_answered(&r);
+                r
+            } else {
+                Err(self.left_alone())
+            };
+            match more {
+                Ok(more) => {
+                    let local: HashSet<TaskId> = tasks.iter().map(Task::id).collect();
+                    for t in more {
+                        // A task in both stores (a crash between the two parts of a
+                        // commit) is replayed from the local one only.
+                        if local.contains(&t.id()) {
+                            self.primary.release(queue, t.id());
+                        } else {
+                            tasks.push(t);
                         }
                     }
-                    Err(e) if tasks.is_empty() => return Err(e),
-                    Err(_) => {}
                 }
+                Err(e) if tasks.is_empty() => return Err(e),
+                Err(_) => {}
             }
             Ok(tasks)
         })
@@ -210,7 +279,12 @@ impl Store for Failover {
                 return Ok(Some(found));
             }
             // The shared store unreachable: not found (the call is then kept locally).
-            Ok(self.primary.find_key(class, key).await.unwrap_or(None))
+            if !self.try_primary() {
+                return Ok(None);
+            }
+            let found = self.primary.find_key(class, key).await;
+            self.primary_answered(&found);
+            Ok(found.unwrap_or(None))
         })
     }
 
@@ -228,11 +302,15 @@ impl Store for Failover {
     fn kind(&self) -> &'static str {
         "failover"
     }
+
+    fn claim_timeout(&self) -> Option<Duration> {
+        self.primary.claim_timeout()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
     use crate::fallback::record::Payload;
@@ -243,10 +321,13 @@ mod tests {
     struct Flaky {
         inner: MemoryStore,
         down: AtomicBool,
+        /// Calls that reached it (commits and reads).
+        asked: AtomicUsize,
     }
 
     impl Flaky {
         fn check(&self) -> Result<(), StoreError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
                 Err(StoreError::new(StoreErrorKind::Io, "unreachable"))
             } else {
@@ -296,7 +377,7 @@ mod tests {
         Task::new("c", None, Payload::Bytes(vec![1]))
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn only_new_tasks_fail_over_and_nothing_is_dropped() {
         let primary = Arc::new(Flaky::default());
         let f = Failover::new(primary.clone(), MemoryStore::default());
@@ -320,6 +401,13 @@ mod tests {
         again.failed("HTTP 503".into(), 0);
         assert!(f.commit(vec![Op::Put(Queue::Retry, again)]).await.is_err());
         primary.down.store(false, Ordering::SeqCst);
+        // Tried again once the shared store has been left alone for `RETRY`.
+        assert!(
+            f.commit(vec![Op::Remove(Queue::Retry, held.id())])
+                .await
+                .is_err()
+        );
+        tokio::time::advance(Failover::RETRY).await;
         f.commit(vec![Op::Remove(Queue::Retry, held.id())])
             .await
             .unwrap();
@@ -329,5 +417,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(f.depth(Queue::Spool).len, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_store_that_failed_is_left_alone_then_tried_by_one_call() {
+        // A hung Redis made every kept call wait for its timeout before failing over.
+        let primary = Arc::new(Flaky::default());
+        let f = Failover::new(primary.clone(), MemoryStore::default());
+        primary.down.store(true, Ordering::SeqCst);
+        f.commit(vec![Op::Put(Queue::Spool, task())]).await.unwrap();
+        assert_eq!(primary.asked.load(Ordering::SeqCst), 1);
+        // Left alone: kept locally, read locally, without asking it.
+        for _ in 0..5 {
+            f.commit(vec![Op::Put(Queue::Spool, task())]).await.unwrap();
+        }
+        assert_eq!(f.due(Queue::Spool, u64::MAX, 10).await.unwrap().len(), 6);
+        assert_eq!(f.find_key("c", "k").await.unwrap(), None);
+        assert_eq!(primary.asked.load(Ordering::SeqCst), 1);
+        assert_eq!(f.local.depth(Queue::Spool).len, 6);
+        // Back, and tried again after `RETRY`: one call asks it, and new tasks go there.
+        primary.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Failover::RETRY).await;
+        f.commit(vec![Op::Put(Queue::Spool, task())]).await.unwrap();
+        assert_eq!(primary.asked.load(Ordering::SeqCst), 2);
+        assert_eq!(primary.depth(Queue::Spool).len, 1);
+        assert_eq!(f.local.depth(Queue::Spool).len, 6);
+        // Still down when tried: left alone for another `RETRY`.
+        primary.down.store(true, Ordering::SeqCst);
+        tokio::time::advance(Failover::RETRY).await;
+        f.commit(vec![Op::Put(Queue::Spool, task())]).await.unwrap();
+        f.commit(vec![Op::Put(Queue::Spool, task())]).await.unwrap();
+        assert_eq!(primary.asked.load(Ordering::SeqCst), 3);
+        assert_eq!(f.local.depth(Queue::Spool).len, 8);
     }
 }

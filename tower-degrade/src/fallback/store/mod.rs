@@ -21,6 +21,7 @@ mod redis;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 #[cfg(feature = "embedded")]
 #[cfg_attr(docsrs, doc(cfg(feature = "embedded")))]
@@ -92,6 +93,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// A name for logs and metrics (`memory`, `embedded`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// How long a task this instance claimed stays its own without a heartbeat, for a store
+    /// shared by several instances that hands an instance's tasks to another after that
+    /// ([`RedisStore`]'s `claim_timeout`); `None` (the default) for a store one process owns.
+    /// The worker heartbeats when it steps, so the router refuses a `period` too long for it.
+    fn claim_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What went wrong in a [`Store`].
@@ -109,6 +118,8 @@ pub enum StoreErrorKind {
     /// Another task is kept under the put task's idempotency key (a store shared by several
     /// instances, when two took the same key at once); nothing was changed.
     KeyTaken,
+    /// A setting of the store is out of range (the message names it); nothing was opened.
+    Invalid,
 }
 
 /// An error from a [`Store`]: its kind and a message that says where and what to do.

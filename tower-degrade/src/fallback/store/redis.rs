@@ -14,7 +14,7 @@ use crate::fallback::record::{Queue, Task, TaskId};
 const GROUP: &str = "replay";
 
 /// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
-/// capacity, then per op `P queue id keyfield record` or `R queue id`. Capacity counts the
+/// capacity, then per op `P queue id keyfield created_ms record` or `R queue id`. Capacity counts the
 /// net growth (a move is not growth) and not the audit queue. A put under an idempotency key
 /// another kept task holds changes nothing (`KEYTAKEN`): two instances that both found the key
 /// free keep one task, not two.
@@ -38,7 +38,7 @@ while i <= #ARGV do
         end
       end
     end
-    i = i + 5
+    i = i + 6
   else
     if exists then grows = grows - 1 end
     i = i + 3
@@ -76,16 +76,71 @@ while i <= #ARGV do
   end
   if ARGV[i] == 'P' then
     local k = ARGV[i+3]
-    local new = redis.call('XADD', s, '*', 'k', k, 't', ARGV[i+4])
+    local new = redis.call('XADD', s, '*', 'c', ARGV[i+4], 'k', k, 't', ARGV[i+5])
     redis.call('HSET', s .. ':ids', id, new)
     if k ~= '' and keyed[q] then redis.call('HSET', p .. ':keys', k, q .. ' ' .. id) end
-    i = i + 5
+    i = i + 6
   else
     redis.call('HDEL', s .. ':ids', id)
     i = i + 3
   end
 end
 return 1
+"#;
+
+/// Checks entries just delivered to this instance against the index, atomically. ARGV:
+/// prefix, group, queue, then per entry `task_id entry_id keyfield`. Per entry it returns 0
+/// when the index points at the entry (every entry the library wrote); 1 when the task had no
+/// entry in the index (a stream entry copied or restored by hand, its index lost): the entry
+/// is indexed, so that its task is replayed and acknowledged like any other; 2 when the index
+/// points at another entry of the same task (a copy): this one is acknowledged and deleted,
+/// the task stays in the other; 3 when the entry is gone (removed by another instance since
+/// it was read). An index that points at an entry no longer in the stream (trimmed by hand)
+/// is pointed at this one. Left alone, such a copy was acknowledged never (a commit acknowledges the
+/// indexed entry), handed from instance to instance every `claim_timeout`, and replayed each
+/// time.
+const ADOPT: &str = r#"
+local p, g, q = ARGV[1], ARGV[2], ARGV[3]
+local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
+local s = p .. ':' .. q
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local id, entry, k = ARGV[i], ARGV[i+1], ARGV[i+2]
+  local cur = redis.call('HGET', s .. ':ids', id)
+  if cur == entry then
+    out[#out+1] = 0
+  elseif redis.call('XRANGE', s, entry, entry)[1] == nil then
+    out[#out+1] = 3
+  elseif not cur or redis.call('XRANGE', s, cur, cur)[1] == nil then
+    redis.call('HSET', s .. ':ids', id, entry)
+    if k ~= '' and keyed[q] then redis.call('HSETNX', p .. ':keys', k, q .. ' ' .. id) end
+    out[#out+1] = 1
+  else
+    redis.call('XACK', s, g, entry)
+    redis.call('XDEL', s, entry)
+    out[#out+1] = 2
+  end
+  i = i + 3
+end
+return out
+"#;
+
+/// A queue's depth in one round trip: the index's length, then `c` and the oldest entry's
+/// creation time, or `t` and its whole record for an entry written before entries carried the
+/// time (so a large kept request is not sent to every instance several times a second).
+const DEPTH: &str = r#"
+local s = ARGV[1]
+local n = redis.call('HLEN', s .. ':ids')
+local e = redis.call('XRANGE', s, '-', '+', 'COUNT', 1)[1]
+if e == nil then return {n} end
+local t = nil
+for j = 1, #e[2], 2 do
+  if e[2][j] == 'c' then return {n, 'c', e[2][j+1]} end
+  if e[2][j] == 't' then t = e[2][j+1] end
+end
+if t then return {n, 't', t} end
+return {n}
 "#;
 
 /// Builds a [`RedisStore`].
@@ -115,7 +170,9 @@ impl RedisStoreBuilder {
     }
 
     /// How long an entry may stay pending without a heartbeat before another instance takes
-    /// it over (default 60 s).
+    /// it over (default 60 s; at least [`RedisStore::MIN_CLAIM_TIMEOUT`]). An instance heartbeats what it
+    /// holds when its worker steps, at most every third of this: the fallback router refuses a
+    /// worker `period` over a third of it.
     pub fn claim_timeout(mut self, d: Duration) -> Self {
         self.claim_timeout = d;
         self
@@ -127,8 +184,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long one Redis command may take before the call counts as failed (default 2 s):
-    /// a diverted call waits at most this long for its `202` or its reject answer.
+    /// How long one Redis command may take before the call counts as failed (default 2 s;
+    /// more than zero): a diverted call waits at most this long for its `202` or its reject
+    /// answer.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
@@ -139,6 +197,27 @@ impl RedisStoreBuilder {
     pub fn build(self) -> Result<RedisStore, StoreError> {
         // What logs, errors and `Debug` show of the URL: not its password.
         let shown = redact(&self.url);
+        let invalid = |what: String| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("redis store `{shown}`: {what}"),
+            )
+        };
+        if self.claim_timeout < RedisStore::MIN_CLAIM_TIMEOUT {
+            // Heartbeats could not keep up: every instance took the others' tasks over and
+            // replayed them again (228 of 276 kept calls twice, at 0).
+            return Err(invalid(format!(
+                "claim_timeout must be at least {:?}, not {:?} (an instance's \
+                 tasks are handed to another after this long without a heartbeat)",
+                RedisStore::MIN_CLAIM_TIMEOUT,
+                self.claim_timeout
+            )));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid(
+                "timeout must be more than zero (how long one Redis command may take)".into(),
+            ));
+        }
         let client = redis::Client::open(self.url.as_str()).map_err(|e| {
             StoreError::new(StoreErrorKind::Io, format!("redis store `{shown}`: {e}"))
         })?;
@@ -163,6 +242,8 @@ impl RedisStoreBuilder {
                 claim_timeout: self.claim_timeout,
                 capacity: self.capacity,
                 commit: Script::new(COMMIT),
+                adopt: Script::new(ADOPT),
+                depth_script: Script::new(DEPTH),
                 local: Mutex::new(Local::default()),
             }),
         })
@@ -232,6 +313,8 @@ struct Inner {
     claim_timeout: Duration,
     capacity: u64,
     commit: Script,
+    adopt: Script,
+    depth_script: Script,
     local: Mutex<Local>,
 }
 
@@ -262,6 +345,10 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
+    /// The shortest [`RedisStoreBuilder::claim_timeout`]: three of the worker's default
+    /// periods.
+    pub const MIN_CLAIM_TIMEOUT: Duration = Duration::from_millis(300);
+
     /// A builder for the store at `url` (`redis://host:port/db`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
@@ -396,30 +483,80 @@ impl Inner {
                 }
                 if parts.len() >= 2 {
                     let taken = parse_entries(parts.swap_remove(1));
-                    if !taken.is_empty() {
+                    let readable = taken.iter().filter(|(_, f)| f.contains_key("t")).count();
+                    if readable > 0 {
                         tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
-                            tasks = taken.len(), "took over tasks left pending by a stopped instance");
+                            entries = readable, claim_timeout_ms = self.claim_timeout.as_millis() as u64,
+                            "took over entries pending without a heartbeat for the claim timeout \
+                             (an instance stopped or stalled)");
                     }
                     entries.extend(taken);
                 }
             }
         }
-        let mut l = self.local();
+        let mut tasks = Vec::with_capacity(entries.len());
         for (entry, fields) in entries {
+            // Left pending: a record this version cannot read may be a newer version's
+            // (instances upgraded one by one), which takes it over after the claim timeout.
             let Some(record) = fields.get("t") else {
+                tracing::error!(store = %self.url, queue = %queue, entry = %entry,
+                    "a stream entry without a task record (`t` field) is left pending: \
+                     not written by this library?");
                 continue;
             };
             match Task::decode(record) {
-                Ok(task) => {
-                    l.held.insert((queue, task.id()), (entry, task));
-                }
+                Ok(task) => tasks.push((entry, task)),
                 Err(e) => {
                     tracing::error!(store = %self.url, queue = %queue, entry = %entry, error = %e,
                         "an unreadable task record is left pending");
                 }
             }
         }
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let verdicts = self.adopt(queue, &tasks).await?;
+        let mut l = self.local();
+        for ((entry, task), verdict) in tasks.into_iter().zip(verdicts) {
+            match verdict {
+                0 | 1 => {
+                    if verdict == 1 {
+                        tracing::warn!(store = %self.url, queue = %queue, entry = %entry, task = %task.id(),
+                            "a stream entry missing from the index was indexed (copied or restored by hand?)");
+                    }
+                    l.held.insert((queue, task.id()), (entry, task));
+                }
+                2 => {
+                    tracing::warn!(store = %self.url, queue = %queue, entry = %entry, task = %task.id(),
+                        "a second stream entry of a kept task was deleted (the task stays in the indexed one)");
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// [`ADOPT`] over entries just delivered: a verdict for each.
+    async fn adopt(&self, queue: Queue, tasks: &[(String, Task)]) -> Result<Vec<i64>, StoreError> {
+        let mut inv = self.adopt.prepare_invoke();
+        inv.arg(&self.prefix).arg(GROUP).arg(queue.as_str());
+        for (entry, task) in tasks {
+            inv.arg(task.id().to_string())
+                .arg(entry)
+                .arg(key_field(task));
+        }
+        let mut conn = self.conn.clone();
+        let verdicts: Vec<i64> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(e))?;
+        if verdicts.len() != tasks.len() {
+            return Err(self.corrupt(
+                queue,
+                format_args!("{} verdicts for {} entries", verdicts.len(), tasks.len()),
+            ));
+        }
+        Ok(verdicts)
     }
 
     /// Reset the idle time of the entries this instance holds (those `XPENDING` says are
@@ -475,24 +612,20 @@ impl Inner {
     }
 
     async fn refresh_depth(&self, queue: Queue) -> Result<Depth, StoreError> {
-        let ids = format!("{}:ids", self.stream(queue));
-        let len = match self.query(redis::cmd("HLEN").arg(&ids)).await? {
-            Value::Int(n) => n.max(0) as u64,
+        let mut inv = self.depth_script.prepare_invoke();
+        inv.arg(self.stream(queue));
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(e))?;
+        let len = match reply.first() {
+            Some(Value::Int(n)) => (*n).max(0) as u64,
             _ => 0,
         };
-        let mut first = redis::cmd("XRANGE");
-        first
-            .arg(self.stream(queue))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        let oldest = match self.query(&first).await? {
-            v @ Value::Array(_) => parse_entries(v)
-                .into_iter()
-                .next()
-                .and_then(|(_, f)| f.get("t").and_then(|t| Task::decode(t).ok()))
-                .map(|t| t.created_ms()),
+        let oldest = match (reply.get(1).and_then(text).as_deref(), reply.get(2)) {
+            (Some("c"), Some(v)) => text(v).and_then(|c| c.parse().ok()),
+            (Some("t"), Some(Value::BulkString(t))) => Task::decode(t).ok().map(|t| t.created_ms()),
             _ => None,
         };
         let d = Depth {
@@ -514,27 +647,48 @@ impl Inner {
         ))
     }
 
+    /// Up to `limit` tasks from entry `start` on (`-`, an entry id, or `(` and one for after
+    /// it). A record that cannot be read is an error when `strict` (the one task asked for),
+    /// else skipped with an error logged, and the page filled from the entries after it: one
+    /// entry not written by this library does not hide every kept task from the review API.
     async fn range(
         &self,
         queue: Queue,
-        start: String,
+        mut start: String,
         limit: usize,
+        strict: bool,
     ) -> Result<Vec<Task>, StoreError> {
-        let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.stream(queue))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit);
         let mut out = Vec::new();
-        for (entry, fields) in parse_entries(self.query(&cmd).await?) {
-            let Some(record) = fields.get("t") else {
-                continue;
-            };
-            out.push(
-                Task::decode(record)
-                    .map_err(|e| self.corrupt(queue, format_args!("entry {entry}: {e}")))?,
-            );
+        while out.len() < limit {
+            let want = limit - out.len();
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(self.stream(queue))
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(want);
+            let entries = parse_entries(self.query(&cmd).await?);
+            let read = entries.len();
+            for (entry, fields) in entries {
+                let decoded = match fields.get("t") {
+                    Some(record) => Task::decode(record).map_err(|e| e.to_string()),
+                    None => Err("no task record (`t` field)".to_owned()),
+                };
+                match decoded {
+                    Ok(task) => out.push(task),
+                    Err(e) if strict => {
+                        return Err(self.corrupt(queue, format_args!("entry {entry}: {e}")));
+                    }
+                    Err(e) => {
+                        tracing::error!(store = %self.url, queue = %queue, entry = %entry, error = %e,
+                            "an unreadable stream entry is skipped in a listing");
+                    }
+                }
+                start = format!("({entry}");
+            }
+            if read < want {
+                break;
+            }
         }
         Ok(out)
     }
@@ -595,6 +749,7 @@ impl Store for RedisStore {
                             .arg(q.as_str())
                             .arg(task.id().to_string())
                             .arg(key_field(task))
+                            .arg(task.created_ms())
                             .arg(task.encode());
                     }
                     Op::Remove(q, id) => {
@@ -674,7 +829,7 @@ impl Store for RedisStore {
                     None => format!("{}-0", a.created_ms()),
                 },
             };
-            self.inner.range(queue, start, limit).await
+            self.inner.range(queue, start, limit, false).await
         })
     }
 
@@ -685,7 +840,7 @@ impl Store for RedisStore {
             };
             Ok(self
                 .inner
-                .range(queue, entry, 1)
+                .range(queue, entry, 1, true)
                 .await?
                 .into_iter()
                 .find(|t| t.id() == id))
@@ -743,6 +898,10 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn claim_timeout(&self) -> Option<Duration> {
+        Some(self.inner.claim_timeout)
     }
 }
 

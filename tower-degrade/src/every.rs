@@ -1,0 +1,79 @@
+//! [`Every`]: at most one log line per period for a condition that repeats.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+/// How often a repeating condition is logged.
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per period and counts the ones held back, so that a condition
+/// met on every step or every call (a store that cannot be reached: the worker steps ten
+/// times a second, and every diverted call tries to keep its task) says so once, then once a
+/// period with how many it held back, rather than flood the log. Lock-free: a call path may
+/// ask it.
+#[derive(Debug)]
+pub(crate) struct Every {
+    period_ms: u64,
+    /// When the next line may go, in ms since [`epoch`]; 0 at first.
+    next_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Every {
+    pub(crate) const fn new(period: Duration) -> Self {
+        Self {
+            period_ms: period.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last)` when a line may go now; `None` (counted) when not.
+    pub(crate) fn ready(&self) -> Option<u64> {
+        let now = epoch().elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.period_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.held.swap(0, Relaxed))
+        } else {
+            self.held.fetch_add(1, Relaxed);
+            None
+        }
+    }
+
+    /// The condition ended: its next occurrence is logged at once. Whether any line was let
+    /// through since the last reset (that is, whether the end is worth saying).
+    pub(crate) fn reset(&self) -> bool {
+        self.held.store(0, Relaxed);
+        self.next_ms.swap(0, Relaxed) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_a_period_with_the_count_held_back() {
+        let every = Every::new(Duration::from_secs(3600));
+        assert_eq!(every.ready(), Some(0));
+        assert_eq!(every.ready(), None);
+        assert_eq!(every.ready(), None);
+        assert!(every.reset(), "a line went since the last reset");
+        assert!(!every.reset(), "none since");
+        assert_eq!(every.ready(), Some(0), "a new occurrence is said at once");
+        let every = Every::new(Duration::ZERO);
+        assert_eq!(every.ready(), Some(0));
+        assert_eq!(every.ready(), Some(0));
+    }
+}
