@@ -281,6 +281,10 @@ async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
             .unwrap()
     };
     let alone = unreachable();
+    // Said at startup by `ping`, with the address.
+    let err = alone.ping().await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Io);
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
     let err = alone
         .commit(vec![Op::Put(Queue::Spool, task(1))])
         .await
@@ -449,6 +453,7 @@ async fn an_unreadable_entry_does_not_hide_the_others_from_a_listing() {
     // task could be shown or dropped through the review API.
     let server = Server::start();
     let s = store(&server, "a");
+    s.ping().await.unwrap();
     let review = |n| Op::Put(Queue::Review, task(n));
     s.commit(vec![review(1), review(2)]).await.unwrap();
     cli(

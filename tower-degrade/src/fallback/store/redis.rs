@@ -193,7 +193,8 @@ impl RedisStoreBuilder {
     }
 
     /// Connect (lazily: the first command connects, and a lost connection is re-established
-    /// in the background). Fails only on an invalid URL.
+    /// in the background). Fails on an invalid URL or setting, not on a server that cannot be
+    /// reached: [`RedisStore::ping`] checks that at startup.
     pub fn build(self) -> Result<RedisStore, StoreError> {
         // What logs, errors and `Debug` show of the URL: not its password.
         let shown = redact(&self.url);
@@ -364,6 +365,13 @@ impl RedisStore {
     /// This instance's consumer name.
     pub fn consumer(&self) -> &str {
         &self.inner.consumer
+    }
+
+    /// Connect and ask Redis for a `PING`: at startup, a wrong host, database or password is
+    /// then an error here rather than on the first kept call ([`build`](RedisStoreBuilder::build)
+    /// connects lazily).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.query(&redis::cmd("PING")).await.map(drop)
     }
 }
 
