@@ -51,11 +51,12 @@ impl Every {
         }
     }
 
-    /// The condition ended: its next occurrence is logged at once. Whether any line was let
-    /// through since the last reset (that is, whether the end is worth saying).
-    pub(crate) fn reset(&self) -> bool {
-        self.held.store(0, Relaxed);
-        self.next_ms.swap(0, Relaxed) != 0
+    /// The condition ended: its next occurrence is logged at once. `Some(lines held back
+    /// since the last)` if any line was let through since the last reset (the end is then
+    /// worth saying, with that count), `None` if not.
+    pub(crate) fn reset(&self) -> Option<u64> {
+        let held = self.held.swap(0, Relaxed);
+        (self.next_ms.swap(0, Relaxed) != 0).then_some(held)
     }
 }
 
@@ -69,8 +70,8 @@ mod tests {
         assert_eq!(every.ready(), Some(0));
         assert_eq!(every.ready(), None);
         assert_eq!(every.ready(), None);
-        assert!(every.reset(), "a line went since the last reset");
-        assert!(!every.reset(), "none since");
+        assert_eq!(every.reset(), Some(2), "a line went, two held back since");
+        assert_eq!(every.reset(), None, "none since");
         assert_eq!(every.ready(), Some(0), "a new occurrence is said at once");
         let every = Every::new(Duration::ZERO);
         assert_eq!(every.ready(), Some(0));

@@ -235,9 +235,10 @@ impl RouterShared {
                         reason = %reason, "task moved to manual review");
                 }
                 self.wake.notify_one();
-                if self.not_kept.reset() {
-                    tracing::info!(service = %self.service, class = %class,
-                        "diverted calls are kept again");
+                if let Some(held) = self.not_kept.reset() {
+                    tracing::info!(service = %self.service, class = %class, also_not_kept = held,
+                        "diverted calls are kept again (`also_not_kept`: calls not kept since \
+                         the last warning)");
                 }
                 Stored::Kept(id)
             }

@@ -285,9 +285,11 @@ impl FallbackWorker {
         let every = &self.unreadable[usize::from(queue == Queue::Spool)];
         match read {
             Ok(tasks) => {
-                if every.reset() {
+                if let Some(held) = every.reset() {
                     tracing::info!(service = %self.shared.service, queue = %queue,
-                        "the store can be read again");
+                        also_failed = held,
+                        "the store can be read again (`also_failed`: reads failed since the \
+                         last warning)");
                 }
                 Some(tasks)
             }

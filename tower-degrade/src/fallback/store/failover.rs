@@ -90,11 +90,13 @@ impl Failover {
         if unreachable {
             s.down_until = Some(Instant::now() + Self::RETRY);
         } else if s.down_until.take().is_some() {
+            let held = self.switched.reset().unwrap_or(0);
             tracing::info!(
                 primary = self.primary.kind(),
-                "the shared store answers again"
+                also_kept_locally = held,
+                "the shared store answers again (`also_kept_locally`: commits kept locally \
+                 since the last warning)"
             );
-            self.switched.reset();
         }
     }
 

@@ -9,15 +9,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use crate::every::{Every, LOG_EVERY};
 use crate::fallback::record::{Queue, Task, TaskId};
 
 const GROUP: &str = "replay";
 
 /// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
-/// capacity, then per op `P queue id keyfield created_ms record` or `R queue id`. Capacity counts the
-/// net growth (a move is not growth) and not the audit queue. A put under an idempotency key
-/// another kept task holds changes nothing (`KEYTAKEN`): two instances that both found the key
-/// free keep one task, not two.
+/// capacity, then per op `P queue id keyfield created_ms record` or `R queue id`. Capacity
+/// counts the net growth (a move is not growth) and not the audit queue. A put under an
+/// idempotency key another kept task holds changes nothing (`KEYTAKEN`): two instances that
+/// both found the key free keep one task, not two.
 const COMMIT: &str = r#"
 local p, g, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
@@ -96,9 +97,9 @@ return 1
 /// points at another entry of the same task (a copy): this one is acknowledged and deleted,
 /// the task stays in the other; 3 when the entry is gone (removed by another instance since
 /// it was read). An index that points at an entry no longer in the stream (trimmed by hand)
-/// is pointed at this one. Left alone, such a copy was acknowledged never (a commit acknowledges the
-/// indexed entry), handed from instance to instance every `claim_timeout`, and replayed each
-/// time.
+/// is pointed at this one. Left alone, such a copy was never acknowledged (a commit
+/// acknowledges the indexed entry), handed from instance to instance every `claim_timeout`,
+/// and replayed each time.
 const ADOPT: &str = r#"
 local p, g, q = ARGV[1], ARGV[2], ARGV[3]
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
@@ -170,9 +171,9 @@ impl RedisStoreBuilder {
     }
 
     /// How long an entry may stay pending without a heartbeat before another instance takes
-    /// it over (default 60 s; at least [`RedisStore::MIN_CLAIM_TIMEOUT`]). An instance heartbeats what it
-    /// holds when its worker steps, at most every third of this: the fallback router refuses a
-    /// worker `period` over a third of it.
+    /// it over (default 60 s; at least [`RedisStore::MIN_CLAIM_TIMEOUT`]). An instance
+    /// heartbeats what it holds when its worker steps, at most every third of this: the
+    /// fallback router refuses a worker `period` over a third of it.
     pub fn claim_timeout(mut self, d: Duration) -> Self {
         self.claim_timeout = d;
         self
@@ -246,6 +247,7 @@ impl RedisStoreBuilder {
                 adopt: Script::new(ADOPT),
                 depth_script: Script::new(DEPTH),
                 local: Mutex::new(Local::default()),
+                unreadable: Every::new(LOG_EVERY),
             }),
         })
     }
@@ -317,6 +319,8 @@ struct Inner {
     adopt: Script,
     depth_script: Script,
     local: Mutex<Local>,
+    /// Unreadable entries met: said at most once every 10 s.
+    unreadable: Every,
 }
 
 /// What this instance holds: entries delivered to it, not yet acknowledged.
@@ -333,6 +337,10 @@ struct Local {
     /// Queues committed to since their depth was read.
     dirty: HashSet<Queue>,
     refreshing: HashSet<Queue>,
+    /// When Redis was last unreachable: the time of the last failure while it is, and the
+    /// time it answered again once it does (`failing` tells which).
+    cut_off: Option<Instant>,
+    failing: bool,
 }
 
 impl fmt::Debug for RedisStore {
@@ -390,6 +398,11 @@ impl Inner {
             Some("KEYTAKEN") => StoreErrorKind::KeyTaken,
             _ => StoreErrorKind::Io,
         };
+        if kind == StoreErrorKind::Io {
+            let mut l = self.local();
+            l.cut_off = Some(Instant::now());
+            l.failing = true;
+        }
         StoreError::new(kind, format!("redis store `{}`: {e}", self.url))
     }
 
@@ -402,7 +415,16 @@ impl Inner {
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(|e| {
+        let answer = cmd.query_async(&mut conn).await;
+        if answer.is_ok() {
+            let mut l = self.local();
+            if l.failing {
+                // Answering again: the outage ends now.
+                l.failing = false;
+                l.cut_off = Some(Instant::now());
+            }
+        }
+        answer.map_err(|e| {
             // The consumer groups are gone (a Redis that came back empty, a stream deleted):
             // create them again on the next read rather than fail every read for ever.
             if e.to_string().contains("NOGROUP") {
@@ -466,59 +488,55 @@ impl Inner {
                 .get(&queue)
                 .is_none_or(|t| t.elapsed() >= self.claim_timeout / 3)
         };
+        let mut taken = 0;
         if due_claim {
-            self.local().last_claim.insert(queue, Instant::now());
             self.heartbeat(queue).await?;
-            let cursor = self
-                .local()
-                .cursors
-                .get(&queue)
-                .cloned()
-                .unwrap_or_else(|| "0-0".to_owned());
-            let mut claim = redis::cmd("XAUTOCLAIM");
-            claim
-                .arg(&stream)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(self.claim_timeout.as_millis() as u64)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(512);
-            if let Value::Array(mut parts) = self.query(&claim).await? {
-                // Where the next scan goes on ("0-0" once the whole list was scanned).
-                if let Some(next) = parts.first().and_then(text) {
-                    self.local().cursors.insert(queue, next);
-                }
-                if parts.len() >= 2 {
-                    let taken = parse_entries(parts.swap_remove(1));
-                    let readable = taken.iter().filter(|(_, f)| f.contains_key("t")).count();
-                    if readable > 0 {
-                        tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
-                            entries = readable, claim_timeout_ms = self.claim_timeout.as_millis() as u64,
-                            "took over entries pending without a heartbeat for the claim timeout \
-                             (an instance stopped or stalled)");
-                    }
-                    entries.extend(taken);
-                }
+            self.local().last_claim.insert(queue, Instant::now());
+            // Not within a claim timeout of Redis answering again: while it was unreachable
+            // no instance could heartbeat, so every entry pending then looks abandoned when
+            // it answers, and the first instance back took the others' (and replayed them a
+            // second time: 23-46 % of a backfill after an 8 s outage). The others heartbeat
+            // theirs within a third of the claim timeout of it answering.
+            let cut_off = {
+                let l = self.local();
+                l.failing || l.cut_off.is_some_and(|t| t.elapsed() < self.claim_timeout)
+            };
+            if !cut_off {
+                let claimed = self.take_over(queue, &stream).await?;
+                taken = claimed.len();
+                entries.extend(claimed);
             }
         }
         let mut tasks = Vec::with_capacity(entries.len());
-        for (entry, fields) in entries {
+        let first_taken = entries.len() - taken;
+        let mut taken_tasks = 0usize;
+        for (i, (entry, fields)) in entries.into_iter().enumerate() {
             // Left pending: a record this version cannot read may be a newer version's
             // (instances upgraded one by one), which takes it over after the claim timeout.
-            let Some(record) = fields.get("t") else {
-                tracing::error!(store = %self.url, queue = %queue, entry = %entry,
-                    "a stream entry without a task record (`t` field) is left pending: \
-                     not written by this library?");
-                continue;
+            let decoded = match fields.get("t") {
+                Some(record) => Task::decode(record).map_err(|e| e.to_string()),
+                None => Err("no task record (`t` field): not written by this library?".to_owned()),
             };
-            match Task::decode(record) {
-                Ok(task) => tasks.push((entry, task)),
+            match decoded {
+                Ok(task) => {
+                    taken_tasks += usize::from(i >= first_taken);
+                    tasks.push((entry, task));
+                }
                 Err(e) => {
-                    tracing::error!(store = %self.url, queue = %queue, entry = %entry, error = %e,
-                        "an unreadable task record is left pending");
+                    if let Some(held) = self.unreadable.ready() {
+                        tracing::error!(store = %self.url, queue = %queue, entry = %entry, error = %e,
+                            also_unreadable = held,
+                            "an unreadable stream entry is left pending (said at most every 10 s; \
+                             `also_unreadable`: such entries met since the last line)");
+                    }
                 }
             }
+        }
+        if taken_tasks > 0 {
+            tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
+                tasks = taken_tasks, claim_timeout_ms = self.claim_timeout.as_millis() as u64,
+                "took over tasks pending without a heartbeat for the claim timeout (an instance \
+                 stopped or stalled)");
         }
         if tasks.is_empty() {
             return Ok(());
@@ -565,6 +583,42 @@ impl Inner {
             ));
         }
         Ok(verdicts)
+    }
+
+    /// `XAUTOCLAIM` of entries pending for longer than the claim timeout, from where the last
+    /// scan stopped.
+    async fn take_over(
+        &self,
+        queue: Queue,
+        stream: &str,
+    ) -> Result<Vec<(String, HashMap<String, Vec<u8>>)>, StoreError> {
+        let cursor = self
+            .local()
+            .cursors
+            .get(&queue)
+            .cloned()
+            .unwrap_or_else(|| "0-0".to_owned());
+        let mut claim = redis::cmd("XAUTOCLAIM");
+        claim
+            .arg(stream)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(self.claim_timeout.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(512);
+        let Value::Array(mut parts) = self.query(&claim).await? else {
+            return Ok(Vec::new());
+        };
+        // Where the next scan goes on ("0-0" once the whole list was scanned).
+        if let Some(next) = parts.first().and_then(text) {
+            self.local().cursors.insert(queue, next);
+        }
+        Ok(if parts.len() >= 2 {
+            parse_entries(parts.swap_remove(1))
+        } else {
+            Vec::new()
+        })
     }
 
     /// Reset the idle time of the entries this instance holds (those `XPENDING` says are
