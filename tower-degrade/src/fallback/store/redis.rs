@@ -272,8 +272,11 @@ impl RedisStoreBuilder {
 ///   entry in the same script, after the replay succeeded (or was rescheduled).
 ///
 /// An instance that stalls for longer than `claim_timeout` while replaying may see its task
-/// replayed by another: delivery is at least once, and the idempotency key every replay carries
-/// makes it exactly once in effect. Single Redis or a primary with replicas; not Redis Cluster
+/// replayed by another, and so may one that stops holding replays it could not acknowledge
+/// (Redis unreachable meanwhile): delivery is at least once, and the idempotency key every
+/// replay carries makes it exactly once in effect. After Redis was unreachable, an instance
+/// takes nothing over until one `claim_timeout` after it answered again, so that the others,
+/// alive, heartbeat theirs first. Single Redis or a primary with replicas; not Redis Cluster
 /// (the script names keys it computes).
 ///
 /// ```no_run
