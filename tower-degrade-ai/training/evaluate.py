@@ -317,15 +317,29 @@ def main():
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()
 
-    model = Model(a.model)
+    # The traces first: a file that cannot be read fails now, not after the simulator's run.
+    traced = []
+    for path in a.traces:
+        try:
+            trs = read_dir(path)
+        except (OSError, ValueError) as e:
+            sys.exit(f"evaluate.py: --traces {path}: {e}")
+        traced.append((path, trs, any(t.val_from < t.test_from for t in trs)))
+    try:
+        model = Model(a.model)
+    except Exception as e:  # onnxruntime's own errors do not name the file
+        sys.exit(f"evaluate.py: --model {a.model}: {e}")
     det = {"model": model, **BASELINES}
-    sim = simulate.dataset(a.seed)
-    sim_val = [t for t in sim if t.val_from < t.test_from]
-    sim_test = [t for t in sim if t.test_from == 0]
-    # Scored once: the simulator's validation traces also set the thresholds of recorded
-    # traces that have no validation part of their own.
-    sim_val_scores = {d: [f(t) for t in sim_val] for d, f in det.items()}
-    rows = [] if a.traces_only else evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
+    rows, sim_val, sim_val_scores = [], None, None
+    if not a.traces_only or not all(own for _, _, own in traced):
+        sim = simulate.dataset(a.seed)
+        sim_val = [t for t in sim if t.val_from < t.test_from]
+        sim_test = [t for t in sim if t.test_from == 0]
+        # Scored once: the simulator's validation traces also set the thresholds of recorded
+        # traces that have no validation part of their own.
+        sim_val_scores = {d: [f(t) for t in sim_val] for d, f in det.items()}
+        if not a.traces_only:
+            rows = evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
     if a.data and not a.traces_only:
         pub = datasets.load(a.data)
         for name in ("nab", "nezha", "smd"):
@@ -334,12 +348,17 @@ def main():
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
-    for path in a.traces:
-        trs = read_dir(path)
-        own_val = any(t.val_from < t.test_from for t in trs)
+    for path, trs, own_val in traced:
         name = os.path.basename(os.path.normpath(path))
-        rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
-                                 None if own_val else sim_val_scores)
+        events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
+        if not events:
+            print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
+                  "to measure (its rows count false trips only)", file=sys.stderr)
+        try:
+            rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
+                                     None if own_val else sim_val_scores)
+        except ValueError as e:
+            sys.exit(f"evaluate.py: --traces {path}: {e}")
 
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     head = {n: headline_horizon(next(r["step_seconds"] for r in rows if r["dataset"] == n)) for n in names}

@@ -125,8 +125,64 @@ class Traces(unittest.TestCase):
                 read_csv(p)
             with open(p, "w") as f:
                 f.write("time_s,rate_ratio\n0,1\n")
-            with self.assertRaisesRegex(ValueError, r"bad.csv: missing column\(s\) success_rate"):
+            with self.assertRaisesRegex(ValueError, r"bad.csv:1: missing column\(s\) success_rate"):
                 read_csv(p)
+
+    def write(self, d, lines, header=None):
+        p = os.path.join(d, "t.csv")
+        with open(p, "w", encoding="utf-8") as f:
+            f.write((header or "time_s," + ",".join(FEATURES) + ",label,split") + "\n")
+            f.write("\n".join(lines) + "\n")
+        return p
+
+    def row(self, t, p99="0.2", label="0", split="train", success="1"):
+        return f"{t},1,{success},0,0,0.1,{p99},1,0,{label},{split}"
+
+    def test_values_the_features_cannot_hold_are_refused_with_the_line(self):
+        with tempfile.TemporaryDirectory() as d:
+            for bad, what in (("nan", "not a finite number"), ("inf", "not a finite number"),
+                              ("-5", "negative"), ("1e999", "not a finite number")):
+                p = self.write(d, [self.row(0), self.row(1, p99=bad), self.row(2)])
+                with self.assertRaisesRegex(ValueError, rf"t.csv:3: column p99_over_sla: {what}"):
+                    read_csv(p)
+            # above the Rust clip range: clipped as the runtime does, and the breach still found
+            p = self.write(d, [self.row(t, p99="1e300" if 5 <= t < 9 else "0.2") for t in range(20)],
+                          header="time_s," + ",".join(FEATURES))
+            tr = read_csv(p)
+            self.assertEqual(float(tr.X[6, 5]), 20.0)
+            self.assertEqual(tr.events, [(5, 8)])
+
+    def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
+        with tempfile.TemporaryDirectory() as d:
+            cases = [
+                ([self.row(0), self.row("12:00:01")], r"t.csv:3: column time_s: not a number"),
+                ([self.row(1), self.row(0)], r"t.csv:3: column time_s: 0 is not after"),
+                ([self.row(0), self.row(1, label="yes")], r"t.csv:3: column label: expected 0 or 1"),
+                ([self.row(0), self.row(1, label="nan")], r"t.csv:3: column label: expected 0 or 1"),
+                ([self.row(0), self.row(1, split="validation")], r"t.csv:3: column split: expected one of"),
+                ([self.row(0, split="val"), self.row(1, split="train")], r"t.csv:3: column split: 'train' after 'val'"),
+                ([self.row(0), "1,1,1"], r"t.csv:3: 3 fields, the header has 11"),
+                ([], r"t.csv: a header and no rows"),
+            ]
+            for lines, msg in cases:
+                with self.assertRaisesRegex(ValueError, msg):
+                    read_csv(self.write(d, lines))
+            p = os.path.join(d, "t.csv")
+            open(p, "w").close()
+            with self.assertRaisesRegex(ValueError, r"t.csv: empty file"):
+                read_csv(p)
+            with open(p, "w") as f:
+                f.write(";".join(["time_s", *FEATURES]) + "\n0;1;1;0;0;0;0;0;0\n")
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: .*separated by commas"):
+                read_csv(p)
+
+    def test_a_byte_order_mark_and_spaces_in_the_header_are_read(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "t.csv")
+            with open(p, "w", encoding="utf-8-sig") as f:
+                f.write(", ".join(["time_s", *FEATURES]) + "\n")
+                f.write("\n".join(f"{60 * t},1,1,0,0,0.1,0.2,1,0" for t in range(10)) + "\n")
+            self.assertEqual(read_csv(p).step_seconds, 60.0)
 
 
 if __name__ == "__main__":

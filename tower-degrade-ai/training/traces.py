@@ -113,40 +113,119 @@ def breach_events(X: np.ndarray) -> list:
     return out
 
 
-def read_csv(path: str, dataset: str = "recorded") -> Trace:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in FEATURES if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    X = np.empty((len(rows), N_FEATURES), dtype=np.float32)
+SPLITS = ("train", "val", "test")
+
+
+def _column(path: str, rows: list, col: str, parse) -> list:
+    """`parse` of every row's `col`, an error naming the file, line and column otherwise."""
+    out = []
     for i, r in enumerate(rows):
-        for j, c in enumerate(FEATURES):
-            try:
-                X[i, j] = float(r[c])
-            except ValueError:
-                raise ValueError(f"{path}:{i + 2}: column {c}: not a number: {r[c]!r}") from None
+        try:
+            out.append(parse(r[col].strip()))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i + 2}: column {col}: {e}") from None
+    return out
+
+
+def _number(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"not a number: {v!r}") from None
+    if not np.isfinite(x):
+        raise ValueError(f"not a finite number: {v!r}")
+    return x
+
+
+def _feature(v: str) -> float:
+    x = _number(v)
+    if x < 0:
+        raise ValueError(f"negative: {v!r} (the features are rates and ratios, 0 or more)")
+    return x
+
+
+def _flag(v: str) -> int:
+    if v in ("0", "1", "0.0", "1.0"):
+        return int(float(v))
+    raise ValueError(f"expected 0 or 1, found {v!r}")
+
+
+def _split(v: str) -> str:
+    if v in SPLITS:
+        return v
+    raise ValueError(f"expected one of {', '.join(SPLITS)}, found {v!r}")
+
+
+def read_csv(path: str, dataset: str = "recorded") -> Trace:
+    """One trace CSV (the format above). Bad input is refused with the file, line and column:
+    a value that is not a finite number, a negative feature, a label or ignore flag other
+    than 0 or 1, a split other than train / val / test or out of time order, a row with
+    fields missing, time that does not move forward. Features above the range the Rust
+    feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
+    taken one row per step, with a note on stderr."""
+    # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first name
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        body = list(reader)
+    if not header:
+        raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
+    header = [h.strip() for h in header]
+    if len(header) == 1 and ";" in header[0]:
+        raise ValueError(f"{path}:1: the header is one field with semicolons in it: the columns "
+                         "must be separated by commas")
+    missing = [c for c in FEATURES if c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
+    rows = []
+    for i, fields in enumerate(body):
+        if not fields:  # a blank line
+            continue
+        if len(fields) < len(header):
+            raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {len(header)}")
+        rows.append(dict(zip(header, fields)))
+    if not rows:
+        raise ValueError(f"{path}: a header and no rows")
+    X = np.array([_column(path, rows, c, _feature) for c in FEATURES], dtype=float).T
+    X = clip(X)
     step = 0.5
-    if "time_s" in rows[0] and len(rows) > 1:
-        t = np.array([float(r["time_s"]) for r in rows])
-        step = float(np.median(np.diff(t))) or 0.5
-    if "label" in rows[0]:
-        events = events_from_binary(np.array([int(float(r["label"])) for r in rows]))
+    if "time_s" in header:
+        t = np.array(_column(path, rows, "time_s", _number))
+        if len(t) > 1:
+            d = np.diff(t)
+            back = np.flatnonzero(d <= 0)
+            if len(back):
+                i = int(back[0]) + 1
+                raise ValueError(f"{path}:{i + 2}: column time_s: {t[i]:g} is not after the row "
+                                 f"before's {t[i - 1]:g} (rows must be in time order, one per step)")
+            step = float(np.median(d))
+            uneven = np.flatnonzero((d > 1.5 * step) | (d < step / 1.5))
+            if len(uneven):
+                i = int(uneven[0]) + 1
+                print(f"{path}:{i + 2}: steps are not even ({len(uneven)} of {len(d)} differ from "
+                      f"the median step, {step:g} s, by half or more; this one is {d[i - 1]:g} s): "
+                      "each row is taken as one step", file=sys.stderr)
+    if "label" in header:
+        events = events_from_binary(np.array(_column(path, rows, "label", _flag)))
     else:
         events = breach_events(X)
     pre_ignore = None
-    if "ignore" in rows[0]:
-        ign = np.array([int(float(r["ignore"])) for r in rows], dtype=bool)
+    if "ignore" in header:
+        ign = np.array(_column(path, rows, "ignore", _flag), dtype=bool)
         pre_ignore = [int(_run_before(ign, s)) for s, _ in events]
     val_from = test_from = 0
-    if "split" in rows[0]:
-        sp = [r["split"] for r in rows]
+    if "split" in header:
+        sp = _column(path, rows, "split", _split)
+        order = [SPLITS.index(v) for v in sp]
+        back = next((i for i in range(1, len(order)) if order[i] < order[i - 1]), None)
+        if back is not None:
+            raise ValueError(f"{path}:{back + 2}: column split: {sp[back]!r} after {sp[back - 1]!r}: "
+                             "the split must be time-ordered, train then val then test "
+                             "(python traces.py split DIR writes one)")
         val_from = next((i for i, s in enumerate(sp) if s != "train"), len(sp))
         test_from = next((i for i, s in enumerate(sp) if s == "test"), len(sp))
     name = os.path.splitext(os.path.basename(path))[0]
-    return Trace(name, dataset, clip(X), events, step, pre_ignore, val_from, test_from)
+    return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from)
 
 
 def _run_before(ign: np.ndarray, s: int) -> int:

@@ -256,10 +256,8 @@ def main():
     if not os.path.isdir(out_dir):
         ap.error(f"--out {a.out}: the directory {out_dir} does not exist")
 
-    traces = simulate.dataset(a.seed)
-    if a.data:
-        for v in datasets.load(a.data).values():
-            traces += v
+    # Your own traces first: a file that cannot be read fails now, not after the simulator's run.
+    own_traces = []
     for d in a.traces:
         try:
             own = read_dir(d)
@@ -269,7 +267,12 @@ def main():
         if unsplit:
             ap.error(f"--traces {d}: {', '.join(unsplit)} without a split column would train on "
                      f"nothing (the whole file is test data): python traces.py split {d}")
-        traces += own
+        own_traces += own
+    traces = simulate.dataset(a.seed)
+    if a.data:
+        for v in datasets.load(a.data).values():
+            traces += v
+    traces += own_traces
     info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
                arch=a.arch, balance=a.balance, own_traces=tuple(a.traces))
     print(json.dumps(info))
