@@ -22,7 +22,7 @@ pub(crate) fn environment() -> Result<&'static Environment, Error> {
             let path = locate_library()?;
             let builder = ort::init_from(&path).map_err(|e| Error::Library {
                 path: path.clone(),
-                reason: e.to_string(),
+                reason: load_reason(&e),
             })?;
             let env = builder
                 .with_name("tower-degrade")
@@ -55,6 +55,22 @@ pub fn loaded_library() -> Option<&'static Path> {
 /// reported as [`Error::LibraryNotFound`] listing what was tried.
 pub fn locate_library() -> Result<PathBuf, Error> {
     locate_with(std::env::var_os(ORT_DYLIB_PATH))
+}
+
+/// Why the library did not load, with the loader's own reason: ort's message ends at the
+/// dynamic loader's "dlopen failed", which keeps the why ("invalid ELF header", a missing
+/// dependency) as its source.
+fn load_reason(e: &ort::LoadDynamicError) -> String {
+    let mut reason = e.to_string();
+    if let ort::LoadDynamicError::Dlopen { error, .. } = e {
+        let mut source = std::error::Error::source(error);
+        while let Some(s) = source {
+            reason.push_str(": ");
+            reason.push_str(&s.to_string());
+            source = s.source();
+        }
+    }
+    reason
 }
 
 /// [`locate_library`] with `explicit` as the value of `ORT_DYLIB_PATH`.
@@ -144,6 +160,21 @@ mod tests {
         std::fs::write(dir.join("libonnxruntime.so.1.31.1"), b"").unwrap();
         assert_eq!(library_in(&dir), Some(dir.join("libonnxruntime.so.1.31.1")));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_library_says_why_the_loader_refused_it() {
+        let path =
+            std::env::temp_dir().join(format!("tdai-not-a-library-{}.so", std::process::id()));
+        std::fs::write(&path, b"not a shared object\n").unwrap();
+        let err = ort::init_from(&path)
+            .err()
+            .expect("a text file is not a library");
+        let reason = load_reason(&err);
+        std::fs::remove_file(&path).unwrap();
+        // "dlopen failed: <path>: invalid ELF header" (glibc), or whatever the loader says
+        let (_, why) = reason.split_once("dlopen failed: ").expect(&reason);
+        assert!(!why.trim().is_empty(), "{reason}");
     }
 
     #[test]

@@ -189,6 +189,13 @@ fn name(n: &str) -> String {
     }
 }
 
+/// A reason as errors show it: free text (often another library's message, over several
+/// lines) on one line, its whitespace runs made one space, the rest escaped and cut as
+/// [`escape_cut`] does.
+fn reason(text: &str) -> String {
+    escape_cut(&text.split_whitespace().collect::<Vec<_>>().join(" "), 512)
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -210,10 +217,10 @@ impl fmt::Display for ConfigError {
                 f,
                 "class `{}`: invalid `{field}`: {}",
                 name(class),
-                escape_cut(reason, 512)
+                self::reason(reason)
             ),
             ConfigError::InvalidValue { field, reason } => {
-                write!(f, "invalid `{field}`: {}", escape_cut(reason, 512))
+                write!(f, "invalid `{field}`: {}", self::reason(reason))
             }
         }
     }
@@ -310,6 +317,20 @@ mod tests {
             unserved
                 .to_string()
                 .ends_with("(fallback route `spool` has no handler)")
+        );
+    }
+
+    #[test]
+    fn a_reason_over_several_lines_reads_as_one_and_a_name_stays_escaped() {
+        let e = ConfigError::InvalidClass {
+            class: "pay\nX".into(),
+            field: "predictor",
+            reason: "index: 0 Got: 4\n Expected: 1\r\n\tPlease fix \u{1b}[31m".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "class `pay\\u{a}X`: invalid `predictor`: index: 0 Got: 4 Expected: 1 Please fix \
+             \\u{1b}[31m"
         );
     }
 }
