@@ -1,8 +1,10 @@
-"""The predictor networks (`build`): the bundled model's, `ZANet` (`--arch za`), a robust
-z-score against the class's long baseline that a head of a few hundred weights over scale-free
-summaries (`ZCNet`'s) may correct within a bound; and the ones it was compared with in the
+"""The predictor networks (`build`): the bundled model's, `ZSNet` (`--arch zs`), a scan of
+robust z-scores against the class's long baseline (each channel's mean over its last 1, 3 and
+8 ticks, standardised) that a head of a few hundred weights over scale-free summaries
+(`ZCNet`'s) may correct within a bound; and the ones it was compared with in the
 leave-one-dataset-out evaluation (`Net`, the dilated 1-D convolution bundled until 1 December
-2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December).
+2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December; `ZANet`, the same with the last tick's
+z-score alone, bundled until 2 December).
 
 In-graph preprocessing keeps each ONNX file self-contained: log1p compresses the ratios, and
 each channel is also given relative to a baseline of its own (so that a model trained on one
@@ -271,6 +273,34 @@ class ZAMNet(ZANet):
     ONE_SELECTION = True
 
 
+class ZSNet(ZANet):
+    """ZANet whose prior is a scan over a few lengths: for each channel, the mean of its last
+    k ticks' z-scores against the long baseline (signed, so a deviation that holds adds up and
+    noise cancels), times sqrt(k), the largest over k in SCALES and over the channels,
+    squashed; ticks the runtime zero-padded the window with are left out of the means. For noise independent from tick to tick every term has the spread of a single
+    tick's z-score, so a one-tick spike and a smaller shift held for k ticks are compared on
+    one scale (the standardised means of a scan statistic); with k = 1 alone it is ZANet's."""
+
+    SCALES = (1, 3, 8)
+
+    def prior(self, x: torch.Tensor) -> torch.Tensor:
+        window, base = x[:, :WINDOW], x[:, WINDOW:]
+        last = max(self.SCALES)
+        xl = torch.log1p(torch.clamp(window[:, -last:], min=0.0)).transpose(1, 2)  # [B, 8, last]
+        q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
+        med, scale = baseline_spread(q, 1e-3)
+        # The runtime zero-pads the window while a class's history is short: a padded tick
+        # (every feature 0; a real one has a success rate, 1 when idle) is no evidence, and
+        # each mean is over the real ticks among its last k, standardised by their number.
+        real = (window[:, -last:].abs().sum(dim=2) > 0).to(x.dtype)[:, None, :]  # [B, 1, last]
+        z = (xl - med) / scale * real
+        terms = []
+        for k in self.SCALES:
+            n = real[:, :, -k:].sum(dim=2)  # [B, 1]
+            terms.append(z[:, :, -k:].sum(dim=2).abs() / torch.sqrt(n.clamp(min=1.0)))
+        return squash(torch.stack(terms).amax(dim=0)).amax(dim=1, keepdim=True)  # [B, 1]
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -289,9 +319,10 @@ _BUILD = {
     "z": ZNet,
     "zb": ZBNet,
     "zc": ZCNet,
-    "za": ZANet,  # the bundled model's
+    "za": ZANet,  # the bundled model's until 2 December 2026
     "zal": ZALNet,
     "zam": ZAMNet,
+    "zs": ZSNet,  # the bundled model's
 }
 ARCHS = tuple(_BUILD)
 

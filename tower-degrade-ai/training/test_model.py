@@ -56,5 +56,49 @@ class AnchoredHeadWithOneSelection(AnchoredHead):
     arch = "zam"
 
 
+class AnchoredScan(AnchoredHead):
+    arch = "zs"
+
+    def shifted(self, sizes):
+        """A flat window on a flat baseline (median 1, scale about 0.11 on the log1p scale)
+        whose p99 channel stands the given number of baseline spreads above it on the last
+        len(sizes) ticks."""
+        torch = self.torch
+        q = torch.tensor([0.9, 0.95, 1.0, 1.05, 1.1]).log1p()
+        med = float(q[2])
+        scale = float((q[3] - q[1]) / 1.349 + 0.05 * (q[4] - q[0]) + 1e-3)
+        window = torch.ones(1, 64, 8)
+        for i, z in enumerate(reversed(sizes)):
+            window[0, 63 - i, 5] = float(np.expm1(med + z * scale))
+        base = torch.tensor([0.9, 0.95, 1.0, 1.05, 1.1])[None, :, None].expand(1, 5, 8)
+        return torch.cat([window, base], dim=1)
+
+    def test_a_held_shift_outranks_a_larger_one_tick_blip(self):
+        with self.torch.no_grad():
+            held = self.net.prior(self.shifted([4.0] * 8))
+            blip = self.net.prior(self.shifted([9.0]))
+            za = self.model.build("za").prior(self.shifted([4.0] * 8))
+        # 4 spreads for 8 ticks is 4 sqrt(8) = 11.3 as a scan; the blip is 9.
+        self.assertGreater(float(held), float(blip))
+        self.assertAlmostEqual(float(held), float(self.model.squash(self.torch.tensor(4.0 * 8 ** 0.5))), 4)
+        # ZANet reads only the last tick: to it the held shift is 4.
+        self.assertLess(float(za), float(blip))
+
+    def test_the_padding_of_a_short_history_is_no_evidence(self):
+        # A class with one tick of history: the runtime pads the window with 63 zero ticks.
+        # Read as ticks, they would stand far below the baseline for 7 ticks of the scan.
+        x = self.shifted([0.0])
+        x[0, :63] = 0.0
+        with self.torch.no_grad():
+            self.assertAlmostEqual(float(self.net.prior(x)), 0.0, 5)
+            x[0, 63, 5] = float(self.shifted([4.0])[0, 63, 5])
+            self.assertAlmostEqual(float(self.net.prior(x)), float(self.model.squash(self.torch.tensor(4.0))), 4)
+
+    def test_a_deviation_that_flips_sign_does_not_add_up(self):
+        with self.torch.no_grad():
+            flip = self.net.prior(self.shifted([4.0, -4.0] * 4))
+        self.assertAlmostEqual(float(flip), float(self.model.squash(self.torch.tensor(4.0))), 4)
+
+
 if __name__ == "__main__":
     unittest.main()
