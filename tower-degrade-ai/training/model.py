@@ -277,11 +277,20 @@ class ZSNet(ZANet):
     """ZANet whose prior is a scan over a few lengths: for each channel, the mean of its last
     k ticks' z-scores against the long baseline (signed, so a deviation that holds adds up and
     noise cancels), times sqrt(k), the largest over k in SCALES and over the channels,
-    squashed; ticks the runtime zero-padded the window with are left out of the means. For noise independent from tick to tick every term has the spread of a single
-    tick's z-score, so a one-tick spike and a smaller shift held for k ticks are compared on
-    one scale (the standardised means of a scan statistic); with k = 1 alone it is ZANet's."""
+    squashed; ticks the runtime zero-padded the window with are left out of the means. For
+    noise independent from tick to tick every term has the spread of a single tick's z-score,
+    so a one-tick spike and a smaller shift held for k ticks are compared on one scale (the
+    standardised means of a scan statistic); with k = 1 alone it is ZANet's."""
 
     SCALES = (1, 3, 8)
+
+    def __init__(self):
+        super().__init__()
+        last = max(self.SCALES)
+        pick = torch.zeros(last, len(self.SCALES))
+        for j, k in enumerate(self.SCALES):
+            pick[last - k:, j] = 1.0
+        self.register_buffer("_pick", pick, persistent=False)
 
     def prior(self, x: torch.Tensor) -> torch.Tensor:
         window, base = x[:, :WINDOW], x[:, WINDOW:]
@@ -292,13 +301,15 @@ class ZSNet(ZANet):
         # The runtime zero-pads the window while a class's history is short: a padded tick
         # (every feature 0; a real one has a success rate, 1 when idle) is no evidence, and
         # each mean is over the real ticks among its last k, standardised by their number.
-        real = (window[:, -last:].abs().sum(dim=2) > 0).to(x.dtype)[:, None, :]  # [B, 1, last]
-        z = (xl - med) / scale * real
-        terms = []
-        for k in self.SCALES:
-            n = real[:, :, -k:].sum(dim=2)  # [B, 1]
-            terms.append(z[:, :, -k:].sum(dim=2).abs() / torch.sqrt(n.clamp(min=1.0)))
-        return squash(torch.stack(terms).amax(dim=0)).amax(dim=1, keepdim=True)  # [B, 1]
+        real = (window[:, -last:].abs().sum(dim=2, keepdim=True) > 0).to(x.dtype)  # [B, last, 1]
+        z = (xl - med) / scale  # [B, 8, last]
+        # The sums over the last k ticks, every k at once: one product with a [last, K]
+        # matrix of ones in each column's last k rows (a few graph nodes, not a few per k).
+        pick = self._pick.to(x.dtype)
+        sums = torch.matmul(z * real.transpose(1, 2), pick)  # [B, 8, K]
+        n = torch.matmul(real.transpose(1, 2), pick).clamp(min=1.0)  # [B, 1, K]
+        terms = sums.abs() / torch.sqrt(n)
+        return squash(terms.amax(dim=2)).amax(dim=1, keepdim=True)  # [B, 1]
 
 
 class _WithBaseline(nn.Module):
