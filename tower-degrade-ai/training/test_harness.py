@@ -176,6 +176,15 @@ class Traces(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"t.csv:1: .*separated by commas"):
                 read_csv(p)
 
+    def test_a_blank_line_does_not_shift_the_line_an_error_names(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = self.write(d, [self.row(0), "", self.row(1, p99="nan")])
+            with self.assertRaisesRegex(ValueError, r"t.csv:4: column p99_over_sla"):
+                read_csv(p)
+            p = self.write(d, [self.row(0, split="val"), "", self.row(1, split="train")])
+            with self.assertRaisesRegex(ValueError, r"t.csv:4: column split"):
+                read_csv(p)
+
     def test_a_byte_order_mark_and_spaces_in_the_header_are_read(self):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "t.csv")

@@ -117,13 +117,14 @@ SPLITS = ("train", "val", "test")
 
 
 def _column(path: str, rows: list, col: str, parse) -> list:
-    """`parse` of every row's `col`, an error naming the file, line and column otherwise."""
+    """`parse` of every row's `col` (rows: (line number, fields by name)), an error naming the
+    file, line and column otherwise."""
     out = []
-    for i, r in enumerate(rows):
+    for line, r in rows:
         try:
             out.append(parse(r[col].strip()))
         except ValueError as e:
-            raise ValueError(f"{path}:{i + 2}: column {col}: {e}") from None
+            raise ValueError(f"{path}:{line}: column {col}: {e}") from None
     return out
 
 
@@ -183,7 +184,7 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             continue
         if len(fields) < len(header):
             raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {len(header)}")
-        rows.append(dict(zip(header, fields)))
+        rows.append((i + 2, dict(zip(header, fields))))
     if not rows:
         raise ValueError(f"{path}: a header and no rows")
     X = np.array([_column(path, rows, c, _feature) for c in FEATURES], dtype=float).T
@@ -196,13 +197,13 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
-                raise ValueError(f"{path}:{i + 2}: column time_s: {t[i]:g} is not after the row "
+                raise ValueError(f"{path}:{rows[i][0]}: column time_s: {t[i]:g} is not after the row "
                                  f"before's {t[i - 1]:g} (rows must be in time order, one per step)")
             step = float(np.median(d))
             uneven = np.flatnonzero((d > 1.5 * step) | (d < step / 1.5))
             if len(uneven):
                 i = int(uneven[0]) + 1
-                print(f"{path}:{i + 2}: steps are not even ({len(uneven)} of {len(d)} differ from "
+                print(f"{path}:{rows[i][0]}: steps are not even ({len(uneven)} of {len(d)} differ from "
                       f"the median step, {step:g} s, by half or more; this one is {d[i - 1]:g} s): "
                       "each row is taken as one step", file=sys.stderr)
     if "label" in header:
@@ -219,7 +220,7 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         order = [SPLITS.index(v) for v in sp]
         back = next((i for i in range(1, len(order)) if order[i] < order[i - 1]), None)
         if back is not None:
-            raise ValueError(f"{path}:{back + 2}: column split: {sp[back]!r} after {sp[back - 1]!r}: "
+            raise ValueError(f"{path}:{rows[back][0]}: column split: {sp[back]!r} after {sp[back - 1]!r}: "
                              "the split must be time-ordered, train then val then test "
                              "(python traces.py split DIR writes one)")
         val_from = next((i for i, s in enumerate(sp) if s != "train"), len(sp))
