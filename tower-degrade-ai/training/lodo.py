@@ -2,7 +2,7 @@
 
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR [--report lodo.md] [--json lodo.json]
                    [--folds simulated nab nezha smd] [--epochs 8] [--seed 7]
-                   [--arch conv|robust|z|zb|zc|za|zs|zal|zam] [--balance | --no-balance] [--reuse]
+                   [--arch conv|robust|z|zb|zc|za|zs|zsl|zal|zam] [--balance | --no-balance] [--reuse]
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR --from-json lodo.json [--report lodo.md]
 
 For each dataset D (the simulator and every public dataset): a model is trained with the
@@ -202,7 +202,7 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000)
-    ap.add_argument("--arch", default="zs", help="train.py's --arch (the bundled model's: zs)")
+    ap.add_argument("--arch", default="zsl", help="train.py's --arch (the bundled model's: zsl)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="train.py's --balance (the default, as for the bundled model)")
     ap.add_argument("--reuse", action="store_true",

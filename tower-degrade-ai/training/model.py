@@ -1,10 +1,11 @@
-"""The predictor networks (`build`): the bundled model's, `ZSNet` (`--arch zs`), a scan of
+"""The predictor networks (`build`): the bundled model's, `ZSLNet` (`--arch zsl`), a scan of
 robust z-scores against the class's long baseline (each channel's mean over its last 1, 3 and
-8 ticks, standardised) that a head of a few hundred weights over scale-free summaries
-(`ZCNet`'s) may correct within a bound; and the ones it was compared with in the
-leave-one-dataset-out evaluation (`Net`, the dilated 1-D convolution bundled until 1 December
-2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December; `ZANet`, the same with the last tick's
-z-score alone, bundled until 2 December).
+8 ticks, standardised) that a head of a few hundred weights over scale-free summaries of the
+same baseline (`ZCNet`'s, less its window branch) may correct within a bound; and the ones it
+was compared with in the leave-one-dataset-out evaluation (`Net`, the dilated 1-D convolution
+bundled until 1 December 2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December; `ZANet`, the
+anchor on the last tick's z-score alone, bundled until 2 December; `ZSNet`, `ZSLNet` with the
+window branch, bundled on 2 December).
 
 In-graph preprocessing keeps each ONNX file self-contained: log1p compresses the ratios, and
 each channel is also given relative to a baseline of its own (so that a model trained on one
@@ -206,7 +207,9 @@ class ZCNet(ZBNet):
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         window, base = x[:, :WINDOW], x[:, WINDOW:]
         sign = self.risk_sign
-        xl = torch.log1p(torch.clamp(window, min=0.0)).transpose(1, 2)  # [B, 8, 64]
+        # [B, 8, 64]; without the window branch only the last LAST ticks are read
+        xl = torch.log1p(torch.clamp(window if self.WINDOW_BRANCH else window[:, -self.LAST:],
+                                     min=0.0)).transpose(1, 2)
         # the long baseline, on the log1p scale and on the feature's own
         q = torch.log1p(torch.clamp(base, min=0.0)).transpose(1, 2)  # [B, 8, 5]
         med, scale = baseline_spread(q, 1e-3)
@@ -312,6 +315,14 @@ class ZSNet(ZANet):
         return squash(terms.amax(dim=2)).amax(dim=1, keepdim=True)  # [B, 1]
 
 
+class ZSLNet(ZSNet):
+    """ZSNet without the window branch (as ZALNet is ZANet without it): the head reads the long
+    baseline's summaries only, and a batch takes no partial selection at all."""
+
+    WINDOW_BRANCH = False
+    N_IN = ZALNet.N_IN
+
+
 class _WithBaseline(nn.Module):
     """A ZBNet as the runtime calls it: the window and the baseline as two inputs."""
 
@@ -333,7 +344,8 @@ _BUILD = {
     "za": ZANet,  # the bundled model's until 2 December 2026
     "zal": ZALNet,
     "zam": ZAMNet,
-    "zs": ZSNet,  # the bundled model's
+    "zs": ZSNet,  # the bundled model's until 2 December 2026 (evening)
+    "zsl": ZSLNet,  # the bundled model's
 }
 ARCHS = tuple(_BUILD)
 

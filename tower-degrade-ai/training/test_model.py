@@ -100,5 +100,19 @@ class AnchoredScan(AnchoredHead):
         self.assertAlmostEqual(float(flip), float(self.model.squash(self.torch.tensor(4.0))), 4)
 
 
+class AnchoredScanWithoutTheWindowBranch(AnchoredScan):
+    arch = "zsl"
+
+    def test_a_batch_takes_no_partial_selection(self):
+        import tempfile, os
+        import onnx
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "zsl.onnx")
+            self.model.export(self.net, path)
+            ops = {n.op_type for n in onnx.load(path).graph.node}
+        self.assertNotIn("TopK", ops)
+        self.assertNotIn("Sort", ops)
+
+
 if __name__ == "__main__":
     unittest.main()

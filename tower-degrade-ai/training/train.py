@@ -1,11 +1,11 @@
 """Train the predictor and export it to ONNX.
 
     python train.py [--data PUBLIC_TRACES_DIR] [--traces DIR]... [--out ../models/p_anomaly.onnx]
-                    [--seed 7] [--epochs 8] [--hard-negatives 20000] [--arch zs]
+                    [--seed 7] [--epochs 8] [--hard-negatives 20000] [--arch zsl]
                     [--balance | --no-balance]
 
-The defaults are the bundled model's recipe: the anchored scan (model.ZSNet, `zs`), every
-dataset weighted equally.
+The defaults are the bundled model's recipe: the anchored scan read off the long baseline
+alone (model.ZSLNet, `zsl`), every dataset weighted equally.
 
 Training data: the simulator's train traces, plus the train part of each public dataset
 (time-ordered: NAB's first 48 % per file, Nezha's first day, SMD's train file, each without
@@ -167,7 +167,7 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
 
 
 def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
-        public_data: bool = True, arch: str = "zs", balance: bool = True, log=print,
+        public_data: bool = True, arch: str = "zsl", balance: bool = True, log=print,
         own_traces: tuple = ()) -> dict:
     """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
     export the model to `out` with its reference answers, and write `<out>.train.json`."""
@@ -237,14 +237,15 @@ def main():
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000,
                     help="normal windows the first model scores highest, added for a second round")
-    ap.add_argument("--arch", default="zs", choices=ARCHS,
+    ap.add_argument("--arch", default="zsl", choices=ARCHS,
                     help="the network (model.build): conv (the bundled model's until 1 December 2026), "
                          "robust, z, zb (z with the long baseline as a second input), zc (zb's inputs "
                          "squashed rather than clipped, and the classical detectors' scores), za (a robust "
                          "z-score against the long baseline, which zc's head may correct within a bound; "
                          "bundled until 2 December), zs (za whose z-score is a scan over the last 1, 3 "
-                         "and 8 ticks; the bundled model's), zal (za whose head reads the long baseline only: about "
-                         "60 %% of its inference cost), zam (za whose window branch takes one partial "
+                         "and 8 ticks; bundled on 2 December), zsl (zs whose head reads the long baseline "
+                         "only: about a fifth of its inference cost; the bundled model's), zal (za "
+                         "whose head reads the long baseline only: about 60 %% of its inference cost), zam (za whose window branch takes one partial "
                          "selection per channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
