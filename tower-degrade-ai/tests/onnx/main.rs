@@ -13,7 +13,8 @@ use std::time::Duration;
 use tower::{Layer, Service, ServiceExt};
 use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
 use tower_degrade::{
-    ClassConfig, Degrader, breaker::Calibration, breaker::State, clock::LatencyClock,
+    ClassConfig, Degrader, breaker::Calibration, breaker::PredictionRecord, breaker::State,
+    clock::LatencyClock,
 };
 use tower_degrade_ai::{Error, OnnxPredictor};
 
@@ -460,6 +461,120 @@ async fn the_calibrated_default_warns_of_a_slow_database_after_its_warm_up() {
     assert!(tick + 2 <= rule_tick, "calibrated {tick}, rule {rule_tick}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_benign_latency_rise_costs_the_calibrated_default_one_false_alarm_at_most() {
+    // A deploy that makes the service 12 % slower for good, far under its SLA (p99 62 ms of
+    // 200, no failure), after the class calibrated on traffic so regular that its p99 is the
+    // same every tick. The long baseline's spread is then next to nothing, and the model,
+    // anchored on a z-score against it, reads the change as many spreads: the class is
+    // degraded on a prediction no breach confirms (a known limit, `docs/predictor.md`). What
+    // bounds it is the false-alarm exit: after FALSE_ALARM_TICKS healthy ticks the alarm is
+    // taken for a false one, the class closes, and its threshold holds above the level it
+    // misread, so the same change does not trip it again.
+    if !runtime_present() {
+        return;
+    }
+    let (trips, degraded_ticks, r) = benign_rise(Traffic::Regular).await;
+    assert!(trips <= 1, "{trips} trips");
+    assert_eq!((r.confirmed, r.missed), (0, 0), "{r:?}");
+    assert_eq!(r.false_alarms as usize, trips, "{r:?}");
+    assert!(
+        degraded_ticks <= tower_degrade::breaker::FALSE_ALARM_TICKS as usize + 2,
+        "degraded for {degraded_ticks} ticks"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_benign_latency_rise_on_noisy_traffic_does_not_trip_the_calibrated_default() {
+    // The same deploy on traffic whose calls take 40-80 ms, so that a tick's p99 varies: the
+    // baseline's spread is the traffic's own, and 12 % is within it.
+    if !runtime_present() {
+        return;
+    }
+    let (trips, degraded_ticks, r) = benign_rise(Traffic::Noisy).await;
+    assert_eq!((trips, degraded_ticks), (0, 0), "{r:?}");
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
+}
+
+/// A class calibrated on 2,600 healthy ticks of `traffic`, then 400 ticks 12 % slower: how
+/// many times it left Closed after the change, for how many ticks in all, and its record.
+async fn benign_rise(traffic: Traffic) -> (usize, usize, PredictionRecord) {
+    const HEALTHY: usize = 2_600;
+    const AFTER: usize = 400;
+    let d = shop_with(
+        Some(OnnxPredictor::bundled().unwrap()),
+        tower_degrade::breaker::BreakerConfig::default()
+            .predict_calibrated(Calibration::default().warm_up_ticks(2_500)),
+    );
+    let svc = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(support::slow_failing());
+    let (mut trips, mut degraded_ticks, mut was_closed) = (0, 0, true);
+    for tick in 1..=HEALTHY + AFTER {
+        let slower = if tick > HEALTHY { 1.12 } else { 1.0 };
+        one_tick_at_once(&svc, tick, slower, traffic).await;
+        d.tick_now();
+        let closed = d.state("stock").unwrap() == State::Closed;
+        assert!(
+            closed || tick > HEALTHY,
+            "tripped on healthy traffic at {tick}"
+        );
+        trips += usize::from(was_closed && !closed);
+        degraded_ticks += usize::from(!closed);
+        was_closed = closed;
+    }
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    let r = stock.prediction_record.unwrap();
+    eprintln!(
+        "benign rise, {traffic:?} traffic: {trips} trip(s), {degraded_ticks} ticks degraded, \
+         {r:?}, p {:?}, threshold {:?}",
+        stock.prediction, stock.prediction_threshold
+    );
+    assert!(!stock.calibrating);
+    assert!(was_closed, "closed at the end");
+    (trips, degraded_ticks, r)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Traffic {
+    /// [`slow_database`]'s: 40-55 ms in a pattern, the same p99 every tick.
+    Regular,
+    /// 40-80 ms, spread by a hash of the call and the tick.
+    Noisy,
+}
+
+/// One tick of `traffic`, its twenty calls sent at once with their latency scaled by `slow`
+/// (failing past twice the SLA), then the rest of the 500 ms tick.
+async fn one_tick_at_once<S>(svc: &S, tick: usize, slow: f64, traffic: Traffic)
+where
+    S: tower::Service<(u64, bool)> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    let start = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..20u64 {
+        let base = match traffic {
+            Traffic::Regular => 40 + (i * 7 + tick as u64 * 3) % 16,
+            Traffic::Noisy => {
+                let h = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (tick as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+                .wrapping_mul(0x1656_67B1_9E37_79F9);
+                40 + (h >> 40) % 40
+            }
+        };
+        let ms = (base as f64 * slow) as u64;
+        let fail = (i as f64) < ((ms as f64 - 400.0) / 400.0).clamp(0.0, 1.0) * 20.0;
+        let mut svc = svc.clone();
+        calls.spawn(async move {
+            let _ = svc.ready().await.unwrap().call((ms, fail)).await;
+        });
+    }
+    while calls.join_next().await.is_some() {}
+    tokio::time::sleep_until(start + Duration::from_millis(500)).await;
+}
+
 /// [`slow_database`]'s traffic with each tick's twenty calls sent at once, a tick every
 /// 500 ms. Returns the tick at which the class left Closed, and its state then.
 async fn slow_database_at_once(d: &Degrader, healthy: usize) -> (usize, State) {
@@ -468,18 +583,7 @@ async fn slow_database_at_once(d: &Degrader, healthy: usize) -> (usize, State) {
         .layer(support::slow_failing());
     for tick in 1..=healthy + 60 {
         let slow = 1.15f64.powi(tick.saturating_sub(healthy) as i32);
-        let start = tokio::time::Instant::now();
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..20u64 {
-            let ms = ((40 + (i * 7 + tick as u64 * 3) % 16) as f64 * slow) as u64;
-            let fail = (i as f64) < ((ms as f64 - 400.0) / 400.0).clamp(0.0, 1.0) * 20.0;
-            let mut svc = svc.clone();
-            calls.spawn(async move {
-                let _ = svc.ready().await.unwrap().call((ms, fail)).await;
-            });
-        }
-        while calls.join_next().await.is_some() {}
-        tokio::time::sleep_until(start + Duration::from_millis(500)).await;
+        one_tick_at_once(&svc, tick, slow, Traffic::Regular).await;
         d.tick_now();
         let state = d.state("stock").unwrap();
         if state != State::Closed {
