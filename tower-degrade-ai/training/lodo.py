@@ -2,7 +2,7 @@
 
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR [--report lodo.md] [--json lodo.json]
                    [--folds simulated nab nezha smd] [--epochs 8] [--seed 7]
-                   [--arch conv|robust|z|zb|zc|za|zs|zsl|zal|zam] [--balance | --no-balance] [--reuse]
+                   [--arch conv|robust|z|zb|zc|za|zs|zsl|zsw|zal|zam] [--balance | --no-balance] [--reuse]
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR --from-json lodo.json [--report lodo.md]
 
 For each dataset D (the simulator and every public dataset): a model is trained with the

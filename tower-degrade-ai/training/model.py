@@ -5,7 +5,7 @@ same baseline (`ZCNet`'s, less its window branch) may correct within a bound; an
 was compared with in the leave-one-dataset-out evaluation (`Net`, the dilated 1-D convolution
 bundled until 1 December 2026; `ZNet`; `ZBNet`; `ZCNet`, bundled on 1 December; `ZANet`, the
 anchor on the last tick's z-score alone, bundled until 2 December; `ZSNet`, `ZSLNet` with the
-window branch, bundled on 2 December).
+window branch, bundled on 2 December; `ZSWNet`, whose scan weighs the channels).
 
 In-graph preprocessing keeps each ONNX file self-contained: log1p compresses the ratios, and
 each channel is also given relative to a baseline of its own (so that a model trained on one
@@ -311,8 +311,12 @@ class ZSNet(ZANet):
         pick = self._pick.to(x.dtype)
         sums = torch.matmul(z * real.transpose(1, 2), pick)  # [B, 8, K]
         n = torch.matmul(real.transpose(1, 2), pick).clamp(min=1.0)  # [B, 1, K]
-        terms = sums.abs() / torch.sqrt(n)
+        terms = self.weigh(sums.abs() / torch.sqrt(n))
         return squash(terms.amax(dim=2)).amax(dim=1, keepdim=True)  # [B, 1]
+
+    def weigh(self, terms: torch.Tensor) -> torch.Tensor:
+        """Each channel's scan terms [B, 8, K] as the prior compares them (as they are)."""
+        return terms
 
 
 class ZSLNet(ZSNet):
@@ -321,6 +325,19 @@ class ZSLNet(ZSNet):
 
     WINDOW_BRANCH = False
     N_IN = ZALNet.N_IN
+
+
+class ZSWNet(ZSLNet):
+    """ZSLNet whose scan weighs each channel by a learnt positive factor (exp of a parameter,
+    1 to begin with) before the largest is taken: eight weights that say which channels' shifts
+    precede incidents."""
+
+    def __init__(self):
+        super().__init__()
+        self.channel_log_w = nn.Parameter(torch.zeros(1, N_FEATURES, 1))
+
+    def weigh(self, terms: torch.Tensor) -> torch.Tensor:
+        return terms * torch.exp(self.channel_log_w)
 
 
 class _WithBaseline(nn.Module):
@@ -346,6 +363,7 @@ _BUILD = {
     "zam": ZAMNet,
     "zs": ZSNet,  # the bundled model's until 2 December 2026 (evening)
     "zsl": ZSLNet,  # the bundled model's
+    "zsw": ZSWNet,
 }
 ARCHS = tuple(_BUILD)
 

@@ -114,5 +114,9 @@ class AnchoredScanWithoutTheWindowBranch(AnchoredScan):
         self.assertNotIn("Sort", ops)
 
 
+class AnchoredScanWeighedByChannel(AnchoredScan):
+    arch = "zsw"
+
+
 if __name__ == "__main__":
     unittest.main()
