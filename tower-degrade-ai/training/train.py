@@ -244,9 +244,9 @@ def main():
                          "z-score against the long baseline, which zc's head may correct within a bound; "
                          "bundled until 2 December), zs (za whose z-score is a scan over the last 1, 3 "
                          "and 8 ticks; bundled on 2 December), zsl (zs whose head reads the long baseline "
-                         "only: about a fifth of its inference cost; the bundled model's), zsw (zsl "
+                         "only: about half its inference cost; the bundled model's), zsw (zsl "
                          "whose scan weighs each channel by a learnt factor), zal (za "
-                         "whose head reads the long baseline only: about 60 %% of its inference cost), zam (za whose window branch takes one partial "
+                         "whose head reads the long baseline only: about 40 %% of its inference cost), zam (za whose window branch takes one partial "
                          "selection per channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
