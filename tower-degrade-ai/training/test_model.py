@@ -1,5 +1,7 @@
 """The networks' own promises (needs torch: skipped where only the harness's NumPy is installed)."""
 import importlib.util
+import os
+import tempfile
 import unittest
 
 import numpy as np
@@ -104,7 +106,6 @@ class AnchoredScanWithoutTheWindowBranch(AnchoredScan):
     arch = "zsl"
 
     def test_a_batch_takes_no_partial_selection(self):
-        import tempfile, os
         import onnx
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "zsl.onnx")
