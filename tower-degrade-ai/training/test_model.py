@@ -118,6 +118,17 @@ class AnchoredScanWithoutTheWindowBranch(AnchoredScan):
 class AnchoredScanWeighedByChannel(AnchoredScan):
     arch = "zsw"
 
+    def test_a_channel_counts_by_its_factor(self):
+        torch = self.torch
+        with torch.no_grad():
+            self.net.channel_log_w[0, 5, 0] = float(np.log(2.0))  # p99
+            held = self.net.prior(self.shifted([4.0] * 8))
+            self.net.channel_log_w[0, 5, 0] = float(np.log(0.1))
+            damped = self.net.prior(self.shifted([4.0] * 8))
+        self.assertAlmostEqual(float(held), float(self.model.squash(torch.tensor(2 * 4.0 * 8 ** 0.5))), 4)
+        # the p99 channel's 11.3 spreads count 1.13 now: the other channels (at the median) 0
+        self.assertAlmostEqual(float(damped), float(self.model.squash(torch.tensor(0.4 * 8 ** 0.5))), 4)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -246,8 +246,9 @@ def main():
                          "and 8 ticks; bundled on 2 December), zsl (zs whose head reads the long baseline "
                          "only: about half its inference cost; the bundled model's), zsw (zsl "
                          "whose scan weighs each channel by a learnt factor), zal (za "
-                         "whose head reads the long baseline only: about 40 %% of its inference cost), zam (za whose window branch takes one partial "
-                         "selection per channel, not two)")
+                         "whose head reads the long baseline only: about 40 %% of its inference "
+                         "cost), zam (za whose window branch takes one partial selection per "
+                         "channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
     ap.add_argument("--traces", action="append", default=[], metavar="DIR",
