@@ -108,6 +108,13 @@ class Traces(unittest.TestCase):
             self.assertEqual(tr.events, [(40, 45)], "the other columns kept")
             with self.assertRaisesRegex(ValueError, "each above 0, together below 1"):
                 split(d, 0.5, 0.5)
+            # a file with no rows is named, and no file is changed
+            with open(os.path.join(d, "a-empty.csv"), "w") as f:
+                f.write("time_s," + ",".join(FEATURES) + "\n")
+            before = open(os.path.join(d, "busy.csv")).read()
+            with self.assertRaisesRegex(ValueError, r"a-empty.csv: no rows to split .*no file was changed"):
+                split(d, 0.1, 0.1)
+            self.assertEqual(open(os.path.join(d, "busy.csv")).read(), before)
 
     def test_the_grace_of_a_trace_goes_by_its_step_not_its_directory_name(self):
         from traces import GRACE, grace

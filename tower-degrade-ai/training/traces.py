@@ -256,16 +256,22 @@ def read_dir(d: str, dataset: str | None = None) -> list:
 
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
-    1 - val - test of each file train, then val, then test. Returns the files written."""
+    1 - val - test of each file train, then val, then test. Returns the files written. Every
+    file is read before any is written: a file with no rows is an error naming it, and then
+    none is changed."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
-    written = []
+    read = []
     for f in sorted(f for f in os.listdir(d) if f.endswith(".csv")):
         path = os.path.join(d, f)
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
         if not rows:
-            continue
+            raise ValueError(f"{path}: no rows to split (an empty file, or a header alone); "
+                             "no file was changed")
+        read.append((path, rows))
+    written = []
+    for path, rows in read:
         cols = [c for c in rows[0] if c != "split"] + ["split"]
         n = len(rows)
         val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
