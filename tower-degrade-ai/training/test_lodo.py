@@ -2,7 +2,7 @@
 import unittest
 
 import evaluate
-from lodo import _verdict, beyond_chance, headline, training_traces
+from lodo import ANCHOR, _verdict, beyond_chance, headline, training_traces
 
 
 class Folds(unittest.TestCase):
@@ -31,8 +31,10 @@ class Headline(unittest.TestCase):
             row("rolling robust z", 0.25, [0.1, 0.4]),
             row("seed rule", 0.8, [0.7, 0.9], budget=0.1),  # another budget
             row("calibrated rule", 0.9, [0.8, 1.0], H=12),  # another horizon
+            row(ANCHOR, 0.5, [0.4, 0.6]),  # the model's own anchor: not a baseline
         ]
         h = headline(rows, "nab", 1.0)
+        self.assertEqual(h["anchor"]["recall_early"], 0.5)
         self.assertEqual(h["H"], 6)
         self.assertEqual(h["model"]["recall_early"], 0.30)
         self.assertEqual(h["default"]["detector"], evaluate.AS_DEFAULT)

@@ -39,6 +39,15 @@ class AnchoredHead(unittest.TestCase):
         self.assertLessEqual(float(off.abs().max()), self.model.ZANet.BOUND + 1e-5)
         self.assertGreater(float(off.abs().max()), 0.5 * self.model.ZANet.BOUND)  # the head does act
 
+    def test_the_anchor_alone_scores_the_anchor_and_nothing_the_head_learnt(self):
+        alone = self.model.anchor_alone(self.arch)
+        x = self.inputs()
+        with self.torch.no_grad():
+            want = self.torch.exp(alone.log_a) * alone.prior(x) + alone.b
+            self.assertEqual(float((alone.logit(x) - want).abs().max()), 0.0)
+            # the same anchor as the trained network's (whose head is far from 0 here)
+            self.assertTrue(self.torch.equal(alone.prior(x), self.net.prior(x)))
+
     def test_steps_whose_z_scores_are_far_apart_keep_their_order(self):
         x = self.inputs()
         with self.torch.no_grad():
@@ -128,6 +137,14 @@ class AnchoredScanWeighedByChannel(AnchoredScan):
         self.assertAlmostEqual(float(held), float(self.model.squash(torch.tensor(2 * 4.0 * 8 ** 0.5))), 4)
         # the p99 channel's 11.3 spreads count 1.13 now: the other channels (at the median) 0
         self.assertAlmostEqual(float(damped), float(self.model.squash(torch.tensor(0.4 * 8 ** 0.5))), 4)
+
+
+class NoAnchor(unittest.TestCase):
+    @unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
+    def test_a_recipe_without_an_anchor_has_no_anchor_alone(self):
+        import model
+        with self.assertRaisesRegex(ValueError, "--arch conv has no anchor .*zsl"):
+            model.anchor_alone("conv")
 
 
 if __name__ == "__main__":
