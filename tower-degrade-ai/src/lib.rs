@@ -13,6 +13,11 @@
 //! A model may also take each class's long baseline, quantiles of its last 4,096 healthy ticks
 //! that the predictor keeps on the control tick, as a second input ([`baseline`]).
 //!
+//! [`ScanPredictor`] needs neither ONNX Runtime nor a model file: it computes the bundled
+//! model's anchor (a scan of robust z-scores against each class's long baseline) in Rust,
+//! which on services the model was not trained on warns of about as many incidents as the
+//! model does (`docs/predictor.md`, *Without ONNX Runtime*).
+//!
 //! [`Recorder`] writes the same features per tick to CSV, so traces of a running service under
 //! fault injection can be evaluated (`training/evaluate.py`) and trained on.
 //!
@@ -39,6 +44,7 @@ mod error;
 mod onnx;
 mod recorder;
 mod runtime;
+mod scan;
 
 pub use error::Error;
 pub use onnx::{
@@ -47,6 +53,7 @@ pub use onnx::{
 };
 pub use recorder::{Fault, Recorder};
 pub use runtime::{ORT_DYLIB_PATH, loaded_library, locate_library};
+pub use scan::ScanPredictor;
 
 /// `docs/predictor.md`'s code, compiled as a doctest.
 #[cfg(doctest)]

@@ -8,10 +8,14 @@
 - `baseline.onnx`: takes the long baseline as a second input, `baseline [batch, 5, 8]`, and
   declares it (`tower_degrade.baseline`): p_anomaly = sigmoid(mean(window) - mean(baseline)),
   right in every way;
-- `baseline_undeclared.onnx`: the same, without the `tower_degrade.baseline` entry.
+- `baseline_undeclared.onnx`: the same, without the `tower_degrade.baseline` entry;
+- `anchor.onnx`: the bundled model (`../models/p_anomaly.onnx`) with its learnt head's weights
+  at 0, its anchor alone, which `ScanPredictor` computes in Rust (the test runs the two side by
+  side); rewrite it whenever the bundled model changes.
 
-The others are p_anomaly = sigmoid(mean(window)). Each is a few hundred bytes, written the same
-byte for byte on every run (`test_features.py` checks the committed files against this script).
+The others are p_anomaly = sigmoid(mean(window)). Each but `anchor.onnx` is a few hundred
+bytes; all are written the same byte for byte on every run (`test_features.py` checks the
+committed files against this script).
 """
 from __future__ import annotations
 
@@ -98,6 +102,26 @@ def out_of_range():
     return model
 
 
+BUNDLED = os.path.join(os.path.dirname(FIXTURES), "..", "models", "p_anomaly.onnx")
+# The bundled network's head (`model.ZANet.skip` and `.mlp`): its weights are set to 0.
+HEAD = ("net.skip.", "net.mlp.")
+
+
+def anchor():
+    """The bundled model with every weight of its learnt head at 0 (as model.anchor_alone): its
+    score is then sigmoid((exp(log_a) anchor + b) scale + shift), what ScanPredictor computes."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(os.path.normpath(BUNDLED))
+    heads = [i for i in m.graph.initializer if i.name.startswith(HEAD)]
+    if not heads:
+        raise ValueError(f"{BUNDLED}: no initializer named {' or '.join(HEAD)}*: not an anchored model")
+    for init in heads:
+        init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    return m
+
+
 def reordered() -> list:
     f = list(features.FEATURES)
     f[features.P50], f[features.P99] = f[features.P99], f[features.P50]
@@ -113,6 +137,7 @@ def fixtures() -> dict:
         "baseline.onnx": with_baseline(),
         "baseline_undeclared.onnx": with_baseline(declared=False),
         "out_of_range.onnx": out_of_range(),
+        "anchor.onnx": anchor(),
     }
 
 

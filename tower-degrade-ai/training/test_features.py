@@ -106,6 +106,21 @@ class Stamping(unittest.TestCase):
         self.assertEqual(props, [("author", "someone"),
                                  (features.METADATA_KEY, features.metadata_value())])
 
+    def test_the_scan_predictors_constants_are_the_bundled_models(self):
+        # `ScanPredictor` (src/scan.rs) maps its anchor to a probability with the bundled
+        # model's log_a, b, scale and shift, written into the Rust source: a retrained model
+        # must carry them over.
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+        with open(os.path.join(CRATE, "src", "scan.rs")) as f:
+            src = f.read()
+        rust = {k: np.float32(v.replace("_", ""))
+                for k, v in re.findall(r"const (LOG_A|B|SCALE|SHIFT): f32 = ([-0-9._e]+);", src)}
+        shipped = {i.name: numpy_helper.to_array(i) for i in onnx.load(SHIPPED).graph.initializer}
+        self.assertEqual(rust, {k: np.float32(shipped[f"net.{k.lower()}"])
+                                for k in ("LOG_A", "B", "SCALE", "SHIFT")})
+
     def test_the_committed_fixtures_are_what_make_fixtures_writes(self):
         import onnx
         import make_fixtures

@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt};
-use tower_degrade::predict::{N_FEATURES, PredictorConfig, WINDOW};
+use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{
     ClassConfig, Degrader, breaker::Calibration, breaker::PredictionRecord, breaker::State,
     clock::LatencyClock,
 };
-use tower_degrade_ai::{Error, OnnxPredictor};
+use tower_degrade_ai::{Error, OnnxPredictor, ScanPredictor};
 
 #[path = "../../../tower-degrade/tests/support.rs"]
 mod support;
@@ -251,7 +251,6 @@ fn a_model_that_takes_the_long_baseline_is_fed_each_class_its_own() {
     if !runtime_present() {
         return;
     }
-    use tower_degrade::predict::Predictor;
     use tower_degrade_ai::baseline::Baseline;
     // tests/fixtures/baseline.onnx: p = sigmoid(mean(window) - mean(baseline)).
     let mut p = OnnxPredictor::load(fixture("tests/fixtures/baseline.onnx")).unwrap();
@@ -329,6 +328,91 @@ fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
 /// Twenty calls a tick to `stock` (SLA 200 ms): `healthy` ticks at 40-55 ms, then a database
 /// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
 /// the class left Closed, and its state then.
+#[test]
+fn the_scan_predictor_is_the_bundled_model_with_its_head_at_zero() {
+    if !runtime_present() {
+        return;
+    }
+    // tests/fixtures/anchor.onnx: the bundled model with its learnt head's weights at 0
+    // (training/make_fixtures.py). Three classes over 400 ticks, each window zero-padded while
+    // its history is short: one steady, one with a spike every 37 ticks and a failure burst,
+    // one whose latency and queue channels step up at tick 200 and keep rising.
+    let mut onnx = OnnxPredictor::load(fixture("tests/fixtures/anchor.onnx")).unwrap();
+    let mut scan = ScanPredictor::new();
+    onnx.warm_up(&["steady", "spiky", "leaking"]).unwrap();
+    scan.warm_up(&["steady", "spiky", "leaking"]).unwrap();
+    let per_class = WINDOW * N_FEATURES;
+    let mut window = vec![0.0f32; 3 * per_class];
+    let (mut worst, mut highest) = (0.0f32, 0.0f32);
+    for tick in 0..400usize {
+        for class in 0..3 {
+            let ripple = ((31 * class + 17 * tick) % 13) as f32 / 100.0;
+            let mut row = [1.0, 1.0, 0.0, 0.0, 0.2 + ripple, 0.5 + ripple, 0.3, 0.05];
+            if class == 1 && tick % 37 == 0 {
+                row[5] *= 6.0;
+            }
+            if class == 1 && (300..306).contains(&tick) {
+                (row[1], row[2]) = (0.7, 0.3);
+            }
+            if class == 2 && tick >= 200 {
+                let up = 1.0 + (tick - 200) as f32 / 40.0;
+                for f in [4, 5, 7] {
+                    row[f] *= up;
+                }
+            }
+            let w = &mut window[class * per_class..][..per_class];
+            w.copy_within(N_FEATURES.., 0);
+            w[per_class - N_FEATURES..].copy_from_slice(&row);
+        }
+        let (mut a, mut b) = ([0.0; 3], [0.0; 3]);
+        onnx.run(&window, &mut a).unwrap();
+        scan.run(&window, &mut b).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max((x - y).abs());
+            highest = highest.max(*y);
+        }
+        assert!(worst < 1e-5, "tick {tick}: ONNX {a:?}, Rust {b:?}");
+    }
+    // The series reached the tail, where agreement is worth checking.
+    assert!(highest > 0.9, "{highest}");
+    for class in 0..3 {
+        assert_eq!(
+            scan.baseline(class).unwrap().quantiles(),
+            onnx.baseline(class).unwrap().quantiles()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_scan_predictor_degrades_before_the_threshold_rule_without_onnx_runtime() {
+    // Needs no ONNX Runtime: runs everywhere.
+    leads_the_threshold_rule(ScanPredictor::new(), "the scan predictor").await;
+}
+
+/// The slow database from tick SLOW_FROM, `predictor` at the fixed 0.87: it must degrade the
+/// class at least 2 ticks before the threshold rule alone does, and not on healthy traffic.
+/// Returns the degrader and the predictor's and the rule's ticks.
+async fn leads_the_threshold_rule(
+    predictor: impl Predictor,
+    name: &str,
+) -> (Degrader, usize, usize) {
+    let (rule_tick, _) = slow_database(&shop(None::<OnnxPredictor>), SLOW_FROM).await;
+    let predicted = shop(Some(predictor));
+    let (tick, state) = slow_database(&predicted, SLOW_FROM).await;
+    eprintln!(
+        "slow database from tick {SLOW_FROM}: threshold rule degraded at tick {rule_tick}, \
+         {name} at tick {tick}: lead {} ticks",
+        rule_tick as i64 - tick as i64
+    );
+    assert!(tick > SLOW_FROM, "tripped on healthy traffic at {tick}");
+    assert_eq!(state, State::Degraded);
+    assert!(tick + 2 <= rule_tick, "{name} {tick}, rule {rule_tick}");
+    (predicted, tick, rule_tick)
+}
+
+/// The healthy ticks before the database slows down, in the fixed-threshold lead tests.
+const SLOW_FROM: usize = 80;
+
 async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
     let tick =
         slow_database_until(d, healthy, |d| d.state("stock").unwrap() != State::Closed).await;
@@ -360,7 +444,7 @@ async fn slow_database_until(
     panic!("the database recovered first");
 }
 
-fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
+fn shop(predictor: Option<impl Predictor>) -> Degrader {
     // The seed's fixed threshold: this test is about the model's lead, not the calibration.
     shop_with(
         predictor,
@@ -369,7 +453,7 @@ fn shop(predictor: Option<OnnxPredictor>) -> Degrader {
 }
 
 fn shop_with(
-    predictor: Option<OnnxPredictor>,
+    predictor: Option<impl Predictor>,
     breaker: tower_degrade::breaker::BreakerConfig,
 ) -> Degrader {
     let mut b = Degrader::builder("shop")
@@ -390,27 +474,11 @@ async fn the_bundled_model_degrades_before_the_threshold_rule() {
     if !runtime_present() {
         return;
     }
-    const HEALTHY: usize = 80;
-    let (rule_tick, _) = slow_database(&shop(None), HEALTHY).await;
-    let predicted = shop(Some(OnnxPredictor::bundled().unwrap()));
-    let (model_tick, state) = slow_database(&predicted, HEALTHY).await;
+    let (predicted, model_tick, rule_tick) =
+        leads_the_threshold_rule(OnnxPredictor::bundled().unwrap(), "the ONNX predictor").await;
     let status = predicted.status();
     let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
     assert!(stock.prediction.unwrap() >= 0.87, "{:?}", stock.prediction);
-    eprintln!(
-        "slow database from tick {HEALTHY}: threshold rule degraded at tick {rule_tick}, \
-         the ONNX predictor at tick {model_tick}: lead {} ticks",
-        rule_tick as i64 - model_tick as i64
-    );
-    assert!(
-        model_tick > HEALTHY,
-        "tripped on healthy traffic at {model_tick}"
-    );
-    assert_eq!(state, State::Degraded);
-    assert!(
-        model_tick + 2 <= rule_tick,
-        "model {model_tick}, rule {rule_tick}"
-    );
 
     // Its record, in a trial that changes nothing (MetricsOnly): one warning, confirmed by the
     // breach that followed it, with its lead.
@@ -421,7 +489,7 @@ async fn the_bundled_model_degrades_before_the_threshold_rule() {
         let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
         stock.prediction_record.unwrap()
     };
-    let breach_tick = slow_database_until(&trial, HEALTHY, |d| record(d).confirmed > 0).await;
+    let breach_tick = slow_database_until(&trial, SLOW_FROM, |d| record(d).confirmed > 0).await;
     let r = record(&trial);
     eprintln!("MetricsOnly trial: confirmed at tick {breach_tick}: {r:?}");
     assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
@@ -441,10 +509,22 @@ async fn the_calibrated_default_warns_of_a_slow_database_after_its_warm_up() {
     if !runtime_present() {
         return;
     }
+    calibrated_slow_database(OnnxPredictor::bundled().unwrap()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_scan_predictor_warns_of_a_slow_database_at_the_calibrated_default() {
+    // Needs no ONNX Runtime: runs everywhere.
+    calibrated_slow_database(ScanPredictor::new()).await;
+}
+
+/// The slow database after the shortest warm-up, `predictor` at the calibrated default: it
+/// must degrade the class before the threshold rule, and not on healthy traffic.
+async fn calibrated_slow_database(predictor: impl Predictor) {
     const HEALTHY: usize = 2_600;
-    let (rule_tick, _) = slow_database_at_once(&shop(None), HEALTHY).await;
+    let (rule_tick, _) = slow_database_at_once(&shop(None::<OnnxPredictor>), HEALTHY).await;
     let d = shop_with(
-        Some(OnnxPredictor::bundled().unwrap()),
+        Some(predictor),
         tower_degrade::breaker::BreakerConfig::default()
             .predict_calibrated(Calibration::default().warm_up_ticks(2_500)),
     );
@@ -474,7 +554,8 @@ async fn a_benign_latency_rise_costs_the_calibrated_default_one_false_alarm_at_m
     if !runtime_present() {
         return;
     }
-    let (trips, degraded_ticks, r) = benign_rise(Traffic::Regular).await;
+    let (trips, degraded_ticks, r) =
+        benign_rise(OnnxPredictor::bundled().unwrap(), Traffic::Regular).await;
     assert!(trips <= 1, "{trips} trips");
     assert_eq!((r.confirmed, r.missed), (0, 0), "{r:?}");
     assert_eq!(r.false_alarms as usize, trips, "{r:?}");
@@ -491,18 +572,36 @@ async fn a_benign_latency_rise_on_noisy_traffic_does_not_trip_the_calibrated_def
     if !runtime_present() {
         return;
     }
-    let (trips, degraded_ticks, r) = benign_rise(Traffic::Noisy).await;
+    let (trips, degraded_ticks, r) =
+        benign_rise(OnnxPredictor::bundled().unwrap(), Traffic::Noisy).await;
     assert_eq!((trips, degraded_ticks), (0, 0), "{r:?}");
     assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_benign_latency_rise_costs_the_scan_predictor_what_it_costs_the_bundled_model() {
+    // Needs no ONNX Runtime: runs everywhere. The same bounds as the two tests above.
+    let (trips, degraded_ticks, r) = benign_rise(ScanPredictor::new(), Traffic::Regular).await;
+    assert!(trips <= 1, "{trips} trips");
+    assert_eq!((r.confirmed, r.missed), (0, 0), "{r:?}");
+    assert!(
+        degraded_ticks <= tower_degrade::breaker::FALSE_ALARM_TICKS as usize + 2,
+        "degraded for {degraded_ticks} ticks"
+    );
+    let (trips, degraded_ticks, r) = benign_rise(ScanPredictor::new(), Traffic::Noisy).await;
+    assert_eq!((trips, degraded_ticks), (0, 0), "{r:?}");
+}
+
 /// A class calibrated on 2,600 healthy ticks of `traffic`, then 400 ticks 12 % slower: how
 /// many times it left Closed after the change, for how many ticks in all, and its record.
-async fn benign_rise(traffic: Traffic) -> (usize, usize, PredictionRecord) {
+async fn benign_rise(
+    predictor: impl Predictor,
+    traffic: Traffic,
+) -> (usize, usize, PredictionRecord) {
     const HEALTHY: usize = 2_600;
     const AFTER: usize = 400;
     let d = shop_with(
-        Some(OnnxPredictor::bundled().unwrap()),
+        Some(predictor),
         tower_degrade::breaker::BreakerConfig::default()
             .predict_calibrated(Calibration::default().warm_up_ticks(2_500)),
     );
