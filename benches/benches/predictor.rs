@@ -7,16 +7,20 @@
 //! baseline's upkeep (each class's newest tick learnt, the quantiles reselected every 64 ticks
 //! over a full history of 4,096) and the second input, beside the same tiny graph's cost.
 //!
-//! Needs ONNX Runtime's library (`pip install onnxruntime==1.31.1`); without it the bench says
-//! so and measures nothing.
+//! And `ScanPredictor`, the bundled model's anchor computed in Rust (no ONNX Runtime), for 1
+//! and 100 classes, each class's long baseline full (4,096 healthy ticks).
+//!
+//! The ONNX rows need ONNX Runtime's library (`pip install onnxruntime==1.31.1`); without it
+//! the bench says so and measures `ScanPredictor` alone.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
-use tower_degrade::predict::{N_FEATURES, WINDOW};
-use tower_degrade_ai::OnnxPredictor;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use tower_degrade::predict::{N_FEATURES, Predictor, WINDOW};
 use tower_degrade_ai::baseline::{Baseline, HISTORY};
+use tower_degrade_ai::{OnnxPredictor, ScanPredictor};
 
 fn input(batch: usize) -> Vec<f32> {
     (0..batch * WINDOW * N_FEATURES)
@@ -29,12 +33,12 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 /// One row of the percentile table: `calls` single calls of `p` on `x`, timed one by one.
-fn tail(name: &str, p: &mut OnnxPredictor, x: &[f32], calls: usize) -> String {
+fn tail(name: &str, p: &mut dyn Predictor, x: &[f32], calls: usize) -> String {
     let mut out = vec![0.0f32; x.len() / (WINDOW * N_FEATURES)];
     let mut samples: Vec<Duration> = (0..calls)
         .map(|_| {
             let t = Instant::now();
-            p.run(black_box(x), &mut out).unwrap();
+            p.predict(black_box(x), &mut out).unwrap();
             t.elapsed()
         })
         .collect();
@@ -54,29 +58,66 @@ fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// `p` on a batch of `batch` classes: criterion's mean (as "batch N" in `group`), then single
+/// calls timed one by one (`tail`), whose row, labelled `label`, is returned.
+fn time_batch(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    label: &str,
+    p: &mut dyn Predictor,
+    batch: usize,
+) -> String {
+    let x = input(batch);
+    let mut out = vec![0.0f32; batch];
+    group.bench_function(format!("batch {batch}"), |b| {
+        b.iter(|| p.predict(black_box(&x), &mut out).unwrap())
+    });
+    tail(
+        &format!("{label}, batch {batch}"),
+        p,
+        &x,
+        20_000 / batch.max(10) * 10,
+    )
+}
+
+/// The percentile table, printed and written to `target/criterion/predictor-percentiles.md`.
+fn write_table(rows: &[String]) {
+    let table = format!(
+        "| predictor | calls | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n{}\n",
+        rows.join("\n")
+    );
+    println!("\n{table}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join("predictor-percentiles.md"), table);
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    let mut rows = Vec::new();
+    let x100 = input(100);
+    // The anchor in Rust, each class's baseline full first.
+    let mut group = c.benchmark_group("scan_predictor");
+    for batch in [1usize, 100] {
+        let mut s = ScanPredictor::new();
+        let x = input(batch);
+        let mut out = vec![0.0f32; batch];
+        for _ in 0..HISTORY {
+            s.run(&x, &mut out).unwrap();
+        }
+        rows.push(time_batch(&mut group, "scan", &mut s, batch));
+    }
+    group.finish();
     let mut p = match OnnxPredictor::bundled() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("predictor bench skipped: {e}");
+            eprintln!("the ONNX predictor's rows skipped: {e}");
+            write_table(&rows);
             return;
         }
     };
-    let mut rows = Vec::new();
-    let x100 = input(100);
     let mut group = c.benchmark_group("onnx_predictor");
     for batch in [1usize, 100] {
-        let x = input(batch);
-        let mut out = vec![0.0f32; batch];
-        group.bench_function(format!("batch {batch}"), |b| {
-            b.iter(|| p.run(black_box(&x), &mut out).unwrap())
-        });
-        rows.push(tail(
-            &format!("batch {batch}"),
-            &mut p,
-            &x,
-            20_000 / batch.max(10) * 10,
-        ));
+        rows.push(time_batch(&mut group, "bundled model", &mut p, batch));
     }
     // The long baseline: its upkeep alone (100 classes' baselines learning one tick, staggered
     // as OnnxPredictor staggers them), and a two-input model end to end (the fixture's graph
@@ -113,15 +154,7 @@ fn bench(c: &mut Criterion) {
         rows.push(tail(name, &mut m, &x100, 6_400));
     }
     group.finish();
-    let table = format!(
-        "| onnx_predictor | calls | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n{}\n",
-        rows.join("\n")
-    );
-    println!("\n{table}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let _ = std::fs::write(dir.join("predictor-percentiles.md"), table);
-    }
+    write_table(&rows);
 }
 
 criterion_group!(benches, bench);
