@@ -23,18 +23,33 @@ struct Server {
 }
 
 impl Server {
+    /// A server on a free port. The port is found by binding port 0 and letting it go, so a
+    /// test running alongside may be handed the same one: then one server fails to bind and
+    /// exits, and both tests would talk to the other. So the server answering must be this
+    /// process (`INFO`'s `process_id`), or another port is tried.
     fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self::on(port, dir)
+        for _ in 0..20 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Some(server) = Self::try_on(port, dir) {
+                return server;
+            }
+        }
+        panic!("no free port for redis-server in 20 tries");
     }
 
+    /// A server on `port` (a stopped one's, to restart it), which must be this process.
     fn on(port: u16, dir: PathBuf) -> Server {
+        Self::try_on(port, dir)
+            .unwrap_or_else(|| panic!("redis-server did not start on port {port}"))
+    }
+
+    fn try_on(port: u16, dir: PathBuf) -> Option<Server> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -54,14 +69,17 @@ impl Server {
                 "redis-server must be installed (Debian's redis-server; scripts/test installs it)",
             );
         // Waited for when the server is dropped (or killed).
-        let server = Server { child, port, dir };
+        let mut server = Server { child, port, dir };
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
+            if let Some(pid) = serving_pid(port) {
+                return (pid == server.child.id()).then_some(server);
+            }
+            if server.child.try_wait().ok().flatten().is_some() {
+                return None; // it exited: the port was taken
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server did not start on port {port}");
+        None
     }
 
     fn url(&self) -> String {
@@ -81,6 +99,37 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn a_port_another_server_holds_is_not_taken_for_a_new_ones() {
+    // What `Server::start` guards against when two tests are handed the same free port.
+    let first = Server::start();
+    let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(Server::try_on(first.port, dir).is_none());
+    assert_eq!(serving_pid(first.port), Some(first.child.id()));
+}
+
+/// The process id of the redis-server answering on `port` (`INFO server`), if one answers.
+fn serving_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    conn.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !reply.ends_with(b"\r\n\r\n") {
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn store(server: &Server, consumer: &str) -> RedisStore {
