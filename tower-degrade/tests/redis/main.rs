@@ -15,6 +15,11 @@ use tower_degrade::fallback::{
 };
 use tower_degrade::{ClassConfig, Degrader, Route};
 
+/// Every port a server of this test binary was started on: kept, so that a stopped server's
+/// port stays its own for a restart.
+static PORTS: Mutex<std::collections::BTreeSet<u16>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
 /// A `redis-server` with its append-only file synced on every write, in its own directory.
 struct Server {
     child: Child,
@@ -24,9 +29,11 @@ struct Server {
 
 impl Server {
     /// A server on a free port. The port is found by binding port 0 and letting it go, so a
-    /// test running alongside may be handed the same one: then one server fails to bind and
-    /// exits, and both tests would talk to the other. So the server answering must be this
-    /// process (`INFO`'s `process_id`), or another port is tried.
+    /// test running alongside may be handed the same one, or the port of a server another
+    /// test stopped and is about to restart: then one server fails to bind and exits, and
+    /// both tests would talk to the other. So no port is used twice in this process (PORTS),
+    /// and the server answering must be this child (`INFO`'s `process_id`), or another port is
+    /// tried.
     fn start() -> Server {
         for _ in 0..20 {
             let port = TcpListener::bind("127.0.0.1:0")
@@ -34,6 +41,9 @@ impl Server {
                 .local_addr()
                 .unwrap()
                 .port();
+            if !PORTS.lock().unwrap().insert(port) {
+                continue;
+            }
             let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
             std::fs::create_dir_all(&dir).unwrap();
             if let Some(server) = Self::try_on(port, dir) {
