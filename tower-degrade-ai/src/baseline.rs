@@ -23,7 +23,7 @@
 //! It runs on the predictor's thread, once per tick: per class, every 64 ticks, five selections
 //! over at most 4,096 values per feature, and 128 KiB of history.
 
-use tower_degrade::predict::N_FEATURES;
+use tower_degrade::predict::{N_FEATURES, WINDOW};
 
 /// The quantiles of each feature the baseline holds, in input order.
 pub const QUANTILES: [f64; N_QUANTILES] = [0.01, 0.25, 0.5, 0.75, 0.99];
@@ -140,6 +140,41 @@ impl Baseline {
             chunk.copy_from_slice(row);
         }
     }
+}
+
+/// That `input` is `[batch, 64, 8]`, as a predictor's tick passes it.
+pub(crate) fn check_batch(input: &[f32], batch: usize) -> Result<(), crate::Error> {
+    if input.len() != batch * WINDOW * N_FEATURES {
+        return Err(crate::Error::Inference(format!(
+            "input holds {} values, expected {batch} x {WINDOW} x {N_FEATURES}",
+            input.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What both predictors do first on a tick: check that `input` is `[batch, 64, 8]`, give each
+/// new batch row a baseline (row `i` the phase `i`), and with `learn`, learn each row's newest
+/// tick into its row's baseline (not on a warm-up's dummy batch).
+pub(crate) fn learn_batch(
+    baselines: &mut Vec<Baseline>,
+    input: &[f32],
+    batch: usize,
+    learn: bool,
+) -> Result<(), crate::Error> {
+    check_batch(input, batch)?;
+    while baselines.len() < batch {
+        baselines.push(Baseline::with_phase(baselines.len() as u64));
+    }
+    if learn {
+        for (window, b) in input.chunks_exact(WINDOW * N_FEATURES).zip(baselines) {
+            let newest = window[(WINDOW - 1) * N_FEATURES..]
+                .try_into()
+                .expect("N_FEATURES values");
+            b.observe(newest);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

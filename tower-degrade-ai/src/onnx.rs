@@ -7,7 +7,9 @@ use ort::value::TensorRef;
 use tower_degrade::BoxError;
 use tower_degrade::predict::{FEATURES, N_FEATURES, Predictor, WINDOW};
 
-use crate::baseline::{BASELINE_INPUT, BASELINE_KEY, BASELINE_VALUE, Baseline, N_QUANTILES};
+use crate::baseline::{
+    BASELINE_INPUT, BASELINE_KEY, BASELINE_VALUE, Baseline, N_QUANTILES, check_batch, learn_batch,
+};
 use crate::{Error, runtime};
 
 /// The input the model must take: `[batch, 64, 8]` float32. A model may take a second,
@@ -391,11 +393,8 @@ impl OnnxPredictor {
 
     fn infer(&mut self, input: &[f32], out: &mut [f32], learn: bool) -> Result<(), Error> {
         let batch = out.len();
-        if input.len() != batch * WINDOW * N_FEATURES {
-            return Err(Error::Inference(format!(
-                "input holds {} values, expected {batch} x {WINDOW} x {N_FEATURES}",
-                input.len()
-            )));
+        if self.baselines.is_none() {
+            check_batch(input, batch)?;
         }
         let inference = |e: ort::Error| Error::Inference(e.to_string());
         let tensor =
@@ -403,19 +402,10 @@ impl OnnxPredictor {
         let outputs = match &mut self.baselines {
             None => self.session.run(ort::inputs![tensor]),
             Some(baselines) => {
-                while baselines.len() < batch {
-                    baselines.push(Baseline::with_phase(baselines.len() as u64));
-                }
+                learn_batch(baselines, input, batch, learn)?;
                 let per_class = N_QUANTILES * N_FEATURES;
                 self.baseline_input.resize(batch * per_class, 0.0);
-                for (class, b) in baselines.iter_mut().take(batch).enumerate() {
-                    if learn {
-                        let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
-                        let row = input[newest..newest + N_FEATURES]
-                            .try_into()
-                            .expect("N_FEATURES values");
-                        b.observe(row);
-                    }
+                for (class, b) in baselines.iter().take(batch).enumerate() {
                     b.write(&mut self.baseline_input[class * per_class..][..per_class]);
                 }
                 let base = TensorRef::from_array_view((

@@ -3,7 +3,7 @@
 use tower_degrade::BoxError;
 use tower_degrade::predict::{N_FEATURES, Predictor, WINDOW};
 
-use crate::baseline::{Baseline, N_QUANTILES};
+use crate::baseline::{Baseline, N_QUANTILES, learn_batch};
 
 /// The ticks the scan sums over: each channel's last 1, 3 and 8 ticks (`model.ZSNet.SCALES`).
 const SCALES: [usize; 3] = [1, 3, 8];
@@ -30,8 +30,8 @@ const SHIFT: f32 = -0.581_353_96;
 /// from the baseline's median in units of its spread, times the square root of the ticks
 /// summed, the largest over the features and the three lengths. A learnt head then moves that
 /// score within a bound. Trained without the dataset it was scored on (the leave-one-dataset-out
-/// evaluation, `docs/predictor-lodo.md`, *What training adds*), the head added at most an
-/// incident or two per dataset and, at equal false trips, one: on a service the model has
+/// evaluation, `docs/predictor-lodo.md`, *What training adds*), the head added at most three
+/// incidents per dataset and, within the same false-trip budget, one: on a service the model has
 /// not seen, the anchor is what warns. This predictor is that anchor alone, mapped to a
 /// probability with the bundled model's constants (its head's correction at 0). The
 /// calibrated default threshold, which reads only the order of a class's scores, learns the
@@ -94,12 +94,6 @@ impl ScanPredictor {
 
     fn score(&mut self, input: &[f32], out: &mut [f32], learn: bool) -> Result<(), crate::Error> {
         let batch = out.len();
-        if input.len() != batch * WINDOW * N_FEATURES {
-            return Err(crate::Error::Inference(format!(
-                "input holds {} values, expected {batch} x {WINDOW} x {N_FEATURES}",
-                input.len()
-            )));
-        }
         // Checked before any baseline learns, so that a refused batch changes nothing.
         let read = (WINDOW - LAST) * N_FEATURES;
         if let Some((row, v)) = input
@@ -111,22 +105,14 @@ impl ScanPredictor {
                 "batch row {row}: a feature of its last {LAST} ticks is {v}, not a finite number"
             )));
         }
-        while self.baselines.len() < batch {
-            self.baselines
-                .push(Baseline::with_phase(self.baselines.len() as u64));
-        }
+        learn_batch(&mut self.baselines, input, batch, learn)?;
+        let a = LOG_A.exp();
         for ((window, o), b) in input
             .chunks_exact(WINDOW * N_FEATURES)
             .zip(out.iter_mut())
-            .zip(&mut self.baselines)
+            .zip(&self.baselines)
         {
-            if learn {
-                let newest = window[(WINDOW - 1) * N_FEATURES..]
-                    .try_into()
-                    .expect("N_FEATURES values");
-                b.observe(newest);
-            }
-            let logit = (LOG_A.exp() * anchor(window, b.quantiles()) + B) * SCALE + SHIFT;
+            let logit = (a * anchor(window, b.quantiles()) + B) * SCALE + SHIFT;
             *o = 1.0 / (1.0 + (-logit).exp());
         }
         Ok(())

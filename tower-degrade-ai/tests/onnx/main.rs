@@ -325,9 +325,6 @@ fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
     }
 }
 
-/// Twenty calls a tick to `stock` (SLA 200 ms): `healthy` ticks at 40-55 ms, then a database
-/// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
-/// the class left Closed, and its state then.
 #[test]
 fn the_scan_predictor_is_the_bundled_model_with_its_head_at_zero() {
     if !runtime_present() {
@@ -423,6 +420,9 @@ async fn leads_the_threshold_rule(
 /// The healthy ticks before the database slows down, in the fixed-threshold lead tests.
 const SLOW_FROM: usize = 80;
 
+/// Twenty calls a tick to `stock` (SLA 200 ms): `healthy` ticks at 40-55 ms, then a database
+/// that slows 15 % a tick; past twice the SLA, calls start failing. Returns the tick at which
+/// the class left Closed, and its state then.
 async fn slow_database(d: &Degrader, healthy: usize) -> (usize, State) {
     let tick =
         slow_database_until(d, healthy, |d| d.state("stock").unwrap() != State::Closed).await;
