@@ -15,10 +15,25 @@ use tower_degrade::fallback::{
 };
 use tower_degrade::{ClassConfig, Degrader, Route};
 
-/// Every port a server of this test binary was started on: kept, so that a stopped server's
-/// port stays its own for a restart.
+/// Every port a test of this binary was given (`reserve_port`): kept, so that a stopped
+/// server's port stays its own for a restart.
 static PORTS: Mutex<std::collections::BTreeSet<u16>> =
     Mutex::new(std::collections::BTreeSet::new());
+
+/// A free port no other test of this binary has had (bound at 0 and let go, then recorded in
+/// PORTS).
+fn reserve_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if PORTS.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
 
 /// A `redis-server` with its append-only file synced on every write, in its own directory.
 struct Server {
@@ -36,14 +51,7 @@ impl Server {
     /// tried.
     fn start() -> Server {
         for _ in 0..20 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if !PORTS.lock().unwrap().insert(port) {
-                continue;
-            }
+            let port = reserve_port();
             let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
             std::fs::create_dir_all(&dir).unwrap();
             if let Some(server) = Self::try_on(port, dir) {
@@ -328,11 +336,8 @@ async fn acknowledged_appends_survive_a_killed_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Reserved, so that no server of a test alongside starts on it.
+    let port = reserve_port();
     let unreachable = || {
         RedisStore::builder(format!("redis://127.0.0.1:{port}"))
             .timeout(Duration::from_millis(300))
