@@ -107,16 +107,18 @@ BUNDLED = os.path.join(os.path.dirname(FIXTURES), "..", "models", "p_anomaly.onn
 HEAD = ("net.skip.", "net.mlp.")
 
 
-def anchor():
-    """The bundled model with every weight of its learnt head at 0 (as model.anchor_alone): its
-    score is then sigmoid((exp(log_a) anchor + b) scale + shift), what ScanPredictor computes."""
+def silence_head(path: str):
+    """The anchored model at `path` (ONNX) with every weight of its learnt head at 0 (the
+    initializers named HEAD*): its score is then sigmoid((exp(log_a) anchor + b) scale + shift),
+    a fixed increasing function of the anchor alone. `lodo.py` scores each fold's model so
+    beside the model; `anchor.onnx` is the bundled model so, which ScanPredictor computes."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
-    m = onnx.load(os.path.normpath(BUNDLED))
+    m = onnx.load(path)
     heads = [i for i in m.graph.initializer if i.name.startswith(HEAD)]
     if not heads:
-        raise ValueError(f"{BUNDLED}: no initializer named {' or '.join(HEAD)}*: not an anchored model")
+        raise ValueError(f"{path}: no initializer named {' or '.join(HEAD)}*: not an anchored model")
     for init in heads:
         init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
     return m
@@ -137,7 +139,7 @@ def fixtures() -> dict:
         "baseline.onnx": with_baseline(),
         "baseline_undeclared.onnx": with_baseline(declared=False),
         "out_of_range.onnx": out_of_range(),
-        "anchor.onnx": anchor(),
+        "anchor.onnx": silence_head(os.path.normpath(BUNDLED)),
     }
 
 

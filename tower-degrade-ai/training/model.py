@@ -375,24 +375,6 @@ def build(arch: str) -> nn.Module:
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
 
 
-def anchor_alone(arch: str) -> nn.Module:
-    """The network named `arch` (one with an anchor: ZANet and the recipes built on it) with its
-    learnt head silenced: every weight of the head 0, so its correction tanh(g) is 0 and the
-    score a fixed increasing function of the anchor (`prior`) alone. It ranks every step as the
-    anchor does, so scored beside the trained network it shows what training added (`lodo.py`'s
-    "anchor alone" rows). The anchor is untrained: the same as a trained network's for every
-    recipe but `zsw`, whose anchor learns its channel factors (here all 1, `zsl`'s)."""
-    net = build(arch)
-    if not isinstance(net, ZANet):
-        raise ValueError(f"--arch {arch} has no anchor (expected one of "
-                         f"{', '.join(a for a in ARCHS if isinstance(build(a), ZANet))})")
-    with torch.no_grad():
-        for layer in (net.skip, net.mlp):
-            for p in layer.parameters():
-                p.zero_()
-    return net
-
-
 def export(net: nn.Module, path: str) -> None:
     """Write `net` to `path` as ONNX, its input features named in the file's metadata
     (`features.METADATA_KEY`; `OnnxPredictor` checks them against the Rust list), and for a

@@ -39,14 +39,28 @@ class AnchoredHead(unittest.TestCase):
         self.assertLessEqual(float(off.abs().max()), self.model.ZANet.BOUND + 1e-5)
         self.assertGreater(float(off.abs().max()), 0.5 * self.model.ZANet.BOUND)  # the head does act
 
-    def test_the_anchor_alone_scores_the_anchor_and_nothing_the_head_learnt(self):
-        alone = self.model.anchor_alone(self.arch)
-        x = self.inputs()
+    def test_its_onnx_file_with_the_head_silenced_scores_the_anchor_alone(self):
+        # make_fixtures.silence_head, as lodo.py and the ScanPredictor fixture use it: the
+        # exported network (its head far from 0 here) with the head's weights at 0.
+        import onnxruntime as ort
+
+        import make_fixtures
+        x = self.inputs(64)
+        net = self.net
         with self.torch.no_grad():
-            want = self.torch.exp(alone.log_a) * alone.prior(x) + alone.b
-            self.assertEqual(float((alone.logit(x) - want).abs().max()), 0.0)
-            # the same anchor as the trained network's (whose head is far from 0 here)
-            self.assertTrue(self.torch.equal(alone.prior(x), self.net.prior(x)))
+            want = self.torch.sigmoid((self.torch.exp(net.log_a) * net.prior(x) + net.b) * net.scale
+                                      + net.shift)[:, 0].numpy()
+            trained = net(x)[:, 0].numpy()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.onnx")
+            self.model.export(net, path)
+            silent = os.path.join(d, "silent.onnx")
+            with open(silent, "wb") as f:
+                f.write(make_fixtures.silence_head(path).SerializeToString())
+            s = ort.InferenceSession(silent, providers=["CPUExecutionProvider"])
+            got = s.run(None, {"window": x[:, :64].numpy(), "baseline": x[:, 64:].numpy()})[0][:, 0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        self.assertGreater(np.abs(trained - want).max(), 1e-3)  # the head did act before
 
     def test_steps_whose_z_scores_are_far_apart_keep_their_order(self):
         x = self.inputs()
@@ -140,11 +154,12 @@ class AnchoredScanWeighedByChannel(AnchoredScan):
 
 
 class NoAnchor(unittest.TestCase):
-    @unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
-    def test_a_recipe_without_an_anchor_has_no_anchor_alone(self):
-        import model
-        with self.assertRaisesRegex(ValueError, "--arch conv has no anchor .*zsl"):
-            model.anchor_alone("conv")
+    @unittest.skipUnless(importlib.util.find_spec("onnx") is not None, "needs the onnx package")
+    def test_a_model_without_the_anchored_head_is_refused_naming_the_file(self):
+        import make_fixtures
+        path = os.path.join(make_fixtures.FIXTURES, "baseline.onnx")
+        with self.assertRaisesRegex(ValueError, "baseline.onnx: no initializer named net.skip."):
+            make_fixtures.silence_head(path)
 
 
 if __name__ == "__main__":

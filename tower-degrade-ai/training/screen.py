@@ -1,0 +1,136 @@
+"""Fixed statistics of the long baseline scored as detectors, under evaluate.py's rules: which
+kind of deviation ranks each dataset's incidents (`docs/predictor-lodo.md`, *What training
+adds*). Nothing here is trained, so every dataset is held out.
+
+    python screen.py --data PUBLIC_TRACES_DIR [--seed 7]
+
+Each statistic is computed per tick from the class's long baseline (baseline.py) on the log1p
+scale, each channel's distance from the baseline's median in units of a spread, oriented so
+that higher is worse (success enters as a failure), the largest over the channels:
+
+- `spike`: the last tick's two-sided distance (what `za`'s anchor read);
+- `scan`: the bundled model's anchor (model.ZSNet.prior, without its padding rule: a series
+  is scored from its first tick), the mean over the last 1, 3 and 8 ticks times sqrt(k);
+- `held`: the least of the last 3 ticks' oriented distances (a deviation that holds);
+- `... tail`: the spread taken from the bad tail, (q99 - q50) / 2.33, instead of the IQR;
+- `max(a, c held)`: the larger of two, c weighing the held deviation;
+- `median of 3`: the middle of the last 3 ticks' oriented distances;
+- `held, own baseline`: the held level (the best of the last 3 ticks, per channel) against a
+  baseline kept of that level itself.
+
+For each, at most 1 false trip a day, headline horizon, k = 1: early recall and false trips a
+day on the test part with the threshold chosen on validation, then early recall with the
+threshold chosen on the test part itself (evaluate.ranking_check_rows' oracle, the same for
+all). The classical baselines are scored beside them.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import baseline
+import datasets
+import evaluate
+import simulate
+from features import N_FEATURES, SUCCESS
+from traces import headline_horizon
+
+SIGN = np.ones(N_FEATURES)
+SIGN[SUCCESS] = -1.0  # success: lower is worse
+
+
+def _z(X: np.ndarray, spread: str = "iqr") -> np.ndarray:
+    """[T, 8] distances from the long baseline's median, log1p scale, oriented."""
+    xl = np.log1p(np.clip(X.astype(np.float64), 0, None))
+    q = np.log1p(np.clip(baseline.series(X).astype(np.float64), 0, None))  # [T, 5, 8]
+    if spread == "iqr":  # model.baseline_spread
+        scale = (q[:, 3] - q[:, 1]) / 1.349 + 0.05 * (q[:, 4] - q[:, 0]) + 1e-3
+    else:  # the bad tail's reach
+        scale = np.where(SIGN > 0, q[:, 4] - q[:, 2], q[:, 2] - q[:, 0]) / 2.33 + 1e-3
+    return (xl - q[:, 2]) / scale * SIGN
+
+
+def _last(z: np.ndarray, j: int) -> np.ndarray:
+    """z shifted j ticks later (the first j ticks repeat the first)."""
+    return np.vstack([np.repeat(z[:1], j, axis=0), z[:-j]]) if j else z
+
+
+def held(z):
+    return np.minimum(np.minimum(z, _last(z, 1)), _last(z, 2)).max(axis=1)
+
+
+def median3(z):
+    a, b, c = z, _last(z, 1), _last(z, 2)
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c)).max(axis=1)
+
+
+def spike(z):
+    return np.abs(z).max(axis=1)
+
+
+def scan(z):
+    c = np.cumsum(np.vstack([np.zeros((1, z.shape[1])), z]), axis=0)
+    best = np.abs(z).max(axis=1)
+    for k in (3, 8):
+        s = np.empty_like(z)
+        s[k - 1:] = (c[k:] - c[:-k]) / np.sqrt(k)
+        s[:k - 1] = (c[1:k] - c[0]) / np.sqrt(np.arange(1, k))[:, None]
+        best = np.maximum(best, np.abs(s).max(axis=1))
+    return best
+
+
+def held_own_baseline(X):
+    """The best of the last 3 ticks per channel (the held level), against a baseline of it."""
+    a, b, c = X, _last(X, 1), _last(X, 2)
+    lo, hi = np.minimum(np.minimum(a, b), c), np.maximum(np.maximum(a, b), c)
+    level = np.where(SIGN > 0, lo, hi).astype(np.float32)
+    return _z(level).max(axis=1)
+
+
+def statistics() -> dict:
+    """Name -> function of a trace's features [T, 8]."""
+    def of(f, spread="iqr"):
+        return lambda X: f(_z(X, spread))
+    out = {"spike": of(spike), "scan (the bundled anchor)": of(scan), "held": of(held),
+           "held, tail": of(held, "tail"), "spike, tail": of(spike, "tail"),
+           "median of 3": of(median3), "held, own baseline": held_own_baseline}
+    for c in (1.5, 2.0, 3.0):
+        out[f"max(spike, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(spike(z), c * held(z)))(_z(X))
+        out[f"max(scan, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(scan(z), c * held(z)))(_z(X))
+    return out
+
+
+def score(traces, val, f) -> tuple:
+    """(early recall, false trips/day) with the validation threshold, and the ranking check's
+    early recall; at most 1 false trip a day, headline horizon, k = 1."""
+    H = headline_horizon(traces[0].step_seconds)
+    sc = [f(t) for t in traces]
+    vt, vs = (traces, sc) if val is None else (val, [f(t) for t in val])
+    r = evaluate.run_part(traces, sc, "test", evaluate.choose_threshold(vt, vs, H, 1.0), H).summary()
+    rc = evaluate.run_part(traces, sc, "test",
+                           evaluate.choose_threshold(traces, sc, H, 1.0, part="test"), H).summary()
+    return r["recall_early"], r["false_trips_per_day"], rc["recall_early"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="directory holding nab/, nezha/ and smd_subset/")
+    ap.add_argument("--seed", type=int, default=7, help="the simulator's seed")
+    a = ap.parse_args()
+    sim = simulate.dataset(a.seed)
+    pub = datasets.load(a.data)
+    sets = {"simulated": ([t for t in sim if t.test_from == 0], [t for t in sim if t.val_from < t.test_from]),
+            **{n: (pub[n], None) for n in ("nab", "nezha", "smd")}}
+    dets = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}
+    dets.update({k: f for k, f in evaluate.BASELINES.items() if k not in evaluate.FIXED})
+    print("| statistic | " + " | ".join(sets) + " |")
+    print("|---|" + "---|" * len(sets))
+    for name, f in dets.items():
+        cells = [score(trs, val, f) for trs, val in sets.values()]
+        print(f"| {name} | " + " | ".join(f"{e:.3f} at {d:.2f}/day, ranking check {c:.3f}"
+                                         for e, d, c in cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
