@@ -1,8 +1,8 @@
 //! The long baseline a model may take as a second input.
 //!
-//! A window holds [`WINDOW`](tower_degrade::predict::WINDOW) ticks: a model that takes each
-//! feature's baseline from them compares a class with its last half minute, not with what the
-//! service usually looks like, and misses a slow leak that began before the window. So
+//! A window holds [`WINDOW`] ticks: a model that takes each feature's baseline from them
+//! compares a class with its last half minute, not with what the service usually looks like,
+//! and misses a slow leak that began before the window. So
 //! [`OnnxPredictor`](crate::OnnxPredictor) keeps, per class, a [`Baseline`]: each feature's
 //! quantiles ([`QUANTILES`]) over the class's last [`HISTORY`] healthy ticks (those the seed
 //! rule does not flag: success rate at least 92 %, or p99 within the SLA), recomputed every
