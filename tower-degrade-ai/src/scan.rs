@@ -35,9 +35,9 @@ const SHIFT: f32 = -0.581_353_96;
 /// not seen, the anchor is what warns. This predictor is that anchor alone, mapped to a
 /// probability with the bundled model's constants (its head's correction at 0). The
 /// calibrated default threshold, which reads only the order of a class's scores, learns the
-/// anchor's ranking; the fixed 0.87 trips more often than with the bundled model on the
-/// 500 ms traces the model was trained for, where the head damps single-tick spikes
-/// (`docs/predictor.md`, *Without ONNX Runtime*).
+/// anchor's ranking; at the fixed 0.87 it tripped more often than the bundled model on the
+/// 500 ms recordings the model was trained for (four false trips where the head made one,
+/// `docs/predictor.md`, *Without ONNX Runtime*).
 ///
 /// Each batch row keeps its class's long baseline, as the bundled model's does: rows are
 /// classes, in the same order every call. A tick costs a few hundred floating-point operations
@@ -45,7 +45,7 @@ const SHIFT: f32 = -0.581_353_96;
 /// most 4,096 values per feature); nothing is allocated once every class's history holds its
 /// 4,096 healthy ticks. A window whose last 8 ticks hold a value that is not finite is an
 /// error (the runtime's features never are), as a model's answer that is not a probability
-/// is for [`OnnxPredictor`](crate::OnnxPredictor): the tick then keeps no prediction.
+/// is for [`OnnxPredictor`](crate::OnnxPredictor): no class then has a prediction that tick.
 ///
 /// ```
 /// use tower_degrade::{ClassConfig, Degrader, predict::PredictorConfig};
