@@ -16,7 +16,11 @@ that higher is worse (success enters as a failure), the largest over the channel
 - `max(a, c held)`: the larger of two, c weighing the held deviation;
 - `median of 3`: the middle of the last 3 ticks' oriented distances;
 - `held, own baseline`: the held level (the best of the last 3 ticks, per channel) against a
-  baseline kept of that level itself.
+  baseline kept of that level itself;
+- `... against its own history`: the statistic itself read against the class's own history of
+  it, (s - median) / (q99 - median) of its values on the last HISTORY healthy ticks before
+  this one, refreshed every REFRESH ticks as the long baseline is (0 until 64 such ticks);
+  `max(...)` of two such is a mixture whose parts each trip about as often on every series.
 
 For each, at most 1 false trip a day, headline horizon, k = 1: early recall and false trips a
 day on the test part with the threshold chosen on validation, then early recall with the
@@ -88,6 +92,35 @@ def held_own_baseline(X):
     return _z(level).max(axis=1)
 
 
+def against_history(s: np.ndarray, healthy: np.ndarray, least: int = 64) -> np.ndarray:
+    """[T]: each tick's s in units of its own history's upper spread, (s - q50) / (q99 - q50)
+    over the last HISTORY healthy ticks before it, recomputed every tick for the first REFRESH
+    and then every REFRESH ticks (as baseline.series); 0 until `least` healthy ticks."""
+    T = len(s)
+    out = np.zeros(T)
+    pos = np.flatnonzero(healthy)
+    before = np.concatenate([[0], np.cumsum(healthy)[:-1]])  # healthy ticks before t
+    mid = hi = None
+    for t in range(T):
+        if t < baseline.REFRESH or t % baseline.REFRESH == 0:
+            n = int(before[t])
+            if n >= least:
+                v = np.sort(s[pos[max(0, n - baseline.HISTORY):n]])
+                mid, hi = v[(len(v) - 1) // 2], v[int(0.99 * (len(v) - 1))]
+        if mid is not None:
+            out[t] = (s[t] - mid) / max(hi - mid, 1e-3)
+    return out
+
+
+def own_history(*parts):
+    """max over (statistic, spread) parts, each against its own history (against_history)."""
+    def f(X):
+        h = baseline.healthy(X)
+        z = {sp: _z(X, sp) for sp in {sp for _, sp in parts}}
+        return np.max([against_history(g(z[sp]), h) for g, sp in parts], axis=0)
+    return f
+
+
 def statistics() -> dict:
     """Name -> function of a trace's features [T, 8]."""
     def of(f, spread="iqr"):
@@ -98,6 +131,9 @@ def statistics() -> dict:
     for c in (1.5, 2.0, 3.0):
         out[f"max(spike, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(spike(z), c * held(z)))(_z(X))
         out[f"max(scan, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(scan(z), c * held(z)))(_z(X))
+    out["scan, against its own history"] = own_history((scan, "iqr"))
+    out["held, tail, against its own history"] = own_history((held, "tail"))
+    out["max(scan, held tail), each against its own history"] = own_history((scan, "iqr"), (held, "tail"))
     return out
 
 

@@ -1,0 +1,43 @@
+"""screen.py's reading of a statistic against its own history."""
+import unittest
+
+import numpy as np
+
+import baseline
+import screen
+
+
+def brute_force(s: np.ndarray, healthy: np.ndarray, t: int, least: int = 64) -> float:
+    """against_history at tick t, from the rule as its docstring states it."""
+    u = max(u for u in range(t + 1) if u < baseline.REFRESH or u % baseline.REFRESH == 0)
+    history = s[:u][healthy[:u]]  # the healthy ticks before the last refresh
+    if len(history) < least:
+        return 0.0
+    v = np.sort(history[-baseline.HISTORY:])
+    mid, hi = v[(len(v) - 1) // 2], v[int(0.99 * (len(v) - 1))]
+    return (s[t] - mid) / max(hi - mid, 1e-3)
+
+
+class AgainstHistory(unittest.TestCase):
+    def test_follows_the_rule(self):
+        rng = np.random.default_rng(3)
+        T = 4400
+        s = rng.gamma(2.0, 1.0, T)
+        healthy = rng.random(T) > 0.1
+        out = screen.against_history(s, healthy)
+        for t in (0, 63, 64, 70, 71, 72, 127, 128, 129, 4160, 4223, 4224, 4399):
+            self.assertAlmostEqual(out[t], brute_force(s, healthy, t), places=12, msg=f"tick {t}")
+
+    def test_nothing_before_enough_healthy_history_and_unhealthy_ticks_are_not_learnt(self):
+        s = np.ones(200)
+        s[100:] = 5.0  # an incident: its ticks are unhealthy, so the history stays at 1
+        healthy = np.ones(200, bool)
+        healthy[100:] = False
+        out = screen.against_history(s, healthy)
+        self.assertTrue((out[:64] == 0).all())
+        # a flat history: spread at its floor, so a rise of 4 reads as 4,000
+        self.assertAlmostEqual(out[150], 4.0 / 1e-3)
+
+
+if __name__ == "__main__":
+    unittest.main()
