@@ -196,8 +196,8 @@ impl Core {
             }
             let policy = &set.policies[i];
             if policy.has_on_request {
-                if let Some((errors, calls)) = set.hooks[i].tick() {
-                    notes.push(Note::HookOff(i, errors, calls));
+                if let Some((exhausted, calls)) = set.hooks[i].tick() {
+                    notes.push(Note::HookOff(i, exhausted, calls));
                 }
                 if !set.hooks[i].is_off() {
                     hooks.push(i);
@@ -281,9 +281,9 @@ impl Core {
                     self.report_failure(name, &set.policies[i], line, &reason, failure)
                 }
                 Note::Skipped(i) => self.count_skipped(set, class, i),
-                Note::HookOff(i, errors, calls) => {
+                Note::HookOff(i, exhausted, calls) => {
                     tracing::warn!(service = %self.service, class = %name, policy = %set.policies[i].name,
-                        errors, calls, "on_request failed on most requests of a tick; switched off until the next load");
+                        exhausted, calls, "on_request ran out of its budget on most requests of a tick; switched off until the next load");
                 }
             }
         }

@@ -75,12 +75,17 @@ impl Policy {
 }
 
 /// How a policy's `on_request` hook fares since the last tick. A hook that fails fails open for
-/// that request only; one that fails on most requests of a tick (at least
-/// [`HookHealth::MIN_CALLS`]) is switched off until the next load, with a logged reason.
+/// that request only. One that runs out of its budget ([`exhausted`]) on most requests of a
+/// tick (at least [`HookHealth::MIN_CALLS`]) is switched off until the next load, with a logged
+/// reason: each such call cost the request path the whole budget. A hook that fails cheaply
+/// (a header it cannot parse, a division by zero) is never switched off: it costs what a
+/// working one does, and switching it off would let one client that sends enough odd requests
+/// lift the hook's rule for everyone.
 #[derive(Debug, Default)]
 pub(crate) struct HookHealth {
     calls: std::sync::atomic::AtomicU64,
-    errors: std::sync::atomic::AtomicU64,
+    /// Failed calls that ran out of their budget.
+    exhausted: std::sync::atomic::AtomicU64,
     off: std::sync::atomic::AtomicBool,
     /// A failure was logged since the last tick (one warning per tick, not per request).
     reported: std::sync::atomic::AtomicBool,
@@ -99,23 +104,27 @@ impl HookHealth {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A failed call: `true` if it is the first of this tick (to be logged).
-    pub(crate) fn failed(&self) -> bool {
-        self.errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// A failed call, `exhausted` if it ran out of its budget: `true` if it is the first
+    /// failure of this tick (to be logged).
+    pub(crate) fn failed(&self, exhausted: bool) -> bool {
+        if exhausted {
+            self.exhausted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         !self
             .reported
             .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// At the tick: the counts since the last one, and whether the hook was just switched off.
+    /// At the tick: if the hook was just switched off, the calls since the last tick that ran
+    /// out of their budget, and all of them.
     pub(crate) fn tick(&self) -> Option<(u64, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let calls = self.calls.swap(0, Relaxed);
-        let errors = self.errors.swap(0, Relaxed);
+        let exhausted = self.exhausted.swap(0, Relaxed);
         self.reported.store(false, Relaxed);
-        if calls >= Self::MIN_CALLS && errors * 2 > calls && !self.off.swap(true, Relaxed) {
-            return Some((errors, calls));
+        if calls >= Self::MIN_CALLS && exhausted * 2 > calls && !self.off.swap(true, Relaxed) {
+            return Some((exhausted, calls));
         }
         None
     }
@@ -184,6 +193,28 @@ pub(crate) enum Failure {
 /// The reason of a call stopped at its wall-clock deadline.
 const DEADLINE_REASON: &str =
     "ran past its wall-clock deadline (max_call_time; max_request_time for on_request)";
+
+/// The innermost error of a call chain.
+fn innermost(mut err: &EvalAltResult) -> &EvalAltResult {
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
+        err = inner;
+    }
+    err
+}
+
+/// Whether a script's call failed by running out of its budget (operations, wall-clock
+/// deadline, call depth, data size, variables): a failure that cost the whole budget.
+fn exhausted(err: &EvalAltResult) -> bool {
+    matches!(
+        innermost(err),
+        EvalAltResult::ErrorTooManyOperations(_)
+            | EvalAltResult::ErrorTerminated(..)
+            | EvalAltResult::ErrorStackOverflow(_)
+            | EvalAltResult::ErrorDataTooLarge(..)
+            | EvalAltResult::ErrorTooManyVariables(_)
+            | EvalAltResult::ErrorTooManyModules(_)
+    )
+}
 
 /// The innermost error of a call chain, with its position cleared, and that position's line.
 fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {

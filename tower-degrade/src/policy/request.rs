@@ -173,11 +173,11 @@ impl Core {
                         Mode::Shadow => self.record_shadow(&overlay.ctx.class, policy, &d, true),
                     },
                     Ok(None) => {}
-                    Err((line, reason)) => {
+                    Err((line, reason, exhausted)) => {
                         // Fails open for this request only; counted each time, logged once
-                        // per tick. The tick switches the hook off if it fails on most
-                        // requests.
-                        if health.failed() {
+                        // per tick. The tick switches the hook off if it ran out of its
+                        // budget on most requests (`HookHealth`).
+                        if health.failed(exhausted) {
                             self.report_failure(
                                 &overlay.ctx.class,
                                 policy,
@@ -199,16 +199,21 @@ impl Core {
         combine(base, overlay.route, decisions.iter().map(|(p, d)| (*p, d))).pack()
     }
 
+    /// One call of `on_request`; a failure's line, reason, and whether it ran out of its
+    /// budget.
     fn decide_request(
         &self,
         policy: &super::Policy,
         ctx: TickCtx,
         req: RequestInfo,
-    ) -> Result<Option<Decision>, (Option<usize>, String)> {
-        let out = self
-            .call_request(&policy.ast, (ctx, req))
-            .map_err(|e| unwrap_error(*e))?;
+    ) -> Result<Option<Decision>, (Option<usize>, String, bool)> {
+        let out = self.call_request(&policy.ast, (ctx, req)).map_err(|e| {
+            let exhausted = super::exhausted(&e);
+            let (line, reason) = unwrap_error(*e);
+            (line, reason, exhausted)
+        })?;
         self.as_decision(out, "on_request")
+            .map_err(|(line, reason)| (line, reason, false))
     }
 
     /// Run `on_request` against sample requests at load.
@@ -218,7 +223,8 @@ impl Core {
         ctx: TickCtx,
     ) -> Result<(), (Option<usize>, String)> {
         for elapsed in [0, 5_000] {
-            self.decide_request(policy, ctx.clone(), RequestInfo::sample(elapsed))?;
+            self.decide_request(policy, ctx.clone(), RequestInfo::sample(elapsed))
+                .map_err(|(line, reason, _)| (line, reason))?;
         }
         Ok(())
     }

@@ -93,7 +93,11 @@ async fn each_directive_drives_the_layer() {
         ("shed()", 0),
         ("open()", 0),
         ("degrade(0.75)", 25),
+        // Whole numbers are shares too: `degrade(1)` is `degrade(1.0)`.
+        ("degrade(1)", 0),
+        ("degrade(0)", 100),
         ("admit_fraction(0.3)", 30),
+        ("admit_fraction(1)", 100),
         ("retry_after(1500)", 0),
         ("delay(100)", 100),
         ("alert(\"just saying\")", 100),
@@ -1157,8 +1161,17 @@ async fn a_request_hook_is_stopped_at_its_wall_clock_deadline() {
     assert!(text.contains("wall-clock deadline"), "{text}");
 }
 
+/// A request the `on_request` hooks below fail on when it carries `header`.
+fn post_log(header: Option<&str>) -> http::Request<()> {
+    let mut req = http::Request::post("/log");
+    if let Some(h) = header {
+        req = req.header(h, "1");
+    }
+    req.body(()).unwrap()
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most_fail() {
+async fn a_request_hook_that_fails_cheaply_fails_open_for_that_request_and_is_never_switched_off() {
     let (d, classify) = http_degrader("shop");
     // Fine on the validation samples (no x-boom header), fails on real requests that have it.
     let src = r#"
@@ -1172,49 +1185,94 @@ async fn a_failing_request_hook_fails_open_for_that_request_and_is_off_when_most
     d.load_policy_sources([("boom", src)]).unwrap();
     d.tick_now();
     let mut svc = d.layer(classify).http().layer(http_ok());
-    let plain = || http::Request::post("/log").body(()).unwrap();
-    let boom = || {
-        http::Request::post("/log")
-            .header("x-boom", "1")
-            .body(())
-            .unwrap()
-    };
-    assert_eq!(send(&mut svc, plain()).await, Some(Route::Reject));
+    assert_eq!(send(&mut svc, post_log(None)).await, Some(Route::Reject));
     assert_eq!(
-        send(&mut svc, boom()).await,
+        send(&mut svc, post_log(Some("x-boom"))).await,
         None,
         "the failing call admits"
     );
     assert_eq!(
-        send(&mut svc, plain()).await,
+        send(&mut svc, post_log(None)).await,
         Some(Route::Reject),
-        "one client's failing request does not switch the hook off for everyone"
+        "one failing request does not switch the hook off"
     );
     d.tick_now();
-    // A tick where it fails on most requests: off, with a logged reason. Each failure is
-    // counted (one is logged).
+    // One client's odd requests, every request of a tick: each fails open and is counted,
+    // and the rule still holds for everyone else after the tick (had the hook been switched
+    // off, the client would have lifted the rule for all).
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let local = metrics::set_default_local_recorder(&recorder);
     for _ in 0..30 {
-        assert_eq!(send(&mut svc, boom()).await, None);
+        assert_eq!(send(&mut svc, post_log(Some("x-boom"))).await, None);
     }
     drop(local);
     let snap = snapshotter.snapshot().into_vec();
     assert_eq!(counter(&snap, "degrade_policy_errors_total"), Some(30));
-    send(&mut svc, plain()).await;
+    for _ in 0..3 {
+        d.tick_now();
+        assert_eq!(
+            send(&mut svc, post_log(None)).await,
+            Some(Route::Reject),
+            "cheap failures never switch the hook off"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_hook_that_runs_out_of_its_budget_on_most_requests_is_switched_off() {
+    let (d, classify) = http_degrader("shop");
+    // Within the validation samples' budget (no x-loop header); past the 5,000 operations of
+    // `max_request_operations` on real requests that have it.
+    let src = r#"
+        fn policy() { #{ governs: ["log"] } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) {
+            if req.header("x-loop") != () {
+                let x = 0;
+                for i in 0..1000000 { x += 1; }
+            }
+            shed()
+        }
+    "#;
+    d.load_policy_sources([("spin", src)]).unwrap();
     d.tick_now();
-    assert_eq!(send(&mut svc, plain()).await, None, "off after that tick");
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    // A few in a tick: each fails open, and the hook stays on.
+    for _ in 0..5 {
+        assert_eq!(send(&mut svc, post_log(Some("x-loop"))).await, None);
+    }
+    d.tick_now();
+    assert_eq!(send(&mut svc, post_log(None)).await, Some(Route::Reject));
+    d.tick_now();
+    // Most of a tick's requests each cost the whole budget: off, with a logged reason.
+    let (logs, guard) = logs::Logs::capture();
+    for _ in 0..30 {
+        assert_eq!(send(&mut svc, post_log(Some("x-loop"))).await, None);
+    }
+    send(&mut svc, post_log(None)).await;
+    d.tick_now();
+    drop(guard);
+    let text = logs.text();
+    assert!(
+        text.contains("ran out of its budget on most requests") && text.contains("exhausted=30"),
+        "{text}"
+    );
+    assert_eq!(
+        send(&mut svc, post_log(None)).await,
+        None,
+        "off after that tick"
+    );
     d.tick_now();
     assert_eq!(
-        send(&mut svc, plain()).await,
+        send(&mut svc, post_log(None)).await,
         None,
         "still off after a tick"
     );
-    d.load_policy_sources([("boom", src)]).unwrap();
+    d.load_policy_sources([("spin", src)]).unwrap();
     d.tick_now();
     assert_eq!(
-        send(&mut svc, plain()).await,
+        send(&mut svc, post_log(None)).await,
         Some(Route::Reject),
         "on again after a load"
     );
