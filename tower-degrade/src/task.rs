@@ -203,7 +203,8 @@ where
     /// the task is serialized (JSON, through `serde`) and durably stored before the call
     /// returns `Ok(accepted(..))`; if it cannot be stored the call fails with a
     /// [`Degraded`](crate::error::Degraded) error (`not_kept`), and a value that does not
-    /// serialize fails with an error saying so. Replay kept tasks with
+    /// serialize, or holds a float that is NaN or infinite (JSON has no such number), fails
+    /// with an error saying so and naming the field. Replay kept tasks with
     /// [`replay_task`](crate::fallback::replay_task) given to the router's builder, or, for
     /// tasks of several types on one router, with
     /// [`ReplayByClass`](crate::fallback::ReplayByClass).
@@ -230,7 +231,7 @@ where
         self
     }
 
-    /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII), such as the id
+    /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII and spaces), such as the id
     /// of the message it came from: a task kept again under the same key while the first is
     /// still kept is that task (the same [`Accepted`](crate::fallback::Accepted) id), not a
     /// second one, and the same key on another value is refused with an error. The key is

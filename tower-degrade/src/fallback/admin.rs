@@ -31,7 +31,8 @@ impl ManualReview {
     /// | `POST /review/{id}/requeue` | replay it now; 404 if it is not in the queue |
     /// | `POST /review/{id}/drop?by=<who>&reason=<why>` | drop it (the reason is required) |
     ///
-    /// A page holds `limit` tasks (default 50, brought into 1 to 1,000). Query values are
+    /// A page holds `limit` tasks (default 50; digits, brought into 1 to 1,000: `0` is 1, a
+    /// count past 1,000 is 1,000; anything else is a 400). Query values are
     /// percent-decoded where they are valid escapes and kept as written where not.
     ///
     /// Nest it where only operators reach it (bind it to loopback, or behind your own
@@ -120,9 +121,15 @@ fn paging(req: &Request) -> Result<(Option<TaskId>, usize), String> {
         None => None,
     };
     let limit = match param(&q, "limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| format!("`limit`: `{l}` is not a number"))?,
+        // Digits: a count, however large (the page is brought into 1 to 1,000).
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+            l.parse::<usize>().unwrap_or(usize::MAX)
+        }
+        Some(l) => {
+            return Err(format!(
+                "`limit`: `{l}` is not a count of tasks (digits only; brought into 1 to 1,000)"
+            ));
+        }
         None => 50,
     };
     Ok((after, limit))

@@ -17,6 +17,8 @@ mod cached;
 #[cfg(feature = "fallback")]
 mod capture;
 #[cfg(feature = "fallback")]
+mod finite;
+#[cfg(feature = "fallback")]
 mod record;
 #[cfg(feature = "fallback")]
 mod replay;

@@ -557,7 +557,13 @@ impl<T> FallbackRouter<T> {
             return Err(call);
         }
         let (class, reason) = (call.class_name().to_owned(), call.reason());
-        let payload = serde_json::to_vec(call.request());
+        // serde_json writes NaN and the infinities as `null`: kept so, the task would fail
+        // every replay and its value be gone.
+        let payload = match super::finite::non_finite(call.request()) {
+            Some(what) => Err(format!("{what}, which JSON cannot hold")),
+            None => serde_json::to_vec(call.request())
+                .map_err(|e| format!("it does not serialize as JSON ({e})")),
+        };
         let shared = self.shared.clone();
         Ok(async move {
             let not_kept = |why: Reason| -> BoxError {
@@ -569,11 +575,10 @@ impl<T> FallbackRouter<T> {
                 ))
             };
             // A value that does not serialize never will: no retry hint, and the cause said.
-            let bytes = payload.map_err(|e| -> BoxError {
-                tracing::warn!(class = %class, error = %e, "a diverted task cannot be serialized");
+            let bytes = payload.map_err(|why| -> BoxError {
+                tracing::warn!(class = %class, error = %why, "a diverted task cannot be serialized");
                 format!(
-                    "the `{class}` task was diverted to `{}` but cannot be kept: it does not \
-                     serialize as JSON ({e})",
+                    "the `{class}` task was diverted to `{}` but cannot be kept: {why}",
                     route.as_str()
                 )
                 .into()
@@ -583,7 +588,7 @@ impl<T> FallbackRouter<T> {
             {
                 return Err(format!(
                     "the `{class}` task's idempotency key is not 1 to {} bytes of visible \
-                     ASCII: {k:?}",
+                     ASCII and spaces: {k:?}",
                     super::MAX_KEY_BYTES
                 )
                 .into());

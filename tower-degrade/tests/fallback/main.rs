@@ -1291,6 +1291,51 @@ async fn a_task_that_does_not_serialize_says_so_and_is_not_told_to_retry() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_task_holding_a_nan_or_an_infinity_is_refused_not_kept_as_null() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Refund {
+        order: u64,
+        amount: f64,
+    }
+    let d = degrader([ClassConfig::silver("refund").fallback_route(Route::Spool)]);
+    let store = Arc::new(MemoryStore::default());
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let tasks = d.tasks::<Refund, TaskId>().keep(&router, |a| a.id).build();
+    d.force_open("refund").unwrap();
+    let never = |_: Refund| async { Ok::<_, BoxError>(TaskId::generate()) };
+    // JSON has no NaN or infinity: serde_json would write `null`, which reads back as no f64.
+    for (amount, shown) in [(f64::NAN, "NaN"), (f64::NEG_INFINITY, "-inf")] {
+        let err = tasks
+            .run("refund", Refund { order: 1, amount }, never)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("`amount` is {shown}")) && text.contains("cannot be kept"),
+            "{text}"
+        );
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
+    // A finite amount is kept.
+    tasks
+        .run(
+            "refund",
+            Refund {
+                order: 1,
+                amount: 2.5,
+            },
+            never,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.depth(Queue::Spool).len, 1);
+}
+
 // ===== what is not kept gets the reject answer =====
 
 #[tokio::test(start_paused = true)]
@@ -1854,8 +1899,26 @@ async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
     let next = page["next"].as_str().unwrap().to_owned();
     let (_, page2) = send("GET", format!("/review?after={next}"), Some(token)).await;
     assert_eq!(page2["tasks"][0]["id"], b.to_string());
-    let (s, _) = send("GET", "/review?limit=x".into(), Some(token)).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    for bad in ["x", "-1", "1.5", "+2", ""] {
+        let (s, err) = send("GET", format!("/review?limit={bad}"), Some(token)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "limit={bad}");
+        assert!(
+            err["error"]
+                .as_str()
+                .unwrap()
+                .contains("not a count of tasks"),
+            "{err}"
+        );
+    }
+    // A count past any integer is still a count: the largest page.
+    let (s, page) = send(
+        "GET",
+        format!("/review?limit={}", "9".repeat(40)),
+        Some(token),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
 
     let (s, one) = send("GET", format!("/review/{b}"), Some(token)).await;
     assert_eq!((s, one["class"].as_str()), (StatusCode::OK, Some("refund")));
