@@ -144,6 +144,16 @@ impl DegraderBuilder {
                 reason: "must not be empty: it labels every metric".into(),
             });
         }
+        if self.service.chars().any(char::is_control) {
+            return Err(ConfigError::InvalidValue {
+                field: "service",
+                reason: format!(
+                    "{:?} holds a control character: it labels every metric and log line, \
+                     where a newline would start a forged one",
+                    self.service
+                ),
+            });
+        }
         if self.tick < Duration::from_millis(1) || self.tick > Duration::from_secs(3600) {
             return Err(ConfigError::InvalidValue {
                 field: "tick",

@@ -38,7 +38,7 @@ pub struct Degrader {
 
 impl Degrader {
     /// Start building a degrader for the service `service` (the `service` label of every
-    /// metric).
+    /// metric and log line: not empty, no control characters).
     pub fn builder(service: impl Into<String>) -> DegraderBuilder {
         DegraderBuilder::new(service.into())
     }

@@ -522,10 +522,19 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                      other than `*.rhai`, or point it at a policy",
                 ));
             }
-            let name = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            // A name is a policy's identity (metrics, quarantine, logs): read lossily, two
+            // files whose names are not UTF-8 could be taken for one policy.
+            let name = match p.file_stem().map(|s| s.to_str()) {
+                Some(Some(name)) => name.to_owned(),
+                _ => {
+                    return Err(PolicyError::new(
+                        &file,
+                        None,
+                        "the file's name is not UTF-8, and a policy's name is its file's: \
+                         rename it",
+                    ));
+                }
+            };
             let bytes = read_source(&p).map_err(|e| match e {
                 Ok(e) => PolicyError::new(&file, None, format!("cannot read: {e}")),
                 Err(len) => too_large(&file, len),

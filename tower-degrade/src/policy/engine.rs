@@ -445,6 +445,20 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
                 "admit_fraction",
             )?)))
         })
+        // A whole number is a share too (`degrade(1)`): Rhai does not convert an integer to a
+        // float argument, and "Function not found: degrade (i64)" says nothing of why.
+        .register_fn("degrade", |level: i64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::Degrade(share(
+                level as f64,
+                "degrade level",
+            )?)))
+        })
+        .register_fn("admit_fraction", |f: i64| -> RhaiResult<Decision> {
+            Ok(Decision::new(Action::AdmitFraction(share(
+                f as f64,
+                "admit_fraction",
+            )?)))
+        })
         .register_fn("retry_after", |ms: i64| -> RhaiResult<Decision> {
             Ok(Decision::new(Action::Shed).with_retry_after(millis(
                 ms,

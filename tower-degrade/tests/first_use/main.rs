@@ -280,6 +280,10 @@ fn meaningless_configuration_is_rejected_naming_the_field() {
         build_err(Degrader::builder(" ")),
         "invalid `service`: must not be empty: it labels every metric"
     );
+    assert!(
+        build_err(Degrader::builder("shop\nlevel=ERROR"))
+            .starts_with("invalid `service`: \"shop\\nlevel=ERROR\" holds a control character")
+    );
     let breaker = |c: BreakerConfig| build_err(Degrader::builder("shop").breaker(c));
     assert!(
         breaker(BreakerConfig::default().min_requests(0))

@@ -678,6 +678,22 @@ fn policy_files_are_read_to_their_limit_and_odd_entries_are_named() {
         err.contains("linked.rhai") && err.contains("not a regular file"),
         "{err}"
     );
+    #[cfg(unix)]
+    std::fs::remove_file(dir.join("linked.rhai")).unwrap();
+    #[cfg(not(unix))]
+    std::fs::remove_dir(dir.join("linked.rhai")).unwrap();
+    // Two names that are not UTF-8 read lossily as one (`a\u{fffd}`): a name is a policy's
+    // identity, so such a file is refused, named.
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = dir.join(std::ffi::OsStr::from_bytes(b"a\xff.rhai"));
+        std::fs::write(&odd, policy("\"log\"", "()")).unwrap();
+        let err = d.load_policies(&dir).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8") && err.contains("rename"), "{err}");
+        std::fs::remove_file(&odd).unwrap();
+        d.load_policies(&dir).unwrap();
+    }
     // What a script throws at load is written to logs: its control characters are escaped.
     let src = policy("\"log\"", "throw \"\\x1b[31mLOAD\\nFAKE LOG LINE\"; ()");
     let err = d
