@@ -224,6 +224,11 @@ fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
     let pos = err.take_position();
     let reason = match &err {
         EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),
+        // Rhai's words for a closure that captured `ctx` and is called by a method of `ctx`.
+        EvalAltResult::ErrorDataRace(..) => format!(
+            "{err} (a closure that captures `ctx` cannot run while `ctx` is in use: capture \
+             the plain values it needs, `let limit = ctx.sla_ms;`, not `ctx`)"
+        ),
         EvalAltResult::ErrorTerminated(token, _) if token.is::<contain::Deadline>() => {
             DEADLINE_REASON.to_owned()
         }

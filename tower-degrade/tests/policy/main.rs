@@ -85,6 +85,29 @@ fn policies_loaded_from_memory_need_distinct_names() {
     assert!(e.to_string().contains("needs a name"), "{e}");
 }
 
+#[test]
+fn a_closure_that_captures_ctx_is_refused_saying_what_to_capture_instead() {
+    let d = degrader();
+    let src = policy(
+        "\"log\"",
+        "if ctx.consecutive(2, |w| w.p99_ms > ctx.sla_ms) { shed() } else { () }",
+    );
+    let e = d
+        .load_policy_sources([("capture", src.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("capture.rhai") && e.contains("captures `ctx`") && e.contains("let limit"),
+        "{e}"
+    );
+    // Capturing the value instead works.
+    let src = policy(
+        "\"log\"",
+        "let sla = ctx.sla_ms; if ctx.consecutive(2, |w| w.p99_ms > sla) { shed() } else { () }",
+    );
+    d.load_policy_sources([("capture", src.as_str())]).unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn each_directive_drives_the_layer() {
     let cases: &[(&str, usize)] = &[
