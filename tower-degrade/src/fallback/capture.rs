@@ -214,10 +214,9 @@ impl Capture {
         };
         // A gRPC call whose framing is broken fails every replay (the server cannot decode
         // it): refused now, while the client can still be told, rather than kept.
-        // (`application/grpc`, `+proto` and the like; not gRPC-Web's text form, base64.)
-        if grpc_rest(&parts.headers)
-            .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
-        {
+        // (`application/grpc`, `+proto` and the like, and binary gRPC-Web, whose requests are
+        // framed alike; not gRPC-Web's text form, base64.)
+        if grpc_rest(&parts.headers).is_some_and(binary_framed) {
             // A compressed message needs the call to name its encoding (the gRPC spec makes
             // it an error); kept, it would fail every replay.
             let encoded = parts
@@ -256,6 +255,17 @@ pub(crate) fn grpc_rest(headers: &http::HeaderMap) -> Option<&[u8]> {
     let v = headers.get(header::CONTENT_TYPE)?.as_bytes();
     let (head, rest) = v.split_at_checked(GRPC.len())?;
     head.eq_ignore_ascii_case(GRPC).then_some(rest)
+}
+
+/// Whether what follows `application/grpc` in a content type names length-prefixed binary
+/// messages: nothing, a `+` subtype or parameters, and gRPC-Web's `-web` alike (its requests
+/// are framed as gRPC's), not `-web-text` (base64) nor another type (`application/grpcx`).
+fn binary_framed(rest: &[u8]) -> bool {
+    let ends = |r: &[u8]| r.is_empty() || r[0] == b'+' || r[0] == b';';
+    ends(rest)
+        || rest
+            .split_at_checked(4)
+            .is_some_and(|(web, r)| web.eq_ignore_ascii_case(b"-web") && ends(r))
 }
 
 /// Why a request could not be captured.
@@ -490,10 +500,14 @@ mod tests {
             (truncated, "announced"),
         ] {
             // Media types are case-insensitive.
+            // Binary gRPC-Web's requests are framed as gRPC's.
             for ct in [
                 "application/grpc",
                 "application/grpc+proto",
                 "Application/GRPC",
+                "application/grpc-web",
+                "application/grpc-web+proto",
+                "application/gRPC-Web; charset=utf-8",
             ] {
                 let body = Full::new(Bytes::from(bad.clone()));
                 match cap.capture(&grpc(ct), body).await {
@@ -514,7 +528,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // gRPC-Web's text form is base64, and plain HTTP is the application's to judge.
-        for ct in ["application/grpc-web-text", "application/json"] {
+        for ct in [
+            "application/grpc-web-text",
+            "application/grpc-web-text+proto",
+            "application/grpcx",
+            "application/grpc-webx",
+            "application/json",
+        ] {
             let body = Full::new(Bytes::from_static(b"garbage"));
             assert!(cap.capture(&grpc(ct), body).await.is_ok(), "{ct}");
         }
