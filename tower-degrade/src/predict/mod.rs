@@ -113,7 +113,7 @@ impl PredictorConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.budget.is_zero() || self.budget > Duration::from_secs(10) {
+        if self.budget < Duration::from_micros(1) || self.budget > Duration::from_secs(10) {
             return bad(
                 "predictor.budget",
                 "must be 1 µs to 10 s: every tick waits for it",
