@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{TensorElementType, TensorRef};
 use tower_degrade::BoxError;
 use tower_degrade::predict::{FEATURES, N_FEATURES, Predictor, WINDOW};
 
@@ -196,35 +196,60 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
         ),
         None => "none (not a tensor)".to_owned(),
     };
-    // -1 is a dynamic dimension (the batch).
+    // -1 is a dynamic dimension. The batch must be one: every class is a row, and a model
+    // exported for a fixed batch loads, then fails every tick with another number of classes.
     let fits = |got: &[i64], want: &[i64]| {
         got.len() == want.len()
-            && got
-                .iter()
-                .zip(want)
-                .all(|(g, w)| *w == -1 || *g == -1 || g == w)
+            && got.iter().zip(want).all(|(g, w)| {
+                if *w == -1 {
+                    *g == -1
+                } else {
+                    *g == -1 || g == w
+                }
+            })
+    };
+    let batch_hint = |d: &Option<Vec<i64>>| match d {
+        Some(d) if d.first().is_some_and(|b| *b >= 0) => {
+            " (the batch dimension must be dynamic: each class is a row)"
+        }
+        _ => "",
+    };
+    // Every tensor is f32: a model that takes or answers another type loads, then fails its
+    // first batch.
+    let f32_or = |outlet: &ort::value::Outlet, what: &str| -> Result<(), Error> {
+        match outlet.dtype().tensor_type() {
+            Some(TensorElementType::Float32) | None => Ok(()),
+            Some(other) => Err(fail(format!(
+                "{what} `{}` holds {other}, expected f32",
+                outlet.name()
+            ))),
+        }
     };
     let want_in = [-1, WINDOW as i64, N_FEATURES as i64];
     match dims(input) {
         Some(d) if fits(&d, &want_in) => {}
         other => {
             return Err(fail(format!(
-                "input `{}` has shape {}, expected [batch, {WINDOW}, {N_FEATURES}]",
+                "input `{}` has shape {}, expected [batch, {WINDOW}, {N_FEATURES}]{}",
                 input.name(),
-                shown(&other)
+                shown(&other),
+                batch_hint(&other)
             )));
         }
     }
+    f32_or(input, "input")?;
     match dims(output) {
         Some(d) if fits(&d, &[-1, 1]) => {}
         other => {
             return Err(fail(format!(
-                "output `{}` has shape {}, expected [batch, 1]",
+                "output `{}` has shape {}, expected [batch, 1]{}",
                 output.name(),
-                shown(&other)
+                shown(&other),
+                batch_hint(&other)
             )));
         }
     }
+    f32_or(output, "output")?;
     if let Some(second) = second {
         let want = [-1, N_QUANTILES as i64, N_FEATURES as i64];
         match dims(second) {
@@ -232,12 +257,14 @@ fn check_contract(session: &Session, path: &Path) -> Result<bool, Error> {
             other => {
                 return Err(fail(format!(
                     "second input `{}` has shape {}, expected the long baseline \
-                     [batch, {N_QUANTILES}, {N_FEATURES}]",
+                     [batch, {N_QUANTILES}, {N_FEATURES}]{}",
                     second.name(),
-                    shown(&other)
+                    shown(&other),
+                    batch_hint(&other)
                 )));
             }
         }
+        f32_or(second, "second input")?;
         if second.name() != BASELINE_INPUT {
             tracing::info!(
                 input = second.name(),

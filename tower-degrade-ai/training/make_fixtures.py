@@ -3,6 +3,8 @@
     python make_fixtures.py [OUT_DIR]   # default ../tests/fixtures; needs the `onnx` package
 
 - `window_32.onnx`: takes `window [batch, 32, 8]` instead of 64 ticks (features stamped right);
+- `window_f64.onnx`: takes and answers f64 instead of f32 (shapes and features right);
+- `batch_1.onnx`: its batch dimension fixed at 1 (a model for one class only);
 - `features_reordered.onnx`: the right shapes, but its metadata names p99 before p50;
 - `features_missing.onnx`: the right shapes, and no `tower_degrade.features` metadata;
 - `baseline.onnx`: takes the long baseline as a second input, `baseline [batch, 5, 8]`, and
@@ -29,10 +31,12 @@ from features import N_FEATURES, WINDOW
 FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
 
 
-def tiny(window: int = WINDOW, feature_list=None):
+def tiny(window: int = WINDOW, feature_list=None, dtype: str = "FLOAT", batch="batch"):
     """p_anomaly [batch, 1] = sigmoid(mean over ticks and features of window [batch, window, 8]),
-    with `feature_list` (if any) in its metadata."""
+    with `feature_list` (if any) in its metadata; its tensors of `dtype` (an onnx.TensorProto
+    name), its batch dimension `batch` (a name: dynamic; a number: fixed)."""
     from onnx import TensorProto, helper
+    ty = getattr(TensorProto, dtype)
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
@@ -40,8 +44,8 @@ def tiny(window: int = WINDOW, feature_list=None):
             helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", window, N_FEATURES])],
-        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("window", ty, [batch, window, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", ty, [batch, 1])],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
@@ -134,6 +138,8 @@ def fixtures() -> dict:
     """File name -> model."""
     return {
         "window_32.onnx": tiny(32, features.FEATURES),
+        "window_f64.onnx": tiny(feature_list=features.FEATURES, dtype="DOUBLE"),
+        "batch_1.onnx": tiny(feature_list=features.FEATURES, batch=1),
         "features_reordered.onnx": tiny(feature_list=reordered()),
         "features_missing.onnx": tiny(),
         "baseline.onnx": with_baseline(),

@@ -173,6 +173,32 @@ fn a_model_with_another_window_is_refused_with_the_shapes() {
 }
 
 #[test]
+fn a_model_of_another_element_type_or_a_fixed_batch_is_refused_at_load() {
+    if !runtime_present() {
+        return;
+    }
+    // Both loaded before, and failed only at their first batch.
+    let err = OnnxPredictor::load(fixture("tests/fixtures/window_f64.onnx")).unwrap_err();
+    let Error::Contract { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("input `window` holds f64, expected f32"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("window_f64.onnx"), "{err}");
+    let err = OnnxPredictor::load(fixture("tests/fixtures/batch_1.onnx")).unwrap_err();
+    let Error::Contract { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("has shape [1, 64, 8]")
+            && reason.contains("batch dimension must be dynamic"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_model_that_does_not_answer_probabilities_is_refused_at_build_naming_its_file() {
     if !runtime_present() {
         return;
