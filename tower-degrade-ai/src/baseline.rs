@@ -153,9 +153,11 @@ pub(crate) fn check_batch(input: &[f32], batch: usize) -> Result<(), crate::Erro
     Ok(())
 }
 
-/// What both predictors do first on a tick: check that `input` is `[batch, 64, 8]`, give each
-/// new batch row a baseline (row `i` the phase `i`), and with `learn`, learn each row's newest
-/// tick into its row's baseline (not on a warm-up's dummy batch).
+/// What both predictors do first on a tick: check that `input` is `[batch, 64, 8]` and that
+/// every row's newest tick is finite (a NaN learnt would stay in the baseline's quantiles for
+/// its 4,096 healthy ticks; the runtime's features never are), give each new batch row a
+/// baseline (row `i` the phase `i`), and with `learn`, learn each row's newest tick into its
+/// row's baseline (not on a warm-up's dummy batch). A refused batch changes nothing.
 pub(crate) fn learn_batch(
     baselines: &mut Vec<Baseline>,
     input: &[f32],
@@ -163,6 +165,16 @@ pub(crate) fn learn_batch(
     learn: bool,
 ) -> Result<(), crate::Error> {
     check_batch(input, batch)?;
+    let newest = (WINDOW - 1) * N_FEATURES;
+    if let Some((row, v)) = input
+        .chunks_exact(WINDOW * N_FEATURES)
+        .enumerate()
+        .find_map(|(i, w)| w[newest..].iter().find(|v| !v.is_finite()).map(|&v| (i, v)))
+    {
+        return Err(crate::Error::Inference(format!(
+            "batch row {row}: a feature of its newest tick is {v}, not a finite number"
+        )));
+    }
     while baselines.len() < batch {
         baselines.push(Baseline::with_phase(baselines.len() as u64));
     }

@@ -37,6 +37,9 @@ impl Fault {
 
 /// A [`Predictor`] that writes each tick's newest features per class to `<dir>/<class>.csv`,
 /// optionally wrapping the predictor that really decides (its probability is recorded too).
+/// In file names, a class name's characters other than ASCII letters, digits, `-` and `_`
+/// become `_`; two classes that would share a file (`pay.ment`, `pay_ment`) are refused at
+/// warm-up, naming both.
 ///
 /// Columns: `time_s`, the eight [`FEATURES`], `p_anomaly`, `fault`. The evaluation harness
 /// (`tower-degrade-ai/training/evaluate.py --traces DIR`) reads a directory of such files.
@@ -63,6 +66,8 @@ pub struct Recorder {
     inner: Option<Box<dyn Predictor>>,
     files: Vec<(PathBuf, BufWriter<File>, Option<Fault>)>,
     step: u64,
+    /// A write failed and has been logged; cleared (and said) when one succeeds again.
+    failing: bool,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -79,6 +84,15 @@ impl Recorder {
     /// the `time_s` column.
     pub fn new(dir: impl Into<PathBuf>, tick: Duration) -> Result<Self, Error> {
         let dir = dir.into();
+        if dir.as_os_str().is_empty() {
+            // Else the working directory, which nobody named.
+            return Err(Error::Io {
+                path: dir,
+                reason: "an empty path: name the directory to record into (`.` for the \
+                         working directory)"
+                    .to_owned(),
+            });
+        }
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
             path: dir.clone(),
             reason: e.to_string(),
@@ -90,10 +104,13 @@ impl Recorder {
             inner: None,
             files: Vec::new(),
             step: 0,
+            failing: false,
         })
     }
 
-    /// Also run `inner`, whose probabilities reach the breaker and the `p_anomaly` column.
+    /// Also run `inner`, whose probabilities reach the breaker and the `p_anomaly` column. A
+    /// tick the recording cannot be written (a full disk) still answers `inner`'s
+    /// probabilities: the failure is logged once, and again when writing resumes.
     pub fn wrap(mut self, inner: impl Predictor) -> Self {
         self.inner = Some(Box::new(inner));
         self
@@ -161,11 +178,39 @@ impl Predictor for Recorder {
             Some(inner) => inner.predict(input, out)?,
             None => out.fill(0.0),
         }
-        self.write_rows(input, out)?;
+        // The recording serves the predictor, not the other way round: a trace that cannot
+        // be written does not take early warning away.
+        match self.write_rows(input, out) {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(dir = %self.dir.display(), "recording resumed");
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(error = %e,
+                    "a tick's features cannot be recorded; predictions go on (said once until a \
+                     write succeeds)");
+            }
+            Err(_) => {}
+        }
         Ok(())
     }
 
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
+        // `file_name` is not one-to-one (`a.b`, `a:b` and `a_b` are all `a_b`): two classes
+        // in one file would interleave their rows.
+        for (i, a) in classes.iter().enumerate() {
+            if let Some(b) = classes[..i].iter().find(|b| file_name(b) == file_name(a)) {
+                return Err(Error::Io {
+                    path: self.dir.join(format!("{}.csv", file_name(a))),
+                    reason: format!(
+                        "classes `{b}` and `{a}` would both be recorded in this file: rename one"
+                    ),
+                }
+                .into());
+            }
+        }
         self.files = classes
             .iter()
             .map(|c| create(&self.dir, c))
@@ -250,6 +295,43 @@ mod tests {
             "{err}"
         );
         std::fs::remove_file(&file).unwrap();
+        let err = Recorder::new("", Duration::from_millis(500)).unwrap_err();
+        assert!(err.to_string().contains("an empty path"), "{err}");
+    }
+
+    #[test]
+    fn two_classes_of_one_file_name_are_refused_naming_both() {
+        let dir = std::env::temp_dir().join(format!("tdai-rec-same-{}", std::process::id()));
+        let mut rec = Recorder::new(&dir, Duration::from_millis(500)).unwrap();
+        let err = rec.warm_up(&["pay.ment", "stock", "pay_ment"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("pay_ment.csv") && text.contains("`pay.ment` and `pay_ment`"),
+            "{text}"
+        );
+        rec.warm_up(&["pay.ment", "stock"]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_tick_that_cannot_be_recorded_still_answers_the_wrapped_predictor() {
+        let dir = std::env::temp_dir().join(format!("tdai-rec-full-{}", std::process::id()));
+        let mut rec = Recorder::new(&dir, Duration::from_millis(500))
+            .unwrap()
+            .wrap(Quarter);
+        // Every write to the class's file fails: a full disk.
+        std::os::unix::fs::symlink("/dev/full", dir.join("a.csv")).unwrap();
+        // The header is buffered; the first row's flush fails.
+        rec.warm_up(&["a"]).unwrap();
+        let input = vec![0.0f32; WINDOW * N_FEATURES];
+        for _ in 0..3 {
+            let mut out = [0.0];
+            rec.predict(&input, &mut out).unwrap();
+            assert_eq!(out, [0.25]);
+        }
+        assert!(rec.failing);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -273,6 +273,27 @@ fn a_model_without_the_features_metadata_is_refused_naming_the_key() {
 }
 
 #[test]
+fn a_newest_tick_that_is_not_finite_is_an_error_and_no_baseline_learns_it() {
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade_ai::baseline::Baseline;
+    let mut p = OnnxPredictor::load(fixture("tests/fixtures/baseline.onnx")).unwrap();
+    let per_class = WINDOW * N_FEATURES;
+    let mut window = vec![0.5f32; 2 * per_class];
+    window[2 * per_class - 3] = f32::NAN; // row 1's newest tick
+    let err = p.run(&window, &mut [0.0; 2]).unwrap_err();
+    assert!(err.to_string().contains("batch row 1"), "{err}");
+    // Row 0's tick was fine, but a refused batch changes nothing: a NaN learnt would have
+    // stayed in the quantiles for 4,096 healthy ticks.
+    assert!(p.baseline(0).is_none_or(Baseline::is_empty));
+    assert!(p.baseline(1).is_none_or(Baseline::is_empty));
+    window[2 * per_class - 3] = 0.5;
+    p.run(&window, &mut [0.0; 2]).unwrap();
+    assert!(!p.baseline(1).unwrap().is_empty());
+}
+
+#[test]
 fn a_model_that_takes_the_long_baseline_is_fed_each_class_its_own() {
     if !runtime_present() {
         return;
