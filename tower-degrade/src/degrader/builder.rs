@@ -164,6 +164,12 @@ impl DegraderBuilder {
         self.policy_limits.validate()?;
         if let Some((_, config)) = &self.predictor {
             config.validate()?;
+            if config.budget >= self.tick {
+                tracing::warn!(service = %self.service, budget_ms = config.budget.as_secs_f64() * 1e3,
+                    tick_ms = self.tick.as_secs_f64() * 1e3,
+                    "the predictor's budget is not shorter than the tick: a slow batch makes every \
+                     tick late (a budget of a few ms is what the bundled model needs)");
+            }
         }
         self.breaker.validate()?;
         let registry = Registry::new(self.default_class, self.classes)?;

@@ -95,7 +95,9 @@ impl std::fmt::Debug for dyn Predictor {
 #[non_exhaustive]
 pub struct PredictorConfig {
     /// Time a tick waits for the batch (default 8 ms); past it, the tick keeps the last
-    /// predictions and counts `degrade_predictor_overruns_total`.
+    /// predictions and counts `degrade_predictor_overruns_total`. One not shorter than the
+    /// tick is logged as a warning when the degrader is built: a slow batch makes every tick
+    /// late.
     pub budget: Duration,
     /// Time building the degrader waits for the predictor's warm-up (loading, a dummy batch;
     /// default 30 s); past it, the build fails with an error saying so, rather than hang on a

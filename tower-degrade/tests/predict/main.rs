@@ -11,6 +11,9 @@ use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::Late
 #[path = "../support.rs"]
 mod support;
 
+#[path = "../logs.rs"]
+mod logs;
+
 use support::{failing_after, slow_failing};
 
 /// Records every batch it sees and answers with fixed probabilities.
@@ -871,4 +874,27 @@ async fn policies_see_the_prediction() {
         "shed at p = 0.6, below the breaker's 0.87"
     );
     assert_eq!(d.state("stock").unwrap(), State::Closed);
+}
+
+#[tokio::test]
+async fn a_budget_not_shorter_than_the_tick_is_warned_of_at_build() {
+    let build = |budget_ms: u64| {
+        let (logs, guard) = logs::Logs::capture();
+        let mut config = PredictorConfig::default();
+        config.budget = Duration::from_millis(budget_ms);
+        let d = Degrader::builder("shop")
+            .class(ClassConfig::silver("stock"))
+            .predictor(Trend, config)
+            .build()
+            .unwrap();
+        drop((d, guard));
+        logs.text()
+    };
+    let text = build(500);
+    assert!(
+        text.contains("budget is not shorter than the tick"),
+        "{text}"
+    );
+    let text = build(8);
+    assert!(!text.contains("budget is not shorter"), "{text}");
 }
