@@ -37,9 +37,17 @@ impl<'a> RequestView<'a> {
 pub(crate) fn parse_start(v: &str) -> Option<u64> {
     let v = v.trim().trim_start_matches("t=");
     if let Some((secs, frac)) = v.split_once('.') {
+        // A client's value: checked, not trusted (`99999999999999999.0` overflowed).
+        if !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         let secs: u64 = secs.parse().ok()?;
-        let ms: u64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
-        return Some(secs * 1000 + ms);
+        let ms = frac
+            .bytes()
+            .chain(std::iter::repeat(b'0'))
+            .take(3)
+            .fold(0u64, |ms, b| ms * 10 + u64::from(b - b'0'));
+        return secs.checked_mul(1000)?.checked_add(ms);
     }
     let n: u64 = v.parse().ok()?;
     // Tell the units apart by magnitude: seconds < 1e11 <= milliseconds < 1e14 <= microseconds.
@@ -61,5 +69,34 @@ mod tests {
         assert_eq!(parse_start("t=1700000000123456"), Some(1_700_000_000_123));
         assert_eq!(parse_start("1700000000.5"), Some(1_700_000_000_500));
         assert_eq!(parse_start("soon"), None);
+        assert_eq!(parse_start("1700000000."), Some(1_700_000_000_000));
+        assert_eq!(parse_start("1700000000.05"), Some(1_700_000_000_050));
+        assert_eq!(parse_start("1700000000.123999"), Some(1_700_000_000_123));
+    }
+
+    #[test]
+    fn a_request_start_header_a_client_made_up_is_none_or_a_number_never_a_panic() {
+        // Seconds whose milliseconds overflow u64 panicked (debug) or wrapped (release).
+        assert_eq!(parse_start("99999999999999999.0"), None);
+        assert_eq!(parse_start("18446744073709551.615"), Some(u64::MAX));
+        assert_eq!(parse_start("18446744073709552.0"), None);
+        for v in [
+            "1.5e3",
+            "1.-5",
+            "1.+5",
+            "-1.5",
+            "1.ééé",
+            ".",
+            "1..2",
+            "",
+            "t=",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_start(v), None, "{v:?}");
+        }
+        assert_eq!(
+            parse_start("18446744073709551615"),
+            Some(18_446_744_073_709_551)
+        );
     }
 }
