@@ -294,20 +294,41 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
-/// `url` with the password of its user info, if any, replaced by `***`.
+/// `url` with its passwords replaced by `***`: the user info's, and a `pass` or `password`
+/// query parameter's (how `redis+unix://` URLs carry one).
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // As URLs are parsed: the authority ends at the path or the query.
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let authority = match authority.rfind('@') {
         Some(at) => {
-            let user = rest[..at].split_once(':').map_or(&rest[..at], |(u, _)| u);
-            let password = if rest[..at].contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{password}{}", &rest[at..])
+            let info = &authority[..at];
+            let user = info.split_once(':').map_or(info, |(u, _)| u);
+            let password = if info.contains(':') { ":***" } else { "" };
+            format!("{user}{password}{}", &authority[at..])
         }
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((k, _))
+                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 struct Inner {
@@ -987,5 +1008,22 @@ mod tests {
         assert_eq!(redact("redis://app@cache"), "redis://app@cache");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact("not a url"), "not a url");
+        // A Unix socket's URL carries the password as a query parameter.
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=0&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=0&pass=***"
+        );
+        assert_eq!(
+            redact("unix:///run/redis.sock?PASSWORD=s3cret&user=app"),
+            "unix:///run/redis.sock?PASSWORD=***&user=app"
+        );
+        assert_eq!(
+            redact("redis://app:s3cret@cache/0?protocol=resp3"),
+            "redis://app:***@cache/0?protocol=resp3"
+        );
+        assert_eq!(
+            redact("redis://cache?pass=s3cret"),
+            "redis://cache?pass=***"
+        );
     }
 }
