@@ -57,6 +57,12 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
     }
 }
 
+/// A tick's directives, decided, and each class's count of manual commands when its was.
+struct Decided {
+    directives: Vec<Packed>,
+    commands: Vec<u64>,
+}
+
 impl Shared {
     /// One control-loop tick: snapshot every class, run the stages, step its breaker, publish
     /// its directive.
@@ -98,13 +104,33 @@ impl Shared {
         }
         // Admission limits first, so policies see this tick's.
         let admission = self.tick_admission();
-        // Per class: breaker, then the stages over every class under automatic control at
-        // once (the policies within the tick's budget), then publish.
+        let decided = self.decide(predictions, &admission, now);
+        self.publish_decided(&decided, now);
+        // Registered on the first tick, like the class handles, so a recorder installed after
+        // the degrader was built is used.
+        self.service_metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| ServiceMetrics::new(&self.service));
+        self.publish_status();
+    }
+
+    /// Per class: breaker, then the stages over every class under automatic control at once
+    /// (the policies within the tick's budget). Each class's manual commands so far are noted
+    /// with its directive, for [`publish_decided`](Self::publish_decided).
+    fn decide(
+        &self,
+        predictions: Vec<Option<f64>>,
+        admission: &[crate::admit::LimiterState],
+        now: Instant,
+    ) -> Decided {
         let mut directives = Vec::with_capacity(self.registry.len());
+        let mut commands = Vec::with_capacity(self.registry.len());
         let mut views = Vec::new();
         for (id, class) in self.registry.iter() {
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
+            commands.push(ctl.commands);
             let snap = ctl.history.latest().copied().unwrap_or_default();
             let prediction = predictions[id.index()];
             ctl.prediction = prediction;
@@ -133,10 +159,25 @@ impl Shared {
         for stage in self.stages() {
             stage.decide(&views, &mut directives);
         }
+        Decided {
+            directives,
+            commands,
+        }
+    }
+
+    /// Publish what [`decide`](Self::decide) decided, under each class's lock: a class given a
+    /// manual command since (the stages ran outside the lock) publishes its breaker's own
+    /// directive instead, so that the command, which published at once, is not undone for a
+    /// tick by a decision made before it.
+    fn publish_decided(&self, decided: &Decided, now: Instant) {
         for (id, class) in self.registry.iter() {
-            self.publish(id, directives[id.index()]);
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
+            if ctl.commands == decided.commands[id.index()] {
+                self.publish(id, decided.directives[id.index()]);
+            } else {
+                self.publish(id, ctl.breaker.directive(now).pack());
+            }
             let snap = ctl.history.latest().copied().unwrap_or_default();
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(
@@ -155,13 +196,6 @@ impl Shared {
                 ctl.breaker.prediction_record(),
             );
         }
-        // Registered on the first tick, like the class handles, so a recorder installed after
-        // the degrader was built is used.
-        self.service_metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| ServiceMetrics::new(&self.service));
-        self.publish_status();
     }
 
     /// Update every admission limiter from what its tick measured (and the system signal).
@@ -291,4 +325,59 @@ fn admission_score(class: &ClassConfig, history: &History) -> u16 {
         latest.p99.as_secs_f64(),
         burst,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use crate::gate::Packed;
+    use crate::{ClassConfig, Degrader};
+
+    /// A tick decides outside the classes' locks (its stages run over every class at once) and
+    /// then publishes: a command given in between published at once, and was overwritten by
+    /// the older decision for a whole tick (forced open, calls still admitted; reset, calls
+    /// still refused).
+    #[tokio::test]
+    async fn a_command_given_while_a_tick_decides_is_not_undone_when_it_publishes() {
+        let (d, _worker) = Degrader::builder("shop")
+            .class(ClassConfig::gold("pay"))
+            .build_with_worker()
+            .unwrap();
+        let shared = &d.shared;
+        let pay = d.class_id("pay").unwrap().index();
+        let published = || shared.gates[pay].directive.load();
+        let decide = || {
+            let now = Instant::now();
+            (
+                shared.decide(vec![None; shared.registry.len()], &[], now),
+                now,
+            )
+        };
+        type Command =
+            fn(&Degrader, &str) -> Result<crate::breaker::State, crate::error::ConfigError>;
+        let commands: [(&str, Command); 2] = [
+            ("force_open", Degrader::force_open),
+            ("reset", Degrader::reset),
+        ];
+        for (name, command) in commands {
+            let (decided, now) = decide();
+            command(&d, "pay").unwrap();
+            let commanded = published();
+            assert_ne!(
+                decided.directives[pay].kind(),
+                commanded.kind(),
+                "{name}: the decision made before it differs"
+            );
+            shared.publish_decided(&decided, now);
+            assert_eq!(published(), commanded, "{name} stands");
+        }
+        // With no command since, the tick's own decision is published.
+        let (decided, now) = decide();
+        shared.publish_decided(&decided, now);
+        assert_eq!(
+            published(),
+            Packed::ADMIT.with_retry_at_least(shared.period)
+        );
+    }
 }

@@ -113,6 +113,7 @@ impl Degrader {
         let tier = self.shared.registry.class(id).tier();
         {
             let mut ctl = self.shared.control(id);
+            ctl.commands += 1;
             if let Some(t) = ctl.breaker.command(cmd) {
                 tracing::warn!(
                     service = %self.shared.service, class, from = %t.from, to = %t.to,

@@ -34,6 +34,9 @@ pub(crate) struct ClassControl {
     pub(crate) features: FeatureHistory,
     pub(crate) prediction: Option<f64>,
     pub(crate) metrics: Option<ClassMetrics>,
+    /// Manual commands applied so far: a tick whose decision was made before one does not
+    /// publish it over the command's (`Shared::publish_decided`).
+    pub(crate) commands: u64,
 }
 
 impl ClassControl {
@@ -46,6 +49,7 @@ impl ClassControl {
             features: FeatureHistory::default(),
             prediction: None,
             metrics: None,
+            commands: 0,
         }
     }
 }
