@@ -26,7 +26,11 @@ impl Logs {
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // A callsite another test thread was registering while this subscriber was set can
+        // keep the interest it computed without it (the line is then never logged here).
+        tracing::callsite::rebuild_interest_cache();
+        (logs, guard)
     }
 
     /// The text logged so far.
