@@ -120,7 +120,8 @@ pub async fn bind(
     addr: SocketAddr,
     exposure: Exposure,
 ) -> Result<tokio::net::TcpListener, BindError> {
-    if !addr.ip().is_loopback() && exposure != Exposure::Remote {
+    // An IPv4-mapped loopback address (`::ffff:127.0.0.1`) is loopback too.
+    if !addr.ip().to_canonical().is_loopback() && exposure != Exposure::Remote {
         return Err(BindError(format!(
             "admin address {addr} is reachable from other machines: bind a loopback address \
              (127.0.0.1, ::1), or opt in with Exposure::Remote behind your own network controls"

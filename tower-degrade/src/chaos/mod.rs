@@ -515,7 +515,17 @@ impl ChaosShared {
                         });
                     }
                 }
-                Target::Route(pattern) => routes.push((parse_pattern(pattern)?, *fault)),
+                Target::Route(pattern) => {
+                    // The pattern's errors name the classifier's field: here it is the target.
+                    let segments = parse_pattern(pattern).map_err(|e| match e {
+                        ConfigError::InvalidValue { reason, .. } => ConfigError::InvalidValue {
+                            field: "chaos.target",
+                            reason,
+                        },
+                        other => other,
+                    })?;
+                    routes.push((segments, *fault));
+                }
             }
         }
         let empty = routes.is_empty() && classes.iter().all(Option::is_none);

@@ -66,6 +66,21 @@ async fn a_listener_reachable_from_other_machines_needs_an_explicit_opt_in() {
     assert!(l.local_addr().unwrap().ip().is_loopback());
     let l = bind(any, Exposure::Remote).await.unwrap();
     assert!(l.local_addr().unwrap().ip().is_unspecified());
+    // An IPv4-mapped address is judged as the IPv4 one it maps (binding it may still fail
+    // where IPv6 is off, but not as reachable from other machines).
+    let mapped = bind("[::ffff:10.0.0.1]:0".parse().unwrap(), Exposure::Loopback).await;
+    assert!(
+        mapped
+            .unwrap_err()
+            .to_string()
+            .contains("reachable from other machines")
+    );
+    if let Err(e) = bind("[::ffff:127.0.0.1]:0".parse().unwrap(), Exposure::Loopback).await {
+        assert!(
+            !e.to_string().contains("reachable from other machines"),
+            "{e}"
+        );
+    }
 }
 
 #[tokio::test]
