@@ -1,7 +1,7 @@
 //! [`Every`]: at most one log line per period for a condition that repeats.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// How often a repeating condition is logged.
@@ -12,12 +12,18 @@ pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// times a second, and every diverted call tries to keep its task) says so once, then once a
 /// period with how many it held back, rather than flood the log. Lock-free: a call path may
 /// ask it.
+///
+/// A condition that flaps (a store at its memory limit, refusing one write and taking the
+/// next) is still said at most once a period: an end ([`reset`](Self::reset)) does not let
+/// the next occurrence through before the period is over.
 #[derive(Debug)]
 pub(crate) struct Every {
     period_ms: u64,
     /// When the next line may go, in ms since [`epoch`]; 0 at first.
     next_ms: AtomicU64,
     held: AtomicU64,
+    /// A line went since the last reset (so the end is worth saying).
+    said: AtomicBool,
 }
 
 fn epoch() -> Instant {
@@ -31,6 +37,7 @@ impl Every {
             period_ms: period.as_millis() as u64,
             next_ms: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            said: AtomicBool::new(false),
         }
     }
 
@@ -44,6 +51,7 @@ impl Every {
                 .compare_exchange(next, now + self.period_ms, Relaxed, Relaxed)
                 .is_ok()
         {
+            self.said.store(true, Relaxed);
             Some(self.held.swap(0, Relaxed))
         } else {
             self.held.fetch_add(1, Relaxed);
@@ -51,17 +59,18 @@ impl Every {
         }
     }
 
-    /// The condition ended: its next occurrence is logged at once. `Some(lines held back
-    /// since the last)` if any line was let through since the last reset (the end is then
-    /// worth saying, with that count), `None` if not.
+    /// The condition ended. `Some(lines held back since the last)` if a line was let through
+    /// since the last reset (the end is then worth saying, with that count), `None` if not.
+    /// Its next occurrence is logged once the period since the last line is over.
     pub(crate) fn reset(&self) -> Option<u64> {
         // Called on every success (each kept call, each read of the store): a load when
         // nothing was said, no write to a line the callers share.
-        if self.next_ms.load(Relaxed) == 0 {
+        if !self.said.load(Relaxed) {
             return None;
         }
-        let held = self.held.swap(0, Relaxed);
-        (self.next_ms.swap(0, Relaxed) != 0).then_some(held)
+        self.said
+            .swap(false, Relaxed)
+            .then(|| self.held.swap(0, Relaxed))
     }
 }
 
@@ -77,9 +86,17 @@ mod tests {
         assert_eq!(every.ready(), None);
         assert_eq!(every.reset(), Some(2), "a line went, two held back since");
         assert_eq!(every.reset(), None, "none since");
-        assert_eq!(every.ready(), Some(0), "a new occurrence is said at once");
+        // A condition that flaps is said once a period, not once per flip.
+        assert_eq!(every.ready(), None, "within the period of the last line");
+        assert_eq!(every.reset(), None, "no line went since the last end");
         let every = Every::new(Duration::ZERO);
         assert_eq!(every.ready(), Some(0));
         assert_eq!(every.ready(), Some(0));
+        assert_eq!(every.reset(), Some(0));
+        assert_eq!(
+            every.ready(),
+            Some(0),
+            "a new occurrence after the period is said"
+        );
     }
 }
