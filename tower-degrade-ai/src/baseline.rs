@@ -153,6 +153,22 @@ pub(crate) fn check_batch(input: &[f32], batch: usize) -> Result<(), crate::Erro
     Ok(())
 }
 
+/// That every row's last `ticks` ticks hold finite values only (the runtime's features never
+/// are otherwise): the first that does not is an error naming its row.
+pub(crate) fn check_finite(input: &[f32], ticks: usize) -> Result<(), crate::Error> {
+    let read = (WINDOW - ticks) * N_FEATURES;
+    match input
+        .chunks_exact(WINDOW * N_FEATURES)
+        .enumerate()
+        .find_map(|(i, w)| w[read..].iter().find(|v| !v.is_finite()).map(|&v| (i, v)))
+    {
+        Some((row, v)) => Err(crate::Error::Inference(format!(
+            "batch row {row}: a feature of its last {ticks} tick(s) is {v}, not a finite number"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What both predictors do first on a tick: check that `input` is `[batch, 64, 8]` and that
 /// every row's newest tick is finite (a NaN learnt would stay in the baseline's quantiles for
 /// its 4,096 healthy ticks; the runtime's features never are), give each new batch row a
@@ -165,16 +181,7 @@ pub(crate) fn learn_batch(
     learn: bool,
 ) -> Result<(), crate::Error> {
     check_batch(input, batch)?;
-    let newest = (WINDOW - 1) * N_FEATURES;
-    if let Some((row, v)) = input
-        .chunks_exact(WINDOW * N_FEATURES)
-        .enumerate()
-        .find_map(|(i, w)| w[newest..].iter().find(|v| !v.is_finite()).map(|&v| (i, v)))
-    {
-        return Err(crate::Error::Inference(format!(
-            "batch row {row}: a feature of its newest tick is {v}, not a finite number"
-        )));
-    }
+    check_finite(input, 1)?;
     while baselines.len() < batch {
         baselines.push(Baseline::with_phase(baselines.len() as u64));
     }

@@ -3,7 +3,7 @@
 use tower_degrade::BoxError;
 use tower_degrade::predict::{N_FEATURES, Predictor, WINDOW};
 
-use crate::baseline::{Baseline, N_QUANTILES, learn_batch};
+use crate::baseline::{Baseline, N_QUANTILES, check_finite, learn_batch};
 
 /// The ticks the scan sums over: each channel's last 1, 3 and 8 ticks (`model.ZSNet.SCALES`).
 const SCALES: [usize; 3] = [1, 3, 8];
@@ -95,16 +95,7 @@ impl ScanPredictor {
     fn score(&mut self, input: &[f32], out: &mut [f32], learn: bool) -> Result<(), crate::Error> {
         let batch = out.len();
         // Checked before any baseline learns, so that a refused batch changes nothing.
-        let read = (WINDOW - LAST) * N_FEATURES;
-        if let Some((row, v)) = input
-            .chunks_exact(WINDOW * N_FEATURES)
-            .enumerate()
-            .find_map(|(i, w)| w[read..].iter().find(|v| !v.is_finite()).map(|&v| (i, v)))
-        {
-            return Err(crate::Error::Inference(format!(
-                "batch row {row}: a feature of its last {LAST} ticks is {v}, not a finite number"
-            )));
-        }
+        check_finite(input, LAST)?;
         learn_batch(&mut self.baselines, input, batch, learn)?;
         let a = LOG_A.exp();
         for ((window, o), b) in input
