@@ -127,7 +127,10 @@ impl Recorder {
     }
 
     fn write_rows(&mut self, input: &[f32], out: &[f32]) -> Result<(), Error> {
+        // Counted whether or not the rows are written: after a failed tick, `time_s` is
+        // still the tick's own.
         let time = self.tick.as_secs_f64() * self.step as f64;
+        self.step += 1;
         for (class, (path, file, fault)) in self.files.iter_mut().enumerate() {
             let fault = u8::from(fault.as_ref().is_some_and(Fault::get));
             let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
@@ -142,7 +145,6 @@ impl Recorder {
             writeln!(file, ",{},{fault}", out[class]).map_err(io)?;
             file.flush().map_err(io)?;
         }
-        self.step += 1;
         Ok(())
     }
 }
@@ -323,14 +325,18 @@ mod tests {
         // Every write to the class's file fails: a full disk.
         std::os::unix::fs::symlink("/dev/full", dir.join("a.csv")).unwrap();
         // The header is buffered; the first row's flush fails.
-        rec.warm_up(&["a"]).unwrap();
-        let input = vec![0.0f32; WINDOW * N_FEATURES];
+        rec.warm_up(&["b", "a"]).unwrap();
+        let input = vec![0.0f32; 2 * WINDOW * N_FEATURES];
         for _ in 0..3 {
-            let mut out = [0.0];
+            let mut out = [0.0; 2];
             rec.predict(&input, &mut out).unwrap();
-            assert_eq!(out, [0.25]);
+            assert_eq!(out, [0.25, 0.25]);
         }
         assert!(rec.failing);
+        // The class whose file can be written keeps each tick's own time.
+        let b = std::fs::read_to_string(dir.join("b.csv")).unwrap();
+        let times: Vec<&str> = b.lines().skip(1).map(|l| &l[..5]).collect();
+        assert_eq!(times, ["0.000", "0.500", "1.000"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
