@@ -233,6 +233,20 @@ fn route_named(name: &str) -> RhaiResult<Route> {
         })
 }
 
+fn degrade(level: f64) -> RhaiResult<Decision> {
+    Ok(Decision::new(Action::Degrade(share(
+        level,
+        "degrade level",
+    )?)))
+}
+
+fn admit_fraction(f: f64) -> RhaiResult<Decision> {
+    Ok(Decision::new(Action::AdmitFraction(share(
+        f,
+        "admit_fraction",
+    )?)))
+}
+
 fn share(v: f64, what: &str) -> RhaiResult<f64> {
     if (0.0..=1.0).contains(&v) {
         Ok(v)
@@ -433,32 +447,12 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
         .register_fn("fallback", |route: &str| -> RhaiResult<Decision> {
             Ok(Decision::new(Action::Fallback(route_named(route)?)))
         })
-        .register_fn("degrade", |level: f64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::Degrade(share(
-                level,
-                "degrade level",
-            )?)))
-        })
-        .register_fn("admit_fraction", |f: f64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::AdmitFraction(share(
-                f,
-                "admit_fraction",
-            )?)))
-        })
+        .register_fn("degrade", degrade)
+        .register_fn("admit_fraction", admit_fraction)
         // A whole number is a share too (`degrade(1)`): Rhai does not convert an integer to a
         // float argument, and "Function not found: degrade (i64)" says nothing of why.
-        .register_fn("degrade", |level: i64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::Degrade(share(
-                level as f64,
-                "degrade level",
-            )?)))
-        })
-        .register_fn("admit_fraction", |f: i64| -> RhaiResult<Decision> {
-            Ok(Decision::new(Action::AdmitFraction(share(
-                f as f64,
-                "admit_fraction",
-            )?)))
-        })
+        .register_fn("degrade", |level: i64| degrade(level as f64))
+        .register_fn("admit_fraction", |f: i64| admit_fraction(f as f64))
         .register_fn("retry_after", |ms: i64| -> RhaiResult<Decision> {
             Ok(Decision::new(Action::Shed).with_retry_after(millis(
                 ms,

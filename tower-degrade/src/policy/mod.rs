@@ -195,18 +195,19 @@ const DEADLINE_REASON: &str =
     "ran past its wall-clock deadline (max_call_time; max_request_time for on_request)";
 
 /// The innermost error of a call chain.
-fn innermost(mut err: &EvalAltResult) -> &EvalAltResult {
+fn innermost(mut err: EvalAltResult) -> EvalAltResult {
     while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
-        err = inner;
+        err = *inner;
     }
     err
 }
 
 /// Whether a script's call failed by running out of its budget (operations, wall-clock
 /// deadline, call depth, data size, variables): a failure that cost the whole budget.
+/// `err` is the innermost error of its chain ([`innermost`]).
 fn exhausted(err: &EvalAltResult) -> bool {
     matches!(
-        innermost(err),
+        err,
         EvalAltResult::ErrorTooManyOperations(_)
             | EvalAltResult::ErrorTerminated(..)
             | EvalAltResult::ErrorStackOverflow(_)
@@ -217,10 +218,8 @@ fn exhausted(err: &EvalAltResult) -> bool {
 }
 
 /// The innermost error of a call chain, with its position cleared, and that position's line.
-fn unwrap_error(mut err: EvalAltResult) -> (Option<usize>, String) {
-    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
-        err = *inner;
-    }
+fn unwrap_error(err: EvalAltResult) -> (Option<usize>, String) {
+    let mut err = innermost(err);
     let pos = err.take_position();
     let reason = match &err {
         EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),

@@ -208,8 +208,9 @@ impl Core {
         req: RequestInfo,
     ) -> Result<Option<Decision>, (Option<usize>, String, bool)> {
         let out = self.call_request(&policy.ast, (ctx, req)).map_err(|e| {
-            let exhausted = super::exhausted(&e);
-            let (line, reason) = unwrap_error(*e);
+            let err = super::innermost(*e);
+            let exhausted = super::exhausted(&err);
+            let (line, reason) = unwrap_error(err);
             (line, reason, exhausted)
         })?;
         self.as_decision(out, "on_request")
