@@ -14,6 +14,11 @@ use tower_degrade::fallback::{
     FallbackRouter, Payload, Queue, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
 };
 use tower_degrade::{ClassConfig, Degrader, Route};
+use tracing::instrument::WithSubscriber;
+
+#[path = "../logs.rs"]
+mod logs;
+use logs::Logs;
 
 /// Every port a test of this binary was given (`reserve_port`): kept, so that a stopped
 /// server's port stays its own for a restart.
@@ -252,9 +257,19 @@ async fn a_redis_that_lost_its_streams_gets_its_consumer_group_back() {
     let server = Server::start();
     let d = degrader();
     let log: Log = Arc::default();
-    let w = tokio::spawn(worker_for(&d, store(&server, "a"), "a", log.clone()).run());
+    let (logs, _guard) = Logs::capture();
+    let w = tokio::spawn(
+        worker_for(&d, store(&server, "a"), "a", log.clone())
+            .run()
+            .with_current_subscriber(),
+    );
     let writer = store(&server, "writer");
     put_all(&writer, &[task(1)]).await;
+    assert!(
+        !logs.text().contains("consumer groups are gone"),
+        "{}",
+        logs.text()
+    );
     until(|| log.lock().unwrap().len() == 1).await;
     let deleted = Command::new("redis-cli")
         .args(["-p", &server.port.to_string(), "DEL", "test:delayed_retry"])
@@ -265,6 +280,14 @@ async fn a_redis_that_lost_its_streams_gets_its_consumer_group_back() {
     until(|| log.lock().unwrap().len() == 2).await;
     w.abort();
     assert_eq!(log.lock().unwrap()[1].1, "key-2");
+    // The loss is said once, not on every failed read until the group is back.
+    let text = logs.text();
+    assert_eq!(
+        text.matches("consumer groups are gone").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("appendfsync always"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -450,9 +450,21 @@ impl Inner {
         }
         answer.map_err(|e| {
             // The consumer groups are gone (a Redis that came back empty, a stream deleted):
-            // create them again on the next read rather than fail every read for ever.
+            // create them again on the next read rather than fail every read for ever. What
+            // that Redis held is gone with them, tasks already answered `202` too: say so, once
+            // per loss (the groups are known again until the next one).
             if e.to_string().contains("NOGROUP") {
-                self.local().groups.clear();
+                let mut l = self.local();
+                if !l.groups.is_empty() {
+                    l.groups.clear();
+                    tracing::warn!(
+                        store = %self.url,
+                        "redis store: its consumer groups are gone (a Redis restarted without \
+                         persistence, or its streams deleted): the tasks it kept and had not yet \
+                         replayed are lost; creating the groups again. Run Redis with \
+                         `appendonly yes` and `appendfsync always`"
+                    );
+                }
             }
             self.error(e)
         })
