@@ -1,4 +1,5 @@
-//! Metrics through the [`metrics`] facade, emitted by the control loop (never per request).
+//! Metrics through the [`metrics`] facade, emitted by the control loop, not per request (the
+//! exceptions, off the path of a call served normally, are listed below the table).
 //!
 //! | name | kind | labels |
 //! |---|---|---|
@@ -20,6 +21,8 @@
 //! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_alerts_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_shadow_decisions_total` | counter (`rhai`) | service, class, policy, action |
+//! | `degrade_policy_skipped_total` | counter (`rhai`): policy calls skipped, the tick's budget spent or the last tick's policies still running | service, class, policy |
+//! | `degrade_policy_log_dropped_total` | counter (`rhai`): `print`/`debug` lines over the rate limit | service |
 //! | `degrade_queue_delay_seconds` | gauge | service, class, tier |
 //! | `degrade_admission_limit` | gauge (with [admission](crate::admit)) | service, limiter |
 //! | `degrade_admission_inflight` | gauge (with admission) | service, limiter |
@@ -35,9 +38,13 @@
 //!
 //! Every name is defined once, here, with its description (the Prometheus `HELP` text,
 //! registered on the first tick). Label values come from configuration only (class names,
-//! tiers, fixed enums), so cardinality is bounded whatever clients send. The one exception to
-//! "never per request" is `degrade_priority_header_invalid_total`, counted by the classifier
-//! when a waiting call carries a propagated priority that is not a tier. Handles are registered
+//! tiers, fixed enums), so cardinality is bounded whatever clients send. Counted per call
+//! rather than per tick, each off the path of a call served normally:
+//! `degrade_priority_header_invalid_total`, by the classifier, when a waiting call carries a
+//! propagated priority that is not a tier; `degrade_fallback_kept_total` and
+//! `degrade_fallback_cached_total`, for each diverted call kept or served from the cache; and
+//! an `on_request` hook's alerts and errors (`degrade_policy_alerts_total`,
+//! `degrade_policy_errors_total`) on the calls it ran for. Handles are registered
 //! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
 //!
 //! # Latency buckets

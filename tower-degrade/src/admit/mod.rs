@@ -35,7 +35,7 @@
 //! queue, where `rtt` is the tick's mean latency in the service and `rtt0` the latency without
 //! queueing: the capacity plus a small queue (details in the source of `admit/limit.rs`). It
 //! is bounded by [`min_limit`](Admission::min_limit) and [`max_limit`](Admission::max_limit),
-//! exported as `tower_degrade_admission_limit`, and readable in [`Degrader::admission`](
+//! exported as `degrade_admission_limit`, and readable in [`Degrader::admission`](
 //! crate::Degrader::admission) and in policies (`ctx.admission_limit`).
 
 mod limit;

@@ -240,7 +240,8 @@ impl HttpClassifierBuilder {
     /// [`PropagatePriorityLayer`](crate::admit::PropagatePriorityLayer), e.g.
     /// `x-degrade-priority: gold`) for admission, raising a call's tier up to `cap` and never
     /// above, so a client cannot promote itself past what you allow. Values other than `gold`,
-    /// `silver` or `bronze` are ignored and counted in `degrade_priority_header_invalid_total`.
+    /// `silver` or `bronze` are ignored, and counted in `degrade_priority_header_invalid_total`
+    /// when the call has to wait for a permit (the only time the header is read).
     pub fn upstream_priority(mut self, header: &str, cap: Tier) -> Result<Self, ConfigError> {
         self.rules.upstream = Some((header_name("http.upstream_priority", header)?, cap));
         Ok(self)

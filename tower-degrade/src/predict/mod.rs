@@ -9,7 +9,7 @@
 //! | # | feature | normalisation |
 //! |---|---|---|
 //! | 0 | request rate | requests per second over the mean of the class's history, clipped to 0..10 |
-//! | 1 | success rate | 0..1 over completed calls (1 when none completed) |
+//! | 1 | success rate | 0..1 over completed and overdue calls (1 when there are none) |
 //! | 2 | error rate | 0..1 |
 //! | 3 | timeout rate | 0..1 |
 //! | 4 | p50 | over the class SLA, clipped to 0..20 |

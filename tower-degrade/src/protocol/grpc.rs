@@ -44,7 +44,8 @@ use crate::window::{Outcome, Recording};
 ///
 /// * `grpc-retry-pushback-ms` from the class's state: the open time left, the next tick, or a
 ///   policy's `retry_after`, never sooner than the next tick (gRPC clients with retry
-///   policies honour it);
+///   policies honour it; not on a `DEADLINE_EXCEEDED`, a call admitted that ran out of its
+///   time);
 /// * a `grpc-message` a person can read ("not served: circuit breaker open"), and
 ///   [`x-degrade-reason`](super::REASON_HEADER) with the machine-readable reason;
 /// * the [`Degraded`] value in the response extensions.

@@ -12,8 +12,9 @@
 //!   trailers-only `UNAVAILABLE` response.
 //!
 //! Every answer the layer makes itself carries why (the `x-degrade-reason` header, or the
-//! gRPC status message) and when to come back (`Retry-After`, or `grpc-retry-pushback-ms`):
-//! see [`Http`] and [`Grpc`].
+//! gRPC status message), and every refusal when to come back (`Retry-After`, or
+//! `grpc-retry-pushback-ms`); a timeout (`504`, `DEADLINE_EXCEEDED`) was admitted and carries
+//! no such hint: see [`Http`] and [`Grpc`].
 
 mod answer;
 mod body;

@@ -185,9 +185,12 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long one Redis command may take before the call counts as failed (default 2 s;
-    /// more than zero): a diverted call waits at most this long for its `202` or its reject
-    /// answer.
+    /// How long one Redis operation may take before it counts as failed (default 2 s; more
+    /// than zero). This bounds each operation, not the call: a call with an idempotency key
+    /// makes two (the key lookup, the append), and against a server that accepts connections
+    /// and never answers, the client's own connect timeout and retry make an operation last
+    /// about twice this, so a diverted call can wait about four times it for its `202` or its
+    /// reject answer (`docs/fallback.md`, *Stores*).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
