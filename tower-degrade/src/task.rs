@@ -204,7 +204,9 @@ where
     /// returns `Ok(accepted(..))`; if it cannot be stored the call fails with a
     /// [`Degraded`](crate::error::Degraded) error (`not_kept`), and a value that does not
     /// serialize, or holds a float that is NaN or infinite (JSON has no such number), fails
-    /// with an error saying so and naming the field. Replay kept tasks with
+    /// with an error saying so and naming the field; so does one whose JSON would not read
+    /// back (nested deeper than `serde_json` reads, 128 levels) or is over the router's
+    /// [`Capture::body_limit`](crate::fallback::Capture::body_limit) (64 KiB by default). Replay kept tasks with
     /// [`replay_task`](crate::fallback::replay_task) given to the router's builder, or, for
     /// tasks of several types on one router, with
     /// [`ReplayByClass`](crate::fallback::ReplayByClass).

@@ -40,9 +40,15 @@ type Merge<V> = Arc<dyn Fn(&mut V, V) + Send + Sync>;
 /// memory by key and flushed as one write every `flush_every` (default 100 ms) or when
 /// `max_items` (default 1,000) deltas wait. Before the write the batch is sealed in the store
 /// (its deltas replaced by the merged batch, in one commit), so a crash at any point replays
-/// either the deltas or the same batch with the same id. A failed write is retried with the
-/// router's backoff; after `max_attempts` (default 5) it moves to the spool and is backfilled
-/// when the class is healthy. Nothing is dropped.
+/// either the deltas or the same batch with the same id. A failed write (an error, a timeout
+/// or a panic of the sink) is retried with the router's backoff; after `max_attempts`
+/// (default 5) it moves to the spool and is backfilled when the class is healthy. Nothing is
+/// dropped.
+///
+/// `merge` should not panic; one that does (an overflowing `+=`) merged into a copy, so the
+/// key's value stays as it was, and the delta it was given, already journaled and answered
+/// `202`, goes to manual review with the panic's message instead of being merged (each merge
+/// clones the key's value for this). An `extract` that panics refuses its call (`not_kept`).
 ///
 /// ```
 /// use tower_degrade::fallback::{Batch, BatchMerge};
@@ -109,7 +115,7 @@ impl<V: Send + 'static> BatchMerge<V> {
         }
     }
 
-    /// Flush at least this often (default 100 ms).
+    /// Flush at least this often (default 100 ms; more than zero, at most an hour).
     pub fn flush_every(mut self, every: Duration) -> Self {
         self.every = every;
         self
@@ -121,7 +127,7 @@ impl<V: Send + 'static> BatchMerge<V> {
         self
     }
 
-    /// How long one write may take before it counts as failed (default 30 s).
+    /// How long one write may take before it counts as failed (default 30 s; more than zero).
     pub fn write_timeout(mut self, d: Duration) -> Self {
         self.write_timeout = d;
         self
@@ -144,6 +150,8 @@ impl<V: Send + 'static> BatchMerge<V> {
                 sealed: Vec::new(),
                 recovered: HashSet::new(),
                 live: Some(HashSet::new()),
+                poisoned: Vec::new(),
+                carry: Vec::new(),
             }),
             flushing: tokio::sync::Mutex::new(()),
         }
@@ -170,8 +178,22 @@ fn decode<V: DeserializeOwned>(task: &Task) -> Result<Entry<V>, String> {
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The reason every `batch_merge` record carries (the journaled deltas, the sealed batches,
+/// the spooled ones): what tells them from a task-API value of the same class, also bytes.
+const REASON: &str = "batch_merge";
+
+/// Whether `task` is a `batch_merge` record rather than a task-API value.
+pub(crate) fn is_record(task: &Task) -> bool {
+    task.reason().starts_with(REASON)
+}
+
+/// The longest `flush_every`.
+const MAX_EVERY: Duration = Duration::from_secs(3600);
+
 /// The type-erased `batch_merge` of one class, as the router and worker use it.
 pub(crate) trait Batcher: Send + Sync {
+    /// Its settings, checked when the router is built.
+    fn validate(&self) -> Result<(), crate::error::ConfigError>;
     /// The journal record of a call's delta.
     fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String>;
     /// Merge a journaled delta, kept at `now_ms`.
@@ -206,6 +228,11 @@ struct State<V> {
     recovered: HashSet<TaskId>,
     /// Deltas merged by live calls while the journal is read back (`None` once it is).
     live: Option<HashSet<TaskId>>,
+    /// Deltas the merge panicked on, for manual review at the next flush.
+    poisoned: Vec<Task>,
+    /// Values of a batch that could not be sealed and that the merge would not fold into the
+    /// newer value of their key: sealed beside it at the next flush.
+    carry: Vec<(String, V)>,
 }
 
 pub(crate) struct MergeBatcher<V> {
@@ -226,7 +253,22 @@ impl<V> MergeBatcher<V>
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    fn add(&self, key: String, delta: V, id: TaskId, now_ms: u64, recovering: bool) {
+    /// Fold `delta` into `acc` with the user's merge, run on a copy: a merge that panics
+    /// leaves `acc` as it was, and its message is the error.
+    fn fold(&self, acc: &mut V, delta: V) -> Result<(), String> {
+        let mut next = acc.clone();
+        let merge = &self.config.merge;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| merge(&mut next, delta))) {
+            Ok(()) => {
+                *acc = next;
+                Ok(())
+            }
+            Err(panic) => Err(super::panicked("merge function", &*panic)),
+        }
+    }
+
+    fn add(&self, key: String, delta: V, task: &Task, now_ms: u64, recovering: bool) {
+        let id = task.id();
         let mut s = self.state();
         let first = if recovering {
             !s.live.as_ref().is_some_and(|l| l.contains(&id)) && s.recovered.insert(id)
@@ -241,7 +283,16 @@ where
             return;
         }
         match s.pending.get_mut(&key) {
-            Some(v) => (self.config.merge)(v, delta),
+            Some(v) => {
+                if let Err(why) = self.fold(v, delta) {
+                    tracing::error!(class = %self.class, task = %id, key = %key, error = %why,
+                        "batch_merge: the delta goes to manual review unmerged; the key's value stays as it was");
+                    let mut poisoned = task.clone();
+                    poisoned.set_answer(why);
+                    s.poisoned.push(poisoned);
+                    return;
+                }
+            }
             None => {
                 s.pending.insert(key, delta);
             }
@@ -250,11 +301,22 @@ where
         s.since_ms.get_or_insert(now_ms);
     }
 
+    /// One write through the sink, in a task of its own: a sink that panics (in `call` or in
+    /// its future) fails this write like an error, and the flush of the other batches and
+    /// classes goes on.
     async fn write(&self, batch: Batch<V>) -> Result<(), BoxError> {
         let limit = self.config.write_timeout;
-        match tokio::time::timeout(limit, self.config.sink.clone().oneshot(batch)).await {
-            Ok(done) => done,
-            Err(_) => Err(format!("the merged write timed out after {limit:?}").into()),
+        let sink = self.config.sink.clone();
+        let write =
+            tokio::spawn(async move { tokio::time::timeout(limit, sink.oneshot(batch)).await });
+        match write.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(_)) => Err(format!("the merged write timed out after {limit:?}").into()),
+            Err(e) => Err(match e.try_into_panic() {
+                Ok(panic) => super::panicked("sink", &*panic),
+                Err(_) => "the merged write was cancelled".to_owned(),
+            }
+            .into()),
         }
     }
 
@@ -268,6 +330,24 @@ where
         let _one = self.flushing.lock().await;
         let now = clock.now_ms();
         let service = service.to_owned();
+        // 0. Deltas the merge panicked on: out of the journal, into manual review.
+        let poisoned = std::mem::take(&mut self.state().poisoned);
+        if !poisoned.is_empty() {
+            let ops = poisoned
+                .iter()
+                .flat_map(|t| {
+                    [
+                        Op::Remove(Queue::Journal, t.id()),
+                        Op::Put(Queue::Review, t.clone()),
+                    ]
+                })
+                .collect();
+            if let Err(e) = store.commit(ops).await {
+                tracing::warn!(class = %self.class, error = %e,
+                    "batch_merge: deltas the merge panicked on cannot be moved to manual review yet; they stay journaled");
+                self.state().poisoned.extend(poisoned);
+            }
+        }
         // 1. Seal the pending deltas when due.
         let seal = {
             let mut s = self.state();
@@ -276,17 +356,19 @@ where
                     .is_some_and(|t| now.saturating_sub(t) >= self.config.every.as_millis() as u64);
             if due && !s.ids.is_empty() {
                 s.since_ms = None;
-                Some((std::mem::take(&mut s.pending), std::mem::take(&mut s.ids)))
+                let mut items: Vec<(String, V)> =
+                    std::mem::take(&mut s.pending).into_iter().collect();
+                items.append(&mut s.carry);
+                Some((items, std::mem::take(&mut s.ids)))
             } else {
                 None
             }
         };
-        if let Some((pending, ids)) = seal {
-            let items: Vec<(String, V)> = pending.into_iter().collect();
+        if let Some((items, ids)) = seal {
             match encode(&Entry::Batch(items.clone())) {
                 Ok(bytes) => {
                     let task = Task::new(self.class.clone(), None, Payload::Bytes(bytes))
-                        .with_reason("batch_merge");
+                        .with_reason(REASON);
                     let mut ops = vec![Op::Put(Queue::Journal, task.clone())];
                     ops.extend(ids.iter().map(|id| Op::Remove(Queue::Journal, *id)));
                     match store.commit(ops).await {
@@ -326,7 +408,7 @@ where
             let (ops, outcome) = match result {
                 Ok(()) => (vec![Op::Remove(Queue::Journal, id)], "ok"),
                 Err(e) if attempts + 1 >= self.config.max_attempts => {
-                    let mut spooled = task.clone().with_reason("batch_merge write failed");
+                    let mut spooled = task.clone().with_reason(format!("{REASON} write failed"));
                     spooled.set_answer(e.to_string());
                     (
                         vec![
@@ -366,8 +448,19 @@ where
             match s.pending.remove(&k) {
                 Some(newer) => {
                     let mut merged = v;
-                    (self.config.merge)(&mut merged, newer);
-                    s.pending.insert(k, merged);
+                    match self.fold(&mut merged, newer.clone()) {
+                        Ok(()) => {
+                            s.pending.insert(k, merged);
+                        }
+                        Err(why) => {
+                            // Both values stand for journaled deltas: keep both, sealed side
+                            // by side in the next batch.
+                            tracing::error!(class = %self.class, key = %k, error = %why,
+                                "batch_merge: two values of one key not merged; both are written");
+                            s.carry.push((k.clone(), merged));
+                            s.pending.insert(k, newer);
+                        }
+                    }
                 }
                 None => {
                     s.pending.insert(k, v);
@@ -384,14 +477,41 @@ where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String> {
-        let (k, delta) = (self.config.extract)(rec)?;
+        let extract = &self.config.extract;
+        let (k, delta) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| extract(rec)))
+            .unwrap_or_else(|panic| Err(super::panicked("extract function", &*panic)))?;
         let bytes = encode(&Entry::Delta(k, delta))?;
-        Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason("batch_merge"))
+        Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason(REASON))
+    }
+
+    fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        let invalid =
+            |field, reason: String| Err(crate::error::ConfigError::InvalidValue { field, reason });
+        let every = self.config.every;
+        if every.is_zero() || every > MAX_EVERY {
+            return invalid(
+                "batch_merge.flush_every",
+                format!(
+                    "must be more than zero and at most {MAX_EVERY:?} (class `{}`), not {every:?}",
+                    self.class
+                ),
+            );
+        }
+        if self.config.write_timeout.is_zero() {
+            return invalid(
+                "batch_merge.write_timeout",
+                format!(
+                    "must be more than zero: every write would time out (class `{}`)",
+                    self.class
+                ),
+            );
+        }
+        Ok(())
     }
 
     fn merge(&self, task: Task, now_ms: u64) {
         if let Ok(Entry::Delta(k, v)) = decode::<V>(&task) {
-            self.add(k, v, task.id(), now_ms, false);
+            self.add(k, v, &task, now_ms, false);
         }
     }
 
@@ -407,7 +527,7 @@ where
                         continue;
                     }
                     match decode::<V>(&task) {
-                        Ok(Entry::Delta(k, v)) => self.add(k, v, task.id(), 0, true),
+                        Ok(Entry::Delta(k, v)) => self.add(k, v, &task, 0, true),
                         Ok(Entry::Batch(_)) => {
                             let mut s = self.state();
                             // Batches this process sealed are already in the list.

@@ -100,10 +100,16 @@ impl Capture {
         self
     }
 
-    /// The largest body kept, in bytes (default 64 KiB).
+    /// The largest body kept, in bytes (default 64 KiB); also the largest task-API value kept
+    /// (its JSON).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
         self
+    }
+
+    /// The largest body kept, in bytes.
+    pub(crate) fn limit(&self) -> usize {
+        self.body_limit
     }
 
     /// The header a client's idempotency key is read from (default `idempotency-key`). A kept

@@ -57,6 +57,24 @@ pub use self::{
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
+/// What a caught panic said, when it said it with a string.
+#[cfg(feature = "fallback")]
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+}
+
+/// "the `what` panicked: its message", for a user function's panic caught as a failure.
+#[cfg(feature = "fallback")]
+pub(crate) fn panicked(what: &str, panic: &(dyn std::any::Any + Send)) -> String {
+    match panic_message(panic) {
+        Some(said) => format!("the {what} panicked: {said}"),
+        None => format!("the {what} panicked"),
+    }
+}
+
 use crate::class::{ClassId, Route};
 use crate::gate::Reason;
 

@@ -232,8 +232,9 @@ impl<T> FallbackRouterBuilder<T> {
                 "what replays kept tasks (HttpReplay around the app without the degrade layer)",
             )
         })?;
-        for class in self.batches.keys() {
+        for (class, batcher) in &self.batches {
             self.degrader.registry().require(class)?;
+            batcher.validate()?;
         }
         for class in replay.classes() {
             if self.degrader.registry().get(class).is_none() {
@@ -559,10 +560,26 @@ impl<T> FallbackRouter<T> {
         let (class, reason) = (call.class_name().to_owned(), call.reason());
         // serde_json writes NaN and the infinities as `null`: kept so, the task would fail
         // every replay and its value be gone.
+        // Nor is a value kept that would not read back (nested deeper than JSON readers go), or
+        // larger than an HTTP body may be: one commit holds every other call's up meanwhile.
+        let limit = self.shared.capture.limit();
         let payload = match super::finite::non_finite(call.request()) {
             Some(what) => Err(format!("{what}, which JSON cannot hold")),
             None => serde_json::to_vec(call.request())
-                .map_err(|e| format!("it does not serialize as JSON ({e})")),
+                .map_err(|e| format!("it does not serialize as JSON ({e})"))
+                .and_then(|bytes| {
+                    if bytes.len() > limit {
+                        return Err(format!(
+                            "its JSON is {} bytes, over the router's limit of {limit} \
+                             (`Capture::body_limit`)",
+                            bytes.len()
+                        ));
+                    }
+                    // (`IgnoredAny` skips without `serde_json`'s depth limit: a `Value`.)
+                    serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .map_err(|e| format!("its JSON would not read back ({e})"))?;
+                    Ok(bytes)
+                }),
         };
         let shared = self.shared.clone();
         Ok(async move {

@@ -600,10 +600,22 @@ impl FallbackWorker {
                 continue;
             };
             let attempt = task.attempts() + 1;
-            let fut = match (task.payload(), self.shared.batches.get(task.class())) {
-                (Payload::Bytes(_), Some(batcher)) => batcher.replay(&task),
-                _ => self.replay.replay(&task, attempt),
-            };
+            // A replay that panics before it returns its future (a handler that reads the
+            // task before its `async` block) fails this attempt, as one that panics inside
+            // it does: it must not take the worker, and every other task, down with it.
+            let fut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match (task.payload(), self.shared.batches.get(task.class())) {
+                    // Bytes are also a task-API value, kept by a class that merges too.
+                    (Payload::Bytes(_), Some(batcher)) if super::batch::is_record(&task) => {
+                        batcher.replay(&task)
+                    }
+                    _ => self.replay.replay(&task, attempt),
+                }
+            }))
+            .unwrap_or_else(|panic| {
+                let why = super::panicked("replay", &*panic);
+                Box::pin(std::future::ready(Replayed::Retry(why)))
+            });
             let limit = self.settings.replay_timeout;
             let handle = self.running.spawn(async move {
                 let _permit = permit;
@@ -627,13 +639,11 @@ impl FallbackWorker {
         for ended in done {
             let (id, (outcome, took)) = match ended {
                 Ok(r) => r,
-                Err(e) if e.is_panic() => (
-                    e.id(),
-                    (
-                        Replayed::Retry("the replay panicked".to_owned()),
-                        Duration::ZERO,
-                    ),
-                ),
+                Err(e) if e.is_panic() => {
+                    let id = e.id();
+                    let why = super::panicked("replay", &*e.into_panic());
+                    (id, (Replayed::Retry(why), Duration::ZERO))
+                }
                 Err(e) => (
                     e.id(),
                     (

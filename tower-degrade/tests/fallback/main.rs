@@ -1336,6 +1336,100 @@ async fn a_task_holding_a_nan_or_an_infinity_is_refused_not_kept_as_null() {
     assert_eq!(store.depth(Queue::Spool).len, 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_task_handler_that_panics_before_its_future_fails_that_task_not_the_worker() {
+    // A `replay_task` handler that parses its task before its `async` block: the panic was
+    // raised on the worker's own task, which ended, and no task of any class was replayed
+    // again while new ones were still answered "kept".
+    let d = degrader([ClassConfig::gold("order").fallback_route(Route::DelayedRetry)]);
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let seen = done.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .retry(RetryPolicy::default().max_attempts(2))
+        .replay(replay_task(move |n: String| {
+            let order: u64 = n.parse().unwrap();
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(order);
+                Ok::<_, BoxError>(())
+            }
+        }))
+        .build()
+        .unwrap();
+    let tasks = d.tasks::<String, TaskId>().keep(&router, |a| a.id).build();
+    let worker = tokio::spawn(worker.run());
+    d.force_open("order").unwrap();
+    let never = |_: String| async { Ok::<_, BoxError>(TaskId::generate()) };
+    let mut ids = Vec::new();
+    for n in ["1", "not-a-number", "2"] {
+        ids.push(tasks.run("order", n.to_owned(), never).await.unwrap());
+    }
+    d.reset("order").unwrap();
+    run_for(10_000).await;
+    // Kept after the panic, and replayed too: the worker is still there.
+    d.force_open("order").unwrap();
+    tasks.run("order", "3".to_owned(), never).await.unwrap();
+    d.reset("order").unwrap();
+    run_for(10_000).await;
+    assert!(!worker.is_finished());
+    let mut replayed = done.lock().unwrap().clone();
+    replayed.sort_unstable();
+    assert_eq!(replayed, [1, 2, 3]);
+    let bad = store.get(Queue::Review, ids[1]).await.unwrap().unwrap();
+    let answer = bad.last_answer().unwrap_or_default();
+    assert!(
+        answer.starts_with("the replay panicked: ") && answer.contains("ParseIntError"),
+        "{answer}"
+    );
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_too_deep_to_read_back_or_too_large_is_refused_not_kept() {
+    let d = degrader([ClassConfig::silver("report").fallback_route(Route::Spool)]);
+    let store = Arc::new(MemoryStore::default());
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .capture(Capture::new().body_limit(1024))
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let tasks = d
+        .tasks::<serde_json::Value, TaskId>()
+        .keep(&router, |a| a.id)
+        .build();
+    d.force_open("report").unwrap();
+    let never = |_: serde_json::Value| async { Ok::<_, BoxError>(TaskId::generate()) };
+    let nested =
+        |depth: usize| (0..depth).fold(serde_json::json!(1), |v, _| serde_json::json!([v]));
+    // serde_json reads 128 levels: 200 were kept, and then failed every replay.
+    let err = tasks.run("report", nested(200), never).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot be kept") && text.contains("would not read back"),
+        "{text}"
+    );
+    let err = tasks
+        .run("report", serde_json::json!("x".repeat(2_000)), never)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("2002 bytes") && text.contains("limit of 1024"),
+        "{text}"
+    );
+    assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
+    // Within both: kept.
+    tasks.run("report", nested(100), never).await.unwrap();
+    tasks
+        .run("report", serde_json::json!("x".repeat(1_000)), never)
+        .await
+        .unwrap();
+    assert_eq!(store.depth(Queue::Spool).len, 2);
+}
+
 // ===== what is not kept gets the reject answer =====
 
 #[tokio::test(start_paused = true)]
@@ -1480,6 +1574,29 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
         (
             "initial 18446744073709551615.999999999s",
             FallbackRouter::builder(&d).retry(RetryPolicy::default().initial(Duration::MAX)),
+        ),
+        // A zero flush_every flushed at every step, an endless one wrapped when read in ms;
+        // a zero write_timeout failed every write.
+        (
+            "batch_merge.flush_every",
+            FallbackRouter::builder(&d).batch_merge(
+                "browse",
+                inventory(Arc::default(), Arc::default()).flush_every(Duration::ZERO),
+            ),
+        ),
+        (
+            "batch_merge.flush_every",
+            FallbackRouter::builder(&d).batch_merge(
+                "browse",
+                inventory(Arc::default(), Arc::default()).flush_every(Duration::MAX),
+            ),
+        ),
+        (
+            "batch_merge.write_timeout",
+            FallbackRouter::builder(&d).batch_merge(
+                "browse",
+                inventory(Arc::default(), Arc::default()).write_timeout(Duration::ZERO),
+            ),
         ),
     ] {
         let err = builder
@@ -1664,6 +1781,209 @@ async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dro
     let w = writes.lock().unwrap();
     assert_eq!(totals(&w).values().sum::<i64>(), 150);
     assert_eq!(store.depth(Queue::Spool).len, 0);
+}
+
+/// Inventory deltas whose merge panics on overflow (`checked_add(..).expect(..)`).
+fn overflowing(writes: Arc<Mutex<Vec<Batch<i64>>>>) -> BatchMerge<i64> {
+    BatchMerge::new(
+        |req| {
+            let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
+            let delta = std::str::from_utf8(&req.body)
+                .map_err(|e| e.to_string())?
+                .parse::<i64>()
+                .map_err(|e| e.to_string())?;
+            Ok((sku, delta))
+        },
+        |sum: &mut i64, d| *sum = sum.checked_add(d).expect("stock overflow"),
+        service_fn(move |batch: Batch<i64>| {
+            let writes = writes.clone();
+            async move {
+                writes.lock().unwrap().push(batch);
+                Ok::<_, BoxError>(())
+            }
+        }),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_merge_that_panics_sends_its_delta_to_review_and_the_key_keeps_its_value() {
+    // The panic came after the delta was journaled: the call was answered 503 `not_kept`
+    // (a client's retry then counted it twice), the delta stayed in the journal unmerged, and
+    // at the next start-up the journal's read-back panicked and stopped the worker.
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", overflowing(writes.clone()))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    let worker = tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    let max = i64::MAX.to_string().leak();
+    let mut answers = Vec::new();
+    for (uri, body) in [
+        ("/inventory/sku1", &*max),
+        ("/inventory/sku1", "1"),
+        ("/inventory/sku1", "-5"),
+        ("/inventory/sku2", "3"),
+    ] {
+        answers.push(call(&svc, post(uri, body)).await);
+    }
+    for res in &answers {
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "{:?}", res.headers());
+    }
+    run_for(1_000).await;
+    assert!(!worker.is_finished());
+    let t = totals(&writes.lock().unwrap());
+    assert_eq!(
+        t,
+        HashMap::from([("sku1".to_owned(), i64::MAX - 5), ("sku2".to_owned(), 3)])
+    );
+    let poisoned = store
+        .get(Queue::Review, task_id(&answers[1]))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = poisoned.last_answer().unwrap_or_default();
+    assert!(
+        answer.starts_with("the merge function panicked: stock overflow"),
+        "{answer}"
+    );
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+
+    // Read back from the journal at start-up: the first router kept both and died unflushed.
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let build = |writes: &Arc<Mutex<Vec<Batch<i64>>>>| {
+        FallbackRouter::builder(&d)
+            .shared_store(store.clone())
+            .replay(replay_fn(|_, _| async { Replayed::Done }))
+            .batch_merge("inventory", overflowing(writes.clone()))
+            .build()
+            .unwrap()
+    };
+    let (first, _not_run) = build(&Arc::default());
+    let svc = layered(&d, "inventory", first, &App::default());
+    for body in [&*max, "1"] {
+        assert_eq!(
+            call(&svc, post("/inventory/sku1", body)).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(store.depth(Queue::Journal).len, 2);
+    let (_second, worker) = build(&writes);
+    let worker = tokio::spawn(worker.run());
+    run_for(1_000).await;
+    assert!(!worker.is_finished());
+    // Whichever of the two was read first is written, the other is in review.
+    let review = store.list(Queue::Review, None, 10).await.unwrap();
+    assert_eq!(review.len(), 1);
+    let written = totals(&writes.lock().unwrap())["sku1"];
+    assert!(written == i64::MAX || written == 1, "{written}");
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_panics_is_a_failed_write_and_the_other_classes_still_write() {
+    // The panic unwound through the flush: the write was retried every step with no backoff,
+    // never spooled, and the classes flushed after it in the same loop not at all.
+    let d = degrader([
+        ClassConfig::silver("inventory").fallback_route(Route::BatchMerge),
+        ClassConfig::silver("points").fallback_route(Route::BatchMerge),
+    ]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let panicking = BatchMerge::new(
+        |req| Ok((req.uri.clone(), 1i64)),
+        |sum: &mut i64, d| *sum += d,
+        service_fn(move |_: Batch<i64>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                assert!(n == usize::MAX, "the driver panicked");
+                Ok::<(), BoxError>(())
+            }
+        }),
+    )
+    .max_attempts(3);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", panicking)
+        .batch_merge("points", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    let inv = layered(&d, "inventory", router.clone(), &App::default());
+    let points = layered(&d, "points", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    d.force_open("points").unwrap();
+    d.tick_now();
+    for _ in 0..5 {
+        call(&inv, post("/inventory/sku1", "1")).await;
+        call(&points, post("/points/user1", "2")).await;
+    }
+    run_for(10_000).await;
+    assert_eq!(
+        totals(&writes.lock().unwrap()),
+        HashMap::from([("user1".to_owned(), 10)])
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "three attempts, with backoff"
+    );
+    let spooled = store.list(Queue::Spool, None, 10).await.unwrap();
+    assert_eq!(spooled.len(), 1, "then spooled");
+    let answer = spooled[0].last_answer().unwrap_or_default();
+    assert!(
+        answer.contains("the sink panicked: the driver panicked"),
+        "{answer}"
+    );
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_api_value_kept_by_a_class_that_also_merges_is_replayed_by_its_handler() {
+    // Both are bytes: the task-API value went to the batch decoder ("unreadable batch") and
+    // to manual review, unreplayed.
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::Spool)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let seen = done.clone();
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_task(move |t: Refund| {
+            seen.lock().unwrap().push(t);
+            async { Ok::<_, BoxError>(()) }
+        }))
+        .batch_merge("inventory", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    let tasks = d.tasks::<Refund, TaskId>().keep(&router, |a| a.id).build();
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    let refund = Refund {
+        order: 7,
+        cents: 250,
+    };
+    tasks
+        .run("inventory", refund.clone(), |_| async {
+            Ok::<_, BoxError>(TaskId::generate())
+        })
+        .await
+        .unwrap();
+    d.reset("inventory").unwrap();
+    d.tick_now();
+    run_for(5_000).await;
+    assert_eq!(*done.lock().unwrap(), [refund]);
+    assert_eq!(store.depth(Queue::Review).len, 0);
+    assert!(writes.lock().unwrap().is_empty());
 }
 
 // ===== the embedded store across a restart =====

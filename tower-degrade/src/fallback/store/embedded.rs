@@ -55,10 +55,7 @@ impl EmbeddedStoreBuilder {
         // bug of this process, and is answered with an error naming it.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.open_checked()))
             .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                let what = crate::fallback::panic_message(&*panic)
                     .unwrap_or_else(|| "the database engine failed".to_owned());
                 Err(StoreError::new(
                     StoreErrorKind::Corrupt,
