@@ -233,7 +233,7 @@ where
         self
     }
 
-    /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII and spaces), such as the id
+    /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII and spaces, not spaces alone), such as the id
     /// of the message it came from: a task kept again under the same key while the first is
     /// still kept is that task (the same [`Accepted`](crate::fallback::Accepted) id), not a
     /// second one, and the same key on another value is refused with an error. The key is

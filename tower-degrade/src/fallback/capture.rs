@@ -21,7 +21,8 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay"
 /// [`MAX_KEPT_HEADER_BYTES`] of kept headers, is not kept: it gets `413` with
 /// `x-degrade-reason: too_large`.
 ///
-/// An idempotency key is 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII (and spaces). A call
+/// An idempotency key is 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII (and spaces, not
+/// spaces alone). A call
 /// whose key is not (empty, too long, not text) is kept as a call without one: the header is
 /// not kept, and its task id is its key, so two such calls are never taken for one.
 ///
@@ -58,6 +59,8 @@ pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 pub(crate) fn valid_key(key: &[u8]) -> bool {
     (1..=MAX_KEY_BYTES).contains(&key.len())
         && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())
+        // Spaces alone are a key left blank, not one a client chose.
+        && key.iter().any(u8::is_ascii_graphic)
 }
 
 /// Headers that describe one connection, never replayed.
@@ -414,6 +417,8 @@ mod tests {
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         let empty = HeaderValue::from_static("");
         let binary = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
+        // Spaces alone (a task's key left blank) are no key; spaces inside one are.
+        assert!(!valid_key(b"   ") && valid_key(b"order 7"));
         for value in [empty, binary, HeaderValue::from_str(&long).unwrap()] {
             let p = parts(
                 http::Request::post("/log")

@@ -605,7 +605,7 @@ impl<T> FallbackRouter<T> {
             {
                 return Err(format!(
                     "the `{class}` task's idempotency key is not 1 to {} bytes of visible \
-                     ASCII and spaces: {k:?}",
+                     ASCII and spaces (not spaces alone): {k:?}",
                     super::MAX_KEY_BYTES
                 )
                 .into());
