@@ -2,8 +2,8 @@
 //! harness reads, so traces of a running service under fault injection can be evaluated and
 //! trained on.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +44,11 @@ impl Fault {
 /// Columns: `time_s`, the eight [`FEATURES`], `p_anomaly`, `fault`. The evaluation harness
 /// (`tower-degrade-ai/training/evaluate.py --traces DIR`) reads a directory of such files.
 ///
+/// A file already there (the process restarted) is continued, not replaced: its header must
+/// be these columns (else warm-up fails naming it: move it aside), a last row cut off by a
+/// crash is dropped, and `time_s` goes on one tick after its last row (the time the process
+/// was down is not in the file).
+///
 /// ```no_run
 /// use std::time::Duration;
 /// use tower_degrade::{ClassConfig, Degrader, predict::PredictorConfig};
@@ -64,7 +69,7 @@ pub struct Recorder {
     tick: Duration,
     faults: Vec<(String, Fault)>,
     inner: Option<Box<dyn Predictor>>,
-    files: Vec<(PathBuf, BufWriter<File>, Option<Fault>)>,
+    files: Vec<Recording>,
     step: u64,
     /// A write failed and has been logged; cleared (and said) when one succeeds again.
     failing: bool,
@@ -129,9 +134,16 @@ impl Recorder {
     fn write_rows(&mut self, input: &[f32], out: &[f32]) -> Result<(), Error> {
         // Counted whether or not the rows are written: after a failed tick, `time_s` is
         // still the tick's own.
-        let time = self.tick.as_secs_f64() * self.step as f64;
+        let since = self.tick.as_secs_f64() * self.step as f64;
         self.step += 1;
-        for (class, (path, file, fault)) in self.files.iter_mut().enumerate() {
+        for (class, rec) in self.files.iter_mut().enumerate() {
+            let Recording {
+                path,
+                file,
+                fault,
+                start,
+            } = rec;
+            let time = *start + since;
             let fault = u8::from(fault.as_ref().is_some_and(Fault::get));
             let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
             let io = |e: std::io::Error| Error::Io {
@@ -163,15 +175,85 @@ fn file_name(class: &str) -> String {
         .collect()
 }
 
-fn create(dir: &Path, class: &str) -> Result<(PathBuf, BufWriter<File>, Option<Fault>), Error> {
+/// One class's file.
+struct Recording {
+    path: PathBuf,
+    file: BufWriter<File>,
+    fault: Option<Fault>,
+    /// `time_s` of the first row this process writes.
+    start: f64,
+}
+
+fn header() -> String {
+    format!("time_s,{},p_anomaly,fault", FEATURES.join(","))
+}
+
+/// The class's file, opened to append: a new one gets the header; one already there is
+/// checked, its cut-off last row dropped, and its rows continued a tick after its last.
+fn open(dir: &Path, class: &str, tick: Duration) -> Result<Recording, Error> {
     let path = dir.join(format!("{}.csv", file_name(class)));
     let io = |e: std::io::Error| Error::Io {
         path: path.clone(),
         reason: e.to_string(),
     };
-    let mut file = BufWriter::new(File::create(&path).map_err(io)?);
-    writeln!(file, "time_s,{},p_anomaly,fault", FEATURES.join(",")).map_err(io)?;
-    Ok((path, file, None))
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut start = 0.0;
+    if len > 0 {
+        let head = header();
+        let mut first = vec![0u8; head.len() + 1];
+        let n = file.read(&mut first).map_err(io)?;
+        if first[..n] != *format!("{head}\n").as_bytes() {
+            return Err(Error::Io {
+                path,
+                reason: format!(
+                    "it is there and not a recording of these columns (expected the header \
+                     `{head}`): move it aside, or record into another directory"
+                ),
+            });
+        }
+        // The tail: the last whole row, and anything after it (a row a crash cut off).
+        let from = len.saturating_sub(64 * 1024);
+        file.seek(SeekFrom::Start(from)).map_err(io)?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).map_err(io)?;
+        let whole = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < tail.len() {
+            file.set_len(from + whole as u64).map_err(io)?;
+        }
+        let rows = &tail[..whole.saturating_sub(1)];
+        let last = &rows[rows.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+        let time = std::str::from_utf8(last)
+            .ok()
+            .and_then(|l| l.split(',').next())
+            .and_then(|t| t.parse::<f64>().ok());
+        match time {
+            Some(t) if t.is_finite() => start = t + tick.as_secs_f64(),
+            // The header alone: the rows start at 0.
+            _ if last == head.as_bytes() => {}
+            _ => {
+                return Err(Error::Io {
+                    path,
+                    reason: "its last row has no time_s to go on from: move it aside".to_owned(),
+                });
+            }
+        }
+    }
+    let mut file = BufWriter::new(file);
+    if len == 0 {
+        writeln!(file, "{}", header()).map_err(io)?;
+    }
+    Ok(Recording {
+        path,
+        file,
+        fault: None,
+        start,
+    })
 }
 
 impl Predictor for Recorder {
@@ -215,10 +297,10 @@ impl Predictor for Recorder {
         }
         self.files = classes
             .iter()
-            .map(|c| create(&self.dir, c))
+            .map(|c| open(&self.dir, c, self.tick))
             .collect::<Result<_, _>>()?;
-        for (class, (_, _, fault)) in classes.iter().zip(&mut self.files) {
-            *fault = self
+        for (class, rec) in classes.iter().zip(&mut self.files) {
+            rec.fault = self
                 .faults
                 .iter()
                 .find(|(c, _)| c == class)
@@ -284,6 +366,54 @@ mod tests {
                 "0.500,10,11,12,13,14,15,16,17,0.25,1"
             ]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_restarted_recorder_continues_its_files_and_drops_a_row_cut_off() {
+        // It replaced them: a restart during a days-long recording lost the hours before.
+        let dir = std::env::temp_dir().join(format!("tdai-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let input = vec![0.5f32; WINDOW * N_FEATURES];
+        let record = |ticks: usize| {
+            let mut out = [0.0; 1];
+            let mut rec = Recorder::new(&dir, Duration::from_millis(500))
+                .unwrap()
+                .wrap(Quarter);
+            rec.warm_up(&["a"]).unwrap();
+            for _ in 0..ticks {
+                rec.predict(&input, &mut out).unwrap();
+            }
+        };
+        record(2);
+        // A crash in the middle of a row.
+        let path = dir.join("a.csv");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"1.000,0.5,0.").unwrap();
+        drop(f);
+        record(2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let times: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap())
+            .collect();
+        assert_eq!(times, ["0.000", "0.500", "1.000", "1.500"], "{text}");
+        assert_eq!(text.lines().next().unwrap(), header());
+        assert!(
+            text.lines().skip(1).all(|l| l.split(',').count() == 11),
+            "{text}"
+        );
+
+        // Not a recording of these columns: refused, and left as it was.
+        std::fs::write(&path, "time_s,p99\n0,1\n").unwrap();
+        let mut rec = Recorder::new(&dir, Duration::from_millis(500)).unwrap();
+        let err = rec.warm_up(&["a"]).unwrap_err().to_string();
+        assert!(
+            err.contains("a.csv") && err.contains("move it aside"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "time_s,p99\n0,1\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

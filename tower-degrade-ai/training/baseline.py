@@ -45,7 +45,9 @@ def check(metadata: dict, model: str = "model") -> None:
     found = metadata.get(METADATA_KEY)
     if found != METADATA_VALUE:
         raise ValueError(f"{model}: takes a second input, so its `{METADATA_KEY}` metadata must be "
-                         f"`{METADATA_VALUE}` (the baseline the runtime feeds); found {found!r}")
+                         f"`{METADATA_VALUE}` (the baseline the runtime feeds); found {found!r}. "
+                         f"If it was trained on `baseline.of`'s rows, stamp it with "
+                         f"`python features.py {model}`")
 
 
 def healthy(X: np.ndarray) -> np.ndarray:

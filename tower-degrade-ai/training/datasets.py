@@ -14,6 +14,7 @@ import csv
 import gzip
 import json
 import os
+import sys
 from datetime import datetime
 
 import numpy as np
@@ -237,6 +238,29 @@ def load_smd(root: str) -> list:
         n = len(tr_rows)
         out.append(Trace(f"machine-{m}", "smd", clip(X), events_from_binary(lab), 60.0, None, int(n * 0.8), n))
     return out
+
+
+def missing(root: str) -> list:
+    """The files `load` reads that are not under `root`: checked before anything else runs,
+    so a mistyped or partial --data fails at once, naming what is missing."""
+    need = [os.path.join("nab", "labels", f) for f in ("combined_windows.json", "combined_labels.json")]
+    need += [os.path.join("nab", "data", f + ".csv") for f in NAB_FILES]
+    for days in NEZHA_DAYS.values():
+        for d in days:
+            need += [os.path.join("nezha", d, f"{d}-fault_list.json"),
+                     os.path.join("nezha", d, "metric", "front_service.csv.gz")]
+    for m in SMD_MACHINES:
+        need += [os.path.join("smd_subset", f"machine-{m}_{p}.csv.gz") for p in ("train", "test")]
+    return [p for p in need if not os.path.isfile(os.path.join(root, p))]
+
+
+def require(root: str, tool: str) -> None:
+    """Exit with a message naming what `root` lacks, if anything (`missing`)."""
+    gone = missing(root)
+    if gone:
+        shown = ", ".join(gone[:4]) + (f" and {len(gone) - 4} more" if len(gone) > 4 else "")
+        sys.exit(f"{tool}: --data {root}: not the public traces' directory (it must hold nab/, "
+                 f"nezha/ and smd_subset/ as shared): missing {shown}")
 
 
 def load(root: str) -> dict:

@@ -36,9 +36,14 @@ MAX_ALARMED = 0.01
 
 
 # ------------------------------------------------------------------ detectors (causal scores)
+class NotAProbability(ValueError):
+    """A model answered something OnnxPredictor would refuse."""
+
+
 class Model:
     def __init__(self, path: str):
         import onnxruntime as ort
+        self.path = path
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         # the same checks as OnnxPredictor's: the model names the features it was trained on,
         # and a second input is the long baseline
@@ -59,6 +64,13 @@ class Model:
             if B is not None:
                 feed[self.baseline] = B[idx]
             out[idx] = self.session.run(None, feed)[0][:, 0]
+        # OnnxPredictor refuses an answer that is not a probability (a model that ends in a
+        # logit): scoring it here would report a model the runtime cannot run.
+        bad = np.flatnonzero(~((out >= 0) & (out <= 1)))
+        if len(bad):
+            raise NotAProbability(f"{self.path}: answered {out[bad[0]]:g} on step {int(bad[0])} of "
+                             f"{tr.name}, not a probability in 0..1 (OnnxPredictor refuses it: "
+                             "end the model with a sigmoid)")
         return out
 
 
@@ -316,6 +328,8 @@ def main():
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()
+    if a.data and not a.traces_only:
+        datasets.require(a.data, "evaluate.py")
 
     # The traces first: a file that cannot be read fails now, not after the simulator's run.
     traced = []
@@ -348,8 +362,16 @@ def main():
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
+    taken = {r["dataset"] for r in rows}
     for path, trs, own_val in traced:
+        # Named after its directory, or its whole path where that name is taken (by another
+        # --traces directory, or by one of the harness's own datasets).
         name = os.path.basename(os.path.normpath(path))
+        if name in taken or name in ("simulated", "nab", "nezha", "smd"):
+            name = os.path.normpath(path)
+        if name in taken:
+            sys.exit(f"evaluate.py: --traces {path}: given twice")
+        taken.add(name)
         events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
         if not events:
             print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
@@ -388,4 +410,7 @@ def _nab(root, tr, detector):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except NotAProbability as e:
+        sys.exit(f"evaluate.py: --model {e}")

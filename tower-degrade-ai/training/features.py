@@ -13,6 +13,9 @@ list differs from the Rust one, or that has none. To run a model trained elsewhe
 features, in this order, stamp it:
 
     python features.py MODEL.onnx [MODEL.onnx ...]   # needs the `onnx` package
+
+A model with a second input (the long baseline, `baseline.py`) is stamped with the baseline
+it must be fed too (`tower_degrade.baseline`): train it on `baseline.of`'s rows.
 """
 from __future__ import annotations
 
@@ -94,9 +97,23 @@ def stamp(path: str, extra=None) -> None:
     onnx.save(model, path)
 
 
+def stamp_file(path: str) -> dict:
+    """What the command line does to one file: METADATA_KEY, and for a model with a second
+    input the baseline's key too (`baseline.METADATA_KEY`). Returns the entries set."""
+    import onnx
+    import baseline
+    model = onnx.load(path)
+    weights = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    extra = {baseline.METADATA_KEY: baseline.METADATA_VALUE} if len(inputs) > 1 else {}
+    stamp_model(model, extra)
+    onnx.save(model, path)
+    return {METADATA_KEY: metadata_value(), **extra}
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
     for p in sys.argv[1:]:
-        stamp(p)
-        print(f"{p}: {METADATA_KEY} = {metadata_value()}")
+        for key, value in stamp_file(p).items():
+            print(f"{p}: {key} = {value}")

@@ -249,6 +249,9 @@ def main():
                     help="write the report from the rows and models of an earlier run's --json, "
                          "without training or scoring")
     a = ap.parse_args()
+    if a.epochs < 1:
+        ap.error(f"--epochs {a.epochs}: at least 1 (each fold's model is its best epoch's)")
+    datasets.require(a.data, "lodo.py")
     if a.from_json:
         saved = json.load(open(a.from_json))
         folds = [d for d in a.folds if d in saved["models"]]

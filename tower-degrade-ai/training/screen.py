@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--data", required=True, help="directory holding nab/, nezha/ and smd_subset/")
     ap.add_argument("--seed", type=int, default=7, help="the simulator's seed")
     a = ap.parse_args()
+    datasets.require(a.data, "screen.py")
     sim = simulate.dataset(a.seed)
     pub = datasets.load(a.data)
     sets = {"simulated": ([t for t in sim if t.test_from == 0], [t for t in sim if t.val_from < t.test_from]),

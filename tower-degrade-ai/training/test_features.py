@@ -87,8 +87,66 @@ class Models(unittest.TestCase):
             baseline.check(session_metadata(os.path.join(FIXTURES, "baseline_undeclared.onnx")))
 
 
+@unittest.skipUnless(HAS_ORT, "needs onnxruntime")
+class Scoring(unittest.TestCase):
+    def test_the_harness_refuses_a_model_the_runtime_would_refuse(self):
+        # A model that answers 5 (a logit, say): OnnxPredictor refuses it, so the harness must
+        # not report on it as if the runtime ran it.
+        import numpy as np
+        import evaluate
+        from traces import Trace
+        model = evaluate.Model(os.path.join(FIXTURES, "out_of_range.onnx"))
+        tr = Trace("svc", "mine", np.zeros((70, 8), np.float32), [], 0.5)
+        with self.assertRaisesRegex(evaluate.NotAProbability,
+                                    r"out_of_range.onnx: answered 5 on step 0 of svc, not a probability"):
+            model(tr)
+
+
+    def test_traces_directories_of_one_name_are_each_scored_under_their_path(self):
+        # `--traces prod/svc staging/svc`: the second was dropped from the report, silently.
+        import json
+        import subprocess
+        import sys
+        import numpy as np
+        from traces import Trace, split, write_csv
+        rng = np.random.default_rng(1)
+        with tempfile.TemporaryDirectory() as d:
+            for env, events in (("prod", [(150, 160)]), ("staging", [(120, 125), (170, 175)])):
+                os.makedirs(os.path.join(d, env, "svc"))
+                X = (rng.random((200, 8)) * 0.5 + 0.1).astype(np.float32)
+                write_csv(Trace("checkout", "x", X, events, 0.5),
+                          os.path.join(d, env, "svc", "checkout.csv"))
+                split(os.path.join(d, env, "svc"))
+            out = os.path.join(d, "rows.json")
+            subprocess.run([sys.executable, "evaluate.py", "--model", SHIPPED, "--traces-only",
+                            "--traces", os.path.join(d, "prod", "svc"), os.path.join(d, "staging", "svc"),
+                            "--json", out], check=True, capture_output=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+            named = {r["dataset"] for r in json.load(open(out))}
+        self.assertEqual(named, {"svc", os.path.join(d, "staging", "svc")})
+
+
 @unittest.skipUnless(HAS_ONNX, "needs the onnx package")
 class Stamping(unittest.TestCase):
+    def test_the_command_line_stamps_a_two_input_model_with_its_baseline_too(self):
+        import shutil
+        import onnx
+        import baseline
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.onnx")
+            shutil.copy(os.path.join(FIXTURES, "baseline_undeclared.onnx"), path)
+            model = onnx.load(path)
+            del model.metadata_props[:]
+            onnx.save(model, path)
+            stamped = features.stamp_file(path)
+            self.assertEqual(stamped[baseline.METADATA_KEY], baseline.METADATA_VALUE)
+            meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+            features.check(meta, path)
+            baseline.check(meta, path)
+            # A one-input model gets the feature list alone.
+            shutil.copy(os.path.join(FIXTURES, "window_32.onnx"), path)
+            self.assertEqual(list(features.stamp_file(path)), [features.METADATA_KEY])
+
     def test_stamp_sets_the_key_once_and_keeps_other_metadata(self):
         import onnx
         import make_fixtures

@@ -92,7 +92,7 @@ class Traces(unittest.TestCase):
         import contextlib
         import io
         from traces import read_dir, split
-        X = np.random.default_rng(0).random((100, 8)).astype(np.float32) + 0.1
+        X = np.random.default_rng(0).random((100, 8)).astype(np.float32) * 0.9 + 0.1  # rates <= 1
         idle = X.copy()
         idle[:, 0] = 0.0  # rate_ratio: no traffic in any step
         with tempfile.TemporaryDirectory() as d:
@@ -122,6 +122,12 @@ class Traces(unittest.TestCase):
         self.assertEqual(grace(Trace("a", "mine", X, [], 0.5)), GRACE["recorded"])
         self.assertEqual(grace(Trace("a", "mine", X, [], 60.0)), 3)
         self.assertEqual(grace(Trace("a", "nab", X, [], 300.0)), GRACE["nab"])
+        # Your own 500 ms traces in a directory named `nab` are not scored by NAB's rules.
+        with tempfile.TemporaryDirectory() as d:
+            os.mkdir(os.path.join(d, "nab"))
+            write_csv(Trace("svc", "x", X, [], 0.5), os.path.join(d, "nab", "svc.csv"))
+            tr = read_csv(os.path.join(d, "nab", "svc.csv"), "nab")
+            self.assertEqual(grace(tr), GRACE["recorded"])
 
     def test_bad_input_names_the_file_line_and_column(self):
         with tempfile.TemporaryDirectory() as d:
@@ -158,6 +164,33 @@ class Traces(unittest.TestCase):
             tr = read_csv(p)
             self.assertEqual(float(tr.X[6, 5]), 20.0)
             self.assertEqual(tr.events, [(5, 8)])
+
+    def test_a_column_named_twice_and_a_rate_in_percent_are_refused(self):
+        with tempfile.TemporaryDirectory() as d:
+            # A recording whose p_anomaly column was renamed p99_over_sla: the second one
+            # was read as p99, silently.
+            p = self.write(d, [self.row(0) + ",0.9"],
+                          header="time_s," + ",".join(FEATURES) + ",label,split,p99_over_sla")
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: column p99_over_sla appears 2 times "
+                                                    r"\(columns 7, 12\)"):
+                read_csv(p)
+            p = self.write(d, [self.row(0, success="100")])
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column success_rate: above 1: '100' "
+                                                    r"\(a rate is a share of calls"):
+                read_csv(p)
+            read_csv(self.write(d, [self.row(0, success="1.0"), self.row(1, success="0.25")]))
+
+    def test_time_in_milliseconds_is_noted(self):
+        import contextlib
+        import io
+        with tempfile.TemporaryDirectory() as d:
+            for times, noted in (((0, 500, 1000), True), ((0, 0.5, 1.0), False),
+                                 ((0, 60, 120), False), ((0, 300, 600), False),
+                                 ((0, 60000, 120000), True)):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    read_csv(self.write(d, [self.row(t) for t in times]))
+                self.assertEqual("divide it by 1000" in err.getvalue(), noted, (times, err.getvalue()))
 
     def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
         with tempfile.TemporaryDirectory() as d:

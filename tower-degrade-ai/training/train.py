@@ -255,6 +255,10 @@ def main():
                     help="a directory of your own trace CSVs to train on too (repeatable); each "
                          "file needs a split column: python traces.py split DIR")
     a = ap.parse_args()
+    if a.epochs < 1:
+        ap.error(f"--epochs {a.epochs}: at least 1 (the model is the best epoch's)")
+    if a.data:
+        datasets.require(a.data, "train.py")
     # Fail now, not after the training: the directory the model goes to.
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir):
