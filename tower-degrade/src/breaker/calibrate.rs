@@ -100,6 +100,8 @@ const MAX_PEAKS: usize = 2_048;
 const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
+/// The highest probability a prediction is compared at: a threshold above it is never met.
+pub(crate) const HIGHEST: f64 = 1.0 - EPS;
 /// How far above a false alarm's highest score (in logit) the threshold is put.
 const FALSE_ALARM_MARGIN: f64 = 0.25;
 /// The least extremal index the risk is divided by: excesses in runs longer than this many

@@ -112,6 +112,8 @@ pub struct Breaker {
     /// [`FALSE_ALARM_TICKS`] more have passed without a breach (those before a breach are its
     /// precursors, what the threshold is for, not healthy scores).
     unlearnt: VecDeque<f64>,
+    /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
+    out_of_reach: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,7 +148,24 @@ impl Breaker {
                 PredictThreshold::Calibrated(_) => FALSE_ALARM_TICKS as usize + 1,
                 PredictThreshold::Fixed(_) => 0,
             }),
+            out_of_reach: false,
         }
+    }
+
+    /// `Some(true)` when the calibrated threshold has just gone beyond the highest probability
+    /// a prediction is compared at (the model's scores on this class's healthy ticks reach 1,
+    /// so no score can warn), `Some(false)` when it has come back within reach; `None` when
+    /// nothing changed.
+    pub(crate) fn reach_changed(&mut self) -> Option<bool> {
+        let out = self
+            .calibrator
+            .as_ref()
+            .and_then(Calibrator::threshold)
+            .is_some_and(|t| t > calibrate::HIGHEST);
+        (out != self.out_of_reach).then(|| {
+            self.out_of_reach = out;
+            out
+        })
     }
 
     fn calibrator(threshold: &PredictThreshold, tick: Duration) -> Option<Calibrator> {

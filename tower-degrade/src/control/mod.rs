@@ -179,6 +179,21 @@ impl Shared {
                 self.publish(id, ctl.breaker.directive(now).pack());
             }
             let snap = ctl.history.latest().copied().unwrap_or_default();
+            match ctl.breaker.reach_changed() {
+                Some(true) => tracing::warn!(
+                    service = %self.service, class = %self.names[id.index()],
+                    threshold = ctl.breaker.predict_threshold().unwrap_or(1.0),
+                    "the calibrated prediction threshold is beyond every probability the model \
+                     can answer: its scores on this class's healthy ticks reach 1, so it cannot \
+                     warn of this class (it reports only); a model that separates this class's \
+                     healthy ticks from trouble is needed"
+                ),
+                Some(false) => tracing::info!(
+                    service = %self.service, class = %self.names[id.index()],
+                    "the calibrated prediction threshold is within reach again"
+                ),
+                None => {}
+            }
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(
                     &self.service,

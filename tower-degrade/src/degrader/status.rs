@@ -45,7 +45,10 @@ pub struct ClassStatus {
     /// The failure predictor's last probability for the class, when one is attached.
     pub prediction: Option<f64>,
     /// The probability at or above which a prediction counts (fixed, or calibrated for the
-    /// class); `None` without a predictor or while [`calibrating`](Self::calibrating).
+    /// class); `None` without a predictor or while [`calibrating`](Self::calibrating). A
+    /// calibrated one above 0.999999 is beyond every probability (they are compared clamped
+    /// to 1 - 1e-6): the model scores this class's healthy ticks at 1 and cannot warn of it
+    /// (logged once as a warning).
     pub prediction_threshold: Option<f64>,
     /// A predictor is attached and the class is still learning its healthy scores: the
     /// predictor only reports, it does not degrade the class.

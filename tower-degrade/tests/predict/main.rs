@@ -793,7 +793,9 @@ impl Predictor for Constant {
 #[tokio::test(start_paused = true)]
 async fn a_model_saturated_at_one_on_healthy_ticks_does_not_beat_its_calibrated_threshold() {
     // 1.0 in f32 (a retrained model whose sigmoid saturates, or 0.99999999 rounded) on every
-    // healthy tick: the threshold is fitted beyond it, and the class is never degraded for it.
+    // healthy tick: the threshold is fitted beyond it, and the class is never degraded for it,
+    // and the log says (once) that the model cannot warn of this class.
+    let (logs, _guard) = logs::Logs::capture();
     let d = Degrader::builder("shop")
         .latency_clock(LatencyClock::Tokio)
         .class(ClassConfig::silver("stock"))
@@ -817,6 +819,15 @@ async fn a_model_saturated_at_one_on_healthy_ticks_does_not_beat_its_calibrated_
         "threshold {:?}",
         stock.prediction_threshold
     );
+    healthy(&d, 100).await;
+    let text = logs.text();
+    assert_eq!(
+        text.matches("threshold is beyond every probability the model can answer")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("class=stock"), "{text}");
 }
 
 #[test]
