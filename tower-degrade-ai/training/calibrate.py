@@ -187,3 +187,8 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             if len(unlearnt) > FALSE_ALARM_TICKS:
                 cal.observe(unlearnt.popleft())
     return out
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(__doc__)  # a library: train.py and evaluate.py use it

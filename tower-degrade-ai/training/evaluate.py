@@ -373,6 +373,9 @@ def main():
             sys.exit(f"evaluate.py: --traces {path}: given twice")
         taken.add(name)
         events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
+        if all(t.test_from >= t.T for t in trs):
+            sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "
+                     "val): nothing to score; python traces.py split DIR writes one with a test part")
         if not events:
             print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
                   "to measure (its rows count false trips only)", file=sys.stderr)

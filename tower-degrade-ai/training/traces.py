@@ -265,9 +265,13 @@ def _run_before(ign: np.ndarray, s: int) -> int:
 def read_dir(d: str, dataset: str | None = None) -> list:
     """Every trace CSV in `d`, but those of a class that had no traffic at all (a recorder's
     idle `default` class): there is nothing in them to warn of or to trip on (said on stderr)."""
-    files = sorted(f for f in os.listdir(d) if f.endswith(".csv"))
+    names = sorted(os.listdir(d))
+    files = [f for f in names if f.endswith(".csv")]
     if not files:
-        raise ValueError(f"{d}: no .csv files")
+        near = [f for f in names if ".csv" in f.lower()]
+        raise ValueError(f"{d}: no .csv files" + (
+            f" ({', '.join(near[:3])}: only plain files named *.csv are read; decompress or "
+            "rename them)" if near else ""))
     out = []
     for f in files:
         tr = read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d)))
