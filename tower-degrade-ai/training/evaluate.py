@@ -315,6 +315,24 @@ def table(rows, dataset, H, k, budget) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_names(paths: list) -> list:
+    """The report's name for each --traces directory: its own name, or its whole path where
+    that is taken (by an earlier directory of the same name, or by one of the harness's own
+    datasets); a directory given twice is an error."""
+    taken, seen, out = {"simulated", "nab", "nezha", "smd"}, set(), []
+    for path in paths:
+        full = os.path.normpath(path)
+        if full in seen:
+            raise ValueError(f"--traces {path}: given twice")
+        seen.add(full)
+        name = os.path.basename(full)
+        if name in taken:
+            name = full if full not in taken else os.path.abspath(full)
+        taken.add(name)
+        out.append(name)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model: window [batch,64,8] -> p_anomaly [batch,1]")
@@ -362,16 +380,11 @@ def main():
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
-    taken = {r["dataset"] for r in rows}
-    for path, trs, own_val in traced:
-        # Named after its directory, or its whole path where that name is taken (by another
-        # --traces directory, or by one of the harness's own datasets).
-        name = os.path.basename(os.path.normpath(path))
-        if name in taken or name in ("simulated", "nab", "nezha", "smd"):
-            name = os.path.normpath(path)
-        if name in taken:
-            sys.exit(f"evaluate.py: --traces {path}: given twice")
-        taken.add(name)
+    try:
+        names = section_names([path for path, _, _ in traced])
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}")
+    for (path, trs, own_val), name in zip(traced, names):
         events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
         if all(t.test_from >= t.T for t in trs):
             sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "

@@ -102,30 +102,6 @@ class Scoring(unittest.TestCase):
             model(tr)
 
 
-    def test_traces_directories_of_one_name_are_each_scored_under_their_path(self):
-        # `--traces prod/svc staging/svc`: the second was dropped from the report, silently.
-        import json
-        import subprocess
-        import sys
-        import numpy as np
-        from traces import Trace, split, write_csv
-        rng = np.random.default_rng(1)
-        with tempfile.TemporaryDirectory() as d:
-            for env, events in (("prod", [(150, 160)]), ("staging", [(120, 125), (170, 175)])):
-                os.makedirs(os.path.join(d, env, "svc"))
-                X = (rng.random((200, 8)) * 0.5 + 0.1).astype(np.float32)
-                write_csv(Trace("checkout", "x", X, events, 0.5),
-                          os.path.join(d, env, "svc", "checkout.csv"))
-                split(os.path.join(d, env, "svc"))
-            out = os.path.join(d, "rows.json")
-            subprocess.run([sys.executable, "evaluate.py", "--model", SHIPPED, "--traces-only",
-                            "--traces", os.path.join(d, "prod", "svc"), os.path.join(d, "staging", "svc"),
-                            "--json", out], check=True, capture_output=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-            named = {r["dataset"] for r in json.load(open(out))}
-        self.assertEqual(named, {"svc", os.path.join(d, "staging", "svc")})
-
-
 @unittest.skipUnless(HAS_ONNX, "needs the onnx package")
 class Stamping(unittest.TestCase):
     def test_the_command_line_stamps_a_two_input_model_with_its_baseline_too(self):

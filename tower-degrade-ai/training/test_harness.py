@@ -192,6 +192,17 @@ class Traces(unittest.TestCase):
                     read_csv(self.write(d, [self.row(t) for t in times]))
                 self.assertEqual("divide it by 1000" in err.getvalue(), noted, (times, err.getvalue()))
 
+    def test_traces_directories_of_one_name_are_each_reported_under_their_path(self):
+        # `--traces prod/svc staging/svc`: the second was dropped from the report, silently.
+        from evaluate import section_names
+        self.assertEqual(section_names(["prod/svc", "staging/svc/", "mine"]),
+                         ["svc", "staging/svc", "mine"])
+        # Your `nab` is not NAB's section.
+        self.assertEqual(section_names(["runs/nab"]), ["runs/nab"])
+        self.assertEqual(section_names(["a/svc", "svc"]), ["svc", os.path.abspath("svc")])
+        with self.assertRaisesRegex(ValueError, "--traces prod/svc: given twice"):
+            section_names(["prod/svc", "other/svc", "prod/svc"])
+
     def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
         with tempfile.TemporaryDirectory() as d:
             cases = [

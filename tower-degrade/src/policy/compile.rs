@@ -353,73 +353,123 @@ impl Core {
     }
 
     /// Run `on_tick` against sample contexts: it must return a decision or () within budget.
+    ///
+    /// The contexts are the states a class reaches in production, each window alike within
+    /// one: the first window, healthy, failing (errors, timeouts, slow and overdue calls, a
+    /// queue), a stalled dependency (nothing completes), very slow calls, each breaker state,
+    /// and admission both saturated and idle, so that a division by a count that can be 0 or a
+    /// bound passed on a latency fails here rather than on a live tick.
     fn validate(&self, policy: &Policy) -> Result<(), PolicyError> {
-        let sample = |success: u64, errors: u64, p99_ms: u64, n: usize| {
-            let mut h = History::default();
-            for tick in 0..n as u64 {
-                let w = WindowSnapshot {
-                    tick,
-                    period: Duration::from_millis(500),
-                    successes: success,
-                    errors,
-                    p50: Duration::from_millis(p99_ms / 4),
-                    p90: Duration::from_millis(p99_ms / 2),
-                    p99: Duration::from_millis(p99_ms),
-                    max: Duration::from_millis(p99_ms * 2),
-                    ..Default::default()
-                };
-                h.push(w);
-            }
-            Arc::new(h)
-        };
         // A class the policy governs, so `ctx` looks like the real thing.
         let class = (0..self.classes.len())
             .find(|&i| policy.governs(i, &self.classes[i]))
             .unwrap_or(0);
-        // The last one has a prediction and an admission limiter, so the branches that read
-        // them are run too (a service may have neither).
-        let admission = crate::admit::LimiterState {
+        let sla = self.classes[class].sla_ms.max(1.0);
+        let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
+        // `n` windows of `ok` successes, `errors`, `timeouts` and `overdue` calls, the slow
+        // ones those over the SLA at a p99 of `p99` SLAs, `inflight` calls and a queue.
+        let windows = |n: u64, [ok, errors, timeouts, overdue]: [u64; 4], p99: f64, queue: u64| {
+            let mut h = History::default();
+            let completed = ok + errors + timeouts;
+            let p99_ms = if completed == 0 { 0.0 } else { p99 * sla };
+            let slow = if p99 > 1.0 {
+                completed / 2 + timeouts
+            } else {
+                0
+            };
+            for tick in 0..n {
+                h.push(WindowSnapshot {
+                    tick,
+                    period: Duration::from_millis(500),
+                    successes: ok,
+                    errors,
+                    timeouts,
+                    slow: slow.min(completed),
+                    overdue,
+                    p50: ms(p99_ms / 4.0),
+                    p90: ms(p99_ms / 2.0),
+                    p99: ms(p99_ms),
+                    max: ms(p99_ms * 2.0),
+                    inflight: (overdue + completed / 10) as i64,
+                    queue_depth: queue,
+                    queue_delay: ms(if queue > 0 { 1.5 * sla } else { 0.0 }),
+                    ..Default::default()
+                });
+            }
+            Arc::new(h)
+        };
+        let limiter = |inflight: u32, waiting: u32| crate::admit::LimiterState {
             name: Arc::from("service"),
             limit: 16,
-            inflight: 16,
-            waiting: 40,
+            inflight,
+            waiting,
             baseline_micros: Some(10_000.0),
         };
+        let healthy = |n| windows(n, [95, 0, 0, 0], 0.5, 0);
+        let failing = || windows(64, [40, 40, 20, 5], 4.5, 2_000);
         let samples = [
             (
                 "an empty history",
-                sample(0, 0, 0, 0),
+                windows(0, [0; 4], 0.0, 0),
                 State::Closed,
                 None,
                 None,
             ),
+            ("the first window", healthy(1), State::Closed, None, None),
+            ("healthy windows", healthy(64), State::Closed, None, None),
+            ("failing windows", failing(), State::Closed, None, None),
             (
-                "healthy windows",
-                sample(95, 0, 20, 64),
+                "a stalled dependency (nothing completes)",
+                windows(8, [0, 0, 0, 20], 0.0, 0),
                 State::Closed,
                 None,
                 None,
             ),
+            // 100 SLAs: a bound passed on a latency (`delay(p99 * 10)`) is met here.
             (
-                "failing windows",
-                sample(40, 60, 900, 64),
+                "very slow calls",
+                windows(64, [50, 0, 10, 0], 100.0, 50),
                 State::Closed,
                 None,
                 None,
             ),
             (
                 "an open breaker",
-                sample(0, 30, 2000, 5),
+                windows(5, [0, 30, 0, 0], 10.0, 0),
                 State::Open,
                 None,
                 None,
             ),
             (
+                "a half-open breaker",
+                failing(),
+                State::HalfOpen,
+                None,
+                None,
+            ),
+            (
+                "a recovering breaker",
+                healthy(64),
+                State::Recovering,
+                None,
+                None,
+            ),
+            ("a degraded class", failing(), State::Degraded, None, None),
+            // The last two have a prediction and an admission limiter, so the branches that
+            // read them are run too (a service may have neither): saturated, and idle.
+            (
                 "a predicted failure under admission",
-                sample(90, 10, 300, 64),
+                windows(64, [90, 10, 0, 0], 1.5, 0),
                 State::Closed,
                 Some(0.95),
-                Some(admission),
+                Some(limiter(16, 40)),
+            ),
+            (
+                "an idle service under admission",
+                healthy(64),
+                State::Closed,
+                Some(0.0),
+                Some(limiter(0, 0)),
             ),
         ];
         for (what, history, state, prediction, admission) in samples {

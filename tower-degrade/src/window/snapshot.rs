@@ -220,6 +220,12 @@ impl WindowReader {
         let abandon =
             (ctx.abandon_micros != u64::MAX).then(|| Duration::from_micros(ctx.abandon_micros));
         let overdue = self.ages.step(shards, class, &by_slot, abandon, ctx.period);
+        // A bucket's value may lie above the largest call in it (within the 3.125 %): never
+        // above the exact maximum, so that `p99 <= max` holds as a reader expects.
+        let quantile = |q| {
+            let v = histogram::quantile(hist, latency_samples, q);
+            micros(if max_micros > 0 { v.min(max_micros) } else { v })
+        };
         WindowSnapshot {
             tick: ctx.tick,
             overdue,
@@ -234,9 +240,9 @@ impl WindowReader {
             degraded: counts[Outcome::Degraded.index()],
             cancelled: counts[Outcome::Cancelled.index()],
             slow,
-            p50: micros(histogram::quantile(hist, latency_samples, 0.50)),
-            p90: micros(histogram::quantile(hist, latency_samples, 0.90)),
-            p99: micros(histogram::quantile(hist, latency_samples, 0.99)),
+            p50: quantile(0.50),
+            p90: quantile(0.90),
+            p99: quantile(0.99),
             max: micros(max_micros),
             inflight,
             queue_depth: gauges.queue_depth.load(Relaxed),
@@ -335,7 +341,8 @@ impl WindowSnapshot {
         self.completed() + self.rejected + self.degraded + self.cancelled
     }
 
-    /// Requests per second over the window.
+    /// Requests per second over the window, taken as [`period`](Self::period) long (the
+    /// configured tick, also for a tick that ran late or one driven by hand).
     pub fn rps(&self) -> f64 {
         let secs = self.period.as_secs_f64();
         if secs == 0.0 {
