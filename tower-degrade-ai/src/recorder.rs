@@ -202,45 +202,61 @@ fn open(dir: &Path, class: &str, tick: Duration) -> Result<Recording, Error> {
         .create(true)
         .open(&path)
         .map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
+    let mut len = file.metadata().map_err(io)?.len();
     let mut start = 0.0;
+    let refuse = |reason: String| {
+        Err(Error::Io {
+            path: path.clone(),
+            reason,
+        })
+    };
     if len > 0 {
-        let head = header();
-        let mut first = vec![0u8; head.len() + 1];
-        let n = file.read(&mut first).map_err(io)?;
-        if first[..n] != *format!("{head}\n").as_bytes() {
-            return Err(Error::Io {
-                path,
-                reason: format!(
-                    "it is there and not a recording of these columns (expected the header \
-                     `{head}`): move it aside, or record into another directory"
-                ),
-            });
-        }
-        // The tail: the last whole row, and anything after it (a row a crash cut off).
-        let from = len.saturating_sub(64 * 1024);
-        file.seek(SeekFrom::Start(from)).map_err(io)?;
-        let mut tail = Vec::new();
-        file.read_to_end(&mut tail).map_err(io)?;
-        let whole = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if whole < tail.len() {
-            file.set_len(from + whole as u64).map_err(io)?;
-        }
-        let rows = &tail[..whole.saturating_sub(1)];
-        let last = &rows[rows.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
-        let time = std::str::from_utf8(last)
-            .ok()
-            .and_then(|l| l.split(',').next())
-            .and_then(|t| t.parse::<f64>().ok());
-        match time {
-            Some(t) if t.is_finite() => start = t + tick.as_secs_f64(),
-            // The header alone: the rows start at 0.
-            _ if last == head.as_bytes() => {}
-            _ => {
-                return Err(Error::Io {
-                    path,
-                    reason: "its last row has no time_s to go on from: move it aside".to_owned(),
-                });
+        // Nothing is changed until the file is known to be a recording to go on with.
+        let head = format!("{}\n", header());
+        let mut first = Vec::new();
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        (&mut file)
+            .take(head.len() as u64)
+            .read_to_end(&mut first)
+            .map_err(io)?;
+        if len < head.len() as u64 && head.as_bytes().starts_with(&first) {
+            // A crash while the header was written: an empty recording.
+            file.set_len(0).map_err(io)?;
+            len = 0;
+        } else if first != head.as_bytes() {
+            return refuse(format!(
+                "it is there and not a recording of these columns (expected the header `{}`): \
+                 move it aside, or record into another directory",
+                header()
+            ));
+        } else {
+            // The header ends in a newline, so there is a last one: the end of the last whole
+            // row (or of the header); what follows it is a row a crash cut off.
+            let end = last_newline(&mut file, len).map_err(io)?.unwrap_or(0);
+            if end >= head.len() as u64 {
+                let from = last_newline(&mut file, end)
+                    .map_err(io)?
+                    .map_or(0, |i| i + 1);
+                let mut row = Vec::new();
+                file.seek(SeekFrom::Start(from)).map_err(io)?;
+                (&mut file)
+                    .take((end - from).min(64 * 1024))
+                    .read_to_end(&mut row)
+                    .map_err(io)?;
+                let time = std::str::from_utf8(&row)
+                    .ok()
+                    .and_then(|l| l.split(',').next())
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .filter(|t| t.is_finite());
+                let Some(time) = time else {
+                    return refuse(
+                        "its last row has no time_s to go on from: move it aside".to_owned(),
+                    );
+                };
+                start = time + tick.as_secs_f64();
+            }
+            if end + 1 < len {
+                file.set_len(end + 1).map_err(io)?;
             }
         }
     }
@@ -254,6 +270,23 @@ fn open(dir: &Path, class: &str, tick: Duration) -> Result<Recording, Error> {
         fault: None,
         start,
     })
+}
+
+/// The offset of the last `\n` in `file` before `end`, read backwards 64 KiB at a time.
+fn last_newline(file: &mut File, end: u64) -> std::io::Result<Option<u64>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut hi = end;
+    while hi > 0 {
+        let lo = hi.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(hi - lo) as usize];
+        file.seek(SeekFrom::Start(lo))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(lo + i as u64));
+        }
+        hi = lo;
+    }
+    Ok(None)
 }
 
 impl Predictor for Recorder {
@@ -404,6 +437,21 @@ mod tests {
             text.lines().skip(1).all(|l| l.split(',').count() == 11),
             "{text}"
         );
+
+        // A power loss that left 70 KiB of NULs after the last row: dropped, and no more.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&vec![0u8; 70 * 1024]).unwrap();
+        drop(f);
+        record(1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 6, "{text}");
+        assert!(text.ends_with('\n') && text.lines().last().unwrap().starts_with("2.000,"));
+        // A crash while the header was written: an empty recording, started again.
+        std::fs::write(&path, &header().as_bytes()[..20]).unwrap();
+        record(1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>()[0], header());
+        assert!(text.lines().nth(1).unwrap().starts_with("0.000,"), "{text}");
 
         // Not a recording of these columns: refused, and left as it was.
         std::fs::write(&path, "time_s,p99\n0,1\n").unwrap();

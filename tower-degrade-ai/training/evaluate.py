@@ -322,9 +322,9 @@ def section_names(paths: list) -> list:
     taken, seen, out = {"simulated", "nab", "nezha", "smd"}, set(), []
     for path in paths:
         full = os.path.normpath(path)
-        if full in seen:
+        if os.path.abspath(full) in seen:
             raise ValueError(f"--traces {path}: given twice")
-        seen.add(full)
+        seen.add(os.path.abspath(full))
         name = os.path.basename(full)
         if name in taken:
             name = full if full not in taken else os.path.abspath(full)
@@ -356,6 +356,9 @@ def main():
             trs = read_dir(path)
         except (OSError, ValueError) as e:
             sys.exit(f"evaluate.py: --traces {path}: {e}")
+        if all(t.test_from >= t.T for t in trs):
+            sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "
+                     "val): nothing to score; python traces.py split DIR writes one with a test part")
         traced.append((path, trs, any(t.val_from < t.test_from for t in trs)))
     try:
         model = Model(a.model)
@@ -386,9 +389,6 @@ def main():
         sys.exit(f"evaluate.py: {e}")
     for (path, trs, own_val), name in zip(traced, names):
         events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
-        if all(t.test_from >= t.T for t in trs):
-            sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "
-                     "val): nothing to score; python traces.py split DIR writes one with a test part")
         if not events:
             print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
                   "to measure (its rows count false trips only)", file=sys.stderr)

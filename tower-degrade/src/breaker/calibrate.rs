@@ -101,7 +101,7 @@ const MIN_PEAKS: usize = 50;
 /// Probabilities are clamped this far from 0 and 1 before their logit is taken.
 const EPS: f64 = 1e-6;
 /// The highest probability a prediction is compared at: a threshold above it is never met.
-pub(crate) const HIGHEST: f64 = 1.0 - EPS;
+const HIGHEST: f64 = 1.0 - EPS;
 /// How far above a false alarm's highest score (in logit) the threshold is put.
 const FALSE_ALARM_MARGIN: f64 = 0.25;
 /// The least extremal index the risk is divided by: excesses in runs longer than this many
@@ -168,6 +168,14 @@ impl Calibrator {
             init: Vec::new(),
             tail: None,
         }
+    }
+
+    /// Whether the threshold is beyond every probability: no score can meet it (compared as
+    /// [`exceeds`](Self::exceeds) compares, on the clamped logit).
+    pub(crate) fn beyond_reach(&self) -> bool {
+        self.tail
+            .as_ref()
+            .is_some_and(|t| t.threshold > logit(HIGHEST))
     }
 
     /// The probability at or above which a tick predicts failure; `None` while warming up.

@@ -160,8 +160,7 @@ impl Breaker {
         let out = self
             .calibrator
             .as_ref()
-            .and_then(Calibrator::threshold)
-            .is_some_and(|t| t > calibrate::HIGHEST);
+            .is_some_and(Calibrator::beyond_reach);
         (out != self.out_of_reach).then(|| {
             self.out_of_reach = out;
             out

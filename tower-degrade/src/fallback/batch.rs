@@ -26,7 +26,9 @@ use crate::error::BoxError;
 pub struct Batch<V> {
     /// The batch id.
     pub id: TaskId,
-    /// Each key with its merged value.
+    /// Each key with its merged value, in no set order. A key is there twice only when a
+    /// batch that could not be sealed met newer deltas of its key that the merge panicked
+    /// combining with it: the older value first.
     pub items: Vec<(String, V)>,
 }
 
@@ -178,13 +180,16 @@ fn decode<V: DeserializeOwned>(task: &Task) -> Result<Entry<V>, String> {
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The reason every `batch_merge` record carries (the journaled deltas, the sealed batches,
-/// the spooled ones): what tells them from a task-API value of the same class, also bytes.
+/// The reason every `batch_merge` record is kept with (the journaled deltas, the sealed
+/// batches, the spooled ones).
 const REASON: &str = "batch_merge";
 
-/// Whether `task` is a `batch_merge` record rather than a task-API value.
+/// Whether `task` is a `batch_merge` record rather than a task-API value, both bytes: a
+/// record's first byte is its [`Entry`] variant (postcard writes it as a varint: 0 or 1), and
+/// JSON text never starts with a control byte. (Not by its reason, which a requeue from
+/// manual review replaces.)
 pub(crate) fn is_record(task: &Task) -> bool {
-    task.reason().starts_with(REASON)
+    matches!(task.payload(), Payload::Bytes(b) if matches!(b.first(), Some(0 | 1)))
 }
 
 /// The longest `flush_every`.
@@ -307,16 +312,14 @@ where
     async fn write(&self, batch: Batch<V>) -> Result<(), BoxError> {
         let limit = self.config.write_timeout;
         let sink = self.config.sink.clone();
-        let write =
-            tokio::spawn(async move { tokio::time::timeout(limit, sink.oneshot(batch)).await });
-        match write.await {
-            Ok(Ok(done)) => done,
-            Ok(Err(_)) => Err(format!("the merged write timed out after {limit:?}").into()),
-            Err(e) => Err(match e.try_into_panic() {
-                Ok(panic) => super::panicked("sink", &*panic),
-                Err(_) => "the merged write was cancelled".to_owned(),
-            }
-            .into()),
+        // A set, so that dropping the flush (the worker stopped) cancels the write, as before.
+        let mut write = tokio::task::JoinSet::new();
+        write.spawn(async move { tokio::time::timeout(limit, sink.oneshot(batch)).await });
+        match write.join_next().await {
+            Some(Ok(Ok(done))) => done,
+            Some(Ok(Err(_))) => Err(format!("the merged write timed out after {limit:?}").into()),
+            Some(Err(e)) if e.is_panic() => Err(super::panicked("sink", &*e.into_panic()).into()),
+            Some(Err(_)) | None => Err("the merged write was cancelled".into()),
         }
     }
 
@@ -356,9 +359,9 @@ where
                     .is_some_and(|t| now.saturating_sub(t) >= self.config.every.as_millis() as u64);
             if due && !s.ids.is_empty() {
                 s.since_ms = None;
-                let mut items: Vec<(String, V)> =
-                    std::mem::take(&mut s.pending).into_iter().collect();
-                items.append(&mut s.carry);
+                // The carried values are older than the pending ones of their key: first.
+                let mut items = std::mem::take(&mut s.carry);
+                items.extend(std::mem::take(&mut s.pending));
                 Some((items, std::mem::take(&mut s.ids)))
             } else {
                 None

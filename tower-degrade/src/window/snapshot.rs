@@ -220,11 +220,17 @@ impl WindowReader {
         let abandon =
             (ctx.abandon_micros != u64::MAX).then(|| Duration::from_micros(ctx.abandon_micros));
         let overdue = self.ages.step(shards, class, &by_slot, abandon, ctx.period);
-        // A bucket's value may lie above the largest call in it (within the 3.125 %): never
-        // above the exact maximum, so that `p99 <= max` holds as a reader expects.
+        // A bucket's value may lie above the largest call in it (within its 3.125 %): then
+        // the exact maximum, so that `p99 <= max` holds as a reader expects. Not further: a
+        // call recorded while this was read may be in this tick's histogram and the next
+        // tick's maximum.
         let quantile = |q| {
             let v = histogram::quantile(hist, latency_samples, q);
-            micros(if max_micros > 0 { v.min(max_micros) } else { v })
+            micros(if v > max_micros && v - max_micros <= v / 32 {
+                max_micros
+            } else {
+                v
+            })
         };
         WindowSnapshot {
             tick: ctx.tick,

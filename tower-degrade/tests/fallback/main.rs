@@ -1819,6 +1819,7 @@ async fn a_merge_that_panics_sends_its_delta_to_review_and_the_key_keeps_its_val
         .batch_merge("inventory", overflowing(writes.clone()))
         .build()
         .unwrap();
+    let review = router.review();
     let svc = layered(&d, "inventory", router, &App::default());
     let worker = tokio::spawn(worker.run());
     d.force_open("inventory").unwrap();
@@ -1853,8 +1854,26 @@ async fn a_merge_that_panics_sends_its_delta_to_review_and_the_key_keeps_its_val
         "{answer}"
     );
     assert_eq!(store.depth(Queue::Journal).len, 0);
+    // A person requeues it (the reason becomes "requeued"): written alone, through the sink,
+    // not handed to the router's replay as if it were a task-API value.
+    assert!(review.requeue(task_id(&answers[1])).await.unwrap());
+    d.reset("inventory").unwrap();
+    d.tick_now();
+    run_for(3_000).await;
+    assert!(
+        writes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.items == [("sku1".to_owned(), 1)]),
+        "{:?}",
+        writes.lock().unwrap()
+    );
+    assert_eq!(store.depth(Queue::Review).len, 0);
+    assert_eq!(store.depth(Queue::Retry).len, 0);
 
     // Read back from the journal at start-up: the first router kept both and died unflushed.
+    d.force_open("inventory").unwrap();
     let writes = Arc::new(Mutex::new(Vec::new()));
     let store = Arc::new(MemoryStore::default());
     let build = |writes: &Arc<Mutex<Vec<Batch<i64>>>>| {
