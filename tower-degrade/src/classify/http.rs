@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, Method, Request};
 
-use super::pattern::{Segment, matches, parse_pattern, same_pattern};
+use super::pattern::{Segment, matches, more_specific, parse_pattern, same_pattern};
 use super::view::parse_start;
 use super::{ClassifyRequest, RequestView};
 use crate::admit::AdmissionKey;
@@ -114,9 +114,13 @@ impl HttpClassifierBuilder {
     /// Patterns use axum's syntax: literal segments, `{param}` (or `:param`) for one segment,
     /// and a trailing `{*rest}` (or `*`) for any remainder; a parameter's name need not be
     /// the route's. A pattern is the **full path** a client sends: a classifier on a router
-    /// nested under `/api` names `/api/products/{id}`, as axum's `MatchedPath` does. Rules are tried in order; a rule
-    /// that an earlier one hides (the same pattern, for the same method or for any method) is
-    /// an error naming both, as it could never match.
+    /// nested under `/api` names `/api/products/{id}`, as axum's `MatchedPath` does. Inside an
+    /// axum router (`Router::layer`, with the `axum` feature) the route axum matched decides;
+    /// elsewhere (the layer around the whole router, a plain hyper service) the most specific
+    /// matching pattern does, as in axum's router: a literal segment beats a parameter, a
+    /// parameter a catch-all, whatever the order the rules were added in. A rule that an
+    /// earlier one hides (the same pattern, for the same method or for any method) is an
+    /// error naming both, as it could never match.
     pub fn route(
         mut self,
         method: Option<Method>,
@@ -300,6 +304,10 @@ impl HttpClassifier {
             }
         }
         let matched = matched_path(extensions);
+        // Without the route axum matched (the layer around the whole router, or no axum),
+        // the most specific pattern wins, as axum's router picks it: rule order would
+        // otherwise put `/products/featured` in `/products/{id}`'s class.
+        let mut best: Option<&PathRule> = None;
         for rule in &r.paths {
             // A GET rule takes HEAD too, as axum's routes answer HEAD with the GET handler.
             if rule
@@ -309,15 +317,17 @@ impl HttpClassifier {
             {
                 continue;
             }
-            let hit = match matched {
-                Some(pattern) => same_pattern(&rule.segments, pattern),
-                None => matches(&rule.segments, path),
-            };
-            if hit {
-                return rule.class;
+            match matched {
+                Some(pattern) if same_pattern(&rule.segments, pattern) => return rule.class,
+                None if matches(&rule.segments, path)
+                    && best.is_none_or(|b| more_specific(&rule.segments, &b.segments)) =>
+                {
+                    best = Some(rule);
+                }
+                _ => {}
             }
         }
-        r.default
+        best.map_or(r.default, |b| b.class)
     }
 }
 

@@ -64,7 +64,8 @@ pub(crate) fn matches(segments: &[Segment], path: &str) -> bool {
     let mut rest = Some(path.strip_prefix('/').unwrap_or(path));
     for seg in segments {
         if *seg == Segment::CatchAll {
-            return true;
+            // As axum's: at least one byte (`/static/{*rest}` is not `/static` or `/static/`).
+            return rest.is_some_and(|r| !r.is_empty());
         }
         let Some(r) = rest else { return false };
         let (part, tail) = match r.as_bytes().iter().position(|&b| b == b'/') {
@@ -82,6 +83,25 @@ pub(crate) fn matches(segments: &[Segment], path: &str) -> bool {
         rest = tail;
     }
     rest.is_none()
+}
+
+/// Whether `a` is more specific than `b`, two patterns that match one path: at the first
+/// segment where they differ, a literal beats a parameter and a parameter a catch-all (axum's
+/// router's priority).
+pub(crate) fn more_specific(a: &[Segment], b: &[Segment]) -> bool {
+    let rank = |s: &Segment| match s {
+        Segment::Literal(_) => 2,
+        Segment::Param => 1,
+        Segment::CatchAll => 0,
+    };
+    for (x, y) in a.iter().zip(b) {
+        if rank(x) != rank(y) {
+            return rank(x) > rank(y);
+        }
+    }
+    // One is a prefix of the other: only a catch-all makes a shorter one match the same path,
+    // and the longer, which spells that part out, is the more specific.
+    a.len() > b.len()
 }
 
 /// Whether `pattern`, a route pattern as axum reports it (`MatchedPath`), is the pattern of
@@ -128,6 +148,10 @@ mod tests {
         assert!(!matches(&segs("/orders/{id}"), "/orders/7/items"));
         assert!(!matches(&segs("/orders/{id}"), "/orders/"));
         assert!(matches(&segs("/static/{*rest}"), "/static/a/b/c"));
+        // A catch-all takes at least one byte, as axum's does: these are axum's 404s.
+        assert!(!matches(&segs("/static/{*rest}"), "/static"));
+        assert!(!matches(&segs("/static/{*rest}"), "/static/"));
+        assert!(matches(&segs("/static/{*rest}"), "/static/a/"));
         assert!(matches(&segs("/"), "/"));
         assert!(!matches(&segs("/a"), "/b"));
         assert!(matches(&segs("/users/:id/cart"), "/users/u1/cart"));
@@ -144,6 +168,20 @@ mod tests {
             let e = parse_pattern(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_more_specific_pattern_is_the_one_axum_routes_to() {
+        let featured = segs("/products/featured");
+        let product = segs("/products/{id}");
+        let any = segs("/products/{*rest}");
+        assert!(more_specific(&featured, &product) && !more_specific(&product, &featured));
+        assert!(more_specific(&product, &any) && !more_specific(&any, &product));
+        assert!(more_specific(&segs("/a/{x}/b"), &segs("/a/{x}/{y}")));
+        assert!(
+            !more_specific(&product, &segs("/products/{sku}")),
+            "equal: the first wins"
+        );
     }
 
     #[test]

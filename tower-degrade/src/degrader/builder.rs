@@ -324,11 +324,16 @@ impl DegraderBuilder {
             registry,
         };
         let shared = Arc::new(shared);
+        super::shared::register_service(&shared.service);
         shared.publish_status();
         Ok(shared)
     }
 
-    /// Build the degrader and spawn its control loop on the current tokio runtime.
+    /// Build the degrader and spawn its control loop on the current tokio runtime. The loop
+    /// lives as long as that runtime: a degrader that outlives it (a `static` shared by
+    /// `#[tokio::test]`s, each with a runtime of its own) stops ticking, so its breakers no
+    /// longer move. Build one per runtime, or spawn [`build_with_worker`](Self::build_with_worker)'s
+    /// loop on the runtime that lasts.
     ///
     /// # Panics
     ///

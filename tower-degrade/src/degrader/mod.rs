@@ -38,7 +38,9 @@ pub struct Degrader {
 
 impl Degrader {
     /// Start building a degrader for the service `service` (the `service` label of every
-    /// metric and log line: not empty, no control characters).
+    /// metric and log line: not empty, no control characters). Two degraders alive in one
+    /// process (one for HTTP, one for gRPC) need names of their own: with one name, their
+    /// metrics overwrite each other's (a warning says so at build).
     pub fn builder(service: impl Into<String>) -> DegraderBuilder {
         DegraderBuilder::new(service.into())
     }

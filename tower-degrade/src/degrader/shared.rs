@@ -108,6 +108,40 @@ pub(crate) struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.shutdown.trigger();
+        live_services(|live| {
+            if let Some(n) = live.get_mut(&*self.service) {
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(&*self.service);
+                }
+            }
+        });
+    }
+}
+
+/// The service names of the degraders alive in this process, with how many have each.
+static LIVE: Mutex<Option<std::collections::HashMap<String, usize>>> = Mutex::new(None);
+
+fn live_services<R>(f: impl FnOnce(&mut std::collections::HashMap<String, usize>) -> R) -> R {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    f(live.get_or_insert_with(Default::default))
+}
+
+/// Count a new degrader's service name; a name another live degrader has is said once per
+/// such degrader: their metrics carry the same labels, so each overwrites the other's gauges.
+pub(crate) fn register_service(service: &str) {
+    let before = live_services(|live| {
+        let n = live.entry(service.to_owned()).or_default();
+        *n += 1;
+        *n - 1
+    });
+    if before > 0 {
+        tracing::warn!(
+            service,
+            "another degrader in this process has this service name: their metrics carry the \
+             same labels, so each overwrites the other's gauges (breaker state, health score); \
+             give each its own name"
+        );
     }
 }
 

@@ -839,3 +839,26 @@ async fn error_texts_read_as_sentences() {
          retry after 0.5 s"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn two_live_degraders_of_one_service_name_are_warned_of() {
+    // Their metrics carry the same labels: one's forced-open class read 5, 0, 5, 0 as each
+    // ticked in turn, and the health score was the last one's.
+    let (logs, _guard) = logs::Logs::capture();
+    let said = || {
+        logs.text()
+            .matches("another degrader in this process")
+            .count()
+    };
+    let http = Degrader::builder("dup-svc").build().unwrap();
+    assert_eq!(said(), 0);
+    let grpc = Degrader::builder("dup-svc").build().unwrap();
+    assert_eq!(said(), 1, "{}", logs.text());
+    let other = Degrader::builder("dup-svc-grpc").build().unwrap();
+    drop((http, grpc, other));
+    tokio::task::yield_now().await;
+    // Both gone: the name is free again.
+    let again = Degrader::builder("dup-svc").build().unwrap();
+    assert_eq!(said(), 1, "{}", logs.text());
+    drop(again);
+}

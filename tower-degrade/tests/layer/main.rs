@@ -424,6 +424,45 @@ async fn http_degraded_answer_is_503_with_retry_after_and_extension() {
     );
 }
 
+#[test]
+fn without_axum_s_matched_route_the_most_specific_pattern_decides() {
+    // The layer around the whole router sees no `MatchedPath`: rule order decided, and a gold
+    // literal route added after a bronze parameter route was counted as bronze.
+    let d = degrader(vec![
+        ClassConfig::bronze("browse"),
+        ClassConfig::gold("featured"),
+        ClassConfig::bronze("assets"),
+    ]);
+    let classify = d
+        .http_classifier()
+        .route(Some(http::Method::GET), "/api/products/{id}", "browse")
+        .unwrap()
+        .route(
+            Some(http::Method::GET),
+            "/api/products/featured",
+            "featured",
+        )
+        .unwrap()
+        .route(None, "/static/{*rest}", "assets")
+        .unwrap()
+        .build();
+    let class = |path: &str| {
+        let id = classify.classify_parts(
+            &http::Method::GET,
+            path,
+            &HeaderMap::new(),
+            &http::Extensions::new(),
+        );
+        d.registry().class(id).name().to_owned()
+    };
+    assert_eq!(class("/api/products/featured"), "featured");
+    assert_eq!(class("/api/products/42"), "browse");
+    assert_eq!(class("/static/app.js"), "assets");
+    // axum answers these 404: its catch-all takes at least one byte.
+    assert_eq!(class("/static"), "default");
+    assert_eq!(class("/static/"), "default");
+}
+
 #[tokio::test(start_paused = true)]
 async fn axum_routes_share_one_breaker() {
     use axum::Router;
