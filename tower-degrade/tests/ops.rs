@@ -140,6 +140,7 @@ fn every_alert_is_defined_and_tested() {
     for wanted in [
         "DegradeHealthScoreLow",
         "DegradeClassOpenTooLong",
+        "DegradeGoldRefused",
         "DegradeManualReviewBacklog",
         "DegradeSpoolOldestTooOld",
         "DegradePredictorOverruns",

@@ -18,7 +18,7 @@
 //! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues and the faults in force, as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
-//! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`) |
+//! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
 //! | `DELETE /chaos` | stop every fault; `?target=dependency:db` stops one (either way, calls that faults are delaying or hanging go on at once) |
 //!
 //! ```no_run

@@ -335,9 +335,9 @@ impl std::str::FromStr for Target {
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s.split_once(':') {
-            Some(("class", c)) => Ok(Target::class(c)),
-            Some(("dependency", d)) => Ok(Target::dependency(d)),
-            Some(("route", r)) => Ok(Target::route(r)),
+            Some(("class", c)) if !c.is_empty() => Ok(Target::class(c)),
+            Some(("dependency", d)) if !d.is_empty() => Ok(Target::dependency(d)),
+            Some(("route", r)) if !r.is_empty() => Ok(Target::route(r)),
             _ => Err(ConfigError::InvalidValue {
                 field: "chaos.target",
                 reason: format!(
@@ -600,13 +600,16 @@ impl Chaos {
 
     /// Strike the calls `target` names with `fault`, replacing what was set for the same
     /// target. Fails, changing nothing, on an unknown class, a dependency no class has, a
-    /// route pattern that does not parse, or a rate outside 0 to 1.
+    /// route pattern that does not parse, or a rate outside 0 to 1. A fault that injects
+    /// nothing clears the target's, as [`clear`](Self::clear) does; replacing a fault, like
+    /// clearing one, lets the calls that faults delayed or hung go on at once.
     pub fn set(&self, target: Target, fault: Fault) -> Result<(), ConfigError> {
         fault.validate()?;
         let spec = target.to_string();
         let mut faults = self.shared.faults();
         let mut next = faults.clone();
         next.retain(|(t, _)| *t != target);
+        let replaced = next.len() < faults.len();
         if next.len() >= MAX_FAULTS {
             // Every call of a layer matches its path against the route faults.
             return Err(ConfigError::InvalidValue {
@@ -614,12 +617,23 @@ impl Chaos {
                 reason: format!("{MAX_FAULTS} faults are set: clear one first"),
             });
         }
-        if !fault.is_noop() {
-            next.push((target, fault));
-        }
+        // The target is checked with the fault in the plan, an empty one too (an unknown
+        // class is an error however little is asked of it).
+        next.push((target, fault));
         self.shared.publish(&next)?;
+        if fault.is_noop() {
+            next.pop();
+            let _ = self.shared.publish(&next);
+        }
+        if replaced {
+            self.shared.release_waiting();
+        }
         // Faults change what calls get: logged, as breaker commands are.
-        tracing::info!(target = %spec, ?fault, "chaos: fault set");
+        if fault.is_noop() {
+            tracing::info!(target = %spec, "chaos: fault cleared (set to nothing)");
+        } else {
+            tracing::info!(target = %spec, ?fault, "chaos: fault set");
+        }
         *faults = next;
         Ok(())
     }

@@ -329,6 +329,13 @@ fn bad_faults_and_targets_are_refused_naming_what_is_wrong() {
     assert!(msg.contains("no class depends on `kafka`"), "{msg}");
     let msg = field(chaos.set(Target::route("no-slash{"), Fault::new().errors(0.1)));
     assert!(msg.starts_with("chaos.target: "), "the field given: {msg}");
+    // A target with no name is none.
+    for empty in ["class:", "dependency:", "route:"] {
+        assert!(empty.parse::<Target>().is_err(), "{empty}");
+    }
+    // An empty fault names its target too: it was accepted for any class.
+    let msg = field(chaos.set(Target::class("nope"), Fault::new()));
+    assert!(msg.contains("unknown class `nope`"), "{msg}");
     // Nothing was set by the refused calls.
     assert!(chaos.faults().is_empty());
 }
@@ -412,4 +419,37 @@ async fn clearing_the_faults_ends_the_waits_they_started() {
     );
     assert_eq!(slow.status(), StatusCode::OK, "the delayed call goes on");
     assert_eq!(done.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replacing_a_hang_or_setting_it_to_nothing_ends_the_waits_too() {
+    // Replaced (or "cleared" with an empty fault, which `GET /chaos` then showed as gone),
+    // the hang held its calls for the rest of its `hang_for`.
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    let svc = app(&d, &chaos, Arc::new(AtomicU64::new(0)));
+    for replacement in [Fault::new().errors(0.1), Fault::new()] {
+        chaos
+            .set(
+                Target::class("browse_log"),
+                Fault::new().hangs(1.0).hang_for(Duration::from_secs(60)),
+            )
+            .unwrap();
+        let mut svc = svc.clone();
+        let hung = async move {
+            let req = Request::post("/log").body(Body::empty()).unwrap();
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        };
+        tokio::pin!(hung);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut hung)
+                .await
+                .is_err()
+        );
+        chaos.set(Target::class("browse_log"), replacement).unwrap();
+        let start = Instant::now();
+        assert_eq!(fault_of(&hung.await), Some("hang"));
+        assert_eq!(start.elapsed(), Duration::ZERO, "at once: {replacement:?}");
+    }
+    assert!(chaos.faults().is_empty(), "the empty fault cleared it");
 }
