@@ -12,10 +12,12 @@ use crate::baseline::{
 };
 use crate::{Error, runtime};
 
-/// The input the model must take: `[batch, 64, 8]` float32. A model may take a second,
+/// The conventional name of the model's input, `[batch, 64, 8]` float32 (a model with
+/// another name is used by position: its first input). A model may take a second,
 /// [`BASELINE_INPUT`](crate::baseline::BASELINE_INPUT) (see [`crate::baseline`]).
 pub const INPUT_NAME: &str = "window";
-/// The output the model must give: `[batch, 1]` float32 probabilities.
+/// The conventional name of the model's output, `[batch, 1]` float32 probabilities (used by
+/// position under another name).
 pub const OUTPUT_NAME: &str = "p_anomaly";
 /// The ONNX metadata key (`metadata_props`) under which a model names its input features: the
 /// names of [`FEATURES`] in input order, joined by commas (`rate_ratio,success_rate,...`;
