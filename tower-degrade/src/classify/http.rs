@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, Method, Request};
 
-use super::pattern::{Segment, matches, more_specific, parse_pattern, same_pattern};
+use super::pattern::{Segment, matches, more_specific, overlap, parse_pattern, same_pattern};
 use super::view::parse_start;
 use super::{ClassifyRequest, RequestView};
 use crate::admit::AdmissionKey;
@@ -18,6 +18,9 @@ struct PathRule {
     pattern: Box<str>,
     segments: Box<[Segment]>,
     class: ClassId,
+    /// No later rule can match a path this one matches and be more specific: a hit here
+    /// ends the search (set by `build`).
+    decisive: bool,
 }
 
 #[derive(Debug)]
@@ -154,6 +157,7 @@ impl HttpClassifierBuilder {
             pattern: pattern.into(),
             segments,
             class,
+            decisive: true,
         });
         Ok(self)
     }
@@ -265,7 +269,18 @@ impl HttpClassifierBuilder {
     }
 
     /// Finish.
-    pub fn build(self) -> HttpClassifier {
+    pub fn build(mut self) -> HttpClassifier {
+        let paths = &mut self.rules.paths;
+        for i in 0..paths.len() {
+            let (head, tail) = paths.split_at(i + 1);
+            let rule = &head[i];
+            let decisive = !tail.iter().any(|later| {
+                methods_overlap(&rule.method, &later.method)
+                    && overlap(&rule.segments, &later.segments)
+                    && more_specific(&later.segments, &rule.segments)
+            });
+            paths[i].decisive = decisive;
+        }
         HttpClassifier {
             rules: Arc::new(self.rules),
         }
@@ -322,12 +337,24 @@ impl HttpClassifier {
                 None if matches(&rule.segments, path)
                     && best.is_none_or(|b| more_specific(&rule.segments, &b.segments)) =>
                 {
+                    if rule.decisive {
+                        return rule.class;
+                    }
                     best = Some(rule);
                 }
                 _ => {}
             }
         }
         best.map_or(r.default, |b| b.class)
+    }
+}
+
+/// Whether a request could meet both rules' methods (a `GET` rule takes `HEAD` too).
+fn methods_overlap(a: &Option<Method>, b: &Option<Method>) -> bool {
+    let get_head = |x: &Method, y: &Method| *x == Method::GET && *y == Method::HEAD;
+    match (a, b) {
+        (Some(x), Some(y)) => x == y || get_head(x, y) || get_head(y, x),
+        _ => true,
     }
 }
 

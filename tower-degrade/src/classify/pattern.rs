@@ -85,6 +85,22 @@ pub(crate) fn matches(segments: &[Segment], path: &str) -> bool {
     rest.is_none()
 }
 
+/// Whether some path matches both `a` and `b`: segment by segment, two literals are equal, and
+/// either runs into a catch-all where the other still has a segment, or they end together.
+pub(crate) fn overlap(a: &[Segment], b: &[Segment]) -> bool {
+    let mut i = 0;
+    loop {
+        match (a.get(i), b.get(i)) {
+            (None, None) => return true,
+            (Some(Segment::CatchAll), Some(_)) | (Some(_), Some(Segment::CatchAll)) => return true,
+            (Some(Segment::Literal(x)), Some(Segment::Literal(y))) if x != y => return false,
+            (Some(_), Some(_)) => i += 1,
+            // One ends while the other has a segment left: a catch-all must take a byte.
+            _ => return false,
+        }
+    }
+}
+
 /// Whether `a` is more specific than `b`, two patterns that match one path: at the first
 /// segment where they differ, a literal beats a parameter and a parameter a catch-all (axum's
 /// router's priority).
@@ -182,6 +198,17 @@ mod tests {
             !more_specific(&product, &segs("/products/{sku}")),
             "equal: the first wins"
         );
+        // Which pairs can meet one path at all (the search stops at a hit no later rule can
+        // beat).
+        assert!(overlap(&featured, &product) && overlap(&product, &any));
+        assert!(!overlap(&segs("/orders/{id}/pay"), &segs("/log")));
+        assert!(!overlap(&segs("/a/{x}"), &segs("/a/{x}/b")));
+        assert!(
+            !overlap(&segs("/a"), &segs("/a/{*rest}")),
+            "a catch-all takes a byte"
+        );
+        assert!(overlap(&segs("/a/b/c"), &segs("/a/{*rest}")));
+        assert!(!overlap(&segs("/a/b"), &segs("/a/c")));
     }
 
     #[test]
