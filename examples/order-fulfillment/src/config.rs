@@ -162,6 +162,18 @@ pub(crate) struct ClassSection {
     pub(crate) fallback: Option<Route>,
 }
 
+/// The most calls per second the storm plays, all classes together at its peak.
+const MAX_RATE: f64 = 20_000.0;
+
+/// A number as a person reads it: `1e300`, not three hundred digits.
+fn shown(v: f64) -> String {
+    if v.abs() >= 1e6 {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
 /// `[dependencies]`: the simulated database, cache and third-party APIs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -375,21 +387,61 @@ impl Config {
             );
         }
         let s = &self.storm;
-        for (field, v) in [
-            ("storm.normal_secs", s.normal_secs),
-            ("storm.fault_secs", s.fault_secs),
-            ("storm.recovery_secs", s.recovery_secs),
-            ("storm.drain_secs", s.drain_secs),
-            ("storm.spike", s.spike),
+        // Positive, and within what a run on one machine can play: a negative rate made the
+        // traffic generator allocate without end, a day's storm never ends.
+        for (field, v, most) in [
+            ("storm.normal_secs", s.normal_secs, 3600.0),
+            ("storm.fault_secs", s.fault_secs, 3600.0),
+            ("storm.recovery_secs", s.recovery_secs, 3600.0),
+            ("storm.drain_secs", s.drain_secs, 3600.0),
+            ("storm.spike", s.spike, 100.0),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v.is_finite() && v > 0.0 && v <= most) {
                 let key = field.rsplit('.').next().unwrap_or(field);
                 return err(
                     line_of(key, None),
                     field.to_owned(),
-                    format!("{v} must be a positive number"),
+                    format!("{} must be a positive number, at most {most}", shown(v)),
                 );
             }
+        }
+        for (name, &rate) in &s.rates {
+            if !(rate.is_finite() && (0.0..=MAX_RATE).contains(&rate)) {
+                return err(
+                    line_of(name, None),
+                    format!("storm.rates.{name}"),
+                    format!("{} must be 0 to {MAX_RATE} calls per second", shown(rate)),
+                );
+            }
+        }
+        let total: f64 = s.rates.values().sum::<f64>() * s.spike;
+        if total > MAX_RATE {
+            return err(
+                line_of("spike", None),
+                "storm.spike".to_owned(),
+                format!(
+                    "the rates times the spike are {total:.0} calls per second during the \
+                     fault, over the {MAX_RATE} one machine can play"
+                ),
+            );
+        }
+        if s.client_timeout_ms == 0 {
+            return err(
+                line_of("client_timeout_ms", None),
+                "storm.client_timeout_ms".to_owned(),
+                "must be more than 0: every call would be given up at once".to_owned(),
+            );
+        }
+        let d = &self.dependencies;
+        if !(1..=10_000).contains(&d.db_connections) {
+            return err(
+                line_of("db_connections", None),
+                "dependencies.db_connections".to_owned(),
+                format!(
+                    "{} must be 1 to 10,000 (with none, no query ever runs)",
+                    d.db_connections
+                ),
+            );
         }
         Ok(())
     }
@@ -564,6 +616,61 @@ mod tests {
             e.contains("field `storm.spike`: -1 must be a positive number"),
             "{e}"
         );
+
+        // Values a run cannot play: a negative rate allocated without end, no database
+        // connection hung the run, a day-long phase never ends.
+        for (from, to, field, what) in [
+            (
+                "payment_callback = 30",
+                "payment_callback = -30",
+                "storm.rates.payment_callback",
+                "-30 must be 0 to 20000",
+            ),
+            (
+                "browse_log = 120",
+                "browse_log = 100000000",
+                "storm.rates.browse_log",
+                "1e8 must be 0 to 20000",
+            ),
+            (
+                "db_connections = ",
+                "db_connections = 0 #",
+                "dependencies.db_connections",
+                "0 must be 1 to 10,000",
+            ),
+            (
+                "fault_secs = 15",
+                "fault_secs = 100000000",
+                "storm.fault_secs",
+                "1e8 must be a positive number, at most 3600",
+            ),
+            (
+                "spike = 3.0",
+                "spike = 1e300",
+                "storm.spike",
+                "1e300 must be a positive number, at most 100",
+            ),
+            (
+                "spike = 3.0",
+                "spike = 90",
+                "storm.spike",
+                "over the 20000 one machine can play",
+            ),
+            (
+                "client_timeout_ms = 2000",
+                "client_timeout_ms = 0",
+                "storm.client_timeout_ms",
+                "must be more than 0",
+            ),
+        ] {
+            let text = edited(from, to);
+            let e = error(&text);
+            let line = line_of(&text, to.split(" #").next().unwrap());
+            assert!(
+                e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")) && e.contains(what),
+                "{to}: {e}"
+            );
+        }
 
         let text = edited("# claim_idle_ms = 5000", "claim_idle_ms = 0");
         let e = error(&text);

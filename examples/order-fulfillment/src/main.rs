@@ -50,8 +50,28 @@ use std::path::PathBuf;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tower_degrade::BoxError;
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+const USAGE: &str = "cargo run --release -p example-order-fulfillment [-- --config FILE] \
+    [--png FILE] [--serve] [--trace]";
+
+/// Errors as sentences (`main` returning `Err` would print their `Debug` form).
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,11 +91,12 @@ async fn main() -> Result<(), BoxError> {
             "--png" => png = args.next().ok_or("--png needs a file")?.into(),
             "--serve" => serve = true,
             "--trace" => trace = true,
+            "--help" | "-h" => {
+                println!("{USAGE}\n\nSee docs/order-fulfillment.md for what it plays and prints.");
+                return Ok(());
+            }
             other => {
-                return Err(format!(
-                    "unknown argument `{other}` (use --config FILE, --png FILE, --serve, --trace)"
-                )
-                .into());
+                return Err(format!("unknown argument `{other}`; usage: {USAGE}").into());
             }
         }
     }
@@ -89,8 +110,14 @@ async fn main() -> Result<(), BoxError> {
             .map_err(|e| format!("ORDER_FULFILLMENT_ADDR `{a}`: {e}"))?,
         Err(_) => SocketAddr::from(([127, 0, 0, 1], 3000)),
     };
-    // Latency as a Prometheus histogram, with buckets around the classes' SLAs.
-    let registry = config.degrader()?.build_with_worker()?.0;
+    // Latency as a Prometheus histogram, with buckets around the classes' SLAs. Building the
+    // degrader here also checks, before any storm, what the library refuses (its errors name
+    // the setting; the file is named here).
+    let registry = config
+        .degrader()?
+        .build_with_worker()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .0;
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(tower_degrade::metrics::LATENCY.into()),
@@ -120,7 +147,7 @@ async fn main() -> Result<(), BoxError> {
         None,
     )
     .await?;
-    println!("run 2/2: protected, on http://{addr} (GET /metrics, GET /status) ...");
+    println!("run 2/2: protected, on http://{addr} (GET /metrics, GET /status as text) ...");
     if let Some(a) = &admin {
         println!("  the status page: http://{}/", a.addr);
     }
@@ -162,9 +189,19 @@ async fn main() -> Result<(), BoxError> {
     }
 
     if serve {
-        let mut shop = shop::Shop::start(&config, true, addr, Some(metrics)).await?;
+        // A store of its own unless one is configured: the protected run's may still be
+        // closing (its tasks are aborted, not yet dropped).
+        let keep_store = config.storage.path.is_some();
+        let mut serving = config.clone();
+        if !keep_store {
+            serving.storage.path = Some(std::env::temp_dir().join(format!(
+                "order-fulfillment-{}-serve.redb",
+                std::process::id()
+            )));
+        }
+        let mut shop = shop::Shop::start(&serving, true, addr, Some(metrics)).await?;
         println!(
-            "\nserving on http://{} (GET /metrics, GET /status); Ctrl-C to stop",
+            "\nserving on http://{} (GET /metrics, GET /status as text; JSON from the admin API); Ctrl-C to stop",
             shop.addr
         );
         // The admin API, only when a token is configured, and on loopback only.
@@ -177,7 +214,7 @@ async fn main() -> Result<(), BoxError> {
             );
         }
         tokio::signal::ctrl_c().await?;
-        shop.stop(config.storage.path.is_some());
+        shop.stop(keep_store).await;
     } else {
         println!("(run with `-- --serve` to keep the protected service up)");
     }

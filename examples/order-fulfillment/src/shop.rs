@@ -350,7 +350,7 @@ impl Shop {
                 }),
             };
             let (router, worker) = FallbackRouter::builder(&degrader)
-                .store(EmbeddedStore::open(&store_path)?)
+                .store(open_store(&store_path).await?)
                 .capture(capture)
                 .replay(replay)
                 .batch_merge(INVENTORY, inventory_batches(ctx.clone()))
@@ -510,13 +510,33 @@ impl Shop {
         Ok(())
     }
 
-    pub(crate) fn stop(self, keep_store: bool) {
+    /// Stop the shop's tasks and wait until they are gone, so that its port and its store are
+    /// free for the next shop (`--serve` after the storm): an aborted task is dropped later.
+    pub(crate) async fn stop(self, keep_store: bool) {
         for h in &self.handles {
             h.abort();
+        }
+        for h in self.handles {
+            let _ = h.await;
         }
         drop(self.store);
         if let (Some(path), false) = (self.store_path, keep_store) {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The embedded store at `path`; a file the last run's shop still holds (its tasks are aborted,
+/// not yet dropped) is waited for, up to 5 s.
+async fn open_store(path: &std::path::Path) -> Result<EmbeddedStore, BoxError> {
+    let mut tries = 0;
+    loop {
+        match EmbeddedStore::open(path) {
+            Err(e) if tries < 50 && e.to_string().contains("already open") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => return Ok(done?),
         }
     }
 }

@@ -442,7 +442,7 @@ pub(crate) async fn play(
     let limiters = std::mem::take(&mut *limiters.lock().unwrap_or_else(|e| e.into_inner()));
     let predictor = shop.predictor.clone();
     if let Ok(shop) = Arc::try_unwrap(shop) {
-        shop.stop(config.storage.path.is_some());
+        shop.stop(config.storage.path.is_some()).await;
     }
     Ok(Run {
         protected,
