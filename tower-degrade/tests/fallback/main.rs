@@ -1625,16 +1625,19 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
 
 // ===== batch merge =====
 
+/// An inventory delta: the SKU is the path's last segment, the delta the body.
+fn sku_delta(req: &tower_degrade::fallback::HttpRequest) -> Result<(String, i64), String> {
+    let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
+    let delta = std::str::from_utf8(&req.body)
+        .map_err(|e| e.to_string())?
+        .parse::<i64>()
+        .map_err(|e| e.to_string())?;
+    Ok((sku, delta))
+}
+
 fn inventory(writes: Arc<Mutex<Vec<Batch<i64>>>>, failures: Arc<AtomicUsize>) -> BatchMerge<i64> {
     BatchMerge::new(
-        |req| {
-            let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
-            let delta = std::str::from_utf8(&req.body)
-                .map_err(|e| e.to_string())?
-                .parse::<i64>()
-                .map_err(|e| e.to_string())?;
-            Ok((sku, delta))
-        },
+        sku_delta,
         |sum: &mut i64, d| *sum += d,
         service_fn(move |batch: Batch<i64>| {
             let (writes, failures) = (writes.clone(), failures.clone());
@@ -1786,14 +1789,7 @@ async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dro
 /// Inventory deltas whose merge panics on overflow (`checked_add(..).expect(..)`).
 fn overflowing(writes: Arc<Mutex<Vec<Batch<i64>>>>) -> BatchMerge<i64> {
     BatchMerge::new(
-        |req| {
-            let sku = req.uri.rsplit('/').next().unwrap_or_default().to_owned();
-            let delta = std::str::from_utf8(&req.body)
-                .map_err(|e| e.to_string())?
-                .parse::<i64>()
-                .map_err(|e| e.to_string())?;
-            Ok((sku, delta))
-        },
+        sku_delta,
         |sum: &mut i64, d| *sum = sum.checked_add(d).expect("stock overflow"),
         service_fn(move |batch: Batch<i64>| {
             let writes = writes.clone();
