@@ -110,6 +110,14 @@ async fn run() -> Result<(), BoxError> {
             .map_err(|e| format!("ORDER_FULFILLMENT_ADDR `{a}`: {e}"))?,
         Err(_) => SocketAddr::from(([127, 0, 0, 1], 3000)),
     };
+    // What the protected run needs from the machine, checked before the storm rather than
+    // after its first run: the port it serves on, and a configured store file.
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on {addr} (ORDER_FULFILLMENT_ADDR): {e}"))?;
+    if let Some(store) = &config.storage.path {
+        tower_degrade::fallback::store::EmbeddedStore::open(store)
+            .map_err(|e| format!("{}: field `storage.path`: {e}", path.display()))?;
+    }
     // Latency as a Prometheus histogram, with buckets around the classes' SLAs. Building the
     // degrader here also checks, before any storm, what the library refuses (its errors name
     // the setting; the file is named here).
