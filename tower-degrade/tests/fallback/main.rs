@@ -1606,7 +1606,7 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
             .unwrap_err();
         assert!(err.to_string().contains(field), "{err}");
     }
-    let path = temp("capacity-0");
+    let (_dir, path) = temp("capacity-0");
     let err = EmbeddedStore::builder(&path)
         .capacity(0)
         .open()
@@ -2003,15 +2003,19 @@ async fn a_task_api_value_kept_by_a_class_that_also_merges_is_replayed_by_its_ha
 
 // ===== the embedded store across a restart =====
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("td-fallback-{}", TaskId::generate()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+/// A file name in a directory of its own, removed when the directory is dropped.
+fn temp(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::Builder::new()
+        .prefix("td-fallback-")
+        .tempdir()
+        .unwrap();
+    let path = d.path().join(name);
+    (d, path)
 }
 
 #[tokio::test]
 async fn journaled_deltas_and_spooled_calls_survive_a_restart() {
-    let path = temp("kept");
+    let (_dir, path) = temp("kept");
     let writes = Arc::new(Mutex::new(Vec::new()));
     let d = degrader([
         ClassConfig::silver("inventory").fallback_route(Route::BatchMerge),
@@ -2062,8 +2066,9 @@ async fn a_requeue_and_a_drop_of_the_same_task_at_once_do_not_both_succeed() {
     // Two operators (or a double click) act on each of 20 tasks in review at the same
     // moment: one of the two wins, and a dropped task is never replayed as well.
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::ManualReview)]);
+    let (_dir, review) = temp("review");
     let (router, _worker) = FallbackRouter::builder(&d)
-        .store(EmbeddedStore::open(temp("review")).unwrap())
+        .store(EmbeddedStore::open(&review).unwrap())
         .replay(replay_fn(|_, _| async { Replayed::Done }))
         .build()
         .unwrap();
@@ -2094,7 +2099,7 @@ async fn a_requeue_and_a_drop_of_the_same_task_at_once_do_not_both_succeed() {
 
 #[tokio::test]
 async fn the_store_applies_batches_atomically() {
-    let path = temp("kept");
+    let (_dir, path) = temp("kept");
     let store = EmbeddedStore::open(&path).unwrap();
     let t = Task::new("c", None, Payload::Bytes(vec![1]));
     store

@@ -4,10 +4,10 @@
 //! unreachable server.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tempfile::TempDir;
 
 use tower_degrade::fallback::store::{EmbeddedStore, Failover, Op, RedisStore, StoreErrorKind};
 use tower_degrade::fallback::{
@@ -40,11 +40,20 @@ fn reserve_port() -> u16 {
     }
 }
 
+/// A directory of its own for a server's append-only file.
+fn redis_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("td-redis-")
+        .tempdir()
+        .unwrap()
+}
+
 /// A `redis-server` with its append-only file synced on every write, in its own directory.
 struct Server {
     child: Child,
     port: u16,
-    dir: PathBuf,
+    /// Removed when the server is dropped (after it is stopped), unless `kill` handed it on.
+    dir: Option<TempDir>,
 }
 
 impl Server {
@@ -57,9 +66,7 @@ impl Server {
     fn start() -> Server {
         for _ in 0..20 {
             let port = reserve_port();
-            let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
-            std::fs::create_dir_all(&dir).unwrap();
-            if let Some(server) = Self::try_on(port, dir) {
+            if let Some(server) = Self::try_on(port, redis_dir()) {
                 return server;
             }
         }
@@ -67,12 +74,12 @@ impl Server {
     }
 
     /// A server on `port` (a stopped one's, to restart it), which must be this process.
-    fn on(port: u16, dir: PathBuf) -> Server {
+    fn on(port: u16, dir: TempDir) -> Server {
         Self::try_on(port, dir)
             .unwrap_or_else(|| panic!("redis-server did not start on port {port}"))
     }
 
-    fn try_on(port: u16, dir: PathBuf) -> Option<Server> {
+    fn try_on(port: u16, dir: TempDir) -> Option<Server> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -84,7 +91,7 @@ impl Server {
                 "",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -92,7 +99,11 @@ impl Server {
                 "redis-server must be installed (Debian's redis-server; scripts/test installs it)",
             );
         // Waited for when the server is dropped (or killed).
-        let mut server = Server { child, port, dir };
+        let mut server = Server {
+            child,
+            port,
+            dir: Some(dir),
+        };
         for _ in 0..200 {
             if let Some(pid) = serving_pid(port) {
                 return (pid == server.child.id()).then_some(server);
@@ -110,10 +121,13 @@ impl Server {
     }
 
     /// SIGKILL: no shutdown, no final save.
-    fn kill(mut self) -> (u16, PathBuf) {
+    fn kill(mut self) -> (u16, TempDir) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        (self.port, std::mem::take(&mut self.dir))
+        (
+            self.port,
+            self.dir.take().expect("a server has its directory"),
+        )
     }
 }
 
@@ -128,9 +142,7 @@ impl Drop for Server {
 fn a_port_another_server_holds_is_not_taken_for_a_new_ones() {
     // What `Server::start` guards against when two tests are handed the same free port.
     let first = Server::start();
-    let dir = std::env::temp_dir().join(format!("td-redis-{}", TaskId::generate()));
-    std::fs::create_dir_all(&dir).unwrap();
-    assert!(Server::try_on(first.port, dir).is_none());
+    assert!(Server::try_on(first.port, redis_dir()).is_none());
     assert_eq!(serving_pid(first.port), Some(first.child.id()));
 }
 
@@ -379,8 +391,14 @@ async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
     assert_eq!(err.kind(), StoreErrorKind::Io);
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("td-failover-{}", TaskId::generate()));
-    let failover = Failover::new(unreachable(), EmbeddedStore::open(&dir).unwrap());
+    let dir = tempfile::Builder::new()
+        .prefix("td-failover-")
+        .tempdir()
+        .unwrap();
+    let failover = Failover::new(
+        unreachable(),
+        EmbeddedStore::open(dir.path().join("kept")).unwrap(),
+    );
     failover
         .commit(vec![Op::Put(Queue::Spool, task(1))])
         .await

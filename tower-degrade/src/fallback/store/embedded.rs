@@ -701,10 +701,12 @@ mod tests {
     use super::*;
     use crate::fallback::record::Payload;
 
-    fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("td-store-{}", TaskId::generate()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A directory of its own, removed when dropped.
+    fn dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("td-store-")
+            .tempdir()
+            .unwrap()
     }
 
     fn task(n: u8) -> Task {
@@ -713,7 +715,8 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_committed_is_there_after_reopening() {
-        let path = dir().join("kept.redb");
+        let d = dir();
+        let path = d.path().join("kept.redb");
         let a = Task::new("browse", Some("k-a".into()), Payload::Bytes(vec![1]));
         let b = task(2);
         {
@@ -764,7 +767,8 @@ mod tests {
         // redb refuses every transaction after an I/O error (a full disk) until the file is
         // opened again: the writer reopens it before the next batch, and takes from the file
         // what a failed commit may have written after all.
-        let store = EmbeddedStore::open(dir().join("kept.redb")).unwrap();
+        let d = dir();
+        let store = EmbeddedStore::open(d.path().join("kept.redb")).unwrap();
         let t: Vec<Task> = (0..9).map(task).collect();
         let put = |i: usize| Op::Put(Queue::Spool, t[i].clone());
         store.commit(vec![put(1), put(5)]).await.unwrap();
@@ -808,7 +812,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_store_refuses_the_batch_and_keeps_the_rest() {
-        let path = dir().join("kept.redb");
+        let d = dir();
+        let path = d.path().join("kept.redb");
         let store = EmbeddedStore::builder(&path).capacity(2).open().unwrap();
         let ok = store
             .commit(vec![
@@ -825,14 +830,14 @@ mod tests {
     #[test]
     fn a_foreign_file_is_an_error_naming_it() {
         let d = dir();
-        let junk = d.join("notes.txt");
+        let junk = d.path().join("notes.txt");
         std::fs::write(&junk, b"hello, this is not a database at all".repeat(200)).unwrap();
         let err = EmbeddedStore::open(&junk).unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains("notes.txt"), "{err}");
         assert!(err.to_string().contains("move it aside"), "{err}");
 
-        let other = d.join("other.redb");
+        let other = d.path().join("other.redb");
         {
             let db = Database::create(&other).unwrap();
             let w = db.begin_write().unwrap();
@@ -849,7 +854,8 @@ mod tests {
 
     #[test]
     fn a_damaged_record_is_an_error_naming_the_store_and_queue() {
-        let path = dir().join("kept.redb");
+        let d = dir();
+        let path = d.path().join("kept.redb");
         {
             let db = Database::create(&path).unwrap();
             let w = db.begin_write().unwrap();
@@ -874,7 +880,7 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_page_is_an_error_never_a_panic_or_tasks_that_cannot_be_listed() {
         let d = dir();
-        let path = d.join("kept.redb");
+        let path = d.path().join("kept.redb");
         {
             let store = EmbeddedStore::open(&path).unwrap();
             for chunk in 0..6u8 {
@@ -897,7 +903,7 @@ mod tests {
             if at + 64 > len {
                 continue;
             }
-            let copy = d.join(format!("damaged-{at}.redb"));
+            let copy = d.path().join(format!("damaged-{at}.redb"));
             let mut bytes = std::fs::read(&path).unwrap();
             for (i, b) in bytes[at as usize..at as usize + 64].iter_mut().enumerate() {
                 *b = 0x9b ^ (i as u8);
@@ -922,7 +928,8 @@ mod tests {
 
     #[test]
     fn a_second_process_or_handle_is_refused() {
-        let path = dir().join("kept.redb");
+        let d = dir();
+        let path = d.path().join("kept.redb");
         let _first = EmbeddedStore::open(&path).unwrap();
         let err = EmbeddedStore::open(&path).unwrap_err();
         assert!(err.to_string().contains("already open"), "{err}");
