@@ -55,6 +55,7 @@ pub const BUNDLED_MODEL: &[u8] = include_bytes!("../models/p_anomaly.onnx");
 
 /// Builds an [`OnnxPredictor`].
 #[derive(Debug, Clone)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct OnnxPredictorBuilder {
     model: PathBuf,
     source: Source,

@@ -21,7 +21,7 @@
 //! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_alerts_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_shadow_decisions_total` | counter (`rhai`) | service, class, policy, action |
-//! | `degrade_policy_skipped_total` | counter (`rhai`): policy calls skipped, the tick's budget spent or the last tick's policies still running | service, class, policy |
+//! | `degrade_policy_skipped_total` | counter (`rhai`): policy calls skipped, the tick's budget spent (each keeps its last decision) | service, class, policy |
 //! | `degrade_policy_log_dropped_total` | counter (`rhai`): `print`/`debug` lines over the rate limit | service |
 //! | `degrade_queue_delay_seconds` | gauge | service, class, tier |
 //! | `degrade_admission_limit` | gauge (with [admission](crate::admit)) | service, limiter |
@@ -217,7 +217,7 @@ pub(crate) fn describe() {
     describe_counter!(
         POLICY_SKIPPED,
         Unit::Count,
-        "Policy calls skipped: the tick's budget was spent before their turn, or the previous tick's policies were still running. Their classes got the breaker's directive."
+        "Policy calls skipped: the tick's budget was spent before their turn. Each kept its last decision."
     );
     describe_counter!(
         POLICY_LOG_DROPPED,

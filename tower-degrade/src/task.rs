@@ -139,6 +139,7 @@ type KeyFn<T> = Arc<dyn Fn(&T) -> String + Send + Sync>;
 type MakeKeeper<T, R> = Box<dyn FnOnce(Option<KeyFn<T>>) -> Keeper<T, R> + Send>;
 
 /// Builds [`Tasks`].
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct TasksBuilder<T, R> {
     shared: Arc<Shared>,
     fallbacks: HashMap<ClassId, FallbackSvc<T, R>>,

@@ -535,7 +535,7 @@ mod tests {
         for class in crate::storm::CLASSES {
             degrader.class_id(class).unwrap();
         }
-        config.backfill().unwrap();
+        let _backfill = config.backfill().unwrap();
     }
 
     #[test]

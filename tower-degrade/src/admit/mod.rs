@@ -73,6 +73,7 @@ use crate::error::ConfigError;
 /// # }
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Admission {
     pub(crate) limit: LimitConfig,
     pub(crate) per_dependency: bool,

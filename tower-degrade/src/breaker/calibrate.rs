@@ -47,6 +47,7 @@ impl Default for PredictThreshold {
 /// The settings of [`PredictThreshold::Calibrated`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Calibration {
     /// False trips per day the threshold is kept at (1.0): the chance that a healthy tick
     /// scores above it is this many over the ticks in a day, times how many ticks a run of

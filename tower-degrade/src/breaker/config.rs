@@ -12,6 +12,7 @@ const MAX_PROBES: u32 = 10_000;
 /// The seed's degrade rule: `windows` consecutive windows with success rate below
 /// `success_below` **and** p99 above `p99_above` degrade the class.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct DegradeRule {
     /// Consecutive windows required (seed: 3).
     pub windows: u32,
@@ -61,6 +62,7 @@ impl DegradeRule {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct BreakerConfig {
     /// Calls a window must have assessed before its failure rate can open the breaker (20):
     /// completed calls and in-flight calls already [overdue](crate::window::WindowSnapshot::overdue)

@@ -310,6 +310,9 @@ impl Breaker {
             .open_duration
             .saturating_mul(1u32 << exp)
             .min(self.cfg.max_open_duration)
+            // What `build` validates; `Breaker::new` takes a config unchecked, and
+            // `Duration::MAX` would overflow the deadline.
+            .min(crate::error::MAX_DURATION)
     }
 
     fn open(&mut self, now: Instant) -> Phase {
@@ -327,8 +330,19 @@ impl Breaker {
         }
         let fr = w.failure_rate();
         if fr > self.cfg.failure_rate {
+            // Calls that are only slow (the SLA set below the work's normal time, an outbound
+            // call given the gold tier's 50 ms) open a breaker too: say so.
+            let overdue = if w.overdue > 0 {
+                format!(
+                    " ({} of them overdue: still running past the class's SLA, \
+                     `ClassConfig::sla`, or its abandon threshold)",
+                    w.overdue
+                )
+            } else {
+                String::new()
+            };
             return Some(format!(
-                "failure rate {:.1} % > {:.1} % over {} calls",
+                "failure rate {:.1} % > {:.1} % over {} calls{overdue}",
                 fr * 100.0,
                 self.cfg.failure_rate * 100.0,
                 w.assessed()

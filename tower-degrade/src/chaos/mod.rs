@@ -121,6 +121,7 @@ impl fmt::Display for FaultKind {
 /// # let _ = (outage, flaky);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Fault {
     latency: Duration,
     jitter: Duration,

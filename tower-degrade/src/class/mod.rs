@@ -238,6 +238,7 @@ enum Abandon {
 /// assert_eq!(payment.sla_target(), Duration::from_millis(50));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct ClassConfig {
     name: String,
     tier: Tier,
@@ -284,7 +285,13 @@ impl ClassConfig {
         Self::new(name, Tier::Bronze)
     }
 
-    /// Set the SLA latency target: calls slower than this count as slow.
+    /// Set the SLA latency target: calls slower than this count as slow, a call still running
+    /// past it at a tick counts as overdue (a failure for the breaker, unless
+    /// [`abandon_timeout`](Self::abandon_timeout) says otherwise), and half-open probes must
+    /// finish within it. Set it to what the work takes at worst when healthy: the tier defaults
+    /// (50 / 200 / 1000 ms) suit in-process work and a local database; a gold class calling a
+    /// payment provider that answers in 400 ms, left at 50 ms, opens its breaker on a healthy
+    /// provider (the transition's reason counts the overdue calls).
     pub fn sla(mut self, sla: Duration) -> Self {
         self.sla = sla;
         self

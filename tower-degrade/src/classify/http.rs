@@ -73,6 +73,7 @@ pub struct HttpClassifier {
 
 /// Builds an [`HttpClassifier`].
 #[derive(Debug)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct HttpClassifierBuilder {
     rules: Rules,
 }
@@ -424,7 +425,9 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
         };
         RequestView {
             method: req.method().as_str(),
-            path: req.uri().path(),
+            // The full path, as `classify` reads it: under `Router::nest` the URI is stripped
+            // of the prefix, and a chaos route target or a hook's `req.path` missed it.
+            path: original_path(req.extensions()).unwrap_or(req.uri().path()),
             key: header(&r.key_header),
             group: header(&r.group_header),
             started_unix_ms: header(&r.start_header).and_then(parse_start),

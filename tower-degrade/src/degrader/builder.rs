@@ -23,6 +23,7 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
 
 /// Builds a [`Degrader`]; start with [`Degrader::builder`].
 #[derive(Debug)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct DegraderBuilder {
     service: String,
     classes: Vec<ClassConfig>,

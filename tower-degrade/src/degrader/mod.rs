@@ -31,9 +31,16 @@ use crate::window::History;
 ///
 /// Cloning is cheap and every clone, layer and service shares one state (one breaker per class,
 /// whatever number of times `Layer::layer` is called).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Degrader {
     pub(crate) shared: Arc<Shared>,
+}
+
+/// The service, its classes and tick (not their histories).
+impl std::fmt::Debug for Degrader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shared.fmt(f)
+    }
 }
 
 impl Degrader {
@@ -178,8 +185,9 @@ impl Degrader {
     ///
     /// Validation runs the policies on a thread of its own, within their limits (up to
     /// [`Limits::max_call_time`](crate::policy::Limits::max_call_time) a call); this call
-    /// blocks until it is done. From async code, [`watch_policies`](Self::watch_policies) and
-    /// [`reload_policies_on_demand`](Self::reload_policies_on_demand) load off the runtime.
+    /// blocks until it is done. [`watch_policies`](Self::watch_policies) and
+    /// [`reload_policies_on_demand`](Self::reload_policies_on_demand) do their first load so
+    /// too, and every reload after it off the runtime's workers.
     #[cfg(feature = "rhai")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
     pub fn load_policies(&self, dir: impl AsRef<std::path::Path>) -> Result<u64, PolicyError> {
@@ -297,7 +305,10 @@ impl Degrader {
 
     /// Load the policies of `dir` now, then reload them whenever a `.rhai` file there is
     /// created, changed or removed (debounced by `debounce`). Fails if the first load fails or
-    /// the directory cannot be watched.
+    /// the directory cannot be watched; to start and keep watching when the first load fails,
+    /// [`keep_watching_policies`](Self::keep_watching_policies). The first load runs on the
+    /// calling thread (it blocks while the policies validate); reloads run off the runtime's
+    /// workers.
     ///
     /// # Panics
     ///
@@ -309,7 +320,29 @@ impl Degrader {
         dir: impl Into<std::path::PathBuf>,
         debounce: Duration,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
-        self.policy_watcher(dir.into(), debounce, true)
+        self.policy_watcher(dir.into(), debounce, true, true)
+    }
+
+    /// Like [`watch_policies`](Self::watch_policies), but a first load that fails does not
+    /// stop the watch: it is logged (as every rejected load is) and is the watcher's first
+    /// outcome ([`subscribe`](crate::policy::PolicyWatcher::subscribe)); the service runs
+    /// without policies, protected by its breakers, and the directory's next change is
+    /// loaded. For deployments where the policies on disk may be broken when a process starts
+    /// (a pod rescheduled while a bad file sits in its ConfigMap): with `watch_policies`, such
+    /// a process either refuses to start or starts without a watcher and never picks up the
+    /// fix. Fails only if the directory cannot be watched.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[cfg(feature = "rhai")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rhai")))]
+    pub fn keep_watching_policies(
+        &self,
+        dir: impl Into<std::path::PathBuf>,
+        debounce: Duration,
+    ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
+        self.policy_watcher(dir.into(), debounce, true, false)
     }
 
     /// Load the policies of `dir` now, then reload them whenever
@@ -327,7 +360,7 @@ impl Degrader {
         dir: impl Into<std::path::PathBuf>,
         debounce: Duration,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
-        self.policy_watcher(dir.into(), debounce, false)
+        self.policy_watcher(dir.into(), debounce, false, true)
     }
 
     #[cfg(feature = "rhai")]
@@ -336,9 +369,10 @@ impl Degrader {
         dir: std::path::PathBuf,
         debounce: Duration,
         watch_fs: bool,
+        must_load: bool,
     ) -> Result<crate::policy::PolicyWatcher, PolicyError> {
         let this = self.clone();
         let load: crate::policy::Loader = Arc::new(move |dir| this.load_policies(dir));
-        crate::policy::PolicyWatcher::start(load, dir, debounce, watch_fs)
+        crate::policy::PolicyWatcher::start(load, dir, debounce, watch_fs, must_load)
     }
 }

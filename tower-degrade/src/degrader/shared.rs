@@ -80,7 +80,6 @@ impl Shutdown {
 
 /// State shared by the degrader handle, every layer and service it produces, and the control
 /// loop (which holds it weakly).
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) service: Arc<str>,
     pub(crate) env: Arc<str>,
@@ -103,6 +102,22 @@ pub(crate) struct Shared {
     pub(crate) service_metrics: Mutex<Option<ServiceMetrics>>,
     pub(crate) predictor: PredictStage,
     pub(crate) policies: PolicyStage,
+}
+
+/// What `{:?}` of a degrader, a layer or a service shows: the service and its classes, not
+/// every class's history (a derived `Debug` printed 64 windows a class, in every
+/// `#[tracing::instrument]`ed function that takes one).
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Degrader")
+            .field("service", &self.service)
+            .field("env", &self.env)
+            .field("classes", &self.names)
+            .field("tick", &self.period)
+            .field("ticks", &self.tick.load(Ordering::Relaxed))
+            .field("admission", &!self.limiters.is_empty())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Shared {

@@ -75,6 +75,7 @@ type Merge<V> = Arc<dyn Fn(&mut V, V) + Send + Sync>;
 /// );
 /// # drop(merge);
 /// ```
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct BatchMerge<V> {
     extract: Extract<V>,
     merge: Merge<V>,

@@ -52,6 +52,7 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 /// # Ok::<_, tower_degrade::error::ConfigError>(())
 /// ```
 #[derive(Clone)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct LastGoodLayer {
     cache: Arc<quick_cache::sync::Cache<Vec<u8>, Arc<Entry>>>,
     config: Arc<Config>,

@@ -36,6 +36,7 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay"
 /// # Ok::<_, tower_degrade::error::ConfigError>(())
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Capture {
     headers: Vec<HeaderName>,
     all_headers: bool,

@@ -74,6 +74,7 @@ pub struct FallbackRouter<T = NoFallback> {
 }
 
 /// Builds a [`FallbackRouter`] and its [`FallbackWorker`].
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct FallbackRouterBuilder<T = NoFallback> {
     degrader: Degrader,
     store: Option<Arc<dyn Store>>,

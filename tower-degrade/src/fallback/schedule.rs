@@ -24,6 +24,7 @@ pub(crate) fn after(now_ms: u64, d: Duration) -> u64 {
 ///
 /// The n-th wait is drawn uniformly from `[d/2, d]` with `d = min(initial x 2^(n-1), max)`.
 #[derive(Debug, Clone, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct RetryPolicy {
     pub(crate) initial: Duration,
     pub(crate) max_interval: Duration,
@@ -118,6 +119,7 @@ impl RetryPolicy {
 /// by a tenth per period while it stays under, and backfill of a class stops the moment it
 /// degrades again.
 #[derive(Debug, Clone, PartialEq)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Backfill {
     pub(crate) rate: f64,
     pub(crate) window: Option<(u32, u32)>,

@@ -3,6 +3,8 @@
 
 mod divert;
 mod future;
+// `queued::Queued` appears in `Degrade`'s future type; it and its trait stay unnameable
+// outside the crate (not re-exported).
 mod queued;
 mod service;
 
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 pub use self::future::ResponseFuture;
-pub use self::queued::{Exit, Queued, QueuedCall};
+pub(crate) use self::queued::Queued;
 pub use self::service::Degrade;
 use crate::degrader::Shared;
 use crate::fallback::{FallbackService, NoFallback};

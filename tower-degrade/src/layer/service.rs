@@ -9,6 +9,7 @@ use super::divert::divert;
 use super::future::ResponseFuture;
 use super::queued::Queued;
 use crate::admit::{Enqueued, Priority};
+use crate::class::ClassId;
 use crate::classify::ClassifyRequest;
 use crate::control::Stage;
 use crate::degrader::Shared;
@@ -112,7 +113,11 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let class = self.classifier.classify(&req);
-        let idx = class.index().min(self.shared.gates.len() - 1);
+        let idx = if class.index() < self.shared.gates.len() {
+            class.index()
+        } else {
+            foreign_class(&self.shared.service, class)
+        };
         let gate = &self.shared.gates[idx];
         let mut d = gate.directive.load();
         if d.has_overlay() {
@@ -275,4 +280,21 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             }
         }
     }
+}
+
+/// A `ClassId` this degrader did not hand out (another degrader's, the HTTP and gRPC pair's):
+/// counted in the `default` class, and said once per process. It was counted in the last
+/// class, whichever that was.
+#[cold]
+#[inline(never)]
+fn foreign_class(service: &str, class: ClassId) -> usize {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            service,
+            class = class.index(),
+            "a class id this degrader has no class for (another degrader's?): counted in `default`"
+        );
+    }
+    ClassId::DEFAULT.index()
 }

@@ -36,6 +36,13 @@ pub(super) enum Note {
     HookOff(usize, u64, u64),
 }
 
+/// A policy's decision this tick: made now, or its last one (its turn skipped).
+pub(super) enum Made {
+    Fresh(Decision),
+    Remembered(Decision),
+}
+use Made::{Fresh, Remembered};
+
 /// One class's outcome of a tick's policies.
 #[derive(Debug)]
 pub(super) struct Outcome {
@@ -140,6 +147,13 @@ impl Core {
         classes: Vec<(ClassTick, Directive)>,
         deadline: Instant,
     ) -> Vec<Outcome> {
+        // Each tick starts one class further on: classes whose policies spend the budget
+        // do not leave the same others skipped every tick.
+        let mut classes = classes;
+        if classes.len() > 1 {
+            let first = self.turn.fetch_add(1, Ordering::Relaxed) % classes.len();
+            classes.rotate_left(first);
+        }
         classes
             .into_iter()
             .map(|(tick, breaker)| {
@@ -203,51 +217,78 @@ impl Core {
                     hooks.push(i);
                 }
             }
-            if Instant::now() >= deadline {
+            // A policy skipped (the tick's budget spent by those before it) keeps its last
+            // decision: a bronze class's shed is not lifted because the loop is under strain.
+            let decision = if Instant::now() >= deadline {
                 notes.push(Note::Skipped(i));
-                continue;
-            }
-            let call_deadline = self.call_deadline().min(deadline);
-            let result = self.decide(policy, ctx.clone(), call_deadline);
-            if result.is_ok() {
-                memo.late.retain(|&(p, _)| p != i);
-            }
-            let decision = match result {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
-                // The tick's budget ran out during this call: not this policy's fault alone.
-                Err(_) if Instant::now() >= deadline => {
-                    notes.push(Note::Skipped(i));
-                    continue;
+                memo.last_decision(i)
+            } else {
+                let call_deadline = self.call_deadline().min(deadline);
+                let result = self.decide(policy, ctx.clone(), call_deadline);
+                if result.is_ok() {
+                    memo.late.retain(|&(p, _)| p != i);
                 }
-                Err((line, reason)) => {
-                    let late = reason == DEADLINE_REASON && {
-                        let n = match memo.late.iter_mut().find(|(p, _)| *p == i) {
-                            Some((_, n)) => {
-                                *n += 1;
-                                *n
-                            }
-                            None => {
-                                memo.late.push((i, 1));
-                                1
-                            }
+                match result {
+                    Ok(d) => {
+                        memo.remember(i, d.clone());
+                        d.map(Fresh)
+                    }
+                    // The tick's budget ran out during this call: not this policy's fault alone.
+                    Err(_) if Instant::now() >= deadline => {
+                        notes.push(Note::Skipped(i));
+                        memo.last_decision(i)
+                    }
+                    Err((line, reason)) => {
+                        let late = reason == DEADLINE_REASON && {
+                            let n = match memo.late.iter_mut().find(|(p, _)| *p == i) {
+                                Some((_, n)) => {
+                                    *n += 1;
+                                    *n
+                                }
+                                None => {
+                                    memo.late.push((i, 1));
+                                    1
+                                }
+                            };
+                            n < LATE_QUARANTINE
                         };
-                        n < LATE_QUARANTINE
-                    };
-                    let failure = if late {
-                        Failure::Late
-                    } else {
-                        memo.quarantined.push(i);
-                        hooks.retain(|&h| h != i);
-                        Failure::Quarantined
-                    };
-                    notes.push(Note::Failed(i, line.or(policy.lines[0]), reason, failure));
-                    continue;
+                        if late {
+                            // Its own call ran out of time: no decision this tick (the others'
+                            // and the breaker's stand), quarantined after a few in a row.
+                            notes.push(Note::Failed(
+                                i,
+                                line.or(policy.lines[0]),
+                                reason,
+                                Failure::Late,
+                            ));
+                            continue;
+                        } else {
+                            memo.quarantined.push(i);
+                            memo.forget(i);
+                            hooks.retain(|&h| h != i);
+                            notes.push(Note::Failed(
+                                i,
+                                line.or(policy.lines[0]),
+                                reason,
+                                Failure::Quarantined,
+                            ));
+                            continue;
+                        }
+                    }
                 }
             };
-            for alert in decision.alerts() {
-                notes.push(Note::Alert(i, alert.clone()));
-            }
+            let decision = match decision {
+                Some(Fresh(d)) => {
+                    for alert in d.alerts() {
+                        notes.push(Note::Alert(i, alert.clone()));
+                    }
+                    d
+                }
+                // Said when it was decided.
+                Some(Remembered(_)) if matches!(policy.mode, Mode::Shadow) => continue,
+                Some(Remembered(d)) => d,
+                None => continue,
+            };
             match policy.mode {
                 Mode::Shadow => notes.push(Note::Shadow(i, decision)),
                 Mode::Enforce if policy.selector.is_everyone() => {
@@ -381,7 +422,7 @@ impl Stage for Runtime {
         }
         if skipped > 0 {
             tracing::warn!(service = %self.service, skipped, budget_ms = self.limits.max_tick_time.as_millis() as u64,
-                "policies skipped: the tick's budget was spent; their classes got the breaker's directive");
+                "policies skipped: the tick's budget was spent; each kept its last decision");
         }
         metrics::counter!(POLICY_LOG_DROPPED, "service" => self.service.to_string())
             .absolute(self.log.dropped());

@@ -511,11 +511,17 @@ fn too_large(file: &str, len: u64) -> PolicyError {
 
 /// The `*.rhai` entries of `dir` in name order (symlinks followed), each with whether it is a
 /// regular file: a directory, a FIFO or a dangling symlink named like a policy is an error,
-/// not a policy silently left out.
+/// not a policy silently left out. Hidden entries (a name starting with `.`) are not
+/// policies: Emacs' lock link `.#p.rhai` (dangling while a buffer has unsaved edits), an
+/// editor's or a deploy tool's temporary copy, Kubernetes' `..data`.
 pub(crate) fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
     let mut paths: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+        })
         .map(|p| {
             let regular = p.is_file();
             (p, regular)

@@ -22,6 +22,7 @@ use crate::window::{History, WindowSnapshot};
 /// safety.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Limits {
     /// Operations per `on_tick` call (a loop iteration, a function call, an expression...).
     pub max_operations: u64,
@@ -44,7 +45,7 @@ pub struct Limits {
     /// past it is stopped and that request decided without the hook.
     pub max_request_time: std::time::Duration,
     /// Wall-clock time all policies of one tick may take together: policies not run by then
-    /// are skipped for that tick (counted) and their classes get their breaker's directive.
+    /// are skipped for that tick (counted), each keeping its last decision.
     pub max_tick_time: std::time::Duration,
     /// Lines `print` and `debug` may write per second, for all policies together.
     pub max_log_lines: u32,

@@ -141,8 +141,7 @@ pub struct PolicySet {
     by_class: Vec<Vec<usize>>,
     /// What the load noticed but accepted (two files governing one class).
     warnings: Vec<String>,
-    /// Policy calls skipped because the tick's budget was spent or the last tick's policies
-    /// were still running.
+    /// Policy calls skipped because the tick's budget was spent.
     skipped: AtomicU64,
 }
 
@@ -172,8 +171,8 @@ impl PolicySet {
     }
 
     /// Policy calls skipped since this set was loaded: the tick's budget
-    /// ([`Limits::max_tick_time`]) was spent before their turn, or the previous tick's
-    /// policies were still running. Their classes got their breaker's directive for that tick.
+    /// ([`Limits::max_tick_time`]) was spent before their turn. Each skipped policy's last
+    /// decision held for that tick (none yet: the breaker's directive).
     pub fn skipped(&self) -> u64 {
         self.skipped.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -270,6 +269,8 @@ pub(crate) struct Core {
     /// Per class: the quarantined policies.
     memos: Box<[Mutex<ClassPolicyState>]>,
     log: Arc<contain::LogLimiter>,
+    /// Ticks run: where the next tick starts among the classes.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// The policy state of a degrader: the engines and sets ([`Core`]) and what the data path
@@ -307,6 +308,29 @@ pub(crate) struct ClassPolicyState {
     quarantined: Vec<usize>,
     /// Per policy: calls in a row stopped at their deadline.
     late: Vec<(usize, u32)>,
+    /// Per policy: its last decision (`None`: no opinion), held while its turn is skipped.
+    last: Vec<(usize, Option<Decision>)>,
+}
+
+impl ClassPolicyState {
+    fn remember(&mut self, policy: usize, decision: Option<Decision>) {
+        match self.last.iter_mut().find(|(p, _)| *p == policy) {
+            Some((_, d)) => *d = decision,
+            None => self.last.push((policy, decision)),
+        }
+    }
+
+    fn forget(&mut self, policy: usize) {
+        self.last.retain(|(p, _)| *p != policy);
+    }
+
+    fn last_decision(&self, policy: usize) -> Option<apply::Made> {
+        self.last
+            .iter()
+            .find(|(p, _)| *p == policy)
+            .and_then(|(_, d)| d.clone())
+            .map(apply::Made::Remembered)
+    }
 }
 
 impl Runtime {
@@ -347,6 +371,7 @@ impl Runtime {
             previous: Mutex::new(None),
             versions: AtomicU64::new(0),
             memos: classes.iter().map(|_| Mutex::default()).collect(),
+            turn: Default::default(),
             classes,
             service: service.into(),
             env: env.into(),

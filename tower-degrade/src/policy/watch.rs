@@ -46,6 +46,7 @@ pub enum ReloadOutcome {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
+#[must_use = "policies reload only while the watcher is kept: dropping it stops the reloads"]
 pub struct PolicyWatcher {
     _watcher: Option<notify::RecommendedWatcher>,
     trigger: mpsc::Sender<bool>,
@@ -90,22 +91,29 @@ impl PolicyWatcher {
     /// [`reload_now`](Self::reload_now), debounced. Built by
     /// [`Degrader::watch_policies`](crate::Degrader::watch_policies) and
     /// [`Degrader::reload_policies_on_demand`](crate::Degrader::reload_policies_on_demand).
+    /// `must_load`: a first load that fails is the error; otherwise it is the first outcome,
+    /// and the watch goes on.
     pub(crate) fn start(
         load: Loader,
         dir: PathBuf,
         debounce: Duration,
         watch_fs: bool,
+        must_load: bool,
     ) -> Result<Self, PolicyError> {
         // Taken before the load: a change made right after it is a change.
         let last = fingerprint(&dir);
-        let version = load(&dir)?;
+        let first = match load(&dir) {
+            Ok(version) => ReloadOutcome::Loaded(version),
+            Err(e) if must_load => return Err(e),
+            Err(e) => ReloadOutcome::Rejected(e),
+        };
         let (trigger, signals) = mpsc::channel(1);
         let watcher = if watch_fs {
             Some(fs_watcher(&dir, trigger.clone())?)
         } else {
             None
         };
-        let (tx, outcomes) = watch::channel(ReloadOutcome::Loaded(version));
+        let (tx, outcomes) = watch::channel(first);
         let rescan = watch_fs.then_some(RESCAN);
         let task = tokio::spawn(reload_loop(load, dir, last, signals, debounce, rescan, tx));
         Ok(Self {
@@ -167,6 +175,8 @@ async fn reload_loop(
     rescan: Option<Duration>,
     outcomes: watch::Sender<ReloadOutcome>,
 ) {
+    // Said once when the directory cannot be read, once when it can again.
+    let mut unreadable = last.is_none();
     let mut ticks = rescan.map(|every| {
         let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -205,6 +215,18 @@ async fn reload_loop(
         let now = tokio::task::spawn_blocking(move || fingerprint(&dir_))
             .await
             .unwrap_or(None);
+        match (now.is_some(), unreadable) {
+            (false, false) => tracing::warn!(
+                dir = %dir.display(),
+                "the policy directory cannot be read (gone, or not readable): the policies in \
+                 force keep serving, and changes are not loaded until it can be read again"
+            ),
+            (true, true) => {
+                tracing::info!(dir = %dir.display(), "the policy directory can be read again")
+            }
+            _ => {}
+        }
+        unreadable = now.is_none();
         if !forced && (now.is_none() || now == last) {
             // No policy file changed (an editor's swap file, `..data` churn), or the
             // directory is gone: the set in force keeps serving.

@@ -23,7 +23,9 @@ mod grpc;
 mod http;
 
 use ::http::StatusCode;
-use tower_http::classify::{GrpcCode, GrpcFailureClass, ServerErrorsFailureClass};
+use tower_http::classify::{
+    GrpcCode, GrpcFailureClass, ServerErrorsFailureClass, StatusInRangeFailureClass,
+};
 
 pub use self::answer::{CLASS_HEADER, REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 #[cfg(feature = "fallback")]
@@ -112,6 +114,17 @@ impl FailureOutcome for ServerErrorsFailureClass {
     fn outcome(&self) -> Outcome {
         match self {
             ServerErrorsFailureClass::StatusCode(StatusCode::GATEWAY_TIMEOUT) => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+/// For [`StatusInRangeAsFailures`](tower_http::classify::StatusInRangeAsFailures): count 429s
+/// or every 4xx as failures with `Http::with_classifier(StatusInRangeAsFailures::new(400..=599))`.
+impl FailureOutcome for StatusInRangeFailureClass {
+    fn outcome(&self) -> Outcome {
+        match self {
+            StatusInRangeFailureClass::StatusCode(StatusCode::GATEWAY_TIMEOUT) => Outcome::Timeout,
             _ => Outcome::Error,
         }
     }

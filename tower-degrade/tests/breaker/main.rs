@@ -65,6 +65,39 @@ fn opens_on_failure_rate_only_with_enough_calls() {
 }
 
 #[test]
+fn an_unchecked_endless_open_duration_opens_for_a_day_not_a_panic() {
+    // `Breaker::new` takes its config as given: `Duration::MAX` overflowed the deadline.
+    let cfg = BreakerConfig::default()
+        .open_duration(Duration::MAX)
+        .max_open_duration(Duration::MAX);
+    let mut b = Breaker::new(cfg, Route::Reject);
+    let now = Instant::now();
+    b.step(&window(0, 20, 10), now).expect("opens");
+    assert_eq!(b.state(), State::Open);
+    let day = Duration::from_secs(86_400);
+    assert_eq!(b.step(&window(0, 0, 0), now + day - TICK), None);
+    b.step(&window(0, 0, 0), now + day)
+        .expect("half-opens after a day");
+}
+
+#[test]
+fn a_breaker_opened_by_overdue_calls_says_so_and_names_the_sla() {
+    // Calls that only ran past the SLA (a 400 ms API under the gold tier's 50 ms) opened the
+    // breaker with a reason that read like errors.
+    let mut b = breaker();
+    let mut w = window(6, 0, 10);
+    w.overdue = 19;
+    let t = b.step(&w, Instant::now()).expect("opens");
+    assert!(
+        t.reason
+            .contains("76.0 % > 50.0 % over 25 calls (19 of them overdue")
+            && t.reason.contains("`ClassConfig::sla`"),
+        "{}",
+        t.reason
+    );
+}
+
+#[test]
 fn slow_call_rate_opens_when_configured() {
     let mut cfg = BreakerConfig::default();
     cfg.slow_call_rate = Some(0.5);

@@ -212,6 +212,39 @@ async fn an_abort_does_the_work_and_loses_the_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_route_target_strikes_inside_a_nested_router() {
+    // Under `Router::nest` the layer sees the path stripped of the prefix: a full-path route
+    // target (as classification reads it) never struck.
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    chaos
+        .set(
+            Target::route("/api/inventory/{sku}"),
+            Fault::new().errors(1.0),
+        )
+        .unwrap();
+    let classify = d
+        .http_classifier()
+        .route(None, "/api/inventory/{sku}", "inventory")
+        .unwrap()
+        .build();
+    let api = axum::Router::new()
+        .route("/inventory/{sku}", axum::routing::post(|| async { "ok" }))
+        .layer(chaos.layer(classify).http());
+    let app = axum::Router::new().nest("/api", api);
+    let req = || {
+        Request::post("/api/inventory/sku-1")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(fault_of(&res), Some("error"));
+    chaos.clear(&Target::route("/api/inventory/{sku}"));
+    assert_eq!(app.oneshot(req()).await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hang_answers_nothing_until_the_caller_gives_up_or_its_limit() {
     let d = shop();
     let chaos = Chaos::builder(&d).build();

@@ -82,6 +82,21 @@ async fn failures_open_the_breaker_and_calls_get_a_degraded_error() {
     assert_eq!(d.history("pay").unwrap().latest().unwrap().rejected, 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn another_degrader_s_class_id_counts_in_default_not_in_the_last_class() {
+    let mine = degrader(vec![ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+    let other = degrader(vec![
+        ClassConfig::gold("a"),
+        ClassConfig::silver("b"),
+        ClassConfig::bronze("c"),
+    ]);
+    let mut svc = mine.layer(other.class_id("c").unwrap()).layer(echo());
+    drive(&mut svc, 3, 0).await;
+    mine.tick_now();
+    let count = |class| mine.history(class).unwrap().latest().unwrap().requests();
+    assert_eq!((count("default"), count("pay"), count("log")), (3, 0, 0));
+}
+
 /// A service whose calls stay pending until released, counting how many started.
 #[derive(Clone, Default)]
 struct Gate {
@@ -422,6 +437,40 @@ async fn http_degraded_answer_is_503_with_retry_after_and_extension() {
             .to_bytes()
             .is_empty()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_http_s_status_range_classifier_counts_429s_as_failures() {
+    // It did not compile: no `FailureOutcome` for its failure class, and the orphan rule
+    // kept users from adding one.
+    use tower_degrade::protocol::Http;
+    use tower_http::classify::StatusInRangeAsFailures;
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let classify = d
+        .http_classifier()
+        .route(None, "/pay", "pay")
+        .unwrap()
+        .build();
+    let too_many = service_fn(|_: Request<String>| async {
+        Ok::<_, Infallible>(Response::builder().status(429).body(String::new()).unwrap())
+    });
+    let mut svc = d
+        .layer(classify)
+        .protocol(Http::with_classifier(StatusInRangeAsFailures::new(
+            400..=599,
+        )))
+        .layer(too_many);
+    for _ in 0..25 {
+        let req = Request::post("/pay").body(String::new()).unwrap();
+        assert_eq!(
+            svc.ready().await.unwrap().call(req).await.unwrap().status(),
+            429
+        );
+    }
+    d.tick_now();
+    let w = d.history("pay").unwrap().latest().copied().unwrap();
+    assert_eq!((w.successes, w.errors), (0, 25));
+    assert_eq!(d.state("pay").unwrap(), State::Open);
 }
 
 #[test]

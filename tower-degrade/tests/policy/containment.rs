@@ -308,6 +308,37 @@ async fn policies_over_the_tick_budget_are_skipped_and_their_classes_get_the_bre
     assert!(set.skipped() >= 9, "{} skipped", set.skipped());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_policy_skipped_for_the_budget_keeps_its_last_decision() {
+    // `pay`'s policy turns slow (over the whole tick's budget) once its class has 7 calls in
+    // a window; `log`'s sheds. A skipped `log` policy gave its class the breaker's directive:
+    // the shed was lifted while the loop was under strain.
+    let mut limits = patient();
+    limits.max_tick_time = Duration::from_millis(1);
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .policy_limits(limits)
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let slow = "fn policy() { #{ governs: [\"pay\"] } }\nfn on_tick(ctx) {\n if ctx.requests == 7 { let x = 0; for i in 0..15000 { x += 1; } }\n ()\n}";
+    let shed = policy("\"log\"", "shed()");
+    d.load_policy_sources([("slow", slow), ("shed", shed.as_str())])
+        .unwrap();
+    d.tick_now(); // `pay` first, quick: `log` sheds
+    assert_eq!(admitted(&d, "log", 7).await, 0);
+    for _ in 0..2 {
+        // Each tick starts one class further on: `log` first, then `pay` first (slow).
+        assert_eq!(admitted(&d, "pay", 7).await, 7);
+        d.tick_now();
+        assert_eq!(admitted(&d, "log", 7).await, 0, "the shed holds");
+    }
+    let set = d.policies().unwrap();
+    assert!(set.skipped() >= 1, "{} skipped", set.skipped());
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn the_control_loop_ticks_while_a_reload_validates() {
     // Twenty policies whose validation takes a while (each run near its operation budget).
@@ -682,6 +713,23 @@ fn policy_files_are_read_to_their_limit_and_odd_entries_are_named() {
     std::fs::remove_file(dir.join("linked.rhai")).unwrap();
     #[cfg(not(unix))]
     std::fs::remove_dir(dir.join("linked.rhai")).unwrap();
+    // Hidden entries are not policies: Emacs' lock link (dangling while a buffer has unsaved
+    // edits) failed every reload and every start; a deploy tool's hidden temporary copy went
+    // live as a policy of its own.
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("user@host.123:1", dir.join(".#p.rhai")).unwrap();
+    std::fs::write(dir.join(".tmp-copy.rhai"), policy("\"log\"", "shed()")).unwrap();
+    let version = d.load_policies(&dir).unwrap();
+    let set = d.policies().unwrap();
+    assert_eq!(set.version(), version);
+    assert!(
+        set.names().iter().all(|n| !n.starts_with('.')),
+        "{:?}",
+        set.names()
+    );
+    #[cfg(unix)]
+    std::fs::remove_file(dir.join(".#p.rhai")).unwrap();
+    std::fs::remove_file(dir.join(".tmp-copy.rhai")).unwrap();
     // Two names that are not UTF-8 read lossily as one (`a\u{fffd}`): a name is a policy's
     // identity, so such a file is refused, named.
     #[cfg(target_os = "linux")]

@@ -766,6 +766,37 @@ async fn the_directory_watcher_reloads_on_file_changes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_kept_through_a_broken_first_load_loads_the_fix() {
+    // `watch_policies` returns the error of a broken first load, and with it no watcher: a
+    // process started while a bad file was on disk never loaded the fix.
+    use tower_degrade::policy::ReloadOutcome;
+
+    let dir = temp_dir("broken-at-start");
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed(")).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    assert!(d.watch_policies(&dir, Duration::from_millis(50)).is_err());
+    let watcher = d
+        .keep_watching_policies(&dir, Duration::from_millis(50))
+        .unwrap();
+    let mut outcomes = watcher.subscribe();
+    match &*outcomes.borrow_and_update() {
+        ReloadOutcome::Rejected(e) => assert!(e.to_string().contains("log.rhai"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(d.policies().is_none());
+    std::fs::write(dir.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    assert_eq!(next_reload(&mut outcomes).await, ReloadOutcome::Loaded(1));
+    assert_eq!(admitted(&d, "log", 5).await, 5, "not before the next tick");
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 5).await, 0);
+    drop(watcher);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ===== the shipped policies (policies/*.rhai) =====
 
 fn shipped(name: &str) -> String {

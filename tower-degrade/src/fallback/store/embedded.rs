@@ -28,6 +28,7 @@ fn table(queue: Queue) -> TableDefinition<'static, u128, &'static [u8]> {
 
 /// Builds an [`EmbeddedStore`].
 #[derive(Debug, Clone)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct EmbeddedStoreBuilder {
     path: PathBuf,
     capacity: u64,

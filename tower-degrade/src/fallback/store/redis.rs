@@ -146,6 +146,7 @@ return {n}
 
 /// Builds a [`RedisStore`].
 #[derive(Debug, Clone)]
+#[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct RedisStoreBuilder {
     url: String,
     prefix: String,
