@@ -18,6 +18,7 @@
 //! | `degrade_predictor_failures_total` | counter (only with a predictor): ticks without predictions because the model failed or its thread stopped | service |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
 //! | `degrade_policy_version` | gauge (`rhai`) | service |
+//! | `degrade_policy_load_failing` | gauge (`rhai`): 1 while the latest load was refused, 0 once one is accepted | service |
 //! | `degrade_policy_errors_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_alerts_total` | counter (`rhai`) | service, class, policy |
 //! | `degrade_policy_shadow_decisions_total` | counter (`rhai`) | service, class, policy, action |
@@ -112,6 +113,9 @@ pub const PREDICTOR_FAILURES: &str = "degrade_predictor_failures_total";
 pub const POLICY_RELOADS: &str = "degrade_policy_reloads_total";
 /// The version of the policy set in force.
 pub const POLICY_VERSION: &str = "degrade_policy_version";
+/// 1 while the latest policy load was refused (the files differ from the set in force), 0
+/// once one is accepted.
+pub const POLICY_LOAD_FAILING: &str = "degrade_policy_load_failing";
 /// Run-time policy failures, by `policy` and `class`.
 pub const POLICY_ERRORS: &str = "degrade_policy_errors_total";
 /// Alerts raised by policies, by `policy` and `class`.
@@ -203,6 +207,10 @@ pub(crate) fn describe() {
         "Policy reload attempts, by result."
     );
     describe_gauge!(POLICY_VERSION, "The version of the policy set in force.");
+    describe_gauge!(
+        POLICY_LOAD_FAILING,
+        "1 while the latest policy load was refused (the files on disk differ from the set in force), 0 once one is accepted."
+    );
     describe_counter!(
         POLICY_ERRORS,
         Unit::Count,

@@ -75,6 +75,7 @@ fn emitted() -> BTreeSet<&'static str> {
         PREDICTOR_FAILURES,
         POLICY_RELOADS,
         POLICY_VERSION,
+        POLICY_LOAD_FAILING,
         POLICY_ERRORS,
         POLICY_ALERTS,
         POLICY_SHADOW_DECISIONS,

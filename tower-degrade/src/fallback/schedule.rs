@@ -51,7 +51,7 @@ impl RetryPolicy {
         self
     }
 
-    /// The longest wait between attempts (default 30 s).
+    /// The longest wait between attempts (default 30 s; at most a day).
     pub fn max_interval(mut self, d: Duration) -> Self {
         self.max_interval = d;
         self
@@ -81,6 +81,15 @@ impl RetryPolicy {
                 &format!(
                     "must be at least the initial wait (max_interval {:?}, initial {:?})",
                     self.max_interval, self.initial
+                ),
+            );
+        }
+        if self.max_interval > crate::error::MAX_DURATION {
+            return bad(
+                "fallback.retry.max_interval",
+                &format!(
+                    "must be at most a day, not {:?} (the longest wait between two attempts)",
+                    self.max_interval
                 ),
             );
         }

@@ -672,7 +672,7 @@ impl FallbackWorker {
                         Some(h) => h.next_ms.saturating_sub(now),
                         None => {
                             let unit = self.unit();
-                            self.shared.retry.backoff(1, unit).as_millis() as u64
+                            super::schedule::after(0, self.shared.retry.backoff(1, unit))
                         }
                     };
                     task.set_answer(answer);
@@ -743,7 +743,7 @@ impl FallbackWorker {
                 1
             }
         };
-        let wait = self.shared.retry.backoff(failures, unit).as_millis() as u64;
+        let wait = super::schedule::after(0, self.shared.retry.backoff(failures, unit));
         self.held.insert(
             class.to_owned(),
             Held {

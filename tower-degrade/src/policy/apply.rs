@@ -18,8 +18,8 @@ use crate::classify::RequestView;
 use crate::control::{Batch, ClassTick, Stage};
 use crate::gate::{Directive, Packed};
 use crate::metrics::{
-    POLICY_ALERTS, POLICY_ERRORS, POLICY_LOG_DROPPED, POLICY_RELOADS, POLICY_SHADOW_DECISIONS,
-    POLICY_SKIPPED, POLICY_VERSION,
+    POLICY_ALERTS, POLICY_ERRORS, POLICY_LOAD_FAILING, POLICY_LOG_DROPPED, POLICY_RELOADS,
+    POLICY_SHADOW_DECISIONS, POLICY_SKIPPED, POLICY_VERSION,
 };
 
 /// Calls in a row stopped at their deadline that quarantine a policy for its class (one
@@ -368,6 +368,11 @@ impl Core {
         let result = if ok { "ok" } else { "error" };
         metrics::counter!(POLICY_RELOADS, "service" => self.service.to_string(), "result" => result)
             .increment(1);
+        metrics::gauge!(POLICY_LOAD_FAILING, "service" => self.service.to_string()).set(if ok {
+            0.0
+        } else {
+            1.0
+        });
     }
 }
 

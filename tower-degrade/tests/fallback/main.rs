@@ -1575,6 +1575,15 @@ async fn the_store_must_be_given_and_errors_name_the_field() {
             "initial 18446744073709551615.999999999s",
             FallbackRouter::builder(&d).retry(RetryPolicy::default().initial(Duration::MAX)),
         ),
+        // An endless longest wait wrapped when read in milliseconds.
+        (
+            "fallback.retry.max_interval",
+            FallbackRouter::builder(&d).retry(
+                RetryPolicy::default()
+                    .initial(Duration::MAX)
+                    .max_interval(Duration::MAX),
+            ),
+        ),
         // A zero flush_every flushed at every step, an endless one wrapped when read in ms;
         // a zero write_timeout failed every write.
         (

@@ -591,6 +591,34 @@ async fn shadow_mode_decides_and_counts_but_enforces_nothing() {
     assert_eq!(counter(&snap, "degrade_policy_alerts_total"), Some(2));
 }
 
+#[test]
+fn a_refused_load_is_flagged_until_one_is_accepted() {
+    // The alert on refused reloads let go after 10 minutes while the bad file stayed on disk.
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let d = degrader();
+    let failing = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(k, _, _, _)| k.key().name() == "degrade_policy_load_failing")
+            .map(|(_, _, _, v)| v)
+    };
+    let good = policy("\"log\"", "()");
+    metrics::with_local_recorder(&recorder, || {
+        d.load_policy_sources([("p", "fn on_tick(ctx) {")])
+            .unwrap_err();
+    });
+    assert_eq!(failing(), Some(DebugValue::Gauge(1.0.into())));
+    metrics::with_local_recorder(&recorder, || {
+        d.load_policy_sources([("p", good.as_str())]).unwrap();
+    });
+    assert_eq!(failing(), Some(DebugValue::Gauge(0.0.into())));
+}
+
 #[tokio::test(start_paused = true)]
 async fn loads_a_directory_once() {
     let dir = std::env::temp_dir().join(format!("tower-degrade-policies-{}", std::process::id()));
