@@ -15,7 +15,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /` | a status page: every class with its state, why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
-//! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues and the faults in force, as JSON |
+//! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues, the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
@@ -104,15 +104,30 @@ pub enum Exposure {
 
 /// [`bind`] refused an address, or could not listen on it.
 #[derive(Debug)]
-pub struct BindError(String);
+pub struct BindError {
+    message: String,
+    io: Option<std::io::Error>,
+}
 
-impl fmt::Display for BindError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl BindError {
+    /// Why the listener could not be opened (`AddrInUse`, `PermissionDenied`...), when it was
+    /// the operating system's refusal; `None` when `bind` refused a non-loopback address.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        self.io.as_ref()
     }
 }
 
-impl std::error::Error for BindError {}
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.io.as_ref().map(|e| e as _)
+    }
+}
 
 /// Listen on `addr` for an admin router: refused unless `addr` is a loopback address or
 /// `exposure` is [`Exposure::Remote`].
@@ -122,14 +137,21 @@ pub async fn bind(
 ) -> Result<tokio::net::TcpListener, BindError> {
     // An IPv4-mapped loopback address (`::ffff:127.0.0.1`) is loopback too.
     if !addr.ip().to_canonical().is_loopback() && exposure != Exposure::Remote {
-        return Err(BindError(format!(
-            "admin address {addr} is reachable from other machines: bind a loopback address \
-             (127.0.0.1, ::1), or opt in with Exposure::Remote behind your own network controls"
-        )));
+        return Err(BindError {
+            message: format!(
+                "admin address {addr} is reachable from other machines: bind a loopback \
+                 address (127.0.0.1, ::1), or opt in with Exposure::Remote behind your own \
+                 network controls"
+            ),
+            io: None,
+        });
     }
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| BindError(format!("admin address {addr}: {e}")))
+        .map_err(|e| BindError {
+            message: format!("admin address {addr}: {e}"),
+            io: Some(e),
+        })
 }
 
 /// Builds the admin router. See the [module docs](self).
@@ -297,7 +319,37 @@ impl Admin {
         if let Some(chaos) = &self.chaos {
             out["chaos"] = chaos_json(chaos);
         }
+        #[cfg(feature = "rhai")]
+        {
+            out["policies"] = self.policies_json();
+        }
         out
+    }
+
+    /// The policy set in force, what it quarantined or switched off, and whether the latest
+    /// load was refused (the files on disk differ from what is in force).
+    #[cfg(feature = "rhai")]
+    fn policies_json(&self) -> Value {
+        let d = &self.degrader;
+        let refused = d.shared.policies.load_failing();
+        let Some(set) = d.policies() else {
+            return json!({"version": null, "last_load_refused": refused});
+        };
+        let name = |c: crate::ClassId| d.shared.names.get(c.index()).map(|n| n.to_string());
+        let quarantined: Vec<Value> = set
+            .quarantined()
+            .into_iter()
+            .map(|(c, p)| json!({"class": name(c), "policy": p}))
+            .collect();
+        json!({
+            "version": set.version(),
+            "names": set.names(),
+            "warnings": set.warnings(),
+            "skipped": set.skipped(),
+            "quarantined": quarantined,
+            "hooks_off": set.hooks_off(),
+            "last_load_refused": refused,
+        })
     }
 }
 

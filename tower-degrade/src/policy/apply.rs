@@ -264,6 +264,7 @@ impl Core {
                             continue;
                         } else {
                             memo.quarantined.push(i);
+                            set.quarantine(class, i);
                             memo.forget(i);
                             hooks.retain(|&h| h != i);
                             notes.push(Note::Failed(
@@ -368,6 +369,7 @@ impl Core {
         let result = if ok { "ok" } else { "error" };
         metrics::counter!(POLICY_RELOADS, "service" => self.service.to_string(), "result" => result)
             .increment(1);
+        self.load_failing.store(!ok, Ordering::Relaxed);
         metrics::gauge!(POLICY_LOAD_FAILING, "service" => self.service.to_string()).set(if ok {
             0.0
         } else {

@@ -128,6 +128,7 @@ impl Core {
             by_class,
             warnings,
             skipped: Default::default(),
+            quarantined: Default::default(),
         })
     }
 

@@ -143,6 +143,8 @@ pub struct PolicySet {
     warnings: Vec<String>,
     /// Policy calls skipped because the tick's budget was spent.
     skipped: AtomicU64,
+    /// (class, policy) pairs quarantined since this set was loaded.
+    quarantined: Mutex<Vec<(ClassId, usize)>>,
 }
 
 impl PolicySet {
@@ -175,6 +177,34 @@ impl PolicySet {
     /// decision held for that tick (none yet: the breaker's directive).
     pub fn skipped(&self) -> u64 {
         self.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The policies quarantined since this set was loaded, each for the class it failed on
+    /// (a run-time error, or its deadline too many ticks in a row): they stay out of that
+    /// class's decisions until the next load.
+    pub fn quarantined(&self) -> Vec<(ClassId, &str)> {
+        let q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
+        q.iter()
+            .map(|&(class, i)| (class, self.policies[i].name.as_str()))
+            .collect()
+    }
+
+    /// The policies whose `on_request` hook ran out of its budget on most requests of a tick
+    /// and was switched off until the next load.
+    pub fn hooks_off(&self) -> Vec<&str> {
+        self.hooks
+            .iter()
+            .zip(&self.policies)
+            .filter(|(h, _)| h.is_off())
+            .map(|(_, p)| p.name.as_str())
+            .collect()
+    }
+
+    pub(crate) fn quarantine(&self, class: ClassId, policy: usize) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((class, policy));
     }
 }
 
@@ -271,6 +301,8 @@ pub(crate) struct Core {
     log: Arc<contain::LogLimiter>,
     /// Ticks run: where the next tick starts among the classes.
     turn: std::sync::atomic::AtomicUsize,
+    /// The latest load was refused.
+    load_failing: std::sync::atomic::AtomicBool,
 }
 
 /// The policy state of a degrader: the engines and sets ([`Core`]) and what the data path
@@ -372,6 +404,7 @@ impl Runtime {
             versions: AtomicU64::new(0),
             memos: classes.iter().map(|_| Mutex::default()).collect(),
             turn: Default::default(),
+            load_failing: Default::default(),
             classes,
             service: service.into(),
             env: env.into(),
@@ -388,6 +421,11 @@ impl Runtime {
 impl Core {
     pub(crate) fn current(&self) -> Option<Arc<PolicySet>> {
         self.current.load_full()
+    }
+
+    /// Whether the latest load was refused (the files differ from the set in force).
+    pub(crate) fn load_failing(&self) -> bool {
+        self.load_failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn ctx(

@@ -64,6 +64,22 @@ async fn a_listener_reachable_from_other_machines_needs_an_explicit_opt_in() {
         .await
         .unwrap();
     assert!(l.local_addr().unwrap().ip().is_loopback());
+    // A port in use is told apart from a refused address (it was a string alone).
+    let taken = bind(l.local_addr().unwrap(), Exposure::Loopback)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        taken.io_error().map(|e| e.kind()),
+        Some(std::io::ErrorKind::AddrInUse)
+    );
+    assert!(std::error::Error::source(&taken).is_some());
+    assert!(
+        bind(any, Exposure::Loopback)
+            .await
+            .unwrap_err()
+            .io_error()
+            .is_none()
+    );
     let l = bind(any, Exposure::Remote).await.unwrap();
     assert!(l.local_addr().unwrap().ip().is_unspecified());
     // An IPv4-mapped address is judged as the IPv4 one it maps (binding it may still fail
@@ -87,6 +103,31 @@ async fn a_listener_reachable_from_other_machines_needs_an_explicit_opt_in() {
 async fn a_short_token_is_refused() {
     let e = Admin::new(&shop(), "short").unwrap_err().to_string();
     assert!(e.contains("admin.token") && e.contains("16 bytes"), "{e}");
+}
+
+#[cfg(feature = "rhai")]
+#[tokio::test]
+async fn status_shows_the_policies_in_force_what_they_quarantined_and_a_refused_load() {
+    // What was live, and what a failing policy had been put out of, was only in the log.
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let (_, body) = call(&app, "GET", "/status", None, "").await;
+    assert_eq!(body["policies"]["version"], Value::Null);
+    let fails = "fn policy() { #{ governs: [\"browse_log\"] } }\nfn on_tick(ctx) {\n if ctx.requests == 7 { throw \"boom\"; }\n shed()\n}";
+    d.load_policy_sources([("fails", fails)]).unwrap();
+    support::window(&d, "browse_log", 7, 0, 0).await;
+    d.tick_now();
+    d.load_policy_sources([("broken", "fn on_tick(ctx) {")])
+        .unwrap_err();
+    let (_, body) = call(&app, "GET", "/status", None, "").await;
+    let p = &body["policies"];
+    assert_eq!(p["version"], 1, "{p}");
+    assert_eq!(p["names"], serde_json::json!(["fails"]));
+    assert_eq!(
+        p["quarantined"],
+        serde_json::json!([{"class": "browse_log", "policy": "fails"}])
+    );
+    assert_eq!(p["last_load_refused"], true);
 }
 
 #[tokio::test]
