@@ -473,11 +473,23 @@ impl Predictor for OnnxPredictor {
 
     /// A dummy batch, which the classes' long baselines do not learn from. Its error names
     /// the model file.
+    /// Two batches: every class's window zero-padded (a class's first tick), then a healthy
+    /// one (all served within the SLA). A model whose answers are not probabilities is refused
+    /// here even when the zeros happen to map into 0..1 (a logit near 0 did, and then failed
+    /// on every live tick).
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
-        let input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
+        let mut input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
         let mut out = vec![0.0; classes.len()];
         self.infer(&input, &mut out, false)
-            .map_err(|e| format!("{}: {e}", self.path.display()).into())
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        // rate_ratio, success_rate, error_rate, timeout_rate, p50_over_sla, p99_over_sla,
+        // inflight_over_little, queue_delay_over_sla
+        const HEALTHY: [f32; N_FEATURES] = [1.0, 1.0, 0.0, 0.0, 0.3, 0.6, 1.0, 0.0];
+        for tick in input.chunks_exact_mut(N_FEATURES) {
+            tick.copy_from_slice(&HEALTHY);
+        }
+        self.infer(&input, &mut out, false)
+            .map_err(|e| format!("{}: on a healthy window: {e}", self.path.display()).into())
     }
 }
 

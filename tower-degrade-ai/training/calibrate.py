@@ -159,23 +159,28 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     step while warming up) teach the threshold, once FALSE_ALARM_TICKS more healthy steps have
     passed with no unhealthy one (those before an unhealthy step are its precursors, as in the
     breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
-    threshold goes above its scores and it ends; an unhealthy step confirms it."""
+    threshold goes above its scores and it ends; an unhealthy step confirms it. Warnings that
+    come and go (a score flapping about the threshold) are one alarm, counted on across the
+    steps between them, as the breaker keeps it while the class is closed again."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     out = np.zeros(len(scores), dtype=bool)
     run = 0
-    alarm = None  # [healthy steps, highest score], while an unconfirmed alarm lasts
+    alarm = None  # [healthy steps, highest score] of an unconfirmed alarm; [-1, 0] confirmed
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     for t, p in enumerate(scores):
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
         out[t] = run >= k
-        if not out[t]:
-            alarm = None
-        elif not healthy[t]:
-            alarm = [-1, 0.0]  # confirmed: not a false alarm
-        elif alarm is None:
+        if not healthy[t]:
+            # A breach confirms the alarm (not a false one, for as long as it lasts), or ends
+            # a pending one.
+            alarm = [-1, 0.0] if out[t] else None
+        elif out[t] and alarm is None:
             alarm = [0, float(p)]
-        if alarm is not None and alarm[0] >= 0 and healthy[t] and out[t]:
+        elif not out[t] and alarm is not None and alarm[0] < 0:
+            alarm = None  # the confirmed alarm ended
+        # An unconfirmed alarm counts every healthy step since it began, alarmed or not.
+        if alarm is not None and alarm[0] >= 0 and healthy[t]:
             alarm = [alarm[0] + 1, max(alarm[1], float(p))]
             if alarm[0] >= FALSE_ALARM_TICKS:
                 cal.false_alarm(alarm[1])

@@ -83,22 +83,23 @@ def with_baseline(declared: bool = True):
     return model
 
 
-def out_of_range():
-    """p_anomaly = 5 + 0 x mean(window): not a probability, whatever the input."""
+def out_of_range(base: float = 5.0, scale: float = 0.0, name: str = "out_of_range"):
+    """p_anomaly = base + scale x mean(window): with the defaults 5, not a probability, whatever
+    the input; `logit.onnx` (0.3 + 2 x mean) answers a probability for zeros only."""
     from onnx import TensorProto, helper
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
-            helper.make_node("Mul", ["mean", "zero"], ["z"]),
-            helper.make_node("Add", ["z", "five"], ["p"]),
+            helper.make_node("Mul", ["mean", "scale"], ["z"]),
+            helper.make_node("Add", ["z", "base"], ["p"]),
             helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
         ],
-        "out_of_range",
+        name,
         [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES])],
         [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
-                     helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                     helper.make_tensor("five", TensorProto.FLOAT, [], [5.0])],
+                     helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+                     helper.make_tensor("base", TensorProto.FLOAT, [], [base])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
@@ -145,6 +146,7 @@ def fixtures() -> dict:
         "baseline.onnx": with_baseline(),
         "baseline_undeclared.onnx": with_baseline(declared=False),
         "out_of_range.onnx": out_of_range(),
+        "logit.onnx": out_of_range(0.3, 2.0, "logit"),
         "anchor.onnx": silence_head(os.path.normpath(BUNDLED)),
     }
 

@@ -344,6 +344,22 @@ class Calibration(unittest.TestCase):
         out = alarms(scores, healthy, 0.5, 3000)
         self.assertEqual(int(out[3100:].sum()), 299)
 
+    def test_warnings_that_come_and_go_are_one_false_alarm(self):
+        import numpy as np
+        from calibrate import FALSE_ALARM_TICKS, alarms
+        # After the warm-up, a score flapping about the threshold: 0.6 for 4 steps, back to
+        # the healthy level for 6, and again. Each warning was shorter than the exit, so none
+        # was a false alarm and the flapping went on for good; now the warnings are one alarm,
+        # and FALSE_ALARM_TICKS healthy steps after it began the threshold is above them.
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100))))
+        flap = np.tile(np.r_[np.full(4, 0.6), np.full(6, 0.05)], 40)
+        scores = np.concatenate([warm, flap])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertEqual(int(out[:3100].sum()), 0)
+        self.assertGreater(int(out[3100:].sum()), 0)
+        self.assertEqual(int(out[3100 + FALSE_ALARM_TICKS:].sum()), 0)
+
     def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
         import numpy as np
         from unittest import mock

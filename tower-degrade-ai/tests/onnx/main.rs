@@ -221,6 +221,28 @@ fn a_model_that_does_not_answer_probabilities_is_refused_at_build_naming_its_fil
 }
 
 #[test]
+fn a_model_whose_answer_is_a_probability_only_for_zeros_is_refused_at_build() {
+    if !runtime_present() {
+        return;
+    }
+    // 0.3 + 2 x mean(window): 0.3 for the all-zero warm-up, which passed it; then every live
+    // tick failed ("not a probability") and the class never had a prediction.
+    let p = OnnxPredictor::load(fixture("tests/fixtures/logit.onnx")).unwrap();
+    let Err(err) = Degrader::builder("shop")
+        .class(ClassConfig::silver("stock"))
+        .predictor(p, PredictorConfig::default())
+        .build_with_worker()
+    else {
+        panic!("built with a model answering 1.275 on a healthy window");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("logit.onnx: on a healthy window") && err.contains("not a probability"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_shipped_model_file_names_the_features_it_was_trained_on() {
     if !runtime_present() {
         return;
@@ -623,16 +645,25 @@ async fn a_benign_latency_rise_costs_the_calibrated_default_one_false_alarm_at_m
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_benign_latency_rise_on_noisy_traffic_does_not_trip_the_calibrated_default() {
+async fn a_benign_latency_rise_on_noisy_traffic_costs_one_false_alarm_at_most() {
     // The same deploy on traffic whose calls take 40-80 ms, so that a tick's p99 varies: the
-    // baseline's spread is the traffic's own, and 12 % is within it.
+    // scores flap about the threshold (a few short warnings), and the warnings that come and
+    // go for FALSE_ALARM_TICKS healthy ticks are one false alarm, which lifts the threshold
+    // above them. (It tripped nothing while the calibration learnt a class's first, zero-
+    // padded ticks as healthy, which lifted its threshold; once their excesses slid out of
+    // the fit, hours later, each warning was shorter than the false-alarm exit and the class
+    // flapped for good: 26 trips in 400 ticks.)
     if !runtime_present() {
         return;
     }
-    let (trips, degraded_ticks, r) =
+    let (_, degraded_ticks, r) =
         benign_rise(OnnxPredictor::bundled().unwrap(), Traffic::Noisy).await;
-    assert_eq!((trips, degraded_ticks), (0, 0), "{r:?}");
-    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 0, 0), "{r:?}");
+    assert_eq!((r.confirmed, r.missed), (0, 0), "{r:?}");
+    assert!(r.false_alarms <= 1, "{r:?}");
+    assert!(
+        degraded_ticks <= tower_degrade::breaker::FALSE_ALARM_TICKS as usize + 2,
+        "degraded for {degraded_ticks} ticks"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -645,8 +676,12 @@ async fn a_benign_latency_rise_costs_the_scan_predictor_what_it_costs_the_bundle
         degraded_ticks <= tower_degrade::breaker::FALSE_ALARM_TICKS as usize + 2,
         "degraded for {degraded_ticks} ticks"
     );
-    let (trips, degraded_ticks, r) = benign_rise(ScanPredictor::new(), Traffic::Noisy).await;
-    assert_eq!((trips, degraded_ticks), (0, 0), "{r:?}");
+    let (_, degraded_ticks, r) = benign_rise(ScanPredictor::new(), Traffic::Noisy).await;
+    assert!(r.false_alarms <= 1, "{r:?}");
+    assert!(
+        degraded_ticks <= tower_degrade::breaker::FALSE_ALARM_TICKS as usize + 2,
+        "degraded for {degraded_ticks} ticks"
+    );
 }
 
 /// A class calibrated on 2,600 healthy ticks of `traffic`, then 400 ticks 12 % slower: how

@@ -20,7 +20,8 @@
 //! reported but never enforced.
 //!
 //! A class degraded for a calibrated prediction that stays healthy for [`FALSE_ALARM_TICKS`]
-//! also closes, its threshold raised above the false alarm's scores.
+//! also closes, its threshold raised above the false alarm's scores; so does one whose
+//! warnings come and go for as long with no breach.
 //!
 //! The file is about 650 lines because the machine is one piece: every phase's transitions
 //! read the same counters, and splitting them would scatter one table.
@@ -104,7 +105,10 @@ pub struct Breaker {
     /// With a calibrated prediction threshold: what the class learned of its healthy scores.
     calibrator: Option<Calibrator>,
     /// A calibrated prediction that degraded the class and that the class has not confirmed
-    /// yet: healthy ticks since, and the highest score among them.
+    /// yet: healthy ticks since, and the highest score among them. It outlives the class's
+    /// closing again (a warning that ends and comes back is the same alarm): a score flapping
+    /// about the threshold was never taken for a false alarm, each warning shorter than
+    /// [`FALSE_ALARM_TICKS`].
     alarm: Option<Alarm>,
     /// How the predictions turned out.
     tally: Tally,
@@ -421,20 +425,23 @@ impl Breaker {
                 // A warning in a breaching window came with the breach (late, in the record):
                 // not a false alarm for the calibration to take back.
                 if self.calibrator.is_some() && !breach {
-                    self.alarm = Some(Alarm {
-                        unconfirmed: 0,
-                        highest: prediction.unwrap_or(0.0),
+                    let p = prediction.unwrap_or(0.0);
+                    // Back before the last warning's verdict: the same alarm, counted on.
+                    self.alarm = Some(match self.alarm {
+                        Some(a) => Alarm {
+                            unconfirmed: a.unconfirmed,
+                            highest: a.highest.max(p),
+                        },
+                        None => Alarm {
+                            unconfirmed: 0,
+                            highest: p,
+                        },
                     });
                 }
-                (
-                    Phase::Degraded { healthy: 0 },
-                    format!(
-                        "predicted: p = {:.2} >= {:.2} for {} ticks",
-                        prediction.unwrap_or(0.0),
-                        threshold.unwrap_or(0.0),
-                        self.predicted
-                    ),
-                )
+                (Phase::Degraded { healthy: 0 }, {
+                    let (p, t) = probabilities(prediction.unwrap_or(0.0), threshold.unwrap_or(0.0));
+                    format!("predicted: p = {p} >= {t} for {} ticks", self.predicted)
+                })
             }
             None => {
                 // A closed class serving calls without a breach: a healthy tick, whose score
@@ -461,7 +468,7 @@ impl Breaker {
         if next.state() == State::Closed {
             self.opens = 0;
         }
-        if next.state() != State::Degraded {
+        if !matches!(next.state(), State::Degraded | State::Closed) {
             self.alarm = None;
         }
         Some(Transition {
@@ -473,8 +480,9 @@ impl Breaker {
     }
 
     /// A class degraded by a calibrated prediction that has stayed healthy for
-    /// [`FALSE_ALARM_TICKS`] ticks: a false alarm. The calibration puts its threshold above the
-    /// alarm's scores and the class closes; a breach or a trip on the way confirms the alarm.
+    /// [`FALSE_ALARM_TICKS`] ticks since, degraded or closed again: a false alarm. The
+    /// calibration puts its threshold above the alarm's scores and the class closes (if it
+    /// has not); a breach or a trip on the way confirms the alarm.
     fn false_alarm(
         &mut self,
         w: &WindowSnapshot,
@@ -482,10 +490,14 @@ impl Breaker {
         prediction: Option<f64>,
     ) -> Option<Transition> {
         let alarm = self.alarm?;
-        if !matches!(self.phase, Phase::Degraded { .. }) {
-            self.alarm = None;
-            return None;
-        }
+        let degraded = match self.phase {
+            Phase::Degraded { .. } => true,
+            Phase::Closed => false,
+            _ => {
+                self.alarm = None;
+                return None;
+            }
+        };
         if breach {
             self.alarm = None;
             return None;
@@ -506,6 +518,10 @@ impl Breaker {
         c.false_alarm(alarm.highest);
         self.alarm = None;
         self.predicted = 0;
+        if !degraded {
+            // Closed already: its threshold is above the scores it flapped at.
+            return None;
+        }
         let from = self.phase.state();
         self.phase = Phase::Closed;
         Some(Transition {
@@ -696,5 +712,31 @@ impl Breaker {
                 None
             }
         }
+    }
+}
+
+/// `p` and `threshold` with the decimals that tell them apart (at least 2, at most 6): a
+/// calibrated threshold of 0.0046 read `0.02 >= 0.00`, one of 0.9995 `1.00 >= 1.00`.
+fn probabilities(p: f64, threshold: f64) -> (String, String) {
+    let mut digits = 2;
+    loop {
+        let (a, b) = (format!("{p:.digits$}"), format!("{threshold:.digits$}"));
+        let significant = |s: &str| s.trim_start_matches(['0', '.']).len() >= 2;
+        if digits == 6 || (a != b && significant(&b)) {
+            return (a, b);
+        }
+        digits += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_degrade_reason_s_probabilities_are_told_apart() {
+        let shown = |p, t| super::probabilities(p, t);
+        assert_eq!(shown(0.95, 0.87), ("0.95".into(), "0.87".into()));
+        assert_eq!(shown(0.02, 0.0046), ("0.0200".into(), "0.0046".into()));
+        assert_eq!(shown(0.9999, 0.9995), ("0.9999".into(), "0.9995".into()));
+        assert_eq!(shown(0.5, 0.5), ("0.500000".into(), "0.500000".into()));
     }
 }

@@ -134,6 +134,11 @@ impl Shared {
             let snap = ctl.history.latest().copied().unwrap_or_default();
             let prediction = predictions[id.index()];
             ctl.prediction = prediction;
+            // Until a class has a whole window of history its input is zero-padded, and zeros
+            // read as an outage (success rate 0): a model that does not leave the padding out
+            // degraded every class at start-up, and the calibration learnt those scores as
+            // healthy. The breaker uses (and learns) predictions from then on.
+            let prediction = prediction.filter(|_| ctl.features.is_full());
             if !self.limiters.is_empty() {
                 self.gates[id.index()]
                     .score

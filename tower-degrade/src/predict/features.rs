@@ -47,6 +47,11 @@ impl FeatureHistory {
         self.rps_sum += w.rps();
     }
 
+    /// Whether the class has a whole window of history (no zero padding in its input).
+    pub(crate) fn is_full(&self) -> bool {
+        self.ring.len() == WINDOW
+    }
+
     /// Write the `[WINDOW, N_FEATURES]` block, oldest first, zero-padded at the start.
     pub(crate) fn write(&self, out: &mut [f32]) {
         out.fill(0.0);

@@ -125,8 +125,15 @@ impl Runner {
             match self.results.try_recv() {
                 Ok((buf, res)) => {
                     self.buffer = Some(buf);
-                    if let Ok(p) = res {
-                        self.last = Some((p, 1));
+                    match res {
+                        Ok(p) => self.last = Some((p, 1)),
+                        // A late batch that failed is a failure like any other: counted and
+                        // said, and the older predictions are not used on (they were while
+                        // they aged, and the failure went unseen). The next tick runs anew.
+                        Err(e) => {
+                            self.last = None;
+                            return (Batch::Failed, Some(e));
+                        }
                     }
                 }
                 Err(mpsc::TryRecvError::Empty) => return (Batch::Overrun, None),

@@ -45,6 +45,15 @@ fn patient() -> PredictorConfig {
     config
 }
 
+/// `d` after a whole window of quiet ticks: the breaker uses a class's predictions once its
+/// input is no longer zero-padded.
+fn filled(d: Degrader) -> Degrader {
+    for _ in 0..WINDOW {
+        d.tick_now();
+    }
+    d
+}
+
 /// A degrader with `p` attached and the seed's fixed threshold (0.87).
 fn with_predictor(p: impl Predictor) -> Degrader {
     Degrader::builder("shop")
@@ -123,24 +132,28 @@ impl Predictor for Trend {
 
 /// `stock` with [`Trend`] at the seed's fixed threshold (no warm-up).
 fn trend() -> Degrader {
-    Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(BreakerConfig::default().predict_threshold(0.87))
-        .class(ClassConfig::silver("stock"))
-        .predictor(Trend, patient())
-        .build_with_worker()
-        .unwrap()
-        .0
+    filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(BreakerConfig::default().predict_threshold(0.87))
+            .class(ClassConfig::silver("stock"))
+            .predictor(Trend, patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    )
 }
 
 /// The same class with no predictor: the threshold rule alone.
 fn without_predictor() -> Degrader {
-    Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .class(ClassConfig::silver("stock"))
-        .build_with_worker()
-        .unwrap()
-        .0
+    filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .class(ClassConfig::silver("stock"))
+            .build_with_worker()
+            .unwrap()
+            .0,
+    )
 }
 
 /// A slow leak on `stock` (SLA 200 ms): latency grows 100 ms per tick, errors grow with it.
@@ -260,14 +273,16 @@ fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
             // The model sees nothing coming; the class fails outright and opens.
             let dial = Dial::default();
             *dial.0.lock().unwrap() = 0.05;
-            let d = Degrader::builder("shop")
-                .latency_clock(LatencyClock::Tokio)
-                .breaker(BreakerConfig::default().predict_threshold(0.87))
-                .class(ClassConfig::silver("stock"))
-                .predictor(dial, patient())
-                .build_with_worker()
-                .unwrap()
-                .0;
+            let d = filled(
+                Degrader::builder("shop")
+                    .latency_clock(LatencyClock::Tokio)
+                    .breaker(BreakerConfig::default().predict_threshold(0.87))
+                    .class(ClassConfig::silver("stock"))
+                    .predictor(dial, patient())
+                    .build_with_worker()
+                    .unwrap()
+                    .0,
+            );
             healthy(&d, 5).await;
             let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
             for _ in 0..3 {
@@ -325,14 +340,16 @@ async fn healthy(d: &Degrader, ticks: usize) {
 }
 
 fn biased(breaker: BreakerConfig) -> Degrader {
-    Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(breaker)
-        .class(ClassConfig::silver("stock"))
-        .predictor(Biased(1), patient())
-        .build_with_worker()
-        .unwrap()
-        .0
+    filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(breaker)
+            .class(ClassConfig::silver("stock"))
+            .predictor(Biased(1), patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    )
 }
 
 #[tokio::test(start_paused = true)]
@@ -398,16 +415,19 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
     // 0.6, and the class closes and stays closed on the same scores.
     let dial = Dial::default();
     *dial.0.lock().unwrap() = 0.05;
-    let d = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .breaker(
-            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
-        )
-        .class(ClassConfig::silver("stock"))
-        .predictor(dial.clone(), patient())
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(
+                BreakerConfig::default()
+                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
+            )
+            .class(ClassConfig::silver("stock"))
+            .predictor(dial.clone(), patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
     healthy(&d, 2_600).await;
     let threshold = |d: &Degrader| {
         let status = d.status();
@@ -498,17 +518,19 @@ async fn the_scores_before_a_breach_are_not_learnt_as_healthy() {
     // with no breach.
     let calibrated = || {
         let model = Spread::default();
-        let d = Degrader::builder("shop")
-            .latency_clock(LatencyClock::Tokio)
-            .breaker(
-                BreakerConfig::default()
-                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
-            )
-            .class(ClassConfig::silver("stock"))
-            .predictor(model.clone(), patient())
-            .build_with_worker()
-            .unwrap()
-            .0;
+        let d = filled(
+            Degrader::builder("shop")
+                .latency_clock(LatencyClock::Tokio)
+                .breaker(
+                    BreakerConfig::default()
+                        .predict_calibrated(Calibration::default().warm_up_ticks(1)),
+                )
+                .class(ClassConfig::silver("stock"))
+                .predictor(model.clone(), patient())
+                .build_with_worker()
+                .unwrap()
+                .0,
+        );
         (d, model)
     };
     let threshold = |d: &Degrader| {
@@ -627,6 +649,52 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
         );
         d.tick_now();
     }
+}
+
+/// Its first batch blocks until the test lets it go, then fails; the others answer 0.5.
+struct SlowFailing(std::sync::mpsc::Receiver<()>, bool);
+
+impl Predictor for SlowFailing {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        if !std::mem::replace(&mut self.1, true) {
+            let _ = self.0.recv();
+            return Err("model answered NaN, not a probability".into());
+        }
+        out.fill(0.5);
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_batch_that_fails_after_overrunning_is_counted_as_failed() {
+    // Its error was dropped when it landed late: no failure counted or logged.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let (release, gate) = std::sync::mpsc::channel();
+    let d = with_predictor(SlowFailing(gate, false));
+    let ((), recorded) = metrics_during(|| {
+        d.tick_now(); // gives up on the batch after its budget
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.status().classes[0].prediction != Some(0.5) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no batch after the failed one"
+            );
+            d.tick_now();
+        }
+    });
+    assert_eq!(
+        counter(&recorded, tower_degrade::metrics::PREDICTOR_FAILURES, &[]),
+        Some(1)
+    );
 }
 
 /// Answers each batch with what `script` says for the call number (from 0); warm-up passes.
@@ -775,6 +843,61 @@ fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
     );
 }
 
+/// A model that reads zero padding as an outage, as most do: 0.99 while a class's oldest tick
+/// is padding (every feature 0), 0.1 once it has a whole window.
+struct ReadsPadding;
+
+impl Predictor for ReadsPadding {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        for (class, p) in out.iter_mut().enumerate() {
+            let oldest = &input[class * WINDOW * N_FEATURES..][..N_FEATURES];
+            *p = if oldest.iter().all(|v| *v == 0.0) {
+                0.99
+            } else {
+                0.1
+            };
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_history_s_padding_neither_degrades_a_class_nor_is_learnt_as_healthy() {
+    // Such a model degraded every class, gold included, for the first 64 ticks after each
+    // start at the fixed threshold; with the calibrated default, the padded ticks' 0.99 were
+    // learnt as healthy scores and the threshold went beyond every probability.
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(BreakerConfig::default().predict_threshold(0.87))
+        .class(ClassConfig::silver("stock"))
+        .predictor(ReadsPadding, patient())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    for tick in 0..WINDOW + 5 {
+        healthy(&d, 1).await;
+        assert_eq!(d.state("stock").unwrap(), State::Closed, "tick {tick}");
+    }
+    assert_eq!(record(&d).false_alarms, 0);
+
+    let d = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .breaker(
+            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+        )
+        .class(ClassConfig::silver("stock"))
+        .predictor(ReadsPadding, patient())
+        .build_with_worker()
+        .unwrap()
+        .0;
+    healthy(&d, 2_600 + WINDOW).await;
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert!(!stock.calibrating);
+    let threshold = stock.prediction_threshold.unwrap();
+    assert!(threshold < 0.5, "learnt the padding: {threshold}");
+}
+
 /// Answers `p` for every class, always; warms up in `warm_up` of real time.
 struct Constant(f32, Duration);
 
@@ -796,16 +919,19 @@ async fn a_model_saturated_at_one_on_healthy_ticks_does_not_beat_its_calibrated_
     // healthy tick: the threshold is fitted beyond it, and the class is never degraded for it,
     // and the log says (once) that the model cannot warn of this class.
     let (logs, _guard) = logs::Logs::capture();
-    let d = Degrader::builder("shop")
-        .latency_clock(LatencyClock::Tokio)
-        .class(ClassConfig::silver("stock"))
-        .predictor(Constant(1.0, Duration::ZERO), patient())
-        .breaker(
-            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
-        )
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .class(ClassConfig::silver("stock"))
+            .predictor(Constant(1.0, Duration::ZERO), patient())
+            .breaker(
+                BreakerConfig::default()
+                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
+            )
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
     healthy(&d, 2_600).await;
     let status = d.status();
     let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
@@ -870,7 +996,7 @@ fn a_failing_warm_up_is_a_build_error() {
 async fn policies_see_the_prediction() {
     let rec = Recorder::default();
     *rec.answer.lock().unwrap() = vec![0.0, 0.0, 0.6];
-    let d = with_predictor(rec);
+    let d = filled(with_predictor(rec));
     let src = r#"
         fn policy() { #{ governs: ["stock"] } }
         fn on_tick(ctx) { if ctx.has_prediction && ctx.prediction > 0.5 { shed() } }
