@@ -300,6 +300,10 @@ impl Admin {
             "health_score": s.health_score,
             "classes": classes,
             "admission": admission,
+            "predictor": s.predictor.as_ref().map(|p| json!({
+                "last_batch": p.last_batch.map(|b| b.as_str()),
+                "error": p.error.as_deref(),
+            })),
         });
         #[cfg(feature = "fallback")]
         if let Some(store) = &self.store {

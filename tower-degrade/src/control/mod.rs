@@ -322,6 +322,7 @@ impl Shared {
             health_score,
             classes,
             admission,
+            predictor: self.predictor.status(),
         }));
     }
 }

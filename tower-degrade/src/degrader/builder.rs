@@ -302,6 +302,7 @@ impl DegraderBuilder {
                 health_score: 100.0,
                 classes: Vec::new(),
                 admission: Vec::new(),
+                predictor: runner.is_some().then(Default::default),
             }),
             predictor: PredictStage::new(runner, service.clone()),
             service,

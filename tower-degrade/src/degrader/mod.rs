@@ -15,7 +15,7 @@ use tokio::time::Instant;
 pub use self::builder::{DEFAULT_TICK, DegraderBuilder};
 pub(crate) use self::shared::{ClassControl, Shared, Shutdown};
 pub(crate) use self::status::health_score;
-pub use self::status::{ClassStatus, Status};
+pub use self::status::{ClassStatus, PredictorBatch, PredictorStatus, Status};
 use crate::breaker::{Command, State};
 use crate::class::{ClassId, Registry};
 use crate::classify::{HttpClassifier, HttpClassifierBuilder};

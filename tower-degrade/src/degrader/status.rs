@@ -22,6 +22,45 @@ pub struct Status {
     /// Every admission limiter after the last tick, the service's first (empty without
     /// [admission](crate::admit)).
     pub admission: Vec<crate::admit::LimiterState>,
+    /// What the failure predictor did on the last tick; `None` without one. A class's
+    /// `prediction` of `None` reads the same whether the model has not answered yet, fails or
+    /// is stalled: this says which.
+    pub predictor: Option<PredictorStatus>,
+}
+
+/// The failure predictor in a [`Status`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct PredictorStatus {
+    /// What the last tick's batch did (`None` before the first tick).
+    pub last_batch: Option<PredictorBatch>,
+    /// While the predictor fails: its last error (cleared when it answers again).
+    pub error: Option<Arc<str>>,
+}
+
+/// What one tick's batch of predictions did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PredictorBatch {
+    /// It answered within its budget: new predictions.
+    Fresh,
+    /// Over its budget, or still busy with an earlier batch: the last predictions stand while
+    /// they are at most a few ticks old (`degrade_predictor_overruns_total`).
+    Overrun,
+    /// The model failed or its thread stopped: no prediction
+    /// (`degrade_predictor_failures_total`).
+    Failed,
+}
+
+impl PredictorBatch {
+    /// `fresh`, `overrun` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fresh => "fresh",
+            Self::Overrun => "overrun",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// One class in a [`Status`].

@@ -15,6 +15,8 @@ pub(crate) struct PredictStage {
     failing: std::sync::atomic::AtomicBool,
     /// Whether a value outside 0..=1 was logged.
     out_of_range: std::sync::atomic::AtomicBool,
+    /// The last tick's outcome and, while failing, the last error (for the status).
+    last: Mutex<crate::degrader::PredictorStatus>,
 }
 
 impl PredictStage {
@@ -24,7 +26,14 @@ impl PredictStage {
             service,
             failing: Default::default(),
             out_of_range: Default::default(),
+            last: Mutex::default(),
         }
+    }
+
+    /// What the last tick's batch did; `None` without a predictor.
+    pub(crate) fn status(&self) -> Option<crate::degrader::PredictorStatus> {
+        self.runner.as_ref()?;
+        Some(self.last.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// Whether a predictor is attached.
@@ -45,6 +54,20 @@ impl Stage for PredictStage {
             }
         });
         use std::sync::atomic::Ordering::Relaxed;
+        {
+            use crate::degrader::PredictorBatch;
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            last.last_batch = Some(match outcome {
+                BatchOutcome::Fresh => PredictorBatch::Fresh,
+                BatchOutcome::Overrun => PredictorBatch::Overrun,
+                BatchOutcome::Failed => PredictorBatch::Failed,
+            });
+            match outcome {
+                BatchOutcome::Fresh => last.error = None,
+                BatchOutcome::Failed => last.error = error.as_deref().map(Arc::from),
+                BatchOutcome::Overrun => {}
+            }
+        }
         match outcome {
             BatchOutcome::Fresh => {
                 if self.failing.swap(false, Relaxed) {

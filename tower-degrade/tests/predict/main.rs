@@ -780,8 +780,15 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
         },
         0,
     ));
+    use tower_degrade::degrader::{PredictorBatch, PredictorStatus};
+    assert_eq!(d.status().predictor, Some(PredictorStatus::default()));
     d.tick_now();
     assert_eq!(predictions(&d), [Some(0.3f32 as f64); 3]);
+    let status = d.status().predictor.clone().unwrap();
+    assert_eq!(
+        (status.last_batch, status.error),
+        (Some(PredictorBatch::Fresh), None)
+    );
     d.tick_now();
     let failed = failures_during(|| {
         for _ in 0..3 {
@@ -790,6 +797,13 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
     });
     assert_eq!(failed, Some(3));
     assert_eq!(predictions(&d), [None; 3], "not the last ones");
+    // The status says why there is none (it read as "no answer yet").
+    let status = d.status().predictor.clone().unwrap();
+    assert_eq!(status.last_batch, Some(PredictorBatch::Failed));
+    assert!(
+        status.error.as_deref().unwrap().contains("answered NaN"),
+        "{status:?}"
+    );
     assert_eq!(d.state("pay").unwrap(), State::Closed);
     // The threshold it would act on, as the metrics report it: still there, not calibrating.
     for c in d.status().classes.iter() {
