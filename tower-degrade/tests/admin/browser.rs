@@ -174,7 +174,8 @@ impl Predictor for Quiet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
-    // The shop, with a predictor at a fixed threshold (armed from the first tick).
+    // The shop, with a predictor at a fixed threshold (armed once a class's window is whole:
+    // 64 ticks, ticked below before the page is opened).
     let d = support::builder("shop")
         .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::gold("payment").depends_on("db"))
@@ -192,7 +193,9 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     .unwrap();
     let page = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    d.tick_now();
+    for _ in 0..tower_degrade::predict::WINDOW {
+        d.tick_now();
+    }
 
     let driver = Driver::start();
     let c = driver.session().await;
