@@ -15,6 +15,8 @@ from collections import deque
 
 import numpy as np
 
+from features import WINDOW
+
 TAIL_QUANTILE = 0.98
 MAX_PEAKS = 2048
 # The fewest excesses a first fit takes: fewer give a tail that trips far over budget.
@@ -164,6 +166,10 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     steps between them, as the breaker keeps it while the class is closed again."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     out = np.zeros(len(scores), dtype=bool)
+    # A series' first WINDOW - 1 steps are zero-padded in the model's input: the breaker
+    # neither acts on nor learns their scores (no prediction, as in Rust).
+    scores = np.asarray(scores, dtype=float).copy()
+    scores[:WINDOW - 1] = np.nan
     run = 0
     alarm = None  # [healthy steps, highest score] of an unconfirmed alarm; [-1, 0] confirmed
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)

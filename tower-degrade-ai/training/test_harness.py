@@ -332,17 +332,22 @@ class Calibration(unittest.TestCase):
         # Healthy all along: a warm-up at 0.05 (3,000 steps, each learnt FALSE_ALARM_TICKS
         # steps later), then a level shift to 0.6 that never breaks anything. The alarm lasts
         # FALSE_ALARM_TICKS steps, then the threshold is above 0.6.
+        # (The first WINDOW - 1 steps, zero-padded in a model's input, are neither acted on
+        # nor learnt: `pad` of them first.)
+        from features import WINDOW
         rng = np.random.default_rng(1)
         warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100))))
-        scores = np.concatenate([warm, np.full(300, 0.6)])
+        pad = np.full(WINDOW - 1, 0.99)
+        scores = np.concatenate([pad, warm, np.full(300, 0.6)])
+        shift = 3100 + len(pad)
         out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
-        self.assertEqual(int(out[:3100].sum()), 0)
-        self.assertEqual(int(out[3100:].sum()), FALSE_ALARM_TICKS)
+        self.assertEqual(int(out[:shift].sum()), 0)
+        self.assertEqual(int(out[shift:].sum()), FALSE_ALARM_TICKS)
         # The same shift with the class breaching (unhealthy) is confirmed: it stays.
         healthy = np.ones(len(scores), bool)
-        healthy[3110:] = False
+        healthy[shift + 10:] = False
         out = alarms(scores, healthy, 0.5, 3000)
-        self.assertEqual(int(out[3100:].sum()), 299)
+        self.assertEqual(int(out[shift:].sum()), 299)
 
     def test_warnings_that_come_and_go_are_one_false_alarm(self):
         import numpy as np
@@ -351,14 +356,16 @@ class Calibration(unittest.TestCase):
         # the healthy level for 6, and again. Each warning was shorter than the exit, so none
         # was a false alarm and the flapping went on for good; now the warnings are one alarm,
         # and FALSE_ALARM_TICKS healthy steps after it began the threshold is above them.
+        from features import WINDOW
         rng = np.random.default_rng(1)
-        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100))))
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + WINDOW - 1))))
         flap = np.tile(np.r_[np.full(4, 0.6), np.full(6, 0.05)], 40)
         scores = np.concatenate([warm, flap])
+        shift = len(warm)
         out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
-        self.assertEqual(int(out[:3100].sum()), 0)
-        self.assertGreater(int(out[3100:].sum()), 0)
-        self.assertEqual(int(out[3100 + FALSE_ALARM_TICKS:].sum()), 0)
+        self.assertEqual(int(out[:shift].sum()), 0)
+        self.assertGreater(int(out[shift:].sum()), 0)
+        self.assertEqual(int(out[shift + FALSE_ALARM_TICKS:].sum()), 0)
 
     def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
         import numpy as np
@@ -367,8 +374,10 @@ class Calibration(unittest.TestCase):
         # The breaker's `the_scores_before_a_breach_are_not_learnt_as_healthy`: the scores of
         # a climb followed by an unhealthy step are never learnt; with no unhealthy step
         # after them they are, FALSE_ALARM_TICKS steps later.
+        from features import WINDOW
         rng = np.random.default_rng(3)
         warm = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(3000))))
+        warm = np.concatenate([np.full(WINDOW - 1, 0.05), warm])  # the padded steps first
         climb = 1 / (1 + np.exp(-np.linspace(-2.2, -1.0, 30)))
         rest = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(60))))
         scores = np.concatenate([warm, climb, rest])
@@ -383,7 +392,7 @@ class Calibration(unittest.TestCase):
             return sum(p in climbed for p in seen)
 
         breach = np.ones(len(scores), bool)
-        breach[3030] = False  # the step after the climb
+        breach[len(warm) + 30] = False  # the step after the climb
         self.assertEqual(learnt(breach), 0)
         self.assertEqual(learnt(np.ones(len(scores), bool)), 30)
 
