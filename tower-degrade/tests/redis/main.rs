@@ -263,6 +263,32 @@ async fn two_instances_share_one_queue_and_each_task_is_replayed_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_warns_of_a_server_without_its_append_only_file() {
+    // Nothing checked it: a Redis restarted without persistence lost every kept task, with
+    // one log line after the fact.
+    let server = Server::start();
+    let (logs, _guard) = Logs::capture();
+    let s = store(&server, "a");
+    async { s.ping().await.unwrap() }
+        .with_current_subscriber()
+        .await;
+    assert!(
+        !logs.text().contains("append-only file is off"),
+        "{}",
+        logs.text()
+    );
+    cli(&server, &["CONFIG", "SET", "appendonly", "no"]);
+    async { s.ping().await.unwrap() }
+        .with_current_subscriber()
+        .await;
+    assert!(
+        logs.text().contains("append-only file is off"),
+        "{}",
+        logs.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_streams_gets_its_consumer_group_back() {
     // Redis replaced by an empty one (or the stream deleted) under a running worker: its
     // reads failed with NOGROUP for ever and new tasks were kept but never replayed.

@@ -405,10 +405,37 @@ impl RedisStore {
 
     /// Connect and ask Redis for a `PING`: at startup, a wrong host, database or password is
     /// then an error here rather than on the first kept call ([`build`](RedisStoreBuilder::build)
-    /// connects lazily).
+    /// connects lazily). Also logs a warning when the server's append-only file is off
+    /// (`INFO persistence`): a Redis restarted then loses every task it held. At startup, log
+    /// a failed ping rather than exit with it: the store reconnects by itself, and instances
+    /// restarted during an outage would otherwise crash-loop.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.query(&redis::cmd("PING")).await.map(drop)
+        self.inner.query(&redis::cmd("PING")).await?;
+        // Managed servers may refuse INFO: then nothing is said.
+        let info = match self
+            .inner
+            .query(redis::cmd("INFO").arg("persistence"))
+            .await
+        {
+            Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(Value::SimpleString(s)) => s,
+            Ok(Value::VerbatimString { text, .. }) => text,
+            _ => String::new(),
+        };
+        if aof_off(&info) {
+            tracing::warn!(
+                store = %self.inner.url,
+                "the Redis server's append-only file is off (aof_enabled:0): a restart loses \
+                 every task it holds; run it with `appendonly yes` and `appendfsync always`"
+            );
+        }
+        Ok(())
     }
+}
+
+/// Whether `INFO persistence` says the append-only file is off.
+fn aof_off(info: &str) -> bool {
+    info.lines().any(|l| l.trim_end() == "aof_enabled:0")
 }
 
 impl Inner {
