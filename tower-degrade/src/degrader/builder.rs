@@ -337,10 +337,17 @@ impl DegraderBuilder {
     /// longer move. Build one per runtime, or spawn [`build_with_worker`](Self::build_with_worker)'s
     /// loop on the runtime that lasts.
     ///
+    /// # Blocking
+    ///
+    /// With a [predictor](Self::predictor), `build` waits on the calling thread for its
+    /// warm-up batches (up to `PredictorConfig::warm_up_timeout`, 30 s by default; a model
+    /// loads in milliseconds to a few seconds): from async code, build before serving, or in
+    /// `spawn_blocking`.
+    ///
     /// # Panics
     ///
     /// When called outside a tokio runtime (use [`build_with_worker`](Self::build_with_worker)
-    /// to run the loop on an executor of your choice).
+    /// to run the loop yourself: it needs tokio's timers and `spawn_blocking`).
     pub fn build(self) -> Result<Degrader, ConfigError> {
         let (degrader, worker) = self.build_with_worker()?;
         tokio::spawn(worker);
@@ -349,7 +356,9 @@ impl DegraderBuilder {
 
     /// Build the degrader and return its control loop as a future for the caller to spawn
     /// (the `Buffer::pair` shape). The loop ends when every handle, layer and service of the
-    /// degrader is dropped, or on [`Degrader::shutdown`].
+    /// degrader is dropped, or on [`Degrader::shutdown`]. Spawn it on a tokio runtime: it
+    /// ticks on tokio's timers and runs each tick in `spawn_blocking`. Blocks like
+    /// [`build`](Self::build) with a predictor.
     pub fn build_with_worker(
         self,
     ) -> Result<(Degrader, impl Future<Output = ()> + Send + 'static), ConfigError> {
