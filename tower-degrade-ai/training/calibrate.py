@@ -32,6 +32,14 @@ FALSE_ALARM_TICKS = 40
 MIN_THETA = 1.0 / 32.0
 # Healthy ticks a false alarm's floor holds.
 FALSE_ALARM_HOLD = 7200
+# Ticks a prediction that overran its budget may still be used (tower_degrade's STALE_TICKS).
+STALE_TICKS = 4
+# A series' first steps whose scores the breaker does not use: until its window is whole, and
+# a batch that overran no longer stands for one made before (`FeatureHistory::is_full`).
+UNUSED_STEPS = WINDOW - 1 + STALE_TICKS
+# Steps after a warning ends within which the next one is the same alarm (the breaker's
+# MERGE_GAP); a warning back later is an alarm of its own.
+MERGE_GAP = FALSE_ALARM_TICKS // 4
 
 
 def logit(p: float) -> float:
@@ -161,33 +169,56 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     step while warming up) teach the threshold, once FALSE_ALARM_TICKS more healthy steps have
     passed with no unhealthy one (those before an unhealthy step are its precursors, as in the
     breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
-    threshold goes above its scores and it ends; an unhealthy step confirms it. Warnings that
-    come and go (a score flapping about the threshold) are one alarm, counted on across the
-    steps between them, as the breaker keeps it while the class is closed again."""
+    threshold goes above its scores and it ends; an unhealthy step confirms it. A warning
+    back within MERGE_GAP steps of the last one's end (a score flapping about the threshold)
+    is the same alarm, counted on across the steps between them, as the breaker keeps it
+    while the class is closed again; one back later is an alarm of its own, and the ended one
+    is judged apart, FALSE_ALARM_TICKS healthy steps after its first warning."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     out = np.zeros(len(scores), dtype=bool)
-    # A series' first WINDOW - 1 steps are zero-padded in the model's input: the breaker
-    # neither acts on nor learns their scores (no prediction, as in Rust).
+    # A series' first steps are zero-padded in the model's input: the breaker neither acts on
+    # nor learns their scores (no prediction, as in Rust).
     scores = np.asarray(scores, dtype=float).copy()
-    scores[:WINDOW - 1] = np.nan
+    scores[:UNUSED_STEPS] = np.nan
     run = 0
-    alarm = None  # [healthy steps, highest score] of an unconfirmed alarm; [-1, 0] confirmed
+    alarm = None  # [healthy steps, highest score, quiet steps] unconfirmed; [-1, ...] confirmed
+    ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     for t, p in enumerate(scores):
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
         out[t] = run >= k
+        if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
+            if not healthy[t]:
+                ended = None
+            else:
+                ended[0] += 1
+                if ended[0] >= FALSE_ALARM_TICKS:
+                    cal.false_alarm(ended[1])
+                    ended = None
         if not healthy[t]:
             # A breach confirms the alarm (not a false one, for as long as it lasts), or ends
             # a pending one.
-            alarm = [-1, 0.0] if out[t] else None
-        elif out[t] and alarm is None:
-            alarm = [0, float(p)]
-        elif not out[t] and alarm is not None and alarm[0] < 0:
-            alarm = None  # the confirmed alarm ended
+            alarm = [-1, 0.0, 0] if out[t] else None
+        elif out[t]:
+            if alarm is None:
+                alarm = [0, float(p), 0]
+            elif alarm[0] >= 0:
+                alarm[2] = 0  # back within MERGE_GAP: the same alarm
+        elif alarm is not None:
+            if alarm[0] < 0:
+                alarm = None  # the confirmed alarm ended
+            else:
+                alarm[2] += 1
+                if alarm[2] >= MERGE_GAP:
+                    # It ended and did not come back: judged apart; a later warning is an
+                    # alarm of its own.
+                    ended = ([max(ended[0], alarm[0]), max(ended[1], alarm[1])]
+                             if ended is not None else [alarm[0], alarm[1]])
+                    alarm = None
         # An unconfirmed alarm counts every healthy step since it began, alarmed or not.
         if alarm is not None and alarm[0] >= 0 and healthy[t]:
-            alarm = [alarm[0] + 1, max(alarm[1], float(p))]
+            alarm = [alarm[0] + 1, max(alarm[1], float(p)), alarm[2]]
             if alarm[0] >= FALSE_ALARM_TICKS:
                 cal.false_alarm(alarm[1])
                 alarm, run = None, 0

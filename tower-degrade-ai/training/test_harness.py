@@ -332,12 +332,12 @@ class Calibration(unittest.TestCase):
         # Healthy all along: a warm-up at 0.05 (3,000 steps, each learnt FALSE_ALARM_TICKS
         # steps later), then a level shift to 0.6 that never breaks anything. The alarm lasts
         # FALSE_ALARM_TICKS steps, then the threshold is above 0.6.
-        # (The first WINDOW - 1 steps, zero-padded in a model's input, are neither acted on
+        # (The first UNUSED_STEPS steps, zero-padded in a model's input, are neither acted on
         # nor learnt: `pad` of them first.)
-        from features import WINDOW
+        from calibrate import UNUSED_STEPS
         rng = np.random.default_rng(1)
         warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100))))
-        pad = np.full(WINDOW - 1, 0.99)
+        pad = np.full(UNUSED_STEPS, 0.99)
         scores = np.concatenate([pad, warm, np.full(300, 0.6)])
         shift = 3100 + len(pad)
         out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
@@ -356,9 +356,9 @@ class Calibration(unittest.TestCase):
         # the healthy level for 6, and again. Each warning was shorter than the exit, so none
         # was a false alarm and the flapping went on for good; now the warnings are one alarm,
         # and FALSE_ALARM_TICKS healthy steps after it began the threshold is above them.
-        from features import WINDOW
+        from calibrate import UNUSED_STEPS
         rng = np.random.default_rng(1)
-        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + WINDOW - 1))))
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
         flap = np.tile(np.r_[np.full(4, 0.6), np.full(6, 0.05)], 40)
         scores = np.concatenate([warm, flap])
         shift = len(warm)
@@ -367,6 +367,38 @@ class Calibration(unittest.TestCase):
         self.assertGreater(int(out[shift:].sum()), 0)
         self.assertEqual(int(out[shift + FALSE_ALARM_TICKS:].sum()), 0)
 
+    def test_a_warning_some_way_after_a_false_one_gets_its_own_alarm(self):
+        import numpy as np
+        from calibrate import MERGE_GAP, alarms
+        from calibrate import UNUSED_STEPS
+        # A short warning, 34 quiet steps, then a real precursor: merged into the first, it
+        # was judged a false alarm 40 steps after the first began and ended before its breach.
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
+        scores = np.concatenate([warm, np.full(3, 0.6), np.full(34, 0.05), np.full(30, 0.9)])
+        # (the first is judged apart, a false alarm: the threshold goes above 0.6, not 0.9)
+        second = len(warm) + 37
+        healthy = np.ones(len(scores), bool)
+        healthy[second + 12:] = False  # the breach the precursor warned of
+        self.assertGreater(34, MERGE_GAP)
+        out = alarms(scores, healthy, 0.5, 3000)
+        self.assertTrue(out[len(warm) + 1], "the first warning")
+        self.assertTrue(out[second + 1:].all(), "the precursor's alarm lasts into the breach")
+
+    def test_a_slow_flap_is_judged_too(self):
+        import numpy as np
+        from calibrate import MERGE_GAP, UNUSED_STEPS, alarms
+        # 0.6 for 3 steps, then 12 quiet ones (more than MERGE_GAP), again and again: each
+        # warning an alarm of its own, each judged 40 steps after it began; after the first
+        # verdict the threshold is above 0.6 and the flapping trips no more.
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
+        flap = np.tile(np.r_[np.full(3, 0.6), np.full(MERGE_GAP + 2, 0.05)], 30)
+        scores = np.concatenate([warm, flap])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertGreater(int(out[len(warm):].sum()), 0)
+        self.assertEqual(int(out[len(warm) + 60:].sum()), 0)
+
     def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
         import numpy as np
         from unittest import mock
@@ -374,10 +406,10 @@ class Calibration(unittest.TestCase):
         # The breaker's `the_scores_before_a_breach_are_not_learnt_as_healthy`: the scores of
         # a climb followed by an unhealthy step are never learnt; with no unhealthy step
         # after them they are, FALSE_ALARM_TICKS steps later.
-        from features import WINDOW
+        from calibrate import UNUSED_STEPS
         rng = np.random.default_rng(3)
         warm = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(3000))))
-        warm = np.concatenate([np.full(WINDOW - 1, 0.05), warm])  # the padded steps first
+        warm = np.concatenate([np.full(UNUSED_STEPS, 0.05), warm])  # the padded steps first
         climb = 1 / (1 + np.exp(-np.linspace(-2.2, -1.0, 30)))
         rest = 1 / (1 + np.exp(-(-3 + 0.4 * rng.standard_normal(60))))
         scores = np.concatenate([warm, climb, rest])

@@ -106,10 +106,15 @@ pub struct Breaker {
     calibrator: Option<Calibrator>,
     /// A calibrated prediction that degraded the class and that the class has not confirmed
     /// yet: healthy ticks since, and the highest score among them. It outlives the class's
-    /// closing again (a warning that ends and comes back is the same alarm): a score flapping
-    /// about the threshold was never taken for a false alarm, each warning shorter than
-    /// [`FALSE_ALARM_TICKS`].
+    /// closing again for [`MERGE_GAP`] ticks: a warning back within them is the same alarm
+    /// (a score flapping about the threshold was never taken for a false alarm, each warning
+    /// shorter than [`FALSE_ALARM_TICKS`]); one back later is a new alarm, judged on its own.
     alarm: Option<Alarm>,
+    /// An alarm whose warnings ended more than [`MERGE_GAP`] ticks ago, waiting for its
+    /// verdict ([`FALSE_ALARM_TICKS`] healthy ticks after its first warning with no breach: a
+    /// false alarm, whose scores the threshold goes above). A score that flaps slowly was
+    /// never judged, each warning ending before the exit.
+    ended: Option<Alarm>,
     /// How the predictions turned out.
     tally: Tally,
     /// With a calibrated threshold: the scores of the last healthy ticks, learnt once
@@ -122,9 +127,18 @@ pub struct Breaker {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Alarm {
+    /// Healthy ticks with calls served since its first warning.
     unconfirmed: u32,
     highest: f64,
+    /// Ticks since its last warning ended (0 while it warns).
+    quiet: u32,
 }
+
+/// Ticks after a warning ends within which the next one is the same alarm (5 s at the 500 ms
+/// tick): a flapping score's warnings are a few ticks apart. A warning back later starts an
+/// alarm of its own, so a real precursor some way after a false alarm gets its whole
+/// [`FALSE_ALARM_TICKS`] to be confirmed.
+const MERGE_GAP: u32 = FALSE_ALARM_TICKS / 4;
 
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
 /// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so
@@ -147,6 +161,7 @@ impl Breaker {
             predicted: 0,
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
             alarm: None,
+            ended: None,
             tally: Tally::default(),
             unlearnt: VecDeque::with_capacity(match cfg_threshold {
                 PredictThreshold::Calibrated(_) => FALSE_ALARM_TICKS as usize + 1,
@@ -296,6 +311,7 @@ impl Breaker {
                 self.opens = 0;
                 self.breached = 0;
                 self.alarm = None;
+                self.ended = None;
                 Mode::Auto
             }
         };
@@ -426,15 +442,17 @@ impl Breaker {
                 // not a false alarm for the calibration to take back.
                 if self.calibrator.is_some() && !breach {
                     let p = prediction.unwrap_or(0.0);
-                    // Back before the last warning's verdict: the same alarm, counted on.
+                    // Back within MERGE_GAP of the last warning: the same alarm, counted on.
                     self.alarm = Some(match self.alarm {
                         Some(a) => Alarm {
-                            unconfirmed: a.unconfirmed,
                             highest: a.highest.max(p),
+                            quiet: 0,
+                            ..a
                         },
                         None => Alarm {
                             unconfirmed: 0,
                             highest: p,
+                            quiet: 0,
                         },
                     });
                 }
@@ -470,6 +488,7 @@ impl Breaker {
         }
         if !matches!(next.state(), State::Degraded | State::Closed) {
             self.alarm = None;
+            self.ended = None;
         }
         Some(Transition {
             from,
@@ -489,6 +508,7 @@ impl Breaker {
         breach: bool,
         prediction: Option<f64>,
     ) -> Option<Transition> {
+        self.judge_ended(w, breach);
         let alarm = self.alarm?;
         let degraded = match self.phase {
             Phase::Degraded { .. } => true,
@@ -502,13 +522,30 @@ impl Breaker {
             self.alarm = None;
             return None;
         }
+        let quiet = if degraded { 0 } else { alarm.quiet + 1 };
+        if quiet >= MERGE_GAP {
+            // Its warnings ended and did not come back: it waits for its verdict apart, and a
+            // later warning is an alarm of its own.
+            self.ended = Some(match self.ended {
+                Some(e) => Alarm {
+                    unconfirmed: e.unconfirmed.max(alarm.unconfirmed),
+                    highest: e.highest.max(alarm.highest),
+                    quiet: 0,
+                },
+                None => alarm,
+            });
+            self.alarm = None;
+            return None;
+        }
         if w.completed() == 0 {
             // Nothing served, nothing shown either way.
+            self.alarm = Some(Alarm { quiet, ..alarm });
             return None;
         }
         let alarm = Alarm {
             unconfirmed: alarm.unconfirmed + 1,
             highest: alarm.highest.max(prediction.unwrap_or(0.0)),
+            quiet,
         };
         self.alarm = Some(alarm);
         if alarm.unconfirmed < FALSE_ALARM_TICKS {
@@ -519,7 +556,15 @@ impl Breaker {
         self.alarm = None;
         self.predicted = 0;
         if !degraded {
-            // Closed already: its threshold is above the scores it flapped at.
+            // Closed already (between two of its warnings): its threshold is above the scores
+            // it flapped at.
+            tracing::info!(
+                threshold = c.threshold().unwrap_or(1.0),
+                highest = alarm.highest,
+                "predicted failures not seen in {} healthy ticks of warnings that came and \
+                 went: a false alarm; the threshold is now above their scores",
+                alarm.unconfirmed
+            );
             return None;
         }
         let from = self.phase.state();
@@ -536,6 +581,35 @@ impl Breaker {
             ),
             enforced: self.mode == Mode::Auto,
         })
+    }
+
+    /// The verdict on an alarm whose warnings ended (`ended`): a breach confirms
+    /// it; [`FALSE_ALARM_TICKS`] healthy ticks with calls after its first warning make it a
+    /// false one, whose scores the threshold goes above.
+    fn judge_ended(&mut self, w: &WindowSnapshot, breach: bool) {
+        let Some(mut e) = self.ended.take() else {
+            return;
+        };
+        if breach || !matches!(self.phase, Phase::Closed | Phase::Degraded { .. }) {
+            return;
+        }
+        if w.completed() > 0 {
+            e.unconfirmed += 1;
+        }
+        if e.unconfirmed < FALSE_ALARM_TICKS {
+            self.ended = Some(e);
+            return;
+        }
+        if let Some(c) = self.calibrator.as_mut() {
+            c.false_alarm(e.highest);
+            tracing::info!(
+                threshold = c.threshold().unwrap_or(1.0),
+                highest = e.highest,
+                "predicted failure not seen in {} healthy ticks after its warning: a false \
+                 alarm; the threshold is now above its scores",
+                e.unconfirmed
+            );
+        }
     }
 
     /// Whether the window breached: it trips the breaker or breaks the degrade rule.

@@ -137,7 +137,8 @@ impl Shared {
             // Until a class has a whole window of history its input is zero-padded, and zeros
             // read as an outage (success rate 0): a model that does not leave the padding out
             // degraded every class at start-up, and the calibration learnt those scores as
-            // healthy. The breaker uses (and learns) predictions from then on.
+            // healthy. The breaker uses (and learns) predictions from then on, once a batch
+            // that overran can no longer stand for one made before (`is_full`).
             let prediction = prediction.filter(|_| ctl.features.is_full());
             if !self.limiters.is_empty() {
                 self.gates[id.index()]

@@ -191,6 +191,9 @@ impl Core {
                 version: set.version,
                 ..Default::default()
             };
+            // A set put back in force (a rollback) runs its policies afresh: what it had
+            // quarantined for this class is no longer.
+            set.unquarantine(tick.id);
         }
         let class = tick.id;
         let info = &self.classes[class.index()];

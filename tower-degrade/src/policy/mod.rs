@@ -174,14 +174,16 @@ impl PolicySet {
 
     /// Policy calls skipped since this set was loaded: the tick's budget
     /// ([`Limits::max_tick_time`]) was spent before their turn. Each skipped policy's last
-    /// decision held for that tick (none yet: the breaker's directive).
+    /// decision held for that tick, for up to 20 ticks in a row, unless it was `close()`
+    /// (none yet, `close()` or held too long: the breaker's directive).
     pub fn skipped(&self) -> u64 {
         self.skipped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The policies quarantined since this set was loaded, each for the class it failed on
     /// (a run-time error, or its deadline too many ticks in a row): they stay out of that
-    /// class's decisions until the next load.
+    /// class's decisions until the next load (or until this set is rolled back to, when they
+    /// run again).
     pub fn quarantined(&self) -> Vec<(ClassId, &str)> {
         let q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
         q.iter()
@@ -198,6 +200,13 @@ impl PolicySet {
             .filter(|(h, _)| h.is_off())
             .map(|(_, p)| p.name.as_str())
             .collect()
+    }
+
+    pub(crate) fn unquarantine(&self, class: ClassId) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&(c, _)| c != class);
     }
 
     pub(crate) fn quarantine(&self, class: ClassId, policy: usize) {
@@ -340,27 +349,35 @@ pub(crate) struct ClassPolicyState {
     quarantined: Vec<usize>,
     /// Per policy: calls in a row stopped at their deadline.
     late: Vec<(usize, u32)>,
-    /// Per policy: its last decision (`None`: no opinion), held while its turn is skipped.
-    last: Vec<(usize, Option<Decision>)>,
+    /// Per policy: its last decision (`None`: no opinion), held while its turn is skipped,
+    /// and the ticks it has been held so.
+    last: Vec<(usize, Option<Decision>, u32)>,
 }
+
+/// Ticks in a row a skipped policy's last decision is held (10 s at the 500 ms tick): then
+/// its class gets the breaker's directive, as a policy that has not decided yet.
+const HOLD_SKIPPED: u32 = 20;
 
 impl ClassPolicyState {
     fn remember(&mut self, policy: usize, decision: Option<Decision>) {
-        match self.last.iter_mut().find(|(p, _)| *p == policy) {
-            Some((_, d)) => *d = decision,
-            None => self.last.push((policy, decision)),
+        match self.last.iter_mut().find(|(p, _, _)| *p == policy) {
+            Some((_, d, held)) => (*d, *held) = (decision, 0),
+            None => self.last.push((policy, decision, 0)),
         }
     }
 
     fn forget(&mut self, policy: usize) {
-        self.last.retain(|(p, _)| *p != policy);
+        self.last.retain(|(p, _, _)| *p != policy);
     }
 
-    fn last_decision(&self, policy: usize) -> Option<apply::Made> {
-        self.last
-            .iter()
-            .find(|(p, _)| *p == policy)
-            .and_then(|(_, d)| d.clone())
+    /// The decision a skipped policy holds: its last, unless that admits everything over the
+    /// breaker (`close()`: a breaker that trips meanwhile must not be overruled by a decision
+    /// made before), or it has been held [`HOLD_SKIPPED`] ticks.
+    fn last_decision(&mut self, policy: usize) -> Option<apply::Made> {
+        let (_, d, held) = self.last.iter_mut().find(|(p, _, _)| *p == policy)?;
+        *held = held.saturating_add(1);
+        d.clone()
+            .filter(|d| d.action() != Action::Close && *held <= HOLD_SKIPPED)
             .map(apply::Made::Remembered)
     }
 }

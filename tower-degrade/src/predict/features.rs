@@ -30,6 +30,8 @@ pub fn features(w: &WindowSnapshot, sla: Duration, mean_rps: f64) -> [f32; N_FEA
 pub(crate) struct FeatureHistory {
     ring: Ring<([f32; N_FEATURES], f64), WINDOW>,
     rps_sum: f64,
+    /// Ticks pushed (saturating).
+    pushed: u32,
 }
 
 impl FeatureHistory {
@@ -45,11 +47,14 @@ impl FeatureHistory {
             self.rps_sum -= evicted;
         }
         self.rps_sum += w.rps();
+        self.pushed = self.pushed.saturating_add(1);
     }
 
-    /// Whether the class has a whole window of history (no zero padding in its input).
+    /// Whether every prediction the class may be given now was made from a whole window (no
+    /// zero padding in its input): a batch that overran is used for up to
+    /// [`STALE_TICKS`](super::runner::STALE_TICKS) more ticks, so its input is that much older.
     pub(crate) fn is_full(&self) -> bool {
-        self.ring.len() == WINDOW
+        self.pushed as usize >= WINDOW + super::runner::STALE_TICKS as usize
     }
 
     /// Write the `[WINDOW, N_FEATURES]` block, oldest first, zero-padded at the start.

@@ -21,8 +21,9 @@
 //! tick first, zero-padded at the start while history is short. It answers `p_anomaly
 //! [n_classes, 1]`: the probability of an SLO breach within the next few ticks. Zeros read as
 //! an outage (a success rate of 0), so the breaker and the policies use a class's predictions
-//! only once it has a whole window of history (64 ticks, 32 s at the default tick): before
-//! that they are shown (`ClassStatus::prediction`), neither acted on nor learnt by the
+//! only once it has a whole window of history, and a batch that overran can no longer stand
+//! for one made before (from its 68th tick, 34 s at the default tick): before that they are
+//! shown (`ClassStatus::prediction`), neither acted on nor learnt by the
 //! calibrated threshold. The bundled model and `tower-degrade-ai`'s `ScanPredictor`, which
 //! leave the padding out, lose nothing but those first ticks.
 

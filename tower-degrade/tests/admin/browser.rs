@@ -175,7 +175,7 @@ impl Predictor for Quiet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
     // The shop, with a predictor at a fixed threshold (armed once a class's window is whole:
-    // 64 ticks, ticked below before the page is opened).
+    // 68 ticks, ticked below before the page is opened).
     let d = support::builder("shop")
         .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::gold("payment").depends_on("db"))
@@ -193,7 +193,7 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     .unwrap();
     let page = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    for _ in 0..tower_degrade::predict::WINDOW {
+    for _ in 0..2 * tower_degrade::predict::WINDOW {
         d.tick_now();
     }
 

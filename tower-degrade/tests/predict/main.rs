@@ -45,10 +45,10 @@ fn patient() -> PredictorConfig {
     config
 }
 
-/// `d` after a whole window of quiet ticks: the breaker uses a class's predictions once its
-/// input is no longer zero-padded.
+/// `d` after two windows of quiet ticks: the breaker uses a class's predictions once its
+/// input is no longer zero-padded (a window and the few ticks a late batch stands for).
 fn filled(d: Degrader) -> Degrader {
-    for _ in 0..WINDOW {
+    for _ in 0..2 * WINDOW {
         d.tick_now();
     }
     d
@@ -405,6 +405,63 @@ impl Predictor for Dial {
         out.fill((p * (1.0 + 0.1 * noise)).clamp(0.0, 1.0));
         Ok(())
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn warnings_that_flap_are_one_false_alarm_and_a_later_one_is_judged_on_its_own() {
+    let dial = Dial::default();
+    *dial.0.lock().unwrap() = 0.05;
+    let d = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(
+                BreakerConfig::default()
+                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
+            )
+            .class(ClassConfig::silver("stock"))
+            .predictor(dial.clone(), patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
+    healthy(&d, 2_600).await;
+    let set = |p: f32| *dial.0.lock().unwrap() = p;
+    // A short warning, then 30 quiet ticks, then a higher one that lasts (a real precursor):
+    // merged into the first, it was judged a false alarm 40 ticks after the first began, 8
+    // ticks into itself. Now the first is judged apart, and the second on its own 40 ticks.
+    set(0.6);
+    healthy(&d, 3).await;
+    assert_eq!(d.state("stock").unwrap(), State::Degraded);
+    set(0.05);
+    healthy(&d, 30).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+    set(0.9);
+    healthy(&d, 2).await;
+    let mut degraded = 0;
+    while d.state("stock").unwrap() == State::Degraded && degraded < 200 {
+        healthy(&d, 1).await;
+        degraded += 1;
+    }
+    assert!(
+        degraded + 2 >= tower_degrade::breaker::FALSE_ALARM_TICKS as usize,
+        "judged after {degraded} ticks of its own"
+    );
+
+    // A score flapping about the threshold (4 ticks over, 4 under): one alarm, judged false
+    // after FALSE_ALARM_TICKS healthy ticks; then the class stays closed. Each warning was
+    // shorter than the exit: the class flapped for good.
+    set(0.05);
+    healthy(&d, 100).await;
+    let (mut trips, mut was_closed) = (0, true);
+    for tick in 0..200 {
+        set(if tick % 8 < 4 { 0.7 } else { 0.05 });
+        healthy(&d, 1).await;
+        let closed = d.state("stock").unwrap() == State::Closed;
+        trips += usize::from(was_closed && !closed);
+        was_closed = closed;
+    }
+    assert!(trips <= 6, "{trips} trips");
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
 }
 
 #[tokio::test(start_paused = true)]
