@@ -407,8 +407,9 @@ impl Predictor for Dial {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn warnings_that_flap_are_one_false_alarm_and_a_later_one_is_judged_on_its_own() {
+/// `stock` with a [`Dial`] at 0.05 and the calibrated default (the shortest warm-up), after
+/// 2,600 healthy ticks: calibrated.
+async fn calibrated_on_a_dial() -> (Degrader, Dial) {
     let dial = Dial::default();
     *dial.0.lock().unwrap() = 0.05;
     let d = filled(
@@ -425,6 +426,12 @@ async fn warnings_that_flap_are_one_false_alarm_and_a_later_one_is_judged_on_its
             .0,
     );
     healthy(&d, 2_600).await;
+    (d, dial)
+}
+
+#[tokio::test(start_paused = true)]
+async fn warnings_that_flap_are_one_false_alarm_and_a_later_one_is_judged_on_its_own() {
+    let (d, dial) = calibrated_on_a_dial().await;
     let set = |p: f32| *dial.0.lock().unwrap() = p;
     // A short warning, then 30 quiet ticks, then a higher one that lasts (a real precursor):
     // merged into the first, it was judged a false alarm 40 ticks after the first began, 8
@@ -470,22 +477,7 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
     // benign change it reads as trouble). Degraded for it, the class stays healthy: after
     // FALSE_ALARM_TICKS healthy ticks the alarm is taken for false, the threshold goes above
     // 0.6, and the class closes and stays closed on the same scores.
-    let dial = Dial::default();
-    *dial.0.lock().unwrap() = 0.05;
-    let d = filled(
-        Degrader::builder("shop")
-            .latency_clock(LatencyClock::Tokio)
-            .breaker(
-                BreakerConfig::default()
-                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
-            )
-            .class(ClassConfig::silver("stock"))
-            .predictor(dial.clone(), patient())
-            .build_with_worker()
-            .unwrap()
-            .0,
-    );
-    healthy(&d, 2_600).await;
+    let (d, dial) = calibrated_on_a_dial().await;
     let threshold = |d: &Degrader| {
         let status = d.status();
         let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
