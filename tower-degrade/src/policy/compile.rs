@@ -269,9 +269,21 @@ impl Core {
         };
         let (mut targets, mut priority, mut mode) = (None, 0, Mode::Enforce);
         let mut selector = Selector::default();
+        // The line of a field of `policy()`'s map, for its errors: the first line from
+        // `fn policy` on that names it (`governs:` or `"governs":`).
+        let field_line = |key: &str| {
+            let from = text.lines().position(|l| defines_fn(l, "policy"))?;
+            let keyed = [format!("{key}:"), format!("\"{key}\":"), format!("{key} :")];
+            text.lines()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| keyed.iter().any(|k| l.contains(k.as_str())))
+                .map(|(i, _)| i + 1)
+        };
         for (key, value) in meta {
-            let bad =
-                |what: &str| PolicyError::new(file, None, format!("policy(): `{key}` {what}"));
+            let bad = |what: &str| {
+                PolicyError::new(file, field_line(&key), format!("policy(): `{key}` {what}"))
+            };
             match key.as_str() {
                 "governs" => {
                     let list = value
@@ -327,7 +339,7 @@ impl Core {
                 other => {
                     return Err(PolicyError::new(
                         file,
-                        None,
+                        field_line(other),
                         format!(
                             "policy(): unknown field `{other}` \
                              (expected governs, priority, mode, rollout, groups)"

@@ -419,6 +419,17 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
             "fn policy() { #{ governs: [\"log\"], rolout: 5 } }\nfn on_tick(ctx) { }",
             "unknown field `rolout`",
         ),
+        // A field's error names its line, not `fn policy`'s.
+        (
+            "field_line",
+            "fn policy() {\n  #{\n    governs: [\"log\"],\n    rolout: 5,\n  }\n}\nfn on_tick(ctx) { }",
+            "field_line.rhai:4: policy(): unknown field `rolout`",
+        ),
+        (
+            "field_value",
+            "fn policy() {\n  #{\n    \"priority\": \"high\",\n    governs: [\"log\"],\n  }\n}\nfn on_tick(ctx) { }",
+            "field_value.rhai:3: policy(): `priority` must be an integer",
+        ),
         (
             "no_on_tick",
             "fn policy() { #{ governs: [\"log\"] } }",
