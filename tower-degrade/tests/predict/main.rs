@@ -652,13 +652,44 @@ async fn the_scores_before_a_breach_are_not_learnt_as_healthy() {
     );
 }
 
-/// Blocks until the test lets it go: far past any budget.
-struct Slow(std::sync::mpsc::Receiver<()>);
+/// A current-thread runtime on real time (the predictor's budget is real time), entered by
+/// the test.
+fn real_time_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Its first batch blocks until the test lets it go (far past any budget), then answers
+/// `first` (`None`: fails); the others answer `then`.
+struct Slow {
+    gate: std::sync::mpsc::Receiver<()>,
+    first: Option<f32>,
+    then: f32,
+    answered: bool,
+}
+
+impl Slow {
+    fn new(gate: std::sync::mpsc::Receiver<()>, first: Option<f32>, then: f32) -> Self {
+        Self {
+            gate,
+            first,
+            then,
+            answered: false,
+        }
+    }
+}
 
 impl Predictor for Slow {
     fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
-        let _ = self.0.recv();
-        out.fill(0.99);
+        if std::mem::replace(&mut self.answered, true) {
+            out.fill(self.then);
+            return Ok(());
+        }
+        let _ = self.gate.recv();
+        let p = self.first.ok_or("model answered NaN, not a probability")?;
+        out.fill(p);
         Ok(())
     }
 
@@ -669,13 +700,10 @@ impl Predictor for Slow {
 
 #[test]
 fn an_overrun_keeps_the_last_prediction_and_is_counted() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = real_time_runtime();
     let _g = rt.enter();
     let (release, gate) = std::sync::mpsc::channel();
-    let d = with_predictor(Slow(gate));
+    let d = with_predictor(Slow::new(gate, Some(0.99), 0.99));
     let ((), recorded) = metrics_during(|| {
         d.tick_now(); // waits 8 ms, then gives up on this batch
         d.tick_now(); // the worker is still busy: no new batch
@@ -700,34 +728,13 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
     }
 }
 
-/// Its first batch blocks until the test lets it go, then fails; the others answer 0.5.
-struct SlowFailing(std::sync::mpsc::Receiver<()>, bool);
-
-impl Predictor for SlowFailing {
-    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
-        if !std::mem::replace(&mut self.1, true) {
-            let _ = self.0.recv();
-            return Err("model answered NaN, not a probability".into());
-        }
-        out.fill(0.5);
-        Ok(())
-    }
-
-    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_batch_that_fails_after_overrunning_is_counted_as_failed() {
     // Its error was dropped when it landed late: no failure counted or logged.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = real_time_runtime();
     let _g = rt.enter();
     let (release, gate) = std::sync::mpsc::channel();
-    let d = with_predictor(SlowFailing(gate, false));
+    let d = with_predictor(Slow::new(gate, None, 0.5));
     let ((), recorded) = metrics_during(|| {
         d.tick_now(); // gives up on the batch after its budget
         release.send(()).unwrap();
@@ -815,10 +822,7 @@ fn predictions(d: &Degrader) -> Vec<Option<f64>> {
 
 #[test]
 fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = real_time_runtime();
     let _g = rt.enter();
     // Answers 0.95 twice, then fails: the fixed threshold (0.87, 2 ticks) would degrade on
     // stale predictions.
@@ -887,10 +891,7 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
 
 #[test]
 fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = real_time_runtime();
     let _g = rt.enter();
     // NaN, garbage above 1, and 1 plus a rounding error.
     let d = with_predictor(Scripted(|_| Ok(vec![f32::NAN, 5.0, 1.000_000_1]), 0));
