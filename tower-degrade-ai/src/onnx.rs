@@ -417,11 +417,21 @@ impl OnnxPredictor {
     /// One batched inference: `input` is `[out.len(), 64, 8]` row-major, one tick of each
     /// class (batch row) in the same order every call. A model that takes the long baseline
     /// learns each row's newest tick into that row's baseline first.
+    ///
+    /// A row the model answers with something that is not a probability fails the call
+    /// ([`Error::Inference`]); as a [`Predictor`], the row's class has no prediction that tick
+    /// and the others keep theirs.
     pub fn run(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
-        self.infer(input, out, true)
+        self.infer(input, out, true, Rows::Strict)
     }
 
-    fn infer(&mut self, input: &[f32], out: &mut [f32], learn: bool) -> Result<(), Error> {
+    fn infer(
+        &mut self,
+        input: &[f32],
+        out: &mut [f32],
+        learn: bool,
+        rows: Rows,
+    ) -> Result<(), Error> {
         let batch = out.len();
         if self.baselines.is_none() {
             check_batch(input, batch)?;
@@ -454,21 +464,39 @@ impl OnnxPredictor {
                 p.len()
             )));
         }
-        for (o, &p) in out.iter_mut().zip(p) {
-            if !p.is_finite() || !(-1e-6..=1.0 + 1e-6).contains(&p) {
+        for (row, (o, &p)) in out.iter_mut().zip(p).enumerate() {
+            *o = if p.is_finite() && (-1e-6..=1.0 + 1e-6).contains(&p) {
+                p.clamp(0.0, 1.0)
+            } else if rows == Rows::Strict {
                 return Err(Error::Inference(format!(
-                    "model answered {p}, not a probability in 0..=1"
+                    "model answered {p} for batch row {row}, not a probability in 0..=1"
                 )));
-            }
-            *o = p.clamp(0.0, 1.0);
+            } else {
+                // The runtime reads it as no prediction for this row's class, and says so.
+                p
+            };
         }
         Ok(())
     }
 }
 
+/// What [`OnnxPredictor::infer`] does with a row whose answer is not a probability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Fail the batch (the public [`OnnxPredictor::run`], and the warm-up: a model that
+    /// answers so on a dummy batch is refused).
+    Strict,
+    /// Pass the value on (a live tick: the runtime reads it as that class's no prediction).
+    PassOn,
+}
+
 impl Predictor for OnnxPredictor {
+    /// One batch, as [`run`](Self::run), except that a row the model answers with something
+    /// that is not a probability (a NaN from one class's odd window, say) is passed on as it
+    /// is: the runtime reads it as no prediction for that class alone, rather than every
+    /// class losing its prediction.
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
-        Ok(self.run(input, out)?)
+        Ok(self.infer(input, out, true, Rows::PassOn)?)
     }
 
     /// A dummy batch, which the classes' long baselines do not learn from. Its error names
@@ -480,7 +508,7 @@ impl Predictor for OnnxPredictor {
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
         let mut input = vec![0.0; classes.len() * WINDOW * N_FEATURES];
         let mut out = vec![0.0; classes.len()];
-        self.infer(&input, &mut out, false)
+        self.infer(&input, &mut out, false, Rows::Strict)
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
         // rate_ratio, success_rate, error_rate, timeout_rate, p50_over_sla, p99_over_sla,
         // inflight_over_little, queue_delay_over_sla
@@ -488,7 +516,7 @@ impl Predictor for OnnxPredictor {
         for tick in input.chunks_exact_mut(N_FEATURES) {
             tick.copy_from_slice(&HEALTHY);
         }
-        self.infer(&input, &mut out, false)
+        self.infer(&input, &mut out, false, Rows::Strict)
             .map_err(|e| format!("{}: on a healthy window: {e}", self.path.display()).into())
     }
 }

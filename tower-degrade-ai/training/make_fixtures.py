@@ -11,6 +11,9 @@
   declares it (`tower_degrade.baseline`): p_anomaly = sigmoid(mean(window) - mean(baseline)),
   right in every way;
 - `baseline_undeclared.onnx`: the same, without the `tower_degrade.baseline` entry;
+- `nan_above.onnx`: a probability for each row whose window's values are all at most 10,
+  NaN for a row with one above (a class over 10x its SLA): one class's odd window, not the
+  batch's;
 - `anchor.onnx`: the bundled model (`../models/p_anomaly.onnx`) with its learnt head's weights
   at 0, its anchor alone, which `ScanPredictor` computes in Rust (the test runs the two side by
   side); rewrite it whenever the bundled model changes.
@@ -107,6 +110,36 @@ def out_of_range(base: float = 5.0, scale: float = 0.0, name: str = "out_of_rang
     return model
 
 
+def nan_above(limit: float = 10.0):
+    """p_anomaly = sigmoid(mean(window)) x (1 + 0 x sqrt(limit - max(window))): a probability
+    while every value of a row's window is at most `limit`, NaN for a row with one above it
+    (a class 10x over its SLA, with the default): a model that fails one class's odd window
+    and not the others'."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("Sigmoid", ["mean"], ["s"]),
+            helper.make_node("ReduceMax", ["window"], ["top"], axes=[1, 2], keepdims=0),
+            helper.make_node("Sub", ["limit", "top"], ["room"]),
+            helper.make_node("Sqrt", ["room"], ["root"]),
+            helper.make_node("Mul", ["root", "zero"], ["nothing"]),
+            helper.make_node("Add", ["s", "nothing"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
+        ],
+        "nan_above",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("limit", TensorProto.FLOAT, [], [limit]),
+                     helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
+    return model
+
+
 BUNDLED = os.path.join(os.path.dirname(FIXTURES), "..", "models", "p_anomaly.onnx")
 # The bundled network's head (`model.ZANet.skip` and `.mlp`): its weights are set to 0.
 HEAD = ("net.skip.", "net.mlp.")
@@ -147,6 +180,7 @@ def fixtures() -> dict:
         "baseline_undeclared.onnx": with_baseline(declared=False),
         "out_of_range.onnx": out_of_range(),
         "logit.onnx": out_of_range(0.3, 2.0, "logit"),
+        "nan_above.onnx": nan_above(),
         "anchor.onnx": silence_head(os.path.normpath(BUNDLED)),
     }
 

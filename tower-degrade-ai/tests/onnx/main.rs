@@ -242,6 +242,69 @@ fn a_model_whose_answer_is_a_probability_only_for_zeros_is_refused_at_build() {
     );
 }
 
+/// The default, but a budget the tick never gives up on under paused time (the host may be
+/// slow).
+fn paused_time_config() -> PredictorConfig {
+    let mut config = PredictorConfig::default();
+    config.budget = Duration::from_secs(10);
+    config
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_the_model_answers_nan_for_has_no_prediction_and_the_others_keep_theirs() {
+    if !runtime_present() {
+        return;
+    }
+    // sigmoid(mean) while a window's values are at most 10, NaN past: `stock`, at 12.5x its
+    // SLA, gets NaN every tick; `browse` a probability. One class's NaN failed the whole
+    // batch, and no class had a prediction.
+    let path = fixture("tests/fixtures/nan_above.onnx");
+    let mut strict = OnnxPredictor::load(&path).unwrap();
+    let mut input = vec![0.0; 2 * WINDOW * N_FEATURES];
+    input[(2 * WINDOW - 1) * N_FEATURES + 5] = 12.0;
+    let err = strict.run(&input, &mut [0.0; 2]).unwrap_err().to_string();
+    assert!(err.contains("batch row 1") && err.contains("NaN"), "{err}");
+
+    let (d, _worker) = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)))
+        .class(ClassConfig::bronze("browse").sla(Duration::from_millis(200)))
+        .predictor(OnnxPredictor::load(&path).unwrap(), paused_time_config())
+        .build_with_worker()
+        .unwrap();
+    let mut stock = d
+        .layer(d.class_id("stock").unwrap())
+        .layer(support::slow_failing());
+    let mut browse = d
+        .layer(d.class_id("browse").unwrap())
+        .layer(support::slow_failing());
+    for _ in 0..80 {
+        // (`stock` degrades on its latency: some of its calls are refused.)
+        let _ = stock.ready().await.unwrap().call((2_500, false)).await;
+        browse
+            .ready()
+            .await
+            .unwrap()
+            .call((40, false))
+            .await
+            .unwrap();
+        d.tick_now();
+    }
+    let status = d.status();
+    let class = |name: &str| status.classes.iter().find(|c| &*c.name == name).unwrap();
+    assert_eq!(class("stock").prediction, None);
+    let p = class("browse")
+        .prediction
+        .expect("browse keeps its prediction");
+    assert!(p > 0.5 && p < 1.0, "{p}");
+    let predictor = status.predictor.as_ref().unwrap();
+    assert_eq!(
+        predictor.last_batch,
+        Some(tower_degrade::degrader::PredictorBatch::Fresh)
+    );
+    assert_eq!(predictor.error, None);
+}
+
 #[test]
 fn the_shipped_model_file_names_the_features_it_was_trained_on() {
     if !runtime_present() {
@@ -540,10 +603,7 @@ fn shop_with(
         .breaker(breaker)
         .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)));
     if let Some(p) = predictor {
-        let mut config = PredictorConfig::default();
-        // Paused time: the tick must not give up on the model because the host is slow.
-        config.budget = Duration::from_secs(10);
-        b = b.predictor(p, config);
+        b = b.predictor(p, paused_time_config());
     }
     b.build_with_worker().unwrap().0
 }

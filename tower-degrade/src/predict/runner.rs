@@ -19,6 +19,8 @@ pub(crate) struct Runner {
     /// The last batch's predictions, and the ticks since it came (`None` until the first).
     last: Option<(Vec<f32>, u32)>,
     pub(crate) config: PredictorConfig,
+    /// The classes' names, in batch order.
+    pub(crate) classes: Vec<String>,
 }
 
 /// Ticks the last predictions stand for while the predictor overruns its budget; past them a
@@ -98,6 +100,7 @@ impl Runner {
             buffer: Some(vec![0.0; n * WINDOW * N_FEATURES]),
             last: None,
             config,
+            classes: classes.iter().map(|c| (*c).to_owned()).collect(),
         })
     }
 

@@ -13,7 +13,7 @@ pub(crate) struct PredictStage {
     service: Arc<str>,
     /// Whether the predictor is failing (logged when it starts and when it ends).
     failing: std::sync::atomic::AtomicBool,
-    /// Whether a value outside 0..=1 was logged.
+    /// Whether a value that is not a probability (NaN, or outside 0..=1) was logged.
     out_of_range: std::sync::atomic::AtomicBool,
     /// The last tick's outcome and, while failing, the last error (for the status).
     last: Mutex<crate::degrader::PredictorStatus>,
@@ -90,22 +90,24 @@ impl Stage for PredictStage {
             // Failed, or stalled past its last answer: no class has a prediction.
             return;
         };
-        for (p, &last) in batch.predictions.iter_mut().zip(current) {
-            *p = match f64::from(last) {
+        for (class, (p, &last)) in batch.predictions.iter_mut().zip(current).enumerate() {
+            let v = f64::from(last);
+            *p = if (-1e-6..=1.0 + 1e-6).contains(&v) {
+                Some(v.clamp(0.0, 1.0))
+            } else {
                 // The contract is a probability; a value that is not one (NaN, or outside
-                // 0..=1 beyond a rounding error) is no prediction, not a certain failure (said
-                // once).
-                v if v.is_nan() => None,
-                v if !(-1e-6..=1.0 + 1e-6).contains(&v) => {
-                    if !self.out_of_range.swap(true, Relaxed) {
-                        tracing::warn!(
-                            service = %self.service, value = v,
-                            "the predictor answered a value outside 0..=1: read as no prediction"
-                        );
-                    }
-                    None
+                // 0..=1 beyond a rounding error) is no prediction for this class, not a
+                // certain failure, and the other classes keep theirs (said once).
+                if !self.out_of_range.swap(true, Relaxed) {
+                    tracing::warn!(
+                        service = %self.service,
+                        class = runner.classes.get(class).map_or("", String::as_str),
+                        value = v,
+                        "the predictor answered a value that is not a probability in 0..=1: \
+                         read as no prediction for this class (said once)"
+                    );
                 }
-                v => Some(v.clamp(0.0, 1.0)),
+                None
             };
         }
     }
