@@ -46,7 +46,8 @@ pub use self::{
     capture::{Capture, MAX_KEPT_HEADER_BYTES, MAX_KEY_BYTES, REPLAY_HEADER},
     record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
     replay::{
-        HttpReplay, Replay, ReplayByClass, ReplayFn, ReplayFuture, Replayed, replay_fn, replay_task,
+        HttpReplay, MAX_RETRY_AFTER, Replay, ReplayByClass, ReplayFn, ReplayFuture, Replayed,
+        replay_fn, replay_task,
     },
     review::{ManualReview, Page},
     router::{Accepted, FallbackRouter, FallbackRouterBuilder, RouterFuture},

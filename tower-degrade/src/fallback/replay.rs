@@ -22,9 +22,29 @@ pub enum Replayed {
     /// Failed in a way that may pass later (5xx, 408, 429, gRPC `UNAVAILABLE`, an error, a
     /// panic): retried with backoff. The answer is recorded.
     Retry(String),
+    /// Failed as [`Retry`](Self::Retry), and the answer said how long to wait (HTTP
+    /// `Retry-After`, gRPC `grpc-retry-pushback-ms`): retried no sooner than that nor than
+    /// the backoff would, and at most [`MAX_RETRY_AFTER`] later. The answer is recorded.
+    RetryAfter(String, std::time::Duration),
     /// Refused in a way a retry will not change (other 4xx, gRPC `INVALID_ARGUMENT`...): the
     /// task moves to manual review at once with the answer recorded.
     Reject(String),
+}
+
+/// The longest wait a replay's answer may ask for ([`Replayed::RetryAfter`]): a day, as
+/// [`RetryPolicy::max_interval`](super::RetryPolicy::max_interval).
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+impl Replayed {
+    /// A failure to retry: its answer and the least wait it asked for (zero for
+    /// [`Retry`](Self::Retry)); `None` for done and rejected.
+    pub(crate) fn retried(&self) -> Option<(&str, std::time::Duration)> {
+        match self {
+            Self::Retry(answer) => Some((answer, std::time::Duration::ZERO)),
+            Self::RetryAfter(answer, after) => Some((answer, (*after).min(MAX_RETRY_AFTER))),
+            Self::Done | Self::Reject(_) => None,
+        }
+    }
 }
 
 /// The future of a [`Replay`].
@@ -51,7 +71,9 @@ pub trait Replay: Send + Sync + 'static {
 /// For gRPC (`content-type: application/grpc`) the `grpc-status` is read from the headers or
 /// the trailers: `OK` is done; `CANCELLED`, `UNKNOWN`, `DEADLINE_EXCEEDED`,
 /// `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL` and `UNAVAILABLE` are retried; the rest go to
-/// manual review.
+/// manual review. A retried answer that says when to come back is heeded
+/// ([`Replayed::RetryAfter`]): HTTP `Retry-After` in seconds or as a date, gRPC
+/// `grpc-retry-pushback-ms`; one that cannot be read is ignored (plain backoff).
 pub struct HttpReplay<S, B> {
     service: S,
     key_header: HeaderName,
@@ -136,24 +158,29 @@ where
         return if status.is_success() || status.is_redirection() {
             Replayed::Done
         } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
-            Replayed::Retry(format!("HTTP {status}"))
+            let answer = format!("HTTP {status}");
+            match res.headers().get(http::header::RETRY_AFTER) {
+                Some(v) => retry_after(answer, v, retry_after_http(v)),
+                None => Replayed::Retry(answer),
+            }
         } else {
             Replayed::Reject(format!("HTTP {status}"))
         };
     }
-    let mut code = res
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    let status_of = |h: &http::HeaderMap| {
+        h.get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+    };
+    let mut code = status_of(res.headers());
     let mut message = res.headers().get("grpc-message").map(grpc_message);
+    let mut pushback = res.headers().get(PUSHBACK).cloned();
     if code.is_none() {
         match res.into_body().collect().await {
             Ok(c) => {
                 if let Some(t) = c.trailers() {
-                    code = t
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                    code = status_of(t);
                     message = t.get("grpc-message").map(grpc_message);
+                    pushback = t.get(PUSHBACK).cloned().or(pushback);
                 }
             }
             Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
@@ -165,10 +192,64 @@ where
     };
     match code {
         Some(0) => Replayed::Done,
-        Some(c @ (1 | 2 | 4 | 8 | 10 | 13 | 14)) => Replayed::Retry(answer(c)),
+        Some(c @ (1 | 2 | 4 | 8 | 10 | 13 | 14)) => match &pushback {
+            Some(v) => retry_after(answer(c), v, pushback_ms(v)),
+            None => Replayed::Retry(answer(c)),
+        },
         Some(c) => Replayed::Reject(answer(c)),
         None => Replayed::Retry(format!("HTTP {status} without a grpc-status")),
     }
+}
+
+/// gRPC's retry pushback (gRFC A6): the milliseconds the server asks a client to wait.
+const PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// A retry that waits `after` when it could be read, with the header in the answer
+/// either way (an operator reading manual review sees what the dependency asked).
+fn retry_after(
+    answer: String,
+    value: &http::HeaderValue,
+    after: Option<std::time::Duration>,
+) -> Replayed {
+    let shown = String::from_utf8_lossy(value.as_bytes());
+    let shown = shown.trim();
+    match after {
+        Some(after) => Replayed::RetryAfter(format!("{answer} (asked to wait {shown})"), after),
+        None => Replayed::Retry(format!("{answer} (an unreadable wait: {shown:?})")),
+    }
+}
+
+/// `Retry-After`: delay-seconds, or an HTTP date (a date past is no wait).
+fn retry_after_http(v: &http::HeaderValue) -> Option<std::time::Duration> {
+    let s = v.to_str().ok()?.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits past u64 are more than a day: capped.
+        return Some(
+            s.parse::<u64>()
+                .map_or(MAX_RETRY_AFTER, std::time::Duration::from_secs)
+                .min(MAX_RETRY_AFTER),
+        );
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .min(MAX_RETRY_AFTER),
+    )
+}
+
+/// `grpc-retry-pushback-ms`: a non-negative number of milliseconds (a negative one asks not
+/// to retry at all, which a kept task cannot do without losing it: read as no wait asked).
+fn pushback_ms(v: &http::HeaderValue) -> Option<std::time::Duration> {
+    let s = v.to_str().ok()?.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<u64>()
+            .map_or(MAX_RETRY_AFTER, std::time::Duration::from_millis)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 /// A [`Replay`] from a closure: for task-API payloads ([`Payload::Bytes`]) or any custom
@@ -366,6 +447,63 @@ mod tests {
         ));
         assert!(matches!(
             judge(res(200, Some("3"))).await,
+            Replayed::Reject(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_wait_asked_for_is_read_from_retry_after_or_the_grpc_pushback() {
+        use std::time::{Duration, SystemTime};
+        let with = |status: u16, grpc: Option<&str>, name: &'static str, v: &str| {
+            let mut r = res(status, grpc);
+            r.headers_mut()
+                .insert(name, http::HeaderValue::from_str(v).unwrap());
+            r
+        };
+        let waits = |r: Replayed| match r {
+            Replayed::RetryAfter(answer, after) => Some((answer, after)),
+            _ => None,
+        };
+        let (answer, after) = waits(judge(with(429, None, "retry-after", " 120 ")).await).unwrap();
+        assert_eq!(after, Duration::from_secs(120));
+        assert!(
+            answer.contains("429") && answer.contains("asked to wait 120"),
+            "{answer}"
+        );
+        // A date: what is left of it (a second's rounding); one past is no wait.
+        let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(90));
+        let (_, after) = waits(judge(with(503, None, "retry-after", &at)).await).unwrap();
+        assert!(
+            after > Duration::from_secs(88) && after <= Duration::from_secs(90),
+            "{after:?}"
+        );
+        let past = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let (_, after) = waits(judge(with(503, None, "retry-after", past)).await).unwrap();
+        assert_eq!(after, Duration::ZERO);
+        // More than a day (or than a u64) is a day.
+        let huge = "99999999999999999999999";
+        let (_, after) = waits(judge(with(429, None, "retry-after", huge)).await).unwrap();
+        assert_eq!(after, MAX_RETRY_AFTER);
+        // Unreadable: a plain retry, the value in the answer.
+        assert!(matches!(
+            judge(with(429, None, "retry-after", "soon")).await,
+            Replayed::Retry(a) if a.contains("unreadable") && a.contains("soon")
+        ));
+        // Not on an answer that is not retried.
+        assert!(matches!(
+            judge(with(400, None, "retry-after", "5")).await,
+            Replayed::Reject(_)
+        ));
+        let (_, after) =
+            waits(judge(with(200, Some("14"), "grpc-retry-pushback-ms", "1500")).await).unwrap();
+        assert_eq!(after, Duration::from_millis(1500));
+        // A negative pushback asks not to retry: a kept task is retried, with no wait asked.
+        assert!(matches!(
+            judge(with(200, Some("8"), "grpc-retry-pushback-ms", "-1")).await,
+            Replayed::Retry(a) if a.contains("unreadable")
+        ));
+        assert!(matches!(
+            judge(with(200, Some("3"), "grpc-retry-pushback-ms", "100")).await,
             Replayed::Reject(_)
         ));
     }

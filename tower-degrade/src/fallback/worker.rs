@@ -418,9 +418,9 @@ impl FallbackWorker {
         let Some(id) = shared.registry.get(class) else {
             return;
         };
-        let result = match outcome {
-            Replayed::Done | Replayed::Reject(_) => Outcome::Success,
-            Replayed::Retry(_) => Outcome::Error,
+        let result = match outcome.retried() {
+            None => Outcome::Success,
+            Some(_) => Outcome::Error,
         };
         shared.shards[shard_index(shared.shard_mask)].record(id.index(), result, latency);
         shared.gates[id.index()].probe_done(result == Outcome::Success, latency);
@@ -662,12 +662,14 @@ impl FallbackWorker {
             if queue == Queue::Spool {
                 self.judge_spool(task.class(), &outcome, probe, now);
             }
+            // The wait the answer asked for (Retry-After): no retry comes sooner.
+            let asked = outcome.retried().map_or(Duration::ZERO, |(_, after)| after);
             let result = match outcome {
                 // A failed probe tells of the class, not of the task: the task keeps its
                 // attempts and waits for the class to recover, behind its class's other
                 // tasks (the next probe is another one: a task that fails on its own
                 // account does not hold back the rest).
-                Replayed::Retry(answer) if probe => {
+                Replayed::Retry(answer) | Replayed::RetryAfter(answer, _) if probe => {
                     let wait = match self.held.get(task.class()) {
                         Some(h) => h.next_ms.saturating_sub(now),
                         None => {
@@ -676,7 +678,10 @@ impl FallbackWorker {
                         }
                     };
                     task.set_answer(answer);
-                    let due = now.saturating_add(wait).max(task.due_ms());
+                    let due = now
+                        .saturating_add(wait)
+                        .max(super::schedule::after(now, asked))
+                        .max(task.due_ms());
                     ops.push(Op::Put(queue, task.with_due(due)));
                     counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
                         "queue" => queue.as_str(), "result" => "retry")
@@ -687,9 +692,13 @@ impl FallbackWorker {
                     ops.push(Op::Remove(queue, task.id()));
                     "ok"
                 }
-                Replayed::Retry(answer) => {
+                Replayed::Retry(answer) | Replayed::RetryAfter(answer, _) => {
                     let unit = self.unit();
-                    let wait = self.shared.retry.backoff(task.attempts() + 1, unit);
+                    let wait = self
+                        .shared
+                        .retry
+                        .backoff(task.attempts() + 1, unit)
+                        .max(asked);
                     task.failed(answer, super::schedule::after(now, wait));
                     let out_of_time = task.deadline_ms().is_some_and(|d| now >= d);
                     if task.attempts() >= self.shared.retry.max_attempts || out_of_time {
@@ -722,7 +731,7 @@ impl FallbackWorker {
     /// the class's backfill, and a held class's failed probe backs the next one off further
     /// (a breaker's probe that fails is the breaker's to judge).
     fn judge_spool(&mut self, class: &str, outcome: &Replayed, probe: bool, now: u64) {
-        let Replayed::Retry(answer) = outcome else {
+        let Some((answer, asked)) = outcome.retried() else {
             if let Some(h) = self.held.remove(class) {
                 tracing::info!(service = %self.shared.service, class, failures = h.failures,
                     "a spooled task's replay was served: the backfill goes on");
@@ -743,7 +752,7 @@ impl FallbackWorker {
                 1
             }
         };
-        let wait = super::schedule::after(0, self.shared.retry.backoff(failures, unit));
+        let wait = super::schedule::after(0, self.shared.retry.backoff(failures, unit).max(asked));
         self.held.insert(
             class.to_owned(),
             Held {

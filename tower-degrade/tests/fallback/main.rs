@@ -871,6 +871,76 @@ async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replay_asked_to_wait_by_retry_after_is_not_retried_sooner() {
+    // A provider rate-limiting the replays: 429 with `Retry-After: 10`, then 200. The backoff
+    // alone (400 ms doubling) came back within half a second, into the same 429.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let t0 = tokio::time::Instant::now();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let provider = BoxCloneSyncService::new(service_fn(move |_: Req| {
+        let s = s.clone();
+        async move {
+            let mut seen = s.lock().unwrap();
+            seen.push(t0.elapsed());
+            let res = match seen.len() {
+                1 => Response::builder().status(429).header("retry-after", "10"),
+                _ => Response::builder().status(200),
+            };
+            Ok::<_, Infallible>(res.body(Full::new(Bytes::new())).unwrap())
+        }
+    }));
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .retry(
+            RetryPolicy::default()
+                .initial(Duration::from_millis(400))
+                .max_interval(Duration::from_secs(4))
+                .max_attempts(4),
+        )
+        .replay(HttpReplay::new(
+            provider,
+            Capture::new().idempotency().clone(),
+        ))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let pay = layered(&d, "pay", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&pay, post("/pay/1", "x")).await;
+    d.reset("pay").unwrap();
+    run_for(5_000).await;
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "retried within the 10 s asked"
+    );
+    let kept = store.list(Queue::Retry, None, 10).await.unwrap();
+    let answer = kept[0].last_answer().unwrap();
+    assert!(
+        answer.contains("HTTP 429") && answer.contains("asked to wait 10"),
+        "{answer}"
+    );
+    run_for(10_000).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let wait = seen[1] - seen[0];
+    // Started by the worker's next look (every 100 ms).
+    assert!(
+        wait >= Duration::from_secs(10) && wait <= Duration::from_millis(10_150),
+        "{seen:?}"
+    );
+    assert_eq!(
+        store.depth(Queue::Retry).len,
+        0,
+        "served on the second attempt"
+    );
+    assert_eq!(review.depth().len, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_its_limit() {
     // A limit of 2, both held by live calls to a stuck database: the delayed retries of the
     // same class wait for permits instead of piling 5 more calls onto it.
