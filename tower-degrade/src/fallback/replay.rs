@@ -14,8 +14,10 @@ use tower::{Service, ServiceExt};
 use super::record::{Payload, Task};
 use crate::error::BoxError;
 
-/// How a replay went.
+/// How a replay went. Non-exhaustive: a `match` on it needs a wildcard arm (read a failure
+/// to retry as [`Retry`](Self::Retry)).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Replayed {
     /// Served: the task is done and removed.
     Done,
