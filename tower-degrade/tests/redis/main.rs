@@ -536,6 +536,74 @@ fn cli(server: &Server, args: &[&str]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_earlier_starts_that_hold_nothing_are_removed() {
+    // Each start adds a consumer to the group: a fleet restarted often listed thousands.
+    let server = Server::start();
+    let consumers = |server: &Server| {
+        let mut names: Vec<String> = cli(
+            server,
+            &["XINFO", "CONSUMERS", "test:delayed_retry", "replay"],
+        )
+        .lines()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "name")
+        .map(|w| w[1].to_owned())
+        .collect();
+        names.sort();
+        names
+    };
+    // `earlier` replayed a task and acknowledged it; `holder` holds one.
+    let earlier = store(&server, "earlier");
+    put_all(&earlier, &[task(1)]).await;
+    let done = earlier.due(Queue::Retry, u64::MAX, 10).await.unwrap();
+    earlier
+        .commit(vec![Op::Remove(Queue::Retry, done[0].id())])
+        .await
+        .unwrap();
+    let holder = store(&server, "holder");
+    put_all(&holder, &[task(2)]).await;
+    assert_eq!(
+        holder.due(Queue::Retry, u64::MAX, 10).await.unwrap().len(),
+        1
+    );
+    // The default (a day): nothing is that idle yet.
+    let next = store(&server, "next");
+    assert!(
+        next.due(Queue::Retry, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(consumers(&server)[..2], ["earlier", "holder"]);
+    // Forgotten at once: `earlier` holds nothing and goes; `holder` holds a task and stays.
+    let last = RedisStore::builder(server.url())
+        .prefix("test")
+        .consumer("last")
+        .forget_consumers_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    assert!(
+        last.due(Queue::Retry, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let left = consumers(&server);
+    assert!(
+        !left.iter().any(|c| c == "earlier") && left.iter().any(|c| c == "holder"),
+        "{left:?}"
+    );
+    // The held task is still pending, the holder's to acknowledge.
+    assert_eq!(
+        cli(&server, &["XPENDING", "test:delayed_retry", "replay"])
+            .lines()
+            .next(),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_kept_entry_is_replayed_once_and_deleted() {
     // A stream entry copied by hand (same record) was never acknowledged (a commit
     // acknowledges the indexed entry), handed from instance to instance every claim timeout,

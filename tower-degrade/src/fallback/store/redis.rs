@@ -127,6 +127,25 @@ end
 return out
 "#;
 
+/// Remove the group's consumers that hold nothing and have not read for `ARGV[3]` ms, but
+/// `ARGV[4]` (this instance): the names earlier starts left. In one script, so a consumer
+/// that takes an entry in between keeps it (a consumer removed with entries pending would
+/// take them out of the group's pending list). Returns how many were removed.
+const FORGET: &str = r#"
+local s, g = ARGV[1], ARGV[2]
+local idle, me = tonumber(ARGV[3]), ARGV[4]
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, g)) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j+1] end
+  if f['pending'] == 0 and f['idle'] >= idle and f['name'] ~= me then
+    redis.call('XGROUP', 'DELCONSUMER', s, g, f['name'])
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// A queue's depth in one round trip: the index's length, then `c` and the oldest entry's
 /// creation time, or `t` and its whole record for an entry written before entries carried the
 /// time (so a large kept request is not sent to every instance several times a second).
@@ -154,6 +173,7 @@ pub struct RedisStoreBuilder {
     claim_timeout: Duration,
     capacity: u64,
     timeout: Duration,
+    forget_after: Duration,
 }
 
 impl RedisStoreBuilder {
@@ -177,6 +197,18 @@ impl RedisStoreBuilder {
     /// fallback router refuses a worker `period` over a third of it.
     pub fn claim_timeout(mut self, d: Duration) -> Self {
         self.claim_timeout = d;
+        self
+    }
+
+    /// Consumers of the group that hold no entry and have not read for this long are removed
+    /// when this instance first reads a queue (default a day): each start adds a consumer
+    /// (the default name has a per-start id), and a fleet that restarts often would list
+    /// thousands in `XINFO CONSUMERS`. One holding entries is never removed (its entries are
+    /// taken over after [`claim_timeout`](Self::claim_timeout), and it goes at a later
+    /// start). A live instance reads at every worker step, so it is never that idle; one
+    /// removed anyway (zero here) is added back by its next read.
+    pub fn forget_consumers_after(mut self, d: Duration) -> Self {
+        self.forget_after = d;
         self
     }
 
@@ -247,6 +279,8 @@ impl RedisStoreBuilder {
                 consumer,
                 claim_timeout: self.claim_timeout,
                 capacity: self.capacity,
+                forget_after: self.forget_after,
+                forget: Script::new(FORGET),
                 commit: Script::new(COMMIT),
                 adopt: Script::new(ADOPT),
                 depth_script: Script::new(DEPTH),
@@ -343,6 +377,9 @@ struct Inner {
     consumer: String,
     claim_timeout: Duration,
     capacity: u64,
+    /// [`RedisStoreBuilder::forget_consumers_after`].
+    forget_after: Duration,
+    forget: Script,
     commit: Script,
     adopt: Script,
     depth_script: Script,
@@ -395,6 +432,7 @@ impl RedisStore {
             claim_timeout: Duration::from_secs(60),
             capacity: 10_000_000,
             timeout: Duration::from_secs(2),
+            forget_after: Duration::from_secs(86_400),
         }
     }
 
@@ -517,7 +555,25 @@ impl Inner {
             Err(e) => return Err(e),
         }
         self.local().groups.insert(queue);
+        self.forget_consumers(queue).await;
         Ok(())
+    }
+
+    /// [`FORGET`]: best effort (a failure is logged, and tried again at the next start).
+    async fn forget_consumers(&self, queue: Queue) {
+        let mut inv = self.forget.prepare_invoke();
+        inv.arg(self.stream(queue))
+            .arg(GROUP)
+            .arg(u64::try_from(self.forget_after.as_millis()).unwrap_or(u64::MAX))
+            .arg(&self.consumer);
+        let mut conn = self.conn.clone();
+        match inv.invoke_async::<i64>(&mut conn).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(store = %self.url, queue = %queue, removed = n,
+                "redis store: removed consumers of earlier starts that held nothing"),
+            Err(e) => tracing::warn!(store = %self.url, queue = %queue, error = %e,
+                "redis store: could not remove the consumers of earlier starts"),
+        }
     }
 
     /// Read up to `want` new entries (no more: other instances share the rest), take over
