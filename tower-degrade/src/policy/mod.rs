@@ -406,7 +406,7 @@ impl Runtime {
         let log = Arc::new(contain::LogLimiter::new(limits.max_log_lines));
         let build = |hooks| {
             let mut engine = engine::build_engine(&limits, hooks, log.clone());
-            request::register(&mut engine);
+            request::register(&mut engine, limits.max_string_size);
             engine
         };
         let overlays = classes.iter().map(|_| ArcSwapOption::empty()).collect();

@@ -111,30 +111,58 @@ impl RequestInfo {
     }
 }
 
-/// Register the request of `on_request(ctx, req)` with the engine.
-pub(super) fn register(engine: &mut rhai::Engine) {
+/// Register the request of `on_request(ctx, req)` with the engine. Strings longer than the
+/// scripts' own limit (`max_string_size`; 0: none) are cut to it on a character boundary: a
+/// client's 5,000-byte header read whole failed the hook with "data too large", which counts
+/// as running out of its budget, so a client sending a few dozen such calls in a tick
+/// switched the hook off for everyone.
+pub(super) fn register(engine: &mut rhai::Engine, max_string_size: usize) {
+    let cut = move |s: &str| -> ImmutableString {
+        if max_string_size == 0 || s.len() <= max_string_size {
+            return s.into();
+        }
+        let mut end = max_string_size;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].into()
+    };
+    let within = move |s: &ImmutableString| -> ImmutableString {
+        if max_string_size == 0 || s.len() <= max_string_size {
+            s.clone()
+        } else {
+            cut(s)
+        }
+    };
     // The request of `on_request(ctx, req)`.
     engine.register_type_with_name::<RequestInfo>("Request");
     engine
-        .register_get("method", |r: &mut RequestInfo| r.method.clone())
-        .register_get("path", |r: &mut RequestInfo| r.path.clone())
-        .register_get("key", |r: &mut RequestInfo| {
-            r.key.clone().map_or(Dynamic::UNIT, Dynamic::from)
+        .register_get("method", move |r: &mut RequestInfo| within(&r.method))
+        .register_get("path", move |r: &mut RequestInfo| within(&r.path))
+        .register_get("key", move |r: &mut RequestInfo| {
+            r.key
+                .as_ref()
+                .map_or(Dynamic::UNIT, |k| Dynamic::from(within(k)))
         })
-        .register_get("group", |r: &mut RequestInfo| {
-            r.group.clone().map_or(Dynamic::UNIT, Dynamic::from)
+        .register_get("group", move |r: &mut RequestInfo| {
+            r.group
+                .as_ref()
+                .map_or(Dynamic::UNIT, |g| Dynamic::from(within(g)))
         })
         .register_get("elapsed_ms", |r: &mut RequestInfo| {
             r.elapsed.map_or(0.0, |d| d.as_secs_f64() * 1e3)
         })
         .register_get("has_elapsed", |r: &mut RequestInfo| r.elapsed.is_some())
-        .register_fn("header", |r: &mut RequestInfo, name: &str| -> Dynamic {
-            r.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .and_then(|v| v.to_str().ok())
-                .map_or(Dynamic::UNIT, |v| Dynamic::from(v.to_owned()))
-        });
+        .register_fn(
+            "header",
+            move |r: &mut RequestInfo, name: &str| -> Dynamic {
+                r.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .and_then(|v| v.to_str().ok())
+                    .map_or(Dynamic::UNIT, |v| Dynamic::from(cut(v)))
+            },
+        );
 }
 
 impl Core {

@@ -1351,6 +1351,48 @@ async fn a_request_hook_that_fails_cheaply_fails_open_for_that_request_and_is_ne
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_s_oversized_header_does_not_switch_a_request_hook_off() {
+    let (d, classify) = http_degrader("shop");
+    // A fixed-cost hook: one header read, one comparison. A 5,000-byte header read whole was
+    // "data too large" (over `max_string_size`, 4 KiB), which counts as running out of the
+    // budget: 30 such calls in a tick switched the hook off, and the abuser was let in.
+    let src = r#"
+        fn policy() { #{ governs: ["log"] } }
+        fn on_tick(ctx) { }
+        fn on_request(ctx, req) {
+            let t = req.header("x-tenant");
+            if t == "abuser" { return shed(); }
+        }
+    "#;
+    d.load_policy_sources([("block_abuser", src)]).unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let tenant = |v: &str| {
+        http::Request::post("/log")
+            .header("x-tenant", v)
+            .body(())
+            .unwrap()
+    };
+    let long = "x".repeat(5_000);
+    assert_eq!(send(&mut svc, tenant("abuser")).await, Some(Route::Reject));
+    let (logs, guard) = logs::Logs::capture();
+    for _ in 0..30 {
+        // Read cut to the scripts' 4 KiB: served, not failed.
+        assert_eq!(send(&mut svc, tenant(&long)).await, None);
+    }
+    d.tick_now();
+    drop(guard);
+    let text = logs.text();
+    assert!(!text.contains("switched off"), "{text}");
+    assert!(d.policies().unwrap().hooks_off().is_empty());
+    assert_eq!(
+        send(&mut svc, tenant("abuser")).await,
+        Some(Route::Reject),
+        "the rule still holds"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_request_hook_that_runs_out_of_its_budget_on_most_requests_is_switched_off() {
     let (d, classify) = http_degrader("shop");
     // Within the validation samples' budget (no x-loop header); past the 5,000 operations of
