@@ -271,7 +271,11 @@ pub(crate) fn grpc_rest(headers: &http::HeaderMap) -> Option<&[u8]> {
 /// messages: nothing, a `+` subtype or parameters, and gRPC-Web's `-web` alike (its requests
 /// are framed as gRPC's), not `-web-text` (base64) nor another type (`application/grpcx`).
 fn binary_framed(rest: &[u8]) -> bool {
-    let ends = |r: &[u8]| r.is_empty() || r[0] == b'+' || r[0] == b';';
+    // Parameters may follow optional whitespace (RFC 9110 `OWS ";" OWS`).
+    let ends = |r: &[u8]| {
+        let r = r.trim_ascii_start();
+        r.is_empty() || r[0] == b'+' || r[0] == b';'
+    };
     ends(rest)
         || rest
             .split_at_checked(4)
@@ -520,6 +524,9 @@ mod tests {
                 "application/grpc-web",
                 "application/grpc-web+proto",
                 "application/gRPC-Web; charset=utf-8",
+                // Whitespace before the parameters (RFC 9110): was kept unchecked.
+                "Application/GRPC ; charset=x",
+                "application/grpc-web\t;charset=x",
             ] {
                 let body = Full::new(Bytes::from(bad.clone()));
                 match cap.capture(&grpc(ct), body).await {
