@@ -1,6 +1,6 @@
 //! What the admin routers share: bearer tokens, checked in constant time (`subtle`), at least
-//! 16 bytes of visible ASCII; and their JSON answer to a request an extractor refused. A leaf,
-//! naming nothing above it but the error type.
+//! 16 bytes of visible ASCII; and their JSON answers to a request an extractor refused and
+//! to a method a path does not take. A leaf, naming nothing above it but the error type.
 
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
@@ -100,6 +100,21 @@ where
     let status = rejection.into_response().status();
     let mut res = axum::response::Response::new(axum::body::Body::from(body));
     *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// A method a route does not take: 405 with the JSON error every other answer has (axum's
+/// own has an empty body); the `Allow` header axum adds is kept.
+pub(crate) async fn method_not_allowed() -> axum::response::Response {
+    use http::{HeaderValue, StatusCode, header};
+    let mut res = axum::response::Response::new(axum::body::Body::from(
+        r#"{"error":"method not allowed (the Allow header lists those this path takes)"}"#,
+    ));
+    *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -216,6 +216,7 @@ impl Admin {
             .route("/status", get(status))
             .route("/chaos", get(faults))
             .merge(writes)
+            .method_not_allowed_fallback(crate::auth::method_not_allowed)
             .with_state(self)
     }
 

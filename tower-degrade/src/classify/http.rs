@@ -83,7 +83,7 @@ fn header_name(field: &'static str, name: &str) -> Result<HeaderName, ConfigErro
     HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
         ConfigError::InvalidValue {
             field,
-            reason: format!("`{name}` is not a valid HTTP header name"),
+            reason: format!("`{}` is not a valid HTTP header name", name.escape_debug()),
         }
     })
 }

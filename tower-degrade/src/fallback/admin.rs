@@ -58,6 +58,7 @@ impl ManualReview {
             .route("/review/{id}", get(show))
             .route("/review/{id}/requeue", post(requeue))
             .route("/review/{id}/drop", post(drop_task))
+            .method_not_allowed_fallback(crate::auth::method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
                 state.token.clone(),
                 crate::auth::require,

@@ -150,7 +150,7 @@ impl LastGoodLayer {
             HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
                 crate::error::ConfigError::InvalidValue {
                     field: "last_good.vary",
-                    reason: format!("`{name}` is not a valid HTTP header name"),
+                    reason: format!("`{}` is not a valid HTTP header name", name.escape_debug()),
                 }
             })?;
         let entries = self.cache.capacity() as usize;

@@ -252,7 +252,7 @@ fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::er
     HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).map_err(|_| {
         crate::error::ConfigError::InvalidValue {
             field,
-            reason: format!("`{name}` is not a valid HTTP header name"),
+            reason: format!("`{}` is not a valid HTTP header name", name.escape_debug()),
         }
     })
 }

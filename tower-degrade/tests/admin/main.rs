@@ -334,12 +334,37 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
             "x".repeat(3 * 1024 * 1024),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
+        // A method the path does not take (axum's own answer has an empty body).
+        (
+            "DELETE",
+            "/status",
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "GET",
+            "/classes/payment/reset",
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
     ] {
         let (status, json) = call(&app, method, uri, Some(TOKEN), &body).await;
         assert_eq!(status, want, "{method} {uri}");
         assert!(json["error"].is_string(), "{method} {uri}: {json}");
     }
     assert_eq!(chaos.faults().len(), 1, "nothing cleared");
+    let res = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method("DELETE")
+                .uri("/status")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["allow"], "GET,HEAD");
     // A name from the path is echoed cut, not at whatever length it was sent.
     let long = "c".repeat(10_000);
     let (status, json) = call(

@@ -2309,6 +2309,10 @@ async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _) = send("GET", "/review".into(), Some("0123456789abcdef-wrong")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A method the path does not take: JSON like every other answer (axum's had no body).
+    let (s, err) = send("DELETE", format!("/review/{a}"), Some(token)).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(err["error"].is_string(), "{err}");
 
     let (s, page) = send("GET", "/review?limit=1".into(), Some(token)).await;
     assert_eq!(s, StatusCode::OK);
@@ -2651,4 +2655,10 @@ async fn a_deadline_of_never_and_a_framing_header_as_key_are_handled() {
         assert!(e.contains("capture.idempotency_header"), "{framing}: {e}");
     }
     assert!(Capture::new().idempotency_header("x-request-id").is_ok());
+    // A name that is not one is shown escaped, not as a blank.
+    let e = Capture::new()
+        .idempotency_header("\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`\\n` is not a valid HTTP header name"), "{e}");
 }
