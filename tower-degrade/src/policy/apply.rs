@@ -10,8 +10,8 @@ use rhai::Dynamic;
 use super::decision::{self, Action, Decision};
 use super::request::Overlay;
 use super::{
-    ClassPolicyState, Core, DEADLINE_REASON, Failure, Mode, Policy, PolicySet, Runtime, TickCtx,
-    unwrap_error,
+    ClassPolicyState, Core, DEADLINE_REASON, Failure, HookTurn, Mode, Policy, PolicySet, Runtime,
+    TickCtx, unwrap_error,
 };
 use crate::class::ClassId;
 use crate::classify::RequestView;
@@ -33,7 +33,7 @@ pub(super) enum Note {
     Shadow(usize, Decision),
     Failed(usize, Option<usize>, String, Failure),
     Skipped(usize),
-    HookOff(usize, u64, u64),
+    Hook(usize, HookTurn),
 }
 
 /// A policy's decision this tick: made now, or its last one (its turn skipped).
@@ -149,9 +149,10 @@ impl Core {
     ) -> Vec<Outcome> {
         // Each tick starts one class further on: classes whose policies spend the budget
         // do not leave the same others skipped every tick.
+        let now = self.turn.fetch_add(1, Ordering::Relaxed);
         let mut classes = classes;
         if classes.len() > 1 {
-            let first = self.turn.fetch_add(1, Ordering::Relaxed) % classes.len();
+            let first = (now % classes.len() as u64) as usize;
             classes.rotate_left(first);
         }
         classes
@@ -162,7 +163,7 @@ impl Core {
                     .unwrap_or_else(|e| e.into_inner());
                 let mut notes = Vec::new();
                 let (directive, overlay) =
-                    self.apply(set, &tick, breaker, &mut memo, deadline, &mut notes);
+                    self.apply(set, &tick, breaker, &mut memo, (now, deadline), &mut notes);
                 Outcome {
                     id: tick.id,
                     directive,
@@ -176,14 +177,14 @@ impl Core {
     /// Run the policies governing a class: the directive for everyone (the breaker's combined
     /// with the policies that apply to all requests) and, when some policies apply per request
     /// (rollouts, groups, `on_request`), the overlay the data path consults. Policies whose
-    /// turn comes after `deadline` are skipped.
+    /// turn comes after `deadline` are skipped. `now` numbers the tick.
     fn apply(
         &self,
         set: &Arc<PolicySet>,
         tick: &ClassTick,
         breaker: Directive,
         memo: &mut ClassPolicyState,
-        deadline: Instant,
+        (now, deadline): (u64, Instant),
         notes: &mut Vec<Note>,
     ) -> (Directive, Option<Overlay>) {
         if memo.version != set.version {
@@ -213,8 +214,9 @@ impl Core {
             }
             let policy = &set.policies[i];
             if policy.has_on_request {
-                if let Some((exhausted, calls)) = set.hooks[i].tick() {
-                    notes.push(Note::HookOff(i, exhausted, calls));
+                match set.hooks[i].tick(now) {
+                    HookTurn::Same => {}
+                    turn => notes.push(Note::Hook(i, turn)),
                 }
                 if !set.hooks[i].is_off() {
                     hooks.push(i);
@@ -326,10 +328,24 @@ impl Core {
                     self.report_failure(name, &set.policies[i], line, &reason, failure)
                 }
                 Note::Skipped(i) => self.count_skipped(set, class, i),
-                Note::HookOff(i, exhausted, calls) => {
+                Note::Hook(
+                    i,
+                    HookTurn::Off {
+                        exhausted,
+                        calls,
+                        ticks,
+                    },
+                ) => {
                     tracing::warn!(service = %self.service, class = %name, policy = %set.policies[i].name,
-                        exhausted, calls, "on_request ran out of its budget on most requests of a tick; switched off until the next load");
+                        exhausted, calls, off_for_ticks = ticks,
+                        "on_request ran out of its budget on most requests of a tick; switched off \
+                         (on again after off_for_ticks, or at the next load)");
                 }
+                Note::Hook(i, HookTurn::On) => {
+                    tracing::info!(service = %self.service, class = %name, policy = %set.policies[i].name,
+                        "on_request is on again after its time off");
+                }
+                Note::Hook(_, HookTurn::Same) => {}
             }
         }
     }

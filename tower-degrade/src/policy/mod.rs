@@ -76,24 +76,50 @@ impl Policy {
 
 /// How a policy's `on_request` hook fares since the last tick. A hook that fails fails open for
 /// that request only. One that runs out of its budget ([`exhausted`]) on most requests of a
-/// tick (at least [`HookHealth::MIN_CALLS`]) is switched off until the next load, with a logged
-/// reason: each such call cost the request path the whole budget. A hook that fails cheaply
-/// (a header it cannot parse, a division by zero) is never switched off: it costs what a
-/// working one does, and switching it off would let one client that sends enough odd requests
-/// lift the hook's rule for everyone.
+/// tick (at least [`HookHealth::MIN_CALLS`]) is switched off, with a logged reason: each such
+/// call cost the request path the whole budget. It is switched on again after
+/// [`HookHealth::OFF_TICKS`] ticks, twice as long each time it is switched off again (at most
+/// [`HookHealth::MAX_OFF_TICKS`]), and at the next load: off for good, a client that made it
+/// run out of its budget for one tick lifted its rule for everyone until someone reloaded.
+/// A hook that fails cheaply (a header it cannot parse, a division by zero) is never switched
+/// off: it costs what a working one does, and switching it off would let one client that
+/// sends enough odd requests lift the hook's rule for everyone.
 #[derive(Debug, Default)]
 pub(crate) struct HookHealth {
     calls: std::sync::atomic::AtomicU64,
     /// Failed calls that ran out of their budget.
     exhausted: std::sync::atomic::AtomicU64,
     off: std::sync::atomic::AtomicBool,
+    /// The tick from which a hook switched off is on again (written and read by the tick).
+    back_at: std::sync::atomic::AtomicU64,
+    /// Times switched off since the load.
+    strikes: std::sync::atomic::AtomicU32,
     /// A failure was logged since the last tick (one warning per tick, not per request).
     reported: std::sync::atomic::AtomicBool,
+}
+
+/// What a tick did to a hook ([`HookHealth::tick`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HookTurn {
+    /// Nothing changed.
+    Same,
+    /// Switched off for `ticks`: `exhausted` of the last tick's `calls` ran out of their budget.
+    Off {
+        exhausted: u64,
+        calls: u64,
+        ticks: u64,
+    },
+    /// On again, its time off over.
+    On,
 }
 
 impl HookHealth {
     /// Calls in a tick below which a hook is never switched off (a few unlucky requests).
     pub(crate) const MIN_CALLS: u64 = 20;
+    /// Ticks a hook is first switched off for (a minute at the default 500 ms tick).
+    pub(crate) const OFF_TICKS: u64 = 120;
+    /// The longest a hook is switched off for (an hour at the default tick).
+    pub(crate) const MAX_OFF_TICKS: u64 = 7_200;
 
     pub(crate) fn is_off(&self) -> bool {
         self.off.load(std::sync::atomic::Ordering::Relaxed)
@@ -116,17 +142,31 @@ impl HookHealth {
             .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// At the tick: if the hook was just switched off, the calls since the last tick that ran
-    /// out of their budget, and all of them.
-    pub(crate) fn tick(&self) -> Option<(u64, u64)> {
+    /// At tick number `now` (called for each class the policy governs: the first call of a
+    /// tick reads and clears the counts).
+    pub(crate) fn tick(&self, now: u64) -> HookTurn {
         use std::sync::atomic::Ordering::Relaxed;
         let calls = self.calls.swap(0, Relaxed);
         let exhausted = self.exhausted.swap(0, Relaxed);
         self.reported.store(false, Relaxed);
-        if calls >= Self::MIN_CALLS && exhausted * 2 > calls && !self.off.swap(true, Relaxed) {
-            return Some((exhausted, calls));
+        if self.is_off() {
+            if now >= self.back_at.load(Relaxed) && self.off.swap(false, Relaxed) {
+                return HookTurn::On;
+            }
+            return HookTurn::Same;
         }
-        None
+        if calls >= Self::MIN_CALLS && exhausted * 2 > calls {
+            let strikes = self.strikes.fetch_add(1, Relaxed).min(16);
+            let ticks = (Self::OFF_TICKS << strikes).min(Self::MAX_OFF_TICKS);
+            self.back_at.store(now.saturating_add(ticks), Relaxed);
+            self.off.store(true, Relaxed);
+            return HookTurn::Off {
+                exhausted,
+                calls,
+                ticks,
+            };
+        }
+        HookTurn::Same
     }
 }
 
@@ -192,7 +232,7 @@ impl PolicySet {
     }
 
     /// The policies whose `on_request` hook ran out of its budget on most requests of a tick
-    /// and was switched off until the next load.
+    /// and is switched off now (on again after its time off, or at the next load).
     pub fn hooks_off(&self) -> Vec<&str> {
         self.hooks
             .iter()
@@ -309,7 +349,7 @@ pub(crate) struct Core {
     memos: Box<[Mutex<ClassPolicyState>]>,
     log: Arc<contain::LogLimiter>,
     /// Ticks run: where the next tick starts among the classes.
-    turn: std::sync::atomic::AtomicUsize,
+    turn: std::sync::atomic::AtomicU64,
     /// The latest load was refused.
     load_failing: std::sync::atomic::AtomicBool,
 }

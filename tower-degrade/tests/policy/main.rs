@@ -1392,6 +1392,25 @@ async fn a_client_s_oversized_header_does_not_switch_a_request_hook_off() {
     );
 }
 
+/// Ticks from the one that switched the hook off (`since_off` ticks ago) until `svc` sheds
+/// an ordinary request of `log` again: the hook on again.
+async fn ticks_until_on<S>(d: &Degrader, svc: &mut S, since_off: u32) -> u32
+where
+    S: Service<
+            http::Request<()>,
+            Response = http::Response<String>,
+            Error = std::convert::Infallible,
+        >,
+{
+    let mut ticks = since_off;
+    while send(svc, post_log(None)).await.is_none() {
+        d.tick_now();
+        ticks += 1;
+        assert!(ticks <= 1_000, "never on again");
+    }
+    ticks
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_hook_that_runs_out_of_its_budget_on_most_requests_is_switched_off() {
     let (d, classify) = http_degrader("shop");
@@ -1442,6 +1461,20 @@ async fn a_request_hook_that_runs_out_of_its_budget_on_most_requests_is_switched
         None,
         "still off after a tick"
     );
+    // On again after its time off, 120 ticks (a minute at 500 ms): off for good, one tick's
+    // burst from one client lifted the rule for everyone until someone reloaded.
+    assert_eq!(ticks_until_on(&d, &mut svc, 1).await, 120);
+    // Off again: twice as long.
+    for _ in 0..30 {
+        assert_eq!(send(&mut svc, post_log(Some("x-loop"))).await, None);
+    }
+    d.tick_now();
+    assert_eq!(ticks_until_on(&d, &mut svc, 0).await, 240);
+    for _ in 0..30 {
+        send(&mut svc, post_log(Some("x-loop"))).await;
+    }
+    d.tick_now();
+    assert_eq!(send(&mut svc, post_log(None)).await, None, "off");
     d.load_policy_sources([("spin", src)]).unwrap();
     d.tick_now();
     assert_eq!(
