@@ -16,15 +16,19 @@ pub(crate) struct Runner {
     results: mpsc::Receiver<Answer>,
     /// The input buffer, when not lent to the worker.
     buffer: Option<Vec<f32>>,
-    /// The last batch's predictions, and the ticks since it came (`None` until the first).
+    /// The last batch's predictions, and the ticks since its input was taken (`None` until
+    /// the first).
     last: Option<(Vec<f32>, u32)>,
+    /// Ticks since the batch the worker has (or had last) was sent.
+    sent_ago: u32,
     pub(crate) config: PredictorConfig,
     /// The classes' names, in batch order.
     pub(crate) classes: Vec<String>,
 }
 
-/// Ticks the last predictions stand for while the predictor overruns its budget; past them a
-/// class has no prediction (a stalled model is not a healthy one).
+/// Ticks the last predictions stand for while the predictor overruns its budget, counted from
+/// when their input was taken (a batch that landed late is that much older already); past
+/// them a class has no prediction (a stalled model is not a healthy one).
 pub(crate) const STALE_TICKS: u32 = 4;
 
 impl std::fmt::Debug for Runner {
@@ -99,6 +103,7 @@ impl Runner {
             results,
             buffer: Some(vec![0.0; n * WINDOW * N_FEATURES]),
             last: None,
+            sent_ago: 0,
             config,
             classes: classes.iter().map(|c| (*c).to_owned()).collect(),
         })
@@ -117,6 +122,7 @@ impl Runner {
         if let Some((_, age)) = &mut self.last {
             *age = age.saturating_add(1);
         }
+        self.sent_ago = self.sent_ago.saturating_add(1);
     }
 
     /// Run one batch: `fill` writes the input; waits at most the budget.
@@ -129,7 +135,9 @@ impl Runner {
                 Ok((buf, res)) => {
                     self.buffer = Some(buf);
                     match res {
-                        Ok(p) => self.last = Some((p, 1)),
+                        // As old as its input: a batch that took 20 ticks stands for a
+                        // window 20 ticks old (zero-padded, it may be), not one just taken.
+                        Ok(p) => self.last = Some((p, self.sent_ago)),
                         // A late batch that failed is a failure like any other: counted and
                         // said, and the older predictions are not used on (they were while
                         // they aged, and the failure went unseen). The next tick runs anew.
@@ -148,6 +156,7 @@ impl Runner {
         }
         let mut buf = self.buffer.take().expect("returned above");
         fill(&mut buf);
+        self.sent_ago = 0;
         let deadline = Instant::now() + self.config.budget;
         if let Err(mpsc::SendError(buf)) = self.requests.send(buf) {
             self.buffer = Some(buf);

@@ -728,6 +728,81 @@ fn an_overrun_keeps_the_last_prediction_and_is_counted() {
     }
 }
 
+/// Answers `quiet` at once until batch `from` (counting from 0); from it on, each batch waits
+/// for a token from the test and answers `loud`. `started` counts the batches begun.
+struct Gated {
+    gate: std::sync::mpsc::Receiver<()>,
+    from: usize,
+    quiet: f32,
+    loud: f32,
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Predictor for Gated {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        let n = self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < self.from {
+            out.fill(self.quiet);
+            return Ok(());
+        }
+        self.gate.recv().map_err(|_| "the test ended")?;
+        out.fill(self.loud);
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_batch_that_lands_ticks_after_its_input_was_taken_is_as_old_as_its_input() {
+    // A model slower than a few ticks: its late batch counted as 1 tick old when it landed,
+    // so a batch made from a zero-padded window (the class's first ticks) landed 20 ticks
+    // later and degraded a healthy class; predictions are used while their input is at most
+    // 4 ticks old.
+    let rt = real_time_runtime();
+    let _g = rt.enter();
+    let (release, gate) = std::sync::mpsc::channel();
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let from = 2 * WINDOW;
+    let d = filled(with_predictor(Gated {
+        gate,
+        from,
+        quiet: 0.0,
+        loud: 0.99,
+        started: started.clone(),
+    }));
+    assert_eq!(d.status().classes[0].prediction, Some(0.0));
+    d.tick_now(); // its batch waits past the budget
+    for _ in 0..20 {
+        d.tick_now();
+    }
+    release.send(()).unwrap();
+    // The tick that takes the late batch sends the next one, which starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while started.load(std::sync::atomic::Ordering::SeqCst) < from + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late batch never landed"
+        );
+        d.tick_now();
+        std::thread::yield_now();
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            d.status().classes[0].prediction,
+            None,
+            "21 ticks old: no prediction"
+        );
+        assert_eq!(d.state("pay").unwrap(), State::Closed);
+        d.tick_now();
+    }
+    drop(release);
+}
+
 #[test]
 fn a_batch_that_fails_after_overrunning_is_counted_as_failed() {
     // Its error was dropped when it landed late: no failure counted or logged.
