@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::{TensorElementType, TensorRef};
 use tower_degrade::BoxError;
 use tower_degrade::predict::{FEATURES, N_FEATURES, Predictor, WINDOW};
@@ -108,8 +108,10 @@ impl OnnxPredictorBuilder {
         .map_err(model_err)?;
         let takes_baseline = check_contract(&session, &path)?;
         check_features(&session, &path, takes_baseline)?;
+        let run_options = RunOptions::new().map_err(model_err)?;
         Ok(OnnxPredictor {
             session,
+            run_options: std::sync::Arc::new(run_options),
             path,
             device,
             fallback_reason,
@@ -338,6 +340,9 @@ fn parse_features(value: &str) -> Vec<String> {
 /// ```
 pub struct OnnxPredictor {
     session: Session,
+    /// Every run's options: their termination flag is how a run is stopped from another
+    /// thread ([`Predictor::stop_handle`]).
+    run_options: std::sync::Arc<RunOptions>,
     path: PathBuf,
     device: Device,
     fallback_reason: Option<String>,
@@ -422,7 +427,15 @@ impl OnnxPredictor {
     /// ([`Error::Inference`]); as a [`Predictor`], the row's class has no prediction that tick
     /// and the others keep theirs.
     pub fn run(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
+        self.resume()?;
         self.infer(input, out, true, Rows::Strict)
+    }
+
+    /// Clear a stop asked for a run before this one (it was asked while the run ended).
+    fn resume(&self) -> Result<(), Error> {
+        self.run_options
+            .unterminate()
+            .map_err(|e| Error::Inference(e.to_string()))
     }
 
     fn infer(
@@ -440,7 +453,9 @@ impl OnnxPredictor {
         let tensor =
             TensorRef::from_array_view(([batch, WINDOW, N_FEATURES], input)).map_err(inference)?;
         let outputs = match &mut self.baselines {
-            None => self.session.run(ort::inputs![tensor]),
+            None => self
+                .session
+                .run_with_options(ort::inputs![tensor], &*self.run_options),
             Some(baselines) => {
                 learn_batch(baselines, input, batch, learn)?;
                 let per_class = N_QUANTILES * N_FEATURES;
@@ -453,7 +468,8 @@ impl OnnxPredictor {
                     &self.baseline_input[..],
                 ))
                 .map_err(inference)?;
-                self.session.run(ort::inputs![tensor, base])
+                self.session
+                    .run_with_options(ort::inputs![tensor, base], &*self.run_options)
             }
         }
         .map_err(inference)?;
@@ -496,6 +512,7 @@ impl Predictor for OnnxPredictor {
     /// is: the runtime reads it as no prediction for that class alone, rather than every
     /// class losing its prediction.
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        self.resume()?;
         Ok(self.infer(input, out, true, Rows::PassOn)?)
     }
 
@@ -518,6 +535,16 @@ impl Predictor for OnnxPredictor {
         }
         self.infer(&input, &mut out, false, Rows::Strict)
             .map_err(|e| format!("{}: on a healthy window: {e}", self.path.display()).into())
+    }
+
+    /// Sets the runs' termination flag: ONNX Runtime ends the run in progress with an error
+    /// at its next check, between operators (a model stuck in one long operator ends with
+    /// it). The next batch clears it.
+    fn stop_handle(&mut self) -> Option<tower_degrade::predict::StopHandle> {
+        let options = self.run_options.clone();
+        Some(Box::new(move || {
+            let _ = options.terminate();
+        }))
     }
 }
 

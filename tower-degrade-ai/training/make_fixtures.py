@@ -14,6 +14,8 @@
 - `nan_above.onnx`: a probability for each row whose window's values are all at most 10,
   NaN for a row with one above (a class over 10x its SLA): one class's odd window, not the
   batch's;
+- `endless.onnx`: a Loop of 2^62 trips before it answers: a model that never does, which
+  only ONNX Runtime's termination flag stops;
 - `anchor.onnx`: the bundled model (`../models/p_anomaly.onnx`) with its learnt head's weights
   at 0, its anchor alone, which `ScanPredictor` computes in Rust (the test runs the two side by
   side); rewrite it whenever the bundled model changes.
@@ -140,6 +142,45 @@ def nan_above(limit: float = 10.0):
     return model
 
 
+def endless():
+    """p_anomaly = sigmoid(mean(window)) + 0 x (a Loop of 2^62 trips adding 1): a model that
+    never answers (a run is stopped by ONNX Runtime's termination flag between the loop's
+    iterations)."""
+    from onnx import TensorProto, helper
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "one_b"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "endless_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [])],
+        initializer=[helper.make_tensor("one_b", TensorProto.FLOAT, [], [1.0])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trips", "yes", "zero"], ["acc"], body=body),
+            helper.make_node("Mul", ["acc", "zero"], ["nothing"]),
+            helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("Sigmoid", ["mean"], ["s"]),
+            helper.make_node("Add", ["s", "nothing"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "axes"], ["p_anomaly"]),
+        ],
+        "endless",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("trips", TensorProto.INT64, [], [1 << 62]),
+                     helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+                     helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
+    return model
+
+
 BUNDLED = os.path.join(os.path.dirname(FIXTURES), "..", "models", "p_anomaly.onnx")
 # The bundled network's head (`model.ZANet.skip` and `.mlp`): its weights are set to 0.
 HEAD = ("net.skip.", "net.mlp.")
@@ -181,6 +222,7 @@ def fixtures() -> dict:
         "out_of_range.onnx": out_of_range(),
         "logit.onnx": out_of_range(0.3, 2.0, "logit"),
         "nan_above.onnx": nan_above(),
+        "endless.onnx": endless(),
         "anchor.onnx": silence_head(os.path.normpath(BUNDLED)),
     }
 

@@ -306,6 +306,54 @@ async fn a_class_the_model_answers_nan_for_has_no_prediction_and_the_others_keep
 }
 
 #[test]
+fn a_run_that_never_ends_is_stopped_by_its_stop_handle_and_the_next_one_runs() {
+    if !runtime_present() {
+        return;
+    }
+    // A Loop of 2^62 trips: the runtime stops a warm-up past its timeout, or a batch too old
+    // to use, through the handle; without it the run held its thread (and a core) for good.
+    let mut p = OnnxPredictor::load(fixture("tests/fixtures/endless.onnx")).unwrap();
+    let stop = p.stop_handle().expect("an ONNX run can be stopped");
+    let running = std::thread::spawn(move || {
+        let input = vec![0.0; WINDOW * N_FEATURES];
+        let res = p.run(&input, &mut [0.0]);
+        (p, res)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !running.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "never stopped");
+        // (Set before the run began, the flag is cleared by it: set until it ends.)
+        stop();
+        std::thread::yield_now();
+    }
+    let (_, res) = running.join().unwrap();
+    let err = res.unwrap_err().to_string();
+    assert!(err.contains("terminate"), "{err}");
+    // A stop asked for one run does not stop the next.
+    let mut p = OnnxPredictor::load(fixture("tests/fixtures/nan_above.onnx")).unwrap();
+    let stop = p.stop_handle().unwrap();
+    stop();
+    let mut out = [0.0];
+    p.run(&vec![0.0; WINDOW * N_FEATURES], &mut out).unwrap();
+    assert_eq!(out[0], 0.5);
+
+    // Building with it: the warm-up's timeout, said; its run is stopped.
+    let mut config = PredictorConfig::default();
+    config.warm_up_timeout = Duration::from_millis(300);
+    let Err(err) = Degrader::builder("shop")
+        .class(ClassConfig::silver("stock"))
+        .predictor(
+            OnnxPredictor::load(fixture("tests/fixtures/endless.onnx")).unwrap(),
+            config,
+        )
+        .build_with_worker()
+    else {
+        panic!("built with a model that never answers");
+    };
+    assert!(err.to_string().contains("warm-up did not finish"), "{err}");
+}
+
+#[test]
 fn the_shipped_model_file_names_the_features_it_was_trained_on() {
     if !runtime_present() {
         return;

@@ -86,7 +86,20 @@ pub trait Predictor: Send + 'static {
         let mut out = vec![0.0; classes.len()];
         self.predict(&input, &mut out)
     }
+
+    /// A handle that stops a run in progress from another thread, if the predictor can be
+    /// stopped (`None` by default); asked for once, before the warm-up. The runtime stops a
+    /// warm-up that runs past [`PredictorConfig::warm_up_timeout`], and a batch still running
+    /// once its input is more than a few ticks old (its answer would not be used): the run
+    /// should then return an error soon. Without one, such a run keeps its thread busy until
+    /// it ends, the ticks going on without predictions meanwhile.
+    fn stop_handle(&mut self) -> Option<StopHandle> {
+        None
+    }
 }
+
+/// Stops a predictor's run in progress from another thread ([`Predictor::stop_handle`]).
+pub type StopHandle = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for dyn Predictor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -21,6 +21,10 @@ pub(crate) struct Runner {
     last: Option<(Vec<f32>, u32)>,
     /// Ticks since the batch the worker has (or had last) was sent.
     sent_ago: u32,
+    /// Stops the worker's run in progress, if the predictor can be stopped.
+    stop: Option<super::StopHandle>,
+    /// The batch in flight was stopped.
+    stopped: bool,
     pub(crate) config: PredictorConfig,
     /// The classes' names, in batch order.
     pub(crate) classes: Vec<String>,
@@ -57,6 +61,7 @@ impl Runner {
         config: PredictorConfig,
     ) -> Result<Self, BoxError> {
         let n = classes.len();
+        let stop = predictor.stop_handle();
         let names: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
         let (requests, inbox) = mpsc::sync_channel::<Vec<f32>>(1);
         let (outbox, results) = mpsc::sync_channel(1);
@@ -88,6 +93,10 @@ impl Runner {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e.into()),
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Its thread ends when the run does: stopped now if it can be.
+                if let Some(stop) = &stop {
+                    stop();
+                }
                 return Err(format!(
                     "the warm-up did not finish within {:?} (PredictorConfig::warm_up_timeout)",
                     config.warm_up_timeout
@@ -104,6 +113,8 @@ impl Runner {
             buffer: Some(vec![0.0; n * WINDOW * N_FEATURES]),
             last: None,
             sent_ago: 0,
+            stop,
+            stopped: false,
             config,
             classes: classes.iter().map(|c| (*c).to_owned()).collect(),
         })
@@ -143,11 +154,30 @@ impl Runner {
                         // they aged, and the failure went unseen). The next tick runs anew.
                         Err(e) => {
                             self.last = None;
+                            let e = if self.stopped {
+                                format!(
+                                    "its batch still ran {} ticks after it was sent, and was \
+                                     stopped: {e}",
+                                    self.sent_ago
+                                )
+                            } else {
+                                e
+                            };
                             return (Batch::Failed, Some(e));
                         }
                     }
                 }
-                Err(mpsc::TryRecvError::Empty) => return (Batch::Overrun, None),
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Its answer would be too old to use: stop it, so that a new batch can
+                    // run (a model that hangs on some input keeps its thread otherwise).
+                    if self.sent_ago > STALE_TICKS && !self.stopped {
+                        if let Some(stop) = &self.stop {
+                            self.stopped = true;
+                            stop();
+                        }
+                    }
+                    return (Batch::Overrun, None);
+                }
                 Err(mpsc::TryRecvError::Disconnected) => {
                     self.last = None;
                     return (Batch::Failed, Some(STOPPED.into()));
@@ -157,6 +187,7 @@ impl Runner {
         let mut buf = self.buffer.take().expect("returned above");
         fill(&mut buf);
         self.sent_ago = 0;
+        self.stopped = false;
         let deadline = Instant::now() + self.config.budget;
         if let Err(mpsc::SendError(buf)) = self.requests.send(buf) {
             self.buffer = Some(buf);

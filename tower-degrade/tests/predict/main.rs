@@ -803,6 +803,114 @@ fn a_batch_that_lands_ticks_after_its_input_was_taken_is_as_old_as_its_input() {
     drop(release);
 }
 
+/// A predictor whose runs can be stopped: its warm-up (with `hang_warm_up`) and its first
+/// batch wait until stopped, then fail; later batches answer 0.1. `returned` hears of each
+/// run that ended stopped.
+struct Stoppable {
+    stop_rx: std::sync::mpsc::Receiver<()>,
+    stop_tx: Option<std::sync::mpsc::Sender<()>>,
+    returned: std::sync::mpsc::Sender<&'static str>,
+    hang_warm_up: bool,
+    batches: usize,
+}
+
+impl Stoppable {
+    fn new(hang_warm_up: bool) -> (Self, std::sync::mpsc::Receiver<&'static str>) {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let (returned, heard) = std::sync::mpsc::channel();
+        let p = Self {
+            stop_rx,
+            stop_tx: Some(stop_tx),
+            returned,
+            hang_warm_up,
+            batches: 0,
+        };
+        (p, heard)
+    }
+
+    fn wait_for_stop(&self, what: &'static str) -> Result<(), BoxError> {
+        self.stop_rx.recv().map_err(|_| "the runner is gone")?;
+        let _ = self.returned.send(what);
+        Err(format!("{what}: stopped").into())
+    }
+}
+
+impl Predictor for Stoppable {
+    fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        self.batches += 1;
+        if self.batches == 1 {
+            return self.wait_for_stop("batch");
+        }
+        out.fill(0.1);
+        Ok(())
+    }
+
+    fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+        if self.hang_warm_up {
+            return self.wait_for_stop("warm-up");
+        }
+        Ok(())
+    }
+
+    fn stop_handle(&mut self) -> Option<tower_degrade::predict::StopHandle> {
+        let tx = std::sync::Mutex::new(self.stop_tx.take()?);
+        Some(Box::new(move || {
+            let _ = tx.lock().unwrap().send(());
+        }))
+    }
+}
+
+#[test]
+fn a_warm_up_past_its_timeout_is_stopped_not_left_running() {
+    // It was left running on its thread, burning a core, each retry of the build another.
+    let rt = real_time_runtime();
+    let _g = rt.enter();
+    let (p, heard) = Stoppable::new(true);
+    let mut config = PredictorConfig::default();
+    config.warm_up_timeout = Duration::from_millis(50);
+    let err = Degrader::builder("shop")
+        .class(ClassConfig::gold("pay"))
+        .predictor(p, config)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("warm-up did not finish"), "{err}");
+    assert_eq!(
+        heard.recv_timeout(Duration::from_secs(10)),
+        Ok("warm-up"),
+        "stopped, and its run returned"
+    );
+}
+
+#[test]
+fn a_batch_still_running_once_too_old_to_use_is_stopped_and_the_next_one_runs() {
+    // A model that hangs on some input kept its thread: no batch ever ran again.
+    let rt = real_time_runtime();
+    let _g = rt.enter();
+    let (p, heard) = Stoppable::new(false);
+    let d = with_predictor(p);
+    for _ in 0..=4 {
+        d.tick_now(); // the batch runs past the budget; its input 4 ticks old at most
+    }
+    assert!(
+        heard.try_recv().is_err(),
+        "not stopped while it may still be used"
+    );
+    d.tick_now(); // 5 ticks old: stopped
+    assert_eq!(heard.recv_timeout(Duration::from_secs(10)), Ok("batch"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut failed = None;
+    while d.status().classes[0].prediction != Some(0.1f32 as f64) {
+        assert!(std::time::Instant::now() < deadline, "no batch ran again");
+        d.tick_now();
+        if let Some(e) = d.status().predictor.as_ref().and_then(|p| p.error.clone()) {
+            failed = Some(e);
+        }
+    }
+    let failed = failed.expect("the stopped batch counted as failed");
+    assert!(failed.contains("was stopped"), "{failed}");
+}
+
 #[test]
 fn a_batch_that_fails_after_overrunning_is_counted_as_failed() {
     // Its error was dropped when it landed late: no failure counted or logged.
