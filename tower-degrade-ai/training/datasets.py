@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 
 import numpy as np
@@ -75,42 +76,65 @@ def _ts(s: str) -> datetime:
     return datetime.strptime(s[:19], "%Y-%m-%d %H:%M:%S")
 
 
+@contextmanager
+def _reading(path: str):
+    """What goes wrong reading or mapping `path` (an empty or cut file, a missing column, a
+    timestamp that does not parse) as a ValueError naming it: `load` tells which file."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, EOFError, OSError, csv.Error) as e:
+        what = f"no column {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        raise ValueError(f"{path}: cannot be read as the shared traces' ({what})") from e
+
+
+def _json(path: str):
+    with _reading(path), open(path) as f:
+        return json.load(f)
+
+
 def load_nab(root: str) -> list:
     nab = os.path.join(root, "nab")
-    windows = json.load(open(os.path.join(nab, "labels", "combined_windows.json")))
-    labels = json.load(open(os.path.join(nab, "labels", "combined_labels.json")))
+    windows = _json(os.path.join(nab, "labels", "combined_windows.json"))
+    labels = _json(os.path.join(nab, "labels", "combined_labels.json"))
     out = []
     for f in NAB_FILES:
-        rows = list(csv.DictReader(open(os.path.join(nab, "data", f + ".csv"))))
-        ts = [_ts(r["timestamp"]) for r in rows]
-        v = np.array([float(r["value"]) for r in rows])
-        T = len(v)
-        val_from, test_from = _splits(T, 0.6)
-        X = np.tile(NEUTRAL, (T, 1))
-        ch = _nab_channel(f)
-        if ch == "latency":
-            X[:, P99] = _rel(v, val_from, LEVEL["p99"])
-            X[:, P50] = X[:, P99] * LEVEL["p50"] / LEVEL["p99"]
-        elif ch == "cpu":
-            X[:, INF] = _rel(v, val_from, LEVEL["inflight"])
-            X[:, Q] = np.maximum(0, v / max(np.percentile(v[:val_from], 99), 1e-9) - 1) * 0.5 + NEUTRAL[Q]
-        else:
-            X[:, R] = _workload(v, val_from)
-        index = {t: i for i, t in enumerate(ts)}
-        events, pre = [], []
-        marks = sorted(index[_ts(x)] for x in labels[f + ".csv"])
-        for w0, w1 in windows[f + ".csv"]:
-            a, b = index[_ts(w0)], index[_ts(w1)]
-            # the onset is the labelled anomaly inside the window, else the window's middle
-            s = next((m for m in marks if a <= m <= b), (a + b) // 2)
-            events.append((s, b))
-            pre.append(s - a)  # the window's early part is ambiguous
-        tr = Trace(f.split("/")[1], "nab", clip(X), events, 300.0, pre, val_from, test_from)
-        tr.meta["timestamps"] = [r["timestamp"] for r in rows]
-        tr.meta["nab_file"] = f
-        tr.meta["channel"] = ch
-        out.append(tr)
+        with _reading(os.path.join(nab, "data", f + ".csv")):
+            out.append(_nab_trace(nab, f, windows, labels))
     return out
+
+
+def _nab_trace(nab: str, f: str, windows: dict, labels: dict) -> Trace:
+    """One NAB file as a trace, its incidents from the labelled windows."""
+    with open(os.path.join(nab, "data", f + ".csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    ts = [_ts(r["timestamp"]) for r in rows]
+    v = np.array([float(r["value"]) for r in rows])
+    T = len(v)
+    val_from, test_from = _splits(T, 0.6)
+    X = np.tile(NEUTRAL, (T, 1))
+    ch = _nab_channel(f)
+    if ch == "latency":
+        X[:, P99] = _rel(v, val_from, LEVEL["p99"])
+        X[:, P50] = X[:, P99] * LEVEL["p50"] / LEVEL["p99"]
+    elif ch == "cpu":
+        X[:, INF] = _rel(v, val_from, LEVEL["inflight"])
+        X[:, Q] = np.maximum(0, v / max(np.percentile(v[:val_from], 99), 1e-9) - 1) * 0.5 + NEUTRAL[Q]
+    else:
+        X[:, R] = _workload(v, val_from)
+    index = {t: i for i, t in enumerate(ts)}
+    events, pre = [], []
+    marks = sorted(index[_ts(x)] for x in labels[f + ".csv"])
+    for w0, w1 in windows[f + ".csv"]:
+        a, b = index[_ts(w0)], index[_ts(w1)]
+        # the onset is the labelled anomaly inside the window, else the window's middle
+        s = next((m for m in marks if a <= m <= b), (a + b) // 2)
+        events.append((s, b))
+        pre.append(s - a)  # the window's early part is ambiguous
+    tr = Trace(f.split("/")[1], "nab", clip(X), events, 300.0, pre, val_from, test_from)
+    tr.meta["timestamps"] = [r["timestamp"] for r in rows]
+    tr.meta["nab_file"] = f
+    tr.meta["channel"] = ch
+    return tr
 
 
 def nab_detector_scores(root: str, tr: Trace, detector: str) -> np.ndarray | None:
@@ -127,7 +151,7 @@ NEZHA_DAYS = {"onlineboutique": ("2022-08-22", "2022-08-23"), "trainticket": ("2
 
 
 def _gz_rows(path: str) -> list:
-    with gzip.open(path, "rt") as f:
+    with _reading(path), gzip.open(path, "rt") as f:
         return list(csv.DictReader(f))
 
 
@@ -180,30 +204,34 @@ def load_nezha(root: str) -> list:
     for system, days in NEZHA_DAYS.items():
         for day_i, d in enumerate(days):
             metric = os.path.join(root, "nezha", d, "metric")
-            fault_list = json.load(open(os.path.join(root, "nezha", d, f"{d}-fault_list.json")))
+            fault_list = _json(os.path.join(root, "nezha", d, f"{d}-fault_list.json"))
             faults = [x for v in fault_list.values() for x in v]
             is_test = day_i == 1
-            front = _gz_rows(os.path.join(metric, "front_service.csv.gz"))
-            ts = [_ts(r["Time"]) for r in front]
-            T = len(front)
-            val_from, test_from = (0, 0) if is_test else (int(T * 0.8), T)
-            train_end = T if is_test else val_from
-            # the test day's scales come from its own first 20 %, before any test step is used
-            scale_end = int(T * 0.2) if is_test else train_end
-            out.append(Trace(f"{system}-{d}-front", "nezha", clip(_nezha_front(front, scale_end)),
-                             _fault_steps(ts, faults), 60.0, None, val_from, test_from))
+            front_path = os.path.join(metric, "front_service.csv.gz")
+            front = _gz_rows(front_path)
+            with _reading(front_path):
+                ts = [_ts(r["Time"]) for r in front]
+                T = len(front)
+                val_from, test_from = (0, 0) if is_test else (int(T * 0.8), T)
+                train_end = T if is_test else val_from
+                # the test day's scales come from its own first 20 %, before any test step is used
+                scale_end = int(T * 0.2) if is_test else train_end
+                out.append(Trace(f"{system}-{d}-front", "nezha", clip(_nezha_front(front, scale_end)),
+                                 _fault_steps(ts, faults), 60.0, None, val_from, test_from))
             pods = sorted({fl["inject_pod"] for fl in faults})
             for pod in pods:
                 path = os.path.join(metric, f"{pod}_metric.csv.gz")
                 if not os.path.exists(path):
                     continue
                 rows = _gz_rows(path)
-                pts = [_ts(r["Time"]) for r in rows]
-                Tp = len(rows)
-                vf, tf = (0, 0) if is_test else (int(Tp * 0.8), Tp)
-                se = int(Tp * 0.2) if is_test else vf
-                evs = _fault_steps(pts, [fl for fl in faults if fl["inject_pod"] == pod])
-                out.append(Trace(f"{system}-{d}-{pod}", "nezha", clip(_nezha_pod(rows, se)), evs, 60.0, None, vf, tf))
+                with _reading(path):
+                    pts = [_ts(r["Time"]) for r in rows]
+                    Tp = len(rows)
+                    vf, tf = (0, 0) if is_test else (int(Tp * 0.8), Tp)
+                    se = int(Tp * 0.2) if is_test else vf
+                    evs = _fault_steps(pts, [fl for fl in faults if fl["inject_pod"] == pod])
+                    X = clip(_nezha_pod(rows, se))
+                out.append(Trace(f"{system}-{d}-{pod}", "nezha", X, evs, 60.0, None, vf, tf))
     return out
 
 
@@ -231,10 +259,12 @@ def load_smd(root: str) -> list:
     validation) and the labelled test file, as one series."""
     out = []
     for m in SMD_MACHINES:
-        tr_rows = _gz_rows(os.path.join(root, "smd_subset", f"machine-{m}_train.csv.gz"))
-        te_rows = _gz_rows(os.path.join(root, "smd_subset", f"machine-{m}_test.csv.gz"))
-        X = np.concatenate([_smd(tr_rows, tr_rows[:int(len(tr_rows) * 0.8)]), _smd(te_rows, tr_rows)])
-        lab = np.concatenate([np.zeros(len(tr_rows)), [float(r["label"]) for r in te_rows]])
+        tr_path = os.path.join(root, "smd_subset", f"machine-{m}_train.csv.gz")
+        te_path = os.path.join(root, "smd_subset", f"machine-{m}_test.csv.gz")
+        tr_rows, te_rows = _gz_rows(tr_path), _gz_rows(te_path)
+        with _reading(f"{tr_path} and {te_path}"):
+            X = np.concatenate([_smd(tr_rows, tr_rows[:int(len(tr_rows) * 0.8)]), _smd(te_rows, tr_rows)])
+            lab = np.concatenate([np.zeros(len(tr_rows)), [float(r["label"]) for r in te_rows]])
         n = len(tr_rows)
         out.append(Trace(f"machine-{m}", "smd", clip(X), events_from_binary(lab), 60.0, None, int(n * 0.8), n))
     return out
@@ -264,4 +294,14 @@ def require(root: str, tool: str) -> None:
 
 
 def load(root: str) -> dict:
+    """The three public datasets under `root`; a file that cannot be read or mapped is a
+    ValueError naming it."""
     return {"nab": load_nab(root), "nezha": load_nezha(root), "smd": load_smd(root)}
+
+
+def load_or_exit(root: str, tool: str) -> dict:
+    """`load`, or exit with `tool`'s message naming the file that could not be read."""
+    try:
+        return load(root)
+    except ValueError as e:
+        sys.exit(f"{tool}: --data {root}: {e}")

@@ -376,7 +376,7 @@ def main():
         if not a.traces_only:
             rows = evaluate_dataset("simulated", sim_test, det, sim_val, sim_val_scores)
     if a.data and not a.traces_only:
-        pub = datasets.load(a.data)
+        pub = datasets.load_or_exit(a.data, "evaluate.py")
         for name in ("nab", "nezha", "smd"):
             d = dict(det)
             if name == "nab":

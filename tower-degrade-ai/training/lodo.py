@@ -270,7 +270,7 @@ def main():
     # A recipe with an anchor is also scored by its anchor alone (make_fixtures.silence_head).
     anchored = isinstance(model.build(a.arch), model.ZANet)
     sim = simulate.dataset(a.seed)
-    pub = datasets.load(a.data)
+    pub = datasets.load_or_exit(a.data, "lodo.py")
     rows, infos = [], {}
     for d in a.folds:
         t0 = time.time()

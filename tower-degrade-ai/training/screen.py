@@ -156,7 +156,7 @@ def main():
     a = ap.parse_args()
     datasets.require(a.data, "screen.py")
     sim = simulate.dataset(a.seed)
-    pub = datasets.load(a.data)
+    pub = datasets.load_or_exit(a.data, "screen.py")
     sets = {"simulated": ([t for t in sim if t.test_from == 0], [t for t in sim if t.val_from < t.test_from]),
             **{n: (pub[n], None) for n in ("nab", "nezha", "smd")}}
     dets = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}

@@ -112,9 +112,22 @@ class Traces(unittest.TestCase):
             with open(os.path.join(d, "a-empty.csv"), "w") as f:
                 f.write("time_s," + ",".join(FEATURES) + "\n")
             before = open(os.path.join(d, "busy.csv")).read()
-            with self.assertRaisesRegex(ValueError, r"a-empty.csv: no rows to split .*no file was changed"):
+            with self.assertRaisesRegex(ValueError, r"a-empty.csv: a header and no rows; no file was changed"):
                 split(d, 0.1, 0.1)
             self.assertEqual(open(os.path.join(d, "busy.csv")).read(), before)
+            # Nor one with a row longer than its header, after a good file (the good one was
+            # rewritten and the long one cut short at its bad row).
+            os.remove(os.path.join(d, "a-empty.csv"))
+            lines = open(os.path.join(d, "busy.csv")).read().splitlines()
+            lines[7] += ",1"
+            with open(os.path.join(d, "zz-long.csv"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            long_before = open(os.path.join(d, "zz-long.csv")).read()
+            with self.assertRaisesRegex(ValueError, r"zz-long.csv:8: 12 fields, the header has 11; no file was changed"):
+                split(d, 0.1, 0.1)
+            self.assertEqual(open(os.path.join(d, "busy.csv")).read(), before)
+            self.assertEqual(open(os.path.join(d, "zz-long.csv")).read(), long_before)
+            self.assertEqual(sorted(os.listdir(d)), ["busy.csv", "idle.csv", "zz-long.csv"])
 
     def test_the_grace_of_a_trace_goes_by_its_step_not_its_directory_name(self):
         from traces import GRACE, grace
@@ -159,7 +172,8 @@ class Traces(unittest.TestCase):
                 with self.assertRaisesRegex(ValueError, rf"t.csv:3: column p99_over_sla: {what}"):
                     read_csv(p)
             # above the Rust clip range: clipped as the runtime does, and the breach still found
-            p = self.write(d, [self.row(t, p99="1e300" if 5 <= t < 9 else "0.2") for t in range(20)],
+            p = self.write(d, [self.row(t, p99="1e300" if 5 <= t < 9 else "0.2").rsplit(",", 2)[0]
+                               for t in range(20)],
                           header="time_s," + ",".join(FEATURES))
             tr = read_csv(p)
             self.assertEqual(float(tr.X[6, 5]), 20.0)
@@ -213,6 +227,8 @@ class Traces(unittest.TestCase):
                 ([self.row(0), self.row(1, split="validation")], r"t.csv:3: column split: expected one of"),
                 ([self.row(0, split="val"), self.row(1, split="train")], r"t.csv:3: column split: 'train' after 'val'"),
                 ([self.row(0), "1,1,1"], r"t.csv:3: 3 fields, the header has 11"),
+                # Longer than the header: its values would sit under the wrong names.
+                ([self.row(0), self.row(1) + ",7"], r"t.csv:3: 12 fields, the header has 11"),
                 ([], r"t.csv: a header and no rows"),
             ]
             for lines, msg in cases:
@@ -226,6 +242,32 @@ class Traces(unittest.TestCase):
                 f.write(";".join(["time_s", *FEATURES]) + "\n0;1;1;0;0;0;0;0;0\n")
             with self.assertRaisesRegex(ValueError, r"t.csv:1: .*separated by commas"):
                 read_csv(p)
+
+    def test_a_trailing_comma_is_read_and_a_file_not_in_utf8_is_named(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = self.write(d, [self.row(0) + ",", self.row(1) + ",,"])
+            self.assertEqual(read_csv(p).T, 2)
+            with open(p, "wb") as f:
+                f.write((",".join(["time_s", *FEATURES]) + "\n").encode())
+                f.write("0,1,1,0,0,0.1,0.2,1,0 caf\u00e9\n".encode("latin-1"))
+            with self.assertRaisesRegex(ValueError, r"t.csv: not UTF-8 text"):
+                read_csv(p)
+
+    def test_a_public_file_that_cannot_be_read_is_named(self):
+        import gzip
+        import datasets
+        with tempfile.TemporaryDirectory() as d:
+            os.makedirs(os.path.join(d, "nab", "labels"))
+            for f in ("combined_windows.json", "combined_labels.json"):
+                open(os.path.join(d, "nab", "labels", f), "w").close()
+            with self.assertRaisesRegex(ValueError, r"combined_windows.json: cannot be read"):
+                datasets.load_nab(d)
+            os.makedirs(os.path.join(d, "smd_subset"))
+            for part in ("train", "test"):
+                with gzip.open(os.path.join(d, "smd_subset", f"machine-1-6_{part}.csv.gz"), "wt") as f:
+                    f.write("cpu_r,load_1\n0.1,0.2\n")
+            with self.assertRaisesRegex(ValueError, r"machine-1-6_train.csv.gz and .*no column 'eth1_pi'"):
+                datasets.load_smd(d)
 
     def test_a_blank_line_does_not_shift_the_line_an_error_names(self):
         with tempfile.TemporaryDirectory() as d:

@@ -171,20 +171,22 @@ def _split(v: str) -> str:
     raise ValueError(f"expected one of {', '.join(SPLITS)}, found {v!r}")
 
 
-def read_csv(path: str, dataset: str = "recorded") -> Trace:
-    """One trace CSV (the format above). Bad input is refused with the file, line and column:
-    a value that is not a finite number, a negative feature, a success, error or timeout
-    rate above 1 (a percentage), a column named twice, a label or ignore flag other than 0
-    or 1, a split other than train / val / test or out of time order, a row with fields
-    missing, time that does not move forward. A step over an hour, or of 100 s or more and
-    not whole minutes, is noted on stderr (time_s in milliseconds?). Features above the range the Rust
-    feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
-    taken one row per step, with a note on stderr."""
+def _read_rows(path: str) -> tuple:
+    """A trace CSV's header (names stripped) and its rows, (line number, fields by name),
+    blank lines left out; an error naming the file and line for what cannot be read as one:
+    not UTF-8, no header, a column named twice, a header of semicolons, a row with fields
+    missing or with more than the header names (its values would sit under the wrong names;
+    empty ones past the header, a trailing comma, are let through), no row."""
     # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first name
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        body = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            body = list(reader)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a CSV file ({e})") from None
     if not header:
         raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
     header = [h.strip() for h in header]
@@ -196,18 +198,32 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     if len(header) == 1 and ";" in header[0]:
         raise ValueError(f"{path}:1: the header is one field with semicolons in it: the columns "
                          "must be separated by commas")
-    missing = [c for c in FEATURES if c not in header]
-    if missing:
-        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
     rows = []
     for i, fields in enumerate(body):
         if not fields:  # a blank line
             continue
-        if len(fields) < len(header):
+        if len(fields) < len(header) or any(v.strip() for v in fields[len(header):]):
             raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {len(header)}")
         rows.append((i + 2, dict(zip(header, fields))))
     if not rows:
         raise ValueError(f"{path}: a header and no rows")
+    return header, rows
+
+
+def read_csv(path: str, dataset: str = "recorded") -> Trace:
+    """One trace CSV (the format above). Bad input is refused with the file, line and column:
+    a value that is not a finite number, a negative feature, a success, error or timeout
+    rate above 1 (a percentage), a column named twice, a label or ignore flag other than 0
+    or 1, a split other than train / val / test or out of time order, a row with fields
+    missing or more fields than the header names, a file that is not UTF-8, time that does
+    not move forward. A step over an hour, or of 100 s or more and
+    not whole minutes, is noted on stderr (time_s in milliseconds?). Features above the range the Rust
+    feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
+    taken one row per step, with a note on stderr."""
+    header, rows = _read_rows(path)
+    missing = [c for c in FEATURES if c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
     X = np.array([_column(path, rows, c, _fraction if c in FRACTIONS else _feature)
                   for c in FEATURES], dtype=float).T
     X = clip(X)
@@ -287,30 +303,40 @@ def read_dir(d: str, dataset: str | None = None) -> list:
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every
-    file is read before any is written: a file with no rows is an error naming it, and then
-    none is changed."""
+    file is read (as `read_csv` reads its rows) before any is written, each written whole to
+    a file beside it and then moved over it: a file that cannot be read is an error naming
+    it, and then none is changed."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
     for f in sorted(f for f in os.listdir(d) if f.endswith(".csv")):
         path = os.path.join(d, f)
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows:
-            raise ValueError(f"{path}: no rows to split (an empty file, or a header alone); "
-                             "no file was changed")
-        read.append((path, rows))
+        try:
+            read.append((path, *_read_rows(path)))
+        except ValueError as e:
+            raise ValueError(f"{e}; no file was changed") from None
+    staged = []
+    try:
+        for path, header, rows in read:
+            cols = [c for c in header if c != "split"] + ["split"]
+            n = len(rows)
+            val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
+            tmp = f"{path}.split-tmp"
+            staged.append(tmp)
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(cols)
+                for i, (_, r) in enumerate(rows):
+                    r["split"] = "train" if i < val_from else "val" if i < test_from else "test"
+                    w.writerow([r.get(c, "") for c in cols])
+    except OSError as e:
+        for tmp in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise OSError(f"{e}; no file was changed") from None
     written = []
-    for path, rows in read:
-        cols = [c for c in rows[0] if c != "split"] + ["split"]
-        n = len(rows)
-        val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
-        for i, r in enumerate(rows):
-            r["split"] = "train" if i < val_from else "val" if i < test_from else "test"
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+    for (path, _, _), tmp in zip(read, staged):
+        os.replace(tmp, path)
         written.append(path)
     return written
 

@@ -278,7 +278,7 @@ def main():
         own_traces += own
     traces = simulate.dataset(a.seed)
     if a.data:
-        for v in datasets.load(a.data).values():
+        for v in datasets.load_or_exit(a.data, "train.py").values():
             traces += v
     traces += own_traces
     info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
