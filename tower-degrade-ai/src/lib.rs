@@ -48,7 +48,7 @@ mod scan;
 
 pub use error::Error;
 pub use onnx::{
-    BUNDLED_MODEL, Device, FEATURES_KEY, INPUT_NAME, OUTPUT_NAME, OnnxPredictor,
+    BUNDLED_MODEL, Device, FEATURES_KEY, INPUT_NAME, MAX_THREADS, OUTPUT_NAME, OnnxPredictor,
     OnnxPredictorBuilder,
 };
 pub use recorder::{Fault, Recorder};

@@ -63,6 +63,9 @@ pub struct OnnxPredictorBuilder {
     threads: usize,
 }
 
+/// The most intra-op threads [`OnnxPredictorBuilder::threads`] takes.
+pub const MAX_THREADS: usize = 64;
+
 impl OnnxPredictorBuilder {
     /// Where inference runs (default: CPU).
     pub fn device(mut self, device: Device) -> Self {
@@ -71,7 +74,8 @@ impl OnnxPredictorBuilder {
     }
 
     /// ONNX Runtime's intra-op threads (default 1: the model is small and the control loop
-    /// should not compete with the service for cores).
+    /// should not compete with the service for cores); 1 to [`MAX_THREADS`], else `build`
+    /// refuses it (0 is read as 1).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
         self
@@ -82,6 +86,18 @@ impl OnnxPredictorBuilder {
     /// ([`FEATURES_KEY`], [`Error::Features`]).
     pub fn build(self) -> Result<OnnxPredictor, Error> {
         let path = self.model;
+        if self.threads > MAX_THREADS {
+            // Passed on as a C int: 2^32 + 1 became 1 and usize::MAX -1, silently; 5,000
+            // took over a minute to load.
+            return Err(Error::Model {
+                path,
+                reason: format!(
+                    "threads({}): at most {MAX_THREADS} intra-op threads (a batch of a few \
+                     hundred classes gains nothing past a handful)",
+                    self.threads
+                ),
+            });
+        }
         if matches!(self.source, Source::File) && path.is_dir() {
             return Err(Error::Model {
                 path,

@@ -44,6 +44,13 @@ impl Fault {
 /// Columns: `time_s`, the eight [`FEATURES`], `p_anomaly`, `fault`. The evaluation harness
 /// (`tower-degrade-ai/training/evaluate.py --traces DIR`) reads a directory of such files.
 ///
+/// A row is written for each batch the runtime gives the predictor, `time_s` a tick after the
+/// row before: while the wrapped predictor runs past its budget the runtime gives it none,
+/// and those ticks are missing from the file with nothing in `time_s` to show it. Wrap a
+/// predictor that keeps within its budget (the bundled model, [`ScanPredictor`](crate::ScanPredictor)),
+/// or none (`p_anomaly` 0), and watch `degrade_predictor_overruns_total` while recording. A
+/// tick the wrapped predictor fails on is recorded, with `p_anomaly` NaN.
+///
 /// A file already there (the process restarted) is continued, not replaced: its header must
 /// be these columns (else warm-up fails naming it: move it aside), a last row cut off by a
 /// crash is dropped, and `time_s` goes on one tick after its last row (the time the process
@@ -291,9 +298,17 @@ fn last_newline(file: &mut File, end: u64) -> std::io::Result<Option<u64>> {
 
 impl Predictor for Recorder {
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
-        match &mut self.inner {
-            Some(inner) => inner.predict(input, out)?,
-            None => out.fill(0.0),
+        // A tick the wrapped predictor fails on is recorded too (p_anomaly NaN), so that
+        // time_s stays the tick's own; the failure is passed on after.
+        let answer = match &mut self.inner {
+            Some(inner) => inner.predict(input, out),
+            None => {
+                out.fill(0.0);
+                Ok(())
+            }
+        };
+        if answer.is_err() {
+            out.fill(f32::NAN);
         }
         // The recording serves the predictor, not the other way round: a trace that cannot
         // be written does not take early warning away.
@@ -311,7 +326,7 @@ impl Predictor for Recorder {
             }
             Err(_) => {}
         }
-        Ok(())
+        answer
     }
 
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
@@ -358,6 +373,50 @@ mod tests {
             out.fill(0.25);
             Ok(())
         }
+    }
+
+    /// Fails every other batch, the first one fine.
+    struct EveryOther(u32);
+
+    impl Predictor for EveryOther {
+        fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+            self.0 += 1;
+            if self.0 % 2 == 0 {
+                return Err("the model failed".into());
+            }
+            out.fill(0.5);
+            Ok(())
+        }
+
+        fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tick_the_wrapped_predictor_fails_on_is_recorded_and_the_failure_passed_on() {
+        // It was neither recorded nor counted: time_s ran on as if it had not been.
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = Recorder::new(dir.path(), Duration::from_millis(500))
+            .unwrap()
+            .wrap(EveryOther(0));
+        rec.warm_up(&["a"]).unwrap();
+        let input = vec![0.0f32; WINDOW * N_FEATURES];
+        let mut out = [0.0];
+        rec.predict(&input, &mut out).unwrap();
+        let err = rec.predict(&input, &mut out).unwrap_err();
+        assert_eq!(err.to_string(), "the model failed");
+        rec.predict(&input, &mut out).unwrap();
+        let a = std::fs::read_to_string(dir.path().join("a.csv")).unwrap();
+        let rows: Vec<&str> = a.lines().skip(1).collect();
+        assert_eq!(
+            rows,
+            [
+                "0.000,0,0,0,0,0,0,0,0,0.5,0",
+                "0.500,0,0,0,0,0,0,0,0,NaN,0",
+                "1.000,0,0,0,0,0,0,0,0,0.5,0"
+            ]
+        );
     }
 
     #[test]

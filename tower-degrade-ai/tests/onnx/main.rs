@@ -306,6 +306,25 @@ async fn a_class_the_model_answers_nan_for_has_no_prediction_and_the_others_keep
 }
 
 #[test]
+fn more_intra_op_threads_than_the_most_is_refused_naming_the_setting() {
+    if !runtime_present() {
+        return;
+    }
+    for n in [tower_degrade_ai::MAX_THREADS + 1, (1 << 32) + 1, usize::MAX] {
+        let err = OnnxPredictor::builder(fixture("tests/fixtures/nan_above.onnx"))
+            .threads(n)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("threads({n})")), "{err}");
+    }
+    OnnxPredictor::builder(fixture("tests/fixtures/nan_above.onnx"))
+        .threads(0)
+        .build()
+        .expect("0 is 1");
+}
+
+#[test]
 fn a_run_that_never_ends_is_stopped_by_its_stop_handle_and_the_next_one_runs() {
     if !runtime_present() {
         return;
