@@ -57,6 +57,13 @@ pub enum Error {
     /// infinity, or a value outside 0..=1 (beyond a rounding error of 1e-6): a model that
     /// answers 5.0 is broken, not certain of a failure.
     Inference(String),
+    /// A setting of the builder is out of its range (the model is not read).
+    Setting {
+        /// The setting, as its builder method is named (`threads`).
+        setting: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
     /// A recorder could not create or write its CSV files.
     Io {
         /// The file or directory.
@@ -113,6 +120,9 @@ impl std::fmt::Display for Error {
                 expected.join(", ")
             ),
             Self::Inference(reason) => write!(f, "inference failed: {reason}"),
+            Self::Setting { setting, reason } => {
+                write!(f, "OnnxPredictorBuilder::{setting}: {reason}")
+            }
             Self::Io { path, reason } => write!(f, "{}: {reason}", path.display()),
         }
     }

@@ -85,19 +85,19 @@ impl OnnxPredictorBuilder {
     /// its input and output shapes ([`Error::Contract`]), then the features its metadata names
     /// ([`FEATURES_KEY`], [`Error::Features`]).
     pub fn build(self) -> Result<OnnxPredictor, Error> {
-        let path = self.model;
         if self.threads > MAX_THREADS {
             // Passed on as a C int: 2^32 + 1 became 1 and usize::MAX -1, silently; 5,000
             // took over a minute to load.
-            return Err(Error::Model {
-                path,
+            return Err(Error::Setting {
+                setting: "threads",
                 reason: format!(
-                    "threads({}): at most {MAX_THREADS} intra-op threads (a batch of a few \
-                     hundred classes gains nothing past a handful)",
+                    "{} intra-op threads: at most {MAX_THREADS} (a batch of a few hundred \
+                     classes gains nothing past a handful)",
                     self.threads
                 ),
             });
         }
+        let path = self.model;
         if matches!(self.source, Source::File) && path.is_dir() {
             return Err(Error::Model {
                 path,

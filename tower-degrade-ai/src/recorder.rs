@@ -359,6 +359,11 @@ impl Predictor for Recorder {
         }
         Ok(())
     }
+
+    /// The wrapped predictor's: recording does not make a hanging model unstoppable.
+    fn stop_handle(&mut self) -> Option<tower_degrade::predict::StopHandle> {
+        self.inner.as_mut()?.stop_handle()
+    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,8 @@ def _reading(path: str):
     try:
         yield
     except (ValueError, KeyError, IndexError, TypeError, EOFError, OSError, csv.Error) as e:
-        what = f"no column {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        # A KeyError is a column or a label file's entry that is not there.
+        what = f"nothing under {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
         raise ValueError(f"{path}: cannot be read as the shared traces' ({what})") from e
 
 
@@ -204,8 +205,11 @@ def load_nezha(root: str) -> list:
     for system, days in NEZHA_DAYS.items():
         for day_i, d in enumerate(days):
             metric = os.path.join(root, "nezha", d, "metric")
-            fault_list = _json(os.path.join(root, "nezha", d, f"{d}-fault_list.json"))
-            faults = [x for v in fault_list.values() for x in v]
+            faults_path = os.path.join(root, "nezha", d, f"{d}-fault_list.json")
+            fault_list = _json(faults_path)
+            with _reading(faults_path):
+                faults = [x for v in fault_list.values() for x in v]
+                pods = sorted({fl["inject_pod"] for fl in faults})
             is_test = day_i == 1
             front_path = os.path.join(metric, "front_service.csv.gz")
             front = _gz_rows(front_path)
@@ -218,7 +222,6 @@ def load_nezha(root: str) -> list:
                 scale_end = int(T * 0.2) if is_test else train_end
                 out.append(Trace(f"{system}-{d}-front", "nezha", clip(_nezha_front(front, scale_end)),
                                  _fault_steps(ts, faults), 60.0, None, val_from, test_from))
-            pods = sorted({fl["inject_pod"] for fl in faults})
             for pod in pods:
                 path = os.path.join(metric, f"{pod}_metric.csv.gz")
                 if not os.path.exists(path):
@@ -303,5 +306,5 @@ def load_or_exit(root: str, tool: str) -> dict:
     """`load`, or exit with `tool`'s message naming the file that could not be read."""
     try:
         return load(root)
-    except ValueError as e:
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
         sys.exit(f"{tool}: --data {root}: {e}")

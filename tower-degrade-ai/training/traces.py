@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -303,9 +304,9 @@ def read_dir(d: str, dataset: str | None = None) -> list:
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every
-    file is read (as `read_csv` reads its rows) before any is written, each written whole to
-    a file beside it and then moved over it: a file that cannot be read is an error naming
-    it, and then none is changed."""
+    file is read (as `read_csv` reads its rows) and written whole to a file beside it before
+    any is replaced, then each is moved over its file (its mode kept): a file that cannot be
+    read, or a copy that cannot be written, is an error naming it, and then none is changed."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
@@ -329,11 +330,15 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
                 for i, (_, r) in enumerate(rows):
                     r["split"] = "train" if i < val_from else "val" if i < test_from else "test"
                     w.writerow([r.get(c, "") for c in cols])
-    except OSError as e:
+            shutil.copymode(path, tmp)
+    except BaseException as e:
         for tmp in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        raise OSError(f"{e}; no file was changed") from None
+        if isinstance(e, OSError):
+            raise OSError(f"{e}; no file was changed") from None
+        raise
+    # Each moved over its file (a rename: whole or not at all).
     written = []
     for (path, _, _), tmp in zip(read, staged):
         os.replace(tmp, path)

@@ -316,7 +316,12 @@ fn more_intra_op_threads_than_the_most_is_refused_naming_the_setting() {
             .build()
             .unwrap_err()
             .to_string();
-        assert!(err.contains(&format!("threads({n})")), "{err}");
+        assert!(
+            err.contains(&format!(
+                "OnnxPredictorBuilder::threads: {n} intra-op threads"
+            )),
+            "{err}"
+        );
     }
     OnnxPredictor::builder(fixture("tests/fixtures/nan_above.onnx"))
         .threads(0)

@@ -699,8 +699,13 @@ impl FallbackWorker {
                         .retry
                         .backoff(task.attempts() + 1, unit)
                         .max(asked);
-                    task.failed(answer, super::schedule::after(now, wait));
-                    let out_of_time = task.deadline_ms().is_some_and(|d| now >= d);
+                    let next = super::schedule::after(now, wait);
+                    task.failed(answer, next);
+                    // A wait the answer asked for that ends past the deadline: to review now,
+                    // not replayed a day after it (the backoff alone is capped far below).
+                    let out_of_time = task
+                        .deadline_ms()
+                        .is_some_and(|d| now >= d || (!asked.is_zero() && next > d));
                     if task.attempts() >= self.shared.retry.max_attempts || out_of_time {
                         self.to_review(queue, task, &mut ops);
                         "review"

@@ -91,8 +91,11 @@ pub trait Predictor: Send + 'static {
     /// stopped (`None` by default); asked for once, before the warm-up. The runtime stops a
     /// warm-up that runs past [`PredictorConfig::warm_up_timeout`], and a batch still running
     /// once its input is more than a few ticks old (its answer would not be used): the run
-    /// should then return an error soon. Without one, such a run keeps its thread busy until
-    /// it ends, the ticks going on without predictions meanwhile.
+    /// should then return an error soon. It is asked again on each later tick while the run
+    /// goes on, and when the degrader is dropped with a batch still running; a stop may come
+    /// after the run it was meant for ended: clear it when a run begins, so that it does not
+    /// stop the next. Without one, such a run keeps its thread busy until it ends, the ticks
+    /// going on without predictions meanwhile.
     fn stop_handle(&mut self) -> Option<StopHandle> {
         None
     }

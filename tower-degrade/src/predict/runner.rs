@@ -43,6 +43,18 @@ impl std::fmt::Debug for Runner {
     }
 }
 
+impl Drop for Runner {
+    /// A batch still running is stopped (the degrader dropped while a model hangs): its
+    /// thread ends with it rather than run on.
+    fn drop(&mut self) {
+        if self.buffer.is_none() {
+            if let Some(stop) = &self.stop {
+                stop();
+            }
+        }
+    }
+}
+
 /// What one tick got from the predictor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Batch {
@@ -156,9 +168,8 @@ impl Runner {
                             self.last = None;
                             let e = if self.stopped {
                                 format!(
-                                    "its batch still ran {} ticks after it was sent, and was \
-                                     stopped: {e}",
-                                    self.sent_ago
+                                    "its batch ran past {STALE_TICKS} ticks (its answer too old \
+                                     to use) and was stopped: {e}"
                                 )
                             } else {
                                 e
@@ -170,7 +181,9 @@ impl Runner {
                 Err(mpsc::TryRecvError::Empty) => {
                     // Its answer would be too old to use: stop it, so that a new batch can
                     // run (a model that hangs on some input keeps its thread otherwise).
-                    if self.sent_ago > STALE_TICKS && !self.stopped {
+                    // Asked again each tick: a stop that came before the run began is cleared
+                    // by it.
+                    if self.sent_ago > STALE_TICKS {
                         if let Some(stop) = &self.stop {
                             self.stopped = true;
                             stop();

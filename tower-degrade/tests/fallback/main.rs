@@ -941,6 +941,45 @@ async fn a_replay_asked_to_wait_by_retry_after_is_not_retried_sooner() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_wait_asked_for_past_the_deadline_sends_the_task_to_review_at_once() {
+    // `Retry-After: 3600` and a deadline of a minute: the task waited the hour and was
+    // replayed 59 minutes past its deadline.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let provider = BoxCloneSyncService::new(service_fn(move |_: Req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let res = Response::builder()
+                .status(429)
+                .header("retry-after", "3600");
+            Ok::<_, Infallible>(res.body(Full::new(Bytes::new())).unwrap())
+        }
+    }));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .retry(RetryPolicy::default().deadline(Some(Duration::from_secs(60))))
+        .replay(HttpReplay::new(
+            provider,
+            Capture::new().idempotency().clone(),
+        ))
+        .build()
+        .unwrap();
+    let review = router.review();
+    let pay = layered(&d, "pay", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("pay").unwrap();
+    call(&pay, post("/pay/1", "x")).await;
+    d.reset("pay").unwrap();
+    run_for(5_000).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let page = review.list(None, 10).await.unwrap();
+    assert_eq!(page.tasks.len(), 1, "in review at once");
+    let answer = page.tasks[0].last_answer().unwrap();
+    assert!(answer.contains("asked to wait 3600"), "{answer}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_its_limit() {
     // A limit of 2, both held by live calls to a stuck database: the delayed retries of the
     // same class wait for permits instead of piling 5 more calls onto it.

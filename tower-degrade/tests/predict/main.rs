@@ -812,6 +812,8 @@ struct Stoppable {
     returned: std::sync::mpsc::Sender<&'static str>,
     hang_warm_up: bool,
     batches: usize,
+    /// Set by the stop handle itself, when the runner asks for the stop.
+    asked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stoppable {
@@ -824,6 +826,7 @@ impl Stoppable {
             returned,
             hang_warm_up,
             batches: 0,
+            asked: Default::default(),
         };
         (p, heard)
     }
@@ -854,7 +857,9 @@ impl Predictor for Stoppable {
 
     fn stop_handle(&mut self) -> Option<tower_degrade::predict::StopHandle> {
         let tx = std::sync::Mutex::new(self.stop_tx.take()?);
+        let asked = self.asked.clone();
         Some(Box::new(move || {
+            asked.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = tx.lock().unwrap().send(());
         }))
     }
@@ -888,15 +893,15 @@ fn a_batch_still_running_once_too_old_to_use_is_stopped_and_the_next_one_runs() 
     let rt = real_time_runtime();
     let _g = rt.enter();
     let (p, heard) = Stoppable::new(false);
+    let asked = p.asked.clone();
     let d = with_predictor(p);
     for _ in 0..=4 {
         d.tick_now(); // the batch runs past the budget; its input 4 ticks old at most
     }
-    assert!(
-        heard.try_recv().is_err(),
-        "not stopped while it may still be used"
-    );
+    let asked_now = || asked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(!asked_now(), "not stopped while it may still be used");
     d.tick_now(); // 5 ticks old: stopped
+    assert!(asked_now());
     assert_eq!(heard.recv_timeout(Duration::from_secs(10)), Ok("batch"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut failed = None;
