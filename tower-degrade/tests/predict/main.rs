@@ -917,6 +917,19 @@ fn a_batch_still_running_once_too_old_to_use_is_stopped_and_the_next_one_runs() 
 }
 
 #[test]
+fn a_degrader_dropped_with_a_batch_running_stops_it() {
+    let rt = real_time_runtime();
+    let _g = rt.enter();
+    let (p, heard) = Stoppable::new(false);
+    let asked = p.asked.clone();
+    let d = with_predictor(p);
+    d.tick_now(); // its batch runs past the budget
+    drop(d);
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(heard.recv_timeout(Duration::from_secs(10)), Ok("batch"));
+}
+
+#[test]
 fn a_batch_that_fails_after_overrunning_is_counted_as_failed() {
     // Its error was dropped when it landed late: no failure counted or logged.
     let rt = real_time_runtime();
