@@ -481,6 +481,7 @@ impl Core {
     }
 
     /// Whether the latest load was refused (the files differ from the set in force).
+    #[cfg(feature = "admin")]
     pub(crate) fn load_failing(&self) -> bool {
         self.load_failing.load(std::sync::atomic::Ordering::Relaxed)
     }
