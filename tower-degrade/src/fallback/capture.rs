@@ -41,6 +41,7 @@ pub struct Capture {
     headers: Vec<HeaderName>,
     all_headers: bool,
     body_limit: usize,
+    body_timeout: std::time::Duration,
     idempotency: HeaderName,
 }
 
@@ -86,6 +87,7 @@ impl Capture {
             ],
             all_headers: false,
             body_limit: 64 * 1024,
+            body_timeout: std::time::Duration::from_secs(30),
             idempotency: HeaderName::from_static("idempotency-key"),
         }
     }
@@ -111,9 +113,33 @@ impl Capture {
         self
     }
 
+    /// The longest a diverted call's body may take to arrive (default 30 s; more than zero,
+    /// at most a day: `build` refuses others). Past it, the call is answered `not_kept` (503,
+    /// gRPC `UNAVAILABLE`, with a retry hint) and nothing is kept: a client that never ends
+    /// its request stream (a gRPC upload with no deadline) held its buffered body, up to
+    /// [`body_limit`](Self::body_limit), for as long as it stayed connected.
+    pub fn body_timeout(mut self, d: std::time::Duration) -> Self {
+        self.body_timeout = d;
+        self
+    }
+
     /// The largest body kept, in bytes.
     pub(crate) fn limit(&self) -> usize {
         self.body_limit
+    }
+
+    /// Check the settings, as the router's `build` does.
+    pub(crate) fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        if self.body_timeout.is_zero() || self.body_timeout > crate::error::MAX_DURATION {
+            return Err(crate::error::ConfigError::InvalidValue {
+                field: "capture.body_timeout",
+                reason: format!(
+                    "must be more than zero and at most a day, not {:?}",
+                    self.body_timeout
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The header a client's idempotency key is read from (default `idempotency-key`). A kept
@@ -215,12 +241,19 @@ impl Capture {
         {
             return Err(CaptureError::TooLarge);
         }
-        let body = match Limited::new(body, self.body_limit).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let collect = Limited::new(body, self.body_limit).collect();
+        let body = match tokio::time::timeout(self.body_timeout, collect).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(CaptureError::TooLarge);
             }
-            Err(e) => return Err(CaptureError::Body(e.to_string())),
+            Ok(Err(e)) => return Err(CaptureError::Body(e.to_string())),
+            Err(_) => {
+                return Err(CaptureError::Body(format!(
+                    "the body did not arrive within {:?} (Capture::body_timeout)",
+                    self.body_timeout
+                )));
+            }
         };
         // A gRPC call whose framing is broken fails every replay (the server cannot decode
         // it): refused now, while the client can still be told, rather than kept.
@@ -262,8 +295,15 @@ fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::er
 /// `Application/GRPC` is a gRPC call, which tonic serves.
 pub(crate) fn grpc_rest(headers: &http::HeaderMap) -> Option<&[u8]> {
     const GRPC: &[u8] = b"application/grpc";
-    let v = headers.get(header::CONTENT_TYPE)?.as_bytes();
-    let (head, rest) = v.split_at_checked(GRPC.len())?;
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        // No content type, and `te: trailers`, which only gRPC's requests send: tonic
+        // serves such a call as gRPC, so it is one here too (it was answered HTTP 202).
+        let trailers = headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        return trailers.then_some(&[]);
+    };
+    let (head, rest) = v.as_bytes().split_at_checked(GRPC.len())?;
     head.eq_ignore_ascii_case(GRPC).then_some(rest)
 }
 
@@ -366,6 +406,73 @@ mod tests {
 
     fn parts(req: http::Request<()>) -> http::request::Parts {
         req.into_parts().0
+    }
+
+    /// A body that sends `first`, then nothing, and never ends.
+    struct Endless(Option<Bytes>);
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(b) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_ends_is_given_up_on_at_the_body_timeout() {
+        // A gRPC upload with no deadline that never half-closed held its buffered body for as
+        // long as its client stayed connected.
+        let p = parts(
+            http::Request::post("/up.v1.Up/Upload")
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap(),
+        );
+        let start = tokio::time::Instant::now();
+        let cap = Capture::new().body_timeout(std::time::Duration::from_secs(5));
+        match cap
+            .capture(&p, Endless(Some(Bytes::from_static(b"\0\0"))))
+            .await
+        {
+            Err(CaptureError::Body(e)) => assert!(e.contains("Capture::body_timeout"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(5));
+        assert!(
+            Capture::new()
+                .body_timeout(std::time::Duration::ZERO)
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_with_no_content_type_and_te_trailers_is_grpc() {
+        // tonic serves it as gRPC; diverted, it was answered HTTP 202 and its body unchecked.
+        let p = parts(
+            http::Request::post("/h.v1.H/Pay")
+                .header("te", "trailers")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(grpc_rest(&p.headers), Some(&b""[..]));
+        match Capture::new()
+            .capture(&p, Full::new(Bytes::from_static(b"garbage")))
+            .await
+        {
+            Err(CaptureError::Malformed(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        let plain = parts(http::Request::post("/pay").body(()).unwrap());
+        assert_eq!(grpc_rest(&plain.headers), None);
     }
 
     #[tokio::test]

@@ -284,6 +284,7 @@ impl<T> FallbackRouterBuilder<T> {
             });
         }
         self.retry.validate()?;
+        self.capture.validate()?;
         self.worker.backfill.validate()?;
         crate::metrics::describe_fallback();
         let shared = Arc::new(RouterShared {

@@ -1639,10 +1639,23 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
         assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
         assert!(!res.headers().contains_key(TASK_ID_HEADER));
     }
+    // No content type but gRPC's `te: trailers`, which tonic serves as gRPC: answered as
+    // gRPC too (it got HTTP 202), its framing checked.
+    let bare = |body: &'static [u8]| {
+        Request::post("/shop.Events/Record")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    };
+    let res = call(&svc, bare(b"garbage")).await;
+    assert_eq!(res.headers()["grpc-status"], "3");
+    let res = call(&svc, bare(&[0, 0, 0, 0, 1, 8])).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "6");
     assert_eq!(
         store.depth(Queue::Spool).len,
-        1,
-        "only the well-formed call"
+        2,
+        "only the well-formed calls"
     );
 }
 
