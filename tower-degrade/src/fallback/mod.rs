@@ -42,7 +42,7 @@ use std::sync::Arc;
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub use self::{
     batch::{Batch, BatchMerge},
-    cached::{LastGood, LastGoodFuture, LastGoodLayer},
+    cached::{LastGood, LastGoodFuture, LastGoodLayer, MAX_CACHE_KEY_BYTES},
     capture::{Capture, MAX_KEPT_HEADER_BYTES, MAX_KEY_BYTES, REPLAY_HEADER},
     record::{DecodeError, HttpRequest, InvalidTaskId, Payload, Queue, Task, TaskId},
     replay::{

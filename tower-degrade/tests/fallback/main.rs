@@ -2629,6 +2629,22 @@ async fn a_copy_is_served_only_to_a_request_it_answers() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let res = svc.clone().oneshot(get("/whole", &[])).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    // A key over 4 KiB is neither kept nor served: a client's 30 KB query strings made the
+    // 10,000 entries take 340 MB.
+    d.reset("product").unwrap();
+    let long = format!(
+        "/long?pad={}",
+        "x".repeat(tower_degrade::fallback::MAX_CACHE_KEY_BYTES)
+    );
+    let just = format!("/long?pad={}", "x".repeat(3_000));
+    for uri in [&long, &just] {
+        svc.clone().oneshot(get(uri, &[])).await.unwrap();
+    }
+    d.force_open("product").unwrap();
+    let res = svc.clone().oneshot(get(&long, &[])).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "not kept");
+    let res = svc.clone().oneshot(get(&just, &[])).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "under the bound: kept");
 }
 
 #[tokio::test(start_paused = true)]
