@@ -36,6 +36,21 @@ from features import N_FEATURES, WINDOW
 FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
 
 
+def _model(graph, props: dict | None):
+    """`graph` as an opset-17 model with the metadata `props`, if any."""
+    from onnx import helper
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
+    if props is not None:
+        helper.set_model_props(model, props)
+    return model
+
+
+def _stamped(feature_list=features.FEATURES) -> dict:
+    """The metadata naming the features (`feature_list`, by default the predictor's)."""
+    return {features.METADATA_KEY: features.metadata_value(feature_list)}
+
+
 def tiny(window: int = WINDOW, feature_list=None, dtype: str = "FLOAT", batch="batch"):
     """p_anomaly [batch, 1] = sigmoid(mean over ticks and features of window [batch, window, 8]),
     with `feature_list` (if any) in its metadata; its tensors of `dtype` (an onnx.TensorProto
@@ -53,11 +68,7 @@ def tiny(window: int = WINDOW, feature_list=None, dtype: str = "FLOAT", batch="b
         [helper.make_tensor_value_info("p_anomaly", ty, [batch, 1])],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
-    if feature_list is not None:
-        helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value(feature_list)})
-    return model
+    return _model(graph, None if feature_list is None else _stamped(feature_list))
 
 
 def with_baseline(declared: bool = True):
@@ -79,13 +90,10 @@ def with_baseline(declared: bool = True):
         [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 1])],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
-    props = {features.METADATA_KEY: features.metadata_value()}
+    props = _stamped()
     if declared:
         props[baseline.METADATA_KEY] = baseline.METADATA_VALUE
-    helper.set_model_props(model, props)
-    return model
+    return _model(graph, props)
 
 
 def out_of_range(base: float = 5.0, scale: float = 0.0, name: str = "out_of_range"):
@@ -106,10 +114,7 @@ def out_of_range(base: float = 5.0, scale: float = 0.0, name: str = "out_of_rang
                      helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
                      helper.make_tensor("base", TensorProto.FLOAT, [], [base])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
-    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
-    return model
+    return _model(graph, _stamped())
 
 
 def nan_above(limit: float = 10.0):
@@ -136,10 +141,7 @@ def nan_above(limit: float = 10.0):
                      helper.make_tensor("limit", TensorProto.FLOAT, [], [limit]),
                      helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
-    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
-    return model
+    return _model(graph, _stamped())
 
 
 def endless():
@@ -175,10 +177,7 @@ def endless():
                      helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
                      helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="tower-degrade-ai make_fixtures.py", ir_version=8)
-    helper.set_model_props(model, {features.METADATA_KEY: features.metadata_value()})
-    return model
+    return _model(graph, _stamped())
 
 
 BUNDLED = os.path.join(os.path.dirname(FIXTURES), "..", "models", "p_anomaly.onnx")

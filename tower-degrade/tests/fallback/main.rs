@@ -870,35 +870,39 @@ async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
     assert_eq!(review.depth().len, 1, "out of attempts: in review");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_replay_asked_to_wait_by_retry_after_is_not_retried_sooner() {
-    // A provider rate-limiting the replays: 429 with `Retry-After: 10`, then 200. The backoff
-    // alone (400 ms doubling) came back within half a second, into the same 429.
-    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
-    let t0 = tokio::time::Instant::now();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    let provider = BoxCloneSyncService::new(service_fn(move |_: Req| {
-        let s = s.clone();
-        async move {
-            let mut seen = s.lock().unwrap();
-            seen.push(t0.elapsed());
-            let res = match seen.len() {
-                1 => Response::builder().status(429).header("retry-after", "10"),
-                _ => Response::builder().status(200),
-            };
-            Ok::<_, Infallible>(res.body(Full::new(Bytes::new())).unwrap())
+/// A provider the replays go to: the n-th replay (from 1) is answered `answer(n)`, a status
+/// and a `Retry-After`; when each began, from `t0`, is pushed onto `seen`.
+fn provider(
+    t0: tokio::time::Instant,
+    seen: &Arc<Mutex<Vec<Duration>>>,
+    answer: fn(usize) -> (u16, Option<&'static str>),
+) -> Svc {
+    let seen = seen.clone();
+    BoxCloneSyncService::new(service_fn(move |_: Req| {
+        let mut seen = seen.lock().unwrap();
+        seen.push(t0.elapsed());
+        let (status, after) = answer(seen.len());
+        let mut res = Response::builder().status(status);
+        if let Some(after) = after {
+            res = res.header("retry-after", after);
         }
-    }));
+        std::future::ready(Ok::<_, Infallible>(
+            res.body(Full::new(Bytes::new())).unwrap(),
+        ))
+    }))
+}
+
+/// `pay`, a delayed retry, replayed into `provider` under `retry` by a running worker, one
+/// call kept; the store and the manual review.
+async fn kept_for(
+    d: &Degrader,
+    provider: Svc,
+    retry: RetryPolicy,
+) -> (Arc<MemoryStore>, tower_degrade::fallback::ManualReview) {
     let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
+    let (router, worker) = FallbackRouter::builder(d)
         .shared_store(store.clone())
-        .retry(
-            RetryPolicy::default()
-                .initial(Duration::from_millis(400))
-                .max_interval(Duration::from_secs(4))
-                .max_attempts(4),
-        )
+        .retry(retry)
         .replay(HttpReplay::new(
             provider,
             Capture::new().idempotency().clone(),
@@ -906,11 +910,29 @@ async fn a_replay_asked_to_wait_by_retry_after_is_not_retried_sooner() {
         .build()
         .unwrap();
     let review = router.review();
-    let pay = layered(&d, "pay", router, &App::default());
+    let pay = layered(d, "pay", router, &App::default());
     tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
     call(&pay, post("/pay/1", "x")).await;
     d.reset("pay").unwrap();
+    (store, review)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_asked_to_wait_by_retry_after_is_not_retried_sooner() {
+    // A provider rate-limiting the replays: 429 with `Retry-After: 10`, then 200. The backoff
+    // alone (400 ms doubling) came back within half a second, into the same 429.
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let limited = provider(tokio::time::Instant::now(), &seen, |n| match n {
+        1 => (429, Some("10")),
+        _ => (200, None),
+    });
+    let retry = RetryPolicy::default()
+        .initial(Duration::from_millis(400))
+        .max_interval(Duration::from_secs(4))
+        .max_attempts(4);
+    let (store, review) = kept_for(&d, limited, retry).await;
     run_for(5_000).await;
     assert_eq!(
         seen.lock().unwrap().len(),
@@ -945,34 +967,12 @@ async fn a_wait_asked_for_past_the_deadline_sends_the_task_to_review_at_once() {
     // `Retry-After: 3600` and a deadline of a minute: the task waited the hour and was
     // replayed 59 minutes past its deadline.
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let provider = BoxCloneSyncService::new(service_fn(move |_: Req| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let res = Response::builder()
-                .status(429)
-                .header("retry-after", "3600");
-            Ok::<_, Infallible>(res.body(Full::new(Bytes::new())).unwrap())
-        }
-    }));
-    let (router, worker) = FallbackRouter::builder(&d)
-        .store(MemoryStore::default())
-        .retry(RetryPolicy::default().deadline(Some(Duration::from_secs(60))))
-        .replay(HttpReplay::new(
-            provider,
-            Capture::new().idempotency().clone(),
-        ))
-        .build()
-        .unwrap();
-    let review = router.review();
-    let pay = layered(&d, "pay", router, &App::default());
-    tokio::spawn(worker.run());
-    d.force_open("pay").unwrap();
-    call(&pay, post("/pay/1", "x")).await;
-    d.reset("pay").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let limited = provider(tokio::time::Instant::now(), &seen, |_| (429, Some("3600")));
+    let retry = RetryPolicy::default().deadline(Some(Duration::from_secs(60)));
+    let (_, review) = kept_for(&d, limited, retry).await;
     run_for(5_000).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.lock().unwrap().len(), 1);
     let page = review.list(None, 10).await.unwrap();
     assert_eq!(page.tasks.len(), 1, "in review at once");
     let answer = page.tasks[0].last_answer().unwrap();
