@@ -75,6 +75,7 @@ impl Runner {
         let n = classes.len();
         let stop = predictor.stop_handle();
         let names: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
+        let thread_names = names.clone();
         let (requests, inbox) = mpsc::sync_channel::<Vec<f32>>(1);
         let (outbox, results) = mpsc::sync_channel(1);
         let (warmed, warm_up) = mpsc::sync_channel::<Result<(), String>>(1);
@@ -83,7 +84,7 @@ impl Runner {
             .spawn(move || {
                 // The warm-up runs here, so that building the degrader can stop waiting for a
                 // model that never answers (the thread then ends when it does).
-                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let names: Vec<&str> = thread_names.iter().map(String::as_str).collect();
                 let ok = predictor.warm_up(&names).map_err(|e| e.to_string());
                 let failed = ok.is_err();
                 if warmed.send(ok).is_err() || failed {
@@ -128,7 +129,7 @@ impl Runner {
             stop,
             stopped: false,
             config,
-            classes: classes.iter().map(|c| (*c).to_owned()).collect(),
+            classes: names,
         })
     }
 
