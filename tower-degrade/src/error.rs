@@ -19,6 +19,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// instead and put a clone of this value in the response extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Degraded {
+    service: Arc<str>,
     class: Arc<str>,
     reason: Reason,
     route: Route,
@@ -27,17 +28,26 @@ pub struct Degraded {
 
 impl Degraded {
     pub(crate) fn new(
+        service: Arc<str>,
         class: Arc<str>,
         reason: Reason,
         route: Route,
         retry_after: Option<Duration>,
     ) -> Self {
         Self {
+            service,
             class,
             reason,
             route,
             retry_after,
         }
+    }
+
+    /// The service of the degrader whose layer did not serve the call (its
+    /// [`Degrader::builder`](crate::Degrader::builder) name): tells apart the answers of two
+    /// degraders in one process.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// The class of the call.
@@ -306,13 +316,25 @@ mod tests {
     #[test]
     fn a_route_that_could_not_keep_the_call_is_not_said_to_have_no_handler() {
         let retry = Some(std::time::Duration::from_secs(1));
-        let not_kept = Degraded::new(Arc::from("log"), Reason::NotKept, Route::Spool, retry);
+        let not_kept = Degraded::new(
+            Arc::from("shop"),
+            Arc::from("log"),
+            Reason::NotKept,
+            Route::Spool,
+            retry,
+        );
         assert_eq!(
             not_kept.to_string(),
             "class `log`: not served: diverted, and the request could not be stored for later \
              (fallback route `spool`); retry after 1.0 s"
         );
-        let unserved = Degraded::new(Arc::from("log"), Reason::BreakerOpen, Route::Spool, None);
+        let unserved = Degraded::new(
+            Arc::from("shop"),
+            Arc::from("log"),
+            Reason::BreakerOpen,
+            Route::Spool,
+            None,
+        );
         assert!(
             unserved
                 .to_string()

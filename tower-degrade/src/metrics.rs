@@ -28,14 +28,14 @@
 //! | `degrade_admission_limit` | gauge (with [admission](crate::admit)) | service, limiter |
 //! | `degrade_admission_inflight` | gauge (with admission) | service, limiter |
 //! | `degrade_admission_waiting` | gauge (with admission) | service, limiter |
-//! | `degrade_priority_header_invalid_total` | counter | header |
+//! | `degrade_priority_header_invalid_total` | counter | service |
 //! | `degrade_fallback_kept_total` | counter (`fallback`) | service, class, route, result |
 //! | `degrade_fallback_depth` | gauge (`fallback`) | service, queue |
 //! | `degrade_fallback_oldest_age_seconds` | gauge (`fallback`) | service, queue |
 //! | `degrade_fallback_replays_total` | counter (`fallback`) | service, queue, result |
 //! | `degrade_fallback_backfill_rate` | gauge, replays/s (`fallback`) | service |
 //! | `degrade_fallback_batch_writes_total` | counter (`fallback`) | service, class, result |
-//! | `degrade_fallback_cached_total` | counter (`fallback`) | class, result |
+//! | `degrade_fallback_cached_total` | counter (`fallback`) | service, class, result |
 //!
 //! Every name is defined once, here, with its description (the Prometheus `HELP` text,
 //! registered on the first tick). Label values come from configuration only (class names,
@@ -312,10 +312,10 @@ pub(crate) fn describe_fallback() {
     );
 }
 
-/// Count a propagated priority header that was not a tier (cold: only waiting calls).
+/// Count a propagated priority that was not a tier (cold: only waiting calls).
 #[cold]
-pub(crate) fn priority_header_invalid(header: &str) {
-    counter!(PRIORITY_INVALID, "header" => header.to_owned()).increment(1);
+pub(crate) fn priority_header_invalid(service: &str) {
+    counter!(PRIORITY_INVALID, "service" => service.to_owned()).increment(1);
 }
 
 /// The gauges of one admission limiter.

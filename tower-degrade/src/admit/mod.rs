@@ -169,6 +169,7 @@ impl Admission {
 pub struct AdmissionKey {
     tier: Option<Tier>,
     user: Option<u16>,
+    invalid_tier: bool,
 }
 
 /// Calls without a user key are in the middle bucket: behind half the users, ahead of the rest.
@@ -180,6 +181,7 @@ impl AdmissionKey {
         Self {
             tier: None,
             user: None,
+            invalid_tier: false,
         }
     }
 
@@ -187,6 +189,14 @@ impl AdmissionKey {
     /// can raise the call's tier in the queue, never lower it.
     pub fn with_tier(mut self, tier: Option<Tier>) -> Self {
         self.tier = tier;
+        self
+    }
+
+    /// The call carried a priority that is not a tier: it is ignored (the call waits in its
+    /// class's tier) and counted in `degrade_priority_header_invalid_total`, labelled with the
+    /// layer's service.
+    pub fn with_invalid_tier(mut self) -> Self {
+        self.invalid_tier = true;
         self
     }
 
@@ -203,6 +213,10 @@ impl AdmissionKey {
             Some(t) if t < class => t,
             _ => class,
         }
+    }
+
+    pub(crate) fn invalid_tier(&self) -> bool {
+        self.invalid_tier
     }
 
     pub(crate) fn user(&self) -> u16 {

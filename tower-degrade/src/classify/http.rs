@@ -405,7 +405,7 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
                 match crate::admit::parse_tier(v.as_bytes()) {
                     // Capped: a tier above `cap` counts as `cap`.
                     Some(t) => key = key.with_tier(Some(t.max(*cap))),
-                    None => crate::metrics::priority_header_invalid(name.as_str()),
+                    None => key = key.with_invalid_tier(),
                 }
             }
         }

@@ -285,6 +285,7 @@ impl DegraderBuilder {
         let shards = (0..shard_n)
             .map(|_| {
                 Arc::new(Shard::new(
+                    service.clone(),
                     names.clone(),
                     abandon.clone(),
                     timer.clone(),

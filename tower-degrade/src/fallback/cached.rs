@@ -340,7 +340,8 @@ impl LastGoodLayer {
             }
             let counted = |result: &'static str| {
                 metrics::counter!(crate::metrics::FALLBACK_CACHED,
-                    "class" => d.class().to_owned(), "result" => result)
+                    "service" => d.service().to_owned(), "class" => d.class().to_owned(),
+                    "result" => result)
                 .increment(1);
             };
             let reason = d.reason();

@@ -84,6 +84,7 @@ use crate::gate::Reason;
 pub struct Diverted<Req> {
     request: Req,
     class: ClassId,
+    service: Arc<str>,
     name: Arc<str>,
     route: Route,
     reason: Reason,
@@ -93,6 +94,7 @@ impl<Req> Diverted<Req> {
     pub(crate) fn new(
         request: Req,
         class: ClassId,
+        service: Arc<str>,
         name: Arc<str>,
         route: Route,
         reason: Reason,
@@ -100,6 +102,7 @@ impl<Req> Diverted<Req> {
         Self {
             request,
             class,
+            service,
             name,
             route,
             reason,
@@ -125,6 +128,11 @@ impl<Req> Diverted<Req> {
     /// The id of the call's class.
     pub fn class(&self) -> ClassId {
         self.class
+    }
+
+    /// The service of the degrader whose layer diverted the call.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// The name of the call's class.

@@ -412,14 +412,14 @@ where
     RB: Default,
 {
     let (route, reason, class) = (call.route(), call.reason(), call.class_name().to_owned());
-    let name: Arc<str> = Arc::from(class.as_str());
+    let (service, name) = (call.service.clone(), call.name.clone());
     let (parts, body) = call.into_request().into_parts();
     let grpc = is_grpc(&parts.headers);
     let answer = |why: Reason| {
         // A body too large to keep will not be kept later either: no `Retry-After`.
         let retry = !matches!(why, Reason::TooLarge | Reason::Malformed);
         let retry = retry.then_some(shared.retry_after);
-        let d = Degraded::new(name.clone(), why, route, retry);
+        let d = Degraded::new(service.clone(), name.clone(), why, route, retry);
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
     let refuse = |why: Reason| {
@@ -560,6 +560,7 @@ impl<T> FallbackRouter<T> {
             return Err(call);
         }
         let (class, reason) = (call.class_name().to_owned(), call.reason());
+        let (service, name) = (call.service.clone(), call.name.clone());
         // serde_json writes NaN and the infinities as `null`: kept so, the task would fail
         // every replay and its value be gone.
         // Nor is a value kept that would not read back (nested deeper than JSON readers go), or
@@ -587,7 +588,8 @@ impl<T> FallbackRouter<T> {
         Ok(async move {
             let not_kept = |why: Reason| -> BoxError {
                 Box::new(Degraded::new(
-                    Arc::from(class.as_str()),
+                    service.clone(),
+                    name.clone(),
                     why,
                     route,
                     Some(shared.retry_after),

@@ -29,7 +29,14 @@ where
     let shard = &shared.shards[shard_index(shared.shard_mask)];
     let name = shared.names[idx].clone();
     if route != Route::Reject {
-        let call = Diverted::new(req, ClassId(idx as u16), name.clone(), route, reason);
+        let call = Diverted::new(
+            req,
+            ClassId(idx as u16),
+            shared.service.clone(),
+            name.clone(),
+            route,
+            reason,
+        );
         match fallback.call(call) {
             Ok(fut) => {
                 shard.record(idx, Outcome::Degraded, Duration::ZERO);
@@ -39,7 +46,13 @@ where
                 drop(call);
                 if route == Route::Cached {
                     shard.record(idx, Outcome::Degraded, Duration::ZERO);
-                    return Err(Degraded::new(name, reason, route, retry_after));
+                    return Err(Degraded::new(
+                        shared.service.clone(),
+                        name,
+                        reason,
+                        route,
+                        retry_after,
+                    ));
                 }
                 unserved(shared, idx, route);
             }
@@ -52,7 +65,13 @@ where
         service = %shared.service, class = %name, reason = %reason, route = %route,
         "call not admitted"
     );
-    Err(Degraded::new(name, reason, route, retry_after))
+    Err(Degraded::new(
+        shared.service.clone(),
+        name,
+        reason,
+        route,
+        retry_after,
+    ))
 }
 
 /// Say once per class that its route has nobody to serve it on this layer (a class configured

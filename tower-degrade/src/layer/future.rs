@@ -218,9 +218,9 @@ where
                 if let Some(timer) = sleep.as_pin_mut() {
                     ready!(timer.poll(cx));
                     let rec = this.recording.take().expect("polled after completion");
-                    let name = rec.class_name();
+                    let (service, name) = rec.names();
                     rec.finish(Outcome::Timeout);
-                    let d = Degraded::new(name, Reason::Timeout, Route::Reject, None);
+                    let d = Degraded::new(service, name, Reason::Timeout, Route::Reject, None);
                     return Poll::Ready(this.protocol.on_degraded(d));
                 }
                 Poll::Pending

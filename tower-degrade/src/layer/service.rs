@@ -222,6 +222,9 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
     {
         let gate = &self.shared.gates[idx];
         let key = self.classifier.admission_key(&req);
+        if key.invalid_tier() {
+            crate::metrics::priority_header_invalid(&self.shared.service);
+        }
         let tier = key.tier(gate.tier);
         let priority = Priority {
             tier,

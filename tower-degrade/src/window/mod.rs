@@ -105,6 +105,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 Arc::new(Shard::new(
+                    Arc::from("svc"),
                     names.clone(),
                     vec![u64::MAX; names.len()].into(),
                     timer.clone(),

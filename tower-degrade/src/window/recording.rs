@@ -207,9 +207,12 @@ impl Recording {
         self.shard.release_permit(usize::from(self.class), micros);
     }
 
-    /// The class name (for errors on cold paths).
-    pub(crate) fn class_name(&self) -> Arc<str> {
-        self.shard.name(usize::from(self.class))
+    /// The service and class names (for errors on cold paths).
+    pub(crate) fn names(&self) -> (Arc<str>, Arc<str>) {
+        (
+            self.shard.service(),
+            self.shard.name(usize::from(self.class)),
+        )
     }
 }
 

@@ -48,6 +48,7 @@ impl ClassCounters {
 /// only: threads on different shards never touch a shared reference count.
 pub(crate) struct Shard {
     pub(super) classes: Box<[ClassCounters]>,
+    service: std::sync::Arc<str>,
     names: std::sync::Arc<[std::sync::Arc<str>]>,
     /// Per class, how long (µs) a call may run before its caller abandoning it counts as a
     /// timeout (`u64::MAX`: never).
@@ -79,7 +80,12 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "built in one place, from the degrader's per-class arrays"
+    )]
     pub(crate) fn new(
+        service: std::sync::Arc<str>,
         names: std::sync::Arc<[std::sync::Arc<str>]>,
         abandon_micros: std::sync::Arc<[u64]>,
         timer: crate::clock::Timer,
@@ -91,6 +97,7 @@ impl Shard {
         Self {
             slot_of,
             classes: (0..names.len()).map(|_| ClassCounters::new()).collect(),
+            service,
             names,
             abandon_micros,
             timer,
@@ -155,6 +162,11 @@ impl Shard {
         } else {
             Outcome::Cancelled
         }
+    }
+
+    /// The degrader's service name (cold paths only: it clones an `Arc`).
+    pub(crate) fn service(&self) -> std::sync::Arc<str> {
+        self.service.clone()
     }
 
     /// The name of `class` (cold paths only: it clones an `Arc`).

@@ -571,8 +571,22 @@ fn an_upstream_priority_is_capped_and_garbage_is_counted() {
         .into_vec()
         .into_iter()
         .find(|(k, ..)| k.key().name() == "degrade_priority_header_invalid_total")
-        .map(|(.., v)| v);
-    assert_eq!(invalid, Some(DebugValue::Counter(1)));
+        .map(|(k, .., v)| {
+            let labels: Vec<_> = k
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (labels, v)
+        });
+    assert_eq!(
+        invalid,
+        Some((
+            vec![("service".to_owned(), "test".to_owned())],
+            DebugValue::Counter(1)
+        )),
+        "counted once, labelled with the layer's service"
+    );
 }
 
 #[tokio::test]

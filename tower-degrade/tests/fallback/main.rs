@@ -2303,22 +2303,33 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
         .iter()
         .fold((0, 0), |(d, r), w| (d + w.degraded, r + w.rejected));
     assert_eq!((degraded, rejected), (3, 0));
-    let mut cached: Vec<(String, u64)> = snapshotter
+    let mut cached: Vec<(String, String, String, u64)> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
         .filter(|(k, ..)| k.key().name() == tower_degrade::metrics::FALLBACK_CACHED)
         .map(|(k, _, _, v)| {
-            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+            let label = |name| {
+                let l = k.key().labels().find(|l| l.key() == name).unwrap();
+                l.value().to_owned()
+            };
             let n = match v {
                 metrics_util::debugging::DebugValue::Counter(n) => n,
                 other => panic!("{other:?}"),
             };
-            (result.value().to_owned(), n)
+            (label("service"), label("class"), label("result"), n)
         })
         .collect();
     cached.sort();
-    assert_eq!(cached, [("miss".into(), 2), ("served".into(), 1)]);
+    let count = |result: &str, n| {
+        (
+            "test".to_owned(),
+            "product".to_owned(),
+            result.to_owned(),
+            n,
+        )
+    };
+    assert_eq!(cached, [count("miss", 2), count("served", 1)]);
 }
 
 // ===== the admin router =====

@@ -71,7 +71,7 @@ async fn failures_open_the_breaker_and_calls_get_a_degraded_error() {
     let err = svc.ready().await.unwrap().call(Ok(1)).await.unwrap_err();
     assert!(is_degraded(&*err));
     let deg = degraded(&*err).unwrap();
-    assert_eq!(deg.class(), "pay");
+    assert_eq!((deg.service(), deg.class()), ("test", "pay"));
     assert_eq!(deg.reason(), Reason::BreakerOpen);
     assert_eq!(deg.retry_after(), Some(Duration::from_secs(5)));
     assert_eq!(
@@ -262,7 +262,9 @@ async fn class_timeout_fails_the_call_as_a_timeout() {
             Ok::<_, Infallible>(())
         }));
     let err = svc.oneshot(()).await.unwrap_err();
-    assert_eq!(degraded(&*err).unwrap().reason(), Reason::Timeout);
+    let deg = degraded(&*err).unwrap();
+    assert_eq!(deg.reason(), Reason::Timeout);
+    assert_eq!((deg.service(), deg.class()), ("test", "pay"));
     d.tick_now();
     let w = *d.history("pay").unwrap().latest().unwrap();
     assert_eq!(w.timeouts, 1);
