@@ -453,10 +453,9 @@ impl ChaosShared {
         self.plan.load()
     }
 
-    /// How many clears so far, and a future that is ready at the next.
-    pub(crate) fn clears(&self) -> (u64, tokio::sync::futures::OwnedNotified) {
-        let next = self.cleared.clone().notified_owned();
-        (self.cleared_count(), next)
+    /// A future that is ready at the next clear.
+    pub(crate) fn cleared(&self) -> tokio::sync::futures::OwnedNotified {
+        self.cleared.clone().notified_owned()
     }
 
     /// How many clears so far.

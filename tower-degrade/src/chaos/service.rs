@@ -91,6 +91,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        // Counted before the plan is read: a clear that lands between the two (the plan read
+        // still had its fault) releases this call's wait, though its notification has gone.
+        let clears = self.shared.cleared_count();
         let plan = self.shared.plan();
         if plan.is_empty() {
             return ChaosFuture::pass(self.inner.call(req), self.answer.clone());
@@ -125,10 +128,11 @@ where
                 fault: Some(FaultKind::Error),
             },
             Some(FaultKind::Error) => {
-                State::wait(&self.shared, delay, Then::Answer(FaultKind::Error))
+                State::wait(&self.shared, clears, delay, Then::Answer(FaultKind::Error))
             }
             Some(FaultKind::Hang) => State::wait(
                 &self.shared,
+                clears,
                 delay.saturating_add(fault.hang_for),
                 Then::Answer(FaultKind::Hang),
             ),
@@ -143,6 +147,7 @@ where
                 let ready = std::mem::replace(&mut self.inner, fresh);
                 State::wait(
                     &self.shared,
+                    clears,
                     delay,
                     Then::Call {
                         inner: ready,
@@ -175,7 +180,7 @@ pin_project! {
         Pass { #[pin] fut: S::Future },
         Wait {
             #[pin] sleep: tokio::time::Sleep,
-            // Ready when the faults are cleared; `clears` as the wait began.
+            // Ready when the faults are cleared; `clears` as the call's plan was read.
             #[pin] cleared: tokio::sync::futures::OwnedNotified,
             clears: u64,
             then: Option<Then<S, Req>>,
@@ -186,11 +191,12 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> State<S, Req> {
-    fn wait(shared: &ChaosShared, delay: Duration, then: Then<S, Req>) -> Self {
-        let (clears, cleared) = shared.clears();
+    /// Wait `delay`, or until the faults are cleared: `clears` is the count read before the
+    /// call's plan.
+    fn wait(shared: &ChaosShared, clears: u64, delay: Duration, then: Then<S, Req>) -> Self {
         State::Wait {
             sleep: tokio::time::sleep(delay),
-            cleared,
+            cleared: shared.cleared(),
             clears,
             then: Some(then),
         }

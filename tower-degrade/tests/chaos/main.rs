@@ -486,3 +486,37 @@ async fn replacing_a_hang_or_setting_it_to_nothing_ends_the_waits_too() {
     }
     assert!(chaos.faults().is_empty(), "the empty fault cleared it");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_clear_while_a_call_is_being_struck_ends_its_wait() {
+    // A clear between the call reading the faults and its wait starting was missed: the call
+    // hung for the whole `hang_for` after every fault was cleared. The classifier, which runs
+    // in between, clears them here.
+    let d = shop();
+    let chaos = Chaos::builder(&d).build();
+    chaos
+        .set(
+            Target::class("payment"),
+            Fault::new().hangs(1.0).hang_for(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let pay = d.class_id("payment").unwrap();
+    let clearing = chaos.clone();
+    let classify = move |_: &u64| {
+        clearing.clear_all();
+        pay
+    };
+    let mut svc = chaos
+        .layer(classify)
+        .layer(service_fn(|x: u64| async move { Ok::<_, BoxError>(x) }));
+    let start = Instant::now();
+    let err = svc.ready().await.unwrap().call(1).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "at once, not after 30 s");
+    let err = err.downcast::<ChaosError>().expect("a ChaosError");
+    assert_eq!(
+        err.fault(),
+        FaultKind::Hang,
+        "answered as its hang would have been"
+    );
+    assert!(chaos.faults().is_empty());
+}
