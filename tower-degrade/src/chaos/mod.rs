@@ -468,6 +468,17 @@ impl ChaosShared {
         self.cleared.notify_waiters();
     }
 
+    /// `class` if it is one of this degrader's, the default class if another degrader's
+    /// classifier handed it out (as the degrade layer counts it).
+    #[inline]
+    pub(crate) fn own(&self, class: ClassId, from: Option<&Registry>) -> ClassId {
+        if class.index() < self.registry.len() && from.is_none_or(|r| r.same_ids(&self.registry)) {
+            class
+        } else {
+            ClassId::DEFAULT
+        }
+    }
+
     pub(crate) fn class_name(&self, class: ClassId) -> &str {
         self.registry.class(class).name()
     }

@@ -98,7 +98,9 @@ where
         if plan.is_empty() {
             return ChaosFuture::pass(self.inner.call(req), self.answer.clone());
         }
-        let class = self.classify.classify(&req);
+        let class = self
+            .shared
+            .own(self.classify.classify(&req), self.classify.registry());
         let path = if plan.has_routes() {
             self.classify.describe(&req).path
         } else {

@@ -29,6 +29,9 @@ pub struct Registry {
     by_name: HashMap<String, ClassId>,
     /// The default class was configured (`DegraderBuilder::default_class`), not implied.
     default_configured: bool,
+    /// A hash of the class names in id order: two registries that agree on it hand out the
+    /// same ids for the same classes.
+    ids_key: u64,
 }
 
 /// The name of the default class.
@@ -80,11 +83,21 @@ impl Registry {
                 return Err(ConfigError::DuplicateClass(class.name.clone()));
             }
         }
+        let ids_key = ids_key(all.iter().map(|c| c.name.as_str()));
         Ok(Self {
             classes: all,
             by_name,
             default_configured,
+            ids_key,
         })
+    }
+
+    /// Whether a [`ClassId`] of `other` is the class of the same name here: the two name the
+    /// same classes in the same order (one degrader's registry and its clones, or two
+    /// degraders configured alike).
+    #[inline]
+    pub fn same_ids(&self, other: &Registry) -> bool {
+        self.ids_key == other.ids_key
     }
 
     /// Look a class up by name (no allocation).
@@ -131,6 +144,17 @@ impl Registry {
             .enumerate()
             .map(|(i, c)| (ClassId(i as u16), c))
     }
+}
+
+/// FNV-1a over the names, each ended by a byte no name has (names are ASCII).
+fn ids_key<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for name in names {
+        for b in name.bytes().chain(std::iter::once(0xff)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// Check the values that would make the class meaningless, naming the first bad field.

@@ -397,6 +397,10 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
         )
     }
 
+    fn registry(&self) -> Option<&Registry> {
+        Some(&self.rules.registry)
+    }
+
     fn admission_key(&self, req: &Request<B>) -> AdmissionKey {
         let r = &*self.rules;
         let mut key = AdmissionKey::none();

@@ -11,7 +11,7 @@ mod view;
 pub use self::http::{HttpClassifier, HttpClassifierBuilder};
 pub use self::view::RequestView;
 use crate::admit::AdmissionKey;
-use crate::class::ClassId;
+use crate::class::{ClassId, Registry};
 
 /// Decides the class of a request.
 ///
@@ -49,6 +49,14 @@ pub trait ClassifyRequest<Req> {
     /// default knows nothing (the class's tier, the default user bucket).
     fn admission_key(&self, _req: &Req) -> AdmissionKey {
         AdmissionKey::none()
+    }
+
+    /// The registry whose ids this classifier hands out, when it was built from one (as
+    /// [`HttpClassifier`] is). A layer of a degrader whose classes are not the same (another
+    /// degrader's) then counts the calls in `default` and says so, rather than in whichever of
+    /// its classes has the id. The default: not known.
+    fn registry(&self) -> Option<&Registry> {
+        None
     }
 }
 

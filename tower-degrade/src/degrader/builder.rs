@@ -325,6 +325,7 @@ impl DegraderBuilder {
             service_metrics: Mutex::new(None),
             policies,
             registry,
+            foreign_said: std::sync::atomic::AtomicBool::new(false),
         };
         let shared = Arc::new(shared);
         super::shared::register_service(&shared.service);

@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     pub(crate) service_metrics: Mutex<Option<ServiceMetrics>>,
     pub(crate) predictor: PredictStage,
     pub(crate) policies: PolicyStage,
+    /// A layer has been given a class id of another degrader's (said once).
+    pub(crate) foreign_said: std::sync::atomic::AtomicBool,
 }
 
 /// What `{:?}` of a degrader, a layer or a service shows: the service and its classes, not

@@ -288,7 +288,8 @@ impl<T> FallbackRouterBuilder<T> {
         self.worker.backfill.validate()?;
         crate::metrics::describe_fallback();
         let shared = Arc::new(RouterShared {
-            service: Arc::from(self.degrader.service()),
+            // The degrader's own: a diverted call carries it, and is checked against it.
+            service: self.degrader.shared.service.clone(),
             store,
             capture: self.capture,
             retry: self.retry,
@@ -299,6 +300,7 @@ impl<T> FallbackRouterBuilder<T> {
             storing: Default::default(),
             reviewing: Default::default(),
             not_kept: Every::new(LOG_EVERY),
+            foreign_said: Default::default(),
         });
         let worker = FallbackWorker::new(shared.clone(), self.degrader, replay, self.worker);
         Ok((
@@ -413,6 +415,7 @@ where
 {
     let (route, reason, class) = (call.route(), call.reason(), call.class_name().to_owned());
     let (service, name) = (call.service.clone(), call.name.clone());
+    let foreign = !shared.owns(&service);
     let (parts, body) = call.into_request().into_parts();
     let grpc = is_grpc(&parts.headers);
     let answer = |why: Reason| {
@@ -429,6 +432,9 @@ where
         .increment(1);
         answer(why)
     };
+    if foreign {
+        return refuse(Reason::NotKept);
+    }
     // The body first: a client that stalls its body holds no key, so it cannot hold back
     // the other calls with its key (a retry of its own, say).
     let rec = match shared.capture.capture(&parts, body).await {
@@ -561,6 +567,7 @@ impl<T> FallbackRouter<T> {
         }
         let (class, reason) = (call.class_name().to_owned(), call.reason());
         let (service, name) = (call.service.clone(), call.name.clone());
+        let foreign = !self.shared.owns(&service);
         // serde_json writes NaN and the infinities as `null`: kept so, the task would fail
         // every replay and its value be gone.
         // Nor is a value kept that would not read back (nested deeper than JSON readers go), or
@@ -595,6 +602,9 @@ impl<T> FallbackRouter<T> {
                     Some(shared.retry_after),
                 ))
             };
+            if foreign {
+                return Err(not_kept(Reason::NotKept));
+            }
             // A value that does not serialize never will: no retry hint, and the cause said.
             let bytes = payload.map_err(|why| -> BoxError {
                 tracing::warn!(class = %class, error = %why, "a diverted task cannot be serialized");

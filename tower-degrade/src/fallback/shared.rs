@@ -37,6 +37,32 @@ pub(crate) struct RouterShared {
     /// Calls that could not be kept: logged once every 10 s while the store refuses them
     /// (each is counted in the metrics), not once per call.
     pub(crate) not_kept: Every,
+    /// A layer of another degrader has sent this router a call (said once).
+    pub(crate) foreign_said: std::sync::atomic::AtomicBool,
+}
+
+impl RouterShared {
+    /// Whether a call diverted by the degrader of `service` (the `Arc` a layer's calls carry)
+    /// is this router's: one of another degrader's would be replayed, held back and counted
+    /// as this one's classes. Said once, naming both, when it is not.
+    pub(crate) fn owns(&self, service: &Arc<str>) -> bool {
+        if Arc::ptr_eq(service, &self.service) {
+            return true;
+        }
+        if !self
+            .foreign_said
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(
+                router = %self.service,
+                layer = %service,
+                "a layer of another degrader diverted a call to this fallback router: not \
+                 kept (answered `not_kept`); give each degrader's layers a router built from \
+                 that degrader"
+            );
+        }
+        false
+    }
 }
 
 /// The task already kept under a call's idempotency key.

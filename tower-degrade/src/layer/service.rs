@@ -9,7 +9,7 @@ use super::divert::divert;
 use super::future::ResponseFuture;
 use super::queued::Queued;
 use crate::admit::{Enqueued, Priority};
-use crate::class::ClassId;
+use crate::class::{ClassId, Registry};
 use crate::classify::ClassifyRequest;
 use crate::control::Stage;
 use crate::degrader::Shared;
@@ -113,10 +113,12 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let class = self.classifier.classify(&req);
-        let idx = if class.index() < self.shared.gates.len() {
+        let ours = class.index() < self.shared.gates.len()
+            && (self.classifier.registry()).is_none_or(|r| r.same_ids(&self.shared.registry));
+        let idx = if ours {
             class.index()
         } else {
-            foreign_class(&self.shared.service, class)
+            foreign_class(&self.shared, class, self.classifier.registry())
         };
         let gate = &self.shared.gates[idx];
         let mut d = gate.directive.load();
@@ -285,18 +287,26 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
     }
 }
 
-/// A `ClassId` this degrader did not hand out (another degrader's, the HTTP and gRPC pair's):
-/// counted in the `default` class, and said once per process. It was counted in the last
-/// class, whichever that was.
+/// A `ClassId` this degrader did not hand out (another degrader's, from a classifier built on
+/// its registry): counted in the `default` class, and said once per degrader. It was counted
+/// in the class with that index, whichever that was.
 #[cold]
 #[inline(never)]
-fn foreign_class(service: &str, class: ClassId) -> usize {
-    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+fn foreign_class(shared: &Shared, class: ClassId, from: Option<&Registry>) -> usize {
+    if !shared
+        .foreign_said
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        let name = from
+            .filter(|r| class.index() < r.len())
+            .map_or("?", |r| r.class(class).name());
         tracing::warn!(
-            service,
+            service = %shared.service,
             class = class.index(),
-            "a class id this degrader has no class for (another degrader's?): counted in `default`"
+            class_name = name,
+            "a class id this degrader did not hand out (a classifier built on another \
+             degrader's registry?): counted in `default`; build the layer's classifier from \
+             its own degrader"
         );
     }
     ClassId::DEFAULT.index()

@@ -520,3 +520,50 @@ async fn a_clear_while_a_call_is_being_struck_ends_its_wait() {
     );
     assert!(chaos.faults().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_of_another_degrader_is_struck_as_the_default_class() {
+    // Its class ids index the classes of the chaos handle's degrader: a class fault struck
+    // whichever class had the index, and an id past them panicked naming the struck class.
+    let d = shop();
+    let bigger = support::builder("bigger")
+        .class(ClassConfig::gold("a"))
+        .class(ClassConfig::gold("b"))
+        .class(ClassConfig::gold("c"))
+        .class(ClassConfig::gold("d"))
+        .class(ClassConfig::gold("payment"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let chaos = Chaos::builder(&d).build();
+    chaos
+        .set(Target::class("payment"), Fault::new().errors(1.0))
+        .unwrap();
+    chaos
+        .set(Target::route("/x/{id}"), Fault::new().errors(1.0))
+        .unwrap();
+    let classify = |path| {
+        bigger
+            .http_classifier()
+            .route(None, path, "a")
+            .unwrap()
+            .route(None, "/x/{id}", "payment")
+            .unwrap()
+            .build()
+    };
+    let ok =
+        service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(Response::new(Body::empty())) });
+    // The gRPC answer names the struck class.
+    let svc = chaos.layer(classify("/pay/{id}")).grpc().layer(ok);
+    let post = |path: &'static str| Request::post(path).body(Body::empty()).unwrap();
+    // `a` has `payment`'s index in `shop`: not struck.
+    let res = svc.clone().oneshot(post("/pay/1")).await.unwrap();
+    assert_eq!(fault_of(&res), None);
+    // `payment` of `bigger` has no class here: the route fault strikes it as `default`.
+    let res = svc.oneshot(post("/x/1")).await.unwrap();
+    assert_eq!(fault_of(&res), Some("error"));
+    assert_eq!(
+        res.headers()["grpc-message"],
+        "chaos: injected error in class default"
+    );
+}

@@ -2741,3 +2741,47 @@ async fn a_deadline_of_never_and_a_framing_header_as_key_are_handled() {
         .to_string();
     assert!(e.contains("`\\n` is not a valid HTTP header name"), "{e}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_router_keeps_nothing_for_another_degraders_layer() {
+    // A layer given another degrader's router had its calls kept there: replayed into the
+    // other's app, held back by the other's breaker and counted as its classes.
+    let app = App::default();
+    let ours = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let theirs = support::builder("theirs")
+        .class(ClassConfig::gold("pay").fallback_route(Route::DelayedRetry))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let (store, router, _worker, own) = router_for(&ours, "pay", &app, |b| b);
+    let wired_wrong = layered(&theirs, "pay", router.clone(), &app);
+    theirs.force_open("pay").unwrap();
+    let res = call(&wired_wrong, post("/pay", "x")).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[REASON_HEADER], "not_kept");
+    let tasks = theirs
+        .tasks::<Refund, String>()
+        .keep(&router, |a| a.id.to_string())
+        .build();
+    let refund = Refund { order: 1, cents: 1 };
+    let err = tasks
+        .run("pay", refund, |_| async {
+            Ok::<_, BoxError>(String::new())
+        })
+        .await
+        .unwrap_err();
+    let not_kept = tower_degrade::error::degraded(&*err).map(|d| d.reason());
+    assert_eq!(
+        not_kept,
+        Some(tower_degrade::gate::Reason::NotKept),
+        "{err}"
+    );
+    assert_eq!(store.depth(Queue::Retry).len, 0, "nothing kept");
+    // The router's own degrader's calls are kept.
+    ours.force_open("pay").unwrap();
+    assert_eq!(
+        call(&own, post("/pay", "x")).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(store.depth(Queue::Retry).len, 1);
+}

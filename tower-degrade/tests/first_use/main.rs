@@ -862,3 +862,45 @@ async fn two_live_degraders_of_one_service_name_are_warned_of() {
     assert_eq!(said(), 1, "{}", logs.text());
     drop(again);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_is_warned_of() {
+    // Another degrader's class ids were counted in whichever class had the same index: `pay`
+    // of one degrader counted as the gold `zeta` of the other, silently.
+    let (logs, _guard) = logs::Logs::capture();
+    let shop = degrader([ClassConfig::gold("pay")]);
+    let other = builder("other")
+        .class(ClassConfig::gold("zeta"))
+        .class(ClassConfig::bronze("pay"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let ok = service_fn(|_req: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    let wired_wrong = other.layer(classify(&shop)).http().layer(ok);
+    for _ in 0..3 {
+        let res = wired_wrong.clone().oneshot(pay()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    other.tick_now();
+    let requests = |d: &Degrader, class| d.history(class).unwrap().latest().unwrap().requests();
+    assert_eq!(
+        (
+            requests(&other, "zeta"),
+            requests(&other, "pay"),
+            requests(&other, "default")
+        ),
+        (0, 0, 3)
+    );
+    let said = logs.text().matches("did not hand out").count();
+    assert_eq!(said, 1, "said once: {}", logs.text());
+
+    // A degrader with the same classes in the same order hands out the same ids: its
+    // classifier serves another's layer (an HTTP and a gRPC degrader configured alike).
+    let twin = degrader([ClassConfig::gold("pay")]);
+    let shared = twin.layer(classify(&shop)).http().layer(ok);
+    shared.oneshot(pay()).await.unwrap();
+    twin.tick_now();
+    assert_eq!(requests(&twin, "pay"), 1);
+}
