@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tower_degrade::breaker::BreakerConfig;
-use tower_degrade::chaos::{Fault, Target};
-use tower_degrade::fallback::Backfill;
+use tower_degrade::chaos::{Chaos, Fault, Target};
+use tower_degrade::error::ConfigError;
+use tower_degrade::fallback::{Backfill, FallbackRouter, MemoryStore, Replayed, replay_fn};
 use tower_degrade::{ClassConfig, Degrader, DegraderBuilder, Route, Tier};
 
 /// The whole file.
@@ -162,6 +163,36 @@ pub(crate) struct ClassSection {
     pub(crate) fallback: Option<Route>,
 }
 
+/// The longest a simulated dependency may take (a minute): the storm waits for its calls.
+const MAX_DEPENDENCY_MS: u64 = 60_000;
+
+/// The line (from 1) where `key = ` first appears: inside table `table` (`[table]`, or the
+/// `i`th `[[table]]`), or anywhere; 0 if nowhere.
+fn line_of(text: &str, key: &str, table: Option<(&str, usize)>) -> usize {
+    let mut seen = 0usize;
+    let mut inside = table.is_none();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some((name, i)) = table {
+            if t == format!("[[{name}]]") || t == format!("[{name}]") {
+                inside = seen == i;
+                seen += 1;
+                continue;
+            }
+            if t.starts_with('[') {
+                inside = false;
+            }
+        }
+        if inside
+            && t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return n + 1;
+        }
+    }
+    0
+}
+
 /// The most calls per second the storm plays, all classes together at its peak.
 const MAX_RATE: f64 = 20_000.0;
 
@@ -278,6 +309,19 @@ impl Config {
         if let Some(p) = config.policies.as_ref().filter(|p| p.is_relative()) {
             config.policies = Some(dir.join(p));
         }
+        if let Some(p) = &config.policies {
+            // Loaded once here, so that a missing directory or a script that does not
+            // compile is said before the storm, not when the protected run starts.
+            let line = line_of(&text, "policies", None).max(1);
+            let bad = |e: &dyn fmt::Display| {
+                ConfigFileError(format!("{shown}:{line}: field `policies`: {e}"))
+            };
+            let (degrader, _worker) = config
+                .degrader()?
+                .build_with_worker()
+                .map_err(|e| bad(&e))?;
+            degrader.load_policies(p).map_err(|e| bad(&e))?;
+        }
         if let Some(p) = config.predictor.as_mut().filter(|p| p.model != "bundled") {
             p.model = dir.join(&p.model).to_string_lossy().into_owned();
         }
@@ -306,29 +350,8 @@ impl Config {
 
     /// What serde cannot check: names that must exist, values that must be in range.
     fn check(&self, text: &str, file: &str) -> Result<(), ConfigFileError> {
-        // The line where a key first appears after `[[classes]]` number `i`, for errors found
-        // after parsing.
-        let line_of = |needle: &str, nth_table: Option<(&str, usize)>| -> usize {
-            let mut seen = 0usize;
-            let mut inside = nth_table.is_none();
-            for (n, line) in text.lines().enumerate() {
-                let t = line.trim();
-                if let Some((table, i)) = nth_table {
-                    if t == format!("[[{table}]]") {
-                        inside = seen == i;
-                        seen += 1;
-                        continue;
-                    }
-                    if t.starts_with('[') {
-                        inside = false;
-                    }
-                }
-                if inside && t.starts_with(needle) {
-                    return n + 1;
-                }
-            }
-            1
-        };
+        // The line of a key, for errors found after parsing (the first, if not found).
+        let line_of = |key: &str, table: Option<(&str, usize)>| line_of(text, key, table).max(1);
         let err = |line: usize, field: String, what: String| {
             Err(ConfigFileError(format!(
                 "{file}:{line}: field `{field}`: {what}"
@@ -369,6 +392,31 @@ impl Config {
                 "this build has no Redis support: run the example with `--features redis`"
                     .to_owned(),
             );
+        }
+        if self.admission.per_dependency && !self.admission.adaptive {
+            return err(
+                line_of("per_dependency", None),
+                "admission.per_dependency".to_owned(),
+                "takes effect only with `adaptive = true`".to_owned(),
+            );
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            if c.max_queue_delay_ms.is_some() && !self.admission.adaptive {
+                return err(
+                    line_of("max_queue_delay_ms", Some(("classes", i))),
+                    format!("classes[{i}].max_queue_delay_ms"),
+                    "takes effect only with admission (`[admission] adaptive = true`)".to_owned(),
+                );
+            }
+            if c.fallback == Some(Route::Service) {
+                return err(
+                    line_of("fallback", Some(("classes", i))),
+                    format!("classes[{i}].fallback"),
+                    "`service` is a route to a fallback service of your own, which this \
+                     example has none of: its calls would be answered 503"
+                        .to_owned(),
+                );
+            }
         }
         if self.queue.claim_idle_ms == Some(0) {
             return err(
@@ -433,6 +481,21 @@ impl Config {
             );
         }
         let d = &self.dependencies;
+        // A day's query is a storm that never ends: the example's callers wait for it.
+        for (key, ms) in [
+            ("db_query_ms", d.db_query_ms),
+            ("redis_ms", d.redis_ms),
+            ("payments_api_ms", d.payments_api_ms),
+            ("analytics_api_ms", d.analytics_api_ms),
+        ] {
+            if ms > MAX_DEPENDENCY_MS {
+                return err(
+                    line_of(key, None),
+                    format!("dependencies.{key}"),
+                    format!("{ms} must be at most {MAX_DEPENDENCY_MS} ms"),
+                );
+            }
+        }
         if !(1..=10_000).contains(&d.db_connections) {
             return err(
                 line_of("db_connections", None),
@@ -443,7 +506,126 @@ impl Config {
                 ),
             );
         }
+        self.check_with_the_library(text, file)
+    }
+
+    /// What the library refuses (class settings, the breaker, the backfill, the storm's fault
+    /// targets), checked before any storm and named by line and field: the library names its
+    /// own setting (`sla`), which is mapped back to the file's (`classes[0].sla_ms`). The
+    /// backfill and the fault targets were only checked when the protected run began, after
+    /// the whole unprotected one.
+    fn check_with_the_library(&self, text: &str, file: &str) -> Result<(), ConfigFileError> {
+        // The example's app and jobs make calls of these classes (the classes' settings are
+        // the file's, their names the app's).
+        for class in crate::storm::CLASSES {
+            if !self.classes.iter().any(|c| c.name == class) {
+                return Err(ConfigFileError(format!(
+                    "{file}:{}: field `classes`: no class is called `{class}`, which the \
+                     example's app has calls of (it routes to {})",
+                    line_of(text, "name", Some(("classes", 0))).max(1),
+                    crate::storm::CLASSES.join(", ")
+                )));
+            }
+        }
+        let (degrader, _worker) = self
+            .degrader()?
+            .build_with_worker()
+            .map_err(|e| self.located(text, file, &e, None))?;
+        let backfill = self
+            .backfill()
+            .map_err(|e| self.located(text, file, &e, None))?;
+        let (_router, _worker) = FallbackRouter::builder(&degrader)
+            .store(MemoryStore::default())
+            // Nothing is kept here: only the settings are checked.
+            .replay(replay_fn(|_, _| async { Replayed::Done }))
+            .backfill(backfill)
+            .build()
+            .map_err(|e| self.located(text, file, &e, None))?;
+        let chaos = Chaos::builder(&degrader).build();
+        for (i, f) in self.storm.faults.iter().enumerate() {
+            chaos
+                .set(f.target.clone(), f.fault())
+                .map_err(|e| self.located(text, file, &e, Some(i)))?;
+        }
         Ok(())
+    }
+
+    /// `e`, from the library, with the file's line and field; `fault`: the storm's fault it
+    /// came from.
+    fn located(
+        &self,
+        text: &str,
+        file: &str,
+        e: &ConfigError,
+        fault: Option<usize>,
+    ) -> ConfigFileError {
+        // The library's name of a setting, and the file's.
+        let key = |field: &str| match field {
+            "tick" => "tick_ms".to_owned(),
+            "sla" | "timeout" | "max_queue_delay" | "open_duration" => format!("{field}_ms"),
+            // Derived from the SLA and the timeout.
+            "abandon_timeout" => "sla_ms".to_owned(),
+            other => other.to_owned(),
+        };
+        let class = |name: &str| self.classes.iter().position(|c| c.name == name);
+        let (line, field) = match e {
+            _ if fault.is_some() => {
+                let i = fault.unwrap_or_default();
+                let line = line_of(text, "target", Some(("storm.faults", i)));
+                (line, format!("storm.faults[{i}].target"))
+            }
+            ConfigError::InvalidClass {
+                class: name, field, ..
+            } => match class(name) {
+                Some(i) => {
+                    let key = key(field);
+                    let line = match line_of(text, &key, Some(("classes", i))) {
+                        0 => line_of(text, "name", Some(("classes", i))),
+                        n => n,
+                    };
+                    (line, format!("classes[{i}].{key}"))
+                }
+                None => (0, String::new()),
+            },
+            ConfigError::InvalidName(name) | ConfigError::DuplicateClass(name) => {
+                match class(name) {
+                    Some(i) => (
+                        line_of(text, "name", Some(("classes", i))),
+                        format!("classes[{i}].name"),
+                    ),
+                    None => (0, String::new()),
+                }
+            }
+            ConfigError::InvalidValue { field, .. } => {
+                // `breaker.failure_rate`; `fallback.backfill.rate` is `[backfill] rate`.
+                let field = field.strip_prefix("fallback.").unwrap_or(field);
+                // `window.start` and `window.end` are the two strings of `window`.
+                let field = if field.starts_with("backfill.window") {
+                    "backfill.window"
+                } else {
+                    field
+                };
+                let (table, name) = field.rsplit_once('.').unwrap_or(("", field));
+                let name = key(name);
+                let line = if table.is_empty() {
+                    line_of(text, &name, None)
+                } else {
+                    line_of(text, &name, Some((table, 0)))
+                };
+                let field = if table.is_empty() {
+                    name
+                } else {
+                    format!("{table}.{name}")
+                };
+                (line, field)
+            }
+            _ => (0, String::new()),
+        };
+        match (line, field.is_empty()) {
+            (0, true) => ConfigFileError(format!("{file}: {e}")),
+            (0, false) => ConfigFileError(format!("{file}: field `{field}`: {e}")),
+            (line, _) => ConfigFileError(format!("{file}:{line}: field `{field}`: {e}")),
+        }
     }
 
     /// The classes and settings as a degrader builder.
@@ -492,16 +674,14 @@ impl Config {
         class
     }
 
-    /// The backfill settings.
-    pub(crate) fn backfill(&self) -> Result<Backfill, ConfigFileError> {
+    /// The backfill settings (checked when the file was).
+    pub(crate) fn backfill(&self) -> Result<Backfill, ConfigError> {
         let mut b = Backfill::default().rate(self.backfill.rate);
         if let Some(rps) = self.backfill.below_rps {
             b = b.below_rps(rps);
         }
         if let Some([start, end]) = &self.backfill.window {
-            b = b
-                .window(start, end)
-                .map_err(|e| ConfigFileError(format!("backfill.window: {e}")))?;
+            b = b.window(start, end)?;
         }
         Ok(b)
     }
@@ -525,6 +705,131 @@ mod tests {
 
     fn line_of(text: &str, needle: &str) -> usize {
         text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[test]
+    fn what_the_library_refuses_is_named_by_line_and_field_before_any_storm() {
+        // These were accepted, then refused mid-storm (the backfill and the fault targets when
+        // the protected run began) or with the file alone, neither line nor field.
+        for (from, to, at, field) in [
+            (
+                "rate = 300.0",
+                "rate = -1.0",
+                "rate = -1.0",
+                "backfill.rate",
+            ),
+            (
+                "below_rps = 1000.0",
+                "below_rps = -inf",
+                "below_rps",
+                "backfill.below_rps",
+            ),
+            (
+                "below_rps = 1000.0",
+                "below_rps = 1000.0\nwindow = [\"25:00\", \"06:00\"]",
+                "window",
+                "backfill.window",
+            ),
+            (
+                "sla_ms = 300\n#",
+                "sla_ms = 0\n#",
+                "sla_ms = 0",
+                "classes[0].sla_ms",
+            ),
+            (
+                "min_requests = 10",
+                "min_requests = 0",
+                "min_requests",
+                "breaker.min_requests",
+            ),
+            ("tick_ms = 500", "tick_ms = 0", "tick_ms", "tick_ms"),
+            (
+                "target = \"dependency:third_party:payments\"",
+                "target = \"class:nope\"",
+                "class:nope",
+                "storm.faults[1].target",
+            ),
+            (
+                "target = \"dependency:db\"",
+                "target = \"dependency:dbb\"",
+                "dependency:dbb",
+                "storm.faults[0].target",
+            ),
+            (
+                "depends_on = [\"db\", \"redis\"]",
+                "depends_on = [\"\"]",
+                "depends_on = [\"\"]",
+                "classes[1].depends_on",
+            ),
+        ] {
+            let text = edited(from, to);
+            let e = error(&text);
+            let line = line_of(&text, at);
+            assert!(
+                e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")),
+                "{to}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_the_example_would_ignore_or_could_not_serve_are_errors() {
+        for (from, to, at, field) in [
+            (
+                "adaptive = true",
+                "adaptive = false",
+                "per_dependency",
+                "admission.per_dependency",
+            ),
+            (
+                "db_query_ms = 8",
+                "db_query_ms = 18446744073709551615",
+                "db_query_ms",
+                "dependencies.db_query_ms",
+            ),
+            (
+                "fallback = \"delayed_retry\"",
+                "fallback = \"service\"",
+                "fallback = \"service\"",
+                "classes[0].fallback",
+            ),
+        ] {
+            let text = edited(from, to);
+            let e = error(&text);
+            let line = line_of(&text, at);
+            assert!(
+                e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")),
+                "{to}: {e}"
+            );
+        }
+        // A class the app calls, renamed.
+        let text = SHIPPED.replace("order_status", "status");
+        let e = error(&text);
+        assert!(
+            e.contains("field `classes`: no class is called `order_status`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_policies_directory_that_is_not_there_is_said_when_the_file_is_loaded() {
+        let dir = std::env::temp_dir().join(format!("order-fulfillment-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shop.toml");
+        let text = SHIPPED.replacen(
+            "tick_ms = 500",
+            "tick_ms = 500\npolicies = \"none-here\"",
+            1,
+        );
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        let line = line_of(&text, "policies =");
+        assert!(
+            e.starts_with(&format!("{}:{line}: field `policies`: ", path.display())),
+            "{e}"
+        );
+        assert!(e.contains("none-here"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
