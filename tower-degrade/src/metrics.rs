@@ -41,7 +41,7 @@
 //! registered on the first tick). Label values come from configuration only (class names,
 //! tiers, fixed enums), so cardinality is bounded whatever clients send. Counted per call
 //! rather than per tick, each off the path of a call served normally:
-//! `degrade_priority_header_invalid_total`, by the classifier, when a waiting call carries a
+//! `degrade_priority_header_invalid_total`, by the layer, when a waiting call carries a
 //! propagated priority that is not a tier; `degrade_fallback_kept_total` and
 //! `degrade_fallback_cached_total`, for each diverted call kept or served from the cache; and
 //! an `on_request` hook's alerts and errors (`degrade_policy_alerts_total`,

@@ -568,12 +568,13 @@ impl Config {
             other => other.to_owned(),
         };
         let class = |name: &str| self.classes.iter().position(|c| c.name == name);
+        if let Some(i) = fault {
+            let line = line_of(text, "target", Some(("storm.faults", i))).max(1);
+            return ConfigFileError(format!(
+                "{file}:{line}: field `storm.faults[{i}].target`: {e}"
+            ));
+        }
         let (line, field) = match e {
-            _ if fault.is_some() => {
-                let i = fault.unwrap_or_default();
-                let line = line_of(text, "target", Some(("storm.faults", i)));
-                (line, format!("storm.faults[{i}].target"))
-            }
             ConfigError::InvalidClass {
                 class: name, field, ..
             } => match class(name) {

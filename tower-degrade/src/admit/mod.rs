@@ -192,9 +192,9 @@ impl AdmissionKey {
         self
     }
 
-    /// The call carried a priority that is not a tier: it is ignored (the call waits in its
-    /// class's tier) and counted in `degrade_priority_header_invalid_total`, labelled with the
-    /// layer's service.
+    /// The call carried a priority that is not a tier: counted in
+    /// `degrade_priority_header_invalid_total`, labelled with the layer's service. It sets no
+    /// tier: without [`with_tier`](Self::with_tier) the call waits in its class's.
     pub fn with_invalid_tier(mut self) -> Self {
         self.invalid_tier = true;
         self

@@ -381,6 +381,9 @@ pub(crate) struct Plan {
     classes: Box<[Option<Fault>]>,
     routes: Box<[(Box<[Segment]>, Fault)]>,
     empty: bool,
+    /// The clears counted when this plan was published, its own included: a call struck by
+    /// it waits until the count is past this.
+    epoch: u64,
 }
 
 impl Default for Plan {
@@ -389,6 +392,7 @@ impl Default for Plan {
             classes: Box::new([]),
             routes: Box::new([]),
             empty: true,
+            epoch: 0,
         }
     }
 }
@@ -398,6 +402,12 @@ impl Plan {
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.empty
+    }
+
+    /// The clears counted when the plan was published (see [`ChaosShared::cleared_count`]).
+    #[inline]
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Whether a call's path is needed: route faults are in force.
@@ -463,11 +473,6 @@ impl ChaosShared {
         self.clears.load(Ordering::Acquire)
     }
 
-    fn release_waiting(&self) {
-        self.clears.fetch_add(1, Ordering::AcqRel);
-        self.cleared.notify_waiters();
-    }
-
     /// `class` if it is one of this degrader's, the default class if another degrader's
     /// classifier handed it out (as the degrade layer counts it).
     #[inline]
@@ -501,7 +506,11 @@ impl ChaosShared {
     }
 
     /// Resolve `faults` against the classes and publish it.
-    fn publish(&self, faults: &[(Target, Fault)]) -> Result<(), ConfigError> {
+    /// Put `faults` in force. With `release`, the calls that the faults before delayed or hung
+    /// go on at once: the plan carries the clear's count, published before the count moves,
+    /// so a call struck by the new plan is never released by that clear, and one struck by an
+    /// older plan always is. (Callers hold the faults' lock: one publish at a time.)
+    fn publish(&self, faults: &[(Target, Fault)], release: bool) -> Result<(), ConfigError> {
         let mut classes = vec![None::<Fault>; self.registry.len()];
         let mut routes = Vec::new();
         let mut strike = |id: ClassId, f: Fault| {
@@ -540,11 +549,17 @@ impl ChaosShared {
             }
         }
         let empty = routes.is_empty() && classes.iter().all(Option::is_none);
+        let epoch = self.cleared_count() + u64::from(release);
         self.plan.store(Arc::new(Plan {
             classes: classes.into(),
             routes: routes.into(),
             empty,
+            epoch,
         }));
+        if release {
+            self.clears.store(epoch, Ordering::Release);
+            self.cleared.notify_waiters();
+        }
         Ok(())
     }
 }
@@ -631,13 +646,10 @@ impl Chaos {
         // The target is checked with the fault in the plan, an empty one too (an unknown
         // class is an error however little is asked of it).
         next.push((target, fault));
-        self.shared.publish(&next)?;
+        self.shared.publish(&next, replaced && !fault.is_noop())?;
         if fault.is_noop() {
             next.pop();
-            let _ = self.shared.publish(&next);
-        }
-        if replaced {
-            self.shared.release_waiting();
+            let _ = self.shared.publish(&next, replaced);
         }
         // Faults change what calls get: logged, as breaker commands are.
         if fault.is_noop() {
@@ -660,8 +672,7 @@ impl Chaos {
             return false;
         }
         // What was published before still resolves without the removed fault.
-        let _ = self.shared.publish(&faults);
-        self.shared.release_waiting();
+        let _ = self.shared.publish(&faults, true);
         tracing::info!(%target, "chaos: fault cleared");
         true
     }
@@ -670,8 +681,7 @@ impl Chaos {
     pub fn clear_all(&self) {
         let mut faults = self.shared.faults();
         faults.clear();
-        let _ = self.shared.publish(&faults);
-        self.shared.release_waiting();
+        let _ = self.shared.publish(&faults, true);
         tracing::info!("chaos: every fault cleared");
     }
 

@@ -91,10 +91,10 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        // Counted before the plan is read: a clear that lands between the two (the plan read
-        // still had its fault) releases this call's wait, though its notification has gone.
-        let clears = self.shared.cleared_count();
         let plan = self.shared.plan();
+        // A clear after this plan releases the call's wait, though it may land before the
+        // wait starts and its notification is gone.
+        let clears = plan.epoch();
         if plan.is_empty() {
             return ChaosFuture::pass(self.inner.call(req), self.answer.clone());
         }
@@ -182,7 +182,7 @@ pin_project! {
         Pass { #[pin] fut: S::Future },
         Wait {
             #[pin] sleep: tokio::time::Sleep,
-            // Ready when the faults are cleared; `clears` as the call's plan was read.
+            // Ready when the faults are cleared; `clears`: the call's plan's epoch.
             #[pin] cleared: tokio::sync::futures::OwnedNotified,
             clears: u64,
             then: Option<Then<S, Req>>,
@@ -193,8 +193,8 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> State<S, Req> {
-    /// Wait `delay`, or until the faults are cleared: `clears` is the count read before the
-    /// call's plan.
+    /// Wait `delay`, or until the faults are cleared after the call's plan (`clears`, its
+    /// epoch).
     fn wait(shared: &ChaosShared, clears: u64, delay: Duration, then: Then<S, Req>) -> Self {
         State::Wait {
             sleep: tokio::time::sleep(delay),
@@ -261,15 +261,22 @@ where
                 }
                 StateProj::Wait {
                     sleep,
-                    cleared,
+                    mut cleared,
                     clears,
                     then,
                 } => {
-                    // Cleared since the wait began (before this future was first polled, the
-                    // count tells; after, the notification).
+                    // Cleared after the call's plan: the count tells. The notification only
+                    // wakes the call; one for the clear that published this very plan (it
+                    // can come after the wait began) is waited past.
                     let shared = this.struck.as_ref().map(|(s, _)| s);
-                    let released = cleared.poll(cx).is_ready()
-                        || shared.is_some_and(|s| s.cleared_count() != *clears);
+                    let past = |s: &Arc<ChaosShared>| s.cleared_count() > *clears;
+                    let mut released = shared.is_some_and(past);
+                    while !released && cleared.as_mut().poll(cx).is_ready() {
+                        released = shared.is_some_and(past);
+                        if let (false, Some(s)) = (released, shared) {
+                            cleared.set(s.cleared());
+                        }
+                    }
                     if !released {
                         ready!(sleep.poll(cx));
                     }

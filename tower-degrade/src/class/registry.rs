@@ -29,9 +29,10 @@ pub struct Registry {
     by_name: HashMap<String, ClassId>,
     /// The default class was configured (`DegraderBuilder::default_class`), not implied.
     default_configured: bool,
-    /// A hash of the class names in id order: two registries that agree on it hand out the
-    /// same ids for the same classes.
-    ids_key: u64,
+    /// Per class, a hash of the class names up to it, in id order: two registries whose
+    /// entries agree at the shorter one's last class give the ids they share to the same
+    /// classes.
+    ids_keys: Box<[u64]>,
 }
 
 /// The name of the default class.
@@ -83,21 +84,24 @@ impl Registry {
                 return Err(ConfigError::DuplicateClass(class.name.clone()));
             }
         }
-        let ids_key = ids_key(all.iter().map(|c| c.name.as_str()));
+        let ids_keys = ids_keys(all.iter().map(|c| c.name.as_str()));
         Ok(Self {
             classes: all,
             by_name,
             default_configured,
-            ids_key,
+            ids_keys,
         })
     }
 
-    /// Whether a [`ClassId`] of `other` is the class of the same name here: the two name the
-    /// same classes in the same order (one degrader's registry and its clones, or two
-    /// degraders configured alike).
+    /// Whether the ids both registries have name the same classes: the classes of one are
+    /// the first classes of the other, in the same order (one degrader's registry and its
+    /// clones, two degraders configured alike, or one with classes added at the end). Compared
+    /// by a 64-bit hash of the names, computed once: cheap enough for every call.
     #[inline]
     pub fn same_ids(&self, other: &Registry) -> bool {
-        self.ids_key == other.ids_key
+        let n = self.ids_keys.len().min(other.ids_keys.len());
+        // Both have the default class: `n` is at least 1.
+        self.ids_keys.get(n - 1) == other.ids_keys.get(n - 1)
     }
 
     /// Look a class up by name (no allocation).
@@ -146,15 +150,18 @@ impl Registry {
     }
 }
 
-/// FNV-1a over the names, each ended by a byte no name has (names are ASCII).
-fn ids_key<'a>(names: impl Iterator<Item = &'a str>) -> u64 {
+/// FNV-1a over the names, each ended by a byte no name has (names are ASCII): the hash after
+/// each name.
+fn ids_keys<'a>(names: impl Iterator<Item = &'a str>) -> Box<[u64]> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for name in names {
-        for b in name.bytes().chain(std::iter::once(0xff)) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+    names
+        .map(|name| {
+            for b in name.bytes().chain(std::iter::once(0xff)) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        })
+        .collect()
 }
 
 /// Check the values that would make the class meaningless, naming the first bad field.

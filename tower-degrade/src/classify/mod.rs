@@ -54,7 +54,8 @@ pub trait ClassifyRequest<Req> {
     /// The registry whose ids this classifier hands out, when it was built from one (as
     /// [`HttpClassifier`] is). A layer of a degrader whose classes are not the same (another
     /// degrader's) then counts the calls in `default` and says so, rather than in whichever of
-    /// its classes has the id. The default: not known.
+    /// its classes has the id. The default: not known. A classifier that wraps another
+    /// should return the inner one's, or the check is off for it.
     fn registry(&self) -> Option<&Registry> {
         None
     }

@@ -426,8 +426,10 @@ where
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
     let refuse = |why: Reason| {
+        // The call's service: the router's own but for a call of another degrader (refused),
+        // whose class it is.
         metrics::counter!(crate::metrics::FALLBACK_KEPT,
-            "service" => shared.service.to_string(), "class" => class.clone(),
+            "service" => service.to_string(), "class" => class.clone(),
             "route" => route.as_str(), "result" => why.as_str())
         .increment(1);
         answer(why)
@@ -574,6 +576,8 @@ impl<T> FallbackRouter<T> {
         // larger than an HTTP body may be: one commit holds every other call's up meanwhile.
         let limit = self.shared.capture.limit();
         let payload = match super::finite::non_finite(call.request()) {
+            // Refused below, before the payload is looked at.
+            _ if foreign => Ok(Vec::new()),
             Some(what) => Err(format!("{what}, which JSON cannot hold")),
             None => serde_json::to_vec(call.request())
                 .map_err(|e| format!("it does not serialize as JSON ({e})"))

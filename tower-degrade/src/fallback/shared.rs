@@ -53,12 +53,17 @@ impl RouterShared {
             .foreign_said
             .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
+            let hint = if **service == *self.service {
+                " (another degrader of the same name: rebuilt, and the router not?)"
+            } else {
+                ""
+            };
             tracing::error!(
                 router = %self.service,
                 layer = %service,
-                "a layer of another degrader diverted a call to this fallback router: not \
-                 kept (answered `not_kept`); give each degrader's layers a router built from \
-                 that degrader"
+                "a layer of another degrader diverted a call to this fallback router{hint}: \
+                 not kept (answered `not_kept`); give each degrader's layers a router built \
+                 from that degrader"
             );
         }
         false

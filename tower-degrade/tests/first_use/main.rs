@@ -893,14 +893,35 @@ async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_i
         ),
         (0, 0, 3)
     );
-    let said = logs.text().matches("did not hand out").count();
-    assert_eq!(said, 1, "said once: {}", logs.text());
+    let said = || logs.text().matches("did not hand out").count();
+    assert_eq!(said(), 1, "said once: {}", logs.text());
+    // Said once per degrader, not once per process.
+    let third = builder("third")
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let wired_wrong = third.layer(classify(&shop)).http().layer(ok);
+    wired_wrong.oneshot(pay()).await.unwrap();
+    assert_eq!(said(), 2, "{}", logs.text());
 
-    // A degrader with the same classes in the same order hands out the same ids: its
-    // classifier serves another's layer (an HTTP and a gRPC degrader configured alike).
+    // A degrader with the same classes in the same order, or more after them, hands out the
+    // same ids for the classes both have: classifiers are shared (an HTTP and a gRPC
+    // degrader configured alike).
     let twin = degrader([ClassConfig::gold("pay")]);
     let shared = twin.layer(classify(&shop)).http().layer(ok);
     shared.oneshot(pay()).await.unwrap();
     twin.tick_now();
     assert_eq!(requests(&twin, "pay"), 1);
+    let more = builder("more")
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let shared = more.layer(classify(&shop)).http().layer(ok);
+    shared.oneshot(pay()).await.unwrap();
+    more.tick_now();
+    assert_eq!(requests(&more, "pay"), 1);
+    assert_eq!(said(), 2, "{}", logs.text());
 }
