@@ -29,7 +29,7 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
-from traces import Trace, grace, headline_horizon, horizons, read_dir, windows
+from traces import Trace, grace, headline_horizon, horizons, read_dir, tick_scale, windows
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -123,11 +123,18 @@ def rolling_z(tr: Trace, W: int = 64) -> np.ndarray:
     if tr.T <= W:
         return Z
     win = sliding_window_view(Y, W, axis=0)[:-1]  # windows ending at t-1
-    med = np.median(win, axis=-1)
-    mad = np.median(np.abs(win - med[..., None]), axis=-1) * 1.4826
-    scale = np.maximum(mad, np.std(Y, axis=0) * 0.05 + 1e-6)
-    Z[W:] = np.max(np.abs(Y[W:] - med) / scale, axis=1)
+    floor = np.std(Y, axis=0) * 0.05 + 1e-6
+    # In chunks: all of a long trace's windows at once took 13 kB a step (25 GB for 2 million).
+    for lo in range(0, len(win), CHUNK):
+        w = win[lo:lo + CHUNK]
+        med = np.median(w, axis=-1)
+        mad = np.median(np.abs(w - med[..., None]), axis=-1) * 1.4826
+        scale = np.maximum(mad, floor)
+        Z[W + lo:W + lo + len(w)] = np.max(np.abs(Y[W + lo:W + lo + len(w)] - med) / scale, axis=1)
     return Z
+
+
+CHUNK = 65536  # steps of windows `rolling_z` holds at once
 
 
 BASELINES = {
@@ -171,7 +178,7 @@ def run_part(traces, scores, part, thr, H, k=1) -> Result:
         ev = [(s, min(e, end - 1)) for s, e in tr.events if s < end]
         pre = None if tr.pre_ignore is None else [p for (s, _), p in zip(tr.events, tr.pre_ignore) if s < end]
         total.add(evaluate(a, ev, H, tr.step_seconds, eval_from=start,
-                           grace=grace(tr), merge=H, pre_ignore=pre))
+                           grace=grace(tr), merge=H, pre_ignore=pre, ignore=tr.ignore))
     return total
 
 
@@ -189,7 +196,7 @@ def choose_threshold(traces, scores, H, budget, k=1, part="val") -> float:
         end, start = _part(tr, part)
         if end <= start:
             continue
-        y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore)[start:end]
+        y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore, tr.ignore)[start:end]
         v = sc[start:end]
         ok = np.isfinite(v)
         normal.append(v[ok & (y == 0)])
@@ -198,6 +205,10 @@ def choose_threshold(traces, scores, H, budget, k=1, part="val") -> float:
         raise ValueError(f"no {'validation' if part == 'val' else 'test'} data to choose a threshold on")
     n = np.concatenate(normal)
     v = np.concatenate(every)
+    if not len(n):
+        raise ValueError(f"no normal step in the {'validation' if part == 'val' else 'test'} part "
+                         "(every one is in an incident, its grace, before one or ignored): no "
+                         "false-trip rate to choose a threshold by")
     cands = np.concatenate([
         np.quantile(n, 1 - np.logspace(-1, -6, 100)) if len(n) else [],
         np.linspace(v.min(), v.max(), 50),
@@ -248,7 +259,7 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             ys, ss = [], []
             for tr, sc in zip(traces, scores[d]):
                 end, start = _part(tr, "test")
-                y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore)
+                y = early_targets(tr.T, tr.events, H, grace(tr), tr.pre_ignore, tr.ignore)
                 ys.append(y[start:end])
                 ss.append(np.nan_to_num(sc[start:end], nan=-1e9))
             ap, base = auprc(ss, ys)
@@ -298,7 +309,7 @@ def table(rows, dataset, H, k, budget) -> str:
                 or r["detector"] in (AS_DEPLOYED, AS_DEFAULT))]
     if not sel:
         return ""
-    per_hour = sel[0]["step_seconds"] < 60
+    per_hour = tick_scale(sel[0]["step_seconds"])
     head = ("| detector | early recall [95 % CI] | any recall | precision | false trips/day | normal time alarmed"
             + (" | /hour" if per_hour else "") + " | median lead (steps) | AUPRC (base) |")
     lines = [f"**{dataset}**: H = {H} steps, k = {k}, budget {budget:g} false trip/day "
@@ -359,7 +370,19 @@ def main():
         if all(t.test_from >= t.T for t in trs):
             sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "
                      "val): nothing to score; python traces.py split DIR writes one with a test part")
-        traced.append((path, trs, any(t.val_from < t.test_from for t in trs)))
+        # One directory is scored by one set of rules (horizons, grace), those of its step.
+        if len({tick_scale(t.step_seconds) for t in trs}) > 1:
+            short = next(t for t in trs if tick_scale(t.step_seconds))
+            long = next(t for t in trs if not tick_scale(t.step_seconds))
+            sys.exit(f"evaluate.py: --traces {path}: steps of {short.step_seconds:g} s ({short.name}) "
+                     f"and {long.step_seconds:g} s ({long.name}) are scored by different rules "
+                     "(horizons, grace): put them in separate directories")
+        own_val = any(t.val_from < t.test_from for t in trs)
+        if not own_val:
+            print(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
+                  "come from the simulator's 500 ms validation traces (python traces.py split DIR "
+                  "writes one)", file=sys.stderr)
+        traced.append((path, trs, own_val))
     try:
         model = Model(a.model)
     except Exception as e:  # onnxruntime's own errors do not name the file
@@ -388,7 +411,14 @@ def main():
     except ValueError as e:
         sys.exit(f"evaluate.py: {e}")
     for (path, trs, own_val), name in zip(traced, names):
-        events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from)
+        # As the protocol counts them: an incident that starts within H steps of the test
+        # part's start leaves no room for an early warning and is not counted.
+        H = headline_horizon(trs[0].step_seconds)
+        events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from + H)
+        early = sum(1 for t in trs for s, _ in t.events if t.test_from <= s < t.test_from + H)
+        if early:
+            print(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
+                  "their test part's start: no room for an early warning, not counted", file=sys.stderr)
         if not events:
             print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
                   "to measure (its rows count false trips only)", file=sys.stderr)

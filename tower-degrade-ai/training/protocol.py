@@ -27,8 +27,9 @@ def events_from_binary(lab) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist()))
 
 
-def early_targets(T: int, events, H: int, grace: int = 0, pre_ignore=None) -> np.ndarray:
-    """y in {1, 0, -1}. Precedence: inside event/grace (-1) > pre-onset (1) > ambiguous (-1) > 0."""
+def early_targets(T: int, events, H: int, grace: int = 0, pre_ignore=None, ignore=None) -> np.ndarray:
+    """y in {1, 0, -1}. Precedence: inside event/grace (-1) > pre-onset (1) > ambiguous (-1) > 0.
+    `ignore` ([T] bool, optional): more ambiguous steps, wherever they are."""
     y = np.zeros(T, dtype=np.int8)
     for i, (s, e) in enumerate(events):
         pi = 0 if pre_ignore is None else int(pre_ignore[i])
@@ -37,6 +38,8 @@ def early_targets(T: int, events, H: int, grace: int = 0, pre_ignore=None) -> np
         y[max(0, s - H):s] = 1
     for s, e in events:
         y[s:min(T, e + grace + 1)] = -1
+    if ignore is not None:
+        y[np.asarray(ignore[:T], dtype=bool) & (y == 0)] = -1
     return y
 
 
@@ -107,9 +110,10 @@ class Result:
 
 
 def evaluate(a, events, H: int, step_seconds: float, eval_from: int = 0, grace: int = 0,
-             merge: int | None = None, pre_ignore=None) -> Result:
+             merge: int | None = None, pre_ignore=None, ignore=None) -> Result:
     """Event-level early-warning evaluation of one boolean alarm series. Steps before
-    `eval_from` do not count; events with onset < eval_from + H are dropped."""
+    `eval_from` do not count; events with onset < eval_from + H are dropped (no room for an
+    early warning in the part). Steps `ignore` marks ([T] bool) are not normal time."""
     merge = H if merge is None else merge
     T = len(a)
     a = np.asarray(a, dtype=bool).copy()
@@ -145,6 +149,8 @@ def evaluate(a, events, H: int, step_seconds: float, eval_from: int = 0, grace: 
     for i, (s, e) in enumerate(events):
         pi = 0 if pre_ignore is None else int(pre_ignore[i])
         normal[max(0, s - H - pi):min(T, e + grace + 1)] = False
+    if ignore is not None:
+        normal &= ~np.asarray(ignore[:T], dtype=bool)
     r.fp_episodes = len(episodes(a & normal, merge))
     r.normal_steps = int(normal.sum())
     r.normal_alarm_steps = int((a & normal).sum())

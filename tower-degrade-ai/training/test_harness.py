@@ -61,6 +61,24 @@ class Protocol(unittest.TestCase):
         # A detector alarmed all the time warns early of everything by chance.
         self.assertEqual(chance_early(dict(normal_time_alarmed=1.0, false_trips_per_day=1.0), H, 60), 1.0)
 
+    def test_ignored_steps_anywhere_are_neither_targets_nor_normal_time(self):
+        # Only a run of ignored steps right before an onset was honoured: an alarm on an
+        # ignored stretch far from any incident counted as a false trip.
+        T = 300
+        ign = np.zeros(T, dtype=bool)
+        ign[100:150] = True
+        a = np.zeros(T, dtype=bool)
+        a[110:120] = True
+        events = [(250, 260)]
+        plain = evaluate(a, events, 6, 60.0)
+        self.assertEqual(plain.fp_episodes, 1)
+        r = evaluate(a, events, 6, 60.0, ignore=ign)
+        self.assertEqual(r.fp_episodes, 0)
+        self.assertEqual(r.normal_steps, plain.normal_steps - 50)
+        y = early_targets(T, events, 6, ignore=ign)
+        self.assertTrue((y[100:150] == -1).all())
+        self.assertTrue((y[244:250] == 1).all(), "the targets are kept")
+
     def test_episodes_merge(self):
         self.assertEqual(episodes(np.array([1, 0, 0, 1, 0, 0, 0, 0, 1]), merge=2), [(0, 3), (8, 8)])
 
@@ -194,6 +212,48 @@ class Traces(unittest.TestCase):
                                                     r"\(a rate is a share of calls"):
                 read_csv(p)
             read_csv(self.write(d, [self.row(0, success="1.0"), self.row(1, success="0.25")]))
+
+    def test_minute_data_a_little_early_is_scored_by_the_minute_rules(self):
+        # A median step of 59.99 s (a scraper's skew) put a week of minute data under the
+        # 500 ms rules: H = 20, a 40-step grace, a model's recall moved from 0.00 to 1.00.
+        from traces import grace, headline_horizon, horizons
+        tr = Trace("t", "recorded", np.zeros((10, 8), np.float32), [], 59.994, meta={"own": True})
+        self.assertEqual((headline_horizon(59.994), horizons(59.994)[-1], grace(tr)), (6, 12, 3))
+        self.assertEqual((headline_horizon(5.0), grace(Trace("t", "r", tr.X, [], 5.0))), (20, 40))
+
+    def test_the_ignore_column_marks_steps_anywhere(self):
+        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160)},"
+                 f"{int(20 <= t < 40)}" for t in range(200)]
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "t.csv")
+            with open(path, "w") as f:
+                f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
+            tr = read_csv(path)
+        self.assertEqual(tr.events, [(150, 159)])
+        self.assertEqual(int(tr.ignore.sum()), 20)
+        self.assertTrue(tr.ignore[20:40].all())
+
+    def test_the_rolling_z_score_in_chunks_is_the_same(self):
+        # All of a long trace's windows at once took 13 kB a step (a 2-million-step trace
+        # failed to allocate 7.6 GiB); in chunks, the same scores.
+        import evaluate
+        X = np.random.default_rng(3).random((700, 8)).astype(np.float32)
+        tr = Trace("t", "recorded", X, [], 60.0)
+        whole = evaluate.rolling_z(tr)
+        chunk, evaluate.CHUNK = evaluate.CHUNK, 100
+        try:
+            np.testing.assert_array_equal(evaluate.rolling_z(tr), whole)
+        finally:
+            evaluate.CHUNK = chunk
+
+    def test_a_validation_part_without_normal_steps_is_refused(self):
+        # Every candidate passed (no normal time, no false trip): the lowest threshold won and
+        # alarmed all of the test part.
+        import evaluate
+        X = np.random.default_rng(4).random((400, 8)).astype(np.float32)
+        tr = Trace("t", "recorded", X, [(90, 320)], 60.0, None, 100, 300)
+        with self.assertRaisesRegex(ValueError, "no normal step in the validation part"):
+            evaluate.choose_threshold([tr], [X[:, 5].astype(float)], 6, 1.0)
 
     def test_time_in_milliseconds_is_noted(self):
         import contextlib

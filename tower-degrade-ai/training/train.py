@@ -41,7 +41,7 @@ NEG_PER_POS = 40
 
 def targets(tr):
     H = headline_horizon(tr.step_seconds)
-    return early_targets(tr.T, tr.events, H, grace=grace(tr), pre_ignore=tr.pre_ignore)
+    return early_targets(tr.T, tr.events, H, grace=grace(tr), pre_ignore=tr.pre_ignore, ignore=tr.ignore)
 
 
 def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, with_baseline=False):
