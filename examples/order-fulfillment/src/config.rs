@@ -708,6 +708,18 @@ mod tests {
         text.lines().position(|l| l.contains(needle)).unwrap() + 1
     }
 
+    /// The shipped file with `from` replaced by `to` is refused naming the line holding `at`
+    /// and `field`.
+    fn assert_names_line_and_field(from: &str, to: &str, at: &str, field: &str) {
+        let text = edited(from, to);
+        let e = error(&text);
+        let line = line_of(&text, at);
+        assert!(
+            e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")),
+            "{to}: {e}"
+        );
+    }
+
     #[test]
     fn what_the_library_refuses_is_named_by_line_and_field_before_any_storm() {
         // These were accepted, then refused mid-storm (the backfill and the fault targets when
@@ -763,13 +775,7 @@ mod tests {
                 "classes[1].depends_on",
             ),
         ] {
-            let text = edited(from, to);
-            let e = error(&text);
-            let line = line_of(&text, at);
-            assert!(
-                e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")),
-                "{to}: {e}"
-            );
+            assert_names_line_and_field(from, to, at, field);
         }
     }
 
@@ -795,13 +801,7 @@ mod tests {
                 "classes[0].fallback",
             ),
         ] {
-            let text = edited(from, to);
-            let e = error(&text);
-            let line = line_of(&text, at);
-            assert!(
-                e.starts_with(&format!("shop.toml:{line}: field `{field}`: ")),
-                "{to}: {e}"
-            );
+            assert_names_line_and_field(from, to, at, field);
         }
         // A class the app calls, renamed.
         let text = SHIPPED.replace("order_status", "status");
