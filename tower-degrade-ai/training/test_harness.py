@@ -233,6 +233,14 @@ class Traces(unittest.TestCase):
         self.assertEqual(int(tr.ignore.sum()), 20)
         self.assertTrue(tr.ignore[20:40].all())
 
+    def test_split_of_a_directory_without_csv_files_says_so(self):
+        # It wrote nothing and said nothing (exit 0); read_dir said why.
+        from traces import split
+        with tempfile.TemporaryDirectory() as d:
+            open(os.path.join(d, "svc.csv.gz"), "wb").close()
+            with self.assertRaisesRegex(ValueError, r"no \.csv files \(svc\.csv\.gz: only plain"):
+                split(d)
+
     def test_the_rolling_z_score_in_chunks_is_the_same(self):
         # All of a long trace's windows at once took 13 kB a step (a 2-million-step trace
         # failed to allocate 7.6 GiB); in chunks, the same scores.

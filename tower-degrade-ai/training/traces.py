@@ -111,7 +111,7 @@ def rate_ratio(rps: np.ndarray) -> np.ndarray:
     return np.clip(rps / np.maximum(mean, 1.0), 0, 10)
 
 
-BREACH_MERGE = 20  # breaches less than 10 s apart are one incident
+BREACH_MERGE = 20  # breaches closer than 20 steps (10 s at 500 ms) are one incident
 
 
 def breach_events(X: np.ndarray) -> list:
@@ -304,9 +304,8 @@ def _run_before(ign: np.ndarray, s: int) -> int:
     return n
 
 
-def read_dir(d: str, dataset: str | None = None) -> list:
-    """Every trace CSV in `d`, but those of a class that had no traffic at all (a recorder's
-    idle `default` class): there is nothing in them to warn of or to trip on (said on stderr)."""
+def _csv_files(d: str) -> list:
+    """The trace CSVs in `d`, sorted; none is an error (saying which near names were not read)."""
     names = sorted(os.listdir(d))
     files = [f for f in names if f.endswith(".csv")]
     if not files:
@@ -314,8 +313,14 @@ def read_dir(d: str, dataset: str | None = None) -> list:
         raise ValueError(f"{d}: no .csv files" + (
             f" ({', '.join(near[:3])}: only plain files named *.csv are read; decompress or "
             "rename them)" if near else ""))
+    return files
+
+
+def read_dir(d: str, dataset: str | None = None) -> list:
+    """Every trace CSV in `d`, but those of a class that had no traffic at all (a recorder's
+    idle `default` class): there is nothing in them to warn of or to trip on (said on stderr)."""
     out = []
-    for f in files:
+    for f in _csv_files(d):
         tr = read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d)))
         if not tr.X[:, RATE].any():
             print(f"{os.path.join(d, f)}: no traffic in any step, skipped", file=sys.stderr)
@@ -335,7 +340,7 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
-    for f in sorted(f for f in os.listdir(d) if f.endswith(".csv")):
+    for f in _csv_files(d):
         path = os.path.join(d, f)
         try:
             read.append((path, *_read_rows(path)))
