@@ -17,7 +17,12 @@ pub fn builder(service: &str) -> DegraderBuilder {
 /// A degrader with `classes` whose control loop is not spawned: tests tick it with
 /// `tick_now`.
 pub fn degrader(classes: impl IntoIterator<Item = ClassConfig>) -> Degrader {
-    let mut b = builder("test");
+    named_degrader("test", classes)
+}
+
+/// [`degrader`] with another service name (a second degrader in the process).
+pub fn named_degrader(service: &str, classes: impl IntoIterator<Item = ClassConfig>) -> Degrader {
+    let mut b = builder(service);
     for c in classes {
         b = b.class(c);
     }

@@ -526,15 +526,10 @@ async fn a_classifier_of_another_degrader_is_struck_as_the_default_class() {
     // Its class ids index the classes of the chaos handle's degrader: a class fault struck
     // whichever class had the index, and an id past them panicked naming the struck class.
     let d = shop();
-    let bigger = support::builder("bigger")
-        .class(ClassConfig::gold("a"))
-        .class(ClassConfig::gold("b"))
-        .class(ClassConfig::gold("c"))
-        .class(ClassConfig::gold("d"))
-        .class(ClassConfig::gold("payment"))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let bigger = support::named_degrader(
+        "bigger",
+        ["a", "b", "c", "d", "payment"].map(ClassConfig::gold),
+    );
     let chaos = Chaos::builder(&d).build();
     chaos
         .set(Target::class("payment"), Fault::new().errors(1.0))

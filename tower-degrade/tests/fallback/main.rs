@@ -2748,11 +2748,10 @@ async fn a_router_keeps_nothing_for_another_degraders_layer() {
     // other's app, held back by the other's breaker and counted as its classes.
     let app = App::default();
     let ours = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
-    let theirs = support::builder("theirs")
-        .class(ClassConfig::gold("pay").fallback_route(Route::DelayedRetry))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let theirs = support::named_degrader(
+        "theirs",
+        [ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)],
+    );
     let (store, router, _worker, own) = router_for(&ours, "pay", &app, |b| b);
     let wired_wrong = layered(&theirs, "pay", router.clone(), &app);
     theirs.force_open("pay").unwrap();

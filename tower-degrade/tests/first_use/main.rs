@@ -869,12 +869,10 @@ async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_i
     // of one degrader counted as the gold `zeta` of the other, silently.
     let (logs, _guard) = logs::Logs::capture();
     let shop = degrader([ClassConfig::gold("pay")]);
-    let other = builder("other")
-        .class(ClassConfig::gold("zeta"))
-        .class(ClassConfig::bronze("pay"))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let other = support::named_degrader(
+        "other",
+        [ClassConfig::gold("zeta"), ClassConfig::bronze("pay")],
+    );
     let ok = service_fn(|_req: Request<String>| async {
         Ok::<_, Infallible>(Response::new(String::new()))
     });
@@ -896,11 +894,7 @@ async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_i
     let said = || logs.text().matches("did not hand out").count();
     assert_eq!(said(), 1, "said once: {}", logs.text());
     // Said once per degrader, not once per process.
-    let third = builder("third")
-        .class(ClassConfig::bronze("log"))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let third = support::named_degrader("third", [ClassConfig::bronze("log")]);
     let wired_wrong = third.layer(classify(&shop)).http().layer(ok);
     wired_wrong.oneshot(pay()).await.unwrap();
     assert_eq!(said(), 2, "{}", logs.text());
@@ -913,12 +907,10 @@ async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_i
     shared.oneshot(pay()).await.unwrap();
     twin.tick_now();
     assert_eq!(requests(&twin, "pay"), 1);
-    let more = builder("more")
-        .class(ClassConfig::gold("pay"))
-        .class(ClassConfig::bronze("log"))
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let more = support::named_degrader(
+        "more",
+        [ClassConfig::gold("pay"), ClassConfig::bronze("log")],
+    );
     let shared = more.layer(classify(&shop)).http().layer(ok);
     shared.oneshot(pay()).await.unwrap();
     more.tick_now();
