@@ -13,6 +13,9 @@ that higher is worse (success enters as a failure), the largest over the channel
   is scored from its first tick), the mean over the last 1, 3 and 8 ticks times sqrt(k);
 - `held`: the least of the last 3 ticks' oriented distances (a deviation that holds);
 - `... tail`: the spread taken from the bad tail, (q99 - q50) / 2.33, instead of the IQR;
+- `... larger spread`: the larger of the two spreads, per channel and tick;
+- `... SLO channels`: only the channels an SLO is written on (success, errors, timeouts, p99),
+  as the calibrated threshold rule reads p99 and failures;
 - `max(a, c held)`: the larger of two, c weighing the held deviation;
 - `median of 3`: the middle of the last 3 ticks' oriented distances;
 - `held, own baseline`: the held level (the best of the last 3 ticks, per channel) against a
@@ -37,21 +40,21 @@ import baseline
 import datasets
 import evaluate
 import simulate
-from features import N_FEATURES, SUCCESS
+from features import FEATURES, N_FEATURES, SUCCESS
 from traces import headline_horizon
 
 SIGN = np.ones(N_FEATURES)
 SIGN[SUCCESS] = -1.0  # success: lower is worse
+SLO = [FEATURES.index(c) for c in ("success_rate", "error_rate", "timeout_rate", "p99_over_sla")]
 
 
 def _z(X: np.ndarray, spread: str = "iqr") -> np.ndarray:
     """[T, 8] distances from the long baseline's median, log1p scale, oriented."""
     xl = np.log1p(np.clip(X.astype(np.float64), 0, None))
     q = np.log1p(np.clip(baseline.series(X).astype(np.float64), 0, None))  # [T, 5, 8]
-    if spread == "iqr":  # model.baseline_spread
-        scale = (q[:, 3] - q[:, 1]) / 1.349 + 0.05 * (q[:, 4] - q[:, 0]) + 1e-3
-    else:  # the bad tail's reach
-        scale = np.where(SIGN > 0, q[:, 4] - q[:, 2], q[:, 2] - q[:, 0]) / 2.33 + 1e-3
+    iqr = (q[:, 3] - q[:, 1]) / 1.349 + 0.05 * (q[:, 4] - q[:, 0]) + 1e-3  # model.baseline_spread
+    tail = np.where(SIGN > 0, q[:, 4] - q[:, 2], q[:, 2] - q[:, 0]) / 2.33 + 1e-3  # the bad tail's reach
+    scale = {"iqr": iqr, "tail": tail, "larger": np.maximum(iqr, tail)}[spread]
     return (xl - q[:, 2]) / scale * SIGN
 
 
@@ -127,7 +130,9 @@ def statistics() -> dict:
         return lambda X: f(_z(X, spread))
     out = {"spike": of(spike), "scan (the bundled anchor)": of(scan), "held": of(held),
            "held, tail": of(held, "tail"), "spike, tail": of(spike, "tail"),
-           "median of 3": of(median3), "held, own baseline": held_own_baseline}
+           "median of 3": of(median3), "held, own baseline": held_own_baseline,
+           "scan, larger spread": of(scan, "larger"), "held, larger spread": of(held, "larger"),
+           "held, tail, SLO channels": lambda X: held(_z(X, "tail")[:, SLO])}
     for c in (1.5, 2.0, 3.0):
         out[f"max(spike, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(spike(z), c * held(z)))(_z(X))
         out[f"max(scan, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(scan(z), c * held(z)))(_z(X))

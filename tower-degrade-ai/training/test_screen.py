@@ -39,5 +39,15 @@ class AgainstHistory(unittest.TestCase):
         self.assertAlmostEqual(out[150], 4.0 / 1e-3)
 
 
+class Spreads(unittest.TestCase):
+    def test_the_larger_spread_gives_the_shorter_of_the_two_distances(self):
+        rng = np.random.default_rng(5)
+        X = rng.gamma(2.0, 0.2, (300, 8)).astype(np.float32)
+        X[:, screen.SUCCESS] = 1 - rng.random(300) * 0.05
+        iqr, tail, larger = (screen._z(X, sp) for sp in ("iqr", "tail", "larger"))
+        np.testing.assert_allclose(np.abs(larger), np.minimum(np.abs(iqr), np.abs(tail)), rtol=1e-12)
+        self.assertTrue((np.abs(iqr) != np.abs(tail)).any())
+
+
 if __name__ == "__main__":
     unittest.main()
