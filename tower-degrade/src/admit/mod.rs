@@ -17,8 +17,10 @@
 //!
 //! A tier whose calls left the queue without a permit reserves permits against the tiers
 //! below it for a while (the concurrency those calls would have needed), so that the permits
-//! that come free after gold gave up waiting do not all go to bronze, which waits longer
-//! (details in `docs/admission.md`).
+//! that come free after gold gave up waiting do not all go to bronze, which waits longer;
+//! and while calls of the tiers below hold more permits than the reservations leave them
+//! (long calls that took them before), a tier under its reservation takes permits past the
+//! limit, up to its reservation (details in `docs/admission.md`).
 //!
 //! A call waits at most its class's [queue delay bound](crate::ClassConfig::max_queue_delay)
 //! (seed: 50 / 200 / 1000 ms by tier). Past it, or pushed out of a full queue, it is answered at
@@ -51,7 +53,7 @@ pub use self::propagate::{
 };
 pub(crate) use self::propagate::{TierScope, parse_tier};
 pub use self::queue::LimiterState;
-pub(crate) use self::queue::{Enqueued, Limiter, Priority, WaitEnd, Waiter, sample};
+pub(crate) use self::queue::{Enqueued, Limiter, Priority, WaitEnd, Waiter, rank, sample};
 pub(crate) use self::system::CpuSignal;
 use crate::class::Tier;
 use crate::error::ConfigError;

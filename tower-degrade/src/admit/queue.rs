@@ -17,6 +17,17 @@
 //! tier used: permits are kept idle for a tier's next calls, not for calls that stopped coming.
 //! Only while a tier holds a reservation do its calls count what they take: the uncontended
 //! path reads one relaxed flag more, and adds one relaxed `fetch_add` while it is set.
+//!
+//! A reservation only holds back permits that come free: calls of lower tiers that took
+//! permits before it was made keep them until they end, and calls that run long (slow
+//! uploads, a hung dependency) would starve the tier above for as long as they run. So a
+//! tier below its reservation may take a permit past the limit while the tiers below it hold
+//! more than the reservations above them leave them (Netflix concurrency-limits'
+//! partitioned limiter lets a partition under its guaranteed share in the same way): the
+//! limit is overdrawn by at most the reservation, and the lower tiers, over their ceiling,
+//! take no permit until their calls have ended and the count is back under it. Each tier's
+//! permits in use are counted for this (one relaxed `fetch_add` when a permit is taken, one
+//! `fetch_sub` when it is given back).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
@@ -108,6 +119,11 @@ pub(crate) enum WaitEnd {
 }
 
 impl Waiter {
+    /// The tier rank it waits as: a permit granted to it is given back with this rank.
+    pub(crate) fn rank(&self) -> u8 {
+        self.key.rank
+    }
+
     pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<WaitEnd> {
         let check = |s: &Slot| match s.state.load(Acquire) {
             GRANTED => Some(WaitEnd::Granted),
@@ -151,7 +167,8 @@ pub struct LimiterState {
     pub name: Arc<str>,
     /// The concurrency limit now.
     pub limit: u32,
-    /// Calls holding a permit.
+    /// Calls holding a permit: above `limit` while a tier takes the permits it reserved
+    /// past it (lower tiers' long calls hold theirs, `docs/admission.md`).
     pub inflight: u32,
     /// Calls waiting for one.
     pub waiting: u32,
@@ -181,6 +198,11 @@ pub(crate) struct Limiter {
     /// since the last tick.
     reserving: [AtomicBool; 3],
     admitted: [AtomicU32; 3],
+    /// Per tier rank: the permits its calls hold.
+    held: [AtomicU32; 3],
+    /// Per tier rank: its reservation, the permits it may hold past the limit while the tiers
+    /// below hold more than their ceilings (`overdraw`).
+    reserved: [AtomicU32; 3],
     reserve: Mutex<[Reserve; 3]>,
     inflight: AtomicU32,
     waiting: AtomicU32,
@@ -203,6 +225,8 @@ impl Limiter {
             turned_away: Default::default(),
             reserving: Default::default(),
             admitted: Default::default(),
+            held: Default::default(),
+            reserved: Default::default(),
             reserve: Mutex::default(),
             inflight: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
@@ -219,8 +243,10 @@ impl Limiter {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a permit if one is free to a call of `tier` (none reserved for the tiers above it)
-    /// and nobody waits for one. No lock.
+    /// Take a permit if one is free to a call of `tier` (none reserved for the tiers above it,
+    /// or one its tier reserved that lower tiers hold, see `overdraw`) and nobody waits for
+    /// one. No lock. A permit taken is given back with [`give_back`](Self::give_back) and the
+    /// same tier.
     #[inline]
     pub(crate) fn try_acquire(&self, tier: Tier) -> bool {
         if self.waiting.load(SeqCst) != 0 {
@@ -229,26 +255,56 @@ impl Limiter {
         let r = usize::from(rank(tier));
         let ceiling = self.ceiling[r].load(Relaxed);
         if self.inflight.fetch_add(1, SeqCst) < ceiling {
-            if self.reserving[r].load(Relaxed) {
-                self.admitted[r].fetch_add(1, Relaxed);
-            }
+            self.held[r].fetch_add(1, Relaxed);
+        } else if !self.overdraw(r) {
+            self.release_slot();
+            return false;
+        }
+        if self.reserving[r].load(Relaxed) {
+            self.admitted[r].fetch_add(1, Relaxed);
+        }
+        true
+    }
+
+    /// Whether a call of rank `r` that found its ceiling reached takes a permit past it: its
+    /// tier holds less than it reserved, and the tiers below hold more than the ceiling of the
+    /// tier just below it (permits they took before the reservations above were made). Counts
+    /// the permit as held by the tier when it does; the caller has counted it in flight.
+    #[cold]
+    fn overdraw(&self, r: usize) -> bool {
+        if r == 0 {
+            return false;
+        }
+        let below: u32 = self.held[..r].iter().map(|h| h.load(Relaxed)).sum();
+        if below <= self.ceiling[r - 1].load(Relaxed) {
+            return false;
+        }
+        if self.held[r].fetch_add(1, Relaxed) < self.reserved[r].load(Relaxed) {
             return true;
         }
-        self.give_back();
+        self.held[r].fetch_sub(1, Relaxed);
         false
     }
 
-    /// Give back a permit whose call finished after `micros` in the service (the data path
-    /// keeps its samples in the thread's shard instead, see [`sample`]).
+    /// Give back a permit of a call of `tier` whose call finished after `micros` in the
+    /// service (the data path keeps its samples in the thread's shard instead, see [`sample`]).
     #[cfg(test)]
-    pub(crate) fn release(&self, micros: u64) {
+    pub(crate) fn release(&self, tier: Tier, micros: u64) {
         self.samples.fetch_add(sample(micros), Relaxed);
-        self.give_back();
+        self.give_back(rank(tier));
     }
 
-    /// Give back a permit without a latency sample (the call never ran, or was abandoned).
+    /// Give back a permit a call of tier rank `r` held, without a latency sample (the call
+    /// never ran, or was abandoned).
     #[inline]
-    pub(crate) fn give_back(&self) {
+    pub(crate) fn give_back(&self, r: u8) {
+        self.held[usize::from(r)].fetch_sub(1, Relaxed);
+        self.release_slot();
+    }
+
+    /// One call fewer in flight; the best waiter takes its permit.
+    #[inline]
+    fn release_slot(&self) {
         self.inflight.fetch_sub(1, SeqCst);
         if self.waiting.load(SeqCst) != 0 {
             self.dispatch();
@@ -265,13 +321,15 @@ impl Limiter {
         // The best waiter first; when the permits left are reserved for tiers above it, they
         // are above every other waiter too.
         while let Some(entry) = q.entries.last_entry() {
-            let ceiling = self.ceiling[usize::from(entry.key().rank)].load(Relaxed);
-            if self.inflight.load(SeqCst) >= ceiling {
+            let r = usize::from(entry.key().rank);
+            if self.inflight.load(SeqCst) < self.ceiling[r].load(Relaxed) {
+                self.held[r].fetch_add(1, Relaxed);
+            } else if !self.overdraw(r) {
                 break;
             }
-            let (key, slot) = entry.remove_entry();
-            q.per_rank[usize::from(key.rank)] -= 1;
-            self.admitted[usize::from(key.rank)].fetch_add(1, Relaxed);
+            let (_, slot) = entry.remove_entry();
+            q.per_rank[r] -= 1;
+            self.admitted[r].fetch_add(1, Relaxed);
             self.inflight.fetch_add(1, SeqCst);
             self.waiting.fetch_sub(1, SeqCst);
             slot.settle(GRANTED);
@@ -349,7 +407,7 @@ impl Limiter {
 
     /// A waiting call gives up (its wait bound passed, or its caller dropped it). Returns
     /// whether it holds a permit after all (granted meanwhile): the caller must use it or
-    /// give it back.
+    /// give it back (with [`Waiter::rank`]).
     pub(crate) fn leave(&self, w: &Waiter) -> bool {
         let mut q = self.queue();
         if q.entries.remove(&w.key).is_some() {
@@ -406,12 +464,14 @@ impl Limiter {
     /// Update each tier's reservation from the calls it turned away since the last tick
     /// (the concurrency they would have needed, by Little's law: calls x `rtt_micros` over
     /// `period`; each call one permit while no latency was measured yet), and the ceilings
-    /// from them. Returns whether a ceiling rose (waiters may be admitted now).
+    /// from them. Returns whether a ceiling or a reservation rose (waiters may be admitted
+    /// now).
     fn reserve_for(&self, limit: u32, rtt_micros: u64, period: Duration) -> bool {
         let mut reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let period = period.as_micros().max(1) as u64;
         // The concurrency `calls` of a tick's latency needed over the tick (Little's law; a
         // permit each while no latency was measured).
+        let mut opened = false;
         let concurrency = |calls: u64| {
             let c = if rtt_micros == 0 {
                 calls
@@ -439,8 +499,9 @@ impl Limiter {
                 }
             }
             self.reserving[r].store(res.permits > 0, Relaxed);
+            // A tier whose reservation grew may overdraw for its waiters.
+            opened |= self.reserved[r].swap(res.permits, Relaxed) < res.permits;
         }
-        let mut opened = false;
         let mut above = 0u32;
         for r in (0..3).rev() {
             let ceiling = limit.saturating_sub(above);
@@ -517,14 +578,14 @@ mod tests {
         // Someone queues: the fast path stays shut even when a permit comes free.
         assert!(!l.try_acquire(Tier::Gold));
         assert!(poll(&gold).is_pending());
-        l.release(1_000);
+        l.release(Tier::Gold, 1_000);
         assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted), "gold first");
         assert!(poll(&bronze).is_pending());
-        l.release(1_000);
+        l.release(Tier::Gold, 1_000);
         assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
         assert_eq!(l.state().inflight, 2);
-        l.give_back();
-        l.give_back();
+        l.give_back(gold.rank());
+        l.give_back(bronze.rank());
         assert_eq!(l.state().inflight, 0);
         assert!(
             l.try_acquire(Tier::Gold),
@@ -543,10 +604,11 @@ mod tests {
             let g = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
             assert!(!l.leave(&g));
         }
-        // 3 calls x 300 ms over a 500 ms tick: 2 permits (rounded up) kept for gold.
-        assert!(!l.reserve_for(4, 300_000, TICK));
+        // 3 calls x 300 ms over a 500 ms tick: 2 permits (rounded up) kept for gold, which
+        // may overdraw them while bronze holds them.
+        assert!(l.reserve_for(4, 300_000, TICK));
         for _ in 0..4 {
-            l.give_back();
+            l.give_back(rank(Tier::Bronze));
         }
         assert!(l.try_acquire(Tier::Bronze) && l.try_acquire(Tier::Silver));
         assert!(!l.try_acquire(Tier::Bronze), "the last 2 are gold's");
@@ -566,7 +628,7 @@ mod tests {
                     l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
                     Enqueued::Admitted
                 ));
-                l.give_back();
+                l.give_back(rank(Tier::Gold));
             }
             assert!(!l.reserve_for(4, 300_000, TICK));
         }
@@ -574,15 +636,68 @@ mod tests {
             l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
             Enqueued::Admitted
         ));
-        l.give_back();
+        l.give_back(rank(Tier::Gold));
         assert!(
             l.reserve_for(4, 300_000, TICK),
             "1 permit reserved: bronze's ceiling rose"
         );
-        l.give_back();
+        l.give_back(rank(Tier::Gold));
         assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
         assert!(l.reserve_for(4, 300_000, TICK), "none reserved");
         assert_eq!(l.ceiling[0].load(Relaxed), 4);
+    }
+
+    #[test]
+    fn a_tier_under_its_reservation_overdraws_what_long_calls_below_it_hold() {
+        let l = limiter(4);
+        // Four slow bronze uploads hold every permit.
+        for _ in 0..4 {
+            assert!(l.try_acquire(Tier::Bronze));
+        }
+        // Gold finds none, and three gold calls give up waiting: nothing reserved yet.
+        assert!(!l.try_acquire(Tier::Gold));
+        for _ in 0..3 {
+            let g = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
+            assert!(!l.leave(&g));
+        }
+        // 3 calls of 5 ms over a 500 ms tick: 1 permit reserved for gold.
+        assert!(l.reserve_for(4, 5_000, TICK), "gold may overdraw now");
+        assert!(
+            l.try_acquire(Tier::Gold),
+            "past the limit: bronze holds gold's permit"
+        );
+        assert_eq!(l.state().inflight, 5);
+        assert!(!l.try_acquire(Tier::Gold), "no more than it reserved");
+        assert!(!l.try_acquire(Tier::Silver), "silver reserved nothing");
+        assert!(!l.try_acquire(Tier::Bronze));
+        // From the queue too, and a bronze call waiting behind gets nothing while bronze
+        // holds more than its ceiling.
+        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 2.0, Duration::ZERO));
+        l.give_back(rank(Tier::Gold));
+        assert!(matches!(
+            l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO),
+            Enqueued::Admitted
+        ));
+        l.give_back(rank(Tier::Gold));
+        assert!(
+            poll(&bronze).is_pending(),
+            "bronze holds 4, its ceiling is 3"
+        );
+        // The uploads end: bronze's ceiling is 3 again, and the waiting call gets one.
+        for _ in 0..4 {
+            l.give_back(rank(Tier::Bronze));
+        }
+        assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
+        assert_eq!(l.state().inflight, 1);
+        // Within their ceilings, the tiers below leave gold its permit: the limit holds.
+        assert!(l.try_acquire(Tier::Bronze) && l.try_acquire(Tier::Bronze));
+        assert!(!l.try_acquire(Tier::Bronze), "bronze's ceiling");
+        assert!(l.try_acquire(Tier::Gold));
+        assert!(
+            !l.try_acquire(Tier::Gold),
+            "at the limit, nothing held for gold below"
+        );
+        assert_eq!(l.state().inflight, 4);
     }
 
     #[test]
@@ -631,7 +746,7 @@ mod tests {
             assert!(l.try_acquire(Tier::Silver));
         }
         for _ in 0..4 {
-            l.give_back();
+            l.give_back(rank(Tier::Silver));
         }
         assert!(l.reserve_for(10, 250_000, TICK), "bronze's ceiling rose");
         assert_eq!(ceilings(), [6, 10, 10], "twice what silver used is kept");
@@ -686,7 +801,7 @@ mod tests {
         ));
         // Another tier has its own room.
         let gold = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
-        l.release(1);
+        l.release(Tier::Gold, 1);
         assert_eq!(poll(&gold), Poll::Ready(WaitEnd::Granted));
         assert!(poll(&high).is_pending());
     }
@@ -699,9 +814,9 @@ mod tests {
         assert!(!l.leave(&w), "still waiting: no permit");
         assert_eq!(l.waiting.load(SeqCst), 0);
         let w = queued(l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO));
-        l.release(1);
+        l.release(Tier::Gold, 1);
         assert!(l.leave(&w), "granted before it left: it holds the permit");
-        l.give_back();
+        l.give_back(w.rank());
         assert_eq!(l.state().inflight, 0);
     }
 
@@ -710,7 +825,7 @@ mod tests {
         let l = limiter(1);
         assert!(l.try_acquire(Tier::Gold));
         // The holder finishes while nobody waits yet...
-        l.release(1);
+        l.release(Tier::Gold, 1);
         // ...and a call that saw the limit reached queues: it gets the permit at once.
         assert!(matches!(
             l.enqueue(prio(Tier::Bronze, 0), 1.2, Duration::ZERO),

@@ -44,7 +44,8 @@ const MAX_PERIOD: Duration = Duration::from_secs(60);
 /// [`TASK_ID_HEADER`](crate::protocol::TASK_ID_HEADER)). A call that cannot be kept gets
 /// `413` with `x-degrade-reason: too_large` (its body or kept headers over the limit), `400`
 /// with `malformed` (a gRPC body that is not length-prefixed messages) or the reject answer
-/// with `not_kept` (the store full or failing): never a 202. A client that sends
+/// with `not_kept` (the store full or failing, or a request to switch protocols, such as a
+/// WebSocket's upgrade, which no replay can serve): never a 202. A client that sends
 /// the same idempotency key again while the task is kept gets the same task id, and nothing
 /// is kept twice (with a Redis store, also across the instances sharing it); the same
 /// key on a different request gets `422` (`key_reused`). [`Route::Cached`] is served by [`LastGoodLayer`](super::LastGoodLayer).
@@ -402,6 +403,21 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
     super::capture::grpc_rest(headers).is_some()
 }
 
+/// Whether the request asks to switch to another protocol on its connection: a WebSocket's
+/// `Upgrade: websocket` (any upgrade but to `h2c`, which a server may ignore and answer the
+/// request itself, as curl's `--http2` asks over plain HTTP) or a `CONNECT` (HTTP/2's
+/// extended CONNECT for WebSockets among them).
+fn switches_protocols(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::CONNECT
+        || parts
+            .headers
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"))
+}
+
 /// Capture, store, then answer: `202` (or the gRPC equivalent) once stored, the reject answer
 /// otherwise.
 async fn keep<B, RB, E>(
@@ -435,6 +451,12 @@ where
         answer(why)
     };
     if foreign {
+        return refuse(Reason::NotKept);
+    }
+    if switches_protocols(&parts) {
+        // A replay later could hand nobody the connection (and the upgrade headers are not
+        // kept: it would be a plain GET the handler refuses): refused, to be tried again.
+        tracing::debug!(class = %class, "a diverted protocol upgrade is not kept");
         return refuse(Reason::NotKept);
     }
     // The body first: a client that stalls its body holds no key, so it cannot hold back

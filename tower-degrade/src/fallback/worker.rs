@@ -37,11 +37,12 @@ enum Gate {
 struct Permit {
     degrader: Arc<crate::degrader::Shared>,
     limiter: usize,
+    rank: u8,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.degrader.limiters[self.limiter].give_back();
+        self.degrader.limiters[self.limiter].give_back(self.rank);
     }
 }
 
@@ -604,6 +605,7 @@ impl FallbackWorker {
         Ok(Some(Permit {
             degrader: shared.clone(),
             limiter,
+            rank: crate::admit::rank(gate.tier),
         }))
     }
 

@@ -70,12 +70,12 @@ struct Ticket {
 }
 
 impl Ticket {
-    /// Leave the queue; whether a permit was granted meanwhile (now held by the caller).
-    fn leave(&mut self) -> bool {
-        match self.waiter.take() {
-            Some(w) => self.shared.limiters[self.limiter].leave(&w),
-            None => false,
-        }
+    /// Leave the queue; the tier rank of a permit granted meanwhile (now held by the caller).
+    fn leave(&mut self) -> Option<u8> {
+        let w = self.waiter.take()?;
+        self.shared.limiters[self.limiter]
+            .leave(&w)
+            .then(|| w.rank())
     }
 }
 
@@ -83,8 +83,8 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let class = usize::from(self.class);
         if self.waiter.is_some() {
-            if self.leave() {
-                self.shared.limiters[self.limiter].give_back();
+            if let Some(rank) = self.leave() {
+                self.shared.limiters[self.limiter].give_back(rank);
             }
             let shard = &self.shared.shards[shard_index(self.shared.shard_mask)];
             let waited = shard.timer.elapsed(self.since);
@@ -173,15 +173,15 @@ where
                 .waiter
                 .as_ref()
                 .expect("polled after completion");
+            let rank = waiter.rank();
             let end = match waiter.poll(cx) {
                 Poll::Ready(end) => end,
                 Poll::Pending => {
                     ready!(this.deadline.poll(cx));
                     // Waited as long as the class tolerates: leave, unless granted meanwhile.
-                    if this.ticket.leave() {
-                        WaitEnd::Granted
-                    } else {
-                        WaitEnd::Shed
+                    match this.ticket.leave() {
+                        Some(_) => WaitEnd::Granted,
+                        None => WaitEnd::Shed,
                     }
                 }
             };
@@ -192,7 +192,7 @@ where
                 WaitEnd::Granted => {
                     let probe = this.ticket.probe.take();
                     let mut rec = Recording::after_wait(shard, class, probe, since);
-                    rec.hold_permit();
+                    rec.hold_permit(rank);
                     *this.rec = Some(rec);
                 }
                 WaitEnd::Shed => {

@@ -161,7 +161,7 @@ where
             Some(since) => Recording::after_wait(shard, idx as u16, probe, since),
         };
         if permit {
-            recording.hold_permit();
+            recording.hold_permit(crate::admit::rank(gate.tier));
         }
         let fut = self.inner.call(req);
         ResponseFuture::called(fut, recording, gate.timeout, delay, self.protocol.clone())
@@ -245,7 +245,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
         ) {
             Enqueued::Admitted => {
                 let mut rec = Recording::after_wait(shard, idx as u16, probe, since);
-                rec.hold_permit();
+                rec.hold_permit(crate::admit::rank(tier));
                 let fut = self.inner.call(req);
                 ResponseFuture::called(fut, rec, gate.timeout, None, self.protocol.clone())
             }

@@ -42,6 +42,9 @@ const PROBE: u8 = 8;
 /// Answered: the latency is recorded and the in-flight slot and permit are freed; only the
 /// outcome is left to count.
 const ANSWERED: u8 = 16;
+/// With `PERMIT`: the tier rank the permit was taken as (two bits from here), given back
+/// with it.
+const PERMIT_RANK_SHIFT: u8 = 5;
 
 impl std::fmt::Debug for Recording {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,10 +70,13 @@ impl Recording {
         }
     }
 
-    /// This call holds a permit of its class's admission limiter.
+    /// This call holds a permit of its class's admission limiter, taken as a call of tier
+    /// rank `rank` (`admit::queue::rank`: its class's tier, or the one an upstream raised it
+    /// to).
     #[inline]
-    pub(crate) fn hold_permit(&mut self) {
-        self.flags |= PERMIT;
+    pub(crate) fn hold_permit(&mut self, rank: u8) {
+        debug_assert!(rank < 4);
+        self.flags |= PERMIT | (rank << PERMIT_RANK_SHIFT);
     }
 
     /// Mark the inner future as being polled (or not any more).
@@ -204,7 +210,9 @@ impl Recording {
     #[inline]
     fn release(&self, ran: std::time::Duration, sample: bool) {
         let micros = sample.then(|| u64::try_from(ran.as_micros()).unwrap_or(u64::MAX));
-        self.shard.release_permit(usize::from(self.class), micros);
+        let rank = (self.flags >> PERMIT_RANK_SHIFT) & 3;
+        self.shard
+            .release_permit(usize::from(self.class), rank, micros);
     }
 
     /// The service and class names (for errors on cold paths).

@@ -108,10 +108,10 @@ impl Shard {
         }
     }
 
-    /// A call of `class` that held an admission permit ran `micros` in the service: keep the
-    /// sample, then give the permit back.
+    /// A call of `class` that held an admission permit (taken as tier rank `rank`) ran
+    /// `micros` in the service: keep the sample, then give the permit back.
     #[inline]
-    pub(crate) fn release_permit(&self, class: usize, micros: Option<u64>) {
+    pub(crate) fn release_permit(&self, class: usize, rank: u8, micros: Option<u64>) {
         let l = usize::from(self.class_limiter[class]);
         if let Some(m) = micros {
             // A load and a store, not a locked add: two threads on one shard racing here lose
@@ -123,7 +123,7 @@ impl Shard {
                 Relaxed,
             );
         }
-        self.limiters[l].give_back();
+        self.limiters[l].give_back(rank);
     }
 
     /// Take this shard's samples of `limiter` since the last call.

@@ -447,6 +447,68 @@ async fn gold_keeps_the_permits_when_calls_run_longer_than_it_may_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn long_calls_of_a_lower_tier_holding_every_permit_do_not_starve_gold() {
+    // Slow uploads in a bronze class of their own (its SLA fits them, never abandoned, as
+    // docs/architecture.md advises) take all 4 permits before gold's traffic comes, and
+    // hold them for 4 s: no permit comes free for a reservation to hold back.
+    let d = support::builder("test")
+        .admission(
+            Admission::adaptive()
+                .initial_limit(4)
+                .min_limit(4)
+                .max_limit(4),
+        )
+        .class(ClassConfig::gold("pay"))
+        .class(
+            ClassConfig::bronze("upload")
+                .sla(Duration::from_secs(30))
+                .abandon_timeout(None),
+        )
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let pay = d
+        .layer(d.class_id("pay").unwrap())
+        .layer(service_fn(|id: u32| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok::<_, BoxError>(id)
+        }));
+    let uploads = Held::new();
+    let upload = d
+        .layer(d.class_id("upload").unwrap())
+        .layer(uploads.service());
+    let running: Vec<_> = (0..4)
+        .map(|id| tokio::spawn(upload.clone().oneshot(id)))
+        .collect();
+    settle().await;
+    assert_eq!(uploads.started().len(), 4);
+    // Gold at 50 calls a second for 4 s, ticking every 500 ms.
+    let mut calls = Vec::new();
+    for i in 0..200u32 {
+        calls.push(tokio::spawn(pay.clone().oneshot(i)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if i % 25 == 24 {
+            d.tick_now();
+        }
+    }
+    let mut served = 0;
+    for c in calls {
+        served += u32::from(c.await.unwrap().is_ok());
+    }
+    // Gold turns calls away in its first tick, reserves, and takes its reserved permits
+    // past the limit from then on (before: 1 of 200, every other `overload`).
+    assert!(served >= 170, "gold served {served} of 200");
+    assert_eq!(d.admission()[0].limit, 4);
+    // The uploads end, unharmed; nothing leaks.
+    uploads.gate.add_permits(4);
+    for r in running {
+        assert!(r.await.unwrap().is_ok());
+    }
+    d.tick_now();
+    assert_eq!(d.admission()[0].inflight, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_tier_is_propagated_to_downstream_calls() {
     let d = degrader(10, [ClassConfig::gold("pay")]);
     let seen = Arc::new(Mutex::new(Vec::new()));

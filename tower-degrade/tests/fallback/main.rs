@@ -1604,6 +1604,39 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_protocol_upgrade_is_refused_not_kept() {
+    let d = degrader([ClassConfig::bronze("feed").fallback_route(Route::DelayedRetry)]);
+    let app = App::default();
+    let (store, _, _worker, svc) = router_for(&d, "feed", &app, |b| b);
+    d.force_open("feed").unwrap();
+    // A WebSocket's handshake, kept, would be replayed as a plain GET its handler refuses:
+    // not kept, and to be tried again once the class serves.
+    let ws = |method: http::Method, upgrade: Option<&str>| {
+        let mut b = Request::builder().method(method).uri("/feed");
+        if let Some(u) = upgrade {
+            b = b.header("connection", "upgrade").header("upgrade", u);
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    };
+    for req in [
+        ws(http::Method::GET, Some("websocket")),
+        ws(http::Method::GET, Some("h2c, WebSocket")),
+        ws(http::Method::CONNECT, None),
+    ] {
+        let what = format!("{} {:?}", req.method(), req.headers().get("upgrade"));
+        let res = call(&svc, req).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert_eq!(res.headers()[REASON_HEADER], "not_kept", "{what}");
+        assert!(res.headers().contains_key("retry-after"), "{what}");
+        assert!(!res.headers().contains_key(TASK_ID_HEADER), "{what}");
+    }
+    // An upgrade to h2c (curl's --http2 over plain HTTP) may be answered as it is: kept.
+    let res = call(&svc, ws(http::Method::POST, Some("h2c"))).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(store.depth(Queue::Retry).len, 1, "the h2c call alone");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id() {
     let d = degrader([ClassConfig::bronze("events").fallback_route(Route::Spool)]);
     let app = App::default();
