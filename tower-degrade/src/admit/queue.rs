@@ -69,6 +69,18 @@ pub(crate) struct Key {
     age: std::cmp::Reverse<u64>,
 }
 
+impl Key {
+    /// The least key of tier rank `rank`: every waiting call of the rank is above it.
+    fn lowest(rank: u8) -> Self {
+        Self {
+            rank,
+            score: 0,
+            user: 0,
+            age: std::cmp::Reverse(u64::MAX),
+        }
+    }
+}
+
 /// A waiting call's priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Priority {
@@ -272,11 +284,7 @@ impl Limiter {
     /// the permit as held by the tier when it does; the caller has counted it in flight.
     #[cold]
     fn overdraw(&self, r: usize) -> bool {
-        if r == 0 {
-            return false;
-        }
-        let below: u32 = self.held[..r].iter().map(|h| h.load(Relaxed)).sum();
-        if below <= self.ceiling[r - 1].load(Relaxed) {
+        if !self.below_over(r) {
             return false;
         }
         if self.held[r].fetch_add(1, Relaxed) < self.reserved[r].load(Relaxed) {
@@ -284,6 +292,15 @@ impl Limiter {
         }
         self.held[r].fetch_sub(1, Relaxed);
         false
+    }
+
+    /// Whether the tiers below rank `r` hold more permits than the ceiling of the tier just
+    /// below it: permits the reservations of `r` and above keep from them, taken before the
+    /// reservations were made (or the limit fell), by calls still running. Never for bronze.
+    fn below_over(&self, r: usize) -> bool {
+        r > 0
+            && self.held[..r].iter().map(|h| h.load(Relaxed)).sum::<u32>()
+                > self.ceiling[r - 1].load(Relaxed)
     }
 
     /// Give back a permit of a call of `tier` whose call finished after `micros` in the
@@ -298,7 +315,11 @@ impl Limiter {
     /// never ran, or was abandoned).
     #[inline]
     pub(crate) fn give_back(&self, r: u8) {
-        self.held[usize::from(r)].fetch_sub(1, Relaxed);
+        let held = self.held[usize::from(r)].fetch_sub(1, Relaxed);
+        debug_assert!(
+            held > 0,
+            "a permit given back as another tier than it was taken as"
+        );
         self.release_slot();
     }
 
@@ -318,22 +339,36 @@ impl Limiter {
     }
 
     fn dispatch_locked(&self, q: &mut Queue) {
-        // The best waiter first; when the permits left are reserved for tiers above it, they
-        // are above every other waiter too.
-        while let Some(entry) = q.entries.last_entry() {
-            let r = usize::from(entry.key().rank);
-            if self.inflight.load(SeqCst) < self.ceiling[r].load(Relaxed) {
-                self.held[r].fetch_add(1, Relaxed);
-            } else if !self.overdraw(r) {
-                break;
-            }
-            let (_, slot) = entry.remove_entry();
+        while let Some(key) = self.next_grant(q) {
+            let slot = q.entries.remove(&key).expect("a waiting call's key");
+            let r = usize::from(key.rank);
             q.per_rank[r] -= 1;
             self.admitted[r].fetch_add(1, Relaxed);
             self.inflight.fetch_add(1, SeqCst);
             self.waiting.fetch_sub(1, SeqCst);
             slot.settle(GRANTED);
         }
+    }
+
+    /// The waiting call to hand a permit to now, if any (its permit counted as its tier's):
+    /// the best one, if the permits in use are under its ceiling. Ceilings fall with the
+    /// tier, so the permits left reserved for the tiers above it are above every other
+    /// waiter too; but a tier under its own reservation may overdraw (`overdraw`) whatever
+    /// the tiers above it wait for, so the best waiter of each tier is asked that.
+    fn next_grant(&self, q: &Queue) -> Option<Key> {
+        let (&best, _) = q.entries.last_key_value()?;
+        let top = best.rank;
+        if self.inflight.load(SeqCst) < self.ceiling[usize::from(top)].load(Relaxed) {
+            self.held[usize::from(top)].fetch_add(1, Relaxed);
+            return Some(best);
+        }
+        (1..=top).rev().find_map(|rank| {
+            let (&key, _) = q
+                .entries
+                .range(Key::lowest(rank)..Key::lowest(rank + 1))
+                .next_back()?;
+            self.overdraw(usize::from(rank)).then_some(key)
+        })
     }
 
     /// Queue a call that found no free permit. `burst` is its tier's burst tolerance and
@@ -371,13 +406,11 @@ impl Limiter {
         if q.per_rank[r] >= cap {
             // The tier's queue is full: the least important call of the tier leaves it, this
             // one or the one at its tail.
-            let lowest = Key {
-                rank: key.rank,
-                score: 0,
-                user: 0,
-                age: std::cmp::Reverse(u64::MAX),
-            };
-            let tail = q.entries.range(lowest..).next().map(|(k, _)| *k);
+            let tail = q
+                .entries
+                .range(Key::lowest(key.rank)..)
+                .next()
+                .map(|(k, _)| *k);
             match tail {
                 Some(t) if t.rank == key.rank && t < key => {
                     let slot = q.entries.remove(&t).expect("just found");
@@ -415,6 +448,8 @@ impl Limiter {
             self.turned_away[usize::from(w.key.rank)].fetch_add(1, Relaxed);
             self.waiting.fetch_sub(1, SeqCst);
             w.slot.state.store(SHED, Release);
+            // A waiter of a lower tier that may overdraw was behind it.
+            self.dispatch_locked(&mut q);
             return false;
         }
         w.slot.state.load(Acquire) == GRANTED
@@ -492,15 +527,19 @@ impl Limiter {
             } else {
                 // Nothing turned away: the tier needed at most what it used.
                 res.permits = res.permits.min(limit).min(used.saturating_mul(2));
-                if res.hold > 0 {
+                if self.below_over(r) {
+                    // Overdrawing is what keeps it from turning calls away while the tiers
+                    // below hold what its reservation keeps from them: held, not decayed.
+                    res.hold = RESERVE_HOLD_TICKS;
+                } else if res.hold > 0 {
                     res.hold -= 1;
                 } else {
                     res.permits /= 2;
                 }
             }
             self.reserving[r].store(res.permits > 0, Relaxed);
-            // A tier whose reservation grew may overdraw for its waiters.
-            opened |= self.reserved[r].swap(res.permits, Relaxed) < res.permits;
+            // A tier whose reservation grew may overdraw for its waiters (bronze never does).
+            opened |= self.reserved[r].swap(res.permits, Relaxed) < res.permits && r > 0;
         }
         let mut above = 0u32;
         for r in (0..3).rev() {
@@ -698,6 +737,37 @@ mod tests {
             "at the limit, nothing held for gold below"
         );
         assert_eq!(l.state().inflight, 4);
+    }
+
+    #[test]
+    fn a_lower_tier_overdraws_its_own_reservation_behind_a_waiter_above_it() {
+        let l = limiter(4);
+        for _ in 0..4 {
+            assert!(l.try_acquire(Tier::Bronze));
+        }
+        // Gold and silver each turned a call away: a permit each (no latency measured yet).
+        l.turned_away[usize::from(rank(Tier::Gold))].fetch_add(1, Relaxed);
+        l.turned_away[usize::from(rank(Tier::Silver))].fetch_add(1, Relaxed);
+        assert!(l.reserve_for(4, 0, TICK));
+        assert_eq!(l.ceiling.each_ref().map(|c| c.load(Relaxed)), [2, 3, 4]);
+        assert!(
+            l.try_acquire(Tier::Gold),
+            "gold's reserved permit, past the limit"
+        );
+        let gold = queued(l.enqueue(prio(Tier::Gold, 0), 2.0, Duration::ZERO));
+        // Gold holds its reservation and waits; silver, behind it, takes its own.
+        assert!(matches!(
+            l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO),
+            Enqueued::Admitted
+        ));
+        assert!(poll(&gold).is_pending());
+        assert_eq!(l.state().inflight, 6);
+        assert!(matches!(
+            l.enqueue(prio(Tier::Silver, 0), 1.5, Duration::ZERO),
+            Enqueued::Queued(_)
+        ));
+        assert!(!l.leave(&gold));
+        assert_eq!(l.state().inflight, 6, "no more than each reserved");
     }
 
     #[test]
