@@ -524,14 +524,17 @@ impl Limiter {
                     .saturating_add(concurrency(away).max(1))
                     .min(limit);
                 res.hold = RESERVE_HOLD_TICKS;
+            } else if self.below_over(r) {
+                // The tiers below still hold what its reservation keeps from them, and
+                // overdrawing it is what keeps the tier from turning calls away (a call that
+                // comes once every few seconds too, a health check): held as it is, not cut
+                // to what the tick used nor decayed.
+                res.permits = res.permits.min(limit);
+                res.hold = RESERVE_HOLD_TICKS;
             } else {
                 // Nothing turned away: the tier needed at most what it used.
                 res.permits = res.permits.min(limit).min(used.saturating_mul(2));
-                if self.below_over(r) {
-                    // Overdrawing is what keeps it from turning calls away while the tiers
-                    // below hold what its reservation keeps from them: held, not decayed.
-                    res.hold = RESERVE_HOLD_TICKS;
-                } else if res.hold > 0 {
+                if res.hold > 0 {
                     res.hold -= 1;
                 } else {
                     res.permits /= 2;

@@ -450,7 +450,7 @@ async fn gold_keeps_the_permits_when_calls_run_longer_than_it_may_wait() {
 async fn long_calls_of_a_lower_tier_holding_every_permit_do_not_starve_gold() {
     // Slow uploads in a bronze class of their own (its SLA fits them, never abandoned, as
     // docs/architecture.md advises) take all 4 permits before gold's traffic comes, and
-    // hold them for 10 s: no permit comes free for a reservation to hold back.
+    // hold them for 20 s: no permit comes free for a reservation to hold back.
     let d = support::builder("test")
         .admission(
             Admission::adaptive()
@@ -502,6 +502,15 @@ async fn long_calls_of_a_lower_tier_holding_every_permit_do_not_starve_gold() {
         served[1..].iter().all(|&n| n == 25),
         "gold served per tick: {served:?}"
     );
+    // A gold call every 2 s (a health check) while they still run: the reservation is
+    // held, not cut to what the ticks used, so each is served.
+    for _ in 0..5 {
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            d.tick_now();
+        }
+        assert!(pay.clone().oneshot(0).await.is_ok(), "a sparse gold call");
+    }
     // The uploads end, unharmed; nothing leaks.
     uploads.gate.add_permits(4);
     for r in running {
