@@ -21,9 +21,10 @@ use crate::window::{Outcome, Recording};
 /// that ends with a failure status counts as failed when it ends. A stream that its client
 /// drops after the headers is `cancelled`: the service had answered. For unary calls the
 /// headers come back when the handler has answered, with the trailers right after them. A
-/// half-open probe that is a long stream leaves the probe unfinished until the stream ends:
-/// unary calls make better probes. The class `timeout` covers the time to the response
-/// headers.
+/// half-open probe is judged when its response headers come: within the class's SLA, a
+/// success, later, a failure (a watch that takes a probe does not hold it, and its class
+/// half-open, for as long as it streams); its stream's end is then counted as any call's.
+/// The class `timeout` covers the time to the response headers.
 ///
 /// A client stream (an upload) is different: tonic sends the headers when the handler
 /// returns, after the client's last message, so the whole upload is the call's latency, and

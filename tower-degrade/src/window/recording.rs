@@ -159,15 +159,16 @@ impl Recording {
         }
     }
 
-    /// A probe answered slower than its SLA has failed, whatever its stream ends with; one
-    /// answered in time is judged by its outcome.
+    /// A probe is judged at its answer's head: answered within its SLA it succeeded, slower it
+    /// failed, whatever its stream ends with (its end is counted in the window as any call's).
+    /// Judged at the stream's end instead, a watch or a feed that took a probe held it for as
+    /// long as it streamed, and its class half-open, refusing nearly every call.
     #[cold]
     fn answered_probe(&mut self, latency: std::time::Duration) {
         let class = usize::from(self.class);
-        if !self.shard.within_sla(class, latency) {
-            self.flags &= !PROBE;
-            self.shard.probe_done(class, false, latency);
-        }
+        self.flags &= !PROBE;
+        let ok = self.shard.within_sla(class, latency);
+        self.shard.probe_done(class, ok, latency);
     }
 
     /// A probe ended with `outcome` after `latency`: a verdict, or, cancelled by its caller,
@@ -187,11 +188,8 @@ impl Recording {
     pub fn finish(mut self, outcome: Outcome) {
         self.flags |= DONE;
         if self.flags & ANSWERED != 0 {
+            // A probe was judged when it was answered (`answered_probe`).
             self.shard.count(usize::from(self.class), outcome);
-            if self.flags & PROBE != 0 {
-                // Answered within the SLA (`answered_probe`).
-                self.probe_ended(outcome, std::time::Duration::ZERO);
-            }
             return;
         }
         let (latency, ran) = self.latency();
@@ -237,10 +235,8 @@ impl Drop for Recording {
             } else {
                 Outcome::Cancelled
             };
+            // A probe was judged when it was answered.
             self.shard.count(usize::from(self.class), outcome);
-            if self.flags & PROBE != 0 {
-                self.probe_ended(outcome, std::time::Duration::ZERO);
-            }
         } else if self.flags & DONE == 0 {
             let class = usize::from(self.class);
             let (latency, ran) = self.latency();

@@ -746,6 +746,61 @@ async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_grpc_stream_that_takes_a_probe_is_judged_at_its_headers() {
+    // A watch shares its class with unary calls; the class opened, and the watches that
+    // reconnect first take the half-open probes and stream on.
+    let d = degrader(vec![
+        ClassConfig::gold("watch").sla(Duration::from_millis(50)),
+    ]);
+    let id = d.class_id("watch").unwrap();
+    drive(&mut d.layer(id).layer(echo()), 0, 25).await;
+    d.tick_now();
+    assert_eq!(d.state("watch").unwrap(), State::Open);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    d.tick_now();
+    assert_eq!(d.state("watch").unwrap(), State::HalfOpen);
+    let streams = service_fn(|req: Request<oneshot::Receiver<&'static str>>| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let body = ServerStream {
+            first: Some(Bytes::from_static(b"msg")),
+            end: Some(req.into_body()),
+        };
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap(),
+        )
+    });
+    let mut svc = d.layer(id).grpc().layer(streams);
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let (end, rx) = oneshot::channel();
+        let req = Request::post("/shop.Inventory/Watch").body(rx).unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert!(
+            !res.headers().contains_key("grpc-status"),
+            "a probe, served"
+        );
+        open.push((end, res));
+    }
+    // Five probes answered within the SLA: the class recovers while they stream on (it
+    // stayed half-open, refusing every other call, for as long as they streamed).
+    tokio::time::advance(Duration::from_millis(500)).await;
+    d.tick_now();
+    assert_eq!(d.state("watch").unwrap(), State::Recovering);
+    // Their ends count in the window, as any call's: one fails, none is a probe.
+    for (i, (end, res)) in open.into_iter().enumerate() {
+        end.send(if i == 0 { "14" } else { "0" }).unwrap();
+        res.into_body().collect().await.unwrap();
+    }
+    d.tick_now();
+    let w = d.history("watch").unwrap().latest().copied().unwrap();
+    assert_eq!((w.successes, w.errors), (4, 1));
+    assert_eq!((w.probe_successes, w.probe_failures), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn override_header_only_picks_configured_allowed_classes() {
     let d = degrader(vec![ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
     let classify = d
