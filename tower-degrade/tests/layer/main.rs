@@ -664,17 +664,15 @@ impl http_body::Body for ServerStream {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
-    let d = degrader(vec![
-        ClassConfig::gold("watch").sla(Duration::from_millis(50)),
-    ]);
-    let classify = d
-        .http_classifier()
-        .grpc("/shop.Inventory/*", "watch")
-        .unwrap()
-        .build();
-    let streams = service_fn(|req: Request<oneshot::Receiver<&'static str>>| async move {
+/// A gRPC service answering each call in 5 ms with a [`ServerStream`] that ends with the
+/// status sent on the request's channel.
+fn server_streams() -> impl Service<
+    Request<oneshot::Receiver<&'static str>>,
+    Response = Response<ServerStream>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    service_fn(|req: Request<oneshot::Receiver<&'static str>>| async move {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let body = ServerStream {
             first: Some(Bytes::from_static(b"msg")),
@@ -686,8 +684,20 @@ async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
                 .body(body)
                 .unwrap(),
         )
-    });
-    let mut svc = d.layer(classify).grpc().layer(streams);
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
+    let d = degrader(vec![
+        ClassConfig::gold("watch").sla(Duration::from_millis(50)),
+    ]);
+    let classify = d
+        .http_classifier()
+        .grpc("/shop.Inventory/*", "watch")
+        .unwrap()
+        .build();
+    let mut svc = d.layer(classify).grpc().layer(server_streams());
     let mut open = Vec::new();
     for _ in 0..25 {
         let (end, rx) = oneshot::channel();
@@ -759,20 +769,7 @@ async fn a_grpc_stream_that_takes_a_probe_is_judged_at_its_headers() {
     tokio::time::advance(Duration::from_secs(5)).await;
     d.tick_now();
     assert_eq!(d.state("watch").unwrap(), State::HalfOpen);
-    let streams = service_fn(|req: Request<oneshot::Receiver<&'static str>>| async move {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let body = ServerStream {
-            first: Some(Bytes::from_static(b"msg")),
-            end: Some(req.into_body()),
-        };
-        Ok::<_, Infallible>(
-            Response::builder()
-                .header("content-type", "application/grpc")
-                .body(body)
-                .unwrap(),
-        )
-    });
-    let mut svc = d.layer(id).grpc().layer(streams);
+    let mut svc = d.layer(id).grpc().layer(server_streams());
     let mut open = Vec::new();
     for _ in 0..5 {
         let (end, rx) = oneshot::channel();
