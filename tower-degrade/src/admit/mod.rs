@@ -23,7 +23,8 @@
 //! limit, up to its reservation (details in `docs/admission.md`).
 //!
 //! A call waits at most its class's [queue delay bound](crate::ClassConfig::max_queue_delay)
-//! (seed: 50 / 200 / 1000 ms by tier). Past it, or pushed out of a full queue, it is answered at
+//! (seed: 50 / 200 / 1000 ms by tier), or half its caller's deadline where that is shorter
+//! (gRPC's `grpc-timeout`; [`AdmissionKey::with_deadline`]). Past it, or pushed out of a full queue, it is answered at
 //! once like any call its class does not admit (reason `overload`, the class's fallback
 //! route), not served late. A tier's queue holds up to `(burst tolerance - 1) x limit` calls
 //! (seed: 2.0 / 1.5 / 1.2, so gold may queue a whole limit's worth, bronze a fifth).
@@ -46,6 +47,7 @@ mod queue;
 mod system;
 
 use std::hash::{Hash, Hasher};
+use std::time::Duration;
 
 pub(crate) use self::limit::LimitConfig;
 pub use self::propagate::{
@@ -172,6 +174,7 @@ pub struct AdmissionKey {
     tier: Option<Tier>,
     user: Option<u16>,
     invalid_tier: bool,
+    deadline: Option<Duration>,
 }
 
 /// Calls without a user key are in the middle bucket: behind half the users, ahead of the rest.
@@ -184,6 +187,7 @@ impl AdmissionKey {
             tier: None,
             user: None,
             invalid_tier: false,
+            deadline: None,
         }
     }
 
@@ -209,6 +213,24 @@ impl AdmissionKey {
         self
     }
 
+    /// How long the caller waits for the answer at most (gRPC's `grpc-timeout`, which
+    /// [`HttpClassifier`](crate::classify::HttpClassifier) reads): the call waits for a permit
+    /// at most half of it when that is shorter than its class's bound
+    /// ([`ClassConfig::max_queue_delay`](crate::ClassConfig::max_queue_delay)), and is then
+    /// answered as any call its class does not admit (reason `overload`, the class's
+    /// fallback route), so that a route that keeps calls keeps it while its caller still
+    /// waits for the answer, rather than the caller giving up in the queue.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The longest the call waits for a permit: its class's bound, or half its caller's
+    /// deadline when shorter.
+    pub(crate) fn wait_bound(&self, class: Duration) -> Duration {
+        self.deadline.map_or(class, |d| class.min(d / 2))
+    }
+
     /// The tier the call waits in: the class's, or the upstream's when higher.
     pub(crate) fn tier(&self, class: Tier) -> Tier {
         match self.tier {
@@ -224,6 +246,36 @@ impl AdmissionKey {
     pub(crate) fn user(&self) -> u16 {
         self.user.unwrap_or(DEFAULT_USER_BUCKET)
     }
+}
+
+/// A `grpc-timeout` value (gRPC over HTTP/2: at most 8 digits and a unit, `H`, `M`, `S`, `m`,
+/// `u` or `n`); `None` for anything else, which the call then waits as if it had none (tonic's
+/// server ignores such a value too).
+pub(crate) fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    let n = whole_number(digits, 8)?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A deadline header's whole number of milliseconds (at most 12 digits, about 31 years).
+pub(crate) fn parse_millis(v: &[u8]) -> Option<Duration> {
+    whole_number(v, 12).map(Duration::from_millis)
+}
+
+/// 1 to `most` ASCII digits, nothing else (no sign, no space): a client's value, checked.
+fn whole_number(v: &[u8], most: usize) -> Option<u64> {
+    if v.is_empty() || v.len() > most || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// FNV-1a and splitmix64's finaliser: stable across processes and releases (unlike `std`'s
@@ -272,6 +324,66 @@ mod tests {
             .map(|i| user_bucket(format!("user-{i}").as_bytes()))
             .collect();
         assert!(buckets.len() > 980, "{} buckets", buckets.len());
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_protocol_writes_them() {
+        let ms = Duration::from_millis;
+        for (v, want) in [
+            (&b"300m"[..], Some(ms(300))),
+            (b"2S", Some(ms(2_000))),
+            (b"1M", Some(ms(60_000))),
+            (b"1H", Some(ms(3_600_000))),
+            (b"1500u", Some(Duration::from_micros(1_500))),
+            (b"99999999n", Some(Duration::from_nanos(99_999_999))),
+            (b"0m", Some(Duration::ZERO)),
+            // Garbage, or more than 8 digits: as if there were none.
+            (b"123456789m", None),
+            (b"m", None),
+            (b"", None),
+            (b"10", None),
+            (b"10s", None),
+            (b"+10m", None),
+            (b"1.5S", None),
+            ("10\u{00b5}".as_bytes(), None),
+        ] {
+            assert_eq!(
+                parse_grpc_timeout(v),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(v)
+            );
+        }
+        assert_eq!(parse_millis(b"15000"), Some(Duration::from_secs(15)));
+        for bad in [
+            &b""[..],
+            b" 15",
+            b"15 ",
+            b"-1",
+            b"1e3",
+            b"1.5",
+            b"1234567890123",
+        ] {
+            assert_eq!(
+                parse_millis(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_call_waits_at_most_half_its_deadline() {
+        let ms = Duration::from_millis;
+        let key = AdmissionKey::none();
+        assert_eq!(key.wait_bound(ms(1_000)), ms(1_000));
+        assert_eq!(key.with_deadline(ms(300)).wait_bound(ms(1_000)), ms(150));
+        assert_eq!(
+            key.with_deadline(ms(5_000)).wait_bound(ms(1_000)),
+            ms(1_000)
+        );
+        assert_eq!(key.with_deadline(ms(0)).wait_bound(ms(50)), ms(0));
     }
 
     #[test]

@@ -34,6 +34,7 @@ struct Rules {
     group_header: Option<HeaderName>,
     start_header: Option<HeaderName>,
     user_header: Option<HeaderName>,
+    deadline_header: Option<HeaderName>,
     upstream: Option<(HeaderName, Tier)>,
     registry: Registry,
     default: ClassId,
@@ -103,6 +104,7 @@ impl HttpClassifier {
                 group_header: None,
                 start_header: None,
                 user_header: None,
+                deadline_header: None,
                 upstream: None,
                 registry: registry.clone(),
                 default: ClassId::DEFAULT,
@@ -242,6 +244,18 @@ impl HttpClassifierBuilder {
     /// [default bucket](crate::admit::DEFAULT_USER_BUCKET).
     pub fn user_key(mut self, header: &str) -> Result<Self, ConfigError> {
         self.rules.user_header = Some(header_name("http.user_key", header)?);
+        Ok(self)
+    }
+
+    /// The header holding how long the caller waits for the answer, in milliseconds (e.g.
+    /// Envoy's `x-envoy-expected-rq-timeout-ms`): under [admission](crate::admit), a call
+    /// waits for a permit at most half of it where that is shorter than its class's bound, then
+    /// goes to its class's fallback route while its caller still waits (a route that keeps
+    /// calls keeps it, where the caller would have given up in the queue). A gRPC call's
+    /// `grpc-timeout` is read so without this. A value that is not a whole number of
+    /// milliseconds is ignored.
+    pub fn deadline_header(mut self, header: &str) -> Result<Self, ConfigError> {
+        self.rules.deadline_header = Some(header_name("http.deadline_header", header)?);
         Ok(self)
     }
 
@@ -416,6 +430,18 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
         let user = r.user_header.as_ref().or(r.key_header.as_ref());
         if let Some(v) = user.and_then(|n| req.headers().get(n)) {
             key = key.with_user(v.as_bytes());
+        }
+        // The caller's deadline: a call waits for a permit at most half of it.
+        let headers = req.headers();
+        let deadline = (r.deadline_header.as_ref())
+            .and_then(|n| headers.get(n))
+            .and_then(|v| crate::admit::parse_millis(v.as_bytes()))
+            .or_else(|| {
+                let v = headers.get("grpc-timeout")?;
+                crate::admit::parse_grpc_timeout(v.as_bytes())
+            });
+        if let Some(d) = deadline {
+            key = key.with_deadline(d);
         }
         key
     }

@@ -45,8 +45,9 @@ pub trait ClassifyRequest<Req> {
     }
 
     /// What [admission](crate::admit) may know of `req` besides its class: an upstream's
-    /// priority and the user key. Only called for calls that have to wait for a permit; the
-    /// default knows nothing (the class's tier, the default user bucket).
+    /// priority, the user key and the caller's deadline. Only called for calls that have to
+    /// wait for a permit; the default knows nothing (the class's tier, the default user bucket,
+    /// the class's wait bound). [`HttpClassifier`] reads a gRPC call's `grpc-timeout`.
     fn admission_key(&self, _req: &Req) -> AdmissionKey {
         AdmissionKey::none()
     }

@@ -127,12 +127,12 @@ impl<S, Req, Fb> Queued<S, Req, Fb> {
         waiter: Waiter,
         class: u16,
         since: u64,
+        bound: Duration,
         probe: Option<ProbePermit>,
         svc: S,
         req: Req,
         fallback: Fb,
     ) -> Self {
-        let bound = shared.gates[usize::from(class)].queue_bound;
         Self {
             deadline: tokio::time::sleep(bound),
             ticket: Ticket {

@@ -228,6 +228,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             crate::metrics::priority_header_invalid(&self.shared.service);
         }
         let tier = key.tier(gate.tier);
+        let bound = key.wait_bound(gate.queue_bound);
         let priority = Priority {
             tier,
             score: gate.score.load(std::sync::atomic::Ordering::Relaxed),
@@ -238,11 +239,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             .waiting_since
             .take()
             .unwrap_or_else(|| shard.timer.start());
-        match self.shared.limiters[limiter].enqueue(
-            priority,
-            tier.burst_tolerance(),
-            gate.queue_bound,
-        ) {
+        match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance(), bound) {
             Enqueued::Admitted => {
                 let mut rec = Recording::after_wait(shard, idx as u16, probe, since);
                 rec.hold_permit(crate::admit::rank(tier));
@@ -276,6 +273,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
                     waiter,
                     idx as u16,
                     since,
+                    bound,
                     probe,
                     svc,
                     req,

@@ -139,6 +139,69 @@ async fn a_call_waits_no_longer_than_its_class_tolerates() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_waits_at_most_half_its_callers_deadline() {
+    // Bronze waits up to 1 s for a permit. A gRPC client that gives the call 300 ms gave up in
+    // the queue, before its call was served or its class's route could keep it; now the call
+    // leaves the queue at half its deadline, answered as not admitted while its caller waits.
+    let d = degrader(1, [ClassConfig::bronze("log")]);
+    let classify = HttpClassifier::builder(d.registry())
+        .grpc("/shop.Logs/Write", "log")
+        .unwrap()
+        .route(None, "/log", "log")
+        .unwrap()
+        .deadline_header("x-envoy-expected-rq-timeout-ms")
+        .unwrap()
+        .build();
+    let gate = Arc::new(Semaphore::new(0));
+    let inner = {
+        let gate = gate.clone();
+        service_fn(move |_req: Request<()>| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await?.forget();
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        })
+    };
+    let svc = d.layer(classify).layer(inner);
+    let busy = tokio::spawn(svc.clone().oneshot(Request::get("/log").body(()).unwrap()));
+    settle().await;
+    for (header, value, waits) in [
+        ("grpc-timeout", "300m", 150),
+        ("grpc-timeout", "1S", 500),
+        ("x-envoy-expected-rq-timeout-ms", "100", 50),
+        // Longer than the class's bound, or not a deadline: the class's bound.
+        ("grpc-timeout", "10S", 1_000),
+        ("grpc-timeout", "soon", 1_000),
+        ("x-envoy-expected-rq-timeout-ms", "0.1", 1_000),
+    ] {
+        let path = if header == "grpc-timeout" {
+            "/shop.Logs/Write"
+        } else {
+            "/log"
+        };
+        let req = Request::post(path)
+            .header("content-type", "application/grpc")
+            .header(header, value)
+            .body(())
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let r = svc.clone().oneshot(req).await;
+        let why = r
+            .err()
+            .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()));
+        assert_eq!(why, Some(Reason::Overload), "{header}: {value}");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(waits),
+            "{header}: {value}"
+        );
+    }
+    gate.add_permits(1);
+    busy.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn callers_giving_up_in_the_queue_are_counted() {
     // Bronze waits up to 1 s for a permit; its abandon threshold is set to 500 ms. One
     // caller gives up after 100 ms of waiting, another after 700 ms: cancelled, then a
