@@ -1692,6 +1692,72 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_waiting_for_a_permit_is_kept_before_its_deadline() {
+    // Admission at one permit, held by a call to a stuck database. A client that gives its
+    // call 300 ms waited in the queue for the class's 1 s and gave up, the call neither served
+    // nor kept; now it leaves the queue at 150 ms and its spooled class keeps it.
+    let d = support::builder("test")
+        .class(ClassConfig::bronze("events").fallback_route(Route::Spool))
+        .admission(
+            Admission::adaptive()
+                .initial_limit(1)
+                .min_limit(1)
+                .max_limit(1),
+        )
+        .build_with_worker()
+        .unwrap()
+        .0;
+    let store = Arc::new(MemoryStore::default());
+    let app = App::default();
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let classify = d
+        .http_classifier()
+        .grpc("/shop.Events/Record", "events")
+        .unwrap()
+        .build();
+    let db = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = db.clone();
+    let svc = d
+        .layer(classify)
+        .http()
+        .fallback_with(router)
+        .layer(service_fn(move |_: Req| {
+            let gate = gate.clone();
+            async move {
+                let _held = gate.acquire().await.unwrap();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+            }
+        }));
+    let record = || {
+        Request::post("/shop.Events/Record")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", "300m")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 1, 8])))
+            .unwrap()
+    };
+    let stuck = tokio::spawn(svc.clone().oneshot(record()));
+    run_for(10).await;
+    assert_eq!(d.admission()[0].inflight, 1);
+    let start = tokio::time::Instant::now();
+    let res = tokio::time::timeout(Duration::from_millis(300), svc.clone().oneshot(record()))
+        .await
+        .expect("answered within the caller's deadline")
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(150));
+    assert_eq!(res.headers()["grpc-status"], "6", "kept");
+    assert_eq!(res.headers()[REASON_HEADER], "overload");
+    task_id(&res);
+    assert_eq!(store.depth(Queue::Spool).len, 1);
+    db.add_permits(1);
+    stuck.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn the_store_must_be_given_and_errors_name_the_field() {
     let d = degrader([ClassConfig::bronze("browse")]);
