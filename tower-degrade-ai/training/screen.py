@@ -20,6 +20,11 @@ that higher is worse (success enters as a failure), the largest over the channel
 - `median of 3`: the middle of the last 3 ticks' oriented distances;
 - `held, own baseline`: the held level (the best of the last 3 ticks, per channel) against a
   baseline kept of that level itself;
+- `scan, seasonal baseline`: the scan of distances from the same time of day on the last 7
+  days (the steps within 2 of it, their median and spread as the long baseline's; the long
+  baseline's distance where fewer than 10 such steps were seen, so the simulator's one-hour
+  traces and Nezha's day-long series read as the anchor), and the smaller of the two scans
+  (a deviation from both the recent level and the usual level at that hour);
 - `... against its own history`: the statistic itself read against the class's own history of
   it, (s - median) / (q99 - median) of its values on the last HISTORY healthy ticks before
   this one, refreshed every REFRESH ticks as the long baseline is (0 until 64 such ticks);
@@ -85,6 +90,38 @@ def scan(z):
         s[:k - 1] = (c[1:k] - c[0]) / np.sqrt(np.arange(1, k))[:, None]
         best = np.maximum(best, np.abs(s).max(axis=1))
     return best
+
+
+def seasonal_z(X: np.ndarray, step_seconds: float, days: int = 7, near: int = 2,
+               least: int = 10) -> np.ndarray:
+    """[T, 8] oriented distances from the same time of day on the last `days` days: the log1p
+    values of the steps within `near` of t - k day (k = 1..days), their median and spread as
+    the long baseline's (model.baseline_spread); `_z`'s distance from the long baseline where
+    fewer than `least` such steps came before t."""
+    period = int(round(86400 / step_seconds))
+    out = _z(X)
+    T = len(X)
+    if period <= near or period >= T:
+        return out
+    xl = np.log1p(np.clip(X.astype(np.float64), 0, None))
+    offsets = np.array([k * period - j for k in range(1, days + 1) for j in range(-near, near + 1)])
+    for t in range(period - near, T):
+        idx = t - offsets
+        idx = idx[(idx >= 0) & (idx < t)]
+        if len(idx) < least:
+            continue
+        q = np.quantile(xl[idx], [0.0, 0.25, 0.5, 0.75, 1.0], axis=0)
+        spread = (q[3] - q[1]) / 1.349 + 0.05 * (q[4] - q[0]) + 1e-3
+        out[t] = (xl[t] - q[2]) / spread * SIGN
+    return out
+
+
+def seasonal_statistics() -> dict:
+    """Name -> function of a trace (the seasonal baseline needs its step)."""
+    def season(tr):
+        return scan(seasonal_z(tr.X, tr.step_seconds))
+    return {"scan, seasonal baseline": season,
+            "the smaller of the scan and the seasonal scan": lambda tr: np.minimum(scan(_z(tr.X)), season(tr))}
 
 
 def held_own_baseline(X):
@@ -165,6 +202,7 @@ def main():
     sets = {"simulated": ([t for t in sim if t.test_from == 0], [t for t in sim if t.val_from < t.test_from]),
             **{n: (pub[n], None) for n in ("nab", "nezha", "smd")}}
     dets = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}
+    dets.update(seasonal_statistics())
     dets.update({k: f for k, f in evaluate.BASELINES.items() if k not in evaluate.FIXED})
     print("| statistic | " + " | ".join(sets) + " |")
     print("|---|" + "---|" * len(sets))

@@ -49,5 +49,25 @@ class Spreads(unittest.TestCase):
         self.assertTrue((np.abs(iqr) != np.abs(tail)).any())
 
 
+class Seasonal(unittest.TestCase):
+    def test_a_daily_cycle_is_usual_at_its_hour(self):
+        # 5-minute steps, a rate eight times as high from noon to 3 pm: against the long
+        # baseline each afternoon is far out; against the same time on the days before, usual.
+        step, per_day, days = 300.0, 288, 10
+        t = np.arange(per_day * days)
+        X = np.full((len(t), 8), 0.5, np.float32)
+        X[:, screen.SUCCESS] = 1.0
+        afternoon = (t % per_day >= 144) & (t % per_day < 180)
+        X[:, 0] = np.where(afternoon, 400.0, 50.0) + (t % 5)
+        z_long, z_season = screen._z(X), screen.seasonal_z(X, step)
+        late = (t >= per_day * 3) & (t % per_day >= 150) & (t % per_day < 174)
+        self.assertTrue((np.abs(z_season[late, 0]) < 1.5).all())
+        self.assertTrue((z_long[late, 0] > 10).all())
+        # Before 10 steps at that time of day were seen: the long baseline's distance.
+        np.testing.assert_array_equal(z_season[:per_day], z_long[:per_day])
+        # A trace shorter than a day: the long baseline's.
+        np.testing.assert_array_equal(screen.seasonal_z(X[:200], step), z_long[:200])
+
+
 if __name__ == "__main__":
     unittest.main()
