@@ -30,8 +30,9 @@ FALSE_ALARM_MARGIN = 0.25
 FALSE_ALARM_TICKS = 40
 # The least extremal index the risk is divided by.
 MIN_THETA = 1.0 / 32.0
-# Healthy ticks a false alarm's floor holds.
-FALSE_ALARM_HOLD = 7200
+# Seconds of healthy steps a false alarm's floor holds (an hour: 7,200 ticks at 500 ms, 60
+# minute steps).
+FALSE_ALARM_HOLD_SECONDS = 3600.0
 # Ticks a prediction that overran its budget may still be used (tower_degrade's STALE_TICKS).
 STALE_TICKS = 4
 # A series' first steps whose scores the breaker does not use: until its window is whole, and
@@ -56,6 +57,7 @@ class Calibrator:
         ticks_per_day = 86400.0 / max(step_seconds, 1e-3)
         self.risk = min(max(false_trips_per_day / ticks_per_day, 1e-12), 0.5)
         self.warm_up = max(1, warm_up)
+        self.hold = max(1, math.floor(FALSE_ALARM_HOLD_SECONDS / max(step_seconds, 1e-3) + 0.5))
         self.init: list[float] | None = []
         self.start = self.thr = self.fit = 0.0
         self.peaks: deque[float] = deque()
@@ -70,9 +72,9 @@ class Calibrator:
 
     def false_alarm(self, highest: float):
         """An alarm the class did not confirm: the threshold above its scores for the next
-        FALSE_ALARM_HOLD healthy ticks."""
+        hour of healthy steps (FALSE_ALARM_HOLD_SECONDS)."""
         if self.init is None and math.isfinite(highest):
-            self.floor = (logit(highest) + FALSE_ALARM_MARGIN, self.seen + FALSE_ALARM_HOLD)
+            self.floor = (logit(highest) + FALSE_ALARM_MARGIN, self.seen + self.hold)
             self._hold_floor()
 
     def _hold_floor(self):

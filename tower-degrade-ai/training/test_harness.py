@@ -437,6 +437,23 @@ class Calibration(unittest.TestCase):
         self.assertFalse(c.exceeds(0.97))
         self.assertAlmostEqual(c.threshold(), 0.9764798976612756, places=9)
 
+    def test_a_false_alarm_holds_an_hour_whatever_the_step(self):
+        # `breaker::calibrate::tests::a_false_alarm_holds_an_hour_whatever_the_tick`: 3,600
+        # healthy steps of 1 s, 60 of a minute (7,200 steps at every step before).
+        from calibrate import Calibrator
+        for step, hour in ((1.0, 3600), (60.0, 60), (0.5, 7200)):
+            c = Calibrator(1.0, step, 3600)
+            s = self.scores(5000 + 2 * hour)
+            for p in s[:5000]:
+                c.observe(p)
+            c.false_alarm(0.97)
+            for p in s[5000:5000 + hour - 50]:
+                c.observe(p)
+            self.assertFalse(c.exceeds(0.97), f"held at {step} s")
+            for p in s[5000 + hour - 50:5000 + hour + 50]:
+                c.observe(p)
+            self.assertTrue(c.exceeds(0.97), f"released at {step} s")
+
     def test_an_alarm_the_class_does_not_confirm_ends_and_raises_the_threshold(self):
         import numpy as np
         from calibrate import FALSE_ALARM_TICKS, alarms

@@ -109,9 +109,10 @@ const FALSE_ALARM_MARGIN: f64 = 0.25;
 /// ticks on average still count one trip per 32 of them. (At the tail's start the runs are
 /// longer than at the threshold far above it, so an unbounded estimate would overspend.)
 const MIN_THETA: f64 = 1.0 / 32.0;
-/// How many healthy ticks a false alarm's floor holds (an hour at the 500 ms tick): a change
-/// the model reads as trouble for longer trips the class again, once an hour at most.
-const FALSE_ALARM_HOLD: u64 = 7_200;
+/// How long a false alarm's floor holds, in healthy ticks' time (7,200 ticks at the 500 ms
+/// tick): a change the model reads as trouble for longer trips the class again, once an hour
+/// at most, whatever the tick.
+const FALSE_ALARM_HOLD: Duration = Duration::from_secs(3_600);
 
 fn logit(p: f64) -> f64 {
     let p = p.clamp(EPS, 1.0 - EPS);
@@ -128,6 +129,8 @@ pub(crate) struct Calibrator {
     /// The risk per tick: false trips per day over ticks per day.
     risk: f64,
     warm_up: usize,
+    /// The healthy ticks a false alarm's floor holds: [`FALSE_ALARM_HOLD`] in ticks.
+    hold: u64,
     /// Warm-up scores (logits), until the first fit.
     init: Vec<f64>,
     /// After the first fit: the tail's start (logit), the excesses over it, their sum and sum
@@ -166,6 +169,9 @@ impl Calibrator {
         Self {
             risk: (c.false_trips_per_day / ticks_per_day).clamp(1e-12, 0.5),
             warm_up: (c.warm_up_ticks as usize).max(min_ticks),
+            hold: (FALSE_ALARM_HOLD.as_secs_f64() / tick.as_secs_f64().max(1e-3))
+                .round()
+                .max(1.0) as u64,
             init: Vec::new(),
             tail: None,
         }
@@ -194,12 +200,12 @@ impl Calibrator {
 
     /// A predicted failure that did not come: the class stayed healthy for the alarm's
     /// length with scores up to `highest`. The threshold is put above them for the next
-    /// [`FALSE_ALARM_HOLD`] healthy ticks, so that the same level does not trip the class
+    /// [`FALSE_ALARM_HOLD`] of healthy ticks, so that the same level does not trip the class
     /// again meanwhile: a calibration learns from its false alarms.
     pub(crate) fn false_alarm(&mut self, highest: f64) {
         if let (Some(t), true) = (&mut self.tail, highest.is_finite()) {
             let floor = logit(highest) + FALSE_ALARM_MARGIN;
-            t.floor = Some((floor, t.seen + FALSE_ALARM_HOLD));
+            t.floor = Some((floor, t.seen + self.hold));
             t.hold_floor();
         }
     }
@@ -484,6 +490,26 @@ mod tests {
         }
         assert!(!c.exceeds(0.97), "held: {:?}", c.threshold());
         for _ in 0..200 {
+            c.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(c.exceeds(0.97), "released: {:?}", c.threshold());
+    }
+
+    #[test]
+    fn a_false_alarm_holds_an_hour_whatever_the_tick() {
+        // With a 1 s tick, the hour is 3,600 healthy ticks (it was 7,200 ticks at any tick:
+        // two hours here, five days on minute steps).
+        let mut c = Calibrator::new(&Calibration::default(), Duration::from_secs(1));
+        let mut seed = 7;
+        for _ in 0..5_000 {
+            c.observe(healthy(&mut seed, -3.0));
+        }
+        c.false_alarm(0.97);
+        for _ in 0..3_500 {
+            c.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(!c.exceeds(0.97), "held: {:?}", c.threshold());
+        for _ in 0..150 {
             c.observe(healthy(&mut seed, -3.0));
         }
         assert!(c.exceeds(0.97), "released: {:?}", c.threshold());
