@@ -99,6 +99,11 @@ impl<V> fmt::Debug for BatchMerge<V> {
 impl<V: Send + 'static> BatchMerge<V> {
     /// `extract` reads the key and the delta of a call (an `Err` rejects the call with
     /// `not_kept`), `merge` folds a delta into the key's value, `sink` writes a batch.
+    ///
+    /// Deltas are journaled with postcard, which is not self-describing: a `V` whose values
+    /// it cannot read back (`serde_json::Value`, untagged or internally tagged enums,
+    /// `#[serde(flatten)]`, `skip_serializing_if`) has each such call refused with `not_kept`
+    /// (and an error logged once), never acknowledged and dropped.
     pub fn new<X, M, S>(extract: X, merge: M, sink: S) -> Self
     where
         X: Fn(&HttpRequest) -> Result<(String, V), String> + Send + Sync + 'static,
@@ -157,6 +162,7 @@ impl<V: Send + 'static> BatchMerge<V> {
                 carry: Vec::new(),
             }),
             flushing: tokio::sync::Mutex::new(()),
+            unreadable_said: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -247,6 +253,8 @@ pub(crate) struct MergeBatcher<V> {
     state: Mutex<State<V>>,
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// Whether a delta the journal could not read back was logged (once).
+    unreadable_said: std::sync::atomic::AtomicBool,
 }
 
 impl<V> MergeBatcher<V> {
@@ -485,6 +493,19 @@ where
         let (k, delta) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| extract(rec)))
             .unwrap_or_else(|panic| Err(super::panicked("extract function", &*panic)))?;
         let bytes = encode(&Entry::Delta(k, delta))?;
+        // The journal's format (postcard) is not self-describing: a value it writes but cannot
+        // read back (`serde_json::Value`, an untagged or internally tagged enum, `flatten`,
+        // `skip_serializing_if`) would be acknowledged and never merged. Refused instead.
+        if let Err(e) = postcard::from_bytes::<Entry<V>>(&bytes) {
+            if !self.unreadable_said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(class = %self.class, error = %e,
+                    "batch_merge: a delta cannot be read back from its journal record, so the call \
+                     is not kept (`not_kept`): the delta's type uses a serde shape the journal \
+                     (postcard) cannot read, such as `serde_json::Value`, an untagged or \
+                     internally tagged enum, `flatten` or `skip_serializing_if`; said once");
+            }
+            return Err(format!("the delta cannot be read back from the journal: {e}"));
+        }
         Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason(REASON))
     }
 

@@ -1981,6 +1981,69 @@ async fn another_delta_under_a_journaled_delta_s_key_is_refused_not_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_delta_the_journal_cannot_read_back_is_refused_not_acknowledged() {
+    // The journal's format is not self-describing: a field skipped when empty was written,
+    // answered 202 and never merged (found by a hostile-input trial).
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+    struct Delta {
+        qty: i64,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        note: Option<String>,
+    }
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let sink = {
+        let writes = writes.clone();
+        service_fn(move |batch: Batch<Delta>| {
+            writes.lock().unwrap().push(batch.items);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let merge = BatchMerge::new(
+        |req| {
+            let body = std::str::from_utf8(&req.body).map_err(|e| e.to_string())?;
+            let (qty, note) = body
+                .split_once(' ')
+                .map_or((body, None), |(q, n)| (q, Some(n)));
+            let qty = qty
+                .parse()
+                .map_err(|e: std::num::ParseIntError| e.to_string())?;
+            Ok((
+                req.uri.clone(),
+                Delta {
+                    qty,
+                    note: note.map(str::to_owned),
+                },
+            ))
+        },
+        |v: &mut Delta, d: Delta| v.qty += d.qty,
+        sink,
+    );
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", merge)
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    // With a note, every field is written and read back: kept. Without, refused.
+    let kept = call(&svc, post("/inventory/sku1", "4 restock")).await;
+    assert_eq!(kept.status(), StatusCode::ACCEPTED);
+    let refused = call(&svc, post("/inventory/sku2", "3")).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()[REASON_HEADER], "not_kept");
+    run_for(1_000).await;
+    let w = writes.lock().unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].len(), 1);
+    assert_eq!((w[0][0].0.as_str(), w[0][0].1.qty), ("/inventory/sku1", 4));
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dropped() {
     let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
     let writes = Arc::new(Mutex::new(Vec::new()));
