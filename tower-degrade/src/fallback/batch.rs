@@ -497,14 +497,19 @@ where
         // read back (`serde_json::Value`, an untagged or internally tagged enum, `flatten`,
         // `skip_serializing_if`) would be acknowledged and never merged. Refused instead.
         if let Err(e) = postcard::from_bytes::<Entry<V>>(&bytes) {
-            if !self.unreadable_said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            if !self
+                .unreadable_said
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
                 tracing::error!(class = %self.class, error = %e,
                     "batch_merge: a delta cannot be read back from its journal record, so the call \
                      is not kept (`not_kept`): the delta's type uses a serde shape the journal \
                      (postcard) cannot read, such as `serde_json::Value`, an untagged or \
                      internally tagged enum, `flatten` or `skip_serializing_if`; said once");
             }
-            return Err(format!("the delta cannot be read back from the journal: {e}"));
+            return Err(format!(
+                "the delta cannot be read back from the journal: {e}"
+            ));
         }
         Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason(REASON))
     }

@@ -69,7 +69,8 @@ pub trait Replay: Send + Sync + 'static {
 /// already waits for the class to be healthy). Each replay carries the idempotency key and
 /// the attempt number ([`REPLAY_HEADER`](super::REPLAY_HEADER)).
 ///
-/// HTTP 2xx and 3xx are done; 408, 429 and 5xx are retried; other 4xx go to manual review.
+/// HTTP 2xx (and 304) are done; 408, 429 and 5xx are retried; other 4xx and the other 3xx go
+/// to manual review (a replay follows no redirect: a login page's is not the work done).
 /// For gRPC (`content-type: application/grpc`) the `grpc-status` is read from the headers or
 /// the trailers: `OK` is done; `CANCELLED`, `UNKNOWN`, `DEADLINE_EXCEEDED`,
 /// `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL` and `UNAVAILABLE` are retried; the rest go to
@@ -157,8 +158,18 @@ where
     let grpc = super::capture::grpc_rest(res.headers()).is_some();
     let status = res.status();
     if !grpc {
-        return if status.is_success() || status.is_redirection() {
+        return if status.is_success() || status == http::StatusCode::NOT_MODIFIED {
             Replayed::Done
+        } else if status.is_redirection() {
+            // Not followed, and not known done: an app sends a replay without the caller's
+            // session to its login page, and a redirect after a write may or may not mean it
+            // was made. A person decides, with where it pointed.
+            let to = res.headers().get(http::header::LOCATION);
+            let to = to.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            Replayed::Reject(match to {
+                Some(to) => format!("HTTP {status} to {to} (a replay does not follow redirects)"),
+                None => format!("HTTP {status} (a replay does not follow redirects)"),
+            })
         } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
             let answer = format!("HTTP {status}");
             match res.headers().get(http::header::RETRY_AFTER) {
@@ -177,15 +188,20 @@ where
     let mut message = res.headers().get("grpc-message").map(grpc_message);
     let mut pushback = res.headers().get(PUSHBACK).cloned();
     if code.is_none() {
-        match res.into_body().collect().await {
-            Ok(c) => {
-                if let Some(t) = c.trailers() {
-                    code = status_of(t);
+        // The status is in the trailers: read up to them, dropping the messages as they come
+        // (a streaming method's replay may answer without end, until the replay's timeout).
+        let mut body = std::pin::pin!(res.into_body());
+        while let Some(frame) = body.as_mut().frame().await {
+            match frame.map(http_body::Frame::into_trailers) {
+                Ok(Ok(t)) => {
+                    code = status_of(&t);
                     message = t.get("grpc-message").map(grpc_message);
                     pushback = t.get(PUSHBACK).cloned().or(pushback);
+                    break;
                 }
+                Ok(Err(_data)) => {}
+                Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
             }
-            Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
         }
     }
     let answer = |c: u16| match &message {
@@ -438,7 +454,18 @@ mod tests {
     #[tokio::test]
     async fn answers_are_judged_done_retry_or_review() {
         assert_eq!(judge(res(200, None)).await, Replayed::Done);
-        assert_eq!(judge(res(302, None)).await, Replayed::Done);
+        // A redirect is not followed, nor taken for the work done (a login page's): review,
+        // with where it pointed. A 304 (a conditional request answered) is done.
+        assert_eq!(judge(res(304, None)).await, Replayed::Done);
+        let login = http::Response::builder()
+            .status(303)
+            .header("location", "/login")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert!(
+            matches!(judge(login).await, Replayed::Reject(a) if a.contains("303") && a.contains("/login"))
+        );
+        assert!(matches!(judge(res(302, None)).await, Replayed::Reject(a) if a.contains("302")));
         assert!(matches!(judge(res(503, None)).await, Replayed::Retry(a) if a.contains("503")));
         assert!(matches!(judge(res(429, None)).await, Replayed::Retry(_)));
         assert!(matches!(judge(res(422, None)).await, Replayed::Reject(a) if a.contains("422")));
@@ -451,6 +478,82 @@ mod tests {
             judge(res(200, Some("3"))).await,
             Replayed::Reject(_)
         ));
+    }
+
+    /// A gRPC answer of `messages` 1 MiB messages, then trailers with `code`; `live` counts
+    /// the messages not yet dropped, and each message asserts, when it is made, that no
+    /// earlier one is still held.
+    struct Streamed {
+        messages: usize,
+        code: &'static str,
+        live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct Message(std::sync::Arc<std::sync::atomic::AtomicUsize>, Vec<u8>);
+
+    impl AsRef<[u8]> for Message {
+        fn as_ref(&self) -> &[u8] {
+            &self.1
+        }
+    }
+
+    impl Drop for Message {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Body for Streamed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.messages == usize::MAX {
+                return std::task::Poll::Ready(None);
+            }
+            let frame = if self.messages == 0 {
+                self.messages = usize::MAX;
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static(self.code));
+                http_body::Frame::trailers(t)
+            } else {
+                self.messages -= 1;
+                assert_eq!(
+                    self.live.fetch_add(1, SeqCst),
+                    0,
+                    "an earlier message is held"
+                );
+                let m = Message(self.live.clone(), vec![0; 1 << 20]);
+                http_body::Frame::data(Bytes::from_owner(m))
+            };
+            std::task::Poll::Ready(Some(Ok(frame)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grpc_answer_is_read_to_its_trailers_without_keeping_its_messages() {
+        // A streaming method's replay: messages, then the status in the trailers. Each
+        // message is dropped as it comes (they were all buffered: an endless stream took the
+        // host's memory within a second).
+        for (code, done) in [("0", true), ("14", false)] {
+            let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let body = Streamed {
+                messages: 64,
+                code,
+                live: live.clone(),
+            };
+            let res = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap();
+            let judged = judge(res).await;
+            assert_eq!(judged == Replayed::Done, done, "{judged:?}");
+            assert_eq!(live.load(std::sync::atomic::Ordering::SeqCst), 0);
+        }
     }
 
     #[tokio::test]
