@@ -58,6 +58,10 @@ pub const MAX_KEY_BYTES: usize = 255;
 pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 
 /// Whether `key` can be an idempotency key (see [`Capture`]).
+/// A call's idempotency key that is not one (see [`valid_key`]).
+#[derive(Debug)]
+pub(crate) struct InvalidKey;
+
 pub(crate) fn valid_key(key: &[u8]) -> bool {
     (1..=MAX_KEY_BYTES).contains(&key.len())
         && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())
@@ -143,7 +147,9 @@ impl Capture {
     }
 
     /// The header a client's idempotency key is read from (default `idempotency-key`). A kept
-    /// call without one gets its task id as its key. Replays carry the key in this header.
+    /// call without one gets its task id as its key; a call whose key is not one (1 to 255
+    /// bytes of visible ASCII and spaces, not spaces alone) is refused `400` (`malformed`),
+    /// not kept. Replays carry the key in this header.
     pub fn idempotency_header(mut self, name: &str) -> Result<Self, crate::error::ConfigError> {
         let chosen = parse_header("capture.idempotency_header", name)?;
         // A header of the request's framing is no key a client chose: with `content-length`,
@@ -185,14 +191,17 @@ impl Capture {
     }
 
     /// The client's idempotency key, if it sent one that can be (the first, when repeated).
-    pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
-        parts
+    pub(crate) fn key(&self, parts: &http::request::Parts) -> Result<Option<String>, InvalidKey> {
+        match parts
             .headers
             .get(&self.idempotency)
             .map(HeaderValue::as_bytes)
-            .filter(|k| valid_key(k))
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(str::to_owned)
+        {
+            None => Ok(None),
+            // Visible ASCII and spaces: UTF-8.
+            Some(k) if valid_key(k) => Ok(std::str::from_utf8(k).ok().map(str::to_owned)),
+            Some(_) => Err(InvalidKey),
+        }
     }
 
     /// Capture the request, reading the body up to the limit.
@@ -223,7 +232,7 @@ impl Capture {
             .iter()
             .filter(|(name, _)| {
                 if **name == self.idempotency {
-                    return key.is_some() && !std::mem::replace(&mut kept_key, true);
+                    return matches!(key, Ok(Some(_))) && !std::mem::replace(&mut kept_key, true);
                 }
                 if self.all_headers {
                     !HOP_BY_HOP.contains(name)

@@ -459,6 +459,12 @@ where
         tracing::debug!(class = %class, "a diverted protocol upgrade is not kept");
         return refuse(Reason::NotKept);
     }
+    // A key that is not one: refused, rather than kept under its task id, where each retry
+    // of the call would be another task, replayed with another key.
+    let Ok(key) = shared.capture.key(&parts) else {
+        tracing::debug!(class = %class, "a diverted call's idempotency key is not a valid key");
+        return refuse(Reason::Malformed);
+    };
     // The body first: a client that stalls its body holds no key, so it cannot hold back
     // the other calls with its key (a retry of its own, say).
     let rec = match shared.capture.capture(&parts, body).await {
@@ -473,7 +479,6 @@ where
             return refuse(Reason::NotKept);
         }
     };
-    let key = shared.capture.key(&parts);
     match shared.keep((class.clone(), key, route, reason), rec).await {
         Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => Ok(kept_response(
             &id.to_string(),

@@ -1637,6 +1637,48 @@ async fn a_protocol_upgrade_is_refused_not_kept() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_whose_idempotency_key_is_not_one_is_refused_not_kept_again_and_again() {
+    // A key too long or with a tab was dropped and the call kept under its task id: each
+    // retry another task, each replayed with another key, so applied twice (found by a
+    // hostile-input trial). Now refused, as a request the client must fix.
+    let d = degrader([ClassConfig::bronze("orders").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let (store, svc) = kept(&d, "orders", &app);
+    d.force_open("orders").unwrap();
+    let with_key = |key: &[u8]| {
+        Request::post("/orders")
+            .header(
+                "idempotency-key",
+                http::HeaderValue::from_bytes(key).unwrap(),
+            )
+            .body(Full::new(Bytes::from_static(b"order")))
+            .unwrap()
+    };
+    for key in [&b"x".repeat(256)[..], b"order\t42", b"   "] {
+        for _ in 0..2 {
+            let res = call(&svc, with_key(key)).await;
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{key:?}");
+            assert_eq!(res.headers()[REASON_HEADER], "malformed");
+            assert!(!res.headers().contains_key("retry-after"));
+        }
+    }
+    let grpc = Request::post("/shop.Orders/Place")
+        .header("content-type", "application/grpc")
+        .header("idempotency-key", "order\t42")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 1, 8])))
+        .unwrap();
+    assert_eq!(call(&svc, grpc).await.headers()["grpc-status"], "3");
+    assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
+    // A key of 255 visible bytes and spaces is one: kept once, however often sent.
+    let key = format!("order 42 {}", "x".repeat(246));
+    let first = call(&svc, with_key(key.as_bytes())).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let again = call(&svc, with_key(key.as_bytes())).await;
+    assert_eq!(task_id(&again), task_id(&first));
+    assert_eq!(store.depth(Queue::Spool).len, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id() {
     let d = degrader([ClassConfig::bronze("events").fallback_route(Route::Spool)]);
     let app = App::default();
