@@ -60,6 +60,23 @@ impl Registry {
                         .into(),
                 });
             }
+            // A policy's `governs: ["gold"]` names the tier: a class so named must be of it,
+            // or a policy meant for it governs the tier's classes (the gold tier shed by a
+            // policy written for a bronze class named `gold`).
+            if let Ok(tier) = class.name.parse::<Tier>()
+                && tier != class.tier()
+            {
+                return Err(ConfigError::InvalidClass {
+                    reason: format!(
+                        "`{}` is a tier's name, which a policy's `governs` reads as every class \
+                         of that tier: a class so named must be of it (this one is {}); rename it",
+                        class.name,
+                        class.tier()
+                    ),
+                    class: class.name,
+                    field: "name",
+                });
+            }
             all.push(class);
         }
         if all.len() > usize::from(u16::MAX) {

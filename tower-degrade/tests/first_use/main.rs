@@ -276,6 +276,20 @@ fn meaningless_configuration_is_rejected_naming_the_field() {
         "class `pay`: invalid `timeout`: must be greater than zero: every call would time out"
     );
     assert!(class(ClassConfig::bronze("default")).contains("`default` is reserved"));
+    // A policy's `governs: ["gold"]` is the tier: a bronze class named `gold` would have a
+    // policy written for it shed the gold tier (found by a hostile-input trial).
+    assert_eq!(
+        class(ClassConfig::bronze("gold")),
+        "class `gold`: invalid `name`: `gold` is a tier's name, which a policy's `governs` reads \
+         as every class of that tier: a class so named must be of it (this one is bronze); \
+         rename it"
+    );
+    assert!(
+        Degrader::builder("shop")
+            .class(ClassConfig::silver("silver"))
+            .build_with_worker()
+            .is_ok()
+    );
     assert_eq!(
         build_err(Degrader::builder(" ")),
         "invalid `service`: must not be empty: it labels every metric"
