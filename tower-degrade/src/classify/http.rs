@@ -241,7 +241,10 @@ impl HttpClassifierBuilder {
     /// a tier's queue is full, calls leave it by a stable hash of this key, so one user's
     /// session is admitted or shed consistently (DAGOR). Without it the
     /// [`request_key`](Self::request_key) header is used; a request with neither is in the
-    /// [default bucket](crate::admit::DEFAULT_USER_BUCKET).
+    /// [default bucket](crate::admit::DEFAULT_USER_BUCKET). The value is taken as sent and the
+    /// hash is public, so a client that writes it can pick a bucket served first: name a
+    /// header your proxy or auth layer sets from an authenticated identity (and drops when a
+    /// client sends it).
     pub fn user_key(mut self, header: &str) -> Result<Self, ConfigError> {
         self.rules.user_header = Some(header_name("http.user_key", header)?);
         Ok(self)
