@@ -36,7 +36,10 @@ pub struct EmbeddedStoreBuilder {
 
 impl EmbeddedStoreBuilder {
     /// At most `tasks` tasks over all queues (default 10,000,000): a commit past it fails with
-    /// [`StoreErrorKind::Full`], and the call is answered as rejected.
+    /// [`StoreErrorKind::Full`], and the call is answered as rejected. The store also holds
+    /// an index of its tasks in memory, which grows with them: in a trial, 200,000 tasks with
+    /// 255-byte client keys took 191 MB once opened (about 1 KB a task; the default capacity
+    /// would be gigabytes): set it to what the host can hold.
     pub fn capacity(mut self, tasks: u64) -> Self {
         self.capacity = tasks;
         self
