@@ -527,7 +527,8 @@ fn too_large(file: &str, len: u64) -> PolicyError {
 }
 
 /// The `*.rhai` entries of `dir` in name order (symlinks followed), each with whether it is a
-/// regular file: a directory, a FIFO or a dangling symlink named like a policy is an error,
+/// regular file (not in `/proc`, `/sys` or `/dev`): a directory, a FIFO, a dangling symlink or
+/// a kernel file named like a policy is an error,
 /// not a policy silently left out. Hidden entries (a name starting with `.`) are not
 /// policies: Emacs' lock link `.#p.rhai` (dangling while a buffer has unsaved edits), an
 /// editor's or a deploy tool's temporary copy, Kubernetes' `..data`.
@@ -540,7 +541,14 @@ pub(crate) fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
                 .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
         })
         .map(|p| {
-            let regular = p.is_file();
+            // A "file" of the kernel's (a link to `/proc/kmsg`) can block its reader for
+            // good, and every later load behind it: not a policy.
+            let kernel = std::fs::canonicalize(&p).is_ok_and(|real| {
+                ["/proc", "/sys", "/dev"]
+                    .iter()
+                    .any(|root| real.starts_with(root))
+            });
+            let regular = p.is_file() && !kernel;
             (p, regular)
         })
         .collect();
@@ -591,8 +599,9 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                 return Err(PolicyError::new(
                     &file,
                     None,
-                    "not a regular file (a directory, a FIFO or a dangling symlink): name it \
-                     other than `*.rhai`, or point it at a policy",
+                    "not a regular file (a directory, a FIFO, a dangling symlink, or a link into \
+                     /proc, /sys or /dev, whose reads can block): name it other than `*.rhai`, \
+                     or point it at a policy",
                 ));
             }
             // A name is a policy's identity (metrics, quarantine, logs): read lossily, two
