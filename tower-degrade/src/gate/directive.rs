@@ -29,8 +29,9 @@ pub enum Reason {
     Shed,
     /// A policy diverted the call (open, fallback, degrade, admit a fraction).
     Policy,
-    /// The service is saturated: the call waited past its class's queue delay bound, or was
-    /// pushed out of its tier's full queue (see [`admit`](crate::admit)).
+    /// The service is saturated: the call waited past its class's queue delay bound (or half
+    /// its caller's deadline, when shorter), or was pushed out of its tier's full queue (see
+    /// [`admit`](crate::admit)).
     Overload,
     /// The call was to be kept (spooled, retried later, queued for review) but its body is over
     /// the capture limit.

@@ -239,31 +239,24 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
             .waiting_since
             .take()
             .unwrap_or_else(|| shard.timer.start());
-        match self.shared.limiters[limiter].enqueue(priority, tier.burst_tolerance(), bound) {
+        if bound.is_zero() && !gate.queue_bound.is_zero() {
+            // A caller whose deadline leaves no time to wait: answered now, not queued (where
+            // it would have pushed a call out of a full tier and counted as turned away).
+            return self.overloaded(req, idx, probe);
+        }
+        // The tier's queue is sized by the class's bound; the call waits at most its own.
+        match self.shared.limiters[limiter].enqueue(
+            priority,
+            tier.burst_tolerance(),
+            gate.queue_bound,
+        ) {
             Enqueued::Admitted => {
                 let mut rec = Recording::after_wait(shard, idx as u16, probe, since);
                 rec.hold_permit(crate::admit::rank(tier));
                 let fut = self.inner.call(req);
                 ResponseFuture::called(fut, rec, gate.timeout, None, self.protocol.clone())
             }
-            Enqueued::Shed => {
-                if let Some(p) = probe {
-                    p.release(idx);
-                }
-                let (route, retry) = (gate.route, Some(self.shared.period));
-                match divert(
-                    &self.shared,
-                    &mut self.fallback,
-                    req,
-                    idx,
-                    Reason::Overload,
-                    route,
-                    retry,
-                ) {
-                    Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
-                    Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
-                }
-            }
+            Enqueued::Shed => self.overloaded(req, idx, probe),
             Enqueued::Queued(waiter) => {
                 let clone = self.inner.clone();
                 let svc = std::mem::replace(&mut self.inner, clone);
@@ -281,6 +274,39 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
                 );
                 ResponseFuture::queued(queued, self.protocol.clone())
             }
+        }
+    }
+}
+
+impl<S, C, P, F> Degrade<S, C, P, F> {
+    /// Not admitted for want of a permit: answered at once through the class's route.
+    #[cold]
+    fn overloaded<Req>(
+        &mut self,
+        req: Req,
+        idx: usize,
+        probe: Option<ProbePermit>,
+    ) -> ResponseFuture<S::Future, F::Future, P, Queued<S, Req, F>>
+    where
+        S: Service<Req>,
+        P: Protocol<S::Response, S::Error> + Clone,
+        F: Fallback<Req, S::Response, S::Error>,
+    {
+        if let Some(p) = probe {
+            p.release(idx);
+        }
+        let (route, retry) = (self.shared.gates[idx].route, Some(self.shared.period));
+        match divert(
+            &self.shared,
+            &mut self.fallback,
+            req,
+            idx,
+            Reason::Overload,
+            route,
+            retry,
+        ) {
+            Ok(fut) => ResponseFuture::fallback(fut, self.protocol.clone()),
+            Err(degraded) => ResponseFuture::degraded(degraded, self.protocol.clone()),
         }
     }
 }

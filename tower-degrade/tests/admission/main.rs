@@ -202,6 +202,60 @@ async fn a_call_waits_at_most_half_its_callers_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_with_no_time_to_wait_is_answered_at_once_and_pushes_no_call_out() {
+    // Bronze queues one call at a limit of 1. A call whose deadline leaves it no time to wait
+    // (`grpc-timeout: 0m`) was queued with a queue sized for its own wait, and, from a higher
+    // user bucket, pushed the waiting call out; now it is answered at once and the waiting
+    // call keeps its place, whichever of the two users ranks higher.
+    for (waiting, hurried) in [("alice", "bob"), ("bob", "alice")] {
+        let d = degrader(1, [ClassConfig::bronze("log")]);
+        let classify = HttpClassifier::builder(d.registry())
+            .grpc("/shop.Logs/Write", "log")
+            .unwrap()
+            .user_key("x-user")
+            .unwrap()
+            .build();
+        let gate = Arc::new(Semaphore::new(0));
+        let inner = {
+            let gate = gate.clone();
+            service_fn(move |_req: Request<()>| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await?.forget();
+                    Ok::<_, BoxError>(http::Response::new(()))
+                }
+            })
+        };
+        let svc = d.layer(classify).layer(inner);
+        let call = |user: &str, timeout: Option<&str>| {
+            let mut req = Request::post("/shop.Logs/Write")
+                .header("content-type", "application/grpc")
+                .header("x-user", user);
+            if let Some(t) = timeout {
+                req = req.header("grpc-timeout", t);
+            }
+            svc.clone().oneshot(req.body(()).unwrap())
+        };
+        let busy = tokio::spawn(call("carol", None));
+        settle().await;
+        let queued = tokio::spawn(call(waiting, None));
+        settle().await;
+        assert_eq!(d.admission()[0].waiting, 1);
+        let start = tokio::time::Instant::now();
+        let r = call(hurried, Some("0m")).await;
+        let why = r
+            .err()
+            .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()));
+        assert_eq!(why, Some(Reason::Overload));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(d.admission()[0].waiting, 1, "{waiting} still waits");
+        gate.add_permits(2);
+        busy.await.unwrap().unwrap();
+        queued.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn callers_giving_up_in_the_queue_are_counted() {
     // Bronze waits up to 1 s for a permit; its abandon threshold is set to 500 ms. One
     // caller gives up after 100 ms of waiting, another after 700 ms: cancelled, then a
