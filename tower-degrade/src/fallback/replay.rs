@@ -191,16 +191,26 @@ where
         // The status is in the trailers: read up to them, dropping the messages as they come
         // (a streaming method's replay may answer without end, until the replay's timeout).
         let mut body = std::pin::pin!(res.into_body());
-        while let Some(frame) = body.as_mut().frame().await {
-            match frame.map(http_body::Frame::into_trailers) {
-                Ok(Ok(t)) => {
-                    code = status_of(&t);
-                    message = t.get("grpc-message").map(grpc_message);
-                    pushback = t.get(PUSHBACK).cloned().or(pushback);
-                    break;
-                }
-                Ok(Err(_data)) => {}
-                Err(e) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
+        let mut frames = 0u32;
+        loop {
+            // Each frame is dropped here, a message as it comes (the body's error and data
+            // types need not be `Send`: nothing of them is held across the yield below).
+            let trailers = match body.as_mut().frame().await {
+                None => break,
+                Some(Ok(frame)) => frame.into_trailers().ok(),
+                Some(Err(e)) => return Replayed::Retry(format!("gRPC body error: {}", e.into())),
+            };
+            if let Some(t) = trailers {
+                code = status_of(&t);
+                message = t.get("grpc-message").map(grpc_message);
+                pushback = t.get(PUSHBACK).cloned().or(pushback);
+                break;
+            }
+            // A body that is always ready (an in-process server's endless stream) would never
+            // let the replay's timeout, or any other task of this thread, run.
+            frames = frames.wrapping_add(1);
+            if frames % 32 == 0 {
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -485,6 +495,7 @@ mod tests {
     /// earlier one is still held.
     struct Streamed {
         messages: usize,
+        size: usize,
         code: &'static str,
         live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     }
@@ -527,7 +538,7 @@ mod tests {
                     0,
                     "an earlier message is held"
                 );
-                let m = Message(self.live.clone(), vec![0; 1 << 20]);
+                let m = Message(self.live.clone(), vec![0; self.size]);
                 http_body::Frame::data(Bytes::from_owner(m))
             };
             std::task::Poll::Ready(Some(Ok(frame)))
@@ -543,6 +554,7 @@ mod tests {
             let live = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let body = Streamed {
                 messages: 64,
+                size: 1 << 20,
                 code,
                 live: live.clone(),
             };
@@ -554,6 +566,25 @@ mod tests {
             assert_eq!(judged == Replayed::Done, done, "{judged:?}");
             assert_eq!(live.load(std::sync::atomic::Ordering::SeqCst), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn an_endless_grpc_answer_lets_the_replay_time_out() {
+        // An in-process server's endless stream is always ready: the read never gave the
+        // replay's timeout a chance, and held its thread for good. (Real time: a task that is
+        // always ready never lets a paused clock advance.)
+        let body = Streamed {
+            messages: usize::MAX - 1,
+            size: 16,
+            code: "0",
+            live: std::sync::Arc::default(),
+        };
+        let res = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap();
+        let judged = tokio::time::timeout(std::time::Duration::from_millis(50), judge(res)).await;
+        assert!(judged.is_err(), "timed out");
     }
 
     #[tokio::test]
