@@ -178,6 +178,26 @@ fn encode<V: Serialize>(entry: &Entry<V>) -> Result<Vec<u8>, String> {
     postcard::to_stdvec(entry).map_err(|e| format!("the delta cannot be journaled: {e}"))
 }
 
+/// [`encode`], then read back and written again to the same bytes. The journal's format
+/// (postcard) is not self-describing: a value it writes but cannot read back
+/// (`serde_json::Value`, an untagged or internally tagged enum, `flatten`,
+/// `skip_serializing_if`) would be acknowledged and never merged, or, inside a batch, read
+/// back as other values.
+fn encode_checked<V: Serialize + DeserializeOwned>(entry: &Entry<V>) -> Result<Vec<u8>, String> {
+    let bytes = encode(entry)?;
+    match postcard::from_bytes::<Entry<V>>(&bytes).map(|back| postcard::to_stdvec(&back)) {
+        Ok(Ok(again)) if again == bytes => Ok(bytes),
+        Ok(_) => Err("it is read back from the journal as another value".to_owned()),
+        Err(e) => Err(format!("it cannot be read back from the journal: {e}")),
+    }
+}
+
+/// The error logged once per class when a value cannot be journaled faithfully.
+const UNREADABLE: &str = "batch_merge: a value cannot be journaled so as to be read back: the \
+     delta's type uses a serde shape the journal (postcard) cannot read, such as \
+     `serde_json::Value`, an untagged or internally tagged enum, `flatten` or \
+     `skip_serializing_if`; said once";
+
 fn decode<V: DeserializeOwned>(task: &Task) -> Result<Entry<V>, String> {
     match task.payload() {
         Payload::Bytes(b) => postcard::from_bytes(b).map_err(|e| e.to_string()),
@@ -377,7 +397,10 @@ where
             }
         };
         if let Some((items, ids)) = seal {
-            match encode(&Entry::Batch(items.clone())) {
+            // A merged value the journal cannot read back (a field skipped once the deltas
+            // cancel out): not sealed, its deltas stay journaled, said once.
+            let sealed = encode_checked(&Entry::Batch(items.clone()));
+            match sealed.inspect_err(|e| self.unreadable(e)) {
                 Ok(bytes) => {
                     let task = Task::new(self.class.clone(), None, Payload::Bytes(bytes))
                         .with_reason(REASON);
@@ -396,10 +419,7 @@ where
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::error!(class = %self.class, error = %e, "batch_merge: cannot encode");
-                    self.restore(items, ids, now);
-                }
+                Err(_) => self.restore(items, ids, now),
             }
         }
         // 2. Write the sealed batches that are due.
@@ -413,6 +433,10 @@ where
         };
         for (task, attempts) in due {
             let Ok(Entry::Batch(items)) = decode::<V>(&task) else {
+                self.unreadable(&format!(
+                    "the sealed batch {} cannot be read back",
+                    task.id()
+                ));
                 continue;
             };
             let id = task.id();
@@ -450,6 +474,16 @@ where
             counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
                 "class" => self.class.clone(), "result" => outcome)
             .increment(1);
+        }
+    }
+
+    /// A value the journal cannot read back: logged once per class.
+    fn unreadable(&self, error: &str) {
+        if !self
+            .unreadable_said
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(class = %self.class, error, "{UNREADABLE}");
         }
     }
 
@@ -492,25 +526,8 @@ where
         let extract = &self.config.extract;
         let (k, delta) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| extract(rec)))
             .unwrap_or_else(|panic| Err(super::panicked("extract function", &*panic)))?;
-        let bytes = encode(&Entry::Delta(k, delta))?;
-        // The journal's format (postcard) is not self-describing: a value it writes but cannot
-        // read back (`serde_json::Value`, an untagged or internally tagged enum, `flatten`,
-        // `skip_serializing_if`) would be acknowledged and never merged. Refused instead.
-        if let Err(e) = postcard::from_bytes::<Entry<V>>(&bytes) {
-            if !self
-                .unreadable_said
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
-                tracing::error!(class = %self.class, error = %e,
-                    "batch_merge: a delta cannot be read back from its journal record, so the call \
-                     is not kept (`not_kept`): the delta's type uses a serde shape the journal \
-                     (postcard) cannot read, such as `serde_json::Value`, an untagged or \
-                     internally tagged enum, `flatten` or `skip_serializing_if`; said once");
-            }
-            return Err(format!(
-                "the delta cannot be read back from the journal: {e}"
-            ));
-        }
+        // A delta the journal cannot read back is refused (`not_kept`), not acknowledged.
+        let bytes = encode_checked(&Entry::Delta(k, delta)).inspect_err(|e| self.unreadable(e))?;
         Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason(REASON))
     }
 

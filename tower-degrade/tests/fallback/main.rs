@@ -2086,6 +2086,68 @@ async fn a_delta_the_journal_cannot_read_back_is_refused_not_acknowledged() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_merged_value_the_journal_cannot_read_back_is_not_sealed_and_its_deltas_stay() {
+    // Each delta reads back; their sum, 0, is skipped when written, so the sealed batch could
+    // not be read, and was never written nor kept (found by a review).
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+    struct Delta {
+        #[serde(skip_serializing_if = "is_zero", default)]
+        qty: i64,
+    }
+    fn is_zero(q: &i64) -> bool {
+        *q == 0
+    }
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let sink = {
+        let writes = writes.clone();
+        service_fn(move |batch: Batch<Delta>| {
+            writes.lock().unwrap().extend(batch.items);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let merge = BatchMerge::new(
+        |req| {
+            let body = std::str::from_utf8(&req.body).map_err(|e| e.to_string())?;
+            let qty = body
+                .parse()
+                .map_err(|e: std::num::ParseIntError| e.to_string())?;
+            Ok((req.uri.clone(), Delta { qty }))
+        },
+        |v: &mut Delta, d: Delta| v.qty += d.qty,
+        sink,
+    );
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", merge)
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    for qty in ["5", "-5"] {
+        let res = call(&svc, post("/inventory/sku1", qty)).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "{qty}");
+    }
+    run_for(1_000).await;
+    assert!(writes.lock().unwrap().is_empty(), "nothing written");
+    assert_eq!(
+        store.depth(Queue::Journal).len,
+        2,
+        "both deltas still journaled"
+    );
+    // One more delta: a sum that reads back is sealed and written, every delta in it.
+    call(&svc, post("/inventory/sku1", "3")).await;
+    run_for(1_000).await;
+    let w = writes.lock().unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].1.qty, 3);
+    assert_eq!(store.depth(Queue::Journal).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_merged_write_is_retried_then_spooled_and_backfilled_never_dropped() {
     let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
     let writes = Arc::new(Mutex::new(Vec::new()));
