@@ -527,8 +527,7 @@ fn too_large(file: &str, len: u64) -> PolicyError {
 }
 
 /// The `*.rhai` entries of `dir` in name order (symlinks followed), each with whether it is a
-/// regular file (not in `/proc`, `/sys` or `/dev`): a directory, a FIFO, a dangling symlink or
-/// a kernel file named like a policy is an error,
+/// regular file: a directory, a FIFO or a dangling symlink named like a policy is an error,
 /// not a policy silently left out. Hidden entries (a name starting with `.`) are not
 /// policies: Emacs' lock link `.#p.rhai` (dangling while a buffer has unsaved edits), an
 /// editor's or a deploy tool's temporary copy, Kubernetes' `..data`.
@@ -541,14 +540,7 @@ pub(crate) fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
                 .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
         })
         .map(|p| {
-            // A "file" of the kernel's (a link to `/proc/kmsg`) can block its reader for
-            // good, and every later load behind it: not a policy.
-            let kernel = std::fs::canonicalize(&p).is_ok_and(|real| {
-                ["/proc", "/sys", "/dev"]
-                    .iter()
-                    .any(|root| real.starts_with(root))
-            });
-            let regular = p.is_file() && !kernel;
+            let regular = p.is_file();
             (p, regular)
         })
         .collect();
@@ -560,7 +552,14 @@ pub(crate) fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
 /// more (a length a file system reports is not trusted: `/proc` files report 0).
 pub(crate) fn read_source(path: &Path) -> Result<Vec<u8>, Result<std::io::Error, u64>> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(Ok)?;
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    // Without waiting: a kernel file whose reads wait for data (a link to `/proc/kmsg`) or a
+    // FIFO put in a policy's place held this read, and every later load and reload, for good;
+    // it now fails at once (`WouldBlock`). A regular file reads as ever.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+    let file = open.open(path).map_err(Ok)?;
     let reported = file.metadata().map(|m| m.len()).unwrap_or(0);
     if reported > MAX_SOURCE_BYTES as u64 {
         return Err(Err(reported));
@@ -599,9 +598,8 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                 return Err(PolicyError::new(
                     &file,
                     None,
-                    "not a regular file (a directory, a FIFO, a dangling symlink, or a link into \
-                     /proc, /sys or /dev, whose reads can block): name it other than `*.rhai`, \
-                     or point it at a policy",
+                    "not a regular file (a directory, a FIFO or a dangling symlink): name it \
+                     other than `*.rhai`, or point it at a policy",
                 ));
             }
             // A name is a policy's identity (metrics, quarantine, logs): read lossily, two
@@ -634,4 +632,32 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
             Ok((name, file, text))
         })
         .collect()
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_whose_reads_would_wait_is_an_error_not_a_wait() {
+        // A FIFO with a writer that never writes stands for `/proc/kmsg`: its read waited for
+        // good, and every later load and reload behind it (found by a hostile-input trial).
+        let dir = std::env::temp_dir().join(format!("td-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("p.rhai");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        // Opened read and write, the FIFO has a writer and no reader waits on opening it.
+        let _writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        match read_source(&fifo) {
+            Err(Ok(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
