@@ -22,9 +22,10 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-degrade-replay"
 /// `x-degrade-reason: too_large`.
 ///
 /// An idempotency key is 1 to [`MAX_KEY_BYTES`] bytes of visible ASCII (and spaces, not
-/// spaces alone). A call
-/// whose key is not (empty, too long, not text) is kept as a call without one: the header is
-/// not kept, and its task id is its key, so two such calls are never taken for one.
+/// spaces alone). A call whose key is not (empty, too long, a tab, not text) is refused
+/// `400 Bad Request` (gRPC `INVALID_ARGUMENT`), `x-degrade-reason: malformed`, and not kept:
+/// kept under its task id, each retry of it would be another task. A call without a key is
+/// kept with its task id as its key.
 ///
 /// ```
 /// use tower_degrade::fallback::Capture;
@@ -57,11 +58,11 @@ pub const MAX_KEY_BYTES: usize = 255;
 /// The most header bytes (names and values) kept with a call.
 pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 
-/// Whether `key` can be an idempotency key (see [`Capture`]).
 /// A call's idempotency key that is not one (see [`valid_key`]).
 #[derive(Debug)]
 pub(crate) struct InvalidKey;
 
+/// Whether `key` can be an idempotency key (see [`Capture`]).
 pub(crate) fn valid_key(key: &[u8]) -> bool {
     (1..=MAX_KEY_BYTES).contains(&key.len())
         && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())

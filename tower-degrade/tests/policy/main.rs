@@ -1620,6 +1620,20 @@ async fn top_level_code_a_bom_and_oversized_files_are_handled_at_load() {
     assert!(err.file().ends_with("huge.rhai"), "{err}");
     assert!(err.reason().contains("over the limit"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+    // The limit is 64 KiB (it was 256 KiB: Rhai's parser is quadratic in a function's
+    // parameters, and a file of one function's parameters took 20 s to validate).
+    let sized = |bytes: usize| {
+        let head = policy("\"log\"", "shed()");
+        format!("{head}//{}", "x".repeat(bytes - head.len() - 2))
+    };
+    let limit = tower_degrade::policy::MAX_SOURCE_BYTES;
+    assert_eq!(limit, 64 * 1024);
+    d.load_policy_sources([("just", sized(limit).as_str())])
+        .unwrap();
+    let err = d
+        .load_policy_sources([("over", sized(limit + 1).as_str())])
+        .unwrap_err();
+    assert!(err.reason().contains("over the limit"), "{err}");
 }
 
 #[cfg(unix)]
