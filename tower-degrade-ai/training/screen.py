@@ -110,7 +110,8 @@ def seasonal_z(X: np.ndarray, step_seconds: float, days: int = 7, near: int = 2,
         idx = idx[(idx >= 0) & (idx < t)]
         if len(idx) < least:
             continue
-        q = np.quantile(xl[idx], [0.0, 0.25, 0.5, 0.75, 1.0], axis=0)
+        # The long baseline's order statistics (baseline.quantiles), of these steps alone.
+        q = np.log1p(np.clip(baseline.quantiles(X[idx]).astype(np.float64), 0, None))
         spread = (q[3] - q[1]) / 1.349 + 0.05 * (q[4] - q[0]) + 1e-3
         out[t] = (xl[t] - q[2]) / spread * SIGN
     return out
