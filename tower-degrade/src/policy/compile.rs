@@ -248,12 +248,22 @@ impl Core {
                 ));
             }
         };
-        if arity("policy") != Some(0) {
-            return Err(PolicyError::new(
-                file,
-                None,
-                "missing `fn policy()` returning a map",
-            ));
+        match arity("policy") {
+            Some(0) => {}
+            Some(n) => {
+                return Err(PolicyError::new(
+                    file,
+                    hook_line(text, "policy"),
+                    format!("`policy` must take no parameters, not {n}"),
+                ));
+            }
+            None => {
+                return Err(PolicyError::new(
+                    file,
+                    None,
+                    "missing `fn policy()` returning a map",
+                ));
+            }
         }
         let meta: Dynamic = retry_late(|| {
             self.call(&ast, "policy", (), self.call_deadline())

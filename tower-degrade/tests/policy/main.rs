@@ -435,6 +435,12 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
             "fn policy() { #{ governs: [\"log\"] } }",
             "missing `fn on_tick(ctx)`",
         ),
+        // A parameter on `policy` is said as such (it was "missing `fn policy()`").
+        (
+            "policy_arity",
+            "fn on_tick(ctx) { }\nfn policy(x) { #{ governs: [\"log\"] } }",
+            "policy_arity.rhai:2: `policy` must take no parameters, not 1",
+        ),
         (
             "bad_route",
             &policy("\"log\"", "fallback(\"nowhere\")"),
