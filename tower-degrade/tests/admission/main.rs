@@ -68,7 +68,29 @@ async fn settle() {
     }
 }
 
-fn reason(r: Result<u32, BoxError>) -> Option<Reason> {
+/// An HTTP service whose calls each wait for a permit of the semaphore returned with it.
+fn gated() -> (
+    impl Service<Request<()>, Response = http::Response<()>, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + 'static,
+    Arc<Semaphore>,
+) {
+    let gate = Arc::new(Semaphore::new(0));
+    let inner = {
+        let gate = gate.clone();
+        service_fn(move |_req: Request<()>| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await?.forget();
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        })
+    };
+    (inner, gate)
+}
+
+fn reason<T>(r: Result<T, BoxError>) -> Option<Reason> {
     r.err()
         .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()))
 }
@@ -152,17 +174,7 @@ async fn a_call_waits_at_most_half_its_callers_deadline() {
         .deadline_header("x-envoy-expected-rq-timeout-ms")
         .unwrap()
         .build();
-    let gate = Arc::new(Semaphore::new(0));
-    let inner = {
-        let gate = gate.clone();
-        service_fn(move |_req: Request<()>| {
-            let gate = gate.clone();
-            async move {
-                gate.acquire().await?.forget();
-                Ok::<_, BoxError>(http::Response::new(()))
-            }
-        })
-    };
+    let (inner, gate) = gated();
     let svc = d.layer(classify).layer(inner);
     let busy = tokio::spawn(svc.clone().oneshot(Request::get("/log").body(()).unwrap()));
     settle().await;
@@ -187,10 +199,7 @@ async fn a_call_waits_at_most_half_its_callers_deadline() {
             .unwrap();
         let start = tokio::time::Instant::now();
         let r = svc.clone().oneshot(req).await;
-        let why = r
-            .err()
-            .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()));
-        assert_eq!(why, Some(Reason::Overload), "{header}: {value}");
+        assert_eq!(reason(r), Some(Reason::Overload), "{header}: {value}");
         assert_eq!(
             start.elapsed(),
             Duration::from_millis(waits),
@@ -215,17 +224,7 @@ async fn a_call_with_no_time_to_wait_is_answered_at_once_and_pushes_no_call_out(
             .user_key("x-user")
             .unwrap()
             .build();
-        let gate = Arc::new(Semaphore::new(0));
-        let inner = {
-            let gate = gate.clone();
-            service_fn(move |_req: Request<()>| {
-                let gate = gate.clone();
-                async move {
-                    gate.acquire().await?.forget();
-                    Ok::<_, BoxError>(http::Response::new(()))
-                }
-            })
-        };
+        let (inner, gate) = gated();
         let svc = d.layer(classify).layer(inner);
         let call = |user: &str, timeout: Option<&str>| {
             let mut req = Request::post("/shop.Logs/Write")
@@ -243,10 +242,7 @@ async fn a_call_with_no_time_to_wait_is_answered_at_once_and_pushes_no_call_out(
         assert_eq!(d.admission()[0].waiting, 1);
         let start = tokio::time::Instant::now();
         let r = call(hurried, Some("0m")).await;
-        let why = r
-            .err()
-            .and_then(|e| tower_degrade::error::degraded(&*e).map(|d| d.reason()));
-        assert_eq!(why, Some(Reason::Overload));
+        assert_eq!(reason(r), Some(Reason::Overload));
         assert_eq!(start.elapsed(), Duration::ZERO);
         assert_eq!(d.admission()[0].waiting, 1, "{waiting} still waits");
         gate.add_permits(2);

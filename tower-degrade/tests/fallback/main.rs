@@ -2022,6 +2022,46 @@ async fn another_delta_under_a_journaled_delta_s_key_is_refused_not_dropped() {
     assert_eq!(totals(&w), HashMap::from([("sku1".to_owned(), 5)]));
 }
 
+/// An `inventory` class forced open onto a `batch_merge` of `V` (`extract`, `merge`) over a
+/// memory store with its worker running; the items of each write the sink got.
+#[allow(clippy::type_complexity)]
+fn merged_inventory<V>(
+    extract: impl Fn(&tower_degrade::fallback::HttpRequest) -> Result<(String, V), String>
+    + Send
+    + Sync
+    + 'static,
+    merge: impl Fn(&mut V, V) + Send + Sync + 'static,
+) -> (
+    Degrader,
+    Svc,
+    Arc<MemoryStore>,
+    Arc<Mutex<Vec<Vec<(String, V)>>>>,
+)
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::new(MemoryStore::default());
+    let sink = {
+        let writes = writes.clone();
+        service_fn(move |batch: Batch<V>| {
+            writes.lock().unwrap().push(batch.items);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .batch_merge("inventory", BatchMerge::new(extract, merge, sink))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "inventory", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("inventory").unwrap();
+    (d, svc, store, writes)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_delta_the_journal_cannot_read_back_is_refused_not_acknowledged() {
     // The journal's format is not self-describing: a field skipped when empty was written,
@@ -2032,17 +2072,7 @@ async fn a_delta_the_journal_cannot_read_back_is_refused_not_acknowledged() {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         note: Option<String>,
     }
-    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let store = Arc::new(MemoryStore::default());
-    let sink = {
-        let writes = writes.clone();
-        service_fn(move |batch: Batch<Delta>| {
-            writes.lock().unwrap().push(batch.items);
-            async { Ok::<_, BoxError>(()) }
-        })
-    };
-    let merge = BatchMerge::new(
+    let (_d, svc, store, writes) = merged_inventory(
         |req| {
             let body = std::str::from_utf8(&req.body).map_err(|e| e.to_string())?;
             let (qty, note) = body
@@ -2060,17 +2090,7 @@ async fn a_delta_the_journal_cannot_read_back_is_refused_not_acknowledged() {
             ))
         },
         |v: &mut Delta, d: Delta| v.qty += d.qty,
-        sink,
     );
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay_fn(|_, _| async { Replayed::Done }))
-        .batch_merge("inventory", merge)
-        .build()
-        .unwrap();
-    let svc = layered(&d, "inventory", router, &App::default());
-    tokio::spawn(worker.run());
-    d.force_open("inventory").unwrap();
     // With a note, every field is written and read back: kept. Without, refused.
     let kept = call(&svc, post("/inventory/sku1", "4 restock")).await;
     assert_eq!(kept.status(), StatusCode::ACCEPTED);
@@ -2097,17 +2117,7 @@ async fn a_merged_value_the_journal_cannot_read_back_is_not_sealed_and_its_delta
     fn is_zero(q: &i64) -> bool {
         *q == 0
     }
-    let d = degrader([ClassConfig::silver("inventory").fallback_route(Route::BatchMerge)]);
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let store = Arc::new(MemoryStore::default());
-    let sink = {
-        let writes = writes.clone();
-        service_fn(move |batch: Batch<Delta>| {
-            writes.lock().unwrap().extend(batch.items);
-            async { Ok::<_, BoxError>(()) }
-        })
-    };
-    let merge = BatchMerge::new(
+    let (_d, svc, store, writes) = merged_inventory(
         |req| {
             let body = std::str::from_utf8(&req.body).map_err(|e| e.to_string())?;
             let qty = body
@@ -2116,17 +2126,7 @@ async fn a_merged_value_the_journal_cannot_read_back_is_not_sealed_and_its_delta
             Ok((req.uri.clone(), Delta { qty }))
         },
         |v: &mut Delta, d: Delta| v.qty += d.qty,
-        sink,
     );
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay_fn(|_, _| async { Replayed::Done }))
-        .batch_merge("inventory", merge)
-        .build()
-        .unwrap();
-    let svc = layered(&d, "inventory", router, &App::default());
-    tokio::spawn(worker.run());
-    d.force_open("inventory").unwrap();
     for qty in ["5", "-5"] {
         let res = call(&svc, post("/inventory/sku1", qty)).await;
         assert_eq!(res.status(), StatusCode::ACCEPTED, "{qty}");
@@ -2142,8 +2142,8 @@ async fn a_merged_value_the_journal_cannot_read_back_is_not_sealed_and_its_delta
     call(&svc, post("/inventory/sku1", "3")).await;
     run_for(1_000).await;
     let w = writes.lock().unwrap();
-    assert_eq!(w.len(), 1);
-    assert_eq!(w[0].1.qty, 3);
+    assert_eq!((w.len(), w[0].len()), (1, 1));
+    assert_eq!(w[0][0].1.qty, 3);
     assert_eq!(store.depth(Queue::Journal).len, 0);
 }
 
