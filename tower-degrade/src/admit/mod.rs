@@ -24,9 +24,9 @@
 //!
 //! A call waits at most its class's [queue delay bound](crate::ClassConfig::max_queue_delay)
 //! (seed: 50 / 200 / 1000 ms by tier), or half its caller's deadline where that is shorter
-//! (gRPC's `grpc-timeout`; [`AdmissionKey::with_deadline`]). Past it, or pushed out of a full queue, it is answered at
-//! once like any call its class does not admit (reason `overload`, the class's fallback
-//! route), not served late. A tier's queue holds up to `(burst tolerance - 1) x limit` calls
+//! (gRPC's `grpc-timeout`; [`AdmissionKey::with_deadline`]). Past it, or pushed out of a full
+//! queue, it is answered at once like any call its class does not admit (reason `overload`,
+//! the class's fallback route), not served late. A tier's queue holds up to `(burst tolerance - 1) x limit` calls
 //! (seed: 2.0 / 1.5 / 1.2, so gold may queue a whole limit's worth, bronze a fifth).
 //!
 //! Permits are cancellation safe: a permit belongs to the call's recording and is given back

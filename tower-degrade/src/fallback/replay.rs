@@ -472,8 +472,10 @@ mod tests {
             .header("location", "/login")
             .body(Full::new(Bytes::new()))
             .unwrap();
+        let judged = judge(login).await;
         assert!(
-            matches!(judge(login).await, Replayed::Reject(a) if a.contains("303") && a.contains("/login"))
+            matches!(&judged, Replayed::Reject(a) if a.contains("303") && a.contains("/login")),
+            "{judged:?}"
         );
         assert!(matches!(judge(res(302, None)).await, Replayed::Reject(a) if a.contains("302")));
         assert!(matches!(judge(res(503, None)).await, Replayed::Retry(a) if a.contains("503")));
