@@ -380,8 +380,13 @@ mod tests {
     }
 
     fn calibrated(centre: f64, ticks: usize) -> (Calibrator, u64) {
+        calibrated_at(Duration::from_millis(500), centre, ticks)
+    }
+
+    /// [`calibrated`] at another tick.
+    fn calibrated_at(tick: Duration, centre: f64, ticks: usize) -> (Calibrator, u64) {
         let cal = Calibration::default();
-        let mut c = Calibrator::new(&cal, Duration::from_millis(500));
+        let mut c = Calibrator::new(&cal, tick);
         let mut seed = 7;
         for _ in 0..ticks {
             c.observe(healthy(&mut seed, centre));
@@ -499,11 +504,7 @@ mod tests {
     fn a_false_alarm_holds_an_hour_whatever_the_tick() {
         // With a 1 s tick, the hour is 3,600 healthy ticks (it was 7,200 ticks at any tick:
         // two hours here, five days on minute steps).
-        let mut c = Calibrator::new(&Calibration::default(), Duration::from_secs(1));
-        let mut seed = 7;
-        for _ in 0..5_000 {
-            c.observe(healthy(&mut seed, -3.0));
-        }
+        let (mut c, mut seed) = calibrated_at(Duration::from_secs(1), -3.0, 5_000);
         c.false_alarm(0.97);
         for _ in 0..3_500 {
             c.observe(healthy(&mut seed, -3.0));

@@ -979,21 +979,43 @@ async fn a_wait_asked_for_past_the_deadline_sends_the_task_to_review_at_once() {
     assert!(answer.contains("asked to wait 3600"), "{answer}");
 }
 
+/// A degrader of `class` under admission held at `limit` permits.
+fn limited(class: ClassConfig, limit: u32) -> Degrader {
+    support::builder("test")
+        .class(class)
+        .admission(
+            Admission::adaptive()
+                .initial_limit(limit)
+                .min_limit(limit)
+                .max_limit(limit),
+        )
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
+/// The application over a stuck database: each call holds until `db` gives it a permit.
+fn stuck(
+    db: Arc<tokio::sync::Semaphore>,
+) -> impl tower::Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send + Sync
+{
+    service_fn(move |_: Req| {
+        let db = db.clone();
+        async move {
+            let _held = db.acquire().await.unwrap();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+        }
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_its_limit() {
     // A limit of 2, both held by live calls to a stuck database: the delayed retries of the
     // same class wait for permits instead of piling 5 more calls onto it.
-    let d = support::builder("test")
-        .class(ClassConfig::gold("pay").fallback_route(Route::DelayedRetry))
-        .admission(
-            Admission::adaptive()
-                .initial_limit(2)
-                .min_limit(2)
-                .max_limit(2),
-        )
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = limited(
+        ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
+        2,
+    );
     let db = Arc::new(tokio::sync::Semaphore::new(0));
     let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let done = Arc::new(AtomicUsize::new(0));
@@ -1015,18 +1037,11 @@ async fn delayed_retries_hold_an_admission_permit_and_never_take_a_class_over_it
         .build()
         .unwrap();
     let id = d.class_id("pay").unwrap();
-    let gate = db.clone();
     let svc = d
         .layer(move |_: &Req| id)
         .http()
         .fallback_with(router)
-        .layer(service_fn(move |_: Req| {
-            let gate = gate.clone();
-            async move {
-                let _held = gate.acquire().await.unwrap();
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
-            }
-        }));
+        .layer(stuck(db.clone()));
     let live: Vec<_> = (0..2)
         .map(|i| tokio::spawn(svc.clone().oneshot(post(&format!("/pay/{i}"), "x"))))
         .collect();
@@ -1739,17 +1754,10 @@ async fn a_grpc_call_waiting_for_a_permit_is_kept_before_its_deadline() {
     // Admission at one permit, held by a call to a stuck database. A client that gives its
     // call 300 ms waited in the queue for the class's 1 s and gave up, the call neither served
     // nor kept; now it leaves the queue at 150 ms and its spooled class keeps it.
-    let d = support::builder("test")
-        .class(ClassConfig::bronze("events").fallback_route(Route::Spool))
-        .admission(
-            Admission::adaptive()
-                .initial_limit(1)
-                .min_limit(1)
-                .max_limit(1),
-        )
-        .build_with_worker()
-        .unwrap()
-        .0;
+    let d = limited(
+        ClassConfig::bronze("events").fallback_route(Route::Spool),
+        1,
+    );
     let store = Arc::new(MemoryStore::default());
     let app = App::default();
     let (router, _worker) = FallbackRouter::builder(&d)
@@ -1763,18 +1771,11 @@ async fn a_grpc_call_waiting_for_a_permit_is_kept_before_its_deadline() {
         .unwrap()
         .build();
     let db = Arc::new(tokio::sync::Semaphore::new(0));
-    let gate = db.clone();
     let svc = d
         .layer(classify)
         .http()
         .fallback_with(router)
-        .layer(service_fn(move |_: Req| {
-            let gate = gate.clone();
-            async move {
-                let _held = gate.acquire().await.unwrap();
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
-            }
-        }));
+        .layer(stuck(db.clone()));
     let record = || {
         Request::post("/shop.Events/Record")
             .header("content-type", "application/grpc")
