@@ -29,7 +29,7 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
-from traces import Trace, grace, headline_horizon, horizons, read_dir, tick_scale, windows
+from traces import Trace, dataset_names, grace, headline_horizon, horizons, read_dataset, tick_scale, windows
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -326,24 +326,6 @@ def table(rows, dataset, H, k, budget) -> str:
     return "\n".join(lines) + "\n"
 
 
-def section_names(paths: list) -> list:
-    """The report's name for each --traces directory: its own name, or its whole path where
-    that is taken (by an earlier directory of the same name, or by one of the harness's own
-    datasets); a directory given twice is an error."""
-    taken, seen, out = {"simulated", "nab", "nezha", "smd"}, set(), []
-    for path in paths:
-        full = os.path.normpath(path)
-        if os.path.abspath(full) in seen:
-            raise ValueError(f"--traces {path}: given twice")
-        seen.add(os.path.abspath(full))
-        name = os.path.basename(full)
-        if name in taken:
-            name = full if full not in taken else os.path.abspath(full)
-        taken.add(name)
-        out.append(name)
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model: window [batch,64,8] -> p_anomaly [batch,1]")
@@ -363,22 +345,16 @@ def main():
         datasets.require(a.data, "evaluate.py")
 
     # The traces first: a file that cannot be read fails now, not after the simulator's run.
+    try:
+        names = dataset_names(a.traces)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: --traces {e}")
     traced = []
-    for path in a.traces:
+    for path, name in zip(a.traces, names):
         try:
-            trs = read_dir(path)
+            trs = read_dataset(path, name, need=("test",))
         except (OSError, ValueError) as e:
             sys.exit(f"evaluate.py: --traces {path}: {e}")
-        if all(t.test_from >= t.T for t in trs):
-            sys.exit(f"evaluate.py: --traces {path}: no test data (every row's split is train or "
-                     "val): nothing to score; python traces.py split DIR writes one with a test part")
-        # One directory is scored by one set of rules (horizons, grace), those of its step.
-        if len({tick_scale(t.step_seconds) for t in trs}) > 1:
-            short = next(t for t in trs if tick_scale(t.step_seconds))
-            long = next(t for t in trs if not tick_scale(t.step_seconds))
-            sys.exit(f"evaluate.py: --traces {path}: steps of {short.step_seconds:g} s ({short.name}) "
-                     f"and {long.step_seconds:g} s ({long.name}) are scored by different rules "
-                     "(horizons, grace): put them in separate directories")
         own_val = any(t.val_from < t.test_from for t in trs)
         if not own_val:
             print(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
@@ -408,10 +384,6 @@ def main():
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
-    try:
-        names = section_names([path for path, _, _ in traced])
-    except ValueError as e:
-        sys.exit(f"evaluate.py: {e}")
     for (path, trs, own_val), name in zip(traced, names):
         # As the protocol counts them: an incident that starts within H steps of the test
         # part's start leaves no room for an early warning and is not counted.

@@ -1,7 +1,7 @@
 """Leave-one-dataset-out: how the model does on a kind of service it has never seen.
 
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR [--report lodo.md] [--json lodo.json]
-                   [--folds simulated nab nezha smd] [--epochs 8] [--seed 7]
+                   [--traces DIR ...] [--folds simulated nab nezha smd ...] [--epochs 8] [--seed 7]
                    [--arch conv|robust|z|zb|zc|za|zs|zsl|zsw|zal|zam] [--balance | --no-balance] [--reuse]
     python lodo.py --data PUBLIC_TRACES_DIR --out-dir DIR --from-json lodo.json [--report lodo.md]
 
@@ -25,12 +25,20 @@ test part; it is not a deployable threshold, and the headline stays the protocol
 For a recipe with an anchor (`za` and those built on it, the bundled `zsl` among them), each
 fold's model is also scored with its learnt head silenced (make_fixtures.silence_head: the
 anchor alone, as trained; not a baseline): what the head added in each fold.
+
+`--traces DIR` (repeatable) adds a directory of your own trace CSVs (traces.py documents the
+format; `tower_degrade_ai::Recorder` writes it) as one more dataset: held out in a fold of its
+own, scored as the public ones are (thresholds from its validation part), and trained on in
+every other fold. Each file needs a split column, and the directory train, val and test rows
+(`python traces.py split DIR`). It is named after the directory (its path where that name is
+taken), which is what `--folds` takes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -39,9 +47,9 @@ import evaluate
 import make_fixtures
 import simulate
 from protocol import chance_early
-from traces import headline_horizon
+from traces import HARNESS_DATASETS, dataset_names, headline_horizon, read_dataset
 
-FOLDS = ("simulated", "nab", "nezha", "smd")
+FOLDS = HARNESS_DATASETS
 # The fold's model with its learnt head silenced (make_fixtures.silence_head): what training added.
 ANCHOR = "anchor alone (no learnt head)"
 MODEL_ROWS = ("model", evaluate.AS_DEFAULT, ANCHOR)
@@ -53,6 +61,25 @@ def training_traces(held_out: str, sim, pub) -> list:
         if name != held_out:
             traces += trs
     return traces
+
+
+def file_name(dataset: str) -> str:
+    """A fold's files' name part: the dataset's name, a path's separators and odd characters
+    made `_` (a --traces directory may be named by its path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_.") or "traces"
+
+
+def own_datasets(paths: list) -> dict:
+    """Name -> traces of each --traces directory (traces.dataset_names), read whole now: every
+    file split, with train rows to train the other folds on and validation and test rows to
+    score its own fold; an error naming the directory otherwise."""
+    out = {}
+    for path, name in zip(paths, dataset_names(paths)):
+        try:
+            out[name] = read_dataset(path, name, need=("split", "train", "val", "test"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+    return out
 
 
 def score_fold(held_out: str, model_path: str, data: str, sim, pub, anchor_path=None) -> list:
@@ -233,7 +260,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="directory holding nab/, nezha/ and smd_subset/")
     ap.add_argument("--out-dir", required=True, help="where the folds' models go")
-    ap.add_argument("--folds", nargs="*", default=list(FOLDS), choices=FOLDS)
+    ap.add_argument("--traces", nargs="+", action="extend", default=[], metavar="DIR",
+                    help="a directory of your own trace CSVs, a dataset of its own: held out in its "
+                         "own fold, trained on in the others (--traces A B, or --traces A --traces B)")
+    ap.add_argument("--folds", nargs="*", metavar="DATASET",
+                    help="the datasets held out, each in its fold (default: every one: "
+                         f"{', '.join(FOLDS)} and the --traces directories' names)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000)
@@ -254,7 +286,7 @@ def main():
     datasets.require(a.data, "lodo.py")
     if a.from_json:
         saved = json.load(open(a.from_json))
-        folds = [d for d in a.folds if d in saved["models"]]
+        folds = [d for d in (a.folds or saved["models"]) if d in saved["models"]]
         text = report(saved["rows"], folds, saved["models"])
         print(text)
         if a.report:
@@ -266,16 +298,28 @@ def main():
     if a.arch not in train.ARCHS:
         ap.error(f"--arch {a.arch}: expected one of {', '.join(train.ARCHS)}")
 
+    # Your own traces first: a file that cannot be read fails now, not after a fold's training.
+    try:
+        own = own_datasets(a.traces)
+    except ValueError as e:
+        ap.error(f"--traces {e}")
+    known = list(FOLDS) + list(own)
+    unknown = [d for d in a.folds or () if d not in known]
+    if unknown:
+        ap.error(f"--folds {' '.join(unknown)}: expected some of {', '.join(known)}")
+    folds = a.folds or known
     os.makedirs(a.out_dir, exist_ok=True)
     # A recipe with an anchor is also scored by its anchor alone (make_fixtures.silence_head).
     anchored = isinstance(model.build(a.arch), model.ZANet)
     sim = simulate.dataset(a.seed)
-    pub = datasets.load_or_exit(a.data, "lodo.py")
+    pub = {**datasets.load_or_exit(a.data, "lodo.py"), **own}
     rows, infos = [], {}
-    for d in a.folds:
+    for d in folds:
         t0 = time.time()
-        path = os.path.join(a.out_dir, f"lodo-{d}.onnx")
+        path = os.path.join(a.out_dir, f"lodo-{file_name(d)}.onnx")
         done = os.path.splitext(path)[0] + ".train.json"
+        # The --traces datasets this fold trains on (in its .train.json, to be checked by --reuse).
+        theirs = [n for n in own if n != d]
         if a.reuse and os.path.exists(path) and os.path.exists(done):
             print(f"== fold {d}: the model in {path}", flush=True)
             infos[d] = json.load(open(done))
@@ -285,11 +329,14 @@ def main():
                 ap.error(f"--reuse: {done} was trained with --arch {made[0]}"
                          f"{' --balance' if made[1] else ''}, not --arch {a.arch}"
                          f"{' --balance' if a.balance else ''}")
+            if infos[d].get("traces", []) != theirs:
+                ap.error(f"--reuse: {done} was trained on the --traces datasets "
+                         f"[{', '.join(infos[d].get('traces', []))}], this fold's are [{', '.join(theirs)}]")
         else:
             print(f"== fold {d}: training without it", flush=True)
             infos[d] = train.fit(training_traces(d, sim, pub), path, a.seed, a.epochs, a.hard_negatives,
                                  arch=a.arch, balance=a.balance,
-                                 log=lambda m: print("   ", m, flush=True))
+                                 log=lambda m: print("   ", m, flush=True), own_traces=tuple(theirs))
         anchor = None
         if anchored:
             import onnx
@@ -299,7 +346,7 @@ def main():
         h = headline(rows, d, 1.0)
         print(f"   {d}: model {_recall(h['model'])}, best baseline {h['best']['detector']} "
               f"{_recall(h['best'])} ({time.time() - t0:.0f} s)", flush=True)
-    text = report(rows, a.folds, infos)
+    text = report(rows, folds, infos)
     print(text)
     if a.report:
         open(a.report, "w").write(text)

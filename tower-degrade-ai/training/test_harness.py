@@ -277,14 +277,39 @@ class Traces(unittest.TestCase):
 
     def test_traces_directories_of_one_name_are_each_reported_under_their_path(self):
         # `--traces prod/svc staging/svc`: the second was dropped from the report, silently.
-        from evaluate import section_names
-        self.assertEqual(section_names(["prod/svc", "staging/svc/", "mine"]),
+        from traces import dataset_names
+        self.assertEqual(dataset_names(["prod/svc", "staging/svc/", "mine"]),
                          ["svc", "staging/svc", "mine"])
-        # Your `nab` is not NAB's section.
-        self.assertEqual(section_names(["runs/nab"]), ["runs/nab"])
-        self.assertEqual(section_names(["a/svc", "svc"]), ["svc", os.path.abspath("svc")])
-        with self.assertRaisesRegex(ValueError, "--traces prod/svc: given twice"):
-            section_names(["prod/svc", "other/svc", "prod/svc"])
+        # Your `nab` is not NAB's section, nor weighted as NAB in training.
+        self.assertEqual(dataset_names(["runs/nab"]), ["runs/nab"])
+        self.assertEqual(dataset_names(["a/svc", "svc"]), ["svc", os.path.abspath("svc")])
+        with self.assertRaisesRegex(ValueError, "^prod/svc: given twice"):
+            dataset_names(["prod/svc", "other/svc", "prod/svc"])
+
+    def test_a_directory_read_as_a_dataset_holds_what_its_use_needs(self):
+        from traces import read_dataset, split
+        X = np.random.default_rng(0).random((100, 8)).astype(np.float32) * 0.9 + 0.1
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("a", "x", X, [(40, 45)], 60.0), os.path.join(d, "a.csv"))
+            with self.assertRaisesRegex(ValueError, "a: every row is test data .*traces.py split"):
+                read_dataset(d, "mine", need=("split",))
+            self.assertEqual(len(read_dataset(d, "mine", need=("test",))), 1)
+            with self.assertRaisesRegex(ValueError, "^no train rows; python traces.py split"):
+                read_dataset(d, "mine", need=("train",))
+            split(d, 0.2, 0.2)
+            (tr,) = read_dataset(d, "mine", need=("split", "train", "val", "test"))
+            self.assertEqual((tr.dataset, tr.val_from, tr.test_from), ("mine", 60, 80))
+            # Train and val rows only; then train and test.
+            write_csv(Trace("a", "x", X, [(40, 45)], 60.0, None, 60, 100), os.path.join(d, "a.csv"))
+            with self.assertRaisesRegex(ValueError, "^no test data"):
+                read_dataset(d, "mine", need=("test",))
+            write_csv(Trace("a", "x", X, [(40, 45)], 60.0, None, 80, 80), os.path.join(d, "a.csv"))
+            with self.assertRaisesRegex(ValueError, r"^no validation part \(no `val` rows\)"):
+                read_dataset(d, "mine", need=("split", "train", "test", "val"))
+            # Minute steps and 500 ms ticks are scored by different rules: one directory, one.
+            write_csv(Trace("b", "x", X, [(40, 45)], 0.5, None, 60, 80), os.path.join(d, "b.csv"))
+            with self.assertRaisesRegex(ValueError, r"steps of 0.5 s \(b\) and 60 s \(a\)"):
+                read_dataset(d, "mine")
 
     def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
         with tempfile.TemporaryDirectory() as d:

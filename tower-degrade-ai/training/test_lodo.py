@@ -1,8 +1,13 @@
 """Tests of the leave-one-dataset-out harness's bookkeeping (NumPy only: no training)."""
+import os
+import tempfile
 import unittest
 
+import numpy as np
+
 import evaluate
-from lodo import ANCHOR, _verdict, beyond_chance, headline, training_traces
+from lodo import ANCHOR, _verdict, beyond_chance, file_name, headline, own_datasets, training_traces
+from traces import Trace, write_csv
 
 
 class Folds(unittest.TestCase):
@@ -13,6 +18,36 @@ class Folds(unittest.TestCase):
         self.assertEqual(training_traces("nezha", sim, pub), ["s1", "s2", "n1", "m1"])
         for held_out in ("nab", "nezha", "smd"):
             self.assertFalse(set(pub[held_out]) & set(training_traces(held_out, sim, pub)))
+
+    def test_your_traces_are_a_fold_of_their_own_and_trained_on_in_the_others(self):
+        X = np.random.default_rng(0).random((100, 8)).astype(np.float32) * 0.9 + 0.1
+        with tempfile.TemporaryDirectory() as root:
+            for d in ("prod/svc", "staging/svc", "nab"):
+                os.makedirs(os.path.join(root, d))
+                write_csv(Trace("c", "x", X, [(70, 72)], 60.0, None, 60, 80), os.path.join(root, d, "c.csv"))
+            paths = [os.path.join(root, d) for d in ("prod/svc", "staging/svc", "nab")]
+            own = own_datasets(paths)
+            # Named as evaluate.py's report names them: a name taken goes by its path.
+            self.assertEqual(list(own), ["svc", os.path.normpath(paths[1]), os.path.normpath(paths[2])])
+            self.assertTrue(all(t.dataset == n for n, trs in own.items() for t in trs))
+            pub = {"nab": ["n1"], "nezha": ["z1"], "smd": ["m1"], **own}
+            for held_out in own:
+                trained = training_traces(held_out, ["s1"], pub)
+                self.assertFalse({id(t) for t in own[held_out]} & {id(t) for t in trained})
+                self.assertEqual(len(trained), 4 + len(own) - 1)
+            self.assertEqual(training_traces("nab", ["s1"], pub), ["s1", "z1", "m1", *own["svc"],
+                             *own[os.path.normpath(paths[1])], *own[os.path.normpath(paths[2])]])
+            # A directory a held-out fold could not be scored on is refused before any training.
+            write_csv(Trace("c", "x", X, [(70, 72)], 60.0, None, 80, 80), os.path.join(paths[0], "c.csv"))
+            with self.assertRaisesRegex(ValueError, f"^{paths[0]}: no validation part"):
+                own_datasets(paths)
+            with self.assertRaisesRegex(ValueError, "given twice"):
+                own_datasets([paths[1], paths[1]])
+
+    def test_a_folds_files_are_named_after_its_dataset_even_a_path(self):
+        self.assertEqual(file_name("nab"), "nab")
+        self.assertEqual(file_name("/srv/traces/staging svc"), "srv_traces_staging_svc")
+        self.assertEqual(file_name("/"), "traces")
 
 
 def row(detector, recall, ci, k=1, budget=1.0, H=6, trips=0.5):

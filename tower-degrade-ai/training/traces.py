@@ -331,6 +331,64 @@ def read_dir(d: str, dataset: str | None = None) -> list:
     return out
 
 
+# The harness's own datasets: a directory of trace CSVs is never reported (or weighted in
+# training) under one of these names.
+HARNESS_DATASETS = ("simulated", "nab", "nezha", "smd")
+
+
+def dataset_names(paths: list) -> list:
+    """The name each directory of trace CSVs goes by, in reports and in training's weights per
+    dataset: its own name, or its whole path where that is taken (by an earlier directory of
+    the same name, or by one of the harness's own datasets); a directory given twice is an
+    error."""
+    taken, seen, out = set(HARNESS_DATASETS), set(), []
+    for path in paths:
+        full = os.path.normpath(path)
+        if os.path.abspath(full) in seen:
+            raise ValueError(f"{path}: given twice")
+        seen.add(os.path.abspath(full))
+        name = os.path.basename(full)
+        if name in taken:
+            name = full if full not in taken else os.path.abspath(full)
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+# A part's rows in a trace, and what is said of a directory with none (read_dataset's `need`).
+_PARTS = {
+    "train": (lambda t: t.val_from > 0, "no train rows"),
+    "val": (lambda t: t.val_from < t.test_from, "no validation part (no `val` rows)"),
+    "test": (lambda t: t.test_from < t.T, "no test data (every row's split is train or val)"),
+}
+
+
+def read_dataset(d: str, name: str, need: tuple = ()) -> list:
+    """Every trace CSV in `d` (read_dir) as one dataset named `name`, scored by one set of rules
+    (horizons, grace): a directory whose steps fall under both the tick's and the minutes'
+    rules is refused. `need` names what it must hold, each refused with why and what to run:
+    "split", a split column in every file; "train", "val", "test", rows of that part in at
+    least one file."""
+    trs = read_dir(d, name)
+    if len({tick_scale(t.step_seconds) for t in trs}) > 1:
+        short = next(t for t in trs if tick_scale(t.step_seconds))
+        long = next(t for t in trs if not tick_scale(t.step_seconds))
+        raise ValueError(f"steps of {short.step_seconds:g} s ({short.name}) and {long.step_seconds:g} s "
+                         f"({long.name}) are scored by different rules (horizons, grace): put them "
+                         "in separate directories")
+    for part in need:
+        if part == "split":
+            unsplit = [t.name for t in trs if t.val_from == 0 and t.test_from == 0]
+            if unsplit:
+                raise ValueError(f"{', '.join(unsplit)}: every row is test data (no split column, "
+                                 f"or only `test` rows); python traces.py split {d} adds a "
+                                 "time-ordered one")
+        elif not any(_PARTS[part][0](t) for t in trs):
+            raise ValueError(f"{_PARTS[part][1]}; python traces.py split {d} writes a time-ordered "
+                             "split with train, val and test parts")
+    return trs
+
+
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every

@@ -34,7 +34,7 @@ import reference
 import simulate
 from model import ARCHS, build, export
 from protocol import early_targets
-from traces import grace, headline_horizon, read_dir
+from traces import dataset_names, grace, headline_horizon, read_dataset
 
 NEG_PER_POS = 40
 
@@ -265,17 +265,17 @@ def main():
         ap.error(f"--out {a.out}: the directory {out_dir} does not exist")
 
     # Your own traces first: a file that cannot be read fails now, not after the simulator's run.
+    # Each directory is a dataset of its own (its weight in training, with --balance).
+    try:
+        names = dataset_names(a.traces)
+    except ValueError as e:
+        ap.error(f"--traces {e}")
     own_traces = []
-    for d in a.traces:
+    for d, name in zip(a.traces, names):
         try:
-            own = read_dir(d)
+            own_traces += read_dataset(d, name, need=("split",))
         except (OSError, ValueError) as e:
             ap.error(f"--traces {d}: {e}")
-        unsplit = [tr.name for tr in own if tr.val_from == 0 and tr.test_from == 0]
-        if unsplit:
-            ap.error(f"--traces {d}: {', '.join(unsplit)} without a split column would train on "
-                     f"nothing (the whole file is test data): python traces.py split {d}")
-        own_traces += own
     traces = simulate.dataset(a.seed)
     if a.data:
         for v in datasets.load_or_exit(a.data, "train.py").values():
