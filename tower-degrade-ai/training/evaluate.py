@@ -29,7 +29,7 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate
-from traces import Trace, dataset_names, grace, headline_horizon, horizons, read_dataset, tick_scale, windows
+from traces import Trace, grace, headline_horizon, horizons, read_datasets, tick_scale, windows
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -346,28 +346,24 @@ def main():
 
     # The traces first: a file that cannot be read fails now, not after the simulator's run.
     try:
-        names = dataset_names(a.traces)
+        own = read_datasets(a.traces, need=("test",))
     except ValueError as e:
         sys.exit(f"evaluate.py: --traces {e}")
     traced = []
-    for path, name in zip(a.traces, names):
-        try:
-            trs = read_dataset(path, name, need=("test",))
-        except (OSError, ValueError) as e:
-            sys.exit(f"evaluate.py: --traces {path}: {e}")
+    for path, (name, trs) in zip(a.traces, own.items()):
         own_val = any(t.val_from < t.test_from for t in trs)
         if not own_val:
             print(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
                   "come from the simulator's 500 ms validation traces (python traces.py split DIR "
                   "writes one)", file=sys.stderr)
-        traced.append((path, trs, own_val))
+        traced.append((path, name, trs, own_val))
     try:
         model = Model(a.model)
     except Exception as e:  # onnxruntime's own errors do not name the file
         sys.exit(f"evaluate.py: --model {a.model}: {e}")
     det = {"model": model, **BASELINES}
     rows, sim_val, sim_val_scores = [], None, None
-    if not a.traces_only or not all(own for _, _, own in traced):
+    if not a.traces_only or not all(own_val for *_, own_val in traced):
         sim = simulate.dataset(a.seed)
         sim_val = [t for t in sim if t.val_from < t.test_from]
         sim_test = [t for t in sim if t.test_from == 0]
@@ -384,7 +380,7 @@ def main():
                 for nd in datasets.NAB_DETECTORS:
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
-    for (path, trs, own_val), name in zip(traced, names):
+    for path, name, trs, own_val in traced:
         # As the protocol counts them: an incident that starts within H steps of the test
         # part's start leaves no room for an early warning and is not counted.
         H = headline_horizon(trs[0].step_seconds)

@@ -47,12 +47,15 @@ import evaluate
 import make_fixtures
 import simulate
 from protocol import chance_early
-from traces import HARNESS_DATASETS, dataset_names, headline_horizon, read_dataset
+from traces import HARNESS_DATASETS, headline_horizon, read_datasets
 
 FOLDS = HARNESS_DATASETS
 # The fold's model with its learnt head silenced (make_fixtures.silence_head): what training added.
 ANCHOR = "anchor alone (no learnt head)"
 MODEL_ROWS = ("model", evaluate.AS_DEFAULT, ANCHOR)
+# What a --traces directory must hold (traces.read_dataset): a split in every file, train rows
+# for the other folds to train on, val and test rows for its own fold.
+LODO_NEEDS = ("split", "train", "val", "test")
 
 
 def training_traces(held_out: str, sim, pub) -> list:
@@ -67,19 +70,6 @@ def file_name(dataset: str) -> str:
     """A fold's files' name part: the dataset's name, a path's separators and odd characters
     made `_` (a --traces directory may be named by its path)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_.") or "traces"
-
-
-def own_datasets(paths: list) -> dict:
-    """Name -> traces of each --traces directory (traces.dataset_names), read whole now: every
-    file split, with train rows to train the other folds on and validation and test rows to
-    score its own fold; an error naming the directory otherwise."""
-    out = {}
-    for path, name in zip(paths, dataset_names(paths)):
-        try:
-            out[name] = read_dataset(path, name, need=("split", "train", "val", "test"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-    return out
 
 
 def score_fold(held_out: str, model_path: str, data: str, sim, pub, anchor_path=None) -> list:
@@ -300,7 +290,7 @@ def main():
 
     # Your own traces first: a file that cannot be read fails now, not after a fold's training.
     try:
-        own = own_datasets(a.traces)
+        own = read_datasets(a.traces, LODO_NEEDS)
     except ValueError as e:
         ap.error(f"--traces {e}")
     known = list(FOLDS) + list(own)

@@ -6,8 +6,8 @@ import unittest
 import numpy as np
 
 import evaluate
-from lodo import ANCHOR, _verdict, beyond_chance, file_name, headline, own_datasets, training_traces
-from traces import Trace, write_csv
+from lodo import ANCHOR, LODO_NEEDS, _verdict, beyond_chance, file_name, headline, training_traces
+from traces import Trace, read_datasets, write_csv
 
 
 class Folds(unittest.TestCase):
@@ -26,7 +26,7 @@ class Folds(unittest.TestCase):
                 os.makedirs(os.path.join(root, d))
                 write_csv(Trace("c", "x", X, [(70, 72)], 60.0, None, 60, 80), os.path.join(root, d, "c.csv"))
             paths = [os.path.join(root, d) for d in ("prod/svc", "staging/svc", "nab")]
-            own = own_datasets(paths)
+            own = read_datasets(paths, LODO_NEEDS)
             # Named as evaluate.py's report names them: a name taken goes by its path.
             self.assertEqual(list(own), ["svc", os.path.normpath(paths[1]), os.path.normpath(paths[2])])
             self.assertTrue(all(t.dataset == n for n, trs in own.items() for t in trs))
@@ -40,9 +40,9 @@ class Folds(unittest.TestCase):
             # A directory a held-out fold could not be scored on is refused before any training.
             write_csv(Trace("c", "x", X, [(70, 72)], 60.0, None, 80, 80), os.path.join(paths[0], "c.csv"))
             with self.assertRaisesRegex(ValueError, f"^{paths[0]}: no validation part"):
-                own_datasets(paths)
+                read_datasets(paths, LODO_NEEDS)
             with self.assertRaisesRegex(ValueError, "given twice"):
-                own_datasets([paths[1], paths[1]])
+                read_datasets([paths[1], paths[1]])
 
     def test_a_folds_files_are_named_after_its_dataset_even_a_path(self):
         self.assertEqual(file_name("nab"), "nab")

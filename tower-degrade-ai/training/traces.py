@@ -389,6 +389,18 @@ def read_dataset(d: str, name: str, need: tuple = ()) -> list:
     return trs
 
 
+def read_datasets(paths: list, need: tuple = ()) -> dict:
+    """Name (dataset_names) -> traces (read_dataset) of each directory, in order; an error
+    naming the directory where one cannot be read or lacks what `need` names."""
+    out = {}
+    for path, name in zip(paths, dataset_names(paths)):
+        try:
+            out[name] = read_dataset(path, name, need)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+    return out
+
+
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every

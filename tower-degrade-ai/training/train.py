@@ -34,7 +34,7 @@ import reference
 import simulate
 from model import ARCHS, build, export
 from protocol import early_targets
-from traces import dataset_names, grace, headline_horizon, read_dataset
+from traces import grace, headline_horizon, read_datasets
 
 NEG_PER_POS = 40
 
@@ -267,15 +267,9 @@ def main():
     # Your own traces first: a file that cannot be read fails now, not after the simulator's run.
     # Each directory is a dataset of its own (its weight in training, with --balance).
     try:
-        names = dataset_names(a.traces)
+        own_traces = [t for trs in read_datasets(a.traces, need=("split",)).values() for t in trs]
     except ValueError as e:
         ap.error(f"--traces {e}")
-    own_traces = []
-    for d, name in zip(a.traces, names):
-        try:
-            own_traces += read_dataset(d, name, need=("split",))
-        except (OSError, ValueError) as e:
-            ap.error(f"--traces {d}: {e}")
     traces = simulate.dataset(a.seed)
     if a.data:
         for v in datasets.load_or_exit(a.data, "train.py").values():
