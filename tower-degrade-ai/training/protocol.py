@@ -43,12 +43,21 @@ def early_targets(T: int, events, H: int, grace: int = 0, pre_ignore=None, ignor
     return y
 
 
+def held(score, k: int = 1) -> np.ndarray:
+    """The level a score has held for the last k steps (the lowest of them): an alarm at
+    threshold thr for k consecutive steps is held(score, k) >= thr. -inf at a missing (NaN)
+    score and in the first k - 1 steps."""
+    s = np.nan_to_num(np.asarray(score, dtype=float), nan=-np.inf)
+    if k <= 1 or not len(s):
+        return s
+    out = np.full(len(s), -np.inf)
+    if len(s) >= k:
+        out[k - 1:] = np.lib.stride_tricks.sliding_window_view(s, k).min(axis=1)
+    return out
+
+
 def alarms(score, thr: float, k: int = 1) -> np.ndarray:
-    a = (np.nan_to_num(np.asarray(score, dtype=float), nan=-np.inf) >= thr).astype(np.int32)
-    if k <= 1:
-        return a.astype(bool)
-    c = np.convolve(a, np.ones(k, dtype=np.int32), mode="full")[: len(a)]
-    return c >= k
+    return held(score, k) >= thr
 
 
 def episodes(a, merge: int = 0) -> list[tuple[int, int]]:
@@ -144,6 +153,18 @@ def evaluate(a, events, H: int, step_seconds: float, eval_from: int = 0, grace: 
         else:
             r.late += 1
             r.hits.append(1)
+    normal = normal_steps(T, events, H, eval_from, grace, pre_ignore, ignore)
+    r.fp_episodes = len(episodes(a & normal, merge))
+    r.normal_steps = int(normal.sum())
+    r.normal_alarm_steps = int((a & normal).sum())
+    r.normal_seconds = r.normal_steps * step_seconds
+    return r
+
+
+def normal_steps(T: int, events, H: int, eval_from: int = 0, grace: int = 0, pre_ignore=None,
+                 ignore=None) -> np.ndarray:
+    """[T] bool: the steps where an alarm is a false trip (`evaluate`): from eval_from on,
+    outside every [s - H - pre_ignore, e + grace] and every step `ignore` marks."""
     normal = np.ones(T, dtype=bool)
     normal[:eval_from] = False
     for i, (s, e) in enumerate(events):
@@ -151,11 +172,7 @@ def evaluate(a, events, H: int, step_seconds: float, eval_from: int = 0, grace: 
         normal[max(0, s - H - pi):min(T, e + grace + 1)] = False
     if ignore is not None:
         normal &= ~np.asarray(ignore[:T], dtype=bool)
-    r.fp_episodes = len(episodes(a & normal, merge))
-    r.normal_steps = int(normal.sum())
-    r.normal_alarm_steps = int((a & normal).sum())
-    r.normal_seconds = r.normal_steps * step_seconds
-    return r
+    return normal
 
 
 def chance_early(summary: dict, H: int, step_seconds: float) -> float:

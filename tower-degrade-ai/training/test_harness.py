@@ -254,6 +254,49 @@ class Traces(unittest.TestCase):
         finally:
             evaluate.CHUNK = chunk
 
+    def test_the_threshold_search_counts_false_trips_as_the_protocol_does(self):
+        # choose_threshold tries every candidate with false_trips_at, one comparison per
+        # threshold over all series' normal steps; run_part re-runs the protocol per series.
+        import evaluate
+        rng = np.random.default_rng(5)
+        traces, scores = [], []
+        for i in range(6):
+            T = int(rng.integers(150, 400))
+            events = sorted((int(s), int(s) + int(rng.integers(0, 9)))
+                            for s in rng.choice(np.arange(20, T - 10, 25), size=4, replace=False))
+            ignore = rng.random(T) < 0.05 if i % 2 else None
+            pre = [int(p) for p in rng.integers(0, 5, size=len(events))] if i % 3 == 0 else None
+            X = np.zeros((T, 8), dtype=np.float32)
+            part = (0, 0) if i in (2, 3) else (T // 3, 2 * T // 3)  # 2, 3: test data only
+            traces.append(Trace(f"t{i}", "x", X, events, 60.0 if i < 5 else 30.0, pre, *part,
+                                ignore=ignore))
+            sc = rng.random(T)
+            sc[rng.random(T) < 0.02] = np.nan
+            scores.append(sc)
+        thresholds = np.linspace(0.0, 1.0, 41)
+        for part in ("val", "test"):
+            for k in (1, 3):
+                per_day, alarmed = evaluate.false_trips_at(traces, scores, part, thresholds, 6, k)
+                for thr, d, f in zip(thresholds, per_day, alarmed):
+                    r = evaluate.run_part(traces, scores, part, thr, 6, k)
+                    self.assertEqual(d, r.false_trips_per_day(), (part, k, thr))
+                    self.assertEqual(f, r.summary()["normal_time_alarmed"], (part, k, thr))
+                self.assertGreater(per_day.max(), 1.0)  # the check saw false trips
+                self.assertTrue((per_day == 0).any())
+                thr = evaluate.choose_threshold(traces, scores, 6, 40.0, k, part)
+                r = evaluate.run_part(traces, scores, part, thr, 6, k)
+                self.assertLessEqual(r.false_trips_per_day(), 40.0)
+                self.assertLessEqual(r.summary()["normal_time_alarmed"], evaluate.MAX_ALARMED)
+                self.assertGreater(r.summary()["normal_time_alarmed"], 0.0)
+
+    def test_a_score_held_for_k_steps_is_its_alarm_for_k_steps(self):
+        from protocol import held
+        s = np.array([0.2, 0.9, np.nan, 0.8, 0.7, 0.95, 0.1])
+        np.testing.assert_array_equal(held(s, 1), [0.2, 0.9, -np.inf, 0.8, 0.7, 0.95, 0.1])
+        np.testing.assert_array_equal(held(s, 2), [-np.inf, 0.2, -np.inf, -np.inf, 0.7, 0.7, 0.1])
+        self.assertEqual(alarms(s, 0.7, 3).tolist(), [False] * 5 + [True, False])
+        self.assertEqual(held(s[:2], 3).tolist(), [-np.inf, -np.inf])
+
     def test_a_validation_part_without_normal_steps_is_refused(self):
         # Every candidate passed (no normal time, no false trip): the lowest threshold won and
         # alarmed all of the test part.
