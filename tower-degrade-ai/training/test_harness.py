@@ -406,6 +406,36 @@ class Traces(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"machine-1-6_train.csv.gz and .*nothing under 'eth1_pi'"):
                 datasets.load_smd(d)
 
+    def test_a_file_read_a_chunk_at_a_time_is_the_file_read_whole(self):
+        import traces
+        rows = [self.row(t, p99=f"{0.1 + (t % 7) / 10:g}", label=str(int(t % 7 == 6)),
+                         split="train" if t < 12 else "val" if t < 16 else "test") for t in range(20)]
+        with tempfile.TemporaryDirectory() as d:
+            p = self.write(d, rows[:9] + [""] + rows[9:])
+            whole = read_csv(p)
+            chunk, traces.CHUNK_ROWS = traces.CHUNK_ROWS, 3
+            try:
+                part = read_csv(p)
+                np.testing.assert_array_equal(part.X, whole.X)
+                self.assertEqual((part.events, part.val_from, part.test_from, part.step_seconds),
+                                 (whole.events, whole.val_from, whole.test_from, whole.step_seconds))
+                self.assertEqual((whole.val_from, whole.test_from, len(whole.events)), (12, 16, 2))
+                # a refused value in a later chunk names its own line (the blank one counted)
+                p = self.write(d, rows[:9] + [""] + rows[9:14] + [self.row(14, p99="-1")])
+                with self.assertRaisesRegex(ValueError, r"t.csv:17: column p99_over_sla: negative"):
+                    read_csv(p)
+                p = self.write(d, rows[:13] + [self.row(13, split="val"), self.row(14, split="train")])
+                with self.assertRaisesRegex(ValueError, r"t.csv:16: column split: 'train' after 'val'"):
+                    read_csv(p)
+                p = self.write(d, rows[:6] + ["", ""])
+                self.assertEqual(read_csv(p).T, 6)
+                p = self.write(d, rows[:7])
+                traces.split(d, 0.25, 0.25)
+                tr = read_csv(p)
+                self.assertEqual((tr.T, tr.val_from, tr.test_from), (7, 3, 5))
+            finally:
+                traces.CHUNK_ROWS = chunk
+
     def test_a_blank_line_does_not_shift_the_line_an_error_names(self):
         with tempfile.TemporaryDirectory() as d:
             p = self.write(d, [self.row(0), "", self.row(1, p99="nan")])

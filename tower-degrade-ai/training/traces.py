@@ -22,6 +22,7 @@ by `read_dir`, with a note on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import shutil
@@ -131,16 +132,10 @@ def breach_events(X: np.ndarray) -> list:
 SPLITS = ("train", "val", "test")
 
 
-def _column(path: str, rows: list, col: str, parse) -> list:
-    """`parse` of every row's `col` (rows: (line number, fields by name)), an error naming the
-    file, line and column otherwise."""
-    out = []
-    for line, r in rows:
-        try:
-            out.append(parse(r[col].strip()))
-        except ValueError as e:
-            raise ValueError(f"{path}:{line}: column {col}: {e}") from None
-    return out
+# A file is read a chunk of rows at a time, each column of a chunk parsed at once: a row held
+# as a dict of strings took about 2 kB, so a week of 500 ms ticks (1.2 million rows) took
+# gigabytes before a value was read; the features' per-value checks took most of the time.
+CHUNK_ROWS = 1 << 16
 
 
 def _number(v: str) -> float:
@@ -177,49 +172,108 @@ def _flag(v: str) -> int:
     raise ValueError(f"expected 0 or 1, found {v!r}")
 
 
-def _split(v: str) -> str:
+def _split(v: str) -> int:
+    """The index of a row's part in SPLITS."""
     if v in SPLITS:
-        return v
+        return SPLITS.index(v)
     raise ValueError(f"expected one of {', '.join(SPLITS)}, found {v!r}")
 
 
-def _read_rows(path: str) -> tuple:
-    """A trace CSV's header (names stripped) and its rows, (line number, fields by name),
-    blank lines left out; an error naming the file and line for what cannot be read as one:
-    not UTF-8, no header, a column named twice, a header of semicolons, a row with fields
-    missing or with more than the header names (its values would sit under the wrong names;
-    empty ones past the header, a trailing comma, are let through), no row."""
+# What read_csv reads of each column it knows, in the order a chunk's columns are checked:
+# the parser of one value (which says why a value is refused) and, for the numbers, the same
+# rule over a parsed array (False where refused), so that a chunk passes at once and only a
+# chunk with a refused value is parsed again value by value to name it.
+COLUMNS = {
+    **{c: (_fraction, lambda x: np.isfinite(x) & (x >= 0) & (x <= 1 + 1e-6)) if c in FRACTIONS
+       else (_feature, lambda x: np.isfinite(x) & (x >= 0)) for c in FEATURES},
+    "time_s": (_number, np.isfinite),
+    "label": (_flag, None),
+    "ignore": (_flag, None),
+    "split": (_split, None),
+}
+
+
+def _column(path: str, lines: list, values: list, col: str) -> np.ndarray:
+    """A chunk's values of `col` (`lines`: their line numbers) as COLUMNS reads them; an error
+    naming the file, line and column for the first value refused."""
+    parse, ok = COLUMNS[col]
+    if ok is not None:
+        try:
+            x = np.array(values, dtype=float)  # float() of each, as _number
+        except ValueError:
+            x = None
+        if x is not None and ok(x).all():
+            return x
+    out = []
+    for line, v in zip(lines, values):
+        try:
+            out.append(parse(v.strip()))
+        except ValueError as e:
+            raise ValueError(f"{path}:{line}: column {col}: {e}") from None
+    return np.array(out, dtype=float if ok is not None else np.int8)
+
+
+@contextlib.contextmanager
+def _rows(path: str):
+    """A trace CSV's header (names stripped) and its rows in chunks of at most CHUNK_ROWS,
+    (line numbers, rows as lists of fields), blank lines left out; an error naming the file
+    and line for what cannot be read as one: not UTF-8, no header, a column named twice, a
+    header of semicolons, a row with fields missing or with more than the header names (its
+    values would sit under the wrong names; empty ones past the header, a trailing comma, are
+    let through), no row."""
     # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first name
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        with _read_errors(path):
             header = next(reader, None)
-            body = list(reader)
+        if not header:
+            raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
+        header = [h.strip() for h in header]
+        twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+        if twice is not None:
+            cols = [i + 1 for i, h in enumerate(header) if h == twice]
+            raise ValueError(f"{path}:1: column {twice} appears {len(cols)} times (columns "
+                             f"{', '.join(map(str, cols))}): which one is meant cannot be told")
+        if len(header) == 1 and ";" in header[0]:
+            raise ValueError(f"{path}:1: the header is one field with semicolons in it: the columns "
+                             "must be separated by commas")
+        yield header, _chunks(path, reader, len(header))
+
+
+@contextlib.contextmanager
+def _read_errors(path: str):
+    try:
+        yield
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except csv.Error as e:
         raise ValueError(f"{path}: not a CSV file ({e})") from None
-    if not header:
-        raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
-    header = [h.strip() for h in header]
-    twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
-    if twice is not None:
-        cols = [i + 1 for i, h in enumerate(header) if h == twice]
-        raise ValueError(f"{path}:1: column {twice} appears {len(cols)} times (columns "
-                         f"{', '.join(map(str, cols))}): which one is meant cannot be told")
-    if len(header) == 1 and ";" in header[0]:
-        raise ValueError(f"{path}:1: the header is one field with semicolons in it: the columns "
-                         "must be separated by commas")
-    rows = []
-    for i, fields in enumerate(body):
-        if not fields:  # a blank line
-            continue
-        if len(fields) < len(header) or any(v.strip() for v in fields[len(header):]):
-            raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {len(header)}")
-        rows.append((i + 2, dict(zip(header, fields))))
-    if not rows:
+
+
+def _chunks(path: str, reader, n: int):
+    lines, rows, any_row = [], [], False
+    with _read_errors(path):
+        for i, fields in enumerate(reader):
+            if not fields:  # a blank line
+                continue
+            if len(fields) < n or any(v.strip() for v in fields[n:]):
+                raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {n}")
+            lines.append(i + 2)
+            rows.append(fields)
+            if len(rows) == CHUNK_ROWS:
+                yield lines, rows
+                lines, rows, any_row = [], [], True
+    if rows:
+        yield lines, rows
+    elif not any_row:
         raise ValueError(f"{path}: a header and no rows")
-    return header, rows
+
+
+def check_rows(path: str) -> int:
+    """The number of rows of a trace CSV, read as `read_csv` reads its rows (the errors of
+    `_rows`); its values are not read."""
+    with _rows(path) as (_, chunks):
+        return sum(len(lines) for lines, _ in chunks)
 
 
 def read_csv(path: str, dataset: str = "recorded") -> Trace:
@@ -232,12 +286,21 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     not whole minutes, is noted on stderr (time_s in milliseconds?). Features above the range the Rust
     feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
     taken one row per step, with a note on stderr."""
-    header, rows = _read_rows(path)
-    missing = [c for c in FEATURES if c not in header]
-    if missing:
-        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
-    X = np.array([_column(path, rows, c, _fraction if c in FRACTIONS else _feature)
-                  for c in FEATURES], dtype=float).T
+    with _rows(path) as (header, chunks):
+        missing = [c for c in FEATURES if c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        read = [c for c in COLUMNS if c in header]
+        at = [header.index(c) for c in read]
+        parts = {c: [] for c in read}
+        line_parts = []
+        for lines, rows in chunks:
+            line_parts.append(np.array(lines, dtype=np.int64))
+            for c, j in zip(read, at):
+                parts[c].append(_column(path, lines, [r[j] for r in rows], c))
+    line_of = np.concatenate(line_parts)
+    col = {c: np.concatenate(v) for c, v in parts.items()}
+    X = np.stack([col[c] for c in FEATURES], axis=1)
     # A column over its ceiling most of the time is in other units (milliseconds, raw requests
     # per second): clipped, it is a constant, and its breaches are everywhere.
     over = (X > CLIP_HI).mean(axis=0)
@@ -252,13 +315,13 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     if "time_s" not in header:
         print(f"{path}: no time_s column: read as 500 ms steps (the default tick)", file=sys.stderr)
     else:
-        t = np.array(_column(path, rows, "time_s", _number))
+        t = col["time_s"]
         if len(t) > 1:
             d = np.diff(t)
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
-                raise ValueError(f"{path}:{rows[i][0]}: column time_s: {t[i]:g} is not after the row "
+                raise ValueError(f"{path}:{line_of[i]}: column time_s: {t[i]:g} is not after the row "
                                  f"before's {t[i - 1]:g} (rows must be in time order, one per step)")
             step = float(np.median(d))
             if step > 3600 or (step >= 100 and step % 60):
@@ -268,30 +331,30 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             uneven = np.flatnonzero((d > 1.5 * step) | (d < step / 1.5))
             if len(uneven):
                 i = int(uneven[0]) + 1
-                print(f"{path}:{rows[i][0]}: steps are not even ({len(uneven)} of {len(d)} differ from "
+                print(f"{path}:{line_of[i]}: steps are not even ({len(uneven)} of {len(d)} differ from "
                       f"the median step, {step:g} s, by half or more; this one is {d[i - 1]:g} s): "
                       "each row is taken as one step", file=sys.stderr)
     if "label" in header:
-        events = events_from_binary(np.array(_column(path, rows, "label", _flag)))
+        events = events_from_binary(col["label"])
     else:
         events = breach_events(X)
     pre_ignore = ignore = None
     if "ignore" in header:
-        ign = np.array(_column(path, rows, "ignore", _flag), dtype=bool)
+        ign = col["ignore"].astype(bool)
         pre_ignore = [int(_run_before(ign, s)) for s, _ in events]
         # Anywhere else too: neither a target nor normal time (a false trip there is none).
         ignore = ign if ign.any() else None
     val_from = test_from = 0
     if "split" in header:
-        sp = _column(path, rows, "split", _split)
-        order = [SPLITS.index(v) for v in sp]
-        back = next((i for i in range(1, len(order)) if order[i] < order[i - 1]), None)
-        if back is not None:
-            raise ValueError(f"{path}:{rows[back][0]}: column split: {sp[back]!r} after {sp[back - 1]!r}: "
-                             "the split must be time-ordered, train then val then test "
-                             "(python traces.py split DIR writes one)")
-        val_from = next((i for i, s in enumerate(sp) if s != "train"), len(sp))
-        test_from = next((i for i, s in enumerate(sp) if s == "test"), len(sp))
+        order = col["split"]
+        back = np.flatnonzero(np.diff(order) < 0)
+        if len(back):
+            i = int(back[0]) + 1
+            raise ValueError(f"{path}:{line_of[i]}: column split: {SPLITS[order[i]]!r} after "
+                             f"{SPLITS[order[i - 1]]!r}: the split must be time-ordered, train then "
+                             "val then test (python traces.py split DIR writes one)")
+        val_from = int(np.argmax(order != 0)) if (order != 0).any() else len(order)
+        test_from = int(np.argmax(order == 2)) if (order == 2).any() else len(order)
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from, meta={"own": True},
                  ignore=ignore)
@@ -404,43 +467,48 @@ def read_datasets(paths: list, need: tuple = ()) -> dict:
 def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every
-    file is read (as `read_csv` reads its rows) and written whole to a file beside it before
-    any is replaced, then each is moved over its file (its mode kept): a file that cannot be
-    read, or a copy that cannot be written, is an error naming it, and then none is changed."""
+    file is read (as `read_csv` reads its rows, a chunk at a time) and then copied with its
+    split to a file beside it before any is replaced; then each copy is moved over its file
+    (its mode kept): a file that cannot be read, or a copy that cannot be written, is an error
+    naming it, and then none is changed."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
     for f in _csv_files(d):
         path = os.path.join(d, f)
         try:
-            read.append((path, *_read_rows(path)))
+            read.append((path, check_rows(path)))
         except ValueError as e:
             raise ValueError(f"{e}; no file was changed") from None
     staged = []
     try:
-        for path, header, rows in read:
-            cols = [c for c in header if c != "split"] + ["split"]
-            n = len(rows)
+        for path, n in read:
             val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
             tmp = f"{path}.split-tmp"
             staged.append(tmp)
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            with _rows(path) as (header, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:
+                keep = [j for j, c in enumerate(header) if c != "split"]
                 w = csv.writer(fh)
-                w.writerow(cols)
-                for i, (_, r) in enumerate(rows):
-                    r["split"] = "train" if i < val_from else "val" if i < test_from else "test"
-                    w.writerow([r.get(c, "") for c in cols])
+                w.writerow([header[j] for j in keep] + ["split"])
+                i = 0
+                for _, rows in chunks:
+                    for r in rows:
+                        w.writerow([r[j] for j in keep]
+                                   + ["train" if i < val_from else "val" if i < test_from else "test"])
+                        i += 1
+            if i != n:  # changed since it was read
+                raise ValueError(f"{path}: {n} rows when read, {i} when copied")
             shutil.copymode(path, tmp)
     except BaseException as e:
         for tmp in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"{e}; no file was changed") from None
+        if isinstance(e, (OSError, ValueError)):
+            raise type(e)(f"{e}; no file was changed") from None
         raise
     # Each moved over its file (a rename: whole or not at all).
     written = []
-    for (path, _, _), tmp in zip(read, staged):
+    for (path, _), tmp in zip(read, staged):
         os.replace(tmp, path)
         written.append(path)
     return written
