@@ -222,16 +222,18 @@ class Traces(unittest.TestCase):
         self.assertEqual((headline_horizon(5.0), grace(Trace("t", "r", tr.X, [], 5.0))), (20, 40))
 
     def test_the_ignore_column_marks_steps_anywhere(self):
-        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160)},"
-                 f"{int(20 <= t < 40)}" for t in range(200)]
+        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160 or 60 <= t < 70)},"
+                 f"{int(20 <= t < 40 or 145 <= t < 150)}" for t in range(200)]
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "t.csv")
             with open(path, "w") as f:
                 f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
             tr = read_csv(path)
-        self.assertEqual(tr.events, [(150, 159)])
-        self.assertEqual(int(tr.ignore.sum()), 20)
+        self.assertEqual(tr.events, [(60, 69), (150, 159)])
+        self.assertEqual(int(tr.ignore.sum()), 25)
         self.assertTrue(tr.ignore[20:40].all())
+        # the ignored run right before each onset, and none before the first
+        self.assertEqual(tr.pre_ignore, [0, 5])
 
     def test_split_of_a_directory_without_csv_files_says_so(self):
         # It wrote nothing and said nothing (exit 0); read_dir said why.
@@ -384,10 +386,11 @@ class Traces(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             p = self.write(d, [self.row(0) + ",", self.row(1) + ",,"])
             self.assertEqual(read_csv(p).T, 2)
+            head, row = ",".join(["time_s", *FEATURES]) + "\n", "0,1,1,0,0,0.1,0.2,1,0 caf"
             with open(p, "wb") as f:
-                f.write((",".join(["time_s", *FEATURES]) + "\n").encode())
-                f.write("0,1,1,0,0,0.1,0.2,1,0 caf\u00e9\n".encode("latin-1"))
-            with self.assertRaisesRegex(ValueError, r"t.csv: not UTF-8 text"):
+                f.write((head + row + "\u00e9\n").encode("latin-1"))
+            # the line, and the byte counted from the start of the file
+            with self.assertRaisesRegex(ValueError, rf"t.csv:2: not UTF-8 text \(byte {len(head + row)}: invalid"):
                 read_csv(p)
 
     def test_a_public_file_that_cannot_be_read_is_named(self):
@@ -443,6 +446,11 @@ class Traces(unittest.TestCase):
                 read_csv(p)
             p = self.write(d, [self.row(0, split="val"), "", self.row(1, split="train")])
             with self.assertRaisesRegex(ValueError, r"t.csv:4: column split"):
+                read_csv(p)
+            # nor does a quoted field with a line break in it (a note column)
+            p = self.write(d, [self.row(0) + ',"two\nlines"', self.row(1, p99="x") + ",c"],
+                           header="time_s," + ",".join(FEATURES) + ",label,split,note")
+            with self.assertRaisesRegex(ValueError, r"t.csv:4: column p99_over_sla"):
                 read_csv(p)
 
     def test_a_byte_order_mark_and_spaces_in_the_header_are_read(self):

@@ -22,6 +22,7 @@ by `read_dir`, with a note on stderr.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import csv
 import os
@@ -229,7 +230,8 @@ def _rows(path: str):
         if not header:
             raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
         header = [h.strip() for h in header]
-        twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+        seen = set()
+        twice = next((h for h in header if h and (h in seen or seen.add(h))), None)
         if twice is not None:
             cols = [i + 1 for i, h in enumerate(header) if h == twice]
             raise ValueError(f"{path}:1: column {twice} appears {len(cols)} times (columns "
@@ -244,21 +246,45 @@ def _rows(path: str):
 def _read_errors(path: str):
     try:
         yield
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{_not_utf8(path)}; save it as UTF-8") from None
     except csv.Error as e:
         raise ValueError(f"{path}: not a CSV file ({e})") from None
+
+
+def _not_utf8(path: str) -> str:
+    """Where `path` first stops being UTF-8: "LINE: not UTF-8 text (byte B: why)", B counted
+    from the start of the file (the text reader's own error counts from its buffer's)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    at = newlines = 0  # bytes and line breaks before the block
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # an unfinished character from the block before
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                start = max(at - pending + e.start, 0)
+                newlines += block.count(b"\n", 0, max(start - at, 0))
+                return f"{newlines + 1}: not UTF-8 text (byte {start}: {e.reason})"
+            if not block:
+                return " not UTF-8 text"  # not reached: the reader and this decoder agree
+            newlines += block.count(b"\n")
+            at += len(block)
 
 
 def _chunks(path: str, reader, n: int):
     lines, rows, any_row = [], [], False
     with _read_errors(path):
-        for i, fields in enumerate(reader):
+        end = reader.line_num  # the header's last line
+        for fields in reader:
+            # A quoted field may hold line breaks: a row starts on the line after the last one's end.
+            line, end = end + 1, reader.line_num
             if not fields:  # a blank line
                 continue
             if len(fields) < n or any(v.strip() for v in fields[n:]):
-                raise ValueError(f"{path}:{i + 2}: {len(fields)} fields, the header has {n}")
-            lines.append(i + 2)
+                raise ValueError(f"{path}:{line}: {len(fields)} fields, the header has {n}")
+            lines.append(line)
             rows.append(fields)
             if len(rows) == CHUNK_ROWS:
                 yield lines, rows
@@ -341,7 +367,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     pre_ignore = ignore = None
     if "ignore" in header:
         ign = col["ignore"].astype(bool)
-        pre_ignore = [int(_run_before(ign, s)) for s, _ in events]
+        # The ignored run just before each event: its length where it ends, at step s - 1.
+        steps = np.arange(len(ign))
+        run = steps - np.maximum.accumulate(np.where(ign, -1, steps))
+        pre_ignore = [int(run[s - 1]) if s > 0 else 0 for s, _ in events]
         # Anywhere else too: neither a target nor normal time (a false trip there is none).
         ignore = ign if ign.any() else None
     val_from = test_from = 0
@@ -358,13 +387,6 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from, meta={"own": True},
                  ignore=ignore)
-
-
-def _run_before(ign: np.ndarray, s: int) -> int:
-    n = 0
-    while s - 1 - n >= 0 and ign[s - 1 - n]:
-        n += 1
-    return n
 
 
 def _csv_files(d: str) -> list:
