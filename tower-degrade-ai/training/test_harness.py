@@ -453,6 +453,41 @@ class Traces(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"t.csv:4: column p99_over_sla"):
                 read_csv(p)
 
+    def test_blank_lines_around_the_header_and_a_trailing_comma_on_it_are_read(self):
+        head = "time_s," + ",".join(FEATURES) + ",label,split"
+        with tempfile.TemporaryDirectory() as d:
+            p = self.write(d, ["   ", self.row(0), "  ", self.row(1)], header="\n \n" + head + ",")
+            tr = read_csv(p)
+            self.assertEqual(tr.T, 2)
+            # the header's own line named, not line 1
+            p = self.write(d, [self.row(0) + ",1"], header="\n" + head + ",label")
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column label appears 2 times"):
+                read_csv(p)
+            p = self.write(d, [self.row(0)], header="\n" + head.replace(",p99_over_sla", ""))
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: missing column\(s\) p99_over_sla"):
+                read_csv(p)
+            p = self.write(d, [self.row(0)], header=",,,")
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: the header names no column"):
+                read_csv(p)
+
+    def test_a_wide_file_is_read_in_chunks_of_fewer_rows(self):
+        import traces
+        head = "time_s," + ",".join(FEATURES) + ",label,split," + ",".join(f"x{i}" for i in range(40))
+        rows = [self.row(t, p99=f"{0.1 + t / 10:g}") + ",7" * 40 for t in range(9)]
+        with tempfile.TemporaryDirectory() as d:
+            p = self.write(d, rows, header=head)
+            whole = read_csv(p)
+            cells, traces.CHUNK_CELLS = traces.CHUNK_CELLS, 100  # rows of 51 fields: one a chunk, then two
+            try:
+                with traces._rows(p) as (_, _, chunks):
+                    self.assertEqual([len(lines) for lines, _ in chunks], [1] * 9)
+                traces.CHUNK_CELLS = 120
+                with traces._rows(p) as (_, _, chunks):
+                    self.assertEqual([len(lines) for lines, _ in chunks], [2, 2, 2, 2, 1])
+                np.testing.assert_array_equal(read_csv(p).X, whole.X)
+            finally:
+                traces.CHUNK_CELLS = cells
+
     def test_a_byte_order_mark_and_spaces_in_the_header_are_read(self):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "t.csv")

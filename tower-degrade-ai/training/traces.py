@@ -137,6 +137,7 @@ SPLITS = ("train", "val", "test")
 # as a dict of strings took about 2 kB, so a week of 500 ms ticks (1.2 million rows) took
 # gigabytes before a value was read; the features' per-value checks took most of the time.
 CHUNK_ROWS = 1 << 16
+CHUNK_CELLS = 1 << 20
 
 
 def _number(v: str) -> float:
@@ -216,8 +217,9 @@ def _column(path: str, lines: list, values: list, col: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def _rows(path: str):
-    """A trace CSV's header (names stripped) and its rows in chunks of at most CHUNK_ROWS,
-    (line numbers, rows as lists of fields), blank lines left out; an error naming the file
+    """A trace CSV's header (names stripped, empty ones at its end left out), the line it ends
+    on, and its rows in chunks of at most CHUNK_ROWS rows and CHUNK_CELLS fields (line numbers,
+    rows as lists of fields), blank lines left out; an error naming the file
     and line for what cannot be read as one: not UTF-8, no header, a column named twice, a
     header of semicolons, a row with fields missing or with more than the header names (its
     values would sit under the wrong names; empty ones past the header, a trailing comma, are
@@ -227,19 +229,27 @@ def _rows(path: str):
         reader = csv.reader(f)
         with _read_errors(path):
             header = next(reader, None)
-        if not header:
+            while header is not None and _blank(header):
+                header = next(reader, None)
+        if header is None:
             raise ValueError(f"{path}: empty file (expected a header: time_s,{','.join(FEATURES)})")
+        at = reader.line_num
         header = [h.strip() for h in header]
+        while header and not header[-1]:  # a trailing comma: the rows may have it or not
+            header.pop()
+        if not header:
+            raise ValueError(f"{path}:{at}: the header names no column (expected time_s,"
+                             f"{','.join(FEATURES)})")
         seen = set()
         twice = next((h for h in header if h and (h in seen or seen.add(h))), None)
         if twice is not None:
             cols = [i + 1 for i, h in enumerate(header) if h == twice]
-            raise ValueError(f"{path}:1: column {twice} appears {len(cols)} times (columns "
+            raise ValueError(f"{path}:{at}: column {twice} appears {len(cols)} times (columns "
                              f"{', '.join(map(str, cols))}): which one is meant cannot be told")
         if len(header) == 1 and ";" in header[0]:
-            raise ValueError(f"{path}:1: the header is one field with semicolons in it: the columns "
+            raise ValueError(f"{path}:{at}: the header is one field with semicolons in it: the columns "
                              "must be separated by commas")
-        yield header, _chunks(path, reader, len(header))
+        yield header, at, _chunks(path, reader, len(header))
 
 
 @contextlib.contextmanager
@@ -273,20 +283,26 @@ def _not_utf8(path: str) -> str:
             at += len(block)
 
 
+def _blank(fields: list) -> bool:
+    """A blank line, or one of spaces only."""
+    return not fields or (len(fields) == 1 and not fields[0].strip())
+
+
 def _chunks(path: str, reader, n: int):
     lines, rows, any_row = [], [], False
+    limit = max(1, min(CHUNK_ROWS, CHUNK_CELLS // n))  # a wide file's chunk holds fewer rows
     with _read_errors(path):
         end = reader.line_num  # the header's last line
         for fields in reader:
             # A quoted field may hold line breaks: a row starts on the line after the last one's end.
             line, end = end + 1, reader.line_num
-            if not fields:  # a blank line
+            if _blank(fields):
                 continue
             if len(fields) < n or any(v.strip() for v in fields[n:]):
                 raise ValueError(f"{path}:{line}: {len(fields)} fields, the header has {n}")
             lines.append(line)
             rows.append(fields)
-            if len(rows) == CHUNK_ROWS:
+            if len(rows) == limit:
                 yield lines, rows
                 lines, rows, any_row = [], [], True
     if rows:
@@ -298,7 +314,7 @@ def _chunks(path: str, reader, n: int):
 def check_rows(path: str) -> int:
     """The number of rows of a trace CSV, read as `read_csv` reads its rows (the errors of
     `_rows`); its values are not read."""
-    with _rows(path) as (_, chunks):
+    with _rows(path) as (_, _, chunks):
         return sum(len(lines) for lines, _ in chunks)
 
 
@@ -312,10 +328,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     not whole minutes, is noted on stderr (time_s in milliseconds?). Features above the range the Rust
     feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
     taken one row per step, with a note on stderr."""
-    with _rows(path) as (header, chunks):
+    with _rows(path) as (header, at, chunks):
         missing = [c for c in FEATURES if c not in header]
         if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}")
+            raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}")
         read = [c for c in COLUMNS if c in header]
         at = [header.index(c) for c in read]
         parts = {c: [] for c in read}
@@ -508,7 +524,7 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
             val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
             tmp = f"{path}.split-tmp"
             staged.append(tmp)
-            with _rows(path) as (header, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:
+            with _rows(path) as (header, _, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:
                 keep = [j for j, c in enumerate(header) if c != "split"]
                 w = csv.writer(fh)
                 w.writerow([header[j] for j in keep] + ["split"])
