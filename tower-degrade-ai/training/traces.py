@@ -508,7 +508,8 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     file is read (as `read_csv` reads its rows, a chunk at a time) and then copied with its
     split to a file beside it before any is replaced; then each copy is moved over its file
     (its mode kept): a file that cannot be read, or a copy that cannot be written, is an error
-    naming it, and then none is changed."""
+    naming it, and then none is changed. Rows appended to a file while it is copied (a live
+    Recorder) are lost: stop what writes to `d` first."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
@@ -577,7 +578,8 @@ def windows(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def main():
     ap = argparse.ArgumentParser(description="Add a time-ordered split column to recorded traces.")
     ap.add_argument("command", choices=["split"])
-    ap.add_argument("dir", help="a directory of trace CSVs (what Recorder writes)")
+    ap.add_argument("dir", help="a directory of trace CSVs (what Recorder writes; stop it first: "
+                    "each file is rewritten, and rows appended meanwhile would be lost)")
     ap.add_argument("--val", type=float, default=0.2, help="share of each file for validation (0.2)")
     ap.add_argument("--test", type=float, default=0.2, help="share of each file for test, the last (0.2)")
     a = ap.parse_args()
