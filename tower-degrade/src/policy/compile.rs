@@ -87,7 +87,12 @@ impl Core {
         sources: &[(String, String, String)],
     ) -> Result<PolicySet, PolicyError> {
         let mut policies = Vec::with_capacity(sources.len());
+        let mut total = 0;
         for (name, file, text) in sources {
+            total += text.len();
+            if total > MAX_SET_BYTES {
+                return Err(set_too_large(file, total));
+            }
             // File names reach logs and metric labels: escaped like alerts.
             let (name, file) = (
                 super::decision::sanitize(name),
@@ -525,6 +530,23 @@ impl Core {
 /// 20 s to validate, with every reload waiting on it.
 pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
 
+/// The largest policy set accepted, all its files together: 1 MiB, sixteen files at
+/// [`MAX_SOURCE_BYTES`]. It bounds how long a set takes to validate (and a directory's rescan
+/// to read) as that limit bounds a file's: a directory of many files at the limit, each of
+/// the worst parse, made every reload wait on it for as long as there were files.
+pub const MAX_SET_BYTES: usize = 16 * MAX_SOURCE_BYTES;
+
+fn set_too_large(file: &str, total: usize) -> PolicyError {
+    PolicyError::new(
+        file,
+        None,
+        format!(
+            "the policies up to this one hold {total} bytes, over the limit of {MAX_SET_BYTES} \
+             bytes for all of a set's files together"
+        ),
+    )
+}
+
 fn too_large(file: &str, len: u64) -> PolicyError {
     PolicyError::new(
         file,
@@ -600,6 +622,7 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
             format!("cannot read the policy directory: {e}"),
         )
     })?;
+    let mut total = 0;
     paths
         .into_iter()
         .map(|(p, regular)| {
@@ -629,6 +652,11 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                 Ok(e) => PolicyError::new(&file, None, format!("cannot read: {e}")),
                 Err(len) => too_large(&file, len),
             })?;
+            // Read no further than the set's limit either.
+            total += bytes.len();
+            if total > MAX_SET_BYTES {
+                return Err(set_too_large(&file, total));
+            }
             let text = String::from_utf8(bytes).map_err(|e| {
                 PolicyError::new(
                     &file,

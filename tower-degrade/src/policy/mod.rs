@@ -19,7 +19,7 @@ use arc_swap::ArcSwapOption;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
 
 pub(crate) use self::compile::read_dir;
-pub use self::compile::{MAX_SOURCE_BYTES, Overlap};
+pub use self::compile::{MAX_SET_BYTES, MAX_SOURCE_BYTES, Overlap};
 pub use self::decision::{Action, Decision, MAX_ALERT_BYTES, MAX_ALERTS};
 pub use self::engine::{Limits, MAX_DELAY, MAX_RETRY_AFTER, PolicyWindow, TickCtx};
 pub(crate) use self::request::Overlay;

@@ -68,13 +68,18 @@ pub const RESCAN: Duration = Duration::from_secs(1);
 fn fingerprint(dir: &Path) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
+    let mut total = 0;
     for (p, regular) in super::compile::entries(dir).ok()? {
         p.file_name().hash(&mut h);
         regular.hash(&mut h);
-        if regular {
+        // Past the set's limit the load refuses the directory: names stand for it from there.
+        if regular && total <= super::MAX_SET_BYTES {
             // An oversized file is refused by the load: its length stands for its content.
             match super::compile::read_source(&p) {
-                Ok(bytes) => bytes.hash(&mut h),
+                Ok(bytes) => {
+                    total += bytes.len();
+                    bytes.hash(&mut h)
+                }
                 Err(Err(len)) => len.hash(&mut h),
                 Err(Ok(_)) => {}
             }

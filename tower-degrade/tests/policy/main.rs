@@ -1640,6 +1640,37 @@ async fn top_level_code_a_bom_and_oversized_files_are_handled_at_load() {
         .load_policy_sources([("over", sized(limit + 1).as_str())])
         .unwrap_err();
     assert!(err.reason().contains("over the limit"), "{err}");
+    // A set, all its files together, is at most 1 MiB: sixteen files at the limit load, a
+    // seventeenth is refused, named, from sources and from a directory (read no further).
+    let set_limit = tower_degrade::policy::MAX_SET_BYTES;
+    assert_eq!(set_limit, 16 * limit);
+    let names: Vec<String> = (0..17).map(|i| format!("p{i:02}")).collect();
+    let full = sized(limit);
+    let sources = |n: usize| names[..n].iter().map(|name| (name.as_str(), full.as_str()));
+    d.load_policy_sources(sources(16)).unwrap();
+    let err = d.load_policy_sources(sources(17)).unwrap_err();
+    assert_eq!(err.file(), "p16.rhai", "{err}");
+    assert!(
+        err.reason().contains(&format!(
+            "{} bytes, over the limit of {set_limit}",
+            17 * limit
+        )),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("td-set-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in &names {
+        std::fs::write(dir.join(format!("{name}.rhai")), &full).unwrap();
+    }
+    let err = d.load_policies(&dir).unwrap_err();
+    assert!(err.file().ends_with("p16.rhai"), "{err}");
+    assert!(
+        err.reason().contains("for all of a set's files together"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.join("p16.rhai")).unwrap();
+    d.load_policies(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[cfg(unix)]
