@@ -355,6 +355,9 @@ class Traces(unittest.TestCase):
             write_csv(Trace("b", "x", X, [(40, 45)], 0.5, None, 60, 80), os.path.join(d, "b.csv"))
             with self.assertRaisesRegex(ValueError, r"steps of 0.5 s \(b\) and 60 s \(a\)"):
                 read_dataset(d, "mine")
+            # A file of one row has no step of its own: it takes its directory's.
+            write_csv(Trace("b", "x", X[:1], [], 60.0), os.path.join(d, "b.csv"))
+            self.assertEqual([t.step_seconds for t in read_dataset(d, "mine")], [60.0, 60.0])
 
     def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
         with tempfile.TemporaryDirectory() as d:

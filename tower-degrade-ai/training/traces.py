@@ -353,12 +353,15 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                   "a latency over the SLA, not in milliseconds; a rate over its baseline)?",
                   file=sys.stderr)
     X = clip(X)
-    step = 0.5
+    step, measured = 0.5, True
     if "time_s" not in header:
         print(f"{path}: no time_s column: read as 500 ms steps (the default tick)", file=sys.stderr)
     else:
         t = col["time_s"]
-        if len(t) > 1:
+        if len(t) == 1:
+            # No step to measure: read_dataset gives it its directory's.
+            measured = False
+        else:
             d = np.diff(t)
             back = np.flatnonzero(d <= 0)
             if len(back):
@@ -401,7 +404,8 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         val_from = int(np.argmax(order != 0)) if (order != 0).any() else len(order)
         test_from = int(np.argmax(order == 2)) if (order == 2).any() else len(order)
     name = os.path.splitext(os.path.basename(path))[0]
-    return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from, meta={"own": True},
+    return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
+                 meta={"own": True, "step_measured": measured},
                  ignore=ignore)
 
 
@@ -471,6 +475,11 @@ def read_dataset(d: str, name: str, need: tuple = ()) -> list:
     "split", a split column in every file; "train", "val", "test", rows of that part in at
     least one file."""
     trs = read_dir(d, name)
+    # A file of one row has no step of its own: its directory's (500 ms where none has one).
+    steps = [t.step_seconds for t in trs if t.meta.get("step_measured", True)]
+    for t in trs:
+        if not t.meta.get("step_measured", True) and steps:
+            t.step_seconds = float(np.median(steps))
     if len({tick_scale(t.step_seconds) for t in trs}) > 1:
         short = next(t for t in trs if tick_scale(t.step_seconds))
         long = next(t for t in trs if not tick_scale(t.step_seconds))
