@@ -13,7 +13,8 @@
 //! its baselines are full.
 //!
 //! The ONNX rows need ONNX Runtime's library (`pip install onnxruntime==1.31.1`); without it
-//! the bench says so and measures `ScanPredictor` alone.
+//! the bench says so and measures `ScanPredictor` alone. With the `cuda` feature (and the
+//! `onnxruntime-gpu` wheel's library and a GPU), the bundled model is also timed on the GPU.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -93,6 +94,37 @@ fn time_batch(
     )
 }
 
+/// The bundled model on ONNX Runtime's CUDA provider (GPU 0), batches of 1 and 100, as a group
+/// of its own; skipped, saying why, where the predictor would fall back to the CPU.
+#[cfg(feature = "cuda")]
+fn on_cuda(c: &mut Criterion, rows: &mut Vec<String>) {
+    use tower_degrade_ai::Device;
+    let mut p = match OnnxPredictor::bundled_builder()
+        .device(Device::Cuda { device_id: 0 })
+        .build()
+    {
+        Ok(p) if p.device() != Device::Cpu => p,
+        Ok(p) => {
+            eprintln!("the CUDA rows skipped: {:?}", p.fallback_reason());
+            return;
+        }
+        Err(e) => {
+            eprintln!("the CUDA rows skipped: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("onnx_predictor_cuda");
+    for batch in [1usize, 100] {
+        rows.push(time_batch(
+            &mut group,
+            "bundled model on CUDA",
+            &mut p,
+            batch,
+        ));
+    }
+    group.finish();
+}
+
 /// The percentile table, printed and written to `target/criterion/predictor-percentiles.md`.
 fn write_table(rows: &[String]) {
     let table = format!(
@@ -166,6 +198,8 @@ fn bench(c: &mut Criterion) {
         rows.push(tail(name, &mut m, &x100, 6_400));
     }
     group.finish();
+    #[cfg(feature = "cuda")]
+    on_cuda(c, &mut rows);
     write_table(&rows);
 }
 

@@ -529,6 +529,46 @@ fn cuda_requested_without_a_gpu_falls_back_to_the_cpu_with_a_reason() {
     }
 }
 
+/// On a GPU, the bundled model through ONNX Runtime's CUDA provider answers as it does on the
+/// CPU: batches of 1, 100 and 1,000 classes, each window entering one tick at a time so that
+/// the long baseline learns as a class's would. Run where a GPU and the `onnxruntime-gpu`
+/// wheel's library are (`ORT_DYLIB_PATH` naming its `libonnxruntime.so.1.31.1`):
+/// `cargo test -p tower-degrade-ai --features cuda --test onnx -- --ignored on_a_gpu`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU and the onnxruntime-gpu wheel's library"]
+fn on_a_gpu_the_bundled_model_answers_as_on_the_cpu() {
+    use tower_degrade_ai::Device;
+    assert!(runtime_present(), "no ONNX Runtime library");
+    let mut gpu = OnnxPredictor::bundled_builder()
+        .device(Device::Cuda { device_id: 0 })
+        .build()
+        .unwrap();
+    assert_eq!(
+        gpu.device(),
+        Device::Cuda { device_id: 0 },
+        "fell back to the CPU: {:?}",
+        gpu.fallback_reason()
+    );
+    let mut cpu = OnnxPredictor::bundled().unwrap();
+    let (mut worst, mut compared) = (0.0f32, 0usize);
+    for batch in [1, 100, 1000] {
+        let input = fixed_input(batch);
+        let (mut on_gpu, mut on_cpu) = (vec![f32::NAN; batch], vec![f32::NAN; batch]);
+        for t in 0..WINDOW {
+            let x = newest_tick_at(&input, batch, t);
+            gpu.run(&x, &mut on_gpu).unwrap();
+            cpu.run(&x, &mut on_cpu).unwrap();
+            for (g, c) in on_gpu.iter().zip(&on_cpu) {
+                worst = worst.max((g - c).abs());
+            }
+            compared += batch;
+        }
+    }
+    eprintln!("CUDA against the CPU, {compared} answers: max abs diff {worst:e}");
+    assert!(worst < 1e-4, "max abs diff {worst}");
+}
+
 #[test]
 fn the_scan_predictor_is_the_bundled_model_with_its_head_at_zero() {
     if !runtime_present() {
