@@ -31,7 +31,8 @@
 //! the stack runs without a predictor. One ort environment serves the whole process.
 //!
 //! With the `cuda` feature and the `onnxruntime-gpu` wheel's library,
-//! [`Device::Cuda`] runs on the GPU, falling back to the CPU with the reason logged.
+//! [`Device::Cuda`] runs on the GPU, falling back to the CPU with the reason logged. The
+//! bundled model is faster on the CPU (it is all kernel launches on a GPU: `docs/benchmarks.md`).
 //!
 //! # Dependencies
 //!
