@@ -29,7 +29,8 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate, held, normal_steps
-from traces import Trace, grace, headline_horizon, horizons, read_datasets, tick_scale, windows
+from traces import (NOTES, Trace, grace, headline_horizon, horizons, note, notes_section, read_datasets,
+                    tick_scale, windows)
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -242,7 +243,11 @@ def choose_threshold(traces, scores, H, budget, k=1, part="val") -> float:
         normal.append(v[ok & (y == 0)])
         every.append(v[ok])
     if not every or not sum(len(v) for v in every):
-        raise ValueError(f"no {'validation' if part == 'val' else 'test'} data to choose a threshold on")
+        name = "validation" if part == "val" else "test"
+        steps = sum(max(_part(tr, part)[0] - _part(tr, part)[1], 0) for tr in traces)
+        raise ValueError(f"no {name} step with a score to choose a threshold on (the {name} part "
+                         f"holds {steps} step(s), and a step is scored once there are enough before "
+                         "it): record longer traces, hours of them")
     n = np.concatenate(normal)
     v = np.concatenate(every)
     if not len(n):
@@ -340,7 +345,9 @@ def fmt(v, p=2):
     return "–" if v is None else f"{v:.{p}f}"
 
 
-def table(rows, dataset, H, k, budget) -> str:
+def table(rows, dataset, H, k, budget, caution=False) -> str:
+    """The rows of `dataset` at horizon H, k and budget as a Markdown table; `caution`: after
+    its heading, what too few incidents or too little normal time make of its numbers."""
     sel = [r for r in rows if r["dataset"] == dataset and r["H"] == H
            and r.get("threshold_from") != RANKING_CHECK
            and ((r["k"] == k and r["budget_per_day"] == budget)
@@ -353,6 +360,17 @@ def table(rows, dataset, H, k, budget) -> str:
     lines = [f"**{dataset}**: H = {H} steps, k = {k}, budget {budget:g} false trip/day "
              f"({sel[0]['events']} test events, {sel[0]['test_days']:.2f} days of normal test data)", "",
              head, "|" + "---|" * (head.count("|") - 1)]
+    events, days = sel[0]["events"], sel[0]["test_days"]
+    warn = []
+    if caution and events < 10:
+        warn.append(f"{events} test incident(s): an early recall over so few moves in steps of "
+                    f"{1 / max(events, 1):.2f}, and its bootstrap interval cannot show how unsure it is "
+                    "(over incidents all missed or all warned of, it is [0, 0] or [1, 1])")
+    if caution and days < 1:
+        warn.append(f"{days:.2f} days of normal test data: one false trip there reads as "
+                    f"{1 / max(days, 1e-9):.3g} a day; record days, not hours, before reading these rates")
+    if warn:
+        lines[1:1] = ["", *(f"*Caution: {w}.*" for w in warn)]
     for r in sel:
         lo, hi = r["recall_early_ci"]
         lines.append(
@@ -377,6 +395,7 @@ def main():
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args()
+    NOTES.clear()
     if a.traces_only and not a.traces:
         sys.exit("evaluate.py: --traces-only needs --traces DIR (the directories to score)")
     if a.data and not a.traces_only:
@@ -391,9 +410,9 @@ def main():
     for path, (name, trs) in zip(a.traces, own.items()):
         own_val = any(t.val_from < t.test_from for t in trs)
         if not own_val:
-            print(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
-                  "come from the simulator's 500 ms validation traces (python traces.py split DIR "
-                  "writes one)", file=sys.stderr)
+            note(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
+                 "come from the simulator's 500 ms validation traces (python traces.py split DIR "
+                 "writes one)")
         traced.append((path, name, trs, own_val))
     try:
         model = Model(a.model)
@@ -425,11 +444,11 @@ def main():
         events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from + H)
         early = sum(1 for t in trs for s, _ in t.events if t.test_from <= s < t.test_from + H)
         if early:
-            print(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
-                  "their test part's start: no room for an early warning, not counted", file=sys.stderr)
+            note(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
+                 "their test part's start: no room for an early warning, not counted")
         if not events:
-            print(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
-                  "to measure (its rows count false trips only)", file=sys.stderr)
+            note(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
+                 "to measure (its rows count false trips only)")
         try:
             rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
                                      None if own_val else sim_val_scores)
@@ -442,8 +461,10 @@ def main():
           "on traces whose steps are under 30 s (10 s at the 500 ms tick), H = 6 steps on longer "
           "ones (the public data's minutes); k = 1; thresholds chosen on validation for at most 1 "
           "false trip per day.\n"]
+    if NOTES:
+        md.append(notes_section(NOTES))
     for n in names:
-        md.append(table(rows, n, head[n], 1, 1.0))
+        md.append(table(rows, n, head[n], 1, 1.0, caution=True))
     md.append("## Every horizon, k = 1 and 3, budgets 1 and 0.1 false trip per day\n")
     for n in names:
         for H in sorted({r["H"] for r in rows if r["dataset"] == n}):

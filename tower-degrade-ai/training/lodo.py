@@ -47,7 +47,7 @@ import evaluate
 import make_fixtures
 import simulate
 from protocol import chance_early
-from traces import HARNESS_DATASETS, headline_horizon, read_datasets
+from traces import HARNESS_DATASETS, NOTES, headline_horizon, notes_section, read_datasets
 
 FOLDS = HARNESS_DATASETS
 # The fold's model with its learnt head silenced (make_fixtures.silence_head): what training added.
@@ -192,13 +192,17 @@ def _beyond_chance(rows: list, folds, budget: float = 1.0) -> list:
     return out + [""]
 
 
-def report(rows: list, folds, infos: dict) -> str:
+def report(rows: list, folds, infos: dict, notes: list = ()) -> str:
+    """The Markdown report of `rows`; `notes`: what reading the --traces directories noted
+    (traces.NOTES), a section of its own after the introduction."""
     out = ["# Leave-one-dataset-out evaluation\n",
            "Each row: a model trained without the dataset named, scored on that dataset's test "
            "part (`training/lodo.py`). Headline horizon (H = 20 ticks on the simulator's 500 ms "
            "traces, 6 steps on the public data), k = 1, thresholds chosen on the held-out "
            "dataset's validation part. The best baseline is the one with the highest early "
            "recall on the test part, chosen after the fact.\n"]
+    if notes:
+        out.append(notes_section(list(notes)))
     for budget in evaluate.BUDGETS:
         out.append(f"## At most {budget:g} false trip per day\n")
         out += _comparison(rows, folds, budget)
@@ -277,7 +281,7 @@ def main():
     if a.from_json:
         saved = json.load(open(a.from_json))
         folds = [d for d in (a.folds or saved["models"]) if d in saved["models"]]
-        text = report(saved["rows"], folds, saved["models"])
+        text = report(saved["rows"], folds, saved["models"], saved.get("notes", []))
         print(text)
         if a.report:
             open(a.report, "w").write(text)
@@ -336,12 +340,12 @@ def main():
         h = headline(rows, d, 1.0)
         print(f"   {d}: model {_recall(h['model'])}, best baseline {h['best']['detector']} "
               f"{_recall(h['best'])} ({time.time() - t0:.0f} s)", flush=True)
-    text = report(rows, folds, infos)
+    text = report(rows, folds, infos, NOTES)
     print(text)
     if a.report:
         open(a.report, "w").write(text)
     if a.json:
-        json.dump(dict(rows=rows, models=infos), open(a.json, "w"), indent=1, default=float)
+        json.dump(dict(rows=rows, models=infos, notes=NOTES), open(a.json, "w"), indent=1, default=float)
 
 
 if __name__ == "__main__":

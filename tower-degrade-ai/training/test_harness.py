@@ -127,13 +127,28 @@ class Traces(unittest.TestCase):
             self.assertEqual(tr.events, [(40, 45)], "the other columns kept")
             with self.assertRaisesRegex(ValueError, "each above 0, together below 1"):
                 split(d, 0.5, 0.5)
-            # a file with no rows is named, and no file is changed
+            # a file of a header alone (a class that has not run a tick) is left as it is and
+            # skipped when read, with a note, the others split
+            header_only = "time_s," + ",".join(FEATURES) + "\n"
             with open(os.path.join(d, "a-empty.csv"), "w") as f:
-                f.write("time_s," + ",".join(FEATURES) + "\n")
+                f.write(header_only)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                self.assertEqual([os.path.basename(p) for p in split(d, 0.1, 0.1)], ["busy.csv", "idle.csv"])
+                self.assertEqual([t.name for t in read_dir(d)], ["busy"])
+            self.assertIn("a-empty.csv: a header and no rows: left as it is", err.getvalue())
+            self.assertIn("a-empty.csv: a header and no rows, skipped", err.getvalue())
+            self.assertEqual(Path(os.path.join(d, "a-empty.csv")).read_text(), header_only)
+            # nor a file that is not a trace (no feature columns), and no file is changed
             before = Path(os.path.join(d, "busy.csv")).read_text()
-            with self.assertRaisesRegex(ValueError, r"a-empty.csv: a header and no rows; no file was changed"):
-                split(d, 0.1, 0.1)
+            self.assertNotIn("\r", before, "written with the recorder's line breaks")
+            with open(os.path.join(d, "b-export.csv"), "w") as f:
+                f.write("Time,checkout rps,checkout success %\n2024-11-04T00:00:00Z,12,99.9\n")
+            with self.assertRaisesRegex(ValueError, r"b-export.csv:1: missing column\(s\) rate_ratio, "
+                                        r".*; no file was changed"):
+                split(d)
             self.assertEqual(Path(os.path.join(d, "busy.csv")).read_text(), before)
+            os.remove(os.path.join(d, "b-export.csv"))
             # Nor one with a row longer than its header, after a good file (the good one was
             # rewritten and the long one cut short at its bad row).
             os.remove(os.path.join(d, "a-empty.csv"))
@@ -197,6 +212,81 @@ class Traces(unittest.TestCase):
             tr = read_csv(p)
             self.assertEqual(float(tr.X[6, 5]), 20.0)
             self.assertEqual(tr.events, [(5, 8)])
+
+    def test_what_a_monitoring_export_gets_wrong_is_named_with_what_to_do(self):
+        import contextlib
+        import io
+        import traces
+        with tempfile.TemporaryDirectory() as d:
+            # Every value that cannot be read: the first by line (whatever its column), and how many.
+            rows = [self.row(t) for t in range(10)]
+            rows[7] = self.row(7, success="")
+            rows[4] = self.row(4, p99="NaN")
+            rows[8] = self.row(8, success="")
+            with self.assertRaisesRegex(ValueError, r"t.csv:6: column p99_over_sla: not a finite number: "
+                                                    r"'NaN' \(3 values cannot be read in all, in lines 6-10: "
+                                                    r"fill them in or drop their rows\)$"):
+                read_csv(self.write(d, rows))
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column time_s: not a number: '2024-11-04T00:00:00Z' "
+                                                    r"\(time_s is seconds as a number, e.g. Unix epoch seconds"):
+                read_csv(self.write(d, ["2024-11-04T00:00:00Z" + self.row(0)[1:]]))
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 1730679000 is not after the "
+                                                    r"row before's 1730679060"):
+                read_csv(self.write(d, [self.row(1730679060), self.row(1730679000)]))
+            # Names in other case, a tab-separated file, a row a crash cut short.
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: missing column\(s\) rate_ratio, .* \(names "
+                                                    r"are lower case: found Rate_Ratio, Success_Rate"):
+                read_csv(self.write(d, [self.row(0)], header="time_s," + ",".join(
+                    f.title() if i < 2 else f for i, f in enumerate(FEATURES)) + ",label,split"))
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: the header is one field with tabs in it"):
+                read_csv(self.write(d, [self.row(0).replace(",", "\t")],
+                                    header="\t".join(["time_s", *FEATURES])))
+            # (split once before it was refused: its `,split` made the header two fields)
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: missing column\(s\) .* \(the header has tabs "
+                                                    r"in it: the columns must be separated by commas\)"):
+                read_csv(self.write(d, [self.row(0).replace(",", "\t") + ",train"],
+                                    header="\t".join(["time_s", *FEATURES]) + ",split"))
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: 4 fields, the header has 11 \(a row cut short"):
+                read_csv(self.write(d, [self.row(0), "60,1,1,0"]))
+            # Noted, and kept for the report: a time column under another name, rates of other calls.
+            traces.NOTES.clear()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                read_csv(self.write(d, [self.row(0)[2:] + f",{t}" for t in (0, 60)],
+                                    header=",".join(FEATURES) + ",label,split,timestamp"))
+                read_csv(self.write(d, [self.row(t, success="0.999").replace(",0,0,0.1", ",0.097,0,0.1", 1)
+                                        for t in (0, 60)]))
+            self.assertEqual(len(traces.NOTES), 2, traces.NOTES)
+            self.assertIn("no time_s column: read as 500 ms steps (the default tick) (the step is read "
+                          "from a column named time_s: not from timestamp)", traces.NOTES[0])
+            self.assertIn("t.csv:2: success_rate + error_rate + timeout_rate is 1.096 (0.999 + 0.097 + 0), "
+                          "in 2 rows", traces.NOTES[1])
+            self.assertEqual(err.getvalue(), "".join(n + "\n" for n in traces.NOTES))
+            traces.NOTES.clear()
+            # A directory named like a trace is not read as one.
+            os.remove(os.path.join(d, "t.csv"))
+            os.mkdir(os.path.join(d, "archive.csv"))
+            read_csv(self.write(d, [self.row(t) for t in (0, 60)]))
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.assertEqual([t.name for t in traces.read_dir(d)], ["t"])
+            self.assertIn("archive.csv: not a plain file, not read", traces.NOTES[-1])
+            traces.NOTES.clear()
+
+    def test_the_report_carries_the_notes_and_cautions_on_too_little_data(self):
+        import evaluate
+        from traces import notes_section
+        self.assertEqual(notes_section([]), "")
+        self.assertIn("- a.csv: no time_s column", notes_section(["a.csv: no time_s column"]))
+        row = dict(dataset="svc", H=6, k=1, budget_per_day=1.0, detector="model", step_seconds=60.0,
+                   events=2, test_days=0.25, recall_early=0.0, recall_early_ci=(0.0, 0.0), recall_any=0.5,
+                   precision=0.5, false_trips_per_day=4.0, normal_time_alarmed=0.01,
+                   median_lead_steps=float("nan"), auprc=0.1, base_rate=0.01)
+        text = evaluate.table([row], "svc", 6, 1, 1.0, caution=True)
+        self.assertIn("*Caution: 2 test incident(s): an early recall over so few moves in steps of 0.50", text)
+        self.assertIn("*Caution: 0.25 days of normal test data: one false trip there reads as 4 a day", text)
+        self.assertNotIn("Caution", evaluate.table([row], "svc", 6, 1, 1.0))
+        row.update(events=30, test_days=3.0)
+        self.assertNotIn("Caution", evaluate.table([row], "svc", 6, 1, 1.0, caution=True))
 
     def test_a_column_named_twice_and_a_rate_in_percent_are_refused(self):
         with tempfile.TemporaryDirectory() as d:
@@ -308,17 +398,21 @@ class Traces(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "no normal step in the validation part"):
             evaluate.choose_threshold([tr], [X[:, 5].astype(float)], 6, 1.0)
 
-    def test_time_in_milliseconds_is_noted(self):
+    def test_time_in_milliseconds_is_noted_or_refused(self):
         import contextlib
         import io
         with tempfile.TemporaryDirectory() as d:
             for times, noted in (((0, 500, 1000), True), ((0, 0.5, 1.0), False),
                                  ((0, 60, 120), False), ((0, 300, 600), False),
-                                 ((0, 60000, 120000), True)):
+                                 ((0, 3600, 7200), False)):
                 err = io.StringIO()
                 with contextlib.redirect_stderr(err):
                     read_csv(self.write(d, [self.row(t) for t in times]))
                 self.assertEqual("divide it by 1000" in err.getvalue(), noted, (times, err.getvalue()))
+            # Minutes in milliseconds read as 60,000 s steps made a confident report of 951 days.
+            with self.assertRaisesRegex(ValueError, r"t.csv: column time_s moves 60000 a step \(median\), "
+                                        r"over an hour: .* divide it by 1000"):
+                read_csv(self.write(d, [self.row(t) for t in (0, 60000, 120000)]))
 
     def test_traces_directories_of_one_name_are_each_reported_under_their_path(self):
         # `--traces prod/svc staging/svc`: the second was dropped from the report, silently.

@@ -16,8 +16,9 @@ A trace CSV (one file per series; what `Recorder` writes and `evaluate.py --trac
   is test data (`evaluate.py`), and `train.py --traces` refuses it.
   `python traces.py split DIR [--val 0.2 --test 0.2]` adds one to every file in DIR.
 
-A file whose class had no traffic in any step (a recorder's idle `default` class) is skipped
-by `read_dir`, with a note on stderr.
+A file whose class had no traffic in any step (a recorder's idle `default` class), or of a
+header alone, is skipped by `read_dir`, with a note on stderr. The notes (`note`) are kept in
+`NOTES` too, and the reports of `evaluate.py` and `lodo.py` list them.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features import CLIP_HI, FEATURES, N_FEATURES, P99, RATE, SUCCESS, WINDOW
+from features import CLIP_HI, ERROR, FEATURES, N_FEATURES, P99, RATE, SUCCESS, TIMEOUT, WINDOW
 from protocol import events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
@@ -132,6 +133,26 @@ def breach_events(X: np.ndarray) -> list:
 
 SPLITS = ("train", "val", "test")
 
+# What reading the traces noted (units, steps, files skipped): each note is printed on stderr
+# as it is found and kept here, so that a report carries it beside the numbers it changes
+# (evaluate.py writes them into its report).
+NOTES: list = []
+
+
+def note(text: str) -> None:
+    """Say `text` on stderr and keep it in NOTES."""
+    print(text, file=sys.stderr)
+    NOTES.append(text)
+
+
+def notes_section(notes: list) -> str:
+    """A report's section listing `notes` (NOTES), or nothing where there are none."""
+    if not notes:
+        return ""
+    return ("## Notes on the input\n\nWhat reading it noted (also said on stderr): each can change "
+            "what the numbers below mean.\n\n" + "\n".join(f"- {t}" for t in notes) + "\n")
+
+
 
 # A file is read a chunk of rows at a time, each column of a chunk parsed at once: a row held
 # as a dict of strings took about 2 kB, so a week of 500 ms ticks (1.2 million rows) took
@@ -195,9 +216,13 @@ COLUMNS = {
 }
 
 
-def _column(path: str, lines: list, values: list, col: str) -> np.ndarray:
-    """A chunk's values of `col` (`lines`: their line numbers) as COLUMNS reads them; an error
-    naming the file, line and column for the first value refused."""
+# What a refused time_s is told (a date or a time of day is the usual mistake).
+_TIME_HINT = " (time_s is seconds as a number, e.g. Unix epoch seconds, not a date)"
+
+
+def _column(lines: list, values: list, col: str) -> tuple:
+    """A chunk's values of `col` (`lines`: their line numbers) as COLUMNS reads them, and the
+    values it refuses, (line, why) each, in line order (then the array is None)."""
     parse, ok = COLUMNS[col]
     if ok is not None:
         try:
@@ -205,14 +230,32 @@ def _column(path: str, lines: list, values: list, col: str) -> np.ndarray:
         except ValueError:
             x = None
         if x is not None and ok(x).all():
-            return x
-    out = []
+            return x, []
+    out, refused = [], []
     for line, v in zip(lines, values):
         try:
             out.append(parse(v.strip()))
         except ValueError as e:
-            raise ValueError(f"{path}:{line}: column {col}: {e}") from None
-    return np.array(out, dtype=float if ok is not None else np.int8)
+            refused.append((line, f"{e}{_TIME_HINT if col == 'time_s' else ''}"))
+    if refused:
+        return None, refused
+    return np.array(out, dtype=float if ok is not None else np.int8), []
+
+
+def _refusal(path: str, refused: list) -> ValueError:
+    """The error for a file's refused values, (line, column, why) each: the first by line, and
+    how many there are in all."""
+    refused.sort()
+    line, col, why = refused[0]
+    more = ""
+    if len(refused) > 1:
+        more = (f" ({len(refused)} values cannot be read in all, in lines {line}-{refused[-1][0]}: "
+                "fill them in or drop their rows)")
+    return ValueError(f"{path}:{line}: column {col}: {why}{more}")
+
+
+class NoRows(ValueError):
+    """A trace CSV with a header and no row (a class that has not run a tick yet)."""
 
 
 @contextlib.contextmanager
@@ -246,9 +289,10 @@ def _rows(path: str):
             cols = [i + 1 for i, h in enumerate(header) if h == twice]
             raise ValueError(f"{path}:{at}: column {twice} appears {len(cols)} times (columns "
                              f"{', '.join(map(str, cols))}): which one is meant cannot be told")
-        if len(header) == 1 and ";" in header[0]:
-            raise ValueError(f"{path}:{at}: the header is one field with semicolons in it: the columns "
-                             "must be separated by commas")
+        for sep, what in ((";", "semicolons"), ("\t", "tabs")):
+            if len(header) == 1 and sep in header[0]:
+                raise ValueError(f"{path}:{at}: the header is one field with {what} in it: the "
+                                 "columns must be separated by commas")
         yield header, at, _chunks(path, reader, len(header))
 
 
@@ -299,7 +343,9 @@ def _chunks(path: str, reader, n: int):
             if _blank(fields):
                 continue
             if len(fields) < n or any(v.strip() for v in fields[n:]):
-                raise ValueError(f"{path}:{line}: {len(fields)} fields, the header has {n}")
+                cut = " (a row cut short, as a crash leaves the last one, can be deleted)" \
+                    if len(fields) < n else ""
+                raise ValueError(f"{path}:{line}: {len(fields)} fields, the header has {n}{cut}")
             lines.append(line)
             rows.append(fields)
             if len(rows) == limit:
@@ -308,13 +354,28 @@ def _chunks(path: str, reader, n: int):
     if rows:
         yield lines, rows
     elif not any_row:
-        raise ValueError(f"{path}: a header and no rows")
+        raise NoRows(f"{path}: a header and no rows")
+
+
+def _check_header(path: str, header: list, at: int) -> None:
+    """The eight feature columns are in `header` (line `at`), else an error naming those missing
+    and any there in other case."""
+    missing = [c for c in FEATURES if c not in header]
+    if missing:
+        lower = {h.lower(): h for h in header}
+        other = [lower[c] for c in missing if c in lower]
+        case = f" (names are lower case: found {', '.join(other)})" if other else ""
+        seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
+        if seps:
+            case += f" (the header has {' and '.join(seps)} in it: the columns must be separated by commas)"
+        raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}")
 
 
 def check_rows(path: str) -> int:
-    """The number of rows of a trace CSV, read as `read_csv` reads its rows (the errors of
-    `_rows`); its values are not read."""
-    with _rows(path) as (_, _, chunks):
+    """The number of rows of a trace CSV, read as `read_csv` reads its header (the feature
+    columns there) and its rows (the errors of `_rows`); its values are not read."""
+    with _rows(path) as (header, at, chunks):
+        _check_header(path, header, at)
         return sum(len(lines) for lines, _ in chunks)
 
 
@@ -324,22 +385,28 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     rate above 1 (a percentage), a column named twice, a label or ignore flag other than 0
     or 1, a split other than train / val / test or out of time order, a row with fields
     missing or more fields than the header names, a file that is not UTF-8, time that does
-    not move forward. A step over an hour, or of 100 s or more and
-    not whole minutes, is noted on stderr (time_s in milliseconds?). Features above the range the Rust
-    feature code clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are
-    taken one row per step, with a note on stderr."""
+    not move forward, a step over an hour (time_s in milliseconds?); the first such value by line,
+    with how many there are. A step of 100 s or more and not whole minutes is noted (`note`), as
+    are a file without time_s (read as 500 ms steps), success, error and timeout rates over 1
+    together, and a column mostly over its clip. Features above the range the Rust feature code
+    clips them to are clipped as it does (`features.CLIP_HI`). Uneven steps are taken one row
+    per step, with a note."""
     with _rows(path) as (header, at, chunks):
-        missing = [c for c in FEATURES if c not in header]
-        if missing:
-            raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}")
+        _check_header(path, header, at)
         read = [c for c in COLUMNS if c in header]
-        at = [header.index(c) for c in read]
+        index = [header.index(c) for c in read]
         parts = {c: [] for c in read}
-        line_parts = []
+        line_parts, refused = [], []
         for lines, rows in chunks:
             line_parts.append(np.array(lines, dtype=np.int64))
-            for c, j in zip(read, at):
-                parts[c].append(_column(path, lines, [r[j] for r in rows], c))
+            for c, j in zip(read, index):
+                x, bad = _column(lines, [r[j] for r in rows], c)
+                parts[c].append(x)
+                refused += [(line, c, why) for line, why in bad]
+            if len(refused) > 100_000:  # enough to say where and how many, at least
+                break
+        if refused:
+            raise _refusal(path, refused)
     line_of = np.concatenate(line_parts)
     col = {c: np.concatenate(v) for c, v in parts.items()}
     X = np.stack([col[c] for c in FEATURES], axis=1)
@@ -348,14 +415,25 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     over = (X > CLIP_HI).mean(axis=0)
     for c, share in zip(FEATURES, over):
         if share >= 0.5 and CLIP_HI[FEATURES.index(c)] > 1:
-            print(f"{path}: column {c} is over {CLIP_HI[FEATURES.index(c)]:g}, where it is clipped, in "
-                  f"{share:.0%} of rows: is it normalised as the Rust features are (features.py; "
-                  "a latency over the SLA, not in milliseconds; a rate over its baseline)?",
-                  file=sys.stderr)
+            note(f"{path}: column {c} is over {CLIP_HI[FEATURES.index(c)]:g}, where it is clipped, in "
+                 f"{share:.0%} of rows: is it normalised as the Rust features are (features.py; "
+                 "a latency over the SLA, not in milliseconds; a rate over its baseline)?")
+    # The three rates are shares of the same calls: over 1 together, one is in other units.
+    total = X[:, SUCCESS] + X[:, ERROR] + X[:, TIMEOUT]
+    over_one = np.flatnonzero(total > 1.01)
+    if len(over_one):
+        i = int(over_one[0])
+        note(f"{path}:{line_of[i]}: success_rate + error_rate + timeout_rate is {total[i]:.4g} "
+             f"({X[i, SUCCESS]:g} + {X[i, ERROR]:g} + {X[i, TIMEOUT]:g}), in {len(over_one)} rows: "
+             "they are shares of the same calls, at most 1 together; is one a percentage, or of "
+             "other calls?")
     X = clip(X)
     step, measured = 0.5, True
     if "time_s" not in header:
-        print(f"{path}: no time_s column: read as 500 ms steps (the default tick)", file=sys.stderr)
+        timelike = [h for h in header if h not in FEATURES and ("time" in h.lower() or "date" in h.lower())]
+        found = f" (the step is read from a column named time_s: not from {', '.join(timelike)})" \
+            if timelike else ""
+        note(f"{path}: no time_s column: read as 500 ms steps (the default tick){found}")
     else:
         t = col["time_s"]
         if len(t) == 1:
@@ -366,19 +444,23 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
-                raise ValueError(f"{path}:{line_of[i]}: column time_s: {t[i]:g} is not after the row "
-                                 f"before's {t[i - 1]:g} (rows must be in time order, one per step)")
+                raise ValueError(f"{path}:{line_of[i]}: column time_s: {t[i]:.15g} is not after the row "
+                                 f"before's {t[i - 1]:.15g} (rows must be in time order, one per step)")
             step = float(np.median(d))
-            if step > 3600 or (step >= 100 and step % 60):
-                print(f"{path}: time_s moves {step:g} a step (median): read as {step:g}-second steps; "
-                      "time_s is in seconds, so if it holds milliseconds divide it by 1000",
-                      file=sys.stderr)
+            if step > 3600:
+                raise ValueError(f"{path}: column time_s moves {step:g} a step (median), over an hour: "
+                                 "time_s is in seconds, so if it holds milliseconds divide it by 1000 "
+                                 "(steps of over an hour are not read: the predictor watches ticks of "
+                                 "a second or so, the harness minutes at most)")
+            if step >= 100 and step % 60:
+                note(f"{path}: time_s moves {step:g} a step (median): read as {step:g}-second steps; "
+                     "time_s is in seconds, so if it holds milliseconds divide it by 1000")
             uneven = np.flatnonzero((d > 1.5 * step) | (d < step / 1.5))
             if len(uneven):
                 i = int(uneven[0]) + 1
-                print(f"{path}:{line_of[i]}: steps are not even ({len(uneven)} of {len(d)} differ from "
-                      f"the median step, {step:g} s, by half or more; this one is {d[i - 1]:g} s): "
-                      "each row is taken as one step", file=sys.stderr)
+                note(f"{path}:{line_of[i]}: steps are not even ({len(uneven)} of {len(d)} differ from "
+                     f"the median step, {step:g} s, by half or more; this one is {d[i - 1]:g} s): "
+                     "each row is taken as one step")
     if "label" in header:
         events = events_from_binary(col["label"])
     else:
@@ -412,7 +494,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
 def _csv_files(d: str) -> list:
     """The trace CSVs in `d`, sorted; none is an error (saying which near names were not read)."""
     names = sorted(os.listdir(d))
-    files = [f for f in names if f.endswith(".csv")]
+    files = [f for f in names if f.endswith(".csv") and os.path.isfile(os.path.join(d, f))]
+    for f in names:
+        if f.endswith(".csv") and f not in files:
+            note(f"{os.path.join(d, f)}: not a plain file, not read")
     if not files:
         near = [f for f in names if ".csv" in f.lower()]
         raise ValueError(f"{d}: no .csv files" + (
@@ -423,12 +508,17 @@ def _csv_files(d: str) -> list:
 
 def read_dir(d: str, dataset: str | None = None) -> list:
     """Every trace CSV in `d`, but those of a class that had no traffic at all (a recorder's
-    idle `default` class): there is nothing in them to warn of or to trip on (said on stderr)."""
+    idle `default` class) or no row yet: there is nothing in them to warn of or to trip on
+    (said on stderr, and in NOTES)."""
     out = []
     for f in _csv_files(d):
-        tr = read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d)))
+        try:
+            tr = read_csv(os.path.join(d, f), dataset or os.path.basename(os.path.normpath(d)))
+        except NoRows as e:
+            note(f"{e}, skipped")
+            continue
         if not tr.X[:, RATE].any():
-            print(f"{os.path.join(d, f)}: no traffic in any step, skipped", file=sys.stderr)
+            note(f"{os.path.join(d, f)}: no traffic in any step, skipped")
             continue
         out.append(tr)
     if not out:
@@ -517,8 +607,9 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     file is read (as `read_csv` reads its rows, a chunk at a time) and then copied with its
     split to a file beside it before any is replaced; then each copy is moved over its file
     (its mode kept): a file that cannot be read, or a copy that cannot be written, is an error
-    naming it, and then none is changed. Rows appended to a file while it is copied (a live
-    Recorder) are lost: stop what writes to `d` first."""
+    naming it, and then none is changed; so is a file without the feature columns. A file of a
+    header alone is left as it is (said on stderr). Rows appended to a file while it is copied
+    (a live Recorder) are lost: stop what writes to `d` first."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
@@ -526,6 +617,8 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
         path = os.path.join(d, f)
         try:
             read.append((path, check_rows(path)))
+        except NoRows as e:
+            note(f"{e}: left as it is")
         except ValueError as e:
             raise ValueError(f"{e}; no file was changed") from None
     staged = []
@@ -536,7 +629,7 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
             staged.append(tmp)
             with _rows(path) as (header, _, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:
                 keep = [j for j, c in enumerate(header) if c != "split"]
-                w = csv.writer(fh)
+                w = csv.writer(fh, lineterminator="\n")  # as the recorder writes its files
                 w.writerow([header[j] for j in keep] + ["split"])
                 i = 0
                 for _, rows in chunks:
@@ -570,7 +663,7 @@ def write_csv(tr: Trace, path: str) -> None:
     split[tr.val_from:] = "val"
     split[tr.test_from:] = "test"
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["time_s", *FEATURES, "label", "split"])
         for t in range(tr.T):
             w.writerow([f"{t * tr.step_seconds:.3f}", *(f"{v:.5g}" for v in tr.X[t]), lab[t], split[t]])
