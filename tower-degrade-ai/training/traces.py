@@ -153,7 +153,6 @@ def notes_section(notes: list) -> str:
             "what the numbers below mean.\n\n" + "\n".join(f"- {t}" for t in notes) + "\n")
 
 
-
 # A file is read a chunk of rows at a time, each column of a chunk parsed at once: a row held
 # as a dict of strings took about 2 kB, so a week of 500 ms ticks (1.2 million rows) took
 # gigabytes before a value was read; the features' per-value checks took most of the time.
@@ -242,15 +241,15 @@ def _column(lines: list, values: list, col: str) -> tuple:
     return np.array(out, dtype=float if ok is not None else np.int8), []
 
 
-def _refusal(path: str, refused: list) -> ValueError:
+def _refusal(path: str, refused: list, whole: bool) -> ValueError:
     """The error for a file's refused values, (line, column, why) each: the first by line, and
-    how many there are in all."""
+    how many there are (`whole`: in the whole file, else in the part read)."""
     refused.sort()
     line, col, why = refused[0]
     more = ""
     if len(refused) > 1:
-        more = (f" ({len(refused)} values cannot be read in all, in lines {line}-{refused[-1][0]}: "
-                "fill them in or drop their rows)")
+        more = (f" ({'' if whole else 'at least '}{len(refused)} values cannot be read in all, in "
+                f"lines {line}-{refused[-1][0]}{'' if whole else ' and on'}: fill them in or drop their rows)")
     return ValueError(f"{path}:{line}: column {col}: {why}{more}")
 
 
@@ -403,10 +402,13 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                 x, bad = _column(lines, [r[j] for r in rows], c)
                 parts[c].append(x)
                 refused += [(line, c, why) for line, why in bad]
-            if len(refused) > 100_000:  # enough to say where and how many, at least
+            if len(refused) > 100_000:  # enough to say where, and how many at least
                 break
+        else:
+            if refused:
+                raise _refusal(path, refused, whole=True)
         if refused:
-            raise _refusal(path, refused)
+            raise _refusal(path, refused, whole=False)
     line_of = np.concatenate(line_parts)
     col = {c: np.concatenate(v) for c, v in parts.items()}
     X = np.stack([col[c] for c in FEATURES], axis=1)
