@@ -291,9 +291,10 @@ def ranking_check_rows(name, traces, scores, budgets=BUDGETS) -> list:
 
 
 def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, budgets=BUDGETS,
-                     ks=(1, 3), ranking_check=False):
+                     ks=(1, 3), ranking_check=False, per_file=None):
     """All detectors on one dataset. val_traces / val_scores: where thresholds come from when the
-    dataset has no validation part of its own. ranking_check: also `ranking_check_rows`."""
+    dataset has no validation part of its own. ranking_check: also `ranking_check_rows`.
+    per_file: a list to append each file's own result to, at the headline (`per_file_rows`)."""
     scores = {d: [f(tr) for tr in traces] for d, f in detectors.items()}
     out = []
     for d in detectors:
@@ -338,7 +339,54 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                                 test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
     if ranking_check:
         out += ranking_check_rows(name, traces, scores, budgets)
+    if per_file is not None:
+        if "model" in scores:
+            scores[AS_DEFAULT] = cal
+        per_file += per_file_rows(out, traces, scores)
     return out
+
+
+def per_file_rows(rows, traces, scores) -> list:
+    """Each file's early warnings and false trips, at the headline (H, k = 1, budget 1 false
+    trip a day) with the thresholds chosen for its whole directory (`rows`), per detector:
+    dicts of file, detector, events, early, false_trips, days."""
+    H = headline_horizon(traces[0].step_seconds)
+    out = []
+    for r in rows:
+        headline = r["H"] == H and (r["detector"] == AS_DEFAULT
+                                    or (r["k"] == 1 and r["budget_per_day"] == 1.0))
+        if not headline or r["detector"] not in scores or r.get("threshold_from") == RANKING_CHECK:
+            continue
+        thr, k = (0.5, 1) if r["detector"] == AS_DEFAULT else (r["threshold"], 1)
+        for tr, sc in zip(traces, scores[r["detector"]]):
+            f = run_part([tr], [sc], "test", thr, H, k)
+            out.append(dict(file=tr.name, detector=r["detector"], events=f.n_events, early=f.early,
+                            false_trips=f.fp_episodes, days=f.days))
+    return out
+
+
+def file_table(rows, files) -> str:
+    """Per file of one directory (`files`: per_file_rows), the model, its default use and the
+    classical baseline with the highest early recall over the directory (`rows`, headline)."""
+    names = list(dict.fromkeys(f["file"] for f in files))
+    if len(names) < 2:
+        return ""
+    head = [r for r in rows if r["detector"] in {f["detector"] for f in files}
+            and r["detector"] not in ("model", AS_DEFAULT, AS_DEPLOYED)]
+    best = max(head, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))["detector"] if head else None
+    present = {f["detector"] for f in files}
+    shown = [d for d in ("model", AS_DEFAULT, best) if d in present]
+    cell = {(f["file"], f["detector"]): f for f in files}
+    lines = ["Per file, with the directory's thresholds (early warnings of the file's test incidents; "
+             "false trips):", "", "| file | test incidents | days of normal test data | "
+             + " | ".join("model, default" if d == AS_DEFAULT else d for d in shown) + " |",
+             "|---|---:|---:|" + "---|" * len(shown)]
+    for n in names:
+        first = cell[(n, shown[0])]
+        lines.append(f"| {n} | {first['events']} | {first['days']:.2f} | " + " | ".join(
+            f"{cell[(n, d)]['early']} of {cell[(n, d)]['events']}; {cell[(n, d)]['false_trips']}"
+            for d in shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def fmt(v, p=2):
@@ -419,7 +467,7 @@ def main():
     except Exception as e:  # onnxruntime's own errors do not name the file
         sys.exit(f"evaluate.py: --model {a.model}: {e}")
     det = {"model": model, **BASELINES}
-    rows, sim_val, sim_val_scores = [], None, None
+    rows, sim_val, sim_val_scores, files = [], None, None, {}
     if not a.traces_only or not all(own_val for *_, own_val in traced):
         sim = simulate.dataset(a.seed)
         sim_val = [t for t in sim if t.val_from < t.test_from]
@@ -451,7 +499,7 @@ def main():
                  "to measure (its rows count false trips only)")
         try:
             rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
-                                     None if own_val else sim_val_scores)
+                                     None if own_val else sim_val_scores, per_file=files.setdefault(name, []))
         except ValueError as e:
             sys.exit(f"evaluate.py: --traces {path}: {e}")
 
@@ -465,6 +513,10 @@ def main():
         md.append(notes_section(NOTES))
     for n in names:
         md.append(table(rows, n, head[n], 1, 1.0, caution=True))
+        if files.get(n):
+            md.append(file_table([r for r in rows if r["dataset"] == n and r["H"] == head[n] and r["k"] == 1
+                                  and r["budget_per_day"] == 1.0 and r.get("threshold_from") != RANKING_CHECK],
+                                 files[n]))
     md.append("## Every horizon, k = 1 and 3, budgets 1 and 0.1 false trip per day\n")
     for n in names:
         for H in sorted({r["H"] for r in rows if r["dataset"] == n}):

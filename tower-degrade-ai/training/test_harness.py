@@ -288,6 +288,30 @@ class Traces(unittest.TestCase):
         row.update(events=30, test_days=3.0)
         self.assertNotIn("Caution", evaluate.table([row], "svc", 6, 1, 1.0, caution=True))
 
+    def test_the_report_breaks_a_directory_down_per_file(self):
+        import evaluate
+        rng = np.random.default_rng(3)
+        traces, onsets = [], {"a": [700, 850], "b": [], "c": [900]}
+        for name, starts in onsets.items():
+            X = np.tile(np.array([1, 1, 0, 0, 0.1, 0.3, 0.2, 0.03], np.float32), (1000, 1))
+            X[:, 5] += rng.normal(0, 0.01, 1000).astype(np.float32)
+            for s0 in starts:
+                X[s0 - 4:s0, 5] = 0.6   # a precursor the rule below sees
+                X[s0:s0 + 5, 5] = 2.0   # the breach
+            traces.append(Trace(name, "svc", X, breach_events(X), 60.0, None, 400, 600))
+        files = []
+        rows = evaluate.evaluate_dataset("svc", traces, {"static robust z": lambda tr: tr.X[:, 5].astype(float)},
+                                         budgets=(1.0,), ks=(1,), per_file=files)
+        head = [r for r in rows if r["H"] == 6]
+        self.assertEqual([(f["file"], f["events"], f["early"]) for f in files], [("a", 2, 2), ("b", 0, 0), ("c", 1, 1)])
+        self.assertEqual(sum(f["early"] for f in files), head[0]["early"])
+        self.assertEqual(sum(f["false_trips"] for f in files), head[0]["false_trips"])
+        text = evaluate.file_table(head, files)
+        self.assertIn("| file | test incidents | days of normal test data | static robust z |", text)
+        self.assertIn("| a | 2 | ", text)
+        self.assertRegex(text, r"\| a \| 2 \| 0\.\d\d \| 2 of 2; \d+ \|\n\| b \| 0 \| ")
+        self.assertEqual(evaluate.file_table(head, files[:1]), "", "one file: nothing to break down")
+
     def test_a_column_named_twice_and_a_rate_in_percent_are_refused(self):
         with tempfile.TemporaryDirectory() as d:
             # A recording whose p_anomaly column was renamed p99_over_sla: the second one
