@@ -357,9 +357,9 @@ def per_file_rows(rows, traces, scores) -> list:
                                     or (r["k"] == 1 and r["budget_per_day"] == 1.0))
         if not headline or r["detector"] not in scores or r.get("threshold_from") == RANKING_CHECK:
             continue
-        thr, k = (0.5, 1) if r["detector"] == AS_DEFAULT else (r["threshold"], 1)
+        thr = 0.5 if r["detector"] == AS_DEFAULT else r["threshold"]  # calibrated alarms are 0 or 1
         for tr, sc in zip(traces, scores[r["detector"]]):
-            f = run_part([tr], [sc], "test", thr, H, k)
+            f = run_part([tr], [sc], "test", thr, H, 1)
             out.append(dict(file=tr.name, detector=r["detector"], events=f.n_events, early=f.early,
                             false_trips=f.fp_episodes, days=f.days))
     return out
@@ -367,14 +367,15 @@ def per_file_rows(rows, traces, scores) -> list:
 
 def file_table(rows, files) -> str:
     """Per file of one directory (`files`: per_file_rows), the model, its default use and the
-    classical baseline with the highest early recall over the directory (`rows`, headline)."""
+    classical baseline with the highest early recall over the directory (`rows`: its headline
+    rows, k = 1 and budget 1)."""
     names = list(dict.fromkeys(f["file"] for f in files))
     if len(names) < 2:
         return ""
-    head = [r for r in rows if r["detector"] in {f["detector"] for f in files}
-            and r["detector"] not in ("model", AS_DEFAULT, AS_DEPLOYED)]
-    best = max(head, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))["detector"] if head else None
     present = {f["detector"] for f in files}
+    classical = [r for r in rows if r["detector"] in present and r["detector"] != "model"]
+    best = max(classical, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))["detector"] \
+        if classical else None
     shown = [d for d in ("model", AS_DEFAULT, best) if d in present]
     cell = {(f["file"], f["detector"]): f for f in files}
     lines = ["Per file, with the directory's thresholds (early warnings of the file's test incidents; "

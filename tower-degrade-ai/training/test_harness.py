@@ -238,12 +238,13 @@ class Traces(unittest.TestCase):
                                                     r"are lower case: found Rate_Ratio, Success_Rate"):
                 read_csv(self.write(d, [self.row(0)], header="time_s," + ",".join(
                     f.title() if i < 2 else f for i, f in enumerate(FEATURES)) + ",label,split"))
-            with self.assertRaisesRegex(ValueError, r"t.csv:1: the header is one field with tabs in it"):
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: the header has tabs in it: the columns must "
+                                                    r"be separated by commas$"):
                 read_csv(self.write(d, [self.row(0).replace(",", "\t")],
                                     header="\t".join(["time_s", *FEATURES])))
             # (split once before it was refused: its `,split` made the header two fields)
-            with self.assertRaisesRegex(ValueError, r"t.csv:1: missing column\(s\) .* \(the header has tabs "
-                                                    r"in it: the columns must be separated by commas\)"):
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: the header has tabs in it: the columns must "
+                                                    r"be separated by commas$"):
                 read_csv(self.write(d, [self.row(0).replace(",", "\t") + ",train"],
                                     header="\t".join(["time_s", *FEATURES]) + ",split"))
             with self.assertRaisesRegex(ValueError, r"t.csv:3: 4 fields, the header has 11 \(a row cut short"):

@@ -263,7 +263,7 @@ def _rows(path: str):
     on, and its rows in chunks of at most CHUNK_ROWS rows and CHUNK_CELLS fields (line numbers,
     rows as lists of fields), blank lines left out; an error naming the file
     and line for what cannot be read as one: not UTF-8, no header, a column named twice, a
-    header of semicolons, a row with fields missing or with more than the header names (its
+    row with fields missing or with more than the header names (its
     values would sit under the wrong names; empty ones past the header, a trailing comma, are
     let through), no row."""
     # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first name
@@ -288,10 +288,6 @@ def _rows(path: str):
             cols = [i + 1 for i, h in enumerate(header) if h == twice]
             raise ValueError(f"{path}:{at}: column {twice} appears {len(cols)} times (columns "
                              f"{', '.join(map(str, cols))}): which one is meant cannot be told")
-        for sep, what in ((";", "semicolons"), ("\t", "tabs")):
-            if len(header) == 1 and sep in header[0]:
-                raise ValueError(f"{path}:{at}: the header is one field with {what} in it: the "
-                                 "columns must be separated by commas")
         yield header, at, _chunks(path, reader, len(header))
 
 
@@ -357,17 +353,19 @@ def _chunks(path: str, reader, n: int):
 
 
 def _check_header(path: str, header: list, at: int) -> None:
-    """The eight feature columns are in `header` (line `at`), else an error naming those missing
-    and any there in other case."""
+    """The eight feature columns are in `header` (line `at`), else an error naming why: columns
+    separated by tabs or semicolons, or those missing and any there in other case."""
     missing = [c for c in FEATURES if c not in header]
-    if missing:
-        lower = {h.lower(): h for h in header}
-        other = [lower[c] for c in missing if c in lower]
-        case = f" (names are lower case: found {', '.join(other)})" if other else ""
-        seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
-        if seps:
-            case += f" (the header has {' and '.join(seps)} in it: the columns must be separated by commas)"
-        raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}")
+    if not missing:
+        return
+    seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
+    if seps:
+        raise ValueError(f"{path}:{at}: the header has {' and '.join(seps)} in it: the columns must be "
+                         "separated by commas")
+    lower = {h.lower(): h for h in header}
+    other = [lower[c] for c in missing if c in lower]
+    case = f" (names are lower case: found {', '.join(other)})" if other else ""
+    raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}")
 
 
 def check_rows(path: str) -> int:
@@ -395,7 +393,7 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         read = [c for c in COLUMNS if c in header]
         index = [header.index(c) for c in read]
         parts = {c: [] for c in read}
-        line_parts, refused = [], []
+        line_parts, refused, whole = [], [], True
         for lines, rows in chunks:
             line_parts.append(np.array(lines, dtype=np.int64))
             for c, j in zip(read, index):
@@ -403,12 +401,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                 parts[c].append(x)
                 refused += [(line, c, why) for line, why in bad]
             if len(refused) > 100_000:  # enough to say where, and how many at least
+                whole = False
                 break
-        else:
-            if refused:
-                raise _refusal(path, refused, whole=True)
         if refused:
-            raise _refusal(path, refused, whole=False)
+            raise _refusal(path, refused, whole)
     line_of = np.concatenate(line_parts)
     col = {c: np.concatenate(v) for c, v in parts.items()}
     X = np.stack([col[c] for c in FEATURES], axis=1)
