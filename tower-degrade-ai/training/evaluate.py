@@ -72,6 +72,13 @@ class Model:
             raise NotAProbability(f"{self.path}: answered {out[bad[0]]:g} on step {int(bad[0])} of "
                              f"{tr.name}, not a probability in 0..1 (OnnxPredictor refuses it: "
                              "end the model with a sigmoid)")
+        # The breaker uses no prediction until a class's window is whole and a batch that
+        # overran can no longer stand for one made before (`FeatureHistory::is_full`), with a
+        # fixed threshold as with the calibrated one: a series' first steps are scored as it
+        # scores them, not at all. Their input is zero-padded and their long baseline holds a
+        # handful of ticks, and a model scored on them trips at the start of every series (on
+        # Nezha's day-long test series, most of the model's false trips).
+        out[:calibrate.UNUSED_STEPS] = np.nan
         return out
 
 

@@ -101,6 +101,25 @@ class Scoring(unittest.TestCase):
                                     r"out_of_range.onnx: answered 5 on step 0 of svc, not a probability"):
             model(tr)
 
+    def test_a_series_first_steps_are_not_scored_as_the_breaker_does_not_use_them(self):
+        # The breaker takes no prediction until the window is whole (`is_full`): the harness
+        # must not count the padded start's answers as trips, nor as early warnings.
+        import numpy as np
+        import evaluate
+        from calibrate import UNUSED_STEPS
+        from traces import Trace
+        rng = np.random.default_rng(3)
+        X = np.zeros((300, 8), np.float32)  # a healthy class, features in FEATURES' order
+        X[:, 0] = 1 + 0.05 * rng.standard_normal(300)  # rate
+        X[:, 1], X[:, 2] = 0.99, 0.01  # success, errors
+        X[:, 4:6] = 0.2 + 0.01 * rng.standard_normal((300, 2))  # p50, p99 over the SLA
+        X[:, 6:] = 0.5 + 0.02 * rng.standard_normal((300, 2))  # in flight, queueing
+        out = evaluate.Model(SHIPPED)(Trace("svc", "mine", X, [], 0.5))
+        self.assertTrue(np.isnan(out[:UNUSED_STEPS]).all())
+        self.assertTrue(((out[UNUSED_STEPS:] >= 0) & (out[UNUSED_STEPS:] <= 1)).all())
+        # at any threshold, no alarm on the steps the breaker does not use
+        self.assertFalse(evaluate.alarms(out, 0.0, 1)[:UNUSED_STEPS].any())
+
 
 @unittest.skipUnless(HAS_ONNX, "needs the onnx package")
 class Stamping(unittest.TestCase):
