@@ -9,8 +9,8 @@ scale, each channel's distance from the baseline's median in units of a spread, 
 that higher is worse (success enters as a failure), the largest over the channels:
 
 - `spike`: the last tick's two-sided distance (what `za`'s anchor read);
-- `scan`: the bundled model's anchor (model.ZSNet.prior, without its padding rule: a series
-  is scored from its first tick), the mean over the last 1, 3 and 8 ticks times sqrt(k);
+- `scan`: the bundled model's anchor (model.ZSNet.prior, without its padding rule, which the
+  steps scored leave moot), the mean over the last 1, 3 and 8 ticks times sqrt(k);
 - `held`: the least of the last 3 ticks' oriented distances (a deviation that holds);
 - `... tail`: the spread taken from the bad tail, (q99 - q50) / 2.33, instead of the IQR;
 - `... larger spread`: the larger of the two spreads, per channel and tick;
@@ -30,7 +30,9 @@ that higher is worse (success enters as a failure), the largest over the channel
   this one, refreshed every REFRESH ticks as the long baseline is (0 until 64 such ticks);
   `max(...)` of two such is a mixture whose parts each trip about as often on every series.
 
-For each, at most 1 false trip a day, headline horizon, k = 1: early recall and false trips a
+Each statistic is scored from a series' 68th step (`used`), as the breaker uses a model and
+evaluate.Model scores one (until 4 December, from the first: the trips of a series' padded start
+were counted). For each, at most 1 false trip a day, headline horizon, k = 1: early recall and false trips a
 day on the test part with the threshold chosen on validation, then early recall with the
 threshold chosen on the test part itself (evaluate.ranking_check_rows' oracle, the same for
 all). The classical baselines are scored beside them.
@@ -45,6 +47,7 @@ import baseline
 import datasets
 import evaluate
 import simulate
+from calibrate import UNUSED_STEPS
 from features import FEATURES, N_FEATURES, SUCCESS
 from traces import headline_horizon
 
@@ -180,6 +183,14 @@ def statistics() -> dict:
     return out
 
 
+def used(s: np.ndarray) -> np.ndarray:
+    """A statistic scored as the breaker would use it as a model's anchor: not on a series'
+    first UNUSED_STEPS steps (its window zero-padded; evaluate.Model leaves them out too)."""
+    s = np.asarray(s, dtype=float).copy()
+    s[:UNUSED_STEPS] = np.nan
+    return s
+
+
 def score(traces, val, f) -> tuple:
     """(early recall, false trips/day) with the validation threshold, and the ranking check's
     early recall; at most 1 false trip a day, headline horizon, k = 1."""
@@ -202,8 +213,9 @@ def main():
     pub = datasets.load_or_exit(a.data, "screen.py")
     sets = {"simulated": ([t for t in sim if t.test_from == 0], [t for t in sim if t.val_from < t.test_from]),
             **{n: (pub[n], None) for n in ("nab", "nezha", "smd")}}
-    dets = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}
-    dets.update(seasonal_statistics())
+    stats = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}
+    stats.update(seasonal_statistics())
+    dets = {k: (lambda f: lambda tr: used(f(tr)))(f) for k, f in stats.items()}
     dets.update({k: f for k, f in evaluate.BASELINES.items() if k not in evaluate.FIXED})
     print("| statistic | " + " | ".join(sets) + " |")
     print("|---|" + "---|" * len(sets))
