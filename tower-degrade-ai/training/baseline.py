@@ -69,32 +69,48 @@ def series(X: np.ndarray, phase: int = 0) -> np.ndarray:
     After the first REFRESH ticks it refreshes where (t + phase) % REFRESH == 0: the runtime
     gives batch row i the phase i, so that classes do not all refresh on the same tick; a
     series scored alone is row 0."""
-    X = X.astype(np.float32, copy=False)
-    T = len(X)
-    out = np.zeros((T, N_QUANTILES, N_FEATURES), dtype=np.float32)
-    h = healthy(X)
-    pos = np.flatnonzero(h)  # healthy ticks, in order
-    count = np.cumsum(h)  # healthy ticks up to and including t
-    last = np.zeros((N_QUANTILES, N_FEATURES), dtype=np.float32)
-    refreshes = [t for t in range(T) if t < REFRESH or (t + phase) % REFRESH == 0]
-    for i, t in enumerate(refreshes):
-        n = int(count[t])
-        if n:
-            last = quantiles(X[pos[max(0, n - HISTORY):n]])
-        end = refreshes[i + 1] if i + 1 < len(refreshes) else T
-        out[t:end] = last
-    return out
+    return Rows(X, phase)[:]
+
+
+class Rows:
+    """`series(X, phase)` held as what it is, one [5, 8] block per refresh (a tick's row is
+    its last refresh's): 1/64 of the [T, 5, 8] array, which at 160 bytes a tick was most of
+    what the harness held of a long trace. rows[idx] gives series' rows at the ticks idx."""
+
+    def __init__(self, X: np.ndarray, phase: int = 0):
+        X = X.astype(np.float32, copy=False)
+        T = len(X)
+        h = healthy(X)
+        pos = np.flatnonzero(h)  # healthy ticks, in order
+        count = np.cumsum(h)  # healthy ticks up to and including t
+        refreshes = [t for t in range(T) if t < REFRESH or (t + phase) % REFRESH == 0]
+        self.values = np.zeros((len(refreshes), N_QUANTILES, N_FEATURES), dtype=np.float32)
+        last = self.values[0] if len(refreshes) else None
+        for i, t in enumerate(refreshes):
+            n = int(count[t])
+            if n:
+                last = quantiles(X[pos[max(0, n - HISTORY):n]])
+            self.values[i] = last
+        # each tick's refresh: the last one at or before it
+        self.which = (np.searchsorted(np.asarray(refreshes, dtype=np.int64), np.arange(T), side="right")
+                      - 1).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.values[self.which[idx]]
 
 
 _cache: dict = {}
 
 
-def of(X: np.ndarray) -> np.ndarray:
-    """series(X), computed once per array (the traces' arrays are not changed once made)."""
+def of(X: np.ndarray) -> Rows:
+    """Rows(X), computed once per array (the traces' arrays are not changed once made)."""
     key = id(X)
     hit = _cache.get(key)
     if hit is None or hit[0] is not X:
-        hit = _cache[key] = (X, series(X))
+        hit = _cache[key] = (X, Rows(X))
     return hit[1]
 
 

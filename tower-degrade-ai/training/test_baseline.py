@@ -29,6 +29,19 @@ class Baseline(unittest.TestCase):
         for t in (63, 64, 117, 118, 119, 182, 4299):
             np.testing.assert_array_equal(B[t], brute_force(X, t, 10), err_msg=f"tick {t}")
 
+    def test_the_harness_holds_a_block_per_refresh_not_per_tick(self):
+        # What evaluate.Model and training read (`of`): the same rows as the rule's, at any
+        # ticks, from one [5, 8] block per refresh.
+        X = baseline.reference_series(4300)
+        rows = baseline.of(X)
+        self.assertEqual(len(rows), 4300)
+        # every tick of the first REFRESH, then every REFRESH-th
+        self.assertEqual(len(rows.values), baseline.REFRESH + (4300 - 1) // baseline.REFRESH)
+        ticks = np.array([4299, 0, 64, 63, 4096, 127, 128])
+        want = np.stack([brute_force(X, t) for t in ticks])
+        np.testing.assert_array_equal(rows[ticks], want)
+        self.assertIs(baseline.of(X), rows)  # computed once per array
+
     def test_unhealthy_ticks_are_left_out_and_zeros_come_first(self):
         X = np.full((3, N_FEATURES), 0.5, dtype=np.float32)
         X[:, SUCCESS], X[:, P99] = 0.5, 2.0  # the seed rule's breach
