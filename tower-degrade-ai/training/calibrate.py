@@ -38,6 +38,18 @@ STALE_TICKS = 4
 # A series' first steps whose scores the breaker does not use: until its window is whole, and
 # a batch that overran no longer stands for one made before (`FeatureHistory::is_full`).
 UNUSED_STEPS = WINDOW - 1 + STALE_TICKS
+
+
+def as_used(scores) -> np.ndarray:
+    """A series' scores as the breaker uses them: a copy (floating, of the scores' own precision
+    where they have one) with none on its first UNUSED_STEPS steps, where the breaker takes no
+    prediction (a fixed threshold as the calibrated one)."""
+    s = np.asarray(scores)
+    out = s.astype(s.dtype if np.issubdtype(s.dtype, np.floating) else float, copy=True)
+    out[:UNUSED_STEPS] = np.nan
+    return out
+
+
 # Steps after a warning ends within which the next one is the same alarm (the breaker's
 # MERGE_GAP); a warning back later is an alarm of its own.
 MERGE_GAP = FALSE_ALARM_TICKS // 4
@@ -180,8 +192,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     out = np.zeros(len(scores), dtype=bool)
     # A series' first steps are zero-padded in the model's input: the breaker neither acts on
     # nor learns their scores (no prediction, as in Rust).
-    scores = np.asarray(scores, dtype=float).copy()
-    scores[:UNUSED_STEPS] = np.nan
+    scores = as_used(scores)
     run = 0
     alarm = None  # [healthy steps, highest score, quiet steps] unconfirmed; [-1, ...] confirmed
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]

@@ -30,7 +30,7 @@ that higher is worse (success enters as a failure), the largest over the channel
   this one, refreshed every REFRESH ticks as the long baseline is (0 until 64 such ticks);
   `max(...)` of two such is a mixture whose parts each trip about as often on every series.
 
-Each statistic is scored from a series' 68th step (`used`), as the breaker uses a model and
+Each statistic is scored from a series' 68th step (`calibrate.as_used`), as the breaker uses a model and
 evaluate.Model scores one (until 4 December, from the first: the trips of a series' padded start
 were counted). For each, at most 1 false trip a day, headline horizon, k = 1: early recall and false trips a
 day on the test part with the threshold chosen on validation, then early recall with the
@@ -47,7 +47,7 @@ import baseline
 import datasets
 import evaluate
 import simulate
-from calibrate import UNUSED_STEPS
+from calibrate import as_used
 from features import FEATURES, N_FEATURES, SUCCESS
 from traces import headline_horizon
 
@@ -183,14 +183,6 @@ def statistics() -> dict:
     return out
 
 
-def used(s: np.ndarray) -> np.ndarray:
-    """A statistic scored as the breaker would use it as a model's anchor: not on a series'
-    first UNUSED_STEPS steps (its window zero-padded; evaluate.Model leaves them out too)."""
-    s = np.asarray(s, dtype=float).copy()
-    s[:UNUSED_STEPS] = np.nan
-    return s
-
-
 def score(traces, val, f) -> tuple:
     """(early recall, false trips/day) with the validation threshold, and the ranking check's
     early recall; at most 1 false trip a day, headline horizon, k = 1."""
@@ -215,7 +207,7 @@ def main():
             **{n: (pub[n], None) for n in ("nab", "nezha", "smd")}}
     stats = {k: (lambda f: lambda tr: f(tr.X))(f) for k, f in statistics().items()}
     stats.update(seasonal_statistics())
-    dets = {k: (lambda f: lambda tr: used(f(tr)))(f) for k, f in stats.items()}
+    dets = {k: (lambda f: lambda tr: as_used(f(tr)))(f) for k, f in stats.items()}
     dets.update({k: f for k, f in evaluate.BASELINES.items() if k not in evaluate.FIXED})
     print("| statistic | " + " | ".join(sets) + " |")
     print("|---|" + "---|" * len(sets))

@@ -640,6 +640,18 @@ class Calibration(unittest.TestCase):
             out.append(1 / (1 + math.exp(-(centre + 0.5 * math.log(u / (1 - u))))))
         return out
 
+    def test_scores_as_used_leave_out_a_series_padded_start(self):
+        # What the harness scores a model (and screen.py a statistic) on, and calibrate.alarms
+        # learns from: nothing before the breaker would take a prediction.
+        from calibrate import UNUSED_STEPS, as_used
+        s = np.linspace(0, 1, 100, dtype=np.float32)
+        out = as_used(s)
+        self.assertEqual(out.dtype, np.float32)  # the scores' own precision (thresholds on them)
+        self.assertTrue(np.isnan(out[:UNUSED_STEPS]).all())
+        np.testing.assert_array_equal(out[UNUSED_STEPS:], s[UNUSED_STEPS:])
+        self.assertEqual(s[0], 0.0)  # a copy: the scores themselves are left as they were
+        self.assertEqual(as_used(np.arange(100)).dtype, np.float64)
+
     def test_warms_up_then_keeps_the_budget(self):
         from calibrate import Calibrator
         c = Calibrator(1.0, 0.5, 3600)

@@ -72,12 +72,3 @@ class Seasonal(unittest.TestCase):
 if __name__ == "__main__":
     unittest.main()
 
-
-class Used(unittest.TestCase):
-    def test_a_statistic_is_scored_from_the_step_the_breaker_uses_a_model_at(self):
-        from calibrate import UNUSED_STEPS
-        s = np.arange(100, dtype=np.int64)
-        out = screen.used(s)
-        self.assertTrue(np.isnan(out[:UNUSED_STEPS]).all())
-        np.testing.assert_array_equal(out[UNUSED_STEPS:], s[UNUSED_STEPS:])
-        self.assertEqual(s[0], 0)  # the statistic itself is left as it was
