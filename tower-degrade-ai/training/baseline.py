@@ -85,7 +85,7 @@ class Rows:
         count = np.cumsum(h)  # healthy ticks up to and including t
         refreshes = [t for t in range(T) if t < REFRESH or (t + phase) % REFRESH == 0]
         self.values = np.zeros((len(refreshes), N_QUANTILES, N_FEATURES), dtype=np.float32)
-        last = self.values[0] if len(refreshes) else None
+        last = np.zeros((N_QUANTILES, N_FEATURES), dtype=np.float32)  # until a healthy tick
         for i, t in enumerate(refreshes):
             n = int(count[t])
             if n:

@@ -71,4 +71,3 @@ class Seasonal(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
-
