@@ -42,10 +42,13 @@ class NotAProbability(ValueError):
 
 
 class Model:
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int = 0):
+        """`threads`: ONNX Runtime's intra-op threads (0: its default, every core)."""
         import onnxruntime as ort
         self.path = path
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         # the same checks as OnnxPredictor's: the model names the features it was trained on,
         # and a second input is the long baseline
         meta = self.session.get_modelmeta().custom_metadata_map

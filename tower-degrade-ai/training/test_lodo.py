@@ -1,12 +1,17 @@
 """Tests of the leave-one-dataset-out harness's bookkeeping (NumPy only: no training)."""
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import types
 import unittest
 
 import numpy as np
 
 import evaluate
-from lodo import ANCHOR, LODO_NEEDS, _verdict, beyond_chance, file_name, headline, training_traces
+from lodo import (ANCHOR, LODO_NEEDS, _verdict, beyond_chance, child_argv, file_name, headline, merge,
+                  pooled, run_all, seeds_report, seeds_table, training_traces)
 from traces import Trace, read_datasets, write_csv
 
 
@@ -126,6 +131,79 @@ class RankingCheck(unittest.TestCase):
         self.assertGreater(h["model"]["threshold"], from_val)
         # evaluate.py's tables show the protocol's rows only
         self.assertEqual(evaluate.table(check, "drift", h["H"], 1, 1.0), "")
+
+
+def seed_rows(model, best, default, check_model, check_best, events=17):
+    """One run's rows for NAB at its headline horizon: the model, two baselines (the best
+    warning of `best`), the default, and the ranking check's model and baseline."""
+    def r(detector, early, budget=1.0, source=None, trips=0.5):
+        return dict(row(detector, early / events, [0.0, 1.0], budget=budget, trips=trips),
+                    early=early, events=events, threshold_from=source, normal_time_alarmed=0.001)
+    return [r("model", model), r("NAB contextOSE", best), r("static robust z", 1),
+            r(evaluate.AS_DEFAULT, default, budget=None, trips=0.8),
+            r("model", check_model, source=evaluate.RANKING_CHECK),
+            r("NAB contextOSE", check_best, source=evaluate.RANKING_CHECK)]
+
+
+class Seeds(unittest.TestCase):
+    def test_the_seeds_side_by_side_count_each_runs_warnings_against_its_own_best_baseline(self):
+        runs = {7: seed_rows(2, 4, 2, 2, 4), 8: seed_rows(3, 4, 1, 2, 4), 9: seed_rows(4, 4, 2, 3, 4)}
+        table = seeds_table(runs, ["nab"])
+        self.assertEqual(len(table), 4)  # header, rule, one fold, blank
+        cells = [c.strip() for c in table[2].strip("|").split("|")]
+        self.assertEqual(cells, ["nab (H = 6)", "17", "2, 3, 4", "0.50", "NAB contextOSE", "4, 4, 4",
+                                 "1 of 3", "0.75x", "2, 2, 3", "4, 4, 4", "2, 1, 2", "0.80"])
+        self.assertEqual(pooled(runs, ["nab"], "model"), (9, 51))
+        self.assertEqual(pooled(runs, ["nab"], "default"), (5, 51))
+        text = seeds_report(runs, ["nab"], "out")
+        self.assertIn("seeds 7, 8, 9", text)
+        self.assertIn("the model, thresholds from validation: 9 early warnings of 51 incidents (17.6 %)", text)
+        self.assertIn("`out/seed-7/lodo.md`", text)
+
+    def test_a_seeds_folds_run_apart_merge_into_one_run(self):
+        with tempfile.TemporaryDirectory() as root:
+            paths = []
+            for d, note in (("nab", "a"), ("smd", "a"), ("nezha", "b")):
+                paths.append(os.path.join(root, f"{d}.json"))
+                with open(paths[-1], "w") as f:
+                    json.dump(dict(rows=[dict(dataset=d)], models={d: {"seconds": 1}}, notes=[note]), f)
+            run = merge(paths)
+        self.assertEqual([r["dataset"] for r in run["rows"]], ["nab", "smd", "nezha"])
+        self.assertEqual(list(run["models"]), ["nab", "smd", "nezha"])
+        self.assertEqual(run["notes"], ["a", "b"])
+
+    def test_a_fold_run_apart_has_the_same_recipe_and_its_own_seed_and_threads(self):
+        a = types.SimpleNamespace(data="pub", epochs=8, hard_negatives=20000, arch="zsl", balance=False,
+                                  traces=["mine", "theirs"], reuse=True)
+        argv = child_argv(a, 9, "nab", 2, "out/seed-9")
+        self.assertEqual(argv[:2], [sys.executable, os.path.abspath("lodo.py")])
+        flags = argv[2:]
+        for flag, value in (("--data", "pub"), ("--out-dir", "out/seed-9"), ("--folds", "nab"),
+                            ("--seed", "9"), ("--arch", "zsl"), ("--threads", "2"),
+                            ("--json", os.path.join("out/seed-9", "nab.json"))):
+            self.assertEqual(flags[flags.index(flag) + 1], value)
+        self.assertIn("--no-balance", flags)
+        self.assertIn("--reuse", flags)
+        self.assertEqual([flags[i + 1] for i, f in enumerate(flags) if f == "--traces"], ["mine", "theirs"])
+
+    def test_every_run_goes_to_its_log_and_the_failed_ones_are_named(self):
+        with tempfile.TemporaryDirectory() as root:
+            jobs = [([sys.executable, "-c", f"import os, sys; print(os.environ['OMP_NUM_THREADS'], {i}); "
+                      f"sys.exit({3 if i == 1 else 0})"], os.path.join(root, f"{i}.log")) for i in range(3)]
+            said = []
+            failed = run_all(jobs, 2, 4, log=lambda m, **_: said.append(m))
+            self.assertEqual(failed, [(os.path.join(root, "1.log"), 3)])
+            for i in range(3):
+                with open(os.path.join(root, f"{i}.log")) as f:
+                    self.assertEqual(f.read(), f"4 {i}\n")
+            self.assertEqual(len(said), 3)
+
+    def test_a_seed_given_twice_or_with_seed_is_refused(self):
+        for extra in (["--seeds", "7", "7"], ["--seed", "7", "--seeds", "8"]):
+            p = subprocess.run([sys.executable, "lodo.py", "--data", "nowhere", "--out-dir", "nowhere", *extra],
+                               capture_output=True, text=True)
+            self.assertEqual(p.returncode, 2)
+            self.assertRegex(p.stderr, "given twice|not allowed with")
 
 
 if __name__ == "__main__":

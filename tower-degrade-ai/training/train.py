@@ -168,12 +168,13 @@ def hard_negatives(net, traces, n: int) -> np.ndarray:
 
 def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
         public_data: bool = True, arch: str = "zsl", balance: bool = True, log=print,
-        own_traces: tuple = ()) -> dict:
+        own_traces: tuple = (), threads: int = 0) -> dict:
     """Train on the train parts of `traces` (validation parts pick the epoch and calibrate),
-    export the model to `out` with its reference answers, and write `<out>.train.json`."""
+    export the model to `out` with its reference answers, and write `<out>.train.json`.
+    `threads`: torch's threads (0: every core; several trainings at once take fewer each)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     net = build(arch)
     Xtr, ytr, dtr = sample(traces, "train", rng, with_baseline=net.takes_baseline)
