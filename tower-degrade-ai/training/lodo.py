@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -276,7 +277,7 @@ def child_argv(a, seed: int, fold: str, threads: int, out: str) -> list:
             "--folds", fold, "--seed", str(seed), "--epochs", str(a.epochs),
             "--hard-negatives", str(a.hard_negatives), "--arch", a.arch,
             "--balance" if a.balance else "--no-balance", "--threads", str(threads),
-            "--json", os.path.join(out, f"{file_name(fold)}.json")]
+            "--json", os.path.join(out, f"fold-{file_name(fold)}.json")]
     for t in a.traces:
         argv += ["--traces", t]
     return argv + (["--reuse"] if a.reuse else [])
@@ -302,17 +303,21 @@ def run_all(jobs: list, at_once: int, threads: int, log=print) -> list:
         return [(p, rc) for p, rc in pool.map(one, jobs) if rc != 0]
 
 
+def _notes(runs) -> list:
+    """Every run's notes, each once, in order."""
+    return list(dict.fromkeys(n for run in runs for n in run.get("notes", [])))
+
+
 def merge(paths: list) -> dict:
     """One seed's folds, each run in a process of its own, as one run's --json: the rows in
     fold order, every fold's model, each note once."""
-    rows, models, notes = [], {}, []
+    rows, models, runs = [], {}, []
     for p in paths:
         with open(p) as f:
-            run = json.load(f)
-        rows += run["rows"]
-        models.update(run["models"])
-        notes += [n for n in run.get("notes", []) if n not in notes]
-    return dict(rows=rows, models=models, notes=notes)
+            runs.append(json.load(f))
+        rows += runs[-1]["rows"]
+        models.update(runs[-1]["models"])
+    return dict(rows=rows, models=models, notes=_notes(runs))
 
 
 def _per_seed(values) -> str:
@@ -336,24 +341,39 @@ def seeds_table(runs: dict, folds) -> list:
            "|---|---:|---|---:|---|---|---:|---:|---|---|---|---:|"]
     for d in folds:
         hs = [headline(rows, d, 1.0) for rows in runs.values()]
-        rcs = [headline(rows, d, 1.0, ranking_check=True) for rows in runs.values()]
+        # a run scored without the ranking check (or without the default) shows "–" for it
+        rcs = [headline(rows, d, 1.0, ranking_check=True) if _checked(rows, d) else None
+               for rows in runs.values()]
         names = list(dict.fromkeys(h["best"]["detector"] for h in hs))
-        ratios = [h["model"]["recall_early"] / h["best"]["recall_early"] for h in hs
-                  if h["best"]["recall_early"] > 0]
+        # a seed whose best baseline warned of nothing is ahead (or level at 0, left out)
+        ratios = [h["model"]["recall_early"] / h["best"]["recall_early"] if h["best"]["recall_early"] > 0
+                  else math.inf for h in hs if h["model"]["recall_early"] > 0 or h["best"]["recall_early"] > 0]
         at_least = sum(h["model"]["early"] >= h["best"]["early"] for h in hs)
-        defaults = [h["default"] for h in hs if h["default"] is not None]
-        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "–"
-        default = _per_seed(r["early"] for r in defaults) if defaults else "–"
-        default_trips = (f"{statistics.median(r['false_trips_per_day'] for r in defaults):.2f}"
-                         if defaults else "–")
+        ratio = "–" if not ratios else "ahead" if statistics.median(ratios) == math.inf \
+            else f"{statistics.median(ratios):.2f}x"
+        defaults = [h["default"] for h in hs]
+        trips = [r["false_trips_per_day"] for r in defaults if r is not None]
         out.append(
             f"| {d} (H = {hs[0]['H']}) | {_span([h['model']['events'] for h in hs])} | "
             f"{_per_seed(h['model']['early'] for h in hs)} | "
             f"{statistics.median(h['model']['false_trips_per_day'] for h in hs):.2f} | "
             f"{' / '.join(names)} | {_per_seed(h['best']['early'] for h in hs)} | "
-            f"{at_least} of {len(hs)} | {ratio} | {_per_seed(r['model']['early'] for r in rcs)} | "
-            f"{_per_seed(r['best']['early'] for r in rcs)} | {default} | {default_trips} |")
+            f"{at_least} of {len(hs)} | {ratio} | {_per_seed(_early(r, 'model') for r in rcs)} | "
+            f"{_per_seed(_early(r, 'best') for r in rcs)} | {_per_seed(_early(r) for r in defaults)} | "
+            f"{f'{statistics.median(trips):.2f}' if trips else '–'} |")
     return out + [""]
+
+
+def _checked(rows: list, dataset: str) -> bool:
+    """Whether `rows` hold the ranking check's rows for `dataset`."""
+    return any(r["dataset"] == dataset and r.get("threshold_from") == evaluate.RANKING_CHECK for r in rows)
+
+
+def _early(row, which: str | None = None):
+    """A row's early warnings (or its headline's `which` row's), "–" where there is none."""
+    if row is not None and which is not None:
+        row = row[which]
+    return "–" if row is None else row["early"]
 
 
 def pooled(runs: dict, folds, which: str) -> tuple:
@@ -364,8 +384,9 @@ def pooled(runs: dict, folds, which: str) -> tuple:
     return sum(h["early"] for h in hs), sum(h["events"] for h in hs)
 
 
-def seeds_report(runs: dict, folds, out_dir: str | None = None) -> str:
-    """The report of one recipe run with several seeds (`runs`: {seed: rows})."""
+def seeds_report(runs: dict, folds, out_dir: str | None = None, notes: list = ()) -> str:
+    """The report of one recipe run with several seeds (`runs`: {seed: rows}); `notes`: what
+    reading the --traces directories noted, as in `report`."""
     seeds = list(runs)
     out = ["# Leave-one-dataset-out evaluation, several seeds\n",
            f"The same recipe trained and scored with each of the seeds {_per_seed(seeds)} "
@@ -376,6 +397,8 @@ def seeds_report(runs: dict, folds, out_dir: str | None = None) -> str:
            "day: thresholds chosen on the held-out validation part (the protocol), then on the "
            "test part itself (the ranking check), and the breaker's default use of the model "
            "(no threshold chosen). The best baseline is each run's own, chosen after the fact.\n"]
+    if notes:
+        out.append(notes_section(list(notes)))
     out += seeds_table(runs, folds)
     for which, what in (("model", "the model, thresholds from validation"),
                         ("best", "the best baseline of each fold and run"),
@@ -443,8 +466,10 @@ def main():
         if "seeds" in saved:  # a --seeds run's
             runs = {int(s): run for s, run in saved["seeds"].items()}
             models = next(iter(runs.values()))["models"]
-            folds = [d for d in (a.folds or models) if d in models]
-            text = seeds_report({s: run["rows"] for s, run in runs.items()}, folds)
+            # the folds every seed has
+            folds = [d for d in (a.folds or models) if all(d in run["models"] for run in runs.values())]
+            text = seeds_report({s: run["rows"] for s, run in runs.items()}, folds, saved.get("out_dir"),
+                                _notes(runs.values()))
         else:
             folds = [d for d in (a.folds or saved["models"]) if d in saved["models"]]
             text = report(saved["rows"], folds, saved["models"], saved.get("notes", []))
@@ -468,6 +493,11 @@ def main():
     if unknown:
         ap.error(f"--folds {' '.join(unknown)}: expected some of {', '.join(known)}")
     folds = a.folds or known
+    names = [file_name(d) for d in folds]
+    clash = [d for d, n in zip(folds, names) if names.count(n) > 1]
+    if clash:
+        ap.error(f"--traces: {', '.join(clash)}: their folds' files would have one name, "
+                 f"{file_name(clash[0])}; rename a directory")
     os.makedirs(a.out_dir, exist_ok=True)
     if a.seeds or a.jobs > 1:
         return several(a, folds)
@@ -491,6 +521,9 @@ def main():
                 ap.error(f"--reuse: {done} was trained with --arch {made[0]}"
                          f"{' --balance' if made[1] else ''}, not --arch {a.arch}"
                          f"{' --balance' if a.balance else ''}")
+            if infos[d].get("seed", a.seed) != a.seed:
+                ap.error(f"--reuse: {done} was trained with --seed {infos[d]['seed']}, not {a.seed} "
+                         "(the seed also draws the simulator's traces)")
             if infos[d].get("traces", []) != theirs:
                 ap.error(f"--reuse: {done} was trained on the --traces datasets "
                          f"[{', '.join(infos[d].get('traces', []))}], this fold's are [{', '.join(theirs)}]")
@@ -522,22 +555,23 @@ def several(a, folds) -> int:
     then each seed's report (and with --seeds, the seeds side by side)."""
     seeds = a.seeds or [a.seed]
     outs = {s: seed_dir(a.out_dir, s) if a.seeds else a.out_dir for s in seeds}
-    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+    at_once = min(a.jobs, len(seeds) * len(folds))
+    threads = a.threads or max(1, (os.cpu_count() or 1) // at_once)
     jobs = []
     for s, out in outs.items():
         os.makedirs(out, exist_ok=True)
-        jobs += [(child_argv(a, s, d, threads, out), os.path.join(out, f"{file_name(d)}.log"))
+        jobs += [(child_argv(a, s, d, threads, out), os.path.join(out, f"fold-{file_name(d)}.log"))
                  for d in folds]
     print(f"== {len(jobs)} runs (seeds {_per_seed(seeds)}; folds {', '.join(folds)}), "
-          f"{a.jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each", flush=True)
-    failed = run_all(jobs, a.jobs, threads)
+          f"{at_once} at a time, {threads} thread{'s' if threads > 1 else ''} each", flush=True)
+    failed = run_all(jobs, at_once, threads)
     if failed:
         for path, rc in failed:
             print(f"lodo.py: a fold failed (exit status {rc}); its output is in {path}", file=sys.stderr)
         return 1
     runs = {}
     for s, out in outs.items():
-        runs[s] = merge([os.path.join(out, f"{file_name(d)}.json") for d in folds])
+        runs[s] = merge([os.path.join(out, f"fold-{file_name(d)}.json") for d in folds])
         text = report(runs[s]["rows"], folds, runs[s]["models"], runs[s]["notes"])
         if a.seeds:
             with open(os.path.join(out, "lodo.json"), "w") as f:
@@ -545,13 +579,15 @@ def several(a, folds) -> int:
             with open(os.path.join(out, "lodo.md"), "w") as f:
                 f.write(text)
     if a.seeds:
-        text = seeds_report({s: run["rows"] for s, run in runs.items()}, folds, a.out_dir)
+        text = seeds_report({s: run["rows"] for s, run in runs.items()}, folds, a.out_dir,
+                            _notes(runs.values()))
     print(text)
     if a.report:
         with open(a.report, "w") as f:
             f.write(text)
     if a.json:
-        saved = dict(seeds={str(s): run for s, run in runs.items()}) if a.seeds else runs[seeds[0]]
+        saved = (dict(seeds={str(s): run for s, run in runs.items()}, out_dir=a.out_dir) if a.seeds
+                 else runs[seeds[0]])
         with open(a.json, "w") as f:
             json.dump(saved, f, indent=1, default=float)
     return 0

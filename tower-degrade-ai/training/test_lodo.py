@@ -133,13 +133,14 @@ class RankingCheck(unittest.TestCase):
         self.assertEqual(evaluate.table(check, "drift", h["H"], 1, 1.0), "")
 
 
-def seed_rows(model, best, default, check_model, check_best, events=17):
+def seed_rows(model, best, default, check_model, check_best, events=17, other=1):
     """One run's rows for NAB at its headline horizon: the model, two baselines (the best
-    warning of `best`), the default, and the ranking check's model and baseline."""
+    warning of `best`, the other of `other`), the default, and the ranking check's model and
+    baseline."""
     def r(detector, early, budget=1.0, source=None, trips=0.5):
         return dict(row(detector, early / events, [0.0, 1.0], budget=budget, trips=trips),
                     early=early, events=events, threshold_from=source, normal_time_alarmed=0.001)
-    return [r("model", model), r("NAB contextOSE", best), r("static robust z", 1),
+    return [r("model", model), r("NAB contextOSE", best), r("static robust z", other),
             r(evaluate.AS_DEFAULT, default, budget=None, trips=0.8),
             r("model", check_model, source=evaluate.RANKING_CHECK),
             r("NAB contextOSE", check_best, source=evaluate.RANKING_CHECK)]
@@ -155,10 +156,24 @@ class Seeds(unittest.TestCase):
                                  "1 of 3", "0.75x", "2, 2, 3", "4, 4, 4", "2, 1, 2", "0.80"])
         self.assertEqual(pooled(runs, ["nab"], "model"), (9, 51))
         self.assertEqual(pooled(runs, ["nab"], "default"), (5, 51))
-        text = seeds_report(runs, ["nab"], "out")
+        text = seeds_report(runs, ["nab"], "out", ["x.csv: no traffic in any step, skipped"])
         self.assertIn("seeds 7, 8, 9", text)
+        self.assertIn("- x.csv: no traffic in any step, skipped", text)
         self.assertIn("the model, thresholds from validation: 9 early warnings of 51 incidents (17.6 %)", text)
         self.assertIn("`out/seed-7/lodo.md`", text)
+
+    def test_a_seed_whose_baseline_warned_of_nothing_counts_ahead_and_a_missing_row_shows_a_dash(self):
+        runs = {1: seed_rows(1, 0, 1, 1, 0, other=0), 2: seed_rows(1, 0, 0, 1, 0, other=0),
+                3: seed_rows(0, 2, 1, 0, 2)}
+        # seed 3 scored without the ranking check or the default (an older run's rows)
+        runs[3] = [r for r in runs[3] if r["threshold_from"] is None and r["detector"] != evaluate.AS_DEFAULT]
+        cells = [c.strip() for c in seeds_table(runs, ["nab"])[2].strip("|").split("|")]
+        self.assertEqual(cells[2], "1, 1, 0")
+        self.assertEqual(cells[5], "0, 0, 2")
+        self.assertEqual(cells[6], "2 of 3")
+        self.assertEqual(cells[7], "ahead")  # the median of ahead, ahead and 0.00x
+        self.assertEqual(cells[8:11], ["1, 1, –", "0, 0, –", "1, 0, –"])
+        self.assertEqual(pooled(runs, ["nab"], "default"), (1, 34))
 
     def test_a_seeds_folds_run_apart_merge_into_one_run(self):
         with tempfile.TemporaryDirectory() as root:
@@ -180,7 +195,7 @@ class Seeds(unittest.TestCase):
         flags = argv[2:]
         for flag, value in (("--data", "pub"), ("--out-dir", "out/seed-9"), ("--folds", "nab"),
                             ("--seed", "9"), ("--arch", "zsl"), ("--threads", "2"),
-                            ("--json", os.path.join("out/seed-9", "nab.json"))):
+                            ("--json", os.path.join("out/seed-9", "fold-nab.json"))):
             self.assertEqual(flags[flags.index(flag) + 1], value)
         self.assertIn("--no-balance", flags)
         self.assertIn("--reuse", flags)
