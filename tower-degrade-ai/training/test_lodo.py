@@ -14,6 +14,8 @@ from lodo import (ANCHOR, LODO_NEEDS, _verdict, beyond_chance, child_argv, file_
                   pooled, run_all, seeds_report, seeds_table, training_traces)
 from traces import Trace, read_datasets, write_csv
 
+LODO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lodo.py")
+
 
 class Folds(unittest.TestCase):
     def test_a_fold_trains_on_every_dataset_but_the_one_held_out(self):
@@ -191,7 +193,7 @@ class Seeds(unittest.TestCase):
         a = types.SimpleNamespace(data="pub", epochs=8, hard_negatives=20000, arch="zsl", balance=False,
                                   traces=["mine", "theirs"], reuse=True)
         argv = child_argv(a, 9, "nab", 2, "out/seed-9")
-        self.assertEqual(argv[:2], [sys.executable, os.path.abspath("lodo.py")])
+        self.assertEqual(argv[:2], [sys.executable, LODO])
         flags = argv[2:]
         for flag, value in (("--data", "pub"), ("--out-dir", "out/seed-9"), ("--folds", "nab"),
                             ("--seed", "9"), ("--arch", "zsl"), ("--threads", "2"),
@@ -215,7 +217,7 @@ class Seeds(unittest.TestCase):
 
     def test_a_seed_given_twice_or_with_seed_is_refused(self):
         for extra in (["--seeds", "7", "7"], ["--seed", "7", "--seeds", "8"]):
-            p = subprocess.run([sys.executable, "lodo.py", "--data", "nowhere", "--out-dir", "nowhere", *extra],
+            p = subprocess.run([sys.executable, LODO, "--data", "nowhere", "--out-dir", "nowhere", *extra],
                                capture_output=True, text=True)
             self.assertEqual(p.returncode, 2)
             self.assertRegex(p.stderr, "given twice|not allowed with")
