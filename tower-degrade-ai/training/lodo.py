@@ -36,8 +36,8 @@ taken), which is what `--folds` takes.
 
 `--seeds 7 8 9` runs the whole evaluation once per seed (other initial weights and batches,
 another simulator), each in DIR/seed-SEED/ with its own report, and reports the seeds side by
-side: one seed's fold can move by an incident or two, which on 17 incidents is 0.06-0.12 of
-early recall. `--jobs N` runs N folds (of any seed) at once, each in a process of its own
+side: a fold's early warnings move between seeds (by one of NAB's 17 incidents, 0.06 of
+early recall; by up to five of SMD's 122). `--jobs N` runs N folds (of any seed) at once, each in a process of its own
 with the cores shared out (`--threads`, default cores / N), its output in a log beside its
 model; on 16 cores, three seeds' twelve folds at once took 3.3 minutes.
 """
@@ -349,8 +349,9 @@ def seeds_table(runs: dict, folds) -> list:
         ratios = [h["model"]["recall_early"] / h["best"]["recall_early"] if h["best"]["recall_early"] > 0
                   else math.inf for h in hs if h["model"]["recall_early"] > 0 or h["best"]["recall_early"] > 0]
         at_least = sum(h["model"]["early"] >= h["best"]["early"] for h in hs)
-        ratio = "–" if not ratios else "ahead" if statistics.median(ratios) == math.inf \
-            else f"{statistics.median(ratios):.2f}x"
+        # where a seed is ahead, the lower of two middle values (no mean with infinity)
+        med = (statistics.median_low if math.inf in ratios else statistics.median)(ratios) if ratios else None
+        ratio = "–" if med is None else "ahead" if med == math.inf else f"{med:.2f}x"
         defaults = [h["default"] for h in hs]
         trips = [r["false_trips_per_day"] for r in defaults if r is not None]
         out.append(
@@ -551,8 +552,8 @@ def main():
 
 
 def several(a, folds) -> int:
-    """--seeds or --jobs: every fold of every seed in a process of its own, `a.jobs` at a time,
-    then each seed's report (and with --seeds, the seeds side by side)."""
+    """--seeds or --jobs: every fold of every seed in a process of its own, up to `a.jobs` at a
+    time, then each seed's report (and with --seeds, the seeds side by side)."""
     seeds = a.seeds or [a.seed]
     outs = {s: seed_dir(a.out_dir, s) if a.seeds else a.out_dir for s in seeds}
     at_once = min(a.jobs, len(seeds) * len(folds))

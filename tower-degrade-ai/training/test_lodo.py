@@ -176,6 +176,9 @@ class Seeds(unittest.TestCase):
         self.assertEqual(cells[7], "ahead")  # the median of ahead, ahead and 0.00x
         self.assertEqual(cells[8:11], ["1, 1, –", "0, 0, –", "1, 0, –"])
         self.assertEqual(pooled(runs, ["nab"], "default"), (1, 34))
+        # one seed ahead, one at half the baseline: the lower middle value, not a mean with infinity
+        two = {1: runs[1], 2: seed_rows(1, 2, 1, 1, 2)}
+        self.assertEqual([c.strip() for c in seeds_table(two, ["nab"])[2].strip("|").split("|")][7], "0.50x")
 
     def test_a_seeds_folds_run_apart_merge_into_one_run(self):
         with tempfile.TemporaryDirectory() as root:
