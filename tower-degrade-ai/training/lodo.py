@@ -40,8 +40,8 @@ side: a fold's early warnings move between seeds (by one of NAB's 17 incidents, 
 early recall; by up to five of SMD's 122). `--jobs N` runs N folds (of any seed) at once, each in a process of its own
 with the cores shared out (`--threads`, default cores / N), its output in a log beside its
 model; on 16 cores, three seeds' twelve folds at once took 3.3 minutes. Mind the memory too:
-a fold that trains on the simulator holds up to about 7.2 GiB at its peak (its training
-windows; measured on NAB's fold), so N such folds at once need N times that.
+NAB's fold held about 7.2 GiB at its peak (its training windows; measured), and Nezha's and
+SMD's train on as many windows, so N such folds at once need about N times that.
 """
 from __future__ import annotations
 
