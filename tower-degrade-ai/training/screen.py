@@ -18,6 +18,10 @@ that higher is worse (success enters as a failure), the largest over the channel
   as the calibrated threshold rule reads p99 and failures;
 - `max(a, c held)`: the larger of two, c weighing the held deviation;
 - `median of 3`: the middle of the last 3 ticks' oriented distances;
+- `... window baseline`: distances from the window's own start instead of the long baseline
+  (model.window_z, the branch `zs`'s head read: the upper median of the 48 ticks that open
+  the 64-tick window ending at the tick, in units of their MAD as a standard deviation, plus
+  5 % of their standard deviation and 1e-3), and `max(scan, window scan)`, a change from either;
 - `held, own baseline`: the held level (the best of the last 3 ticks, per channel) against a
   baseline kept of that level itself;
 - `scan, seasonal baseline`: the scan of distances from the same time of day on the last 7
@@ -48,11 +52,13 @@ import datasets
 import evaluate
 import simulate
 from calibrate import as_used
-from features import FEATURES, N_FEATURES, SUCCESS
+from features import FEATURES, N_FEATURES, SUCCESS, WINDOW
 from traces import headline_horizon
 
 SIGN = np.ones(N_FEATURES)
 SIGN[SUCCESS] = -1.0  # success: lower is worse
+# The ticks that open the window a window z-score is read against (model.REF; model.py needs torch).
+model_REF = 48
 SLO = [FEATURES.index(c) for c in ("success_rate", "error_rate", "timeout_rate", "p99_over_sla")]
 
 
@@ -64,6 +70,23 @@ def _z(X: np.ndarray, spread: str = "iqr") -> np.ndarray:
     tail = np.where(SIGN > 0, q[:, 4] - q[:, 2], q[:, 2] - q[:, 0]) / 2.33 + 1e-3  # the bad tail's reach
     scale = {"iqr": iqr, "tail": tail, "larger": np.maximum(iqr, tail)}[spread]
     return (xl - q[:, 2]) / scale * SIGN
+
+
+def window_z(X: np.ndarray) -> np.ndarray:
+    """[T, 8] distances from the start of the window ending at each tick (model.window_z's,
+    REF of WINDOW ticks), log1p scale, oriented; 0 until a window is whole."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    xl = np.log1p(np.clip(X.astype(np.float64), 0, None))
+    out = np.zeros_like(xl)
+    if len(xl) < WINDOW:
+        return out
+    ref = sliding_window_view(xl, model_REF, axis=0)[:len(xl) - WINDOW + 1]  # tick t's: xl[t-63:t-15]
+    def upper_median(a):  # model._middle's: the (REF // 2 + 1)-th smallest
+        return np.partition(a, model_REF // 2, axis=-1)[..., model_REF // 2]
+    med = upper_median(ref)
+    scale = upper_median(np.abs(ref - med[..., None])) * 1.4826 + 0.05 * ref.std(axis=-1, ddof=1) + 1e-3
+    out[WINDOW - 1:] = (xl[WINDOW - 1:] - med) / scale * SIGN
+    return out
 
 
 def _last(z: np.ndarray, j: int) -> np.ndarray:
@@ -177,6 +200,8 @@ def statistics() -> dict:
     for c in (1.5, 2.0, 3.0):
         out[f"max(spike, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(spike(z), c * held(z)))(_z(X))
         out[f"max(scan, {c:g} held)"] = lambda X, c=c: (lambda z: np.maximum(scan(z), c * held(z)))(_z(X))
+    out["scan, window baseline"] = lambda X: scan(window_z(X))
+    out["max(scan, window scan)"] = lambda X: np.maximum(scan(_z(X)), scan(window_z(X)))
     out["scan, against its own history"] = own_history((scan, "iqr"))
     out["held, tail, against its own history"] = own_history((held, "tail"))
     out["max(scan, held tail), each against its own history"] = own_history((scan, "iqr"), (held, "tail"))

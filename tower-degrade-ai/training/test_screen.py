@@ -71,3 +71,31 @@ class Seasonal(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WindowZ(unittest.TestCase):
+    def test_a_tick_is_read_against_the_start_of_its_own_window(self):
+        X = np.full((100, 8), 0.5, np.float32)
+        X[90:, 0] = 1.5  # a step up in channel 0 at tick 90
+        X[90:, screen.SUCCESS] = 0.0  # and the success rate falls: worse, so positive too
+        z = screen.window_z(X)
+        self.assertTrue((z[:63] == 0).all())  # no whole window yet
+        self.assertEqual(float(np.abs(z[63:90]).max()), 0.0)  # flat: nothing moved
+        # the window ending at 99 opens at 36: its first 48 ticks are all before the step
+        scale = 1e-3  # a flat start: MAD and standard deviation 0
+        self.assertAlmostEqual(z[99, 0], (np.log1p(1.5) - np.log1p(0.5)) / scale, places=6)
+        self.assertAlmostEqual(z[99, screen.SUCCESS], np.log1p(0.5) / scale, places=6)
+
+    @unittest.skipUnless(__import__("importlib").util.find_spec("torch"), "needs torch (model.py)")
+    def test_it_is_model_window_z_at_the_window_s_last_tick(self):
+        import torch
+
+        import model
+        self.assertEqual(screen.model_REF, model.REF)
+        rng = np.random.default_rng(4)
+        X = rng.lognormal(-1.0, 1.0, size=(200, 8)).astype(np.float32)
+        z = screen.window_z(X)
+        xl = torch.from_numpy(np.log1p(X.astype(np.float64)))
+        for t in (63, 64, 120, 199):
+            want = model.window_z(xl[t - 63:t + 1].T[None])[0, :, -1].numpy() * screen.SIGN
+            np.testing.assert_allclose(z[t], want, rtol=1e-9, atol=1e-9)
