@@ -177,7 +177,7 @@ class Calibrator:
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
-           false_trips_per_day: float = 1.0, k: int = 2) -> np.ndarray:
+           false_trips_per_day: float = 1.0, k: int = 2, armed: list | None = None) -> np.ndarray:
     """The breaker's predicted trips over one series, online: a step alarms when the score is
     at or above the class's threshold for k steps running; healthy steps below it (and every
     step while warming up) teach the threshold, once FALSE_ALARM_TICKS more healthy steps have
@@ -187,8 +187,11 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     back within MERGE_GAP steps of the last one's end (a score flapping about the threshold)
     is the same alarm, counted on across the steps between them, as the breaker keeps it
     while the class is closed again; one back later is an alarm of its own, and the ended one
-    is judged apart, FALSE_ALARM_TICKS healthy steps after its first warning."""
+    is judged apart, FALSE_ALARM_TICKS healthy steps after its first warning. `armed`: a list
+    to append the first step the threshold held at (its warm-up over) to, or None if it never
+    did."""
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
+    armed_at = None
     out = np.zeros(len(scores), dtype=bool)
     # A series' first steps are zero-padded in the model's input: the breaker neither acts on
     # nor learns their scores (no prediction, as in Rust).
@@ -241,6 +244,10 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             unlearnt.append(float(p))
             if len(unlearnt) > FALSE_ALARM_TICKS:
                 cal.observe(unlearnt.popleft())
+        if armed_at is None and cal.init is None:
+            armed_at = t + 1  # fitted on this step's learning: it holds from the next
+    if armed is not None:
+        armed.append(armed_at if armed_at is not None and armed_at < len(scores) else None)
     return out
 
 

@@ -8,7 +8,8 @@ Datasets: the simulator's held-out test traces (always), the public traces under
 (NAB service-like files, Nezha, the SMD subset), and any directory of trace CSVs (traces.py
 documents the format; `tower_degrade_ai::Recorder` writes it). A directory without a `split`
 column is test data only; its thresholds come from the simulator's validation traces, which
-share its 500 ms tick.
+share a recorder's 500 ms tick (one of other steps, more than 2x off it, is refused:
+`unsplit_refusal`).
 
 For every detector, the threshold is chosen on validation only: the lowest one whose false
 trips per day of validation data stay within the budget. The test part is then scored once.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -29,8 +31,8 @@ import features
 import simulate
 from features import P99, SUCCESS
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate, held, normal_steps
-from traces import (NOTES, Trace, grace, headline_horizon, horizons, note, notes_section, read_datasets,
-                    tick_scale, windows)
+from traces import (MINUTE_SCALE, NOTES, Trace, grace, headline_horizon, horizons, note, notes_section,
+                    read_datasets, tick_scale, windows)
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -104,7 +106,8 @@ def calibrated_rule(tr: Trace) -> np.ndarray:
     b_fail = max(np.percentile(1 - ref[:, SUCCESS], 99.5), 0.01)
     s = np.maximum(tr.X[:, P99] / b_p99, fail / b_fail)
     # the least of the last 3 steps: over the threshold means over for 3 steps
-    m = np.minimum(s, np.minimum(np.concatenate([[0], s[:-1]]), np.concatenate([[0, 0], s[:-2]])))
+    T = len(s)
+    m = np.minimum(s, np.minimum(np.concatenate([[0], s[:-1]])[:T], np.concatenate([[0, 0], s[:-2]])[:T]))
     return m
 
 
@@ -157,20 +160,40 @@ BASELINES = {
     "rolling robust z": rolling_z,
 }
 FIXED = {"seed rule": 0.5}  # a rule with no threshold to tune
+# How far a directory's step may be from the simulator's tick (either way) for the simulator's
+# validation traces to set its thresholds when it has no validation part: a 1 s tick's budget
+# a step is twice the 500 ms tick's, a 10 s one's twenty times.
+SIM_STEP_SLACK = 2.0
 BREAKER = (0.87, 2)  # BreakerConfig's predict_threshold and predict_ticks
 AS_DEPLOYED = "model, as the breaker uses it (p ≥ 0.87 for 2 steps)"
 AS_DEFAULT = "model, as the breaker uses it by default (threshold calibrated per series, 1/day, 2 steps)"
 WARM_UP = 3600  # Calibration::default().warm_up_ticks
 
 
-def calibrated_alarms(tr: Trace, sc: np.ndarray) -> np.ndarray:
+def calibrated_alarms(tr: Trace, sc: np.ndarray, armed: list | None = None) -> np.ndarray:
     """The breaker's default use of the model on one series: the threshold calibrated online
     from the series' own healthy steps (those the seed rule does not flag), warmed up on its
-    reference part (at most 3,600 steps), k = 2."""
+    reference part (at most 3,600 steps), k = 2. `armed`: calibrate.alarms's."""
     healthy = baseline.healthy(tr.X)
     ref = _reference(tr)
     warm_up = min(WARM_UP, ref.stop - ref.start)
-    return calibrate.alarms(sc, healthy, tr.step_seconds, warm_up).astype(float)
+    return calibrate.alarms(sc, healthy, tr.step_seconds, warm_up, armed=armed).astype(float)
+
+
+def unarmed_note(name: str, traces, armed: list) -> str | None:
+    """What a dataset's default row does not say: on how many series the calibrated threshold
+    never held before the test part ended (too few healthy steps for its first fit), where
+    that row counts no alarm at all."""
+    tested = [(tr, a) for tr, a in zip(traces, armed) if tr.test_from < tr.T]
+    never = [tr.name for tr, a in tested if a is None]
+    if not never:
+        return None
+    first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
+    return (f"evaluate.py: {name}: the breaker's default never armed on {len(never)} of "
+            f"{len(tested)} series with test data ({', '.join(never[:3])}{', ...' if len(never) > 3 else ''}): "
+            f"its first fit needs {first:,} healthy steps after a series' first {calibrate.UNUSED_STEPS}, "
+            f"each learnt {calibrate.FALSE_ALARM_TICKS} steps later, and its row counts no alarm, "
+            "warned or false, on those series")
 
 
 # ------------------------------------------------------------------ protocol over parts
@@ -340,7 +363,11 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                                 base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
                                 test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
             # The default: a threshold each series calibrates from its own healthy steps.
-            cal = [calibrated_alarms(tr, sc) for tr, sc in zip(traces, scores[d])]
+            armed = []
+            cal = [calibrated_alarms(tr, sc, armed) for tr, sc in zip(traces, scores[d])]
+            said = unarmed_note(name, traces, armed)
+            if said:
+                note(said)
             for H in horizons(traces[0].step_seconds):
                 r = run_part(traces, cal, "test", 0.5, H, 1)
                 lo, hi = bootstrap_ci(r.hits)
@@ -354,7 +381,13 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
     if per_file is not None:
         if "model" in scores:
             scores[AS_DEFAULT] = cal
-        per_file += per_file_rows(out, traces, scores)
+        rows = per_file_rows(out, traces, scores)
+        if "model" in scores:
+            unarmed = {tr.name for tr, a in zip(traces, armed) if a is None}
+            for r in rows:
+                if r["detector"] == AS_DEFAULT:
+                    r["armed"] = r["file"] not in unarmed
+        per_file += rows
     return out
 
 
@@ -391,15 +424,23 @@ def file_table(rows, files) -> str:
     shown = [d for d in ("model", AS_DEFAULT, best) if d in present]
     cell = {(f["file"], f["detector"]): f for f in files}
     lines = ["Per file, with the directory's thresholds (early warnings of the file's test incidents; "
-             "false trips):", "", "| file | test incidents | days of normal test data | "
+             "false trips; \"not armed\": the default's threshold never held on that file):", "", "| file | test incidents | days of normal test data | "
              + " | ".join("model, default" if d == AS_DEFAULT else d for d in shown) + " |",
              "|---|---:|---:|" + "---|" * len(shown)]
+    def result(c):
+        if not c.get("armed", True):
+            return "not armed"
+        return f"{c['early']} of {c['events']}; {c['false_trips']}"
     for n in names:
         first = cell[(n, shown[0])]
-        lines.append(f"| {n} | {first['events']} | {first['days']:.2f} | " + " | ".join(
-            f"{cell[(n, d)]['early']} of {cell[(n, d)]['events']}; {cell[(n, d)]['false_trips']}"
-            for d in shown) + " |")
+        lines.append(f"| {md_cell(n)} | {first['events']} | {first['days']:.2f} | "
+                     + " | ".join(result(cell[(n, d)]) for d in shown) + " |")
     return "\n".join(lines) + "\n"
+
+
+def md_cell(text: str) -> str:
+    """`text` as one cell of a Markdown table: a `|` in it (a file's name) escaped."""
+    return text.replace("|", "\\|")
 
 
 def fmt(v, p=2):
@@ -423,24 +464,47 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
              head, "|" + "---|" * (head.count("|") - 1)]
     events, days = sel[0]["events"], sel[0]["test_days"]
     warn = []
-    if caution and events < 10:
+    if caution and events == 0:
+        warn.append("no test incident: no early recall to measure, only false trips")
+    elif caution and events < 10:
         warn.append(f"{events} test incident(s): an early recall over so few moves in steps of "
                     f"{1 / max(events, 1):.2f}, and its bootstrap interval cannot show how unsure it is "
                     "(over incidents all missed or all warned of, it is [0, 0] or [1, 1])")
-    if caution and days < 1:
+    if caution and days == 0:
+        warn.append("no normal test data (every test step is in an incident, its grace, before one "
+                    "or ignored): no false-trip rate to measure")
+    elif caution and days < 1:
         warn.append(f"{days:.2f} days of normal test data: one false trip there reads as "
-                    f"{1 / max(days, 1e-9):.3g} a day; record days, not hours, before reading these rates")
+                    f"{1 / days:.3g} a day; record days, not hours, before reading these rates")
     if warn:
         lines[1:1] = ["", *(f"*Caution: {w}.*" for w in warn)]
     for r in sel:
         lo, hi = r["recall_early_ci"]
+        # Nothing to measure is a dash, not a 0: no incident to warn of, no normal day to trip on.
+        recall = (f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f}"
+                  if events else "– | –")
         lines.append(
-            f"| {r['detector']} | {r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f} | "
-            f"{r['precision']:.2f} | {r['false_trips_per_day']:.2f}"
+            f"| {r['detector']} | {recall} | "
+            f"{r['precision']:.2f} | {fmt(r['false_trips_per_day'] if days else None)}"
             + f" | {100 * r['normal_time_alarmed']:.2f} %"
-            + (f" | {r['false_trips_per_hour']:.3f}" if per_hour else "")
+            + (f" | {fmt(r['false_trips_per_hour'] if days else None, 3)}" if per_hour else "")
             + f" | {fmt(r['median_lead_steps'], 1)} | {fmt(r['auprc'])} ({fmt(r['base_rate'], 3)}) |")
     return "\n".join(lines) + "\n"
+
+
+def unsplit_refusal(path: str, trs) -> str | None:
+    """Why a directory without a validation part cannot be scored (None if it can): its
+    thresholds would come from the simulator's validation traces, and a threshold those keep at
+    one false trip a day is one in 172,800 of their 500 ms steps; on 5-minute steps it would be
+    600 times stricter a step, and every detector would read as warning of nothing."""
+    if any(t.val_from < t.test_from for t in trs):
+        return None
+    step = float(np.median([t.step_seconds for t in trs]))
+    if 1 / SIM_STEP_SLACK <= step / simulate.DT <= SIM_STEP_SLACK:
+        return None
+    return (f"{path}: no validation part (no `val` rows), and its steps ({step:g} s) are not the "
+            f"simulator's {simulate.DT:g} s tick, whose validation traces would set its "
+            f"thresholds: python traces.py split {path} writes a time-ordered split")
 
 
 def main():
@@ -470,6 +534,9 @@ def main():
     traced = []
     for path, (name, trs) in zip(a.traces, own.items()):
         own_val = any(t.val_from < t.test_from for t in trs)
+        refused = unsplit_refusal(path, trs)
+        if refused:
+            sys.exit(f"evaluate.py: --traces {refused}")
         if not own_val:
             note(f"evaluate.py: --traces {path}: no validation part (no `val` rows): thresholds "
                  "come from the simulator's 500 ms validation traces (python traces.py split DIR "
@@ -519,7 +586,7 @@ def main():
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     head = {n: headline_horizon(next(r["step_seconds"] for r in rows if r["dataset"] == n)) for n in names}
     md = [f"# Early-warning evaluation\n\nModel: `{os.path.basename(a.model)}`. Headline: H = 20 steps "
-          "on traces whose steps are under 30 s (10 s at the 500 ms tick), H = 6 steps on longer "
+          f"on traces whose steps are under {MINUTE_SCALE:g} s (10 s at the 500 ms tick), H = 6 steps on longer "
           "ones (the public data's minutes); k = 1; thresholds chosen on validation for at most 1 "
           "false trip per day.\n"]
     if NOTES:

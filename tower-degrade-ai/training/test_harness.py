@@ -288,6 +288,13 @@ class Traces(unittest.TestCase):
         self.assertNotIn("Caution", evaluate.table([row], "svc", 6, 1, 1.0))
         row.update(events=30, test_days=3.0)
         self.assertNotIn("Caution", evaluate.table([row], "svc", 6, 1, 1.0, caution=True))
+        # Nothing to measure reads as a dash, not as a 0 (nor as a billion false trips a day).
+        row.update(events=0, test_days=0.0, false_trips_per_day=1e9)
+        text = evaluate.table([row], "svc", 6, 1, 1.0, caution=True)
+        self.assertIn("*Caution: no test incident: no early recall to measure, only false trips.*", text)
+        self.assertIn("*Caution: no normal test data (every test step is in an incident", text)
+        self.assertIn("| model | – | – | 0.50 | – | 1.00 % |", text)
+        self.assertNotIn("e+09", text)
 
     def test_the_report_breaks_a_directory_down_per_file(self):
         import evaluate
@@ -315,6 +322,43 @@ class Traces(unittest.TestCase):
         self.assertIn("| a | 2 | ", text)
         self.assertRegex(text, r"\| a \| 2 \| 0\.\d\d \| 2 of 2; \d+ \|\n\| b \| 0 \| ")
         self.assertEqual(evaluate.file_table(head, files[:1]), "", "one file: nothing to break down")
+        # The default that never armed on a file says so; a `|` in a file's name is escaped.
+        files = [dict(f, file="a|b") if f["file"] == "a" else f for f in files]
+        files += [dict(f, detector=evaluate.AS_DEFAULT, armed=f["file"] != "c") for f in files]
+        text = evaluate.file_table(head, files)
+        self.assertIn("| a\\|b | 2 | ", text)
+        self.assertRegex(text, r"\| c \| 1 \| 0\.\d\d \| not armed \| 1 of 1; \d+ \|")
+
+    def test_the_simulator_sets_the_thresholds_of_unsplit_traces_at_its_own_step_only(self):
+        import evaluate
+        X = np.zeros((10, 8), np.float32)
+        for step, refused in ((0.5, False), (1.0, False), (0.25, False), (10.0, True), (300.0, True)):
+            trs = [Trace("t", "x", X, [], step)]
+            why = evaluate.unsplit_refusal("DIR", trs)
+            self.assertEqual(why is not None, refused, step)
+            if refused:
+                self.assertIn(f"DIR: no validation part (no `val` rows), and its steps ({step:g} s) are "
+                              "not the simulator's 0.5 s tick", why)
+                self.assertTrue(why.endswith("python traces.py split DIR writes a time-ordered split"))
+        # with a validation part of its own, any step
+        self.assertIsNone(evaluate.unsplit_refusal("DIR", [Trace("t", "x", X, [], 300.0, None, 4, 8)]))
+
+    def test_the_report_says_on_which_series_the_default_never_armed(self):
+        import evaluate
+        X = np.zeros((10, 8), np.float32)
+        trs = [Trace("a", "x", X, [], 60.0, None, 4, 8), Trace("b", "x", X, [], 60.0, None, 4, 8),
+               Trace("train-only", "x", X, [], 60.0, None, 8, 10)]
+        self.assertIsNone(evaluate.unarmed_note("svc", trs, [3, 5, None]))
+        said = evaluate.unarmed_note("svc", trs, [3, None, None])
+        self.assertTrue(said.startswith("evaluate.py: svc: the breaker's default never armed on 1 of 2 "
+                                        "series with test data (b): its first fit needs 2,500 healthy "
+                                        "steps after a series' first 67, each learnt 40 steps later"), said)
+
+    def test_the_calibrated_rule_scores_a_series_of_one_or_two_steps(self):
+        import evaluate
+        for T in (1, 2, 3):
+            tr = Trace("t", "x", np.tile(np.array([1, 1, 0, 0, 0.1, 0.3, 0.2, 0], np.float32), (T, 1)), [], 0.5)
+            self.assertEqual(len(evaluate.calibrated_rule(tr)), T)
 
     def test_a_column_named_twice_and_a_rate_in_percent_are_refused(self):
         with tempfile.TemporaryDirectory() as d:
@@ -338,6 +382,11 @@ class Traces(unittest.TestCase):
         tr = Trace("t", "recorded", np.zeros((10, 8), np.float32), [], 59.994, meta={"own": True})
         self.assertEqual((headline_horizon(59.994), horizons(59.994)[-1], grace(tr)), (6, 12, 3))
         self.assertEqual((headline_horizon(5.0), grace(Trace("t", "r", tr.X, [], 5.0))), (20, 40))
+        # Nor does a 30 s scrape written a little early: 29.99 s and 30 s are the same data,
+        # under the same rules (until 4 December the boundary was 30 s, and they were not); a
+        # 15 s scrape is scored as ticks.
+        self.assertEqual([headline_horizon(s) for s in (29.99, 30.0, 30.01, 15.0, 14.99, 15.01)],
+                         [6, 6, 6, 20, 20, 20])
 
     def test_the_ignore_column_marks_steps_anywhere(self):
         lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160 or 60 <= t < 70)},"
@@ -613,6 +662,86 @@ class Traces(unittest.TestCase):
             finally:
                 traces.CHUNK_CELLS = cells
 
+    def test_a_column_the_harness_reads_in_other_case_is_refused(self):
+        # A `Label` was read as an unknown column: the incidents came from the breach rule and
+        # the labelled ones were scored as normal time, without a word.
+        with tempfile.TemporaryDirectory() as d:
+            for col, want in (("Label", "label"), ("Split", "split"), ("TIME_S", "time_s"),
+                              ("Ignore", "ignore")):
+                header = "time_s," + ",".join(FEATURES) + ",label,split"
+                header = header.replace(want, col) if want != "ignore" else header + f",{col}"
+                rows = [self.row(t) + (",0" if want == "ignore" else "") for t in range(3)]
+                with self.assertRaisesRegex(ValueError, rf"t.csv:1: column '{col}' would not be read: the "
+                                                        rf"columns' names are lower case, without spaces \('{want}'\)"):
+                    read_csv(self.write(d, rows, header=header))
+            # beside the column itself, another spelling is only an extra column
+            read_csv(self.write(d, [self.row(t) + ",x" for t in range(3)],
+                                header="time_s," + ",".join(FEATURES) + ",label,split,Label"))
+
+    def test_a_rounding_below_0_reads_as_0_and_a_negative_value_is_refused(self):
+        with tempfile.TemporaryDirectory() as d:
+            # 1 - success - timeout in floating point
+            tr = read_csv(self.write(d, [self.row(0), self.row(1).replace(",0,0,0.1,", ",-1.1102230246251565e-16,0,0.1,", 1)]))
+            self.assertEqual(float(tr.X[1, 2]), 0.0)
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column error_rate: negative: '-0.001'"):
+                read_csv(self.write(d, [self.row(0), self.row(1).replace(",0,0,0.1,", ",-0.001,0,0.1,", 1)]))
+
+    @staticmethod
+    def calls(T=100):
+        """[T, 8] features whose rates are shares of the same calls (success 1)."""
+        X = np.random.default_rng(0).random((T, 8)).astype(np.float32) * 0.9 + 0.1
+        X[:, 1], X[:, 2], X[:, 3] = 1.0, 0.0, 0.0
+        return X
+
+    def test_a_csv_extension_in_any_case_is_read_and_two_files_of_one_name_are_refused(self):
+        import contextlib
+        import io
+        from traces import read_dir
+        X = self.calls()
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("a", "x", X, [], 0.5), os.path.join(d, "a.csv"))
+            write_csv(Trace("b", "x", X, [], 0.5), os.path.join(d, "b.CSV"))
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.assertEqual([t.name for t in read_dir(d)], ["a", "b"])
+            write_csv(Trace("a", "x", X, [], 0.5), os.path.join(d, "a.Csv"))
+            with self.assertRaisesRegex(ValueError, r"a.Csv and a.csv would both be the trace 'a': rename one"):
+                read_dir(d)
+
+    def test_a_directory_is_split_whole_or_not_at_all_and_far_apart_steps_are_noted(self):
+        import contextlib
+        import io
+        import traces
+        from traces import read_dataset
+        X = self.calls()
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("a", "x", X, [(40, 45)], 60.0, None, 60, 80), os.path.join(d, "a.csv"))
+            hourly = os.path.join(d, "b.csv")
+            write_csv(Trace("b", "x", X, [(40, 45)], 3600.0, None, 60, 80), hourly)
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_dataset(d, "x")
+            self.assertIn("steps of 60 s (a) and 3600 s (b) are scored as one dataset", traces.NOTES[-1])
+            traces.NOTES.clear()
+            with open(hourly) as f:
+                rows = [r.rsplit(",", 1)[0] for r in f.read().splitlines()]
+            with open(hourly, "w") as f:
+                f.write("\n".join(rows) + "\n")
+            with self.assertRaisesRegex(ValueError, r"b has no split column and a has one: split every "
+                                                    r"file or none \(python traces.py split"):
+                with contextlib.redirect_stderr(io.StringIO()):
+                    read_dataset(d, "x")
+            traces.NOTES.clear()
+
+    def test_a_directory_given_as_dot_goes_by_its_own_name(self):
+        from traces import dataset_names
+        with tempfile.TemporaryDirectory() as d:
+            cwd = os.getcwd()
+            os.chdir(d)
+            try:
+                self.assertEqual(dataset_names(["."]), [os.path.basename(os.path.realpath(d))])
+            finally:
+                os.chdir(cwd)
+
     def test_a_byte_order_mark_and_spaces_in_the_header_are_read(self):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "t.csv")
@@ -668,6 +797,18 @@ class Calibration(unittest.TestCase):
             above = p >= t
             c.observe(p)
         self.assertLessEqual(trips, 5)
+
+    def test_says_when_its_threshold_first_holds(self):
+        import calibrate
+        # The first step whose score is compared with a threshold: after the series' unused
+        # start, 2,500 learnt scores and the 40 steps each waits to be learnt; a series
+        # shorter than that never arms (evaluate.py's report says so).
+        s = np.array(self.scores(4000))
+        armed = []
+        calibrate.alarms(s, np.ones(4000, bool), 0.5, 2500, armed=armed)
+        self.assertEqual(armed, [calibrate.UNUSED_STEPS + 2500 + calibrate.FALSE_ALARM_TICKS])
+        calibrate.alarms(s[:2600], np.ones(2600, bool), 0.5, 2500, armed=armed)
+        self.assertEqual(armed[1:], [None])
 
     def test_agrees_with_the_rust_calibrator(self):
         # `breaker::calibrate::tests::the_python_port_agrees` computes the same threshold.

@@ -58,9 +58,11 @@ TICK_HORIZONS = HORIZONS + (20, 60)
 
 
 # Steps shorter than this are scored by the tick rules (grace, horizons), longer by the
-# minute rules: half a minute, so that minute data a scraper wrote a little early or late
-# (a median step of 59.99 s) is minute data.
-MINUTE_SCALE = 30.0
+# minute rules: between the common scrape intervals of 15 and 30 s, not on one, so that data
+# a scraper wrote a little early or late (a median step of 29.99 s, or 59.99 s) falls under
+# the same rules as its interval (until 4 December it was 30 s: 29.99 s steps were ticks,
+# 30 s steps minutes).
+MINUTE_SCALE = 20.0
 
 
 def tick_scale(step_seconds: float) -> bool:
@@ -170,11 +172,16 @@ def _number(v: str) -> float:
     return x
 
 
+# How far below 0 a feature may be and still be read (as 0): a rounding of 0, such as
+# 1 - success - timeout gives in floating point; as far as a share may be above 1.
+ROUNDING = 1e-6
+
+
 def _feature(v: str) -> float:
     x = _number(v)
-    if x < 0:
+    if x < -ROUNDING:  # not a rounding of 0
         raise ValueError(f"negative: {v!r} (the features are rates and ratios, 0 or more)")
-    return x
+    return max(x, 0.0)
 
 
 # The features that are shares of calls, 0..1.
@@ -183,7 +190,7 @@ FRACTIONS = ("success_rate", "error_rate", "timeout_rate")
 
 def _fraction(v: str) -> float:
     x = _feature(v)
-    if x > 1 + 1e-6:  # not a rounding of 1
+    if x > 1 + ROUNDING:  # not a rounding of 1
         raise ValueError(f"above 1: {v!r} (a rate is a share of calls, 0..1, not a percentage)")
     return x
 
@@ -206,8 +213,8 @@ def _split(v: str) -> int:
 # rule over a parsed array (False where refused), so that a chunk passes at once and only a
 # chunk with a refused value is parsed again value by value to name it.
 COLUMNS = {
-    **{c: (_fraction, lambda x: np.isfinite(x) & (x >= 0) & (x <= 1 + 1e-6)) if c in FRACTIONS
-       else (_feature, lambda x: np.isfinite(x) & (x >= 0)) for c in FEATURES},
+    **{c: (_fraction, lambda x: np.isfinite(x) & (x >= -ROUNDING) & (x <= 1 + ROUNDING)) if c in FRACTIONS
+       else (_feature, lambda x: np.isfinite(x) & (x >= -ROUNDING)) for c in FEATURES},
     "time_s": (_number, np.isfinite),
     "label": (_flag, None),
     "ignore": (_flag, None),
@@ -354,9 +361,17 @@ def _chunks(path: str, reader, n: int):
 
 def _check_header(path: str, header: list, at: int) -> None:
     """The eight feature columns are in `header` (line `at`), else an error naming why: columns
-    separated by tabs or semicolons, or those missing and any there in other case."""
+    separated by tabs or semicolons, or those missing and any there in other case. A column
+    the harness reads besides them (time_s, label, ignore, split) in other case is refused
+    too: read as an unknown column, a `Label` would leave the incidents to the breach rule."""
     missing = [c for c in FEATURES if c not in header]
     if not missing:
+        known = {c.lower(): c for c in COLUMNS if c not in FEATURES}
+        other = [h for h in header if h.strip().lower() in known and h not in COLUMNS
+                 and known[h.strip().lower()] not in header]
+        if other:
+            raise ValueError(f"{path}:{at}: column {other[0]!r} would not be read: the columns' "
+                             f"names are lower case, without spaces ({known[other[0].strip().lower()]!r})")
         return
     seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
     if seps:
@@ -378,8 +393,10 @@ def check_rows(path: str) -> int:
 
 def read_csv(path: str, dataset: str = "recorded") -> Trace:
     """One trace CSV (the format above). Bad input is refused with the file, line and column:
-    a value that is not a finite number, a negative feature, a success, error or timeout
-    rate above 1 (a percentage), a column named twice, a label or ignore flag other than 0
+    a value that is not a finite number, a negative feature (below 0 by more than a rounding,
+    ROUNDING: one within it is read as 0), a success, error or timeout rate above 1 (a
+    percentage), a column named twice, a column the harness reads besides the features
+    (label, split, ignore, time_s) in other case, a label or ignore flag other than 0
     or 1, a split other than train / val / test or out of time order, a row with fields
     missing or more fields than the header names, a file that is not UTF-8, time that does
     not move forward, a step over an hour (time_s in milliseconds?); the first such value by line,
@@ -485,17 +502,24 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         test_from = int(np.argmax(order == 2)) if (order == 2).any() else len(order)
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
-                 meta={"own": True, "step_measured": measured},
+                 meta={"own": True, "step_measured": measured, "split": "split" in header},
                  ignore=ignore)
 
 
 def _csv_files(d: str) -> list:
     """The trace CSVs in `d`, sorted; none is an error (saying which near names were not read)."""
     names = sorted(os.listdir(d))
-    files = [f for f in names if f.endswith(".csv") and os.path.isfile(os.path.join(d, f))]
+    # Any case of the extension (a.CSV): the name is the file's own, the case its writer's.
+    files = [f for f in names if f.lower().endswith(".csv") and os.path.isfile(os.path.join(d, f))]
     for f in names:
-        if f.endswith(".csv") and f not in files:
+        if f.lower().endswith(".csv") and f not in files:
             note(f"{os.path.join(d, f)}: not a plain file, not read")
+    stems = {}
+    for f in files:  # a trace is named by its file's name less the extension
+        other = stems.setdefault(os.path.splitext(f)[0], f)
+        if other != f:
+            raise ValueError(f"{d}: {other} and {f} would both be the trace {os.path.splitext(f)[0]!r}: "
+                             "rename one")
     if not files:
         near = [f for f in names if ".csv" in f.lower()]
         raise ValueError(f"{d}: no .csv files" + (
@@ -540,7 +564,7 @@ def dataset_names(paths: list) -> list:
         if os.path.abspath(full) in seen:
             raise ValueError(f"{path}: given twice")
         seen.add(os.path.abspath(full))
-        name = os.path.basename(full)
+        name = os.path.basename(os.path.abspath(full))  # `.` by the directory's own name
         if name in taken:
             name = full if full not in taken else os.path.abspath(full)
         taken.add(name)
@@ -574,6 +598,21 @@ def read_dataset(d: str, name: str, need: tuple = ()) -> list:
         raise ValueError(f"steps of {short.step_seconds:g} s ({short.name}) and {long.step_seconds:g} s "
                          f"({long.name}) are scored by different rules (horizons, grace): put them "
                          "in separate directories")
+    # One threshold is chosen for the whole directory, and horizons are in steps: files whose
+    # steps are far apart (a minute and an hour) are warned over different times and pooled.
+    lo = min(trs, key=lambda t: t.step_seconds)
+    hi = max(trs, key=lambda t: t.step_seconds)
+    if hi.step_seconds > 2 * lo.step_seconds:
+        note(f"{d}: steps of {lo.step_seconds:g} s ({lo.name}) and {hi.step_seconds:g} s ({hi.name}) "
+             "are scored as one dataset (one threshold; horizons in steps, so over different "
+             "times): put series of different steps in separate directories")
+    # A file without a split beside files with one would be test data from its first row, its
+    # reference part (the baselines' thresholds) taken from its test part.
+    split = [t for t in trs if t.meta.get("split")]
+    if split and len(split) < len(trs):
+        bare = next(t for t in trs if not t.meta.get("split"))
+        raise ValueError(f"{bare.name} has no split column and {split[0].name} has one: split every "
+                         f"file or none (python traces.py split {d} writes a time-ordered one)")
     for part in need:
         if part == "split":
             unsplit = [t.name for t in trs if t.val_from == 0 and t.test_from == 0]
