@@ -191,7 +191,7 @@ def unarmed_note(name: str, traces, armed: list) -> str | None:
     first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
     return (f"evaluate.py: {name}: the breaker's default never armed on {len(never)} of "
             f"{len(tested)} series with test data ({', '.join(never[:3])}{', ...' if len(never) > 3 else ''}): "
-            f"its first fit needs {first:,} healthy steps after a series' first {calibrate.UNUSED_STEPS}, "
+            f"its first fit needs at least {first:,} healthy steps after a series' first {calibrate.UNUSED_STEPS}, "
             f"each learnt {calibrate.FALSE_ALARM_TICKS} steps later, and its row counts no alarm, "
             "warned or false, on those series")
 

@@ -351,7 +351,7 @@ class Traces(unittest.TestCase):
         self.assertIsNone(evaluate.unarmed_note("svc", trs, [3, 5, None]))
         said = evaluate.unarmed_note("svc", trs, [3, None, None])
         self.assertTrue(said.startswith("evaluate.py: svc: the breaker's default never armed on 1 of 2 "
-                                        "series with test data (b): its first fit needs 2,500 healthy "
+                                        "series with test data (b): its first fit needs at least 2,500 healthy "
                                         "steps after a series' first 67, each learnt 40 steps later"), said)
 
     def test_the_calibrated_rule_scores_a_series_of_one_or_two_steps(self):
