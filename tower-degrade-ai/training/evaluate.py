@@ -368,6 +368,10 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             said = unarmed_note(name, traces, armed)
             if said:
                 note(said)
+            # Series with test data, and those the default never armed on (its row says so
+            # where that is every one).
+            tested = [a for tr, a in zip(traces, armed) if tr.test_from < tr.T]
+            arming = dict(series=len(tested), unarmed=sum(a is None for a in tested))
             for H in horizons(traces[0].step_seconds):
                 r = run_part(traces, cal, "test", 0.5, H, 1)
                 lo, hi = bootstrap_ci(r.hits)
@@ -375,7 +379,8 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                 out.append(dict(dataset=name, detector=AS_DEFAULT, H=H, k=2,
                                 budget_per_day=None, threshold=None, auprc=ref["auprc"],
                                 base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
-                                test_days=r.days, step_seconds=traces[0].step_seconds, **r.summary()))
+                                test_days=r.days, step_seconds=traces[0].step_seconds, **arming,
+                                **r.summary()))
     if ranking_check:
         out += ranking_check_rows(name, traces, scores, budgets)
     if per_file is not None:
@@ -481,13 +486,17 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
     for r in sel:
         lo, hi = r["recall_early_ci"]
         # Nothing to measure is a dash, not a 0: no incident to warn of, no normal day to trip on.
-        recall = (f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f}"
+        # A default that armed on no series has nothing to show either.
+        idle = r.get("series", 0) > 0 and r.get("unarmed") == r["series"]
+        recall = ("never armed | –" if idle else
+                  f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f}"
                   if events else "– | –")
+        trips = days > 0 and not idle
         lines.append(
             f"| {r['detector']} | {recall} | "
-            f"{r['precision']:.2f} | {fmt(r['false_trips_per_day'] if days else None)}"
-            + f" | {100 * r['normal_time_alarmed']:.2f} %"
-            + (f" | {fmt(r['false_trips_per_hour'] if days else None, 3)}" if per_hour else "")
+            f"{fmt(None if idle else r['precision'])} | {fmt(r['false_trips_per_day'] if trips else None)}"
+            + (" | –" if idle else f" | {100 * r['normal_time_alarmed']:.2f} %")
+            + (f" | {fmt(r['false_trips_per_hour'] if trips else None, 3)}" if per_hour else "")
             + f" | {fmt(r['median_lead_steps'], 1)} | {fmt(r['auprc'])} ({fmt(r['base_rate'], 3)}) |")
     return "\n".join(lines) + "\n"
 
@@ -499,10 +508,12 @@ def unsplit_refusal(path: str, trs) -> str | None:
     600 times stricter a step, and every detector would read as warning of nothing."""
     if any(t.val_from < t.test_from for t in trs):
         return None
-    step = float(np.median([t.step_seconds for t in trs]))
-    if 1 / SIM_STEP_SLACK <= step / simulate.DT <= SIM_STEP_SLACK:
+    off = [t for t in trs if not 1 / SIM_STEP_SLACK <= t.step_seconds / simulate.DT <= SIM_STEP_SLACK]
+    if not off:
         return None
-    return (f"{path}: no validation part (no `val` rows), and its steps ({step:g} s) are not the "
+    whose = f"{off[0].name}'s steps ({off[0].step_seconds:g} s)" if len(trs) > 1 else \
+        f"its steps ({off[0].step_seconds:g} s)"
+    return (f"{path}: no validation part (no `val` rows), and {whose} are not the "
             f"simulator's {simulate.DT:g} s tick, whose validation traces would set its "
             f"thresholds: python traces.py split {path} writes a time-ordered split")
 

@@ -249,19 +249,37 @@ class Traces(unittest.TestCase):
                                     header="\t".join(["time_s", *FEATURES]) + ",split"))
             with self.assertRaisesRegex(ValueError, r"t.csv:3: 4 fields, the header has 11 \(a row cut short"):
                 read_csv(self.write(d, [self.row(0), "60,1,1,0"]))
-            # Noted, and kept for the report: a time column under another name, rates of other calls.
+            # A time column under another name: read as 500 ms ticks, an export's minutes were
+            # scored by the tick's rules (noted only, until 4 December).
+            with self.assertRaisesRegex(ValueError, r"t.csv:1: no time_s column, and a column 'timestamp': "
+                                                    r"the step is read from time_s alone .* rename 'timestamp' "
+                                                    r"to time_s, or drop it to read the rows as 500 ms ticks"):
+                read_csv(self.write(d, [self.row(0)[2:] + f",{t}" for t in (0, 60)],
+                                    header=",".join(FEATURES) + ",label,split,timestamp"))
+            # A long export: several series in one file.
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
+                                                    r"before's 60 .*several series in one file"):
+                read_csv(self.write(d, [self.row(60), self.row(60)]))
+            # Noted, and kept for the report: no time column at all, rates of other calls, a
+            # label column under another name.
             traces.NOTES.clear()
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                read_csv(self.write(d, [self.row(0)[2:] + f",{t}" for t in (0, 60)],
-                                    header=",".join(FEATURES) + ",label,split,timestamp"))
+                read_csv(self.write(d, [self.row(0)[2:] for _ in (0, 60)],
+                                    header=",".join(FEATURES) + ",label,split"))
                 read_csv(self.write(d, [self.row(t, success="0.999").replace(",0,0,0.1", ",0.097,0,0.1", 1)
                                         for t in (0, 60)]))
-            self.assertEqual(len(traces.NOTES), 2, traces.NOTES)
-            self.assertIn("no time_s column: read as 500 ms steps (the default tick) (the step is read "
-                          "from a column named time_s: not from timestamp)", traces.NOTES[0])
+                read_csv(self.write(d, [self.row(t).rsplit(",", 2)[0] + ",0" for t in (0, 60)],
+                                    header="time_s," + ",".join(FEATURES) + ",is_anomaly"))
+                # the recorder's own columns are not labels
+                read_csv(self.write(d, [self.row(t).rsplit(",", 2)[0] + ",0.1,0" for t in (0, 60)],
+                                    header="time_s," + ",".join(FEATURES) + ",p_anomaly,fault"))
+            self.assertEqual(len(traces.NOTES), 3, traces.NOTES)
+            self.assertIn("t.csv: no time_s column: read as 500 ms steps (the default tick)", traces.NOTES[0])
             self.assertIn("t.csv:2: success_rate + error_rate + timeout_rate is 1.096 (0.999 + 0.097 + 0), "
                           "in 2 rows", traces.NOTES[1])
+            self.assertIn("t.csv: no label column: the incidents are the SLO breaches found in the "
+                          "features (a column named 'is_anomaly' is not read: name it label", traces.NOTES[2])
             self.assertEqual(err.getvalue(), "".join(n + "\n" for n in traces.NOTES))
             traces.NOTES.clear()
             # A directory named like a trace is not read as one.
@@ -295,6 +313,14 @@ class Traces(unittest.TestCase):
         self.assertIn("*Caution: no normal test data (every test step is in an incident", text)
         self.assertIn("| model | – | – | 0.50 | – | 1.00 % |", text)
         self.assertNotIn("e+09", text)
+        # The default that armed on no series with test data: nothing to show.
+        row.update(events=3, test_days=2.0, false_trips_per_day=0.0)
+        default = dict(row, detector=evaluate.AS_DEFAULT, series=2, unarmed=2)
+        text = evaluate.table([row, default], "svc", 6, 1, 1.0)
+        self.assertIn(f"| {evaluate.AS_DEFAULT} | never armed | – | – | – | – |", text)
+        default.update(unarmed=1)
+        self.assertIn(f"| {evaluate.AS_DEFAULT} | 0.00 [0.00, 0.00] | 0.50 | 0.50 | 0.00 | 1.00 % |",
+                      evaluate.table([row, default], "svc", 6, 1, 1.0))
 
     def test_the_report_breaks_a_directory_down_per_file(self):
         import evaluate
@@ -342,6 +368,16 @@ class Traces(unittest.TestCase):
                 self.assertTrue(why.endswith("python traces.py split DIR writes a time-ordered split"))
         # with a validation part of its own, any step
         self.assertIsNone(evaluate.unsplit_refusal("DIR", [Trace("t", "x", X, [], 300.0, None, 4, 8)]))
+        # each file's step counts, not the directory's median
+        trs = [Trace("a", "x", X, [], 0.5), Trace("b", "x", X, [], 0.5), Trace("c", "x", X, [], 10.0)]
+        self.assertIn("DIR: no validation part (no `val` rows), and c's steps (10 s) are not the "
+                      "simulator's 0.5 s tick", evaluate.unsplit_refusal("DIR", trs))
+
+    def test_a_traces_path_that_is_a_file_is_named(self):
+        from traces import read_datasets
+        with tempfile.NamedTemporaryFile(suffix=".csv") as f:
+            with self.assertRaisesRegex(ValueError, r"\.csv: a file: name the directory that holds it"):
+                read_datasets([f.name])
 
     def test_the_report_says_on_which_series_the_default_never_armed(self):
         import evaluate
@@ -674,9 +710,16 @@ class Traces(unittest.TestCase):
                 with self.assertRaisesRegex(ValueError, rf"t.csv:1: column '{col}' would not be read: the "
                                                         rf"columns' names are lower case, without spaces \('{want}'\)"):
                     read_csv(self.write(d, rows, header=header))
-            # beside the column itself, another spelling is only an extra column
-            read_csv(self.write(d, [self.row(t) + ",x" for t in range(3)],
-                                header="time_s," + ",".join(FEATURES) + ",label,split,Label"))
+            # beside the column itself, another spelling is not read, and said so
+            import contextlib
+            import io
+            import traces
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_csv(self.write(d, [self.row(t) + ",x" for t in range(3)],
+                                    header="time_s," + ",".join(FEATURES) + ",label,split,Label"))
+            self.assertEqual(traces.NOTES, [f"{d}/t.csv:1: column 'Label' is not read ('label' is)"])
+            traces.NOTES.clear()
 
     def test_a_rounding_below_0_reads_as_0_and_a_negative_value_is_refused(self):
         with tempfile.TemporaryDirectory() as d:

@@ -372,6 +372,9 @@ def _check_header(path: str, header: list, at: int) -> None:
         if other:
             raise ValueError(f"{path}:{at}: column {other[0]!r} would not be read: the columns' "
                              f"names are lower case, without spaces ({known[other[0].strip().lower()]!r})")
+        beside = [h for h in header if h.strip().lower() in known and h not in COLUMNS]
+        if beside:
+            note(f"{path}:{at}: column {beside[0]!r} is not read ({known[beside[0].strip().lower()]!r} is)")
         return
     seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
     if seps:
@@ -446,9 +449,14 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     step, measured = 0.5, True
     if "time_s" not in header:
         timelike = [h for h in header if h not in FEATURES and ("time" in h.lower() or "date" in h.lower())]
-        found = f" (the step is read from a column named time_s: not from {', '.join(timelike)})" \
-            if timelike else ""
-        note(f"{path}: no time_s column: read as 500 ms steps (the default tick){found}")
+        if timelike:
+            # Read as 500 ms ticks, an export's minutes would be scored by the tick's rules
+            # and the simulator's thresholds.
+            raise ValueError(f"{path}:{at}: no time_s column, and a column {timelike[0]!r}: the step "
+                             "is read from time_s alone (seconds as a number, e.g. Unix epoch "
+                             f"seconds); rename {timelike[0]!r} to time_s, or drop it to read the rows "
+                             "as 500 ms ticks")
+        note(f"{path}: no time_s column: read as 500 ms steps (the default tick)")
     else:
         t = col["time_s"]
         if len(t) == 1:
@@ -459,8 +467,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
+                same = (" (several series in one file, as a long export has them, go in a file each)"
+                        if t[i] == t[i - 1] else "")
                 raise ValueError(f"{path}:{line_of[i]}: column time_s: {t[i]:.15g} is not after the row "
-                                 f"before's {t[i - 1]:.15g} (rows must be in time order, one per step)")
+                                 f"before's {t[i - 1]:.15g} (rows must be in time order, one per step){same}")
             step = float(np.median(d))
             if step > 3600:
                 raise ValueError(f"{path}: column time_s moves {step:g} a step (median), over an hour: "
@@ -480,6 +490,11 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         events = events_from_binary(col["label"])
     else:
         events = breach_events(X)
+        named = [h for h in header if h not in COLUMNS and h not in RECORDER_COLUMNS
+                 and any(w in h.lower() for w in LABEL_LIKE)]
+        if named:
+            note(f"{path}: no label column: the incidents are the SLO breaches found in the features "
+                 f"(a column named {named[0]!r} is not read: name it label, 1 during an incident)")
     pre_ignore = ignore = None
     if "ignore" in header:
         ign = col["ignore"].astype(bool)
@@ -504,6 +519,12 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
                  meta={"own": True, "step_measured": measured, "split": "split" in header},
                  ignore=ignore)
+
+
+# Words in a column's name that say it marks incidents (read_csv's note where no `label` is).
+LABEL_LIKE = ("label", "anomal", "incident")
+# The columns the recorder adds (its model's score, the faults it injected): not labels.
+RECORDER_COLUMNS = ("p_anomaly", "fault")
 
 
 def _csv_files(d: str) -> list:
@@ -631,6 +652,9 @@ def read_datasets(paths: list, need: tuple = ()) -> dict:
     naming the directory where one cannot be read or lacks what `need` names."""
     out = {}
     for path, name in zip(paths, dataset_names(paths)):
+        if os.path.isfile(path):
+            raise ValueError(f"{path}: a file: name the directory that holds it (each directory of "
+                             "trace CSVs is a dataset)")
         try:
             out[name] = read_dataset(path, name, need)
         except (OSError, ValueError) as e:
