@@ -180,12 +180,18 @@ def calibrated_alarms(tr: Trace, sc: np.ndarray, armed: list | None = None) -> n
     return calibrate.alarms(sc, healthy, tr.step_seconds, warm_up, armed=armed).astype(float)
 
 
+def never_armed(traces, armed: list) -> tuple:
+    """(the series with test data, those of them the calibrated threshold never held on before
+    they ended: too few healthy steps for its first fit), by name; `armed`: calibrate.alarms's
+    for each of `traces`."""
+    tested = [(tr.name, a) for tr, a in zip(traces, armed) if tr.test_from < tr.T]
+    return [n for n, _ in tested], [n for n, a in tested if a is None]
+
+
 def unarmed_note(name: str, traces, armed: list) -> str | None:
     """What a dataset's default row does not say: on how many series the calibrated threshold
-    never held before the test part ended (too few healthy steps for its first fit), where
-    that row counts no alarm at all."""
-    tested = [(tr, a) for tr, a in zip(traces, armed) if tr.test_from < tr.T]
-    never = [tr.name for tr, a in tested if a is None]
+    never held (never_armed), where that row counts no alarm at all."""
+    tested, never = never_armed(traces, armed)
     if not never:
         return None
     first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
@@ -370,8 +376,8 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                 note(said)
             # Series with test data, and those the default never armed on (its row says so
             # where that is every one).
-            tested = [a for tr, a in zip(traces, armed) if tr.test_from < tr.T]
-            arming = dict(series=len(tested), unarmed=sum(a is None for a in tested))
+            tested, never = never_armed(traces, armed)
+            arming = dict(series=len(tested), unarmed=len(never))
             for H in horizons(traces[0].step_seconds):
                 r = run_part(traces, cal, "test", 0.5, H, 1)
                 lo, hi = bootstrap_ci(r.hits)
@@ -388,10 +394,9 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             scores[AS_DEFAULT] = cal
         rows = per_file_rows(out, traces, scores)
         if "model" in scores:
-            unarmed = {tr.name for tr, a in zip(traces, armed) if a is None}
             for r in rows:
                 if r["detector"] == AS_DEFAULT:
-                    r["armed"] = r["file"] not in unarmed
+                    r["armed"] = r["file"] not in never
         per_file += rows
     return out
 
