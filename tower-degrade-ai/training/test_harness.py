@@ -256,6 +256,9 @@ class Traces(unittest.TestCase):
                                                     r"to time_s, or drop it to read the rows as 500 ms ticks"):
                 read_csv(self.write(d, [self.row(0)[2:] + f",{t}" for t in (0, 60)],
                                     header=",".join(FEATURES) + ",label,split,timestamp"))
+            # A duration's name is not a time column (the file is read as 500 ms ticks, noted).
+            self.assertEqual([traces._timelike(h) for h in ("Date", "event_time", "ts", "uptime", "fault")],
+                             [True, True, True, False, False])
             # A long export: several series in one file.
             with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
                                                     r"before's 60 .*several series in one file"):

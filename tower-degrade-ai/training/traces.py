@@ -448,7 +448,7 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     X = clip(X)
     step, measured = 0.5, True
     if "time_s" not in header:
-        timelike = [h for h in header if h not in FEATURES and ("time" in h.lower() or "date" in h.lower())]
+        timelike = [h for h in header if h not in FEATURES and _timelike(h)]
         if timelike:
             # Read as 500 ms ticks, an export's minutes would be scored by the tick's rules
             # and the simulator's thresholds.
@@ -519,6 +519,14 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
                  meta={"own": True, "step_measured": measured, "split": "split" in header},
                  ignore=ignore)
+
+
+def _timelike(name: str) -> bool:
+    """A column's name that says it holds the time (timestamp, date, event_time, ts), not a
+    duration in its name's middle (uptime)."""
+    n = name.strip().lower()
+    return (n in ("t", "ts", "epoch", "@timestamp") or n.startswith(("time", "date"))
+            or n.endswith(("_time", "_timestamp", "_date", "_ts")))
 
 
 # Words in a column's name that say it marks incidents (read_csv's note where no `label` is).
