@@ -497,9 +497,11 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
                   f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f}"
                   if events else "– | –")
         trips = days > 0 and not idle
+        # precision is of alarms: with none raised there is none to measure
+        alarmed = r.get("early", 0) + r.get("late", 0) + r.get("false_trips", 0) > 0
         lines.append(
             f"| {r['detector']} | {recall} | "
-            f"{fmt(None if idle else r['precision'])} | {fmt(r['false_trips_per_day'] if trips else None)}"
+            f"{fmt(r['precision'] if alarmed and not idle else None)} | {fmt(r['false_trips_per_day'] if trips else None)}"
             + (" | –" if idle else f" | {100 * r['normal_time_alarmed']:.2f} %")
             + (f" | {fmt(r['false_trips_per_hour'] if trips else None, 3)}" if per_hour else "")
             + f" | {fmt(r['median_lead_steps'], 1)} | {fmt(r['auprc'])} ({fmt(r['base_rate'], 3)}) |")

@@ -300,7 +300,8 @@ class Traces(unittest.TestCase):
         self.assertEqual(notes_section([]), "")
         self.assertIn("- a.csv: no time_s column", notes_section(["a.csv: no time_s column"]))
         row = dict(dataset="svc", H=6, k=1, budget_per_day=1.0, detector="model", step_seconds=60.0,
-                   events=2, test_days=0.25, recall_early=0.0, recall_early_ci=(0.0, 0.0), recall_any=0.5,
+                   events=2, early=0, late=1, false_trips=1,
+                   test_days=0.25, recall_early=0.0, recall_early_ci=(0.0, 0.0), recall_any=0.5,
                    precision=0.5, false_trips_per_day=4.0, normal_time_alarmed=0.01,
                    median_lead_steps=float("nan"), auprc=0.1, base_rate=0.01)
         text = evaluate.table([row], "svc", 6, 1, 1.0, caution=True)
@@ -323,6 +324,10 @@ class Traces(unittest.TestCase):
         self.assertIn(f"| {evaluate.AS_DEFAULT} | never armed | – | – | – | – |", text)
         default.update(unarmed=1)
         self.assertIn(f"| {evaluate.AS_DEFAULT} | 0.00 [0.00, 0.00] | 0.50 | 0.50 | 0.00 | 1.00 % |",
+                      evaluate.table([row, default], "svc", 6, 1, 1.0))
+        # no alarm raised: no precision to measure
+        default.update(late=0, false_trips=0, precision=0.0)
+        self.assertIn(f"| {evaluate.AS_DEFAULT} | 0.00 [0.00, 0.00] | 0.50 | – | 0.00 | 1.00 % |",
                       evaluate.table([row, default], "svc", 6, 1, 1.0))
 
     def test_the_report_breaks_a_directory_down_per_file(self):
