@@ -117,8 +117,10 @@ class Traces(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             write_csv(Trace("busy", "x", X, [(40, 45)], 0.5), os.path.join(d, "busy.csv"))
             write_csv(Trace("idle", "x", idle, [], 0.5), os.path.join(d, "idle.csv"))
-            written = split(d)
+            counts = []
+            written = split(d, counts=counts)
             self.assertEqual(len(written), 2)
+            self.assertEqual(counts, [(60, 20, 20), (60, 20, 20)])  # train, val, test rows
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 (tr,) = read_dir(d)

@@ -93,6 +93,18 @@ class Headline(unittest.TestCase):
         self.assertEqual(_verdict(m, dict(recall_early=0.0, recall_early_ci=[0.0, 0.0])), "ahead")
 
 
+class Default(unittest.TestCase):
+    def test_a_default_that_armed_on_no_series_says_so(self):
+        from lodo import _default_row
+        r = dict(row(evaluate.AS_DEFAULT, 0.0, [0.0, 0.0], budget=None), recall_any=0.0,
+                 normal_time_alarmed=0.0, chance_early=0.0, series=20, unarmed=20)
+        self.assertEqual(_default_row("nezha", r), "| nezha | never armed on its 20 series | – | – | – | – |")
+        r.update(unarmed=19)
+        self.assertTrue(_default_row("nezha", r).startswith("| nezha | 0.00 [0.00, 0.00] | 0.00 | 0.50 | 0.00 % |"))
+        del r["series"], r["unarmed"]  # a run from before the count
+        self.assertTrue(_default_row("nezha", r).startswith("| nezha | 0.00 [0.00, 0.00] |"))
+
+
 class BeyondChance(unittest.TestCase):
     def test_an_alarm_on_a_fifth_of_the_time_earns_nothing_for_the_warnings_it_gets_by_chance(self):
         # Hour steps, H = 6: alarmed 20 % of normal time and 1 false trip a day, early recall

@@ -670,7 +670,7 @@ def read_datasets(paths: list, need: tuple = ()) -> dict:
     return out
 
 
-def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
+def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = None) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
     1 - val - test of each file train, then val, then test. Returns the files written. Every
     file is read (as `read_csv` reads its rows, a chunk at a time) and then copied with its
@@ -678,7 +678,8 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
     (its mode kept): a file that cannot be read, or a copy that cannot be written, is an error
     naming it, and then none is changed; so is a file without the feature columns. A file of a
     header alone is left as it is (said on stderr). Rows appended to a file while it is copied
-    (a live Recorder) are lost: stop what writes to `d` first."""
+    (a live Recorder) are lost: stop what writes to `d` first. `counts`: a list to append each
+    written file's rows in train, val and test to, in the same order."""
     if not (0 < val and 0 < test and val + test < 1):
         raise ValueError(f"--val {val} and --test {test}: each above 0, together below 1")
     read = []
@@ -708,6 +709,8 @@ def split(d: str, val: float = 0.2, test: float = 0.2) -> list:
                         i += 1
             if i != n:  # changed since it was read
                 raise ValueError(f"{path}: {n} rows when read, {i} when copied")
+            if counts is not None:
+                counts.append((val_from, test_from - val_from, n - test_from))
             shutil.copymode(path, tmp)
     except BaseException as e:
         for tmp in staged:
@@ -755,8 +758,9 @@ def main():
     ap.add_argument("--test", type=float, default=0.2, help="share of each file for test, the last (0.2)")
     a = ap.parse_args()
     try:
-        for path in split(a.dir, a.val, a.test):
-            print(f"{path}: split train / val / test")
+        counts = []
+        for path, (train, val, test) in zip(split(a.dir, a.val, a.test, counts), counts):
+            print(f"{path}: split {train} train, {val} val, {test} test rows")
     except (OSError, ValueError) as e:
         sys.exit(f"traces.py: {e}")
 
