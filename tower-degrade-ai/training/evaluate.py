@@ -188,6 +188,12 @@ def never_armed(traces, armed: list) -> tuple:
     return [n for n, _ in tested], [n for n, a in tested if a is None]
 
 
+def armed_on_none(r: dict) -> bool:
+    """A default row (AS_DEFAULT) whose threshold held on none of its series with test data:
+    nothing it counts means anything (rows made before that count existed say nothing)."""
+    return r.get("series", 0) > 0 and r.get("unarmed") == r["series"]
+
+
 def unarmed_note(name: str, traces, armed: list) -> str | None:
     """What a dataset's default row does not say: on how many series the calibrated threshold
     never held (never_armed), where that row counts no alarm at all."""
@@ -492,7 +498,7 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
         lo, hi = r["recall_early_ci"]
         # Nothing to measure is a dash, not a 0: no incident to warn of, no normal day to trip on.
         # A default that armed on no series has nothing to show either.
-        idle = r.get("series", 0) > 0 and r.get("unarmed") == r["series"]
+        idle = armed_on_none(r)
         recall = ("never armed | –" if idle else
                   f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}] | {r['recall_any']:.2f}"
                   if events else "– | –")

@@ -134,7 +134,7 @@ def _default_row(d: str, r: dict) -> str:
     """The default's row of fold `d`: "never armed" where it armed on no series with test data
     (evaluate.never_armed; rows of runs before 4 December do not say, and read as the zeros
     they counted)."""
-    if r.get("series", 0) > 0 and r.get("unarmed") == r["series"]:
+    if evaluate.armed_on_none(r):
         return f"| {d} | never armed on its {r['series']} series | – | – | – | – |"
     return (f"| {d} | {_recall(r)} | {r['recall_any']:.2f} | {r['false_trips_per_day']:.2f} | "
             f"{100 * r['normal_time_alarmed']:.2f} % | {_chance(r)} |")

@@ -367,14 +367,14 @@ def _check_header(path: str, header: list, at: int) -> None:
     missing = [c for c in FEATURES if c not in header]
     if not missing:
         known = {c.lower(): c for c in COLUMNS if c not in FEATURES}
-        other = [h for h in header if h.strip().lower() in known and h not in COLUMNS
-                 and known[h.strip().lower()] not in header]
-        if other:
-            raise ValueError(f"{path}:{at}: column {other[0]!r} would not be read: the columns' "
-                             f"names are lower case, without spaces ({known[other[0].strip().lower()]!r})")
-        beside = [h for h in header if h.strip().lower() in known and h not in COLUMNS]
-        if beside:
-            note(f"{path}:{at}: column {beside[0]!r} is not read ({known[beside[0].strip().lower()]!r} is)")
+        for h in header:
+            meant = known.get(h.strip().lower())
+            if meant is None or h in COLUMNS:
+                continue
+            if meant not in header:
+                raise ValueError(f"{path}:{at}: column {h!r} would not be read: the columns' names "
+                                 f"are lower case, without spaces ({meant!r})")
+            note(f"{path}:{at}: column {h!r} is not read ({meant!r} is)")
         return
     seps = [what for sep, what in (("\t", "tabs"), (";", "semicolons")) if any(sep in h for h in header)]
     if seps:
