@@ -330,7 +330,11 @@ impl Degrader {
     /// loaded. For deployments where the policies on disk may be broken when a process starts
     /// (a pod rescheduled while a bad file sits in its ConfigMap): with `watch_policies`, such
     /// a process either refuses to start or starts without a watcher and never picks up the
-    /// fix. Fails only if the directory cannot be watched.
+    /// fix. Nor does a directory that cannot be watched stop it (one not there yet, a volume
+    /// mounted after the process starts, or one past the system's limit of watches): that
+    /// is logged, and the directory is rescanned every [`RESCAN`](crate::policy::RESCAN)
+    /// instead, its policies loaded once they are there. So this does not fail today; it
+    /// returns a `Result` as `watch_policies` does, so that either stands where the other was.
     ///
     /// # Panics
     ///

@@ -30,7 +30,8 @@ pub enum ReloadOutcome {
 /// event), an edit to a symlinked file's target happens elsewhere. So the watcher also
 /// rescans every [`RESCAN`]: the names and contents of the `*.rhai` files (symlinks followed)
 /// are hashed, and a different hash reloads. A directory that is gone keeps the set in force
-/// until it is back.
+/// until it is back (and [`keep_watching_policies`](crate::Degrader::keep_watching_policies)
+/// starts on one that is not there yet).
 ///
 /// ```no_run
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -113,10 +114,22 @@ impl PolicyWatcher {
             Err(e) => ReloadOutcome::Rejected(e),
         };
         let (trigger, signals) = mpsc::channel(1);
-        let watcher = if watch_fs {
-            Some(fs_watcher(&dir, trigger.clone())?)
-        } else {
-            None
+        let watcher = match watch_fs.then(|| fs_watcher(&dir, trigger.clone())) {
+            Some(Ok(watcher)) => Some(watcher),
+            Some(Err(e)) if must_load => return Err(e),
+            // Kept watching without the file events: a directory not there yet (a volume
+            // mounted after the process starts) or past the system's limit of watches is
+            // still rescanned every RESCAN, and loaded once its files are there.
+            Some(Err(e)) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    error = %e.reason(),
+                    "the policy directory is not watched for changes: it is rescanned every {} s",
+                    RESCAN.as_secs()
+                );
+                None
+            }
+            None => None,
         };
         let (tx, outcomes) = watch::channel(first);
         let rescan = watch_fs.then_some(RESCAN);
@@ -146,11 +159,13 @@ fn fs_watcher(
     trigger: mpsc::Sender<bool>,
 ) -> Result<notify::RecommendedWatcher, PolicyError> {
     let err = |e: notify::Error| {
-        PolicyError::new(
-            &dir.display().to_string(),
-            None,
-            format!("cannot watch the policy directory: {e}"),
-        )
+        // notify says "No path was found" of a directory that is not there.
+        let reason = if dir.is_dir() {
+            format!("cannot watch the policy directory: {e}")
+        } else {
+            "cannot watch the policy directory: it does not exist or is not a directory".into()
+        };
+        PolicyError::new(&dir.display().to_string(), None, reason)
     };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };

@@ -842,6 +842,44 @@ async fn a_watch_kept_through_a_broken_first_load_loads_the_fix() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_kept_on_a_directory_not_there_yet_loads_it_once_it_is() {
+    // In a trial, `keep_watching_policies` on a directory mounted after start-up returned
+    // notify's "No path was found" and the service did not start.
+    use tower_degrade::policy::ReloadOutcome;
+
+    let dir = temp_dir("not-yet");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let d = Degrader::builder("shop")
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap();
+    let err = d
+        .watch_policies(&dir, Duration::from_millis(50))
+        .unwrap_err();
+    assert!(
+        err.reason().contains("cannot read the policy directory"),
+        "{err}"
+    );
+    let watcher = d
+        .keep_watching_policies(&dir, Duration::from_millis(50))
+        .unwrap();
+    let mut outcomes = watcher.subscribe();
+    match &*outcomes.borrow_and_update() {
+        ReloadOutcome::Rejected(e) => assert_eq!(e.file(), dir.display().to_string()),
+        other => panic!("{other:?}"),
+    }
+    // The directory arrives with its policy: the rescan loads it.
+    let staging = temp_dir("not-yet-staging");
+    std::fs::write(staging.join("log.rhai"), policy("\"log\"", "shed()")).unwrap();
+    std::fs::rename(&staging, &dir).unwrap();
+    assert_eq!(next_reload(&mut outcomes).await, ReloadOutcome::Loaded(1));
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 5).await, 0);
+    drop(watcher);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ===== the shipped policies (policies/*.rhai) =====
 
 fn shipped(name: &str) -> String {
