@@ -74,10 +74,12 @@ pub struct BreakerConfig {
     pub failure_rate: f64,
     /// Share of calls slower than the class SLA above which the breaker opens (off). Off, a
     /// dependency that answers slowly but successfully opens the breaker only while its calls
-    /// in flight past the SLA (overdue) outnumber the calls completing: a backlog or a stall,
-    /// not a steady slowness (in a trial, a gold class answering in 400 ms against its 50 ms
-    /// stayed closed). Set it (`Some(0.5)`) for a class whose calls are worth refusing once
-    /// they are late.
+    /// in flight past the SLA (overdue) outnumber the calls completing: a backlog or a stall.
+    /// Whether a steady slowness opens it depends on the load and on when the ticks fall, as
+    /// each slow call is counted overdue once and completed once (in a trial, a gold class
+    /// answering in 400 ms against its 50 ms stayed closed while a silver one at 400 ms
+    /// against 200 ms opened at 55 %). Set it (`Some(0.5)`) for a class whose calls are worth
+    /// refusing once they are late, so that slowness opens it whatever the timing.
     pub slow_call_rate: Option<f64>,
     /// The seed's degrade rule (on, with the seed's numbers).
     pub degrade_rule: Option<DegradeRule>,
