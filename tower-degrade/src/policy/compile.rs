@@ -208,13 +208,26 @@ impl Core {
         let mut ast = self.engine.compile(text).map_err(|e| {
             // A file that defines no hook is not a policy (a symlink to /etc/passwd, a
             // config file with the wrong extension): its content is not quoted.
+            let mut line = e.position().line();
             let reason = if defines("policy") || defines("on_tick") {
-                format!("syntax error: {}", e.err_type())
+                // Rhai puts an error at the end of the input on the line after the last one
+                // (line 8 of a 7-line file): it is named as the last line's, and said.
+                let last = text.lines().count().max(1);
+                let at_end = line.is_some_and(|l| l > last);
+                if at_end {
+                    line = Some(last);
+                }
+                let end = if at_end {
+                    " (at the end of the file)"
+                } else {
+                    ""
+                };
+                format!("syntax error: {}{end}", e.err_type())
             } else {
                 "not a policy: no `fn policy()` or `fn on_tick(ctx)` (its content is not quoted)"
                     .to_owned()
             };
-            PolicyError::new(file, e.position().line(), reason)
+            PolicyError::new(file, line, reason)
         })?;
         ast.set_source(file);
         // Rhai would run top-level code on `eval` only, which policies never do: it would be

@@ -348,6 +348,12 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
             "syntax.rhai:3: syntax error",
         ),
         (
+            // An unclosed block: Rhai puts its error past the last line (on line 4 here).
+            "unclosed",
+            "fn policy() { #{ governs: [\"log\"] } }\nfn on_tick(ctx) {\n  ()\n",
+            "unclosed.rhai:3: syntax error: Expecting ';' to terminate this statement (at the end of the file)",
+        ),
+        (
             "type",
             &policy("\"log\"", "42") as &str,
             "type.rhai:2: on_tick with an empty history: on_tick must return a decision or (), not i64",
