@@ -210,7 +210,9 @@ impl Task {
         &self.class
     }
 
-    /// Why the call was diverted (`breaker_open`, `overload`, ...), or why it was moved.
+    /// Why the call was diverted (`breaker_open`, `overload`, ...). A task keeps it when it
+    /// is moved to manual review: why it was moved is its [`last_answer`](Self::last_answer())
+    /// (the replay's last answer, or that its deadline passed).
     pub fn reason(&self) -> &str {
         &self.reason
     }
