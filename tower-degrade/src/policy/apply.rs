@@ -244,7 +244,7 @@ impl Core {
                         memo.last_decision(i)
                     }
                     Err((line, reason)) => {
-                        let late = reason == DEADLINE_REASON && {
+                        let late = reason.starts_with(DEADLINE_REASON) && {
                             let n = match memo.late.iter_mut().find(|(p, _)| *p == i) {
                                 Some((_, n)) => {
                                     *n += 1;

@@ -43,7 +43,7 @@ fn retry_late<T>(
     call: impl Fn() -> Result<T, (Option<usize>, String)>,
 ) -> Result<T, (Option<usize>, String)> {
     match call() {
-        Err((_, reason)) if reason == DEADLINE_REASON => call(),
+        Err((_, reason)) if reason.starts_with(DEADLINE_REASON) => call(),
         other => other,
     }
 }

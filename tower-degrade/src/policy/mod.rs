@@ -268,7 +268,8 @@ pub(crate) enum Failure {
     Late,
 }
 
-/// The reason of a call stopped at its wall-clock deadline.
+/// The reason of a call stopped at its wall-clock deadline (its start: [`AT_THE_FUNCTION`]
+/// follows it, so it is matched as a prefix).
 const DEADLINE_REASON: &str =
     "ran past its wall-clock deadline (max_call_time; max_request_time for on_request)";
 
@@ -295,10 +296,17 @@ fn exhausted(err: &EvalAltResult) -> bool {
     )
 }
 
+/// Said of a budget run out: Rhai puts such an error at the line the outermost function
+/// starts on (it sets the call's position on it as it leaves each function), not where the
+/// budget ran out.
+const AT_THE_FUNCTION: &str =
+    " (the line is the function's: the engine does not say where in it the budget ran out)";
+
 /// The innermost error of a call chain, with its position cleared, and that position's line.
 fn unwrap_error(err: EvalAltResult) -> (Option<usize>, String) {
     let mut err = innermost(err);
     let pos = err.take_position();
+    let at = if exhausted(&err) { AT_THE_FUNCTION } else { "" };
     let reason = match &err {
         EvalAltResult::ErrorTooManyOperations(_) => "operation budget exceeded".to_owned(),
         // Rhai's words for a closure that captured `ctx` and is called by a method of `ctx`.
@@ -311,7 +319,7 @@ fn unwrap_error(err: EvalAltResult) -> (Option<usize>, String) {
         }
         other => other.to_string(),
     };
-    (pos.line(), reason)
+    (pos.line(), reason + at)
 }
 
 /// Per-class data for building contexts, fixed when the degrader is built.

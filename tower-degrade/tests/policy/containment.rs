@@ -288,6 +288,32 @@ async fn a_policy_that_copies_without_end_is_stopped_at_its_deadline_and_then_qu
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_late_call_is_skipped_and_only_the_third_in_a_row_quarantines() {
+    // A call stopped at its deadline may be the machine's fault (a descheduled thread): that
+    // tick goes to the breaker, and the policy is quarantined only when it happens three times
+    // in a row. (When a reason's words changed, every late call quarantined at once.)
+    let d = trapped(
+        "copier",
+        "",
+        "let a = []; for i in 0..1020 { a = [a]; } let b = []; for i in 0..1020 { b = [b]; }",
+    );
+    spring(&d).await;
+    for late in 2..=3 {
+        assert!(
+            d.policies().unwrap().quarantined().is_empty(),
+            "quarantined after {} late calls",
+            late - 1
+        );
+        // That tick was the breaker's: the next 7 calls are admitted, and spring the trap.
+        assert_eq!(admitted(&d, "log", 7).await, 7);
+        d.tick_now();
+    }
+    let set = d.policies().unwrap();
+    assert_eq!(set.quarantined().len(), 1, "{:?}", set.quarantined());
+    breaker_decides(&d).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn policies_over_the_tick_budget_are_skipped_and_their_classes_get_the_breaker() {
     // Ten policies, each inside its own operation budget; together over a (tiny) tick budget.
     let mut limits = patient();

@@ -366,7 +366,8 @@ async fn bad_files_are_rejected_with_file_line_and_reason_and_the_old_set_serves
         (
             "budget",
             &policy("\"log\"", "loop { }"),
-            "budget.rhai:2: on_tick with an empty history: operation budget exceeded",
+            "budget.rhai:2: on_tick with an empty history: operation budget exceeded (the line \
+             is the function's: the engine does not say where in it the budget ran out)",
         ),
         (
             // Only reached with a prediction: the validation runs a context that has one.
