@@ -298,6 +298,7 @@ impl Admin {
         let mut out = json!({
             "service": &*s.service,
             "tick": s.tick,
+            "stopped": s.stopped,
             "health_score": s.health_score,
             "classes": classes,
             "admission": admission,

@@ -258,10 +258,27 @@ impl Shared {
 
     /// Publish a class's directive for the data path. A directive that turns calls away without
     /// saying when to come back, or saying sooner, gets the next tick, when it may change.
+    /// Once the loop is shut down no tick comes to lift it: the class admits instead
+    /// ([`stand_down`](Self::stand_down)).
     pub(crate) fn publish(&self, id: ClassId, directive: Packed) {
-        self.gates[id.index()]
-            .directive
-            .store_packed(directive.with_retry_at_least(self.period));
+        let directive = if self.shutdown.flag.load(Ordering::Acquire) {
+            Packed::ADMIT
+        } else {
+            directive.with_retry_at_least(self.period)
+        };
+        self.gates[id.index()].directive.store_packed(directive);
+    }
+
+    /// The control loop has stopped for good: every class admits its calls, as a class
+    /// closed at that moment does. An open class's refusal said to come back after the open
+    /// duration, which only a tick ends: refused for ever, told each time to retry within a
+    /// second (found by a user's trial of the task API). A tick still running publishes
+    /// admits too ([`publish`](Self::publish)).
+    pub(crate) fn stand_down(&self) {
+        for (id, _) in self.registry.iter() {
+            self.gates[id.index()].directive.store_packed(Packed::ADMIT);
+        }
+        self.publish_status();
     }
 
     pub(crate) fn on_transition(
@@ -320,6 +337,7 @@ impl Shared {
         self.status.store(Arc::new(Status {
             service: self.service.clone(),
             tick: self.tick.load(Ordering::Relaxed),
+            stopped: self.shutdown.flag.load(Ordering::Acquire),
             health_score,
             classes,
             admission,

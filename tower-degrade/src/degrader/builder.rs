@@ -300,6 +300,7 @@ impl DegraderBuilder {
             status: ArcSwap::from_pointee(Status {
                 service: service.clone(),
                 tick: 0,
+                stopped: false,
                 health_score: 100.0,
                 classes: Vec::new(),
                 admission: Vec::new(),

@@ -276,9 +276,15 @@ impl Degrader {
         self.shared.policies.current()
     }
 
-    /// Stop the control loop now. Directives stay as last published.
+    /// Stop the control loop now, for good, and stand down: from then on every class admits
+    /// its calls (the layer and the task API pass them through, with no breaker, policy or
+    /// prediction), as no tick would come to lift a refusal, and
+    /// [`Status::stopped`](crate::degrader::Status::stopped) says so. Admission limiters keep
+    /// their last limit. For the end of a process: stop the server first (and the fallback
+    /// worker), then this.
     pub fn shutdown(&self) {
         self.shared.shutdown.trigger();
+        self.shared.stand_down();
     }
 
     /// Run one control-loop tick now, as the loop would. For tests and benchmarks that drive

@@ -13,8 +13,13 @@ use crate::window::WindowSnapshot;
 pub struct Status {
     /// The service name.
     pub service: Arc<str>,
-    /// The tick this status was published at (0 before the first tick).
+    /// Ticks run when this status was published (0 before the first tick): one more than
+    /// the [`tick`](crate::window::WindowSnapshot::tick) of the window that tick closed, which
+    /// counts from 0.
     pub tick: u64,
+    /// The control loop has stopped for good ([`Degrader::shutdown`](super::Degrader::shutdown)):
+    /// `tick` no longer moves, and every class admits its calls.
+    pub stopped: bool,
     /// `degrade_health_score`, 0–100 (see [`Degrader::health_score`](super::Degrader::health_score)).
     pub health_score: f64,
     /// Every class, the default class first.

@@ -277,7 +277,8 @@ fn micros(v: u64) -> Duration {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
 pub struct WindowSnapshot {
-    /// The control-loop tick this window closed at (0 for the first tick).
+    /// The control-loop tick this window closed at, counted from 0 (so the
+    /// [`Status::tick`](crate::degrader::Status::tick) published after it is one more).
     pub tick: u64,
     /// The window's length.
     pub period: Duration,

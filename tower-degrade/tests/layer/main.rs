@@ -19,7 +19,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_degrade::error::degraded;
 use tower_degrade::{
     BoxError, ClassConfig, ClassId, Degraded, Degrader, Route, breaker::State, error::is_degraded,
-    fallback::Diverted, gate::Reason,
+    fallback::Diverted, gate::Directive, gate::Reason,
 };
 
 #[path = "../support.rs"]
@@ -858,6 +858,36 @@ async fn shutdown_stops_the_loop() {
     handle.await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(d.status().tick, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_shutdown_every_class_admits_and_the_status_says_it_stopped() {
+    // In a trial of the task API, a class open at shutdown refused for ever, each refusal
+    // saying to retry within a second: no tick came to end its open duration.
+    let d = degrader(vec![ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+    let mut svc = d.layer(d.class_id("pay").unwrap()).layer(echo());
+    drive(&mut svc, 5, 20).await;
+    d.tick_now();
+    d.force_open("log").unwrap();
+    assert_eq!(d.state("pay").unwrap(), State::Open);
+    assert!(svc.ready().await.unwrap().call(Ok(1)).await.is_err());
+    assert!(!d.status().stopped);
+
+    d.shutdown();
+    assert_eq!(svc.ready().await.unwrap().call(Ok(7)).await.unwrap(), 7);
+    let mut log = d.layer(d.class_id("log").unwrap()).layer(echo());
+    assert_eq!(log.ready().await.unwrap().call(Ok(8)).await.unwrap(), 8);
+    // A tick that was running publishes admits too; the status says why.
+    d.tick_now();
+    assert_eq!(svc.ready().await.unwrap().call(Ok(9)).await.unwrap(), 9);
+    let status = d.status();
+    assert!(status.stopped);
+    assert!(
+        status
+            .classes
+            .iter()
+            .all(|c| c.directive == Directive::Admit)
+    );
 }
 
 #[tokio::test(start_paused = true)]
