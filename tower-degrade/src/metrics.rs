@@ -16,6 +16,7 @@
 //! | `degrade_predictions_total` | counter (only with a predictor): how the class's warnings turned out, `confirmed` or `false_alarm`, and breaches it `missed` ([`PredictionRecord`]) | service, class, tier, result |
 //! | `degrade_predictor_overruns_total` | counter (only with a predictor) | service |
 //! | `degrade_predictor_failures_total` | counter (only with a predictor): ticks without predictions because the model failed or its thread stopped | service |
+//! | `degrade_predictor_invalid_total` | counter (only with a predictor): ticks on which the model's answer for the class was not a probability (NaN, infinite, outside 0..=1), read as no prediction | service, class |
 //! | `degrade_policy_reloads_total` | counter (`rhai`) | service, result |
 //! | `degrade_policy_version` | gauge (`rhai`) | service |
 //! | `degrade_policy_load_failing` | gauge (`rhai`): 1 while the latest load was refused, 0 once one is accepted | service |
@@ -109,6 +110,8 @@ pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
 /// Ticks where the predictor failed (an inference error, or its thread stopped): no class has
 /// a prediction then.
 pub const PREDICTOR_FAILURES: &str = "degrade_predictor_failures_total";
+/// Ticks on which the model's answer for a class was not a probability.
+pub const PREDICTOR_INVALID: &str = "degrade_predictor_invalid_total";
 /// Policy reload attempts, by `result` (`ok` or `error`).
 pub const POLICY_RELOADS: &str = "degrade_policy_reloads_total";
 /// The version of the policy set in force.
@@ -200,6 +203,11 @@ pub(crate) fn describe() {
         PREDICTOR_FAILURES,
         Unit::Count,
         "Ticks where the predictor failed (an inference error, or its thread stopped)."
+    );
+    describe_counter!(
+        PREDICTOR_INVALID,
+        Unit::Count,
+        "Ticks where the model's answer for the class was not a probability (NaN, infinite, outside 0..=1): no prediction for it."
     );
     describe_counter!(
         POLICY_RELOADS,
@@ -530,6 +538,11 @@ pub(crate) fn predictor_overrun(service: &str) {
 
 pub(crate) fn predictor_failure(service: &str) {
     counter!(PREDICTOR_FAILURES, "service" => service.to_owned()).increment(1);
+}
+
+pub(crate) fn predictor_invalid(service: &str, class: &str) {
+    counter!(PREDICTOR_INVALID, "service" => service.to_owned(), "class" => class.to_owned())
+        .increment(1);
 }
 
 /// Count a transition and log it: at `warn` when calls are diverted, `info` otherwise.

@@ -305,6 +305,7 @@ impl Admin {
             "predictor": s.predictor.as_ref().map(|p| json!({
                 "last_batch": p.last_batch.map(|b| b.as_str()),
                 "error": p.error.as_deref(),
+                "not_probabilities": p.not_probabilities.iter().map(|n| &**n).collect::<Vec<_>>(),
             })),
         });
         #[cfg(feature = "fallback")]

@@ -41,6 +41,9 @@ pub struct PredictorStatus {
     pub last_batch: Option<PredictorBatch>,
     /// While the predictor fails: its last error (cleared when it answers again).
     pub error: Option<Arc<str>>,
+    /// The classes whose last answer from the model was not a probability (NaN, infinite,
+    /// outside 0..=1), and so have no prediction (`degrade_predictor_invalid_total`).
+    pub not_probabilities: Vec<Arc<str>>,
 }
 
 /// What one tick's batch of predictions did.

@@ -13,8 +13,9 @@ pub(crate) struct PredictStage {
     service: Arc<str>,
     /// Whether the predictor is failing (logged when it starts and when it ends).
     failing: std::sync::atomic::AtomicBool,
-    /// Whether a value that is not a probability (NaN, or outside 0..=1) was logged.
-    out_of_range: std::sync::atomic::AtomicBool,
+    /// Per class (by index), whether its last answer was not a probability (NaN, infinite,
+    /// or outside 0..=1): logged when that starts and when it ends.
+    invalid: Mutex<Vec<bool>>,
     /// The last tick's outcome and, while failing, the last error (for the status).
     last: Mutex<crate::degrader::PredictorStatus>,
 }
@@ -25,7 +26,7 @@ impl PredictStage {
             runner: runner.map(Mutex::new),
             service,
             failing: Default::default(),
-            out_of_range: Default::default(),
+            invalid: Mutex::default(),
             last: Mutex::default(),
         }
     }
@@ -90,25 +91,44 @@ impl Stage for PredictStage {
             // Failed, or stalled past its last answer: no class has a prediction.
             return;
         };
+        let mut invalid = self.invalid.lock().unwrap_or_else(|e| e.into_inner());
+        invalid.resize(batch.classes, false);
         for (class, (p, &last)) in batch.predictions.iter_mut().zip(current).enumerate() {
             let v = f64::from(last);
-            *p = if (-1e-6..=1.0 + 1e-6).contains(&v) {
-                Some(v.clamp(0.0, 1.0))
-            } else {
-                // The contract is a probability; a value that is not one (NaN, or outside
-                // 0..=1 beyond a rounding error) is no prediction for this class, not a
-                // certain failure, and the other classes keep theirs (said once).
-                if !self.out_of_range.swap(true, Relaxed) {
+            let name = runner.classes.get(class).map_or("", String::as_str);
+            let valid = (-1e-6..=1.0 + 1e-6).contains(&v);
+            // The contract is a probability; a value that is not one (NaN, or outside 0..=1
+            // beyond a rounding error) is no prediction for this class, not a certain failure,
+            // and the other classes keep theirs.
+            if !valid {
+                crate::metrics::predictor_invalid(&self.service, name);
+            }
+            if valid == invalid[class] {
+                invalid[class] = !valid;
+                if valid {
+                    tracing::info!(service = %self.service, class = name,
+                        "the predictor answers a probability for this class again");
+                } else {
                     tracing::warn!(
-                        service = %self.service,
-                        class = runner.classes.get(class).map_or("", String::as_str),
-                        value = v,
+                        service = %self.service, class = name, value = v,
                         "the predictor answered a value that is not a probability in 0..=1: \
-                         read as no prediction for this class (said once)"
+                         no prediction for this class until it answers one again (counted in \
+                         degrade_predictor_invalid_total)"
                     );
                 }
-                None
-            };
+            }
+            *p = valid.then(|| v.clamp(0.0, 1.0));
+        }
+        let names = || invalid.iter().zip(&runner.classes).filter(|(bad, _)| **bad);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // Allocated only when the set changes.
+        if !last
+            .not_probabilities
+            .iter()
+            .map(|n| &**n)
+            .eq(names().map(|(_, n)| n.as_str()))
+        {
+            last.not_probabilities = names().map(|(_, n)| Arc::from(n.as_str())).collect();
         }
     }
 }

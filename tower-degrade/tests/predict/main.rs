@@ -1094,11 +1094,22 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
 fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
     let rt = real_time_runtime();
     let _g = rt.enter();
-    // NaN, garbage above 1, and 1 plus a rounding error.
-    let d = with_predictor(Scripted(|_| Ok(vec![f32::NAN, 5.0, 1.000_000_1]), 0));
-    for _ in 0..5 {
-        d.tick_now();
-    }
+    // NaN, garbage above 1, and 1 plus a rounding error; from the sixth tick, probabilities.
+    let d = with_predictor(Scripted(
+        |n| {
+            Ok(if n < 5 {
+                vec![f32::NAN, 5.0, 1.000_000_1]
+            } else {
+                vec![0.1, 0.2, 0.3]
+            })
+        },
+        0,
+    ));
+    let ((), recorded) = metrics_during(|| {
+        for _ in 0..5 {
+            d.tick_now();
+        }
+    });
     // Classes in registration order: default, pay, stock.
     assert_eq!(predictions(&d), [None, None, Some(1.0)]);
     assert_eq!(
@@ -1106,6 +1117,26 @@ fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
         State::Closed,
         "5.0 is not a certain failure"
     );
+    // In a trial the status said nothing of why two classes had no prediction, and the log
+    // named only the first.
+    let predictor = || d.status().predictor.clone().unwrap();
+    assert_eq!(
+        predictor().not_probabilities,
+        [Arc::from("default"), Arc::from("pay")]
+    );
+    let invalid = tower_degrade::metrics::PREDICTOR_INVALID;
+    assert_eq!(counter(&recorded, invalid, &[("class", "pay")]), Some(5));
+    assert_eq!(counter(&recorded, invalid, &[("class", "stock")]), None);
+    d.tick_now();
+    assert_eq!(
+        predictions(&d),
+        [
+            Some(0.1f32 as f64),
+            Some(0.2f32 as f64),
+            Some(0.3f32 as f64)
+        ]
+    );
+    assert!(predictor().not_probabilities.is_empty());
 }
 
 /// A model that reads zero padding as an outage, as most do: 0.99 while a class's oldest tick
