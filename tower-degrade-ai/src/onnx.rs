@@ -534,7 +534,9 @@ impl Predictor for OnnxPredictor {
     /// class losing its prediction.
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
         self.resume()?;
-        Ok(self.infer(input, out, true, Rows::PassOn)?)
+        // Named, as the warm-up's are: the status's `error` and the log say which model.
+        self.infer(input, out, true, Rows::PassOn)
+            .map_err(|e| format!("{}: {e}", self.path.display()).into())
     }
 
     /// A dummy batch, which the classes' long baselines do not learn from. Its error names
@@ -566,6 +568,11 @@ impl Predictor for OnnxPredictor {
         Some(Box::new(move || {
             let _ = options.terminate();
         }))
+    }
+
+    /// The model's file.
+    fn name(&self) -> Option<String> {
+        Some(self.path.display().to_string())
     }
 }
 

@@ -364,6 +364,11 @@ impl Predictor for Recorder {
     fn stop_handle(&mut self) -> Option<tower_degrade::predict::StopHandle> {
         self.inner.as_mut()?.stop_handle()
     }
+
+    /// The wrapped predictor's.
+    fn name(&self) -> Option<String> {
+        self.inner.as_ref()?.name()
+    }
 }
 
 #[cfg(test)]

@@ -375,6 +375,8 @@ fn a_run_that_never_ends_is_stopped_by_its_stop_handle_and_the_next_one_runs() {
         panic!("built with a model that never answers");
     };
     assert!(err.to_string().contains("warm-up did not finish"), "{err}");
+    // Naming the model (in a trial, only the wrapped runtime's words).
+    assert!(err.to_string().contains("endless.onnx: "), "{err}");
 }
 
 #[test]

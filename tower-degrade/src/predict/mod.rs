@@ -99,6 +99,12 @@ pub trait Predictor: Send + 'static {
     fn stop_handle(&mut self) -> Option<StopHandle> {
         None
     }
+
+    /// What the runtime's own messages about this predictor call it (a model's file, say):
+    /// a warm-up that times out or panics is reported under it. `None` by default.
+    fn name(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Stops a predictor's run in progress from another thread ([`Predictor::stop_handle`]).

@@ -74,6 +74,18 @@ impl Runner {
     ) -> Result<Self, BoxError> {
         let n = classes.len();
         let stop = predictor.stop_handle();
+        // The runtime's own messages name the predictor where it has a name.
+        let named = |what: String| match predictor.name() {
+            Some(name) => format!("{name}: {what}"),
+            None => what,
+        };
+        let (timed_out, panicked) = (
+            named(format!(
+                "the warm-up did not finish within {:?} (PredictorConfig::warm_up_timeout)",
+                config.warm_up_timeout
+            )),
+            named("the warm-up panicked".to_owned()),
+        );
         let names: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
         let thread_names = names.clone();
         let (requests, inbox) = mpsc::sync_channel::<Vec<f32>>(1);
@@ -110,14 +122,10 @@ impl Runner {
                 if let Some(stop) = &stop {
                     stop();
                 }
-                return Err(format!(
-                    "the warm-up did not finish within {:?} (PredictorConfig::warm_up_timeout)",
-                    config.warm_up_timeout
-                )
-                .into());
+                return Err(timed_out.into());
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("the warm-up panicked".into());
+                return Err(panicked.into());
             }
         }
         Ok(Self {
