@@ -61,12 +61,21 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 /// Serve the admin `router` on `listener` (from [`bind`]) over HTTP/1.1, with bounds an admin
 /// port needs: at most [`MAX_CONNECTIONS`] connections at once, each closed when a request's
-/// head does not arrive whole within [`HEADER_READ_TIMEOUT`]. Runs until the future is
-/// dropped; a failed accept (out of file descriptors, a connection reset before it was
-/// taken) is logged and retried after a pause.
+/// head does not arrive whole within [`HEADER_READ_TIMEOUT`]. On a loopback listener, a
+/// request addressed to another host (its `Host` header not `localhost`, a `*.localhost` name
+/// or a loopback address) is refused `403`: a web page that rebinds its own name to
+/// 127.0.0.1 (DNS rebinding) would otherwise read `/status` and the page through its
+/// visitor's browser. Runs until the future is dropped; a failed accept (out of file
+/// descriptors, a connection reset before it was taken) is logged and retried after a pause.
 pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let router = match listener.local_addr() {
+        Ok(addr) if addr.ip().is_loopback() => {
+            router.layer(axum::middleware::from_fn(addressed_to_loopback))
+        }
+        _ => router,
+    };
     loop {
         // Never closed.
         let Ok(slot) = open.clone().acquire_owned().await else {
@@ -90,6 +99,43 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
             let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
+}
+
+/// Refuse a request whose `Host` is not a loopback name or address (one without a `Host`,
+/// from an HTTP/1.0 tool, is let through: a browser always sends one).
+async fn addressed_to_loopback(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req.headers().get(header::HOST).map(|h| h.to_str());
+    match host {
+        None => next.run(req).await,
+        Some(Ok(h)) if is_loopback_host(h) => next.run(req).await,
+        Some(_) => (
+            StatusCode::FORBIDDEN,
+            axum::Json(
+                json!({"error": "this admin listener is on a loopback address: it \
+                answers requests addressed to localhost, 127.0.0.1 or [::1] only (the Host \
+                header), so that a web page cannot reach it by rebinding its own name"}),
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// Whether a `Host` header names this machine: `localhost` or a `*.localhost` name
+/// (RFC 6761), or a loopback address, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Who may reach an admin listener.

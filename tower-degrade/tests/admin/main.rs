@@ -424,7 +424,7 @@ async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api()
     let started = std::time::Instant::now();
     let answer = tokio::time::timeout(HEADER_READ_TIMEOUT * 3, async {
         let mut s = TcpStream::connect(addr).await?;
-        s.write_all(b"GET /status HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        s.write_all(b"GET /status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
             .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
@@ -446,5 +446,56 @@ async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api()
             .await
             .expect("closed by the server")
             .ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
+    // In a trial, `Host: evil.example` read `/status` and the page from a loopback listener:
+    // a web page that rebinds its own name to 127.0.0.1 reads them through the browser.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tower_degrade::admin::serve;
+
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let listener = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, app));
+    let get = |path: &'static str, host: Option<String>| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let host = host.map_or(String::new(), |h| format!("host: {h}\r\n"));
+        let head = format!("GET {path} HTTP/1.1\r\n{host}connection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    for host in [
+        "evil.example",
+        "evil.example:9901",
+        "127.0.0.1.evil.example",
+        "localhost.evil",
+    ] {
+        for path in ["/status", "/"] {
+            let answer = get(path, Some(host.to_owned())).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 403"),
+                "{host} {path}: {answer}"
+            );
+            assert!(answer.contains("loopback"), "{answer}");
+        }
+    }
+    for host in [
+        format!("localhost:{}", addr.port()),
+        format!("127.0.0.1:{}", addr.port()),
+        "LOCALHOST".to_owned(),
+        "admin.localhost".to_owned(),
+        "[::1]:9901".to_owned(),
+    ] {
+        let answer = get("/status", Some(host.clone())).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
 }
