@@ -398,6 +398,19 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
     assert_eq!(chaos.faults().len(), tower_degrade::chaos::MAX_FAULTS);
 }
 
+/// The shop's admin API served by `admin::serve` on a loopback port: the degrader (keep it)
+/// and the address.
+async fn served_on_loopback() -> (Degrader, std::net::SocketAddr) {
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let listener = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tower_degrade::admin::serve(listener, app));
+    (d, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api() {
     // With `axum::serve`, connections sending a byte and then nothing stayed open for ever:
@@ -405,15 +418,9 @@ async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api()
     // are open and closes one whose request head does not arrive in time.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
-    use tower_degrade::admin::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, serve};
+    use tower_degrade::admin::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
-    let d = shop();
-    let app = Admin::new(&d, TOKEN).unwrap().router();
-    let listener = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, app));
+    let (_d, addr) = served_on_loopback().await;
     let mut idle = Vec::new();
     for _ in 0..MAX_CONNECTIONS + 16 {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -455,19 +462,11 @@ async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
     // a web page that rebinds its own name to 127.0.0.1 reads them through the browser.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
-    use tower_degrade::admin::serve;
 
-    let d = shop();
-    let app = Admin::new(&d, TOKEN).unwrap().router();
-    let listener = bind("127.0.0.1:0".parse().unwrap(), Exposure::Loopback)
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, app));
-    let get = |path: &'static str, host: Option<String>| async move {
+    let (_d, addr) = served_on_loopback().await;
+    let get = |path: &'static str, host: String| async move {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let host = host.map_or(String::new(), |h| format!("host: {h}\r\n"));
-        let head = format!("GET {path} HTTP/1.1\r\n{host}connection: close\r\n\r\n");
+        let head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
         s.write_all(head.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.unwrap();
@@ -480,7 +479,7 @@ async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
         "localhost.evil",
     ] {
         for path in ["/status", "/"] {
-            let answer = get(path, Some(host.to_owned())).await;
+            let answer = get(path, host.to_owned()).await;
             assert!(
                 answer.starts_with("HTTP/1.1 403"),
                 "{host} {path}: {answer}"
@@ -495,7 +494,7 @@ async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
         "admin.localhost".to_owned(),
         "[::1]:9901".to_owned(),
     ] {
-        let answer = get("/status", Some(host.clone())).await;
+        let answer = get("/status", host.clone()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
 }
