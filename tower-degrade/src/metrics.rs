@@ -49,6 +49,14 @@
 //! `degrade_policy_errors_total`) on the calls it ran for. Handles are registered
 //! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
 //!
+//! A counter is there at 0 before its first event, so that `rate()` and `increase()` see
+//! that event (a series created at its first increment starts at 1, which they cannot tell
+//! from a restart): the class's request and prediction counters and the predictor's
+//! `overruns`, `failures` and `invalid` from the first tick, each `result` of the reloads
+//! from the first load, a policy's alerts and errors for each class it governs from each
+//! load, and each `result` of the fallback router's counters beside the first one counted for
+//! its other labels.
+//!
 //! # Latency buckets
 //!
 //! Whether `degrade_latency_seconds` is a histogram or a summary is the exporter's choice:
@@ -272,7 +280,8 @@ pub(crate) fn describe() {
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
 /// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`
-/// values, or past its TTL); labelled by `class` only (the layer sits outside the degrader).
+/// values, or past its TTL); labelled by the `service` and `class` of the answer it read
+/// (the layer sits outside the degrader).
 pub const FALLBACK_CACHED: &str = "degrade_fallback_cached_total";
 /// Tasks in a fallback queue (`delayed_retry`, `spool`, `manual_review`, `batch_merge`).
 pub const FALLBACK_DEPTH: &str = "degrade_fallback_depth";
@@ -320,6 +329,37 @@ pub(crate) fn describe_fallback() {
     );
 }
 
+/// Results of [`FALLBACK_KEPT`].
+pub(crate) const KEPT_RESULTS: [&str; 4] = ["kept", "too_large", "malformed", "not_kept"];
+/// Results of [`FALLBACK_REPLAYS`].
+pub(crate) const REPLAY_RESULTS: [&str; 3] = ["ok", "retry", "review"];
+/// Results of [`FALLBACK_BATCH_WRITES`].
+pub(crate) const BATCH_WRITE_RESULTS: [&str; 3] = ["ok", "failed", "spooled"];
+/// Results of [`FALLBACK_CACHED`].
+pub(crate) const CACHED_RESULTS: [&str; 2] = ["served", "miss"];
+
+/// Count one event of the counter `name` labelled `labels` and `result`, one of `results`;
+/// the series of the other results are created beside it at 0. A series created at its first
+/// increment starts at 1, which `rate()` and `increase()` never see: without this, the first
+/// refusal after a run of kept calls, say, would not be seen by an alert (cold paths only: a
+/// registry lookup per result).
+pub(crate) fn count_result(
+    name: &'static str,
+    labels: &[Label],
+    results: &[&'static str],
+    result: &'static str,
+) {
+    debug_assert!(
+        results.contains(&result),
+        "{name}: {result} not in {results:?}"
+    );
+    for &r in results {
+        let mut l = labels.to_vec();
+        l.push(Label::new("result", r));
+        counter!(name, l).increment(u64::from(r == result));
+    }
+}
+
 /// Count a propagated priority that was not a tier (cold: only waiting calls).
 #[cold]
 pub(crate) fn priority_header_invalid(service: &str) {
@@ -362,17 +402,31 @@ impl LimiterMetrics {
 }
 
 /// Histogram buckets (seconds) for [`LATENCY`], from the classes' SLAs: for each SLA, a
-/// quarter, half, 1x, 2x and 4x of it, plus the seed rule's 800 ms, sorted and without
-/// duplicates.
+/// sixteenth, an eighth, a quarter, a half, 1x, 1.25x, 1.5x, 2x and 4x of it, plus the seed
+/// rule's 800 ms, and the steps of a ladder from 1 ms to 10 s (1, 2.5, 5 per decade) that no
+/// such bucket is within a quarter of; sorted, without duplicates. A quantile read from the buckets
+/// (`histogram_quantile`) is interpolated within the bucket it falls in: fine near each SLA,
+/// where it matters, and within a decade's steps from 1 ms to 10 s elsewhere.
 pub fn latency_buckets(registry: &Registry) -> Vec<f64> {
+    const PER_SLA: [f64; 9] = [0.0625, 0.125, 0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 4.0];
+    const LADDER: [f64; 13] = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
     let mut b: Vec<f64> = registry
         .iter()
         .flat_map(|(_, c)| {
             let sla = c.sla_target().as_secs_f64();
-            [0.25, 0.5, 1.0, 2.0, 4.0].map(|f| sla * f)
+            // To the nanosecond: 0.05 * 1.5 is 0.07500000000000001, a label nobody wants.
+            PER_SLA.map(|f| (sla * f * 1e9).round() / 1e9)
         })
         .chain([0.8])
         .collect();
+    let near = |x: f64, y: f64| x.max(y) <= 1.25 * x.min(y) * (1.0 + 1e-9);
+    let ladder: Vec<f64> = LADDER
+        .into_iter()
+        .filter(|&l| !b.iter().any(|&x| near(x, l)))
+        .collect();
+    b.extend(ladder);
     b.sort_by(f64::total_cmp);
     b.dedup_by(|a, b| (*a - *b).abs() <= f64::EPSILON * b.abs().max(1.0));
     b
@@ -415,6 +469,15 @@ impl std::fmt::Debug for ClassMetrics {
 impl ClassMetrics {
     pub(crate) fn new(service: &str, class: &str, tier: Tier, predicted: bool) -> Self {
         let base = labels(service, class, tier);
+        if predicted {
+            // The predictor's counters exist from its first tick, at 0: one created at its
+            // first increment starts at 1, and `rate()` or `increase()` never sees that one.
+            counter!(PREDICTOR_INVALID, "service" => service.to_owned(), "class" => class.to_owned())
+                .increment(0);
+            for name in [PREDICTOR_OVERRUNS, PREDICTOR_FAILURES] {
+                counter!(name, "service" => service.to_owned()).increment(0);
+            }
+        }
         let outcomes = Outcome::ALL
             .iter()
             .map(|o| {

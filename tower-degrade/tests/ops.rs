@@ -73,6 +73,7 @@ fn emitted() -> BTreeSet<&'static str> {
         PREDICTIONS,
         PREDICTOR_OVERRUNS,
         PREDICTOR_FAILURES,
+        PREDICTOR_INVALID,
         POLICY_RELOADS,
         POLICY_VERSION,
         POLICY_LOAD_FAILING,
@@ -92,6 +93,7 @@ fn emitted() -> BTreeSet<&'static str> {
         FALLBACK_REPLAYS,
         FALLBACK_BACKFILL_RATE,
         FALLBACK_BATCH_WRITES,
+        FALLBACK_CACHED,
     ])
 }
 
@@ -146,6 +148,10 @@ fn every_alert_is_defined_and_tested() {
         "DegradeSpoolOldestTooOld",
         "DegradePredictorOverruns",
         "DegradePredictorFailing",
+        "DegradePredictorInvalid",
+        "DegradePolicyReloadFailed",
+        "DegradePolicyAlert",
+        "DegradePolicyErrors",
     ] {
         assert!(defined.contains(&wanted), "{wanted} is not in {RULES}");
     }

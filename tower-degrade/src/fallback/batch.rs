@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use metrics::counter;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower::util::BoxCloneSyncService;
@@ -462,19 +461,28 @@ where
                         b.next_ms =
                             super::schedule::after(clock.now_ms(), retry.backoff(b.attempts, 0.5));
                     }
-                    counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
-                        "class" => self.class.clone(), "result" => "failed")
-                    .increment(1);
+                    self.written(&service, "failed");
                     continue;
                 }
             };
             if store.commit(ops).await.is_ok() {
                 self.state().sealed.retain(|b| b.task.id() != id);
             }
-            counter!(crate::metrics::FALLBACK_BATCH_WRITES, "service" => service.clone(),
-                "class" => self.class.clone(), "result" => outcome)
-            .increment(1);
+            self.written(&service, outcome);
         }
+    }
+
+    /// Count a merged write of this class by `result` (`ok`, `failed`, `spooled`).
+    fn written(&self, service: &str, result: &'static str) {
+        crate::metrics::count_result(
+            crate::metrics::FALLBACK_BATCH_WRITES,
+            &[
+                metrics::Label::new("service", service.to_owned()),
+                metrics::Label::new("class", self.class.clone()),
+            ],
+            &crate::metrics::BATCH_WRITE_RESULTS,
+            result,
+        );
     }
 
     /// A value the journal cannot read back: logged once per class.

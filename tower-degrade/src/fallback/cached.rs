@@ -339,10 +339,15 @@ impl LastGoodLayer {
                 return res;
             }
             let counted = |result: &'static str| {
-                metrics::counter!(crate::metrics::FALLBACK_CACHED,
-                    "service" => d.service().to_owned(), "class" => d.class().to_owned(),
-                    "result" => result)
-                .increment(1);
+                crate::metrics::count_result(
+                    crate::metrics::FALLBACK_CACHED,
+                    &[
+                        metrics::Label::new("service", d.service().to_owned()),
+                        metrics::Label::new("class", d.class().to_owned()),
+                    ],
+                    &crate::metrics::CACHED_RESULTS,
+                    result,
+                );
             };
             let reason = d.reason();
             let Some(entry) = self.cache.get(&key) else {

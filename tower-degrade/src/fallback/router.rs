@@ -444,10 +444,12 @@ where
     let refuse = |why: Reason| {
         // The call's service: the router's own but for a call of another degrader (refused),
         // whose class it is.
-        metrics::counter!(crate::metrics::FALLBACK_KEPT,
-            "service" => service.to_string(), "class" => class.clone(),
-            "route" => route.as_str(), "result" => why.as_str())
-        .increment(1);
+        crate::metrics::count_result(
+            crate::metrics::FALLBACK_KEPT,
+            &kept_labels(&service, &class, route),
+            &crate::metrics::KEPT_RESULTS,
+            why.as_str(),
+        );
         answer(why)
     };
     if foreign {
@@ -676,4 +678,13 @@ impl<T> FallbackRouter<T> {
             }
         })
     }
+}
+
+/// The labels of [`FALLBACK_KEPT`](crate::metrics::FALLBACK_KEPT) but its `result`.
+pub(super) fn kept_labels(service: &str, class: &str, route: Route) -> [metrics::Label; 3] {
+    [
+        metrics::Label::new("service", service.to_owned()),
+        metrics::Label::new("class", class.to_owned()),
+        metrics::Label::new("route", route.as_str()),
+    ]
 }

@@ -257,10 +257,12 @@ impl RouterShared {
         }
         match result {
             Ok(()) => {
-                metrics::counter!(crate::metrics::FALLBACK_KEPT,
-                    "service" => self.service.to_string(), "class" => class.clone(),
-                    "route" => route.as_str(), "result" => "kept")
-                .increment(1);
+                crate::metrics::count_result(
+                    crate::metrics::FALLBACK_KEPT,
+                    &super::router::kept_labels(&self.service, &class, route),
+                    &crate::metrics::KEPT_RESULTS,
+                    "kept",
+                );
                 if route == Route::ManualReview {
                     tracing::warn!(service = %self.service, class = %class, task = %id,
                         reason = %reason, "task moved to manual review");
@@ -274,10 +276,12 @@ impl RouterShared {
                 Stored::Kept(id)
             }
             Err(e) => {
-                metrics::counter!(crate::metrics::FALLBACK_KEPT,
-                    "service" => self.service.to_string(), "class" => class.clone(),
-                    "route" => route.as_str(), "result" => Reason::NotKept.as_str())
-                .increment(1);
+                crate::metrics::count_result(
+                    crate::metrics::FALLBACK_KEPT,
+                    &super::router::kept_labels(&self.service, &class, route),
+                    &crate::metrics::KEPT_RESULTS,
+                    Reason::NotKept.as_str(),
+                );
                 if let Some(held) = self.not_kept.ready() {
                     tracing::warn!(service = %self.service, class = %class, error = %e,
                         also_not_kept = held,

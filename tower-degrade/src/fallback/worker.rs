@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, gauge};
+use metrics::gauge;
 use tokio::task::{JoinError, JoinSet};
 
 use super::record::{Payload, Queue, Task, TaskId};
@@ -568,10 +568,7 @@ impl FallbackWorker {
                     let answer = "its deadline passed while its class was not healthy";
                     task.set_answer(answer.to_owned());
                     self.to_review(queue, task, &mut ops);
-                    counter!(crate::metrics::FALLBACK_REPLAYS,
-                        "service" => self.shared.service.to_string(),
-                        "queue" => queue.as_str(), "result" => "review")
-                    .increment(1);
+                    replayed(&self.shared.service, queue, "review");
                 }
                 // Gone meanwhile (an operator's action): nothing to move.
                 Ok(None) => {}
@@ -707,9 +704,7 @@ impl FallbackWorker {
                         .max(super::schedule::after(now, asked))
                         .max(task.due_ms());
                     ops.push(Op::Put(queue, task.with_due(due)));
-                    counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
-                        "queue" => queue.as_str(), "result" => "retry")
-                    .increment(1);
+                    replayed(&service, queue, "retry");
                     continue;
                 }
                 Replayed::Done => {
@@ -744,9 +739,7 @@ impl FallbackWorker {
                     "review"
                 }
             };
-            counter!(crate::metrics::FALLBACK_REPLAYS, "service" => service.clone(),
-                "queue" => queue.as_str(), "result" => result)
-            .increment(1);
+            replayed(&service, queue, result);
         }
         if ops.is_empty() {
             return;
@@ -812,4 +805,17 @@ impl FallbackWorker {
         ops.push(Op::Remove(from, task.id()));
         ops.push(Op::Put(Queue::Review, task));
     }
+}
+
+/// Count a replay of a task of `queue` by `result` (`ok`, `retry`, `review`).
+fn replayed(service: &str, queue: Queue, result: &'static str) {
+    crate::metrics::count_result(
+        crate::metrics::FALLBACK_REPLAYS,
+        &[
+            metrics::Label::new("service", service.to_owned()),
+            metrics::Label::new("queue", queue.as_str()),
+        ],
+        &crate::metrics::REPLAY_RESULTS,
+        result,
+    );
 }

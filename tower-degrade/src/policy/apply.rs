@@ -368,6 +368,19 @@ impl Core {
     pub(crate) fn install(&self, mut set: PolicySet) -> u64 {
         let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
         set.version = version;
+        // Each (class, policy) pair's alert and error counters exist from the load, at 0: a
+        // counter created at its first increment starts at 1, and `rate()` or `increase()`
+        // over it never sees that first alert.
+        for (class, policies) in set.by_class.iter().enumerate() {
+            let Some(c) = self.classes.get(class) else {
+                continue;
+            };
+            for &i in policies {
+                for name in [POLICY_ALERTS, POLICY_ERRORS] {
+                    metrics::counter!(name, "service" => self.service.to_string(), "class" => c.name.to_string(), "policy" => set.policies[i].name.clone()).increment(0);
+                }
+            }
+        }
         let old = self.current.swap(Some(Arc::new(set)));
         *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = old;
         metrics::gauge!(POLICY_VERSION, "service" => self.service.to_string()).set(version as f64);
@@ -385,9 +398,12 @@ impl Core {
     }
 
     pub(crate) fn count_reload(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        metrics::counter!(POLICY_RELOADS, "service" => self.service.to_string(), "result" => result)
-            .increment(1);
+        crate::metrics::count_result(
+            POLICY_RELOADS,
+            &[metrics::Label::new("service", self.service.to_string())],
+            &["ok", "error"],
+            if ok { "ok" } else { "error" },
+        );
         self.load_failing.store(!ok, Ordering::Relaxed);
         metrics::gauge!(POLICY_LOAD_FAILING, "service" => self.service.to_string()).set(if ok {
             0.0

@@ -1593,23 +1593,29 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
         let _local = metrics::set_default_local_recorder(&recorder);
         call(&svc, post("/log", "c")).await
     };
-    // Counted once (the store's refusal), whoever answers it.
-    let not_kept: Vec<_> = snapshotter
+    // Counted once (the store's refusal), whoever answers it; the other results' series are
+    // there at 0, so that the first of each is an increase an alert sees.
+    let mut kept: Vec<_> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
-        .filter(|(k, _, _, _)| {
-            k.key().name() == tower_degrade::metrics::FALLBACK_KEPT
-                && k.key()
-                    .labels()
-                    .any(|l| l.key() == "result" && l.value() == "not_kept")
+        .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
+        .map(|(k, _, _, v)| {
+            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+            (result.value().to_owned(), v)
         })
-        .map(|(_, _, _, v)| v)
         .collect();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let counter = metrics_util::debugging::DebugValue::Counter;
     assert_eq!(
-        not_kept,
-        [metrics_util::debugging::DebugValue::Counter(1)],
-        "{not_kept:?}"
+        kept,
+        [
+            ("kept".to_owned(), counter(0)),
+            ("malformed".to_owned(), counter(0)),
+            ("not_kept".to_owned(), counter(1)),
+            ("too_large".to_owned(), counter(0)),
+        ],
+        "{kept:?}"
     );
     assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.headers()[REASON_HEADER], "not_kept");

@@ -631,10 +631,15 @@ fn latency_buckets_come_from_the_slas() {
         .class(ClassConfig::gold("pay"))
         .build_with_worker()
         .unwrap();
-    // default (bronze, 1 s) and pay (gold, 50 ms): 1/4, 1/2, 1, 2, 4 x SLA, and 0.8 s.
+    // default (bronze, 1 s) and pay (gold, 50 ms): 1/16, 1/8, 1/4, 1/2, 1, 1.25, 1.5, 2, 4 x
+    // SLA, 0.8 s, and of the ladder from 1 ms to 10 s the steps no bucket is within a quarter
+    // of (1 ms and 10 s: 2.5 ms is within a quarter of 3.125 ms, 5 s of 4 s...).
     assert_eq!(
         tower_degrade::metrics::latency_buckets(d.registry()),
-        [0.0125, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 0.8, 1.0, 2.0, 4.0]
+        [
+            0.001, 0.003125, 0.00625, 0.0125, 0.025, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.2, 0.25,
+            0.5, 0.8, 1.0, 1.25, 1.5, 2.0, 4.0, 10.0
+        ]
     );
 }
 

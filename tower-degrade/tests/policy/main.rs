@@ -643,6 +643,49 @@ fn a_refused_load_is_flagged_until_one_is_accepted() {
     assert_eq!(failing(), Some(DebugValue::Gauge(0.0.into())));
 }
 
+#[test]
+fn a_load_creates_the_counters_alerts_read_at_zero() {
+    // A counter created at its first increment starts at 1, which `rate()` and `increase()`
+    // never see: the first refused reload, and a policy's first alert, reached no alert.
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let d = degrader();
+    let good = policy("\"log\"", "()");
+    metrics::with_local_recorder(&recorder, || {
+        d.load_policy_sources([("p", good.as_str())]).unwrap();
+    });
+    let snap = snapshotter.snapshot().into_vec();
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        snap.iter().find_map(|(k, _, _, v)| {
+            let key = k.key();
+            let all = labels
+                .iter()
+                .all(|(n, want)| key.labels().any(|l| l.key() == *n && l.value() == *want));
+            (key.name() == name && all).then_some(v)
+        })
+    };
+    let zero = Some(&DebugValue::Counter(0));
+    assert_eq!(
+        value("degrade_policy_reloads_total", &[("result", "ok")]),
+        Some(&DebugValue::Counter(1))
+    );
+    assert_eq!(
+        value("degrade_policy_reloads_total", &[("result", "error")]),
+        zero
+    );
+    for name in ["degrade_policy_alerts_total", "degrade_policy_errors_total"] {
+        assert_eq!(
+            value(name, &[("class", "log"), ("policy", "p")]),
+            zero,
+            "{name}"
+        );
+        // Only the classes the policy governs.
+        assert_eq!(value(name, &[("class", "pay")]), None, "{name}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn loads_a_directory_once() {
     let dir = std::env::temp_dir().join(format!("tower-degrade-policies-{}", std::process::id()));
