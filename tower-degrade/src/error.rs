@@ -16,7 +16,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// Services using the generic protocol fail with it boxed in a [`BoxError`]: find it with
 /// [`is_degraded`] or [`degraded`]. HTTP and gRPC services answer with a degraded response
-/// instead and put a clone of this value in the response extensions.
+/// instead and put a clone of this value in the response extensions; so does the fallback
+/// router's answer to a call it kept (`202 Accepted`, with the task's id in
+/// `x-degrade-task-id`): the service has not answered it yet either.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Degraded {
     service: Arc<str>,

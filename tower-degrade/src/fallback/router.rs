@@ -482,13 +482,13 @@ where
         }
     };
     match shared.keep((class.clone(), key, route, reason), rec).await {
-        Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => Ok(kept_response(
-            &id.to_string(),
-            route,
-            reason,
-            grpc,
-            RB::default(),
-        )),
+        Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => {
+            let mut res = kept_response(&id.to_string(), route, reason, grpc, RB::default());
+            // As the layer's other answers: the service did not answer this call (yet).
+            res.extensions_mut()
+                .insert(Degraded::new(service, name, reason, route, None));
+            Ok(res)
+        }
         Stored::Found(kept) => Ok(key_reused_response(
             &kept.id.to_string(),
             grpc,

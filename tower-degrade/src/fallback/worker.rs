@@ -155,6 +155,9 @@ pub struct FallbackWorker {
     unsettled: Vec<Op>,
     /// A store that cannot be read is said once every 10 s per queue, not every step.
     unreadable: [Every; 2],
+    /// A probe replay that failed is said at most every 10 s: what it answered is the only
+    /// sign of a replay that cannot reach its service (no base URL, no credentials).
+    probe_failed: Every,
 }
 
 /// A replay that ended (or panicked, or was cancelled): its tokio task, its outcome and how
@@ -203,6 +206,7 @@ impl FallbackWorker {
             flushing: JoinSet::new(),
             unsettled: Vec::new(),
             unreadable: [Every::new(LOG_EVERY), Every::new(LOG_EVERY)],
+            probe_failed: Every::new(LOG_EVERY),
         }
     }
 
@@ -440,7 +444,17 @@ impl FallbackWorker {
         };
         let result = match outcome.retried() {
             None => Outcome::Success,
-            Some(_) => Outcome::Error,
+            Some((answer, _)) => {
+                if let Some(held) = self.probe_failed.ready() {
+                    tracing::warn!(service = %self.shared.service, class, answer,
+                        also_failed = held,
+                        "a probe replay failed: counted as a failure of the class, which stays \
+                         open while its probes fail (a replay that cannot reach its service, \
+                         with no base URL or credentials, fails every probe; said at most \
+                         every 10 s, `also_failed`: since the last line)");
+                }
+                Outcome::Error
+            }
         };
         shared.shards[shard_index(shared.shard_mask)].record(id.index(), result, latency);
         shared.gates[id.index()].probe_done(result == Outcome::Success, latency);

@@ -174,6 +174,17 @@ async fn spooled_calls_are_stored_then_accepted_and_backfilled_once_when_healthy
         assert_eq!(res.status(), StatusCode::ACCEPTED);
         assert_eq!(res.headers()[ROUTE_HEADER], "spool");
         assert_eq!(res.headers()[REASON_HEADER], "forced_open");
+        // As the layer's other answers, for a client that checks it (an outbound call's
+        // caller telling the layer's 202 from the provider's).
+        let degraded = res.extensions().get::<tower_degrade::Degraded>().unwrap();
+        assert_eq!(
+            (degraded.class(), degraded.route(), degraded.reason()),
+            (
+                "browse",
+                Route::Spool,
+                tower_degrade::gate::Reason::ForcedOpen
+            )
+        );
         let id = task_id(&res);
         // Answered only after it was stored.
         assert!(store.get(Queue::Spool, id).await.unwrap().is_some());
