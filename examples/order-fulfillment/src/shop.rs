@@ -418,9 +418,7 @@ impl Shop {
                 }),
             );
         }
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         handles.push(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -522,6 +520,22 @@ impl Shop {
         drop(self.store);
         if let (Some(path), false) = (self.store_path, keep_store) {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A listener on `addr`; a port the last run's shop may still hold (its tasks are aborted, a
+/// scraper's connection still open) is waited for, up to 5 s.
+async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, BoxError> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if tries < 50 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}").into()),
+            Ok(l) => return Ok(l),
         }
     }
 }
