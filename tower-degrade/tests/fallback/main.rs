@@ -22,6 +22,8 @@ use tower_degrade::fallback::{
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
 
+#[path = "../logs.rs"]
+mod logs;
 #[path = "../support.rs"]
 mod support;
 
@@ -237,13 +239,22 @@ async fn a_class_without_live_calls_is_probed_with_its_spool_and_drains_once_rec
         kept.push(task_id(&res).to_string());
     }
     // Then no live call at all (a queue consumer that stopped): only the control loop ticks.
+    let (logs, guard) = logs::Logs::capture();
     let mut states = Vec::new();
     for _ in 0..80 {
         run_for(500).await;
         d.tick_now();
         states.push(state(&d));
     }
+    drop(guard);
     assert!(states.contains(&State::HalfOpen), "{states:?}");
+    // The failed probe is said with what it answered: with no live calls, the only sign of
+    // a replay that cannot reach its service.
+    let text = logs.text();
+    assert!(
+        text.contains("a probe replay failed") && text.contains("503"),
+        "{text}"
+    );
     assert_eq!(store.depth(Queue::Spool).len, 0, "states: {states:?}");
     let replays: Vec<_> = app
         .seen()
