@@ -71,7 +71,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
     use hyper_util::rt::{TokioIo, TokioTimer};
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let router = match listener.local_addr() {
-        Ok(addr) if addr.ip().is_loopback() => {
+        Ok(addr) if is_loopback(addr.ip()) => {
             router.layer(axum::middleware::from_fn(addressed_to_loopback))
         }
         _ => router,
@@ -133,9 +133,56 @@ fn is_loopback_host(host: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     name == "localhost"
         || name.ends_with(".localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || name.parse::<std::net::IpAddr>().is_ok_and(is_loopback)
+}
+
+/// Whether `ip` is a loopback address, an IPv4-mapped one (`::ffff:127.0.0.1`) included, as
+/// [`bind`] reads it.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_loopback, is_loopback_host};
+
+    #[test]
+    fn a_listener_on_an_ipv4_mapped_loopback_address_is_guarded_as_loopback() {
+        // `bind` took `::ffff:127.0.0.1` for loopback and `serve` did not: such a listener
+        // answered any `Host`.
+        for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["0.0.0.0", "::", "10.0.0.1", "::ffff:10.0.0.1"] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_host_naming_this_machine_is_loopback_and_no_other() {
+        for host in [
+            "localhost",
+            "LOCALHOST:9100",
+            "localhost.",
+            "admin.localhost:80",
+            "127.0.0.1",
+            "127.0.0.2:9100",
+            "[::1]:9100",
+            "[::ffff:127.0.0.1]:9100",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "localhost.evil.example",
+            "10.0.0.1:9100",
+            "[::ffff:10.0.0.1]",
+            "[::2]",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }
 
 /// Who may reach an admin listener.
@@ -182,7 +229,7 @@ pub async fn bind(
     exposure: Exposure,
 ) -> Result<tokio::net::TcpListener, BindError> {
     // An IPv4-mapped loopback address (`::ffff:127.0.0.1`) is loopback too.
-    if !addr.ip().to_canonical().is_loopback() && exposure != Exposure::Remote {
+    if !is_loopback(addr.ip()) && exposure != Exposure::Remote {
         return Err(BindError {
             message: format!(
                 "admin address {addr} is reachable from other machines: bind a loopback \

@@ -23,8 +23,8 @@
 //! also closes, its threshold raised above the false alarm's scores; so does one whose
 //! warnings come and go for as long with no breach.
 //!
-//! The file is about 650 lines because the machine is one piece: every phase's transitions
-//! read the same counters, and splitting them would scatter one table.
+//! The file is long because the machine is one piece: every phase's transitions read the
+//! same counters, and splitting them would scatter one table.
 
 mod calibrate;
 mod command;

@@ -34,13 +34,17 @@ pub enum Reason {
     /// [`admit`](crate::admit)).
     Overload,
     /// The call was to be kept (spooled, retried later, queued for review) but its body is over
-    /// the capture limit.
+    /// the capture limit, or the headers it keeps are over theirs.
     TooLarge,
-    /// The call was to be kept but the store refused it (full, or failing): it was not kept.
+    /// The call was to be kept but was not: the store refused it (full, or failing), its body
+    /// failed or did not arrive in time, it was a protocol upgrade (nobody could be handed
+    /// the connection later), a `batch_merge` delta could not be read, or it came through
+    /// another degrader's layer. Worth sending again later (`Retry-After`).
     NotKept,
-    /// The call was to be kept but is not a well-formed call of its protocol (a gRPC body
-    /// that is not a sequence of length-prefixed messages): it would fail every replay, so it
-    /// is refused rather than kept.
+    /// The call was to be kept but is not a well-formed call (a gRPC body that is not a
+    /// sequence of length-prefixed messages, an idempotency key that cannot be one): it would
+    /// fail every replay, or be kept under another key at each retry, so it is refused rather
+    /// than kept.
     Malformed,
 }
 

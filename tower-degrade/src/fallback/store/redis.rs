@@ -184,8 +184,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// This instance's consumer name in the group (default: host name and process id). It
-    /// must differ between instances.
+    /// This instance's consumer name in the group (default: host name, process id and an id
+    /// drawn at each start). It must differ between instances.
     pub fn consumer(mut self, name: impl Into<String>) -> Self {
         self.consumer = Some(name.into());
         self
