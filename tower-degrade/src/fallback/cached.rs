@@ -23,6 +23,9 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 /// Remembers the last good response of reads and serves it when the degrade layer diverts a
 /// call to [`Route::Cached`]. Put it **outside** the degrade layer (added after it, with
 /// axum's `Router::layer`), so it sees both the served responses and the layer's answers.
+/// It keeps every read it sees, whatever its class: put it around the routes of the classes
+/// routed to `cached` alone (`docs/fallback.md`, *Cached*, shows how with axum), not a whole
+/// router, whose other reads it would keep and never serve.
 ///
 /// * Kept: `GET` and `HEAD` requests answered 2xx (not a `206` partial answer) with a body of
 ///   known size up to `max_body` (default 256 KiB), no `Set-Cookie`, no `Cache-Control:
