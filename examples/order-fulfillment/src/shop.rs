@@ -315,10 +315,15 @@ impl Shop {
             .build();
         let classify = classifier(&degrader)?;
 
+        // The product reads apart: the last-good cache goes around them alone (it keeps every
+        // read it sees, and only theirs are ever served from it).
+        let product_routes = Router::new()
+            .route("/products/{id}", get(product))
+            .with_state(ctx.clone())
+            .layer(app_chaos.layer(classify.clone()).http());
         let http_routes = Router::new()
             .route("/payments/{order_id}/callback", post(payment_callback))
             .route("/inventory/{sku}/deduct", post(inventory))
-            .route("/products/{id}", get(product))
             .route("/events/browse", post(browse))
             .route("/orders/{id}/status", get(order_status))
             .with_state(ctx.clone())
@@ -331,7 +336,10 @@ impl Shop {
         let mut handles = Vec::new();
         let (app, store, review, store_path, cron, events) = if protected {
             // Kept calls are replayed through the application without the degrade layer.
-            let replayable = http_routes.clone().merge(grpc_routes.clone());
+            let replayable = http_routes
+                .clone()
+                .merge(product_routes.clone())
+                .merge(grpc_routes.clone());
             let store_path = config.storage.path.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!(
                     "order-fulfillment-{}-{}.redb",
@@ -357,15 +365,14 @@ impl Shop {
                 .backfill(config.backfill()?)
                 .build()?;
             handles.push(tokio::spawn(worker.run()));
-            let last_good = LastGoodLayer::new().ttl(Duration::from_secs(600));
-            let http = http_routes
-                .layer(
-                    degrader
-                        .layer(classify.clone())
-                        .http()
-                        .fallback_with(router.clone()),
-                )
-                .layer(last_good);
+            let degrade_http = degrader
+                .layer(classify.clone())
+                .http()
+                .fallback_with(router.clone());
+            let products = product_routes
+                .layer(degrade_http.clone())
+                .layer(LastGoodLayer::new().ttl(Duration::from_secs(600)));
+            let http = http_routes.layer(degrade_http).merge(products);
             let grpc = grpc_routes.layer(
                 degrader
                     .layer(classify.clone())
@@ -389,7 +396,7 @@ impl Shop {
             let cron = degrader.tasks::<(), TaskOutcome>().build();
             let events = degrader.tasks::<OrderEvent, TaskOutcome>().build();
             (
-                http_routes.merge(grpc_routes),
+                http_routes.merge(product_routes).merge(grpc_routes),
                 None,
                 None,
                 None,
