@@ -330,19 +330,34 @@ pub(crate) fn describe_fallback() {
 }
 
 /// Results of [`FALLBACK_KEPT`].
+#[cfg(feature = "fallback")]
 pub(crate) const KEPT_RESULTS: [&str; 4] = ["kept", "too_large", "malformed", "not_kept"];
 /// Results of [`FALLBACK_REPLAYS`].
+#[cfg(feature = "fallback")]
 pub(crate) const REPLAY_RESULTS: [&str; 3] = ["ok", "retry", "review"];
 /// Results of [`FALLBACK_BATCH_WRITES`].
+#[cfg(feature = "fallback")]
 pub(crate) const BATCH_WRITE_RESULTS: [&str; 3] = ["ok", "failed", "spooled"];
 /// Results of [`FALLBACK_CACHED`].
+#[cfg(feature = "fallback")]
 pub(crate) const CACHED_RESULTS: [&str; 2] = ["served", "miss"];
+
+/// The labels of [`FALLBACK_KEPT`] but its `result`.
+#[cfg(feature = "fallback")]
+pub(crate) fn kept_labels(service: &str, class: &str, route: crate::class::Route) -> [Label; 3] {
+    [
+        Label::new("service", service.to_owned()),
+        Label::new("class", class.to_owned()),
+        Label::new("route", route.as_str()),
+    ]
+}
 
 /// Count one event of the counter `name` labelled `labels` and `result`, one of `results`;
 /// the series of the other results are created beside it at 0. A series created at its first
 /// increment starts at 1, which `rate()` and `increase()` never see: without this, the first
 /// refusal after a run of kept calls, say, would not be seen by an alert (cold paths only: a
 /// registry lookup per result).
+#[cfg(any(feature = "fallback", feature = "rhai"))]
 pub(crate) fn count_result(
     name: &'static str,
     labels: &[Label],

@@ -446,7 +446,7 @@ where
         // whose class it is.
         crate::metrics::count_result(
             crate::metrics::FALLBACK_KEPT,
-            &kept_labels(&service, &class, route),
+            &crate::metrics::kept_labels(&service, &class, route),
             &crate::metrics::KEPT_RESULTS,
             why.as_str(),
         );
@@ -678,13 +678,4 @@ impl<T> FallbackRouter<T> {
             }
         })
     }
-}
-
-/// The labels of [`FALLBACK_KEPT`](crate::metrics::FALLBACK_KEPT) but its `result`.
-pub(super) fn kept_labels(service: &str, class: &str, route: Route) -> [metrics::Label; 3] {
-    [
-        metrics::Label::new("service", service.to_owned()),
-        metrics::Label::new("class", class.to_owned()),
-        metrics::Label::new("route", route.as_str()),
-    ]
 }

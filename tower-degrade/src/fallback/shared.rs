@@ -259,7 +259,7 @@ impl RouterShared {
             Ok(()) => {
                 crate::metrics::count_result(
                     crate::metrics::FALLBACK_KEPT,
-                    &super::router::kept_labels(&self.service, &class, route),
+                    &crate::metrics::kept_labels(&self.service, &class, route),
                     &crate::metrics::KEPT_RESULTS,
                     "kept",
                 );
@@ -278,7 +278,7 @@ impl RouterShared {
             Err(e) => {
                 crate::metrics::count_result(
                     crate::metrics::FALLBACK_KEPT,
-                    &super::router::kept_labels(&self.service, &class, route),
+                    &crate::metrics::kept_labels(&self.service, &class, route),
                     &crate::metrics::KEPT_RESULTS,
                     Reason::NotKept.as_str(),
                 );
