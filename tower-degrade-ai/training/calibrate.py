@@ -172,7 +172,9 @@ class Calibrator:
         risk = min(self.risk / self._theta(), 0.5)
         ratio = min(risk * self.seen / max(self.exceeded, 1), 1.0)
         over = -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
-        self.fit = self.start + max(over, 0.0)
+        # never the start itself: where healthy scores repeat, it is the class's usual score,
+        # and a threshold there (compared with >=) trips on it
+        self.fit = max(self.start + max(over, 0.0), math.nextafter(self.start, math.inf))
         self._hold_floor()
 
 

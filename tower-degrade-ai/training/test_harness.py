@@ -898,6 +898,20 @@ class Calibration(unittest.TestCase):
         self.assertAlmostEqual(c.threshold(), TIED_THRESHOLD, places=9)
         self.assertTrue(math.isfinite(c.threshold()))
 
+    def test_a_score_that_never_moves_is_never_over_the_threshold_as_in_rust(self):
+        # `breaker::calibrate::tests::a_class_whose_healthy_score_never_moves_is_never_...`: a
+        # flat series with one run of high healthy scores in its warm-up; on minute steps the
+        # fit fell on the usual score at arming and tripped the class on it.
+        from calibrate import Calibrator
+        for step in (0.5, 60.0):
+            c = Calibrator(1.0, step, 3600)
+            for i in range(20_000):
+                if c.threshold() is not None:
+                    self.assertFalse(c.exceeds(0.01), (step, i, c.threshold()))
+                c.observe(0.5 if 1000 <= i < 1020 else 0.01)
+            self.assertIsNotNone(c.threshold())
+            self.assertTrue(c.exceeds(0.9999), (step, c.threshold()))
+
     def test_a_false_alarm_puts_the_threshold_above_its_scores_as_the_rust_one_does(self):
         # `breaker::calibrate::tests::a_false_alarm_puts_the_threshold_above_its_scores_for_an_hour_...`
         from calibrate import Calibrator

@@ -196,6 +196,9 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
             best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
     net.load_state_dict(best[1])
     if n_hard:
+        # Within 0.02 of the first round's best, not of the last epoch kept: measured from
+        # the last one kept, the bar went down with each epoch accepted.
+        bar = best[0] - 0.02
         # Second round: the normal windows the first model likes most. A breaker may trip at
         # most about once a day, so the rare normal window that looks like a precursor (a
         # burst, a GC pause) matters more than the many that do not.
@@ -211,7 +214,7 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
             total = train_epoch(net, opt, Xt, yt, pos_weight, wt)
             ap_val = validate(net, Xv, yva)
             log(f"epoch {epoch}: loss {total:.4f}  val AUPRC {ap_val:.3f}  ({time.time() - t0:.0f} s)")
-            if ap_val > best[0] - 0.02:
+            if ap_val > bar:
                 best = (ap_val, {k: v.clone() for k, v in net.state_dict().items()}, epoch)
         net.load_state_dict(best[1])
     calibration = calibrate(net, traces)
@@ -252,9 +255,10 @@ def main():
                          "channel, not two)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="give each dataset the same weight in training (dataset_weights; the default)")
-    ap.add_argument("--traces", action="append", default=[], metavar="DIR",
-                    help="a directory of your own trace CSVs to train on too (repeatable); each "
-                         "file needs a split column: python traces.py split DIR")
+    ap.add_argument("--traces", nargs="+", action="extend", default=[], metavar="DIR",
+                    help="directories of your own trace CSVs to train on too (--traces A B, or "
+                         "--traces A --traces B); each file needs a split column: python "
+                         "traces.py split DIR")
     a = ap.parse_args()
     if a.epochs < 1:
         ap.error(f"--epochs {a.epochs}: at least 1 (the model is the best epoch's)")

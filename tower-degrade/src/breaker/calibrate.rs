@@ -119,6 +119,18 @@ fn logit(p: f64) -> f64 {
     (p / (1.0 - p)).ln()
 }
 
+/// The least `f64` above `x` (`f64::next_up`, stable only since Rust 1.86).
+fn next_up(x: f64) -> f64 {
+    if x.is_nan() || x == f64::INFINITY {
+        return x;
+    }
+    if x == 0.0 {
+        return f64::from_bits(1);
+    }
+    let bits = x.to_bits();
+    f64::from_bits(if x > 0.0 { bits + 1 } else { bits - 1 })
+}
+
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -344,7 +356,11 @@ impl Tail {
         } else {
             sigma / gamma * (ratio.powf(-gamma) - 1.0)
         };
-        self.fit = self.start + over.max(0.0);
+        // Never the start itself: where the healthy scores repeat, the start is the class's
+        // usual score (most of the warm-up's can equal it), and a threshold there, compared
+        // with `>=`, tripped on it about once an hour (a flat series whose excesses were
+        // within the budget: `ratio` 1, `over` 0).
+        self.fit = (self.start + over.max(0.0)).max(next_up(self.start));
         self.hold_floor();
     }
 
@@ -566,4 +582,39 @@ mod tests {
 
     /// The threshold `tied` gives (training/calibrate.py's test asserts the same).
     const TIED_THRESHOLD: f64 = 0.508_774_034_388_744_8;
+
+    #[test]
+    fn next_up_is_the_least_float_above() {
+        for x in [-3.5, -1e-300, -0.0, 0.0, 1e-300, 0.25, 4.6e18] {
+            let up = next_up(x);
+            assert!(up > x, "{x}");
+            assert_eq!(up, x.next_up(), "{x}");
+        }
+    }
+
+    #[test]
+    fn a_class_whose_healthy_score_never_moves_is_never_tripped_by_it() {
+        // A flat series (regular traffic the model scores alike each tick) with one run of
+        // high healthy scores in its warm-up: the tail starts at the usual score, whose
+        // excesses stay within the budget, and the fit fell on the start itself. Compared
+        // with `>=`, the usual score then tripped the class about once an hour (in a trial,
+        // on 500 ms ticks after a day; on minute steps at arming).
+        for tick in [Duration::from_millis(500), Duration::from_secs(60)] {
+            let mut c = Calibrator::new(&Calibration::default(), tick);
+            for i in 0..400_000 {
+                let p = if (1_000..1_020).contains(&i) {
+                    0.5
+                } else {
+                    0.01
+                };
+                if c.threshold().is_some() {
+                    assert!(!c.exceeds(0.01), "{tick:?}, tick {i}: {:?}", c.threshold());
+                }
+                c.observe(p);
+            }
+            assert!(c.threshold().is_some(), "{tick:?}");
+            // A score well over the usual one and the warm-up's run is still over it.
+            assert!(c.exceeds(0.9999), "{tick:?}: {:?}", c.threshold());
+        }
+    }
 }
