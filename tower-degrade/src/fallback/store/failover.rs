@@ -24,7 +24,10 @@ use crate::fallback::record::{Queue, Task, TaskId};
 /// A task stays in the store that kept it: its replays, moves and removal go there. Only new
 /// tasks fail over: a removal or a move of a task the shared store holds fails while it cannot
 /// be reached (the worker stores it again later, the task not replayed meanwhile), so nothing
-/// is dropped or replayed twice for it. An idempotency key sent again while the shared store
+/// is dropped or replayed twice for it when the shared store refuses or errs. One that hangs
+/// is another matter: an append that timed out there still runs when it resumes, so a call
+/// kept locally meanwhile is kept twice and replayed twice (`docs/fallback.md`, *Stores*).
+/// An idempotency key sent again while the shared store
 /// cannot be reached is not found there: the call is kept locally as a second task, replayed
 /// with the same key (the effect is once for an application that applies each key once).
 pub struct Failover {
