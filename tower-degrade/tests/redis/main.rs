@@ -120,6 +120,15 @@ impl Server {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Send the server a signal (`-STOP` hangs it, `-CONT` resumes it).
+    fn signal(&self, sig: &str) {
+        let done = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(done.success());
+    }
+
     /// SIGKILL: no shutdown, no final save.
     fn kill(mut self) -> (u16, TempDir) {
         self.child.kill().unwrap();
@@ -749,19 +758,12 @@ async fn after_redis_was_unreachable_no_instance_takes_the_others_tasks() {
     let mine_a = a.due(Queue::Retry, u64::MAX, 10).await.unwrap();
     let mine_b = b.due(Queue::Retry, u64::MAX, 10).await.unwrap();
     assert_eq!((mine_a.len(), mine_b.len()), (10, 10));
-    let signal = |sig: &str| {
-        let done = Command::new("kill")
-            .args([sig, &server.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(done.success());
-    };
-    signal("-STOP");
+    server.signal("-STOP");
     let stopped = std::time::Instant::now();
     assert!(a.due(Queue::Retry, u64::MAX, 10).await.is_err());
     assert!(b.due(Queue::Retry, u64::MAX, 10).await.is_err());
     tokio::time::sleep(Duration::from_millis(1_200).saturating_sub(stopped.elapsed())).await;
-    signal("-CONT");
+    server.signal("-CONT");
     // Both step as workers do (every 100 ms) for three claim timeouts.
     let b_ids: Vec<TaskId> = mine_b.iter().map(Task::id).collect();
     let mut taken_by_a = Vec::new();
@@ -777,4 +779,46 @@ async fn after_redis_was_unreachable_no_instance_takes_the_others_tasks() {
         "a took {} of b's tasks",
         taken_by_a.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_a_hung_redis_runs_late_changes_nothing() {
+    // Against a hung Redis an append that timed out ran when it resumed: `Failover` had kept
+    // the call locally meanwhile, so it was kept twice and replayed twice (61 of 273 calls
+    // without an idempotency key, Redis paused 8 s), and another instance could take the
+    // Redis copy.
+    let server = Server::start();
+    let redis = RedisStore::builder(server.url())
+        .prefix("test")
+        .consumer("a")
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("td-failover-")
+        .tempdir()
+        .unwrap();
+    let failover = Failover::new(
+        redis.clone(),
+        EmbeddedStore::open(dir.path().join("kept")).unwrap(),
+    );
+    let (before, during) = (task(1), task(2));
+    failover
+        .commit(vec![Op::Put(Queue::Spool, before.clone())])
+        .await
+        .unwrap();
+    server.signal("-STOP");
+    // Sent, not answered within the timeout: kept locally.
+    failover
+        .commit(vec![Op::Put(Queue::Spool, during.clone())])
+        .await
+        .unwrap();
+    server.signal("-CONT");
+    // Asked on the same connection, after the append the server had waiting.
+    redis.ping().await.unwrap();
+    assert_eq!(cli(&server, &["HLEN", "test:spool:ids"]), "1");
+    assert_eq!(cli(&server, &["XLEN", "test:spool"]), "1");
+    // The local store keeps the other (read alone while the shared store is left alone).
+    let due = failover.due(Queue::Spool, u64::MAX, 10).await.unwrap();
+    assert_eq!(due.iter().map(Task::id).collect::<Vec<_>>(), [during.id()]);
 }

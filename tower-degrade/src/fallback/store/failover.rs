@@ -1,6 +1,6 @@
 //! [`Failover`]: a shared store, and a local one for when the shared one cannot be reached.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,9 +24,10 @@ use crate::fallback::record::{Queue, Task, TaskId};
 /// A task stays in the store that kept it: its replays, moves and removal go there. Only new
 /// tasks fail over: a removal or a move of a task the shared store holds fails while it cannot
 /// be reached (the worker stores it again later, the task not replayed meanwhile), so nothing
-/// is dropped or replayed twice for it when the shared store refuses or errs. One that hangs
-/// is another matter: an append that timed out there still runs when it resumes, so a call
-/// kept locally meanwhile is kept twice and replayed twice (`docs/fallback.md`, *Stores*).
+/// is dropped or replayed twice for it when the shared store refuses or errs, or hangs: a
+/// [`RedisStore`](super::RedisStore) commit run after its deadline changes nothing. A copy the
+/// shared store kept anyway (an append it ran in time, whose answer was lost) is removed there
+/// when it hands the copy out to this instance, not replayed (`docs/fallback.md`, *Stores*).
 /// An idempotency key sent again while the shared store
 /// cannot be reached is not found there: the call is kept locally as a second task, replayed
 /// with the same key (the effect is once for an application that applies each key once).
@@ -42,6 +43,11 @@ pub struct Failover {
 struct State {
     /// Tasks kept in the local store.
     local_ids: HashSet<TaskId>,
+    /// Tasks kept locally because the shared store failed on their append, the most recent
+    /// [`Failover::DOUBTFUL`]: one that timed out may still have been applied there, and a
+    /// copy the shared store hands out later is removed there rather than replayed again.
+    doubtful: HashSet<TaskId>,
+    doubtful_order: VecDeque<TaskId>,
     /// Until when the shared store is left alone, having failed.
     down_until: Option<Instant>,
 }
@@ -58,6 +64,10 @@ impl std::fmt::Debug for Failover {
 impl Failover {
     /// How long a shared store that failed is left alone before a call tries it again.
     pub const RETRY: Duration = Duration::from_secs(5);
+
+    /// How many tasks kept locally after a failed append to the shared store are remembered,
+    /// so that a copy the shared store applied anyway is removed there, not replayed.
+    const DOUBTFUL: usize = 65_536;
 
     /// Keep tasks in `primary`, and in `local` while `primary` fails.
     pub fn new(primary: impl Store, local: impl Store) -> Self {
@@ -123,6 +133,37 @@ impl Failover {
         s.local_ids.extend(tasks.iter().map(Task::id));
     }
 
+    /// Tasks the shared store handed out that the local one keeps or kept (an append there
+    /// that timed out and was applied when it resumed, or a crash between the two parts of a
+    /// commit): replayed from the local store only, so removed from the shared one. One that
+    /// cannot be removed now is released, and removed when handed out again.
+    async fn remove_copies(&self, queue: Queue, copies: Vec<Task>) {
+        if copies.is_empty() {
+            return;
+        }
+        let ids: Vec<TaskId> = copies.iter().map(Task::id).collect();
+        let ops = ids.iter().map(|id| Op::Remove(queue, *id)).collect();
+        let removed = self.primary.commit(ops).await;
+        self.primary_answered(&removed);
+        match removed {
+            Ok(()) => {
+                tracing::info!(primary = self.primary.kind(), queue = %queue, removed = ids.len(),
+                    "removed from the shared store tasks the local store keeps or kept                      (appended there after their commit had failed)");
+                let mut s = self.state();
+                for id in &ids {
+                    s.doubtful.remove(id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(primary = self.primary.kind(), queue = %queue, error = %e,
+                    "could not remove from the shared store tasks the local store keeps or                      kept: they are released and removed when handed out again");
+                for id in ids {
+                    self.primary.release(queue, id);
+                }
+            }
+        }
+    }
+
     fn is_local(&self, op: &Op) -> bool {
         let id = match op {
             Op::Put(_, t) => t.id(),
@@ -170,7 +211,18 @@ impl Store for Failover {
                             })
                             .collect();
                         self.local.commit(shared).await?;
-                        self.state().local_ids.extend(ids);
+                        let mut s = self.state();
+                        for id in ids {
+                            s.local_ids.insert(id);
+                            if s.doubtful.insert(id) {
+                                s.doubtful_order.push_back(id);
+                            }
+                        }
+                        while s.doubtful_order.len() > Self::DOUBTFUL {
+                            if let Some(old) = s.doubtful_order.pop_front() {
+                                s.doubtful.remove(&old);
+                            }
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -217,16 +269,14 @@ impl Store for Failover {
             };
             match more {
                 Ok(more) => {
-                    let local: HashSet<TaskId> = tasks.iter().map(Task::id).collect();
-                    for t in more {
-                        // A task in both stores (a crash between the two parts of a
-                        // commit) is replayed from the local one only.
-                        if local.contains(&t.id()) {
-                            self.primary.release(queue, t.id());
-                        } else {
-                            tasks.push(t);
-                        }
-                    }
+                    let (copies, more): (Vec<Task>, Vec<Task>) = {
+                        let s = self.state();
+                        more.into_iter().partition(|t| {
+                            s.local_ids.contains(&t.id()) || s.doubtful.contains(&t.id())
+                        })
+                    };
+                    tasks.extend(more);
+                    self.remove_copies(queue, copies).await;
                 }
                 Err(e) if tasks.is_empty() => return Err(e),
                 Err(_) => {}
@@ -326,6 +376,8 @@ mod tests {
     struct Flaky {
         inner: MemoryStore,
         down: AtomicBool,
+        /// Commits are applied, then answered with a failure (a timed-out append that ran).
+        late: AtomicBool,
         /// Calls that reached it (commits and reads).
         asked: AtomicUsize,
     }
@@ -343,6 +395,13 @@ mod tests {
 
     impl Store for Arc<Flaky> {
         fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
+            if self.late.load(Ordering::SeqCst) {
+                let this = self.clone();
+                return Box::pin(async move {
+                    this.inner.commit(ops).await?;
+                    Err(StoreError::new(StoreErrorKind::Io, "timed out"))
+                });
+            }
             match self.check() {
                 Ok(()) => self.inner.commit(ops),
                 Err(e) => Box::pin(std::future::ready(Err(e))),
@@ -421,6 +480,45 @@ mod tests {
         f.commit(vec![Op::Remove(Queue::Spool, new.id())])
             .await
             .unwrap();
+        assert_eq!(f.depth(Queue::Spool).len, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_append_the_shared_store_applied_after_failing_is_replayed_once() {
+        // A hung Redis ran a timed-out append when it resumed: the call, kept locally too, was
+        // replayed from both stores, and the shared store's copy stayed pending there.
+        let primary = Arc::new(Flaky::default());
+        let f = Failover::new(primary.clone(), MemoryStore::default());
+        primary.late.store(true, Ordering::SeqCst);
+        let (first, second) = (task(), task());
+        for t in [&first, &second] {
+            f.commit(vec![Op::Put(Queue::Spool, t.clone())])
+                .await
+                .unwrap();
+            tokio::time::advance(Failover::RETRY).await;
+        }
+        primary.late.store(false, Ordering::SeqCst);
+        assert_eq!(f.local.depth(Queue::Spool).len, 2);
+        assert_eq!(primary.depth(Queue::Spool).len, 2);
+        // The first is replayed from the local store and acknowledged before the shared
+        // store is read again.
+        let due = f.due(Queue::Spool, u64::MAX, 1).await.unwrap();
+        assert_eq!(due.iter().map(Task::id).collect::<Vec<_>>(), [first.id()]);
+        f.commit(vec![Op::Remove(Queue::Spool, first.id())])
+            .await
+            .unwrap();
+        let mut replayed = vec![first.id()];
+        for _ in 0..3 {
+            for t in f.due(Queue::Spool, u64::MAX, 10).await.unwrap() {
+                replayed.push(t.id());
+                f.commit(vec![Op::Remove(Queue::Spool, t.id())])
+                    .await
+                    .unwrap();
+            }
+        }
+        assert_eq!(replayed, [first.id(), second.id()]);
+        // Neither copy is left in the shared store.
+        assert_eq!(primary.depth(Queue::Spool).len, 0);
         assert_eq!(f.depth(Queue::Spool).len, 0);
     }
 

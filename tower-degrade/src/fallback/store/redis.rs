@@ -15,15 +15,24 @@ use crate::fallback::record::{Queue, Task, TaskId};
 const GROUP: &str = "replay";
 
 /// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
-/// capacity, then per op `P queue id keyfield created_ms record` or `R queue id`. Capacity
-/// counts the net growth (a move is not growth) and not the audit queue. A put under an
-/// idempotency key another kept task holds changes nothing (`KEYTAKEN`): two instances that
-/// both found the key free keep one task, not two.
+/// capacity, deadline, then per op `P queue id keyfield created_ms record` or `R queue id`.
+/// Capacity counts the net growth (a move is not growth) and not the audit queue. A put under
+/// an idempotency key another kept task holds changes nothing (`KEYTAKEN`): two instances that
+/// both found the key free keep one task, not two. A commit run after its deadline (in the
+/// server's milliseconds) changes nothing (`LATE`, with the server's time): the instance that
+/// sent it has given up on it by then and kept the call elsewhere or refused it, so a commit
+/// a hung Redis runs when it resumes must not keep it a second time. Returns the server's time.
 const COMMIT: &str = r#"
-local p, g, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.replicate_commands then redis.replicate_commands() end
+local p, g, cap, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > deadline then
+  return redis.error_reply('LATE ' .. string.format('%d', now) .. ' the commit ran after its deadline, its sender had given up on it: nothing was changed')
+end
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
 local grows = 0
-local i = 4
+local i = 5
 while i <= #ARGV do
   local exists = ARGV[i+1] ~= 'audit' and redis.call('HEXISTS', p .. ':' .. ARGV[i+1] .. ':ids', ARGV[i+2]) == 1
   if ARGV[i] == 'P' then
@@ -65,7 +74,7 @@ local function unkey(s, q, id, entry)
     end
   end
 end
-i = 4
+i = 5
 while i <= #ARGV do
   local q, id = ARGV[i+1], ARGV[i+2]
   local s = p .. ':' .. q
@@ -86,7 +95,7 @@ while i <= #ARGV do
     i = i + 3
   end
 end
-return 1
+return now
 "#;
 
 /// Checks entries just delivered to this instance against the index, atomically. ARGV:
@@ -223,7 +232,10 @@ impl RedisStoreBuilder {
     /// makes two (the key lookup, the append), and against a server that accepts connections
     /// and never answers, the client's own connect timeout and retry make an operation last
     /// about twice this, so a diverted call can wait about four times it for its `202` or its
-    /// reject answer (`docs/fallback.md`, *Stores*).
+    /// reject answer (`docs/fallback.md`, *Stores*). A commit Redis runs more than three
+    /// quarters of this after it was sent (on Redis's clock) changes nothing and fails: its
+    /// answer could come too late, and a hung Redis would otherwise keep, when it resumes, a
+    /// call already answered `not_kept` or kept elsewhere.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
@@ -280,6 +292,8 @@ impl RedisStoreBuilder {
                 claim_timeout: self.claim_timeout,
                 capacity: self.capacity,
                 forget_after: self.forget_after,
+                timeout: self.timeout,
+                epoch: Instant::now(),
                 forget: Script::new(FORGET),
                 commit: Script::new(COMMIT),
                 adopt: Script::new(ADOPT),
@@ -301,7 +315,9 @@ impl RedisStoreBuilder {
 ///   (`<prefix>:<queue>:ids`: task id -> entry id; `<prefix>:keys`: idempotency keys), atomically.
 ///   With `appendonly yes` and `appendfsync always` the reply comes after Redis has synced its
 ///   log, so an acknowledged task survives a crash of Redis too; Redis syncs once per event
-///   loop for every client's writes (its own group commit).
+///   loop for every client's writes (its own group commit). Each commit carries a deadline on
+///   Redis's clock (three quarters of [`timeout`](RedisStoreBuilder::timeout) after it is
+///   sent): one a hung Redis runs after that changes nothing.
 /// * **Claim** (`due`): `XREADGROUP` hands each new entry to exactly one instance; an entry
 ///   left pending by an instance that stopped (no heartbeat for `claim_timeout`) is taken over
 ///   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
@@ -379,6 +395,10 @@ struct Inner {
     capacity: u64,
     /// [`RedisStoreBuilder::forget_consumers_after`].
     forget_after: Duration,
+    /// [`RedisStoreBuilder::timeout`].
+    timeout: Duration,
+    /// Where this instance's monotonic milliseconds start ([`Inner::mono_ms`]).
+    epoch: Instant,
     forget: Script,
     commit: Script,
     adopt: Script,
@@ -406,6 +426,10 @@ struct Local {
     /// time it answered again once it does (`failing` tells which).
     cut_off: Option<Instant>,
     failing: bool,
+    /// The server's clock less this instance's monotonic one ([`Inner::mono_ms`]), in
+    /// milliseconds: at most the true difference (the server's time read against the moment
+    /// its answer arrived), so that a commit's deadline falls no later than meant.
+    server_offset_ms: Option<i64>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -483,6 +507,57 @@ impl Inner {
 
     fn stream(&self, queue: Queue) -> String {
         format!("{}:{}", self.prefix, queue.as_str())
+    }
+
+    /// Milliseconds since this store was built, on the monotonic clock.
+    fn mono_ms(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The server's time `server_ms`, read by a command sent at `sent_ms` ([`Self::mono_ms`])
+    /// and answered now: the offset it gives is kept when the answer came back within a
+    /// quarter of the timeout or when none is known yet (a slow answer understates the
+    /// offset, which only brings deadlines earlier). Returns the offset kept.
+    fn clock_sample(&self, sent_ms: i64, server_ms: i64) -> i64 {
+        let now = self.mono_ms();
+        let quick = now - sent_ms <= i64::try_from(self.timeout.as_millis() / 4).unwrap_or(0);
+        let mut l = self.local();
+        match l.server_offset_ms {
+            Some(known) if !quick => known,
+            _ => *l.server_offset_ms.insert(server_ms - now),
+        }
+    }
+
+    /// How long after a commit is sent Redis may still apply it: three quarters of the
+    /// timeout, so that its answer has the last quarter to come back before the instance
+    /// gives up on it.
+    fn late_after_ms(&self) -> i64 {
+        i64::try_from(self.timeout.as_millis() * 3 / 4)
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// The server's clock less this instance's: known, or read with `TIME`.
+    async fn server_offset(&self) -> Result<i64, StoreError> {
+        if let Some(known) = self.local().server_offset_ms {
+            return Ok(known);
+        }
+        let sent = self.mono_ms();
+        let answer = self.query(&redis::cmd("TIME")).await?;
+        let parts: Vec<i64> = match &answer {
+            Value::Array(v) => v.iter().filter_map(|p| text(p)?.parse().ok()).collect(),
+            _ => Vec::new(),
+        };
+        let [secs, micros] = parts[..] else {
+            return Err(StoreError::new(
+                StoreErrorKind::Io,
+                format!(
+                    "redis store `{}`: TIME answered {answer:?}, not seconds and microseconds",
+                    self.url
+                ),
+            ));
+        };
+        Ok(self.clock_sample(sent, secs * 1000 + micros / 1000))
     }
 
     fn error(&self, e: redis::RedisError) -> StoreError {
@@ -925,8 +1000,16 @@ impl Store for RedisStore {
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let inner = &self.inner;
+            let offset = inner.server_offset().await?;
+            let sent = inner.mono_ms();
+            let deadline = sent
+                .saturating_add(offset)
+                .saturating_add(inner.late_after_ms());
             let mut inv = inner.commit.prepare_invoke();
-            inv.arg(&inner.prefix).arg(GROUP).arg(inner.capacity);
+            inv.arg(&inner.prefix)
+                .arg(GROUP)
+                .arg(inner.capacity)
+                .arg(deadline);
             for op in &ops {
                 match op {
                     Op::Put(q, task) => {
@@ -943,9 +1026,22 @@ impl Store for RedisStore {
                 }
             }
             let mut conn = inner.conn.clone();
-            inv.invoke_async::<Value>(&mut conn)
-                .await
-                .map_err(|e| inner.error(e))?;
+            match inv.invoke_async::<Value>(&mut conn).await {
+                Ok(Value::Int(server_ms)) => {
+                    inner.clock_sample(sent, server_ms);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Refused as late: its time says how far this instance's offset was off.
+                    if e.code() == Some("LATE") {
+                        let server_ms = e.detail().and_then(|d| d.split(' ').next()?.parse().ok());
+                        if let Some(server_ms) = server_ms {
+                            inner.clock_sample(sent, server_ms);
+                        }
+                    }
+                    return Err(inner.error(e));
+                }
+            }
             let mut l = inner.local();
             for op in &ops {
                 let k = match op {
