@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::record::{Queue, Task, TaskId};
 use super::shared::RouterShared;
-use super::store::{Depth, Op, StoreError};
+use super::store::{Depth, Op, StoreError, StoreErrorKind};
 
 /// One page of a queue, in the order tasks were kept.
 #[derive(Debug, Clone)]
@@ -23,8 +23,8 @@ pub struct Page {
 ///
 /// Actions on one router are taken one at a time, so of a requeue and a drop of the same
 /// task (two operators, a double click) only the first succeeds; the second finds the task
-/// gone and returns `false`. With a store shared by several instances (Redis), act on a
-/// task through one instance's review front.
+/// gone and returns `false`. With a store shared by several instances, the store refuses the
+/// second (`RedisStore` does, with [`StoreErrorKind::Gone`]), and it returns `false` too.
 #[derive(Debug, Clone)]
 pub struct ManualReview {
     shared: Arc<RouterShared>,
@@ -78,13 +78,15 @@ impl ManualReview {
             .map(|d| super::schedule::after(self.shared.clock.now_ms(), d));
         let mut task = task.with_deadline(deadline).with_reason("requeued");
         task.requeued(self.shared.clock.now_ms());
-        self.shared
-            .store
-            .commit(vec![
+        if !self
+            .act(vec![
                 Op::Remove(Queue::Review, id),
                 Op::Put(Queue::Retry, task),
             ])
-            .await?;
+            .await?
+        {
+            return Ok(false);
+        }
         tracing::info!(service = %self.shared.service, task = %id, "manual review: requeued");
         self.shared.wake.notify_one();
         Ok(true)
@@ -98,18 +100,30 @@ impl ManualReview {
             return Ok(false);
         };
         task.set_answer(format!("dropped by {by}: {reason}"));
-        self.shared
-            .store
-            .commit(vec![
+        if !self
+            .act(vec![
                 Op::Remove(Queue::Review, id),
                 Op::Put(Queue::Audit, task),
             ])
-            .await?;
+            .await?
+        {
+            return Ok(false);
+        }
         tracing::info!(service = %self.shared.service, task = %id, by, reason,
             "manual review: dropped");
         // The worker's next step reports the queues' depth gauges.
         self.shared.wake.notify_one();
         Ok(true)
+    }
+
+    /// Commit a review action: `false` when the store says another instance acted on the
+    /// task first (`Gone`).
+    async fn act(&self, ops: Vec<Op>) -> Result<bool, StoreError> {
+        match self.shared.store.commit(ops).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == StoreErrorKind::Gone => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// How many tasks wait for review, and the oldest's age.

@@ -822,3 +822,40 @@ async fn an_append_a_hung_redis_runs_late_changes_nothing() {
     let due = failover.due(Queue::Spool, u64::MAX, 10).await.unwrap();
     assert_eq!(due.iter().map(Task::id).collect::<Vec<_>>(), [during.id()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_instances_review_actions_on_one_task_the_second_is_refused() {
+    // A requeue on one instance and a drop on another both answered 200: the task was
+    // replayed and recorded as dropped.
+    let server = Server::start();
+    let (a, b) = (store(&server, "a"), store(&server, "b"));
+    let t = task(1);
+    a.commit(vec![Op::Put(Queue::Review, t.clone())])
+        .await
+        .unwrap();
+    // Both found it, then each acts.
+    assert!(a.get(Queue::Review, t.id()).await.unwrap().is_some());
+    assert!(b.get(Queue::Review, t.id()).await.unwrap().is_some());
+    a.commit(vec![
+        Op::Remove(Queue::Review, t.id()),
+        Op::Put(Queue::Retry, t.clone()),
+    ])
+    .await
+    .unwrap();
+    let err = b
+        .commit(vec![
+            Op::Remove(Queue::Review, t.id()),
+            Op::Put(Queue::Audit, t.clone()),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Gone);
+    assert!(err.to_string().contains(&t.id().to_string()), "{err}");
+    // Nothing of the second was applied.
+    assert_eq!(cli(&server, &["HLEN", "test:delayed_retry:ids"]), "1");
+    assert_eq!(cli(&server, &["XLEN", "test:audit"]), "0");
+    // A removal from another queue of a task already gone is still no error.
+    b.commit(vec![Op::Remove(Queue::Spool, t.id())])
+        .await
+        .unwrap();
+}

@@ -44,7 +44,8 @@ pub enum Op {
     /// Insert or replace the task in the queue (and release its claim).
     Put(Queue, Task),
     /// Remove the task from the queue (and release its claim). Removing a missing task is not
-    /// an error.
+    /// an error, but from [`Queue::Review`] in a store several instances share
+    /// ([`Store::commit`]).
     Remove(Queue, TaskId),
 }
 
@@ -63,7 +64,9 @@ pub trait Store: Send + Sync + 'static {
     /// capacity fails with [`StoreErrorKind::Full`] and changes nothing. A store shared by
     /// several instances should also refuse, with [`StoreErrorKind::KeyTaken`], a put under a
     /// client's idempotency key that another kept task holds (one process's router already
-    /// lets one call at a time store a key).
+    /// lets one call at a time store a key), and, with [`StoreErrorKind::Gone`], a removal
+    /// from [`Queue::Review`] of a task it no longer holds (a review action another instance
+    /// took first; one process's router takes them one at a time).
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()>;
 
     /// Claim up to `limit` tasks of `queue` due at `now_ms` (earliest due first) that no
@@ -120,6 +123,10 @@ pub enum StoreErrorKind {
     KeyTaken,
     /// A setting of the store is out of range (the message names it); nothing was opened.
     Invalid,
+    /// The task a commit removes from manual review is no longer there: another instance
+    /// sharing the store acted on it first (a store shared by several instances); nothing
+    /// was changed.
+    Gone,
 }
 
 /// An error from a [`Store`]: its kind and a message that says where and what to do.

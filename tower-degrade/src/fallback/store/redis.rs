@@ -18,7 +18,9 @@ const GROUP: &str = "replay";
 /// capacity, deadline, then per op `P queue id keyfield created_ms record` or `R queue id`.
 /// Capacity counts the net growth (a move is not growth) and not the audit queue. A put under
 /// an idempotency key another kept task holds changes nothing (`KEYTAKEN`): two instances that
-/// both found the key free keep one task, not two. A commit run after its deadline (in the
+/// both found the key free keep one task, not two. A removal from `manual_review` of a task
+/// no longer there (`GONE`) changes nothing: of two instances' review actions on one task,
+/// the second is refused. A commit run after its deadline (in the
 /// server's milliseconds) changes nothing (`LATE`, with the server's time): the instance that
 /// sent it has given up on it by then and kept the call elsewhere or refused it, so a commit
 /// a hung Redis runs when it resumes must not keep it a second time. Returns the server's time.
@@ -50,6 +52,10 @@ while i <= #ARGV do
     end
     i = i + 6
   else
+    -- A review action on a task another instance acted on first: refused whole.
+    if ARGV[i+1] == 'manual_review' and not exists then
+      return redis.error_reply('GONE task ' .. ARGV[i+2] .. ' is no longer in manual_review (acted on by another instance): nothing was changed')
+    end
     if exists then grows = grows - 1 end
     i = i + 3
   end
@@ -564,6 +570,7 @@ impl Inner {
         let kind = match e.code() {
             Some("FULL") => StoreErrorKind::Full,
             Some("KEYTAKEN") => StoreErrorKind::KeyTaken,
+            Some("GONE") => StoreErrorKind::Gone,
             _ => StoreErrorKind::Io,
         };
         if kind == StoreErrorKind::Io {
