@@ -425,6 +425,8 @@ async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
         .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Io);
     assert!(err.to_string().contains(&port.to_string()), "{err}");
+    // Refused: certainly not kept there.
+    assert!(err.surely_unapplied());
 
     let dir = tempfile::Builder::new()
         .prefix("td-failover-")
@@ -808,13 +810,26 @@ async fn an_append_a_hung_redis_runs_late_changes_nothing() {
         .await
         .unwrap();
     server.signal("-STOP");
-    // Sent, not answered within the timeout: kept locally.
+    // Sent, not answered within the timeout: an error that does not say nothing was kept.
+    let err = redis
+        .commit(vec![Op::Put(Queue::Spool, task(3))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Io);
+    assert!(!err.surely_unapplied(), "{err}");
+    // Then not sent: after a failure the server's clock is read again first, which times
+    // out. Kept locally.
     failover
         .commit(vec![Op::Put(Queue::Spool, during.clone())])
         .await
         .unwrap();
+    let err = redis
+        .commit(vec![Op::Put(Queue::Spool, task(4))])
+        .await
+        .unwrap_err();
+    assert!(err.surely_unapplied(), "{err}");
     server.signal("-CONT");
-    // Asked on the same connection, after the append the server had waiting.
+    // Asked on the same connection, after the appends the server had waiting.
     redis.ping().await.unwrap();
     assert_eq!(cli(&server, &["HLEN", "test:spool:ids"]), "1");
     assert_eq!(cli(&server, &["XLEN", "test:spool"]), "1");

@@ -43,9 +43,10 @@ pub struct Failover {
 struct State {
     /// Tasks kept in the local store.
     local_ids: HashSet<TaskId>,
-    /// Tasks kept locally because the shared store failed on their append, the most recent
-    /// [`Failover::DOUBTFUL`]: one that timed out may still have been applied there, and a
-    /// copy the shared store hands out later is removed there rather than replayed again.
+    /// Tasks kept locally because the shared store failed on their append in a way that may
+    /// still have applied it (a timeout, not a refusal), the most recent
+    /// [`Failover::DOUBTFUL`]: a copy the shared store hands out later is removed there rather
+    /// than replayed again.
     doubtful: HashSet<TaskId>,
     doubtful_order: VecDeque<TaskId>,
     /// Until when the shared store is left alone, having failed.
@@ -114,14 +115,15 @@ impl Failover {
     }
 
     fn left_alone(&self) -> StoreError {
-        StoreError::new(
+        let e = StoreError::new(
             StoreErrorKind::Io,
             format!(
                 "the shared {} store failed and is tried again at most every {:?}",
                 self.primary.kind(),
                 Self::RETRY
             ),
-        )
+        );
+        e.unapplied()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -148,7 +150,8 @@ impl Failover {
         match removed {
             Ok(()) => {
                 tracing::info!(primary = self.primary.kind(), queue = %queue, removed = ids.len(),
-                    "removed from the shared store tasks the local store keeps or kept                      (appended there after their commit had failed)");
+                    "removed from the shared store tasks the local store keeps or kept \
+                     (appended there after their commit had failed)");
                 let mut s = self.state();
                 for id in &ids {
                     s.doubtful.remove(id);
@@ -156,7 +159,8 @@ impl Failover {
             }
             Err(e) => {
                 tracing::warn!(primary = self.primary.kind(), queue = %queue, error = %e,
-                    "could not remove from the shared store tasks the local store keeps or                      kept: they are released and removed when handed out again");
+                    "could not remove from the shared store tasks the local store keeps or \
+                     kept: they are released and removed when handed out again");
                 for id in ids {
                     self.primary.release(queue, id);
                 }
@@ -214,7 +218,8 @@ impl Store for Failover {
                         let mut s = self.state();
                         for id in ids {
                             s.local_ids.insert(id);
-                            if s.doubtful.insert(id) {
+                            // A commit that may still be applied there (a timeout).
+                            if !e.surely_unapplied() && s.doubtful.insert(id) {
                                 s.doubtful_order.push_back(id);
                             }
                         }

@@ -134,6 +134,7 @@ pub enum StoreErrorKind {
 pub struct StoreError {
     kind: StoreErrorKind,
     message: String,
+    unapplied: bool,
 }
 
 impl StoreError {
@@ -142,7 +143,23 @@ impl StoreError {
         Self {
             kind,
             message: message.into(),
+            unapplied: false,
         }
+    }
+
+    /// Says that the failed commit certainly changed nothing (an error reply, a refused
+    /// connection, a commit never sent), unlike one whose outcome is unknown (a timeout: the
+    /// store may still apply it). [`Failover`] keeps an eye on the tasks it kept locally after
+    /// a failure of the other kind, in case the shared store applied them too.
+    #[must_use]
+    pub fn unapplied(mut self) -> Self {
+        self.unapplied = true;
+        self
+    }
+
+    /// Whether the failed commit certainly changed nothing ([`Self::unapplied`]).
+    pub fn surely_unapplied(&self) -> bool {
+        self.unapplied
     }
 
     /// What went wrong.

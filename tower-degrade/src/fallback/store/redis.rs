@@ -14,6 +14,9 @@ use crate::fallback::record::{Queue, Task, TaskId};
 
 const GROUP: &str = "replay";
 
+/// How long a reading of the server's clock is used before it is read again.
+const OFFSET_FOR: Duration = Duration::from_secs(60);
+
 /// Applies a commit's operations atomically (see the type docs). ARGV: prefix, group,
 /// capacity, deadline, then per op `P queue id keyfield created_ms record` or `R queue id`.
 /// Capacity counts the net growth (a move is not growth) and not the audit queue. A put under
@@ -30,7 +33,7 @@ local p, g, cap, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now > deadline then
-  return redis.error_reply('LATE ' .. string.format('%d', now) .. ' the commit ran after its deadline, its sender had given up on it: nothing was changed')
+  return redis.error_reply('LATE ' .. string.format('%.0f', now) .. ' the commit ran after its deadline, its sender had given up on it: nothing was changed')
 end
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
 local grows = 0
@@ -433,9 +436,11 @@ struct Local {
     cut_off: Option<Instant>,
     failing: bool,
     /// The server's clock less this instance's monotonic one ([`Inner::mono_ms`]), in
-    /// milliseconds: at most the true difference (the server's time read against the moment
-    /// its answer arrived), so that a commit's deadline falls no later than meant.
-    server_offset_ms: Option<i64>,
+    /// milliseconds, and when it was read: at most the true difference (the server's time
+    /// read against the moment its answer arrived), so that a commit's deadline falls no
+    /// later than meant. Forgotten at any failure (a reconnect may reach another server) and
+    /// read again after [`OFFSET_FOR`] (clocks drift).
+    server_offset: Option<(i64, Instant)>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -521,17 +526,20 @@ impl Inner {
     }
 
     /// The server's time `server_ms`, read by a command sent at `sent_ms` ([`Self::mono_ms`])
-    /// and answered now: the offset it gives is kept when the answer came back within a
-    /// quarter of the timeout or when none is known yet (a slow answer understates the
-    /// offset, which only brings deadlines earlier). Returns the offset kept.
+    /// and answered now. The offset it gives is a lower bound, the tighter the quicker the
+    /// answer: it replaces the one known when the answer came back within a quarter of the
+    /// timeout or none is known, and otherwise only lowers it. Returns the offset kept.
     fn clock_sample(&self, sent_ms: i64, server_ms: i64) -> i64 {
         let now = self.mono_ms();
+        let sample = server_ms - now;
         let quick = now - sent_ms <= i64::try_from(self.timeout.as_millis() / 4).unwrap_or(0);
         let mut l = self.local();
-        match l.server_offset_ms {
-            Some(known) if !quick => known,
-            _ => *l.server_offset_ms.insert(server_ms - now),
-        }
+        let kept = match l.server_offset {
+            Some((known, read)) if !quick => (known.min(sample), read),
+            _ => (sample, Instant::now()),
+        };
+        l.server_offset = Some(kept);
+        kept.0
     }
 
     /// How long after a commit is sent Redis may still apply it: three quarters of the
@@ -545,8 +553,10 @@ impl Inner {
 
     /// The server's clock less this instance's: known, or read with `TIME`.
     async fn server_offset(&self) -> Result<i64, StoreError> {
-        if let Some(known) = self.local().server_offset_ms {
-            return Ok(known);
+        if let Some((known, read)) = self.local().server_offset {
+            if read.elapsed() < OFFSET_FOR {
+                return Ok(known);
+            }
         }
         let sent = self.mono_ms();
         let answer = self.query(&redis::cmd("TIME")).await?;
@@ -577,8 +587,19 @@ impl Inner {
             let mut l = self.local();
             l.cut_off = Some(Instant::now());
             l.failing = true;
+            // Read again before the next commit, from whatever server answers then.
+            l.server_offset = None;
         }
-        StoreError::new(kind, format!("redis store `{}`: {e}", self.url))
+        let error = StoreError::new(kind, format!("redis store `{}`: {e}", self.url));
+        // The commit script's refusals (it checks before it writes) and a refused connection
+        // changed nothing; a timeout or a dropped connection may have changed something.
+        if matches!(e.code(), Some("LATE" | "FULL" | "KEYTAKEN" | "GONE"))
+            || e.is_connection_refusal()
+        {
+            error.unapplied()
+        } else {
+            error
+        }
     }
 
     fn corrupt(&self, queue: Queue, what: impl fmt::Display) -> StoreError {
@@ -1007,7 +1028,8 @@ impl Store for RedisStore {
     fn commit(&self, ops: Vec<Op>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let inner = &self.inner;
-            let offset = inner.server_offset().await?;
+            // Not read: the commit is not sent.
+            let offset = inner.server_offset().await.map_err(StoreError::unapplied)?;
             let sent = inner.mono_ms();
             let deadline = sent
                 .saturating_add(offset)
