@@ -104,7 +104,11 @@ impl Failover {
         if unreachable {
             s.down_until = Some(Instant::now() + Self::RETRY);
         } else if s.down_until.take().is_some() {
-            let held = self.switched.reset().unwrap_or(0);
+            // Said once per warning let through: a store that flaps (reads answered, commits
+            // refused) is not said on every answer.
+            let Some(held) = self.switched.reset() else {
+                return;
+            };
             tracing::info!(
                 primary = self.primary.kind(),
                 also_kept_locally = held,

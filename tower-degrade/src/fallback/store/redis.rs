@@ -33,7 +33,7 @@ local p, g, cap, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now > deadline then
-  return redis.error_reply('LATE ' .. string.format('%.0f', now) .. ' the commit ran after its deadline, its sender had given up on it: nothing was changed')
+  return redis.error_reply('LATE ' .. string.format('%.0f', now) .. ' the commit ran after its deadline (its answer could not reach its sender within the timeout): nothing was changed')
 end
 local keyed = {delayed_retry = true, spool = true, manual_review = true, batch_merge = true}
 local grows = 0
@@ -242,9 +242,11 @@ impl RedisStoreBuilder {
     /// and never answers, the client's own connect timeout and retry make an operation last
     /// about twice this, so a diverted call can wait about four times it for its `202` or its
     /// reject answer (`docs/fallback.md`, *Stores*). A commit Redis runs more than three
-    /// quarters of this after it was sent (on Redis's clock) changes nothing and fails: its
-    /// answer could come too late, and a hung Redis would otherwise keep, when it resumes, a
-    /// call already answered `not_kept` or kept elsewhere.
+    /// quarters of this after it was sent (on Redis's clock, read as a lower bound: in effect
+    /// when the way there, Redis's delay and the way back add up to more) changes nothing and
+    /// fails: its answer could come too late, and a hung Redis would otherwise keep, when it
+    /// resumes, a call already answered `not_kept` or kept elsewhere. Set it to several
+    /// round trips to Redis.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
@@ -309,6 +311,7 @@ impl RedisStoreBuilder {
                 depth_script: Script::new(DEPTH),
                 local: Mutex::new(Local::default()),
                 unreadable: Every::new(LOG_EVERY),
+                slow_heartbeat: Every::new(LOG_EVERY),
             }),
         })
     }
@@ -415,6 +418,8 @@ struct Inner {
     local: Mutex<Local>,
     /// Unreadable entries met: said at most once every 10 s.
     unreadable: Every,
+    /// Heartbeats further apart than half the claim timeout: said at most once every 10 s.
+    slow_heartbeat: Every,
 }
 
 /// What this instance holds: entries delivered to it, not yet acknowledged.
@@ -528,18 +533,22 @@ impl Inner {
     /// The server's time `server_ms`, read by a command sent at `sent_ms` ([`Self::mono_ms`])
     /// and answered now. The offset it gives is a lower bound, the tighter the quicker the
     /// answer: it replaces the one known when the answer came back within a quarter of the
-    /// timeout or none is known, and otherwise only lowers it. Returns the offset kept.
+    /// timeout; a slower one is not kept (answers held back seconds by a stall, arriving
+    /// together when it ends, made every deadline after them already past: 30 commits refused
+    /// in a trial) and is used only when none is known. Returns the offset to use now.
     fn clock_sample(&self, sent_ms: i64, server_ms: i64) -> i64 {
         let now = self.mono_ms();
         let sample = server_ms - now;
         let quick = now - sent_ms <= i64::try_from(self.timeout.as_millis() / 4).unwrap_or(0);
         let mut l = self.local();
-        let kept = match l.server_offset {
-            Some((known, read)) if !quick => (known.min(sample), read),
-            _ => (sample, Instant::now()),
-        };
-        l.server_offset = Some(kept);
-        kept.0
+        match l.server_offset {
+            _ if quick => {
+                l.server_offset = Some((sample, Instant::now()));
+                sample
+            }
+            Some((known, _)) => known,
+            None => sample,
+        }
     }
 
     /// How long after a commit is sent Redis may still apply it: three quarters of the
@@ -551,29 +560,49 @@ impl Inner {
             .max(1)
     }
 
-    /// The server's clock less this instance's: known, or read with `TIME`.
+    /// The server's clock less this instance's: known, or read with `TIME`. A reading that
+    /// comes back slowly (held back by a stall that has just ended) is taken again once, and
+    /// the second kept whatever its speed (a Redis that is always that slow).
     async fn server_offset(&self) -> Result<i64, StoreError> {
         if let Some((known, read)) = self.local().server_offset {
             if read.elapsed() < OFFSET_FOR {
                 return Ok(known);
             }
         }
-        let sent = self.mono_ms();
-        let answer = self.query(&redis::cmd("TIME")).await?;
-        let parts: Vec<i64> = match &answer {
-            Value::Array(v) => v.iter().filter_map(|p| text(p)?.parse().ok()).collect(),
-            _ => Vec::new(),
-        };
-        let [secs, micros] = parts[..] else {
-            return Err(StoreError::new(
-                StoreErrorKind::Io,
-                format!(
-                    "redis store `{}`: TIME answered {answer:?}, not seconds and microseconds",
-                    self.url
-                ),
-            ));
-        };
-        Ok(self.clock_sample(sent, secs * 1000 + micros / 1000))
+        let mut again = false;
+        loop {
+            let sent = self.mono_ms();
+            let answer = self.query(&redis::cmd("TIME")).await?;
+            let parts: Vec<i64> = match &answer {
+                Value::Array(v) => v.iter().filter_map(|p| text(p)?.parse().ok()).collect(),
+                _ => Vec::new(),
+            };
+            let [secs, micros] = parts[..] else {
+                return Err(StoreError::new(
+                    StoreErrorKind::Io,
+                    format!(
+                        "redis store `{}`: TIME answered {answer:?}, not seconds and microseconds",
+                        self.url
+                    ),
+                ));
+            };
+            let server_ms = secs * 1000 + micros / 1000;
+            // Kept if quick; a known one (stale, the reading slow) is good for another
+            // `OFFSET_FOR`.
+            let offset = self.clock_sample(sent, server_ms);
+            let mut l = self.local();
+            match l.server_offset.as_mut() {
+                Some((_, read)) => {
+                    *read = Instant::now();
+                    return Ok(offset);
+                }
+                None if again => {
+                    l.server_offset = Some((offset, Instant::now()));
+                    return Ok(offset);
+                }
+                None => again = true,
+            }
+        }
     }
 
     fn error(&self, e: redis::RedisError) -> StoreError {
@@ -708,16 +737,30 @@ impl Inner {
                 }
             }
         }
-        let due_claim = {
+        let (due_claim, since) = {
             let l = self.local();
-            l.last_claim
-                .get(&queue)
-                .is_none_or(|t| t.elapsed() >= self.claim_timeout / 3)
+            let since = l.last_claim.get(&queue).map(Instant::elapsed);
+            (since.is_none_or(|t| t >= self.claim_timeout / 3), since)
         };
         let mut taken = 0;
         if due_claim {
-            self.heartbeat(queue).await?;
+            let held = self.heartbeat(queue).await?;
             self.local().last_claim.insert(queue, Instant::now());
+            // The heartbeat comes with the worker's step, a few round trips per queue: on a
+            // slow link the steps can take longer than the claim timeout allows, and other
+            // instances then take this one's tasks over and replay them again.
+            if let Some(since) = since.filter(|s| held > 0 && *s > self.claim_timeout / 2) {
+                if let Some(also) = self.slow_heartbeat.ready() {
+                    tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
+                        heartbeat_gap_ms = since.as_millis() as u64,
+                        claim_timeout_ms = self.claim_timeout.as_millis() as u64,
+                        also_slow = also,
+                        "this instance's tasks were heartbeated more than half the claim timeout \
+                         apart (its worker steps, a few Redis round trips each, are that slow): \
+                         other instances may take them over and replay them again; raise \
+                         claim_timeout (said at most every 10 s)");
+                }
+            }
             // Not within a claim timeout of Redis answering again: while it was unreachable
             // no instance could heartbeat, so every entry pending then looks abandoned when
             // it answers, and the first instance back took the others' (and replayed them a
@@ -848,8 +891,8 @@ impl Inner {
     }
 
     /// Reset the idle time of the entries this instance holds (those `XPENDING` says are
-    /// still its own); forget the ones another instance took over.
-    async fn heartbeat(&self, queue: Queue) -> Result<(), StoreError> {
+    /// still its own); forget the ones another instance took over. Returns how many it reset.
+    async fn heartbeat(&self, queue: Queue) -> Result<usize, StoreError> {
         let held: HashMap<String, TaskId> = self
             .local()
             .held
@@ -858,7 +901,7 @@ impl Inner {
             .map(|((_, id), (entry, _))| (entry.clone(), *id))
             .collect();
         if held.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let stream = self.stream(queue);
         let mut pending = redis::cmd("XPENDING");
@@ -888,7 +931,7 @@ impl Inner {
             }
         }
         if keep.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut claim = redis::cmd("XCLAIM");
         claim.arg(&stream).arg(GROUP).arg(&self.consumer).arg(0);
@@ -896,7 +939,7 @@ impl Inner {
             claim.arg(entry);
         }
         claim.arg("JUSTID");
-        self.query(&claim).await.map(drop)
+        self.query(&claim).await.map(|_| keep.len())
     }
 
     async fn refresh_depth(&self, queue: Queue) -> Result<Depth, StoreError> {
@@ -1217,7 +1260,33 @@ impl Store for RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{RedisStore, redact};
+
+    #[tokio::test]
+    async fn a_slow_reading_of_the_servers_clock_never_moves_deadlines_later() {
+        // Built without connecting. A reading answered after a stall understates the offset
+        // by the stall: kept, it made every deadline after it already past.
+        let store = RedisStore::builder("redis://127.0.0.1:1")
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let inner = &store.inner;
+        let slow = || inner.mono_ms() - 5_000;
+        // Slow, none known: used once, not kept.
+        let once = inner.clock_sample(slow(), 1_000_000) + inner.mono_ms();
+        assert!((1_000_000..=1_000_010).contains(&once), "{once}");
+        assert!(inner.local().server_offset.is_none());
+        // Quick: kept.
+        let now = inner.mono_ms();
+        let kept = inner.clock_sample(now, now + 7_000);
+        assert!((6_900..=7_000).contains(&kept), "{kept}");
+        assert_eq!(inner.local().server_offset.map(|o| o.0), Some(kept));
+        // Slow: ignored, higher or lower (a stall's answers, arriving together when it ends,
+        // made the commits after them late).
+        assert_eq!(inner.clock_sample(slow(), inner.mono_ms() + 60_000), kept);
+        assert_eq!(inner.clock_sample(slow(), inner.mono_ms() + 1_000), kept);
+        assert_eq!(inner.local().server_offset.map(|o| o.0), Some(kept));
+    }
 
     #[test]
     fn a_url_is_shown_without_its_password() {
