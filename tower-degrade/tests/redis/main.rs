@@ -874,3 +874,32 @@ async fn of_two_instances_review_actions_on_one_task_the_second_is_refused() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_held_tasks_are_heartbeated_and_not_taken_over() {
+    // The heartbeat is one script per queue, its claims in chunks (Lua unpacks a few
+    // thousand values at most), and runs on a timer of its own as well as with the reads.
+    let server = Server::start();
+    let (a, b) = (store(&server, "a"), store(&server, "b"));
+    let tasks: Vec<Task> = (0..2_500).map(task).collect();
+    put_all(&a, &tasks).await;
+    assert_eq!(
+        a.due(Queue::Retry, u64::MAX, 2_500).await.unwrap().len(),
+        2_500
+    );
+    // Two claim timeouts (600 ms) with no read by `a`: its timer keeps them.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(
+        b.due(Queue::Retry, u64::MAX, 2_500)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        cli(&server, &["XPENDING", "test:delayed_retry", "replay"])
+            .lines()
+            .next()
+            .unwrap(),
+        "2500"
+    );
+}

@@ -164,6 +164,26 @@ end
 return n
 "#;
 
+/// Heartbeats the entries this instance holds, in one round trip: ARGV stream, group, this
+/// consumer, then the entries. Those still pending for it have their idle time reset
+/// (`XCLAIM ... JUSTID`); returns them (the others were taken over by another instance).
+const HEARTBEAT: &str = r#"
+local s, g, me = ARGV[1], ARGV[2], ARGV[3]
+local mine = {}
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', s, g, ARGV[i], ARGV[i], 1, me)
+  if p[1] then mine[#mine+1] = ARGV[i] end
+end
+-- In chunks: Lua unpacks at most a few thousand values.
+for i = 1, #mine, 1000 do
+  local claim = {'XCLAIM', s, g, me, 0}
+  for j = i, math.min(i + 999, #mine) do claim[#claim+1] = mine[j] end
+  claim[#claim+1] = 'JUSTID'
+  redis.call(unpack(claim))
+end
+return mine
+"#;
+
 /// A queue's depth in one round trip: the index's length, then `c` and the oldest entry's
 /// creation time, or `t` and its whole record for an entry written before entries carried the
 /// time (so a large kept request is not sent to every instance several times a second).
@@ -309,6 +329,7 @@ impl RedisStoreBuilder {
                 commit: Script::new(COMMIT),
                 adopt: Script::new(ADOPT),
                 depth_script: Script::new(DEPTH),
+                heartbeat_script: Script::new(HEARTBEAT),
                 local: Mutex::new(Local::default()),
                 unreadable: Every::new(LOG_EVERY),
                 slow_heartbeat: Every::new(LOG_EVERY),
@@ -333,7 +354,9 @@ impl RedisStoreBuilder {
 /// * **Claim** (`due`): `XREADGROUP` hands each new entry to exactly one instance; an entry
 ///   left pending by an instance that stopped (no heartbeat for `claim_timeout`) is taken over
 ///   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
-///   entries `XPENDING` says are its own), so a live instance's tasks are not taken.
+///   entries `XPENDING` says are its own, one script per queue) with its worker's steps and
+///   on a timer of its own, every third of `claim_timeout`, so a live instance's tasks are
+///   not taken.
 /// * **Acknowledge** (`Remove`, or `Put` of a rescheduled task): `XACK` and `XDEL` of the
 ///   entry in the same script, after the replay succeeded (or was rescheduled).
 ///
@@ -415,6 +438,7 @@ struct Inner {
     commit: Script,
     adopt: Script,
     depth_script: Script,
+    heartbeat_script: Script,
     local: Mutex<Local>,
     /// Unreadable entries met: said at most once every 10 s.
     unreadable: Every,
@@ -430,6 +454,10 @@ struct Local {
     out: HashSet<(Queue, TaskId)>,
     groups: HashSet<Queue>,
     last_claim: HashMap<Queue, Instant>,
+    /// When each queue's held entries were last heartbeated.
+    last_beat: HashMap<Queue, Instant>,
+    /// The heartbeat's own task runs ([`Inner::start_heartbeat`]).
+    beating: bool,
     /// Where each queue's next takeover scan starts.
     cursors: HashMap<Queue, String>,
     depth: HashMap<Queue, (Depth, Instant)>,
@@ -525,6 +553,39 @@ impl Inner {
         format!("{}:{}", self.prefix, queue.as_str())
     }
 
+    /// Heartbeat what this instance holds on a timer of its own, every third of the claim
+    /// timeout, and not only with the worker's steps: a step is a few Redis round trips per
+    /// queue, and on a slow link steps came further apart than the claim timeout, so live
+    /// instances took each other's tasks over and replayed them again (a trial with 100 ms
+    /// added each way and a 1 s claim timeout: 34 calls applied twice). Started by the first
+    /// read; it ends when the store is dropped.
+    fn start_heartbeat(inner: &Arc<Inner>) {
+        {
+            let mut l = inner.local();
+            if l.beating {
+                return;
+            }
+            l.beating = true;
+        }
+        let weak = Arc::downgrade(inner);
+        let every = inner.claim_timeout / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let queues: HashSet<Queue> = inner.local().held.keys().map(|k| k.0).collect();
+                for queue in queues {
+                    // A failure is the worker's to say (its reads fail too).
+                    let _ = inner.heartbeat(queue).await;
+                }
+            }
+        });
+    }
+
     /// Milliseconds since this store was built, on the monotonic clock.
     fn mono_ms(&self) -> i64 {
         i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
@@ -614,10 +675,15 @@ impl Inner {
         };
         if kind == StoreErrorKind::Io {
             let mut l = self.local();
-            l.cut_off = Some(Instant::now());
-            l.failing = true;
             // Read again before the next commit, from whatever server answers then.
             l.server_offset = None;
+            // Unreachable, unless Redis answered with an error: a `BUSYGROUP` when this
+            // instance joined a group another had made kept it from taking anything over for
+            // its first claim timeout.
+            if e.code().is_none() {
+                l.cut_off = Some(Instant::now());
+                l.failing = true;
+            }
         }
         let error = StoreError::new(kind, format!("redis store `{}`: {e}", self.url));
         // The commit script's refusals (it checks before it writes) and a refused connection
@@ -737,30 +803,16 @@ impl Inner {
                 }
             }
         }
-        let (due_claim, since) = {
+        let due_claim = {
             let l = self.local();
-            let since = l.last_claim.get(&queue).map(Instant::elapsed);
-            (since.is_none_or(|t| t >= self.claim_timeout / 3), since)
+            l.last_claim
+                .get(&queue)
+                .is_none_or(|t| t.elapsed() >= self.claim_timeout / 3)
         };
         let mut taken = 0;
         if due_claim {
-            let held = self.heartbeat(queue).await?;
+            self.heartbeat(queue).await?;
             self.local().last_claim.insert(queue, Instant::now());
-            // The heartbeat comes with the worker's step, a few round trips per queue: on a
-            // slow link the steps can take longer than the claim timeout allows, and other
-            // instances then take this one's tasks over and replay them again.
-            if let Some(since) = since.filter(|s| held > 0 && *s > self.claim_timeout / 2) {
-                if let Some(also) = self.slow_heartbeat.ready() {
-                    tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
-                        heartbeat_gap_ms = since.as_millis() as u64,
-                        claim_timeout_ms = self.claim_timeout.as_millis() as u64,
-                        also_slow = also,
-                        "this instance's tasks were heartbeated more than half the claim timeout \
-                         apart (its worker steps, a few Redis round trips each, are that slow): \
-                         other instances may take them over and replay them again; raise \
-                         claim_timeout (said at most every 10 s)");
-                }
-            }
             // Not within a claim timeout of Redis answering again: while it was unreachable
             // no instance could heartbeat, so every entry pending then looks abandoned when
             // it answers, and the first instance back took the others' (and replayed them a
@@ -891,8 +943,18 @@ impl Inner {
     }
 
     /// Reset the idle time of the entries this instance holds (those `XPENDING` says are
-    /// still its own); forget the ones another instance took over. Returns how many it reset.
-    async fn heartbeat(&self, queue: Queue) -> Result<usize, StoreError> {
+    /// still its own); forget the ones another instance took over.
+    async fn heartbeat(&self, queue: Queue) -> Result<(), StoreError> {
+        let beat = self.beat(queue).await;
+        if !matches!(beat, Ok(true)) {
+            // Nothing held, or Redis not answering: the next beat's gap is not Redis's pace.
+            self.local().last_beat.remove(&queue);
+        }
+        beat.map(drop)
+    }
+
+    /// [`Self::heartbeat`]: whether it heartbeated any entry.
+    async fn beat(&self, queue: Queue) -> Result<bool, StoreError> {
         let held: HashMap<String, TaskId> = self
             .local()
             .held
@@ -901,45 +963,52 @@ impl Inner {
             .map(|((_, id), (entry, _))| (entry.clone(), *id))
             .collect();
         if held.is_empty() {
-            return Ok(0);
+            return Ok(false);
         }
-        let stream = self.stream(queue);
-        let mut pending = redis::cmd("XPENDING");
-        pending
-            .arg(&stream)
-            .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(held.len() + 1024)
-            .arg(&self.consumer);
-        let mut mine = HashSet::new();
-        if let Value::Array(rows) = self.query(&pending).await? {
-            for row in rows {
-                if let Value::Array(cols) = row {
-                    if let Some(id) = cols.first().and_then(text) {
-                        mine.insert(id);
-                    }
-                }
-            }
+        let mut inv = self.heartbeat_script.prepare_invoke();
+        inv.arg(self.stream(queue)).arg(GROUP).arg(&self.consumer);
+        for entry in held.keys() {
+            inv.arg(entry);
         }
-        let (keep, lost): (Vec<_>, Vec<_>) = held.into_iter().partition(|(e, _)| mine.contains(e));
+        let mut conn = self.conn.clone();
+        let mine: HashSet<String> = match inv.invoke_async::<Value>(&mut conn).await {
+            Ok(Value::Array(v)) => v.iter().filter_map(text).collect(),
+            Ok(_) => HashSet::new(),
+            Err(e) => return Err(self.error(e)),
+        };
+        let lost: Vec<TaskId> = held
+            .iter()
+            .filter(|(e, _)| !mine.contains(*e))
+            .map(|(_, id)| *id)
+            .collect();
         if !lost.is_empty() {
             let mut l = self.local();
-            for (_, id) in lost {
+            for id in lost {
                 l.held.remove(&(queue, id));
                 l.out.remove(&(queue, id));
             }
         }
-        if keep.is_empty() {
-            return Ok(0);
+        if mine.is_empty() {
+            return Ok(false);
         }
-        let mut claim = redis::cmd("XCLAIM");
-        claim.arg(&stream).arg(GROUP).arg(&self.consumer).arg(0);
-        for (entry, _) in &keep {
-            claim.arg(entry);
+        let since = self.local().last_beat.insert(queue, Instant::now());
+        // On a link so slow that even the heartbeat's own timer cannot keep them within the
+        // claim timeout, other instances take this one's tasks over and replay them again.
+        if let Some(gap) = since
+            .map(|t| t.elapsed())
+            .filter(|gap| *gap > self.claim_timeout / 2)
+        {
+            if let Some(also) = self.slow_heartbeat.ready() {
+                tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
+                    heartbeat_gap_ms = gap.as_millis() as u64,
+                    claim_timeout_ms = self.claim_timeout.as_millis() as u64,
+                    also_slow = also,
+                    "this instance's tasks were heartbeated more than half the claim timeout \
+                     apart (Redis answers that slowly): other instances may take them over and \
+                     replay them again; raise claim_timeout (said at most every 10 s)");
+            }
         }
-        claim.arg("JUSTID");
-        self.query(&claim).await.map(|_| keep.len())
+        Ok(true)
     }
 
     async fn refresh_depth(&self, queue: Queue) -> Result<Depth, StoreError> {
@@ -1130,6 +1199,7 @@ impl Store for RedisStore {
 
     fn due(&self, queue: Queue, now_ms: u64, limit: usize) -> StoreFuture<'_, Vec<Task>> {
         Box::pin(async move {
+            Inner::start_heartbeat(&self.inner);
             let idle = {
                 let l = self.inner.local();
                 // Held tasks due now take slots; those waiting for a later time do not.
