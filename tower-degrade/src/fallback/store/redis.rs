@@ -973,7 +973,16 @@ impl Inner {
         let mut conn = self.conn.clone();
         let mine: HashSet<String> = match inv.invoke_async::<Value>(&mut conn).await {
             Ok(Value::Array(v)) => v.iter().filter_map(text).collect(),
-            Ok(_) => HashSet::new(),
+            // Not forgotten on an answer this version does not expect.
+            Ok(other) => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Io,
+                    format!(
+                        "redis store `{}`: the heartbeat answered {other:?}",
+                        self.url
+                    ),
+                ));
+            }
             Err(e) => return Err(self.error(e)),
         };
         let lost: Vec<TaskId> = held
