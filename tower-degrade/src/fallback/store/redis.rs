@@ -1181,16 +1181,8 @@ impl Store for RedisStore {
                     inner.clock_sample(sent, server_ms);
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    // Refused as late: its time says how far this instance's offset was off.
-                    if e.code() == Some("LATE") {
-                        let server_ms = e.detail().and_then(|d| d.split(' ').next()?.parse().ok());
-                        if let Some(server_ms) = server_ms {
-                            inner.clock_sample(sent, server_ms);
-                        }
-                    }
-                    return Err(inner.error(e));
-                }
+                // A failure, `LATE` too, has the clock read again before the next commit.
+                Err(e) => return Err(inner.error(e)),
             }
             let mut l = inner.local();
             for op in &ops {
