@@ -93,6 +93,7 @@
 //! | `redis` | `fallback` with Redis Streams as the store, shared by several instances |
 //! | `chaos` | fault injection: latency, errors, aborts, hangs at seeded rates ([`chaos`]) |
 //! | `admin` | the admin API over HTTP: status, breaker commands, faults ([`admin`]) |
+//! | `config` | classes, breakers, admission and routes from a TOML file ([`config`]) |
 //!
 //! # Dependencies, and why
 //!
@@ -108,7 +109,9 @@
 //! diverted body up to the capture limit), `quick_cache` (the bounded last-good cache). With
 //! `embedded`: `redb` (an ACID B-tree in one file: one sync per group commit, nothing written in
 //! the background; why not fjall is in `docs/fallback.md`). With `redis`: `redis` (streams,
-//! scripts, a reconnecting connection manager). With `axum`: `subtle` (the admin routers' bearer
+//! scripts, a reconnecting connection manager). With `config`: `serde`, `toml` (parses with the
+//! span of every key: the line in every error) and `serde_path_to_error` (the path of the field
+//! serde refused). With `axum`: `subtle` (the admin routers' bearer
 //! tokens compared in constant time).
 //!
 //! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed
@@ -150,6 +153,9 @@ mod builder;
 #[cfg(feature = "chaos")]
 #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
 pub mod chaos;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod config;
 pub mod degrader;
 pub mod fallback;
 pub mod layer;

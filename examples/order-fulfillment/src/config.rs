@@ -1,6 +1,8 @@
-//! The service's configuration file (TOML, through serde): classes, routes, breaker
-//! settings, admission, policies, storage, and the storm to play. Unknown fields are errors,
-//! and every error names the file, the line and the field (`classes[2].sla_ms`).
+//! The service's configuration file (TOML, through serde): the degrader's settings (the
+//! service, classes, breaker settings, admission), read by the library's
+//! [`DegraderFile`], and the example's own (policies, storage, the backfill, the queue, the
+//! predictor, and the storm to play) beside them in the same file. Unknown fields are
+//! errors, and every error names the file, the line and the field (`classes[2].sla_ms`).
 //!
 //! Everything here can be built in code as well: [`Config::degrader`] is a plain
 //! `DegraderBuilder`, and the example's `main` shows both.
@@ -10,70 +12,48 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tower_degrade::breaker::BreakerConfig;
 use tower_degrade::chaos::{Chaos, Fault, Target};
+use tower_degrade::config::{DegraderFile, FileError};
 use tower_degrade::error::ConfigError;
 use tower_degrade::fallback::{Backfill, FallbackRouter, MemoryStore, Replayed, replay_fn};
-use tower_degrade::{ClassConfig, Degrader, DegraderBuilder, Route, Tier};
+use tower_degrade::{DegraderBuilder, Route};
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file: the degrader's settings (`service`, `tick_ms`, `[breaker]`,
+/// `[admission]`, `[[classes]]`: the library's [`DegraderFile`]) and the example's own.
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
-    /// The service name (the `service` label of every metric).
-    pub(crate) service: String,
-    /// The control tick.
-    #[serde(default = "default_tick_ms")]
-    pub(crate) tick_ms: u64,
+    /// The degrader's settings, with the line of each for errors.
+    pub(crate) file: DegraderFile,
     /// The policies directory, relative to the configuration file; none: no policies.
-    #[serde(default)]
     pub(crate) policies: Option<PathBuf>,
-    #[serde(default)]
-    pub(crate) breaker: BreakerSection,
-    #[serde(default)]
-    pub(crate) admission: AdmissionSection,
-    #[serde(default)]
     pub(crate) storage: StorageSection,
-    #[serde(default)]
     pub(crate) backfill: BackfillSection,
-    #[serde(default)]
     pub(crate) queue: QueueSection,
     /// The failure predictor beside the protected run (the example built with
     /// `--features predictor`); none: no predictor.
-    #[serde(default)]
     pub(crate) predictor: Option<PredictorSection>,
-    /// The classes, in priority order within a tier.
-    pub(crate) classes: Vec<ClassSection>,
     /// The simulated dependencies.
     pub(crate) dependencies: DependenciesSection,
     /// The storm the example plays.
     pub(crate) storm: StormSection,
 }
 
-fn default_tick_ms() -> u64 {
-    500
-}
-
-/// `[breaker]`: the breaker settings every class starts from.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The example's own top-level keys.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct BreakerSection {
-    pub(crate) open_duration_ms: Option<u64>,
-    pub(crate) min_requests: Option<u64>,
-    pub(crate) failure_rate: Option<f64>,
-}
-
-/// `[admission]`: priority admission under overload.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AdmissionSection {
-    /// An adaptive concurrency limit in front of the service, gold first.
+struct Sections {
     #[serde(default)]
-    pub(crate) adaptive: bool,
-    /// One limit per dependency (`depends_on`) instead of one for the service: a slow
-    /// database fills its own limit, not the one of calls that do not touch it.
+    policies: Option<PathBuf>,
     #[serde(default)]
-    pub(crate) per_dependency: bool,
+    storage: StorageSection,
+    #[serde(default)]
+    backfill: BackfillSection,
+    #[serde(default)]
+    queue: QueueSection,
+    #[serde(default)]
+    predictor: Option<PredictorSection>,
+    dependencies: DependenciesSection,
+    storm: StormSection,
 }
 
 /// `[storage]`: where kept calls are stored.
@@ -146,52 +126,8 @@ impl Default for BackfillSection {
     }
 }
 
-/// `[[classes]]`: one task class.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ClassSection {
-    pub(crate) name: String,
-    #[serde(deserialize_with = "parsed")]
-    pub(crate) tier: Tier,
-    pub(crate) sla_ms: Option<u64>,
-    pub(crate) timeout_ms: Option<u64>,
-    /// How long a call may wait for admission before it takes its fallback route.
-    pub(crate) max_queue_delay_ms: Option<u64>,
-    #[serde(default)]
-    pub(crate) depends_on: Vec<String>,
-    #[serde(default, deserialize_with = "parsed_opt")]
-    pub(crate) fallback: Option<Route>,
-}
-
 /// The longest a simulated dependency may take (a minute): the storm waits for its calls.
 const MAX_DEPENDENCY_MS: u64 = 60_000;
-
-/// The line (from 1) where `key = ` first appears: inside table `table` (`[table]`, or the
-/// `i`th `[[table]]`), or anywhere; 0 if nowhere.
-fn line_of(text: &str, key: &str, table: Option<(&str, usize)>) -> usize {
-    let mut seen = 0usize;
-    let mut inside = table.is_none();
-    for (n, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if let Some((name, i)) = table {
-            if t == format!("[[{name}]]") || t == format!("[{name}]") {
-                inside = seen == i;
-                seen += 1;
-                continue;
-            }
-            if t.starts_with('[') {
-                inside = false;
-            }
-        }
-        if inside
-            && t.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        {
-            return n + 1;
-        }
-    }
-    0
-}
 
 /// The most calls per second the storm plays, all classes together at its peak.
 const MAX_RATE: f64 = 20_000.0;
@@ -278,33 +214,11 @@ where
     s.parse().map_err(serde::de::Error::custom)
 }
 
-fn parsed_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err: fmt::Display>,
-{
-    parsed(d).map(Some)
-}
-
-/// A configuration error: the file, the line, the field and what is wrong.
-#[derive(Debug)]
-pub(crate) struct ConfigFileError(String);
-
-impl fmt::Display for ConfigFileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigFileError {}
-
 impl Config {
     /// Read and check the file at `path`.
-    pub(crate) fn load(path: &Path) -> Result<Config, ConfigFileError> {
-        let shown = path.display();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigFileError(format!("{shown}: cannot read it: {e}")))?;
-        let mut config = Config::parse(&text, &shown.to_string())?;
+    pub(crate) fn load(path: &Path) -> Result<Config, FileError> {
+        let (file, sections) = DegraderFile::load_with::<Sections>(path)?;
+        let mut config = Config::checked(file, sections)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(p) = config.policies.as_ref().filter(|p| p.is_relative()) {
             config.policies = Some(dir.join(p));
@@ -312,14 +226,8 @@ impl Config {
         if let Some(p) = &config.policies {
             // Loaded once here, so that a missing directory or a script that does not
             // compile is said before the storm, not when the protected run starts.
-            let line = line_of(&text, "policies", None).max(1);
-            let bad = |e: &dyn fmt::Display| {
-                ConfigFileError(format!("{shown}:{line}: field `policies`: {e}"))
-            };
-            let (degrader, _worker) = config
-                .degrader()?
-                .build_with_worker()
-                .map_err(|e| bad(&e))?;
+            let bad = |e: &dyn fmt::Display| config.file.error("policies", e);
+            let (degrader, _worker) = config.degrader().build_with_worker().map_err(|e| bad(&e))?;
             degrader.load_policies(p).map_err(|e| bad(&e))?;
         }
         if let Some(p) = config.predictor.as_mut().filter(|p| p.model != "bundled") {
@@ -329,108 +237,71 @@ impl Config {
     }
 
     /// Parse and check `text`, naming `file` in errors.
-    pub(crate) fn parse(text: &str, file: &str) -> Result<Config, ConfigFileError> {
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-        let de = toml::de::Deserializer::parse(text).map_err(|e| {
-            let line = e.span().map_or(1, |s| line_of(s.start));
-            ConfigFileError(format!("{file}:{line}: {}", e.message().trim()))
-        })?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner.span().map_or(1, |s| line_of(s.start));
-            ConfigFileError(format!(
-                "{file}:{line}: field `{field}`: {}",
-                inner.message().trim()
-            ))
-        })?;
-        config.check(text, file)?;
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str, file: &str) -> Result<Config, FileError> {
+        let (file, sections) = DegraderFile::parse_with::<Sections>(text, file)?;
+        Config::checked(file, sections)
+    }
+
+    fn checked(file: DegraderFile, s: Sections) -> Result<Config, FileError> {
+        let config = Config {
+            file,
+            policies: s.policies,
+            storage: s.storage,
+            backfill: s.backfill,
+            queue: s.queue,
+            predictor: s.predictor,
+            dependencies: s.dependencies,
+            storm: s.storm,
+        };
+        config.check()?;
         Ok(config)
     }
 
-    /// What serde cannot check: names that must exist, values that must be in range.
-    fn check(&self, text: &str, file: &str) -> Result<(), ConfigFileError> {
-        // The line of a key, for errors found after parsing (the first, if not found).
-        let line_of = |key: &str, table: Option<(&str, usize)>| line_of(text, key, table).max(1);
-        let err = |line: usize, field: String, what: String| {
-            Err(ConfigFileError(format!(
-                "{file}:{line}: field `{field}`: {what}"
-            )))
-        };
-        let mut names = std::collections::HashSet::new();
-        for (i, c) in self.classes.iter().enumerate() {
-            if !names.insert(c.name.as_str()) {
-                return err(
-                    line_of("name", Some(("classes", i))),
-                    format!("classes[{i}].name"),
-                    format!("class `{}` is configured twice", c.name),
-                );
-            }
-        }
+    /// What serde and the library's file cannot check: names that must exist, values that
+    /// must be in range for the example.
+    fn check(&self) -> Result<(), FileError> {
+        let err = |field: &str, what: String| Err(self.file.error(field, what));
+        let classes = &self.file.classes;
         for name in self.storm.rates.keys() {
-            if !names.contains(name.as_str()) {
+            if !classes.iter().any(|c| &c.name == name) {
                 return err(
-                    line_of(name, None),
-                    format!("storm.rates.{name}"),
+                    &format!("storm.rates.{name}"),
                     format!("no class is called `{name}`"),
                 );
             }
         }
         for (i, f) in self.storm.faults.iter().enumerate() {
             if let Err(e) = f.fault().validate() {
-                return err(
-                    line_of("target", Some(("storm.faults", i))),
-                    format!("storm.faults[{i}]"),
-                    e.to_string(),
-                );
+                return err(&format!("storm.faults[{i}]"), e.to_string());
             }
         }
         if self.queue.redis_url.is_some() && !cfg!(feature = "redis") {
             return err(
-                line_of("redis_url", None),
-                "queue.redis_url".to_owned(),
+                "queue.redis_url",
                 "this build has no Redis support: run the example with `--features redis`"
                     .to_owned(),
             );
         }
-        if self.admission.per_dependency && !self.admission.adaptive {
+        if let Some(i) = classes
+            .iter()
+            .position(|c| c.fallback == Some(Route::Service))
+        {
             return err(
-                line_of("per_dependency", None),
-                "admission.per_dependency".to_owned(),
-                "takes effect only with `adaptive = true`".to_owned(),
+                &format!("classes[{i}].fallback"),
+                "`service` is a route to a fallback service of your own, which this example \
+                 has none of: its calls would be answered 503"
+                    .to_owned(),
             );
-        }
-        for (i, c) in self.classes.iter().enumerate() {
-            if c.max_queue_delay_ms.is_some() && !self.admission.adaptive {
-                return err(
-                    line_of("max_queue_delay_ms", Some(("classes", i))),
-                    format!("classes[{i}].max_queue_delay_ms"),
-                    "takes effect only with admission (`[admission] adaptive = true`)".to_owned(),
-                );
-            }
-            if c.fallback == Some(Route::Service) {
-                return err(
-                    line_of("fallback", Some(("classes", i))),
-                    format!("classes[{i}].fallback"),
-                    "`service` is a route to a fallback service of your own, which this \
-                     example has none of: its calls would be answered 503"
-                        .to_owned(),
-                );
-            }
         }
         if self.queue.claim_idle_ms == Some(0) {
-            return err(
-                line_of("claim_idle_ms", None),
-                "queue.claim_idle_ms".to_owned(),
-                "must be more than 0".to_owned(),
-            );
+            return err("queue.claim_idle_ms", "must be more than 0".to_owned());
         }
         if let Some(p) = &self.predictor
             && !(p.alarm_at > 0.0 && p.alarm_at <= 1.0)
         {
             return err(
-                line_of("alarm_at", None),
-                "predictor.alarm_at".to_owned(),
+                "predictor.alarm_at",
                 format!("{} must be within 0.0 (excluded) and 1.0", p.alarm_at),
             );
         }
@@ -445,10 +316,8 @@ impl Config {
             ("storm.spike", s.spike, 100.0),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= most) {
-                let key = field.rsplit('.').next().unwrap_or(field);
                 return err(
-                    line_of(key, None),
-                    field.to_owned(),
+                    field,
                     format!("{} must be a positive number, at most {most}", shown(v)),
                 );
             }
@@ -456,8 +325,7 @@ impl Config {
         for (name, &rate) in &s.rates {
             if !(rate.is_finite() && (0.0..=MAX_RATE).contains(&rate)) {
                 return err(
-                    line_of(name, None),
-                    format!("storm.rates.{name}"),
+                    &format!("storm.rates.{name}"),
                     format!("{} must be 0 to {MAX_RATE} calls per second", shown(rate)),
                 );
             }
@@ -465,8 +333,7 @@ impl Config {
         let total: f64 = s.rates.values().sum::<f64>() * s.spike;
         if total > MAX_RATE {
             return err(
-                line_of("spike", None),
-                "storm.spike".to_owned(),
+                "storm.spike",
                 format!(
                     "the rates times the spike are {total:.0} calls per second during the \
                      fault, over the {MAX_RATE} one machine can play"
@@ -475,8 +342,7 @@ impl Config {
         }
         if s.client_timeout_ms == 0 {
             return err(
-                line_of("client_timeout_ms", None),
-                "storm.client_timeout_ms".to_owned(),
+                "storm.client_timeout_ms",
                 "must be more than 0: every call would be given up at once".to_owned(),
             );
         }
@@ -490,189 +356,82 @@ impl Config {
         ] {
             if ms > MAX_DEPENDENCY_MS {
                 return err(
-                    line_of(key, None),
-                    format!("dependencies.{key}"),
+                    &format!("dependencies.{key}"),
                     format!("{ms} must be at most {MAX_DEPENDENCY_MS} ms"),
                 );
             }
         }
         if !(1..=10_000).contains(&d.db_connections) {
             return err(
-                line_of("db_connections", None),
-                "dependencies.db_connections".to_owned(),
+                "dependencies.db_connections",
                 format!(
                     "{} must be 1 to 10,000 (with none, no query ever runs)",
                     d.db_connections
                 ),
             );
         }
-        self.check_with_the_library(text, file)
+        self.check_with_the_library()
     }
 
-    /// What the library refuses (class settings, the breaker, the backfill, the storm's fault
-    /// targets), checked before any storm and named by line and field: the library names its
-    /// own setting (`sla`), which is mapped back to the file's (`classes[0].sla_ms`). The
-    /// backfill and the fault targets were only checked when the protected run began, after
-    /// the whole unprotected one.
-    fn check_with_the_library(&self, text: &str, file: &str) -> Result<(), ConfigFileError> {
+    /// What the library refuses of the example's own sections (the backfill, the storm's
+    /// fault targets; the degrader's settings were checked with the file), checked before
+    /// any storm and named by line and field. Both were only checked when the protected run
+    /// began, after the whole unprotected one.
+    fn check_with_the_library(&self) -> Result<(), FileError> {
         // The example's app and jobs make calls of these classes (the classes' settings are
         // the file's, their names the app's).
         for class in crate::storm::CLASSES {
-            if !self.classes.iter().any(|c| c.name == class) {
-                return Err(ConfigFileError(format!(
-                    "{file}:{}: field `classes`: no class is called `{class}`, which the \
-                     example's app has calls of (it routes to {})",
-                    line_of(text, "name", Some(("classes", 0))).max(1),
-                    crate::storm::CLASSES.join(", ")
-                )));
+            if !self.file.classes.iter().any(|c| c.name == class) {
+                return Err(self.file.error(
+                    "classes",
+                    format!(
+                        "no class is called `{class}`, which the example's app has calls of \
+                         (it routes to {})",
+                        crate::storm::CLASSES.join(", ")
+                    ),
+                ));
             }
         }
         let (degrader, _worker) = self
-            .degrader()?
+            .degrader()
             .build_with_worker()
-            .map_err(|e| self.located(text, file, &e, None))?;
-        let backfill = self
-            .backfill()
-            .map_err(|e| self.located(text, file, &e, None))?;
+            .map_err(|e| self.file.error("classes", e))?;
+        let backfill = self.backfill().map_err(|e| self.backfill_error(&e))?;
         let (_router, _worker) = FallbackRouter::builder(&degrader)
             .store(MemoryStore::default())
             // Nothing is kept here: only the settings are checked.
             .replay(replay_fn(|_, _| async { Replayed::Done }))
             .backfill(backfill)
             .build()
-            .map_err(|e| self.located(text, file, &e, None))?;
+            .map_err(|e| self.backfill_error(&e))?;
         let chaos = Chaos::builder(&degrader).build();
         for (i, f) in self.storm.faults.iter().enumerate() {
             chaos
                 .set(f.target.clone(), f.fault())
-                .map_err(|e| self.located(text, file, &e, Some(i)))?;
+                .map_err(|e| self.file.error(&format!("storm.faults[{i}].target"), e))?;
         }
         Ok(())
     }
 
-    /// `e`, from the library, with the file's line and field; `fault`: the storm's fault it
-    /// came from.
-    fn located(
-        &self,
-        text: &str,
-        file: &str,
-        e: &ConfigError,
-        fault: Option<usize>,
-    ) -> ConfigFileError {
-        // The library's name of a setting, and the file's.
-        let key = |field: &str| match field {
-            "tick" => "tick_ms".to_owned(),
-            "sla" | "timeout" | "max_queue_delay" | "open_duration" => format!("{field}_ms"),
-            // Derived from the SLA and the timeout.
-            "abandon_timeout" => "sla_ms".to_owned(),
-            other => other.to_owned(),
-        };
-        let class = |name: &str| self.classes.iter().position(|c| c.name == name);
-        if let Some(i) = fault {
-            let line = line_of(text, "target", Some(("storm.faults", i))).max(1);
-            return ConfigFileError(format!(
-                "{file}:{line}: field `storm.faults[{i}].target`: {e}"
-            ));
-        }
-        let (line, field) = match e {
-            ConfigError::InvalidClass {
-                class: name, field, ..
-            } => match class(name) {
-                Some(i) => {
-                    let key = key(field);
-                    let line = match line_of(text, &key, Some(("classes", i))) {
-                        0 => line_of(text, "name", Some(("classes", i))),
-                        n => n,
-                    };
-                    (line, format!("classes[{i}].{key}"))
-                }
-                None => (0, String::new()),
-            },
-            ConfigError::InvalidName(name) | ConfigError::DuplicateClass(name) => {
-                match class(name) {
-                    Some(i) => (
-                        line_of(text, "name", Some(("classes", i))),
-                        format!("classes[{i}].name"),
-                    ),
-                    None => (0, String::new()),
-                }
+    /// A backfill setting the library refused (`fallback.backfill.rate`), at the file's
+    /// `[backfill]` key.
+    fn backfill_error(&self, e: &ConfigError) -> FileError {
+        let field = match e {
+            // `window.start` and `window.end` are the two strings of `window`.
+            ConfigError::InvalidValue { field, .. } if field.contains("backfill.window") => {
+                "backfill.window"
             }
             ConfigError::InvalidValue { field, .. } => {
-                // `breaker.failure_rate`; `fallback.backfill.rate` is `[backfill] rate`.
-                let field = field.strip_prefix("fallback.").unwrap_or(field);
-                // `window.start` and `window.end` are the two strings of `window`.
-                let field = if field.starts_with("backfill.window") {
-                    "backfill.window"
-                } else {
-                    field
-                };
-                let (table, name) = field.rsplit_once('.').unwrap_or(("", field));
-                let name = key(name);
-                let line = if table.is_empty() {
-                    line_of(text, &name, None)
-                } else {
-                    line_of(text, &name, Some((table, 0)))
-                };
-                let field = if table.is_empty() {
-                    name
-                } else {
-                    format!("{table}.{name}")
-                };
-                (line, field)
+                field.strip_prefix("fallback.").unwrap_or(field)
             }
-            _ => (0, String::new()),
+            _ => "backfill",
         };
-        match (line, field.is_empty()) {
-            (0, true) => ConfigFileError(format!("{file}: {e}")),
-            (0, false) => ConfigFileError(format!("{file}: field `{field}`: {e}")),
-            (line, _) => ConfigFileError(format!("{file}:{line}: field `{field}`: {e}")),
-        }
+        self.file.error(field, e)
     }
 
     /// The classes and settings as a degrader builder.
-    pub(crate) fn degrader(&self) -> Result<DegraderBuilder, ConfigFileError> {
-        let mut b = Degrader::builder(&self.service).tick(Duration::from_millis(self.tick_ms));
-        let mut breaker = BreakerConfig::default();
-        if let Some(ms) = self.breaker.open_duration_ms {
-            breaker = breaker.open_duration(Duration::from_millis(ms));
-        }
-        if let Some(n) = self.breaker.min_requests {
-            breaker = breaker.min_requests(n);
-        }
-        if let Some(r) = self.breaker.failure_rate {
-            breaker = breaker.failure_rate(r);
-        }
-        b = b.breaker(breaker);
-        if self.admission.adaptive {
-            b = b.admission(
-                tower_degrade::admit::Admission::adaptive()
-                    .per_dependency(self.admission.per_dependency),
-            );
-        }
-        for c in &self.classes {
-            b = b.class(self.class(c));
-        }
-        Ok(b)
-    }
-
-    fn class(&self, c: &ClassSection) -> ClassConfig {
-        let mut class = c.tier.class(&c.name);
-        if let Some(ms) = c.sla_ms {
-            class = class.sla(Duration::from_millis(ms));
-        }
-        if let Some(ms) = c.timeout_ms {
-            class = class.timeout(Duration::from_millis(ms));
-        }
-        if let Some(ms) = c.max_queue_delay_ms {
-            class = class.max_queue_delay(Duration::from_millis(ms));
-        }
-        for d in &c.depends_on {
-            class = class.depends_on(d);
-        }
-        if let Some(r) = c.fallback {
-            class = class.fallback_route(r);
-        }
-        class
+    pub(crate) fn degrader(&self) -> DegraderBuilder {
+        self.file.builder()
     }
 
     /// The backfill settings (checked when the file was).
@@ -836,7 +595,7 @@ mod tests {
     #[tokio::test]
     async fn the_shipped_file_builds_the_classes_the_app_routes_to() {
         let config = Config::parse(SHIPPED, "order-fulfillment.toml").unwrap();
-        let (degrader, _worker) = config.degrader().unwrap().build_with_worker().unwrap();
+        let (degrader, _worker) = config.degrader().build_with_worker().unwrap();
         crate::shop::classifier(&degrader).unwrap();
         for class in crate::storm::CLASSES {
             degrader.class_id(class).unwrap();

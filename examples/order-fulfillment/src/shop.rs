@@ -284,7 +284,7 @@ impl Shop {
         addr: SocketAddr,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Shop, BoxError> {
-        let mut builder = config.degrader()?;
+        let mut builder = config.degrader();
         let mut predictor = Err("the unprotected run has none".to_owned());
         if protected {
             (builder, predictor) = crate::predictor::attach(config, builder);

@@ -139,28 +139,7 @@ impl DegraderBuilder {
     }
 
     fn build_shared(self) -> Result<Arc<Shared>, ConfigError> {
-        if self.service.trim().is_empty() {
-            return Err(ConfigError::InvalidValue {
-                field: "service",
-                reason: "must not be empty: it labels every metric".into(),
-            });
-        }
-        if self.service.chars().any(char::is_control) {
-            return Err(ConfigError::InvalidValue {
-                field: "service",
-                reason: format!(
-                    "{:?} holds a control character: it labels every metric and log line, \
-                     where a newline would start a forged one",
-                    self.service
-                ),
-            });
-        }
-        if self.tick < Duration::from_millis(1) || self.tick > Duration::from_secs(3600) {
-            return Err(ConfigError::InvalidValue {
-                field: "tick",
-                reason: "must be 1 ms to an hour".into(),
-            });
-        }
+        check_service_and_tick(&self.service, self.tick)?;
         #[cfg(feature = "rhai")]
         self.policy_limits.validate()?;
         if let Some((_, config)) = &self.predictor {
@@ -373,4 +352,32 @@ impl DegraderBuilder {
         );
         Ok((Degrader { shared }, worker))
     }
+}
+
+/// The service's name and the tick, as [`DegraderBuilder::build`] checks them (the
+/// configuration file checks them before building).
+pub(crate) fn check_service_and_tick(service: &str, tick: Duration) -> Result<(), ConfigError> {
+    if service.trim().is_empty() {
+        return Err(ConfigError::InvalidValue {
+            field: "service",
+            reason: "must not be empty: it labels every metric".into(),
+        });
+    }
+    if service.chars().any(char::is_control) {
+        return Err(ConfigError::InvalidValue {
+            field: "service",
+            reason: format!(
+                "{:?} holds a control character: it labels every metric and log line, \
+                     where a newline would start a forged one",
+                service
+            ),
+        });
+    }
+    if tick < Duration::from_millis(1) || tick > Duration::from_secs(3600) {
+        return Err(ConfigError::InvalidValue {
+            field: "tick",
+            reason: "must be 1 ms to an hour".into(),
+        });
+    }
+    Ok(())
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+#[cfg(feature = "config")]
+pub(crate) use self::builder::check_service_and_tick;
 pub use self::builder::{DEFAULT_TICK, DegraderBuilder};
 pub(crate) use self::shared::{ClassControl, Shared, Shutdown};
 pub(crate) use self::status::health_score;

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 use tower_degrade::breaker::{BreakerConfig, Calibration, PredictionRecord};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
@@ -1302,7 +1302,7 @@ async fn policies_see_the_prediction() {
     d.tick_now();
     let svc = d
         .layer(d.class_id("stock").unwrap())
-        .layer(service_fn(|()| async { Ok::<_, BoxError>(()) }));
+        .layer(tower::service_fn(|()| async { Ok::<_, BoxError>(()) }));
     assert!(
         svc.oneshot(()).await.is_err(),
         "shed at p = 0.6, below the breaker's 0.87"
