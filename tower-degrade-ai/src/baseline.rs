@@ -95,7 +95,8 @@ impl Baseline {
         }
         let tick = self.ticks;
         self.ticks += 1;
-        if (tick < REFRESH || (tick + self.phase) % REFRESH == 0) && !self.rows.is_empty() {
+        if (tick < REFRESH || (tick + self.phase).is_multiple_of(REFRESH)) && !self.rows.is_empty()
+        {
             self.refresh();
         }
     }

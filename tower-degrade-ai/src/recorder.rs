@@ -391,7 +391,7 @@ mod tests {
     impl Predictor for EveryOther {
         fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
             self.0 += 1;
-            if self.0 % 2 == 0 {
+            if self.0.is_multiple_of(2) {
                 return Err("the model failed".into());
             }
             out.fill(0.5);

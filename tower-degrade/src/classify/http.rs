@@ -315,25 +315,23 @@ impl HttpClassifier {
         extensions: &http::Extensions,
     ) -> ClassId {
         let r = &*self.rules;
-        if let Some(name) = &r.override_header {
-            if let Some(id) = headers
+        if let Some(name) = &r.override_header
+            && let Some(id) = headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| r.registry.get(v.trim()))
-            {
-                if r.override_allowed.as_ref().is_none_or(|a| a.contains(&id)) {
-                    return id;
-                }
-            }
+            && r.override_allowed.as_ref().is_none_or(|a| a.contains(&id))
+        {
+            return id;
         }
         if !r.grpc_methods.is_empty() || !r.grpc_services.is_empty() {
             if let Some(id) = r.grpc_methods.get(path) {
                 return *id;
             }
-            if let Some((service, _)) = path.rsplit_once('/') {
-                if let Some(id) = r.grpc_services.get(service) {
-                    return *id;
-                }
+            if let Some((service, _)) = path.rsplit_once('/')
+                && let Some(id) = r.grpc_services.get(service)
+            {
+                return *id;
             }
         }
         let matched = matched_path(extensions);
@@ -421,13 +419,13 @@ impl<B> ClassifyRequest<Request<B>> for HttpClassifier {
     fn admission_key(&self, req: &Request<B>) -> AdmissionKey {
         let r = &*self.rules;
         let mut key = AdmissionKey::none();
-        if let Some((name, cap)) = &r.upstream {
-            if let Some(v) = req.headers().get(name) {
-                match crate::admit::parse_tier(v.as_bytes()) {
-                    // Capped: a tier above `cap` counts as `cap`.
-                    Some(t) => key = key.with_tier(Some(t.max(*cap))),
-                    None => key = key.with_invalid_tier(),
-                }
+        if let Some((name, cap)) = &r.upstream
+            && let Some(v) = req.headers().get(name)
+        {
+            match crate::admit::parse_tier(v.as_bytes()) {
+                // Capped: a tier above `cap` counts as `cap`.
+                Some(t) => key = key.with_tier(Some(t.max(*cap))),
+                None => key = key.with_invalid_tier(),
             }
         }
         let user = r.user_header.as_ref().or(r.key_header.as_ref());

@@ -219,10 +219,9 @@ impl Capture {
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            && len > self.body_limit as u64
         {
-            if len > self.body_limit as u64 {
-                return Err(CaptureError::TooLarge);
-            }
+            return Err(CaptureError::TooLarge);
         }
         // The key the task is kept under, if the client's can be one: its header is kept
         // (the first, when repeated), else none and the replay carries the task id.
@@ -399,10 +398,10 @@ impl HttpRequest {
         let mut req = b.body(B::from(Bytes::from(self.body.clone())))?;
         let headers = req.headers_mut();
         // The client's own header, as captured, stays as it was.
-        if !headers.contains_key(key_header) {
-            if let Ok(v) = HeaderValue::from_str(key) {
-                headers.insert(key_header.clone(), v);
-            }
+        if !headers.contains_key(key_header)
+            && let Ok(v) = HeaderValue::from_str(key)
+        {
+            headers.insert(key_header.clone(), v);
         }
         headers.insert(REPLAY_HEADER, HeaderValue::from(attempt));
         Ok(req)

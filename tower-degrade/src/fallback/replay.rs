@@ -209,7 +209,7 @@ where
             // A body that is always ready (an in-process server's endless stream) would never
             // let the replay's timeout, or any other task of this thread, run.
             frames = frames.wrapping_add(1);
-            if frames % 32 == 0 {
+            if frames.is_multiple_of(32) {
                 tokio::task::yield_now().await;
             }
         }

@@ -166,10 +166,10 @@ where
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Kind::Queued { .. } = &self.kind {
-            if let Some(answer) = ready!(self.as_mut().leave_queue(cx)) {
-                return Poll::Ready(answer);
-            }
+        if let Kind::Queued { .. } = &self.kind
+            && let Some(answer) = ready!(self.as_mut().leave_queue(cx))
+        {
+            return Poll::Ready(answer);
         }
         let this = self.project();
         match this.kind.project() {

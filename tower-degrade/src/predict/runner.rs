@@ -47,10 +47,10 @@ impl Drop for Runner {
     /// A batch still running is stopped (the degrader dropped while a model hangs): its
     /// thread ends with it rather than run on.
     fn drop(&mut self) {
-        if self.buffer.is_none() {
-            if let Some(stop) = &self.stop {
-                stop();
-            }
+        if self.buffer.is_none()
+            && let Some(stop) = &self.stop
+        {
+            stop();
         }
     }
 }
@@ -192,11 +192,11 @@ impl Runner {
                     // run (a model that hangs on some input keeps its thread otherwise).
                     // Asked again each tick: a stop that came before the run began is cleared
                     // by it.
-                    if self.sent_ago > STALE_TICKS {
-                        if let Some(stop) = &self.stop {
-                            self.stopped = true;
-                            stop();
-                        }
+                    if self.sent_ago > STALE_TICKS
+                        && let Some(stop) = &self.stop
+                    {
+                        self.stopped = true;
+                        stop();
                     }
                     return (Batch::Overrun, None);
                 }

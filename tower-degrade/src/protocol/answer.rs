@@ -32,10 +32,8 @@ pub(crate) fn degraded_response<T>(
     let mut res = http::Response::new(body);
     let headers = res.headers_mut();
     headers.insert(REASON_HEADER, HeaderValue::from_static(d.reason().as_str()));
-    if expose_class {
-        if let Ok(v) = HeaderValue::from_str(d.class()) {
-            headers.insert(CLASS_HEADER, v);
-        }
+    if expose_class && let Ok(v) = HeaderValue::from_str(d.class()) {
+        headers.insert(CLASS_HEADER, v);
     }
     if grpc {
         headers.insert(

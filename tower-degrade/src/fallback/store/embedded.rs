@@ -398,10 +398,10 @@ impl Shared {
                 let (k, v) = entry.map_err(|e| self.error(e))?;
                 let id = TaskId(k.value());
                 in_file.insert(id);
-                if !index.contains(queue, id) {
-                    if let Ok(task) = Task::decode(v.value()) {
-                        index.put(queue, &task);
-                    }
+                if !index.contains(queue, id)
+                    && let Ok(task) = Task::decode(v.value())
+                {
+                    index.put(queue, &task);
                 }
             }
             for id in index.page(queue, None, usize::MAX) {

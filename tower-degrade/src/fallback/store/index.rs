@@ -109,13 +109,12 @@ impl Index {
             if queue != Queue::Audit {
                 self.len -= 1;
             }
-            if keyed(queue) {
-                if let Some(key) = self.key_of.get(&id) {
-                    if self.keys.get(key) == Some(&(queue, id)) {
-                        self.keys.remove(key);
-                        self.key_of.remove(&id);
-                    }
-                }
+            if keyed(queue)
+                && let Some(key) = self.key_of.get(&id)
+                && self.keys.get(key) == Some(&(queue, id))
+            {
+                self.keys.remove(key);
+                self.key_of.remove(&id);
             }
         }
     }

@@ -625,10 +625,10 @@ impl Inner {
     /// comes back slowly (held back by a stall that has just ended) is taken again once, and
     /// the second kept whatever its speed (a Redis that is always that slow).
     async fn server_offset(&self) -> Result<i64, StoreError> {
-        if let Some((known, read)) = self.local().server_offset {
-            if read.elapsed() < OFFSET_FOR {
-                return Ok(known);
-            }
+        if let Some((known, read)) = self.local().server_offset
+            && read.elapsed() < OFFSET_FOR
+        {
+            return Ok(known);
         }
         let mut again = false;
         loop {
@@ -796,10 +796,10 @@ impl Inner {
         let mut entries = Vec::new();
         if let Value::Array(streams) = got {
             for s in streams {
-                if let Value::Array(mut kv) = s {
-                    if kv.len() == 2 {
-                        entries.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
-                    }
+                if let Value::Array(mut kv) = s
+                    && kv.len() == 2
+                {
+                    entries.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
                 }
             }
         }
@@ -1006,16 +1006,15 @@ impl Inner {
         if let Some(gap) = since
             .map(|t| t.elapsed())
             .filter(|gap| *gap > self.claim_timeout / 2)
+            && let Some(also) = self.slow_heartbeat.ready()
         {
-            if let Some(also) = self.slow_heartbeat.ready() {
-                tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
+            tracing::warn!(store = %self.url, queue = %queue, consumer = %self.consumer,
                     heartbeat_gap_ms = gap.as_millis() as u64,
                     claim_timeout_ms = self.claim_timeout.as_millis() as u64,
                     also_slow = also,
                     "this instance's tasks were heartbeated more than half the claim timeout \
                      apart (Redis answers that slowly): other instances may take them over and \
                      replay them again; raise claim_timeout (said at most every 10 s)");
-            }
         }
         Ok(true)
     }
@@ -1127,10 +1126,10 @@ fn parse_entries(v: Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
         let mut map = HashMap::new();
         if let Value::Array(kv) = fields {
             for pair in kv.chunks(2) {
-                if let [k, Value::BulkString(v)] = pair {
-                    if let Some(k) = text(k) {
-                        map.insert(k, v.clone());
-                    }
+                if let [k, Value::BulkString(v)] = pair
+                    && let Some(k) = text(k)
+                {
+                    map.insert(k, v.clone());
                 }
             }
         }
