@@ -63,10 +63,13 @@
 //!
 //! An application with settings of its own keeps them in the same file:
 //! [`DegraderFile::parse_with`] gives the top-level keys this module does not know to a type of
-//! the application's (which should deny unknown fields too), with the same errors.
+//! the application's, with the same errors; a key neither reads is an error too. Another
+//! format (YAML, JSON) is read with [`DegraderFile::from_deserializer`], errors then naming the
+//! field but not the line. The class named `default` is the one of calls no rule classifies.
 //!
 //! Why these crates: `toml` parses with the span of every key and value (the line in every
-//! error), `serde_path_to_error` gives the path of the field serde refused.
+//! error), `serde_path_to_error` gives the path of the field serde refused, `serde_ignored`
+//! the keys an application's type would skip.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -80,7 +83,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::admit::Admission;
 use crate::breaker::{BreakerConfig, Calibration, DegradeRule, PredictThreshold};
-use crate::class::{ClassConfig, Registry, Route, Tier};
+use crate::class::{ClassConfig, DEFAULT_CLASS, Registry, Route, Tier};
 use crate::classify::{HttpClassifier, HttpClassifierBuilder};
 use crate::error::ConfigError;
 use crate::{Degrader, DegraderBuilder};
@@ -166,12 +169,14 @@ pub struct BreakerSection {
     pub degrade_rule: Option<DegradeRuleSection>,
 }
 
-/// A breaker's `degrade_rule`: each setting unset keeps the value it overrides.
+/// A breaker's `degrade_rule`: each setting unset keeps the value it overrides (the seed's
+/// where the rule it overrides is off). Setting any of them turns the rule on.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DegradeRuleSection {
-    /// `false` turns the rule off.
+    /// `false` turns the rule off (with no other setting beside it), `true` on; unset: on if
+    /// any other setting is given, else as it was.
     pub enabled: Option<bool>,
     /// [`DegradeRule::windows`].
     pub windows: Option<u32>,
@@ -203,7 +208,10 @@ pub struct AdmissionSection {
     pub cpu_threshold: Option<f64>,
 }
 
-/// `[[classes]]`: one task class ([`ClassConfig`]); what is unset is the tier's default.
+/// `[[classes]]`: one task class ([`ClassConfig`]); what is unset is the tier's default. The
+/// class named `default` is the one of calls no rule classifies
+/// ([`DegraderBuilder::default_class`]; a bronze class with the `reject` route when the file
+/// has none).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -302,12 +310,14 @@ pub struct UpstreamSection {
 
 /// A file's settings refused: where and why. Its `Display` is ``file:line: field `path`: why``
 /// (the line and field when known).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FileError {
     file: String,
     line: Option<usize>,
     field: Option<String>,
     message: String,
+    /// Why the file could not be read (its [`source`](std::error::Error::source)).
+    io: Option<std::sync::Arc<std::io::Error>>,
 }
 
 impl FileError {
@@ -345,7 +355,13 @@ impl fmt::Display for FileError {
     }
 }
 
-impl std::error::Error for FileError {}
+impl std::error::Error for FileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.io
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Where the settings came from: the file's name and the line of every key and array item,
 /// by path (`classes[1].sla_ms`, `http.routes[0]`).
@@ -403,6 +419,23 @@ impl Source {
             line: paths.iter().find_map(|p| self.lines.get(p).copied()),
             field: paths.first().cloned(),
             message: message.to_string(),
+            io: None,
+        }
+    }
+
+    /// A value the library refused, as [`error`](Self::error); where the file does not set
+    /// the field named, the message says the value refused is one it did not write.
+    fn refused(&self, paths: &[String], e: &dyn fmt::Display) -> FileError {
+        match paths.first().filter(|p| !self.lines.contains_key(*p)) {
+            Some(p) if !self.lines.is_empty() => self.error(
+                paths,
+                format_args!(
+                    "{e} (`{}` is not set here: the value refused is its default, or one it \
+                     inherits)",
+                    p.rsplit(['.', ']']).next().unwrap_or(p)
+                ),
+            ),
+            _ => self.error(paths, e),
         }
     }
 }
@@ -424,22 +457,48 @@ where
     parsed(d).map(Some)
 }
 
-/// `table` (with the span of the document) as `T`, errors naming `file`, line and field.
+/// `table` (with the span of the document) as `T`, errors naming `file`, line and field; the
+/// paths of the keys `T` ignored (a type without `deny_unknown_fields`) in `ignored`.
 fn deserialize<T: DeserializeOwned>(
     table: Spanned<DeTable<'_>>,
     text: &str,
     file: &str,
+    ignored: &mut Vec<String>,
 ) -> Result<T, FileError> {
-    serde_path_to_error::deserialize(toml::de::Deserializer::from(table)).map_err(|e| {
+    let mut note = |path: serde_ignored::Path<'_>| ignored.push(path_of(&path));
+    let de = serde_ignored::Deserializer::new(toml::de::Deserializer::from(table), &mut note);
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         FileError {
             file: file.to_owned(),
-            line: inner.span().map(|s| line_at(text, s.start)),
+            // A field missing from the document itself has the document's empty span at 0:
+            // no line to name.
+            line: inner
+                .span()
+                .filter(|s| !s.is_empty() || s.start > 0)
+                .map(|s| line_at(text, s.start)),
             field: (field != ".").then_some(field),
             message: inner.message().trim().to_owned(),
+            io: None,
         }
     })
+}
+
+/// `path` as errors write it (`classes[1].sla_ms`).
+fn path_of(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", path_of(parent)),
+        Path::Map { parent, key } => match path_of(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_of(parent),
+    }
 }
 
 /// The text of the file at `path`, and its name as errors show it.
@@ -452,6 +511,7 @@ fn read(path: &Path) -> Result<(String, String), FileError> {
             line: None,
             field: None,
             message: format!("cannot read it: {e}"),
+            io: Some(std::sync::Arc::new(e)),
         }),
     }
 }
@@ -563,9 +623,19 @@ impl BreakerSection {
 }
 
 impl DegradeRuleSection {
+    /// Whether any setting of the rule itself is given.
+    fn sets_any(&self) -> bool {
+        self.windows.is_some()
+            || self.success_below.is_some()
+            || self.p99_above_ms.is_some()
+            || self.min_requests.is_some()
+    }
+
     fn apply(&self, base: Option<DegradeRule>) -> Option<DegradeRule> {
-        if self.enabled == Some(false) {
-            return None;
+        match self.enabled {
+            Some(false) => return None,
+            None if !self.sets_any() => return base,
+            _ => {}
         }
         let mut r = base.unwrap_or_default();
         if let Some(v) = self.windows {
@@ -668,14 +738,16 @@ impl DegraderFile {
 
     /// Parse and check `text`, naming `file` in errors. Unknown keys are errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, FileError> {
-        Self::split(text, file, false).map(|(parsed, _)| parsed)
+        let (parsed, _) = Self::split(text, file, false)?;
+        parsed.check()?;
+        Ok(parsed)
     }
 
     /// Parse and check `text`, naming `file` in errors: the keys of this module's
-    /// [`DegraderFile`] are read as such, every other top-level key is the application's `T`
-    /// (which should be `#[serde(deny_unknown_fields)]`, so that a misspelt key is an error
-    /// rather than ignored). An application's own checks can name a line and field with
-    /// [`error`](Self::error).
+    /// [`DegraderFile`] are read as such, every other top-level key is the application's `T`.
+    /// A key `T` does not read is an error (a misspelt `[[clases]]` is not dropped), whether or
+    /// not `T` denies unknown fields. An application's own checks can name a line and field
+    /// with [`error`](Self::error).
     ///
     /// ```
     /// use tower_degrade::config::DegraderFile;
@@ -698,12 +770,29 @@ impl DegraderFile {
     /// ```
     pub fn parse_with<T: DeserializeOwned>(text: &str, file: &str) -> Result<(Self, T), FileError> {
         let (parsed, rest) = Self::split(text, file, true)?;
-        let app = deserialize(rest, text, file)?;
-        Ok((parsed, app))
+        let mut ignored = Vec::new();
+        let app = deserialize(rest, text, file, &mut ignored)?;
+        match ignored.first() {
+            None => {
+                // After the application's keys: a misspelt table of the degrader's is said
+                // as such, not as what its absence breaks.
+                parsed.check()?;
+                Ok((parsed, app))
+            }
+            // `T` does not deny unknown fields: a misspelt `[[clases]]` would be dropped.
+            Some(path) => Err(parsed.error(
+                path,
+                format!(
+                    "unknown field: neither a setting of the degrader ({}) nor one of the \
+                     application's",
+                    KEYS.join(", ")
+                ),
+            )),
+        }
     }
 
-    /// The file's settings, checked, and (`with`) the top-level keys that are not this
-    /// module's.
+    /// The file's settings, not checked yet, and (`with`) the top-level keys that are not
+    /// this module's.
     fn split<'t>(
         text: &'t str,
         file: &str,
@@ -714,6 +803,7 @@ impl DegraderFile {
             line: e.span().map(|s| line_at(text, s.start)),
             field: None,
             message: e.message().trim().to_owned(),
+            io: None,
         })?;
         let source = Source::new(file, text, root.get_ref());
         let span = root.span();
@@ -724,10 +814,48 @@ impl DegraderFile {
         } else {
             (root.into_inner(), DeTable::default())
         };
-        let mut parsed: DegraderFile = deserialize(Spanned::new(span.clone(), mine), text, file)?;
+        let mut parsed: DegraderFile = deserialize(
+            Spanned::new(span.clone(), mine),
+            text,
+            file,
+            &mut Vec::new(),
+        )?;
         parsed.source = source;
-        parsed.check()?;
         Ok((parsed, Spanned::new(span, theirs)))
+    }
+
+    /// Settings read through another serde format (YAML, JSON ...: the spans TOML gives are
+    /// this module's), checked as a file is: errors name `file` and the field, not the line
+    /// (a format's own errors may say it in their message).
+    ///
+    /// ```
+    /// use tower_degrade::config::DegraderFile;
+    ///
+    /// let json = r#"{"service": "shop", "classes": [{"name": "pay", "tier": "gold", "sla_ms": 0}]}"#;
+    /// let e = DegraderFile::from_deserializer(&mut serde_json::Deserializer::from_str(json), "shop.json")
+    ///     .unwrap_err();
+    /// assert_eq!(e.field(), Some("classes[0].sla_ms"));
+    /// ```
+    pub fn from_deserializer<'de, D: serde::Deserializer<'de>>(
+        de: D,
+        file: &str,
+    ) -> Result<Self, FileError> {
+        let mut parsed: DegraderFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            FileError {
+                file: file.to_owned(),
+                line: None,
+                field: (field != ".").then_some(field),
+                message: e.into_inner().to_string(),
+                io: None,
+            }
+        })?;
+        parsed.source = Source {
+            file: file.to_owned(),
+            lines: HashMap::new(),
+        };
+        parsed.check()?;
+        Ok(parsed)
     }
 
     /// An error naming this file, the line of `field` (a path as errors show it,
@@ -767,7 +895,11 @@ impl DegraderFile {
             b = b.admission(a);
         }
         for c in &self.classes {
-            b = b.class(c.class());
+            b = if c.name == DEFAULT_CLASS {
+                b.default_class(c.class())
+            } else {
+                b.class(c.class())
+            };
             if let Some(own) = &c.breaker {
                 b = b.class_breaker(&c.name, own.apply(default.clone()));
             }
@@ -855,108 +987,132 @@ impl DegraderFile {
         Ok(b)
     }
 
-    /// What serde cannot check, checked as the builders will: every value the library would
-    /// refuse, named by line and field.
+    /// What serde cannot check, checked as the builders will (every value the library would
+    /// refuse), and settings that would have no effect: each named by line and field.
     fn check(&self) -> Result<(), FileError> {
         let err = |paths: &[String], e: &dyn fmt::Display| self.source.error(paths, e);
-        let tick = self.tick_ms.map_or(Duration::from_millis(500), ms);
-        if let Err(e) = crate::degrader::check_service_and_tick(&self.service, tick) {
-            let key = match &e {
-                ConfigError::InvalidValue { field, .. } => file_key(field),
-                _ => "service".to_owned(),
-            };
-            return Err(err(&[key], &e));
-        }
+        let refused = |paths: &[String], e: &ConfigError| self.source.refused(paths, e);
+        // The file's key for the field a library error names.
+        let key = |e: &ConfigError| match e {
+            ConfigError::InvalidValue { field, .. } | ConfigError::InvalidClass { field, .. } => {
+                file_key(field)
+            }
+            _ => String::new(),
+        };
+        let tick = self.tick_ms.map_or(crate::degrader::DEFAULT_TICK, ms);
+        crate::degrader::check_service_and_tick(&self.service, tick)
+            .map_err(|e| refused(&[key(&e)], &e))?;
         // A breaker's error at `table`'s key, else at the table (a class's breaker refused for
         // a value it took from `[breaker]`: the class's table, where the fix goes).
-        let breaker_error = |tables: &[&str], e: ConfigError| {
-            let key = match &e {
-                ConfigError::InvalidValue { field, .. } => file_key(field),
-                _ => String::new(),
-            };
-            let mut paths: Vec<String> = tables.iter().map(|t| format!("{t}.{key}")).collect();
-            paths.extend(tables.iter().map(|t| (*t).to_owned()));
-            err(&paths, &e)
-        };
-        let default = self.breaker_config();
-        if self.breaker.both_thresholds() {
-            return Err(err(
-                &["breaker.predict_threshold".to_owned()],
-                &"a fixed threshold and a calibrated one's settings: set one or the other",
-            ));
-        }
-        default
-            .validate()
-            .map_err(|e| breaker_error(&["breaker"], e))?;
-        let registry = Registry::new(None, self.classes.iter().map(ClassSection::class).collect())
-            .map_err(|e| self.class_error(e))?;
-        for (i, c) in self.classes.iter().enumerate() {
-            let Some(own) = &c.breaker else { continue };
-            let table = format!("classes[{i}].breaker");
-            if own.both_thresholds() {
+        let breaker = |table: &str, section: &BreakerSection, cfg: &BreakerConfig| {
+            if section.both_thresholds() {
                 return Err(err(
-                    &[format!("{table}.predict_threshold"), table],
+                    &[format!("{table}.predict_threshold"), table.to_owned()],
                     &"a fixed threshold and a calibrated one's settings: set one or the other",
                 ));
             }
-            own.apply(default.clone())
-                .validate()
-                .map_err(|e| breaker_error(&[&table], e))?;
+            if let Some(r) = &section.degrade_rule
+                && r.enabled == Some(false)
+                && r.sets_any()
+            {
+                return Err(err(
+                    &[format!("{table}.degrade_rule.enabled"), table.to_owned()],
+                    &"`false` turns the rule off: its other settings would be ignored",
+                ));
+            }
+            cfg.validate()
+                .map_err(|e| refused(&[format!("{table}.{}", key(&e)), table.to_owned()], &e))
+        };
+        let default = self.breaker_config();
+        breaker("breaker", &self.breaker, &default)?;
+        // Each class alone, in the file's order, so that the one refused is the one named.
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            let alone = if c.name == DEFAULT_CLASS {
+                Registry::new(Some(c.class()), Vec::new())
+            } else {
+                Registry::new(None, vec![c.class()])
+            };
+            let at = |key: String| vec![format!("classes[{i}].{key}"), format!("classes[{i}]")];
+            alone.map_err(|e| {
+                let k = match &e {
+                    ConfigError::InvalidName(_) => "name".to_owned(),
+                    e => key(e),
+                };
+                refused(&at(k), &e)
+            })?;
+            if !seen.insert(c.name.as_str()) {
+                return Err(refused(
+                    &at("name".to_owned()),
+                    &ConfigError::DuplicateClass(c.name.clone()),
+                ));
+            }
+            if let Some(own) = &c.breaker {
+                breaker(
+                    &format!("classes[{i}].breaker"),
+                    own,
+                    &own.apply(default.clone()),
+                )?;
+            }
         }
+        let registry = self
+            .registry()
+            .map_err(|e| err(&["classes".to_owned()], &e))?;
+        // Settings that take effect only under admission.
         if let Some(key) = self.admission.set_without_adaptive() {
             return Err(err(
                 &[format!("admission.{key}")],
                 &"takes effect only with `adaptive = true`",
             ));
         }
-        if !self.admission.adaptive
-            && let Some(i) = self
+        if !self.admission.adaptive {
+            let only = "takes effect only with admission (`[admission] adaptive = true`)";
+            if let Some(i) = self
                 .classes
                 .iter()
                 .position(|c| c.max_queue_delay_ms.is_some())
-        {
+            {
+                return Err(err(&[format!("classes[{i}].max_queue_delay_ms")], &only));
+            }
+            let h = &self.http;
+            for (key, set) in [
+                ("user_key", h.user_key.is_some()),
+                ("deadline_header", h.deadline_header.is_some()),
+                ("upstream_priority", h.upstream_priority.is_some()),
+            ] {
+                if set {
+                    return Err(err(&[format!("http.{key}")], &only));
+                }
+            }
+        }
+        if self.http.override_allowed.is_some() && self.http.override_header.is_none() {
             return Err(err(
-                &[format!("classes[{i}].max_queue_delay_ms")],
-                &"takes effect only with admission (`[admission] adaptive = true`)",
+                &["http.override_allowed".to_owned()],
+                &"takes effect only with `override_header`",
             ));
         }
         if let Some(a) = self.admission.admission() {
             a.validate().map_err(|e| {
-                let key = match &e {
-                    ConfigError::InvalidValue { field, .. } => file_key(field),
-                    _ => String::new(),
-                };
-                err(&[format!("admission.{key}"), "admission".to_owned()], &e)
+                refused(
+                    &[format!("admission.{}", key(&e)), "admission".to_owned()],
+                    &e,
+                )
             })?;
+            crate::degrader::check_dependency_limiters(&a, &registry)
+                .map_err(|e| err(&["admission.per_dependency".to_owned()], &e))?;
         }
         self.http_rules(HttpClassifier::builder(&registry))
             .map(drop)
     }
 
-    /// A class's setting the registry refused, at the class's line and field.
-    fn class_error(&self, e: ConfigError) -> FileError {
-        let (name, key, last) = match &e {
-            ConfigError::InvalidClass { class, field, .. } => {
-                (class.as_str(), file_key(field), false)
-            }
-            ConfigError::InvalidName(name) => (name.as_str(), "name".to_owned(), false),
-            // The second of the two is the one refused.
-            ConfigError::DuplicateClass(name) => (name.as_str(), "name".to_owned(), true),
-            _ => return self.source.error(&["classes".to_owned()], &e),
-        };
-        let mut at = self
-            .classes
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.name == name);
-        let i = if last { at.next_back() } else { at.next() };
-        match i {
-            Some((i, _)) => self.source.error(
-                &[format!("classes[{i}].{key}"), format!("classes[{i}]")],
-                &e,
-            ),
-            None => self.source.error(&["classes".to_owned()], &e),
-        }
+    /// The classes' registry, as the degrader will have it.
+    fn registry(&self) -> Result<Registry, ConfigError> {
+        let (default, classes): (Vec<_>, Vec<_>) =
+            self.classes.iter().partition(|c| c.name == DEFAULT_CLASS);
+        Registry::new(
+            default.first().map(|c| c.class()),
+            classes.into_iter().map(ClassSection::class).collect(),
+        )
     }
 }
 
@@ -1410,8 +1566,175 @@ class = "refund"
     }
 
     #[test]
+    fn the_class_refused_is_the_one_named_and_default_is_the_default_class() {
+        // Two classes of one name, the second with an SLA of 0: the second is named.
+        let text = edited("name = \"refund\"", "name = \"browse_log\"").replacen(
+            "timeout_ms = 5000",
+            "sla_ms = 0",
+            1,
+        );
+        let e = error(&text);
+        assert_eq!(e.field(), Some("classes[2].sla_ms"), "{e}");
+        // Three of one name: the second is refused.
+        let text = format!("{SHOP}\n[[classes]]\nname = \"refund\"\ntier = \"silver\"\n").replacen(
+            "name = \"browse_log\"",
+            "name = \"refund\"",
+            1,
+        );
+        let e = error(&text);
+        assert_eq!(e.field(), Some("classes[2].name"), "{e}");
+        assert_eq!(e.line(), Some(line_of(&text, "timeout_ms") - 2), "{e}");
+        // `default` configures the class of unclassified calls.
+        let text = format!(
+            "{SHOP}\n[[classes]]\nname = \"default\"\ntier = \"bronze\"\nfallback = \"spool\"\n"
+        );
+        let file = DegraderFile::parse(&text, "shop.toml").unwrap();
+        let registry = file.registry().unwrap();
+        assert_eq!(
+            registry.class(crate::ClassId::DEFAULT).route(),
+            Route::Spool
+        );
+        assert_eq!(registry.len(), 4);
+    }
+
+    #[test]
+    fn a_degrade_rule_unset_is_inherited_and_any_setting_turns_it_on() {
+        let text = edited(
+            "open_duration_ms = 2000",
+            "open_duration_ms = 2000\ndegrade_rule = { enabled = false }",
+        );
+        let file = DegraderFile::parse(&text, "shop.toml").unwrap();
+        let default = file.breaker_config();
+        assert_eq!(default.degrade_rule, None);
+        // A class setting nothing of the rule keeps it off ...
+        let off = BreakerSection::default().apply(default.clone());
+        assert_eq!(off.degrade_rule, None);
+        // ... one setting a window count turns it on, the seed's otherwise.
+        let text = text.replacen(
+            "breaker = { failure_rate = 0.3 }",
+            "breaker = { degrade_rule = { windows = 5 } }",
+            1,
+        );
+        let file = DegraderFile::parse(&text, "shop.toml").unwrap();
+        let own = file.classes[0].breaker.as_ref().unwrap().apply(default);
+        let rule = own.degrade_rule.unwrap();
+        assert_eq!((rule.windows, rule.success_below), (5, 0.92));
+        // Off with settings beside it: which was meant?
+        let text = text.replacen("{ windows = 5 }", "{ enabled = false, windows = 5 }", 1);
+        let e = error(&text);
+        assert_eq!(
+            e.field(),
+            Some("classes[0].breaker.degrade_rule.enabled"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_value_refused_that_the_file_does_not_set_says_so() {
+        let text = edited("max_limit = 400", "max_limit = 5");
+        let e = error(&text);
+        assert_eq!(e.field(), Some("admission.initial_limit"), "{e}");
+        assert_eq!(e.line(), Some(line_of(&text, "[admission]")), "{e}");
+        assert!(
+            e.message().contains("`initial_limit` is not set here"),
+            "{e}"
+        );
+        // A missing top-level field: no line to name (the document's start is a comment or
+        // anything else).
+        let e = error("# the shop\ntick_ms = 5\n");
+        assert_eq!(e.line(), None, "{e}");
+        assert!(e.message().contains("missing field `service`"), "{e}");
+    }
+
+    #[test]
+    fn http_settings_that_would_be_ignored_are_errors() {
+        let e = error(&edited("override_header = \"x-degrade-class\"\n", ""));
+        assert_eq!(e.field(), Some("http.override_allowed"), "{e}");
+        let text = edited("adaptive = true\nmax_limit = 400", "").replacen(
+            "[http]\n",
+            "[http]\nuser_key = \"x-user\"\n",
+            1,
+        );
+        let e = error(&text);
+        assert_eq!(
+            (e.field(), e.line()),
+            (Some("http.user_key"), Some(line_of(&text, "x-user"))),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn too_many_dependencies_for_a_limiter_each_are_refused_when_read() {
+        let mut text = edited("max_limit = 400", "max_limit = 400\nper_dependency = true");
+        for i in 0..300 {
+            text.push_str(&format!(
+                "\n[[classes]]\nname = \"c{i}\"\ntier = \"bronze\"\ndepends_on = [\"d{i}\"]\n"
+            ));
+        }
+        let e = error(&text);
+        assert_eq!(e.field(), Some("admission.per_dependency"), "{e}");
+        assert!(e.message().contains("at most 254"), "{e}");
+    }
+
+    #[test]
+    fn keys_an_application_type_would_ignore_are_errors() {
+        // An application type that does not deny unknown fields: a misspelt table of the
+        // library's would be dropped without a word.
+        #[derive(Debug, Deserialize)]
+        struct Lax {
+            #[serde(default)]
+            #[allow(dead_code)]
+            listen: Option<String>,
+        }
+        let text = SHOP.replacen("[[classes]]", "[[clases]]", 1);
+        let e = DegraderFile::parse_with::<Lax>(&text, "shop.toml").unwrap_err();
+        assert_eq!(
+            (e.field(), e.line()),
+            (Some("clases"), Some(line_of(&text, "[[clases]]"))),
+            "{e}"
+        );
+        assert!(
+            e.message().contains("neither a setting of the degrader"),
+            "{e}"
+        );
+        assert!(DegraderFile::parse_with::<Lax>(SHOP, "shop.toml").is_ok());
+    }
+
+    #[test]
+    fn the_keys_handed_to_an_application_are_every_key_but_the_files() {
+        let file = DegraderFile::parse(SHOP, "shop.toml").unwrap();
+        // Fails to compile when a field is added: add its key to KEYS too.
+        let DegraderFile {
+            service: _,
+            env: _,
+            tick_ms: _,
+            breaker: _,
+            admission: _,
+            classes: _,
+            http: _,
+            source: _,
+        } = file;
+        assert_eq!(
+            KEYS,
+            [
+                "service",
+                "env",
+                "tick_ms",
+                "breaker",
+                "admission",
+                "classes",
+                "http"
+            ]
+        );
+    }
+
+    #[test]
     fn a_file_that_cannot_be_read_is_named() {
         let e = DegraderFile::load("/nonexistent/shop.toml").unwrap_err();
+        let io = std::error::Error::source(&e)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
         assert!(
             e.to_string()
                 .starts_with("/nonexistent/shop.toml: cannot read it: "),

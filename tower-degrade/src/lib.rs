@@ -110,8 +110,8 @@
 //! `embedded`: `redb` (an ACID B-tree in one file: one sync per group commit, nothing written in
 //! the background; why not fjall is in `docs/fallback.md`). With `redis`: `redis` (streams,
 //! scripts, a reconnecting connection manager). With `config`: `serde`, `toml` (parses with the
-//! span of every key: the line in every error) and `serde_path_to_error` (the path of the field
-//! serde refused). With `axum`: `subtle` (the admin routers' bearer
+//! span of every key: the line in every error), `serde_path_to_error` (the path of the field
+//! serde refused) and `serde_ignored` (keys an application's own settings type would skip). With `axum`: `subtle` (the admin routers' bearer
 //! tokens compared in constant time).
 //!
 //! The latency histogram is hand-written (`window::histogram`): recording must be one relaxed

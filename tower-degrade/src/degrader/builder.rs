@@ -177,9 +177,10 @@ impl DegraderBuilder {
         }
         let names: Arc<[Arc<str>]> = registry.iter().map(|(_, c)| Arc::from(c.name())).collect();
         let (limiters, class_limiter, cpu) = match &self.admission {
-            None => (Vec::new(), vec![u8::MAX; registry.len()], None),
+            None => (Vec::new(), vec![NO_LIMITER; registry.len()], None),
             Some(a) => {
                 a.validate()?;
+                check_dependency_limiters(a, &registry)?;
                 let mut limiters = vec![Limiter::new(Arc::from("service"), a.limit)];
                 let mut class_limiter = Vec::with_capacity(registry.len());
                 for (_, c) in registry.iter() {
@@ -194,9 +195,11 @@ impl DegraderBuilder {
                             }
                         },
                     };
-                    class_limiter.push(u8::try_from(i).map_err(|_| ConfigError::InvalidValue {
+                    // Below the "no limiter" mark (check_dependency_limiters).
+                    let l = u8::try_from(i).ok().filter(|&l| l != NO_LIMITER);
+                    class_limiter.push(l.ok_or_else(|| ConfigError::InvalidValue {
                         field: "admission.per_dependency",
-                        reason: "more than 255 dependencies".into(),
+                        reason: "too many dependencies".into(),
                     })?);
                 }
                 let cpu = a.cpu_threshold.map(|t| (CpuSignal::default(), t));
@@ -209,7 +212,7 @@ impl DegraderBuilder {
             .iter()
             .map(|(id, c)| {
                 let l = class_limiter[id.index()];
-                Gate::new(c, (l != u8::MAX).then_some(l))
+                Gate::new(c, (l != NO_LIMITER).then_some(l))
             })
             .collect();
         let timer = Timer::new(self.clock);
@@ -377,6 +380,35 @@ pub(crate) fn check_service_and_tick(service: &str, tick: Duration) -> Result<()
         return Err(ConfigError::InvalidValue {
             field: "tick",
             reason: "must be 1 ms to an hour".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A class's limiter index meaning "no limiter" (admission off).
+const NO_LIMITER: u8 = u8::MAX;
+
+/// With one limiter per dependency, at most 254 dependencies (the service's limiter is the
+/// first, and the index after the last marks a class with none).
+pub(crate) fn check_dependency_limiters(
+    admission: &Admission,
+    registry: &Registry,
+) -> Result<(), ConfigError> {
+    if !admission.per_dependency {
+        return Ok(());
+    }
+    let firsts: std::collections::HashSet<&String> = registry
+        .iter()
+        .filter_map(|(_, c)| c.dependencies().first())
+        .collect();
+    if firsts.len() >= usize::from(NO_LIMITER) {
+        return Err(ConfigError::InvalidValue {
+            field: "admission.per_dependency",
+            reason: format!(
+                "{} dependencies are the first of a class: one limiter each is at most {}",
+                firsts.len(),
+                NO_LIMITER - 1
+            ),
         });
     }
     Ok(())
