@@ -373,39 +373,9 @@ struct Source {
 
 impl Source {
     fn new(file: &str, text: &str, root: &DeTable<'_>) -> Self {
-        let mut starts = vec![0usize];
-        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        let line = |offset: usize| starts.partition_point(|&s| s <= offset);
+        let index = LineIndex::new(text);
         let mut lines = HashMap::new();
-        fn walk(
-            path: &str,
-            value: &DeValue<'_>,
-            line: &dyn Fn(usize) -> usize,
-            lines: &mut HashMap<String, usize>,
-        ) {
-            match value {
-                DeValue::Table(t) => {
-                    for (k, v) in t.iter() {
-                        let p = if path.is_empty() {
-                            k.get_ref().to_string()
-                        } else {
-                            format!("{path}.{}", k.get_ref())
-                        };
-                        lines.insert(p.clone(), line(k.span().start));
-                        walk(&p, v.get_ref(), line, lines);
-                    }
-                }
-                DeValue::Array(a) => {
-                    for (i, v) in a.iter().enumerate() {
-                        let p = format!("{path}[{i}]");
-                        lines.entry(p.clone()).or_insert(line(v.span().start));
-                        walk(&p, v.get_ref(), line, lines);
-                    }
-                }
-                _ => {}
-            }
-        }
-        walk("", &DeValue::Table(root.clone()), &line, &mut lines);
+        walk_table("", root, &index, &mut lines);
         Self {
             file: file.to_owned(),
             lines,
@@ -437,6 +407,59 @@ impl Source {
             ),
             _ => self.error(paths, e),
         }
+    }
+}
+
+/// The line of every key and array item under `path` in `table`.
+fn walk_table(
+    path: &str,
+    table: &DeTable<'_>,
+    index: &LineIndex,
+    lines: &mut HashMap<String, usize>,
+) {
+    for (k, v) in table.iter() {
+        let p = if path.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{path}.{}", k.get_ref())
+        };
+        lines.insert(p.clone(), index.line(k.span().start));
+        walk_value(&p, v.get_ref(), index, lines);
+    }
+}
+
+fn walk_value(
+    path: &str,
+    value: &DeValue<'_>,
+    index: &LineIndex,
+    lines: &mut HashMap<String, usize>,
+) {
+    match value {
+        DeValue::Table(t) => walk_table(path, t, index, lines),
+        DeValue::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                lines.entry(p.clone()).or_insert(index.line(v.span().start));
+                walk_value(&p, v.get_ref(), index, lines);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Where each line of a text starts, to turn byte offsets into lines.
+struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self(starts)
+    }
+
+    /// The line (from 1) holding byte `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&s| s <= offset)
     }
 }
 
@@ -477,7 +500,7 @@ fn deserialize<T: DeserializeOwned>(
             line: inner
                 .span()
                 .filter(|s| !s.is_empty() || s.start > 0)
-                .map(|s| line_at(text, s.start)),
+                .map(|s| LineIndex::new(text).line(s.start)),
             field: (field != ".").then_some(field),
             message: inner.message().trim().to_owned(),
             io: None,
@@ -514,14 +537,6 @@ fn read(path: &Path) -> Result<(String, String), FileError> {
             io: Some(std::sync::Arc::new(e)),
         }),
     }
-}
-
-fn line_at(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 fn ms(v: u64) -> Duration {
@@ -800,7 +815,7 @@ impl DegraderFile {
     ) -> Result<(Self, Spanned<DeTable<'t>>), FileError> {
         let root = DeTable::parse(text).map_err(|e| FileError {
             file: file.to_owned(),
-            line: e.span().map(|s| line_at(text, s.start)),
+            line: e.span().map(|s| LineIndex::new(text).line(s.start)),
             field: None,
             message: e.message().trim().to_owned(),
             io: None,
