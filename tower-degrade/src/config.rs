@@ -63,9 +63,13 @@
 //!
 //! An application with settings of its own keeps them in the same file:
 //! [`DegraderFile::parse_with`] gives the top-level keys this module does not know to a type of
-//! the application's, with the same errors; a key neither reads is an error too. Another
-//! format (YAML, JSON) is read with [`DegraderFile::from_deserializer`], errors then naming the
-//! field but not the line. The class named `default` is the one of calls no rule classifies.
+//! the application's, with the same errors; a key neither reads is an error too. The
+//! degrader's keys are `service`, `env`, `tick_ms`, `breaker`, `admission`, `classes` and
+//! `http`: the application's are any others. In TOML a key after a `[table]` header belongs to
+//! that table, so the application's plain top-level keys come before the first header.
+//! Another format (YAML, JSON) is read with [`DegraderFile::from_deserializer`], errors then
+//! naming the field but not the line (and with the degrader's keys only). The class named
+//! `default` is the one of calls no rule classifies.
 //!
 //! Why these crates: `toml` parses with the span of every key and value (the line in every
 //! error), `serde_path_to_error` gives the path of the field serde refused, `serde_ignored`
@@ -524,19 +528,51 @@ fn path_of(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-/// The text of the file at `path`, and its name as errors show it.
+/// The most a configuration file may hold: larger is a mistake (a log, a device).
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The text of the file at `path`, and its name as errors show it. Only a regular file (a
+/// FIFO would block, a device never end) of at most [`MAX_FILE_BYTES`].
 fn read(path: &Path) -> Result<(String, String), FileError> {
-    let name = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok((text, name)),
-        Err(e) => Err(FileError {
-            file: name,
-            line: None,
-            field: None,
-            message: format!("cannot read it: {e}"),
-            io: Some(std::sync::Arc::new(e)),
-        }),
+    use std::io::Read;
+    let name = match path.display().to_string() {
+        n if n.is_empty() => "(an empty path)".to_owned(),
+        n => n,
+    };
+    let failed = |e: std::io::Error| FileError {
+        file: name.clone(),
+        line: None,
+        field: None,
+        message: format!("cannot read it: {e}"),
+        io: Some(std::sync::Arc::new(e)),
+    };
+    let refused = |why: String| FileError {
+        file: name.clone(),
+        line: None,
+        field: None,
+        message: why,
+        io: None,
+    };
+    let meta = std::fs::metadata(path).map_err(failed)?;
+    if !meta.is_file() {
+        return Err(refused("cannot read it: not a regular file".to_owned()));
     }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(refused(format!(
+            "cannot read it: {} bytes, over the {MAX_FILE_BYTES} a configuration may have",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(failed)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(refused(format!(
+            "cannot read it: over the {MAX_FILE_BYTES} bytes a configuration may have"
+        )));
+    }
+    Ok((text, name))
 }
 
 fn ms(v: u64) -> Duration {
@@ -786,7 +822,19 @@ impl DegraderFile {
     pub fn parse_with<T: DeserializeOwned>(text: &str, file: &str) -> Result<(Self, T), FileError> {
         let (parsed, rest) = Self::split(text, file, true)?;
         let mut ignored = Vec::new();
-        let app = deserialize(rest, text, file, &mut ignored)?;
+        let app = deserialize(rest, text, file, &mut ignored).map_err(|mut e| {
+            // `T`'s own list of its keys: the degrader's are keys of the file too.
+            if e.field.as_deref().is_some_and(|f| !f.contains(['.', '[']))
+                && e.message.starts_with("unknown field")
+            {
+                e.message = format!(
+                    "{} (or a setting of the degrader: {})",
+                    e.message,
+                    KEYS.join(", ")
+                );
+            }
+            e
+        })?;
         match ignored.first() {
             None => {
                 // After the application's keys: a misspelt table of the degrader's is said
@@ -813,12 +861,30 @@ impl DegraderFile {
         file: &str,
         with: bool,
     ) -> Result<(Self, Spanned<DeTable<'t>>), FileError> {
-        let root = DeTable::parse(text).map_err(|e| FileError {
-            file: file.to_owned(),
-            line: e.span().map(|s| LineIndex::new(text).line(s.start)),
-            field: None,
-            message: e.message().trim().to_owned(),
-            io: None,
+        let root = DeTable::parse(text).map_err(|e| {
+            let line = e.span().map(|s| LineIndex::new(text).line(s.start));
+            // The line itself: toml's "duplicate key" names no key.
+            let shown = line
+                .and_then(|n| text.lines().nth(n - 1))
+                .map(str::trim)
+                .filter(|l| !l.is_empty());
+            let hint = match shown {
+                Some(l) if l.starts_with('[') && !l.starts_with("[[") => {
+                    format!(
+                        " (in `{}`; an item of an array of tables is `[{l}]`)",
+                        crate::error::escape_cut(l, 80)
+                    )
+                }
+                Some(l) => format!(" (in `{}`)", crate::error::escape_cut(l, 80)),
+                None => String::new(),
+            };
+            FileError {
+                file: file.to_owned(),
+                line,
+                field: None,
+                message: format!("{}{hint}", e.message().trim()),
+                io: None,
+            }
         })?;
         let source = Source::new(file, text, root.get_ref());
         let span = root.span();
@@ -846,10 +912,17 @@ impl DegraderFile {
     /// ```
     /// use tower_degrade::config::DegraderFile;
     ///
+    /// let json = r#"{"service": "shop", "classes": [{"name": "pay", "tier": "gold"}]}"#;
+    /// let mut de = serde_json::Deserializer::from_str(json);
+    /// let file = DegraderFile::from_deserializer(&mut de, "shop.json")?;
+    /// de.end()?; // serde_json leaves what follows the value to its caller
+    /// assert_eq!(file.classes[0].name, "pay");
+    ///
     /// let json = r#"{"service": "shop", "classes": [{"name": "pay", "tier": "gold", "sla_ms": 0}]}"#;
     /// let e = DegraderFile::from_deserializer(&mut serde_json::Deserializer::from_str(json), "shop.json")
     ///     .unwrap_err();
     /// assert_eq!(e.field(), Some("classes[0].sla_ms"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn from_deserializer<'de, D: serde::Deserializer<'de>>(
         de: D,
@@ -934,6 +1007,12 @@ impl DegraderFile {
         for (i, r) in h.routes.iter().enumerate() {
             let method = match &r.method {
                 None => None,
+                Some(m) if m.trim() == "*" || m.trim().eq_ignore_ascii_case("any") => {
+                    return Err(self.error(
+                        &format!("http.routes[{i}].method"),
+                        format!("`{m}`: leave `method` unset for any method"),
+                    ));
+                }
                 Some(m) => Some(
                     http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(
                         |_| {
@@ -1099,6 +1178,29 @@ impl DegraderFile {
                     return Err(err(&[format!("http.{key}")], &only));
                 }
             }
+        }
+        if self
+            .http
+            .override_allowed
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err(err(
+                &["http.override_allowed".to_owned()],
+                &"allows no class: the header would pick none (remove `override_header` to \
+                  turn it off)",
+            ));
+        }
+        if let Some(class) = &self.http.default_class
+            && let Some(i) = self.classes.iter().position(|c| c.name == DEFAULT_CLASS)
+        {
+            return Err(err(
+                &["http.default_class".to_owned()],
+                &format!(
+                    "sends the calls no rule classifies to `{class}`: the `default` class \
+                     configured at classes[{i}] would get none; keep one of the two"
+                ),
+            ));
         }
         if self.http.override_allowed.is_some() && self.http.override_header.is_none() {
             return Err(err(
@@ -1361,6 +1463,64 @@ class = "refund"
                 "http.grpc[0].path",
                 "not `/package.Service/Method`",
             ),
+            // Rules that could never match.
+            (
+                "path = \"/log\"",
+                "path = \"/log?x=1\"",
+                "/log?x=1",
+                "http.routes[1].path",
+                "no request's path holds it",
+            ),
+            (
+                "path = \"/log\"",
+                "path = \"/lo g\"",
+                "/lo g",
+                "http.routes[1].path",
+                "can never match",
+            ),
+            (
+                "method = \"POST\"",
+                "method = \"*\"",
+                "method = \"*\"",
+                "http.routes[0].method",
+                "leave `method` unset",
+            ),
+            (
+                "path = \"/shop.Refunds/*\"",
+                "path = \"/shop.*/Create\"",
+                "shop.*",
+                "http.grpc[0].path",
+                "not `/package.Service/Method`",
+            ),
+            // Dependencies label metrics: one line each, named once.
+            (
+                "depends_on = [\"db\"]",
+                "depends_on = [\"db\\n# HELP forged\"]",
+                "forged",
+                "classes[0].depends_on",
+                "no control character",
+            ),
+            (
+                "depends_on = [\"db\"]",
+                "depends_on = [\"db\", \"db\"]",
+                "depends_on",
+                "classes[0].depends_on",
+                "named twice",
+            ),
+            (
+                "service = \"shop\"",
+                "service = \"shoooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooooop\"",
+                "service",
+                "service",
+                "at most 128",
+            ),
+            (
+                "override_allowed = [\"browse_log\"]",
+                "override_allowed = []",
+                "override_allowed",
+                "http.override_allowed",
+                "allows no class",
+            ),
             (
                 "override_header = \"x-degrade-class\"",
                 "override_header = \"x degrade\"",
@@ -1508,6 +1668,16 @@ class = "refund"
         let bad = text.replacen("sla_ms = 300", "sla_ms = 0", 1);
         let e = DegraderFile::parse_with::<App>(&bad, "shop.toml").unwrap_err();
         assert_eq!(e.field(), Some("classes[0].sla_ms"), "{e}");
+        // A misspelt table of the degrader's: the application's type refuses it, and the
+        // error lists the degrader's keys beside the application's.
+        let bad = text.replacen("[breaker]", "[breakr]", 1);
+        let e = DegraderFile::parse_with::<App>(&bad, "shop.toml").unwrap_err();
+        assert_eq!(e.line(), Some(line_of(&bad, "[breakr]")), "{e}");
+        assert!(
+            e.message()
+                .contains("or a setting of the degrader: service, env"),
+            "{e}"
+        );
         // Its own checks, at the line of the key, or of its table when the key is not set.
         let e = file.error("storm.spike", "too high");
         assert_eq!(
@@ -1679,6 +1849,42 @@ class = "refund"
     }
 
     #[test]
+    fn a_syntax_error_shows_its_line() {
+        let e = error(&edited("sla_ms = 300", "sla_ms = 300\nsla_ms = 400"));
+        assert!(e.message().contains("(in `sla_ms = 400`)"), "{e}");
+        let e = error(&format!("{SHOP}\n[classes]\nname = \"x\"\n"));
+        assert!(
+            e.message()
+                .contains("an item of an array of tables is `[[classes]]`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_default_class_is_configured_once() {
+        let text = format!("{SHOP}\n[[classes]]\nname = \"default\"\ntier = \"bronze\"\n")
+            .replacen("[http]\n", "[http]\ndefault_class = \"refund\"\n", 1);
+        let e = error(&text);
+        assert_eq!(e.field(), Some("http.default_class"), "{e}");
+        assert!(e.message().contains("would get none"), "{e}");
+    }
+
+    #[test]
+    fn a_dependency_named_like_the_service_limiter_is_refused() {
+        let text = edited("max_limit = 400", "max_limit = 400\nper_dependency = true").replacen(
+            "depends_on = [\"db\"]",
+            "depends_on = [\"service\"]",
+            1,
+        );
+        let e = error(&text);
+        assert_eq!(e.field(), Some("admission.per_dependency"), "{e}");
+        assert!(
+            e.message().contains("share the service's own limiter"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn too_many_dependencies_for_a_limiter_each_are_refused_when_read() {
         let mut text = edited("max_limit = 400", "max_limit = 400\nper_dependency = true");
         for i in 0..300 {
@@ -1755,5 +1961,15 @@ class = "refund"
                 .starts_with("/nonexistent/shop.toml: cannot read it: "),
             "{e}"
         );
+        // What is not a regular file is refused before it is read: a FIFO would block, a
+        // device never end.
+        let dir = std::env::temp_dir();
+        let e = DegraderFile::load(&dir).unwrap_err();
+        assert!(e.message().contains("not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            let e = DegraderFile::load("/dev/zero").unwrap_err();
+            assert!(e.message().contains("not a regular file"), "{e}");
+        }
     }
 }

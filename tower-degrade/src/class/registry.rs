@@ -208,6 +208,30 @@ fn validate(class: &ClassConfig) -> Result<(), ConfigError> {
     if class.dependencies.iter().any(|d| d.trim().is_empty()) {
         return bad("depends_on", "a dependency name must not be empty");
     }
+    // A dependency names an admission limiter (a metric label and a log field): no line of
+    // its own, no unbounded label.
+    if let Some(d) = class
+        .dependencies
+        .iter()
+        .find(|d| d.len() > 64 || d.chars().any(char::is_control))
+    {
+        return bad(
+            "depends_on",
+            &format!(
+                "{:?} must be at most 64 bytes with no control character: it labels metrics \
+                 and log lines",
+                crate::error::escape_cut(d, 64)
+            ),
+        );
+    }
+    if let Some((_, d)) = class
+        .dependencies
+        .iter()
+        .enumerate()
+        .find(|(i, d)| class.dependencies[..*i].contains(d))
+    {
+        return bad("depends_on", &format!("`{d}` is named twice"));
+    }
     let day = crate::error::MAX_DURATION;
     for (field, d) in [
         ("sla", Some(class.sla)),

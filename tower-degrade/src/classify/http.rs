@@ -175,7 +175,13 @@ impl HttpClassifierBuilder {
         };
         let rest = path.strip_prefix('/').ok_or_else(bad)?;
         let (service, method) = rest.split_once('/').ok_or_else(bad)?;
-        if service.is_empty() || method.is_empty() || method.contains('/') {
+        // Protobuf names: letters, digits, `_`, and dots between a service's packages.
+        let name = |n: &str| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if service.is_empty()
+            || method.is_empty()
+            || !service.split('.').all(|p| !p.is_empty() && name(p))
+            || !(method == "*" || name(method))
+        {
             return Err(bad());
         }
         let (map, key): (_, Box<str>) = if method == "*" {

@@ -40,6 +40,18 @@ pub(crate) fn parse_pattern(pattern: &str) -> Result<Box<[Segment]>, ConfigError
                 "`{p}`: a parameter is a whole segment, `{{name}}`"
             )));
         }
+        // What no request's path holds: the query and the fragment are not the path, and a
+        // client percent-encodes spaces and control characters (an HTTP server refuses them).
+        if let Some(c) = p
+            .chars()
+            .find(|&c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(format!(
+                "{:?} can never match: no request's path holds it (the query is not part of \
+                 the path; spaces and control characters are sent percent-encoded)",
+                c
+            )));
+        }
         let seg = if p.starts_with("{*") && p.ends_with('}') || *p == "*" {
             if i + 1 != parts.len() {
                 return Err(ConfigError::InvalidValue {

@@ -181,7 +181,7 @@ impl DegraderBuilder {
             Some(a) => {
                 a.validate()?;
                 check_dependency_limiters(a, &registry)?;
-                let mut limiters = vec![Limiter::new(Arc::from("service"), a.limit)];
+                let mut limiters = vec![Limiter::new(Arc::from(SERVICE_LIMITER), a.limit)];
                 let mut class_limiter = Vec::with_capacity(registry.len());
                 for (_, c) in registry.iter() {
                     let dependency = c.dependencies().first().filter(|_| a.per_dependency);
@@ -366,6 +366,15 @@ pub(crate) fn check_service_and_tick(service: &str, tick: Duration) -> Result<()
             reason: "must not be empty: it labels every metric".into(),
         });
     }
+    if service.len() > 128 {
+        return Err(ConfigError::InvalidValue {
+            field: "service",
+            reason: format!(
+                "is {} bytes: at most 128, as it labels every metric and log line",
+                service.len()
+            ),
+        });
+    }
     if service.chars().any(char::is_control) {
         return Err(ConfigError::InvalidValue {
             field: "service",
@@ -385,6 +394,9 @@ pub(crate) fn check_service_and_tick(service: &str, tick: Duration) -> Result<()
     Ok(())
 }
 
+/// The name of the service-wide admission limiter.
+const SERVICE_LIMITER: &str = "service";
+
 /// A class's limiter index meaning "no limiter" (admission off).
 const NO_LIMITER: u8 = u8::MAX;
 
@@ -401,6 +413,15 @@ pub(crate) fn check_dependency_limiters(
         .iter()
         .filter_map(|(_, c)| c.dependencies().first())
         .collect();
+    if firsts.iter().any(|d| d.as_str() == SERVICE_LIMITER) {
+        return Err(ConfigError::InvalidValue {
+            field: "admission.per_dependency",
+            reason: format!(
+                "a dependency called `{SERVICE_LIMITER}` would share the service's own limiter \
+                 (and its name): rename it"
+            ),
+        });
+    }
     if firsts.len() >= usize::from(NO_LIMITER) {
         return Err(ConfigError::InvalidValue {
             field: "admission.per_dependency",
