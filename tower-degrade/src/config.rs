@@ -467,7 +467,10 @@ impl LineIndex {
     }
 }
 
-fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+/// For `#[serde(deserialize_with = "tower_degrade::config::parsed")]` in an application's own
+/// settings: a string parsed with the type's `FromStr` (a [`Tier`], a [`Route`], a chaos
+/// target), its error as serde's, so that it names the line and field as the file's own do.
+pub fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: std::str::FromStr<Err: fmt::Display>,
@@ -1004,6 +1007,14 @@ impl DegraderFile {
     fn http_rules(&self, mut b: HttpClassifierBuilder) -> Result<HttpClassifierBuilder, FileError> {
         let h = &self.http;
         let at = |path: String, e: &ConfigError| self.error(&path, e);
+        // A rule refused: for its class, or for its path.
+        let rule = |table: &str, i: usize, e: ConfigError| {
+            let key = match e {
+                ConfigError::UnknownClass(_) => "class",
+                _ => "path",
+            };
+            at(format!("http.{table}[{i}].{key}"), &e)
+        };
         for (i, r) in h.routes.iter().enumerate() {
             let method = match &r.method {
                 None => None,
@@ -1024,24 +1035,12 @@ impl DegraderFile {
                     )?,
                 ),
             };
-            b = b.route(method, &r.path, &r.class).map_err(|e| {
-                let key = if matches!(e, ConfigError::UnknownClass(_)) {
-                    "class"
-                } else {
-                    "path"
-                };
-                at(format!("http.routes[{i}].{key}"), &e)
-            })?;
+            b = b
+                .route(method, &r.path, &r.class)
+                .map_err(|e| rule("routes", i, e))?;
         }
         for (i, g) in h.grpc.iter().enumerate() {
-            b = b.grpc(&g.path, &g.class).map_err(|e| {
-                let key = if matches!(e, ConfigError::UnknownClass(_)) {
-                    "class"
-                } else {
-                    "path"
-                };
-                at(format!("http.grpc[{i}].{key}"), &e)
-            })?;
+            b = b.grpc(&g.path, &g.class).map_err(|e| rule("grpc", i, e))?;
         }
         let header = |b: HttpClassifierBuilder,
                       key: &str,

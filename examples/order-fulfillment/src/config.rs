@@ -180,7 +180,7 @@ pub(crate) struct StormSection {
 #[serde(deny_unknown_fields)]
 pub(crate) struct FaultSection {
     /// `dependency:db`, `class:payment_callback` or `route:/products/{id}`.
-    #[serde(deserialize_with = "parsed")]
+    #[serde(deserialize_with = "tower_degrade::config::parsed")]
     pub(crate) target: Target,
     #[serde(default)]
     pub(crate) latency_ms: u64,
@@ -203,15 +203,6 @@ impl FaultSection {
             .aborts(self.aborts)
             .hangs(self.hangs)
     }
-}
-
-fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err: fmt::Display>,
-{
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
 }
 
 impl Config {
