@@ -44,19 +44,36 @@ impl Server {
     }
 }
 
-#[tokio::test]
-async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
-    // The control loop is not spawned: the test ticks it, so nothing depends on timing.
-    let (degrader, _loop) = example_grpc::degrader_builder()
-        .build_with_worker()
-        .unwrap();
-    let (mut client, server) = Server::start(&degrader).await;
-    let pay = |fail: bool| PayRequest {
+/// An order to pay, or one whose payment fails.
+fn pay(fail: bool) -> PayRequest {
+    PayRequest {
         order_id: "7".into(),
         amount_cents: 1999,
         fail,
-    };
+    }
+}
 
+/// The status of order 7, which the service always has.
+async fn order_status(client: &mut OrdersClient<Channel>) -> String {
+    let order = StatusRequest {
+        order_id: "7".into(),
+    };
+    client.status(order).await.unwrap().into_inner().status
+}
+
+/// The example's degrader and server, one call paid and then the payment class opened by 25
+/// failing ones. The control loop is not spawned: the test ticks it, so nothing depends on
+/// timing.
+async fn payment_opened() -> (
+    Degrader,
+    impl std::future::Future<Output = ()>,
+    OrdersClient<Channel>,
+    Server,
+) {
+    let (degrader, control) = example_grpc::degrader_builder()
+        .build_with_worker()
+        .unwrap();
+    let (mut client, server) = Server::start(&degrader).await;
     let ok = client.pay(pay(false)).await.unwrap().into_inner();
     assert_eq!(ok.payment_id, "pay-7");
     for _ in 0..25 {
@@ -65,6 +82,12 @@ async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
     }
     degrader.tick_now();
     assert_eq!(degrader.state("payment").unwrap(), State::Open);
+    (degrader, control, client, server)
+}
+
+#[tokio::test]
+async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
+    let (degrader, _loop, mut client, server) = payment_opened().await;
 
     // The open class answers for the service: UNAVAILABLE, with when to come back.
     let err = client.pay(pay(false)).await.unwrap_err();
@@ -91,14 +114,7 @@ async fn a_failing_method_opens_its_class_and_the_other_keeps_answering() {
     );
 
     // The other method's class is untouched.
-    let status = client
-        .status(StatusRequest {
-            order_id: "7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.status, "shipped");
+    assert_eq!(order_status(&mut client).await, "shipped");
     degrader.tick_now();
     assert_eq!(degrader.state("status").unwrap(), State::Closed);
     let w = *degrader.history("payment").unwrap().latest().unwrap();
@@ -172,20 +188,7 @@ async fn refused_calls_never_close_the_clients_connection() {
     // example's window (`CONNECTION_WINDOW`) a storm of refusals on one connection stays a
     // storm of UNAVAILABLE answers. Two worker threads: the server answers while the client's
     // messages are still arriving.
-    let (degrader, _loop) = example_grpc::degrader_builder()
-        .build_with_worker()
-        .unwrap();
-    let (mut client, server) = Server::start(&degrader).await;
-    let pay = |fail: bool| PayRequest {
-        order_id: "7".into(),
-        amount_cents: 1999,
-        fail,
-    };
-    for _ in 0..25 {
-        client.pay(pay(true)).await.unwrap_err();
-    }
-    degrader.tick_now();
-    assert_eq!(degrader.state("payment").unwrap(), State::Open);
+    let (degrader, _loop, mut client, server) = payment_opened().await;
 
     const CALLS: usize = 20_000;
     const IN_FLIGHT: usize = 512;
@@ -211,15 +214,11 @@ async fn refused_calls_never_close_the_clients_connection() {
         }
     }
     assert_eq!(unavailable, CALLS, "other answers: {other:?}");
+    degrader.tick_now();
+    let w = *degrader.history("payment").unwrap().latest().unwrap();
+    assert_eq!(w.rejected as usize, CALLS);
 
     // The connection still serves the class that is open to it.
-    let status = client
-        .status(StatusRequest {
-            order_id: "7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.status, "shipped");
+    assert_eq!(order_status(&mut client).await, "shipped");
     server.stop().await;
 }
