@@ -63,7 +63,8 @@ use crate::window::{Outcome, Recording};
 /// call in flight on it. hyper's default window (1 MiB) allows about 2,000 of them; give the
 /// server a larger one (`tonic::transport::Server::builder().initial_connection_window_size(64
 /// << 20)`, as `examples/grpc` does) so that a storm of refusals stays a storm of `UNAVAILABLE`
-/// answers. Any layer that refuses calls (tower's `LoadShed` too) has the same effect.
+/// answers. h2 counts these messages whoever answered the call: any layer that refuses calls
+/// before reading them (tower's `LoadShed`, say) has the same effect.
 #[derive(Debug, Clone)]
 pub struct Grpc<C = GrpcErrorsAsFailures> {
     classifier: C,
