@@ -184,7 +184,7 @@ async fn refused_calls_never_close_the_clients_connection() {
     // Each refused call is answered before its request message is read. h2 charges messages
     // that arrive after the answer to a budget of half the connection window and closes the
     // connection when it is spent (GOAWAY ENHANCE_YOUR_CALM): every call in flight on it fails.
-    // With hyper's default window this lost 715 to 1,294 of the 20,000 calls below; with the
+    // With hyper's default window this lost 715 to 1,294 of the 20,000 calls below (five runs); with the
     // example's window (`CONNECTION_WINDOW`) a storm of refusals on one connection stays a
     // storm of UNAVAILABLE answers. Two worker threads: the server answers while the client's
     // messages are still arriving.
