@@ -64,7 +64,7 @@ use crate::window::{Outcome, Recording};
 /// server a larger one (`tonic::transport::Server::builder().initial_connection_window_size(64
 /// << 20)`, as `examples/grpc` does) so that a storm of refusals stays a storm of `UNAVAILABLE`
 /// answers. h2 counts these messages whoever answered the call: any layer that refuses calls
-/// before reading them (tower's `LoadShed`, say) has the same effect.
+/// before reading them (tower's `LoadShed` too, measured) has the same effect.
 #[derive(Debug, Clone)]
 pub struct Grpc<C = GrpcErrorsAsFailures> {
     classifier: C,
