@@ -78,19 +78,6 @@ pub fn degrader_builder() -> tower_degrade::DegraderBuilder {
         .class(ClassConfig::silver("status").depends_on("db"))
 }
 
-/// The HTTP/2 connection window of the server: 64 MiB rather than hyper's 1 MiB.
-///
-/// The layer answers a call it does not serve at once, before its request body is read, and
-/// the call's message then arrives at a stream that nobody reads. h2 (0.4.16 and later)
-/// charges each such small DATA frame to a budget of half the connection window, for the life
-/// of the connection, and closes the connection with `GOAWAY ENHANCE_YOUR_CALM`
-/// (`too_many_data_frames`) when it is spent: every call in flight on it fails, the gold ones
-/// too. With 1 MiB that is about 2,000 late messages; in a test 20,000 refused calls, 512 at
-/// a time on one connection, lost 715 to 1,294 calls to closed connections (five runs).
-/// 64 MiB makes it about 140,000 late messages per connection. It is also the most request
-/// data one connection can have sent that the server has not read yet.
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
-
 /// Serve the order service on `listener`, every call through `degrader`, until `shutdown`
 /// completes.
 pub async fn serve(
@@ -100,8 +87,10 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let classify = classifier(degrader)?;
     tonic::transport::Server::builder()
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .layer(degrader.layer(classify).grpc())
+        // Calls that are not served have their message read (and thrown away) rather than
+        // dropped: over HTTP/2, messages that arrive after their call's answer would make h2
+        // close the client's connection (`DrainRejected` says why).
+        .layer(degrader.layer(classify).grpc().drain_rejected())
         .add_service(OrdersServer::new(OrderService))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

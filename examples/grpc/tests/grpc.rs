@@ -181,13 +181,14 @@ async fn long_watches_share_a_class_with_unary_reads_without_opening_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_never_close_the_clients_connection() {
-    // Each refused call is answered before its request message is read. h2 charges messages
-    // that arrive after the answer to a budget of half the connection window and closes the
-    // connection when it is spent (GOAWAY ENHANCE_YOUR_CALM): every call in flight on it fails.
-    // With hyper's default window this lost 715 to 1,294 of the 20,000 calls below (five runs); with the
-    // example's window (`CONNECTION_WINDOW`) a storm of refusals on one connection stays a
-    // storm of UNAVAILABLE answers. Two worker threads: the server answers while the client's
-    // messages are still arriving.
+    // Each refused call is answered before its request message is read, and on HTTP/2 the
+    // message often arrives after the answer. h2 charges such messages, unread, to a budget of
+    // half the connection window and closes the connection when it is spent (GOAWAY
+    // ENHANCE_YOUR_CALM): every call in flight on it fails. When the layer dropped the
+    // messages, this lost 715 to 1,294 of the 20,000 calls below (five runs, hyper's 1 MiB
+    // window); the example's layer reads them (`drain_rejected`), and a storm of refusals on one
+    // connection stays a storm of UNAVAILABLE answers. Two worker threads: the server answers
+    // while the client's messages are still arriving.
     let (degrader, _loop, mut client, server) = payment_opened().await;
 
     const CALLS: usize = 20_000;

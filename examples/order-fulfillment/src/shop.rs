@@ -365,10 +365,13 @@ impl Shop {
                 .backfill(config.backfill()?)
                 .build()?;
             handles.push(tokio::spawn(worker.run()));
+            // Refused calls' bodies are read, not dropped: over HTTP/2 (the gRPC tasks) their
+            // late messages would make h2 close the client's connection.
             let degrade_http = degrader
                 .layer(classify.clone())
                 .http()
-                .fallback_with(router.clone());
+                .fallback_with(router.clone())
+                .drain_rejected();
             let products = product_routes
                 .layer(degrade_http.clone())
                 .layer(LastGoodLayer::new().ttl(Duration::from_secs(600)));
@@ -377,7 +380,8 @@ impl Shop {
                 degrader
                     .layer(classify.clone())
                     .grpc()
-                    .fallback_with(router.clone()),
+                    .fallback_with(router.clone())
+                    .drain_rejected(),
             );
             let cron = degrader.tasks::<(), TaskOutcome>().build();
             let events = degrader

@@ -16,6 +16,7 @@ mod batch;
 mod cached;
 #[cfg(feature = "fallback")]
 mod capture;
+mod drain;
 #[cfg(feature = "fallback")]
 mod finite;
 #[cfg(feature = "fallback")]
@@ -38,6 +39,7 @@ mod worker;
 
 use std::sync::Arc;
 
+pub use self::drain::DrainRejected;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
 pub use self::{
@@ -161,6 +163,15 @@ pub trait Fallback<Req, Res, E> {
 
     /// Serve `call`, or give it back.
     fn call(&mut self, call: Diverted<Req>) -> Result<Self::Future, Diverted<Req>>;
+
+    /// A call answered as not served (its route is [`Route::Reject`], or no fallback took it),
+    /// handed over when its answer is made. The default drops it; [`DrainRejected`] reads an
+    /// HTTP request's body to its end first, so that an HTTP/2 server does not close the
+    /// connection over the messages that arrive after the answer. A fallback that wraps
+    /// another should hand the call on to it.
+    fn reject(&mut self, request: Req) {
+        drop(request);
+    }
 }
 
 /// No fallback: every diverted call is rejected.

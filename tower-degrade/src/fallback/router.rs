@@ -397,6 +397,10 @@ where
             _ => self.service.call(call).map(RouterFuture::service),
         }
     }
+
+    fn reject(&mut self, request: http::Request<B>) {
+        self.service.reject(request);
+    }
 }
 
 fn is_grpc(headers: &http::HeaderMap) -> bool {

@@ -43,7 +43,7 @@ where
                 return Ok(fut);
             }
             Err(call) => {
-                drop(call);
+                fallback.reject(call.into_request());
                 if route == Route::Cached {
                     shard.record(idx, Outcome::Degraded, Duration::ZERO);
                     return Err(Degraded::new(
@@ -58,7 +58,7 @@ where
             }
         }
     } else {
-        drop(req);
+        fallback.reject(req);
     }
     shard.record(idx, Outcome::Rejected, Duration::ZERO);
     tracing::debug!(

@@ -54,17 +54,15 @@ use crate::window::{Outcome, Recording};
 /// Class names are internal: they are not sent to clients unless
 /// [`expose_class`](Self::expose_class) is set.
 ///
-/// # The server's connection window
+/// # Refused calls' messages
 ///
-/// A call that is not served is answered before its request message is read, and the message
-/// then reaches a stream nobody reads. h2 (0.4.16 and later) charges every such small DATA
-/// frame to a budget of half the HTTP/2 connection window, for the life of the connection,
-/// and closes the connection with `GOAWAY ENHANCE_YOUR_CALM` when it is spent, failing every
-/// call in flight on it. hyper's default window (1 MiB) allows about 2,000 of them; give the
-/// server a larger one (`tonic::transport::Server::builder().initial_connection_window_size(64
-/// << 20)`, as `examples/grpc` does) so that a storm of refusals stays a storm of `UNAVAILABLE`
-/// answers. h2 counts these messages whoever answered the call: any layer that refuses calls
-/// before reading them (tower's `LoadShed` too, measured) has the same effect.
+/// A call that is not served is answered before its request message is read, and the
+/// message then reaches a stream nobody reads. h2 (0.4.16 and later) charges every such small
+/// DATA frame to a budget of half the HTTP/2 connection window, for the life of the
+/// connection, and closes the connection with `GOAWAY ENHANCE_YOUR_CALM` when it is spent,
+/// failing every call in flight on it: with hyper's 1 MiB window, about 2,000 late messages.
+/// Add [`drain_rejected`](crate::DegradeLayer::drain_rejected) to the layer so that refused
+/// calls' messages are read (and thrown away) instead, as `examples/grpc` does.
 #[derive(Debug, Clone)]
 pub struct Grpc<C = GrpcErrorsAsFailures> {
     classifier: C,

@@ -29,10 +29,9 @@ use crate::window::{Outcome, Recording};
 /// Class names are internal: they are not sent to clients unless
 /// [`expose_class`](Self::expose_class) is set.
 ///
-/// Over HTTP/2, a call that is not served is answered before its request body is read: give
-/// the server a connection window larger than hyper's 1 MiB if clients send bodies (see
-/// [`Grpc`](super::Grpc#the-servers-connection-window) for why; hyper-util's server
-/// builder sets it, `axum::serve` keeps hyper's default).
+/// Over HTTP/2, a call that is not served is answered before its request body is read: when
+/// clients send bodies, add [`drain_rejected`](crate::DegradeLayer::drain_rejected) to the
+/// layer (see [`Grpc`](super::Grpc#refused-calls-messages) for why).
 #[derive(Debug, Clone, Default)]
 pub struct Http<C = ServerErrorsAsFailures> {
     classifier: C,

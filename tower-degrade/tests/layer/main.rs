@@ -1065,3 +1065,71 @@ async fn rejections_do_not_tear_down_a_buffer() {
         "the buffer still serves"
     );
 }
+
+/// A request body whose message comes after the call was answered, as an HTTP/2 client's
+/// message can: it counts the bytes read of it.
+struct LateMessage {
+    message: Option<oneshot::Receiver<Bytes>>,
+    read: Arc<AtomicUsize>,
+}
+
+impl http_body::Body for LateMessage {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(message) = self.message.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let got = std::task::ready!(Pin::new(message).poll(cx));
+        self.message = None;
+        match got {
+            Ok(data) => {
+                self.read.fetch_add(data.len(), Ordering::SeqCst);
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Err(_) => Poll::Ready(None),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_drain_rejected_a_refused_calls_late_message_is_read_and_without_it_dropped() {
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let pay = d.class_id("pay").unwrap();
+    let app = service_fn(|_req: Request<LateMessage>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    d.force_open("pay").unwrap();
+    let mut draining = d.layer(pay).http().drain_rejected().layer(app);
+    assert_eq!(late_message_read(&mut draining).await, Some(7));
+    let mut dropping = d.layer(pay).http().layer(app);
+    assert_eq!(late_message_read(&mut dropping).await, None);
+    d.tick_now();
+    let w = *d.history("pay").unwrap().latest().unwrap();
+    assert_eq!((w.rejected, w.successes), (2, 0));
+}
+
+/// Call `svc` with a body whose 7-byte message is sent after the answer (a 503): how much of
+/// it was read, or `None` when the body was dropped before it came.
+async fn late_message_read<S>(svc: &mut S) -> Option<usize>
+where
+    S: Service<Request<LateMessage>, Response = Response<String>, Error = Infallible>,
+{
+    let (send, message) = oneshot::channel();
+    let read = Arc::new(AtomicUsize::new(0));
+    let body = LateMessage {
+        message: Some(message),
+        read: read.clone(),
+    };
+    let req = Request::post("/pay").body(body).unwrap();
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let sent = send.send(Bytes::from_static(b"order 7")).is_ok();
+    // Paused time moves on once every task waits: the reader has had its turn.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    sent.then(|| read.load(Ordering::SeqCst))
+}
