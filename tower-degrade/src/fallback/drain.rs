@@ -18,23 +18,37 @@ use super::{Diverted, Fallback, NoFallback};
 ///
 /// The layer answers a call it does not serve at once, before the request body is read, and
 /// on HTTP/2 the call's message (a gRPC request, a small POST body) often arrives after the
-/// answer, at a stream nobody reads. h2 (0.4.16 and later) charges each such small DATA frame
-/// to a budget of half the connection window for the life of the connection, and closes the
-/// connection with `GOAWAY ENHANCE_YOUR_CALM` (`too_many_data_frames`) when it is spent,
-/// failing every call in flight on it, the ones the layer serves too. With hyper's 1 MiB
-/// window that is about 2,000 late messages; a storm of refusals on one connection gets
-/// there in seconds. A frame that is read is given back to the budget: with the bodies
-/// drained, 200,000 refused calls on one connection closed nothing (`examples/grpc`).
+/// answer, at a stream nobody reads. h2 (0.4.16 and later) charges each such DATA frame
+/// under 256 bytes that does not end its stream (a gRPC message frame does not: the client
+/// ends the stream with an empty frame after it) 256 bytes less its length, to a budget of the
+/// connection (half the connection window since h2 0.4.19, at least 25,600 bytes; frames of
+/// 256 bytes or more give some back), and closes the connection with `GOAWAY
+/// ENHANCE_YOUR_CALM` (`too_many_data_frames`) when it is spent, failing every call in flight
+/// on it, the ones the layer serves too. With hyper's 1 MiB window that is about 2,000 late
+/// small messages; a storm of refusals on one connection gets there in seconds. A frame that
+/// is read is given back to the budget: with the bodies read, 200,000 refused calls on one
+/// connection closed nothing (`examples/grpc`). (h2's budget can be set, but hyper 1.x does
+/// not expose the setting.)
 ///
 /// # Bounds
 ///
 /// A body already at its end (a `GET`) costs nothing. Any other is read in a task spawned on
 /// the current tokio runtime (none: it is dropped), for at most
-/// [`MOST_TIME`](Self::MOST_TIME) and [`MOST_BYTES`](Self::MOST_BYTES), and at most
-/// [`MOST_AT_ONCE`](Self::MOST_AT_ONCE) bodies are read at once per layer (the count is
-/// shared by the layer's clones); past any bound the body is dropped as it would have been.
-/// What is read is thrown away. A body read costs a task (an allocation) on the refusal
-/// path; the served path is unchanged.
+/// [`MOST_TIME`](Self::MOST_TIME), and no further once more than
+/// [`MOST_BYTES`](Self::MOST_BYTES) have come; at most [`MOST_AT_ONCE`](Self::MOST_AT_ONCE)
+/// bodies are read at once per layer (the count is shared by the layer's clones, so by all its
+/// connections: a client that holds refused streams open takes slots for up to a second each);
+/// past any bound the body is dropped as it would have been. What is read is thrown away. A
+/// body read costs a task (an allocation) on the refusal path; the served path is unchanged.
+/// The time bound needs tokio's timers, as the layer's class timeouts and admission queue do.
+///
+/// # What it does not reach
+///
+/// Only the calls the layer itself answers as not served: a body that a fallback takes and
+/// then refuses without reading (the fallback router's `not_kept` answers for a malformed
+/// idempotency key or a protocol switch, a custom fallback service), a call stopped by its
+/// class timeout while the service holds its body, and the chaos layer's injected errors are
+/// dropped as before. The wrapped fallback's own [`reject`](Fallback::reject) is not called.
 #[derive(Debug, Clone)]
 pub struct DrainRejected<F = NoFallback> {
     inner: F,
@@ -58,8 +72,9 @@ impl<F> DrainRejected<F> {
     /// The longest a rejected call's body is read: a client that sends its message with its
     /// call has long finished.
     pub const MOST_TIME: Duration = Duration::from_secs(1);
-    /// The most bytes read of a rejected call's body. Only small DATA frames are charged to
-    /// h2's budget (large ones give to it), so a large body needs no reading.
+    /// Past this many bytes of a rejected call's body (the frame that crosses it is read), no
+    /// more is read. Only small DATA frames are charged to h2's budget (large ones give to
+    /// it), so a large body needs no reading.
     pub const MOST_BYTES: usize = 64 * 1024;
     /// The most bodies read at once by one layer and its clones.
     pub const MOST_AT_ONCE: usize = 1024;

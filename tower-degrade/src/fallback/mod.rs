@@ -164,10 +164,12 @@ pub trait Fallback<Req, Res, E> {
     /// Serve `call`, or give it back.
     fn call(&mut self, call: Diverted<Req>) -> Result<Self::Future, Diverted<Req>>;
 
-    /// A call answered as not served (its route is [`Route::Reject`], or no fallback took it),
-    /// handed over when its answer is made. The default drops it; [`DrainRejected`] reads an
-    /// HTTP request's body to its end first, so that an HTTP/2 server does not close the
-    /// connection over the messages that arrive after the answer. A fallback that wraps
+    /// A call the layer answers without its service or a fallback (its route is
+    /// [`Route::Reject`], no fallback took it, or the service failed to get ready after its
+    /// wait for a permit; for [`Route::Cached`], a cache outside the layer may still answer
+    /// it), handed over when its answer is made. The default drops it; [`DrainRejected`]
+    /// reads an HTTP request's body to its end first, so that an HTTP/2 server does not close
+    /// the connection over the messages that arrive after the answer. A fallback that wraps
     /// another should hand the call on to it.
     fn reject(&mut self, request: Req) {
         drop(request);

@@ -225,6 +225,9 @@ where
             Poll::Ready(Err(e)) => {
                 let rec = this.rec.take().expect("granted");
                 rec.finish(Outcome::Error);
+                if let Some(req) = this.req.take() {
+                    this.fallback.reject(req);
+                }
                 Poll::Ready(Exit::ReadyError(e))
             }
             Poll::Ready(Ok(())) => {

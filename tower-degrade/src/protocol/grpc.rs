@@ -58,9 +58,9 @@ use crate::window::{Outcome, Recording};
 ///
 /// A call that is not served is answered before its request message is read, and the
 /// message then reaches a stream nobody reads. h2 (0.4.16 and later) charges every such small
-/// DATA frame to a budget of half the HTTP/2 connection window, for the life of the
-/// connection, and closes the connection with `GOAWAY ENHANCE_YOUR_CALM` when it is spent,
-/// failing every call in flight on it: with hyper's 1 MiB window, about 2,000 late messages.
+/// DATA frame to a budget of the connection (half its window since h2 0.4.19) and closes the
+/// connection with `GOAWAY ENHANCE_YOUR_CALM` when it is spent, failing every call in flight
+/// on it: with hyper's 1 MiB window, about 2,000 late small messages.
 /// Add [`drain_rejected`](crate::DegradeLayer::drain_rejected) to the layer so that refused
 /// calls' messages are read (and thrown away) instead, as `examples/grpc` does.
 #[derive(Debug, Clone)]

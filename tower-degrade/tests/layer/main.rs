@@ -1113,6 +1113,35 @@ async fn with_drain_rejected_a_refused_calls_late_message_is_read_and_without_it
     assert_eq!((w.rejected, w.successes), (2, 0));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_call_its_fallback_gives_back_has_its_late_message_read_too() {
+    // The class's route is the spool, which a fallback service does not serve: the call is
+    // offered, given back and answered as not served.
+    let d = degrader(vec![
+        ClassConfig::bronze("log").fallback_route(Route::Spool),
+    ]);
+    let log = d.class_id("log").unwrap();
+    let app = service_fn(|_req: Request<LateMessage>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    let fallback_calls = Arc::new(AtomicUsize::new(0));
+    let seen = fallback_calls.clone();
+    let fallback = service_fn(move |_call: Diverted<Request<LateMessage>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new("served".to_owned())) }
+    });
+    d.force_open("log").unwrap();
+    let mut svc = (d.layer(log).http())
+        .fallback_service(fallback)
+        .drain_rejected()
+        .layer(app);
+    assert_eq!(late_message_read(&mut svc).await, Some(7));
+    assert_eq!(fallback_calls.load(Ordering::SeqCst), 0);
+    d.tick_now();
+    let w = *d.history("log").unwrap().latest().unwrap();
+    assert_eq!((w.rejected, w.degraded), (1, 0));
+}
+
 /// Call `svc` with a body whose 7-byte message is sent after the answer (a 503): how much of
 /// it was read, or `None` when the body was dropped before it came.
 async fn late_message_read<S>(svc: &mut S) -> Option<usize>
