@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::{Method, Request, Response, Uri};
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
 use tower::{Layer, Service, ServiceBuilder, service_fn};
 use tower_degrade::admit::Admission;
 use tower_degrade::fallback::{FallbackRouter, MemoryStore, Replayed, replay_fn};
@@ -457,9 +457,86 @@ fn bench_control_tick(c: &mut Criterion) {
     g.finish();
 }
 
+/// A call its class does not serve (the breaker forced open), with a request body that is not
+/// at its end (a POST's): answered 503 with the body dropped, or with `drain_rejected`, the body
+/// read in a task on the runtime's one worker thread (the cost measured is the caller's: the
+/// spawn; the reading runs on the worker).
+fn bench_refused_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let d = degrader(1);
+    let class = d.class_id("class-0").unwrap();
+    d.force_open("class-0").unwrap();
+    let inner =
+        || service_fn(|_req: Request<Full<Bytes>>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let request = || {
+        Request::post("/orders/42/pay")
+            .body(Full::new(Bytes::from_static(b"{\"amount_cents\":1999}")))
+            .unwrap()
+    };
+    let mut g = c.benchmark_group("refused path");
+    g.throughput(Throughput::Elements(1));
+    let mut svc = d.layer(class).http().layer(inner());
+    g.bench_function("tower-degrade http (refused, body dropped)", |b| {
+        b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let layer = d.layer(class).http().drain_rejected();
+    let mut svc = layer.layer(inner());
+    g.bench_function(
+        "tower-degrade http (refused, drain_rejected, body already there)",
+        |b| b.iter_batched(request, |r| call(&mut svc, r), BatchSize::SmallInput),
+    );
+    let late_inner =
+        || service_fn(|_req: Request<Late>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let late_request = || {
+        Request::post("/orders/42/pay")
+            .body(Late(
+                Some(Bytes::from_static(b"{\"amount_cents\":1999}")),
+                false,
+            ))
+            .unwrap()
+    };
+    let mut svc = d.layer(class).http().layer(late_inner());
+    g.bench_function("tower-degrade http (refused, late body dropped)", |b| {
+        b.iter_batched(late_request, |r| call(&mut svc, r), BatchSize::SmallInput)
+    });
+    let mut svc = layer.layer(late_inner());
+    g.bench_function(
+        "tower-degrade http (refused, drain_rejected, late body: a task)",
+        |b| b.iter_batched(late_request, |r| call(&mut svc, r), BatchSize::SmallInput),
+    );
+    g.finish();
+}
+
+/// A request body whose message is not there at the first poll (it wakes its reader at
+/// once), as an HTTP/2 message that arrives after its call's answer.
+struct Late(Option<Bytes>, bool);
+
+impl hyper::body::Body for Late {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if !self.1 {
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.0.take().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
 criterion_group!(
     benches,
     bench_closed_path,
+    bench_refused_path,
     bench_contention,
     bench_control_tick
 );

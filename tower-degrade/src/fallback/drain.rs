@@ -1,7 +1,9 @@
 //! Reading the bodies of the calls the layer answers as not served.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Buf;
@@ -32,14 +34,17 @@ use super::{Diverted, Fallback, NoFallback};
 ///
 /// # Bounds
 ///
-/// A body already at its end (a `GET`) costs nothing. Any other is read in a task spawned on
-/// the current tokio runtime (none: it is dropped), for at most
-/// [`MOST_TIME`](Self::MOST_TIME), and no further once more than
-/// [`MOST_BYTES`](Self::MOST_BYTES) have come; at most [`MOST_AT_ONCE`](Self::MOST_AT_ONCE)
+/// A body already at its end (a `GET`) costs nothing. What has come of any other is read at
+/// once, when the call is answered; the rest, if the body still waits for its client, in a
+/// task spawned on the current tokio runtime (none: it is dropped), for at most
+/// [`MOST_TIME`](Self::MOST_TIME). Reading stops once more than
+/// [`MOST_BYTES`](Self::MOST_BYTES) or 256 frames have come; at most
+/// [`MOST_AT_ONCE`](Self::MOST_AT_ONCE)
 /// bodies are read at once per layer (the count is shared by the layer's clones, so by all its
 /// connections: a client that holds refused streams open takes slots for up to a second each);
 /// past any bound the body is dropped as it would have been. What is read is thrown away. A
-/// body read costs a task (an allocation) on the refusal path; the served path is unchanged.
+/// body costs an allocation on the refusal path, one that has to wait a task too; the served
+/// path is unchanged.
 /// The time bound needs tokio's timers, as the layer's class timeouts and admission queue do.
 ///
 /// # What it does not reach
@@ -118,6 +123,19 @@ where
         if body.is_end_stream() {
             return;
         }
+        // What has come already is read now, without waiting: often all of it (the message
+        // came with the call). Only a body still waiting for its client costs a task.
+        let mut reader = Reader {
+            body: Box::pin(body),
+            bytes: 0,
+            frames: 0,
+        };
+        if reader
+            .poll_read(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+        {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -126,21 +144,37 @@ where
         };
         runtime.spawn(async move {
             let _slot = slot;
-            let _ =
-                tokio::time::timeout(Self::MOST_TIME, read_to_end(body, Self::MOST_BYTES)).await;
+            let read = std::future::poll_fn(|cx| reader.poll_read(cx));
+            let _ = tokio::time::timeout(Self::MOST_TIME, read).await;
         });
     }
 }
 
-/// Read `body` until it ends, fails, or more than `most` bytes came.
-async fn read_to_end<B: Body>(body: B, most: usize) {
-    let mut body = std::pin::pin!(body);
-    let mut read = 0usize;
-    while let Some(Ok(frame)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        if let Some(data) = frame.data_ref() {
-            read = read.saturating_add(data.remaining());
-            if read > most {
-                return;
+/// The most frames read of one body (a gRPC call's has two): a body that answers every poll
+/// with a frame at once would otherwise keep its reader from ever waiting, and its time bound
+/// from being checked.
+const MOST_FRAMES: usize = 256;
+
+/// A rejected call's body being read.
+struct Reader<B> {
+    body: Pin<Box<B>>,
+    bytes: usize,
+    frames: usize,
+}
+
+impl<B: Body> Reader<B> {
+    /// Read until the body ends, fails, has to wait (`Pending`), or a bound is passed.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(Ok(frame)) = ready!(self.body.as_mut().poll_frame(cx)) else {
+                return Poll::Ready(());
+            };
+            self.frames += 1;
+            if let Some(data) = frame.data_ref() {
+                self.bytes = self.bytes.saturating_add(data.remaining());
+            }
+            if self.bytes > DrainRejected::<NoFallback>::MOST_BYTES || self.frames >= MOST_FRAMES {
+                return Poll::Ready(());
             }
         }
     }
@@ -323,6 +357,45 @@ mod tests {
         settle().await;
         assert!(!again.dropped.load(Ordering::SeqCst));
         assert_eq!(d.reading(), DrainRejected::<NoFallback>::MOST_AT_ONCE);
+    }
+
+    #[test]
+    fn what_has_come_is_read_at_once_without_a_task() {
+        let mut d = DrainRejected::new();
+        let (req, probe) = fed(false);
+        probe.tx.try_send(Bytes::from_static(b"order 7")).unwrap();
+        drop(probe.tx);
+        // No runtime: nothing could be spawned.
+        reject(&mut d, req);
+        assert_eq!(probe.read.load(Ordering::SeqCst), 7);
+        assert!(probe.dropped.load(Ordering::SeqCst));
+        assert_eq!(d.reading(), 0);
+    }
+
+    /// A body with a frame for every poll, never ending.
+    struct Endless(Arc<AtomicUsize>);
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::new()))))
+        }
+    }
+
+    #[test]
+    fn a_body_that_never_waits_is_dropped_after_the_most_frames() {
+        let mut d = DrainRejected::new();
+        let polled = Arc::new(AtomicUsize::new(0));
+        let req = http::Request::new(Endless(polled.clone()));
+        Fallback::<_, (), ()>::reject(&mut d, req);
+        assert_eq!(polled.load(Ordering::SeqCst), MOST_FRAMES);
+        assert_eq!(d.reading(), 0);
     }
 
     #[test]
