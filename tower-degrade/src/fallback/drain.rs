@@ -49,11 +49,13 @@ use super::{Diverted, Fallback, NoFallback};
 ///
 /// # What it does not reach
 ///
-/// Only the calls the layer itself answers as not served: a body that a fallback takes and
-/// then refuses without reading (the fallback router's `not_kept` answers for a malformed
-/// idempotency key or a protocol switch, a custom fallback service), a call stopped by its
-/// class timeout while the service holds its body, and the chaos layer's injected errors are
-/// dropped as before. The wrapped fallback's own [`reject`](Fallback::reject) is not called.
+/// Only the calls the layer itself answers as not served, and those the fallback router
+/// refuses before it reads them (a malformed idempotency key, a call of another degrader),
+/// whose bodies it reads itself before it answers. A body that a custom fallback takes and
+/// then refuses without reading, a protocol switch the router refuses (its body is the new
+/// protocol's stream), a call stopped by its class timeout while the service holds its body,
+/// and the chaos layer's injected errors are dropped as before. The wrapped fallback's own
+/// [`reject`](Fallback::reject) is not called.
 #[derive(Debug, Clone)]
 pub struct DrainRejected<F = NoFallback> {
     inner: F,
@@ -148,6 +150,20 @@ where
             let _ = tokio::time::timeout(Self::MOST_TIME, read).await;
         });
     }
+}
+
+/// Read a body a fallback took and then refuses, as [`DrainRejected`] reads a rejected call's,
+/// in the refusal's own future: what has come at once, the rest for at most
+/// [`DrainRejected::MOST_TIME`].
+#[cfg(feature = "fallback")]
+pub(crate) async fn read_refused<B: Body>(body: B) {
+    let mut reader = Reader {
+        body: Box::pin(body),
+        bytes: 0,
+        frames: 0,
+    };
+    let read = std::future::poll_fn(|cx| reader.poll_read(cx));
+    let _ = tokio::time::timeout(DrainRejected::<NoFallback>::MOST_TIME, read).await;
 }
 
 /// The most frames read of one body (a gRPC call's has two): a body that answers every poll

@@ -457,6 +457,9 @@ where
         answer(why)
     };
     if foreign {
+        // Read, as the layer's `drain_rejected` reads the calls it refuses: over HTTP/2 a
+        // message that comes after the answer, unread, counts against the client's connection.
+        super::drain::read_refused(body).await;
         return refuse(Reason::NotKept);
     }
     if switches_protocols(&parts) {
@@ -469,6 +472,7 @@ where
     // of the call would be another task, replayed with another key.
     let Ok(key) = shared.capture.key(&parts) else {
         tracing::debug!(class = %class, "a diverted call's idempotency key is not a valid key");
+        super::drain::read_refused(body).await;
         return refuse(Reason::Malformed);
     };
     // The body first: a client that stalls its body holds no key, so it cannot hold back

@@ -22,6 +22,8 @@ use tower_degrade::fallback::{
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
 
+#[path = "../late.rs"]
+mod late;
 #[path = "../logs.rs"]
 mod logs;
 #[path = "../support.rs"]
@@ -3078,4 +3080,37 @@ async fn a_router_keeps_nothing_for_another_degraders_layer() {
         StatusCode::ACCEPTED
     );
     assert_eq!(store.depth(Queue::Retry).len, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_for_its_key_has_its_late_message_read_before_the_answer() {
+    // Over HTTP/2 a message that comes after the answer, unread, counts against the client's
+    // connection (see `DrainRejected`): the router reads the body of a call it refuses before
+    // reading it.
+    let d = degrader([ClassConfig::bronze("orders").fallback_route(Route::Spool)]);
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .store(MemoryStore::default())
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let app = service_fn(|_req: Request<late::LateMessage>| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+    });
+    let orders = d.class_id("orders").unwrap();
+    let svc = d.layer(orders).http().fallback_with(router).layer(app);
+    d.force_open("orders").unwrap();
+
+    let (body, client) = late::late_message();
+    let req = Request::post("/orders")
+        .header("idempotency-key", "order\t42")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(svc.oneshot(req));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(!answer.is_finished(), "answered before the body ended");
+    client.send.send(Bytes::from_static(b"order 7")).unwrap();
+    let res = answer.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.headers()[REASON_HEADER], "malformed");
+    assert_eq!(client.read.load(Ordering::SeqCst), 7);
 }

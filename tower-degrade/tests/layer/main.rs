@@ -22,9 +22,12 @@ use tower_degrade::{
     fallback::Diverted, gate::Directive, gate::Reason,
 };
 
+#[path = "../late.rs"]
+mod late;
 #[path = "../support.rs"]
 mod support;
 
+use late::LateMessage;
 use support::{degrader, failing_after};
 
 /// A generic service answering `Ok(n)` or `Err` depending on the request.
@@ -1066,36 +1069,6 @@ async fn rejections_do_not_tear_down_a_buffer() {
     );
 }
 
-/// A request body whose message comes after the call was answered, as an HTTP/2 client's
-/// message can: it counts the bytes read of it.
-struct LateMessage {
-    message: Option<oneshot::Receiver<Bytes>>,
-    read: Arc<AtomicUsize>,
-}
-
-impl http_body::Body for LateMessage {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let Some(message) = self.message.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let got = std::task::ready!(Pin::new(message).poll(cx));
-        self.message = None;
-        match got {
-            Ok(data) => {
-                self.read.fetch_add(data.len(), Ordering::SeqCst);
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Err(_) => Poll::Ready(None),
-        }
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn with_drain_rejected_a_refused_calls_late_message_is_read_and_without_it_dropped() {
     let d = degrader(vec![ClassConfig::gold("pay")]);
@@ -1148,17 +1121,12 @@ async fn late_message_read<S>(svc: &mut S) -> Option<usize>
 where
     S: Service<Request<LateMessage>, Response = Response<String>, Error = Infallible>,
 {
-    let (send, message) = oneshot::channel();
-    let read = Arc::new(AtomicUsize::new(0));
-    let body = LateMessage {
-        message: Some(message),
-        read: read.clone(),
-    };
+    let (body, client) = late::late_message();
     let req = Request::post("/pay").body(body).unwrap();
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let sent = send.send(Bytes::from_static(b"order 7")).is_ok();
+    let sent = client.send.send(Bytes::from_static(b"order 7")).is_ok();
     // Paused time moves on once every task waits: the reader has had its turn.
     tokio::time::sleep(Duration::from_millis(1)).await;
-    sent.then(|| read.load(Ordering::SeqCst))
+    sent.then(|| client.read.load(Ordering::SeqCst))
 }
