@@ -245,7 +245,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .clone()
         // `Router::layer` (not `route_layer`): unmatched requests reach the layer too, and
         // count in the `default` class.
-        .layer(degrader.layer(classify).http().fallback_with(router));
+        .layer(
+            degrader
+                .layer(classify)
+                .http()
+                .fallback_with(router)
+                .drain_rejected(),
+        );
     let status_degrader = degrader.clone();
     let mut app = protected
         .clone()

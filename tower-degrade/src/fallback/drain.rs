@@ -27,10 +27,15 @@ use super::{Diverted, Fallback, NoFallback};
 /// 256 bytes or more give some back), and closes the connection with `GOAWAY
 /// ENHANCE_YOUR_CALM` (`too_many_data_frames`) when it is spent, failing every call in flight
 /// on it, the ones the layer serves too. With hyper's 1 MiB window that is about 2,000 late
-/// small messages; a storm of refusals on one connection gets there in seconds. A frame that
+/// small messages; a storm of refusals on one connection gets there in seconds. A message for
+/// a stream h2 has already forgotten (it remembers a few reset streams) is answered with a
+/// reset instead, and hyper's server closes the connection the same way after 1,024 of those
+/// (`too_many_internal_resets`, its `max_local_error_reset_streams`): in a trial of 20,000
+/// refused POSTs, 512 at a time on one h2c connection, that limit came first. A frame that
 /// is read is given back to the budget: with the bodies read, 200,000 refused calls on one
-/// connection closed nothing (`examples/grpc`). (h2's budget can be set, but hyper 1.x does
-/// not expose the setting.)
+/// connection closed nothing (`examples/grpc`), and the stream stays open until its body
+/// ends, so no reset is sent either. (h2's budget can be set, but hyper 1.x does not expose
+/// the setting; its reset limit it does.)
 ///
 /// # Bounds
 ///
