@@ -42,9 +42,9 @@ use super::{Diverted, Fallback, NoFallback};
 /// A body already at its end (a `GET`) costs nothing. What has come of any other is read at
 /// once, when the call is answered; the rest, if the body still waits for its client, in a
 /// task spawned on the current tokio runtime (none: it is dropped), for at most
-/// [`MOST_TIME`](Self::MOST_TIME). Reading stops once more than
-/// [`MOST_BYTES`](Self::MOST_BYTES) or 256 frames have come; at most
-/// [`MOST_AT_ONCE`](Self::MOST_AT_ONCE)
+/// [`MOST_TIME`](DrainRejected::MOST_TIME). Reading stops once more than
+/// [`MOST_BYTES`](DrainRejected::MOST_BYTES) or 256 frames have come; at most
+/// [`MOST_AT_ONCE`](DrainRejected::MOST_AT_ONCE)
 /// bodies are read at once per layer (the count is shared by the layer's clones, so by all its
 /// connections: a client that holds refused streams open takes slots for up to a second each);
 /// past any bound the body is dropped as it would have been. What is read is thrown away. A
@@ -68,6 +68,16 @@ pub struct DrainRejected<F = NoFallback> {
 }
 
 impl DrainRejected {
+    /// The longest a rejected call's body is read: a client that sends its message with its
+    /// call has long finished.
+    pub const MOST_TIME: Duration = Duration::from_secs(1);
+    /// Past this many bytes of a rejected call's body (the frame that crosses it is read), no
+    /// more is read. Only small DATA frames are charged to h2's budget (large ones give to
+    /// it), so a large body needs no reading.
+    pub const MOST_BYTES: usize = 64 * 1024;
+    /// The most bodies read at once by one layer and its clones.
+    pub const MOST_AT_ONCE: usize = 1024;
+
     /// Read the bodies of rejected calls; divert nothing (no fallback).
     pub fn new() -> Self {
         Self::wrap(NoFallback)
@@ -81,16 +91,6 @@ impl Default for DrainRejected {
 }
 
 impl<F> DrainRejected<F> {
-    /// The longest a rejected call's body is read: a client that sends its message with its
-    /// call has long finished.
-    pub const MOST_TIME: Duration = Duration::from_secs(1);
-    /// Past this many bytes of a rejected call's body (the frame that crosses it is read), no
-    /// more is read. Only small DATA frames are charged to h2's budget (large ones give to
-    /// it), so a large body needs no reading.
-    pub const MOST_BYTES: usize = 64 * 1024;
-    /// The most bodies read at once by one layer and its clones.
-    pub const MOST_AT_ONCE: usize = 1024;
-
     /// Read the bodies of rejected calls, and hand diverted calls to `inner`.
     pub fn wrap(inner: F) -> Self {
         Self {
@@ -132,11 +132,7 @@ where
         }
         // What has come already is read now, without waiting: often all of it (the message
         // came with the call). Only a body still waiting for its client costs a task.
-        let mut reader = Reader {
-            body: Box::pin(body),
-            bytes: 0,
-            frames: 0,
-        };
+        let mut reader = Reader::new(body);
         if reader
             .poll_read(&mut Context::from_waker(Waker::noop()))
             .is_ready()
@@ -146,13 +142,13 @@ where
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(slot) = Slot::take(&self.reading, Self::MOST_AT_ONCE) else {
+        let Some(slot) = Slot::take(&self.reading, DrainRejected::MOST_AT_ONCE) else {
             return;
         };
         runtime.spawn(async move {
             let _slot = slot;
             let read = std::future::poll_fn(|cx| reader.poll_read(cx));
-            let _ = tokio::time::timeout(Self::MOST_TIME, read).await;
+            let _ = tokio::time::timeout(DrainRejected::MOST_TIME, read).await;
         });
     }
 }
@@ -162,13 +158,9 @@ where
 /// [`DrainRejected::MOST_TIME`].
 #[cfg(feature = "fallback")]
 pub(crate) async fn read_refused<B: Body>(body: B) {
-    let mut reader = Reader {
-        body: Box::pin(body),
-        bytes: 0,
-        frames: 0,
-    };
+    let mut reader = Reader::new(body);
     let read = std::future::poll_fn(|cx| reader.poll_read(cx));
-    let _ = tokio::time::timeout(DrainRejected::<NoFallback>::MOST_TIME, read).await;
+    let _ = tokio::time::timeout(DrainRejected::MOST_TIME, read).await;
 }
 
 /// The most frames read of one body (a gRPC call's has two): a body that answers every poll
@@ -184,6 +176,14 @@ struct Reader<B> {
 }
 
 impl<B: Body> Reader<B> {
+    fn new(body: B) -> Self {
+        Self {
+            body: Box::pin(body),
+            bytes: 0,
+            frames: 0,
+        }
+    }
+
     /// Read until the body ends, fails, has to wait (`Pending`), or a bound is passed.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
@@ -194,7 +194,7 @@ impl<B: Body> Reader<B> {
             if let Some(data) = frame.data_ref() {
                 self.bytes = self.bytes.saturating_add(data.remaining());
             }
-            if self.bytes > DrainRejected::<NoFallback>::MOST_BYTES || self.frames >= MOST_FRAMES {
+            if self.bytes > DrainRejected::MOST_BYTES || self.frames >= MOST_FRAMES {
                 return Poll::Ready(());
             }
         }
@@ -322,7 +322,7 @@ mod tests {
         let mut d = DrainRejected::new();
         let (req, probe) = fed(false);
         reject(&mut d, req);
-        tokio::time::sleep(DrainRejected::<NoFallback>::MOST_TIME - Duration::from_millis(1)).await;
+        tokio::time::sleep(DrainRejected::MOST_TIME - Duration::from_millis(1)).await;
         assert!(!probe.dropped.load(Ordering::SeqCst));
         tokio::time::sleep(Duration::from_millis(2)).await;
         settle().await;
@@ -359,25 +359,25 @@ mod tests {
         let mut d = DrainRejected::new();
         let mut clone = d.clone();
         let mut probes = Vec::new();
-        for _ in 0..DrainRejected::<NoFallback>::MOST_AT_ONCE {
+        for _ in 0..DrainRejected::MOST_AT_ONCE {
             let (req, probe) = fed(false);
             reject(&mut clone, req);
             probes.push(probe);
         }
         settle().await;
-        assert_eq!(d.reading(), DrainRejected::<NoFallback>::MOST_AT_ONCE);
+        assert_eq!(d.reading(), DrainRejected::MOST_AT_ONCE);
         let (req, over) = fed(false);
         reject(&mut d, req);
         assert!(over.dropped.load(Ordering::SeqCst));
 
         drop(probes.pop().unwrap().tx);
         settle().await;
-        assert_eq!(d.reading(), DrainRejected::<NoFallback>::MOST_AT_ONCE - 1);
+        assert_eq!(d.reading(), DrainRejected::MOST_AT_ONCE - 1);
         let (req, again) = fed(false);
         reject(&mut d, req);
         settle().await;
         assert!(!again.dropped.load(Ordering::SeqCst));
-        assert_eq!(d.reading(), DrainRejected::<NoFallback>::MOST_AT_ONCE);
+        assert_eq!(d.reading(), DrainRejected::MOST_AT_ONCE);
     }
 
     #[test]
