@@ -458,9 +458,9 @@ fn bench_control_tick(c: &mut Criterion) {
 }
 
 /// A call its class does not serve (the breaker forced open), with a request body that is not
-/// at its end (a POST's): answered 503 with the body dropped, or with `drain_rejected`, the body
-/// read in a task on the runtime's one worker thread (the cost measured is the caller's: the
-/// spawn; the reading runs on the worker).
+/// at its end (a POST's): answered 503 with the body dropped, or with `drain_rejected`: a body
+/// whose message is there is read at once, a late one in a task on the runtime's one worker
+/// thread (the cost measured is the caller's, the spawn; the reading runs on the worker).
 fn bench_refused_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

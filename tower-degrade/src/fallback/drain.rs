@@ -26,7 +26,7 @@ use super::{Diverted, Fallback, NoFallback};
 /// connection (half the connection window since h2 0.4.19, at least 25,600 bytes; frames of
 /// 256 bytes or more give some back), and closes the connection with `GOAWAY
 /// ENHANCE_YOUR_CALM` (`too_many_data_frames`) when it is spent, failing every call in flight
-/// on it, the ones the layer serves too. With hyper's 1 MiB window that is about 2,000 late
+/// on it, the ones the layer serves too. With hyper's 1 MiB window that is at least 2,048 late
 /// small messages; a storm of refusals on one connection gets there in seconds. A message for
 /// a stream h2 has already forgotten (it remembers a few reset streams) is answered with a
 /// reset instead, and hyper's server closes the connection the same way after 1,024 of those

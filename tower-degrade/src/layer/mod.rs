@@ -112,10 +112,9 @@ impl<C, P, F> DegradeLayer<C, P, F> {
     /// Read the request body of each call answered as not served to its end, bounded, rather
     /// than drop it: over HTTP/2 the messages of refused calls that arrive after their answer
     /// otherwise make h2 close the connection, and every call in flight on it fails
-    /// ([`DrainRejected`] says why and how much). For HTTP and
-    /// gRPC servers that take request bodies; it wraps the fallback set so far, so call it
-    /// after [`fallback_service`](Self::fallback_service) or
-    /// [`fallback_with`](Self::fallback_with).
+    /// ([`DrainRejected`] says why and how much). For HTTP and gRPC servers that take request
+    /// bodies; it wraps the fallback set so far, so call it after
+    /// [`fallback_service`](Self::fallback_service) or [`fallback_with`](Self::fallback_with).
     pub fn drain_rejected(self) -> DegradeLayer<C, P, DrainRejected<F>> {
         DegradeLayer {
             shared: self.shared,

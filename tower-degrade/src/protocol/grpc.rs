@@ -60,7 +60,10 @@ use crate::window::{Outcome, Recording};
 /// message then reaches a stream nobody reads. h2 (0.4.16 and later) charges every such small
 /// DATA frame to a budget of the connection (half its window since h2 0.4.19) and closes the
 /// connection with `GOAWAY ENHANCE_YOUR_CALM` when it is spent, failing every call in flight
-/// on it: with hyper's 1 MiB window, about 2,000 late small messages.
+/// on it: with hyper's 1 MiB window, after at least 2,048 late small messages (half of 1 MiB,
+/// at most 256 bytes charged each), or sooner by hyper's limit of 1,024 resets for messages to
+/// streams h2 has already forgotten ([`DrainRejected`](crate::fallback::DrainRejected) has
+/// the details).
 /// Add [`drain_rejected`](crate::DegradeLayer::drain_rejected) to the layer so that refused
 /// calls' messages are read (and thrown away) instead, as `examples/grpc` does.
 #[derive(Debug, Clone)]
