@@ -13,6 +13,9 @@ share a recorder's 500 ms tick (one of other steps, more than 2x off it, is refu
 
 For every detector, the threshold is chosen on validation only: the lowest one whose false
 trips per day of validation data stay within the budget. The test part is then scored once.
+The model is also scored as the breaker uses it by default, its threshold calibrated per
+series from the series' own healthy steps (no labels, none chosen by hand), and so is every
+classical detector with a threshold to tune, beside it (`calibrated_name`).
 """
 from __future__ import annotations
 
@@ -380,19 +383,17 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             said = unarmed_note(name, traces, armed)
             if said:
                 note(said)
-            # Series with test data, and those the default never armed on (its row says so
-            # where that is every one).
-            tested, never = never_armed(traces, armed)
-            arming = dict(series=len(tested), unarmed=len(never))
-            for H in horizons(traces[0].step_seconds):
-                r = run_part(traces, cal, "test", 0.5, H, 1)
-                lo, hi = bootstrap_ci(r.hits)
-                ref = next(x for x in out if x["detector"] == "model" and x["H"] == H)
-                out.append(dict(dataset=name, detector=AS_DEFAULT, H=H, k=2,
-                                budget_per_day=None, threshold=None, auprc=ref["auprc"],
-                                base_rate=ref["base_rate"], recall_early_ci=[lo, hi],
-                                test_days=r.days, step_seconds=traces[0].step_seconds, **arming,
-                                **r.summary()))
+            never = never_armed(traces, armed)[1]  # for the per-file rows
+            out += default_rows(name, traces, cal, AS_DEFAULT, armed, out, "model")
+    # Every classical detector with a threshold to tune, under the default's rule: its own
+    # threshold calibrated per series the same way, so the default is compared with what the
+    # same self-calibration makes of them.
+    for d in detectors:
+        if d == "model" or d in FIXED or isinstance(detectors[d], Model):
+            continue
+        armed = []
+        alarms_ = [calibrated_alarms(tr, as_probability(sc), armed) for tr, sc in zip(traces, scores[d])]
+        out += default_rows(name, traces, alarms_, calibrated_name(d), armed, out, d, calibrated_of=d)
     if ranking_check:
         out += ranking_check_rows(name, traces, scores, budgets)
     if per_file is not None:
@@ -405,6 +406,37 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
                     r["armed"] = r["file"] not in never
         per_file += rows
     return out
+
+
+def default_rows(name, traces, alarms_, detector, armed, rows, scored, **extra) -> list:
+    """The rows of one detector used as the breaker's default is (`alarms_`: each series'
+    calibrated alarms, 0 or 1; `armed`: calibrate.alarms's), at every horizon, k = 2 as in
+    the breaker; `rows`: those already made, where the AUPRC of the scores `scored` is."""
+    tested, never = never_armed(traces, armed)
+    out = []
+    for H in horizons(traces[0].step_seconds):
+        r = run_part(traces, alarms_, "test", 0.5, H, 1)
+        lo, hi = bootstrap_ci(r.hits)
+        ref = next(x for x in rows if x["detector"] == scored and x["H"] == H)
+        out.append(dict(dataset=name, detector=detector, H=H, k=2, budget_per_day=None,
+                        threshold=None, auprc=ref["auprc"], base_rate=ref["base_rate"],
+                        recall_early_ci=[lo, hi], test_days=r.days,
+                        step_seconds=traces[0].step_seconds, series=len(tested),
+                        unarmed=len(never), **extra, **r.summary()))
+    return out
+
+
+def as_probability(scores) -> np.ndarray:
+    """A classical detector's scores (at least 0, larger is worse) as the probabilities the
+    calibration reads: s / (1 + s), whose logit, what the calibration fits its tail on, is
+    ln s. Increasing, so the calibrated threshold is a threshold on s itself."""
+    s = np.maximum(np.asarray(scores, dtype=float), 0.0)  # NaN (no score yet) stays NaN
+    return s / (1.0 + s)
+
+
+def calibrated_name(detector: str) -> str:
+    """The row of a classical detector used as the breaker's default uses the model."""
+    return f"{detector}, calibrated per series as the default"
 
 
 def per_file_rows(rows, traces, scores) -> list:
@@ -469,7 +501,7 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
     sel = [r for r in rows if r["dataset"] == dataset and r["H"] == H
            and r.get("threshold_from") != RANKING_CHECK
            and ((r["k"] == k and r["budget_per_day"] == budget)
-                or r["detector"] in (AS_DEPLOYED, AS_DEFAULT))]
+                or r["detector"] in (AS_DEPLOYED, AS_DEFAULT) or r.get("calibrated_of"))]
     if not sel:
         return ""
     per_hour = tick_scale(sel[0]["step_seconds"])

@@ -13,7 +13,9 @@ scored on D's test part by evaluate.py's rules, beside the classical baselines c
 same run: thresholds chosen on D's validation part for at most 1 and 0.1 false trips per day
 (and at most 1 % of normal time alarmed), early recall with bootstrap 95 % confidence
 intervals over events, time alarmed, median lead; and the breaker's default use of the model
-(a threshold each series calibrates from its own healthy steps, no labels).
+(a threshold each series calibrates from its own healthy steps, no labels), beside every
+classical detector with a threshold to tune used the same way (evaluate.calibrated_name): the
+default against what the same self-calibration makes of the classical detectors.
 
 The baseline a fold is compared with is the one with the highest early recall on the test
 part, chosen after the fact: the comparison favours the baselines. Beside each early recall,
@@ -109,7 +111,9 @@ def score_fold(held_out: str, model_path: str, data: str, sim, pub, anchor_path=
 def headline(rows: list, dataset: str, budget: float, ranking_check: bool = False) -> dict:
     """The model, its default use and the best baseline at the headline horizon, k = 1, with
     thresholds from validation (the protocol), or with ranking_check, from the test part
-    (evaluate.ranking_check_rows; the default has no such row: it is None)."""
+    (evaluate.ranking_check_rows; the default has no such row: it is None); and the classical
+    detector that warns early of the most under the default's rule (`calibrated`: its own
+    threshold calibrated per series, evaluate.calibrated_name; None in the ranking check)."""
     H = headline_horizon(next(r["step_seconds"] for r in rows if r["dataset"] == dataset))
     source = evaluate.RANKING_CHECK if ranking_check else None
     at = [r for r in rows if r["dataset"] == dataset and r["H"] == H
@@ -122,7 +126,12 @@ def headline(rows: list, dataset: str, budget: float, ranking_check: bool = Fals
     baselines = [r for r in at if r["detector"] not in MODEL_ROWS + (evaluate.AS_DEPLOYED,)
                  and r["k"] == 1 and r["budget_per_day"] == budget]
     best = max(baselines, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))
-    return dict(H=H, model=model, default=default, best=best, anchor=anchor)
+    # The classical detectors used as the default uses the model (rows of runs before 5
+    # December have none: None)
+    same_rule = [r for r in at if r.get("calibrated_of")]
+    calibrated = max(same_rule, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]),
+                     default=None)
+    return dict(H=H, model=model, default=default, best=best, anchor=anchor, calibrated=calibrated)
 
 
 def _recall(r) -> str:
@@ -179,6 +188,26 @@ def _anchor(rows: list, folds) -> list:
         out.append(f"| {d} (H = {h['H']}) | {_recall(m)} | {m['false_trips_per_day']:.2f} | "
                    f"{_recall(a)} | {a['false_trips_per_day']:.2f} | {_recall(rc['model'])} | "
                    f"{_recall(rc['anchor'])} |")
+    return out + [""]
+
+
+def _same_rule(rows: list, folds) -> list:
+    """Per fold: the breaker's default use of the model beside the classical detector best
+    under the same rule (`headline`'s `calibrated`), as table lines."""
+    out = ["| held out | default: early recall [95 % CI] | false trips/day | best classical detector, "
+           "calibrated the same way | its early recall | its false trips/day | default / it |",
+           "|---|---|---:|---|---|---:|---|"]
+
+    def cells(r):
+        if evaluate.armed_on_none(r):
+            return "never armed | –"
+        return f"{_recall(r)} | {r['false_trips_per_day']:.2f}"
+
+    for d in folds:
+        h = headline(rows, d, 1.0)
+        m, b = h["default"], h["calibrated"]
+        ratio = "–" if evaluate.armed_on_none(m) or evaluate.armed_on_none(b) else _verdict(m, b)
+        out.append(f"| {d} (H = {h['H']}) | {cells(m)} | {b['calibrated_of']} | {cells(b)} | {ratio} |")
     return out + [""]
 
 
@@ -264,6 +293,15 @@ def report(rows: list, folds, infos: dict, notes: list = ()) -> str:
     out.append("|---|---|---:|---:|---:|---:|")
     for d in folds:
         out.append(_default_row(d, headline(rows, d, 1.0)["default"]))
+    if all(headline(rows, d, 1.0)["calibrated"] is not None for d in folds):
+        out.append("\n## The default beside the classical detectors under the same rule\n")
+        out.append("Each classical detector with a threshold to tune used as the breaker's default uses "
+                   "the model: its own threshold calibrated per series from that series' healthy "
+                   "steps, at 1 false trip a day, 2 steps (its score s read as the probability "
+                   "s / (1 + s)), in the same run; no labels and no threshold chosen by hand on either "
+                   "side. The detector shown warns early of the most incidents, chosen after the "
+                   "fact.\n")
+        out += _same_rule(rows, folds)
     out.append("\n## The folds' models\n")
     out.append("| held out | trained on (windows, positive) | validation AUPRC | seconds |")
     out.append("|---|---|---:|---:|")
@@ -389,7 +427,7 @@ def _early(row, which: str | None = None):
 
 def pooled(runs: dict, folds, which: str) -> tuple:
     """Early warnings and incidents summed over every fold and seed, for the headline's
-    `which` ("model", "best", "default")."""
+    `which` ("model", "best", "default", "calibrated")."""
     hs = [headline(rows, d, 1.0) for rows in runs.values() for d in folds]
     hs = [h[which] for h in hs if h[which] is not None]
     return sum(h["early"] for h in hs), sum(h["events"] for h in hs)
@@ -413,7 +451,9 @@ def seeds_report(runs: dict, folds, out_dir: str | None = None, notes: list = ()
     out += seeds_table(runs, folds)
     for which, what in (("model", "the model, thresholds from validation"),
                         ("best", "the best baseline of each fold and run"),
-                        ("default", "the breaker's default use of the model")):
+                        ("default", "the breaker's default use of the model"),
+                        ("calibrated", "the classical detector of each fold and run that warns of "
+                                       "the most under the default's rule")):
         early, events = pooled(runs, folds, which)
         if events:
             out.append(f"- Pooled over the folds and seeds, {what}: {early} early warnings of "

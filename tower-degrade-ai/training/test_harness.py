@@ -863,6 +863,47 @@ class Calibration(unittest.TestCase):
         calibrate.alarms(s[:2600], np.ones(2600, bool), 0.5, 2500, armed=armed)
         self.assertEqual(armed[1:], [None])
 
+    def test_a_classical_detector_is_calibrated_per_series_as_the_default_is(self):
+        # evaluate.py puts every classical detector beside the default under the default's
+        # rule: its score s read as the probability s / (1 + s) (logit ln s: the calibration
+        # reads the order of a series' scores, so the threshold is one on s), calibrated per
+        # series, no labels, k = 2.
+        import calibrate
+        import evaluate
+        p = evaluate.as_probability(np.array([0.0, 1.0, 3.0, np.nan, -2.0]))
+        np.testing.assert_allclose(p[:3], [0.0, 0.5, 0.75])
+        self.assertTrue(np.isnan(p[3]))
+        self.assertEqual(p[4], 0.0)  # never below 0
+        self.assertAlmostEqual(calibrate.logit(float(p[2])), np.log(3.0), places=9)
+        # Minute steps: a long healthy stretch of noise, then a shift that holds for 5 steps
+        # before a breach. The static z-score sees the shift; its own threshold, calibrated
+        # from the series' healthy steps, warns of the breach with no threshold chosen by hand.
+        rng = np.random.default_rng(5)
+        T, onset = 6000, 5500
+        X = np.tile(np.array([1, 1, 0, 0, 0.1, 0.3, 0.2, 0.03], np.float32), (T, 1))
+        X[:, 5] += rng.normal(0, 0.01, T).astype(np.float32)
+        X[onset - 5:onset, 5] = 0.8
+        X[onset:onset + 5, 5], X[onset:onset + 5, 1] = 2.0, 0.5  # the breach: unhealthy
+        tr = Trace("svc", "x", X, breach_events(X), 60.0, None, 4000, 5000)
+        self.assertEqual(tr.events, [(onset, onset + 4)])
+        sc = evaluate.static_z(tr)
+        armed = []
+        alarms = evaluate.calibrated_alarms(tr, evaluate.as_probability(sc), armed)
+        self.assertEqual(armed, [calibrate.UNUSED_STEPS + evaluate.WARM_UP + calibrate.FALSE_ALARM_TICKS])
+        rows = [dict(detector="static robust z", H=H, auprc=0.5, base_rate=0.01)
+                for H in evaluate.horizons(60.0)]
+        out = evaluate.default_rows("svc", [tr], [alarms], evaluate.calibrated_name("static robust z"),
+                                    armed, rows, "static robust z", calibrated_of="static robust z")
+        head = next(r for r in out if r["H"] == 6)
+        self.assertEqual(head["detector"], "static robust z, calibrated per series as the default")
+        self.assertEqual((head["k"], head["calibrated_of"], head["series"], head["unarmed"]),
+                         (2, "static robust z", 1, 0))
+        self.assertEqual((head["early"], head["events"], head["false_trips"]), (1, 1, 0))
+        # It is in the headline table, beside the default (a never-armed one says so).
+        text = evaluate.table(out + [dict(head, detector=evaluate.AS_DEFAULT, unarmed=1)], "svc", 6, 1, 1.0)
+        self.assertIn("| static robust z, calibrated per series as the default | 1.00 [1.00, 1.00] |", text)
+        self.assertIn(f"| {evaluate.AS_DEFAULT} | never armed |", text)
+
     def test_agrees_with_the_rust_calibrator(self):
         # `breaker::calibrate::tests::the_python_port_agrees` computes the same threshold.
         from calibrate import Calibrator

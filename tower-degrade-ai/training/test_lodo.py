@@ -105,6 +105,35 @@ class Default(unittest.TestCase):
         self.assertTrue(_default_row("nezha", r).startswith("| nezha | 0.00 [0.00, 0.00] |"))
 
 
+class SameRule(unittest.TestCase):
+    def test_the_default_is_set_beside_the_classical_detector_best_under_its_rule(self):
+        from lodo import _same_rule
+        cal = evaluate.calibrated_name
+        rows = [
+            row("model", 0.30, [0.2, 0.4]),
+            dict(row(evaluate.AS_DEFAULT, 0.2, [0.1, 0.3], budget=None, trips=0.7), series=3, unarmed=0),
+            row("static robust z", 0.25, [0.1, 0.4]),  # by the protocol: not under the default's rule
+            dict(row(cal("static robust z"), 0.1, [0.0, 0.2], k=2, budget=None), calibrated_of="static robust z"),
+            dict(row(cal("rolling robust z"), 0.1, [0.0, 0.3], k=2, budget=None, trips=0.2),
+                 calibrated_of="rolling robust z"),
+            dict(row(cal("calibrated rule"), 0.4, [0.3, 0.5], k=2, budget=None, H=12),  # another horizon
+                 calibrated_of="calibrated rule"),
+        ]
+        h = headline(rows, "nab", 1.0)
+        # the most early warnings; of those level, the fewest false trips
+        self.assertEqual(h["calibrated"]["calibrated_of"], "rolling robust z")
+        self.assertEqual(h["best"]["detector"], "static robust z")  # the protocol's comparison is as it was
+        self.assertEqual(_same_rule(rows, ["nab"])[2],
+                         "| nab (H = 6) | 0.20 [0.10, 0.30] | 0.70 | rolling robust z | 0.10 [0.00, 0.30] | "
+                         "0.20 | 2.00x |")
+        # where neither armed, no ratio; runs from before the rows were made have none
+        for r in rows[1], rows[4]:
+            r.update(series=3, unarmed=3)
+        self.assertEqual(_same_rule(rows, ["nab"])[2],
+                         "| nab (H = 6) | never armed | – | rolling robust z | never armed | – | – |")
+        self.assertIsNone(headline(rows[:3], "nab", 1.0)["calibrated"])
+
+
 class BeyondChance(unittest.TestCase):
     def test_an_alarm_on_a_fifth_of_the_time_earns_nothing_for_the_warnings_it_gets_by_chance(self):
         # Hour steps, H = 6: alarmed 20 % of normal time and 1 false trip a day, early recall
