@@ -109,7 +109,9 @@ class Calibrator:
         else:
             self.seen += 1
             self._count_run(x)
-            if self.start < x < self.fit:
+            # every healthy score over the start, those past the threshold too (Rust's
+            # `Tail::observe`: left out, the tail learnt is cut at the threshold)
+            if self.start < x:
                 self._push(x - self.start)
                 self._refit()
             else:
@@ -178,20 +180,33 @@ class Calibrator:
         self._hold_floor()
 
 
+# How long a prediction must hold before it degrades a class (tower_degrade's PREDICT_HOLD).
+PREDICT_HOLD_SECONDS = 1.0
+
+
+def predict_ticks(step_seconds: float) -> int:
+    """The breaker's default consecutive predicting ticks at a tick of `step_seconds`
+    (`BreakerConfig::predict_ticks_at`): those that make up PREDICT_HOLD_SECONDS, rounded up,
+    at least 1; 2 at 500 ms, 1 at a second or more."""
+    ns = max(int(round(step_seconds * 1e9)), 1)
+    return max(1, -(-int(PREDICT_HOLD_SECONDS * 1e9) // ns))
+
+
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
-           false_trips_per_day: float = 1.0, k: int = 2, armed: list | None = None) -> np.ndarray:
+           false_trips_per_day: float = 1.0, k: int | None = None, armed: list | None = None) -> np.ndarray:
     """The breaker's predicted trips over one series, online: a step alarms when the score is
-    at or above the class's threshold for k steps running; healthy steps below it (and every
-    step while warming up) teach the threshold, once FALSE_ALARM_TICKS more healthy steps have
-    passed with no unhealthy one (those before an unhealthy step are its precursors, as in the
-    breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
+    at or above the class's threshold for k steps running; healthy steps, those of a warning
+    too, teach the threshold once FALSE_ALARM_TICKS more healthy steps have passed with no
+    unhealthy one (those before an unhealthy step are its precursors, as in the breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
     threshold goes above its scores and it ends; an unhealthy step confirms it. A warning
     back within MERGE_GAP steps of the last one's end (a score flapping about the threshold)
     is the same alarm, counted on across the steps between them, as the breaker keeps it
     while the class is closed again; one back later is an alarm of its own, and the ended one
     is judged apart, FALSE_ALARM_TICKS healthy steps after its first warning. `armed`: a list
     to append the first step the threshold held at (its warm-up over) to, or None if it never
-    did."""
+    did. `k`: predict_ticks(step_seconds) unless given."""
+    if k is None:
+        k = predict_ticks(step_seconds)
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
     armed_at = None
     out = np.zeros(len(scores), dtype=bool)
@@ -242,7 +257,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 alarm, run = None, 0
         if not healthy[t]:
             unlearnt.clear()
-        elif not out[t] and math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
+        elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
             unlearnt.append(float(p))
             if len(unlearnt) > FALSE_ALARM_TICKS:
                 cal.observe(unlearnt.popleft())

@@ -167,16 +167,17 @@ FIXED = {"seed rule": 0.5}  # a rule with no threshold to tune
 # validation traces to set its thresholds when it has no validation part: a 1 s tick's budget
 # a step is twice the 500 ms tick's, a 10 s one's twenty times.
 SIM_STEP_SLACK = 2.0
-BREAKER = (0.87, 2)  # BreakerConfig's predict_threshold and predict_ticks
+BREAKER = (0.87, 2)  # the seed's operating point: predict_threshold(0.87).predict_ticks(2)
 AS_DEPLOYED = "model, as the breaker uses it (p ≥ 0.87 for 2 steps)"
-AS_DEFAULT = "model, as the breaker uses it by default (threshold calibrated per series, 1/day, 2 steps)"
+AS_DEFAULT = "model, as the breaker uses it by default (threshold calibrated per series, 1/day, held 1 s)"
 WARM_UP = 3600  # Calibration::default().warm_up_ticks
 
 
 def calibrated_alarms(tr: Trace, sc: np.ndarray, armed: list | None = None) -> np.ndarray:
     """The breaker's default use of the model on one series: the threshold calibrated online
     from the series' own healthy steps (those the seed rule does not flag), warmed up on its
-    reference part (at most 3,600 steps), k = 2. `armed`: calibrate.alarms's."""
+    reference part (at most 3,600 steps), held for a second (calibrate.predict_ticks: 2 steps
+    at 500 ms, 1 of a second or more). `armed`: calibrate.alarms's."""
     healthy = baseline.healthy(tr.X)
     ref = _reference(tr)
     warm_up = min(WARM_UP, ref.stop - ref.start)
@@ -410,15 +411,17 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
 
 def default_rows(name, traces, alarms_, detector, armed, rows, scored, **extra) -> list:
     """The rows of one detector used as the breaker's default is (`alarms_`: each series'
-    calibrated alarms, 0 or 1; `armed`: calibrate.alarms's), at every horizon, k = 2 as in
-    the breaker; `rows`: those already made, where the AUPRC of the scores `scored` is."""
+    calibrated alarms, 0 or 1; `armed`: calibrate.alarms's), at every horizon, k the
+    breaker's (calibrate.predict_ticks); `rows`: those already made, where the AUPRC of the
+    scores `scored` is."""
     tested, never = never_armed(traces, armed)
     out = []
     for H in horizons(traces[0].step_seconds):
         r = run_part(traces, alarms_, "test", 0.5, H, 1)
         lo, hi = bootstrap_ci(r.hits)
         ref = next(x for x in rows if x["detector"] == scored and x["H"] == H)
-        out.append(dict(dataset=name, detector=detector, H=H, k=2, budget_per_day=None,
+        out.append(dict(dataset=name, detector=detector, H=H,
+                        k=calibrate.predict_ticks(traces[0].step_seconds), budget_per_day=None,
                         threshold=None, auprc=ref["auprc"], base_rate=ref["base_rate"],
                         recall_early_ci=[lo, hi], test_days=r.days,
                         step_seconds=traces[0].step_seconds, series=len(tested),

@@ -103,6 +103,8 @@ class Default(unittest.TestCase):
         self.assertTrue(_default_row("nezha", r).startswith("| nezha | 0.00 [0.00, 0.00] | 0.00 | 0.50 | 0.00 % |"))
         del r["series"], r["unarmed"]  # a run from before the count
         self.assertTrue(_default_row("nezha", r).startswith("| nezha | 0.00 [0.00, 0.00] |"))
+        # a run with no default row (scored without the model, or under an older name)
+        self.assertEqual(_default_row("nezha", None), "| nezha | – | – | – | – | – |")
 
 
 class SameRule(unittest.TestCase):

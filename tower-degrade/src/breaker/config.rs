@@ -107,9 +107,22 @@ pub struct BreakerConfig {
     /// warm-up in which the predictor only reports; or fixed by hand (the seed's 0.87). Only
     /// used when a predictor is attached.
     pub predict_threshold: PredictThreshold,
-    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
-    pub predict_ticks: u32,
+    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted";
+    /// `None` (the default): as many as make up [`PREDICT_HOLD`] at the degrader's tick, 2 at
+    /// the default 500 ms tick, 1 at a tick of a second or longer
+    /// ([`predict_ticks_at`](Self::predict_ticks_at)).
+    pub predict_ticks: Option<u32>,
 }
+
+/// How long a prediction must hold before it degrades a class, where
+/// [`BreakerConfig::predict_ticks`] is not set: a second, 2 ticks at the default 500 ms tick.
+/// A 500 ms window of a few calls scores high for a tick now and then for nothing (a slow
+/// call or two); a window of a minute's calls does not, and a warning held back a tick
+/// there comes a minute late. In the leave-one-dataset-out evaluation (four seeds, minute
+/// steps), one tick at the minute step warned of about twice the incidents that two did,
+/// within the false-trip budget; at the 500 ms step two ticks warned of as many or more, at
+/// fewer false trips than one (`docs/predictor-lodo.md`).
+pub const PREDICT_HOLD: Duration = Duration::from_secs(1);
 
 impl Default for BreakerConfig {
     fn default() -> Self {
@@ -127,7 +140,7 @@ impl Default for BreakerConfig {
             degraded_admit_fraction: 0.2,
             degraded_recovery_ticks: 3,
             predict_threshold: PredictThreshold::default(),
-            predict_ticks: 2,
+            predict_ticks: None,
         }
     }
 }
@@ -231,10 +244,33 @@ impl BreakerConfig {
         self
     }
 
-    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted" (2).
+    /// Consecutive predicting ticks that degrade a closed class early, reason "predicted"
+    /// (by default those of [`PREDICT_HOLD`]: 2 at the default 500 ms tick). The seed's
+    /// operating point is `predict_threshold(0.87).predict_ticks(2)`.
     pub fn predict_ticks(mut self, value: u32) -> Self {
-        self.predict_ticks = value;
+        self.predict_ticks = Some(value);
         self
+    }
+
+    /// The consecutive predicting ticks that degrade a class at a control loop ticking every
+    /// `tick`: [`predict_ticks`](Self::predict_ticks) where set, else the ticks that make up
+    /// [`PREDICT_HOLD`], rounded up, at least 1.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_degrade::breaker::BreakerConfig;
+    ///
+    /// let cfg = BreakerConfig::default();
+    /// assert_eq!(cfg.predict_ticks_at(Duration::from_millis(500)), 2);
+    /// assert_eq!(cfg.predict_ticks_at(Duration::from_secs(60)), 1);
+    /// assert_eq!(cfg.predict_ticks(3).predict_ticks_at(Duration::from_secs(60)), 3);
+    /// ```
+    pub fn predict_ticks_at(&self, tick: Duration) -> u32 {
+        self.predict_ticks.unwrap_or_else(|| {
+            let tick = tick.as_nanos().max(1);
+            let ticks = PREDICT_HOLD.as_nanos().div_ceil(tick).max(1);
+            u32::try_from(ticks).unwrap_or(u32::MAX)
+        })
     }
 
     /// Check every field, naming the first bad one.
@@ -296,7 +332,7 @@ impl BreakerConfig {
         if self.degraded_recovery_ticks == 0 {
             return bad("breaker.degraded_recovery_ticks", "must be at least 1");
         }
-        if self.predict_ticks == 0 {
+        if self.predict_ticks == Some(0) {
             return bad("breaker.predict_ticks", "must be at least 1");
         }
         if self.half_open_probes == 0 || self.half_open_probes > MAX_PROBES {

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use self::calibrate::Calibrator;
 pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
-pub use self::config::{BreakerConfig, DegradeRule};
+pub use self::config::{BreakerConfig, DegradeRule, PREDICT_HOLD};
 use self::record::Tally;
 pub use self::record::{PredictionRecord, UNJUDGED_TICKS};
 pub use self::state::{State, Transition};
@@ -102,6 +102,9 @@ pub struct Breaker {
     opens: u32,
     breached: u32,
     predicted: u32,
+    /// Consecutive predicting ticks that degrade the class (`BreakerConfig::predict_ticks_at`
+    /// the control loop's tick).
+    predict_ticks: u32,
     /// With a calibrated prediction threshold: what the class learned of its healthy scores.
     calibrator: Option<Calibrator>,
     /// A calibrated prediction that degraded the class and that the class has not confirmed
@@ -151,6 +154,7 @@ impl Breaker {
     /// A closed breaker sending calls it does not admit to `route`.
     pub fn new(cfg: BreakerConfig, route: Route) -> Self {
         let cfg_threshold = cfg.predict_threshold;
+        let predict_ticks = cfg.predict_ticks_at(Duration::from_millis(500));
         Self {
             cfg,
             route,
@@ -159,6 +163,7 @@ impl Breaker {
             opens: 0,
             breached: 0,
             predicted: 0,
+            predict_ticks,
             calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
             alarm: None,
             ended: None,
@@ -197,6 +202,7 @@ impl Breaker {
     /// counts its false-trip budget in ticks; 500 ms unless set).
     pub fn with_tick(mut self, period: Duration) -> Self {
         self.calibrator = Self::calibrator(&self.cfg.predict_threshold, period);
+        self.predict_ticks = self.cfg.predict_ticks_at(period);
         self
     }
 
@@ -436,7 +442,7 @@ impl Breaker {
                 }
                 t
             }
-            None if self.phase == Phase::Closed && self.predicted >= self.cfg.predict_ticks => {
+            None if self.phase == Phase::Closed && self.predicted >= self.predict_ticks => {
                 self.tally.warned(breach);
                 // A warning in a breaching window came with the breach (late, in the record):
                 // not a false alarm for the calibration to take back.
@@ -462,14 +468,18 @@ impl Breaker {
                 })
             }
             None => {
-                // A closed class serving calls without a breach: a healthy tick, whose score
-                // the calibrated threshold learns from, once no breach has followed it for
-                // FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score that climbs
-                // towards a breach over a few ticks (a slow leak) lifts the threshold ahead of
-                // itself tick by tick, and the class is never warned of it.
+                // A class serving calls without a breach, closed or degraded: a healthy tick,
+                // whose score the calibrated threshold learns from, once no breach has
+                // followed it for FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score
+                // that climbs towards a breach over a few ticks (a slow leak) lifts the
+                // threshold ahead of itself tick by tick, and the class is never warned of it.
+                // The ticks of a warning that no breach followed are learnt too: they are the
+                // healthy scores the threshold was crossed by, and a calibration that left
+                // them out would learn a tail lighter than the class's and trip it over its
+                // budget (about twice, measured: `docs/predictor-lodo.md`).
                 if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
-                    && self.phase == Phase::Closed
-                    && self.breached == 0
+                    && matches!(self.phase, Phase::Closed | Phase::Degraded { .. })
+                    && !breach
                     && w.completed() > 0
                 {
                     self.unlearnt.push_back(p);

@@ -513,8 +513,17 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
         State::Closed,
         "the same scores trip no more"
     );
+    // Its healthy scores, the false alarm's too, are learnt: past the hour the false alarm's
+    // floor holds, the fitted tail is above them and the class stays closed (with them left
+    // out, the fit stayed below 0.6 and the class tripped on them again once an hour).
+    healthy(&d, 7_300).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed, "learnt");
+    assert!(threshold(&d) > 0.6, "{}", threshold(&d));
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 1, 0), "{r:?}");
 
     // A prediction the class confirms (it starts failing) is not undone.
+    let (d, dial) = calibrated_on_a_dial().await;
     *dial.0.lock().unwrap() = 0.99;
     healthy(&d, 3).await;
     assert_eq!(d.state("stock").unwrap(), State::Degraded);
@@ -531,7 +540,65 @@ async fn a_prediction_the_class_does_not_confirm_is_a_false_alarm_and_raises_its
         "confirmed: not closed"
     );
     let r = record(&d);
-    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 1, 0), "{r:?}");
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prediction_degrades_once_it_has_held_a_second_whatever_the_tick() {
+    // The seed's fixed 0.87, predict_ticks not set: a second's ticks, 2 at the default
+    // 500 ms tick, 1 at a tick of a second or more (a minute's window is not a tick's noise).
+    for (tick, ticks) in [
+        (Duration::from_millis(500), 2),
+        (Duration::from_secs(1), 1),
+        (Duration::from_secs(60), 1),
+        (Duration::from_millis(250), 4),
+    ] {
+        let dial = Dial::default();
+        *dial.0.lock().unwrap() = 0.05;
+        let d = filled(
+            Degrader::builder("shop")
+                .latency_clock(LatencyClock::Tokio)
+                .tick(tick)
+                .breaker(BreakerConfig::default().predict_threshold(0.87))
+                .class(ClassConfig::silver("stock"))
+                .predictor(dial.clone(), patient())
+                .build_with_worker()
+                .unwrap()
+                .0,
+        );
+        healthy(&d, 10).await;
+        *dial.0.lock().unwrap() = 0.95;
+        let mut held = 0;
+        while d.state("stock").unwrap() == State::Closed && held < 10 {
+            healthy(&d, 1).await;
+            held += 1;
+        }
+        assert_eq!(held, ticks, "at a tick of {tick:?}");
+    }
+    // Set, it is a count of ticks at any tick.
+    let dial = Dial::default();
+    *dial.0.lock().unwrap() = 0.05;
+    let d = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .tick(Duration::from_secs(60))
+            .breaker(
+                BreakerConfig::default()
+                    .predict_threshold(0.87)
+                    .predict_ticks(3),
+            )
+            .class(ClassConfig::silver("stock"))
+            .predictor(dial.clone(), patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
+    healthy(&d, 10).await;
+    *dial.0.lock().unwrap() = 0.95;
+    healthy(&d, 2).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+    healthy(&d, 1).await;
+    assert_eq!(d.state("stock").unwrap(), State::Degraded);
 }
 
 /// Healthy scores spread like a model's (logit-normal about 0.05), or the score the test
