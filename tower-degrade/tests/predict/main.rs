@@ -407,23 +407,30 @@ impl Predictor for Dial {
     }
 }
 
-/// `stock` with a [`Dial`] at 0.05 and the calibrated default (the shortest warm-up), after
-/// 2,600 healthy ticks: calibrated.
-async fn calibrated_on_a_dial() -> (Degrader, Dial) {
+/// `stock` with a [`Dial`] at 0.05, `breaker` and a control loop ticking every `tick`.
+fn on_a_dial(tick: Duration, breaker: BreakerConfig) -> (Degrader, Dial) {
     let dial = Dial::default();
     *dial.0.lock().unwrap() = 0.05;
     let d = filled(
         Degrader::builder("shop")
             .latency_clock(LatencyClock::Tokio)
-            .breaker(
-                BreakerConfig::default()
-                    .predict_calibrated(Calibration::default().warm_up_ticks(1)),
-            )
+            .tick(tick)
+            .breaker(breaker)
             .class(ClassConfig::silver("stock"))
             .predictor(dial.clone(), patient())
             .build_with_worker()
             .unwrap()
             .0,
+    );
+    (d, dial)
+}
+
+/// `stock` with a [`Dial`] at 0.05 and the calibrated default (the shortest warm-up), after
+/// 2,600 healthy ticks: calibrated.
+async fn calibrated_on_a_dial() -> (Degrader, Dial) {
+    let (d, dial) = on_a_dial(
+        Duration::from_millis(500),
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
     );
     healthy(&d, 2_600).await;
     (d, dial)
@@ -553,19 +560,7 @@ async fn a_prediction_degrades_once_it_has_held_a_second_whatever_the_tick() {
         (Duration::from_secs(60), 1),
         (Duration::from_millis(250), 4),
     ] {
-        let dial = Dial::default();
-        *dial.0.lock().unwrap() = 0.05;
-        let d = filled(
-            Degrader::builder("shop")
-                .latency_clock(LatencyClock::Tokio)
-                .tick(tick)
-                .breaker(BreakerConfig::default().predict_threshold(0.87))
-                .class(ClassConfig::silver("stock"))
-                .predictor(dial.clone(), patient())
-                .build_with_worker()
-                .unwrap()
-                .0,
-        );
+        let (d, dial) = on_a_dial(tick, BreakerConfig::default().predict_threshold(0.87));
         healthy(&d, 10).await;
         *dial.0.lock().unwrap() = 0.95;
         let mut held = 0;
@@ -576,22 +571,11 @@ async fn a_prediction_degrades_once_it_has_held_a_second_whatever_the_tick() {
         assert_eq!(held, ticks, "at a tick of {tick:?}");
     }
     // Set, it is a count of ticks at any tick.
-    let dial = Dial::default();
-    *dial.0.lock().unwrap() = 0.05;
-    let d = filled(
-        Degrader::builder("shop")
-            .latency_clock(LatencyClock::Tokio)
-            .tick(Duration::from_secs(60))
-            .breaker(
-                BreakerConfig::default()
-                    .predict_threshold(0.87)
-                    .predict_ticks(3),
-            )
-            .class(ClassConfig::silver("stock"))
-            .predictor(dial.clone(), patient())
-            .build_with_worker()
-            .unwrap()
-            .0,
+    let (d, dial) = on_a_dial(
+        Duration::from_secs(60),
+        BreakerConfig::default()
+            .predict_threshold(0.87)
+            .predict_ticks(3),
     );
     healthy(&d, 10).await;
     *dial.0.lock().unwrap() = 0.95;
