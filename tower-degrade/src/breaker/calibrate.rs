@@ -508,7 +508,8 @@ mod tests {
             "{after:.16}"
         );
         // Healthy ticks go on refitting the tail; the floor holds for an hour of them. (A
-        // higher false alarm: the tail learnt from them lifts the fit towards 0.97's level.)
+        // higher false alarm: an hour of this noise, learnt whole, lifts the fit to about
+        // 0.975, above 0.97.)
         c.false_alarm(0.995);
         for _ in 0..7_000 {
             c.observe(healthy(&mut seed, -3.0));

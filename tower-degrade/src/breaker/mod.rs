@@ -432,6 +432,27 @@ impl Breaker {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),
             _ => 0,
         };
+        // A class serving calls without a breach, closed or degraded: a healthy tick, whose
+        // score the calibrated threshold learns from, once no breach has followed it for
+        // FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score that climbs towards a
+        // breach over a few ticks (a slow leak) lifts the threshold ahead of itself tick by
+        // tick, and the class is never warned of it. A warning's ticks are learnt too, the
+        // one that raises it among them: no breach followed them, so they are the healthy
+        // scores the threshold was crossed by, and a calibration that left them out would
+        // learn a tail lighter than the class's and trip it over its budget (about twice,
+        // measured: `docs/predictor-lodo.md`).
+        if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
+            && matches!(self.phase, Phase::Closed | Phase::Degraded { .. })
+            && !breach
+            && w.completed() > 0
+        {
+            self.unlearnt.push_back(p);
+            if self.unlearnt.len() > FALSE_ALARM_TICKS as usize
+                && let Some(p) = self.unlearnt.pop_front()
+            {
+                c.observe(p);
+            }
+        }
         if let Some(t) = self.false_alarm(w, breach, prediction) {
             return Some(t);
         }
@@ -467,30 +488,7 @@ impl Breaker {
                     format!("predicted: p = {p} >= {t} for {} ticks", self.predicted)
                 })
             }
-            None => {
-                // A class serving calls without a breach, closed or degraded: a healthy tick,
-                // whose score the calibrated threshold learns from, once no breach has
-                // followed it for FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score
-                // that climbs towards a breach over a few ticks (a slow leak) lifts the
-                // threshold ahead of itself tick by tick, and the class is never warned of it.
-                // The ticks of a warning that no breach followed are learnt too: they are the
-                // healthy scores the threshold was crossed by, and a calibration that left
-                // them out would learn a tail lighter than the class's and trip it over its
-                // budget (about twice, measured: `docs/predictor-lodo.md`).
-                if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
-                    && matches!(self.phase, Phase::Closed | Phase::Degraded { .. })
-                    && !breach
-                    && w.completed() > 0
-                {
-                    self.unlearnt.push_back(p);
-                    if self.unlearnt.len() > FALSE_ALARM_TICKS as usize
-                        && let Some(p) = self.unlearnt.pop_front()
-                    {
-                        c.observe(p);
-                    }
-                }
-                return None;
-            }
+            None => return None,
         };
         self.phase = next;
         if next.state() == State::Closed {

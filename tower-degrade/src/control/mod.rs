@@ -190,9 +190,10 @@ impl Shared {
                     service = %self.service, class = %self.names[id.index()],
                     threshold = ctl.breaker.predict_threshold().unwrap_or(1.0),
                     "the calibrated prediction threshold is beyond every probability the model \
-                     can answer: its scores on this class's healthy ticks reach 1, so it cannot \
-                     warn of this class (it reports only); a model that separates this class's \
-                     healthy ticks from trouble is needed"
+                     can answer: its scores on this class's healthy ticks reach 1, or a few far \
+                     above the rest lifted the fitted tail, so it cannot warn of this class (it \
+                     reports only) until newer healthy scores replace them; if it lasts, a model \
+                     that separates this class's healthy ticks from trouble is needed"
                 ),
                 Some(false) => tracing::info!(
                     service = %self.service, class = %self.names[id.index()],

@@ -94,8 +94,9 @@ pub struct ClassStatus {
     /// The probability at or above which a prediction counts (fixed, or calibrated for the
     /// class); `None` without a predictor or while [`calibrating`](Self::calibrating). A
     /// calibrated one above 0.999999 is beyond every probability (they are compared clamped
-    /// to 1 - 1e-6): the model scores this class's healthy ticks at 1 and cannot warn of it
-    /// (logged once as a warning).
+    /// to 1 - 1e-6): the model scores this class's healthy ticks at 1, or a few healthy scores
+    /// far above the rest lifted the fitted tail until newer ones replace them, and it cannot
+    /// warn of the class meanwhile (logged once as a warning).
     pub prediction_threshold: Option<f64>,
     /// A predictor is attached and the class is still learning its healthy scores: the
     /// predictor only reports, it does not degrade the class.

@@ -585,6 +585,34 @@ async fn a_prediction_degrades_once_it_has_held_a_second_whatever_the_tick() {
     assert_eq!(d.state("stock").unwrap(), State::Degraded);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_warning_s_own_scores_are_learnt_so_the_same_level_does_not_trip_the_class_again() {
+    // At a one-minute tick a prediction holds one tick, and a false alarm's floor an hour (60
+    // ticks). 40 ticks at 0.6: the class is degraded at the first, and no breach follows, so
+    // 40 ticks in the alarm is taken for a false one. Its ticks' scores, learnt 40 healthy
+    // ticks after each (those of a degraded class too), lift the fitted tail above 0.6, so
+    // once the floor's hour is over the same score does not degrade the class again (with a
+    // warning's ticks left out, it did, once an hour).
+    let (d, dial) = on_a_dial(
+        Duration::from_secs(60),
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+    );
+    healthy(&d, 2_600).await;
+    let set = |p: f32| *dial.0.lock().unwrap() = p;
+    set(0.6);
+    healthy(&d, 1).await;
+    assert_eq!(d.state("stock").unwrap(), State::Degraded, "predicted");
+    healthy(&d, 39).await;
+    set(0.05);
+    healthy(&d, 120).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (0, 1, 0), "{r:?}");
+    set(0.6);
+    healthy(&d, 1).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed, "learnt");
+}
+
 /// Healthy scores spread like a model's (logit-normal about 0.05), or the score the test
 /// sets.
 #[derive(Clone, Default)]
