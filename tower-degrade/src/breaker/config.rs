@@ -120,8 +120,8 @@ pub struct BreakerConfig {
 /// call or two); a window of a minute's calls does not, and a warning held back a tick
 /// there comes a minute late. In the leave-one-dataset-out evaluation (four seeds, minute
 /// steps), one tick at the minute step warned of about twice the incidents that two did,
-/// within the false-trip budget; at the 500 ms step two ticks warned of as many or more, at
-/// fewer false trips than one (`docs/predictor-lodo.md`).
+/// within the false-trip budget; at the 500 ms step two ticks warned of one more (17 against
+/// 16), at as few or fewer false trips (`docs/predictor-lodo.md`).
 pub const PREDICT_HOLD: Duration = Duration::from_secs(1);
 
 impl Default for BreakerConfig {
