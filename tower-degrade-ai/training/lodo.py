@@ -25,6 +25,10 @@ when an incident's horizon opens as a warning of it. A ranking check follows
 (evaluate.ranking_check_rows): every detector's threshold chosen on the test part itself for at
 most 1 false trip a day there, since a validation threshold can trip far over its budget on the
 test part; it is not a deployable threshold, and the headline stays the protocol's.
+Then which incidents each warns of (`overlap`): how many the model and the best baseline warn
+of, both and each alone, and every classical detector of the run together, so a shortfall
+says whether the model misses what the baselines see or the baselines, few and apart, each
+see a few of their own.
 For a recipe with an anchor (`za` and those built on it, the bundled `zsl` among them), each
 fold's model is also scored with its learnt head silenced (make_fixtures.silence_head: the
 anchor alone, as trained; not a baseline): what the head added in each fold.
@@ -123,15 +127,21 @@ def headline(rows: list, dataset: str, budget: float, ranking_check: bool = Fals
     default = next((r for r in at if r["detector"] == evaluate.AS_DEFAULT), None)
     anchor = next((r for r in at if r["detector"] == ANCHOR and r["k"] == 1
                    and r["budget_per_day"] == budget), None)
-    baselines = [r for r in at if r["detector"] not in MODEL_ROWS + (evaluate.AS_DEPLOYED,)
-                 and r["k"] == 1 and r["budget_per_day"] == budget]
-    best = max(baselines, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))
+    best = max(classical(at, budget), key=lambda r: (r["recall_early"], -r["false_trips_per_day"]))
     # The classical detectors used as the default uses the model (rows of runs before 5
     # December have none: None)
     same_rule = [r for r in at if r.get("calibrated_of")]
     calibrated = max(same_rule, key=lambda r: (r["recall_early"], -r["false_trips_per_day"]),
                      default=None)
     return dict(H=H, model=model, default=default, best=best, anchor=anchor, calibrated=calibrated)
+
+
+def classical(rows: list, budget: float) -> list:
+    """The classical detectors' rows among `rows` (one dataset, horizon and threshold source)
+    at k = 1 and `budget` false trips a day: every detector but the model's rows and the seed's
+    operating point."""
+    return [r for r in rows if r["detector"] not in MODEL_ROWS + (evaluate.AS_DEPLOYED,)
+            and r["k"] == 1 and r["budget_per_day"] == budget]
 
 
 def _recall(r) -> str:
@@ -242,14 +252,44 @@ def _beyond_chance(rows: list, folds, budget: float = 1.0) -> list:
     for d in folds:
         h = headline(rows, d, budget)
         m, b = h["model"], h["best"]
-        base = [r for r in rows if r["dataset"] == d and r["H"] == h["H"] and r["k"] == 1
-                and r["budget_per_day"] == budget and r.get("threshold_from") is None
-                and r["detector"] not in MODEL_ROWS + (evaluate.AS_DEPLOYED,)]
+        base = classical([r for r in rows if r["dataset"] == d and r["H"] == h["H"]
+                          and r.get("threshold_from") is None], budget)
         top = max(base, key=beyond_chance)
         out.append(
             f"| {d} (H = {h['H']}) | {m['recall_early']:.2f} | {_chance(m)} | {beyond_chance(m):.2f} | "
             f"{b['detector']}: {beyond_chance(b):.2f} | {top['detector']} | {top['recall_early']:.2f} | "
             f"{_chance(top)} | {beyond_chance(top):.2f} |")
+    return out + [""]
+
+
+def overlap(rows: list, d: str, budget: float = 1.0) -> dict | None:
+    """Which of fold `d`'s test incidents the model and the classical detectors warn of early
+    (headline horizon, k = 1, thresholds from validation; rows' `early_events`): counts of the
+    model's, the best baseline's (`headline`), both, each alone, every classical detector's
+    together, and any detector's, the model's included. None for rows of runs from before
+    5 December 2026, which do not say."""
+    h = headline(rows, d, budget)
+    at = [r for r in rows if r["dataset"] == d and r["H"] == h["H"] and r.get("threshold_from") is None]
+    base = classical(at, budget)
+    if any("early_events" not in r for r in base + [h["model"]]):
+        return None
+    m, b = set(h["model"]["early_events"]), set(h["best"]["early_events"])
+    every = set().union(*(r["early_events"] for r in base))
+    return dict(H=h["H"], events=h["model"]["events"], best=h["best"]["detector"], detectors=len(base),
+                model=len(m), baseline=len(b), both=len(m & b), model_alone=len(m - b),
+                baseline_alone=len(b - m), classical=len(every), any=len(every | m))
+
+
+def _overlap(rows: list, folds) -> list:
+    """Per fold, `overlap` as table lines."""
+    out = ["| held out | test incidents | model | best baseline | its | both | the model's alone | "
+           "the baseline's alone | every classical detector together | any detector, the model too |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for d in folds:
+        o = overlap(rows, d)
+        out.append(f"| {d} (H = {o['H']}) | {o['events']} | {o['model']} | {o['best']} | {o['baseline']} | "
+                   f"{o['both']} | {o['model_alone']} | {o['baseline_alone']} | "
+                   f"{o['classical']} (of {o['detectors']}) | {o['any']} |")
     return out + [""]
 
 
@@ -267,6 +307,15 @@ def report(rows: list, folds, infos: dict, notes: list = ()) -> str:
     for budget in evaluate.BUDGETS:
         out.append(f"## At most {budget:g} false trip per day\n")
         out += _comparison(rows, folds, budget)
+    if all(overlap(rows, d) is not None for d in folds):
+        out.append("## Which incidents they warn of\n")
+        out.append("The early warnings at most 1 false trip a day (thresholds from validation, the "
+                   "headline horizon) incident by incident: how many the model and the best "
+                   "baseline warn of, how many both do and each alone, and how many every "
+                   "classical detector of the run warns of together. Where two detectors warn of "
+                   "few incidents and hardly the same ones, the best baseline, chosen after the "
+                   "fact among several, is the luckiest of them as much as the best.\n")
+        out += _overlap(rows, folds)
     out.append("## Beyond chance\n")
     out.append("The protocol counts an alarm still on when an incident's horizon opens as an early "
                "warning of it, so a detector alarmed for much of the time warns early of a share "
@@ -419,6 +468,21 @@ def seeds_table(runs: dict, folds) -> list:
     return out + [""]
 
 
+def seeds_overlap(runs: dict, folds) -> list:
+    """Per fold, each seed's `overlap` side by side, as table lines; none where a run does not
+    say which incidents each detector warned of."""
+    if not all(overlap(rows, d) is not None for rows in runs.values() for d in folds):
+        return []
+    out = ["| held out | model, per seed | best baseline, per seed | both, per seed | every "
+           "classical detector together, per seed | any detector, the model too, per seed |",
+           "|---|---|---|---|---|---|"]
+    for d in folds:
+        os_ = [overlap(rows, d) for rows in runs.values()]
+        out.append(f"| {d} (H = {os_[0]['H']}) | " + " | ".join(
+            _per_seed(o[k] for o in os_) for k in ("model", "baseline", "both", "classical", "any")) + " |")
+    return out + [""]
+
+
 def _checked(rows: list, dataset: str) -> bool:
     """Whether `rows` hold the ranking check's rows for `dataset`."""
     return any(r["dataset"] == dataset and r.get("threshold_from") == evaluate.RANKING_CHECK for r in rows)
@@ -464,6 +528,18 @@ def seeds_report(runs: dict, folds, out_dir: str | None = None, notes: list = ()
         if events:
             out.append(f"- Pooled over the folds and seeds, {what}: {early} early warnings of "
                        f"{events} incidents ({100 * early / events:.1f} %).")
+    both = seeds_overlap(runs, folds)
+    if both:
+        os_ = [overlap(rows, d) for rows in runs.values() for d in folds]
+        out.append("\nWhich incidents they warn of (at most 1 false trip a day, thresholds from "
+                   "validation), per seed: the model's, the best baseline's, those both warn of, "
+                   "those every classical detector of the run warns of together, and those any "
+                   "detector does (each seed's report has the section):\n")
+        out += both
+        out.append(f"- Pooled, the model warns early of {sum(o['model_alone'] for o in os_)} "
+                   f"incidents the best baseline of its run does not, and the best baseline of "
+                   f"{sum(o['baseline_alone'] for o in os_)} the model does not; both of "
+                   f"{sum(o['both'] for o in os_)}.")
     if out_dir is not None:
         out.append(f"\nEach seed's whole report: `{seed_dir(out_dir, seeds[0])}/lodo.md` and the "
                    "others beside it.")

@@ -23,6 +23,11 @@ class Protocol(unittest.TestCase):
         self.assertEqual((r.early, r.late, r.missed), (1, 1, 1))
         self.assertEqual(r.leads, [2])
         self.assertEqual(r.fp_episodes, 0)
+        # which incidents, by place, over series run one after the other
+        b = np.zeros(100, bool)
+        b[58] = True  # early for (60, 62)
+        r.add(evaluate(b, [(10, 12), (60, 62)], H=3, step_seconds=60))
+        self.assertEqual(r.summary()["early_events"], [0, 4])
 
     def test_alarms_on_normal_steps_are_false_trips_merged_within_h(self):
         a = np.zeros(100, bool)

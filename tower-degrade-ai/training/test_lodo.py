@@ -136,6 +136,44 @@ class SameRule(unittest.TestCase):
         self.assertIsNone(headline(rows[:3], "nab", 1.0)["calibrated"])
 
 
+class Overlap(unittest.TestCase):
+    def test_the_incidents_each_warns_of_are_counted_together_and_apart(self):
+        from lodo import _overlap, overlap, seeds_overlap
+
+        def r(detector, early, **kw):
+            return dict(row(detector, len(early) / 10, [0.0, 0.5], **kw), events=10, early=len(early),
+                        early_events=early)
+
+        rows = [
+            r("model", [0, 3, 7]),
+            r("NAB contextOSE", [1, 3, 5, 8]),  # the best baseline
+            r("static robust z", [2, 3]),
+            r("rolling robust z", [5], budget=0.1),  # another budget: not counted
+            r("calibrated rule", [4, 6, 9], H=12),  # another horizon: not counted
+            r(evaluate.AS_DEPLOYED, [6]),  # the seed's operating point is no classical detector
+            r(ANCHOR, [9]),  # nor is the anchor
+        ]
+        o = overlap(rows, "nab")
+        self.assertEqual((o["best"], o["model"], o["baseline"], o["both"], o["model_alone"],
+                          o["baseline_alone"], o["classical"], o["detectors"], o["any"]),
+                         ("NAB contextOSE", 3, 4, 1, 2, 3, 5, 2, 7))
+        self.assertEqual(_overlap(rows, ["nab"])[2],
+                         "| nab (H = 6) | 10 | 3 | NAB contextOSE | 4 | 1 | 2 | 3 | 5 (of 2) | 7 |")
+        # two seeds side by side, and pooled
+        other = [r("model", [3, 5]), r("NAB contextOSE", [3, 5, 8]), r("static robust z", [])]
+        runs = {7: rows, 8: other}
+        self.assertEqual(seeds_overlap(runs, ["nab"])[2],
+                         "| nab (H = 6) | 3, 2 | 4, 3 | 1, 2 | 5, 3 | 7, 3 |")
+        self.assertIn("the model warns early of 2 incidents the best baseline of its run does not, "
+                      "and the best baseline of 4 the model does not; both of 3.",
+                      seeds_report(runs, ["nab"]))
+        # rows of runs that do not say which incidents: no section
+        del rows[2]["early_events"]
+        self.assertIsNone(overlap(rows, "nab"))
+        self.assertEqual(seeds_overlap(runs, ["nab"]), [])
+        self.assertNotIn("Which incidents", seeds_report(runs, ["nab"]))
+
+
 class BeyondChance(unittest.TestCase):
     def test_an_alarm_on_a_fifth_of_the_time_earns_nothing_for_the_warnings_it_gets_by_chance(self):
         # Hour steps, H = 6: alarmed 20 % of normal time and 1 false trip a day, early recall
