@@ -32,7 +32,7 @@ import calibrate
 import datasets
 import features
 import simulate
-from features import P99, SUCCESS
+from features import N_FEATURES, P99, SUCCESS, WINDOW
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate, held, normal_steps
 from traces import (MINUTE_SCALE, NOTES, Trace, grace, headline_horizon, horizons, note, notes_section,
                     read_datasets, tick_scale, windows)
@@ -46,6 +46,49 @@ class NotAProbability(ValueError):
     """A model answered something OnnxPredictor would refuse."""
 
 
+def check_contract(session, path: str) -> None:
+    """The checks `OnnxPredictor` makes of a model's inputs and output when it loads it (Rust's
+    `check_contract`), with its wording: the window [batch, 64, 8] f32, an optional second
+    input, the long baseline [batch, 5, 8] f32, and one output [batch, 1] f32, the batch
+    dynamic. A ValueError naming the file and what does not fit; the harness would otherwise
+    score a model the runtime refuses (an output [batch, 2] read by its first column, P(normal)
+    for a classifier whose probabilities were not sliced, an inverted detector)."""
+    def fail(reason):
+        return ValueError(f"model {path} does not fit the predictor contract (window [batch, "
+                          f"{WINDOW}, {N_FEATURES}] f32 -> p_anomaly [batch, 1]): {reason}")
+
+    def shown(dims):
+        return "[" + ", ".join(str(d) if isinstance(d, int) else "dynamic" for d in dims) + "]"
+
+    def fits(dims, want):
+        # a dynamic dimension is a name or None; the batch must be one
+        return len(dims) == len(want) and all(
+            not isinstance(g, int) if w is None else (not isinstance(g, int) or g == w)
+            for g, w in zip(dims, want))
+
+    def hint(dims):
+        return (" (the batch dimension must be dynamic: each class is a row)"
+                if dims and isinstance(dims[0], int) else "")
+
+    def check(arg, want, what, expected):
+        dims = list(arg.shape or [])
+        if not fits(dims, want):
+            raise fail(f"{what} `{arg.name}` has shape {shown(dims)}, expected {expected}{hint(dims)}")
+        if arg.type != "tensor(float)":
+            raise fail(f"{what} `{arg.name}` holds {arg.type}, expected f32")
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) not in (1, 2):
+        raise fail(f"{len(inputs)} inputs, expected one (window) or two (window, baseline)")
+    if len(outputs) != 1:
+        raise fail(f"{len(outputs)} outputs, expected one")
+    check(inputs[0], [None, WINDOW, N_FEATURES], "input", f"[batch, {WINDOW}, {N_FEATURES}]")
+    check(outputs[0], [None, 1], "output", "[batch, 1]")
+    if len(inputs) == 2:
+        check(inputs[1], [None, baseline.N_QUANTILES, N_FEATURES], "second input",
+              f"the long baseline [batch, {baseline.N_QUANTILES}, {N_FEATURES}]")
+
+
 class Model:
     def __init__(self, path: str, threads: int = 0):
         """`threads`: ONNX Runtime's intra-op threads (0: its default, every core)."""
@@ -54,8 +97,9 @@ class Model:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        # the same checks as OnnxPredictor's: the model names the features it was trained on,
-        # and a second input is the long baseline
+        # the same checks as OnnxPredictor's: the inputs' and output's shapes and types, the
+        # features the model names, and a second input is the long baseline
+        check_contract(self.session, path)
         meta = self.session.get_modelmeta().custom_metadata_map
         features.check(meta, path)
         inputs = [i.name for i in self.session.get_inputs()]

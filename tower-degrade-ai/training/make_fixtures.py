@@ -71,6 +71,26 @@ def tiny(window: int = WINDOW, feature_list=None, dtype: str = "FLOAT", batch="b
     return _model(graph, None if feature_list is None else _stamped(feature_list))
 
 
+def two_columns():
+    """[P(normal), P(anomaly)] [batch, 2], what a classifier exported without slicing its
+    probabilities answers: its first column is the wrong one. The features stamped."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["window"], ["mean"], axes=[2], keepdims=0),
+            helper.make_node("Sigmoid", ["mean"], ["p"]),  # [batch, 64]
+            helper.make_node("ReduceMean", ["p"], ["q"], axes=[1], keepdims=1),  # [batch, 1]
+            helper.make_node("Sub", ["one", "q"], ["normal"]),
+            helper.make_node("Concat", ["normal", "q"], ["p_anomaly"], axis=1),
+        ],
+        "two_columns",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", WINDOW, N_FEATURES])],
+        [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    return _model(graph, _stamped())
+
+
 def with_baseline(declared: bool = True):
     """p_anomaly = sigmoid(mean(window) - mean(baseline)), the features stamped, and the
     baseline declared if `declared`."""

@@ -101,6 +101,33 @@ class Scoring(unittest.TestCase):
                                     r"out_of_range.onnx: answered 5 on step 0 of svc, not a probability"):
             model(tr)
 
+    def test_the_harness_refuses_at_load_a_model_of_a_shape_the_runtime_refuses(self):
+        # As OnnxPredictor's contract check: the file and what does not fit, before any
+        # scoring (an output [batch, 2] read by its first column scored P(normal) as the model).
+        import tempfile
+        import evaluate
+        import make_fixtures
+        cases = {
+            "window_32.onnx": r"input `window` has shape \[dynamic, 32, 8\], expected \[batch, 64, 8\]",
+            "window_f64.onnx": r"input `window` holds tensor\(double\), expected f32",
+            "batch_1.onnx": r"input `window` has shape \[1, 64, 8\], expected \[batch, 64, 8\] \(the batch "
+                            r"dimension must be dynamic",
+        }
+        for name, reason in cases.items():
+            with self.subTest(name), self.assertRaisesRegex(
+                    ValueError, rf"model .*{name} does not fit the predictor contract .*: {reason}"):
+                evaluate.Model(os.path.join(FIXTURES, name))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "two_columns.onnx")
+            with open(path, "wb") as f:
+                f.write(make_fixtures.two_columns().SerializeToString())
+            with self.assertRaisesRegex(ValueError, r"two_columns.onnx does not fit .*: output "
+                                        r"`p_anomaly` has shape \[dynamic, 2\], expected \[batch, 1\]"):
+                evaluate.Model(path)
+        # what fits is taken: the fixtures with the long baseline and the bundled model
+        evaluate.Model(os.path.join(FIXTURES, "baseline.onnx"))
+        evaluate.Model(SHIPPED)
+
     def test_a_series_first_steps_are_not_scored_as_the_breaker_does_not_use_them(self):
         # The breaker takes no prediction until the window is whole (`is_full`): the harness
         # must not count the padded start's answers as trips, nor as early warnings.
