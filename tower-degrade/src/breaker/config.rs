@@ -301,8 +301,12 @@ impl BreakerConfig {
             );
         }
         match self.predict_threshold {
-            PredictThreshold::Fixed(t) if !unit(t) => {
-                return bad("breaker.predict_threshold", "must be within 0.0..=1.0");
+            PredictThreshold::Fixed(t) if !(unit(t) && t > 0.0) => {
+                return bad(
+                    "breaker.predict_threshold",
+                    "must be above 0.0 and at most 1.0: at 0.0 every tick predicts failure, and \
+                     every class is degraded for good",
+                );
             }
             PredictThreshold::Calibrated(c)
                 if !(c.false_trips_per_day.is_finite() && c.false_trips_per_day > 0.0) =>
@@ -315,7 +319,8 @@ impl BreakerConfig {
             PredictThreshold::Calibrated(c) if c.warm_up_ticks == 0 => {
                 return bad(
                     "breaker.predict_threshold.warm_up_ticks",
-                    "must be at least 1",
+                    "must be at least 1 (a value below 2,500 is raised to 2,500, so that the \
+                     first fit has 50 excesses)",
                 );
             }
             _ => {}
@@ -362,5 +367,61 @@ impl BreakerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(cfg: BreakerConfig) -> (&'static str, String) {
+        match cfg.validate() {
+            Err(ConfigError::InvalidValue { field, reason }) => (field, reason),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fixed_threshold_that_every_tick_meets_is_refused() {
+        for t in [0.0, -0.1, 1.5, f64::NAN] {
+            let (field, reason) = refused(BreakerConfig::default().predict_threshold(t));
+            assert_eq!(field, "breaker.predict_threshold", "{t}");
+            assert!(
+                reason.contains("above 0.0 and at most 1.0"),
+                "{t}: {reason}"
+            );
+        }
+        for t in [1e-3, 0.87, 1.0] {
+            assert!(
+                BreakerConfig::default()
+                    .predict_threshold(t)
+                    .validate()
+                    .is_ok()
+            );
+        }
+    }
+
+    #[test]
+    fn the_calibrations_settings_are_checked_and_the_warm_ups_least_is_said() {
+        let cal = |c: Calibration| BreakerConfig::default().predict_calibrated(c);
+        for v in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let (field, _) = refused(cal(Calibration::default().false_trips_per_day(v)));
+            assert_eq!(
+                field, "breaker.predict_threshold.false_trips_per_day",
+                "{v}"
+            );
+        }
+        let (field, reason) = refused(cal(Calibration::default().warm_up_ticks(0)));
+        assert_eq!(field, "breaker.predict_threshold.warm_up_ticks");
+        assert!(reason.contains("raised to 2,500"), "{reason}");
+        assert!(
+            cal(Calibration::default().warm_up_ticks(1))
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            refused(BreakerConfig::default().predict_ticks(0)).0,
+            "breaker.predict_ticks"
+        );
     }
 }
