@@ -80,7 +80,8 @@ impl std::fmt::Display for Error {
                 write!(
                     f,
                     "ONNX Runtime library not found (install it with `pip install onnxruntime==1.31.1` \
-                     or point ORT_DYLIB_PATH at libonnxruntime.so); tried: "
+                     or point ORT_DYLIB_PATH at the library file, libonnxruntime.so.1.31.1 in the \
+                     wheel's onnxruntime/capi); tried: "
                 )?;
                 f.write_str(&tried.join("; "))
             }

@@ -78,7 +78,10 @@ fn locate_with(explicit: Option<std::ffi::OsString>) -> Result<PathBuf, Error> {
     let mut tried = Vec::new();
     // Set but empty is not set (as a shell's `ORT_DYLIB_PATH= cmd` leaves it).
     if let Some(path) = explicit.filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
+        // A relative path is the current directory's, made absolute here: handed on as it is,
+        // ort would look for it next to the executable first and the dynamic loader (for a
+        // bare name) on its search path, so the file checked and the file loaded could differ.
+        let path = std::path::absolute(&path).unwrap_or_else(|_| PathBuf::from(path));
         if path.is_file() {
             return Ok(path);
         }
@@ -189,6 +192,11 @@ mod tests {
         let missing = dir.join("no-such-libonnxruntime.so");
         let err = locate_with(Some(missing.into_os_string())).unwrap_err();
         assert!(err.to_string().contains("(no such file)"), "{err}");
+        // Relative: the current directory's, absolute (what is checked is what is loaded).
+        let here = std::env::current_dir().unwrap();
+        let file = tempfile::NamedTempFile::new_in(&here).unwrap();
+        let name = file.path().file_name().unwrap().to_owned();
+        assert_eq!(locate_with(Some(name.clone())).unwrap(), here.join(&name));
         // Empty: looked for elsewhere, as if not set.
         match locate_with(Some(std::ffi::OsString::new())) {
             Ok(path) => assert!(path.is_file()),
