@@ -93,7 +93,8 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     /// Records into `dir` (created if missing); `tick` is the control loop's interval, for
-    /// the `time_s` column.
+    /// the `time_s` column: the degrader's (`DegraderBuilder::tick`), or building the degrader
+    /// fails saying both.
     pub fn new(dir: impl Into<PathBuf>, tick: Duration) -> Result<Self, Error> {
         let dir = dir.into();
         if dir.as_os_str().is_empty() {
@@ -329,6 +330,26 @@ impl Predictor for Recorder {
         answer
     }
 
+    /// Refuses a tick other than the one the recorder was made for: `time_s` counts its tick,
+    /// and the harness reads a trace by its step (its horizons, grace and rates per day), so
+    /// a recording made at a 1 s tick written 500 ms apart would be scored at half its time.
+    fn tick_interval(&mut self, tick: Duration) -> Result<(), BoxError> {
+        if tick != self.tick {
+            return Err(format!(
+                "recorder into {}: made for a {:?} tick, but the degrader ticks every {:?}: \
+                 its time_s would be off; make it with the degrader's tick",
+                self.dir.display(),
+                self.tick,
+                tick
+            )
+            .into());
+        }
+        match &mut self.inner {
+            Some(inner) => inner.tick_interval(tick),
+            None => Ok(()),
+        }
+    }
+
     fn warm_up(&mut self, classes: &[&str]) -> Result<(), BoxError> {
         // `file_name` is not one-to-one (`a.b`, `a:b` and `a_b` are all `a_b`): two classes
         // in one file would interleave their rows.
@@ -401,6 +422,36 @@ mod tests {
         fn warm_up(&mut self, _classes: &[&str]) -> Result<(), BoxError> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_tick_other_than_the_recorders_is_refused_and_its_own_passed_on() {
+        // It was taken silently: a 1 s degrader's ticks were written 500 ms apart.
+        struct Told(std::sync::Arc<std::sync::Mutex<Option<Duration>>>);
+        impl Predictor for Told {
+            fn predict(&mut self, _: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+                out.fill(0.0);
+                Ok(())
+            }
+            fn tick_interval(&mut self, tick: Duration) -> Result<(), BoxError> {
+                *self.0.lock().unwrap() = Some(tick);
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let told = std::sync::Arc::default();
+        let mut rec = Recorder::new(dir.path(), Duration::from_millis(500))
+            .unwrap()
+            .wrap(Told(std::sync::Arc::clone(&told)));
+        let err = rec.tick_interval(Duration::from_secs(1)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("made for a 500ms tick, but the degrader ticks every 1s"),
+            "{err}"
+        );
+        assert_eq!(*told.lock().unwrap(), None);
+        rec.tick_interval(Duration::from_millis(500)).unwrap();
+        assert_eq!(*told.lock().unwrap(), Some(Duration::from_millis(500)));
     }
 
     #[test]

@@ -232,12 +232,12 @@ impl DegraderBuilder {
             None => None,
             Some((p, cfg)) => {
                 let classes: Vec<&str> = registry.iter().map(|(_, c)| c.name()).collect();
-                Some(
-                    Runner::start(p, &classes, cfg).map_err(|e| ConfigError::InvalidValue {
+                Some(Runner::start(p, &classes, cfg, self.tick).map_err(|e| {
+                    ConfigError::InvalidValue {
                         field: "predictor",
                         reason: format!("warm-up failed: {e}"),
-                    })?,
-                )
+                    }
+                })?)
             }
         };
         #[cfg(feature = "rhai")]

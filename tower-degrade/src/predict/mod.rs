@@ -78,6 +78,17 @@ pub trait Predictor: Send + 'static {
     /// an imminent SLO breach (0.0..=1.0) into `out`.
     fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError>;
 
+    /// Called once, before [`warm_up`](Self::warm_up) and on the same thread, with the
+    /// degrader's tick, the interval between batches (`DegraderBuilder::tick`). Nothing by
+    /// default; a predictor that keeps time in ticks checks it here (the recorder of
+    /// `tower-degrade-ai` refuses a tick other than the one it was made for, whose `time_s`
+    /// would be off), and one that wraps another passes it on. An error fails the build as a
+    /// failed warm-up does.
+    fn tick_interval(&mut self, tick: Duration) -> Result<(), BoxError> {
+        let _ = tick;
+        Ok(())
+    }
+
     /// Called once before the first tick with the classes' names in batch order (load,
     /// allocate, run a dummy batch), on the predictor's thread; building the degrader waits
     /// for it at most [`PredictorConfig::warm_up_timeout`].

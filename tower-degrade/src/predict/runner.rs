@@ -1,7 +1,7 @@
 //! The predictor's own thread, so a slow model never holds the tick past its budget.
 
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use crate::error::BoxError;
@@ -71,6 +71,7 @@ impl Runner {
         mut predictor: Box<dyn Predictor>,
         classes: &[&str],
         config: PredictorConfig,
+        tick: Duration,
     ) -> Result<Self, BoxError> {
         let n = classes.len();
         let stop = predictor.stop_handle();
@@ -97,7 +98,10 @@ impl Runner {
                 // The warm-up runs here, so that building the degrader can stop waiting for a
                 // model that never answers (the thread then ends when it does).
                 let names: Vec<&str> = thread_names.iter().map(String::as_str).collect();
-                let ok = predictor.warm_up(&names).map_err(|e| e.to_string());
+                let ok = predictor
+                    .tick_interval(tick)
+                    .and_then(|()| predictor.warm_up(&names))
+                    .map_err(|e| e.to_string());
                 let failed = ok.is_err();
                 if warmed.send(ok).is_err() || failed {
                     return;

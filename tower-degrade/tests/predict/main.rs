@@ -1367,6 +1367,46 @@ fn a_failing_warm_up_is_a_build_error() {
     );
 }
 
+/// Keeps the tick it is told, and refuses one of a second.
+struct Ticked(Arc<Mutex<Option<Duration>>>);
+
+impl Predictor for Ticked {
+    fn predict(&mut self, _: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        out.fill(0.0);
+        Ok(())
+    }
+
+    fn tick_interval(&mut self, tick: Duration) -> Result<(), BoxError> {
+        *self.0.lock().unwrap() = Some(tick);
+        if tick == Duration::from_secs(1) {
+            return Err("made for another tick".into());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_predictor_is_told_the_degraders_tick_before_its_warm_up_and_may_refuse_it() {
+    let told = Arc::default();
+    let (_d, _worker) = Degrader::builder("shop")
+        .tick(Duration::from_millis(250))
+        .predictor(Ticked(Arc::clone(&told)), PredictorConfig::default())
+        .build_with_worker()
+        .unwrap();
+    assert_eq!(*told.lock().unwrap(), Some(Duration::from_millis(250)));
+    let Err(err) = Degrader::builder("shop")
+        .tick(Duration::from_secs(1))
+        .predictor(Ticked(Arc::default()), PredictorConfig::default())
+        .build_with_worker()
+    else {
+        panic!("built with a predictor that refused the tick");
+    };
+    assert_eq!(
+        err.to_string(),
+        "invalid `predictor`: warm-up failed: made for another tick"
+    );
+}
+
 #[cfg(feature = "rhai")]
 #[tokio::test(start_paused = true)]
 async fn policies_see_the_prediction() {
