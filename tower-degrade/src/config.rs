@@ -169,6 +169,8 @@ pub struct BreakerSection {
     pub predict_warm_up_ticks: Option<u32>,
     /// [`BreakerConfig::predict_ticks`].
     pub predict_ticks: Option<u32>,
+    /// [`BreakerConfig::predict_shadow`].
+    pub predict_shadow: Option<bool>,
     /// `degrade_rule`: the seed's degrade rule ([`BreakerConfig::degrade_rule`]).
     pub degrade_rule: Option<DegradeRuleSection>,
 }
@@ -661,6 +663,9 @@ impl BreakerSection {
         }
         if let Some(v) = self.predict_ticks {
             b = b.predict_ticks(v);
+        }
+        if let Some(v) = self.predict_shadow {
+            b = b.predict_shadow(v);
         }
         if let Some(r) = &self.degrade_rule {
             let rule = r.apply(b.degrade_rule);
@@ -1779,6 +1784,24 @@ class = "refund"
             Route::Spool
         );
         assert_eq!(registry.len(), 4);
+    }
+
+    #[test]
+    fn a_class_can_run_the_predictor_as_a_trial() {
+        let text = edited(
+            "breaker = { failure_rate = 0.3 }",
+            "breaker = { predict_shadow = true }",
+        );
+        let file = DegraderFile::parse(&text, "shop.toml").unwrap();
+        let default = file.breaker_config();
+        assert!(!default.predict_shadow);
+        let own = file.classes[0].breaker.as_ref().unwrap().apply(default);
+        assert!(own.predict_shadow);
+        let e = error(&edited(
+            "breaker = { failure_rate = 0.3 }",
+            "breaker = { predict_shadow = 1 }",
+        ));
+        assert_eq!(e.field(), Some("classes[0].breaker.predict_shadow"), "{e}");
     }
 
     #[test]

@@ -358,6 +358,8 @@ impl Admin {
                     "name": &*c.name,
                     "tier": c.tier.as_str(),
                     "state": c.state.as_str(),
+                    // what the class would be in: in `MetricsOnly`, or with a predictor on trial
+                    "shadow_state": c.shadow_state.as_str(),
                     "manual": c.manual,
                     "reason": reason,
                     "route": route,

@@ -112,6 +112,14 @@ pub struct BreakerConfig {
     /// the default 500 ms tick, 1 at a tick of a second or longer
     /// ([`predict_ticks_at`](Self::predict_ticks_at)).
     pub predict_ticks: Option<u32>,
+    /// Whether the predictor only reports for this class (off): a trial of it beside the
+    /// breaker's own rules, which stay in force. A shadow of the breaker, stepped with the
+    /// predictions, warns, calibrates and keeps the
+    /// [`prediction_record`](crate::degrader::ClassStatus::prediction_record) (its state is the
+    /// status's `shadow_state`, its transitions are reported as not enforced), while the
+    /// class itself is degraded, opened and closed by its rules alone. Only used when a
+    /// predictor is attached.
+    pub predict_shadow: bool,
 }
 
 /// How long a prediction must hold before it degrades a class, where
@@ -141,6 +149,7 @@ impl Default for BreakerConfig {
             degraded_recovery_ticks: 3,
             predict_threshold: PredictThreshold::default(),
             predict_ticks: None,
+            predict_shadow: false,
         }
     }
 }
@@ -249,6 +258,15 @@ impl BreakerConfig {
     /// operating point is `predict_threshold(0.87).predict_ticks(2)`.
     pub fn predict_ticks(mut self, value: u32) -> Self {
         self.predict_ticks = Some(value);
+        self
+    }
+
+    /// Run the predictor as a trial for this class (`true`): it warns, calibrates and keeps
+    /// its record in a shadow of the breaker, and degrades nothing; the breaker's own rules
+    /// stay in force (the `predict_shadow` field says how). The first step
+    /// `docs/predictor.md` suggests, before letting it degrade a class.
+    pub fn predict_shadow(mut self, value: bool) -> Self {
+        self.predict_shadow = value;
         self
     }
 

@@ -145,7 +145,20 @@ impl Shared {
                     .score
                     .store(admission_score(class, &ctl.history), Ordering::Relaxed);
             }
-            if let Some(t) = ctl.breaker.step_predicted(&snap, prediction, now) {
+            // A trial takes the predictions; the breaker in force then goes by its rules.
+            let trial = ctl
+                .trial
+                .as_mut()
+                .and_then(|t| t.step_predicted(&snap, prediction, now));
+            let used = if ctl.trial.is_some() {
+                None
+            } else {
+                prediction
+            };
+            if let Some(t) = ctl.breaker.step_predicted(&snap, used, now) {
+                self.on_transition(id, class.tier(), ctl, &t);
+            }
+            if let Some(t) = trial {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
             directives.push(ctl.breaker.directive(now).pack());
@@ -185,10 +198,11 @@ impl Shared {
                 self.publish(id, ctl.breaker.directive(now).pack());
             }
             let snap = ctl.history.latest().copied().unwrap_or_default();
-            match ctl.breaker.reach_changed() {
+            let predicting = ctl.trial.as_mut().unwrap_or(&mut ctl.breaker);
+            match predicting.reach_changed() {
                 Some(true) => tracing::warn!(
                     service = %self.service, class = %self.names[id.index()],
-                    threshold = ctl.breaker.predict_threshold().unwrap_or(1.0),
+                    threshold = predicting.predict_threshold().unwrap_or(1.0),
                     "the calibrated prediction threshold is beyond every probability the model \
                      can answer: its scores on this class's healthy ticks reach 1, or a few far \
                      above the rest lifted the fitted tail, so it cannot warn of this class (it \
@@ -201,6 +215,7 @@ impl Shared {
                 ),
                 None => {}
             }
+            let predicting = ctl.trial.as_ref().unwrap_or(&ctl.breaker);
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(
                     &self.service,
@@ -214,8 +229,8 @@ impl Shared {
                 ctl.reader.last_histogram(),
                 ctl.breaker.state(),
                 ctl.prediction,
-                ctl.breaker.predict_threshold(),
-                ctl.breaker.prediction_record(),
+                predicting.predict_threshold(),
+                predicting.prediction_record(),
             );
         }
     }
@@ -306,7 +321,9 @@ impl Shared {
                     name: self.names[id.index()].clone(),
                     tier: c.tier(),
                     state: ctl.breaker.state(),
-                    shadow_state: ctl.breaker.shadow_state(),
+                    // A trial's state is what the class would be in with the predictor
+                    // acting: the shadow asked for.
+                    shadow_state: ctl.predicting().shadow_state(),
                     manual: ctl.breaker.is_manual(),
                     directive: Directive::unpack(self.gates[id.index()].directive.load()),
                     window: ctl.history.latest().copied().unwrap_or_default(),
@@ -314,10 +331,10 @@ impl Shared {
                     // As the metrics report them: with a predictor attached, whether or not
                     // it answered this tick.
                     prediction_threshold: attached
-                        .then(|| ctl.breaker.predict_threshold())
+                        .then(|| ctl.predicting().predict_threshold())
                         .flatten(),
-                    calibrating: attached && ctl.breaker.predict_threshold().is_none(),
-                    prediction_record: attached.then(|| ctl.breaker.prediction_record()),
+                    calibrating: attached && ctl.predicting().predict_threshold().is_none(),
+                    prediction_record: attached.then(|| ctl.predicting().prediction_record()),
                 }
             })
             .collect();

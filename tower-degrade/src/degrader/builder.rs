@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use super::shared::{AdmissionControl, ClassControl, PolicyStage, Shared};
 use super::{Degrader, Status};
 use crate::admit::{Admission, CpuSignal, Limiter};
-use crate::breaker::{Breaker, BreakerConfig};
+use crate::breaker::{Breaker, BreakerConfig, Command};
 use crate::class::{ClassConfig, Registry};
 use crate::clock::{LatencyClock, Timer};
 use crate::error::ConfigError;
@@ -218,12 +218,21 @@ impl DegraderBuilder {
         let timer = Timer::new(self.clock);
         // Nothing is in flight before the degrader exists.
         let built = timer.start();
+        let attached = self.predictor.is_some();
         let control = registry
             .iter()
             .zip(breakers)
             .map(|((_, c), b)| {
+                // A class whose predictor runs as a trial: its shadow, stepped with the
+                // predictions in `MetricsOnly`, beside the breaker in force.
+                let trial = (attached && b.predict_shadow).then(|| {
+                    let mut t = Breaker::new(b.clone(), c.route()).with_tick(self.tick);
+                    t.command(Command::MetricsOnly);
+                    t
+                });
                 Mutex::new(ClassControl::new(
                     Breaker::new(b, c.route()).with_tick(self.tick),
+                    trial,
                     built,
                 ))
             })

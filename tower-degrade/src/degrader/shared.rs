@@ -29,6 +29,10 @@ pub(crate) type PolicyStage = ();
 #[derive(Debug)]
 pub(crate) struct ClassControl {
     pub(crate) breaker: Breaker,
+    /// The predictor's trial ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)):
+    /// a shadow of the breaker in `MetricsOnly`, stepped with the predictions while `breaker`
+    /// is stepped without them.
+    pub(crate) trial: Option<Breaker>,
     pub(crate) reader: WindowReader,
     pub(crate) history: Arc<History>,
     pub(crate) features: FeatureHistory,
@@ -41,9 +45,10 @@ pub(crate) struct ClassControl {
 
 impl ClassControl {
     /// The control of a class whose calls began after `built` (a stamp of the shards' timer).
-    pub(crate) fn new(breaker: Breaker, built: u64) -> Self {
+    pub(crate) fn new(breaker: Breaker, trial: Option<Breaker>, built: u64) -> Self {
         Self {
             breaker,
+            trial,
             reader: WindowReader::starting(built),
             history: Arc::default(),
             features: FeatureHistory::default(),
@@ -51,6 +56,12 @@ impl ClassControl {
             metrics: None,
             commands: 0,
         }
+    }
+
+    /// The breaker the predictions are used by: the trial where the predictor runs as one,
+    /// else the breaker in force (its threshold, calibration and record).
+    pub(crate) fn predicting(&self) -> &Breaker {
+        self.trial.as_ref().unwrap_or(&self.breaker)
     }
 }
 

@@ -81,7 +81,9 @@ pub struct ClassStatus {
     pub tier: Tier,
     /// The breaker state in force.
     pub state: State,
-    /// In `MetricsOnly`, what the breaker would do; otherwise `state`.
+    /// What the breaker would do: in `MetricsOnly`, its shadow's state; for a class whose
+    /// predictor runs as a trial ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)),
+    /// the trial's (the state with the predictor acting); otherwise `state`.
     pub shadow_state: State,
     /// Whether a manual command is in force.
     pub manual: bool,

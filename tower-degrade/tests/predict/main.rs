@@ -261,6 +261,50 @@ async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
     assert!(r.last_lead_ticks.unwrap() >= 2, "{r:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_predictor_on_trial_warns_and_keeps_its_record_while_the_rules_alone_act() {
+    let rule_tick = leak(&without_predictor()).await;
+    let first_breach = rule_tick - 2;
+    let d = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .breaker(
+                BreakerConfig::default()
+                    .predict_threshold(0.87)
+                    .predict_shadow(true),
+            )
+            .class(ClassConfig::silver("stock"))
+            .predictor(Trend, patient())
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
+    let mut warned = None;
+    let left = leak_until(&d, |d| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        if stock.shadow_state != State::Closed {
+            warned.get_or_insert(status.tick);
+        }
+        stock.state != State::Closed
+    })
+    .await;
+    // The class is left to the rules: degraded when the rule alone degrades it, not before.
+    assert_eq!(left, rule_tick);
+    assert_eq!(d.state("stock").unwrap(), State::Degraded);
+    // Its trial warned ticks before, and the breach confirmed the warning with that lead.
+    let warned = warned.expect("the trial warned");
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+    assert!(r.last_lead_ticks.unwrap() >= 2, "{r:?}");
+    // In the leak's ticks: before the first breaching window.
+    let warned = left as u64 - (d.status().tick - warned);
+    assert!(
+        warned < first_breach as u64,
+        "warned at {warned}, breached at {first_breach}"
+    );
+}
+
 #[test]
 fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
     let rt = tokio::runtime::Builder::new_current_thread()
