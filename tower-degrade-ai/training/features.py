@@ -19,6 +19,7 @@ it must be fed too (`tower_degrade.baseline`): train it on `baseline.of`'s rows.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -102,9 +103,25 @@ def stamp_file(path: str) -> dict:
     input the baseline's key too (`baseline.METADATA_KEY`). Returns the entries set."""
     import onnx
     import baseline
-    model = onnx.load(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's DecodeError and the like do not name the file
+        raise ValueError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
     weights = {i.name for i in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if not inputs:
+        raise ValueError(f"{path}: the model has no input")
+    # A stamp says the window's last axis holds these features in this order: a model whose
+    # window has another number of them cannot take them (its window's length is the
+    # runtime's contract, which it checks at load).
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 3 or dims[2] not in (None, N_FEATURES):
+        shown = "[" + ", ".join("dynamic" if d is None else str(d) for d in dims) + "]"
+        raise ValueError(f"{path}: input `{inputs[0].name}` has shape {shown}, not [batch, ticks, "
+                         f"{N_FEATURES}]: it cannot take the {N_FEATURES} features; not stamped")
     extra = {baseline.METADATA_KEY: baseline.METADATA_VALUE} if len(inputs) > 1 else {}
     stamp_model(model, extra)
     onnx.save(model, path)
@@ -115,5 +132,9 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
     for p in sys.argv[1:]:
-        for key, value in stamp_file(p).items():
+        try:
+            stamped = stamp_file(p)
+        except ValueError as e:
+            sys.exit(f"features.py: {e}")
+        for key, value in stamped.items():
             print(f"{p}: {key} = {value}")

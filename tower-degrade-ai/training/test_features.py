@@ -5,6 +5,8 @@ import glob
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -168,6 +170,35 @@ class Stamping(unittest.TestCase):
             # A one-input model gets the feature list alone.
             shutil.copy(os.path.join(FIXTURES, "window_32.onnx"), path)
             self.assertEqual(list(features.stamp_file(path)), [features.METADATA_KEY])
+
+    def test_the_command_line_names_a_file_it_cannot_stamp(self):
+        import onnx
+        from onnx import TensorProto, helper
+        with tempfile.TemporaryDirectory() as d:
+            missing = os.path.join(d, "none.onnx")
+            with self.assertRaisesRegex(ValueError, r"none.onnx: no such file"):
+                features.stamp_file(missing)
+            text = os.path.join(d, "text.onnx")
+            with open(text, "w") as f:
+                f.write("not a model")
+            with self.assertRaisesRegex(ValueError, r"text.onnx: not an ONNX model"):
+                features.stamp_file(text)
+            # a window of 4 features cannot take the 8
+            four = os.path.join(d, "four.onnx")
+            graph = helper.make_graph(
+                [helper.make_node("ReduceMean", ["window"], ["p_anomaly"], axes=[2], keepdims=0)],
+                "four", [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", 64, 4])],
+                [helper.make_tensor_value_info("p_anomaly", TensorProto.FLOAT, ["batch", 64])])
+            onnx.save(helper.make_model(graph), four)
+            with self.assertRaisesRegex(ValueError, r"four.onnx: input `window` has shape "
+                                        r"\[dynamic, 64, 4\], not \[batch, ticks, 8\]"):
+                features.stamp_file(four)
+            self.assertFalse(onnx.load(four).metadata_props, "left as it was")
+            run = subprocess.run([sys.executable, os.path.join(HERE, "features.py"), four],
+                                 capture_output=True, text=True)
+            self.assertEqual(run.returncode, 1)
+            self.assertIn("features.py: ", run.stderr)
+            self.assertNotIn("Traceback", run.stderr)
 
     def test_stamp_sets_the_key_once_and_keeps_other_metadata(self):
         import onnx
