@@ -105,6 +105,19 @@ impl OnnxPredictorBuilder {
                 reason: "a directory: name the model file in it".into(),
             });
         }
+        if matches!(self.source, Source::File) && path.as_os_str().is_empty() {
+            return Err(Error::Model {
+                path,
+                reason: "an empty path: name the model file".into(),
+            });
+        }
+        if matches!(self.source, Source::File) && path.exists() && !path.is_file() {
+            return Err(Error::Model {
+                path,
+                reason: "not a regular file (a device or a socket, say): name the model file"
+                    .into(),
+            });
+        }
         if matches!(self.source, Source::File) && !path.is_file() {
             return Err(Error::ModelNotFound { path });
         }

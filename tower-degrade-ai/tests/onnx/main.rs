@@ -145,6 +145,17 @@ fn a_missing_model_is_an_error_naming_the_file() {
         matches!(&err, Error::Model { reason, .. } if reason.contains("a directory")),
         "{err}"
     );
+    // There, but not a regular file; and no path at all.
+    let err = OnnxPredictor::load("/dev/null").unwrap_err();
+    assert!(
+        matches!(&err, Error::Model { reason, .. } if reason.contains("not a regular file")),
+        "{err}"
+    );
+    let err = OnnxPredictor::load("").unwrap_err();
+    assert!(
+        matches!(&err, Error::Model { reason, .. } if reason.contains("an empty path")),
+        "{err}"
+    );
 }
 
 #[test]
