@@ -480,6 +480,11 @@ impl OnnxPredictor {
         rows: Rows,
     ) -> Result<(), Error> {
         let batch = out.len();
+        if batch == 0 {
+            // Nothing to run: ONNX Runtime fails an empty batch, and writes its own error line
+            // to stderr first.
+            return check_batch(input, 0);
+        }
         if self.baselines.is_none() {
             check_batch(input, batch)?;
         }

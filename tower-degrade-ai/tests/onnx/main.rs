@@ -127,6 +127,10 @@ fn answers_one_probability_per_class_whatever_the_batch() {
     }
     let err = p.run(&[0.0; 10], &mut [0.0]).unwrap_err();
     assert!(matches!(err, Error::Inference(_)), "{err}");
+    // An empty batch is nothing to run (ONNX Runtime failed it, printing its own error).
+    p.run(&[], &mut []).unwrap();
+    let err = p.run(&[0.0; 10], &mut []).unwrap_err();
+    assert!(matches!(err, Error::Inference(_)), "{err}");
 }
 
 #[test]
