@@ -165,7 +165,10 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
         .clone();
     assert_eq!(payment["tier"], "gold");
     assert_eq!(payment["state"], "forced_open");
-    assert_eq!(payment["shadow_state"], "forced_open", "no shadow: the state in force");
+    assert_eq!(
+        payment["shadow_state"], "forced_open",
+        "no shadow: the state in force"
+    );
     assert_eq!(payment["manual"], true);
     assert_eq!(payment["reason"], "forced_open");
     assert_eq!(payment["shed"], 20);
