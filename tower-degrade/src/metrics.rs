@@ -179,7 +179,8 @@ pub(crate) fn describe() {
     describe_counter!(
         TRANSITIONS,
         Unit::Count,
-        "Breaker state transitions; enforced=false in dry-run (metrics_only) mode."
+        "Breaker state transitions; enforced=false in dry-run (metrics_only) mode and for a \
+         predictor's trial (predict_shadow): transitions the class would have made."
     );
     describe_gauge!(
         HEALTH_SCORE,

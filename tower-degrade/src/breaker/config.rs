@@ -117,8 +117,10 @@ pub struct BreakerConfig {
     /// predictions, warns, calibrates and keeps the
     /// [`prediction_record`](crate::degrader::ClassStatus::prediction_record) (its state is the
     /// status's `shadow_state`, its transitions are reported as not enforced), while the
-    /// class itself is degraded, opened and closed by its rules alone. Only used when a
-    /// predictor is attached.
+    /// class itself is degraded, opened and closed by its rules alone (policies still see
+    /// the prediction, `ctx.prediction`). A manual command other than `MetricsOnly` pauses
+    /// the trial as it does the breaker; a reset resets both. Only used when a predictor is
+    /// attached (a warning is logged at build otherwise).
     pub predict_shadow: bool,
 }
 

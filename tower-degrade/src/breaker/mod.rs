@@ -298,14 +298,18 @@ impl Breaker {
         }
     }
 
+    /// Out of automatic control (or back from it): ticks the breaker does not step cannot
+    /// tell the scores held back from precursors, nor judge a warning; both are dropped.
+    pub(crate) fn interrupt(&mut self) {
+        self.unlearnt.clear();
+        self.tally.forget();
+    }
+
     /// Apply a manual command.
     pub fn command(&mut self, cmd: Command) -> Option<Transition> {
         let from = self.state();
         if cmd != Command::MetricsOnly {
-            // Out of automatic control (or back from it): ticks the breaker does not step
-            // cannot tell the scores held back from precursors, nor judge a warning.
-            self.unlearnt.clear();
-            self.tally.forget();
+            self.interrupt();
         }
         self.mode = match cmd {
             Command::ForceOpen => Mode::ForcedOpen,

@@ -4,8 +4,9 @@
 use super::FALSE_ALARM_TICKS;
 
 /// How a class's predictions turned out, counted by its breaker since the degrader started
-/// (the shadow machine's in `MetricsOnly`, which makes a class a trial of the predictor that
-/// changes nothing). `ClassStatus` and the admin API show it; `degrade_predictions_total`
+/// (a trial's, with [`predict_shadow`](super::BreakerConfig::predict_shadow): the shadow
+/// stepped with the predictions while the rules alone act; the shadow machine's in
+/// `MetricsOnly`). `ClassStatus` and the admin API show it; `degrade_predictions_total`
 /// counts it by `result`.
 ///
 /// A *warning* is the breaker degrading the class for a prediction; warnings that follow one
@@ -19,8 +20,8 @@ use super::FALSE_ALARM_TICKS;
 /// warning came in the same window as, late. A breach within [`FALSE_ALARM_TICKS`] ticks of
 /// one already counted is the same incident. A warning that degraded the class in time may
 /// have averted the breach it foresaw, and then counts as a false alarm: the record of a
-/// class in `MetricsOnly` is the unbiased one. A manual command other than `MetricsOnly`
-/// drops a warning waiting for its verdict.
+/// trial (or of a class in `MetricsOnly`) is the unbiased one. A manual command other than
+/// `MetricsOnly` drops a warning waiting for its verdict (a trial's too).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PredictionRecord {

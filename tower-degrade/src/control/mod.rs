@@ -146,19 +146,29 @@ impl Shared {
                     .store(admission_score(class, &ctl.history), Ordering::Relaxed);
             }
             // A trial takes the predictions; the breaker in force then goes by its rules.
-            let trial = ctl
-                .trial
-                .as_mut()
-                .and_then(|t| t.step_predicted(&snap, prediction, now));
+            let trial = if ctl.trial_running() {
+                ctl.trial
+                    .as_mut()
+                    .and_then(|t| t.step_predicted(&snap, prediction, now))
+            } else {
+                None
+            };
             let used = if ctl.trial.is_some() {
                 None
             } else {
                 prediction
             };
-            if let Some(t) = ctl.breaker.step_predicted(&snap, used, now) {
-                self.on_transition(id, class.tier(), ctl, &t);
+            let acted = ctl.breaker.step_predicted(&snap, used, now);
+            if let Some(t) = &acted {
+                self.on_transition(id, class.tier(), ctl, t);
             }
-            if let Some(t) = trial {
+            // The trial's own transitions: one the breaker in force made too (a rule's, seen
+            // by both) is reported once, as enforced.
+            if let Some(t) = trial.filter(|t| {
+                acted
+                    .as_ref()
+                    .is_none_or(|a| (a.from, a.to) != (t.from, t.to))
+            }) {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
             directives.push(ctl.breaker.directive(now).pack());
@@ -323,7 +333,7 @@ impl Shared {
                     state: ctl.breaker.state(),
                     // A trial's state is what the class would be in with the predictor
                     // acting: the shadow asked for.
-                    shadow_state: ctl.predicting().shadow_state(),
+                    shadow_state: ctl.shadow_state(),
                     manual: ctl.breaker.is_manual(),
                     directive: Directive::unpack(self.gates[id.index()].directive.load()),
                     window: ctl.history.latest().copied().unwrap_or_default(),

@@ -225,6 +225,13 @@ impl DegraderBuilder {
             .map(|((_, c), b)| {
                 // A class whose predictor runs as a trial: its shadow, stepped with the
                 // predictions in `MetricsOnly`, beside the breaker in force.
+                if b.predict_shadow && !attached {
+                    tracing::warn!(
+                        class = c.name(),
+                        "predict_shadow is set but no predictor is attached: there is nothing \
+                         to run as a trial"
+                    );
+                }
                 let trial = (attached && b.predict_shadow).then(|| {
                     let mut t = Breaker::new(b.clone(), c.route()).with_tick(self.tick);
                     t.command(Command::MetricsOnly);

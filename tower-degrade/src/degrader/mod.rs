@@ -125,6 +125,7 @@ impl Degrader {
         {
             let mut ctl = self.shared.control(id);
             ctl.commands += 1;
+            ctl.command_trial(cmd);
             if let Some(t) = ctl.breaker.command(cmd) {
                 tracing::warn!(
                     service = %self.shared.service, class, from = %t.from, to = %t.to,

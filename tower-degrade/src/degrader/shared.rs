@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::Status;
 use crate::admit::{CpuSignal, Limiter, LimiterState};
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, Command, State};
 use crate::class::{ClassId, Registry};
 use crate::control::Stage;
 use crate::gate::Gate;
@@ -62,6 +62,40 @@ impl ClassControl {
     /// else the breaker in force (its threshold, calibration and record).
     pub(crate) fn predicting(&self) -> &Breaker {
         self.trial.as_ref().unwrap_or(&self.breaker)
+    }
+
+    /// Whether the trial is stepped this tick: not while a manual command other than
+    /// `MetricsOnly` holds the class (the breaker in force is not stepped either; a reset
+    /// resets both).
+    pub(crate) fn trial_running(&self) -> bool {
+        self.trial.is_some()
+            && (!self.breaker.is_manual() || self.breaker.state() == State::MetricsOnly)
+    }
+
+    /// A manual command on the class, as the trial takes it: a reset resets it (back in
+    /// `MetricsOnly`); any other but `MetricsOnly` interrupts it, as it does the breaker.
+    pub(crate) fn command_trial(&mut self, cmd: Command) {
+        let Some(trial) = &mut self.trial else {
+            return;
+        };
+        match cmd {
+            Command::Reset => {
+                trial.command(Command::Reset);
+                trial.command(Command::MetricsOnly);
+            }
+            Command::MetricsOnly => {}
+            _ => trial.interrupt(),
+        }
+    }
+
+    /// What the class would be in: the trial's state where the predictor runs as one (and is
+    /// stepped), else the breaker's own shadow ([`Breaker::shadow_state`]).
+    pub(crate) fn shadow_state(&self) -> State {
+        if self.trial_running() {
+            self.predicting().shadow_state()
+        } else {
+            self.breaker.shadow_state()
+        }
     }
 }
 

@@ -81,9 +81,10 @@ pub struct ClassStatus {
     pub tier: Tier,
     /// The breaker state in force.
     pub state: State,
-    /// What the breaker would do: in `MetricsOnly`, its shadow's state; for a class whose
-    /// predictor runs as a trial ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)),
-    /// the trial's (the state with the predictor acting); otherwise `state`.
+    /// What the breaker would do: for a class whose predictor runs as a trial
+    /// ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)),
+    /// the trial's state (the state with the predictor acting, in `MetricsOnly` too); in
+    /// `MetricsOnly` otherwise, its shadow's; under another manual command, `state`.
     pub shadow_state: State,
     /// Whether a manual command is in force.
     pub manual: bool,

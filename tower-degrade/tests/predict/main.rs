@@ -306,6 +306,58 @@ async fn a_predictor_on_trial_warns_and_keeps_its_record_while_the_rules_alone_a
 }
 
 #[test]
+fn a_trial_reports_a_trip_both_see_once_and_follows_the_class_through_manual_commands() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let shadow = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.shadow_state
+    };
+    let (d, recorded) = metrics_during(|| {
+        rt.block_on(async {
+            let d = filled(
+                Degrader::builder("shop")
+                    .latency_clock(LatencyClock::Tokio)
+                    .breaker(
+                        BreakerConfig::default()
+                            .predict_threshold(0.87)
+                            .predict_shadow(true),
+                    )
+                    .class(ClassConfig::silver("stock"))
+                    .predictor(Constant(0.05, Duration::ZERO), patient())
+                    .build_with_worker()
+                    .unwrap()
+                    .0,
+            );
+            // Every call failing: the breaker in force and its trial open in the same tick.
+            support::window(&d, "stock", 40, 1, 0).await;
+            d
+        })
+    });
+    assert_eq!(d.state("stock").unwrap(), State::Open);
+    assert_eq!(shadow(&d), State::Open);
+    let trips = |enforced| {
+        counter(
+            &recorded,
+            "degrade_breaker_transitions_total",
+            &[("from", "closed"), ("to", "open"), ("enforced", enforced)],
+        )
+    };
+    assert_eq!(trips("true"), Some(1));
+    assert_eq!(trips("false"), None, "the trial's trip is the same one");
+    // Under a manual command, the state in force; a reset closes the trial with the class.
+    d.force_open("stock").unwrap();
+    assert_eq!(shadow(&d), State::ForcedOpen);
+    d.reset("stock").unwrap();
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+    assert_eq!(shadow(&d), State::Closed, "the trial reset with the class");
+}
+
+#[test]
 fn a_breach_the_predictor_did_not_warn_of_is_missed_and_counted() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
