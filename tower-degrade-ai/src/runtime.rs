@@ -193,10 +193,11 @@ mod tests {
         let err = locate_with(Some(missing.into_os_string())).unwrap_err();
         assert!(err.to_string().contains("(no such file)"), "{err}");
         // Relative: the current directory's, absolute (what is checked is what is loaded).
+        // (Cargo runs a crate's tests in its directory, where its manifest is: a file there.)
         let here = std::env::current_dir().unwrap();
-        let file = tempfile::NamedTempFile::new_in(&here).unwrap();
-        let name = file.path().file_name().unwrap().to_owned();
-        assert_eq!(locate_with(Some(name.clone())).unwrap(), here.join(&name));
+        let found = locate_with(Some("Cargo.toml".into())).unwrap();
+        assert_eq!(found, here.join("Cargo.toml"));
+        assert!(found.is_absolute());
         // Empty: looked for elsewhere, as if not set.
         match locate_with(Some(std::ffi::OsString::new())) {
             Ok(path) => assert!(path.is_file()),

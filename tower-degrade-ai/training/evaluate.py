@@ -46,9 +46,15 @@ class NotAProbability(ValueError):
     """A model answered something OnnxPredictor would refuse."""
 
 
+# ONNX Runtime's element types as ort names them (Rust's `TensorElementType`).
+RUST_TYPES = {"double": "f64", "float16": "f16", "bfloat16": "bf16", "int8": "i8", "int16": "i16",
+              "int32": "i32", "int64": "i64", "uint8": "u8", "uint16": "u16", "uint32": "u32",
+              "uint64": "u64", "bool": "bool", "string": "String"}
+
+
 def check_contract(session, path: str) -> None:
     """The checks `OnnxPredictor` makes of a model's inputs and output when it loads it (Rust's
-    `check_contract`), with its wording: the window [batch, 64, 8] f32, an optional second
+    `check_contract`), in its words: the window [batch, 64, 8] f32, an optional second
     input, the long baseline [batch, 5, 8] f32, and one output [batch, 1] f32, the batch
     dynamic. A ValueError naming the file and what does not fit; the harness would otherwise
     score a model the runtime refuses (an output [batch, 2] read by its first column, P(normal)
@@ -71,11 +77,14 @@ def check_contract(session, path: str) -> None:
                 if dims and isinstance(dims[0], int) else "")
 
     def check(arg, want, what, expected):
+        if not arg.type.startswith("tensor("):
+            raise fail(f"{what} `{arg.name}` has shape none (not a tensor), expected {expected}")
         dims = list(arg.shape or [])
         if not fits(dims, want):
             raise fail(f"{what} `{arg.name}` has shape {shown(dims)}, expected {expected}{hint(dims)}")
         if arg.type != "tensor(float)":
-            raise fail(f"{what} `{arg.name}` holds {arg.type}, expected f32")
+            held = arg.type[len("tensor("):-1]
+            raise fail(f"{what} `{arg.name}` holds {RUST_TYPES.get(held, held)}, expected f32")
 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) not in (1, 2):

@@ -98,11 +98,14 @@ def stamp(path: str, extra=None) -> None:
     onnx.save(model, path)
 
 
-def stamp_file(path: str) -> dict:
-    """What the command line does to one file: METADATA_KEY, and for a model with a second
-    input the baseline's key too (`baseline.METADATA_KEY`). Returns the entries set."""
+def _checked(path: str):
+    """The model at `path` (an `onnx.ModelProto`) and the metadata entries a stamp sets on it:
+    METADATA_KEY, and for a model with a second input the baseline's key too
+    (`baseline.METADATA_KEY`). A ValueError naming the file where it cannot be stamped."""
     import onnx
     import baseline
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory: name the model file in it")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
@@ -123,18 +126,32 @@ def stamp_file(path: str) -> dict:
         raise ValueError(f"{path}: input `{inputs[0].name}` has shape {shown}, not [batch, ticks, "
                          f"{N_FEATURES}]: it cannot take the {N_FEATURES} features; not stamped")
     extra = {baseline.METADATA_KEY: baseline.METADATA_VALUE} if len(inputs) > 1 else {}
+    return model, extra
+
+
+def stamp_file(path: str) -> dict:
+    """What the command line does to one file: METADATA_KEY, and for a model with a second
+    input the baseline's key too (`baseline.METADATA_KEY`). Returns the entries set."""
+    import onnx
+    model, extra = _checked(path)
     stamp_model(model, extra)
     onnx.save(model, path)
     return {METADATA_KEY: metadata_value(), **extra}
 
 
+def main(paths: list) -> None:
+    """Stamp every file of `paths`, or, if one cannot be stamped, none of them (exit naming it)."""
+    try:
+        for p in paths:
+            _checked(p)
+    except ValueError as e:
+        sys.exit(f"features.py: {e}")
+    for p in paths:
+        for key, value in stamp_file(p).items():
+            print(f"{p}: {key} = {value}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
-    for p in sys.argv[1:]:
-        try:
-            stamped = stamp_file(p)
-        except ValueError as e:
-            sys.exit(f"features.py: {e}")
-        for key, value in stamped.items():
-            print(f"{p}: {key} = {value}")
+    main(sys.argv[1:])

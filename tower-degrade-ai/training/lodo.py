@@ -289,7 +289,7 @@ def _overlap(rows: list, folds) -> list:
         o = overlap(rows, d)
         out.append(f"| {d} (H = {o['H']}) | {o['events']} | {o['model']} | {o['best']} | {o['baseline']} | "
                    f"{o['both']} | {o['model_alone']} | {o['baseline_alone']} | "
-                   f"{o['classical']} (of {o['detectors']}) | {o['any']} |")
+                   f"{o['classical']} ({o['detectors']} detectors) | {o['any']} |")
     return out + [""]
 
 

@@ -111,7 +111,7 @@ class Scoring(unittest.TestCase):
         import make_fixtures
         cases = {
             "window_32.onnx": r"input `window` has shape \[dynamic, 32, 8\], expected \[batch, 64, 8\]",
-            "window_f64.onnx": r"input `window` holds tensor\(double\), expected f32",
+            "window_f64.onnx": r"input `window` holds f64, expected f32",
             "batch_1.onnx": r"input `window` has shape \[1, 64, 8\], expected \[batch, 64, 8\] \(the batch "
                             r"dimension must be dynamic",
         }
@@ -194,11 +194,19 @@ class Stamping(unittest.TestCase):
                                         r"\[dynamic, 64, 4\], not \[batch, ticks, 8\]"):
                 features.stamp_file(four)
             self.assertFalse(onnx.load(four).metadata_props, "left as it was")
-            run = subprocess.run([sys.executable, os.path.join(HERE, "features.py"), four],
+            with self.assertRaisesRegex(ValueError, r"a directory"):
+                features.stamp_file(d)
+            # the command line: one file it cannot stamp, and none is stamped
+            import shutil
+            good = os.path.join(d, "good.onnx")
+            shutil.copy(os.path.join(FIXTURES, "features_missing.onnx"), good)
+            run = subprocess.run([sys.executable, os.path.join(HERE, "features.py"), good, four],
                                  capture_output=True, text=True)
             self.assertEqual(run.returncode, 1)
             self.assertIn("features.py: ", run.stderr)
+            self.assertIn("four.onnx", run.stderr)
             self.assertNotIn("Traceback", run.stderr)
+            self.assertFalse(onnx.load(good).metadata_props, "none stamped")
 
     def test_stamp_sets_the_key_once_and_keeps_other_metadata(self):
         import onnx

@@ -158,7 +158,7 @@ class Overlap(unittest.TestCase):
                           o["baseline_alone"], o["classical"], o["detectors"], o["any"]),
                          ("NAB contextOSE", 3, 4, 1, 2, 3, 5, 2, 7))
         self.assertEqual(_overlap(rows, ["nab"])[2],
-                         "| nab (H = 6) | 10 | 3 | NAB contextOSE | 4 | 1 | 2 | 3 | 5 (of 2) | 7 |")
+                         "| nab (H = 6) | 10 | 3 | NAB contextOSE | 4 | 1 | 2 | 3 | 5 (2 detectors) | 7 |")
         # two seeds side by side, and pooled
         other = [r("model", [3, 5]), r("NAB contextOSE", [3, 5, 8]), r("static robust z", [])]
         runs = {7: rows, 8: other}
