@@ -132,16 +132,28 @@ impl Predictor for Trend {
 
 /// `stock` with [`Trend`] at the seed's fixed threshold (no warm-up).
 fn trend() -> Degrader {
+    stock_with(Trend, BreakerConfig::default().predict_threshold(0.87))
+}
+
+/// `stock` with `p` attached and `breaker`, filled.
+fn stock_with(p: impl Predictor, breaker: BreakerConfig) -> Degrader {
     filled(
         Degrader::builder("shop")
             .latency_clock(LatencyClock::Tokio)
-            .breaker(BreakerConfig::default().predict_threshold(0.87))
+            .breaker(breaker)
             .class(ClassConfig::silver("stock"))
-            .predictor(Trend, patient())
+            .predictor(p, patient())
             .build_with_worker()
             .unwrap()
             .0,
     )
+}
+
+/// The seed's fixed threshold, the predictor as a trial.
+fn on_trial() -> BreakerConfig {
+    BreakerConfig::default()
+        .predict_threshold(0.87)
+        .predict_shadow(true)
 }
 
 /// The same class with no predictor: the threshold rule alone.
@@ -265,20 +277,7 @@ async fn the_record_shows_a_warning_the_breach_confirmed_and_its_lead() {
 async fn a_predictor_on_trial_warns_and_keeps_its_record_while_the_rules_alone_act() {
     let rule_tick = leak(&without_predictor()).await;
     let first_breach = rule_tick - 2;
-    let d = filled(
-        Degrader::builder("shop")
-            .latency_clock(LatencyClock::Tokio)
-            .breaker(
-                BreakerConfig::default()
-                    .predict_threshold(0.87)
-                    .predict_shadow(true),
-            )
-            .class(ClassConfig::silver("stock"))
-            .predictor(Trend, patient())
-            .build_with_worker()
-            .unwrap()
-            .0,
-    );
+    let d = stock_with(Trend, on_trial());
     let mut warned = None;
     let left = leak_until(&d, |d| {
         let status = d.status();
@@ -319,20 +318,7 @@ fn a_trial_reports_a_trip_both_see_once_and_follows_the_class_through_manual_com
     };
     let (d, recorded) = metrics_during(|| {
         rt.block_on(async {
-            let d = filled(
-                Degrader::builder("shop")
-                    .latency_clock(LatencyClock::Tokio)
-                    .breaker(
-                        BreakerConfig::default()
-                            .predict_threshold(0.87)
-                            .predict_shadow(true),
-                    )
-                    .class(ClassConfig::silver("stock"))
-                    .predictor(Constant(0.05, Duration::ZERO), patient())
-                    .build_with_worker()
-                    .unwrap()
-                    .0,
-            );
+            let d = stock_with(Constant(0.05, Duration::ZERO), on_trial());
             // Every call failing: the breaker in force and its trial open in the same tick.
             support::window(&d, "stock", 40, 1, 0).await;
             d
