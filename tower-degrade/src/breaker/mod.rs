@@ -299,10 +299,13 @@ impl Breaker {
     }
 
     /// Out of automatic control (or back from it): ticks the breaker does not step cannot
-    /// tell the scores held back from precursors, nor judge a warning; both are dropped.
+    /// tell the scores held back from precursors, nor judge a warning; both are dropped, and
+    /// a run of predicting ticks starts again (one held before a reset degraded the class
+    /// on the first predicting tick after it).
     pub(crate) fn interrupt(&mut self) {
         self.unlearnt.clear();
         self.tally.forget();
+        self.predicted = 0;
     }
 
     /// Apply a manual command.

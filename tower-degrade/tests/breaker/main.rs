@@ -567,3 +567,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_reset_starts_the_run_of_predicting_ticks_again() {
+    // A prediction held a tick, then a manual command and a reset: the run held before
+    // degraded the class on the first predicting tick after the reset.
+    let now = Instant::now();
+    let mut b = Breaker::new(
+        BreakerConfig::default()
+            .predict_threshold(0.87)
+            .predict_ticks(2),
+        Route::Reject,
+    );
+    let healthy = window(20, 0, 10);
+    assert_eq!(b.step_predicted(&healthy, Some(0.95), now), None);
+    b.command(Command::ForceOpen);
+    b.command(Command::Reset);
+    assert_eq!(b.step_predicted(&healthy, Some(0.95), now + TICK), None);
+    assert_eq!(b.state(), State::Closed);
+    let t = b
+        .step_predicted(&healthy, Some(0.95), now + TICK * 2)
+        .expect("held two ticks");
+    assert_eq!((t.from, t.to), (State::Closed, State::Degraded));
+    assert!(t.reason.contains("for 2 ticks"), "{}", t.reason);
+}
