@@ -15,7 +15,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /` | a status page: every class with its state, why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
-//! | `GET /status` | the service, its health score, every class (tier, state, why, success and p99 over the recent windows, prediction), the admission limiters, the fallback queues, the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
+//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, prediction, its threshold and record), the admission limiters, the fallback queues, the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}` |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |

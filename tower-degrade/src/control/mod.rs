@@ -162,13 +162,10 @@ impl Shared {
             if let Some(t) = &acted {
                 self.on_transition(id, class.tier(), ctl, t);
             }
-            // The trial's own transitions: one the breaker in force made too (a rule's, seen
-            // by both) is reported once, as enforced.
-            if let Some(t) = trial.filter(|t| {
-                acted
-                    .as_ref()
-                    .is_none_or(|a| (a.from, a.to) != (t.from, t.to))
-            }) {
+            // The trial's own transitions: one into the state the breaker in force entered
+            // this tick too (a rule's trip, seen by both, from wherever each was) is reported
+            // once, as the breaker in force made it.
+            if let Some(t) = trial.filter(|t| acted.as_ref().is_none_or(|a| a.to != t.to)) {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
             directives.push(ctl.breaker.directive(now).pack());

@@ -84,7 +84,8 @@ pub struct ClassStatus {
     /// What the breaker would do: for a class whose predictor runs as a trial
     /// ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)),
     /// the trial's state (the state with the predictor acting, in `MetricsOnly` too); in
-    /// `MetricsOnly` otherwise, its shadow's; under another manual command, `state`.
+    /// `MetricsOnly` otherwise, its shadow's; otherwise (under another manual command, or
+    /// with neither) `state`.
     pub shadow_state: State,
     /// Whether a manual command is in force.
     pub manual: bool,

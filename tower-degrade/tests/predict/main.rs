@@ -341,6 +341,44 @@ fn a_trial_reports_a_trip_both_see_once_and_follows_the_class_through_manual_com
     d.reset("stock").unwrap();
     assert_eq!(d.state("stock").unwrap(), State::Closed);
     assert_eq!(shadow(&d), State::Closed, "the trial reset with the class");
+
+    // The trial degraded by its predictions, then the same trip: from closed in force, from
+    // degraded in the trial, one trip into open all the same.
+    let (d, recorded) = metrics_during(|| {
+        rt.block_on(async {
+            let d = stock_with(Constant(0.95, Duration::ZERO), on_trial());
+            assert_eq!(shadow(&d), State::Degraded);
+            support::window(&d, "stock", 40, 1, 0).await;
+            d
+        })
+    });
+    assert_eq!(
+        (d.state("stock").unwrap(), shadow(&d)),
+        (State::Open, State::Open)
+    );
+    let to_open = |enforced| {
+        counter(
+            &recorded,
+            "degrade_breaker_transitions_total",
+            &[("to", "open"), ("enforced", enforced)],
+        )
+    };
+    assert_eq!(to_open("true"), Some(1));
+    assert_eq!(
+        to_open("false"),
+        None,
+        "the trial's degraded -> open is the same trip"
+    );
+    let warned = counter(
+        &recorded,
+        "degrade_breaker_transitions_total",
+        &[
+            ("from", "closed"),
+            ("to", "degraded"),
+            ("enforced", "false"),
+        ],
+    );
+    assert_eq!(warned, Some(1), "the trial's warning, not enforced");
 }
 
 #[test]
