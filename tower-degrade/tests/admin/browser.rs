@@ -267,6 +267,20 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
         badge(&c, "browse_log").await.filter(|s| s == "forced_open")
     })
     .await;
+    let shadow = "tr[data-class=\"payment\"] .shadow";
+    assert_eq!(
+        text(&c, shadow).await.as_deref(),
+        Some(""),
+        "no shadow to show"
+    );
+
+    // A dry run: the state in force, and beside it the state the class would be in.
+    d.metrics_only("payment").unwrap();
+    until("payment's shadow shown", || async {
+        text(&c, shadow).await.filter(|s| s == "would be open")
+    })
+    .await;
+    assert_eq!(badge(&c, "payment").await.as_deref(), Some("metrics_only"));
 
     c.close().await.unwrap();
 }
