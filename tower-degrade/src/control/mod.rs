@@ -205,7 +205,7 @@ impl Shared {
                 self.publish(id, ctl.breaker.directive(now).pack());
             }
             let snap = ctl.history.latest().copied().unwrap_or_default();
-            let predicting = ctl.trial.as_mut().unwrap_or(&mut ctl.breaker);
+            let predicting = ctl.predicting_mut();
             match predicting.reach_changed() {
                 Some(true) => tracing::warn!(
                     service = %self.service, class = %self.names[id.index()],
@@ -222,7 +222,10 @@ impl Shared {
                 ),
                 None => {}
             }
-            let predicting = ctl.trial.as_ref().unwrap_or(&ctl.breaker);
+            let (threshold, record) = (
+                ctl.predicting().predict_threshold(),
+                ctl.predicting().prediction_record(),
+            );
             let metrics = ctl.metrics.get_or_insert_with(|| {
                 ClassMetrics::new(
                     &self.service,
@@ -236,8 +239,8 @@ impl Shared {
                 ctl.reader.last_histogram(),
                 ctl.breaker.state(),
                 ctl.prediction,
-                predicting.predict_threshold(),
-                predicting.prediction_record(),
+                threshold,
+                record,
             );
         }
     }

@@ -64,6 +64,11 @@ impl ClassControl {
         self.trial.as_ref().unwrap_or(&self.breaker)
     }
 
+    /// [`predicting`](Self::predicting), to change.
+    pub(crate) fn predicting_mut(&mut self) -> &mut Breaker {
+        self.trial.as_mut().unwrap_or(&mut self.breaker)
+    }
+
     /// Whether the trial is stepped this tick: not while a manual command other than
     /// `MetricsOnly` holds the class (the breaker in force is not stepped either; a reset
     /// resets both).
