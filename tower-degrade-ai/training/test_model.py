@@ -162,5 +162,20 @@ class NoAnchor(unittest.TestCase):
             make_fixtures.silence_head(path)
 
 
+@unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
+class Train(unittest.TestCase):
+    def test_without_out_it_refuses_before_training_and_leaves_the_bundled_model_alone(self):
+        import subprocess
+        import sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        bundled = os.path.join(here, "..", "models", "p_anomaly.onnx")
+        before = os.stat(bundled).st_mtime_ns
+        run = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--epochs", "1"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(run.returncode, 2, run.stderr)
+        self.assertIn("--out", run.stderr)
+        self.assertEqual(os.stat(bundled).st_mtime_ns, before)
+
+
 if __name__ == "__main__":
     unittest.main()

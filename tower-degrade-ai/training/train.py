@@ -1,6 +1,6 @@
 """Train the predictor and export it to ONNX.
 
-    python train.py [--data PUBLIC_TRACES_DIR] [--traces DIR]... [--out ../models/p_anomaly.onnx]
+    python train.py --out MODEL.onnx [--data PUBLIC_TRACES_DIR] [--traces DIR]...
                     [--seed 7] [--epochs 8] [--hard-negatives 20000] [--arch zsl]
                     [--balance | --no-balance]
 
@@ -236,7 +236,11 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="directory holding nab/, nezha/ and smd_subset/ (optional)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "models", "p_anomaly.onnx"))
+    # No default: one at the bundled model's path replaced the shipped model whenever a user
+    # forgot the flag. (The bundled model is rebuilt with --out ../models/p_anomaly.onnx.)
+    ap.add_argument("--out", required=True, metavar="MODEL.onnx",
+                    help="where the model goes (its .train.json and .reference.json beside it); "
+                         "../models/p_anomaly.onnx rebuilds the bundled model")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--hard-negatives", type=int, default=20000,
