@@ -39,6 +39,8 @@
 //! - `ort`: the maintained Rust binding to ONNX Runtime, the inference engine the design
 //!   chose; used without default features so the build never downloads binaries.
 //! - `tracing`: where the library was loaded from, and why a GPU was not used.
+//! - `crc32fast`: a model's fingerprint (its bytes' CRC-32), which the classes' saved
+//!   calibrations are tied to (`tower_degrade::breaker::Calibrations`).
 
 pub mod baseline;
 mod error;

@@ -136,6 +136,13 @@ impl OnnxPredictorBuilder {
             Source::Bytes(bytes) => builder.commit_from_memory(bytes),
         }
         .map_err(model_err)?;
+        let fingerprint = match &self.source {
+            Source::File => fingerprint(&std::fs::read(&path).map_err(|e| Error::Model {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            })?),
+            Source::Bytes(bytes) => fingerprint(bytes),
+        };
         let takes_baseline = check_contract(&session, &path)?;
         check_features(&session, &path, takes_baseline)?;
         let run_options = RunOptions::new().map_err(model_err)?;
@@ -147,8 +154,19 @@ impl OnnxPredictorBuilder {
             fallback_reason,
             baselines: takes_baseline.then(Vec::new),
             baseline_input: Vec::new(),
+            fingerprint,
         })
     }
+}
+
+/// A model's identity ([`Predictor::fingerprint`]): its length and CRC-32, wherever the file
+/// lies (a copy of the same model elsewhere is the same model).
+fn fingerprint(model: &[u8]) -> String {
+    format!(
+        "onnx model, {} bytes, crc32 {:08x}",
+        model.len(),
+        crc32fast::hash(model)
+    )
 }
 
 use ort::session::builder::SessionBuilder;
@@ -384,6 +402,8 @@ pub struct OnnxPredictor {
     baselines: Option<Vec<Baseline>>,
     /// The `baseline` input, `[batch, N_QUANTILES, N_FEATURES]`.
     baseline_input: Vec<f32>,
+    /// [`Predictor::fingerprint`].
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for OnnxPredictor {
@@ -591,6 +611,11 @@ impl Predictor for OnnxPredictor {
     /// The model's file.
     fn name(&self) -> Option<String> {
         Some(self.path.display().to_string())
+    }
+
+    /// The model's length and CRC-32: calibrations saved with another model are not restored.
+    fn fingerprint(&self) -> Option<String> {
+        Some(self.fingerprint.clone())
     }
 }
 

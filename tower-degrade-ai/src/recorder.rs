@@ -390,6 +390,10 @@ impl Predictor for Recorder {
     fn name(&self) -> Option<String> {
         self.inner.as_ref()?.name()
     }
+
+    fn fingerprint(&self) -> Option<String> {
+        self.inner.as_ref()?.fingerprint()
+    }
 }
 
 #[cfg(test)]

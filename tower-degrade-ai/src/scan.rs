@@ -157,6 +157,12 @@ impl Predictor for ScanPredictor {
         let mut out = vec![0.0; classes.len()];
         Ok(self.score(&input, &mut out, false)?)
     }
+
+    /// The crate's version: calibrations learnt from another version's scan are not
+    /// restored.
+    fn fingerprint(&self) -> Option<String> {
+        Some(concat!("tower-degrade-ai ScanPredictor ", env!("CARGO_PKG_VERSION")).into())
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,28 @@ fn answers_one_probability_per_class_whatever_the_batch() {
 }
 
 #[test]
+fn the_fingerprint_is_the_models_bytes_wherever_it_lies() {
+    // Saved calibrations are restored only for the same fingerprint: the same model from
+    // another path, or the bundled bytes, is the same model; another model is not.
+    if !runtime_present() {
+        return;
+    }
+    use tower_degrade::predict::Predictor;
+    let bundled = OnnxPredictor::bundled().unwrap().fingerprint().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.onnx");
+    std::fs::copy(fixture("models/p_anomaly.onnx"), &copy).unwrap();
+    let file = OnnxPredictor::load(&copy).unwrap().fingerprint().unwrap();
+    assert_eq!(file, bundled);
+    assert!(bundled.starts_with("onnx model, "), "{bundled}");
+    let other = OnnxPredictor::load(fixture("tests/fixtures/nan_above.onnx"))
+        .unwrap()
+        .fingerprint()
+        .unwrap();
+    assert_ne!(other, bundled);
+}
+
+#[test]
 fn a_missing_model_is_an_error_naming_the_file() {
     let err = OnnxPredictor::load("no/such/model.onnx").unwrap_err();
     assert_eq!(

@@ -148,6 +148,93 @@ pub(crate) struct Calibrator {
     /// After the first fit: the tail's start (logit), the excesses over it, their sum and sum
     /// of squares, and the healthy ticks seen.
     tail: Option<Tail>,
+    /// Healthy scores still to learn before a restored calibration holds its threshold
+    /// ([`RESTORED_SETTLE_TICKS`](super::RESTORED_SETTLE_TICKS); 0 for a new one).
+    settle: u32,
+}
+
+/// What a calibration has learnt, as [`Calibrations`](super::Calibrations) saves it: the
+/// warm-up's scores, or the fitted tail. The rest (the risk per tick, the warm-up's length,
+/// the fit) follows from these and the settings it is restored with.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Learnt {
+    /// Still warming up: the healthy scores' logits so far, oldest first.
+    WarmingUp(Vec<f64>),
+    Fitted(Fitted),
+}
+
+/// A fitted tail's state ([`Tail`], less what follows from it).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Fitted {
+    pub(crate) start: f64,
+    /// The excesses kept, oldest first.
+    pub(crate) peaks: Vec<f64>,
+    pub(crate) seen: u64,
+    pub(crate) exceeded: u64,
+    pub(crate) over: u64,
+    pub(crate) runs: u64,
+    pub(crate) was_over: bool,
+    /// A false alarm's floor (logit) and the healthy tick (`seen`) it holds until.
+    pub(crate) floor: Option<(f64, u64)>,
+}
+
+impl Learnt {
+    /// Why these cannot be what a calibration learnt (a file edited or damaged), if they
+    /// cannot: every logit within the clamped probabilities', excesses over the start, at
+    /// most [`MAX_PEAKS`] of them, and counts that agree.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let (lo, hi) = (logit(EPS), logit(1.0 - EPS));
+        let within = |x: f64| x.is_finite() && (lo..=hi).contains(&x);
+        match self {
+            Self::WarmingUp(scores) => match scores.iter().position(|&x| !within(x)) {
+                Some(i) => Err(format!(
+                    "warm-up score {i} is {}, not the logit of a probability",
+                    scores[i]
+                )),
+                None => Ok(()),
+            },
+            Self::Fitted(f) => {
+                if !within(f.start) {
+                    return Err(format!("the tail's start is {}", f.start));
+                }
+                if f.peaks.len() > MAX_PEAKS {
+                    return Err(format!(
+                        "{} excesses: at most {MAX_PEAKS} are kept",
+                        f.peaks.len()
+                    ));
+                }
+                if let Some(i) = f
+                    .peaks
+                    .iter()
+                    .position(|&e| !(e > 0.0 && within(f.start + e)))
+                {
+                    return Err(format!(
+                        "excess {i} is {}: not over the tail's start",
+                        f.peaks[i]
+                    ));
+                }
+                if !(f.peaks.len() as u64 <= f.exceeded
+                    && f.exceeded <= f.seen
+                    && f.over <= f.seen
+                    && f.runs <= f.over)
+                {
+                    return Err(format!(
+                        "counts that do not agree: {} excesses kept of {} seen over the \
+                         start in {} runs of {} ticks over it, {} healthy ticks in all",
+                        f.peaks.len(),
+                        f.exceeded,
+                        f.runs,
+                        f.over,
+                        f.seen
+                    ));
+                }
+                match f.floor {
+                    Some((x, _)) if !x.is_finite() => Err(format!("a false alarm's floor of {x}")),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -186,28 +273,90 @@ impl Calibrator {
                 .max(1.0) as u64,
             init: Vec::new(),
             tail: None,
+            settle: 0,
         }
+    }
+
+    /// A calibration that starts where `learnt` left off (checked: [`Learnt::check`]), with
+    /// these settings and tick, and reports only for its first
+    /// [`RESTORED_SETTLE_TICKS`](super::RESTORED_SETTLE_TICKS) healthy scores.
+    pub(crate) fn restored(c: &Calibration, tick: Duration, learnt: Learnt) -> Self {
+        let mut cal = Self::new(c, tick);
+        cal.settle = super::RESTORED_SETTLE_TICKS;
+        match learnt {
+            Learnt::WarmingUp(scores) => {
+                cal.init = scores;
+                if cal.init.len() >= cal.warm_up {
+                    cal.tail = Some(Tail::fit(std::mem::take(&mut cal.init), cal.risk));
+                }
+            }
+            Learnt::Fitted(f) => {
+                let mut tail = Tail {
+                    start: f.start,
+                    peaks: VecDeque::with_capacity(f.peaks.len()),
+                    sum: 0.0,
+                    sum_sq: 0.0,
+                    seen: f.seen,
+                    exceeded: 0,
+                    over: f.over,
+                    runs: f.runs,
+                    was_over: f.was_over,
+                    fit: f.start,
+                    threshold: f.start,
+                    floor: f.floor,
+                };
+                for e in f.peaks {
+                    tail.push(e);
+                }
+                tail.exceeded = f.exceeded;
+                tail.refit(cal.risk);
+                cal.tail = Some(tail);
+            }
+        }
+        cal
+    }
+
+    /// What it has learnt, to be restored ([`restored`](Self::restored)).
+    pub(crate) fn learnt(&self) -> Learnt {
+        match &self.tail {
+            None => Learnt::WarmingUp(self.init.clone()),
+            Some(t) => Learnt::Fitted(Fitted {
+                start: t.start,
+                peaks: t.peaks.iter().copied().collect(),
+                seen: t.seen,
+                exceeded: t.exceeded,
+                over: t.over,
+                runs: t.runs,
+                was_over: t.was_over,
+                floor: t.floor,
+            }),
+        }
+    }
+
+    /// The tail whose threshold is in force: none while warming up, or while a restored
+    /// calibration settles.
+    fn armed(&self) -> Option<&Tail> {
+        self.tail.as_ref().filter(|_| self.settle == 0)
     }
 
     /// Whether the threshold is beyond every probability: no score can meet it (compared as
     /// [`exceeds`](Self::exceeds) compares, on the clamped logit).
     pub(crate) fn beyond_reach(&self) -> bool {
-        self.tail
-            .as_ref()
-            .is_some_and(|t| t.threshold > logit(HIGHEST))
+        self.armed().is_some_and(|t| t.threshold > logit(HIGHEST))
     }
 
-    /// The probability at or above which a tick predicts failure; `None` while warming up.
+    /// The probability at or above which a tick predicts failure; `None` while warming up
+    /// (or settling, restored).
     pub(crate) fn threshold(&self) -> Option<f64> {
-        self.tail.as_ref().map(|t| sigmoid(t.threshold))
+        self.armed().map(|t| sigmoid(t.threshold))
     }
 
     /// Whether `p` is at or above the threshold, compared as the threshold was fitted: on the
     /// logit of `p` clamped to `[1e-6, 1 - 1e-6]`, so that a model that answers 1.0 (or a
     /// value that rounds to it in `f32`) on healthy ticks does not beat a threshold fitted
-    /// beyond every such score. `false` while warming up.
+    /// beyond every such score. `false` while warming up (or settling, restored).
     pub(crate) fn exceeds(&self, p: f64) -> bool {
-        p.is_finite() && self.tail.as_ref().is_some_and(|t| logit(p) >= t.threshold)
+        p.is_finite() && self.armed().is_some_and(|t| logit(p) >= t.threshold)
     }
 
     /// A predicted failure that did not come: the class stayed healthy for the alarm's
@@ -228,6 +377,7 @@ impl Calibrator {
             return;
         }
         let x = logit(p);
+        self.settle = self.settle.saturating_sub(1);
         match &mut self.tail {
             None => {
                 self.init.push(x);
@@ -410,6 +560,68 @@ mod tests {
             c.observe(healthy(&mut seed, centre));
         }
         (c, seed)
+    }
+
+    /// `c` restored as a new process would, through the saved record's checks.
+    fn restore(c: &Calibrator, cal: &Calibration) -> Calibrator {
+        let learnt = c.learnt();
+        learnt.check().unwrap();
+        Calibrator::restored(cal, Duration::from_millis(500), learnt)
+    }
+
+    #[test]
+    fn a_restored_calibration_settles_then_holds_the_threshold_it_would_have() {
+        // Past the first 2,048 excesses, so that the oldest have been let go.
+        let (mut c, mut seed) = calibrated(-3.0, 150_000);
+        c.false_alarm(0.97);
+        let mut r = restore(&c, &Calibration::default());
+        let settle = super::super::RESTORED_SETTLE_TICKS;
+        for i in 0..settle {
+            assert_eq!(r.threshold(), None, "score {i}: still settling");
+            assert!(!r.exceeds(0.999_999));
+            let p = healthy(&mut seed, -3.0);
+            c.observe(p);
+            r.observe(p);
+        }
+        let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
+        assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
+        // The false alarm's floor came along: the threshold is above its score.
+        assert!(b > 0.97, "{b}");
+        for _ in 0..20_000 {
+            let p = healthy(&mut seed, -3.0);
+            c.observe(p);
+            r.observe(p);
+        }
+        let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
+        assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
+        assert!(b < 0.97, "the floor's hour is over: {b}");
+    }
+
+    #[test]
+    fn a_restored_warm_up_goes_on_from_where_it_was() {
+        let (mut c, mut seed) = calibrated(-3.0, 1_000);
+        let mut r = restore(&c, &Calibration::default());
+        for _ in 0..2_600 {
+            let p = healthy(&mut seed, -3.0);
+            c.observe(p);
+            r.observe(p);
+        }
+        // 3,600 scores in all: the warm-up is over in both, and the fits are the same.
+        assert_eq!(r.threshold(), c.threshold());
+        assert!(r.threshold().is_some());
+    }
+
+    #[test]
+    fn a_restored_calibration_keeps_the_budget_it_is_restored_with() {
+        let (c, mut seed) = calibrated(-3.0, 20_000);
+        let tighter = Calibration::default().false_trips_per_day(0.1);
+        let mut r = restore(&c, &tighter);
+        for _ in 0..super::super::RESTORED_SETTLE_TICKS {
+            r.observe(healthy(&mut seed, -3.0));
+        }
+        // A tenth of the budget puts the threshold higher than the one saved.
+        let (saved, now) = (c.threshold().unwrap(), r.threshold().unwrap());
+        assert!(logit(now) > logit(saved) + 0.1, "{saved} -> {now}");
     }
 
     #[test]

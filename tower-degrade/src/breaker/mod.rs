@@ -30,6 +30,7 @@ mod calibrate;
 mod command;
 mod config;
 mod record;
+mod saved;
 mod state;
 
 use std::collections::VecDeque;
@@ -38,11 +39,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use self::calibrate::Calibrator;
+pub(crate) use self::calibrate::Learnt;
 pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
 pub use self::config::{BreakerConfig, DegradeRule, PREDICT_HOLD};
 use self::record::Tally;
 pub use self::record::{PredictionRecord, UNJUDGED_TICKS};
+pub use self::saved::{Calibrations, CalibrationsError};
 pub use self::state::{State, Transition};
 use crate::class::Route;
 use crate::gate::{Directive, Reason};
@@ -143,6 +146,14 @@ struct Alarm {
 /// [`FALSE_ALARM_TICKS`] to be confirmed.
 const MERGE_GAP: u32 = FALSE_ALARM_TICKS / 4;
 
+/// Healthy scores a restored calibration learns before its threshold holds
+/// ([`Calibrations`]): until then the class is calibrating and the predictor only reports,
+/// while the predictor's own history of the class (a model's window of 64 ticks, the long
+/// baseline it reads against) fills again after the restart. 128 at the 500 ms tick, about a
+/// minute of healthy scores, each learnt [`FALSE_ALARM_TICKS`] after its own: in place of
+/// the warm-up's 3,600.
+pub const RESTORED_SETTLE_TICKS: u32 = 128;
+
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
 /// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so
 /// a warning of a failure that does come is never undone. Also how long a healthy score is
@@ -204,6 +215,23 @@ impl Breaker {
         self.calibrator = Self::calibrator(&self.cfg.predict_threshold, period);
         self.predict_ticks = self.cfg.predict_ticks_at(period);
         self
+    }
+
+    /// What its calibrated threshold has learnt (`None` with a fixed threshold).
+    pub(crate) fn learnt(&self) -> Option<Learnt> {
+        self.calibrator.as_ref().map(Calibrator::learnt)
+    }
+
+    /// Start its calibrated threshold where `learnt` left off, at a control loop ticking
+    /// every `period`; `false` (nothing changed) with a fixed threshold.
+    pub(crate) fn restore(&mut self, learnt: Learnt, period: Duration) -> bool {
+        match &self.cfg.predict_threshold {
+            PredictThreshold::Calibrated(c) => {
+                self.calibrator = Some(Calibrator::restored(c, period, learnt));
+                true
+            }
+            PredictThreshold::Fixed(_) => false,
+        }
     }
 
     /// The probability at or above which a prediction counts: the fixed one, or the class's

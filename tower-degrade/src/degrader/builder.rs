@@ -10,13 +10,62 @@ use arc_swap::ArcSwap;
 use super::shared::{AdmissionControl, ClassControl, PolicyStage, Shared};
 use super::{Degrader, Status};
 use crate::admit::{Admission, CpuSignal, Limiter};
-use crate::breaker::{Breaker, BreakerConfig, Command};
+use crate::breaker::{Breaker, BreakerConfig, Calibrations, Command};
 use crate::class::{ClassConfig, Registry};
 use crate::clock::{LatencyClock, Timer};
 use crate::error::ConfigError;
 use crate::gate::Gate;
 use crate::predict::{PredictStage, Predictor, PredictorConfig, Runner};
 use crate::window::{Gauges, Shard, Slots, shard_count};
+
+/// Restore the classes' calibrations from `saved` where it was learnt at `tick` from the
+/// predictor `fingerprint` names (`DegraderBuilder::restore_calibrations`).
+fn restore(
+    service: &str,
+    registry: &Registry,
+    control: &[Mutex<ClassControl>],
+    saved: Calibrations,
+    tick: Duration,
+    fingerprint: Option<&str>,
+) {
+    if saved.tick != tick {
+        tracing::warn!(
+            service,
+            saved_tick_ms = saved.tick.as_secs_f64() * 1e3,
+            tick_ms = tick.as_secs_f64() * 1e3,
+            "calibrations saved at another tick are not restored: every class calibrates afresh"
+        );
+        return;
+    }
+    if saved.predictor.as_deref() != fingerprint {
+        tracing::warn!(
+            service,
+            saved = saved.predictor.as_deref().unwrap_or("none"),
+            predictor = fingerprint.unwrap_or("none"),
+            "calibrations learnt from another predictor are not restored: every class \
+             calibrates afresh"
+        );
+        return;
+    }
+    let (mut restored, mut left_out) = (0, Vec::new());
+    for (name, learnt) in saved.classes {
+        match registry.require(&name) {
+            Ok(id) => {
+                let mut ctl = control[id.index()]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                restored += usize::from(ctl.predicting_mut().restore(learnt, tick));
+            }
+            Err(_) => left_out.push(name),
+        }
+    }
+    tracing::info!(
+        service,
+        restored,
+        left_out = ?left_out,
+        "calibrations restored (classes not in this degrader left out)"
+    );
+}
 
 /// The default tick: one window every 500 ms (seed 2.2).
 pub const DEFAULT_TICK: Duration = Duration::from_millis(500);
@@ -35,6 +84,7 @@ pub struct DegraderBuilder {
     env: String,
     predictor: Option<(Box<dyn Predictor>, PredictorConfig)>,
     admission: Option<Admission>,
+    restore: Option<Calibrations>,
     #[cfg(feature = "rhai")]
     policy_limits: crate::policy::Limits,
     #[cfg(feature = "rhai")]
@@ -54,11 +104,28 @@ impl DegraderBuilder {
             env: String::new(),
             predictor: None,
             admission: None,
+            restore: None,
             #[cfg(feature = "rhai")]
             policy_limits: crate::policy::Limits::default(),
             #[cfg(feature = "rhai")]
             policy_overlap: crate::policy::Overlap::default(),
         }
+    }
+
+    /// Start each class's calibrated prediction threshold where `saved` left it (from
+    /// [`Degrader::calibrations`] in an earlier process, through [`Calibrations::save`] and
+    /// [`Calibrations::load`]) rather than warm up again: a restored class reports only for
+    /// its first [`RESTORED_SETTLE_TICKS`](crate::breaker::RESTORED_SETTLE_TICKS) healthy
+    /// scores, while the predictor's window of it fills, in place of the warm-up's 3,600. Its
+    /// settings are this build's (a new false-trip budget applies at once).
+    ///
+    /// Nothing is restored, with a warning, where `saved` was learnt at another tick or from
+    /// another predictor ([`Predictor::fingerprint`]): the scores it learnt are not those the
+    /// classes will get. A class `saved` does not have warms up; one this degrader does not
+    /// have is left out.
+    pub fn restore_calibrations(mut self, saved: Calibrations) -> Self {
+        self.restore = Some(saved);
+        self
     }
 
     /// Add a class. The name `default` is reserved for the class of unclassified calls: set
@@ -219,7 +286,7 @@ impl DegraderBuilder {
         // Nothing is in flight before the degrader exists.
         let built = timer.start();
         let attached = self.predictor.is_some();
-        let control = registry
+        let control: Box<[Mutex<ClassControl>]> = registry
             .iter()
             .zip(breakers)
             .map(|((_, c), b)| {
@@ -244,6 +311,17 @@ impl DegraderBuilder {
                 ))
             })
             .collect();
+        let fingerprint = self.predictor.as_ref().and_then(|(p, _)| p.fingerprint());
+        if let Some(saved) = self.restore {
+            restore(
+                &self.service,
+                &registry,
+                &control,
+                saved,
+                self.tick,
+                fingerprint.as_deref(),
+            );
+        }
         let runner = match self.predictor {
             None => None,
             Some((p, cfg)) => {
@@ -318,6 +396,7 @@ impl DegraderBuilder {
             limiters,
             shard_mask: shard_n - 1,
             period: self.tick,
+            fingerprint,
             control,
             tick: AtomicU64::new(0),
             shutdown: Arc::default(),

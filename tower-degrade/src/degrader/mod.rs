@@ -164,6 +164,30 @@ impl Degrader {
         self.command(class, Command::Reset)
     }
 
+    /// What every class's calibrated prediction threshold has learnt so far (a class on trial
+    /// gives its trial's), with the tick and the predictor's fingerprint, to
+    /// [save](crate::breaker::Calibrations::save) and restore in the next process
+    /// ([`DegraderBuilder::restore_calibrations`]). A copy: taking it locks each class's
+    /// control state for as long as copying at most a few thousand scores takes, never the
+    /// request path. Save it before the process ends, and now and then (a crash saves
+    /// nothing).
+    pub fn calibrations(&self) -> crate::breaker::Calibrations {
+        let classes = self
+            .shared
+            .registry
+            .iter()
+            .filter_map(|(id, c)| {
+                let learnt = self.shared.control(id).predicting().learnt()?;
+                Some((c.name().to_owned(), learnt))
+            })
+            .collect();
+        crate::breaker::Calibrations {
+            tick: self.shared.period,
+            predictor: self.shared.fingerprint.clone(),
+            classes,
+        }
+    }
+
     /// Report a class's queue depth and queueing delay (for queue consumers and admission
     /// queues); it appears in the next window.
     pub fn report_queue(

@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) admission: Mutex<AdmissionControl>,
     pub(crate) shard_mask: usize,
     pub(crate) period: Duration,
+    /// The predictor's fingerprint (`Predictor::fingerprint`), saved with the calibrations.
+    pub(crate) fingerprint: Option<String>,
     pub(crate) control: Box<[Mutex<ClassControl>]>,
     pub(crate) status: ArcSwap<Status>,
     pub(crate) tick: AtomicU64,

@@ -116,6 +116,17 @@ pub trait Predictor: Send + 'static {
     fn name(&self) -> Option<String> {
         None
     }
+
+    /// What the classes' calibrated thresholds, learnt from this predictor's scores, are tied
+    /// to: a model's identity (`tower-degrade-ai`'s `OnnxPredictor` gives its file's length
+    /// and CRC-32), a version. Saved calibrations
+    /// ([`Calibrations`](crate::breaker::Calibrations)) are restored only into a degrader whose
+    /// predictor gives the same one: another model's scores are another distribution. `None`
+    /// by default, which restores what was saved with `None`: give one if what the predictor
+    /// scores with can change between runs.
+    fn fingerprint(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Stops a predictor's run in progress from another thread ([`Predictor::stop_handle`]).

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt};
-use tower_degrade::breaker::{BreakerConfig, Calibration, PredictionRecord};
+use tower_degrade::breaker::{BreakerConfig, Calibration, Calibrations, PredictionRecord};
 use tower_degrade::predict::{N_FEATURES, Predictor, PredictorConfig, WINDOW};
 use tower_degrade::{BoxError, ClassConfig, Degrader, breaker::State, clock::LatencyClock};
 
@@ -756,6 +756,96 @@ impl Predictor for Spread {
         }
         Ok(())
     }
+}
+
+/// [`Spread`] under a version: its fingerprint.
+struct Versioned(Spread, &'static str);
+
+impl Predictor for Versioned {
+    fn predict(&mut self, input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        self.0.predict(input, out)
+    }
+
+    fn fingerprint(&self) -> Option<String> {
+        Some(self.1.into())
+    }
+}
+
+/// `stock` with [`Spread`] under `version`, the calibrated default (the shortest warm-up),
+/// ticking every `tick`, restored from `saved` if given; filled.
+fn spread(version: &'static str, tick: Duration, saved: Option<Calibrations>) -> Degrader {
+    let mut b = Degrader::builder("shop")
+        .latency_clock(LatencyClock::Tokio)
+        .tick(tick)
+        .breaker(
+            BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+        )
+        .class(ClassConfig::silver("stock"))
+        .predictor(Versioned(Spread::default(), version), patient());
+    if let Some(saved) = saved {
+        b = b.restore_calibrations(saved);
+    }
+    filled(b.build_with_worker().unwrap().0)
+}
+
+/// `stock`'s calibrated threshold; `None` while it calibrates (as the status says).
+fn stock_threshold(d: &Degrader) -> Option<f64> {
+    let status = d.status();
+    let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+    assert_eq!(stock.calibrating, stock.prediction_threshold.is_none());
+    stock.prediction_threshold
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saved_calibration_starts_the_next_process_calibrated() {
+    let tick = Duration::from_millis(500);
+    let d = spread("v1", tick, None);
+    healthy(&d, 2_600).await;
+    let learnt = stock_threshold(&d).expect("calibrated");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calibrations.bin");
+    d.calibrations().save(&path).unwrap();
+    d.shutdown();
+
+    // The next process, from the file: calibrating while the predictor's window fills and
+    // the restored calibration settles, then calibrated, hundreds of ticks before a fresh
+    // warm-up would be.
+    let saved = Calibrations::load(&path).unwrap();
+    assert_eq!(saved.tick(), tick);
+    assert_eq!(saved.predictor(), Some("v1"));
+    assert!(saved.classes().any(|c| c == ("stock", true)), "{saved:?}");
+    let e = spread("v1", tick, Some(saved.clone()));
+    let fresh = spread("v1", tick, None);
+    assert_eq!(stock_threshold(&e), None, "settling");
+    // (A restored calibration learns RESTORED_SETTLE_TICKS healthy scores, each
+    // FALSE_ALARM_TICKS after its own; the filling ticks carried no calls.)
+    healthy(&e, 200).await;
+    healthy(&fresh, 200).await;
+    let restored = stock_threshold(&e).expect("restored and settled");
+    assert_eq!(stock_threshold(&fresh), None, "a fresh warm-up is not over");
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    assert!(
+        (logit(restored) - logit(learnt)).abs() < 0.1,
+        "{learnt} restored as {restored}"
+    );
+
+    // Learnt from another model, or at another tick: calibrating afresh, and said so.
+    let (logs, _guard) = logs::Logs::capture();
+    let other_model = spread("v2", tick, Some(saved.clone()));
+    let other_tick = spread("v1", Duration::from_secs(1), Some(saved));
+    healthy(&other_model, 300).await;
+    healthy(&other_tick, 300).await;
+    assert_eq!(stock_threshold(&other_model), None);
+    assert_eq!(stock_threshold(&other_tick), None);
+    let text = logs.text();
+    assert!(
+        text.contains("calibrations learnt from another predictor are not restored"),
+        "{text}"
+    );
+    assert!(
+        text.contains("calibrations saved at another tick are not restored"),
+        "{text}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
