@@ -191,13 +191,17 @@ impl Capture {
         &self.idempotency
     }
 
-    /// The client's idempotency key, if it sent one that can be (the first, when repeated).
+    /// The client's idempotency key, if it sent one that can be. The header repeated with
+    /// the same value is that key; with another value it is none that can be (which one the
+    /// client means is not for the server to guess: the IETF draft makes the header a single
+    /// item), refused as a key that cannot be one is.
     pub(crate) fn key(&self, parts: &http::request::Parts) -> Result<Option<String>, InvalidKey> {
-        match parts
-            .headers
-            .get(&self.idempotency)
-            .map(HeaderValue::as_bytes)
-        {
+        let mut all = parts.headers.get_all(&self.idempotency).iter();
+        let first = all.next();
+        if all.any(|other| Some(other) != first) {
+            return Err(InvalidKey);
+        }
+        match first.map(HeaderValue::as_bytes) {
             None => Ok(None),
             // Visible ASCII and spaces: UTF-8.
             Some(k) if valid_key(k) => Ok(std::str::from_utf8(k).ok().map(str::to_owned)),
@@ -556,12 +560,21 @@ mod tests {
                 .unwrap();
             assert_eq!(replay.headers()["idempotency-key"], "0192-task-id");
         }
-        // The longest key, and only the first of two.
+        // Two keys: which one is meant is not for the server to guess.
+        let two = parts(
+            http::Request::post("/log")
+                .header("idempotency-key", "first")
+                .header("idempotency-key", "second")
+                .body(())
+                .unwrap(),
+        );
+        assert!(cap.key(&two).is_err());
+        // The longest key, and the same key twice, kept once.
         let longest = "k".repeat(MAX_KEY_BYTES);
         let p = parts(
             http::Request::post("/log")
                 .header("idempotency-key", longest.as_str())
-                .header("idempotency-key", "second")
+                .header("idempotency-key", longest.as_str())
                 .body(())
                 .unwrap(),
         );

@@ -1713,6 +1713,15 @@ async fn a_call_whose_idempotency_key_is_not_one_is_refused_not_kept_again_and_a
         .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 1, 8])))
         .unwrap();
     assert_eq!(call(&svc, grpc).await.headers()["grpc-status"], "3");
+    // Two keys: which one is meant is not for the server to guess.
+    let two = Request::post("/orders")
+        .header("idempotency-key", "order 42")
+        .header("idempotency-key", "order 43")
+        .body(Full::new(Bytes::from_static(b"order")))
+        .unwrap();
+    let res = call(&svc, two).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.headers()[REASON_HEADER], "malformed");
     assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
     // A key of 255 visible bytes and spaces is one: kept once, however often sent.
     let key = format!("order 42 {}", "x".repeat(246));
