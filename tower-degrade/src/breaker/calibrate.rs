@@ -93,6 +93,8 @@ const TAIL_QUANTILE: f64 = 0.98;
 const LOWEST_START: f64 = 0.8;
 /// The excesses kept for the fit (a sliding window: the newest).
 const MAX_PEAKS: usize = 2_048;
+/// The most healthy ticks a saved calibration may say it has seen ([`Learnt::check`]).
+const MAX_SEEN: u64 = 1 << 53;
 /// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
 /// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
 /// gave 6). So the warm-up learns at least 50 / 2 % = 2,500 healthy scores, and where scores
@@ -213,6 +215,10 @@ impl Learnt {
                         f.peaks[i]
                     ));
                 }
+                // (A count that could not be reached: 2^53 ticks is 140 million years at 500 ms.)
+                if f.seen > MAX_SEEN {
+                    return Err(format!("{} healthy ticks seen", f.seen));
+                }
                 if !(f.peaks.len() as u64 <= f.exceeded
                     && f.exceeded <= f.seen
                     && f.over <= f.seen
@@ -303,7 +309,10 @@ impl Calibrator {
                     was_over: f.was_over,
                     fit: f.start,
                     threshold: f.start,
-                    floor: f.floor,
+                    // A floor holds an hour of healthy ticks from its false alarm, at most.
+                    floor: f
+                        .floor
+                        .map(|(x, until)| (x, until.min(f.seen.saturating_add(cal.hold)))),
                 };
                 for e in f.peaks {
                     tail.push(e);
@@ -595,6 +604,24 @@ mod tests {
         let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
         assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
         assert!(b < 0.97, "the floor's hour is over: {b}");
+    }
+
+    #[test]
+    fn a_restored_floor_holds_an_hour_at_most_whatever_the_file_says() {
+        let (c, mut seed) = calibrated(-3.0, 10_000);
+        let Learnt::Fitted(mut f) = c.learnt() else {
+            panic!("fitted")
+        };
+        f.floor = Some((logit(0.999), u64::MAX));
+        let mut r = Calibrator::restored(
+            &Calibration::default(),
+            Duration::from_millis(500),
+            Learnt::Fitted(f),
+        );
+        for _ in 0..7_200 {
+            r.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(r.threshold().unwrap() < 0.99, "{:?}", r.threshold());
     }
 
     #[test]

@@ -485,6 +485,17 @@ mod tests {
             .to_string();
         assert!(e.contains("class browse: counts that do not agree"), "{e}");
         let mut c = sample();
+        if let Learnt::Fitted(f) = &mut c.classes[1].1 {
+            (f.seen, f.exceeded, f.over, f.runs) = (u64::MAX, 120, 120, 90);
+        }
+        let e = Calibrations::from_bytes(&c.to_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("class browse: 18446744073709551615 healthy ticks"),
+            "{e}"
+        );
+        let mut c = sample();
         c.classes[1].0 = "payment".into();
         let e = Calibrations::from_bytes(&c.to_bytes())
             .unwrap_err()
