@@ -131,11 +131,8 @@ impl OnnxPredictorBuilder {
             .with_intra_threads(self.threads)
             .map_err(|e| model_err(e.into()))?;
         let (mut builder, device, fallback_reason) = with_device(builder, self.device);
-        let session = match &self.source {
-            Source::File => builder.commit_from_file(&path),
-            Source::Bytes(bytes) => builder.commit_from_memory(bytes),
-        }
-        .map_err(model_err)?;
+        // Read before the session is: a file replaced meanwhile is fingerprinted as it was
+        // when loading began, not as it is after.
         let fingerprint = match &self.source {
             Source::File => fingerprint(&std::fs::read(&path).map_err(|e| Error::Model {
                 path: path.clone(),
@@ -143,6 +140,11 @@ impl OnnxPredictorBuilder {
             })?),
             Source::Bytes(bytes) => fingerprint(bytes),
         };
+        let session = match &self.source {
+            Source::File => builder.commit_from_file(&path),
+            Source::Bytes(bytes) => builder.commit_from_memory(bytes),
+        }
+        .map_err(model_err)?;
         let takes_baseline = check_contract(&session, &path)?;
         check_features(&session, &path, takes_baseline)?;
         let run_options = RunOptions::new().map_err(model_err)?;
@@ -160,7 +162,8 @@ impl OnnxPredictorBuilder {
 }
 
 /// A model's identity ([`Predictor::fingerprint`]): its length and CRC-32, wherever the file
-/// lies (a copy of the same model elsewhere is the same model).
+/// lies (a copy of the same model elsewhere is the same model). Of the `.onnx` file only: a
+/// model whose weights lie in a separate external-data file is not told apart by them.
 fn fingerprint(model: &[u8]) -> String {
     format!(
         "onnx model, {} bytes, crc32 {:08x}",

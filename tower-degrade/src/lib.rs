@@ -103,7 +103,8 @@
 //! `tokio` (time and the control loop), `metrics` (the metrics facade: users pick the exporter),
 //! `tracing` (events for every transition), `arc-swap` (the per-tick status read by admin
 //! endpoints without locks), `quanta` (a TSC clock for timing calls, see [`clock`]), `bytes`,
-//! `crc32fast` (the checksum of a saved [`Calibrations`](breaker::Calibrations) file).
+//! `crc32fast` (the checksum of a saved [`Calibrations`](breaker::Calibrations) file), `tempfile`
+//! (the temporary file of its own each save writes, then renames over the record).
 //!
 //! With `fallback`: `serde` + `postcard` (kept tasks as compact binary records; task-API
 //! payloads as JSON with `serde_json`, readable in manual review), `http-body-util` (reading a

@@ -93,8 +93,10 @@ const TAIL_QUANTILE: f64 = 0.98;
 const LOWEST_START: f64 = 0.8;
 /// The excesses kept for the fit (a sliding window: the newest).
 const MAX_PEAKS: usize = 2_048;
-/// The most healthy ticks a saved calibration may say it has seen ([`Learnt::check`]).
-const MAX_SEEN: u64 = 1 << 53;
+/// The most healthy ticks a saved calibration may say it has seen ([`Learnt::check`]): far
+/// under `u64::MAX`, so that the ticks counted after a restore never reach a count refused
+/// when saved again (2^52 ticks is 70 million years at 500 ms).
+const MAX_SEEN: u64 = 1 << 52;
 /// The fewest excesses a first fit takes, whatever the warm-up: fewer give a tail that trips
 /// far over its budget (on the harness's simulated traces, 20 gave 40 false trips a day, 50
 /// gave 6). So the warm-up learns at least 50 / 2 % = 2,500 healthy scores, and where scores
@@ -187,6 +189,9 @@ impl Learnt {
     pub(crate) fn check(&self) -> Result<(), String> {
         let (lo, hi) = (logit(EPS), logit(1.0 - EPS));
         let within = |x: f64| x.is_finite() && (lo..=hi).contains(&x);
+        // An excess is stored as `x - start`: `start + excess` can round a step past `x`,
+        // the clamp itself for a model that answers 1.0.
+        let slack = 1e-9;
         match self {
             Self::WarmingUp(scores) => match scores.iter().position(|&x| !within(x)) {
                 Some(i) => Err(format!(
@@ -208,14 +213,13 @@ impl Learnt {
                 if let Some(i) = f
                     .peaks
                     .iter()
-                    .position(|&e| !(e > 0.0 && within(f.start + e)))
+                    .position(|&e| !(e > 0.0 && e.is_finite() && f.start + e <= hi + slack))
                 {
                     return Err(format!(
                         "excess {i} is {}: not over the tail's start",
                         f.peaks[i]
                     ));
                 }
-                // (A count that could not be reached: 2^53 ticks is 140 million years at 500 ms.)
                 if f.seen > MAX_SEEN {
                     return Err(format!("{} healthy ticks seen", f.seen));
                 }
@@ -604,6 +608,29 @@ mod tests {
         let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
         assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
         assert!(b < 0.97, "the floor's hour is over: {b}");
+    }
+
+    #[test]
+    fn what_a_model_that_answers_1_teaches_reads_back() {
+        // A healthy score at the clamp is stored as its excess over the tail's start, and
+        // the start plus that excess can round a step past the clamp: the check allows it
+        // (it refused a record the calibration had just given, for one start in ten).
+        for i in 0..40 {
+            let centre = -4.0 + 0.1 * f64::from(i);
+            let mut c = Calibrator::new(&Calibration::default(), Duration::from_millis(500));
+            let mut seed = 11 + u64::from(i as u32);
+            for t in 0..5_000 {
+                c.observe(if t % 40 == 0 {
+                    1.0
+                } else {
+                    healthy(&mut seed, centre)
+                });
+            }
+            assert!(c.threshold().is_some());
+            c.learnt()
+                .check()
+                .unwrap_or_else(|e| panic!("centre {centre}: {e}"));
+        }
     }
 
     #[test]

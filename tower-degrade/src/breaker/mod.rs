@@ -149,9 +149,10 @@ const MERGE_GAP: u32 = FALSE_ALARM_TICKS / 4;
 /// Healthy scores a restored calibration learns before its threshold holds
 /// ([`Calibrations`]): until then the class is calibrating and the predictor only reports,
 /// while the predictor's own history of the class (a model's window of 64 ticks, the long
-/// baseline it reads against) fills again after the restart. 128 at the 500 ms tick, about a
-/// minute of healthy scores, each learnt [`FALSE_ALARM_TICKS`] after its own: in place of
-/// the warm-up's 3,600.
+/// baseline it reads against) fills again after the restart. 128, each learnt
+/// [`FALSE_ALARM_TICKS`] after its own, once the class's window is whole (its 68th tick):
+/// about two minutes after the start at the 500 ms tick, in place of the warm-up's 3,600
+/// scores.
 pub const RESTORED_SETTLE_TICKS: u32 = 128;
 
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a

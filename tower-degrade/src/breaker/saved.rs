@@ -29,9 +29,10 @@ const VERSION: u16 = 1;
 /// What every calibrated class of a degrader has learnt of its healthy prediction scores, to
 /// restore in a later process ([`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations)),
 /// with the tick it was learnt at and the predictor it was learnt from
-/// ([`Predictor::fingerprint`](crate::predict::Predictor::fingerprint)): a calibration is only
-/// restored where both are the same (a model's scores on another tick, or another model's,
-/// are another distribution).
+/// ([`Predictor::fingerprint`](crate::predict::Predictor::fingerprint)), and the service: a
+/// calibration is only restored where all three are the same (a model's scores on another
+/// tick, or another model's, are another distribution; another service's classes are not
+/// these, whatever their names).
 ///
 /// ```no_run
 /// # fn demo(degrader: &tower_degrade::Degrader) -> Result<(), tower_degrade::breaker::CalibrationsError> {
@@ -46,6 +47,7 @@ const VERSION: u16 = 1;
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Calibrations {
+    pub(crate) service: String,
     pub(crate) tick: Duration,
     pub(crate) predictor: Option<String>,
     pub(crate) classes: Vec<(String, Learnt)>,
@@ -97,6 +99,12 @@ impl std::error::Error for CalibrationsError {
 }
 
 impl Calibrations {
+    /// The service whose degrader learnt them ([`Degrader::builder`](crate::Degrader::builder)'s
+    /// name): they are restored only into a degrader of the same service.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
     /// The tick the calibrations were learnt at.
     pub fn tick(&self) -> Duration {
         self.tick
@@ -119,6 +127,7 @@ impl Calibrations {
         let mut w = Vec::with_capacity(64 + self.classes.len() * 1_024);
         w.extend_from_slice(MAGIC);
         w.extend_from_slice(&VERSION.to_le_bytes());
+        put_str(&mut w, &self.service);
         put_u64(
             &mut w,
             u64::try_from(self.tick.as_nanos()).unwrap_or(u64::MAX),
@@ -168,8 +177,10 @@ impl Calibrations {
         decode(bytes).map_err(|reason| CalibrationsError::Invalid { path: None, reason })
     }
 
-    /// Write the record to `path`: to a temporary file beside it, synced, then renamed over
-    /// it, so that a crash leaves the old record or the new one. The directory must exist.
+    /// Write the record to `path`: to a temporary file of its own beside it (two saves at
+    /// once do not share one), synced, then renamed over it, and the directory synced, so
+    /// that a crash leaves the old record or the new one. The directory must exist. Blocking
+    /// file I/O: from async code, in `spawn_blocking`.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), CalibrationsError> {
         let path = path.as_ref();
         let io = |source| CalibrationsError::Io {
@@ -180,26 +191,24 @@ impl Calibrations {
             path: Some(path.to_path_buf()),
             reason: "names no file".into(),
         })?;
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = path.with_file_name(tmp_name);
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&self.to_bytes())?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".");
+        // Removed when dropped, on any error below.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io)?;
+        tmp.write_all(&self.to_bytes()).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
         // The rename itself lasts once the directory is synced (where the system allows it).
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = std::fs::File::open(dir)
-        {
+        if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
         Ok(())
@@ -325,17 +334,18 @@ fn decode(bytes: &[u8]) -> Result<Calibrations, String> {
         bytes: &bytes[..body_len],
         at: MAGIC.len(),
     };
+    let (body, sum) = bytes.split_at(body_len);
+    let sum = u32::from_le_bytes(sum.try_into().expect("4 bytes"));
+    if crc32fast::hash(body) != sum {
+        return Err("damaged or cut short: its checksum does not match its bytes".into());
+    }
     let version = u16::from_le_bytes(r.array("the version")?);
     if version != VERSION {
         return Err(format!(
             "version {version}: this build reads version {VERSION}"
         ));
     }
-    let (body, sum) = bytes.split_at(body_len);
-    let sum = u32::from_le_bytes(sum.try_into().expect("4 bytes"));
-    if crc32fast::hash(body) != sum {
-        return Err("damaged or cut short: its checksum does not match its bytes".into());
-    }
+    let service = r.str("the service")?;
     let tick = Duration::from_nanos(r.u64("the tick")?);
     if tick.is_zero() {
         return Err("a tick of 0".into());
@@ -386,6 +396,7 @@ fn decode(bytes: &[u8]) -> Result<Calibrations, String> {
         return Err(format!("{} bytes after the last class", body_len - r.at));
     }
     Ok(Calibrations {
+        service,
         tick,
         predictor,
         classes,
@@ -398,6 +409,7 @@ mod tests {
 
     fn sample() -> Calibrations {
         Calibrations {
+            service: "shop".into(),
             tick: Duration::from_millis(500),
             predictor: Some("p_anomaly.onnx: 1234 bytes, crc32 0badf00d".into()),
             classes: vec![
@@ -543,6 +555,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("version 7: this build reads version 1"), "{e}");
+    }
+
+    #[test]
+    fn saves_at_once_to_one_file_each_replace_it_whole() {
+        // Each save writes a temporary file of its own: with one shared name, a second save
+        // truncated the first's and a half-written record was renamed into place.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calibrations.bin");
+        let (a, b) = (
+            sample(),
+            Calibrations {
+                classes: Vec::new(),
+                ..sample()
+            },
+        );
+        a.save(&path).unwrap();
+        std::thread::scope(|s| {
+            for c in [&a, &b] {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        c.save(path).unwrap();
+                    }
+                });
+            }
+            for _ in 0..400 {
+                let read = Calibrations::load(&path).unwrap();
+                assert!(read == a || read == b);
+            }
+        });
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

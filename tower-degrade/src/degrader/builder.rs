@@ -13,13 +13,13 @@ use crate::admit::{Admission, CpuSignal, Limiter};
 use crate::breaker::{Breaker, BreakerConfig, Calibrations, Command};
 use crate::class::{ClassConfig, Registry};
 use crate::clock::{LatencyClock, Timer};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, escape_cut};
 use crate::gate::Gate;
 use crate::predict::{PredictStage, Predictor, PredictorConfig, Runner};
 use crate::window::{Gauges, Shard, Slots, shard_count};
 
-/// Restore the classes' calibrations from `saved` where it was learnt at `tick` from the
-/// predictor `fingerprint` names (`DegraderBuilder::restore_calibrations`).
+/// Restore the classes' calibrations from `saved` where it was learnt by this service at
+/// `tick` from the predictor `fingerprint` names (`DegraderBuilder::restore_calibrations`).
 fn restore(
     service: &str,
     registry: &Registry,
@@ -28,6 +28,16 @@ fn restore(
     tick: Duration,
     fingerprint: Option<&str>,
 ) {
+    let shown = |text: Option<&str>| text.map_or("none".into(), |t| escape_cut(t, 120));
+    if saved.service != service {
+        tracing::warn!(
+            service,
+            saved = %escape_cut(&saved.service, 120),
+            "calibrations saved by another service are not restored: every class calibrates \
+             afresh"
+        );
+        return;
+    }
     if saved.tick != tick {
         tracing::warn!(
             service,
@@ -40,30 +50,38 @@ fn restore(
     if saved.predictor.as_deref() != fingerprint {
         tracing::warn!(
             service,
-            saved = saved.predictor.as_deref().unwrap_or("none"),
-            predictor = fingerprint.unwrap_or("none"),
-            "calibrations learnt from another predictor are not restored: every class \
-             calibrates afresh"
+            saved = %shown(saved.predictor.as_deref()),
+            predictor = %shown(fingerprint),
+            "calibrations learnt from another predictor (or with none attached) are not \
+             restored: every class calibrates afresh"
         );
         return;
     }
-    let (mut restored, mut left_out) = (0, Vec::new());
+    let (mut restored, mut fixed, mut left_out) = (0, 0, Vec::new());
     for (name, learnt) in saved.classes {
         match registry.require(&name) {
             Ok(id) => {
                 let mut ctl = control[id.index()]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                restored += usize::from(ctl.predicting_mut().restore(learnt, tick));
+                if ctl.predicting_mut().restore(learnt, tick) {
+                    restored += 1;
+                } else {
+                    fixed += 1;
+                }
             }
             Err(_) => left_out.push(name),
         }
     }
+    let first_left_out: Vec<String> = left_out.iter().take(8).map(|n| escape_cut(n, 64)).collect();
     tracing::info!(
         service,
         restored,
-        left_out = ?left_out,
-        "calibrations restored (classes not in this degrader left out)"
+        fixed_threshold = fixed,
+        left_out = left_out.len(),
+        ?first_left_out,
+        "calibrations restored (classes with a fixed threshold now, or not in this degrader, \
+         left out)"
     );
 }
 

@@ -182,6 +182,7 @@ impl Degrader {
             })
             .collect();
         crate::breaker::Calibrations {
+            service: self.shared.service.to_string(),
             tick: self.shared.period,
             predictor: self.shared.fingerprint.clone(),
             classes,

@@ -774,7 +774,17 @@ impl Predictor for Versioned {
 /// `stock` with [`Spread`] under `version`, the calibrated default (the shortest warm-up),
 /// ticking every `tick`, restored from `saved` if given; filled.
 fn spread(version: &'static str, tick: Duration, saved: Option<Calibrations>) -> Degrader {
-    let mut b = Degrader::builder("shop")
+    spread_in("shop", version, tick, saved)
+}
+
+/// [`spread`] in the degrader of `service`.
+fn spread_in(
+    service: &str,
+    version: &'static str,
+    tick: Duration,
+    saved: Option<Calibrations>,
+) -> Degrader {
+    let mut b = Degrader::builder(service)
         .latency_clock(LatencyClock::Tokio)
         .tick(tick)
         .breaker(
@@ -829,17 +839,26 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
         "{learnt} restored as {restored}"
     );
 
-    // Learnt from another model, or at another tick: calibrating afresh, and said so.
+    // Learnt from another model, at another tick or by another service: calibrating
+    // afresh, and said so.
+    assert_eq!(saved.service(), "shop");
     let (logs, _guard) = logs::Logs::capture();
     let other_model = spread("v2", tick, Some(saved.clone()));
-    let other_tick = spread("v1", Duration::from_secs(1), Some(saved));
-    healthy(&other_model, 300).await;
-    healthy(&other_tick, 300).await;
-    assert_eq!(stock_threshold(&other_model), None);
-    assert_eq!(stock_threshold(&other_tick), None);
+    let other_tick = spread("v1", Duration::from_secs(1), Some(saved.clone()));
+    let other_service = spread_in("cart", "v1", tick, Some(saved));
+    for other in [&other_model, &other_tick, &other_service] {
+        healthy(other, 300).await;
+        assert_eq!(stock_threshold(other), None);
+    }
     let text = logs.text();
     assert!(
-        text.contains("calibrations learnt from another predictor are not restored"),
+        text.contains("calibrations saved by another service are not restored"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "calibrations learnt from another predictor (or with none attached) are not restored"
+        ),
         "{text}"
     );
     assert!(
