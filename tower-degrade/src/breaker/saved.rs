@@ -615,4 +615,52 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no-such-dir"), "{e}");
     }
+
+    /// A record read from any bytes is one a calibration restores and learns on from, and
+    /// writes back as it was read.
+    fn restores_and_learns(c: &Calibrations) {
+        assert_eq!(Calibrations::from_bytes(&c.to_bytes()).unwrap(), *c);
+        for (_, learnt) in &c.classes {
+            let mut cal = super::super::calibrate::Calibrator::restored(
+                &super::super::Calibration::default(),
+                Duration::from_millis(500),
+                learnt.clone(),
+            );
+            for p in [0.01, 0.5, 0.999_999, 1.0, 0.0, 0.2] {
+                cal.observe(p);
+                let _ = (cal.threshold(), cal.exceeds(p), cal.beyond_reach());
+            }
+            cal.false_alarm(0.9);
+            cal.learnt().check().unwrap();
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_a_record_or_a_reason_never_a_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+        ) {
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&bytes);
+            for input in [&bytes[..], &b[..], &resealed(b.clone())[..]] {
+                if let Ok(c) = Calibrations::from_bytes(input) {
+                    restores_and_learns(&c);
+                }
+            }
+        }
+
+        #[test]
+        fn a_resealed_record_with_bytes_changed_is_one_or_a_reason(
+            edits in proptest::collection::vec((0usize..1_000, proptest::num::u8::ANY), 1..6),
+        ) {
+            let mut b = body(&sample());
+            for (at, v) in edits {
+                let at = at % b.len();
+                b[at] = v;
+            }
+            if let Ok(c) = Calibrations::from_bytes(&resealed(b)) {
+                restores_and_learns(&c);
+            }
+        }
+    }
 }
