@@ -454,10 +454,15 @@ mod tests {
             for bit in [0x01, 0x80] {
                 let mut b = bytes.clone();
                 b[i] ^= bit;
-                let e = Calibrations::from_bytes(&b).unwrap_err().to_string();
+                let e = refused(&b);
                 assert!(e.starts_with("calibrations: "), "{i}: {e}");
             }
         }
+    }
+
+    /// Why `bytes` are not a record.
+    fn refused(bytes: &[u8]) -> String {
+        Calibrations::from_bytes(bytes).unwrap_err().to_string()
     }
 
     /// Bytes with a valid checksum over fields that are wrong: the field is named.
@@ -476,48 +481,36 @@ mod tests {
     fn values_no_calibration_holds_are_refused_naming_the_class() {
         let mut c = sample();
         c.classes[0].1 = Learnt::WarmingUp(vec![-3.0, f64::NAN]);
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(e.contains("class payment: warm-up score 1 is NaN"), "{e}");
         let mut c = sample();
         if let Learnt::Fitted(f) = &mut c.classes[1].1 {
             f.peaks[2] = -1.0;
         }
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(e.contains("class browse: excess 2 is -1"), "{e}");
         let mut c = sample();
         if let Learnt::Fitted(f) = &mut c.classes[1].1 {
             f.runs = 121;
         }
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(e.contains("class browse: counts that do not agree"), "{e}");
         let mut c = sample();
         if let Learnt::Fitted(f) = &mut c.classes[1].1 {
             (f.seen, f.exceeded, f.over, f.runs) = (u64::MAX, 120, 120, 90);
         }
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(
             e.contains("class browse: 18446744073709551615 healthy ticks"),
             "{e}"
         );
         let mut c = sample();
         c.classes[1].0 = "payment".into();
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(e.contains("class payment is given twice"), "{e}");
         let mut c = sample();
         c.tick = Duration::ZERO;
-        let e = Calibrations::from_bytes(&c.to_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = refused(&c.to_bytes());
         assert!(e.contains("a tick of 0"), "{e}");
     }
 
@@ -531,29 +524,21 @@ mod tests {
         // The warm-up's count is the 4 bytes before its one score.
         let at = b.len() - 8 - 4;
         b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let e = Calibrations::from_bytes(&resealed(b))
-            .unwrap_err()
-            .to_string();
+        let e = refused(&resealed(b));
         assert!(e.contains("cut short: the warm-up scores"), "{e}");
         let mut b = body(&c);
         b.push(0);
-        let e = Calibrations::from_bytes(&resealed(b))
-            .unwrap_err()
-            .to_string();
+        let e = refused(&resealed(b));
         assert!(e.contains("1 bytes after the last class"), "{e}");
     }
 
     #[test]
     fn another_file_or_version_says_so() {
-        let e = Calibrations::from_bytes(b"{\"classes\": []}")
-            .unwrap_err()
-            .to_string();
+        let e = refused(b"{\"classes\": []}");
         assert!(e.contains("not a calibrations record"), "{e}");
         let mut b = body(&sample());
         b[8..10].copy_from_slice(&7u16.to_le_bytes());
-        let e = Calibrations::from_bytes(&resealed(b))
-            .unwrap_err()
-            .to_string();
+        let e = refused(&resealed(b));
         assert!(e.contains("version 7: this build reads version 1"), "{e}");
     }
 
