@@ -15,7 +15,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /` | a status page: every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
-//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, prediction, its threshold and record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
+//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores it still learns, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
@@ -375,6 +375,7 @@ impl Admin {
                     "prediction": c.prediction,
                     "prediction_threshold": c.prediction_threshold,
                     "calibrating": c.calibrating,
+                    "calibration_left": c.calibration_left,
                     "prediction_record": c.prediction_record.map(|r| json!({
                         "confirmed": r.confirmed,
                         "false_alarms": r.false_alarms,

@@ -346,6 +346,17 @@ impl Calibrator {
         }
     }
 
+    /// Healthy scores still to learn before the threshold holds (the warm-up's, or a restored
+    /// calibration's settling); `None` once it holds.
+    pub(crate) fn left(&self) -> Option<u32> {
+        let warming = match &self.tail {
+            None => self.warm_up.saturating_sub(self.init.len()),
+            Some(_) => 0,
+        };
+        let left = u32::try_from(warming).unwrap_or(u32::MAX).max(self.settle);
+        (left > 0).then_some(left)
+    }
+
     /// The tail whose threshold is in force: none while warming up, or while a restored
     /// calibration settles.
     fn armed(&self) -> Option<&Tail> {
@@ -591,6 +602,7 @@ mod tests {
         let settle = super::super::RESTORED_SETTLE_TICKS;
         for i in 0..settle {
             assert_eq!(r.threshold(), None, "score {i}: still settling");
+            assert_eq!(r.left(), Some(settle - i));
             assert!(!r.exceeds(0.999_999));
             let p = healthy(&mut seed, -3.0);
             c.observe(p);
@@ -682,6 +694,8 @@ mod tests {
     fn warms_up_then_reports_a_threshold() {
         let (c, _) = calibrated(-3.0, 3_599);
         assert_eq!(c.threshold(), None, "still warming up");
+        assert_eq!(c.left(), Some(1));
+        assert_eq!(calibrated(-3.0, 0).0.left(), Some(3_600));
         let (c, _) = calibrated(-3.0, 3_600);
         assert!(c.threshold().is_some());
     }

@@ -218,6 +218,12 @@ impl Breaker {
         self
     }
 
+    /// Healthy scores its calibrated threshold still learns before it holds (the warm-up's,
+    /// or a restored calibration's settling); `None` once it holds, or with a fixed one.
+    pub fn calibration_left(&self) -> Option<u32> {
+        self.calibrator.as_ref()?.left()
+    }
+
     /// What its calibrated threshold has learnt (`None` with a fixed threshold).
     pub(crate) fn learnt(&self) -> Option<Learnt> {
         self.calibrator.as_ref().map(Calibrator::learnt)

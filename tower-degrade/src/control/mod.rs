@@ -344,6 +344,9 @@ impl Shared {
                         .then(|| ctl.predicting().predict_threshold())
                         .flatten(),
                     calibrating: attached && ctl.predicting().predict_threshold().is_none(),
+                    calibration_left: attached
+                        .then(|| ctl.predicting().calibration_left())
+                        .flatten(),
                     prediction_record: attached.then(|| ctl.predicting().prediction_record()),
                 }
             })

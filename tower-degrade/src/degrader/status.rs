@@ -105,6 +105,11 @@ pub struct ClassStatus {
     /// A predictor is attached and the class is still learning its healthy scores: the
     /// predictor only reports, it does not degrade the class.
     pub calibrating: bool,
+    /// While [`calibrating`](Self::calibrating): the healthy scores the class still learns
+    /// before its threshold holds (the warm-up's, or the settling of a calibration restored
+    /// with [`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations)),
+    /// each learnt 40 healthy ticks after its own.
+    pub calibration_left: Option<u32>,
     /// With a predictor attached: how the class's predictions turned out so far (warnings
     /// confirmed, false alarms, breaches missed, the last lead).
     pub prediction_record: Option<PredictionRecord>,

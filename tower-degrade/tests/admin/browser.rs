@@ -174,12 +174,14 @@ impl Predictor for Quiet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
-    // The shop, with a predictor at a fixed threshold (armed once a class's window is whole:
-    // 68 ticks, ticked below before the page is opened).
+    // The shop, with a predictor at a fixed threshold for payment (armed once a class's window
+    // is whole: 68 ticks, ticked below before the page is opened).
     let d = support::builder("shop")
         .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::gold("payment").depends_on("db"))
         .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
+        // browse_log calibrates its threshold (the default), and has no calls to learn from.
+        .class_breaker("browse_log", BreakerConfig::default())
         .predictor(Quiet, PredictorConfig::default())
         .build_with_worker()
         .expect("valid config")
@@ -237,6 +239,13 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     assert_eq!(
         record,
         "warnings confirmed: 0, false alarms: 0, breaches missed: 1"
+    );
+    // A class still calibrating says how many healthy scores it has to go.
+    assert_eq!(
+        text(&c, "tr[data-class=\"browse_log\"] td:nth-child(8)")
+            .await
+            .as_deref(),
+        Some("calibrating, 3600 to go")
     );
 
     // Without the token, or with a wrong one, a button is refused and changes nothing.

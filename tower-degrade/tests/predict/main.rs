@@ -827,11 +827,23 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
     let e = spread("v1", tick, Some(saved.clone()));
     let fresh = spread("v1", tick, None);
     assert_eq!(stock_threshold(&e), None, "settling");
+    let left = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.calibration_left
+    };
+    // (The filling ticks carried no calls: nothing learnt yet.)
+    assert_eq!(
+        left(&e),
+        Some(tower_degrade::breaker::RESTORED_SETTLE_TICKS)
+    );
+    assert_eq!(left(&fresh), Some(2_500), "the shortest warm-up");
     // (A restored calibration learns RESTORED_SETTLE_TICKS healthy scores, each
     // FALSE_ALARM_TICKS after its own; the filling ticks carried no calls.)
     healthy(&e, 200).await;
     healthy(&fresh, 200).await;
     let restored = stock_threshold(&e).expect("restored and settled");
+    assert_eq!(left(&e), None);
     assert_eq!(stock_threshold(&fresh), None, "a fresh warm-up is not over");
     let logit = |p: f64| (p / (1.0 - p)).ln();
     assert!(
