@@ -10,6 +10,19 @@
 //! overdue (a failure): 30 healthy 1.2 s email jobs in a gold class with the default 50 ms SLA
 //! are all overdue and open it. `ClassConfig::gold("order_email").sla(Duration::from_secs(5))`.
 //!
+//! **Give a low-rate class a low `min_requests`.** A breaker opens on failures over at least
+//! [`BreakerConfig::min_requests`](crate::breaker::BreakerConfig::min_requests) calls in one
+//! tick (20 by default; 500 ms): a consumer that runs one job at a time, or a cron job,
+//! never reaches it, and its class is never opened by failures alone (in a trial at 5, 40 jobs
+//! of 1 s in a row against a 300 ms timeout all timed out, the class stayed closed and
+//! nothing was kept). `DegraderBuilder::class_breaker("order_email",
+//! BreakerConfig::default().min_requests(1))`: the first failing job opens it, and the next
+//! ones go to its fallback.
+//!
+//! **A handler that panics** counts as a failure of its class, and the panic goes on to the
+//! caller of [`Tasks::run`] (a `JoinError` from a spawned task): catch it there if the loop
+//! must go on.
+//!
 //! Kept jobs ([`TasksBuilder::keep`]): give jobs that a queue may deliver twice an
 //! [`idempotency_key`](TasksBuilder::idempotency_key), and a router that keeps jobs of
 //! several types a [`ReplayByClass`](crate::fallback::ReplayByClass).

@@ -18,6 +18,7 @@ use super::replay::{ReplayFuture, Replayed};
 use super::schedule::{Clock, RetryPolicy};
 use super::store::{Op, Store, StoreError};
 use crate::error::BoxError;
+use crate::every::{Every, LOG_EVERY};
 
 /// One merged write: every key's merged value, and an id that is the same if the write is
 /// retried, even after a restart (a sink can use it to ignore a write it already applied).
@@ -162,6 +163,7 @@ impl<V: Send + 'static> BatchMerge<V> {
             }),
             flushing: tokio::sync::Mutex::new(()),
             unreadable_said: std::sync::atomic::AtomicBool::new(false),
+            refused: Every::new(LOG_EVERY),
         }
     }
 }
@@ -274,6 +276,9 @@ pub(crate) struct MergeBatcher<V> {
     flushing: tokio::sync::Mutex<()>,
     /// Whether a delta the journal could not read back was logged (once).
     unreadable_said: std::sync::atomic::AtomicBool,
+    /// The store refusing a flush's commits: said at most every 10 s while it lasts (a flush
+    /// runs every few hundred ms), and once when it ends.
+    refused: Every,
 }
 
 impl<V> MergeBatcher<V> {
@@ -374,8 +379,11 @@ where
                 })
                 .collect();
             if let Err(e) = store.commit(ops).await {
-                tracing::warn!(class = %self.class, error = %e,
-                    "batch_merge: deltas the merge panicked on cannot be moved to manual review yet; they stay journaled");
+                self.commit_failed(
+                    &e,
+                    "deltas the merge panicked on cannot be moved to manual review yet; they \
+                     stay journaled",
+                );
                 self.state().poisoned.extend(poisoned);
             }
         }
@@ -406,14 +414,19 @@ where
                     let mut ops = vec![Op::Put(Queue::Journal, task.clone())];
                     ops.extend(ids.iter().map(|id| Op::Remove(Queue::Journal, *id)));
                     match store.commit(ops).await {
-                        Ok(()) => self.state().sealed.push(Sealed {
-                            task,
-                            attempts: 0,
-                            next_ms: now,
-                        }),
+                        Ok(()) => {
+                            self.committed();
+                            self.state().sealed.push(Sealed {
+                                task,
+                                attempts: 0,
+                                next_ms: now,
+                            });
+                        }
                         Err(e) => {
-                            tracing::warn!(class = %self.class, error = %e,
-                                "batch_merge: the batch cannot be sealed; its deltas stay journaled");
+                            self.commit_failed(
+                                &e,
+                                "the batch cannot be sealed; its deltas stay journaled",
+                            );
                             self.restore(items, ids, now);
                         }
                     }
@@ -486,6 +499,24 @@ where
     }
 
     /// A value the journal cannot read back: logged once per class.
+    /// The store refused a flush's commit: `what` is said at most every 10 s.
+    fn commit_failed(&self, error: &StoreError, what: &str) {
+        if let Some(held) = self.refused.ready() {
+            tracing::warn!(class = %self.class, error = %error, also_failed = held,
+                "batch_merge: {what} (said at most every 10 s; `also_failed`: commits refused \
+                 since the last line)");
+        }
+    }
+
+    /// A flush's commit went through: the end of a refusal said, if one was.
+    fn committed(&self) {
+        if let Some(held) = self.refused.reset() {
+            tracing::info!(class = %self.class, also_failed = held,
+                "batch_merge: the store takes the batches again (`also_failed`: commits refused \
+                 since the last warning)");
+        }
+    }
+
     fn unreadable(&self, error: &str) {
         if !self
             .unreadable_said

@@ -769,6 +769,46 @@ async fn a_call_its_client_gave_up_on_mid_commit_still_holds_its_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_store_down_under_batch_merge_is_said_once_not_at_every_flush() {
+    // A flush runs every 100 ms: a batch it cannot seal was a warning each time, ten lines
+    // a second for as long as the store was down. Now at most one every 10 s (of the
+    // machine's time: this test's paused seconds take milliseconds of it), and its end once.
+    let d = degrader([ClassConfig::silver("inv").fallback_route(Route::BatchMerge)]);
+    let store = Flaky::default();
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .store(store.clone())
+        .replay(replay(&App::default()))
+        .batch_merge("inv", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    let inv = layered(&d, "inv", router, &App::default());
+    d.force_open("inv").unwrap();
+    for sku in ["sku-a", "sku-b", "sku-a"] {
+        let res = call(&inv, post(&format!("/inv/{sku}"), "2")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    let (logs, guard) = logs::Logs::capture();
+    store.down.store(true, Ordering::SeqCst);
+    tokio::spawn(worker.run());
+    run_for(5_000).await;
+    store.down.store(false, Ordering::SeqCst);
+    run_for(500).await;
+    drop(guard);
+    let text = logs.text();
+    let said = text.matches("the batch cannot be sealed").count();
+    assert!((1..=2).contains(&said), "{said} lines: {text}");
+    assert_eq!(
+        text.matches("the store takes the batches again").count(),
+        1,
+        "{text}"
+    );
+    // Nothing lost meanwhile: the deltas stayed journaled, and were written once.
+    let t = totals(&writes.lock().unwrap());
+    assert_eq!((t.get("sku-a"), t.get("sku-b")), (Some(&4), Some(&2)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_replay_done_while_the_store_is_down_is_acknowledged_later_not_replayed_again() {
     // The store goes away while a replay runs: its outcome cannot be stored. It is stored
     // once the store is back; the replay is not done a second time meanwhile.

@@ -699,6 +699,22 @@ async fn an_unreadable_entry_does_not_hide_the_others_from_a_listing() {
 }
 
 #[tokio::test]
+async fn a_url_that_is_not_one_is_a_setting_refused_not_a_failure_to_retry() {
+    // It was `Io`, the kind a caller retries; the password is not shown either way.
+    for url in [
+        "not a url",
+        "http://127.0.0.1:6379",
+        "redis://127.0.0.1:6379/abc",
+        "redis://:hunter2@127.0.0.1:6379/abc",
+    ] {
+        let err = RedisStore::builder(url).build().unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Invalid, "{url}: {err}");
+        assert!(err.to_string().contains("not a Redis URL"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
+
+#[tokio::test]
 async fn a_claim_timeout_the_heartbeats_cannot_keep_is_refused() {
     // A claim timeout of 0 (or 1 ms) was accepted: every instance took the others' tasks and
     // replayed them again (228 of 276 kept calls twice).

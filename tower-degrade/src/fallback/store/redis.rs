@@ -299,9 +299,10 @@ impl RedisStoreBuilder {
                 "timeout must be more than zero (how long one Redis command may take)".into(),
             ));
         }
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            StoreError::new(StoreErrorKind::Io, format!("redis store `{shown}`: {e}"))
-        })?;
+        // A URL that does not parse (or asks for what this build lacks, TLS) is a setting,
+        // not a failure to retry.
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| invalid(format!("not a Redis URL this build can use: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
             .set_connection_timeout(Some(self.timeout))
