@@ -712,6 +712,27 @@ impl Store for Flaky {
     }
 }
 
+/// A router over a [`Flaky`] store with `inv` merged into [`inventory`]: the store, the
+/// inventory's writes, the router and its worker (not spawned).
+fn on_flaky_with_inventory(
+    d: &Degrader,
+) -> (
+    Flaky,
+    Arc<Mutex<Vec<Batch<i64>>>>,
+    FallbackRouter,
+    FallbackWorker,
+) {
+    let store = Flaky::default();
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let (router, worker) = FallbackRouter::builder(d)
+        .store(store.clone())
+        .replay(replay(&App::default()))
+        .batch_merge("inv", inventory(writes.clone(), Arc::default()))
+        .build()
+        .unwrap();
+    (store, writes, router, worker)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_call_its_client_gave_up_on_mid_commit_still_holds_its_key() {
     // The client goes away while its call's commit is in flight (a disconnect, an outer
@@ -721,14 +742,7 @@ async fn a_call_its_client_gave_up_on_mid_commit_still_holds_its_key() {
         ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
         ClassConfig::silver("inv").fallback_route(Route::BatchMerge),
     ]);
-    let store = Flaky::default();
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let (router, worker) = FallbackRouter::builder(&d)
-        .store(store.clone())
-        .replay(replay(&App::default()))
-        .batch_merge("inv", inventory(writes.clone(), Arc::default()))
-        .build()
-        .unwrap();
+    let (store, writes, router, worker) = on_flaky_with_inventory(&d);
     tokio::spawn(worker.run());
     let app = App::default();
     let pay = layered(&d, "pay", router.clone(), &app);
@@ -774,14 +788,7 @@ async fn a_store_down_under_batch_merge_is_said_once_not_at_every_flush() {
     // a second for as long as the store was down. Now at most one every 10 s (of the
     // machine's time: this test's paused seconds take milliseconds of it), and its end once.
     let d = degrader([ClassConfig::silver("inv").fallback_route(Route::BatchMerge)]);
-    let store = Flaky::default();
-    let writes = Arc::new(Mutex::new(Vec::new()));
-    let (router, worker) = FallbackRouter::builder(&d)
-        .store(store.clone())
-        .replay(replay(&App::default()))
-        .batch_merge("inv", inventory(writes.clone(), Arc::default()))
-        .build()
-        .unwrap();
+    let (store, writes, router, worker) = on_flaky_with_inventory(&d);
     let inv = layered(&d, "inv", router, &App::default());
     d.force_open("inv").unwrap();
     for sku in ["sku-a", "sku-b", "sku-a"] {
