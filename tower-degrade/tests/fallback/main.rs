@@ -712,16 +712,12 @@ impl Store for Flaky {
     }
 }
 
+/// The batches [`inventory`] wrote.
+type Writes = Arc<Mutex<Vec<Batch<i64>>>>;
+
 /// A router over a [`Flaky`] store with `inv` merged into [`inventory`]: the store, the
 /// inventory's writes, the router and its worker (not spawned).
-fn on_flaky_with_inventory(
-    d: &Degrader,
-) -> (
-    Flaky,
-    Arc<Mutex<Vec<Batch<i64>>>>,
-    FallbackRouter,
-    FallbackWorker,
-) {
+fn on_flaky_with_inventory(d: &Degrader) -> (Flaky, Writes, FallbackRouter, FallbackWorker) {
     let store = Flaky::default();
     let writes = Arc::new(Mutex::new(Vec::new()));
     let (router, worker) = FallbackRouter::builder(d)
