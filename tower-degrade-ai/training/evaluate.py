@@ -34,8 +34,8 @@ import features
 import simulate
 from features import N_FEATURES, P99, SUCCESS, WINDOW
 from protocol import Result, alarms, auprc, bootstrap_ci, early_targets, evaluate, held, normal_steps
-from traces import (MINUTE_SCALE, NOTES, Trace, grace, headline_horizon, horizons, note, notes_section,
-                    read_datasets, tick_scale, windows)
+from traces import (MINUTE_SCALE, NOTES, Trace, grace, headline_horizon, horizons, missing_out_dir, note,
+                    notes_section, read_datasets, tick_scale, windows)
 
 BUDGETS = (1.0, 0.1)  # false trips per day of data time
 MAX_ALARMED = 0.01
@@ -551,6 +551,29 @@ def fmt(v, p=2):
     return "–" if v is None else f"{v:.{p}f}"
 
 
+# Fewer test incidents than this: an early recall's bootstrap interval cannot show how unsure it is.
+FEW_EVENTS = 10
+
+
+def cautions(events: int, days: float) -> list:
+    """What too few test incidents (`events`) or too little normal test time (`days`) make of
+    a table's numbers, one sentence each (none where there are enough of both)."""
+    warn = []
+    if events == 0:
+        warn.append("no test incident: no early recall to measure, only false trips")
+    elif events < FEW_EVENTS:
+        warn.append(f"{events} test incident(s): an early recall over so few moves in steps of "
+                    f"{1 / max(events, 1):.2f}, and its bootstrap interval cannot show how unsure it is "
+                    "(over incidents all missed or all warned of, it is [0, 0] or [1, 1])")
+    if days == 0:
+        warn.append("no normal test data (every test step is in an incident, its grace, before one "
+                    "or ignored): no false-trip rate to measure")
+    elif days < 1:
+        warn.append(f"{days:.2f} days of normal test data: one false trip there reads as "
+                    f"{1 / days:.3g} a day; record days, not hours, before reading these rates")
+    return warn
+
+
 def table(rows, dataset, H, k, budget, caution=False) -> str:
     """The rows of `dataset` at horizon H, k and budget as a Markdown table; `caution`: after
     its heading, what too few incidents or too little normal time make of its numbers."""
@@ -567,19 +590,7 @@ def table(rows, dataset, H, k, budget, caution=False) -> str:
              f"({sel[0]['events']} test events, {sel[0]['test_days']:.2f} days of normal test data)", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     events, days = sel[0]["events"], sel[0]["test_days"]
-    warn = []
-    if caution and events == 0:
-        warn.append("no test incident: no early recall to measure, only false trips")
-    elif caution and events < 10:
-        warn.append(f"{events} test incident(s): an early recall over so few moves in steps of "
-                    f"{1 / max(events, 1):.2f}, and its bootstrap interval cannot show how unsure it is "
-                    "(over incidents all missed or all warned of, it is [0, 0] or [1, 1])")
-    if caution and days == 0:
-        warn.append("no normal test data (every test step is in an incident, its grace, before one "
-                    "or ignored): no false-trip rate to measure")
-    elif caution and days < 1:
-        warn.append(f"{days:.2f} days of normal test data: one false trip there reads as "
-                    f"{1 / days:.3g} a day; record days, not hours, before reading these rates")
+    warn = cautions(events, days) if caution else []
     if warn:
         lines[1:1] = ["", *(f"*Caution: {w}.*" for w in warn)]
     for r in sel:
@@ -637,6 +648,10 @@ def main():
         sys.exit("evaluate.py: --traces-only needs --traces DIR (the directories to score)")
     if a.data and not a.traces_only:
         datasets.require(a.data, "evaluate.py")
+    # Fail now, not after the scoring: the directories the reports go to.
+    missing = missing_out_dir(out=a.out, json=a.json)
+    if missing:
+        sys.exit(f"evaluate.py: {missing}")
 
     # The traces first: a file that cannot be read fails now, not after the simulator's run.
     try:

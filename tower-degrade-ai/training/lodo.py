@@ -67,7 +67,7 @@ import evaluate
 import make_fixtures
 import simulate
 from protocol import chance_early
-from traces import HARNESS_DATASETS, NOTES, headline_horizon, notes_section, read_datasets
+from traces import HARNESS_DATASETS, NOTES, headline_horizon, missing_out_dir, notes_section, read_datasets
 
 FOLDS = HARNESS_DATASETS
 # The fold's model with its learnt head silenced (make_fixtures.silence_head): what training added.
@@ -163,12 +163,27 @@ def _default_row(d: str, r: dict) -> str:
 
 
 def _verdict(m, b) -> str:
+    """The model's early recall over the baseline's, and whether their intervals are apart:
+    not said over fewer than evaluate.FEW_EVENTS incidents, whose intervals cannot show how
+    unsure they are (all missed or all warned of: [0, 0] or [1, 1])."""
     if b["recall_early"] == 0:
         return "both 0" if m["recall_early"] == 0 else "ahead"
     ratio = m["recall_early"] / b["recall_early"]
+    if m["events"] < evaluate.FEW_EVENTS:
+        return f"{ratio:.2f}x (over {m['events']} incidents)"
     apart = m["recall_early_ci"][0] > b["recall_early_ci"][1]
     below = m["recall_early_ci"][1] < b["recall_early_ci"][0]
     return f"{ratio:.2f}x" + (" (CIs apart)" if apart else " (CIs apart, below)" if below else "")
+
+
+def _cautions(rows: list, folds) -> list:
+    """Per fold with too few test incidents or too little normal test time
+    (evaluate.cautions), a line saying so; none where every fold has enough."""
+    out = []
+    for d in folds:
+        m = headline(rows, d, 1.0)["model"]
+        out += [f"*Caution: {d}: {w}.*" for w in evaluate.cautions(m["events"], m["test_days"])]
+    return out + [""] if out else []
 
 
 def _comparison(rows: list, folds, budget: float, ranking_check: bool = False) -> list:
@@ -304,6 +319,7 @@ def report(rows: list, folds, infos: dict, notes: list = ()) -> str:
            "recall on the test part, chosen after the fact.\n"]
     if notes:
         out.append(notes_section(list(notes)))
+    out += _cautions(rows, folds)
     for budget in evaluate.BUDGETS:
         out.append(f"## At most {budget:g} false trip per day\n")
         out += _comparison(rows, folds, budget)
@@ -593,6 +609,10 @@ def main():
         ap.error(f"--threads {a.threads}: 0 (every core) or more")
     if a.seeds and len(set(a.seeds)) < len(a.seeds):
         ap.error(f"--seeds {_per_seed(a.seeds)}: a seed given twice")
+    # Fail now, not after the folds' training: the directories the reports go to.
+    missing = missing_out_dir(report=a.report, json=a.json)
+    if missing:
+        ap.error(missing)
     datasets.require(a.data, "lodo.py")
     if a.from_json:
         saved = json.load(open(a.from_json))

@@ -1,6 +1,8 @@
 """Tests of the evaluation protocol and the trace format (NumPy only; run with
 `python -m unittest discover -s tower-degrade-ai/training`)."""
 import os
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -119,6 +121,7 @@ class Traces(unittest.TestCase):
         X = np.random.default_rng(0).random((100, 8)).astype(np.float32) * 0.9 + 0.1  # rates <= 1
         idle = X.copy()
         idle[:, 0] = 0.0  # rate_ratio: no traffic in any step
+        idle[:, 1:4] = [1.0, 0.0, 0.0]  # and so no call finishing: success 1, no error, no timeout
         with tempfile.TemporaryDirectory() as d:
             write_csv(Trace("busy", "x", X, [(40, 45)], 0.5), os.path.join(d, "busy.csv"))
             write_csv(Trace("idle", "x", idle, [], 0.5), os.path.join(d, "idle.csv"))
@@ -170,9 +173,60 @@ class Traces(unittest.TestCase):
             self.assertEqual(Path(os.path.join(d, "zz-long.csv")).read_text(), long_before)
             self.assertEqual(sorted(os.listdir(d)), ["busy.csv", "idle.csv", "zz-long.csv"])
 
+    def test_split_keeps_a_short_file_trainable_and_notes_classes_of_other_periods(self):
+        import contextlib
+        import io
+        import traces
+        from traces import read_datasets, split
+        X = np.random.default_rng(1).random((100, 8)).astype(np.float32) * 0.9 + 0.1
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("svc", "x", X, [(40, 45)], 60.0), os.path.join(d, "svc.csv"))
+            # A class seen once so far: all test data would be refused by what reads the directory.
+            write_csv(Trace("new", "x", X[:1], [], 60.0), os.path.join(d, "new.csv"))
+            counts = []
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                split(d, counts=counts)
+            self.assertEqual(counts, [(1, 0, 0), (60, 20, 20)])
+            self.assertEqual(traces.NOTES, [], "one period: nothing to note")
+            trs = read_datasets([d], need=("split",))[os.path.basename(d)]
+            self.assertEqual([(t.name, t.val_from, t.test_from) for t in trs], [("new", 1, 1), ("svc", 60, 80)])
+        with tempfile.TemporaryDirectory() as d:
+            # Two classes of other periods: the late one's train part is in the early one's test part.
+            write_csv(Trace("early", "x", X, [], 60.0), os.path.join(d, "early.csv"))
+            late = os.path.join(d, "late.csv")
+            write_csv(Trace("late", "x", X[:50], [], 60.0), late)
+            with open(late) as f:
+                lines = f.read().splitlines()
+            with open(late, "w") as f:  # the same step, 70 minutes later
+                f.write("\n".join([lines[0]] + [f"{float(r.split(',', 1)[0]) + 4200:.3f},{r.split(',', 1)[1]}"
+                                                  for r in lines[1:]]) + "\n")
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                split(d)
+            self.assertEqual(len(traces.NOTES), 1, traces.NOTES)
+            self.assertRegex(traces.NOTES[0], r"late.csv: its train part \(time_s 4200 to 5940\) overlaps the "
+                                              r"test part of .*early.csv \(from 4800\): each file is split by its "
+                                              r"own rows")
+
+    def test_a_report_to_a_directory_that_does_not_exist_is_refused_before_the_run(self):
+        from traces import missing_out_dir
+        with tempfile.TemporaryDirectory() as d:
+            there, nowhere = os.path.join(d, "r.md"), os.path.join(d, "no", "r.json")
+            self.assertIsNone(missing_out_dir(out=there, json=None))
+            self.assertEqual(missing_out_dir(out=there, json=nowhere),
+                             f"--json {nowhere}: the directory {os.path.join(d, 'no')} does not exist")
+            self.assertIn("--from-json", missing_out_dir(from_json=nowhere))
+            run = subprocess.run([sys.executable, "evaluate.py", "--model", "nonexistent.onnx",
+                                  "--traces-only", "--traces", d, "--out", nowhere],
+                                 capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            self.assertNotEqual(run.returncode, 0)
+            self.assertIn(f"--out {nowhere}: the directory", run.stderr)
+
     def test_the_grace_of_a_trace_goes_by_its_step_not_its_directory_name(self):
         from traces import GRACE, grace
         X = np.zeros((10, 8), np.float32)
+        X[:, 0] = 1.0  # traffic: every step's calls failed
         self.assertEqual(grace(Trace("a", "mine", X, [], 0.5)), GRACE["recorded"])
         self.assertEqual(grace(Trace("a", "mine", X, [], 60.0)), 3)
         self.assertEqual(grace(Trace("a", "nab", X, [], 300.0)), GRACE["nab"])
@@ -270,6 +324,19 @@ class Traces(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
                                                     r"before's 60 .*several series in one file"):
                 read_csv(self.write(d, [self.row(60), self.row(60)]))
+            # ... or a time rounded to whole seconds on 500 ms ticks; rows newest first.
+            with self.assertRaisesRegex(ValueError, r"or time_s was rounded: keep its fractions"):
+                read_csv(self.write(d, [self.row(60), self.row(60)]))
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
+                                                    r"before's 120 \(.*\) \(the rows are newest first: sort"):
+                read_csv(self.write(d, [self.row(120), self.row(60), self.row(0)]))
+            # A rate not exported, filled with 0, where calls finish: refused, not skipped as an
+            # idle class (its incidents would be lost).
+            zero_rate = [self.row(t, success="0.99").replace(",1,0.99,", ",0,0.99,", 1) for t in (0, 60)]
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column rate_ratio is 0 in every row \(no "
+                                                    r"requests\), yet 2 rows have calls finishing, this one "
+                                                    r"first \(success_rate 0.99\): .* holds rate_ratio at 1"):
+                read_csv(self.write(d, zero_rate))
             # Noted, and kept for the report: no time column at all, rates of other calls, a
             # label column under another name.
             traces.NOTES.clear()

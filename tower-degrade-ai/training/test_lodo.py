@@ -59,9 +59,10 @@ class Folds(unittest.TestCase):
         self.assertEqual(file_name("/"), "traces")
 
 
-def row(detector, recall, ci, k=1, budget=1.0, H=6, trips=0.5):
+def row(detector, recall, ci, k=1, budget=1.0, H=6, trips=0.5, events=17):
     return dict(dataset="nab", detector=detector, H=H, k=k, budget_per_day=budget, step_seconds=300.0,
-                recall_early=recall, recall_early_ci=ci, false_trips_per_day=trips)
+                recall_early=recall, recall_early_ci=ci, false_trips_per_day=trips, events=events,
+                test_days=40.0)
 
 
 class Headline(unittest.TestCase):
@@ -85,12 +86,27 @@ class Headline(unittest.TestCase):
         self.assertEqual(h["best"]["detector"], "rolling robust z")
 
     def test_the_verdict_says_by_how_much_and_whether_the_intervals_part(self):
-        m = dict(recall_early=0.6, recall_early_ci=[0.5, 0.7])
+        m = dict(recall_early=0.6, recall_early_ci=[0.5, 0.7], events=40)
         self.assertEqual(_verdict(m, dict(recall_early=0.3, recall_early_ci=[0.2, 0.4])), "2.00x (CIs apart)")
         self.assertEqual(_verdict(m, dict(recall_early=0.5, recall_early_ci=[0.3, 0.6])), "1.20x")
-        self.assertEqual(_verdict(dict(recall_early=0.1, recall_early_ci=[0.0, 0.2]),
+        self.assertEqual(_verdict(dict(recall_early=0.1, recall_early_ci=[0.0, 0.2], events=40),
                                   dict(recall_early=0.5, recall_early_ci=[0.3, 0.6])), "0.20x (CIs apart, below)")
         self.assertEqual(_verdict(m, dict(recall_early=0.0, recall_early_ci=[0.0, 0.0])), "ahead")
+        # Over a few incidents, all missed against all warned of, the intervals are [0, 0] and
+        # [1, 1]: apart, and saying nothing of how unsure either is.
+        few = dict(recall_early=0.5, recall_early_ci=[0.0, 1.0], events=6)
+        self.assertEqual(_verdict(few, dict(recall_early=1.0, recall_early_ci=[1.0, 1.0])), "0.50x (over 6 incidents)")
+
+    def test_a_fold_of_few_incidents_or_little_normal_time_is_cautioned(self):
+        from lodo import _cautions
+        rows = [row("model", 0.0, [0.0, 0.0], events=6), row("static robust z", 1.0, [1.0, 1.0], events=6)]
+        (line, blank) = _cautions(rows, ["nab"])
+        self.assertIn("nab: 6 test incident(s)", line)
+        self.assertEqual(blank, "")
+        base = row("static robust z", 0.2, [0.1, 0.3])
+        self.assertEqual(_cautions([row("model", 0.3, [0.2, 0.4]), base], ["nab"]), [])
+        short = [dict(row("model", 0.3, [0.2, 0.4]), test_days=0.25), base]
+        self.assertIn("0.25 days of normal test data", _cautions(short, ["nab"])[0])
 
 
 class Default(unittest.TestCase):

@@ -179,3 +179,25 @@ class Train(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
+class DatasetShares(unittest.TestCase):
+    def test_the_log_gives_each_dataset_its_share_and_warns_of_one_of_few_windows(self):
+        from train import FEW_WINDOWS, dataset_shares
+        ds = np.array(["simulated"] * 100_000 + ["short"] * 42)
+        y = np.zeros(len(ds), np.float32)
+        y[:500] = 1
+        lines = dataset_shares(ds, y, balance=True)
+        self.assertEqual(lines[0], "  short: 42 windows (0 positive), each weighing 1.19e+03, 50.0 % of the loss")
+        self.assertEqual(lines[1], "  simulated: 100000 windows (500 positive), each weighing 0.5, 50.0 % of the loss")
+        self.assertRegex(lines[2], r"^warning: short: 42 windows weigh as much together as simulated's 100000, "
+                                   r"each 2381 times one of those")
+        self.assertRegex(lines[3], r"^note: short: no positive window")
+        # Unbalanced, each window weighs 1 and nothing is over-weighted.
+        lines = dataset_shares(ds, y, balance=False)
+        self.assertIn("0.0 % of the loss", lines[0])
+        self.assertFalse(any(line.startswith("warning") for line in lines))
+        # Enough windows (the public data's smallest has 1,600): no warning.
+        ds = np.array(["simulated"] * 100_000 + ["smd"] * FEW_WINDOWS)
+        self.assertFalse(any(line.startswith("warning") for line in dataset_shares(ds, np.ones(len(ds)), True)))

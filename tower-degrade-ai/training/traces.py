@@ -147,6 +147,20 @@ def note(text: str) -> None:
     NOTES.append(text)
 
 
+def missing_out_dir(**paths) -> str | None:
+    """What is wrong with the files a tool is to write, before it runs (a training or a scoring
+    can take minutes to an hour): the first flag whose file's directory does not exist, said
+    as `--flag PATH: the directory D does not exist`; None when every one's does. `paths`:
+    the flags' names (`_` for `-`) and their paths, None for a flag not given."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d):
+            return f"--{flag.replace('_', '-')} {path}: the directory {d} does not exist"
+    return None
+
+
 def notes_section(notes: list) -> str:
     """A report's section listing `notes` (NOTES), or nothing where there are none."""
     if not notes:
@@ -467,8 +481,13 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
-                same = (" (several series in one file, as a long export has them, go in a file each)"
-                        if t[i] == t[i - 1] else "")
+                if t[i] == t[i - 1]:
+                    same = (" (several series in one file, as a long export has them, go in a file "
+                            "each; or time_s was rounded: keep its fractions of a second)")
+                elif (d < 0).mean() > 0.5:
+                    same = " (the rows are newest first: sort them oldest first)"
+                else:
+                    same = ""
                 raise ValueError(f"{path}:{line_of[i]}: column time_s: {t[i]:.15g} is not after the row "
                                  f"before's {t[i - 1]:.15g} (rows must be in time order, one per step){same}")
             step = float(np.median(d))
@@ -515,6 +534,17 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                              "val then test (python traces.py split DIR writes one)")
         val_from = int(np.argmax(order != 0)) if (order != 0).any() else len(order)
         test_from = int(np.argmax(order == 2)) if (order == 2).any() else len(order)
+    if not X[:, RATE].any():
+        # No requests in any step (read_dir skips such a class); but a step with calls
+        # finishing says otherwise: the rate was not exported (0 for a missing channel), and
+        # skipping the file would lose its incidents.
+        calls = np.flatnonzero((X[:, SUCCESS] < 1) | (X[:, ERROR] > 0) | (X[:, TIMEOUT] > 0))
+        if len(calls):
+            i = int(calls[0])
+            raise ValueError(f"{path}:{line_of[i]}: column rate_ratio is 0 in every row (no requests), "
+                             f"yet {len(calls)} rows have calls finishing, this one first (success_rate "
+                             f"{X[i, SUCCESS]:g}): a class without request counts holds rate_ratio at 1, "
+                             "a steady class's level, not 0")
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
                  meta={"own": True, "step_measured": measured, "split": "split" in header},
@@ -672,7 +702,8 @@ def read_datasets(paths: list, need: tuple = ()) -> dict:
 
 def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = None) -> list:
     """Add (or replace) a time-ordered `split` column in every trace CSV in `d`: the first
-    1 - val - test of each file train, then val, then test. Returns the files written. Every
+    1 - val - test of each file train (at least its first row), then val, then test; noted
+    where one file's train part and another's test part overlap in time_s. Returns the files written. Every
     file is read (as `read_csv` reads its rows, a chunk at a time) and then copied with its
     split to a file beside it before any is replaced; then each copy is moved over its file
     (its mode kept): a file that cannot be read, or a copy that cannot be written, is an error
@@ -692,21 +723,35 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
         except ValueError as e:
             raise ValueError(f"{e}; no file was changed") from None
     staged = []
+    spans = []  # per file with time_s: (path, first train time, last train time, first test time, last time)
     try:
         for path, n in read:
-            val_from, test_from = int(n * (1 - val - test)), int(n * (1 - test))
+            # At least the first row is train: a class with one row so far is not all test data,
+            # which reading the directory would refuse.
+            val_from = max(1, int(n * (1 - val - test)))
+            test_from = max(val_from, int(n * (1 - test)))
             tmp = f"{path}.split-tmp"
             staged.append(tmp)
             with _rows(path) as (header, _, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:
                 keep = [j for j, c in enumerate(header) if c != "split"]
                 w = csv.writer(fh, lineterminator="\n")  # as the recorder writes its files
                 w.writerow([header[j] for j in keep] + ["split"])
+                at = {0, val_from - 1, test_from, n - 1}
+                tcol = header.index("time_s") if "time_s" in header else None
+                times = {}
                 i = 0
                 for _, rows in chunks:
                     for r in rows:
                         w.writerow([r[j] for j in keep]
                                    + ["train" if i < val_from else "val" if i < test_from else "test"])
+                        if tcol is not None and i in at:
+                            times[i] = r[tcol]
                         i += 1
+            if len(times) == len(at) and test_from < n:
+                try:
+                    spans.append((path, *(float(times[k]) for k in (0, val_from - 1, test_from, n - 1))))
+                except ValueError:
+                    pass  # read_csv names the value when the file is read
             if i != n:  # changed since it was read
                 raise ValueError(f"{path}: {n} rows when read, {i} when copied")
             if counts is not None:
@@ -719,6 +764,17 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
         if isinstance(e, (OSError, ValueError)):
             raise type(e)(f"{e}; no file was changed") from None
         raise
+    # Each file is split by its own rows: where the classes cover other periods, one class's
+    # training can hold the time of another's test part (an incident both saw, trained on and
+    # scored).
+    for a in spans:
+        b = next((b for b in spans if b is not a and a[1] <= b[4] and b[3] <= a[2]), None)
+        if b is not None:
+            note(f"{a[0]}: its train part (time_s {a[1]:.15g} to {a[2]:.15g}) overlaps the test part "
+                 f"of {b[0]} (from {b[3]:.15g}): each file is split by its own rows, so classes "
+                 "recorded over other periods share time across parts; give every file the same "
+                 "period, or write the split column yourself by time")
+            break
     # Each moved over its file (a rename: whole or not at all).
     written = []
     for (path, _), tmp in zip(read, staged):

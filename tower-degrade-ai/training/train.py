@@ -34,7 +34,7 @@ import reference
 import simulate
 from model import ARCHS, build, export
 from protocol import early_targets
-from traces import grace, headline_horizon, read_datasets
+from traces import grace, headline_horizon, missing_out_dir, read_datasets
 
 NEG_PER_POS = 40
 
@@ -71,6 +71,36 @@ def dataset_weights(ds: np.ndarray) -> np.ndarray:
     simulator's) does not decide alone what the network learns."""
     names, inverse, counts = np.unique(ds, return_inverse=True, return_counts=True)
     return (len(ds) / (len(names) * counts))[inverse].astype(np.float32)
+
+
+# With --balance, a dataset of fewer training windows than this is said to rest its equal share
+# of the loss on too few (the public data's smallest, SMD's, has 1,600; a 70-row file, 42).
+FEW_WINDOWS = 1000
+
+
+def dataset_shares(ds: np.ndarray, y: np.ndarray, balance: bool) -> list:
+    """The training log's lines on each dataset's windows: how many, how many positive, and
+    with `balance` (dataset_weights) what each weighs; then a warning for a dataset whose
+    equal share rests on fewer than FEW_WINDOWS windows (a directory of a short recording
+    gets as much of the loss as the simulator's million), and a note for one with no positive
+    window."""
+    names, counts = np.unique(ds, return_counts=True)
+    w = dataset_weights(ds) if balance else np.ones(len(ds), dtype=np.float32)
+    out = []
+    for name, n in zip(names, counts):
+        at = ds == name
+        out.append(f"  {name}: {n} windows ({int(y[at].sum())} positive), each weighing "
+                   f"{float(w[at][0]):.3g}, {100 * float(w[at].sum()) / float(w.sum()):.1f} % of the loss")
+    largest = names[int(np.argmax(counts))]
+    for name, n in zip(names, counts):
+        if balance and n < FEW_WINDOWS and n < counts.max():
+            out.append(f"warning: {name}: {n} windows weigh as much together as {largest}'s "
+                       f"{counts.max()}, each {counts.max() / n:.0f} times one of those: so few are "
+                       "learnt by heart; record longer, or train with --no-balance")
+        if not y[ds == name].any():
+            out.append(f"note: {name}: no positive window (no incident in its train part): it "
+                       "teaches only what is normal")
+    return out
 
 
 def train_epoch(net, opt, Xt, yt, pos_weight, wt=None) -> float:
@@ -181,6 +211,8 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
     Xva, yva, _ = sample(traces, "val", rng, with_baseline=net.takes_baseline)
     log(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
         f" in {time.time() - t0:.0f} s")
+    for line in dataset_shares(dtr, ytr, balance):
+        log(line)
 
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     pos_weight = torch.tensor(float((1 - ytr).sum() / max(ytr.sum(), 1)) ** 0.5)
@@ -269,9 +301,9 @@ def main():
     if a.data:
         datasets.require(a.data, "train.py")
     # Fail now, not after the training: the directory the model goes to.
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir):
-        ap.error(f"--out {a.out}: the directory {out_dir} does not exist")
+    missing = missing_out_dir(out=a.out)
+    if missing:
+        ap.error(missing)
 
     # Your own traces first: a file that cannot be read fails now, not after the simulator's run.
     # Each directory is a dataset of its own (its weight in training, with --balance).
