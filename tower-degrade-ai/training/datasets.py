@@ -20,14 +20,11 @@ from datetime import datetime
 
 import numpy as np
 
-from features import (ERROR as E, INFLIGHT as INF, P50, P99, QUEUE as Q, RATE as R, SUCCESS as S,
-                      TIMEOUT as TO)
+from features import (ERROR as E, INFLIGHT as INF, NEUTRAL, P50, P99, QUEUE as Q, RATE as R,
+                      SUCCESS as S, TIMEOUT as TO)
 from protocol import events_from_binary
 from traces import Trace, clip, rate_ratio
 
-# A healthy class, in features.FEATURES order: rate, success, errors, timeouts, p50, p99,
-# in-flight, queueing
-NEUTRAL = np.array([1.0, 1.0, 0.0, 0.0, 0.15, 0.5, 0.2, 0.03], dtype=np.float32)
 # A series' training-part median maps to these levels (SLA = 2x the normal p99, etc.)
 LEVEL = {"p50": 0.15, "p99": 0.5, "inflight": 0.2, "queue": 0.05, "error": 0.01, "timeout": 0.01}
 

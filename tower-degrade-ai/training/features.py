@@ -50,6 +50,11 @@ QUEUE = FEATURES.index("queue_delay_over_sla")
 # Clip ranges, as in the Rust feature code.
 CLIP_HI = np.array([10, 1, 1, 1, 20, 20, 20, 20], dtype=np.float32)
 
+# A healthy class, in FEATURES order: rate, success, errors, timeouts, p50, p99, in-flight,
+# queueing. Where a dataset lacks a channel, it holds this level (datasets.py, and the docs'
+# advice for your own exports), so the model sees an ordinary value there, not an impossible one.
+NEUTRAL = np.array([1.0, 1.0, 0.0, 0.0, 0.15, 0.5, 0.2, 0.03], dtype=np.float32)
+
 # The ONNX metadata key naming the model's input features.
 METADATA_KEY = "tower_degrade.features"
 

@@ -359,6 +359,19 @@ class Traces(unittest.TestCase):
                           "features (a column named 'is_anomaly' is not read: name it label", traces.NOTES[2])
             self.assertEqual(err.getvalue(), "".join(n + "\n" for n in traces.NOTES))
             traces.NOTES.clear()
+            # A channel at one value in every row of a window's length or more, other than a
+            # healthy class's level: a channel the export did not have, filled with 0.
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_csv(self.write(d, [self.row(t * 60) for t in range(64)]))
+            self.assertEqual(len(traces.NOTES), 1, traces.NOTES)
+            self.assertIn("t.csv: column p50_over_sla is 0.1, column p99_over_sla is 0.2, column "
+                          "inflight_over_little is 1, column queue_delay_over_sla is 0 in every row: if the "
+                          "export did not have it, hold it at a healthy class's level (p50_over_sla 0.15, "
+                          "p99_over_sla 0.5, inflight_over_little 0.2, queue_delay_over_sla 0.03)", traces.NOTES[0])
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_csv(self.write(d, [self.row(t * 60) for t in range(63)]))  # too short to judge
+            self.assertEqual(traces.NOTES, [])
             # A directory named like a trace is not read as one.
             os.remove(os.path.join(d, "t.csv"))
             os.mkdir(os.path.join(d, "archive.csv"))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features import CLIP_HI, ERROR, FEATURES, N_FEATURES, P99, RATE, SUCCESS, TIMEOUT, WINDOW
+from features import CLIP_HI, ERROR, FEATURES, N_FEATURES, NEUTRAL, P99, RATE, SUCCESS, TIMEOUT, WINDOW
 from protocol import events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
@@ -450,6 +450,16 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             note(f"{path}: column {c} is over {CLIP_HI[FEATURES.index(c)]:g}, where it is clipped, in "
                  f"{share:.0%} of rows: is it normalised as the Rust features are (features.py; "
                  "a latency over the SLA, not in milliseconds; a rate over its baseline)?")
+    # A channel at one value in every row is most likely one the export did not have, filled:
+    # at another level than a healthy class's, the model reads it as one it was not trained on.
+    if len(X) >= WINDOW:
+        flat = [j for j in range(N_FEATURES) if (X[:, j] == X[0, j]).all() and X[0, j] != NEUTRAL[j]]
+        if flat:
+            note(f"{path}: " + ", ".join(f"column {FEATURES[j]} is {X[0, j]:g}" for j in flat)
+                 + " in every row: if the export did not have it, hold it at a healthy class's level ("
+                 + ", ".join(f"{FEATURES[j]} {NEUTRAL[j]:g}" for j in flat)
+                 + "), as the public data's missing channels are, not at a level the model was not "
+                 "trained on")
     # The three rates are shares of the same calls: over 1 together, one is in other units.
     total = X[:, SUCCESS] + X[:, ERROR] + X[:, TIMEOUT]
     over_one = np.flatnonzero(total > 1.01)
