@@ -4,6 +4,7 @@
 //! | name | kind | labels |
 //! |---|---|---|
 //! | `degrade_requests_total` | counter | service, class, tier, outcome |
+//! | `degrade_overloaded_total` | counter: of the calls `rejected` or `degraded`, those [admission](crate::admit) turned away for overload, the breaker closed | service, class, tier |
 //! | `degrade_latency_seconds` | histogram | service, class, tier |
 //! | `degrade_inflight` | gauge | service, class, tier |
 //! | `degrade_queue_depth` | gauge | service, class, tier |
@@ -92,6 +93,8 @@ use crate::window::{Outcome, WindowSnapshot};
 
 /// Requests by outcome.
 pub const REQUESTS: &str = "degrade_requests_total";
+/// Of the requests shed or diverted, those admission turned away for overload.
+pub const OVERLOADED: &str = "degrade_overloaded_total";
 /// Latency of completed calls.
 pub const LATENCY: &str = "degrade_latency_seconds";
 /// Calls in flight.
@@ -155,6 +158,12 @@ pub(crate) fn describe() {
         REQUESTS,
         Unit::Count,
         "Calls that reached the degradation layer, by how they ended."
+    );
+    describe_counter!(
+        OVERLOADED,
+        Unit::Count,
+        "Of the calls rejected or degraded, those admission turned away for overload (they \
+         waited past their class's bound, or were pushed out of a full queue)."
     );
     describe_histogram!(
         LATENCY,
@@ -459,6 +468,7 @@ fn labels(service: &str, class: &str, tier: Tier) -> Vec<Label> {
 /// The handles of one class.
 pub(crate) struct ClassMetrics {
     outcomes: Vec<Counter>,
+    overloaded: Counter,
     latency: Histogram,
     inflight: Gauge,
     queue_depth: Gauge,
@@ -504,6 +514,7 @@ impl ClassMetrics {
             .collect();
         Self {
             outcomes,
+            overloaded: counter!(OVERLOADED, base.clone()),
             latency: histogram!(LATENCY, base.clone()),
             inflight: gauge!(INFLIGHT, base.clone()),
             queue_depth: gauge!(QUEUE_DEPTH, base.clone()),
@@ -546,6 +557,9 @@ impl ClassMetrics {
             if n != 0 {
                 c.increment(n);
             }
+        }
+        if w.overloaded != 0 {
+            self.overloaded.increment(w.overloaded);
         }
         for (micros, n) in buckets {
             self.latency.record_many(micros as f64 / 1e6, n as usize);

@@ -61,6 +61,7 @@ fn emitted() -> BTreeSet<&'static str> {
     use metrics::*;
     BTreeSet::from([
         REQUESTS,
+        OVERLOADED,
         LATENCY,
         INFLIGHT,
         QUEUE_DEPTH,
@@ -144,6 +145,7 @@ fn every_alert_is_defined_and_tested() {
         "DegradeHealthScoreLow",
         "DegradeClassOpenTooLong",
         "DegradeGoldRefused",
+        "DegradeClassOverloaded",
         "DegradeManualReviewBacklog",
         "DegradeSpoolOldestTooOld",
         "DegradePredictorOverruns",

@@ -320,15 +320,16 @@ impl Admin {
             .iter()
             .map(|c| {
                 // Over the history (the last minute at most): calls the inner service
-                // completed, how many succeeded, the worst window's p99, and calls the layer
-                // diverted to a fallback or shed.
-                let (calls, ok, p99, secs, diverted, shed) = self
+                // completed, how many succeeded, the worst window's p99, calls the layer
+                // diverted to a fallback or shed, and of those, the ones admission turned
+                // away for overload.
+                let (calls, ok, p99, secs, diverted, shed, overloaded) = self
                     .degrader
                     .history(&c.name)
                     .map(|h| {
                         h.iter().fold(
-                            (0u64, 0u64, 0.0f64, 0.0f64, 0u64, 0u64),
-                            |(n, ok, p99, secs, diverted, shed), w| {
+                            (0u64, 0u64, 0.0f64, 0.0f64, 0u64, 0u64, 0u64),
+                            |(n, ok, p99, secs, diverted, shed, overloaded), w| {
                                 let completed = w.completed();
                                 (
                                     n + completed,
@@ -341,6 +342,7 @@ impl Admin {
                                     secs + w.period.as_secs_f64(),
                                     diverted + w.degraded,
                                     shed + w.rejected,
+                                    overloaded + w.overloaded,
                                 )
                             },
                         )
@@ -369,6 +371,8 @@ impl Admin {
                     "window_secs": secs,
                     "diverted": diverted,
                     "shed": shed,
+                    // of `diverted` and `shed`, those admission turned away for overload
+                    "overloaded": overloaded,
                     "diverted_share": if arrived > 0 { Some((diverted + shed) as f64 / arrived as f64) } else { None },
                     "inflight": c.window.inflight,
                     "queue_depth": c.window.queue_depth,

@@ -27,6 +27,9 @@ where
     F: Fallback<Req, Res, E>,
 {
     let shard = &shared.shards[shard_index(shared.shard_mask)];
+    if reason == Reason::Overload {
+        shard.overloaded(idx);
+    }
     let name = shared.names[idx].clone();
     if route != Route::Reject {
         let call = Diverted::new(

@@ -25,6 +25,8 @@ pub(crate) struct ClassCounters {
     /// their waits in µs.
     pub(super) queued: AtomicU64,
     pub(super) queued_micros: AtomicU64,
+    /// Calls admission turned away (overload), also counted in their outcome.
+    pub(super) overloaded: AtomicU64,
     pub(super) hist: [AtomicU32; BUCKETS],
 }
 
@@ -37,6 +39,7 @@ impl ClassCounters {
             max_micros: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             queued_micros: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
             hist: [const { AtomicU32::new(0) }; BUCKETS],
         }
     }
@@ -244,6 +247,12 @@ impl Shard {
     pub(crate) fn answered(&self, class: usize, start: u64, ran: Duration, latency: Duration) {
         self.leave(class, start, ran);
         self.sample(class, latency);
+    }
+
+    /// A call of `class` admission turned away (its outcome is counted apart).
+    #[inline]
+    pub(crate) fn overloaded(&self, class: usize) {
+        self.classes[class].overloaded.fetch_add(1, Relaxed);
     }
 
     /// Count an outcome of `class`, without a latency.

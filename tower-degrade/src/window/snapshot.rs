@@ -13,6 +13,7 @@ pub(crate) struct Cumulative {
     inflight: u64,
     queued: u64,
     queued_micros: u64,
+    overloaded: u64,
     hist: Box<[u32; BUCKETS]>,
 }
 
@@ -31,6 +32,7 @@ impl Default for Cumulative {
             inflight: 0,
             queued: 0,
             queued_micros: 0,
+            overloaded: 0,
             hist: Box::new([0; BUCKETS]),
         }
     }
@@ -160,6 +162,7 @@ impl WindowReader {
         cur.inflight = 0;
         cur.queued = 0;
         cur.queued_micros = 0;
+        cur.overloaded = 0;
         cur.hist.fill(0);
         let mut max_micros = 0u64;
         let mut by_slot = [0u64; SLOTS];
@@ -177,6 +180,7 @@ impl WindowReader {
             cur.queued_micros = cur
                 .queued_micros
                 .wrapping_add(c.queued_micros.load(Relaxed));
+            cur.overloaded = cur.overloaded.wrapping_add(c.overloaded.load(Relaxed));
             // The max is the only value reset by the reader; `swap` loses nothing.
             if c.max_micros.load(Relaxed) != 0 {
                 max_micros = max_micros.max(c.max_micros.swap(0, Relaxed));
@@ -208,6 +212,7 @@ impl WindowReader {
         }
         let queued = cur.queued.wrapping_sub(self.prev.queued);
         let queued_micros = cur.queued_micros.wrapping_sub(self.prev.queued_micros);
+        let overloaded = cur.overloaded.wrapping_sub(self.prev.overloaded);
         let measured_delay = queued_micros.checked_div(queued).unwrap_or(0);
         std::mem::swap(&mut self.prev, &mut self.cur);
         let hist = &*self.delta_hist;
@@ -245,6 +250,7 @@ impl WindowReader {
             rejected: counts[Outcome::Rejected.index()],
             degraded: counts[Outcome::Degraded.index()],
             cancelled: counts[Outcome::Cancelled.index()],
+            overloaded,
             slow,
             p50: quantile(0.50),
             p90: quantile(0.90),
@@ -295,6 +301,10 @@ pub struct WindowSnapshot {
     /// Calls their caller dropped before they finished and before the class's abandon
     /// threshold (later ones are `timeouts`).
     pub cancelled: u64,
+    /// Of the `rejected` and `degraded` calls, those [admission](crate::admit) turned away
+    /// for overload (they waited past their bound, or were pushed out of a full queue), with
+    /// the breaker closed: a class shed for want of capacity, not for its own health.
+    pub overloaded: u64,
     /// Calls that reached the service (completed or abandoned) slower than the class SLA.
     pub slow: u64,
     /// Median latency of the calls that reached the service; an abandoned call counts at the

@@ -172,6 +172,10 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
     assert_eq!(payment["manual"], true);
     assert_eq!(payment["reason"], "forced_open");
     assert_eq!(payment["shed"], 20);
+    assert_eq!(
+        payment["overloaded"], 0,
+        "shed by its breaker, not by admission"
+    );
     assert_eq!(payment["diverted_share"], 1.0);
     assert_eq!(payment["prediction_record"], Value::Null, "no predictor");
     assert_eq!(

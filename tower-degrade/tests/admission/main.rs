@@ -160,6 +160,76 @@ async fn a_call_waits_no_longer_than_its_class_tolerates() {
     busy.await.unwrap().unwrap();
 }
 
+#[test]
+fn calls_admission_turns_away_are_counted_as_overloaded_and_a_breakers_are_not() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let windows = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
+            let held = Held::new();
+            let busy = tokio::spawn(
+                d.layer(d.class_id("log").unwrap())
+                    .layer(held.service())
+                    .oneshot(1),
+            );
+            settle().await;
+            let pay = d.layer(d.class_id("pay").unwrap()).layer(held.service());
+            // Turned away by admission (gold waits 50 ms at most), then shed by its breaker.
+            assert_eq!(reason(pay.clone().oneshot(2).await), Some(Reason::Overload));
+            d.force_open("pay").unwrap();
+            d.tick_now();
+            assert_eq!(reason(pay.oneshot(3).await), Some(Reason::ForcedOpen));
+            d.tick_now();
+            held.gate.add_permits(1);
+            busy.await.unwrap().unwrap();
+            let h = d.history("pay").unwrap();
+            h.iter()
+                .take(2)
+                .map(|w| (w.rejected, w.overloaded))
+                .collect::<Vec<_>>()
+        })
+    });
+    assert_eq!(
+        windows,
+        [(1, 0), (1, 1)],
+        "latest first: the forced-open shed is not overload"
+    );
+    let overloaded: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == "degrade_overloaded_total")
+        .map(|(k, .., v)| {
+            let class = k
+                .key()
+                .labels()
+                .find(|l| l.key() == "class")
+                .map(|l| l.value().to_owned());
+            (class, v)
+        })
+        .collect();
+    let of = |class: &str| {
+        overloaded
+            .iter()
+            .find(|(c, _)| c.as_deref() == Some(class))
+            .map(|(_, v)| v)
+    };
+    assert_eq!(of("pay"), Some(&DebugValue::Counter(1)));
+    assert_eq!(
+        of("log"),
+        Some(&DebugValue::Counter(0)),
+        "every class has the counter from its first tick"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_call_waits_at_most_half_its_callers_deadline() {
     // Bronze waits up to 1 s for a permit. A gRPC client that gives the call 300 ms gave up in
