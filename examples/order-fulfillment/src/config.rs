@@ -222,7 +222,18 @@ impl Config {
             degrader.load_policies(p).map_err(|e| bad(&e))?;
         }
         if let Some(p) = config.predictor.as_mut().filter(|p| p.model != "bundled") {
-            p.model = dir.join(&p.model).to_string_lossy().into_owned();
+            let model = dir.join(&p.model);
+            // Said now, in any build: a name mistyped is not found out after the storm.
+            if !model.is_file() {
+                return Err(config.file.error(
+                    "predictor.model",
+                    format!(
+                        "{}: no such file (`bundled`, or an ONNX file)",
+                        model.display()
+                    ),
+                ));
+            }
+            p.model = model.to_string_lossy().into_owned();
         }
         Ok(config)
     }

@@ -5,8 +5,10 @@
 //! cargo run --release -p example-order-fulfillment [-- --config FILE] [--serve] [--trace]
 //! ```
 //!
-//! `--serve` keeps the protected service up afterwards on `ORDER_FULFILLMENT_ADDR` (default
-//! `127.0.0.1:3000`), which the protected run also listens on: `GET /metrics` (Prometheus),
+//! `--serve` then serves the protected configuration afresh (a new degrader and store: its
+//! `/status` starts again at tick 0, while the Prometheus counters, one recorder for the
+//! process, go on from the storm's) on `ORDER_FULFILLMENT_ADDR` (default `127.0.0.1:3000`),
+//! which the protected run also listens on: `GET /metrics` (Prometheus),
 //! `GET /status`. With `ORDER_FULFILLMENT_ADMIN_TOKEN` set (16 bytes or more), it also serves
 //! the admin API (`tower_degrade::admin`) on `ORDER_FULFILLMENT_ADMIN_ADDR` (default
 //! `127.0.0.1:3001`, loopback only), during the protected run and after it: the status page,
@@ -116,8 +118,9 @@ async fn run() -> Result<(), BoxError> {
         .map_err(|e| format!("cannot listen on {addr} (ORDER_FULFILLMENT_ADDR): {e}"))?;
     if let Some(store) = &config.storage.path {
         tower_degrade::fallback::store::EmbeddedStore::open(store)
-            .map_err(|e| format!("{}: field `storage.path`: {e}", path.display()))?;
+            .map_err(|e| config.file.error("storage.path", e))?;
     }
+    predictor::check(&config)?;
     // Latency as a Prometheus histogram, with buckets around the classes' SLAs (the file's
     // settings were checked when it was read).
     let registry = config
@@ -223,7 +226,7 @@ async fn run() -> Result<(), BoxError> {
         tokio::signal::ctrl_c().await?;
         shop.stop(keep_store).await;
     } else {
-        println!("(run with `-- --serve` to keep the protected service up)");
+        println!("(run with `-- --serve` to serve the protected configuration afterwards)");
     }
     if failures.is_empty() {
         Ok(())

@@ -10,6 +10,30 @@ use tower_degrade::DegraderBuilder;
 
 use crate::config::Config;
 
+/// Whether the configured predictor loads, checked before the storm: a build with the
+/// predictor that cannot run it (no ONNX Runtime, a file that is not a model) is refused
+/// then, not reported after both runs. A build without it says nothing: its `[predictor]`
+/// is read and left out of the run (the report says why).
+pub(crate) fn check(config: &Config) -> Result<(), String> {
+    let Some(_section) = &config.predictor else {
+        return Ok(());
+    };
+    #[cfg(feature = "predictor")]
+    {
+        use tower_degrade_ai::OnnxPredictor;
+        let model = if _section.model == "bundled" {
+            OnnxPredictor::bundled()
+        } else {
+            OnnxPredictor::load(&_section.model)
+        };
+        model
+            .map(drop)
+            .map_err(|e| config.file.error("predictor.model", e).to_string())
+    }
+    #[cfg(not(feature = "predictor"))]
+    Ok(())
+}
+
 /// `b` with the predictor attached, and what was attached, or why nothing was.
 pub(crate) fn attach(
     config: &Config,

@@ -99,6 +99,9 @@ pub(crate) struct Run {
     pub(crate) limiters: Vec<(u32, String)>,
     /// The failure predictor that ran, or why none did.
     pub(crate) predictor: Result<String, String>,
+    /// Each class's SLA in microseconds, in [`CLASSES`]' order (a call served slower is not
+    /// served well: the report's recovery waits for calls within it).
+    pub(crate) sla_us: Vec<u32>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -441,6 +444,16 @@ pub(crate) async fn play(
     let states = std::mem::take(&mut *states.lock().unwrap_or_else(|e| e.into_inner()));
     let limiters = std::mem::take(&mut *limiters.lock().unwrap_or_else(|e| e.into_inner()));
     let predictor = shop.predictor.clone();
+    let registry = shop.degrader.registry();
+    let sla_us = CLASSES
+        .iter()
+        .map(|name| {
+            let sla = registry
+                .get(name)
+                .map_or(Duration::MAX, |id| registry.class(id).sla_target());
+            u32::try_from(sla.as_micros()).unwrap_or(u32::MAX)
+        })
+        .collect();
     if let Ok(shop) = Arc::try_unwrap(shop) {
         shop.stop(config.storage.path.is_some()).await;
     }
@@ -453,6 +466,7 @@ pub(crate) async fn play(
         drained_ms,
         limiters,
         predictor,
+        sla_us,
     })
 }
 
