@@ -594,6 +594,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn a_predictor_model_that_is_not_there_is_said_when_the_file_is_loaded() {
+        let dir =
+            std::env::temp_dir().join(format!("order-fulfillment-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shop.toml");
+        let text = SHIPPED.replacen("model = \"bundled\"", "model = \"nosuch.onnx\"", 1);
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        let line = line_of(&text, "model = ");
+        assert_eq!(
+            e,
+            format!(
+                "{}:{line}: field `predictor.model`: {}: no such file (`bundled`, or an ONNX file)",
+                path.display(),
+                dir.join("nosuch.onnx").display()
+            )
+        );
+        // A file there is taken, in any build (whether it loads is checked before the storm
+        // in a build with the predictor).
+        std::fs::write(dir.join("nosuch.onnx"), b"not a model").unwrap();
+        let config = Config::load(&path).unwrap();
+        let model = config.predictor.as_ref().unwrap().model.clone();
+        assert_eq!(model, dir.join("nosuch.onnx").to_string_lossy());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn the_shipped_file_builds_the_classes_the_app_routes_to() {
         let config = Config::parse(SHIPPED, "order-fulfillment.toml").unwrap();
