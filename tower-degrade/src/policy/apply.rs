@@ -238,8 +238,11 @@ impl Core {
                         memo.remember(i, d.clone());
                         d.map(Fresh)
                     }
-                    // The tick's budget ran out during this call: not this policy's fault alone.
-                    Err(_) if Instant::now() >= deadline => {
+                    // Stopped as the tick's budget ran out during this call: not this policy's
+                    // fault alone. (A failure of its own is one, whenever it came.)
+                    Err((_, reason))
+                        if Instant::now() >= deadline && reason.starts_with(DEADLINE_REASON) =>
+                    {
                         notes.push(Note::Skipped(i));
                         memo.last_decision(i)
                     }

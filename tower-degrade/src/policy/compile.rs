@@ -644,8 +644,8 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(String, String, String)>, Poli
                 return Err(PolicyError::new(
                     &file,
                     None,
-                    "not a regular file (a directory, a FIFO or a dangling symlink): name it \
-                     other than `*.rhai`, or point it at a policy",
+                    "not a regular file (a directory, a FIFO, or a symlink dangling or in a \
+                     loop): name it other than `*.rhai`, or point it at a policy",
                 ));
             }
             // A name is a policy's identity (metrics, quarantine, logs): read lossily, two

@@ -24,9 +24,11 @@ use crate::window::{History, WindowSnapshot};
 #[non_exhaustive]
 #[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct Limits {
-    /// Operations per `on_tick` call (a loop iteration, a function call, an expression...).
+    /// Operations per `on_tick` call (a loop iteration, a function call, an expression...);
+    /// at most 2,000,000 (closures a script nests, each capturing the last, are as deep as its
+    /// operations allow, and the stack a call is given grows with it).
     pub max_operations: u64,
-    /// Operations per `on_request` call (it runs on the request's path).
+    /// Operations per `on_request` call (it runs on the request's path); at most 2,000,000.
     pub max_request_operations: u64,
     /// Nested function calls (`on_request` gets at most 4).
     pub max_call_levels: usize,
@@ -77,10 +79,16 @@ impl Default for Limits {
 /// the stack they need stays within what a thread can be given.
 const MAX_LEVELS: usize = 16_384;
 
+/// The most operations a call may be given (see [`Limits::validate`]): a chain of closures
+/// each capturing the one before is as deep as its operations let a script build it, and
+/// dropping it recurses a level per closure.
+const MAX_OPERATIONS: u64 = 2_000_000;
+
 impl Limits {
     /// Check the values, as building the degrader does: every bound at least 1 (a 0 is not
-    /// "no limit"), every time at most an hour, and depth limits that together keep the stack
-    /// a script can need within what a thread can be given.
+    /// "no limit"), every time at most an hour, operations at most 2,000,000 a call, and depth
+    /// limits that together keep the stack a script can need within what a thread can be
+    /// given.
     pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
         let bad = |field: &'static str, reason: String| {
             Err(crate::error::ConfigError::InvalidValue { field, reason })
@@ -108,6 +116,20 @@ impl Limits {
                 return bad(field, "must be non-zero and at most an hour".into());
             }
         }
+        for (field, n) in [
+            ("policy.max_operations", self.max_operations),
+            ("policy.max_request_operations", self.max_request_operations),
+        ] {
+            if n > MAX_OPERATIONS {
+                return bad(
+                    field,
+                    format!(
+                        "{n} is over {MAX_OPERATIONS}: a script can nest closures as deep as its \
+                         operations allow, and the stack to drop them grows with it"
+                    ),
+                );
+            }
+        }
         let levels = self.levels(self.max_call_levels, self.max_array_size, self.max_map_size);
         if levels > MAX_LEVELS {
             return bad(
@@ -132,24 +154,36 @@ impl Limits {
             .saturating_add(maps)
     }
 
-    fn bytes(levels: usize) -> usize {
+    /// The stack for `levels` of recursion, and for dropping a chain of closures built with
+    /// `operations`.
+    fn bytes(levels: usize, operations: u64) -> usize {
+        let chain =
+            usize::try_from(operations / contain::OPS_PER_CHAIN_LEVEL).unwrap_or(usize::MAX);
         levels
             .saturating_mul(contain::LEVEL_BYTES)
+            .saturating_add(chain.saturating_mul(contain::CHAIN_BYTES))
             .saturating_add(contain::BASE_BYTES)
     }
 
-    /// The stack an `on_tick` call (or a validation run) can need.
+    /// The stack an `on_tick` call (or a validation run, which calls `on_request` hooks too)
+    /// can need.
     pub(crate) fn stack_need(&self) -> usize {
-        Self::bytes(self.levels(self.max_call_levels, self.max_array_size, self.max_map_size))
+        Self::bytes(
+            self.levels(self.max_call_levels, self.max_array_size, self.max_map_size),
+            self.max_operations.max(self.max_request_operations),
+        )
     }
 
     /// The stack an `on_request` call can need.
     pub(crate) fn request_stack_need(&self) -> usize {
-        Self::bytes(self.levels(
-            contain::REQUEST_CALL_LEVELS.min(self.max_call_levels),
-            contain::REQUEST_ARRAY_SIZE.min(self.max_array_size),
-            contain::REQUEST_MAP_SIZE.min(self.max_map_size),
-        ))
+        Self::bytes(
+            self.levels(
+                contain::REQUEST_CALL_LEVELS.min(self.max_call_levels),
+                contain::REQUEST_ARRAY_SIZE.min(self.max_array_size),
+                contain::REQUEST_MAP_SIZE.min(self.max_map_size),
+            ),
+            self.max_request_operations,
+        )
     }
 
     /// The stack given to the thread that validates a load: twice the need (a thread's stack
@@ -330,7 +364,7 @@ pub(crate) fn build_engine(limits: &Limits, hooks: Hooks, log: Arc<contain::LogL
         .set_strict_variables(true);
     // The wall-clock deadline, checked every 8 operations (a clock read is ~25 ns).
     engine.on_progress(|ops| {
-        (ops % 8 == 0 && contain::past_deadline()).then(|| Dynamic::from(contain::Deadline))
+        (ops % 8 == 0 && contain::past_deadline()).then(|| Dynamic::from(contain::stop()))
     });
     // `print` and `debug`: rate-limited, escaped and cut like alerts.
     let print_log = log.clone();

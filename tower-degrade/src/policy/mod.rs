@@ -317,9 +317,56 @@ fn unwrap_error(err: EvalAltResult) -> (Option<usize>, String) {
         EvalAltResult::ErrorTerminated(token, _) if token.is::<contain::Deadline>() => {
             DEADLINE_REASON.to_owned()
         }
+        // The two errors that hold a script's value: said without formatting it (`described`).
+        EvalAltResult::ErrorRuntime(value, _)
+            if value.is_unit()
+                || value
+                    .read_lock::<ImmutableString>()
+                    .is_some_and(|s| s.is_empty()) =>
+        {
+            "Runtime error".to_owned()
+        }
+        EvalAltResult::ErrorRuntime(value, _) => format!("Runtime error: {}", described(value)),
+        EvalAltResult::ErrorIndexNotFound(value, _) => {
+            format!("Invalid index: {}", described(value))
+        }
         other => other.to_string(),
     };
-    (pos.line(), reason + at)
+    // Escaped and cut, as an alert is: what a script throws reaches the log.
+    (pos.line(), decision::sanitize(&(reason + at)))
+}
+
+/// A call's result, and whether the engine was told to stop it at its deadline
+/// ([`contain::with_deadline`]): one stopped so is late even where it came back without the
+/// error (an array's `sort` drops its comparator's errors), and what it returned is dropped.
+fn late(
+    (out, stopped): (Result<Dynamic, Box<EvalAltResult>>, bool),
+) -> Result<Dynamic, Box<EvalAltResult>> {
+    match out {
+        Ok(_) if stopped => Err(Box::new(EvalAltResult::ErrorTerminated(
+            Dynamic::from(contain::Deadline),
+            rhai::Position::NONE,
+        ))),
+        out => out,
+    }
+}
+
+/// The most bytes of a thrown string an error repeats.
+const THROWN_BYTES: usize = 256;
+
+/// A value a script threw (or indexed with), said without formatting what it holds: a string
+/// (its first [`THROWN_BYTES`]), a number, a boolean or a character as it is, anything else by
+/// its type. Formatting an array, a map or a closure formats everything in it, the values a
+/// closure captured included, which no size limit counts: a few lines of script made that
+/// gigabytes, outside every deadline.
+fn described(value: &Dynamic) -> String {
+    if let Some(s) = value.read_lock::<ImmutableString>() {
+        return crate::error::escape_cut(&s, THROWN_BYTES);
+    }
+    if value.is_int() || value.is_float() || value.is_bool() || value.is_char() {
+        return value.to_string();
+    }
+    format!("a value of type {}", value.type_name())
 }
 
 /// Per-class data for building contexts, fixed when the degrader is built.
@@ -529,23 +576,27 @@ impl Core {
     ) -> Result<Dynamic, Box<EvalAltResult>> {
         let mut scope = Scope::new();
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        contain::with_deadline(deadline, || {
+        late(contain::with_deadline(deadline, || {
             self.engine
                 .call_fn_with_options(options, &mut scope, ast, name, args)
-        })
+        }))
     }
 
-    /// Call `on_request` of `ast`, with enough stack whatever thread this is.
-    fn call_request(
+    /// Call `on_request` of `ast`, with enough stack whatever thread this is, and `then` with
+    /// what it returned, on that stack too: a value a script returns or throws can be nested
+    /// as deep as its budget let it build (closures capturing closures), and so can dropping
+    /// it go.
+    fn call_request<T>(
         &self,
         ast: &AST,
         args: impl rhai::FuncArgs,
-    ) -> Result<Dynamic, Box<EvalAltResult>> {
+        then: impl FnOnce(Result<Dynamic, Box<EvalAltResult>>) -> T,
+    ) -> T {
         let deadline = std::time::Instant::now() + self.limits.max_request_time;
         contain::with_stack(self.request_stack, || {
             let mut scope = Scope::new();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-            contain::with_deadline(deadline, || {
+            then(late(contain::with_deadline(deadline, || {
                 self.request_engine.call_fn_with_options(
                     options,
                     &mut scope,
@@ -553,7 +604,7 @@ impl Core {
                     "on_request",
                     args,
                 )
-            })
+            })))
         })
     }
 

@@ -235,14 +235,16 @@ impl Core {
         ctx: TickCtx,
         req: RequestInfo,
     ) -> Result<Option<Decision>, (Option<usize>, String, bool)> {
-        let out = self.call_request(&policy.ast, (ctx, req)).map_err(|e| {
-            let err = super::innermost(*e);
-            let exhausted = super::exhausted(&err);
-            let (line, reason) = unwrap_error(err);
-            (line, reason, exhausted)
-        })?;
-        self.as_decision(out, "on_request")
-            .map_err(|(line, reason)| (line, reason, false))
+        self.call_request(&policy.ast, (ctx, req), |out| {
+            let out = out.map_err(|e| {
+                let err = super::innermost(*e);
+                let exhausted = super::exhausted(&err);
+                let (line, reason) = unwrap_error(err);
+                (line, reason, exhausted)
+            })?;
+            self.as_decision(out, "on_request")
+                .map_err(|(line, reason)| (line, reason, false))
+        })
     }
 
     /// Run `on_request` against sample requests at load.

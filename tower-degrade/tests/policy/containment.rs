@@ -241,6 +241,142 @@ fn on_request(ctx, req) {
     );
 }
 
+#[test]
+fn a_thrown_value_is_said_by_its_type_and_never_formatted() {
+    // Formatting an array of closures formats what each captured, which no size limit
+    // counts: thrown at the host, six levels of 100 closures made 10^12 elements to print,
+    // outside every deadline, and the tick never ended (at 20 levels of 1,000, the process
+    // aborted on memory). It is said by its type; a string is cut.
+    on_worker_stack(|| async {
+        let d = trapped(
+            "thrower",
+            "",
+            "let a = []; for i in 0..6 { let b = a; let f = || b; a = []; a.pad(100, f); } throw a;",
+        );
+        d.tick_now();
+        assert_eq!(admitted(&d, "log", 7).await, 0, "the policy sheds");
+        let out = logs(|| d.tick_now());
+        assert!(
+            out.contains("reason=\"Runtime error: a value of type array\""),
+            "{out}"
+        );
+        assert_eq!(d.policies().unwrap().quarantined().len(), 1);
+        breaker_decides(&d).await;
+        let d = trapped("shouter", "", "let s = \"x\"; s.pad(4000, \"y\"); throw s;");
+        d.tick_now();
+        assert_eq!(admitted(&d, "log", 7).await, 0);
+        let out = logs(|| d.tick_now());
+        let line = out.lines().find(|l| l.contains("policy failed")).unwrap();
+        assert!(line.contains("reason=\"Runtime error: xyyy"), "{line}");
+        assert!(
+            line.len() < 1_000,
+            "the thrown string is cut: {} bytes",
+            line.len()
+        );
+    });
+}
+
+#[test]
+fn a_policy_throwing_closures_at_load_is_refused_at_once() {
+    // The same value thrown by `policy()` hung the load (and every reload) while it was
+    // formatted.
+    let src = "fn policy() {\n let a = [];\n for i in 0..6 { let b = a; let f = || b; a = []; a.pad(100, f); }\n throw a;\n}\nfn on_tick(ctx) { }\n";
+    let err = degrader()
+        .load_policy_sources([("bomb", src)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bomb.rhai:4") && err.contains("Runtime error: a value of type array"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_on_request_hook_throwing_a_chain_of_closures_is_contained() {
+    // A chain of closures each capturing the last is as deep as the operation budget lets a
+    // script make it, and no size limit counts it: thrown from a hook, formatting it outran
+    // the stack (or took 50 ms a request and 30 MB of log), and dropping it recurses a
+    // level per closure, on the stack the hook is given.
+    let mut limits = patient();
+    limits.max_request_operations = 2_000_000;
+    let src = r#"
+fn policy() { #{ governs: ["log"] } }
+fn on_tick(ctx) { }
+fn on_request(ctx, req) {
+    if ctx.requests == 7 {
+        let a = 0;
+        for i in 0..200000 { let b = a; a = || b; }
+        throw [a];
+    }
+    shed()
+}
+"#;
+    let handle = std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let d = log_degrader(limits);
+                d.load_policy_sources([("chain", src)]).unwrap();
+                d.tick_now();
+                assert_eq!(admitted(&d, "log", 7).await, 0, "the hook sheds");
+                d.tick_now();
+                admitted(&d, "log", 2).await
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        handle.join().unwrap(),
+        2,
+        "the hook failed and the calls were decided without it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_a_native_function_swallows_still_counts() {
+    // An array's `sort` drops its comparator's errors, the deadline's among them: a policy
+    // sorting with a slow comparator came back on time as far as the engine said, past its
+    // deadline at every tick, with no warning and no quarantine.
+    let mut limits = Limits::default();
+    limits.max_call_time = Duration::from_millis(50);
+    let d = trapped_with(
+        limits,
+        "sorter",
+        "",
+        "let a = []; a.pad(1000, 1); a.sort(|x, y| { let z = 0; for i in 0..1000 { z += 1; } 0 });",
+    );
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 7).await, 0);
+    let out = logs(|| d.tick_now());
+    assert!(out.contains("wall-clock deadline"), "{out}");
+}
+
+#[test]
+fn an_operation_budget_over_two_million_is_refused() {
+    let mut limits = Limits::default();
+    limits.max_operations = 3_000_000;
+    let err = Degrader::builder("shop")
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("policy.max_operations"), "{err}");
+    let mut limits = Limits::default();
+    limits.max_request_operations = 2_000_001;
+    let err = Degrader::builder("shop")
+        .policy_limits(limits)
+        .class(ClassConfig::bronze("log"))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("policy.max_request_operations"), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn print_is_rate_limited() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -694,7 +830,9 @@ async fn a_slow_tick_does_not_hold_back_the_runtime() {
     // tick ran on the runtime's only worker, and nothing else ran until it ended.
     // The slow tick is stopped at 4 s.
     let mut limits = Limits::default();
-    limits.max_operations = u64::MAX / 2;
+    // The largest budget allowed, each operation made slow (an array of 8,000 written).
+    limits.max_operations = 2_000_000;
+    limits.max_array_size = 8_000;
     limits.max_call_time = Duration::from_secs(4);
     limits.max_tick_time = Duration::from_secs(4);
     let d = Degrader::builder("shop")
@@ -705,7 +843,7 @@ async fn a_slow_tick_does_not_hold_back_the_runtime() {
         .unwrap();
     let slow = policy(
         "\"log\"",
-        "if ctx.requests == 7 { let x = 0; for i in 0..2000000000 { x += 1; } } ()",
+        "if ctx.requests == 7 { let a = []; for i in 0..2000000000 { a = []; a.pad(8000, i); } } ()",
     );
     d.load_policy_sources([("slow", slow.as_str())]).unwrap();
     assert_eq!(admitted(&d, "log", 7).await, 7);
