@@ -609,7 +609,9 @@ def main():
         ap.error(f"--threads {a.threads}: 0 (every core) or more")
     if a.seeds and len(set(a.seeds)) < len(a.seeds):
         ap.error(f"--seeds {_per_seed(a.seeds)}: a seed given twice")
-    # Fail now, not after the folds' training: the directories the reports go to.
+    # Fail now, not after the folds' training: the directories the reports go to (--out-dir
+    # is made first: a report inside it is where it belongs).
+    os.makedirs(a.out_dir, exist_ok=True)
     missing = missing_out_dir(report=a.report, json=a.json)
     if missing:
         ap.error(missing)

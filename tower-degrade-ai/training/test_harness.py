@@ -198,16 +198,32 @@ class Traces(unittest.TestCase):
             write_csv(Trace("late", "x", X[:50], [], 60.0), late)
             with open(late) as f:
                 lines = f.read().splitlines()
+            early = os.path.join(d, "early.csv")
+            with open(early) as f:
+                first = f.read().splitlines()
+
+            def clock(rows, start):  # time_s in Unix seconds from `start`
+                return "\n".join([rows[0]] + [f"{float(r.split(',', 1)[0]) + start:.3f},{r.split(',', 1)[1]}"
+                                              for r in rows[1:]]) + "\n"
+            with open(early, "w") as f:
+                f.write(clock(first, 1.7e9))
             with open(late, "w") as f:  # the same step, 70 minutes later
-                f.write("\n".join([lines[0]] + [f"{float(r.split(',', 1)[0]) + 4200:.3f},{r.split(',', 1)[1]}"
-                                                  for r in lines[1:]]) + "\n")
+                f.write(clock(lines, 1.7e9 + 4200))
             traces.NOTES.clear()
             with contextlib.redirect_stderr(io.StringIO()):
                 split(d)
             self.assertEqual(len(traces.NOTES), 1, traces.NOTES)
-            self.assertRegex(traces.NOTES[0], r"late.csv: its train part \(time_s 4200 to 5940\) overlaps the "
-                                              r"test part of .*early.csv \(from 4800\): each file is split by its "
-                                              r"own rows")
+            self.assertRegex(traces.NOTES[0], r"late.csv: its train part \(time_s 1700004200 to 1700005940\) "
+                                              r"overlaps the test part of .*early.csv \(from 1700004800\): each "
+                                              r"file is split by its own rows")
+        with tempfile.TemporaryDirectory() as d:
+            # A Recorder's time_s counts each file's ticks from its first row: no clock to compare.
+            write_csv(Trace("early", "x", X, [], 60.0), os.path.join(d, "early.csv"))
+            write_csv(Trace("late", "x", X[:50], [], 60.0), os.path.join(d, "late.csv"))
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                split(d)
+            self.assertEqual(traces.NOTES, [])
 
     def test_a_report_to_a_directory_that_does_not_exist_is_refused_before_the_run(self):
         from traces import missing_out_dir
@@ -337,6 +353,8 @@ class Traces(unittest.TestCase):
                                                     r"requests\), yet 2 rows have calls finishing, this one "
                                                     r"first \(success_rate 0.99\): .* holds rate_ratio at 1"):
                 read_csv(self.write(d, zero_rate))
+            # Rates of 0/0 filled with 0 (no calls) and no rate: an idle class, skipped as one.
+            read_csv(self.write(d, [f"{t},0,0,0,0,0,0,0,0,0,train" for t in (0, 60)]))
             # Noted, and kept for the report: no time column at all, rates of other calls, a
             # label column under another name.
             traces.NOTES.clear()
@@ -365,10 +383,15 @@ class Traces(unittest.TestCase):
                 read_csv(self.write(d, [self.row(t * 60) for t in range(64)]))
             self.assertEqual(len(traces.NOTES), 1, traces.NOTES)
             self.assertIn("t.csv: column p50_over_sla is 0.1, column p99_over_sla is 0.2, column "
-                          "inflight_over_little is 1, column queue_delay_over_sla is 0 in every row: if the "
-                          "export did not have it, hold it at a healthy class's level (p50_over_sla 0.15, "
-                          "p99_over_sla 0.5, inflight_over_little 0.2, queue_delay_over_sla 0.03)", traces.NOTES[0])
+                          "inflight_over_little is 1 in every row: if the export did not have it, hold it "
+                          "at a healthy class's level (p50_over_sla 0.15, p99_over_sla 0.5, "
+                          "inflight_over_little 0.2)", traces.NOTES[0])
             traces.NOTES.clear()
+            # At those levels (read as float64 against float32 ones), or a queue at 0 (a class
+            # that never waits, as the runtime writes it): nothing to say.
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_csv(self.write(d, [f"{t * 60},1,1,0,0,0.15,0.5,0.2,0,0,train" for t in range(64)]))
+            self.assertEqual(traces.NOTES, [])
             with contextlib.redirect_stderr(io.StringIO()):
                 read_csv(self.write(d, [self.row(t * 60) for t in range(63)]))  # too short to judge
             self.assertEqual(traces.NOTES, [])

@@ -177,10 +177,6 @@ class Train(unittest.TestCase):
         self.assertEqual(os.stat(bundled).st_mtime_ns, before)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 @unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
 class DatasetShares(unittest.TestCase):
     def test_the_log_gives_each_dataset_its_share_and_warns_of_one_of_few_windows(self):
@@ -201,3 +197,7 @@ class DatasetShares(unittest.TestCase):
         # Enough windows (the public data's smallest has 1,600): no warning.
         ds = np.array(["simulated"] * 100_000 + ["smd"] * FEW_WINDOWS)
         self.assertFalse(any(line.startswith("warning") for line in dataset_shares(ds, np.ones(len(ds)), True)))
+
+
+if __name__ == "__main__":
+    unittest.main()

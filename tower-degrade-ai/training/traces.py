@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features import CLIP_HI, ERROR, FEATURES, N_FEATURES, NEUTRAL, P99, RATE, SUCCESS, TIMEOUT, WINDOW
+from features import (CLIP_HI, ERROR, FEATURES, INFLIGHT, N_FEATURES, NEUTRAL, P99, QUEUE, RATE, SUCCESS,
+                      TIMEOUT, WINDOW)
 from protocol import events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
@@ -452,8 +453,12 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                  "a latency over the SLA, not in milliseconds; a rate over its baseline)?")
     # A channel at one value in every row is most likely one the export did not have, filled:
     # at another level than a healthy class's, the model reads it as one it was not trained on.
-    if len(X) >= WINDOW:
-        flat = [j for j in range(N_FEATURES) if (X[:, j] == X[0, j]).all() and X[0, j] != NEUTRAL[j]]
+    # (An idle class is skipped, not judged; a runtime's queueing and in-flight calls are 0 in
+    # every tick of a class that never waits or is quiet, which is what the model is fed.)
+    if len(X) >= WINDOW and X[:, RATE].any():
+        flat = [j for j in range(N_FEATURES) if (X[:, j] == X[0, j]).all()
+                and not np.isclose(X[0, j], float(NEUTRAL[j]), rtol=0, atol=1e-6)
+                and not (j in (INFLIGHT, QUEUE) and X[0, j] == 0)]
         if flat:
             note(f"{path}: " + ", ".join(f"column {FEATURES[j]} is {X[0, j]:g}" for j in flat)
                  + " in every row: if the export did not have it, hold it at a healthy class's level ("
@@ -548,7 +553,9 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         # No requests in any step (read_dir skips such a class); but a step with calls
         # finishing says otherwise: the rate was not exported (0 for a missing channel), and
         # skipping the file would lose its incidents.
-        calls = np.flatnonzero((X[:, SUCCESS] < 1) | (X[:, ERROR] > 0) | (X[:, TIMEOUT] > 0))
+        # (A step whose three rates are all 0 is one without calls written as 0/0 filled with 0.)
+        calls = np.flatnonzero(((X[:, SUCCESS] > 0) & (X[:, SUCCESS] < 1)) | (X[:, ERROR] > 0)
+                               | (X[:, TIMEOUT] > 0))
         if len(calls):
             i = int(calls[0])
             raise ValueError(f"{path}:{line_of[i]}: column rate_ratio is 0 in every row (no requests), "
@@ -776,7 +783,10 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
         raise
     # Each file is split by its own rows: where the classes cover other periods, one class's
     # training can hold the time of another's test part (an incident both saw, trained on and
-    # scored).
+    # scored). Said where time_s is a clock the files share (Unix seconds, from 1973); a
+    # Recorder's counts each file's ticks from its own first row.
+    if not all(sp[1] >= 1e8 for sp in spans):
+        spans = []
     for a in spans:
         b = next((b for b in spans if b is not a and a[1] <= b[4] and b[3] <= a[2]), None)
         if b is not None:

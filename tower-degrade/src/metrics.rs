@@ -4,7 +4,7 @@
 //! | name | kind | labels |
 //! |---|---|---|
 //! | `degrade_requests_total` | counter | service, class, tier, outcome |
-//! | `degrade_overloaded_total` | counter: of the calls `rejected` or `degraded`, those [admission](crate::admit) turned away for overload, the breaker closed | service, class, tier |
+//! | `degrade_overloaded_total` | counter: of the calls `rejected` or `degraded`, those [admission](crate::admit) turned away for overload (for want of capacity, not by the breaker) | service, class, tier |
 //! | `degrade_latency_seconds` | histogram | service, class, tier |
 //! | `degrade_inflight` | gauge | service, class, tier |
 //! | `degrade_queue_depth` | gauge | service, class, tier |

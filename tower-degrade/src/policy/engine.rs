@@ -28,7 +28,7 @@ pub struct Limits {
     /// at most 2,000,000 (closures a script nests, each capturing the last, are as deep as its
     /// operations allow, and the stack a call is given grows with it).
     pub max_operations: u64,
-    /// Operations per `on_request` call (it runs on the request's path); at most 2,000,000.
+    /// Operations per `on_request` call (it runs on the request's path); at most 200,000.
     pub max_request_operations: u64,
     /// Nested function calls (`on_request` gets at most 4).
     pub max_call_levels: usize,
@@ -84,9 +84,14 @@ const MAX_LEVELS: usize = 16_384;
 /// dropping it recurses a level per closure.
 const MAX_OPERATIONS: u64 = 2_000_000;
 
+/// The most operations an `on_request` call may be given: it runs on the request's thread,
+/// whose stack it uses when enough is left and otherwise maps one for the call.
+const MAX_REQUEST_OPERATIONS: u64 = 200_000;
+
 impl Limits {
     /// Check the values, as building the degrader does: every bound at least 1 (a 0 is not
-    /// "no limit"), every time at most an hour, operations at most 2,000,000 a call, and depth
+    /// "no limit"), every time at most an hour, operations at most 2,000,000 a call (200,000
+    /// for `on_request`), and depth
     /// limits that together keep the stack a script can need within what a thread can be
     /// given.
     pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
@@ -116,16 +121,20 @@ impl Limits {
                 return bad(field, "must be non-zero and at most an hour".into());
             }
         }
-        for (field, n) in [
-            ("policy.max_operations", self.max_operations),
-            ("policy.max_request_operations", self.max_request_operations),
+        for (field, n, max) in [
+            ("policy.max_operations", self.max_operations, MAX_OPERATIONS),
+            (
+                "policy.max_request_operations",
+                self.max_request_operations,
+                MAX_REQUEST_OPERATIONS,
+            ),
         ] {
-            if n > MAX_OPERATIONS {
+            if n > max {
                 return bad(
                     field,
                     format!(
-                        "{n} is over {MAX_OPERATIONS}: a script can nest closures as deep as its \
-                         operations allow, and the stack to drop them grows with it"
+                        "{n} is over {max}: a script can nest closures as deep as its operations \
+                         allow, and the stack to drop them grows with it"
                     ),
                 );
             }

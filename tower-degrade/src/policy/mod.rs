@@ -338,12 +338,15 @@ fn unwrap_error(err: EvalAltResult) -> (Option<usize>, String) {
 
 /// A call's result, and whether the engine was told to stop it at its deadline
 /// ([`contain::with_deadline`]): one stopped so is late even where it came back without the
-/// error (an array's `sort` drops its comparator's errors), and what it returned is dropped.
+/// error (an array's `sort` drops its comparator's errors), and what it returned is dropped;
+/// any error it came back with is the deadline's.
 fn late(
     (out, stopped): (Result<Dynamic, Box<EvalAltResult>>, bool),
 ) -> Result<Dynamic, Box<EvalAltResult>> {
     match out {
-        Ok(_) if stopped => Err(Box::new(EvalAltResult::ErrorTerminated(
+        // (An error after a swallowed stop, the operation budget running out before the next
+        // check, is the deadline's too.)
+        _ if stopped => Err(Box::new(EvalAltResult::ErrorTerminated(
             Dynamic::from(contain::Deadline),
             rhai::Position::NONE,
         ))),

@@ -302,8 +302,9 @@ pub struct WindowSnapshot {
     /// threshold (later ones are `timeouts`).
     pub cancelled: u64,
     /// Of the `rejected` and `degraded` calls, those [admission](crate::admit) turned away
-    /// for overload (they waited past their bound, or were pushed out of a full queue), with
-    /// the breaker closed: a class shed for want of capacity, not for its own health.
+    /// for overload (they waited past their bound, or were pushed out of a full queue),
+    /// whatever the breaker's state (a closed class's calls, a recovering one's admitted
+    /// share, a half-open one's probes): a class shed for want of capacity, not by its breaker.
     pub overloaded: u64,
     /// Calls that reached the service (completed or abandoned) slower than the class SLA.
     pub slow: u64,
