@@ -132,8 +132,13 @@ async fn the_next_permit_goes_to_gold_then_silver_then_bronze() {
     assert_eq!((s.inflight, s.waiting), (0, 0));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_call_waits_no_longer_than_its_class_tolerates() {
+/// A limit of 1, held by a bronze call (`log`) until `held.gate` gives it a permit; a gold
+/// class (`pay`) beside it.
+async fn one_permit_held() -> (
+    Degrader,
+    Held,
+    tokio::task::JoinHandle<Result<u32, BoxError>>,
+) {
     let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
     let held = Held::new();
     let busy = tokio::spawn(
@@ -142,6 +147,12 @@ async fn a_call_waits_no_longer_than_its_class_tolerates() {
             .oneshot(1),
     );
     settle().await;
+    (d, held, busy)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waits_no_longer_than_its_class_tolerates() {
+    let (d, held, busy) = one_permit_held().await;
     let pay = d.layer(d.class_id("pay").unwrap()).layer(held.service());
     let start = tokio::time::Instant::now();
     let r = pay.oneshot(2).await;
@@ -160,67 +171,67 @@ async fn a_call_waits_no_longer_than_its_class_tolerates() {
     busy.await.unwrap().unwrap();
 }
 
-#[test]
-fn calls_admission_turns_away_are_counted_as_overloaded_and_a_breakers_are_not() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-
-    let recorder = DebuggingRecorder::new();
+/// `test` on a paused single-threaded runtime with a recorder of its own, and what it recorded.
+fn recorded<T>(
+    test: impl std::future::Future<Output = T>,
+) -> (
+    T,
+    Vec<(
+        metrics_util::CompositeKey,
+        metrics_util::debugging::DebugValue,
+    )>,
+) {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .unwrap();
-    let windows = metrics::with_local_recorder(&recorder, || {
-        rt.block_on(async {
-            let d = degrader(1, [ClassConfig::gold("pay"), ClassConfig::bronze("log")]);
-            let held = Held::new();
-            let busy = tokio::spawn(
-                d.layer(d.class_id("log").unwrap())
-                    .layer(held.service())
-                    .oneshot(1),
-            );
-            settle().await;
-            let pay = d.layer(d.class_id("pay").unwrap()).layer(held.service());
-            // Turned away by admission (gold waits 50 ms at most), then shed by its breaker.
-            assert_eq!(reason(pay.clone().oneshot(2).await), Some(Reason::Overload));
-            d.force_open("pay").unwrap();
-            d.tick_now();
-            assert_eq!(reason(pay.oneshot(3).await), Some(Reason::ForcedOpen));
-            d.tick_now();
-            held.gate.add_permits(1);
-            busy.await.unwrap().unwrap();
-            let h = d.history("pay").unwrap();
-            h.iter()
-                .take(2)
-                .map(|w| (w.rejected, w.overloaded))
-                .collect::<Vec<_>>()
-        })
+    let out = metrics::with_local_recorder(&recorder, || rt.block_on(test));
+    let metrics = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(k, _, _, v)| (k, v))
+        .collect();
+    (out, metrics)
+}
+
+#[test]
+fn calls_admission_turns_away_are_counted_as_overloaded_and_a_breakers_are_not() {
+    use metrics_util::debugging::DebugValue;
+
+    let (windows, recorded) = recorded(async {
+        let (d, held, busy) = one_permit_held().await;
+        let pay = d.layer(d.class_id("pay").unwrap()).layer(held.service());
+        // Turned away by admission (gold waits 50 ms at most), then shed by its breaker.
+        assert_eq!(reason(pay.clone().oneshot(2).await), Some(Reason::Overload));
+        d.force_open("pay").unwrap();
+        d.tick_now();
+        assert_eq!(reason(pay.oneshot(3).await), Some(Reason::ForcedOpen));
+        d.tick_now();
+        held.gate.add_permits(1);
+        busy.await.unwrap().unwrap();
+        let h = d.history("pay").unwrap();
+        h.iter()
+            .take(2)
+            .map(|w| (w.rejected, w.overloaded))
+            .collect::<Vec<_>>()
     });
     assert_eq!(
         windows,
         [(1, 0), (1, 1)],
         "latest first: the forced-open shed is not overload"
     );
-    let overloaded: Vec<_> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, ..)| k.key().name() == "degrade_overloaded_total")
-        .map(|(k, .., v)| {
-            let class = k
-                .key()
-                .labels()
-                .find(|l| l.key() == "class")
-                .map(|l| l.value().to_owned());
-            (class, v)
-        })
-        .collect();
     let of = |class: &str| {
-        overloaded
-            .iter()
-            .find(|(c, _)| c.as_deref() == Some(class))
-            .map(|(_, v)| v)
+        recorded.iter().find_map(|(k, v)| {
+            (k.key().name() == "degrade_overloaded_total"
+                && k.key()
+                    .labels()
+                    .any(|l| l.key() == "class" && l.value() == class))
+            .then_some(v)
+        })
     };
     assert_eq!(of("pay"), Some(&DebugValue::Counter(1)));
     assert_eq!(
@@ -748,87 +759,76 @@ async fn the_tier_is_propagated_to_downstream_calls() {
 
 #[test]
 fn an_upstream_priority_is_capped_and_garbage_is_counted() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebugValue;
 
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let order = metrics::with_local_recorder(&recorder, || {
-        rt.block_on(async {
-            // A limit of 10: bronze may queue 2, silver 5, gold 10.
-            let d = degrader(
-                10,
-                [
-                    ClassConfig::gold("pay"),
-                    ClassConfig::silver("stock"),
-                    ClassConfig::bronze("log"),
-                ],
-            );
-            let classify = HttpClassifier::builder(d.registry())
-                .route(None, "/pay", "pay")
-                .unwrap()
-                .route(None, "/stock", "stock")
-                .unwrap()
-                .route(None, "/log", "log")
-                .unwrap()
-                // Upstreams may raise a call up to silver, not to gold.
-                .upstream_priority("x-degrade-priority", Tier::Silver)
-                .unwrap()
-                .build();
-            let started = Arc::new(Mutex::new(Vec::new()));
-            let gate = Arc::new(Semaphore::new(0));
-            let inner = {
-                let (started, gate) = (started.clone(), gate.clone());
-                service_fn(move |req: Request<()>| {
-                    started.lock().unwrap().push(req.uri().to_string());
-                    let gate = gate.clone();
-                    async move {
-                        gate.acquire().await?.forget();
-                        Ok::<_, BoxError>(http::Response::new(()))
-                    }
-                })
-            };
-            let svc = d.layer(classify).layer(inner);
-            let call = |uri: &str, prio: Option<&str>| {
-                let mut req = Request::get(uri);
-                if let Some(p) = prio {
-                    req = req.header("x-degrade-priority", p);
+    let (order, recorded) = recorded(async {
+        // A limit of 10: bronze may queue 2, silver 5, gold 10.
+        let d = degrader(
+            10,
+            [
+                ClassConfig::gold("pay"),
+                ClassConfig::silver("stock"),
+                ClassConfig::bronze("log"),
+            ],
+        );
+        let classify = HttpClassifier::builder(d.registry())
+            .route(None, "/pay", "pay")
+            .unwrap()
+            .route(None, "/stock", "stock")
+            .unwrap()
+            .route(None, "/log", "log")
+            .unwrap()
+            // Upstreams may raise a call up to silver, not to gold.
+            .upstream_priority("x-degrade-priority", Tier::Silver)
+            .unwrap()
+            .build();
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Semaphore::new(0));
+        let inner = {
+            let (started, gate) = (started.clone(), gate.clone());
+            service_fn(move |req: Request<()>| {
+                started.lock().unwrap().push(req.uri().to_string());
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await?.forget();
+                    Ok::<_, BoxError>(http::Response::new(()))
                 }
-                tokio::spawn(svc.clone().oneshot(req.body(()).unwrap()))
-            };
-            let mut calls: Vec<_> = (0..10).map(|_| call("/stock?busy", None)).collect();
+            })
+        };
+        let svc = d.layer(classify).layer(inner);
+        let call = |uri: &str, prio: Option<&str>| {
+            let mut req = Request::get(uri);
+            if let Some(p) = prio {
+                req = req.header("x-degrade-priority", p);
+            }
+            tokio::spawn(svc.clone().oneshot(req.body(()).unwrap()))
+        };
+        let mut calls: Vec<_> = (0..10).map(|_| call("/stock?busy", None)).collect();
+        settle().await;
+        for (uri, prio) in [
+            ("/log?plain", None),
+            ("/log?garbage", Some("platinum")),
+            ("/log?claims-gold", Some("gold")),
+            ("/pay", None),
+        ] {
+            calls.push(call(uri, prio));
             settle().await;
-            for (uri, prio) in [
-                ("/log?plain", None),
-                ("/log?garbage", Some("platinum")),
-                ("/log?claims-gold", Some("gold")),
-                ("/pay", None),
-            ] {
-                calls.push(call(uri, prio));
-                settle().await;
-            }
-            gate.add_permits(20);
-            for c in calls {
-                c.await.unwrap().unwrap();
-            }
-            started.lock().unwrap().clone()
-        })
+        }
+        gate.add_permits(20);
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        started.lock().unwrap().clone()
     });
     assert_eq!(
         order[10..],
         ["/pay", "/log?claims-gold", "/log?plain", "/log?garbage"],
         "gold first; the claim capped at silver; then bronze in arrival order"
     );
-    let invalid = snapshotter
-        .snapshot()
-        .into_vec()
+    let invalid = recorded
         .into_iter()
-        .find(|(k, ..)| k.key().name() == "degrade_priority_header_invalid_total")
-        .map(|(k, .., v)| {
+        .find(|(k, _)| k.key().name() == "degrade_priority_header_invalid_total")
+        .map(|(k, v)| {
             let labels: Vec<_> = k
                 .key()
                 .labels()

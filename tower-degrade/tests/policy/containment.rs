@@ -39,9 +39,23 @@ fn parens(depth: usize) -> String {
 
 /// Run `test` on a thread with a runtime worker's 2 MiB of stack (whatever thread the test
 /// harness gives), on a paused single-threaded runtime.
-fn on_worker_stack<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+fn on_worker_stack<F, T>(test: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    on_thread_with_stack(2 * 1024 * 1024, test)
+}
+
+/// `test` on a thread of its own with `stack` bytes of stack, on a paused single-threaded
+/// runtime: what a hook does on a thread with less stack than the test harness gives.
+fn on_thread_with_stack<F, T>(stack: usize, test: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
     std::thread::Builder::new()
-        .stack_size(2 * 1024 * 1024)
+        .stack_size(stack)
         .spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -52,7 +66,7 @@ fn on_worker_stack<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F
         })
         .unwrap()
         .join()
-        .unwrap();
+        .unwrap()
 }
 
 /// A degrader with a `log` class whose policy runs `body` once the window shows 7 calls.
@@ -216,29 +230,15 @@ fn on_request(ctx, req) {
     if a == a { shed() }
 }
 "#;
-    let handle = std::thread::Builder::new()
-        .stack_size(512 * 1024)
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                // Its deadline (10 ms) is not what this is about: a debug build under a
-                // busy test run took longer and admitted the calls.
-                let d = log_degrader(patient());
-                d.load_policy_sources([("deep_hook", src)]).unwrap();
-                d.tick_now();
-                admitted(&d, "log", 3).await
-            })
-        })
-        .unwrap();
-    assert_eq!(
-        handle.join().unwrap(),
-        0,
-        "the hook ran and shed every call"
-    );
+    let admitted_calls = on_thread_with_stack(512 * 1024, move || async move {
+        // Its deadline (10 ms) is not what this is about: a debug build under a busy test
+        // run took longer and admitted the calls.
+        let d = log_degrader(patient());
+        d.load_policy_sources([("deep_hook", src)]).unwrap();
+        d.tick_now();
+        admitted(&d, "log", 3).await
+    });
+    assert_eq!(admitted_calls, 0, "the hook ran and shed every call");
 }
 
 #[test]
@@ -311,27 +311,16 @@ fn on_request(ctx, req) {
     shed()
 }
 "#;
-    let handle = std::thread::Builder::new()
-        .stack_size(2 * 1024 * 1024)
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let d = log_degrader(limits);
-                d.load_policy_sources([("chain", src)]).unwrap();
-                d.tick_now();
-                assert_eq!(admitted(&d, "log", 7).await, 0, "the hook sheds");
-                d.tick_now();
-                admitted(&d, "log", 2).await
-            })
-        })
-        .unwrap();
+    let admitted_calls = on_worker_stack(move || async move {
+        let d = log_degrader(limits);
+        d.load_policy_sources([("chain", src)]).unwrap();
+        d.tick_now();
+        assert_eq!(admitted(&d, "log", 7).await, 0, "the hook sheds");
+        d.tick_now();
+        admitted(&d, "log", 2).await
+    });
     assert_eq!(
-        handle.join().unwrap(),
-        2,
+        admitted_calls, 2,
         "the hook failed and the calls were decided without it"
     );
 }
@@ -357,24 +346,22 @@ async fn a_deadline_a_native_function_swallows_still_counts() {
 
 #[test]
 fn an_operation_budget_over_two_million_is_refused() {
-    let mut limits = Limits::default();
-    limits.max_operations = 3_000_000;
-    let err = Degrader::builder("shop")
-        .policy_limits(limits)
-        .class(ClassConfig::bronze("log"))
-        .build()
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("policy.max_operations"), "{err}");
-    let mut limits = Limits::default();
-    limits.max_request_operations = 200_001;
-    let err = Degrader::builder("shop")
-        .policy_limits(limits)
-        .class(ClassConfig::bronze("log"))
-        .build()
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("policy.max_request_operations"), "{err}");
+    let mut on_tick = Limits::default();
+    on_tick.max_operations = 2_000_001;
+    let mut on_request = Limits::default();
+    on_request.max_request_operations = 200_001;
+    for (limits, field) in [
+        (on_tick, "policy.max_operations"),
+        (on_request, "policy.max_request_operations"),
+    ] {
+        let err = Degrader::builder("shop")
+            .policy_limits(limits)
+            .class(ClassConfig::bronze("log"))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{err}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
