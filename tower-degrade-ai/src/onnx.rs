@@ -134,11 +134,11 @@ impl OnnxPredictorBuilder {
         // Read before the session is: a file replaced meanwhile is fingerprinted as it was
         // when loading began, not as it is after.
         let fingerprint = match &self.source {
-            Source::File => fingerprint(&std::fs::read(&path).map_err(|e| Error::Model {
+            Source::File => file_fingerprint(&path).map_err(|e| Error::Model {
                 path: path.clone(),
                 reason: format!("cannot be read: {e}"),
-            })?),
-            Source::Bytes(bytes) => fingerprint(bytes),
+            })?,
+            Source::Bytes(bytes) => fingerprint(bytes.len() as u64, crc32fast::hash(bytes)),
         };
         let session = match &self.source {
             Source::File => builder.commit_from_file(&path),
@@ -164,12 +164,29 @@ impl OnnxPredictorBuilder {
 /// A model's identity ([`Predictor::fingerprint`]): its length and CRC-32, wherever the file
 /// lies (a copy of the same model elsewhere is the same model). Of the `.onnx` file only: a
 /// model whose weights lie in a separate external-data file is not told apart by them.
-fn fingerprint(model: &[u8]) -> String {
-    format!(
-        "onnx model, {} bytes, crc32 {:08x}",
-        model.len(),
-        crc32fast::hash(model)
-    )
+fn fingerprint(len: u64, crc: u32) -> String {
+    format!("onnx model, {len} bytes, crc32 {crc:08x}")
+}
+
+/// [`fingerprint`] of the file at `path`, read a block at a time: a file of gigabytes (not a
+/// model, most likely) is not held in memory for it.
+fn file_fingerprint(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut block = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut block) {
+            Ok(0) => return Ok(fingerprint(len, hasher.finalize())),
+            Ok(n) => {
+                hasher.update(&block[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 use ort::session::builder::SessionBuilder;

@@ -24,14 +24,32 @@ pub(crate) fn environment() -> Result<&'static Environment, Error> {
                 path: path.clone(),
                 reason: load_reason(&e),
             })?;
+            // ONNX Runtime's own lines (a kernel's error, written before the error comes back
+            // to us) go to `tracing` at debug, not to stderr: a failing batch is said by the
+            // predictor once, and a model failing at every tick wrote a line at every tick.
             let env = builder
                 .with_name("tower-degrade")
                 .with_telemetry(false)
+                .with_logger(std::sync::Arc::new(
+                    |level: ort::logging::LogLevel,
+                     category: &str,
+                     _id: &str,
+                     at: &str,
+                     message: &str| {
+                        // Escaped: a model's node names are in them.
+                        tracing::debug!(
+                            target: "tower_degrade_ai::onnxruntime",
+                            ?level, category, at, "{}", message.escape_debug()
+                        );
+                    },
+                ))
                 .build()
                 .map_err(|e| Error::Library {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
+            // A custom logger is given every line from verbose up: only warnings and errors.
+            env.set_log_level(ort::logging::LogLevel::Warning);
             tracing::info!(library = %path.display(), "ONNX Runtime loaded");
             Ok((env, path))
         })

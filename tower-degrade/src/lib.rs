@@ -130,7 +130,6 @@ pub mod class;
 pub mod classify;
 pub mod clock;
 pub mod error;
-#[cfg(feature = "fallback")]
 mod every;
 pub mod gate;
 pub mod metrics;

@@ -406,6 +406,9 @@ impl Admin {
                 "last_batch": p.last_batch.map(|b| b.as_str()),
                 "error": p.error.as_deref(),
                 "not_probabilities": p.not_probabilities.iter().map(|n| &**n).collect::<Vec<_>>(),
+                "failed_batches": p.failed_batches,
+                "overrun_batches": p.overrun_batches,
+                "last_error": p.last_error.as_deref(),
             })),
         });
         #[cfg(feature = "fallback")]

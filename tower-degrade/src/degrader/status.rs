@@ -44,6 +44,14 @@ pub struct PredictorStatus {
     /// The classes whose last answer from the model was not a probability (NaN, infinite,
     /// outside 0..=1), and so have no prediction (`degrade_predictor_invalid_total`).
     pub not_probabilities: Vec<Arc<str>>,
+    /// Batches that failed since the degrader started (`degrade_predictor_failures_total`):
+    /// with [`last_error`](Self::last_error), a model that fails on some ticks and answers on
+    /// others shows here when the last tick's batch looks fine.
+    pub failed_batches: u64,
+    /// Batches over the budget since the degrader started (`degrade_predictor_overruns_total`).
+    pub overrun_batches: u64,
+    /// The last error the predictor failed with, kept after it answers again.
+    pub last_error: Option<Arc<str>>,
 }
 
 /// What one tick's batch of predictions did.

@@ -151,7 +151,10 @@ pub struct PredictorConfig {
     pub budget: Duration,
     /// Time building the degrader waits for the predictor's warm-up (loading, a dummy batch;
     /// default 30 s); past it, the build fails with an error saying so, rather than hang on a
-    /// model or runtime that never answers.
+    /// model or runtime that never answers. (Loading an ONNX file into a session, in
+    /// `tower-degrade-ai`'s `OnnxPredictor::load`, happens before, on the caller's thread,
+    /// with no limit: ONNX Runtime folds a model's constants then, which a hostile file of a
+    /// few hundred bytes can make take minutes and gigabytes. Load models you trust.)
     pub warm_up_timeout: Duration,
 }
 

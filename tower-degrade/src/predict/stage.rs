@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex};
 use super::runner::{Batch as BatchOutcome, Runner};
 use super::{N_FEATURES, WINDOW};
 use crate::control::{Batch, Stage};
+use crate::every::{Every, LOG_EVERY};
 
 /// The attached predictor, if any.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PredictStage {
     runner: Option<Mutex<Runner>>,
     service: Arc<str>,
@@ -18,6 +19,19 @@ pub(crate) struct PredictStage {
     invalid: Mutex<Vec<bool>>,
     /// The last tick's outcome and, while failing, the last error (for the status).
     last: Mutex<crate::degrader::PredictorStatus>,
+    /// Each kind of trouble is said at most once a period, with a count of what was held
+    /// back: a model that fails (or answers NaN, or overruns) on every other tick logged
+    /// two lines a tick.
+    failed_log: Every,
+    invalid_log: Every,
+    valid_again_log: Every,
+    overrun_log: Every,
+}
+
+impl Default for PredictStage {
+    fn default() -> Self {
+        Self::new(None, Arc::from(""))
+    }
 }
 
 impl PredictStage {
@@ -28,6 +42,10 @@ impl PredictStage {
             failing: Default::default(),
             invalid: Mutex::default(),
             last: Mutex::default(),
+            failed_log: Every::new(LOG_EVERY),
+            invalid_log: Every::new(LOG_EVERY),
+            valid_again_log: Every::new(LOG_EVERY),
+            overrun_log: Every::new(LOG_EVERY),
         }
     }
 
@@ -65,22 +83,52 @@ impl Stage for PredictStage {
             });
             match outcome {
                 BatchOutcome::Fresh => last.error = None,
-                BatchOutcome::Failed => last.error = error.as_deref().map(Arc::from),
-                BatchOutcome::Overrun => {}
+                BatchOutcome::Failed => {
+                    last.error = error.as_deref().map(Arc::from);
+                    last.last_error = last.error.clone();
+                    last.failed_batches += 1;
+                }
+                BatchOutcome::Overrun => last.overrun_batches += 1,
             }
         }
         match outcome {
             BatchOutcome::Fresh => {
-                if self.failing.swap(false, Relaxed) {
-                    tracing::info!(service = %self.service, "the predictor answers again");
+                if self.failing.swap(false, Relaxed)
+                    && let Some(held) = self.failed_log.reset()
+                {
+                    tracing::info!(
+                        service = %self.service, failures_not_logged = held,
+                        "the predictor answers again"
+                    );
+                }
+                if let Some(held) = self.overrun_log.reset() {
+                    tracing::info!(
+                        service = %self.service, overruns_not_logged = held,
+                        "the predictor answers within its budget again"
+                    );
                 }
             }
-            BatchOutcome::Overrun => crate::metrics::predictor_overrun(&self.service),
+            BatchOutcome::Overrun => {
+                crate::metrics::predictor_overrun(&self.service);
+                if let Some(held) = self.overrun_log.ready() {
+                    tracing::warn!(
+                        service = %self.service, budget_ms = runner.config.budget.as_millis(),
+                        overruns_not_logged = held,
+                        "the predictor's batch is over its budget: the last predictions stand for \
+                         a few ticks, then no class has one until it answers in time; a model this \
+                         slow runs back to back and keeps a core busy (counted in \
+                         degrade_predictor_overruns_total)"
+                    );
+                }
+            }
             BatchOutcome::Failed => {
                 crate::metrics::predictor_failure(&self.service);
-                if !self.failing.swap(true, Relaxed) {
+                if !self.failing.swap(true, Relaxed)
+                    && let Some(held) = self.failed_log.ready()
+                {
                     tracing::error!(
                         service = %self.service, error = error.as_deref().unwrap_or(""),
+                        failures_not_logged = held,
                         "predictor failed: no prediction until it answers again \
                          (counted in degrade_predictor_failures_total)"
                     );
@@ -106,11 +154,13 @@ impl Stage for PredictStage {
             if valid == invalid[class] {
                 invalid[class] = !valid;
                 if valid {
-                    tracing::info!(service = %self.service, class = name,
-                        "the predictor answers a probability for this class again");
-                } else {
+                    if let Some(held) = self.valid_again_log.ready() {
+                        tracing::info!(service = %self.service, class = name, lines_not_logged = held,
+                            "the predictor answers a probability for this class again");
+                    }
+                } else if let Some(held) = self.invalid_log.ready() {
                     tracing::warn!(
-                        service = %self.service, class = name, value = v,
+                        service = %self.service, class = name, value = v, lines_not_logged = held,
                         "the predictor answered a value that is not a probability in 0..=1: \
                          no prediction for this class until it answers one again (counted in \
                          degrade_predictor_invalid_total)"

@@ -1411,6 +1411,52 @@ fn a_failing_or_stopped_predictor_leaves_no_prediction_and_is_counted() {
 }
 
 #[test]
+fn a_model_that_fails_at_every_other_tick_is_logged_once_and_shows_in_the_status() {
+    let rt = real_time_runtime();
+    let _g = rt.enter();
+    let (logs, _guard) = logs::Logs::capture();
+    /// Fails every other batch it is given.
+    struct Flaky(usize);
+    impl Predictor for Flaky {
+        fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+            self.0 += 1;
+            if self.0.is_multiple_of(2) {
+                return Err("inference failed on even batches".into());
+            }
+            out.fill(0.3);
+            Ok(())
+        }
+    }
+    let d = with_predictor(Flaky(0));
+    // The warm-up's dummy batch is the first; the ticks' are batches 2 to 21: ten failures,
+    // the last an answer.
+    for _ in 0..20 {
+        d.tick_now();
+    }
+    // The last tick went well: the counts and the last error still say what happened.
+    let status = d.status().predictor.clone().unwrap();
+    assert_eq!(status.error, None);
+    assert_eq!(status.overrun_batches, 0);
+    assert_eq!(status.failed_batches, 10, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("on even batches"),
+        "{status:?}"
+    );
+    // Said when it started and when it ended, not at each of its ten starts.
+    let text = logs.text();
+    assert_eq!(text.matches("predictor failed").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("the predictor answers again").count(),
+        1,
+        "{text}"
+    );
+}
+
+#[test]
 fn a_value_that_is_not_a_probability_is_no_prediction_and_trips_nothing() {
     let rt = real_time_runtime();
     let _g = rt.enter();
