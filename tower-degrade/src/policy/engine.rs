@@ -91,9 +91,8 @@ const MAX_REQUEST_OPERATIONS: u64 = 200_000;
 impl Limits {
     /// Check the values, as building the degrader does: every bound at least 1 (a 0 is not
     /// "no limit"), every time at most an hour, operations at most 2,000,000 a call (200,000
-    /// for `on_request`), and depth
-    /// limits that together keep the stack a script can need within what a thread can be
-    /// given.
+    /// for `on_request`), and depth limits that together keep the stack a script can need
+    /// within what a thread can be given.
     pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
         let bad = |field: &'static str, reason: String| {
             Err(crate::error::ConfigError::InvalidValue { field, reason })

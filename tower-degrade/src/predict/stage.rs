@@ -97,13 +97,13 @@ impl Stage for PredictStage {
                     && let Some(held) = self.failed_log.reset()
                 {
                     tracing::info!(
-                        service = %self.service, failures_not_logged = held,
+                        service = %self.service, episodes_not_logged = held,
                         "the predictor answers again"
                     );
                 }
                 if let Some(held) = self.overrun_log.reset() {
                     tracing::info!(
-                        service = %self.service, overruns_not_logged = held,
+                        service = %self.service, episodes_not_logged = held,
                         "the predictor answers within its budget again"
                     );
                 }
@@ -113,7 +113,7 @@ impl Stage for PredictStage {
                 if let Some(held) = self.overrun_log.ready() {
                     tracing::warn!(
                         service = %self.service, budget_ms = runner.config.budget.as_millis(),
-                        overruns_not_logged = held,
+                        episodes_not_logged = held,
                         "the predictor's batch is over its budget: the last predictions stand for \
                          a few ticks, then no class has one until it answers in time; a model this \
                          slow runs back to back and keeps a core busy (counted in \
@@ -128,7 +128,7 @@ impl Stage for PredictStage {
                 {
                     tracing::error!(
                         service = %self.service, error = error.as_deref().unwrap_or(""),
-                        failures_not_logged = held,
+                        episodes_not_logged = held,
                         "predictor failed: no prediction until it answers again \
                          (counted in degrade_predictor_failures_total)"
                     );
