@@ -5,7 +5,7 @@
 //!   can reach without [`Exposure::Remote`].
 //! * **Served with bounds** by [`serve`]: at most [`MAX_CONNECTIONS`] connections at once, and
 //!   a request's head read within [`HEADER_READ_TIMEOUT`] (an idle or trickling connection is
-//!   closed then). `axum::serve` has neither: a local process holding thousands of idle
+//!   closed then), and none kept past [`CONNECTION_LIFETIME`]. `axum::serve` has neither: a local process holding thousands of idle
 //!   connections used up the file descriptors of the process that also serves your traffic.
 //! * **A token for every write**: commands and chaos changes need `Authorization: Bearer
 //!   <token>` (at least 16 bytes, compared in constant time); a missing or wrong one gets
@@ -59,9 +59,17 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// connection) before it closes the connection.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long [`serve`] keeps a connection, however busy: then it ends it after the request in
+/// flight, or [`HEADER_READ_TIMEOUT`] later if that one does not finish (a client that
+/// pipelines requests and never reads the answers is never idle, and held its connection,
+/// one of [`MAX_CONNECTIONS`], for as long as it liked). A status page refreshing each
+/// second opens a new one, unseen.
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serve the admin `router` on `listener` (from [`bind`]) over HTTP/1.1, with bounds an admin
 /// port needs: at most [`MAX_CONNECTIONS`] connections at once, each closed when a request's
-/// head does not arrive whole within [`HEADER_READ_TIMEOUT`]. On a loopback listener, a
+/// head does not arrive whole within [`HEADER_READ_TIMEOUT`], and any after
+/// [`CONNECTION_LIFETIME`]. On a loopback listener, a
 /// request addressed to another host (its `Host` header not `localhost`, a `*.localhost` name
 /// or a loopback address) is refused `403`: a web page that rebinds its own name to
 /// 127.0.0.1 (DNS rebinding) would otherwise read `/status` and the page through its
@@ -96,9 +104,32 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
             http.timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
             // A client that goes away or sends garbage ends only its own connection.
-            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
+                }
+            }
         });
     }
+}
+
+/// A path the admin API does not serve: 404 naming it (escaped and cut) and the ones it does.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({
+            "error": format!(
+                "no such path: {} (the admin API serves /, /status, /chaos and \
+                 /classes/{{class}}/{{command}})",
+                crate::error::escape_cut(uri.path(), 256)
+            )
+        })),
+    )
+        .into_response()
 }
 
 /// Refuse a request whose `Host` is not a loopback name or address (one without a `Host`,
@@ -300,7 +331,9 @@ impl Admin {
         let writes = Router::new()
             .route("/classes/{class}/{command}", post(command))
             .route("/chaos", axum::routing::put(set_fault).delete(clear_faults))
-            .layer(axum::middleware::from_fn_with_state(
+            // On the routes only: a path that is none of them is a 404, not a request for the
+            // token (a typo in a read's URL looked like an auth failure).
+            .route_layer(axum::middleware::from_fn_with_state(
                 self.token.clone(),
                 crate::auth::require,
             ));
@@ -310,6 +343,7 @@ impl Admin {
             .route("/chaos", get(faults))
             .merge(writes)
             .method_not_allowed_fallback(crate::auth::method_not_allowed)
+            .fallback(not_found)
             .with_state(self)
     }
 

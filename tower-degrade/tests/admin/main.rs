@@ -406,6 +406,73 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
     assert_eq!(chaos.faults().len(), tower_degrade::chaos::MAX_FAULTS);
 }
 
+#[tokio::test]
+async fn a_path_the_api_does_not_serve_is_a_404_naming_it_with_or_without_the_token() {
+    // It was a 401 asking for the token (the token's check covered the router's fallback),
+    // and with the token an empty 404: a typo in a read's URL looked like an auth failure.
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    for token in [None, Some(TOKEN)] {
+        for uri in ["/nope", "/status/", "/classes/payment"] {
+            let (status, json) = call(&app, "GET", uri, token, "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {json}");
+            let error = json["error"].as_str().unwrap();
+            assert!(
+                error.starts_with(&format!("no such path: {uri} ")),
+                "{error}"
+            );
+        }
+    }
+    // The writes still need it.
+    let (status, _) = call(&app, "POST", "/classes/payment/reset", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_client_that_never_reads_its_answers_gives_its_connection_back() {
+    // A client that pipelines requests and never reads the answers is never idle: 64 of
+    // them held the admin API (its every connection) for as long as they liked.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tower_degrade::admin::{CONNECTION_LIFETIME, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+
+    let (_d, addr) = served_on_loopback().await;
+    let pipelined = b"GET /status HTTP/1.1\r\nhost: localhost\r\n\r\n".repeat(5_000);
+    let mut holders = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let requests = pipelined.clone();
+        holders.push(tokio::spawn(async move {
+            let _ = s.write_all(&requests).await;
+            // Held, never read.
+            std::future::pending::<()>().await;
+            drop(s);
+        }));
+    }
+    // The clock runs on while every task waits on its socket: the held connections end
+    // within their lifetime and the time their last answer may take, and a request is
+    // answered.
+    let answer = tokio::time::timeout(CONNECTION_LIFETIME + HEADER_READ_TIMEOUT * 2, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await
+    .expect("answered once the held connections reached their lifetime")
+    .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    for h in holders {
+        h.abort();
+    }
+}
+
 /// The shop's admin API served by `admin::serve` on a loopback port: the degrader (keep it)
 /// and the address.
 async fn served_on_loopback() -> (Degrader, std::net::SocketAddr) {
