@@ -432,7 +432,7 @@ async fn a_path_the_api_does_not_serve_is_a_404_naming_it_with_or_without_the_to
 async fn a_client_that_never_reads_its_answers_gives_its_connection_back() {
     // A client that pipelines requests and never reads the answers is never idle: 64 of
     // them held the admin API (its every connection) for as long as they liked.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
     use tower_degrade::admin::{CONNECTION_LIFETIME, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
@@ -452,8 +452,17 @@ async fn a_client_that_never_reads_its_answers_gives_its_connection_back() {
     // The clock runs on while every task waits on its socket: the held connections end
     // within their lifetime and the time their last answer may take, and a request is
     // answered.
-    let answer = tokio::time::timeout(CONNECTION_LIFETIME + HEADER_READ_TIMEOUT * 2, async {
-        let mut s = TcpStream::connect(addr).await?;
+    answered_within(addr, CONNECTION_LIFETIME + HEADER_READ_TIMEOUT * 2).await;
+    for h in holders {
+        h.abort();
+    }
+}
+
+/// `GET /status` on a connection of its own to `addr` is answered `200` within `limit`.
+async fn answered_within(addr: std::net::SocketAddr, limit: std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = tokio::time::timeout(limit, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(b"GET /status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
             .await?;
         let mut buf = Vec::new();
@@ -461,16 +470,13 @@ async fn a_client_that_never_reads_its_answers_gives_its_connection_back() {
         Ok::<_, std::io::Error>(buf)
     })
     .await
-    .expect("answered once the held connections reached their lifetime")
+    .unwrap_or_else(|_| panic!("not answered within {limit:?}"))
     .unwrap();
     assert!(
         answer.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&answer)
     );
-    for h in holders {
-        h.abort();
-    }
 }
 
 /// The shop's admin API served by `admin::serve` on a loopback port: the degrader (keep it)
@@ -504,22 +510,7 @@ async fn idle_and_trickling_connections_are_closed_and_never_crowd_out_the_api()
     }
     // A real request waits for a slot at most until the idle ones time out.
     let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(HEADER_READ_TIMEOUT * 3, async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(b"GET /status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    })
-    .await
-    .expect("answered once the idle connections timed out")
-    .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    answered_within(addr, HEADER_READ_TIMEOUT * 3).await;
     assert!(started.elapsed() < HEADER_READ_TIMEOUT * 3);
     // The idle connections were closed by the server.
     for mut s in idle.drain(..MAX_CONNECTIONS) {
