@@ -28,12 +28,6 @@ pub(crate) struct PredictStage {
     overrun_log: Every,
 }
 
-impl Default for PredictStage {
-    fn default() -> Self {
-        Self::new(None, Arc::from(""))
-    }
-}
-
 impl PredictStage {
     pub(crate) fn new(runner: Option<Runner>, service: Arc<str>) -> Self {
         Self {
