@@ -19,6 +19,7 @@ use super::schedule::{Clock, RetryPolicy};
 use super::store::{Op, Store, StoreError};
 use crate::error::BoxError;
 use crate::every::{Every, LOG_EVERY};
+use crate::gate::Reason;
 
 /// One merged write: every key's merged value, and an id that is the same if the write is
 /// retried, even after a restart (a sink can use it to ignore a write it already applied).
@@ -50,7 +51,9 @@ type Merge<V> = Arc<dyn Fn(&mut V, V) + Send + Sync>;
 /// `merge` should not panic; one that does (an overflowing `+=`) merged into a copy, so the
 /// key's value stays as it was, and the delta it was given, already journaled and answered
 /// `202`, goes to manual review with the panic's message instead of being merged (each merge
-/// clones the key's value for this). An `extract` that panics refuses its call (`not_kept`).
+/// clones the key's value for this). An `extract` that says `Err` refuses its call as
+/// `malformed` (400, no `Retry-After`: the same call would be refused again); one that panics
+/// refuses it with `not_kept` (503, `Retry-After`).
 ///
 /// ```
 /// use tower_degrade::fallback::{Batch, BatchMerge};
@@ -97,8 +100,9 @@ impl<V> fmt::Debug for BatchMerge<V> {
 }
 
 impl<V: Send + 'static> BatchMerge<V> {
-    /// `extract` reads the key and the delta of a call (an `Err` rejects the call with
-    /// `not_kept`), `merge` folds a delta into the key's value, `sink` writes a batch.
+    /// `extract` reads the key and the delta of a call (an `Err` refuses the call as
+    /// `malformed`, its message logged at debug), `merge` folds a delta into the key's value,
+    /// `sink` writes a batch.
     ///
     /// Deltas are journaled with postcard, which is not self-describing: a `V` whose values
     /// it cannot read back (`serde_json::Value`, untagged or internally tagged enums,
@@ -129,9 +133,9 @@ impl<V: Send + 'static> BatchMerge<V> {
         self
     }
 
-    /// Flush when this many deltas wait (default 1,000).
+    /// Flush when this many deltas wait (default 1,000; at least 1).
     pub fn max_items(mut self, n: usize) -> Self {
-        self.max_items = n.max(1);
+        self.max_items = n;
         self
     }
 
@@ -141,9 +145,9 @@ impl<V: Send + 'static> BatchMerge<V> {
         self
     }
 
-    /// Failed writes of one batch before it is spooled (default 5).
+    /// Failed writes of one batch before it is spooled (default 5; at least 1).
     pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
+        self.max_attempts = n;
         self
     }
 
@@ -227,8 +231,15 @@ const MAX_EVERY: Duration = Duration::from_secs(3600);
 pub(crate) trait Batcher: Send + Sync {
     /// Its settings, checked when the router is built.
     fn validate(&self) -> Result<(), crate::error::ConfigError>;
-    /// The journal record of a call's delta.
-    fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String>;
+    /// The journal record of a call's delta, or why the call is refused: `Malformed` where
+    /// the `extract` said `Err` (the call is not one it can read, now or later), `NotKept`
+    /// where the `extract` panicked or the delta cannot be journaled.
+    fn journal(
+        &self,
+        class: &str,
+        key: Option<String>,
+        rec: &HttpRequest,
+    ) -> Result<Task, (Reason, String)>;
     /// Merge a journaled delta, kept at `now_ms`.
     fn merge(&self, task: Task, now_ms: u64);
     /// Read the journal back at start-up.
@@ -561,12 +572,29 @@ impl<V> Batcher for MergeBatcher<V>
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    fn journal(&self, class: &str, key: Option<String>, rec: &HttpRequest) -> Result<Task, String> {
+    fn journal(
+        &self,
+        class: &str,
+        key: Option<String>,
+        rec: &HttpRequest,
+    ) -> Result<Task, (Reason, String)> {
         let extract = &self.config.extract;
-        let (k, delta) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| extract(rec)))
-            .unwrap_or_else(|panic| Err(super::panicked("extract function", &*panic)))?;
+        let (k, delta) =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| extract(rec))) {
+                Ok(Ok(read)) => read,
+                // The call is not one the extractor can read: sent again, it would not be either.
+                Ok(Err(why)) => return Err((Reason::Malformed, why)),
+                Err(panic) => {
+                    return Err((
+                        Reason::NotKept,
+                        super::panicked("extract function", &*panic),
+                    ));
+                }
+            };
         // A delta the journal cannot read back is refused (`not_kept`), not acknowledged.
-        let bytes = encode_checked(&Entry::Delta(k, delta)).inspect_err(|e| self.unreadable(e))?;
+        let bytes = encode_checked(&Entry::Delta(k, delta))
+            .inspect_err(|e| self.unreadable(e))
+            .map_err(|e| (Reason::NotKept, e))?;
         Ok(Task::new(class, key, Payload::Bytes(bytes)).with_reason(REASON))
     }
 
@@ -582,6 +610,20 @@ where
                     self.class
                 ),
             );
+        }
+        for (field, n) in [
+            ("batch_merge.max_items", self.config.max_items),
+            (
+                "batch_merge.max_attempts",
+                self.config.max_attempts as usize,
+            ),
+        ] {
+            if n == 0 {
+                return invalid(
+                    field,
+                    format!("must be at least 1 (class `{}`)", self.class),
+                );
+            }
         }
         if self.config.write_timeout.is_zero() {
             return invalid(

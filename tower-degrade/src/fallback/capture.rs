@@ -97,9 +97,21 @@ impl Capture {
         }
     }
 
-    /// Keep this header too (any case).
+    /// Keep this header too (any case). The connection's own headers (`connection`,
+    /// `content-length`, `host`, `transfer-encoding`, `upgrade`, `proxy-authorization`) are
+    /// never replayed, and naming one is an error.
     pub fn header(mut self, name: &str) -> Result<Self, crate::error::ConfigError> {
-        self.headers.push(parse_header("capture.header", name)?);
+        let header = parse_header("capture.header", name)?;
+        if HOP_BY_HOP.contains(&header) {
+            return Err(crate::error::ConfigError::InvalidValue {
+                field: "capture.header",
+                reason: format!(
+                    "`{header}` describes one connection and is never kept nor replayed (a \
+                     replay has its own)"
+                ),
+            });
+        }
+        self.headers.push(header);
         Ok(self)
     }
 

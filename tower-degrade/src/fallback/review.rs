@@ -6,6 +6,28 @@ use super::record::{Queue, Task, TaskId};
 use super::shared::RouterShared;
 use super::store::{Depth, Op, StoreError, StoreErrorKind};
 
+/// The longest `by` or `reason` of a drop, in bytes.
+const MAX_AUDIT_TEXT: usize = 1024;
+
+/// Whether a drop's `by` and `reason`, kept in its audit record and logged, are a person's
+/// name and a sentence: not blank, at most [`MAX_AUDIT_TEXT`] bytes each.
+pub(crate) fn audit_text(by: &str, reason: &str) -> Result<(), String> {
+    for (field, text) in [("by", by), ("reason", reason)] {
+        if text.trim().is_empty() {
+            return Err(format!(
+                "`{field}` is required: it is kept in the audit record"
+            ));
+        }
+        if text.len() > MAX_AUDIT_TEXT {
+            return Err(format!(
+                "`{field}` is kept in the audit record: at most {MAX_AUDIT_TEXT} bytes, not {}",
+                text.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One page of a queue, in the order tasks were kept.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -93,8 +115,10 @@ impl ManualReview {
     }
 
     /// Drop the task, keeping `by` and `reason` in an audit record. `false` if it is not in
-    /// the queue.
+    /// the queue. Both must say something (not blank) in at most 1,024 bytes: an error of
+    /// kind [`StoreErrorKind::Invalid`] otherwise, and nothing is dropped.
     pub async fn drop_task(&self, id: TaskId, by: &str, reason: &str) -> Result<bool, StoreError> {
+        audit_text(by, reason).map_err(|why| StoreError::new(StoreErrorKind::Invalid, why))?;
         let _one = self.shared.reviewing.lock().await;
         let Some(mut task) = self.show(id).await? else {
             return Ok(false);

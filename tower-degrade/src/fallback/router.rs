@@ -82,6 +82,8 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
     capture: Capture,
     retry: RetryPolicy,
     batches: HashMap<String, Arc<dyn Batcher>>,
+    /// A class given a second `batch_merge` (refused when built).
+    merged_twice: Option<String>,
     replay: Option<Arc<dyn Replay>>,
     service: T,
     worker: Settings,
@@ -106,6 +108,7 @@ impl FallbackRouter {
             capture: Capture::new(),
             retry: RetryPolicy::default(),
             batches: HashMap::new(),
+            merged_twice: None,
             replay: None,
             service: NoFallback,
             worker: Settings {
@@ -162,18 +165,23 @@ impl<T> FallbackRouterBuilder<T> {
         self
     }
 
-    /// Serve `class`'s `batch_merge` route with `batch`.
+    /// Serve `class`'s `batch_merge` route with `batch` (one per class: a second is an error
+    /// when the router is built).
     pub fn batch_merge<V>(mut self, class: &str, batch: BatchMerge<V>) -> Self
     where
         V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        self.batches
-            .insert(class.to_owned(), Arc::new(batch.into_batcher(class)));
+        let batcher = Arc::new(batch.into_batcher(class));
+        if self.batches.insert(class.to_owned(), batcher).is_some() {
+            self.merged_twice.get_or_insert_with(|| class.to_owned());
+        }
         self
     }
 
     /// What replays kept tasks (required): [`HttpReplay`](super::HttpReplay) around the
-    /// application without the degrade layer, or [`replay_fn`](super::replay_fn).
+    /// application without the degrade layer, or [`replay_fn`](super::replay_fn). Required
+    /// also where every class keeps its calls with `batch_merge`: a policy's
+    /// `fallback(route)` can divert any class's calls to a route that replays them.
     pub fn replay(mut self, replay: impl Replay) -> Self {
         self.replay = Some(Arc::new(replay));
         self
@@ -209,6 +217,7 @@ impl<T> FallbackRouterBuilder<T> {
             capture: self.capture,
             retry: self.retry,
             batches: self.batches,
+            merged_twice: self.merged_twice,
             replay: self.replay,
             service: FallbackService(service),
             worker: self.worker,
@@ -231,9 +240,20 @@ impl<T> FallbackRouterBuilder<T> {
         let replay = self.replay.ok_or_else(|| {
             missing(
                 "fallback.replay",
-                "what replays kept tasks (HttpReplay around the app without the degrade layer)",
+                "what replays kept tasks (HttpReplay around the app without the degrade \
+                 layer); also with batch_merge alone, as a policy can divert any class's calls \
+                 to a route that replays them",
             )
         })?;
+        if let Some(class) = self.merged_twice {
+            return Err(ConfigError::InvalidValue {
+                field: "fallback.batch_merge",
+                reason: format!(
+                    "class `{class}` is given two: one batch_merge a class (the second would \
+                     replace the first)"
+                ),
+            });
+        }
         for (class, batcher) in &self.batches {
             self.degrader.registry().require(class)?;
             batcher.validate()?;
@@ -502,7 +522,7 @@ where
             grpc,
             RB::default(),
         )),
-        Stored::Unreadable => refuse(Reason::NotKept),
+        Stored::Unreadable(why) => refuse(why),
         // `put_kept` counted it.
         Stored::NotKept => answer(Reason::NotKept),
     }
@@ -531,21 +551,22 @@ impl KeptCall for HttpRequest {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Option<(Queue, Task)> {
+    ) -> Result<(Queue, Task), Reason> {
         let Some(batcher) = shared
             .batches
             .get(class)
             .filter(|_| route == Route::BatchMerge)
         else {
-            return Some(shared.new_task(route, class, key, reason, Payload::Http(self)));
+            return Ok(shared.new_task(route, class, key, reason, Payload::Http(self)));
         };
         batcher
             .journal(class, key, &self)
-            .inspect_err(|why| {
-                tracing::debug!(class = %class, error = %why, "batch_merge cannot read the call");
-            })
-            .ok()
             .map(|task| (Queue::Journal, task))
+            .map_err(|(refused, why)| {
+                tracing::debug!(class = %class, answer = %refused, error = %why,
+                    "batch_merge cannot read the call");
+                refused
+            })
     }
 }
 
@@ -562,8 +583,8 @@ impl KeptCall for Vec<u8> {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Option<(Queue, Task)> {
-        Some(shared.new_task(route, class, key, reason, Payload::Bytes(self)))
+    ) -> Result<(Queue, Task), Reason> {
+        Ok(shared.new_task(route, class, key, reason, Payload::Bytes(self)))
     }
 }
 
@@ -682,7 +703,7 @@ impl<T> FallbackRouter<T> {
             match stored {
                 Stored::Kept(id) => Ok(Accepted { id, route }),
                 Stored::Found(kept) => found(kept),
-                Stored::NotKept | Stored::Unreadable => Err(not_kept(Reason::NotKept)),
+                Stored::NotKept | Stored::Unreadable(_) => Err(not_kept(Reason::NotKept)),
             }
         })
     }

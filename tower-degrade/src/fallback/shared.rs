@@ -85,15 +85,15 @@ pub(crate) enum Stored {
     Found(Kept),
     /// The store refused it (counted and logged).
     NotKept,
-    /// The call could not be read as a task ([`KeptCall::task`] said `None`).
-    Unreadable,
+    /// The call could not be read as a task ([`KeptCall::task`] said why).
+    Unreadable(Reason),
 }
 
 /// A call the router keeps (a captured HTTP request, a task-API payload).
 pub(crate) trait KeptCall: Send + Sync + 'static {
     /// Whether `kept`, what the call's idempotency key already holds, is this call.
     fn same(&self, shared: &RouterShared, class: &str, kept: &Payload) -> bool;
-    /// Its queue and task (`None`: the call cannot be read as one).
+    /// Its queue and task, or why the call cannot be read as one (`Malformed`, `NotKept`).
     fn task(
         self,
         shared: &RouterShared,
@@ -101,7 +101,7 @@ pub(crate) trait KeptCall: Send + Sync + 'static {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Option<(Queue, Task)>;
+    ) -> Result<(Queue, Task), Reason>;
 }
 
 /// A key being stored; dropping it wakes the calls waiting on the same key.
@@ -209,8 +209,9 @@ impl RouterShared {
                 Ok(storing) => storing,
                 Err(kept) => return Stored::Found(kept),
             };
-            let Some((queue, task)) = call.task(&shared, &class, key, route, reason) else {
-                return Stored::Unreadable;
+            let (queue, task) = match call.task(&shared, &class, key, route, reason) {
+                Ok(task) => task,
+                Err(why) => return Stored::Unreadable(why),
             };
             let merged = (queue == Queue::Journal).then(|| task.clone());
             let stored = shared.put_kept(queue, task, route, reason).await;

@@ -158,6 +158,9 @@ pub struct FallbackWorker {
     /// A probe replay that failed is said at most every 10 s: what it answered is the only
     /// sign of a replay that cannot reach its service (no base URL, no credentials).
     probe_failed: Every,
+    /// Classes of kept tasks that the degrader no longer configures (renamed, removed): their
+    /// tasks are replayed with no class's health to wait for, said once per class.
+    unconfigured: HashSet<String>,
 }
 
 /// A replay that ended (or panicked, or was cancelled): its tokio task, its outcome and how
@@ -207,6 +210,7 @@ impl FallbackWorker {
             unsettled: Vec::new(),
             unreadable: [Every::new(LOG_EVERY), Every::new(LOG_EVERY)],
             probe_failed: Every::new(LOG_EVERY),
+            unconfigured: HashSet::new(),
         }
     }
 
@@ -217,6 +221,7 @@ impl FallbackWorker {
                 tracing::error!(error = %e, "batch_merge: the journal could not be read back");
             }
         }
+        self.report_stranded().await;
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -329,6 +334,44 @@ impl FallbackWorker {
         }
     }
 
+    /// Journaled `batch_merge` records of classes that have no `batch_merge` now (renamed, or
+    /// their `batch_merge` removed): no batcher reads them back, so they stay in the store,
+    /// unwritten, until one does. Said once per class at start-up, with how many.
+    async fn report_stranded(&self) {
+        let mut stranded: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut after = None;
+        // A journal that cannot be read: the batchers' recovery has said so.
+        while let Ok(page) = self.shared.store.list(Queue::Journal, after, 1000).await {
+            let Some(last) = page.last() else { break };
+            after = Some(last.id());
+            for task in page
+                .iter()
+                .filter(|t| !self.shared.batches.contains_key(t.class()))
+            {
+                *stranded.entry(task.class().to_owned()).or_default() += 1;
+            }
+        }
+        for (class, records) in stranded {
+            tracing::warn!(service = %self.shared.service, class = %class, records,
+                "journaled batch_merge records of a class with no batch_merge now (renamed or \
+                 removed?) stay in the store, unwritten: configure a class of this name again, \
+                 with its batch_merge, to merge and write them");
+        }
+    }
+
+    /// A kept task of a class the degrader no longer configures: nothing to wait for (said
+    /// once per class).
+    fn unconfigured(&mut self, class: &str) -> Gate {
+        if !self.unconfigured.contains(class) {
+            self.unconfigured.insert(class.to_owned());
+            tracing::warn!(service = %self.shared.service, class = %class,
+                "kept tasks of a class the degrader does not configure (renamed or removed?) \
+                 are replayed without waiting for a class's health: configure the class \
+                 again to hold them while it is unhealthy");
+        }
+        Gate::Open
+    }
+
     fn report(&self, now: u64) {
         let service = self.shared.service.to_string();
         for queue in [Queue::Retry, Queue::Spool, Queue::Review, Queue::Journal] {
@@ -362,7 +405,7 @@ impl FallbackWorker {
         let status = self.degrader.status();
         let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
             // A class no longer configured: nothing to protect.
-            return Gate::Open;
+            return self.unconfigured(class);
         };
         self.class_health(c)
     }
@@ -397,7 +440,7 @@ impl FallbackWorker {
     fn gate(&mut self, class: &str, now: u64) -> Gate {
         let status = self.degrader.status();
         let Some(c) = status.classes.iter().find(|c| &*c.name == class) else {
-            return Gate::Open;
+            return self.unconfigured(class);
         };
         match self.class_health(c) {
             Gate::Open => {}
@@ -448,10 +491,12 @@ impl FallbackWorker {
                 if let Some(held) = self.probe_failed.ready() {
                     tracing::warn!(service = %self.shared.service, class, answer,
                         also_failed = held,
-                        "a probe replay failed: counted as a failure of the class, which stays \
-                         open while its probes fail (a replay that cannot reach its service, \
-                         with no base URL or credentials, fails every probe; said at most \
-                         every 10 s, `also_failed`: since the last line)");
+                        "a probe replay failed: counted as a failure in the class's window (a \
+                         breaker that is open stays so while its probes fail, and a class's \
+                         backfill holds while its spooled tasks' replays fail); a replay that \
+                         cannot reach its service, with no base URL or credentials, fails \
+                         every probe; said at most every 10 s, `also_failed`: since the last \
+                         line");
                 }
                 Outcome::Error
             }

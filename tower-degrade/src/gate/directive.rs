@@ -38,13 +38,14 @@ pub enum Reason {
     TooLarge,
     /// The call was to be kept but was not: the store refused it (full, or failing), its body
     /// failed or did not arrive in time, it was a protocol upgrade (nobody could be handed
-    /// the connection later), a `batch_merge` delta could not be read, or it came through
-    /// another degrader's layer. Worth sending again later (`Retry-After`).
+    /// the connection later), a `batch_merge` delta could not be journaled (its `extract`
+    /// panicked, or its type cannot be read back), or it came through another degrader's
+    /// layer. Worth sending again later (`Retry-After`).
     NotKept,
     /// The call was to be kept but is not a well-formed call (a gRPC body that is not a
-    /// sequence of length-prefixed messages, an idempotency key that cannot be one): it would
-    /// fail every replay, or be kept under another key at each retry, so it is refused rather
-    /// than kept.
+    /// sequence of length-prefixed messages, an idempotency key that cannot be one, a call
+    /// a `batch_merge`'s `extract` refuses): it would fail every replay, be kept under
+    /// another key at each retry, or be refused again, so it is refused rather than kept.
     Malformed,
 }
 

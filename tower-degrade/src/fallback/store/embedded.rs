@@ -35,8 +35,9 @@ pub struct EmbeddedStoreBuilder {
 }
 
 impl EmbeddedStoreBuilder {
-    /// At most `tasks` tasks over all queues (default 10,000,000): a commit past it fails with
-    /// [`StoreErrorKind::Full`], and the call is answered as rejected. The store also holds
+    /// At most `tasks` tasks over all queues, the audit records of dropped tasks not counted
+    /// (default 10,000,000): a commit past it fails with [`StoreErrorKind::Full`], and the
+    /// call is answered as rejected. The store also holds
     /// an index of its tasks in memory, which grows with them: in a trial, 200,000 tasks with
     /// 255-byte client keys took 191 MB once opened (about 1 KB a task; the default capacity
     /// would be gigabytes): set it to what the host can hold.
@@ -80,7 +81,14 @@ impl EmbeddedStoreBuilder {
                 format!("store `{shown}`: capacity 0 would refuse every task: give it at least 1"),
             ));
         }
-        let existed = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        let meta = std::fs::metadata(&path);
+        let existed = meta.as_ref().is_ok_and(|m| m.len() > 0);
+        if meta.is_ok_and(|m| m.is_file() && m.len() == 0) {
+            // As a new store: but a store cut to nothing (a copy cut short, a `>` redirect)
+            // would otherwise lose its tasks without a word.
+            tracing::warn!(store = %shown, "the store's file is empty: it is taken as a new \
+                store (if it held tasks, they are not in it)");
+        }
         let mut db = Database::create(&path).map_err(|e| {
             let e = redb::Error::from(e);
             let (kind, hint) = match e {

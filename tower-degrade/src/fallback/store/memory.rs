@@ -23,7 +23,9 @@ struct Inner {
 }
 
 impl MemoryStore {
-    /// A store holding at most `capacity` tasks over all queues.
+    /// A store holding at most `capacity` tasks over all queues, the audit records of dropped
+    /// tasks not counted (at least 1 to keep any: at 0 it refuses every task, and says so in
+    /// each refusal).
     pub fn new(capacity: u64) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
@@ -49,7 +51,12 @@ impl Store for MemoryStore {
         let result = if inner.index.len_after(&ops) > self.capacity.max(inner.index.len()) {
             Err(StoreError::new(
                 StoreErrorKind::Full,
-                format!("the memory store is full ({} tasks)", self.capacity),
+                if self.capacity == 0 {
+                    "the memory store's capacity is 0: it refuses every task (`MemoryStore::new(0)`)"
+                        .to_owned()
+                } else {
+                    format!("the memory store is full ({} tasks)", self.capacity)
+                },
             ))
         } else {
             for op in ops {

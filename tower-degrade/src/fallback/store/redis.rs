@@ -250,7 +250,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// At most this many tasks over all queues (default 10,000,000).
+    /// At most this many tasks over all queues, the audit records of dropped tasks not counted
+    /// (default 10,000,000).
     pub fn capacity(mut self, tasks: u64) -> Self {
         self.capacity = tasks;
         self
