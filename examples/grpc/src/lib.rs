@@ -71,9 +71,11 @@ impl Orders for OrderService {
     }
 }
 
-/// The degrader of the example: `payment` (gold) and `status` (silver).
+/// The degrader of the example: `payment` (gold) and `status` (silver), with priority
+/// admission (past the capacity it finds, calls wait by tier, gold first).
 pub fn degrader_builder() -> tower_degrade::DegraderBuilder {
     Degrader::builder("orders-grpc")
+        .admission(tower_degrade::admit::Admission::adaptive())
         .class(ClassConfig::gold("payment").depends_on("third_party:payments"))
         .class(ClassConfig::silver("status").depends_on("db"))
 }

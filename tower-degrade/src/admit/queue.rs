@@ -220,6 +220,9 @@ pub(crate) struct Limiter {
     waiting: AtomicU32,
     saturated: AtomicBool,
     samples: AtomicU64,
+    /// Calls given a permit whose callers gave up on them before they finished (and before
+    /// their class's abandon threshold) since the last tick: no latency sample, but a sign.
+    abandoned: AtomicU64,
     /// The mean latency in the service at the last tick with calls, µs.
     rtt_micros: AtomicU32,
     queue: Mutex<Queue>,
@@ -244,6 +247,7 @@ impl Limiter {
             waiting: AtomicU32::new(0),
             saturated: AtomicBool::new(false),
             samples: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             rtt_micros: AtomicU32::new(0),
             queue: Mutex::default(),
             gradient: Mutex::new(gradient),
@@ -309,6 +313,13 @@ impl Limiter {
     pub(crate) fn release(&self, tier: Tier, micros: u64) {
         self.samples.fetch_add(sample(micros), Relaxed);
         self.give_back(rank(tier));
+    }
+
+    /// A call holding a permit was given up on by its caller before it finished (before its
+    /// class's abandon threshold: no latency sample). Counted for the next tick.
+    #[cold]
+    pub(crate) fn abandoned(&self) {
+        self.abandoned.fetch_add(1, Relaxed);
     }
 
     /// Give back a permit a call of tier rank `r` held, without a latency sample (the call
@@ -470,6 +481,7 @@ impl Limiter {
             calls: s >> MICROS_BITS,
             micros: s & MICROS_MASK,
             saturated: self.saturated.swap(false, Relaxed),
+            abandoned: self.abandoned.swap(0, Relaxed),
             pressure,
             period_micros: u64::try_from(period.as_micros()).unwrap_or(u64::MAX),
         };

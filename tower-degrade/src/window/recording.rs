@@ -248,6 +248,9 @@ impl Drop for Recording {
             self.shard.end(class, self.start, ran, outcome, latency);
             if self.flags & PERMIT != 0 {
                 self.release(ran, outcome != Outcome::Cancelled);
+                if outcome == Outcome::Cancelled {
+                    self.shard.abandoned_permit(class);
+                }
             }
             if self.flags & PROBE != 0 {
                 self.probe_ended(outcome, latency);

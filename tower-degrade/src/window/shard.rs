@@ -129,6 +129,13 @@ impl Shard {
         self.limiters[l].give_back(rank);
     }
 
+    /// A call of `class` holding a permit was given up on before it finished (see
+    /// [`Limiter::abandoned`](crate::admit::Limiter::abandoned)).
+    #[cold]
+    pub(crate) fn abandoned_permit(&self, class: usize) {
+        self.limiters[usize::from(self.class_limiter[class])].abandoned();
+    }
+
     /// Take this shard's samples of `limiter` since the last call.
     pub(crate) fn take_samples(&self, limiter: usize) -> u64 {
         self.samples[limiter].0.swap(0, Relaxed)

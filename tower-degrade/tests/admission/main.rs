@@ -581,6 +581,65 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
 }
 
 #[tokio::test(start_paused = true)]
+async fn callers_giving_up_before_the_service_answers_bring_the_limit_down_to_it() {
+    // A pool of 4 connections x 20 ms (200 calls/s) offered 300 calls/s whose callers give up
+    // after 40 ms, under every class's SLA. The calls queue in the pool, past their callers'
+    // patience: nearly none finished, so the limit had no sample, never filled, and stayed
+    // above the pool (15 for 4 in a trial over gRPC: 4 gold calls of 2,700 served).
+    let mut b = support::builder("test").admission(Admission::adaptive().initial_limit(15));
+    for c in [
+        ClassConfig::gold("pay"),
+        ClassConfig::silver("stock"),
+        ClassConfig::bronze("log"),
+    ] {
+        b = b.class(c);
+    }
+    let d = b.build_with_worker().unwrap().0;
+    let pool = support::fixed_capacity(4, Duration::from_millis(20));
+    let class = [
+        "pay", "stock", "log", "log", "stock", "log", "pay", "stock", "log", "log",
+    ]
+    .map(|c| d.layer(d.class_id(c).unwrap()).layer(pool.clone()));
+    // [gold sent, gold served], over the last 5 s.
+    let gold = Arc::new(Mutex::new([0u32; 2]));
+    let mut limits = Vec::new();
+    for step in 0..1000 {
+        for i in 0..3 {
+            let k = (step * 3 + i) % 10;
+            let call = class[k].clone().oneshot(());
+            let (gold, counting) = (gold.clone(), k % 6 == 0 && step >= 500);
+            tokio::spawn(async move {
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_millis(40), call).await,
+                    Ok(Ok(()))
+                );
+                if counting {
+                    let mut g = gold.lock().unwrap();
+                    g[0] += 1;
+                    g[1] += u32::from(ok);
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if step % 50 == 49 {
+            d.tick_now();
+            limits.push(d.admission()[0].limit);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let [sent, ok] = *gold.lock().unwrap();
+    assert_eq!(sent, 300);
+    assert!(
+        ok * 100 >= sent * 95,
+        "gold served {ok}/{sent}; limits {limits:?}"
+    );
+    assert!(
+        limits[10..].iter().all(|l| (2..=8).contains(l)),
+        "near the pool of 4: {limits:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn gold_keeps_the_permits_when_calls_run_longer_than_it_may_wait() {
     // Calls take 300 ms; gold waits at most 50 ms, bronze 1 s. Without reservations the
     // permits that come free after gold gave up go to bronze, and bronze ends up served.
