@@ -2279,17 +2279,22 @@ async fn kept_work_of_a_class_renamed_between_runs_is_said_not_silently_stranded
     let store = Arc::new(MemoryStore::default());
     let app = App::default();
     let writes = Arc::new(Mutex::new(Vec::new()));
-    {
+    // One run's degrader and router, its two classes named as given.
+    let run = |inv: &str, pay: &str| {
         let d = degrader([
-            ClassConfig::silver("inv").fallback_route(Route::BatchMerge),
-            ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
+            ClassConfig::silver(inv).fallback_route(Route::BatchMerge),
+            ClassConfig::gold(pay).fallback_route(Route::DelayedRetry),
         ]);
-        let (router, _worker) = FallbackRouter::builder(&d)
+        let (router, worker) = FallbackRouter::builder(&d)
             .shared_store(store.clone())
             .replay(replay(&app))
-            .batch_merge("inv", inventory(writes.clone(), Arc::default()))
+            .batch_merge(inv, inventory(writes.clone(), Arc::default()))
             .build()
             .unwrap();
+        (d, router, worker)
+    };
+    {
+        let (d, router, _worker) = run("inv", "pay");
         let inv = layered(&d, "inv", router.clone(), &app);
         let pay = layered(&d, "pay", router, &app);
         d.force_open("inv").unwrap();
@@ -2305,17 +2310,8 @@ async fn kept_work_of_a_class_renamed_between_runs_is_said_not_silently_stranded
         // The process ends here, its worker never run.
     }
     assert_eq!(store.depth(Queue::Journal).len, 3);
-    let d = degrader([
-        ClassConfig::silver("inventory").fallback_route(Route::BatchMerge),
-        ClassConfig::gold("payment").fallback_route(Route::DelayedRetry),
-    ]);
+    let (d, _router, worker) = run("inventory", "payment");
     d.force_open("payment").unwrap();
-    let (_router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .batch_merge("inventory", inventory(writes.clone(), Arc::default()))
-        .build()
-        .unwrap();
     let (logs, guard) = logs::Logs::capture();
     tokio::spawn(worker.run());
     run_for(40_000).await;
