@@ -586,6 +586,19 @@ fn ms(v: u64) -> Duration {
 
 /// The file's key for a setting the library names (`breaker.open_duration` is
 /// `open_duration_ms`), without its table.
+/// The methods a route of the file may name (RFC 9110's and `PATCH`).
+const STANDARD_METHODS: [http::Method; 9] = [
+    http::Method::GET,
+    http::Method::HEAD,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::DELETE,
+    http::Method::CONNECT,
+    http::Method::OPTIONS,
+    http::Method::TRACE,
+    http::Method::PATCH,
+];
+
 fn file_key(field: &str) -> String {
     let field = field
         .strip_prefix("breaker.")
@@ -1029,16 +1042,24 @@ impl DegraderFile {
                         format!("`{m}`: leave `method` unset for any method"),
                     ));
                 }
-                Some(m) => Some(
-                    http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(
-                        |_| {
-                            self.error(
-                                &format!("http.routes[{i}].method"),
-                                format!("`{}` is not an HTTP method", m.escape_debug()),
-                            )
-                        },
-                    )?,
-                ),
+                Some(m) => {
+                    let method = http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                        .ok()
+                        // Any token is a method to HTTP: a misspelt one (`PSOT`) would be a
+                        // rule that never matches. Others are set in code.
+                        .filter(|m| STANDARD_METHODS.contains(m));
+                    Some(method.ok_or_else(|| {
+                        self.error(
+                            &format!("http.routes[{i}].method"),
+                            format!(
+                                "`{}` is not one of the standard HTTP methods (GET, HEAD, POST, \
+                                 PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH); a rule for \
+                                 another method is set in code (`HttpClassifierBuilder::route`)",
+                                m.escape_debug()
+                            ),
+                        )
+                    })?)
+                }
             };
             b = b
                 .route(method, &r.path, &r.class)
@@ -1099,6 +1120,8 @@ impl DegraderFile {
         };
         let tick = self.tick_ms.map_or(crate::degrader::DEFAULT_TICK, ms);
         crate::degrader::check_service_and_tick(&self.service, tick)
+            .map_err(|e| refused(&[key(&e)], &e))?;
+        crate::degrader::check_env(self.env.as_deref().unwrap_or(""))
             .map_err(|e| refused(&[key(&e)], &e))?;
         // A breaker's error at `table`'s key, else at the table (a class's breaker refused for
         // a value it took from `[breaker]`: the class's table, where the fix goes).
@@ -1458,7 +1481,24 @@ class = "refund"
                 "method = \"P OST\"",
                 "P OST",
                 "http.routes[0].method",
-                "not an HTTP method",
+                "not one of the standard HTTP methods",
+            ),
+            // `env` is read and logged by policies as `service` labels lines: it was taken
+            // with a newline in it.
+            (
+                "tick_ms = 250",
+                "tick_ms = 250\nenv = \"prod\\nevil_metric 1\"",
+                "env = ",
+                "env",
+                "no control character",
+            ),
+            // Any token is a method to HTTP: a misspelt one never matched, without a word.
+            (
+                "method = \"POST\"",
+                "method = \"PSOT\"",
+                "PSOT",
+                "http.routes[0].method",
+                "not one of the standard HTTP methods",
             ),
             (
                 "path = \"/shop.Refunds/*\"",

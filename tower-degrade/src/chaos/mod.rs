@@ -245,6 +245,15 @@ impl Fault {
                 });
             }
         }
+        let delay = self.latency.saturating_add(self.jitter);
+        if delay > DAY {
+            return Err(ConfigError::InvalidValue {
+                field: "chaos.jitter",
+                reason: format!(
+                    "latency + jitter is {delay:?}: a call's delay cannot be longer than a day"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -628,7 +637,17 @@ impl Chaos {
     /// target. Fails, changing nothing, on an unknown class, a dependency no class has, a
     /// route pattern that does not parse, or a rate outside 0 to 1. A fault that injects
     /// nothing clears the target's, as [`clear`](Self::clear) does; replacing a fault, like
-    /// clearing one, lets the calls that faults delayed or hung go on at once.
+    /// clearing one, lets the calls that faults delayed or hung go on at once. A route
+    /// pattern is not checked against the application's routes: one that matches none
+    /// strikes nothing.
+    ///
+    /// Where several targets name one call (its class, a dependency of it, its route),
+    /// their faults strike it together: the latencies and jitters add up (to a day at
+    /// most), each failure strikes as if drawn apart (errors of 0.5 from two targets strike
+    /// three calls in four), the longest `hang_for` holds, and where the shares of errors,
+    /// aborts and hangs then add up past 1 they are scaled down to 1 in proportion (errors
+    /// of 1.0 on a class and aborts of 1.0 on its dependency strike each call with one or
+    /// the other, about half each).
     pub fn set(&self, target: Target, fault: Fault) -> Result<(), ConfigError> {
         fault.validate()?;
         let spec = target.to_string();

@@ -198,7 +198,8 @@ impl DegraderBuilder {
         self
     }
 
-    /// The deployment environment (`prod`, `staging`), visible to policies as `ctx.env`.
+    /// The deployment environment (`prod`, `staging`), visible to policies as `ctx.env`: at
+    /// most 128 bytes, no control character.
     pub fn env(mut self, env: impl Into<String>) -> Self {
         self.env = env.into();
         self
@@ -225,6 +226,7 @@ impl DegraderBuilder {
 
     fn build_shared(self) -> Result<Arc<Shared>, ConfigError> {
         check_service_and_tick(&self.service, self.tick)?;
+        check_env(&self.env)?;
         #[cfg(feature = "rhai")]
         self.policy_limits.validate()?;
         if let Some((_, config)) = &self.predictor {
@@ -502,6 +504,22 @@ pub(crate) fn check_service_and_tick(service: &str, tick: Duration) -> Result<()
         return Err(ConfigError::InvalidValue {
             field: "tick",
             reason: "must be 1 ms to an hour".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The deployment environment, as [`DegraderBuilder::build`] checks it: a short line of text
+/// that policies read and log (`ctx.env`), as the service's name.
+pub(crate) fn check_env(env: &str) -> Result<(), ConfigError> {
+    if env.len() > 128 || env.chars().any(char::is_control) {
+        return Err(ConfigError::InvalidValue {
+            field: "env",
+            reason: format!(
+                "{:?} must be at most 128 bytes with no control character: policies read it \
+                 and write it into log lines, where a newline would start a forged one",
+                crate::error::escape_cut(env, 64)
+            ),
         });
     }
     Ok(())

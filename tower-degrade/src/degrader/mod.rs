@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 pub use self::builder::{DEFAULT_TICK, DegraderBuilder};
 #[cfg(feature = "config")]
-pub(crate) use self::builder::{check_dependency_limiters, check_service_and_tick};
+pub(crate) use self::builder::{check_dependency_limiters, check_env, check_service_and_tick};
 pub(crate) use self::shared::{ClassControl, Shared, Shutdown};
 pub(crate) use self::status::health_score;
 pub use self::status::{ClassStatus, PredictorBatch, PredictorStatus, Status};

@@ -356,6 +356,13 @@ fn bad_faults_and_targets_are_refused_naming_what_is_wrong() {
         Fault::new().errors(0.6).aborts(0.6),
     ));
     assert!(msg.contains("cannot exceed 1"), "{msg}");
+    // Each at a day, their sum two: taken before.
+    let day = Duration::from_secs(86_400);
+    let msg = field(chaos.set(
+        Target::class("payment"),
+        Fault::new().latency(day).jitter(day),
+    ));
+    assert!(msg.starts_with("chaos.jitter: latency + jitter"), "{msg}");
     let msg = field(chaos.set(Target::class("nope"), Fault::new().errors(0.1)));
     assert!(msg.contains("unknown class `nope`"), "{msg}");
     let msg = field(chaos.set(Target::dependency("kafka"), Fault::new().errors(0.1)));
