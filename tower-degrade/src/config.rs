@@ -282,7 +282,8 @@ pub struct HttpSection {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RouteSection {
-    /// `GET`, `POST` ...; unset: any.
+    /// A standard method (`GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `CONNECT`, `OPTIONS`,
+    /// `TRACE`, `PATCH`; any case); unset: any. A rule for another method is set in code.
     pub method: Option<String>,
     /// A pattern in axum's syntax (`/pay/{id}`, `/static/{*rest}`).
     pub path: String,
