@@ -15,8 +15,9 @@
 //! in the service to keep it busy, little enough that latency stays near `rtt0`. Until the first
 //! sign of queueing it grows by half per tick (slow start). While calls do not fill the limit,
 //! it is left alone (the service is not telling us anything about its capacity), unless its
-//! callers gave up on more admitted calls than finished in the tick: those calls queue in the
-//! service past their callers' patience, with no latency sample, and the limit loses a fifth.
+//! callers gave up on more admitted calls than finished in the tick, each after longer in the
+//! service than it waited for its permit: those calls queue in the service past their
+//! callers' patience, with no latency sample, and the limit loses a fifth.
 //!
 //! A baseline measured with a queue in the service already (a limit that started above the
 //! capacity) would keep the limit there, and one never refreshed would drift. So when slow start

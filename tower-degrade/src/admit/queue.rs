@@ -221,7 +221,8 @@ pub(crate) struct Limiter {
     saturated: AtomicBool,
     samples: AtomicU64,
     /// Calls given a permit whose callers gave up on them before they finished (and before
-    /// their class's abandon threshold) since the last tick: no latency sample, but a sign.
+    /// their class's abandon threshold), after longer in the service than they waited for the
+    /// permit, since the last tick: no latency sample, but a sign.
     abandoned: AtomicU64,
     /// The mean latency in the service at the last tick with calls, µs.
     rtt_micros: AtomicU32,
@@ -316,7 +317,8 @@ impl Limiter {
     }
 
     /// A call holding a permit was given up on by its caller before it finished (before its
-    /// class's abandon threshold: no latency sample). Counted for the next tick.
+    /// class's abandon threshold: no latency sample), after longer in the service than it
+    /// waited for the permit. Counted for the next tick.
     #[cold]
     pub(crate) fn abandoned(&self) {
         self.abandoned.fetch_add(1, Relaxed);

@@ -248,7 +248,11 @@ impl Drop for Recording {
             self.shard.end(class, self.start, ran, outcome, latency);
             if self.flags & PERMIT != 0 {
                 self.release(ran, outcome != Outcome::Cancelled);
-                if outcome == Outcome::Cancelled {
+                // Given up on after longer in the service than waiting for the permit: a sign
+                // of a queue in the service. One given up on soon after a long wait for its
+                // permit says nothing of the service (and counted, would take the limit down
+                // and lengthen the waits that cause it).
+                if outcome == Outcome::Cancelled && ran > latency.saturating_sub(ran) {
                     self.shard.abandoned_permit(class);
                 }
             }
