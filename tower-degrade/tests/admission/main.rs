@@ -580,21 +580,25 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
     assert_eq!(status.admission[0].name.as_ref(), "service");
 }
 
+/// A degrader with `admission` and a class of each tier: `pay`, `stock` and `log`.
+fn three_tiers(admission: Admission) -> Degrader {
+    support::builder("test")
+        .admission(admission)
+        .class(ClassConfig::gold("pay"))
+        .class(ClassConfig::silver("stock"))
+        .class(ClassConfig::bronze("log"))
+        .build_with_worker()
+        .unwrap()
+        .0
+}
+
 #[tokio::test(start_paused = true)]
 async fn callers_giving_up_before_the_service_answers_bring_the_limit_down_to_it() {
     // A pool of 4 connections x 20 ms (200 calls/s) offered 300 calls/s whose callers give up
     // after 40 ms, under every class's SLA. The calls queue in the pool, past their callers'
     // patience: nearly none finished, so the limit had no sample, never filled, and stayed
     // above the pool (15 for 4 in a trial over gRPC: 4 gold calls of 2,700 served).
-    let mut b = support::builder("test").admission(Admission::adaptive().initial_limit(15));
-    for c in [
-        ClassConfig::gold("pay"),
-        ClassConfig::silver("stock"),
-        ClassConfig::bronze("log"),
-    ] {
-        b = b.class(c);
-    }
-    let d = b.build_with_worker().unwrap().0;
+    let d = three_tiers(Admission::adaptive().initial_limit(15));
     let pool = support::fixed_capacity(4, Duration::from_millis(20));
     let class = [
         "pay", "stock", "log", "log", "stock", "log", "pay", "stock", "log", "log",
@@ -647,15 +651,7 @@ async fn callers_giving_up_while_they_wait_for_a_permit_leave_the_limit_alone() 
     // Those abandonments say nothing of the pool: counted as a sign, they took the limit down
     // to its minimum, which lengthened the queue, in a spiral (a first user's trial of the
     // quickstart: the limit 2 for the pool of 8, 72 calls served in 10 s).
-    let mut b = support::builder("test").admission(Admission::adaptive());
-    for c in [
-        ClassConfig::gold("pay"),
-        ClassConfig::silver("stock"),
-        ClassConfig::bronze("log"),
-    ] {
-        b = b.class(c);
-    }
-    let d = b.build_with_worker().unwrap().0;
+    let d = three_tiers(Admission::adaptive());
     /// 8 connections, each query taking `query_ms` as it is when the query starts.
     fn pool(
         query_ms: Arc<std::sync::atomic::AtomicU64>,
