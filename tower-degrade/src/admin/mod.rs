@@ -132,35 +132,54 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         .into_response()
 }
 
-/// Refuse a request whose `Host` is not a loopback name or address (one without a `Host`,
-/// from an HTTP/1.0 tool, is let through: a browser always sends one).
+/// Refuse a request whose `Host` is not a loopback name or address, that sends two `Host`
+/// headers, or whose target names another host (an absolute-form URI, HTTP/2's
+/// `:authority`). One without either, from an HTTP/1.0 tool, is let through: a browser always
+/// sends one.
 async fn addressed_to_loopback(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let host = req.headers().get(header::HOST).map(|h| h.to_str());
-    match host {
-        None => next.run(req).await,
-        Some(Ok(h)) if is_loopback_host(h) => next.run(req).await,
-        Some(_) => (
-            StatusCode::FORBIDDEN,
-            axum::Json(
-                json!({"error": "this admin listener is on a loopback address: it \
-                answers requests addressed to localhost, 127.0.0.1 or [::1] only (the Host \
-                header), so that a web page cannot reach it by rebinding its own name"}),
-            ),
-        )
-            .into_response(),
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().map(|h| h.to_str().unwrap_or(""));
+    let loopback = hosts.next().is_none()
+        && host.is_none_or(is_loopback_host)
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| is_loopback_host(a.as_str()));
+    if loopback {
+        return next.run(req).await;
     }
+    (
+        StatusCode::FORBIDDEN,
+        axum::Json(
+            json!({"error": "this admin listener is on a loopback address: it \
+            answers requests addressed to localhost, 127.0.0.1 or [::1] only (one Host \
+            header, and the request's target if it names a host), so that a web page cannot \
+            reach it by rebinding its own name"}),
+        ),
+    )
+        .into_response()
 }
 
 /// Whether a `Host` header names this machine: `localhost` or a `*.localhost` name
-/// (RFC 6761), or a loopback address, with or without a port.
+/// (RFC 6761), or a loopback address, with or without a port (digits only).
 fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    let (name, port) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((name, "")) => (name, None),
+            Some((name, rest)) => (name, Some(rest.strip_prefix(':').unwrap_or("x"))),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
     };
+    if port.is_some_and(|p| p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     name == "localhost"
         || name.ends_with(".localhost")
@@ -200,6 +219,7 @@ mod tests {
             "127.0.0.2:9100",
             "[::1]:9100",
             "[::ffff:127.0.0.1]:9100",
+            "localhost:",
         ] {
             assert!(is_loopback_host(host), "{host}");
         }
@@ -210,6 +230,11 @@ mod tests {
             "[::ffff:10.0.0.1]",
             "[::2]",
             "",
+            "127.0.0.1:80@evil.example",
+            "localhost:evil.example",
+            "[::1]evil.example",
+            "[::1]:80x",
+            "[::1",
         ] {
             assert!(!is_loopback_host(host), "{host}");
         }

@@ -563,4 +563,27 @@ async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
         let answer = get("/status", host.clone()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
+    // In a hostile trial: a second `Host`, a target naming another host, a "port" carrying
+    // another name were let through.
+    let raw = |head: String| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    for head in [
+        "GET /status HTTP/1.1\r\nhost: localhost\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
+        "GET http://evil.example/status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        "GET /status HTTP/1.1\r\nhost: 127.0.0.1:80@evil.example\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = raw(head.to_owned()).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{head:?}: {answer}");
+    }
+    let answer = raw(format!(
+        "GET http://localhost:{}/status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        addr.port()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
