@@ -23,7 +23,7 @@ use super::shared::{Kept, KeptCall, RouterShared, Stored};
 use super::store::Store;
 use super::worker::{FallbackWorker, Settings};
 use super::{Diverted, Fallback, FallbackService, NoFallback};
-use crate::class::Route;
+use crate::class::{Route, Tier};
 use crate::degrader::Degrader;
 use crate::error::{BoxError, ConfigError, Degraded};
 use crate::every::{Every, LOG_EVERY};
@@ -85,8 +85,22 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
     /// A class given a second `batch_merge` (refused when built).
     merged_twice: Option<String>,
     replay: Option<Arc<dyn Replay>>,
+    /// Per tier, gold, silver, bronze: the share of the store new tasks may fill.
+    shares: [f64; 3],
     service: T,
     worker: Settings,
+}
+
+/// Per tier, gold, silver, bronze: the share of the store new tasks may fill by default
+/// ([`FallbackRouterBuilder::store_share`]).
+const DEFAULT_SHARES: [f64; 3] = [1.0, 0.9, 0.8];
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Gold => 0,
+        Tier::Silver => 1,
+        Tier::Bronze => 2,
+    }
 }
 
 impl<T> fmt::Debug for FallbackRouterBuilder<T> {
@@ -110,6 +124,7 @@ impl FallbackRouter {
             batches: HashMap::new(),
             merged_twice: None,
             replay: None,
+            shares: DEFAULT_SHARES,
             service: NoFallback,
             worker: Settings {
                 backfill: Backfill::default(),
@@ -187,6 +202,20 @@ impl<T> FallbackRouterBuilder<T> {
         self
     }
 
+    /// How much of the store the new tasks of `tier`'s classes may fill, a share of its
+    /// capacity in (0, 1] (default: gold 1.0, silver 0.9, bronze 0.8). Past it a call of that
+    /// tier is not kept (answered `not_kept`, as by a full store), so that a bronze class
+    /// spooling through a long outage, or clients sending their own calls to manual review,
+    /// leave room for the payments a gold class keeps. Tasks already kept are never moved
+    /// out, and a task moved between queues (a retry to manual review) takes no new room.
+    /// Only where the store says how full it is ([`Store::usage`]: the bundled stores do);
+    /// a shared store's count is a moment old, so a burst can pass a share by what it keeps
+    /// in that moment, never the capacity.
+    pub fn store_share(mut self, tier: Tier, share: f64) -> Self {
+        self.shares[tier_index(tier)] = share;
+        self
+    }
+
     /// How often the worker looks for due tasks when nothing wakes it (default 100 ms; at
     /// most a minute).
     pub fn period(mut self, period: Duration) -> Self {
@@ -219,6 +248,7 @@ impl<T> FallbackRouterBuilder<T> {
             batches: self.batches,
             merged_twice: self.merged_twice,
             replay: self.replay,
+            shares: self.shares,
             service: FallbackService(service),
             worker: self.worker,
         }
@@ -304,6 +334,29 @@ impl<T> FallbackRouterBuilder<T> {
                 ),
             });
         }
+        for tier in [Tier::Gold, Tier::Silver, Tier::Bronze] {
+            let share = self.shares[tier_index(tier)];
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(ConfigError::InvalidValue {
+                    field: "fallback.store_share",
+                    reason: format!(
+                        "{tier}'s share of the store must be more than 0 and at most 1, not \
+                         {share}"
+                    ),
+                });
+            }
+        }
+        let shares = self
+            .degrader
+            .registry()
+            .iter()
+            .map(|(_, c)| {
+                (
+                    c.name().to_owned(),
+                    (c.tier(), self.shares[tier_index(c.tier())]),
+                )
+            })
+            .collect();
         self.retry.validate()?;
         self.capture.validate()?;
         self.worker.backfill.validate()?;
@@ -321,6 +374,8 @@ impl<T> FallbackRouterBuilder<T> {
             storing: Default::default(),
             reviewing: Default::default(),
             not_kept: Every::new(LOG_EVERY),
+            to_review: Every::new(LOG_EVERY),
+            shares,
             foreign_said: Default::default(),
         });
         let worker = FallbackWorker::new(shared.clone(), self.degrader, replay, self.worker);

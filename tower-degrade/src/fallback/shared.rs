@@ -12,8 +12,8 @@ use super::batch::Batcher;
 use super::capture::Capture;
 use super::record::{Payload, Queue, Task, TaskId};
 use super::schedule::{Clock, RetryPolicy};
-use super::store::{Op, Store, StoreErrorKind};
-use crate::class::Route;
+use super::store::{Op, Store, StoreError, StoreErrorKind};
+use crate::class::{Route, Tier};
 use crate::every::Every;
 use crate::gate::Reason;
 
@@ -37,6 +37,13 @@ pub(crate) struct RouterShared {
     /// Calls that could not be kept: logged once every 10 s while the store refuses them
     /// (each is counted in the metrics), not once per call.
     pub(crate) not_kept: Every,
+    /// Tasks moved to manual review: each is counted and listed by the review API; the log
+    /// says so once every 10 s with how many more, as a client can send thousands a second
+    /// there (a policy's hook on a header it sets).
+    pub(crate) to_review: Every,
+    /// Each class's tier and the share of the store its new tasks may fill
+    /// ([`FallbackRouterBuilder::store_share`](super::FallbackRouterBuilder::store_share)).
+    pub(crate) shares: HashMap<String, (Tier, f64)>,
     /// A layer of another degrader has sent this router a call (said once).
     pub(crate) foreign_said: std::sync::atomic::AtomicBool,
 }
@@ -238,6 +245,30 @@ impl RouterShared {
         Kept { id, same }
     }
 
+    /// A full store's error if `class`'s tier has filled its share of the store
+    /// ([`FallbackRouterBuilder::store_share`](super::FallbackRouterBuilder::store_share)).
+    fn over_share(&self, class: &str) -> Option<StoreError> {
+        let &(tier, share) = self.shares.get(class)?;
+        if share >= 1.0 {
+            return None;
+        }
+        let usage = self.store.usage()?;
+        let room = (usage.capacity as f64 * share).ceil() as u64;
+        (usage.held >= room).then(|| {
+            StoreError::new(
+                StoreErrorKind::Full,
+                format!(
+                    "the {} store holds {} tasks of its {}: {tier} classes may fill {} % of it \
+                     (`FallbackRouterBuilder::store_share`), the rest is kept for higher tiers",
+                    self.store.kind(),
+                    usage.held,
+                    usage.capacity,
+                    share * 100.0
+                ),
+            )
+        })
+    }
+
     /// Store a kept task; count it, wake the worker. `Stored::NotKept` (logged) if the store
     /// refused it; `Stored::Found` if another instance sharing the store kept a task under its
     /// idempotency key since [`claim_or_find`](Self::claim_or_find) looked (the same call if
@@ -245,7 +276,10 @@ impl RouterShared {
     async fn put_kept(&self, queue: Queue, task: Task, route: Route, reason: Reason) -> Stored {
         let (id, class) = (task.id(), task.class().to_owned());
         let key = task.client_key().map(str::to_owned);
-        let mut result = self.store.commit(vec![Op::Put(queue, task.clone())]).await;
+        let mut result = match self.over_share(&class) {
+            Some(full) => Err(full),
+            None => self.store.commit(vec![Op::Put(queue, task.clone())]).await,
+        };
         if let (Err(e), Some(key)) = (&result, &key)
             && e.kind() == StoreErrorKind::KeyTaken
         {
@@ -264,9 +298,13 @@ impl RouterShared {
                     &crate::metrics::KEPT_RESULTS,
                     "kept",
                 );
-                if route == Route::ManualReview {
+                if route == Route::ManualReview
+                    && let Some(held) = self.to_review.ready()
+                {
                     tracing::warn!(service = %self.service, class = %class, task = %id,
-                        reason = %reason, "task moved to manual review");
+                        reason = %reason, also_moved = held,
+                        "task moved to manual review (said at most every 10 s; `also_moved`: \
+                         tasks moved since the last line, each listed by the review API)");
                 }
                 self.wake.notify_one();
                 if let Some(held) = self.not_kept.reset() {

@@ -858,9 +858,13 @@ impl FallbackWorker {
     }
 
     fn to_review(&self, from: Queue, task: Task, ops: &mut Vec<Op>) {
-        tracing::warn!(service = %self.shared.service, class = %task.class(), task = %task.id(),
-            from = %from, attempts = task.attempts(), answer = task.last_answer().unwrap_or(""),
-            "task moved to manual review");
+        if let Some(held) = self.shared.to_review.ready() {
+            tracing::warn!(service = %self.shared.service, class = %task.class(),
+                task = %task.id(), from = %from, attempts = task.attempts(),
+                answer = task.last_answer().unwrap_or(""), also_moved = held,
+                "task moved to manual review (said at most every 10 s; `also_moved`: tasks \
+                 moved since the last line, each listed by the review API)");
+        }
         ops.push(Op::Remove(from, task.id()));
         ops.push(Op::Put(Queue::Review, task));
     }

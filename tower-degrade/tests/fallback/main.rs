@@ -1704,6 +1704,86 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold() {
+    let d = degrader([
+        ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
+        ClassConfig::silver("stock").fallback_route(Route::Spool),
+        ClassConfig::bronze("browse").fallback_route(Route::Spool),
+    ]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::new(20));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    drop(worker);
+    let [pay, stock, browse] =
+        ["pay", "stock", "browse"].map(|c| layered(&d, c, router.clone(), &app));
+    for class in ["pay", "stock", "browse"] {
+        d.force_open(class).unwrap();
+    }
+    let status = async |svc: &Svc, n: usize| {
+        let mut kept = 0;
+        for _ in 0..n {
+            let res = call(svc, post("/x", "x")).await;
+            if res.status() == StatusCode::ACCEPTED {
+                kept += 1;
+            } else {
+                assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(res.headers()[REASON_HEADER], "not_kept");
+                assert!(res.headers().contains_key("retry-after"));
+            }
+        }
+        kept
+    };
+    // An outage's browse events: the default shares keep bronze to 80 % of the store.
+    assert_eq!(status(&browse, 30).await, 16, "bronze: 80 % of 20");
+    assert_eq!(status(&stock, 30).await, 2, "silver: up to 90 % of 20");
+    assert_eq!(
+        status(&pay, 30).await,
+        2,
+        "gold: the rest, up to the capacity"
+    );
+    assert_eq!(store.usage().unwrap().held, 20);
+
+    // Moving a task between queues takes no new room; removing one frees it for gold only
+    // while the lower tiers are past their shares.
+    let first = store.list(Queue::Spool, None, 1).await.unwrap().remove(0);
+    store
+        .commit(vec![Op::Remove(Queue::Spool, first.id())])
+        .await
+        .unwrap();
+    assert_eq!(status(&browse, 1).await, 0);
+    assert_eq!(status(&stock, 1).await, 0);
+    assert_eq!(status(&pay, 1).await, 1);
+
+    // Shares are set per tier, and checked when the router is built.
+    let store = Arc::new(MemoryStore::new(10));
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .store_share(tower_degrade::Tier::Bronze, 1.0)
+        .build()
+        .unwrap();
+    let browse = layered(&d, "browse", router, &app);
+    assert_eq!(status(&browse, 12).await, 10, "bronze may fill it all");
+    for share in [0.0, -0.5, 1.5, f64::NAN] {
+        let err = FallbackRouter::builder(&d)
+            .store(MemoryStore::default())
+            .replay(replay(&app))
+            .store_share(tower_degrade::Tier::Silver, share)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fallback.store_share") && err.contains("silver"),
+            "{share}: {err}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_protocol_upgrade_is_refused_not_kept() {
     let d = degrader([ClassConfig::bronze("feed").fallback_route(Route::DelayedRetry)]);
     let app = App::default();

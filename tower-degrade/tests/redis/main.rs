@@ -441,6 +441,10 @@ async fn an_unreachable_server_means_reject_or_the_local_spool_as_configured() {
         .await
         .unwrap();
     assert_eq!(failover.depth(Queue::Spool).len, 1);
+    // While the shared store is left alone, new tasks go to the local one: its room is what
+    // the router's tier shares look at.
+    let usage = failover.usage().unwrap();
+    assert_eq!((usage.held, usage.capacity), (1, 10_000_000));
     let due = failover.due(Queue::Spool, u64::MAX, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     failover

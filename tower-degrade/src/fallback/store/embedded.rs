@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use tokio::sync::oneshot;
 
 use super::index::Index;
-use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture, Usage};
 use crate::fallback::record::{Queue, Task, TaskId};
 
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("tower-degrade");
@@ -706,6 +706,13 @@ impl Store for EmbeddedStore {
     fn kind(&self) -> &'static str {
         "embedded"
     }
+
+    fn usage(&self) -> Option<Usage> {
+        Some(Usage {
+            held: self.shared.index().len(),
+            capacity: self.shared.capacity,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -837,6 +844,11 @@ mod tests {
         let full = store.commit(vec![Op::Put(Queue::Spool, task(3))]).await;
         assert_eq!(full.unwrap_err().kind(), StoreErrorKind::Full);
         assert_eq!(store.depth(Queue::Spool).len, 2);
+        let usage = Usage {
+            held: 2,
+            capacity: 2,
+        };
+        assert_eq!(store.usage(), Some(usage));
     }
 
     #[test]

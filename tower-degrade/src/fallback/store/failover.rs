@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture, Usage};
 use crate::every::{Every, LOG_EVERY};
 use crate::fallback::record::{Queue, Task, TaskId};
 
@@ -365,6 +365,19 @@ impl Store for Failover {
 
     fn kind(&self) -> &'static str {
         "failover"
+    }
+
+    /// The store new tasks go to now: the local one while the shared one is left alone.
+    fn usage(&self) -> Option<Usage> {
+        let down = self
+            .state()
+            .down_until
+            .is_some_and(|until| Instant::now() < until);
+        if down {
+            self.local.usage()
+        } else {
+            self.primary.usage()
+        }
     }
 
     fn claim_timeout(&self) -> Option<Duration> {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::index::Index;
-use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture, Usage};
 use crate::fallback::record::{Queue, Task, TaskId};
 
 /// Kept tasks in memory, bounded: for tests, and for work that may be lost with the process.
@@ -125,5 +125,12 @@ impl Store for MemoryStore {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        Some(Usage {
+            held: self.lock().index.len(),
+            capacity: self.capacity,
+        })
     }
 }

@@ -58,6 +58,16 @@ pub struct Depth {
     pub oldest_ms: Option<u64>,
 }
 
+/// How full a store is: the tasks it holds against its capacity (the manual-review audit
+/// records are in neither: they are not work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Tasks held, every queue but the audit together.
+    pub held: u64,
+    /// The most it holds.
+    pub capacity: u64,
+}
+
 /// Storage for kept tasks. See the [module docs](self).
 pub trait Store: Send + Sync + 'static {
     /// Apply `ops` atomically and durably. A batch that would take the store over its
@@ -96,6 +106,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// A name for logs and metrics (`memory`, `embedded`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// How full the store is, as far as it knows without waiting (a shared store's count may
+    /// be a moment old): the router keeps the last part of it for the higher tiers' calls
+    /// (`FallbackRouterBuilder::store_share`). `None` (the default): not known, and no share
+    /// is kept (the store's own capacity still holds).
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
 
     /// How long a task this instance claimed stays its own without a heartbeat, for a store
     /// shared by several instances that hands an instance's tasks to another after that

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture};
+use super::{Depth, Op, Store, StoreError, StoreErrorKind, StoreFuture, Usage};
 use crate::every::{Every, LOG_EVERY};
 use crate::fallback::record::{Queue, Task, TaskId};
 
@@ -1323,6 +1323,20 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    /// From the depths' cache (above): what every instance sharing the store holds, as of at
+    /// most 100 ms ago.
+    fn usage(&self) -> Option<Usage> {
+        let held = Queue::ALL
+            .into_iter()
+            .filter(|q| *q != Queue::Audit)
+            .map(|q| self.depth(q).len)
+            .sum();
+        Some(Usage {
+            held,
+            capacity: self.inner.capacity,
+        })
     }
 
     fn claim_timeout(&self) -> Option<Duration> {
