@@ -77,6 +77,25 @@ pub struct RequestInfo {
     pub(crate) headers: Option<http::HeaderMap>,
 }
 
+/// A start time further back than this is no request's (a proxy gives up on a request long
+/// before): unknown, as a client's `x-request-start: 0` is.
+const MAX_ELAPSED: Duration = Duration::from_secs(3600);
+
+/// A start time ahead of this host's clock by more than this is not another host's clock
+/// running a little ahead: unknown.
+const MAX_AHEAD: Duration = Duration::from_secs(60);
+
+/// How long ago a request started at `start_ms`, both in ms since the Unix epoch: `None` for
+/// a start time no request has (more than an hour ago, or more than a minute ahead), zero
+/// for one a little ahead (another host's clock).
+fn elapsed_since(start_ms: u64, now_ms: u64) -> Option<Duration> {
+    if start_ms > now_ms {
+        return (start_ms - now_ms <= MAX_AHEAD.as_millis() as u64).then_some(Duration::ZERO);
+    }
+    let elapsed = Duration::from_millis(now_ms - start_ms);
+    (elapsed <= MAX_ELAPSED).then_some(elapsed)
+}
+
 impl RequestInfo {
     fn new(view: &RequestView<'_>, with_headers: bool) -> Self {
         let now_ms = SystemTime::now()
@@ -87,9 +106,7 @@ impl RequestInfo {
             path: view.path.into(),
             key: view.key.map(Into::into),
             group: view.group.map(Into::into),
-            elapsed: view
-                .started_unix_ms
-                .map(|s| Duration::from_millis(now_ms.saturating_sub(s))),
+            elapsed: view.started_unix_ms.and_then(|s| elapsed_since(s, now_ms)),
             headers: if with_headers {
                 view.headers.cloned()
             } else {
@@ -258,5 +275,36 @@ impl Core {
                 .map_err(|(line, reason, _)| (line, reason))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_time_no_request_has_is_unknown() {
+        let now = 1_700_000_000_000;
+        assert_eq!(
+            elapsed_since(now - 3_000, now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(elapsed_since(now - 3_600_000, now), Some(MAX_ELAPSED));
+        assert_eq!(
+            elapsed_since(now - 3_600_001, now),
+            None,
+            "over an hour ago"
+        );
+        assert_eq!(elapsed_since(0, now), None, "1970");
+        assert_eq!(
+            elapsed_since(now + 5_000, now),
+            Some(Duration::ZERO),
+            "a clock ahead"
+        );
+        assert_eq!(
+            elapsed_since(now + 60_001, now),
+            None,
+            "no clock is that far ahead"
+        );
     }
 }

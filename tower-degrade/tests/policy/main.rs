@@ -1283,6 +1283,21 @@ async fn the_seed_elapsed_time_hook_runs_per_request() {
         None,
         "no start header"
     );
+    // A start time no request has is unknown: in a hostile trial, `x-request-start: 0` sent
+    // a client's every call to manual review (56 years "waited").
+    let at = |start: String| {
+        http::Request::post("/pay")
+            .header("x-request-start", start)
+            .body(())
+            .unwrap()
+    };
+    assert_eq!(send(&mut svc, at("0".into())).await, None, "1970");
+    assert_eq!(send(&mut svc, req(3_601_000)).await, None, "over an hour");
+    assert_eq!(
+        send(&mut svc, req(3_599_000)).await,
+        Some(Route::ManualReview),
+        "within an hour"
+    );
     // bronze is not governed.
     let late_log = http::Request::post("/log")
         .header("x-request-start", started_ago(5_000))
