@@ -203,7 +203,9 @@ impl<T> FallbackRouterBuilder<T> {
     }
 
     /// How much of the store the new tasks of `tier`'s classes may fill, a share of its
-    /// capacity in (0, 1] (default: gold 1.0, silver 0.9, bronze 0.8). Past it a call of that
+    /// capacity in (0, 1] (default: gold 1.0, silver 0.9, bronze 0.8; the whole store for the
+    /// first tier the degrader has classes of, which has no higher one to keep room for:
+    /// silver where there is no gold class, with the default class too). Past it a call of that
     /// tier is not kept (answered `not_kept`, as by a full store), so that a bronze class
     /// spooling through a long outage, or clients sending their own calls to manual review,
     /// leave room for the payments a gold class keeps. Tasks already kept are never moved
@@ -346,15 +348,19 @@ impl<T> FallbackRouterBuilder<T> {
                 });
             }
         }
-        let shares = self
-            .degrader
-            .registry()
+        // The first tier the degrader has (`Tier` orders gold first) has nobody to keep room
+        // for: the whole store.
+        let registry = self.degrader.registry();
+        let first = registry.iter().map(|(_, c)| c.tier()).min();
+        let shares = registry
             .iter()
             .map(|(_, c)| {
-                (
-                    c.name().to_owned(),
-                    (c.tier(), self.shares[tier_index(c.tier())]),
-                )
+                let share = if Some(c.tier()) == first {
+                    1.0
+                } else {
+                    self.shares[tier_index(c.tier())]
+                };
+                (c.name().to_owned(), (c.tier(), share))
             })
             .collect();
         self.retry.validate()?;

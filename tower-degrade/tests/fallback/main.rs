@@ -1758,6 +1758,25 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
     assert_eq!(status(&stock, 1).await, 0);
     assert_eq!(status(&pay, 1).await, 1);
 
+    // The first tier present keeps no room for another: without a gold class, silver fills
+    // it all, bronze 80 %.
+    let d = degrader([
+        ClassConfig::silver("stock").fallback_route(Route::Spool),
+        ClassConfig::bronze("browse").fallback_route(Route::Spool),
+    ]);
+    let store = Arc::new(MemoryStore::new(10));
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    let [stock, browse] = ["stock", "browse"].map(|c| layered(&d, c, router.clone(), &app));
+    for class in ["stock", "browse"] {
+        d.force_open(class).unwrap();
+    }
+    assert_eq!(status(&browse, 12).await, 8, "bronze: 80 %");
+    assert_eq!(status(&stock, 12).await, 2, "silver: the rest");
+
     // Shares are set per tier, and checked when the router is built.
     let store = Arc::new(MemoryStore::new(10));
     let (router, _worker) = FallbackRouter::builder(&d)
