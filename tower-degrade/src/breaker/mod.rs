@@ -393,7 +393,7 @@ impl Breaker {
 
     /// Whether `w` trips the breaker open, and why.
     fn trips(&self, w: &WindowSnapshot) -> Option<String> {
-        if w.assessed() < self.cfg.min_requests {
+        if w.assessed() < self.min_assessed() {
             return None;
         }
         let fr = w.failure_rate();
@@ -428,6 +428,21 @@ impl Breaker {
             }
         }
         None
+    }
+
+    /// Calls a window needs before its failure rate can open the breaker: `min_requests`,
+    /// or, while a degrade is enforced, the share of it the class admits (at least 1), so that
+    /// a degraded class opens at the offered rate a closed one does. With the whole of it, a
+    /// class degraded to 20 % of 100 calls a second (10 a tick against 20) never opened: in a
+    /// user's trial every admitted call failed for 80 s while it stayed degraded, and the
+    /// predicted degrade that put it there was judged a false alarm.
+    fn min_assessed(&self) -> u64 {
+        if self.mode == Mode::Auto && matches!(self.phase, Phase::Degraded { .. }) {
+            let share = self.cfg.min_requests as f64 * self.cfg.degraded_admit_fraction;
+            (share.ceil() as u64).clamp(1, self.cfg.min_requests.max(1))
+        } else {
+            self.cfg.min_requests
+        }
     }
 
     /// Advance one tick with the window that just closed.

@@ -166,6 +166,38 @@ fn degraded_recovers_after_three_healthy_windows_or_opens() {
 }
 
 #[test]
+fn a_degraded_class_opens_on_the_failures_of_the_calls_it_admits() {
+    // 50 calls a tick offered, 10 admitted while degraded (20 %), every one failing: below
+    // the closed class's 20 calls, and the class stayed degraded for good.
+    let now = Instant::now();
+    let mut b = breaker();
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    assert_eq!(b.state(), State::Degraded);
+    let t = b.step(&window(0, 10, 300), now).expect("opens");
+    assert_eq!((t.from, t.to), (State::Degraded, State::Open));
+    assert!(t.reason.contains("over 10 calls"), "{}", t.reason);
+    // The admitted share of `min_requests` (4 of 20) is still needed.
+    let mut b = breaker();
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    assert_eq!(b.step(&window(0, 3, 300), now), None);
+    assert_eq!(b.state(), State::Degraded);
+    assert!(b.step(&window(0, 4, 300), now).is_some());
+    // A dry run admits every call: its shadow needs the whole of `min_requests`.
+    let mut b = breaker();
+    b.command(Command::MetricsOnly);
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    assert_eq!(b.shadow_state(), State::Degraded);
+    assert_eq!(b.step(&window(0, 10, 300), now), None);
+    assert!(b.step(&window(0, 20, 300), now).is_some());
+}
+
+#[test]
 fn quiet_windows_neither_count_nor_reset_a_degraded_class_s_recovery() {
     // A class with a few calls a second, most of them diverted while degraded: many windows
     // see no completed call at all.
