@@ -181,8 +181,21 @@ impl Calibrations {
     /// once do not share one), synced, then renamed over it, and the directory synced, so
     /// that a crash leaves the old record or the new one. The directory must exist. Blocking
     /// file I/O: from async code, in `spawn_blocking`.
+    ///
+    /// A record of no class is refused, and the file left as it is: a build with a fixed
+    /// threshold or without a predictor, saving as the last one did, replaced a half hour's
+    /// warm-up with nothing in a user's trial.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), CalibrationsError> {
         let path = path.as_ref();
+        if self.classes.is_empty() {
+            return Err(CalibrationsError::Invalid {
+                path: Some(path.to_path_buf()),
+                reason: "nothing to save: no class calibrates its prediction threshold (a \
+                         fixed `predict_threshold`, or no predictor attached); the file is left \
+                         as it is"
+                    .into(),
+            });
+        }
         let io = |source| CalibrationsError::Io {
             path: path.to_path_buf(),
             source,
@@ -551,7 +564,7 @@ mod tests {
         let (a, b) = (
             sample(),
             Calibrations {
-                classes: Vec::new(),
+                service: "other".into(),
                 ..sample()
             },
         );
@@ -581,10 +594,22 @@ mod tests {
         c.save(&path).unwrap();
         assert_eq!(Calibrations::load(&path).unwrap(), c);
         let d = Calibrations {
+            service: "other".into(),
+            ..c.clone()
+        };
+        d.save(&path).unwrap();
+        assert_eq!(Calibrations::load(&path).unwrap(), d);
+        // A record of no class (a build with fixed thresholds saving as the last one did)
+        // leaves the file as it is.
+        let none = Calibrations {
             classes: Vec::new(),
             ..c
         };
-        d.save(&path).unwrap();
+        let e = none.save(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("nothing to save") && e.contains("left as it is"),
+            "{e}"
+        );
         assert_eq!(Calibrations::load(&path).unwrap(), d);
         // Nothing left beside it.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
