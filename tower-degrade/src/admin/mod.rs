@@ -437,6 +437,8 @@ impl Admin {
                     "queue_depth": c.window.queue_depth,
                     "prediction": c.prediction,
                     "prediction_threshold": c.prediction_threshold,
+                    // the predictor only warns in the shadow: the rules alone act
+                    "predict_trial": c.predict_trial,
                     "calibrating": c.calibrating,
                     "calibration_left": c.calibration_left,
                     "prediction_record": c.prediction_record.map(|r| json!({

@@ -348,6 +348,7 @@ impl Shared {
                         .then(|| ctl.predicting().calibration_left())
                         .flatten(),
                     prediction_record: attached.then(|| ctl.predicting().prediction_record()),
+                    predict_trial: ctl.trial.is_some(),
                 }
             })
             .collect();

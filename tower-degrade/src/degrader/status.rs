@@ -121,6 +121,11 @@ pub struct ClassStatus {
     /// With a predictor attached: how the class's predictions turned out so far (warnings
     /// confirmed, false alarms, breaches missed, the last lead).
     pub prediction_record: Option<PredictionRecord>,
+    /// The class's predictor runs as a trial
+    /// ([`BreakerConfig::predict_shadow`](crate::breaker::BreakerConfig::predict_shadow)):
+    /// it warns and keeps its record in [`shadow_state`](Self::shadow_state), and the rules
+    /// alone act on the class.
+    pub predict_trial: bool,
 }
 
 /// `degrade_health_score` (seed 4.4): per class, 60 % SLI (share of requests served, by the

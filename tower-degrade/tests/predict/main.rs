@@ -282,12 +282,15 @@ async fn a_predictor_on_trial_warns_and_keeps_its_record_while_the_rules_alone_a
     let left = leak_until(&d, |d| {
         let status = d.status();
         let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        assert!(stock.predict_trial, "the status says it is on trial");
         if stock.shadow_state != State::Closed {
             warned.get_or_insert(status.tick);
         }
         stock.state != State::Closed
     })
     .await;
+    let rules = without_predictor().status();
+    assert!(!rules.classes[1].predict_trial, "{:?}", rules.classes[1]);
     // The class is left to the rules: degraded when the rule alone degrades it, not before.
     assert_eq!(left, rule_tick);
     assert_eq!(d.state("stock").unwrap(), State::Degraded);
