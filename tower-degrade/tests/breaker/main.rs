@@ -170,31 +170,31 @@ fn a_degraded_class_opens_on_the_failures_of_the_calls_it_admits() {
     // 50 calls a tick offered, 10 admitted while degraded (20 %), every one failing: below
     // the closed class's 20 calls, and the class stayed degraded for good.
     let now = Instant::now();
-    let mut b = breaker();
-    for _ in 0..3 {
-        b.step(&window(90, 10, 900), now);
-    }
+    let mut b = degraded(breaker(), now);
     assert_eq!(b.state(), State::Degraded);
     let t = b.step(&window(0, 10, 300), now).expect("opens");
     assert_eq!((t.from, t.to), (State::Degraded, State::Open));
     assert!(t.reason.contains("over 10 calls"), "{}", t.reason);
     // The admitted share of `min_requests` (4 of 20) is still needed.
-    let mut b = breaker();
-    for _ in 0..3 {
-        b.step(&window(90, 10, 900), now);
-    }
+    let mut b = degraded(breaker(), now);
     assert_eq!(b.step(&window(0, 3, 300), now), None);
     assert_eq!(b.state(), State::Degraded);
     assert!(b.step(&window(0, 4, 300), now).is_some());
     // A dry run admits every call: its shadow needs the whole of `min_requests`.
     let mut b = breaker();
     b.command(Command::MetricsOnly);
-    for _ in 0..3 {
-        b.step(&window(90, 10, 900), now);
-    }
+    let mut b = degraded(b, now);
     assert_eq!(b.shadow_state(), State::Degraded);
     assert_eq!(b.step(&window(0, 10, 300), now), None);
     assert!(b.step(&window(0, 20, 300), now).is_some());
+}
+
+/// `b` after the seed rule's three breaching windows (degraded, or its shadow).
+fn degraded(mut b: Breaker, now: Instant) -> Breaker {
+    for _ in 0..3 {
+        b.step(&window(90, 10, 900), now);
+    }
+    b
 }
 
 #[test]
