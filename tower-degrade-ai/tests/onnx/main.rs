@@ -306,6 +306,11 @@ async fn a_class_the_model_answers_nan_for_has_no_prediction_and_the_others_keep
         .latency_clock(LatencyClock::Tokio)
         .class(ClassConfig::silver("stock").sla(Duration::from_millis(200)))
         .class(ClassConfig::bronze("browse").sla(Duration::from_millis(200)))
+        // Degraded, not opened: its few calls a tick, each overdue, stay in its window.
+        .class_breaker(
+            "stock",
+            tower_degrade::breaker::BreakerConfig::default().min_requests(1_000),
+        )
         .predictor(OnnxPredictor::load(&path).unwrap(), paused_time_config())
         .build_with_worker()
         .unwrap();

@@ -162,7 +162,7 @@ impl BreakerConfig {
     /// class under 40 calls a second is never opened by errors alone (overdue calls still
     /// open it): give a low-rate class a lower value, such as `min_requests(3)`. While a
     /// degrade is enforced, the share of it the class admits is needed (4 of 20 at the default
-    /// 20 %, at least 1): the offered rate a closed class opens at.
+    /// 20 %, at least 1): about the offered rate a closed class opens at.
     pub fn min_requests(mut self, value: u64) -> Self {
         self.min_requests = value;
         self

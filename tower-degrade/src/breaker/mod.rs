@@ -432,7 +432,9 @@ impl Breaker {
 
     /// Calls a window needs before its failure rate can open the breaker: `min_requests`,
     /// or, while a degrade is enforced, the share of it the class admits (at least 1), so that
-    /// a degraded class opens at the offered rate a closed one does. With the whole of it, a
+    /// a degraded class opens at about the offered rate a closed one does (overdue calls in
+    /// flight count in every window they are overdue in, admitted or not, so a slow class
+    /// with few calls opens sooner degraded than closed). With the whole of it, a
     /// class degraded to 20 % of 100 calls a second (10 a tick against 20) never opened: in a
     /// user's trial every admitted call failed for 80 s while it stayed degraded, and the
     /// predicted degrade that put it there was judged a false alarm.
