@@ -39,11 +39,7 @@ pub fn track_current_tier() {
 }
 
 fn to_bits(t: Tier) -> u8 {
-    match t {
-        Tier::Gold => 0,
-        Tier::Silver => 1,
-        Tier::Bronze => 2,
-    }
+    t.index() as u8
 }
 
 fn from_bits(b: u8) -> Option<Tier> {

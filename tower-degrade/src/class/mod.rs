@@ -30,6 +30,15 @@ impl Tier {
         }
     }
 
+    /// Gold 0, silver 1, bronze 2: where a tier's entry sits in a per-tier array.
+    pub(crate) const fn index(self) -> usize {
+        match self {
+            Tier::Gold => 0,
+            Tier::Silver => 1,
+            Tier::Bronze => 2,
+        }
+    }
+
     /// The label used for this tier in metrics and policies.
     pub const fn as_str(self) -> &'static str {
         match self {

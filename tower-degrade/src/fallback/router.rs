@@ -95,14 +95,6 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
 /// ([`FallbackRouterBuilder::store_share`]).
 const DEFAULT_SHARES: [f64; 3] = [1.0, 0.9, 0.8];
 
-fn tier_index(tier: Tier) -> usize {
-    match tier {
-        Tier::Gold => 0,
-        Tier::Silver => 1,
-        Tier::Bronze => 2,
-    }
-}
-
 impl<T> fmt::Debug for FallbackRouterBuilder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackRouterBuilder")
@@ -214,7 +206,7 @@ impl<T> FallbackRouterBuilder<T> {
     /// a shared store's count is a moment old, so a burst can pass a share by what it keeps
     /// in that moment, never the capacity.
     pub fn store_share(mut self, tier: Tier, share: f64) -> Self {
-        self.shares[tier_index(tier)] = share;
+        self.shares[tier.index()] = share;
         self
     }
 
@@ -337,7 +329,7 @@ impl<T> FallbackRouterBuilder<T> {
             });
         }
         for tier in [Tier::Gold, Tier::Silver, Tier::Bronze] {
-            let share = self.shares[tier_index(tier)];
+            let share = self.shares[tier.index()];
             if !(share > 0.0 && share <= 1.0) {
                 return Err(ConfigError::InvalidValue {
                     field: "fallback.store_share",
@@ -358,7 +350,7 @@ impl<T> FallbackRouterBuilder<T> {
                 let share = if Some(c.tier()) == first {
                     1.0
                 } else {
-                    self.shares[tier_index(c.tier())]
+                    self.shares[c.tier().index()]
                 };
                 (c.name().to_owned(), (c.tier(), share))
             })
