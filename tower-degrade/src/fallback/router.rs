@@ -203,8 +203,9 @@ impl<T> FallbackRouterBuilder<T> {
     /// leave room for the payments a gold class keeps. Tasks already kept are never moved
     /// out, and a task moved between queues (a retry to manual review) takes no new room.
     /// Only where the store says how full it is ([`Store::usage`]: the bundled stores do);
-    /// a shared store's count is a moment old, so a burst can pass a share by what it keeps
-    /// in that moment, never the capacity.
+    /// the share is checked against its count before each commit (a moment old for a store
+    /// several instances share), so calls stored at once can pass it by their number, never
+    /// the capacity.
     pub fn store_share(mut self, tier: Tier, share: f64) -> Self {
         self.shares[tier.index()] = share;
         self
