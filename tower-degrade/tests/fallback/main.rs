@@ -1723,7 +1723,8 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
     for class in ["pay", "stock", "browse"] {
         d.force_open(class).unwrap();
     }
-    let status = async |svc: &Svc, n: usize| {
+    // How many of `n` calls were kept (the others refused `not_kept`).
+    let kept_of = async |svc: &Svc, n: usize| {
         let mut kept = 0;
         for _ in 0..n {
             let res = call(svc, post("/x", "x")).await;
@@ -1738,10 +1739,10 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
         kept
     };
     // An outage's browse events: the default shares keep bronze to 80 % of the store.
-    assert_eq!(status(&browse, 30).await, 16, "bronze: 80 % of 20");
-    assert_eq!(status(&stock, 30).await, 2, "silver: up to 90 % of 20");
+    assert_eq!(kept_of(&browse, 30).await, 16, "bronze: 80 % of 20");
+    assert_eq!(kept_of(&stock, 30).await, 2, "silver: up to 90 % of 20");
     assert_eq!(
-        status(&pay, 30).await,
+        kept_of(&pay, 30).await,
         2,
         "gold: the rest, up to the capacity"
     );
@@ -1754,9 +1755,9 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
         .commit(vec![Op::Remove(Queue::Spool, first.id())])
         .await
         .unwrap();
-    assert_eq!(status(&browse, 1).await, 0);
-    assert_eq!(status(&stock, 1).await, 0);
-    assert_eq!(status(&pay, 1).await, 1);
+    assert_eq!(kept_of(&browse, 1).await, 0);
+    assert_eq!(kept_of(&stock, 1).await, 0);
+    assert_eq!(kept_of(&pay, 1).await, 1);
 
     // The first tier present keeps no room for another: without a gold class, silver fills
     // it all, bronze 80 %.
@@ -1774,8 +1775,8 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
     for class in ["stock", "browse"] {
         d.force_open(class).unwrap();
     }
-    assert_eq!(status(&browse, 12).await, 8, "bronze: 80 %");
-    assert_eq!(status(&stock, 12).await, 2, "silver: the rest");
+    assert_eq!(kept_of(&browse, 12).await, 8, "bronze: 80 %");
+    assert_eq!(kept_of(&stock, 12).await, 2, "silver: the rest");
 
     // Shares are set per tier, and checked when the router is built.
     let store = Arc::new(MemoryStore::new(10));
@@ -1786,7 +1787,7 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
         .build()
         .unwrap();
     let browse = layered(&d, "browse", router, &app);
-    assert_eq!(status(&browse, 12).await, 10, "bronze may fill it all");
+    assert_eq!(kept_of(&browse, 12).await, 10, "bronze may fill it all");
     for share in [0.0, -0.5, 1.5, f64::NAN] {
         let err = FallbackRouter::builder(&d)
             .store(MemoryStore::default())
