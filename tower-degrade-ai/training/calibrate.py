@@ -5,7 +5,7 @@ percentile, or lower where scores repeat so that 50 lie above it, down to the 80
 method of moments), kept at a false-trip budget per day, the per-step risk divided by the
 extremal index (runs of healthy steps over the tail's start per step over it, at least 1/32):
 a trip is a run of steps over the threshold. A healthy step's score is learnt once
-FALSE_ALARM_TICKS more healthy steps have passed (`alarms`).
+FALSE_ALARM_TICKS more healthy steps have passed, and no warning waits for its verdict (`alarms`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ EPS = 1e-6
 FALSE_ALARM_MARGIN = 0.25
 # Healthy ticks after which an alarm is taken for a false one (tower_degrade::breaker::FALSE_ALARM_TICKS).
 FALSE_ALARM_TICKS = 40
+# How long a breach still confirms a warning (tower_degrade::breaker::VERDICT): a false alarm's
+# floor is lifted by one, and a warning's scores are not learnt before.
+VERDICT_SECONDS = 300.0
 # The least extremal index the risk is divided by.
 MIN_THETA = 1.0 / 32.0
 # Seconds of healthy steps a false alarm's floor holds (an hour: 7,200 ticks at 500 ms, 60
@@ -48,6 +51,13 @@ def as_used(scores) -> np.ndarray:
     out = s.astype(s.dtype if np.issubdtype(s.dtype, np.floating) else float, copy=True)
     out[:UNUSED_STEPS] = np.nan
     return out
+
+
+def verdict_ticks(step_seconds: float) -> int:
+    """The steps VERDICT_SECONDS spans, at least FALSE_ALARM_TICKS (`breaker::verdict_ticks`):
+    600 at 500 ms, 40 at a minute."""
+    ns = max(int(round(step_seconds * 1e9)), 1)
+    return max(FALSE_ALARM_TICKS, -(-int(VERDICT_SECONDS * 1e9) // ns))
 
 
 # Steps after a warning ends within which the next one is the same alarm (the breaker's
@@ -87,6 +97,12 @@ class Calibrator:
         hour of healthy steps (FALSE_ALARM_HOLD_SECONDS)."""
         if self.init is None and math.isfinite(highest):
             self.floor = (logit(highest) + FALSE_ALARM_MARGIN, self.seen + self.hold)
+            self._hold_floor()
+
+    def lift_floor(self):
+        """A breach confirmed the alarm the floor was put above: the fitted threshold again."""
+        if self.init is None and self.floor is not None:
+            self.floor = None
             self._hold_floor()
 
     def _hold_floor(self):
@@ -197,8 +213,11 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     """The breaker's predicted trips over one series, online: a step alarms when the score is
     at or above the class's threshold for k steps running; healthy steps, those of a warning
     too, teach the threshold once FALSE_ALARM_TICKS more healthy steps have passed with no
-    unhealthy one (those before an unhealthy step are its precursors, as in the breaker). An alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the
-    threshold goes above its scores and it ends; an unhealthy step confirms it. A warning
+    unhealthy one (those before an unhealthy step are its precursors, as in the breaker), and
+    no warning waits for its verdict (verdict_ticks healthy steps from its first step). An
+    alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the threshold goes
+    above its scores and it ends; an unhealthy step confirms it, and one within the verdict
+    lifts the floor its false alarm put (a slow leak warned of minutes ahead). A warning
     back within MERGE_GAP steps of the last one's end (a score flapping about the threshold)
     is the same alarm, counted on across the steps between them, as the breaker keeps it
     while the class is closed again; one back later is an alarm of its own, and the ended one
@@ -217,7 +236,18 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     alarm = None  # [healthy steps, highest score, quiet steps] unconfirmed; [-1, ...] confirmed
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
+    verdict = verdict_ticks(step_seconds)
+    pending = None  # [healthy steps since the first warning, floor put] (the breaker's `Pending`)
     for t, p in enumerate(scores):
+        if pending is not None:
+            if not healthy[t]:
+                if pending[1]:
+                    cal.lift_floor()  # a breach confirms the warning its floor came from
+                pending = None
+            else:
+                pending[0] += 1
+                if pending[0] >= verdict:
+                    pending = None
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
         out[t] = run >= k
@@ -228,12 +258,16 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 ended[0] += 1
                 if ended[0] >= FALSE_ALARM_TICKS:
                     cal.false_alarm(ended[1])
+                    if pending is not None:
+                        pending[1] = True
                     ended = None
         if not healthy[t]:
             # A breach confirms the alarm (not a false one, for as long as it lasts), or ends
             # a pending one.
             alarm = [-1, 0.0, 0] if out[t] else None
         elif out[t]:
+            if pending is None:
+                pending = [0, False]  # judged from its first warning
             if alarm is None:
                 alarm = [0, float(p), 0]
             elif alarm[0] >= 0:
@@ -254,12 +288,16 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             alarm = [alarm[0] + 1, max(alarm[1], float(p)), alarm[2]]
             if alarm[0] >= FALSE_ALARM_TICKS:
                 cal.false_alarm(alarm[1])
+                if pending is not None:
+                    pending[1] = True
                 alarm, run = None, 0
         if not healthy[t]:
             unlearnt.clear()
         elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
             unlearnt.append(float(p))
-            if len(unlearnt) > FALSE_ALARM_TICKS:
+            # Held while a warning waits for its verdict: its scores, and those before it,
+            # are the precursors of a breach that may still come.
+            while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
                 cal.observe(unlearnt.popleft())
         if armed_at is None and cal.init is None:
             armed_at = t + 1  # fitted on this step's learning: it holds from the next

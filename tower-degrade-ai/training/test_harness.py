@@ -1189,6 +1189,34 @@ class Calibration(unittest.TestCase):
         self.assertGreater(int(out[len(warm):].sum()), 0)
         self.assertEqual(int(out[len(warm) + 60:].sum()), 0)
 
+    def test_a_slow_leak_warned_minutes_ahead_is_warned_of_again(self):
+        # The breaker's `a_slow_leak_warned_minutes_ahead_is_confirmed_by_its_breach_and_warned_
+        # of_again`: a score climbing from 0.3 to 0.9 over 250 healthy 500 ms steps, then a
+        # breach; twice. Judged after FALSE_ALARM_TICKS steps alone, the first warning was a
+        # false alarm, its floor and the climb's scores (learnt) put the threshold above the
+        # second leak, which was not warned of. Within VERDICT_SECONDS the breach lifts the
+        # floor and no score since the warning is learnt.
+        from calibrate import UNUSED_STEPS, alarms, verdict_ticks
+        self.assertEqual([verdict_ticks(s) for s in (0.5, 1.0, 60.0)], [600, 300, 40])
+        rng = np.random.default_rng(4)
+
+        def calm(n):
+            return 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(n))))
+
+        leak = np.linspace(0.3, 0.9, 250)
+        warm = np.concatenate([np.full(UNUSED_STEPS, 0.05), calm(3100)])
+        scores = np.concatenate([warm, leak, np.full(10, 0.95), calm(800), leak, np.full(10, 0.95)])
+        healthy = np.ones(len(scores), bool)
+        first = len(warm)
+        second = first + 250 + 10 + 800
+        healthy[first + 250:first + 260] = False
+        healthy[second + 250:second + 260] = False
+        out = alarms(scores, healthy, 0.5, 3000)
+        self.assertFalse(out[:first].any())
+        self.assertTrue(out[first + 1], "the first leak, at its start")
+        self.assertTrue(out[second + 1], "the second, at its start too")
+        self.assertFalse(out[first + 260:second].any())
+
     def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
         import numpy as np
         from unittest import mock

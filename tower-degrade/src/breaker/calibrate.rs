@@ -17,9 +17,10 @@
 //! in runs of 8 gets a threshold its ticks cross 8 times as often, and trips as often.
 //!
 //! A healthy tick's score is learnt once [`FALSE_ALARM_TICKS`](super::FALSE_ALARM_TICKS)
-//! more healthy ticks have passed with no breach (the breaker holds it until then): the ticks
-//! before a breach are its precursors, and a score that climbs towards a breach, learnt tick by
-//! tick, lifts the threshold ahead of itself.
+//! more healthy ticks have passed with no breach, and no warning waits for its
+//! [`VERDICT`](super::VERDICT) (the breaker holds it until then): the ticks before a breach are
+//! its precursors, and a score that climbs towards a breach, learnt tick by tick, lifts the
+//! threshold ahead of itself.
 //!
 //! Until it has learnt `warm_up_ticks` healthy scores the class only reports its predictions
 //! (`ClassStatus`: calibrating, no threshold; no early degradation). The fit works on the logit
@@ -391,6 +392,16 @@ impl Calibrator {
         if let (Some(t), true) = (&mut self.tail, highest.is_finite()) {
             let floor = logit(highest) + FALSE_ALARM_MARGIN;
             t.floor = Some((floor, t.seen + self.hold));
+            t.hold_floor();
+        }
+    }
+
+    /// A breach confirmed the alarm a false alarm's floor was put above: the fitted
+    /// threshold holds again.
+    pub(crate) fn lift_floor(&mut self) {
+        if let Some(t) = &mut self.tail
+            && t.floor.take().is_some()
+        {
             t.hold_floor();
         }
     }

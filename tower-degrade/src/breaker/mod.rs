@@ -21,7 +21,8 @@
 //!
 //! A class degraded for a calibrated prediction that stays healthy for [`FALSE_ALARM_TICKS`]
 //! also closes, its threshold raised above the false alarm's scores; so does one whose
-//! warnings come and go for as long with no breach.
+//! warnings come and go for as long with no breach. A breach within [`VERDICT`] of the first
+//! warning still confirms it: the raised threshold comes down again.
 //!
 //! The file is long because the machine is one piece: every phase's transitions read the
 //! same counters, and splitting them would scatter one table.
@@ -44,7 +45,7 @@ pub use self::calibrate::{Calibration, PredictThreshold};
 pub use self::command::Command;
 pub use self::config::{BreakerConfig, DegradeRule, PREDICT_HOLD};
 use self::record::Tally;
-pub use self::record::{PredictionRecord, UNJUDGED_TICKS};
+pub use self::record::{PredictionRecord, UNJUDGED_VERDICTS};
 pub use self::saved::{Calibrations, CalibrationsError};
 pub use self::state::{State, Transition};
 use crate::class::Route;
@@ -129,6 +130,24 @@ pub struct Breaker {
     unlearnt: VecDeque<f64>,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
+    /// [`verdict_ticks`] at the control loop's tick.
+    verdict: u32,
+    /// With a calibrated threshold: a warning a breach may still confirm.
+    pending: Option<Pending>,
+}
+
+/// A calibrated warning within its verdict: a breach in the next [`verdict_ticks`] healthy
+/// ticks with calls served confirms it, even one the false-alarm exit judged false after
+/// [`FALSE_ALARM_TICKS`] (a slow leak breaches minutes after the warning). Until then no
+/// healthy score is learnt (the class's scores since the warning, and the
+/// [`FALSE_ALARM_TICKS`] before it, may be a breach's precursors), and a false alarm's floor
+/// put meanwhile is lifted by the breach: the scores it was put above foresaw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pending {
+    /// Healthy ticks with calls served since the first warning.
+    served: u32,
+    /// The false-alarm exit put a floor under the threshold meanwhile.
+    floored: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -162,11 +181,42 @@ pub const RESTORED_SETTLE_TICKS: u32 = 128;
 /// which a breach confirms a warning in the [`PredictionRecord`].
 pub const FALSE_ALARM_TICKS: u32 = 40;
 
+/// How long after a calibrated prediction's first warning a breach still confirms it: five
+/// minutes. A slow leak is warned of minutes before it breaches (a user's trial: 124 s ahead,
+/// at a dependency slowing 2 ms a second); judged at [`FALSE_ALARM_TICKS`] alone, the warning
+/// was a false alarm, its floor lifted the threshold above the leak's scores, the scores were
+/// learnt as healthy, and the breach was counted as missed. The false-alarm exit still closes
+/// the class after [`FALSE_ALARM_TICKS`] (a false alarm costs 20 s of degradation at 500 ms,
+/// not five minutes); a breach within the verdict lifts the floor it put, keeps the scores
+/// since the warning out of the calibration, and confirms the warning in the
+/// [`PredictionRecord`]. At a tick of 7.5 s or more it is [`FALSE_ALARM_TICKS`] ticks
+/// ([`verdict_ticks`]).
+pub const VERDICT: Duration = Duration::from_secs(300);
+
+/// The ticks [`VERDICT`] spans at a control loop ticking every `tick`, rounded up, at least
+/// [`FALSE_ALARM_TICKS`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_degrade::breaker::verdict_ticks;
+///
+/// assert_eq!(verdict_ticks(Duration::from_millis(500)), 600);
+/// assert_eq!(verdict_ticks(Duration::from_secs(1)), 300);
+/// assert_eq!(verdict_ticks(Duration::from_secs(60)), 40);
+/// ```
+pub fn verdict_ticks(tick: Duration) -> u32 {
+    let ticks = VERDICT.as_nanos().div_ceil(tick.as_nanos().max(1));
+    u32::try_from(ticks)
+        .unwrap_or(u32::MAX)
+        .max(FALSE_ALARM_TICKS)
+}
+
 impl Breaker {
     /// A closed breaker sending calls it does not admit to `route`.
     pub fn new(cfg: BreakerConfig, route: Route) -> Self {
         let cfg_threshold = cfg.predict_threshold;
-        let predict_ticks = cfg.predict_ticks_at(Duration::from_millis(500));
+        let tick = Duration::from_millis(500);
+        let predict_ticks = cfg.predict_ticks_at(tick);
         Self {
             cfg,
             route,
@@ -176,15 +226,17 @@ impl Breaker {
             breached: 0,
             predicted: 0,
             predict_ticks,
-            calibrator: Self::calibrator(&cfg_threshold, Duration::from_millis(500)),
+            calibrator: Self::calibrator(&cfg_threshold, tick),
             alarm: None,
             ended: None,
-            tally: Tally::default(),
+            tally: Tally::new(verdict_ticks(tick)),
             unlearnt: VecDeque::with_capacity(match cfg_threshold {
                 PredictThreshold::Calibrated(_) => FALSE_ALARM_TICKS as usize + 1,
                 PredictThreshold::Fixed(_) => 0,
             }),
             out_of_reach: false,
+            verdict: verdict_ticks(tick),
+            pending: None,
         }
     }
 
@@ -211,10 +263,14 @@ impl Breaker {
     }
 
     /// The same breaker for a control loop ticking every `period` (a calibrated threshold
-    /// counts its false-trip budget in ticks; 500 ms unless set).
+    /// counts its false-trip budget in ticks, and a warning's verdict: [`verdict_ticks`];
+    /// 500 ms unless set).
     pub fn with_tick(mut self, period: Duration) -> Self {
         self.calibrator = Self::calibrator(&self.cfg.predict_threshold, period);
         self.predict_ticks = self.cfg.predict_ticks_at(period);
+        self.verdict = verdict_ticks(period);
+        self.tally = Tally::new(self.verdict);
+        self.pending = None;
         self
     }
 
@@ -339,6 +395,7 @@ impl Breaker {
     /// on the first predicting tick after it).
     pub(crate) fn interrupt(&mut self) {
         self.unlearnt.clear();
+        self.pending = None;
         self.tally.forget();
         self.predicted = 0;
     }
@@ -477,9 +534,26 @@ impl Breaker {
         // A warning of earlier ticks is judged by this one.
         let watching = self.tally.watching();
         let breach = self.breach(w);
-        self.tally.tick(breach, w.completed() > 0);
+        let served = w.completed() > 0;
+        self.tally.tick(breach, served);
         if breach {
             self.unlearnt.clear();
+            if let Some(Pending { floored: true, .. }) = self.pending.take()
+                && let Some(c) = &mut self.calibrator
+            {
+                c.lift_floor();
+                tracing::info!(
+                    threshold = c.threshold().unwrap_or(1.0),
+                    "a breach followed a predicted failure judged a false alarm: the floor put \
+                     above its scores is lifted"
+                );
+            }
+            self.pending = None;
+        } else if served && let Some(p) = &mut self.pending {
+            p.served += 1;
+            if p.served >= self.verdict {
+                self.pending = None;
+            }
         }
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
@@ -493,9 +567,10 @@ impl Breaker {
         };
         // A class serving calls without a breach, closed or degraded: a healthy tick, whose
         // score the calibrated threshold learns from, once no breach has followed it for
-        // FALSE_ALARM_TICKS healthy ticks. Learnt at once, a score that climbs towards a
-        // breach over a few ticks (a slow leak) lifts the threshold ahead of itself tick by
-        // tick, and the class is never warned of it. A warning's ticks are learnt too, the
+        // FALSE_ALARM_TICKS healthy ticks, and no warning is pending (`Pending`). Learnt at
+        // once, a score that climbs towards a breach over a few ticks (a slow leak) lifts the
+        // threshold ahead of itself tick by tick, and the class is never warned of it. A
+        // warning's ticks are learnt too, once no breach confirmed it, the
         // one that raises it among them: no breach followed them, so they are the healthy
         // scores the threshold was crossed by, and a calibration that left them out would
         // learn a tail lighter than the class's and trip it over its budget (about twice,
@@ -506,7 +581,8 @@ impl Breaker {
             && w.completed() > 0
         {
             self.unlearnt.push_back(p);
-            if self.unlearnt.len() > FALSE_ALARM_TICKS as usize
+            while self.pending.is_none()
+                && self.unlearnt.len() > FALSE_ALARM_TICKS as usize
                 && let Some(p) = self.unlearnt.pop_front()
             {
                 c.observe(p);
@@ -540,6 +616,11 @@ impl Breaker {
                             highest: p,
                             quiet: 0,
                         },
+                    });
+                    // Judged from its first warning.
+                    self.pending.get_or_insert(Pending {
+                        served: 0,
+                        floored: false,
                     });
                 }
                 (Phase::Degraded { healthy: 0 }, {
@@ -620,6 +701,9 @@ impl Breaker {
         }
         let c = self.calibrator.as_mut()?;
         c.false_alarm(alarm.highest);
+        if let Some(p) = &mut self.pending {
+            p.floored = true;
+        }
         self.alarm = None;
         self.predicted = 0;
         if !degraded {
@@ -669,6 +753,9 @@ impl Breaker {
         }
         if let Some(c) = self.calibrator.as_mut() {
             c.false_alarm(e.highest);
+            if let Some(p) = &mut self.pending {
+                p.floored = true;
+            }
             tracing::info!(
                 threshold = c.threshold().unwrap_or(1.0),
                 highest = e.highest,

@@ -12,9 +12,11 @@ use super::FALSE_ALARM_TICKS;
 /// A *warning* is the breaker degrading the class for a prediction; warnings that follow one
 /// another before a verdict are one, from the first. It is **confirmed** when the class
 /// breaches (a window that trips the breaker or breaks the degrade rule) before
-/// [`FALSE_ALARM_TICKS`] ticks with calls served have passed, and a **false alarm** otherwise;
-/// the **lead** is the ticks from the warning to that first breach. (A warning on a class too
-/// quiet to judge, with fewer ticks served than that in [`UNJUDGED_TICKS`], gets no verdict.)
+/// [`verdict_ticks`](super::verdict_ticks) ticks with calls served have passed (five minutes'
+/// worth, at least [`FALSE_ALARM_TICKS`]: a slow leak breaches minutes after the warning), and
+/// a **false alarm** otherwise; the **lead** is the ticks from the warning to that first
+/// breach. (A warning on a class too quiet to judge, with fewer ticks served than that in
+/// [`UNJUDGED_VERDICTS`] times as many ticks, gets no verdict.)
 /// A breach that opens or degrades a closed class with no warning before it, while the
 /// predictor could warn (answering, its threshold set: fixed, or calibrated), was **missed**; so was one the
 /// warning came in the same window as, late. A breach within [`FALSE_ALARM_TICKS`] ticks of
@@ -35,9 +37,9 @@ pub struct PredictionRecord {
     pub last_lead_ticks: Option<u32>,
 }
 
-/// Ticks after which a warning still without a verdict (its class served calls in too few of
-/// them) is dropped.
-pub const UNJUDGED_TICKS: u32 = 8 * FALSE_ALARM_TICKS;
+/// After this many times its verdict's ticks, a warning still without a verdict (its class
+/// served calls in too few of them) is dropped.
+pub const UNJUDGED_VERDICTS: u32 = 8;
 
 /// A warning waiting for its verdict: the ticks since it, and those with calls served.
 #[derive(Debug, Clone, Copy)]
@@ -47,8 +49,10 @@ struct Watch {
 }
 
 /// What a breaker keeps to write its [`PredictionRecord`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Tally {
+    /// Ticks with calls served after which a warning with no breach is a false alarm.
+    verdict: u32,
     record: PredictionRecord,
     watch: Option<Watch>,
     /// Ticks left in which a breach belongs to the incident last counted (confirmed or
@@ -57,6 +61,16 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// A tally judging a warning after `verdict` ticks with calls served.
+    pub(crate) fn new(verdict: u32) -> Self {
+        Self {
+            verdict,
+            record: PredictionRecord::default(),
+            watch: None,
+            covered: 0,
+        }
+    }
+
     pub(crate) fn record(&self) -> PredictionRecord {
         self.record
     }
@@ -76,10 +90,10 @@ impl Tally {
             return;
         }
         watch.served += u32::from(served);
-        self.watch = if watch.served >= FALSE_ALARM_TICKS {
+        self.watch = if watch.served >= self.verdict {
             self.record.false_alarms += 1;
             None
-        } else if watch.ticks >= UNJUDGED_TICKS {
+        } else if watch.ticks >= self.verdict.saturating_mul(UNJUDGED_VERDICTS) {
             None
         } else {
             Some(watch)
@@ -134,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_warning_is_confirmed_by_a_breach_within_its_ticks_with_its_lead() {
-        let mut t = Tally::default();
+        let mut t = Tally::new(FALSE_ALARM_TICKS);
         t.warned(false);
         for _ in 0..3 {
             t.tick(false, true);
@@ -161,8 +175,32 @@ mod tests {
     }
 
     #[test]
+    fn a_breach_minutes_after_the_warning_confirms_it_within_the_verdict() {
+        // At 500 ms the verdict is five minutes' ticks: a slow leak's breach 250 ticks after
+        // its warning confirms it (judged at FALSE_ALARM_TICKS, it was a false alarm and a
+        // miss); none in 600 is a false alarm.
+        let verdict = super::super::verdict_ticks(std::time::Duration::from_millis(500));
+        let mut t = Tally::new(verdict);
+        t.warned(false);
+        for _ in 0..249 {
+            t.tick(false, true);
+        }
+        t.tick(true, true);
+        let r = t.record();
+        assert_eq!((r.confirmed, r.false_alarms, r.missed), (1, 0, 0), "{r:?}");
+        assert_eq!(r.last_lead_ticks, Some(250));
+        let mut t = Tally::new(verdict);
+        t.warned(false);
+        for _ in 0..verdict {
+            t.tick(false, true);
+        }
+        assert!(!t.watching());
+        assert_eq!(t.record().false_alarms, 1);
+    }
+
+    #[test]
     fn a_warning_no_breach_follows_is_a_false_alarm_once_calls_were_served() {
-        let mut t = Tally::default();
+        let mut t = Tally::new(FALSE_ALARM_TICKS);
         t.warned(false);
         // Ticks without calls show nothing either way.
         for _ in 0..100 {
@@ -191,7 +229,7 @@ mod tests {
     #[test]
     fn a_warning_in_a_breaching_window_is_late_and_one_breach_confirms_one_warning() {
         // The breaker ticks the tally, then warns in the same tick.
-        let mut t = Tally::default();
+        let mut t = Tally::new(FALSE_ALARM_TICKS);
         t.tick(true, true);
         t.warned(true);
         assert!(!t.watching());
@@ -204,7 +242,7 @@ mod tests {
 
         // A waiting warning confirmed by a breach, and the predictor warning again in that
         // tick: one incident, one confirmed warning.
-        let mut t = Tally::default();
+        let mut t = Tally::new(FALSE_ALARM_TICKS);
         t.warned(false);
         t.tick(false, true);
         t.tick(true, true);
@@ -215,14 +253,14 @@ mod tests {
 
     #[test]
     fn a_warning_on_a_class_too_quiet_to_judge_or_taken_out_of_control_gets_no_verdict() {
-        let mut t = Tally::default();
+        let mut t = Tally::new(FALSE_ALARM_TICKS);
         t.warned(false);
-        for _ in 0..UNJUDGED_TICKS {
+        for _ in 0..UNJUDGED_VERDICTS * FALSE_ALARM_TICKS {
             assert!(t.watching());
             t.tick(false, false);
         }
         assert!(!t.watching());
-        let mut t2 = Tally::default();
+        let mut t2 = Tally::new(FALSE_ALARM_TICKS);
         t2.warned(false);
         t2.forget();
         t2.tick(true, true);
