@@ -31,6 +31,8 @@ FALSE_ALARM_TICKS = 40
 # How long a breach still confirms a warning (tower_degrade::breaker::VERDICT): a false alarm's
 # floor is lifted by one, and a warning's scores are not learnt before.
 VERDICT_SECONDS = 300.0
+# The most steps a verdict spans (tower_degrade::breaker::MAX_VERDICT_TICKS).
+MAX_VERDICT_TICKS = 7200
 # The least extremal index the risk is divided by.
 MIN_THETA = 1.0 / 32.0
 # Seconds of healthy steps a false alarm's floor holds (an hour: 7,200 ticks at 500 ms, 60
@@ -54,10 +56,10 @@ def as_used(scores) -> np.ndarray:
 
 
 def verdict_ticks(step_seconds: float) -> int:
-    """The steps VERDICT_SECONDS spans, at least FALSE_ALARM_TICKS (`breaker::verdict_ticks`):
-    600 at 500 ms, 40 at a minute."""
+    """The steps VERDICT_SECONDS spans, at least FALSE_ALARM_TICKS and at most
+    MAX_VERDICT_TICKS (`breaker::verdict_ticks`): 600 at 500 ms, 40 at a minute."""
     ns = max(int(round(step_seconds * 1e9)), 1)
-    return max(FALSE_ALARM_TICKS, -(-int(VERDICT_SECONDS * 1e9) // ns))
+    return min(max(FALSE_ALARM_TICKS, -(-int(VERDICT_SECONDS * 1e9) // ns)), MAX_VERDICT_TICKS)
 
 
 # Steps after a warning ends within which the next one is the same alarm (the breaker's
@@ -99,10 +101,11 @@ class Calibrator:
             self.floor = (logit(highest) + FALSE_ALARM_MARGIN, self.seen + self.hold)
             self._hold_floor()
 
-    def lift_floor(self):
-        """A breach confirmed the alarm the floor was put above: the fitted threshold again."""
-        if self.init is None and self.floor is not None:
-            self.floor = None
+    def lift_floor(self, before):
+        """A breach confirmed the alarm the floor was put above: the floor it replaced
+        (`before`) again, if its time is not over, or the fitted threshold."""
+        if self.init is None:
+            self.floor = before
             self._hold_floor()
 
     def _hold_floor(self):
@@ -237,12 +240,22 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     verdict = verdict_ticks(step_seconds)
-    pending = None  # [healthy steps since the first warning, floor put] (the breaker's `Pending`)
+    # The breaker's `Pending`, where the verdict is longer than the exit: [healthy steps since
+    # the last warning, whether the exit put a floor meanwhile, the floor it replaced].
+    pending = None
+
+    def put_floor(highest):
+        before = cal.floor
+        cal.false_alarm(highest)
+        if pending is not None and not pending[1]:
+            pending[1], pending[2] = True, before
+
     for t, p in enumerate(scores):
+        warned = False
         if pending is not None:
             if not healthy[t]:
                 if pending[1]:
-                    cal.lift_floor()  # a breach confirms the warning its floor came from
+                    cal.lift_floor(pending[2])  # a breach confirms the warning its floor came from
                 pending = None
             else:
                 pending[0] += 1
@@ -257,20 +270,18 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             else:
                 ended[0] += 1
                 if ended[0] >= FALSE_ALARM_TICKS:
-                    cal.false_alarm(ended[1])
-                    if pending is not None:
-                        pending[1] = True
+                    put_floor(ended[1])
                     ended = None
         if not healthy[t]:
             # A breach confirms the alarm (not a false one, for as long as it lasts), or ends
             # a pending one.
             alarm = [-1, 0.0, 0] if out[t] else None
         elif out[t]:
-            if pending is None:
-                pending = [0, False]  # judged from its first warning
             if alarm is None:
                 alarm = [0, float(p), 0]
+                warned = True
             elif alarm[0] >= 0:
+                warned = alarm[2] > 0  # a warning again (the breaker's class closed between)
                 alarm[2] = 0  # back within MERGE_GAP: the same alarm
         elif alarm is not None:
             if alarm[0] < 0:
@@ -287,9 +298,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         if alarm is not None and alarm[0] >= 0 and healthy[t]:
             alarm = [alarm[0] + 1, max(alarm[1], float(p)), alarm[2]]
             if alarm[0] >= FALSE_ALARM_TICKS:
-                cal.false_alarm(alarm[1])
-                if pending is not None:
-                    pending[1] = True
+                put_floor(alarm[1])
                 alarm, run = None, 0
         if not healthy[t]:
             unlearnt.clear()
@@ -299,6 +308,10 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             # are the precursors of a breach that may still come.
             while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
                 cal.observe(unlearnt.popleft())
+        if warned and verdict > FALSE_ALARM_TICKS:
+            # Judged from this warning, a floor put since the first kept (after the step's
+            # learning, as the breaker starts it).
+            pending = [0, False, None] if pending is None else [0, pending[1], pending[2]]
         if armed_at is None and cal.init is None:
             armed_at = t + 1  # fitted on this step's learning: it holds from the next
     if armed is not None:

@@ -1140,8 +1140,8 @@ class Calibration(unittest.TestCase):
         rng = np.random.default_rng(1)
         warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
         scores = np.concatenate([warm, np.full(3, 0.25), np.full(34, 0.05), np.full(30, 0.9)])
-        # (the first is judged apart, a false alarm: the threshold goes above 0.25, and its
-        # scores, learnt, lift the fitted tail, not to 0.9)
+        # (the first is judged apart, a false alarm: the threshold goes above 0.25, not to
+        # 0.9; the breach then lifts that floor, within the first warning's verdict)
         second = len(warm) + 37
         healthy = np.ones(len(scores), bool)
         healthy[second + 12:] = False  # the breach the precursor warned of
@@ -1216,6 +1216,31 @@ class Calibration(unittest.TestCase):
         self.assertTrue(out[first + 1], "the first leak, at its start")
         self.assertTrue(out[second + 1], "the second, at its start too")
         self.assertFalse(out[first + 260:second].any())
+
+    def test_a_warning_late_in_an_earlier_ones_verdict_is_judged_from_itself(self):
+        # The breaker's twin: a false alarm (0.6 for 45 steps), 505 quiet steps, then a leak
+        # above its floor that breaches 250 steps later; twice. Judged from the first warning,
+        # the wait ended 50 steps into the leak and the second leak was not warned of.
+        from calibrate import UNUSED_STEPS, alarms
+        rng = np.random.default_rng(4)
+
+        def calm(n):
+            return 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(n))))
+
+        leak = np.linspace(0.7, 0.95, 250)
+        warm = np.concatenate([np.full(UNUSED_STEPS, 0.05), calm(3100)])
+        parts = [warm, np.full(45, 0.6), calm(505), leak, np.full(10, 0.97), calm(800), leak,
+                 np.full(10, 0.97)]
+        scores = np.concatenate(parts)
+        healthy = np.ones(len(scores), bool)
+        first = sum(len(x) for x in parts[:3])
+        second = first + 250 + 10 + 800
+        healthy[first + 250:first + 260] = False
+        healthy[second + 250:second + 260] = False
+        out = alarms(scores, healthy, 0.5, 3000)
+        self.assertTrue(out[len(warm) + 1], "the false alarm")
+        self.assertTrue(out[first + 1], "the first leak, at its start")
+        self.assertTrue(out[second + 1], "the second, at its start too")
 
     def test_the_steps_before_an_unhealthy_one_are_not_learnt(self):
         import numpy as np

@@ -900,15 +900,16 @@ async fn a_benign_latency_rise_costs_the_scan_predictor_what_it_costs_the_bundle
     );
 }
 
-/// A class calibrated on 2,600 healthy ticks of `traffic`, then 12 % slower for the
-/// record's verdict and 100 ticks more (`breaker::verdict_ticks`: 600 at 500 ms): how many
-/// times it left Closed after the change, for how many ticks in all, and its record.
+/// A class calibrated on 2,600 healthy ticks of `traffic`, then 12 % slower for 400 ticks
+/// and the record's verdict after them (`breaker::verdict_ticks`: 600 at 500 ms), so that
+/// every warning of the 400 is judged: how many times it left Closed after the change, for
+/// how many ticks in all, and its record.
 async fn benign_rise(
     predictor: impl Predictor,
     traffic: Traffic,
 ) -> (usize, usize, PredictionRecord) {
     const HEALTHY: usize = 2_600;
-    let after = tower_degrade::breaker::verdict_ticks(Duration::from_millis(500)) as usize + 100;
+    let after = 400 + tower_degrade::breaker::verdict_ticks(Duration::from_millis(500)) as usize;
     let d = shop_with(
         Some(predictor),
         tower_degrade::breaker::BreakerConfig::default()

@@ -396,12 +396,17 @@ impl Calibrator {
         }
     }
 
-    /// A breach confirmed the alarm a false alarm's floor was put above: the fitted
-    /// threshold holds again.
-    pub(crate) fn lift_floor(&mut self) {
-        if let Some(t) = &mut self.tail
-            && t.floor.take().is_some()
-        {
+    /// A false alarm's floor in force (logit) and the healthy tick it holds until.
+    pub(crate) fn floor(&self) -> Option<(f64, u64)> {
+        self.tail.as_ref()?.floor
+    }
+
+    /// A breach confirmed the alarm a false alarm's floor was put above: the floor it
+    /// replaced (`before`, [`floor`](Self::floor) when it was put) holds again, if its time
+    /// is not over, or the fitted threshold.
+    pub(crate) fn lift_floor(&mut self, before: Option<(f64, u64)>) {
+        if let Some(t) = &mut self.tail {
+            t.floor = before;
             t.hold_floor();
         }
     }

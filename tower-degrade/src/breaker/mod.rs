@@ -117,16 +117,17 @@ pub struct Breaker {
     /// (a score flapping about the threshold was never taken for a false alarm, each warning
     /// shorter than [`FALSE_ALARM_TICKS`]); one back later is a new alarm, judged on its own.
     alarm: Option<Alarm>,
-    /// An alarm whose warnings ended more than [`MERGE_GAP`] ticks ago, waiting for its
-    /// verdict ([`FALSE_ALARM_TICKS`] healthy ticks after its first warning with no breach: a
-    /// false alarm, whose scores the threshold goes above). A score that flaps slowly was
+    /// An alarm whose warnings ended more than [`MERGE_GAP`] ticks ago, waiting for the
+    /// false-alarm exit ([`FALSE_ALARM_TICKS`] healthy ticks after its first warning with no
+    /// breach: a false alarm, whose scores the threshold goes above). A score that flaps slowly was
     /// never judged, each warning ending before the exit.
     ended: Option<Alarm>,
     /// How the predictions turned out.
     tally: Tally,
     /// With a calibrated threshold: the scores of the last healthy ticks, learnt once
-    /// [`FALSE_ALARM_TICKS`] more have passed without a breach (those before a breach are its
-    /// precursors, what the threshold is for, not healthy scores).
+    /// [`FALSE_ALARM_TICKS`] more have passed without a breach, and none while a warning
+    /// waits for its verdict (`pending`): those before a breach are its precursors, what the
+    /// threshold is for, not healthy scores.
     unlearnt: VecDeque<f64>,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
@@ -141,14 +142,24 @@ pub struct Breaker {
 /// [`FALSE_ALARM_TICKS`] (a slow leak breaches minutes after the warning). Until then no
 /// healthy score is learnt (the class's scores since the warning, and the
 /// [`FALSE_ALARM_TICKS`] before it, may be a breach's precursors), and a false alarm's floor
-/// put meanwhile is lifted by the breach: the scores it was put above foresaw it.
+/// put meanwhile is lifted by the breach: the scores it was put above foresaw it. A warning
+/// again before the verdict is judged from then on (as the [`PredictionRecord`] judges it).
+/// Only where the verdict is longer than the exit: at [`FALSE_ALARM_TICKS`] the exit is the
+/// verdict, and a score is learnt [`FALSE_ALARM_TICKS`] after its own as before.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Pending {
-    /// Healthy ticks with calls served since the first warning.
+    /// Healthy ticks with calls served since the last warning.
     served: u32,
-    /// The false-alarm exit put a floor under the threshold meanwhile.
-    floored: bool,
+    /// Ticks since the last warning: dropped unjudged after [`UNJUDGED_VERDICTS`] verdicts'
+    /// worth (a class too quiet to judge), as the record drops it.
+    ticks: u32,
+    /// The false-alarm exit put a floor meanwhile: the floor it replaced, put back if a
+    /// breach lifts it (an earlier false alarm's, still holding).
+    floored: Option<Option<Floor>>,
 }
+
+/// A false alarm's floor as the calibration keeps it (`Tail::floor`).
+type Floor = (f64, u64);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Alarm {
@@ -162,7 +173,7 @@ struct Alarm {
 /// Ticks after a warning ends within which the next one is the same alarm (5 s at the 500 ms
 /// tick): a flapping score's warnings are a few ticks apart. A warning back later starts an
 /// alarm of its own, so a real precursor some way after a false alarm gets its whole
-/// [`FALSE_ALARM_TICKS`] to be confirmed.
+/// [`FALSE_ALARM_TICKS`] before the false-alarm exit.
 const MERGE_GAP: u32 = FALSE_ALARM_TICKS / 4;
 
 /// Healthy scores a restored calibration learns before its threshold holds
@@ -176,25 +187,27 @@ pub const RESTORED_SETTLE_TICKS: u32 = 128;
 
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
 /// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so
-/// a warning of a failure that does come is never undone. Also how long a healthy score is
-/// held back before the calibration learns it (a breach within drops it), and the window in
-/// which a breach confirms a warning in the [`PredictionRecord`].
+/// a warning of a failure that does come is never undone. Also how long, at least, a healthy
+/// score is held back before the calibration learns it (a breach within drops it; longer
+/// while a warning waits for its [`VERDICT`]), the shortest verdict, and the ticks after an
+/// incident in which a breach is the same incident in the [`PredictionRecord`].
 pub const FALSE_ALARM_TICKS: u32 = 40;
 
-/// How long after a calibrated prediction's first warning a breach still confirms it: five
-/// minutes. A slow leak is warned of minutes before it breaches (a user's trial: 124 s ahead,
-/// at a dependency slowing 2 ms a second); judged at [`FALSE_ALARM_TICKS`] alone, the warning
-/// was a false alarm, its floor lifted the threshold above the leak's scores, the scores were
-/// learnt as healthy, and the breach was counted as missed. The false-alarm exit still closes
-/// the class after [`FALSE_ALARM_TICKS`] (a false alarm costs 20 s of degradation at 500 ms,
-/// not five minutes); a breach within the verdict lifts the floor it put, keeps the scores
-/// since the warning out of the calibration, and confirms the warning in the
-/// [`PredictionRecord`]. At a tick of 7.5 s or more it is [`FALSE_ALARM_TICKS`] ticks
-/// ([`verdict_ticks`]).
+/// How long after a prediction's warning a breach still confirms it: five minutes' ticks with
+/// calls served ([`verdict_ticks`]: longer in time on a class idle for some of them). A slow
+/// leak is warned of minutes before it breaches (a user's trial: 124 s ahead, at a dependency
+/// slowing 2 ms a second); judged at [`FALSE_ALARM_TICKS`] alone, the warning was a false
+/// alarm, its floor lifted the threshold above the leak's scores, the scores were learnt as
+/// healthy, and the breach was counted as missed. The false-alarm exit still closes the class
+/// after [`FALSE_ALARM_TICKS`] (a false alarm costs 20 s of degradation at 500 ms, not five
+/// minutes). A breach within the verdict confirms the warning in the [`PredictionRecord`]
+/// (a fixed threshold's too) and, with a calibrated threshold, lifts the floor the exit put
+/// and keeps the scores since the warning out of the calibration. At a tick of 7.5 s or more
+/// the verdict is the exit's [`FALSE_ALARM_TICKS`], and the calibration is as it was before.
 pub const VERDICT: Duration = Duration::from_secs(300);
 
 /// The ticks [`VERDICT`] spans at a control loop ticking every `tick`, rounded up, at least
-/// [`FALSE_ALARM_TICKS`].
+/// [`FALSE_ALARM_TICKS`] and at most [`MAX_VERDICT_TICKS`].
 ///
 /// ```
 /// use std::time::Duration;
@@ -208,7 +221,24 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
     let ticks = VERDICT.as_nanos().div_ceil(tick.as_nanos().max(1));
     u32::try_from(ticks)
         .unwrap_or(u32::MAX)
-        .max(FALSE_ALARM_TICKS)
+        .clamp(FALSE_ALARM_TICKS, MAX_VERDICT_TICKS)
+}
+
+/// The most ticks a verdict spans: a class holds back up to this many healthy scores (and
+/// [`FALSE_ALARM_TICKS`] more) while a warning waits, about 58 KB. [`VERDICT`] at a tick of
+/// about 42 ms; a shorter tick's verdict is shorter than five minutes.
+pub const MAX_VERDICT_TICKS: u32 = 7_200;
+
+/// The false-alarm exit's floor: noted on a warning waiting for its verdict, with the floor
+/// it replaced (the first it replaced, for several), so that a breach lifts it.
+fn put_floor(c: &mut Calibrator, pending: &mut Option<Pending>, highest: f64) {
+    let before = c.floor();
+    c.false_alarm(highest);
+    if let Some(p) = pending
+        && p.floored.is_none()
+    {
+        p.floored = Some(before);
+    }
 }
 
 impl Breaker {
@@ -538,20 +568,24 @@ impl Breaker {
         self.tally.tick(breach, served);
         if breach {
             self.unlearnt.clear();
-            if let Some(Pending { floored: true, .. }) = self.pending.take()
+            if let Some(Pending {
+                floored: Some(before),
+                ..
+            }) = self.pending.take()
                 && let Some(c) = &mut self.calibrator
             {
-                c.lift_floor();
+                c.lift_floor(before);
                 tracing::info!(
                     threshold = c.threshold().unwrap_or(1.0),
                     "a breach followed a predicted failure judged a false alarm: the floor put \
                      above its scores is lifted"
                 );
             }
-            self.pending = None;
-        } else if served && let Some(p) = &mut self.pending {
-            p.served += 1;
-            if p.served >= self.verdict {
+        } else if let Some(p) = &mut self.pending {
+            p.served += u32::from(served);
+            p.ticks = p.ticks.saturating_add(1);
+            if p.served >= self.verdict || p.ticks >= self.verdict.saturating_mul(UNJUDGED_VERDICTS)
+            {
                 self.pending = None;
             }
         }
@@ -617,11 +651,15 @@ impl Breaker {
                             quiet: 0,
                         },
                     });
-                    // Judged from its first warning.
-                    self.pending.get_or_insert(Pending {
-                        served: 0,
-                        floored: false,
-                    });
+                    if self.verdict > FALSE_ALARM_TICKS {
+                        // A warning again before the verdict: judged from now on.
+                        let floored = self.pending.and_then(|p| p.floored);
+                        self.pending = Some(Pending {
+                            served: 0,
+                            ticks: 0,
+                            floored,
+                        });
+                    }
                 }
                 (Phase::Degraded { healthy: 0 }, {
                     let (p, t) = probabilities(prediction.unwrap_or(0.0), threshold.unwrap_or(0.0));
@@ -700,10 +738,7 @@ impl Breaker {
             return None;
         }
         let c = self.calibrator.as_mut()?;
-        c.false_alarm(alarm.highest);
-        if let Some(p) = &mut self.pending {
-            p.floored = true;
-        }
+        put_floor(c, &mut self.pending, alarm.highest);
         self.alarm = None;
         self.predicted = 0;
         if !degraded {
@@ -752,10 +787,7 @@ impl Breaker {
             return;
         }
         if let Some(c) = self.calibrator.as_mut() {
-            c.false_alarm(e.highest);
-            if let Some(p) = &mut self.pending {
-                p.floored = true;
-            }
+            put_floor(c, &mut self.pending, e.highest);
             tracing::info!(
                 threshold = c.threshold().unwrap_or(1.0),
                 highest = e.highest,

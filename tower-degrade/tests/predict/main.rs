@@ -1043,6 +1043,65 @@ async fn a_slow_leak_warned_minutes_ahead_is_confirmed_by_its_breach_and_warned_
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_warning_late_in_an_earlier_ones_verdict_is_judged_from_itself() {
+    // A warning no breach follows (0.6 for 45 ticks: the exit closes the class after 40 and
+    // puts a floor above 0.6), then, 550 ticks after it, a slow leak above that floor that
+    // breaches 250 ticks later. Judged from the first warning, the wait ended 50 ticks into
+    // the leak: its scores were learnt, the floors its exits put stayed, and the same leak
+    // after it was not warned of. Judged from its own warning, the breach confirms it.
+    let (d, dial) = calibrated_on_a_dial().await;
+    let set = |p: f64| *dial.0.lock().unwrap() = p as f32;
+    let mut svc = d.layer(d.class_id("stock").unwrap()).layer(slow_failing());
+    set(0.6);
+    healthy(&d, 45).await;
+    set(0.05);
+    healthy(&d, 505).await;
+    assert_eq!(d.state("stock").unwrap(), State::Closed);
+    let floor = stock_threshold(&d).unwrap();
+    assert!(floor > 0.6, "the false alarm's floor: {floor}");
+    let mut warned_at = Vec::new();
+    for leak in 0..2 {
+        let mut first = None;
+        for i in 0..250 {
+            set(0.7 + 0.25 * f64::from(i) / 249.0);
+            healthy(&d, 1).await;
+            if first.is_none() && d.state("stock").unwrap() == State::Degraded {
+                first = Some(i);
+            }
+        }
+        warned_at.push(first);
+        set(0.97);
+        for _ in 0..10 {
+            for _ in 0..20 {
+                let _ = svc.ready().await.unwrap().call((900, true)).await;
+            }
+            d.tick_now();
+        }
+        assert_ne!(
+            d.state("stock").unwrap(),
+            State::Closed,
+            "leak {leak}: the breach"
+        );
+        set(0.05);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        healthy(&d, 800).await;
+        assert_eq!(
+            d.state("stock").unwrap(),
+            State::Closed,
+            "leak {leak}: recovered"
+        );
+        let after = stock_threshold(&d).unwrap();
+        assert!(after < 0.3, "leak {leak}: threshold {after}");
+    }
+    assert!(
+        warned_at.iter().all(|w| w.is_some_and(|i| i < 10)),
+        "both leaks warned of at their start: {warned_at:?}"
+    );
+    let r = record(&d);
+    assert_eq!((r.confirmed, r.false_alarms, r.missed), (2, 0, 0), "{r:?}");
+}
+
 /// A current-thread runtime on real time (the predictor's budget is real time), entered by
 /// the test.
 fn real_time_runtime() -> tokio::runtime::Runtime {
