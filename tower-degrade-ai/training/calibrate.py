@@ -240,9 +240,13 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     verdict = verdict_ticks(step_seconds)
-    # The breaker's `Pending`, where the verdict is longer than the exit: [healthy steps since
-    # the last warning, whether the exit put a floor meanwhile, the floor it replaced].
+    # A warning waiting for its verdict, where the verdict is longer than the exit (the
+    # breaker's tally watching it, and its `floored`): [healthy steps since the last warning,
+    # whether the exit put a floor meanwhile, the floor it replaced]. `covered`: steps left in
+    # which an unhealthy step is the incident counted last, and a warning not watched (the
+    # tally's `covered`).
     pending = None
+    covered = 0
 
     def put_floor(highest):
         before = cal.floor
@@ -252,6 +256,9 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
 
     for t, p in enumerate(scores):
         warned = False
+        covered = max(covered - 1, 0)
+        if not healthy[t] and covered == 0:
+            covered = FALSE_ALARM_TICKS
         if pending is not None:
             if not healthy[t]:
                 if pending[1]:
@@ -308,7 +315,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             # are the precursors of a breach that may still come.
             while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
                 cal.observe(unlearnt.popleft())
-        if warned and verdict > FALSE_ALARM_TICKS:
+        if warned and verdict > FALSE_ALARM_TICKS and covered == 0:
             # Judged from this warning, a floor put since the first kept (after the step's
             # learning, as the breaker starts it).
             pending = [0, False, None] if pending is None else [0, pending[1], pending[2]]

@@ -126,35 +126,18 @@ pub struct Breaker {
     tally: Tally,
     /// With a calibrated threshold: the scores of the last healthy ticks, learnt once
     /// [`FALSE_ALARM_TICKS`] more have passed without a breach, and none while a warning
-    /// waits for its verdict (`pending`): those before a breach are its precursors, what the
+    /// waits for its verdict (`holds_scores`): those before a breach are its precursors, what the
     /// threshold is for, not healthy scores.
     unlearnt: VecDeque<f64>,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
     /// [`verdict_ticks`] at the control loop's tick.
     verdict: u32,
-    /// With a calibrated threshold: a warning a breach may still confirm.
-    pending: Option<Pending>,
-}
-
-/// A calibrated warning within its verdict: a breach in the next [`verdict_ticks`] healthy
-/// ticks with calls served confirms it, even one the false-alarm exit judged false after
-/// [`FALSE_ALARM_TICKS`] (a slow leak breaches minutes after the warning). Until then no
-/// healthy score is learnt (the class's scores since the warning, and the
-/// [`FALSE_ALARM_TICKS`] before it, may be a breach's precursors), and a false alarm's floor
-/// put meanwhile is lifted by the breach: the scores it was put above foresaw it. A warning
-/// again before the verdict is judged from then on (as the [`PredictionRecord`] judges it).
-/// Only where the verdict is longer than the exit: at [`FALSE_ALARM_TICKS`] the exit is the
-/// verdict, and a score is learnt [`FALSE_ALARM_TICKS`] after its own as before.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Pending {
-    /// Healthy ticks with calls served since the last warning.
-    served: u32,
-    /// Ticks since the last warning: dropped unjudged after [`UNJUDGED_VERDICTS`] verdicts'
-    /// worth (a class too quiet to judge), as the record drops it.
-    ticks: u32,
-    /// The false-alarm exit put a floor meanwhile: the floor it replaced, put back if a
-    /// breach lifts it (an earlier false alarm's, still holding).
+    /// With a calibrated threshold, while a warning waits for its verdict (the tally
+    /// watches it): the floor the false-alarm exit replaced when it first put one meanwhile,
+    /// put back if a breach confirms the warning (`Some(None)`: none; an earlier false
+    /// alarm's, still holding). A warning waiting for its verdict also holds back every
+    /// healthy score from the calibration ([`Breaker::holds_scores`]).
     floored: Option<Option<Floor>>,
 }
 
@@ -229,15 +212,19 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
 /// about 42 ms; a shorter tick's verdict is shorter than five minutes.
 pub const MAX_VERDICT_TICKS: u32 = 7_200;
 
-/// The false-alarm exit's floor: noted on a warning waiting for its verdict, with the floor
-/// it replaced (the first it replaced, for several), so that a breach lifts it.
-fn put_floor(c: &mut Calibrator, pending: &mut Option<Pending>, highest: f64) {
+/// The false-alarm exit's floor; while a warning waits for its verdict (`watching`), the
+/// floor it replaced is noted in `floored` (the first it replaced, for several), so that a
+/// breach lifts it.
+fn put_floor(
+    c: &mut Calibrator,
+    floored: &mut Option<Option<Floor>>,
+    watching: bool,
+    highest: f64,
+) {
     let before = c.floor();
     c.false_alarm(highest);
-    if let Some(p) = pending
-        && p.floored.is_none()
-    {
-        p.floored = Some(before);
+    if watching && floored.is_none() {
+        *floored = Some(before);
     }
 }
 
@@ -266,7 +253,7 @@ impl Breaker {
             }),
             out_of_reach: false,
             verdict: verdict_ticks(tick),
-            pending: None,
+            floored: None,
         }
     }
 
@@ -300,7 +287,7 @@ impl Breaker {
         self.predict_ticks = self.cfg.predict_ticks_at(period);
         self.verdict = verdict_ticks(period);
         self.tally = Tally::new(self.verdict);
-        self.pending = None;
+        self.floored = None;
         self
     }
 
@@ -425,9 +412,18 @@ impl Breaker {
     /// on the first predicting tick after it).
     pub(crate) fn interrupt(&mut self) {
         self.unlearnt.clear();
-        self.pending = None;
+        self.floored = None;
         self.tally.forget();
         self.predicted = 0;
+    }
+
+    /// Whether healthy scores are held back from the calibration: a warning waits for its
+    /// verdict (the tally watches it) and the verdict is longer than the false-alarm exit.
+    /// Its scores and the [`FALSE_ALARM_TICKS`] before it may be a breach's precursors (a
+    /// slow leak warned of minutes ahead); at a verdict of [`FALSE_ALARM_TICKS`] (a tick of
+    /// 7.5 s or more) a score is learnt [`FALSE_ALARM_TICKS`] after its own, as ever.
+    fn holds_scores(&self) -> bool {
+        self.calibrator.is_some() && self.verdict > FALSE_ALARM_TICKS && self.tally.watching()
     }
 
     /// Apply a manual command.
@@ -568,10 +564,8 @@ impl Breaker {
         self.tally.tick(breach, served);
         if breach {
             self.unlearnt.clear();
-            if let Some(Pending {
-                floored: Some(before),
-                ..
-            }) = self.pending.take()
+            if watching
+                && let Some(before) = self.floored.take()
                 && let Some(c) = &mut self.calibrator
             {
                 c.lift_floor(before);
@@ -581,14 +575,12 @@ impl Breaker {
                      above its scores is lifted"
                 );
             }
-        } else if let Some(p) = &mut self.pending {
-            p.served += u32::from(served);
-            p.ticks = p.ticks.saturating_add(1);
-            if p.served >= self.verdict || p.ticks >= self.verdict.saturating_mul(UNJUDGED_VERDICTS)
-            {
-                self.pending = None;
-            }
         }
+        if !self.tally.watching() {
+            // Confirmed, judged false, or dropped unjudged.
+            self.floored = None;
+        }
+        let holds = self.holds_scores();
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
             PredictThreshold::Calibrated(_) => {
@@ -601,7 +593,7 @@ impl Breaker {
         };
         // A class serving calls without a breach, closed or degraded: a healthy tick, whose
         // score the calibrated threshold learns from, once no breach has followed it for
-        // FALSE_ALARM_TICKS healthy ticks, and no warning is pending (`Pending`). Learnt at
+        // FALSE_ALARM_TICKS healthy ticks, and no warning waits for its verdict. Learnt at
         // once, a score that climbs towards a breach over a few ticks (a slow leak) lifts the
         // threshold ahead of itself tick by tick, and the class is never warned of it. A
         // warning's ticks are learnt too, once no breach confirmed it, the
@@ -615,7 +607,7 @@ impl Breaker {
             && w.completed() > 0
         {
             self.unlearnt.push_back(p);
-            while self.pending.is_none()
+            while !holds
                 && self.unlearnt.len() > FALSE_ALARM_TICKS as usize
                 && let Some(p) = self.unlearnt.pop_front()
             {
@@ -651,15 +643,6 @@ impl Breaker {
                             quiet: 0,
                         },
                     });
-                    if self.verdict > FALSE_ALARM_TICKS {
-                        // A warning again before the verdict: judged from now on.
-                        let floored = self.pending.and_then(|p| p.floored);
-                        self.pending = Some(Pending {
-                            served: 0,
-                            ticks: 0,
-                            floored,
-                        });
-                    }
                 }
                 (Phase::Degraded { healthy: 0 }, {
                     let (p, t) = probabilities(prediction.unwrap_or(0.0), threshold.unwrap_or(0.0));
@@ -738,7 +721,7 @@ impl Breaker {
             return None;
         }
         let c = self.calibrator.as_mut()?;
-        put_floor(c, &mut self.pending, alarm.highest);
+        put_floor(c, &mut self.floored, self.tally.watching(), alarm.highest);
         self.alarm = None;
         self.predicted = 0;
         if !degraded {
@@ -787,7 +770,7 @@ impl Breaker {
             return;
         }
         if let Some(c) = self.calibrator.as_mut() {
-            put_floor(c, &mut self.pending, e.highest);
+            put_floor(c, &mut self.floored, self.tally.watching(), e.highest);
             tracing::info!(
                 threshold = c.threshold().unwrap_or(1.0),
                 highest = e.highest,
