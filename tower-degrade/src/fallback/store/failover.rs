@@ -1,6 +1,6 @@
 //! [`Failover`]: a shared store, and a local one for when the shared one cannot be reached.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,12 +45,54 @@ struct State {
     local_ids: HashSet<TaskId>,
     /// Tasks kept locally because the shared store failed on their append in a way that may
     /// still have applied it (a timeout, not a refusal), the most recent
-    /// [`Failover::DOUBTFUL`]: a copy the shared store hands out later is removed there rather
-    /// than replayed again.
-    doubtful: HashSet<TaskId>,
-    doubtful_order: VecDeque<TaskId>,
+    /// [`Failover::REMEMBERED`]: a copy the shared store hands out later is removed there
+    /// rather than replayed again.
+    doubtful: Recent,
+    /// Tasks the shared store handed out to this instance and not yet stored back, removed or
+    /// released (the most recent [`Failover::REMEMBERED`]): storing one again is a reschedule
+    /// there, never a new task for the local store, whatever its attempts (a failed probe
+    /// stores its task again with its attempts as they were: kept locally as well, it was
+    /// replayed twice, once from each store).
+    handed_out: Recent,
     /// Until when the shared store is left alone, having failed.
     down_until: Option<Instant>,
+}
+
+/// Task ids, forgetting the oldest past a bound.
+#[derive(Default)]
+struct Recent {
+    /// Each id with the sequence number it was last inserted at.
+    ids: HashMap<TaskId, u64>,
+    /// Ids in the order inserted: an entry whose number is not the id's in `ids` any more
+    /// (removed, or inserted again since) is passed over.
+    order: VecDeque<(TaskId, u64)>,
+    next: u64,
+}
+
+impl Recent {
+    fn insert(&mut self, id: TaskId, bound: usize) {
+        self.next += 1;
+        self.ids.insert(id, self.next);
+        self.order.push_back((id, self.next));
+        while self.order.len() > bound {
+            if let Some((old, n)) = self.order.pop_front()
+                && self.ids.get(&old) == Some(&n)
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: &TaskId) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    fn remove(&mut self, id: &TaskId) {
+        self.ids.remove(id);
+        if self.ids.is_empty() {
+            self.order.clear();
+        }
+    }
 }
 
 impl std::fmt::Debug for Failover {
@@ -66,9 +108,11 @@ impl Failover {
     /// How long a shared store that failed is left alone before a call tries it again.
     pub const RETRY: Duration = Duration::from_secs(5);
 
-    /// How many tasks kept locally after a failed append to the shared store are remembered,
-    /// so that a copy the shared store applied anyway is removed there, not replayed.
-    const DOUBTFUL: usize = 65_536;
+    /// How many tasks kept locally after a failed append to the shared store are remembered
+    /// (so that a copy the shared store applied anyway is removed there, not replayed), and
+    /// how many tasks the shared store handed out (so that storing one again is never taken
+    /// for a new task).
+    const REMEMBERED: usize = 65_536;
 
     /// Keep tasks in `primary`, and in `local` while `primary` fails.
     pub fn new(primary: impl Store, local: impl Store) -> Self {
@@ -173,11 +217,25 @@ impl Failover {
     }
 
     fn is_local(&self, op: &Op) -> bool {
-        let id = match op {
-            Op::Put(_, t) => t.id(),
-            Op::Remove(_, id) => *id,
-        };
-        self.state().local_ids.contains(&id)
+        self.state().local_ids.contains(&op_id(op))
+    }
+
+    /// Whether a commit the shared store failed on only appends new tasks (calls just kept),
+    /// which may go to the local store instead: every op a put of a task never attempted
+    /// that the shared store did not hand out. A removal, a move or a reschedule of a task it
+    /// holds must happen there.
+    fn only_new(&self, ops: &[Op]) -> bool {
+        let s = self.state();
+        ops.iter().all(|op| {
+            matches!(op, Op::Put(_, t) if t.attempts() == 0 && !s.handed_out.contains(&t.id()))
+        })
+    }
+}
+
+fn op_id(op: &Op) -> TaskId {
+    match op {
+        Op::Put(_, t) => t.id(),
+        Op::Remove(_, id) => *id,
     }
 }
 
@@ -196,15 +254,18 @@ impl Store for Failover {
                     Err(self.left_alone())
                 };
                 match result {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        let mut s = self.state();
+                        for op in &shared {
+                            s.handed_out.remove(&op_id(op));
+                        }
+                    }
                     // Only new tasks (appends of calls just kept) move to the local store:
                     // a removal, a move or a reschedule of a task the shared store holds must
                     // happen there, so it fails and is tried again.
                     Err(e)
                         if matches!(e.kind(), StoreErrorKind::Io | StoreErrorKind::Closed)
-                            && shared
-                                .iter()
-                                .all(|op| matches!(op, Op::Put(_, t) if t.attempts() == 0)) =>
+                            && self.only_new(&shared) =>
                     {
                         if let Some(held) = self.switched.ready() {
                             tracing::warn!(primary = self.primary.kind(), local = self.local.kind(),
@@ -223,13 +284,8 @@ impl Store for Failover {
                         for id in ids {
                             s.local_ids.insert(id);
                             // A commit that may still be applied there (a timeout).
-                            if !e.surely_unapplied() && s.doubtful.insert(id) {
-                                s.doubtful_order.push_back(id);
-                            }
-                        }
-                        while s.doubtful_order.len() > Self::DOUBTFUL {
-                            if let Some(old) = s.doubtful_order.pop_front() {
-                                s.doubtful.remove(&old);
+                            if !e.surely_unapplied() {
+                                s.doubtful.insert(id, Self::REMEMBERED);
                             }
                         }
                     }
@@ -284,6 +340,12 @@ impl Store for Failover {
                             s.local_ids.contains(&t.id()) || s.doubtful.contains(&t.id())
                         })
                     };
+                    {
+                        let mut s = self.state();
+                        for t in &more {
+                            s.handed_out.insert(t.id(), Self::REMEMBERED);
+                        }
+                    }
                     tasks.extend(more);
                     self.remove_copies(queue, copies).await;
                 }
@@ -298,6 +360,7 @@ impl Store for Failover {
         if self.state().local_ids.contains(&id) {
             self.local.release(queue, id);
         } else {
+            self.state().handed_out.remove(&id);
             self.primary.release(queue, id);
         }
     }
@@ -317,7 +380,23 @@ impl Store for Failover {
             let mut tasks = self.local.list(queue, after, limit).await?;
             self.mark_local(&tasks);
             if tasks.len() < limit {
-                tasks.extend(self.primary.list(queue, None, limit - tasks.len()).await?);
+                // While the shared store cannot be reached, the local store's tasks are
+                // listed alone (a review API answered 503 for the whole of an outage, the
+                // tasks kept locally there to see); with none, its error.
+                let more = if self.try_primary() {
+                    let r = self.primary.list(queue, None, limit - tasks.len()).await;
+                    self.primary_answered(&r);
+                    r
+                } else {
+                    Err(self.left_alone())
+                };
+                match more {
+                    Ok(more) => tasks.extend(more),
+                    Err(e) if tasks.is_empty() => return Err(e),
+                    Err(e) => tracing::warn!(primary = self.primary.kind(), queue = %queue,
+                        error = %e, listed = tasks.len(),
+                        "the shared store cannot be reached: listing the local store's tasks alone"),
+                }
             }
             Ok(tasks)
         })
@@ -503,6 +582,67 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(f.depth(Queue::Spool).len, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_the_shared_store_handed_out_is_never_kept_locally_as_new() {
+        // A failed probe stores its task again with its attempts as they were (0): taken for
+        // a new task while Redis was down, it was kept locally too and replayed twice (a
+        // user's trial: once from the local copy, once when another instance took over the
+        // Redis entry, still claimed).
+        let primary = Arc::new(Flaky::default());
+        let f = Failover::new(primary.clone(), MemoryStore::default());
+        let held = task();
+        f.commit(vec![Op::Put(Queue::Retry, held.clone())])
+            .await
+            .unwrap();
+        let due = f.due(Queue::Retry, u64::MAX, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        primary.down.store(true, Ordering::SeqCst);
+        let mut probed = due[0].clone();
+        probed.set_answer("HTTP 503".into());
+        assert_eq!(probed.attempts(), 0);
+        let err = f.commit(vec![Op::Put(Queue::Retry, probed.clone())]).await;
+        assert!(err.is_err(), "stored again where it is held, or not at all");
+        assert_eq!(f.local.depth(Queue::Retry).len, 0, "no local copy");
+        // Once the shared store answers, the reschedule goes there; a new task after it still
+        // fails over when it is down.
+        primary.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Failover::RETRY).await;
+        f.commit(vec![Op::Put(Queue::Retry, probed)]).await.unwrap();
+        assert_eq!(primary.depth(Queue::Retry).len, 1);
+        primary.down.store(true, Ordering::SeqCst);
+        f.commit(vec![Op::Put(Queue::Retry, task())]).await.unwrap();
+        assert_eq!(f.local.depth(Queue::Retry).len, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_local_tasks_are_listed_while_the_shared_store_cannot_be_reached() {
+        let primary = Arc::new(Flaky::default());
+        let f = Failover::new(primary.clone(), MemoryStore::default());
+        primary.down.store(true, Ordering::SeqCst);
+        let kept = task();
+        f.commit(vec![Op::Put(Queue::Review, kept.clone())])
+            .await
+            .unwrap();
+        let listed = f.list(Queue::Review, None, 10).await.unwrap();
+        assert_eq!(listed.iter().map(Task::id).collect::<Vec<_>>(), [kept.id()]);
+        // None kept locally: the shared store's error, not an empty page.
+        assert!(f.list(Queue::Spool, None, 10).await.is_err());
+    }
+
+    #[test]
+    fn the_remembered_ids_forget_the_oldest_and_nothing_inserted_again() {
+        let mut r = Recent::default();
+        let ids: Vec<TaskId> = (0..4).map(|_| task().id()).collect();
+        for id in &ids[..3] {
+            r.insert(*id, 3);
+        }
+        r.remove(&ids[0]);
+        r.insert(ids[0], 3); // again: its first entry is passed over, not taken for it
+        r.insert(ids[3], 3);
+        assert!(!r.contains(&ids[1]), "the oldest forgotten");
+        assert!(r.contains(&ids[0]) && r.contains(&ids[2]) && r.contains(&ids[3]));
     }
 
     #[tokio::test(start_paused = true)]
