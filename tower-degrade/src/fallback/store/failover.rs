@@ -542,17 +542,21 @@ mod tests {
         Task::new("c", None, Payload::Bytes(vec![1]))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn only_new_tasks_fail_over_and_nothing_is_dropped() {
+    /// A failover whose shared store holds one task, handed out to it, and then cannot be
+    /// reached.
+    async fn handed_out_then_down() -> (Arc<Flaky>, Failover, Task) {
         let primary = Arc::new(Flaky::default());
         let f = Failover::new(primary.clone(), MemoryStore::default());
-        let held = task();
-        f.commit(vec![Op::Put(Queue::Retry, held.clone())])
-            .await
-            .unwrap();
-        let due = f.due(Queue::Retry, u64::MAX, 10).await.unwrap();
+        f.commit(vec![Op::Put(Queue::Retry, task())]).await.unwrap();
+        let mut due = f.due(Queue::Retry, u64::MAX, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         primary.down.store(true, Ordering::SeqCst);
+        (primary, f, due.remove(0))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_new_tasks_fail_over_and_nothing_is_dropped() {
+        let (primary, f, held) = handed_out_then_down().await;
         // A new task is kept locally.
         let new = task();
         f.commit(vec![Op::Put(Queue::Spool, new.clone())])
@@ -590,16 +594,7 @@ mod tests {
         // a new task while Redis was down, it was kept locally too and replayed twice (a
         // user's trial: once from the local copy, once when another instance took over the
         // Redis entry, still claimed).
-        let primary = Arc::new(Flaky::default());
-        let f = Failover::new(primary.clone(), MemoryStore::default());
-        let held = task();
-        f.commit(vec![Op::Put(Queue::Retry, held.clone())])
-            .await
-            .unwrap();
-        let due = f.due(Queue::Retry, u64::MAX, 10).await.unwrap();
-        assert_eq!(due.len(), 1);
-        primary.down.store(true, Ordering::SeqCst);
-        let mut probed = due[0].clone();
+        let (primary, f, mut probed) = handed_out_then_down().await;
         probed.set_answer("HTTP 503".into());
         assert_eq!(probed.attempts(), 0);
         let err = f.commit(vec![Op::Put(Queue::Retry, probed.clone())]).await;
