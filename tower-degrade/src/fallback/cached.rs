@@ -29,7 +29,10 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 ///
 /// * Kept: `GET` and `HEAD` requests answered 2xx (not a `206` partial answer) with a body of
 ///   known size up to `max_body` (default 256 KiB), no `Set-Cookie`, no `Cache-Control:
-///   no-store`, `no-cache` or `private` (in any case) and no `Vary: *`; keyed by method, host
+///   no-store`, `no-cache`, `private`, `must-revalidate` or `proxy-revalidate` (in any case;
+///   `s-maxage` and `max-age` are not read: `ttl` bounds a copy's age) and no `Vary: *`. A
+///   `404` or `410` for the same key removes its copy (a product delisted is not served in
+///   an outage after it); a `5xx` does not (it is the failure the copy is for). Keyed by method, host
 ///   (the URI's authority, else the `Host` header), URI and every value of each configured
 ///   `vary` header, byte for byte. A request with `Authorization` or `Cookie` is neither
 ///   kept nor served unless `vary` names that header, nor one with `Range` or `If-Range`.
@@ -232,7 +235,9 @@ fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> Vec<u8> {
 }
 
 /// Whether a response may be kept: no cookie set, no `Cache-Control` directive that forbids
-/// keeping or sharing it (directives are case-insensitive), no `Vary: *`.
+/// keeping or sharing it, or serving it stale (`must-revalidate`, `proxy-revalidate`: RFC 9111
+/// forbids a stale reuse; what a shop puts on prices and stock), directives case-insensitive;
+/// no `Vary: *`.
 fn cacheable(headers: &HeaderMap) -> bool {
     let directive = |v: &HeaderValue, forbidden: &[&str]| {
         v.to_str().map_or(true, |s| {
@@ -243,10 +248,18 @@ fn cacheable(headers: &HeaderMap) -> bool {
         })
     };
     !headers.contains_key(header::SET_COOKIE)
-        && !headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .any(|v| directive(v, &["no-store", "no-cache", "private"]))
+        && !headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            directive(
+                v,
+                &[
+                    "no-store",
+                    "no-cache",
+                    "private",
+                    "must-revalidate",
+                    "proxy-revalidate",
+                ],
+            )
+        })
         && !headers
             .get_all(header::VARY)
             .iter()
@@ -384,6 +397,11 @@ impl LastGoodLayer {
             );
             h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
             return out;
+        }
+        // Gone (a product delisted): its copy is not served in an outage after it.
+        if matches!(res.status(), StatusCode::NOT_FOUND | StatusCode::GONE) {
+            self.cache.remove(&key);
+            return res;
         }
         let size = res.body().size_hint().exact();
         if !res.status().is_success()

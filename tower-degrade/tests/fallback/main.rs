@@ -2930,6 +2930,71 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
     assert_eq!(cached, [count("miss", 2), count("served", 1)]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
+    // A trial on product pages: a delisted product (404 after a 200) came back as the old
+    // 200 once the class opened, and a price answered `must-revalidate` was served stale.
+    let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
+    let id = d.class_id("product").unwrap();
+    let status = Arc::new(std::sync::Mutex::new(StatusCode::OK));
+    let s = status.clone();
+    let app = service_fn(move |req: Req| {
+        let code = *s.lock().unwrap();
+        async move {
+            let mut r = Response::builder().status(code);
+            if req.uri().path().starts_with("/price") {
+                r = r.header("cache-control", "max-age=60, Must-Revalidate");
+            }
+            Ok::<_, Infallible>(
+                r.body(Full::new(Bytes::from(req.uri().to_string())))
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = LastGoodLayer::new().layer(d.layer(move |_: &Req| id).http().layer(app));
+    let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    for uri in ["/p/1", "/p/2", "/price/1"] {
+        let r = svc.clone().oneshot(get(uri)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    *status.lock().unwrap() = StatusCode::NOT_FOUND;
+    assert_eq!(
+        svc.clone().oneshot(get("/p/1")).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    *status.lock().unwrap() = StatusCode::INTERNAL_SERVER_ERROR;
+    assert_eq!(
+        svc.clone().oneshot(get("/p/2")).await.unwrap().status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    d.force_open("product").unwrap();
+    let served = |uri: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let r = svc.oneshot(get(uri)).await.unwrap();
+            (r.status(), r.headers().get(ROUTE_HEADER).cloned())
+        }
+    };
+    assert_eq!(
+        served("/p/1").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "gone: no copy"
+    );
+    assert_eq!(
+        served("/p/2").await,
+        (
+            StatusCode::OK,
+            Some(http::HeaderValue::from_static("cached"))
+        ),
+        "a failure is what the copy is for"
+    );
+    assert_eq!(
+        served("/price/1").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "must-revalidate: never served stale"
+    );
+}
+
 // ===== the admin router =====
 
 #[cfg(feature = "axum")]
