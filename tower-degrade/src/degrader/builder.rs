@@ -459,6 +459,11 @@ impl DegraderBuilder {
     /// degrader is dropped, or on [`Degrader::shutdown`]. Spawn it on a tokio runtime: it
     /// ticks on tokio's timers and runs each tick in `spawn_blocking`. Blocks like
     /// [`build`](Self::build) with a predictor.
+    ///
+    /// Dropped without being spawned, nothing ticks: no window closes, no breaker opens, and
+    /// nothing says so (a user's copy of an example that dropped it served 350 straight 500s
+    /// at tick 0), unless the caller ticks by hand with [`Degrader::tick_now`], as tests that
+    /// drive time themselves do. Use [`build`](Self::build) unless you spawn it yourself.
     pub fn build_with_worker(
         self,
     ) -> Result<(Degrader, impl Future<Output = ()> + Send + 'static), ConfigError> {
