@@ -131,8 +131,6 @@ pub struct Breaker {
     unlearnt: VecDeque<f64>,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
-    /// [`verdict_ticks`] at the control loop's tick.
-    verdict: u32,
     /// With a calibrated threshold, while a warning waits for its verdict (the tally
     /// watches it): the floor the false-alarm exit replaced when it first put one meanwhile,
     /// put back if a breach confirms the warning (`Some(None)`: none; an earlier false
@@ -252,7 +250,6 @@ impl Breaker {
                 PredictThreshold::Fixed(_) => 0,
             }),
             out_of_reach: false,
-            verdict: verdict_ticks(tick),
             floored: None,
         }
     }
@@ -285,8 +282,7 @@ impl Breaker {
     pub fn with_tick(mut self, period: Duration) -> Self {
         self.calibrator = Self::calibrator(&self.cfg.predict_threshold, period);
         self.predict_ticks = self.cfg.predict_ticks_at(period);
-        self.verdict = verdict_ticks(period);
-        self.tally = Tally::new(self.verdict);
+        self.tally = Tally::new(verdict_ticks(period));
         self.floored = None;
         self
     }
@@ -423,7 +419,9 @@ impl Breaker {
     /// slow leak warned of minutes ahead); at a verdict of [`FALSE_ALARM_TICKS`] (a tick of
     /// 7.5 s or more) a score is learnt [`FALSE_ALARM_TICKS`] after its own, as ever.
     fn holds_scores(&self) -> bool {
-        self.calibrator.is_some() && self.verdict > FALSE_ALARM_TICKS && self.tally.watching()
+        self.calibrator.is_some()
+            && self.tally.verdict() > FALSE_ALARM_TICKS
+            && self.tally.watching()
     }
 
     /// Apply a manual command.
@@ -560,8 +558,7 @@ impl Breaker {
         // A warning of earlier ticks is judged by this one.
         let watching = self.tally.watching();
         let breach = self.breach(w);
-        let served = w.completed() > 0;
-        self.tally.tick(breach, served);
+        self.tally.tick(breach, w.completed() > 0);
         if breach {
             self.unlearnt.clear();
             if watching

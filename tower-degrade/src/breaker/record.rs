@@ -71,6 +71,12 @@ impl Tally {
         }
     }
 
+    /// Ticks with calls served after which a warning with no breach is a false alarm
+    /// ([`verdict_ticks`](super::verdict_ticks) at the control loop's tick).
+    pub(crate) fn verdict(&self) -> u32 {
+        self.verdict
+    }
+
     pub(crate) fn record(&self) -> PredictionRecord {
         self.record
     }
