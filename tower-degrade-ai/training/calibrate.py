@@ -217,7 +217,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     at or above the class's threshold for k steps running; healthy steps, those of a warning
     too, teach the threshold once FALSE_ALARM_TICKS more healthy steps have passed with no
     unhealthy one (those before an unhealthy step are its precursors, as in the breaker), and
-    no warning waits for its verdict (verdict_ticks healthy steps from its first step). An
+    no warning waits for its verdict (verdict_ticks healthy steps from its last warning). An
     alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the threshold goes
     above its scores and it ends; an unhealthy step confirms it, and one within the verdict
     lifts the floor its false alarm put (a slow leak warned of minutes ahead). A warning
