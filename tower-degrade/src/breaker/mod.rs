@@ -72,6 +72,9 @@ enum Phase {
     },
     Degraded {
         healthy: u32,
+        /// Put there by the predictor (the data path's reason `predicted`), not the degrade
+        /// rule.
+        predicted: bool,
     },
 }
 
@@ -393,9 +396,13 @@ impl Breaker {
                 route,
                 retry_after: None,
             },
-            Phase::Degraded { .. } => Directive::AdmitFraction {
+            Phase::Degraded { predicted, .. } => Directive::AdmitFraction {
                 fraction: self.cfg.degraded_admit_fraction,
-                reason: Reason::Degraded,
+                reason: if predicted {
+                    Reason::Predicted
+                } else {
+                    Reason::Degraded
+                },
                 route,
                 retry_after: None,
             },
@@ -641,10 +648,17 @@ impl Breaker {
                         },
                     });
                 }
-                (Phase::Degraded { healthy: 0 }, {
-                    let (p, t) = probabilities(prediction.unwrap_or(0.0), threshold.unwrap_or(0.0));
-                    format!("predicted: p = {p} >= {t} for {} ticks", self.predicted)
-                })
+                (
+                    Phase::Degraded {
+                        healthy: 0,
+                        predicted: true,
+                    },
+                    {
+                        let (p, t) =
+                            probabilities(prediction.unwrap_or(0.0), threshold.unwrap_or(0.0));
+                        format!("predicted: p = {p} >= {t} for {} ticks", self.predicted)
+                    },
+                )
             }
             None => return None,
         };
@@ -799,7 +813,10 @@ impl Breaker {
                 (self.breached >= rule.windows).then(|| {
                     self.breached = 0;
                     (
-                        Phase::Degraded { healthy: 0 },
+                        Phase::Degraded {
+                            healthy: 0,
+                            predicted: false,
+                        },
                         format!(
                             "{} consecutive windows with success < {:.0} % and p99 > {} ms \
                              (last: {:.1} %, {} ms): {:.0} % of calls admitted, the rest to the \
@@ -930,7 +947,7 @@ impl Breaker {
                 };
                 None
             }
-            Phase::Degraded { healthy } => {
+            Phase::Degraded { healthy, predicted } => {
                 if let Some(why) = self.trips(w) {
                     return Some((self.open(now), why));
                 }
@@ -948,7 +965,7 @@ impl Breaker {
                 if healthy >= cfg.degraded_recovery_ticks {
                     return Some((Phase::Closed, format!("{healthy} healthy windows")));
                 }
-                self.phase = Phase::Degraded { healthy };
+                self.phase = Phase::Degraded { healthy, predicted };
                 None
             }
         }

@@ -47,10 +47,14 @@ pub enum Reason {
     /// a `batch_merge`'s `extract` refuses): it would fail every replay, be kept under
     /// another key at each retry, or be refused again, so it is refused rather than kept.
     Malformed,
+    /// The class is degraded early, ahead of a failure the predictor foresees: a share of
+    /// its calls goes to the fallback route (as [`Reason::Degraded`], which the degrade
+    /// rule and an operator's degrade give).
+    Predicted,
 }
 
 impl Reason {
-    const ALL: [Reason; 12] = [
+    const ALL: [Reason; 13] = [
         Reason::BreakerOpen,
         Reason::ForcedOpen,
         Reason::ProbesExhausted,
@@ -63,6 +67,7 @@ impl Reason {
         Reason::TooLarge,
         Reason::NotKept,
         Reason::Malformed,
+        Reason::Predicted,
     ];
 
     /// The reason as used in metrics and logs.
@@ -80,6 +85,7 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::NotKept => "not_kept",
             Reason::Malformed => "malformed",
+            Reason::Predicted => "predicted",
         }
     }
 
@@ -98,6 +104,9 @@ impl Reason {
             Reason::TooLarge => "diverted, and the request body is over the limit for keeping it",
             Reason::NotKept => "diverted, and the request could not be stored for later",
             Reason::Malformed => "diverted, and the request is malformed, so it cannot be kept",
+            Reason::Predicted => {
+                "degraded ahead of a predicted failure, only part of the traffic is admitted"
+            }
         }
     }
 

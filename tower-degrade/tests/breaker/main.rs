@@ -622,4 +622,12 @@ fn a_reset_starts_the_run_of_predicting_ticks_again() {
         .expect("held two ticks");
     assert_eq!((t.from, t.to), (State::Closed, State::Degraded));
     assert!(t.reason.contains("for 2 ticks"), "{}", t.reason);
+    // The data path says the predictor degraded it, where the degrade rule's says `degraded`.
+    assert!(matches!(
+        b.directive(now + TICK * 2),
+        Directive::AdmitFraction {
+            reason: Reason::Predicted,
+            ..
+        }
+    ));
 }
