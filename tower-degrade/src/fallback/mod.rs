@@ -38,6 +38,7 @@ pub mod store;
 mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use self::drain::DrainRejected;
 #[cfg(feature = "fallback")]
@@ -90,6 +91,7 @@ pub struct Diverted<Req> {
     name: Arc<str>,
     route: Route,
     reason: Reason,
+    retry_after: Option<Duration>,
 }
 
 impl<Req> Diverted<Req> {
@@ -100,6 +102,7 @@ impl<Req> Diverted<Req> {
         name: Arc<str>,
         route: Route,
         reason: Reason,
+        retry_after: Option<Duration>,
     ) -> Self {
         Self {
             request,
@@ -108,6 +111,7 @@ impl<Req> Diverted<Req> {
             name,
             route,
             reason,
+            retry_after,
         }
     }
 
@@ -150,6 +154,13 @@ impl<Req> Diverted<Req> {
     /// Why the call was not admitted.
     pub fn reason(&self) -> Reason {
         self.reason
+    }
+
+    /// When the layer would have told the caller to come back, had the call been refused
+    /// (an open breaker's time left, the next tick, a policy's value): a fallback that cannot
+    /// serve the call should not ask for it sooner, when it would be diverted again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 }
 

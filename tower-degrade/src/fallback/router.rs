@@ -510,12 +510,13 @@ where
     let (route, reason, class) = (call.route(), call.reason(), call.class_name().to_owned());
     let (service, name) = (call.service.clone(), call.name.clone());
     let foreign = !shared.owns(&service);
+    let come_back = shared.come_back(call.retry_after());
     let (parts, body) = call.into_request().into_parts();
     let grpc = is_grpc(&parts.headers);
     let answer = |why: Reason| {
         // A body too large to keep will not be kept later either: no `Retry-After`.
         let retry = !matches!(why, Reason::TooLarge | Reason::Malformed);
-        let retry = retry.then_some(shared.retry_after);
+        let retry = retry.then_some(come_back);
         let d = Degraded::new(service.clone(), name.clone(), why, route, retry);
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
@@ -682,6 +683,7 @@ impl<T> FallbackRouter<T> {
         let (class, reason) = (call.class_name().to_owned(), call.reason());
         let (service, name) = (call.service.clone(), call.name.clone());
         let foreign = !self.shared.owns(&service);
+        let come_back = self.shared.come_back(call.retry_after());
         // serde_json writes NaN and the infinities as `null`: kept so, the task would fail
         // every replay and its value be gone.
         // Nor is a value kept that would not read back (nested deeper than JSON readers go), or
@@ -715,7 +717,7 @@ impl<T> FallbackRouter<T> {
                     name.clone(),
                     why,
                     route,
-                    Some(shared.retry_after),
+                    Some(come_back),
                 ))
             };
             if foreign {

@@ -26,7 +26,7 @@ pub(crate) struct RouterShared {
     pub(crate) batches: HashMap<String, Arc<dyn Batcher>>,
     pub(crate) wake: Notify,
     pub(crate) clock: Clock,
-    /// How long a client is told to wait when its call could not be kept.
+    /// How long a client is told to wait, at least, when its call could not be kept.
     pub(crate) retry_after: Duration,
     /// Idempotency keys being stored now: a second call with the same key waits for the
     /// first, then finds its task.
@@ -49,6 +49,13 @@ pub(crate) struct RouterShared {
 }
 
 impl RouterShared {
+    /// When a call the router could not keep is told to come back: its `retry_after`, or
+    /// later (an open breaker's time left: sooner, it would be diverted again and, with the
+    /// store full or failing, refused again).
+    pub(crate) fn come_back(&self, layer: Option<Duration>) -> Duration {
+        layer.map_or(self.retry_after, |d| d.max(self.retry_after))
+    }
+
     /// Whether a call diverted by the degrader of `service` (the `Arc` a layer's calls carry)
     /// is this router's: one of another degrader's would be replayed, held back and counted
     /// as this one's classes. Said once, naming both, when it is not.

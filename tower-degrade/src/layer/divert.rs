@@ -39,6 +39,7 @@ where
             name.clone(),
             route,
             reason,
+            retry_after,
         );
         match fallback.call(call) {
             Ok(fut) => {

@@ -1704,6 +1704,42 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_not_kept_while_its_breaker_is_open_is_told_to_come_back_once_it_may_close() {
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default().failing(40, 500);
+    let store = Arc::new(MemoryStore::new(1));
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .build()
+        .unwrap();
+    drop(worker);
+    let svc = layered(&d, "browse", router, &app);
+    for _ in 0..40 {
+        assert_eq!(
+            call(&svc, post("/log", "x")).await.status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    d.tick_now();
+    let kept = call(&svc, post("/log", "a")).await;
+    assert_eq!(kept.status(), StatusCode::ACCEPTED);
+    assert_eq!(kept.headers()[REASON_HEADER], "breaker_open");
+    // The store is full: refused, and told to come back when the breaker's five seconds are
+    // up, not in a second, when it would be diverted and refused again.
+    let full = call(&svc, post("/log", "b")).await;
+    assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.headers()[REASON_HEADER], "not_kept");
+    assert_eq!(full.headers()["retry-after"], "5");
+    // Forced open, no time is known: the router's own second.
+    d.force_open("browse").unwrap();
+    let forced = call(&svc, post("/log", "c")).await;
+    assert_eq!(forced.headers()[REASON_HEADER], "not_kept");
+    assert_eq!(forced.headers()["retry-after"], "1");
+    assert_eq!(store.depth(Queue::Spool).len, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold() {
     let d = degrader([
         ClassConfig::gold("pay").fallback_route(Route::DelayedRetry),
