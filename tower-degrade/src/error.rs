@@ -90,7 +90,9 @@ impl Degraded {
             reason => write!(f, "not served: {}", reason.describe())?,
         }
         match self.reason {
-            _ if self.route == Route::Reject => {}
+            // A timeout was admitted: no fallback route was tried (for a class routed to
+            // `cached`, a copy may yet stand in for it, outside the layer).
+            _ if self.route == Route::Reject || self.reason == Reason::Timeout => {}
             // The route's handler was there and could not keep the call.
             Reason::NotKept | Reason::TooLarge | Reason::Malformed => {
                 write!(f, " (fallback route `{}`)", self.route)?

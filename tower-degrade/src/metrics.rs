@@ -45,7 +45,8 @@
 //! rather than per tick, each off the path of a call served normally:
 //! `degrade_priority_header_invalid_total`, by the layer, when a waiting call carries a
 //! propagated priority that is not a tier; `degrade_fallback_kept_total` and
-//! `degrade_fallback_cached_total`, for each diverted call kept or served from the cache; and
+//! `degrade_fallback_cached_total`, for each diverted call kept or served from the cache (and
+//! each failed read of a `cached` class served from it); and
 //! an `on_request` hook's alerts and errors (`degrade_policy_alerts_total`,
 //! `degrade_policy_errors_total`) on the calls it ran for. Handles are registered
 //! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
@@ -290,7 +291,9 @@ pub(crate) fn describe() {
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
 /// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`
-/// values, or past its TTL); labelled by the `service` and `class` of the answer it read
+/// values, or past its TTL), and admitted calls of such a class that failed (a `5xx`, or
+/// timed out by the layer) and were answered with their copy (`served_for_error`,
+/// [`stale_if_error`](crate::fallback::LastGoodLayer::stale_if_error)); labelled by the `service` and `class` of the answer it read
 /// (the layer sits outside the degrader).
 pub const FALLBACK_CACHED: &str = "degrade_fallback_cached_total";
 /// Tasks in a fallback queue (`delayed_retry`, `spool`, `manual_review`, `batch_merge`).
@@ -350,7 +353,7 @@ pub(crate) const REPLAY_RESULTS: [&str; 3] = ["ok", "retry", "review"];
 pub(crate) const BATCH_WRITE_RESULTS: [&str; 3] = ["ok", "failed", "spooled"];
 /// Results of [`FALLBACK_CACHED`].
 #[cfg(feature = "fallback")]
-pub(crate) const CACHED_RESULTS: [&str; 2] = ["served", "miss"];
+pub(crate) const CACHED_RESULTS: [&str; 3] = ["served", "miss", "served_for_error"];
 
 /// The labels of [`FALLBACK_KEPT`] but its `result`.
 #[cfg(feature = "fallback")]

@@ -18,6 +18,7 @@ use tower::{Layer, Service};
 
 use crate::class::Route;
 use crate::error::{BoxError, Degraded};
+use crate::gate::Reason;
 use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 
 /// Remembers the last good response of reads and serves it when the degrade layer diverts a
@@ -47,7 +48,9 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 ///   served: a client's 30 KB query strings made 10,000 entries take 340 MB.
 /// * Served: when the layer's answer says the call went to `cached`, the copy replaces it,
 ///   with `Age`, `x-degrade-route: cached` and `x-degrade-reason`. A miss passes the layer's
-///   503 through.
+///   503 through. A read of a class routed to `cached` that was admitted and failed (a `5xx`
+///   the layer counted as a failure, or its `504` timeout) is answered with its copy as well
+///   ([`stale_if_error`](Self::stale_if_error), on by default).
 ///
 /// ```
 /// use std::time::Duration;
@@ -71,6 +74,7 @@ struct Config {
     ttl: Duration,
     max_body: u64,
     vary: Vec<HeaderName>,
+    stale_if_error: bool,
 }
 
 #[derive(Debug)]
@@ -107,6 +111,7 @@ impl LastGoodLayer {
                 ttl: Duration::from_secs(300),
                 max_body: 256 * 1024,
                 vary: Vec::new(),
+                stale_if_error: true,
             },
         )
     }
@@ -167,6 +172,23 @@ impl LastGoodLayer {
         Ok(Self::build(entries, config))
     }
 
+    /// Whether a read of a class routed to `cached` that was served and failed (a `5xx` the
+    /// degrade layer counted as a failure: a half-open probe, a call admitted while the class
+    /// recovers or is degraded, or before its breaker opened) is answered with its copy
+    /// instead, as RFC 5861's `stale-if-error` (default `true`). The failure still counts
+    /// against the class; the copy carries `Age` and `x-degrade-route: cached`, and no
+    /// `x-degrade-reason` (the call was admitted). `false` passes such failures through.
+    pub fn stale_if_error(self, serve: bool) -> Self {
+        let entries = self.cache.capacity() as usize;
+        Self::build(
+            entries,
+            Config {
+                stale_if_error: serve,
+                ..self.config()
+            },
+        )
+    }
+
     /// How many responses are kept now.
     pub fn len(&self) -> usize {
         self.cache.len()
@@ -199,6 +221,33 @@ pub struct LastGood<S> {
 /// The longest key of a read [`LastGoodLayer`] keeps or serves (host, URI and `vary` values,
 /// with a few bytes of framing): 4 KiB.
 pub const MAX_CACHE_KEY_BYTES: usize = 4 * 1024;
+
+/// A failed answer of a class routed to `cached`, which the degrade layer's [`Http`]
+/// protocol marks for [`LastGoodLayer`] to put its copy in place of
+/// ([`stale_if_error`](LastGoodLayer::stale_if_error)).
+///
+/// [`Http`]: crate::protocol::Http
+#[derive(Debug, Clone)]
+pub(crate) struct FailedRead {
+    pub(crate) service: Arc<str>,
+    pub(crate) class: Arc<str>,
+}
+
+fn labels(service: &str, class: &str) -> [metrics::Label; 2] {
+    [
+        metrics::Label::new("service", service.to_owned()),
+        metrics::Label::new("class", class.to_owned()),
+    ]
+}
+
+fn counted(labels: [metrics::Label; 2], result: &'static str) {
+    crate::metrics::count_result(
+        crate::metrics::FALLBACK_CACHED,
+        &labels,
+        &crate::metrics::CACHED_RESULTS,
+        result,
+    );
+}
 
 /// The key of a read: method, host, URI and every value of each `vary` header, each part
 /// length-prefixed, byte for byte (two different values never make one key).
@@ -340,11 +389,48 @@ where
 }
 
 impl LastGoodLayer {
+    /// The copy kept for `key`, if it may be served to a request with headers `req`: with
+    /// `Age`, `x-degrade-route: cached` and, for a call the layer did not serve, why.
+    fn copy<RB: From<Bytes>>(
+        &self,
+        key: &[u8],
+        req: &HeaderMap,
+        reason: Option<Reason>,
+    ) -> Option<http::Response<RB>> {
+        let entry = self.cache.get(key)?;
+        // Kept for a request with other values of a header the answer varies on.
+        if entry
+            .varies
+            .iter()
+            .any(|(name, kept)| values(req, name) != *kept)
+        {
+            return None;
+        }
+        let age = entry.at.elapsed();
+        if age > self.config.ttl {
+            self.cache.remove(key);
+            return None;
+        }
+        let mut out = http::Response::new(RB::from(entry.body.clone()));
+        *out.status_mut() = entry.status;
+        *out.headers_mut() = entry.headers.clone();
+        let h = out.headers_mut();
+        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        h.insert(
+            ROUTE_HEADER,
+            HeaderValue::from_static(Route::Cached.as_str()),
+        );
+        if let Some(reason) = reason {
+            h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+        }
+        Some(out)
+    }
+
     async fn after<RB>(
         &self,
         key: Vec<u8>,
         req: &HeaderMap,
-        res: http::Response<RB>,
+        mut res: http::Response<RB>,
     ) -> http::Response<RB>
     where
         RB: Body + From<Bytes>,
@@ -354,53 +440,44 @@ impl LastGoodLayer {
             if d.route() != Route::Cached {
                 return res;
             }
-            let counted = |result: &'static str| {
-                crate::metrics::count_result(
-                    crate::metrics::FALLBACK_CACHED,
-                    &[
-                        metrics::Label::new("service", d.service().to_owned()),
-                        metrics::Label::new("class", d.class().to_owned()),
-                    ],
-                    &crate::metrics::CACHED_RESULTS,
-                    result,
-                );
-            };
-            let reason = d.reason();
-            let Some(entry) = self.cache.get(&key) else {
-                counted("miss");
-                return res;
-            };
-            // Kept for a request with other values of a header the answer varies on.
-            if entry
-                .varies
-                .iter()
-                .any(|(name, kept)| values(req, name) != *kept)
-            {
-                counted("miss");
-                return res;
+            let (labels, reason) = (labels(d.service(), d.class()), d.reason());
+            // Timed out by the layer: a failed read, as a `5xx` below.
+            if reason == Reason::Timeout {
+                if !self.config.stale_if_error {
+                    return res;
+                }
+                return match self.copy(&key, req, Some(reason)) {
+                    Some(out) => {
+                        counted(labels, "served_for_error");
+                        out
+                    }
+                    None => res,
+                };
             }
-            let age = entry.at.elapsed();
-            if age > self.config.ttl {
-                self.cache.remove(&key);
-                counted("miss");
-                return res;
-            }
-            counted("served");
-            let mut out = http::Response::new(RB::from(entry.body.clone()));
-            *out.status_mut() = entry.status;
-            *out.headers_mut() = entry.headers.clone();
-            let h = out.headers_mut();
-            h.insert(header::AGE, HeaderValue::from(age.as_secs()));
-            h.insert(
-                ROUTE_HEADER,
-                HeaderValue::from_static(Route::Cached.as_str()),
-            );
-            h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-            return out;
+            return match self.copy(&key, req, Some(reason)) {
+                Some(out) => {
+                    counted(labels, "served");
+                    out
+                }
+                None => {
+                    counted(labels, "miss");
+                    res
+                }
+            };
         }
         // Gone (a product delisted): its copy is not served in an outage after it.
         if matches!(res.status(), StatusCode::NOT_FOUND | StatusCode::GONE) {
             self.cache.remove(&key);
+            return res;
+        }
+        // A failure of a class routed to `cached` (the degrade layer marked it): its copy.
+        if let Some(f) = res.extensions_mut().remove::<FailedRead>() {
+            if self.config.stale_if_error
+                && let Some(out) = self.copy(&key, req, None)
+            {
+                counted(labels(&f.service, &f.class), "served_for_error");
+                return out;
+            }
             return res;
         }
         let size = res.body().size_hint().exact();

@@ -40,6 +40,8 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "fallback")]
+pub(crate) use self::cached::FailedRead;
 pub use self::drain::DrainRejected;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]

@@ -219,8 +219,9 @@ where
                     ready!(timer.poll(cx));
                     let rec = this.recording.take().expect("polled after completion");
                     let (service, name) = rec.names();
+                    let route = timed_out_route(&rec);
                     rec.finish(Outcome::Timeout);
-                    let d = Degraded::new(service, name, Reason::Timeout, Route::Reject, None);
+                    let d = Degraded::new(service, name, Reason::Timeout, route, None);
                     return Poll::Ready(this.protocol.on_degraded(d));
                 }
                 Poll::Pending
@@ -235,4 +236,16 @@ where
             }
         }
     }
+}
+
+/// The route a call the layer timed out is answered on: `cached` for a class routed there (a
+/// `LastGoodLayer` outside the layer puts the read's copy in place of the `504`), else none.
+#[cold]
+fn timed_out_route(rec: &Recording) -> Route {
+    #[cfg(feature = "fallback")]
+    if rec.route() == Route::Cached {
+        return Route::Cached;
+    }
+    let _ = rec;
+    Route::Reject
 }

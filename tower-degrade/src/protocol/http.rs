@@ -78,10 +78,15 @@ where
         result: Result<http::Response<B>, E>,
         rec: Recording,
     ) -> Result<http::Response<B>, E> {
-        match &result {
+        let mut result = result;
+        match &mut result {
             Ok(res) => match self.classifier.clone().classify_response(res) {
                 ClassifiedResponse::Ready(Ok(())) => rec.finish(Outcome::Success),
-                ClassifiedResponse::Ready(Err(f)) => rec.finish(f.outcome()),
+                ClassifiedResponse::Ready(Err(f)) => {
+                    #[cfg(feature = "fallback")]
+                    failed_read(res, &rec);
+                    rec.finish(f.outcome())
+                }
                 // Unreachable: the bound makes the end-of-stream classifier `NeverClassifyEos`,
                 // which cannot be constructed. Use `Grpc` for classifiers that need trailers.
                 ClassifiedResponse::RequiresEos(_) => rec.finish(Outcome::Success),
@@ -106,5 +111,19 @@ where
 
     fn on_ready_error(&self, error: E) -> E {
         error
+    }
+}
+
+/// A failed answer (5xx) of a class routed to `cached`, marked for a
+/// [`LastGoodLayer`](crate::fallback::LastGoodLayer) outside the layer to put its copy in
+/// place of (cold: failures of such classes only).
+#[cfg(feature = "fallback")]
+#[cold]
+#[inline(never)]
+fn failed_read<B>(res: &mut http::Response<B>, rec: &Recording) {
+    if rec.route() == crate::class::Route::Cached && res.status().is_server_error() {
+        let (service, class) = rec.names();
+        res.extensions_mut()
+            .insert(crate::fallback::FailedRead { service, class });
     }
 }

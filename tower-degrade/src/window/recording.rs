@@ -220,6 +220,12 @@ impl Recording {
             self.shard.name(usize::from(self.class)),
         )
     }
+
+    /// The fallback route the call's class is configured with (cold paths only).
+    #[cfg(feature = "fallback")]
+    pub(crate) fn route(&self) -> crate::class::Route {
+        self.shard.route(usize::from(self.class))
+    }
 }
 
 /// Dropped unfinished: the caller gave up on the call, or the service panicked while the call

@@ -158,6 +158,12 @@ impl Shard {
         self.gates[class].probe_done(ok, latency);
     }
 
+    /// The fallback route `class` is configured with (cold paths only).
+    #[cfg(feature = "fallback")]
+    pub(crate) fn route(&self, class: usize) -> crate::class::Route {
+        self.gates[class].route
+    }
+
     /// The tier of `class` (for priority propagation).
     pub(crate) fn tier(&self, class: usize) -> crate::class::Tier {
         self.gates[class].tier

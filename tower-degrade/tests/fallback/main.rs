@@ -2963,7 +2963,14 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
             n,
         )
     };
-    assert_eq!(cached, [count("miss", 2), count("served", 1)]);
+    assert_eq!(
+        cached,
+        [
+            count("miss", 2),
+            count("served", 1),
+            count("served_for_error", 0)
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -2999,9 +3006,14 @@ async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
         StatusCode::NOT_FOUND
     );
     *status.lock().unwrap() = StatusCode::INTERNAL_SERVER_ERROR;
+    let failed = svc.clone().oneshot(get("/p/2")).await.unwrap();
     assert_eq!(
-        svc.clone().oneshot(get("/p/2")).await.unwrap().status(),
-        StatusCode::INTERNAL_SERVER_ERROR
+        (
+            failed.status(),
+            failed.headers()[ROUTE_HEADER].to_str().unwrap()
+        ),
+        (StatusCode::OK, "cached"),
+        "a failure is what the copy is for, before the class opens too"
     );
     d.force_open("product").unwrap();
     let served = |uri: &'static str| {
@@ -3029,6 +3041,126 @@ async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
         StatusCode::SERVICE_UNAVAILABLE,
         "must-revalidate: never served stale"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_or_timed_out_read_of_a_cached_class_is_answered_with_its_copy() {
+    // A trial on product pages: a half-open probe's 500 reached its caller though a copy was
+    // kept, as did every failure before the breaker opened.
+    let d = degrader([
+        ClassConfig::silver("product")
+            .fallback_route(Route::Cached)
+            .timeout(Duration::from_millis(300)),
+        ClassConfig::silver("search")
+            .fallback_route(Route::Reject)
+            .timeout(Duration::from_millis(300)),
+    ]);
+    let (product, search) = (
+        d.class_id("product").unwrap(),
+        d.class_id("search").unwrap(),
+    );
+    // 0: healthy; 1: failing with a 500; 2: hanging.
+    let mode = Arc::new(AtomicUsize::new(0));
+    let m = mode.clone();
+    let app = service_fn(move |req: Req| {
+        let mode = m.load(Ordering::SeqCst);
+        async move {
+            if mode == 2 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            let status = if mode == 1 { 500 } else { 200 };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from(format!("{} {status}", req.uri()))))
+                    .unwrap(),
+            )
+        }
+    });
+    let class = move |req: &Req| {
+        if req.uri().path().starts_with("/search") {
+            search
+        } else {
+            product
+        }
+    };
+    let layer = |stale: bool| -> Svc {
+        BoxCloneSyncService::new(
+            LastGoodLayer::new()
+                .stale_if_error(stale)
+                .layer(d.layer(class).http().layer(app.clone())),
+        )
+    };
+    let (svc, plain) = (layer(true), layer(false));
+    let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    let answer = |svc: &Svc, uri: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let r = svc.oneshot(get(uri)).await.unwrap();
+            let header = |h| {
+                r.headers()
+                    .get(h)
+                    .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+            };
+            let (status, route, reason) = (r.status(), header(ROUTE_HEADER), header(REASON_HEADER));
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status.as_u16(), route, reason, body)
+        }
+    };
+    for uri in ["/p/1", "/search/1"] {
+        assert_eq!(answer(&svc, uri).await.0, 200);
+    }
+    for uri in ["/p/1", "/search/1"] {
+        assert_eq!(answer(&plain, uri).await.0, 200);
+    }
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    mode.store(1, Ordering::SeqCst);
+    assert_eq!(
+        answer(&svc, "/p/1").await,
+        (200, Some("cached".into()), None, Bytes::from("/p/1 200")),
+        "the copy, with no reason: the call was admitted, and failed"
+    );
+    assert_eq!(answer(&plain, "/p/1").await.0, 500, "stale_if_error(false)");
+    assert_eq!(answer(&svc, "/p/2").await.0, 500, "no copy: the failure");
+    assert_eq!(answer(&svc, "/search/1").await.0, 500, "not a cached class");
+    // Timed out by the layer: the copy, saying why.
+    mode.store(2, Ordering::SeqCst);
+    assert_eq!(
+        answer(&svc, "/p/1").await,
+        (
+            200,
+            Some("cached".into()),
+            Some("timeout".into()),
+            Bytes::from("/p/1 200")
+        )
+    );
+    assert_eq!(answer(&plain, "/p/1").await.0, 504);
+    assert_eq!(answer(&svc, "/search/1").await.0, 504);
+    // The failures count against the class, the copies served for them apart.
+    d.tick_now();
+    let history = d.history("product").unwrap();
+    let (errors, timeouts) = history
+        .iter()
+        .fold((0, 0), |(e, t), w| (e + w.errors, t + w.timeouts));
+    assert_eq!((errors, timeouts), (3, 2));
+    let served_for_error: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == tower_degrade::metrics::FALLBACK_CACHED)
+        .filter(|(k, ..)| {
+            k.key()
+                .labels()
+                .any(|l| l.key() == "result" && l.value() == "served_for_error")
+        })
+        .map(|(_, _, _, v)| match v {
+            metrics_util::debugging::DebugValue::Counter(n) => n,
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(served_for_error, 2, "the 500's copy and the timeout's");
 }
 
 // ===== the admin router =====
