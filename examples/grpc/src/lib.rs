@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tower_degrade::error::ConfigError;
@@ -32,8 +33,11 @@ use proto::{PayReply, PayRequest, StatusReply, StatusRequest};
 
 /// The service: pays (or fails when asked to, as a dead payment provider would) and reads
 /// order statuses.
-#[derive(Debug, Default, Clone)]
-pub struct OrderService;
+#[derive(Debug, Clone)]
+pub struct OrderService {
+    /// Turns `true` when the server starts shutting down: open watches end then.
+    stopping: watch::Receiver<bool>,
+}
 
 #[tonic::async_trait]
 impl Orders for OrderService {
@@ -65,8 +69,19 @@ impl Orders for OrderService {
             status: "shipped".into(),
         };
         // The current status, then nothing changes (a shipped order stays shipped) until the
-        // client goes away.
-        let updates = tokio_stream::once(Ok(now)).chain(tokio_stream::pending());
+        // client goes away, or the server shuts down: a graceful shutdown waits for every
+        // call to end, and a watch left open would hold it (and the connection, whose new
+        // calls then hang) for as long as its client watches. It ends `UNAVAILABLE`, which a
+        // client takes as "watch again", on another instance.
+        let stopping = WatchStream::new(self.stopping.clone())
+            .filter(|stopping| *stopping)
+            .take(1)
+            .map(|_| {
+                Err(Status::unavailable(
+                    "the server is shutting down: watch again",
+                ))
+            });
+        let updates = tokio_stream::once(Ok(now)).chain(stopping);
         Ok(Response::new(Box::pin(updates)))
     }
 }
@@ -81,19 +96,25 @@ pub fn degrader_builder() -> tower_degrade::DegraderBuilder {
 }
 
 /// Serve the order service on `listener`, every call through `degrader`, until `shutdown`
-/// completes.
+/// completes: then new connections are refused, open watches end (`UNAVAILABLE`), and it
+/// returns once the calls in flight are answered.
 pub async fn serve(
     degrader: &Degrader,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let classify = classifier(degrader)?;
+    let (stop, stopping) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     tonic::transport::Server::builder()
         // Calls that are not served have their message read (and thrown away) rather than
         // dropped: over HTTP/2, messages that arrive after their call's answer would make h2
         // close the client's connection (`DrainRejected` says why).
         .layer(degrader.layer(classify).grpc().drain_rejected())
-        .add_service(OrdersServer::new(OrderService))
+        .add_service(OrdersServer::new(OrderService { stopping }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -179,6 +179,34 @@ async fn long_watches_share_a_class_with_unary_reads_without_opening_it() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_shutdown_ends_the_open_watches_and_the_server_stops() {
+    // A user's trial: the server ignored Ctrl-C while a client kept a watch open, and new
+    // calls on that connection hung meanwhile.
+    let (degrader, _loop) = example_grpc::degrader_builder()
+        .build_with_worker()
+        .unwrap();
+    let (mut client, server) = Server::start(&degrader).await;
+    let order = StatusRequest {
+        order_id: "7".into(),
+    };
+    let mut watch = client.watch(order).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, "shipped");
+    server.stop.send(()).unwrap();
+    // (Bounds on the waits, so that a server that never stops fails here, not hangs.)
+    let err = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("the watch ends at the shutdown")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "the server is shutting down: watch again");
+    tokio::time::timeout(Duration::from_secs(30), server.task)
+        .await
+        .expect("the server stops once its watches have ended")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_never_close_the_clients_connection() {
     // Each refused call is answered before its request message is read, and on HTTP/2 the
