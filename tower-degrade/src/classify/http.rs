@@ -206,8 +206,11 @@ impl HttpClassifierBuilder {
     /// class names are accepted (and only those of [`override_allowed`](Self::override_allowed)
     /// when set); any other value is ignored.
     ///
-    /// The name is matched case-insensitively, as HTTP header names are; a name that is not a
-    /// valid header name is an error naming the field.
+    /// The header's name is matched case-insensitively, as HTTP header names are; a name that
+    /// is not a valid header name is an error naming the field. Its value is a class name,
+    /// matched exactly (`payment`, not `PAYMENT`; spaces around it are trimmed). `default` is
+    /// a class too: without `override_allowed`, a client can move any call there, past the
+    /// breaker of a class forced open.
     ///
     /// The header picks the class of any request that carries it, whether a route matches it
     /// or not: a class allowed here whose calls are kept (`spool`, `delayed_retry`) takes any

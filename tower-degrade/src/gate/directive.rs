@@ -100,10 +100,15 @@ impl Reason {
             Reason::Timeout => "timed out",
             Reason::Shed => "shed by a policy",
             Reason::Policy => "diverted by a policy",
-            Reason::Overload => "overloaded, lower priority work is shed",
+            Reason::Overload => {
+                "overloaded: no capacity to admit the call in time (lower tiers give way first)"
+            }
             Reason::TooLarge => "diverted, and the request body is over the limit for keeping it",
             Reason::NotKept => "diverted, and the request could not be stored for later",
-            Reason::Malformed => "diverted, and the request is malformed, so it cannot be kept",
+            Reason::Malformed => {
+                "diverted, and the request (its body or its idempotency key) is malformed, so it \
+                 cannot be kept"
+            }
             Reason::Predicted => {
                 "degraded ahead of a predicted failure, only part of the traffic is admitted"
             }
