@@ -111,6 +111,16 @@ fn layered(d: &Degrader, class: &str, router: FallbackRouter, app: &App) -> Svc 
     )
 }
 
+/// A fallback router over `store`, replaying into `app`; its worker is not started.
+fn unstarted(d: &Degrader, store: Arc<MemoryStore>, app: &App) -> FallbackRouter {
+    let (router, _worker) = FallbackRouter::builder(d)
+        .shared_store(store)
+        .replay(replay(app))
+        .build()
+        .unwrap();
+    router
+}
+
 /// `class`'s calls through the layer with a fallback router over a memory store, replaying
 /// into `app`, set up further by `with`; its worker is not started.
 fn router_for(
@@ -1708,12 +1718,7 @@ async fn a_call_not_kept_while_its_breaker_is_open_is_told_to_come_back_once_it_
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default().failing(40, 500);
     let store = Arc::new(MemoryStore::new(1));
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    drop(worker);
+    let router = unstarted(&d, store.clone(), &app);
     let svc = layered(&d, "browse", router, &app);
     for _ in 0..40 {
         assert_eq!(
@@ -1748,12 +1753,7 @@ async fn a_bronze_class_fills_its_share_of_the_store_and_leaves_the_rest_to_gold
     ]);
     let app = App::default();
     let store = Arc::new(MemoryStore::new(20));
-    let (router, worker) = FallbackRouter::builder(&d)
-        .shared_store(store.clone())
-        .replay(replay(&app))
-        .build()
-        .unwrap();
-    drop(worker);
+    let router = unstarted(&d, store.clone(), &app);
     let [pay, stock, browse] =
         ["pay", "stock", "browse"].map(|c| layered(&d, c, router.clone(), &app));
     for class in ["pay", "stock", "browse"] {
