@@ -15,7 +15,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /` | a status page: every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
-//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores it still learns, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
+//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, the calls in flight past their SLA (`overdue`: failures to the breaker, not in `success`), prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores it still learns, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
@@ -381,14 +381,15 @@ impl Admin {
                 // Over the history (the last minute at most): calls the inner service
                 // completed, how many succeeded, the worst window's p99, calls the layer
                 // diverted to a fallback or shed, and of those, the ones admission turned
-                // away for overload.
-                let (calls, ok, p99, secs, diverted, shed, overloaded) = self
+                // away for overload; calls in flight past their SLA, which the breaker counts
+                // as failures.
+                let (calls, ok, p99, secs, diverted, shed, overloaded, overdue) = self
                     .degrader
                     .history(&c.name)
                     .map(|h| {
                         h.iter().fold(
-                            (0u64, 0u64, 0.0f64, 0.0f64, 0u64, 0u64, 0u64),
-                            |(n, ok, p99, secs, diverted, shed, overloaded), w| {
+                            (0u64, 0u64, 0.0f64, 0.0f64, 0u64, 0u64, 0u64, 0u64),
+                            |(n, ok, p99, secs, diverted, shed, overloaded, overdue), w| {
                                 let completed = w.completed();
                                 (
                                     n + completed,
@@ -402,6 +403,7 @@ impl Admin {
                                     diverted + w.degraded,
                                     shed + w.rejected,
                                     overloaded + w.overloaded,
+                                    overdue + w.overdue,
                                 )
                             },
                         )
@@ -433,6 +435,8 @@ impl Admin {
                     // of `diverted` and `shed`, those admission turned away for overload
                     "overloaded": overloaded,
                     "diverted_share": if arrived > 0 { Some((diverted + shed) as f64 / arrived as f64) } else { None },
+                    // in flight past the SLA: failures to the breaker, not in `success`
+                    "overdue": overdue,
                     "inflight": c.window.inflight,
                     "queue_depth": c.window.queue_depth,
                     "prediction": c.prediction,

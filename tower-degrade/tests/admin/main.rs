@@ -191,6 +191,38 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn status_shows_the_calls_in_flight_past_their_sla_the_breaker_counts_as_failures() {
+    // A user's trial: a class opened on "failure rate 57 % (11 of them overdue)" beside a
+    // `success` of 0.99, and nothing in the status said why.
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let id = d.class_id("payment").unwrap();
+    let svc = tower::Layer::layer(&d.layer(id), support::failing_after(10_000));
+    let hung: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(false)))
+        .collect();
+    // Past gold's 50 ms SLA, and a tick and its slots later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.tick_now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.tick_now();
+    let (_, body) = call(&app, "GET", "/status", None, "").await;
+    let payment = body["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "payment")
+        .unwrap()
+        .clone();
+    assert_eq!(payment["overdue"], 5, "{payment}");
+    assert_eq!(payment["calls"], 0);
+    assert_eq!(payment["success"], Value::Null, "none completed");
+    for h in hung {
+        h.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn faults_are_switched_at_run_time_with_the_token() {
     let d = shop();
     let chaos = Chaos::builder(&d).build();
