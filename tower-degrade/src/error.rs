@@ -62,7 +62,9 @@ impl Degraded {
         self.reason
     }
 
-    /// The route the call was sent to.
+    /// The route the call was sent to: its class's fallback route (or a policy's). For a call
+    /// the layer timed out, which was sent nowhere, `cached` where its class is routed there
+    /// (a `LastGoodLayer` may serve its copy), else `reject`.
     pub fn route(&self) -> Route {
         self.route
     }

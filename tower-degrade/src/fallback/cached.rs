@@ -32,8 +32,9 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 ///   known size up to `max_body` (default 256 KiB), no `Set-Cookie`, no `Cache-Control:
 ///   no-store`, `no-cache`, `private`, `must-revalidate` or `proxy-revalidate` (in any case;
 ///   `s-maxage` and `max-age` are not read: `ttl` bounds a copy's age) and no `Vary: *`. A
-///   `404` or `410` for the same key removes its copy (a product delisted is not served in
-///   an outage after it); a `5xx` does not (it is the failure the copy is for). Keyed by method, host
+///   newer answer for the same key that is not kept removes its copy (a `404` or `410`: a
+///   product delisted is not served in an outage after it; a `2xx` now `private`, a
+///   redirect); a `5xx`, `408` or `429` does not (it is the failure the copy is for). Keyed by method, host
 ///   (the URI's authority, else the `Host` header), URI and every value of each configured
 ///   `vary` header, byte for byte. A request with `Authorization` or `Cookie` is neither
 ///   kept nor served unless `vary` names that header, nor one with `Range` or `If-Range`.
@@ -172,12 +173,13 @@ impl LastGoodLayer {
         Ok(Self::build(entries, config))
     }
 
-    /// Whether a read of a class routed to `cached` that was served and failed (a `5xx` the
-    /// degrade layer counted as a failure: a half-open probe, a call admitted while the class
-    /// recovers or is degraded, or before its breaker opened) is answered with its copy
-    /// instead, as RFC 5861's `stale-if-error` (default `true`). The failure still counts
-    /// against the class; the copy carries `Age` and `x-degrade-route: cached`, and no
-    /// `x-degrade-reason` (the call was admitted). `false` passes such failures through.
+    /// Whether a read of a class routed to `cached` that was admitted and failed (a `5xx` the
+    /// degrade layer counted as a failure, or the layer's `504` for its class `timeout`: a
+    /// half-open probe, a call admitted while the class recovers or is degraded, or before its
+    /// breaker opened) is answered with its copy instead, as RFC 5861's `stale-if-error`
+    /// (default `true`). The failure still counts against the class; the copy carries `Age`,
+    /// `x-degrade-route: cached` and, for a timeout, `x-degrade-reason: timeout` (none for a
+    /// `5xx`: the call was served). `false` passes such failures through.
     pub fn stale_if_error(self, serve: bool) -> Self {
         let entries = self.cache.capacity() as usize;
         Self::build(
@@ -465,11 +467,6 @@ impl LastGoodLayer {
                 }
             };
         }
-        // Gone (a product delisted): its copy is not served in an outage after it.
-        if matches!(res.status(), StatusCode::NOT_FOUND | StatusCode::GONE) {
-            self.cache.remove(&key);
-            return res;
-        }
         // A failure of a class routed to `cached` (the degrade layer marked it): its copy.
         if let Some(f) = res.extensions_mut().remove::<FailedRead>() {
             if self.config.stale_if_error
@@ -486,6 +483,17 @@ impl LastGoodLayer {
             || size.is_none_or(|n| n > self.config.max_body)
             || !cacheable(res.headers())
         {
+            // A newer answer not kept (now `private` or `must-revalidate`, too large, a
+            // redirect) leaves no older copy to stand in for it; a transient failure (a
+            // `5xx`, `408`, `429`) is what the copy is for.
+            let transient = res.status().is_server_error()
+                || matches!(
+                    res.status(),
+                    StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+                );
+            if !transient {
+                self.cache.remove(&key);
+            }
             return res;
         }
         let varies = varies(res.headers())

@@ -53,6 +53,9 @@ pub enum Reason {
     Predicted,
 }
 
+// A reason is packed in 4 bits (`Packed`): one past them would read back as `Shed`.
+const _: () = assert!(Reason::ALL.len() <= 16);
+
 impl Reason {
     const ALL: [Reason; 13] = [
         Reason::BreakerOpen,
@@ -106,8 +109,8 @@ impl Reason {
             Reason::TooLarge => "diverted, and the request body is over the limit for keeping it",
             Reason::NotKept => "diverted, and the request could not be stored for later",
             Reason::Malformed => {
-                "diverted, and the request (its body or its idempotency key) is malformed, so it \
-                 cannot be kept"
+                "diverted, and the request (its body, its idempotency key, or what a batch merge \
+                 reads from it) is malformed, so it cannot be kept"
             }
             Reason::Predicted => {
                 "degraded ahead of a predicted failure, only part of the traffic is admitted"
@@ -388,6 +391,15 @@ mod tests {
         ];
         for d in cases {
             assert_eq!(Directive::unpack(d.pack()), d);
+        }
+        for reason in Reason::ALL {
+            let d = Directive::AdmitFraction {
+                fraction: 0.5,
+                reason,
+                route: Route::Cached,
+                retry_after: None,
+            };
+            assert_eq!(Directive::unpack(d.pack()), d, "{reason}");
         }
     }
 

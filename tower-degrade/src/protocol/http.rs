@@ -116,7 +116,9 @@ where
 
 /// A failed answer (5xx) of a class routed to `cached`, marked for a
 /// [`LastGoodLayer`](crate::fallback::LastGoodLayer) outside the layer to put its copy in
-/// place of (cold: failures of such classes only).
+/// place of (cold: failures of such classes only). Calls it never keeps nor serves (a
+/// `POST`, a personalised read) are marked too: the request is not at hand here, and the
+/// marker costs only such a failure its extensions map.
 #[cfg(feature = "fallback")]
 #[cold]
 #[inline(never)]

@@ -2980,13 +2980,18 @@ async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
     let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
     let id = d.class_id("product").unwrap();
     let status = Arc::new(std::sync::Mutex::new(StatusCode::OK));
-    let s = status.clone();
+    let private = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, p) = (status.clone(), private.clone());
     let app = service_fn(move |req: Req| {
         let code = *s.lock().unwrap();
+        let private = p.load(Ordering::SeqCst);
         async move {
             let mut r = Response::builder().status(code);
             if req.uri().path().starts_with("/price") {
                 r = r.header("cache-control", "max-age=60, Must-Revalidate");
+            }
+            if private {
+                r = r.header("cache-control", "private");
             }
             Ok::<_, Infallible>(
                 r.body(Full::new(Bytes::from(req.uri().to_string())))
@@ -2996,10 +3001,21 @@ async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
     });
     let svc = LastGoodLayer::new().layer(d.layer(move |_: &Req| id).http().layer(app));
     let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).unwrap();
-    for uri in ["/p/1", "/p/2", "/price/1"] {
+    for uri in ["/p/1", "/p/2", "/p/3", "/p/4", "/price/1"] {
         let r = svc.clone().oneshot(get(uri)).await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
+    // A newer answer not kept: the older copy goes too.
+    private.store(true, Ordering::SeqCst);
+    let now_private = svc.clone().oneshot(get("/p/3")).await.unwrap();
+    assert_eq!(now_private.status(), StatusCode::OK);
+    private.store(false, Ordering::SeqCst);
+    // A transient refusal: the copy stays, for the outage it may be the start of.
+    *status.lock().unwrap() = StatusCode::TOO_MANY_REQUESTS;
+    assert_eq!(
+        svc.clone().oneshot(get("/p/4")).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     *status.lock().unwrap() = StatusCode::NOT_FOUND;
     assert_eq!(
         svc.clone().oneshot(get("/p/1")).await.unwrap().status(),
@@ -3040,6 +3056,16 @@ async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
         served("/price/1").await.0,
         StatusCode::SERVICE_UNAVAILABLE,
         "must-revalidate: never served stale"
+    );
+    assert_eq!(
+        served("/p/3").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "answered private since: no copy"
+    );
+    assert_eq!(
+        served("/p/4").await.0,
+        StatusCode::OK,
+        "429: the copy stays"
     );
 }
 
