@@ -68,10 +68,10 @@ impl ParkedTasks {
     }
 }
 
-/// A class whose spooled tasks' replays failed while its breaker let them go (closed, and no
-/// live call failing to open it: a restart during an outage, a quiet class): its backfill
-/// waits, and one task is replayed as a probe when `next_ms` comes, a failure not counted
-/// against the task.
+/// A class whose kept tasks' replays failed while its breaker let them go (closed, and no
+/// live call failing to open it: a restart during an outage, a quiet class): its delayed
+/// retries and backfill wait, and one task is replayed as a probe when `next_ms` comes, a
+/// failure not counted against the task.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     /// Replays failed in a row (the probes back off as a task's attempts would).
@@ -79,6 +79,10 @@ struct Held {
     /// When the next probe may start (the router's clock, ms).
     next_ms: u64,
 }
+
+/// The windows a class's live calls must have been served within for a failed replay to be
+/// the task's own failure (10 ticks: 5 s at the default tick), not the class's.
+const LIVE_EVIDENCE_TICKS: usize = 10;
 
 /// How the worker runs, as the router's builder set it.
 #[derive(Debug, Clone)]
@@ -106,9 +110,11 @@ pub(crate) struct Settings {
 ///    `Recovering`, admitting a growing share, until live calls finish the recovery); a
 ///    failed probe keeps its task's attempts and puts it behind the class's other tasks. A
 ///    spooled task's replay that fails while its class looks healthy (closed after a restart
-///    during an outage, or with no live calls) holds the class's backfill: one task at a time
-///    is replayed as a probe, after waits that grow as the retry policy's, until one is
-///    served;
+///    during an outage, or with no live calls), or the delayed retries of two different tasks
+///    failing in a row, hold the class's replays (both queues): one task at a time is
+///    replayed as a probe, its failure spending none of its attempts, after waits that grow as
+///    the retry policy's, until one is served. Nothing holds while the class's live calls are
+///    served: a replay that fails then does so on its own account;
 /// 3. flushes merged batches that are due.
 ///
 /// With [admission](crate::DegraderBuilder::admission), each replay holds a permit of its
@@ -136,9 +142,11 @@ pub struct FallbackWorker {
     probed: HashMap<String, u64>,
     /// Replays in flight as their class's probes, whose outcomes go to its window.
     probing: HashSet<TaskId>,
-    /// Classes whose backfill is held, their spooled tasks' replays failing: until a probe is
+    /// Classes whose replays are held, their kept tasks' replays failing: until a probe is
     /// served.
     held: HashMap<String, Held>,
+    /// By class, the delayed retry whose replay failed last, none served since.
+    failed_retry: HashMap<String, TaskId>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
     rate: f64,
@@ -200,6 +208,7 @@ impl FallbackWorker {
             probed: HashMap::new(),
             probing: HashSet::new(),
             held: HashMap::new(),
+            failed_retry: HashMap::new(),
             rate,
             tokens: 0.0,
             last_ms,
@@ -293,10 +302,21 @@ impl FallbackWorker {
         let due = self.shared.store.due(Queue::Retry, now, self.free()).await;
         if let Some(due) = self.readable(Queue::Retry, due) {
             let mut go = Vec::with_capacity(due.len());
+            let mut gates: HashMap<String, Gate> = HashMap::new();
             for task in due {
-                match self.health(task.class()) {
+                let gate = match gates.get(task.class()) {
+                    Some(g) => *g,
+                    None => {
+                        let g = self.retry_gate(task.class(), now);
+                        gates.insert(task.class().to_owned(), g);
+                        g
+                    }
+                };
+                match gate {
                     Gate::Open => go.push(task),
                     Gate::Probe => {
+                        // This one is the probe; the class's others wait for its verdict.
+                        gates.insert(task.class().to_owned(), Gate::Closed);
                         self.probing.insert(task.id());
                         go.push(task);
                     }
@@ -435,6 +455,27 @@ impl FallbackWorker {
         if healthy { Gate::Open } else { Gate::Closed }
     }
 
+    /// Whether `class`'s due delayed retries may be replayed now (healthy, and not held), or
+    /// one of them as a probe.
+    fn retry_gate(&mut self, class: &str, now: u64) -> Gate {
+        match self.health(class) {
+            Gate::Open => self.held_gate(class, now).unwrap_or(Gate::Open),
+            other => other,
+        }
+    }
+
+    /// For a class whose kept tasks' replays failed though its breaker let them go: one probe
+    /// at a time, on the retry policy's backoff, until one is served (`None`: not held).
+    fn held_gate(&self, class: &str, now: u64) -> Option<Gate> {
+        let held = self.held.get(class)?;
+        let running = self.replaying.values().any(|(_, t)| t.class() == class);
+        Some(if running || now < held.next_ms {
+            Gate::Closed
+        } else {
+            Gate::Probe
+        })
+    }
+
     /// Whether `class` may be backfilled now (healthy, under its headroom and off-peak; and
     /// the rate's AIMD step), or may have one task replayed as its breaker's probe.
     fn gate(&mut self, class: &str, now: u64) -> Gate {
@@ -446,18 +487,8 @@ impl FallbackWorker {
             Gate::Open => {}
             other => return other,
         }
-        // Its spooled tasks failed though its breaker let them go: one probe at a time, on
-        // the retry policy's backoff, until one is served.
-        if let Some(held) = self.held.get(class) {
-            let running = self
-                .replaying
-                .values()
-                .any(|(q, t)| *q == Queue::Spool && t.class() == class);
-            return if running || now < held.next_ms {
-                Gate::Closed
-            } else {
-                Gate::Probe
-            };
+        if let Some(held) = self.held_gate(class, now) {
+            return held;
         }
         let registry = self.degrader.registry();
         let sla = registry
@@ -519,7 +550,7 @@ impl FallbackWorker {
         for (queue, class) in parked {
             let key = (queue, class);
             let gate = match queue {
-                Queue::Retry => self.health(&key.1),
+                Queue::Retry => self.retry_gate(&key.1, now),
                 _ => self.gate(&key.1, now),
             };
             match gate {
@@ -736,12 +767,22 @@ impl FallbackWorker {
                 continue;
             };
             let probe = self.probing.remove(&task.id());
+            // A held class whose live calls are served: its replays fail on their own account,
+            // and spend their attempts.
+            let own = outcome.retried().is_some()
+                && self.held.contains_key(task.class())
+                && self.live_served(task.class());
+            if own && let Some(h) = self.held.remove(task.class()) {
+                tracing::info!(service = %self.shared.service, class = task.class(),
+                    failures = h.failures,
+                    "live calls of a class whose replays were held are served: its replays go \
+                     on, each failure spending an attempt");
+            }
             if probe {
                 self.record_probe(task.class(), &outcome, took);
             }
-            if queue == Queue::Spool {
-                self.judge_spool(task.class(), &outcome, probe, now);
-            }
+            self.judge(queue, &task, &outcome, probe, now);
+            let probe = probe && !own;
             // The wait the answer asked for (Retry-After): no retry comes sooner.
             let asked = outcome.retried().map_or(Duration::ZERO, |(_, after)| after);
             let result = match outcome {
@@ -807,29 +848,43 @@ impl FallbackWorker {
         self.commit_outcomes(ops, retrying).await;
     }
 
-    /// What a spooled task's replay says of its class: served (or refused on the request's
-    /// own account: the dependency answered) lifts a hold; a failure that is not a probe holds
-    /// the class's backfill, and a held class's failed probe backs the next one off further
-    /// (a breaker's probe that fails is the breaker's to judge).
-    fn judge_spool(&mut self, class: &str, outcome: &Replayed, probe: bool, now: u64) {
+    /// What a kept task's replay (a delayed retry's or a spooled task's) says of its class:
+    /// served (or refused on the request's own account: the dependency answered) lifts a
+    /// hold; a failure that is not a probe holds the class's replays, and a held class's
+    /// failed probe backs the next one off further (a breaker's probe that fails is the
+    /// breaker's to judge).
+    ///
+    /// A delayed retry's failure holds them once another task's has failed before it with
+    /// none served between: one task failing on its own account (its attempts running out,
+    /// to manual review) does not hold the rest, nor is it held.
+    fn judge(&mut self, queue: Queue, task: &Task, outcome: &Replayed, probe: bool, now: u64) {
+        let class = task.class();
         let Some((answer, asked)) = outcome.retried() else {
+            self.failed_retry.remove(class);
             if let Some(h) = self.held.remove(class) {
                 tracing::info!(service = %self.shared.service, class, failures = h.failures,
-                    "a spooled task's replay was served: the backfill goes on");
+                    "a kept task's replay was served: the class's replays go on");
             }
             return;
         };
         let unit = self.unit();
-        let failures = match self.held.get(class) {
-            Some(h) if probe => h.failures.saturating_add(1),
+        let held = self.held.get(class).map(|h| h.failures);
+        let failures = match held {
+            Some(f) if probe => f.saturating_add(1),
             // A replay started before the hold: the hold has counted it.
             Some(_) => return,
             None if probe => return,
+            // Its live calls are served: the replay failed on its own account.
+            None if self.live_served(class) => return,
+            // The first delayed retry of the class to fail, or the same one again.
+            None if queue == Queue::Retry && !self.another_retry_failed(class, task.id()) => {
+                return;
+            }
             None => {
                 tracing::warn!(service = %self.shared.service, class, answer = %answer,
-                    "a spooled task's replay failed while its class looked healthy: the \
-                     backfill holds, one task replayed at a time as a probe (backing off) \
-                     until one is served");
+                    "a kept task's replay failed while its class looked healthy: its delayed \
+                     retries and backfill hold, one task replayed at a time as a probe \
+                     (backing off, spending none of its attempts) until one is served");
                 1
             }
         };
@@ -841,6 +896,25 @@ impl FallbackWorker {
                 next_ms: now.saturating_add(wait),
             },
         );
+    }
+
+    /// Whether a delayed retry of `class` other than `id` was the last to fail (none served
+    /// since); `id` is remembered as the last.
+    fn another_retry_failed(&mut self, class: &str, id: TaskId) -> bool {
+        self.failed_retry
+            .insert(class.to_owned(), id)
+            .is_some_and(|last| last != id)
+    }
+
+    /// Whether live calls of `class` were served within the last [`LIVE_EVIDENCE_TICKS`]
+    /// windows: its dependency answers, and a replay that fails does so on its own account.
+    /// (Of replays, only probes are counted in the windows, and a probe served lifts a hold.)
+    fn live_served(&self, class: &str) -> bool {
+        self.degrader.history(class).is_ok_and(|h| {
+            (0..LIVE_EVIDENCE_TICKS)
+                .filter_map(|ago| h.get(ago))
+                .any(|w| w.successes > 0)
+        })
     }
 
     /// Store replays' outcomes. If the store refuses them (unreachable), they are kept and

@@ -503,6 +503,50 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_quiet_class_s_delayed_retries_wait_out_an_outage_its_breaker_never_sees() {
+    // A user's trial: a queue consumer restarted during a database outage, with no live call
+    // to open its breaker; its 650 kept tasks spent their five attempts in 15 s, and every
+    // one went to manual review.
+    let d = degrader([ClassConfig::silver("events").fallback_route(Route::DelayedRetry)]);
+    let app = App::default().failing(usize::MAX, 503);
+    let (store, _router, worker, svc) = router_for(&d, "events", &app, |b| {
+        b.retry(RetryPolicy::default().max_attempts(5))
+            .concurrency(4)
+    });
+    tokio::spawn(worker.run());
+    d.force_open("events").unwrap();
+    for i in 0..40 {
+        let res = call(&svc, post(&format!("/events/{i}"), "x")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    // Closed, and no live call: as after a restart.
+    d.reset("events").unwrap();
+    run_for(60_000).await;
+    assert_eq!(
+        store.depth(Queue::Review).len,
+        0,
+        "none sent to review by the outage"
+    );
+    let spent = app.seen().len();
+    assert!(
+        spent <= 16,
+        "{spent} replays in a minute: the first round, then one at a time, backing off"
+    );
+    // The database is back: every task is replayed, once served.
+    app.fail.store(0, Ordering::SeqCst);
+    run_for(60_000).await;
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert_eq!(store.depth(Queue::Review).len, 0);
+    let served: std::collections::HashSet<_> =
+        app.seen()[spent..].iter().map(|s| s.0.clone()).collect();
+    assert_eq!(
+        (served.len(), app.seen().len() - spent),
+        (40, 40),
+        "each once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default().failing(usize::MAX, 503);
