@@ -19,9 +19,30 @@
 //! BreakerConfig::default().min_requests(1))`: the first failing job opens it, and the next
 //! ones go to its fallback.
 //!
+//! **Give a class of tasks a `timeout`.** No class has one by default: a job that hangs holds
+//! its worker for ever. `ClassConfig::silver("order_events").timeout(Duration::from_secs(10))`:
+//! a job past it fails with a [`Degraded`](crate::Degraded) error whose reason is
+//! [`Timeout`](crate::gate::Reason::Timeout). That job **ran** (and may have done part of its
+//! work), and is not kept: only a job the class turned away is.
+//!
+//! **A low-rate class recovers at its own pace.** A breaker closes again through
+//! `half_open_probes` probes (5) that each need a job, and a `Recovering` ramp that admits a
+//! growing share: a cron job every 25 s took minutes to be run again after its dependency
+//! healed, in a trial, and one slower than the open duration can miss every half-open window
+//! (its probes unfinished when it ends). Give such a class `half_open_probes(1)` and a
+//! `max_open_duration` near its period.
+//!
 //! **A handler that panics** counts as a failure of its class, and the panic goes on to the
 //! caller of [`Tasks::run`] (a `JoinError` from a spawned task): catch it there if the loop
-//! must go on.
+//! must go on. So does a panic in the job's `Serialize` or in the
+//! [`idempotency_key`](TasksBuilder::idempotency_key) closure, when a turned-away job is kept.
+//!
+//! **What cannot be kept is found out in an outage.** A job's value and key are read only
+//! when the class turns the job away: a value JSON cannot hold (a NaN, a map with keys that are
+//! not strings), over the router's `Capture::body_limit`, or a key that is empty, over 255
+//! bytes or not visible ASCII, runs while the class is healthy and fails once it is not (an
+//! error naming the field). Try each kind of job once with its class forced open
+//! (`Degrader::force_open`) before you ship it.
 //!
 //! Kept jobs ([`TasksBuilder::keep`]): give jobs that a queue may deliver twice an
 //! [`idempotency_key`](TasksBuilder::idempotency_key), and a router that keeps jobs of
@@ -31,23 +52,29 @@
 //! an open breaker is answered at once, with a [`Degraded`](crate::Degraded) error: a loop that
 //! retries it at once spins its threads (a 64-worker trial made 11 million calls in a second,
 //! which also starves the control loop that would close the breaker). Wait what the answer
-//! says, then try again:
+//! says, then try again; any other error (the job's own, a timeout, a job that cannot be kept:
+//! not serializable, an invalid or reused idempotency key) carries no `retry_after`, and
+//! retried as is may fail for ever, so give those up, or retry them a bounded number of times:
 //!
 //! ```no_run
 //! # use std::time::Duration;
 //! # use tower_degrade::{BoxError, Degraded};
 //! # async fn job(n: u64) -> Result<u64, BoxError> { Ok(n) }
 //! # async fn example(tasks: tower_degrade::task::Tasks<u64, u64>) {
+//! let mut failed = 0;
 //! loop {
 //!     match tasks.run("inventory_sync", 42, job).await {
 //!         Ok(_) => break,
-//!         Err(e) => {
-//!             let wait = e
-//!                 .downcast_ref::<Degraded>()
-//!                 .and_then(Degraded::retry_after)
-//!                 .unwrap_or(Duration::from_secs(1));
-//!             tokio::time::sleep(wait).await;
-//!         }
+//!         Err(e) => match e.downcast_ref::<Degraded>().and_then(Degraded::retry_after) {
+//!             // Turned away: back when the answer says.
+//!             Some(wait) => tokio::time::sleep(wait).await,
+//!             // Ran and failed, or cannot be kept: a few more tries at most.
+//!             None if failed < 3 => {
+//!                 failed += 1;
+//!                 tokio::time::sleep(Duration::from_secs(1)).await;
+//!             }
+//!             None => break,
+//!         },
 //!     }
 //! }
 //! # }
