@@ -296,6 +296,7 @@ impl FallbackWorker {
                 }
             });
         }
+        self.release_parked(now).await;
         // Delayed retries, as many as there is room for; a replay that ends makes room and
         // wakes the worker for the next. With no room, the store is still asked (for none):
         // a shared store heartbeats the tasks this instance holds then.
@@ -536,14 +537,11 @@ impl FallbackWorker {
         shared.gates[id.index()].probe_done(result == Outcome::Success, latency);
     }
 
-    async fn backfill_step(&mut self, now: u64) {
-        let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
-        self.last_ms = now;
-        // Grown by a tenth (and one) per period; `gate` halves it when a class is too slow.
-        // Counted in periods, not steps: the worker also steps whenever a replay ends.
-        let periods = elapsed / self.settings.period.as_secs_f64().max(1e-3);
-        self.rate = (self.rate * 1.1f64.powf(periods) + periods).min(self.settings.backfill.rate);
-        let service = self.shared.service.to_string();
+    /// Give the tasks of parked classes that may go now back to their queue (one, for a
+    /// class that may have a probe): before the queues are read, so that a probe is the task
+    /// parked longest, not one that failed the last (a task failing on its own account, due
+    /// again each time the hold lets a probe go, held the others parked for ever in a trial).
+    async fn release_parked(&mut self, now: u64) {
         // Parked classes that may go now: give their tasks back to the queue.
         let parked: Vec<(Queue, String)> = self.parked.keys().cloned().collect();
         let mut expired = Vec::new();
@@ -589,6 +587,16 @@ impl FallbackWorker {
         }
         self.parked.retain(|_, p| !p.tasks.is_empty());
         self.expire(expired).await;
+    }
+
+    async fn backfill_step(&mut self, now: u64) {
+        let elapsed = now.saturating_sub(self.last_ms) as f64 / 1e3;
+        self.last_ms = now;
+        // Grown by a tenth (and one) per period; `gate` halves it when a class is too slow.
+        // Counted in periods, not steps: the worker also steps whenever a replay ends.
+        let periods = elapsed / self.settings.period.as_secs_f64().max(1e-3);
+        self.rate = (self.rate * 1.1f64.powf(periods) + periods).min(self.settings.backfill.rate);
+        let service = self.shared.service.to_string();
         if self.shared.store.depth(Queue::Spool).len == 0 {
             self.tokens = 0.0;
             gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(0.0);
