@@ -109,12 +109,12 @@ pub(crate) struct Settings {
 ///    consumer that stopped) gets through its probes and has its spool replayed (it stays
 ///    `Recovering`, admitting a growing share, until live calls finish the recovery); a
 ///    failed probe keeps its task's attempts and puts it behind the class's other tasks. A
-///    spooled task's replay that fails while its class looks healthy (closed after a restart
-///    during an outage, or with no live calls), or the delayed retries of two different tasks
-///    failing in a row, hold the class's replays (both queues): one task at a time is
-///    replayed as a probe, its failure spending none of its attempts, after waits that grow as
-///    the retry policy's, until one is served. Nothing holds while the class's live calls are
-///    served: a replay that fails then does so on its own account;
+///    class that looks healthy (closed after a restart during an outage, or with no live
+///    calls) whose replays of two different tasks fail in a row holds its replays (both
+///    queues): one task at a time is replayed as a probe, its failure spending none of its
+///    attempts, after waits that grow as the retry policy's, until one is served (a delayed
+///    retry still goes to review at its deadline). No hold starts while the class's live
+///    calls are served: a replay that fails then does so on its own account;
 /// 3. flushes merged batches that are due.
 ///
 /// With [admission](crate::DegraderBuilder::admission), each replay holds a permit of its
@@ -145,8 +145,8 @@ pub struct FallbackWorker {
     /// Classes whose replays are held, their kept tasks' replays failing: until a probe is
     /// served.
     held: HashMap<String, Held>,
-    /// By class, the delayed retry whose replay failed last, none served since.
-    failed_retry: HashMap<String, TaskId>,
+    /// By class, the kept task whose replay failed last, none served since.
+    failed_last: HashMap<String, TaskId>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
     rate: f64,
@@ -208,7 +208,7 @@ impl FallbackWorker {
             probed: HashMap::new(),
             probing: HashSet::new(),
             held: HashMap::new(),
-            failed_retry: HashMap::new(),
+            failed_last: HashMap::new(),
             rate,
             tokens: 0.0,
             last_ms,
@@ -525,7 +525,7 @@ impl FallbackWorker {
                         also_failed = held,
                         "a probe replay failed: counted as a failure in the class's window (a \
                          breaker that is open stays so while its probes fail, and a class's \
-                         backfill holds while its spooled tasks' replays fail); a replay that \
+                         replays hold while its kept tasks' replays fail); a replay that \
                          cannot reach its service, with no base URL or credentials, fails \
                          every probe; said at most every 10 s, `also_failed`: since the last \
                          line");
@@ -665,7 +665,7 @@ impl FallbackWorker {
                 Ok(Some(mut task)) => {
                     let answer = "its deadline passed while its class was not healthy";
                     task.set_answer(answer.to_owned());
-                    self.to_review(queue, task, &mut ops);
+                    self.send_to_review(queue, task, &mut ops);
                     replayed(&self.shared.service, queue, "review");
                 }
                 // Gone meanwhile (an operator's action): nothing to move.
@@ -779,6 +779,7 @@ impl FallbackWorker {
             // and spend their attempts.
             let own = outcome.retried().is_some()
                 && self.held.contains_key(task.class())
+                && self.degrader.state(task.class()).ok() == Some(State::Closed)
                 && self.live_served(task.class());
             if own && let Some(h) = self.held.remove(task.class()) {
                 tracing::info!(service = %self.shared.service, class = task.class(),
@@ -789,7 +790,7 @@ impl FallbackWorker {
             if probe {
                 self.record_probe(task.class(), &outcome, took);
             }
-            self.judge(queue, &task, &outcome, probe, now);
+            self.judge(&task, &outcome, probe, now);
             let probe = probe && !own;
             // The wait the answer asked for (Retry-After): no retry comes sooner.
             let asked = outcome.retried().map_or(Duration::ZERO, |(_, after)| after);
@@ -811,6 +812,16 @@ impl FallbackWorker {
                         .saturating_add(wait)
                         .max(super::schedule::after(now, asked))
                         .max(task.due_ms());
+                    // Its deadline passes before it may go again: to review, as a parked
+                    // task's does (the last task of a held class is never parked).
+                    if task.deadline_ms().is_some_and(|d| due > d) {
+                        task.set_answer(
+                            "its deadline passed while its class was not healthy".to_owned(),
+                        );
+                        self.send_to_review(queue, task, &mut ops);
+                        replayed(&service, queue, "review");
+                        continue;
+                    }
                     ops.push(Op::Put(queue, task.with_due(due)));
                     replayed(&service, queue, "retry");
                     continue;
@@ -834,7 +845,7 @@ impl FallbackWorker {
                         .deadline_ms()
                         .is_some_and(|d| now >= d || (!asked.is_zero() && next > d));
                     if task.attempts() >= self.shared.retry.max_attempts || out_of_time {
-                        self.to_review(queue, task, &mut ops);
+                        self.send_to_review(queue, task, &mut ops);
                         "review"
                     } else {
                         ops.push(Op::Put(queue, task));
@@ -843,7 +854,7 @@ impl FallbackWorker {
                 }
                 Replayed::Reject(answer) => {
                     task.failed(answer, now);
-                    self.to_review(queue, task, &mut ops);
+                    self.send_to_review(queue, task, &mut ops);
                     "review"
                 }
             };
@@ -862,13 +873,13 @@ impl FallbackWorker {
     /// failed probe backs the next one off further (a breaker's probe that fails is the
     /// breaker's to judge).
     ///
-    /// A delayed retry's failure holds them once another task's has failed before it with
-    /// none served between: one task failing on its own account (its attempts running out,
-    /// to manual review) does not hold the rest, nor is it held.
-    fn judge(&mut self, queue: Queue, task: &Task, outcome: &Replayed, probe: bool, now: u64) {
+    /// A failure holds them once another task's has failed before it with none served
+    /// between: one task failing on its own account (its attempts running out, to manual
+    /// review) does not hold the rest, nor is it held.
+    fn judge(&mut self, task: &Task, outcome: &Replayed, probe: bool, now: u64) {
         let class = task.class();
         let Some((answer, asked)) = outcome.retried() else {
-            self.failed_retry.remove(class);
+            self.failed_last.remove(class);
             if let Some(h) = self.held.remove(class) {
                 tracing::info!(service = %self.shared.service, class, failures = h.failures,
                     "a kept task's replay was served: the class's replays go on");
@@ -884,10 +895,8 @@ impl FallbackWorker {
             None if probe => return,
             // Its live calls are served: the replay failed on its own account.
             None if self.live_served(class) => return,
-            // The first delayed retry of the class to fail, or the same one again.
-            None if queue == Queue::Retry && !self.another_retry_failed(class, task.id()) => {
-                return;
-            }
+            // The first kept task of the class to fail, or the same one again.
+            None if !self.another_failed(class, task.id()) => return,
             None => {
                 tracing::warn!(service = %self.shared.service, class, answer = %answer,
                     "a kept task's replay failed while its class looked healthy: its delayed \
@@ -906,10 +915,10 @@ impl FallbackWorker {
         );
     }
 
-    /// Whether a delayed retry of `class` other than `id` was the last to fail (none served
+    /// Whether a kept task of `class` other than `id` was the last to fail (none served
     /// since); `id` is remembered as the last.
-    fn another_retry_failed(&mut self, class: &str, id: TaskId) -> bool {
-        self.failed_retry
+    fn another_failed(&mut self, class: &str, id: TaskId) -> bool {
+        self.failed_last
             .insert(class.to_owned(), id)
             .is_some_and(|last| last != id)
     }
@@ -939,7 +948,11 @@ impl FallbackWorker {
         }
     }
 
-    fn to_review(&self, from: Queue, task: Task, ops: &mut Vec<Op>) {
+    fn send_to_review(&mut self, from: Queue, task: Task, ops: &mut Vec<Op>) {
+        // Gone from its queue: its failure no longer counts towards a hold.
+        if self.failed_last.get(task.class()) == Some(&task.id()) {
+            self.failed_last.remove(task.class());
+        }
         if let Some(held) = self.shared.to_review.ready() {
             tracing::warn!(service = %self.shared.service, class = %task.class(),
                 task = %task.id(), from = %from, attempts = task.attempts(),

@@ -561,6 +561,36 @@ async fn a_quiet_class_s_delayed_retries_wait_out_an_outage_its_breaker_never_se
 }
 
 #[tokio::test(start_paused = true)]
+async fn tasks_failing_on_their_own_in_a_quiet_class_go_to_review_at_their_deadline() {
+    // Two tasks the dependency refuses whatever its state, in a class with no live calls:
+    // they cannot be told from an outage and hold the class, each failed probe spending none
+    // of its attempts; their deadline still ends it (the last of them is never parked, where
+    // a task's deadline was checked, and was replayed every 30 s for good).
+    let d = degrader([ClassConfig::silver("events").fallback_route(Route::DelayedRetry)]);
+    let app = App::default().failing(0, 503);
+    *app.poison.lock().unwrap() = Some(Bytes::from_static(b"poison"));
+    let (store, _router, worker, svc) = router_for(&d, "events", &app, |b| {
+        b.retry(RetryPolicy::default().deadline(Some(Duration::from_secs(120))))
+    });
+    tokio::spawn(worker.run());
+    d.force_open("events").unwrap();
+    for i in 0..2 {
+        let res = call(&svc, post(&format!("/events/{i}"), "poison")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    d.reset("events").unwrap();
+    run_for(100_000).await;
+    assert_eq!(
+        store.depth(Queue::Review).len,
+        0,
+        "held, within the deadline"
+    );
+    run_for(60_000).await;
+    assert_eq!(store.depth(Queue::Retry).len, 0);
+    assert_eq!(store.depth(Queue::Review).len, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn exhausted_retries_and_refusals_go_to_manual_review_with_the_answer() {
     let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
     let app = App::default().failing(usize::MAX, 503);
