@@ -30,6 +30,17 @@ fn shop() -> Degrader {
         .0
 }
 
+/// The class named `name` in a `/status` body.
+fn class_in(status: &Value, name: &str) -> Value {
+    status["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no class {name} in {status}"))
+        .clone()
+}
+
 async fn call(
     app: &axum::Router,
     method: &str,
@@ -156,13 +167,7 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
     let (status, body) = call(&app, "GET", "/status", None, "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["service"], "shop");
-    let payment = body["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "payment")
-        .unwrap()
-        .clone();
+    let payment = class_in(&body, "payment");
     assert_eq!(payment["tier"], "gold");
     assert_eq!(payment["state"], "forced_open");
     assert_eq!(
@@ -207,13 +212,7 @@ async fn status_shows_the_calls_in_flight_past_their_sla_the_breaker_counts_as_f
     tokio::time::sleep(Duration::from_millis(500)).await;
     d.tick_now();
     let (_, body) = call(&app, "GET", "/status", None, "").await;
-    let payment = body["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "payment")
-        .unwrap()
-        .clone();
+    let payment = class_in(&body, "payment");
     assert_eq!(payment["overdue"], 5, "{payment}");
     assert_eq!(payment["calls"], 0);
     assert_eq!(payment["success"], Value::Null, "none completed");
