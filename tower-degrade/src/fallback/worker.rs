@@ -147,6 +147,9 @@ pub struct FallbackWorker {
     held: HashMap<String, Held>,
     /// By class, the kept task whose replay failed last, none served since.
     failed_last: HashMap<String, TaskId>,
+    /// By class, when (the router's clock, ms) a probe replay of it was last served: its
+    /// success stands in the class's windows for a while, and is not a live call's.
+    probe_served: HashMap<String, u64>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
     rate: f64,
@@ -209,6 +212,7 @@ impl FallbackWorker {
             probing: HashSet::new(),
             held: HashMap::new(),
             failed_last: HashMap::new(),
+            probe_served: HashMap::new(),
             rate,
             tokens: 0.0,
             last_ms,
@@ -780,7 +784,7 @@ impl FallbackWorker {
             let own = outcome.retried().is_some()
                 && self.held.contains_key(task.class())
                 && self.degrader.state(task.class()).ok() == Some(State::Closed)
-                && self.live_served(task.class());
+                && self.live_served(task.class(), now);
             if own && let Some(h) = self.held.remove(task.class()) {
                 tracing::info!(service = %self.shared.service, class = task.class(),
                     failures = h.failures,
@@ -789,6 +793,9 @@ impl FallbackWorker {
             }
             if probe {
                 self.record_probe(task.class(), &outcome, took);
+                if outcome.retried().is_none() {
+                    self.probe_served.insert(task.class().to_owned(), now);
+                }
             }
             self.judge(&task, &outcome, probe, now);
             let probe = probe && !own;
@@ -894,7 +901,7 @@ impl FallbackWorker {
             Some(_) => return,
             None if probe => return,
             // Its live calls are served: the replay failed on its own account.
-            None if self.live_served(class) => return,
+            None if self.live_served(class, now) => return,
             // The first kept task of the class to fail, or the same one again.
             None if !self.another_failed(class, task.id()) => return,
             None => {
@@ -925,8 +932,18 @@ impl FallbackWorker {
 
     /// Whether live calls of `class` were served within the last [`LIVE_EVIDENCE_TICKS`]
     /// windows: its dependency answers, and a replay that fails does so on its own account.
-    /// (Of replays, only probes are counted in the windows, and a probe served lifts a hold.)
-    fn live_served(&self, class: &str) -> bool {
+    /// Of replays, only probes are counted in the windows: while a served one may be among
+    /// them, they tell nothing (a dependency that flaps just after a hold lifts holds it again,
+    /// where the probe's success let the failed replays spend their attempts).
+    fn live_served(&self, class: &str, now: u64) -> bool {
+        let span = self.degrader.shared.period.as_millis() as u64 * LIVE_EVIDENCE_TICKS as u64;
+        if self
+            .probe_served
+            .get(class)
+            .is_some_and(|&at| now.saturating_sub(at) <= span)
+        {
+            return false;
+        }
         self.degrader.history(class).is_ok_and(|h| {
             (0..LIVE_EVIDENCE_TICKS)
                 .filter_map(|ago| h.get(ago))

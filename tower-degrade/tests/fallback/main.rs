@@ -48,6 +48,8 @@ struct App {
     status: Arc<Mutex<u16>>,
     /// A body answered `status` always (a task that fails on its own account).
     poison: Arc<Mutex<Option<Bytes>>>,
+    /// The next call is served, whatever `fail` says (a dependency that flaps).
+    serve_next: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl App {
@@ -65,11 +67,13 @@ impl App {
                     .unwrap()
                     .push((uri, key, attempt, body.clone()));
                 let poisoned = app.poison.lock().unwrap().as_ref() == Some(&body);
-                let failing = poisoned
-                    || app
-                        .fail
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
+                let served = app.serve_next.swap(false, Ordering::SeqCst);
+                let failing = !served
+                    && (poisoned
+                        || app
+                            .fail
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok());
                 let status = if failing {
                     *app.status.lock().unwrap()
                 } else {
@@ -558,6 +562,37 @@ async fn a_quiet_class_s_delayed_retries_wait_out_an_outage_its_breaker_never_se
         .collect();
     let others = after.iter().filter(|s| s.3 != "poison").count();
     assert_eq!((served.len(), others), (39, 39), "each once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dependency_that_fails_again_as_a_hold_lifts_holds_it_again() {
+    // The probe served just before is in the class's windows for a while, and is not a live
+    // call: taken for one, it let the replays that failed next spend their attempts.
+    let d = degrader([ClassConfig::silver("events").fallback_route(Route::DelayedRetry)]);
+    let app = App::default().failing(usize::MAX, 503);
+    let (store, _router, worker, svc) = router_for(&d, "events", &app, |b| {
+        b.retry(RetryPolicy::default().max_attempts(3))
+    });
+    tokio::spawn(worker.run());
+    d.force_open("events").unwrap();
+    for i in 0..10 {
+        let res = call(&svc, post(&format!("/events/{i}"), "x")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    d.reset("events").unwrap();
+    run_for(30_000).await;
+    // One call served, the next probe's; the dependency fails again at once.
+    app.serve_next.store(true, Ordering::SeqCst);
+    for _ in 0..120 {
+        run_for(500).await;
+        d.tick_now();
+    }
+    assert_eq!(store.depth(Queue::Retry).len, 9);
+    assert_eq!(
+        store.depth(Queue::Review).len,
+        0,
+        "held again, no attempt run out"
+    );
 }
 
 #[tokio::test(start_paused = true)]
