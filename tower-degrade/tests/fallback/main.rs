@@ -122,6 +122,26 @@ fn layered(d: &Degrader, class: &str, router: FallbackRouter, app: &App) -> Svc 
     )
 }
 
+/// Keep `n` calls of `class` (`POST /{class}/{i}` with the body `body(i)`) while it is forced
+/// open, then reset it: closed with no live call, as after a restart. Their task ids.
+async fn kept_then_closed(
+    d: &Degrader,
+    class: &str,
+    svc: &Svc,
+    n: usize,
+    body: impl Fn(usize) -> &'static str,
+) -> Vec<String> {
+    d.force_open(class).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let res = call(svc, post(&format!("/{class}/{i}"), body(i))).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        ids.push(task_id(&res).to_string());
+    }
+    d.reset(class).unwrap();
+    ids
+}
+
 /// A fallback router over `store`, replaying into `app`; its worker is not started.
 fn unstarted(d: &Degrader, store: Arc<MemoryStore>, app: &App) -> FallbackRouter {
     let (router, _worker) = FallbackRouter::builder(d)
@@ -311,14 +331,7 @@ async fn a_spool_whose_replays_fail_in_a_closed_class_waits_for_its_dependency()
         b.retry(RetryPolicy::default().max_attempts(3))
     });
     tokio::spawn(worker.run());
-    d.force_open("browse").unwrap();
-    let mut kept = Vec::new();
-    for i in 0..10 {
-        let res = call(&svc, post(&format!("/log/{i}"), "kept")).await;
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-        kept.push(task_id(&res).to_string());
-    }
-    d.reset("browse").unwrap();
+    let mut kept = kept_then_closed(&d, "browse", &svc, 10, |_| "kept").await;
     for _ in 0..1_200 {
         run_for(500).await;
         d.tick_now();
@@ -527,14 +540,15 @@ async fn a_quiet_class_s_delayed_retries_wait_out_an_outage_its_breaker_never_se
             .concurrency(4)
     });
     tokio::spawn(worker.run());
-    d.force_open("events").unwrap();
-    for i in 0..40 {
-        let body = if i == 20 { "poison" } else { "x" };
-        let res = call(&svc, post(&format!("/events/{i}"), body)).await;
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
     // Closed, and no live call: as after a restart.
-    d.reset("events").unwrap();
+    kept_then_closed(
+        &d,
+        "events",
+        &svc,
+        40,
+        |i| if i == 20 { "poison" } else { "x" },
+    )
+    .await;
     run_for(60_000).await;
     assert_eq!(
         store.depth(Queue::Review).len,
@@ -574,12 +588,7 @@ async fn a_dependency_that_fails_again_as_a_hold_lifts_holds_it_again() {
         b.retry(RetryPolicy::default().max_attempts(3))
     });
     tokio::spawn(worker.run());
-    d.force_open("events").unwrap();
-    for i in 0..10 {
-        let res = call(&svc, post(&format!("/events/{i}"), "x")).await;
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
-    d.reset("events").unwrap();
+    kept_then_closed(&d, "events", &svc, 10, |_| "x").await;
     run_for(30_000).await;
     // One call served, the next probe's; the dependency fails again at once.
     app.serve_next.store(true, Ordering::SeqCst);
@@ -608,12 +617,7 @@ async fn tasks_failing_on_their_own_in_a_quiet_class_go_to_review_at_their_deadl
         b.retry(RetryPolicy::default().deadline(Some(Duration::from_secs(120))))
     });
     tokio::spawn(worker.run());
-    d.force_open("events").unwrap();
-    for i in 0..2 {
-        let res = call(&svc, post(&format!("/events/{i}"), "poison")).await;
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
-    d.reset("events").unwrap();
+    kept_then_closed(&d, "events", &svc, 2, |_| "poison").await;
     run_for(100_000).await;
     assert_eq!(
         store.depth(Queue::Review).len,
