@@ -147,8 +147,8 @@ pub struct FallbackWorker {
     held: HashMap<String, Held>,
     /// By class, the kept task whose replay failed last, none served since.
     failed_last: HashMap<String, TaskId>,
-    /// By class, when (the router's clock, ms) a probe replay of it was last served: its
-    /// success stands in the class's windows for a while, and is not a live call's.
+    /// By class, the class's latest window when a probe replay of it was last served: its
+    /// success stands in the windows after it for a while, and is not a live call's.
     probe_served: HashMap<String, u64>,
     /// The backfill rate in force: halved when a class's p99 passes the headroom, grown back
     /// by a tenth per check while it stays under.
@@ -784,7 +784,7 @@ impl FallbackWorker {
             let own = outcome.retried().is_some()
                 && self.held.contains_key(task.class())
                 && self.degrader.state(task.class()).ok() == Some(State::Closed)
-                && self.live_served(task.class(), now);
+                && self.live_served(task.class());
             if own && let Some(h) = self.held.remove(task.class()) {
                 tracing::info!(service = %self.shared.service, class = task.class(),
                     failures = h.failures,
@@ -794,7 +794,8 @@ impl FallbackWorker {
             if probe {
                 self.record_probe(task.class(), &outcome, took);
                 if outcome.retried().is_none() {
-                    self.probe_served.insert(task.class().to_owned(), now);
+                    let tick = self.latest_tick(task.class());
+                    self.probe_served.insert(task.class().to_owned(), tick);
                 }
             }
             self.judge(&task, &outcome, probe, now);
@@ -901,7 +902,7 @@ impl FallbackWorker {
             Some(_) => return,
             None if probe => return,
             // Its live calls are served: the replay failed on its own account.
-            None if self.live_served(class, now) => return,
+            None if self.live_served(class) => return,
             // The first kept task of the class to fail, or the same one again.
             None if !self.another_failed(class, task.id()) => return,
             None => {
@@ -935,20 +936,29 @@ impl FallbackWorker {
     /// Of replays, only probes are counted in the windows: while a served one may be among
     /// them, they tell nothing (a dependency that flaps just after a hold lifts holds it again,
     /// where the probe's success let the failed replays spend their attempts).
-    fn live_served(&self, class: &str, now: u64) -> bool {
-        let span = self.degrader.shared.period.as_millis() as u64 * LIVE_EVIDENCE_TICKS as u64;
-        if self
-            .probe_served
-            .get(class)
-            .is_some_and(|&at| now.saturating_sub(at) <= span)
-        {
-            return false;
-        }
+    fn live_served(&self, class: &str) -> bool {
         self.degrader.history(class).is_ok_and(|h| {
-            (0..LIVE_EVIDENCE_TICKS)
-                .filter_map(|ago| h.get(ago))
-                .any(|w| w.successes > 0)
+            let latest = h.latest().map_or(0, |w| w.tick);
+            // The probe's success is in the window after the one that was the latest then,
+            // while it is among the last LIVE_EVIDENCE_TICKS.
+            let probed = self
+                .probe_served
+                .get(class)
+                .is_some_and(|&then| latest <= then + LIVE_EVIDENCE_TICKS as u64);
+            !probed
+                && (0..LIVE_EVIDENCE_TICKS)
+                    .filter_map(|ago| h.get(ago))
+                    .any(|w| w.successes > 0)
         })
+    }
+
+    /// The tick of `class`'s latest window (0 before its first).
+    fn latest_tick(&self, class: &str) -> u64 {
+        self.degrader
+            .history(class)
+            .ok()
+            .and_then(|h| h.latest().map(|w| w.tick))
+            .unwrap_or(0)
     }
 
     /// Store replays' outcomes. If the store refuses them (unreachable), they are kept and

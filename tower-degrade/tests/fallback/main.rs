@@ -618,13 +618,15 @@ async fn tasks_failing_on_their_own_in_a_quiet_class_go_to_review_at_their_deadl
     });
     tokio::spawn(worker.run());
     kept_then_closed(&d, "events", &svc, 2, |_| "poison").await;
-    run_for(100_000).await;
+    // (A probe whose next turn, at most 30 s on, lands past the deadline goes to review
+    // then: from 90 s on.)
+    run_for(85_000).await;
     assert_eq!(
         store.depth(Queue::Review).len,
         0,
         "held, within the deadline"
     );
-    run_for(60_000).await;
+    run_for(75_000).await;
     assert_eq!(store.depth(Queue::Retry).len, 0);
     assert_eq!(store.depth(Queue::Review).len, 2);
 }
