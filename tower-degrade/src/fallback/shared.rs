@@ -53,7 +53,7 @@ impl RouterShared {
     /// later (an open breaker's time left: sooner, it would be diverted again and, with the
     /// store full or failing, refused again).
     pub(crate) fn come_back(&self, layer: Option<Duration>) -> Duration {
-        layer.map_or(self.retry_after, |d| d.max(self.retry_after))
+        layer.unwrap_or_default().max(self.retry_after)
     }
 
     /// Whether a call diverted by the degrader of `service` (the `Arc` a layer's calls carry)

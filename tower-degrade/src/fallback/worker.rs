@@ -544,7 +544,7 @@ impl FallbackWorker {
     /// Give the tasks of parked classes that may go now back to their queue (one, for a
     /// class that may have a probe): before the queues are read, so that a probe is the task
     /// parked longest, not one that failed the last (a task failing on its own account, due
-    /// again each time the hold lets a probe go, held the others parked for ever in a trial).
+    /// again each time the hold lets a probe go, held the others parked for good in a test).
     async fn release_parked(&mut self, now: u64) {
         // Parked classes that may go now: give their tasks back to the queue.
         let parked: Vec<(Queue, String)> = self.parked.keys().cloned().collect();
