@@ -40,8 +40,8 @@
 //! **What cannot be kept is found out in an outage.** A job's value and key are read only
 //! when the class turns the job away: a value JSON cannot hold (a NaN, a map with keys that are
 //! not strings), over the router's `Capture::body_limit`, or a key that is empty, over 255
-//! bytes or not visible ASCII, runs while the class is healthy and fails once it is not (an
-//! error naming the field). Try each kind of job once with its class forced open
+//! bytes or not visible ASCII, runs while the class is healthy and fails once it is not (a
+//! [`CannotKeep`](crate::fallback::CannotKeep) error naming the field). Try each kind of job once with its class forced open
 //! (`Degrader::force_open`) before you ship it.
 //!
 //! Kept jobs ([`TasksBuilder::keep`]): give jobs that a queue may deliver twice an
@@ -53,8 +53,10 @@
 //! retries it at once spins its threads (a 64-worker trial made 11 million calls in a second,
 //! which also starves the control loop that would close the breaker). Wait what the answer
 //! says, then try again; any other error (the job's own, a timeout, a job that cannot be kept:
-//! not serializable, an invalid or reused idempotency key) carries no `retry_after`, and
-//! retried as is may fail for ever, so give those up, or retry them a bounded number of times:
+//! a [`CannotKeep`](crate::fallback::CannotKeep), for a value that does not serialize or an
+//! invalid or reused idempotency key) carries no `retry_after`, and retried as is may fail for
+//! ever, so give those up (a `CannotKeep` at once: it fails the same way each time), or retry
+//! them a bounded number of times:
 //!
 //! ```no_run
 //! # use std::time::Duration;
@@ -245,7 +247,8 @@ where
     /// returns `Ok(accepted(..))`; if it cannot be stored the call fails with a
     /// [`Degraded`](crate::error::Degraded) error (`not_kept`), and a value that does not
     /// serialize, or holds a float that is NaN or infinite (JSON has no such number), fails
-    /// with an error saying so and naming the field; so does one whose JSON would not read
+    /// with a [`CannotKeep`](crate::fallback::CannotKeep) error saying so and naming the field;
+    /// so does one whose JSON would not read
     /// back (nested deeper than `serde_json` reads, 128 levels) or is over the router's
     /// [`Capture::body_limit`](crate::fallback::Capture::body_limit) (64 KiB by default). Replay kept tasks with
     /// [`replay_task`](crate::fallback::replay_task) given to the router's builder, or, for
@@ -277,7 +280,8 @@ where
     /// The idempotency key of a kept task (1 to 255 bytes of visible ASCII and spaces, not spaces alone), such as the id
     /// of the message it came from: a task kept again under the same key while the first is
     /// still kept is that task (the same [`Accepted`](crate::fallback::Accepted) id), not a
-    /// second one, and the same key on another value is refused with an error. The key is
+    /// second one, and the same key on another value is refused with a
+    /// [`CannotKeep`](crate::fallback::CannotKeep) error (as is a key that is not one). The key is
     /// scoped by class and stored with the task ([`Task::client_key`](crate::fallback::Task::client_key)).
     #[cfg(feature = "fallback")]
     #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]

@@ -55,7 +55,9 @@ pub use self::{
         replay_fn, replay_task,
     },
     review::{ManualReview, Page},
-    router::{Accepted, FallbackRouter, FallbackRouterBuilder, RouterFuture},
+    router::{
+        Accepted, CannotKeep, CannotKeepKind, FallbackRouter, FallbackRouterBuilder, RouterFuture,
+    },
     schedule::{Backfill, RetryPolicy},
     store::{MemoryStore, Store, StoreError},
     worker::FallbackWorker,

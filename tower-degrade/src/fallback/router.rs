@@ -652,6 +652,89 @@ pub struct Accepted {
     pub route: Route,
 }
 
+/// Why the task API could not keep a task its class diverted to `delayed_retry`, `spool` or
+/// `manual_review`: something about the task itself, which trying it again as it is will not
+/// change (a store that cannot take it is a [`Degraded`] `not_kept` error instead, with a
+/// `retry_after`). The error of [`Tasks::run`](crate::task::Tasks::run), boxed: a worker loop
+/// tells it apart with `downcast_ref::<CannotKeep>()` and gives the task up, or puts it aside.
+///
+/// ```
+/// use tower_degrade::fallback::{CannotKeep, CannotKeepKind};
+/// # fn handle(e: tower_degrade::BoxError) {
+/// if let Some(e) = e.downcast_ref::<CannotKeep>() {
+///     match e.kind() {
+///         // Delivered twice under one key with another value: the first is kept.
+///         CannotKeepKind::KeyInUse(first) => tracing::warn!(%first, "{e}"),
+///         _ => tracing::error!("{e}"),
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannotKeep {
+    class: String,
+    route: Route,
+    kind: CannotKeepKind,
+    detail: String,
+}
+
+/// What [`CannotKeep`] found wrong with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CannotKeepKind {
+    /// Its value: it does not serialize as JSON, holds a NaN or an infinity (the error names
+    /// the field), is over [`Capture::body_limit`], or would not read back (nested deeper than
+    /// 128 levels).
+    Value,
+    /// Its [idempotency key](crate::task::TasksBuilder::idempotency_key) is not 1 to
+    /// [`MAX_KEY_BYTES`](super::MAX_KEY_BYTES) bytes of visible ASCII and spaces (not spaces
+    /// alone).
+    InvalidKey,
+    /// Its idempotency key is kept for another value of the class: the task kept under it.
+    KeyInUse(TaskId),
+}
+
+impl CannotKeep {
+    /// The task's class.
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+
+    /// The route that would have kept it.
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    /// What is wrong with it.
+    pub fn kind(&self) -> CannotKeepKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for CannotKeep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (class, route, detail) = (&self.class, self.route.as_str(), &self.detail);
+        match self.kind {
+            CannotKeepKind::Value => write!(
+                f,
+                "the `{class}` task was diverted to `{route}` but cannot be kept: {detail}"
+            ),
+            CannotKeepKind::InvalidKey => write!(
+                f,
+                "the `{class}` task's idempotency key is not 1 to {} bytes of visible ASCII \
+                 and spaces (not spaces alone): {detail}",
+                super::MAX_KEY_BYTES
+            ),
+            CannotKeepKind::KeyInUse(id) => write!(
+                f,
+                "the idempotency key {detail} is kept for another `{class}` task ({id}): not kept"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CannotKeep {}
+
 impl<T> FallbackRouter<T> {
     /// The router without its custom service (the task API keeps calls with it).
     pub(crate) fn clone_without_service(&self) -> FallbackRouter {
@@ -724,34 +807,29 @@ impl<T> FallbackRouter<T> {
                 return Err(not_kept(Reason::NotKept));
             }
             // A value that does not serialize never will: no retry hint, and the cause said.
-            let bytes = payload.map_err(|why| -> BoxError {
+            let cannot = |kind: CannotKeepKind, detail: String| -> BoxError {
+                Box::new(CannotKeep {
+                    class: class.clone(),
+                    route,
+                    kind,
+                    detail,
+                })
+            };
+            let bytes = payload.map_err(|why| {
                 tracing::warn!(class = %class, error = %why, "a diverted task cannot be serialized");
-                format!(
-                    "the `{class}` task was diverted to `{}` but cannot be kept: {why}",
-                    route.as_str()
-                )
-                .into()
+                cannot(CannotKeepKind::Value, why)
             })?;
             if let Some(k) = &key
                 && !super::capture::valid_key(k.as_bytes())
             {
-                return Err(format!(
-                    "the `{class}` task's idempotency key is not 1 to {} bytes of visible \
-                     ASCII and spaces (not spaces alone): {k:?}",
-                    super::MAX_KEY_BYTES
-                )
-                .into());
+                return Err(cannot(CannotKeepKind::InvalidKey, format!("{k:?}")));
             }
             let found = |kept: Kept| -> Result<Accepted, BoxError> {
                 if kept.same {
                     return Ok(Accepted { id: kept.id, route });
                 }
-                Err(format!(
-                    "the idempotency key {:?} is kept for another `{class}` task ({}): not kept",
-                    key.as_deref().unwrap_or(""),
-                    kept.id
-                )
-                .into())
+                let key = format!("{:?}", key.as_deref().unwrap_or(""));
+                Err(cannot(CannotKeepKind::KeyInUse(kept.id), key))
             };
             let stored = shared
                 .keep((class.clone(), key.clone(), route, reason), bytes)

@@ -15,9 +15,10 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_degrade::admit::Admission;
 use tower_degrade::fallback::store::{EmbeddedStore, Op, StoreErrorKind};
 use tower_degrade::fallback::{
-    Backfill, Batch, BatchMerge, Capture, FallbackRouter, FallbackRouterBuilder, FallbackWorker,
-    HttpReplay, LastGoodLayer, MemoryStore, Payload, Queue, REPLAY_HEADER, ReplayByClass, Replayed,
-    RetryPolicy, Store, Task, TaskId, replay_fn, replay_task,
+    Backfill, Batch, BatchMerge, CannotKeep, CannotKeepKind, Capture, FallbackRouter,
+    FallbackRouterBuilder, FallbackWorker, HttpReplay, LastGoodLayer, MemoryStore, Payload, Queue,
+    REPLAY_HEADER, ReplayByClass, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
+    replay_task,
 };
 use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
@@ -1581,7 +1582,7 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
         .keep(&router, |a| a.id)
         .idempotency_key(|_: &Email| "same".to_owned())
         .build();
-    tasks
+    let first_same = tasks
         .run("order_email", Email { order: 6 }, never)
         .await
         .unwrap();
@@ -1590,6 +1591,12 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("kept for another"), "{err}");
+    let cannot = err.downcast_ref::<CannotKeep>().expect("a CannotKeep");
+    assert_eq!(cannot.kind(), CannotKeepKind::KeyInUse(first_same));
+    assert_eq!(
+        (cannot.class(), cannot.route()),
+        ("order_email", Route::DelayedRetry)
+    );
     // A key that is not one (too long, control bytes) is an error, not silently dropped.
     let tasks = d
         .tasks::<Email, TaskId>()
@@ -1601,6 +1608,8 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("idempotency key"), "{err}");
+    let cannot = err.downcast_ref::<CannotKeep>().expect("a CannotKeep");
+    assert_eq!(cannot.kind(), CannotKeepKind::InvalidKey);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1661,6 +1670,9 @@ async fn a_task_holding_a_nan_or_an_infinity_is_refused_not_kept_as_null() {
             text.contains(&format!("`amount` is {shown}")) && text.contains("cannot be kept"),
             "{text}"
         );
+        let cannot = err.downcast_ref::<CannotKeep>().expect("a CannotKeep");
+        assert_eq!(cannot.kind(), CannotKeepKind::Value);
+        assert_eq!(cannot.route(), Route::Spool);
     }
     assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
     // A finite amount is kept.
