@@ -35,8 +35,9 @@ use crate::protocol::{REASON_HEADER, ROUTE_HEADER};
 ///   newer answer for the same key that is not kept removes its copy (a `404` or `410`: a
 ///   product delisted is not served in an outage after it; a `2xx` now `private`, a
 ///   redirect); a `5xx`, `408` or `429` does not (it is the failure the copy is for). Keyed by method, host
-///   (the URI's authority, else the `Host` header), URI and every value of each configured
-///   `vary` header, byte for byte. A request with `Authorization` or `Cookie` is neither
+///   (the URI's authority, else the `Host` header), URI (less the query parameters named
+///   with [`ignore_query`](Self::ignore_query)) and every value of each configured `vary`
+///   header, byte for byte. A request with `Authorization` or `Cookie` is neither
 ///   kept nor served unless `vary` names that header, nor one with `Range` or `If-Range`.
 ///   The response's own `Vary` is honoured: a copy is served only to a request whose values
 ///   of those headers are the ones it was kept for.
@@ -75,7 +76,25 @@ struct Config {
     ttl: Duration,
     max_body: u64,
     vary: Vec<HeaderName>,
+    /// Query parameters left out of the key: exact names, and prefixes (from `name*`).
+    ignore_query: Vec<QueryName>,
     stale_if_error: bool,
+}
+
+/// A query parameter's name as [`LastGoodLayer::ignore_query`] matches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum QueryName {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+}
+
+impl QueryName {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(n) => name == &**n,
+            Self::Prefix(p) => name.starts_with(&**p),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -112,6 +131,7 @@ impl LastGoodLayer {
                 ttl: Duration::from_secs(300),
                 max_body: 256 * 1024,
                 vary: Vec::new(),
+                ignore_query: Vec::new(),
                 stale_if_error: true,
             },
         )
@@ -170,6 +190,58 @@ impl LastGoodLayer {
         let entries = self.cache.capacity() as usize;
         let mut config = self.config();
         config.vary.push(name);
+        Ok(Self::build(entries, config))
+    }
+
+    /// Query parameters left out of the key, so that reads which differ only by them share one
+    /// copy: tracking parameters (`utm_*`, `gclid`, `fbclid`), which marketing traffic brings
+    /// at a peak, each click's its own (`gclid`), so that every such read would be a key of
+    /// its own and a miss in an outage. Each is a parameter's name as sent (case-sensitive,
+    /// not percent-decoded), or a prefix ending in `*` (`utm_*`). The other parameters stay in
+    /// the key in their order. Leave out only what does not change the answer: a copy kept for
+    /// one value is served for every other.
+    ///
+    /// ```
+    /// use tower_degrade::fallback::LastGoodLayer;
+    ///
+    /// let last_good = LastGoodLayer::new().ignore_query(["utm_*", "gclid", "fbclid"])?;
+    /// # Ok::<_, tower_degrade::error::ConfigError>(())
+    /// ```
+    pub fn ignore_query<I>(self, names: I) -> Result<Self, crate::error::ConfigError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut config = self.config();
+        for name in names {
+            let name = name.as_ref();
+            let (stem, prefix) = match name.strip_suffix('*') {
+                Some(stem) => (stem, true),
+                None => (name, false),
+            };
+            // A query's name is visible ASCII without the query's own separators; an empty
+            // stem (`*`) would leave the whole query out.
+            if stem.is_empty()
+                || !stem
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'&' | b'=' | b'#' | b'*'))
+            {
+                return Err(crate::error::ConfigError::InvalidValue {
+                    field: "last_good.ignore_query",
+                    reason: format!(
+                        "`{}` is not a query parameter's name (visible ASCII but `&`, `=`, `#` \
+                         and `*`), nor one with `*` at its end",
+                        name.escape_debug()
+                    ),
+                });
+            }
+            config.ignore_query.push(if prefix {
+                QueryName::Prefix(stem.into())
+            } else {
+                QueryName::Exact(stem.into())
+            });
+        }
+        let entries = self.cache.capacity() as usize;
         Ok(Self::build(entries, config))
     }
 
@@ -251,9 +323,10 @@ fn counted(labels: [metrics::Label; 2], result: &'static str) {
     );
 }
 
-/// The key of a read: method, host, URI and every value of each `vary` header, each part
-/// length-prefixed, byte for byte (two different values never make one key).
-fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> Vec<u8> {
+/// The key of a read: method, host, URI (without the query parameters `ignore` names) and
+/// every value of each `vary` header, each part length-prefixed, byte for byte (two different
+/// values never make one key).
+fn key<B>(req: &http::Request<B>, vary: &[HeaderName], ignore: &[QueryName]) -> Vec<u8> {
     fn part(k: &mut Vec<u8>, bytes: &[u8]) {
         k.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
         k.extend_from_slice(bytes);
@@ -269,13 +342,28 @@ fn key<B>(req: &http::Request<B>, vary: &[HeaderName]) -> Vec<u8> {
         }
     }
     k.push(0xff);
-    part(
-        &mut k,
-        req.uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .as_bytes(),
-    );
+    match req.uri().query() {
+        Some(query) if !ignore.is_empty() => {
+            let mut uri = String::with_capacity(req.uri().path().len() + query.len() + 1);
+            uri.push_str(req.uri().path());
+            let kept = query.split('&').filter(|param| {
+                let name = param.split('=').next().unwrap_or("");
+                !ignore.iter().any(|n| n.matches(name))
+            });
+            for (i, param) in kept.enumerate() {
+                uri.push(if i == 0 { '?' } else { '&' });
+                uri.push_str(param);
+            }
+            part(&mut k, uri.as_bytes());
+        }
+        _ => part(
+            &mut k,
+            req.uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        ),
+    }
     for name in vary {
         k.push(0xff);
         for v in req.headers().get_all(name) {
@@ -367,7 +455,8 @@ where
                 },
             };
         }
-        let key = key(&req, &self.layer.config.vary);
+        let config = &self.layer.config;
+        let key = key(&req, &config.vary, &config.ignore_query);
         if key.len() > MAX_CACHE_KEY_BYTES {
             return LastGoodFuture {
                 tap: Tap::Pass {

@@ -3115,6 +3115,58 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn reads_that_differ_only_by_ignored_query_parameters_share_a_copy() {
+    let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
+    let id = d.class_id("product").unwrap();
+    let app = service_fn(move |req: Req| async move {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(req.uri().to_string()))))
+    });
+    let degrade = d.layer(move |_: &Req| id).http();
+    let svc = LastGoodLayer::new()
+        .ignore_query(["utm_*", "gclid"])
+        .unwrap()
+        .layer(degrade.layer(app));
+    let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    let read = |uri: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let res = svc.oneshot(get(uri)).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+
+    read("/p/1?utm_source=ad&color=red&gclid=A1&utm_medium=cpc").await;
+    read("/p/2?gclid=B2").await;
+    d.force_open("product").unwrap();
+    let kept = |uri: &str| (StatusCode::OK, uri.to_owned());
+    // Another click of the same ad, or none: the copy of the read they share.
+    let red = "/p/1?utm_source=ad&color=red&gclid=A1&utm_medium=cpc";
+    assert_eq!(read("/p/1?color=red&gclid=C3").await, kept(red));
+    assert_eq!(read("/p/1?color=red").await, kept(red));
+    assert_eq!(read("/p/2").await, kept("/p/2?gclid=B2"));
+    // The other parameters are still the key, and a name is matched whole (or by its prefix).
+    for other in [
+        "/p/1?color=blue&gclid=A1",
+        "/p/1",
+        "/p/1?color=red&gclid_x=1",
+    ] {
+        assert_eq!(
+            read(other).await.0,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{other}"
+        );
+    }
+
+    // What names no parameter is refused, naming the setting.
+    for bad in ["*", "", "a&b", "a=b", "ut*m", "x\n"] {
+        let err = LastGoodLayer::new().ignore_query([bad]).unwrap_err();
+        assert!(err.to_string().contains("last_good.ignore_query"), "{err}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_read_gone_or_not_to_be_served_stale_has_no_copy_in_an_outage() {
     // A trial on product pages: a delisted product (404 after a 200) came back as the old
     // 200 once the class opened, and a price answered `must-revalidate` was served stale.
