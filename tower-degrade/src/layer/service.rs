@@ -169,7 +169,9 @@ where
 }
 
 impl<S, C, P, F> Degrade<S, C, P, F> {
-    /// Apply the class's per-request rules (policy rollouts, `on_request` hooks).
+    /// Apply the class's per-request rules (policy rollouts, `on_request` hooks). A call they
+    /// turn away is told to come back no sooner than the next tick, as one the tick's
+    /// directive turns away is (`Controller::publish`).
     #[cold]
     fn per_request<Req>(&self, idx: usize, d: Packed, req: &Req) -> Packed
     where
@@ -177,6 +179,7 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
     {
         let view = self.classifier.describe(req);
         Stage::per_request(&self.shared.policies, idx, d, &view)
+            .with_retry_at_least(self.shared.period)
     }
 
     #[cold]

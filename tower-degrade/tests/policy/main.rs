@@ -1256,6 +1256,54 @@ async fn a_group_rollout_applies_to_its_groups_only() {
     assert_eq!(send(&mut svc, req(None)).await, None);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_call_a_request_hook_or_a_rollout_turns_away_is_told_when_to_come_back() {
+    // `shed()` from `on_request` answered a 503 with no `Retry-After` (a hostile trial), where
+    // the same from `on_tick` said the next tick.
+    let (d, classify) = http_degrader("shop");
+    let hook = "fn policy() { #{ governs: [\"log\"] } }\n\
+                fn on_tick(ctx) { admit() }\n\
+                fn on_request(ctx, req) { if req.header(\"x-evil\") == \"shed\" { return shed(); } }";
+    let canary =
+        "fn policy() { #{ governs: [\"pay\"], groups: [\"beta\"] } }\nfn on_tick(ctx) { shed() }";
+    d.load_policy_sources([("hook", hook), ("canary", canary)])
+        .unwrap();
+    d.tick_now();
+    let mut svc = d.layer(classify).http().layer(http_ok());
+    let call = |path: &str, evil: bool| {
+        let mut b = http::Request::post(path).header("x-group", "beta");
+        if evil {
+            b = b.header("x-evil", "shed");
+        }
+        b.body(()).unwrap()
+    };
+    for (path, evil) in [("/log", true), ("/pay", false)] {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(call(path, evil))
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status(),
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "{path}"
+        );
+        assert_eq!(res.headers()["x-degrade-reason"], "shed", "{path}");
+        assert_eq!(res.headers()["retry-after"], "1", "{path}");
+    }
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(call("/log", false))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    assert!(!res.headers().contains_key("retry-after"));
+}
+
 fn started_ago(ms: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
