@@ -885,8 +885,16 @@ impl DegraderFile {
     ) -> Result<(Self, Spanned<DeTable<'t>>), FileError> {
         let root = DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| LineIndex::new(text).line(s.start));
-            // The line itself: toml's "duplicate key" names no key.
+            // The line itself: toml's "duplicate key" names no key. Not from a file with no
+            // `service` key, which is no degrader's file (a path that names `/etc/passwd`, as
+            // a hostile trial's did): its content is not written to the log.
+            let ours = text.lines().any(|l| {
+                l.trim_start()
+                    .strip_prefix("service")
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
             let shown = line
+                .filter(|_| ours)
                 .and_then(|n| text.lines().nth(n - 1))
                 .map(str::trim)
                 .filter(|l| !l.is_empty());
@@ -1398,7 +1406,7 @@ class = "refund"
                 "tick_ms = 0",
                 "tick_ms",
                 "tick_ms",
-                "1 ms to an hour",
+                "10 ms to an hour",
             ),
             (
                 "service = \"shop\"",
@@ -1661,6 +1669,10 @@ class = "refund"
 
         let text = edited("max_limit = 400", "max_limit = -1");
         assert_eq!(error(&text).field(), Some("admission.max_limit"));
+        let text = edited("max_limit = 400", "max_limit = 4294967295");
+        let e = error(&text);
+        assert_eq!(e.field(), Some("admission.max_limit"), "{e}");
+        assert!(e.message().contains("over 1,000,000"), "{e}");
 
         let e = error("tick_ms = 5\n");
         assert!(e.message().contains("missing field `service`"), "{e}");
@@ -1675,6 +1687,11 @@ class = "refund"
         let e = error("service = \"x\"\n\n[classes\n");
         assert_eq!(e.line(), Some(3), "{e}");
         assert!(e.to_string().starts_with("shop.toml:3: "), "{e}");
+        assert!(e.message().contains("(in `[classes`"), "{e}");
+        // No degrader's file (no `service`): its line is named, not quoted into the log.
+        let e = error("root:x:0:0:root:/root:/bin/bash\n");
+        assert_eq!(e.line(), Some(1), "{e}");
+        assert!(!e.to_string().contains("root:x"), "{e}");
     }
 
     #[test]

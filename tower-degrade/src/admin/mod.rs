@@ -563,15 +563,33 @@ async fn status(State(admin): State<Admin>) -> Response {
 async fn command(
     State(admin): State<Admin>,
     path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    uri: axum::http::Uri,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let (class, command) = match path {
         Ok(Path(p)) => p,
+        Err(e) => return crate::auth::rejected(e),
+    };
+    let body = match body {
+        Ok(b) => b,
         Err(e) => return crate::auth::rejected(e),
     };
     let command: Command = match command.parse() {
         Ok(c) => c,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
     };
+    // A command has nothing to set: a client that sent a level or a duration would take the
+    // `200` for it (a trial's `{"duration_ms": ...}` and `?duration=` were answered so).
+    if uri.query().is_some_and(|q| !q.is_empty()) || !body.trim_ascii().is_empty() {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!(
+                "`{}` takes no body and no query: a command holds until another replaces it, \
+                 with the breaker's settings (send an empty POST)",
+                command.as_str()
+            )}),
+        );
+    }
     match admin.degrader.command(&class, command) {
         Ok(state) => answer(
             StatusCode::OK,
@@ -652,7 +670,19 @@ async fn set_fault(
         Ok(b) => b,
         Err(e) => return crate::auth::rejected(e),
     };
-    let body: FaultBody = match serde_json::from_slice(&body) {
+    // An object only: serde also reads a struct from a JSON array of its fields in order,
+    // which neither names nor checks them.
+    let body = match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => serde_json::from_value::<FaultBody>(v),
+        Ok(_) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "the body must be a JSON object: {\"target\": \"class:NAME\", \"errors\": 0.5, ...}"}),
+            );
+        }
+        Err(e) => Err(e),
+    };
+    let body = match body {
         Ok(b) => b,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
     };

@@ -107,7 +107,7 @@ impl Admission {
         self
     }
 
-    /// The highest the limit goes.
+    /// The highest the limit goes (at most 1,000,000).
     pub fn max_limit(mut self, n: u32) -> Self {
         self.limit.max = n;
         self
@@ -132,6 +132,8 @@ impl Admission {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        /// The highest `max_limit` (and so `initial_limit`): `u32::MAX` was taken, in a trial.
+        const MAX_LIMIT: u32 = 1_000_000;
         let l = &self.limit;
         let invalid =
             |field: &'static str, reason: String| Err(ConfigError::InvalidValue { field, reason });
@@ -140,6 +142,16 @@ impl Admission {
         }
         if l.max == 0 {
             return invalid("admission.max_limit", "must be at least 1".into());
+        }
+        if l.max > MAX_LIMIT {
+            return invalid(
+                "admission.max_limit",
+                format!(
+                    "{} is over 1,000,000 calls in flight: a limit no service reaches limits \
+                     nothing (leave admission off instead)",
+                    l.max
+                ),
+            );
         }
         if l.min > l.max {
             return invalid(

@@ -9,6 +9,16 @@ use crate::window::WindowSnapshot;
 /// The most half-open probes a breaker takes (`BreakerConfig::half_open_probes`).
 const MAX_PROBES: u32 = 10_000;
 
+/// The most ticks a count of ticks may be (`recovery_ticks`, `degraded_recovery_ticks`,
+/// `predict_ticks`, `degrade_rule.windows`): 83 minutes at the 500 ms tick. More is a typo
+/// or an overflow, and would switch the rule off without a word (a class `recovering` for 68
+/// years at `u32::MAX`, in a hostile trial).
+const MAX_TICKS: u32 = 10_000;
+
+/// The most calls `min_requests` may ask of a tick: more than all but the largest services
+/// serve a class in one; `u64::MAX` kept a class whose every call failed closed, in a trial.
+const MAX_MIN_REQUESTS: u64 = 1_000_000;
+
 /// The seed's degrade rule: `windows` consecutive windows with success rate below
 /// `success_below` **and** p99 above `p99_above` degrade the class.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -162,7 +172,7 @@ impl BreakerConfig {
     /// class under 40 calls a second is never opened by errors alone (overdue calls still
     /// open it): give a low-rate class a lower value, such as `min_requests(3)`. While a
     /// degrade is enforced, the share of it the class admits is needed (4 of 20 at the default
-    /// 20 %, at least 1): about the offered rate a closed class opens at.
+    /// 20 %, at least 1): about the offered rate a closed class opens at. 1 to 1,000,000.
     pub fn min_requests(mut self, value: u64) -> Self {
         self.min_requests = value;
         self
@@ -208,8 +218,8 @@ impl BreakerConfig {
         self
     }
 
-    /// Probe success rate needed to start recovering (0.8); a probe slower than the class
-    /// SLA counts as failed.
+    /// Probe success rate needed to start recovering (0.8; above 0.0, at most 1.0); a probe
+    /// slower than the class SLA counts as failed.
     pub fn probe_success_rate(mut self, value: f64) -> Self {
         self.probe_success_rate = value;
         self
@@ -224,7 +234,7 @@ impl BreakerConfig {
     /// Consecutive good recovering ticks that close the breaker (3). A tick is judged over at
     /// least `half_open_probes` calls: a quieter tick's calls are judged with the next
     /// tick's (good meanwhile if they all succeeded), so one failure among three calls does
-    /// not reopen the breaker.
+    /// not reopen the breaker. 1 to 10,000.
     pub fn recovery_ticks(mut self, value: u32) -> Self {
         self.recovery_ticks = value;
         self
@@ -236,7 +246,7 @@ impl BreakerConfig {
         self
     }
 
-    /// Consecutive healthy windows that lift an automatic degradation (3).
+    /// Consecutive healthy windows that lift an automatic degradation (3; 1 to 10,000).
     pub fn degraded_recovery_ticks(mut self, value: u32) -> Self {
         self.degraded_recovery_ticks = value;
         self
@@ -259,7 +269,7 @@ impl BreakerConfig {
 
     /// Consecutive predicting ticks that degrade a closed class early, reason "predicted"
     /// (by default those of [`PREDICT_HOLD`]: 2 at the default 500 ms tick). The seed's
-    /// operating point is `predict_threshold(0.87).predict_ticks(2)`.
+    /// operating point is `predict_threshold(0.87).predict_ticks(2)`. 1 to 10,000.
     pub fn predict_ticks(mut self, value: u32) -> Self {
         self.predict_ticks = Some(value);
         self
@@ -310,8 +320,12 @@ impl BreakerConfig {
         if self.slow_call_rate.is_some_and(|v| !unit(v)) {
             return bad("breaker.slow_call_rate", "must be within 0.0..=1.0");
         }
-        if !unit(self.probe_success_rate) {
-            return bad("breaker.probe_success_rate", "must be within 0.0..=1.0");
+        if !(self.probe_success_rate > 0.0 && self.probe_success_rate <= 1.0) {
+            return bad(
+                "breaker.probe_success_rate",
+                "must be above 0.0 and at most 1.0: at 0.0 a class whose probes all fail \
+                 recovers, and closes again on a dependency that is still down",
+            );
         }
         if !(self.recovery_step > 0.0 && self.recovery_step <= 1.0) {
             return bad("breaker.recovery_step", "must be within (0.0, 1.0]");
@@ -353,14 +367,23 @@ impl BreakerConfig {
                 "must be at least 1: one failed call would open the breaker",
             );
         }
-        if self.recovery_ticks == 0 {
-            return bad("breaker.recovery_ticks", "must be at least 1");
+        if self.min_requests > MAX_MIN_REQUESTS {
+            return bad(
+                "breaker.min_requests",
+                "must be at most 1,000,000: a class that never serves as many calls in a \
+                 tick is never opened by its failures",
+            );
         }
-        if self.degraded_recovery_ticks == 0 {
-            return bad("breaker.degraded_recovery_ticks", "must be at least 1");
+        let ticks = |v: u32| (1..=MAX_TICKS).contains(&v);
+        const TICKS: &str = "must be 1 to 10,000 ticks";
+        if !ticks(self.recovery_ticks) {
+            return bad("breaker.recovery_ticks", TICKS);
         }
-        if self.predict_ticks == Some(0) {
-            return bad("breaker.predict_ticks", "must be at least 1");
+        if !ticks(self.degraded_recovery_ticks) {
+            return bad("breaker.degraded_recovery_ticks", TICKS);
+        }
+        if self.predict_ticks.is_some_and(|v| !ticks(v)) {
+            return bad("breaker.predict_ticks", TICKS);
         }
         if self.half_open_probes == 0 || self.half_open_probes > MAX_PROBES {
             return bad(
@@ -378,8 +401,14 @@ impl BreakerConfig {
             return bad("breaker.max_open_duration", "must be at most a day");
         }
         if let Some(rule) = &self.degrade_rule {
-            if rule.windows == 0 {
-                return bad("breaker.degrade_rule.windows", "must be at least 1");
+            if !ticks(rule.windows) {
+                return bad("breaker.degrade_rule.windows", TICKS);
+            }
+            if !(1..=MAX_MIN_REQUESTS).contains(&rule.min_requests) {
+                return bad(
+                    "breaker.degrade_rule.min_requests",
+                    "must be 1 to 1,000,000",
+                );
             }
             if !unit(rule.success_below) {
                 return bad(
@@ -401,6 +430,58 @@ mod tests {
             Err(ConfigError::InvalidValue { field, reason }) => (field, reason),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn counts_that_would_switch_a_rule_off_are_refused() {
+        // Each was taken, in a hostile trial, and quietly turned a rule off: probes that all
+        // fail "succeeding", a class never opened, one recovering for 68 years.
+        let cases = [
+            (
+                BreakerConfig::default().probe_success_rate(0.0),
+                "breaker.probe_success_rate",
+            ),
+            (
+                BreakerConfig::default().min_requests(u64::MAX),
+                "breaker.min_requests",
+            ),
+            (
+                BreakerConfig::default().recovery_ticks(u32::MAX),
+                "breaker.recovery_ticks",
+            ),
+            (
+                BreakerConfig::default().degraded_recovery_ticks(10_001),
+                "breaker.degraded_recovery_ticks",
+            ),
+            (
+                BreakerConfig::default().predict_ticks(u32::MAX),
+                "breaker.predict_ticks",
+            ),
+            (
+                BreakerConfig::default().degrade_rule(Some(DegradeRule {
+                    windows: u32::MAX,
+                    ..DegradeRule::default()
+                })),
+                "breaker.degrade_rule.windows",
+            ),
+            (
+                BreakerConfig::default().degrade_rule(Some(DegradeRule {
+                    min_requests: 0,
+                    ..DegradeRule::default()
+                })),
+                "breaker.degrade_rule.min_requests",
+            ),
+        ];
+        for (cfg, field) in cases {
+            assert_eq!(refused(cfg).0, field);
+        }
+        let most = BreakerConfig::default()
+            .probe_success_rate(1e-3)
+            .min_requests(1_000_000)
+            .recovery_ticks(10_000)
+            .degraded_recovery_ticks(10_000)
+            .predict_ticks(10_000);
+        assert!(most.validate().is_ok());
     }
 
     #[test]

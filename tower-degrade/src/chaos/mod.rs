@@ -209,7 +209,7 @@ impl Fault {
     }
 
     /// Check the values, as [`Chaos::set`] does: rates between 0 and 1 that add up to at most
-    /// 1, durations up to a day.
+    /// 1, durations up to a day, a hang that lasts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (field, rate) in [
             ("chaos.errors", self.errors),
@@ -222,6 +222,14 @@ impl Fault {
                     reason: format!("{rate} is not a share between 0 and 1"),
                 });
             }
+        }
+        if self.hangs > 0.0 && self.hang_for.is_zero() {
+            return Err(ConfigError::InvalidValue {
+                field: "chaos.hang_for",
+                reason: "is 0 with hangs set: a hung call would be answered at once, not hang \
+                         (give it how long a hang lasts, 60 s by default)"
+                    .into(),
+            });
         }
         let sum = self.errors + self.aborts + self.hangs;
         if sum > 1.0 + 1e-9 {

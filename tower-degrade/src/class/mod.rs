@@ -326,7 +326,7 @@ impl ClassConfig {
         self
     }
 
-    /// Add a resource dependency (`db`, `redis`, `third_party:<name>`).
+    /// Add a resource dependency (`db`, `redis`, `third_party:<name>`; at most 64 a class).
     pub fn depends_on(mut self, dependency: impl Into<String>) -> Self {
         self.dependencies.push(dependency.into());
         self

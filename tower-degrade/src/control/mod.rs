@@ -33,6 +33,7 @@ use crate::window::TickContext;
 pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: Duration) {
     let mut interval = tokio::time::interval_at(Instant::now() + period, period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let late = crate::every::Every::new(crate::every::LOG_EVERY);
     loop {
         if shutdown.flag.load(Ordering::Acquire) {
             return;
@@ -48,11 +49,27 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
         // the tick by its budget) and reads every class, and a worker that ran it would hold
         // back the requests scheduled on it for as long.
         let now = Instant::now();
+        let service = shared.service.clone();
+        // Real time, not the runtime's clock (which a paused test stops): the work's length.
+        let started = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || shared.tick(now)).await {
             Ok(()) => {}
             // The runtime is shutting down.
             Err(e) if e.is_cancelled() => return,
             Err(e) => tracing::error!(error = %e, "a control-loop tick panicked; ticking on"),
+        }
+        let took = started.elapsed();
+        if took > period
+            && let Some(held) = late.ready()
+        {
+            tracing::warn!(service = %service, took_ms = took.as_secs_f64() * 1e3,
+                tick_ms = period.as_secs_f64() * 1e3, also_late = held,
+                "a control-loop tick took longer than the tick: ticks run late, and what is \
+                 read per tick (`ctx.rps`, the windows' rates) overstates the traffic; lengthen \
+                 the tick, or govern fewer classes with the policies (said at most every 10 s; \
+                 `also_late`: late ticks since the last line)");
+        } else if took <= period {
+            late.reset();
         }
     }
 }

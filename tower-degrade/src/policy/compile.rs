@@ -233,10 +233,17 @@ impl Core {
         // Rhai would run top-level code on `eval` only, which policies never do: it would be
         // silently ignored. An error says so instead.
         if let Some(stmt) = ast.statements().first() {
+            let reason = if matches!(stmt, rhai::Stmt::Import(..)) {
+                // No module resolver: an import would fail where it ran, and could not reach
+                // the file system or the host had it one.
+                "`import` is not available: a policy is one sandboxed file, with no modules"
+            } else {
+                "code outside a function is never run: put it in `on_tick` or `on_request`"
+            };
             return Err(PolicyError::new(
                 file,
                 Some(stmt.position().line().unwrap_or(1)),
-                "code outside a function is never run: put it in `on_tick` or `on_request`",
+                reason,
             ));
         }
         let arity = |fname: &str| {

@@ -189,6 +189,29 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
         "no call reached the service"
     );
 
+    // A command has nothing to set: a level or a duration sent with one is refused, not
+    // taken for done (a hostile trial's `{"duration_ms": -1}` was answered `200 degraded`).
+    for (uri, body) in [
+        (
+            "/classes/payment/degrade",
+            r#"{"state": "open", "duration_ms": -1}"#,
+        ),
+        ("/classes/payment/reset?duration=99999999999", ""),
+    ] {
+        let (status, json) = call(&app, "POST", uri, Some(TOKEN), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap()
+                .contains("takes no body and no query"),
+            "{json}"
+        );
+    }
+    assert_eq!(d.state("payment").unwrap(), State::ForcedOpen, "unchanged");
+    let (status, _) = call(&app, "POST", "/classes/payment/reset", Some(TOKEN), "\n").await;
+    assert_eq!(status, StatusCode::OK, "blank is empty");
+
     let (status, _) = call(&app, "POST", "/classes/nope/reset", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, body) = call(&app, "POST", "/classes/payment/explode", Some(TOKEN), "").await;
@@ -345,6 +368,29 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
     assert_eq!(listed[0]["jitter_ms"], 5000, "{listed}");
     assert_eq!(listed[0]["hang_for_ms"], 2000, "{listed}");
     assert_eq!(listed[0]["hangs"], 0.5, "{listed}");
+
+    // A fault is an object naming its fields: serde reads a struct from an array of its
+    // fields in order too, and a hostile trial set one so; and a hang that lasts no time.
+    for (fault, says) in [
+        (
+            r#"["class:browse_log", 0, 0, 0.5, 0, 0, null]"#,
+            "a JSON object",
+        ),
+        ("[]", "a JSON object"),
+        (
+            r#"{"target": "class:browse_log", "hangs": 1.0, "hang_for_ms": 0}"#,
+            "chaos.hang_for",
+        ),
+    ] {
+        let (status, json) = call(&app, "PUT", "/chaos", Some(TOKEN), fault).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{fault}");
+        let error = json["error"].as_str().unwrap();
+        assert!(
+            error.contains(says) && !error.contains("FaultBody"),
+            "{error}"
+        );
+    }
+    assert_eq!(chaos.faults().len(), 1, "nothing set");
 
     // What an extractor refuses is answered in JSON too, with its status; an unknown or
     // repeated query parameter clears nothing.

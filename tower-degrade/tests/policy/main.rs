@@ -1757,6 +1757,11 @@ async fn top_level_code_a_bom_and_oversized_files_are_handled_at_load() {
     let err = d.load_policy_sources([("top", src.as_str())]).unwrap_err();
     assert_eq!(err.line(), Some(1), "{err}");
     assert!(err.reason().contains("outside a function"), "{err}");
+    // An import is said to be unavailable, not to be code that never runs.
+    let src = format!("import \"os\" as os;\n{}", policy("\"log\"", "shed()"));
+    let err = d.load_policy_sources([("imp", src.as_str())]).unwrap_err();
+    assert_eq!(err.line(), Some(1), "{err}");
+    assert!(err.reason().contains("`import` is not available"), "{err}");
     // A byte-order mark is not an error.
     let bom = format!("\u{feff}{}", policy("\"log\"", "shed()"));
     d.load_policy_sources([("bom", bom.as_str())]).unwrap();
