@@ -114,7 +114,7 @@ pub struct DegraderFile {
     /// The environment policies see as `ctx.env` (`DegraderBuilder::env`).
     #[serde(default)]
     pub env: Option<String>,
-    /// The control tick, in milliseconds (500 when unset).
+    /// The control tick, in milliseconds (500 when unset; 10 to 3,600,000).
     #[serde(default)]
     pub tick_ms: Option<u64>,
     /// `[breaker]`: the breaker settings of every class without its own.

@@ -16,7 +16,7 @@
 //! |---|---|
 //! | `GET /` | a status page: every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
 //! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, the calls in flight past their SLA (`overdue`: failures to the breaker, not in `success`), prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores it still learns, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
-//! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
+//! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`; no body, `{}` or `null`, and no query: a command has nothing to set): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
 //! | `DELETE /chaos` | stop every fault; `?target=dependency:db` stops one (either way, calls that faults are delaying or hanging go on at once) |
@@ -579,8 +579,15 @@ async fn command(
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
     };
     // A command has nothing to set: a client that sent a level or a duration would take the
-    // `200` for it (a trial's `{"duration_ms": ...}` and `?duration=` were answered so).
-    if uri.query().is_some_and(|q| !q.is_empty()) || !body.trim_ascii().is_empty() {
+    // `200` for it (a trial's `{"duration_ms": ...}` and `?duration=` were answered so). A
+    // client that always sends JSON sends nothing with `{}` or `null`.
+    let empty = |b: &[u8]| {
+        let b = b.trim_ascii();
+        b.is_empty()
+            || serde_json::from_slice::<Value>(b)
+                .is_ok_and(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty()))
+    };
+    if uri.query().is_some_and(|q| !q.is_empty()) || !empty(&body) {
         return answer(
             StatusCode::BAD_REQUEST,
             json!({"error": format!(
@@ -671,18 +678,15 @@ async fn set_fault(
         Err(e) => return crate::auth::rejected(e),
     };
     // An object only: serde also reads a struct from a JSON array of its fields in order,
-    // which neither names nor checks them.
-    let body = match serde_json::from_slice::<Value>(&body) {
-        Ok(v @ Value::Object(_)) => serde_json::from_value::<FaultBody>(v),
-        Ok(_) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "the body must be a JSON object: {\"target\": \"class:NAME\", \"errors\": 0.5, ...}"}),
-            );
-        }
-        Err(e) => Err(e),
-    };
-    let body = match body {
+    // which neither names nor checks them. (Read from the bytes, not through a `Value`,
+    // which would keep the last of a field given twice where the struct refuses it.)
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "the body must be a JSON object: {\"target\": \"class:NAME\", \"errors\": 0.5, ...}"}),
+        );
+    }
+    let body: FaultBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
     };

@@ -15,6 +15,9 @@ const MAX_PROBES: u32 = 10_000;
 /// years at `u32::MAX`, in a hostile trial).
 const MAX_TICKS: u32 = 10_000;
 
+/// The longest warm-up of a calibrated threshold, in healthy ticks.
+const MAX_WARM_UP_TICKS: u32 = 10_000_000;
+
 /// The most calls `min_requests` may ask of a tick: more than all but the largest services
 /// serve a class in one; `u64::MAX` kept a class whose every call failed closed, in a trial.
 const MAX_MIN_REQUESTS: u64 = 1_000_000;
@@ -24,13 +27,13 @@ const MAX_MIN_REQUESTS: u64 = 1_000_000;
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[must_use = "a setting or builder does nothing until it is passed on or built"]
 pub struct DegradeRule {
-    /// Consecutive windows required (seed: 3).
+    /// Consecutive windows required (seed: 3; 1 to 10,000).
     pub windows: u32,
     /// Success-rate floor (seed: 0.92).
     pub success_below: f64,
     /// p99 ceiling (seed: 800 ms).
     pub p99_above: Duration,
-    /// Completed calls a window needs to count (default 1).
+    /// Completed calls a window needs to count (default 1; at most 1,000,000).
     pub min_requests: u64,
 }
 
@@ -77,10 +80,10 @@ pub struct BreakerConfig {
     /// Calls a window must have assessed before its failure rate can open the breaker (20):
     /// completed calls and in-flight calls already [overdue](crate::window::WindowSnapshot::overdue)
     /// (a backlog the class cannot clear within its SLA), so a stalled dependency opens the
-    /// breaker before any call completes.
+    /// breaker before any call completes. 1 to 1,000,000.
     pub min_requests: u64,
     /// Failure rate (errors, timeouts and overdue calls over assessed ones) above which the
-    /// breaker opens (0.5).
+    /// breaker opens (0.5; 1.0 turns this trip off, as no rate is above it).
     pub failure_rate: f64,
     /// Share of calls slower than the class SLA above which the breaker opens (off). Off, a
     /// dependency that answers slowly but successfully opens the breaker only while its calls
@@ -99,18 +102,20 @@ pub struct BreakerConfig {
     pub max_open_duration: Duration,
     /// Probe calls admitted while half-open (5).
     pub half_open_probes: u32,
-    /// Probe success rate needed to start recovering (0.8). A probe that answers slower
-    /// than the class SLA counts as failed: the dependency answers, but too late.
+    /// Probe success rate needed to start recovering (0.8; above 0.0, at most 1.0). A probe
+    /// that answers slower than the class SLA counts as failed: the dependency answers, but
+    /// too late.
     pub probe_success_rate: f64,
     /// Fraction added to the admitted share per good recovering tick (0.25).
     pub recovery_step: f64,
     /// Consecutive good recovering ticks that close the breaker (3). A tick is judged over at
     /// least `half_open_probes` calls: a quieter tick's calls are judged with the next
-    /// tick's (good meanwhile if they all succeeded).
+    /// tick's (good meanwhile if they all succeeded). 1 to 10,000.
     pub recovery_ticks: u32,
-    /// Share of a degraded class's calls still sent to the inner service (0.2).
+    /// Share of a degraded class's calls still sent to the inner service (0.2; above 0.0: they
+    /// are what shows the class healthy again).
     pub degraded_admit_fraction: f64,
-    /// Consecutive healthy windows that lift an automatic degradation (3).
+    /// Consecutive healthy windows that lift an automatic degradation (3; 1 to 10,000).
     pub degraded_recovery_ticks: u32,
     /// The failure probability at or above which a tick counts as predicting: by default
     /// calibrated per class from its own healthy ticks at about one false trip a day, after a
@@ -120,7 +125,7 @@ pub struct BreakerConfig {
     /// Consecutive predicting ticks that degrade a closed class early, reason "predicted";
     /// `None` (the default): as many as make up [`PREDICT_HOLD`] at the degrader's tick, 2 at
     /// the default 500 ms tick, 1 at a tick of a second or longer
-    /// ([`predict_ticks_at`](Self::predict_ticks_at)).
+    /// ([`predict_ticks_at`](Self::predict_ticks_at)). 1 to 10,000.
     pub predict_ticks: Option<u32>,
     /// Whether the predictor only reports for this class (off): a trial of it beside the
     /// breaker's own rules, which stay in force. A shadow of the breaker, stepped with the
@@ -179,7 +184,7 @@ impl BreakerConfig {
     }
 
     /// Failure rate (errors, timeouts and overdue calls over assessed ones) above which the
-    /// breaker opens (0.5).
+    /// breaker opens (0.5; 1.0 turns this trip off, as no rate is above it).
     pub fn failure_rate(mut self, value: f64) -> Self {
         self.failure_rate = value;
         self
@@ -240,7 +245,8 @@ impl BreakerConfig {
         self
     }
 
-    /// Share of a degraded class's calls still sent to the inner service (0.2).
+    /// Share of a degraded class's calls still sent to the inner service (0.2; above 0.0: they
+    /// are what shows the class healthy again).
     pub fn degraded_admit_fraction(mut self, value: f64) -> Self {
         self.degraded_admit_fraction = value;
         self
@@ -330,10 +336,12 @@ impl BreakerConfig {
         if !(self.recovery_step > 0.0 && self.recovery_step <= 1.0) {
             return bad("breaker.recovery_step", "must be within (0.0, 1.0]");
         }
-        if !unit(self.degraded_admit_fraction) {
+        if !(self.degraded_admit_fraction > 0.0 && self.degraded_admit_fraction <= 1.0) {
             return bad(
                 "breaker.degraded_admit_fraction",
-                "must be within 0.0..=1.0",
+                "must be above 0.0 and at most 1.0: a degraded class that admits none of its \
+                 calls has none to show it healthy again, and stays degraded until reset by \
+                 hand (divert a whole class with a policy's `fallback(..)` or `force_open`)",
             );
         }
         match self.predict_threshold {
@@ -357,6 +365,13 @@ impl BreakerConfig {
                     "breaker.predict_threshold.warm_up_ticks",
                     "must be at least 1 (a value below 2,500 is raised to 2,500, so that the \
                      first fit has 50 excesses)",
+                );
+            }
+            PredictThreshold::Calibrated(c) if c.warm_up_ticks > MAX_WARM_UP_TICKS => {
+                return bad(
+                    "breaker.predict_threshold.warm_up_ticks",
+                    "must be at most 10,000,000 (58 days at the 500 ms tick): the predictor \
+                     only reports until the warm-up is over",
                 );
             }
             _ => {}
@@ -404,10 +419,11 @@ impl BreakerConfig {
             if !ticks(rule.windows) {
                 return bad("breaker.degrade_rule.windows", TICKS);
             }
-            if !(1..=MAX_MIN_REQUESTS).contains(&rule.min_requests) {
+            if rule.min_requests > MAX_MIN_REQUESTS {
                 return bad(
                     "breaker.degrade_rule.min_requests",
-                    "must be 1 to 1,000,000",
+                    "must be at most 1,000,000: a class that never completes as many calls in \
+                     a tick is never degraded by the rule",
                 );
             }
             if !unit(rule.success_below) {
@@ -466,10 +482,20 @@ mod tests {
             ),
             (
                 BreakerConfig::default().degrade_rule(Some(DegradeRule {
-                    min_requests: 0,
+                    min_requests: u64::MAX,
                     ..DegradeRule::default()
                 })),
                 "breaker.degrade_rule.min_requests",
+            ),
+            (
+                BreakerConfig::default().degraded_admit_fraction(0.0),
+                "breaker.degraded_admit_fraction",
+            ),
+            (
+                BreakerConfig::default().predict_calibrated(
+                    crate::breaker::Calibration::default().warm_up_ticks(u32::MAX),
+                ),
+                "breaker.predict_threshold.warm_up_ticks",
             ),
         ];
         for (cfg, field) in cases {

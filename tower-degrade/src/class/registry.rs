@@ -213,8 +213,8 @@ fn validate(class: &ClassConfig) -> Result<(), ConfigError> {
         return bad(
             "depends_on",
             &format!(
-                "{} dependencies: a class names at most {MAX_DEPENDENCIES} (each is an \
-                 admission limiter and a metric label)",
+                "{} dependencies: a class names at most {MAX_DEPENDENCIES} (policies read \
+                 them, faults target them, and the first names its admission limiter)",
                 class.dependencies.len()
             ),
         );

@@ -218,7 +218,7 @@ impl DegraderBuilder {
         self
     }
 
-    /// The window length and control-loop period (default 500 ms).
+    /// The window length and control-loop period (default 500 ms; 10 ms to an hour).
     pub fn tick(mut self, tick: Duration) -> Self {
         self.tick = tick;
         self

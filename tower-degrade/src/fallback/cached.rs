@@ -197,8 +197,9 @@ impl LastGoodLayer {
     /// copy: tracking parameters (`utm_*`, `gclid`, `fbclid`), which marketing traffic brings
     /// at a peak, each click's its own (`gclid`), so that every such read would be a key of
     /// its own and a miss in an outage. Each is a parameter's name as sent (case-sensitive,
-    /// not percent-decoded), or a prefix ending in `*` (`utm_*`). The other parameters stay in
-    /// the key in their order. Leave out only what does not change the answer: a copy kept for
+    /// not percent-decoded), or a prefix ending in `*` (`utm_*`); parameters are split on `&`,
+    /// and one that holds a `;` is never left out (a server that splits on `;` too reads
+    /// more in it). The other parameters stay in the key in their order. Leave out only what does not change the answer: a copy kept for
     /// one value is served for every other.
     ///
     /// ```
@@ -346,9 +347,12 @@ fn key<B>(req: &http::Request<B>, vary: &[HeaderName], ignore: &[QueryName]) -> 
         Some(query) if !ignore.is_empty() => {
             let mut uri = String::with_capacity(req.uri().path().len() + query.len() + 1);
             uri.push_str(req.uri().path());
+            // Split on `&` alone; a parameter holding a `;` is kept whole, whatever its
+            // name: a server that also splits on `;` reads more in it (`utm_source=x;color=
+            // blue` is a blue page), which must not share the plain read's copy.
             let kept = query.split('&').filter(|param| {
                 let name = param.split('=').next().unwrap_or("");
-                !ignore.iter().any(|n| n.matches(name))
+                param.contains(';') || !ignore.iter().any(|n| n.matches(name))
             });
             for (i, param) in kept.enumerate() {
                 uri.push(if i == 0 { '?' } else { '&' });

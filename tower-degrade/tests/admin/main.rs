@@ -209,8 +209,10 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
         );
     }
     assert_eq!(d.state("payment").unwrap(), State::ForcedOpen, "unchanged");
-    let (status, _) = call(&app, "POST", "/classes/payment/reset", Some(TOKEN), "\n").await;
-    assert_eq!(status, StatusCode::OK, "blank is empty");
+    for nothing in ["\n", "{}", " null "] {
+        let (status, _) = call(&app, "POST", "/classes/payment/reset", Some(TOKEN), nothing).await;
+        assert_eq!(status, StatusCode::OK, "{nothing:?} sets nothing");
+    }
 
     let (status, _) = call(&app, "POST", "/classes/nope/reset", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -380,6 +382,10 @@ async fn faults_show_every_setting_and_odd_requests_get_json_errors() {
         (
             r#"{"target": "class:browse_log", "hangs": 1.0, "hang_for_ms": 0}"#,
             "chaos.hang_for",
+        ),
+        (
+            r#"{"target": "class:browse_log", "target": "class:payment", "errors": 1.0}"#,
+            "duplicate field",
         ),
     ] {
         let (status, json) = call(&app, "PUT", "/chaos", Some(TOKEN), fault).await;
