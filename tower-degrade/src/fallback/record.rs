@@ -17,8 +17,16 @@ const FORMAT: u8 = 1;
 
 /// A kept task's id: 128 bits, ordered by creation time (48 bits of milliseconds since the Unix
 /// epoch, a 32-bit per-process sequence, 48 random bits), written as 32 hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskId(pub u128);
+
+/// `TaskId(` and the 32 hex digits of its [`Display`](fmt::Display), so a logged `{:?}` (a
+/// [`CannotKeepKind`](super::CannotKeepKind), say) reads as the id the review API shows.
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskId({self})")
+    }
+}
 
 impl TaskId {
     /// A new id, later than every id this process made before in the same millisecond.
@@ -340,6 +348,11 @@ mod tests {
         assert!(a < b);
         assert_eq!(a.to_string().parse::<TaskId>(), Ok(a));
         assert!("xyz".parse::<TaskId>().is_err());
+        // Debug shows the same hex, as logs and the review API do.
+        assert_eq!(
+            format!("{:?}", TaskId(0xab)),
+            "TaskId(000000000000000000000000000000ab)"
+        );
         assert!(a.created_ms().abs_diff(now_ms()) < 60_000);
     }
 
