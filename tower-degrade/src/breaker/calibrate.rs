@@ -80,7 +80,8 @@ impl Calibration {
     }
 
     /// Healthy scores to learn before the predictor may degrade a class (at least 2,500 are,
-    /// so that the first fit has 50 excesses: a smaller value is raised to it).
+    /// so that the first fit has 50 excesses: a smaller value is raised to it; at most
+    /// 10,000,000).
     pub fn warm_up_ticks(mut self, value: u32) -> Self {
         self.warm_up_ticks = value;
         self
