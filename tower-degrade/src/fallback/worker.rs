@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,7 +129,8 @@ pub(crate) struct Settings {
 /// backfill and the batch writes (which run beside the replays), so one hung dependency
 /// holds back only its own tasks. Stopping the worker (dropping or aborting its future)
 /// stops the replays it started and loses nothing: tasks stay stored and are replayed by the
-/// next worker (at least once; the idempotency key makes repeats harmless).
+/// next worker (at least once; the idempotency key makes repeats harmless);
+/// [`run_until`](Self::run_until) stops it gracefully, letting its replays end first.
 #[must_use = "the worker replays nothing until `run()` is spawned"]
 pub struct FallbackWorker {
     shared: Arc<RouterShared>,
@@ -227,8 +229,90 @@ impl FallbackWorker {
         }
     }
 
-    /// Run until the future is dropped.
-    pub async fn run(mut self) {
+    /// Run until the future is dropped. A replay running then is dropped mid-attempt: its
+    /// task stays kept, and is replayed again by the next worker on the store, also where it
+    /// had reached the application (see [`run_until`](Self::run_until)).
+    pub async fn run(self) {
+        self.run_until(std::future::pending(), Duration::ZERO).await;
+    }
+
+    /// Run until `stop` completes, then stop gracefully: start no more replays, let those
+    /// running end (for at most `grace`), record what they did, and return. A replay still
+    /// running after `grace` is dropped, its task kept, as [`run`](Self::run) drops it.
+    ///
+    /// Dropping a worker drops its replays between the application's answer and the store's
+    /// acknowledgement too, and those tasks are replayed a second time by the next worker: on
+    /// a link to Redis with 300 ms each way, a trial's every deploy replayed a batch of 32
+    /// again. Stop the server first, then the worker with this, then `Degrader::shutdown`.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn example(worker: tower_degrade::fallback::FallbackWorker) {
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let worker = tokio::spawn(async move {
+    ///     let stopped = async move {
+    ///         let _ = stopped.await;
+    ///     };
+    ///     worker.run_until(stopped, Duration::from_secs(10)).await
+    /// });
+    /// // ... serve until told to stop, stop the server, then:
+    /// let _ = stop.send(());
+    /// let _ = worker.await;
+    /// # }
+    /// ```
+    pub async fn run_until<F>(mut self, stop: F, grace: Duration)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        tokio::pin!(stop);
+        self.serve(stop).await;
+        self.wind_down(grace).await;
+    }
+
+    /// After a stop: the running replays end within `grace` and their outcomes are stored;
+    /// the merged writes under way end within it too.
+    async fn wind_down(&mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(deadline, self.running.join_next_with_id()).await {
+                Ok(Some(first)) => {
+                    let mut done = vec![first];
+                    while let Some(more) = self.running.try_join_next_with_id() {
+                        done.push(more);
+                    }
+                    self.settle(done).await;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(service = %self.shared.service, running = self.running.len(),
+                        "the fallback worker stopped with replays still running after its \
+                         grace: their tasks stay kept and are replayed again by the next worker");
+                    break;
+                }
+            }
+        }
+        if !self.unsettled.is_empty() {
+            let ops = std::mem::take(&mut self.unsettled);
+            self.commit_outcomes(ops, true).await;
+            if !self.unsettled.is_empty() {
+                tracing::warn!(service = %self.shared.service,
+                    "the fallback worker stopped with replay outcomes the store did not take: \
+                     those tasks are replayed again by the next worker");
+            }
+        }
+        while !self.flushing.is_empty() {
+            if tokio::time::timeout_at(deadline, self.flushing.join_next())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    /// The worker's loop, until `stop` completes: looked at only between steps, so a stop
+    /// never cuts a step or a commit of outcomes short.
+    async fn serve<F: std::future::Future<Output = ()>>(&mut self, mut stop: Pin<&mut F>) {
         for batcher in self.shared.batches.values() {
             if let Err(e) = batcher.recover(&*self.shared.store).await {
                 tracing::error!(error = %e, "batch_merge: the journal could not be read back");
@@ -246,6 +330,7 @@ impl FallbackWorker {
                 }
                 // A round of batch writes ended: the next starts with the next step.
                 Some(_) = self.flushing.join_next(), if !self.flushing.is_empty() => Wake::Flushed,
+                () = &mut stop => return,
             };
             match wake {
                 Wake::Flushed => continue,

@@ -1036,6 +1036,71 @@ async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_worker_stopped_gracefully_lets_its_replays_end_and_records_them() {
+    // Dropped, a worker drops a replay that reached the application before its
+    // acknowledgement, and the next worker replays it again (a trial on a slow link to Redis:
+    // a batch of 32 at every deploy). Stopped with `run_until`, the replay ends and is stored.
+    for (grace_ms, finished_then, kept_then) in [(5_000, 1, 0), (200, 0, 1)] {
+        let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+        let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, f) = (started.clone(), finished.clone());
+        let store = Arc::new(MemoryStore::default());
+        let (router, worker) = FallbackRouter::builder(&d)
+            .shared_store(store.clone())
+            .replay(replay_fn(move |_, _| {
+                let (s, f) = (s.clone(), f.clone());
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    f.fetch_add(1, Ordering::SeqCst);
+                    Replayed::Done
+                }
+            }))
+            .build()
+            .unwrap();
+        let pay = layered(&d, "pay", router, &App::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(worker.run_until(
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_millis(grace_ms),
+        ));
+        d.force_open("pay").unwrap();
+        call(&pay, post("/pay/1", "x")).await;
+        d.reset("pay").unwrap();
+        run_for(1_100).await;
+        assert_eq!(started.load(Ordering::SeqCst), 1, "grace {grace_ms}");
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        // Kept after the stop: not replayed by this worker.
+        d.force_open("pay").unwrap();
+        call(&pay, post("/pay/2", "y")).await;
+        d.reset("pay").unwrap();
+        stop.send(()).unwrap();
+        run_for(3_000).await;
+        assert!(
+            running.is_finished(),
+            "grace {grace_ms}: the worker returned"
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "grace {grace_ms}: none started after"
+        );
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            finished_then,
+            "grace {grace_ms}"
+        );
+        assert_eq!(
+            store.depth(Queue::Retry).len,
+            1 + kept_then,
+            "grace {grace_ms}: the second task kept, the first acknowledged only if it ended"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_backoff_runs_from_the_end_of_a_failed_attempt() {
     // A dependency that takes 1 s to answer 503: each wait (400 ms doubling, drawn from
     // [d/2, d]) is counted from the failed answer, not lost in the attempt's own second.
