@@ -275,13 +275,7 @@ impl FallbackWorker {
         let deadline = tokio::time::Instant::now() + grace;
         while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, self.running.join_next_with_id()).await {
-                Ok(Some(first)) => {
-                    let mut done = vec![first];
-                    while let Some(more) = self.running.try_join_next_with_id() {
-                        done.push(more);
-                    }
-                    self.settle(done).await;
-                }
+                Ok(Some(first)) => self.settle_ended(first).await,
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(service = %self.shared.service, running = self.running.len(),
@@ -310,6 +304,15 @@ impl FallbackWorker {
         }
     }
 
+    /// `first` and every other replay that has ended, recorded in one commit.
+    async fn settle_ended(&mut self, first: Ended) {
+        let mut done = vec![first];
+        while let Some(more) = self.running.try_join_next_with_id() {
+            done.push(more);
+        }
+        self.settle(done).await;
+    }
+
     /// The worker's loop, until `stop` completes: looked at only between steps, so a stop
     /// never cuts a step or a commit of outcomes short.
     async fn serve<F: std::future::Future<Output = ()>>(&mut self, mut stop: Pin<&mut F>) {
@@ -334,14 +337,7 @@ impl FallbackWorker {
             };
             match wake {
                 Wake::Flushed => continue,
-                Wake::Replayed(first) => {
-                    // Every replay that has ended, recorded in one commit.
-                    let mut done = vec![first];
-                    while let Some(more) = self.running.try_join_next_with_id() {
-                        done.push(more);
-                    }
-                    self.settle(done).await;
-                }
+                Wake::Replayed(first) => self.settle_ended(first).await,
                 Wake::Step => {}
             }
             self.step().await;

@@ -234,8 +234,8 @@ impl Core {
         // silently ignored. An error says so instead.
         if let Some(stmt) = ast.statements().first() {
             let reason = if matches!(stmt, rhai::Stmt::Import(..)) {
-                // No module resolver: an import would fail where it ran, and could not reach
-                // the file system or the host had it one.
+                // No module resolver is set (one would read files): an import could only
+                // fail where it ran.
                 "`import` is not available: a policy is one sandboxed file, with no modules"
             } else {
                 "code outside a function is never run: put it in `on_tick` or `on_request`"

@@ -998,13 +998,20 @@ async fn a_replay_done_while_the_store_is_down_is_acknowledged_later_not_replaye
     assert_eq!(done.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
-    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+/// A router whose replays each take a second, counting those started and those finished.
+fn one_second_replays(
+    d: &Degrader,
+) -> (
+    Arc<MemoryStore>,
+    FallbackRouter,
+    FallbackWorker,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+) {
     let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (s, f) = (started.clone(), finished.clone());
     let store = Arc::new(MemoryStore::default());
-    let (router, worker) = FallbackRouter::builder(&d)
+    let (router, worker) = FallbackRouter::builder(d)
         .shared_store(store.clone())
         .replay(replay_fn(move |_, _| {
             let (s, f) = (s.clone(), f.clone());
@@ -1017,6 +1024,13 @@ async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
         }))
         .build()
         .unwrap();
+    (store, router, worker, started, finished)
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_the_worker_stops_its_replays_and_keeps_their_tasks() {
+    let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
+    let (store, router, worker, started, finished) = one_second_replays(&d);
     let pay = layered(&d, "pay", router, &App::default());
     let running = tokio::spawn(worker.run());
     d.force_open("pay").unwrap();
@@ -1042,22 +1056,7 @@ async fn a_worker_stopped_gracefully_lets_its_replays_end_and_records_them() {
     // a batch of 32 at every deploy). Stopped with `run_until`, the replay ends and is stored.
     for (grace_ms, finished_then, kept_then) in [(5_000, 1, 0), (200, 0, 1)] {
         let d = degrader([ClassConfig::gold("pay").fallback_route(Route::DelayedRetry)]);
-        let (started, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (s, f) = (started.clone(), finished.clone());
-        let store = Arc::new(MemoryStore::default());
-        let (router, worker) = FallbackRouter::builder(&d)
-            .shared_store(store.clone())
-            .replay(replay_fn(move |_, _| {
-                let (s, f) = (s.clone(), f.clone());
-                async move {
-                    s.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    f.fetch_add(1, Ordering::SeqCst);
-                    Replayed::Done
-                }
-            }))
-            .build()
-            .unwrap();
+        let (store, router, worker, started, finished) = one_second_replays(&d);
         let pay = layered(&d, "pay", router, &App::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(worker.run_until(
