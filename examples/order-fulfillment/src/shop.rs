@@ -39,6 +39,9 @@ pub(crate) const ASYNC_TASK: &str = "async_task";
 pub(crate) const TIMEOUT_CHECK: &str = "order_timeout_check";
 pub(crate) const EVENTS: &str = "order_events";
 
+/// How long a stopping shop lets the fallback worker's running replays end.
+const WORKER_GRACE: Duration = Duration::from_secs(10);
+
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations)]
 pub(crate) mod proto {
     tonic::include_proto!("fulfillment.v1");
@@ -249,6 +252,9 @@ pub(crate) struct Shop {
     ids: Ids,
     store_path: Option<PathBuf>,
     handles: Vec<JoinHandle<()>>,
+    /// The fallback worker, stopped gracefully (its running replays end and are recorded)
+    /// before the other tasks are aborted.
+    worker: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
     _policies: Option<tower_degrade::policy::PolicyWatcher>,
 }
 
@@ -334,6 +340,7 @@ impl Shop {
                 .layer(app_chaos.layer(classify.clone()).grpc());
 
         let mut handles = Vec::new();
+        let mut worker_task = None;
         let (app, store, review, store_path, cron, events) = if protected {
             // Kept calls are replayed through the application without the degrade layer.
             let replayable = http_routes
@@ -364,7 +371,14 @@ impl Shop {
                 .batch_merge(INVENTORY, inventory_batches(ctx.clone()))
                 .backfill(config.backfill()?)
                 .build()?;
-            handles.push(tokio::spawn(worker.run()));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let stop_worker = async move {
+                let _ = stopped.await;
+            };
+            worker_task = Some((
+                stop,
+                tokio::spawn(worker.run_until(stop_worker, WORKER_GRACE)),
+            ));
             // Refused calls' bodies are read, not dropped: over HTTP/2 (the gRPC tasks) their
             // late messages would make h2 close the client's connection.
             let degrade_http = degrader
@@ -448,6 +462,7 @@ impl Shop {
             ids,
             store_path,
             handles,
+            worker: worker_task,
             _policies: policies,
         })
     }
@@ -522,6 +537,13 @@ impl Shop {
     /// Stop the shop's tasks and wait until they are gone, so that its port and its store are
     /// free for the next shop (`--serve` after the storm): an aborted task is dropped later.
     pub(crate) async fn stop(self, keep_store: bool) {
+        // The worker first, while the application it replays through still serves: replays
+        // under way end and are acknowledged, so the next shop on this store does not replay
+        // them again.
+        if let Some((stop, worker)) = self.worker {
+            let _ = stop.send(());
+            let _ = worker.await;
+        }
         for h in &self.handles {
             h.abort();
         }

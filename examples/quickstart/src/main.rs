@@ -239,7 +239,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .backfill(Backfill::default().rate(200.0))
         .build()?;
     let store = router.store().clone();
-    tokio::spawn(worker.run());
+    // Stopped gracefully at the end: replays under way end and are recorded (a worker dropped
+    // midway leaves them kept, to be replayed again by the next one).
+    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(worker.run_until(
+        async move {
+            let _ = worker_stopped.await;
+        },
+        Duration::from_secs(10),
+    ));
     println!("kept calls are stored in {}", store_path.display());
     let protected = app_routes
         .clone()
@@ -415,16 +423,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if left() > 0 {
         return Err(format!("{} kept calls were not replayed", left()).into());
     }
-    if std::env::var_os("QUICKSTART_STORE").is_none() {
-        drop(store);
-        let _ = std::fs::remove_file(&store_path);
-    }
-
     if std::env::args().any(|a| a == "--serve") {
         println!("still serving on http://{addr}; Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
     } else {
         println!("(run with `-- --serve` to keep the server up and curl /metrics)");
+    }
+    let _ = stop_worker.send(());
+    let _ = worker.await;
+    if std::env::var_os("QUICKSTART_STORE").is_none() {
+        drop(store);
+        let _ = std::fs::remove_file(&store_path);
     }
     Ok(())
 }
