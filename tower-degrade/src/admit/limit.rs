@@ -21,9 +21,10 @@
 //!
 //! A baseline measured with a queue in the service already (a limit that started above the
 //! capacity) would keep the limit there, and one never refreshed would drift. So when slow start
-//! ends, when no tick has come within 50 % of `rtt0` for half the window, and every window while
-//! saturated, one tick runs at three quarters of the limit to measure it again (as
-//! BBR's `PROBE_RTT` does).
+//! ends, when no tick has come within 50 % of `rtt0` for half the window, after a tick faster
+//! than the whole window by a third (a dependency fast again after a slow spell, the limit
+//! raised for it), and every window while saturated, one tick runs at three quarters of the
+//! limit to measure it again (as BBR's `PROBE_RTT` does).
 //!
 //! A probe is judged by what the service did with fewer permits. Above its capacity it
 //! completes as many calls with fewer in flight (those taken away were queueing in it); below,
@@ -53,6 +54,10 @@ use std::collections::VecDeque;
 /// of the admitted calls that ended, more than hedged requests give (a caller that sends a
 /// call twice and drops the slower abandons at most one per call finished).
 const ABANDONED_PER_CALL: u64 = 1;
+
+/// A tick whose mean latency is under this share of the baseline shows a service that got
+/// faster: the baseline is probed again.
+const FASTER: f64 = 2.0 / 3.0;
 
 /// Settings of the adaptive limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -275,6 +280,13 @@ impl Gradient {
             self.limit = before;
         }
         self.since_probe += 1;
+        if self.baseline().is_some_and(|rtt0| rtt < rtt0 * FASTER) {
+            // Faster than any tick of the window by a third: the service got faster (a
+            // dependency recovered from a slow spell). A limit raised to carry the slower
+            // calls now makes a queue in it, whose latency would pass for the baseline until
+            // the window's probe: probe it at the next saturated tick.
+            self.unproven = true;
+        }
         self.rtts.push_back(rtt);
         if self.rtts.len() > self.cfg.window {
             self.rtts.pop_front();
@@ -626,6 +638,42 @@ mod tests {
         };
         let path = run(&mut g, 16, |limit| s.tick(limit));
         assert!((7..=11).contains(&path[16]), "{path:?}");
+    }
+
+    /// A dependency slow for a while (its latency the baseline, the limit raised to carry the
+    /// same traffic) and then fast again under a peak: the queue the raised limit makes in the
+    /// service is not taken for the fast service's latency (found by a trial over gRPC: the
+    /// limit stayed at twice the capacity for 20 s, until the window's probe).
+    #[test]
+    fn a_dependency_fast_again_after_a_slow_spell_is_probed_at_the_next_peak() {
+        let mut g = Gradient::new(LimitConfig::default());
+        let mut fast = Lagged {
+            capacity: 10.0,
+            rtt0: 50_000.0,
+            before: f64::from(g.limit()),
+        };
+        let path = run(&mut g, 40, |limit| fast.tick(limit));
+        assert!((10..=13).contains(&path[40]), "{path:?}");
+        // 450 ms a call with no queue (a delay outside the pool), 150 calls a second wanted:
+        // more than the limit in flight, so every tick is saturated.
+        let slow = |limit: u32| {
+            let calls = (f64::from(limit) / 0.45 * 0.5) as u64;
+            Sample {
+                calls,
+                micros: calls * 450_000,
+                saturated: true,
+                abandoned: 0,
+                pressure: false,
+                period_micros: TICK_MICROS,
+            }
+        };
+        let path = run(&mut g, 20, slow);
+        assert!(path[20] >= 18, "raised to carry the slow calls: {path:?}");
+        assert_eq!(g.baseline(), Some(450_000.0), "{path:?}");
+        // Fast again, under a peak.
+        fast.before = f64::from(g.limit());
+        let path = run(&mut g, 10, |limit| fast.tick(limit));
+        assert!((9..=13).contains(&path[10]), "{path:?}");
     }
 
     #[test]
