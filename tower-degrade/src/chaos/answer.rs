@@ -82,12 +82,12 @@ impl<B: Default, E> FaultAnswer<http::Response<B>, E> for HttpAnswer {
 
 /// Answers struck gRPC calls with a trailers-only response: `grpc-status` 14 (`UNAVAILABLE`)
 /// for an error or an abort, 4 (`DEADLINE_EXCEEDED`) for a hang, with a `grpc-message` naming
-/// the fault and [`FAULT_HEADER`](super::FAULT_HEADER).
+/// the fault (not the class) and [`FAULT_HEADER`](super::FAULT_HEADER).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcAnswer;
 
 impl<B: Default, E> FaultAnswer<http::Response<B>, E> for GrpcAnswer {
-    fn answer(&self, fault: FaultKind, class: &str) -> Result<http::Response<B>, E> {
+    fn answer(&self, fault: FaultKind, _class: &str) -> Result<http::Response<B>, E> {
         let mut res = http::Response::new(B::default());
         let headers = res.headers_mut();
         headers.insert(
@@ -96,10 +96,15 @@ impl<B: Default, E> FaultAnswer<http::Response<B>, E> for GrpcAnswer {
         );
         let code = if fault == FaultKind::Hang { "4" } else { "14" };
         headers.insert("grpc-status", HeaderValue::from_static(code));
-        // Class names are `[A-Za-z0-9_.:-]`: nothing to percent-encode.
-        if let Ok(v) = HeaderValue::from_str(&format!("chaos: injected {fault} in class {class}")) {
-            headers.insert("grpc-message", v);
-        }
+        // Not the class: class names reach clients only with `expose_class(true)`, and the
+        // chaos layer's answer does not know the degrade layer's setting (the HTTP answer
+        // names none either).
+        let message = match fault {
+            FaultKind::Error => "chaos: injected error",
+            FaultKind::Abort => "chaos: injected abort",
+            FaultKind::Hang => "chaos: injected hang",
+        };
+        headers.insert("grpc-message", HeaderValue::from_static(message));
         headers.insert(FAULT_HEADER, HeaderValue::from_static(fault.as_str()));
         Ok(res)
     }
