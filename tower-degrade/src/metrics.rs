@@ -3,7 +3,7 @@
 //!
 //! | name | kind | labels |
 //! |---|---|---|
-//! | `degrade_requests_total` | counter | service, class, tier, outcome |
+//! | `degrade_requests_total` | counter: the calls of the class's window, the fallback worker's probe replays among them (a kept call replayed as the probe of a class with no live calls counts once `degraded` and once more as it ended) | service, class, tier, outcome |
 //! | `degrade_overloaded_total` | counter: of the calls `rejected` or `degraded`, those [admission](crate::admit) turned away for overload (for want of capacity, not by the breaker) | service, class, tier |
 //! | `degrade_latency_seconds` | histogram | service, class, tier |
 //! | `degrade_inflight` | gauge | service, class, tier |
@@ -158,7 +158,7 @@ pub(crate) fn describe() {
     describe_counter!(
         REQUESTS,
         Unit::Count,
-        "Calls that reached the degradation layer, by how they ended."
+        "Calls that reached the degradation layer, by how they ended, and the fallback worker's probe replays."
     );
     describe_counter!(
         OVERLOADED,
