@@ -147,7 +147,8 @@ pub fn degraded<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a De
 pub enum ConfigError {
     /// Two classes share a name.
     DuplicateClass(String),
-    /// A class name is empty or has characters other than `[A-Za-z0-9_.:-]`.
+    /// A class name is empty, has characters other than `[A-Za-z0-9_.:-]`, or is `.` or `..`
+    /// (a URL path segment that browsers and the admin API's paths drop).
     InvalidName(String),
     /// A rule or strategy names a class that is not configured.
     UnknownClass(String),
@@ -220,7 +221,7 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::InvalidName(n) => write!(
                 f,
-                "class name `{}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-]",
+                "class name `{}` is invalid: use 1-64 characters from [A-Za-z0-9_.:-], not `.` or `..` alone",
                 name(n)
             ),
             ConfigError::UnknownClass(n) => write!(f, "unknown class `{}`", name(n)),

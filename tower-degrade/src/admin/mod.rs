@@ -50,7 +50,7 @@ use crate::auth::Token;
 use crate::breaker::Command;
 use crate::degrader::Degrader;
 use crate::error::ConfigError;
-use crate::gate::Directive;
+use crate::gate::{Directive, Reason};
 
 /// The most connections [`serve`] keeps open at once; more wait in the listener's backlog.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -415,7 +415,12 @@ impl Admin {
                     | Directive::AdmitFraction { reason, route, .. } => {
                         (Some(reason.as_str()), Some(route.as_str()))
                     }
-                    _ => (None, None),
+                    // Half-open: the calls that find every probe taken are refused so.
+                    Directive::Probe { route, .. } => (
+                        Some(Reason::ProbesExhausted.as_str()),
+                        Some(route.as_str()),
+                    ),
+                    Directive::Admit | Directive::Delay { .. } => (None, None),
                 };
                 json!({
                     "name": &*c.name,

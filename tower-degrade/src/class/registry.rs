@@ -93,7 +93,10 @@ impl Registry {
                 && class
                     .name
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+                // A dot segment: no URL path can name it (the admin API's, a browser's).
+                && class.name != "."
+                && class.name != "..";
             if !valid {
                 return Err(ConfigError::InvalidName(class.name.clone()));
             }
@@ -299,10 +302,15 @@ mod tests {
             Registry::new(None, vec![ClassConfig::gold("a"), ClassConfig::gold("a")]).unwrap_err(),
             ConfigError::DuplicateClass("a".into())
         );
-        assert!(matches!(
-            Registry::new(None, vec![ClassConfig::gold("a b")]).unwrap_err(),
-            ConfigError::InvalidName(_)
-        ));
+        // `.` and `..` are dot segments: no URL path names them (the status page's buttons
+        // posted a command for `..` to `/force_open`). Other names of dots are paths' own.
+        for bad in ["a b", ".", ".."] {
+            assert!(matches!(
+                Registry::new(None, vec![ClassConfig::gold(bad)]).unwrap_err(),
+                ConfigError::InvalidName(_)
+            ));
+        }
+        assert!(Registry::new(None, vec![ClassConfig::gold("...")]).is_ok());
         let err = Registry::new(None, vec![ClassConfig::gold(DEFAULT_CLASS)]).unwrap_err();
         assert!(err.to_string().contains("default_class"), "{err}");
     }

@@ -291,5 +291,28 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     .await;
     assert_eq!(badge(&c, "payment").await.as_deref(), Some("metrics_only"));
 
+    // A refresh that fails says so, and the next one that succeeds clears it (it stayed on
+    // the page for good after a restart of the service).
+    c.execute(
+        "window.realFetch = window.fetch; \
+         window.fetch = () => Promise.reject(new TypeError('Failed to fetch'));",
+        vec![],
+    )
+    .await
+    .unwrap();
+    until("the failed refresh", || async {
+        text(&c, "#message")
+            .await
+            .filter(|m| m.starts_with("status unavailable"))
+    })
+    .await;
+    c.execute("window.fetch = window.realFetch;", vec![])
+        .await
+        .unwrap();
+    until("the message cleared", || async {
+        text(&c, "#message").await.filter(|m| m.is_empty())
+    })
+    .await;
+
     c.close().await.unwrap();
 }

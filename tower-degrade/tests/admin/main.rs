@@ -141,6 +141,26 @@ async fn status_shows_the_policies_in_force_what_they_quarantined_and_a_refused_
     assert_eq!(p["last_load_refused"], true);
 }
 
+/// Half-open, the calls that find every probe taken are refused `probes_exhausted`: the
+/// status says so (it said no reason, and the page blamed overload under admission).
+#[tokio::test(start_paused = true)]
+async fn a_half_open_class_says_its_calls_are_refused_for_want_of_a_probe() {
+    let d = shop();
+    let app = Admin::new(&d, TOKEN).unwrap().router();
+    support::window(&d, "payment", 40, 1, 0).await;
+    assert_eq!(d.state("payment").unwrap(), State::Open);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    d.tick_now();
+    assert_eq!(d.state("payment").unwrap(), State::HalfOpen);
+    let (_, body) = call(&app, "GET", "/status", None, "").await;
+    let payment = class_in(&body, "payment");
+    assert_eq!(payment["state"], "half_open");
+    assert_eq!(payment["reason"], "probes_exhausted", "{payment}");
+    assert_eq!(payment["route"], "reject");
+    // A closed class has none.
+    assert_eq!(class_in(&body, "browse_log")["reason"], Value::Null);
+}
+
 #[tokio::test]
 async fn commands_need_the_token_and_status_shows_what_they_did() {
     let d = shop();
