@@ -28,9 +28,9 @@
 //! **A low-rate class recovers at its own pace.** A breaker closes again through
 //! `half_open_probes` probes (5) that each need a job, and a `Recovering` ramp that admits a
 //! growing share: a cron job every 25 s took minutes to be run again after its dependency
-//! healed, in a trial, and one slower than the open duration can miss every half-open window
-//! (its probes unfinished when it ends). Give such a class `half_open_probes(1)` and a
-//! `max_open_duration` near its period.
+//! healed, in a trial (a class no call comes to waits half-open for its next call, so a job
+//! slower than the open duration is the probe when it comes). Give such a class
+//! `half_open_probes(1)` and a `max_open_duration` near its period.
 //!
 //! **A handler that panics** counts as a failure of its class, and the panic goes on to the
 //! caller of [`Tasks::run`] (a `JoinError` from a spawned task): catch it there if the loop

@@ -216,8 +216,10 @@ impl BreakerConfig {
     }
 
     /// Probe calls admitted while half-open (5). The verdict waits for all of them; if the
-    /// open duration passes with none finished, or one failed (an error, a timeout, slower
-    /// than the SLA, or still running past the abandon threshold), the breaker opens again.
+    /// open duration passes with none finished but some running, or one failed (an error, a
+    /// timeout, slower than the SLA, or still running past the abandon threshold), the
+    /// breaker opens again. A class no call comes to (none finished, none running) waits
+    /// half-open: its next call is the probe.
     pub fn half_open_probes(mut self, value: u32) -> Self {
         self.half_open_probes = value;
         self

@@ -886,8 +886,13 @@ impl Breaker {
                 }
                 // Probes that have all succeeded so far, too few yet for a verdict, are a
                 // quiet class (a call every few seconds), not a failing one: wait for the
-                // rest. With none finished, or one failed, give up at the open duration.
-                let waiting = ok > 0 && failed == 0;
+                // rest. So is a class no call has come to (no probe finished or running):
+                // idle, not failing, its next call the probe. Giving up reopened it for longer
+                // each time, so a class slower than the open duration missed every half-open
+                // window, and an idle one stayed open for good. With none finished but some
+                // running (they hang), or one failed, give up at the open duration.
+                let idle = done == 0 && w.inflight <= 0;
+                let waiting = idle || (ok > 0 && failed == 0);
                 let waited = now.saturating_duration_since(since);
                 if !waiting && waited >= self.open_for() {
                     // Said before `open` lengthens the open duration.

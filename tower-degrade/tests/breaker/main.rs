@@ -283,15 +283,22 @@ fn failed_probes_reopen_with_exponential_capped_duration() {
     }
 }
 
+/// A tick with `n` calls in flight and none finished.
+fn hanging(n: i64) -> WindowSnapshot {
+    let mut w = window(0, 0, 0);
+    w.inflight = n;
+    w
+}
+
 #[test]
-fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waited() {
+fn hanging_probes_give_up_after_the_open_duration_which_says_how_long_it_waited() {
     let t0 = Instant::now();
     let mut b = breaker();
     let t1 = half_open(&mut b, t0);
     let mut now = t1;
     let t = loop {
         now += TICK;
-        if let Some(t) = b.step(&window(0, 0, 0), now) {
+        if let Some(t) = b.step(&hanging(2), now) {
             break t;
         }
     };
@@ -301,6 +308,26 @@ fn a_quiet_half_open_gives_up_after_the_open_duration_and_says_how_long_it_waite
         t.reason,
         "probes unfinished after 5000 ms half-open (0/0 succeeded within the SLA)"
     );
+}
+
+/// No call comes to a half-open class (a cron job slower than the open duration, traffic
+/// gone for the night): it is idle, not failing, and waits half-open for its next call to be
+/// the probe. It reopened at the open duration, for longer each time, and an idle class stayed
+/// open or half-open for good (the status page and the open-too-long alert said so).
+#[test]
+fn an_idle_half_open_class_waits_for_its_next_call_to_probe() {
+    let t0 = Instant::now();
+    let mut b = breaker();
+    let t1 = half_open(&mut b, t0);
+    for i in 1..=600 {
+        assert_eq!(b.step(&window(0, 0, 0), t1 + TICK * i), None, "tick {i}");
+    }
+    assert_eq!(b.state(), State::HalfOpen);
+    assert!(matches!(b.directive(t1), Directive::Probe { .. }));
+    // Its calls come back, healthy: the probes close it as they would have at once.
+    let later = t1 + TICK * 601;
+    let t = b.step(&window(5, 0, 10), later).expect("recovers");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Recovering));
 }
 
 #[test]
@@ -389,10 +416,10 @@ fn unfinished_probes_reopen_and_a_bad_recovering_tick_reopens() {
     b.step(&window(0, 20, 10), t0);
     b.step(&window(0, 0, 0), t0 + Duration::from_secs(5));
     assert_eq!(b.state(), State::HalfOpen);
-    // No probe finishes within the open duration (they hang, or no call comes).
-    assert_eq!(b.step(&window(0, 0, 0), t0 + Duration::from_secs(6)), None);
+    // No probe finishes within the open duration: they hang.
+    assert_eq!(b.step(&hanging(5), t0 + Duration::from_secs(6)), None);
     let t = b
-        .step(&window(0, 0, 0), t0 + Duration::from_secs(10))
+        .step(&hanging(5), t0 + Duration::from_secs(10))
         .expect("gives up");
     assert!(t.reason.contains("unfinished"), "{}", t.reason);
     assert_eq!(t.to, State::Open);
