@@ -892,6 +892,9 @@ impl Breaker {
                 // window, and an idle one stayed open for good. With none finished but some
                 // running (they hang), or one failed, give up at the open duration.
                 let idle = done == 0 && w.inflight <= 0;
+                // Idle, the open duration is counted from its first probe, not from the start
+                // of the wait: that probe has it all to finish in.
+                let since = if idle { now } else { since };
                 let waiting = idle || (ok > 0 && failed == 0);
                 let waited = now.saturating_duration_since(since);
                 if !waiting && waited >= self.open_for() {

@@ -324,10 +324,37 @@ fn an_idle_half_open_class_waits_for_its_next_call_to_probe() {
     }
     assert_eq!(b.state(), State::HalfOpen);
     assert!(matches!(b.directive(t1), Directive::Probe { .. }));
-    // Its calls come back, healthy: the probes close it as they would have at once.
-    let later = t1 + TICK * 601;
-    let t = b.step(&window(5, 0, 10), later).expect("recovers");
+    // Its first call comes, a job of 4 s: the probe has the open duration (5 s) to finish in,
+    // counted from when it came, not from the start of the wait.
+    let came = t1 + TICK * 601;
+    for i in 0..8 {
+        assert_eq!(b.step(&hanging(1), came + TICK * i), None, "tick {i}");
+    }
+    // It and the next four succeed: the class recovers.
+    let t = b
+        .step(&window(5, 0, 10), came + TICK * 8)
+        .expect("recovers");
     assert_eq!((t.from, t.to), (State::HalfOpen, State::Recovering));
+
+    // A probe that hangs still reopens it, once it has had the open duration.
+    let mut b = breaker();
+    let t1 = half_open(&mut b, t0);
+    for i in 1..=20 {
+        assert_eq!(b.step(&window(0, 0, 0), t1 + TICK * i), None);
+    }
+    let came = t1 + TICK * 21;
+    // (The open duration counts from the last tick that saw the class idle, half a tick
+    // before the call came at most.)
+    for i in 0..9 {
+        assert_eq!(b.step(&hanging(1), came + TICK * i), None, "tick {i}");
+    }
+    let t = b.step(&hanging(1), came + TICK * 9).expect("gives up");
+    assert_eq!((t.from, t.to), (State::HalfOpen, State::Open));
+    assert!(
+        t.reason.starts_with("probes unfinished after 5000 ms"),
+        "{}",
+        t.reason
+    );
 }
 
 #[test]
