@@ -537,18 +537,18 @@ impl Shop {
     /// Stop the shop's tasks and wait until they are gone, so that its port and its store are
     /// free for the next shop (`--serve` after the storm): an aborted task is dropped later.
     pub(crate) async fn stop(self, keep_store: bool) {
-        // The worker first, while the application it replays through still serves: replays
-        // under way end and are acknowledged, so the next shop on this store does not replay
-        // them again.
-        if let Some((stop, worker)) = self.worker {
-            let _ = stop.send(());
-            let _ = worker.await;
-        }
+        // The server first, so that no call is kept while the worker stops; then the worker,
+        // gracefully: replays under way end and are acknowledged, so the next shop on this
+        // store does not replay them again.
         for h in &self.handles {
             h.abort();
         }
         for h in self.handles {
             let _ = h.await;
+        }
+        if let Some((stop, worker)) = self.worker {
+            let _ = stop.send(());
+            let _ = worker.await;
         }
         drop(self.store);
         if let (Some(path), false) = (self.store_path, keep_store) {

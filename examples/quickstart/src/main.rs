@@ -291,7 +291,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .map_err(|e| format!("cannot listen on {addr} ({e}); set QUICKSTART_ADDR"))?;
     let addr = listener.local_addr()?;
     println!("serving on http://{addr} (GET /metrics, GET /status)");
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let tallies: Arc<[Tally; 3]> = Arc::new(Default::default());
     let routes = ["/pay/1", "/inventory/sku-1", "/log"];
@@ -429,6 +429,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     } else {
         println!("(run with `-- --serve` to keep the server up and curl /metrics)");
     }
+    // The server first, so that no call is kept while the worker stops.
+    server.abort();
+    let _ = server.await;
     let _ = stop_worker.send(());
     let _ = worker.await;
     if std::env::var_os("QUICKSTART_STORE").is_none() {
