@@ -253,7 +253,7 @@ pub(crate) struct Shop {
     store_path: Option<PathBuf>,
     handles: Vec<JoinHandle<()>>,
     /// The fallback worker, stopped gracefully (its running replays end and are recorded)
-    /// before the other tasks are aborted.
+    /// once the other tasks are aborted.
     worker: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
     _policies: Option<tower_degrade::policy::PolicyWatcher>,
 }

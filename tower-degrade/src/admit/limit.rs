@@ -23,8 +23,8 @@
 //! capacity) would keep the limit there, and one never refreshed would drift. So when slow start
 //! ends, when no tick has come within 50 % of `rtt0` for half the window, after a tick faster
 //! by a third than the whole window, once it holds 16 ticks (a dependency fast again after a
-//! slow spell, the limit raised for it), and every window while saturated, one tick runs at three quarters of the
-//! limit to measure it again (as BBR's `PROBE_RTT` does).
+//! slow spell, the limit raised for it), and every window while saturated, one tick runs at
+//! three quarters of the limit to measure it again (as BBR's `PROBE_RTT` does).
 //!
 //! A probe is judged by what the service did with fewer permits. Above its capacity it
 //! completes as many calls with fewer in flight (those taken away were queueing in it); below,
@@ -285,10 +285,10 @@ impl Gradient {
         if self.rtts.len() >= FASTER_SAMPLES
             && self.baseline().is_some_and(|rtt0| rtt < rtt0 * FASTER)
         {
-            // Faster than every tick of a window of 16 at least by a third: the service got
-            // faster (a dependency recovered from a slow spell). A limit raised to carry the slower
-            // calls now makes a queue in it, whose latency would pass for the baseline until
-            // the window's probe: probe it at the next saturated tick.
+            // Faster by a third than every tick of a window of 16 at least: the service got
+            // faster (a dependency recovered from a slow spell). A limit raised to carry the
+            // slower calls now makes a queue in it, whose latency would pass for the baseline
+            // until the window's probe: probe it at the next saturated tick.
             self.unproven = true;
         }
         self.rtts.push_back(rtt);
