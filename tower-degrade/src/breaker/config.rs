@@ -218,8 +218,8 @@ impl BreakerConfig {
     /// Probe calls admitted while half-open (5). The verdict waits for all of them; if the
     /// open duration passes with none finished but some running, or one failed (an error, a
     /// timeout, slower than the SLA, or still running past the abandon threshold), the
-    /// breaker opens again. A class no call comes to (none finished, none running) waits
-    /// half-open: its next call is the probe.
+    /// breaker opens again. A class no call comes to (no probe taken) waits half-open: its
+    /// next call is the probe, with the open duration to finish in.
     pub fn half_open_probes(mut self, value: u32) -> Self {
         self.half_open_probes = value;
         self

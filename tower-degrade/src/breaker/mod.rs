@@ -886,12 +886,18 @@ impl Breaker {
                 }
                 // Probes that have all succeeded so far, too few yet for a verdict, are a
                 // quiet class (a call every few seconds), not a failing one: wait for the
-                // rest. So is a class no call has come to (no probe finished or running):
-                // idle, not failing, its next call the probe. Giving up reopened it for longer
-                // each time, so a class slower than the open duration missed every half-open
+                // rest. So is a class no call has come to (no probe finished or taken): idle,
+                // not failing, its next call the probe. Giving up reopened it for longer each
+                // time, so a class slower than the open duration missed every half-open
                 // window, and an idle one stayed open for good. With none finished but some
-                // running (they hang), or one failed, give up at the open duration.
-                let idle = done == 0 && w.inflight <= 0;
+                // running (they hang), or one failed, give up at the open duration. A dry run
+                // hands out no probe: no call in flight is its idle.
+                let untaken = if self.mode == Mode::MetricsOnly {
+                    w.inflight <= 0
+                } else {
+                    w.probe_permits >= u64::from(cfg.half_open_probes)
+                };
+                let idle = done == 0 && untaken;
                 // Idle, the open duration is counted from its first probe, not from the start
                 // of the wait: that probe has it all to finish in.
                 let since = if idle { now } else { since };

@@ -109,7 +109,9 @@ impl Shared {
                     }),
                 },
             );
-            (snap.probe_successes, snap.probe_failures) = self.gates[id.index()].take_probes();
+            let gate = &self.gates[id.index()];
+            (snap.probe_successes, snap.probe_failures) = gate.take_probes();
+            snap.probe_permits = u64::from(gate.probes_left());
             Arc::make_mut(&mut ctl.history).push(snap);
             ctl.features.push(&snap, class.sla_target());
         }

@@ -99,6 +99,11 @@ impl Gate {
         u64::try_from(latency.as_micros()).unwrap_or(u64::MAX) <= self.sla_micros
     }
 
+    /// The probe permits no call holds.
+    pub(crate) fn probes_left(&self) -> u32 {
+        self.probes.load(Ordering::Acquire)
+    }
+
     /// The probes finished since the last call: (served within the SLA, failed).
     pub(crate) fn take_probes(&self) -> (u64, u64) {
         (

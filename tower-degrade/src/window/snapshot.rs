@@ -243,6 +243,7 @@ impl WindowReader {
             // The control loop takes them from the class's gate.
             probe_successes: 0,
             probe_failures: 0,
+            probe_permits: 0,
             period: ctx.period,
             successes: counts[Outcome::Success.index()],
             errors: counts[Outcome::Error.index()],
@@ -337,6 +338,11 @@ pub struct WindowSnapshot {
     /// Half-open probes that finished this window failed: an error, a timeout, slower than
     /// the class SLA, or abandoned past its abandon threshold.
     pub probe_failures: u64,
+    /// Half-open probe permits no call holds at the window's end: all of them
+    /// ([`half_open_probes`](crate::breaker::BreakerConfig::half_open_probes)) while no call
+    /// has come to take one (a permit comes back when its call is cancelled). Read only while
+    /// half-open; 0, as if every permit were taken, where not set.
+    pub probe_permits: u64,
     /// Queue depth last reported for the class
     /// ([`Degrader::report_queue`](crate::Degrader::report_queue)).
     pub queue_depth: u64,

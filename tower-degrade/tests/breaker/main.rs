@@ -287,6 +287,14 @@ fn failed_probes_reopen_with_exponential_capped_duration() {
 fn hanging(n: i64) -> WindowSnapshot {
     let mut w = window(0, 0, 0);
     w.inflight = n;
+    w.probe_permits = 5 - n as u64;
+    w
+}
+
+/// A half-open tick no call came to: every probe permit (5) left, none finished.
+fn idle() -> WindowSnapshot {
+    let mut w = window(0, 0, 0);
+    w.probe_permits = 5;
     w
 }
 
@@ -320,7 +328,7 @@ fn an_idle_half_open_class_waits_for_its_next_call_to_probe() {
     let mut b = breaker();
     let t1 = half_open(&mut b, t0);
     for i in 1..=600 {
-        assert_eq!(b.step(&window(0, 0, 0), t1 + TICK * i), None, "tick {i}");
+        assert_eq!(b.step(&idle(), t1 + TICK * i), None, "tick {i}");
     }
     assert_eq!(b.state(), State::HalfOpen);
     assert!(matches!(b.directive(t1), Directive::Probe { .. }));
@@ -340,7 +348,7 @@ fn an_idle_half_open_class_waits_for_its_next_call_to_probe() {
     let mut b = breaker();
     let t1 = half_open(&mut b, t0);
     for i in 1..=20 {
-        assert_eq!(b.step(&window(0, 0, 0), t1 + TICK * i), None);
+        assert_eq!(b.step(&idle(), t1 + TICK * i), None);
     }
     let came = t1 + TICK * 21;
     // (The open duration counts from the last tick that saw the class idle, half a tick
@@ -355,6 +363,17 @@ fn an_idle_half_open_class_waits_for_its_next_call_to_probe() {
         "{}",
         t.reason
     );
+
+    // Calls admitted before it opened that still run (a long job, a hung dependency with no
+    // timeout) are not probes: with no permit taken, it is idle all the same.
+    let mut b = breaker();
+    let t1 = half_open(&mut b, t0);
+    let mut old_calls = idle();
+    old_calls.inflight = 3;
+    for i in 1..=40 {
+        assert_eq!(b.step(&old_calls, t1 + TICK * i), None, "tick {i}");
+    }
+    assert_eq!(b.state(), State::HalfOpen);
 }
 
 #[test]

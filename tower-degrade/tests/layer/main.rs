@@ -170,6 +170,42 @@ async fn half_open_admits_exactly_n_probes_and_cancelled_probes_come_back() {
     assert_eq!(d.state("pay").unwrap(), State::Recovering);
 }
 
+/// Through the control loop: a half-open class no call comes to waits for its next call (it
+/// reopened at the open duration, for longer each time), which takes a probe; a probe that
+/// hangs past the open duration still reopens it.
+#[tokio::test(start_paused = true)]
+async fn a_half_open_class_no_call_comes_to_waits_for_its_next_call() {
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let pay = d.class_id("pay").unwrap();
+    let mut failing = d.layer(pay).layer(echo());
+    drive(&mut failing, 0, 25).await;
+    d.tick_now();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    for _ in 0..120 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        d.tick_now();
+    }
+    assert_eq!(d.state("pay").unwrap(), State::HalfOpen, "a minute idle");
+
+    // Its next call is a probe, and one that hangs takes a permit: at the open duration it
+    // gives up.
+    let gate = Gate::default();
+    let mut svc = d.layer(pay).layer(gate.clone());
+    let mut probe = task::spawn(svc.ready().await.unwrap().call(1));
+    assert_pending!(probe.poll());
+    assert_eq!(gate.started.load(Ordering::SeqCst), 1);
+    for _ in 0..9 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        d.tick_now();
+        assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    }
+    tokio::time::advance(Duration::from_millis(500)).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::Open, "the probe hung 5 s");
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_stalled_before_the_breaker_opened_do_not_decide_its_probes() {
     // A dependency stalls: ten calls hang for 5.2 s, others fail, the breaker opens. The
