@@ -666,9 +666,8 @@ mod tests {
                 calls,
                 micros: calls * 450_000,
                 saturated: true,
-                abandoned: 0,
-                pressure: false,
                 period_micros: TICK_MICROS,
+                ..Sample::default()
             }
         };
         let path = run(&mut g, 20, slow);

@@ -46,6 +46,20 @@ where
     }
 }
 
+/// A degrader whose gold class `pay` 25 failures opened, half-open at the end of its open
+/// duration (5 s later).
+async fn half_open_pay() -> (Degrader, ClassId) {
+    let d = degrader(vec![ClassConfig::gold("pay")]);
+    let pay = d.class_id("pay").unwrap();
+    drive(&mut d.layer(pay).layer(echo()), 0, 25).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::Open);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    d.tick_now();
+    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    (d, pay)
+}
+
 #[tokio::test(start_paused = true)]
 async fn closed_path_admits_and_records() {
     let d = degrader(vec![ClassConfig::gold("pay")]);
@@ -128,15 +142,7 @@ impl Service<u32> for Gate {
 
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_exactly_n_probes_and_cancelled_probes_come_back() {
-    let d = degrader(vec![ClassConfig::gold("pay")]);
-    let pay = d.class_id("pay").unwrap();
-    let mut failing = d.layer(pay).layer(echo());
-    drive(&mut failing, 0, 25).await;
-    d.tick_now();
-    assert_eq!(d.state("pay").unwrap(), State::Open);
-    tokio::time::advance(Duration::from_secs(5)).await;
-    d.tick_now();
-    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    let (d, pay) = half_open_pay().await;
 
     let gate = Gate::default();
     let mut svc = d.layer(pay).layer(gate.clone());
@@ -175,14 +181,7 @@ async fn half_open_admits_exactly_n_probes_and_cancelled_probes_come_back() {
 /// hangs past the open duration still reopens it.
 #[tokio::test(start_paused = true)]
 async fn a_half_open_class_no_call_comes_to_waits_for_its_next_call() {
-    let d = degrader(vec![ClassConfig::gold("pay")]);
-    let pay = d.class_id("pay").unwrap();
-    let mut failing = d.layer(pay).layer(echo());
-    drive(&mut failing, 0, 25).await;
-    d.tick_now();
-    tokio::time::advance(Duration::from_secs(5)).await;
-    d.tick_now();
-    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
+    let (d, pay) = half_open_pay().await;
     for _ in 0..120 {
         tokio::time::advance(Duration::from_millis(500)).await;
         d.tick_now();
@@ -247,13 +246,8 @@ async fn calls_stalled_before_the_breaker_opened_do_not_decide_its_probes() {
 
 #[tokio::test(start_paused = true)]
 async fn recovering_admits_the_ramp_fraction_evenly() {
-    let d = degrader(vec![ClassConfig::gold("pay")]);
-    let pay = d.class_id("pay").unwrap();
+    let (d, pay) = half_open_pay().await;
     let mut svc = d.layer(pay).layer(echo());
-    drive(&mut svc, 0, 25).await;
-    d.tick_now();
-    tokio::time::advance(Duration::from_secs(5)).await;
-    d.tick_now();
     drive(&mut svc, 5, 0).await;
     d.tick_now();
     assert_eq!(d.state("pay").unwrap(), State::Recovering);
