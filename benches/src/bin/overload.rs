@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p tower-degrade-benches --bin overload -- [--secs 20] [--out DIR]
 //!     [--scenarios steady,step,ramp,visibility] [--configs unprotected,tower,admission,before,after]
+//!     [--work-ms 10] [--scatter]
 //! ```
 //!
 //! An axum server whose handlers share a fixed capacity (a semaphore of 16 permits held for
@@ -10,6 +11,9 @@
 //! is driven over loopback by an **open-loop** client: requests are sent at fixed arrival times
 //! whatever happens to earlier ones, and latency is measured from the intended send time, so
 //! coordinated omission cannot hide queueing. Each client request gives up after 1 s.
+//! `--work-ms` sets the work's length (the arrival rates follow the capacity it makes), and
+//! `--scatter` draws each call's work from an exponential distribution of that mean (a fixed
+//! sequence): a slower service, with few calls a tick whose means scatter.
 //!
 //! Configurations, one after the other in one run:
 //! - `unprotected`: the bare server.
@@ -58,10 +62,44 @@ use tower_degrade_benches::percentile;
 
 /// Server permits.
 const PERMITS: usize = 16;
+/// The work a call holds a permit for (`--work-ms`, `--scatter`), set once at the start.
+static WORK_SET: std::sync::OnceLock<Work> = std::sync::OnceLock::new();
+
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    mean: Duration,
+    /// Each call's work drawn from an exponential distribution of mean `mean`.
+    scatter: bool,
+}
+
+impl Work {
+    fn get() -> Work {
+        *WORK_SET.get_or_init(|| Work {
+            mean: WORK,
+            scatter: false,
+        })
+    }
+
+    /// The work of the `n`th call: `mean`, or an exponential draw (splitmix64 of `n`).
+    fn of(self, n: u64) -> Duration {
+        if !self.scatter {
+            return self.mean;
+        }
+        let mut z = n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        self.mean.mul_f64(-u.ln())
+    }
+
+    /// Nominal capacity, requests per second (the arrival rates are multiples of it).
+    fn capacity(self) -> f64 {
+        PERMITS as f64 / self.mean.as_secs_f64()
+    }
+}
 /// Work per request, holding a permit.
 const WORK: Duration = Duration::from_millis(10);
-/// Nominal capacity, requests per second (the arrival rates are multiples of it).
-const CAPACITY: f64 = PERMITS as f64 / 0.010;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 const BIN_MS: u64 = 100;
 const TICK: Duration = Duration::from_millis(500);
@@ -197,6 +235,7 @@ struct Sample {
 
 #[derive(Default)]
 struct ServerStats {
+    started: AtomicU64,
     done: AtomicU64,
     hold_us: AtomicU64,
 }
@@ -211,7 +250,8 @@ async fn work(State(s): State<Arc<ServerState>>) -> StatusCode {
         return StatusCode::INTERNAL_SERVER_ERROR;
     };
     let start = Instant::now();
-    tokio::time::sleep(WORK).await;
+    let n = s.stats.started.fetch_add(1, Relaxed);
+    tokio::time::sleep(Work::get().of(n)).await;
     s.stats
         .hold_us
         .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
@@ -313,7 +353,7 @@ fn schedule(scenario: Scenario, secs: f64) -> Vec<(f64, usize)> {
     for class in 0..3 {
         let mut t = 0.0;
         while t < secs {
-            let rate = scenario.rates(t, secs)[class] * CAPACITY;
+            let rate = scenario.rates(t, secs)[class] * Work::get().capacity();
             if rate <= 0.0 {
                 t += 0.01;
                 continue;
@@ -517,6 +557,15 @@ fn main() -> Result<(), BoxError> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let secs: f64 = arg("--secs").map_or(Ok(20.0), |s| s.parse())?;
+    let work_ms: f64 = arg("--work-ms").map_or(Ok(WORK.as_secs_f64() * 1e3), |s| s.parse())?;
+    if !(work_ms.is_finite() && work_ms > 0.0) {
+        return Err(format!("--work-ms {work_ms}: not a positive number of milliseconds").into());
+    }
+    let work = Work {
+        mean: Duration::from_secs_f64(work_ms / 1e3),
+        scatter: args.iter().any(|a| a == "--scatter"),
+    };
+    WORK_SET.set(work).map_err(|_| "the work was set twice")?;
     let out = std::path::PathBuf::from(arg("--out").unwrap_or_else(|| "target/overload".into()));
     std::fs::create_dir_all(&out)?;
     let list = |name: &str, default: &str| -> Vec<String> {
@@ -547,9 +596,15 @@ fn main() -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     println!(
-        "capacity: {PERMITS} permits x {} ms of work = {CAPACITY:.0} req/s nominal; client \
+        "capacity: {PERMITS} permits x {} ms of work{} = {:.0} req/s nominal; client \
          timeout {} ms; {secs} s per run",
-        WORK.as_millis(),
+        work.mean.as_secs_f64() * 1e3,
+        if work.scatter {
+            " (mean, exponential)"
+        } else {
+            ""
+        },
+        work.capacity(),
         CLIENT_TIMEOUT.as_millis()
     );
     for scenario in scenarios {
