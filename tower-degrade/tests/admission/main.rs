@@ -571,12 +571,13 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
         worst <= Duration::from_millis(50),
         "gold within its SLA: {worst:?}"
     );
-    // At the 8 workers or above, by the queue the tick means' scatter is let stand: calls
-    // here move in lockstep, each a whole 10 ms round late in the workers' queue, so at a
-    // constant limit the tick means move by 10-20 % from one tick to the next, and the limit
-    // sits at 11-13 (9-10 before the gradient tolerated scatter; gold as served either way).
+    // Within a quarter of the 8 workers, after the first few ticks. Calls here move in
+    // lockstep, each a whole 10 ms round late in the workers' queue, so at a constant limit
+    // the tick means move by 10-20 % from one tick to the next, which the gradient partly
+    // tolerates as scatter: the limit sits at 10-11 (9-10 before it tolerated scatter; 11-13
+    // with the successive changes alone read as scatter).
     assert!(
-        limits[5..].iter().all(|l| (8..=13).contains(l)),
+        limits[5..].iter().all(|l| (8..=11).contains(l)),
         "limit per tick: {limits:?}"
     );
     let status = d.status();
