@@ -26,7 +26,8 @@
 //!
 //! A baseline measured with a queue in the service already (a limit that started above the
 //! capacity) would keep the limit there, and one never refreshed would drift. So when slow start
-//! ends, when no tick has come within 50 % of `rtt0` for half the window, after a tick faster
+//! ends, when no tick has come within 50 % of `rtt0` (times the tolerance) for half the
+//! window, after a tick faster
 //! by a third than the whole window, once it holds 16 ticks (a dependency fast again after a
 //! slow spell, the limit raised for it), and every window while saturated, one tick runs at
 //! three quarters of the limit to measure it again (as BBR's `PROBE_RTT` does).
@@ -46,7 +47,8 @@
 //!
 //! A dependency that turns slow (a database at four times its latency) raises `rtt` with no
 //! queue at all; the gradient would halve the limit tick after tick for latency that does not
-//! fall with it. So the first tick that latency rises above the baseline is followed by a probe
+//! fall with it. So the first tick that latency rises half again above the baseline (times the
+//! tolerance) is followed by a probe
 //! tick at three quarters of the limit: if it is no queue, the service got slower, its latency
 //! now is the baseline and the limit stays. As a backstop, when latency
 //! has stayed above the baseline for three ticks while the limit fell to half of what it was
@@ -139,9 +141,9 @@ pub(crate) struct Gradient {
     last_rtt: f64,
     /// The calls the service completed in that tick.
     last_calls: u64,
-    /// Ticks since one came within 50 % of the baseline.
+    /// Ticks since one came within 50 % of the baseline (times the tolerance).
     stale: usize,
-    /// The limit and the latency when latency first rose above the baseline.
+    /// The limit and the latency when latency first rose past that.
     stale_from: Option<(f64, f64)>,
     /// Ticks since the last probe.
     since_probe: usize,
@@ -204,15 +206,19 @@ impl Gradient {
     /// How far above the baseline a tick's mean may be from noise alone: the lesser of
     /// `exp(NOISE_K * noise)` and how far the window's least mean lies under its lower
     /// quartile, at most [`MAX_TOLERANCE`]. `noise` is the scatter of the tick means, read
-    /// from their successive changes (the median of `moves`, scaled to a standard deviation:
-    /// a level that moves, a queue building or a dependency turning slow, changes few
-    /// successive pairs). Each alone is fooled: the scatter by a pattern the means repeat
-    /// tick after tick (lockstep calls, ticks in turn saturated and not), whose least is no
-    /// outlier and wants no tolerance; the quartile by the limit's own queue (the window's
-    /// least is the probe's tick, the rest at the queue the limit keeps, which a tolerance
-    /// would lengthen, tick after tick, to the maximum). Means that scatter show both, and
-    /// the least of 60 lies about two deviations under the service's latency, 1.6 under the
-    /// quartile. 1 until [`NOISE_SAMPLES`] ticks have given their moves.
+    /// from their successive changes (the upper median of `moves`, scaled to a standard
+    /// deviation: a level that moves, a queue building or a dependency turning slow, changes
+    /// few successive pairs). Each alone is fooled: the scatter by a pattern the means
+    /// repeat tick after tick (lockstep calls, ticks in turn saturated and not), whose least
+    /// is its low phase and no outlier; the quartile by the limit's own queue (the window's
+    /// least a probe's tick, the rest at the queue the limit keeps, which a tolerance would
+    /// lengthen, tick after tick, to the maximum). Means that scatter show both: the least of
+    /// 60 lies about two deviations under the service's latency, 1.6 under the quartile.
+    /// Both are fooled at once by a pattern with a probe's tick in the window (a slow tick
+    /// every second to fourth one): the tolerance then lets the limit's own queue stand, up
+    /// to [`MAX_TOLERANCE`] (about 1.5 times the capacity plus the headroom), until the
+    /// window's probe finds the queue. 1 until [`NOISE_SAMPLES`] ticks have given their
+    /// moves, and while the window holds fewer than 4 ticks.
     fn tolerance(&mut self) -> f64 {
         let Some(least) = self.baseline() else {
             return 1.0;
@@ -825,8 +831,9 @@ mod tests {
     /// Tick means in a pattern that repeats (here every other tick 30 % slower, at any
     /// limit) are no scatter the baseline is biased by: its least is their low phase. Taken
     /// for scatter (the successive changes alone), the pattern let a queue stand, the limit at
-    /// 22-23 for 16 permits, and lifted the staleness threshold over a dependency then turning
-    /// 1.6 times slower, which the gradient took for a queue: the limit fell to 11.
+    /// 22-23 for 16 permits (what the first assertion catches), and from there a dependency
+    /// turning 1.6 times slower took it to 11. The baseline then follows the slower
+    /// dependency.
     #[test]
     fn a_pattern_in_the_tick_means_does_not_hide_a_dependency_turning_slow() {
         let mut g = Gradient::new(LimitConfig::default());
@@ -844,6 +851,8 @@ mod tests {
         let path = run(&mut g, 40, |limit| pattern(16_000.0, limit));
         let lowest = *path.iter().min().unwrap();
         assert!(lowest >= 12, "fell to {lowest}: {path:?}");
+        assert_eq!(g.baseline(), Some(16_000.0), "{path:?}");
+        assert!((14..=21).contains(&path[40]), "{path:?}");
     }
 
     #[test]

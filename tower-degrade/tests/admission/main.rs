@@ -571,7 +571,7 @@ async fn at_three_times_the_capacity_the_limit_finds_it_and_gold_keeps_its_sla()
         worst <= Duration::from_millis(50),
         "gold within its SLA: {worst:?}"
     );
-    // Within a quarter of the 8 workers, after the first few ticks. Calls here move in
+    // At the 8 workers or up to 3 above, after the first few ticks. Calls here move in
     // lockstep, each a whole 10 ms round late in the workers' queue, so at a constant limit
     // the tick means move by 10-20 % from one tick to the next, which the gradient partly
     // tolerates as scatter: the limit sits at 10-11 (9-10 before it tolerated scatter; 11-13
