@@ -73,8 +73,8 @@ const FASTER_SAMPLES: usize = 16;
 const NOISE_K: f64 = 1.5;
 /// The most the scatter of the tick means lets latency stand above the baseline unread: half
 /// again, as Netflix's Gradient2 tolerates over its long-term average by default (a quarter
-/// was tried: over real sockets, 100 ms calls of exponential length kept 88-90 % of the
-/// capacity in use, against 92-95 %).
+/// was tried, with the scatter read from the successive changes alone: over real sockets,
+/// 100 ms calls of exponential length kept 88-90 % of the capacity in use, against 92-95 %).
 const MAX_TOLERANCE: f64 = 1.5;
 /// Moves of the tick means (ticks after the first of a window) read before their scatter is.
 const NOISE_SAMPLES: usize = 8;
@@ -186,7 +186,7 @@ impl Gradient {
             probing: None,
             probe_wait: 0,
             period_micros: 0,
-            moves: VecDeque::with_capacity(cfg.window),
+            moves: VecDeque::with_capacity(cfg.window + 1),
             steps: Vec::with_capacity(cfg.window),
             stale_probe: false,
             stale_probed: false,
