@@ -643,6 +643,15 @@ mod tests {
     }
 
     impl Lagged {
+        /// The service, its last tick run under `g`'s limit.
+        fn under(g: &Gradient, capacity: f64, rtt0: f64) -> Self {
+            Self {
+                capacity,
+                rtt0,
+                before: f64::from(g.limit()),
+            }
+        }
+
         fn tick(&mut self, limit: u32) -> Sample {
             let l = f64::from(limit);
             let before = std::mem::replace(&mut self.before, l);
@@ -659,11 +668,7 @@ mod tests {
                 initial,
                 ..LimitConfig::default()
             });
-            let mut s = Lagged {
-                capacity,
-                rtt0: 10_000.0,
-                before: f64::from(initial),
-            };
+            let mut s = Lagged::under(&g, capacity, 10_000.0);
             let path = run(&mut g, 25, |limit| s.tick(limit));
             let l = f64::from(path[25]);
             assert!(
@@ -718,11 +723,7 @@ mod tests {
         };
         run(&mut g, 10, |_| light);
         // A peak on a service of 8 slots at 20 ms.
-        let mut s = Lagged {
-            capacity: 8.0,
-            rtt0: 20_000.0,
-            before: f64::from(g.limit()),
-        };
+        let mut s = Lagged::under(&g, 8.0, 20_000.0);
         let path = run(&mut g, 16, |limit| s.tick(limit));
         assert!((7..=11).contains(&path[16]), "{path:?}");
     }
@@ -734,11 +735,7 @@ mod tests {
     #[test]
     fn a_dependency_fast_again_after_a_slow_spell_is_probed_at_the_next_peak() {
         let mut g = Gradient::new(LimitConfig::default());
-        let mut fast = Lagged {
-            capacity: 10.0,
-            rtt0: 50_000.0,
-            before: f64::from(g.limit()),
-        };
+        let mut fast = Lagged::under(&g, 10.0, 50_000.0);
         let path = run(&mut g, 40, |limit| fast.tick(limit));
         assert!((10..=13).contains(&path[40]), "{path:?}");
         // 450 ms a call with no queue (a delay outside the pool), 150 calls a second wanted:
@@ -768,11 +765,7 @@ mod tests {
     /// after the first 100 ticks.
     fn scattered(spread: f64, capacity: f64, rtt0: f64, ticks: usize) -> (f64, f64) {
         let mut g = Gradient::new(LimitConfig::default());
-        let mut s = Lagged {
-            capacity,
-            rtt0,
-            before: 10.0,
-        };
+        let mut s = Lagged::under(&g, capacity, rtt0);
         let mut seed: u64 = 7;
         let mut uniform = || {
             seed = seed

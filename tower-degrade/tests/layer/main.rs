@@ -46,18 +46,24 @@ where
     }
 }
 
-/// A degrader whose gold class `pay` 25 failures opened, half-open at the end of its open
-/// duration (5 s later).
-async fn half_open_pay() -> (Degrader, ClassId) {
-    let d = degrader(vec![ClassConfig::gold("pay")]);
-    let pay = d.class_id("pay").unwrap();
-    drive(&mut d.layer(pay).layer(echo()), 0, 25).await;
+/// A degrader of the one class `class`, which 25 failures opened, half-open at the end of its
+/// open duration (5 s later).
+async fn half_open(class: ClassConfig) -> (Degrader, ClassId) {
+    let name = class.name().to_owned();
+    let d = degrader(vec![class]);
+    let id = d.class_id(&name).unwrap();
+    drive(&mut d.layer(id).layer(echo()), 0, 25).await;
     d.tick_now();
-    assert_eq!(d.state("pay").unwrap(), State::Open);
+    assert_eq!(d.state(&name).unwrap(), State::Open);
     tokio::time::advance(Duration::from_secs(5)).await;
     d.tick_now();
-    assert_eq!(d.state("pay").unwrap(), State::HalfOpen);
-    (d, pay)
+    assert_eq!(d.state(&name).unwrap(), State::HalfOpen);
+    (d, id)
+}
+
+/// A degrader whose gold class `pay` is half-open ([`half_open`]).
+async fn half_open_pay() -> (Degrader, ClassId) {
+    half_open(ClassConfig::gold("pay")).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -792,16 +798,7 @@ async fn a_long_grpc_stream_is_timed_to_its_headers_and_counted_when_it_ends() {
 async fn a_grpc_stream_that_takes_a_probe_is_judged_at_its_headers() {
     // A watch shares its class with unary calls; the class opened, and the watches that
     // reconnect first take the half-open probes and stream on.
-    let d = degrader(vec![
-        ClassConfig::gold("watch").sla(Duration::from_millis(50)),
-    ]);
-    let id = d.class_id("watch").unwrap();
-    drive(&mut d.layer(id).layer(echo()), 0, 25).await;
-    d.tick_now();
-    assert_eq!(d.state("watch").unwrap(), State::Open);
-    tokio::time::advance(Duration::from_secs(5)).await;
-    d.tick_now();
-    assert_eq!(d.state("watch").unwrap(), State::HalfOpen);
+    let (d, id) = half_open(ClassConfig::gold("watch").sla(Duration::from_millis(50))).await;
     let mut svc = d.layer(id).grpc().layer(server_streams());
     let mut open = Vec::new();
     for _ in 0..5 {
