@@ -10,8 +10,11 @@
 //! turned away. So a tier that turned calls away for want of a permit *reserves* permits: at
 //! each tick, the concurrency its turned-away calls would have needed (Little's law: calls x
 //! latency / tick) is added to its reservation, up to the limit, and lower tiers take a permit
-//! only while the permits in use stay below the limit less what the tiers above them
-//! reserve. A reservation is held for [`RESERVE_HOLD_TICKS`] ticks after the tier last turned
+//! only while the permits in use, plus the part of each reservation above them its tier's
+//! calls do not hold, stay below the limit: a reserving tier keeps the greater of its
+//! reservation and what its calls hold, not both. (The limit less the reservations above is
+//! each tier's ceiling, read on the uncontended path; the reservations' unheld parts are
+//! added up only by a call that finds its ceiling reached.) A reservation is held for [`RESERVE_HOLD_TICKS`] ticks after the tier last turned
 //! a call away, then halves every tick; and a tick in which the tier turned nothing away and
 //! used less than half of it (its traffic fell, its breaker opened) leaves it at twice what the
 //! tier used: permits are kept idle for a tier's next calls, not for calls that stopped coming.
@@ -201,8 +204,8 @@ struct Reserve {
 pub(crate) struct Limiter {
     pub(crate) name: Arc<str>,
     limit: AtomicU32,
-    /// Per tier rank: the permits in use below which a call of the rank may take one (the
-    /// limit less what the tiers above reserve).
+    /// Per tier rank: the permits in use below which a call of the rank takes one at once (the
+    /// limit less what the tiers above reserve; past it, see `room`).
     ceiling: [AtomicU32; 3],
     /// Per tier rank: calls that left without a permit since the last tick.
     turned_away: [AtomicU32; 3],
@@ -271,7 +274,8 @@ impl Limiter {
         }
         let r = usize::from(rank(tier));
         let ceiling = self.ceiling[r].load(Relaxed);
-        if self.inflight.fetch_add(1, SeqCst) < ceiling {
+        let inflight = self.inflight.fetch_add(1, SeqCst);
+        if inflight < ceiling || self.room(r, inflight) {
             self.held[r].fetch_add(1, Relaxed);
         } else if !self.overdraw(r) {
             self.release_slot();
@@ -281,6 +285,27 @@ impl Limiter {
             self.admitted[r].fetch_add(1, Relaxed);
         }
         true
+    }
+
+    /// Whether a call of rank `r` that found `inflight` permits in use, its ceiling reached,
+    /// may take one all the same: the ceiling keeps the whole of the reservations above `r`
+    /// from it, but a reserving tier's own calls hold part of its reservation, and only the
+    /// part they do not hold is kept free for them. So the permits in use plus the unheld
+    /// part of each reservation above must stay under the limit: a tier holds the greater of
+    /// its reservation and its calls, not both. Never for gold (nothing is reserved above it).
+    #[cold]
+    fn room(&self, r: usize, inflight: u32) -> bool {
+        if r >= 2 {
+            return false;
+        }
+        let unheld: u32 = (r + 1..3)
+            .map(|a| {
+                self.reserved[a]
+                    .load(Relaxed)
+                    .saturating_sub(self.held[a].load(Relaxed))
+            })
+            .sum();
+        inflight.saturating_add(unheld) < self.limit.load(Relaxed)
     }
 
     /// Whether a call of rank `r` that found its ceiling reached takes a permit past it: its
@@ -371,7 +396,10 @@ impl Limiter {
     fn next_grant(&self, q: &Queue) -> Option<Key> {
         let (&best, _) = q.entries.last_key_value()?;
         let top = best.rank;
-        if self.inflight.load(SeqCst) < self.ceiling[usize::from(top)].load(Relaxed) {
+        let inflight = self.inflight.load(SeqCst);
+        if inflight < self.ceiling[usize::from(top)].load(Relaxed)
+            || self.room(usize::from(top), inflight)
+        {
             self.held[usize::from(top)].fetch_add(1, Relaxed);
             return Some(best);
         }
@@ -701,6 +729,34 @@ mod tests {
         assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
         assert!(l.reserve_for(4, 300_000, TICK), "none reserved");
         assert_eq!(l.ceiling[0].load(Relaxed), 4);
+    }
+
+    #[test]
+    fn a_reserving_tiers_own_calls_hold_its_reservation_not_more() {
+        let l = limiter(4);
+        // Gold turned two calls away: 2 permits reserved (no latency measured yet).
+        l.turned_away[usize::from(rank(Tier::Gold))].fetch_add(2, Relaxed);
+        assert!(l.reserve_for(4, 0, TICK));
+        assert_eq!(l.ceiling.each_ref().map(|c| c.load(Relaxed)), [2, 2, 4]);
+        // Gold runs a call: one of its 2. The tiers below keep the other 2 permits, not 1.
+        assert!(l.try_acquire(Tier::Gold));
+        assert!(l.try_acquire(Tier::Bronze) && l.try_acquire(Tier::Silver));
+        assert!(
+            !l.try_acquire(Tier::Bronze) && !l.try_acquire(Tier::Silver),
+            "gold's second permit is kept for it"
+        );
+        assert!(l.try_acquire(Tier::Gold));
+        assert_eq!(l.state().inflight, 4);
+        // A permit gold gives back is kept for gold, from the queue too.
+        let bronze = queued(l.enqueue(prio(Tier::Bronze, 0), 2.0, Duration::ZERO));
+        l.give_back(rank(Tier::Gold));
+        assert!(poll(&bronze).is_pending());
+        // One the tiers below give back is theirs again.
+        l.give_back(rank(Tier::Silver));
+        assert_eq!(poll(&bronze), Poll::Ready(WaitEnd::Granted));
+        // And gold's second is there for gold.
+        assert!(l.try_acquire(Tier::Gold));
+        assert_eq!(l.state().inflight, 4);
     }
 
     #[test]
