@@ -14,10 +14,11 @@
 //! calls do not hold, stay below the limit: a reserving tier keeps the greater of its
 //! reservation and what its calls hold, not both. (The limit less the reservations above is
 //! each tier's ceiling, read on the uncontended path; the reservations' unheld parts are
-//! added up only by a call that finds its ceiling reached.) A reservation is held for [`RESERVE_HOLD_TICKS`] ticks after the tier last turned
-//! a call away, then halves every tick; and a tick in which the tier turned nothing away and
-//! used less than half of it (its traffic fell, its breaker opened) leaves it at twice what the
-//! tier used: permits are kept idle for a tier's next calls, not for calls that stopped coming.
+//! added up only by a call that finds its ceiling reached.) A reservation is held for
+//! [`RESERVE_HOLD_TICKS`] ticks after the tier last turned a call away, then halves every
+//! tick; and a tick in which the tier turned nothing away and used less than half of it (its
+//! traffic fell, its breaker opened) leaves it at twice what the tier used: permits are kept
+//! idle for a tier's next calls, not for calls that stopped coming.
 //! Only while a tier holds a reservation do its calls count what they take: the uncontended
 //! path reads one relaxed flag more, and adds one relaxed `fetch_add` while it is set.
 //!
@@ -263,10 +264,10 @@ impl Limiter {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a permit if one is free to a call of `tier` (none reserved for the tiers above it,
-    /// or one its tier reserved that lower tiers hold, see `overdraw`) and nobody waits for
-    /// one. No lock. A permit taken is given back with [`give_back`](Self::give_back) and the
-    /// same tier.
+    /// Take a permit if one is free to a call of `tier` (under its ceiling, or not kept free
+    /// for a reservation above it, see `room`; or one its tier reserved that lower tiers hold,
+    /// see `overdraw`) and nobody waits for one. No lock. A permit taken is given back with
+    /// [`give_back`](Self::give_back) and the same tier.
     #[inline]
     pub(crate) fn try_acquire(&self, tier: Tier) -> bool {
         if self.waiting.load(SeqCst) != 0 {
@@ -283,6 +284,12 @@ impl Limiter {
         }
         if self.reserving[r].load(Relaxed) {
             self.admitted[r].fetch_add(1, Relaxed);
+            // A dispatch between the two counts above read this permit as in use and not
+            // yet held, so as kept free for the reservation as well: a waiter `room` admits
+            // now would be left waiting for the next permit given back.
+            if self.waiting.load(SeqCst) != 0 {
+                self.dispatch();
+            }
         }
         true
     }
@@ -389,7 +396,8 @@ impl Limiter {
     }
 
     /// The waiting call to hand a permit to now, if any (its permit counted as its tier's):
-    /// the best one, if the permits in use are under its ceiling. Ceilings fall with the
+    /// the best one, if the permits in use are under its ceiling or `room` lets it in (both
+    /// are true of a tier whenever they are of a tier below it). Ceilings fall with the
     /// tier, so the permits left reserved for the tiers above it are above every other
     /// waiter too; but a tier under its own reservation may overdraw (`overdraw`) whatever
     /// the tiers above it wait for, so the best waiter of each tier is asked that.
@@ -757,6 +765,25 @@ mod tests {
         // And gold's second is there for gold.
         assert!(l.try_acquire(Tier::Gold));
         assert_eq!(l.state().inflight, 4);
+    }
+
+    #[test]
+    fn bronze_leaves_free_the_unheld_part_of_every_reservation_above_it() {
+        let l = limiter(6);
+        l.turned_away[usize::from(rank(Tier::Gold))].fetch_add(2, Relaxed);
+        l.turned_away[usize::from(rank(Tier::Silver))].fetch_add(1, Relaxed);
+        assert!(l.reserve_for(6, 0, TICK));
+        assert_eq!(l.ceiling.each_ref().map(|c| c.load(Relaxed)), [3, 4, 6]);
+        // Gold and silver each run a call: bronze gets the 3 the reservations leave it.
+        assert!(l.try_acquire(Tier::Gold) && l.try_acquire(Tier::Silver));
+        for _ in 0..3 {
+            assert!(l.try_acquire(Tier::Bronze));
+        }
+        assert!(!l.try_acquire(Tier::Bronze), "gold's second permit is free");
+        assert!(l.try_acquire(Tier::Gold));
+        // Past its reservation, gold waits for a permit like any tier.
+        assert!(!l.try_acquire(Tier::Gold));
+        assert_eq!(l.state().inflight, 6);
     }
 
     #[test]

@@ -759,7 +759,12 @@ async fn gold_keeps_the_permits_when_calls_run_longer_than_it_may_wait() {
         gold_ok * 10 >= gold_sent * 9,
         "gold served {gold_ok}/{gold_sent} (bronze {bronze_ok}/{bronze_sent})"
     );
-    assert!(bronze_ok > 0, "bronze keeps what gold leaves: {bronze_ok}");
+    // Gold keeps its reservation or what its calls hold, not both: 95 of 360 when it kept
+    // both.
+    assert!(
+        bronze_ok >= 120,
+        "bronze keeps what gold leaves: {bronze_ok}/{bronze_sent}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
