@@ -29,7 +29,7 @@ impl ManualReview {
     /// | `GET /review/audit?after=<id>&limit=<n>` | dropped tasks, with who and why |
     /// | `GET /review/{id}` | one task, or 404 |
     /// | `POST /review/{id}/requeue` | replay it now; 404 if it is not in the queue |
-    /// | `POST /review/{id}/drop?by=<who>&reason=<why>` | drop it (the reason is required) |
+    /// | `POST /review/{id}/drop?by=<who>&reason=<why>` | drop it (the reason is required; `by` is `admin` when not given) |
     ///
     /// A page holds `limit` tasks (default 50; digits, brought into 1 to 1,000: `0` is 1, a
     /// count past 1,000 is 1,000; anything else is a 400). Query values are
@@ -110,18 +110,25 @@ fn decode(s: &str) -> String {
         .into_owned()
 }
 
-fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+/// The value of the query parameter `name`, if given; an error if it is given more than once
+/// (which of them was meant cannot be told, and the audit record keeps one).
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, String> {
+    let mut values = q.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(format!("`{name}` is given more than once"));
+    }
+    Ok(first)
 }
 
 /// `after` and `limit` of a page request.
 fn paging(req: &Request) -> Result<(Option<TaskId>, usize), String> {
     let q = query(req);
-    let after = match param(&q, "after") {
+    let after = match param(&q, "after")? {
         Some(a) => Some(a.parse::<TaskId>().map_err(|e| e.to_string())?),
         None => None,
     };
-    let limit = match param(&q, "limit") {
+    let limit = match param(&q, "limit")? {
         // Digits: a count, however large (the page is brought into 1 to 1,000).
         Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
             l.parse::<usize>().unwrap_or(usize::MAX)
@@ -248,10 +255,10 @@ async fn drop_task(
         Err(e) => return bad(e),
     };
     let q = query(&req);
-    let (by, reason) = (
-        param(&q, "by").unwrap_or("admin"),
-        param(&q, "reason").unwrap_or(""),
-    );
+    let (by, reason) = match (param(&q, "by"), param(&q, "reason")) {
+        (Ok(by), Ok(reason)) => (by.unwrap_or("admin"), reason.unwrap_or("")),
+        (Err(why), _) | (_, Err(why)) => return bad(why),
+    };
     if let Err(why) = super::review::audit_text(by, reason) {
         return bad(why);
     }

@@ -10,12 +10,20 @@ use super::store::{Depth, Op, StoreError, StoreErrorKind};
 const MAX_AUDIT_TEXT: usize = 1024;
 
 /// Whether a drop's `by` and `reason`, kept in its audit record and logged, are a person's
-/// name and a sentence: not blank, at most [`MAX_AUDIT_TEXT`] bytes each.
+/// name and a sentence: not blank, no control characters (a line break or a terminal escape
+/// would forge lines of the log and the record), at most [`MAX_AUDIT_TEXT`] bytes each.
 pub(crate) fn audit_text(by: &str, reason: &str) -> Result<(), String> {
     for (field, text) in [("by", by), ("reason", reason)] {
         if text.trim().is_empty() {
             return Err(format!(
-                "`{field}` is required: it is kept in the audit record"
+                "`{field}` is blank: it is kept in the audit record, and must say something"
+            ));
+        }
+        if let Some(c) = text.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "`{field}` holds a control character ({:?}): it is kept in the audit record \
+                 and logged, as one line of text",
+                c
             ));
         }
         if text.len() > MAX_AUDIT_TEXT {
@@ -115,8 +123,9 @@ impl ManualReview {
     }
 
     /// Drop the task, keeping `by` and `reason` in an audit record. `false` if it is not in
-    /// the queue. Both must say something (not blank) in at most 1,024 bytes: an error of
-    /// kind [`StoreErrorKind::Invalid`] otherwise, and nothing is dropped.
+    /// the queue. Both must say something (not blank), without control characters, in at most
+    /// 1,024 bytes: an error of kind [`StoreErrorKind::Invalid`] otherwise, and nothing is
+    /// dropped.
     pub async fn drop_task(&self, id: TaskId, by: &str, reason: &str) -> Result<bool, StoreError> {
         audit_text(by, reason).map_err(|why| StoreError::new(StoreErrorKind::Invalid, why))?;
         let _one = self.shared.reviewing.lock().await;

@@ -3546,6 +3546,18 @@ async fn the_review_queue_over_http_needs_the_token_and_keeps_an_audit() {
         StatusCode::BAD_REQUEST,
         "the audit record's text is bounded"
     );
+    // Nothing that would forge a line of the log or the audit record, and no doubt about
+    // who: refused, and nothing dropped.
+    for forged in [
+        "by=ops&reason=x%0A2026-12-06%20INFO%20dropped%20by%20ceo",
+        "by=%1B%5B2J&reason=x",
+        "by=ops&by=ceo&reason=x",
+        "by=ops&reason=x&reason=y",
+    ] {
+        let (s, err) = send("POST", format!("/review/{a}/drop?{forged}"), Some(token)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{forged}");
+        assert!(err["error"].is_string(), "a JSON error: {err}");
+    }
     let (s, _) = send(
         "POST",
         format!("/review/{a}/drop?by=ops&reason=customer%20cancelled"),
