@@ -16,7 +16,8 @@ pub(crate) fn audit_text(by: &str, reason: &str) -> Result<(), String> {
     for (field, text) in [("by", by), ("reason", reason)] {
         if text.trim().is_empty() {
             return Err(format!(
-                "`{field}` is blank: it is kept in the audit record, and must say something"
+                "`{field}` is missing or blank: it is kept in the audit record, and must say \
+                 something"
             ));
         }
         if let Some(c) = text.chars().find(|c| c.is_control()) {
