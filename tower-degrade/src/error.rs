@@ -26,7 +26,11 @@ pub struct Degraded {
     reason: Reason,
     route: Route,
     retry_after: Option<Duration>,
+    detail: Option<Arc<str>>,
 }
+
+/// The most bytes of a [`Degraded::detail`]: a longer one is cut at a character boundary.
+const MAX_DETAIL_BYTES: usize = 256;
 
 impl Degraded {
     pub(crate) fn new(
@@ -42,7 +46,29 @@ impl Degraded {
             reason,
             route,
             retry_after,
+            detail: None,
         }
+    }
+
+    /// With what was wrong with the client's own request, for the client: control characters
+    /// become spaces and other characters past ASCII are escaped (`\u{fc}`: it goes into a
+    /// header), and it is cut to [`MAX_DETAIL_BYTES`] first.
+    pub(crate) fn with_detail(mut self, detail: &str) -> Self {
+        let mut end = detail.len().min(MAX_DETAIL_BYTES);
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        // Visible ASCII and spaces (a header's value, a `grpc-message`): anything else escaped.
+        let mut clean = String::with_capacity(end);
+        for c in detail[..end].chars() {
+            match c {
+                c if c.is_control() => clean.push(' '),
+                c if c.is_ascii() => clean.push(c),
+                c => clean.extend(c.escape_unicode()),
+            }
+        }
+        self.detail = Some(clean.trim().into()).filter(|d: &Arc<str>| !d.is_empty());
+        self
     }
 
     /// The service of the degrader whose layer did not serve the call (its
@@ -73,6 +99,14 @@ impl Degraded {
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
+
+    /// What was wrong with the client's own request, where the layer refused it for that
+    /// (`malformed`, `too_large`): "header `idempotency-key`: longer than 255 bytes". Sent to
+    /// the client in [`DETAIL_HEADER`](crate::protocol::DETAIL_HEADER) (HTTP) or the
+    /// `grpc-message`; `None` for every other answer.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
 }
 
 impl Degraded {
@@ -100,6 +134,9 @@ impl Degraded {
                 write!(f, " (fallback route `{}`)", self.route)?
             }
             _ => write!(f, " (fallback route `{}` has no handler)", self.route)?,
+        }
+        if let Some(d) = &self.detail {
+            write!(f, ": {d}")?;
         }
         if let Some(d) = self.retry_after {
             write!(f, "; retry after {:.1} s", d.as_secs_f64())?;
@@ -361,5 +398,30 @@ mod tests {
             "class `pay\\u{a}X`: invalid `predictor`: index: 0 Got: 4 Expected: 1 Please fix \
              \\u{1b}[31m"
         );
+    }
+
+    #[test]
+    fn a_detail_is_one_line_of_ascii_cut_short_and_said_last() {
+        let refused = || {
+            Degraded::new(
+                Arc::from("shop"),
+                Arc::from("orders"),
+                Reason::Malformed,
+                Route::Spool,
+                None,
+            )
+        };
+        let d = refused().with_detail("qty:\r\n\u{1b}[31m ungültig ");
+        assert_eq!(d.detail(), Some("qty:   [31m ung\\u{fc}ltig"));
+        assert!(
+            d.to_string()
+                .ends_with("(fallback route `spool`): qty:   [31m ung\\u{fc}ltig"),
+            "{d}"
+        );
+        // Cut at a character boundary, then escaped; blank is none.
+        let long = format!("{}é", "x".repeat(MAX_DETAIL_BYTES - 1));
+        assert_eq!(refused().with_detail(&long).detail().unwrap().len(), 255);
+        assert_eq!(refused().with_detail(" \n ").detail(), None);
+        assert_eq!(refused().detail(), None);
     }
 }

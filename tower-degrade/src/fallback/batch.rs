@@ -101,7 +101,9 @@ impl<V> fmt::Debug for BatchMerge<V> {
 
 impl<V: Send + 'static> BatchMerge<V> {
     /// `extract` reads the key and the delta of a call (an `Err` refuses the call as
-    /// `malformed`, its message logged at debug), `merge` folds a delta into the key's value,
+    /// `malformed`, its message logged at debug and sent to the client in
+    /// [`DETAIL_HEADER`](crate::protocol::DETAIL_HEADER) or the `grpc-message`: write it for
+    /// the client), `merge` folds a delta into the key's value,
     /// `sink` writes a batch.
     ///
     /// Deltas are journaled with postcard, which is not self-describing: a `V` whose values

@@ -58,16 +58,34 @@ pub const MAX_KEY_BYTES: usize = 255;
 /// The most header bytes (names and values) kept with a call.
 pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
 
-/// A call's idempotency key that is not one (see [`valid_key`]).
+/// A call's idempotency key that is not one (see [`valid_key`]): what is wrong with it, for
+/// the client ("header `idempotency-key`: longer than 255 bytes").
 #[derive(Debug)]
-pub(crate) struct InvalidKey;
+pub(crate) struct InvalidKey(pub(crate) String);
 
 /// Whether `key` can be an idempotency key (see [`Capture`]).
 pub(crate) fn valid_key(key: &[u8]) -> bool {
-    (1..=MAX_KEY_BYTES).contains(&key.len())
-        && key.iter().all(|&b| b == b' ' || b.is_ascii_graphic())
+    key_problem(key).is_none()
+}
+
+/// What keeps `key` from being an idempotency key, if anything.
+fn key_problem(key: &[u8]) -> Option<String> {
+    if key.is_empty() {
+        Some("empty".to_owned())
+    } else if key.len() > MAX_KEY_BYTES {
+        Some(format!("longer than {MAX_KEY_BYTES} bytes"))
+    } else if let Some(at) = key.iter().position(|&b| b != b' ' && !b.is_ascii_graphic()) {
+        Some(format!(
+            "byte {} is not visible ASCII or a space (0x{:02x})",
+            at + 1,
+            key[at]
+        ))
+    } else if !key.iter().any(u8::is_ascii_graphic) {
         // Spaces alone are a key left blank, not one a client chose.
-        && key.iter().any(u8::is_ascii_graphic)
+        Some("blank".to_owned())
+    } else {
+        None
+    }
 }
 
 /// Headers that describe one connection, never replayed.
@@ -208,17 +226,24 @@ impl Capture {
     /// client means is not for the server to guess: the IETF draft makes the header a single
     /// item), refused as a key that cannot be one is.
     pub(crate) fn key(&self, parts: &http::request::Parts) -> Result<Option<String>, InvalidKey> {
+        let invalid = |why: &str| InvalidKey(format!("header `{}`: {why}", self.idempotency));
         let mut all = parts.headers.get_all(&self.idempotency).iter();
         let first = all.next();
         if all.any(|other| Some(other) != first) {
-            return Err(InvalidKey);
+            return Err(invalid("given more than once, with different values"));
         }
-        match first.map(HeaderValue::as_bytes) {
-            None => Ok(None),
+        let Some(k) = first.map(HeaderValue::as_bytes) else {
+            return Ok(None);
+        };
+        match key_problem(k) {
             // Visible ASCII and spaces: UTF-8.
-            Some(k) if valid_key(k) => Ok(std::str::from_utf8(k).ok().map(str::to_owned)),
-            Some(_) => Err(InvalidKey),
+            None => Ok(std::str::from_utf8(k).ok().map(str::to_owned)),
+            Some(why) => Err(invalid(&why)),
         }
+    }
+
+    fn body_too_large(&self) -> CaptureError {
+        CaptureError::TooLarge(format!("body over {} bytes", self.body_limit))
     }
 
     /// Capture the request, reading the body up to the limit.
@@ -237,7 +262,7 @@ impl Capture {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             && len > self.body_limit as u64
         {
-            return Err(CaptureError::TooLarge);
+            return Err(self.body_too_large());
         }
         // The key the task is kept under, if the client's can be one: its header is kept
         // (the first, when repeated), else none and the replay carries the task id.
@@ -264,13 +289,15 @@ impl Capture {
             .sum::<usize>()
             > MAX_KEPT_HEADER_BYTES
         {
-            return Err(CaptureError::TooLarge);
+            return Err(CaptureError::TooLarge(format!(
+                "headers kept with a call over {MAX_KEPT_HEADER_BYTES} bytes"
+            )));
         }
         let collect = Limited::new(body, self.body_limit).collect();
         let body = match tokio::time::timeout(self.body_timeout, collect).await {
             Ok(Ok(c)) => c.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(CaptureError::TooLarge);
+                return Err(self.body_too_large());
             }
             Ok(Err(e)) => return Err(CaptureError::Body(e.to_string())),
             Err(_) => {
@@ -350,7 +377,8 @@ fn binary_framed(rest: &[u8]) -> bool {
 /// Why a request could not be captured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CaptureError {
-    TooLarge,
+    /// Over a limit for keeping it: which, for the client.
+    TooLarge(String),
     Body(String),
     /// Not a well-formed call of its protocol.
     Malformed(String),
@@ -536,7 +564,9 @@ mod tests {
         let cap = Capture::new().body_limit(4);
         let p = parts(http::Request::post("/").body(()).unwrap());
         let long = Full::new(Bytes::from_static(b"0123456789"));
-        assert_eq!(cap.capture(&p, long).await, Err(CaptureError::TooLarge));
+        // Which limit, for the client.
+        let over = CaptureError::TooLarge("body over 4 bytes".to_owned());
+        assert_eq!(cap.capture(&p, long).await, Err(over.clone()));
         let p = parts(
             http::Request::post("/")
                 .header("content-length", "10")
@@ -544,7 +574,7 @@ mod tests {
                 .unwrap(),
         );
         let short = Full::new(Bytes::from_static(b"0"));
-        assert_eq!(cap.capture(&p, short).await, Err(CaptureError::TooLarge));
+        assert_eq!(cap.capture(&p, short).await, Err(over));
         assert!(Capture::new().header("bad header").is_err());
     }
 
@@ -556,14 +586,26 @@ mod tests {
         let binary = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
         // Spaces alone (a task's key left blank) are no key; spaces inside one are.
         assert!(!valid_key(b"   ") && valid_key(b"order 7"));
-        for value in [empty, binary, HeaderValue::from_str(&long).unwrap()] {
+        let tab = HeaderValue::from_static("order\t7");
+        for (value, why) in [
+            (empty, "empty"),
+            (binary, "byte 1 is not visible ASCII or a space (0xff)"),
+            (tab, "byte 6 is not visible ASCII or a space (0x09)"),
+            (
+                HeaderValue::from_str(&long).unwrap(),
+                "longer than 255 bytes",
+            ),
+            (HeaderValue::from_static("   "), "blank"),
+        ] {
             let p = parts(
                 http::Request::post("/log")
                     .header("idempotency-key", value)
                     .body(())
                     .unwrap(),
             );
-            assert!(cap.key(&p).is_err());
+            // What is wrong with it, for the client.
+            let InvalidKey(told) = cap.key(&p).unwrap_err();
+            assert_eq!(told, format!("header `idempotency-key`: {why}"));
             // The router refuses such a call before capturing it; captured, its key is not.
             let rec = cap.capture(&p, Full::new(Bytes::new())).await.unwrap();
             assert!(rec.headers.is_empty(), "{:?}", rec.headers);
@@ -580,7 +622,11 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(cap.key(&two).is_err());
+        let InvalidKey(told) = cap.key(&two).unwrap_err();
+        assert!(
+            told.ends_with("given more than once, with different values"),
+            "{told}"
+        );
         // The longest key, and the same key twice, kept once.
         let longest = "k".repeat(MAX_KEY_BYTES);
         let p = parts(
@@ -609,7 +655,12 @@ mod tests {
                 .unwrap(),
         );
         let body = Full::new(Bytes::new());
-        assert_eq!(cap.capture(&p, body).await, Err(CaptureError::TooLarge));
+        assert_eq!(
+            cap.capture(&p, body).await,
+            Err(CaptureError::TooLarge(format!(
+                "headers kept with a call over {MAX_KEPT_HEADER_BYTES} bytes"
+            )))
+        );
         // An absolute-form target: the replay goes where its service sends it.
         let p = parts(
             http::Request::post("http://elsewhere.example/pay/1?x=1")

@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 
 use super::batch::{BatchMerge, Batcher};
-use super::capture::{Capture, CaptureError};
+use super::capture::{Capture, CaptureError, InvalidKey};
 use super::record::{HttpRequest, Payload, Queue, Task, TaskId};
 use super::replay::Replay;
 use super::review::ManualReview;
@@ -513,14 +513,18 @@ where
     let come_back = shared.come_back(call.retry_after());
     let (parts, body) = call.into_request().into_parts();
     let grpc = is_grpc(&parts.headers);
-    let answer = |why: Reason| {
+    let answer = |why: Reason, detail: Option<&str>| {
         // A body too large to keep will not be kept later either: no `Retry-After`.
         let retry = !matches!(why, Reason::TooLarge | Reason::Malformed);
         let retry = retry.then_some(come_back);
-        let d = Degraded::new(service.clone(), name.clone(), why, route, retry);
+        let mut d = Degraded::new(service.clone(), name.clone(), why, route, retry);
+        if let Some(detail) = detail {
+            // What is wrong with the client's own request: told, so it can be mended.
+            d = d.with_detail(detail);
+        }
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
-    let refuse = |why: Reason| {
+    let refuse_for = |why: Reason, detail: Option<&str>| {
         // The call's service: the router's own but for a call of another degrader (refused),
         // whose class it is.
         crate::metrics::count_result(
@@ -529,8 +533,9 @@ where
             &crate::metrics::KEPT_RESULTS,
             why.as_str(),
         );
-        answer(why)
+        answer(why, detail)
     };
+    let refuse = |why: Reason| refuse_for(why, None);
     if foreign {
         // Read, as the layer's `drain_rejected` reads the calls it refuses: over HTTP/2 a
         // message that comes after the answer, unread, counts against the client's connection.
@@ -545,19 +550,22 @@ where
     }
     // A key that is not one: refused, rather than kept under its task id, where each retry
     // of the call would be another task, replayed with another key.
-    let Ok(key) = shared.capture.key(&parts) else {
-        tracing::debug!(class = %class, "a diverted call's idempotency key is not a valid key");
-        super::drain::read_refused(body).await;
-        return refuse(Reason::Malformed);
+    let key = match shared.capture.key(&parts) {
+        Ok(key) => key,
+        Err(InvalidKey(why)) => {
+            tracing::debug!(class = %class, error = %why, "a diverted call's idempotency key is not a valid key");
+            super::drain::read_refused(body).await;
+            return refuse_for(Reason::Malformed, Some(&why));
+        }
     };
     // The body first: a client that stalls its body holds no key, so it cannot hold back
     // the other calls with its key (a retry of its own, say).
     let rec = match shared.capture.capture(&parts, body).await {
         Ok(rec) => rec,
-        Err(CaptureError::TooLarge) => return refuse(Reason::TooLarge),
+        Err(CaptureError::TooLarge(why)) => return refuse_for(Reason::TooLarge, Some(&why)),
         Err(CaptureError::Malformed(why)) => {
             tracing::debug!(class = %class, error = %why, "a diverted gRPC call is malformed");
-            return refuse(Reason::Malformed);
+            return refuse_for(Reason::Malformed, Some(&why));
         }
         Err(CaptureError::Body(e)) => {
             tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
@@ -577,9 +585,9 @@ where
             grpc,
             RB::default(),
         )),
-        Stored::Unreadable(why) => refuse(why),
+        Stored::Unreadable(why, detail) => refuse_for(why, detail.as_deref()),
         // `put_kept` counted it.
-        Stored::NotKept => answer(Reason::NotKept),
+        Stored::NotKept => answer(Reason::NotKept, None),
     }
 }
 
@@ -606,7 +614,7 @@ impl KeptCall for HttpRequest {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Result<(Queue, Task), Reason> {
+    ) -> Result<(Queue, Task), (Reason, Option<String>)> {
         let Some(batcher) = shared
             .batches
             .get(class)
@@ -620,7 +628,9 @@ impl KeptCall for HttpRequest {
             .map_err(|(refused, why)| {
                 tracing::debug!(class = %class, answer = %refused, error = %why,
                     "batch_merge cannot read the call");
-                refused
+                // The extractor's own words on what is wrong with the call go to its client;
+                // a panic's or the journal's are the server's.
+                (refused, (refused == Reason::Malformed).then_some(why))
             })
     }
 }
@@ -638,7 +648,7 @@ impl KeptCall for Vec<u8> {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Result<(Queue, Task), Reason> {
+    ) -> Result<(Queue, Task), (Reason, Option<String>)> {
         Ok(shared.new_task(route, class, key, reason, Payload::Bytes(self)))
     }
 }
@@ -837,7 +847,7 @@ impl<T> FallbackRouter<T> {
             match stored {
                 Stored::Kept(id) => Ok(Accepted { id, route }),
                 Stored::Found(kept) => found(kept),
-                Stored::NotKept | Stored::Unreadable(_) => Err(not_kept(Reason::NotKept)),
+                Stored::NotKept | Stored::Unreadable(..) => Err(not_kept(Reason::NotKept)),
             }
         })
     }

@@ -99,15 +99,17 @@ pub(crate) enum Stored {
     Found(Kept),
     /// The store refused it (counted and logged).
     NotKept,
-    /// The call could not be read as a task ([`KeptCall::task`] said why).
-    Unreadable(Reason),
+    /// The call could not be read as a task ([`KeptCall::task`] said why, and what is wrong
+    /// with it where its client is to be told).
+    Unreadable(Reason, Option<String>),
 }
 
 /// A call the router keeps (a captured HTTP request, a task-API payload).
 pub(crate) trait KeptCall: Send + Sync + 'static {
     /// Whether `kept`, what the call's idempotency key already holds, is this call.
     fn same(&self, shared: &RouterShared, class: &str, kept: &Payload) -> bool;
-    /// Its queue and task, or why the call cannot be read as one (`Malformed`, `NotKept`).
+    /// Its queue and task, or why the call cannot be read as one (`Malformed`, `NotKept`)
+    /// and what is wrong with it, for its client.
     fn task(
         self,
         shared: &RouterShared,
@@ -115,7 +117,7 @@ pub(crate) trait KeptCall: Send + Sync + 'static {
         key: Option<String>,
         route: Route,
         reason: Reason,
-    ) -> Result<(Queue, Task), Reason>;
+    ) -> Result<(Queue, Task), (Reason, Option<String>)>;
 }
 
 /// A key being stored; dropping it wakes the calls waiting on the same key.
@@ -225,7 +227,7 @@ impl RouterShared {
             };
             let (queue, task) = match call.task(&shared, &class, key, route, reason) {
                 Ok(task) => task,
-                Err(why) => return Stored::Unreadable(why),
+                Err((why, detail)) => return Stored::Unreadable(why, detail),
             };
             let merged = (queue == Queue::Journal).then(|| task.clone());
             let stored = shared.put_kept(queue, task, route, reason).await;

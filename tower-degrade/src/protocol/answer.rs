@@ -14,6 +14,12 @@ pub const REASON_HEADER: HeaderName = HeaderName::from_static("x-degrade-reason"
 /// to expose class names (`Http::expose_class`, `Grpc::expose_class`; off by default).
 pub const CLASS_HEADER: HeaderName = HeaderName::from_static("x-degrade-class");
 
+/// The header saying what was wrong with the client's own request, on the layer's HTTP
+/// answers that refuse it for that (`400` `malformed`, `413` `too_large`): `header
+/// \`idempotency-key\`: longer than 255 bytes` ([`Degraded::detail`]). gRPC clients get it in
+/// the `grpc-message`.
+pub const DETAIL_HEADER: HeaderName = HeaderName::from_static("x-degrade-detail");
+
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
@@ -47,7 +53,9 @@ pub(crate) fn degraded_response<T>(
             _ => "14",
         };
         headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
-        if let Ok(v) = HeaderValue::from_str(&d.client_message(expose_class)) {
+        // gRPC percent-encodes its message: a `%` of the message's own is `%25`.
+        let message = d.client_message(expose_class).replace('%', "%25");
+        if let Ok(v) = HeaderValue::from_str(&message) {
             headers.insert(GRPC_MESSAGE, v);
         }
         if let Some(ra) = d.retry_after() {
@@ -61,6 +69,9 @@ pub(crate) fn degraded_response<T>(
             Reason::Malformed => StatusCode::BAD_REQUEST,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
+        if let Some(v) = d.detail().and_then(|d| HeaderValue::from_str(d).ok()) {
+            res.headers_mut().insert(DETAIL_HEADER, v);
+        }
         if let Some(ra) = d.retry_after() {
             // Whole seconds, rounded up: a client told "0" would come back at once.
             let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);

@@ -27,7 +27,7 @@ use tower_http::classify::{
     GrpcCode, GrpcFailureClass, ServerErrorsFailureClass, StatusInRangeFailureClass,
 };
 
-pub use self::answer::{CLASS_HEADER, REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
+pub use self::answer::{CLASS_HEADER, DETAIL_HEADER, REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 #[cfg(feature = "fallback")]
 pub(crate) use self::answer::{degraded_response, kept_response, key_reused_response};
 pub use self::body::DegradeBody;

@@ -20,7 +20,7 @@ use tower_degrade::fallback::{
     REPLAY_HEADER, ReplayByClass, Replayed, RetryPolicy, Store, Task, TaskId, replay_fn,
     replay_task,
 };
-use tower_degrade::protocol::{REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
+use tower_degrade::protocol::{DETAIL_HEADER, REASON_HEADER, ROUTE_HEADER, TASK_ID_HEADER};
 use tower_degrade::{BoxError, ClassConfig, Degrader, Route};
 
 #[path = "../late.rs"]
@@ -1867,6 +1867,8 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     let big = call(&svc, post("/log", "0123456789abcdef")).await;
     assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(big.headers()[REASON_HEADER], "too_large");
+    // Which limit, so the client can tell what to mend.
+    assert_eq!(big.headers()[DETAIL_HEADER], "body over 8 bytes");
     assert!(
         !big.headers().contains_key("retry-after"),
         "it will not be kept later either"
@@ -2095,12 +2097,25 @@ async fn a_call_whose_idempotency_key_is_not_one_is_refused_not_kept_again_and_a
             .body(Full::new(Bytes::from_static(b"order")))
             .unwrap()
     };
-    for key in [&b"x".repeat(256)[..], b"order\t42", b"   "] {
+    // Each told what is wrong with its key (the answer had no word of it: found by a
+    // hostile-input trial).
+    for (key, why) in [
+        (&b"x".repeat(256)[..], "longer than 255 bytes"),
+        (
+            b"order\t42",
+            "byte 6 is not visible ASCII or a space (0x09)",
+        ),
+        (b"   ", "blank"),
+    ] {
         for _ in 0..2 {
             let res = call(&svc, with_key(key)).await;
             assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{key:?}");
             assert_eq!(res.headers()[REASON_HEADER], "malformed");
             assert!(!res.headers().contains_key("retry-after"));
+            let told = format!("header `idempotency-key`: {why}");
+            assert_eq!(res.headers()[DETAIL_HEADER], told.as_str());
+            let d = res.extensions().get::<tower_degrade::Degraded>().unwrap();
+            assert_eq!(d.detail(), Some(told.as_str()));
         }
     }
     let grpc = Request::post("/shop.Orders/Place")
@@ -2108,7 +2123,13 @@ async fn a_call_whose_idempotency_key_is_not_one_is_refused_not_kept_again_and_a
         .header("idempotency-key", "order\t42")
         .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 1, 8])))
         .unwrap();
-    assert_eq!(call(&svc, grpc).await.headers()["grpc-status"], "3");
+    let res = call(&svc, grpc).await;
+    assert_eq!(res.headers()["grpc-status"], "3");
+    let message = res.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.ends_with("(fallback route `spool`): header `idempotency-key`: byte 6 is not visible ASCII or a space (0x09)"),
+        "{message}"
+    );
     // Two keys: which one is meant is not for the server to guess.
     let two = Request::post("/orders")
         .header("idempotency-key", "order 42")
@@ -2118,6 +2139,10 @@ async fn a_call_whose_idempotency_key_is_not_one_is_refused_not_kept_again_and_a
     let res = call(&svc, two).await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(res.headers()[REASON_HEADER], "malformed");
+    assert_eq!(
+        res.headers()[DETAIL_HEADER],
+        "header `idempotency-key`: given more than once, with different values"
+    );
     assert_eq!(store.depth(Queue::Spool).len, 0, "nothing kept");
     // A key of 255 visible bytes and spaces is one: kept once, however often sent.
     let key = format!("order 42 {}", "x".repeat(246));
@@ -2161,6 +2186,12 @@ async fn a_kept_grpc_call_is_answered_with_a_documented_status_and_the_task_id()
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers()["grpc-status"], "3", "{body:?}");
         assert_eq!(res.headers()[REASON_HEADER], "malformed");
+        // What is wrong with it, in the message.
+        let message = res.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            message.contains("(fallback route `spool`): message 0: "),
+            "{message}"
+        );
         assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
         assert!(!res.headers().contains_key(TASK_ID_HEADER));
     }
@@ -2601,9 +2632,15 @@ async fn a_call_the_extract_refuses_is_malformed_and_one_it_panics_on_is_not_kep
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     assert_eq!(refused.headers()[REASON_HEADER], "malformed");
     assert!(!refused.headers().contains_key(http::header::RETRY_AFTER));
+    // The extractor's words go to the client; a panic's stay in the server's log.
+    assert_eq!(
+        refused.headers()[DETAIL_HEADER],
+        "invalid digit found in string"
+    );
     let panicked = call(&svc, post("/inventory/sku1", "boom")).await;
     assert_eq!(panicked.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(panicked.headers()[REASON_HEADER], "not_kept");
+    assert!(!panicked.headers().contains_key(DETAIL_HEADER));
     assert!(panicked.headers().contains_key(http::header::RETRY_AFTER));
     let kept = call(&svc, post("/inventory/sku1", "5")).await;
     assert_eq!(kept.status(), StatusCode::ACCEPTED);
