@@ -30,6 +30,7 @@ pub struct Degraded {
 }
 
 /// The most bytes of a [`Degraded::detail`]: a longer one is cut at a character boundary.
+#[cfg(feature = "fallback")]
 const MAX_DETAIL_BYTES: usize = 256;
 
 impl Degraded {
@@ -53,6 +54,7 @@ impl Degraded {
     /// With what was wrong with the client's own request, for the client: control characters
     /// become spaces and other characters past ASCII are escaped (`\u{fc}`: it goes into a
     /// header), and it is cut to [`MAX_DETAIL_BYTES`] first.
+    #[cfg(feature = "fallback")]
     pub(crate) fn with_detail(mut self, detail: &str) -> Self {
         let mut end = detail.len().min(MAX_DETAIL_BYTES);
         while !detail.is_char_boundary(end) {
@@ -189,8 +191,9 @@ pub enum ConfigError {
     InvalidName(String),
     /// A rule or strategy names a class that is not configured.
     UnknownClass(String),
-    /// More classes than a `u16` can index.
-    TooManyClasses,
+    /// More classes configured than [`MAX_CLASSES`](crate::class::MAX_CLASSES) less the
+    /// `default` class: how many.
+    TooManyClasses(usize),
     /// A field of one class has a value that would make the class meaningless.
     InvalidClass {
         /// The class.
@@ -262,7 +265,12 @@ impl fmt::Display for ConfigError {
                 name(n)
             ),
             ConfigError::UnknownClass(n) => write!(f, "unknown class `{}`", name(n)),
-            ConfigError::TooManyClasses => f.write_str("too many classes (at most 65535)"),
+            ConfigError::TooManyClasses(n) => write!(
+                f,
+                "{n} classes configured: at most {} besides `default` (a class is a kind of \
+                 work, not a tenant or an endpoint of its own: group them)",
+                crate::class::MAX_CLASSES - 1
+            ),
             ConfigError::InvalidClass {
                 class,
                 field,
@@ -401,6 +409,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "fallback")]
     fn a_detail_is_one_line_of_ascii_cut_short_and_said_last() {
         let refused = || {
             Degraded::new(

@@ -5,7 +5,7 @@ mod registry;
 use std::fmt;
 use std::time::Duration;
 
-pub use self::registry::{ClassId, DEFAULT_CLASS, Registry};
+pub use self::registry::{ClassId, DEFAULT_CLASS, MAX_CLASSES, Registry};
 
 /// Business importance of a class: payment callbacks before inventory before browse logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
