@@ -167,9 +167,16 @@ impl Shared {
             // that overran can no longer stand for one made before (`is_full`).
             let prediction = prediction.filter(|_| ctl.features.is_full());
             if !self.limiters.is_empty() {
-                self.gates[id.index()]
-                    .score
+                let gate = &self.gates[id.index()];
+                gate.score
                     .store(admission_score(class, &ctl.history), Ordering::Relaxed);
+                ctl.overloaded_for = if snap.overloaded > 0 {
+                    (ctl.overloaded_for + self.period).min(crate::gate::MAX_OVERLOAD_PUSHBACK)
+                } else {
+                    ctl.overloaded_for / 2
+                };
+                let ms = u32::try_from(ctl.overloaded_for.as_millis()).unwrap_or(u32::MAX);
+                gate.overloaded_ms.store(ms, Ordering::Relaxed);
             }
             // A trial takes the predictions; the breaker in force then goes by its rules.
             let trial = if ctl.trial_running() {

@@ -16,6 +16,10 @@ pub(crate) use self::directive::{
 };
 pub(crate) use self::probe::ProbePermit;
 
+/// The longest an overload refusal asks its client to wait (`Retry-After`,
+/// `grpc-retry-pushback-ms`; see [`Gate::overload_pushback`]).
+pub(crate) const MAX_OVERLOAD_PUSHBACK: Duration = Duration::from_secs(10);
+
 /// What the data path reads of one class.
 #[repr(align(128))]
 #[derive(Debug)]
@@ -45,6 +49,9 @@ pub(crate) struct Gate {
     pub(crate) tier: crate::class::Tier,
     /// Where the class's calls go when not admitted.
     pub(crate) route: crate::class::Route,
+    /// How long the class's calls have been turned away for overload, in ms, as the control
+    /// loop last saw it (see [`overload_pushback`](Self::overload_pushback)).
+    pub(crate) overloaded_ms: AtomicU32,
 }
 
 impl Gate {
@@ -62,7 +69,23 @@ impl Gate {
             queue_bound: class.queue_delay_bound(),
             tier: class.tier(),
             route: class.route(),
+            overloaded_ms: AtomicU32::new(0),
         }
+    }
+
+    /// How long a call turned away for overload asks its client to wait: the next tick
+    /// (`period`) while the class's overload is new; once it has lasted longer, a wait drawn
+    /// evenly between half of how long it has lasted and all of it, at most
+    /// [`MAX_OVERLOAD_PUSHBACK`]. Clients that honour it come back fewer the longer an
+    /// overload lasts, rather than every tick into it, and spread out rather than together.
+    #[cold]
+    pub(crate) fn overload_pushback(&self, period: Duration) -> Duration {
+        let lasted = Duration::from_millis(u64::from(self.overloaded_ms.load(Ordering::Relaxed)))
+            .min(MAX_OVERLOAD_PUSHBACK);
+        if lasted <= period {
+            return period;
+        }
+        lasted.mul_f64(0.5 + 0.5 * spread()).max(period)
     }
 
     /// Whether the next call falls within the admitted `threshold` (see [`Packed::threshold`]).
@@ -111,4 +134,28 @@ impl Gate {
             u64::from(self.probes_failed.swap(0, Ordering::Relaxed)),
         )
     }
+}
+
+/// A number in `[0, 1)`, from a generator of the calling thread's own (xorshift, seeded once a
+/// thread from the standard library's random hasher keys): no lock, no shared cache line.
+fn spread() -> f64 {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = const { Cell::new(0) };
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        if x == 0 {
+            x = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
 }

@@ -202,7 +202,7 @@ where
                     }
                     let req = this.req.take().expect("polled after completion");
                     let gate = &shared.gates[idx];
-                    let retry = Some(shared.period);
+                    let retry = Some(gate.overload_pushback(shared.period));
                     return Poll::Ready(
                         match divert(
                             shared,

@@ -298,7 +298,8 @@ impl<S, C, P, F> Degrade<S, C, P, F> {
         if let Some(p) = probe {
             p.release(idx);
         }
-        let (route, retry) = (self.shared.gates[idx].route, Some(self.shared.period));
+        let gate = &self.shared.gates[idx];
+        let (route, retry) = (gate.route, Some(gate.overload_pushback(self.shared.period)));
         match divert(
             &self.shared,
             &mut self.fallback,

@@ -43,7 +43,8 @@ use crate::window::{Outcome, Recording};
 /// Calls the layer does not pass to the service get a trailers-only `grpc-status: 14`
 /// (`UNAVAILABLE`; 4, `DEADLINE_EXCEEDED`, for a timeout) with
 ///
-/// * `grpc-retry-pushback-ms` from the class's state: the open time left, the next tick, or a
+/// * `grpc-retry-pushback-ms` from the class's state: the open time left, the next tick (for
+///   an overload that has lasted longer, up to how long it has lasted, at most 10 s), or a
 ///   policy's `retry_after`, never sooner than the next tick (gRPC clients with retry
 ///   policies honour it; not on a `DEADLINE_EXCEEDED`, a call admitted that ran out of its
 ///   time);

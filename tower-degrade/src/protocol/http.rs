@@ -19,7 +19,8 @@ use crate::window::{Outcome, Recording};
 /// an empty `B::default()` body: 503 (504 for a timeout) with
 ///
 /// * `Retry-After`, in whole seconds rounded up, from the class's state: the open time left,
-///   the next tick, or a policy's `retry_after`, never sooner than the next tick (not on a
+///   the next tick (for an overload that has lasted longer, up to how long it has lasted, at
+///   most 10 s), or a policy's `retry_after`, never sooner than the next tick (not on a
 ///   `504`: that call was admitted and ran out of its time, which says nothing of when the
 ///   class takes calls again; the client's own retry policy decides);
 /// * [`x-degrade-reason`](super::REASON_HEADER) naming why (`breaker_open`, `degraded`,

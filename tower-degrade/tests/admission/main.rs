@@ -333,6 +333,84 @@ async fn a_call_with_no_time_to_wait_is_answered_at_once_and_pushes_no_call_out(
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_overload_asks_its_callers_to_wait_longer_the_longer_it_lasts() {
+    // Every refusal asked to come back at the next tick (500 ms), through an overload of 40 s
+    // too, so clients that honour the pushback came back into it 80 times (found by a gRPC
+    // trial). Now the wait grows with how long the overload has lasted, spread between half
+    // of that and all of it, at most 10 s, and shrinks again once calls are no longer refused.
+    let d = degrader(1, [ClassConfig::bronze("log")]);
+    let classify = HttpClassifier::builder(d.registry())
+        .grpc("/shop.Logs/Write", "log")
+        .unwrap()
+        .build();
+    let (inner, gate) = gated();
+    let svc = d.layer(classify).layer(inner);
+    let call = |timeout: Option<&str>| {
+        let mut req = Request::post("/shop.Logs/Write").header("content-type", "application/grpc");
+        if let Some(t) = timeout {
+            req = req.header("grpc-timeout", t);
+        }
+        svc.clone().oneshot(req.body(()).unwrap())
+    };
+    // A caller with no time to wait, while a call holds the only permit: refused at once.
+    let pushback = || async {
+        let e = call(Some("0m")).await.expect_err("refused");
+        let d = tower_degrade::error::degraded(&*e).unwrap();
+        assert_eq!(d.reason(), Reason::Overload);
+        d.retry_after().unwrap()
+    };
+    let ms = Duration::from_millis;
+    let busy = tokio::spawn(call(None));
+    settle().await;
+    assert_eq!(pushback().await, ms(500), "a new overload: the next tick");
+    let mut lasted = Duration::ZERO;
+    for tick in 1..=30 {
+        d.tick_now();
+        lasted = (lasted + ms(500)).min(Duration::from_secs(10));
+        let waits: Vec<Duration> = in_turn(20, pushback).await;
+        let low = (lasted / 2).max(ms(500));
+        for w in &waits {
+            assert!(
+                (low..=lasted.max(ms(500))).contains(w),
+                "tick {tick}: {w:?} for {lasted:?}"
+            );
+        }
+        if tick >= 4 {
+            assert!(waits.iter().any(|w| *w != waits[0]), "spread: {waits:?}");
+        }
+    }
+    assert!(lasted == Duration::from_secs(10));
+    // Served again: each tick that turns no call away halves it, back to the next tick.
+    gate.add_permits(1);
+    busy.await.unwrap().unwrap();
+    for _ in 0..5 {
+        d.tick_now();
+    }
+    let busy = tokio::spawn(call(None));
+    settle().await;
+    assert_eq!(
+        pushback().await,
+        ms(500),
+        "10 s halved five times is under a tick"
+    );
+    gate.add_permits(1);
+    busy.await.unwrap().unwrap();
+}
+
+/// `n` calls of `f` in turn.
+async fn in_turn<F, Fut, T>(n: usize, f: F) -> Vec<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(f().await);
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
 async fn callers_giving_up_in_the_queue_are_counted() {
     // Bronze waits up to 1 s for a permit; its abandon threshold is set to 500 ms. One
     // caller gives up after 100 ms of waiting, another after 700 ms: cancelled, then a
