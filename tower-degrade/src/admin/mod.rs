@@ -14,7 +14,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /` | a status page: every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
+//! | `GET /` | a status page: above all, the faults injected, a failing predictor, and refused or quarantined policies; every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
 //! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, the calls in flight past their SLA (`overdue`: failures to the breaker, not in `success`), prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores it still learns, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`; no body, `{}` or `null`, and no query: a command has nothing to set): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
@@ -69,7 +69,8 @@ pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_s
 /// Serve the admin `router` on `listener` (from [`bind`]) over HTTP/1.1, with bounds an admin
 /// port needs: at most [`MAX_CONNECTIONS`] connections at once, each closed when a request's
 /// head does not arrive whole within [`HEADER_READ_TIMEOUT`], and any after
-/// [`CONNECTION_LIFETIME`]. On a loopback listener, a
+/// [`CONNECTION_LIFETIME`]. An HTTP/1.1 request with no `Host` is refused `400`. On a
+/// loopback listener, a
 /// request addressed to another host (its `Host` header not `localhost`, a `*.localhost` name
 /// or a loopback address) is refused `403`: a web page that rebinds its own name to
 /// 127.0.0.1 (DNS rebinding) would otherwise read `/status` and the page through its
@@ -84,6 +85,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
         }
         _ => router,
     };
+    let router = router.layer(axum::middleware::from_fn(host_required));
     loop {
         // Never closed.
         let Ok(slot) = open.clone().acquire_owned().await else {
@@ -128,6 +130,19 @@ async fn not_found(uri: axum::http::Uri) -> Response {
                 crate::error::escape_cut(uri.path(), 256)
             )
         })),
+    )
+        .into_response()
+}
+
+/// Refuse an HTTP/1.1 request with no `Host` header `400`, as RFC 9112 (section 3.2) asks of
+/// a server; an HTTP/1.0 one may have none.
+async fn host_required(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.version() != axum::http::Version::HTTP_11 || req.headers().contains_key(header::HOST) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": "an HTTP/1.1 request needs a Host header"})),
     )
         .into_response()
 }

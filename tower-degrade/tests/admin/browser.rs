@@ -162,11 +162,14 @@ async fn message_after(c: &Client, before: &str) -> String {
     .await
 }
 
-/// Answers 0.05 for every class: a predictor that sees nothing coming.
-struct Quiet;
+/// Answers 0.05 for every class, a predictor that sees nothing coming, until told to fail.
+struct Quiet(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 impl Predictor for Quiet {
     fn predict(&mut self, _input: &[f32], out: &mut [f32]) -> Result<(), BoxError> {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the model's device is gone".into());
+        }
         out.fill(0.05);
         Ok(())
     }
@@ -176,13 +179,14 @@ impl Predictor for Quiet {
 async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need_the_token() {
     // The shop, with a predictor at a fixed threshold for payment (armed once a class's window
     // is whole: 68 ticks, ticked below before the page is opened).
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = support::builder("shop")
         .breaker(BreakerConfig::default().predict_threshold(0.87))
         .class(ClassConfig::gold("payment").depends_on("db"))
         .class(ClassConfig::bronze("browse_log").depends_on("third_party:analytics"))
         // browse_log calibrates its threshold (the default), and has no calls to learn from.
         .class_breaker("browse_log", BreakerConfig::default())
-        .predictor(Quiet, PredictorConfig::default())
+        .predictor(Quiet(failing.clone()), PredictorConfig::default())
         .build_with_worker()
         .expect("valid config")
         .0;
@@ -290,6 +294,26 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     })
     .await;
     assert_eq!(badge(&c, "payment").await.as_deref(), Some("metrics_only"));
+
+    // A predictor failing is said above the classes (it was in `/status` only), and once it
+    // answers again, that it failed.
+    assert_eq!(text(&c, "#notices").await.as_deref(), Some(""));
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    d.tick_now();
+    until("the predictor's failure shown", || async {
+        text(&c, "#notices")
+            .await
+            .filter(|m| m == "predictor failing: the model's device is gone")
+    })
+    .await;
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    d.tick_now();
+    until("the predictor answering again", || async {
+        text(&c, "#notices").await.filter(|m| {
+            m == "predictor: 1 batch failed since start (last: the model's device is gone)"
+        })
+    })
+    .await;
 
     // A refresh that fails says so, and the next one that succeeds clears it (it stayed on
     // the page for good after a restart of the service).

@@ -372,6 +372,21 @@ async fn the_status_page_reads_status_and_cannot_be_framed() {
     for cmd in ["force_open", "force_closed", "reset"] {
         assert!(page.contains(&format!("\"{cmd}\"")), "{cmd}");
     }
+    // What an operator must not miss is said above the classes, from the fields `/status`
+    // has (a fault left in force, a failing predictor, refused policies were in the JSON
+    // only).
+    for field in [
+        "s.chaos",
+        "f.latency_ms",
+        "f.errors",
+        "p.error",
+        "p.failed_batches",
+        "p.not_probabilities",
+        "pol.last_load_refused",
+        "pol.quarantined",
+    ] {
+        assert!(page.contains(field), "{field}");
+    }
     // Data goes in with textContent only: no markup from the server's answers.
     assert!(!page.contains("innerHTML"));
 }
@@ -686,4 +701,14 @@ async fn a_loopback_listener_answers_only_requests_addressed_to_this_machine() {
     ))
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // HTTP/1.1 with no `Host` is refused, as RFC 9112 asks (a hostile trial's was served);
+    // an HTTP/1.0 tool may send none.
+    let answer = raw("GET /status HTTP/1.1\r\nconnection: close\r\n\r\n".to_owned()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("needs a Host header"), "{answer}");
+    let answer = raw("GET /status HTTP/1.0\r\n\r\n".to_owned()).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
 }
