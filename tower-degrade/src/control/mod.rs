@@ -170,10 +170,7 @@ impl Shared {
                 let gate = &self.gates[id.index()];
                 gate.score
                     .store(admission_score(class, &ctl.history), Ordering::Relaxed);
-                // Longer while the class turns away more of its calls than it serves; a
-                // class that serves most (gold, first in line) keeps asking for the next
-                // tick, where a retry likely finds a permit.
-                ctl.overloaded_for = if snap.overloaded > snap.completed() + snap.cancelled {
+                ctl.overloaded_for = if snap.overloaded > 0 {
                     (ctl.overloaded_for + self.period).min(crate::gate::MAX_OVERLOAD_PUSHBACK)
                 } else {
                     ctl.overloaded_for / 2

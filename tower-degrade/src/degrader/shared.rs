@@ -42,7 +42,7 @@ pub(crate) struct ClassControl {
     /// publish it over the command's (`Shared::publish_decided`).
     pub(crate) commands: u64,
     /// How long the class's calls have been turned away for overload: a tick more for each
-    /// tick that turned away more of them than it served, halved by each other tick (see
+    /// tick that turned one away, halved by each that did not (see
     /// [`Gate::overload_pushback`](crate::gate::Gate::overload_pushback)).
     pub(crate) overloaded_for: std::time::Duration,
 }

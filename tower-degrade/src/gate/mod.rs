@@ -74,8 +74,7 @@ impl Gate {
     }
 
     /// How long a call turned away for overload asks its client to wait: the next tick
-    /// (`period`) while the class's overload is new, or while the class serves more of its
-    /// calls than it turns away; once it has turned away most of them for longer, a wait drawn
+    /// (`period`) while the class's overload is new; once it has lasted longer, a wait drawn
     /// evenly between half of how long it has lasted and all of it, at most
     /// [`MAX_OVERLOAD_PUSHBACK`]. Clients that honour it come back fewer the longer an
     /// overload lasts, rather than every tick into it, and spread out rather than together.

@@ -337,8 +337,7 @@ async fn an_overload_asks_its_callers_to_wait_longer_the_longer_it_lasts() {
     // Every refusal asked to come back at the next tick (500 ms), through an overload of 40 s
     // too, so clients that honour the pushback came back into it 80 times (found by a gRPC
     // trial). Now the wait grows with how long the overload has lasted, spread between half
-    // of that and all of it, at most 10 s, and shrinks again once the class serves more of
-    // its calls than it turns away.
+    // of that and all of it, at most 10 s, and shrinks again once calls are no longer refused.
     let d = degrader(1, [ClassConfig::bronze("log")]);
     let classify = HttpClassifier::builder(d.registry())
         .grpc("/shop.Logs/Write", "log")
@@ -381,29 +380,11 @@ async fn an_overload_asks_its_callers_to_wait_longer_the_longer_it_lasts() {
         }
     }
     assert!(lasted == Duration::from_secs(10));
+    // Served again: each tick that turns no call away halves it, back to the next tick.
     gate.add_permits(1);
     busy.await.unwrap().unwrap();
-    // Once the class serves more of its calls than it turns away (gold, first in line, whose
-    // retry likely finds a permit at the next tick), each tick halves it, back to the next
-    // tick.
-    for tick in 1..=5 {
-        gate.add_permits(3);
-        for _ in 0..3 {
-            call(None).await.unwrap();
-        }
-        let busy = tokio::spawn(call(None));
-        settle().await;
-        let turned_away = pushback().await;
-        gate.add_permits(1);
-        busy.await.unwrap().unwrap();
+    for _ in 0..5 {
         d.tick_now();
-        lasted /= 2;
-        if tick == 1 {
-            assert!(
-                turned_away >= ms(5_000),
-                "before the first such tick: {turned_away:?}"
-            );
-        }
     }
     let busy = tokio::spawn(call(None));
     settle().await;
@@ -414,7 +395,6 @@ async fn an_overload_asks_its_callers_to_wait_longer_the_longer_it_lasts() {
     );
     gate.add_permits(1);
     busy.await.unwrap().unwrap();
-    assert!(lasted < ms(500));
 }
 
 /// `n` calls of `f` in turn.
