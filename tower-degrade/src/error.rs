@@ -53,20 +53,21 @@ impl Degraded {
 
     /// With what was wrong with the client's own request, for the client: control characters
     /// become spaces and other characters past ASCII are escaped (`\u{fc}`: it goes into a
-    /// header), and it is cut to [`MAX_DETAIL_BYTES`] first.
+    /// header), then it is cut to [`MAX_DETAIL_BYTES`].
     #[cfg(feature = "fallback")]
     pub(crate) fn with_detail(mut self, detail: &str) -> Self {
-        let mut end = detail.len().min(MAX_DETAIL_BYTES);
-        while !detail.is_char_boundary(end) {
-            end -= 1;
-        }
         // Visible ASCII and spaces (a header's value, a `grpc-message`): anything else escaped.
-        let mut clean = String::with_capacity(end);
-        for c in detail[..end].chars() {
+        let mut clean = String::with_capacity(detail.len().min(MAX_DETAIL_BYTES));
+        for c in detail.chars() {
             match c {
                 c if c.is_control() => clean.push(' '),
                 c if c.is_ascii() => clean.push(c),
                 c => clean.extend(c.escape_unicode()),
+            }
+            if clean.len() >= MAX_DETAIL_BYTES {
+                // ASCII: any byte is a boundary.
+                clean.truncate(MAX_DETAIL_BYTES);
+                break;
             }
         }
         self.detail = Some(clean.trim().into()).filter(|d: &Arc<str>| !d.is_empty());
@@ -427,9 +428,16 @@ mod tests {
                 .ends_with("(fallback route `spool`): qty:   [31m ung\\u{fc}ltig"),
             "{d}"
         );
-        // Cut at a character boundary, then escaped; blank is none.
-        let long = format!("{}é", "x".repeat(MAX_DETAIL_BYTES - 1));
-        assert_eq!(refused().with_detail(&long).detail().unwrap().len(), 255);
+        // Escaped, then cut: never longer than the most; blank is none.
+        let long = format!("{}é", "x".repeat(MAX_DETAIL_BYTES - 4));
+        let cut = refused().with_detail(&long);
+        assert_eq!(cut.detail().unwrap().len(), MAX_DETAIL_BYTES);
+        assert!(cut.detail().unwrap().ends_with("x\\u{e"), "{cut}");
+        let wide = "😀".repeat(MAX_DETAIL_BYTES);
+        assert_eq!(
+            refused().with_detail(&wide).detail().unwrap().len(),
+            MAX_DETAIL_BYTES
+        );
         assert_eq!(refused().with_detail(" \n ").detail(), None);
         assert_eq!(refused().detail(), None);
     }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::{ClassConfig, Tier};
+use super::{ClassConfig, MAX_CLASSES, Tier};
 use crate::error::ConfigError;
 
 /// The index of a class in its [`Registry`]. Index 0 is always the default class.
@@ -37,15 +37,6 @@ pub struct Registry {
 
 /// The name of the default class.
 pub const DEFAULT_CLASS: &str = "default";
-
-/// The most classes a degrader has, its `default` class included. Each class has counters in
-/// every shard of the sliding windows (about 2.5 KiB a shard; twice the cores, at most 64
-/// shards) besides its windows' history and breaker (about 26 KiB), all visited on every
-/// control tick: about 36 KiB a class on 2 cores, 190 KiB on 32 or more. 50,000 classes in a
-/// configuration file took 7.65 s and 1.8 GB to build on 2 cores, in a hostile trial. A class
-/// is a kind of work (payments, stock reads, browse logs), not a tenant or an id: group
-/// endpoints into classes rather than give each its own.
-pub const MAX_CLASSES: usize = 1024;
 
 /// The most dependencies a class names (`ClassConfig::depends_on`): 50,000 took a config
 /// file 15 s to load and 9 more to build, in a hostile trial.

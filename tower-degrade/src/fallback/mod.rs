@@ -161,7 +161,8 @@ impl<Req> Diverted<Req> {
     }
 
     /// When the layer would have told the caller to come back, had the call been refused
-    /// (an open breaker's time left, the next tick, a policy's value): a fallback that cannot
+    /// (an open breaker's time left, the next tick, a policy's value; for an overload, longer
+    /// the longer it has lasted, at most 10 s): a fallback that cannot
     /// serve the call should not ask for it sooner, when it would be diverted again.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after

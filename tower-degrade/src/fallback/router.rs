@@ -553,7 +553,8 @@ where
     let key = match shared.capture.key(&parts) {
         Ok(key) => key,
         Err(InvalidKey(why)) => {
-            tracing::debug!(class = %class, error = %why, "a diverted call's idempotency key is not a valid key");
+            tracing::debug!(class = %class, error = %why,
+                "a diverted call's idempotency key is not a valid key");
             super::drain::read_refused(body).await;
             return refuse_for(Reason::Malformed, Some(&why));
         }

@@ -54,7 +54,10 @@ pub(crate) fn degraded_response<T>(
         };
         headers.insert(GRPC_STATUS, HeaderValue::from_static(code));
         // gRPC percent-encodes its message: a `%` of the message's own is `%25`.
-        let message = d.client_message(expose_class).replace('%', "%25");
+        let mut message = d.client_message(expose_class);
+        if message.contains('%') {
+            message = message.replace('%', "%25");
+        }
         if let Ok(v) = HeaderValue::from_str(&message) {
             headers.insert(GRPC_MESSAGE, v);
         }
@@ -168,4 +171,38 @@ fn task_answer<T>(
         None => *res.status_mut() = status,
     }
     res
+}
+
+#[cfg(all(test, feature = "fallback"))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::class::Route;
+
+    #[test]
+    fn a_refusal_for_the_request_itself_says_what_is_wrong_and_grpc_escapes_its_percent() {
+        let d = Degraded::new(
+            Arc::from("shop"),
+            Arc::from("orders"),
+            Reason::Malformed,
+            Route::BatchMerge,
+            None,
+        )
+        .with_detail("qty: 50% off is not a number");
+        let http = degraded_response(d.clone(), false, false, ());
+        assert_eq!(http.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            http.headers()[DETAIL_HEADER],
+            "qty: 50% off is not a number"
+        );
+        let grpc = degraded_response(d, true, false, ());
+        assert_eq!(grpc.headers()[GRPC_STATUS], "3");
+        let message = grpc.headers()[GRPC_MESSAGE].to_str().unwrap();
+        assert!(
+            message.ends_with("(fallback route `batch_merge`): qty: 50%25 off is not a number"),
+            "{message}"
+        );
+        assert!(!grpc.headers().contains_key(DETAIL_HEADER));
+    }
 }

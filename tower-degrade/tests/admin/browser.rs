@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 use tower_degrade::admin::{Admin, Exposure, bind};
 use tower_degrade::breaker::{BreakerConfig, State};
+use tower_degrade::chaos::{Chaos, Fault, Target};
 use tower_degrade::predict::{Predictor, PredictorConfig};
 use tower_degrade::{BoxError, ClassConfig};
 
@@ -190,7 +191,8 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
         .build_with_worker()
         .expect("valid config")
         .0;
-    let app = Admin::new(&d, TOKEN).unwrap().router();
+    let chaos = Chaos::builder(&d).build();
+    let app = Admin::new(&d, TOKEN).unwrap().chaos(chaos.clone()).router();
     let listener = bind(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         Exposure::Loopback,
@@ -295,9 +297,22 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
     .await;
     assert_eq!(badge(&c, "payment").await.as_deref(), Some("metrics_only"));
 
-    // A predictor failing is said above the classes (it was in `/status` only), and once it
-    // answers again, that it failed.
+    // A fault injected is said above the classes (it was in `/status` only), and so is a
+    // predictor failing, and once it answers again, that it failed.
     assert_eq!(text(&c, "#notices").await.as_deref(), Some(""));
+    let fault = Fault::new().latency(Duration::from_millis(900)).errors(0.2);
+    chaos.set(Target::dependency("db"), fault).unwrap();
+    until("the fault shown", || async {
+        text(&c, "#notices")
+            .await
+            .filter(|m| m == "fault injected on dependency:db: +900 ms, 20.00 % errors")
+    })
+    .await;
+    chaos.clear_all();
+    until("the fault gone", || async {
+        text(&c, "#notices").await.filter(|m| m.is_empty())
+    })
+    .await;
     failing.store(true, std::sync::atomic::Ordering::Relaxed);
     d.tick_now();
     until("the predictor's failure shown", || async {
