@@ -569,16 +569,38 @@ fn read(path: &Path) -> Result<(String, String), FileError> {
             meta.len()
         )));
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
         .map_err(failed)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(refused(format!(
             "cannot read it: over the {MAX_FILE_BYTES} bytes a configuration may have"
         )));
     }
-    Ok((text, name))
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok((text, name)),
+        // Where: a file saved in another encoding is mended at its line.
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let line_start = bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            Err(FileError {
+                file: name.clone(),
+                line: Some(bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1),
+                field: None,
+                message: format!(
+                    "cannot read it: not UTF-8 (byte 0x{:02x}, column {}): save it as UTF-8",
+                    bytes[at],
+                    at - line_start + 1
+                ),
+                io: None,
+            })
+        }
+    }
 }
 
 fn ms(v: u64) -> Duration {
@@ -2098,5 +2120,20 @@ class = "refund"
             let e = DegraderFile::load("/dev/zero").unwrap_err();
             assert!(e.message().contains("not a regular file"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_file_not_in_utf8_is_named_at_its_line() {
+        // A file saved in Latin-1 was refused with "stream did not contain valid UTF-8", no
+        // line (an adopter's trial).
+        let path = std::env::temp_dir().join(format!("latin1-{}.toml", std::process::id()));
+        std::fs::write(&path, b"service = \"shop\"\n# caf\xe9\n").unwrap();
+        let e = DegraderFile::load(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(e.line(), Some(2), "{e}");
+        assert_eq!(
+            e.message(),
+            "cannot read it: not UTF-8 (byte 0xe9, column 6): save it as UTF-8"
+        );
     }
 }

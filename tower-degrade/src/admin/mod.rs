@@ -170,7 +170,8 @@ async fn addressed_to_loopback(
         StatusCode::FORBIDDEN,
         axum::Json(
             json!({"error": "this admin listener is on a loopback address: it \
-            answers requests addressed to localhost, 127.0.0.1 or [::1] only (one Host \
+            answers requests addressed to localhost, a *.localhost name, 127.0.0.1 or [::1] \
+            only (one Host \
             header, and the request's target if it names a host), so that a web page cannot \
             reach it by rebinding its own name"}),
         ),

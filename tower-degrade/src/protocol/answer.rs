@@ -15,7 +15,8 @@ pub const REASON_HEADER: HeaderName = HeaderName::from_static("x-degrade-reason"
 pub const CLASS_HEADER: HeaderName = HeaderName::from_static("x-degrade-class");
 
 /// The header saying what was wrong with the client's own request, on the layer's HTTP
-/// answers that refuse it for that (`400` `malformed`, `413` `too_large`): `header
+/// answers that refuse it for that (`400` `malformed`, `413` `too_large`, `422`
+/// `key_reused`): `header
 /// \`idempotency-key\`: longer than 255 bytes` ([`Degraded::detail`]). gRPC clients get it in
 /// the `grpc-message`.
 pub const DETAIL_HEADER: HeaderName = HeaderName::from_static("x-degrade-detail");
@@ -129,16 +130,21 @@ pub(crate) fn kept_response<T>(
 /// with another payload is refused, not taken for the first call).
 #[cfg(feature = "fallback")]
 pub(crate) fn key_reused_response<T>(id: &str, grpc: bool, body: T) -> http::Response<T> {
-    task_answer(
+    let why = format!(
+        "idempotency key already used by task {id} for a different request (method, target or \
+         body)"
+    );
+    let mut res = task_answer(
         id,
         "key_reused",
         StatusCode::UNPROCESSABLE_ENTITY,
-        grpc.then(|| {
-            let why = format!("idempotency key already used by task {id} for a different request");
-            ("9", why)
-        }),
+        grpc.then(|| ("9", why.clone())),
         body,
-    )
+    );
+    if !grpc && let Ok(v) = HeaderValue::from_str(&why) {
+        res.headers_mut().insert(DETAIL_HEADER, v);
+    }
+    res
 }
 
 /// An answer about a kept task: [`TASK_ID_HEADER`] and [`REASON_HEADER`], and either the HTTP

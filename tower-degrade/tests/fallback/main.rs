@@ -195,6 +195,13 @@ fn assert_key_reused(other: &Res, first: &Res, what: &str) {
     assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY, "{what}");
     assert_eq!(other.headers()[REASON_HEADER], "key_reused", "{what}");
     assert_eq!(task_id(other), task_id(first), "{what}");
+    // Said to the client too (it had no word of it: an adopter's trial).
+    let told = format!(
+        "idempotency key already used by task {} for a different request (method, target or \
+         body)",
+        task_id(first)
+    );
+    assert_eq!(other.headers()[DETAIL_HEADER], told.as_str(), "{what}");
 }
 
 /// Let the worker run for `ms` of (paused) time.
