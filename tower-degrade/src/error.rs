@@ -51,26 +51,19 @@ impl Degraded {
         }
     }
 
-    /// With what was wrong with the client's own request, for the client: control characters
-    /// become spaces and other characters past ASCII are escaped (`\u{fc}`: it goes into a
-    /// header), then it is cut to [`MAX_DETAIL_BYTES`].
+    /// With what was wrong with the client's own request, for the client: on one line, as
+    /// errors show a reason, in visible ASCII (it goes into a header and a `grpc-message`:
+    /// anything else escaped, `\u{fc}`), cut at [`MAX_DETAIL_BYTES`] (`...` past them).
     #[cfg(feature = "fallback")]
     pub(crate) fn with_detail(mut self, detail: &str) -> Self {
-        // Visible ASCII and spaces (a header's value, a `grpc-message`): anything else escaped.
-        let mut clean = String::with_capacity(detail.len().min(MAX_DETAIL_BYTES));
-        for c in detail.chars() {
-            match c {
-                c if c.is_control() => clean.push(' '),
-                c if c.is_ascii() => clean.push(c),
-                c => clean.extend(c.escape_unicode()),
-            }
-            if clean.len() >= MAX_DETAIL_BYTES {
-                // ASCII: any byte is a boundary.
-                clean.truncate(MAX_DETAIL_BYTES);
-                break;
-            }
-        }
-        self.detail = Some(clean.trim().into()).filter(|d: &Arc<str>| !d.is_empty());
+        let one_line = detail.split_whitespace().collect::<Vec<_>>().join(" ");
+        let shown = escape_cut_where(
+            &one_line,
+            MAX_DETAIL_BYTES,
+            |c| c.is_control() || !c.is_ascii(),
+            "...",
+        );
+        self.detail = Some(shown.into()).filter(|d: &Arc<str>| !d.is_empty());
         self
     }
 
@@ -221,16 +214,25 @@ pub(crate) const MAX_DURATION: std::time::Duration = std::time::Duration::from_s
 /// characters escaped (`\u{1b}`), cut with `…` past `max` bytes. Names and values in errors
 /// can come from requests (an admin path) or files: they cannot forge a line or run on.
 pub(crate) fn escape_cut(text: &str, max: usize) -> String {
+    let escape = |c: char| {
+        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}');
+        c.is_control() || bidi
+    };
+    escape_cut_where(text, max, escape, "…")
+}
+
+/// `text` with the characters `escape` picks escaped (`\u{1b}`), cut with `cut` where the next
+/// character would take it past `max` bytes (an escape is never split).
+fn escape_cut_where(text: &str, max: usize, escape: impl Fn(char) -> bool, cut: &str) -> String {
     let mut out = String::with_capacity(text.len().min(max));
     for c in text.chars() {
-        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}');
-        let piece = if c.is_control() || bidi {
+        let piece = if escape(c) {
             format!("\\u{{{:x}}}", c as u32)
         } else {
             c.to_string()
         };
         if out.len() + piece.len() > max {
-            out.push('…');
+            out.push_str(cut);
             break;
         }
         out.push_str(&piece);
@@ -421,23 +423,25 @@ mod tests {
                 None,
             )
         };
+        // On one line, as a reason is; what is not visible ASCII escaped, as errors escape.
         let d = refused().with_detail("qty:\r\n\u{1b}[31m ungültig ");
-        assert_eq!(d.detail(), Some("qty:   [31m ung\\u{fc}ltig"));
+        assert_eq!(d.detail(), Some("qty: \\u{1b}[31m ung\\u{fc}ltig"));
         assert!(
             d.to_string()
-                .ends_with("(fallback route `spool`): qty:   [31m ung\\u{fc}ltig"),
+                .ends_with("(fallback route `spool`): qty: \\u{1b}[31m ung\\u{fc}ltig"),
             "{d}"
         );
-        // Escaped, then cut: never longer than the most; blank is none.
+        // Escaped, then cut before an escape that would pass the most, never inside one.
         let long = format!("{}é", "x".repeat(MAX_DETAIL_BYTES - 4));
         let cut = refused().with_detail(&long);
-        assert_eq!(cut.detail().unwrap().len(), MAX_DETAIL_BYTES);
-        assert!(cut.detail().unwrap().ends_with("x\\u{e"), "{cut}");
-        let wide = "😀".repeat(MAX_DETAIL_BYTES);
         assert_eq!(
-            refused().with_detail(&wide).detail().unwrap().len(),
-            MAX_DETAIL_BYTES
+            cut.detail(),
+            Some(format!("{}...", "x".repeat(MAX_DETAIL_BYTES - 4)).as_str())
         );
+        let wide = "😀".repeat(MAX_DETAIL_BYTES);
+        let d = refused().with_detail(&wide);
+        assert!(d.detail().unwrap().len() <= MAX_DETAIL_BYTES + 3, "{d}");
+        assert!(d.detail().unwrap().is_ascii(), "{d}");
         assert_eq!(refused().with_detail(" \n ").detail(), None);
         assert_eq!(refused().detail(), None);
     }

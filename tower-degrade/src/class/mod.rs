@@ -10,7 +10,8 @@ pub use self::registry::{ClassId, DEFAULT_CLASS, Registry};
 /// The most classes a degrader has, its `default` class included. Each class has counters in
 /// every shard of the sliding windows (about 2.5 KiB a shard; twice the cores, at most 64
 /// shards) besides its windows' history and breaker (about 26 KiB), all visited on every
-/// control tick: about 36 KiB a class on 2 cores, 190 KiB on 32 or more. 50,000 classes in a
+/// control tick: 35-38 KiB a class measured on 2 cores (4 shards), so by that sum about
+/// 190 KiB on 32 cores or more. 50,000 classes in a
 /// configuration file took 7.65 s and 1.8 GB to build on 2 cores, in a hostile trial. A class
 /// is a kind of work (payments, stock reads, browse logs), not a tenant or an id: group
 /// endpoints into classes rather than give each its own.

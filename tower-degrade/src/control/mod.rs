@@ -170,12 +170,15 @@ impl Shared {
                 let gate = &self.gates[id.index()];
                 gate.score
                     .store(admission_score(class, &ctl.history), Ordering::Relaxed);
-                ctl.overloaded_for = if snap.overloaded > 0 {
-                    (ctl.overloaded_for + self.period).min(crate::gate::MAX_OVERLOAD_PUSHBACK)
+                // How long the class's calls have been turned away for overload: a tick more
+                // for each tick that turned one away, halved by each that did not.
+                let was = Duration::from_millis(gate.overloaded_ms.load(Ordering::Relaxed).into());
+                let lasted = if snap.overloaded > 0 {
+                    (was + self.period).min(crate::gate::MAX_OVERLOAD_PUSHBACK)
                 } else {
-                    ctl.overloaded_for / 2
+                    was / 2
                 };
-                let ms = u32::try_from(ctl.overloaded_for.as_millis()).unwrap_or(u32::MAX);
+                let ms = u32::try_from(lasted.as_millis()).unwrap_or(u32::MAX);
                 gate.overloaded_ms.store(ms, Ordering::Relaxed);
             }
             // A trial takes the predictions; the breaker in force then goes by its rules.

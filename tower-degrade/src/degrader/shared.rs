@@ -41,10 +41,6 @@ pub(crate) struct ClassControl {
     /// Manual commands applied so far: a tick whose decision was made before one does not
     /// publish it over the command's (`Shared::publish_decided`).
     pub(crate) commands: u64,
-    /// How long the class's calls have been turned away for overload: a tick more for each
-    /// tick that turned one away, halved by each that did not (see
-    /// [`Gate::overload_pushback`](crate::gate::Gate::overload_pushback)).
-    pub(crate) overloaded_for: std::time::Duration,
 }
 
 impl ClassControl {
@@ -59,7 +55,6 @@ impl ClassControl {
             prediction: None,
             metrics: None,
             commands: 0,
-            overloaded_for: std::time::Duration::ZERO,
         }
     }
 

@@ -49,8 +49,9 @@ pub(crate) struct Gate {
     pub(crate) tier: crate::class::Tier,
     /// Where the class's calls go when not admitted.
     pub(crate) route: crate::class::Route,
-    /// How long the class's calls have been turned away for overload, in ms, as the control
-    /// loop last saw it (see [`overload_pushback`](Self::overload_pushback)).
+    /// How long the class's calls have been turned away for overload, in ms: a tick more for
+    /// each tick that turned one away, halved by each that did not (the control loop's alone
+    /// to write; see [`overload_pushback`](Self::overload_pushback)).
     pub(crate) overloaded_ms: AtomicU32,
 }
 
