@@ -342,7 +342,9 @@ impl ClassConfig {
         self
     }
 
-    /// Fail calls that run longer than `timeout` (outcome `timeout`).
+    /// Fail calls that run longer than `timeout` (outcome `timeout`). A timeout shorter than
+    /// the [SLA](Self::sla) is logged as a warning at build: calls are then cut before they
+    /// can be slow, and the breaker sees slowness only as timeouts.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -11,12 +11,38 @@ use super::shared::{AdmissionControl, ClassControl, PolicyStage, Shared};
 use super::{Degrader, Status};
 use crate::admit::{Admission, CpuSignal, Limiter};
 use crate::breaker::{Breaker, BreakerConfig, Calibrations, Command};
-use crate::class::{ClassConfig, Registry};
+use crate::class::{ClassConfig, ClassId, Registry, Tier};
 use crate::clock::{LatencyClock, Timer};
 use crate::error::{ConfigError, escape_cut};
 use crate::gate::Gate;
 use crate::predict::{PredictStage, Predictor, PredictorConfig, Runner};
 use crate::window::{Gauges, Shard, Slots, shard_count};
+
+/// Log the class settings that are valid but seldom what was meant, once, at build.
+fn warn_doubtful(service: &str, registry: &Registry) {
+    for (id, c) in registry.iter() {
+        if id == ClassId::DEFAULT && c.tier() == Tier::Gold {
+            tracing::warn!(
+                service,
+                "the `default` class is gold: every call no rule classifies (a path no route \
+                 names, a scanner's 404s) is admitted with gold's priority and counts in gold's \
+                 breaker; give it a lower tier unless all of this service's work is gold"
+            );
+        }
+        if let Some(timeout) = c.call_timeout().filter(|&t| t < c.sla_target()) {
+            tracing::warn!(
+                service,
+                class = c.name(),
+                timeout_ms = timeout.as_secs_f64() * 1e3,
+                sla_ms = c.sla_target().as_secs_f64() * 1e3,
+                "the class's timeout is shorter than its SLA: its calls are cut before they can \
+                 be slow, so its breaker sees slowness only as timeouts and its latency never \
+                 breaches; set the SLA to what the work takes at worst when healthy, at most \
+                 the timeout"
+            );
+        }
+    }
+}
 
 /// Restore the classes' calibrations from `saved` where it was learnt by this service at
 /// `tick` from the predictor `fingerprint` names (`DegraderBuilder::restore_calibrations`).
@@ -155,7 +181,8 @@ impl DegraderBuilder {
 
     /// Configure the class that receives every call no classifier rule matched (default: a
     /// bronze class with the `reject` route). Its name is always `default`, whatever `class`
-    /// is called.
+    /// is called. A gold one is logged as a warning at build: every unclassified call (a path
+    /// no route names, a scanner's 404s) would then have gold's priority.
     pub fn default_class(mut self, class: ClassConfig) -> Self {
         self.default_class = Some(class);
         self
@@ -240,6 +267,7 @@ impl DegraderBuilder {
         }
         self.breaker.validate()?;
         let registry = Registry::new(self.default_class, self.classes)?;
+        warn_doubtful(&self.service, &registry);
         let mut breakers = vec![self.breaker; registry.len()];
         let mut given = vec![false; registry.len()];
         for (name, cfg) in self.per_class_breaker {

@@ -936,3 +936,40 @@ async fn a_classifier_built_on_another_degraders_classes_counts_in_default_and_i
     assert_eq!(requests(&more, "pay"), 1);
     assert_eq!(said(), 2, "{}", logs.text());
 }
+
+#[test]
+fn settings_that_are_valid_but_seldom_meant_are_warned_of_at_build() {
+    // Both were accepted without a word in an adopter's trial: a gold `default` gives every
+    // unclassified call (404 scans included) gold's priority, and a timeout under the SLA
+    // cuts every call before its latency can breach.
+    let (logs, _guard) = logs::Logs::capture();
+    let said = |what: &str| logs.text().matches(what).count();
+    let _fine = Degrader::builder("fine")
+        .default_class(ClassConfig::bronze("x"))
+        .class(ClassConfig::gold("pay").timeout(Duration::from_millis(50)))
+        .build_with_worker()
+        .unwrap();
+    assert_eq!(said("the `default` class is gold"), 0, "{}", logs.text());
+    assert_eq!(said("shorter than its SLA"), 0, "{}", logs.text());
+    let _doubtful = Degrader::builder("doubtful")
+        .default_class(ClassConfig::gold("x"))
+        .class(
+            ClassConfig::silver("stock")
+                .sla(Duration::from_millis(200))
+                .timeout(Duration::from_millis(100)),
+        )
+        .build_with_worker()
+        .unwrap();
+    assert_eq!(said("the `default` class is gold"), 1, "{}", logs.text());
+    let log = logs.text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("shorter than its SLA"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("class=\"stock\"")
+            && line.contains("timeout_ms=100")
+            && line.contains("sla_ms=200"),
+        "{line}"
+    );
+}
