@@ -34,6 +34,7 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
     let mut interval = tokio::time::interval_at(Instant::now() + period, period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let late = crate::every::Every::new(crate::every::LOG_EVERY);
+    let mut last: Option<Instant> = None;
     loop {
         if shutdown.flag.load(Ordering::Acquire) {
             return;
@@ -49,12 +50,17 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
         // the tick by its budget) and reads every class, and a worker that ran it would hold
         // back the requests scheduled on it for as long.
         let now = Instant::now();
+        // A tick half a tick or more behind its time reads windows that span as much longer:
+        // the last tick ran long, or the process or its runtime stalled.
+        let gap = last.map_or(period, |l| now.saturating_duration_since(l));
+        let read_late = gap > period + period / 2;
+        last = Some(now);
         let service = shared.service.clone();
         // The work's length in real time (not the runtime's clock, which a paused test stops;
         // nor the wait for a thread of the blocking pool, which the tick cannot shorten).
         let tick = move || {
             let started = std::time::Instant::now();
-            shared.tick(now);
+            shared.tick(now, read_late);
             started.elapsed()
         };
         let took = match tokio::task::spawn_blocking(tick).await {
@@ -66,16 +72,19 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
                 continue;
             }
         };
-        if took > period
+        if (took > period || read_late)
             && let Some(held) = late.ready()
         {
             tracing::warn!(service = %service, took_ms = took.as_secs_f64() * 1e3,
+                since_last_ms = gap.as_secs_f64() * 1e3,
                 tick_ms = period.as_secs_f64() * 1e3, also_late = held,
-                "a control-loop tick took longer than the tick: ticks run late, and what is \
-                 read per tick (`ctx.rps`, the windows' rates) overstates the traffic; lengthen \
-                 the tick, or govern fewer classes with the policies (said at most every 10 s; \
-                 `also_late`: late ticks since the last line)");
-        } else if took <= period {
+                "a control-loop tick took longer than the tick, or started late: ticks run \
+                 late, and what is read per tick (`ctx.rps`, the windows' rates) overstates \
+                 the traffic (a window read late is left out of the predictor's input: its \
+                 predictions are unused until it has left it); lengthen the tick, govern fewer \
+                 classes with the policies, or give the process the CPU it needs (said at most \
+                 every 10 s; `also_late`: late ticks since the last line)");
+        } else if took <= period && !read_late {
             late.reset();
         }
     }
@@ -90,7 +99,9 @@ struct Decided {
 impl Shared {
     /// One control-loop tick: snapshot every class, run the stages, step its breaker, publish
     /// its directive.
-    pub(crate) fn tick(&self, now: Instant) {
+    /// `read_late`: the windows read now span more than a tick (the control loop's, not a
+    /// manual [`tick_now`](crate::Degrader::tick_now)).
+    pub(crate) fn tick(&self, now: Instant, read_late: bool) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         // Every class's window, history and features.
         for (id, class) in self.registry.iter() {
@@ -114,6 +125,9 @@ impl Shared {
             snap.probe_permits = u64::from(gate.probes_left());
             Arc::make_mut(&mut ctl.history).push(snap);
             ctl.features.push(&snap, class.sla_target());
+            if read_late {
+                ctl.features.read_late();
+            }
         }
         // Stages that work over every class at once (one batched prediction).
         let mut predictions = vec![None; self.registry.len()];

@@ -318,7 +318,7 @@ impl Degrader {
     /// Run one control-loop tick now, as the loop would. For tests and benchmarks that drive
     /// the loop by hand (with [`DegraderBuilder::build_with_worker`] and the worker not spawned).
     pub fn tick_now(&self) {
-        self.shared.tick(Instant::now());
+        self.shared.tick(Instant::now(), false);
     }
     /// Start building an HTTP / gRPC classifier over this degrader's classes (the same as
     /// [`HttpClassifier::builder`] with [`registry`](Self::registry)).

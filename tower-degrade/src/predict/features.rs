@@ -50,9 +50,18 @@ impl FeatureHistory {
         self.pushed = self.pushed.saturating_add(1);
     }
 
-    /// Whether every prediction the class may be given now was made from a whole window (no
-    /// zero padding in its input): a batch that overran is used for up to
-    /// [`STALE_TICKS`](super::runner::STALE_TICKS) more ticks, so its input is that much older.
+    /// The window just pushed was read late: it spans more than a tick (the process or its
+    /// runtime stalled), so its rate is overstated and its latencies are the stall's, not what
+    /// the model reads at a tick. Its predictions are unused until it has left the input
+    /// ([`is_full`](Self::is_full) again `WINDOW` ticks and a stale batch's ticks later).
+    pub(crate) fn read_late(&mut self) {
+        self.pushed = 0;
+    }
+
+    /// Whether every prediction the class may be given now was made from a whole window of
+    /// ticks read on time (no zero padding in its input, no window [read late](Self::read_late)):
+    /// a batch that overran is used for up to [`STALE_TICKS`](super::runner::STALE_TICKS) more
+    /// ticks, so its input is that much older.
     pub(crate) fn is_full(&self) -> bool {
         self.pushed as usize >= WINDOW + super::runner::STALE_TICKS as usize
     }
