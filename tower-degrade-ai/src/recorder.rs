@@ -108,7 +108,13 @@ impl Recorder {
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
             path: dir.clone(),
-            reason: e.to_string(),
+            reason: if dir.exists() && !dir.is_dir() {
+                "not a directory: name the directory to record into (one file per class is \
+                 written in it)"
+                    .to_owned()
+            } else {
+                e.to_string()
+            },
         })?;
         Ok(Self {
             dir,
@@ -598,6 +604,9 @@ mod tests {
             matches!(&err, Error::Io { path, .. } if path == &file.join("sub")),
             "{err}"
         );
+        // The file itself: said to be one, not "File exists".
+        let err = Recorder::new(&file, Duration::from_millis(500)).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
         std::fs::remove_file(&file).unwrap();
         let err = Recorder::new("", Duration::from_millis(500)).unwrap_err();
         assert!(err.to_string().contains("an empty path"), "{err}");

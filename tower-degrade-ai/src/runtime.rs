@@ -95,6 +95,7 @@ fn load_reason(e: &ort::LoadDynamicError) -> String {
 fn locate_with(explicit: Option<std::ffi::OsString>) -> Result<PathBuf, Error> {
     let mut tried = Vec::new();
     // Set but empty is not set (as a shell's `ORT_DYLIB_PATH= cmd` leaves it).
+    let set_empty = explicit.as_ref().is_some_and(|p| p.is_empty());
     if let Some(path) = explicit.filter(|p| !p.is_empty()) {
         // A relative path is the current directory's, made absolute here: handed on as it is,
         // ort would look for it next to the executable first and the dynamic loader (for a
@@ -112,7 +113,11 @@ fn locate_with(explicit: Option<std::ffi::OsString>) -> Result<PathBuf, Error> {
         tried.push(format!("{ORT_DYLIB_PATH}={} ({why})", path.display()));
         return Err(Error::LibraryNotFound { tried });
     }
-    tried.push(format!("{ORT_DYLIB_PATH} (not set)"));
+    tried.push(if set_empty {
+        format!("{ORT_DYLIB_PATH} (set, but empty: taken as not set)")
+    } else {
+        format!("{ORT_DYLIB_PATH} (not set)")
+    });
     match option_env!("TOWER_DEGRADE_AI_ORT_BUILD_PATH") {
         Some(path) if Path::new(path).is_file() => return Ok(PathBuf::from(path)),
         Some(path) => tried.push(format!("{path} (found at build time, now gone)")),
@@ -220,7 +225,8 @@ mod tests {
         match locate_with(Some(std::ffi::OsString::new())) {
             Ok(path) => assert!(path.is_file()),
             Err(err) => assert!(
-                err.to_string().contains("ORT_DYLIB_PATH (not set)"),
+                err.to_string()
+                    .contains("ORT_DYLIB_PATH (set, but empty: taken as not set)"),
                 "{err}"
             ),
         }

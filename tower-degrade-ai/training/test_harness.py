@@ -173,6 +173,28 @@ class Traces(unittest.TestCase):
             self.assertEqual(Path(os.path.join(d, "zz-long.csv")).read_text(), long_before)
             self.assertEqual(sorted(os.listdir(d)), ["busy.csv", "idle.csv", "zz-long.csv"])
 
+    def test_split_notes_a_file_whose_incidents_are_all_past_its_train_part(self):
+        import contextlib
+        import io
+        import traces
+        from traces import split
+        X = np.random.default_rng(2).random((200, 8)).astype(np.float32) * 0.9 + 0.1
+        with tempfile.TemporaryDirectory() as d:
+            # A recording with its fault injected at the end, as one records one, and another
+            # with one early: only the first is noted.
+            write_csv(Trace("late", "x", X, [(150, 160)], 0.5), os.path.join(d, "late.csv"))
+            write_csv(Trace("early", "x", X, [(30, 40), (170, 180)], 0.5), os.path.join(d, "early.csv"))
+            traces.NOTES.clear()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                split(d)
+            late = os.path.join(d, "late")
+            self.assertEqual(traces.NOTES, [
+                f"{late}: no incident in its train part (1 in validation, 0 in test): a model "
+                "trained on it learns nothing of them; inject faults throughout the recording, "
+                "or write the split column yourself"])
+            self.assertIn(f"{late}: no incident in its train part", err.getvalue())
+
     def test_split_keeps_a_short_file_trainable_and_notes_classes_of_other_periods(self):
         import contextlib
         import io

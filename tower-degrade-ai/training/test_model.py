@@ -189,7 +189,13 @@ class DatasetShares(unittest.TestCase):
         self.assertEqual(lines[1], "  simulated: 100000 windows (500 positive), each weighing 0.5, 50.0 % of the loss")
         self.assertRegex(lines[2], r"^warning: short: 42 windows weigh as much together as simulated's 100000, "
                                    r"each 2381 times one of those")
-        self.assertRegex(lines[3], r"^note: short: no positive window")
+        # What helps: incidents in the train part, not a longer recording (a file without one
+        # gives 200 windows however long it is).
+        self.assertIn("200 where its train part has no incident, however long it is: record "
+                      "incidents", lines[2])
+        self.assertNotIn("record longer", lines[2])
+        self.assertRegex(lines[3], r"^note: short: no positive window .*inject faults throughout a "
+                                   r"recording, not only at its end$")
         # Unbalanced, each window weighs 1 and nothing is over-weighted.
         lines = dataset_shares(ds, y, balance=False)
         self.assertIn("0.0 % of the loss", lines[0])

@@ -26,6 +26,7 @@ import argparse
 import codecs
 import contextlib
 import csv
+import io
 import os
 import shutil
 import sys
@@ -800,7 +801,28 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
     for (path, _), tmp in zip(read, staged):
         os.replace(tmp, path)
         written.append(path)
+    _note_untrained_incidents(d)
     return written
+
+
+def _note_untrained_incidents(d: str) -> None:
+    """Note each file whose incidents all fall after its train part: a recording with its
+    faults injected at the end (the usual way to record one) teaches a model nothing of them."""
+    noted = len(NOTES)
+    try:
+        # Quietly: what reading notes, reading them to evaluate or train says again.
+        with contextlib.redirect_stderr(io.StringIO()):
+            trs = read_dir(d)
+    except (OSError, ValueError):
+        trs = []
+    del NOTES[noted:]
+    for tr in trs:
+        parts = [sum(1 for s, _ in tr.events if lo <= s < hi)
+                 for lo, hi in ((0, tr.val_from), (tr.val_from, tr.test_from), (tr.test_from, tr.T))]
+        if sum(parts) and not parts[0]:
+            note(f"{os.path.join(d, tr.name)}: no incident in its train part ({parts[1]} in validation, "
+                 f"{parts[2]} in test): a model trained on it learns nothing of them; "
+                 "inject faults throughout the recording, or write the split column yourself")
 
 
 def write_csv(tr: Trace, path: str) -> None:

@@ -96,10 +96,15 @@ def dataset_shares(ds: np.ndarray, y: np.ndarray, balance: bool) -> list:
         if balance and n < FEW_WINDOWS and n < counts.max():
             out.append(f"warning: {name}: {n} windows weigh as much together as {largest}'s "
                        f"{counts.max()}, each {counts.max() / n:.0f} times one of those: so few are "
-                       "learnt by heart; record longer, or train with --no-balance")
+                       "learnt by heart. A file gives its windows before an incident and at most "
+                       f"{NEG_PER_POS} healthy windows for each, 200 where its train part has no "
+                       "incident, however long it is: record incidents (faults injected throughout "
+                       "a recording, so that its train part has them; or more recordings), or "
+                       "train with --no-balance")
         if not y[ds == name].any():
-            out.append(f"note: {name}: no positive window (no incident in its train part): it "
-                       "teaches only what is normal")
+            out.append(f"note: {name}: no positive window (no incident in its train part, the "
+                       "first 60 % of each file after `traces.py split`): it teaches only what is "
+                       "normal; inject faults throughout a recording, not only at its end")
     return out
 
 

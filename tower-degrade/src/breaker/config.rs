@@ -350,8 +350,12 @@ impl BreakerConfig {
             PredictThreshold::Fixed(t) if !(unit(t) && t > 0.0) => {
                 return bad(
                     "breaker.predict_threshold",
-                    "must be above 0.0 and at most 1.0: at 0.0 every tick predicts failure, and \
-                     every class is degraded for good",
+                    if unit(t) {
+                        "must be above 0.0: at 0.0 every tick predicts failure, and every class is \
+                         degraded for good"
+                    } else {
+                        "must be above 0.0 and at most 1.0: it is compared with a probability"
+                    },
                 );
             }
             PredictThreshold::Calibrated(c)
@@ -517,10 +521,13 @@ mod tests {
         for t in [0.0, -0.1, 1.5, f64::NAN] {
             let (field, reason) = refused(BreakerConfig::default().predict_threshold(t));
             assert_eq!(field, "breaker.predict_threshold", "{t}");
-            assert!(
-                reason.contains("above 0.0 and at most 1.0"),
-                "{t}: {reason}"
-            );
+            // Each told of the bound it is past (1.5 was told what 0.0 does).
+            let why = if t == 0.0 {
+                "must be above 0.0: at 0.0 every tick predicts failure"
+            } else {
+                "must be above 0.0 and at most 1.0: it is compared with a probability"
+            };
+            assert!(reason.starts_with(why), "{t}: {reason}");
         }
         for t in [1e-3, 0.87, 1.0] {
             assert!(
