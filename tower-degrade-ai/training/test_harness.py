@@ -188,12 +188,12 @@ class Traces(unittest.TestCase):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 split(d)
-            late = os.path.join(d, "late")
+            late = os.path.join(d, "late.csv")
             self.assertEqual(traces.NOTES, [
-                f"{late}: no incident in its train part (1 in validation, 0 in test): a model "
-                "trained on it learns nothing of them; inject faults throughout the recording, "
-                "or write the split column yourself"])
-            self.assertIn(f"{late}: no incident in its train part", err.getvalue())
+                f"{late}: no incident to learn from in its train part (0 start there, 1 in "
+                "validation, 0 in test): a model trained on it learns nothing of them; inject "
+                "faults throughout the recording, or write the split column yourself"])
+            self.assertIn(f"{late}: no incident to learn from", err.getvalue())
 
     def test_split_keeps_a_short_file_trainable_and_notes_classes_of_other_periods(self):
         import contextlib

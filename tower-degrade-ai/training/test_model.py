@@ -191,7 +191,7 @@ class DatasetShares(unittest.TestCase):
                                    r"each 2381 times one of those")
         # What helps: incidents in the train part, not a longer recording (a file without one
         # gives 200 windows however long it is).
-        self.assertIn("200 where its train part has no incident, however long it is: record "
+        self.assertIn("however long it is (200 where its train part has no incident): record "
                       "incidents", lines[2])
         self.assertNotIn("record longer", lines[2])
         self.assertRegex(lines[3], r"^note: short: no positive window .*inject faults throughout a "

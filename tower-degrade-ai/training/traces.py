@@ -36,7 +36,7 @@ import numpy as np
 
 from features import (CLIP_HI, ERROR, FEATURES, INFLIGHT, N_FEATURES, NEUTRAL, P99, QUEUE, RATE, SUCCESS,
                       TIMEOUT, WINDOW)
-from protocol import events_from_binary
+from protocol import early_targets, events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
 # incident nor as normal (a breaker recovering is not a false trip).
@@ -806,23 +806,37 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
 
 
 def _note_untrained_incidents(d: str) -> None:
-    """Note each file whose incidents all fall after its train part: a recording with its
-    faults injected at the end (the usual way to record one) teaches a model nothing of them."""
+    """Note each file with incidents but no positive window in its train part: a recording
+    with its faults injected at the end (the usual way to record one) teaches a model nothing
+    of them. Each file read alone, quietly (what reading notes, reading it to evaluate or to
+    train says again); one that cannot be read is left to them to name."""
     noted = len(NOTES)
+    found = []
     try:
-        # Quietly: what reading notes, reading them to evaluate or train says again.
-        with contextlib.redirect_stderr(io.StringIO()):
-            trs = read_dir(d)
-    except (OSError, ValueError):
-        trs = []
-    del NOTES[noted:]
-    for tr in trs:
+        for f in _csv_files(d):
+            path = os.path.join(d, f)
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    tr = read_csv(path, os.path.basename(os.path.normpath(d)))
+            except (NoRows, OSError, ValueError):
+                continue
+            if tr.events and not targets(tr)[:tr.val_from].any():
+                found.append((path, tr))
+    finally:
+        del NOTES[noted:]
+    for path, tr in found:
         parts = [sum(1 for s, _ in tr.events if lo <= s < hi)
                  for lo, hi in ((0, tr.val_from), (tr.val_from, tr.test_from), (tr.test_from, tr.T))]
-        if sum(parts) and not parts[0]:
-            note(f"{os.path.join(d, tr.name)}: no incident in its train part ({parts[1]} in validation, "
-                 f"{parts[2]} in test): a model trained on it learns nothing of them; "
-                 "inject faults throughout the recording, or write the split column yourself")
+        note(f"{path}: no incident to learn from in its train part ({parts[0]} start there, {parts[1]} "
+             f"in validation, {parts[2]} in test): a model trained on it learns nothing of them; "
+             "inject faults throughout the recording, or write the split column yourself")
+
+
+def targets(tr: Trace) -> np.ndarray:
+    """The step targets training learns (1 in the headline horizon before an incident, 0 on
+    normal steps, -1 where ignored), by the trace's step's rules."""
+    H = headline_horizon(tr.step_seconds)
+    return early_targets(tr.T, tr.events, H, grace=grace(tr), pre_ignore=tr.pre_ignore, ignore=tr.ignore)
 
 
 def write_csv(tr: Trace, path: str) -> None:

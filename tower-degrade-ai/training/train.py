@@ -33,15 +33,10 @@ import datasets
 import reference
 import simulate
 from model import ARCHS, build, export
-from protocol import early_targets
-from traces import grace, headline_horizon, missing_out_dir, read_datasets
+from traces import missing_out_dir, read_datasets, targets
 
 NEG_PER_POS = 40
 
-
-def targets(tr):
-    H = headline_horizon(tr.step_seconds)
-    return early_targets(tr.T, tr.events, H, grace=grace(tr), pre_ignore=tr.pre_ignore, ignore=tr.ignore)
 
 
 def sample(traces, part: str, rng, neg_per_pos=NEG_PER_POS, with_baseline=False):
@@ -96,15 +91,16 @@ def dataset_shares(ds: np.ndarray, y: np.ndarray, balance: bool) -> list:
         if balance and n < FEW_WINDOWS and n < counts.max():
             out.append(f"warning: {name}: {n} windows weigh as much together as {largest}'s "
                        f"{counts.max()}, each {counts.max() / n:.0f} times one of those: so few are "
-                       "learnt by heart. A file gives its windows before an incident and at most "
-                       f"{NEG_PER_POS} healthy windows for each, 200 where its train part has no "
-                       "incident, however long it is: record incidents (faults injected throughout "
-                       "a recording, so that its train part has them; or more recordings), or "
-                       "train with --no-balance")
+                       "learnt by heart. A file gives its windows before an incident and "
+                       f"{NEG_PER_POS} healthy windows for each of those or 200, whichever is more, "
+                       "however long it is (200 where its train part has no incident): record "
+                       "incidents (faults injected throughout a recording, so that its train part "
+                       "has them; or more recordings), or train with --no-balance")
         if not y[ds == name].any():
-            out.append(f"note: {name}: no positive window (no incident in its train part, the "
-                       "first 60 % of each file after `traces.py split`): it teaches only what is "
-                       "normal; inject faults throughout a recording, not only at its end")
+            out.append(f"note: {name}: no positive window (no incident in its train part, by "
+                       "default the first 60 % of each file after `traces.py split`): it teaches "
+                       "only what is normal; inject faults throughout a recording, not only at "
+                       "its end")
     return out
 
 

@@ -11,6 +11,7 @@
 //! | `degrade_breaker_state` | gauge ([`State::as_gauge`]) | service, class, tier |
 //! | `degrade_breaker_transitions_total` | counter | service, class, tier, from, to, enforced |
 //! | `degrade_health_score` | gauge, 0–100 | service |
+//! | `degrade_control_late_ticks_total` | counter: control-loop ticks that read their windows a whole tick (and 100 ms) or more after the last, so that each spans two ticks or more (a tick that ran long, a stalled process); with a predictor, no prediction whose input holds one is used for 68 ticks | service |
 //! | `degrade_prediction` | gauge, 0–1 (only with a predictor; NaN while the predictor fails or has not answered yet) | service, class, tier |
 //! | `degrade_predict_threshold` | gauge, 0–1: the probability a prediction must reach (fixed or calibrated; NaN while calibrating) | service, class, tier |
 //! | `degrade_predict_calibrating` | gauge, 1 while the class calibrates its threshold (the predictor only reports) | service, class, tier |
@@ -117,6 +118,8 @@ pub const PREDICT_CALIBRATING: &str = "degrade_predict_calibrating";
 /// How a class's predictions turned out, by `result`: `confirmed`, `false_alarm`, `missed`
 /// ([`PredictionRecord`]).
 pub const PREDICTIONS: &str = "degrade_predictions_total";
+/// Control-loop ticks that read their windows a tick or more late.
+pub const LATE_TICKS: &str = "degrade_control_late_ticks_total";
 /// Ticks where the predictor did not answer within its budget.
 pub const PREDICTOR_OVERRUNS: &str = "degrade_predictor_overruns_total";
 /// Ticks where the predictor failed (an inference error, or its thread stopped): no class has
@@ -212,6 +215,13 @@ pub(crate) fn describe() {
         PREDICTIONS,
         Unit::Count,
         "How the class's predicted failures turned out: warnings a breach followed (confirmed) or not (false_alarm), and breaches with no warning while the predictor could warn (missed)."
+    );
+    describe_counter!(
+        LATE_TICKS,
+        Unit::Count,
+        "Control-loop ticks that read their windows a whole tick or more after the last (a tick \
+         that ran long, a stalled process): their rates are overstated, and no prediction whose \
+         input holds one is used for 68 ticks."
     );
     describe_counter!(
         PREDICTOR_OVERRUNS,
@@ -605,6 +615,7 @@ impl ClassMetrics {
 /// The service-wide handles.
 pub(crate) struct ServiceMetrics {
     health: Gauge,
+    late_ticks: Counter,
 }
 
 impl std::fmt::Debug for ServiceMetrics {
@@ -619,11 +630,17 @@ impl ServiceMetrics {
         describe();
         Self {
             health: gauge!(HEALTH_SCORE, "service" => service.to_owned()),
+            late_ticks: counter!(LATE_TICKS, "service" => service.to_owned()),
         }
     }
 
     pub(crate) fn health(&self, score: f64) {
         self.health.set(score);
+    }
+
+    /// Count a tick that read its windows late.
+    pub(crate) fn late_tick(&self) {
+        self.late_ticks.increment(1);
     }
 }
 

@@ -495,6 +495,8 @@ impl Admin {
                 "failed_batches": p.failed_batches,
                 "overrun_batches": p.overrun_batches,
                 "last_error": p.last_error.as_deref(),
+                "late_ticks": p.late_ticks,
+                "unused_ticks_left": p.unused_ticks_left,
             })),
         });
         #[cfg(feature = "fallback")]

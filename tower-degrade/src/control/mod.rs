@@ -49,22 +49,25 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
         // Off the runtime's workers: a tick runs policy scripts (each bounded by its deadline,
         // the tick by its budget) and reads every class, and a worker that ran it would hold
         // back the requests scheduled on it for as long.
-        let now = Instant::now();
-        // A tick half a tick or more behind its time reads windows that span as much longer:
-        // the last tick ran long, or the process or its runtime stalled.
-        let gap = last.map_or(period, |l| now.saturating_duration_since(l));
-        let read_late = gap > period + period / 2;
-        last = Some(now);
         let service = shared.service.clone();
-        // The work's length in real time (not the runtime's clock, which a paused test stops;
-        // nor the wait for a thread of the blocking pool, which the tick cannot shorten).
         let tick = move || {
+            // When the windows are read, after any wait for a thread of the blocking pool: a
+            // tick a whole tick (and 100 ms) or more behind the last reads windows that span
+            // as much longer (the last tick ran long, or the process or its runtime stalled).
+            let now = Instant::now();
+            let gap = last.map_or(period, |l| now.saturating_duration_since(l));
+            let read_late = is_late(gap, period);
+            // The work's length in real time (not the runtime's clock, which a paused test
+            // stops; nor the wait for a thread of the blocking pool, which it cannot shorten).
             let started = std::time::Instant::now();
             shared.tick(now, read_late);
-            started.elapsed()
+            (started.elapsed(), now, gap, read_late)
         };
-        let took = match tokio::task::spawn_blocking(tick).await {
-            Ok(took) => took,
+        let (took, gap, read_late) = match tokio::task::spawn_blocking(tick).await {
+            Ok((took, now, gap, read_late)) => {
+                last = Some(now);
+                (took, gap, read_late)
+            }
             // The runtime is shutting down.
             Err(e) if e.is_cancelled() => return,
             Err(e) => {
@@ -80,14 +83,21 @@ pub(crate) async fn run(shared: Weak<Shared>, shutdown: Arc<Shutdown>, period: D
                 tick_ms = period.as_secs_f64() * 1e3, also_late = held,
                 "a control-loop tick took longer than the tick, or started late: ticks run \
                  late, and what is read per tick (`ctx.rps`, the windows' rates) overstates \
-                 the traffic (a window read late is left out of the predictor's input: its \
-                 predictions are unused until it has left it); lengthen the tick, govern fewer \
-                 classes with the policies, or give the process the CPU it needs (said at most \
-                 every 10 s; `also_late`: late ticks since the last line)");
+                 the traffic (the predictions whose input holds a window read a tick or more \
+                 late are not used, for 68 ticks from it: the status's \
+                 `predictor.unused_ticks_left`); lengthen the tick, govern fewer classes with \
+                 the policies, or give the process the CPU it needs (said at most every 10 s; \
+                 `also_late`: late ticks since the last line)");
         } else if took <= period && !read_late {
             late.reset();
         }
     }
+}
+
+/// Whether windows read `gap` after the last ones were read late: a whole tick or more behind
+/// (they span at least two), and at least 100 ms (a short tick's timer jitter is not a stall).
+fn is_late(gap: Duration, period: Duration) -> bool {
+    gap >= 2 * period && gap - period >= Duration::from_millis(100)
 }
 
 /// A tick's directives, decided, and each class's count of manual commands when its was.
@@ -104,6 +114,7 @@ impl Shared {
     pub(crate) fn tick(&self, now: Instant, read_late: bool) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
         // Every class's window, history and features.
+        let mut unused_ticks_left = 0;
         for (id, class) in self.registry.iter() {
             let mut ctl = self.control(id);
             let ctl = &mut *ctl;
@@ -128,7 +139,9 @@ impl Shared {
             if read_late {
                 ctl.features.read_late();
             }
+            unused_ticks_left = unused_ticks_left.max(ctl.features.unused_ticks_left());
         }
+        self.predictor.inputs(read_late, unused_ticks_left);
         // Stages that work over every class at once (one batched prediction).
         let mut predictions = vec![None; self.registry.len()];
         let features = |i: usize, out: &mut [f32]| {
@@ -148,10 +161,16 @@ impl Shared {
         self.publish_decided(&decided, now);
         // Registered on the first tick, like the class handles, so a recorder installed after
         // the degrader was built is used.
-        self.service_metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| ServiceMetrics::new(&self.service));
+        {
+            let mut metrics = self
+                .service_metrics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let metrics = metrics.get_or_insert_with(|| ServiceMetrics::new(&self.service));
+            if read_late {
+                metrics.late_tick();
+            }
+        }
         self.publish_status();
     }
 

@@ -23,7 +23,7 @@ fn warn_doubtful(service: &str, registry: &Registry) {
     for (id, c) in registry.iter() {
         if id == ClassId::DEFAULT && c.tier() == Tier::Gold {
             tracing::warn!(
-                service,
+                service = %service,
                 "the `default` class is gold: every call no rule classifies (a path no route \
                  names, a scanner's 404s) is admitted with gold's priority and counts in gold's \
                  breaker; give it a lower tier unless all of this service's work is gold"
@@ -31,8 +31,8 @@ fn warn_doubtful(service: &str, registry: &Registry) {
         }
         if let Some(timeout) = c.call_timeout().filter(|&t| t < c.sla_target()) {
             tracing::warn!(
-                service,
-                class = c.name(),
+                service = %service,
+                class = %c.name(),
                 timeout_ms = timeout.as_secs_f64() * 1e3,
                 sla_ms = c.sla_target().as_secs_f64() * 1e3,
                 "the class's timeout is shorter than its SLA: its calls are cut before they can \

@@ -52,6 +52,15 @@ pub struct PredictorStatus {
     pub overrun_batches: u64,
     /// The last error the predictor failed with, kept after it answers again.
     pub last_error: Option<Arc<str>>,
+    /// Ticks since the degrader started that read their windows a whole tick (and 100 ms) or
+    /// more after the last (the tick before ran long, or the process stalled): their windows
+    /// span two ticks or more, and no prediction whose input holds one is used
+    /// (`degrade_control_late_ticks_total`).
+    pub late_ticks: u64,
+    /// Ticks until every class's predictions are used again, from this one: its input is
+    /// still zero-padded (a class's first ticks) or holds a window read late (0 once none
+    /// does).
+    pub unused_ticks_left: u32,
 }
 
 /// What one tick's batch of predictions did.

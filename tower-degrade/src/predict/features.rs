@@ -50,8 +50,8 @@ impl FeatureHistory {
         self.pushed = self.pushed.saturating_add(1);
     }
 
-    /// The window just pushed was read late: it spans more than a tick (the process or its
-    /// runtime stalled), so its rate is overstated and its latencies are the stall's, not what
+    /// The window just pushed was read late: it spans two ticks or more (a tick ran long, or
+    /// the process or its runtime stalled), so its rate is overstated and its latencies are the stall's, not what
     /// the model reads at a tick. Its predictions are unused until it has left the input
     /// ([`is_full`](Self::is_full) again `WINDOW` ticks and a stale batch's ticks later).
     pub(crate) fn read_late(&mut self) {
@@ -63,7 +63,12 @@ impl FeatureHistory {
     /// a batch that overran is used for up to [`STALE_TICKS`](super::runner::STALE_TICKS) more
     /// ticks, so its input is that much older.
     pub(crate) fn is_full(&self) -> bool {
-        self.pushed as usize >= WINDOW + super::runner::STALE_TICKS as usize
+        self.unused_ticks_left() == 0
+    }
+
+    /// Ticks until [`is_full`](Self::is_full), from this one (0 once it is).
+    pub(crate) fn unused_ticks_left(&self) -> u32 {
+        (WINDOW as u32 + super::runner::STALE_TICKS).saturating_sub(self.pushed)
     }
 
     /// Write the `[WINDOW, N_FEATURES]` block, oldest first, zero-padded at the start.
@@ -100,6 +105,29 @@ mod tests {
         let rate = |i: usize| out[(WINDOW - 3 + i) * N_FEATURES];
         assert_eq!((rate(0), rate(1), rate(2)), (1.0, 2.0, 2.0));
         assert_eq!(out[(WINDOW - 1) * N_FEATURES + 1], 1.0, "success rate");
+    }
+
+    #[test]
+    fn a_window_read_late_leaves_the_predictions_unused_for_that_tick_and_67_more() {
+        let w = WindowSnapshot {
+            successes: 10,
+            period: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let mut h = FeatureHistory::default();
+        let sla = Duration::from_millis(100);
+        for left in (1..=68).rev() {
+            assert_eq!((h.is_full(), h.unused_ticks_left()), (false, left));
+            h.push(&w, sla);
+        }
+        assert_eq!((h.is_full(), h.unused_ticks_left()), (true, 0));
+        h.push(&w, sla);
+        h.read_late();
+        for left in (1..=68).rev() {
+            assert_eq!((h.is_full(), h.unused_ticks_left()), (false, left));
+            h.push(&w, sla);
+        }
+        assert!(h.is_full());
     }
 
     #[test]

@@ -49,6 +49,17 @@ impl PredictStage {
         Some(self.last.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
+    /// This tick's windows: whether they were read late, and the most ticks any class's
+    /// predictions stay unused from this one.
+    pub(crate) fn inputs(&self, read_late: bool, unused_ticks_left: u32) {
+        if self.runner.is_none() {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.late_ticks += u64::from(read_late);
+        last.unused_ticks_left = unused_ticks_left;
+    }
+
     /// Whether a predictor is attached.
     pub(crate) fn is_attached(&self) -> bool {
         self.runner.is_some()

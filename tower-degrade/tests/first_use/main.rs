@@ -967,7 +967,7 @@ fn settings_that_are_valid_but_seldom_meant_are_warned_of_at_build() {
         .find(|l| l.contains("shorter than its SLA"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(
-        line.contains("class=\"stock\"")
+        line.contains("class=stock")
             && line.contains("timeout_ms=100")
             && line.contains("sla_ms=200"),
         "{line}"

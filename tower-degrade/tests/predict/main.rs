@@ -1887,11 +1887,17 @@ async fn a_window_read_late_is_not_predicted_from_until_it_has_left_the_input() 
         tokio::time::sleep(tick).await;
     }
     assert_eq!(stock(&d), (State::Closed, Some(0.01f32 as f64)));
-    // A stall of 3 s: the next tick comes late, its window 60 calls.
-    calls(10).await;
+    let late = |d: &Degrader| {
+        let p = d.status().predictor.clone().unwrap();
+        (p.late_ticks, p.unused_ticks_left)
+    };
+    assert_eq!(late(&d), (0, 0));
+    // A stall of 3 s: the next tick comes late, its window 60 calls; then back between ticks
+    // (the late one restarted the tick's timer).
+    calls(60).await;
     tokio::time::advance(Duration::from_secs(3)).await;
-    calls(50).await;
-    tokio::time::sleep(tick).await;
+    tokio::time::sleep(tick / 2).await;
+    assert_eq!(late(&d), (1, 68), "that tick's and the 67 after it");
     let mut warned = 0;
     for _ in 0..WINDOW {
         calls(10).await;
@@ -1900,6 +1906,7 @@ async fn a_window_read_late_is_not_predicted_from_until_it_has_left_the_input() 
         warned += usize::from(p == Some(0.99f32 as f64));
         assert_eq!(state, State::Closed, "predicted from a window read late");
     }
+    assert_eq!(late(&d), (1, 68 - WINDOW as u32));
     assert!(warned >= WINDOW - 4, "the model read the burst: {warned}");
     // Once it has left the input, a burst on time is predicted from.
     for _ in 0..8 {
@@ -1907,6 +1914,7 @@ async fn a_window_read_late_is_not_predicted_from_until_it_has_left_the_input() 
         tokio::time::sleep(tick).await;
     }
     assert_eq!(stock(&d), (State::Closed, Some(0.01f32 as f64)));
+    assert_eq!(late(&d), (1, 0));
     for _ in 0..3 {
         calls(60).await;
         tokio::time::sleep(tick).await;
