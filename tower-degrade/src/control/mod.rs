@@ -109,7 +109,7 @@ struct Decided {
 impl Shared {
     /// One control-loop tick: snapshot every class, run the stages, step its breaker, publish
     /// its directive.
-    /// `read_late`: the windows read now span more than a tick (the control loop's, not a
+    /// `read_late`: the windows read now span two ticks or more (the control loop's, not a
     /// manual [`tick_now`](crate::Degrader::tick_now)).
     pub(crate) fn tick(&self, now: Instant, read_late: bool) {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);

@@ -267,7 +267,6 @@ impl DegraderBuilder {
         }
         self.breaker.validate()?;
         let registry = Registry::new(self.default_class, self.classes)?;
-        warn_doubtful(&self.service, &registry);
         let mut breakers = vec![self.breaker; registry.len()];
         let mut given = vec![false; registry.len()];
         for (name, cfg) in self.per_class_breaker {
@@ -453,6 +452,8 @@ impl DegraderBuilder {
             registry,
             foreign_said: std::sync::atomic::AtomicBool::new(false),
         };
+        // Once nothing can refuse the build.
+        warn_doubtful(&shared.service, &shared.registry);
         let shared = Arc::new(shared);
         super::shared::register_service(&shared.service);
         shared.publish_status();
