@@ -820,7 +820,7 @@ def _note_untrained_incidents(d: str) -> None:
                     tr = read_csv(path, os.path.basename(os.path.normpath(d)))
             except (NoRows, OSError, ValueError):
                 continue
-            if tr.events and not targets(tr)[:tr.val_from].any():
+            if tr.events and not (targets(tr)[:tr.val_from] == 1).any():  # -1: ignored
                 found.append((path, tr))
     finally:
         del NOTES[noted:]
