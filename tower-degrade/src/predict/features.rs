@@ -30,7 +30,8 @@ pub fn features(w: &WindowSnapshot, sla: Duration, mean_rps: f64) -> [f32; N_FEA
 pub(crate) struct FeatureHistory {
     ring: Ring<([f32; N_FEATURES], f64), WINDOW>,
     rps_sum: f64,
-    /// Ticks pushed (saturating).
+    /// Ticks pushed since the first, or since the last window [read late](Self::read_late)
+    /// (saturating): the ticks of the input that can be used.
     pushed: u32,
 }
 
@@ -51,9 +52,10 @@ impl FeatureHistory {
     }
 
     /// The window just pushed was read late: it spans two ticks or more (a tick ran long, or
-    /// the process or its runtime stalled), so its rate is overstated and its latencies are the stall's, not what
-    /// the model reads at a tick. Its predictions are unused until it has left the input
-    /// ([`is_full`](Self::is_full) again `WINDOW` ticks and a stale batch's ticks later).
+    /// the process or its runtime stalled), so its rate is overstated and its latencies are
+    /// the stall's, not what the model reads at a tick. Its predictions are unused until it
+    /// has left the input ([`is_full`](Self::is_full) again `WINDOW` ticks and a stale
+    /// batch's ticks later).
     pub(crate) fn read_late(&mut self) {
         self.pushed = 0;
     }
