@@ -176,6 +176,24 @@ class Train(unittest.TestCase):
         self.assertIn("--out", run.stderr)
         self.assertEqual(os.stat(bundled).st_mtime_ns, before)
 
+    def test_a_fit_runs_to_its_end_and_writes_the_model_and_what_it_did(self):
+        # A fit that trained for minutes then failed writing its summary (a name no longer
+        # imported) left no model: the whole of `fit`, on a few short simulated traces.
+        import json
+        import simulate
+        import train
+        traces = simulate.generate(11, 6, 1200, "train") + simulate.generate(12, 2, 1200, "val")
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "m.onnx")
+            info = train.fit(traces, out, seed=3, epochs=1, n_hard=0, public_data=False,
+                             log=lambda *_: None, threads=1)
+            for suffix in (".onnx", ".train.json", ".reference.json", ".pt"):
+                self.assertTrue(os.path.exists(os.path.join(d, "m" + suffix)), suffix)
+            with open(os.path.join(d, "m.train.json")) as f:
+                self.assertEqual(json.load(f), info)
+        self.assertEqual(info["horizon"], {"500 ms ticks": 20, "minute steps": 6})
+        self.assertEqual((info["epochs"], info["arch"]), (1, "zsl"))
+
 
 @unittest.skipUnless(HAS_TORCH, "torch is not installed (train.py's requirements)")
 class DatasetShares(unittest.TestCase):

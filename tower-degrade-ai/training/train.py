@@ -33,7 +33,7 @@ import datasets
 import reference
 import simulate
 from model import ARCHS, build, export
-from traces import missing_out_dir, read_datasets, targets
+from traces import headline_horizon, missing_out_dir, read_datasets, targets
 
 NEG_PER_POS = 40
 
