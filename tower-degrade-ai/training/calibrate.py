@@ -4,7 +4,8 @@ logits of a class's healthy scores (a generalized Pareto fit of the excesses ove
 percentile, or lower where scores repeat so that 50 lie above it, down to the 80th; by the
 method of moments), kept at a false-trip budget per day, the per-step risk divided by the
 extremal index (runs of healthy steps over the tail's start per step over it, at least 1/32):
-a trip is a run of steps over the threshold. A healthy step's score is learnt once
+a trip starts with a run of steps over the threshold and lasts while the scores stay over the
+tail's start, until a breach or the false-alarm exit. A healthy step's score is learnt once
 FALSE_ALARM_TICKS more healthy steps have passed, and no warning waits for its verdict (`alarms`).
 """
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Calibrator:
         """p at or above the threshold, compared on the clamped logit as it was fitted."""
         return self.init is None and math.isfinite(p) and logit(p) >= self.thr
 
+    def in_tail(self, p: float) -> bool:
+        """p over the tail's start, compared as `exceeds` compares (Rust's `in_tail`): a
+        warning holds while its scores stay there."""
+        return self.init is None and math.isfinite(p) and logit(p) > self.start
+
     def observe(self, p: float):
         if not math.isfinite(p):
             return
@@ -214,7 +220,8 @@ def predict_ticks(step_seconds: float) -> int:
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
            false_trips_per_day: float = 1.0, k: int | None = None, armed: list | None = None) -> np.ndarray:
     """The breaker's predicted trips over one series, online: a step alarms when the score is
-    at or above the class's threshold for k steps running; healthy steps, those of a warning
+    at or above the class's threshold for k steps running, and an alarm no breach has
+    confirmed yet goes on while the score stays over the tail's start; healthy steps, those of a warning
     too, teach the threshold once FALSE_ALARM_TICKS more healthy steps have passed with no
     unhealthy one (those before an unhealthy step are its precursors, as in the breaker), and
     no warning waits for its verdict (verdict_ticks healthy steps from its last warning). An
@@ -268,9 +275,12 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 pending[0] += 1
                 if pending[0] >= verdict:
                     pending = None
+        # A warning not confirmed yet holds while its scores stay in the tail (the breaker's
+        # `warning`: its class degraded for it and not closed again).
+        warning = t > 0 and out[t - 1] and alarm is not None and alarm[0] >= 0
         over = cal.exceeds(float(p))
         run = run + 1 if over else 0
-        out[t] = run >= k
+        out[t] = run >= k or (warning and cal.in_tail(float(p)))
         if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
             if not healthy[t]:
                 ended = None

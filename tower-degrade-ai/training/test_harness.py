@@ -1197,6 +1197,32 @@ class Calibration(unittest.TestCase):
         self.assertTrue(alarms(s, np.ones(len(s), bool), 60.0, 2500)[3000], "one minute step")
         self.assertFalse(alarms(s, np.ones(len(s), bool), 0.5, 2500).any(), "one 500 ms step")
 
+    def test_a_warning_holds_while_its_scores_stay_in_the_tail_as_the_rust_one_does(self):
+        # The breaker's `a_calibrated_warning_holds_while_its_scores_stay_in_the_class_s_tail`:
+        # a score hovering under the threshold but over the class's usual ones (3 sd, with a
+        # tick over the threshold now and then) after a warning; each tick under the threshold
+        # ended the warning, and the class flapped. Now it holds until the score is back among
+        # the usual ones, or until the false-alarm exit.
+        from calibrate import FALSE_ALARM_TICKS, UNUSED_STEPS, alarms, sigmoid
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
+        tail = sigmoid(-3 + 3 * 0.3)
+        hover = np.where(np.arange(30) % 6 == 5, 0.9, tail)
+        n = len(warm)
+        scores = np.concatenate([warm, [0.9, 0.9], hover, warm[-20:]])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertFalse(out[:n + 1].any())
+        self.assertTrue(out[n + 1:n + 32].all(), "held through the hover")
+        self.assertFalse(out[n + 32:].any(), "ended with the usual scores")
+        # Under the threshold: alone, no tick of the hover warns.
+        alone = alarms(np.concatenate([warm, np.full(30, tail)]), np.ones(n + 30, bool), 0.5, 3000)
+        self.assertFalse(alone.any())
+        # Held no longer than the false-alarm exit.
+        scores = np.concatenate([warm, [0.9, 0.9], np.full(100, tail)])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertEqual(int(out.sum()), FALSE_ALARM_TICKS)
+        self.assertTrue(out[n + 1:n + 1 + FALSE_ALARM_TICKS].all())
+
     def test_a_slow_flap_is_judged_too(self):
         import numpy as np
         from calibrate import MERGE_GAP, UNUSED_STEPS, alarms

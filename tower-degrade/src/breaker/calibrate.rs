@@ -385,6 +385,14 @@ impl Calibrator {
         p.is_finite() && self.armed().is_some_and(|t| logit(p) >= t.threshold)
     }
 
+    /// Whether `p` is in the class's tail: over the tail's start (the 98th percentile of its
+    /// healthy scores, lower where they repeat), compared as [`exceeds`](Self::exceeds)
+    /// compares. A warning holds while its scores stay there (`Breaker::step_predicted`).
+    /// `false` while warming up (or settling, restored).
+    pub(crate) fn in_tail(&self, p: f64) -> bool {
+        p.is_finite() && self.armed().is_some_and(|t| logit(p) > t.start)
+    }
+
     /// A predicted failure that did not come: the class stayed healthy for the alarm's
     /// length with scores up to `highest`. The threshold is put above them for the next
     /// [`FALSE_ALARM_HOLD`] of healthy ticks, so that the same level does not trip the class

@@ -19,9 +19,12 @@
 //! [`Breaker::command`]; `MetricsOnly` keeps stepping a shadow machine whose transitions are
 //! reported but never enforced.
 //!
-//! A class degraded for a calibrated prediction that stays healthy for [`FALSE_ALARM_TICKS`]
-//! also closes, its threshold raised above the false alarm's scores; so does one whose
-//! warnings come and go for as long with no breach. A breach within [`VERDICT`] of the first
+//! A class degraded for a calibrated prediction stays degraded while the prediction's scores
+//! stay in the class's tail (over the 98th percentile of its healthy scores), not only while
+//! they are over the threshold, so that a score hovering about the threshold does not degrade
+//! the class in bursts. One that stays healthy for [`FALSE_ALARM_TICKS`] closes, its
+//! threshold raised above the false alarm's scores; so does one whose warnings come and go
+//! for as long with no breach. A breach within [`VERDICT`] of the first
 //! warning still confirms it: the raised threshold comes down again.
 //!
 //! The file is long because the machine is one piece: every phase's transitions read the
@@ -585,11 +588,27 @@ impl Breaker {
             self.floored = None;
         }
         let holds = self.holds_scores();
+        // A calibrated warning that degraded the class, not confirmed yet, holds while its
+        // scores stay in the class's tail (over the 98th percentile of its healthy scores),
+        // not only over the threshold: a score hovering about the threshold (a slow leak's,
+        // a user's trial) degraded the class in bursts of a few seconds, seven in two
+        // minutes. It ends when the scores are back among the class's usual ones, at a
+        // breach (which confirms it), or at the false-alarm exit.
+        let warning = self.predicted >= self.predict_ticks
+            && self.alarm.is_some()
+            && matches!(
+                self.phase,
+                Phase::Degraded {
+                    predicted: true,
+                    ..
+                }
+            );
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
-            PredictThreshold::Calibrated(_) => {
-                self.calibrator.as_ref().is_some_and(|c| c.exceeds(p))
-            }
+            PredictThreshold::Calibrated(_) => self
+                .calibrator
+                .as_ref()
+                .is_some_and(|c| c.exceeds(p) || (warning && c.in_tail(p))),
         };
         self.predicted = match prediction {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tower_degrade::window::WindowSnapshot;
 use tower_degrade::{
     Route,
-    breaker::{Breaker, BreakerConfig, Command, State},
+    breaker::{Breaker, BreakerConfig, Calibration, Command, State},
     gate::{Directive, Reason},
 };
 
@@ -703,4 +703,104 @@ fn a_reset_starts_the_run_of_predicting_ticks_again() {
             ..
         }
     ));
+}
+
+/// A breaker on the calibrated default (the shortest warm-up), armed on 2,700 healthy ticks
+/// whose scores spread about 0.05 (logit -3, sd 0.3, near normal: a fixed sequence), and the
+/// instant after them. Returns the breaker, that instant and a score of the class's tail (3 sd
+/// over its usual ones, under the threshold).
+fn armed_on_usual_scores() -> (Breaker, Instant, f64) {
+    let mut b = Breaker::new(
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(1)),
+        Route::Reject,
+    );
+    let mut now = Instant::now();
+    for i in 0..2_700 {
+        assert_eq!(
+            b.step_predicted(&window(20, 0, 10), Some(usual(i)), now),
+            None
+        );
+        now += TICK;
+    }
+    let threshold = b.predict_threshold().expect("armed");
+    let tail = sigmoid(-3.0 + 3.0 * 0.3);
+    assert!(tail < threshold && threshold < 0.9, "{tail} {threshold}");
+    (b, now, tail)
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The `i`th of a class's usual scores: logit -3 plus 0.3 times a near-normal draw (the sum
+/// of 12 uniform ones, less 6, each from SplitMix64).
+fn usual(i: usize) -> f64 {
+    let uniform = |n: u64| {
+        let mut z = n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / u64::MAX as f64
+    };
+    let z: f64 = (0..12).map(|k| uniform(i as u64 * 12 + k)).sum::<f64>() - 6.0;
+    sigmoid(-3.0 + 0.3 * z)
+}
+
+#[test]
+fn a_calibrated_warning_holds_while_its_scores_stay_in_the_class_s_tail() {
+    // A score hovering about the threshold (a slow leak's, in a user's trial): the warning
+    // degraded the class, the next ticks under the threshold closed it after 3 healthy
+    // windows, the next over it degraded it again, seven times in two minutes. Now a warning
+    // holds while its scores stay over the class's usual ones.
+    let (mut b, mut now, tail) = armed_on_usual_scores();
+    let healthy = window(20, 0, 10);
+    let mut step = |b: &mut Breaker, p: f64| {
+        let t = b.step_predicted(&healthy, Some(p), now);
+        now += TICK;
+        t
+    };
+    assert_eq!(step(&mut b, 0.9), None);
+    let t = step(&mut b, 0.9).expect("warned");
+    assert!(t.reason.starts_with("predicted"), "{}", t.reason);
+    for i in 0..30 {
+        let p = if i % 6 == 5 { 0.9 } else { tail };
+        assert_eq!(step(&mut b, p), None, "tick {i} of the hover");
+        assert_eq!(b.state(), State::Degraded, "tick {i} of the hover");
+    }
+    // Back among its usual scores: closed after `degraded_recovery_ticks` healthy windows.
+    assert_eq!(step(&mut b, usual(0)), None);
+    assert_eq!(step(&mut b, usual(1)), None);
+    let t = step(&mut b, usual(2)).expect("recovered");
+    assert_eq!(
+        (t.to, t.reason.as_str()),
+        (State::Closed, "3 healthy windows")
+    );
+
+    // Held for as long as the false-alarm exit allows, no longer: a warning whose scores stay
+    // in the tail with no breach is still a false alarm after FALSE_ALARM_TICKS healthy ticks.
+    let (mut b, mut now, tail) = armed_on_usual_scores();
+    let mut step = |b: &mut Breaker, p: f64| {
+        let t = b.step_predicted(&healthy, Some(p), now);
+        now += TICK;
+        t
+    };
+    step(&mut b, 0.9);
+    step(&mut b, 0.9).expect("warned");
+    let mut held = 0;
+    let t = loop {
+        if let Some(t) = step(&mut b, tail) {
+            break t;
+        }
+        held += 1;
+        assert!(held < 200, "held for good");
+    };
+    assert!(t.reason.contains("a false alarm"), "{}", t.reason);
+    // Degraded on the warning's tick and the `held` after it: FALSE_ALARM_TICKS healthy ticks.
+    assert_eq!(
+        held + 1,
+        tower_degrade::breaker::FALSE_ALARM_TICKS,
+        "{}",
+        t.reason
+    );
+    assert_eq!(step(&mut b, tail), None);
+    assert_eq!(b.state(), State::Closed);
 }
