@@ -214,6 +214,12 @@ class DatasetShares(unittest.TestCase):
         self.assertNotIn("record longer", lines[2])
         self.assertRegex(lines[3], r"^note: short: no positive window .*inject faults throughout a "
                                    r"recording, not only at its end$")
+        # One of the harness's own datasets (SMD's published train part has no labelled
+        # incident) is told so, not to record incidents.
+        public = np.array(["simulated"] * 100_000 + ["smd"] * FEW_WINDOWS)
+        lines = dataset_shares(public, (np.arange(len(public)) < 500).astype(np.float32), True)
+        self.assertEqual(lines[-1], "note: smd: no positive window (no incident in its train part): it "
+                                    "teaches only what is normal")
         # Unbalanced, each window weighs 1 and nothing is over-weighted.
         lines = dataset_shares(ds, y, balance=False)
         self.assertIn("0.0 % of the loss", lines[0])
