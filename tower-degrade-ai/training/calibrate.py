@@ -84,7 +84,7 @@ class Calibrator:
         self.warm_up = max(1, warm_up)
         self.hold = max(1, math.floor(FALSE_ALARM_HOLD_SECONDS / max(step_seconds, 1e-3) + 0.5))
         self.init: list[float] | None = []
-        self.start = self.thr = self.fit = 0.0
+        self.start = self.thr = self.fit = self.usual = 0.0
         self.peaks: deque[float] = deque()
         self.sum = self.sum_sq = 0.0
         self.seen = self.exceeded = 0
@@ -118,10 +118,16 @@ class Calibrator:
         """p at or above the threshold, compared on the clamped logit as it was fitted."""
         return self.init is None and math.isfinite(p) and logit(p) >= self.thr
 
-    def in_tail(self, p: float) -> bool:
-        """p over the tail's start, compared as `exceeds` compares (Rust's `in_tail`): a
+    def above_usual(self, p: float) -> bool:
+        """p above the class's usual scores (Rust's `above_usual`): over the score the fitted
+        tail puts 2 % of healthy steps above (at least the start), and while a false alarm's
+        floor holds, over that alarm's highest score; compared as `exceeds` compares. A
         warning holds while its scores stay there."""
-        return self.init is None and math.isfinite(p) and logit(p) > self.start
+        if self.init is not None or not math.isfinite(p):
+            return False
+        x = logit(p)
+        # over the floor's alarm (the floor is its highest score's logit plus the margin)
+        return x > self.usual and (self.floor is None or x + FALSE_ALARM_MARGIN > self.floor[0])
 
     def observe(self, p: float):
         if not math.isfinite(p):
@@ -167,7 +173,7 @@ class Calibrator:
             if first <= lowest:
                 break
             at = first - 1
-        self.start = init[at]
+        self.start = self.usual = init[at]
         self.seen = len(init)
         for x in ordered:  # the runs, and the excesses, in the warm-up's order
             self._count_run(x)
@@ -190,6 +196,7 @@ class Calibrator:
         if n < 2:
             highest = max(self.peaks, default=0.0)
             self.fit = self.start + 2.0 * max(highest, 1.0)
+            self.usual = self.start
             self._hold_floor()
             return
         mean = self.sum / n
@@ -197,8 +204,13 @@ class Calibrator:
         gamma = min(max(0.5 * (1.0 - mean * mean / var), -0.5), 0.45)
         sigma = max(mean * (1.0 - gamma), 1e-9)  # the mean is sigma / (1 - gamma)
         risk = min(self.risk / self._theta(), 0.5)
-        ratio = min(risk * self.seen / max(self.exceeded, 1), 1.0)
-        over = -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
+
+        def excess(risk):  # the excess a share `risk` of the healthy steps exceeds
+            ratio = min(risk * self.seen / max(self.exceeded, 1), 1.0)
+            return -sigma * math.log(ratio) if abs(gamma) < 1e-6 else sigma / gamma * (ratio ** -gamma - 1.0)
+
+        over = excess(risk)
+        self.usual = self.start + max(excess(1.0 - TAIL_QUANTILE), 0.0)
         # never the start itself: where healthy scores repeat, it is the class's usual score,
         # and a threshold there (compared with >=) trips on it
         self.fit = max(self.start + max(over, 0.0), math.nextafter(self.start, math.inf))
@@ -217,23 +229,31 @@ def predict_ticks(step_seconds: float) -> int:
     return max(1, -(-int(PREDICT_HOLD_SECONDS * 1e9) // ns))
 
 
+# Healthy steps in a row that close a class degraded for a prediction, the score no longer
+# predicting (`BreakerConfig::degraded_recovery_ticks`' default).
+DEGRADED_RECOVERY_TICKS = 3
+
+
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
            false_trips_per_day: float = 1.0, k: int | None = None, armed: list | None = None) -> np.ndarray:
-    """The breaker's predicted trips over one series, online: a step alarms when the score is
-    at or above the class's threshold for k steps running, and an alarm no breach has
-    confirmed yet goes on while the score stays over the tail's start; healthy steps, those of a warning
-    too, teach the threshold once FALSE_ALARM_TICKS more healthy steps have passed with no
-    unhealthy one (those before an unhealthy step are its precursors, as in the breaker), and
-    no warning waits for its verdict (verdict_ticks healthy steps from its last warning). An
-    alarm that stays healthy for FALSE_ALARM_TICKS steps is a false one: the threshold goes
-    above its scores and it ends; an unhealthy step confirms it, and one within the verdict
-    lifts the floor its false alarm put (a slow leak warned of minutes ahead). A warning
-    back within MERGE_GAP steps of the last one's end (a score flapping about the threshold)
-    is the same alarm, counted on across the steps between them, as the breaker keeps it
-    while the class is closed again; one back later is an alarm of its own, and the ended one
-    is judged apart, FALSE_ALARM_TICKS healthy steps after its first warning. `armed`: a list
-    to append the first step the threshold held at (its warm-up over) to, or None if it never
-    did. `k`: predict_ticks(step_seconds) unless given."""
+    """The breaker's predicted trips over one series, online, step for step as
+    `Breaker::step_predicted` takes them: a step alarms when the score is at or above the
+    class's threshold for k steps running; the class is then degraded for the prediction
+    (`degraded`) until DEGRADED_RECOVERY_TICKS healthy steps in a row no longer predict, and
+    warns again only once closed. A warning no breach has confirmed yet (the breaker's
+    `alarm`) holds while the score stays above the class's usual ones
+    (`Calibrator.above_usual`). Healthy steps, those of a warning too, teach the threshold once
+    FALSE_ALARM_TICKS more healthy steps have passed with no unhealthy one (those before an
+    unhealthy step are its precursors, as in the breaker), and no warning waits for its
+    verdict (verdict_ticks healthy steps from its last warning). An alarm that stays healthy
+    for FALSE_ALARM_TICKS steps after its warning is a false one: the threshold goes above its
+    scores and the class closes; an unhealthy step confirms it, and one within the verdict
+    lifts the floor its false alarm put (a slow leak warned of minutes ahead). A warning back
+    within MERGE_GAP steps of the class closing again (a score flapping about the threshold) is
+    the same alarm, counted on across the steps between them; one back later is an alarm of
+    its own, and the ended one is judged apart, FALSE_ALARM_TICKS healthy steps after its
+    first warning. `armed`: a list to append the first step the threshold held at (its
+    warm-up over) to, or None if it never did. `k`: predict_ticks(step_seconds) unless given."""
     if k is None:
         k = predict_ticks(step_seconds)
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
@@ -242,8 +262,9 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     # A series' first steps are zero-padded in the model's input: the breaker neither acts on
     # nor learns their scores (no prediction, as in Rust).
     scores = as_used(scores)
-    run = 0
-    alarm = None  # [healthy steps, highest score, quiet steps] unconfirmed; [-1, ...] confirmed
+    predicted = 0  # predicting steps in a row (the breaker's `predicted`)
+    degraded = None  # healthy steps in a row while degraded for a prediction; None: closed
+    alarm = None  # a warning not confirmed: [healthy steps since, highest score, quiet steps]
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     verdict = verdict_ticks(step_seconds)
@@ -262,6 +283,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             pending[1], pending[2] = True, before
 
     for t, p in enumerate(scores):
+        p = float(p)
         warned = False
         covered = max(covered - 1, 0)
         if not healthy[t] and covered == 0:
@@ -275,12 +297,11 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 pending[0] += 1
                 if pending[0] >= verdict:
                     pending = None
-        # A warning not confirmed yet holds while its scores stay in the tail (the breaker's
-        # `warning`: its class degraded for it and not closed again).
-        warning = t > 0 and out[t - 1] and alarm is not None and alarm[0] >= 0
-        over = cal.exceeds(float(p))
-        run = run + 1 if over else 0
-        out[t] = run >= k or (warning and cal.in_tail(float(p)))
+        # A warning not confirmed yet holds while the score stays above the usual ones.
+        holding = predicted >= k and alarm is not None and degraded is not None
+        predicting = cal.exceeds(p) or (holding and cal.above_usual(p))
+        predicted = predicted + 1 if predicting else 0
+        out[t] = predicted >= k
         if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
             if not healthy[t]:
                 ended = None
@@ -289,38 +310,43 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 if ended[0] >= FALSE_ALARM_TICKS:
                     put_floor(ended[1])
                     ended = None
-        if not healthy[t]:
-            # A breach confirms the alarm (not a false one, for as long as it lasts), or ends
-            # a pending one.
-            alarm = [-1, 0.0, 0] if out[t] else None
-        elif out[t]:
-            if alarm is None:
-                alarm = [0, float(p), 0]
-                warned = True
-            elif alarm[0] >= 0:
-                warned = alarm[2] > 0  # a warning again (the breaker's class closed between)
-                alarm[2] = 0  # back within MERGE_GAP: the same alarm
-        elif alarm is not None:
-            if alarm[0] < 0:
-                alarm = None  # the confirmed alarm ended
+        exit_now = False
+        if alarm is not None:  # the breaker's `false_alarm`
+            if not healthy[t]:
+                alarm = None  # a breach confirms it
             else:
-                alarm[2] += 1
-                if alarm[2] >= MERGE_GAP:
+                quiet = 0 if degraded is not None else alarm[2] + 1
+                if quiet >= MERGE_GAP:
                     # It ended and did not come back: judged apart; a later warning is an
                     # alarm of its own.
                     ended = ([max(ended[0], alarm[0]), max(ended[1], alarm[1])]
                              if ended is not None else [alarm[0], alarm[1]])
                     alarm = None
-        # An unconfirmed alarm counts every healthy step since it began, alarmed or not.
-        if alarm is not None and alarm[0] >= 0 and healthy[t]:
-            alarm = [alarm[0] + 1, max(alarm[1], float(p)), alarm[2]]
-            if alarm[0] >= FALSE_ALARM_TICKS:
-                put_floor(alarm[1])
-                alarm, run = None, 0
+                else:
+                    alarm = [alarm[0] + 1, max(alarm[1], p if math.isfinite(p) else 0.0), quiet]
+                    if alarm[0] >= FALSE_ALARM_TICKS:
+                        # A false alarm: its floor, and the class closes (if it has not).
+                        put_floor(alarm[1])
+                        alarm, predicted, degraded = None, 0, None
+                        out[t] = False
+                        exit_now = True
+        if exit_now:
+            pass
+        elif degraded is None:
+            if predicted >= k:
+                warned = True
+                # A warning in a breaching step came with the breach: no alarm to judge.
+                if healthy[t]:
+                    alarm = [alarm[0], max(alarm[1], p), 0] if alarm is not None else [0, p, 0]
+                degraded = 0
+        else:
+            degraded = 0 if not healthy[t] or predicted > 0 else degraded + 1
+            if degraded >= DEGRADED_RECOVERY_TICKS:
+                degraded = None
         if not healthy[t]:
             unlearnt.clear()
         elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
-            unlearnt.append(float(p))
+            unlearnt.append(p)
             # Held while a warning waits for its verdict: its scores, and those before it,
             # are the precursors of a breach that may still come.
             while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:

@@ -1223,6 +1223,60 @@ class Calibration(unittest.TestCase):
         self.assertEqual(int(out.sum()), FALSE_ALARM_TICKS)
         self.assertTrue(out[n + 1:n + 1 + FALSE_ALARM_TICKS].all())
 
+    def test_a_hold_follows_the_class_s_usual_scores_as_the_rust_one_does(self):
+        # The breaker's `a_warning_holds_over_the_usual_scores_the_class_has_now`. After a
+        # lasting shift of the healthy scores (logit -3 to -1.5, learnt), the warm-up's tail
+        # start is below every usual score: a hold over it lasted to the false-alarm exit. The
+        # level held over is the fit's 98th percentile, which moves with the class.
+        from calibrate import UNUSED_STEPS, alarms
+        rng = np.random.default_rng(3)
+
+        def calm(centre, n):
+            return 1 / (1 + np.exp(-(centre + 0.3 * rng.standard_normal(n))))
+
+        scores = np.concatenate([calm(-3, 3100 + UNUSED_STEPS), calm(-1.5, 28_800)])
+        n = len(scores)
+        scores = np.concatenate([scores, [0.95, 0.95], calm(-1.5, 60)])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertFalse(out[n - 7200:n].any(), "the shift is learnt")
+        self.assertTrue(out[n + 1])
+        self.assertLessEqual(int(out[n + 2:].sum()), 2, "back among the usual scores")
+
+    def test_a_hold_is_over_a_false_alarm_s_scores_while_its_floor_holds(self):
+        # The breaker's `a_warning_holds_over_a_false_alarm_s_scores_not_at_them`: a false
+        # alarm at 0.6 puts the threshold above it for an hour; a warning over that floor,
+        # then 0.6 again, held at 0.6 (over the class's usual scores) until the exit: the
+        # level already judged benign cost 40 steps more.
+        from calibrate import FALSE_ALARM_TICKS, UNUSED_STEPS, alarms
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
+        n = len(warm)
+        scores = np.concatenate([warm, np.full(45, 0.6), [0.99, 0.99], np.full(60, 0.6)])
+        out = alarms(scores, np.ones(len(scores), bool), 0.5, 3000)
+        self.assertEqual(int(out[n:n + 45].sum()), FALSE_ALARM_TICKS, "the false alarm")
+        self.assertTrue(out[n + 46], "a warning over its floor")
+        self.assertFalse(out[n + 47:].any(), "not held at the benign level")
+
+    def test_a_breach_ends_a_hold_and_no_alarm_starts_before_the_class_closes(self):
+        # The breaker's `a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any`:
+        # a warning held, a breach, then scores over the threshold on healthy steps: the
+        # class is still degraded (no warning again, so no new alarm to take for false), and
+        # it closes once 3 healthy steps no longer predict. The port started a new alarm there
+        # (the breaker cannot) and, held, took it for a false alarm after 40 steps.
+        from calibrate import DEGRADED_RECOVERY_TICKS, UNUSED_STEPS, alarms, sigmoid
+        rng = np.random.default_rng(1)
+        warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
+        n = len(warm)
+        tail = sigmoid(-3 + 3 * 0.3)
+        scores = np.concatenate([warm, [0.9, 0.9], np.full(10, tail), np.full(30, 0.9),
+                                 warm[:DEGRADED_RECOVERY_TICKS], [0.9, 0.9]])
+        healthy = np.ones(len(scores), bool)
+        healthy[n + 11] = False  # the breach, at the hold's last step
+        out = alarms(scores, healthy, 0.5, 3000)
+        self.assertTrue(out[n + 1:n + 42].all(), "predicting throughout")
+        self.assertFalse(out[n + 42:n + 46].any(), "closed")
+        self.assertTrue(out[n + 46], "warned again at the same level: no false alarm's floor")
+
     def test_a_slow_flap_is_judged_too(self):
         import numpy as np
         from calibrate import MERGE_GAP, UNUSED_STEPS, alarms

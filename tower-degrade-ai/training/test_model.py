@@ -178,7 +178,8 @@ class Train(unittest.TestCase):
 
     def test_a_fit_runs_to_its_end_and_writes_the_model_and_what_it_did(self):
         # A fit that trained for minutes then failed writing its summary (a name no longer
-        # imported) left no model: the whole of `fit`, on a few short simulated traces.
+        # imported) left no `.train.json` (what `lodo.py --reuse` looks for) and a traceback:
+        # the whole of `fit`, on a few short simulated traces.
         import json
         import simulate
         import train

@@ -265,6 +265,10 @@ struct Tail {
     was_over: bool,
     /// The fitted threshold (logit), refitted after every new peak.
     fit: f64,
+    /// The score (logit) the fit puts 2 % of healthy ticks above, at least the start: the top
+    /// of the class's usual scores, which a warning holds over (refitted with `fit`; the
+    /// start is the warm-up's and does not move with the class).
+    usual: f64,
     /// The threshold in force (logit): the fit, or a false alarm's floor above it.
     threshold: f64,
     /// The least threshold (logit) a false alarm set, and the healthy tick (`seen`) it holds
@@ -314,6 +318,7 @@ impl Calibrator {
                     runs: f.runs,
                     was_over: f.was_over,
                     fit: f.start,
+                    usual: f.start,
                     threshold: f.start,
                     // A floor holds an hour of healthy ticks from its false alarm, at most.
                     floor: f
@@ -385,12 +390,20 @@ impl Calibrator {
         p.is_finite() && self.armed().is_some_and(|t| logit(p) >= t.threshold)
     }
 
-    /// Whether `p` is in the class's tail: over the tail's start (the 98th percentile of its
-    /// healthy scores, lower where they repeat), compared as [`exceeds`](Self::exceeds)
-    /// compares. A warning holds while its scores stay there (`Breaker::step_predicted`).
-    /// `false` while warming up (or settling, restored).
-    pub(crate) fn in_tail(&self, p: f64) -> bool {
-        p.is_finite() && self.armed().is_some_and(|t| logit(p) > t.start)
+    /// Whether `p` is above the class's usual scores: over the score the fitted tail puts 2 %
+    /// of its healthy ticks above (the 98th percentile, at least the tail's start; it moves
+    /// with the class as the fit does), and while a false alarm's floor holds, over that
+    /// alarm's highest score; compared as [`exceeds`](Self::exceeds) compares. A warning
+    /// holds while its scores stay there (`Breaker::step_predicted`). `false` while warming
+    /// up (or settling, restored).
+    pub(crate) fn above_usual(&self, p: f64) -> bool {
+        p.is_finite()
+            && self.armed().is_some_and(|t| {
+                let x = logit(p);
+                // While a false alarm's floor holds, its scores were judged benign too (the
+                // floor is its highest score's logit plus the margin, summed as here).
+                x > t.usual && t.floor.is_none_or(|(f, _)| x + FALSE_ALARM_MARGIN > f)
+            })
     }
 
     /// A predicted failure that did not come: the class stayed healthy for the alarm's
@@ -468,6 +481,7 @@ impl Tail {
             runs: 0,
             was_over: false,
             fit: start,
+            usual: start,
             threshold: start,
             floor: None,
         };
@@ -538,6 +552,7 @@ impl Tail {
             // Too few excesses to fit a tail: the highest healthy score seen, and a margin.
             let highest = self.peaks.iter().copied().fold(0.0, f64::max);
             self.fit = self.start + 2.0 * highest.max(1.0);
+            self.usual = self.start;
             self.hold_floor();
             return;
         }
@@ -550,13 +565,18 @@ impl Tail {
         // does not grow without end as their variance goes to 0).
         let gamma = (0.5 * (1.0 - mean * mean / var)).clamp(-0.5, 0.45);
         let sigma = (mean * (1.0 - gamma)).max(1e-9);
-        // The share of healthy ticks with an excess, over the risk wanted.
-        let ratio = (risk * self.seen as f64 / self.exceeded.max(1) as f64).min(1.0);
-        let over = if gamma.abs() < 1e-6 {
-            -sigma * ratio.ln()
-        } else {
-            sigma / gamma * (ratio.powf(-gamma) - 1.0)
+        // The excess exceeded by a share `risk` of the healthy ticks: that share over the
+        // share of healthy ticks with an excess.
+        let excess = |risk: f64| {
+            let ratio = (risk * self.seen as f64 / self.exceeded.max(1) as f64).min(1.0);
+            if gamma.abs() < 1e-6 {
+                -sigma * ratio.ln()
+            } else {
+                sigma / gamma * (ratio.powf(-gamma) - 1.0)
+            }
         };
+        let over = excess(risk);
+        self.usual = self.start + excess(1.0 - TAIL_QUANTILE).max(0.0);
         // Never the start itself: where the healthy scores repeat, the start is the class's
         // usual score (most of the warm-up's can equal it), and a threshold there, compared
         // with `>=`, tripped on it about once an hour (a flat series whose excesses were

@@ -20,9 +20,9 @@
 //! reported but never enforced.
 //!
 //! A class degraded for a calibrated prediction stays degraded while the prediction's scores
-//! stay in the class's tail (over the 98th percentile of its healthy scores), not only while
-//! they are over the threshold, so that a score hovering about the threshold does not degrade
-//! the class in bursts. One that stays healthy for [`FALSE_ALARM_TICKS`] closes, its
+//! stay above the class's usual ones (the 98th percentile of its healthy scores, as the
+//! calibration fits them), not only while they are over the threshold, so that a score
+//! hovering about the threshold does not degrade the class in bursts. One that stays healthy for [`FALSE_ALARM_TICKS`] closes, its
 //! threshold raised above the false alarm's scores; so does one whose warnings come and go
 //! for as long with no breach. A breach within [`VERDICT`] of the first
 //! warning still confirms it: the raised threshold comes down again.
@@ -589,11 +589,12 @@ impl Breaker {
         }
         let holds = self.holds_scores();
         // A calibrated warning that degraded the class, not confirmed yet, holds while its
-        // scores stay in the class's tail (over the 98th percentile of its healthy scores),
+        // scores stay above the class's usual ones (the 98th percentile of its healthy scores
+        // as the calibration fits them, and a false alarm's scores while its floor holds),
         // not only over the threshold: a score hovering about the threshold (a slow leak's,
         // a user's trial) degraded the class in bursts of a few seconds, seven in two
-        // minutes. It ends when the scores are back among the class's usual ones, at a
-        // breach (which confirms it), or at the false-alarm exit.
+        // minutes. It ends when the scores are back among the usual ones (or there is no
+        // prediction), at a breach (which confirms it), or at the false-alarm exit.
         let warning = self.predicted >= self.predict_ticks
             && self.alarm.is_some()
             && matches!(
@@ -608,7 +609,7 @@ impl Breaker {
             PredictThreshold::Calibrated(_) => self
                 .calibrator
                 .as_ref()
-                .is_some_and(|c| c.exceeds(p) || (warning && c.in_tail(p))),
+                .is_some_and(|c| c.exceeds(p) || (warning && c.above_usual(p))),
         };
         self.predicted = match prediction {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),
