@@ -1,5 +1,7 @@
 """The breaker's calibrated prediction threshold (`tower_degrade::breaker::Calibration`), ported
-line for line so the harness scores the model as the breaker uses it by default: SPOT over the
+line for line so the harness scores the model as the breaker uses it by default (checked step
+for step: `port_fixture.py` writes what `alarms` makes of a series, and the breaker's tests
+replay it): SPOT over the
 logits of a class's healthy scores (a generalized Pareto fit of the excesses over their 98th
 percentile, or lower where scores repeat so that 50 lie above it, down to the 80th; by the
 method of moments), kept at a false-trip budget per day, the per-step risk divided by the
@@ -235,7 +237,8 @@ DEGRADED_RECOVERY_TICKS = 3
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
-           false_trips_per_day: float = 1.0, k: int | None = None, armed: list | None = None) -> np.ndarray:
+           false_trips_per_day: float = 1.0, k: int | None = None, armed: list | None = None,
+           trace: list | None = None) -> np.ndarray:
     """The breaker's predicted trips over one series, online, step for step as
     `Breaker::step_predicted` takes them: a step alarms when the score is at or above the
     class's threshold for k steps running; the class is then degraded for the prediction
@@ -253,7 +256,9 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     the same alarm, counted on across the steps between them; one back later is an alarm of
     its own, and the ended one is judged apart, FALSE_ALARM_TICKS healthy steps after its
     first warning. `armed`: a list to append the first step the threshold held at (its
-    warm-up over) to, or None if it never did. `k`: predict_ticks(step_seconds) unless given."""
+    warm-up over) to, or None if it never did. `k`: predict_ticks(step_seconds) unless given.
+    `trace`: a list to append each step's (warned: the class degraded for the prediction,
+    closed: a false alarm closed the class, threshold or None) to (`port_fixture.py`)."""
     if k is None:
         k = predict_ticks(step_seconds)
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
@@ -286,13 +291,12 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         p = float(p)
         warned = False
         covered = max(covered - 1, 0)
-        if not healthy[t] and covered == 0:
-            covered = FALSE_ALARM_TICKS
         if pending is not None:
             if not healthy[t]:
                 if pending[1]:
                     cal.lift_floor(pending[2])  # a breach confirms the warning its floor came from
                 pending = None
+                covered = FALSE_ALARM_TICKS  # the incident counted
             else:
                 pending[0] += 1
                 if pending[0] >= verdict:
@@ -302,6 +306,15 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         predicting = cal.exceeds(p) or (holding and cal.above_usual(p))
         predicted = predicted + 1 if predicting else 0
         out[t] = predicted >= k
+        # Learnt before the alarm is judged, as the breaker learns it.
+        if not healthy[t]:
+            unlearnt.clear()
+        elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
+            unlearnt.append(p)
+            # Held while a warning waits for its verdict: its scores, and those before it,
+            # are the precursors of a breach that may still come.
+            while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
+                cal.observe(unlearnt.popleft())
         if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
             if not healthy[t]:
                 ended = None
@@ -327,11 +340,11 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                     if alarm[0] >= FALSE_ALARM_TICKS:
                         # A false alarm: its floor, and the class closes (if it has not).
                         put_floor(alarm[1])
+                        exit_now = degraded is not None
                         alarm, predicted, degraded = None, 0, None
                         out[t] = False
-                        exit_now = True
         if exit_now:
-            pass
+            pass  # the breaker returns the exit's transition
         elif degraded is None:
             if predicted >= k:
                 warned = True
@@ -343,20 +356,17 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             degraded = 0 if not healthy[t] or predicted > 0 else degraded + 1
             if degraded >= DEGRADED_RECOVERY_TICKS:
                 degraded = None
-        if not healthy[t]:
-            unlearnt.clear()
-        elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
-            unlearnt.append(p)
-            # Held while a warning waits for its verdict: its scores, and those before it,
-            # are the precursors of a breach that may still come.
-            while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
-                cal.observe(unlearnt.popleft())
         if warned and verdict > FALSE_ALARM_TICKS and covered == 0:
-            # Judged from this warning, a floor put since the first kept (after the step's
-            # learning, as the breaker starts it).
-            pending = [0, False, None] if pending is None else [0, pending[1], pending[2]]
+            if not healthy[t]:
+                covered = FALSE_ALARM_TICKS  # a warning with its breach: late, the incident counted
+            else:
+                # Judged from this warning, a floor put since the first kept (after the step's
+                # learning, as the breaker starts it).
+                pending = [0, False, None] if pending is None else [0, pending[1], pending[2]]
         if armed_at is None and cal.init is None:
             armed_at = t + 1  # fitted on this step's learning: it holds from the next
+        if trace is not None:
+            trace.append((warned, exit_now, cal.threshold()))
     if armed is not None:
         armed.append(armed_at if armed_at is not None and armed_at < len(scores) else None)
     return out

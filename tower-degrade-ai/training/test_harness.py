@@ -1,5 +1,6 @@
 """Tests of the evaluation protocol and the trace format (NumPy only; run with
 `python -m unittest discover -s tower-degrade-ai/training`)."""
+import json
 import os
 import subprocess
 import sys
@@ -1276,6 +1277,21 @@ class Calibration(unittest.TestCase):
         self.assertTrue(out[n + 1:n + 42].all(), "predicting throughout")
         self.assertFalse(out[n + 42:n + 46].any(), "closed")
         self.assertTrue(out[n + 46], "warned again at the same level: no false alarm's floor")
+
+    def test_the_breakers_replay_of_the_port_is_up_to_date(self):
+        # `tower-degrade/tests/breaker/main.rs` (`the_python_port_takes_the_breakers_steps`)
+        # replays port_fixture.py's series through the breaker and checks it takes the port's
+        # steps: the committed file must be what the port makes of the series now.
+        import port_fixture
+        with open(port_fixture.OUT) as f:
+            committed = f.read()
+        self.assertEqual(committed, port_fixture.text(),
+                         "run `python port_fixture.py` (then the breaker's test) after changing calibrate.py")
+        fixture = json.loads(committed)
+        # What the series is for: warnings, some closed by a false alarm, a threshold that moves.
+        self.assertGreater(len(fixture["warned"]), 10)
+        self.assertGreater(len(fixture["false_alarm_closed"]), 1)
+        self.assertGreater(len(fixture["thresholds"]), 100)
 
     def test_a_slow_flap_is_judged_too(self):
         import numpy as np

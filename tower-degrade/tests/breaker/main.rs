@@ -893,3 +893,77 @@ fn a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any() {
     let t = tick(&mut b, &mut now, 0.9, None).expect("warned again");
     assert!(t.starts_with("predicted"), "{t}");
 }
+
+#[test]
+fn the_python_port_takes_the_breakers_steps() {
+    // The evaluation harness scores the model as the breaker uses it by default through a
+    // port of the breaker (`tower-degrade-ai/training/calibrate.py`'s `alarms`). Its
+    // `port_fixture.py` wrote what the port makes of one class's series (`port.json`: the
+    // scores, the steps that breach, the steps it warns at, those a false alarm closes the
+    // class at, its threshold after each step); the breaker must take the same steps. A
+    // breaching step is a window that breaks the degrade rule without tripping the breaker
+    // (90 % served, p99 900 ms), at most two in a row while the class is closed.
+    let f: serde_json::Value = serde_json::from_str(include_str!("port.json")).unwrap();
+    let numbers = |key: &str| -> Vec<u64> {
+        f[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let quantum = f["quantum"].as_f64().unwrap();
+    assert_eq!(f["step_ms"], 500);
+    let warm_up = u32::try_from(f["warm_up"].as_u64().unwrap()).unwrap();
+    let breach = numbers("breach");
+    let thresholds: Vec<(u64, Option<f64>)> = f["thresholds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v[0].as_u64().unwrap(), v[1].as_f64()))
+        .collect();
+    let mut b = Breaker::new(
+        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(warm_up)),
+        Route::Reject,
+    );
+    let mut now = Instant::now();
+    let (mut warned, mut closed) = (Vec::new(), Vec::new());
+    let (mut port, mut next) = (None, 0);
+    for (t, q) in f["scores"].as_array().unwrap().iter().enumerate() {
+        let t = t as u64;
+        let w = if breach.contains(&t) {
+            window(18, 2, 900)
+        } else {
+            window(20, 0, 10)
+        };
+        if let Some(tr) = b.step_predicted(&w, q.as_f64().map(|q| q / quantum), now) {
+            if tr.to == State::Degraded && tr.reason.starts_with("predicted") {
+                warned.push(t);
+            }
+            if tr.reason.contains("a false alarm") {
+                closed.push(t);
+            }
+        }
+        while next < thresholds.len() && thresholds[next].0 <= t {
+            port = thresholds[next].1;
+            next += 1;
+        }
+        match (b.predict_threshold(), port) {
+            (None, None) => {}
+            (Some(ours), Some(port)) => {
+                assert!(
+                    (ours - port).abs() < 1e-9,
+                    "step {t}: {ours} against the port's {port}"
+                )
+            }
+            (ours, port) => panic!("step {t}: {ours:?} against the port's {port:?}"),
+        }
+        now += TICK;
+    }
+    assert_eq!(warned, numbers("warned"), "the steps warned at");
+    assert_eq!(
+        closed,
+        numbers("false_alarm_closed"),
+        "the false alarms' exits"
+    );
+}
