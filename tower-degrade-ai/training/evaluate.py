@@ -105,7 +105,14 @@ class Model:
         self.path = path
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+        try:
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime's own words: a status code and a protobuf error
+            hint = " (train.py's .pt beside it holds PyTorch weights: give the .onnx)" if path.endswith(".pt") else ""
+            raise ValueError(f"{path}: not an ONNX model ONNX Runtime can load{hint}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         # the same checks as OnnxPredictor's: the inputs' and output's shapes and types, the
         # features the model names, and a second input is the long baseline
         check_contract(self.session, path)
@@ -671,6 +678,8 @@ def main():
         traced.append((path, name, trs, own_val))
     try:
         model = Model(a.model)
+    except ValueError as e:  # each names the file
+        sys.exit(f"evaluate.py: --model {e}")
     except Exception as e:  # onnxruntime's own errors do not name the file
         sys.exit(f"evaluate.py: --model {a.model}: {e}")
     det = {"model": model, **BASELINES}

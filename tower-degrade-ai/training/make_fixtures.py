@@ -27,7 +27,6 @@ committed files against this script).
 from __future__ import annotations
 
 import os
-import sys
 
 import baseline
 import features
@@ -256,4 +255,8 @@ def main(out: str = FIXTURES) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default=FIXTURES, metavar="OUT_DIR",
+                    help="where the fixtures go (default: the Rust tests' fixtures)")
+    main(ap.parse_args().out)

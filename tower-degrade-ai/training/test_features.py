@@ -91,6 +91,22 @@ class Models(unittest.TestCase):
 
 @unittest.skipUnless(HAS_ORT, "needs onnxruntime")
 class Scoring(unittest.TestCase):
+    def test_a_model_that_is_not_there_or_not_onnx_is_named_so(self):
+        # ONNX Runtime's own words were all a user got: "[ONNXRuntimeError] : 7 :
+        # INVALID_PROTOBUF ..." for train.py's .pt given in place of its .onnx.
+        import evaluate
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaisesRegex(ValueError, r"none.onnx: no such file"):
+                evaluate.Model(os.path.join(d, "none.onnx"))
+            with self.assertRaisesRegex(ValueError, r": not a file"):
+                evaluate.Model(d)
+            weights = os.path.join(d, "m.pt")
+            with open(weights, "wb") as f:
+                f.write(b"PK\x03\x04 torch weights")
+            with self.assertRaisesRegex(ValueError, r"m.pt: not an ONNX model ONNX Runtime can load "
+                                                    r"\(train.py's .pt beside it holds PyTorch weights"):
+                evaluate.Model(weights)
+
     def test_the_harness_refuses_a_model_the_runtime_would_refuse(self):
         # A model that answers 5 (a logit, say): OnnxPredictor refuses it, so the harness must
         # not report on it as if the runtime ran it.

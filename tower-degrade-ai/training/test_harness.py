@@ -256,6 +256,8 @@ class Traces(unittest.TestCase):
             self.assertEqual(missing_out_dir(out=there, json=nowhere),
                              f"--json {nowhere}: the directory {os.path.join(d, 'no')} does not exist")
             self.assertIn("--from-json", missing_out_dir(from_json=nowhere))
+            # A directory where the file is to go: refused before the work, not after it.
+            self.assertEqual(missing_out_dir(out=d), f"--out {d}: a directory; name a file in it")
             run = subprocess.run([sys.executable, "evaluate.py", "--model", "nonexistent.onnx",
                                   "--traces-only", "--traces", d, "--out", nowhere],
                                  capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -327,6 +329,11 @@ class Traces(unittest.TestCase):
                                                     r"'NaN' \(3 values cannot be read in all, in lines 6-10: "
                                                     r"fill them in or drop their rows\)$"):
                 read_csv(self.write(d, rows))
+            # Percentages, refused on every row: divided, not dropped.
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column success_rate: above 1: .*not a percentage\) "
+                                                    r"\(10 values cannot be read in all, in lines 2-11: "
+                                                    r"divide the column by 100\)$"):
+                read_csv(self.write(d, [self.row(t, success="97.5") for t in range(10)]))
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column time_s: not a number: '2024-11-04T00:00:00Z' "
                                                     r"\(time_s is seconds as a number, e.g. Unix epoch seconds"):
                 read_csv(self.write(d, ["2024-11-04T00:00:00Z" + self.row(0)[1:]]))

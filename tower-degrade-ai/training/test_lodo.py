@@ -253,6 +253,10 @@ class Seeds(unittest.TestCase):
         cells = [c.strip() for c in table[2].strip("|").split("|")]
         self.assertEqual(cells, ["nab (H = 6)", "17", "2, 3, 4", "0.50", "NAB contextOSE", "4, 4, 4",
                                  "1 of 3", "0.75x", "2, 2, 3", "4, 4, 4", "2, 1, 2", "0.80"])
+        # Pooled, not the median of each seed's ratio: 3 and 2 against 1 and 15 is 0.31x
+        # (the median of 3.00x and 0.13x read 1.57x).
+        two = {7: seed_rows(3, 1, 2, 2, 4), 8: seed_rows(2, 15, 1, 2, 4)}
+        self.assertEqual([c.strip() for c in seeds_table(two, ["nab"])[2].strip("|").split("|")][7], "0.31x")
         self.assertEqual(pooled(runs, ["nab"], "model"), (9, 51))
         self.assertEqual(pooled(runs, ["nab"], "default"), (5, 51))
         text = seeds_report(runs, ["nab"], "out", ["x.csv: no traffic in any step, skipped"])
@@ -261,7 +265,7 @@ class Seeds(unittest.TestCase):
         self.assertIn("the model, thresholds from validation: 9 early warnings of 51 incidents (17.6 %)", text)
         self.assertIn("`out/seed-7/lodo.md`", text)
 
-    def test_a_seed_whose_baseline_warned_of_nothing_counts_ahead_and_a_missing_row_shows_a_dash(self):
+    def test_baselines_that_warned_of_nothing_count_ahead_and_a_missing_row_shows_a_dash(self):
         runs = {1: seed_rows(1, 0, 1, 1, 0, other=0), 2: seed_rows(1, 0, 0, 1, 0, other=0),
                 3: seed_rows(0, 2, 1, 0, 2)}
         # seed 3 scored without the ranking check or the default (an older run's rows)
@@ -270,12 +274,15 @@ class Seeds(unittest.TestCase):
         self.assertEqual(cells[2], "1, 1, 0")
         self.assertEqual(cells[5], "0, 0, 2")
         self.assertEqual(cells[6], "2 of 3")
-        self.assertEqual(cells[7], "ahead")  # the median of ahead, ahead and 0.00x
+        self.assertEqual(cells[7], "1.00x")  # pooled: 2 against 2
         self.assertEqual(cells[8:11], ["1, 1, –", "0, 0, –", "1, 0, –"])
         self.assertEqual(pooled(runs, ["nab"], "default"), (1, 34))
-        # one seed ahead, one at half the baseline: the lower middle value, not a mean with infinity
+        # one seed ahead (the baseline none), one at half the baseline: 2 against 2, pooled;
+        # ahead where the baselines warned of none with every seed
         two = {1: runs[1], 2: seed_rows(1, 2, 1, 1, 2)}
-        self.assertEqual([c.strip() for c in seeds_table(two, ["nab"])[2].strip("|").split("|")][7], "0.50x")
+        self.assertEqual([c.strip() for c in seeds_table(two, ["nab"])[2].strip("|").split("|")][7], "1.00x")
+        ahead = {1: runs[1], 2: runs[2]}
+        self.assertEqual([c.strip() for c in seeds_table(ahead, ["nab"])[2].strip("|").split("|")][7], "ahead")
 
     def test_a_seeds_folds_run_apart_merge_into_one_run(self):
         with tempfile.TemporaryDirectory() as root:

@@ -152,14 +152,18 @@ def note(text: str) -> None:
 def missing_out_dir(**paths) -> str | None:
     """What is wrong with the files a tool is to write, before it runs (a training or a scoring
     can take minutes to an hour): the first flag whose file's directory does not exist, said
-    as `--flag PATH: the directory D does not exist`; None when every one's does. `paths`:
+    as `--flag PATH: the directory D does not exist`, or whose path is a directory (a file was
+    written there only once the work was done, and failed); None when all are fine. `paths`:
     the flags' names (`_` for `-`) and their paths, None for a flag not given."""
     for flag, path in paths.items():
         if path is None:
             continue
+        name = f"--{flag.replace('_', '-')} {path}"
+        if os.path.isdir(path):
+            return f"{name}: a directory; name a file in it"
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
-            return f"--{flag.replace('_', '-')} {path}: the directory {d} does not exist"
+            return f"{name}: the directory {d} does not exist"
     return None
 
 
@@ -271,8 +275,11 @@ def _refusal(path: str, refused: list, whole: bool) -> ValueError:
     line, col, why = refused[0]
     more = ""
     if len(refused) > 1:
+        # Percentages are refused on every row: they are to be divided, not dropped.
+        fix = ("divide the column by 100" if "not a percentage" in why
+               else "fill them in or drop their rows")
         more = (f" ({'' if whole else 'at least '}{len(refused)} values cannot be read in all, in "
-                f"lines {line}-{refused[-1][0]}{'' if whole else ' and on'}: fill them in or drop their rows)")
+                f"lines {line}-{refused[-1][0]}{'' if whole else ' and on'}: {fix})")
     return ValueError(f"{path}:{line}: column {col}: {why}{more}")
 
 

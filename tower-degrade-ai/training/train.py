@@ -276,7 +276,8 @@ def main():
     # No default: one at the bundled model's path replaced the shipped model whenever a user
     # forgot the flag. (The bundled model is rebuilt with --out ../models/p_anomaly.onnx.)
     ap.add_argument("--out", required=True, metavar="MODEL.onnx",
-                    help="where the model goes (its .train.json and .reference.json beside it); "
+                    help="where the model goes (its .train.json, .reference.json and .pt, the "
+                         "PyTorch weights, beside it); "
                          "../models/p_anomaly.onnx rebuilds the bundled model")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=8)
