@@ -231,9 +231,12 @@ def predict_ticks(step_seconds: float) -> int:
     return max(1, -(-int(PREDICT_HOLD_SECONDS * 1e9) // ns))
 
 
-# Healthy steps in a row that close a class degraded for a prediction, the score no longer
-# predicting (`BreakerConfig::degraded_recovery_ticks`' default).
+# Healthy steps in a row that close a degraded class, the score no longer predicting
+# (`BreakerConfig::degraded_recovery_ticks`' default).
 DEGRADED_RECOVERY_TICKS = 3
+# Breaching steps in a row that degrade a closed class by the degrade rule (`DegradeRule`'s
+# `windows`): it then neither warns nor holds a warning until it closes again.
+RULE_WINDOWS = 3
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
@@ -258,7 +261,8 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     first warning. `armed`: a list to append the first step the threshold held at (its
     warm-up over) to, or None if it never did. `k`: predict_ticks(step_seconds) unless given.
     `trace`: a list to append each step's (warned: the class degraded for the prediction,
-    closed: a false alarm closed the class, threshold or None) to (`port_fixture.py`)."""
+    closed: a false alarm closed the class, threshold or None, degraded: for a prediction or by
+    the rule) to (`port_fixture.py`)."""
     if k is None:
         k = predict_ticks(step_seconds)
     cal = Calibrator(false_trips_per_day, step_seconds, warm_up)
@@ -268,16 +272,18 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     # nor learns their scores (no prediction, as in Rust).
     scores = as_used(scores)
     predicted = 0  # predicting steps in a row (the breaker's `predicted`)
-    degraded = None  # healthy steps in a row while degraded for a prediction; None: closed
+    degraded = None  # healthy steps in a row while degraded; None: closed
+    for_prediction = False  # degraded for a prediction, not by the degrade rule
+    rule = 0  # breaching steps in a row while closed (the breaker's `breached`)
     alarm = None  # a warning not confirmed: [healthy steps since, highest score, quiet steps]
     ended = None  # an alarm whose warnings ended MERGE_GAP steps ago: [healthy steps, highest]
     unlearnt: deque = deque()  # healthy scores not learnt yet (the breaker's `unlearnt`)
     verdict = verdict_ticks(step_seconds)
-    # A warning waiting for its verdict, where the verdict is longer than the exit (the
-    # breaker's tally watching it, and its `floored`): [healthy steps since the last warning,
-    # whether the exit put a floor meanwhile, the floor it replaced]. `covered`: steps left in
-    # which an unhealthy step is the incident counted last, and a warning not watched (the
-    # tally's `covered`).
+    # A warning waiting for its verdict (the breaker's tally watching it, and its `floored`):
+    # [healthy steps since the last warning, whether the exit put a floor meanwhile, the floor
+    # it replaced]; its scores are held back from the calibration where the verdict is longer
+    # than the exit. `covered`: steps left in which an unhealthy step is the incident counted
+    # last, and a warning not watched (the tally's `covered`).
     pending = None
     covered = 0
 
@@ -291,6 +297,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         p = float(p)
         warned = False
         covered = max(covered - 1, 0)
+        watching = pending is not None
         if pending is not None:
             if not healthy[t]:
                 if pending[1]:
@@ -302,7 +309,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                 if pending[0] >= verdict:
                     pending = None
         # A warning not confirmed yet holds while the score stays above the usual ones.
-        holding = predicted >= k and alarm is not None and degraded is not None
+        holding = predicted >= k and alarm is not None and degraded is not None and for_prediction
         predicting = cal.exceeds(p) or (holding and cal.above_usual(p))
         predicted = predicted + 1 if predicting else 0
         out[t] = predicted >= k
@@ -313,7 +320,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             unlearnt.append(p)
             # Held while a warning waits for its verdict: its scores, and those before it,
             # are the precursors of a breach that may still come.
-            while len(unlearnt) > FALSE_ALARM_TICKS and pending is None:
+            while len(unlearnt) > FALSE_ALARM_TICKS and (pending is None or verdict <= FALSE_ALARM_TICKS):
                 cal.observe(unlearnt.popleft())
         if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
             if not healthy[t]:
@@ -346,17 +353,25 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         if exit_now:
             pass  # the breaker returns the exit's transition
         elif degraded is None:
-            if predicted >= k:
+            rule = rule + 1 if not healthy[t] else 0
+            if rule >= RULE_WINDOWS and math.isfinite(p) and cal.init is None:
+                # Degraded by the rule: an incident no warning led (the tally's `breached`).
+                rule, degraded, for_prediction = 0, 0, False
+                if not watching and covered == 0:
+                    covered = FALSE_ALARM_TICKS
+            elif rule >= RULE_WINDOWS:
+                rule, degraded, for_prediction = 0, 0, False
+            elif predicted >= k:
                 warned = True
                 # A warning in a breaching step came with the breach: no alarm to judge.
                 if healthy[t]:
                     alarm = [alarm[0], max(alarm[1], p), 0] if alarm is not None else [0, p, 0]
-                degraded = 0
+                rule, degraded, for_prediction = 0, 0, True
         else:
             degraded = 0 if not healthy[t] or predicted > 0 else degraded + 1
             if degraded >= DEGRADED_RECOVERY_TICKS:
                 degraded = None
-        if warned and verdict > FALSE_ALARM_TICKS and covered == 0:
+        if warned and covered == 0:
             if not healthy[t]:
                 covered = FALSE_ALARM_TICKS  # a warning with its breach: late, the incident counted
             else:
@@ -366,7 +381,7 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         if armed_at is None and cal.init is None:
             armed_at = t + 1  # fitted on this step's learning: it holds from the next
         if trace is not None:
-            trace.append((warned, exit_now, cal.threshold()))
+            trace.append((warned, exit_now, cal.threshold(), degraded is not None))
     if armed is not None:
         armed.append(armed_at if armed_at is not None and armed_at < len(scores) else None)
     return out

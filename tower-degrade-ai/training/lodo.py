@@ -617,9 +617,11 @@ def main():
     missing = missing_out_dir(report=unless_inside(a.report), json=unless_inside(a.json))
     if missing:
         ap.error(missing)
-    os.makedirs(a.out_dir, exist_ok=True)
     datasets.require(a.data, "lodo.py")
     if a.from_json:
+        if not os.path.isfile(a.from_json):
+            ap.error(f"--from-json {a.from_json}: no such file" if not os.path.exists(a.from_json)
+                     else f"--from-json {a.from_json}: not a file")
         saved = json.load(open(a.from_json))
         if "seeds" in saved:  # a --seeds run's
             runs = {int(s): run for s, run in saved["seeds"].items()}
@@ -633,6 +635,7 @@ def main():
             text = report(saved["rows"], folds, saved["models"], saved.get("notes", []))
         print(text)
         if a.report:
+            os.makedirs(a.out_dir, exist_ok=True)  # where a report inside it goes
             open(a.report, "w").write(text)
         return
 

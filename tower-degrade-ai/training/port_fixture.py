@@ -1,17 +1,24 @@
-"""The harness's port of the breaker (`calibrate.alarms`) beside the breaker itself: one class's
-series of scores and breaches, and what the port makes of it step by step (the steps it warns
-at, those a false alarm closes the class at, its threshold after each), written as a fixture
-that `tower-degrade/tests/breaker/main.rs` (`the_python_port_takes_the_breakers_steps`)
-replays through `Breaker::step_predicted` and checks step for step:
+"""The harness's port of the breaker (`calibrate.alarms`) beside the breaker itself: series of
+one class's scores and breaches, and what the port makes of each step by step (the steps it
+warns at, those a false alarm closes the class at, the steps the class is degraded, its
+threshold after each), written as a fixture that `tower-degrade/tests/breaker/main.rs`
+(`the_python_port_takes_the_breakers_steps`) replays through `Breaker::step_predicted` and
+checks step for step:
 
     python port_fixture.py [OUT]   # default ../../tower-degrade/tests/breaker/port.json
 
-The series covers what the default's calibration does: the warm-up; warnings a breach
-confirms (one held while the score hovers above the class's usual ones, a slow leak, one soon
-after a breach with no warning, warnings that flap); a lasting shift of the healthy scores,
-learnt, and a warning at the new level; a false alarm and its floor, a warning over that floor,
-warnings that flap with no breach (one alarm) and one that comes back later (its own). The scores are multiples of 1/65536, exact in
-both languages. `test_harness.py` checks the committed file against this script.
+Two series. At the 500 ms tick: the warm-up; warnings a breach confirms (one held while the
+score hovers above the class's usual ones, a slow leak, one soon after a breach with no
+warning, warnings that flap); a false alarm and its floor, a warning over that floor and the
+benign level again for longer than the exit; warnings that flap with no breach (one alarm)
+and one that comes back later (its own); a lasting shift of the healthy scores, learnt, and a
+warning at the new level; an incident the degrade rule takes (breaches in a row while closed)
+with high scores after it. At minute steps (a verdict no longer than the exit, one step
+held): warnings close together, a false alarm's exit, then a breach within the first
+warning's verdict; two warnings with the class closed a few steps between them; a warning
+soon after an incident the degrade rule took. The scores are multiples of 1/65536, exact in both languages.
+`test_harness.py` checks the committed file against this script. Not modelled by the port:
+a class opened by failures (its rows breach without tripping), ticks with no call served.
 """
 from __future__ import annotations
 
@@ -26,100 +33,153 @@ import calibrate
 
 OUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                     "tower-degrade", "tests", "breaker", "port.json"))
-STEP_SECONDS = 0.5
 WARM_UP = 3000
 QUANTUM = 65536
+USUAL = math.log(0.05 / 0.95)
 
 
-def series() -> tuple[list, list]:
-    """(the scores, as multiples of 1/QUANTUM, the first UNUSED_STEPS of them None; the steps
-    that breach)."""
-    rng = np.random.default_rng(12)
-    steps: list = []
-    breach: list = []
+class _Series:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.steps: list = []
+        self.breach: list = []
 
-    def about(centre, n):
-        steps.extend(1 / (1 + np.exp(-(centre + 0.3 * rng.standard_normal(n)))))
+    def about(self, centre, n):
+        self.steps.extend(1 / (1 + np.exp(-(centre + 0.3 * self.rng.standard_normal(n)))))
 
-    def at(p, n=1):
-        steps.extend([p] * n)
+    def at(self, p, n=1):
+        self.steps.extend([p] * n)
 
-    def breaching(p, n):
-        breach.extend(range(len(steps), len(steps) + n))
-        at(p, n)
+    def breaching(self, p, n):
+        self.breach.extend(range(len(self.steps), len(self.steps) + n))
+        self.at(p, n)
 
-    usual = math.log(0.05 / 0.95)
-    tail = 1 / (1 + math.exp(-(usual + 0.9)))  # 3 sd above the usual scores
-    about(usual, calibrate.UNUSED_STEPS + WARM_UP + 100)
-    # Warnings a breach confirms (their scores are not learnt): one held while the score
-    # hovers above the usual ones; a slow leak; one soon after a breach with no warning;
-    # warnings that flap (3 on, 4 off: one alarm).
-    at(0.9, 2)
-    at(tail, 12)
-    breaching(0.95, 2)
-    about(usual, 300)
-    steps.extend(np.linspace(0.15, 0.9, 120))
-    breaching(0.95, 8)
-    about(usual, 900)
-    breaching(0.05, 2)
-    about(usual, 10)
-    at(0.9, 3)
-    about(usual, 5)
-    breaching(0.95, 2)
-    about(usual, 700)
+
+def short_ticks() -> _Series:
+    s = _Series(12)
+    tail = 1 / (1 + math.exp(-(USUAL + 0.9)))  # 3 sd above the usual scores
+    s.about(USUAL, calibrate.UNUSED_STEPS + WARM_UP + 100)
+    # Warnings a breach confirms (their scores are not learnt).
+    s.at(0.9, 2)
+    s.at(tail, 12)
+    s.breaching(0.95, 2)
+    s.about(USUAL, 300)
+    s.steps.extend(np.linspace(0.15, 0.9, 120))
+    s.breaching(0.95, 8)
+    s.about(USUAL, 900)
+    s.breaching(0.05, 2)
+    s.about(USUAL, 10)
+    s.at(0.9, 3)
+    s.about(USUAL, 5)
+    s.breaching(0.95, 2)
+    s.about(USUAL, 700)
     for _ in range(6):
-        at(0.8, 3)
-        about(usual, 4)
-    breaching(0.95, 1)
-    about(usual, 700)
-    # A lasting shift of the healthy scores (its warnings false alarms), learnt; a warning at
-    # the new level, not held at it.
-    about(usual + 1.5, 3000)
-    at(0.97, 2)
-    about(usual + 1.5, 700)
+        s.at(0.8, 3)
+        s.about(USUAL, 4)
+    s.breaching(0.95, 1)
+    s.about(USUAL, 700)
     # A false alarm (40 healthy steps over the threshold): its floor; a warning over it, then
-    # the benign level again, not held; warnings that flap with no breach (one alarm), and
-    # one back later (its own).
-    at(0.5, 45)
-    about(usual + 1.5, 60)
-    at(0.99, 2)
-    at(0.5, 10)
-    about(usual + 1.5, 100)
+    # the benign level for longer than the exit, not held at it; warnings that flap with no
+    # breach (one alarm), and one back later (its own).
+    s.at(0.5, 45)
+    s.about(USUAL, 60)
+    s.at(0.99, 2)
+    s.at(0.5, 45)
+    s.about(USUAL, 100)
     for _ in range(8):
-        at(0.995, 3)
-        about(usual + 1.5, 4)
-    about(usual + 1.5, 40)
-    at(0.999, 3)
-    about(usual + 1.5, 100)
-    q = [round(float(p) * QUANTUM) for p in steps]
+        s.at(0.995, 3)
+        s.about(USUAL, 4)
+    s.about(USUAL, 40)
+    s.at(0.999, 3)
+    s.about(USUAL, 100)
+    # A lasting shift of the healthy scores, learnt; a warning at the new level.
+    s.about(USUAL + 1.5, 3000)
+    s.at(0.99995, 2)
+    s.about(USUAL + 1.5, 60)
+    # An incident the degrade rule takes (breaches in a row while closed), its scores high
+    # after it: no warning, no hold; learnt as healthy once it has closed.
+    s.breaching(0.05, 5)
+    s.at(0.9, 45)
+    s.about(USUAL + 1.5, 100)
+    return s
+
+
+def minute_steps() -> _Series:
+    s = _Series(13)
+    s.about(USUAL, calibrate.UNUSED_STEPS + WARM_UP + 100)
+    # Two warnings 6 steps apart, the exit 40 after the first, a breach within its verdict.
+    s.at(0.9, 2)
+    s.about(USUAL, 4)
+    s.at(0.9, 1)
+    s.about(USUAL, 39)
+    s.breaching(0.95, 2)
+    s.about(USUAL, 100)
+    s.at(0.9, 1)
+    s.about(USUAL, 60)
+    # Two warnings with the class closed for 7 steps between them, the second higher: one
+    # alarm (within 10), its floor above the second from the first's exit.
+    s.at(0.95, 1)
+    s.about(USUAL, 10)
+    s.at(0.99, 1)
+    s.about(USUAL, 100)
+    # An incident the degrade rule takes, then two warnings soon after it and a breach after
+    # the first one's exit: the incident counted, the warnings not watched for a verdict, so
+    # the breach lifts no floor.
+    s.breaching(0.05, 3)
+    s.about(USUAL, 4)
+    s.at(0.9, 1)
+    s.about(USUAL, 5)
+    s.at(0.9, 1)
+    s.about(USUAL, 38)
+    s.breaching(0.95, 1)
+    s.about(USUAL, 100)
+    return s
+
+
+def _spans(flags) -> list:
+    """[start, end) of each run of True."""
+    out, start = [], None
+    for t, f in enumerate(list(flags) + [False]):
+        if f and start is None:
+            start = t
+        elif not f and start is not None:
+            out.append([start, t])
+            start = None
+    return out
+
+
+def run(series: _Series, step_seconds: float) -> dict:
+    q = [round(float(p) * QUANTUM) for p in series.steps]
     for i in range(calibrate.UNUSED_STEPS):
         q[i] = None
-    return q, breach
-
-
-def fixture() -> dict:
-    q, breach = series()
     scores = np.array([np.nan if x is None else x / QUANTUM for x in q])
     healthy = np.ones(len(q), bool)
-    healthy[breach] = False
+    healthy[series.breach] = False
     trace: list = []
-    calibrate.alarms(scores, healthy, STEP_SECONDS, WARM_UP, trace=trace)
+    calibrate.alarms(scores, healthy, step_seconds, WARM_UP, trace=trace)
     thresholds, last = [], None
-    for t, (_, _, thr) in enumerate(trace):
+    for t, (_, _, thr, _) in enumerate(trace):
         if thr != last:
             # 12 significant digits: the breaker's must agree to 1e-9
             thresholds.append([t, None if thr is None else float(f"{thr:.12g}")])
             last = thr
     return {
-        "about": "port_fixture.py: calibrate.alarms on these steps; regenerate, do not edit",
-        "step_ms": int(STEP_SECONDS * 1000),
+        "step_ms": int(step_seconds * 1000),
         "warm_up": WARM_UP,
         "quantum": QUANTUM,
         "scores": q,
-        "breach": breach,
-        "warned": [t for t, (w, _, _) in enumerate(trace) if w],
-        "false_alarm_closed": [t for t, (_, c, _) in enumerate(trace) if c],
+        "breach": series.breach,
+        "warned": [t for t, x in enumerate(trace) if x[0]],
+        "false_alarm_closed": [t for t, x in enumerate(trace) if x[1]],
+        "degraded": _spans(x[3] for x in trace),
         "thresholds": thresholds,
+    }
+
+
+def fixture() -> dict:
+    return {
+        "about": "port_fixture.py: calibrate.alarms on these steps; regenerate, do not edit",
+        "series": [run(short_ticks(), 0.5), run(minute_steps(), 60.0)],
     }
 
 

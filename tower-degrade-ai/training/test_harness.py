@@ -1294,11 +1294,15 @@ class Calibration(unittest.TestCase):
             committed = f.read()
         self.assertEqual(committed, port_fixture.text(),
                          "run `python port_fixture.py` (then the breaker's test) after changing calibrate.py")
-        fixture = json.loads(committed)
-        # What the series is for: warnings, some closed by a false alarm, a threshold that moves.
-        self.assertGreater(len(fixture["warned"]), 10)
-        self.assertGreater(len(fixture["false_alarm_closed"]), 1)
-        self.assertGreater(len(fixture["thresholds"]), 100)
+        short, minute = json.loads(committed)["series"]
+        # What the series are for: warnings, some closed by a false alarm, a threshold that
+        # moves, incidents the degrade rule takes; at minute steps, floors put and lifted.
+        self.assertEqual((short["step_ms"], minute["step_ms"]), (500, 60_000))
+        self.assertGreater(len(short["warned"]), 20)
+        self.assertGreater(len(short["false_alarm_closed"]), 2)
+        self.assertGreater(len(short["thresholds"]), 500)
+        self.assertGreater(len(minute["warned"]), 5)
+        self.assertGreater(len(minute["thresholds"]), 10)
 
     def test_a_slow_flap_is_judged_too(self):
         import numpy as np

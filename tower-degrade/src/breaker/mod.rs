@@ -190,7 +190,8 @@ pub const FALSE_ALARM_TICKS: u32 = 40;
 /// minutes). A breach within the verdict confirms the warning in the [`PredictionRecord`]
 /// (a fixed threshold's too) and, with a calibrated threshold, lifts the floor the exit put
 /// and keeps the scores since the warning out of the calibration. At a tick of 7.5 s or more
-/// the verdict is the exit's [`FALSE_ALARM_TICKS`], and the calibration is as it was before.
+/// the verdict is the exit's [`FALSE_ALARM_TICKS`] and no score waits for it (a breach can
+/// still lift a floor, where a second warning within the first's verdict judged it anew).
 pub const VERDICT: Duration = Duration::from_secs(300);
 
 /// The ticks [`VERDICT`] spans at a control loop ticking every `tick`, rounded up, at least
@@ -685,6 +686,11 @@ impl Breaker {
         self.phase = next;
         if next.state() == State::Closed {
             self.opens = 0;
+        } else {
+            // The degrade rule counts breaching windows in a row while closed: those before
+            // the class left Closed (for a prediction, or opened) are not in a row with the
+            // first after it closes again.
+            self.breached = 0;
         }
         if !matches!(next.state(), State::Degraded | State::Closed) {
             self.alarm = None;

@@ -898,72 +898,132 @@ fn a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any() {
 fn the_python_port_takes_the_breakers_steps() {
     // The evaluation harness scores the model as the breaker uses it by default through a
     // port of the breaker (`tower-degrade-ai/training/calibrate.py`'s `alarms`). Its
-    // `port_fixture.py` wrote what the port makes of one class's series (`port.json`: the
-    // scores, the steps that breach, the steps it warns at, those a false alarm closes the
-    // class at, its threshold after each step); the breaker must take the same steps. A
-    // breaching step is a window that breaks the degrade rule without tripping the breaker
-    // (90 % served, p99 900 ms), at most two in a row while the class is closed.
+    // `port_fixture.py` wrote what the port makes of two series (`port.json`, at 500 ms and at
+    // minute steps: the scores, the steps that breach, the steps it warns at, those a false
+    // alarm closes the class at, the steps the class is degraded, its threshold after each
+    // step); the breaker must take the same steps. A breaching step is a window that breaks
+    // the degrade rule without tripping the breaker (90 % served, p99 900 ms).
     let f: serde_json::Value = serde_json::from_str(include_str!("port.json")).unwrap();
-    let numbers = |key: &str| -> Vec<u64> {
-        f[key]
+    for series in f["series"].as_array().unwrap() {
+        let numbers = |key: &str| -> Vec<u64> {
+            series[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let step = Duration::from_millis(series["step_ms"].as_u64().unwrap());
+        let quantum = series["quantum"].as_f64().unwrap();
+        let warm_up = u32::try_from(series["warm_up"].as_u64().unwrap()).unwrap();
+        let breach = numbers("breach");
+        let thresholds: Vec<(u64, Option<f64>)> = series["thresholds"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect()
-    };
-    let quantum = f["quantum"].as_f64().unwrap();
-    assert_eq!(f["step_ms"], 500);
-    let warm_up = u32::try_from(f["warm_up"].as_u64().unwrap()).unwrap();
-    let breach = numbers("breach");
-    let thresholds: Vec<(u64, Option<f64>)> = f["thresholds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v[0].as_u64().unwrap(), v[1].as_f64()))
-        .collect();
+            .map(|v| (v[0].as_u64().unwrap(), v[1].as_f64()))
+            .collect();
+        let degraded_at = |t: u64| {
+            series["degraded"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|span| (span[0].as_u64().unwrap()..span[1].as_u64().unwrap()).contains(&t))
+        };
+        let mut b = Breaker::new(
+            BreakerConfig::default()
+                .predict_calibrated(Calibration::default().warm_up_ticks(warm_up)),
+            Route::Reject,
+        )
+        .with_tick(step);
+        let mut now = Instant::now();
+        let (mut warned, mut closed) = (Vec::new(), Vec::new());
+        let (mut port, mut next) = (None, 0);
+        for (t, q) in series["scores"].as_array().unwrap().iter().enumerate() {
+            let t = t as u64;
+            let mut w = if breach.contains(&t) {
+                window(18, 2, 900)
+            } else {
+                window(20, 0, 10)
+            };
+            w.period = step;
+            if let Some(tr) = b.step_predicted(&w, q.as_f64().map(|q| q / quantum), now) {
+                if tr.to == State::Degraded && tr.reason.starts_with("predicted") {
+                    warned.push(t);
+                }
+                if tr.reason.contains("a false alarm") {
+                    closed.push(t);
+                }
+            }
+            let at = format!("{} ms steps, step {t}", step.as_millis());
+            assert_eq!(
+                b.state() == State::Degraded,
+                degraded_at(t),
+                "{at}: degraded"
+            );
+            while next < thresholds.len() && thresholds[next].0 <= t {
+                port = thresholds[next].1;
+                next += 1;
+            }
+            match (b.predict_threshold(), port) {
+                (None, None) => {}
+                (Some(ours), Some(port)) => {
+                    assert!(
+                        (ours - port).abs() < 1e-9,
+                        "{at}: {ours} against the port's {port}"
+                    )
+                }
+                (ours, port) => panic!("{at}: {ours:?} against the port's {port:?}"),
+            }
+            now += step;
+        }
+        let at = format!("{} ms steps", step.as_millis());
+        assert_eq!(warned, numbers("warned"), "{at}: the steps warned at");
+        assert_eq!(
+            closed,
+            numbers("false_alarm_closed"),
+            "{at}: the false alarms' exits"
+        );
+    }
+}
+
+#[test]
+fn the_degrade_rule_counts_breaching_windows_in_a_row_since_the_class_last_closed() {
+    // Two breaching windows, the second with a prediction that degrades the class; it closes
+    // again; then one breaching window. The rule asks for three in a row: the two from before
+    // the class left Closed counted with the third, and it degraded on that one window.
+    let now = Instant::now();
     let mut b = Breaker::new(
-        BreakerConfig::default().predict_calibrated(Calibration::default().warm_up_ticks(warm_up)),
+        BreakerConfig::default()
+            .predict_threshold(0.87)
+            .predict_ticks(1),
         Route::Reject,
     );
-    let mut now = Instant::now();
-    let (mut warned, mut closed) = (Vec::new(), Vec::new());
-    let (mut port, mut next) = (None, 0);
-    for (t, q) in f["scores"].as_array().unwrap().iter().enumerate() {
-        let t = t as u64;
-        let w = if breach.contains(&t) {
-            window(18, 2, 900)
-        } else {
-            window(20, 0, 10)
-        };
-        if let Some(tr) = b.step_predicted(&w, q.as_f64().map(|q| q / quantum), now) {
-            if tr.to == State::Degraded && tr.reason.starts_with("predicted") {
-                warned.push(t);
-            }
-            if tr.reason.contains("a false alarm") {
-                closed.push(t);
-            }
-        }
-        while next < thresholds.len() && thresholds[next].0 <= t {
-            port = thresholds[next].1;
-            next += 1;
-        }
-        match (b.predict_threshold(), port) {
-            (None, None) => {}
-            (Some(ours), Some(port)) => {
-                assert!(
-                    (ours - port).abs() < 1e-9,
-                    "step {t}: {ours} against the port's {port}"
-                )
-            }
-            (ours, port) => panic!("step {t}: {ours:?} against the port's {port:?}"),
-        }
-        now += TICK;
+    let (healthy, breaching) = (window(20, 0, 10), window(18, 2, 900));
+    assert_eq!(b.step_predicted(&breaching, Some(0.1), now), None);
+    let t = b
+        .step_predicted(&breaching, Some(0.95), now + TICK)
+        .expect("predicted");
+    assert!(t.reason.starts_with("predicted"), "{}", t.reason);
+    for i in 2..5 {
+        b.step_predicted(&healthy, Some(0.1), now + TICK * i);
     }
-    assert_eq!(warned, numbers("warned"), "the steps warned at");
+    assert_eq!(b.state(), State::Closed);
     assert_eq!(
-        closed,
-        numbers("false_alarm_closed"),
-        "the false alarms' exits"
+        b.step_predicted(&breaching, Some(0.1), now + TICK * 5),
+        None
     );
+    assert_eq!(
+        b.state(),
+        State::Closed,
+        "one breaching window since it closed"
+    );
+    assert_eq!(
+        b.step_predicted(&breaching, Some(0.1), now + TICK * 6),
+        None
+    );
+    let t = b
+        .step_predicted(&breaching, Some(0.1), now + TICK * 7)
+        .expect("three in a row");
+    assert_eq!(t.to, State::Degraded);
 }
