@@ -22,10 +22,10 @@
 //! A class degraded for a calibrated prediction stays degraded while the prediction's scores
 //! stay above the class's usual ones (the 98th percentile of its healthy scores, as the
 //! calibration fits them), not only while they are over the threshold, so that a score
-//! hovering about the threshold does not degrade the class in bursts. One that stays healthy for [`FALSE_ALARM_TICKS`] closes, its
-//! threshold raised above the false alarm's scores; so does one whose warnings come and go
-//! for as long with no breach. A breach within [`VERDICT`] of the first
-//! warning still confirms it: the raised threshold comes down again.
+//! hovering about the threshold does not degrade the class in bursts. One that stays healthy
+//! for [`FALSE_ALARM_TICKS`] closes, its threshold raised above the false alarm's scores; so
+//! does one whose warnings come and go for as long with no breach. A breach within
+//! [`VERDICT`] of the first warning still confirms it: the raised threshold comes down again.
 //!
 //! The file is long because the machine is one piece: every phase's transitions read the
 //! same counters, and splitting them would scatter one table.
