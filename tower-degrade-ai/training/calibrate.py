@@ -354,13 +354,12 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             pass  # the breaker returns the exit's transition
         elif degraded is None:
             rule = rule + 1 if not healthy[t] else 0
-            if rule >= RULE_WINDOWS and math.isfinite(p) and cal.init is None:
-                # Degraded by the rule: an incident no warning led (the tally's `breached`).
+            if rule >= RULE_WINDOWS:
                 rule, degraded, for_prediction = 0, 0, False
-                if not watching and covered == 0:
+                # An incident no warning led, counted where there is a prediction and a
+                # threshold (the tally's `breached`).
+                if math.isfinite(p) and cal.init is None and not watching and covered == 0:
                     covered = FALSE_ALARM_TICKS
-            elif rule >= RULE_WINDOWS:
-                rule, degraded, for_prediction = 0, 0, False
             elif predicted >= k:
                 warned = True
                 # A warning in a breaching step came with the breach: no alarm to judge.
