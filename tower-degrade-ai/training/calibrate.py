@@ -131,10 +131,14 @@ class Calibrator:
         # over the floor's alarm (the floor is its highest score's logit plus the margin)
         return x > self.usual and (self.floor is None or x + FALSE_ALARM_MARGIN > self.floor[0])
 
-    def observe(self, p: float):
+    def observe(self, p: float, echo: bool = False):
+        """Learn a healthy step's score; an `echo` (ECHO_TICKS: its window still holds a
+        breach) no higher than the tail's start, once there is one (Rust's `observe_echo`)."""
         if not math.isfinite(p):
             return
         x = logit(p)
+        if echo and self.init is None:
+            x = min(x, self.start)
         if self.init is not None:
             self.init.append(x)
             if len(self.init) >= max(self.warm_up, math.ceil(MIN_PEAKS / (1 - TAIL_QUANTILE))):
@@ -237,6 +241,10 @@ DEGRADED_RECOVERY_TICKS = 3
 # Breaching steps in a row that degrade a closed class by the degrade rule (`DegradeRule`'s
 # `windows`): it then neither warns nor holds a warning until it closes again.
 RULE_WINDOWS = 3
+# Steps after a breach whose scores still read it in the model's window (the breaker's
+# ECHO_TICKS): they do not predict, and are learnt no higher than the tail's start
+# (`Calibrator.observe`).
+ECHO_TICKS = WINDOW
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
@@ -251,7 +259,9 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
     (`Calibrator.above_usual`). Healthy steps, those of a warning too, teach the threshold once
     FALSE_ALARM_TICKS more healthy steps have passed with no unhealthy one (those before an
     unhealthy step are its precursors, as in the breaker), and no warning waits for its
-    verdict (verdict_ticks healthy steps from its last warning). An alarm that stays healthy
+    verdict (verdict_ticks healthy steps from its last warning); those whose window still holds
+    an unhealthy step (ECHO_TICKS) do not predict and are learnt no higher than the tail's
+    start. An alarm that stays healthy
     for FALSE_ALARM_TICKS steps after its warning is a false one: the threshold goes above its
     scores and the class closes; an unhealthy step confirms it, and one within the verdict
     lifts the floor its false alarm put (a slow leak warned of minutes ahead). A warning back
@@ -293,10 +303,13 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
         if pending is not None and not pending[1]:
             pending[1], pending[2] = True, before
 
+    echo = 0  # steps to come whose window still holds the last breach (the breaker's `echo`)
     for t, p in enumerate(scores):
         p = float(p)
         warned = False
         covered = max(covered - 1, 0)
+        is_echo = echo > 0 and healthy[t]
+        echo = ECHO_TICKS - 1 if not healthy[t] else max(echo - 1, 0)
         watching = pending is not None
         if pending is not None:
             if not healthy[t]:
@@ -310,18 +323,20 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
                     pending = None
         # A warning not confirmed yet holds while the score stays above the usual ones.
         holding = predicted >= k and alarm is not None and degraded is not None and for_prediction
-        predicting = cal.exceeds(p) or (holding and cal.above_usual(p))
+        # An echo does not predict: its warning would be taken for a false alarm, its floor
+        # over the echo's scores.
+        predicting = not is_echo and (cal.exceeds(p) or (holding and cal.above_usual(p)))
         predicted = predicted + 1 if predicting else 0
         out[t] = predicted >= k
         # Learnt before the alarm is judged, as the breaker learns it.
         if not healthy[t]:
             unlearnt.clear()
         elif math.isfinite(p):  # no prediction: nothing to learn (Rust: None)
-            unlearnt.append(p)
+            unlearnt.append((p, is_echo))
             # Held while a warning waits for its verdict: its scores, and those before it,
             # are the precursors of a breach that may still come.
             while len(unlearnt) > FALSE_ALARM_TICKS and (pending is None or verdict <= FALSE_ALARM_TICKS):
-                cal.observe(unlearnt.popleft())
+                cal.observe(*unlearnt.popleft())
         if ended is not None:  # its verdict, apart (the breaker's `judge_ended`)
             if not healthy[t]:
                 ended = None

@@ -8,15 +8,16 @@ checks step for step:
     python port_fixture.py [OUT]   # default ../../tower-degrade/tests/breaker/port.json
 
 Two series. At the 500 ms tick: the warm-up; warnings a breach confirms (one held while the
-score hovers above the class's usual ones, a slow leak, one soon after a breach with no
-warning, warnings that flap); a false alarm and its floor, a warning over that floor and the
-benign level again for longer than the exit; warnings that flap with no breach (one alarm)
-and one that comes back later (its own); a lasting shift of the healthy scores, learnt, and a
-warning at the new level; an incident the degrade rule takes (breaches in a row while closed)
-with high scores after it. At minute steps (a verdict no longer than the exit, one step
-held): warnings close together, a false alarm's exit, then a breach within the first
-warning's verdict; two warnings with the class closed a few steps between them; a warning
-soon after an incident the degrade rule took. The scores are multiples of 1/65536, exact in both languages.
+score hovers above the class's usual ones, a slow leak, one past the echo of a breach with no
+warning after high scores in that echo, warnings that flap); a false alarm and its floor, a
+warning over that floor and the benign level again for longer than the exit; warnings that
+flap with no breach (one alarm) and one that comes back later (its own); a lasting shift of
+the healthy scores, learnt, and a warning at the new level; an incident the degrade rule
+takes (breaches in a row while closed) with high scores in its echo. At minute steps (a
+verdict no longer than the exit, one step held): warnings close together, a false alarm's
+exit, then a breach within the first warning's verdict; two warnings with the class closed a
+few steps between them; high scores in the echo of an incident the degrade rule took, and
+warnings past it. The scores are multiples of 1/65536, exact in both languages.
 `test_harness.py` checks the committed file against this script. Not modelled by the port:
 a class opened by failures (its rows breach without tripping), ticks with no call served.
 """
@@ -69,6 +70,8 @@ def short_ticks() -> _Series:
     s.about(USUAL, 900)
     s.breaching(0.05, 2)
     s.about(USUAL, 10)
+    s.at(0.9, 3)  # in the breach's echo: no warning
+    s.about(USUAL, calibrate.ECHO_TICKS)
     s.at(0.9, 3)
     s.about(USUAL, 5)
     s.breaching(0.95, 2)
@@ -122,11 +125,15 @@ def minute_steps() -> _Series:
     s.about(USUAL, 10)
     s.at(0.99, 1)
     s.about(USUAL, 100)
-    # An incident the degrade rule takes, then two warnings soon after it and a breach after
-    # the first one's exit: the incident counted, the warnings not watched for a verdict, so
-    # the breach lifts no floor.
+    # An incident the degrade rule takes, then high scores in its echo (no warning), and past
+    # it two warnings and a breach after the first one's exit, beyond its verdict (the exit's
+    # length at a minute): the breach lifts no floor.
     s.breaching(0.05, 3)
     s.about(USUAL, 4)
+    s.at(0.9, 1)
+    s.about(USUAL, 5)
+    s.at(0.9, 1)
+    s.about(USUAL, calibrate.ECHO_TICKS)
     s.at(0.9, 1)
     s.about(USUAL, 5)
     s.at(0.9, 1)

@@ -1265,25 +1265,34 @@ class Calibration(unittest.TestCase):
         self.assertTrue(out[n + 46], "a warning over its floor")
         self.assertFalse(out[n + 47:].any(), "not held at the benign level")
 
-    def test_a_breach_ends_a_hold_and_no_alarm_starts_before_the_class_closes(self):
-        # The breaker's `a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any`:
-        # a warning held, a breach, then scores over the threshold on healthy steps: the
-        # class is still degraded (no warning again, so no new alarm to take for false), and
-        # it closes once 3 healthy steps no longer predict. The port started a new alarm there
-        # (the breaker cannot) and, held, took it for a false alarm after 40 steps.
-        from calibrate import DEGRADED_RECOVERY_TICKS, UNUSED_STEPS, alarms, sigmoid
+    def test_a_breach_ends_a_hold_and_its_echo_neither_warns_nor_lifts_the_threshold(self):
+        # The breaker's `a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any`
+        # and `an_incident_s_echo_does_not_lift_the_threshold_over_a_relapse`: a warning held,
+        # a breach, then scores over the threshold on healthy steps. For ECHO_TICKS steps
+        # they read the breach in the model's window (its echo): they do not predict, so the
+        # class closes after 3 and no alarm starts to be taken for false; they are learnt at
+        # most at the threshold. Past the echo the same level warns again: no false alarm's
+        # floor, and the threshold was not lifted (learnt as they were, the echo's scores
+        # lifted it near 1, and a relapse at 0.9 went unwarned).
+        from calibrate import ECHO_TICKS, UNUSED_STEPS, alarms, sigmoid
         rng = np.random.default_rng(1)
         warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
         n = len(warm)
         tail = sigmoid(-3 + 3 * 0.3)
-        scores = np.concatenate([warm, [0.9, 0.9], np.full(10, tail), np.full(30, 0.9),
-                                 warm[:DEGRADED_RECOVERY_TICKS], [0.9, 0.9]])
+        scores = np.concatenate([warm, [0.9, 0.9], np.full(10, tail), np.full(ECHO_TICKS - 1, 0.9),
+                                 warm[:300], [0.9, 0.9]])
         healthy = np.ones(len(scores), bool)
-        healthy[n + 11] = False  # the breach, at the hold's last step
-        out = alarms(scores, healthy, 0.5, 3000)
-        self.assertTrue(out[n + 1:n + 42].all(), "predicting throughout")
-        self.assertFalse(out[n + 42:n + 46].any(), "closed")
-        self.assertTrue(out[n + 46], "warned again at the same level: no false alarm's floor")
+        b = n + 11
+        healthy[b] = False  # the breach, at the hold's last step
+        trace = []
+        out = alarms(scores, healthy, 0.5, 3000, trace=trace)
+        self.assertTrue(out[n + 1:b + 1].all(), "predicting through the hold and the breach")
+        self.assertFalse(out[b + 1:-1].any(), "the echo, and the usual scores after it")
+        self.assertEqual([d for _, _, _, d in trace[b + 1:b + 5]], [True, True, False, False],
+                         "closed after 3 healthy steps")
+        before, after = trace[b][2], trace[-3][2]
+        self.assertLess(after, 0.3, f"the threshold went from {before} to {after}")
+        self.assertTrue(out[-1], "a relapse warned of")
 
     def test_the_breakers_replay_of_the_port_is_up_to_date(self):
         # `tower-degrade/tests/breaker/main.rs` (`the_python_port_takes_the_breakers_steps`)
@@ -1391,7 +1400,7 @@ class Calibration(unittest.TestCase):
             seen = []
             real = calibrate.Calibrator.observe
             with mock.patch.object(calibrate.Calibrator, "observe", autospec=True,
-                                   side_effect=lambda c, p: (seen.append(p), real(c, p))):
+                                   side_effect=lambda c, p, echo=False: (seen.append(p), real(c, p, echo))):
                 calibrate.alarms(scores, healthy, 0.5, 2500)
             return sum(p in climbed for p in seen)
 

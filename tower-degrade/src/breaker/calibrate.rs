@@ -81,7 +81,7 @@ impl Calibration {
 
     /// Healthy scores to learn before the predictor may degrade a class (at least 2,500 are,
     /// so that the first fit has 50 excesses: a smaller value is raised to it; at most
-    /// 10,000,000).
+    /// 1,000,000, each kept until the warm-up ends, 8 bytes a score).
     pub fn warm_up_ticks(mut self, value: u32) -> Self {
         self.warm_up_ticks = value;
         self
@@ -435,6 +435,18 @@ impl Calibrator {
 
     /// Learn from a healthy tick's score (one that counts against the false-trip budget).
     pub(crate) fn observe(&mut self, p: f64) {
+        self.learn(p, false);
+    }
+
+    /// Learn from a healthy tick whose score still reads an incident in the model's window
+    /// ([`ECHO_TICKS`](super::ECHO_TICKS)): a healthy tick all the same, counted against the
+    /// false-trip budget, but its score no more than the tail's start, so that it does not
+    /// shape the tail. While warming up, with no tail yet, as it is.
+    pub(crate) fn observe_echo(&mut self, p: f64) {
+        self.learn(p, true);
+    }
+
+    fn learn(&mut self, p: f64, echo: bool) {
         if !p.is_finite() {
             return;
         }
@@ -447,7 +459,10 @@ impl Calibrator {
                     self.tail = Some(Tail::fit(std::mem::take(&mut self.init), self.risk));
                 }
             }
-            Some(t) => t.observe(x, self.risk),
+            Some(t) => {
+                let x = if echo { x.min(t.start) } else { x };
+                t.observe(x, self.risk);
+            }
         }
     }
 }

@@ -15,8 +15,11 @@ const MAX_PROBES: u32 = 10_000;
 /// years at `u32::MAX`, in a hostile trial).
 const MAX_TICKS: u32 = 10_000;
 
-/// The longest warm-up of a calibrated threshold, in healthy ticks.
-const MAX_WARM_UP_TICKS: u32 = 10_000_000;
+/// The longest warm-up of a calibrated threshold, in healthy ticks: a class keeps its warm-up's
+/// scores (8 MB a class at this length) and sorts them once on the control tick when it ends,
+/// the longer the more (a tick that overruns has every class's prediction of it read late and
+/// not used).
+const MAX_WARM_UP_TICKS: u32 = 1_000_000;
 
 /// The most calls `min_requests` may ask of a tick: more than all but the largest services
 /// serve a class in one; `u64::MAX` kept a class whose every call failed closed, in a trial.
@@ -376,8 +379,9 @@ impl BreakerConfig {
             PredictThreshold::Calibrated(c) if c.warm_up_ticks > MAX_WARM_UP_TICKS => {
                 return bad(
                     "breaker.predict_threshold.warm_up_ticks",
-                    "must be at most 10,000,000 (58 days at the 500 ms tick): the predictor \
-                     only reports until the warm-up is over",
+                    "must be at most 1,000,000 (5.8 days at the 500 ms tick): the predictor \
+                     only reports until the warm-up is over, and it keeps the warm-up's \
+                     scores",
                 );
             }
             _ => {}

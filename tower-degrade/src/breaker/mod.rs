@@ -134,7 +134,13 @@ pub struct Breaker {
     /// [`FALSE_ALARM_TICKS`] more have passed without a breach, and none while a warning
     /// waits for its verdict (`holds_scores`): those before a breach are its precursors, what the
     /// threshold is for, not healthy scores.
-    unlearnt: VecDeque<f64>,
+    /// Each with whether it is an echo ([`ECHO_TICKS`]).
+    unlearnt: VecDeque<(f64, bool)>,
+    /// Ticks to come whose score still reads the last tick the class was not healthy on (a
+    /// breach, or the class open, half-open or recovering) in the model's window
+    /// ([`ECHO_TICKS`]): they do not predict, and their scores are learnt no higher than the
+    /// tail's start ([`Calibrator::observe_echo`]).
+    echo: u32,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
     /// With a calibrated threshold, while a warning waits for its verdict (the tally
@@ -213,9 +219,24 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
 }
 
 /// The most ticks a verdict spans: a class holds back up to this many healthy scores (and
-/// [`FALSE_ALARM_TICKS`] more) while a warning waits, about 58 KB. [`VERDICT`] at a tick of
+/// [`FALSE_ALARM_TICKS`] more) while a warning waits, about 116 KB. [`VERDICT`] at a tick of
 /// about 42 ms; a shorter tick's verdict is shorter than five minutes.
 pub const MAX_VERDICT_TICKS: u32 = 7_200;
+
+/// Ticks a prediction reads ([`WINDOW`](crate::predict::WINDOW)): for this many ticks after a
+/// breach, or after the class was open, half-open or recovering, a score still reads that
+/// tick, and a high one is the incident's echo, not a precursor, nor a healthy tick's usual
+/// score. With a calibrated threshold, an echo does not predict, and it is learnt as a
+/// healthy tick (counted against the false-trip budget) whose score is no higher than the
+/// tail's start, so it does not shape the tail ([`Calibrator::observe_echo`]). Learnt as it
+/// was, a short incident's echo (scores near 1 for a few ticks after the class recovered) lifted
+/// the threshold near 1 for as long as those excesses stayed among the fit's 2,048 (about 14
+/// hours of healthy ticks at the 500 ms tick); warned of, it was taken for a false alarm, whose
+/// floor went above it for an hour; either way a relapse went unwarned. While warming up an
+/// echo is learnt as it is (there is no tail yet); left out there as well, the simulator's
+/// classes, an incident every quarter of an hour, tripped well over their budget
+/// (`docs/predictor-lodo.md`).
+pub const ECHO_TICKS: u32 = crate::predict::WINDOW as u32;
 
 /// The false-alarm exit's floor; while a warning waits for its verdict (`watching`), the
 /// floor it replaced is noted in `floored` (the first it replaced, for several), so that a
@@ -234,7 +255,9 @@ fn put_floor(
 }
 
 impl Breaker {
-    /// A closed breaker sending calls it does not admit to `route`.
+    /// A closed breaker sending calls it does not admit to `route`. `cfg` is taken as it is:
+    /// check it first ([`BreakerConfig::validate`], which the
+    /// [`DegraderBuilder`](crate::DegraderBuilder) does for its classes).
     pub fn new(cfg: BreakerConfig, route: Route) -> Self {
         let cfg_threshold = cfg.predict_threshold;
         let tick = Duration::from_millis(500);
@@ -256,6 +279,7 @@ impl Breaker {
                 PredictThreshold::Calibrated(_) => FALSE_ALARM_TICKS as usize + 1,
                 PredictThreshold::Fixed(_) => 0,
             }),
+            echo: 0,
             out_of_reach: false,
             floored: None,
         }
@@ -419,6 +443,8 @@ impl Breaker {
     /// on the first predicting tick after it).
     pub(crate) fn interrupt(&mut self) {
         self.unlearnt.clear();
+        // The model's window holds ticks the breaker did not see.
+        self.echo = ECHO_TICKS - 1;
         self.floored = None;
         self.tally.forget();
         self.predicted = 0;
@@ -564,6 +590,11 @@ impl Breaker {
         ) {
             return None;
         }
+        // A probability or nothing: a value that is not one (NaN, infinite, outside 0..=1
+        // beyond a rounding error) is no prediction, as the predictor stage takes it.
+        let prediction = prediction
+            .filter(|p| (-1e-6..=1.0 + 1e-6).contains(p))
+            .map(|p| p.clamp(0.0, 1.0));
         let from = self.phase.state();
         let threshold = self.predict_threshold();
         // A warning of earlier ticks is judged by this one.
@@ -589,6 +620,14 @@ impl Breaker {
             self.floored = None;
         }
         let holds = self.holds_scores();
+        // Whether this tick's score still reads an incident (ECHO_TICKS).
+        let healthy_phase = matches!(self.phase, Phase::Closed | Phase::Degraded { .. });
+        let echo = self.echo > 0 && !breach;
+        self.echo = if breach || !healthy_phase {
+            ECHO_TICKS - 1
+        } else {
+            self.echo.saturating_sub(1)
+        };
         // A calibrated warning that degraded the class, not confirmed yet, holds while its
         // scores stay above the class's usual ones (the 98th percentile of its healthy scores
         // as the calibration fits them, and a false alarm's scores while its floor holds),
@@ -605,12 +644,18 @@ impl Breaker {
                     ..
                 }
             );
+        // An echo does not predict with a calibrated threshold: its warning would be taken
+        // for a false alarm, whose floor kept the class from being warned of a relapse for
+        // an hour.
         let predicts = |p: f64| match &self.cfg.predict_threshold {
             PredictThreshold::Fixed(t) => p >= *t,
-            PredictThreshold::Calibrated(_) => self
-                .calibrator
-                .as_ref()
-                .is_some_and(|c| c.exceeds(p) || (warning && c.above_usual(p))),
+            PredictThreshold::Calibrated(_) => {
+                !echo
+                    && self
+                        .calibrator
+                        .as_ref()
+                        .is_some_and(|c| c.exceeds(p) || (warning && c.above_usual(p)))
+            }
         };
         self.predicted = match prediction {
             Some(p) if predicts(p) => self.predicted.saturating_add(1),
@@ -627,16 +672,20 @@ impl Breaker {
         // learn a tail lighter than the class's and trip it over its budget (about twice,
         // measured: `docs/predictor-lodo.md`).
         if let (Some(c), Some(p)) = (&mut self.calibrator, prediction)
-            && matches!(self.phase, Phase::Closed | Phase::Degraded { .. })
+            && healthy_phase
             && !breach
             && w.completed() > 0
         {
-            self.unlearnt.push_back(p);
+            self.unlearnt.push_back((p, echo));
             while !holds
                 && self.unlearnt.len() > FALSE_ALARM_TICKS as usize
-                && let Some(p) = self.unlearnt.pop_front()
+                && let Some((p, echo)) = self.unlearnt.pop_front()
             {
-                c.observe(p);
+                if echo {
+                    c.observe_echo(p);
+                } else {
+                    c.observe(p);
+                }
             }
         }
         if let Some(t) = self.false_alarm(w, breach, prediction) {

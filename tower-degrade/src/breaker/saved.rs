@@ -9,8 +9,9 @@
 //! [`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations)
 //! starts the next process's classes from it.
 //!
-//! The file is a small binary record (a header, then per class its warm-up scores or its
-//! fitted tail: at most 2,048 excesses, 16 KiB), checked with a CRC-32 (`crc32fast`), written
+//! The file is a small binary record (a header, then per class its warm-up scores, 8 bytes
+//! each, as many as the warm-up: 28 KiB by default; or its fitted tail: at most 2,048
+//! excesses, 16 KiB), checked with a CRC-32 (`crc32fast`), written
 //! to a temporary file beside the target, synced, then renamed over it: a crash while saving
 //! leaves the old file or the new one, never half of one.
 
@@ -370,10 +371,13 @@ fn decode(bytes: &[u8]) -> Result<Calibrations, String> {
     };
     let n = r.u32("the number of classes")?;
     let mut classes: Vec<(String, Learnt)> = Vec::new();
+    // The names so far, hashed: a scan of those before each name was quadratic in the
+    // classes, and a hostile file of a million short names held the start for many minutes.
+    let mut names = std::collections::HashSet::new();
     for i in 0..n {
         let name = r.str(&format!("class {i}'s name"))?;
         let shown = escape_cut(&name, 64);
-        if classes.iter().any(|(c, _)| *c == name) {
+        if !names.insert(name.clone()) {
             return Err(format!("class {shown} is given twice"));
         }
         let learnt = if r.flag(&format!("class {shown}'s kind"))? {

@@ -168,8 +168,9 @@ impl Degrader {
     /// gives its trial's), with the tick and the predictor's fingerprint, to
     /// [save](crate::breaker::Calibrations::save) and restore in the next process
     /// ([`DegraderBuilder::restore_calibrations`]). A copy: taking it locks each class's
-    /// control state for as long as copying at most a few thousand scores takes, never the
-    /// request path. Save it before the process ends, and now and then (a crash saves
+    /// control state for as long as copying its scores takes (a warming class's, as many as its
+    /// warm-up: 3,600 by default; a fitted one's, at most 2,048 excesses), never the request
+    /// path. Save it before the process ends, and now and then (a crash saves
     /// nothing).
     pub fn calibrations(&self) -> crate::breaker::Calibrations {
         let classes = self
