@@ -379,6 +379,17 @@ def choose_threshold(traces, scores, H, budget, k=1, part="val") -> float:
 RANKING_CHECK = "test"  # a row's "threshold_from" when its threshold was chosen on the test part
 
 
+def check_scorable(traces, ranking_check=False) -> None:
+    """Raise the ValueError `choose_threshold` would raise on `traces` at any horizon (no
+    validation step with a model's score, or none in normal time; with `ranking_check`, the
+    same of the test part), before a model is trained or run on them: scores of 0 where a
+    model has one (calibrate.as_used) stand in for a detector's."""
+    stand_in = [calibrate.as_used(np.zeros(t.T)) for t in traces]
+    for H in horizons(traces[0].step_seconds):
+        for part in ("val", "test") if ranking_check else ("val",):
+            choose_threshold(traces, stand_in, H, BUDGETS[0], part=part)
+
+
 def ranking_check_rows(name, traces, scores, budgets=BUDGETS) -> list:
     """Each detector with its threshold chosen on the test part itself, for at most `budget`
     false trips per day there (headline horizon, k = 1): not a deployable threshold (it reads
@@ -710,6 +721,11 @@ def main():
         if early:
             note(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
                  "their test part's start: no room for an early warning, not counted")
+        # Nor is one that began before the test part and runs into it.
+        across = sum(1 for t in trs for s, e in t.events if s < t.test_from <= e)
+        if across:
+            note(f"evaluate.py: --traces {path}: {across} incident(s) begin before their test part "
+                 "and run into it: not test incidents, not counted")
         if not events:
             note(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
                  "to measure (its rows count false trips only)")

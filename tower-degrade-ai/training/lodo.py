@@ -659,6 +659,14 @@ def main():
     if clash:
         ap.error(f"--traces: {', '.join(clash)}: their folds' files would have one name, "
                  f"{file_name(clash[0])}; rename a directory")
+    # A held-out directory whose validation or test part cannot be scored (no normal step in
+    # it, or none a model scores) fails now, not after its fold's training.
+    for (d, trs), path in zip(own.items(), a.traces):
+        if d in folds:
+            try:
+                evaluate.check_scorable(trs, ranking_check=True)
+            except ValueError as e:
+                ap.error(f"--traces {path}: {e}")
     os.makedirs(a.out_dir, exist_ok=True)
     if a.seeds or a.jobs > 1:
         return several(a, folds)

@@ -122,7 +122,9 @@ class Traces(unittest.TestCase):
         X = np.random.default_rng(0).random((100, 8)).astype(np.float32) * 0.9 + 0.1  # rates <= 1
         idle = X.copy()
         idle[:, 0] = 0.0  # rate_ratio: no traffic in any step
-        idle[:, 1:4] = [1.0, 0.0, 0.0]  # and so no call finishing: success 1, no error, no timeout
+        # and so no call finishing: success 1, no error, no timeout, no latency (as the
+        # recorder writes a tick without calls)
+        idle[:, 1:6] = [1.0, 0.0, 0.0, 0.0, 0.0]
         with tempfile.TemporaryDirectory() as d:
             write_csv(Trace("busy", "x", X, [(40, 45)], 0.5), os.path.join(d, "busy.csv"))
             write_csv(Trace("idle", "x", idle, [], 0.5), os.path.join(d, "idle.csv"))
@@ -380,9 +382,18 @@ class Traces(unittest.TestCase):
             # idle class (its incidents would be lost).
             zero_rate = [self.row(t, success="0.99").replace(",1,0.99,", ",0,0.99,", 1) for t in (0, 60)]
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column rate_ratio is 0 in every row \(no "
-                                                    r"requests\), yet 2 rows have calls finishing, this one "
-                                                    r"first \(success_rate 0.99\): .* holds rate_ratio at 1"):
+                                                    r"requests\), yet 2 rows have calls finishing .* this one "
+                                                    r"first, and 0 incidents .* holds rate_ratio at 1"):
                 read_csv(self.write(d, zero_rate))
+            # Every call served (success 1, no errors): latencies say there were calls, and a
+            # labelled incident too (a trial's file was skipped, its incidents lost).
+            served = [self.row(t).replace(",1,1,", ",0,1,", 1) for t in (0, 60)]
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column rate_ratio is 0 in every row .* yet 2 rows"):
+                read_csv(self.write(d, served))
+            labelled = [f"{t},0,0,0,0,0,0,0,0,{int(t > 0)},train" for t in (0, 60)]
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column rate_ratio is 0 in every row .* yet 0 rows"
+                                                    r" .* and 1 incidents are labelled"):
+                read_csv(self.write(d, labelled))
             # Rates of 0/0 filled with 0 (no calls) and no rate: an idle class, skipped as one.
             read_csv(self.write(d, [f"{t},0,0,0,0,0,0,0,0,0,train" for t in (0, 60)]))
             # Noted, and kept for the report: no time column at all, rates of other calls, a
@@ -572,6 +583,21 @@ class Traces(unittest.TestCase):
         self.assertEqual([headline_horizon(s) for s in (29.99, 30.0, 30.01, 15.0, 14.99, 15.01)],
                          [6, 6, 6, 20, 20, 20])
 
+    def test_labels_mostly_1_are_noted(self):
+        import contextlib
+        import io
+        import traces
+        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(t % 50 != 0)}" for t in range(200)]
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "t.csv")
+            with open(path, "w") as f:
+                f.write(f"time_s,{','.join(FEATURES)},label\n" + "\n".join(lines) + "\n")
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                read_csv(path)
+        self.assertTrue(any("label is 1 on 98 % of the rows" in n and "inverted" in n for n in traces.NOTES),
+                        traces.NOTES)
+
     def test_the_ignore_column_marks_steps_anywhere(self):
         lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160 or 60 <= t < 70)},"
                  f"{int(20 <= t < 40 or 145 <= t < 150)}" for t in range(200)]
@@ -585,6 +611,18 @@ class Traces(unittest.TestCase):
         self.assertTrue(tr.ignore[20:40].all())
         # the ignored run right before each onset, and none before the first
         self.assertEqual(tr.pre_ignore, [0, 5])
+        # An ignored step is no incident's either (a trial's incident, all under `ignore`, was
+        # counted, and warned of early): one all ignored is none; one whose first steps are
+        # ignored begins after them, and they are its ignored run before it.
+        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(60 <= t < 70 or 150 <= t < 160)},"
+                 f"{int(55 <= t < 75 or 145 <= t < 153)}" for t in range(200)]
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "t.csv")
+            with open(path, "w") as f:
+                f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
+            tr = read_csv(path)
+        self.assertEqual(tr.events, [(153, 159)])
+        self.assertEqual(tr.pre_ignore, [8])
 
     def test_split_of_a_directory_without_csv_files_says_so(self):
         # It wrote nothing and said nothing (exit 0); read_dir said why.

@@ -53,6 +53,29 @@ class Folds(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "given twice"):
                 read_datasets([paths[1], paths[1]])
 
+    def test_a_part_no_threshold_can_be_chosen_on_is_found_before_training(self):
+        # lodo.py refuses such a held-out directory before its fold trains (a trial's ran three
+        # minutes, then ended in choose_threshold's traceback); check_scorable raises what
+        # choose_threshold would.
+        import evaluate
+        X = np.full((2000, 8), 0.1, dtype=np.float32)
+        X[:, 1] = 1.0
+        ok = Trace("c", "x", X, [(1700, 1710)], 60.0, None, 1000, 1500)
+        evaluate.check_scorable([ok], ranking_check=True)
+        # Labels inverted: every validation step in an incident.
+        inverted = Trace("c", "x", X, [(0, 1999)], 60.0, None, 1000, 1500)
+        with self.assertRaisesRegex(ValueError, "^no normal step in the validation part"):
+            evaluate.check_scorable([inverted])
+        # A short file: its validation part before the first step a model scores.
+        short = Trace("c", "x", X[:50], [], 60.0, None, 30, 40)
+        with self.assertRaisesRegex(ValueError, "^no validation step with a score .* holds 10 step"):
+            evaluate.check_scorable([short])
+        # The whole test part an incident: the ranking check has no normal time.
+        late = Trace("c", "x", X, [(1500, 1999)], 60.0, None, 1000, 1500)
+        evaluate.check_scorable([late])
+        with self.assertRaisesRegex(ValueError, "^no normal step in the test part"):
+            evaluate.check_scorable([late], ranking_check=True)
+
     def test_a_folds_files_are_named_after_its_dataset_even_a_path(self):
         self.assertEqual(file_name("nab"), "nab")
         self.assertEqual(file_name("/srv/traces/staging svc"), "srv_traces_staging_svc")

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features import (CLIP_HI, ERROR, FEATURES, INFLIGHT, N_FEATURES, NEUTRAL, P99, QUEUE, RATE, SUCCESS,
-                      TIMEOUT, WINDOW)
+from features import (CLIP_HI, ERROR, FEATURES, INFLIGHT, N_FEATURES, NEUTRAL, P50, P99, QUEUE, RATE,
+                      SUCCESS, TIMEOUT, WINDOW)
 from protocol import early_targets, events_from_binary
 
 # Recovery grace after an incident, in steps, per dataset: steps there count neither as
@@ -530,6 +530,11 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                      "each row is taken as one step")
     if "label" in header:
         events = events_from_binary(col["label"])
+        share = float(np.mean(col["label"])) if len(col["label"]) else 0.0
+        if share > 0.5:
+            note(f"{path}: label is 1 on {100 * share:.0f} % of the rows: 1 marks a step of an "
+                 "incident in progress, 0 a normal one (is it inverted?); the steps between "
+                 "incidents are all the normal time scored")
     else:
         events = breach_events(X)
         named = [h for h in header if h not in COLUMNS and h not in RECORDER_COLUMNS
@@ -540,6 +545,13 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     pre_ignore = ignore = None
     if "ignore" in header:
         ign = col["ignore"].astype(bool)
+        # An ignored step is no incident's either: an incident all ignored is none, one whose
+        # first steps are ignored begins after them (those steps then come before it, below).
+        marked = np.zeros(len(ign), dtype=bool)
+        for s, e in events:
+            marked[s:e + 1] = True
+        if (marked & ign).any():
+            events = events_from_binary(marked & ~ign)
         # The ignored run just before each event: its length where it ends, at step s - 1.
         steps = np.arange(len(ign))
         run = steps - np.maximum.accumulate(np.where(ign, -1, steps))
@@ -562,14 +574,17 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         # finishing says otherwise: the rate was not exported (0 for a missing channel), and
         # skipping the file would lose its incidents.
         # (A step whose three rates are all 0 is one without calls written as 0/0 filled with 0.)
+        # Latencies are calls' too (a step without calls has none: the recorder writes 0), and
+        # so are labelled incidents.
         calls = np.flatnonzero(((X[:, SUCCESS] > 0) & (X[:, SUCCESS] < 1)) | (X[:, ERROR] > 0)
-                               | (X[:, TIMEOUT] > 0))
-        if len(calls):
-            i = int(calls[0])
+                               | (X[:, TIMEOUT] > 0) | (X[:, P50] > 0) | (X[:, P99] > 0))
+        if len(calls) or events:
+            i = int(calls[0]) if len(calls) else events[0][0]
             raise ValueError(f"{path}:{line_of[i]}: column rate_ratio is 0 in every row (no requests), "
-                             f"yet {len(calls)} rows have calls finishing, this one first (success_rate "
-                             f"{X[i, SUCCESS]:g}): a class without request counts holds rate_ratio at 1, "
-                             "a steady class's level, not 0")
+                             f"yet {len(calls)} rows have calls finishing (a success rate below 1, "
+                             f"errors, timeouts or latencies), this one first, and {len(events)} "
+                             "incidents are labelled: a class without request counts holds "
+                             "rate_ratio at 1, a steady class's level, not 0")
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
                  meta={"own": True, "step_measured": measured, "split": "split" in header},

@@ -314,7 +314,7 @@ def main():
     # Your own traces first: a file that cannot be read fails now, not after the simulator's run.
     # Each directory is a dataset of its own (its weight in training, with --balance).
     try:
-        own_traces = [t for trs in read_datasets(a.traces, need=("split",)).values() for t in trs]
+        own_traces = [t for trs in read_datasets(a.traces, need=("split", "train")).values() for t in trs]
     except ValueError as e:
         ap.error(f"--traces {e}")
     traces = simulate.dataset(a.seed)
