@@ -228,7 +228,7 @@ pub const MAX_VERDICT_TICKS: u32 = 7_200;
 /// tick, and a high one is the incident's echo, not a precursor, nor a healthy tick's usual
 /// score. With a calibrated threshold, an echo does not predict, and it is learnt as a
 /// healthy tick (counted against the false-trip budget) whose score is no higher than the
-/// tail's start, so it does not shape the tail ([`Calibrator::observe_echo`]). Learnt as it
+/// tail's start, so it does not shape the tail (`Calibrator::observe_echo`). Learnt as it
 /// was, a short incident's echo (scores near 1 for a few ticks after the class recovered) lifted
 /// the threshold near 1 for as long as those excesses stayed among the fit's 2,048 (about 14
 /// hours of healthy ticks at the 500 ms tick); warned of, it was taken for a false alarm, whose
