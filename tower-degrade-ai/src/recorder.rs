@@ -150,7 +150,10 @@ impl Recorder {
         // still the tick's own.
         let since = self.tick.as_secs_f64() * self.step as f64;
         self.step += 1;
-        for (class, rec) in self.files.iter_mut().enumerate() {
+        // Each class's window and answer, in the order of the files (a batch of other length
+        // than the classes it was made for writes the classes both have, not a panic).
+        let classes = input.chunks_exact(WINDOW * N_FEATURES).zip(out);
+        for (rec, (window, p)) in self.files.iter_mut().zip(classes) {
             let Recording {
                 path,
                 file,
@@ -159,16 +162,15 @@ impl Recorder {
             } = rec;
             let time = *start + since;
             let fault = u8::from(fault.as_ref().is_some_and(Fault::get));
-            let newest = (class * WINDOW + WINDOW - 1) * N_FEATURES;
             let io = |e: std::io::Error| Error::Io {
                 path: path.clone(),
                 reason: e.to_string(),
             };
             write!(file, "{time:.3}").map_err(io)?;
-            for v in &input[newest..newest + N_FEATURES] {
+            for v in &window[(WINDOW - 1) * N_FEATURES..] {
                 write!(file, ",{v}").map_err(io)?;
             }
-            writeln!(file, ",{},{fault}", out[class]).map_err(io)?;
+            writeln!(file, ",{p},{fault}").map_err(io)?;
             file.flush().map_err(io)?;
         }
         Ok(())
@@ -530,6 +532,24 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_of_fewer_classes_than_the_warm_up_writes_those_it_has() {
+        // It indexed the batch by the warm-up's classes: called with fewer, it panicked.
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = Recorder::new(dir.path(), Duration::from_millis(500))
+            .unwrap()
+            .wrap(Quarter);
+        rec.warm_up(&["a", "b"]).unwrap();
+        let mut out = [0.0; 1];
+        rec.predict(&vec![0.0f32; WINDOW * N_FEATURES], &mut out)
+            .unwrap();
+        assert_eq!(out, [0.25]);
+        let a = std::fs::read_to_string(dir.path().join("a.csv")).unwrap();
+        let b = std::fs::read_to_string(dir.path().join("b.csv")).unwrap();
+        assert_eq!(a.lines().skip(1).collect::<Vec<_>>(), ["0.000,0,0,0,0,0,0,0,0,0.25,0"]);
+        assert_eq!(b.lines().count(), 1, "{b}");
     }
 
     #[test]

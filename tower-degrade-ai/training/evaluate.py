@@ -648,6 +648,41 @@ def unsplit_refusal(path: str, trs) -> str | None:
             f"thresholds: python traces.py split {path} writes a time-ordered split")
 
 
+def input_notes(path: str, trs: list, own_val: bool) -> None:
+    """What the report says of a --traces directory before its rows (`note`): incidents the
+    protocol does not count, no test incident, too little normal validation time to keep a
+    threshold at 1 false trip a day on (`own_val`: thresholds from its own validation part)."""
+    # As the protocol counts them: an incident that starts within H steps of the test
+    # part's start leaves no room for an early warning and is not counted.
+    H = headline_horizon(trs[0].step_seconds)
+    events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from + H)
+    early = sum(1 for t in trs for s, _ in t.events if t.test_from <= s < t.test_from + H)
+    if early:
+        note(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
+             "their test part's start: no room for an early warning, not counted")
+    # Nor is one that began before the test part and runs into it.
+    across = sum(1 for t in trs for s, e in t.events if s < t.test_from <= e)
+    if across:
+        note(f"evaluate.py: --traces {path}: {across} incident(s) begin before their test part "
+             "and run into it: not test incidents, not counted")
+    if not events:
+        note(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
+             "to measure (its rows count false trips only)")
+    # Thresholds chosen on less than a day of normal validation time: a false trip there
+    # reads as more than one a day, so a threshold kept at 1 a day is one with none.
+    if own_val:
+        val_days = sum(np.count_nonzero(normal_steps(t.test_from, _part_events(t, t.test_from)[0], H,
+                                                     t.val_from, grace(t), _part_events(t, t.test_from)[1],
+                                                     t.ignore)) * t.step_seconds for t in trs) / 86400
+        if val_days < 1:
+            s = val_days * 86400
+            took = f"{s / 3600:.3g} hours" if s >= 3600 else f"{s / 60:.3g} minutes" if s >= 60 else f"{s:.3g} s"
+            note(f"evaluate.py: --traces {path}: thresholds are chosen on {took} of normal validation "
+                 f"data: one false trip there reads as {1 / max(val_days, 1e-9):.3g} a day, so a "
+                 "threshold kept at 1 a day is one with no false trip there; record days, and give "
+                 "the validation part a day of them")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="ONNX model: window [batch,64,8] -> p_anomaly [batch,1]")
@@ -713,22 +748,7 @@ def main():
                     d[f"NAB {nd}"] = (lambda nd: lambda tr: _nab(a.data, tr, nd))(nd)
             rows += evaluate_dataset(name, pub[name], d)
     for path, name, trs, own_val in traced:
-        # As the protocol counts them: an incident that starts within H steps of the test
-        # part's start leaves no room for an early warning and is not counted.
-        H = headline_horizon(trs[0].step_seconds)
-        events = sum(1 for t in trs for s, _ in t.events if s >= t.test_from + H)
-        early = sum(1 for t in trs for s, _ in t.events if t.test_from <= s < t.test_from + H)
-        if early:
-            note(f"evaluate.py: --traces {path}: {early} incident(s) start within {H} steps of "
-                 "their test part's start: no room for an early warning, not counted")
-        # Nor is one that began before the test part and runs into it.
-        across = sum(1 for t in trs for s, e in t.events if s < t.test_from <= e)
-        if across:
-            note(f"evaluate.py: --traces {path}: {across} incident(s) begin before their test part "
-                 "and run into it: not test incidents, not counted")
-        if not events:
-            note(f"evaluate.py: --traces {path}: no incident in its test data, so no early recall "
-                 "to measure (its rows count false trips only)")
+        input_notes(path, trs, own_val)
         try:
             rows += evaluate_dataset(name, trs, det, None if own_val else sim_val,
                                      None if own_val else sim_val_scores, per_file=files.setdefault(name, []))

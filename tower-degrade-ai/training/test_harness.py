@@ -309,6 +309,13 @@ class Traces(unittest.TestCase):
                 p = self.write(d, [self.row(0), self.row(1, p99=bad), self.row(2)])
                 with self.assertRaisesRegex(ValueError, rf"t.csv:3: column p99_over_sla: {what}"):
                     read_csv(p)
+            # Two exports joined into one file: the second's header is said to be one (a trial
+            # read "column time_s: not a number: 'time_s'").
+            header = "time_s," + ",".join(FEATURES) + ",label,split"
+            p = self.write(d, [self.row(0), self.row(1), header, self.row(2)])
+            with self.assertRaisesRegex(ValueError, r"t.csv:4: the header again \(files joined into one, "
+                                                    r"each with its header\? keep the first header only\)$"):
+                read_csv(p)
             # above the Rust clip range: clipped as the runtime does, and the breach still found
             p = self.write(d, [self.row(t, p99="1e300" if 5 <= t < 9 else "0.2").rsplit(",", 2)[0]
                                for t in range(20)],
@@ -582,6 +589,34 @@ class Traces(unittest.TestCase):
         # 15 s scrape is scored as ticks.
         self.assertEqual([headline_horizon(s) for s in (29.99, 30.0, 30.01, 15.0, 14.99, 15.01)],
                          [6, 6, 6, 20, 20, 20])
+
+    def test_what_the_protocol_does_not_count_and_a_short_validation_part_are_noted(self):
+        import contextlib
+        import io
+        import evaluate
+        import traces
+        X = np.full((3000, 8), 0.1, dtype=np.float32)
+        X[:, 1] = 1.0
+
+        def said(trs, own_val=True):
+            traces.NOTES.clear()
+            with contextlib.redirect_stderr(io.StringIO()):
+                evaluate.input_notes("svc", trs, own_val)
+            return " | ".join(traces.NOTES)
+
+        # Minute steps: a validation part of 1,000 steps is 16.7 hours; an incident from the
+        # validation part into the test part, and one to count.
+        tr = Trace("c", "x", X, [(1990, 2010), (2500, 2510)], 60.0, None, 1000, 2000)
+        n = said([tr])
+        self.assertIn("1 incident(s) begin before their test part and run into it", n)
+        self.assertNotIn("no incident in its test data", n)
+        self.assertIn("thresholds are chosen on 16", n)
+        self.assertIn("hours of normal validation data", n)
+        # A day of them: no note; thresholds from the simulator's validation: no note either.
+        day = Trace("c", "x", np.tile(X, (2, 1)), [], 60.0, None, 1000, 2600)
+        self.assertNotIn("normal validation data", said([day]))
+        self.assertIn("no incident in its test data", said([day]))
+        self.assertNotIn("normal validation data", said([tr], own_val=False))
 
     def test_labels_mostly_1_are_noted(self):
         import contextlib

@@ -246,6 +246,10 @@ COLUMNS = {
 _TIME_HINT = " (time_s is seconds as a number, e.g. Unix epoch seconds, not a date)"
 
 
+# Why a column's own name is refused as its value: a second header.
+OWN_NAME = "the column's own name"
+
+
 def _column(lines: list, values: list, col: str) -> tuple:
     """A chunk's values of `col` (`lines`: their line numbers) as COLUMNS reads them, and the
     values it refuses, (line, why) each, in line order (then the array is None)."""
@@ -259,6 +263,9 @@ def _column(lines: list, values: list, col: str) -> tuple:
             return x, []
     out, refused = [], []
     for line, v in zip(lines, values):
+        if v.strip().lower() == col:
+            refused.append((line, OWN_NAME))  # a second header (_refusal)
+            continue
         try:
             out.append(parse(v.strip()))
         except ValueError as e:
@@ -273,6 +280,9 @@ def _refusal(path: str, refused: list, whole: bool) -> ValueError:
     how many there are (`whole`: in the whole file, else in the part read)."""
     refused.sort()
     line, col, why = refused[0]
+    if why == OWN_NAME:
+        return ValueError(f"{path}:{line}: the header again (files joined into one, each with its "
+                          "header? keep the first header only)")
     more = ""
     if len(refused) > 1:
         # Percentages are refused on every row: they are to be divided, not dropped.

@@ -219,8 +219,11 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
 }
 
 /// The most ticks a verdict spans: a class holds back up to this many healthy scores (and
-/// [`FALSE_ALARM_TICKS`] more) while a warning waits, about 116 KB. [`VERDICT`] at a tick of
-/// about 42 ms; a shorter tick's verdict is shorter than five minutes.
+/// [`FALSE_ALARM_TICKS`] more) while a warning waits, about 116 KB. A warning raised again
+/// before its verdict is judged from then on, so a score that keeps warning anew holds them
+/// back for up to [`UNJUDGED_VERDICTS`] times as many ticks (then the warning is dropped
+/// unjudged and they are learnt): about 0.9 MB. [`VERDICT`] at a tick of about 42 ms; a
+/// shorter tick's verdict is shorter than five minutes.
 pub const MAX_VERDICT_TICKS: u32 = 7_200;
 
 /// Ticks a prediction reads ([`WINDOW`](crate::predict::WINDOW)): for this many ticks after a
