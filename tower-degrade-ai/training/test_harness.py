@@ -634,13 +634,17 @@ class Traces(unittest.TestCase):
                         traces.NOTES)
 
     def test_the_ignore_column_marks_steps_anywhere(self):
-        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(150 <= t < 160 or 60 <= t < 70)},"
-                 f"{int(20 <= t < 40 or 145 <= t < 150)}" for t in range(200)]
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "t.csv")
-            with open(path, "w") as f:
-                f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
-            tr = read_csv(path)
+        def read(incident, ignored):
+            """A file of 200 minute steps, labelled where `incident`, ignored where `ignored`."""
+            lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(incident(t))},{int(ignored(t))}"
+                     for t in range(200)]
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "t.csv")
+                with open(path, "w") as f:
+                    f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
+                return read_csv(path)
+
+        tr = read(lambda t: 150 <= t < 160 or 60 <= t < 70, lambda t: 20 <= t < 40 or 145 <= t < 150)
         self.assertEqual(tr.events, [(60, 69), (150, 159)])
         self.assertEqual(int(tr.ignore.sum()), 25)
         self.assertTrue(tr.ignore[20:40].all())
@@ -649,13 +653,7 @@ class Traces(unittest.TestCase):
         # An ignored step is no incident's either (a trial's incident, all under `ignore`, was
         # counted, and warned of early): one all ignored is none; one whose first steps are
         # ignored begins after them, and they are its ignored run before it.
-        lines = [f"{t * 60},{','.join('0.5' for _ in FEATURES)},{int(60 <= t < 70 or 150 <= t < 160)},"
-                 f"{int(55 <= t < 75 or 145 <= t < 153)}" for t in range(200)]
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "t.csv")
-            with open(path, "w") as f:
-                f.write(f"time_s,{','.join(FEATURES)},label,ignore\n" + "\n".join(lines) + "\n")
-            tr = read_csv(path)
+        tr = read(lambda t: 60 <= t < 70 or 150 <= t < 160, lambda t: 55 <= t < 75 or 145 <= t < 153)
         self.assertEqual(tr.events, [(153, 159)])
         self.assertEqual(tr.pre_ignore, [8])
 
