@@ -137,9 +137,9 @@ pub struct Breaker {
     /// Each with whether it is an echo ([`ECHO_TICKS`]).
     unlearnt: VecDeque<(f64, bool)>,
     /// Ticks to come whose score still reads the last tick the class was not healthy on (a
-    /// breach, or the class open, half-open or recovering) in the model's window
-    /// ([`ECHO_TICKS`]): they do not predict, and their scores are learnt no higher than the
-    /// tail's start ([`Calibrator::observe_echo`]).
+    /// breach, the class open, half-open or recovering, or out of automatic control) in the
+    /// model's window ([`ECHO_TICKS`]): they do not predict, and their scores are learnt no
+    /// higher than the tail's start ([`Calibrator::observe_echo`]).
     echo: u32,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
@@ -227,8 +227,8 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
 pub const MAX_VERDICT_TICKS: u32 = 7_200;
 
 /// Ticks a prediction reads ([`WINDOW`](crate::predict::WINDOW)): for this many ticks after a
-/// breach, or after the class was open, half-open or recovering, a score still reads that
-/// tick, and a high one is the incident's echo, not a precursor, nor a healthy tick's usual
+/// breach, or after the class was open, half-open, recovering or out of automatic control
+/// (forced open, disabled, degraded by hand), a score still reads that tick, and a high one is the incident's echo, not a precursor, nor a healthy tick's usual
 /// score. With a calibrated threshold, an echo does not predict, and it is learnt as a
 /// healthy tick (counted against the false-trip budget) whose score is no higher than the
 /// tail's start, so it does not shape the tail (`Calibrator::observe_echo`). Learnt as it
