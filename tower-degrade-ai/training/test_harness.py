@@ -389,18 +389,22 @@ class Traces(unittest.TestCase):
             # idle class (its incidents would be lost).
             zero_rate = [self.row(t, success="0.99").replace(",1,0.99,", ",0,0.99,", 1) for t in (0, 60)]
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column rate_ratio is 0 in every row \(no "
-                                                    r"requests\), yet 2 rows have calls finishing .* this one "
-                                                    r"first, and 0 incidents .* holds rate_ratio at 1"):
+                                                    r"requests\), yet 2 rows have calls finishing .*, this row "
+                                                    r"first: .* holds rate_ratio at 1"):
                 read_csv(self.write(d, zero_rate))
-            # Every call served (success 1, no errors): latencies say there were calls, and a
-            # labelled incident too (a trial's file was skipped, its incidents lost).
-            served = [self.row(t).replace(",1,1,", ",0,1,", 1) for t in (0, 60)]
+            # Every call served (success 1, no errors): latencies that move say there were
+            # calls, and a labelled incident too (a trial's file was skipped, its incidents lost).
+            served = [self.row(t, p99=p99).replace(",1,1,", ",0,1,", 1) for t, p99 in ((0, "0.2"), (60, "0.3"))]
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column rate_ratio is 0 in every row .* yet 2 rows"):
                 read_csv(self.write(d, served))
             labelled = [f"{t},0,0,0,0,0,0,0,0,{int(t > 0)},train" for t in (0, 60)]
-            with self.assertRaisesRegex(ValueError, r"t.csv:3: column rate_ratio is 0 in every row .* yet 0 rows"
-                                                    r" .* and 1 incidents are labelled"):
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column rate_ratio is 0 in every row .* yet 1 "
+                                                    r"incidents are labelled, this row first"):
                 read_csv(self.write(d, labelled))
+            # An idle class whose missing latencies are held at a healthy level, as the docs
+            # say to fill them: read (read_dir skips it as idle), not refused.
+            idle = read_csv(self.write(d, [f"{t},0,1,0,0,0.15,0.5,0,0,0,train" for t in (0, 60)]))
+            self.assertFalse(idle.X[:, 0].any())
             # Rates of 0/0 filled with 0 (no calls) and no rate: an idle class, skipped as one.
             read_csv(self.write(d, [f"{t},0,0,0,0,0,0,0,0,0,train" for t in (0, 60)]))
             # Noted, and kept for the report: no time column at all, rates of other calls, a
@@ -656,6 +660,9 @@ class Traces(unittest.TestCase):
         tr = read(lambda t: 60 <= t < 70 or 150 <= t < 160, lambda t: 55 <= t < 75 or 145 <= t < 153)
         self.assertEqual(tr.events, [(153, 159)])
         self.assertEqual(tr.pre_ignore, [8])
+        # Ignored steps later in an incident neither split it nor shorten it.
+        tr = read(lambda t: 60 <= t < 80, lambda t: t in (70, 79))
+        self.assertEqual(tr.events, [(60, 79)])
 
     def test_split_of_a_directory_without_csv_files_says_so(self):
         # It wrote nothing and said nothing (exit 0); read_dir said why.

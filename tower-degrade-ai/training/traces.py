@@ -11,7 +11,8 @@ A trace CSV (one file per series; what `Recorder` writes and `evaluate.py --trac
 - `label` is 1 while an incident is in progress. Without it (what `Recorder` writes), incidents
   are the SLO breaches found in the features by the rule below (`breach_events`);
 - other columns (`p_anomaly`, `fault`: what the recorder adds) are ignored;
-- `ignore` (optional) is 1 on ambiguous steps that count neither as incident nor as normal;
+- `ignore` (optional) is 1 on ambiguous steps: never normal time, and no incident begins on
+  one (an incident all ignored is none; one whose first steps are ignored begins after them);
 - `split` (optional) is train / val / test per row, time-ordered; without it the whole file
   is test data (`evaluate.py`), and `train.py --traces` refuses it.
   `python traces.py split DIR [--val 0.2 --test 0.2]` adds one to every file in DIR.
@@ -556,12 +557,14 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
     if "ignore" in header:
         ign = col["ignore"].astype(bool)
         # An ignored step is no incident's either: an incident all ignored is none, one whose
-        # first steps are ignored begins after them (those steps then come before it, below).
-        marked = np.zeros(len(ign), dtype=bool)
+        # first steps are ignored begins after them (those steps then come before it, below);
+        # ignored steps later in an incident neither split nor shorten it.
+        kept = []
         for s, e in events:
-            marked[s:e + 1] = True
-        if (marked & ign).any():
-            events = events_from_binary(marked & ~ign)
+            begun = np.flatnonzero(~ign[s:e + 1])
+            if len(begun):
+                kept.append((s + int(begun[0]), e))
+        events = kept
         # The ignored run just before each event: its length where it ends, at step s - 1.
         steps = np.arange(len(ign))
         run = steps - np.maximum.accumulate(np.where(ign, -1, steps))
@@ -584,17 +587,23 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
         # finishing says otherwise: the rate was not exported (0 for a missing channel), and
         # skipping the file would lose its incidents.
         # (A step whose three rates are all 0 is one without calls written as 0/0 filled with 0.)
-        # Latencies are calls' too (a step without calls has none: the recorder writes 0), and
-        # so are labelled incidents.
+        # Latencies that move are calls' too (a step without calls has none: the recorder
+        # writes 0; one held at a level throughout is a missing channel filled), and so are
+        # labelled incidents.
+        def moving(c):
+            return X[:, c] > 0 if np.ptp(X[:, c]) > 0 else np.zeros(len(X), dtype=bool)
+
         calls = np.flatnonzero(((X[:, SUCCESS] > 0) & (X[:, SUCCESS] < 1)) | (X[:, ERROR] > 0)
-                               | (X[:, TIMEOUT] > 0) | (X[:, P50] > 0) | (X[:, P99] > 0))
-        if len(calls) or events:
-            i = int(calls[0]) if len(calls) else events[0][0]
+                               | (X[:, TIMEOUT] > 0) | moving(P50) | moving(P99))
+        labelled = events if "label" in header else []
+        if len(calls) or labelled:
+            i = int(calls[0]) if len(calls) else labelled[0][0]
+            said = [f"{len(calls)} rows have calls finishing (a success rate below 1, errors, timeouts "
+                    "or latencies that move)"] if len(calls) else []
+            said += [f"{len(labelled)} incidents are labelled"] if labelled else []
             raise ValueError(f"{path}:{line_of[i]}: column rate_ratio is 0 in every row (no requests), "
-                             f"yet {len(calls)} rows have calls finishing (a success rate below 1, "
-                             f"errors, timeouts or latencies), this one first, and {len(events)} "
-                             "incidents are labelled: a class without request counts holds "
-                             "rate_ratio at 1, a steady class's level, not 0")
+                             f"yet {' and '.join(said)}, this row first: a class without request "
+                             "counts holds rate_ratio at 1, a steady class's level, not 0")
     name = os.path.splitext(os.path.basename(path))[0]
     return Trace(name, dataset, X, events, step, pre_ignore, val_from, test_from,
                  meta={"own": True, "step_measured": measured, "split": "split" in header},
