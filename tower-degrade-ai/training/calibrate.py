@@ -241,10 +241,11 @@ DEGRADED_RECOVERY_TICKS = 3
 # Breaching steps in a row that degrade a closed class by the degrade rule (`DegradeRule`'s
 # `windows`): it then neither warns nor holds a warning until it closes again.
 RULE_WINDOWS = 3
-# Steps after a breach whose scores still read it in the model's window (the breaker's
-# ECHO_TICKS): they do not predict, and are learnt no higher than the tail's start
-# (`Calibrator.observe`).
-ECHO_TICKS = WINDOW
+# Steps after a breach whose scores may still read it (the breaker's ECHO_TICKS: the model's
+# window after it, and a batch that overran used up to STALE_TICKS later): they do not
+# predict, are learnt no higher than the tail's start (`Calibrator.observe`), and a breach
+# among them is no incident the tally counts as missed.
+ECHO_TICKS = WINDOW - 1 + STALE_TICKS
 
 
 def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up: int,
@@ -304,12 +305,17 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             pending[1], pending[2] = True, before
 
     echo = 0  # steps to come whose window still holds the last breach (the breaker's `echo`)
+    relapse = False
     for t, p in enumerate(scores):
         p = float(p)
         warned = False
         covered = max(covered - 1, 0)
         is_echo = echo > 0 and healthy[t]
-        echo = ECHO_TICKS - 1 if not healthy[t] else max(echo - 1, 0)
+        # A run of breaches that began in an earlier breach's echo: a relapse (the breaker's
+        # `relapse`), which nothing could warn of.
+        if not healthy[t] and echo != ECHO_TICKS:
+            relapse = echo > 0
+        echo = ECHO_TICKS if not healthy[t] else max(echo - 1, 0)
         watching = pending is not None
         if pending is not None:
             if not healthy[t]:
@@ -372,8 +378,10 @@ def alarms(scores: np.ndarray, healthy: np.ndarray, step_seconds: float, warm_up
             if rule >= RULE_WINDOWS:
                 rule, degraded, for_prediction = 0, 0, False
                 # An incident no warning led, counted where there is a prediction and a
-                # threshold (the tally's `breached`).
-                if math.isfinite(p) and cal.init is None and not watching and covered == 0:
+                # threshold, and not a relapse in an echo, where nothing could warn (the
+                # tally's `breached`).
+                if (math.isfinite(p) and cal.init is None and not watching and covered == 0
+                        and not relapse):
                     covered = FALSE_ALARM_TICKS
             elif predicted >= k:
                 warned = True

@@ -1347,9 +1347,9 @@ class Calibration(unittest.TestCase):
         # The breaker's `a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any`
         # and `an_incident_s_echo_does_not_lift_the_threshold_over_a_relapse`: a warning held,
         # a breach, then scores over the threshold on healthy steps. For ECHO_TICKS steps
-        # they read the breach in the model's window (its echo): they do not predict, so the
-        # class closes after 3 and no alarm starts to be taken for false; they are learnt at
-        # most at the threshold. Past the echo the same level warns again: no false alarm's
+        # they may read the breach (its echo): they do not predict, so the class closes after
+        # 3 and no alarm starts to be taken for false; they are learnt no higher than the
+        # tail's start. Past the echo the same level warns again: no false alarm's
         # floor, and the threshold was not lifted (learnt as they were, the echo's scores
         # lifted it near 1, and a relapse at 0.9 went unwarned).
         from calibrate import ECHO_TICKS, UNUSED_STEPS, alarms, sigmoid
@@ -1357,7 +1357,7 @@ class Calibration(unittest.TestCase):
         warm = 1 / (1 + np.exp(-(-3 + 0.3 * rng.standard_normal(3100 + UNUSED_STEPS))))
         n = len(warm)
         tail = sigmoid(-3 + 3 * 0.3)
-        scores = np.concatenate([warm, [0.9, 0.9], np.full(10, tail), np.full(ECHO_TICKS - 1, 0.9),
+        scores = np.concatenate([warm, [0.9, 0.9], np.full(10, tail), np.full(ECHO_TICKS, 0.9),
                                  warm[:300], [0.9, 0.9]])
         healthy = np.ones(len(scores), bool)
         b = n + 11

@@ -141,6 +141,8 @@ pub struct Breaker {
     /// model's window ([`ECHO_TICKS`]): they do not predict, and their scores are learnt no
     /// higher than the tail's start ([`Calibrator::observe_echo`]).
     echo: u32,
+    /// The run of breaches now began in an earlier incident's echo.
+    relapse: bool,
     /// The calibrated threshold was last seen beyond every probability (`reach_changed`).
     out_of_reach: bool,
     /// With a calibrated threshold, while a warning waits for its verdict (the tally
@@ -226,20 +228,25 @@ pub fn verdict_ticks(tick: Duration) -> u32 {
 /// shorter tick's verdict is shorter than five minutes.
 pub const MAX_VERDICT_TICKS: u32 = 7_200;
 
-/// Ticks a prediction reads ([`WINDOW`](crate::predict::WINDOW)): for this many ticks after a
-/// breach, or after the class was open, half-open, recovering or out of automatic control
-/// (forced open, disabled, degraded by hand), a score still reads that tick, and a high one is the incident's echo, not a precursor, nor a healthy tick's usual
-/// score. With a calibrated threshold, an echo does not predict, and it is learnt as a
-/// healthy tick (counted against the false-trip budget) whose score is no higher than the
-/// tail's start, so it does not shape the tail (`Calibrator::observe_echo`). Learnt as it
-/// was, a short incident's echo (scores near 1 for a few ticks after the class recovered) lifted
-/// the threshold near 1 for as long as those excesses stayed among the fit's 2,048 (about 14
-/// hours of healthy ticks at the 500 ms tick); warned of, it was taken for a false alarm, whose
-/// floor went above it for an hour; either way a relapse went unwarned. While warming up an
-/// echo is learnt as it is (there is no tail yet); left out there as well, the simulator's
-/// classes, an incident every quarter of an hour, tripped well over their budget
-/// (`docs/predictor-lodo.md`).
-pub const ECHO_TICKS: u32 = crate::predict::WINDOW as u32;
+/// The ticks after a breach, or after the class was open, half-open, recovering or out of
+/// automatic control (forced open, disabled, degraded by hand), whose prediction may still read
+/// that tick: the model's window ([`WINDOW`](crate::predict::WINDOW), 64 ticks: 63 after it)
+/// and a batch that overran, used for up to 4 ticks more. A high score then is the incident's
+/// echo, not a precursor, nor a healthy tick's usual score. With a calibrated threshold, an
+/// echo does not predict, and it is learnt as a healthy tick (counted against the false-trip
+/// budget) whose score is no higher than the tail's start, so it does not shape the tail
+/// (`Calibrator::observe_echo`); a breach in it is not counted as missed in the
+/// [`PredictionRecord`] (nothing could warn of it). Learnt as it was, a short incident's echo
+/// (scores near 1 for a few ticks after the class recovered) lifted the threshold near 1 for
+/// as long as those excesses stayed among the fit's 2,048 (about 14 hours of healthy ticks at
+/// the 500 ms tick); warned of, it was taken for a false alarm, whose floor went above it for
+/// an hour; either way a relapse went unwarned. The price: no calibrated warning for 67 ticks
+/// after any breach (34 s at the 500 ms tick, 67 minutes at a minute's), and a class the
+/// degrade rule degraded closes after its healthy windows even while the echo's scores are
+/// high. While warming up an echo is learnt as it is (there is no tail yet); left out there
+/// as well, the simulator's classes, an incident every quarter of an hour, tripped well over
+/// their budget (`docs/predictor-lodo.md`).
+pub const ECHO_TICKS: u32 = crate::predict::WINDOW as u32 - 1 + crate::predict::STALE_TICKS;
 
 /// The false-alarm exit's floor; while a warning waits for its verdict (`watching`), the
 /// floor it replaced is noted in `floored` (the first it replaced, for several), so that a
@@ -283,6 +290,7 @@ impl Breaker {
                 PredictThreshold::Fixed(_) => 0,
             }),
             echo: 0,
+            relapse: false,
             out_of_reach: false,
             floored: None,
         }
@@ -446,8 +454,13 @@ impl Breaker {
     /// on the first predicting tick after it).
     pub(crate) fn interrupt(&mut self) {
         self.unlearnt.clear();
-        // The model's window holds ticks the breaker did not see.
-        self.echo = ECHO_TICKS - 1;
+        // The model's window holds ticks the breaker did not see, and an alarm cannot be
+        // judged across them (a shadow stepping on from a degraded phase took the echo's
+        // scores for the alarm's).
+        self.echo = ECHO_TICKS;
+        self.relapse = true;
+        self.alarm = None;
+        self.ended = None;
         self.floored = None;
         self.tally.forget();
         self.predicted = 0;
@@ -626,8 +639,13 @@ impl Breaker {
         // Whether this tick's score still reads an incident (ECHO_TICKS).
         let healthy_phase = matches!(self.phase, Phase::Closed | Phase::Degraded { .. });
         let echo = self.echo > 0 && !breach;
+        // A run of breaches that began in an earlier incident's echo (the tick before it
+        // healthy): a relapse, which a calibrated threshold could not warn of.
+        if breach && self.echo != ECHO_TICKS {
+            self.relapse = self.echo > 0;
+        }
         self.echo = if breach || !healthy_phase {
-            ECHO_TICKS - 1
+            ECHO_TICKS
         } else {
             self.echo.saturating_sub(1)
         };
@@ -696,7 +714,15 @@ impl Breaker {
         }
         let (next, reason) = match self.next_phase(w, now) {
             Some(t) => {
-                if from == State::Closed && prediction.is_some() && threshold.is_some() {
+                // A breach in an incident's echo, where a calibrated threshold cannot warn, is no
+                // miss.
+                let calibrated =
+                    matches!(self.cfg.predict_threshold, PredictThreshold::Calibrated(_));
+                if from == State::Closed
+                    && prediction.is_some()
+                    && threshold.is_some()
+                    && !(calibrated && self.relapse)
+                {
                     self.tally.breached(watching);
                 }
                 t

@@ -33,7 +33,7 @@ mod stage;
 
 pub(crate) use self::features::FeatureHistory;
 pub use self::features::features;
-pub(crate) use self::runner::Runner;
+pub(crate) use self::runner::{Runner, STALE_TICKS};
 pub(crate) use self::stage::PredictStage;
 use std::time::Duration;
 

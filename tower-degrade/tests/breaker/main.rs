@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tower_degrade::window::WindowSnapshot;
 use tower_degrade::{
     Route,
-    breaker::{Breaker, BreakerConfig, Calibration, Command, State},
+    breaker::{Breaker, BreakerConfig, Calibration, Command, ECHO_TICKS, FALSE_ALARM_TICKS, State},
     gate::{Directive, Reason},
 };
 
@@ -885,11 +885,11 @@ fn a_breach_confirms_a_held_warning_and_the_class_recovers_as_from_any() {
     assert_eq!(tick(&mut b, &mut now, 0.9, None), None);
     let t = tick(&mut b, &mut now, 0.9, None).expect("closed");
     assert_eq!(t, "3 healthy windows");
-    for i in 3..tower_degrade::breaker::ECHO_TICKS - 1 {
+    for i in 3..ECHO_TICKS {
         assert_eq!(tick(&mut b, &mut now, 0.9, None), None, "tick {i} after it");
     }
-    // Past the echo, the same level warns again (no floor was put; the echo, learnt at most
-    // at the threshold, did not lift it).
+    // Past the echo, the same level warns again (no floor was put; the echo, learnt no higher
+    // than the tail's start, did not lift it).
     assert_eq!(tick(&mut b, &mut now, 0.9, None), None);
     let t = tick(&mut b, &mut now, 0.9, None).expect("warned again");
     assert!(t.starts_with("predicted"), "{t}");
@@ -1031,25 +1031,25 @@ fn the_degrade_rule_counts_breaching_windows_in_a_row_since_the_class_last_close
 
 #[test]
 fn an_incident_s_echo_does_not_lift_the_threshold_over_a_relapse() {
-    // For the model's window (ECHO_TICKS) after an incident, its scores still read it: high
-    // on healthy ticks after the class recovered. Learnt as they were, seven such scores from
-    // a short incident lifted a class's threshold from about 0.01 to 0.99 (a review's
-    // stylised replay), for as long as they stayed among the fit's excesses (hours), and a
-    // relapse went unwarned. Now an echo is learnt at most at the fitted threshold.
-    let relapse = |incident: &dyn Fn(&mut Breaker, &mut Instant)| {
+    // For ECHO_TICKS after an incident a score may still read it: high on healthy ticks after
+    // the class recovered. Learnt as they were, seven such scores from a short incident lifted
+    // a class's threshold from about 0.01 to 0.99 (a review's stylised replay), for as long as
+    // they stayed among the fit's excesses (hours), and warned of, they were taken for a false
+    // alarm whose floor went above them for an hour: a relapse went unwarned. Now an echo does
+    // not warn, and it is learnt no higher than the tail's start. `incident` steps one and
+    // returns the ticks it stepped after its last unhealthy one (a breach, or the class not
+    // closed nor degraded): the echo runs from there.
+    let relapse = |incident: &dyn Fn(&mut Breaker, &mut Instant) -> u32| {
         let (mut b, mut now, _) = armed_on_usual_scores();
         let before = b.predict_threshold().expect("armed");
-        incident(&mut b, &mut now);
+        let since = incident(&mut b, &mut now);
         assert_eq!(b.state(), State::Closed);
-        // The echo: 30 healthy ticks at 0.98 with the class closed, then back to usual.
-        for _ in 0..30 {
-            tick(&mut b, &mut now, 0.98, None);
+        // The echo's every tick at 0.98, the class closed: no warning.
+        for i in since..ECHO_TICKS {
+            assert_eq!(tick(&mut b, &mut now, 0.98, None), None, "echo tick {i}");
         }
-        let mut i = 0;
-        while b.state() != State::Closed || i < 300 {
-            tick(&mut b, &mut now, usual(i), None);
-            i += 1;
-            assert!(i < 1_000, "never closed");
+        for i in 0..300 {
+            assert_eq!(tick(&mut b, &mut now, usual(i), None), None);
         }
         let after = b.predict_threshold().expect("armed");
         assert!(after < 0.3, "the threshold went from {before} to {after}");
@@ -1058,7 +1058,8 @@ fn an_incident_s_echo_does_not_lift_the_threshold_over_a_relapse() {
         let t = tick(&mut b, &mut now, 0.9, None).expect("warned");
         assert!(t.starts_with("predicted"), "{t}");
     };
-    // A breach that breaks the degrade rule three windows in a row, then recovery.
+    // A breach that breaks the degrade rule three windows in a row, then recovery: the echo
+    // runs from the last of them.
     relapse(&|b: &mut Breaker, now: &mut Instant| {
         for _ in 0..3 {
             tick(b, now, usual(0), Some(window(18, 2, 900)));
@@ -1067,15 +1068,59 @@ fn an_incident_s_echo_does_not_lift_the_threshold_over_a_relapse() {
         for i in 0..3 {
             tick(b, now, usual(i), None);
         }
+        3
     });
-    // An outage that opened the class, then its probes and recovery.
+    // An outage that opened the class, then its probes and recovery: the echo runs from the
+    // last tick it was not closed (its probes' and recovery's are not healthy ticks' either).
     relapse(&|b: &mut Breaker, now: &mut Instant| {
         tick(b, now, usual(0), Some(window(0, 20, 10)));
         assert_eq!(b.state(), State::Open);
+        let mut ticks = 0;
         while b.state() != State::Closed {
             tick(b, now, usual(1), Some(window(10, 0, 10)));
+            ticks += 1;
         }
+        assert!(
+            ticks > 10,
+            "{ticks} ticks to close: the echo would not outlast the trip's"
+        );
+        0
     });
+}
+
+#[test]
+fn a_breach_in_an_incident_s_echo_is_no_miss() {
+    // A calibrated threshold cannot warn in an echo, so the record does not count a breach
+    // there as missed; a fixed threshold can, and it does.
+    let (mut b, mut now, _) = armed_on_usual_scores();
+    let incident = |b: &mut Breaker, now: &mut Instant| {
+        for _ in 0..3 {
+            tick(b, now, usual(0), Some(window(18, 2, 900)));
+        }
+        assert_eq!(b.state(), State::Degraded);
+        for i in 0..3 {
+            tick(b, now, usual(i), None);
+        }
+        assert_eq!(b.state(), State::Closed);
+        for i in 0..FALSE_ALARM_TICKS {
+            tick(b, now, usual(i as usize), None);
+        }
+    };
+    incident(&mut b, &mut now);
+    assert_eq!(b.prediction_record().missed, 1);
+    incident(&mut b, &mut now);
+    assert_eq!(
+        b.prediction_record().missed,
+        1,
+        "the relapse came in the echo"
+    );
+    let mut b = Breaker::new(
+        BreakerConfig::default().predict_threshold(0.87),
+        Route::Reject,
+    );
+    incident(&mut b, &mut now);
+    incident(&mut b, &mut now);
+    assert_eq!(b.prediction_record().missed, 2);
 }
 
 #[test]
