@@ -144,6 +144,10 @@ def classical(rows: list, budget: float) -> list:
 
 
 def _recall(r) -> str:
+    """Early recall and its interval; "–" with no test incident, as evaluate.py's report says
+    it (0.00 [0.00, 0.00] read as a measured zero)."""
+    if not r.get("events", 1):
+        return "–"
     lo, hi = r["recall_early_ci"]
     return f"{r['recall_early']:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -165,6 +169,8 @@ def _verdict(m, b) -> str:
     """The model's early recall over the baseline's, and whether their intervals are apart:
     not said over fewer than evaluate.FEW_EVENTS incidents, whose intervals cannot show how
     unsure they are (all missed or all warned of: [0, 0] or [1, 1])."""
+    if not m.get("events", 1):
+        return "no test incident"
     if b["recall_early"] == 0:
         return "both 0" if m["recall_early"] == 0 else "ahead"
     ratio = m["recall_early"] / b["recall_early"]

@@ -119,6 +119,13 @@ class Headline(unittest.TestCase):
         # [1, 1]: apart, and saying nothing of how unsure either is.
         few = dict(recall_early=0.5, recall_early_ci=[0.0, 1.0], events=6)
         self.assertEqual(_verdict(few, dict(recall_early=1.0, recall_early_ci=[1.0, 1.0])), "0.50x (over 6 incidents)")
+        # No test incident at all: nothing measured (a trial's report read "0.00 [0.00, 0.00]"
+        # and "both 0", where evaluate.py's says "–").
+        from lodo import _recall
+        none = dict(recall_early=0.0, recall_early_ci=[0.0, 0.0], events=0)
+        self.assertEqual(_verdict(none, none), "no test incident")
+        self.assertEqual(_recall(none), "–")
+        self.assertEqual(_recall(m), "0.60 [0.50, 0.70]")
 
     def test_a_fold_of_few_incidents_or_little_normal_time_is_cautioned(self):
         from lodo import _cautions

@@ -1147,5 +1147,11 @@ fn a_value_that_is_not_a_probability_is_no_prediction() {
             .step_predicted(&window(20, 0, 10), Some(1.0 + 1e-9), now + TICK)
             .expect("predicted");
         assert!(t.reason.starts_with("predicted"), "{}", t.reason);
+        // The calibrated default as well: no warning, so no alarm whose highest score is one.
+        let (mut b, mut now, _) = armed_on_usual_scores();
+        for _ in 0..3 {
+            assert_eq!(tick(&mut b, &mut now, bad, None), None, "{bad}");
+        }
+        assert_eq!(b.state(), State::Closed, "{bad}");
     }
 }
