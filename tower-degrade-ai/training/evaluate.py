@@ -671,9 +671,12 @@ def input_notes(path: str, trs: list, own_val: bool) -> None:
     # Thresholds chosen on less than a day of normal validation time: a false trip there
     # reads as more than one a day, so a threshold kept at 1 a day is one with none.
     if own_val:
-        val_days = sum(np.count_nonzero(normal_steps(t.test_from, _part_events(t, t.test_from)[0], H,
-                                                     t.val_from, grace(t), _part_events(t, t.test_from)[1],
-                                                     t.ignore)) * t.step_seconds for t in trs) / 86400
+        def normal_seconds(t):
+            events, pre = _part_events(t, t.test_from)
+            return np.count_nonzero(normal_steps(t.test_from, events, H, t.val_from, grace(t), pre,
+                                                 t.ignore)) * t.step_seconds
+
+        val_days = sum(normal_seconds(t) for t in trs) / 86400
         if val_days < 1:
             s = val_days * 86400
             took = f"{s / 3600:.3g} hours" if s >= 3600 else f"{s / 60:.3g} minutes" if s >= 60 else f"{s:.3g} s"

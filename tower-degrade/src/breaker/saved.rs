@@ -372,7 +372,8 @@ fn decode(bytes: &[u8]) -> Result<Calibrations, String> {
     let n = r.u32("the number of classes")?;
     let mut classes: Vec<(String, Learnt)> = Vec::new();
     // The names so far, hashed: a scan of those before each name was quadratic in the
-    // classes, and a hostile file of a million short names held the start for many minutes.
+    // classes: a hostile file of a million short names, 5e11 comparisons, would hold the start
+    // for many minutes (a review's estimate, not measured).
     let mut names = std::collections::HashSet::new();
     for i in 0..n {
         let name = r.str(&format!("class {i}'s name"))?;
