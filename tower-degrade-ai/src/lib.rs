@@ -11,7 +11,7 @@
 //! when it loads ([`Error::Features`]).
 //!
 //! A model may also take each class's long baseline, quantiles of its last 4,096 healthy ticks
-//! that the predictor keeps on the control tick, as a second input ([`baseline`]).
+//! that the predictor keeps on its own thread, once a tick, as a second input ([`baseline`]).
 //!
 //! [`ScanPredictor`] needs neither ONNX Runtime nor a model file: it computes the bundled
 //! model's anchor (a scan of robust z-scores against each class's long baseline) in Rust,

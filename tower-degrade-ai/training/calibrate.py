@@ -6,8 +6,9 @@ logits of a class's healthy scores (a generalized Pareto fit of the excesses ove
 percentile, or lower where scores repeat so that 50 lie above it, down to the 80th; by the
 method of moments), kept at a false-trip budget per day, the per-step risk divided by the
 extremal index (runs of healthy steps over the tail's start per step over it, at least 1/32):
-a trip starts with a run of steps over the threshold and lasts while the scores stay over the
-tail's start, until a breach or the false-alarm exit. A healthy step's score is learnt once
+a trip starts with a run of steps over the threshold and lasts while the scores stay above the
+class's usual ones (the fitted 98th percentile, at least the tail's start, and over a false
+alarm's scores while its floor holds), until a breach or the false-alarm exit. A healthy step's score is learnt once
 FALSE_ALARM_TICKS more healthy steps have passed, and no warning waits for its verdict (`alarms`).
 """
 from __future__ import annotations

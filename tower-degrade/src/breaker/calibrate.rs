@@ -80,7 +80,8 @@ impl Calibration {
     }
 
     /// Healthy scores to learn before the predictor may degrade a class (at least 2,500 are,
-    /// so that the first fit has 50 excesses: a smaller value is raised to it; at most
+    /// so that the first fit has 50 excesses: a smaller value from 1 is raised to it, and 0 is
+    /// refused; at most
     /// 1,000,000, each kept until the warm-up ends, 8 bytes a score).
     pub fn warm_up_ticks(mut self, value: u32) -> Self {
         self.warm_up_ticks = value;

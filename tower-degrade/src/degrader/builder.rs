@@ -163,8 +163,8 @@ impl DegraderBuilder {
     /// scores, while the predictor's window of it fills, in place of the warm-up's 3,600. Its
     /// settings are this build's (a new false-trip budget applies at once).
     ///
-    /// Nothing is restored, with a warning, where `saved` was learnt at another tick or from
-    /// another predictor ([`Predictor::fingerprint`]): the scores it learnt are not those the
+    /// Nothing is restored, with a warning, where `saved` was learnt by another service, at
+    /// another tick or from another predictor ([`Predictor::fingerprint`]): the scores it learnt are not those the
     /// classes will get. A class `saved` does not have warms up; one this degrader does not
     /// have is left out.
     pub fn restore_calibrations(mut self, saved: Calibrations) -> Self {

@@ -172,11 +172,16 @@ impl Degrader {
     /// warm-up: 3,600 by default; a fitted one's, at most 2,048 excesses), never the request
     /// path. Save it before the process ends, and now and then (a crash saves
     /// nothing).
+    /// A build without a predictor gives no class (nothing learnt, and
+    /// [`save`](crate::breaker::Calibrations::save) refuses it rather than write empty
+    /// warm-ups over a file another build learnt).
     pub fn calibrations(&self) -> crate::breaker::Calibrations {
+        let attached = self.shared.predictor.is_attached();
         let classes = self
             .shared
             .registry
             .iter()
+            .filter(|_| attached)
             .filter_map(|(id, c)| {
                 let learnt = self.shared.control(id).predicting().learnt()?;
                 Some((c.name().to_owned(), learnt))

@@ -821,6 +821,21 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
     let path = dir.path().join("calibrations.bin");
     d.calibrations().save(&path).unwrap();
     d.shutdown();
+    // A build without a predictor has learnt nothing, and leaves the file as it is.
+    let none = filled(
+        Degrader::builder("shop")
+            .latency_clock(LatencyClock::Tokio)
+            .tick(tick)
+            .class(ClassConfig::silver("stock"))
+            .build_with_worker()
+            .unwrap()
+            .0,
+    );
+    healthy(&none, 10).await;
+    assert_eq!(none.calibrations().classes().count(), 0);
+    let e = none.calibrations().save(&path).unwrap_err().to_string();
+    assert!(e.contains("nothing to save"), "{e}");
+    none.shutdown();
 
     // The next process, from the file: calibrating while the predictor's window fills and
     // the restored calibration settles, then calibrated, hundreds of ticks before a fresh
