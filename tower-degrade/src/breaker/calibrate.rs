@@ -452,6 +452,10 @@ impl Calibrator {
             return;
         }
         let x = logit(p);
+        // A restored calibration's settling scores are read against the predictor's history
+        // of the class as it fills again after the restart (a long baseline that has not yet
+        // seen the class's rarer healthy ticks reads one as far out): learnt as an echo's.
+        let echo = echo || self.settle > 0;
         self.settle = self.settle.saturating_sub(1);
         match &mut self.tail {
             None => {
@@ -666,7 +670,8 @@ mod tests {
             assert_eq!(r.left(), Some(settle - i));
             assert!(!r.exceeds(0.999_999));
             let p = healthy(&mut seed, -3.0);
-            c.observe(p);
+            // A settling score is learnt as an echo's (no higher than the tail's start).
+            c.observe_echo(p);
             r.observe(p);
         }
         let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());

@@ -174,11 +174,15 @@ const MERGE_GAP: u32 = FALSE_ALARM_TICKS / 4;
 /// Healthy scores a restored calibration learns before its threshold holds
 /// ([`Calibrations`]): until then the class is calibrating and the predictor only reports,
 /// while the predictor's own history of the class (a model's window of 64 ticks, the long
-/// baseline it reads against) fills again after the restart. 128, each learnt
+/// baseline it reads against) fills again after the restart. 512, each learnt
 /// [`FALSE_ALARM_TICKS`] after its own, once the class's window is whole (its 68th tick):
-/// about two minutes after the start at the 500 ms tick, in place of the warm-up's 3,600
-/// scores.
-pub const RESTORED_SETTLE_TICKS: u32 = 128;
+/// about five minutes after the start at the 500 ms tick, in place of the warm-up's 3,600
+/// scores. Settling scores are learnt as an incident's echo is, no higher than the tail's
+/// start: a long baseline filling again has not yet seen the class's rarer healthy ticks and
+/// reads one as far out, and such scores learnt as they came lifted a restored threshold out
+/// of the model's reach (0.13 to 0.89 in a test). 512 ticks, so that the baseline's 99th
+/// percentile rests on about five ticks above it (128 left the same test at 0.92).
+pub const RESTORED_SETTLE_TICKS: u32 = 512;
 
 /// Healthy ticks after which a calibrated prediction that degraded a class is taken for a
 /// false alarm (20 s at the 500 ms tick): twice the horizon the bundled model warns over, so

@@ -860,8 +860,8 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
     assert_eq!(left(&fresh), Some(2_500), "the shortest warm-up");
     // (A restored calibration learns RESTORED_SETTLE_TICKS healthy scores, each
     // FALSE_ALARM_TICKS after its own; the filling ticks carried no calls.)
-    healthy(&e, 200).await;
-    healthy(&fresh, 200).await;
+    healthy(&e, 600).await;
+    healthy(&fresh, 600).await;
     let restored = stock_threshold(&e).expect("restored and settled");
     assert_eq!(left(&e), None);
     assert_eq!(stock_threshold(&fresh), None, "a fresh warm-up is not over");
