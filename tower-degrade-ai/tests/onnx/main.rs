@@ -1057,7 +1057,7 @@ async fn run_with_blips(d: &Degrader, ticks: usize, from: usize) {
         .layer(support::slow_failing());
     for tick in 1..=ticks {
         one_tick_at_once(&svc, tick, 1.0, Traffic::Noisy).await;
-        if tick >= from && (tick - from) % 60 == 0 {
+        if tick >= from && (tick - from).is_multiple_of(60) {
             let mut svc = svc.clone();
             tokio::spawn(async move {
                 let _ = svc.ready().await.unwrap().call((150, false)).await;
