@@ -850,7 +850,8 @@ impl Breaker {
                 threshold = c.threshold().unwrap_or(1.0),
                 highest = alarm.highest,
                 "predicted failures not seen in {} healthy ticks of warnings that came and \
-                 went: a false alarm; the threshold is now above their scores",
+                 went: taken for a false alarm (a breach within the verdict still confirms \
+                 it); the threshold is now above their scores",
                 alarm.unconfirmed
             );
             return None;
@@ -861,8 +862,9 @@ impl Breaker {
             from,
             to: State::Closed,
             reason: format!(
-                "predicted failure not seen in {} healthy ticks: a false alarm; the threshold \
-                 is now {:.3}, above its p = {:.3}",
+                "predicted failure not seen in {} healthy ticks: taken for a false alarm (a \
+                 breach within the verdict still confirms it); the threshold is now {:.3}, \
+                 above its p = {:.3}",
                 alarm.unconfirmed,
                 c.threshold().unwrap_or(1.0),
                 alarm.highest
@@ -893,8 +895,9 @@ impl Breaker {
             tracing::info!(
                 threshold = c.threshold().unwrap_or(1.0),
                 highest = e.highest,
-                "predicted failure not seen in {} healthy ticks after its warning: a false \
-                 alarm; the threshold is now above its scores",
+                "predicted failure not seen in {} healthy ticks after its warning: taken for a \
+                 false alarm (a breach within the verdict still confirms it); the threshold is \
+                 now above its scores",
                 e.unconfirmed
             );
         }

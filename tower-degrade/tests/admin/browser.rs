@@ -240,7 +240,14 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
         .find(Locator::Css("tr[data-class=\"payment\"] td:nth-child(8)"))
         .await
         .unwrap();
-    assert_eq!(prediction.text().await.unwrap(), "0.05");
+    // Beside it, the threshold it warns at.
+    assert_eq!(prediction.text().await.unwrap(), "0.05 / 0.87");
+    // One out of the model's reach says how far under 1 it is (it read "1.00").
+    let near_one = c
+        .execute("return threshold(0.99999999);", vec![])
+        .await
+        .unwrap();
+    assert_eq!(near_one, serde_json::json!("1 − 1e-8"));
     let record = prediction.attr("title").await.unwrap().unwrap_or_default();
     assert_eq!(
         record,
