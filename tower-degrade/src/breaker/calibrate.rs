@@ -155,9 +155,12 @@ pub(crate) struct Calibrator {
     /// After the first fit: the tail's start (logit), the excesses over it, their sum and sum
     /// of squares, and the healthy ticks seen.
     tail: Option<Tail>,
-    /// Healthy scores still to learn before a restored calibration holds its threshold
+    /// Healthy scores still to pass before a restored calibration holds its threshold
     /// ([`RESTORED_SETTLE_TICKS`](super::RESTORED_SETTLE_TICKS); 0 for a new one).
     settle: u32,
+    /// Healthy scores a restored calibration with a fitted tail still passes without learning
+    /// them ([`RESTORED_UNLEARNT_TICKS`](super::RESTORED_UNLEARNT_TICKS); 0 for a new one).
+    unlearnt: u32,
 }
 
 /// What a calibration has learnt, as [`Calibrations`](super::Calibrations) saves it: the
@@ -272,10 +275,13 @@ struct Tail {
     usual: f64,
     /// The threshold in force (logit): the fit, or a false alarm's floor above it.
     threshold: f64,
-    /// The least threshold (logit) a false alarm set, and the healthy tick (`seen`) it holds
-    /// until: the level the model misread does not trip the class again meanwhile, while
-    /// its scores, learnt, lift the fit if it lasts.
+    /// The least threshold (logit) a false alarm set, and the healthy tick (`passed`) it
+    /// holds until: the level the model misread does not trip the class again meanwhile,
+    /// while its scores, learnt, lift the fit if it lasts.
     floor: Option<(f64, u64)>,
+    /// Healthy ticks passed: `seen`, and those a restored calibration passes without learning
+    /// them. A floor's hour runs on it; the budget's rate on `seen` alone.
+    passed: u64,
 }
 
 impl Calibrator {
@@ -291,12 +297,15 @@ impl Calibrator {
             init: Vec::new(),
             tail: None,
             settle: 0,
+            unlearnt: 0,
         }
     }
 
     /// A calibration that starts where `learnt` left off (checked: [`Learnt::check`]), with
     /// these settings and tick, and reports only for its first
-    /// [`RESTORED_SETTLE_TICKS`](super::RESTORED_SETTLE_TICKS) healthy scores.
+    /// [`RESTORED_SETTLE_TICKS`](super::RESTORED_SETTLE_TICKS) healthy scores, which it does
+    /// not learn; a fitted one learns none of its first
+    /// [`RESTORED_UNLEARNT_TICKS`](super::RESTORED_UNLEARNT_TICKS).
     pub(crate) fn restored(c: &Calibration, tick: Duration, learnt: Learnt) -> Self {
         let mut cal = Self::new(c, tick);
         cal.settle = super::RESTORED_SETTLE_TICKS;
@@ -325,6 +334,7 @@ impl Calibrator {
                     floor: f
                         .floor
                         .map(|(x, until)| (x, until.min(f.seen.saturating_add(cal.hold)))),
+                    passed: f.seen,
                 };
                 for e in f.peaks {
                     tail.push(e);
@@ -333,6 +343,9 @@ impl Calibrator {
                 tail.refit(cal.risk);
                 cal.tail = Some(tail);
             }
+        }
+        if cal.tail.is_some() {
+            cal.unlearnt = super::RESTORED_UNLEARNT_TICKS;
         }
         cal
     }
@@ -349,7 +362,10 @@ impl Calibrator {
                 over: t.over,
                 runs: t.runs,
                 was_over: t.was_over,
-                floor: t.floor,
+                // Saved as the healthy tick `seen` it holds until.
+                floor: t
+                    .floor
+                    .map(|(x, until)| (x, t.seen.saturating_add(until.saturating_sub(t.passed)))),
             }),
         }
     }
@@ -361,7 +377,10 @@ impl Calibrator {
             None => self.warm_up.saturating_sub(self.init.len()),
             Some(_) => 0,
         };
-        let left = u32::try_from(warming).unwrap_or(u32::MAX).max(self.settle);
+        // A restored warm-up goes on once it has settled.
+        let left = u32::try_from(warming)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.settle);
         (left > 0).then_some(left)
     }
 
@@ -414,7 +433,7 @@ impl Calibrator {
     pub(crate) fn false_alarm(&mut self, highest: f64) {
         if let (Some(t), true) = (&mut self.tail, highest.is_finite()) {
             let floor = logit(highest) + FALSE_ALARM_MARGIN;
-            t.floor = Some((floor, t.seen + self.hold));
+            t.floor = Some((floor, t.passed + self.hold));
             t.hold_floor();
         }
     }
@@ -451,12 +470,18 @@ impl Calibrator {
         if !p.is_finite() {
             return;
         }
+        // A restored calibration's first scores are read against the predictor's history of
+        // the class as it fills again after the restart: a long baseline that has not yet
+        // seen the class's rarer healthy ticks reads one as far out. Passed, not learnt.
+        if self.settle > 0 || self.unlearnt > 0 {
+            self.settle = self.settle.saturating_sub(1);
+            self.unlearnt = self.unlearnt.saturating_sub(1);
+            if let Some(t) = &mut self.tail {
+                t.pass();
+            }
+            return;
+        }
         let x = logit(p);
-        // A restored calibration's settling scores are read against the predictor's history
-        // of the class as it fills again after the restart (a long baseline that has not yet
-        // seen the class's rarer healthy ticks reads one as far out): learnt as an echo's.
-        let echo = echo || self.settle > 0;
-        self.settle = self.settle.saturating_sub(1);
         match &mut self.tail {
             None => {
                 self.init.push(x);
@@ -496,6 +521,7 @@ impl Tail {
             sum: 0.0,
             sum_sq: 0.0,
             seen: init.len() as u64,
+            passed: init.len() as u64,
             exceeded: 0,
             over: 0,
             runs: 0,
@@ -548,8 +574,15 @@ impl Tail {
         (self.runs as f64 / self.over as f64).clamp(MIN_THETA, 1.0)
     }
 
+    /// A healthy tick passed without learning its score: a floor's hour runs on.
+    fn pass(&mut self) {
+        self.passed += 1;
+        self.hold_floor();
+    }
+
     fn observe(&mut self, x: f64, risk: f64) {
         self.seen += 1;
+        self.passed += 1;
         self.count_run(x);
         // Every healthy score over the tail's start is the tail's, those past the threshold
         // too: they are how often a healthy tick crosses it, what the budget counts. Left out
@@ -607,7 +640,7 @@ impl Tail {
 
     /// The threshold in force: the fit, no lower than a false alarm's floor while it holds.
     fn hold_floor(&mut self) {
-        if self.floor.is_some_and(|(_, until)| self.seen >= until) {
+        if self.floor.is_some_and(|(_, until)| self.passed >= until) {
             self.floor = None;
         }
         self.threshold = match self.floor {
@@ -663,6 +696,7 @@ mod tests {
         // Past the first 2,048 excesses, so that the oldest have been let go.
         let (mut c, mut seed) = calibrated(-3.0, 150_000);
         c.false_alarm(0.97);
+        let had = c.threshold().unwrap();
         let mut r = restore(&c, &Calibration::default());
         let settle = super::super::RESTORED_SETTLE_TICKS;
         for i in 0..settle {
@@ -670,22 +704,36 @@ mod tests {
             assert_eq!(r.left(), Some(settle - i));
             assert!(!r.exceeds(0.999_999));
             let p = healthy(&mut seed, -3.0);
-            // A settling score is learnt as an echo's (no higher than the tail's start).
-            c.observe_echo(p);
+            c.observe(p);
             r.observe(p);
         }
-        let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
-        assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
-        // The false alarm's floor came along: the threshold is above its score.
-        assert!(b > 0.97, "{b}");
+        // The threshold it had, the false alarm's floor with it: above its score.
+        assert_eq!(r.left(), None);
+        assert_eq!(r.threshold(), Some(had));
+        assert!(had > 0.97, "{had}");
+        // Passed, not learnt, until the long baseline is whole again; then learnt as the
+        // uninterrupted calibration learns them, and the floor's hour ran meanwhile.
+        for _ in settle..super::super::RESTORED_UNLEARNT_TICKS {
+            let p = healthy(&mut seed, -3.0);
+            c.observe(p);
+            r.observe(p);
+            assert_eq!(r.threshold(), Some(had));
+        }
         for _ in 0..20_000 {
             let p = healthy(&mut seed, -3.0);
             c.observe(p);
             r.observe(p);
         }
         let (a, b) = (c.threshold().unwrap(), r.threshold().unwrap());
-        assert!((a - b).abs() < 1e-12, "{a} restored as {b}");
+        assert!((logit(a) - logit(b)).abs() < 0.05, "{a} restored as {b}");
         assert!(b < 0.97, "the floor's hour is over: {b}");
+        let (Learnt::Fitted(fc), Learnt::Fitted(fr)) = (c.learnt(), r.learnt()) else {
+            panic!("fitted")
+        };
+        assert_eq!(
+            fr.seen + u64::from(super::super::RESTORED_UNLEARNT_TICKS),
+            fc.seen
+        );
     }
 
     #[test]
@@ -733,6 +781,13 @@ mod tests {
     fn a_restored_warm_up_goes_on_from_where_it_was() {
         let (mut c, mut seed) = calibrated(-3.0, 1_000);
         let mut r = restore(&c, &Calibration::default());
+        // Its settling scores are passed, not learnt: then the warm-up goes on.
+        let settle = super::super::RESTORED_SETTLE_TICKS;
+        assert_eq!(r.left(), Some(2_600 + settle));
+        for _ in 0..settle {
+            r.observe(healthy(&mut seed, -3.0));
+        }
+        assert_eq!(r.left(), Some(2_600));
         for _ in 0..2_600 {
             let p = healthy(&mut seed, -3.0);
             c.observe(p);

@@ -641,6 +641,10 @@ mod tests {
                 Duration::from_millis(500),
                 learnt.clone(),
             );
+            // Past the scores a restored calibration passes without learning them.
+            for _ in 0..super::super::RESTORED_UNLEARNT_TICKS {
+                cal.observe(0.2);
+            }
             for p in [0.01, 0.5, 0.999_999, 1.0, 0.0, 0.2] {
                 cal.observe(p);
                 let _ = (cal.threshold(), cal.exceeds(p), cal.beyond_reach());

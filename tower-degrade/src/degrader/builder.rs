@@ -160,9 +160,11 @@ impl DegraderBuilder {
     /// [`Degrader::calibrations`] in an earlier process, through [`Calibrations::save`] and
     /// [`Calibrations::load`]) rather than warm up again: a restored class reports only for
     /// its first [`RESTORED_SETTLE_TICKS`](crate::breaker::RESTORED_SETTLE_TICKS) healthy
-    /// scores, while the predictor's window of it and its long baseline fill, in place of the
-    /// warm-up's 3,600. Its
-    /// settings are this build's (a new false-trip budget applies at once).
+    /// scores, while the predictor's window of it fills, in place of the warm-up's 3,600, and
+    /// learns none of its first
+    /// [`RESTORED_UNLEARNT_TICKS`](crate::breaker::RESTORED_UNLEARNT_TICKS), while the
+    /// predictor's long baseline of it fills. Its settings are this build's (a new
+    /// false-trip budget applies at once).
     ///
     /// Nothing is restored, with a warning, where `saved` was learnt by another service, at
     /// another tick or from another predictor ([`Predictor::fingerprint`]): the scores it learnt are not those the

@@ -172,6 +172,7 @@ impl Degrader {
     /// warm-up: 3,600 by default; a fitted one's, at most 2,048 excesses), never the request
     /// path. Save it before the process ends, and now and then (a crash saves
     /// nothing).
+    ///
     /// A build without a predictor gives no class (nothing learnt, and
     /// [`save`](crate::breaker::Calibrations::save) refuses it rather than write empty
     /// warm-ups over a file another build learnt).
