@@ -240,10 +240,25 @@ fn open(dir: &Path, class: &str, tick: Duration) -> Result<Recording, Error> {
             file.set_len(0).map_err(io)?;
             len = 0;
         } else if first != head.as_bytes() {
+            // What is there: its first line, at most 512 bytes more than the header's.
+            let mut line = Vec::new();
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            (&mut file)
+                .take(head.len() as u64 + 512)
+                .read_to_end(&mut line)
+                .map_err(io)?;
+            let found = String::from_utf8_lossy(&line);
+            let found = found.split('\n').next().unwrap_or_default();
+            let split = if found.split(',').any(|c| c == "split") {
+                " (a `split` column: the training tools' `traces.py split` wrote it)"
+            } else {
+                ""
+            };
             return refuse(format!(
-                "it is there and not a recording of these columns (expected the header `{}`): \
-                 move it aside, or record into another directory",
-                header()
+                "it is there and not a recording of these columns (expected the header `{}`, \
+                 found `{}`{split}): move it aside, or record into another directory",
+                header(),
+                found.escape_debug()
             ));
         } else {
             // The header ends in a newline, so there is a last one: the end of the last whole
@@ -611,10 +626,18 @@ mod tests {
         let mut rec = Recorder::new(&dir, Duration::from_millis(500)).unwrap();
         let err = rec.warm_up(&["a"]).unwrap_err().to_string();
         assert!(
-            err.contains("a.csv") && err.contains("move it aside"),
+            err.contains("a.csv")
+                && err.contains("found `time_s,p99`")
+                && err.contains("move it aside"),
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "time_s,p99\n0,1\n");
+        // One the training tools split: said so.
+        let split = format!("{},split\n", header());
+        std::fs::write(&path, &split).unwrap();
+        let mut rec = Recorder::new(&dir, Duration::from_millis(500)).unwrap();
+        let err = rec.warm_up(&["a"]).unwrap_err().to_string();
+        assert!(err.contains("`traces.py split` wrote it"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -20,6 +20,7 @@ classical detector with a threshold to tune, beside it (`calibrated_name`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -272,6 +273,26 @@ def unarmed_note(name: str, traces, armed: list) -> str | None:
             "warned or false, on those series")
 
 
+def late_armed_note(name: str, traces, armed: list) -> str | None:
+    """What a dataset's default row does not say either: on how many series the calibrated
+    threshold first held after the test part began, and how many test incidents came before
+    it did (the row counts no warning of those, however the model scored them)."""
+    late = [(tr, a) for tr, a in zip(traces, armed)
+            if tr.test_from < tr.T and a is not None and a > tr.test_from]
+    if not late:
+        return None
+    tested = never_armed(traces, armed)[0]
+    before = sum(sum(1 for s, _ in tr.events if tr.test_from <= s < a) for tr, a in late)
+    shown = ", ".join(f"{tr.name}: from step {a:,}, its test part from {tr.test_from:,}"
+                      for tr, a in late[:3])
+    first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
+    return (f"evaluate.py: {name}: the breaker's default first held after the test part began on "
+            f"{len(late)} of {len(tested)} series with test data ({shown}{', ...' if len(late) > 3 else ''}): "
+            f"{before} test incident(s) came before it held, which its row counts as not warned of; "
+            f"its first fit needs at least {first:,} healthy steps: give the series a longer part "
+            "before the test part")
+
+
 # ------------------------------------------------------------------ protocol over parts
 def _part(tr: Trace, part: str):
     """(end, eval_from) of the validation or test part."""
@@ -452,9 +473,9 @@ def evaluate_dataset(name, traces, detectors, val_traces=None, val_scores=None, 
             # The default: a threshold each series calibrates from its own healthy steps.
             armed = []
             cal = [calibrated_alarms(tr, sc, armed) for tr, sc in zip(traces, scores[d])]
-            said = unarmed_note(name, traces, armed)
-            if said:
-                note(said)
+            for said in (unarmed_note(name, traces, armed), late_armed_note(name, traces, armed)):
+                if said:
+                    note(said)
             never = never_armed(traces, armed)[1]  # for the per-file rows
             out += default_rows(name, traces, cal, AS_DEFAULT, armed, out, "model")
     # Every classical detector with a threshold to tune, under the default's rule: its own
@@ -760,7 +781,9 @@ def main():
 
     names = list(dict.fromkeys(r["dataset"] for r in rows))
     head = {n: headline_horizon(next(r["step_seconds"] for r in rows if r["dataset"] == n)) for n in names}
-    md = [f"# Early-warning evaluation\n\nModel: `{os.path.basename(a.model)}`. Headline: H = 20 steps "
+    with open(a.model, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    md = [f"# Early-warning evaluation\n\nModel: `{a.model}` (sha256 {digest}…). Headline: H = 20 steps "
           f"on traces whose steps are under {MINUTE_SCALE:g} s (10 s at the 500 ms tick), H = 6 steps on longer "
           "ones (the public data's minutes); k = 1; thresholds chosen on validation for at most 1 "
           "false trip per day.\n"]
@@ -780,9 +803,11 @@ def main():
                     if (H, k, b) != (head[n], 1, 1.0):
                         md.append(table(rows, n, H, k, b))
     text = "\n".join(md)
-    print(text)
     if a.out:
         open(a.out, "w").write(text)
+        print(f"evaluate.py: wrote {a.out}", file=sys.stderr)
+    else:
+        print(text)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1, default=float)
 

@@ -343,6 +343,12 @@ class Traces(unittest.TestCase):
                                                     r"\(10 values cannot be read in all, in lines 2-11: "
                                                     r"divide the column by 100\)$"):
                 read_csv(self.write(d, [self.row(t, success="97.5") for t in range(10)]))
+            # A label of words on every row: the column is converted, not its rows dropped.
+            rows = [self.row(t, label="false") for t in range(10)]
+            with self.assertRaisesRegex(ValueError, r"t.csv:2: column label: .*\(10 values cannot be read in "
+                                                    r"all, in lines 2-11: every row's: the column is in "
+                                                    r"another format, convert it\)$"):
+                read_csv(self.write(d, rows))
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column time_s: not a number: '2024-11-04T00:00:00Z' "
                                                     r"\(time_s is seconds as a number, e.g. Unix epoch seconds"):
                 read_csv(self.write(d, ["2024-11-04T00:00:00Z" + self.row(0)[1:]]))
@@ -559,6 +565,13 @@ class Traces(unittest.TestCase):
         self.assertTrue(said.startswith("evaluate.py: svc: the breaker's default never armed on 1 of 2 "
                                         "series with test data (b): its first fit needs at least 2,500 healthy "
                                         "steps after a series' first 67, each learnt 40 steps later"), said)
+        # Armed, but after its test part began: the incidents before are no warning.
+        late = [Trace("a", "x", X, [(5, 6), (9, 9)], 60.0, None, 2, 4)]
+        self.assertIsNone(evaluate.late_armed_note("svc", late, [4]))
+        said = evaluate.late_armed_note("svc", late, [7])
+        self.assertTrue(said.startswith("evaluate.py: svc: the breaker's default first held after the "
+                                        "test part began on 1 of 1 series with test data (a: from step 7, "
+                                        "its test part from 4): 1 test incident(s) came before it held"), said)
 
     def test_the_calibrated_rule_scores_a_series_of_one_or_two_steps(self):
         import evaluate

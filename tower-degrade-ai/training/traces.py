@@ -287,7 +287,10 @@ def _refusal(path: str, refused: list, whole: bool) -> ValueError:
     more = ""
     if len(refused) > 1:
         # Percentages are refused on every row: they are to be divided, not dropped.
+        every = (whole and line <= 2 and all(c == col for _, c, _ in refused)
+                 and refused[-1][0] - line + 1 == len(refused))
         fix = ("divide the column by 100" if "not a percentage" in why
+               else "every row's: the column is in another format, convert it" if every
                else "fill them in or drop their rows")
         more = (f" ({'' if whole else 'at least '}{len(refused)} values cannot be read in all, in "
                 f"lines {line}-{refused[-1][0]}{'' if whole else ' and on'}: {fix})")

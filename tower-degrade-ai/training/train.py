@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import time
 
@@ -325,6 +326,14 @@ def main():
     info = fit(traces, a.out, a.seed, a.epochs, a.hard_negatives, public_data=bool(a.data),
                arch=a.arch, balance=a.balance, own_traces=tuple(a.traces))
     print(json.dumps(info))
+    # The validation AUPRC above is pooled over every dataset trained on: it says little of a
+    # service of yours. What does is the early-warning report.
+    traced = "".join(f" --traces {d}" for d in a.traces)
+    print(f"train.py: wrote {a.out}; next, score it on your traces beside the classical detectors "
+          f"(and the shipped model, scored the same way): python evaluate.py --model {a.out}{traced} "
+          "--traces-only --out report.md" if a.traces else
+          f"train.py: wrote {a.out}; next, score it: python evaluate.py --model {a.out} "
+          "--data PUBLIC_TRACES --out report.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
