@@ -291,6 +291,18 @@ class Traces(unittest.TestCase):
                 f.write("time_s,rate_ratio\n0,1\n")
             with self.assertRaisesRegex(ValueError, r"bad.csv:1: missing column\(s\) success_rate"):
                 read_csv(p)
+            # A name with units after it, and an export of other columns altogether.
+            with open(p, "w") as f:
+                f.write("time_s," + ",".join(FEATURES).replace("p99_over_sla", "p99_over_sla (ratio)") + "\n0"
+                        + ",1" * len(FEATURES) + "\n")
+            with self.assertRaisesRegex(ValueError, r"bad.csv:1: missing column\(s\) p99_over_sla \(found "
+                                                    r"'p99_over_sla \(ratio\)' for p99_over_sla: name the column "
+                                                    r"exactly\)$"):
+                read_csv(p)
+            with open(p, "w") as f:
+                f.write("timestamp,latency_ms,errors\n0,1,2\n")
+            with self.assertRaisesRegex(ValueError, r"missing column\(s\) rate_ratio, .*computed into these"):
+                read_csv(p)
 
     def write(self, d, lines, header=None):
         p = os.path.join(d, "t.csv")

@@ -420,7 +420,13 @@ def _check_header(path: str, header: list, at: int) -> None:
     lower = {h.lower(): h for h in header}
     other = [lower[c] for c in missing if c in lower]
     case = f" (names are lower case: found {', '.join(other)})" if other else ""
-    raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}")
+    # A name with more to it (units, a suffix: `p99_over_sla (ratio)`): the name alone is read.
+    near = [f"{h!r} for {c}" for c in missing if c not in lower
+            for h in header if h.strip().lower().startswith(c) and h.strip().lower() != c]
+    near = f" (found {', '.join(near)}: name the column exactly)" if near else ""
+    mapping = (" (a monitoring export's columns are computed into these: docs/predictor.md, "
+               "*Retraining on your own traces*, step 1)" if len(missing) == len(FEATURES) else "")
+    raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}{near}{mapping}")
 
 
 def check_rows(path: str) -> int:
