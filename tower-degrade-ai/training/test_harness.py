@@ -355,6 +355,10 @@ class Traces(unittest.TestCase):
                                                     r"\(10 values cannot be read in all, in lines 2-11: "
                                                     r"divide the column by 100\)$"):
                 read_csv(self.write(d, [self.row(t, success="97.5") for t in range(10)]))
+            # Words on some rows only: those are filled in or dropped.
+            rows = [self.row(t, label="false" if t < 3 else "0") for t in range(10)]
+            with self.assertRaisesRegex(ValueError, r"fill them in or drop their rows\)$"):
+                read_csv(self.write(d, rows))
             # A label of words on every row: the column is converted, not its rows dropped.
             rows = [self.row(t, label="false") for t in range(10)]
             with self.assertRaisesRegex(ValueError, r"t.csv:2: column label: .*\(10 values cannot be read in "
@@ -578,11 +582,14 @@ class Traces(unittest.TestCase):
                                         "series with test data (b): its first fit needs at least 2,500 healthy "
                                         "steps after a series' first 67, each learnt 40 steps later"), said)
         # Armed, but after its test part began: the incidents before are no warning.
-        late = [Trace("a", "x", X, [(5, 6), (9, 9)], 60.0, None, 2, 4)]
+        # (At minute steps the protocol counts the test incidents from 6 steps into the part:
+        # that at 5 is none; that at 14 starts where the threshold first held, too late.)
+        Y = np.zeros((30, 8), np.float32)
+        late = [Trace("a", "x", Y, [(5, 6), (14, 15), (20, 21)], 60.0, None, 2, 4)]
         self.assertIsNone(evaluate.late_armed_note("svc", late, [4]))
-        said = evaluate.late_armed_note("svc", late, [7])
+        said = evaluate.late_armed_note("svc", late, [14])
         self.assertTrue(said.startswith("evaluate.py: svc: the breaker's default first held after the "
-                                        "test part began on 1 of 1 series with test data (a: from step 7, "
+                                        "test part began on 1 of 1 series with test data (a: from step 14, "
                                         "its test part from 4): 1 test incident(s) came before it held"), said)
 
     def test_the_calibrated_rule_scores_a_series_of_one_or_two_steps(self):

@@ -276,9 +276,10 @@ def _column(lines: list, values: list, col: str) -> tuple:
     return np.array(out, dtype=float if ok is not None else np.int8), []
 
 
-def _refusal(path: str, refused: list, whole: bool) -> ValueError:
+def _refusal(path: str, refused: list, whole: bool, rows: int = 0) -> ValueError:
     """The error for a file's refused values, (line, column, why) each: the first by line, and
-    how many there are (`whole`: in the whole file, else in the part read)."""
+    how many there are (`whole`: in the whole file, else in the part read; `rows`: the rows
+    read)."""
     refused.sort()
     line, col, why = refused[0]
     if why == OWN_NAME:
@@ -287,8 +288,7 @@ def _refusal(path: str, refused: list, whole: bool) -> ValueError:
     more = ""
     if len(refused) > 1:
         # Percentages are refused on every row: they are to be divided, not dropped.
-        every = (whole and line <= 2 and all(c == col for _, c, _ in refused)
-                 and refused[-1][0] - line + 1 == len(refused))
+        every = whole and len(refused) == rows and all(c == col for _, c, _ in refused)
         fix = ("divide the column by 100" if "not a percentage" in why
                else "every row's: the column is in another format, convert it" if every
                else "fill them in or drop their rows")
@@ -425,7 +425,7 @@ def _check_header(path: str, header: list, at: int) -> None:
             for h in header if h.strip().lower().startswith(c) and h.strip().lower() != c]
     near = f" (found {', '.join(near)}: name the column exactly)" if near else ""
     mapping = (" (a monitoring export's columns are computed into these: docs/predictor.md, "
-               "*Retraining on your own traces*, step 1)" if len(missing) == len(FEATURES) else "")
+               "*Retraining on your own traces*, step 1)" if len(missing) == len(FEATURES) and not other else "")
     raise ValueError(f"{path}:{at}: missing column(s) {', '.join(missing)}{case}{near}{mapping}")
 
 
@@ -467,7 +467,7 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
                 whole = False
                 break
         if refused:
-            raise _refusal(path, refused, whole)
+            raise _refusal(path, refused, whole, sum(len(p) for p in line_parts))
     line_of = np.concatenate(line_parts)
     col = {c: np.concatenate(v) for c, v in parts.items()}
     X = np.stack([col[c] for c in FEATURES], axis=1)

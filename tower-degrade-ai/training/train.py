@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import os
 import time
@@ -328,12 +329,14 @@ def main():
     print(json.dumps(info))
     # The validation AUPRC above is pooled over every dataset trained on: it says little of a
     # service of yours. What does is the early-warning report.
-    traced = "".join(f" --traces {d}" for d in a.traces)
+    out = shlex.quote(a.out)
+    traced = "".join(f" --traces {shlex.quote(d)}" for d in a.traces)
+    data = f" --data {shlex.quote(a.data)}" if a.data else ""
     print(f"train.py: wrote {a.out}; next, score it on your traces beside the classical detectors "
-          f"(and the shipped model, scored the same way): python evaluate.py --model {a.out}{traced} "
+          f"(and the shipped model, scored the same way): python evaluate.py --model {out}{traced} "
           "--traces-only --out report.md" if a.traces else
-          f"train.py: wrote {a.out}; next, score it: python evaluate.py --model {a.out} "
-          "--data PUBLIC_TRACES --out report.md", file=sys.stderr)
+          f"train.py: wrote {a.out}; next, score it: python evaluate.py --model {out}{data} "
+          "--out report.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -370,8 +370,8 @@ impl Calibrator {
         }
     }
 
-    /// Healthy scores still to learn before the threshold holds (the warm-up's, or a restored
-    /// calibration's settling); `None` once it holds.
+    /// Healthy scores still to come before the threshold holds (the warm-up's, learnt, and a
+    /// restored calibration's settling, passed); `None` once it holds.
     pub(crate) fn left(&self) -> Option<u32> {
         let warming = match &self.tail {
             None => self.warm_up.saturating_sub(self.init.len()),
@@ -757,6 +757,30 @@ mod tests {
                 .check()
                 .unwrap_or_else(|e| panic!("centre {centre}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_floor_saved_while_restored_scores_pass_unlearnt_keeps_its_time() {
+        // The floor's hour runs on every healthy tick, learnt or passed; saved, it is told in
+        // the ticks learnt (`seen`), and restored again it ends on the same healthy tick.
+        let (mut c, mut seed) = calibrated(-3.0, 20_000);
+        c.false_alarm(0.97);
+        let hold = c.hold;
+        let mut r = restore(&c, &Calibration::default());
+        for _ in 0..1_000 {
+            r.observe(healthy(&mut seed, -3.0));
+        }
+        let Learnt::Fitted(f) = r.learnt() else {
+            panic!("fitted")
+        };
+        assert_eq!(f.floor.unwrap().1, f.seen + hold - 1_000);
+        let mut again = restore(&r, &Calibration::default());
+        for _ in 0..hold - 1_001 {
+            again.observe(healthy(&mut seed, -3.0));
+        }
+        assert!(again.threshold().unwrap() > 0.97, "{:?}", again.threshold());
+        again.observe(healthy(&mut seed, -3.0));
+        assert!(again.threshold().unwrap() < 0.97, "{:?}", again.threshold());
     }
 
     #[test]

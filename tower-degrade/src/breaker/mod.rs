@@ -183,11 +183,15 @@ pub const RESTORED_SETTLE_TICKS: u32 = 512;
 
 /// Healthy scores a restored calibration with a fitted tail passes without learning them,
 /// its [`RESTORED_SETTLE_TICKS`] included: the long baseline of the bundled predictors (its
-/// last 4,096 healthy ticks, 34 minutes at the 500 ms tick) fills again after the restart,
+/// last 4,096 healthy ticks, 34 minutes at the 500 ms tick with calls on every tick; longer
+/// where ticks pass with no call, which teach nothing) fills again after the restart,
 /// and until it holds the class's rarer healthy ticks (one call more in flight now and then)
 /// it reads one as far out. Learnt, such scores lifted a restored threshold out of the
-/// model's reach (0.13 to 0.89 in `a_restored_calibration_keeps_its_threshold_through_the_young_baseline_of_a_restart`;
-/// a user's trial, 0.115 to 0.99999999), and the next save kept them. Meanwhile the
+/// model's reach (0.13 to 0.89 by the restart's 1,200th tick in
+/// `a_restored_calibration_keeps_its_threshold_through_the_young_baseline_of_a_restart`, run
+/// on the code before; a user's trial, 0.115 to 0.99999999), and the next save kept them.
+/// That test's blips are taken in by the baseline within the settling; rarer ones (near one
+/// tick in 100) take it longer, which the 4,096 are for. Meanwhile the
 /// restored threshold holds, and a false alarm's floor runs its hour as before.
 pub const RESTORED_UNLEARNT_TICKS: u32 = 4_096;
 
@@ -340,8 +344,8 @@ impl Breaker {
         self
     }
 
-    /// Healthy scores its calibrated threshold still learns before it holds (the warm-up's,
-    /// or a restored calibration's settling); `None` once it holds, or with a fixed one.
+    /// Healthy scores still to come before its calibrated threshold holds (the warm-up's, or
+    /// a restored calibration's settling); `None` once it holds, or with a fixed one.
     pub fn calibration_left(&self) -> Option<u32> {
         self.calibrator.as_ref()?.left()
     }

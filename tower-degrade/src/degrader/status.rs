@@ -119,13 +119,14 @@ pub struct ClassStatus {
     /// far above the rest lifted the fitted tail until newer ones replace them, and it cannot
     /// warn of the class meanwhile (logged once as a warning).
     pub prediction_threshold: Option<f64>,
-    /// A predictor is attached and the class is still learning its healthy scores: the
-    /// predictor only reports, it does not degrade the class.
+    /// A predictor is attached and the class's threshold does not hold yet (it is warming
+    /// up, or a restored calibration settles): the predictor only reports, it does not
+    /// degrade the class.
     pub calibrating: bool,
-    /// While [`calibrating`](Self::calibrating): the healthy scores the class still learns
-    /// before its threshold holds (the warm-up's, or the settling of a calibration restored
-    /// with [`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations)),
-    /// each learnt 40 healthy ticks after its own.
+    /// While [`calibrating`](Self::calibrating): the healthy scores still to come before its
+    /// threshold holds (the warm-up's, learnt, or the settling of a calibration restored with
+    /// [`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations),
+    /// passed unlearnt), each taken 40 healthy ticks after its own.
     pub calibration_left: Option<u32>,
     /// With a predictor attached: how the class's predictions turned out so far (warnings
     /// confirmed, false alarms, breaches missed, the last lead).

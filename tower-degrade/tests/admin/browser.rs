@@ -247,14 +247,17 @@ async fn the_status_page_in_a_browser_shows_a_class_opening_and_its_buttons_need
         .execute("return threshold(0.99999999);", vec![])
         .await
         .unwrap();
-    assert_eq!(near_one, serde_json::json!("1 − 1e-8"));
+    assert_eq!(near_one, serde_json::json!("1 − 1e-8 (out of reach)"));
     let shown = c
-        .execute("return [1, 0.995, 0.99, 0.004].map(threshold);", vec![])
+        .execute(
+            "return [1, 0.9999, 0.995, 0.99, 0.004].map(threshold);",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(
         shown,
-        serde_json::json!(["1 (out of reach)", "0.995", "0.99", "0.0040"])
+        serde_json::json!(["1 (out of reach)", "1 − 1e-4", "0.995", "0.99", "0.0040"])
     );
     let record = prediction.attr("title").await.unwrap().unwrap_or_default();
     assert_eq!(

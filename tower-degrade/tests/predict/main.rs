@@ -858,7 +858,7 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
         Some(tower_degrade::breaker::RESTORED_SETTLE_TICKS)
     );
     assert_eq!(left(&fresh), Some(2_500), "the shortest warm-up");
-    // (A restored calibration learns RESTORED_SETTLE_TICKS healthy scores, each
+    // (A restored calibration passes RESTORED_SETTLE_TICKS healthy scores, each
     // FALSE_ALARM_TICKS after its own; the filling ticks carried no calls.)
     healthy(&e, 600).await;
     healthy(&fresh, 600).await;
