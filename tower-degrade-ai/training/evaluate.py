@@ -259,16 +259,25 @@ def armed_on_none(r: dict) -> bool:
     return r.get("series", 0) > 0 and r.get("unarmed") == r["series"]
 
 
+# The fewest healthy steps the calibrated threshold's first fit takes (calibrate.MIN_PEAKS
+# excesses over the 98th percentile).
+FIRST_FIT = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
+
+
+def _some(items: list) -> str:
+    """The first three of `items`, and "..." where there are more."""
+    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+
+
 def unarmed_note(name: str, traces, armed: list) -> str | None:
     """What a dataset's default row does not say: on how many series the calibrated threshold
     never held (never_armed), where that row counts no alarm at all."""
     tested, never = never_armed(traces, armed)
     if not never:
         return None
-    first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
     return (f"evaluate.py: {name}: the breaker's default never armed on {len(never)} of "
-            f"{len(tested)} series with test data ({', '.join(never[:3])}{', ...' if len(never) > 3 else ''}): "
-            f"its first fit needs at least {first:,} healthy steps after a series' first {calibrate.UNUSED_STEPS}, "
+            f"{len(tested)} series with test data ({_some(never)}): "
+            f"its first fit needs at least {FIRST_FIT:,} healthy steps after a series' first {calibrate.UNUSED_STEPS}, "
             f"each learnt {calibrate.FALSE_ALARM_TICKS} steps later, and its row counts no alarm, "
             "warned or false, on those series")
 
@@ -287,13 +296,11 @@ def late_armed_note(name: str, traces, armed: list) -> str | None:
     before = sum(sum(1 for s, _ in tr.events
                      if tr.test_from + headline_horizon(tr.step_seconds) <= s <= a)
                  for tr, a in late)
-    shown = ", ".join(f"{tr.name}: from step {a:,}, its test part from {tr.test_from:,}"
-                      for tr, a in late[:3])
-    first = math.ceil(calibrate.MIN_PEAKS / (1 - calibrate.TAIL_QUANTILE))
+    shown = _some([f"{tr.name}: from step {a:,}, its test part from {tr.test_from:,}" for tr, a in late])
     return (f"evaluate.py: {name}: the breaker's default first held after the test part began on "
-            f"{len(late)} of {len(tested)} series with test data ({shown}{', ...' if len(late) > 3 else ''}): "
+            f"{len(late)} of {len(tested)} series with test data ({shown}): "
             f"{before} test incident(s) came before it held, which its row counts as not warned of; "
-            f"its first fit needs at least {first:,} healthy steps: give the series a longer part "
+            f"its first fit needs at least {FIRST_FIT:,} healthy steps: give the series a longer part "
             "before the test part")
 
 
