@@ -177,17 +177,19 @@ impl Degrader {
     /// [`save`](crate::breaker::Calibrations::save) refuses it rather than write empty
     /// warm-ups over a file another build learnt).
     pub fn calibrations(&self) -> crate::breaker::Calibrations {
-        let attached = self.shared.predictor.is_attached();
-        let classes = self
-            .shared
-            .registry
-            .iter()
-            .filter(|_| attached)
-            .filter_map(|(id, c)| {
-                let learnt = self.shared.control(id).predicting().learnt()?;
-                Some((c.name().to_owned(), learnt))
-            })
-            .collect();
+        // As the status reads it: without a predictor, no class calibrates.
+        let classes = if self.shared.predictor.is_attached() {
+            self.shared
+                .registry
+                .iter()
+                .filter_map(|(id, c)| {
+                    let learnt = self.shared.control(id).predicting().learnt()?;
+                    Some((c.name().to_owned(), learnt))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         crate::breaker::Calibrations {
             service: self.shared.service.to_string(),
             tick: self.shared.period,
