@@ -366,21 +366,47 @@ fn check_features(session: &Session, path: &Path, takes_baseline: bool) -> Resul
         path: path.to_path_buf(),
         reason: format!("reading its metadata: {e}"),
     })?;
-    if takes_baseline {
-        let declared = metadata.custom(BASELINE_KEY);
-        if declared.as_deref() != Some(BASELINE_VALUE) {
-            return Err(Error::Contract {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "it takes a second input, so its `{BASELINE_KEY}` metadata must be \
-                     `{BASELINE_VALUE}` (the long baseline this runtime feeds); found {}",
-                    declared.map_or("none".to_owned(), |v| format!("`{v}`"))
-                ),
-            });
-        }
+    let baseline = takes_baseline.then(|| metadata.custom(BASELINE_KEY));
+    check_metadata(path, baseline, metadata.custom(FEATURES_KEY))
+}
+
+/// [`check_features`] on the values read: `baseline` is `None` for a model with one input,
+/// else its [`BASELINE_KEY`] entry. Both entries are judged, so that one error names every
+/// entry to mend: a model missing both says so at once.
+fn check_metadata(
+    path: &Path,
+    baseline: Option<Option<String>>,
+    features: Option<String>,
+) -> Result<(), Error> {
+    let found = features.map(|v| parse_features(&v));
+    let features_ok = found.as_ref().is_some_and(|f| f.iter().eq(FEATURES.iter()));
+    if let Some(declared) = baseline
+        && declared.as_deref() != Some(BASELINE_VALUE)
+    {
+        let also = match &found {
+            _ if features_ok => String::new(),
+            None => format!(
+                ". Its `{FEATURES_KEY}` metadata is missing too; a model trained on the \
+                 features [{}] and on the baseline `training/baseline.py` computes is stamped \
+                 with both by `python tower-degrade-ai/training/features.py MODEL.onnx`",
+                FEATURES.join(", ")
+            ),
+            Some(found) => format!(
+                ". Its `{FEATURES_KEY}` metadata names [{}] too, but the predictor feeds [{}]",
+                found.join(", "),
+                FEATURES.join(", ")
+            ),
+        };
+        return Err(Error::Contract {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it takes a second input, so its `{BASELINE_KEY}` metadata must be \
+                 `{BASELINE_VALUE}` (the long baseline this runtime feeds); found {}{also}",
+                declared.map_or("none".to_owned(), |v| format!("`{v}`"))
+            ),
+        });
     }
-    let found = metadata.custom(FEATURES_KEY).map(|v| parse_features(&v));
-    if found.as_ref().is_some_and(|f| f.iter().eq(FEATURES.iter())) {
+    if features_ok {
         return Ok(());
     }
     Err(Error::Features {
@@ -648,5 +674,47 @@ mod tests {
         assert_eq!(parse_features(&FEATURES.join(",")), FEATURES);
         assert_eq!(parse_features(&FEATURES.join(", ")), FEATURES);
         assert_eq!(parse_features("a,,b"), ["a", "", "b"]);
+    }
+
+    #[test]
+    fn one_error_names_every_metadata_entry_to_mend() {
+        let path = Path::new("m.onnx");
+        let features = Some(FEATURES.join(","));
+        let baseline = || Some(Some(BASELINE_VALUE.to_owned()));
+        // One input: only the features are read.
+        assert_eq!(check_metadata(path, None, features.clone()), Ok(()));
+        assert_eq!(check_metadata(path, baseline(), features.clone()), Ok(()));
+        let Err(Error::Features { found: None, .. }) = check_metadata(path, baseline(), None)
+        else {
+            panic!("a missing features entry alone is a Features error")
+        };
+        let reason = |r: Result<(), Error>| match r {
+            Err(Error::Contract { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        // The baseline alone.
+        let alone = reason(check_metadata(path, Some(None), features.clone()));
+        assert!(
+            alone.contains(BASELINE_KEY) && alone.ends_with("found none"),
+            "{alone}"
+        );
+        // Both missing: one error names both, and the command that stamps both.
+        let both = reason(check_metadata(path, Some(None), None));
+        assert!(
+            both.contains(BASELINE_KEY) && both.contains(FEATURES_KEY),
+            "{both}"
+        );
+        assert!(both.contains("training/features.py MODEL.onnx"), "{both}");
+        // Other features: named, and no advice to stamp them over.
+        let other = reason(check_metadata(
+            path,
+            Some(Some("x".into())),
+            Some("a,b".into()),
+        ));
+        assert!(
+            other.contains("found `x`") && other.contains("names [a, b]"),
+            "{other}"
+        );
+        assert!(!other.contains("features.py"), "{other}");
     }
 }
