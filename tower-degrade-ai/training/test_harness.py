@@ -317,10 +317,16 @@ class Traces(unittest.TestCase):
     def test_values_the_features_cannot_hold_are_refused_with_the_line(self):
         with tempfile.TemporaryDirectory() as d:
             for bad, what in (("nan", "not a finite number"), ("inf", "not a finite number"),
-                              ("-5", "negative"), ("1e999", "not a finite number")):
+                              ("-5", "negative"), ("1e999", "not a finite number"),
+                              # what Python's float() reads as another number (25, 3)
+                              ("2_5", "not a number: '2_5'"), ("\u0663", "not a number")):
                 p = self.write(d, [self.row(0), self.row(1, p99=bad), self.row(2)])
                 with self.assertRaisesRegex(ValueError, rf"t.csv:3: column p99_over_sla: {what}"):
                     read_csv(p)
+            # the time too (float("79_0") is 790)
+            p = self.write(d, [self.row(0), self.row("1_0"), self.row(2)])
+            with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: not a number: '1_0'"):
+                read_csv(p)
             # Two exports joined into one file: the second's header is said to be one (a trial
             # read "column time_s: not a number: 'time_s'").
             header = "time_s," + ",".join(FEATURES) + ",label,split"

@@ -183,7 +183,17 @@ CHUNK_ROWS = 1 << 16
 CHUNK_CELLS = 1 << 20
 
 
+def _plain(text: str) -> bool:
+    """Whether `text` holds no character Python's float() reads that a number written in
+    ASCII never has: a `_` between digits (float("2_5") is 25) or another script's digits
+    (float("\u0663") is 3)."""
+    return text.isascii() and "_" not in text
+
+
 def _number(v: str) -> float:
+    if not _plain(v):
+        raise ValueError(f"not a number: {v!r} (a number is written with ASCII digits, a point "
+                         "and an exponent, no `_`)")
     try:
         x = float(v)
     except ValueError:
@@ -257,7 +267,8 @@ def _column(lines: list, values: list, col: str) -> tuple:
     parse, ok = COLUMNS[col]
     if ok is not None:
         try:
-            x = np.array(values, dtype=float)  # float() of each, as _number
+            # float() of each, as _number, which also refuses what _plain does
+            x = np.array(values, dtype=float) if _plain("".join(values)) else None
         except ValueError:
             x = None
         if x is not None and ok(x).all():
