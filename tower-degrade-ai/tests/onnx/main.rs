@@ -1026,6 +1026,11 @@ async fn a_restored_calibration_keeps_its_threshold_through_the_young_baseline_o
         }
         b.build_with_worker().unwrap().0
     };
+    let restored_flag = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.calibration_restored
+    };
     let threshold = |d: &Degrader| {
         let status = d.status();
         let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
@@ -1035,12 +1040,14 @@ async fn a_restored_calibration_keeps_its_threshold_through_the_young_baseline_o
     let fresh = build(None);
     run_with_blips(&fresh, 2_700, 1).await;
     let learnt = threshold(&fresh).0.expect("calibrated");
+    assert!(!restored_flag(&fresh), "warmed up in this process");
     assert!(learnt < 0.9, "within reach: {learnt}");
     let saved = fresh.calibrations();
     fresh.shutdown();
     // The restarted process's blips start once the model's window is whole, and its young
     // baseline reads them far over the threshold learnt.
     let restored = build(Some(saved));
+    assert!(restored_flag(&restored), "the status says it was restored");
     let highest = run_with_blips(&restored, 1_200, 100).await;
     eprintln!("the restart's highest prediction {highest}, against {learnt}");
     assert!(

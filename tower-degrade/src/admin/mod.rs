@@ -15,7 +15,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /` | a status page: above all, the faults injected, a failing predictor, and refused or quarantined policies; every class with its state (and the state it would be in, where a dry run or its predictor's trial differs), why, success, p99 and prediction, the queues and limiters, refreshed every second from `/status`; force open / close / reset buttons that send the token typed into it |
-//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, the calls in flight past their SLA (`overdue`: failures to the breaker, not in `success`), prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores still to come before it holds, and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
+//! | `GET /status` | the service, its health score, every class (tier, state, the state it would be in, why, success and p99 over the recent windows, the calls in flight past their SLA (`overdue`: failures to the breaker, not in `success`), prediction, its threshold, or while it calibrates `calibration_left`, the healthy scores still to come before it holds, whether its calibration was restored from a saved file (`calibration_restored`), and its record), the admission limiters, the fallback queues (per queue `len` and `oldest_ms`, the oldest task's creation time in milliseconds since the Unix epoch, not an age), the faults in force and the policies (version, names, quarantined, switched-off hooks, whether the latest load was refused), as JSON |
 //! | `POST /classes/{class}/{command}` | a breaker command (`force_open`, `force_closed`, `degrade`, `metrics_only`, `reset`; no body, `{}` or `null`, and no query: a command has nothing to set): `{"class": .., "state": ..}`, the state it left the class in (`force_closed` disables the breaker: `"disabled"`; `reset`: `"closed"`) |
 //! | `GET /chaos` | the faults in force (with [`Admin::chaos`]) |
 //! | `PUT /chaos` | set a fault: `{"target": "dependency:db", "latency_ms": 900, "errors": 0.2}` (also `jitter_ms`, `aborts`, `hangs`, `hang_for_ms`; targets `class:<name>`, `dependency:<name>`, `route:<pattern>`), replacing the target's (a fault with nothing in it clears it; either way, calls the old one is delaying or hanging go on at once) |
@@ -466,6 +466,7 @@ impl Admin {
                     "predict_trial": c.predict_trial,
                     "calibrating": c.calibrating,
                     "calibration_left": c.calibration_left,
+                    "calibration_restored": c.calibration_restored,
                     "prediction_record": c.prediction_record.map(|r| json!({
                         "confirmed": r.confirmed,
                         "false_alarms": r.false_alarms,

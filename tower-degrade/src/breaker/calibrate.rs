@@ -161,6 +161,8 @@ pub(crate) struct Calibrator {
     /// Healthy scores a restored calibration with a fitted tail still passes without learning
     /// them ([`RESTORED_UNLEARNT_TICKS`](super::RESTORED_UNLEARNT_TICKS); 0 for a new one).
     unlearnt: u32,
+    /// Started from saved calibrations ([`restored`](Self::restored)).
+    restored: bool,
 }
 
 /// What a calibration has learnt, as [`Calibrations`](super::Calibrations) saves it: the
@@ -298,6 +300,7 @@ impl Calibrator {
             tail: None,
             settle: 0,
             unlearnt: 0,
+            restored: false,
         }
     }
 
@@ -309,6 +312,7 @@ impl Calibrator {
     pub(crate) fn restored(c: &Calibration, tick: Duration, learnt: Learnt) -> Self {
         let mut cal = Self::new(c, tick);
         cal.settle = super::RESTORED_SETTLE_TICKS;
+        cal.restored = true;
         match learnt {
             Learnt::WarmingUp(scores) => {
                 cal.init = scores;
@@ -348,6 +352,12 @@ impl Calibrator {
             cal.unlearnt = super::RESTORED_UNLEARNT_TICKS;
         }
         cal
+    }
+
+    /// Whether it started from saved calibrations ([`restored`](Self::restored)) rather than
+    /// a warm-up of its own.
+    pub(crate) fn is_restored(&self) -> bool {
+        self.restored
     }
 
     /// What it has learnt, to be restored ([`restored`](Self::restored)).

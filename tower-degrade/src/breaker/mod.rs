@@ -350,6 +350,15 @@ impl Breaker {
         self.calibrator.as_ref()?.left()
     }
 
+    /// Whether its calibrated threshold started from saved calibrations
+    /// ([`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations))
+    /// rather than a warm-up of its own (`false` with a fixed threshold).
+    pub fn calibration_restored(&self) -> bool {
+        self.calibrator
+            .as_ref()
+            .is_some_and(Calibrator::is_restored)
+    }
+
     /// What its calibrated threshold has learnt (`None` with a fixed threshold).
     pub(crate) fn learnt(&self) -> Option<Learnt> {
         self.calibrator.as_ref().map(Calibrator::learnt)

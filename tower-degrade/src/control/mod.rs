@@ -416,6 +416,7 @@ impl Shared {
                     calibration_left: attached
                         .then(|| ctl.predicting().calibration_left())
                         .flatten(),
+                    calibration_restored: attached && ctl.predicting().calibration_restored(),
                     prediction_record: attached.then(|| ctl.predicting().prediction_record()),
                     predict_trial: ctl.trial.is_some(),
                 }

@@ -128,6 +128,13 @@ pub struct ClassStatus {
     /// [`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations),
     /// passed unlearnt), each taken 40 healthy ticks after its own.
     pub calibration_left: Option<u32>,
+    /// With a predictor attached: the class's calibrated threshold started from saved
+    /// calibrations
+    /// ([`DegraderBuilder::restore_calibrations`](crate::DegraderBuilder::restore_calibrations))
+    /// rather than a warm-up in this process. A class the saved file did not hold, or saved by
+    /// another service, at another tick or from another predictor (refused, with a warning
+    /// in the log), warms up afresh and reads `false`.
+    pub calibration_restored: bool,
     /// With a predictor attached: how the class's predictions turned out so far (warnings
     /// confirmed, false alarms, breaches missed, the last lead).
     pub prediction_record: Option<PredictionRecord>,

@@ -203,6 +203,7 @@ async fn commands_need_the_token_and_status_shows_what_they_did() {
     );
     assert_eq!(payment["diverted_share"], 1.0);
     assert_eq!(payment["prediction_record"], Value::Null, "no predictor");
+    assert_eq!(payment["calibration_restored"], false, "no predictor");
     assert_eq!(
         payment["success"],
         Value::Null,

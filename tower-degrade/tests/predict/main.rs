@@ -852,6 +852,12 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
         let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
         stock.calibration_left
     };
+    let restored_flag = |d: &Degrader| {
+        let status = d.status();
+        let stock = status.classes.iter().find(|c| &*c.name == "stock").unwrap();
+        stock.calibration_restored
+    };
+    assert!(restored_flag(&e) && !restored_flag(&fresh));
     // (The filling ticks carried no calls: nothing learnt yet.)
     assert_eq!(
         left(&e),
@@ -881,6 +887,7 @@ async fn a_saved_calibration_starts_the_next_process_calibrated() {
     for other in [&other_model, &other_tick, &other_service] {
         healthy(other, 300).await;
         assert_eq!(stock_threshold(other), None);
+        assert!(!restored_flag(other), "refused, so warming up afresh");
     }
     let text = logs.text();
     assert!(
