@@ -296,8 +296,10 @@ pub(crate) fn describe() {
     );
 }
 
-/// Diverted calls the fallback router kept (`result="kept"`), or could not keep
-/// (`too_large`, `malformed`, `not_kept`).
+/// Diverted calls the fallback router kept (`result="kept"`), could not keep (`too_large`,
+/// `malformed`, `not_kept`), or whose caller went away before they were stored (`cancelled`:
+/// a client that cancelled its call or stream while its body was read, a deadline that
+/// passed). The class's window counts each of them as `degraded` when it is diverted.
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
 /// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`
@@ -354,7 +356,8 @@ pub(crate) fn describe_fallback() {
 
 /// Results of [`FALLBACK_KEPT`].
 #[cfg(feature = "fallback")]
-pub(crate) const KEPT_RESULTS: [&str; 4] = ["kept", "too_large", "malformed", "not_kept"];
+pub(crate) const KEPT_RESULTS: [&str; 5] =
+    ["kept", "too_large", "malformed", "not_kept", "cancelled"];
 /// Results of [`FALLBACK_REPLAYS`].
 #[cfg(feature = "fallback")]
 pub(crate) const REPLAY_RESULTS: [&str; 3] = ["ok", "retry", "review"];

@@ -496,11 +496,58 @@ fn switches_protocols(parts: &http::request::Parts) -> bool {
             .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"))
 }
 
-/// Capture, store, then answer: `202` (or the gRPC equivalent) once stored, the reject answer
-/// otherwise.
+/// [`keep_call`], and a call whose caller goes away before it is stored (its future dropped
+/// while the body is read or a refused one drained: a client that cancels its stream, a
+/// deadline that passes) counted as `cancelled` in
+/// [`FALLBACK_KEPT`](crate::metrics::FALLBACK_KEPT): every call diverted to a keeping route
+/// has one result there. (Once captured, its task is stored whether or not the caller waits,
+/// and counted so.)
 async fn keep<B, RB, E>(
     shared: Arc<RouterShared>,
     call: Diverted<http::Request<B>>,
+) -> Result<http::Response<RB>, E>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+    RB: Default,
+{
+    let mut unanswered = Unanswered(Some(crate::metrics::kept_labels(
+        &call.service,
+        call.class_name(),
+        call.route(),
+    )));
+    keep_call(shared, call, &mut unanswered).await
+}
+
+/// Counts its call as `cancelled` when dropped before [`answered`](Self::answered).
+struct Unanswered(Option<[metrics::Label; 3]>);
+
+impl Unanswered {
+    /// The call's result is counted elsewhere from here on.
+    fn answered(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(labels) = self.0.take() {
+            crate::metrics::count_result(
+                crate::metrics::FALLBACK_KEPT,
+                &labels,
+                &crate::metrics::KEPT_RESULTS,
+                "cancelled",
+            );
+        }
+    }
+}
+
+/// Capture, store, then answer: `202` (or the gRPC equivalent) once stored, the reject answer
+/// otherwise.
+async fn keep_call<B, RB, E>(
+    shared: Arc<RouterShared>,
+    call: Diverted<http::Request<B>>,
+    unanswered: &mut Unanswered,
 ) -> Result<http::Response<RB>, E>
 where
     B: Body,
@@ -524,7 +571,8 @@ where
         }
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
-    let refuse_for = |why: Reason, detail: Option<&str>| {
+    let refuse_for = |unanswered: &mut Unanswered, why: Reason, detail: Option<&str>| {
+        unanswered.answered();
         // The call's service: the router's own but for a call of another degrader (refused),
         // whose class it is.
         crate::metrics::count_result(
@@ -535,18 +583,18 @@ where
         );
         answer(why, detail)
     };
-    let refuse = |why: Reason| refuse_for(why, None);
+    let refuse = |unanswered: &mut Unanswered, why: Reason| refuse_for(unanswered, why, None);
     if foreign {
         // Read, as the layer's `drain_rejected` reads the calls it refuses: over HTTP/2 a
         // message that comes after the answer, unread, counts against the client's connection.
         super::drain::read_refused(body).await;
-        return refuse(Reason::NotKept);
+        return refuse(unanswered, Reason::NotKept);
     }
     if switches_protocols(&parts) {
         // A replay later could hand nobody the connection (and the upgrade headers are not
         // kept: it would be a plain GET the handler refuses): refused, to be tried again.
         tracing::debug!(class = %class, "a diverted protocol upgrade is not kept");
-        return refuse(Reason::NotKept);
+        return refuse(unanswered, Reason::NotKept);
     }
     // A key that is not one: refused, rather than kept under its task id, where each retry
     // of the call would be another task, replayed with another key.
@@ -556,23 +604,27 @@ where
             tracing::debug!(class = %class, error = %why,
                 "a diverted call's idempotency key is not a valid key");
             super::drain::read_refused(body).await;
-            return refuse_for(Reason::Malformed, Some(&why));
+            return refuse_for(unanswered, Reason::Malformed, Some(&why));
         }
     };
     // The body first: a client that stalls its body holds no key, so it cannot hold back
     // the other calls with its key (a retry of its own, say).
     let rec = match shared.capture.capture(&parts, body).await {
         Ok(rec) => rec,
-        Err(CaptureError::TooLarge(why)) => return refuse_for(Reason::TooLarge, Some(&why)),
+        Err(CaptureError::TooLarge(why)) => {
+            return refuse_for(unanswered, Reason::TooLarge, Some(&why));
+        }
         Err(CaptureError::Malformed(why)) => {
             tracing::debug!(class = %class, error = %why, "a diverted gRPC call is malformed");
-            return refuse_for(Reason::Malformed, Some(&why));
+            return refuse_for(unanswered, Reason::Malformed, Some(&why));
         }
         Err(CaptureError::Body(e)) => {
             tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
-            return refuse(Reason::NotKept);
+            return refuse(unanswered, Reason::NotKept);
         }
     };
+    // Captured: stored whether or not the caller waits, and counted there.
+    unanswered.answered();
     match shared.keep((class.clone(), key, route, reason), rec).await {
         Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => {
             let mut res = kept_response(&id.to_string(), route, reason, grpc, RB::default());
@@ -586,7 +638,7 @@ where
             grpc,
             RB::default(),
         )),
-        Stored::Unreadable(why, detail) => refuse_for(why, detail.as_deref()),
+        Stored::Unreadable(why, detail) => refuse_for(unanswered, why, detail.as_deref()),
         // `put_kept` counted it.
         Stored::NotKept => answer(Reason::NotKept, None),
     }

@@ -1913,6 +1913,7 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert_eq!(
         kept,
         [
+            ("cancelled".to_owned(), counter(0)),
             ("kept".to_owned(), counter(0)),
             ("malformed".to_owned(), counter(0)),
             ("not_kept".to_owned(), counter(1)),
@@ -1925,6 +1926,69 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert!(full.headers().contains_key("retry-after"));
     assert!(!full.headers().contains_key(TASK_ID_HEADER));
     assert_eq!(store.depth(Queue::Spool).len, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_caller_goes_away_while_its_body_is_read_is_counted_cancelled() {
+    // A client stream cancelled before it half-closes (or a deadline that passes meanwhile):
+    // the router's future is dropped while it reads the body. Nothing is kept, and the call,
+    // counted `degraded` by the layer when it was diverted, has its result in
+    // degrade_fallback_kept_total as every diverted call does (a trial found it in none).
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let router = unstarted(&d, store.clone(), &app);
+    struct Endless;
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Pending
+        }
+    }
+    let id = d.class_id("browse").unwrap();
+    let svc = d
+        .layer(move |_: &Request<Endless>| id)
+        .http()
+        .fallback_with(router)
+        .layer(service_fn(|_: Request<Endless>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+    d.force_open("browse").unwrap();
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    {
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let req = Request::post("/log").body(Endless).unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_secs(2), svc.oneshot(req)).await;
+        assert!(gave_up.is_err(), "answered a body that never ended");
+    }
+    let kept: HashMap<String, _> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
+        .map(|(k, _, _, v)| {
+            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+            (result.value().to_owned(), v)
+        })
+        .collect();
+    let counter = metrics_util::debugging::DebugValue::Counter;
+    assert_eq!(kept.get("cancelled"), Some(&counter(1)), "{kept:?}");
+    assert_eq!(kept.get("kept"), Some(&counter(0)), "{kept:?}");
+    assert_eq!(kept.get("not_kept"), Some(&counter(0)), "{kept:?}");
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+    d.tick_now();
+    let status = d.status();
+    let browse = status
+        .classes
+        .iter()
+        .find(|c| &*c.name == "browse")
+        .unwrap();
+    assert_eq!(browse.window.degraded, 1, "diverted");
 }
 
 #[tokio::test(start_paused = true)]
