@@ -804,6 +804,54 @@ async fn after_redis_was_unreachable_no_instance_takes_the_others_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_delivered_while_their_answer_was_lost_are_read_back_at_once() {
+    // A read sent to a hung Redis times out, and Redis runs it when it resumes: the entries
+    // are delivered to this instance, pending, and it never saw them. They waited for the
+    // claim timeout to be taken over, and were then said to be an abandoned instance's (a
+    // trial: one task replayed 66 s after Redis, stalled and restarted, answered again).
+    let server = Server::start();
+    let a = RedisStore::builder(server.url())
+        .prefix("test")
+        .consumer("a")
+        .claim_timeout(Duration::from_secs(60))
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    // The group first (a read of nothing), then the tasks.
+    assert!(a.due(Queue::Retry, u64::MAX, 0).await.unwrap().is_empty());
+    let tasks: Vec<Task> = (0..5).map(task).collect();
+    put_all(&a, &tasks).await;
+    server.signal("-STOP");
+    assert!(a.due(Queue::Retry, u64::MAX, 10).await.is_err());
+    server.signal("-CONT");
+    // Redis ran the read it had waiting: the five are a's, pending, unseen.
+    until(|| {
+        cli(&server, &["XPENDING", "test:delayed_retry", "replay"])
+            .lines()
+            .next()
+            == Some("5")
+    })
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        if let Ok(due) = a.due(Queue::Retry, u64::MAX, 10).await {
+            got.extend(due.iter().map(Task::id));
+        }
+        if got.len() >= tasks.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got.sort_unstable();
+    let mut want: Vec<TaskId> = tasks.iter().map(Task::id).collect();
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "read back within a second, not after the claim timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_a_hung_redis_runs_late_changes_nothing() {
     // Against a hung Redis an append that timed out ran when it resumed: `Failover` had kept
     // the call locally meanwhile, so it was kept twice and replayed twice (61 of 273 calls

@@ -362,7 +362,10 @@ impl RedisStoreBuilder {
 ///   with `XAUTOCLAIM`. An instance heartbeats what it holds (`XCLAIM ... JUSTID` on the
 ///   entries `XPENDING` says are its own, one script per queue) with its worker's steps and
 ///   on a timer of its own, every third of `claim_timeout`, so a live instance's tasks are
-///   not taken.
+///   not taken. After a read that failed (a timeout, a cut connection: Redis may have
+///   delivered entries whose answer was lost), an instance first reads back its own pending
+///   entries (`XREADGROUP ... 0`) and holds those it did not, rather than leave them for a
+///   takeover a `claim_timeout` later.
 /// * **Acknowledge** (`Remove`, or `Put` of a rescheduled task): `XACK` and `XDEL` of the
 ///   entry in the same script, after the replay succeeded (or was rescheduled).
 ///
@@ -469,6 +472,10 @@ struct Local {
     depth: HashMap<Queue, (Depth, Instant)>,
     /// Queues committed to since their depth was read.
     dirty: HashSet<Queue>,
+    /// Queues whose last [`Inner::fill`] failed: entries delivered to this instance then may
+    /// not be held (an answer lost to a timeout or a cut connection, an adoption that
+    /// failed), so the next one reads this consumer's own pending entries back first.
+    unsure: HashSet<Queue>,
     refreshing: HashSet<Queue>,
     /// When Redis was last unreachable: the time of the last failure while it is, and the
     /// time it answered again once it does (`failing` tells which).
@@ -780,11 +787,83 @@ impl Inner {
         }
     }
 
-    /// Read up to `want` new entries (no more: other instances share the rest), take over
-    /// abandoned ones, heartbeat held ones.
+    /// [`fill_held`](Self::fill_held); a queue it fails for is marked
+    /// [`unsure`](Local::unsure) until one succeeds.
     async fn fill(&self, queue: Queue, want: usize) -> Result<(), StoreError> {
+        let unsure = self.local().unsure.contains(&queue);
+        let result = self.fill_held(queue, want, unsure).await;
+        let mut l = self.local();
+        if result.is_err() {
+            l.unsure.insert(queue);
+        } else if unsure {
+            l.unsure.remove(&queue);
+        }
+        result
+    }
+
+    /// This consumer's own pending entries that it does not hold (`XREADGROUP` from `0`: the
+    /// entries delivered to it and not acknowledged). Without this, an entry whose delivery
+    /// answer was lost waited for the claim timeout to be taken over, and was then said to
+    /// be an abandoned instance's (a trial: one task replayed 66 s after Redis, stalled and
+    /// restarted, answered again).
+    async fn own_pending(
+        &self,
+        queue: Queue,
+        stream: &str,
+    ) -> Result<Vec<(String, HashMap<String, Vec<u8>>)>, StoreError> {
+        const PAGE: usize = 256;
+        let held: HashSet<String> = {
+            let l = self.local();
+            l.held
+                .iter()
+                .filter(|((q, _), _)| *q == queue)
+                .map(|(_, (entry, _))| entry.clone())
+                .collect()
+        };
+        let (mut from, mut out) = ("0".to_owned(), Vec::new());
+        loop {
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(PAGE)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(&from);
+            let mut page = Vec::new();
+            if let Value::Array(streams) = self.query(&read).await? {
+                for s in streams {
+                    if let Value::Array(mut kv) = s
+                        && kv.len() == 2
+                    {
+                        page.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
+                    }
+                }
+            }
+            let Some((last, _)) = page.last() else {
+                return Ok(out);
+            };
+            let full = page.len() >= PAGE;
+            from = last.clone();
+            out.extend(page.into_iter().filter(|(entry, _)| !held.contains(entry)));
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Read up to `want` new entries (no more: other instances share the rest), take over
+    /// abandoned ones, heartbeat held ones; with `unsure`, first the entries delivered to this
+    /// instance that it does not hold ([`own_pending`](Self::own_pending)).
+    async fn fill_held(&self, queue: Queue, want: usize, unsure: bool) -> Result<(), StoreError> {
         self.ensure_group(queue).await?;
         let stream = self.stream(queue);
+        let mut entries = if unsure {
+            self.own_pending(queue, &stream).await?
+        } else {
+            Vec::new()
+        };
         let got = if want > 0 {
             let mut read = redis::cmd("XREADGROUP");
             read.arg("GROUP")
@@ -799,7 +878,6 @@ impl Inner {
         } else {
             Value::Nil
         };
-        let mut entries = Vec::new();
         if let Value::Array(streams) = got {
             for s in streams {
                 if let Value::Array(mut kv) = s
