@@ -298,8 +298,9 @@ pub(crate) fn describe() {
 
 /// Diverted calls the fallback router kept (`result="kept"`), could not keep (`too_large`,
 /// `malformed`, `not_kept`), or whose caller went away before they were stored (`cancelled`:
-/// a client that cancelled its call or stream while its body was read, a deadline that
-/// passed). The class's window counts each of them as `degraded` when it is diverted.
+/// a client that cancelled its call or stream, or closed its connection, while its body was
+/// read, or a deadline that passed meanwhile; a caller still there is answered `not_kept`).
+/// The class's window counts each of them as `degraded` when it is diverted.
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
 /// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`

@@ -301,7 +301,7 @@ impl Capture {
             }
             Ok(Err(e)) => return Err(CaptureError::Body(e.to_string())),
             Err(_) => {
-                return Err(CaptureError::Body(format!(
+                return Err(CaptureError::Stalled(format!(
                     "the body did not arrive within {:?} (Capture::body_timeout)",
                     self.body_timeout
                 )));
@@ -379,7 +379,10 @@ fn binary_framed(rest: &[u8]) -> bool {
 pub(crate) enum CaptureError {
     /// Over a limit for keeping it: which, for the client.
     TooLarge(String),
+    /// The body failed on its way (its client went away mid-body, its stream was reset).
     Body(String),
+    /// The body did not arrive within [`Capture::body_timeout`].
+    Stalled(String),
     /// Not a well-formed call of its protocol.
     Malformed(String),
 }
@@ -495,7 +498,7 @@ mod tests {
             .capture(&p, Endless(Some(Bytes::from_static(b"\0\0"))))
             .await
         {
-            Err(CaptureError::Body(e)) => assert!(e.contains("Capture::body_timeout"), "{e}"),
+            Err(CaptureError::Stalled(e)) => assert!(e.contains("Capture::body_timeout"), "{e}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(start.elapsed(), std::time::Duration::from_secs(5));

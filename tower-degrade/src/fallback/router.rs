@@ -619,7 +619,14 @@ where
             return refuse_for(unanswered, Reason::Malformed, Some(&why));
         }
         Err(CaptureError::Body(e)) => {
+            // Its caller went away mid-body (an HTTP/1.1 connection closed, a stream reset):
+            // counted `cancelled` by the guard, left armed, as a call dropped while its body
+            // is read is; a caller still there is answered `not_kept`.
             tracing::debug!(class = %class, error = %e, "the diverted request's body failed");
+            return answer(Reason::NotKept, None);
+        }
+        Err(CaptureError::Stalled(e)) => {
+            tracing::debug!(class = %class, error = %e, "the diverted request's body stalled");
             return refuse(unanswered, Reason::NotKept);
         }
     };

@@ -1992,6 +1992,87 @@ async fn a_call_whose_caller_goes_away_while_its_body_is_read_is_counted_cancell
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_body_that_fails_on_its_way_is_counted_cancelled_and_one_that_stalls_not_kept() {
+    // An HTTP/1.1 client that closes its connection mid-body: the body fails, the future is
+    // not dropped. Its caller went away as surely as one that cancels (a trial counted five
+    // such payments `not_kept`, which the gold refusal alert reads as a store failing). A body
+    // that stalls past `Capture::body_timeout` is the router's own refusal: `not_kept`.
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let app = App::default();
+    let store = Arc::new(MemoryStore::default());
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .replay(replay(&app))
+        .capture(Capture::new().body_timeout(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    /// Its frames, then nothing ever again.
+    struct Scripted(std::collections::VecDeque<Result<Bytes, std::io::Error>>);
+    impl http_body::Body for Scripted {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            match self.0.pop_front() {
+                Some(frame) => std::task::Poll::Ready(Some(frame.map(http_body::Frame::data))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+    let id = d.class_id("browse").unwrap();
+    let svc = d
+        .layer(move |_: &Request<Scripted>| id)
+        .http()
+        .fallback_with(router)
+        .layer(service_fn(|_: Request<Scripted>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+    d.force_open("browse").unwrap();
+    let closed = Scripted(
+        [
+            Ok(Bytes::from_static(b"half")),
+            Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+        ]
+        .into(),
+    );
+    let stalled = Scripted([Ok(Bytes::from_static(b"half"))].into());
+    for (body, counted) in [(closed, "cancelled"), (stalled, "not_kept")] {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let res = {
+            let _local = metrics::set_default_local_recorder(&recorder);
+            let req = Request::post("/log").body(body).unwrap();
+            svc.clone().oneshot(req).await.unwrap()
+        };
+        // Answered alike, for a caller still there.
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{counted}");
+        assert_eq!(res.headers()[REASON_HEADER], "not_kept", "{counted}");
+        let results: HashMap<String, _> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
+            .filter(|(_, _, _, v)| *v != metrics_util::debugging::DebugValue::Counter(0))
+            .map(|(k, _, _, v)| {
+                let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+                (result.value().to_owned(), v)
+            })
+            .collect();
+        assert_eq!(
+            results,
+            HashMap::from([(
+                counted.to_owned(),
+                metrics_util::debugging::DebugValue::Counter(1)
+            )]),
+            "{counted}"
+        );
+    }
+    assert_eq!(store.depth(Queue::Spool).len, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_call_not_kept_while_its_breaker_is_open_is_told_to_come_back_once_it_may_close() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default().failing(40, 500);
