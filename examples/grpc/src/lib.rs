@@ -118,6 +118,41 @@ pub async fn serve(
     Ok(())
 }
 
+/// The order service and an axum HTTP API served on one port (`axum::serve(listener,
+/// tower::make::Shared::new(app))`, which speaks HTTP/1.1 and HTTP/2 alike): each call goes
+/// through exactly one degrade layer, picked by its content type: a gRPC call through the
+/// order service's (`.grpc()`: gRPC statuses are its failures, a call not served is answered
+/// `UNAVAILABLE`), any other through `http`'s (`.http()`: 5xx are failures, 503 answers).
+/// `classify` names both the HTTP routes and the gRPC methods. A layer added over the merged
+/// routers instead counts a call that passes both twice; and merged with tonic's router
+/// (`Routes::into_axum_router`), `http` would hand the requests none of its routes match to
+/// tonic's fallback, which answers `200` with `grpc-status: 12`, not a 404.
+pub fn with_http(
+    degrader: &Degrader,
+    classify: tower_degrade::classify::HttpClassifier,
+    http: axum::Router,
+    stopping: watch::Receiver<bool>,
+) -> OnePort {
+    let http = http.layer(degrader.layer(classify.clone()).http().drain_rejected());
+    let grpc = tonic::service::Routes::new(OrdersServer::new(OrderService { stopping }))
+        .into_axum_router()
+        .layer(degrader.layer(classify).grpc().drain_rejected());
+    tower::steer::Steer::new([http, grpc], pick)
+}
+
+/// [`with_http`]'s service: two axum routers, steered by [`pick`].
+pub type OnePort = tower::steer::Steer<
+    axum::Router,
+    fn(&axum::extract::Request, &[axum::Router]) -> usize,
+    axum::extract::Request,
+>;
+
+/// The router for `req`: the second (gRPC) for a gRPC call
+/// ([`tower_degrade::protocol::is_grpc`]), the first otherwise.
+fn pick(req: &axum::extract::Request, _: &[axum::Router]) -> usize {
+    usize::from(tower_degrade::protocol::is_grpc(req.headers()))
+}
+
 /// Classes by gRPC method: a full method, or a whole service with `/*`.
 pub fn classifier(
     degrader: &Degrader,

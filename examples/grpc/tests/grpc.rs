@@ -257,3 +257,79 @@ async fn refused_calls_never_close_the_clients_connection() {
     assert_eq!(order_status(&mut client).await, "shipped");
     server.stop().await;
 }
+
+/// One raw HTTP/1.1 `GET` of `path`: the status line and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn beside_an_axum_api_on_one_port_each_call_is_counted_once() {
+    // A user's trial served an axum API and this service on one port with a layer of each kind
+    // over the merged routers: every call was counted twice, and an HTTP request to no route
+    // was answered `200` with `grpc-status: 12` by tonic's fallback.
+    let (degrader, _loop) = example_grpc::degrader_builder()
+        .build_with_worker()
+        .unwrap();
+    let classify = degrader
+        .http_classifier()
+        .route(None, "/orders/{id}", "status")
+        .unwrap()
+        .grpc("/orders.v1.Orders/Pay", "payment")
+        .unwrap()
+        .build();
+    let api = axum::Router::new().route("/orders/{id}", axum::routing::get(|| async { "shipped" }));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let app = example_grpc::with_http(&degrader, classify, api, stopping);
+    let listener = example_grpc::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server =
+        tokio::spawn(async move { axum::serve(listener, tower::make::Shared::new(app)).await });
+    let mut client = OrdersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .pay(pay(false))
+            .await
+            .unwrap()
+            .into_inner()
+            .payment_id,
+        "pay-7"
+    );
+    // A gRPC method this classifier names no class for: served, in the `default` class.
+    assert_eq!(order_status(&mut client).await, "shipped");
+    assert_eq!(
+        http_get(addr, "/orders/7").await,
+        ("HTTP/1.1 200 OK".to_owned(), "shipped".to_owned())
+    );
+    let (status, _) = http_get(addr, "/nowhere").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    degrader.tick_now();
+    let calls = |class: &str| {
+        let history = degrader.history(class).unwrap();
+        history.iter().map(|w| w.requests()).sum::<u64>()
+    };
+    // Each once: the payment, the HTTP read, and the gRPC status read and the 404 in
+    // `default`.
+    assert_eq!(
+        (calls("payment"), calls("status"), calls("default")),
+        (1, 1, 2)
+    );
+    drop(stop);
+    server.abort();
+}

@@ -341,7 +341,7 @@ impl Shop {
 
         let mut handles = Vec::new();
         let mut worker_task = None;
-        let (app, store, review, store_path, cron, events) = if protected {
+        let ((http, grpc), store, review, store_path, cron, events) = if protected {
             // Kept calls are replayed through the application without the degrade layer.
             let replayable = http_routes
                 .clone()
@@ -403,7 +403,7 @@ impl Shop {
                 .keep(&router, |_accepted| TaskOutcome::Kept)
                 .build();
             (
-                http.merge(grpc),
+                (http, grpc),
                 Some(router.store().clone()),
                 Some(router.review()),
                 Some(store_path),
@@ -414,7 +414,7 @@ impl Shop {
             let cron = degrader.tasks::<(), TaskOutcome>().build();
             let events = degrader.tasks::<OrderEvent, TaskOutcome>().build();
             (
-                http_routes.merge(product_routes).merge(grpc_routes),
+                (http_routes.merge(product_routes), grpc_routes),
                 None,
                 None,
                 None,
@@ -424,14 +424,14 @@ impl Shop {
         };
 
         let status_degrader = degrader.clone();
-        let mut app = app.route(
+        let mut http = http.route(
             "/status",
             get(move || async move { format!("{:#?}\n", status_degrader.status()) }),
         );
         if let Some(handle) = metrics {
             // A render drains every sample recorded since the last scrape: it runs on a
             // blocking thread, not on a worker the service's calls need.
-            app = app.route(
+            http = http.route(
                 "/metrics",
                 get(move || {
                     let handle = handle.clone();
@@ -443,10 +443,14 @@ impl Shop {
                 }),
             );
         }
+        // One port, each call through the one layer its protocol needs: gRPC calls to the
+        // tonic router, the rest to the HTTP routes. Merged, the HTTP routes' unmatched
+        // requests would reach tonic's fallback (`200` with `grpc-status: 12`, not a 404).
+        let app = tower::steer::Steer::new([http, grpc], grpc_or_http);
         let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         handles.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, tower::make::Shared::new(app)).await;
         }));
         Ok(Shop {
             degrader,
@@ -644,4 +648,10 @@ fn inventory_batches(ctx: Ctx) -> BatchMerge<u64> {
         }),
     )
     .flush_every(Duration::from_millis(200))
+}
+
+/// The router of [`Shop`]'s two for `req`: the gRPC one (1) for a gRPC call
+/// ([`tower_degrade::protocol::is_grpc`]), the HTTP one (0) otherwise.
+fn grpc_or_http(req: &axum::extract::Request, _: &[Router]) -> usize {
+    usize::from(tower_degrade::protocol::is_grpc(req.headers()))
 }

@@ -311,7 +311,7 @@ impl Capture {
         // it): refused now, while the client can still be told, rather than kept.
         // (`application/grpc`, `+proto` and the like, and binary gRPC-Web, whose requests are
         // framed alike; not gRPC-Web's text form, base64.)
-        if grpc_rest(&parts.headers).is_some_and(binary_framed) {
+        if crate::protocol::grpc_rest(&parts.headers).is_some_and(binary_framed) {
             // A compressed message needs the call to name its encoding (the gRPC spec makes
             // it an error); kept, it would fail every replay.
             let encoded = parts
@@ -340,23 +340,6 @@ fn parse_header(field: &'static str, name: &str) -> Result<HeaderName, crate::er
             reason: format!("`{}` is not a valid HTTP header name", name.escape_debug()),
         }
     })
-}
-
-/// What follows `application/grpc` in a gRPC message's content type (`+proto`, `-web`, or
-/// nothing), or `None` if it is not one. Media types are case-insensitive (RFC 9110 8.3.1):
-/// `Application/GRPC` is a gRPC call, which tonic serves.
-pub(crate) fn grpc_rest(headers: &http::HeaderMap) -> Option<&[u8]> {
-    const GRPC: &[u8] = b"application/grpc";
-    let Some(v) = headers.get(header::CONTENT_TYPE) else {
-        // No content type, and `te: trailers`, which only gRPC's requests send: tonic
-        // serves such a call as gRPC, so it is one here too (it was answered HTTP 202).
-        let trailers = headers
-            .get(header::TE)
-            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        return trailers.then_some(&[]);
-    };
-    let (head, rest) = v.as_bytes().split_at_checked(GRPC.len())?;
-    head.eq_ignore_ascii_case(GRPC).then_some(rest)
 }
 
 /// Whether what follows `application/grpc` in a content type names length-prefixed binary
@@ -519,7 +502,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert_eq!(grpc_rest(&p.headers), Some(&b""[..]));
+        assert_eq!(crate::protocol::grpc_rest(&p.headers), Some(&b""[..]));
         match Capture::new()
             .capture(&p, Full::new(Bytes::from_static(b"garbage")))
             .await
@@ -528,7 +511,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let plain = parts(http::Request::post("/pay").body(()).unwrap());
-        assert_eq!(grpc_rest(&plain.headers), None);
+        assert_eq!(crate::protocol::grpc_rest(&plain.headers), None);
     }
 
     #[tokio::test]

@@ -155,7 +155,7 @@ where
     RB: Body,
     RB::Error: Into<BoxError>,
 {
-    let grpc = super::capture::grpc_rest(res.headers()).is_some();
+    let grpc = crate::protocol::is_grpc(res.headers());
     let status = res.status();
     if !grpc {
         return if status.is_success() || status == http::StatusCode::NOT_MODIFIED {

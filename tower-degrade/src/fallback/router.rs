@@ -477,10 +477,6 @@ where
     }
 }
 
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    super::capture::grpc_rest(headers).is_some()
-}
-
 /// Whether the request asks to switch to another protocol on its connection: a WebSocket's
 /// `Upgrade: websocket` (any upgrade but to `h2c`, which a server may ignore and answer the
 /// request itself, as curl's `--http2` asks over plain HTTP) or a `CONNECT` (HTTP/2's
@@ -559,7 +555,7 @@ where
     let foreign = !shared.owns(&service);
     let come_back = shared.come_back(call.retry_after());
     let (parts, body) = call.into_request().into_parts();
-    let grpc = is_grpc(&parts.headers);
+    let grpc = crate::protocol::is_grpc(&parts.headers);
     let answer = |why: Reason, detail: Option<&str>| {
         // A body too large to keep will not be kept later either: no `Retry-After`.
         let retry = !matches!(why, Reason::TooLarge | Reason::Malformed);

@@ -140,3 +140,39 @@ impl FailureOutcome for GrpcFailureClass {
         }
     }
 }
+
+/// Whether a request with these headers is a gRPC call, as the layer's fallback router reads
+/// one: its content type `application/grpc` (any case; `+proto` and the like, and gRPC-Web's
+/// `application/grpc-web`), or none with `te: trailers`, which only gRPC clients send. Steer
+/// calls by it to serve a tonic service beside an axum API on one port, each through the
+/// layer of its protocol (`.grpc()`, `.http()`; the README's *gRPC (tonic)*):
+///
+/// ```
+/// let call = http::Request::post("/orders.v1.Orders/Pay")
+///     .header("content-type", "application/grpc+proto")
+///     .body(())
+///     .unwrap();
+/// assert!(tower_degrade::protocol::is_grpc(call.headers()));
+/// let page = http::Request::get("/orders/7").body(()).unwrap();
+/// assert!(!tower_degrade::protocol::is_grpc(page.headers()));
+/// ```
+pub fn is_grpc(headers: &::http::HeaderMap) -> bool {
+    grpc_rest(headers).is_some()
+}
+
+/// What follows `application/grpc` in a gRPC message's content type (`+proto`, `-web`, or
+/// nothing), or `None` if it is not one. Media types are case-insensitive (RFC 9110 8.3.1):
+/// `Application/GRPC` is a gRPC call, which tonic serves.
+pub(crate) fn grpc_rest(headers: &::http::HeaderMap) -> Option<&[u8]> {
+    const GRPC: &[u8] = b"application/grpc";
+    let Some(v) = headers.get(::http::header::CONTENT_TYPE) else {
+        // No content type, and `te: trailers`, which only gRPC's requests send: tonic
+        // serves such a call as gRPC, so it is one here too (it was answered HTTP 202).
+        let trailers = headers
+            .get(::http::header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        return trailers.then_some(&[]);
+    };
+    let (head, rest) = v.as_bytes().split_at_checked(GRPC.len())?;
+    head.eq_ignore_ascii_case(GRPC).then_some(rest)
+}
