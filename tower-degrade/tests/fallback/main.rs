@@ -1928,6 +1928,28 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert_eq!(store.depth(Queue::Spool).len, 2);
 }
 
+/// `browse`'s calls with bodies of type `B` through the layer, diverted to `router`: the class
+/// is forced open (behind it, a service that would answer `200`).
+fn browse_forced_open<B>(
+    d: &Degrader,
+    router: FallbackRouter,
+) -> BoxCloneSyncService<Request<B>, Res, Infallible>
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    let id = d.class_id("browse").unwrap();
+    d.force_open("browse").unwrap();
+    BoxCloneSyncService::new(
+        d.layer(move |_: &Request<B>| id)
+            .http()
+            .fallback_with(router)
+            .layer(service_fn(|_: Request<B>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            })),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_call_whose_caller_goes_away_while_its_body_is_read_is_counted_cancelled() {
     // A client stream cancelled before it half-closes (or a deadline that passes meanwhile):
@@ -1949,15 +1971,7 @@ async fn a_call_whose_caller_goes_away_while_its_body_is_read_is_counted_cancell
             std::task::Poll::Pending
         }
     }
-    let id = d.class_id("browse").unwrap();
-    let svc = d
-        .layer(move |_: &Request<Endless>| id)
-        .http()
-        .fallback_with(router)
-        .layer(service_fn(|_: Request<Endless>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-        }));
-    d.force_open("browse").unwrap();
+    let svc = browse_forced_open::<Endless>(&d, router);
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     {
@@ -2021,15 +2035,7 @@ async fn a_body_that_fails_on_its_way_is_counted_cancelled_and_one_that_stalls_n
             }
         }
     }
-    let id = d.class_id("browse").unwrap();
-    let svc = d
-        .layer(move |_: &Request<Scripted>| id)
-        .http()
-        .fallback_with(router)
-        .layer(service_fn(|_: Request<Scripted>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-        }));
-    d.force_open("browse").unwrap();
+    let svc = browse_forced_open::<Scripted>(&d, router);
     let closed = Scripted(
         [
             Ok(Bytes::from_static(b"half")),

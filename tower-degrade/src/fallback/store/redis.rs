@@ -822,25 +822,7 @@ impl Inner {
         };
         let (mut from, mut out) = ("0".to_owned(), Vec::new());
         loop {
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(PAGE)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(&from);
-            let mut page = Vec::new();
-            if let Value::Array(streams) = self.query(&read).await? {
-                for s in streams {
-                    if let Value::Array(mut kv) = s
-                        && kv.len() == 2
-                    {
-                        page.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
-                    }
-                }
-            }
+            let page = self.read_group(stream, PAGE, &from).await?;
             let Some((last, _)) = page.last() else {
                 return Ok(out);
             };
@@ -851,6 +833,36 @@ impl Inner {
                 return Ok(out);
             }
         }
+    }
+
+    /// `XREADGROUP` of up to `count` entries of `stream` for this consumer: from `>`, new
+    /// ones (delivered to it now); from an entry id, its own pending ones after that id.
+    async fn read_group(
+        &self,
+        stream: &str,
+        count: usize,
+        from: &str,
+    ) -> Result<Vec<(String, HashMap<String, Vec<u8>>)>, StoreError> {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(from);
+        let mut entries = Vec::new();
+        if let Value::Array(streams) = self.query(&read).await? {
+            for s in streams {
+                if let Value::Array(mut kv) = s
+                    && kv.len() == 2
+                {
+                    entries.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
+                }
+            }
+        }
+        Ok(entries)
     }
 
     /// Read up to `want` new entries (no more: other instances share the rest), take over
@@ -864,28 +876,8 @@ impl Inner {
         } else {
             Vec::new()
         };
-        let got = if want > 0 {
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(want)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(">");
-            self.query(&read).await?
-        } else {
-            Value::Nil
-        };
-        if let Value::Array(streams) = got {
-            for s in streams {
-                if let Value::Array(mut kv) = s
-                    && kv.len() == 2
-                {
-                    entries.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
-                }
-            }
+        if want > 0 {
+            entries.extend(self.read_group(&stream, want, ">").await?);
         }
         let due_claim = {
             let l = self.local();
