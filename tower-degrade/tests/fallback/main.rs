@@ -1,7 +1,7 @@
 //! The fallback router: every diverted call that a route keeps is stored before it is
 //! answered, replayed later, and never lost.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1898,17 +1898,7 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     };
     // Counted once (the store's refusal), whoever answers it; the other results' series are
     // there at 0, so that the first of each is an increase an alert sees.
-    let mut kept: Vec<_> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
-        .map(|(k, _, _, v)| {
-            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
-            (result.value().to_owned(), v)
-        })
-        .collect();
-    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let kept: Vec<_> = kept_results(&snapshotter).into_iter().collect();
     let counter = metrics_util::debugging::DebugValue::Counter;
     assert_eq!(
         kept,
@@ -1926,6 +1916,22 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert!(full.headers().contains_key("retry-after"));
     assert!(!full.headers().contains_key(TASK_ID_HEADER));
     assert_eq!(store.depth(Queue::Spool).len, 2);
+}
+
+/// `degrade_fallback_kept_total` as `snapshotter` read it, by result.
+fn kept_results(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> BTreeMap<String, metrics_util::debugging::DebugValue> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
+        .map(|(k, _, _, v)| {
+            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
+            (result.value().to_owned(), v)
+        })
+        .collect()
 }
 
 /// `browse`'s calls with bodies of type `B` through the layer, diverted to `router`: the class
@@ -1980,16 +1986,7 @@ async fn a_call_whose_caller_goes_away_while_its_body_is_read_is_counted_cancell
         let gave_up = tokio::time::timeout(Duration::from_secs(2), svc.oneshot(req)).await;
         assert!(gave_up.is_err(), "answered a body that never ended");
     }
-    let kept: HashMap<String, _> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
-        .map(|(k, _, _, v)| {
-            let result = k.key().labels().find(|l| l.key() == "result").unwrap();
-            (result.value().to_owned(), v)
-        })
-        .collect();
+    let kept = kept_results(&snapshotter);
     let counter = metrics_util::debugging::DebugValue::Counter;
     assert_eq!(kept.get("cancelled"), Some(&counter(1)), "{kept:?}");
     assert_eq!(kept.get("kept"), Some(&counter(0)), "{kept:?}");
@@ -2055,20 +2052,11 @@ async fn a_body_that_fails_on_its_way_is_counted_cancelled_and_one_that_stalls_n
         // Answered alike, for a caller still there.
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{counted}");
         assert_eq!(res.headers()[REASON_HEADER], "not_kept", "{counted}");
-        let results: HashMap<String, _> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_KEPT)
-            .filter(|(_, _, _, v)| *v != metrics_util::debugging::DebugValue::Counter(0))
-            .map(|(k, _, _, v)| {
-                let result = k.key().labels().find(|l| l.key() == "result").unwrap();
-                (result.value().to_owned(), v)
-            })
-            .collect();
+        let mut results = kept_results(&snapshotter);
+        results.retain(|_, v| *v != metrics_util::debugging::DebugValue::Counter(0));
         assert_eq!(
             results,
-            HashMap::from([(
+            BTreeMap::from([(
                 counted.to_owned(),
                 metrics_util::debugging::DebugValue::Counter(1)
             )]),
