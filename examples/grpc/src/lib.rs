@@ -140,7 +140,8 @@ pub fn with_http(
     tower::steer::Steer::new([http, grpc], pick)
 }
 
-/// [`with_http`]'s service: two axum routers, steered by [`pick`].
+/// [`with_http`]'s service: two axum routers, steered by a gRPC call's headers
+/// ([`tower_degrade::protocol::is_grpc`]).
 pub type OnePort = tower::steer::Steer<
     axum::Router,
     fn(&axum::extract::Request, &[axum::Router]) -> usize,
