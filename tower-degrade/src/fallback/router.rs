@@ -494,7 +494,8 @@ fn switches_protocols(parts: &http::request::Parts) -> bool {
 
 /// [`keep_call`], and a call whose caller goes away before it is stored (its future dropped
 /// while the body is read or a refused one drained: a client that cancels its stream, a
-/// deadline that passes) counted as `cancelled` in
+/// deadline that passes; or its body failing on its way, left to this guard) counted as
+/// `cancelled` in
 /// [`FALLBACK_KEPT`](crate::metrics::FALLBACK_KEPT): every call diverted to a keeping route
 /// has one result there. (Once captured, its task is stored whether or not the caller waits,
 /// and counted so.)
