@@ -296,10 +296,13 @@ pub(crate) fn describe() {
     );
 }
 
-/// Diverted calls the fallback router kept (`result="kept"`), could not keep (`too_large`,
-/// `malformed`, `not_kept`), or whose caller went away before they were stored (`cancelled`:
-/// a client that cancelled its call or stream, or closed its connection, while its body was
-/// read, or a deadline that passed meanwhile; a caller still there is answered `not_kept`).
+/// Diverted calls the fallback router kept (`result="kept"`), answered with the task already
+/// kept for them (`already_kept`: the same call again under its idempotency key, a retry),
+/// could not keep (`too_large`, `malformed`, `not_kept`, and `key_reused`: its idempotency key
+/// is kept for another request or value), or whose caller went away before they were stored
+/// (`cancelled`: a client that cancelled its call or stream, or closed its connection, while
+/// its body was read, or a deadline that passed meanwhile; a caller still there is answered
+/// `not_kept`): one result for each call, HTTP, gRPC or task, diverted to a keeping route.
 /// The class's window counts each of them as `degraded` when it is diverted.
 pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
@@ -357,8 +360,15 @@ pub(crate) fn describe_fallback() {
 
 /// Results of [`FALLBACK_KEPT`].
 #[cfg(feature = "fallback")]
-pub(crate) const KEPT_RESULTS: [&str; 5] =
-    ["kept", "too_large", "malformed", "not_kept", "cancelled"];
+pub(crate) const KEPT_RESULTS: [&str; 7] = [
+    "kept",
+    "already_kept",
+    "too_large",
+    "malformed",
+    "not_kept",
+    "key_reused",
+    "cancelled",
+];
 /// Results of [`FALLBACK_REPLAYS`].
 #[cfg(feature = "fallback")]
 pub(crate) const REPLAY_RESULTS: [&str; 3] = ["ok", "retry", "review"];

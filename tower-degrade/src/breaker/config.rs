@@ -222,7 +222,10 @@ impl BreakerConfig {
     /// open duration passes with none finished but some running, or one failed (an error, a
     /// timeout, slower than the SLA, or still running past the abandon threshold), the
     /// breaker opens again. A class no call comes to (no probe taken) waits half-open: its
-    /// next call is the probe, with the open duration to finish in.
+    /// next call is the probe, with the open duration to finish in. With a
+    /// fallback router (`fallback::FallbackRouter`) keeping the class's calls, its worker
+    /// replays one kept task a tick as a probe besides these, counted in the verdict (a log's
+    /// "probes 0/3" of a class of 2: `docs/fallback.md`, *Spool and backfill*).
     pub fn half_open_probes(mut self, value: u32) -> Self {
         self.half_open_probes = value;
         self

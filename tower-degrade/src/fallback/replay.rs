@@ -330,6 +330,11 @@ where
 /// JSON of one type can read back as another (serde skips fields it does not know), and a
 /// stock sync would be replayed as an email.
 ///
+/// `handler` is given the value alone: a replay is at least once, so make its work
+/// idempotent by something in the value (as below), or read the task's
+/// [idempotency key](crate::task::TasksBuilder::idempotency_key) ([`Task::client_key`]) and
+/// the attempt in a [`replay_fn`] of your own, which is given the [`Task`].
+///
 /// ```
 /// use tower_degrade::BoxError;
 /// use tower_degrade::fallback::replay_task;

@@ -516,6 +516,21 @@ where
     keep_call(shared, call, &mut unanswered).await
 }
 
+/// Count a call whose idempotency key found a kept task: `already_kept` (the same call again,
+/// answered with it) or `key_reused` (another request or value under its key, refused).
+fn count_found(service: &str, class: &str, route: Route, kept: &Kept) {
+    crate::metrics::count_result(
+        crate::metrics::FALLBACK_KEPT,
+        &crate::metrics::kept_labels(service, class, route),
+        &crate::metrics::KEPT_RESULTS,
+        if kept.same {
+            "already_kept"
+        } else {
+            "key_reused"
+        },
+    );
+}
+
 /// Counts its call as `cancelled` when dropped before [`answered`](Self::answered).
 struct Unanswered(Option<[metrics::Label; 3]>);
 
@@ -627,9 +642,14 @@ where
             return refuse(unanswered, Reason::NotKept);
         }
     };
-    // Captured: stored whether or not the caller waits, and counted there.
+    // Captured: stored whether or not the caller waits, and counted there (a task found under
+    // its key is counted here).
     unanswered.answered();
-    match shared.keep((class.clone(), key, route, reason), rec).await {
+    let stored = shared.keep((class.clone(), key, route, reason), rec).await;
+    if let Stored::Found(kept) = &stored {
+        count_found(&service, &class, route, kept);
+    }
+    match stored {
         Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => {
             let mut res = kept_response(&id.to_string(), route, reason, grpc, RB::default());
             // As the layer's other answers: the service did not answer this call (yet).
@@ -839,28 +859,48 @@ impl<T> FallbackRouter<T> {
         // Nor is a value kept that would not read back (nested deeper than JSON readers go), or
         // larger than an HTTP body may be: one commit holds every other call's up meanwhile.
         let limit = self.shared.capture.limit();
+        // Each refusal with its result in `FALLBACK_KEPT`: as an HTTP call's.
         let payload = match super::finite::non_finite(call.request()) {
             // Refused below, before the payload is looked at.
             _ if foreign => Ok(Vec::new()),
-            Some(what) => Err(format!("{what}, which JSON cannot hold")),
+            Some(what) => Err((Reason::Malformed, format!("{what}, which JSON cannot hold"))),
             None => serde_json::to_vec(call.request())
-                .map_err(|e| format!("it does not serialize as JSON ({e})"))
+                .map_err(|e| {
+                    let why = format!("it does not serialize as JSON ({e})");
+                    (Reason::Malformed, why)
+                })
                 .and_then(|bytes| {
                     if bytes.len() > limit {
-                        return Err(format!(
+                        let why = format!(
                             "its JSON is {} bytes, over the router's limit of {limit} \
                              (`Capture::body_limit`)",
                             bytes.len()
-                        ));
+                        );
+                        return Err((Reason::TooLarge, why));
                     }
                     // (`IgnoredAny` skips without `serde_json`'s depth limit: a `Value`.)
-                    serde_json::from_slice::<serde_json::Value>(&bytes)
-                        .map_err(|e| format!("its JSON would not read back ({e})"))?;
+                    serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| {
+                        let why = format!("its JSON would not read back ({e})");
+                        (Reason::Malformed, why)
+                    })?;
                     Ok(bytes)
                 }),
         };
         let shared = self.shared.clone();
         Ok(async move {
+            // Every task diverted here has one result: a future dropped before its task is
+            // stored (its caller gone) is `cancelled`.
+            let labels = crate::metrics::kept_labels(&service, &class, route);
+            let mut unanswered = Unanswered(Some(labels.clone()));
+            let mut refused = |why: Reason| {
+                unanswered.answered();
+                crate::metrics::count_result(
+                    crate::metrics::FALLBACK_KEPT,
+                    &labels,
+                    &crate::metrics::KEPT_RESULTS,
+                    why.as_str(),
+                );
+            };
             let not_kept = |why: Reason| -> BoxError {
                 Box::new(Degraded::new(
                     service.clone(),
@@ -871,6 +911,7 @@ impl<T> FallbackRouter<T> {
                 ))
             };
             if foreign {
+                refused(Reason::NotKept);
                 return Err(not_kept(Reason::NotKept));
             }
             // A value that does not serialize never will: no retry hint, and the cause said.
@@ -882,28 +923,34 @@ impl<T> FallbackRouter<T> {
                     detail,
                 })
             };
-            let bytes = payload.map_err(|why| {
+            let bytes = payload.map_err(|(result, why)| {
                 tracing::warn!(class = %class, error = %why, "a diverted task cannot be serialized");
+                refused(result);
                 cannot(CannotKeepKind::Value, why)
             })?;
             if let Some(k) = &key
                 && !super::capture::valid_key(k.as_bytes())
             {
+                refused(Reason::Malformed);
                 return Err(cannot(CannotKeepKind::InvalidKey, format!("{k:?}")));
             }
-            let found = |kept: Kept| -> Result<Accepted, BoxError> {
-                if kept.same {
-                    return Ok(Accepted { id: kept.id, route });
-                }
-                let key = format!("{:?}", key.as_deref().unwrap_or(""));
-                Err(cannot(CannotKeepKind::KeyInUse(kept.id), key))
-            };
+            // Stored whether or not the caller waits, and counted there (a task found under
+            // its key is counted here).
+            unanswered.answered();
             let stored = shared
                 .keep((class.clone(), key.clone(), route, reason), bytes)
                 .await;
             match stored {
                 Stored::Kept(id) => Ok(Accepted { id, route }),
-                Stored::Found(kept) => found(kept),
+                Stored::Found(kept) => {
+                    count_found(&service, &class, route, &kept);
+                    if kept.same {
+                        return Ok(Accepted { id: kept.id, route });
+                    }
+                    let key = format!("{:?}", key.as_deref().unwrap_or(""));
+                    Err(cannot(CannotKeepKind::KeyInUse(kept.id), key))
+                }
+                // `put_kept` counted it (a task's value always makes a task: not unreadable).
                 Stored::NotKept | Stored::Unreadable(..) => Err(not_kept(Reason::NotKept)),
             }
         })

@@ -483,6 +483,9 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
     let app = App::default().failing(3, 503);
     let (store, svc) = kept(&d, "pay", &app);
     d.force_open("pay").unwrap();
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let local = metrics::set_default_local_recorder(&recorder);
     let res = call(
         &svc,
         Request::post("/pay/7")
@@ -516,6 +519,13 @@ async fn delayed_retries_back_off_then_succeed_with_the_same_key() {
         assert_key_reused(&other, &res, &format!("{uri} {body}"));
     }
     assert_eq!(store.depth(Queue::Retry).len, 1);
+    // Each call its result: the gold refusal alert reads the two refused.
+    drop(local);
+    let kept = kept_results(&snapshotter);
+    let counter = metrics_util::debugging::DebugValue::Counter;
+    assert_eq!(kept.get("kept"), Some(&counter(1)), "{kept:?}");
+    assert_eq!(kept.get("already_kept"), Some(&counter(1)), "{kept:?}");
+    assert_eq!(kept.get("key_reused"), Some(&counter(2)), "{kept:?}");
 
     // Nothing is replayed into a class that cannot take it (here forced open).
     run_for(5_000).await;
@@ -1684,6 +1694,85 @@ async fn a_redelivered_task_with_its_idempotency_key_is_kept_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn every_task_diverted_to_a_keeping_route_has_one_result_in_the_kept_counter() {
+    // As an HTTP call's: what the router kept, found kept already, or refused (which the gold
+    // refusal alert reads), each counted once.
+    #[derive(serde::Serialize)]
+    struct Receipt {
+        order: u64,
+        note: String,
+        amount: f64,
+    }
+    let receipt = |order, note: &str, amount| Receipt {
+        order,
+        note: note.to_owned(),
+        amount,
+    };
+    let d = degrader([ClassConfig::gold("receipt").fallback_route(Route::DelayedRetry)]);
+    let store = Arc::new(MemoryStore::default());
+    let (router, _worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        .capture(Capture::new().body_limit(64))
+        .replay(replay_fn(|_, _| async { Replayed::Done }))
+        .build()
+        .unwrap();
+    let tasks = d
+        .tasks::<Receipt, TaskId>()
+        .keep(&router, |a| a.id)
+        .idempotency_key(|r: &Receipt| {
+            // A tab is no key.
+            if r.order == 0 {
+                "\t".to_owned()
+            } else {
+                format!("receipt-{}", r.order)
+            }
+        })
+        .build();
+    d.force_open("receipt").unwrap();
+    let never = |_: Receipt| async { Ok::<_, BoxError>(TaskId::generate()) };
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let mut refused = 0;
+    for r in [
+        receipt(1, "", 1.0),               // kept
+        receipt(1, "", 1.0),               // the same again: already_kept
+        receipt(1, "another", 1.0),        // its key on another value: key_reused
+        receipt(0, "", 1.0),               // no key: malformed
+        receipt(2, "", f64::NAN),          // no JSON number: malformed
+        receipt(3, &"x".repeat(100), 1.0), // over the body limit: too_large
+    ] {
+        refused += usize::from(tasks.run("receipt", r, never).await.is_err());
+    }
+    assert_eq!(refused, 4);
+    assert_eq!(store.depth(Queue::Retry).len, 1);
+    let counter = metrics_util::debugging::DebugValue::Counter;
+    let kept: Vec<_> = kept_results(&snapshotter).into_iter().collect();
+    assert_eq!(
+        kept,
+        [
+            ("already_kept".to_owned(), counter(1)),
+            ("cancelled".to_owned(), counter(0)),
+            ("kept".to_owned(), counter(1)),
+            ("key_reused".to_owned(), counter(1)),
+            ("malformed".to_owned(), counter(2)),
+            ("not_kept".to_owned(), counter(0)),
+            ("too_large".to_owned(), counter(1)),
+        ],
+        "{kept:?}"
+    );
+    // Each of them `degraded` in the class's window, as the layer counts a diverted call.
+    d.tick_now();
+    let status = d.status();
+    let class = status
+        .classes
+        .iter()
+        .find(|c| &*c.name == "receipt")
+        .unwrap();
+    assert_eq!(class.window.degraded, 6);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_task_that_does_not_serialize_says_so_and_is_not_told_to_retry() {
     let d = degrader([ClassConfig::bronze("recommend").fallback_route(Route::Spool)]);
     let (router, _worker) = FallbackRouter::builder(&d)
@@ -1903,8 +1992,10 @@ async fn a_body_over_the_limit_or_a_full_store_gets_the_reject_answer_never_a_20
     assert_eq!(
         kept,
         [
+            ("already_kept".to_owned(), counter(0)),
             ("cancelled".to_owned(), counter(0)),
             ("kept".to_owned(), counter(0)),
+            ("key_reused".to_owned(), counter(0)),
             ("malformed".to_owned(), counter(0)),
             ("not_kept".to_owned(), counter(1)),
             ("too_large".to_owned(), counter(0)),

@@ -94,9 +94,11 @@ impl EmbeddedStoreBuilder {
             let (kind, hint) = match e {
                 redb::Error::DatabaseAlreadyOpen => (
                     StoreErrorKind::Io,
-                    "it is already open (in this process or another): open it once and share \
-                     the handle (`EmbeddedStore` is cheap to clone), give each instance its own \
-                     file, or use the Redis backend to share one queue",
+                    "it is already open (in this process or another; a process being killed \
+                     holds it until it has exited, so a supervisor restarting at once should \
+                     wait for that or retry): open it once and share the handle \
+                     (`EmbeddedStore` is cheap to clone), give each instance its own file, or \
+                     use the Redis backend to share one queue",
                 ),
                 // A file too short for its header reads as an early end, not a path problem.
                 redb::Error::Io(ref io)
