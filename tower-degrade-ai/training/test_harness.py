@@ -97,6 +97,23 @@ class Traces(unittest.TestCase):
         self.assertAlmostEqual(r[0], 1.0)
         self.assertAlmostEqual(r[-1], 2.0)
 
+    def test_a_missing_rate_is_missing_in_its_own_row_only(self):
+        # A failed scrape: the rows after it are over the mean of the rates their window has.
+        rps = np.full(500, 50.0)
+        rps[100] = np.nan
+        rps[101] = 100.0
+        r = rate_ratio(rps)
+        self.assertEqual(list(np.flatnonzero(np.isnan(r))), [100])
+        self.assertAlmostEqual(r[101], 2.0)
+        self.assertAlmostEqual(r[400], 1.0)
+
+    def test_a_negative_or_infinite_rate_is_refused_naming_its_row(self):
+        for bad in (-5.0, np.inf):
+            rps = np.full(10, 50.0)
+            rps[7] = bad
+            with self.assertRaisesRegex(ValueError, r"rate in row 7 .*counter reset"):
+                rate_ratio(rps)
+
     def test_a_flapping_breach_is_one_incident_and_blips_are_none(self):
         X = np.tile(np.array([1, 1, 0, 0, 0.1, 0.5, 0.2, 0.0], np.float32), (200, 1))
         X[50:53, 5] = 2.0    # 3 ticks over the SLA
@@ -406,10 +423,14 @@ class Traces(unittest.TestCase):
             # A long export: several series in one file.
             with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
                                                     r"before's 60 .*several series in one file"):
-                read_csv(self.write(d, [self.row(60), self.row(60)]))
+                read_csv(self.write(d, [self.row(60), self.row(60, p99="0.3")]))
             # ... or a time rounded to whole seconds on 500 ms ticks; rows newest first.
             with self.assertRaisesRegex(ValueError, r"or time_s was rounded: keep its fractions"):
-                read_csv(self.write(d, [self.row(60), self.row(60)]))
+                read_csv(self.write(d, [self.row(60), self.row(60, p99="0.3")]))
+            # Exports joined where they overlap: a row repeated.
+            with self.assertRaisesRegex(ValueError, r"t.csv:4: column time_s: 120 is not after .*the row "
+                                                    r"repeats the one before.*drop the repeated rows\)$"):
+                read_csv(self.write(d, [self.row(60), self.row(120), self.row(120)]))
             with self.assertRaisesRegex(ValueError, r"t.csv:3: column time_s: 60 is not after the row "
                                                     r"before's 120 \(.*\) \(the rows are newest first: sort"):
                 read_csv(self.write(d, [self.row(120), self.row(60), self.row(0)]))
@@ -449,7 +470,10 @@ class Traces(unittest.TestCase):
                 # the recorder's own columns are not labels
                 read_csv(self.write(d, [self.row(t).rsplit(",", 2)[0] + ",0.1,0" for t in (0, 60)],
                                     header="time_s," + ",".join(FEATURES) + ",p_anomaly,fault"))
-            self.assertEqual(len(traces.NOTES), 3, traces.NOTES)
+                read_csv(self.write(d, [self.row(t).rsplit(",", 2)[0] + ",0" for t in (0, 60)],
+                                    header="time_s," + ",".join(FEATURES) + ",Outage"))
+            self.assertEqual(len(traces.NOTES), 4, traces.NOTES)
+            self.assertIn("a column named 'Outage' is not read: name it label", traces.NOTES[3])
             self.assertIn("t.csv: no time_s column: read as 500 ms steps (the default tick)", traces.NOTES[0])
             self.assertIn("t.csv:2: success_rate + error_rate + timeout_rate is 1.096 (0.999 + 0.097 + 0), "
                           "in 2 rows", traces.NOTES[1])
@@ -829,6 +853,13 @@ class Traces(unittest.TestCase):
             # A file of one row has no step of its own: it takes its directory's.
             write_csv(Trace("b", "x", X[:1], [], 60.0), os.path.join(d, "b.csv"))
             self.assertEqual([t.step_seconds for t in read_dataset(d, "mine")], [60.0, 60.0])
+        # Files too short for `traces.py split` to give a part rows are told so, not sent to it.
+        with tempfile.TemporaryDirectory() as d:
+            write_csv(Trace("a", "x", X[:1], [], 60.0), os.path.join(d, "a.csv"))
+            split(d, 0.2, 0.2)
+            with self.assertRaisesRegex(ValueError, r"^no test data .*too short for `traces.py split` "
+                                                    r"to give them one \(the longest, a, has 1 rows\)"):
+                read_dataset(d, "mine", need=("test",))
 
     def test_bad_time_labels_splits_and_short_rows_name_the_line(self):
         with tempfile.TemporaryDirectory() as d:
@@ -838,6 +869,9 @@ class Traces(unittest.TestCase):
                 ([self.row(0), self.row(1, label="yes")], r"t.csv:3: column label: expected 0 or 1"),
                 ([self.row(0), self.row(1, label="nan")], r"t.csv:3: column label: expected 0 or 1"),
                 ([self.row(0), self.row(1, split="validation")], r"t.csv:3: column split: expected one of"),
+                # Named otherwise in many rows: renamed, not dropped.
+                ([self.row(0), self.row(1, split="validation"), self.row(2, split="validation")],
+                 r"t.csv:3: column split: expected one of .*: write one of train, val, test in each row\)$"),
                 ([self.row(0, split="val"), self.row(1, split="train")], r"t.csv:3: column split: 'train' after 'val'"),
                 ([self.row(0), "1,1,1"], r"t.csv:3: 3 fields, the header has 11"),
                 # Longer than the header: its values would sit under the wrong names.

@@ -225,6 +225,11 @@ class DatasetShares(unittest.TestCase):
         lines = dataset_shares(ds, y, balance=False)
         self.assertIn("0.0 % of the loss", lines[0])
         self.assertFalse(any(line.startswith("warning") for line in lines))
+        # A directory given that gives no window (an incident from its first step to its
+        # last) is said not to be trained on, not left out of the log.
+        lines = dataset_shares(ds, y, balance=True, given={"short", "simulated", "all-incident"})
+        self.assertRegex(lines[0], r"^warning: all-incident: no training window .*it is not trained on$")
+        self.assertEqual(lines[1], "  short: 42 windows (0 positive), each weighing 1.19e+03, 50.0 % of the loss")
         # Enough windows (the public data's smallest has 1,600): no warning.
         ds = np.array(["simulated"] * 100_000 + ["smd"] * FEW_WINDOWS)
         self.assertFalse(any(line.startswith("warning") for line in dataset_shares(ds, np.ones(len(ds)), True)))

@@ -109,12 +109,29 @@ def clip(X: np.ndarray) -> np.ndarray:
 
 
 def rate_ratio(rps: np.ndarray) -> np.ndarray:
-    """rps over the mean of the previous (up to) 64 steps, as the Rust feature history does."""
+    """rps over the mean of the previous (up to) 64 steps, as the Rust feature history does.
+
+    A missing rate (NaN: a scrape that failed) is missing in its own row only, which a trace
+    file then refuses until filled in or dropped; the mean of the rows after it is over the
+    rates the window has. A negative or infinite rate is refused (ValueError, naming its row
+    from 0): a rate from a counter that was reset (a process restart) is to be computed from
+    the counter's value after the reset, as Prometheus's `rate()` does."""
     rps = np.asarray(rps, dtype=float)
-    c = np.concatenate([[0.0], np.cumsum(rps)])
+    bad = np.flatnonzero(np.isinf(rps) | (rps < 0))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"rate_ratio: the rate in row {i} (from 0) is {rps[i]:g}, and {len(bad)} in all are "
+            "negative or infinite: a rate is a number of calls a second, at least 0 (a counter "
+            "reset, a process restarting, gives a negative difference: take the counter's value "
+            "after the reset as the increase, as Prometheus's rate() does)"
+        )
+    seen = ~np.isnan(rps)
+    c = np.concatenate([[0.0], np.cumsum(np.where(seen, rps, 0.0))])
+    k = np.concatenate([[0], np.cumsum(seen)])
     t = np.arange(len(rps))
     lo = np.maximum(0, t - WINDOW)
-    n = t - lo
+    n = k[t] - k[lo]
     mean = np.where(n > 0, (c[t] - c[lo]) / np.maximum(n, 1), rps)
     return np.clip(rps / np.maximum(mean, 1.0), 0, 10)
 
@@ -302,6 +319,7 @@ def _refusal(path: str, refused: list, whole: bool, rows: int = 0) -> ValueError
         every = whole and len(refused) == rows and all(c == col for _, c, _ in refused)
         fix = ("divide the column by 100" if "not a percentage" in why
                else "every row's: the column is in another format, convert it" if every
+               else f"write one of {', '.join(SPLITS)} in each row" if col == "split"
                else "fill them in or drop their rows")
         more = (f" ({'' if whole else 'at least '}{len(refused)} values cannot be read in all, in "
                 f"lines {line}-{refused[-1][0]}{'' if whole else ' and on'}: {fix})")
@@ -535,7 +553,10 @@ def read_csv(path: str, dataset: str = "recorded") -> Trace:
             back = np.flatnonzero(d <= 0)
             if len(back):
                 i = int(back[0]) + 1
-                if t[i] == t[i - 1]:
+                if t[i] == t[i - 1] and np.array_equal(X[i], X[i - 1]):
+                    same = (" (the row repeats the one before, as exports joined where they "
+                            "overlap repeat theirs: drop the repeated rows)")
+                elif t[i] == t[i - 1]:
                     same = (" (several series in one file, as a long export has them, go in a file "
                             "each; or time_s was rounded: keep its fractions of a second)")
                 elif (d < 0).mean() > 0.5:
@@ -639,7 +660,7 @@ def _timelike(name: str) -> bool:
 
 
 # Words in a column's name that say it marks incidents (read_csv's note where no `label` is).
-LABEL_LIKE = ("label", "anomal", "incident")
+LABEL_LIKE = ("label", "anomal", "incident", "outage", "fault", "alert")
 # The columns the recorder adds (its model's score, the faults it injected): not labels.
 RECORDER_COLUMNS = ("p_anomaly", "fault")
 
@@ -759,6 +780,15 @@ def read_dataset(d: str, name: str, need: tuple = ()) -> list:
                                  f"or only `test` rows); python traces.py split {d} adds a "
                                  "time-ordered one")
         elif not any(_PARTS[part][0](t) for t in trs):
+            longest = max(trs, key=lambda t: t.T)
+            val_from, test_from = split_bounds(longest.T)
+            resplit = Trace(longest.name, name, longest.X, [], longest.step_seconds,
+                            val_from=val_from, test_from=test_from)
+            if not _PARTS[part][0](resplit):
+                # `traces.py split` gives each part its share of each file's rows: too few.
+                raise ValueError(f"{_PARTS[part][1]}, and its files are too short for `traces.py "
+                                 f"split` to give them one (the longest, {longest.name}, has "
+                                 f"{longest.T} rows): record longer")
             raise ValueError(f"{_PARTS[part][1]}; python traces.py split {d} writes a time-ordered "
                              "split with train, val and test parts")
     return trs
@@ -777,6 +807,14 @@ def read_datasets(paths: list, need: tuple = ()) -> dict:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
     return out
+
+
+def split_bounds(n: int, val: float = 0.2, test: float = 0.2) -> tuple:
+    """Where `split` starts the validation and test parts of a file of `n` rows: the first
+    1 - val - test of it train, at least its first row (a class with one row so far is not
+    all test data, which reading the directory would refuse)."""
+    val_from = max(1, int(n * (1 - val - test)))
+    return val_from, max(val_from, int(n * (1 - test)))
 
 
 def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = None) -> list:
@@ -805,10 +843,7 @@ def split(d: str, val: float = 0.2, test: float = 0.2, counts: list | None = Non
     spans = []  # per file with time_s: (path, first train time, last train time, first test time, last time)
     try:
         for path, n in read:
-            # At least the first row is train: a class with one row so far is not all test data,
-            # which reading the directory would refuse.
-            val_from = max(1, int(n * (1 - val - test)))
-            test_from = max(val_from, int(n * (1 - test)))
+            val_from, test_from = split_bounds(n, val, test)
             tmp = f"{path}.split-tmp"
             staged.append(tmp)
             with _rows(path) as (header, _, chunks), open(tmp, "w", newline="", encoding="utf-8") as fh:

@@ -75,15 +75,19 @@ def dataset_weights(ds: np.ndarray) -> np.ndarray:
 FEW_WINDOWS = 1000
 
 
-def dataset_shares(ds: np.ndarray, y: np.ndarray, balance: bool) -> list:
+def dataset_shares(ds: np.ndarray, y: np.ndarray, balance: bool, given=()) -> list:
     """The training log's lines on each dataset's windows: how many, how many positive, and
     with `balance` (dataset_weights) what each weighs; then a warning for a dataset whose
     equal share rests on fewer than FEW_WINDOWS windows (a directory of a short recording
     gets as much of the loss as the simulator's million), and a note for one with no positive
-    window."""
+    window. A dataset of `given` (those trained on) with no window at all is warned of first:
+    it is not trained on."""
     names, counts = np.unique(ds, return_counts=True)
     w = dataset_weights(ds) if balance else np.ones(len(ds), dtype=np.float32)
-    out = []
+    out = [f"warning: {name}: no training window (no train part in its files, or each step of "
+           "their train parts in an incident or ignored: the windows are the steps before an "
+           "incident and healthy steps): it is not trained on"
+           for name in sorted(set(given) - set(names))]
     for name, n in zip(names, counts):
         at = ds == name
         out.append(f"  {name}: {n} windows ({int(y[at].sum())} positive), each weighing "
@@ -218,7 +222,7 @@ def fit(traces, out: str, seed: int = 7, epochs: int = 8, n_hard: int = 20000,
     Xva, yva, _ = sample(traces, "val", rng, with_baseline=net.takes_baseline)
     log(f"train windows {len(ytr)} ({int(ytr.sum())} positive), val {len(yva)} ({int(yva.sum())})"
         f" in {time.time() - t0:.0f} s")
-    for line in dataset_shares(dtr, ytr, balance):
+    for line in dataset_shares(dtr, ytr, balance, {tr.dataset for tr in traces}):
         log(line)
 
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
