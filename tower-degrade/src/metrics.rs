@@ -318,7 +318,7 @@ pub const FALLBACK_DEPTH: &str = "degrade_fallback_depth";
 pub const FALLBACK_OLDEST: &str = "degrade_fallback_oldest_age_seconds";
 /// Replays of kept tasks by result (`ok`, `retry`, `review`).
 pub const FALLBACK_REPLAYS: &str = "degrade_fallback_replays_total";
-/// Backfill replays per second over the last worker period.
+/// Backfill replays per second, over the last second or so (0 while the spool is empty).
 pub const FALLBACK_BACKFILL_RATE: &str = "degrade_fallback_backfill_rate";
 /// Merged writes of the batch-merge route by result (`ok`, `failed`, `spooled`).
 pub const FALLBACK_BATCH_WRITES: &str = "degrade_fallback_batch_writes_total";

@@ -399,6 +399,8 @@ pub(crate) async fn play(
     let event_queue = queue.describe();
     let events_unacknowledged = queue.remove().await?;
     cron.abort();
+    // An aborted task is dropped later, with the shop it holds: waited for.
+    let _ = cron.await;
 
     // Drain: kept calls are replayed once their classes are healthy.
     let drain_until = start.elapsed() + Duration::from_secs_f64(storm.drain_secs);
@@ -417,6 +419,7 @@ pub(crate) async fn play(
     }
     let drained_ms = start.elapsed().as_millis() as u32;
     sampler.abort();
+    let _ = sampler.await;
 
     let e = &shop.world.effects;
     use crate::world::Effects;
@@ -454,9 +457,11 @@ pub(crate) async fn play(
             u32::try_from(sla.as_micros()).unwrap_or(u32::MAX)
         })
         .collect();
-    if let Ok(shop) = Arc::try_unwrap(shop) {
-        shop.stop(config.storage.path.is_some()).await;
-    }
+    // Every task of the run that held the shop has ended: stopped, so that its port and its
+    // store are free for the next shop (`--serve`, or the protected run after the other).
+    let shop = Arc::try_unwrap(shop)
+        .map_err(|_| "the storm's shop is still held by one of its tasks: it cannot be stopped")?;
+    shop.stop(config.storage.path.is_some()).await;
     Ok(Run {
         protected,
         phases,
@@ -538,5 +543,26 @@ fn task_outcome(t: TaskOutcome) -> Outcome {
         TaskOutcome::Kept => Outcome::Kept,
         TaskOutcome::Skipped => Outcome::Rejected,
         TaskOutcome::Failed => Outcome::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_frees_its_port_for_the_next_shop() {
+        // `--serve` starts a shop on the port the protected run served on, once it is over.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("order-fulfillment.toml");
+        let mut config = Config::load(&path).unwrap();
+        let s = &mut config.storm;
+        (s.normal_secs, s.fault_secs, s.recovery_secs, s.drain_secs) = (0.5, 0.5, 0.5, 0.5);
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        play(&config, true, addr, None, None).await.unwrap();
+        // At once: the shop of the run is gone, not left serving.
+        std::net::TcpListener::bind(addr).expect("the run's port is free");
     }
 }

@@ -238,18 +238,18 @@ impl Shared {
                 self.on_transition(id, class.tier(), ctl, &t);
             }
             directives.push(ctl.breaker.directive(now).pack());
-            // A manual command always wins over the stages.
-            if !ctl.breaker.is_manual() {
-                views.push(ClassTick {
-                    id,
-                    history: ctl.history.clone(),
-                    state: ctl.breaker.state(),
-                    prediction,
-                    admission: self.gates[id.index()]
-                        .limiter
-                        .and_then(|l| admission.get(usize::from(l)).cloned()),
-                });
-            }
+            // A manual command always wins over the stages: they see the class (its policies'
+            // alerts are raised), and leave its directive as it is.
+            views.push(ClassTick {
+                id,
+                history: ctl.history.clone(),
+                state: ctl.breaker.state(),
+                prediction,
+                admission: self.gates[id.index()]
+                    .limiter
+                    .and_then(|l| admission.get(usize::from(l)).cloned()),
+                manual: ctl.breaker.is_manual(),
+            });
         }
         for stage in self.stages() {
             stage.decide(&views, &mut directives);

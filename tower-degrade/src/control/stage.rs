@@ -14,8 +14,8 @@ use crate::window::History;
 /// out is a `()` stage rather than a `#[cfg]` in the loop.
 ///
 /// The loop calls, each tick: [`observe`](Self::observe) once, after every class's window was
-/// read and before the breakers step; then, per class whose breaker is under automatic control,
-/// [`decide`](Self::decide) with the directive so far. The data path calls
+/// read and before the breakers step; then [`decide`](Self::decide) with every class's
+/// directive so far (a class under a manual command keeps its own: `ClassTick::manual`). The data path calls
 /// [`per_request`](Self::per_request) only for a class whose published directive carries the
 /// per-request bit.
 pub(crate) trait Stage: Send + Sync {
@@ -56,4 +56,7 @@ pub(crate) struct ClassTick {
     pub(crate) prediction: Option<f64>,
     /// The class's admission limiter after this tick's update, if admission is on.
     pub(crate) admission: Option<crate::admit::LimiterState>,
+    /// Under a manual command, which beats every stage: its policies run (their alerts are
+    /// raised, their errors counted) but their decisions are not applied.
+    pub(crate) manual: bool,
 }

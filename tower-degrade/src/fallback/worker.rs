@@ -157,6 +157,10 @@ pub struct FallbackWorker {
     rate: f64,
     tokens: f64,
     last_ms: u64,
+    /// The backfill's replays and the seconds they were counted over, since the gauge was
+    /// last set: it is set once a second of them has passed (the worker also steps whenever
+    /// a replay ends, so a step's own rate swings with its length).
+    backfilled: (usize, f64),
     seed: u64,
     /// Replays in flight (at most `concurrency`), and the task each one replays.
     running: JoinSet<(Replayed, Duration)>,
@@ -218,6 +222,7 @@ impl FallbackWorker {
             rate,
             tokens: 0.0,
             last_ms,
+            backfilled: (0, 0.0),
             seed: crate::mix::GAMMA ^ last_ms,
             running: JoinSet::new(),
             replaying: HashMap::new(),
@@ -684,6 +689,7 @@ impl FallbackWorker {
         let service = self.shared.service.to_string();
         if self.shared.store.depth(Queue::Spool).len == 0 {
             self.tokens = 0.0;
+            self.backfilled = (0, 0.0);
             gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(0.0);
             return;
         }
@@ -734,12 +740,14 @@ impl FallbackWorker {
             let read = self.shared.store.due(Queue::Spool, now, 0).await;
             self.readable(Queue::Spool, read);
         }
-        let rate = if elapsed > 0.0 {
-            replayed as f64 / elapsed
-        } else {
-            0.0
-        };
-        gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(rate);
+        let (count, secs) = &mut self.backfilled;
+        *count += replayed;
+        *secs += elapsed;
+        if *secs >= 1.0 {
+            let rate = *count as f64 / *secs;
+            self.backfilled = (0, 0.0);
+            gauge!(crate::metrics::FALLBACK_BACKFILL_RATE, "service" => service).set(rate);
+        }
     }
 
     /// Move the parked delayed retries whose deadline passed to manual review.

@@ -432,6 +432,11 @@ impl Stage for Runtime {
         };
         let mut work = Vec::new();
         for c in classes {
+            if c.manual {
+                // A manual command beats every policy: no overlay for its calls; its
+                // policies still run, for their alerts.
+                self.overlays[c.id.index()].store(None);
+            }
             if set.by_class[c.id.index()].is_empty() {
                 // Without policies, a class has no overlay and keeps the breaker's directive.
                 self.overlays[c.id.index()].store(None);
@@ -444,6 +449,10 @@ impl Stage for Runtime {
         if work.is_empty() {
             return;
         }
+        let mut manual = vec![false; directives.len()];
+        for c in classes.iter().filter(|c| c.manual) {
+            manual[c.id.index()] = true;
+        }
         let deadline = Instant::now() + self.limits.max_tick_time;
         // On the control loop's thread, on a stack grown to what the limits let a script
         // reach (a runtime worker has 2 MiB); every call stops at its deadline, and policies
@@ -454,10 +463,12 @@ impl Stage for Runtime {
         let mut skipped = 0usize;
         for o in outcomes {
             let i = o.id.index();
-            let has_overlay = o.overlay.is_some();
-            // The overlay first: a directive with the bit set always finds it.
-            self.overlays[i].store(o.overlay.map(Arc::new));
-            directives[i] = o.directive.pack().with_overlay(has_overlay);
+            if !manual[i] {
+                let has_overlay = o.overlay.is_some();
+                // The overlay first: a directive with the bit set always finds it.
+                self.overlays[i].store(o.overlay.map(Arc::new));
+                directives[i] = o.directive.pack().with_overlay(has_overlay);
+            }
             skipped += o
                 .notes
                 .iter()

@@ -447,6 +447,63 @@ async fn backfill_waits_for_the_off_peak_window_and_keeps_to_its_rate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_backfill_rate_gauge_reads_the_replays_a_second() {
+    // The worker steps whenever a replay ends as well as every period: the gauge is over a
+    // second of steps, not the last step's (0 where it found no replay free to start, though
+    // 20 a second are replayed; a burst over a few milliseconds, hundreds).
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
+    let store = Arc::new(MemoryStore::default());
+    let (router, worker) = FallbackRouter::builder(&d)
+        .shared_store(store.clone())
+        // Four replays at a time, each 200 ms: 20 a second, under the rate of 50; the four
+        // started together end together, each a step of its own.
+        .replay(replay_fn(|_, _| async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Replayed::Done
+        }))
+        .concurrency(4)
+        .backfill(Backfill::default().rate(50.0))
+        .build()
+        .unwrap();
+    let svc = layered(&d, "browse", router, &App::default());
+    tokio::spawn(worker.run());
+    d.force_open("browse").unwrap();
+    d.tick_now();
+    for _ in 0..400 {
+        call(&svc, post("/log", "x")).await;
+    }
+    d.reset("browse").unwrap();
+    d.tick_now();
+    // The recorder's reads take the value (a gauge reads 0 until set again): those set.
+    let mut set = Vec::new();
+    run_for(1_500).await;
+    for _ in 0..50 {
+        run_for(100).await;
+        let rate = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(k, _, _, _)| k.key().name() == tower_degrade::metrics::FALLBACK_BACKFILL_RATE)
+            .map(|(_, _, _, v)| match v {
+                metrics_util::debugging::DebugValue::Gauge(g) => g.into_inner(),
+                other => panic!("{other:?}"),
+            })
+            .unwrap();
+        if rate != 0.0 {
+            set.push(rate);
+        }
+    }
+    assert!(
+        set.len() >= 4 && set.iter().all(|r| (16.0..=24.0).contains(r)),
+        "about 20 replays a second: {set:?}"
+    );
+    assert!(store.depth(Queue::Spool).len > 0, "still replaying");
+}
+
+#[tokio::test(start_paused = true)]
 async fn backfill_stops_the_moment_the_class_degrades_again() {
     let d = degrader([ClassConfig::bronze("browse").fallback_route(Route::Spool)]);
     let app = App::default();

@@ -594,6 +594,33 @@ async fn rollback_restores_the_previous_set_and_stats_survive_reloads() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_class_under_a_manual_command_runs_its_policies_for_their_alerts_only() {
+    // `ctx.breaker` reads `forced_open`, and the policy's alert is raised (an operator's
+    // command does not silence it), but its `close()` is not applied.
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let d = degrader();
+    let body =
+        "if ctx.breaker == \"forced_open\" { close().alert(\"forced open\") } else { close() }";
+    d.load_policy_sources([("p", policy("\"log\"", body).as_str())])
+        .unwrap();
+    d.force_open("log").unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        d.tick_now();
+        d.tick_now();
+    });
+    assert_eq!(admitted(&d, "log", 10).await, 0, "the command wins");
+    let snap = snapshotter.snapshot().into_vec();
+    assert_eq!(counter(&snap, "degrade_policy_alerts_total"), Some(2));
+    // Reset: the policy's decision applies again.
+    d.reset("log").unwrap();
+    d.tick_now();
+    assert_eq!(admitted(&d, "log", 10).await, 10);
+}
+
+#[tokio::test(start_paused = true)]
 async fn shadow_mode_decides_and_counts_but_enforces_nothing() {
     use metrics_util::debugging::DebuggingRecorder;
 
