@@ -27,6 +27,8 @@ pub struct Degraded {
     route: Route,
     retry_after: Option<Duration>,
     detail: Option<Arc<str>>,
+    /// A call diverted to `cached`: claimed by the `LastGoodLayer` that looks for its copy.
+    cached: Option<crate::layer::CachedClaim>,
 }
 
 /// The most bytes of a [`Degraded::detail`]: a longer one is cut at a character boundary.
@@ -48,6 +50,21 @@ impl Degraded {
             route,
             retry_after,
             detail: None,
+            cached: None,
+        }
+    }
+
+    /// A call diverted to `cached`, whose answer a `LastGoodLayer` is to claim.
+    pub(crate) fn with_cached_claim(mut self, claim: crate::layer::CachedClaim) -> Self {
+        self.cached = Some(claim);
+        self
+    }
+
+    /// A `LastGoodLayer` looked for this call's copy.
+    #[cfg(feature = "fallback")]
+    pub(crate) fn claim_cached(&self) {
+        if let Some(c) = &self.cached {
+            c.claim();
         }
     }
 

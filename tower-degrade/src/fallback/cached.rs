@@ -315,6 +315,12 @@ fn labels(service: &str, class: &str) -> [metrics::Label; 2] {
     ]
 }
 
+/// Count one of `class`'s calls in `degrade_fallback_cached_total` (`result`, one of
+/// `CACHED_RESULTS`).
+pub(crate) fn count_cached(service: &str, class: &str, result: &'static str) {
+    counted(labels(service, class), result);
+}
+
 fn counted(labels: [metrics::Label; 2], result: &'static str) {
     crate::metrics::count_result(
         crate::metrics::FALLBACK_CACHED,
@@ -535,6 +541,7 @@ impl LastGoodLayer {
             if d.route() != Route::Cached {
                 return res;
             }
+            d.claim_cached();
             let (labels, reason) = (labels(d.service(), d.class()), d.reason());
             // Timed out by the layer: a failed read, as a `5xx` below.
             if reason == Reason::Timeout {

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[cfg(feature = "fallback")]
-pub(crate) use self::cached::FailedRead;
+pub(crate) use self::cached::{FailedRead, count_cached};
 pub use self::drain::DrainRejected;
 #[cfg(feature = "fallback")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]

@@ -3510,6 +3510,56 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cached_call_no_last_good_layer_looks_at_is_a_miss_and_said_once() {
+    // A class routed to `cached` with nothing to serve its copies (no `LastGoodLayer`, or a
+    // call that is not a read): its clients get the layer's 503, which the cached counter
+    // and the log say, not a "diverted" that reads as served.
+    let d = degrader([ClassConfig::bronze("clicks").fallback_route(Route::Cached)]);
+    let id = d.class_id("clicks").unwrap();
+    let app =
+        service_fn(|_: Req| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
+    let bare = d.layer(move |_: &Req| id).http().layer(app);
+    let wrapped = LastGoodLayer::new().layer(d.layer(move |_: &Req| id).http().layer(app));
+    d.force_open("clicks").unwrap();
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (logs, _guard) = logs::Logs::capture();
+    for _ in 0..2 {
+        let get = Request::get("/clicks")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = bare.clone().oneshot(get).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let res = wrapped.clone().oneshot(post("/clicks", "x")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let misses: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| {
+            k.key().name() == tower_degrade::metrics::FALLBACK_CACHED
+                && k.key()
+                    .labels()
+                    .any(|l| l.key() == "result" && l.value() == "miss")
+        })
+        .map(|(_, _, _, v)| match v {
+            metrics_util::debugging::DebugValue::Counter(n) => n,
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(misses, 4);
+    let text = logs.text();
+    assert_eq!(
+        text.matches("answered 503 with no copy looked for").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("class=clicks"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn reads_that_differ_only_by_ignored_query_parameters_share_a_copy() {
     let d = degrader([ClassConfig::silver("product").fallback_route(Route::Cached)]);
     let id = d.class_id("product").unwrap();
