@@ -1256,10 +1256,14 @@ impl DegraderFile {
             .as_ref()
             .is_some_and(Vec::is_empty)
         {
+            let fix = if self.http.override_header.is_some() {
+                "remove `override_header` and `override_allowed` to turn it off"
+            } else {
+                "remove it: without `override_header` no header picks a class"
+            };
             return Err(err(
                 &["http.override_allowed".to_owned()],
-                &"allows no class: the header would pick none (remove `override_header` to \
-                  turn it off)",
+                &format!("allows no class: the header would pick none ({fix})"),
             ));
         }
         if let Some(class) = &self.http.default_class

@@ -84,6 +84,9 @@ pub struct FallbackRouterBuilder<T = NoFallback> {
     batches: HashMap<String, Arc<dyn Batcher>>,
     /// A class given a second `batch_merge` (refused when built).
     merged_twice: Option<String>,
+    /// [`service`](Self::service) was given: it serves `service`, and `batch_merge` for a
+    /// class with no `batch_merge` of its own.
+    serves: bool,
     replay: Option<Arc<dyn Replay>>,
     /// Per tier, gold, silver, bronze: the share of the store new tasks may fill.
     shares: [f64; 3],
@@ -115,6 +118,7 @@ impl FallbackRouter {
             retry: RetryPolicy::default(),
             batches: HashMap::new(),
             merged_twice: None,
+            serves: false,
             replay: None,
             shares: DEFAULT_SHARES,
             service: NoFallback,
@@ -242,6 +246,7 @@ impl<T> FallbackRouterBuilder<T> {
             retry: self.retry,
             batches: self.batches,
             merged_twice: self.merged_twice,
+            serves: true,
             replay: self.replay,
             shares: self.shares,
             service: FallbackService(service),
@@ -282,6 +287,24 @@ impl<T> FallbackRouterBuilder<T> {
         for (class, batcher) in &self.batches {
             self.degrader.registry().require(class)?;
             batcher.validate()?;
+        }
+        // A class whose configured route this router cannot serve (a configuration file's
+        // `fallback = "batch_merge"` with no `batch_merge` in code): said now, not at its
+        // first diverted call. (A warning: another router, or a layer's own fallback
+        // service, may serve it.)
+        for (_, class) in self.degrader.registry().iter() {
+            let (name, route) = (class.name(), class.route());
+            let unserved = match route {
+                Route::BatchMerge => !self.batches.contains_key(name) && !self.serves,
+                Route::Service => !self.serves,
+                _ => false,
+            };
+            if unserved {
+                tracing::warn!(service = %self.degrader.service(), class = %name, route = %route,
+                    "the class's fallback route is one this router does not serve (`batch_merge` \
+                     needs `FallbackRouterBuilder::batch_merge` for the class, `service` a \
+                     fallback service): its diverted calls through it are answered 503");
+            }
         }
         for class in replay.classes() {
             if self.degrader.registry().get(class).is_none() {

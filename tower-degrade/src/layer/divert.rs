@@ -97,8 +97,11 @@ fn unserved(shared: &Shared, idx: usize, route: Route) {
     {
         tracing::warn!(
             service = %shared.service, class = %shared.names[idx], route = %route,
-            "the class diverts calls to a route this layer has no fallback for (see \
-             `DegradeLayer::fallback_service` and `fallback_with`): they are rejected"
+            "the class diverts calls to a route nothing behind this layer serves (a \
+             `FallbackRouter` given with `fallback_with` keeps `delayed_retry`, `spool` and \
+             `manual_review`, and `batch_merge` for a class given a `batch_merge`; `service` \
+             needs a fallback service, `DegradeLayer::fallback_service` or the router's): \
+             they are rejected"
         );
     }
 }

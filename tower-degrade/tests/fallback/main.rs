@@ -3509,6 +3509,42 @@ async fn a_diverted_read_is_served_the_last_good_copy_with_its_age() {
     );
 }
 
+#[test]
+fn a_route_the_router_cannot_serve_is_said_when_it_is_built() {
+    // A configuration file's `fallback = "batch_merge"` with no `batch_merge` in code.
+    let (logs, _guard) = logs::Logs::capture();
+    let d = degrader([
+        ClassConfig::silver("stock").fallback_route(Route::BatchMerge),
+        ClassConfig::silver("refund").fallback_route(Route::Service),
+        ClassConfig::bronze("browse").fallback_route(Route::Spool),
+    ]);
+    let router = |b: FallbackRouterBuilder| {
+        b.store(MemoryStore::default())
+            .replay(replay(&App::default()))
+    };
+    let _built = router(FallbackRouter::builder(&d)).build().unwrap();
+    let text = logs.text();
+    assert_eq!(
+        text.matches("this router does not serve").count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.contains("class=stock") && text.contains("class=refund"),
+        "{text}"
+    );
+    // Given a fallback service, it serves both.
+    let _served = router(FallbackRouter::builder(&d))
+        .service(service_fn(
+            |_: tower_degrade::fallback::Diverted<Req>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            },
+        ))
+        .build()
+        .unwrap();
+    assert_eq!(logs.text().matches("this router does not serve").count(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cached_call_no_last_good_layer_looks_at_is_a_miss_and_said_once() {
     // A class routed to `cached` with nothing to serve its copies (no `LastGoodLayer`, or a

@@ -697,7 +697,7 @@ async fn a_route_the_layer_cannot_serve_is_rejected_and_logged_once() {
     }
     let log = logs.text();
     assert_eq!(
-        log.matches("has no fallback for").count(),
+        log.matches("nothing behind this layer serves").count(),
         1,
         "warned once for the class: {log}"
     );
