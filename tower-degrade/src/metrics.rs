@@ -56,9 +56,9 @@
 //! that event (a series created at its first increment starts at 1, which they cannot tell
 //! from a restart): the class's request and prediction counters and the predictor's
 //! `overruns`, `failures` and `invalid` from the first tick, each `result` of the reloads
-//! from the first load, a policy's alerts and errors for each class it governs from each
-//! load, and each `result` of the fallback router's counters beside the first one counted for
-//! its other labels.
+//! from the first load, a policy's alerts, errors and skipped calls for each class it
+//! governs from each load, and each `result` of the fallback router's counters beside the
+//! first one counted for its other labels.
 //!
 //! # Latency buckets
 //!

@@ -251,7 +251,10 @@ pub(crate) struct Shop {
     events: Tasks<OrderEvent, TaskOutcome>,
     ids: Ids,
     store_path: Option<PathBuf>,
+    /// The admin API's server, when served (aborted when the shop stops).
     handles: Vec<JoinHandle<()>>,
+    /// The server of the shop's port, stopped gracefully.
+    server: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
     /// The fallback worker, stopped gracefully (its running replays end and are recorded)
     /// once the other tasks are aborted.
     worker: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
@@ -339,7 +342,6 @@ impl Shop {
                 .into_axum_router()
                 .layer(app_chaos.layer(classify.clone()).grpc());
 
-        let mut handles = Vec::new();
         let mut worker_task = None;
         let ((http, grpc), store, review, store_path, cron, events) = if protected {
             // Kept calls are replayed through the application without the degrade layer.
@@ -449,9 +451,16 @@ impl Shop {
         let app = tower::steer::Steer::new([http, grpc], grpc_or_http);
         let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
-        handles.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, tower::make::Shared::new(app)).await;
-        }));
+        // Stopped gracefully: its connections close (the storm's idle keep-alive ones among
+        // them), so that no connection task keeps this shop's degrader alive beside the next.
+        let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, tower::make::Shared::new(app))
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
         Ok(Shop {
             degrader,
             world,
@@ -465,7 +474,8 @@ impl Shop {
             events,
             ids,
             store_path,
-            handles,
+            handles: Vec::new(),
+            server: Some((stop_serving, server)),
             worker: worker_task,
             _policies: policies,
         })
@@ -543,7 +553,17 @@ impl Shop {
     pub(crate) async fn stop(self, keep_store: bool) {
         // The server first, so that no call is kept while the worker stops; then the worker,
         // gracefully: replays under way end and are acknowledged, so the next shop on this
-        // store does not replay them again.
+        // store does not replay them again. The server's calls under way end (5 s at most).
+        if let Some((stop, mut server)) = self.server {
+            let _ = stop.send(());
+            if tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+                let _ = server.await;
+            }
+        }
         for h in &self.handles {
             h.abort();
         }

@@ -371,15 +371,15 @@ impl Core {
     pub(crate) fn install(&self, mut set: PolicySet) -> u64 {
         let version = self.versions.fetch_add(1, Ordering::AcqRel) + 1;
         set.version = version;
-        // Each (class, policy) pair's alert and error counters exist from the load, at 0: a
-        // counter created at its first increment starts at 1, and `rate()` or `increase()`
-        // over it never sees that first alert.
+        // Each (class, policy) pair's alert, error and skip counters exist from the load, at
+        // 0: a counter created at its first increment starts at 1, and `rate()` or
+        // `increase()` over it never sees that first alert.
         for (class, policies) in set.by_class.iter().enumerate() {
             let Some(c) = self.classes.get(class) else {
                 continue;
             };
             for &i in policies {
-                for name in [POLICY_ALERTS, POLICY_ERRORS] {
+                for name in [POLICY_ALERTS, POLICY_ERRORS, POLICY_SKIPPED] {
                     metrics::counter!(name, "service" => self.service.to_string(), "class" => c.name.to_string(), "policy" => set.policies[i].name.clone()).increment(0);
                 }
             }

@@ -702,7 +702,11 @@ fn a_load_creates_the_counters_alerts_read_at_zero() {
         value("degrade_policy_reloads_total", &[("result", "error")]),
         zero
     );
-    for name in ["degrade_policy_alerts_total", "degrade_policy_errors_total"] {
+    for name in [
+        "degrade_policy_alerts_total",
+        "degrade_policy_errors_total",
+        "degrade_policy_skipped_total",
+    ] {
         assert_eq!(
             value(name, &[("class", "log"), ("policy", "p")]),
             zero,
