@@ -28,8 +28,64 @@ pub struct Degraded {
     retry_after: Option<Duration>,
     detail: Option<Arc<str>>,
     /// A call diverted to `cached`: claimed by the `LastGoodLayer` that looks for its copy.
-    cached: Option<crate::layer::CachedClaim>,
+    cached: Option<CachedClaim>,
 }
+
+/// The answer to a call diverted to `cached`, in its [`Degraded`] (and every clone of it: the
+/// error, the response's extension): a `LastGoodLayer` outside the layer claims it when it
+/// looks for the call's copy; dropped unclaimed (no such layer, or a call that is not a read),
+/// it runs what it was given (the layer counts a miss and says so).
+#[derive(Clone)]
+pub(crate) struct CachedClaim(Arc<Claim>);
+
+struct Claim {
+    claimed: std::sync::atomic::AtomicBool,
+    unclaimed: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl CachedClaim {
+    pub(crate) fn new(unclaimed: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(Claim {
+            claimed: std::sync::atomic::AtomicBool::new(false),
+            unclaimed: Some(Box::new(unclaimed)),
+        }))
+    }
+
+    #[cfg(feature = "fallback")]
+    fn claim(&self) {
+        self.0
+            .claimed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.claimed.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(unclaimed) = self.unclaimed.take()
+        {
+            unclaimed();
+        }
+    }
+}
+
+impl fmt::Debug for CachedClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let claimed = self.0.claimed.load(std::sync::atomic::Ordering::Relaxed);
+        f.debug_struct("CachedClaim")
+            .field("claimed", &claimed)
+            .finish()
+    }
+}
+
+/// Not part of what a [`Degraded`] says: any two are alike.
+impl PartialEq for CachedClaim {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CachedClaim {}
 
 /// The most bytes of a [`Degraded::detail`]: a longer one is cut at a character boundary.
 #[cfg(feature = "fallback")]
@@ -55,7 +111,7 @@ impl Degraded {
     }
 
     /// A call diverted to `cached`, whose answer a `LastGoodLayer` is to claim.
-    pub(crate) fn with_cached_claim(mut self, claim: crate::layer::CachedClaim) -> Self {
+    pub(crate) fn with_cached_claim(mut self, claim: CachedClaim) -> Self {
         self.cached = Some(claim);
         self
     }

@@ -1,12 +1,12 @@
 //! Answering a call its class does not admit: the fallback, or a degraded answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::class::{ClassId, Route};
 use crate::degrader::Shared;
-use crate::error::Degraded;
+use crate::error::{CachedClaim, Degraded};
 use crate::fallback::{Diverted, Fallback};
 use crate::gate::Reason;
 use crate::window::{Outcome, shard_index};
@@ -52,11 +52,8 @@ where
                 fallback.reject(call.into_request());
                 if route == Route::Cached {
                     shard.record(idx, Outcome::Degraded, Duration::ZERO);
-                    let claim = CachedClaim(Arc::new(Claim {
-                        claimed: AtomicBool::new(false),
-                        shared: shared.clone(),
-                        idx,
-                    }));
+                    let held = shared.clone();
+                    let claim = CachedClaim::new(move || unclaimed(&held, idx));
                     return Err(Degraded::new(
                         shared.service.clone(),
                         name,
@@ -106,64 +103,23 @@ fn unserved(shared: &Shared, idx: usize, route: Route) {
     }
 }
 
-/// The answer to a call diverted to [`Route::Cached`], in its [`Degraded`] (and every clone of
-/// it: the error, the response's extension): a `LastGoodLayer` outside the layer claims it
-/// when it looks for the call's copy. One that no `LastGoodLayer` claimed (none outside the
-/// layer, or the call is not a read, which is never served from a copy) was answered with the
-/// layer's `503` alone: counted as a `miss` in `degrade_fallback_cached_total`, and said once
-/// per class, as a route nobody serves is.
-#[derive(Clone)]
-pub(crate) struct CachedClaim(Arc<Claim>);
-
-struct Claim {
-    claimed: AtomicBool,
-    shared: Arc<Shared>,
-    idx: usize,
-}
-
-impl CachedClaim {
+/// Said once per class of a call diverted to `cached` that no `LastGoodLayer` claimed
+/// ([`CachedClaim`]): answered with the layer's `503` alone, counted as a `miss` in
+/// `degrade_fallback_cached_total`.
+#[cold]
+fn unclaimed(shared: &Shared, idx: usize) {
     #[cfg(feature = "fallback")]
-    pub(crate) fn claim(&self) {
-        self.0.claimed.store(true, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for CachedClaim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CachedClaim")
-            .field("claimed", &self.0.claimed.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-/// Not part of what a [`Degraded`] says: any two are alike.
-impl PartialEq for CachedClaim {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for CachedClaim {}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if self.claimed.load(Ordering::Relaxed) {
-            return;
-        }
-        let (shared, idx) = (&*self.shared, self.idx);
-        #[cfg(feature = "fallback")]
-        crate::fallback::count_cached(&shared.service, &shared.names[idx], "miss");
-        if !shared.gauges[idx]
-            .unserved_route_logged
-            .swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(
-                service = %shared.service, class = %shared.names[idx],
-                "a call diverted to `cached` was answered 503 with no copy looked for: no \
-                 `LastGoodLayer` outside the degrade layer saw it, or it is not a GET or HEAD \
-                 read (only reads are served from copies): add the layer around the class's \
-                 routes, or give the class another fallback route"
-            );
-        }
+    crate::fallback::count_cached(&shared.service, &shared.names[idx], "miss");
+    if !shared.gauges[idx]
+        .unserved_route_logged
+        .swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            service = %shared.service, class = %shared.names[idx],
+            "a call diverted to `cached` was answered 503 with no copy looked for: no \
+             `LastGoodLayer` outside the degrade layer saw it, or it is not a GET or HEAD \
+             read (only reads are served from copies): add the layer around the class's \
+             routes, or give the class another fallback route"
+        );
     }
 }

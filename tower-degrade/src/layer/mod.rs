@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-pub(crate) use self::divert::CachedClaim;
 pub use self::future::ResponseFuture;
 pub(crate) use self::queued::Queued;
 pub use self::service::Degrade;
