@@ -33,21 +33,34 @@ pub struct Degraded {
 
 /// The answer to a call diverted to `cached`, in its [`Degraded`] (and every clone of it: the
 /// error, the response's extension): a `LastGoodLayer` outside the layer claims it when it
-/// looks for the call's copy; dropped unclaimed (no such layer, or a call that is not a read),
-/// it runs what it was given (the layer counts a miss and says so).
+/// looks for the call's copy; dropped unclaimed (no such layer, or a call it does not serve
+/// from a copy), it calls `unclaimed` (the layer counts a miss and says so). It holds the
+/// call's names and the class's log-once flag, nothing of the degrader.
 #[derive(Clone)]
 pub(crate) struct CachedClaim(Arc<Claim>);
 
-struct Claim {
+pub(crate) struct Claim {
     claimed: std::sync::atomic::AtomicBool,
-    unclaimed: Option<Box<dyn FnOnce() + Send + Sync>>,
+    pub(crate) service: Arc<str>,
+    pub(crate) class: Arc<str>,
+    /// The class's: whether the log said so already.
+    pub(crate) logged: Arc<std::sync::atomic::AtomicBool>,
+    unclaimed: fn(&Claim),
 }
 
 impl CachedClaim {
-    pub(crate) fn new(unclaimed: impl FnOnce() + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(
+        service: Arc<str>,
+        class: Arc<str>,
+        logged: Arc<std::sync::atomic::AtomicBool>,
+        unclaimed: fn(&Claim),
+    ) -> Self {
         Self(Arc::new(Claim {
             claimed: std::sync::atomic::AtomicBool::new(false),
-            unclaimed: Some(Box::new(unclaimed)),
+            service,
+            class,
+            logged,
+            unclaimed,
         }))
     }
 
@@ -61,10 +74,8 @@ impl CachedClaim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if !self.claimed.load(std::sync::atomic::Ordering::Relaxed)
-            && let Some(unclaimed) = self.unclaimed.take()
-        {
-            unclaimed();
+        if !self.claimed.load(std::sync::atomic::Ordering::Relaxed) {
+            (self.unclaimed)(self);
         }
     }
 }
@@ -440,6 +451,14 @@ impl std::error::Error for PolicyError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_degraded_error_is_as_easy_to_hold_as_any_error() {
+        // Its `cached` claim holds names and a flag: no degrader kept alive, and still
+        // `Send`, `Sync` and unwind safe, as before it had one.
+        fn holdable<T: Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>() {}
+        holdable::<Degraded>();
+    }
 
     #[test]
     fn a_route_that_could_not_keep_the_call_is_not_said_to_have_no_handler() {

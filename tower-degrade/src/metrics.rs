@@ -308,7 +308,8 @@ pub const FALLBACK_KEPT: &str = "degrade_fallback_kept_total";
 /// Calls of a class diverted to `cached` that `LastGoodLayer` answered with its copy
 /// (`result="served"`) or left to the layer's answer (`miss`: none kept, kept for other `Vary`
 /// values, or past its TTL; or no `LastGoodLayer` looked for one: none outside the degrade
-/// layer, or a call that is not a read, which is also logged once per class), and admitted calls of such a class that failed (a `5xx`, or
+/// layer, or a call it does not serve from a copy, which is also logged once per class), and
+/// admitted calls of such a class that failed (a `5xx`, or
 /// timed out by the layer) and were answered with their copy (`served_for_error`,
 /// [`stale_if_error`](crate::fallback::LastGoodLayer::stale_if_error)); labelled by the `service` and `class` of the answer it read
 /// (the layer sits outside the degrader).

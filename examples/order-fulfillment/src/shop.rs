@@ -452,7 +452,8 @@ impl Shop {
         let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         // Stopped gracefully: its connections close (the storm's idle keep-alive ones among
-        // them), so that no connection task keeps this shop's degrader alive beside the next.
+        // them), so that no connection task keeps this shop's degrader alive beside the next
+        // (unless one outlasts the 5 s `stop` gives it: the server is aborted then).
         let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, tower::make::Shared::new(app))

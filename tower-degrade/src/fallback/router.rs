@@ -539,21 +539,6 @@ where
     keep_call(shared, call, &mut unanswered).await
 }
 
-/// Count a call whose idempotency key found a kept task: `already_kept` (the same call again,
-/// answered with it) or `key_reused` (another request or value under its key, refused).
-fn count_found(service: &str, class: &str, route: Route, kept: &Kept) {
-    crate::metrics::count_result(
-        crate::metrics::FALLBACK_KEPT,
-        &crate::metrics::kept_labels(service, class, route),
-        &crate::metrics::KEPT_RESULTS,
-        if kept.same {
-            "already_kept"
-        } else {
-            "key_reused"
-        },
-    );
-}
-
 /// Counts its call as `cancelled` when dropped before [`answered`](Self::answered).
 struct Unanswered(Option<[metrics::Label; 3]>);
 
@@ -665,14 +650,9 @@ where
             return refuse(unanswered, Reason::NotKept);
         }
     };
-    // Captured: stored whether or not the caller waits, and counted there (a task found under
-    // its key is counted here).
+    // Captured: stored whether or not the caller waits, and counted there.
     unanswered.answered();
-    let stored = shared.keep((class.clone(), key, route, reason), rec).await;
-    if let Stored::Found(kept) = &stored {
-        count_found(&service, &class, route, kept);
-    }
-    match stored {
+    match shared.keep((class.clone(), key, route, reason), rec).await {
         Stored::Kept(id) | Stored::Found(Kept { id, same: true }) => {
             let mut res = kept_response(&id.to_string(), route, reason, grpc, RB::default());
             // As the layer's other answers: the service did not answer this call (yet).
@@ -685,8 +665,8 @@ where
             grpc,
             RB::default(),
         )),
-        Stored::Unreadable(why, detail) => refuse_for(unanswered, why, detail.as_deref()),
-        // `put_kept` counted it.
+        // `keep` counted them.
+        Stored::Unreadable(why, detail) => answer(why, detail.as_deref()),
         Stored::NotKept => answer(Reason::NotKept, None),
     }
 }
@@ -957,8 +937,7 @@ impl<T> FallbackRouter<T> {
                 refused(Reason::Malformed);
                 return Err(cannot(CannotKeepKind::InvalidKey, format!("{k:?}")));
             }
-            // Stored whether or not the caller waits, and counted there (a task found under
-            // its key is counted here).
+            // Stored whether or not the caller waits, and counted there.
             unanswered.answered();
             let stored = shared
                 .keep((class.clone(), key.clone(), route, reason), bytes)
@@ -966,14 +945,13 @@ impl<T> FallbackRouter<T> {
             match stored {
                 Stored::Kept(id) => Ok(Accepted { id, route }),
                 Stored::Found(kept) => {
-                    count_found(&service, &class, route, &kept);
                     if kept.same {
                         return Ok(Accepted { id: kept.id, route });
                     }
                     let key = format!("{:?}", key.as_deref().unwrap_or(""));
                     Err(cannot(CannotKeepKind::KeyInUse(kept.id), key))
                 }
-                // `put_kept` counted it (a task's value always makes a task: not unreadable).
+                // `keep` counted it (a task's value always makes a task: not unreadable).
                 Stored::NotKept | Stored::Unreadable(..) => Err(not_kept(Reason::NotKept)),
             }
         })

@@ -219,27 +219,50 @@ impl RouterShared {
         call: impl KeptCall,
     ) -> Stored {
         let shared = self.clone();
+        let labels = crate::metrics::kept_labels(&self.service, &class, route);
+        let count = move |result: &'static str| {
+            crate::metrics::count_result(
+                crate::metrics::FALLBACK_KEPT,
+                &labels,
+                &crate::metrics::KEPT_RESULTS,
+                result,
+            );
+        };
+        let counted = count.clone();
         let work = async move {
-            let same = |kept: &Payload| call.same(&shared, &class, kept);
-            let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
-                Ok(storing) => storing,
-                Err(kept) => return Stored::Found(kept),
-            };
-            let (queue, task) = match call.task(&shared, &class, key, route, reason) {
-                Ok(task) => task,
-                Err((why, detail)) => return Stored::Unreadable(why, detail),
-            };
-            let merged = (queue == Queue::Journal).then(|| task.clone());
-            let stored = shared.put_kept(queue, task, route, reason).await;
-            if let (Stored::Kept(_), Some(task), Some(batcher)) =
-                (&stored, merged, shared.batches.get(&class))
-            {
-                batcher.merge(task, shared.clock.now_ms());
+            let stored = async {
+                let same = |kept: &Payload| call.same(&shared, &class, kept);
+                let _storing = match shared.claim_or_find(&class, key.as_deref(), same).await {
+                    Ok(storing) => storing,
+                    Err(kept) => return Stored::Found(kept),
+                };
+                let (queue, task) = match call.task(&shared, &class, key, route, reason) {
+                    Ok(task) => task,
+                    Err((why, detail)) => return Stored::Unreadable(why, detail),
+                };
+                let merged = (queue == Queue::Journal).then(|| task.clone());
+                let stored = shared.put_kept(queue, task, route, reason).await;
+                if let (Stored::Kept(_), Some(task), Some(batcher)) =
+                    (&stored, merged, shared.batches.get(&class))
+                {
+                    batcher.merge(task, shared.clock.now_ms());
+                }
+                stored
+            }
+            .await;
+            // Counted here, whether or not the caller still waits (`put_kept` counts what it
+            // stored or could not): a retry whose caller gave up behind the first's commit.
+            match &stored {
+                Stored::Found(kept) if kept.same => counted("already_kept"),
+                Stored::Found(_) => counted("key_reused"),
+                Stored::Unreadable(why, _) => counted(why.as_str()),
+                Stored::Kept(_) | Stored::NotKept => {}
             }
             stored
         };
         tokio::spawn(work).await.unwrap_or_else(|e| {
             tracing::error!(service = %self.service, error = %e, "storing a kept call failed");
+            count(Reason::NotKept.as_str());
             Stored::NotKept
         })
     }

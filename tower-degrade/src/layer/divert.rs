@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::class::{ClassId, Route};
 use crate::degrader::Shared;
-use crate::error::{CachedClaim, Degraded};
+use crate::error::{CachedClaim, Claim, Degraded};
 use crate::fallback::{Diverted, Fallback};
 use crate::gate::Reason;
 use crate::window::{Outcome, shard_index};
@@ -52,8 +52,12 @@ where
                 fallback.reject(call.into_request());
                 if route == Route::Cached {
                     shard.record(idx, Outcome::Degraded, Duration::ZERO);
-                    let held = shared.clone();
-                    let claim = CachedClaim::new(move || unclaimed(&held, idx));
+                    let claim = CachedClaim::new(
+                        shared.service.clone(),
+                        name.clone(),
+                        shared.gauges[idx].unclaimed_logged.clone(),
+                        unclaimed,
+                    );
                     return Err(Degraded::new(
                         shared.service.clone(),
                         name,
@@ -107,19 +111,17 @@ fn unserved(shared: &Shared, idx: usize, route: Route) {
 /// ([`CachedClaim`]): answered with the layer's `503` alone, counted as a `miss` in
 /// `degrade_fallback_cached_total`.
 #[cold]
-fn unclaimed(shared: &Shared, idx: usize) {
+fn unclaimed(claim: &Claim) {
     #[cfg(feature = "fallback")]
-    crate::fallback::count_cached(&shared.service, &shared.names[idx], "miss");
-    if !shared.gauges[idx]
-        .unserved_route_logged
-        .swap(true, Ordering::Relaxed)
-    {
+    crate::fallback::count_cached(&claim.service, &claim.class, "miss");
+    if !claim.logged.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            service = %shared.service, class = %shared.names[idx],
+            service = %claim.service, class = %claim.class,
             "a call diverted to `cached` was answered 503 with no copy looked for: no \
-             `LastGoodLayer` outside the degrade layer saw it, or it is not a GET or HEAD \
-             read (only reads are served from copies): add the layer around the class's \
-             routes, or give the class another fallback route"
+             `LastGoodLayer` outside the degrade layer saw it, or it is a call the layer \
+             does not serve from a copy (not a GET or HEAD; a read with `Authorization` or \
+             `Cookie` its `vary` does not name; a range; a key over `MAX_CACHE_KEY_BYTES`): \
+             put the layer around the class's reads, or give the class another fallback route"
         );
     }
 }

@@ -136,6 +136,9 @@ pub(crate) struct Gauges {
     pub(crate) queue_delay_micros: AtomicU64,
     /// Whether the log already said that the class's route has no fallback to serve it.
     pub(crate) unserved_route_logged: std::sync::atomic::AtomicBool,
+    /// Whether the log already said that a call of the class diverted to `cached` was
+    /// answered with no copy looked for (shared with the answers' claims).
+    pub(crate) unclaimed_logged: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Inputs to one tick's snapshot that are not counters.
