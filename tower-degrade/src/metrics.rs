@@ -46,8 +46,8 @@
 //! rather than per tick, each off the path of a call served normally:
 //! `degrade_priority_header_invalid_total`, by the layer, when a waiting call carries a
 //! propagated priority that is not a tier; `degrade_fallback_kept_total` and
-//! `degrade_fallback_cached_total`, for each diverted call kept or served from the cache (and
-//! each failed read of a `cached` class served from it); and
+//! `degrade_fallback_cached_total`, for each call diverted to a keeping route or to `cached`,
+//! whatever came of it (and each failed read of a `cached` class served from its copy); and
 //! an `on_request` hook's alerts and errors (`degrade_policy_alerts_total`,
 //! `degrade_policy_errors_total`) on the calls it ran for. Handles are registered
 //! on the first tick; install the recorder (e.g. `metrics-exporter-prometheus`) before that.
@@ -331,12 +331,16 @@ pub(crate) fn describe_fallback() {
     describe_counter!(
         FALLBACK_KEPT,
         Unit::Count,
-        "Diverted calls the fallback router kept durably (result=kept) or could not keep."
+        "Calls and tasks diverted to a route the fallback router keeps, by result: kept, \
+         already_kept (a retry under its idempotency key), too_large, malformed, not_kept, \
+         key_reused (refused), cancelled (the caller went away before it was kept)."
     );
     describe_counter!(
         FALLBACK_CACHED,
         Unit::Count,
-        "Calls diverted to cached that LastGoodLayer served a copy for (result=served) or not (miss)."
+        "Calls diverted to cached that LastGoodLayer served a copy for (result=served) or not \
+         (miss, also when no LastGoodLayer looked), and failed reads it served one for \
+         (served_for_error)."
     );
     describe_gauge!(FALLBACK_DEPTH, Unit::Count, "Tasks in a fallback queue.");
     describe_gauge!(

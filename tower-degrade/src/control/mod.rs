@@ -174,8 +174,9 @@ impl Shared {
         self.publish_status();
     }
 
-    /// Per class: breaker, then the stages over every class under automatic control at once
-    /// (the policies within the tick's budget). Each class's manual commands so far are noted
+    /// Per class: breaker, then the stages over every class at once (the policies within the
+    /// tick's budget; a class under a manual command keeps its directive, its policies run for
+    /// their alerts). Each class's manual commands so far are noted
     /// with its directive, for [`publish_decided`](Self::publish_decided).
     fn decide(
         &self,
