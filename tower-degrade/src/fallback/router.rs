@@ -539,7 +539,9 @@ where
     keep_call(shared, call, &mut unanswered).await
 }
 
-/// Counts its call as `cancelled` when dropped before [`answered`](Self::answered).
+/// A diverted call's labels in [`FALLBACK_KEPT`](crate::metrics::FALLBACK_KEPT) until its
+/// result is counted: `cancelled` when dropped before [`answered`](Self::answered) or
+/// [`refused`](Self::refused).
 struct Unanswered(Option<[metrics::Label; 3]>);
 
 impl Unanswered {
@@ -547,17 +549,28 @@ impl Unanswered {
     fn answered(&mut self) {
         self.0 = None;
     }
+
+    /// The call is refused: counted so (once).
+    fn refused(&mut self, why: Reason) {
+        if let Some(labels) = self.0.take() {
+            count_kept(&labels, why.as_str());
+        }
+    }
+}
+
+fn count_kept(labels: &[metrics::Label; 3], result: &'static str) {
+    crate::metrics::count_result(
+        crate::metrics::FALLBACK_KEPT,
+        labels,
+        &crate::metrics::KEPT_RESULTS,
+        result,
+    );
 }
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(labels) = self.0.take() {
-            crate::metrics::count_result(
-                crate::metrics::FALLBACK_KEPT,
-                &labels,
-                &crate::metrics::KEPT_RESULTS,
-                "cancelled",
-            );
+            count_kept(&labels, "cancelled");
         }
     }
 }
@@ -592,15 +605,9 @@ where
         Ok(degraded_response(d, grpc, false, RB::default()))
     };
     let refuse_for = |unanswered: &mut Unanswered, why: Reason, detail: Option<&str>| {
-        unanswered.answered();
-        // The call's service: the router's own but for a call of another degrader (refused),
-        // whose class it is.
-        crate::metrics::count_result(
-            crate::metrics::FALLBACK_KEPT,
-            &crate::metrics::kept_labels(&service, &class, route),
-            &crate::metrics::KEPT_RESULTS,
-            why.as_str(),
-        );
+        // Labelled with the call's service: the router's own but for a call of another
+        // degrader (refused), whose class it is.
+        unanswered.refused(why);
         answer(why, detail)
     };
     let refuse = |unanswered: &mut Unanswered, why: Reason| refuse_for(unanswered, why, None);
@@ -894,16 +901,7 @@ impl<T> FallbackRouter<T> {
             // Every task diverted here has one result: a future dropped before its task is
             // stored (its caller gone) is `cancelled`.
             let labels = crate::metrics::kept_labels(&service, &class, route);
-            let mut unanswered = Unanswered(Some(labels.clone()));
-            let mut refused = |why: Reason| {
-                unanswered.answered();
-                crate::metrics::count_result(
-                    crate::metrics::FALLBACK_KEPT,
-                    &labels,
-                    &crate::metrics::KEPT_RESULTS,
-                    why.as_str(),
-                );
-            };
+            let mut unanswered = Unanswered(Some(labels));
             let not_kept = |why: Reason| -> BoxError {
                 Box::new(Degraded::new(
                     service.clone(),
@@ -914,7 +912,7 @@ impl<T> FallbackRouter<T> {
                 ))
             };
             if foreign {
-                refused(Reason::NotKept);
+                unanswered.refused(Reason::NotKept);
                 return Err(not_kept(Reason::NotKept));
             }
             // A value that does not serialize never will: no retry hint, and the cause said.
@@ -928,13 +926,13 @@ impl<T> FallbackRouter<T> {
             };
             let bytes = payload.map_err(|(result, why)| {
                 tracing::warn!(class = %class, error = %why, "a diverted task cannot be serialized");
-                refused(result);
+                unanswered.refused(result);
                 cannot(CannotKeepKind::Value, why)
             })?;
             if let Some(k) = &key
                 && !super::capture::valid_key(k.as_bytes())
             {
-                refused(Reason::Malformed);
+                unanswered.refused(Reason::Malformed);
                 return Err(cannot(CannotKeepKind::InvalidKey, format!("{k:?}")));
             }
             // Stored whether or not the caller waits, and counted there.

@@ -1,6 +1,5 @@
 //! Answering a call its class does not admit: the fallback, or a degraded answer.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use crate::window::{Outcome, shard_index};
 /// `LastGoodLayer` outside the layer to serve its copy: counted as degraded (diverted), as
 /// the copy or the miss is counted there.
 pub(super) fn divert<F, Req, Res, E>(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     fallback: &mut F,
     req: Req,
     idx: usize,
