@@ -395,6 +395,13 @@ pub(crate) fn kept_labels(service: &str, class: &str, route: crate::class::Route
     ]
 }
 
+/// Count one diverted call's `result` (one of [`KEPT_RESULTS`]) in [`FALLBACK_KEPT`], its other
+/// labels `labels` ([`kept_labels`]).
+#[cfg(feature = "fallback")]
+pub(crate) fn count_kept(labels: &[Label; 3], result: &'static str) {
+    count_result(FALLBACK_KEPT, labels, &KEPT_RESULTS, result);
+}
+
 /// Count one event of the counter `name` labelled `labels` and `result`, one of `results`;
 /// the series of the other results are created beside it at 0. A series created at its first
 /// increment starts at 1, which `rate()` and `increase()` never see: without this, the first

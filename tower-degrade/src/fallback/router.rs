@@ -553,24 +553,15 @@ impl Unanswered {
     /// The call is refused: counted so (once).
     fn refused(&mut self, why: Reason) {
         if let Some(labels) = self.0.take() {
-            count_kept(&labels, why.as_str());
+            crate::metrics::count_kept(&labels, why.as_str());
         }
     }
-}
-
-fn count_kept(labels: &[metrics::Label; 3], result: &'static str) {
-    crate::metrics::count_result(
-        crate::metrics::FALLBACK_KEPT,
-        labels,
-        &crate::metrics::KEPT_RESULTS,
-        result,
-    );
 }
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(labels) = self.0.take() {
-            count_kept(&labels, "cancelled");
+            crate::metrics::count_kept(&labels, "cancelled");
         }
     }
 }

@@ -220,15 +220,7 @@ impl RouterShared {
     ) -> Stored {
         let shared = self.clone();
         let labels = crate::metrics::kept_labels(&self.service, &class, route);
-        let count = move |result: &'static str| {
-            crate::metrics::count_result(
-                crate::metrics::FALLBACK_KEPT,
-                &labels,
-                &crate::metrics::KEPT_RESULTS,
-                result,
-            );
-        };
-        let counted = count.clone();
+        let counted = labels.clone();
         let work = async move {
             let stored = async {
                 let same = |kept: &Payload| call.same(&shared, &class, kept);
@@ -252,17 +244,18 @@ impl RouterShared {
             .await;
             // Counted here, whether or not the caller still waits (`put_kept` counts what it
             // stored or could not): a retry whose caller gave up behind the first's commit.
+            let count = |result| crate::metrics::count_kept(&counted, result);
             match &stored {
-                Stored::Found(kept) if kept.same => counted("already_kept"),
-                Stored::Found(_) => counted("key_reused"),
-                Stored::Unreadable(why, _) => counted(why.as_str()),
+                Stored::Found(kept) if kept.same => count("already_kept"),
+                Stored::Found(_) => count("key_reused"),
+                Stored::Unreadable(why, _) => count(why.as_str()),
                 Stored::Kept(_) | Stored::NotKept => {}
             }
             stored
         };
         tokio::spawn(work).await.unwrap_or_else(|e| {
             tracing::error!(service = %self.service, error = %e, "storing a kept call failed");
-            count(Reason::NotKept.as_str());
+            crate::metrics::count_kept(&labels, Reason::NotKept.as_str());
             Stored::NotKept
         })
     }
@@ -324,12 +317,8 @@ impl RouterShared {
         }
         match result {
             Ok(()) => {
-                crate::metrics::count_result(
-                    crate::metrics::FALLBACK_KEPT,
-                    &crate::metrics::kept_labels(&self.service, &class, route),
-                    &crate::metrics::KEPT_RESULTS,
-                    "kept",
-                );
+                let labels = crate::metrics::kept_labels(&self.service, &class, route);
+                crate::metrics::count_kept(&labels, "kept");
                 if route == Route::ManualReview
                     && let Some(held) = self.to_review.ready()
                 {
@@ -347,12 +336,8 @@ impl RouterShared {
                 Stored::Kept(id)
             }
             Err(e) => {
-                crate::metrics::count_result(
-                    crate::metrics::FALLBACK_KEPT,
-                    &crate::metrics::kept_labels(&self.service, &class, route),
-                    &crate::metrics::KEPT_RESULTS,
-                    Reason::NotKept.as_str(),
-                );
+                let labels = crate::metrics::kept_labels(&self.service, &class, route);
+                crate::metrics::count_kept(&labels, Reason::NotKept.as_str());
                 if let Some(held) = self.not_kept.ready() {
                     tracing::warn!(service = %self.service, class = %class, error = %e,
                         also_not_kept = held,
